@@ -1,0 +1,201 @@
+"""The device interface every backend implements.
+
+A backend is a small class in three tiers:
+
+* **required** -- ``name``, ``device_type``, :meth:`Backend.availability`,
+  :meth:`Backend.capabilities`, :meth:`Backend.ops`;
+* **optional hooks** with safe defaults -- :meth:`Backend.communicator`,
+  :meth:`Backend.topology`, :meth:`Backend.synchronize`, :meth:`Backend.memory_stats`,
+  :meth:`Backend.pinned_empty`, :meth:`Backend.graph`, :meth:`Backend.timer`;
+* **capability queries** derived from :class:`Capabilities` -- :meth:`Backend.fp8_formats`,
+  :meth:`Backend.native_e4m3`, :meth:`Backend.op_kind`.
+
+The core dispatches on what a backend *declares* (its ops mapping and capabilities),
+never on its name.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dshal.comm import Communicator
+
+#: The interface version this build of dshal implements. A plugin declares the version
+#: it was built for in ``Backend.api_version``; a mismatch refuses to load.
+API_VERSION = "1"
+
+OpKind = Literal["native", "triton", "emulated", "reference"]
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run in this process, and why (not)."""
+
+    ok: bool
+    reason: str = ""
+    #: True when the backend runs its own code paths on CPU tensors (``emulate`` mode).
+    emulated: bool = False
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's device can do. Everything the core decides, it decides from this."""
+
+    #: Human-readable device name, e.g. ``"NVIDIA H200"`` or ``"cpu"``.
+    device_name: str = "cpu"
+    #: Architecture string, e.g. ``"sm_90"``, ``"gfx942"``, ``"Ascend910B"``, ``"x86_64"``.
+    arch: str = ""
+    #: FP8 formats the backend computes with (``"e4m3fn"``, ``"e4m3fnuz"``, ``"e5m2"``).
+    fp8_formats: tuple[str, ...] = ("e4m3fn", "e4m3fnuz", "e5m2")
+    #: What ``fmt="e4m3"`` means on this backend.
+    native_e4m3: str = "e4m3fn"
+    #: How each op is served: ``native`` (vendor library), ``triton``, ``emulated`` or ``reference``.
+    op_kinds: Mapping[str, OpKind] = field(default_factory=dict)
+    #: torch.distributed process-group backend: ``gloo``, ``nccl``, ``hccl``.
+    dist_backend: str = "gloo"
+    #: Device memory in bytes, when known.
+    memory_bytes: int | None = None
+    #: Streaming multiprocessors / compute units / AI cores, when known.
+    compute_units: int | None = None
+    #: Peak dense throughput per dtype name (``"bf16"``, ``"fp8"``, ``"fp32"``) in FLOP/s.
+    peak_flops: Mapping[str, float] = field(default_factory=dict)
+    #: Peak memory bandwidth in bytes/s.
+    peak_bandwidth: float | None = None
+    #: True when the backend's kernels run on CPU tensors (Triton interpreter, ``_scaled_mm`` on CPU).
+    emulated: bool = False
+    #: Free-form facts worth showing in ``dshal info`` (e.g. which FP8 GEMM path is used).
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How the devices of one node are connected.
+
+    ``links[i][j]`` names the link between devices i and j (``"self"``, ``"nvlink"``,
+    ``"xgmi"``, ``"hccs"``, ``"pcie"``...); ``weights[i][j]`` is a cost, lower is closer.
+    """
+
+    links: tuple[tuple[str, ...], ...]
+    weights: tuple[tuple[float, ...], ...] | None = None
+    source: str = ""
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.links)
+
+
+class Timer:
+    """Wall-clock timer used by ``dshal bench``/``profile``; devices override with events."""
+
+    def __init__(self, synchronize: Callable[[], None] = lambda: None):
+        self._synchronize = synchronize
+        self._start = 0
+
+    def start(self) -> None:
+        self._synchronize()
+        self._start = time.perf_counter_ns()
+
+    def stop(self) -> float:
+        """Stops the timer and returns the elapsed time in seconds."""
+        self._synchronize()
+        return (time.perf_counter_ns() - self._start) * 1e-9
+
+
+class Backend(abc.ABC):
+    """Base class of every dshal backend. Subclass it and register the class under the
+    ``dshal.backends`` entry-point group."""
+
+    #: The device-interface version this plugin was written for.
+    api_version: ClassVar[str] = API_VERSION
+
+    def __init__(self, *, emulate: bool = False) -> None:
+        #: When True, run this backend's own code paths on CPU tensors.
+        self.emulate = emulate
+
+    # ---------------------------------------------------------------- required
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """Short name used in configs and reports, e.g. ``"nvidia"``."""
+
+    @property
+    @abc.abstractmethod
+    def device_type(self) -> str:
+        """torch device type of the tensors this backend computes on (``"cpu"`` when emulated)."""
+
+    @abc.abstractmethod
+    def availability(self) -> Availability:
+        """Whether this backend can run here. Must not raise; report the reason instead."""
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What the device can do. Called only when :meth:`availability` is ok."""
+
+    @abc.abstractmethod
+    def ops(self) -> Mapping[str, Callable[..., Any]]:
+        """Op name -> implementation. Each implementation has exactly the op spec's
+        signature; the core validates inputs before calling it."""
+
+    # ---------------------------------------------------------------- optional hooks
+    def device(self, index: int | None = None) -> torch.device:
+        """The torch device for local device ``index`` (default: the current one)."""
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.device_type, 0 if index is None else index)
+
+    def communicator(self, group: Any = None) -> Communicator:
+        """Collectives over ``group``; default: torch.distributed with ``capabilities().dist_backend``."""
+        from dshal.comm import ProcessGroupCommunicator
+
+        return ProcessGroupCommunicator(group)
+
+    def topology(self) -> Topology | None:
+        """Device interconnect of this node, or None when unknown."""
+        return None
+
+    def synchronize(self) -> None:
+        """Wait for queued device work to finish."""
+
+    def memory_stats(self) -> dict[str, int]:
+        """Allocator statistics in bytes (``allocated``, ``peak_allocated``...); empty when unknown."""
+        return {}
+
+    def pinned_empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A host tensor suited to fast copies to the device (pinned where the device supports it)."""
+        return torch.empty(shape, dtype=dtype)
+
+    def graph(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Capture ``fn`` into a replayable device graph when supported; default: ``fn`` itself."""
+        return fn
+
+    def timer(self) -> Timer:
+        """A timer for benchmarking ops on this device (device events where available)."""
+        return Timer(self.synchronize)
+
+    # ---------------------------------------------------------------- capability queries
+    def fp8_formats(self) -> tuple[str, ...]:
+        """FP8 formats this backend computes with."""
+        return tuple(self.capabilities().fp8_formats)
+
+    def native_e4m3(self) -> str:
+        """The concrete format ``fmt="e4m3"`` means here (``e4m3fn`` or ``e4m3fnuz``)."""
+        return self.capabilities().native_e4m3
+
+    def op_kind(self, op: str) -> OpKind | None:
+        """How ``op`` is served by this backend, or None when it does not provide it."""
+        if op not in self.ops():
+            return None
+        return self.capabilities().op_kinds.get(op, "native")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} device_type={self.device_type!r}>"

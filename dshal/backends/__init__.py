@@ -1,0 +1,1 @@
+"""Backends shipped with dshal itself (registered through entry points like any plugin)."""

@@ -1,0 +1,87 @@
+"""The ``dshal`` command.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``main(args) -> int``; only the module of the subcommand being run is imported, so
+``dshal info`` never pays for the model core or the conformance suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: name -> (module, one-line help, distribution that provides it)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "info": ("dshal.info", "list discovered backends, their availability, capabilities and op providers", "dshal"),
+    "conformance": (
+        "dshal_conformance.command",
+        "run the shared conformance suite against a backend and write JSON + JUnit reports",
+        "dshal-conformance",
+    ),
+    "matrix": ("dshal_conformance.matrix", "merge conformance reports into the hardware matrix (HTML, Markdown)", "dshal-conformance"),
+    "run": ("dshal.model.run", "run the DeepSeek-V3 model core (tiny built-in model by default) and report tokens/s", "dshal"),
+    "bench": ("dshal.perf.bench", "per-op latency, FLOP/s and bytes/s against the device roofline", "dshal"),
+    "profile": ("dshal.perf.profile", "profile the model core per layer and op; find the bottlenecks", "dshal"),
+}
+
+EPILOG = """\
+environment:
+  DSHAL_CONFIG    config file used when none is given
+  DSHAL_BACKEND   backend name, overrides the config's `backend`
+  DSHAL_PLUGINS   comma-separated allow-list of plugins to discover
+  DSHAL_EMULATE   1 = run GPU plugins' own code paths on CPU tensors
+
+Run `dshal COMMAND --help` for a command's options.
+"""
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its options."""
+    parser = argparse.ArgumentParser(
+        prog="dshal",
+        description="dshal: one DeepSeek-V3 model core on any accelerator, through vendor plugins.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from dshal import __version__
+
+    parser.add_argument("--version", action="version", version=f"dshal {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text, dist) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        if name == command:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as err:
+                if err.name and module_name.startswith(err.name):
+                    parser.exit(2, f"dshal {name}: needs the {dist!r} distribution ({err}); install it with pip\n")
+                raise
+            module.add_arguments(p)
+            p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from dshal.errors import DshalError
+
+    try:
+        return int(args._main(args) or 0)
+    except DshalError as err:
+        print(f"dshal {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dshal {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""The ``dshal.yaml`` config: load, validate (errors carry file:line), environment overrides.
+
+Precedence, lowest first: built-in defaults < the file or dict < environment
+(``DSHAL_BACKEND``, ``DSHAL_EMULATE``) < keyword overrides passed to :func:`dshal.use`.
+``DSHAL_CONFIG`` names the file used when ``dshal.use()`` gets none.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dshal.errors import ConfigError
+
+DEFAULT_PREFER = ("nvidia", "amd", "ascend", "cpu")
+GEMM_MODES = ("fp8-block", "fp8-row", "fp8-tensor", "bf16")
+FP8_FORMATS = ("auto", "e4m3fn", "e4m3fnuz")
+FALLBACK_MODES = ("warn", "error")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Which linears run in which precision (the model core's precision policy)."""
+
+    #: fp8-block (128x128 weight blocks, 1x128 activations) | fp8-row | fp8-tensor | bf16
+    gemm: str = "fp8-block"
+    #: auto (the backend's native E4M3) | e4m3fn | e4m3fnuz
+    fp8_format: str = "auto"
+    #: Module-name globs that always stay in high precision.
+    keep_high_precision: tuple[str, ...] = ("embed", "lm_head", "*.gate")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    #: Seconds a collective may wait for its peers before raising CommError.
+    timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Dynamic attention for the model core: keep only a window of recent keys plus the first tokens."""
+
+    window: int | None = None
+    global_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated dshal config. Build it with :func:`load_config`."""
+
+    backend: str = "auto"
+    prefer: tuple[str, ...] = DEFAULT_PREFER
+    fallback: str = "warn"
+    #: op name -> provider backend name, overriding the selected backend for that op.
+    ops: Mapping[str, str] = field(default_factory=dict)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    emulate: bool = False
+    #: Where the settings came from (file path, "<dict>", env...), for messages.
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "prefer": list(self.prefer),
+            "fallback": self.fallback,
+            "ops": dict(self.ops),
+            "precision": {
+                "gemm": self.precision.gemm,
+                "fp8_format": self.precision.fp8_format,
+                "keep_high_precision": list(self.precision.keep_high_precision),
+            },
+            "distributed": {"timeout_s": self.distributed.timeout_s},
+            "attention": {"window": self.attention.window, "global_tokens": self.attention.global_tokens},
+            "emulate": self.emulate,
+        }
+
+
+# ---------------------------------------------------------------- YAML with line marks
+
+
+class _Doc:
+    """A parsed mapping plus the line of every key path, for file:line errors."""
+
+    def __init__(self, data: Any, lines: dict[tuple[str, ...], int], file: str | None):
+        self.data, self.lines, self.file = data, lines, file
+
+    def error(self, path: tuple[str, ...], message: str) -> ConfigError:
+        line = None
+        for n in range(len(path), 0, -1):  # nearest enclosing key with a known line
+            if path[:n] in self.lines:
+                line = self.lines[path[:n]]
+                break
+        key = ".".join(path) if path else None
+        return ConfigError(f"{key}: {message}" if key else message, file=self.file, line=line, key=key)
+
+
+def _compose(text: str, file: str) -> _Doc:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
+    lines: dict[tuple[str, ...], int] = {}
+    if node is None:
+        return _Doc({}, lines, file)
+    _record_lines(node, (), lines)
+    data = yaml.safe_load(text)
+    return _Doc(data, lines, file)
+
+
+def _record_lines(node: yaml.Node, path: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            sub = path + (str(key_node.value),)
+            lines[sub] = key_node.start_mark.line + 1
+            _record_lines(value_node, sub, lines)
+
+
+# ---------------------------------------------------------------- validation
+
+_Check = Callable[[_Doc, tuple[str, ...], Any], Any]
+
+
+def _choice(*allowed: str) -> _Check:
+    def check(doc: _Doc, path: tuple[str, ...], v: Any) -> str:
+        if v not in allowed:
+            raise doc.error(path, f"got {v!r}, expected one of: {', '.join(allowed)}")
+        return v
+
+    return check
+
+
+def _name(doc: _Doc, path: tuple[str, ...], v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise doc.error(path, f"got {v!r}, expected a backend name (auto, cpu, nvidia, amd, ascend or an installed plugin)")
+    return v.strip()
+
+
+def _name_list(doc: _Doc, path: tuple[str, ...], v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v:
+        raise doc.error(path, f"got {v!r}, expected a non-empty list of backend names, e.g. [nvidia, amd, ascend, cpu]")
+    names = tuple(_name(doc, path, x) for x in v)
+    if "auto" in names:
+        raise doc.error(path, "got 'auto' in the list, expected concrete backend names")
+    return names
+
+
+def _str_list(doc: _Doc, path: tuple[str, ...], v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise doc.error(path, f"got {v!r}, expected a list of name globs, e.g. [embed, lm_head, '*.gate']")
+    return tuple(v)
+
+
+def _bool(doc: _Doc, path: tuple[str, ...], v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise doc.error(path, f"got {v!r}, expected true or false")
+    return v
+
+
+def _positive_number(doc: _Doc, path: tuple[str, ...], v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise doc.error(path, f"got {v!r}, expected a positive number of seconds")
+    return float(v)
+
+
+def _optional_positive_int(doc: _Doc, path: tuple[str, ...], v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise doc.error(path, f"got {v!r}, expected null or a positive integer (number of keys)")
+    return v
+
+
+def _non_negative_int(doc: _Doc, path: tuple[str, ...], v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise doc.error(path, f"got {v!r}, expected an integer >= 0")
+    return v
+
+
+def _op_map(doc: _Doc, path: tuple[str, ...], v: Any) -> dict[str, str]:
+    from dshal.ops.catalogue import SPECS
+
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise doc.error(path, f"got {v!r}, expected a mapping of op name to backend name, e.g. {{attention: cpu}}")
+    out = {}
+    for op, provider in v.items():
+        if op not in SPECS:
+            raise doc.error(path + (str(op),), f"unknown op, expected one of: {', '.join(sorted(SPECS))}")
+        out[op] = _name(doc, path + (str(op),), provider)
+    return out
+
+
+_SECTIONS: dict[str, dict[str, _Check]] = {
+    "precision": {
+        "gemm": _choice(*GEMM_MODES),
+        "fp8_format": _choice(*FP8_FORMATS),
+        "keep_high_precision": _str_list,
+    },
+    "distributed": {"timeout_s": _positive_number},
+    "attention": {"window": _optional_positive_int, "global_tokens": _non_negative_int},
+}
+_TOP: dict[str, _Check] = {
+    "backend": _name,
+    "prefer": _name_list,
+    "fallback": _choice(*FALLBACK_MODES),
+    "ops": _op_map,
+    "emulate": _bool,
+}
+_SECTION_TYPES = {"precision": PrecisionConfig, "distributed": DistributedConfig, "attention": AttentionConfig}
+
+
+def _apply(base: Config, doc: _Doc) -> Config:
+    data = doc.data
+    if data is None:
+        return base
+    if not isinstance(data, dict):
+        raise doc.error((), f"the config must be a mapping of keys, got {type(data).__name__}")
+    allowed = sorted([*_TOP, *_SECTIONS])
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        path = (str(key),)
+        if key in _TOP:
+            changes[key] = _TOP[key](doc, path, value)
+        elif key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise doc.error(path, f"got {value!r}, expected a mapping with keys: {', '.join(_SECTIONS[key])}")
+            section = getattr(base, key)
+            sub = {}
+            for sub_key, sub_value in value.items():
+                if sub_key not in _SECTIONS[key]:
+                    raise doc.error(
+                        path + (str(sub_key),), f"unknown key, expected one of: {', '.join(_SECTIONS[key])}"
+                    )
+                sub[sub_key] = _SECTIONS[key][sub_key](doc, path + (str(sub_key),), sub_value)
+            changes[key] = replace(section, **sub)
+        else:
+            raise doc.error(path, f"unknown key {key!r}, expected one of: {', '.join(allowed)}")
+    attention = changes.get("attention", base.attention)
+    if attention.window is not None and attention.global_tokens >= attention.window:
+        raise doc.error(
+            ("attention", "global_tokens"),
+            f"got {attention.global_tokens}, expected fewer than attention.window ({attention.window})",
+        )
+    return replace(base, **changes, source=doc.file or base.source)
+
+
+def _env_overrides(config: Config) -> Config:
+    env: dict[str, Any] = {}
+    if os.environ.get("DSHAL_BACKEND"):
+        env["backend"] = os.environ["DSHAL_BACKEND"]
+    if os.environ.get("DSHAL_EMULATE"):
+        raw = os.environ["DSHAL_EMULATE"].strip().lower()
+        if raw not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise ConfigError(f"DSHAL_EMULATE: got {raw!r}, expected 1 or 0", file="<environment>")
+        env["emulate"] = raw in ("1", "true", "yes", "on")
+    if not env:
+        return config
+    return _apply(config, _Doc(env, {}, "<environment DSHAL_BACKEND/DSHAL_EMULATE>"))
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = None, **overrides: Any) -> Config:
+    """Build a validated :class:`Config`.
+
+    ``source`` is a YAML path, a dict, a Config, or None (``DSHAL_CONFIG`` if set, else
+    defaults). Environment overrides apply next, then ``overrides`` (same keys as the
+    file; sections as dicts are merged key by key).
+    """
+    config = Config()
+    if source is None and os.environ.get("DSHAL_CONFIG"):
+        source = os.environ["DSHAL_CONFIG"]
+    if isinstance(source, Config):
+        config = source
+    elif isinstance(source, Mapping):
+        config = _apply(config, _Doc(dict(source), {}, "<dict>"))
+    elif source is not None:
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file: {err.strerror}", file=str(path)) from None
+        config = _apply(config, _compose(text, str(path)))
+    config = _env_overrides(config)
+    if overrides:
+        config = _apply(config, _Doc(overrides, {}, "<keyword arguments>"))
+    return config
+
+
+__all__ = [
+    "Config",
+    "PrecisionConfig",
+    "DistributedConfig",
+    "AttentionConfig",
+    "load_config",
+    "GEMM_MODES",
+    "FP8_FORMATS",
+    "FALLBACK_MODES",
+    "DEFAULT_PREFER",
+]
+

@@ -1,0 +1,1 @@
+"""(op family; see dshal/ops/spec.py)"""

@@ -1,0 +1,246 @@
+"""What an op *is*: a spec (signature, input checks, cost model) plus a reference implementation.
+
+An op is declared by decorating its *checker* -- a function with exactly the op's public
+signature whose body validates the inputs and raises typed :class:`~dshal.DshalError`\\ s::
+
+    @op_spec
+    def rms_norm(x, weight, eps=1e-6, residual=None):
+        \"\"\"Contract text.\"\"\"
+        t = check_tensor("rms_norm", "x", x, floating=True, min_ndim=1)
+        ...
+
+    @rms_norm.reference
+    def _rms_norm_ref(x, weight, eps=1e-6, residual=None): ...
+
+    @rms_norm.cost
+    def _rms_norm_cost(x, weight, eps=1e-6, residual=None) -> Cost: ...
+
+Because the checker has the op's signature, Python's own argument binding does the
+work at call time (no ``inspect`` on the hot path), and a plugin's implementation is
+checked against the same signature when it loads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dshal.errors import DeviceError, DTypeError, ShapeError, UnsupportedOpError
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+FP8_DTYPES = {
+    "e4m3fn": torch.float8_e4m3fn,
+    "e4m3fnuz": torch.float8_e4m3fnuz,
+    "e5m2": torch.float8_e5m2,
+}
+FP8_FORMAT_OF = {v: k for k, v in FP8_DTYPES.items()}
+#: Largest finite value of each FP8 format (torch.finfo agrees; written out for readers).
+FP8_MAX = {"e4m3fn": 448.0, "e4m3fnuz": 240.0, "e5m2": 57344.0}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Work of one op call: floating-point operations and bytes moved to/from memory."""
+
+    flops: float
+    bytes: float
+
+    @property
+    def intensity(self) -> float:
+        """Arithmetic intensity in FLOP/byte."""
+        return self.flops / self.bytes if self.bytes else float("inf")
+
+
+class OpSpec:
+    """One op: its name, signature, input checks, cost model and reference implementation."""
+
+    def __init__(self, checker: Callable[..., Any]):
+        self.name: str = checker.__name__
+        self.check: Callable[..., Any] = checker
+        self.signature = inspect.signature(checker)
+        self.__doc__ = checker.__doc__
+        self._reference: Callable[..., Any] | None = None
+        self._cost: Callable[..., Cost] | None = None
+        self._oracle: Callable[..., Any] | None = None
+
+    # ------------------------------------------------------------ declaration
+    def reference(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: register the unchecked reference math (same signature as the op)."""
+        self._require_same_signature(fn, "reference")
+        self._reference = fn
+        return fn
+
+    def cost(self, fn: Callable[..., Cost]) -> Callable[..., Cost]:
+        """Decorator: register the FLOPs/bytes model (same signature as the op)."""
+        self._require_same_signature(fn, "cost")
+        self._cost = fn
+        return fn
+
+    def oracle(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: register a float64 oracle when upcasting the inputs is not enough
+        (e.g. FP8 GEMM dequantizes to float64 first). Same signature as the op."""
+        self._require_same_signature(fn, "oracle")
+        self._oracle = fn
+        return fn
+
+    def _require_same_signature(self, fn: Callable[..., Any], role: str) -> None:
+        mismatch = self.signature_mismatch(fn)
+        if mismatch:
+            raise TypeError(f"{role} of op {self.name!r}: {mismatch}")
+
+    # ------------------------------------------------------------ use
+    @property
+    def has_reference(self) -> bool:
+        return self._reference is not None
+
+    @property
+    def reference_impl(self) -> Callable[..., Any]:
+        """The unchecked reference math."""
+        if self._reference is None:
+            raise UnsupportedOpError(f"op {self.name!r} has no reference implementation")
+        return self._reference
+
+    def cost_of(self, *args: Any, **kwargs: Any) -> Cost:
+        """FLOPs and bytes of one call with these arguments."""
+        if self._cost is None:
+            raise UnsupportedOpError(f"op {self.name!r} has no cost model")
+        return self._cost(*args, **kwargs)
+
+    def run_oracle(self, *args: Any, **kwargs: Any) -> Any:
+        """The reference computed in float64: the registered oracle, or the reference
+        implementation on float64 copies of every floating-point tensor argument."""
+        if self._oracle is not None:
+            return self._oracle(*args, **kwargs)
+        up = lambda v: v.detach().to(torch.float64) if isinstance(v, torch.Tensor) and v.dtype in FLOAT_DTYPES else v  # noqa: E731
+        return self.reference_impl(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+    def checked(self, impl: Callable[..., Any], device_type: str | None = None) -> Callable[..., Any]:
+        """``impl`` behind this op's input checks (and, when given, a device-type check of the
+        first tensor argument). This is what dispatch calls."""
+        check = self.check
+        name = self.name
+        first = next(iter(self.signature.parameters))
+
+        if device_type is None:
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                check(*args, **kwargs)
+                return impl(*args, **kwargs)
+
+        else:
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                check(*args, **kwargs)
+                x = args[0] if args else kwargs[first]
+                if x.device.type != device_type:
+                    raise DeviceError(
+                        f"{name}: argument {first!r} is on device {x.device}, "
+                        f"expected a {device_type!r} tensor (the active backend's device)"
+                    )
+                return impl(*args, **kwargs)
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = self.__doc__
+        call.__wrapped__ = impl  # type: ignore[attr-defined]
+        return call
+
+    def signature_mismatch(self, fn: Callable[..., Any]) -> str | None:
+        """A readable description of how ``fn``'s signature differs from the spec, or None."""
+        try:
+            got = inspect.signature(fn)
+        except (TypeError, ValueError) as err:
+            return f"signature cannot be read ({err})"
+        want = list(self.signature.parameters.values())
+        have = list(got.parameters.values())
+        if [(p.name, p.kind) for p in want] == [(p.name, p.kind) for p in have] and all(
+            _same_default(w.default, h.default) for w, h in zip(want, have)
+        ):
+            return None
+        return f"expected ({_fmt(want)}), got ({_fmt(have)})"
+
+    def __repr__(self) -> str:
+        return f"<op {self.name}{self.signature}>"
+
+
+def _same_default(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - tensors etc. compare ambiguously
+        return False
+
+
+def _fmt(params: Iterable[inspect.Parameter]) -> str:
+    return ", ".join(str(p) for p in params)
+
+
+def op_spec(checker: Callable[..., Any]) -> OpSpec:
+    """Declare an op from its checker function (see the module docstring)."""
+    return OpSpec(checker)
+
+
+# ---------------------------------------------------------------- input-check helpers
+# Small, fast helpers shared by every op's checker. Each raises the documented error
+# class with the op, the argument, what was seen and what was expected.
+
+
+def check_tensor(
+    op: str,
+    arg: str,
+    t: Any,
+    *,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    ndim: int | tuple[int, ...] | None = None,
+    min_ndim: int | None = None,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor with an allowed dtype and rank; return it."""
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(f"{op}: argument {arg!r} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise DTypeError(f"{op}: argument {arg!r} has dtype {t.dtype}, expected one of {_dtypes(dtypes)}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            raise ShapeError(f"{op}: argument {arg!r} must be {want}, got shape {list(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ShapeError(f"{op}: argument {arg!r} must have at least {min_ndim} dims, got shape {list(t.shape)}")
+    return t
+
+
+def check_same_device(op: str, first: str, x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` must live on ``x``'s device."""
+    dev = x.device
+    for arg, t in others.items():
+        if t is not None and t.device != dev:
+            raise DeviceError(f"{op}: argument {arg!r} is on {t.device}, expected {dev} (the device of {first!r})")
+
+
+def check_dim(op: str, arg: str, t: torch.Tensor, dim: int, expected: int, what: str = "") -> None:
+    """``t.shape[dim]`` must equal ``expected``."""
+    if t.shape[dim] != expected:
+        extra = f" ({what})" if what else ""
+        raise ShapeError(
+            f"{op}: argument {arg!r} has size {t.shape[dim]} in dim {dim} (shape {list(t.shape)}), expected {expected}{extra}"
+        )
+
+
+def fp8_dtype(op: str, arg: str, fmt: str, native_e4m3: str = "e4m3fn") -> torch.dtype:
+    """Resolve an FP8 format name (``"e4m3"`` means the backend's native E4M3)."""
+    name = native_e4m3 if fmt == "e4m3" else fmt
+    try:
+        return FP8_DTYPES[name]
+    except (KeyError, TypeError):
+        raise DTypeError(
+            f"{op}: argument {arg!r} is {fmt!r}, expected one of 'e4m3', {', '.join(map(repr, FP8_DTYPES))}"
+        ) from None
+
+
+def _dtypes(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)

@@ -1,0 +1,278 @@
+"""Backend discovery through the ``dshal.backends`` entry-point group (stevedore).
+
+Discovery is lazy (nothing happens at ``import dshal``) and isolated: each plugin is
+imported, constructed, version-checked, signature-checked and asked for its availability
+inside its own ``try``. A broken plugin becomes a :class:`BackendInfo` carrying its error;
+it never breaks the others. Asking for that one backend by name raises its error.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from dshal.backend import API_VERSION, Availability, Backend, Capabilities
+from dshal.errors import BackendUnavailableError, DshalError, PluginLoadError
+
+ENTRY_POINT_GROUP = "dshal.backends"
+
+
+@dataclass
+class BackendInfo:
+    """What discovery learned about one plugin. Broken plugins are listed too."""
+
+    name: str
+    entry_point: str
+    version: str | None
+    loaded: bool
+    available: bool
+    reason: str
+    #: The exception that stopped the plugin from loading (None when it loaded).
+    error: BaseException | None = field(default=None, repr=False)
+    backend: Backend | None = field(default=None, repr=False)
+    capabilities: Capabilities | None = field(default=None, repr=False)
+    emulated: bool = False
+
+    def require(self) -> Backend:
+        """The backend, or the error that explains why it cannot be used."""
+        if not self.loaded or self.backend is None:
+            raise PluginLoadError(f"backend {self.name!r} ({self.entry_point}) failed to load: {self.reason}") from self.error
+        if not self.available:
+            raise BackendUnavailableError(f"backend {self.name!r} is not available: {self.reason}")
+        return self.backend
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "entry_point": self.entry_point,
+            "version": self.version,
+            "loaded": self.loaded,
+            "available": self.available,
+            "emulated": self.emulated,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One step of ``backend: auto``: a candidate and why it was taken or passed over."""
+
+    name: str
+    taken: bool
+    reason: str
+
+
+def allowed_plugins() -> frozenset[str] | None:
+    """Names allowed by ``DSHAL_PLUGINS=a,b`` (None: no limit)."""
+    raw = os.environ.get("DSHAL_PLUGINS", "").strip()
+    if not raw:
+        return None
+    return frozenset(n.strip() for n in raw.split(",") if n.strip())
+
+
+def _emulate_from_env() -> bool:
+    return os.environ.get("DSHAL_EMULATE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class Registry:
+    """Discovers and validates backends once per (allow-list, emulate) setting."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[frozenset[str] | None, bool], dict[str, BackendInfo]] = {}
+
+    def refresh(self) -> None:
+        """Forget every discovery result (e.g. after installing a plugin in-process)."""
+        from stevedore import ExtensionManager
+
+        with self._lock:
+            self._cache.clear()
+            ExtensionManager.ENTRY_POINT_CACHE.pop(ENTRY_POINT_GROUP, None)
+
+    def infos(self, *, emulate: bool | None = None) -> dict[str, BackendInfo]:
+        emulate = _emulate_from_env() if emulate is None else emulate
+        key = (allowed_plugins(), emulate)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = self._discover(*key)
+            return self._cache[key]
+
+    def get(self, name: str, *, emulate: bool | None = None) -> BackendInfo:
+        infos = self.infos(emulate=emulate)
+        if name not in infos:
+            allow = allowed_plugins()
+            hint = f" (DSHAL_PLUGINS limits discovery to {sorted(allow)})" if allow is not None else ""
+            raise PluginLoadError(
+                f"backend {name!r} is not installed{hint}; installed: {sorted(infos) or 'none'}. "
+                f"Plugins register under the {ENTRY_POINT_GROUP!r} entry-point group."
+            )
+        return infos[name]
+
+    # ------------------------------------------------------------------ discovery
+    def _discover(self, allow: frozenset[str] | None, emulate: bool) -> dict[str, BackendInfo]:
+        from stevedore import ExtensionManager
+
+        failures: dict[str, tuple[importlib.metadata.EntryPoint, BaseException]] = {}
+
+        def on_failure(_manager, ep, err):
+            failures[ep.name] = (ep, err)
+
+        if allow is None:
+            manager = ExtensionManager(ENTRY_POINT_GROUP, on_load_failure_callback=on_failure)
+        else:
+            from stevedore import NamedExtensionManager
+
+            manager = NamedExtensionManager(
+                ENTRY_POINT_GROUP, names=sorted(allow), on_load_failure_callback=on_failure
+            )
+        versions = _entry_point_versions()
+        infos: dict[str, BackendInfo] = {}
+        for name, (ep, err) in failures.items():
+            infos[name] = BackendInfo(
+                name=name,
+                entry_point=ep.value,
+                version=versions.get((ep.name, ep.value)),
+                loaded=False,
+                available=False,
+                reason=f"import failed: {type(err).__name__}: {err}",
+                error=err,
+            )
+        for ext in manager:
+            ep = ext.entry_point
+            infos[ext.name] = _validate(ext.name, ep.value, versions.get((ep.name, ep.value)), ext.plugin, emulate)
+        return dict(sorted(infos.items()))
+
+
+def _entry_point_versions() -> dict[tuple[str, str], str]:
+    """(entry-point name, value) -> version of the distribution that declares it."""
+    found: dict[tuple[str, str], str] = {}
+    for dist in importlib.metadata.distributions():
+        try:
+            eps = dist.entry_points.select(group=ENTRY_POINT_GROUP)
+        except Exception:  # a broken dist-info must not break discovery
+            continue
+        for ep in eps:
+            found.setdefault((ep.name, ep.value), dist.version)
+    return found
+
+
+def _validate(name: str, value: str, version: str | None, plugin: object, emulate: bool) -> BackendInfo:
+    """Construct one plugin and check it against the interface; never raises."""
+
+    def broken(reason: str, err: BaseException) -> BackendInfo:
+        return BackendInfo(name, value, version, loaded=False, available=False, reason=reason, error=err)
+
+    if not (isinstance(plugin, type) and issubclass(plugin, Backend)):
+        err = PluginLoadError(f"entry point {value!r} must name a dshal.Backend subclass, got {plugin!r}")
+        return broken(str(err), err)
+    declared = getattr(plugin, "api_version", None)
+    if str(declared) != API_VERSION:
+        err = PluginLoadError(
+            f"plugin {name!r} was built for dshal api_version {declared!r}, "
+            f"but this dshal implements api_version {API_VERSION!r}"
+        )
+        return broken(str(err), err)
+    try:
+        backend = plugin(emulate=emulate)
+        if backend.name != name:
+            raise PluginLoadError(
+                f"plugin registered as {name!r} reports name {backend.name!r}; the entry-point name must match"
+            )
+        ops = dict(backend.ops())
+        check_op_signatures(name, ops)
+    except Exception as err:  # noqa: BLE001 - isolation is the point
+        reason = str(err) if isinstance(err, DshalError) else f"{type(err).__name__}: {err}"
+        return broken(reason if isinstance(err, PluginLoadError) else f"construction failed: {reason}", err)
+    try:
+        avail = backend.availability()
+        if not isinstance(avail, Availability):
+            raise TypeError(f"availability() must return dshal.Availability, got {type(avail).__name__}")
+    except Exception as err:  # noqa: BLE001
+        return BackendInfo(
+            name, value, version, loaded=False, available=False,
+            reason=f"availability() raised {type(err).__name__}: {err}", error=err, backend=None,
+        )
+    caps = None
+    if avail.ok:
+        try:
+            caps = backend.capabilities()
+        except Exception as err:  # noqa: BLE001
+            return BackendInfo(
+                name, value, version, loaded=False, available=False,
+                reason=f"capabilities() raised {type(err).__name__}: {err}", error=err,
+            )
+    return BackendInfo(
+        name, value, version, loaded=True, available=avail.ok,
+        reason=avail.reason or ("available" if avail.ok else "unavailable"),
+        backend=backend, capabilities=caps, emulated=avail.emulated,
+    )
+
+
+def check_op_signatures(plugin: str, ops: dict) -> None:
+    """Raise PluginLoadError when a provided op is unknown or its signature differs from the spec."""
+    from dshal.ops.catalogue import SPECS
+
+    problems = []
+    for op, impl in ops.items():
+        spec = SPECS.get(op)
+        if spec is None:
+            problems.append(f"op {op!r} is not in the catalogue (known: {', '.join(sorted(SPECS))})")
+            continue
+        mismatch = spec.signature_mismatch(impl)
+        if mismatch:
+            problems.append(f"op {op!r}: {mismatch}")
+    if problems:
+        raise PluginLoadError(f"plugin {plugin!r} declares ops that do not match their specs: " + "; ".join(problems))
+
+
+def select(
+    backend: str,
+    prefer: Sequence[str],
+    *,
+    emulate: bool,
+    registry: Registry,
+) -> tuple[Backend, list[Decision]]:
+    """Pick the backend named in the config, or the first usable one in ``prefer`` for ``auto``."""
+    if backend != "auto":
+        info = registry.get(backend, emulate=emulate)
+        chosen = info.require()
+        return chosen, [Decision(backend, True, f"named in config ({info.reason})")]
+    infos = registry.infos(emulate=emulate)
+    trace: list[Decision] = []
+    for name in prefer:
+        info = infos.get(name)
+        if info is None:
+            trace.append(Decision(name, False, "not installed" + _allow_hint(name)))
+        elif not info.loaded:
+            trace.append(Decision(name, False, f"failed to load: {info.reason}"))
+        elif not info.available:
+            trace.append(Decision(name, False, f"unavailable: {info.reason}"))
+        else:
+            trace.append(Decision(name, True, info.reason))
+            return info.backend, trace  # type: ignore[return-value]
+    summary = "; ".join(f"{d.name}: {d.reason}" for d in trace) or "prefer is empty"
+    raise BackendUnavailableError(f"backend: auto found no usable backend in prefer={list(prefer)} ({summary})")
+
+
+def _allow_hint(name: str) -> str:
+    allow = allowed_plugins()
+    return " (excluded by DSHAL_PLUGINS)" if allow is not None and name not in allow else ""
+
+
+#: The process-wide registry; ``dshal.backends()`` and ``dshal.use()`` read it.
+REGISTRY = Registry()
+
+
+def backends(*, emulate: bool | None = None, refresh: bool = False) -> list[BackendInfo]:
+    """Every discovered backend, broken ones included, with the reason for each."""
+    if refresh:
+        REGISTRY.refresh()
+    return list(REGISTRY.infos(emulate=emulate).values())
+
+
+def names(infos: Iterable[BackendInfo]) -> list[str]:
+    return [i.name for i in infos]

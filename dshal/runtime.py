@@ -1,0 +1,194 @@
+"""The active runtime: selected backend, device, and the op -> provider table.
+
+:func:`use` selects a backend from a config, resolves every op's provider *once*, and
+installs the result into :mod:`dshal.ops`' dispatch table, so a ``dshal.ops.<op>`` call
+costs a dict lookup and the provider's own work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dshal.backend import Backend, Capabilities
+from dshal.config import Config, load_config
+from dshal.errors import ConfigError, UnsupportedOpError
+from dshal.registry import REGISTRY, Decision, select
+
+log = logging.getLogger("dshal")
+
+#: Name used for the reference implementations when they serve as fallback.
+REFERENCE_PROVIDER = "cpu"
+
+
+@dataclass
+class Runtime:
+    """The result of :func:`dshal.use`: what runs where."""
+
+    config: Config
+    backend: Backend
+    device: torch.device
+    #: op name -> name of the backend whose implementation serves it.
+    providers: dict[str, str]
+    #: ops served by the fallback provider because the backend lacks them.
+    fallbacks: frozenset[str]
+    #: ``backend: auto`` decisions, in the order tried.
+    selection: list[Decision]
+    #: op name -> checked callable (what dispatch calls).
+    table: dict[str, Callable[..., Any]] = field(repr=False)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.backend.capabilities()
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.backend.emulate and self.capabilities.emulated)
+
+    def op(self, name: str) -> Callable[..., Any]:
+        """The checked provider callable for ``name``."""
+        try:
+            return self.table[name]
+        except KeyError:
+            raise UnsupportedOpError(f"op {name!r} is not in the catalogue") from None
+
+    def provider_kind(self, name: str) -> str:
+        """How ``name`` is served: native / triton / emulated / reference, "fallback" or "override"."""
+        if name in self.fallbacks:
+            return "fallback"
+        if self.providers[name] != self.backend.name:
+            return "override"
+        return self.backend.op_kind(name) or "native"
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary (what ``dshal info`` prints for the active runtime)."""
+        return {
+            "backend": self.backend.name,
+            "device": str(self.device),
+            "emulated": self.emulated,
+            "providers": {op: {"provider": p, "kind": self.provider_kind(op)} for op, p in self.providers.items()},
+            "fallbacks": sorted(self.fallbacks),
+            "selection": [{"name": d.name, "taken": d.taken, "reason": d.reason} for d in self.selection],
+            "config": self.config.to_dict(),
+        }
+
+    def activate(self) -> Runtime:
+        """Make this the runtime ``dshal.ops`` dispatches to."""
+        from dshal import ops
+
+        with _lock:
+            ops._table.update(self.table)
+            _state["active"] = self
+        return self
+
+
+_lock = threading.RLock()
+_state: dict[str, Runtime | None] = {"active": None}
+
+
+def _fallback_caller(op: str, backend: str, impl: Callable[..., Any]) -> Callable[..., Any]:
+    """Serve ``op`` from the reference, warning once (``fallback: warn``)."""
+    warned = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not warned:
+            warned.append(True)
+            log.warning("dshal: backend %r lacks op %r; serving it with the %r reference (fallback: warn)", backend, op, REFERENCE_PROVIDER)
+        return impl(*args, **kwargs)
+
+    call.__name__ = op
+    return call
+
+
+def _refusing(op: str, backend: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        raise UnsupportedOpError(
+            f"backend {backend!r} does not provide op {op!r} and the config says fallback: error "
+            f"(set fallback: warn, or ops: {{{op}: cpu}} to serve it with the reference)"
+        )
+
+    call.__name__ = op
+    return call
+
+
+def build_runtime(config: Config) -> Runtime:
+    """Select the backend and resolve each op's provider (no activation)."""
+    from dshal.ops.catalogue import SPECS
+
+    backend, trace = select(config.backend, config.prefer, emulate=config.emulate, registry=REGISTRY)
+    device_type = backend.device_type
+    own_ops: Mapping[str, Callable[..., Any]] = backend.ops()
+    providers: dict[str, str] = {}
+    table: dict[str, Callable[..., Any]] = {}
+    fallbacks = set()
+    for name, spec in SPECS.items():
+        override = config.ops.get(name)
+        if override is not None and override != backend.name:
+            info = REGISTRY.get(override, emulate=config.emulate)
+            other = info.require()
+            if name not in other.ops():
+                raise ConfigError(
+                    f"ops.{name}: backend {override!r} does not provide op {name!r} "
+                    f"(it provides: {', '.join(sorted(other.ops())) or 'none'})",
+                    file=config.source,
+                )
+            providers[name] = override
+            table[name] = spec.checked(other.ops()[name], device_type)
+        elif name in own_ops:
+            providers[name] = backend.name
+            table[name] = spec.checked(own_ops[name], device_type)
+        else:
+            providers[name] = REFERENCE_PROVIDER
+            fallbacks.add(name)
+            if config.fallback == "error":
+                table[name] = _refusing(name, backend.name)
+            else:
+                table[name] = _fallback_caller(name, backend.name, spec.checked(spec.reference_impl, device_type))
+    return Runtime(
+        config=config,
+        backend=backend,
+        device=backend.device(),
+        providers=providers,
+        fallbacks=frozenset(fallbacks),
+        selection=trace,
+        table=table,
+    )
+
+
+def use(config: str | os.PathLike | Mapping[str, Any] | Config | None = None, **overrides: Any) -> Runtime:
+    """Load ``config`` (path, dict, Config or None = defaults + env), apply keyword
+    overrides, select the backend, and make the result the active runtime."""
+    runtime = build_runtime(load_config(config, **overrides))
+    log.info(
+        "dshal: backend %s on %s; fallbacks: %s",
+        runtime.backend.name,
+        runtime.device,
+        ", ".join(sorted(runtime.fallbacks)) or "none",
+    )
+    return runtime.activate()
+
+
+def current() -> Runtime:
+    """The active runtime; activates the default one (config from the environment) if none is."""
+    active = _state["active"]
+    if active is None:
+        with _lock:
+            active = _state["active"]
+            if active is None:
+                active = use()
+    return active
+
+
+def reset() -> None:
+    """Forget the active runtime (the next op call activates the default again)."""
+    from dshal import ops
+
+    with _lock:
+        _state["active"] = None
+        ops._reset_table()
