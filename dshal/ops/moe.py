@@ -1,1 +1,178 @@
-"""(op family; see dshal/ops/spec.py)"""
+"""Mixture-of-experts ops: DeepSeek-V3's router and grouped SwiGLU experts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dshal.errors import DshalError, ShapeError
+from dshal.ops.gemm import _linear_reference
+from dshal.ops.quant import FP8_DTYPE_LIST, SCALE_DTYPES, compute_dtype
+from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
+
+
+def _check_count(op: str, arg: str, value: object, low: int, high: int | None, why: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise DshalError(f"{op}: argument {arg!r} is {value!r}, expected an int {bound}{why}")
+
+
+# ---------------------------------------------------------------- moe_gate
+@op_spec
+def moe_gate(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
+    """DeepSeek-V3's router: ``logits [T, E]`` -> ``(weights [T, top_k] float32, ids [T, top_k] int64)``.
+
+    ``scores = sigmoid(logits)``; choice scores ``scores + bias`` (``bias [E]`` is the
+    ``e_score_correction_bias``, or None). The E experts form ``n_group`` equal groups; a
+    group's score is the sum of its two best choice scores (its one score when a group has
+    one expert); the best ``topk_group`` groups are kept, and the ``top_k`` best choice
+    scores among their experts are picked (``ids``, best first). ``weights`` are the
+    picked experts' *sigmoid* scores (no bias), divided by their sum (+1e-20) when
+    ``norm_topk_prob``, times ``routed_scaling_factor``. Computed in float32 (float64 for
+    float64 logits).
+    """
+    op = "moe_gate"
+    check_tensor(op, "logits", logits, dtypes=FLOAT_DTYPES, ndim=2)
+    experts = logits.shape[1]
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
+        check_dim(op, "bias", bias, 0, experts, "E, the experts in 'logits'")
+    _check_count(op, "n_group", n_group, 1, None, "")
+    if experts % n_group:
+        raise ShapeError(f"{op}: argument 'n_group' is {n_group}, expected a divisor of the {experts} experts in 'logits'")
+    _check_count(op, "topk_group", topk_group, 1, n_group, " (groups kept, at most n_group)")
+    kept = topk_group * (experts // n_group)
+    _check_count(op, "top_k", top_k, 1, kept, f" (at most the {kept} experts in the {topk_group} kept groups)")
+    if not isinstance(routed_scaling_factor, (int, float)) or isinstance(routed_scaling_factor, bool):
+        raise DshalError(f"{op}: argument 'routed_scaling_factor' is {routed_scaling_factor!r}, expected a float")
+    if not isinstance(norm_topk_prob, bool):
+        raise DshalError(f"{op}: argument 'norm_topk_prob' is {norm_topk_prob!r}, expected True or False")
+    check_same_device(op, "logits", logits, bias=bias)
+
+
+@moe_gate.reference
+def _moe_gate_reference(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
+    acc = compute_dtype(logits.dtype)
+    tokens, experts = logits.shape
+    scores = torch.sigmoid(logits.to(acc))
+    choice = scores if bias is None else scores + bias.to(acc)
+    if n_group > 1 and topk_group < n_group:
+        grouped = choice.view(tokens, n_group, experts // n_group)
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        kept = group_score.topk(topk_group, dim=-1).indices
+        dropped = torch.ones(tokens, n_group, dtype=torch.bool, device=logits.device).scatter_(1, kept, False)
+        choice = grouped.masked_fill(dropped[..., None], float("-inf")).view(tokens, experts)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * routed_scaling_factor
+    return (weights if acc == torch.float64 else weights.to(torch.float32)), ids
+
+
+@moe_gate.cost
+def _moe_gate_cost(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
+    n = logits.numel()
+    tokens = logits.shape[0]
+    # sigmoid (~4) + bias add + selection compares (~log2 E) per score.
+    flops = n * (5 + max(1, math.ceil(math.log2(max(logits.shape[1], 2)))))
+    return Cost(flops=flops, bytes=n * logits.element_size() + tokens * top_k * (4 + 8))
+
+
+# ---------------------------------------------------------------- moe_experts
+def _check_expert_weight(op: str, arg: str, w, scale_arg: str, scale, shape: tuple[int, int, int]) -> None:
+    check_tensor(op, arg, w, dtypes=FLOAT_DTYPES + FP8_DTYPE_LIST, ndim=3)
+    if tuple(w.shape) != shape:
+        raise ShapeError(f"{op}: argument {arg!r} has shape {list(w.shape)}, expected {list(shape)}")
+    if w.dtype in FLOAT_DTYPES:
+        if scale is not None:
+            raise DshalError(f"{op}: argument {scale_arg!r} is given, but {arg!r} is {w.dtype}; expected None for float weights")
+        return
+    if scale is None:
+        raise DshalError(f"{op}: argument {arg!r} is {w.dtype}, which needs {scale_arg!r} (block scales); got None")
+    check_tensor(op, scale_arg, scale, dtypes=SCALE_DTYPES, ndim=3)
+    want = (shape[0], math.ceil(shape[1] / 128), math.ceil(shape[2] / 128))
+    if tuple(scale.shape) != want:
+        raise ShapeError(
+            f"{op}: argument {scale_arg!r} has shape {list(scale.shape)}, expected {list(want)} "
+            f"(one scale per 128x128 block of {arg!r} {list(shape)})"
+        )
+
+
+@op_spec
+def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+    """Routed SwiGLU experts: ``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])``.
+
+    ``x [T, H]`` float; ``weights [T, k]`` float; ``ids [T, k]`` int64/int32 in ``[0, E)``
+    (out-of-range ids raise ShapeError when the reference runs; the checker does not read
+    tensor values). ``w13 [E, 2I, H]`` holds each expert's gate rows then up rows,
+    ``w2 [E, H, I]``; ``expert_e(h) = w2[e] @ (silu(w13[e, :I] h) * w13[e, I:] h)``.
+    FP8 weights need block scales ``w13_scale [E, ceil(2I/128), ceil(H/128)]`` and
+    ``w2_scale [E, ceil(H/128), ceil(I/128)]``; their activations are then quantized per
+    (1, 128) as in :func:`linear`. Returns ``[T, H]`` in ``x``'s dtype; the weighted sum is
+    accumulated in float32 (float64 for float64 inputs).
+    """
+    op = "moe_experts"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor(op, "weights", weights, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor(op, "ids", ids, dtypes=(torch.int64, torch.int32), ndim=2)
+    tokens, hidden = x.shape
+    check_dim(op, "weights", weights, 0, tokens, "T, the tokens of 'x'")
+    check_dim(op, "ids", ids, 0, tokens, "T, the tokens of 'x'")
+    check_dim(op, "ids", ids, 1, weights.shape[1], "k, the experts per token in 'weights'")
+    check_tensor(op, "w13", w13, ndim=3)
+    experts, two_i = w13.shape[0], w13.shape[1]
+    if two_i % 2:
+        raise ShapeError(f"{op}: argument 'w13' has {two_i} rows per expert (shape {list(w13.shape)}), expected an even 2*I")
+    inter = two_i // 2
+    _check_expert_weight(op, "w13", w13, "w13_scale", w13_scale, (experts, two_i, hidden))
+    check_tensor(op, "w2", w2, ndim=3)
+    _check_expert_weight(op, "w2", w2, "w2_scale", w2_scale, (experts, hidden, inter))
+    check_same_device(op, "x", x, weights=weights, ids=ids, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale)
+
+
+@moe_experts.reference
+def _moe_experts_reference(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+    tokens, top_k = ids.shape
+    experts, inter = w13.shape[0], w13.shape[1] // 2
+    acc = compute_dtype(x.dtype)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
+    if ids.numel() == 0:
+        return out.to(x.dtype)
+    # Group the (token, slot) pairs by expert: one matmul per expert that has tokens.
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    sorted_ids = flat_ids[order]
+    low, high = int(sorted_ids[0]), int(sorted_ids[-1])
+    if low < 0 or high >= experts:
+        bad = low if low < 0 else high
+        raise ShapeError(f"moe_experts: argument 'ids' holds expert id {bad}, expected ids in [0, {experts}) (w13 has {experts} experts)")
+    counts = torch.bincount(sorted_ids, minlength=experts).tolist()
+    token_of_slot = order // top_k
+    slot_weight = weights.reshape(-1)[order].to(acc)
+    start = 0
+    for e, count in enumerate(counts):
+        if not count:
+            continue
+        rows = token_of_slot[start : start + count]
+        xs = x[rows]
+        h = _linear_reference(xs, w13[e], None, None if w13_scale is None else w13_scale[e])
+        act = (F.silu(h[:, :inter].to(acc)) * h[:, inter:].to(acc)).to(x.dtype)
+        y = _linear_reference(act, w2[e], None, None if w2_scale is None else w2_scale[e])
+        out.index_add_(0, rows, y.to(acc) * slot_weight[start : start + count, None])
+        start += count
+    return out.to(x.dtype)
+
+
+@moe_experts.cost
+def _moe_experts_cost(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+    slots = ids.numel()
+    experts, two_i, hidden = w13.shape
+    flops = slots * (2 * two_i * hidden + 2 * hidden * (two_i // 2) + 3 * (two_i // 2) + 2 * hidden)
+    active = min(experts, slots)  # at most this many experts' weights are read
+    per_expert = w13[0].numel() * w13.element_size() + w2[0].numel() * w2.element_size() if experts else 0
+    moved = 2 * x.numel() * x.element_size() + active * per_expert + slots * (weights.element_size() + ids.element_size())
+    moved += sum(t.numel() * t.element_size() for t in (w13_scale, w2_scale) if t is not None)
+    return Cost(flops=flops, bytes=moved)

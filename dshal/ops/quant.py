@@ -1,1 +1,251 @@
-"""(op family; see dshal/ops/spec.py)"""
+"""Quantization ops: FP8 block/row/tensor quantize and dequantize, and symmetric int8.
+
+Block layout (shared by every FP8 op): a block ``(bm, bk)`` tiles the last two dims of a
+tensor ``[..., M, K]``; ``-1`` means "the whole dim"; ``None`` means one scale for the
+whole tensor. Partial last blocks are allowed. A 1-D tensor ``[K]`` is one row, and its
+scale drops the row dim (``[ceil(K/bk)]``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dshal.errors import DshalError, DTypeError, ShapeError
+from dshal.ops.spec import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    FP8_FORMAT_OF,
+    FP8_MAX,
+    Cost,
+    check_same_device,
+    check_tensor,
+    fp8_dtype,
+    op_spec,
+)
+
+FP8_DTYPE_LIST = tuple(FP8_DTYPES.values())
+#: Dtypes a scale tensor may have (float64 only appears in float64 oracles).
+SCALE_DTYPES = (torch.float32, torch.float64)
+SCALE_FORMATS = (None, "ue8m0")
+
+
+# ---------------------------------------------------------------- block helpers
+def check_block(op: str, block: Any) -> None:
+    """``block`` must be None or a pair of ints, each positive or -1."""
+    if block is None:
+        return
+    ok = (
+        isinstance(block, (tuple, list))
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and (b > 0 or b == -1) for b in block)
+    )
+    if not ok:
+        raise DshalError(
+            f"{op}: argument 'block' is {block!r}, expected None (tensorwise) or a pair of ints, each > 0 or -1, "
+            "e.g. (1, 128), (128, 128), (1, -1)"
+        )
+
+
+def _block_sizes(shape: torch.Size | tuple[int, ...], block: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(M, K, bm, bk) of a tensor shape viewed as ``[..., M, K]`` with ``-1`` resolved."""
+    m, k = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, shape[-1])
+    bm = max(m, 1) if block[0] == -1 else block[0]
+    bk = max(k, 1) if block[1] == -1 else block[1]
+    return m, k, bm, bk
+
+
+def scale_shape(shape: torch.Size | tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, ...]:
+    """Shape of the scale of a tensor of ``shape`` quantized with ``block``."""
+    if block is None:
+        return ()
+    m, k, bm, bk = _block_sizes(shape, block)
+    if len(shape) < 2:
+        return (math.ceil(k / bk),)
+    return (*shape[:-2], math.ceil(m / bm), math.ceil(k / bk))
+
+
+def _blocked(x: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
+    """``x [..., M, K]`` as ``[..., Mb, bm, Kb, bk]``, zero-padded to whole blocks (a view
+    when the dims divide and ``x`` is contiguous)."""
+    m, k = x.shape[-2:]
+    pad_m, pad_k = -m % bm, -k % bk
+    if pad_m or pad_k:
+        x = F.pad(x, (0, pad_k, 0, pad_m))
+    return x.reshape(*x.shape[:-2], (m + pad_m) // bm, bm, (k + pad_k) // bk, bk)
+
+
+def _unblocked(xb: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    lead = xb.shape[:-4]
+    mb, bm, kb, bk = xb.shape[-4:]
+    return xb.reshape(*lead, mb * bm, kb * bk)[..., :m, :k]
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any of ``dtypes`` is float64 (the oracle), else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 1 else x
+
+
+def _round_up_pow2(s: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= s (exact, via frexp: s = m * 2**e with m in [0.5, 1))."""
+    mantissa, exponent = torch.frexp(s)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(s), exponent)
+
+
+def _finite_abs(x: torch.Tensor) -> torch.Tensor:
+    """|x| with NaN and +-Inf replaced by 0, so they do not decide a block's scale."""
+    a = x.abs()
+    return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype))
+
+
+def _scale_from_amax(amax: torch.Tensor, qmax: float, scale_fmt: str | None) -> torch.Tensor:
+    """float32 scale = amax / qmax; all-zero blocks get 1; never 0, NaN or Inf."""
+    scale = (amax / qmax).to(torch.float32)
+    tiny = torch.finfo(torch.float32).tiny  # amax / qmax may underflow float32
+    scale = torch.where(amax > 0, scale.clamp(min=tiny), torch.ones((), dtype=torch.float32))
+    if scale_fmt == "ue8m0":
+        scale = _round_up_pow2(scale)
+    return scale
+
+
+# ---------------------------------------------------------------- quantize_fp8
+@op_spec
+def quantize_fp8(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
+    """Quantize ``x [..., M, K]`` to FP8 with one float32 scale per block.
+
+    ``block``: ``(1, 128)`` -> scale ``[..., M, ceil(K/128)]`` (activations);
+    ``(128, 128)`` -> ``[..., ceil(M/128), ceil(K/128)]`` (weights); ``(1, -1)`` ->
+    ``[..., M, 1]`` (rowwise); ``None`` -> a 0-dim scale (tensorwise). A 1-D ``x`` is one
+    row; its scale drops the row dim. Partial last blocks are allowed.
+
+    ``fmt``: ``"e4m3"`` (the backend's native E4M3; ``e4m3fn`` for the reference),
+    ``"e4m3fn"``, ``"e4m3fnuz"`` or ``"e5m2"``. ``scale = amax(|block|) / fmt_max``;
+    all-zero blocks get scale 1. ``scale_fmt="ue8m0"`` rounds each scale up to a power of
+    two. ``q = clamp(x / scale, -fmt_max, fmt_max)`` cast to the format (round to
+    nearest even); ``e4m3fnuz`` has no negative zero.
+
+    Non-finite values: NaN and +-Inf do not take part in the amax (the block's scale comes
+    from its finite values). NaN stays NaN in ``q`` (every format here has a NaN); +-Inf
+    saturates to +-fmt_max. Returns ``(q, scale)``.
+    """
+    op = "quantize_fp8"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_block(op, block)
+    fp8_dtype(op, "fmt", fmt)
+    if scale_fmt not in SCALE_FORMATS:
+        raise DshalError(f"{op}: argument 'scale_fmt' is {scale_fmt!r}, expected None or 'ue8m0'")
+
+
+@quantize_fp8.reference
+def _quantize_fp8_reference(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
+    dtype = fp8_dtype("quantize_fp8", "fmt", fmt)
+    qmax = FP8_MAX[FP8_FORMAT_OF[dtype]]
+    acc = compute_dtype(x.dtype)
+    xf = x.to(acc)
+    if block is None:
+        amax = _finite_abs(xf).amax() if xf.numel() else torch.zeros((), dtype=acc)
+        scale = _scale_from_amax(amax, qmax, scale_fmt)
+        q = (xf / scale.to(acc)).clamp(-qmax, qmax)
+        return q.to(dtype), scale
+    rows = _as_rows(xf)
+    m, k, bm, bk = _block_sizes(x.shape, block)
+    xb = _blocked(rows, bm, bk)
+    amax = _finite_abs(xb).amax(dim=(-3, -1))
+    scale = _scale_from_amax(amax, qmax, scale_fmt)
+    qb = (xb / scale.to(acc)[..., :, None, :, None]).clamp(-qmax, qmax)
+    q = _unblocked(qb, m, k).to(dtype).reshape(x.shape)
+    return q, scale.reshape(scale_shape(x.shape, block))
+
+
+@quantize_fp8.cost
+def _quantize_fp8_cost(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
+    n = x.numel()
+    n_scales = math.prod(scale_shape(x.shape, block)) if x.dim() else 1
+    # |x|, max, divide, clamp per element.
+    return Cost(flops=4 * n, bytes=n * x.element_size() + n + 4 * n_scales)
+
+
+# ---------------------------------------------------------------- dequantize_fp8
+@op_spec
+def dequantize_fp8(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
+    """``q.float() * scale`` broadcast per block (the inverse of :func:`quantize_fp8` with
+    the same ``block``), cast to ``out_dtype``. ``scale`` must have the shape
+    ``quantize_fp8`` returns for ``q``'s shape and ``block``."""
+    op = "dequantize_fp8"
+    check_tensor(op, "q", q, dtypes=FP8_DTYPE_LIST, min_ndim=1)
+    check_tensor(op, "scale", scale, dtypes=SCALE_DTYPES)
+    check_block(op, block)
+    want = scale_shape(q.shape, block)
+    if tuple(scale.shape) != want:
+        raise ShapeError(
+            f"{op}: argument 'scale' has shape {list(scale.shape)}, expected {list(want)} "
+            f"(q of shape {list(q.shape)} with block {block!r})"
+        )
+    check_out_dtype(op, out_dtype)
+    check_same_device(op, "q", q, scale=scale)
+
+
+def check_out_dtype(op: str, out_dtype: Any) -> None:
+    if out_dtype not in FLOAT_DTYPES:
+        raise DTypeError(
+            f"{op}: argument 'out_dtype' is {out_dtype!r}, expected one of float32, bfloat16, float16, float64"
+        )
+
+
+def dequantize_to(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None, acc: torch.dtype) -> torch.Tensor:
+    """``q * scale`` per block in dtype ``acc`` (shared by the FP8 ops' references)."""
+    qf = q.to(acc)
+    if block is None:
+        return qf * scale.to(acc).reshape(())
+    m, k, bm, bk = _block_sizes(q.shape, block)
+    qb = _blocked(_as_rows(qf), bm, bk)
+    s = scale.to(acc).reshape(*qb.shape[:-4], qb.shape[-4], qb.shape[-2])
+    return _unblocked(qb * s[..., :, None, :, None], m, k).reshape(q.shape)
+
+
+@dequantize_fp8.reference
+def _dequantize_fp8_reference(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
+    acc = compute_dtype(scale.dtype, out_dtype)
+    return dequantize_to(q, scale, block, acc).to(out_dtype)
+
+
+@dequantize_fp8.cost
+def _dequantize_fp8_cost(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
+    n = q.numel()
+    out_size = torch.empty((), dtype=out_dtype).element_size()
+    return Cost(flops=n, bytes=n + scale.numel() * scale.element_size() + n * out_size)
+
+
+# ---------------------------------------------------------------- int8
+@op_spec
+def quantize_int8(x):
+    """Symmetric int8, one scale per row (the last dim): ``scale = amax / 127`` (all-zero
+    rows get 1), ``q = clamp(round_half_even(x / scale), -127, 127)``. Returns
+    ``(q int8 [..., K], scale float32 [..., 1])``. NaN and +-Inf do not take part in the
+    amax; NaN becomes 0 and +-Inf saturates to +-127 (int8 has neither)."""
+    check_tensor("quantize_int8", "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+
+
+@quantize_int8.reference
+def _quantize_int8_reference(x):
+    acc = compute_dtype(x.dtype)
+    xf = x.to(acc)
+    amax = _finite_abs(xf).amax(dim=-1, keepdim=True) if x.shape[-1] else torch.zeros((*x.shape[:-1], 1), dtype=acc)
+    scale = _scale_from_amax(amax, 127.0, None)
+    q = torch.nan_to_num(xf / scale.to(acc), nan=0.0).round().clamp(-127, 127)
+    return q.to(torch.int8), scale
+
+
+@quantize_int8.cost
+def _quantize_int8_cost(x):
+    n = x.numel()
+    rows = n // x.shape[-1] if x.shape[-1] else 0
+    return Cost(flops=5 * n, bytes=n * x.element_size() + n + 4 * rows)

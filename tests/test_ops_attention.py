@@ -1,0 +1,114 @@
+"""attention against explicit per-query loops and torch's scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dshal
+from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
+from dshal.ops import SPECS
+from dshal.ops import reference as ref
+
+
+def loop_attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
+    """One query row at a time, with the visibility rule written as plain conditions."""
+    batch, hq, tq, d = q.shape
+    hk, tk, dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros(batch, hq, tq, dv, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(hq):
+            kv = h // (hq // hk)
+            for i in range(tq):
+                pos = i + tk - tq
+                keys = []
+                for j in range(tk):
+                    if causal and j > pos:
+                        continue
+                    in_window = window is None or (pos - j < window if causal else abs(pos - j) < window)
+                    if in_window or j < global_tokens:
+                        keys.append(j)
+                if not keys:
+                    continue
+                s = torch.stack([q[b, h, i].double() @ k[b, kv, j].double() * scale for j in keys])
+                p = torch.softmax(s, 0)
+                out[b, h, i] = sum(p[n] * v[b, kv, j].double() for n, j in enumerate(keys))
+    return out
+
+
+def qkv(batch, hq, hk, tq, tk, d, dv, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return mk(batch, hq, tq, d), mk(batch, hk, tk, d), mk(batch, hk, tk, dv)
+
+
+CASES = [
+    dict(causal=True),
+    dict(causal=False),
+    dict(causal=True, window=3),
+    dict(causal=True, window=2, global_tokens=2),
+    dict(causal=False, window=2),
+    dict(causal=False, window=2, global_tokens=1),
+    dict(causal=True, scale=0.3),
+]
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 5, 5, 8, 6), (1, 2, 1, 3, 7, 4, 4), (1, 2, 2, 6, 4, 4, 3), (1, 3, 3, 1, 6, 8, 8)])
+@pytest.mark.parametrize("opts", CASES, ids=[str(c) for c in CASES])
+def test_attention_matches_loops(shape, opts):
+    q, k, v = qkv(*shape)
+    got = ref.attention(q, k, v, **opts)
+    assert got.shape == q.shape[:3] + (v.shape[3],) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), loop_attention(q, k, v, **opts), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_query_without_keys_is_zero():
+    q, k, v = qkv(1, 1, 1, 5, 3, 4, 4)  # Tq > Tk: the first two queries sit before key 0
+    got = ref.attention(q, k, v, causal=True)
+    assert torch.equal(got[0, 0, :2], torch.zeros(2, 4))
+    assert not torch.isnan(got).any()
+    assert torch.equal(ref.attention(*qkv(1, 2, 1, 2, 0, 4, 4)), torch.zeros(1, 2, 2, 4))
+
+
+def test_attention_matches_sdpa_gqa_bf16_and_noncontiguous():
+    q, k, v = qkv(2, 8, 2, 6, 6, 16, 16, dtype=torch.bfloat16, seed=3)
+    q = q.transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous view with the same values
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    got = ref.attention(q, k, v)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=1.6e-2, atol=1e-2)
+    oracle = SPECS["attention"].run_oracle(q, k, v)
+    assert oracle.dtype == torch.float64
+    torch.testing.assert_close(oracle, loop_attention(q, k, v))
+
+
+BAD = [
+    (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4, dtype=torch.int32)), DTypeError, "'q' has dtype torch.int32"),
+    (lambda: ref.attention(torch.ones(1, 2, 3, 4), torch.ones(1, 1, 3, 4).double(), torch.ones(1, 1, 3, 4)), DTypeError, "'k' has dtype torch.float64"),
+    (lambda: ref.attention(torch.ones(2, 3, 4), torch.ones(1, 1, 3, 4), torch.ones(1, 1, 3, 4)), ShapeError, "'q' must be 4-D"),
+    (lambda: ref.attention(torch.ones(1, 3, 3, 4), torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4)), DshalError, "expected a divisor of the 3 heads"),
+    (lambda: ref.attention(torch.ones(1, 2, 3, 4), torch.ones(1, 1, 3, 5), torch.ones(1, 1, 3, 4)), ShapeError, "'k' has size 5 in dim 3"),
+    (lambda: ref.attention(torch.ones(1, 2, 3, 4), torch.ones(1, 1, 3, 4), torch.ones(1, 1, 2, 4)), ShapeError, "'v' has size 2 in dim 2"),
+    (lambda: ref.attention(torch.ones(1, 2, 3, 4), torch.ones(1, 1, 3, 4, device="meta"), torch.ones(1, 1, 3, 4)), DeviceError, "'k' is on meta"),
+    (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), window=0), DshalError, "'window' is 0"),
+    (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), global_tokens=-1), DshalError, "'global_tokens' is -1"),
+    (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), scale=-1.0), DshalError, "'scale' is -1.0"),
+]
+
+
+@pytest.mark.parametrize("call, error, fragment", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_attention_rejects_bad_inputs(call, error, fragment):
+    with pytest.raises(error) as info:
+        call()
+    assert fragment in str(info.value)
+
+
+def test_attention_dispatch_on_cpu_backend_and_cost():
+    dshal.use(backend="cpu")
+    q, k, v = qkv(1, 4, 2, 3, 5, 8, 6)
+    torch.testing.assert_close(dshal.ops.attention(q, k, v, window=2, global_tokens=1), ref.attention(q, k, v, window=2, global_tokens=1))
+    assert SPECS["attention"].cost_of(q, k, v).flops == 2 * 1 * 4 * 3 * 5 * (8 + 6)
