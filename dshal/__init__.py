@@ -10,6 +10,11 @@ Nothing is discovered at import time: plugins load on the first ``dshal.use()``,
 
 from __future__ import annotations
 
+# The subpackage dshal/backends/ shares its name with the dshal.backends() function.
+# Importing a submodule binds the package as an attribute of its parent, but only the
+# first time the package loads; loading it here, before the function is bound below,
+# keeps ``dshal.backends`` the function after discovery imports dshal.backends.reference.
+import dshal.backends  # noqa: F401  (empty package; imports nothing else)
 from dshal import ops
 from dshal.backend import API_VERSION, Availability, Backend, Capabilities, Timer, Topology
 from dshal.config import Config, load_config

@@ -2,9 +2,19 @@
 
 The process-group backend comes from the active dshal backend's capabilities
 (``gloo`` for cpu, ``nccl`` for NVIDIA/ROCm, ``hccl`` for Ascend); ``torchrun`` (or the
-caller) provides RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Every collective is
-bounded by ``distributed.timeout_s``; a failure raises :class:`~dshal.CommError` naming
-the collective and the group.
+caller) provides RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+
+Failure policy: every collective is bounded by ``distributed.timeout_s``. When one fails
+(a peer died, hung past the timeout, or a group is misused) it raises
+:class:`~dshal.CommError` naming the collective and the group, and the process group is
+torn down, so the peers blocked on this rank fail fast too and nothing waits forever in
+interpreter shutdown. Later collectives raise the same error straight away.
+
+``all_to_all`` split sizes: ``input_splits[i]`` rows of ``t`` go to rank i. When
+``output_splits`` is None and ``input_splits`` is given, the ranks first exchange their
+split sizes (one small extra all_to_all), so uneven and empty splits need no bookkeeping
+by the caller; when both are None, ``t`` is split evenly and every rank must pass the same
+number of rows (as in ``torch.distributed``).
 """
 
 from __future__ import annotations
@@ -12,189 +22,493 @@ from __future__ import annotations
 import abc
 import datetime
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dshal.errors import CommError, ConfigError, ShapeError
+from dshal.errors import CommError, ConfigError, DTypeError, ShapeError
 
-REDUCE_OPS = {
+#: Reductions every communicator supports. ``avg`` is a sum divided by the group size,
+#: computed the same way on every process-group backend (gloo has no native AVG in older torch).
+REDUCE_OPS: Mapping[str, Any] = {
     "sum": dist.ReduceOp.SUM,
     "max": dist.ReduceOp.MAX,
     "min": dist.ReduceOp.MIN,
-    "avg": dist.ReduceOp.AVG,
+    "avg": dist.ReduceOp.SUM,
     "product": dist.ReduceOp.PRODUCT,
 }
 
+# torch >= 2.10 renamed the single-tensor collectives; older releases keep the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-def _reduce_op(op: str, collective: str) -> Any:
+# The process-wide record of the distributed session: the timeout every group uses and
+# the first failure (after which the process group is gone and every collective refuses).
+_session: dict[str, Any] = {"timeout_s": None, "failure": None}
+
+
+def _reduce_op(op: str, collective: str, t: torch.Tensor) -> Any:
+    if not isinstance(op, str) or op not in REDUCE_OPS:
+        raise CommError(f"{collective}: argument 'op' is {op!r}, expected one of {', '.join(REDUCE_OPS)}")
+    if op == "avg" and not t.is_floating_point():
+        raise DTypeError(f"{collective}: op='avg' needs a floating-point tensor, argument 't' has dtype {t.dtype}")
+    return REDUCE_OPS[op]
+
+
+def _check_tensor(collective: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(f"{collective}: argument 't' is a {type(t).__name__}, expected a torch.Tensor")
+
+
+def _check_dim(collective: str, t: torch.Tensor, dim: int) -> int:
+    if not isinstance(dim, int) or not -t.dim() <= dim < max(t.dim(), 1):
+        raise ShapeError(f"{collective}: argument 'dim' is {dim!r}, expected an int in [{-t.dim()}, {t.dim()}) for a {t.dim()}-d tensor")
+    return dim % t.dim()
+
+
+def group_name(group: Any = None) -> str:
+    """A readable name for ``group``: its description (``tp``, ``ep``...) and global ranks."""
+    if group is None:
+        return "world group" if not dist.is_initialized() else f"world group (ranks 0..{dist.get_world_size() - 1})"
+    desc = getattr(group, "group_desc", "") or getattr(group, "group_name", "") or "unnamed"
     try:
-        return REDUCE_OPS[op]
-    except (KeyError, TypeError):
-        raise CommError(f"{collective}: argument 'op' is {op!r}, expected one of {', '.join(REDUCE_OPS)}") from None
+        ranks = dist.get_process_group_ranks(group)
+    except (RuntimeError, ValueError):
+        return f"group {desc!r}"
+    return f"group {desc!r} (global ranks {ranks})"
+
+
+def _explain(err: BaseException) -> str:
+    text = str(err)
+    low = text.lower()
+    if "timed out" in low or "timeout" in low:
+        return "a peer did not answer within distributed.timeout_s (it hung or died silently)"
+    if any(s in low for s in ("connection reset", "connection closed", "broken pipe", "connection refused", "eof")):
+        return "a peer closed its connection (it probably died)"
+    return "the process-group backend reported an error"
+
+
+def _teardown() -> None:
+    """Destroy every process group so peers blocked on this rank fail fast and exit cleanly."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError, AssertionError):  # already half torn down: nothing left to free
+            pass
 
 
 class Communicator(abc.ABC):
-    """Collectives over one process group. Backends may return their own subclass."""
+    """Collectives over one process group. Backends may return their own subclass from
+    :meth:`dshal.Backend.communicator`."""
 
     @abc.abstractmethod
-    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place reduction of ``t`` over the group; returns ``t``."""
 
     @abc.abstractmethod
-    def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor: ...
+    def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenation along ``dim`` of ``t`` from every rank, in rank order."""
 
     @abc.abstractmethod
-    def reduce_scatter(self, t: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor: ...
+    def reduce_scatter(self, t: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
+        """This rank's chunk (along ``dim``) of the reduction of ``t``."""
 
     @abc.abstractmethod
     def all_to_all(
         self, t: torch.Tensor, output_splits: Sequence[int] | None = None, input_splits: Sequence[int] | None = None
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """Rows ``input_splits[i]`` of ``t`` go to rank i; returns the rows every rank sent here."""
 
     @abc.abstractmethod
-    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor: ...
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """``t`` of group rank ``src`` on every rank, in place."""
 
     @abc.abstractmethod
-    def barrier(self) -> None: ...
+    def barrier(self) -> None:
+        """Wait until every rank of the group arrives."""
+
+    def exchange_splits(self, input_splits: Sequence[int], device: torch.device | str = "cpu") -> list[int]:
+        """The row counts every rank will send here, given the counts this rank sends to each
+        rank (one all_to_all of ``world_size`` integers; ``device``: where the process-group
+        backend wants that small tensor)."""
+        sizes = torch.tensor([int(s) for s in input_splits], dtype=torch.int64, device=device)
+        return self.all_to_all(sizes).tolist()
 
     @property
     @abc.abstractmethod
-    def rank(self) -> int: ...
+    def rank(self) -> int:
+        """This process's rank within the group."""
 
     @property
     @abc.abstractmethod
-    def world_size(self) -> int: ...
+    def world_size(self) -> int:
+        """Number of ranks in the group."""
 
 
 class ProcessGroupCommunicator(Communicator):
-    """Collectives on a torch.distributed process group (None = the default group)."""
+    """Collectives on a torch.distributed process group (None = the world group)."""
 
     def __init__(self, group: Any = None):
+        if group is dist.GroupMember.NON_GROUP_MEMBER:
+            raise CommError("communicator: this rank is not a member of the group it was given (torch returned NON_GROUP_MEMBER)")
         self.group = group
 
     @property
     def rank(self) -> int:
+        self._check_ready("rank")
         return dist.get_rank(self.group)
 
     @property
     def world_size(self) -> int:
+        self._check_ready("world_size")
         return dist.get_world_size(self.group)
 
-    def _group_name(self) -> str:
-        if self.group is None:
-            return "default group"
-        return f"group {getattr(self.group, 'group_name', None) or id(self.group)}"
-
-    def _run(self, collective: str, fn, *args: Any, **kwargs: Any) -> Any:
+    def _check_ready(self, collective: str) -> None:
+        failure = _session["failure"]
+        if failure is not None:
+            raise CommError(f"{collective} on the {group_name(None)}: the process group was shut down after an earlier failure: {failure}")
         if not dist.is_initialized():
-            raise CommError(f"{collective}: torch.distributed is not initialized; call dshal.comm.init() first")
+            raise CommError(f"{collective}: torch.distributed is not initialized; call dshal.comm.init() first (or launch with torchrun)")
+
+    def _run(self, collective: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self._check_ready(collective)
+        start = time.monotonic()
         try:
             return fn(*args, **kwargs)
-        except (RuntimeError, ValueError) as err:  # gloo/nccl raise RuntimeError (DistBackendError)
-            raise CommError(
-                f"{collective} on the {self._group_name()} (rank {dist.get_rank()}, world size {dist.get_world_size()}) failed: {err}"
-            ) from err
+        except (RuntimeError, ValueError) as err:  # gloo/nccl raise DistBackendError (a RuntimeError)
+            where = group_name(self.group)
+            message = (
+                f"{collective} on the {where} failed on global rank {dist.get_rank()} after "
+                f"{time.monotonic() - start:.1f} s (distributed.timeout_s = {_session['timeout_s']}): "
+                f"{_explain(err)}. torch said: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            )
+            _session["failure"] = message
+            _teardown()
+            raise CommError(message) from err
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        rop = _reduce_op(op, "all_reduce")
-        self._run("all_reduce", dist.all_reduce, t, op=rop, group=self.group)
+        _check_tensor("all_reduce", t)
+        reduce_op = _reduce_op(op, "all_reduce", t)
+        self._run("all_reduce", dist.all_reduce, t, op=reduce_op, group=self.group)
+        if op == "avg":
+            t.div_(self.world_size)
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        self._run("all_gather", dist.all_gather, parts, t.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        _check_tensor("all_gather", t)
+        dim = _check_dim("all_gather", t, dim)
+        n = self.world_size
+        src = t.movedim(dim, 0).contiguous() if dim else t.contiguous()
+        out = src.new_empty((n * src.shape[0], *src.shape[1:]))
+        self._run("all_gather", _all_gather_single, out, src, group=self.group)
+        return out.movedim(0, dim) if dim else out
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
+        _check_tensor("reduce_scatter", t)
+        dim = _check_dim("reduce_scatter", t, dim)
         n = self.world_size
         if t.shape[dim] % n:
             raise ShapeError(
-                f"reduce_scatter: argument 't' has size {t.shape[dim]} in dim {dim}, expected a multiple of the world size {n}"
+                f"reduce_scatter: argument 't' has size {t.shape[dim]} in dim {dim}, expected a multiple of the group size {n}"
             )
-        rop = _reduce_op(op, "reduce_scatter")
-        inputs = [c.contiguous() for c in t.chunk(n, dim=dim)]
-        out = torch.empty_like(inputs[0])
-        self._run("reduce_scatter", dist.reduce_scatter, out, inputs, op=rop, group=self.group)
-        return out
+        reduce_op = _reduce_op(op, "reduce_scatter", t)
+        src = t.movedim(dim, 0).contiguous() if dim else t.contiguous()
+        out = src.new_empty((src.shape[0] // n, *src.shape[1:]))
+        self._run("reduce_scatter", _reduce_scatter_single, out, src, op=reduce_op, group=self.group)
+        if op == "avg":
+            out.div_(n)
+        return out.movedim(0, dim) if dim else out
+
+    def _splits(self, name: str, splits: Sequence[int], n: int, rows: int | None) -> list[int]:
+        sizes = [int(s) for s in splits] if not isinstance(splits, torch.Tensor) else splits.tolist()
+        if len(sizes) != n or any(s < 0 for s in sizes) or (rows is not None and sum(sizes) != rows):
+            want = f"{n} non-negative sizes" + (f" summing to {rows} (the rows of 't')" if rows is not None else "")
+            raise ShapeError(f"all_to_all: argument {name!r} is {sizes}, expected {want}")
+        return sizes
 
     def all_to_all(
         self, t: torch.Tensor, output_splits: Sequence[int] | None = None, input_splits: Sequence[int] | None = None
     ) -> torch.Tensor:
+        _check_tensor("all_to_all", t)
+        if t.dim() == 0:
+            raise ShapeError("all_to_all: argument 't' is a 0-d tensor, expected at least 1 dim (rows to exchange)")
         n = self.world_size
+        rows = t.shape[0]
         if input_splits is None:
-            if t.shape[0] % n:
+            if rows % n:
                 raise ShapeError(
-                    f"all_to_all: argument 't' has {t.shape[0]} rows, expected a multiple of the world size {n} "
-                    "(or pass input_splits)"
+                    f"all_to_all: argument 't' has {rows} rows, expected a multiple of the group size {n} (or pass input_splits)"
                 )
-            input_splits = [t.shape[0] // n] * n
-        if len(input_splits) != n or sum(input_splits) != t.shape[0]:
-            raise ShapeError(
-                f"all_to_all: argument 'input_splits' is {list(input_splits)}, expected {n} sizes summing to {t.shape[0]}"
-            )
-        if output_splits is None:
-            output_splits = list(input_splits)
-        if len(output_splits) != n:
-            raise ShapeError(f"all_to_all: argument 'output_splits' is {list(output_splits)}, expected {n} sizes")
-        ins = list(t.contiguous().split(list(input_splits), dim=0))
-        outs = [t.new_empty((s, *t.shape[1:])) for s in output_splits]
-        self._run("all_to_all", dist.all_to_all, outs, ins, group=self.group)
-        return torch.cat(outs, dim=0)
+            ins = [rows // n] * n
+            outs = ins if output_splits is None else self._splits("output_splits", output_splits, n, None)
+        else:
+            ins = self._splits("input_splits", input_splits, n, rows)
+            if output_splits is None:
+                outs = self.exchange_splits(ins, t.device)
+            else:
+                outs = self._splits("output_splits", output_splits, n, None)
+        src = t.contiguous()
+        out = src.new_empty((sum(outs), *src.shape[1:]))
+        if len(set(ins)) == 1 and len(set(outs)) == 1 and ins[0] == outs[0]:
+            ins = outs = None  # even exchange: the backend's plain all-to-all, faster than the split-size variant
+        self._run("all_to_all", dist.all_to_all_single, out, src, outs, ins, group=self.group)
+        return out
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        self._run("broadcast", dist.broadcast, t, src=src, group=self.group)
+        _check_tensor("broadcast", t)
+        n = self.world_size
+        if not isinstance(src, int) or not 0 <= src < n:
+            raise CommError(f"broadcast: argument 'src' is {src!r}, expected a group rank in [0, {n})")
+        global_src = src if self.group is None else dist.get_global_rank(self.group, src)
+        self._run("broadcast", dist.broadcast, t, src=global_src, group=self.group)
         return t
 
     def barrier(self) -> None:
         self._run("barrier", dist.barrier, group=self.group)
 
 
-def init(timeout_s: float | None = None) -> None:
-    """Initialize torch.distributed from torchrun's environment on the active backend's
-    process-group type (idempotent)."""
+# ---------------------------------------------------------------- launch and groups
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What ``torchrun`` (or the caller) told this process about the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    #: torchrun's restart counter; keys this attempt's rendezvous records.
+    restart: int = 0
+
+
+def _int_env(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
+    raw = environ.get(key)
+    if raw is None or raw == "":
+        if default is None:
+            raise CommError(f"init: environment variable {key} is not set; launch with torchrun or set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise CommError(f"init: environment variable {key} is {raw!r}, expected an integer") from None
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Read and check torchrun's environment (``os.environ`` by default)."""
+    environ = os.environ if environ is None else environ
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+    if missing:
+        raise CommError(f"init: environment variables {missing} are not set; launch with torchrun (or set them by hand)")
+    rank = _int_env(environ, "RANK")
+    world_size = _int_env(environ, "WORLD_SIZE")
+    if world_size < 1:
+        raise CommError(f"init: WORLD_SIZE is {world_size}, expected a positive number of ranks")
+    if not 0 <= rank < world_size:
+        raise CommError(f"init: RANK is {rank}, expected 0 <= RANK < WORLD_SIZE ({world_size}); is WORLD_SIZE the same on every rank?")
+    local_world_size = _int_env(environ, "LOCAL_WORLD_SIZE", world_size)
+    local_rank = _int_env(environ, "LOCAL_RANK", rank % local_world_size)
+    if not 0 <= local_rank < local_world_size:
+        raise CommError(f"init: LOCAL_RANK is {local_rank}, expected 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE ({local_world_size})")
+    port = _int_env(environ, "MASTER_PORT")
+    if not 0 < port < 65536:
+        raise CommError(f"init: MASTER_PORT is {port}, expected a TCP port in 1..65535")
+    return LaunchEnv(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        master_addr=environ["MASTER_ADDR"],
+        master_port=port,
+        restart=_int_env(environ, "TORCHELASTIC_RESTART_COUNT", 0),
+    )
+
+
+def _rendezvous_error(err: BaseException, env: LaunchEnv, timeout_s: float) -> CommError:
+    text = str(err)
+    low = text.lower()
+    where = f"MASTER_ADDR={env.master_addr} MASTER_PORT={env.master_port}"
+    if "eaddrinuse" in low or "address already in use" in low:
+        msg = (
+            f"init: port {env.master_port} is already in use on this machine ({where}): another job or a stale "
+            "process holds it; pick a free port (torchrun --master-port / --rdzv-endpoint)"
+        )
+    elif "waiting for clients" in low:
+        msg = (
+            f"init: rank 0 waited {timeout_s:g} s at {where} but not all WORLD_SIZE={env.world_size} ranks joined "
+            f"({text.strip()}); check that {env.world_size} ranks were launched with the same WORLD_SIZE"
+        )
+    elif "timed out" in low or "connect" in low:
+        msg = (
+            f"init: rank {env.rank} could not reach rank 0's store at {where} within {timeout_s:g} s; "
+            "is rank 0 running, and are MASTER_ADDR / MASTER_PORT the same on every rank?"
+        )
+    else:
+        msg = f"init: rendezvous at {where} failed: {text.splitlines()[0] if text else type(err).__name__}"
+    return CommError(msg)
+
+
+def _check_world_size(store: Any, env: LaunchEnv) -> None:
+    """Every rank must agree on WORLD_SIZE; compare through the rendezvous store before the
+    process group is built (a mismatch would otherwise hang inside the backend). Rank 0
+    reads every rank's size; the others read rank 0's and acknowledge, and rank 0 (which
+    hosts the store) waits for those acknowledgements so nobody loses the store mid-check."""
+    prefix = f"dshal/launch/{env.restart}"
+    store.set(f"{prefix}/size/{env.rank}", str(env.world_size))
+    others = [0] if env.rank else list(range(1, env.world_size))
+    sizes = {}
+    for other in others:
+        try:
+            sizes[other] = int(store.get(f"{prefix}/size/{other}"))
+        except (RuntimeError, ValueError) as err:
+            raise CommError(
+                f"init: rank {env.rank} could not read rank {other}'s WORLD_SIZE within distributed.timeout_s "
+                f"(WORLD_SIZE={env.world_size} here; did rank {other} fail or start with another WORLD_SIZE?): "
+                f"{str(err).splitlines()[0]}"
+            ) from err
+    try:
+        if env.rank:
+            store.set(f"{prefix}/ack/{env.rank}", "1")
+        else:
+            store.wait([f"{prefix}/ack/{other}" for other in others])
+    except (RuntimeError, ValueError):
+        pass  # a peer that vanished here fails its own init; the sizes below are what matter
+    for other, seen in sizes.items():
+        if seen != env.world_size:
+            raise CommError(
+                f"init: mismatched world size: rank {env.rank} has WORLD_SIZE={env.world_size} but rank {other} has "
+                f"WORLD_SIZE={seen}; launch every rank with the same WORLD_SIZE"
+            )
+
+
+def process_group_backend(runtime: Any) -> str:
+    """The torch.distributed backend for ``runtime``: its backend's declared ``dist_backend``,
+    except ``gloo`` whenever tensors live on the CPU (emulated GPU plugins), since NCCL/HCCL
+    carry device tensors only."""
+    if runtime.device.type == "cpu":
+        return "gloo"
+    return runtime.capabilities.dist_backend
+
+
+def init(timeout_s: float | None = None) -> Communicator:
+    """Join the job described by torchrun's environment and return the world communicator.
+
+    Uses the active runtime's process-group backend (see :func:`process_group_backend`),
+    sets this process's local device (``LOCAL_RANK``) and bounds every collective by
+    ``timeout_s`` (default: the config's ``distributed.timeout_s``). Idempotent.
+    """
     from dshal.runtime import current
 
-    if dist.is_initialized():
-        return
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise CommError(f"init: environment variables {missing} are not set; launch with torchrun or set them")
     rt = current()
-    timeout = timeout_s if timeout_s is not None else rt.config.distributed.timeout_s
-    if timeout <= 0:
-        raise ConfigError(f"distributed.timeout_s: got {timeout}, expected a positive number")
+    if dist.is_initialized():
+        return rt.backend.communicator(None)
+    env = launch_env()
+    timeout = float(timeout_s if timeout_s is not None else rt.config.distributed.timeout_s)
+    if not timeout > 0:
+        raise ConfigError(f"distributed.timeout_s: got {timeout}, expected a positive number of seconds")
+    device_id = None
+    if rt.device.type != "cpu":
+        device_id = rt.backend.device(env.local_rank)
+        torch.get_device_module(device_id.type).set_device(device_id)
+    delta = datetime.timedelta(seconds=timeout)
+    try:  # env:// also handles torchrun's agent-hosted store
+        store, _, _ = next(dist.rendezvous(f"env://?rank={env.rank}&world_size={env.world_size}", timeout=delta))
+    except (RuntimeError, ValueError) as err:
+        raise _rendezvous_error(err, env, timeout) from err
+    _check_world_size(store, env)
     try:
         dist.init_process_group(
-            backend=rt.capabilities.dist_backend,
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=datetime.timedelta(seconds=timeout),
+            backend=process_group_backend(rt),
+            store=store,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=delta,
+            device_id=device_id,
         )
     except (RuntimeError, ValueError) as err:
-        raise CommError(f"init: could not initialize the process group: {err}") from err
+        raise CommError(f"init: could not build the {process_group_backend(rt)} process group: {err}") from err
+    _session.update(timeout_s=timeout, failure=None)
+    return rt.backend.communicator(None)
 
 
-def _comm(group: Any = None) -> Communicator:
+def is_initialized() -> bool:
+    """True between a successful :func:`init` and :func:`shutdown` (or a failure)."""
+    return dist.is_initialized() and _session["failure"] is None
+
+
+def shutdown() -> None:
+    """Leave the job: destroy every process group. Safe to call twice or after a failure."""
+    _teardown()
+    _session.update(timeout_s=None, failure=None)
+
+
+def get_rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (0 when not distributed)."""
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def get_world_size(group: Any = None) -> int:
+    """Ranks in ``group`` (1 when not distributed)."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def new_groups(partition: Sequence[Sequence[int]], name: str) -> Any:
+    """Create one process group per entry of ``partition`` (lists of global ranks that
+    together cover the world exactly once) and return the one holding this rank.
+
+    Every rank must call this with the same partition (torch.distributed requires every
+    rank to take part in creating every group). ``name`` appears in error messages.
+    """
+    if not dist.is_initialized():
+        raise CommError(f"new_groups({name!r}): torch.distributed is not initialized; call dshal.comm.init() first")
+    world = dist.get_world_size()
+    flat = sorted(r for ranks in partition for r in ranks)
+    if flat != list(range(world)):
+        raise CommError(f"new_groups({name!r}): argument 'partition' is {[list(p) for p in partition]}, expected every rank 0..{world - 1} exactly once")
+    me = dist.get_rank()
+    mine = None
+    timeout = datetime.timedelta(seconds=_session["timeout_s"] or 300.0)
+    for index, ranks in enumerate(partition):
+        try:
+            group = dist.new_group(list(ranks), timeout=timeout, group_desc=f"{name}{index}")
+        except (RuntimeError, ValueError) as err:
+            _session["failure"] = f"new_groups({name!r}) failed creating group {list(ranks)}: {err}"
+            _teardown()
+            raise CommError(_session["failure"]) from err
+        if me in ranks:
+            mine = group
+    return mine
+
+
+# ---------------------------------------------------------------- module-level collectives
+
+
+def communicator(group: Any = None) -> Communicator:
+    """The active backend's communicator for ``group`` (None = the world group)."""
     from dshal.runtime import current
 
     return current().backend.communicator(group)
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
-    """In-place all-reduce of ``t``; returns ``t``."""
-    return _comm(group).all_reduce(t, op)
+    """In-place reduction of ``t`` (``sum``, ``max``, ``min``, ``avg``, ``product``); returns ``t``."""
+    return communicator(group).all_reduce(t, op)
 
 
 def all_gather(t: torch.Tensor, dim: int = 0, group: Any = None) -> torch.Tensor:
-    """Concatenation along ``dim`` of ``t`` from every rank."""
-    return _comm(group).all_gather(t, dim)
+    """Concatenation along ``dim`` of ``t`` from every rank, in rank order."""
+    return communicator(group).all_gather(t, dim)
 
 
 def reduce_scatter(t: torch.Tensor, dim: int = 0, op: str = "sum", group: Any = None) -> torch.Tensor:
     """This rank's chunk (along ``dim``) of the reduction of ``t`` over ranks."""
-    return _comm(group).reduce_scatter(t, dim, op)
+    return communicator(group).reduce_scatter(t, dim, op)
 
 
 def all_to_all(
@@ -203,15 +517,40 @@ def all_to_all(
     input_splits: Sequence[int] | None = None,
     group: Any = None,
 ) -> torch.Tensor:
-    """Rows ``input_splits[i]`` of ``t`` go to rank i; returns what every rank sent here."""
-    return _comm(group).all_to_all(t, output_splits, input_splits)
+    """Rows ``input_splits[i]`` of ``t`` go to rank i; returns what every rank sent here
+    (split sizes are exchanged first when only ``input_splits`` is given)."""
+    return communicator(group).all_to_all(t, output_splits, input_splits)
 
 
 def broadcast(t: torch.Tensor, src: int = 0, group: Any = None) -> torch.Tensor:
-    """``t`` from rank ``src`` on every rank (in place)."""
-    return _comm(group).broadcast(t, src)
+    """``t`` from group rank ``src`` on every rank (in place)."""
+    return communicator(group).broadcast(t, src)
 
 
 def barrier(group: Any = None) -> None:
     """Wait until every rank of the group arrives."""
-    _comm(group).barrier()
+    communicator(group).barrier()
+
+
+__all__ = [
+    "REDUCE_OPS",
+    "Communicator",
+    "LaunchEnv",
+    "ProcessGroupCommunicator",
+    "all_gather",
+    "all_reduce",
+    "all_to_all",
+    "barrier",
+    "broadcast",
+    "communicator",
+    "get_rank",
+    "get_world_size",
+    "group_name",
+    "init",
+    "is_initialized",
+    "launch_env",
+    "new_groups",
+    "process_group_backend",
+    "reduce_scatter",
+    "shutdown",
+]

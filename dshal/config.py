@@ -7,6 +7,7 @@ Precedence, lowest first: built-in defaults < the file or dict < environment
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -93,36 +94,49 @@ class _Doc:
 
     def error(self, path: tuple[str, ...], message: str) -> ConfigError:
         line = None
-        for n in range(len(path), 0, -1):  # nearest enclosing key with a known line
+        for n in range(len(path), -1, -1):  # nearest enclosing key with a known line
             if path[:n] in self.lines:
                 line = self.lines[path[:n]]
                 break
-        key = ".".join(path) if path else None
+        key = ".".join(path).replace(".[", "[") if path else None  # prefer[1], not prefer.[1]
         return ConfigError(f"{key}: {message}" if key else message, file=self.file, line=line, key=key)
 
 
 def _compose(text: str, file: str) -> _Doc:
     try:
+        # Constructing can fail too (e.g. an unhashable key), so it stays inside the try.
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(err, "problem", None) or str(err)
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context:  # e.g. "while parsing a flow sequence" that started on an earlier line
+            problem += f" ({context}" + (f" started on line {context_mark.line + 1})" if context_mark else ")")
         raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
     lines: dict[tuple[str, ...], int] = {}
     if node is None:
         return _Doc({}, lines, file)
-    _record_lines(node, (), lines)
-    data = yaml.safe_load(text)
-    return _Doc(data, lines, file)
+    lines[()] = node.start_mark.line + 1
+    doc = _Doc(data, lines, file)
+    _record_lines(doc, node, ())
+    return doc
 
 
-def _record_lines(node: yaml.Node, path: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> None:
-    if isinstance(node, yaml.MappingNode):
+def _record_lines(doc: _Doc, node: yaml.Node, path: tuple[str, ...]) -> None:
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            doc.lines[path + (f"[{index}]",)] = item.start_mark.line + 1
+            _record_lines(doc, item, path + (f"[{index}]",))  # keys inside list items (bench shape files)
+    elif isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             sub = path + (str(key_node.value),)
-            lines[sub] = key_node.start_mark.line + 1
-            _record_lines(value_node, sub, lines)
+            line, first = key_node.start_mark.line + 1, doc.lines.get(sub)
+            doc.lines[sub] = line
+            if first is not None:  # safe_load would silently keep the last one
+                raise doc.error(sub, f"duplicate key (first set on line {first})")
+            _record_lines(doc, value_node, sub)
 
 
 # ---------------------------------------------------------------- validation
@@ -146,16 +160,16 @@ def _name(doc: _Doc, path: tuple[str, ...], v: Any) -> str:
 
 
 def _name_list(doc: _Doc, path: tuple[str, ...], v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not v:
+    if not isinstance(v, (list, tuple)) or not v:
         raise doc.error(path, f"got {v!r}, expected a non-empty list of backend names, e.g. [nvidia, amd, ascend, cpu]")
-    names = tuple(_name(doc, path, x) for x in v)
+    names = tuple(_name(doc, path + (f"[{i}]",), x) for i, x in enumerate(v))
     if "auto" in names:
-        raise doc.error(path, "got 'auto' in the list, expected concrete backend names")
+        raise doc.error(path + (f"[{names.index('auto')}]",), "got 'auto', expected concrete backend names (auto is not a backend)")
     return names
 
 
 def _str_list(doc: _Doc, path: tuple[str, ...], v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
         raise doc.error(path, f"got {v!r}, expected a list of name globs, e.g. [embed, lm_head, '*.gate']")
     return tuple(v)
 
@@ -167,8 +181,8 @@ def _bool(doc: _Doc, path: tuple[str, ...], v: Any) -> bool:
 
 
 def _positive_number(doc: _Doc, path: tuple[str, ...], v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise doc.error(path, f"got {v!r}, expected a positive number of seconds")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+        raise doc.error(path, f"got {v!r}, expected a positive finite number of seconds")
     return float(v)
 
 
@@ -191,7 +205,7 @@ def _op_map(doc: _Doc, path: tuple[str, ...], v: Any) -> dict[str, str]:
 
     if v is None:
         return {}
-    if not isinstance(v, dict):
+    if not isinstance(v, Mapping):
         raise doc.error(path, f"got {v!r}, expected a mapping of op name to backend name, e.g. {{attention: cpu}}")
     out = {}
     for op, provider in v.items():
@@ -224,7 +238,7 @@ def _apply(base: Config, doc: _Doc) -> Config:
     data = doc.data
     if data is None:
         return base
-    if not isinstance(data, dict):
+    if not isinstance(data, Mapping):
         raise doc.error((), f"the config must be a mapping of keys, got {type(data).__name__}")
     allowed = sorted([*_TOP, *_SECTIONS])
     changes: dict[str, Any] = {}
@@ -233,7 +247,7 @@ def _apply(base: Config, doc: _Doc) -> Config:
         if key in _TOP:
             changes[key] = _TOP[key](doc, path, value)
         elif key in _SECTIONS:
-            if not isinstance(value, dict):
+            if not isinstance(value, Mapping):
                 raise doc.error(path, f"got {value!r}, expected a mapping with keys: {', '.join(_SECTIONS[key])}")
             section = getattr(base, key)
             sub = {}
@@ -290,10 +304,11 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = 
         except OSError as err:
             raise ConfigError(f"cannot read config file: {err.strerror}", file=str(path)) from None
         config = _apply(config, _compose(text, str(path)))
+    primary = config.source  # messages about file-level settings keep naming the file
     config = _env_overrides(config)
     if overrides:
         config = _apply(config, _Doc(overrides, {}, "<keyword arguments>"))
-    return config
+    return replace(config, source=primary)
 
 
 __all__ = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -44,11 +45,22 @@ def main(args: argparse.Namespace) -> int:
     data = collect(args.config, args.backend)
     if args.json:
         print(json.dumps(data, indent=2, default=str))
-        return 0 if data["runtime"] is not None else 1
+    else:
+        _print_tables(data)
+    if data["runtime"] is None:
+        # The tables above still list what was found; the reason goes to stderr as one line.
+        print(f"dshal info: error: {data['runtime_error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_tables(data: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    # Piped output (CI logs) gets a wide console instead of rich's 80-column default.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     table = Table(title=f"dshal {data['dshal_version']} backends (api_version {data['api_version']})")
     for col in ("name", "version", "entry point", "loaded", "available", "reason"):
         table.add_column(col, overflow="fold")
@@ -56,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
         avail = ("yes (emulated)" if b["emulated"] else "yes") if b["available"] else "no"
         table.add_row(
             b["name"], b["version"] or "?", b["entry_point"], "yes" if b["loaded"] else "[red]no[/red]",
-            avail if b["available"] else "[yellow]no[/yellow]", b["reason"],
+            avail if b["available"] else "[yellow]no[/yellow]", escape(b["reason"]),
         )
     console.print(table)
     for b in data["backends"]:
@@ -71,11 +83,10 @@ def main(args: argparse.Namespace) -> int:
         )
     rt = data["runtime"]
     if rt is None:
-        console.print(f"[red]no runtime: {data['runtime_error']}[/red]")
-        return 1
+        return
     console.print("\n[bold]selection[/bold] (backend: %s)" % rt["config"]["backend"])
     for d in rt["selection"]:
-        console.print(f"  {'[green]taken[/green]' if d['taken'] else 'passed'}  {d['name']}: {d['reason']}")
+        console.print(f"  {'[green]taken[/green]' if d['taken'] else 'passed'}  {d['name']}: {escape(d['reason'])}")
     ops = Table(title=f"op providers on {rt['backend']} ({rt['device']})")
     ops.add_column("op")
     ops.add_column("provider")
@@ -84,4 +95,3 @@ def main(args: argparse.Namespace) -> int:
         kind = p["kind"]
         ops.add_row(op, p["provider"], f"[yellow]{kind}[/yellow]" if kind == "fallback" else kind)
     console.print(ops)
-    return 0

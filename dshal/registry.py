@@ -9,7 +9,6 @@ it never breaks the others. Asking for that one backend by name raises its error
 from __future__ import annotations
 
 import importlib.metadata
-import inspect
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -87,11 +86,9 @@ class Registry:
 
     def refresh(self) -> None:
         """Forget every discovery result (e.g. after installing a plugin in-process)."""
-        from stevedore import ExtensionManager
-
         with self._lock:
             self._cache.clear()
-            ExtensionManager.ENTRY_POINT_CACHE.pop(ENTRY_POINT_GROUP, None)
+            importlib.invalidate_caches()  # importlib.metadata's directory listings
 
     def infos(self, *, emulate: bool | None = None) -> dict[str, BackendInfo]:
         emulate = _emulate_from_env() if emulate is None else emulate
@@ -114,28 +111,27 @@ class Registry:
 
     # ------------------------------------------------------------------ discovery
     def _discover(self, allow: frozenset[str] | None, emulate: bool) -> dict[str, BackendInfo]:
-        from stevedore import ExtensionManager
-
         failures: dict[str, tuple[importlib.metadata.EntryPoint, BaseException]] = {}
 
         def on_failure(_manager, ep, err):
-            failures[ep.name] = (ep, err)
+            # Unwrap what _load_one_plugin wrapped so the reason shows the plugin's own error.
+            failures[ep.name] = (ep, err.__cause__ if isinstance(err, _PluginAssertion) else err)
 
-        if allow is None:
-            manager = ExtensionManager(ENTRY_POINT_GROUP, on_load_failure_callback=on_failure)
-        else:
-            from stevedore import NamedExtensionManager
-
-            manager = NamedExtensionManager(
-                ENTRY_POINT_GROUP, names=sorted(allow), on_load_failure_callback=on_failure
-            )
-        versions = _entry_point_versions()
+        entry_points = _entry_points()
+        wanted = [ep.name for ep in entry_points if allow is None or ep.name in allow]
+        manager = _manager_class()(
+            ENTRY_POINT_GROUP,
+            names=wanted,
+            on_load_failure_callback=on_failure,
+            on_missing_entrypoints_callback=None,
+            entry_points=entry_points,
+        )
         infos: dict[str, BackendInfo] = {}
         for name, (ep, err) in failures.items():
             infos[name] = BackendInfo(
                 name=name,
                 entry_point=ep.value,
-                version=versions.get((ep.name, ep.value)),
+                version=_version_of(ep),
                 loaded=False,
                 available=False,
                 reason=f"import failed: {type(err).__name__}: {err}",
@@ -143,21 +139,52 @@ class Registry:
             )
         for ext in manager:
             ep = ext.entry_point
-            infos[ext.name] = _validate(ext.name, ep.value, versions.get((ep.name, ep.value)), ext.plugin, emulate)
+            infos[ext.name] = _validate(ext.name, ep.value, _version_of(ep), ext.plugin, emulate)
         return dict(sorted(infos.items()))
 
 
-def _entry_point_versions() -> dict[tuple[str, str], str]:
-    """(entry-point name, value) -> version of the distribution that declares it."""
-    found: dict[tuple[str, str], str] = {}
-    for dist in importlib.metadata.distributions():
-        try:
-            eps = dist.entry_points.select(group=ENTRY_POINT_GROUP)
-        except Exception:  # a broken dist-info must not break discovery
-            continue
-        for ep in eps:
-            found.setdefault((ep.name, ep.value), dist.version)
-    return found
+class _PluginAssertion(Exception):
+    """Carries an AssertionError raised while importing a plugin (stevedore re-raises those)."""
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The group's entry points, read fresh from importlib.metadata; the first one of each
+    name on sys.path wins, as ``import`` would pick it.
+
+    stevedore's own listing is not used: it memoizes per sys.path in-process and on disk
+    (keyed by mtimes packed as float32, i.e. ~2 minutes of resolution), so a plugin
+    installed or rewritten in-process could be missed after :meth:`Registry.refresh`.
+    """
+    found: dict[str, importlib.metadata.EntryPoint] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return list(found.values())
+
+
+def _manager_class() -> type:
+    """A stevedore manager over a given entry-point list that isolates every plugin import."""
+    from stevedore import NamedExtensionManager
+
+    class _Manager(NamedExtensionManager):
+        def __init__(self, namespace, *, entry_points, **kwargs):
+            self._given_entry_points = entry_points
+            super().__init__(namespace, **kwargs)
+
+        def list_entry_points(self):
+            return self._given_entry_points
+
+        def _load_one_plugin(self, ep, *args, **kwargs):
+            try:
+                return super()._load_one_plugin(ep, *args, **kwargs)
+            except AssertionError as err:  # stevedore lets these escape; isolation must not
+                raise _PluginAssertion(str(err)) from err
+
+    return _Manager
+
+
+def _version_of(ep: importlib.metadata.EntryPoint) -> str | None:
+    dist = getattr(ep, "dist", None)
+    return dist.version if dist is not None else None
 
 
 def _validate(name: str, value: str, version: str | None, plugin: object, emulate: bool) -> BackendInfo:

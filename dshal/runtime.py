@@ -7,10 +7,11 @@ costs a dict lookup and the provider's own work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,16 +81,48 @@ class Runtime:
 
     def activate(self) -> Runtime:
         """Make this the runtime ``dshal.ops`` dispatches to."""
-        from dshal import ops
-
         with _lock:
-            ops._table.update(self.table)
             _state["active"] = self
+            _install(self)
         return self
 
 
+OpHook = Callable[[str, Callable[..., Any]], Callable[..., Any]]
+
 _lock = threading.RLock()
-_state: dict[str, Runtime | None] = {"active": None}
+_state: dict[str, Any] = {"active": None, "hook": None}
+
+
+def _install(runtime: Runtime) -> None:
+    """Fill dshal.ops' dispatch table from ``runtime``, through the op hook if one is set."""
+    from dshal import ops
+
+    hook: OpHook | None = _state["hook"]
+    if hook is None:
+        ops._table.update(runtime.table)
+    else:
+        ops._table.update({name: hook(name, fn) for name, fn in runtime.table.items()})
+
+
+@contextlib.contextmanager
+def op_hook(hook: OpHook) -> Iterator[None]:
+    """While active, every ``dshal.ops.<op>`` call goes through ``hook(op_name, provider)``'s
+    wrapper (used by ``dshal profile``). When no hook is set the dispatch table holds the
+    providers themselves, so the off state costs nothing."""
+    with _lock:
+        if _state["hook"] is not None:
+            raise RuntimeError("an op hook is already installed; hooks do not nest")
+        _state["hook"] = hook
+        runtime = current()
+        _install(runtime)
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["hook"] = None
+            active = _state["active"]
+            if active is not None:
+                _install(active)
 
 
 def _fallback_caller(op: str, backend: str, impl: Callable[..., Any]) -> Callable[..., Any]:
@@ -106,12 +139,9 @@ def _fallback_caller(op: str, backend: str, impl: Callable[..., Any]) -> Callabl
     return call
 
 
-def _refusing(op: str, backend: str) -> Callable[..., Any]:
+def _refusing(op: str, backend: str, why: str) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
-        raise UnsupportedOpError(
-            f"backend {backend!r} does not provide op {op!r} and the config says fallback: error "
-            f"(set fallback: warn, or ops: {{{op}: cpu}} to serve it with the reference)"
-        )
+        raise UnsupportedOpError(f"backend {backend!r} does not provide op {op!r} and {why}")
 
     call.__name__ = op
     return call
@@ -124,22 +154,24 @@ def build_runtime(config: Config) -> Runtime:
     backend, trace = select(config.backend, config.prefer, emulate=config.emulate, registry=REGISTRY)
     device_type = backend.device_type
     own_ops: Mapping[str, Callable[..., Any]] = backend.ops()
+    other_ops: dict[str, Mapping[str, Callable[..., Any]]] = {backend.name: own_ops}  # ops: overrides
     providers: dict[str, str] = {}
     table: dict[str, Callable[..., Any]] = {}
     fallbacks = set()
     for name, spec in SPECS.items():
         override = config.ops.get(name)
-        if override is not None and override != backend.name:
-            info = REGISTRY.get(override, emulate=config.emulate)
-            other = info.require()
-            if name not in other.ops():
+        if override is not None:
+            # Naming the selected backend itself is checked too: it must really provide the op.
+            if override not in other_ops:
+                other_ops[override] = REGISTRY.get(override, emulate=config.emulate).require().ops()
+            if name not in other_ops[override]:
                 raise ConfigError(
                     f"ops.{name}: backend {override!r} does not provide op {name!r} "
-                    f"(it provides: {', '.join(sorted(other.ops())) or 'none'})",
+                    f"(it provides: {', '.join(sorted(other_ops[override])) or 'none'})",
                     file=config.source,
                 )
             providers[name] = override
-            table[name] = spec.checked(other.ops()[name], device_type)
+            table[name] = spec.checked(other_ops[override][name], device_type)
         elif name in own_ops:
             providers[name] = backend.name
             table[name] = spec.checked(own_ops[name], device_type)
@@ -147,7 +179,11 @@ def build_runtime(config: Config) -> Runtime:
             providers[name] = REFERENCE_PROVIDER
             fallbacks.add(name)
             if config.fallback == "error":
-                table[name] = _refusing(name, backend.name)
+                why = (f"the config says fallback: error (set fallback: warn, or ops: {{{name}: cpu}} "
+                       "to serve it with the reference)")
+                table[name] = _refusing(name, backend.name, why)
+            elif not spec.has_reference:  # an op still without a reference must not break use()
+                table[name] = _refusing(name, backend.name, "the op has no reference implementation to fall back to")
             else:
                 table[name] = _fallback_caller(name, backend.name, spec.checked(spec.reference_impl, device_type))
     return Runtime(
@@ -191,4 +227,5 @@ def reset() -> None:
 
     with _lock:
         _state["active"] = None
+        _state["hook"] = None
         ops._reset_table()

@@ -82,14 +82,17 @@ def _attention_reference(q, k, v, causal=True, scale=None, window=None, global_t
     # GQA without copying k/v: group the query heads that share a kv head.
     qg = q.to(acc).reshape(batch, hk, hq // hk, tq, d)
     kg, vg = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
-    scores = (qg @ kg.transpose(-1, -2)) * scale
+    # In place on the fresh [.., Tq, Tk] tensors: each extra copy is a pass over all scores.
+    scores = (qg @ kg.transpose(-1, -2)).mul_(scale)
     seen = visible_keys(tq, tk, causal, window, global_tokens, q.device)
     if seen is not None:
-        scores = scores.masked_fill(~seen, float("-inf"))
+        scores.masked_fill_(~seen, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if seen is not None:
         # Rows with no visible key are all -inf -> NaN; they output zeros.
-        probs = probs.masked_fill(~seen.any(dim=-1, keepdim=True), 0.0)
+        blind = ~seen.any(dim=-1, keepdim=True)
+        if bool(blind.any()):
+            probs.masked_fill_(blind, 0.0)
     out = probs @ vg
     return out.reshape(batch, hq, tq, dv).to(q.dtype)
 

@@ -1,0 +1,32 @@
+"""The suite's case catalogue: every family's table, expanded into cases."""
+
+from __future__ import annotations
+
+from dshal_conformance.cases.base import TIERS, Case, case_seed
+
+FAMILY_MODULES = (
+    "dshal_conformance.cases.quant",
+    "dshal_conformance.cases.gemm",
+    "dshal_conformance.cases.elementwise",
+    "dshal_conformance.cases.attention_moe",
+    "dshal_conformance.collectives",
+)
+
+
+def all_cases(tier: str = "ci") -> list[Case]:
+    """Every case of ``tier`` (``full`` includes the ci rows), in a stable order."""
+    import importlib
+
+    if tier not in TIERS:
+        raise ValueError(f"tier {tier!r}, expected one of {TIERS}")
+    out: list[Case] = []
+    for name in FAMILY_MODULES:
+        out += importlib.import_module(name).cases()
+    ids = [c.id for c in out]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise RuntimeError(f"duplicate case ids: {dupes}")
+    return [c for c in out if tier in c.tiers]
+
+
+__all__ = ["Case", "TIERS", "all_cases", "case_seed"]

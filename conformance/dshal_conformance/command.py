@@ -1,0 +1,102 @@
+"""``dshal conformance --backend NAME [--ops a,b] [--tier ci|full] [--report-dir DIR]``.
+
+Writes ``DIR/NAME.json`` (schema ``dshal.conformance/1``) and ``DIR/NAME.junit.xml``;
+exit 0 only when nothing failed or errored. A backend that cannot run here (no device,
+plugin missing) still gets a report whose ``platform.not_run`` says why; the exit code
+is then 0 only with ``--allow-unavailable`` (for matrix legs without the hardware).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dshal_conformance.runner import DEFAULT_CASE_TIMEOUT_S, DEFAULT_SEED, FULL_TIER_CASE_TIMEOUT_S
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", required=True, metavar="NAME", help="backend to check (an installed dshal plugin, e.g. cpu, nvidia)")
+    parser.add_argument("--ops", metavar="A,B", help="only these ops (comma-separated; collectives are named all_reduce, all_to_all...)")
+    parser.add_argument("--tier", choices=("ci", "full"), default="ci", help="ci: small shapes (default); full: DeepSeek-V3 / DeepGEMM shapes")
+    parser.add_argument("--report-dir", metavar="DIR", default="conformance-reports", help="where NAME.json and NAME.junit.xml go (default: %(default)s)")
+    parser.add_argument("--case", action="append", metavar="ID", help="run only this case id (glob allowed; repeatable)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="run seed; each case mixes it with its id (default: %(default)s)")
+    parser.add_argument("--waivers", metavar="PATH", help="waivers file (default: plugins/NAME/conformance-waivers.yaml or the plugin's own)")
+    parser.add_argument("--emulate", action="store_true", default=None, help="run the plugin's own code on CPU tensors (same as DSHAL_EMULATE=1)")
+    parser.add_argument("--no-collectives", action="store_true", help="skip the multi-process collective cases")
+    parser.add_argument(
+        "--timeout", type=float, metavar="S",
+        help=f"per-case timeout in seconds (default: {DEFAULT_CASE_TIMEOUT_S:g} for ci, {FULL_TIER_CASE_TIMEOUT_S:g} for full)",
+    )
+    parser.add_argument("--bundle", metavar="DIR", help="also write a submission bundle (report, JUnit, environment, SHA256SUMS) to DIR")
+    parser.add_argument("--allow-unavailable", action="store_true", help="exit 0 with a 'not run' report when the backend cannot run here")
+    parser.add_argument("--list", action="store_true", help="list the selected case ids and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from dshal_conformance import report, runner, waivers
+    from dshal_conformance.cases import all_cases
+
+    console = Console(stderr=True)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    options = runner.Options(
+        tier=args.tier,
+        ops=ops,
+        cases=args.case,
+        seed=args.seed,
+        case_timeout_s=args.timeout or runner.default_timeout(args.tier),
+        collectives=not args.no_collectives,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if args.list:
+        for case in runner.select(runner.capability_cases() + all_cases(args.tier), options):
+            print("\n".join(case.result_ids()))
+        return 0
+    target = runner.resolve(args.backend, args.emulate)
+    waiver_path = Path(args.waivers) if args.waivers else (
+        waivers.default_path(target.runtime.backend, args.backend) if target.runtime is not None else None
+    )
+    if waiver_path is not None:
+        options.waivers = waivers.load(waiver_path)
+    result = runner.run(target, options)
+    report.validate(result)
+    out_dir = Path(args.report_dir)
+    json_path = report.write_json(result, out_dir / f"{args.backend}.json")
+    junit_path = report.write_junit(result, out_dir / f"{args.backend}.junit.xml")
+    _print_summary(console, result, json_path, junit_path, waiver_path)
+    if args.bundle:
+        archive = report.write_bundle(result, runner.environment(target), [json_path, junit_path], Path(args.bundle))
+        console.print(f"bundle: {args.bundle} ({archive})")
+    if target.not_run:
+        return 0 if args.allow_unavailable else 1
+    return 0 if report.ok(result) else 1
+
+
+def _print_summary(console, result: dict, json_path: Path, junit_path: Path, waiver_path: Path | None) -> None:  # noqa: ANN001
+    p = result["platform"]
+    kind = "not run" if "not_run" in p else ("emulated" if p["emulated"] else "hardware")
+    console.print(f"[bold]{result['backend']}[/] on {p['device']} ({p['arch'] or '-'}, {kind}), tier {result['tier']}, seed {result['seed']}")
+    if "not_run" in p:
+        console.print(f"[yellow]not run:[/] {p['not_run']}")
+    for c in result["cases"]:
+        if c["status"] in ("fail", "error"):
+            console.print(f"[red]{c['status'].upper()}[/] {c['id']}: {c['reason']}", highlight=False, soft_wrap=True)
+    s = result["summary"]
+    console.print(
+        f"passed {s['passed']}, failed {s['failed']}, errors {s['errors']}, unsupported {s['unsupported']}, "
+        f"skipped {s['skipped']} in {result['duration_s']:.1f} s"
+    )
+    used = [w for w in result["waivers"] if w["cases"]]
+    if waiver_path is not None:
+        console.print(f"waivers: {waiver_path} ({len(used)} of {len(result['waivers'])} used)")
+    console.print(f"report: {json_path}\njunit:  {junit_path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="dshal conformance")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

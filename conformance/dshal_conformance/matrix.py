@@ -1,0 +1,300 @@
+"""``dshal matrix REPORT.json... --html F --markdown F``: the hardware matrix.
+
+One column per report (backend on a device), one row per op x dtype. A cell counts the
+cases by status and names the worst metric (the case closest to, or furthest past, its
+threshold). Each column is one of three kinds, shown apart in both outputs:
+
+* ``hardware`` -- measured on the real device;
+* ``emulated`` -- the plugin's own kernels ran on CPU tensors (``platform.emulated``);
+* ``not-run``  -- the leg could not run (``platform.not_run`` gives the reason).
+
+The HTML is one self-contained file (inline CSS and JS, no network): click a header to
+sort, type to filter rows, pick a kind or status to show only those cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KIND_LABEL = {"hardware": "HW", "emulated": "EMU", "not-run": "NOT RUN"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reports", nargs="+", metavar="REPORT.json", help="conformance reports (dshal.conformance/1)")
+    parser.add_argument("--html", metavar="F", help="write the HTML matrix here")
+    parser.add_argument("--markdown", metavar="F", help="write the Markdown matrix here")
+    parser.add_argument("--no-dtype", action="store_true", help="one row per op instead of per op x dtype")
+
+
+@dataclass
+class Column:
+    key: str
+    backend: str
+    device: str
+    arch: str
+    kind: str
+    reason: str = ""
+    summary: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} ({KIND_LABEL[self.kind].lower()})" if self.kind != "hardware" else self.backend
+
+
+@dataclass
+class Cell:
+    counts: Counter = field(default_factory=Counter)
+    worst: dict[str, Any] | None = None
+    worst_key: tuple[bool, float] = (False, -1.0)
+
+    @property
+    def status(self) -> str:
+        if self.counts["fail"] or self.counts["error"]:
+            return "fail"
+        if self.counts["pass"]:
+            return "pass"
+        if self.counts["unsupported"]:
+            return "unsupported"
+        return "skip"
+
+    def add(self, case: dict[str, Any]) -> None:
+        self.counts[case["status"]] += 1
+        b = badness(case)
+        if b is None:
+            return
+        key = (case["status"] in ("fail", "error"), b)  # failing cases first, then the worst margin
+        if self.worst is None or key > self.worst_key:
+            self.worst, self.worst_key = case, key
+
+    def text(self) -> str:
+        total = sum(self.counts.values())
+        ok = self.counts["pass"]
+        parts = [f"{ok}/{total} pass"]
+        for status in ("fail", "error", "unsupported", "skip"):
+            if self.counts[status]:
+                parts.append(f"{self.counts[status]} {status}")
+        return ", ".join(parts)
+
+    def worst_text(self) -> str:
+        if not self.worst:
+            return ""
+        w = self.worst
+        op = ">=" if w["metric"] and "sqnr" in w["metric"] else "<="
+        return f"{w['metric']} {_fmt(w['value'])} ({op} {_fmt(w['threshold'])})"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "inf"
+    v = float(v)
+    return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+
+
+def badness(case: dict[str, Any]) -> float | None:
+    """How close a case came to its threshold (1 = at it; larger is worse); None without numbers."""
+    v, t, m = case.get("value"), case.get("threshold"), case.get("metric") or ""
+    if v is None and t is None:
+        return math.inf if case["status"] in ("fail", "error") else None
+    if v is None:  # infinite value: SQNR inf is perfect, an error ratio inf is a failure
+        return 0.0 if "sqnr" in m else math.inf
+    if t is None:
+        return None
+    if "sqnr" in m:
+        return t / v if v > 0 else math.inf
+    return v / t if t else (0.0 if v == 0 else math.inf)
+
+
+def column_of(report: dict[str, Any]) -> Column:
+    p = report["platform"]
+    kind = "not-run" if "not_run" in p else ("emulated" if p["emulated"] else "hardware")
+    key = f"{report['backend']}@{p['device']}:{kind}"
+    return Column(key, report["backend"], p["device"], p["arch"], kind, p.get("not_run", ""), dict(report["summary"]))
+
+
+def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Column], list[tuple[str, str]], dict[tuple[str, str, str], Cell]]:
+    """Columns, row keys (op, dtype) and cells keyed (column key, op, dtype)."""
+    columns: list[Column] = []
+    cells: dict[tuple[str, str, str], Cell] = {}
+    rows: set[tuple[str, str]] = set()
+    for rep in reports:
+        col = column_of(rep)
+        n, base = 2, col.key
+        while any(c.key == col.key for c in columns):  # two reports of one backend/device/kind
+            col.key, n = f"{base}#{n}", n + 1
+        columns.append(col)
+        for case in rep["cases"]:
+            row = (case["op"], case["dtype"] if by_dtype else "")
+            rows.add(row)
+            cells.setdefault((col.key, *row), Cell()).add(case)
+    return columns, sorted(rows), cells
+
+
+# ------------------------------------------------------------------ Markdown
+def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True) -> str:
+    columns, rows, cells = build(reports, by_dtype)
+    head = ["op", "dtype"] + [f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`" for c in columns]
+    lines = [
+        "# dshal hardware matrix",
+        "",
+        "`HW` = measured on the device; `EMU` = the plugin's kernels emulated on CPU tensors (not a hardware result); "
+        "`NOT RUN` = the leg could not run (reason given).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    mark = {"pass": "✅", "fail": "❌", "unsupported": "➖", "skip": "⏭"}
+    for op, dtype in rows:
+        out = [op, dtype or "-"]
+        for c in columns:
+            if c.kind == "not-run":
+                out.append(f"⏸ not run: {c.reason}".replace("|", "/"))
+                continue
+            cell = cells.get((c.key, op, dtype))
+            if cell is None:
+                out.append("")
+                continue
+            worst = cell.worst_text()
+            out.append(f"{mark[cell.status]} {cell.text()}" + (f"<br>worst: {worst}" if worst else "") + f" `{KIND_LABEL[c.kind]}`")
+        lines.append("| " + " | ".join(out) + " |")
+    lines += ["", "## Reports", ""]
+    for c, rep in zip(columns, reports):
+        note = f" — not run: {c.reason}" if c.kind == "not-run" else ""
+        lines.append(f"- **{c.label}** {report_line(c, rep, str)}{note}")
+    return "\n".join(lines) + "\n"
+
+
+def report_line(c: Column, rep: dict[str, Any], escape: Any) -> str:
+    """One report's provenance and totals (``escape``: str for Markdown, html.escape for HTML)."""
+    s = c.summary
+    return escape(
+        f"on {c.device} ({c.arch or '-'}, {c.kind}): passed {s['passed']}, failed {s['failed']}, errors {s['errors']}, "
+        f"unsupported {s['unsupported']}, skipped {s['skipped']}; plugin {rep['plugin_version']}, "
+        f"dshal {rep['dshal_version']}, seed {rep['seed']}, {rep['started']}"
+    )
+
+
+# ------------------------------------------------------------------ HTML
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
+th{background:#f3f3f3;cursor:pointer;user-select:none}th.sorted-asc:after{content:" ▲"}th.sorted-desc:after{content:" ▼"}
+td.cell{min-width:11em}
+td.kind-hardware{border:2px solid #333}
+td.kind-emulated{border:2px dashed #8a6d00;background-image:repeating-linear-gradient(45deg,transparent 0 8px,rgba(255,200,0,.10) 8px 16px)}
+td.kind-not-run{background:#eee;color:#666;font-style:italic}
+td.status-pass{background-color:#e7f6e7}td.status-fail{background-color:#fbe3e3}
+td.status-unsupported{background-color:#f0f0ff}td.status-skip{background-color:#f7f7f7}
+.badge{display:inline-block;font-size:11px;font-weight:bold;padding:0 4px;border-radius:3px;margin-left:4px}
+.badge.hardware{background:#333;color:#fff}.badge.emulated{background:#ffd34d;color:#333}.badge.not-run{background:#999;color:#fff}
+.worst{font-size:12px;color:#555}.controls{margin:1em 0}.controls *{margin-right:1em}
+"""
+
+JS = """
+(function(){
+  const table=document.getElementById('matrix');
+  const body=table.tBodies[0];
+  table.querySelectorAll('th').forEach((th,i)=>th.addEventListener('click',()=>{
+    const asc=!th.classList.contains('sorted-asc');
+    table.querySelectorAll('th').forEach(h=>h.classList.remove('sorted-asc','sorted-desc'));
+    th.classList.add(asc?'sorted-asc':'sorted-desc');
+    const key=r=>{const c=r.cells[i];return c.dataset.sort!==undefined?parseFloat(c.dataset.sort):c.textContent.trim();};
+    const rows=Array.from(body.rows).sort((a,b)=>{const x=key(a),y=key(b);
+      const d=(typeof x==='number'&&typeof y==='number')?x-y:String(x).localeCompare(String(y));return asc?d:-d;});
+    rows.forEach(r=>body.appendChild(r));
+  }));
+  const text=document.getElementById('filter'),kind=document.getElementById('kind'),status=document.getElementById('status');
+  function apply(){
+    const q=text.value.toLowerCase();
+    Array.from(body.rows).forEach(r=>{
+      const hit=!q||r.cells[0].textContent.toLowerCase().includes(q)||r.cells[1].textContent.toLowerCase().includes(q);
+      let any=false;
+      Array.from(r.cells).slice(2).forEach(c=>{
+        const show=(!kind.value||c.dataset.kind===kind.value)&&(!status.value||c.dataset.status===status.value);
+        c.style.opacity=show?'1':'0.15';any=any||show;});
+      r.style.display=(hit&&any)?'':'none';
+    });
+  }
+  [text,kind,status].forEach(e=>e.addEventListener('input',apply));
+})();
+"""
+
+
+def to_html(reports: list[dict[str, Any]], by_dtype: bool = True) -> str:
+    columns, rows, cells = build(reports, by_dtype)
+    e = html.escape
+    out = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>dshal hardware matrix</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>dshal hardware matrix</h1>",
+        "<p>Cells: cases passed / total, then the worst metric against its threshold. "
+        "<span class='badge hardware'>HW</span> measured on the device (solid border); "
+        "<span class='badge emulated'>EMU</span> the plugin's kernels emulated on CPU tensors (dashed, striped: not a hardware result); "
+        "<span class='badge not-run'>NOT RUN</span> the leg could not run (grey, with the reason).</p>",
+        "<div class='controls'><label>filter ops <input id='filter' type='search' placeholder='e.g. fp8_gemm'></label>"
+        "<label>kind <select id='kind'><option value=''>all</option><option value='hardware'>hardware</option>"
+        "<option value='emulated'>emulated</option><option value='not-run'>not run</option></select></label>"
+        "<label>status <select id='status'><option value=''>all</option><option>pass</option><option>fail</option>"
+        "<option>unsupported</option><option>skip</option><option value='not-run'>not run</option></select></label></div>",
+        "<table id='matrix'><thead><tr><th>op</th><th>dtype</th>",
+    ]
+    for c in columns:
+        out.append(
+            f"<th data-backend='{e(c.backend)}' data-kind='{c.kind}' title='{e(c.device)} {e(c.arch)}'>{e(c.backend)} "
+            f"<span class='badge {c.kind}'>{KIND_LABEL[c.kind]}</span><br><small>{e(c.device)}</small></th>"
+        )
+    out.append("</tr></thead><tbody>")
+    for op, dtype in rows:
+        out.append(f"<tr><td>{e(op)}</td><td>{e(dtype or '-')}</td>")
+        for c in columns:
+            attrs = f"data-backend='{e(c.backend)}' data-column='{e(c.key)}' data-op='{e(op)}' data-dtype='{e(dtype)}' data-kind='{c.kind}'"
+            if c.kind == "not-run":
+                out.append(
+                    f"<td class='cell kind-not-run status-not-run' {attrs} data-status='not-run' data-sort='-1'>"
+                    f"not run: {e(c.reason)}</td>"
+                )
+                continue
+            cell = cells.get((c.key, op, dtype))
+            if cell is None:
+                out.append(f"<td class='cell kind-{c.kind}' {attrs} data-status='none' data-sort='-2'></td>")
+                continue
+            sort = cell.counts["pass"] / max(sum(cell.counts.values()), 1)
+            worst = e(cell.worst_text())
+            out.append(
+                f"<td class='cell kind-{c.kind} status-{cell.status}' {attrs} data-status='{cell.status}' "
+                f"data-passed='{cell.counts['pass']}' data-failed='{cell.counts['fail'] + cell.counts['error']}' data-sort='{sort:.4f}'>"
+                f"{e(cell.text())}<span class='badge {c.kind}'>{KIND_LABEL[c.kind]}</span>"
+                + (f"<div class='worst'>worst: {worst}</div>" if worst else "")
+                + "</td>"
+            )
+        out.append("</tr>")
+    out.append("</tbody></table><h2>Reports</h2><ul>")
+    for c, rep in zip(columns, reports):
+        note = f" — <em>not run: {e(c.reason)}</em>" if c.kind == "not-run" else ""
+        out.append(f"<li><b>{e(c.label)}</b> {report_line(c, rep, e)}{note}</li>")
+    out.append(f"</ul><script>{JS}</script></body></html>")
+    return "\n".join(out)
+
+
+def main(args: argparse.Namespace) -> int:
+    from dshal_conformance.report import load
+
+    reports = [load(p) for p in args.reports]
+    by_dtype = not args.no_dtype
+    if not args.html and not args.markdown:
+        print(to_markdown(reports, by_dtype))
+        return 0
+    if args.html:
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.html).write_text(to_html(reports, by_dtype))
+        print(f"html: {args.html}")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(to_markdown(reports, by_dtype))
+        print(f"markdown: {args.markdown}")
+    return 0

@@ -1,0 +1,115 @@
+"""pytest plugin (entry point ``pytest11``): run the suite inside pytest.
+
+    pytest --pyargs dshal_conformance --dshal-backend NAME [--dshal-tier full]
+           [--dshal-ops a,b] [--dshal-case ID] [--dshal-waivers F] [--dshal-report-dir DIR]
+
+One test per result id (``test_conformance[rms_norm/bf16/T4xH256]``): pass -> passed,
+fail/error -> failed with the case's reason, skip/unsupported -> skipped with the reason.
+With ``--dshal-report-dir`` the JSON report and JUnit XML are written at the end, exactly
+as ``dshal conformance`` writes them. Without ``--dshal-backend`` the suite's tests are
+skipped, so installing this package never changes another project's test run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+_STATE_KEY = "dshal_conformance_session"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dshal-conformance", "dshal conformance suite")
+    group.addoption("--dshal-backend", metavar="NAME", help="run the dshal conformance suite against this backend")
+    group.addoption("--dshal-tier", choices=("ci", "full"), default="ci", help="case tier (default: ci)")
+    group.addoption("--dshal-ops", metavar="A,B", help="only these ops")
+    group.addoption("--dshal-case", action="append", metavar="ID", help="only this case id (glob; repeatable)")
+    group.addoption("--dshal-waivers", metavar="PATH", help="waivers file (default: plugins/NAME/conformance-waivers.yaml)")
+    group.addoption("--dshal-seed", type=int, default=None, help="run seed")
+    group.addoption("--dshal-emulate", action="store_true", default=None, help="emulate mode (as DSHAL_EMULATE=1)")
+    group.addoption("--dshal-report-dir", metavar="DIR", help="write NAME.json and NAME.junit.xml here at the end")
+
+
+def _session(config: pytest.Config) -> Any:
+    """The conformance Session, built on first use (None without --dshal-backend)."""
+    if not config.getoption("--dshal-backend"):
+        return None
+    session = config.stash.get(_SESSION, None)
+    if session is None:
+        from pathlib import Path
+
+        from dshal_conformance import runner, waivers
+
+        name = config.getoption("--dshal-backend")
+        ops = config.getoption("--dshal-ops")
+        seed = config.getoption("--dshal-seed")
+        tier = config.getoption("--dshal-tier")
+        options = runner.Options(
+            tier=tier,
+            case_timeout_s=runner.default_timeout(tier),
+            ops=[o.strip() for o in ops.split(",")] if ops else None,
+            cases=config.getoption("--dshal-case"),
+            seed=runner.DEFAULT_SEED if seed is None else seed,
+            progress=False,
+        )
+        target = runner.resolve(name, config.getoption("--dshal-emulate"))
+        path = config.getoption("--dshal-waivers")
+        if path is None and target.runtime is not None:
+            path = waivers.default_path(target.runtime.backend, name)
+        if path is not None:
+            options.waivers = waivers.load(Path(path))
+        session = runner.Session(target, options)
+        session.done = {}  # result id -> record
+        config.stash[_SESSION] = session
+    return session
+
+
+_SESSION = pytest.StashKey[Any]()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "dshal_result_id" not in metafunc.fixturenames:
+        return
+    session = _session(metafunc.config)
+    if session is None:
+        reason = "pass --dshal-backend NAME to run the dshal conformance suite"
+        metafunc.parametrize("dshal_result_id", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["not-selected"])
+        return
+    if session.target.runtime is None:
+        reason = f"backend {session.target.name!r} not run: {session.target.not_run}"
+        metafunc.parametrize("dshal_result_id", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["not-run"])
+        return
+    ids = [rid for case in session.cases for rid in case.result_ids()]
+    metafunc.parametrize("dshal_result_id", ids, ids=ids)
+
+
+@pytest.fixture
+def dshal_result(request: pytest.FixtureRequest, dshal_result_id: str) -> dict[str, Any]:
+    """The record of one result id, running its case (or its collective group) on first need."""
+    session = _session(request.config)
+    if dshal_result_id not in session.done:
+        case = next(c for c in session.cases if dshal_result_id in c.result_ids())
+        if case.kind == "collective":
+            group = [c for c in session.cases if c.kind == "collective" and c.world_size == case.world_size and c.id not in session.done]
+            records = session.run_collectives(case.world_size, group)
+        else:
+            records = session.run_case(case)
+        session.done.update({r["id"]: r for r in records})
+    return session.done[dshal_result_id]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    conf = session.config
+    state = conf.stash.get(_SESSION, None)
+    out_dir = conf.getoption("--dshal-report-dir", None)
+    if state is None or not out_dir:
+        return
+    from pathlib import Path
+
+    from dshal_conformance import report
+
+    result = state.report()
+    report.validate(result)
+    report.write_json(result, Path(out_dir) / f"{state.target.name}.json")
+    report.write_junit(result, Path(out_dir) / f"{state.target.name}.junit.xml")

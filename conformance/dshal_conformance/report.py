@@ -1,0 +1,147 @@
+"""Outputs: the JSON report (schema ``dshal.conformance/1``), JUnit XML and the submission bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import torch
+
+from dshal_conformance import __version__
+
+SCHEMA_ID = "dshal.conformance/1"
+STATUSES = ("pass", "fail", "skip", "unsupported", "error")
+_SUMMARY_KEY = {"pass": "passed", "fail": "failed", "skip": "skipped", "unsupported": "unsupported", "error": "errors"}
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema shipped with the package."""
+    return json.loads(resources.files("dshal_conformance").joinpath("schema/conformance-1.schema.json").read_text())
+
+
+def validate(report: dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` when ``report`` does not follow the schema."""
+    import jsonschema
+
+    jsonschema.validate(report, schema())
+
+
+def summarize(cases: list[dict[str, Any]]) -> dict[str, int]:
+    counts = dict.fromkeys(_SUMMARY_KEY.values(), 0)
+    for c in cases:
+        counts[_SUMMARY_KEY[c["status"]]] += 1
+    return counts
+
+
+def build(target: Any, options: Any, records: list[dict[str, Any]], started: datetime, duration_s: float) -> dict[str, Any]:
+    import dshal
+
+    platform: dict[str, Any] = {"device": "not run", "arch": "", "torch": torch.__version__, "emulated": False}
+    if target.runtime is not None:
+        caps = target.runtime.capabilities
+        platform.update(device=caps.device_name, arch=caps.arch, emulated=target.emulated)
+    else:
+        platform["not_run"] = target.not_run or "not run"
+    return {
+        "schema": SCHEMA_ID,
+        "backend": target.name,
+        "plugin_version": target.plugin_version,
+        "dshal_version": dshal.__version__,
+        "platform": platform,
+        "seed": options.seed,
+        "started": started.isoformat(timespec="seconds"),
+        "duration_s": round(duration_s, 3),
+        "summary": summarize(records),
+        "cases": records,
+        "tier": options.tier,
+        "suite_version": __version__,
+        "waivers": [w.as_dict() for w in options.waivers],
+    }
+
+
+def ok(report: dict[str, Any]) -> bool:
+    """True when nothing failed or errored (skips and unsupported ops do not fail a run)."""
+    s = report["summary"]
+    return s["failed"] == 0 and s["errors"] == 0
+
+
+def write_json(report: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def write_junit(report: dict[str, Any], path: Path) -> Path:
+    """JUnit XML: one testcase per result; fail -> <failure>, error -> <error>, skip and
+    unsupported -> <skipped> (with the reason)."""
+    s = report["summary"]
+    suite = ET.Element(
+        "testsuite",
+        name=f"dshal-conformance.{report['backend']}",
+        tests=str(len(report["cases"])),
+        failures=str(s["failed"]),
+        errors=str(s["errors"]),
+        skipped=str(s["skipped"] + s["unsupported"]),
+        time=f"{report['duration_s']:.3f}",
+        timestamp=report["started"],
+    )
+    props = ET.SubElement(suite, "properties")
+    for key in ("backend", "plugin_version", "dshal_version", "seed", "tier"):
+        ET.SubElement(props, "property", name=key, value=str(report.get(key)))
+    for key, value in report["platform"].items():
+        ET.SubElement(props, "property", name=f"platform.{key}", value=str(value))
+    if "not_run" in report["platform"]:
+        case = ET.SubElement(suite, "testcase", classname=f"{report['backend']}", name="not-run", time="0")
+        ET.SubElement(case, "skipped", message=str(report["platform"]["not_run"]))
+    for c in report["cases"]:
+        case = ET.SubElement(suite, "testcase", classname=f"{report['backend']}.{c['op']}", name=c["id"], time=f"{c.get('duration_s', 0):.4f}")
+        message = f"{c['metric']}={c['value']} threshold={c['threshold']}: {c['reason']}"
+        if c["status"] == "fail":
+            ET.SubElement(case, "failure", message=message[:500]).text = c["reason"]
+        elif c["status"] == "error":
+            ET.SubElement(case, "error", message=message[:500]).text = c["reason"]
+        elif c["status"] in ("skip", "unsupported"):
+            ET.SubElement(case, "skipped", message=f"{c['status']}: {c['reason']}"[:500])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+    return path
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_bundle(report: dict[str, Any], environment: dict[str, Any], files: list[Path], out_dir: Path) -> Path:
+    """A submission bundle: the report files, ``environment.json`` and ``SHA256SUMS``
+    (``sha256sum -c SHA256SUMS`` checks it), packed as ``<dir>.tar.gz`` too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for f in files:
+        dest = out_dir / f.name
+        if f.resolve() != dest.resolve():
+            shutil.copyfile(f, dest)
+        copied.append(dest)
+    env_path = out_dir / "environment.json"
+    env_path.write_text(json.dumps(environment, indent=1, default=str) + "\n")
+    copied.append(env_path)
+    lines = [f"{sha256(p)}  {p.name}" for p in copied]
+    (out_dir / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    archive = shutil.make_archive(str(out_dir), "gztar", root_dir=out_dir.parent, base_dir=out_dir.name)
+    return Path(archive)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read and validate a report (matrix input)."""
+    data = json.loads(Path(path).read_text())
+    validate(data)
+    return data

@@ -1,0 +1,363 @@
+"""The runner: resolve the backend under test, run the selected cases, collect results.
+
+The backend is resolved the way users get it -- ``dshal.runtime.build_runtime`` with
+``backend: NAME`` and ``fallback: error`` -- so an op the backend does not provide must
+surface as :class:`dshal.UnsupportedOpError`, and every op goes through the spec's input
+checks exactly as ``dshal.ops.<op>`` does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from dshal_conformance import __version__
+from dshal_conformance.cases import all_cases, case_seed
+from dshal_conformance.cases.base import Case, Context, Outcome, fail_all
+from dshal_conformance.judge import Verdict
+from dshal_conformance.waivers import Waiver, for_case
+
+DEFAULT_SEED = 20250101
+DEFAULT_CASE_TIMEOUT_S = 120.0
+#: The full tier's float64 oracles on DeepSeek-V3 sizes take minutes on a CPU.
+FULL_TIER_CASE_TIMEOUT_S = 1800.0
+
+
+def default_timeout(tier: str) -> float:
+    """Per-case timeout for a tier (seconds)."""
+    return FULL_TIER_CASE_TIMEOUT_S if tier == "full" else DEFAULT_CASE_TIMEOUT_S
+
+
+@dataclass
+class Options:
+    tier: str = "ci"
+    ops: Sequence[str] | None = None
+    #: case-id globs; a result id (``.../vs-dequant``) selects its case
+    cases: Sequence[str] | None = None
+    seed: int = DEFAULT_SEED
+    case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
+    collectives: bool = True
+    waivers: list[Waiver] = field(default_factory=list)
+    progress: bool = True
+
+
+@dataclass
+class Target:
+    """The backend under test, resolved."""
+
+    name: str
+    emulate: bool
+    runtime: Any | None  # dshal.Runtime when available
+    plugin_version: str | None
+    not_run: str | None = None  # why it could not run (unavailable, not installed)
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.runtime is not None and (self.runtime.emulated or self.runtime.capabilities.emulated))
+
+
+def resolve(name: str, emulate: bool | None = None) -> Target:
+    """Load backend ``name`` as a user would (``fallback: error``); a backend that cannot
+    run here becomes a Target with ``not_run`` set instead of raising."""
+    import dshal
+    from dshal.config import load_config
+    from dshal.errors import BackendUnavailableError, PluginLoadError
+    from dshal.runtime import build_runtime
+
+    overrides: dict[str, Any] = {"backend": name, "fallback": "error"}
+    if emulate is not None:
+        overrides["emulate"] = emulate
+    config = load_config({}, **overrides)
+    infos = {i.name: i for i in dshal.backends(emulate=config.emulate)}
+    version = infos[name].version if name in infos else None
+    try:
+        rt = build_runtime(config)
+    except (BackendUnavailableError, PluginLoadError) as err:
+        return Target(name, config.emulate, None, version, not_run=str(err))
+    return Target(name, config.emulate, rt, version)
+
+
+def select(cases: Iterable[Case], options: Options) -> list[Case]:
+    chosen = []
+    for case in cases:
+        if options.ops and case.op not in options.ops:
+            continue
+        if options.cases and not any(
+            fnmatch.fnmatchcase(i, pat) or i == pat for pat in options.cases for i in [case.id, *case.result_ids()]
+        ):
+            continue
+        if case.kind == "collective" and not options.collectives:
+            continue
+        chosen.append(case)
+    return chosen
+
+
+def capability_cases() -> list[Case]:
+    """``capability/<op>``: a declared op must be served by the backend itself; an
+    undeclared one must raise UnsupportedOpError (never a silent fallback)."""
+    from dshal.ops.catalogue import SPECS
+
+    out = []
+    for op in SPECS:
+
+        def body(ctx: Context, op: str = op) -> list[Outcome]:
+            if op in ctx.provided:
+                return [Outcome("", Verdict("pass", "declared", None, None, f"declared supported; its cases must pass"))]
+            probe = next((c for c in all_cases("ci") if c.op == op and c.kind == "accuracy"), None)
+            if probe is None or probe.body is None:
+                return fail_all([""], "error", f"no accuracy case to probe {op!r} with")
+            outcome = probe.body(ctx)[0]
+            if outcome.verdict.status == "unsupported":
+                return [Outcome("", Verdict("unsupported", "raises", None, None, outcome.verdict.reason))]
+            return [Outcome("", Verdict("fail", "raises", None, None, outcome.verdict.reason))]
+
+        out.append(Case(f"capability/{op}", op, "capability", "", {"op": op}, frozenset({"ci", "full"}), body))
+    return out
+
+
+def _with_timeout(fn: Callable[[], list[Outcome]], timeout_s: float, suffixes: Sequence[str]) -> list[Outcome]:
+    """Run ``fn`` in a daemon thread; a case that does not finish in time is an error
+    (the thread is abandoned; the suite goes on)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as err:  # noqa: BLE001 - reported as the case's error
+            box["err"] = err
+
+    thread = threading.Thread(target=target, daemon=True, name="dshal-conformance-case")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        return fail_all(suffixes, "error", f"timed out after {timeout_s:g} s (hang)")
+    if "err" in box:
+        err = box["err"]
+        return fail_all(suffixes, "error", f"the case itself crashed: {type(err).__name__}: {err}")
+    return box["out"]
+
+
+def _record(case: Case, suffix: str, v: Verdict, seed: int, duration: float, waivers: list[Waiver]) -> dict[str, Any]:
+    return {
+        "id": case.id + suffix,
+        "op": case.op,
+        "kind": case.kind,
+        "params": dict(case.params),
+        "dtype": case.dtype,
+        "status": v.status,
+        "metric": v.metric,
+        "value": v.value,
+        "threshold": v.threshold,
+        "needed": v.needed,
+        "reason": v.reason,
+        "seed": seed,
+        "duration_s": round(duration, 4),
+        "waivers": [w.reason for w in waivers],
+    }
+
+
+class Progress:
+    """A rich progress bar on stderr (nothing when disabled)."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self._bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+            self._bar = Bar(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("[green]{task.fields[passed]} ok [red]{task.fields[bad]} bad"),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[current]}"),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._task = self._bar.add_task(label, total=total, passed=0, bad=0, current="")
+        self.passed = self.bad = 0
+
+    def __enter__(self) -> Progress:
+        if self._bar:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar:
+            self._bar.stop()
+
+    def start(self, case: Case) -> None:
+        if self._bar:
+            self._bar.update(self._task, current=case.id)
+
+    def done(self, records: list[dict[str, Any]]) -> None:
+        self.passed += sum(r["status"] in ("pass", "unsupported") for r in records)
+        self.bad += sum(r["status"] in ("fail", "error") for r in records)
+        if self._bar:
+            self._bar.update(self._task, advance=1, passed=self.passed, bad=self.bad)
+
+
+class Session:
+    """One run of the suite against one target: cases are run one by one (or a world
+    size of collectives at a time), and :meth:`report` builds the report from what ran.
+    Both the CLI runner and the pytest plugin drive it."""
+
+    def __init__(self, target: Target, options: Options):
+        self.target, self.options = target, options
+        self.started = datetime.now(timezone.utc)
+        self._t0 = time.perf_counter()
+        self.records: list[dict[str, Any]] = []
+        self.cases: list[Case] = []
+        if target.runtime is not None:
+            rt = target.runtime
+            self.provided = frozenset(op for op, p in rt.providers.items() if op not in rt.fallbacks and p == rt.backend.name)
+            self.cases = select(capability_cases() + all_cases(options.tier), options)
+
+    def run_case(self, case: Case) -> list[dict[str, Any]]:
+        """Run one non-collective case; returns (and keeps) its records."""
+        rt = self.target.runtime
+        rt.activate()  # ops that call other dshal.ops inside them reach this backend too
+        recs = _run_one(case, rt, self.provided, rt.capabilities, self.options)
+        self.records += recs
+        return recs
+
+    def run_collectives(self, world: int, group: list[Case], on_record: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
+        """Run the collective cases of one world size in one group of rank processes."""
+        from dshal_conformance.collectives import run_group
+
+        out: list[dict[str, Any]] = []
+        runnable = []
+        for case in group:
+            skip = [w for w in for_case(self.options.waivers, case.result_ids()) if w.skip]
+            if skip:
+                _note(skip, case)
+                out.append(_record(case, "", Verdict("skip", None, None, None, f"waived: {skip[0].reason}"), self.options.seed, 0.0, skip))
+                on_record(out[-1])
+            else:
+                runnable.append(case)
+        t_group = time.perf_counter()
+
+        def on_done(case: Case, v: Verdict) -> None:
+            out.append(_record(case, "", v, self.options.seed, time.perf_counter() - t_group, []))
+            on_record(out[-1])
+
+        if runnable:
+            timeout = self.options.case_timeout_s + 30 * world
+            run_group(self.target.name, self.target.emulate, world, runnable, timeout, on_done)
+        self.records += out
+        return out
+
+    def report(self) -> dict[str, Any]:
+        from dshal_conformance import report
+
+        return report.build(self.target, self.options, self.records, self.started, time.perf_counter() - self._t0)
+
+
+def run(target: Target, options: Options) -> dict[str, Any]:
+    """Run the suite against ``target`` with a progress bar; returns the report dict."""
+    session = Session(target, options)
+    if target.runtime is None:
+        return session.report()
+    collective: dict[int, list[Case]] = {}
+    try:
+        with Progress(len(session.cases), f"{target.name} {options.tier}", options.progress) as bar:
+            for case in session.cases:
+                if case.kind == "collective":
+                    collective.setdefault(case.world_size, []).append(case)
+                    continue
+                bar.start(case)
+                bar.done(session.run_case(case))
+            for world, group in sorted(collective.items()):
+                bar.start(group[0])
+                session.run_collectives(world, group, lambda rec: bar.done([rec]))
+    finally:
+        from dshal.runtime import reset
+
+        reset()
+    return session.report()
+
+
+def _note(waivers: list[Waiver], case: Case) -> None:
+    for w in waivers:
+        if case.id not in w.used_by:
+            w.used_by.append(case.id)
+
+
+def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: Options) -> list[dict[str, Any]]:
+    waivers = for_case(options.waivers, case.result_ids())
+    seed = case_seed(options.seed, case.id)
+    skip = [w for w in waivers if w.skip]
+    if skip:
+        _note(skip, case)
+        return [_record(case, s, Verdict("skip", None, None, None, f"waived: {skip[0].reason}"), seed, 0.0, skip) for s in case.suffixes]
+    ctx = Context(
+        table=rt.table,
+        provided=provided,
+        device=rt.device,
+        native_e4m3=caps.native_e4m3,
+        fp8_formats=caps.fp8_formats,
+        seed=seed,
+    )
+    for w in waivers:
+        ctx.overrides.update(w.thresholds)
+    t0 = time.perf_counter()
+    body = case.body
+    if body is None:
+        raise ValueError(f"case {case.id!r} has no body (collective cases run through Session.run_collectives)")
+    outcomes = _with_timeout(lambda: body(ctx), options.case_timeout_s, case.suffixes)
+    duration = time.perf_counter() - t0
+    loosened = [w for w in waivers if w.thresholds]
+    used = []
+    for w in loosened:
+        if any(o.verdict.reason and "loosened" in o.verdict.reason for o in outcomes):
+            _note([w], case)
+            used.append(w)
+    return [_record(case, o.suffix, o.verdict, seed, duration, used) for o in outcomes]
+
+
+def environment(target: Target) -> dict[str, Any]:
+    """Device, driver/runtime versions, torch, suite version, git commit (for bundles)."""
+    import subprocess
+
+    import dshal
+
+    env: dict[str, Any] = {
+        "backend": target.name,
+        "plugin_version": target.plugin_version,
+        "dshal_version": dshal.__version__,
+        "suite_version": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "torch_hip": getattr(torch.version, "hip", None),
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "machine": platform.machine(),
+        "emulated": target.emulated,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - optional
+        env["triton"] = None
+    if target.runtime is not None:
+        caps = target.runtime.capabilities
+        env.update(device=caps.device_name, arch=caps.arch, dist_backend=caps.dist_backend, notes=dict(caps.notes))
+    else:
+        env["not_run"] = target.not_run
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not a git checkout
+        env["git_commit"] = None
+    return env

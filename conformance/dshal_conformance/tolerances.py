@@ -1,0 +1,116 @@
+"""The one tolerance table the suite judges with. Every row says where its numbers come from.
+
+A vendor may loosen a row only through its plugin's ``conformance-waivers.yaml`` (see
+:mod:`dshal_conformance.waivers`); the report then lists the waiver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|out - ref| <= atol + rtol * |ref|`` elementwise, plus where the numbers come from."""
+
+    rtol: float
+    atol: float
+    origin: str
+
+    def scaled_atol(self, reduction_length: int) -> Tolerance:
+        """This row with ``atol`` multiplied by the reduction length (matmuls accumulate error)."""
+        n = max(int(reduction_length), 1)
+        return Tolerance(self.rtol, self.atol * n, f"{self.origin}; atol x {n} (reduction length)")
+
+
+#: Elementwise closeness by output dtype.
+CLOSENESS: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(1e-7, 1e-7, "torch.testing.assert_close defaults for float64"),
+    torch.float32: Tolerance(1.3e-6, 1e-5, "torch.testing.assert_close defaults for float32"),
+    torch.bfloat16: Tolerance(1.6e-2, 1e-5, "torch.testing.assert_close defaults for bfloat16"),
+    torch.float16: Tolerance(1e-3, 1e-5, "torch.testing.assert_close defaults for float16"),
+}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One scalar bound on a metric: ``value <= limit`` (or ``>=`` when ``at_least``)."""
+
+    limit: float
+    at_least: bool
+    origin: str
+
+
+#: Scalar metrics (FP8 results, quantizers, routing).
+THRESHOLDS: dict[str, Threshold] = {
+    # DeepGEMM's tests compare its FP8 GEMM with the bf16 GEMM of the *unquantized* inputs
+    # by calc_diff = 1 - 2*sum(x*y)/sum(x*x + y*y) and require < 0.001.
+    "similarity_vs_prequant": Threshold(1e-3, False, "DeepGEMM tests/test_core.py calc_diff < 0.001"),
+    # Against the dequantized inputs only accumulation order and the output rounding differ:
+    # bf16 rounding (relative 2^-9) gives calc_diff ~ 1e-6; 1e-5 leaves 10x margin.
+    "similarity_vs_dequant": Threshold(1e-5, False, "dshal: bf16 output rounding (2^-9 rel.) -> ~1e-6, 10x margin"),
+    # SQNR = 10 log10(sum ref^2 / sum (out - ref)^2). bf16 keeps 8 significant bits
+    # (~48 dB); 40 dB leaves margin for FP32 accumulation order.
+    "sqnr_vs_dequant_db": Threshold(40.0, True, "dshal: bf16 output has 8 significant bits (~48 dB), 8 dB margin"),
+    # E4M3 keeps 4 significant bits per operand (~28 dB each); the product of two quantized
+    # operands lands near 25 dB. DeepGEMM's 1e-3 similarity corresponds to ~27 dB.
+    "sqnr_vs_prequant_db": Threshold(20.0, True, "dshal: E4M3 has 4 significant bits (~25 dB for a product), 5 dB margin"),
+    # Ops that re-quantize an intermediate activation to FP8 (MoE experts' down projection):
+    # float32 and float64 paths round a few activations to neighbouring FP8 codes (2^-4
+    # rel.), so they are held to DeepGEMM's bound rather than the dequantized one.
+    "similarity_vs_requant": Threshold(1e-3, False, "DeepGEMM calc_diff < 0.001 (intermediate FP8 re-quantization)"),
+    "sqnr_vs_requant_db": Threshold(20.0, True, "as sqnr_vs_prequant_db (intermediate FP8 re-quantization)"),
+    # A quantizer may differ from the oracle only where x/scale sits on a rounding
+    # boundary that float32 and float64 division resolve differently: one code step.
+    "fp8_code_distance": Threshold(1.0, False, "dshal: one FP8 code step (float32 vs float64 division at a rounding boundary)"),
+    "int8_code_distance": Threshold(1.0, False, "dshal: one int8 step (float32 vs float64 division at a .5 boundary)"),
+    # Scales are float32 amax / fmt_max: one float32 rounding of the division.
+    "scale_rel_err": Threshold(1.3e-6, False, "torch.testing float32 rtol (one float32 rounding of amax / fmt_max)"),
+    # Routing picks experts: a different choice is a different model. Exact.
+    "routing_mismatch": Threshold(0.0, False, "exact: top-k expert choice must equal the oracle's"),
+    # Collectives move integer-valued data: exact (0 ULP).
+    "collective_ulp": Threshold(0.0, False, "DESIGN: collectives on integer-valued inputs are exact"),
+}
+
+#: Metric name for elementwise closeness: ``max |out - ref| / (atol + rtol * |ref|)``, pass at <= 1.
+CLOSENESS_METRIC = "max_err_ratio"
+
+
+def closeness(dtype: torch.dtype) -> Tolerance:
+    """The closeness row for an output dtype (FP8 and integer outputs are judged elsewhere)."""
+    try:
+        return CLOSENESS[dtype]
+    except KeyError:
+        raise KeyError(f"no closeness tolerance for dtype {dtype}") from None
+
+
+#: Origin of the atol used for composite ops (attention, MoE experts).
+COMPOSITE_ORIGIN = (
+    "dshal: a composite op rounds its intermediates (probabilities, projections, activations) to the compute "
+    "dtype; each rounding stage adds absolute error up to ~rtol x the output's magnitude"
+)
+
+
+def composite(dtype: torch.dtype, ref: torch.Tensor, reduction_length: int, stages: int = 1) -> Tolerance:
+    """The dtype's row with ``atol = max(atol x reduction length, stages x rtol x RMS(ref))``."""
+    row = closeness(dtype)
+    finite = ref[torch.isfinite(ref)].to(torch.float64) if ref.numel() else ref.to(torch.float64)
+    rms = float(finite.pow(2).mean().sqrt()) if finite.numel() else 0.0
+    atol = max(row.atol * max(int(reduction_length), 1), stages * row.rtol * rms)
+    return Tolerance(
+        row.rtol, atol, f"{row.origin}; atol = max(atol x {reduction_length}, {stages} stage(s) x rtol x RMS(ref)) = {atol:.3g}: {COMPOSITE_ORIGIN}"
+    )
+
+
+def table() -> list[dict[str, object]]:
+    """The whole table as JSON-friendly rows (for the README and ``--list-tolerances``)."""
+    rows: list[dict[str, object]] = []
+    for dtype, tol in CLOSENESS.items():
+        rows.append({"row": str(dtype).replace("torch.", ""), "metric": CLOSENESS_METRIC, "rtol": tol.rtol, "atol": tol.atol, "origin": tol.origin})
+    rows.append({"row": "composite ops (attention, moe_experts)", "metric": CLOSENESS_METRIC, "atol": "max(atol x reduction length, stages x rtol x RMS(ref)); attention 2 stages, moe_experts 3", "origin": COMPOSITE_ORIGIN})
+    rows.append({"row": "matmuls (linear, int8_gemm)", "metric": CLOSENESS_METRIC, "atol": "atol x K", "origin": "DESIGN.md: atol scaled by the reduction length for matmuls"})
+    for name, th in THRESHOLDS.items():
+        rows.append({"row": name, "metric": name, "limit": th.limit, "at_least": th.at_least, "origin": th.origin})
+    return rows

@@ -1,0 +1,113 @@
+"""Waivers: the only way a vendor may skip a case or loosen a threshold.
+
+``plugins/<vendor>/conformance-waivers.yaml`` (or ``--waivers PATH``)::
+
+    waivers:
+      - match: "attention/*/window*"       # fnmatch glob over case ids (result ids too)
+        skip: true
+        reason: "sliding window lands in v0.3 (issue #12)"
+      - match: "fp8_gemm/*/vs-prequant"
+        thresholds: {similarity_vs_prequant: 2.0e-3}   # metric -> loosened limit
+        reason: "e5m2 activations on this part; see docs/precision.md"
+
+Every entry needs a ``reason``. The report lists each waiver with the case ids it
+touched; a waiver that matched nothing is listed too (with no cases), so stale
+waivers are visible.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dshal.errors import ConfigError
+from dshal_conformance.tolerances import CLOSENESS_METRIC, THRESHOLDS
+
+FILE_NAME = "conformance-waivers.yaml"
+LOOSENABLE = (CLOSENESS_METRIC, *THRESHOLDS, "seconds_to_error")
+
+
+@dataclass
+class Waiver:
+    match: str
+    reason: str
+    skip: bool = False
+    thresholds: dict[str, float] = field(default_factory=dict)
+    source: str = ""
+    used_by: list[str] = field(default_factory=list)
+
+    def matches(self, case_id: str) -> bool:
+        return fnmatch.fnmatchcase(case_id, self.match)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "match": self.match,
+            "reason": self.reason,
+            "action": "skip" if self.skip else "loosen",
+            "thresholds": dict(self.thresholds),
+            "source": self.source,
+            "cases": list(self.used_by),
+        }
+
+
+def load(path: str | Path) -> list[Waiver]:
+    """Parse and validate a waivers file; errors name the file and the entry."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read waivers: {err.strerror}", file=str(path)) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {err}", file=str(path)) from None
+    entries = data.get("waivers") if isinstance(data, Mapping) else None
+    if not isinstance(entries, list):
+        raise ConfigError("expected a top-level 'waivers:' list", file=str(path))
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"waivers[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with match, reason and skip or thresholds", file=str(path))
+        unknown = set(entry) - {"match", "reason", "skip", "thresholds"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}, expected match, reason, skip, thresholds", file=str(path))
+        match, reason = entry.get("match"), entry.get("reason")
+        if not isinstance(match, str) or not match:
+            raise ConfigError(f"{where}.match: got {match!r}, expected a case-id glob such as 'attention/*'", file=str(path))
+        if not isinstance(reason, str) or not reason.strip():
+            raise ConfigError(f"{where}.reason: every waiver needs a reason (got {reason!r})", file=str(path))
+        skip = entry.get("skip", False)
+        thresholds = entry.get("thresholds") or {}
+        if not isinstance(skip, bool):
+            raise ConfigError(f"{where}.skip: got {skip!r}, expected true or false", file=str(path))
+        if not isinstance(thresholds, Mapping) or not all(
+            k in LOOSENABLE and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in thresholds.items()
+        ):
+            raise ConfigError(f"{where}.thresholds: got {thresholds!r}, expected metric -> number with metrics from {list(LOOSENABLE)}", file=str(path))
+        if not skip and not thresholds:
+            raise ConfigError(f"{where}: says neither skip: true nor thresholds: {{...}}", file=str(path))
+        out.append(Waiver(match, reason.strip(), skip, {k: float(v) for k, v in thresholds.items()}, str(path)))
+    return out
+
+
+def default_path(backend: Any, name: str, search_from: Path | None = None) -> Path | None:
+    """``plugins/<name>/conformance-waivers.yaml`` under the working directory, else the
+    file shipped next to the plugin's package (or one level up, the distribution root)."""
+    candidates = [(search_from or Path.cwd()) / "plugins" / name / FILE_NAME]
+    try:
+        module_file = inspect.getsourcefile(type(backend))
+    except TypeError:
+        module_file = None
+    if module_file:
+        pkg = Path(module_file).resolve().parent
+        candidates += [pkg / FILE_NAME, pkg.parent / FILE_NAME]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def for_case(waivers: list[Waiver], result_ids: list[str]) -> list[Waiver]:
+    return [w for w in waivers if any(w.matches(i) for i in result_ids)]

@@ -1,0 +1,103 @@
+"""`dshal matrix`: hardware, emulated and not-run columns stay apart (checked by parsing the HTML)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+from dshal import cli
+
+
+class Cells(HTMLParser):
+    """Collects every matrix cell's data-* attributes and text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: list[dict[str, str]] = []
+        self.headers: list[dict[str, str]] = []
+        self._open: dict[str, str] | None = None
+        self.scripts = 0
+        self.external = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "td" and "data-kind" in a:
+            self._open = {**a, "text": ""}
+        elif tag == "th" and "data-kind" in a:
+            self.headers.append(a)
+        if tag == "script":
+            self.scripts += 1
+        if a.get("src") or (tag == "link" and a.get("href")):
+            self.external.append(a)
+
+    def handle_data(self, data: str) -> None:
+        if self._open is not None:
+            self._open["text"] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._open is not None:
+            self.cells.append(self._open)
+            self._open = None
+
+
+def _synthetic_hardware(cpu_report: dict) -> dict:
+    """The cpu report relabelled as measured on an H100, with one planted failure."""
+    rep = copy.deepcopy(cpu_report)
+    rep["backend"] = "nvidia"
+    rep["platform"] = {"device": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "torch": "2.13.0+cu129", "emulated": False}
+    victim = next(c for c in rep["cases"] if c["id"] == "attention/bf16/window16/T96")
+    victim.update(status="fail", value=85.8, reason="out: max |err| 1.143 (planted)")
+    rep["summary"]["passed"] -= 1
+    rep["summary"]["failed"] += 1
+    return rep
+
+
+def _write(tmp_path: Path, name: str, rep: dict) -> str:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(rep))
+    return str(path)
+
+
+def test_matrix_shows_hardware_emulated_and_not_run_apart(cpu_report: dict, tmp_path: Path) -> None:
+    hw = _synthetic_hardware(cpu_report)
+    emu = copy.deepcopy(cpu_report)
+    emu["backend"], emu["platform"] = "amd", {"device": "CPU emulating gfx942", "arch": "gfx942", "torch": "2.13.0", "emulated": True}
+    # A leg without its hardware writes a 'not run' report through the real command.
+    code = cli.main(["conformance", "--backend", "no-such-backend", "--report-dir", str(tmp_path), "--allow-unavailable", "--quiet"])
+    assert code == 0
+    assert cli.main(["conformance", "--backend", "no-such-backend", "--report-dir", str(tmp_path), "--quiet"]) == 1
+    not_run = str(tmp_path / "no-such-backend.json")
+    reports = [_write(tmp_path, "cpu", cpu_report), _write(tmp_path, "hw", hw), _write(tmp_path, "emu", emu), not_run]
+    html_path, md_path = tmp_path / "m.html", tmp_path / "m.md"
+    assert cli.main(["matrix", *reports, "--html", str(html_path), "--markdown", str(md_path)]) == 0
+
+    parser = Cells()
+    parser.feed(html_path.read_text())
+    assert parser.scripts == 1 and parser.external == []  # self-contained: inline JS, nothing fetched
+    kinds = {h["data-backend"]: h["data-kind"] for h in parser.headers}
+    assert kinds == {"cpu": "hardware", "nvidia": "hardware", "amd": "emulated", "no-such-backend": "not-run"}
+
+    def cell(backend: str, op: str, dtype: str) -> dict[str, str]:
+        return next(c for c in parser.cells if c["data-backend"] == backend and c["data-op"] == op and c["data-dtype"] == dtype)
+
+    real = cell("nvidia", "attention", "bfloat16")
+    assert real["data-kind"] == "hardware" and real["data-status"] == "fail" and "kind-hardware" in real["class"]
+    assert real["data-failed"] == "1" and "HW" in real["text"] and "worst: out.max_err_ratio 85.8" in real["text"]
+    ok = cell("cpu", "attention", "bfloat16")
+    assert ok["data-status"] == "pass" and ok["data-failed"] == "0" and "13/13 pass" in ok["text"]
+    emulated = cell("amd", "fp8_gemm", "bfloat16")
+    assert emulated["data-kind"] == "emulated" and "kind-emulated" in emulated["class"] and "EMU" in emulated["text"]
+    missing = cell("no-such-backend", "rms_norm", "bfloat16")
+    assert missing["data-status"] == "not-run" and missing["text"].startswith("not run: ")
+    assert "not installed" in missing["text"]
+    # Every row has one cell per column.
+    assert len(parser.cells) % 4 == 0
+
+    md = md_path.read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| attention | bfloat16 |"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[2].startswith("✅") and cols[2].endswith("`HW`")
+    assert cols[3].startswith("❌") and "1 fail" in cols[3] and cols[3].endswith("`HW`")
+    assert cols[4].endswith("`EMU`") and cols[5].startswith("⏸ not run:")

@@ -1,0 +1,117 @@
+"""A deliberately wrong backend fails exactly the cases its bugs touch, with readable reasons."""
+
+from __future__ import annotations
+
+import pytest
+
+from dshal_conformance import runner, waivers
+
+
+@pytest.fixture(scope="module")
+def wrong_report(wrong_backend_installed) -> dict:  # noqa: ANN001
+    options = runner.Options(
+        ops=["rms_norm", "quantize_fp8", "fp8_gemm", "attention", "moe_gate", "all_to_all"],
+        cases=["rms_norm/*", "quantize_fp8/*", "fp8_gemm/*", "attention/*", "moe_gate/*", "capability/*", "comm/all_to_all-*/w2"],
+        progress=False,
+    )
+    with wrong_backend_installed():
+        target = runner.resolve("wrong")
+        assert target.not_run is None
+        return runner.run(target, options)
+
+
+def _by_id(rep: dict) -> dict:
+    return {c["id"]: c for c in rep["cases"]}
+
+
+def test_off_by_one_rmsnorm_eps_fails(wrong_report: dict) -> None:
+    cases = _by_id(wrong_report)
+    small = cases["rms_norm/f32/small-eps-matters"]
+    assert small["status"] == "fail" and small["metric"] == "out.max_err_ratio" and small["value"] > 100
+    assert "max |err|" in small["reason"] and "reference" in small["reason"]
+    assert small["needed"]["rtol"] > 1e-4  # the tolerance it would have needed
+    assert cases["rms_norm/bf16/T4xH256"]["status"] == "pass"  # eps 1e-5 vs 1e-6 hides in bf16 noise
+
+
+def test_wrong_fp8_max_fails_on_the_scales(wrong_report: dict) -> None:
+    cases = _by_id(wrong_report)
+    for cid in ("quantize_fp8/bf16/act-1x128/T4xK256", "quantize_fp8/f32/fp8-max", "quantize_fp8/f32/weight-128x128/N256xK384"):
+        assert cases[cid]["status"] == "fail" and cases[cid]["metric"] == "scale_rel_err", cid
+        assert "ratio 1.86667" in cases[cid]["reason"]  # 448 / 240
+    assert cases["quantize_fp8/f32/e5m2/T4xK256"]["status"] == "pass"  # the bug is E4M3-only
+
+
+def test_gemm_ignoring_scales_fails_both_judgements(wrong_report: dict) -> None:
+    cases = _by_id(wrong_report)
+    for suffix in ("vs-dequant", "vs-prequant"):
+        c = cases[f"fp8_gemm/block/bf16/M128xN256xK256/{suffix}"]
+        assert c["status"] == "fail"
+        assert c["metric"].split("_vs_")[0] in ("similarity", "sqnr"), c["metric"]
+        assert f"similarity_{suffix.replace('-', '_')} = 0.9999 (FAILED" in c["reason"]
+    assert cases["fp8_gemm/block/K200-floor-scale-rejected"]["status"] == "pass"  # checks are the core's
+
+
+def test_attention_forgetting_the_window_fails_only_window_cases(wrong_report: dict) -> None:
+    att = {i: c for i, c in _by_id(wrong_report).items() if i.startswith("attention/") and "/bad_input/" not in i}
+    failing = {i for i, c in att.items() if c["status"] == "fail"}
+    assert failing == {i for i, c in att.items() if c["params"].get("window")}
+    assert all("max |err|" in att[i]["reason"] for i in failing)
+
+
+def test_gate_ignoring_the_bias_picks_other_experts(wrong_report: dict) -> None:
+    cases = _by_id(wrong_report)
+    c = cases["moe_gate/f32/v3-router/T16xE256"]
+    assert c["status"] == "fail" and c["metric"] == "routing_mismatch" and c["value"] > 0
+    assert "picked different experts" in c["reason"] and "instead of" in c["reason"]
+    assert cases["moe_gate/f32/no-bias/T16xE64"]["status"] == "pass"
+
+
+def test_all_to_all_with_swapped_splits_fails_uneven_only(wrong_report: dict) -> None:
+    cases = _by_id(wrong_report)
+    assert cases["comm/all_to_all-even/w2"]["status"] == "pass"  # swapping equal splits is harmless
+    uneven = cases["comm/all_to_all-uneven/w2"]
+    assert uneven["status"] == "fail" and "rank 0" in uneven["reason"]
+
+
+def test_correct_ops_of_the_wrong_backend_still_pass(wrong_report: dict) -> None:
+    cases = _by_id(wrong_report)
+    assert all(c["status"] == "pass" for i, c in cases.items() if "/bad_input/" in i or i.startswith("capability/"))
+    assert wrong_report["summary"]["failed"] > 0
+
+
+def test_waivers_skip_and_loosen_and_are_listed(wrong_backend_installed, tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "conformance-waivers.yaml"
+    path.write_text(
+        "waivers:\n"
+        "  - match: 'rms_norm/f32/T3xH512'\n"
+        "    thresholds: {max_err_ratio: 2.0}\n"
+        "    reason: eps measured differently on this part\n"
+        "  - match: 'attention/*window*'\n"
+        "    skip: true\n"
+        "    reason: sliding window lands later\n"
+        "  - match: 'moe_gate/nothing-matches'\n"
+        "    skip: true\n"
+        "    reason: stale\n"
+    )
+    options = runner.Options(cases=["rms_norm/f32/T3xH512", "attention/bf16/window16/T96"], progress=False, waivers=waivers.load(path))
+    with wrong_backend_installed():
+        rep = runner.run(runner.resolve("wrong"), options)
+    cases = _by_id(rep)
+    loosened = cases["rms_norm/f32/T3xH512"]
+    assert loosened["status"] == "pass" and loosened["threshold"] == 2.0 and "loosened" in loosened["reason"]
+    assert cases["attention/bf16/window16/T96"]["status"] == "skip"
+    listed = {w["reason"]: w["cases"] for w in rep["waivers"]}
+    assert listed == {
+        "eps measured differently on this part": ["rms_norm/f32/T3xH512"],
+        "sliding window lands later": ["attention/bf16/window16/T96"],
+        "stale": [],
+    }
+
+
+def test_a_waiver_without_a_reason_is_refused(tmp_path) -> None:
+    from dshal.errors import ConfigError
+
+    path = tmp_path / "w.yaml"
+    path.write_text("waivers:\n  - match: 'rms_norm/*'\n    skip: true\n")
+    with pytest.raises(ConfigError, match="reason"):
+        waivers.load(path)

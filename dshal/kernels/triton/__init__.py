@@ -1,0 +1,103 @@
+"""Portable Triton kernels shared by the GPU plugins (NVIDIA, AMD).
+
+Each kernel module (``quant``, ``gemm``, ``norm``, ``activation``, ``rotary``, ``moe``)
+imports ``triton`` and defines ``@triton.jit`` kernels with a checked Python wrapper
+beside each one. Hardware-specific tuning comes from a :class:`~.target.KernelTarget`
+(``target.py``, importable without triton) that the plugin picks from its declared
+capabilities; the kernels never branch on the vendor.
+
+This package's ``__init__`` does **not** import triton or any kernel module.
+
+Running on CPU tensors (emulated mode, tests): Triton reads ``TRITON_INTERPRET`` when a
+kernel is *decorated* -- its own library functions (``tl.max``, ``tl.sum``...) when
+``triton`` is first imported, dshal's kernels when their module is first imported. So
+:func:`ensure_interpreter_if_cpu` must run **before** ``triton`` or any kernel module is
+imported in the process (or set ``TRITON_INTERPRET=1`` in the environment)::
+
+    from dshal.kernels.triton import ensure_interpreter_if_cpu
+    ensure_interpreter_if_cpu("cpu")          # emulated: kernels run on CPU tensors
+    from dshal.kernels.triton import gemm      # now decorated for the interpreter
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from dshal.errors import BackendUnavailableError
+
+#: The modules that define ``@triton.jit`` kernels (decorated at import time).
+KERNEL_MODULES = ("quant", "gemm", "norm", "activation", "rotary", "moe")
+
+
+def interpreter_requested() -> bool:
+    """True when ``TRITON_INTERPRET`` is set to a true value in this process's environment."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def imported_kernel_modules() -> list[str]:
+    """Names of the kernel modules already imported (and so already decorated)."""
+    return [m for m in KERNEL_MODULES if f"{__name__}.{m}" in sys.modules]
+
+
+def _decorated_for_interpreter(fn: object) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+def interpreter_blocked_reason() -> str | None:
+    """Why the interpreter can no longer take effect in this process, or None if it can.
+
+    It cannot once ``triton`` itself or one of the kernel modules was imported while
+    ``TRITON_INTERPRET`` was unset: their ``@triton.jit`` functions are already compiled-mode
+    objects, which fail on CPU tensors. Reads ``sys.modules`` only (imports nothing)."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is not None and not _decorated_for_interpreter(getattr(standard, "max", None)):
+        return "triton was imported before TRITON_INTERPRET=1 was set"
+    compiled = [
+        m for m in imported_kernel_modules() if not getattr(sys.modules[f"{__name__}.{m}"], "INTERPRETED", False)
+    ]
+    if compiled:
+        return f"the kernel modules {compiled} were imported before TRITON_INTERPRET=1 was set"
+    return None
+
+
+def ensure_interpreter_if_cpu(device: torch.device | str | None = None) -> bool:
+    """Make the Triton kernels run under the interpreter when they will see CPU tensors.
+
+    Must run **before** ``triton`` or any kernel module of this package is imported:
+    Triton reads ``TRITON_INTERPRET`` when a function is decorated. ``device`` is where the
+    kernels' tensors will live; ``None`` means "CPU unless a CUDA/ROCm device is present".
+    Sets ``TRITON_INTERPRET=1`` in ``os.environ`` when needed.
+
+    Returns True when the interpreter is (now) in effect for CPU tensors, False for a GPU
+    device. Raises :class:`~dshal.errors.BackendUnavailableError` when the kernels are
+    needed on CPU but it is too late (see :func:`interpreter_blocked_reason`): start the
+    process with ``TRITON_INTERPRET=1``, or call this function earlier.
+    """
+    if device is None:
+        on_cpu = not torch.cuda.is_available()
+    else:
+        on_cpu = torch.device(device).type == "cpu"
+    if not on_cpu:
+        return False
+    if not interpreter_requested():
+        os.environ["TRITON_INTERPRET"] = "1"
+    blocked = interpreter_blocked_reason()
+    if blocked:
+        raise BackendUnavailableError(
+            f"dshal's Triton kernels must run under the interpreter on CPU tensors, but {blocked}; set "
+            "TRITON_INTERPRET=1 in the environment, or call dshal.kernels.triton.ensure_interpreter_if_cpu() "
+            "before anything imports triton or the kernel modules"
+        )
+    return True
+
+
+__all__ = [
+    "KERNEL_MODULES",
+    "ensure_interpreter_if_cpu",
+    "interpreter_blocked_reason",
+    "interpreter_requested",
+    "imported_kernel_modules",
+]

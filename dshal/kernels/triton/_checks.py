@@ -1,0 +1,96 @@
+"""Input checks and format facts shared by the kernel wrappers (no triton import here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dshal.errors import BackendUnavailableError, DeviceError, DTypeError
+from dshal.kernels.triton import interpreter_blocked_reason, interpreter_requested
+from dshal.kernels.triton.target import KernelTarget, default_target
+
+
+@dataclass(frozen=True)
+class Fp8Format:
+    """What the quantization kernels need to round onto an FP8 grid exactly.
+
+    ``min_exp`` is the exponent of the smallest normal number; below it the grid spacing
+    is constant (subnormals). FNUZ formats have no negative zero (0x80 is NaN there).
+    ``nan_code`` is the byte a NaN is stored as (what torch's cast writes for +NaN)."""
+
+    max: float
+    mantissa_bits: int
+    min_exp: int
+    no_negative_zero: bool
+    nan_code: int
+
+    def kernel_meta(self) -> dict[str, object]:
+        """The constexpr arguments the quantizing kernels take for this format."""
+        return dict(
+            FP8_MAX=self.max,
+            MANT_BITS=self.mantissa_bits,
+            MIN_EXP=self.min_exp,
+            NO_NEG_ZERO=self.no_negative_zero,
+            NAN_CODE=self.nan_code,
+        )
+
+
+FP8_FORMATS: dict[torch.dtype, Fp8Format] = {
+    torch.float8_e4m3fn: Fp8Format(448.0, 3, -6, False, 0x7F),
+    torch.float8_e4m3fnuz: Fp8Format(240.0, 3, -7, True, 0x80),
+    torch.float8_e5m2: Fp8Format(57344.0, 2, -14, False, 0x7F),
+    torch.float8_e5m2fnuz: Fp8Format(57344.0, 2, -15, True, 0x80),
+}
+
+
+def check_kernel_device(fn: str, arg: str, t: torch.Tensor, interpreted: bool) -> None:
+    """``t`` must live where the kernels can run: a GPU, or the CPU under the interpreter.
+
+    ``interpreted`` is whether the calling kernel module was decorated with
+    ``TRITON_INTERPRET=1`` (Triton reads it once, when the module is imported)."""
+    kind = t.device.type
+    if kind == "cpu" and not interpreted:
+        raise DeviceError(
+            f"{fn}: argument {arg!r} is on cpu, expected a GPU tensor; CPU tensors need the Triton "
+            "interpreter (TRITON_INTERPRET=1 set before triton and the kernel modules are imported, see "
+            "dshal.kernels.triton.ensure_interpreter_if_cpu)"
+        )
+    if kind == "cpu":
+        blocked = interpreter_blocked_reason()
+        if blocked:
+            raise BackendUnavailableError(f"{fn}: the Triton interpreter cannot run here: {blocked}")
+    if kind not in ("cpu", "cuda"):
+        raise DeviceError(f"{fn}: argument {arg!r} is on {t.device}, expected a cuda (CUDA or ROCm) or cpu tensor")
+
+
+def check_fp8_dtype(fn: str, arg: str, dtype: object) -> Fp8Format:
+    """``dtype`` must be an FP8 dtype the kernels can produce; return its format facts."""
+    fmt = FP8_FORMATS.get(dtype) if isinstance(dtype, torch.dtype) else None
+    if fmt is None:
+        raise DTypeError(
+            f"{fn}: argument {arg!r} is {dtype!r}, expected one of "
+            + ", ".join(str(d) for d in FP8_FORMATS)
+        )
+    return fmt
+
+
+def check_flag(fn: str, arg: str, value: object) -> bool:
+    """``value`` must be a plain bool (a tensor or string here is a caller's mistake)."""
+    if not isinstance(value, bool):
+        raise DTypeError(f"{fn}: argument {arg!r} is {value!r}, expected True or False")
+    return value
+
+
+def resolve_target(fn: str, target: object, device: torch.device) -> KernelTarget:
+    """The caller's target, or the default for ``device``."""
+    if target is None:
+        return default_target(device)
+    if not isinstance(target, KernelTarget):
+        raise DTypeError(f"{fn}: argument 'target' is a {type(target).__name__}, expected a KernelTarget or None")
+    return target
+
+
+def module_interpreted() -> bool:
+    """Called once at a kernel module's import: was it decorated for the interpreter?"""
+    return interpreter_requested()

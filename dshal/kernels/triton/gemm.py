@@ -1,0 +1,176 @@
+"""Block-scaled FP8 GEMM, NT layout (``a [M, K]``, ``b [N, K]``), as DeepSeek-V3 / DeepGEMM.
+
+Scales: ``a_scale [M, ceil(K/128)]`` (1x128 activation blocks) and
+``b_scale [ceil(N/128), ceil(K/128)]`` (128x128 weight blocks), float32. The kernel walks
+K in steps of 128 (one scale block), takes each partial product from ``tl.dot`` in FP32
+and promotes it into an FP32 accumulator scaled by ``a_scale[m, k] * b_scale[n // 128, k]``
+(the "scale promotion every 128 K" of DeepSeek-V3's ``fp8_gemm`` and DeepGEMM).
+
+Tuning comes from the :class:`~dshal.kernels.triton.target.KernelTarget`: its tile list
+is the autotune space, and ``fp8_dot_dtypes`` says whether ``tl.dot`` takes the FP8
+operands directly (E4M3FN on Hopper/gfx950, E4M3FNUZ as ``tl.float8e4b8`` on gfx942) or
+they are widened to float16 first (exact: every E4M3/E5M2 value is a float16 value).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from dshal.errors import DTypeError
+from dshal.kernels.triton._checks import FP8_FORMATS, check_kernel_device, module_interpreted, resolve_target
+from dshal.kernels.triton._jit import cast_rne
+from dshal.kernels.triton.target import KernelTarget
+from dshal.ops.spec import check_dim, check_same_device, check_tensor
+
+INTERPRETED = module_interpreted()
+
+#: K extent of one scale block (and of one step of the kernel's K loop).
+SCALE_BLOCK = 128
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _fp8_block_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP8: tl.constexpr,
+):  # fmt: skip
+    # Grouped tile order: GROUP_M row-tiles share each column of B while it is in cache.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * tiles_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_rows
+    pid_n = (pid % group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns read row 0 / column 0 (wrapped) and are never stored.
+    rows = offs_m % M
+    cols = offs_n % N
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+    a_s_ptrs = a_s_ptr + rows * stride_asm
+    b_s_ptrs = b_s_ptr + (cols // BLOCK_K) * stride_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        a_s = tl.load(a_s_ptrs + kt * stride_ask)
+        b_s = tl.load(b_s_ptrs + kt * stride_bsk)
+        if not DOT_FP8:
+            a = a.to(tl.float16)
+            b = b.to(tl.float16)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    c = cast_rne(acc, c_ptr.dtype.element_ty)
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, c, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(target: KernelTarget) -> Any:
+    """The GEMM kernel behind an autotuner over ``target``'s tiles (built once per target)."""
+    return triton.autotune(configs=target.gemm_autotune_configs(), key=["M", "N", "K", "DOT_FP8"])(
+        _fp8_block_gemm_kernel
+    )
+
+
+def fp8_block_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    target: KernelTarget | None = None,
+) -> torch.Tensor:
+    """``out[M, N] = (a * a_scale) @ (b * b_scale).T`` with DeepSeek-V3 block scales.
+
+    ``a [M, K]`` and ``b [N, K]`` are FP8 (e4m3fn, e4m3fnuz, e5m2 or e5m2fnuz; any
+    strides); ``a_scale [M, ceil(K/128)]`` and ``b_scale [ceil(N/128), ceil(K/128)]`` are
+    float32 (any strides). Accumulation is FP32 with the scales applied every 128 K; the
+    result is a new contiguous ``[M, N]`` tensor of ``out_dtype`` (bfloat16, float16 or
+    float32). Any M, N, K >= 0 works: partial tiles and a K that is not a multiple of 128
+    are masked (the last scale block then covers fewer than 128 columns); M or N of 0 gives
+    an empty result, K of 0 zeros.
+
+    ``target`` (default: :meth:`KernelTarget.interpreter` for CPU tensors, else
+    :meth:`KernelTarget.generic`) supplies the tiles: one tile is launched directly, several
+    are autotuned per (M, N, K) (under the interpreter, which cannot time configs, the first
+    tile is used). FP8 operands go to ``tl.dot`` directly when ``a`` and ``b``
+    share a dtype listed in ``target.fp8_dot_dtypes``, else both are widened (exactly) to float16.
+
+    Raises DTypeError (non-FP8 ``a``/``b``, non-float32 scales, bad ``out_dtype``),
+    ShapeError (ranks, K mismatch, scale shapes), DeviceError (mixed devices, a CPU tensor
+    without the interpreter), UnsupportedOpError (an FP8 dtype outside ``target.fp8_dtypes``,
+    e.g. FNUZ on NVIDIA).
+    """
+    fn = "fp8_block_gemm"
+    fp8 = tuple(FP8_FORMATS)
+    check_tensor(fn, "a", a, dtypes=fp8, ndim=2)
+    check_tensor(fn, "b", b, dtypes=fp8, ndim=2)
+    check_tensor(fn, "a_scale", a_scale, dtypes=(torch.float32,), ndim=2)
+    check_tensor(fn, "b_scale", b_scale, dtypes=(torch.float32,), ndim=2)
+    if out_dtype not in OUT_DTYPES:
+        raise DTypeError(f"{fn}: argument 'out_dtype' is {out_dtype!r}, expected torch.bfloat16, float16 or float32")
+    M, K = a.shape
+    N = b.shape[0]
+    check_dim(fn, "b", b, 1, K, "K, the last dim of 'a'")
+    k_blocks = triton.cdiv(K, SCALE_BLOCK)
+    check_dim(fn, "a_scale", a_scale, 0, M, "M, the rows of 'a'")
+    check_dim(fn, "a_scale", a_scale, 1, k_blocks, "ceil(K/128) for 1x128 activation blocks")
+    check_dim(fn, "b_scale", b_scale, 0, triton.cdiv(N, SCALE_BLOCK), "ceil(N/128) for 128x128 weight blocks")
+    check_dim(fn, "b_scale", b_scale, 1, k_blocks, "ceil(K/128) for 128x128 weight blocks")
+    check_same_device(fn, "a", a, b=b, a_scale=a_scale, b_scale=b_scale)
+    check_kernel_device(fn, "a", a, INTERPRETED)
+    tgt = resolve_target(fn, target, a.device)
+    tgt.check_fp8_dtype(fn, "a", a.dtype)
+    tgt.check_fp8_dtype(fn, "b", b.dtype)
+
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros((M, N), dtype=out_dtype, device=a.device)
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    dot_fp8 = a.dtype == b.dtype and tgt.dot_takes(a.dtype)
+    args = (
+        a, b, out, a_scale, b_scale,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+    )  # fmt: skip
+    meta = dict(BLOCK_K=SCALE_BLOCK, EVEN_K=K % SCALE_BLOCK == 0, DOT_FP8=dot_fp8)
+    if len(tgt.gemm_tiles) == 1 or INTERPRETED:  # the autotuner needs a GPU to time configs
+        tile = tgt.gemm_tiles[0]
+        grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
+        _fp8_block_gemm_kernel[grid](
+            *args, **meta, **tile.kernel_kwargs(), num_warps=tile.num_warps, num_stages=tile.num_stages
+        )
+    else:
+
+        def grid(cfg: dict[str, Any]) -> tuple[int]:
+            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+
+        _autotuned(tgt)[grid](*args, **meta)
+    return out
+
+
+__all__ = ["fp8_block_gemm", "SCALE_BLOCK"]

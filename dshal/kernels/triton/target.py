@@ -1,0 +1,231 @@
+"""What the kernels need to know about the hardware: :class:`KernelTarget`.
+
+A plugin picks a target from its declared capabilities (``KernelTarget.nvidia_hopper()``,
+``.amd_gfx942()``, ``.amd_gfx950()``, ``.interpreter()``) and passes it to the kernel
+wrappers; the kernels read only its fields, never a vendor name.
+
+This module does not import triton at import time (plugins may build targets while
+deciding their capabilities); :meth:`KernelTarget.gemm_autotune_configs` imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: The E4M3 variants a target may call native.
+E4M3_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+#: Every FP8 dtype the kernels know (OCP and FNUZ).
+ALL_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One GEMM tiling. ``block_k`` is fixed at 128 by the kernels (one FP8 scale block).
+
+    ``waves_per_eu`` and ``matrix_instr_nonkdim`` are AMD compiler knobs (None = leave to
+    the compiler); they are passed to Triton only when set.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+    waves_per_eu: int | None = None
+    matrix_instr_nonkdim: int | None = None
+
+    def kernel_kwargs(self) -> dict[str, int]:
+        """The meta-parameters a ``triton.Config`` carries for this tiling."""
+        kw = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "GROUP_M": self.group_m}
+        if self.waves_per_eu is not None:
+            kw["waves_per_eu"] = self.waves_per_eu
+        if self.matrix_instr_nonkdim is not None:
+            kw["matrix_instr_nonkdim"] = self.matrix_instr_nonkdim
+        return kw
+
+
+@dataclass(frozen=True)
+class KernelTarget:
+    """The hardware facts and tuning choices the portable kernels depend on.
+
+    - ``warp_size``: 32 (NVIDIA warp) or 64 (AMD CDNA wavefront); sizes elementwise blocks.
+    - ``fp8_e4m3``: the native E4M3 dtype (``float8_e4m3fn``, or ``float8_e4m3fnuz`` on gfx942).
+    - ``fp8_dtypes``: FP8 dtypes Triton can load, store and convert on this hardware at all
+      (NVIDIA: the OCP formats; AMD and the interpreter: FNUZ too). The wrappers raise
+      UnsupportedOpError for others, so a plugin can fall back instead of failing to compile.
+    - ``fp8_dot_dtypes``: FP8 dtypes ``tl.dot`` takes directly on this hardware; other FP8
+      inputs are widened to float16 inside the kernel before the dot (exact for E4M3/E5M2).
+    - ``bf16_dot``: whether ``tl.dot`` takes bfloat16 operands; when False (the Triton 3.x
+      interpreter, whose bfloat16 dot returns garbage) they are widened to float32 first.
+      ``float8_e4m3fnuz`` here means the dot runs on ``tl.float8e4b8`` operands (gfx942).
+    - ``gemm_tiles``: the autotune space of the block-FP8 GEMM (one entry = no autotuning).
+    - ``moe_tile``, ``moe_block_k``: the fixed tiling of the grouped MoE GEMMs (``block_m``
+      sets how token rows are grouped per expert, so it is not autotuned; ``moe_block_k``
+      divides 128 so FP8 weight blocks have one scale per K step).
+    - ``elementwise_warps``: warps per program of the row-wise kernels (norm, activation...).
+    """
+
+    name: str
+    warp_size: int = 32
+    fp8_e4m3: torch.dtype = torch.float8_e4m3fn
+    fp8_dtypes: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+    fp8_dot_dtypes: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
+    gemm_tiles: tuple[TileConfig, ...] = (TileConfig(64, 64),)
+    moe_tile: TileConfig = TileConfig(64, 64, num_warps=4, num_stages=2)
+    moe_block_k: int = 64
+    bf16_dot: bool = True
+    elementwise_warps: int = 4
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.warp_size not in (32, 64):
+            raise ValueError(f"KernelTarget: warp_size is {self.warp_size}, expected 32 or 64")
+        if self.fp8_e4m3 not in E4M3_DTYPES:
+            raise ValueError(f"KernelTarget: fp8_e4m3 is {self.fp8_e4m3}, expected one of {E4M3_DTYPES}")
+        if self.moe_block_k not in (16, 32, 64, 128):
+            raise ValueError(f"KernelTarget: moe_block_k is {self.moe_block_k}, expected 16, 32, 64 or 128")
+        if self.fp8_e4m3 not in self.fp8_dtypes or not set(self.fp8_dot_dtypes) <= set(self.fp8_dtypes):
+            raise ValueError(
+                f"KernelTarget: fp8_dtypes {self.fp8_dtypes} must hold fp8_e4m3 ({self.fp8_e4m3}) "
+                "and every fp8_dot_dtypes entry"
+            )
+        if not self.gemm_tiles:
+            raise ValueError("KernelTarget: gemm_tiles is empty, expected at least one TileConfig")
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def use_fp8e4b8_dot(self) -> bool:
+        """True when dots take ``tl.float8e4b8`` (E4M3 FNUZ) operands directly (gfx942)."""
+        return torch.float8_e4m3fnuz in self.fp8_dot_dtypes
+
+    def dot_takes(self, dtype: torch.dtype) -> bool:
+        """Whether ``tl.dot`` takes operands of ``dtype`` directly (else they are widened)."""
+        return dtype in self.fp8_dot_dtypes or not dtype.is_floating_point or dtype.itemsize > 1
+
+    def check_fp8_dtype(self, fn: str, arg: str, dtype: torch.dtype) -> None:
+        """Raise UnsupportedOpError when the kernels cannot handle FP8 ``dtype`` here."""
+        if dtype not in self.fp8_dtypes:
+            from dshal.errors import UnsupportedOpError
+
+            raise UnsupportedOpError(
+                f"{fn}: argument {arg!r} is {dtype}, which Triton cannot handle on target {self.name!r} "
+                f"(supported FP8 dtypes there: {', '.join(str(d) for d in self.fp8_dtypes)})"
+            )
+
+    def gemm_autotune_configs(self) -> list[Any]:
+        """``triton.Config`` objects for the block-FP8 GEMM's autotuner (imports triton)."""
+        import triton
+
+        return [
+            triton.Config(t.kernel_kwargs(), num_warps=t.num_warps, num_stages=t.num_stages) for t in self.gemm_tiles
+        ]
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def nvidia_hopper(cls) -> KernelTarget:
+        """SM90 (H100/H200): FP8 E4M3FN/E5M2 tensor-core dots, warps of 32."""
+        tiles = (
+            TileConfig(128, 128, num_warps=8, num_stages=3),
+            TileConfig(128, 256, num_warps=8, num_stages=3),
+            TileConfig(128, 64, num_warps=4, num_stages=4),
+            TileConfig(64, 128, num_warps=4, num_stages=4),
+            TileConfig(64, 64, num_warps=4, num_stages=4),
+            TileConfig(32, 64, num_warps=4, num_stages=4),
+        )
+        return cls(
+            name="nvidia-sm90",
+            warp_size=32,
+            fp8_e4m3=torch.float8_e4m3fn,
+            fp8_dot_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
+            gemm_tiles=tiles,
+            moe_tile=TileConfig(64, 128, num_warps=4, num_stages=3),
+            elementwise_warps=8,
+        )
+
+    @classmethod
+    def nvidia_ada(cls) -> KernelTarget:
+        """SM89 (L4/L40): FP8 dots without Hopper's wgmma; smaller shared memory."""
+        tiles = (
+            TileConfig(128, 128, num_warps=8, num_stages=2),
+            TileConfig(64, 128, num_warps=4, num_stages=3),
+            TileConfig(64, 64, num_warps=4, num_stages=3),
+            TileConfig(32, 64, num_warps=4, num_stages=3),
+        )
+        return cls(
+            name="nvidia-sm89",
+            gemm_tiles=tiles,
+            moe_tile=TileConfig(64, 64, num_warps=4, num_stages=2),
+        )
+
+    @classmethod
+    def _amd(cls, name: str, e4m3: torch.dtype, dots: tuple[torch.dtype, ...]) -> KernelTarget:
+        tiles = (
+            TileConfig(256, 256, num_warps=8, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
+            TileConfig(128, 256, num_warps=8, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
+            TileConfig(128, 128, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
+            TileConfig(64, 128, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
+            TileConfig(32, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
+        )
+        return cls(
+            name=name,
+            warp_size=64,
+            fp8_e4m3=e4m3,
+            fp8_dtypes=ALL_FP8_DTYPES,
+            fp8_dot_dtypes=dots,
+            gemm_tiles=tiles,
+            moe_tile=TileConfig(64, 128, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
+            elementwise_warps=4,
+        )
+
+    @classmethod
+    def amd_gfx942(cls) -> KernelTarget:
+        """MI300X/MI325X: native E4M3 is FNUZ (max 240), dots on ``tl.float8e4b8``, wavefront 64."""
+        return cls._amd("amd-gfx942", torch.float8_e4m3fnuz, (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz))
+
+    @classmethod
+    def amd_gfx950(cls) -> KernelTarget:
+        """MI350/MI355X: OCP E4M3FN/E5M2 dots, wavefront 64."""
+        return cls._amd("amd-gfx950", torch.float8_e4m3fn, (torch.float8_e4m3fn, torch.float8_e5m2))
+
+    @classmethod
+    def interpreter(cls, fp8_e4m3: torch.dtype = torch.float8_e4m3fn) -> KernelTarget:
+        """``TRITON_INTERPRET=1`` on CPU tensors: one small tiling (autotuning there is slow).
+
+        ``fp8_e4m3`` picks the emulated hardware's native E4M3 (``float8_e4m3fnuz`` to
+        emulate gfx942, whose dots then take FNUZ operands directly, as ``tl.float8e4b8``).
+        """
+        dots = (fp8_e4m3, torch.float8_e5m2 if fp8_e4m3 == torch.float8_e4m3fn else torch.float8_e5m2fnuz)
+        return cls(
+            name="interpreter",
+            warp_size=32,
+            fp8_e4m3=fp8_e4m3,
+            fp8_dtypes=ALL_FP8_DTYPES,
+            fp8_dot_dtypes=dots,
+            # few, wide programs: the interpreter's cost is per program and per op, not per element
+            gemm_tiles=(TileConfig(32, 64, num_warps=4, num_stages=1),),
+            moe_tile=TileConfig(16, 64, num_warps=4, num_stages=1),
+            moe_block_k=64,
+            bf16_dot=False,
+            elementwise_warps=4,
+        )
+
+    @classmethod
+    def generic(cls) -> KernelTarget:
+        """A conservative default for unknown CUDA-like hardware (warps of 32, no FP8 dots)."""
+        return cls(
+            name="generic",
+            fp8_dot_dtypes=(),
+            gemm_tiles=(TileConfig(64, 64, num_warps=4, num_stages=2), TileConfig(32, 64, num_warps=4, num_stages=2)),
+        )
+
+
+def default_target(device: torch.device) -> KernelTarget:
+    """The target a wrapper uses when the caller passes none: the interpreter's for CPU
+    tensors, otherwise :meth:`KernelTarget.generic` (plugins should pass their own)."""
+    return KernelTarget.interpreter() if device.type == "cpu" else KernelTarget.generic()
+
+
+__all__ = ["KernelTarget", "TileConfig", "E4M3_DTYPES", "ALL_FP8_DTYPES", "default_target"]

@@ -1,0 +1,46 @@
+"""The DeepSeek-V3 model core on ``dshal.ops``.
+
+    import dshal.model
+    model = dshal.model.from_pretrained("path/to/DeepSeek-V3", config="dshal.yaml")
+    logits = model(input_ids)                        # [B, T, vocab]
+    ids = model.generate(input_ids, max_new_tokens=32)   # [B, T + 32], greedy
+    model.describe()                                 # precision per layer, KV bytes per token
+
+``random_model(args)`` builds a randomly initialized model (``tiny_args()`` for the
+built-in tiny one ``dshal run`` uses).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dshal.model.args import ModelArgs, RopeScaling, tiny_args
+from dshal.model.cache import KVCache
+from dshal.model.loader import CheckpointError, CheckpointReader, DictReader, build_model, from_pretrained
+from dshal.model.model import Transformer
+from dshal.model.precision import apply_precision
+
+
+def random_model(args: ModelArgs | None = None, seed: int = 0, std: float = 0.02, precision: Any = None) -> Transformer:
+    """A model with random weights (the official tensor names, through the same loader),
+    on the active runtime's device, with ``precision`` (default: the runtime config's)."""
+    from dshal.model.checkpoint import random_checkpoint
+
+    args = args or tiny_args()
+    return build_model(args, DictReader(random_checkpoint(args, seed, std), path=f"<random seed={seed}>"), precision)
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointReader",
+    "DictReader",
+    "KVCache",
+    "ModelArgs",
+    "RopeScaling",
+    "Transformer",
+    "apply_precision",
+    "build_model",
+    "from_pretrained",
+    "random_model",
+    "tiny_args",
+]

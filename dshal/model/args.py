@@ -1,0 +1,339 @@
+"""``ModelArgs``: the DeepSeek-V3 hyper-parameters, read from a Hugging Face ``config.json``.
+
+Field names follow the ``config.json`` keys (``model_type: deepseek_v3``) so a reader can
+put the two side by side. RoPE scaling is read from ``rope_scaling`` (the official
+DeepSeek-V3 ``config.json``) or from ``rope_parameters`` (what transformers >= 5 writes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dshal.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (``rope_scaling: {type: yarn, ...}``); ``None`` on ModelArgs = plain RoPE."""
+
+    #: Context extension factor (``factor``).
+    factor: float
+    #: Context length the model was pre-trained with (``original_max_position_embeddings``).
+    original_max_position_embeddings: int
+    #: Boundaries of the interpolation ramp, in rotations (``beta_fast`` / ``beta_slow``).
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    #: ``mscale`` / ``mscale_all_dim``: YaRN's attention temperature terms. DeepSeek-V3 uses 1.0 / 1.0,
+    #: which leaves cos/sin unscaled and multiplies the softmax scale by ``mscale(factor)**2``.
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    #: Explicit cos/sin scale; derived from ``factor`` and the mscales when absent.
+    attention_factor: float | None = None
+    #: Round the ramp boundaries to whole dimensions (transformers' default).
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Hyper-parameters of a DeepSeek-V3 model (one ``config.json``).
+
+    Shapes below use: ``H`` heads, ``D`` hidden size, ``r`` kv_lora_rank, ``E`` routed experts.
+    """
+
+    vocab_size: int = 129280
+    #: Model width ``D``.
+    hidden_size: int = 7168
+    #: Intermediate size of the dense SwiGLU MLPs (the first ``first_k_dense_replace`` layers).
+    intermediate_size: int = 18432
+    #: Intermediate size of each routed expert; a shared expert is ``n_shared_experts`` times wider.
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    #: Leading layers with a dense MLP instead of the MoE.
+    first_k_dense_replace: int = 3
+    num_attention_heads: int = 128
+    # --- MLA (multi-head latent attention)
+    #: Rank of the query LoRA (``q_a_proj`` -> norm -> ``q_b_proj``); ``None`` = one ``q_proj``.
+    q_lora_rank: int | None = 1536
+    #: Rank ``r`` of the compressed key/value latent (what the absorbed KV cache stores).
+    kv_lora_rank: int = 512
+    #: Per-head query/key dims without and with rotary position: ``qk_head_dim = nope + rope``.
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    # --- DeepSeekMoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    #: Routed experts per token (top-k).
+    num_experts_per_tok: int = 8
+    #: Expert groups, and how many groups a token may route into (group-limited top-k).
+    n_group: int = 8
+    topk_group: int = 4
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    # --- position, norm, head
+    rope_theta: float = 10000.0
+    #: DeepSeek rotates adjacent pairs (x0, x1), (x2, x3), ... (``rope_interleave``).
+    rope_interleave: bool = True
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 163840
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    #: Multi-token-prediction layers stored after the last layer (skipped when loading).
+    num_nextn_predict_layers: int = 0
+    #: Dtype of the high-precision weights and activations.
+    dtype: torch.dtype = torch.bfloat16
+    #: FP8 checkpoint: weight block (``quantization_config.weight_block_size``); None = not FP8.
+    weight_block_size: tuple[int, int] | None = None
+    #: FP8 format of the checkpoint's weights (``quantization_config.fmt``).
+    fp8_format: str = "e4m3fn"
+    # --- runtime settings (from the dshal config, not from config.json)
+    #: Dynamic attention: keys kept per query besides the global ones (None = all).
+    attention_window: int | None = None
+    #: Leading tokens every query keeps seeing when ``attention_window`` is set.
+    attention_global_tokens: int = 0
+    #: KV cache layout: "absorb" caches the latent + rope key (decode absorbs kv_b_proj),
+    #: "naive" caches per-head keys and values.
+    mla_mode: str = "absorb"
+
+    # ------------------------------------------------------------ derived
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """``qk_head_dim ** -0.5``, times YaRN's ``mscale(factor, mscale_all_dim) ** 2``."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim:
+            scale *= yarn_mscale(rs.factor, rs.mscale_all_dim) ** 2
+        return scale
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return layer_id >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError when the numbers cannot describe a DeepSeek-V3 model."""
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "v_head_dim",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config.json: {name} is {value!r}, expected a positive integer")
+        if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            raise ConfigError(
+                f"config.json: qk_rope_head_dim is {self.qk_rope_head_dim!r}, expected a positive even integer"
+            )
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"config.json: q_lora_rank is {self.q_lora_rank!r}, expected null or a positive integer")
+        if self.n_routed_experts and self.first_k_dense_replace < self.num_hidden_layers:
+            if self.n_group <= 0 or self.n_routed_experts % self.n_group:
+                raise ConfigError(
+                    f"config.json: n_group is {self.n_group!r}, "
+                    f"expected a positive divisor of n_routed_experts ({self.n_routed_experts})"
+                )
+            if not 0 < self.topk_group <= self.n_group:
+                raise ConfigError(
+                    f"config.json: topk_group is {self.topk_group!r}, expected 1..n_group ({self.n_group})"
+                )
+            per_group = self.n_routed_experts // self.n_group
+            if not 0 < self.num_experts_per_tok <= self.topk_group * per_group:
+                raise ConfigError(
+                    f"config.json: num_experts_per_tok is {self.num_experts_per_tok!r}, "
+                    f"expected 1..topk_group * experts per group ({self.topk_group * per_group})"
+                )
+        if self.mla_mode not in ("absorb", "naive"):
+            raise ConfigError(f"mla_mode is {self.mla_mode!r}, expected 'absorb' or 'naive'")
+        if self.attention_window is not None and self.attention_global_tokens >= self.attention_window:
+            raise ConfigError(
+                f"attention.global_tokens is {self.attention_global_tokens}, "
+                f"expected fewer than attention.window ({self.attention_window})"
+            )
+
+    # ------------------------------------------------------------ config.json
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], **overrides: Any) -> ModelArgs:
+        """Read a HF ``config.json`` dict (``model_type: deepseek_v3``); ``overrides`` win."""
+        model_type = cfg.get("model_type")
+        if model_type not in ("deepseek_v3", None):
+            raise ConfigError(f"config.json: model_type is {model_type!r}, expected 'deepseek_v3'")
+        if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ConfigError(
+                f"config.json: scoring_func is {cfg['scoring_func']!r}, expected 'sigmoid' (DeepSeek-V3 routing)"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"config.json: hidden_act is {cfg['hidden_act']!r}, expected 'silu' (SwiGLU)")
+        kv_heads = cfg.get("num_key_value_heads")
+        if kv_heads not in (None, cfg.get("num_attention_heads")):
+            raise ConfigError(
+                f"config.json: num_key_value_heads is {kv_heads!r}, expected num_attention_heads "
+                f"({cfg.get('num_attention_heads')}): MLA has one key/value head per query head"
+            )
+        known = {f.name for f in fields(cls)}
+        plain = {
+            k: cfg[k]
+            for k in known
+            if k in cfg and k not in ("rope_scaling", "dtype", "fp8_format", "weight_block_size")
+        }
+        rope_theta, rope_scaling = _rope_from_config(cfg)
+        plain["rope_theta"] = rope_theta
+        plain["rope_scaling"] = rope_scaling
+        dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+        if dtype_name not in _DTYPES:
+            raise ConfigError(f"config.json: dtype is {dtype_name!r}, expected one of {', '.join(_DTYPES)}")
+        plain["dtype"] = _DTYPES[dtype_name]
+        quant = cfg.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "fp8")
+            if method != "fp8":
+                raise ConfigError(f"config.json: quantization_config.quant_method is {method!r}, expected 'fp8'")
+            block = quant.get("weight_block_size") or [128, 128]
+            plain["weight_block_size"] = (int(block[0]), int(block[1]))
+            fmt = quant.get("fmt", "e4m3")
+            plain["fp8_format"] = "e4m3fn" if fmt == "e4m3" else fmt
+        if plain.get("q_lora_rank") == 0:
+            plain["q_lora_rank"] = None
+        for key in ("n_group", "topk_group", "num_experts_per_tok", "n_shared_experts", "n_routed_experts"):
+            if key in plain and plain[key] is None:
+                plain[key] = 1 if key in ("n_group", "topk_group") else 0
+        plain.update(overrides)
+        return cls(**plain)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> ModelArgs:
+        """Read ``path`` (a ``config.json`` or the directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read model config: {err.strerror}", file=str(path)) from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"invalid JSON: {err.msg}", file=str(path), line=err.lineno) from None
+        return cls.from_hf_config(cfg, **overrides)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A ``config.json`` dict that transformers' ``DeepseekV3Config`` and :meth:`from_hf_config` read back."""
+        cfg: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "num_key_value_heads": self.num_attention_heads,
+            "hidden_act": "silu",
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+        }
+        runtime_only = {
+            "attention_window",
+            "attention_global_tokens",
+            "mla_mode",
+            "rope_scaling",
+            "dtype",
+            "fp8_format",
+            "weight_block_size",
+        }
+        for f in fields(self):
+            if f.name not in runtime_only:
+                cfg[f.name] = getattr(self, f.name)
+        cfg["dtype"] = cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
+        if self.rope_scaling is not None:
+            rs = {k: v for k, v in asdict(self.rope_scaling).items() if v is not None}
+            cfg["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", **rs}
+        if self.weight_block_size is not None:
+            cfg["quantization_config"] = {
+                "quant_method": "fp8",
+                "fmt": "e4m3" if self.fp8_format == "e4m3fn" else self.fp8_format,
+                "activation_scheme": "dynamic",
+                "weight_block_size": list(self.weight_block_size),
+            }
+        return cfg
+
+    def with_(self, **changes: Any) -> ModelArgs:
+        """A copy with ``changes`` applied (validated)."""
+        return replace(self, **changes)
+
+
+def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """``(rope_theta, yarn or None)`` from ``rope_parameters`` (transformers >= 5) or
+    ``rope_theta`` + ``rope_scaling`` (official config.json)."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    source = params if (params.get("rope_type") or params.get("type")) not in (None, "default") else scaling
+    kind = source.get("rope_type") or source.get("type") or "default"
+    if kind == "default":
+        return float(theta), None
+    if kind != "yarn":
+        raise ConfigError(f"config.json: rope type is {kind!r}, expected 'yarn' or 'default' (DeepSeek-V3 uses YaRN)")
+    try:
+        factor = float(source["factor"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"config.json: rope scaling {source!r} has no numeric 'factor'") from None
+    original = source.get("original_max_position_embeddings") or cfg.get("max_position_embeddings", 4096)
+    opt = lambda key: None if source.get(key) is None else float(source[key])  # noqa: E731
+    return float(theta), RopeScaling(
+        factor=factor,
+        original_max_position_embeddings=int(original),
+        beta_fast=float(source.get("beta_fast") or 32),
+        beta_slow=float(source.get("beta_slow") or 1),
+        mscale=opt("mscale"),
+        mscale_all_dim=opt("mscale_all_dim"),
+        attention_factor=opt("attention_factor"),
+        truncate=bool(source.get("truncate", True)),
+    )
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: ``0.1 * mscale * ln(scale) + 1`` (1 for scale <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def tiny_args(**changes: Any) -> ModelArgs:
+    """A tiny DeepSeek-V3-shaped model (first layer dense, grouped MoE with a correction
+    bias, q LoRA, YaRN) for ``dshal run`` and the tests; ``changes`` override fields."""
+    base = ModelArgs(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=1024, mscale=1.0, mscale_all_dim=1.0),
+        max_position_embeddings=4096,
+        dtype=torch.float32,
+    )
+    return replace(base, **changes)
+
+
+__all__ = ["ModelArgs", "RopeScaling", "tiny_args", "yarn_mscale"]

@@ -1,0 +1,132 @@
+"""The KV cache of the model core: one set of buffers per layer, written in place.
+
+Two MLA layouts (``ModelArgs.mla_mode``):
+
+- ``"absorb"``: one buffer per layer ``[B, S, r + rope]`` holding the normalized latent
+  ``c_kv`` and the rotated shared key ``k_pe`` (DeepSeek-V3's compressed cache);
+- ``"naive"``: keys ``[B, S, H, nope + rope]`` and values ``[B, S, H, v]`` per layer.
+
+Dynamic attention (``attention: {window: W, global_tokens: G}``) keeps only ``G + W``
+slots: the first ``G`` positions stay pinned and the rest is a ring of the last ``W``.
+:meth:`KVCache.begin` plans where one forward step's tokens go (once per step, shared by
+every layer), and :meth:`LayerCache.update` writes them and returns the cached entries in
+position order followed by the new ones, which is what ``attention(..., window, global_tokens)``
+expects: its window counts keys from the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dshal.errors import ShapeError
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """Where the ``T`` tokens of one forward step starting at ``start`` go."""
+
+    start: int
+    end: int
+    #: None: slots are positions (no ring yet); else the ring layout below.
+    ordered_slots: torch.Tensor | None = None  # slots of the cached entries, in position order
+    keep: torch.Tensor | None = None  # which of the new tokens survive
+    slots: torch.Tensor | None = None  # where the survivors go
+
+
+class KVCache:
+    """Per-model cache: ``n_layers`` groups of buffers ``[B, S, *entry]`` (S = capacity).
+
+    ``entry_shapes`` gives each buffer's per-token shape (one for "absorb", two for "naive").
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        max_len: int,
+        entry_shapes: Sequence[tuple[int, ...]],
+        mode: str,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        window: int | None = None,
+        global_tokens: int = 0,
+    ) -> None:
+        self.mode = mode
+        self.max_len = max_len
+        self.window = window
+        self.global_tokens = global_tokens if window is not None else 0
+        #: Slots per layer: every position, or the pinned tokens + the ring.
+        self.capacity = max_len if window is None else min(max_len, self.global_tokens + window)
+        self.buffers = [
+            [torch.zeros(batch, self.capacity, *shape, dtype=dtype, device=device) for shape in entry_shapes]
+            for _ in range(n_layers)
+        ]
+        self.layers = [LayerCache(self, i) for i in range(n_layers)]
+        self.length = 0
+        self._plan = _StepPlan(0, 0)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one cached token takes, summed over layers."""
+        return sum(b[0, 0].numel() * b.element_size() for layer in self.buffers for b in layer)
+
+    def begin(self, start: int, length: int) -> None:
+        """Plan the step that writes positions ``[start, start + length)`` (called once per forward)."""
+        end = start + length
+        if start > self.length:
+            raise ShapeError(
+                f"KVCache: start_pos is {start}, expected at most {self.length} (the tokens cached so far)"
+            )
+        if end > self.max_len:
+            raise ShapeError(f"KVCache: positions up to {end} do not fit, expected at most max_len={self.max_len}")
+        if end <= self.capacity:
+            self._plan = _StepPlan(start, end)
+        else:
+            g, w = self.global_tokens, int(self.window or 0)  # capacity < max_len only with a window
+            device = self.buffers[0][0].device
+            cached = (
+                torch.arange(start, device=device)
+                if start <= self.capacity
+                else torch.cat((torch.arange(g, device=device), torch.arange(start - w, start, device=device)))
+            )
+            pos = torch.arange(start, end, device=device)
+            keep = (pos < g) | (pos >= end - w)
+            self._plan = _StepPlan(start, end, self._slot(cached), keep, self._slot(pos[keep]))
+        self.length = end
+
+    def _slot(self, pos: torch.Tensor) -> torch.Tensor:
+        g, w = self.global_tokens, int(self.window or 1)
+        return torch.where(pos < g, pos, g + (pos - g) % w)
+
+
+class LayerCache:
+    """One layer's view of a :class:`KVCache`: ``update(*new)`` writes this step's entries."""
+
+    def __init__(self, cache: KVCache, index: int) -> None:
+        self.cache = cache
+        self.index = index
+
+    @property
+    def mode(self) -> str:
+        return self.cache.mode
+
+    def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store ``new`` (each ``[B, T, *entry]``) at the planned positions; return, per
+        buffer, the cached entries in position order followed by the new ones."""
+        plan = self.cache._plan
+        out = []
+        for buf, t in zip(self.cache.buffers[self.index], new):
+            if plan.ordered_slots is None:  # slots are positions
+                buf[:, plan.start : plan.end] = t
+                out.append(buf[:, : plan.end])
+            else:
+                past = buf.index_select(1, plan.ordered_slots)
+                out.append(torch.cat((past, t), dim=1))
+                buf[:, plan.slots] = t[:, plan.keep]
+        return tuple(out)
+
+
+__all__ = ["KVCache", "LayerCache"]

@@ -1,0 +1,82 @@
+"""Greedy / temperature sampling with the KV cache: one prefill, then one step per token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dshal.errors import DshalError, DTypeError, ShapeError
+
+
+def check_input_ids(where: str, input_ids: Any) -> None:
+    """``input_ids`` must be an integer tensor ``[B, T]`` with ``T >= 1``."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise DTypeError(f"{where}: argument 'input_ids' is {got}, expected an int64 tensor [B, T]")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ShapeError(
+            f"{where}: argument 'input_ids' has shape {list(input_ids.shape)}, expected [B, T] with T >= 1"
+        )
+
+
+def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``[B, V]`` logits -> ``[B]`` ids: argmax when ``temperature == 0``, else a sample of
+    ``softmax(logits / temperature)``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    *,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + new]``.
+
+    ``temperature=0`` is greedy (what transformers' ``do_sample=False`` does). With
+    ``eos_token_id``, generation stops once every sequence has produced it (the result is
+    then shorter); a sequence that finished earlier is padded with it. ``on_token(i)`` is called
+    after the i-th new token (0-based), e.g. for a progress bar; the first call marks the
+    end of the prefill.
+    """
+    check_input_ids("generate", input_ids)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise DshalError(f"generate: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise DshalError(f"generate: argument 'temperature' is {temperature!r}, expected a float >= 0")
+    bsz, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    out = torch.empty(bsz, total, dtype=torch.int64, device=input_ids.device)
+    out[:, :prompt_len] = input_ids
+    if max_new_tokens == 0:
+        return out
+    cache = model.new_cache(bsz, total)
+    done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
+    logits = model(input_ids, 0, cache, last_only=True)[:, -1]
+    for i in range(max_new_tokens):
+        pos = prompt_len + i
+        token = _next_token(logits, temperature, generator)
+        if eos_token_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_token_id), token)
+            done |= token == eos_token_id
+        out[:, pos] = token
+        if on_token is not None:
+            on_token(i)
+        if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+            return out[:, : pos + 1]
+        logits = model(token[:, None], pos, cache, last_only=True)[:, -1]
+    return out
+
+
+__all__ = ["check_input_ids", "generate"]

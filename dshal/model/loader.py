@@ -1,0 +1,407 @@
+"""Load a Hugging Face DeepSeek-V3 checkpoint (config.json + safetensors) into the model core.
+
+Files are opened with ``safe_open`` (memory-mapped) and each tensor is read once, when the
+parameter it fills is built; :class:`CheckpointReader` also reads slices
+(``get_slice(name, slices)``) so a parallel shard can read just its part.
+
+Names are the official ones: ``model.layers.N.self_attn.q_a_proj.weight``, per-expert
+``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`` (stacked into ``w13`` / ``w2``
+here), and for FP8 checkpoints ``<linear>.weight_scale_inv`` (one float32 scale per
+128x128 block, multiplied in to dequantize). The fused layout some transformers versions
+write (``mlp.experts.gate_up_proj`` ``[E, 2I, D]``, ``mlp.experts.down_proj``) is read too.
+Tensors of multi-token-prediction layers (``model.layers.<num_hidden_layers + i>``) are
+skipped. A missing, unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dshal import ops
+from dshal.errors import DshalError
+from dshal.model.args import ModelArgs
+from dshal.model.precision import apply_precision, checkpoint_name
+from dshal.ops.spec import FP8_DTYPES
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(DshalError, ValueError):
+    """A checkpoint is incomplete, has extra tensors, or a tensor has the wrong shape or dtype."""
+
+
+# ---------------------------------------------------------------- readers
+class CheckpointReader:
+    """Lazy tensors of a safetensors checkpoint: one file, or shards listed by
+    ``model.safetensors.index.json``. Files are memory-mapped and opened once.
+
+    ``get(name)`` reads one tensor, ``get_slice(name, slices)`` only the part selected by a
+    tuple of slices (e.g. a tensor-parallel shard's rows)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        self.path = Path(path)
+        self._files: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        if self.path.is_file():
+            files = [self.path]
+        elif (self.path / INDEX_FILE).is_file():
+            files = self._from_index(self.path / INDEX_FILE)
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"checkpoint {self.path}: no *.safetensors file and no {INDEX_FILE}")
+        for file in files:
+            for name in self._open(file).keys():
+                if name in self._files and self._files[name] != file:
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: tensor {name!r} is in both {self._files[name].name} and {file.name}"
+                    )
+                self._files.setdefault(name, file)
+
+    def _from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {index}: cannot read the 'weight_map' ({err})") from None
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            file = index.parent / shard
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint {index}: shard {shard!r} is listed but missing")
+            files.append(file)
+        return files
+
+    def _open(self, file: Path) -> Any:
+        handle = self._handles.get(file)
+        if handle is None:
+            try:
+                handle = self._safe_open(str(file), framework="pt", device="cpu")
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(f"checkpoint {file}: not a readable safetensors file ({err})") from None
+            self._handles[file] = handle
+        return handle
+
+    def _file_of(self, name: str) -> Path:
+        try:
+            return self._files[name]
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.path}: missing tensor {name!r}") from None
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._file_of(name)).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._open(self._file_of(name)).get_slice(name).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"checkpoint {self.path}: tensor {name!r} has dtype {code}, which dshal cannot read")
+        return _SAFETENSORS_DTYPES[code]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._open(self._file_of(name)).get_tensor(name)
+
+    def get_slice(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        return self._open(self._file_of(name)).get_slice(name)[slices]
+
+
+class DictReader:
+    """The :class:`CheckpointReader` interface over in-memory tensors (random models, tests)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str = "<in-memory>"):
+        self.tensors = dict(tensors)
+        self.path = path
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.path}: missing tensor {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensor(name).shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensor(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensor(name)
+
+    def get_slice(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        return self._tensor(name)[slices]
+
+
+Reader = CheckpointReader | DictReader
+
+
+# ---------------------------------------------------------------- reading one weight
+class _Loader:
+    """Fills a meta-device model from a reader, remembering which tensors it used."""
+
+    def __init__(self, reader: Reader, args: ModelArgs, device: torch.device):
+        self.reader, self.args, self.device = reader, args, device
+        self.used: set[str] = set()
+        block = args.weight_block_size or (128, 128)
+        self.block = (int(block[0]), int(block[1]))
+
+    def read(
+        self, name: str, shape: tuple[int, ...], what: str, dtypes: Iterable[torch.dtype] | None = None
+    ) -> torch.Tensor:
+        """Tensor ``name`` checked against ``shape`` (and ``dtypes``), on the target device."""
+        if name not in self.reader:
+            raise CheckpointError(
+                f"checkpoint {self.reader.path}: missing tensor {name!r} (expected shape {list(shape)} for {what})"
+            )
+        found = self.reader.shape(name)
+        if tuple(found) != tuple(shape):
+            raise CheckpointError(
+                f"checkpoint {self.reader.path}: tensor {name!r} has shape {list(found)}, "
+                f"expected {list(shape)} ({what})"
+            )
+        dtype = self.reader.dtype(name)
+        allowed = tuple(dtypes) if dtypes is not None else None
+        if allowed is not None and dtype not in allowed:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+            raise CheckpointError(
+                f"checkpoint {self.reader.path}: tensor {name!r} has dtype {dtype}, expected one of {names} ({what})"
+            )
+        self.used.add(name)
+        return self.reader.get(name).to(self.device)
+
+    def float_tensor(self, name: str, shape: tuple[int, ...], what: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.read(name, shape, what, (torch.float32, torch.bfloat16, torch.float16)).to(dtype)
+
+    def weight(self, prefix: str, shape: tuple[int, int], what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``prefix.weight`` (+ ``prefix.weight_scale_inv`` when FP8): ``(weight, scale or None)``."""
+        name = f"{prefix}.weight"
+        dtype = self.reader.dtype(name) if name in self.reader else None
+        if dtype not in FP8_DTYPES.values():
+            return self.float_tensor(name, shape, what, self.args.dtype), None
+        q = self.read(name, shape, what)
+        bm, bk = self.block
+        scale_shape = (math.ceil(shape[0] / bm), math.ceil(shape[1] / bk))
+        scale = self.read(f"{prefix}.weight_scale_inv", scale_shape, f"block scales of {what}", (torch.float32,))
+        if (bm, bk) != (128, 128):  # the FP8 ops take 128x128 blocks: keep such weights dequantized
+            return _dequantize_blocks(q, scale, (bm, bk), self.args.dtype), None
+        return q, scale
+
+    def stacked(self, prefixes: list[str], rows: int, cols: int, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weights ``[rows, cols]`` of ``prefixes`` concatenated by rows. FP8 parts stay FP8
+        when their 128-row blocks tile the result; otherwise they are dequantized."""
+        parts = [self.weight(p, (rows, cols), what) for p in prefixes]
+        if all(s is not None for _, s in parts) and rows % 128 == 0:
+            return torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts])
+        dense = [w if s is None else _dequantize_blocks(w, s, (128, 128), self.args.dtype) for w, s in parts]
+        return torch.cat(dense), None
+
+
+def _dequantize_blocks(
+    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    if block == (128, 128):
+        return ops.dequantize_fp8(q, scale, block, dtype)
+    # Other block sizes: expand the scales over their blocks.
+    s = scale.repeat_interleave(block[0], 0)[: q.shape[0]].repeat_interleave(block[1], 1)[:, : q.shape[1]]
+    return (q.to(torch.float32) * s).to(dtype)
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    setattr(module, name, None if value is None else nn.Parameter(value, requires_grad=False))
+
+
+def load_weights(model: nn.Module, reader: Reader, device: torch.device | str = "cpu") -> None:
+    """Fill every parameter of ``model`` (built on the meta device) from ``reader``; raise
+    :class:`CheckpointError` on a missing, mis-shaped or unexpected tensor."""
+    from dshal.model.model import Embedding, Gate, Linear, RMSNorm, RoutedExperts
+
+    args: ModelArgs = model.args
+    device = torch.device(device)
+    ld = _Loader(reader, args, device)
+    for path, module in model.named_modules():
+        hf = checkpoint_name(path)
+        if isinstance(module, Linear):
+            rows, cols = module.out_features, module.in_features
+            if path.endswith(".gate_up_proj"):
+                parent = hf[: -len(".gate_up_proj")]
+                w, s = ld.stacked([f"{parent}.gate_proj", f"{parent}.up_proj"], rows // 2, cols, path)
+            elif path == "lm_head" and args.tie_word_embeddings and "lm_head.weight" not in reader:
+                w, s = ld.weight("model.embed_tokens", (rows, cols), "lm_head, tied to the embedding")
+            else:
+                w, s = ld.weight(hf, (rows, cols), path)
+            _set(module, "weight", w)
+            _set(module, "weight_scale", s)
+            if module.bias is not None:
+                _set(module, "bias", ld.float_tensor(f"{hf}.bias", (rows,), path, args.dtype))
+        elif isinstance(module, RoutedExperts):
+            w13, w2, s13, s2 = read_experts(ld, hf, range(module.w13.shape[0]), path)
+            for name, value in (("w13", w13), ("w2", w2), ("w13_scale", s13), ("w2_scale", s2)):
+                _set(module, name, value)
+        elif isinstance(module, Gate):
+            experts = module.weight.shape[0]
+            _set(module, "weight", ld.float_tensor(f"{hf}.weight", (experts, args.hidden_size), path, torch.float32))
+            _set(
+                module,
+                "e_score_correction_bias",
+                ld.float_tensor(f"{hf}.e_score_correction_bias", (experts,), path, torch.float32),
+            )
+        elif isinstance(module, (RMSNorm, Embedding)):
+            _set(module, "weight", ld.float_tensor(f"{hf}.weight", tuple(module.weight.shape), path, args.dtype))
+    unexpected = [n for n in reader.names() if n not in ld.used and not _ignored(n, args)]
+    if unexpected:
+        shown = ", ".join(repr(n) for n in sorted(unexpected)[:5])
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"checkpoint {reader.path}: unexpected tensor(s) {shown}{more}, not part of a DeepSeek-V3 model with "
+            f"{args.num_hidden_layers} layers (check config.json against the checkpoint)"
+        )
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"checkpoint {reader.path}: parameters left unloaded: {', '.join(left[:5])}")
+    cos, sin = _rope(args, device)
+    model.rope_cos, model.rope_sin = cos, sin
+
+
+def _rope(args: ModelArgs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    from dshal.model.model import rope_tables
+
+    return rope_tables(args, device)
+
+
+def read_experts(
+    ld: _Loader, prefix: str, expert_ids: Iterable[int], what: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Stacked ``w13 [E', 2I, D]``, ``w2 [E', D, I]`` (+ block scales) of ``expert_ids``,
+    from the per-expert layout or the fused one (``prefix.gate_up_proj`` / ``prefix.down_proj``)."""
+    a = ld.args
+    ids = list(expert_ids)
+    inter, dim = a.moe_intermediate_size, a.hidden_size
+    if f"{prefix}.gate_up_proj" in ld.reader:  # fused layout (float only)
+        n = a.n_routed_experts
+        w13 = ld.float_tensor(f"{prefix}.gate_up_proj", (n, 2 * inter, dim), what, a.dtype)[ids]
+        w2 = ld.float_tensor(f"{prefix}.down_proj", (n, dim, inter), what, a.dtype)[ids]
+        return w13, w2, None, None
+    w13_parts, w2_parts = [], []
+    for e in ids:
+        w13_parts.append(ld.stacked([f"{prefix}.{e}.gate_proj", f"{prefix}.{e}.up_proj"], inter, dim, f"{what}[{e}]"))
+        w2_parts.append(ld.weight(f"{prefix}.{e}.down_proj", (dim, inter), f"{what}[{e}]"))
+    quantized = all(s is not None for _, s in w13_parts + w2_parts)
+    if quantized:
+        return (
+            torch.stack([w for w, _ in w13_parts]),
+            torch.stack([w for w, _ in w2_parts]),
+            torch.stack([s for _, s in w13_parts]),
+            torch.stack([s for _, s in w2_parts]),
+        )
+    dense = lambda parts: torch.stack(  # noqa: E731
+        [w if s is None else _dequantize_blocks(w, s, (128, 128), a.dtype) for w, s in parts]
+    )
+    return dense(w13_parts), dense(w2_parts), None, None
+
+
+def _ignored(name: str, args: ModelArgs) -> bool:
+    """Tensors that are in checkpoints but not in the model: MTP layers, rotary buffers."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    if name.startswith("model.layers."):
+        layer = name.split(".")[2]
+        if layer.isdigit():
+            n = int(layer)
+            return args.num_hidden_layers <= n < args.num_hidden_layers + args.num_nextn_predict_layers
+    return False
+
+
+# ---------------------------------------------------------------- building models
+def build_model(
+    args: ModelArgs, reader: Reader, precision: Any = None, device: torch.device | str | None = None
+) -> nn.Module:
+    """Build a :class:`~dshal.model.model.Transformer` from ``reader`` on ``device`` (default:
+    the active runtime's), then apply the precision policy (default: the runtime config's)."""
+    from dshal.model.model import Transformer
+    from dshal.runtime import current
+
+    runtime = current()
+    with torch.device("meta"):
+        model = Transformer(args)
+    load_weights(model, reader, device if device is not None else runtime.device)
+    apply_precision(model, precision if precision is not None else runtime.config.precision)
+    return model.eval()
+
+
+def from_pretrained(
+    path: str | os.PathLike, config: Any = None, *, dtype: torch.dtype | None = None, mla_mode: str | None = None
+) -> nn.Module:
+    """Load a DeepSeek-V3 checkpoint directory (``config.json`` + safetensors).
+
+    ``config``: a dshal config (path, dict or Config) made active with :func:`dshal.use`;
+    None keeps the active runtime (or the default one). Its ``precision`` section picks
+    each linear's format, its ``attention`` section the dynamic-attention window.
+    ``dtype`` overrides the checkpoint's high-precision dtype; ``mla_mode`` the KV cache
+    layout ("absorb" or "naive").
+    """
+    import dshal
+
+    runtime = dshal.use(config) if config is not None else dshal.current()
+    args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode)
+    return build_model(args, CheckpointReader(path), runtime.config.precision, runtime.device)
+
+
+def checkpoint_args(
+    path: str | os.PathLike, runtime: Any, *, dtype: torch.dtype | None = None, mla_mode: str | None = None
+) -> ModelArgs:
+    """``ModelArgs`` of the checkpoint at ``path`` with ``runtime``'s dynamic-attention
+    settings, and ``dtype`` / ``mla_mode`` overrides when given."""
+    overrides: dict[str, Any] = {
+        "attention_window": runtime.config.attention.window,
+        "attention_global_tokens": runtime.config.attention.global_tokens,
+    }
+    if dtype is not None:
+        overrides["dtype"] = dtype
+    if mla_mode is not None:
+        overrides["mla_mode"] = mla_mode
+    return ModelArgs.from_file(path, **overrides)
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointReader",
+    "DictReader",
+    "build_model",
+    "checkpoint_args",
+    "from_pretrained",
+    "load_weights",
+    "read_experts",
+]

@@ -1,0 +1,437 @@
+"""The DeepSeek-V3 architecture on ``dshal.ops``: one file, every backend.
+
+Reads top to bottom like DeepSeek-V3's own ``inference/model.py``: ``Linear``,
+``Embedding``, ``RMSNorm``, RoPE tables, ``MLA``, ``MLP``, ``Gate``, ``RoutedExperts``,
+``MoE``, ``Block``, ``Transformer``. Every compute step is a ``dshal.ops`` call (or plain,
+device-independent torch glue: views, indexing, concatenation, the per-head matmuls of
+the absorbed MLA path), so the same file runs on any backend the runtime selected.
+
+Module names mirror the Hugging Face checkpoint (``layers.N.self_attn.kv_b_proj`` is
+``model.layers.N.self_attn.kv_b_proj`` on disk); see :mod:`dshal.model.loader`.
+
+Transforms, not branches. Quantization and parallelism are applied to a built model,
+never tested for inside it:
+
+- :func:`dshal.model.precision.apply_precision` converts ``Linear`` / ``RoutedExperts``
+  weights (FP8 blocks + scales, or high precision);
+- a tensor-parallel transform swaps ``Linear`` modules for column/row-parallel ones
+  (``q_b_proj``/``q_proj``, ``kv_b_proj``, MLP ``gate_up_proj`` column-parallel;
+  ``o_proj``, ``down_proj`` row-parallel with an all-reduce). ``MLA`` takes its local
+  head count from the projection shapes (``view(..., -1, head_dim)``), so it needs no
+  change; ``gate_up_proj`` holds the gate rows then the up rows, so a column split must
+  take matching halves of each.
+- an expert-parallel transform replaces ``MoE.experts`` (a :class:`RoutedExperts`, called
+  as ``experts(x, weights, ids)`` with the router's global expert ids) with a module that
+  dispatches tokens to the rank owning each expert (``dshal.comm.all_to_all``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from dshal import ops
+from dshal.errors import ShapeError
+from dshal.model.args import ModelArgs, yarn_mscale
+from dshal.model.cache import KVCache, LayerCache
+from dshal.model.generate import check_input_ids, generate
+
+
+def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    """An uninitialized inference parameter (the loader or a random init fills it)."""
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """``y = x @ weight.T (+ bias)`` through ``dshal.ops.linear``.
+
+    ``weight [out, in]`` is float, or FP8/int8 with ``weight_scale`` (block
+    ``[ceil(out/128), ceil(in/128)]``, rowwise ``[out, 1]`` or tensorwise), as set by the
+    precision policy or read from an FP8 checkpoint (``weight_scale_inv``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _param(out_features, in_features, dtype=dtype)
+        self.register_parameter("weight_scale", None)
+        self.bias = _param(out_features, dtype=dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, self.weight_scale)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype`` (dequantized when the policy stored it in FP8)."""
+        from dshal.model.precision import dequantize_weight
+
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, weight={self.weight.dtype}, bias={self.bias is not None}"
+        )
+
+
+class Embedding(nn.Module):
+    """Token embedding ``[V, D]`` (a row lookup)."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _param(vocab_size, dim, dtype=dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]  # [B, T] -> [B, T, D]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm through ``dshal.ops.rms_norm``; with ``residual`` it is the fused
+    "add & norm" and returns ``(norm(x + residual), x + residual)``."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+# ---------------------------------------------------------------- rotary position (YaRN)
+def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [max_position_embeddings, qk_rope_head_dim / 2]`` float32, one angle per
+    rotated pair, with YaRN's frequency ramp and cos/sin scale when ``rope_scaling`` is set."""
+    dim, base = args.qk_rope_head_dim, args.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    attention_factor = 1.0
+    rs = args.rope_scaling
+    if rs is not None:
+        # YaRN: interpolate the low frequencies by `factor`, keep the high ones, ramp between.
+        def correction_dim(rotations: float) -> float:
+            return (
+                dim * math.log(rs.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+            )
+
+        low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
+        if rs.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = (torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / ((high - low) or 0.001)
+        extrapolate = 1 - ramp.clamp(0, 1)
+        inv_freq = inv_freq / rs.factor * (1 - extrapolate) + inv_freq * extrapolate
+        if rs.attention_factor is not None:
+            attention_factor = rs.attention_factor
+        elif rs.mscale and rs.mscale_all_dim:
+            attention_factor = yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(rs.factor)
+    positions = torch.arange(args.max_position_embeddings, dtype=torch.float32, device=device)
+    angles = positions[:, None] * inv_freq[None, :]  # [S, rope / 2]
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+# ---------------------------------------------------------------- attention
+class MLA(nn.Module):
+    """Multi-head latent attention.
+
+    Queries: ``x -> q_a_proj -> q_a_layernorm -> q_b_proj`` (or ``q_proj`` without q LoRA)
+    ``-> [B, T, H, nope + rope]``. Keys/values: ``x -> kv_a_proj_with_mqa -> [c_kv (r) |
+    k_pe (rope)]``; ``c_kv`` is normalized and expanded per head by ``kv_b_proj -> [k_nope |
+    v]``; ``k_pe`` is one rotated key shared by all heads.
+
+    Paths: no cache / "naive" cache expand keys and values per head; the "absorb" cache
+    stores ``[c_kv | k_pe]`` and, for decode, folds ``kv_b_proj`` into the query
+    (``q_nope @ W_uk``) and the output (``@ W_uv``) so attention runs over the latent
+    directly, as one MQA head of width ``r + rope``.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, h, dt = args.hidden_size, args.num_attention_heads, args.dtype
+        self.nope, self.rope = args.qk_nope_head_dim, args.qk_rope_head_dim
+        self.v_dim, self.rank = args.v_head_dim, args.kv_lora_rank
+        self.qk_head_dim = args.qk_head_dim
+        self.softmax_scale = args.softmax_scale
+        self.interleaved = args.rope_interleave
+        #: Dynamic attention: each query sees its last `window` keys and the first `global_tokens`.
+        self.window = args.attention_window
+        self.global_tokens = args.attention_global_tokens if args.attention_window else 0
+        #: In "absorb" mode, multi-token steps (prefill) expand k/v from the latent (cheaper
+        #: for long chunks); False runs them absorbed too.
+        self.expand_prefill = True
+        self.q_lora_rank = args.q_lora_rank
+        if args.q_lora_rank is None:
+            self.q_proj = Linear(d, h * self.qk_head_dim, dtype=dt)
+        else:
+            self.q_a_proj = Linear(d, args.q_lora_rank, bias=args.attention_bias, dtype=dt)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dt)
+            self.q_b_proj = Linear(args.q_lora_rank, h * self.qk_head_dim, dtype=dt)
+        self.kv_a_proj_with_mqa = Linear(d, self.rank + self.rope, bias=args.attention_bias, dtype=dt)
+        self.kv_a_layernorm = RMSNorm(self.rank, args.rms_norm_eps, dt)
+        self.kv_b_proj = Linear(self.rank, h * (self.nope + self.v_dim), dtype=dt)
+        self.o_proj = Linear(h * self.v_dim, d, bias=args.attention_bias, dtype=dt)
+        self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # (kv_b weight seen, its [H, nope+v, r] form)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # queries: [B, T, H, nope], [B, T, H, rope]
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(bsz, seqlen, -1, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = ops.rotary_embedding(q_pe, cos[:, None], sin[:, None], self.interleaved)
+        # latent: [B, T, r + rope] = normalized c_kv | rotated shared key
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
+        latent = torch.cat((self.kv_a_layernorm(c_kv), ops.rotary_embedding(k_pe, cos, sin, self.interleaved)), dim=-1)
+
+        if cache is None:
+            out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
+        elif cache.mode == "naive":
+            k, v = self._expand(latent)  # [B, H, T, .] -> cached as [B, T, H, .]
+            k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2))
+            out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2))
+        else:
+            (latent,) = cache.update(latent)
+            if seqlen > 1 and self.expand_prefill:
+                out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
+            else:
+                out = self._attend_absorbed(q_nope, q_pe, latent)
+        return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, H, T, v] -> [B, T, H * v] -> [B, T, D]
+
+    def _causal(self, q_len: int) -> bool:
+        """A single query at the end sees every key: no mask needed unless a window applies."""
+        return q_len > 1 or self.window is not None
+
+    def _expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys ``[B, H, S, nope + rope]`` and values ``[B, H, S, v]`` from the latent."""
+        bsz, slen, _ = latent.shape
+        c_kv, k_pe = latent.split([self.rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(bsz, slen, -1, self.nope + self.v_dim).transpose(1, 2)  # [B, H, S, nope + v]
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, None].expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+        return k, v
+
+    def _attend_expanded(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        q = torch.cat((q_nope.transpose(1, 2), q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, nope + rope]
+        causal = self._causal(q.shape[2])
+        return ops.attention(q, k, v, causal, self.softmax_scale, self.window, self.global_tokens)  # [B, H, T, v]
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        w_kv = self._kv_b_per_head(q_nope.dtype)  # [H, nope + v, r]
+        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
+        q_latent = q_nope.transpose(1, 2) @ w_uk  # [B, H, T, nope] @ [H, nope, r] -> [B, H, T, r]
+        q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, r + rope]
+        k = latent[:, None]  # [B, 1, S, r + rope]: one shared head
+        v = latent[:, None, :, : self.rank]  # [B, 1, S, r]
+        causal = self._causal(q.shape[2])
+        out = ops.attention(q, k, v, causal, self.softmax_scale, self.window, self.global_tokens)  # [B, H, T, r]
+        return out @ w_uv.transpose(1, 2)  # [B, H, T, r] @ [H, r, v] -> [B, H, T, v]
+
+    def _kv_b_per_head(self, dtype: torch.dtype) -> torch.Tensor:
+        """``kv_b_proj``'s weight as ``[H, nope + v, r]`` in ``dtype``, cached until the weight changes."""
+        weight = self.kv_b_proj.weight
+        if self._absorbed is None or self._absorbed[0] is not weight:
+            dense = self.kv_b_proj.dequantized_weight(dtype)
+            self._absorbed = (weight, dense.view(-1, self.nope + self.v_dim, self.rank))
+        return self._absorbed[1]
+
+
+# ---------------------------------------------------------------- feed-forward
+class MLP(nn.Module):
+    """SwiGLU: ``down_proj(silu(x W_gate) * (x W_up))``, gate and up fused in one GEMM
+    (``gate_up_proj`` = gate rows then up rows)."""
+
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up_proj = Linear(dim, 2 * inter_dim, dtype=dtype)
+        self.down_proj = Linear(inter_dim, dim, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class Gate(nn.Module):
+    """DeepSeek-V3 router: float32 logits ``[T, E]`` -> ``moe_gate`` (sigmoid, group-limited
+    top-k; ``e_score_correction_bias`` steers the choice only)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = args.num_experts_per_tok, args.n_group, args.topk_group
+        self.routed_scaling_factor, self.norm_topk_prob = args.routed_scaling_factor, args.norm_topk_prob
+        self.weight = _param(args.n_routed_experts, args.hidden_size, dtype=torch.float32)
+        self.e_score_correction_bias = _param(args.n_routed_experts, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = ops.linear(x.float(), self.weight)  # [T, E]
+        return ops.moe_gate(
+            logits,
+            self.e_score_correction_bias,
+            self.top_k,
+            self.n_group,
+            self.topk_group,
+            self.routed_scaling_factor,
+            self.norm_topk_prob,
+        )  # weights [T, k] float32, ids [T, k]
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts, stacked: ``w13 [E, 2I, D]`` (gate rows then up rows), ``w2 [E, D, I]``,
+    optional FP8 block scales. ``forward(x [T, D], weights [T, k], ids [T, k]) -> [T, D]``.
+
+    The expert-parallel seam: replace this module with one holding a slice of the experts
+    that takes the same call (global ids in, combined output out).
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.w13 = _param(n_experts, 2 * inter_dim, dim, dtype=dtype)
+        self.w2 = _param(n_experts, dim, inter_dim, dtype=dtype)
+        self.register_parameter("w13_scale", None)
+        self.register_parameter("w2_scale", None)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return ops.moe_experts(x, weights, ids, self.w13, self.w2, self.w13_scale, self.w2_scale)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: router + routed experts + always-on shared experts."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = RoutedExperts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size, args.dtype)
+        self.shared_experts = MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size, args.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, D]
+        weights, ids = self.gate(x)
+        return (self.experts(x, weights, ids) + self.shared_experts(x)).view(shape)
+
+
+# ---------------------------------------------------------------- the stack
+class Block(nn.Module):
+    """One layer: ``x + MLA(norm(x))``, then ``+ FFN(norm(.))`` (dense MLP or MoE); the
+    residual stream is carried separately so each add is fused into the next norm."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.self_attn = MLA(args)
+        self.mlp: nn.Module = (
+            MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size, args.dtype)
+        )
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.dtype)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:  # first layer: the embedding is the residual
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3: ``embed -> layers -> norm -> lm_head``.
+
+    ``model(input_ids [B, T])`` returns logits ``[B, T, vocab]``; with a cache from
+    :meth:`new_cache`, ``model(ids, start_pos, cache)`` continues a sequence.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = Embedding(args.vocab_size, args.hidden_size, args.dtype)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.dtype)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, dtype=args.dtype)
+        cos, sin = rope_tables(args)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [S, rope / 2]
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        check_input_ids("Transformer", input_ids)
+        seqlen = input_ids.shape[1]
+        end = start_pos + seqlen
+        if end > self.rope_cos.shape[0]:
+            raise ShapeError(
+                f"Transformer: positions up to {end} exceed max_position_embeddings ({self.rope_cos.shape[0]})"
+            )
+        if cache is not None:
+            cache.begin(start_pos, seqlen)
+        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, rope / 2]
+        h, residual = self.embed(input_ids), None  # [B, T, D]
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, cos, sin, None if cache is None else cache.layers[i])
+        if last_only:
+            h, residual = h[:, -1:], residual[:, -1:]
+        h, _ = self.norm(h, residual)
+        return self.lm_head(h)  # [B, T, vocab]
+
+    # ------------------------------------------------------------ inference helpers
+    def new_cache(self, batch: int, max_len: int, mode: str | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens
+        (``mode``: "absorb" or "naive"; default ``args.mla_mode``)."""
+        mode = mode or self.args.mla_mode
+        a = self.args
+        if mode == "absorb":
+            entries = [(a.kv_lora_rank + a.qk_rope_head_dim,)]
+        elif mode == "naive":
+            heads = self.layers[0].self_attn.kv_b_proj.weight.shape[0] // (a.qk_nope_head_dim + a.v_head_dim)
+            entries = [(heads, a.qk_head_dim), (heads, a.v_head_dim)]
+        else:
+            raise ShapeError(f"new_cache: argument 'mode' is {mode!r}, expected 'absorb' or 'naive'")
+        return KVCache(
+            len(self.layers),
+            batch,
+            max_len,
+            entries,
+            mode,
+            a.dtype,
+            self.rope_cos.device,
+            a.attention_window,
+            a.attention_global_tokens,
+        )
+
+    #: ``model.generate(input_ids, max_new_tokens, temperature=0.0, *, eos_token_id=None,
+    #: generator=None, on_token=None)`` -> ``[B, T + new]``: see :func:`dshal.model.generate.generate`.
+    generate = generate
+
+    def describe(self) -> dict[str, Any]:
+        """Per-layer precision, KV cache bytes per token (and what dynamic attention saves)."""
+        from dshal.model.precision import describe_model
+
+        return describe_model(self)
+
+
+__all__ = [
+    "Linear",
+    "Embedding",
+    "RMSNorm",
+    "rope_tables",
+    "MLA",
+    "MLP",
+    "Gate",
+    "RoutedExperts",
+    "MoE",
+    "Block",
+    "Transformer",
+]

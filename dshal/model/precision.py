@@ -1,0 +1,267 @@
+"""The precision policy: a transform that sets each linear's weight format, and the
+per-layer report ``model.describe()`` prints.
+
+Config (``precision`` section of ``dshal.yaml``):
+
+- ``gemm``: ``fp8-block`` (128x128 weight blocks, activations per 1x128, as DeepSeek-V3
+  runs), ``fp8-row`` (one scale per output channel / token), ``fp8-tensor``, or ``bf16``
+  (high precision: the model's dtype, which is float32 for float32 checkpoints);
+- ``fp8_format``: ``auto`` (the backend's native E4M3: e4m3fn, or e4m3fnuz on MI300X),
+  or explicit;
+- ``keep_high_precision``: module-name globs kept in high precision (matched against
+  the model path, e.g. ``layers.3.mlp.gate``, and the checkpoint name,
+  ``model.layers.3.mlp.gate``). DeepSeek-V3 keeps ``embed``, ``lm_head`` and the router.
+
+The router (``Gate``) always computes in float32, as DeepSeek-V3 does; the embedding is a
+lookup, not a GEMM. Routed experts take FP8 only with 128x128 block scales
+(``moe_experts``' contract), so ``fp8-row`` / ``fp8-tensor`` run them as ``fp8-block``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from dshal import ops
+from dshal.config import PrecisionConfig
+from dshal.errors import ConfigError
+from dshal.ops.spec import FP8_DTYPES, FP8_FORMAT_OF
+
+#: gemm mode -> FP8 quantization block of a weight [N, K] (None = one scale).
+WEIGHT_BLOCKS: dict[str, tuple[int, int] | None] = {"fp8-block": (128, 128), "fp8-row": (1, -1), "fp8-tensor": None}
+HIGH = "high"
+
+
+def checkpoint_name(path: str) -> str:
+    """The Hugging Face checkpoint prefix of a model path (``embed`` -> ``model.embed_tokens``)."""
+    if path == "lm_head" or path.startswith("lm_head."):
+        return path
+    if path == "embed" or path.startswith("embed."):
+        return "model.embed_tokens" + path[len("embed") :]
+    return f"model.{path}"
+
+
+def keeps_high_precision(path: str, globs: tuple[str, ...] | list[str]) -> bool:
+    """True when a ``keep_high_precision`` glob matches the model path or the checkpoint name."""
+    names = (path, checkpoint_name(path))
+    return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
+
+
+# ---------------------------------------------------------------- weight formats
+def weight_block(weight: torch.Tensor, scale: torch.Tensor) -> tuple[int, int] | None:
+    """The quantization block of ``weight [..., N, K]`` implied by its scale's shape."""
+    n, k = weight.shape[-2], weight.shape[-1]
+    shape = tuple(scale.shape)
+    lead = tuple(weight.shape[:-2])
+    if shape == (*lead, math.ceil(n / 128), math.ceil(k / 128)):
+        return (128, 128)
+    if shape == (*lead, n, 1):
+        return (1, -1)
+    if math.prod(shape) == 1:
+        return None
+    raise ConfigError(
+        f"weight {list(weight.shape)} has a scale of shape {list(shape)}: no 128x128-block, row or tensor layout"
+    )
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``: a cast for float weights, ``q * scale`` for FP8 / int8 ones."""
+    if scale is None:
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    if weight.dtype == torch.int8:  # W8A8 weights: one scale per output row
+        return (weight.to(torch.float32) * scale.to(torch.float32)).to(dtype)
+    block = weight_block(weight, scale)
+    return ops.dequantize_fp8(weight, scale.reshape(()) if block is None else scale, block, dtype)
+
+
+def convert_fp8_format(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-express FP8 ``weight * scale`` in format ``fmt``.
+
+    e4m3fn -> e4m3fnuz is exact: the same bits read as fnuz are worth half (its exponent
+    bias is one larger), so the scales double; 0x80 (fn's -0) is fnuz's NaN and becomes 0.
+    Other pairs dequantize and requantize with the same block."""
+    target = FP8_DTYPES[fmt]
+    if weight.dtype == target:
+        return weight, scale
+    if weight.dtype == torch.float8_e4m3fn and target == torch.float8_e4m3fnuz:
+        bits = weight.view(torch.uint8)
+        bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+        return bits.view(torch.float8_e4m3fnuz), scale * 2
+    block = weight_block(weight, scale)
+    dense = dequantize_weight(weight, scale, torch.float32)
+    return ops.quantize_fp8(dense, block, fmt)
+
+
+def _quantize(
+    weight: torch.Tensor, scale: torch.Tensor | None, mode: str, fmt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (float or FP8) as FP8 ``fmt`` with the block of ``mode``."""
+    block = WEIGHT_BLOCKS[mode]
+    if scale is not None and weight.dtype in FP8_FORMAT_OF and weight_block(weight, scale) == block:
+        return convert_fp8_format(weight, scale, fmt)  # already in this layout: keep the checkpoint's bits
+    dense = dequantize_weight(weight, scale, torch.float32)
+    q, s = ops.quantize_fp8(dense, block, fmt)
+    return q, s
+
+
+def resolve_fp8_format(precision: PrecisionConfig) -> str:
+    """``fp8_format`` with ``auto`` replaced by the active backend's native E4M3."""
+    if precision.fp8_format != "auto":
+        return precision.fp8_format
+    from dshal.runtime import current
+
+    return current().backend.native_e4m3()
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    setattr(module, name, None if value is None else nn.Parameter(value, requires_grad=False))
+
+
+def apply_precision(model: nn.Module, precision: PrecisionConfig, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Convert every ``Linear`` and ``RoutedExperts`` of ``model`` in place to the policy's
+    format; return ``{module path: mode}`` (mode: ``high`` or an ``fp8-*`` gemm mode).
+
+    ``dtype``: the high-precision dtype (default: the model's ``args.dtype``)."""
+    from dshal.model.model import Linear, RoutedExperts
+
+    dtype = dtype or model.args.dtype
+    fmt = resolve_fp8_format(precision)
+    plan: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, (Linear, RoutedExperts)):
+            continue
+        high = precision.gemm == "bf16" or keeps_high_precision(path, precision.keep_high_precision)
+        if isinstance(module, Linear):
+            mode = HIGH if high else precision.gemm
+            if mode == HIGH:
+                weight, scale = dequantize_weight(module.weight, module.weight_scale, dtype), None
+            else:
+                weight, scale = _quantize(module.weight, module.weight_scale, mode, fmt)
+            _set(module, "weight", weight)
+            _set(module, "weight_scale", scale)
+        else:
+            mode = HIGH if high else "fp8-block"
+            for w_name in ("w13", "w2"):
+                weight, scale = getattr(module, w_name), getattr(module, f"{w_name}_scale")
+                if mode == HIGH:
+                    weight, scale = dequantize_weight(weight, scale, dtype), None
+                else:
+                    weight, scale = _quantize(weight, scale, mode, fmt)
+                _set(module, w_name, weight)
+                _set(module, f"{w_name}_scale", scale)
+        plan[path] = mode
+    return plan
+
+
+# ---------------------------------------------------------------- describe()
+def precision_label(weight: torch.Tensor, scale: torch.Tensor | None) -> str:
+    """How a weight is stored: ``float32``, ``bfloat16``, ``fp8-block e4m3fn``, ``int8-row``..."""
+    if scale is None:
+        return str(weight.dtype).replace("torch.", "")
+    if weight.dtype == torch.int8:
+        return "int8-row"
+    block = weight_block(weight, scale)
+    kind = {(128, 128): "fp8-block", (1, -1): "fp8-row", None: "fp8-tensor"}[block]
+    return f"{kind} {FP8_FORMAT_OF.get(weight.dtype, weight.dtype)}"
+
+
+def _group_of(path: str, dense_layer: bool) -> str:
+    if path.startswith("embed"):
+        return "embed"
+    if path.startswith("lm_head"):
+        return "lm_head"
+    if ".self_attn." in path:
+        return "attention"
+    if ".mlp.gate" == path[path.find(".mlp.") :]:
+        return "router gate"
+    if ".mlp.shared_experts" in path:
+        return "shared experts"
+    if ".mlp.experts" in path:
+        return "routed experts"
+    return "dense mlp" if dense_layer else "mlp"
+
+
+def kv_cache_report(model: nn.Module) -> dict[str, Any]:
+    """KV bytes per token (absorbed latent vs naive per-head keys/values) and the saving
+    of dynamic attention (only ``global_tokens + window`` tokens stay cached)."""
+    a = model.args
+    elem = torch.empty((), dtype=a.dtype).element_size()
+    heads = model.layers[0].self_attn.kv_b_proj.weight.shape[0] // (a.qk_nope_head_dim + a.v_head_dim)
+    layers = len(model.layers)
+    absorbed = layers * (a.kv_lora_rank + a.qk_rope_head_dim) * elem
+    naive = layers * heads * (a.qk_head_dim + a.v_head_dim) * elem
+    per_token = absorbed if a.mla_mode == "absorb" else naive
+    report: dict[str, Any] = {
+        "mode": a.mla_mode,
+        "bytes_per_token": per_token,
+        "bytes_per_token_absorbed": absorbed,
+        "bytes_per_token_naive": naive,
+        "absorbed_saving": 1 - absorbed / naive,
+        "window": a.attention_window,
+        "global_tokens": a.attention_global_tokens if a.attention_window else 0,
+    }
+    if a.attention_window is not None:
+        kept = a.attention_global_tokens + a.attention_window
+        context = a.max_position_embeddings
+        effective = per_token * min(1.0, kept / context)
+        report.update(
+            max_cached_tokens=kept,
+            context=context,
+            bytes_per_token_at_context=effective,
+            bytes_saved_per_token=per_token - effective,
+        )
+    return report
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """What ``Transformer.describe()`` returns (JSON-friendly)."""
+    from dshal.model.model import Gate, Linear, RoutedExperts
+
+    a = model.args
+    layers = []
+    groups: dict[str, set[str]] = {"embed": {str(a.dtype).replace("torch.", "")}}
+    for path, module in model.named_modules():
+        if isinstance(module, Linear):
+            label = precision_label(module.weight, module.weight_scale)
+        elif isinstance(module, RoutedExperts):
+            label = precision_label(module.w13, module.w13_scale)
+        elif isinstance(module, Gate):
+            label = "float32"
+        else:
+            continue
+        layer_id = int(path.split(".")[1]) if path.startswith("layers.") else None
+        dense = layer_id is not None and not a.is_moe_layer(layer_id)
+        groups.setdefault(_group_of(path, dense), set()).add(label)
+        if layer_id is not None:
+            while len(layers) <= layer_id:
+                n = len(layers)
+                layers.append({"layer": n, "ffn": "moe" if a.is_moe_layer(n) else "dense", "precision": {}})
+            layers[layer_id]["precision"][path.split(".", 2)[2]] = label
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "dtype": str(a.dtype).replace("torch.", ""),
+        "parameters": n_params,
+        "layers_total": a.num_hidden_layers,
+        "dense_layers": min(a.first_k_dense_replace, a.num_hidden_layers),
+        "precision_groups": {g: " + ".join(sorted(v)) for g, v in groups.items()},
+        "layers": layers,
+        "kv_cache": kv_cache_report(model),
+    }
+
+
+__all__ = [
+    "apply_precision",
+    "checkpoint_name",
+    "convert_fp8_format",
+    "dequantize_weight",
+    "describe_model",
+    "keeps_high_precision",
+    "kv_cache_report",
+    "precision_label",
+    "resolve_fp8_format",
+    "weight_block",
+]

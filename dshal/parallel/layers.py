@@ -1,0 +1,238 @@
+"""The modules the parallel transforms swap into a model.
+
+Each one keeps the call signature and the checkpoint path of the module it replaces, so
+the model core runs unchanged and the loader fills it by name. What part of the full
+tensor a module holds is recorded in its :class:`Shard` (or, for experts, in ``held``),
+which is all :mod:`dshal.parallel.loading` needs to read just that part of a checkpoint.
+
+Communication goes through :mod:`dshal.comm` only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dshal import comm, ops
+from dshal.model.model import Embedding, Linear, RoutedExperts
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which slice of a full weight a rank holds: ``[start, stop)`` along ``dim`` (0 = rows,
+    1 = columns) of each of ``parts`` equal stacked parts (``gate_up_proj`` has two: the gate
+    rows then the up rows, so a column split takes the same rows of each)."""
+
+    dim: int
+    start: int
+    stop: int
+    parts: int = 1
+
+    @property
+    def size(self) -> int:
+        return (self.stop - self.start) * self.parts
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This shard of ``full`` (a copy, so the full tensor can be freed)."""
+        part = full.shape[self.dim] // self.parts
+        pieces = [full.narrow(self.dim, p * part + self.start, self.stop - self.start) for p in range(self.parts)]
+        return torch.cat(pieces, dim=self.dim).contiguous() if self.parts > 1 else pieces[0].contiguous()
+
+
+def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """``[start, stop)`` of chunk ``index`` when ``total`` items are cut into ``parts`` chunks
+    of ``ceil(total / parts)`` (the last ones may be shorter or empty)."""
+    per = math.ceil(total / parts)
+    start = min(total, index * per)
+    return start, min(total, start + per)
+
+
+def _new_param(value: torch.Tensor | None) -> nn.Parameter | None:
+    return None if value is None else nn.Parameter(value, requires_grad=False)
+
+
+class ColumnParallelLinear(Linear):
+    """A linear holding a slice of the output features (rows of ``weight``); its output is
+    this rank's slice of the features, no communication."""
+
+    def __init__(self, in_features: int, out_features: int, shard: Shard, bias: bool, dtype: torch.dtype):
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype)
+        self.shard = shard
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rows [{self.shard.start}, {self.shard.stop}) x {self.shard.parts}"
+
+
+class RowParallelLinear(Linear):
+    """A linear holding a slice of the input features (columns of ``weight``): each rank
+    computes a partial sum, all-reduced over ``group`` (unless ``reduce`` is False, when
+    the caller sums several partials in one all-reduce). The bias is added once, after."""
+
+    def __init__(self, in_features: int, out_features: int, shard: Shard, bias: bool, dtype: torch.dtype, group: object, reduce: bool = True):
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype)
+        self.shard, self.group, self.reduce = shard, group, reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ops.linear(x, self.weight, None, self.weight_scale)
+        if self.reduce:
+            y = comm.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", cols [{self.shard.start}, {self.shard.stop}), reduce={self.reduce}"
+
+
+class VocabParallelEmbedding(Embedding):
+    """Rows ``[start, stop)`` of the vocabulary: ids outside give zeros, and an all-reduce
+    over ``group`` completes every row (adding zeros, so the result is exact)."""
+
+    def __init__(self, shard: Shard, dim: int, dtype: torch.dtype, group: object):
+        super().__init__(shard.stop - shard.start, dim, dtype)
+        self.shard, self.group = shard, group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.shard.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = self.weight[local.masked_fill(outside, 0)]
+        h = h.masked_fill(outside[..., None], 0)
+        return comm.all_reduce(h, group=self.group)
+
+
+class VocabParallelLMHead(Linear):
+    """The output projection over vocabulary rows ``[start, stop)``; the logits of all
+    ranks are all-gathered along the last dim (shards padded to one size for the gather)."""
+
+    def __init__(self, in_features: int, shard: Shard, vocab_size: int, padded: int, dtype: torch.dtype, group: object):
+        super().__init__(in_features, shard.stop - shard.start, bias=False, dtype=dtype)
+        self.shard, self.group, self.vocab_size, self.padded = shard, group, vocab_size, padded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = ops.linear(x, self.weight, None, self.weight_scale)
+        if logits.shape[-1] < self.padded:
+            pad = logits.new_zeros((*logits.shape[:-1], self.padded - logits.shape[-1]))
+            logits = torch.cat((logits, pad), dim=-1)
+        return comm.all_gather(logits, dim=-1, group=self.group)[..., : self.vocab_size]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", vocab rows [{self.shard.start}, {self.shard.stop}) of {self.vocab_size}"
+
+
+class ShardedExperts(RoutedExperts):
+    """Some of the routed experts, called like :class:`RoutedExperts` (global ids in).
+
+    ``held``: the global ids of the experts whose weights this rank holds (``w13[i]`` is
+    expert ``held[i]``). ``owner[e]``: the rank in ``ep_group`` holding expert ``e``, or -1
+    when no rank of this EP group handles it (another tensor-parallel rank's EP group does;
+    the caller sums the partial outputs with an all-reduce).
+
+    Without an EP group, the rank computes its own experts' share of every token. With one,
+    the tokens (identical on every rank of the group) are cut into one slice per rank; each
+    rank sends its slice's (token, expert) pairs to the experts' owners with ``all_to_all``
+    (uneven counts, possibly none), the owners run ``dshal.ops.moe_experts`` and send the
+    outputs back, the sender weights and sums them (in expert order, as the single-device
+    op does), and an all-gather rebuilds every token.
+    """
+
+    def __init__(self, n_experts: int, held: list[int], dim: int, inter_dim: int, dtype: torch.dtype):
+        super().__init__(len(held), dim, inter_dim, dtype)
+        self.n_experts = n_experts
+        self.ep_group: object = None
+        self.ep_rank, self.ep_size = 0, 1
+        owner = torch.full((n_experts,), -1, dtype=torch.int64, device="cpu")
+        owner[list(held)] = 0
+        self.set_owners(owner, list(held))
+
+    def set_owners(self, owner: torch.Tensor, held: list[int]) -> None:
+        """Record who handles each expert (``owner``, see the class doc) and which experts'
+        weights are here (``held``, in ``w13`` order)."""
+        device = owner.device if self.w13.is_meta else self.w13.device
+        self.held = list(held)
+        local = torch.full((self.n_experts,), -1, dtype=torch.int64, device="cpu")
+        local[self.held] = torch.arange(len(self.held), device="cpu")
+        self.register_buffer("owner", owner.to("cpu").to(device), persistent=False)
+        self.register_buffer("local", local.to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        tokens, top_k = ids.shape
+        lo, hi = split_range(tokens, self.ep_size, self.ep_rank) if self.ep_size > 1 else (0, tokens)
+        flat = ids[lo:hi].reshape(-1)
+        owner = self.owner[flat]
+        kept = (owner >= 0).nonzero().squeeze(1)
+        order = kept[torch.argsort(owner[kept] * self.n_experts + flat[kept], stable=True)]  # by rank, then expert
+        token = order // top_k
+        send_x, send_ids = x[lo:hi][token], flat[order]
+        if self.ep_size == 1:
+            out_rows = self._compute(send_x, send_ids)
+        else:
+            link = comm.communicator(self.ep_group)
+            counts = torch.bincount(owner[order], minlength=self.ep_size).tolist()
+            back = link.exchange_splits(counts, x.device)
+            recv_x = link.all_to_all(send_x, back, counts)
+            recv_ids = link.all_to_all(send_ids, back, counts)
+            out_rows = link.all_to_all(self._compute(recv_x, recv_ids), counts, back)
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = torch.zeros((hi - lo, x.shape[1]), dtype=acc_dtype, device=x.device)
+        slot_weight = weights[lo:hi].reshape(-1)[order].to(acc_dtype)
+        acc.index_add_(0, token, out_rows.to(acc_dtype) * slot_weight[:, None])
+        part = acc.to(x.dtype)
+        if self.ep_size == 1:
+            return part
+        return _gather_rows(part, tokens, self.ep_size, self.ep_group)
+
+    def _compute(self, x: torch.Tensor, global_ids: torch.Tensor) -> torch.Tensor:
+        """Unweighted outputs ``[R, D]`` of this rank's experts for rows ``x`` routed to ``global_ids``."""
+        if x.shape[0] == 0:
+            return x.new_zeros((0, x.shape[1]))
+        local = self.local[global_ids][:, None]
+        ones = torch.ones(local.shape, dtype=torch.float32, device=x.device)
+        return ops.moe_experts(x, ones, local, self.w13, self.w2, self.w13_scale, self.w2_scale)
+
+    def extra_repr(self) -> str:
+        ep = f", ep rank {self.ep_rank}/{self.ep_size}" if self.ep_size > 1 else ""
+        return f"experts {self.held} of {self.n_experts}{ep}"
+
+
+def _gather_rows(part: torch.Tensor, total: int, parts: int, group: object) -> torch.Tensor:
+    """All ranks' row slices (from :func:`split_range`) joined in rank order."""
+    per = math.ceil(total / parts)
+    if part.shape[0] < per:
+        part = torch.cat((part, part.new_zeros((per - part.shape[0], *part.shape[1:]))))
+    gathered = comm.all_gather(part, dim=0, group=group)
+    if per * parts == total:
+        return gathered
+    keep = []
+    for r in range(parts):
+        start, stop = split_range(total, parts, r)
+        keep.append(gathered[r * per : r * per + stop - start])
+    return torch.cat(keep)
+
+
+class ParallelMoE(nn.Module):
+    """DeepSeekMoE whose routed and shared experts each give a partial sum over the
+    tensor-parallel ``group``; one all-reduce completes both."""
+
+    def __init__(self, gate: nn.Module, experts: nn.Module, shared_experts: nn.Module, group: object):
+        super().__init__()
+        self.gate, self.experts, self.shared_experts, self.group = gate, experts, shared_experts, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids) + self.shared_experts(x)
+        return comm.all_reduce(out, group=self.group).view(shape)
+
+
+__all__ = [
+    "ColumnParallelLinear",
+    "ParallelMoE",
+    "RowParallelLinear",
+    "Shard",
+    "ShardedExperts",
+    "VocabParallelEmbedding",
+    "VocabParallelLMHead",
+    "split_range",
+]

@@ -1,0 +1,214 @@
+"""Load a parallel model straight from a checkpoint: each rank reads only its slices.
+
+The model is built on the meta device, the parallel transforms record what each module
+holds, and :class:`ShardView` presents the checkpoint *as this rank sees it* -- sliced
+tensors under their usual names, this rank's experts numbered from 0 -- to the model
+core's own loader (:func:`dshal.model.loader.load_weights`), which therefore needs no
+parallel knowledge. Tensors are read with the reader's ``get_slice``, so a memory-mapped
+safetensors file is only touched where this rank's slices lie.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from dshal.model.args import ModelArgs
+from dshal.model.loader import CheckpointReader, checkpoint_args, load_weights
+from dshal.model.model import Transformer
+from dshal.model.precision import apply_precision, checkpoint_name
+from dshal.ops.spec import FP8_DTYPES
+from dshal.parallel.groups import ParallelGroups
+from dshal.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    Shard,
+    ShardedExperts,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+)
+from dshal.parallel.transforms import expert_parallel, tensor_parallel
+
+#: (shape, dtype, read) of one tensor as this rank sees it.
+_Source = tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
+
+
+def _index(shard: Shard, ndim: int) -> tuple[slice, ...]:
+    index = [slice(None)] * ndim
+    index[shard.dim] = slice(shard.start, shard.stop)
+    return tuple(index)
+
+
+class ShardView:
+    """One rank's view of a checkpoint reader (the reader interface: ``names``, ``in``,
+    ``shape``, ``dtype``, ``get``, ``get_slice``), built from a transformed model."""
+
+    def __init__(self, reader: Any, model: nn.Module, block: tuple[int, int] = (128, 128)):
+        self.reader = reader
+        self.path = reader.path
+        self.block = block
+        self._sources: dict[str, _Source] = {}
+        self._hidden: set[str] = set()
+        self.read_whole: list[str] = []  # names read without slicing (for checks and tests)
+        for path, module in model.named_modules():
+            hf = checkpoint_name(path)
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead, VocabParallelEmbedding)):
+                shard = module.shard
+                bases = [hf]
+                if path.endswith(".gate_up_proj"):  # two checkpoint tensors, the same rows of each
+                    parent = hf[: -len(".gate_up_proj")]
+                    bases = [f"{parent}.gate_proj", f"{parent}.up_proj"]
+                    shard = replace(shard, parts=1)
+                for base in bases:
+                    self._weight(base, shard)
+                    if isinstance(module, ColumnParallelLinear) and module.bias is not None:
+                        self._plain(f"{base}.bias", Shard(0, shard.start, shard.stop))
+            elif isinstance(module, ShardedExperts):
+                self._experts(hf, module.held)
+
+    # ------------------------------------------------------------ building the view
+    def _plain(self, name: str, shard: Shard) -> None:
+        if name not in self.reader:
+            return
+        shape = list(self.reader.shape(name))
+        index = _index(shard, len(shape))
+        shape[shard.dim] = shard.stop - shard.start
+        self._sources[name] = (tuple(shape), self.reader.dtype(name), lambda: self.reader.get_slice(name, index))
+
+    def _weight(self, base: str, shard: Shard) -> None:
+        name, scale_name = f"{base}.weight", f"{base}.weight_scale_inv"
+        if name not in self.reader:
+            return
+        quantized = self.reader.dtype(name) in FP8_DTYPES.values() and scale_name in self.reader
+        if not quantized:
+            self._plain(name, shard)
+            return
+        block = self.block[shard.dim]
+        full = self.reader.shape(name)[shard.dim]
+        if shard.start % block == 0 and (shard.stop % block == 0 or shard.stop == full):
+            self._plain(name, shard)
+            self._plain(scale_name, Shard(shard.dim, shard.start // block, math.ceil(shard.stop / block)))
+            return
+        # the slice cuts FP8 blocks: this rank gets it dequantized (float32) and no scale
+        self._hidden.add(scale_name)
+        shape = list(self.reader.shape(name))
+        shape[shard.dim] = shard.stop - shard.start
+        self._sources[name] = (tuple(shape), torch.float32, lambda: self._dequantized_slice(name, scale_name, shard))
+
+    def _dequantized_slice(self, name: str, scale_name: str, shard: Shard) -> torch.Tensor:
+        block = self.block[shard.dim]
+        lo, hi = shard.start // block, math.ceil(shard.stop / block)
+        ndim = len(self.reader.shape(name))
+        covering = Shard(shard.dim, lo * block, min(hi * block, self.reader.shape(name)[shard.dim]))
+        q = self.reader.get_slice(name, _index(covering, ndim)).to(torch.float32)
+        scale = self.reader.get_slice(scale_name, _index(Shard(shard.dim, lo, hi), ndim)).to(torch.float32)
+        bm, bk = self.block
+        dense = q * scale.repeat_interleave(bm, 0)[: q.shape[0]].repeat_interleave(bk, 1)[:, : q.shape[1]]
+        return dense.narrow(shard.dim, shard.start - lo * block, shard.stop - shard.start)
+
+    def _experts(self, prefix: str, held: list[int]) -> None:
+        """Expert ``held[i]`` of the checkpoint appears as expert ``i`` (per-expert layout),
+        from either the per-expert or the fused (``gate_up_proj [E, 2I, D]``) layout."""
+        under = prefix + "."
+        self._hidden.update(n for n in self.reader.names() if n.startswith(under))
+        fused_up, fused_down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+        for local, expert in enumerate(held):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for kind in ("weight", "weight_scale_inv"):
+                    source = f"{prefix}.{expert}.{proj}.{kind}"
+                    if source in self.reader:
+                        self._sources[f"{prefix}.{local}.{proj}.{kind}"] = (
+                            tuple(self.reader.shape(source)), self.reader.dtype(source), lambda s=source: self._whole(s)
+                        )
+            if fused_up in self.reader and fused_down in self.reader:
+                _, two_i, dim = self.reader.shape(fused_up)
+                inter = two_i // 2
+                dtype = self.reader.dtype(fused_up)
+                for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, two_i))):
+                    self._sources[f"{prefix}.{local}.{proj}.weight"] = (
+                        (inter, dim), dtype, lambda e=expert, r=rows: self.reader.get_slice(fused_up, (slice(e, e + 1), r))[0]
+                    )
+                self._sources[f"{prefix}.{local}.down_proj.weight"] = (
+                    (dim, inter), self.reader.dtype(fused_down), lambda e=expert: self.reader.get_slice(fused_down, (slice(e, e + 1),))[0]
+                )
+
+    def _whole(self, name: str) -> torch.Tensor:
+        self.read_whole.append(name)
+        return self.reader.get(name)
+
+    # ------------------------------------------------------------ the reader interface
+    def names(self) -> list[str]:
+        shown = [n for n in self.reader.names() if n not in self._hidden and n not in self._sources]
+        return shown + list(self._sources)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sources or (name in self.reader and name not in self._hidden)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._sources[name][0] if name in self._sources else tuple(self.reader.shape(name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._sources[name][1] if name in self._sources else self.reader.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._sources:
+            return self._sources[name][2]()
+        return self._whole(name)
+
+    def get_slice(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        return self.get(name)[slices]
+
+
+def build_parallel(
+    args: ModelArgs,
+    reader: Any,
+    groups: ParallelGroups,
+    precision: Any = None,
+    device: torch.device | str | None = None,
+) -> Transformer:
+    """This rank's part of the model in ``reader``: tensor-parallel over ``groups.tp`` and
+    expert-parallel over ``groups.ep`` (see :func:`dshal.parallel.setup_groups`), reading
+    only this rank's slices. Precision and device as in :func:`dshal.model.build_model`."""
+    from dshal.runtime import current
+
+    runtime = current()
+    with torch.device("meta"):
+        model = Transformer(args)
+    if groups.tp_size > 1:
+        tensor_parallel(model, groups.tp)
+    if groups.ep_size > 1:
+        expert_parallel(model, groups.ep)
+    view = ShardView(reader, model, tuple(args.weight_block_size or (128, 128)))
+    load_weights(model, view, device if device is not None else runtime.device)
+    for module in model.modules():
+        if isinstance(module, ShardedExperts):
+            module.set_owners(module.owner, module.held)  # tables next to the loaded weights
+    apply_precision(model, precision if precision is not None else runtime.config.precision)
+    model.shard_view = view
+    return model.eval()
+
+
+def from_pretrained_parallel(
+    path: str | os.PathLike,
+    groups: ParallelGroups,
+    config: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
+    mla_mode: str | None = None,
+) -> Transformer:
+    """:func:`dshal.model.from_pretrained` for one rank of a parallel job: ``groups`` from
+    :func:`dshal.parallel.setup_groups` says which TP / EP groups this rank is in."""
+    import dshal
+
+    runtime = dshal.use(config) if config is not None else dshal.current()
+    args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode)
+    return build_parallel(args, CheckpointReader(path), groups, runtime.config.precision, runtime.device)
+
+
+__all__ = ["ShardView", "build_parallel", "from_pretrained_parallel"]

@@ -1,0 +1,125 @@
+"""The parallel side of ``dshal run --tp N --ep M`` (hooked into :mod:`dshal.model.run`).
+
+* Under ``torchrun`` (RANK / WORLD_SIZE set) every rank joins the job, builds its TP / EP
+  groups and loads only its slices.
+* Without torchrun, ``dshal run --tp N --ep M`` starts ``N * M`` local ranks itself
+  (``python -m dshal run ...`` with torchrun's environment) and waits for them.
+
+Every rank prints its own tokens/s; rank 0 also prints the aggregate: all ranks work on
+the same sequences, so the job's rate is set by its slowest rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import torch
+
+from dshal.errors import DshalError
+from dshal.parallel.groups import ParallelGroups
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (default 1)")
+    parser.add_argument("--ep", type=int, default=1, metavar="M", help="expert-parallel ranks (default 1)")
+
+
+def wanted(args: argparse.Namespace) -> bool:
+    """True when this run is parallel (asked for, or started by torchrun with several ranks)."""
+    for name in ("tp", "ep"):
+        if getattr(args, name) < 1:
+            raise DshalError(f"dshal run: --{name} is {getattr(args, name)}, expected an integer >= 1")
+    return args.tp * args.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def relaunch_needed() -> bool:
+    """True when no launcher started this process (no RANK in the environment)."""
+    return "RANK" not in os.environ
+
+
+def relaunch(args: argparse.Namespace) -> int:
+    """Start ``tp * ep`` local ranks running this same command line."""
+    from dshal.parallel.launch import relaunch_self
+
+    argv = sys.argv[1:]
+    if "run" not in argv:
+        raise DshalError("dshal run --tp/--ep: start it from the command line (dshal run ... or torchrun ... -m dshal run ...)")
+    return relaunch_self(["dshal", *argv], args.tp * args.ep)
+
+
+def setup(args: argparse.Namespace) -> ParallelGroups:
+    """Join the job and build this rank's groups (WORLD_SIZE must equal tp * ep)."""
+    from dshal import comm
+    from dshal.parallel.groups import setup_groups
+
+    comm.init()
+    return setup_groups(tp=args.tp, ep=args.ep)
+
+
+def load(args: argparse.Namespace, groups: ParallelGroups) -> tuple[Any, str]:
+    """This rank's part of the model: ``--checkpoint`` or the built-in tiny random model."""
+    from dshal.model import DictReader, tiny_args
+    from dshal.model.checkpoint import random_checkpoint
+    from dshal.parallel.loading import build_parallel, from_pretrained_parallel
+
+    layout = f"TP={groups.tp_size} x EP={groups.ep_size}"
+    if args.checkpoint:
+        return from_pretrained_parallel(args.checkpoint, groups, mla_mode=args.mla_mode), f"{args.checkpoint} ({layout})"
+    model_args = tiny_args(mla_mode=args.mla_mode or "absorb")
+    reader = DictReader(random_checkpoint(model_args, args.seed), path=f"<random seed={args.seed}>")
+    return build_parallel(model_args, reader, groups), f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed}, {layout})"
+
+
+def report(report: dict[str, Any], groups: ParallelGroups) -> dict[str, Any]:
+    """Print this rank's tokens/s; gather every rank's on rank 0 and add the aggregate to
+    ``report`` (returned). Every rank must call it."""
+    from dshal import comm
+
+    rank, world = comm.get_rank(), comm.get_world_size()
+    mine = [report.get("prefill_tokens_per_s") or 0.0, report.get("decode_tokens_per_s") or 0.0]
+    print(f"rank {rank}/{world}: prefill {mine[0]:,.1f} tokens/s, decode {mine[1]:,.1f} tokens/s", flush=True)
+    rates = comm.all_gather(torch.tensor([mine], dtype=torch.float64, device=_device()), dim=0).cpu()
+    per_rank = [{"rank": r, "prefill_tokens_per_s": float(p), "decode_tokens_per_s": float(d)} for r, (p, d) in enumerate(rates.tolist())]
+    slowest = rates.min(dim=0).values.tolist()
+    report["parallel"] = {
+        "tp": groups.tp_size,
+        "ep": groups.ep_size,
+        "world_size": world,
+        "placement": groups.plan.reason,
+        "per_rank": per_rank,
+        "aggregate_prefill_tokens_per_s": slowest[0],
+        "aggregate_decode_tokens_per_s": slowest[1],
+    }
+    if rank == 0:
+        print(
+            f"aggregate over {world} ranks (TP={groups.tp_size} x EP={groups.ep_size}; all ranks produce the same "
+            f"{report['batch']} sequence(s), so the slowest rank sets the pace): prefill {slowest[0]:,.1f} tokens/s, "
+            f"decode {slowest[1]:,.1f} tokens/s; placement: {groups.plan.reason}",
+            flush=True,
+        )
+    return report
+
+
+def is_reporting_rank() -> bool:
+    """Rank 0 prints the full report (and writes --json)."""
+    from dshal import comm
+
+    return comm.get_rank() == 0
+
+
+def finish() -> None:
+    from dshal import comm
+
+    comm.shutdown()
+
+
+def _device() -> torch.device:
+    from dshal.runtime import current
+
+    return current().device
+
+
+__all__ = ["add_arguments", "finish", "is_reporting_rank", "load", "relaunch", "relaunch_needed", "report", "setup", "wanted"]

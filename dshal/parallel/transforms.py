@@ -1,0 +1,260 @@
+"""Parallelism as transforms of a built model (gpt-fast style): the model core has no
+``if tp:`` anywhere; these functions swap its modules for the ones in
+:mod:`dshal.parallel.layers`.
+
+* :func:`tensor_parallel` over a group of ``n`` ranks: MLA heads are split (``q_b_proj`` /
+  ``q_proj`` and ``kv_b_proj`` column-parallel, ``o_proj`` row-parallel with an all-reduce),
+  dense MLPs and shared experts are split by intermediate features (``gate_up_proj``
+  column-parallel taking matching gate and up rows, ``down_proj`` row-parallel), embedding
+  and ``lm_head`` are split by vocabulary rows (embedding: masked lookup + all-reduce;
+  lm_head: all-gather of the logits). Routed experts are split *by expert*: each rank keeps
+  ``1/n`` of them and the MoE's partial outputs (routed + shared) meet in one all-reduce;
+  tokens are the same on every rank of a TP group, so no token exchange is needed.
+* :func:`expert_parallel` over a group of ``m`` ranks: the routed experts (those this rank
+  handles) are split into ``m`` blocks, one per rank, and tokens travel to their experts
+  with ``all_to_all`` (see :class:`~dshal.parallel.layers.ShardedExperts`).
+
+Both work on a model with weights (they slice them) or on one built on the meta device
+(they record what each rank needs; :func:`dshal.parallel.loading.build_parallel` then reads
+only those slices from the checkpoint). They compose in either order; TP x EP keeps
+``E / (n * m)`` experts per rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from dshal import comm
+from dshal.errors import ShapeError
+from dshal.model.model import MLP, Embedding, Linear, MoE, RoutedExperts, Transformer
+from dshal.parallel.layers import (
+    ColumnParallelLinear,
+    ParallelMoE,
+    RowParallelLinear,
+    Shard,
+    ShardedExperts,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    split_range,
+)
+
+
+def _size_and_rank(group: Any) -> tuple[int, int]:
+    return comm.get_world_size(group), comm.get_rank(group)
+
+
+def _divide(total: int, parts: int, what: str, transform: str) -> int:
+    if total % parts:
+        raise ShapeError(f"{transform}: {what} is {total}, expected a multiple of the group size {parts}")
+    return total // parts
+
+
+# ---------------------------------------------------------------- slicing weights
+def _slice(value: torch.Tensor | None, shard: Shard, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """``shard`` of ``value`` (shape ``shape`` on the meta device when ``value`` is meta)."""
+    if value is None:
+        return None
+    if value.is_meta:
+        return torch.empty(shape, dtype=value.dtype, device="meta")
+    return shard.take(value.data)
+
+
+def _slice_scale(weight: torch.Tensor, scale: torch.Tensor | None, shard: Shard) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight shard and its scale shard; an FP8 weight whose 128x128 blocks the shard
+    would cut is dequantized first (the shard then runs in high precision)."""
+    from dshal.model.precision import dequantize_weight, weight_block
+
+    full_shape = list(weight.shape)
+    full_shape[shard.dim] = shard.size
+    if scale is None or weight.is_meta:
+        return _slice(weight, shard, tuple(full_shape)), scale
+    block = weight_block(weight, scale)
+    part = weight.shape[shard.dim] // shard.parts
+    if block is None or (block == (1, -1) and shard.dim == 1):
+        return shard.take(weight.data), scale
+    if block == (1, -1):
+        return shard.take(weight.data), shard.take(scale.data)
+    aligned = shard.start % 128 == 0 and (shard.stop % 128 == 0 or shard.stop == part) and (shard.parts == 1 or part % 128 == 0)
+    if not aligned:
+        dense = dequantize_weight(weight.data, scale.data, torch.float32)
+        return shard.take(dense), None
+    scale_shard = Shard(shard.dim, shard.start // 128, math.ceil(shard.stop / 128), shard.parts)
+    return shard.take(weight.data), scale_shard.take(scale.data)
+
+
+def _parallel_linear(old: Linear, shard: Shard, row: bool, group: Any = None, reduce: bool = True) -> Linear:
+    """``old`` as a column- (``row=False``) or row-parallel linear holding ``shard``."""
+    in_f, out_f = (shard.size, old.out_features) if row else (old.in_features, shard.size)
+    has_bias = old.bias is not None
+    with torch.device("meta"):
+        if row:
+            new: Linear = RowParallelLinear(in_f, out_f, shard, has_bias, old.weight.dtype, group, reduce)
+        else:
+            new = ColumnParallelLinear(in_f, out_f, shard, has_bias, old.weight.dtype)
+    weight, scale = _slice_scale(old.weight, old.weight_scale, shard)
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    new.weight_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+    if has_bias:  # column-parallel: this rank's rows of the bias; row-parallel: the whole bias, added once
+        bias = old.bias if row else _slice(old.bias, Shard(0, shard.start, shard.stop, shard.parts), (shard.size,))
+        new.bias = nn.Parameter(bias, requires_grad=False)
+    return new
+
+
+def _split_mlp(mlp: MLP, n: int, r: int, group: Any, reduce: bool, transform: str) -> MLP:
+    inter = mlp.down_proj.in_features
+    per = _divide(inter, n, f"the MLP's intermediate size ({mlp.gate_up_proj.out_features // 2} per gate/up half)", transform)
+    mlp.gate_up_proj = _parallel_linear(mlp.gate_up_proj, Shard(0, r * per, (r + 1) * per, parts=2), row=False)
+    mlp.down_proj = _parallel_linear(mlp.down_proj, Shard(1, r * per, (r + 1) * per), row=True, group=group, reduce=reduce)
+    return mlp
+
+
+# ---------------------------------------------------------------- experts
+def _as_sharded(experts: nn.Module, n_experts: int) -> ShardedExperts:
+    if isinstance(experts, ShardedExperts):
+        return experts
+    if not isinstance(experts, RoutedExperts):
+        raise ShapeError(f"parallel transforms: MoE.experts is a {type(experts).__name__}, expected RoutedExperts")
+    _, two_i, dim = experts.w13.shape
+    with torch.device("meta"):
+        sharded = ShardedExperts(n_experts, list(range(n_experts)), dim, two_i // 2, experts.w13.dtype)
+    for name in ("w13", "w2", "w13_scale", "w2_scale"):
+        setattr(sharded, name, getattr(experts, name))
+    sharded.set_owners(sharded.owner, sharded.held)  # move the tables next to the weights
+    return sharded
+
+
+def _keep_experts(experts: ShardedExperts, owner: torch.Tensor, held: list[int]) -> None:
+    """Keep only the weights of ``held`` (a subset of ``experts.held``) and set the tables."""
+    positions = [experts.held.index(e) for e in held]
+    for name in ("w13", "w2", "w13_scale", "w2_scale"):
+        value = getattr(experts, name)
+        if value is None:
+            continue
+        kept = torch.empty((len(held), *value.shape[1:]), dtype=value.dtype, device="meta") if value.is_meta else value.data[positions].contiguous()
+        setattr(experts, name, nn.Parameter(kept, requires_grad=False))
+    experts.set_owners(owner, held)
+
+
+def _split_experts_tp(experts: ShardedExperts, n: int, r: int, transform: str) -> None:
+    owner = experts.owner.clone()
+    for ep_rank in range(experts.ep_size):
+        members = (owner == ep_rank).nonzero().squeeze(1).tolist()
+        per = _divide(len(members), n, f"the number of routed experts per EP rank ({len(members)})", transform)
+        for i, e in enumerate(members):
+            if i // per != r:
+                owner[e] = -1
+    held = [e for e in experts.held if owner[e] >= 0]
+    _keep_experts(experts, owner, held)
+
+
+def _check_same_experts(experts: ShardedExperts, group: Any, transform: str) -> None:
+    """Every rank of an EP group must hold the same experts before they are spread over it
+    (its ranks are in different TP groups, or in none)."""
+    from dshal.runtime import current
+
+    mask = (experts.owner >= 0).to(device=current().device, dtype=torch.int32)
+    masks = comm.all_gather(mask[None], dim=0, group=group)
+    if not bool((masks == masks[:1]).all()):
+        raise ShapeError(
+            f"{transform}: the ranks of the EP group handle different experts; an EP group must take one rank "
+            "from each TP group with the same TP rank (use dshal.parallel.setup_groups)"
+        )
+
+
+def _split_experts_ep(experts: ShardedExperts, group: Any, m: int, r: int, transform: str) -> None:
+    if experts.ep_size > 1:
+        raise ShapeError(f"{transform}: the routed experts are already expert-parallel; apply expert_parallel once")
+    owner = experts.owner.clone()
+    members = list(experts.held)
+    per = _divide(len(members), m, f"the number of routed experts this rank handles ({len(members)})", transform)
+    for i, e in enumerate(members):
+        owner[e] = i // per
+    _keep_experts(experts, owner, members[r * per : (r + 1) * per])
+    experts.ep_group, experts.ep_rank, experts.ep_size = group, r, m
+
+
+# ---------------------------------------------------------------- the transforms
+def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
+    """Shard ``model`` in place over ``group`` (a ``dshal.comm`` process group; None = all
+    ranks) and return it. Every rank of the group must call it, with the same model."""
+    transform = "tensor_parallel"
+    n, r = _size_and_rank(group)
+    if getattr(model, "tp_size", 1) > 1:
+        raise ShapeError(f"{transform}: the model is already tensor-parallel over {model.tp_size} ranks")
+    if n == 1:
+        return model
+    a = model.args
+    heads = _divide(a.num_attention_heads, n, "num_attention_heads", transform)
+    h0, h1 = r * heads, (r + 1) * heads
+
+    vocab = a.vocab_size
+    start, stop = split_range(vocab, n, r)
+    shard = Shard(0, start, stop)
+    padded = math.ceil(vocab / n)
+    old_embed: Embedding = model.embed
+    with torch.device("meta"):
+        model.embed = VocabParallelEmbedding(shard, a.hidden_size, old_embed.weight.dtype, group)
+        head = VocabParallelLMHead(a.hidden_size, shard, vocab, padded, model.lm_head.weight.dtype, group)
+    model.embed.weight = nn.Parameter(_slice(old_embed.weight, shard, (stop - start, a.hidden_size)), requires_grad=False)
+    weight, scale = _slice_scale(model.lm_head.weight, model.lm_head.weight_scale, shard)
+    head.weight = nn.Parameter(weight, requires_grad=False)
+    head.weight_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+    model.lm_head = head
+
+    for layer in model.layers:
+        attn = layer.self_attn
+        q_name = "q_proj" if attn.q_lora_rank is None else "q_b_proj"
+        qk, kv = attn.qk_head_dim, attn.nope + attn.v_dim
+        setattr(attn, q_name, _parallel_linear(getattr(attn, q_name), Shard(0, h0 * qk, h1 * qk), row=False))
+        attn.kv_b_proj = _parallel_linear(attn.kv_b_proj, Shard(0, h0 * kv, h1 * kv), row=False)
+        attn.o_proj = _parallel_linear(attn.o_proj, Shard(1, h0 * attn.v_dim, h1 * attn.v_dim), row=True, group=group)
+        mlp = layer.mlp
+        if isinstance(mlp, MLP):
+            _split_mlp(mlp, n, r, group, reduce=True, transform=transform)
+        elif isinstance(mlp, MoE):
+            experts = _as_sharded(mlp.experts, a.n_routed_experts)
+            _split_experts_tp(experts, n, r, transform)
+            shared = _split_mlp(mlp.shared_experts, n, r, group, reduce=False, transform=transform)
+            layer.mlp = ParallelMoE(mlp.gate, experts, shared, group)
+        else:
+            raise ShapeError(f"{transform}: layer mlp is a {type(mlp).__name__}, expected MLP or MoE")
+    model.tp_group, model.tp_size, model.tp_rank = group, n, r
+    return model
+
+
+def expert_parallel(model: Transformer, group: Any = None) -> Transformer:
+    """Spread the routed experts of ``model`` over ``group`` (None = all ranks), in place;
+    tokens reach their experts with ``all_to_all``. Every rank of the group must call it."""
+    transform = "expert_parallel"
+    m, r = _size_and_rank(group)
+    if m == 1:
+        return model
+    a = model.args
+    for layer in model.layers:
+        mlp = layer.mlp
+        if not isinstance(mlp, (MoE, ParallelMoE)):
+            continue
+        experts = _as_sharded(mlp.experts, a.n_routed_experts)
+        _check_same_experts(experts, group, transform)
+        _split_experts_ep(experts, group, m, r, transform)
+        mlp.experts = experts
+    model.ep_group, model.ep_size, model.ep_rank = group, m, r
+    return model
+
+
+def spread_experts(experts: nn.Module, group: Any = None) -> ShardedExperts:
+    """One MoE's routed experts (a RoutedExperts or ShardedExperts) spread over ``group``
+    as :func:`expert_parallel` does for a whole model; returns the ShardedExperts."""
+    m, r = _size_and_rank(group)
+    n_experts = experts.n_experts if isinstance(experts, ShardedExperts) else experts.w13.shape[0]
+    sharded = _as_sharded(experts, n_experts)
+    if m > 1:
+        _split_experts_ep(sharded, group, m, r, "spread_experts")
+    return sharded
+
+
+__all__ = ["expert_parallel", "spread_experts", "tensor_parallel"]

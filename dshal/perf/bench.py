@@ -1,0 +1,444 @@
+"""``dshal bench``: per-op latency, achieved FLOP/s and bytes/s against the device roofline.
+
+For every case (op x shape) it times, side by side in one run:
+
+- ``backend``   -- ``dshal.ops.<op>`` on the selected backend (what the model core calls);
+- ``reference`` -- ``dshal.ops.reference.<op>``, the checked reference, on the same device;
+- ``torch``     -- a direct torch call computing the same thing, where one exists.
+
+Each is warmed up, then timed call by call (``perf_counter_ns`` on CPU devices, the
+backend's timer -- device events -- elsewhere) over several input sets cycled in turn so
+caches do not flatter the result, and summarized by the median and the p10/p90 spread.
+FLOP/s and bytes/s come from the op spec's cost model; the roofline bound from the peaks
+in ``capabilities()``, measured once when the backend does not declare them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dshal.errors import DshalError
+from dshal.ops.spec import Cost
+from dshal.perf.cases import Case, shape_cases
+from dshal.perf.common import add_common_arguments, json_path, start
+from dshal.perf.report import (
+    HtmlReport,
+    RooflineMark,
+    Table,
+    console,
+    duration,
+    new_figure,
+    percent,
+    platform_info,
+    roofline_figure,
+    si,
+    write_json,
+)
+from dshal.perf.roofline import Peaks, dtype_key, place, resolve_peaks
+from dshal.perf.timing import Inputs, Repeats, backend_clock, time_calls
+
+SCHEMA = "dshal.bench/1"
+PROVIDERS = ("backend", "reference", "torch")
+#: Auto rotation: enough input sets to cover this many bytes (past most last-level caches)...
+ROTATE_TARGET_BYTES = 64 << 20
+#: ...between 2 and this many sets; a single set when one set alone exceeds ROTATE_SINGLE_BYTES.
+ROTATE_MAX_SETS = 8
+ROTATE_SINGLE_BYTES = 1 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "bench")
+    parser.add_argument(
+        "--ops", metavar="a,b", help="comma-separated ops to bench (default: every op in the shape set)"
+    )
+    parser.add_argument(
+        "--shapes",
+        default="ci",
+        metavar="ci|full|FILE.yaml",
+        help="shape set: ci (small, seconds on a CPU), full (DeepSeek-V3 dims) or a YAML file of cases (default ci)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, metavar="N", help="untimed calls per provider and case (default 3)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=200, metavar="N", help="at most N timed calls per provider and case (default 200)"
+    )
+    parser.add_argument("--min-runs", type=int, default=5, metavar="N", help="at least N timed calls (default 5)")
+    parser.add_argument(
+        "--time-per-case",
+        type=float,
+        default=0.25,
+        metavar="S",
+        help="stop timing a provider after S seconds once --min-runs are done (default 0.25)",
+    )
+    parser.add_argument(
+        "--rotate", type=int, metavar="N", help="input sets cycled between calls (default: auto, 2-8 by size)"
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference column")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch-direct column")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+
+
+def _tensor_bytes(inputs: Inputs) -> int:
+    args, kwargs = inputs
+    return sum(v.numel() * v.element_size() for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+
+
+def input_set_count(set_bytes: int, requested: int | None = None) -> int:
+    """How many input sets to cycle (``requested`` wins when given)."""
+    if requested is not None:
+        if requested < 1:
+            raise DshalError(f"--rotate: got {requested}, expected an integer >= 1")
+        return requested
+    if set_bytes >= ROTATE_SINGLE_BYTES:
+        return 1
+    return max(2, min(ROTATE_MAX_SETS, math.ceil(ROTATE_TARGET_BYTES / max(set_bytes, 1))))
+
+
+def _candidates(case: Case, with_reference: bool, with_torch: bool) -> list[tuple[str, str, Callable[..., Any] | None]]:
+    """(column, callable's name, callable) to time for ``case``; callable None = no such provider."""
+    from dshal import ops
+
+    out: list[tuple[str, str, Callable[..., Any] | None]] = [("backend", f"dshal.ops.{case.op}", getattr(ops, case.op))]
+    if with_reference:
+        out.append(("reference", f"dshal.ops.reference.{case.op}", getattr(ops.reference, case.op, None)))
+    if with_torch:
+        direct = case.bench.direct(case.params)
+        out.append(("torch", direct[0] if direct else "none", direct[1] if direct else None))
+    return out
+
+
+def bench_case(
+    case: Case,
+    device: torch.device,
+    clock: Any,
+    repeats: Repeats,
+    peaks: Peaks,
+    *,
+    rotate: int | None = None,
+    seed: int = 0,
+    with_reference: bool = True,
+    with_torch: bool = True,
+) -> dict[str, Any]:
+    """Time one case on every provider; the JSON-ready result."""
+    from dshal.ops.catalogue import SPECS
+
+    key = dtype_key(case.bench.compute_dtype(case.params))
+    result: dict[str, Any] = {"id": case.label, "op": case.op, "params": dict(case.params), "peak_key": key}
+    try:
+        first = case.inputs(device, seed)
+        set_bytes = _tensor_bytes(first)
+        sets = [first] + [case.inputs(device, seed + i) for i in range(1, input_set_count(set_bytes, rotate))]
+    except Exception as err:  # noqa: BLE001 - e.g. out of device memory at `full` shapes: report, go on
+        error = f"building inputs failed: {type(err).__name__}: {err}"
+        result.update(providers={"backend": {"name": f"dshal.ops.{case.op}", "error": error}}, speedup={})
+        return result
+    args, kwargs = first
+    cost: Cost = SPECS[case.op].cost_of(*args, **kwargs)
+    result.update(
+        cost={"flops": cost.flops, "bytes": cost.bytes, "intensity": cost.intensity},
+        input_sets=len(sets),
+        input_set_bytes=set_bytes,
+        providers={},
+    )
+    for column, name, fn in _candidates(case, with_reference, with_torch):
+        entry: dict[str, Any] = {"name": name}
+        if fn is None:
+            entry["error"] = "no such provider for this case"
+        else:
+            try:
+                stats = time_calls(fn, sets, clock, repeats)
+            except Exception as err:  # noqa: BLE001 - a provider failing on one case is a result, not a crash
+                entry["error"] = f"{type(err).__name__}: {err}"
+            else:
+                point = place(cost, stats.median, peaks.flops.get(key), peaks.bandwidth)
+                entry.update(stats.to_dict())
+                entry.update(point.to_dict())
+        result["providers"][column] = entry
+    base = result["providers"]["backend"].get("median_s")
+    result["speedup"] = {
+        column: (entry["median_s"] / base) if base and "median_s" in entry else None
+        for column, entry in result["providers"].items()
+        if column != "backend"
+    }
+    return result
+
+
+def run_bench(
+    runtime: Any,
+    cases: Sequence[Case],
+    repeats: Repeats,
+    *,
+    rotate: int | None = None,
+    seed: int = 0,
+    with_reference: bool = True,
+    with_torch: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Bench ``cases`` on ``runtime``; the JSON-ready report (schema ``dshal.bench/1``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import dshal
+
+    backend, device = runtime.backend, runtime.device
+    started = time.time()
+    clock, clock_name = backend_clock(backend)
+    needed = {dtype_key(c.bench.compute_dtype(c.params)) for c in cases}
+    peaks = resolve_peaks(backend, device, needed)
+    results = []
+    columns = (TextColumn("bench {task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("", total=len(cases))
+        for case in cases:
+            bar.update(task, description=case.label[:40])
+            results.append(
+                bench_case(
+                    case,
+                    device,
+                    clock,
+                    repeats,
+                    peaks,
+                    rotate=rotate,
+                    seed=seed,
+                    with_reference=with_reference,
+                    with_torch=with_torch,
+                )
+            )
+            bar.advance(task)
+    return {
+        "schema": SCHEMA,
+        "dshal_version": dshal.__version__,
+        "backend": backend.name,
+        "device": str(device),
+        "device_name": runtime.capabilities.device_name,
+        "emulated": runtime.emulated,
+        "platform": platform_info(),
+        "timer": clock_name,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": {
+            "warmup": repeats.warmup,
+            "min_runs": repeats.min_runs,
+            "max_runs": repeats.max_runs,
+            "budget_s": repeats.budget_s,
+        },
+        "peaks": peaks.to_dict(),
+        "providers": {op: {"provider": p, "kind": runtime.provider_kind(op)} for op, p in runtime.providers.items()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": round(time.time() - started, 3),
+        "cases": results,
+    }
+
+
+# ---------------------------------------------------------------- report
+def _cell(entry: dict[str, Any], what: str) -> str:
+    if "error" in entry:
+        return "—"
+    return {
+        "median": duration(entry.get("median_s")),
+        "spread": f"{duration(entry.get('p10_s'))} – {duration(entry.get('p90_s'))}",
+        "flops": si(entry.get("flops_per_s"), "FLOP/s"),
+        "bytes": si(entry.get("bytes_per_s"), "B/s"),
+        "roofline": percent(entry.get("roofline_percent")),
+    }[what]
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}×"
+
+
+def result_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One table row per case (the HTML table and the console table)."""
+    rows = []
+    for c in report["cases"]:
+        b = c["providers"]["backend"]
+        ref, tch = c["providers"].get("reference", {}), c["providers"].get("torch", {})
+        rows.append(
+            [
+                c["id"],
+                _cell(b, "median") if "error" not in b else f"error: {b['error']}",
+                _cell(b, "spread"),
+                _cell(b, "flops"),
+                _cell(b, "bytes"),
+                _cell(b, "roofline"),
+                b.get("bound", "—"),
+                _cell(ref, "median") if ref else "—",
+                _ratio(c["speedup"].get("reference")),
+                f"{tch.get('name')}: {_cell(tch, 'median')}" if tch and "error" not in tch else "—",
+                _ratio(c["speedup"].get("torch")),
+            ]
+        )
+    return rows
+
+
+HEADERS = [
+    "case",
+    "median",
+    "p10 – p90",
+    "FLOP/s",
+    "bytes/s",
+    "% roofline",
+    "bound",
+    "reference median",
+    "speed-up vs reference",
+    "torch direct median",
+    "speed-up vs torch",
+]
+
+
+def _peak_note(peaks: dict[str, Any]) -> str:
+    measured = sorted(k for k, s in peaks["sources"].items() if "measured" in s)
+    return f"measured peaks: {', '.join(measured)}" if measured else "peaks from capabilities()"
+
+
+def latency_figure(report: dict[str, Any]) -> Any:
+    """Horizontal latency bars per case, one per provider, with p10–p90 whiskers (log scale)."""
+    cases = report["cases"]
+    fig, ax = new_figure(10, max(3.0, 0.42 * len(cases) * 1.5 + 1))
+    width = 0.8 / len(PROVIDERS)
+    colours = {"backend": "#4e79a7", "reference": "#f28e2b", "torch": "#59a14f"}
+    for pi, column in enumerate(PROVIDERS):
+        ys, meds, lo, hi = [], [], [], []
+        for ci, c in enumerate(cases):
+            e = c["providers"].get(column)
+            if e and "median_s" in e:
+                ys.append(ci + (pi - 1) * width)
+                meds.append(e["median_s"] * 1e6)
+                lo.append((e["median_s"] - e["p10_s"]) * 1e6)
+                hi.append((e["p90_s"] - e["median_s"]) * 1e6)
+        if ys:
+            ax.barh(ys, meds, height=width, xerr=[lo, hi], color=colours[column], label=column, error_kw={"lw": 0.8})
+    ax.set_yticks(range(len(cases)))
+    ax.set_yticklabels([c["id"] for c in cases], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency (µs), whiskers p10–p90")
+    ax.grid(True, axis="x", which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def write_html(report: dict[str, Any], path: str | Path) -> Path:
+    """The self-contained HTML report: roofline plot, latency bars, results table."""
+    peaks = report["peaks"]
+    plat = report["platform"]
+    meta = {
+        "backend": f"{report['backend']} on {report['device']} ({report['device_name']})"
+        + (" — emulated" if report["emulated"] else ""),
+        "machine": f"{plat['cpu']}, {plat['cores']} cores, torch {plat['torch']}, Python {plat['python']}",
+        "timer": f"{report['timer']}; torch threads {report['torch_threads']}",
+        "repeats": ", ".join(f"{k} {v}" for k, v in report["repeats"].items()),
+        "peak compute": ", ".join(
+            f"{k} {si(v, 'FLOP/s')} ({peaks['sources'][k]})" for k, v in sorted(peaks["flops"].items())
+        ),
+        "peak bandwidth": f"{si(peaks['bandwidth'], 'B/s')} ({peaks['sources'].get('bandwidth', 'n/a')})",
+        "started": report["started"],
+        "duration": f"{report['duration_s']:.1f} s",
+        "schema": report["schema"],
+    }
+    doc = HtmlReport(f"dshal bench — {report['backend']}", meta)
+    marks = [
+        RooflineMark(c["id"], c["cost"]["intensity"], e["flops_per_s"], column)
+        for c in report["cases"]
+        for column, e in c["providers"].items()
+        if "flops_per_s" in e
+    ]
+    used = {c["peak_key"] for c in report["cases"]}
+    roof = doc.section("Roofline")
+    doc.add_figure(
+        roof,
+        roofline_figure(
+            marks,
+            {k: v for k, v in peaks["flops"].items() if k in used},
+            peaks["bandwidth"],
+            f"{report['backend']} on {report['device_name']}",
+            _peak_note(peaks),
+        ),
+        "Achieved FLOP/s against arithmetic intensity (op cost models); roofs from the device peaks.",
+    )
+    if any("measured" in s for s in peaks["sources"].values()):
+        doc.add_note(
+            roof,
+            "Peaks marked 'measured' were timed here with a short matmul and copy (the backend declares "
+            "none): they are what torch achieves on this device, not datasheet figures.",
+        )
+    lat = doc.section("Latency per op")
+    doc.add_figure(lat, latency_figure(report), "Median latency per case and provider; whiskers span p10–p90.")
+    table = doc.section("Results")
+    doc.add_table(table, Table(HEADERS, result_rows(report), text_columns=(0, 6, 9)))
+    doc.add_note(
+        table,
+        "Speed-up = that provider's median / the backend's median (> 1: the backend is faster). "
+        "Inputs are cycled between calls over several sets (see the JSON's input_sets).",
+    )
+    prov = doc.section("Op providers")
+    doc.add_table(
+        prov,
+        Table(
+            ["op", "provider", "kind"],
+            [[op, p["provider"], p["kind"]] for op, p in report["providers"].items()],
+            text_columns=(0, 1, 2),
+        ),
+    )
+    return doc.write(path)
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """A compact console table (the HTML and JSON hold every column)."""
+    from rich.table import Table as RichTable
+
+    out = console()
+    emulated = " (emulated)" if report["emulated"] else ""
+    out.print(
+        f"[bold]dshal bench[/bold]: backend [cyan]{report['backend']}[/cyan] on {report['device']}{emulated}; "
+        f"timer {report['timer']}; {_peak_note(report['peaks'])}"
+    )
+    t = RichTable(show_edge=False)
+    for h in ("case", "median (p10 – p90)", "FLOP/s", "bytes/s", "% roofline", "× ref", "× torch"):
+        t.add_column(h, no_wrap=h == "case")
+    for row in result_rows(report):
+        t.add_row(row[0], f"{row[1]} ({row[2]})", row[3], row[4], f"{row[5]} {row[6]}", row[8], row[10])
+    out.print(t)
+
+
+def main(args: argparse.Namespace) -> int:
+    runtime = start(args)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    cases = shape_cases(args.shapes, ops)
+    for flag, value, low in (
+        ("--warmup", args.warmup, 0),
+        ("--runs", args.runs, 1),
+        ("--min-runs", args.min_runs, 1),
+        ("--time-per-case", args.time_per_case, 0),
+    ):
+        if value < low:
+            raise DshalError(f"{flag}: got {value}, expected a number >= {low}")
+    repeats = Repeats(warmup=args.warmup, min_runs=args.min_runs, max_runs=args.runs, budget_s=args.time_per_case)
+    report = run_bench(
+        runtime,
+        cases,
+        repeats,
+        rotate=args.rotate,
+        seed=args.seed,
+        with_reference=not args.no_reference,
+        with_torch=not args.no_torch,
+        progress=not args.no_progress,
+    )
+    report["shapes"] = args.shapes
+    html_path = write_html(report, args.output)
+    json_file = write_json(json_path(args), report)
+    print_summary(report)
+    print(f"report: {html_path}\njson:   {json_file}")
+    failed = [c["id"] for c in report["cases"] if "error" in c["providers"]["backend"]]
+    if failed:
+        print(f"dshal bench: {len(failed)} case(s) failed on the backend: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+__all__ = ["SCHEMA", "add_arguments", "bench_case", "input_set_count", "main", "run_bench", "write_html"]

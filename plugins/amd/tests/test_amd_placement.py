@@ -1,0 +1,96 @@
+"""TP/EP placement on Infinity Fabric islands, from topology matrices given as data."""
+
+from __future__ import annotations
+
+import pytest
+
+from dshal.backends.placement import islands, place_groups, topology_from_matrix
+from dshal.errors import ConfigError, ShapeError
+from dshal_amd.topology import XgmiTopology, link_matrix, link_name, xgmi_groups
+
+
+def _topology(n: int, linked) -> object:
+    """n GPUs; pairs for which linked(i, j) is true are one xGMI hop apart, others PCIe."""
+    names = [["self" if i == j else ("XGMI" if linked(i, j) else "PCIEXPRESS") for j in range(n)] for i in range(n)]
+    hops = [[0 if i == j else (1 if linked(i, j) else 2) for j in range(n)] for i in range(n)]
+    weights = [[0 if i == j else (15 if linked(i, j) else 40) for j in range(n)] for i in range(n)]
+    return link_matrix(names, hops, weights, source="test")
+
+
+FULL_8 = _topology(8, lambda i, j: True)  # 8x MI300X OAM board: every pair linked
+TWO_ISLANDS = _topology(8, lambda i, j: i // 4 == j // 4)  # two fully linked groups of 4
+RING_8 = _topology(8, lambda i, j: (i - j) % 8 in (1, 7))  # each GPU linked to its neighbours
+
+
+def test_amd_link_matrix_names_links_and_keeps_hops():
+    assert isinstance(TWO_ISLANDS, XgmiTopology)
+    assert TWO_ISLANDS.links[0][1] == "xgmi" and TWO_ISLANDS.links[0][4] == "pcie"
+    assert TWO_ISLANDS.links[3][3] == "self"
+    assert TWO_ISLANDS.hops[0][4] == 2 and TWO_ISLANDS.weights[0][1] == 15.0
+    assert TWO_ISLANDS.source == "test"
+
+
+@pytest.mark.parametrize(
+    "type_name, hops, expected",
+    [
+        ("XGMI", 1, "xgmi"),
+        ("AMDSMI_LINK_TYPE_XGMI", 1, "xgmi"),
+        ("AMDSMI_IOLINK_TYPE_XGMI", 2, "xgmi-2hop"),  # not a direct link
+        ("PCIEXPRESS", 2, "pcie"),
+        ("AMDSMI_LINK_TYPE_PCIE", 3, "pcie"),
+        ("AMDSMI_LINK_TYPE_INTERNAL", 0, "internal"),
+    ],
+)
+def test_amd_link_name(type_name, hops, expected):
+    assert link_name(type_name, hops) == expected
+
+
+def test_amd_fully_connected_node_splits_in_device_order():
+    assert xgmi_groups(FULL_8, 8) == [list(range(8))]
+    assert xgmi_groups(FULL_8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert xgmi_groups(FULL_8, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert xgmi_groups(FULL_8, 1) == [[i] for i in range(8)]
+
+
+def test_amd_two_islands_keep_groups_inside_an_island():
+    assert xgmi_groups(TWO_ISLANDS, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert xgmi_groups(TWO_ISLANDS, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ConfigError, match=r"groups of 8 .*largest fully xgmi-connected set is \[0, 1, 2, 3\]"):
+        xgmi_groups(TWO_ISLANDS, 8)
+
+
+def test_amd_interleaved_islands_are_found():
+    # Islands {0,2,4,6} and {1,3,5,7}: the naive [0,1,2,3] split would cross PCIe.
+    topo = _topology(8, lambda i, j: i % 2 == j % 2)
+    assert xgmi_groups(topo, 4) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def test_amd_ring_allows_pairs_only():
+    assert xgmi_groups(RING_8, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert islands(RING_8, "xgmi") == [list(range(8))]  # connected, yet not fully connected
+    with pytest.raises(ConfigError, match="largest fully xgmi-connected set"):
+        xgmi_groups(RING_8, 4)
+
+
+def test_amd_pairs_that_need_backtracking():
+    # Links 0-1, 0-2, 1-3: pairing 0 with its lowest neighbour 1 strands 2 and 3 (not
+    # linked), so the search must undo that choice.
+    edges = {(0, 1), (0, 2), (1, 3)}
+    topo = _topology(4, lambda i, j: (min(i, j), max(i, j)) in edges)
+    assert xgmi_groups(topo, 2) == [[0, 2], [1, 3]]
+
+
+def test_amd_bad_group_sizes_are_config_errors():
+    with pytest.raises(ConfigError, match="expected a divisor of the 8 devices"):
+        xgmi_groups(FULL_8, 3)
+    with pytest.raises(ConfigError, match="'group_size' is 0"):
+        place_groups(FULL_8, 0, "xgmi")
+
+
+def test_amd_topology_matrix_is_validated():
+    with pytest.raises(ShapeError, match="not symmetric"):
+        topology_from_matrix([["self", "xgmi"], ["pcie", "self"]])
+    with pytest.raises(ShapeError, match=r"\[1\]\[1\] is 'xgmi', expected 'self'"):
+        topology_from_matrix([["self", "xgmi"], ["xgmi", "xgmi"]])
+    with pytest.raises(ShapeError, match="square matrix"):
+        topology_from_matrix([["self", "xgmi"], ["xgmi"]])

@@ -1,0 +1,127 @@
+"""DeepSeek-V3 FP8 block checkpoint -> W8A8 int8 (per output channel), for 910B.
+
+DeepSeek-V3 ships its linear weights as FP8 (e4m3fn) with one float32 ``weight_scale_inv``
+per 128 x 128 block (the name is historical: it *multiplies*). 910B has no FP8 but a native
+int8 GEMM, so each such weight is dequantized (in float32) and requantized symmetric int8
+with one scale per output channel (row): ``weight`` int8 ``[N, K]`` + ``weight_scale``
+float32 ``[N, 1]``, which ``dshal.ops.linear`` runs as W8A8 (activations are quantized
+per token at run time). Every other tensor is copied unchanged.
+
+Command line: ``dshal-ascend-convert SRC_DIR DST_DIR`` (or ``python -m dshal_ascend.convert``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from dshal.errors import DshalError, DTypeError, ShapeError
+from dshal.ops.quant import FP8_DTYPE_LIST
+from dshal.ops.reference import dequantize_fp8, quantize_int8
+
+#: Suffix of DeepSeek-V3's block scales and of the per-channel scales written instead.
+FP8_SCALE_SUFFIX = "weight_scale_inv"
+INT8_SCALE_SUFFIX = "weight_scale"
+BLOCK = (128, 128)
+
+
+def fp8_block_to_int8(weight: torch.Tensor, scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FP8 weight ``[N, K]`` with block scales ``[ceil(N/128), ceil(K/128)]`` -> ``(int8
+    [N, K], float32 [N, 1])`` with ``int8 * scale ~= fp8 * block_scale`` (error <= half an
+    int8 step of the row's amax)."""
+    if weight.dtype not in FP8_DTYPE_LIST:
+        raise DTypeError(f"fp8_block_to_int8: argument 'weight' has dtype {weight.dtype}, expected an FP8 dtype")
+    if weight.dim() != 2:
+        raise ShapeError(f"fp8_block_to_int8: argument 'weight' must be 2-D [N, K], got shape {list(weight.shape)}")
+    dense = dequantize_fp8(weight, scale_inv, BLOCK, torch.float32)  # checks the scale's shape too
+    return quantize_int8(dense)
+
+
+def convert_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert every ``X.weight`` that has an ``X.weight_scale_inv`` beside it; keep the rest.
+
+    Raises ShapeError when an FP8 weight has no block scale (or a scale has no weight), since
+    silently copying it would leave a weight the int8 path cannot read.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(FP8_SCALE_SUFFIX):
+            owner = name[: -len(FP8_SCALE_SUFFIX)] + "weight"
+            if owner not in tensors:
+                raise ShapeError(f"convert: {name!r} has no weight {owner!r} beside it")
+            continue
+        scale_name = name[: -len("weight")] + FP8_SCALE_SUFFIX if name.endswith("weight") else None
+        if scale_name is not None and scale_name in tensors:
+            q, s = fp8_block_to_int8(t, tensors[scale_name])
+            out[name] = q
+            out[name[: -len("weight")] + INT8_SCALE_SUFFIX] = s
+        elif t.dtype in FP8_DTYPE_LIST:
+            raise ShapeError(f"convert: FP8 tensor {name!r} has no block scale {name}_scale_inv beside it")
+        else:
+            out[name] = t
+    return out
+
+
+def _shards(src: Path) -> Iterator[Path]:
+    found = sorted(src.glob("*.safetensors"))
+    if not found:
+        raise DshalError(f"convert: no *.safetensors files in {src}")
+    yield from found
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path) -> dict[str, int]:
+    """Convert a Hugging Face ``deepseek_v3`` checkpoint directory shard by shard (a weight's
+    ``weight_scale_inv`` lives in the same shard in DeepSeek's releases). Non-tensor files
+    are copied; ``config.json`` loses its FP8 ``quantization_config`` and records the int8
+    scheme; the safetensors index maps the new ``weight_scale`` names. Returns counts."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise DshalError(f"convert: destination {dst} is the source; choose another directory")
+    dst.mkdir(parents=True, exist_ok=True)
+    converted = 0
+    weight_map: dict[str, str] = {}
+    for shard in _shards(src):
+        tensors = load_file(str(shard))
+        result = convert_state_dict(tensors)
+        converted += sum(1 for n in result if n.endswith(INT8_SCALE_SUFFIX) and n not in tensors)
+        save_file(result, str(dst / shard.name), metadata={"format": "pt"})
+        weight_map.update({n: shard.name for n in result})
+    for path in src.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(path, dst / path.name)
+    config_path = src / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config["dshal_quantization"] = {"scheme": "w8a8-int8", "weight": "per-output-channel", "activation": "per-token-dynamic"}
+        (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (src / "model.safetensors.index.json").exists():
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        index["weight_map"] = weight_map
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return {"converted_weights": converted, "tensors": len(weight_map)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dshal-ascend-convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="DeepSeek-V3 FP8 checkpoint directory (config.json + *.safetensors)")
+    parser.add_argument("dst", help="output directory for the W8A8 int8 checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        counts = convert_checkpoint(args.src, args.dst)
+    except DshalError as err:
+        print(f"error: {err}")
+        return 1
+    print(f"converted {counts['converted_weights']} FP8 weights to int8; {counts['tensors']} tensors written to {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

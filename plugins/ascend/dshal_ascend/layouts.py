@@ -1,0 +1,306 @@
+"""Pure-torch preparation around the torch_npu kernels: layout changes, masks, token sorting.
+
+Nothing here imports torch_npu, so every function runs (and is unit-tested) on CPU
+tensors against ``dshal.ops.reference``; on the NPU the same code runs on ``npu`` tensors
+right before and after the fused kernel in :mod:`dshal_ascend.npu_ops`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from dshal.errors import ShapeError
+from dshal.ops.quant import dequantize_to
+from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
+
+#: ``pre_tockens`` / ``next_tockens`` default of npu_fusion_attention: "no limit".
+NO_TOKEN_LIMIT = 2147483647
+
+# ---------------------------------------------------------------- rms_norm
+
+
+def pick_rms_norm_outputs(outputs: tuple[torch.Tensor, ...], fused: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Map torch_npu's RMSNorm tuples to dshal's return value.
+
+    ``npu_rms_norm`` returns ``(y, rstd)``; ``npu_add_rms_norm`` returns ``(y, rstd, x1 + x2)``
+    (op-plugin docs ``torch_npu-npu_rms_norm.md`` and its add_rms_norm test). dshal returns
+    ``y`` or ``(y, x + residual)``: the residual sum is the *third* element, not the second.
+    """
+    expected = 3 if fused else 2
+    if len(outputs) != expected:
+        raise TypeError(f"expected {expected} outputs from the torch_npu RMSNorm kernel, got {len(outputs)}")
+    return (outputs[0], outputs[2]) if fused else outputs[0]
+
+
+# ---------------------------------------------------------------- rotary
+
+
+def deinterleave_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairs ``(x0, x1), (x2, x3)...`` -> half-split ``[x0, x2, ..., x1, x3, ...]``."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+def interleave_halves(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`deinterleave_pairs`: ``[a0..a(n-1), b0..b(n-1)]`` -> ``[a0, b0, a1, b1, ...]``."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.stack((a, b), dim=-1).flatten(-2)
+
+
+def rope_rows_4d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten ``x [..., D]`` to the 4-D ``[1, 1, R, D]`` (BNSD with B = N = 1) the rotary
+    kernels take, and expand the per-pair tables ``cos``/``sin`` (broadcastable to
+    ``x[..., :D/2]``) to full-width half-layout tables ``[1, 1, R, D]`` = ``cat(c, c)``.
+
+    With B = N = 1 every documented constraint of ``npu_rotary_mul`` (half mode: B, N < 1000,
+    r1/r2 layout 11SD) and ``npu_interleave_rope`` (cos N = 1) holds whatever ``x``'s rank.
+    The tables are materialized per row: simple and always valid, at the cost of R x D
+    extra reads (small next to attention).
+    """
+    d = x.shape[-1]
+    half = (*x.shape[:-1], d // 2)
+    rows = x.numel() // d if d else 0
+    c = cos.to(x.dtype).expand(half).reshape(rows, d // 2)
+    s = sin.to(x.dtype).expand(half).reshape(rows, d // 2)
+    full = lambda t: torch.cat((t, t), dim=-1).reshape(1, 1, rows, d).contiguous()  # noqa: E731
+    return x.reshape(1, 1, rows, d).contiguous(), full(c), full(s)
+
+
+# ---------------------------------------------------------------- attention
+
+
+@dataclass(frozen=True)
+class FusionAttentionMask:
+    """The mask arguments of ``npu_fusion_attention`` for one (Tq, Tk, causal, window, global) case.
+
+    ``atten_mask``: bool, True = the pair does NOT take part (op-plugin doc
+    ``torch_npu-npu_fusion_attention.md``: "1 = not computed, 0 = computed"), or None.
+    ``sparse_mode`` 0 = defaultMask (the explicit mask is applied as given), 3 =
+    rightDownCausal (the kernel generates the end-aligned causal mask from a 2048 x 2048
+    compressed upper-triangular mask).
+    """
+
+    atten_mask: torch.Tensor | None
+    sparse_mode: int
+    pre_tockens: int = NO_TOKEN_LIMIT
+    next_tockens: int = NO_TOKEN_LIMIT
+
+
+def masked_pairs(tq: int, tk: int, causal: bool, window: int | None, global_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Bool ``[Tq, Tk]``, True where query ``i`` must NOT see key ``j`` (None: nothing masked).
+
+    Query ``i`` sits at position ``i + Tk - Tq`` (end-aligned). The offset of key ``j``
+    from the query, ``rel = j - pos``, decides: causal hides ``rel > 0``; a window ``w``
+    hides ``rel <= -w`` (and, non-causal, ``rel >= w``); the first ``global_tokens`` keys
+    are exempt from the window (never from causality).
+    """
+    if not causal and window is None:
+        return None
+    rel = torch.arange(tk, device=device)[None, :] - (torch.arange(tq, device=device)[:, None] + (tk - tq))
+    hidden = rel > 0 if causal else torch.zeros(tq, tk, dtype=torch.bool, device=device)
+    if window is not None:
+        outside = rel <= -window if causal else rel.abs() >= window
+        is_global = torch.arange(tk, device=device)[None, :] < global_tokens
+        hidden = hidden | (outside & ~is_global)
+    return hidden
+
+
+#: Side of the compressed causal mask that sparse modes 2/3/4 expect (op-plugin docs).
+COMPRESSED_MASK_SIZE = 2048
+
+
+@functools.lru_cache(maxsize=16)
+def compressed_causal_mask(device: str) -> torch.Tensor:
+    """The 2048 x 2048 ``triu(1)`` bool mask of sparse modes 2/3 (4 MiB), once per device."""
+    size = COMPRESSED_MASK_SIZE
+    return torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
+
+
+def fusion_attention_mask(
+    tq: int, tk: int, causal: bool, window: int | None, global_tokens: int, device: torch.device | str = "cpu"
+) -> FusionAttentionMask:
+    """Choose how to express dshal's mask to ``npu_fusion_attention``.
+
+    * nothing masked -> no mask, ``sparse_mode=0`` (full computation);
+    * plain end-aligned causal -> ``sparse_mode=3`` (rightDownCausal) with the 2048 x 2048
+      compressed ``triu(1)`` mask the docs prescribe, which is O(1) in the sequence length;
+    * window and/or global tokens -> the explicit ``[Tq, Tk]`` mask from :func:`masked_pairs`
+      with ``sparse_mode=0`` and unlimited pre/next tokens (so the band parameters cannot
+      disagree with the mask, which the docs warn corrupts results).
+    """
+    if not causal and window is None:
+        return FusionAttentionMask(None, 0)
+    if causal and window is None:
+        return FusionAttentionMask(compressed_causal_mask(str(device)), 3)
+    return FusionAttentionMask(masked_pairs(tq, tk, causal, window, global_tokens, device), 0)
+
+
+def zero_rows_without_keys(out: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """dshal outputs zeros for a query that sees no key; fused kernels leave such rows
+    undefined. ``out [..., Tq, Dv]``, ``hidden [Tq, Tk]`` (True = masked)."""
+    if hidden is None or hidden.shape[-1] == 0:
+        return out if hidden is None else torch.zeros_like(out)
+    blind = hidden.all(dim=-1)
+    if not bool(blind.any()):
+        return out
+    return out.masked_fill(blind[:, None], 0.0)
+
+
+# ---------------------------------------------------------------- moe_gate
+
+
+def gating_top_k_fit(experts: int, top_k: int, n_group: int, topk_group: int) -> tuple[bool, str]:
+    """Whether ``npu_moe_gating_top_k`` selects exactly DeepSeek-V3's experts, and why not.
+
+    The kernel (op-plugin doc ``torch_npu-npu_moe_gating_top_k.md``) matches dshal's
+    ``moe_gate`` selection with ``norm_type=1`` (sigmoid), ``group_select_mode=1`` (a group
+    scores the sum of its top-2) and the bias added for choice only, when:
+    E <= 2048; E divisible by ``n_group`` with more than 2 experts per group (so the top-2
+    sum is the same as dshal's); ``align32(E / n_group) * n_group <= 2048``;
+    ``1 <= topk_group <= n_group``; ``top_k <= E / n_group * topk_group``. Only the *ids* are
+    taken from the kernel; the weights are recomputed (:func:`finish_gate`), so
+    ``norm_topk_prob`` and ``routed_scaling_factor`` always follow dshal's definition
+    (the kernel's own ``y`` formula is a figure in the doc; we do not depend on it).
+    """
+    if experts > 2048:
+        return False, f"{experts} experts > 2048 (kernel limit)"
+    if n_group < 1 or experts % n_group:
+        return False, f"{experts} experts not divisible into {n_group} groups"
+    per_group = experts // n_group
+    if per_group <= 2:
+        return False, f"{per_group} experts per group (kernel needs > 2)"
+    if -(-per_group // 32) * 32 * n_group > 2048:
+        return False, f"align32({per_group}) * {n_group} groups > 2048 (kernel limit)"
+    if not 1 <= topk_group <= n_group:
+        return False, f"topk_group {topk_group} outside [1, {n_group}]"
+    if not 1 <= top_k <= per_group * topk_group:
+        return False, f"top_k {top_k} outside [1, {per_group * topk_group}]"
+    return True, "matches DeepSeek-V3 routing (sigmoid, top-2 group score, bias for choice only)"
+
+
+def finish_gate(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and order for chosen expert ``ids [T, k]`` (in any order, any int dtype).
+
+    Recomputes the weights as dshal defines them (sigmoid scores without bias, optionally
+    normalized with +1e-20, times ``routed_scaling_factor``, float32) and sorts each row best
+    choice score first, as ``torch.topk`` in the reference does. Returns
+    ``(weights float32 [T, k], ids int64 [T, k])``.
+    """
+    ids = ids.to(torch.int64)
+    scores = torch.sigmoid(logits.to(torch.float32))
+    choice = scores if bias is None else scores + bias.to(torch.float32)
+    rank = choice.gather(1, ids).argsort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, rank)
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids
+
+
+# ---------------------------------------------------------------- moe_experts
+
+
+@dataclass(frozen=True)
+class ExpertRouting:
+    """(token, slot) pairs sorted by expert, as ``npu_grouped_matmul`` wants its rows.
+
+    ``token_of_row[r]``: the token that sorted row ``r`` reads; ``weight_of_row[r]``: its
+    routing weight; ``group_ends``: cumulative row counts per expert (``group_list`` with
+    ``group_list_type=0``), int64 ``[E]``.
+    """
+
+    token_of_row: torch.Tensor
+    weight_of_row: torch.Tensor
+    group_ends: torch.Tensor
+
+
+def route_tokens(weights: torch.Tensor, ids: torch.Tensor, experts: int) -> ExpertRouting:
+    """Sort the ``T * k`` (token, slot) pairs by expert id (stable: token order kept per expert)."""
+    top_k = ids.shape[1]
+    flat = ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts)
+    if counts.numel() != experts:
+        raise ShapeError(
+            f"moe_experts: argument 'ids' holds expert id {counts.numel() - 1}, expected ids in [0, {experts}) "
+            f"(w13 has {experts} experts)"
+        )
+    return ExpertRouting(
+        token_of_row=order // top_k,
+        weight_of_row=weights.reshape(-1)[order],
+        group_ends=torch.cumsum(counts, 0),
+    )
+
+
+def combine_rows(rows: torch.Tensor, routing: ExpertRouting, tokens: int, acc: torch.dtype = torch.float32) -> torch.Tensor:
+    """``out[t] = sum over rows r of token t: weight_of_row[r] * rows[r]`` in ``acc``."""
+    out = torch.zeros(tokens, rows.shape[-1], dtype=acc, device=rows.device)
+    return out.index_add_(0, routing.token_of_row, rows.to(acc) * routing.weight_of_row.to(acc)[:, None])
+
+
+@dataclass(frozen=True)
+class ExpertOperands:
+    """Everything the two grouped matmuls of ``moe_experts`` need, ready for the kernel.
+
+    ``rows [T*k, H]``: token rows sorted by expert; ``w13_ekn [E, H, 2I]`` and
+    ``w2_ekn [E, I, H]``: the weights as ``[E, K, N]`` (transposed views); ``act_fp8``: the
+    FP8 format the SwiGLU output is rounded to before the second matmul (FP8 experts), or None.
+    """
+
+    routing: ExpertRouting
+    rows: torch.Tensor
+    w13_ekn: torch.Tensor
+    w2_ekn: torch.Tensor
+    act_fp8: str | None
+
+    def between(self, act: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU output as the second matmul sees it (FP8-rounded for FP8 experts)."""
+        return act if self.act_fp8 is None else fake_quantize_fp8(act, (1, 128), self.act_fp8).to(act.dtype)
+
+
+def dequantize_expert_weights(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 ``[E, R, C]`` + 128x128 block scales -> ``dtype``, without FP8 casts (emulated)."""
+    return dequantize_to(decode_fp8(w), scale, (128, 128), torch.float32).to(dtype)
+
+
+def expert_operands(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None) -> ExpertOperands:
+    """Sort tokens by expert and lay out the weights for ``npu_grouped_matmul``. FP8 experts
+    (emulated) get bf16/x-dtype weights and FP8-rounded activations, as the reference's FP8
+    ``linear`` quantizes its inputs per (1, 128)."""
+    routing = route_tokens(weights, ids, w13.shape[0])
+    rows = x[routing.token_of_row]
+    act_fp8 = None
+    if w13_scale is not None:
+        rows = fake_quantize_fp8(rows, (1, 128), format_of(w13.dtype).name).to(x.dtype)
+        act_fp8 = format_of(w2.dtype).name
+        w13 = dequantize_expert_weights(w13, w13_scale, x.dtype)
+        w2 = dequantize_expert_weights(w2, w2_scale, x.dtype)
+    return ExpertOperands(routing, rows, w13.to(x.dtype).transpose(1, 2), w2.to(x.dtype).transpose(1, 2), act_fp8)
+
+
+# ---------------------------------------------------------------- int8
+
+
+def fix_zero_scales(scale: torch.Tensor) -> torch.Tensor:
+    """dshal gives all-zero rows scale 1 (not 0): their q is 0 either way, but a 0 scale
+    would turn later divisions into NaN."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def quant_matmul_args(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dshal's NT int8 operands -> ``npu_quant_matmul``'s ``(x1 [M, K], x2 [K, N], scale [N]
+    float32, pertoken_scale [M] float32)``; the kernel computes ``(x1 @ x2) * scale * pertoken``."""
+    return a, b.t(), b_scale.reshape(-1).to(torch.float32), a_scale.reshape(-1).to(torch.float32)
+
+
+def dynamic_quant_result(q: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """``npu_dynamic_quant``'s ``(y, scale [rows])`` -> dshal's ``(q [..., K], scale [..., 1] float32)``."""
+    return q.reshape(shape), fix_zero_scales(scale.reshape(*shape[:-1], 1).to(torch.float32))

@@ -1,0 +1,220 @@
+"""Is an Ascend NPU usable here? Answered without importing torch_npu into this process.
+
+An installed ``torch_npu`` whose CANN runtime is missing makes ``import torch_npu`` (and,
+through torch's device-backend autoload, ``import torch``) fail or abort. So the checks
+go from harmless to risky, and stop at the first failure:
+
+1. ``importlib.util.find_spec("torch_npu")`` -- is the package there at all (no import);
+2. the CANN shared libraries (``libascendcl.so``, ``libhccl.so``) in ``ASCEND_HOME_PATH``,
+   ``ASCEND_TOOLKIT_HOME``, ``LD_LIBRARY_PATH`` or ``/usr/local/Ascend/...``, and the CANN
+   version from the toolkit's install-info file -- plain file reads;
+3. only then a child process (``TORCH_DEVICE_BACKEND_AUTOLOAD=0``, with a timeout) that
+   imports torch_npu and counts the NPUs. A crash there cannot hurt this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+#: CANN libraries torch_npu needs at import (ACL runtime) and for collectives (HCCL).
+REQUIRED_LIBRARIES = ("libascendcl.so", "libhccl.so")
+#: Where CANN installs by default (toolkit, and the newer unified ``cann`` layout).
+DEFAULT_CANN_ROOTS = (
+    "/usr/local/Ascend/ascend-toolkit/latest",
+    "/usr/local/Ascend/cann",
+    "/usr/local/Ascend/latest",
+)
+PROBE_TIMEOUT_S = 120.0
+
+# Runs in a child process: import torch_npu explicitly (autoload disabled) and describe NPU 0.
+_PROBE_SOURCE = r"""
+import json, sys
+import torch
+import torch_npu
+out = {"torch_npu": getattr(torch_npu, "__version__", "?"), "count": int(torch.npu.device_count())}
+if out["count"]:
+    props = torch.npu.get_device_properties(0)
+    out["name"] = torch.npu.get_device_name(0)
+    out["memory"] = int(getattr(props, "total_memory", 0) or 0)
+    out["cores"] = int(getattr(props, "cube_core_num", 0) or 0)
+try:
+    from torch_npu.npu.utils import get_cann_version
+    out["cann"] = str(get_cann_version())
+except Exception:
+    pass
+sys.stdout.write("DSHAL_PROBE " + json.dumps(out) + "\n")
+"""
+
+
+@dataclass(frozen=True)
+class CannInstall:
+    """What the file system says about CANN."""
+
+    #: Directories searched for the libraries, in order.
+    searched: tuple[str, ...]
+    #: Library name -> path where it was found.
+    found: Mapping[str, str] = field(default_factory=dict)
+    #: Toolkit version from the install-info file, e.g. ``"8.0.RC3"``; None when unknown.
+    version: str | None = None
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return tuple(lib for lib in REQUIRED_LIBRARIES if lib not in self.found)
+
+
+@dataclass(frozen=True)
+class NpuProbe:
+    """The child process's answer."""
+
+    ok: bool
+    reason: str
+    count: int = 0
+    name: str = ""
+    memory_bytes: int | None = None
+    cube_cores: int | None = None
+    cann_version: str | None = None
+    torch_npu_version: str | None = None
+
+
+def cann_roots(env: Mapping[str, str]) -> list[Path]:
+    """Candidate CANN install roots, most specific first (env vars, then defaults)."""
+    roots = [env.get(var, "") for var in ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME")] + list(DEFAULT_CANN_ROOTS)
+    seen: list[Path] = []
+    for r in roots:
+        if r and Path(r) not in seen:
+            seen.append(Path(r))
+    return seen
+
+
+def library_dirs(env: Mapping[str, str]) -> list[Path]:
+    """Directories where the CANN shared libraries may live."""
+    dirs: list[Path] = []
+    for root in cann_roots(env):
+        dirs += [root / "lib64", root / "runtime" / "lib64"]
+        dirs += sorted(root.glob("*-linux/lib64")) if root.is_dir() else []
+    dirs += [Path(p) for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    unique: list[Path] = []
+    for d in dirs:
+        if d not in unique:
+            unique.append(d)
+    return unique
+
+
+_VERSION_LINE = re.compile(r"^\s*(?:version|Version)\s*=\s*\[?([0-9][0-9A-Za-z.\-_]*)", re.MULTILINE)
+
+
+def cann_version(env: Mapping[str, str]) -> str | None:
+    """The CANN toolkit version, from ``ascend_toolkit_install.info`` (``version=8.0.RC3``)
+    or ``version.cfg`` under an install root; None when no such file is readable."""
+    for root in cann_roots(env):
+        if not root.is_dir():
+            continue
+        candidates = [root / "ascend_toolkit_install.info", root / "version.cfg"]
+        candidates += sorted(root.glob("*-linux/ascend_toolkit_install.info"))
+        candidates += sorted(root.glob("*_install.info"))
+        for path in candidates:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            match = _VERSION_LINE.search(text)
+            if match:
+                return match.group(1)
+    return None
+
+
+def find_cann(env: Mapping[str, str] | None = None) -> CannInstall:
+    """Look for the CANN runtime libraries and version (file-system checks only)."""
+    env = os.environ if env is None else env
+    dirs = library_dirs(env)
+    found: dict[str, str] = {}
+    for lib in REQUIRED_LIBRARIES:
+        for d in dirs:
+            path = d / lib
+            if path.exists():
+                found[lib] = str(path)
+                break
+    return CannInstall(searched=tuple(str(d) for d in dirs), found=found, version=cann_version(env))
+
+
+def torch_npu_installed() -> bool:
+    """Whether the torch_npu package is importable -- decided without importing it."""
+    try:
+        return importlib.util.find_spec("torch_npu") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def visible_devices(env: Mapping[str, str] | None = None) -> list[int] | None:
+    """Physical NPU ids listed by ``ASCEND_RT_VISIBLE_DEVICES`` (None: all are visible).
+
+    Logical device ``npu:i`` is physical device ``visible_devices()[i]``, as with
+    ``CUDA_VISIBLE_DEVICES``. Parsing stops at the first entry that is not an id (what the
+    CANN runtime does with e.g. ``"0,1,x,3"`` is not documented; we do not guess past it).
+    """
+    env = os.environ if env is None else env
+    raw = env.get("ASCEND_RT_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    ids: list[int] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            break
+        ids.append(int(part))
+    return ids
+
+
+def probe_npu(timeout_s: float = PROBE_TIMEOUT_S, env: Mapping[str, str] | None = None) -> NpuProbe:
+    """Import torch_npu in a child process and count the visible NPUs. Never raises."""
+    child_env = dict(os.environ if env is None else env)
+    child_env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE_SOURCE],
+            env=child_env, capture_output=True, text=True, timeout=timeout_s, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return NpuProbe(False, f"probing torch_npu in a child process timed out after {timeout_s:.0f} s")
+    except OSError as err:
+        return NpuProbe(False, f"could not start the torch_npu probe: {err}")
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("DSHAL_PROBE ")), None)
+    if done.returncode != 0 or line is None:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return NpuProbe(False, f"import torch_npu failed in a child process (exit {done.returncode}): {tail}")
+    data = json.loads(line[len("DSHAL_PROBE "):])
+    common = dict(cann_version=data.get("cann"), torch_npu_version=data.get("torch_npu"))
+    if not data.get("count"):
+        shown = os.environ.get("ASCEND_RT_VISIBLE_DEVICES") if env is None else env.get("ASCEND_RT_VISIBLE_DEVICES")
+        hint = f" (ASCEND_RT_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
+        return NpuProbe(False, f"no NPU visible{hint}", **common)
+    return NpuProbe(
+        True, f"{data['count']} NPU(s), {data.get('name', '?')}", count=int(data["count"]), name=data.get("name", ""),
+        memory_bytes=data.get("memory") or None, cube_cores=data.get("cores") or None, **common,
+    )
+
+
+def diagnose(env: Mapping[str, str] | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[NpuProbe, CannInstall | None]:
+    """Run checks 1-3 (module docstring), stopping at the first that fails."""
+    if not torch_npu_installed():
+        return NpuProbe(False, "torch_npu not installed (install dshal-ascend's npu extra on an NPU host)"), None
+    cann = find_cann(env)
+    if cann.missing:
+        where = ", ".join(cann.searched[:4]) + (" ..." if len(cann.searched) > 4 else "")
+        reason = (
+            f"torch_npu present but CANN runtime missing ({', '.join(cann.missing)} not found in {where}); "
+            "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
+        )
+        return NpuProbe(False, reason), cann
+    probe = probe_npu(timeout_s, env)
+    version = probe.cann_version or cann.version
+    suffix = f"; CANN {version}" if version else ""
+    return replace(probe, reason=probe.reason + suffix, cann_version=version), cann

@@ -1,0 +1,109 @@
+"""Installed without torch_npu (this machine): nothing breaks and the reason is precise.
+
+Subprocess tests run a fresh interpreter, as a user would, so an import side effect in the
+plugin could not hide behind modules this test process already loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import dshal
+from dshal.info import collect
+from dshal_ascend import AscendBackend
+from dshal_ascend.probe import find_cann, probe_npu, torch_npu_installed, visible_devices
+
+pytestmark = pytest.mark.skipif(torch_npu_installed(), reason="torch_npu is installed here: these tests cover hosts without it")
+
+NOT_INSTALLED = "torch_npu not installed"
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False)
+
+
+def test_ascend_import_torch_dshal_and_dshal_info_in_fresh_process():
+    done = _run(
+        "import sys, torch, dshal\n"
+        "a = {i.name: i for i in dshal.backends()}['ascend']\n"
+        "print(a.loaded, a.available, 'torch_npu' in sys.modules)\n"
+        "from dshal.cli import main\n"
+        "code = main(['info'])\n"
+        "print('torch_npu' in sys.modules, code)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "True False False"  # loaded, unavailable, torch_npu never imported
+    assert lines[-1] == "False 0"  # `dshal info` worked and still imported no torch_npu
+    assert "ascend" in done.stdout and "torch_npu not" in done.stdout  # the reason is shown
+
+
+def test_ascend_dshal_info_json_reports_the_reason():
+    data = collect()
+    ascend = next(b for b in data["backends"] if b["name"] == "ascend")
+    assert ascend["loaded"] and not ascend["available"]
+    assert NOT_INSTALLED in ascend["reason"]
+    assert data["runtime"]["backend"] != "ascend"
+    auto = {d["name"]: d for d in data["runtime"]["selection"]}
+    if "ascend" in auto:  # listed in `prefer`: passed over with the reason
+        assert NOT_INSTALLED in auto["ascend"]["reason"] and not auto["ascend"]["taken"]
+
+
+def test_ascend_backend_unavailable_in_process():
+    backend = AscendBackend()
+    avail = backend.availability()
+    assert not avail.ok and NOT_INSTALLED in avail.reason
+    assert "torch_npu" not in sys.modules
+    emulated = AscendBackend(emulate=True).availability()
+    assert not emulated.ok and "no CPU emulation" in emulated.reason
+    with pytest.raises(dshal.BackendUnavailableError, match=NOT_INSTALLED):
+        dshal.use(backend="ascend")
+
+
+def test_ascend_child_probe_reports_import_failure():
+    # The real child-process probe, run where torch_npu is absent: a clean "no", no crash.
+    probe = probe_npu(timeout_s=120)
+    assert not probe.ok
+    assert "import torch_npu failed in a child process" in probe.reason and "torch_npu" in probe.reason
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+
+
+def test_ascend_find_cann_libraries_and_version(tmp_path):
+    root = tmp_path / "ascend-toolkit" / "latest"
+    env = {"ASCEND_TOOLKIT_HOME": str(root)}
+    missing = find_cann(env)
+    assert missing.missing == ("libascendcl.so", "libhccl.so") and missing.version is None
+    _touch(root / "aarch64-linux" / "lib64" / "libascendcl.so")
+    (root / "aarch64-linux" / "ascend_toolkit_install.info").write_text(
+        "package_name=Ascend-cann-toolkit\nversion=8.0.RC3\ninnerversion=V100R001C19SPC001\narch=aarch64\n"
+    )
+    partial = find_cann(env)
+    assert partial.missing == ("libhccl.so",) and partial.version == "8.0.RC3"
+    hccl_dir = tmp_path / "hccl"
+    _touch(hccl_dir / "libhccl.so")
+    complete = find_cann({**env, "LD_LIBRARY_PATH": f"/nonexistent:{hccl_dir}"})
+    assert complete.missing == ()
+    assert complete.found["libhccl.so"] == str(hccl_dir / "libhccl.so")
+
+
+def test_ascend_cann_version_from_version_cfg(tmp_path):
+    (tmp_path / "version.cfg").write_text("# version info\nVersion=7.0.0.5.242\n")
+    assert find_cann({"ASCEND_HOME_PATH": str(tmp_path)}).version == "7.0.0.5.242"
+
+
+@pytest.mark.parametrize(
+    "raw,want",
+    [(None, None), ("", []), ("0,1,2", [0, 1, 2]), (" 4, 6 ", [4, 6]), ("3,x,5", [3])],
+)
+def test_ascend_visible_devices(raw, want):
+    env = {} if raw is None else {"ASCEND_RT_VISIBLE_DEVICES": raw}
+    assert visible_devices(env) == want

@@ -1,0 +1,75 @@
+"""DeepSeek-V3 FP8 block checkpoint -> W8A8 int8 per output channel, on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dshal.ops.reference as ref
+from dshal.errors import ShapeError
+from dshal_ascend.convert import convert_state_dict, fp8_block_to_int8, main
+
+
+def _fp8_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Blocks of very different magnitudes, as in real checkpoints.
+    block_gain = torch.rand(-(-n // 128), -(-k // 128), generator=g) + 0.1
+    gain = block_gain.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    dense = torch.randn(n, k, generator=g) * 0.02 * gain
+    return ref.quantize_fp8(dense, (128, 128), "e4m3fn")
+
+
+def test_ascend_int8_weight_close_to_fp8_weight():
+    w, s = _fp8_weight(300, 520, 0)  # partial blocks on both axes
+    q, scale = fp8_block_to_int8(w, s)
+    assert q.dtype == torch.int8 and scale.shape == (300, 1) and scale.dtype == torch.float32
+    fp8_dense = ref.dequantize_fp8(w, s, (128, 128), torch.float32)
+    int8_dense = q.float() * scale
+    # Per-channel int8 rounding error is at most half a step of the row's amax / 127.
+    step = fp8_dense.abs().amax(dim=1, keepdim=True) / 127
+    assert ((int8_dense - fp8_dense).abs() <= step * (0.5 + 1e-5)).all()
+
+
+def test_ascend_int8_linear_close_to_fp8_linear():
+    w, s = _fp8_weight(256, 384, 1)
+    q, scale = fp8_block_to_int8(w, s)
+    x = torch.randn(7, 384, dtype=torch.bfloat16)
+    with_int8 = ref.linear(x, q, None, scale).float()  # W8A8: int8 weight, per-token int8 x
+    with_fp8 = ref.linear(x, w, None, s).float()  # the FP8 path (x rounded to e4m3 per 1x128)
+    exact = x.float() @ ref.dequantize_fp8(w, s, (128, 128), torch.float32).t()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(with_int8, exact) < 2e-2  # conversion + W8A8 + bf16 output rounding
+    assert rel(with_int8, with_fp8) < 5e-2  # the FP8 path's own e4m3 activation error dominates
+    assert rel(with_int8, exact) < rel(with_fp8, exact)
+
+
+def test_ascend_convert_state_dict_pairs_and_passthrough():
+    w, s = _fp8_weight(128, 256, 2)
+    norm = torch.ones(256, dtype=torch.bfloat16)
+    out = convert_state_dict({"l.0.q_proj.weight": w, "l.0.q_proj.weight_scale_inv": s, "l.0.norm.weight": norm})
+    assert set(out) == {"l.0.q_proj.weight", "l.0.q_proj.weight_scale", "l.0.norm.weight"}
+    assert out["l.0.q_proj.weight"].dtype == torch.int8 and out["l.0.norm.weight"] is norm
+    with pytest.raises(ShapeError, match="no block scale"):
+        convert_state_dict({"a.weight": w})
+    with pytest.raises(ShapeError, match="no weight"):
+        convert_state_dict({"a.weight_scale_inv": s})
+
+
+def test_ascend_convert_checkpoint_directory(tmp_path):
+    src, dst = tmp_path / "fp8", tmp_path / "int8"
+    src.mkdir()
+    w, s = _fp8_weight(128, 128, 3)
+    save_file({"m.weight": w, "m.weight_scale_inv": s, "e.weight": torch.zeros(4, 8)}, str(src / "model-00001-of-00001.safetensors"))
+    (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "quantization_config": {"quant_method": "fp8"}}))
+    (src / "tokenizer.json").write_text("{}")
+    assert main([str(src), str(dst)]) == 0
+    tensors = load_file(str(dst / "model-00001-of-00001.safetensors"))
+    assert tensors["m.weight"].dtype == torch.int8 and tensors["m.weight_scale"].shape == (128, 1)
+    assert "m.weight_scale_inv" not in tensors
+    config = json.loads((dst / "config.json").read_text())
+    assert "quantization_config" not in config and config["dshal_quantization"]["scheme"] == "w8a8-int8"
+    assert (dst / "tokenizer.json").exists()
+    assert main([str(tmp_path / "missing"), str(dst)]) == 1

@@ -1,0 +1,89 @@
+"""The torch_npu kernel calls themselves -- NPU hardware only.
+
+Skipped, with the probe's reason, wherever ``AscendBackend().availability()`` is not ok
+(every CI machine). On an NPU host (the ``conformance-ascend`` leg) these run each op
+through ``dshal.ops`` on ``npu`` tensors and compare with the reference on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dshal
+import dshal.ops.reference as ref
+from dshal_ascend import AscendBackend
+
+_AVAILABILITY = AscendBackend().availability()
+pytestmark = pytest.mark.skipif(not _AVAILABILITY.ok, reason=f"needs an Ascend NPU: {_AVAILABILITY.reason}")
+
+
+@pytest.fixture
+def npu():
+    rt = dshal.use(backend="ascend", fallback="error")
+    return rt.device
+
+
+def _close(got, want, rtol=1.6e-2, atol=1e-2):
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=rtol, atol=atol)
+
+
+def test_ascend_npu_capabilities():
+    caps = AscendBackend().capabilities()
+    assert caps.dist_backend == "hccl" and caps.fp8_formats == ()
+    assert caps.op_kinds["fp8_gemm"] == "emulated"
+
+
+def test_ascend_npu_norm_swiglu_rope(npu):
+    x, r = torch.randn(4, 7, 128, dtype=torch.bfloat16), torch.randn(4, 7, 128, dtype=torch.bfloat16)
+    w = torch.rand(128, dtype=torch.bfloat16)
+    _close(dshal.ops.rms_norm(x.to(npu), w.to(npu)), ref.rms_norm(x, w))
+    y, s = dshal.ops.rms_norm(x.to(npu), w.to(npu), 1e-6, r.to(npu))
+    want_y, want_s = ref.rms_norm(x, w, 1e-6, r)
+    _close(y, want_y)
+    _close(s, want_s)
+    _close(dshal.ops.silu_and_mul(x.to(npu)), ref.silu_and_mul(x))
+    for d in (64, 128):
+        q = torch.randn(2, 4, 9, d, dtype=torch.bfloat16)
+        angle = torch.rand(9, d // 2) * 6
+        for inter in (True, False):
+            got = dshal.ops.rotary_embedding(q.to(npu), angle.cos().to(npu), angle.sin().to(npu), inter)
+            _close(got, ref.rotary_embedding(q, angle.cos(), angle.sin(), inter))
+
+
+@pytest.mark.parametrize("tq,tk,causal,window,glob", [(64, 64, True, None, 0), (8, 64, True, None, 0), (64, 64, True, 16, 4), (32, 32, False, None, 0)])
+def test_ascend_npu_attention(npu, tq, tk, causal, window, glob):
+    q = torch.randn(2, 8, tq, 192, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 2, tk, 192, dtype=torch.bfloat16), torch.randn(2, 2, tk, 128, dtype=torch.bfloat16)
+    got = dshal.ops.attention(q.to(npu), k.to(npu), v.to(npu), causal, None, window, glob)
+    _close(got, ref.attention(q, k, v, causal, None, window, glob))
+
+
+def test_ascend_npu_moe(npu):
+    logits, bias = torch.randn(16, 256), torch.randn(256) * 0.1
+    w, ids = dshal.ops.moe_gate(logits.to(npu), bias.to(npu), 8, 8, 4, 2.5, True)
+    want_w, want_ids = ref.moe_gate(logits, bias, 8, 8, 4, 2.5, True)
+    assert torch.equal(ids.cpu(), want_ids)
+    _close(w, want_w, 1e-5, 1e-5)
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    w13, w2 = torch.randn(256, 2 * 128, 256, dtype=torch.bfloat16) * 0.05, torch.randn(256, 256, 128, dtype=torch.bfloat16) * 0.05
+    got = dshal.ops.moe_experts(x.to(npu), want_w.to(npu), want_ids.to(npu), w13.to(npu), w2.to(npu))
+    _close(got, ref.moe_experts(x, want_w, want_ids, w13, w2))
+
+
+def test_ascend_npu_w8a8(npu):
+    x, weight = torch.randn(33, 512, dtype=torch.bfloat16), torch.randn(96, 512) * 0.05
+    wq, ws = ref.quantize_int8(weight)
+    q, s = dshal.ops.quantize_int8(x.to(npu))
+    want_q, want_s = ref.quantize_int8(x)
+    assert (q.cpu().int() - want_q.int()).abs().max() <= 1
+    _close(s, want_s, 1e-5, 1e-7)
+    _close(dshal.ops.int8_gemm(want_q.to(npu), want_s.to(npu), wq.to(npu), ws.to(npu)), ref.int8_gemm(want_q, want_s, wq, ws))
+    _close(dshal.ops.linear(x.to(npu), wq.to(npu), None, ws.to(npu)), ref.linear(x, wq, None, ws))
+
+
+def test_ascend_npu_topology_and_memory(npu):
+    topo = AscendBackend().topology()
+    if topo is not None:
+        assert all(topo.links[i][i] == "self" for i in range(topo.num_devices))
+    assert AscendBackend().memory_stats()["allocated"] >= 0

@@ -1,0 +1,135 @@
+"""The NVIDIA backend: CUDA builds of torch on NVIDIA GPUs (Hopper first).
+
+- FP8: sm_90 (Hopper) has FP8 tensor cores and the Hopper-only paths (wgmma tilings,
+  cuBLASLt blockwise scaling); sm_89 (Ada) has FP8 without them; older parts have no FP8
+  (FP8 ops then dequantize, declared ``emulated``).
+- fp8_gemm: tensorwise/rowwise through ``torch._scaled_mm``; block scales through
+  ``torch.nn.functional.scaled_mm`` blockwise when a probe shows this torch + cuBLASLt run
+  it correctly on SM90, else dshal's Triton kernel. ``dshal info`` shows which.
+- Collectives: torch.distributed on ``nccl``. Topology: NVML (``pynvml``, optional).
+- ``emulate=True``: the same code on CPU tensors (Triton interpreter), standing for sm_90.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dshal.backend import Availability, Topology
+from dshal.backends.gpu_common import (
+    GemmPlan,
+    GpuHardware,
+    PeakFigures,
+    TorchGpuBackend,
+    version_tuple,
+    lookup_peaks,
+    probe_torch_blockwise,
+    triton_installed,
+)
+from dshal.kernels.triton.target import KernelTarget
+
+_TF = 1e12
+_TB = 1e12
+#: Dense peaks (datasheets list FP8/BF16 "with sparsity"; dense is half). Most specific name first.
+NVIDIA_PEAKS: tuple[PeakFigures, ...] = (
+    PeakFigures("H200 NVL", 835.5 * _TF, 1670.5 * _TF, 4.8 * _TB,
+                "NVIDIA H200 NVL datasheet: BF16 1,671 / FP8 3,341 TFLOPS with sparsity (dense = half), HBM3e 4.8 TB/s"),
+    PeakFigures("H200", 989.5 * _TF, 1979 * _TF, 4.8 * _TB,
+                "NVIDIA H200 SXM datasheet: BF16 1,979 / FP8 3,958 TFLOPS with sparsity (dense = half), HBM3e 4.8 TB/s"),
+    PeakFigures("H100 NVL", 835.5 * _TF, 1670.5 * _TF, 3.9 * _TB,
+                "NVIDIA H100 NVL datasheet: BF16 1,671 / FP8 3,341 TFLOPS with sparsity (dense = half), HBM3 3.9 TB/s"),
+    PeakFigures("H100 PCIe", 756.5 * _TF, 1513 * _TF, 2.0 * _TB,
+                "NVIDIA H100 PCIe datasheet: BF16 1,513 / FP8 3,026 TFLOPS with sparsity (dense = half), HBM2e 2.0 TB/s"),
+    PeakFigures("H100", 989.5 * _TF, 1979 * _TF, 3.35 * _TB,
+                "NVIDIA H100 SXM5 datasheet: BF16 1,979 / FP8 3,958 TFLOPS with sparsity (dense = half), HBM3 3.35 TB/s"),
+)
+
+_E4M3_E5M2 = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
+#: What emulated mode stands for.
+EMULATED_CAPABILITY = (9, 0)
+
+
+def fp8_facts(capability: tuple[int, int]) -> tuple[tuple[str, ...], str]:
+    """(FP8 formats, description) for an NVIDIA compute capability."""
+    if capability >= (9, 0):
+        return ("e4m3fn", "e5m2"), "FP8 tensor cores (Hopper paths: wgmma tilings, cuBLASLt blockwise scaling)"
+    if capability >= (8, 9):
+        return ("e4m3fn", "e5m2"), "FP8 tensor cores (Ada: no Hopper-only paths)"
+    return (), f"no FP8 tensor cores on sm_{capability[0]}{capability[1]}: FP8 ops dequantize"
+
+
+class NvidiaBackend(TorchGpuBackend):
+    """NVIDIA GPUs through torch's CUDA API, dshal's Triton kernels and cuBLASLt."""
+
+    @property
+    def name(self) -> str:
+        return "nvidia"
+
+    # ------------------------------------------------------------ availability
+    def availability(self) -> Availability:
+        if self.emulate:
+            return self.emulation_availability("NVIDIA sm_90 code paths")
+        version = torch.__version__
+        if torch.version.hip is not None:
+            return Availability(
+                False, f"torch {version} is a ROCm build (torch.version.hip = {torch.version.hip}); "
+                "the nvidia backend needs a CUDA build (use the 'amd' backend on ROCm)"
+            )
+        if torch.version.cuda is None:
+            return Availability(
+                False, f"torch {version} is a CPU-only build (torch.version.cuda is None): install a CUDA build of torch "
+                "for NVIDIA GPUs, or set DSHAL_EMULATE=1 to run this plugin's kernels on the CPU"
+            )
+        return self.device_availability(f"CUDA {torch.version.cuda}", ("CUDA_VISIBLE_DEVICES",))
+
+    # ------------------------------------------------------------ declared facts
+    def _capability(self) -> tuple[int, int]:
+        if self.emulate:
+            return EMULATED_CAPABILITY
+        return self._memo("capability", lambda: tuple(torch.cuda.get_device_capability(0)))
+
+    def read_hardware(self) -> GpuHardware:
+        cap = self._capability()
+        formats, fp8_note = fp8_facts(cap)
+        arch = f"sm_{cap[0]}{cap[1]}"
+        if self.emulate:
+            return self.emulated_hardware(f"NVIDIA {arch}", arch, formats, "e4m3fn", fp8_note)
+        return self.device_hardware(arch, formats, "e4m3fn", NVIDIA_PEAKS, {"fp8": fp8_note, "cuda": str(torch.version.cuda)})
+
+    def kernel_target(self) -> KernelTarget:
+        if self.emulate:
+            return KernelTarget.interpreter(torch.float8_e4m3fn)
+        cap = self._capability()
+        if cap >= (9, 0):
+            return KernelTarget.nvidia_hopper()
+        if cap >= (8, 9):
+            return KernelTarget.nvidia_ada()
+        return KernelTarget.generic()
+
+    def plan_gemm(self) -> GemmPlan:
+        cap = self._capability()
+        if not fp8_facts(cap)[0]:
+            return GemmPlan(block_path="dequant", why=f"sm_{cap[0]}{cap[1]} has no FP8")
+        # cuBLASLt >= 12.9 on SM90 also takes float32 outputs for rowwise scaling.
+        new_cublas = self.emulate or (version_tuple(torch.version.cuda) >= (12, 9) and cap == (9, 0))
+        rowwise = (torch.bfloat16, torch.float16) + ((torch.float32,) if new_cublas else ())
+        triton = "triton" if triton_installed() else "dequant"
+        if self.emulate:
+            usable, why = False, "torch blockwise scaled_mm needs CUDA SM90 + cuBLASLt >= 12.9; emulated on CPU"
+        else:
+            usable, why = probe_torch_blockwise(torch.device("cuda", 0))
+        return GemmPlan(
+            block_path="torch-blockwise" if usable else triton,
+            scaled_mm_dtypes=_E4M3_E5M2,
+            rowwise_out_dtypes=rowwise,
+            why=why,
+        )
+
+    # ------------------------------------------------------------ topology
+    def topology(self) -> Topology | None:
+        """NVLink vs PCIe between this process's visible GPUs, from NVML; None when emulated
+        or when pynvml is not installed (``pip install 'dshal-nvidia[nvml]'``)."""
+        if self.emulate:
+            return None
+        from dshal_nvidia.topology import nvml_topology
+
+        return nvml_topology()

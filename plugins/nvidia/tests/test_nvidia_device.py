@@ -1,0 +1,93 @@
+"""Device facts (compute capability -> FP8, peak table, NVML link matrix) as data, and the
+hooks that need a real NVIDIA GPU (skipped here with the reason)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dshal.backends.gpu_common import lookup_peaks
+from dshal_nvidia import NVIDIA_PEAKS, NvidiaBackend
+from dshal_nvidia.backend import fp8_facts
+from dshal_nvidia.topology import link_matrix
+
+ON_NVIDIA = torch.cuda.is_available() and torch.version.cuda is not None and torch.version.hip is None
+needs_gpu = pytest.mark.skipif(not ON_NVIDIA, reason="needs an NVIDIA GPU with a CUDA build of torch (none here)")
+
+
+@pytest.mark.parametrize(
+    "capability, has_fp8, words",
+    [((9, 0), True, "Hopper paths"), ((8, 9), True, "no Hopper-only paths"), ((8, 0), False, "no FP8"), ((7, 0), False, "no FP8")],
+)
+def test_nvidia_fp8_by_compute_capability(capability, has_fp8, words):
+    formats, note = fp8_facts(capability)
+    assert bool(formats) is has_fp8 and words in note
+    if has_fp8:
+        assert formats == ("e4m3fn", "e5m2")
+
+
+@pytest.mark.parametrize(
+    "name, bf16_tflops, bandwidth_tbs",
+    [("NVIDIA H200", 989.5, 4.8), ("NVIDIA H100 80GB HBM3", 989.5, 3.35), ("NVIDIA H100 PCIe", 756.5, 2.0), ("NVIDIA H200 NVL", 835.5, 4.8)],
+)
+def test_nvidia_peak_table_matches_the_most_specific_part(name, bf16_tflops, bandwidth_tbs):
+    row = lookup_peaks(name, NVIDIA_PEAKS)
+    assert row is not None and row.bf16_flops == bf16_tflops * 1e12 and row.bandwidth == bandwidth_tbs * 1e12
+    assert row.fp8_flops == pytest.approx(2 * row.bf16_flops, rel=1e-3) and "datasheet" in row.source
+    assert lookup_peaks("NVIDIA A100-SXM4-80GB", NVIDIA_PEAKS) is None  # unknown parts get no figures
+
+
+def test_nvidia_nvml_link_matrix_from_data():
+    # GPUs 0-1 NVLinked; 2 reachable over a PCIe switch (level 10) or across sockets (50).
+    nvlink = [[False, True, False], [True, False, False], [False, False, False]]
+    level = [[0, 10, 10], [10, 0, 50], [10, 50, 0]]
+    links, weights = link_matrix(nvlink, level)
+    assert links == [["self", "nvlink", "pcie"], ["nvlink", "self", "pcie"], ["pcie", "pcie", "self"]]
+    assert weights[0][1] == 1.0 and weights[0][2] == 3.0 and weights[1][2] == 7.0
+
+
+def test_nvidia_emulated_hooks_are_cpu_safe():
+    backend = NvidiaBackend(emulate=True)
+    assert backend.topology() is None and backend.memory_stats() == {}
+    assert not backend.pinned_empty((4,)).is_pinned()
+    fn = lambda t: t * 2  # noqa: E731
+    assert backend.graph(fn) is fn  # no device graphs on the CPU: fn runs eagerly
+    timer = backend.timer()
+    timer.start()
+    assert timer.stop() >= 0.0
+
+
+@needs_gpu
+def test_nvidia_real_device_capabilities():
+    backend = NvidiaBackend()
+    assert backend.availability().ok
+    caps = backend.capabilities()
+    props = torch.cuda.get_device_properties(0)
+    assert caps.device_name == props.name and caps.compute_units == props.multi_processor_count
+    assert caps.dist_backend == "nccl" and not caps.emulated
+    assert "fp8_gemm block path" in caps.notes
+
+
+@needs_gpu
+def test_nvidia_graph_timer_and_pinned_memory():
+    backend = NvidiaBackend()
+    x = torch.randn(64, 64, device="cuda")
+    step = backend.graph(lambda t: (t @ t).relu())
+    first = step(x).clone()
+    torch.testing.assert_close(first, (x @ x).relu())
+    y = torch.randn(64, 64, device="cuda")
+    torch.testing.assert_close(step(y), (y @ y).relu())  # replay with new inputs
+    timer = backend.timer()
+    timer.start()
+    x @ x
+    assert timer.stop() > 0.0
+    assert backend.pinned_empty((8,)).is_pinned()
+    assert backend.memory_stats()["allocated"] > 0
+
+
+@needs_gpu
+def test_nvidia_nvml_topology():
+    pytest.importorskip("pynvml", reason="pynvml not installed (pip install 'dshal-nvidia[nvml]')")
+    topo = NvidiaBackend().topology()
+    assert topo is not None and topo.num_devices == torch.cuda.device_count() and topo.source == "nvml"
+    assert all(topo.links[i][i] == "self" for i in range(topo.num_devices))

@@ -1,0 +1,218 @@
+"""One rank of the collective tests (started by tests/test_comm_dist.py, never by pytest).
+
+Usage: ``python comm_worker.py SCENARIO OUT_DIR [TIMEOUT_S]`` with torchrun's environment.
+Each rank writes ``OUT_DIR/rank<R>.json``: ``{"checks": {name: "ok" | failure}, ...}``.
+A rank that gets a CommError records its message and exits with :data:`COMM_ERROR_EXIT`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import dshal
+from dshal import comm
+from dshal.errors import CommError, DTypeError, ShapeError
+
+COMM_ERROR_EXIT = 17
+
+
+def write(out: Path, rank: int, payload: dict) -> None:
+    tmp = out / f"rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(out / f"rank{rank}.json")
+
+
+def run_checks(checks: dict[str, str], name: str, fn) -> None:
+    start = time.perf_counter()
+    try:
+        fn()
+        checks[name] = "ok"
+        if os.environ.get("DSHAL_TEST_TIMING"):
+            print(f"rank {os.environ.get('RANK')}: {name}: {time.perf_counter() - start:.2f} s", flush=True)
+    except Exception as err:  # noqa: BLE001 - every failure is recorded and asserted by the test
+        checks[name] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
+
+
+def expect_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+        raise AssertionError(f"got {got.dtype} {tuple(got.shape)} {got.tolist()}, want {want.dtype} {tuple(want.shape)} {want.tolist()}")
+
+
+def expect_raises(kind: type[BaseException], words: list[str], fn) -> None:
+    try:
+        fn()
+    except kind as err:
+        missing = [w for w in words if w not in str(err)]
+        if missing:
+            raise AssertionError(f"{kind.__name__} message {str(err)!r} lacks {missing}") from None
+        return
+    raise AssertionError(f"expected {kind.__name__}, nothing was raised")
+
+
+def collectives(rank: int, n: int) -> dict[str, str]:
+    """Integer-valued inputs, so every result is exact; expectations are computed from the
+    formula for every rank's input, not by calling the collective."""
+    checks: dict[str, str] = {}
+
+    def value(r: int, shape=(2, 3), dtype=torch.float32) -> torch.Tensor:  # rank r's input
+        return (torch.arange(6, dtype=torch.int64).reshape(shape) * (r + 1) + r).to(dtype)
+
+    ranks = range(n)
+    for dtype in (torch.float32, torch.int64, torch.bfloat16):
+        stack = torch.stack([value(r, dtype=dtype) for r in ranks])
+        wants = {"sum": stack.sum(0), "max": stack.amax(0), "min": stack.amin(0)}
+        if dtype != torch.bfloat16:  # bf16 products pass 256, where bf16 stops being exact
+            wants["product"] = stack.prod(0)
+        for op, want in wants.items():
+            run_checks(checks, f"all_reduce[{op},{dtype}]", lambda op=op, want=want, dtype=dtype: expect_equal(
+                comm.all_reduce(value(rank, dtype=dtype), op=op), want.to(dtype)))
+    evens = torch.stack([value(r) * n for r in ranks])  # sums divisible by n: avg is exact
+    run_checks(checks, "all_reduce[avg]", lambda: expect_equal(comm.all_reduce(value(rank) * n, op="avg"), evens.sum(0) / n))
+
+    run_checks(checks, "all_gather[dim0]", lambda: expect_equal(comm.all_gather(value(rank)), torch.cat([value(r) for r in ranks], 0)))
+    run_checks(checks, "all_gather[dim1]", lambda: expect_equal(comm.all_gather(value(rank), dim=1), torch.cat([value(r) for r in ranks], 1)))
+    run_checks(checks, "all_gather[dim-1,int64]", lambda: expect_equal(
+        comm.all_gather(value(rank, dtype=torch.int64), dim=-1), torch.cat([value(r, dtype=torch.int64) for r in ranks], -1)))
+
+    def rs_input(r: int) -> torch.Tensor:
+        return torch.arange(4 * n * 3, dtype=torch.float32).reshape(4 * n, 3) * (r + 1)
+
+    total = sum(rs_input(r) for r in ranks)
+    run_checks(checks, "reduce_scatter[dim0,sum]", lambda: expect_equal(comm.reduce_scatter(rs_input(rank)), total.chunk(n, 0)[rank]))
+    run_checks(checks, "reduce_scatter[dim1,max]", lambda: expect_equal(
+        comm.reduce_scatter(rs_input(rank).T.contiguous(), dim=1, op="max"), rs_input(n - 1).T.chunk(n, 1)[rank]))
+    run_checks(checks, "reduce_scatter[avg]", lambda: expect_equal(
+        comm.reduce_scatter(rs_input(rank) * n, op="avg"), (sum(rs_input(r) * n for r in ranks) / n).chunk(n, 0)[rank]))
+
+    # all_to_all: rank s sends rows tagged (s, d, i) to rank d.
+    def a2a_rows(src: int, dst: int, count: int) -> torch.Tensor:
+        return torch.tensor([[src, dst, i] for i in range(count)], dtype=torch.int64).reshape(count, 3)
+
+    def a2a_case(splits) -> None:  # splits(src, dst) -> rows sent from src to dst
+        send = torch.cat([a2a_rows(rank, d, splits(rank, d)) for d in ranks])
+        want = torch.cat([a2a_rows(s, rank, splits(s, rank)) for s in ranks])
+        ins = [splits(rank, d) for d in ranks]
+        outs = [splits(s, rank) for s in ranks]
+        expect_equal(comm.all_to_all(send, outs, ins), want)  # sizes known
+        expect_equal(comm.all_to_all(send, input_splits=ins), want)  # sizes exchanged first
+        expect_equal(comm.all_to_all(send.float(), input_splits=ins), want.float())
+
+    run_checks(checks, "all_to_all[even]", lambda: expect_equal(
+        comm.all_to_all(torch.cat([a2a_rows(rank, d, 2) for d in ranks])), torch.cat([a2a_rows(s, rank, 2) for s in ranks])))
+    run_checks(checks, "all_to_all[uneven]", lambda: a2a_case(lambda s, d: (s + 2 * d) % 3 + s))
+    # rank 0 receives nothing at all, and the last rank sends nothing at all
+    run_checks(checks, "all_to_all[rank0 receives none]", lambda: a2a_case(lambda s, d: 0 if d == 0 or s == n - 1 else s + d))
+    run_checks(checks, "all_to_all[all empty]", lambda: a2a_case(lambda s, d: 0))
+
+    def bcast() -> None:
+        t = value(rank) if rank == n - 1 else torch.zeros(2, 3)
+        expect_equal(comm.broadcast(t, src=n - 1), value(n - 1))
+
+    run_checks(checks, "broadcast", bcast)
+    run_checks(checks, "barrier", comm.barrier)
+
+    # local argument errors: raised before any traffic, and the group stays usable
+    t = value(rank)
+    run_checks(checks, "error[op]", lambda: expect_raises(CommError, ["all_reduce", "'op'", "'median'", "sum"], lambda: comm.all_reduce(t, op="median")))
+    run_checks(checks, "error[avg int]", lambda: expect_raises(DTypeError, ["avg", "torch.int64"], lambda: comm.all_reduce(t.long(), op="avg")))
+    run_checks(checks, "error[splits sum]", lambda: expect_raises(
+        ShapeError, ["input_splits", f"summing to {t.shape[0]}"], lambda: comm.all_to_all(t, input_splits=[t.shape[0] + 1] + [0] * (n - 1))))
+    run_checks(checks, "error[splits count]", lambda: expect_raises(ShapeError, ["input_splits", f"{n} non-negative"], lambda: comm.all_to_all(t, input_splits=[2])))
+    run_checks(checks, "error[rs indivisible]", lambda: expect_raises(
+        ShapeError, ["reduce_scatter", "multiple of the group size"], lambda: comm.reduce_scatter(torch.zeros(n + 1, 2))))
+    run_checks(checks, "error[not a tensor]", lambda: expect_raises(DTypeError, ["'t'", "list", "torch.Tensor"], lambda: comm.all_reduce([1, 2])))
+    run_checks(checks, "error[broadcast src]", lambda: expect_raises(CommError, ["'src'", str(n)], lambda: comm.broadcast(t, src=n)))
+    run_checks(checks, "error[dim]", lambda: expect_raises(ShapeError, ["'dim'", "5"], lambda: comm.all_gather(t, dim=5)))
+    run_checks(checks, "usable after argument errors", lambda: expect_equal(
+        comm.all_reduce(torch.ones(2)), torch.full((2,), float(n))))
+
+    # sub-groups: TP x EP = 2 x n/2, contiguous (the cpu backend reports no topology)
+    from dshal.parallel.groups import setup_groups
+
+    groups = setup_groups(tp=2, ep=n // 2)
+    tp_ranks = groups.plan.tp_group_of(rank)
+    ep_ranks = groups.plan.ep_group_of(rank)
+
+    def sub_checks() -> None:
+        if tp_ranks != tuple(range(rank - rank % 2, rank - rank % 2 + 2)):
+            raise AssertionError(f"tp group {tp_ranks}")
+        expect_equal(comm.all_reduce(torch.tensor([float(rank)]), group=groups.tp), torch.tensor([float(sum(tp_ranks))]))
+        expect_equal(comm.all_gather(torch.tensor([rank]), group=groups.tp), torch.tensor(list(tp_ranks)))
+        # broadcast from group rank 1 = global rank tp_ranks[1]
+        expect_equal(comm.broadcast(torch.tensor([rank]), src=1, group=groups.tp), torch.tensor([tp_ranks[1]]))
+        if groups.ep is not None:
+            expect_equal(comm.all_gather(torch.tensor([rank]), group=groups.ep), torch.tensor(list(ep_ranks)))
+            ins = [1 if i == 0 else 0 for i in range(len(ep_ranks))]  # everything to EP rank 0
+            got = comm.all_to_all(torch.tensor([[rank]]), input_splits=ins, group=groups.ep)
+            want = torch.tensor([[r] for r in ep_ranks]) if rank == ep_ranks[0] else torch.zeros(0, 1, dtype=torch.int64)
+            expect_equal(got, want)
+        if comm.communicator(groups.tp).world_size != 2 or comm.communicator(groups.tp).rank != tp_ranks.index(rank):
+            raise AssertionError("tp communicator rank/world_size")
+        name = comm.group_name(groups.tp)
+        if "tp" not in name or str(list(tp_ranks)) not in name:
+            raise AssertionError(f"group name {name!r}")
+
+    run_checks(checks, "subgroups", sub_checks)
+    return checks
+
+
+def failure(rank: int, n: int, mode: str, out: Path) -> int:
+    """The last rank dies (SIGKILL to itself) or hangs; the others must get CommError."""
+    comm.all_reduce(torch.ones(4))  # everyone is connected
+    victim = n - 1
+    if rank == victim:
+        if mode == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3600)  # hang: the test kills this rank when it is done
+    start = time.monotonic()
+    try:
+        for _ in range(1000):
+            comm.all_reduce(torch.ones(4))
+        write(out, rank, {"error": None})
+        return 0
+    except CommError as err:
+        elapsed = time.monotonic() - start
+        try:  # after a failure every collective refuses at once
+            comm.barrier()
+            after = "no error"
+        except CommError as again:
+            after = str(again)
+        write(out, rank, {"error": str(err), "elapsed": elapsed, "after": after})
+        return COMM_ERROR_EXIT
+
+
+def main() -> int:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    timeout_s = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0
+    dshal.use(backend="cpu", distributed={"timeout_s": timeout_s})
+    rank = int(os.environ["RANK"])
+    try:
+        world = comm.init()
+    except CommError as err:
+        write(out, rank, {"init_error": str(err)})
+        return COMM_ERROR_EXIT
+    n = world.world_size
+    if scenario == "collectives":
+        write(out, rank, {"checks": collectives(rank, n), "backend": world.__class__.__name__})
+        comm.shutdown()
+        return 0
+    if scenario in ("die", "hang"):
+        return failure(rank, n, scenario, out)
+    if scenario == "init":
+        comm.barrier()
+        write(out, rank, {"ok": True})
+        comm.shutdown()
+        return 0
+    raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

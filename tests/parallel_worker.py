@@ -1,0 +1,203 @@
+"""One rank of the model-parallel tests (started by tests/test_parallel_model.py).
+
+Usage: ``python parallel_worker.py SCENARIO OUT_DIR CHECKPOINT_DIR [TIMEOUT_S]`` with
+torchrun's environment. Every rank builds the single-process model from the same
+checkpoint as the oracle and compares its parallel model against it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from comm_worker import COMM_ERROR_EXIT, expect_equal, expect_raises, run_checks, write
+
+import dshal
+from dshal import comm, ops
+from dshal.errors import CommError, ShapeError
+from dshal.model import DictReader, ModelArgs, build_model, from_pretrained, tiny_args
+from dshal.model.checkpoint import random_checkpoint
+from dshal.model.loader import CheckpointReader
+from dshal.parallel import build_parallel, expert_parallel, setup_groups, tensor_parallel
+from dshal.parallel.groups import ParallelGroups
+from dshal.parallel.layers import ShardedExperts
+from dshal.parallel.transforms import spread_experts
+
+REL_TOL = 1e-5
+NEW_TOKENS = 5
+
+
+class CountingReader(CheckpointReader):
+    """The safetensors reader, counting the bytes each read returns."""
+
+    bytes_read = 0
+
+    def get(self, name: str) -> torch.Tensor:
+        t = super().get(name)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def get_slice(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        t = super().get_slice(name, slices)
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+def prompt(args: ModelArgs) -> torch.Tensor:
+    # batch 2 x 7 tokens: 14 rows, uneven over 4 EP ranks; decode steps have 2 rows (EP ranks 2, 3 get none)
+    return torch.randint(0, args.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def compare(reference: torch.nn.Module, model: torch.nn.Module, args: ModelArgs) -> None:
+    ids = prompt(args)
+    want, got = reference(ids), model(ids)
+    if got.shape != want.shape:
+        raise AssertionError(f"logits shape {tuple(got.shape)}, want {tuple(want.shape)}")
+    rel = float((got - want).abs().max() / want.abs().max())
+    if not rel <= REL_TOL:
+        raise AssertionError(f"logits differ: max rel error {rel:.3g} > {REL_TOL}")
+    tokens_want = reference.generate(ids, NEW_TOKENS)
+    tokens_got = model.generate(ids, NEW_TOKENS)
+    expect_equal(tokens_got, tokens_want)
+
+
+def groups_for(tp: int, ep: int) -> ParallelGroups:
+    return setup_groups(tp=tp, ep=ep)
+
+
+def from_checkpoint(checks: dict, name: str, reference, path: Path, groups: ParallelGroups) -> None:
+    def check() -> None:
+        args = ModelArgs.from_file(path)
+        reader = CountingReader(path)
+        model = build_parallel(args, reader, groups)
+        compare(reference, model, args)
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        whole = total_bytes(path)
+        # float32 file: each rank read exactly the bytes of its own parameters (its slices);
+        # FP8 file: its parameters are dequantized, and slices that cut a 128-block read the block
+        if args.weight_block_size is None and reader.bytes_read != held:
+            raise AssertionError(f"read {reader.bytes_read} bytes for {held} bytes of parameters")
+        if not reader.bytes_read < whole:
+            raise AssertionError(f"rank read {reader.bytes_read} of {whole} bytes: the whole file")
+        sharded = [n for n in model.shard_view.read_whole if any(k in n for k in ("q_b_proj", "kv_b_proj", "o_proj", "embed", "lm_head"))]
+        if groups.tp_size > 1 and sharded:
+            raise AssertionError(f"tensor-parallel weights read whole: {sharded[:3]}")
+
+    run_checks(checks, name, check)
+
+
+def total_bytes(path: Path) -> int:
+    reader = CheckpointReader(path)
+    total = 0
+    for name in reader.names():
+        shape = reader.shape(name)
+        total += int(torch.tensor(shape).prod()) * torch.empty((), dtype=reader.dtype(name)).element_size()
+    return total
+
+
+def live(checks: dict, name: str, reference, ckpt: dict, args: ModelArgs, steps) -> None:
+    """Transforms applied to a model that already has all its weights."""
+
+    def check() -> None:
+        model = build_model(args, DictReader(ckpt))
+        for step in steps:
+            step(model)
+        compare(reference, model, args)
+
+    run_checks(checks, name, check)
+
+
+def uneven_dispatch(checks: dict, group, size: int, rank: int) -> None:
+    """ShardedExperts over an EP group vs the single-device op, with tokens routed only to
+    the experts of EP rank 0 (the other ranks receive nothing) and fewer tokens than ranks."""
+
+    def check() -> None:
+        gen = torch.Generator().manual_seed(11)
+        n_experts, dim, inter = 8, 16, 8
+        w13 = torch.randn(n_experts, 2 * inter, dim, generator=gen) * 0.3
+        w2 = torch.randn(n_experts, dim, inter, generator=gen) * 0.3
+        per = n_experts // size
+        for tokens in (1, size + 1):  # fewer tokens than ranks, then an uneven split
+            x = torch.randn(tokens, dim, generator=gen)
+            ids = torch.randint(0, per, (tokens, 2), generator=gen)  # only rank 0's experts
+            weights = torch.rand(tokens, 2, generator=gen)
+            want = ops.moe_experts(x, weights, ids, w13, w2)
+            experts = ShardedExperts(n_experts, list(range(n_experts)), dim, inter, torch.float32)
+            experts.w13 = torch.nn.Parameter(w13.clone(), requires_grad=False)
+            experts.w2 = torch.nn.Parameter(w2.clone(), requires_grad=False)
+            spread_experts(experts, group)
+            if experts.held != list(range(rank * per, (rank + 1) * per)):
+                raise AssertionError(f"rank {rank} holds {experts.held}")
+            got = experts(x, weights, ids)
+            rel = float((got - want).abs().max() / want.abs().max())
+            if not rel <= REL_TOL:
+                raise AssertionError(f"{tokens} tokens: rel error {rel:.3g}")
+
+    run_checks(checks, f"uneven all_to_all dispatch (EP={size}, ranks >0 receive nothing)", check)
+
+
+def models(rank: int, world: int, path: Path) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    args = ModelArgs.from_file(path)
+    reference = from_pretrained(path)
+    ckpt = {n: CheckpointReader(path).get(n) for n in CheckpointReader(path).names()}
+    layouts = [(world, 1), (1, world)] + ([(2, 2)] if world == 4 else [])
+    for tp, ep in layouts:
+        from_checkpoint(checks, f"TP={tp} x EP={ep} from checkpoint", reference, path, groups_for(tp, ep))
+    if world == 2:  # FP8 checkpoint: TP slices cut its 128-blocks (read dequantized), EP keeps FP8 experts
+        fp8 = path / "fp8"
+        fp8_reference = from_pretrained(fp8)
+        for tp, ep in layouts:
+            from_checkpoint(checks, f"TP={tp} x EP={ep} from FP8 checkpoint", fp8_reference, fp8, groups_for(tp, ep))
+        live(checks, "live tensor_parallel", reference, ckpt, args, [lambda m: tensor_parallel(m, None)])
+        live(checks, "live expert_parallel", reference, ckpt, args, [lambda m: expert_parallel(m, None)])
+    if world == 4:
+        g = groups_for(2, 2)
+        live(checks, "live TP then EP", reference, ckpt, args, [lambda m: tensor_parallel(m, g.tp), lambda m: expert_parallel(m, g.ep)])
+        live(checks, "live EP then TP", reference, ckpt, args, [lambda m: expert_parallel(m, g.ep), lambda m: tensor_parallel(m, g.tp)])
+        bad = build_model(args, DictReader(ckpt))
+        tensor_parallel(bad, g.tp)
+        run_checks(checks, "EP group across TP ranks refused", lambda: expect_raises(
+            ShapeError, ["EP group", "TP rank"], lambda: expert_parallel(bad, g.tp)))
+        two_heads = tiny_args(num_attention_heads=2)
+        run_checks(checks, "heads not divisible refused", lambda: expect_raises(
+            ShapeError, ["num_attention_heads is 2", "group size 4"],
+            lambda: tensor_parallel(build_model(two_heads, DictReader(random_checkpoint(two_heads))), None)))
+    uneven_dispatch(checks, None, world, rank)
+    return checks
+
+
+def killed(rank: int, out: Path, path: Path) -> int:
+    """TP=2 x EP=2 forward passes in a loop until a peer dies; report the CommError."""
+    args = ModelArgs.from_file(path)
+    model = build_parallel(args, CheckpointReader(path), groups_for(2, 2))
+    ids = prompt(args)
+    model(ids)
+    (out / f"ready{rank}").write_text(str(os.getpid()))
+    try:
+        while True:
+            model(ids)
+    except CommError as err:
+        write(out, rank, {"error": str(err)})
+        return COMM_ERROR_EXIT
+
+
+def main() -> int:
+    scenario, out, path = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    timeout_s = float(sys.argv[4]) if len(sys.argv) > 4 else 60.0
+    dshal.use(backend="cpu", precision={"gemm": "bf16"}, distributed={"timeout_s": timeout_s})
+    rank = int(os.environ["RANK"])
+    world = comm.init().world_size
+    if scenario == "models":
+        write(out, rank, {"checks": models(rank, world, path)})
+        comm.shutdown()
+        return 0
+    if scenario == "kill":
+        return killed(rank, out, path)
+    raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""dshal.comm across real local processes (gloo on 127.0.0.1, a free port per job).
+
+Each job starts ``tests/comm_worker.py`` once per rank through
+:class:`dshal.parallel.launch.LocalJob`; ranks write their findings as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dshal.parallel.launch import LocalJob
+
+WORKER = Path(__file__).with_name("comm_worker.py")
+COMM_ERROR_EXIT = 17
+FAIL_TIMEOUT_S = 5.0
+
+
+def results(out: Path, world: int) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def run_job(tmp_path: Path, scenario: str, world: int, *args: str, timeout_s: float = 90) -> tuple[LocalJob, list, Path]:
+    out = tmp_path / f"{scenario}{world}"
+    out.mkdir()
+    job = LocalJob([sys.executable, str(WORKER), scenario, str(out), *args], world, capture=True)
+    with job:
+        runs = job.communicate(timeout_s)
+    return job, runs, out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_comm_collectives_exact(tmp_path: Path, world: int) -> None:
+    job, runs, out = run_job(tmp_path, "collectives", world)
+    assert [code for code, _, _ in runs] == [0] * world, [err[-3000:] for _, _, err in runs]
+    for rank, payload in enumerate(results(out, world)):
+        failed = {name: why for name, why in payload["checks"].items() if why != "ok"}
+        assert not failed, f"rank {rank}: {failed}"
+        # the catalogue of checks really ran (reduce ops x dtypes, uneven/empty all_to_all, groups)
+        assert len(payload["checks"]) >= 30
+        assert {"all_to_all[rank0 receives none]", "subgroups", "all_reduce[avg]"} <= set(payload["checks"])
+    assert not any(alive(pid) for pid in job.pids)
+
+
+def test_comm_dead_peer_raises_comm_error(tmp_path: Path) -> None:
+    """The last rank SIGKILLs itself mid-loop: the others raise CommError naming the
+    collective and the group well within timeout_s, then refuse further collectives."""
+    world = 3
+    start = time.monotonic()
+    job, runs, out = run_job(tmp_path, "die", world, str(FAIL_TIMEOUT_S), timeout_s=60)
+    codes = [code for code, _, _ in runs]
+    assert codes[-1] == -9
+    assert codes[:-1] == [COMM_ERROR_EXIT] * (world - 1), [err[-2000:] for _, _, err in runs]
+    for payload in results(out, world - 1):
+        assert "all_reduce" in payload["error"] and "world group" in payload["error"]
+        assert payload["elapsed"] < FAIL_TIMEOUT_S + 10
+        assert "shut down after an earlier failure" in payload["after"]
+    assert time.monotonic() - start < 60
+    assert not any(alive(pid) for pid in job.pids)
+
+
+def test_comm_hung_peer_times_out(tmp_path: Path) -> None:
+    """The last rank hangs: the others raise CommError after about timeout_s (no silent hang);
+    the launcher kills the hung rank, leaking nothing."""
+    world = 2
+    out = tmp_path / "hang"
+    out.mkdir()
+    job = LocalJob([sys.executable, str(WORKER), "hang", str(out), str(FAIL_TIMEOUT_S)], world, capture=True)
+    with job:
+        runs = job.communicate(timeout_s=60, grace_s=2)
+    codes = [code for code, _, _ in runs]
+    assert codes[0] == COMM_ERROR_EXIT, runs[0][2][-2000:]
+    assert codes[1] == -9  # still hanging when the launcher gave up on it
+    payload = results(out, 1)[0]
+    assert "all_reduce" in payload["error"] and "did not answer within distributed.timeout_s" in payload["error"]
+    assert FAIL_TIMEOUT_S - 1 <= payload["elapsed"] < FAIL_TIMEOUT_S + 10
+    assert not any(alive(pid) for pid in job.pids)
+
+
+def test_comm_init_errors_are_clear(tmp_path: Path) -> None:
+    """Port in use, a missing rank and mismatched WORLD_SIZE each give a CommError that says
+    so. The three jobs run side by side to keep the wall time down."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+    layouts = {
+        "port_in_use": {"world_size": 1, "port": busy_port},
+        "missing_rank": {"world_size": 2, "ranks": [0]},
+        "mismatch": {"world_size": 2, "overrides": {1: {"WORLD_SIZE": "3"}}},
+    }
+    jobs = {}
+    try:
+        for name, layout in layouts.items():
+            (tmp_path / name).mkdir()
+            argv = [sys.executable, str(WORKER), "init", str(tmp_path / name), "3"]
+            jobs[name] = LocalJob(argv, capture=True, **layout).start()
+        runs = {name: job.communicate(30) for name, job in jobs.items()}
+    finally:
+        busy.close()
+        for job in jobs.values():
+            job.kill()
+    messages = {}
+    for name, job in jobs.items():
+        assert [code for code, _, _ in runs[name]] == [COMM_ERROR_EXIT] * len(job.ranks), (name, runs[name])
+        messages[name] = [json.loads((tmp_path / name / f"rank{r}.json").read_text())["init_error"] for r in job.ranks]
+        assert not any(alive(pid) for pid in job.pids)
+    (port_msg,) = messages["port_in_use"]
+    assert "already in use" in port_msg and str(busy_port) in port_msg
+    (missing_msg,) = messages["missing_rank"]
+    assert "not all WORLD_SIZE=2 ranks joined" in missing_msg
+    for msg in messages["mismatch"]:
+        assert "mismatched world size" in msg and "WORLD_SIZE=2" in msg and "WORLD_SIZE=3" in msg
+
+
+def test_comm_not_initialized_and_env_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dshal import comm
+    from dshal.errors import CommError
+
+    with pytest.raises(CommError, match="not initialized"):
+        comm.all_reduce(torch.ones(2))
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(CommError, match=r"\['RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'\] are not set"):
+        comm.init()
+    base = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert comm.launch_env(base).local_rank == 0
+    with pytest.raises(CommError, match=r"RANK is 2, expected 0 <= RANK < WORLD_SIZE \(2\)"):
+        comm.launch_env({**base, "RANK": "2"})
+    with pytest.raises(CommError, match="WORLD_SIZE is 'two', expected an integer"):
+        comm.launch_env({**base, "WORLD_SIZE": "two"})
+    with pytest.raises(CommError, match="MASTER_PORT is 70000"):
+        comm.launch_env({**base, "MASTER_PORT": "70000"})
+    with pytest.raises(CommError, match="LOCAL_RANK is 3"):
+        comm.launch_env({**base, "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"})
+    assert os.environ.get("RANK") is None

@@ -1,0 +1,110 @@
+"""The installed ``dshal`` console script, run as a user would (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dshal.ops.catalogue import SPECS
+
+DSHAL = Path(sys.executable).with_name("dshal")
+
+
+def run(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    if not DSHAL.exists():
+        pytest.skip(f"console script not installed beside {sys.executable} (pip install -e . creates it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    env.update(COLUMNS="200", **(extra_env or {}))
+    return subprocess.run([str(DSHAL), *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_info_json_lists_cpu_trace_and_providers():
+    out = run("info", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    cpu = next(b for b in data["backends"] if b["name"] == "cpu")
+    assert (cpu["loaded"], cpu["available"], cpu["entry_point"]) == (
+        True, True, "dshal.backends.reference:ReferenceBackend")
+    assert cpu["capabilities"]["dist_backend"] == "gloo"
+    # auto takes the first usable backend in prefer (cpu here; a GPU plugin on hardware)
+    rt = data["runtime"]
+    assert rt["config"]["backend"] == "auto"
+    *passed, taken = rt["selection"]
+    assert taken["taken"] and taken["name"] == rt["backend"]
+    assert all(not d["taken"] and d["reason"] for d in passed)
+    assert set(rt["providers"]) == set(SPECS)
+    assert all(p["provider"] and p["kind"] for p in rt["providers"].values())
+
+
+def test_info_json_with_backend_cpu_serves_every_op_from_the_reference():
+    out = run("info", "--json", "--backend", "cpu")
+    assert out.returncode == 0, out.stderr
+    rt = json.loads(out.stdout)["runtime"]
+    assert rt["selection"] == [{"name": "cpu", "taken": True, "reason": rt["selection"][0]["reason"]}]
+    assert rt["providers"] == {op: {"provider": "cpu", "kind": "reference"} for op in SPECS}
+
+
+def test_info_tables():
+    out = run("info")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "dshal 0.1.0 backends" in text and "dshal.backends.reference:ReferenceBackend" in text
+    assert "selection (backend: auto)" in text and "taken  " in text and "op providers on " in text
+    for op in SPECS:
+        assert op in text
+
+
+def test_info_shows_broken_plugins_from_the_environment(install_plugin):
+    install_plugin("backends", {"goodtest": "GoodBackend", "oldapi": "OldApiBackend"})
+    out = run("info", "--json", "--backend", "goodtest", extra_env={"PYTHONPATH": sys.path[0]})
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    by_name = {b["name"]: b for b in data["backends"]}
+    assert by_name["oldapi"]["loaded"] is False and "api_version '0'" in by_name["oldapi"]["reason"]
+    assert by_name["goodtest"]["version"] == "0.1"
+    assert data["runtime"]["providers"]["rms_norm"] == {"provider": "goodtest", "kind": "native"}
+    assert data["runtime"]["providers"]["quantize_int8"] == {"provider": "cpu", "kind": "fallback"}
+
+
+@pytest.mark.parametrize("args", [("--help",), ("info", "--help")])
+def test_help(args, capsys):
+    from dshal.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(list(args))
+    out = capsys.readouterr()
+    assert caught.value.code == 0 and out.err == ""
+    if args == ("--help",):
+        assert all(cmd in out.out for cmd in ("info", "conformance", "matrix", "run", "bench", "profile"))
+        assert "DSHAL_PLUGINS" in out.out
+    else:
+        assert "--json" in out.out and "--backend NAME" in out.out
+
+
+def test_dshal_error_is_one_clean_line_and_exit_1():
+    out = run("info", extra_env={"DSHAL_BACKEND": "nope"})
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dshal info: error: backend 'nope' is not installed; installed: [")
+
+
+def test_config_error_escaping_a_command_is_one_line(monkeypatch, capsys):
+    from dshal.cli import main
+
+    monkeypatch.setenv("DSHAL_EMULATE", "maybe")
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err == "dshal info: error: <environment>: DSHAL_EMULATE: got 'maybe', expected 1 or 0\n"
+
+
+def test_python_dash_m():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    out = subprocess.run([sys.executable, "-m", "dshal", "info", "--json"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["runtime"]["selection"][-1]["taken"]

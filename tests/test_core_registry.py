@@ -1,0 +1,279 @@
+"""Registry, selection and dispatch against real entry points (throw-away distributions)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dshal
+from dshal.errors import BackendUnavailableError, PluginLoadError, UnsupportedOpError
+from dshal.ops.catalogue import SPECS
+from dshal.registry import REGISTRY
+
+GOOD = {"goodtest": "GoodBackend"}
+BROKEN_AFTER_IMPORT = {
+    "raises": "AvailabilityRaisesBackend",
+    "badsig": "BadSignatureBackend",
+    "oldapi": "OldApiBackend",
+}
+
+
+def by_name() -> dict[str, dshal.BackendInfo]:
+    return {info.name: info for info in dshal.backends()}
+
+
+def call_counts(module: str) -> dict[str, int]:
+    """The CALLS counter of an installed test plugin (discovery imports it lazily)."""
+    dshal.backends()
+    return sys.modules[module].CALLS
+
+
+@pytest.fixture
+def zoo(install_plugin):
+    """cpu + one good plugin + every kind of broken one; returns the good module's name."""
+    good = install_plugin("backends", {**GOOD, **BROKEN_AFTER_IMPORT, "offline": "UnavailableBackend"})
+    install_plugin("missing_runtime", {"noruntime": "MissingRuntimeBackend"})
+    install_plugin("asserts_on_import", {"asserts": "Whatever"})
+    return good
+
+
+def test_broken_plugins_are_listed_with_their_error_and_the_good_ones_work(zoo):
+    infos = by_name()
+    assert set(infos) >= {"cpu", "goodtest", "offline", "raises", "badsig", "oldapi", "noruntime", "asserts"}
+
+    good = infos["goodtest"]
+    assert (good.loaded, good.available, good.reason, good.version) == (True, True, "test plugin ready", "0.1")
+    assert infos["cpu"].loaded and infos["cpu"].available
+
+    noruntime = infos["noruntime"]
+    assert not noruntime.loaded and isinstance(noruntime.error, ModuleNotFoundError)
+    assert "import failed: ModuleNotFoundError" in noruntime.reason
+    assert "dshal_test_vendor_runtime_that_does_not_exist" in noruntime.reason
+
+    raises = infos["raises"]
+    assert not raises.loaded and isinstance(raises.error, RuntimeError)
+    assert raises.reason == "availability() raised RuntimeError: driver query exploded"
+
+    badsig = infos["badsig"]
+    assert isinstance(badsig.error, PluginLoadError)
+    assert "plugin 'badsig'" in badsig.reason and "op 'rms_norm'" in badsig.reason
+    assert "expected (x, weight, eps=1e-06, residual=None), got (x, w, epsilon=1e-05)" in badsig.reason
+
+    oldapi = infos["oldapi"]
+    assert isinstance(oldapi.error, PluginLoadError)
+    assert "api_version '0'" in oldapi.reason and "api_version '1'" in oldapi.reason
+
+    # stevedore re-raises AssertionError from a plugin import; the registry must isolate it.
+    asserts = infos["asserts"]
+    assert isinstance(asserts.error, AssertionError)
+    assert asserts.reason == "import failed: AssertionError: vendor sanity check failed"
+
+
+@pytest.mark.parametrize("name", ["noruntime", "asserts", *BROKEN_AFTER_IMPORT])
+def test_selecting_a_broken_plugin_by_name_raises_its_error(zoo, name):
+    info = by_name()[name]
+    with pytest.raises(PluginLoadError) as caught:
+        dshal.use(backend=name)
+    assert name in str(caught.value) and info.reason in str(caught.value)
+    assert caught.value.__cause__ is info.error
+    # ... and the good ones still select.
+    assert dshal.use(backend="goodtest").backend.name == "goodtest"
+
+
+def test_unavailable_backend_by_name_raises_backend_unavailable(zoo):
+    with pytest.raises(BackendUnavailableError, match="backend 'offline' is not available: no frobnicator device found"):
+        dshal.use(backend="offline")
+
+
+def test_unknown_backend_by_name_lists_the_installed_ones(clean_dshal_env):
+    with pytest.raises(PluginLoadError, match=r"backend 'nope' is not installed; installed: \[.*'cpu'.*\]"):
+        dshal.use(backend="nope")
+
+
+def test_entry_point_that_is_not_a_backend_class_is_reported(install_plugin):
+    install_plugin("backends", {"notabackend": "NotABackend", "alias": "GoodBackend"})
+    infos = by_name()
+    assert not infos["notabackend"].loaded and "must name a dshal.Backend subclass" in infos["notabackend"].reason
+    assert infos["alias"].reason == (
+        "plugin registered as 'alias' reports name 'goodtest'; the entry-point name must match")
+
+
+def test_auto_walks_prefer_and_records_why(zoo):
+    rt = dshal.use(backend="auto", prefer=["nosuchvendor", "noruntime", "offline", "raises", "goodtest", "cpu"])
+    assert rt.backend.name == "goodtest"
+    trace = [(d.name, d.taken, d.reason) for d in rt.selection]
+    assert trace[0] == ("nosuchvendor", False, "not installed")
+    assert trace[1][:2] == ("noruntime", False) and trace[1][2].startswith("failed to load: import failed")
+    assert trace[2] == ("offline", False, "unavailable: no frobnicator device found")
+    assert trace[3] == ("raises", False, "failed to load: availability() raised RuntimeError: driver query exploded")
+    assert trace[4] == ("goodtest", True, "test plugin ready")
+    assert len(trace) == 5  # cpu was never needed
+
+
+def test_auto_with_nothing_usable_names_every_candidate(zoo):
+    with pytest.raises(BackendUnavailableError) as caught:
+        dshal.use(prefer=["offline", "nosuchvendor"])
+    msg = str(caught.value)
+    assert "offline: unavailable: no frobnicator device found" in msg and "nosuchvendor: not installed" in msg
+
+
+def test_allow_list_never_imports_excluded_plugins(install_plugin, monkeypatch, tmp_path):
+    mark = tmp_path / "imported.mark"
+    monkeypatch.setenv("DSHAL_TEST_IMPORT_MARK", str(mark))
+    install_plugin("records_on_import", {"recorder": ""})
+    install_plugin("backends", GOOD)
+
+    monkeypatch.setenv("DSHAL_PLUGINS", "cpu,goodtest")
+    assert sorted(by_name()) == ["cpu", "goodtest"]
+    assert not mark.exists()
+    # auto says why an installed-but-excluded name was passed over
+    rt = dshal.use(prefer=["recorder", "goodtest"])
+    assert (rt.selection[0].name, rt.selection[0].reason) == ("recorder", "not installed (excluded by DSHAL_PLUGINS)")
+    with pytest.raises(PluginLoadError, match=r"DSHAL_PLUGINS limits discovery to \['cpu', 'goodtest'\]"):
+        dshal.use(backend="recorder")
+    assert not mark.exists()
+
+    # Control: without the allow-list the same plugin is imported (and fails), so the
+    # absence of the mark above is meaningful.
+    monkeypatch.delenv("DSHAL_PLUGINS")
+    assert "this module was imported" in by_name()["recorder"].reason
+    assert mark.read_text() == "imported"
+
+
+def test_refresh_sees_a_plugin_rewritten_in_place(install_plugin):
+    module = install_plugin("backends", GOOD)
+    assert "goodtest" in by_name() and "offline" not in by_name()
+    site = next(p for p in map(str, sys.path) if p.endswith("site0"))
+    ep_file = next(__import__("pathlib").Path(site).glob("*.dist-info/entry_points.txt"))
+    ep_file.write_text(f"[dshal.backends]\noffline = {module}:UnavailableBackend\n")  # same path, same second
+    assert "goodtest" in by_name()  # cached until refreshed...
+    REGISTRY.refresh()
+    infos = by_name()
+    assert "offline" in infos and "goodtest" not in infos  # ...and fresh afterwards
+
+
+def test_fallback_warn_logs_once_per_op(install_plugin, caplog):
+    install_plugin("backends", GOOD)
+    rt = dshal.use(backend="goodtest", fallback="warn")
+    assert rt.providers["rms_norm"] == "goodtest"
+    assert rt.fallbacks == frozenset(SPECS) - {"rms_norm"}
+    assert all(rt.providers[op] == "cpu" for op in rt.fallbacks)
+    x = torch.randn(4, 256)
+    with caplog.at_level(logging.WARNING, logger="dshal"):
+        for _ in range(3):
+            dshal.ops.quantize_int8(x)
+            dshal.ops.rms_norm(x, torch.ones(256))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "dshal: backend 'goodtest' lacks op 'quantize_int8'; serving it with the 'cpu' reference (fallback: warn)"
+    ]
+
+
+def test_fallback_error_raises_unsupported(install_plugin):
+    install_plugin("backends", GOOD)
+    rt = dshal.use(backend="goodtest", fallback="error")
+    assert "quantize_int8" in rt.fallbacks
+    with pytest.raises(UnsupportedOpError, match="backend 'goodtest' does not provide op 'quantize_int8'.*fallback: error"):
+        dshal.ops.quantize_int8(torch.randn(4, 8))
+    y = dshal.ops.rms_norm(torch.randn(2, 8), torch.ones(8))  # its own op still works
+    assert y.shape == (2, 8)
+
+
+def test_ops_override_routes_one_op_to_another_backend(install_plugin):
+    module = install_plugin("backends", GOOD)
+    calls = call_counts(module)
+    rt = dshal.use(backend="goodtest", ops={"rms_norm": "cpu"})
+    assert rt.providers["rms_norm"] == "cpu" and rt.provider_kind("rms_norm") == "override"
+    before = calls["rms_norm"]
+    x, w = torch.randn(3, 16), torch.rand(16)
+    torch.testing.assert_close(dshal.ops.rms_norm(x, w), dshal.ops.reference.rms_norm(x, w))
+    assert calls["rms_norm"] == before
+
+    rt = dshal.use(backend="cpu", ops={"rms_norm": "goodtest"})
+    dshal.ops.rms_norm(x, w)
+    assert calls["rms_norm"] == before + 1 and rt.providers["rms_norm"] == "goodtest"
+
+
+@pytest.mark.parametrize("selected", ["cpu", "goodtest"])
+def test_ops_override_naming_a_backend_without_the_op_is_a_config_error(install_plugin, tmp_path, selected):
+    install_plugin("backends", GOOD)
+    path = tmp_path / "dshal.yaml"
+    path.write_text(f"backend: {selected}\nops: {{quantize_int8: goodtest}}\n")
+    with pytest.raises(dshal.ConfigError, match=rf"^{path}: ops.quantize_int8: backend 'goodtest' does not provide "
+                                                 r"op 'quantize_int8' \(it provides: rms_norm\)"):
+        dshal.use(path)
+
+
+def test_dispatch_is_resolved_at_use_not_per_call(install_plugin):
+    module = install_plugin("backends", GOOD)
+    calls = call_counts(module)
+    rt = dshal.use(backend="goodtest")
+    asked = calls["ops"]
+    x, w = torch.randn(2, 8), torch.ones(8)
+    for _ in range(5):
+        dshal.ops.rms_norm(x, w)
+    assert calls["rms_norm"] >= 5
+    assert calls["ops"] == asked  # no per-call lookup of the backend's ops
+    assert dshal.ops._table["rms_norm"] is rt.table["rms_norm"]
+    # Discovery is not consulted per call either: forgetting it changes nothing.
+    REGISTRY.refresh()
+    dshal.ops.rms_norm(x, w)
+    assert REGISTRY._cache == {}
+    # Switching runtimes switches the table.
+    dshal.use(backend="cpu")
+    n = calls["rms_norm"]
+    dshal.ops.rms_norm(x, w)
+    assert calls["rms_norm"] == n
+
+
+def test_calling_an_op_before_use_activates_the_default(install_plugin, monkeypatch):
+    module = install_plugin("backends", GOOD)
+    monkeypatch.setenv("DSHAL_BACKEND", "goodtest")
+    dshal.runtime.reset()
+    assert dshal.runtime._state["active"] is None
+    dshal.ops.rms_norm(torch.randn(2, 8), torch.ones(8))
+    assert dshal.current().backend.name == "goodtest"
+    assert call_counts(module)["rms_norm"] == 1
+
+
+def test_providers_and_describe(clean_dshal_env):
+    rt = dshal.use(backend="cpu")
+    assert set(rt.providers) == set(SPECS) and set(rt.providers.values()) == {"cpu"}
+    desc = rt.describe()
+    assert desc["providers"]["rms_norm"] == {"provider": "cpu", "kind": "reference"}
+    assert desc["selection"] == [{"name": "cpu", "taken": True, "reason": desc["selection"][0]["reason"]}]
+    json.dumps(desc)
+    assert dshal.current() is rt
+
+
+def test_import_dshal_discovers_nothing_and_imports_no_vendor_runtime():
+    code = textwrap.dedent(
+        """
+        import json, sys
+        import dshal
+        from dshal.registry import REGISTRY
+        vendor = [m for m in ("triton", "torch_npu", "pynvml", "amdsmi", "stevedore") if m in sys.modules]
+        print(json.dumps({"vendor": vendor, "discovered": bool(REGISTRY._cache),
+                          "active": dshal.runtime._state["active"] is not None}))
+        dshal.use()
+        vendor = [m for m in ("triton", "torch_npu", "pynvml", "amdsmi") if m in sys.modules]
+        print(json.dumps({"after": "stevedore" in sys.modules, "backends_is_function": callable(dshal.backends),
+                          "vendor_after_discovery": vendor}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env).stdout.splitlines()
+    assert json.loads(out[0]) == {"vendor": [], "discovered": False, "active": False}
+    # control: discovery does load stevedore; and importing dshal.backends.reference must not
+    # shadow the dshal.backends() function with the dshal/backends/ package.
+    # Discovery (every installed plugin's import, availability and capabilities) imports no
+    # vendor runtime either; plugins import those lazily, when an op runs.
+    assert json.loads(out[1]) == {"after": True, "backends_is_function": True, "vendor_after_discovery": []}

@@ -1,0 +1,105 @@
+"""KernelTarget, the interpreter switch and lazy imports of the Triton kernel package."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dshal.kernels.triton.target import KernelTarget, TileConfig
+
+
+def test_targets_describe_their_hardware():
+    hopper, gfx942, gfx950, interp = (
+        KernelTarget.nvidia_hopper(),
+        KernelTarget.amd_gfx942(),
+        KernelTarget.amd_gfx950(),
+        KernelTarget.interpreter(),
+    )
+    assert hopper.warp_size == 32 and gfx942.warp_size == gfx950.warp_size == 64
+    assert hopper.fp8_e4m3 == gfx950.fp8_e4m3 == torch.float8_e4m3fn
+    assert gfx942.fp8_e4m3 == torch.float8_e4m3fnuz
+    assert gfx942.use_fp8e4b8_dot and not hopper.use_fp8e4b8_dot and not gfx950.use_fp8e4b8_dot
+    assert not gfx942.dot_takes(torch.float8_e4m3fn) and hopper.dot_takes(torch.float8_e4m3fn)
+    assert hopper.dot_takes(torch.bfloat16)  # non-FP8 operands always go straight to tl.dot
+    assert {t.num_warps for t in hopper.gemm_tiles} == {4, 8}
+    assert all(t.waves_per_eu is not None and t.matrix_instr_nonkdim == 16 for t in gfx942.gemm_tiles)
+    assert all(t.waves_per_eu is None and t.matrix_instr_nonkdim is None for t in hopper.gemm_tiles)
+    assert len(interp.gemm_tiles) == 1 and not interp.bf16_dot
+    assert KernelTarget.interpreter(torch.float8_e4m3fnuz).use_fp8e4b8_dot
+    assert torch.float8_e4m3fnuz not in hopper.fp8_dtypes and torch.float8_e4m3fnuz in gfx942.fp8_dtypes
+    assert hash(hopper) == hash(KernelTarget.nvidia_hopper())  # frozen: usable as a cache key
+
+
+def test_tile_kwargs_carry_amd_knobs_only_when_set():
+    assert TileConfig(64, 128).kernel_kwargs() == {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}
+    amd = TileConfig(128, 128, waves_per_eu=2, matrix_instr_nonkdim=16).kernel_kwargs()
+    assert amd["waves_per_eu"] == 2 and amd["matrix_instr_nonkdim"] == 16
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_autotune_configs_come_from_the_target():
+    configs = KernelTarget.amd_gfx942().gemm_autotune_configs()
+    assert len(configs) == len(KernelTarget.amd_gfx942().gemm_tiles)
+    assert all(c.kwargs["waves_per_eu"] in (0, 2) and c.kwargs["matrix_instr_nonkdim"] == 16 for c in configs)
+    warps = {c.num_warps for c in KernelTarget.nvidia_hopper().gemm_autotune_configs()}
+    assert warps == {4, 8}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(warp_size=48), "warp_size is 48"),
+    (dict(fp8_e4m3=torch.float16), "fp8_e4m3 is torch.float16"),
+    (dict(gemm_tiles=()), "gemm_tiles is empty"),
+    (dict(moe_block_k=96), "moe_block_k is 96"),
+    (dict(fp8_dot_dtypes=(torch.float8_e4m3fnuz,)), "must hold fp8_e4m3"),
+])
+def test_target_rejects_inconsistent_fields(change, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        KernelTarget(name="bad", **change)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    import dshal, dshal.kernels, dshal.kernels.triton as kt
+    from dshal.kernels.triton.target import KernelTarget
+    KernelTarget.nvidia_hopper().gemm_tiles
+    report = {"triton_after_import": "triton" in sys.modules}
+    if sys.argv[1] == "late":
+        import triton  # imported before the interpreter was asked for
+        try:
+            kt.ensure_interpreter_if_cpu("cpu")
+            report["late"] = "no error"
+        except dshal.DshalError as err:
+            report["late"] = type(err).__name__ + ": " + str(err)
+    else:
+        report["on"] = kt.ensure_interpreter_if_cpu("cpu")
+        from dshal.kernels.triton.norm import rms_norm
+        y = rms_norm(torch.ones(2, 8), torch.full((8,), 2.0), eps=0.0)
+        report["norm_ok"] = bool((y == 2.0).all())
+    print(json.dumps(report))
+    """
+)
+
+
+def run_script(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_interpreter_switch_and_lazy_triton_import():
+    report = run_script("early")
+    assert report == {"triton_after_import": False, "on": True, "norm_ok": True}
+    report = run_script("late")
+    assert report["triton_after_import"] is False
+    assert report["late"].startswith("BackendUnavailableError")
+    assert "triton was imported before TRITON_INTERPRET=1" in report["late"]

@@ -1,0 +1,128 @@
+"""KV cache paths of the model core: naive and absorbed MLA agree with the cache-free
+forward, dynamic attention keeps only window + global tokens, generate's contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dshal
+from dshal.config import PrecisionConfig
+from dshal.model import DictReader, build_model, tiny_args
+from dshal.model.checkpoint import random_checkpoint
+
+HIGH = PrecisionConfig(gemm="bf16")
+
+
+def _model(seed: int = 0, **changes):
+    dshal.use(backend="cpu")
+    args = tiny_args(**changes)
+    return build_model(args, DictReader(random_checkpoint(args, seed, std=0.1)), HIGH)
+
+
+def _ids(vocab: int, length: int, batch: int = 2, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _stepwise_logits(model, ids: torch.Tensor, prefill: int, mode: str) -> torch.Tensor:
+    """Logits of every position: a prefill of ``prefill`` tokens, then one token per step."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1], mode)
+    out = [model(ids[:, :prefill], 0, cache)]
+    for pos in range(prefill, ids.shape[1]):
+        out.append(model(ids[:, pos : pos + 1], pos, cache))
+    return torch.cat(out, dim=1)
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorb"])
+def test_model_cached_decode_matches_full_forward(mode):
+    model = _model()
+    ids = _ids(model.args.vocab_size, 20)
+    full = model(ids)
+    assert _rel_err(_stepwise_logits(model, ids, 6, mode), full) <= 1e-5
+
+
+def test_model_absorbed_attention_matches_naive_on_prefill_and_decode():
+    model = _model(seed=1)
+    ids = _ids(model.args.vocab_size, 16, seed=3)
+    naive = _stepwise_logits(model, ids, 10, "naive")
+    for layer in model.layers:  # run the multi-token prefill absorbed too
+        layer.self_attn.expand_prefill = False
+    absorbed = _stepwise_logits(model, ids, 10, "absorb")
+    assert _rel_err(absorbed, naive) <= 1e-5
+
+
+def test_model_cache_sizes_absorbed_vs_naive():
+    model = _model()
+    a = model.args
+    absorbed, naive = model.new_cache(1, 8, "absorb"), model.new_cache(1, 8, "naive")
+    assert absorbed.bytes_per_token == a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 4
+    assert naive.bytes_per_token == a.num_hidden_layers * a.num_attention_heads * (a.qk_head_dim + a.v_head_dim) * 4
+    kv = model.describe()["kv_cache"]
+    assert kv["bytes_per_token"] == absorbed.bytes_per_token and kv["bytes_per_token_naive"] == naive.bytes_per_token
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorb"])
+def test_model_dynamic_attention_cache_keeps_window_and_global_tokens(mode):
+    window, global_tokens = 6, 2
+    model = _model(attention_window=window, attention_global_tokens=global_tokens)
+    ids = _ids(model.args.vocab_size, 24)
+    full = model(ids)  # cache-free: the attention op masks to the window + global tokens
+    cache = model.new_cache(2, 24, mode)
+    assert cache.capacity == window + global_tokens
+    assert all(b.shape[1] == window + global_tokens for layer in cache.buffers for b in layer)
+    # prefill longer than the ring, then decode past it several times over
+    stepwise = [model(ids[:, :11], 0, cache)]
+    stepwise += [model(ids[:, p : p + 1], p, cache) for p in range(11, 20)]
+    stepwise.append(model(ids[:, 20:], 20, cache))  # a multi-token chunk after the ring wrapped
+    assert _rel_err(torch.cat(stepwise, dim=1), full) <= 1e-5
+    # and the window matters: without it the logits differ
+    unwindowed = _model()
+    assert _rel_err(unwindowed(ids), full) > 1e-3
+
+
+def test_model_describe_reports_dynamic_attention_saving():
+    model = _model(attention_window=64, attention_global_tokens=16, max_position_embeddings=1024)
+    kv = model.describe()["kv_cache"]
+    assert kv["max_cached_tokens"] == 80 and kv["context"] == 1024
+    assert kv["bytes_per_token_at_context"] == pytest.approx(kv["bytes_per_token"] * 80 / 1024)
+    assert kv["bytes_saved_per_token"] == pytest.approx(kv["bytes_per_token"] - kv["bytes_per_token_at_context"])
+
+
+def test_model_generate_contract():
+    model = _model()
+    ids = _ids(model.args.vocab_size, 5)
+    out = model.generate(ids, 7)
+    assert out.shape == (2, 12) and torch.equal(out[:, :5], ids)
+    # greedy = argmax of the cache-free forward at every step
+    assert torch.equal(model(out[:, :-1])[:, 4:].argmax(-1), out[:, 5:])
+    assert torch.equal(model.generate(ids, 0), ids)
+    seen = []
+    model.generate(ids, 3, on_token=seen.append)
+    assert seen == [0, 1, 2]
+    eos = int(out[0, 5])
+    stopped = model.generate(ids[:1], 7, eos_token_id=eos)
+    assert stopped.shape == (1, 6) and int(stopped[0, -1]) == eos
+    sampled = model.generate(ids, 4, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    again = model.generate(ids, 4, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, again)
+
+
+def test_model_bad_inputs_raise_clear_errors():
+    model = _model()
+    with pytest.raises(dshal.DTypeError, match="input_ids"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(dshal.ShapeError, match="input_ids"):
+        model(torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(dshal.ShapeError, match="max_position_embeddings"):
+        model(torch.zeros(1, 2, dtype=torch.int64), start_pos=model.args.max_position_embeddings - 1)
+    cache = model.new_cache(1, 4)
+    with pytest.raises(dshal.ShapeError, match="max_len=4"):
+        model(torch.zeros(1, 5, dtype=torch.int64), 0, cache)
+    with pytest.raises(dshal.ShapeError, match="start_pos is 3"):
+        model(torch.zeros(1, 1, dtype=torch.int64), 3, cache)
+    with pytest.raises(dshal.DshalError, match="max_new_tokens"):
+        model.generate(torch.zeros(1, 2, dtype=torch.int64), -1)

@@ -1,0 +1,161 @@
+"""Checkpoint loading: safetensors single file / sharded, per-expert and fused expert
+layouts, MTP layers skipped, lazy slices, and clear errors for bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dshal
+from dshal.model import CheckpointError, CheckpointReader, DictReader, build_model, from_pretrained, tiny_args
+from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
+from dshal.model.precision import convert_fp8_format, dequantize_weight
+
+CONFIG = {"backend": "cpu", "precision": {"gemm": "bf16"}}
+ARGS = tiny_args(num_hidden_layers=2, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return random_checkpoint(ARGS, seed=0, std=0.1)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, ARGS.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+
+
+def _logits(path) -> torch.Tensor:
+    return from_pretrained(path, CONFIG)(_ids())
+
+
+def test_model_loader_single_sharded_and_in_memory_agree(state, tmp_path):
+    save_checkpoint(tmp_path / "one", ARGS, state)
+    save_checkpoint(tmp_path / "shards", ARGS, state, max_shard_bytes=200_000)
+    shards = sorted(p.name for p in (tmp_path / "shards").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "shards" / "model.safetensors.index.json").is_file()
+    want = _logits(tmp_path / "one")
+    torch.testing.assert_close(_logits(tmp_path / "shards"), want, rtol=0, atol=0)
+    dshal.use(CONFIG)
+    in_memory = build_model(ARGS, DictReader(state))
+    torch.testing.assert_close(in_memory(_ids()), want, rtol=0, atol=0)
+
+
+def test_model_loader_reads_fused_expert_layout_and_skips_mtp_layers(state, tmp_path):
+    save_checkpoint(tmp_path / "ref", ARGS, state)
+    fused = {k: v for k, v in state.items() if ".mlp.experts." not in k}
+    prefix = "model.layers.1.mlp.experts"
+    per = lambda proj: [state[f"{prefix}.{e}.{proj}.weight"] for e in range(ARGS.n_routed_experts)]  # noqa: E731
+    fused[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(per("gate_proj"), per("up_proj"))])
+    fused[f"{prefix}.down_proj"] = torch.stack(per("down_proj"))
+    # an MTP layer (layer index == num_hidden_layers), as DeepSeek-V3's checkpoint has
+    fused["model.layers.2.eh_proj.weight"] = torch.zeros(4, 4)
+    fused["model.layers.2.self_attn.q_a_proj.weight"] = torch.zeros(4, 4)
+    save_checkpoint(tmp_path / "fused", ARGS.with_(num_nextn_predict_layers=1), fused)
+    torch.testing.assert_close(_logits(tmp_path / "fused"), _logits(tmp_path / "ref"), rtol=0, atol=0)
+
+
+def test_model_reader_is_lazy_and_slices(state, tmp_path):
+    save_checkpoint(tmp_path, ARGS, state, max_shard_bytes=300_000)
+    reader = CheckpointReader(tmp_path)
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    assert reader.shape(name) == tuple(state[name].shape) and reader.dtype(name) == torch.float32
+    torch.testing.assert_close(reader.get_slice(name, (slice(8, 24), slice(None))), state[name][8:24])
+    torch.testing.assert_close(reader.get(name), state[name])
+    assert set(reader.names()) == set(state)
+
+
+def _save_broken(tmp_path, state, **edits):
+    broken = dict(state)
+    for name, value in edits.items():
+        if value is None:
+            broken.pop(name)
+        else:
+            broken[name] = value
+    save_checkpoint(tmp_path, ARGS, broken)
+    return tmp_path
+
+
+def test_model_loader_missing_tensor(state, tmp_path):
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    path = _save_broken(tmp_path, state, **{name: None})
+    with pytest.raises(CheckpointError, match=rf"missing tensor '{name}' \(expected shape \[64, 128\]"):
+        from_pretrained(path, CONFIG)
+
+
+def test_model_loader_mis_shaped_tensor(state, tmp_path):
+    name = "model.layers.0.self_attn.q_b_proj.weight"
+    path = _save_broken(tmp_path, state, **{name: torch.zeros(10, 96)})
+    with pytest.raises(CheckpointError, match=rf"'{name}' has shape \[10, 96\], expected \[192, 96\]"):
+        from_pretrained(path, CONFIG)
+
+
+def test_model_loader_unexpected_tensor(state, tmp_path):
+    path = _save_broken(tmp_path, state, **{"model.layers.0.mlp.surprise.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="unexpected tensor.*model.layers.0.mlp.surprise.weight"):
+        from_pretrained(path, CONFIG)
+
+
+def test_model_loader_wrong_dtype_and_missing_scale(state, tmp_path):
+    name = "model.norm.weight"
+    path = _save_broken(tmp_path / "dtype", state, **{name: torch.zeros(128, dtype=torch.int64)})
+    with pytest.raises(CheckpointError, match=rf"'{name}' has dtype torch.int64, expected one of float32"):
+        from_pretrained(path, CONFIG)
+    fp8 = quantize_checkpoint_fp8(state)
+    scale = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+    fp8.pop(scale)
+    save_checkpoint(tmp_path / "scale", ARGS, fp8)
+    with pytest.raises(CheckpointError, match=rf"missing tensor '{scale}' \(expected shape \[1, 1\]"):
+        from_pretrained(tmp_path / "scale", CONFIG)
+
+
+def test_model_loader_bad_directories(tmp_path, state):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(ARGS.to_hf_config()))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        from_pretrained(tmp_path / "empty", CONFIG)
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "config.json").write_text(json.dumps(ARGS.to_hf_config()))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "index" / "a.safetensors"))
+    weight_map = {"x": "a.safetensors", "y": "b.safetensors"}
+    (tmp_path / "index" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="shard 'b.safetensors' is listed but missing"):
+        from_pretrained(tmp_path / "index", CONFIG)
+    with pytest.raises(dshal.ConfigError, match="cannot read model config"):
+        from_pretrained(tmp_path / "nowhere", CONFIG)
+
+
+def test_model_precision_policy_and_fp8_formats(state):
+    dshal.use(backend="cpu")
+    from dshal.config import PrecisionConfig
+
+    fp8 = quantize_checkpoint_fp8(state)
+    row = build_model(
+        ARGS, DictReader(fp8), PrecisionConfig(gemm="fp8-row", keep_high_precision=("*.o_proj", "lm_head"))
+    )
+    attn = row.layers[0].self_attn
+    assert attn.q_b_proj.weight_scale.shape == (attn.q_b_proj.out_features, 1)
+    assert attn.o_proj.weight.dtype == torch.float32 and attn.o_proj.weight_scale is None
+    groups = row.describe()["precision_groups"]
+    assert groups["routed experts"] == "fp8-block e4m3fn"  # moe_experts takes block scales only
+    assert groups["attention"] == "float32 + fp8-row e4m3fn"
+    layer0 = row.describe()["layers"][0]["precision"]
+    assert layer0["self_attn.o_proj"] == "float32" and layer0["self_attn.q_a_proj"] == "fp8-row e4m3fn"
+
+    fnuz = build_model(ARGS, DictReader(fp8), PrecisionConfig(gemm="fp8-block", fp8_format="e4m3fnuz"))
+    assert fnuz.layers[1].mlp.experts.w13.dtype == torch.float8_e4m3fnuz
+    w = fnuz.layers[1].self_attn.kv_b_proj
+    assert w.weight.dtype == torch.float8_e4m3fnuz
+    # e4m3fn -> e4m3fnuz of the checkpoint's weights is exact: same values after dequantization
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    torch.testing.assert_close(
+        dequantize_weight(w.weight, w.weight_scale, torch.float32),
+        dequantize_weight(fp8[name], fp8[name + "_scale_inv"], torch.float32),
+        rtol=0,
+        atol=0,
+    )
+    q = torch.tensor([[0x80, 0x01, 0x7E]], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    converted, s = convert_fp8_format(q, torch.ones(1, 1), "e4m3fnuz")
+    assert converted.float().mul(s).tolist() == [[0.0, q.float()[0, 1].item(), 448.0]]

@@ -1,0 +1,61 @@
+"""``dshal run --tp N --ep M``: started by torchrun, or launching its own local ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dshal.parallel.launch import LocalJob
+
+RUN = ["run", "--new-tokens", "3", "--prompt-len", "4", "--no-progress"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DSHAL_BACKEND="cpu", OMP_NUM_THREADS="1")
+    return env
+
+
+def test_parallel_cli_launches_local_ranks(tmp_path: Path) -> None:
+    """Without torchrun, --ep 2 starts two ranks itself; rank 0 writes the report with the
+    per-rank and aggregate tokens/s."""
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "dshal", *RUN, "--ep", "2", "--json", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0/2:" in done.stdout and "rank 1/2:" in done.stdout and "aggregate over 2 ranks" in done.stdout
+    report = json.loads(out.read_text())
+    parallel = report["parallel"]
+    assert (parallel["tp"], parallel["ep"], parallel["world_size"]) == (1, 2, 2)
+    assert [r["rank"] for r in parallel["per_rank"]] == [0, 1]
+    assert parallel["aggregate_decode_tokens_per_s"] == min(r["decode_tokens_per_s"] for r in parallel["per_rank"]) > 0
+    assert len(report["output_ids"]) == 3
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_parallel_cli_under_torchrun() -> None:
+    done = subprocess.run(
+        ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "dshal", *RUN, "--tp", "2"],
+        env=_env(), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "aggregate over 2 ranks (TP=2 x EP=1" in done.stdout
+
+
+def test_parallel_cli_world_size_mismatch(tmp_path: Path) -> None:
+    """Two ranks asked for --tp 4: each says so and exits 1, no traceback."""
+    job = LocalJob([sys.executable, "-m", "dshal", *RUN, "--tp", "4"], 2, env=_env(), capture=True)
+    with job:
+        runs = job.communicate(timeout_s=60)
+    for code, _, err in runs:
+        assert code == 1, err[-2000:]
+        assert "tp (4) x ep (1) = 4, expected the world size 2" in err and "Traceback" not in err
+    assert job.leaked() == []

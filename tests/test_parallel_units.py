@@ -1,0 +1,155 @@
+"""In-process pieces of dshal.parallel: group placement on topology data, shards, and the
+checkpoint view a rank loads from (no processes, no process group)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dshal.backend import Topology
+from dshal.errors import CommError
+from dshal.model.checkpoint import fp8_block_dequantize, fp8_block_quantize
+from dshal.model.loader import DictReader
+from dshal.parallel.groups import fastest_link, plan_groups
+from dshal.parallel.layers import ColumnParallelLinear, RowParallelLinear, Shard, ShardedExperts, split_range
+from dshal.parallel.loading import ShardView
+
+
+def topology(link_of, n: int, weights=None, source: str = "test") -> Topology:
+    links = tuple(tuple("self" if i == j else link_of(i, j) for j in range(n)) for i in range(n))
+    return Topology(links=links, weights=weights, source=source)
+
+
+# ---------------------------------------------------------------- placement
+def test_parallel_plan_contiguous_without_topology() -> None:
+    plan = plan_groups(8, tp=4, ep=2)
+    assert plan.tp_groups == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert plan.ep_groups == ((0, 4), (1, 5), (2, 6), (3, 7))
+    assert "no topology" in plan.reason
+    assert plan.tp_group_of(5) == (4, 5, 6, 7) and plan.ep_group_of(5) == (1, 5)
+
+
+def test_parallel_plan_two_islands_interleaved() -> None:
+    """8 GPUs whose NVLink islands are the even and the odd devices: TP=4 groups follow the
+    islands on every node; EP groups take one rank of each TP group."""
+    node = topology(lambda i, j: "nvlink" if i % 2 == j % 2 else "pcie", 8)
+    plan = plan_groups(16, tp=4, ep=4, local_world_size=8, topology=node)
+    assert plan.tp_groups == ((0, 2, 4, 6), (1, 3, 5, 7), (8, 10, 12, 14), (9, 11, 13, 15))
+    assert plan.ep_groups == ((0, 1, 8, 9), (2, 3, 10, 11), (4, 5, 12, 13), (6, 7, 14, 15))
+    assert "'nvlink'" in plan.reason and "test" in plan.reason
+    # every rank is in exactly one TP group and one EP group
+    for groups in (plan.tp_groups, plan.ep_groups):
+        assert sorted(r for g in groups for r in g) == list(range(16))
+
+
+def test_parallel_plan_weights_pick_the_fast_link() -> None:
+    """Names unknown to dshal, but weights say which link is closest (xGMI-style data)."""
+    weights = tuple(tuple(0.0 if i == j else (15.0 if i // 2 == j // 2 else 40.0) for j in range(4)) for i in range(4))
+    node = topology(lambda i, j: "fabric" if i // 2 == j // 2 else "bus", 4, weights)
+    assert fastest_link(node) == "fabric"
+    assert plan_groups(4, tp=2, ep=2, topology=node).tp_groups == ((0, 1), (2, 3))
+    crossed = topology(lambda i, j: "fabric" if (i + j) % 2 else "bus", 4,
+                       tuple(tuple(0.0 if i == j else (15.0 if (i + j) % 2 else 40.0) for j in range(4)) for i in range(4)))
+    assert plan_groups(4, tp=2, ep=2, topology=crossed).tp_groups == ((0, 1), (2, 3))
+    pairs = topology(lambda i, j: "fabric" if {i, j} in ({0, 3}, {1, 2}) else "bus", 4,
+                     tuple(tuple(0.0 if i == j else (15.0 if {i, j} in ({0, 3}, {1, 2}) else 40.0) for j in range(4)) for i in range(4)))
+    assert plan_groups(4, tp=2, ep=2, topology=pairs).tp_groups == ((0, 3), (1, 2))
+
+
+def test_parallel_plan_falls_back_with_a_reason() -> None:
+    node = topology(lambda i, j: "nvlink" if i % 2 == j % 2 else "pcie", 8)
+    plan = plan_groups(8, tp=8, ep=1, topology=node)  # no 8 devices are pairwise NVLinked
+    assert plan.tp_groups == (tuple(range(8)),)
+    assert "contiguous ranks" in plan.reason and "cannot split" in plan.reason
+    small = plan_groups(8, tp=2, ep=4, local_world_size=8, topology=topology(lambda i, j: "nvlink", 4))
+    assert "fewer than the 8 local ranks" in small.reason
+    spanning = plan_groups(8, tp=4, ep=2, local_world_size=2)
+    assert spanning.tp_groups == ((0, 1, 2, 3), (4, 5, 6, 7)) and "span nodes" in spanning.reason
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"world_size": 4, "tp": 3, "ep": 1}, ["tp (3) x ep (1) = 3", "world size 4"]),
+        ({"world_size": 4, "tp": 0, "ep": 4}, ["'tp' is 0", "positive integer"]),
+        ({"world_size": 4, "tp": 2, "ep": 2, "local_world_size": 3}, ["local_world_size is 3", "divisor"]),
+    ],
+)
+def test_parallel_plan_rejects_bad_sizes(kwargs, words) -> None:
+    with pytest.raises(CommError) as err:
+        plan_groups(**kwargs)
+    for word in words:
+        assert word in str(err.value)
+
+
+# ---------------------------------------------------------------- shards
+def test_parallel_shard_take_and_split_range() -> None:
+    full = torch.arange(8 * 3).reshape(8, 3)
+    assert torch.equal(Shard(0, 1, 3, parts=2).take(full), full[[1, 2, 5, 6]])  # gate rows 1:3, up rows 1:3
+    assert torch.equal(Shard(1, 1, 2).take(full), full[:, 1:2])
+    assert [split_range(10, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert [split_range(2, 4, r) for r in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]  # some ranks get nothing
+
+
+def _holder(path: str, module: nn.Module) -> nn.Module:
+    """A module tree with ``module`` at ``path`` (what ShardView walks)."""
+    root = nn.Module()
+    node = root
+    parts = path.split(".")
+    for part in parts[:-1]:
+        child = nn.Module()
+        node.add_module(part, child)
+        node = child
+    node.add_module(parts[-1], module)
+    return root
+
+
+def test_parallel_shard_view_fp8_slices() -> None:
+    """Block-aligned row shards keep FP8 bits and their scale rows; a shard that cuts a
+    128-block is served dequantized (float32) with no scale."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 256, generator=gen)
+    q, scale = fp8_block_quantize(weight)
+    name = "model.layers.0.self_attn.kv_b_proj"
+    reader = DictReader({f"{name}.weight": q, f"{name}.weight_scale_inv": scale, "model.norm.weight": torch.ones(4)})
+    with torch.device("meta"):
+        aligned = ColumnParallelLinear(256, 128, Shard(0, 128, 256), bias=False, dtype=torch.float32)
+    view = ShardView(reader, _holder("layers.0.self_attn.kv_b_proj", aligned))
+    assert view.shape(f"{name}.weight") == (128, 256) and view.dtype(f"{name}.weight") == torch.float8_e4m3fn
+    assert torch.equal(view.get(f"{name}.weight").view(torch.uint8), q[128:].view(torch.uint8))
+    assert torch.equal(view.get(f"{name}.weight_scale_inv"), scale[1:2])
+    assert view.read_whole == []
+    with torch.device("meta"):
+        cut = ColumnParallelLinear(256, 128, Shard(0, 64, 192), bias=False, dtype=torch.float32)
+    view = ShardView(reader, _holder("layers.0.self_attn.kv_b_proj", cut))
+    assert view.dtype(f"{name}.weight") == torch.float32 and f"{name}.weight_scale_inv" not in view
+    assert torch.equal(view.get(f"{name}.weight"), fp8_block_dequantize(q, scale)[64:192])
+    assert "model.norm.weight" in view.names() and torch.equal(view.get("model.norm.weight"), torch.ones(4))
+    with torch.device("meta"):
+        row = RowParallelLinear(128, 256, Shard(1, 128, 256), bias=False, dtype=torch.float32, group=None)
+    view = ShardView(reader, _holder("layers.0.self_attn.kv_b_proj", row))
+    assert torch.equal(view.get(f"{name}.weight_scale_inv"), scale[:, 1:2])
+
+
+def test_parallel_shard_view_experts_renumbered() -> None:
+    """A rank holding experts 2 and 3 sees them as experts 0 and 1, from the per-expert
+    layout and from the fused one, and none of the other experts' tensors."""
+    n, inter, dim = 4, 3, 5
+    fused_up = torch.arange(n * 2 * inter * dim, dtype=torch.float32).reshape(n, 2 * inter, dim)
+    fused_down = -torch.arange(n * dim * inter, dtype=torch.float32).reshape(n, dim, inter)
+    prefix = "model.layers.1.mlp.experts"
+    per_expert = {}
+    for e in range(n):
+        per_expert[f"{prefix}.{e}.gate_proj.weight"] = fused_up[e, :inter]
+        per_expert[f"{prefix}.{e}.up_proj.weight"] = fused_up[e, inter:]
+        per_expert[f"{prefix}.{e}.down_proj.weight"] = fused_down[e]
+    fused = {f"{prefix}.gate_up_proj": fused_up, f"{prefix}.down_proj": fused_down}
+    experts = ShardedExperts(n, [2, 3], dim, inter, torch.float32)
+    for tensors in (per_expert, fused):
+        view = ShardView(DictReader(tensors), _holder("layers.1.mlp.experts", experts))
+        assert sorted(view.names()) == sorted(f"{prefix}.{i}.{p}.weight" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj"))
+        assert torch.equal(view.get(f"{prefix}.0.gate_proj.weight"), fused_up[2, :inter])
+        assert torch.equal(view.get(f"{prefix}.1.up_proj.weight"), fused_up[3, inter:])
+        assert torch.equal(view.get(f"{prefix}.1.down_proj.weight"), fused_down[3])
+        assert view.shape(f"{prefix}.1.down_proj.weight") == (dim, inter)

@@ -1,0 +1,247 @@
+"""``dshal bench``: it runs, its FLOP/s and bytes/s match independent counts, its HTML
+holds the plots and rows, and its shape files are validated with file:line errors."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import dshal
+from dshal.backend import Availability, Capabilities
+from dshal.backends.reference import ReferenceBackend
+from dshal.cli import main as cli
+from dshal.errors import ConfigError, DshalError
+from dshal.ops.catalogue import SPECS
+from dshal.ops.spec import Cost
+from dshal.perf.bench import input_set_count
+from dshal.perf.cases import load_shapes_file, shape_cases
+from dshal.perf.report import read_report
+from dshal.perf.roofline import place, resolve_peaks
+from dshal.perf.timing import Repeats, Stats, perf_counter_clock, time_calls
+
+FAST = ["--warmup", "1", "--runs", "3", "--min-runs", "3", "--time-per-case", "0", "--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One CLI run on linear + rms_norm (5 ci cases), shared by the report checks."""
+    out = tmp_path_factory.mktemp("bench")
+    rc = cli(["bench", "--backend", "cpu", "--ops", "linear,rms_norm", "--output", str(out / "r.html"), *FAST])
+    return rc, out / "r.html", json.loads((out / "r.json").read_text())
+
+
+def test_bench_cli_writes_report_and_json(bench_run):
+    rc, html_path, report = bench_run
+    assert rc == 0
+    assert report["schema"] == "dshal.bench/1" and report["backend"] == "cpu"
+    assert [c["op"] for c in report["cases"]] == ["linear"] * 3 + ["rms_norm"] * 2
+    for case in report["cases"]:
+        backend = case["providers"]["backend"]
+        assert backend["runs"] == 3 and backend["p10_s"] <= backend["median_s"] <= backend["p90_s"]
+        assert case["input_sets"] >= 2, "inputs must rotate between calls"
+        assert "median_s" in case["providers"]["reference"]
+        assert case["speedup"]["reference"] == pytest.approx(
+            case["providers"]["reference"]["median_s"] / backend["median_s"]
+        )
+    # The CPU declares no peaks: they were measured, and say so.
+    assert report["peaks"]["sources"]["bandwidth"] == "measured" and report["peaks"]["bandwidth"] > 0
+    assert report["peaks"]["sources"]["fp32"] == "measured"
+
+
+def test_bench_flops_and_bytes_match_independent_counts(bench_run):
+    _, _, report = bench_run
+    checked = 0
+    for case in report["cases"]:
+        p, b = case["params"], case["providers"]["backend"]
+        if case["op"] == "linear":
+            flops = 2 * p["M"] * p["N"] * p["K"]  # GEMM: one multiply + one add per (m, n, k)
+        else:
+            elems = p["T"] * p["H"]
+            flops = 4 * elems + (elems if p["residual"] else 0)  # square, sum, normalize, weight (+ residual add)
+            size = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+            # reads x (and residual), writes y (and the sum), reads the weight once
+            moved = elems * size * (4 if p["residual"] else 2) + p["H"] * size
+            assert case["cost"]["bytes"] == moved
+            assert b["bytes_per_s"] == pytest.approx(moved / b["median_s"], rel=1e-9)
+        assert case["cost"]["flops"] == flops
+        assert b["flops_per_s"] == pytest.approx(flops / b["median_s"], rel=1e-9)
+        torch_entry = case["providers"]["torch"]
+        if "median_s" in torch_entry:
+            assert torch_entry["flops_per_s"] == pytest.approx(flops / torch_entry["median_s"], rel=1e-9)
+        checked += 1
+    assert checked == 5
+
+
+def test_bench_html_holds_plots_and_rows(bench_run):
+    _, html_path, report = bench_run
+    parser = read_report(html_path.read_text())
+    assert parser.svgs + parser.imgs >= 2, "roofline and latency plots"
+    assert parser.external == [], "self-contained: nothing fetched from the network"
+    ids = [c["id"] for c in report["cases"]]
+    rows = {r[0]: r for r in parser.rows if r and r[0] in ids}
+    assert set(rows) == set(ids)
+    for c in report["cases"]:
+        assert rows[c["id"]][5].endswith("%")  # % roofline column filled
+    assert any(r[:1] == ["linear"] for r in parser.rows)  # op providers table
+
+
+def test_bench_ci_shapes_cover_every_op_and_finish(tmp_path):
+    """Every op of the catalogue has a ci case, and the whole ci set runs on the cpu backend
+    well inside the 2-minute budget (here with few runs; RESULTS.md has default settings)."""
+    cases = shape_cases("ci")
+    assert {c.op for c in cases} == set(SPECS)
+    rc = cli(["bench", "--backend", "cpu", "--output", str(tmp_path / "ci.html"), "--no-reference", *FAST])
+    report = json.loads((tmp_path / "ci.json").read_text())
+    assert rc == 0
+    assert len(report["cases"]) == len(cases)
+    assert all("median_s" in c["providers"]["backend"] for c in report["cases"])
+    assert report["duration_s"] < 120
+
+
+def test_full_shapes_use_deepseek_v3_dims():
+    cases = shape_cases("full")
+    assert {c.op for c in cases} == set(SPECS)
+    experts = next(c for c in cases if c.op == "moe_experts").params
+    assert (experts["H"], experts["I"], experts["E"], experts["top_k"]) == (7168, 2048, 256, 8)
+    decode = [c.params for c in cases if c.op == "attention" and c.params["Tq"] == 1]
+    assert decode and decode[0]["D"] == 512 + 64 and decode[0]["Hq"] == 128  # absorbed MLA: latent + rope
+
+
+def test_torch_direct_columns_compute_the_same_thing():
+    """The side-by-side torch calls are fair rivals: they agree with the reference."""
+    device = torch.device("cpu")
+    found = 0
+    for case in shape_cases("ci"):
+        direct = case.bench.direct(case.params)
+        if direct is None:
+            continue
+        args, kwargs = case.inputs(device, 0)
+        want = getattr(dshal.ops.reference, case.op)(*args, **kwargs)
+        got = direct[1](*args, **kwargs)
+        want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
+        tol = 2e-2 if want.dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol, msg=case.label)
+        found += 1
+    assert found >= 8
+
+
+def test_time_calls_cycles_every_input_set():
+    seen: list[int] = []
+    sets = [((i,), {}) for i in range(3)]
+    stats = time_calls(seen.append, sets, perf_counter_clock, Repeats(warmup=2, min_runs=7, max_runs=7, budget_s=0))
+    assert stats.runs == 7
+    assert seen == [0, 1, 2, 0, 1, 2, 0, 1, 2]  # warm-up included; never the same set twice in a row
+    assert gc.isenabled()  # paused while timing only
+
+
+def test_input_set_count():
+    assert input_set_count(1000) == 8
+    assert input_set_count(40 << 20) == 2
+    assert input_set_count(2 << 30) == 1
+    assert input_set_count(1000, requested=3) == 3
+    with pytest.raises(DshalError, match="--rotate"):
+        input_set_count(1000, requested=0)
+
+
+def test_stats_percentiles():
+    s = Stats.of([float(i) for i in range(1, 102)])
+    assert (s.median, s.p10, s.p90, s.min, s.runs) == (51.0, 11.0, 91.0, 1.0, 101)
+
+
+def test_roofline_placement():
+    peak_flops, bandwidth = 100e12, 1e12  # ridge at 100 FLOP/byte
+    mem = place(Cost(flops=1e9, bytes=1e9), 1e-3, peak_flops, bandwidth)  # intensity 1
+    assert mem.bound == "memory" and mem.attainable_flops_per_s == pytest.approx(1e12)
+    assert mem.percent == pytest.approx(100 * 1e12 / 1e12)
+    comp = place(Cost(flops=1e12, bytes=1e9), 0.02, peak_flops, bandwidth)  # intensity 1000
+    assert comp.bound == "compute" and comp.percent == pytest.approx(50.0)
+    unknown = place(Cost(1.0, 1.0), 1.0, None, None)
+    assert unknown.bound == "unknown" and math.isnan(unknown.percent)
+
+
+class _DeclaredPeaks(ReferenceBackend):
+    @property
+    def name(self) -> str:
+        return "declared"
+
+    def availability(self) -> Availability:
+        return Availability(True, "test")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(peak_flops={"bf16": 1e15, "fp8": 2e15}, peak_bandwidth=3e12)
+
+
+def test_declared_peaks_are_used_and_missing_ones_measured():
+    backend = _DeclaredPeaks()
+    peaks = resolve_peaks(backend, torch.device("cpu"), {"bf16", "fp8"})
+    assert peaks.flops == {"bf16": 1e15, "fp8": 2e15} and peaks.bandwidth == 3e12
+    assert set(peaks.sources.values()) == {"capabilities"}
+    peaks = resolve_peaks(backend, torch.device("cpu"), {"int8"})  # not declared: stands in from bf16
+    assert peaks.flops["int8"] == 1e15 and peaks.sources["int8"] == "stand-in: bf16 (capabilities)"
+
+
+def test_shapes_file_loads(tmp_path):
+    f = tmp_path / "shapes.yaml"
+    f.write_text("cases:\n  - {op: linear, M: 4, N: 8, K: 16}\n  - op: attention\n    Hq: 4\n    Tq: 8\n")
+    cases = load_shapes_file(f)
+    assert [c.label for c in cases] == ["linear(M=4, N=8, K=16)", "attention(Hq=4, Tq=8)"]
+    assert cases[1].params["Tk"] == 8 and cases[1].params["Hk"] == 4  # defaults follow Tq / Hq
+
+
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        ("cases:\n  - {op: linear, M: 4, N: 8, K: 16}\n  - {op: nope, M: 1}\n", 3, ["op", "'nope'", "linear"]),
+        ("cases:\n  - op: linear\n    M: 4\n    N: -8\n    K: 16\n", 4, ["N", "-8", ">= 1"]),
+        (
+            "cases:\n  - op: rms_norm\n    T: 4\n    H: 8\n    colour: red\n",
+            5,
+            ["colour", "unknown parameter", "residual"],
+        ),
+        ("cases:\n  - op: rms_norm\n    T: 4\n", 2, ["'H'"]),
+        ("shapes:\n  - {op: rms_norm}\n", 1, ["shapes", "'cases'"]),
+        ("cases: [\n", 2, ["invalid YAML"]),
+    ],
+)
+def test_shapes_file_errors_name_file_and_line(tmp_path, text, line, words):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_shapes_file(f)
+    assert str(info.value).startswith(f"{f}:{line}: "), str(info.value)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_bench_cli_rejects_bad_options(tmp_path, capsys):
+    assert cli(["bench", "--backend", "cpu", "--shapes", "huge", "--output", str(tmp_path / "x.html")]) == 1
+    assert "--shapes: got 'huge', expected ci, full" in capsys.readouterr().err
+    assert cli(["bench", "--backend", "cpu", "--ops", "linear,nope", "--output", str(tmp_path / "x.html")]) == 1
+    assert "--ops: got 'nope'" in capsys.readouterr().err
+    assert cli(["bench", "--backend", "cpu", "--runs", "0", "--output", str(tmp_path / "x.html")]) == 1
+    assert "--runs: got 0, expected a number >= 1" in capsys.readouterr().err
+    assert not Path(tmp_path / "x.html").exists()
+
+
+def test_bench_reports_a_failing_case_and_goes_on(tmp_path):
+    """A case the backend rejects (the op's own checks) or whose inputs cannot be built is a
+    result with its error; the other cases still run and the exit status says it failed."""
+    shapes = tmp_path / "s.yaml"
+    shapes.write_text(
+        "cases:\n"
+        "  - {op: moe_experts, T: 2, H: 8, I: 4, E: 2, top_k: 4}\n"  # 4 distinct experts of 2: no inputs
+        "  - {op: moe_gate, T: 4, E: 6, n_group: 4}\n"  # 6 experts in 4 groups: ShapeError from the op
+        "  - {op: rms_norm, T: 4, H: 8}\n"
+    )
+    rc = cli(["bench", "--backend", "cpu", "--shapes", str(shapes), "--output", str(tmp_path / "f.html"), *FAST])
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert rc == 1
+    errors = [c["providers"]["backend"].get("error", "") for c in report["cases"]]
+    assert errors[0].startswith("building inputs failed")
+    assert errors[1].startswith("ShapeError: moe_gate: argument 'n_group' is 4")
+    assert errors[2] == "" and "median_s" in report["cases"][2]["providers"]["backend"]
