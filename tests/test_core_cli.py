@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dshal.backends.cpu_native import NATIVE_OPS
 from dshal.ops.catalogue import SPECS
 
 DSHAL = Path(sys.executable).with_name("dshal")
@@ -41,12 +42,12 @@ def test_info_json_lists_cpu_trace_and_providers():
     assert all(p["provider"] and p["kind"] for p in rt["providers"].values())
 
 
-def test_info_json_with_backend_cpu_serves_every_op_from_the_reference():
+def test_info_json_with_backend_cpu_serves_every_op_from_cpu():
     out = run("info", "--json", "--backend", "cpu")
     assert out.returncode == 0, out.stderr
     rt = json.loads(out.stdout)["runtime"]
     assert rt["selection"] == [{"name": "cpu", "taken": True, "reason": rt["selection"][0]["reason"]}]
-    assert rt["providers"] == {op: {"provider": "cpu", "kind": "reference"} for op in SPECS}
+    assert rt["providers"] == {op: {"provider": "cpu", "kind": "native" if op in NATIVE_OPS else "reference"} for op in SPECS}
 
 
 def test_info_tables():

@@ -85,7 +85,7 @@ def test_model_dshal_run_tiny_default(tmp_path):
     report = json.loads(out.read_text())
     assert report["backend"] == "cpu" and report["prefill_tokens_per_s"] > 0 and report["decode_tokens_per_s"] > 0
     assert len(report["output_ids"]) == 32
-    assert report["providers"]["attention"] == {"provider": "cpu", "kind": "reference"}
+    assert report["providers"]["attention"] == {"provider": "cpu", "kind": "native"}
     assert report["model_description"]["precision_groups"]["attention"] == "fp8-block e4m3fn"  # the default policy
 
 

@@ -1,6 +1,10 @@
-"""The built-in ``cpu`` backend: every op's reference implementation on CPU tensors.
+"""The built-in ``cpu`` backend: every op on CPU tensors.
 
-It is registered through the ``dshal.backends`` entry-point group like any vendor plugin.
+Hot ops (attention, rms_norm, silu_and_mul, rotary_embedding, moe_experts) run on torch's
+fused CPU kernels (:mod:`dshal.backends.cpu_native`, kind "native"); the rest are the op
+references (kind "reference"). The references stay the oracle and the fallback provider
+whatever this backend serves. It is registered through the ``dshal.backends`` entry-point
+group like any vendor plugin.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from typing import Any
 import torch
 
 from dshal.backend import Availability, Backend, Capabilities
+from dshal.backends.cpu_native import NATIVE_OPS
 
 
 class ReferenceBackend(Backend):
-    """Clear torch math on the CPU: the oracle, and the fallback provider of every op."""
+    """Torch on the CPU: native providers for the hot ops, the references for the rest."""
 
     @property
     def name(self) -> str:
@@ -27,7 +32,7 @@ class ReferenceBackend(Backend):
         return "cpu"
 
     def availability(self) -> Availability:
-        return Availability(True, f"reference implementations on {platform.machine() or 'cpu'} ({os.cpu_count()} cores)")
+        return Availability(True, f"torch CPU kernels and reference implementations on {platform.machine() or 'cpu'} ({os.cpu_count()} cores)")
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
@@ -35,7 +40,7 @@ class ReferenceBackend(Backend):
             arch=platform.machine(),
             fp8_formats=("e4m3fn", "e4m3fnuz", "e5m2"),
             native_e4m3="e4m3fn",
-            op_kinds={name: "reference" for name in self.ops()},
+            op_kinds={name: "native" if name in NATIVE_OPS else "reference" for name in self.ops()},
             dist_backend="gloo",
             compute_units=torch.get_num_threads(),
         )
@@ -43,7 +48,8 @@ class ReferenceBackend(Backend):
     def ops(self) -> Mapping[str, Callable[..., Any]]:
         from dshal.ops.catalogue import SPECS
 
-        return {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
+        references = {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
+        return {**references, **NATIVE_OPS}
 
     def memory_stats(self) -> dict[str, int]:
         import resource

@@ -1,0 +1,163 @@
+"""The ``cpu`` backend's native providers: the same ops as the references, on torch's own
+fused CPU kernels.
+
+The references (:mod:`dshal.ops`) stay the oracle: they spell the math out step by step
+in float32/float64, which costs a pass over memory per step and a Python call per torch
+op. These providers compute the same functions with fewer, fused torch calls
+(``scaled_dot_product_attention``, ``rms_norm``) and skip the float32 round trip where
+the input already is float32. The conformance suite judges them against the references
+like any plugin's ops (``dshal conformance --backend cpu``).
+
+Every function takes the op's arguments after the op spec has checked them (the runtime
+wraps each provider with its spec's checks); only value-dependent errors (an expert id
+out of range) are raised here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dshal.errors import ShapeError
+from dshal.ops.attention import visible_keys
+from dshal.ops.gemm import _linear_reference
+from dshal.ops.quant import compute_dtype
+
+#: Dtypes torch's CPU kernels already compute in at full precision (no upcast needed).
+_WIDE = (torch.float32, torch.float64)
+
+
+def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
+    """``scaled_dot_product_attention`` with the op's end-aligned mask; GQA without copies."""
+    batch, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    if tq == 0 or tk == 0:  # nothing to attend to: the op's "no visible key" rows are zeros
+        return q.new_zeros(batch, hq, tq, v.shape[3])
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    gqa = hq != k.shape[1]
+    dv = v.shape[3]
+    if q.dtype in _WIDE and window is None and (not causal or tq == 1):
+        # No mask (decode, or non-causal): fold the query heads sharing a kv head into rows
+        # so each kv head is one GEMM pair over its keys; beats the fused kernel at Tq = 1.
+        hk = k.shape[1]
+        rows = q.reshape(batch, hk, hq // hk * tq, q.shape[3])  # [B, Hk, G*Tq, D]
+        probs = torch.softmax((rows @ k.transpose(-1, -2)).mul_(scale), dim=-1)  # [B, Hk, G*Tq, Tk]
+        return (probs @ v).reshape(batch, hq, tq, dv)
+    if dv < q.shape[3]:
+        # torch's fused (flash) CPU kernel needs equal q/k/v head dims, else it falls back to
+        # unfused math ~2x slower; zero columns of v add zero columns to the output.
+        v = F.pad(v, (0, q.shape[3] - dv))
+    out = _sdpa(q, k, v, causal, scale, window, global_tokens, gqa)
+    return out[..., :dv] if out.shape[3] != dv else out
+
+
+def _sdpa(q, k, v, causal, scale, window, global_tokens, gqa):
+    tq, tk = q.shape[2], k.shape[2]
+    if window is None and (not causal or tq == 1):
+        # No mask: non-causal, or a single query at the end, which sees every key.
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if causal and window is None and tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    seen = visible_keys(tq, tk, causal, window, global_tokens, q.device)  # [Tq, Tk]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale, enable_gqa=gqa)
+    blind = ~seen.any(dim=-1)  # queries that see no key output zeros, whatever the kernel does
+    if bool(blind.any()):
+        out.masked_fill_(blind[:, None], 0.0)
+    return out
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    """``torch.rms_norm`` (one fused kernel; float32 statistics for 16-bit inputs)."""
+    if residual is not None:
+        x = x + residual if x.dtype in _WIDE else (x.float() + residual.float()).to(x.dtype)
+    if x.dtype in _WIDE:
+        y = torch.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+    else:  # the reference rounds once, after the weight: keep float32 through it
+        y = torch.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    return (y, x) if residual is not None else y
+
+
+def silu_and_mul(x):
+    """``silu(gate) * up`` in place of the reference's upcast copies when ``x`` is float32/64."""
+    if x.dtype not in _WIDE:
+        gate, up = x.float().chunk(2, dim=-1)
+        return F.silu(gate).mul_(up).to(x.dtype)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+def rotary_embedding(x, cos, sin, interleaved=True):
+    """Rotation of pairs, written back into one output tensor (no stack / cat)."""
+    acc = torch.float64 if torch.float64 in (x.dtype, cos.dtype) else torch.float32
+    xf = x if x.dtype == acc else x.to(acc)
+    c, s = cos.to(acc), sin.to(acc)
+    out = torch.empty(xf.shape, dtype=acc, device=x.device)
+    if interleaved:
+        a, b, ra, rb = xf[..., 0::2], xf[..., 1::2], out[..., 0::2], out[..., 1::2]
+    else:
+        a, b = xf.chunk(2, dim=-1)
+        ra, rb = out.chunk(2, dim=-1)
+    torch.mul(a, c, out=ra).sub_(b * s)
+    torch.mul(b, c, out=rb).add_(a * s)
+    return out if x.dtype == acc else out.to(x.dtype)
+
+
+def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+    """Grouped experts: the (token, slot) pairs sorted by expert, one GEMM pair per expert
+    that has tokens, results scattered back with their routing weight. A single token
+    (decode) skips the sort. FP8 experts go through the reference ``linear`` (per (1, 128)
+    activation quantization), float ones through ``F.linear`` in ``x``'s dtype."""
+    tokens, top_k = ids.shape
+    experts = w13.shape[0]
+    acc = compute_dtype(x.dtype)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
+    if ids.numel() == 0:
+        return out.to(x.dtype)
+    flat_ids = ids.reshape(-1)
+    low, high = torch.aminmax(flat_ids)
+    if int(low) < 0 or int(high) >= experts:
+        bad = int(low) if int(low) < 0 else int(high)
+        raise ShapeError(
+            f"moe_experts: argument 'ids' holds expert id {bad}, expected ids in [0, {experts}) "
+            f"(w13 has {experts} experts)"
+        )
+    slot_weight = weights.reshape(-1).to(acc)
+    if tokens == 1:
+        row = torch.zeros(1, dtype=torch.long, device=x.device)
+        for slot, e in enumerate(flat_ids.tolist()):
+            _add_expert(out, x, row, slot_weight[slot : slot + 1], e, w13, w2, w13_scale, w2_scale)
+        return out.to(x.dtype)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of_slot, slot_weight = order // top_k, slot_weight[order]
+    start = 0
+    for e, count in enumerate(torch.bincount(flat_ids, minlength=experts).tolist()):
+        if count:
+            rows = token_of_slot[start : start + count]
+            _add_expert(out, x[rows], rows, slot_weight[start : start + count], e, w13, w2, w13_scale, w2_scale)
+            start += count
+    return out.to(x.dtype)
+
+
+def _add_expert(out, xs, rows, slot_weight, e, w13, w2, w13_scale, w2_scale) -> None:
+    """``out[rows] += slot_weight * expert_e(xs)``."""
+    h = _expert_linear(xs, w13[e], None if w13_scale is None else w13_scale[e])
+    y = _expert_linear(silu_and_mul(h), w2[e], None if w2_scale is None else w2_scale[e])
+    out.index_add_(0, rows, y.to(out.dtype).mul_(slot_weight[:, None]))
+
+
+def _expert_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if scale is None and weight.dtype == x.dtype:
+        return F.linear(x, weight)
+    return _linear_reference(x, weight, None, scale)
+
+
+#: op name -> native provider; every other op is served by its reference.
+NATIVE_OPS = {
+    "attention": attention,
+    "rms_norm": rms_norm,
+    "silu_and_mul": silu_and_mul,
+    "rotary_embedding": rotary_embedding,
+    "moe_experts": moe_experts,
+}
