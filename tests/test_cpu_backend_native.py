@@ -9,7 +9,6 @@ import torch
 import dshal
 from dshal import ops
 from dshal.backends.cpu_native import NATIVE_OPS
-from dshal.errors import ShapeError
 from dshal.ops.catalogue import SPECS
 
 #: Allowed max |native - reference| / max(|reference|, 1) per dtype (16-bit: a few ulps).
@@ -89,44 +88,3 @@ def test_rms_norm_silu_and_rotary_match_the_reference(cpu, dtype):
     for interleaved in (True, False):
         _check("rotary_embedding", x, cos, sin, interleaved)
         _check("rotary_embedding", x.transpose(0, 1)[:, :, None], cos[:3, None], sin[:3, None], interleaved)
-
-
-def _experts(n: int, hidden: int, inter: int, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    w13 = (torch.randn(n, 2 * inter, hidden, generator=gen) / hidden**0.5).to(dtype)
-    w2 = (torch.randn(n, hidden, inter, generator=gen) / inter**0.5).to(dtype)
-    return w13, w2
-
-
-@pytest.mark.parametrize("tokens", [1, 2, 33], ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_moe_experts_matches_the_reference(cpu, tokens, dtype):
-    w13, w2 = _experts(8, 64, 32, dtype, seed=tokens)
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(tokens, 64, generator=gen).to(dtype)
-    scores = torch.rand(tokens, 8, generator=gen)
-    weights, ids = scores.topk(3, dim=-1)
-    _check("moe_experts", x, weights.to(dtype), ids, w13, w2)
-    _check("moe_experts", x, weights.to(dtype), ids.to(torch.int32), w13, w2)
-
-
-def test_moe_experts_with_fp8_block_experts_matches_the_reference(cpu):
-    w13, w2 = _experts(4, 256, 128, torch.float32, seed=1)
-    q13, s13 = zip(*(SPECS["quantize_fp8"].reference_impl(w, (128, 128)) for w in w13))
-    q2, s2 = zip(*(SPECS["quantize_fp8"].reference_impl(w, (128, 128)) for w in w2))
-    x = torch.randn(5, 256)
-    ids = torch.tensor([[0, 3], [1, 2], [3, 3], [2, 0], [1, 1]])
-    weights = torch.rand(5, 2)
-    _check("moe_experts", x, weights, ids, torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2))
-    _check("moe_experts", x[:1], weights[:1], ids[:1], torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2))
-
-
-@pytest.mark.parametrize("bad", [-1, 8], ids=lambda b: f"id{b}")
-@pytest.mark.parametrize("tokens", [1, 4], ids=lambda t: f"T{t}")
-def test_moe_experts_rejects_out_of_range_ids(cpu, bad, tokens):
-    w13, w2 = _experts(8, 16, 8, torch.float32, seed=0)
-    ids = torch.zeros(tokens, 2, dtype=torch.long)
-    ids[-1, 1] = bad
-    with pytest.raises(ShapeError, match=rf"argument 'ids' holds expert id {bad}, expected ids in \[0, 8\)"):
-        ops.moe_experts(torch.randn(tokens, 16), torch.rand(tokens, 2), ids, w13, w2)
-

@@ -1,7 +1,7 @@
 """The built-in ``cpu`` backend: every op on CPU tensors.
 
-Hot ops (attention, rms_norm, silu_and_mul, rotary_embedding, moe_experts) run on torch's
-fused CPU kernels (:mod:`dshal.backends.cpu_native`, kind "native"); the rest are the op
+Hot ops (attention, rms_norm, silu_and_mul, rotary_embedding) run on torch's fused CPU
+kernels (:mod:`dshal.backends.cpu_native`, kind "native"); the rest are the op
 references (kind "reference"). The references stay the oracle and the fallback provider
 whatever this backend serves. It is registered through the ``dshal.backends`` entry-point
 group like any vendor plugin.

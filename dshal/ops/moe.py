@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -135,35 +136,42 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
 
 @moe_experts.reference
 def _moe_experts_reference(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
-    tokens, top_k = ids.shape
-    experts, inter = w13.shape[0], w13.shape[1] // 2
+    inter = w13.shape[1] // 2
     acc = compute_dtype(x.dtype)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
-    if ids.numel() == 0:
-        return out.to(x.dtype)
-    # Group the (token, slot) pairs by expert: one matmul per expert that has tokens.
-    flat_ids = ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    sorted_ids = flat_ids[order]
-    low, high = int(sorted_ids[0]), int(sorted_ids[-1])
-    if low < 0 or high >= experts:
-        bad = low if low < 0 else high
-        raise ShapeError(f"moe_experts: argument 'ids' holds expert id {bad}, expected ids in [0, {experts}) (w13 has {experts} experts)")
-    counts = torch.bincount(sorted_ids, minlength=experts).tolist()
-    token_of_slot = order // top_k
-    slot_weight = weights.reshape(-1)[order].to(acc)
-    start = 0
-    for e, count in enumerate(counts):
-        if not count:
-            continue
-        rows = token_of_slot[start : start + count]
-        xs = x[rows]
-        h = _linear_reference(xs, w13[e], None, None if w13_scale is None else w13_scale[e])
+    slot_weight = weights.reshape(-1, 1).to(acc)  # [T * k, 1]; slot s = (token s // k, choice s % k)
+    for e, rows, slots in _expert_groups(ids, w13.shape[0]):
+        h = _linear_reference(x[rows], w13[e], None, None if w13_scale is None else w13_scale[e])
         act = (F.silu(h[:, :inter].to(acc)) * h[:, inter:].to(acc)).to(x.dtype)
         y = _linear_reference(act, w2[e], None, None if w2_scale is None else w2_scale[e])
-        out.index_add_(0, rows, y.to(acc) * slot_weight[start : start + count, None])
-        start += count
+        out.index_add_(0, rows, y.to(acc) * slot_weight[slots])
     return out.to(x.dtype)
+
+
+def _expert_groups(ids: torch.Tensor, experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor | slice]]:
+    """``(expert, token rows, their slots)`` for each expert that has slots: one matmul each.
+
+    Slots are flat indices into ``ids.reshape(-1)``. Raises ShapeError for an id outside
+    ``[0, experts)``. A single token (a decode step) needs no sort: each of its k slots is
+    its own group.
+    """
+    flat_ids = ids.reshape(-1)
+    if flat_ids.numel() == 0:
+        return []
+    low, high = (int(v) for v in torch.aminmax(flat_ids))
+    if low < 0 or high >= experts:
+        raise ShapeError(
+            f"moe_experts: argument 'ids' holds expert id {low if low < 0 else high}, expected ids in "
+            f"[0, {experts}) (w13 has {experts} experts)"
+        )
+    if ids.shape[0] == 1:
+        token = torch.zeros(1, dtype=torch.long, device=ids.device)
+        return [(e, token, slice(slot, slot + 1)) for slot, e in enumerate(flat_ids.tolist())]
+    order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert
+    rows = order // ids.shape[1]
+    counts = torch.bincount(flat_ids, minlength=experts).tolist()
+    starts = [0, *itertools.accumulate(counts)]
+    return [(e, rows[starts[e] : starts[e + 1]], order[starts[e] : starts[e + 1]]) for e in range(experts) if counts[e]]
 
 
 @moe_experts.cost
