@@ -78,10 +78,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _print_summary(console, result: dict, json_path: Path, junit_path: Path, waiver_path: Path | None) -> None:  # noqa: ANN001
     p = result["platform"]
-    kind = "not run" if "not_run" in p else ("emulated" if p["emulated"] else "hardware")
-    console.print(f"[bold]{result['backend']}[/] on {p['device']} ({p['arch'] or '-'}, {kind}), tier {result['tier']}, seed {result['seed']}")
+    tier = f"tier {result['tier']}, seed {result['seed']}"
     if "not_run" in p:
-        console.print(f"[yellow]not run:[/] {p['not_run']}")
+        console.print(f"[bold]{result['backend']}[/]: [yellow]not run[/], {tier}", soft_wrap=True)
+        console.print(f"reason: {p['not_run']}", highlight=False, soft_wrap=True)
+    else:
+        kind = "emulated" if p["emulated"] else "hardware"
+        console.print(f"[bold]{result['backend']}[/] on {p['device']} ({p['arch'] or '-'}, {kind}), {tier}", highlight=False, soft_wrap=True)
     for c in result["cases"]:
         if c["status"] in ("fail", "error"):
             console.print(f"[red]{c['status'].upper()}[/] {c['id']}: {c['reason']}", highlight=False, soft_wrap=True)
