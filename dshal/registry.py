@@ -117,7 +117,7 @@ class Registry:
             # Unwrap what _load_one_plugin wrapped so the reason shows the plugin's own error.
             failures[ep.name] = (ep, err.__cause__ if isinstance(err, _PluginAssertion) else err)
 
-        entry_points = _entry_points()
+        entry_points, clashes = _entry_points()
         wanted = [ep.name for ep in entry_points if allow is None or ep.name in allow]
         manager = _manager_class()(
             ENTRY_POINT_GROUP,
@@ -140,25 +140,57 @@ class Registry:
         for ext in manager:
             ep = ext.entry_point
             infos[ext.name] = _validate(ext.name, ep.value, _version_of(ep), ext.plugin, emulate)
+        for name, eps in clashes.items():
+            if allow is None or name in allow:
+                infos[name] = _clash(name, eps)
         return dict(sorted(infos.items()))
+
+
+def _clash(name: str, eps: list[importlib.metadata.EntryPoint]) -> BackendInfo:
+    """A name that several distributions claim: neither is imported (which one would win
+    depends on sys.path order), and the listing says who claims it."""
+    claims = "; ".join(f"{ep.value} (from {_dist_label(ep)})" for ep in eps)
+    reason = (
+        f"{len(eps)} installed distributions register the backend name {name!r} in {ENTRY_POINT_GROUP!r}: "
+        f"{claims}; uninstall all but one"
+    )
+    return BackendInfo(
+        name=name,
+        entry_point=" | ".join(ep.value for ep in eps),
+        version=None,
+        loaded=False,
+        available=False,
+        reason=reason,
+        error=PluginLoadError(reason),
+    )
+
+
+def _dist_label(ep: importlib.metadata.EntryPoint) -> str:
+    dist = ep.dist
+    return f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an unknown distribution"
 
 
 class _PluginAssertion(Exception):
     """Carries an AssertionError raised while importing a plugin (stevedore re-raises those)."""
 
 
-def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    """The group's entry points, read fresh from importlib.metadata; the first one of each
-    name on sys.path wins, as ``import`` would pick it.
+def _entry_points() -> tuple[list[importlib.metadata.EntryPoint], dict[str, list[importlib.metadata.EntryPoint]]]:
+    """The group's entry points, read fresh from importlib.metadata, one per name, and the
+    names that several distributions claim with *different* targets (each with every claim).
+    The same target listed twice (a path on ``sys.path`` twice) is no conflict.
 
     stevedore's own listing is not used: it memoizes per sys.path in-process and on disk
     (keyed by mtimes packed as float32, i.e. ~2 minutes of resolution), so a plugin
     installed or rewritten in-process could be missed after :meth:`Registry.refresh`.
     """
     found: dict[str, importlib.metadata.EntryPoint] = {}
+    claims: dict[str, list[importlib.metadata.EntryPoint]] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         found.setdefault(ep.name, ep)
-    return list(found.values())
+        if all(ep.value != other.value for other in claims.setdefault(ep.name, [])):
+            claims[ep.name].append(ep)
+    clashes = {name: eps for name, eps in claims.items() if len(eps) > 1}
+    return [ep for name, ep in found.items() if name not in clashes], clashes
 
 
 def _manager_class() -> type:

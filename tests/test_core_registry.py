@@ -105,6 +105,20 @@ def test_entry_point_that_is_not_a_backend_class_is_reported(install_plugin):
         "plugin registered as 'alias' reports name 'goodtest'; the entry-point name must match")
 
 
+def test_a_name_claimed_by_two_distributions_is_reported_and_neither_is_imported(install_plugin):
+    first = install_plugin("backends", {"twin": "GoodBackend"}, dist="dshal-test-twin-a", version="1.0")
+    second = install_plugin("backends", {"twin": "GoodBackend"}, dist="dshal-test-twin-b", version="2.0")
+    info = by_name()["twin"]
+    assert not info.loaded and not info.available
+    assert info.reason.startswith("2 installed distributions register the backend name 'twin' in 'dshal.backends': ")
+    assert f"{first}:GoodBackend (from dshal-test-twin-a 1.0)" in info.reason
+    assert f"{second}:GoodBackend (from dshal-test-twin-b 2.0)" in info.reason
+    assert first not in sys.modules and second not in sys.modules  # which would win is sys.path luck
+    with pytest.raises(PluginLoadError, match="register the backend name 'twin'.*uninstall all but one"):
+        dshal.use(backend="twin")
+    assert by_name()["cpu"].available  # the others are untouched
+
+
 def test_auto_walks_prefer_and_records_why(zoo):
     rt = dshal.use(backend="auto", prefer=["nosuchvendor", "noruntime", "offline", "raises", "goodtest", "cpu"])
     assert rt.backend.name == "goodtest"
