@@ -33,7 +33,6 @@ from dshal.errors import ConfigError
 from dshal.ops.attention import visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS
-from dshal.ops.quant import _quantize_fp8_reference, _quantize_int8_reference
 from dshal.ops.spec import FP8_DTYPES
 from dshal.perf.timing import Inputs
 
@@ -119,7 +118,7 @@ def _random_fp8(
     )
     q2, s2 = q.reshape(-1, rows, cols), scale.reshape(-1, *scale.shape[-2:])
     for i in range(q2.shape[0]):
-        qi, si = _quantize_fp8_reference(_randn((rows, cols), torch.float32, device, gen, cols**-0.5), block, fmt)
+        qi, si = SPECS["quantize_fp8"].reference_impl(_randn((rows, cols), torch.float32, device, gen, cols**-0.5), block, fmt)
         q2[i].copy_(qi)
         s2[i].copy_(si)
     return q, scale
@@ -133,7 +132,7 @@ def _weight(
         return _random_fp8((n, k), (128, 128), device, gen)
     w = _randn((n, k), torch.float32, device, gen, k**-0.5)
     if p["weight"] == "int8":
-        return _quantize_int8_reference(w)
+        return SPECS["quantize_int8"].reference_impl(w)
     return w.to(_FLOAT_NAMES[p["dtype"]]), None
 
 
@@ -157,8 +156,8 @@ def _linear_dtype(p):
 
 def _fp8_gemm_build(p, device, gen):
     a_block, b_block = GRANULARITY_BLOCKS[p["granularity"]]
-    a, a_scale = _quantize_fp8_reference(_randn((p["M"], p["K"]), torch.float32, device, gen), a_block, "e4m3fn")
-    b, b_scale = _quantize_fp8_reference(_randn((p["N"], p["K"]), torch.float32, device, gen), b_block, "e4m3fn")
+    a, a_scale = SPECS["quantize_fp8"].reference_impl(_randn((p["M"], p["K"]), torch.float32, device, gen), a_block, "e4m3fn")
+    b, b_scale = SPECS["quantize_fp8"].reference_impl(_randn((p["N"], p["K"]), torch.float32, device, gen), b_block, "e4m3fn")
     return (a, a_scale, b, b_scale, _FLOAT_NAMES[p["out_dtype"]]), {}
 
 
@@ -197,7 +196,7 @@ def _quantize_fp8_build(p, device, gen):
 
 
 def _dequantize_fp8_build(p, device, gen):
-    q, scale = _quantize_fp8_reference(_randn((p["M"], p["K"]), torch.float32, device, gen), _block(p), "e4m3fn")
+    q, scale = SPECS["quantize_fp8"].reference_impl(_randn((p["M"], p["K"]), torch.float32, device, gen), _block(p), "e4m3fn")
     return (q, scale, _block(p), _FLOAT_NAMES[p["out_dtype"]]), {}
 
 

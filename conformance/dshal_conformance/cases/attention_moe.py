@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dshal.ops.quant import _quantize_fp8_reference
+from dshal.ops.catalogue import SPECS
 from dshal_conformance.cases.base import Case, Context, Inputs, op_cases, standard_bad_inputs
 from dshal_conformance.cases.quant import fp8_variant
 from dshal_conformance.judge import Check, close, failed, fp8_result, threshold_check
@@ -193,8 +193,8 @@ def build_moe_experts(ctx: Context, row: Mapping[str, Any]) -> Inputs:
 
 
 def _stacked_fp8(w13_f: torch.Tensor, w2_f: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
-    q13, s13 = zip(*(_quantize_fp8_reference(w, (128, 128), fmt, None) for w in w13_f))
-    q2, s2 = zip(*(_quantize_fp8_reference(w, (128, 128), fmt, None) for w in w2_f))
+    q13, s13 = zip(*(SPECS["quantize_fp8"].reference_impl(w, (128, 128), fmt, None) for w in w13_f))
+    q2, s2 = zip(*(SPECS["quantize_fp8"].reference_impl(w, (128, 128), fmt, None) for w in w2_f))
     return torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2)
 
 

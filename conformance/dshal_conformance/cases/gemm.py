@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dshal.errors import DTypeError, ShapeError
-from dshal.ops.quant import _quantize_fp8_reference, _quantize_int8_reference
+from dshal.ops.catalogue import SPECS
 from dshal_conformance.cases.base import (
     BadInput,
     Case,
@@ -65,8 +65,8 @@ def build_fp8_gemm(ctx: Context, row: Mapping[str, Any]) -> Inputs:
     a_f = fill_pattern(ctx.randn(m, k), row.get("values"), ctx)
     b_f = ctx.randn(n, k)
     a_block, b_block = GRANULARITY[row["granularity"]]
-    a, a_scale = _quantize_fp8_reference(a_f, a_block, fmt, None)
-    b, b_scale = _quantize_fp8_reference(b_f, b_block, fmt, None)
+    a, a_scale = SPECS["quantize_fp8"].reference_impl(a_f, a_block, fmt, None)
+    b, b_scale = SPECS["quantize_fp8"].reference_impl(b_f, b_block, fmt, None)
     kw = {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "out_dtype": row["dtype"]}
     return Inputs(kw, extras={"a_f": a_f, "b_f": b_f})
 
@@ -100,8 +100,8 @@ INT8_GEMM = [
 
 
 def build_int8_gemm(ctx: Context, row: Mapping[str, Any]) -> Inputs:
-    a, a_scale = _quantize_int8_reference(ctx.randn(row["m"], row["k"]))
-    b, b_scale = _quantize_int8_reference(ctx.randn(row["n"], row["k"]))
+    a, a_scale = SPECS["quantize_int8"].reference_impl(ctx.randn(row["m"], row["k"]))
+    b, b_scale = SPECS["quantize_int8"].reference_impl(ctx.randn(row["n"], row["k"]))
     return Inputs({"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "out_dtype": row["dtype"]})
 
 
@@ -151,10 +151,10 @@ def build_linear(ctx: Context, row: Mapping[str, Any]) -> Inputs:
     if kind == "float":
         kw["weight"], kw["weight_scale"] = w_f.to(dtype), None
     elif kind == "int8":
-        kw["weight"], kw["weight_scale"] = _quantize_int8_reference(w_f)
+        kw["weight"], kw["weight_scale"] = SPECS["quantize_int8"].reference_impl(w_f)
     else:
         block = (128, 128) if kind == "fp8-block" else (1, -1)
-        kw["weight"], kw["weight_scale"] = _quantize_fp8_reference(w_f, block, ctx.fp8("e4m3"), None)
+        kw["weight"], kw["weight_scale"] = SPECS["quantize_fp8"].reference_impl(w_f, block, ctx.fp8("e4m3"), None)
     kw["bias"] = ctx.randn(n, dtype=dtype) if row.get("bias") else None
     return Inputs(kw, extras={"w_f": w_f})
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dshal.errors import DshalError, DTypeError
-from dshal.ops.quant import _quantize_fp8_reference
+from dshal.ops.catalogue import SPECS
 from dshal_conformance.cases.base import (
     BadInput,
     Case,
@@ -119,7 +119,7 @@ DEQUANTIZE_FP8 = [
 
 def build_dequantize_fp8(ctx: Context, row: Mapping[str, Any]) -> Inputs:
     x = ctx.randn(*row["shape"], dtype=torch.float32)
-    q, scale = _quantize_fp8_reference(x, row["block"], ctx.fp8(row.get("fmt", "e4m3")), None)
+    q, scale = SPECS["quantize_fp8"].reference_impl(x, row["block"], ctx.fp8(row.get("fmt", "e4m3")), None)
     return Inputs({"q": q, "scale": scale, "block": row["block"], "out_dtype": row["dtype"]})
 
 
