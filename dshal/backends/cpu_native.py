@@ -56,7 +56,8 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
 def _attention_folded(q, k, v, scale: float) -> torch.Tensor:
     """Unmasked attention with the query heads that share a kv head folded into rows: one
     GEMM pair per kv head (float32 for 16-bit inputs). At Tq = 1 (MLA's absorbed decode:
-    all heads on one latent head) this is 3-25x faster than the fused kernel."""
+    all heads on one latent head) torch's SDPA measured 2.7x slower with v padded to q's
+    width and 70x slower without (benchmarks/RESULTS.md)."""
     batch, hq, tq, d = q.shape
     hk = k.shape[1]
     acc = q.dtype if q.dtype in _WIDE else torch.float32
