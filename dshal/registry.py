@@ -183,14 +183,12 @@ def _entry_points() -> tuple[list[importlib.metadata.EntryPoint], dict[str, list
     (keyed by mtimes packed as float32, i.e. ~2 minutes of resolution), so a plugin
     installed or rewritten in-process could be missed after :meth:`Registry.refresh`.
     """
-    found: dict[str, importlib.metadata.EntryPoint] = {}
     claims: dict[str, list[importlib.metadata.EntryPoint]] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep)
         if all(ep.value != other.value for other in claims.setdefault(ep.name, [])):
             claims[ep.name].append(ep)
     clashes = {name: eps for name, eps in claims.items() if len(eps) > 1}
-    return [ep for name, ep in found.items() if name not in clashes], clashes
+    return [eps[0] for eps in claims.values() if len(eps) == 1], clashes
 
 
 def _manager_class() -> type:

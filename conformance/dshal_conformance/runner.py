@@ -111,7 +111,7 @@ def capability_cases() -> list[Case]:
 
         def body(ctx: Context, op: str = op) -> list[Outcome]:
             if op in ctx.provided:
-                return [Outcome("", Verdict("pass", "declared", None, None, f"declared supported; its cases must pass"))]
+                return [Outcome("", Verdict("pass", "declared", None, None, "declared supported; its cases must pass"))]
             probe = next((c for c in all_cases("ci") if c.op == op and c.kind == "accuracy"), None)
             if probe is None or probe.body is None:
                 return fail_all([""], "error", f"no accuracy case to probe {op!r} with")
