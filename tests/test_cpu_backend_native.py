@@ -88,3 +88,47 @@ def test_rms_norm_silu_and_rotary_match_the_reference(cpu, dtype):
     for interleaved in (True, False):
         _check("rotary_embedding", x, cos, sin, interleaved)
         _check("rotary_embedding", x.transpose(0, 1)[:, :, None], cos[:3, None], sin[:3, None], interleaved)
+
+
+MOE_CASES = {
+    # name: (tokens, experts, hidden, inter, k)
+    "decode-one-token": (1, 8, 64, 32, 3),
+    "two-tokens": (2, 8, 64, 32, 2),
+    "prefill-some-experts-idle": (24, 16, 64, 32, 2),
+    "no-tokens": (0, 4, 32, 16, 2),
+}
+
+
+@pytest.mark.parametrize("case", MOE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_moe_experts_matches_the_reference(cpu, case, dtype):
+    tokens, experts, hidden, inter, k = MOE_CASES[case]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / 8).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / 8).to(dtype)
+    weights = torch.rand(tokens, k, generator=gen)
+    # Only the first half of the experts is ever chosen, so some groups are empty.
+    ids = torch.zeros(0, k, dtype=torch.long)
+    if tokens:
+        ids = torch.stack([torch.randperm(max(experts // 2, k), generator=gen)[:k] for _ in range(tokens)])
+    _check("moe_experts", x, weights, ids, w13, w2)
+    _check("moe_experts", x, weights, ids.to(torch.int32), w13, w2)
+
+
+def test_moe_experts_fp8_weights_and_bad_ids(cpu):
+    from dshal.errors import ShapeError
+
+    gen = torch.Generator().manual_seed(12)
+    x, weights = torch.randn(5, 128, generator=gen), torch.rand(5, 2, generator=gen)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [1, 3]])
+    w13, w2 = torch.randn(4, 256, 128, generator=gen) / 8, torch.randn(4, 128, 128, generator=gen) / 8
+    quantize = SPECS["quantize_fp8"].reference_impl
+    (w13q, s13), (w2q, s2) = (quantize(w.reshape(-1, 128), (128, 128)) for w in (w13, w2))
+    w13q, w2q = w13q.view(4, 256, 128), w2q.view(4, 128, 128)
+    s13, s2 = s13.view(4, 2, 1), s2.view(4, 1, 1)
+    _check("moe_experts", x, weights, ids, w13q, w2q, s13, s2)  # FP8 blocks: the reference's path
+    with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[0, 4\\)"):
+        ops.moe_experts(x, weights, ids + 1, w13, w2)
+    with pytest.raises(ShapeError, match="expert id -1"):
+        ops.moe_experts(x[:1], weights[:1], ids[:1] - 1, w13, w2)

@@ -45,6 +45,26 @@ def test_model_cached_decode_matches_full_forward(mode):
     assert _rel_err(_stepwise_logits(model, ids, 6, mode), full) <= 1e-5
 
 
+@pytest.mark.parametrize("mode", [None, "naive", "absorb", "absorb-window"])
+def test_model_last_only_matches_the_full_forward_and_fills_the_same_cache(mode):
+    window = {"attention_window": 4, "attention_global_tokens": 2} if mode == "absorb-window" else {}
+    model = _model(seed=2, **window)
+    ids = _ids(model.args.vocab_size, 9, seed=5)
+    full = model(ids)
+    if mode is None:  # no cache
+        assert _rel_err(model(ids, last_only=True), full[:, -1:]) <= 1e-6
+        return
+    mode = mode.removesuffix("-window")
+    caches = [model.new_cache(2, 12, mode) for _ in range(2)]
+    last = model(ids[:, :8], 0, caches[0], last_only=True)
+    assert last.shape == (2, 1, model.args.vocab_size)
+    assert _rel_err(last, model(ids[:, :8], 0, caches[1])[:, -1:]) <= 1e-6
+    # The skipped rows of the last layer do not change what it cached for the next step.
+    steps = [model(ids[:, 8:], 8, cache) for cache in caches]
+    assert _rel_err(steps[0], steps[1]) <= 1e-6
+    assert _rel_err(steps[0], full[:, 8:]) <= 1e-5
+
+
 def test_model_absorbed_attention_matches_naive_on_prefill_and_decode():
     model = _model(seed=1)
     ids = _ids(model.args.vocab_size, 16, seed=3)

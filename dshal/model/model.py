@@ -175,14 +175,22 @@ class MLA(nn.Module):
         self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # (kv_b weight seen, its [H, nope+v, r] form)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+        last_query_only: bool = False,
     ) -> torch.Tensor:
+        """``x [B, T, D] -> [B, T, D]``, or ``[B, 1, D]`` for the last position only when
+        ``last_query_only`` (keys and values, and the cache, still cover all T tokens)."""
         bsz, seqlen, _ = x.shape
-        # queries: [B, T, H, nope], [B, T, H, rope]
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(bsz, seqlen, -1, self.qk_head_dim)
+        x_q, cos_q, sin_q = (x[:, -1:], cos[-1:], sin[-1:]) if last_query_only else (x, cos, sin)
+        # queries: [B, Tq, H, nope], [B, Tq, H, rope]
+        q = self.q_proj(x_q) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_q)))
+        q = q.view(bsz, x_q.shape[1], -1, self.qk_head_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = ops.rotary_embedding(q_pe, cos[:, None], sin[:, None], self.interleaved)
+        q_pe = ops.rotary_embedding(q_pe, cos_q[:, None], sin_q[:, None], self.interleaved)
         # latent: [B, T, r + rope] = normalized c_kv | rotated shared key
         kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
@@ -196,11 +204,11 @@ class MLA(nn.Module):
             out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2))
         else:
             (latent,) = cache.update(latent)
-            if seqlen > 1 and self.expand_prefill:
+            if x_q.shape[1] > 1 and self.expand_prefill:
                 out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
             else:
                 out = self._attend_absorbed(q_nope, q_pe, latent)
-        return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, H, T, v] -> [B, T, H * v] -> [B, T, D]
+        return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, H, Tq, v] -> [B, Tq, H * v] -> [B, Tq, D]
 
     def _causal(self, q_len: int) -> bool:
         """A single query at the end sees every key: no mask needed unless a window applies."""
@@ -336,12 +344,17 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: LayerCache | None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, residual) [B, T, D]`` -> the same, or ``[B, 1, D]`` for the last position only
+        when ``last_only`` (the cache still gets every token's keys)."""
         if residual is None:  # first layer: the embedding is the residual
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, cache)
+        x = self.self_attn(x, cos, sin, cache, last_query_only=last_only)
+        if last_only:
+            residual = residual[:, -1:]
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -351,6 +364,9 @@ class Transformer(nn.Module):
 
     ``model(input_ids [B, T])`` returns logits ``[B, T, vocab]``; with a cache from
     :meth:`new_cache`, ``model(ids, start_pos, cache)`` continues a sequence.
+    ``last_only=True`` returns ``[B, 1, vocab]`` for the last position; the last layer then
+    runs its queries, attention output and FFN for that position only (as llama.cpp's
+    output-row selection does), while every layer still caches all T tokens.
     """
 
     def __init__(self, args: ModelArgs):
@@ -379,12 +395,14 @@ class Transformer(nn.Module):
             cache.begin(start_pos, seqlen)
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, rope / 2]
         h, residual = self.embed(input_ids), None  # [B, T, D]
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, cos, sin, None if cache is None else cache.layers[i])
-        if last_only:
-            h, residual = h[:, -1:], residual[:, -1:]
+            # With last_only, the last layer needs queries, attention output and FFN for
+            # the last position only; every layer still caches all T tokens' keys.
+            layer_cache = None if cache is None else cache.layers[i]
+            h, residual = layer(h, residual, cos, sin, layer_cache, last_only and i == last)
         h, _ = self.norm(h, residual)
-        return self.lm_head(h)  # [B, T, vocab]
+        return self.lm_head(h)  # [B, T or 1, vocab]
 
     # ------------------------------------------------------------ inference helpers
     def new_cache(self, batch: int, max_len: int, mode: str | None = None) -> KVCache:

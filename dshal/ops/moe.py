@@ -148,6 +148,17 @@ def _moe_experts_reference(x, weights, ids, w13, w2, w13_scale=None, w2_scale=No
     return out.to(x.dtype)
 
 
+def check_expert_ids(ids: torch.Tensor, experts: int) -> None:
+    """Raise ShapeError unless every id in the non-empty ``ids`` is in ``[0, experts)``
+    (a value check, so it runs with the math, not in the op's input checker)."""
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= experts:
+        raise ShapeError(
+            f"moe_experts: argument 'ids' holds expert id {low if low < 0 else high}, expected ids in "
+            f"[0, {experts}) (w13 has {experts} experts)"
+        )
+
+
 def _expert_groups(ids: torch.Tensor, experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor | slice]]:
     """``(expert, token rows, their slots)`` for each expert that has slots: one matmul each.
 
@@ -158,12 +169,7 @@ def _expert_groups(ids: torch.Tensor, experts: int) -> list[tuple[int, torch.Ten
     flat_ids = ids.reshape(-1)
     if flat_ids.numel() == 0:
         return []
-    low, high = (int(v) for v in torch.aminmax(flat_ids))
-    if low < 0 or high >= experts:
-        raise ShapeError(
-            f"moe_experts: argument 'ids' holds expert id {low if low < 0 else high}, expected ids in "
-            f"[0, {experts}) (w13 has {experts} experts)"
-        )
+    check_expert_ids(flat_ids, experts)
     if ids.shape[0] == 1:
         token = torch.zeros(1, dtype=torch.long, device=ids.device)
         return [(e, token, slice(slot, slot + 1)) for slot, e in enumerate(flat_ids.tolist())]
