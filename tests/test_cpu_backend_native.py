@@ -88,6 +88,10 @@ def test_rms_norm_silu_and_rotary_match_the_reference(cpu, dtype):
     for interleaved in (True, False):
         _check("rotary_embedding", x, cos, sin, interleaved)
         _check("rotary_embedding", x.transpose(0, 1)[:, :, None], cos[:3, None], sin[:3, None], interleaved)
+        # Pairs that are not complex-aligned in memory: odd offset, strided last dim.
+        _check("rotary_embedding", x[..., 1:33], cos[:, :16], sin[:, :16], interleaved)
+        _check("rotary_embedding", x[..., ::2], cos[:, :16], sin[:, :16], interleaved)
+        _check("rotary_embedding", x, cos.double(), sin.double(), interleaved)
 
 
 MOE_CASES = {
