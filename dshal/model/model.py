@@ -184,7 +184,7 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """``x [B, T, D] -> [B, T, D]``, or ``[B, 1, D]`` for the last position only when
         ``last_query_only`` (keys and values, and the cache, still cover all T tokens)."""
-        bsz, seqlen, _ = x.shape
+        bsz = x.shape[0]
         x_q, cos_q, sin_q = (x[:, -1:], cos[-1:], sin[-1:]) if last_query_only else (x, cos, sin)
         # queries: [B, Tq, H, nope], [B, Tq, H, rope]
         q = self.q_proj(x_q) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_q)))
