@@ -43,6 +43,8 @@ class Runtime:
     selection: list[Decision]
     #: op name -> checked callable (what dispatch calls).
     table: dict[str, Callable[..., Any]] = field(repr=False)
+    #: op name -> the same provider without the input checks (dispatched inside ``ops.trusted()``).
+    unchecked: dict[str, Callable[..., Any]] = field(repr=False)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -94,14 +96,12 @@ _state: dict[str, Any] = {"active": None, "hook": None}
 
 
 def _install(runtime: Runtime) -> None:
-    """Fill dshal.ops' dispatch table from ``runtime``, through the op hook if one is set."""
+    """Fill dshal.ops' dispatch tables from ``runtime``, through the op hook if one is set."""
     from dshal import ops
 
     hook: OpHook | None = _state["hook"]
-    if hook is None:
-        ops._table.update(runtime.table)
-    else:
-        ops._table.update({name: hook(name, fn) for name, fn in runtime.table.items()})
+    for mine, theirs in ((ops._table, runtime.table), (ops._unchecked, runtime.unchecked)):
+        mine.update(theirs if hook is None else {name: hook(name, fn) for name, fn in theirs.items()})
 
 
 @contextlib.contextmanager
@@ -156,7 +156,8 @@ def build_runtime(config: Config) -> Runtime:
     own_ops: Mapping[str, Callable[..., Any]] = backend.ops()
     other_ops: dict[str, Mapping[str, Callable[..., Any]]] = {backend.name: own_ops}  # ops: overrides
     providers: dict[str, str] = {}
-    table: dict[str, Callable[..., Any]] = {}
+    unchecked: dict[str, Callable[..., Any]] = {}  # op -> provider; the table gets it behind the checks
+    refused: set[str] = set()
     fallbacks = set()
     for name, spec in SPECS.items():
         override = config.ops.get(name)
@@ -171,21 +172,28 @@ def build_runtime(config: Config) -> Runtime:
                     file=config.source,
                 )
             providers[name] = override
-            table[name] = spec.checked(other_ops[override][name], device_type)
+            unchecked[name] = other_ops[override][name]
         elif name in own_ops:
             providers[name] = backend.name
-            table[name] = spec.checked(own_ops[name], device_type)
+            unchecked[name] = own_ops[name]
         else:
             providers[name] = REFERENCE_PROVIDER
             fallbacks.add(name)
             if config.fallback == "error":
                 why = (f"the config says fallback: error (set fallback: warn, or ops: {{{name}: cpu}} "
                        "to serve it with the reference)")
-                table[name] = _refusing(name, backend.name, why)
+                unchecked[name] = _refusing(name, backend.name, why)
+                refused.add(name)
             elif not spec.has_reference:  # an op still without a reference must not break use()
-                table[name] = _refusing(name, backend.name, "the op has no reference implementation to fall back to")
+                unchecked[name] = _refusing(name, backend.name, "the op has no reference implementation to fall back to")
+                refused.add(name)
             else:
-                table[name] = _fallback_caller(name, backend.name, spec.checked(spec.reference_impl, device_type))
+                unchecked[name] = _fallback_caller(name, backend.name, spec.reference_impl)
+    # A refusal needs no input checks: it is the answer whatever the inputs.
+    table = {
+        name: fn if name in refused else SPECS[name].checked(fn, device_type)
+        for name, fn in unchecked.items()
+    }
     return Runtime(
         config=config,
         backend=backend,
@@ -194,6 +202,7 @@ def build_runtime(config: Config) -> Runtime:
         fallbacks=frozenset(fallbacks),
         selection=trace,
         table=table,
+        unchecked=unchecked,
     )
 
 

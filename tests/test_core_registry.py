@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -292,3 +293,55 @@ def test_import_dshal_discovers_nothing_and_imports_no_vendor_runtime():
     # Discovery (every installed plugin's import, availability and capabilities) imports no
     # vendor runtime either; plugins import those lazily, when an op runs.
     assert json.loads(out[1]) == {"after": True, "backends_is_function": True, "vendor_after_discovery": []}
+
+
+def test_trusted_skips_the_input_checks_for_this_thread_only(install_plugin):
+    module = install_plugin("backends", GOOD)
+    calls = call_counts(module)
+    rt = dshal.use(backend="goodtest", fallback="warn")
+    assert rt.unchecked["rms_norm"] is rt.table["rms_norm"].__wrapped__
+    # A weight of the wrong size that torch would broadcast: only the checker refuses it.
+    x, bad = torch.randn(2, 8), torch.ones(1)
+    with pytest.raises(dshal.ShapeError, match="argument 'weight' has size 1"):
+        dshal.ops.rms_norm(x, bad)
+    before = calls["rms_norm"]
+    seen_in_thread: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            dshal.ops.rms_norm(x, bad)
+        except dshal.DshalError as err:
+            seen_in_thread.append(err)
+
+    with dshal.ops.trusted():
+        assert dshal.ops.rms_norm(x, bad).shape == (2, 8)  # straight to the provider
+        with dshal.ops.trusted():  # nests
+            dshal.ops.rms_norm(x, torch.ones(8))
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        # An op served by the fallback reference still goes through the fallback caller.
+        q, s = dshal.ops.quantize_int8(torch.randn(4, 8))
+        assert q.dtype == torch.int8 and s.shape == (4, 1)
+    assert calls["rms_norm"] == before + 2
+    assert len(seen_in_thread) == 1 and isinstance(seen_in_thread[0], dshal.ShapeError)  # the other thread checks
+    with pytest.raises(dshal.ShapeError):  # checks are back after the block
+        dshal.ops.rms_norm(x, bad)
+
+
+def test_trusted_block_restores_the_checks_after_an_error(clean_dshal_env):
+    dshal.use(backend="cpu")
+    with pytest.raises(ValueError), dshal.ops.trusted():
+        raise ValueError("boom")
+    with pytest.raises(dshal.ShapeError):
+        dshal.ops.rms_norm(torch.randn(2, 8), torch.ones(5))
+
+
+def test_trusted_before_use_activates_the_default(install_plugin, monkeypatch):
+    module = install_plugin("backends", GOOD)
+    monkeypatch.setenv("DSHAL_BACKEND", "goodtest")
+    dshal.runtime.reset()
+    with dshal.ops.trusted():
+        dshal.ops.rms_norm(torch.randn(2, 8), torch.ones(8))
+    assert dshal.current().backend.name == "goodtest"
+    assert call_counts(module)["rms_norm"] == 1

@@ -146,3 +146,43 @@ def test_model_bad_inputs_raise_clear_errors():
         model(torch.zeros(1, 1, dtype=torch.int64), 3, cache)
     with pytest.raises(dshal.DshalError, match="max_new_tokens"):
         model.generate(torch.zeros(1, 2, dtype=torch.int64), -1)
+
+
+def test_model_decode_checks_the_op_inputs_of_a_caches_first_step_only():
+    """A prefill and the first one-token step of a cache run the ops' input checks; later
+    decode steps repeat those calls inside ``ops.trusted()``."""
+    from dshal.runtime import op_hook
+
+    model = _model()
+    ids = _ids(model.args.vocab_size, 6, batch=1)
+    checked_fns = set(dshal.current().table.values())
+    steps: list[set[bool]] = []  # per forward: were its op calls checked?
+
+    def tagging(name, fn):
+        def call(*args, **kwargs):
+            steps[-1].add(fn in checked_fns)
+            return fn(*args, **kwargs)
+
+        return call
+
+    def forward(*args):
+        steps.append(set())
+        return model(*args)
+
+    with op_hook(tagging):
+        cache = model.new_cache(1, 8)
+        forward(ids[:, :4], 0, cache)
+        assert not cache.decode_checked
+        # A broken weight is caught by the first decode step's checks, with a clear error.
+        good = model.norm.weight
+        model.norm.weight = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+        with pytest.raises(dshal.ShapeError, match="rms_norm: argument 'weight' has size 3"):
+            forward(ids[:, 4:5], 4, cache)
+        model.norm.weight = good
+        assert not cache.decode_checked
+        forward(ids[:, 4:5], 4, cache)
+        assert cache.decode_checked
+        forward(ids[:, 5:6], 5, cache)
+        forward(ids[:, :1], 0, model.new_cache(1, 8))  # a new cache starts checked again
+        forward(ids[:, 1:2], 1, None)  # so does a forward without a cache
+    assert steps == [{True}, {True}, {True}, {False}, {True}, {True}]

@@ -27,6 +27,7 @@ never tested for inside it:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -396,13 +397,20 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, rope / 2]
         h, residual = self.embed(input_ids), None  # [B, T, D]
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            # With last_only, the last layer needs queries, attention output and FFN for
-            # the last position only; every layer still caches all T tokens' keys.
-            layer_cache = None if cache is None else cache.layers[i]
-            h, residual = layer(h, residual, cos, sin, layer_cache, last_only and i == last)
-        h, _ = self.norm(h, residual)
-        return self.lm_head(h)  # [B, T or 1, vocab]
+        decode = cache is not None and seqlen == 1
+        # Every decode step repeats the op calls of the cache's first one with new values
+        # (only the key count grows), so only that one pays for the ops' input checks.
+        with ops.trusted() if decode and cache.decode_checked else contextlib.nullcontext():
+            for i, layer in enumerate(self.layers):
+                # With last_only, the last layer needs queries, attention output and FFN for
+                # the last position only; every layer still caches all T tokens' keys.
+                layer_cache = None if cache is None else cache.layers[i]
+                h, residual = layer(h, residual, cos, sin, layer_cache, last_only and i == last)
+            h, _ = self.norm(h, residual)
+            logits = self.lm_head(h)  # [B, T or 1, vocab]
+        if decode:
+            cache.decode_checked = True
+        return logits
 
     # ------------------------------------------------------------ inference helpers
     def new_cache(self, batch: int, max_len: int, mode: str | None = None) -> KVCache:

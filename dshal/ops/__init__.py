@@ -5,13 +5,18 @@ or the fallback reference) is resolved once, when :func:`dshal.use` activates a
 runtime, and stored in a table; a call costs one dict lookup. Calling an op before any
 ``dshal.use()`` activates the default runtime first (config from the environment).
 
+Every call checks its inputs against the op's spec first, except inside
+:func:`trusted`, where the calling thread's ops go straight to their providers.
+
 ``dshal.ops.reference.<op>`` calls the checked reference implementation directly, and
 ``dshal.ops.SPECS`` holds every :class:`~dshal.ops.spec.OpSpec`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dshal.ops.catalogue import SPECS
@@ -20,23 +25,51 @@ from dshal.ops.spec import Cost, OpSpec
 #: op name -> the provider callable of the active runtime (inputs checked). Filled by
 #: :meth:`dshal.runtime.Runtime.activate`; before that, each entry activates the default.
 _table: dict[str, Callable[..., Any]] = {}
+#: The same providers without the spec's input checks (what :func:`trusted` dispatches to).
+_unchecked: dict[str, Callable[..., Any]] = {}
 
 
-def _bootstrap(name: str) -> Callable[..., Any]:
+class _Dispatch(threading.local):
+    """The table this thread dispatches to (the class attribute is every thread's default)."""
+
+    table = _table
+
+
+_dispatch = _Dispatch()
+
+
+@contextlib.contextmanager
+def trusted() -> Iterator[None]:
+    """Skip the ops' input checks for this thread's calls inside the block.
+
+    For a caller that builds every op input itself and has already had the same calls
+    checked once, as the model core does for its decode steps: the checks are Python and
+    cost more than the math for the small tensors of one token. The providers' own value
+    checks (e.g. expert ids in range) still run. Nests; other threads are unaffected.
+    """
+    previous = _dispatch.table
+    _dispatch.table = _unchecked
+    try:
+        yield
+    finally:
+        _dispatch.table = previous
+
+
+def _bootstrap(name: str, table: dict[str, Callable[..., Any]]) -> Callable[..., Any]:
     def first_call(*args: Any, **kwargs: Any) -> Any:
         from dshal.runtime import current
 
-        current()  # activates the default runtime, which refills _table
-        return _table[name](*args, **kwargs)
+        current()  # activates the default runtime, which refills the tables
+        return table[name](*args, **kwargs)
 
     return first_call
 
 
 def _dispatcher(spec: OpSpec) -> Callable[..., Any]:
-    table, name = _table, spec.name
+    state, name = _dispatch, spec.name
 
     def dispatch(*args: Any, **kwargs: Any) -> Any:
-        return table[name](*args, **kwargs)
+        return state.table[name](*args, **kwargs)
 
     dispatch.__name__ = dispatch.__qualname__ = name
     dispatch.__doc__ = spec.__doc__
@@ -46,7 +79,8 @@ def _dispatcher(spec: OpSpec) -> Callable[..., Any]:
 
 def _reset_table() -> None:
     for name in SPECS:
-        _table[name] = _bootstrap(name)
+        _table[name] = _bootstrap(name, _table)
+        _unchecked[name] = _bootstrap(name, _unchecked)
 
 
 _reset_table()
@@ -54,5 +88,5 @@ for _spec in SPECS.values():
     globals()[_spec.name] = _dispatcher(_spec)
 del _spec
 
-__all__ = sorted(SPECS) + ["SPECS", "OpSpec", "Cost", "reference"]
+__all__ = sorted(SPECS) + ["SPECS", "OpSpec", "Cost", "reference", "trusted"]
 from dshal.ops import reference  # noqa: E402  (needs SPECS above)
