@@ -29,6 +29,12 @@ from dshal.ops.moe import check_expert_ids
 _WIDE = (torch.float32, torch.float64)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; a tensor already in it is returned without a call into torch
+    (``Tensor.to`` costs about a microsecond even when it has nothing to do)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     """No mask (a decode step, or non-causal): :func:`_attention_folded`; otherwise torch's
     fused ``scaled_dot_product_attention`` with the op's end-aligned mask."""
@@ -63,9 +69,9 @@ def _attention_folded(q, k, v, scale: float) -> torch.Tensor:
     batch, hq, tq, d = q.shape
     hk = k.shape[1]
     acc = q.dtype if q.dtype in _WIDE else torch.float32
-    rows = q.reshape(batch, hk, hq // hk * tq, d).to(acc)  # [B, Hk, G*Tq, D]
-    probs = torch.softmax((rows @ k.to(acc).transpose(-1, -2)).mul_(scale), dim=-1)  # [B, Hk, G*Tq, Tk]
-    return (probs @ v.to(acc)).reshape(batch, hq, tq, v.shape[3]).to(q.dtype)
+    rows = _as(q.reshape(batch, hk, hq // hk * tq, d), acc)  # [B, Hk, G*Tq, D]
+    probs = torch.softmax((rows @ _as(k, acc).transpose(-1, -2)).mul_(scale), dim=-1)  # [B, Hk, G*Tq, Tk]
+    return _as((probs @ _as(v, acc)).reshape(batch, hq, tq, v.shape[3]), q.dtype)
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None):
@@ -73,7 +79,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     if residual is not None:
         x = x + residual if x.dtype in _WIDE else (x.float() + residual.float()).to(x.dtype)
     if x.dtype in _WIDE:
-        y = torch.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+        y = torch.rms_norm(x, (x.shape[-1],), _as(weight, x.dtype), eps)
     else:  # the reference rounds once, after the weight: keep float32 through it
         y = torch.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
     return (y, x) if residual is not None else y
@@ -93,8 +99,7 @@ def rotary_embedding(x, cos, sin, interleaved=True):
     rotation is one complex multiply (3-4x faster than the real-valued steps at
     DeepSeek-V3's shapes); the half-split layout is rotated into one output tensor."""
     acc = torch.float64 if torch.float64 in (x.dtype, cos.dtype) else torch.float32
-    xf = x if x.dtype == acc else x.to(acc)
-    c, s = cos.to(acc), sin.to(acc)
+    xf, c, s = _as(x, acc), _as(cos, acc), _as(sin, acc)
     if interleaved:
         pairs = xf.unflatten(-1, (-1, 2))
         try:
@@ -108,7 +113,7 @@ def rotary_embedding(x, cos, sin, interleaved=True):
         ra, rb = out.chunk(2, dim=-1)
         torch.mul(a, c, out=ra).sub_(b * s)
         torch.mul(b, c, out=rb).add_(a * s)
-    return out if x.dtype == acc else out.to(x.dtype)
+    return _as(out, x.dtype)
 
 
 #: torch's grouped GEMM (one call for every expert's rows; private, present since torch 2.8).
@@ -137,8 +142,8 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         out = None
         for e, w in zip(ids[0].tolist(), weights[0].tolist()):
             y = F.linear(silu_and_mul(F.linear(x, w13[e])), w2[e])  # [1, H]
-            out = y.to(acc).mul_(w) if out is None else out.add_(y, alpha=w)
-        return out.to(x.dtype)
+            out = _as(y, acc).mul_(w) if out is None else out.add_(y, alpha=w)
+        return _as(out, x.dtype)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # slots grouped by expert
     rows = order // k  # the token of each sorted slot
@@ -156,8 +161,8 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
                 part = slice(start, start + n)
                 y[part] = F.linear(silu_and_mul(F.linear(xs[part], w13[e])), w2[e])
                 start += n
-    weighted = y.to(acc).mul_(weights.reshape(-1, 1).index_select(0, order).to(acc))
-    return torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(0, rows, weighted).to(x.dtype)
+    weighted = _as(y, acc).mul_(_as(weights.reshape(-1, 1).index_select(0, order), acc))
+    return _as(torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(0, rows, weighted), x.dtype)
 
 
 #: op name -> native provider; every other op is served by its reference.

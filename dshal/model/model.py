@@ -396,7 +396,7 @@ class Transformer(nn.Module):
             cache.begin(start_pos, seqlen)
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, rope / 2]
         h, residual = self.embed(input_ids), None  # [B, T, D]
-        last = len(self.layers) - 1
+        last = len(self.layers) - 1 if last_only and seqlen > 1 else None  # one position: nothing to select
         decode = cache is not None and seqlen == 1
         # Every decode step repeats the op calls of the cache's first one with new values
         # (only the key count grows), so only that one pays for the ops' input checks.
@@ -405,7 +405,7 @@ class Transformer(nn.Module):
                 # With last_only, the last layer needs queries, attention output and FFN for
                 # the last position only; every layer still caches all T tokens' keys.
                 layer_cache = None if cache is None else cache.layers[i]
-                h, residual = layer(h, residual, cos, sin, layer_cache, last_only and i == last)
+                h, residual = layer(h, residual, cos, sin, layer_cache, i == last)
             h, _ = self.norm(h, residual)
             logits = self.lm_head(h)  # [B, T or 1, vocab]
         if decode:
