@@ -136,3 +136,5 @@ def test_moe_experts_fp8_weights_and_bad_ids(cpu):
         ops.moe_experts(x, weights, ids + 1, w13, w2)
     with pytest.raises(ShapeError, match="expert id -1"):
         ops.moe_experts(x[:1], weights[:1], ids[:1] - 1, w13, w2)
+    with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[0, 4\\)"):  # one token: its own path
+        ops.moe_experts(x[:1], weights[:1], ids[:1] + 3, w13, w2)
