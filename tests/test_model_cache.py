@@ -186,3 +186,14 @@ def test_model_decode_checks_the_op_inputs_of_a_caches_first_step_only():
         forward(ids[:, :1], 0, model.new_cache(1, 8))  # a new cache starts checked again
         forward(ids[:, 1:2], 1, None)  # so does a forward without a cache
     assert steps == [{True}, {True}, {True}, {False}, {True}, {True}]
+
+
+def test_model_token_ids_outside_the_vocabulary_raise_a_clear_error():
+    model = _model()
+    vocab = model.args.vocab_size
+    for bad, shown in ((vocab, vocab), (-1, -1)):
+        ids = torch.tensor([[1, bad, 2]])
+        with pytest.raises(dshal.ShapeError, match=rf"input_ids' holds token id {shown}, expected ids in \[0, {vocab}\)"):
+            model(ids)
+        with pytest.raises(dshal.ShapeError, match=f"token id {shown}"):
+            model.generate(ids, 2)

@@ -11,8 +11,9 @@ from torch import nn
 from dshal.errors import DshalError, DTypeError, ShapeError
 
 
-def check_input_ids(where: str, input_ids: Any) -> None:
-    """``input_ids`` must be an integer tensor ``[B, T]`` with ``T >= 1``."""
+def check_input_ids(where: str, input_ids: Any, vocab_size: int | None = None) -> None:
+    """``input_ids`` must be an integer tensor ``[B, T]`` with ``T >= 1`` (and, given
+    ``vocab_size``, ids in ``[0, vocab_size)``)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise DTypeError(f"{where}: argument 'input_ids' is {got}, expected an int64 tensor [B, T]")
@@ -20,6 +21,13 @@ def check_input_ids(where: str, input_ids: Any) -> None:
         raise ShapeError(
             f"{where}: argument 'input_ids' has shape {list(input_ids.shape)}, expected [B, T] with T >= 1"
         )
+    if vocab_size is not None and input_ids.numel():
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab_size:
+            raise ShapeError(
+                f"{where}: argument 'input_ids' holds token id {low if low < 0 else high}, "
+                f"expected ids in [0, {vocab_size}) (the vocabulary)"
+            )
 
 
 def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -32,6 +32,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dshal import ops
@@ -84,7 +85,7 @@ class Embedding(nn.Module):
         self.weight = _param(vocab_size, dim, dtype=dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids]  # [B, T] -> [B, T, D]
+        return F.embedding(ids, self.weight)  # [B, T] -> [B, T, D]
 
 
 class RMSNorm(nn.Module):
@@ -385,7 +386,7 @@ class Transformer(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
-        check_input_ids("Transformer", input_ids)
+        check_input_ids("Transformer", input_ids, self.args.vocab_size)
         seqlen = input_ids.shape[1]
         end = start_pos + seqlen
         if end > self.rope_cos.shape[0]:

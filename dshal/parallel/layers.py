@@ -96,7 +96,7 @@ class VocabParallelEmbedding(Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.shard.start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        h = self.weight[local.masked_fill(outside, 0)]
+        h = super().forward(local.masked_fill(outside, 0))
         h = h.masked_fill(outside[..., None], 0)
         return comm.all_reduce(h, group=self.group)
 
