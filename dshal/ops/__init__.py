@@ -2,8 +2,9 @@
 
 Each public function here is a thin dispatcher. The provider behind it (backend kernel,
 or the fallback reference) is resolved once, when :func:`dshal.use` activates a
-runtime, and stored in a table; a call costs one dict lookup. Calling an op before any
-``dshal.use()`` activates the default runtime first (config from the environment).
+runtime, and stored in a table; a call costs a thread-local attribute and a dict
+lookup. Calling an op before any ``dshal.use()`` activates the default runtime first
+(config from the environment).
 
 Every call checks its inputs against the op's spec first, except inside
 :func:`trusted`, where the calling thread's ops go straight to their providers.
