@@ -5,19 +5,21 @@
     y = dshal.ops.rms_norm(x, weight)     # dispatched to the active runtime's provider
 
 Nothing is discovered at import time: plugins load on the first ``dshal.use()``,
-``dshal.current()``, ``dshal.backends()`` or op call.
+``dshal.current()``, ``dshal.backends()`` or op call. Nothing heavy is imported either:
+the public names below load their modules (and torch) on first access, so commands that
+need no tensors (``dshal --help``, ``dshal matrix``) start at once.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 # The subpackage dshal/backends/ shares its name with the dshal.backends() function.
 # Importing a submodule binds the package as an attribute of its parent, but only the
 # first time the package loads; loading it here, before the function is bound below,
 # keeps ``dshal.backends`` the function after discovery imports dshal.backends.reference.
 import dshal.backends  # noqa: F401  (empty package; imports nothing else)
-from dshal import ops
-from dshal.backend import API_VERSION, Availability, Backend, Capabilities, Timer, Topology
-from dshal.config import Config, load_config
 from dshal.errors import (
     BackendUnavailableError,
     CommError,
@@ -29,10 +31,49 @@ from dshal.errors import (
     ShapeError,
     UnsupportedOpError,
 )
-from dshal.registry import BackendInfo, backends
-from dshal.runtime import Runtime, current, use
 
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it, imported on first access (PEP 562).
+_LAZY_NAMES = {
+    **dict.fromkeys(("API_VERSION", "Availability", "Backend", "Capabilities", "Timer", "Topology"), "dshal.backend"),
+    **dict.fromkeys(("Config", "load_config"), "dshal.config"),
+    "BackendInfo": "dshal.registry",
+    **dict.fromkeys(("Runtime", "current", "use"), "dshal.runtime"),
+}
+#: Submodules that ``import dshal`` used to bind eagerly; still reachable as attributes.
+_LAZY_MODULES = ("ops", "backend", "config", "registry", "runtime")
+
+
+def backends(*, emulate: bool | None = None, refresh: bool = False) -> list[BackendInfo]:
+    """Every discovered backend, broken ones included, with the reason for each
+    (:func:`dshal.registry.backends`)."""
+    from dshal.registry import backends as discovered
+
+    return discovered(emulate=emulate, refresh=refresh)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        value = importlib.import_module(f"dshal.{name}")
+    elif name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'dshal' has no attribute {name!r}")
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES, *_LAZY_MODULES})
+
+
+if TYPE_CHECKING:
+    from dshal import ops
+    from dshal.backend import API_VERSION, Availability, Backend, Capabilities, Timer, Topology
+    from dshal.config import Config, load_config
+    from dshal.registry import BackendInfo
+    from dshal.runtime import Runtime, current, use
 
 __all__ = [
     "API_VERSION",

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
-import torch
-
 from dshal_conformance import __version__
 
 SCHEMA_ID = "dshal.conformance/1"
@@ -41,6 +39,8 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, int]:
 
 def build(target: Any, options: Any, records: list[dict[str, Any]], started: datetime, duration_s: float) -> dict[str, Any]:
     import dshal
+
+    import torch  # here, not at the top: `dshal matrix` reads reports without torch
 
     platform: dict[str, Any] = {"device": "not run", "arch": "", "torch": torch.__version__, "emulated": False}
     if target.runtime is not None:

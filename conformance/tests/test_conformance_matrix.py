@@ -101,3 +101,20 @@ def test_matrix_shows_hardware_emulated_and_not_run_apart(cpu_report: dict, tmp_
     assert cols[2].startswith("✅") and cols[2].endswith("`HW`")
     assert cols[3].startswith("❌") and "1 fail" in cols[3] and cols[3].endswith("`HW`")
     assert cols[4].endswith("`EMU`") and cols[5].startswith("⏸ not run:")
+
+
+def test_matrix_command_runs_without_importing_torch(cpu_report: dict, tmp_path: Path) -> None:
+    """Merging reports needs no tensors: a CI job that only collects the legs' JSON starts at once."""
+    import subprocess
+    import sys
+
+    report = _write(tmp_path, "cpu", cpu_report)
+    code = (
+        "import sys\n"
+        "from dshal.cli import main\n"
+        f"rc = main(['matrix', {report!r}, '--markdown', {str(tmp_path / 'm.md')!r}])\n"
+        "print(rc, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "0 False"
+    assert "| rms_norm |" in (tmp_path / "m.md").read_text()
