@@ -40,7 +40,7 @@ def per_call_us(
     for _ in range(repeat):
         for name, fn in fns.items():
             calls = 1 if name in batched else number
-            seconds = timeit.timeit(lambda: fn(*args), number=calls)
+            seconds = timeit.timeit(lambda fn=fn: fn(*args), number=calls)
             best[name] = min(best[name], seconds / number * 1e6)
     return best
 

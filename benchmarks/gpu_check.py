@@ -159,6 +159,47 @@ def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
     rows: list[dict[str, Any]] = []
     check.data["gemm"] = rows
     gen = torch.Generator(device=dev).manual_seed(0)
+
+    def time_paths(m: int, w: Any, wq: Any, ws: Any, wr: Any, wr_scale: Any) -> list[dict[str, Any]]:
+        """One row per GEMM path at ``m`` rows; the rotated inputs are freed on return."""
+        n, k = w.shape
+        copies = copies_for(m * k + n * k)
+        xs = [torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(copies)]
+        blk = [ref.quantize_fp8(x, (1, 128), "e4m3fn") for x in xs]
+        row = [ref.quantize_fp8(x, (1, -1), "e4m3fn") for x in xs]
+        # Weights rotate too (they dominate the bytes at small M).
+        extra = min(copies, 4) - 1
+        wqs = [wq] + [wq.clone() for _ in range(extra)]
+        wbs = [w] + [w.clone() for _ in range(extra)]
+        wrs = [wr] + [wr.clone() for _ in range(extra)]
+        paths: dict[str, Callable[[int], Any]] = {
+            "triton": lambda i: gemm.fp8_block_gemm(
+                blk[i % copies][0], blk[i % copies][1], wqs[i % len(wqs)], ws, torch.bfloat16, target=target
+            ),
+            "bf16_matmul": lambda i: torch.matmul(xs[i % copies], wbs[i % len(wbs)].t()),
+            "rowwise_scaled_mm": lambda i: scaled_mm_rowwise_or_tensorwise(
+                row[i % copies][0], row[i % copies][1], wrs[i % len(wrs)], wr_scale, "row", torch.bfloat16
+            ),
+        }
+        if torch_blockwise:
+            paths["torch_blockwise"] = lambda i: torch_blockwise_gemm(
+                blk[i % copies][0], blk[i % copies][1], wqs[i % len(wqs)], ws, torch.bfloat16
+            )
+        want = ref.fp8_gemm(blk[0][0], blk[0][1], wq, ws, torch.float32)
+        entries = []
+        for name, fn in paths.items():
+            entry: dict[str, Any] = {"m": m, "n": n, "k": k, "path": name}
+            try:
+                out = fn(0).float()
+                if name in ("triton", "torch_blockwise"):  # same inputs as the reference
+                    entry["similarity_gap"] = float(1 - 2 * (out * want).sum() / (out * out + want * want).sum())
+                seconds = timed_median(fn, warmup, iters, on_gpu)
+                entry.update(us=seconds * 1e6, tflops=2 * m * n * k / seconds / 1e12)
+            except Exception as err:  # noqa: BLE001 - one path failing must not stop the check
+                entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            entries.append(entry)
+        return entries
+
     for n, k in DRY_SHAPES if dry_run else GEMM_SHAPES:
         # Weights once per shape (bf16 and FP8 copies), activations per M.
         w = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) / math.sqrt(k)
@@ -168,41 +209,7 @@ def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
             if check.left() < 60:
                 rows.append({"m": m, "n": n, "k": k, "path": "*", "skipped": "time budget"})
                 continue
-            copies = copies_for(m * k + n * k)
-            xs = [torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(copies)]
-            blk = [ref.quantize_fp8(x, (1, 128), "e4m3fn") for x in xs]
-            row = [ref.quantize_fp8(x, (1, -1), "e4m3fn") for x in xs]
-            # Weights rotate too (they dominate the bytes at small M).
-            extra = min(copies, 4) - 1
-            wqs = [wq] + [wq.clone() for _ in range(extra)]
-            wbs = [w] + [w.clone() for _ in range(extra)]
-            wrs = [wr] + [wr.clone() for _ in range(extra)]
-            paths: dict[str, Callable[[int], Any]] = {
-                "triton": lambda i: gemm.fp8_block_gemm(
-                    blk[i % copies][0], blk[i % copies][1], wqs[i % len(wqs)], ws, torch.bfloat16, target=target
-                ),
-                "bf16_matmul": lambda i: torch.matmul(xs[i % copies], wbs[i % len(wbs)].t()),
-                "rowwise_scaled_mm": lambda i: scaled_mm_rowwise_or_tensorwise(
-                    row[i % copies][0], row[i % copies][1], wrs[i % len(wrs)], wr_scale, "row", torch.bfloat16
-                ),
-            }
-            if torch_blockwise:
-                paths["torch_blockwise"] = lambda i: torch_blockwise_gemm(
-                    blk[i % copies][0], blk[i % copies][1], wqs[i % len(wqs)], ws, torch.bfloat16
-                )
-            want = ref.fp8_gemm(blk[0][0], blk[0][1], wq, ws, torch.float32)
-            for name, fn in paths.items():
-                entry: dict[str, Any] = {"m": m, "n": n, "k": k, "path": name}
-                try:
-                    out = fn(0).float()
-                    if name in ("triton", "torch_blockwise"):  # same inputs as the reference
-                        entry["similarity_gap"] = float(1 - 2 * (out * want).sum() / (out * out + want * want).sum())
-                    seconds = timed_median(fn, warmup, iters, on_gpu)
-                    entry.update(us=seconds * 1e6, tflops=2 * m * n * k / seconds / 1e12)
-                except Exception as err:  # noqa: BLE001 - one path failing must not stop the check
-                    entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                rows.append(entry)
-            del xs, blk, row, wqs, wbs, wrs
+            rows.extend(time_paths(m, w, wq, ws, wr, wr_scale))
         check.save()
 
 

@@ -20,10 +20,9 @@ from dshal.backends.gpu_common import (
     GpuHardware,
     PeakFigures,
     TorchGpuBackend,
-    version_tuple,
-    lookup_peaks,
     probe_torch_blockwise,
     triton_installed,
+    version_tuple,
 )
 from dshal.kernels.triton.target import KernelTarget
 
