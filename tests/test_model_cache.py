@@ -197,3 +197,24 @@ def test_model_token_ids_outside_the_vocabulary_raise_a_clear_error():
             model(ids)
         with pytest.raises(dshal.ShapeError, match=f"token id {shown}"):
             model.generate(ids, 2)
+
+
+def test_model_cache_refuses_another_batch_size():
+    """The cache's batch is fixed: a step with another batch size is an input error, caught
+    before any op runs (a decode step's op checks may be skipped)."""
+    model = _model()
+    ids = _ids(model.args.vocab_size, 4, batch=2)
+    cache = model.new_cache(2, 8)
+    model(ids, 0, cache)
+    model(ids[:, :1], 4, cache)  # the first decode step: checked
+    with pytest.raises(dshal.ShapeError, match="the input has 1 sequences, expected 2"):
+        model(ids[:1, 1:2], 5, cache)
+    with pytest.raises(dshal.ShapeError, match="the input has 3 sequences, expected 2"):
+        model(torch.cat([ids, ids[:1]])[:, 1:2], 5, cache)
+
+
+def test_model_input_ids_on_another_device_raise_device_error():
+    model = _model()
+    ids = torch.zeros(1, 3, dtype=torch.int64, device="meta")  # any device but the model's
+    with pytest.raises(dshal.DeviceError, match="argument 'input_ids' is on meta, expected cpu"):
+        model(ids)

@@ -55,6 +55,7 @@ class KVCache:
         global_tokens: int = 0,
     ) -> None:
         self.mode = mode
+        self.batch = batch
         self.max_len = max_len
         self.window = window
         self.global_tokens = global_tokens if window is not None else 0
@@ -75,9 +76,12 @@ class KVCache:
         """Bytes one cached token takes, summed over layers."""
         return sum(b[0, 0].numel() * b.element_size() for layer in self.buffers for b in layer)
 
-    def begin(self, start: int, length: int) -> None:
-        """Plan the step that writes positions ``[start, start + length)`` (called once per forward)."""
+    def begin(self, start: int, length: int, batch: int) -> None:
+        """Plan the step that writes positions ``[start, start + length)`` of ``batch``
+        sequences (called once per forward)."""
         end = start + length
+        if batch != self.batch:
+            raise ShapeError(f"KVCache: the input has {batch} sequences, expected {self.batch} (the cache's batch)")
         if start > self.length:
             raise ShapeError(
                 f"KVCache: start_pos is {start}, expected at most {self.length} (the tokens cached so far)"

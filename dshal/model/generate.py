@@ -8,12 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dshal.errors import DshalError, DTypeError, ShapeError
+from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
 
 
-def check_input_ids(where: str, input_ids: Any, vocab_size: int | None = None) -> None:
-    """``input_ids`` must be an integer tensor ``[B, T]`` with ``T >= 1`` (and, given
-    ``vocab_size``, ids in ``[0, vocab_size)``)."""
+def check_input_ids(
+    where: str, input_ids: Any, vocab_size: int | None = None, device: torch.device | None = None
+) -> None:
+    """``input_ids`` must be an integer tensor ``[B, T]`` with ``T >= 1`` (and, when given,
+    on ``device`` with ids in ``[0, vocab_size)``)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise DTypeError(f"{where}: argument 'input_ids' is {got}, expected an int64 tensor [B, T]")
@@ -21,6 +23,8 @@ def check_input_ids(where: str, input_ids: Any, vocab_size: int | None = None) -
         raise ShapeError(
             f"{where}: argument 'input_ids' has shape {list(input_ids.shape)}, expected [B, T] with T >= 1"
         )
+    if device is not None and input_ids.device != device:
+        raise DeviceError(f"{where}: argument 'input_ids' is on {input_ids.device}, expected {device} (the model's)")
     if vocab_size is not None and input_ids.numel():
         low, high = (int(v) for v in torch.aminmax(input_ids))
         if low < 0 or high >= vocab_size:

@@ -386,7 +386,7 @@ class Transformer(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
-        check_input_ids("Transformer", input_ids, self.args.vocab_size)
+        check_input_ids("Transformer", input_ids, self.args.vocab_size, self.rope_cos.device)
         seqlen = input_ids.shape[1]
         end = start_pos + seqlen
         if end > self.rope_cos.shape[0]:
@@ -394,7 +394,7 @@ class Transformer(nn.Module):
                 f"Transformer: positions up to {end} exceed max_position_embeddings ({self.rope_cos.shape[0]})"
             )
         if cache is not None:
-            cache.begin(start_pos, seqlen)
+            cache.begin(start_pos, seqlen, input_ids.shape[0])
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, rope / 2]
         h, residual = self.embed(input_ids), None  # [B, T, D]
         last = len(self.layers) - 1 if last_only and seqlen > 1 else None  # one position: nothing to select
