@@ -153,6 +153,7 @@ def test_model_decode_checks_the_op_inputs_of_a_caches_first_step_only():
     decode steps repeat those calls inside ``ops.trusted()``."""
     from dshal.runtime import op_hook
 
+    other = _model(seed=1)  # same shapes, other weights
     model = _model()
     ids = _ids(model.args.vocab_size, 6, batch=1)
     checked_fns = set(dshal.current().table.values())
@@ -165,27 +166,28 @@ def test_model_decode_checks_the_op_inputs_of_a_caches_first_step_only():
 
         return call
 
-    def forward(*args):
+    def forward(*args, by=model):
         steps.append(set())
-        return model(*args)
+        return by(*args)
 
     with op_hook(tagging):
         cache = model.new_cache(1, 8)
         forward(ids[:, :4], 0, cache)
-        assert not cache.decode_checked
+        assert cache.decode_checked_by is None
         # A broken weight is caught by the first decode step's checks, with a clear error.
         good = model.norm.weight
         model.norm.weight = torch.nn.Parameter(torch.ones(3), requires_grad=False)
         with pytest.raises(dshal.ShapeError, match="rms_norm: argument 'weight' has size 3"):
             forward(ids[:, 4:5], 4, cache)
         model.norm.weight = good
-        assert not cache.decode_checked
+        assert cache.decode_checked_by is None
         forward(ids[:, 4:5], 4, cache)
-        assert cache.decode_checked
+        assert cache.decode_checked_by is model
         forward(ids[:, 5:6], 5, cache)
-        forward(ids[:, :1], 0, model.new_cache(1, 8))  # a new cache starts checked again
-        forward(ids[:, 1:2], 1, None)  # so does a forward without a cache
-    assert steps == [{True}, {True}, {True}, {False}, {True}, {True}]
+        forward(ids[:, 1:2], 6, cache, by=other)  # another model on this cache: checked again
+        forward(ids[:, :1], 0, model.new_cache(1, 8))  # so is a new cache
+        forward(ids[:, 1:2], 1, None)  # and a forward without a cache
+    assert steps == [{True}, {True}, {True}, {False}, {True}, {True}, {True}]
 
 
 def test_model_token_ids_outside_the_vocabulary_raise_a_clear_error():

@@ -68,8 +68,8 @@ class KVCache:
         self.layers = [LayerCache(self, i) for i in range(n_layers)]
         self.length = 0
         self._plan = _StepPlan(0, 0)
-        #: Set by the model after a one-token step whose op calls had their inputs checked.
-        self.decode_checked = False
+        #: The model whose one-token step on this cache ran with the ops' input checks.
+        self.decode_checked_by: object | None = None
 
     @property
     def bytes_per_token(self) -> int:

@@ -399,9 +399,9 @@ class Transformer(nn.Module):
         h, residual = self.embed(input_ids), None  # [B, T, D]
         last = len(self.layers) - 1 if last_only and seqlen > 1 else None  # one position: nothing to select
         decode = cache is not None and seqlen == 1
-        # Every decode step repeats the op calls of the cache's first one with new values
-        # (only the key count grows), so only that one pays for the ops' input checks.
-        with ops.trusted() if decode and cache.decode_checked else contextlib.nullcontext():
+        # Every decode step repeats the op calls of this model's first one on the cache with
+        # new values (only the key count grows), so only that one pays for the input checks.
+        with ops.trusted() if decode and cache.decode_checked_by is self else contextlib.nullcontext():
             for i, layer in enumerate(self.layers):
                 # With last_only, the last layer needs queries, attention output and FFN for
                 # the last position only; every layer still caches all T tokens' keys.
@@ -410,7 +410,7 @@ class Transformer(nn.Module):
             h, _ = self.norm(h, residual)
             logits = self.lm_head(h)  # [B, T or 1, vocab]
         if decode:
-            cache.decode_checked = True
+            cache.decode_checked_by = self
         return logits
 
     # ------------------------------------------------------------ inference helpers
