@@ -347,3 +347,14 @@ def test_trusted_before_use_activates_the_default(install_plugin, monkeypatch):
         dshal.ops.rms_norm(torch.randn(2, 8), torch.ones(8))
     assert dshal.current().backend.name == "goodtest"
     assert call_counts(module)["rms_norm"] == 1
+
+
+def test_dshal_backends_is_the_registry_listing():
+    """``dshal.backends`` defers the registry import (``import dshal`` stays light) but keeps
+    its signature and answer."""
+    import inspect
+
+    from dshal import registry
+
+    assert inspect.signature(dshal.backends) == inspect.signature(registry.backends)
+    assert [i.name for i in dshal.backends()] == [i.name for i in registry.backends()]
