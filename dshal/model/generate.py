@@ -11,11 +11,8 @@ from torch import nn
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
 
 
-def check_input_ids(
-    where: str, input_ids: Any, vocab_size: int | None = None, device: torch.device | None = None
-) -> None:
-    """``input_ids`` must be an integer tensor ``[B, T]`` with ``T >= 1`` (and, when given,
-    on ``device`` with ids in ``[0, vocab_size)``)."""
+def check_input_ids(where: str, input_ids: Any, device: torch.device | None = None) -> None:
+    """``input_ids`` must be an integer tensor ``[B, T]`` with ``T >= 1`` (on ``device``, when given)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise DTypeError(f"{where}: argument 'input_ids' is {got}, expected an int64 tensor [B, T]")
@@ -25,7 +22,12 @@ def check_input_ids(
         )
     if device is not None and input_ids.device != device:
         raise DeviceError(f"{where}: argument 'input_ids' is on {input_ids.device}, expected {device} (the model's)")
-    if vocab_size is not None and input_ids.numel():
+
+
+def check_token_ids(where: str, input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Every id in ``input_ids`` must be in ``[0, vocab_size)`` (reads the values: a host sync
+    on an accelerator)."""
+    if input_ids.numel():
         low, high = (int(v) for v in torch.aminmax(input_ids))
         if low < 0 or high >= vocab_size:
             raise ShapeError(
@@ -91,4 +93,4 @@ def generate(
     return out
 
 
-__all__ = ["check_input_ids", "generate"]
+__all__ = ["check_input_ids", "check_token_ids", "generate"]

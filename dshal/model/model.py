@@ -39,7 +39,7 @@ from dshal import ops
 from dshal.errors import ShapeError
 from dshal.model.args import ModelArgs, yarn_mscale
 from dshal.model.cache import KVCache, LayerCache
-from dshal.model.generate import check_input_ids, generate
+from dshal.model.generate import check_input_ids, check_token_ids, generate
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -386,8 +386,16 @@ class Transformer(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
-        check_input_ids("Transformer", input_ids, self.args.vocab_size, self.rope_cos.device)
+        check_input_ids("Transformer", input_ids, self.rope_cos.device)
         seqlen = input_ids.shape[1]
+        decode = cache is not None and seqlen == 1
+        # Every decode step repeats the op calls of this model's first one on the cache with
+        # new values (only the key count grows), so only that one pays for the input checks.
+        # The id range check (a host sync on accelerators) goes with them: under generate(),
+        # later steps' ids are the model's own samples.
+        trusted = decode and cache.decode_checked_by is self
+        if not trusted:
+            check_token_ids("Transformer", input_ids, self.args.vocab_size)
         end = start_pos + seqlen
         if end > self.rope_cos.shape[0]:
             raise ShapeError(
@@ -398,10 +406,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, rope / 2]
         h, residual = self.embed(input_ids), None  # [B, T, D]
         last = len(self.layers) - 1 if last_only and seqlen > 1 else None  # one position: nothing to select
-        decode = cache is not None and seqlen == 1
-        # Every decode step repeats the op calls of this model's first one on the cache with
-        # new values (only the key count grows), so only that one pays for the input checks.
-        with ops.trusted() if decode and cache.decode_checked_by is self else contextlib.nullcontext():
+        with ops.trusted() if trusted else contextlib.nullcontext():
             for i, layer in enumerate(self.layers):
                 # With last_only, the last layer needs queries, attention output and FFN for
                 # the last position only; every layer still caches all T tokens' keys.
