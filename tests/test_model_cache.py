@@ -200,9 +200,9 @@ def test_model_token_ids_outside_the_vocabulary_raise_a_clear_error():
         with pytest.raises(dshal.ShapeError, match=f"token id {shown}"):
             model.generate(ids, 2)
         cache = model.new_cache(1, 8)
-        model(ids[:, :1], 0, cache)
+        model(torch.tensor([[1, 2]]), 0, cache)
         with pytest.raises(dshal.ShapeError, match=f"token id {shown}"):  # a cache's first decode step
-            model(ids[:, 1:2], 1, cache)
+            model(ids[:, 1:2], 2, cache)
 
 
 def test_model_cache_refuses_another_batch_size():
