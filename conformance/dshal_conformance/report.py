@@ -38,9 +38,9 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def build(target: Any, options: Any, records: list[dict[str, Any]], started: datetime, duration_s: float) -> dict[str, Any]:
-    import dshal
-
     import torch  # here, not at the top: `dshal matrix` reads reports without torch
+
+    import dshal
 
     platform: dict[str, Any] = {"device": "not run", "arch": "", "torch": torch.__version__, "emulated": False}
     if target.runtime is not None:
