@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
+from dshal.ops.spec import check_ids_in_range
 
 
 def check_input_ids(where: str, input_ids: Any, device: torch.device | None = None) -> None:
@@ -27,13 +28,7 @@ def check_input_ids(where: str, input_ids: Any, device: torch.device | None = No
 def check_token_ids(where: str, input_ids: torch.Tensor, vocab_size: int) -> None:
     """Every id in ``input_ids`` must be in ``[0, vocab_size)`` (reads the values: a host sync
     on an accelerator)."""
-    if input_ids.numel():
-        low, high = (int(v) for v in torch.aminmax(input_ids))
-        if low < 0 or high >= vocab_size:
-            raise ShapeError(
-                f"{where}: argument 'input_ids' holds token id {low if low < 0 else high}, "
-                f"expected ids in [0, {vocab_size}) (the vocabulary)"
-            )
+    check_ids_in_range(where, "input_ids", input_ids, vocab_size, "token id", "the vocabulary")
 
 
 def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dshal.errors import DshalError, ShapeError
 from dshal.ops.gemm import _linear_reference
 from dshal.ops.quant import FP8_DTYPE_LIST, SCALE_DTYPES, compute_dtype
-from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
+from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_ids_in_range, check_same_device, check_tensor, op_spec
 
 
 def _check_count(op: str, arg: str, value: object, low: int, high: int | None, why: str) -> None:
@@ -149,14 +149,8 @@ def _moe_experts_reference(x, weights, ids, w13, w2, w13_scale=None, w2_scale=No
 
 
 def check_expert_ids(ids: torch.Tensor, experts: int) -> None:
-    """Raise ShapeError unless every id in the non-empty ``ids`` is in ``[0, experts)``
-    (a value check, so it runs with the math, not in the op's input checker)."""
-    low, high = (int(v) for v in torch.aminmax(ids))
-    if low < 0 or high >= experts:
-        raise ShapeError(
-            f"moe_experts: argument 'ids' holds expert id {low if low < 0 else high}, expected ids in "
-            f"[0, {experts}) (w13 has {experts} experts)"
-        )
+    """Raise ShapeError unless every id in ``ids`` is in ``[0, experts)``."""
+    check_ids_in_range("moe_experts", "ids", ids, experts, "expert id", f"w13 has {experts} experts")
 
 
 def _expert_groups(ids: torch.Tensor, experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor | slice]]:

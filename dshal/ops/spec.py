@@ -222,6 +222,18 @@ def check_same_device(op: str, first: str, x: torch.Tensor, **others: torch.Tens
             raise DeviceError(f"{op}: argument {arg!r} is on {t.device}, expected {dev} (the device of {first!r})")
 
 
+def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: str, why: str) -> None:
+    """Every value of ``ids`` must be in ``[0, size)``; ``what`` names one value ("expert
+    id"), ``why`` says where ``size`` comes from. A value check: it reads the tensor (a host
+    sync on an accelerator), so it runs with the math, not in an op's input checker."""
+    if ids.numel():
+        low, high = (int(v) for v in torch.aminmax(ids))
+        if low < 0 or high >= size:
+            raise ShapeError(
+                f"{op}: argument {arg!r} holds {what} {low if low < 0 else high}, expected ids in [0, {size}) ({why})"
+            )
+
+
 def check_dim(op: str, arg: str, t: torch.Tensor, dim: int, expected: int, what: str = "") -> None:
     """``t.shape[dim]`` must equal ``expected``."""
     if t.shape[dim] != expected:
