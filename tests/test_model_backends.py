@@ -1,0 +1,48 @@
+"""The one model core, unchanged, on the GPU plugins' own op code.
+
+No GPU here: each plugin runs emulated (CPU tensors, its Triton kernels in the interpreter,
+``torch._scaled_mm`` on CPU). The same random checkpoint is loaded on the ``cpu`` backend and
+on the plugin, with the same precision policy in the plugin's native FP8 format, and the
+logits and greedy tokens are compared. Decode steps after the first run inside
+``ops.trusted()``, so the plugins' providers are called without the spec's checks too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dshal
+from dshal.config import PrecisionConfig
+from dshal.kernels.triton import ensure_interpreter_if_cpu
+from dshal.model import random_model, tiny_args
+
+ensure_interpreter_if_cpu("cpu")  # before anything imports triton (read when kernels are decorated)
+
+
+def _installed(name: str) -> bool:
+    return any(info.name == name for info in dshal.backends())
+
+
+@pytest.mark.parametrize("gemm", ["bf16", "fp8-block"])
+@pytest.mark.parametrize("backend", ["nvidia", "amd"])
+def test_model_core_on_an_emulated_gpu_plugin_matches_the_cpu_backend(backend, gemm):
+    if not _installed(backend):
+        pytest.skip(f"the dshal-{backend} plugin is not installed")
+    runtime = dshal.use(backend=backend, emulate=True)
+    assert runtime.emulated  # results below are emulated, not measured on the hardware
+    precision = PrecisionConfig(gemm=gemm, fp8_format=runtime.backend.native_e4m3())
+    args = tiny_args()
+    ids = torch.randint(0, args.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    model = random_model(args, seed=3, precision=precision)
+    assert runtime.provider_kind("linear") == "triton"  # the plugin's kernel, not a fallback
+    logits, tokens = model(ids), model.generate(ids, 4)
+
+    dshal.use(backend="cpu")
+    reference = random_model(args, seed=3, precision=precision)
+    want_logits, want_tokens = reference(ids), reference.generate(ids, 4)
+
+    # Same weights, same formats: only the summation order differs (measured ~6e-7).
+    assert ((logits - want_logits).abs().max() / want_logits.abs().max()).item() <= 1e-4
+    assert torch.equal(tokens, want_tokens)
