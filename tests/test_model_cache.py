@@ -173,16 +173,16 @@ def test_model_decode_checks_the_op_inputs_of_a_caches_first_step_only():
     with op_hook(tagging):
         cache = model.new_cache(1, 8)
         forward(ids[:, :4], 0, cache)
-        assert cache.decode_checked_by is None
+        assert not cache.decode_checked_for(model)
         # A broken weight is caught by the first decode step's checks, with a clear error.
         good = model.norm.weight
         model.norm.weight = torch.nn.Parameter(torch.ones(3), requires_grad=False)
         with pytest.raises(dshal.ShapeError, match="rms_norm: argument 'weight' has size 3"):
             forward(ids[:, 4:5], 4, cache)
         model.norm.weight = good
-        assert cache.decode_checked_by is None
+        assert not cache.decode_checked_for(model)
         forward(ids[:, 4:5], 4, cache)
-        assert cache.decode_checked_by is model
+        assert cache.decode_checked_for(model)
         forward(ids[:, 5:6], 5, cache)
         forward(ids[:, 1:2], 6, cache, by=other)  # another model on this cache: checked again
         forward(ids[:, :1], 0, model.new_cache(1, 8))  # so is a new cache

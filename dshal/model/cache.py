@@ -16,6 +16,7 @@ expects: its window counts keys from the end.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,8 +69,17 @@ class KVCache:
         self.layers = [LayerCache(self, i) for i in range(n_layers)]
         self.length = 0
         self._plan = _StepPlan(0, 0)
-        #: The model whose one-token step on this cache ran with the ops' input checks.
-        self.decode_checked_by: object | None = None
+        # The model whose one-token step on this cache ran with the ops' input checks. Weak:
+        # a cache must not keep a model (and its process groups) alive.
+        self._decode_checked_by: weakref.ref | None = None
+
+    def decode_checked_for(self, model: object) -> bool:
+        """Whether ``model`` ran a one-token step on this cache with the ops' input checks."""
+        return self._decode_checked_by is not None and self._decode_checked_by() is model
+
+    def mark_decode_checked(self, model: object) -> None:
+        """Record that ``model`` ran a one-token step on this cache with the input checks."""
+        self._decode_checked_by = weakref.ref(model)
 
     @property
     def bytes_per_token(self) -> int:
@@ -112,8 +122,17 @@ class LayerCache:
     """One layer's view of a :class:`KVCache`: ``update(*new)`` writes this step's entries."""
 
     def __init__(self, cache: KVCache, index: int) -> None:
-        self.cache = cache
+        # Weak: the KVCache owns its layers, and without a cycle dropping the cache frees
+        # its buffers at once instead of at the next garbage collection.
+        self._cache = weakref.ref(cache)
         self.index = index
+
+    @property
+    def cache(self) -> KVCache:
+        cache = self._cache()
+        if cache is None:
+            raise ShapeError(f"LayerCache {self.index}: its KVCache no longer exists")
+        return cache
 
     @property
     def mode(self) -> str:

@@ -393,7 +393,7 @@ class Transformer(nn.Module):
         # new values (only the key count grows), so only that one pays for the input checks.
         # The id range check (a host sync on accelerators) goes with them: under generate(),
         # later steps' ids are the model's own samples.
-        trusted = decode and cache.decode_checked_by is self
+        trusted = decode and cache.decode_checked_for(self)
         if not trusted:
             check_token_ids("Transformer", input_ids, self.args.vocab_size)
         end = start_pos + seqlen
@@ -415,7 +415,7 @@ class Transformer(nn.Module):
             h, _ = self.norm(h, residual)
             logits = self.lm_head(h)  # [B, T or 1, vocab]
         if decode:
-            cache.decode_checked_by = self
+            cache.mark_decode_checked(self)
         return logits
 
     # ------------------------------------------------------------ inference helpers
