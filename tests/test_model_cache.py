@@ -224,3 +224,25 @@ def test_model_input_ids_on_another_device_raise_device_error():
     ids = torch.zeros(1, 3, dtype=torch.int64, device="meta")  # any device but the model's
     with pytest.raises(dshal.DeviceError, match="argument 'input_ids' is on meta, expected cpu"):
         model(ids)
+
+
+def test_model_cache_is_freed_at_once_and_holds_its_model_weakly():
+    """A dropped cache frees its buffers without waiting for the garbage collector (no
+    reference cycle), and a cache never keeps the model that used it alive (a model holds
+    its process groups: kept until interpreter exit, they made gloo abort)."""
+    import gc
+    import weakref
+
+    model = _model()
+    cache = model.new_cache(1, 8)
+    model(torch.tensor([[1, 2, 3]]), 0, cache)
+    model(torch.tensor([[4]]), 3, cache)
+    assert cache.decode_checked_for(model)
+    assert model not in gc.get_referents(*gc.get_referents(cache))  # nothing in it points at the model
+    cache_ref = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert cache_ref() is None
+    finally:
+        gc.enable()
