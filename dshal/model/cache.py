@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dshal.errors import ShapeError
+from dshal.errors import DshalError, ShapeError
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class LayerCache:
     def cache(self) -> KVCache:
         cache = self._cache()
         if cache is None:
-            raise ShapeError(f"LayerCache {self.index}: its KVCache no longer exists")
+            raise DshalError(f"LayerCache {self.index}: its KVCache no longer exists (keep the KVCache, not only a layer)")
         return cache
 
     @property
