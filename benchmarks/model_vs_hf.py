@@ -172,7 +172,11 @@ def main() -> int:
             for name in models:
                 results[name][f"decode_{opts.new_tokens}_after_{prompt}_tok_s"] = 1.0 / gaps[name]
 
+    from dshal.kernels import cpu as cpu_kernels
+
+    kernels = cpu_kernels.status()
     print(f"machine: {_machine()}; transformers {transformers.__version__}")
+    print(f"dshal cpu C kernels: {'on' if kernels.available else 'off'} ({kernels.detail})")
     print(
         f"model: {args.num_hidden_layers} layers, hidden {args.hidden_size}, {args.n_routed_experts} experts, fp32; "
         f"greedy tokens identical: {same}"
@@ -184,7 +188,7 @@ def main() -> int:
         print(f"{metric:<28}{d:>10.1f}{e:>10.1f}{d / e:>7.2f}x{h:>12.1f}{d / h:>7.2f}x")
     if opts.json:
         Path(opts.json).write_text(
-            json.dumps({"machine": _machine(), "same_tokens": same, "results": results}, indent=2)
+            json.dumps({"machine": _machine(), "cpu_kernels": kernels.available, "same_tokens": same, "results": results}, indent=2)
         )
     return 0
 

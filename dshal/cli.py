@@ -32,6 +32,8 @@ environment:
   DSHAL_BACKEND   backend name, overrides the config's `backend`
   DSHAL_PLUGINS   comma-separated allow-list of plugins to discover
   DSHAL_EMULATE   1 = run GPU plugins' own code paths on CPU tensors
+  DSHAL_CPU_KERNELS  0 = no C kernels for the cpu backend (torch serves their ops)
+  DSHAL_CACHE_DIR    where built C kernels are kept (default ~/.cache/dshal)
 
 Run `dshal COMMAND --help` for a command's options.
 """

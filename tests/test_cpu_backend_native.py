@@ -9,19 +9,32 @@ import torch
 import dshal
 from dshal import ops
 from dshal.backends.cpu_native import NATIVE_OPS
+from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.catalogue import SPECS
 
 #: Allowed max |native - reference| / max(|reference|, 1) per dtype (16-bit: a few ulps).
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture()
-def cpu():
-    return dshal.use({"backend": "cpu", "fallback": "error"})
+@pytest.fixture(params=["c-kernels", "torch-only"])
+def cpu(request, monkeypatch):
+    """The cpu backend, with its C kernels and without them (what a machine without a C
+    compiler runs): both must match the references."""
+    if request.param == "torch-only":
+        monkeypatch.setenv("DSHAL_CPU_KERNELS", "0")
+    elif not cpu_kernels.status().available:
+        pytest.skip(f"dshal cpu C kernels unavailable here: {cpu_kernels.status().detail}")
+    assert cpu_kernels.reload().available == (request.param == "c-kernels")
+    yield dshal.use({"backend": "cpu", "fallback": "error"})
+    monkeypatch.undo()
+    cpu_kernels.reload()
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
+    if not want.is_floating_point():  # ids: exact
+        assert torch.equal(got, want)
+        return
     err = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
     scale = max(want.double().abs().max().item() if want.numel() else 0.0, 1.0)
     assert err <= TOL[want.dtype] * scale, f"max |err| {err:.3g} > {TOL[want.dtype] * scale:.3g}"
@@ -39,7 +52,8 @@ def test_the_backend_declares_which_ops_are_native(cpu):
     assert {op for op, kind in kinds.items() if kind == "native"} == set(NATIVE_OPS)
     assert set(kinds) == {name for name, spec in SPECS.items() if spec.has_reference}
     assert cpu.describe()["providers"]["attention"] == {"provider": "cpu", "kind": "native"}
-    assert cpu.describe()["providers"]["linear"] == {"provider": "cpu", "kind": "reference"}
+    assert cpu.describe()["providers"]["linear"] == {"provider": "cpu", "kind": "native"}
+    assert cpu.describe()["providers"]["fp8_gemm"] == {"provider": "cpu", "kind": "reference"}
 
 
 ATTENTION_CASES = {
@@ -138,3 +152,34 @@ def test_moe_experts_fp8_weights_and_bad_ids(cpu):
         ops.moe_experts(x[:1], weights[:1], ids[:1] - 1, w13, w2)
     with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[0, 4\\)"):  # one token: its own path
         ops.moe_experts(x[:1], weights[:1], ids[:1] + 3, w13, w2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_linear_matches_the_reference(cpu, dtype):
+    from dshal.backends.cpu_native import GEMV_MAX_K
+
+    gen = torch.Generator().manual_seed(21)
+    for rows, n, k in [((1,), 48, 200), ((1, 1), 64, 256), ((1, 1, 1), 5, 1), ((1,), 3, GEMV_MAX_K + 8), ((4,), 16, 32)]:
+        x = torch.randn(*rows, k, generator=gen).to(dtype)
+        w, b = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype), torch.randn(n, generator=gen).to(dtype)
+        _check("linear", x, w)
+        _check("linear", x, w, b)
+    x, w = torch.randn(1, 64, generator=gen).to(dtype), torch.randn(64, 32, generator=gen).to(dtype)
+    _check("linear", x, w.t())  # a transposed weight takes torch's path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_moe_gate_matches_the_reference(cpu, dtype):
+    gen = torch.Generator().manual_seed(22)
+    for tokens, experts, top_k, n_group, topk_group in [(1, 16, 4, 4, 2), (24, 64, 6, 8, 3), (5, 32, 4, 1, 1)]:
+        # Distinct scores in every dtype (bf16 rounds nearby randn values together): no ties,
+        # so the picked ids are the same whatever order each implementation breaks ties in.
+        logits = torch.stack([torch.randperm(experts, generator=gen) * 0.05 - 1.6 for _ in range(tokens)]).to(dtype)
+        bias = torch.randn(experts, generator=gen) * 0.5
+        _check("moe_gate", logits, bias, top_k, n_group, topk_group, 2.5, True)
+        _check("moe_gate", logits, None, top_k, n_group, topk_group, 1.0, False)
+    logits = torch.randn(3, 16, generator=gen).to(dtype)
+    logits[1, 2] = float("nan")  # the reference's own ordering of NaN scores
+    got_w, got_ids = ops.moe_gate(logits, None, 4, 4, 2, 1.0)
+    want_w, want_ids = SPECS["moe_gate"].reference_impl(logits, None, 4, 4, 2, 1.0)
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_w.isnan(), want_w.isnan())

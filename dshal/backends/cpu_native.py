@@ -1,12 +1,14 @@
-"""The ``cpu`` backend's native providers: the same ops as the references, on torch's own
-fused CPU kernels.
+"""The ``cpu`` backend's native providers: the same ops as the references, in fewer and
+faster calls.
 
 The references (:mod:`dshal.ops`) stay the oracle: they spell the math out step by step
 in float32/float64, which costs a pass over memory per step and a Python call per torch
-op. These providers compute the same functions with fewer, fused torch calls
-(``scaled_dot_product_attention``, ``linalg.vector_norm``, ``_grouped_mm``) and skip the float32
-round trip where the input already is float32. The GEMMs stay on their references, which
-already are one ``F.linear`` call for float weights.
+op. These providers compute the same functions with torch's fused CPU kernels
+(``scaled_dot_product_attention``, ``linalg.vector_norm``, ``_grouped_mm``), skip the
+float32 round trip where the input already is float32, and hand float32 work that torch
+spreads over many small calls (or reads memory badly for) to dshal's C kernels
+(:mod:`dshal.kernels.cpu`): one-row GEMVs, the one-token expert loop, the router, the
+expert grouping, RMSNorm and rotary. Without a C compiler those cases take the torch path.
 The conformance suite judges these providers against the references like any plugin's ops
 (``dshal conformance --backend cpu``).
 
@@ -16,13 +18,17 @@ wraps each provider with its spec's checks).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
+from dshal.errors import ShapeError
+from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.attention import visible_keys
 from dshal.ops.catalogue import SPECS
+from dshal.ops.gemm import _linear_reference
 from dshal.ops.moe import check_expert_ids
 
 #: Dtypes torch's CPU kernels already compute in at full precision (no upcast needed).
@@ -33,6 +39,35 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``; a tensor already in it is returned without a call into torch
     (``Tensor.to`` costs about a microsecond even when it has nothing to do)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _one_f32_row(x: torch.Tensor) -> bool:
+    """``x [..., K]`` is a single float32 row (a decode step's activation)."""
+    return x.dtype == torch.float32 and 0 < x.shape[-1] == x.numel()
+
+
+#: Longest weight row (K) the C GEMV takes: MKL's GEMV streams long rows as well or better
+#: (K = 5120 and 7168 ran 15-20 % faster on MKL, K <= 4096 faster in C; benchmarks/RESULTS.md).
+GEMV_MAX_K = 4096
+
+
+def linear(x, weight, bias=None, weight_scale=None):
+    """One float32 row times a float32 weight (a decode step's projections) on dshal's C
+    GEMV (:mod:`dshal.kernels.cpu`), which reads the weight as one stream: ~2x MKL's GEMV
+    on weights with short rows that come from memory (benchmarks/RESULTS.md). Everything
+    else, and every product when the C kernels are unavailable, is the reference
+    (``F.linear``, or the FP8/int8 path)."""
+    if (
+        weight_scale is None
+        and _one_f32_row(x)
+        and x.shape[-1] <= GEMV_MAX_K
+        and weight.dtype == torch.float32
+        and weight.is_contiguous()
+        and (bias is None or bias.dtype == torch.float32)
+        and cpu_kernels.library() is not None
+    ):
+        return cpu_kernels.gemv(x, weight, bias)
+    return _linear_reference(x, weight, bias, weight_scale)
 
 
 def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
@@ -78,7 +113,19 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     """The mean square from one ``linalg.vector_norm`` reduction, then two multiplies
     (float32 for 16-bit inputs, rounded once at the end as the reference does).
     ``torch.rms_norm`` on CPU is a composite of ~16 aten calls, which cost more than the
-    math for the few rows of a decode step."""
+    math for the few rows of a decode step. float32 inputs take dshal's C kernel (one
+    call, add and norm fused) when it is built."""
+    if (
+        x.dtype == weight.dtype == torch.float32
+        and (residual is None or residual.dtype == torch.float32)
+        and cpu_kernels.library() is not None
+    ):
+        return cpu_kernels.rms_norm(x, weight, eps, residual)
+    return rms_norm_torch(x, weight, eps, residual)
+
+
+def rms_norm_torch(x, weight, eps=1e-6, residual=None):
+    """:func:`rms_norm` on torch alone (any float dtype)."""
     if residual is not None:
         x = x + residual if x.dtype in _WIDE else (x.float() + residual.float()).to(x.dtype)
     h = x if x.dtype in _WIDE else x.float()
@@ -100,6 +147,15 @@ def rotary_embedding(x, cos, sin, interleaved=True):
     """Rotation of pairs. Interleaved pairs are complex numbers in memory already, so the
     rotation is one complex multiply (3-4x faster than the real-valued steps at
     DeepSeek-V3's shapes); the half-split layout is rotated into one output tensor."""
+    if x.dtype == cos.dtype == sin.dtype == torch.float32 and cpu_kernels.library() is not None:
+        rotated = cpu_kernels.rotary(x, cos, sin, interleaved)  # one C call
+        if rotated is not None:
+            return rotated
+    return rotary_embedding_torch(x, cos, sin, interleaved)
+
+
+def rotary_embedding_torch(x, cos, sin, interleaved=True):
+    """:func:`rotary_embedding` on torch alone (any float dtype, any broadcast)."""
     acc = torch.float64 if torch.float64 in (x.dtype, cos.dtype) else torch.float32
     xf, c, s = _as(x, acc), _as(cos, acc), _as(sin, acc)
     if interleaved:
@@ -118,20 +174,72 @@ def rotary_embedding(x, cos, sin, interleaved=True):
     return _as(out, x.dtype)
 
 
+def moe_gate(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
+    """The router in one C call (sigmoid, group scores, both selections and the weights per
+    token) in place of the reference's ~15 torch ops: ~50 µs -> a few µs per decode step
+    here. float64 logits, non-finite values (NaN ordering is the reference's), or no C
+    kernels: the reference."""
+    if logits.dtype != torch.float64 and cpu_kernels.library() is not None:
+        routed = cpu_kernels.moe_gate(
+            _as(logits, torch.float32), None if bias is None else _as(bias, torch.float32),
+            top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob,
+        )  # fmt: skip
+        if routed is not None:
+            return routed
+    return SPECS["moe_gate"].reference_impl(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+
+
 #: torch's grouped GEMM (one call for every expert's rows; private, present since torch 2.8).
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 #: Dtypes its CPU kernel takes.
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@contextlib.contextmanager
+def _op_id_errors(ids: torch.Tensor, experts: int):
+    """A C kernel's out-of-range id error, re-raised in the op's own words (the kernel
+    finds the bad id while it reads the ids anyway; the op names the expert count)."""
+    try:
+        yield
+    except ShapeError:
+        check_expert_ids(ids, experts)  # raises the op's message when an id is the cause
+        raise
+
+
 def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     """Routed SwiGLU experts with the per-expert Python work taken out of the token loop.
 
-    One token (a decode step): its k experts one after another, two GEMVs each, the
-    weighted sum accumulated in place. More tokens: the slots are sorted by expert once,
-    the rows gathered once, both expert GEMMs run as one grouped GEMM each, and one
-    ``index_add_`` scatters the weighted rows back. FP8 weights (with scales), or weights
-    in another dtype than ``x``, take the reference.
+    float32 with the C kernels built: one token (a decode step) is one C call for all its
+    experts; more tokens are grouped by expert in C (counting sort + row gather), run as one
+    ``torch._grouped_mm`` per projection, and summed back per token in C. Everything else:
+    :func:`moe_experts_torch`.
+    """
+    if (
+        w13_scale is None
+        and w2_scale is None
+        and x.dtype == w13.dtype == w2.dtype == torch.float32
+        and ids.numel()
+        and cpu_kernels.library() is not None
+    ):
+        experts = w13.shape[0]
+        if ids.shape[0] == 1 and w13.is_contiguous() and w2.is_contiguous():
+            with _op_id_errors(ids, experts):
+                return cpu_kernels.moe_token(x, weights, ids, w13, w2)
+        if ids.shape[0] > 1 and _GROUPED_MM is not None:
+            with _op_id_errors(ids, experts):
+                xs, order, ends = cpu_kernels.moe_group(x, ids, experts)
+            h = _GROUPED_MM(xs, w13.transpose(1, 2), offs=ends)  # [T * k, 2I]
+            y = _GROUPED_MM(silu_and_mul(h), w2.transpose(1, 2), offs=ends)  # [T * k, H]
+            return cpu_kernels.moe_combine(y, order, weights)
+    return moe_experts_torch(x, weights, ids, w13, w2, w13_scale, w2_scale)
+
+
+def moe_experts_torch(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+    """:func:`moe_experts` on torch alone. One token: its k experts one after another, two
+    GEMVs each, the weighted sum accumulated in place. More tokens: the slots are sorted
+    by expert once, the rows gathered once, both expert GEMMs run as one grouped GEMM
+    each, and one ``index_add_`` scatters the weighted rows back. FP8 weights (with
+    scales), or weights in another dtype than ``x``, take the reference.
     """
     if w13_scale is not None or w2_scale is not None or not (x.dtype == w13.dtype == w2.dtype):
         return SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2, w13_scale, w2_scale)
@@ -172,9 +280,11 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
 
 #: op name -> native provider; every other op is served by its reference.
 NATIVE_OPS = {
+    "linear": linear,
     "attention": attention,
     "rms_norm": rms_norm,
     "silu_and_mul": silu_and_mul,
     "rotary_embedding": rotary_embedding,
+    "moe_gate": moe_gate,
     "moe_experts": moe_experts,
 }

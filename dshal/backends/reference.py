@@ -1,10 +1,11 @@
 """The built-in ``cpu`` backend: every op on CPU tensors.
 
-Hot ops (attention, rms_norm, silu_and_mul, rotary_embedding) run on torch's fused CPU
-kernels (:mod:`dshal.backends.cpu_native`, kind "native"); the rest are the op
-references (kind "reference"). The references stay the oracle and the fallback provider
-whatever this backend serves. It is registered through the ``dshal.backends`` entry-point
-group like any vendor plugin.
+Hot ops (linear, attention, rms_norm, silu_and_mul, rotary_embedding, moe_gate,
+moe_experts) run natively (:mod:`dshal.backends.cpu_native`, kind "native": torch's fused
+CPU kernels, and dshal's C kernels where the system C compiler could build them); the
+rest are the op references (kind "reference"). The references stay the oracle and the
+fallback provider whatever this backend serves. It is registered through the
+``dshal.backends`` entry-point group like any vendor plugin.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ class ReferenceBackend(Backend):
         return "cpu"
 
     def availability(self) -> Availability:
-        return Availability(True, f"torch CPU kernels and reference implementations on {platform.machine() or 'cpu'} ({os.cpu_count()} cores)")
+        from dshal.kernels import cpu as cpu_kernels
+
+        kernels = cpu_kernels.status()
+        c_part = "dshal C kernels built" if kernels.available else f"no dshal C kernels ({kernels.detail}): torch serves their ops"
+        return Availability(
+            True,
+            f"torch CPU kernels and reference implementations on {platform.machine() or 'cpu'} "
+            f"({os.cpu_count()} cores); {c_part}",
+        )
 
     def capabilities(self) -> Capabilities:
         return Capabilities(

@@ -1,0 +1,205 @@
+"""dshal's C kernels for the cpu backend against the torch code they replace, side by side.
+
+Part 1, one kernel at a time (µs per call, best of interleaved rounds): each checked
+wrapper in ``dshal.kernels.cpu`` against the torch path the cpu backend takes without it
+(``F.linear``, the torch-only providers in ``dshal.backends.cpu_native``, the router's
+reference). GEMVs are timed on weights that come from memory ("cold": a rotating set
+larger than the last-level cache, as in a decode step that reads every layer's weights
+once) and on one cached weight ("hot").
+
+Part 2, the model core: a decode step (after 64 tokens) and a 64-token prefill of the
+model_vs_hf.py checkpoint, with the C kernels on and off in the same process.
+
+    python benchmarks/cpu_kernels.py [--threads 1] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dshal.backends import cpu_native
+from dshal.kernels import cpu as cpu_kernels
+from dshal.ops.catalogue import SPECS
+
+CLOCK = time.perf_counter
+#: Bytes of distinct weights cycled through for the "cold" GEMVs (above a 32 MiB L3).
+COLD_BYTES = 96 << 20
+
+
+def best_of(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, float]:
+    """µs per call of each function: the fastest of ``rounds`` interleaved rounds."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = CLOCK()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (CLOCK() - start) / calls * 1e6)
+    return best
+
+
+def _cycle(items: list) -> Callable[[], object]:
+    """A callable that returns the next item each call (round robin)."""
+    state = {"i": -1}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+
+    return nxt
+
+
+def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for n, k in [(256, 256), (384, 192), (2048, 256), (4096, 2048), (1536, 7168)]:
+        x = torch.randn(1, k, generator=gen)
+        count = max(2, COLD_BYTES // (n * k * 4))
+        weights = [torch.randn(n, k, generator=gen) for _ in range(count)]
+        for label, pool in (("cold", weights), ("hot", weights[:1])):
+            a, b = _cycle(pool), _cycle(pool)
+            t = best_of({"c": lambda: cpu_kernels.gemv(x, a()), "torch": lambda: F.linear(x, b())}, rounds, len(pool) * 4)
+            rows.append((f"linear, 1 row, [{n}x{k}] weight, {label}", t["c"], t["torch"]))
+        del weights
+
+    experts, hidden, inter, top_k = 16, 256, 128, 4
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / 16
+    w2 = torch.randn(experts, hidden, inter, generator=gen) / 11
+    for tokens in (1, 64):
+        x = torch.randn(tokens, hidden, generator=gen)
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, generator=gen)
+        t = best_of(
+            {
+                "c": lambda: cpu_native.moe_experts(x, weights, ids, w13, w2),
+                "torch": lambda: cpu_native.moe_experts_torch(x, weights, ids, w13, w2),
+            },
+            rounds,
+            20,
+        )
+        rows.append((f"moe_experts, T={tokens}, E={experts} top-{top_k}, H={hidden}, I={inter}", t["c"], t["torch"]))
+
+    for tokens, e, top_k, groups, kept in [(1, 16, 4, 4, 2), (64, 16, 4, 4, 2), (1, 256, 8, 8, 4), (64, 256, 8, 8, 4)]:
+        logits, bias = torch.randn(tokens, e, generator=gen), torch.randn(e, generator=gen)
+        ref = SPECS["moe_gate"].reference_impl
+        t = best_of(
+            {
+                "c": lambda: cpu_kernels.moe_gate(logits, bias, top_k, groups, kept, 2.5, True),
+                "torch": lambda: ref(logits, bias, top_k, groups, kept, 2.5, True),
+            },
+            rounds,
+            200,
+        )
+        rows.append((f"moe_gate, T={tokens}, E={e}, {groups} groups", t["c"], t["torch"]))
+
+    for tokens in (1, 64):
+        x, res = torch.randn(1, tokens, 256, generator=gen), torch.randn(1, tokens, 256, generator=gen)
+        w = torch.rand(256, generator=gen)
+        t = best_of(
+            {
+                "c": lambda: cpu_kernels.rms_norm(x, w, 1e-6, res),
+                "torch": lambda: cpu_native.rms_norm_torch(x, w, 1e-6, res),
+            },
+            rounds,
+            500,
+        )
+        rows.append((f"rms_norm + residual, [1, {tokens}, 256]", t["c"], t["torch"]))
+        q = torch.randn(1, tokens, 8, 48, generator=gen)[..., 32:]
+        cos, sin = torch.randn(tokens, 1, 8, generator=gen), torch.randn(tokens, 1, 8, generator=gen)
+        t = best_of(
+            {
+                "c": lambda: cpu_kernels.rotary(q, cos, sin, True),
+                "torch": lambda: cpu_native.rotary_embedding_torch(q, cos, sin, True),
+            },
+            rounds,
+            500,
+        )
+        rows.append((f"rotary, q_pe [1, {tokens}, 8, 16] of [.., 48]", t["c"], t["torch"]))
+    return rows
+
+
+def model_rows(rounds: int) -> list[tuple[str, float, float]]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from model_vs_hf import bench_args
+
+    from dshal.model import from_pretrained
+    from dshal.model.checkpoint import random_checkpoint, save_checkpoint
+
+    args = bench_args()
+    directory = Path(tempfile.mkdtemp(prefix="dshal-bench-"))
+    save_checkpoint(directory, args, random_checkpoint(args, seed=0, std=0.02))
+    model = from_pretrained(directory, {"backend": "cpu", "precision": {"gemm": "bf16"}})
+    ids = torch.randint(0, args.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    nxt = torch.tensor([[5]])
+
+    def prefill():
+        model(ids, 0, model.new_cache(1, 64), last_only=True)
+
+    def decode_steps(steps: int = 16) -> Callable[[], None]:
+        def run():
+            cache = model.new_cache(1, 64 + steps + 1)
+            model(ids, 0, cache, last_only=True)
+            model(nxt, 64, cache, last_only=True)  # the checked first decode step
+            start = CLOCK()
+            for i in range(steps):
+                model(nxt, 65 + i, cache, last_only=True)
+            run.elapsed = (CLOCK() - start) / steps  # type: ignore[attr-defined]
+
+        return run
+
+    timings: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for mode in ("c", "torch"):
+                os.environ["DSHAL_CPU_KERNELS"] = "1" if mode == "c" else "0"
+                cpu_kernels.reload()
+                start = CLOCK()
+                prefill()
+                timings["prefill"][mode] = min(timings["prefill"].get(mode, 1e9), (CLOCK() - start) * 1e6)
+                step = decode_steps()
+                step()
+                timings["decode"][mode] = min(timings["decode"].get(mode, 1e9), step.elapsed * 1e6)  # type: ignore[attr-defined]
+    os.environ.pop("DSHAL_CPU_KERNELS")
+    cpu_kernels.reload()
+    return [
+        ("model_vs_hf model: prefill, 64 tokens", timings["prefill"]["c"], timings["prefill"]["torch"]),
+        ("model_vs_hf model: decode step after 64 tokens", timings["decode"]["c"], timings["decode"]["torch"]),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; the C kernels use one)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the fastest counts (default 5)")
+    parser.add_argument("--skip-model", action="store_true", help="only the per-kernel table")
+    opts = parser.parse_args()
+    torch.set_num_threads(opts.threads)
+    state = cpu_kernels.status()
+    if not state.available:
+        print(f"dshal cpu C kernels unavailable: {state.detail}")
+        return 1
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s); kernels: {state.detail}")  # fmt: skip
+    rows = kernel_rows(opts.rounds) + ([] if opts.skip_model else model_rows(opts.rounds))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'case':<{width}}  {'C µs':>9}  {'torch µs':>9}  {'torch / C':>9}")
+    for name, c, t in rows:
+        print(f"{name:<{width}}  {c:>9.1f}  {t:>9.1f}  {t / c:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

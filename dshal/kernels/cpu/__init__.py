@@ -1,0 +1,446 @@
+"""C kernels for the ``cpu`` backend's one-row (decode step) float32 products.
+
+``kernels.c`` holds the kernels; this module builds it with the system C compiler the
+first time a kernel is asked for (``-O3 -march=native``, for the machine it runs on),
+caches the shared library, loads it with ctypes, and wraps each kernel in a checked
+Python function, as the Triton kernels are wrapped. Nothing is built at ``import dshal``.
+
+The library lives in ``$DSHAL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dshal`` or
+``~/.cache/dshal``) under ``cpu-kernels/``, named by a hash of the source, the compiler,
+its flags and the CPU, so a changed source or another machine sharing the directory
+builds its own. ``DSHAL_CPU_KERNELS=0`` turns the kernels off. Without a working compiler
+the cpu backend serves these products with torch (``F.linear``) and :func:`status` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dshal.errors import BackendUnavailableError, DeviceError, DTypeError, ShapeError
+
+SOURCE = Path(__file__).with_name("kernels.c")
+#: Tried in order: the first that compiles is used (``-march=native`` may be unknown to a compiler).
+FLAG_SETS = (
+    ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared"),
+    ("-O3", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared"),
+)
+_C_INT64, _C_PTR = ctypes.c_int64, ctypes.c_void_p
+#: name -> (restype, argtypes) of every exported kernel.
+SIGNATURES = {
+    "dshal_gemv_f32": (None, [_C_PTR, _C_PTR, _C_PTR, _C_PTR, _C_INT64, _C_INT64]),
+    "dshal_moe_token_f32": (_C_INT64, [_C_PTR] * 5 + [_C_INT64] * 4 + [_C_PTR, _C_PTR]),
+    "dshal_rms_norm_f32": (None, [_C_PTR] * 3 + [ctypes.c_float] + [_C_PTR] * 2 + [_C_INT64] * 2),
+    "dshal_moe_gate_f32": (_C_INT64, [_C_PTR] * 2 + [_C_INT64] * 5 + [ctypes.c_float, _C_INT64] + [_C_PTR] * 4),
+    "dshal_moe_group_f32": (_C_INT64, [_C_PTR] * 2 + [_C_INT64] * 4 + [_C_PTR] * 4),
+    "dshal_moe_combine_f32": (None, [_C_PTR] * 3 + [_C_INT64] * 3 + [_C_PTR]),
+    "dshal_rotary_f32": (None, [_C_PTR, _C_INT64, _C_PTR, _C_PTR] + [_C_INT64] * 5 + [_C_PTR]),
+}
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether the C kernels are usable here: ``detail`` is the library path and the
+    compiler, or the reason they are not."""
+
+    available: bool
+    detail: str
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$DSHAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dshal``, else ``~/.cache/dshal``."""
+    if os.environ.get("DSHAL_CACHE_DIR"):
+        return Path(os.environ["DSHAL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dshal"
+
+
+def _disabled_reason() -> str | None:
+    raw = os.environ.get("DSHAL_CPU_KERNELS", "").strip().lower()
+    return f"disabled by DSHAL_CPU_KERNELS={raw}" if raw in ("0", "false", "no", "off") else None
+
+
+def _cpu_identity() -> str:
+    """The CPU the library is built for (``-march=native``): model name and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join([platform.machine(), platform.processor(), *sorted(set(wanted))])
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _writable_dir() -> Path:
+    """``cache_dir()/cpu-kernels``, or a per-user temporary directory when that cannot be created."""
+    for candidate in (cache_dir() / "cpu-kernels", Path(tempfile.gettempdir()) / f"dshal-cpu-kernels-{os.getuid()}"):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            if os.access(candidate, os.W_OK):
+                return candidate
+        except OSError:
+            continue
+    raise OSError(f"no writable directory for the built kernels (tried {cache_dir() / 'cpu-kernels'} and the temp dir)")
+
+
+def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
+    """Compile ``kernels.c`` into the cache (atomically: concurrent processes may race)."""
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
+        target_dir = _writable_dir()
+        target = target_dir / f"dshal_cpu_{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target, flags
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_dir)
+        os.close(fd)
+        try:
+            done = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+            )
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target, flags
+            errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-400:] or f'exit {done.returncode}'}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise OSError("; ".join(errors))
+
+
+_LOCK = threading.Lock()
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
+    with _LOCK:
+        reason = _disabled_reason()
+        if reason:
+            return None, KernelStatus(False, reason)
+        compiler = _compiler()
+        if compiler is None:
+            return None, KernelStatus(False, "no C compiler found (set CC, or install cc/gcc/clang)")
+        try:
+            path, flags = _build(compiler)
+            lib = ctypes.CDLL(str(path))
+            for name, (restype, argtypes) in SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+        except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+            return None, KernelStatus(False, f"building {SOURCE.name} failed: {exc}")
+        return lib, KernelStatus(True, f"{path} ({Path(compiler).name} {' '.join(flags[:2])})")
+
+
+def reload() -> KernelStatus:
+    """Forget this process's build result and load again, reading ``DSHAL_CPU_KERNELS`` and
+    ``CC`` anew (for tests and benchmarks that compare with the kernels on and off)."""
+    _load.cache_clear()
+    return status()
+
+
+def status() -> KernelStatus:
+    """Build (once per process) and report whether the kernels are usable."""
+    return _load()[1]
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when :func:`status` says it is unavailable."""
+    return _load()[0]
+
+
+def _require() -> ctypes.CDLL:
+    lib, state = _load()
+    if lib is None:
+        raise BackendUnavailableError(f"dshal cpu kernels are unavailable: {state.detail}")
+    return lib
+
+
+def _check_f32_cpu(kernel: str, arg: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32:
+        raise DTypeError(f"{kernel}: argument {arg!r} has dtype {t.dtype}, expected torch.float32")
+    if not t.is_cpu:
+        raise DeviceError(f"{kernel}: argument {arg!r} is on {t.device}, expected cpu")
+
+
+def _check_weight(kernel: str, arg: str, w: torch.Tensor, ndim: int) -> None:
+    _check_f32_cpu(kernel, arg, w)
+    if w.dim() != ndim:
+        raise ShapeError(f"{kernel}: argument {arg!r} has shape {list(w.shape)}, expected {ndim} dims")
+    if not w.is_contiguous():
+        raise ShapeError(f"{kernel}: argument {arg!r} has strides {w.stride()}, expected a contiguous tensor")
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for one row: ``x [..., K]`` float32 with one row in all
+    (``x.numel() == K > 0``), ``weight [N, K]`` float32 contiguous, ``bias [N]`` float32
+    or None, all on the CPU. Returns a new ``[..., N]`` float32 tensor (``x``'s leading
+    dims). ``x`` and ``bias`` may have any strides (copied when not contiguous)."""
+    kernel = "cpu_kernels.gemv"
+    lib = _require()
+    _check_f32_cpu(kernel, "x", x)
+    _check_weight(kernel, "weight", weight, 2)
+    n, k = weight.shape
+    if x.dim() == 0 or x.shape[-1] != k or x.numel() != k or k == 0:
+        raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected one row of K={k} > 0 values")
+    if bias is not None:
+        _check_f32_cpu(kernel, "bias", bias)
+        if tuple(bias.shape) != (n,):
+            raise ShapeError(f"{kernel}: argument 'bias' has shape {list(bias.shape)}, expected [{n}]")
+        bias = bias.contiguous()
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    lib.dshal_gemv_f32(
+        weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), n, k
+    )
+    return out
+
+
+def moe_token(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """One token through its routed SwiGLU experts (``moe_experts`` for ``T = 1``):
+    ``out = sum_s weights[0, s] * w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x))``,
+    ``e = ids[0, s]``, summed in float32.
+
+    ``x [1, H]`` float32; ``weights [1, k]`` float (read as float32); ``ids [1, k]``
+    int64/int32 in ``[0, E)``; ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` float32 contiguous;
+    all on the CPU. Returns a new ``[1, H]`` float32 tensor. An id outside ``[0, E)`` raises
+    ShapeError (checked before any weight is read)."""
+    kernel = "cpu_kernels.moe_token"
+    lib = _require()
+    _check_f32_cpu(kernel, "x", x)
+    _check_weight(kernel, "w13", w13, 3)
+    _check_weight(kernel, "w2", w2, 3)
+    experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    if tuple(x.shape) != (1, hidden):
+        raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected [1, {hidden}]")
+    if two_inter % 2 or tuple(w2.shape) != (experts, hidden, inter):
+        raise ShapeError(
+            f"{kernel}: arguments 'w13' {list(w13.shape)} and 'w2' {list(w2.shape)} do not match; "
+            f"expected w13 [E, 2I, H] and w2 [E, H, I]"
+        )
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
+        raise ShapeError(f"{kernel}: argument 'ids' is {ids.dtype} {list(ids.shape)} on {ids.device}, expected int64/int32 [1, k] on cpu")
+    if tuple(weights.shape) != tuple(ids.shape) or not weights.is_floating_point() or not weights.is_cpu:
+        raise ShapeError(
+            f"{kernel}: argument 'weights' is {weights.dtype} {list(weights.shape)} on {weights.device}, "
+            f"expected float {list(ids.shape)} on cpu (one weight per id)"
+        )
+    x = x.contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    scratch = torch.empty(two_inter, dtype=torch.float32)
+    out = torch.empty(1, hidden, dtype=torch.float32)
+    bad = lib.dshal_moe_token_f32(
+        x.data_ptr(), w13.data_ptr(), w2.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+        ids.shape[1], experts, hidden, inter, scratch.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    if bad:
+        raise ShapeError(f"{kernel}: argument 'ids' holds expert id {int(ids[0, bad - 1])} (slot {bad - 1}), expected ids in [0, {experts})")
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, fused with the residual add when ``residual`` is given:
+    ``s = x (+ residual)``, ``y = s / sqrt(mean(s**2) + eps) * weight``, in float32.
+
+    ``x [..., D]`` and ``residual`` (same shape) float32, any strides (copied when not
+    contiguous); ``weight [D]`` float32; all on the CPU. Returns ``y`` (new, ``x``'s shape),
+    or ``(y, s)`` with ``residual``, as ``dshal.ops.rms_norm`` does."""
+    kernel = "cpu_kernels.rms_norm"
+    lib = _require()
+    _check_f32_cpu(kernel, "x", x)
+    _check_f32_cpu(kernel, "weight", weight)
+    if x.dim() == 0 or tuple(weight.shape) != (x.shape[-1],):
+        raise ShapeError(f"{kernel}: argument 'weight' has shape {list(weight.shape)}, expected [D] with D = x.shape[-1] of x {list(x.shape)}")
+    if residual is not None:
+        _check_f32_cpu(kernel, "residual", residual)
+        if residual.shape != x.shape:
+            raise ShapeError(f"{kernel}: argument 'residual' has shape {list(residual.shape)}, expected {list(x.shape)} (x's shape)")
+        residual = residual.contiguous()
+    x, weight = x.contiguous(), weight.contiguous()
+    width = x.shape[-1]
+    rows = x.numel() // width if width else 0
+    y = torch.empty(x.shape, dtype=torch.float32)
+    total = None if residual is None else torch.empty(x.shape, dtype=torch.float32)
+    lib.dshal_rms_norm_f32(
+        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
+        y.data_ptr(), None if total is None else total.data_ptr(), rows, width,
+    )  # fmt: skip
+    return y if total is None else (y, total)
+
+
+def moe_gate(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DeepSeek-V3's router, as ``dshal.ops.moe_gate`` defines it, in float32:
+    ``logits [T, E]`` float32 (any strides), ``bias [E]`` float32 or None, on the CPU ->
+    ``(weights [T, top_k] float32, ids [T, top_k] int64)``, best expert first (the lowest
+    id on exact ties). Returns None when a logit or bias is NaN or infinite: the caller
+    then takes the reference, whose ordering of non-finite scores this kernel does not
+    reproduce. The counts must satisfy the op's rules (``n_group`` divides E,
+    ``1 <= topk_group <= n_group``, ``1 <= top_k <=`` the experts in the kept groups)."""
+    kernel = "cpu_kernels.moe_gate"
+    lib = _require()
+    _check_f32_cpu(kernel, "logits", logits)
+    if logits.dim() != 2:
+        raise ShapeError(f"{kernel}: argument 'logits' has shape {list(logits.shape)}, expected [T, E]")
+    tokens, experts = logits.shape
+    if bias is not None:
+        _check_f32_cpu(kernel, "bias", bias)
+        if tuple(bias.shape) != (experts,):
+            raise ShapeError(f"{kernel}: argument 'bias' has shape {list(bias.shape)}, expected [{experts}]")
+        bias = bias.contiguous()
+    if n_group < 1 or experts % n_group or not 1 <= topk_group <= n_group:
+        raise ShapeError(f"{kernel}: n_group={n_group}, topk_group={topk_group} do not split {experts} experts")
+    if not 1 <= top_k <= (experts // n_group) * (topk_group if topk_group < n_group else n_group):
+        raise ShapeError(f"{kernel}: top_k={top_k} is outside [1, the experts in the kept groups]")
+    logits = logits.contiguous()
+    scratch = torch.empty(2 * experts + n_group, dtype=torch.float32)
+    usable = torch.empty(experts + n_group, dtype=torch.uint8)
+    weights = torch.empty(tokens, top_k, dtype=torch.float32)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    not_finite = lib.dshal_moe_gate_f32(
+        logits.data_ptr(), None if bias is None else bias.data_ptr(), tokens, experts, top_k, n_group, topk_group,
+        routed_scaling_factor, int(norm_topk_prob), scratch.data_ptr(), usable.data_ptr(), weights.data_ptr(), ids.data_ptr(),
+    )  # fmt: skip
+    return None if not_finite else (weights, ids)
+
+
+def moe_group(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort a multi-token ``moe_experts`` call's slots by expert and gather their rows.
+
+    ``x [T, H]`` float32 and ``ids [T, k]`` int64/int32 on the CPU (any strides); slot
+    ``t * k + s`` is token ``t``'s ``s``-th expert. Returns ``(xs [T * k, H] float32,
+    order [T * k] int64, ends [experts] int32)``: ``order`` lists the slots by expert
+    (stable), ``xs[j] = x[order[j] // k]``, and ``ends[e]`` counts the slots of experts
+    ``<= e`` (the ``offs`` of ``torch._grouped_mm``). An id outside ``[0, experts)`` raises
+    ShapeError."""
+    kernel = "cpu_kernels.moe_group"
+    lib = _require()
+    _check_f32_cpu(kernel, "x", x)
+    if x.dim() != 2 or ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
+        raise ShapeError(
+            f"{kernel}: arguments 'x' {list(x.shape)} and 'ids' {ids.dtype} {list(ids.shape)} on {ids.device}, "
+            "expected x [T, H] and int64/int32 ids [T, k] on cpu"
+        )
+    if experts < 1:
+        raise ShapeError(f"{kernel}: argument 'experts' is {experts}, expected >= 1")
+    tokens, hidden = x.shape
+    k = ids.shape[1]
+    x, ids = x.contiguous(), ids.to(torch.int64).contiguous()
+    counts = torch.empty(experts, dtype=torch.int64)
+    order = torch.empty(tokens * k, dtype=torch.int64)
+    ends = torch.empty(experts, dtype=torch.int32)
+    xs = torch.empty(tokens * k, hidden, dtype=torch.float32)
+    bad = lib.dshal_moe_group_f32(
+        x.data_ptr(), ids.data_ptr(), tokens, k, experts, hidden, counts.data_ptr(), order.data_ptr(), ends.data_ptr(), xs.data_ptr()
+    )
+    if bad:
+        raise ShapeError(f"{kernel}: argument 'ids' holds expert id {int(ids.view(-1)[bad - 1])} (slot {bad - 1}), expected ids in [0, {experts})")
+    return xs, order, ends
+
+
+def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted sum back per token, the inverse of :func:`moe_group`:
+    ``out[t] = sum_j weights[t, s] * y[j]`` over the rows ``j`` with ``order[j] = t * k + s``,
+    in float32, in expert order. ``y [T * k, H]`` float32 contiguous, ``order [T * k]``
+    int64 from :func:`moe_group`, ``weights [T, k]`` float (read as float32), on the CPU.
+    Returns a new ``[T, H]`` float32 tensor."""
+    kernel = "cpu_kernels.moe_combine"
+    lib = _require()
+    _check_weight(kernel, "y", y, 2)
+    if weights.dim() != 2 or not weights.is_floating_point() or not weights.is_cpu:
+        raise ShapeError(f"{kernel}: argument 'weights' is {weights.dtype} {list(weights.shape)}, expected float [T, k] on cpu")
+    tokens, k = weights.shape
+    if y.shape[0] != tokens * k or tuple(order.shape) != (tokens * k,) or order.dtype != torch.int64 or not order.is_contiguous():
+        raise ShapeError(
+            f"{kernel}: arguments 'y' {list(y.shape)} and 'order' {order.dtype} {list(order.shape)} do not match "
+            f"'weights' {list(weights.shape)}; expected y [T * k, H] and a contiguous int64 order [T * k] from moe_group"
+        )
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty(tokens, y.shape[1], dtype=torch.float32)
+    lib.dshal_moe_combine_f32(y.data_ptr(), order.data_ptr(), weights.data_ptr(), tokens, k, y.shape[1], out.data_ptr())
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _rotary_layout(
+    shape: tuple[int, ...], strides: tuple[int, ...], table: tuple[int, ...]
+) -> tuple[int, int, int] | None:
+    """``(row_stride, inner, periods)`` for ``x`` of this shape and these strides and a
+    contiguous angle table of shape ``table`` (``[..., D/2]``): row ``r`` of ``x`` (its
+    leading dims, row-major) sits at ``r * row_stride`` and takes table row
+    ``(r // inner) % periods``. ``row_stride`` is 0 when the leading dims do not collapse
+    to one stride (``x`` must be copied first). None: the table's last dim is not D/2, or
+    its non-broadcast dims are not one block of consecutive dims."""
+    lead, d = shape[:-1], shape[-1]
+    if table[-1] != d // 2 or len(table) - 1 > len(lead):
+        return None
+    padded = (1,) * (len(lead) - len(table) + 1) + table[:-1]
+    kept = [i for i, (n, c) in enumerate(zip(lead, padded)) if n > 1 and c == n]
+    inner, periods = 1, 1
+    if kept:
+        first, last = kept[0], kept[-1] + 1
+        if any(lead[i] > 1 and padded[i] == 1 for i in range(first, last)):
+            return None
+        inner, periods = math.prod(lead[last:]), math.prod(lead[first:last])
+    collapses = strides[-1] == 1 and all(strides[i] == strides[i + 1] * shape[i + 1] for i in range(len(shape) - 2))
+    row_stride = (strides[-2] if len(shape) > 1 else d) if collapses else 0
+    return row_stride, inner, periods
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor | None:
+    """``dshal.ops.rotary_embedding`` in float32: pairs of ``x [..., D]`` rotated by the
+    angles in ``cos``/``sin`` (same shape, ``[..., D/2]``, broadcastable to ``x[..., :D/2]``).
+    All float32 on the CPU. Returns a new contiguous tensor of ``x``'s shape, or None when
+    the angle tables' layout is one this kernel does not index (a last dim of 1, or
+    non-broadcast dims that are not consecutive): the caller then takes another path."""
+    kernel = "cpu_kernels.rotary"
+    lib = _require()
+    for arg, t in (("x", x), ("cos", cos), ("sin", sin)):
+        _check_f32_cpu(kernel, arg, t)
+    if x.dim() == 0 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.dim() == 0:
+        raise ShapeError(
+            f"{kernel}: arguments 'x' {list(x.shape)}, 'cos' {list(cos.shape)}, 'sin' {list(sin.shape)}, "
+            "expected x [..., D] with D even and cos, sin of one shape [..., D/2]"
+        )
+    layout = _rotary_layout(x.shape, x.stride(), cos.shape)
+    if layout is None:
+        return None
+    row_stride, inner, periods = layout
+    if row_stride == 0:
+        x = x.contiguous()
+        row_stride = x.shape[-1]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.dshal_rotary_f32(
+        x.data_ptr(), row_stride, cos.data_ptr(), sin.data_ptr(), x.numel() // x.shape[-1] if x.shape[-1] else 0,
+        x.shape[-1], inner, periods, int(interleaved), out.data_ptr(),
+    )  # fmt: skip
+    return out

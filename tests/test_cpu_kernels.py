@@ -1,0 +1,252 @@
+"""dshal's C kernels for the cpu backend (``dshal.kernels.cpu``): each checked wrapper
+against the op reference, their input errors, and how the library is built, cached and
+turned off. The kernels are compiled on this machine by the first test that needs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dshal.errors import BackendUnavailableError, DeviceError, DTypeError, ShapeError
+from dshal.kernels import cpu as K
+from dshal.ops.catalogue import SPECS
+
+needs_kernels = pytest.mark.skipif(
+    not K.status().available, reason=f"dshal cpu C kernels unavailable here: {K.status().detail}"
+)
+GEN = torch.Generator().manual_seed(5)
+
+
+def _randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=GEN)
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 2e-6) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.numel():
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= rel * max(want.abs().max().item(), 1.0), err
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (256, 256), (100, 200), (3, 4096)], ids=str)
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (1, 1, 1)], ids=str)
+def test_gemv_matches_linear(n, k, lead):
+    x, w, b = _randn(*lead, k), _randn(n, k) / k**0.5, _randn(n)
+    _assert_close(K.gemv(x, w), torch.nn.functional.linear(x, w))
+    _assert_close(K.gemv(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert K.gemv(x, w).shape == (*lead, n)
+
+
+@needs_kernels
+def test_gemv_strided_inputs_and_nan():
+    x2, w, b2 = _randn(1, 64), _randn(8, 32), _randn(16)
+    x, b = x2[:, ::2], b2[::2]  # strided views: copied by the wrapper
+    _assert_close(K.gemv(x, w, b), torch.nn.functional.linear(x, w, b))
+    x = x.clone()
+    x[0, 3] = float("nan")
+    assert torch.isnan(K.gemv(x, w)).all()
+    w = w.clone()
+    w[2, 0] = float("inf")
+    out = K.gemv(_randn(1, 32).abs(), w)
+    assert out[0, 2] == float("inf") and torch.isfinite(out[0, :2]).all()
+
+
+@needs_kernels
+def test_gemv_rejects_bad_inputs():
+    w = _randn(8, 16)
+    with pytest.raises(DTypeError, match="argument 'x' has dtype torch.float64, expected torch.float32"):
+        K.gemv(_randn(1, 16).double(), w)
+    with pytest.raises(ShapeError, match="argument 'x' has shape \\[2, 16\\], expected one row of K=16"):
+        K.gemv(_randn(2, 16), w)
+    with pytest.raises(ShapeError, match="argument 'x' has shape \\[1, 15\\]"):
+        K.gemv(_randn(1, 15), w)
+    with pytest.raises(ShapeError, match="argument 'weight' has strides"):
+        K.gemv(_randn(1, 8), w.t())
+    with pytest.raises(ShapeError, match="argument 'bias' has shape \\[7\\], expected \\[8\\]"):
+        K.gemv(_randn(1, 16), w, _randn(7))
+    with pytest.raises(DeviceError, match="argument 'weight' is on meta, expected cpu"):
+        K.gemv(_randn(1, 16), torch.empty(8, 16, device="meta"))
+
+
+def _moe_inputs(tokens: int, experts: int = 8, hidden: int = 40, inter: int = 24, k: int = 3):
+    x = _randn(tokens, hidden)
+    w13, w2 = _randn(experts, 2 * inter, hidden) / hidden**0.5, _randn(experts, hidden, inter) / inter**0.5
+    ids = torch.stack([torch.randperm(experts, generator=GEN)[:k] for _ in range(tokens)]) if tokens else torch.zeros(0, k, dtype=torch.long)
+    return x, torch.rand(tokens, k, generator=GEN), ids, w13, w2
+
+
+@needs_kernels
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32], ids=str)
+def test_moe_token_matches_the_reference(id_dtype):
+    x, weights, ids, w13, w2 = _moe_inputs(1)
+    want = SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2)
+    _assert_close(K.moe_token(x, weights, ids.to(id_dtype), w13, w2), want)
+    _assert_close(K.moe_token(x, weights.double(), ids, w13, w2), want)  # weights read as float32
+    with pytest.raises(ShapeError, match="holds expert id 8 \\(slot 1\\), expected ids in \\[0, 8\\)"):
+        K.moe_token(x, weights, torch.tensor([[0, 8, 1]]), w13, w2)
+    with pytest.raises(ShapeError, match="'w13' \\[8, 48, 40\\] and 'w2' \\[8, 40, 23\\] do not match"):
+        K.moe_token(x, weights, ids, w13, w2[..., :23].contiguous())
+    with pytest.raises(ShapeError, match="argument 'x' has shape \\[2, 40\\], expected \\[1, 40\\]"):
+        K.moe_token(_randn(2, 40), weights, ids, w13, w2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [2, 17, 64], ids=str)
+def test_moe_group_and_combine_match_the_reference(tokens):
+    x, weights, ids, w13, w2 = _moe_inputs(tokens)
+    xs, order, ends = K.moe_group(x, ids, 8)
+    flat = ids.reshape(-1)
+    assert torch.equal(order, torch.argsort(flat, stable=True))  # stable, by expert
+    assert torch.equal(ends, torch.bincount(flat, minlength=8).cumsum(0).to(torch.int32))
+    assert torch.equal(xs, x[order // ids.shape[1]])
+    y = torch.stack([w2[e] @ SPECS["silu_and_mul"].reference_impl(w13[e] @ row) for e, row in zip(flat[order], xs)])
+    _assert_close(K.moe_combine(y, order, weights), SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2), 1e-5)
+    with pytest.raises(ShapeError, match="holds expert id -1"):
+        K.moe_group(x, ids - 1, 8)
+    with pytest.raises(ShapeError, match="do not match 'weights'"):
+        K.moe_combine(y[1:], order[1:], weights)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "tokens,experts,top_k,n_group,topk_group,norm,bias",
+    [(1, 16, 4, 4, 2, True, True), (33, 256, 8, 8, 4, True, True), (16, 64, 6, 1, 1, True, False),
+     (16, 64, 4, 4, 2, False, True), (5, 12, 3, 12, 5, True, True), (4, 8, 8, 2, 2, True, True)],
+    ids=str,
+)  # fmt: skip
+def test_moe_gate_matches_the_reference(tokens, experts, top_k, n_group, topk_group, norm, bias):
+    logits = _randn(tokens, experts) * 2
+    b = _randn(experts) * 0.5 if bias else None
+    weights, ids = K.moe_gate(logits, b, top_k, n_group, topk_group, 2.5, norm)
+    want_w, want_ids = SPECS["moe_gate"].reference_impl(logits, b, top_k, n_group, topk_group, 2.5, norm)
+    assert ids.dtype == torch.int64 and torch.equal(ids, want_ids)  # random scores: no ties
+    _assert_close(weights, want_w)
+
+
+@needs_kernels
+def test_moe_gate_declines_non_finite_scores_and_checks_counts():
+    logits = _randn(3, 16)
+    logits[1, 4] = float("nan")
+    assert K.moe_gate(logits, None, 2, 4, 2, 1.0) is None  # the provider then takes the reference
+    assert K.moe_gate(_randn(3, 16), torch.full((16,), float("inf")), 2, 4, 2, 1.0) is None
+    with pytest.raises(ShapeError, match="n_group=3"):
+        K.moe_gate(_randn(3, 16), None, 2, 3, 2, 1.0)
+    with pytest.raises(ShapeError, match="top_k=9"):
+        K.moe_gate(_randn(3, 16), None, 9, 4, 2, 1.0)
+
+
+@needs_kernels
+def test_rms_norm_matches_the_reference():
+    ref = SPECS["rms_norm"].reference_impl
+    x, res, w = _randn(2, 5, 96), _randn(2, 5, 96), torch.rand(96, generator=GEN)
+    _assert_close(K.rms_norm(x, w, 1e-6), ref(x, w, 1e-6))
+    y, total = K.rms_norm(x, w, 1e-5, res)
+    want_y, want_total = ref(x, w, 1e-5, res)
+    _assert_close(y, want_y)
+    assert torch.equal(total, want_total)
+    _assert_close(K.rms_norm(x.transpose(0, 1), w, 1e-6), ref(x.transpose(0, 1), w, 1e-6))
+    with pytest.raises(ShapeError, match="argument 'residual' has shape \\[2, 5\\]"):
+        K.rms_norm(x, w, 1e-6, res[..., 0])
+    with pytest.raises(ShapeError, match="argument 'weight' has shape \\[95\\]"):
+        K.rms_norm(x, w[:95], 1e-6)
+
+
+@needs_kernels
+def test_rotary_layouts():
+    ref = SPECS["rotary_embedding"].reference_impl
+    q = _randn(2, 7, 4, 24)[..., 8:]  # MLA's q_pe: a slice of the head dim, [B, T, H, rope]
+    k = _randn(2, 7, 20)[..., 4:]  # the shared rope key, [B, T, rope]
+    cos, sin = _randn(7, 8), _randn(7, 8)
+    for interleaved in (True, False):
+        _assert_close(K.rotary(q, cos[:, None], sin[:, None], interleaved), ref(q, cos[:, None], sin[:, None], interleaved))
+        _assert_close(K.rotary(k, cos, sin, interleaved), ref(k, cos, sin, interleaved))
+        heads_first = q.transpose(1, 2)  # [B, H, T, rope]: leading dims do not collapse (copied)
+        _assert_close(K.rotary(heads_first, cos, sin, interleaved), ref(heads_first, cos, sin, interleaved))
+        per_batch = _randn(2, 1, 8), _randn(2, 1, 8)
+        _assert_close(K.rotary(k, *per_batch, interleaved), ref(k, *per_batch, interleaved))
+    # Layouts the kernel does not index: the caller falls back.
+    assert K.rotary(k, cos[:, :1], sin[:, :1]) is None
+    assert K.rotary(_randn(2, 3, 4, 16), _randn(2, 1, 4, 8), _randn(2, 1, 4, 8)) is None
+    with pytest.raises(ShapeError, match="D even"):
+        K.rotary(_randn(3, 15), _randn(3, 7), _randn(3, 7))
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+STATUS = """
+    import json
+    from dshal.kernels import cpu
+    s = cpu.status()
+    print(json.dumps({"available": s.available, "detail": s.detail}))
+"""
+
+
+def test_switched_off_by_environment_and_the_backend_still_serves_every_op(tmp_path):
+    code = STATUS + """
+    import torch, dshal
+    from dshal.ops.catalogue import SPECS
+    dshal.use(backend="cpu")
+    x, w = torch.randn(1, 64), torch.randn(32, 64)
+    assert torch.allclose(dshal.ops.linear(x, w), torch.nn.functional.linear(x, w), atol=1e-5)
+    try:
+        cpu.gemv(x, w)
+    except dshal.DshalError as err:
+        print(type(err).__name__, err)
+    """
+    done = _run(code, DSHAL_CPU_KERNELS="0", DSHAL_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first == '{"available": false, "detail": "disabled by DSHAL_CPU_KERNELS=0"}'
+    assert second == "BackendUnavailableError dshal cpu kernels are unavailable: disabled by DSHAL_CPU_KERNELS=0"
+    assert not list(tmp_path.iterdir())  # nothing was built
+
+
+def test_a_failing_compiler_is_reported_not_raised(tmp_path):
+    done = _run(STATUS, CC="false", DSHAL_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert '"available": false' in done.stdout and "building kernels.c failed: false -O3" in done.stdout
+
+
+@needs_kernels
+def test_built_once_into_the_cache_and_reused(tmp_path):
+    first = _run(STATUS, DSHAL_CACHE_DIR=str(tmp_path))
+    assert first.returncode == 0 and '"available": true' in first.stdout, first.stderr
+    built = sorted((tmp_path / "cpu-kernels").glob("dshal_cpu_*.so"))
+    assert len(built) == 1 and str(built[0]) in first.stdout
+    stamp = built[0].stat().st_mtime_ns
+    again = _run(STATUS, DSHAL_CACHE_DIR=str(tmp_path))
+    assert again.stdout == first.stdout and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert sorted((tmp_path / "cpu-kernels").iterdir()) == built  # no temporary files left behind
+
+
+def test_unavailable_kernels_raise_backend_unavailable(monkeypatch):
+    monkeypatch.setenv("DSHAL_CPU_KERNELS", "off")
+    K._load.cache_clear()
+    try:
+        assert K.status() == K.KernelStatus(False, "disabled by DSHAL_CPU_KERNELS=off") and K.library() is None
+        with pytest.raises(BackendUnavailableError, match="disabled by DSHAL_CPU_KERNELS=off"):
+            K.rms_norm(_randn(2, 4), torch.ones(4), 1e-6)
+    finally:
+        monkeypatch.delenv("DSHAL_CPU_KERNELS")
+        K._load.cache_clear()
+
+
+@needs_kernels
+def test_the_kernel_benchmark_runs():
+    """A smoke run of benchmarks/cpu_kernels.py (its timings are not checked: speed is
+    measured there, not asserted here)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_kernels.py")
+    done = subprocess.run([sys.executable, script, "--rounds", "1", "--skip-model"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1].split() == ["case", "C", "µs", "torch", "µs", "torch", "/", "C"]
+    assert any(line.startswith("moe_gate, T=1, E=16") for line in lines) and len(lines) == 2 + 20
