@@ -90,6 +90,35 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         )
         rows.append((f"moe_experts, T={tokens}, E={experts} top-{top_k}, H={hidden}, I={inter}", t["c"], t["torch"]))
 
+    quantize, reference_linear = SPECS["quantize_fp8"].reference_impl, SPECS["linear"].reference_impl
+    for n, k in [(256, 256), (1536, 7168)]:
+        x = torch.randn(1, k, generator=gen)
+        wq, scale = quantize(torch.randn(n, k, generator=gen) / k**0.5, (128, 128), "e4m3", None)
+        t = best_of(
+            {
+                "c": lambda: cpu_kernels.fp8_block_gemv(x, wq, scale),
+                "torch": lambda: reference_linear(x, wq, None, scale),
+            },
+            rounds,
+            20,
+        )
+        rows.append((f"linear, 1 row, FP8 128x128 blocks, [{n}x{k}] weight", t["c"], t["torch"]))
+    q13, s13 = zip(*(quantize(w, (128, 128), "e4m3", None) for w in w13))
+    q2, s2 = zip(*(quantize(w, (128, 128), "e4m3", None) for w in w2))
+    fp8_experts = [torch.stack(t) for t in (q13, q2, s13, s2)]
+    x = torch.randn(1, hidden, generator=gen)
+    ids = torch.randperm(experts, generator=gen)[:top_k][None]
+    weights = torch.rand(1, top_k, generator=gen)
+    t = best_of(
+        {
+            "c": lambda: cpu_native.moe_experts(x, weights, ids, *fp8_experts),
+            "torch": lambda: cpu_native.moe_experts_torch(x, weights, ids, *fp8_experts),
+        },
+        rounds,
+        20,
+    )
+    rows.append((f"moe_experts, T=1, FP8 blocks, E={experts} top-{top_k}", t["c"], t["torch"]))
+
     for tokens, e, top_k, groups, kept in [(1, 16, 4, 4, 2), (64, 16, 4, 4, 2), (1, 256, 8, 8, 4), (64, 256, 8, 8, 4)]:
         logits, bias = torch.randn(tokens, e, generator=gen), torch.randn(e, generator=gen)
         ref = SPECS["moe_gate"].reference_impl

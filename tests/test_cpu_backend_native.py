@@ -183,3 +183,28 @@ def test_moe_gate_matches_the_reference(cpu, dtype):
     got_w, got_ids = ops.moe_gate(logits, None, 4, 4, 2, 1.0)
     want_w, want_ids = SPECS["moe_gate"].reference_impl(logits, None, 4, 4, 2, 1.0)
     assert torch.equal(got_ids, want_ids) and torch.equal(got_w.isnan(), want_w.isnan())
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e4m3fnuz"], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fp8_block_decode_products_match_the_reference(cpu, fmt, dtype):
+    """One row times FP8 block-scaled weights: a decode step of an FP8 checkpoint."""
+    gen = torch.Generator().manual_seed(23)
+    quantize = SPECS["quantize_fp8"].reference_impl
+    w, scale = quantize(torch.randn(200, 300, generator=gen) / 17, (128, 128), fmt, None)
+    x = torch.randn(1, 1, 300, generator=gen).to(dtype)
+    _check("linear", x, w, None, scale)
+    _check("linear", x, w, torch.randn(200, generator=gen).to(dtype), scale)
+    _check("linear", torch.randn(3, 300, generator=gen).to(dtype), w, None, scale)  # rows: the reference path
+    experts, hidden, inter = 4, 200, 72
+    w13_f = torch.randn(experts, 2 * inter, hidden, generator=gen) / 14
+    w2_f = torch.randn(experts, hidden, inter, generator=gen) / 9
+    q13, s13 = zip(*(quantize(m, (128, 128), fmt, None) for m in w13_f))
+    q2, s2 = zip(*(quantize(m, (128, 128), fmt, None) for m in w2_f))
+    stacked = [torch.stack(t) for t in (q13, q2, s13, s2)]
+    x, weights, ids = torch.randn(1, hidden, generator=gen).to(dtype), torch.rand(1, 2, generator=gen), torch.tensor([[3, 1]])
+    _check("moe_experts", x, weights, ids, stacked[0], stacked[1], stacked[2], stacked[3])
+    from dshal.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[0, 4\\)"):
+        ops.moe_experts(x, weights, ids + 1, *stacked)

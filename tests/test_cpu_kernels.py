@@ -177,6 +177,84 @@ def test_rotary_layouts():
         K.rotary(_randn(3, 15), _randn(3, 7), _randn(3, 7))
 
 
+FP8 = {"e4m3": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
+
+
+def _fp8_weight(n: int, k: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return SPECS["quantize_fp8"].reference_impl(_randn(n, k) / k**0.5, (128, 128), fmt, None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FP8, ids=str)
+@pytest.mark.parametrize("n,k", [(256, 256), (200, 300), (7, 33), (130, 129)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fp8_block_gemv_matches_the_linear_reference(fmt, n, k, dtype):
+    w, scale = _fp8_weight(n, k, fmt)
+    assert w.dtype == FP8[fmt]
+    x, bias = (_randn(1, 1, k) * 3).to(dtype), _randn(n).to(dtype)
+    want = SPECS["linear"].reference_impl(x, w, bias, scale)
+    got = K.fp8_block_gemv(x, w, scale, bias)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    _assert_close(got.to(dtype), want, 2e-6 if dtype == torch.float32 else 1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FP8, ids=str)
+def test_fp8_block_gemv_decodes_every_code_and_quantizes_like_the_op(fmt):
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8[fmt]).reshape(256, 1)
+    nan_code = torch.isnan(codes.float())
+    # x = [1]: its scale is 1/max and it quantizes to max, so y[c] is code c's value (NaN for NaN codes).
+    got = K.fp8_block_gemv(torch.ones(1, 1), codes.contiguous(), torch.ones(2, 1))
+    want = SPECS["linear"].reference_impl(torch.ones(1, 1), codes, None, torch.ones(2, 1))
+    assert torch.equal(got.isnan(), nan_code.T) and torch.equal(want.isnan(), nan_code.T)
+    _assert_close(got.nan_to_num(), want.nan_to_num(), 1e-6)
+    # The activation's own quantization: saturation, subnormal grid points, ties to even, NaN.
+    w, scale = _fp8_weight(64, 256, fmt)
+    for values in (
+        _randn(1, 256) * 1e-3,
+        torch.linspace(-2, 2, 256)[None] ** 3,
+        torch.where(torch.arange(256) % 7 == 0, 1e30, 1.0)[None],
+    ):
+        _assert_close(K.fp8_block_gemv(values, w, scale), SPECS["linear"].reference_impl(values, w, None, scale), 2e-6)
+    x = _randn(1, 256)
+    x[0, 3], x[0, 200] = float("inf"), float("-inf")  # saturate to +-max: finite outputs
+    _assert_close(K.fp8_block_gemv(x, w, scale), SPECS["linear"].reference_impl(x, w, None, scale), 2e-6)
+    x[0, 3] = float("nan")
+    assert torch.isnan(K.fp8_block_gemv(x, w, scale)).all()
+
+
+@needs_kernels
+def test_fp8_block_gemv_rejects_bad_inputs():
+    w, scale = _fp8_weight(64, 256, "e4m3")
+    with pytest.raises(DTypeError, match="argument 'weight' has dtype torch.float8_e5m2"):
+        K.fp8_block_gemv(_randn(1, 256), w.view(torch.float8_e5m2), scale)
+    with pytest.raises(ShapeError, match="argument 'weight_scale' has shape \\[1, 1\\], expected \\[1, 2\\]"):
+        K.fp8_block_gemv(_randn(1, 256), w, scale[:, :1])
+    with pytest.raises(DTypeError, match="argument 'x' has dtype torch.float64"):
+        K.fp8_block_gemv(_randn(1, 256).double(), w, scale)
+    with pytest.raises(ShapeError, match="expected one row of K=256"):
+        K.fp8_block_gemv(_randn(2, 256), w, scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FP8, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_moe_token_fp8_matches_the_reference(fmt, dtype):
+    x, weights, ids, w13_f, w2_f = _moe_inputs(1, experts=6, hidden=200, inter=72, k=2)
+    quantize = SPECS["quantize_fp8"].reference_impl
+    q13, s13 = zip(*(quantize(w, (128, 128), fmt, None) for w in w13_f))
+    q2, s2 = zip(*(quantize(w, (128, 128), fmt, None) for w in w2_f))
+    w13, w2, s13, s2 = torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2)
+    x = x.to(dtype)
+    want = SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2, s13, s2)
+    got = K.moe_token_fp8(x, weights, ids, w13, w2, s13, s2)
+    _assert_close(got.to(dtype), want, 2e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ShapeError, match="holds expert id 6"):
+        K.moe_token_fp8(x, weights, ids.clamp(max=0) + torch.tensor([[0, 6]]), w13, w2, s13, s2)
+    with pytest.raises(ShapeError, match="argument 'w2_scale' has shape"):
+        K.moe_token_fp8(x, weights, ids, w13, w2, s13, s2[:, :1])
+
+
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=120)
@@ -249,4 +327,6 @@ def test_the_kernel_benchmark_runs():
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[1].split() == ["case", "C", "µs", "torch", "µs", "torch", "/", "C"]
-    assert any(line.startswith("moe_gate, T=1, E=16") for line in lines) and len(lines) == 2 + 20
+    names = [line.split("  ")[0] for line in lines[2:]]
+    assert "moe_gate, T=1, E=16, 4 groups" in names and "linear, 1 row, FP8 128x128 blocks, [256x256] weight" in names
+    assert all(line.rstrip().endswith("x") for line in lines[2:])  # every row has its ratio

@@ -52,11 +52,13 @@ GEMV_MAX_K = 4096
 
 
 def linear(x, weight, bias=None, weight_scale=None):
-    """One float32 row times a float32 weight (a decode step's projections) on dshal's C
-    GEMV (:mod:`dshal.kernels.cpu`), which reads the weight as one stream: ~2x MKL's GEMV
-    on weights with short rows that come from memory (benchmarks/RESULTS.md). Everything
-    else, and every product when the C kernels are unavailable, is the reference
-    (``F.linear``, or the FP8/int8 path)."""
+    """One row (a decode step's projections) on dshal's C kernels (:mod:`dshal.kernels.cpu`):
+    float32 times float32 on a GEMV that reads the weight as one stream (~2x MKL's GEMV on
+    weights with short rows that come from memory, benchmarks/RESULTS.md), or times an
+    E4M3 weight with 128x128 block scales (the row quantized per 128 values as the op
+    defines, the weight decoded on the fly: ~10x the reference's dequantize-then-GEMM).
+    Everything else, and every product when the C kernels are unavailable, is the
+    reference (``F.linear``, or the FP8/int8 path)."""
     if (
         weight_scale is None
         and _one_f32_row(x)
@@ -67,7 +69,23 @@ def linear(x, weight, bias=None, weight_scale=None):
         and cpu_kernels.library() is not None
     ):
         return cpu_kernels.gemv(x, weight, bias)
+    if _fp8_block_row(x, weight, weight_scale) and cpu_kernels.library() is not None:
+        return _as(cpu_kernels.fp8_block_gemv(x, weight, weight_scale, bias), x.dtype)
     return _linear_reference(x, weight, bias, weight_scale)
+
+
+def _fp8_block_row(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> bool:
+    """One 16/32-bit row times an E4M3 weight with float32 128x128 block scales (the shape
+    test is the op's own: block scales win when the shapes coincide)."""
+    return (
+        weight.dtype in cpu_kernels.FP8_E4M3
+        and weight_scale is not None
+        and weight_scale.dtype == torch.float32
+        and x.dtype != torch.float64
+        and 0 < x.shape[-1] == x.numel()
+        and weight.is_contiguous()
+        and tuple(weight_scale.shape) == (math.ceil(weight.shape[0] / 128), math.ceil(weight.shape[1] / 128))
+    )
 
 
 def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
@@ -209,11 +227,26 @@ def _op_id_errors(ids: torch.Tensor, experts: int):
 def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     """Routed SwiGLU experts with the per-expert Python work taken out of the token loop.
 
-    float32 with the C kernels built: one token (a decode step) is one C call for all its
-    experts; more tokens are grouped by expert in C (counting sort + row gather), run as one
-    ``torch._grouped_mm`` per projection, and summed back per token in C. Everything else:
-    :func:`moe_experts_torch`.
+    With the C kernels built: one token (a decode step) is one C call for all its experts
+    (float32, or FP8 block-scaled experts with float32/bf16 activations); more float32
+    tokens are grouped by expert in C (counting sort + row gather), run as one
+    ``torch._grouped_mm`` per projection, and summed back per token in C. Everything
+    else: :func:`moe_experts_torch`.
     """
+    if (
+        ids.shape[0] == 1
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and w13.dtype in cpu_kernels.FP8_E4M3
+        and w2.dtype == w13.dtype
+        and w13_scale is not None
+        and w2_scale is not None
+        and w13_scale.dtype == w2_scale.dtype == torch.float32
+        and w13.is_contiguous()
+        and w2.is_contiguous()
+        and cpu_kernels.library() is not None
+    ):  # a decode step of FP8 experts (DeepSeek-V3's format): one C call
+        with _op_id_errors(ids, w13.shape[0]):
+            return _as(cpu_kernels.moe_token_fp8(x, weights, ids, w13, w2, w13_scale, w2_scale), x.dtype)
     if (
         w13_scale is None
         and w2_scale is None

@@ -166,6 +166,8 @@ MOE_EXPERTS = [
     dict(name="f32/T16xH64xI32xE4-top2", dtype=F32, t=16, h=64, i=32, e=4, k=2),
     dict(name="f32/decode/T1xH256xI128xE16-top4", dtype=F32, t=1, h=256, i=128, e=16, k=4),
     dict(name="f32/T64xH256xI128xE16-top4", dtype=F32, t=64, h=256, i=128, e=16, k=4),
+    dict(name="fp8-block/decode/T1xH256xI128xE8-top2", dtype=BF16, t=1, h=256, i=128, e=8, k=2, weight="fp8-block"),
+    dict(name="fp8-block/f32/decode/T1xH200xI72xE4-top2", dtype=F32, t=1, h=200, i=72, e=4, k=2, weight="fp8-block"),
     dict(name="fp8-block/T8xH256xI128xE4-top2", dtype=BF16, t=8, h=256, i=128, e=4, k=2, weight="fp8-block"),
     dict(name="bf16/M1", kind="edge", dtype=BF16, t=1, h=128, i=64, e=8, k=2),
     dict(name="bf16/M0", kind="edge", dtype=BF16, t=0, h=128, i=64, e=8, k=2),

@@ -130,6 +130,7 @@ LINEAR = [
     dict(name="f32/decode/M1xN256xK200", dtype=F32, m=1, n=256, k=200),
     dict(name="f32/decode/bias/B1xT1xN96xK256", dtype=F32, lead=(1, 1), n=96, k=256, bias=True),
     dict(name="f32/decode/nan_inf", kind="edge", dtype=F32, m=1, n=64, k=128, values="nan_inf"),
+    dict(name="fp8-block/f32/decode/M1xN200xK200-partial-blocks", dtype=F32, m=1, n=200, k=200, weight="fp8-block", bias=True),
     dict(name="bf16/q_a_proj/M4096xN1536xK7168", tier="full", dtype=BF16, m=4096, n=1536, k=7168),
     dict(name="fp8-block/q_b_proj/M4096xN24576xK1536", tier="full", dtype=BF16, m=4096, n=24576, k=1536, weight="fp8-block"),
     dict(name="fp8-block/o_proj/M4096xN7168xK16384", tier="full", dtype=BF16, m=4096, n=7168, k=16384, weight="fp8-block"),

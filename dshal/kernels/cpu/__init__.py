@@ -47,7 +47,11 @@ SIGNATURES = {
     "dshal_moe_group_f32": (_C_INT64, [_C_PTR] * 2 + [_C_INT64] * 4 + [_C_PTR] * 4),
     "dshal_moe_combine_f32": (None, [_C_PTR] * 3 + [_C_INT64] * 3 + [_C_PTR]),
     "dshal_rotary_f32": (None, [_C_PTR, _C_INT64, _C_PTR, _C_PTR] + [_C_INT64] * 5 + [_C_PTR]),
+    "dshal_fp8_block_gemv_f32": (None, [_C_PTR] * 6 + [_C_INT64] * 3),
+    "dshal_moe_token_fp8": (_C_INT64, [_C_PTR] * 7 + [_C_INT64] * 6 + [_C_PTR, _C_PTR]),
 }
+#: The FP8 formats the FP8 kernels read: E4M3 (DeepSeek-V3's) and AMD's E4M3 FNUZ -> the kernels' fnuz flag.
+FP8_E4M3 = {torch.float8_e4m3fn: 0, torch.float8_e4m3fnuz: 1}
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def _compiler() -> str | None:
 
 def _writable_dir() -> Path:
     """``cache_dir()/cpu-kernels``, or a per-user temporary directory when that cannot be created."""
-    for candidate in (cache_dir() / "cpu-kernels", Path(tempfile.gettempdir()) / f"dshal-cpu-kernels-{os.getuid()}"):
+    for candidate in (cache_dir() / "cpu-kernels", Path(tempfile.gettempdir()) / f"dshal-cpu-kernels-{getattr(os, 'getuid', lambda: 'user')()}"):
         try:
             candidate.mkdir(parents=True, exist_ok=True)
             if os.access(candidate, os.W_OK):
@@ -443,4 +447,113 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
         x.data_ptr(), row_stride, cos.data_ptr(), sin.data_ptr(), x.numel() // x.shape[-1] if x.shape[-1] else 0,
         x.shape[-1], inner, periods, int(interleaved), out.data_ptr(),
     )  # fmt: skip
+    return out
+
+
+def _check_block_scaled(kernel: str, arg: str, w: torch.Tensor, scale_arg: str, scale: torch.Tensor) -> None:
+    """``w [..., N, K]`` E4M3 contiguous with float32 ``scale [..., ceil(N/128), ceil(K/128)]``."""
+    if w.dtype not in FP8_E4M3:
+        raise DTypeError(f"{kernel}: argument {arg!r} has dtype {w.dtype}, expected torch.float8_e4m3fn or torch.float8_e4m3fnuz")
+    if not w.is_cpu or not w.is_contiguous():
+        raise ShapeError(f"{kernel}: argument {arg!r} must be a contiguous CPU tensor (device {w.device}, strides {w.stride()})")
+    _check_f32_cpu(kernel, scale_arg, scale)
+    want = (*w.shape[:-2], math.ceil(w.shape[-2] / 128), math.ceil(w.shape[-1] / 128))
+    if tuple(scale.shape) != want:
+        raise ShapeError(
+            f"{kernel}: argument {scale_arg!r} has shape {list(scale.shape)}, expected {list(want)} "
+            f"(one scale per 128x128 block of {arg!r} {list(w.shape)})"
+        )
+
+
+def _row_f32(kernel: str, x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x`` (one row of k values, any float dtype but float64) as a contiguous float32 row."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise DTypeError(f"{kernel}: argument 'x' has dtype {x.dtype}, expected float32, bfloat16 or float16")
+    if not x.is_cpu:
+        raise DeviceError(f"{kernel}: argument 'x' is on {x.device}, expected cpu")
+    if x.dim() == 0 or x.shape[-1] != k or x.numel() != k or k == 0:
+        raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected one row of K={k} > 0 values")
+    return x.to(torch.float32).contiguous()
+
+
+def fp8_block_gemv(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``dshal.ops.linear`` for one row and an FP8 block-scaled weight, in float32: ``x`` is
+    quantized per 128 values to the weight's format (E4M3 or E4M3 FNUZ; NaN stays NaN,
+    +-Inf saturates), then ``y[r] = sum_j dot(xq_j, w[r, j]) * x_scale[j] * weight_scale[r
+    // 128, j]`` (+ ``bias``, float32).
+
+    ``x [..., K]`` float32/bf16/fp16 with one row in all; ``weight [N, K]`` E4M3 contiguous;
+    ``weight_scale [ceil(N/128), ceil(K/128)]`` float32; ``bias [N]`` float or None; all on
+    the CPU. Returns a new ``[..., N]`` float32 tensor (the caller casts to its dtype)."""
+    kernel = "cpu_kernels.fp8_block_gemv"
+    lib = _require()
+    _check_block_scaled(kernel, "weight", weight, "weight_scale", weight_scale)
+    if weight.dim() != 2:
+        raise ShapeError(f"{kernel}: argument 'weight' has shape {list(weight.shape)}, expected [N, K]")
+    n, k = weight.shape
+    row = _row_f32(kernel, x, k)
+    if bias is not None:
+        if tuple(bias.shape) != (n,) or not bias.is_floating_point() or not bias.is_cpu:
+            raise ShapeError(f"{kernel}: argument 'bias' is {bias.dtype} {list(bias.shape)}, expected float [{n}] on cpu")
+        bias = bias.to(torch.float32).contiguous()
+    scratch = torch.empty(k + math.ceil(k / 128), dtype=torch.float32)
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    lib.dshal_fp8_block_gemv_f32(
+        row.data_ptr(), weight.data_ptr(), weight_scale.contiguous().data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), scratch.data_ptr(), n, k, FP8_E4M3[weight.dtype],
+    )  # fmt: skip
+    return out
+
+
+def moe_token_fp8(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+) -> torch.Tensor:
+    """``moe_experts`` for one token with FP8 block-scaled experts, as the op defines it:
+    each expert's two products quantize their input row per 128 values to the weights'
+    format; with a bf16 ``x`` the gate/up outputs, the SwiGLU product and each expert's
+    output are rounded to bf16 where the op rounds them to ``x``'s dtype; the weighted sum
+    is float32.
+
+    ``x [1, H]`` float32 or bfloat16; ``weights [1, k]`` float; ``ids [1, k]`` int64/int32;
+    ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` E4M3 (one format) contiguous with float32 block
+    scales ``w13_scale [E, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E, ceil(H/128),
+    ceil(I/128)]``; all on the CPU. Returns a new ``[1, H]`` float32 tensor. An id outside
+    ``[0, E)`` raises ShapeError."""
+    kernel = "cpu_kernels.moe_token_fp8"
+    lib = _require()
+    _check_block_scaled(kernel, "w13", w13, "w13_scale", w13_scale)
+    _check_block_scaled(kernel, "w2", w2, "w2_scale", w2_scale)
+    experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    if w13.dim() != 3 or two_inter % 2 or tuple(w2.shape) != (experts, hidden, inter) or w2.dtype != w13.dtype:
+        raise ShapeError(
+            f"{kernel}: arguments 'w13' {w13.dtype} {list(w13.shape)} and 'w2' {w2.dtype} {list(w2.shape)} do not match; "
+            "expected w13 [E, 2I, H] and w2 [E, H, I] in one FP8 format"
+        )
+    if x.dtype not in (torch.float32, torch.bfloat16) or tuple(x.shape) != (1, hidden) or not x.is_cpu:
+        raise ShapeError(f"{kernel}: argument 'x' is {x.dtype} {list(x.shape)} on {x.device}, expected float32/bfloat16 [1, {hidden}] on cpu")
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
+        raise ShapeError(f"{kernel}: argument 'ids' is {ids.dtype} {list(ids.shape)} on {ids.device}, expected int64/int32 [1, k] on cpu")
+    if tuple(weights.shape) != tuple(ids.shape) or not weights.is_floating_point() or not weights.is_cpu:
+        raise ShapeError(f"{kernel}: argument 'weights' is {weights.dtype} {list(weights.shape)}, expected float {list(ids.shape)} on cpu")
+    row = x.to(torch.float32).contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    scratch = torch.empty(2 * hidden + math.ceil(hidden / 128) + 3 * inter + math.ceil(inter / 128), dtype=torch.float32)
+    out = torch.empty(1, hidden, dtype=torch.float32)
+    bad = lib.dshal_moe_token_fp8(
+        row.data_ptr(), w13.data_ptr(), w2.data_ptr(), w13_scale.contiguous().data_ptr(), w2_scale.contiguous().data_ptr(),
+        ids.data_ptr(), weights.data_ptr(), ids.shape[1], experts, hidden, inter, FP8_E4M3[w13.dtype],
+        int(x.dtype == torch.bfloat16), scratch.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    if bad:
+        raise ShapeError(f"{kernel}: argument 'ids' holds expert id {int(ids[0, bad - 1])} (slot {bad - 1}), expected ids in [0, {experts})")
     return out

@@ -259,3 +259,192 @@ void dshal_rotary_f32(const float *x, int64_t row_stride, const float *cos, cons
         }
     }
 }
+
+/* ---------------------------------------------------------------- FP8 (E4M3) blocks
+ * DeepSeek-V3's FP8 linears: weights in an E4M3 format with one float32 scale per 128x128
+ * block; the activation row is quantized to the same format per 128 values first (as
+ * dshal.ops.linear defines it), then y[r] = sum over blocks j of
+ * dot(xq_j, w_rj) * x_scale[j] * w_scale[r / 128, j].
+ * An Fp8Format describes E4M3 (fn: bias 7, max 448, NaN = S.1111.111) or E4M3FNUZ (bias 8,
+ * max 240, NaN = 0x80, no negative zero). */
+typedef struct {
+    int bias;
+    float max;
+    int fnuz;
+} Fp8Format;
+
+/* Round finite v, |v| <= the format's max, to the nearest E4M3 value, ties to even. */
+static float fp8_round(float v, const Fp8Format *fmt)
+{
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    int exp = (int)((bits >> 23) & 0xFF) - 127;
+    const int min_exp = 1 - fmt->bias; /* below it the grid step stays that of min_exp */
+    if (exp < min_exp)
+        exp = min_exp;
+    /* step = 2^(exp - 3); scaling by a power of two is exact, and adding 1.5 * 2^23
+     * rounds to an integer, ties to even (float32 round-to-nearest). */
+    uint32_t inv_bits = (uint32_t)(127 + 3 - exp) << 23, step_bits = (uint32_t)(127 + exp - 3) << 23;
+    float inv_step, step;
+    memcpy(&inv_step, &inv_bits, sizeof inv_step);
+    memcpy(&step, &step_bits, sizeof step);
+    const float shifted = v * inv_step + 12582912.0f; /* C forbids folding (a + c) - c away */
+    const float r = (shifted - 12582912.0f) * step;
+    return (fmt->fnuz && r == 0.0f) ? 0.0f : r;
+}
+
+/* Quantize n values of x per blocks of `block`: xq gets the FP8 grid values (as floats),
+ * scales[j] = amax_j / max (at least FLT_MIN; 1 for an all-zero block), amax over finite
+ * values. NaN stays NaN; +-Inf saturates to +-max, as the op's clamp-then-cast does. */
+static void fp8_quantize_row(const float *x, int64_t n, int64_t block, const Fp8Format *fmt, float *xq, float *scales)
+{
+    for (int64_t start = 0, j = 0; start < n; start += block, j++) {
+        const int64_t len = n - start < block ? n - start : block;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < len; i++) {
+            const float a = fabsf(x[start + i]);
+            if (isfinite(a) && a > amax)
+                amax = a;
+        }
+        float scale = 1.0f;
+        if (amax > 0.0f) {
+            scale = amax / fmt->max;
+            if (scale < 1.17549435e-38f)
+                scale = 1.17549435e-38f;
+        }
+        scales[j] = scale;
+        for (int64_t i = 0; i < len; i++) {
+            float v = x[start + i] / scale;
+            if (isnan(v)) {
+                xq[start + i] = v;
+                continue;
+            }
+            v = v > fmt->max ? fmt->max : (v < -fmt->max ? -fmt->max : v);
+            xq[start + i] = fp8_round(v, fmt);
+        }
+    }
+}
+
+/* The float value of every byte of an E4M3 format (NaN codes included). Normal numbers
+ * move their exponent/mantissa bits into a float32 and re-bias; subnormals are
+ * mantissa * 2^(1 - bias - 3). */
+static void fp8_table(const Fp8Format *fmt, float *table)
+{
+    for (uint32_t code = 0; code < 256; code++) {
+        const uint32_t mag = code & 0x7Fu, exp = mag >> 3;
+        float v;
+        if (exp == 0) {
+            v = ldexpf((float)mag, 1 - fmt->bias - 3);
+        } else {
+            const uint32_t bits = ((exp + 127u - (uint32_t)fmt->bias) << 23) | ((mag & 7u) << 20);
+            memcpy(&v, &bits, sizeof v);
+        }
+        v = (code & 0x80u) ? -v : v;
+        const int is_nan = fmt->fnuz ? code == 0x80u : mag == 0x7Fu;
+        table[code] = is_nan ? NAN : v;
+    }
+}
+
+/* dot(a, decoded bytes b) over n values, b decoded through `table` (a vector gather). */
+static float dot_fp8(const float *restrict a, const uint8_t *restrict b, int64_t n, const float *restrict table)
+{
+    float acc[LANES] = {0.0f};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++)
+            acc[j] += a[i + j] * table[b[i + j]];
+    float tail = 0.0f;
+    for (; i < n; i++)
+        tail += a[i] * table[b[i]];
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int j = 0; j < width; j++)
+            acc[j] += acc[j + width];
+    return acc[0] + tail;
+}
+
+/* y[r] = sum_j dot(xq_j, w[r, block j]) * xs[j] * w_scale[r / 128, j] for an already
+ * quantized row (xq, xs); w [n, k] FP8 bytes, w_scale [ceil(n/128), ceil(k/128)]. */
+static void fp8_block_gemv(const float *xq, const float *xs, const uint8_t *w, const float *w_scale, int64_t n,
+                           int64_t k, const Fp8Format *fmt, float *y)
+{
+    const int64_t blocks = (k + 127) / 128;
+    float table[256];
+    fp8_table(fmt, table);
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *row = w + r * k;
+        const float *rs = w_scale + (r / 128) * blocks;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < blocks; j++) {
+            const int64_t len = k - j * 128 < 128 ? k - j * 128 : 128;
+            acc += dot_fp8(xq + j * 128, row + j * 128, len, table) * (xs[j] * rs[j]);
+        }
+        y[r] = acc;
+    }
+}
+
+/* One row x [k] (float32) times an FP8 block-scaled weight: see above. bias may be NULL;
+ * scratch holds k + ceil(k/128) floats. fnuz selects E4M3FNUZ over E4M3FN. */
+void dshal_fp8_block_gemv_f32(const float *x, const uint8_t *w, const float *w_scale, const float *bias, float *y,
+                              float *scratch, int64_t n, int64_t k, int64_t fnuz)
+{
+    const Fp8Format fmt = fnuz ? (Fp8Format){8, 240.0f, 1} : (Fp8Format){7, 448.0f, 0};
+    float *xq = scratch, *xs = scratch + k;
+    fp8_quantize_row(x, k, 128, &fmt, xq, xs);
+    fp8_block_gemv(xq, xs, w, w_scale, n, k, &fmt, y);
+    for (int64_t r = 0; bias && r < n; r++)
+        y[r] += bias[r];
+}
+
+/* v rounded to bfloat16 (nearest, ties to even; NaN stays NaN), returned as a float. */
+static float round_bf16(float v)
+{
+    if (isnan(v))
+        return v;
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* One token through its top_k routed SwiGLU experts with FP8 block-scaled weights, as
+ * dshal.ops.moe_experts defines it: per expert, h = linear(x, w13[e]) and
+ * y = linear(silu(h_gate) * h_up, w2[e]), each activation quantized per 128 values, the
+ * weighted y summed in float32. With bf16, h, the SwiGLU product and y are rounded to
+ * bfloat16 where the op rounds them to the activation dtype. w13 [E, 2I, H] and w2 [E, H, I]
+ * are FP8 bytes; s13 [E, ceil(2I/128), ceil(H/128)], s2 [E, ceil(H/128), ceil(I/128)].
+ * scratch: H + ceil(H/128) + 3I + ceil(I/128) + H floats. Returns 0, or 1 + the slot whose
+ * id is outside [0, experts) (out unset). */
+int64_t dshal_moe_token_fp8(const float *x, const uint8_t *w13, const uint8_t *w2, const float *s13, const float *s2,
+                            const int64_t *ids, const float *gate_weights, int64_t top_k, int64_t experts, int64_t hidden,
+                            int64_t inter, int64_t fnuz, int64_t bf16, float *scratch, float *out)
+{
+    for (int64_t s = 0; s < top_k; s++)
+        if (ids[s] < 0 || ids[s] >= experts)
+            return s + 1;
+    const Fp8Format fmt = fnuz ? (Fp8Format){8, 240.0f, 1} : (Fp8Format){7, 448.0f, 0};
+    const int64_t hb = (hidden + 127) / 128, ib = (inter + 127) / 128, ub = (2 * inter + 127) / 128;
+    float *xq = scratch, *xs = xq + hidden, *h = xs + hb, *aq = h + 2 * inter, *as = aq + inter, *y = as + ib;
+    fp8_quantize_row(x, hidden, 128, &fmt, xq, xs);
+    for (int64_t r = 0; r < hidden; r++)
+        out[r] = 0.0f;
+    for (int64_t s = 0; s < top_k; s++) {
+        const int64_t e = ids[s];
+        fp8_block_gemv(xq, xs, w13 + e * 2 * inter * hidden, s13 + e * ub * hb, 2 * inter, hidden, &fmt, h);
+        for (int64_t r = 0; r < inter; r++) {
+            float g = h[r], u = h[inter + r];
+            if (bf16) {
+                g = round_bf16(g);
+                u = round_bf16(u);
+            }
+            const float a = g / (1.0f + expf(-g)) * u;
+            h[r] = bf16 ? round_bf16(a) : a;
+        }
+        fp8_quantize_row(h, inter, 128, &fmt, aq, as);
+        fp8_block_gemv(aq, as, w2 + e * hidden * inter, s2 + e * hb * ib, hidden, inter, &fmt, y);
+        const float weight = gate_weights[s];
+        for (int64_t r = 0; r < hidden; r++)
+            out[r] += weight * (bf16 ? round_bf16(y[r]) : y[r]);
+    }
+    return 0;
+}
