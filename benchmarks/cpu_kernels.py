@@ -96,7 +96,7 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         wq, scale = quantize(torch.randn(n, k, generator=gen) / k**0.5, (128, 128), "e4m3", None)
         t = best_of(
             {
-                "c": lambda: cpu_kernels.fp8_block_gemv(x, wq, scale),
+                "c": lambda: cpu_kernels.fp8_block_gemm(x, wq, scale),
                 "torch": lambda: reference_linear(x, wq, None, scale),
             },
             rounds,

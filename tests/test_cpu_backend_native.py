@@ -195,7 +195,8 @@ def test_fp8_block_decode_products_match_the_reference(cpu, fmt, dtype):
     x = torch.randn(1, 1, 300, generator=gen).to(dtype)
     _check("linear", x, w, None, scale)
     _check("linear", x, w, torch.randn(200, generator=gen).to(dtype), scale)
-    _check("linear", torch.randn(3, 300, generator=gen).to(dtype), w, None, scale)  # rows: the reference path
+    _check("linear", torch.randn(3, 300, generator=gen).to(dtype), w, None, scale)  # a small batch
+    _check("linear", torch.randn(40, 300, generator=gen).to(dtype), w, None, scale)  # a prefill: the reference
     experts, hidden, inter = 4, 200, 72
     w13_f = torch.randn(experts, 2 * inter, hidden, generator=gen) / 14
     w2_f = torch.randn(experts, hidden, inter, generator=gen) / 9

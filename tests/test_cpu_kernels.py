@@ -188,23 +188,24 @@ def _fp8_weight(n: int, k: int, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("fmt", FP8, ids=str)
 @pytest.mark.parametrize("n,k", [(256, 256), (200, 300), (7, 33), (130, 129)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_fp8_block_gemv_matches_the_linear_reference(fmt, n, k, dtype):
+def test_fp8_block_gemm_matches_the_linear_reference(fmt, n, k, dtype):
     w, scale = _fp8_weight(n, k, fmt)
     assert w.dtype == FP8[fmt]
-    x, bias = (_randn(1, 1, k) * 3).to(dtype), _randn(n).to(dtype)
-    want = SPECS["linear"].reference_impl(x, w, bias, scale)
-    got = K.fp8_block_gemv(x, w, scale, bias)
-    assert got.dtype == torch.float32 and got.shape == want.shape
-    _assert_close(got.to(dtype), want, 2e-6 if dtype == torch.float32 else 1e-2)
+    for lead in [(1, 1), (3,), (2, 4)]:  # one row (a decode step) or a small batch
+        x, bias = (_randn(*lead, k) * 3).to(dtype), _randn(n).to(dtype)
+        want = SPECS["linear"].reference_impl(x, w, bias, scale)
+        got = K.fp8_block_gemm(x, w, scale, bias)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        _assert_close(got.to(dtype), want, 2e-6 if dtype == torch.float32 else 1e-2)
 
 
 @needs_kernels
 @pytest.mark.parametrize("fmt", FP8, ids=str)
-def test_fp8_block_gemv_decodes_every_code_and_quantizes_like_the_op(fmt):
+def test_fp8_block_gemm_decodes_every_code_and_quantizes_like_the_op(fmt):
     codes = torch.arange(256, dtype=torch.uint8).view(FP8[fmt]).reshape(256, 1)
     nan_code = torch.isnan(codes.float())
     # x = [1]: its scale is 1/max and it quantizes to max, so y[c] is code c's value (NaN for NaN codes).
-    got = K.fp8_block_gemv(torch.ones(1, 1), codes.contiguous(), torch.ones(2, 1))
+    got = K.fp8_block_gemm(torch.ones(1, 1), codes.contiguous(), torch.ones(2, 1))
     want = SPECS["linear"].reference_impl(torch.ones(1, 1), codes, None, torch.ones(2, 1))
     assert torch.equal(got.isnan(), nan_code.T) and torch.equal(want.isnan(), nan_code.T)
     _assert_close(got.nan_to_num(), want.nan_to_num(), 1e-6)
@@ -215,25 +216,25 @@ def test_fp8_block_gemv_decodes_every_code_and_quantizes_like_the_op(fmt):
         torch.linspace(-2, 2, 256)[None] ** 3,
         torch.where(torch.arange(256) % 7 == 0, 1e30, 1.0)[None],
     ):
-        _assert_close(K.fp8_block_gemv(values, w, scale), SPECS["linear"].reference_impl(values, w, None, scale), 2e-6)
+        _assert_close(K.fp8_block_gemm(values, w, scale), SPECS["linear"].reference_impl(values, w, None, scale), 2e-6)
     x = _randn(1, 256)
     x[0, 3], x[0, 200] = float("inf"), float("-inf")  # saturate to +-max: finite outputs
-    _assert_close(K.fp8_block_gemv(x, w, scale), SPECS["linear"].reference_impl(x, w, None, scale), 2e-6)
+    _assert_close(K.fp8_block_gemm(x, w, scale), SPECS["linear"].reference_impl(x, w, None, scale), 2e-6)
     x[0, 3] = float("nan")
-    assert torch.isnan(K.fp8_block_gemv(x, w, scale)).all()
+    assert torch.isnan(K.fp8_block_gemm(x, w, scale)).all()
 
 
 @needs_kernels
-def test_fp8_block_gemv_rejects_bad_inputs():
+def test_fp8_block_gemm_rejects_bad_inputs():
     w, scale = _fp8_weight(64, 256, "e4m3")
     with pytest.raises(DTypeError, match="argument 'weight' has dtype torch.float8_e5m2"):
-        K.fp8_block_gemv(_randn(1, 256), w.view(torch.float8_e5m2), scale)
+        K.fp8_block_gemm(_randn(1, 256), w.view(torch.float8_e5m2), scale)
     with pytest.raises(ShapeError, match="argument 'weight_scale' has shape \\[1, 1\\], expected \\[1, 2\\]"):
-        K.fp8_block_gemv(_randn(1, 256), w, scale[:, :1])
+        K.fp8_block_gemm(_randn(1, 256), w, scale[:, :1])
     with pytest.raises(DTypeError, match="argument 'x' has dtype torch.float64"):
-        K.fp8_block_gemv(_randn(1, 256).double(), w, scale)
-    with pytest.raises(ShapeError, match="expected one row of K=256"):
-        K.fp8_block_gemv(_randn(2, 256), w, scale)
+        K.fp8_block_gemm(_randn(1, 256).double(), w, scale)
+    with pytest.raises(ShapeError, match="argument 'x' has shape \\[2, 255\\], expected \\[..., K=256\\]"):
+        K.fp8_block_gemm(_randn(2, 255), w, scale)
 
 
 @needs_kernels

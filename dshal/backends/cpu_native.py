@@ -52,11 +52,12 @@ GEMV_MAX_K = 4096
 
 
 def linear(x, weight, bias=None, weight_scale=None):
-    """One row (a decode step's projections) on dshal's C kernels (:mod:`dshal.kernels.cpu`):
-    float32 times float32 on a GEMV that reads the weight as one stream (~2x MKL's GEMV on
-    weights with short rows that come from memory, benchmarks/RESULTS.md), or times an
-    E4M3 weight with 128x128 block scales (the row quantized per 128 values as the op
-    defines, the weight decoded on the fly: ~10x the reference's dequantize-then-GEMM).
+    """Decode-step products on dshal's C kernels (:mod:`dshal.kernels.cpu`): one float32 row
+    times a float32 weight on a GEMV that reads the weight as one stream (~2x MKL's GEMV on
+    weights with short rows that come from memory, benchmarks/RESULTS.md), or up to
+    ``FP8_GEMM_MAX_ROWS`` rows times an E4M3 weight with 128x128 block scales (the rows
+    quantized per 128 values as the op defines, the weight decoded on the fly: 10-16x the
+    reference's dequantize-then-GEMM for one row).
     Everything else, and every product when the C kernels are unavailable, is the
     reference (``F.linear``, or the FP8/int8 path)."""
     if (
@@ -69,20 +70,26 @@ def linear(x, weight, bias=None, weight_scale=None):
         and cpu_kernels.library() is not None
     ):
         return cpu_kernels.gemv(x, weight, bias)
-    if _fp8_block_row(x, weight, weight_scale) and cpu_kernels.library() is not None:
-        return _as(cpu_kernels.fp8_block_gemv(x, weight, weight_scale, bias), x.dtype)
+    if _fp8_block_rows(x, weight, weight_scale) and cpu_kernels.library() is not None:
+        return _as(cpu_kernels.fp8_block_gemm(x, weight, weight_scale, bias), x.dtype)
     return _linear_reference(x, weight, bias, weight_scale)
 
 
-def _fp8_block_row(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> bool:
-    """One 16/32-bit row times an E4M3 weight with float32 128x128 block scales (the shape
-    test is the op's own: block scales win when the shapes coincide)."""
+#: Most rows the C FP8 kernel takes: it reads the weight once but does the work per row;
+#: the reference's dequantize-then-GEMM caught up at ~64 rows (benchmarks/RESULTS.md).
+FP8_GEMM_MAX_ROWS = 32
+
+
+def _fp8_block_rows(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> bool:
+    """A few 16/32-bit rows times an E4M3 weight with float32 128x128 block scales (the
+    shape test is the op's own: block scales win when the shapes coincide)."""
     return (
         weight.dtype in cpu_kernels.FP8_E4M3
         and weight_scale is not None
         and weight_scale.dtype == torch.float32
         and x.dtype != torch.float64
-        and 0 < x.shape[-1] == x.numel()
+        and 0 < x.shape[-1]
+        and x.numel() <= FP8_GEMM_MAX_ROWS * x.shape[-1]
         and weight.is_contiguous()
         and tuple(weight_scale.shape) == (math.ceil(weight.shape[0] / 128), math.ceil(weight.shape[1] / 128))
     )

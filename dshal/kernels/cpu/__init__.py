@@ -47,7 +47,7 @@ SIGNATURES = {
     "dshal_moe_group_f32": (_C_INT64, [_C_PTR] * 2 + [_C_INT64] * 4 + [_C_PTR] * 4),
     "dshal_moe_combine_f32": (None, [_C_PTR] * 3 + [_C_INT64] * 3 + [_C_PTR]),
     "dshal_rotary_f32": (None, [_C_PTR, _C_INT64, _C_PTR, _C_PTR] + [_C_INT64] * 5 + [_C_PTR]),
-    "dshal_fp8_block_gemv_f32": (None, [_C_PTR] * 6 + [_C_INT64] * 3),
+    "dshal_fp8_block_gemm_f32": (None, [_C_PTR] * 6 + [_C_INT64] * 4),
     "dshal_moe_token_fp8": (_C_INT64, [_C_PTR] * 7 + [_C_INT64] * 6 + [_C_PTR, _C_PTR]),
 }
 #: The FP8 formats the FP8 kernels read: E4M3 (DeepSeek-V3's) and AMD's E4M3 FNUZ -> the kernels' fnuz flag.
@@ -465,44 +465,43 @@ def _check_block_scaled(kernel: str, arg: str, w: torch.Tensor, scale_arg: str, 
         )
 
 
-def _row_f32(kernel: str, x: torch.Tensor, k: int) -> torch.Tensor:
-    """``x`` (one row of k values, any float dtype but float64) as a contiguous float32 row."""
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise DTypeError(f"{kernel}: argument 'x' has dtype {x.dtype}, expected float32, bfloat16 or float16")
-    if not x.is_cpu:
-        raise DeviceError(f"{kernel}: argument 'x' is on {x.device}, expected cpu")
-    if x.dim() == 0 or x.shape[-1] != k or x.numel() != k or k == 0:
-        raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected one row of K={k} > 0 values")
-    return x.to(torch.float32).contiguous()
-
-
-def fp8_block_gemv(
+def fp8_block_gemm(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``dshal.ops.linear`` for one row and an FP8 block-scaled weight, in float32: ``x`` is
-    quantized per 128 values to the weight's format (E4M3 or E4M3 FNUZ; NaN stays NaN,
-    +-Inf saturates), then ``y[r] = sum_j dot(xq_j, w[r, j]) * x_scale[j] * weight_scale[r
-    // 128, j]`` (+ ``bias``, float32).
+    """``dshal.ops.linear`` for a few rows and an FP8 block-scaled weight, in float32: each
+    row of ``x`` is quantized per 128 values to the weight's format (E4M3 or E4M3 FNUZ;
+    NaN stays NaN, +-Inf saturates), then ``y[i, r] = sum_j dot(xq_ij, w[r, j]) *
+    x_scale[i, j] * weight_scale[r // 128, j]`` (+ ``bias``, float32). The weight is read
+    once whatever the row count; the work grows with it, so this is for decode steps (one
+    row, or a small batch), not prefills.
 
-    ``x [..., K]`` float32/bf16/fp16 with one row in all; ``weight [N, K]`` E4M3 contiguous;
+    ``x [..., K]`` float32/bf16/fp16 (``K > 0``); ``weight [N, K]`` E4M3 contiguous;
     ``weight_scale [ceil(N/128), ceil(K/128)]`` float32; ``bias [N]`` float or None; all on
     the CPU. Returns a new ``[..., N]`` float32 tensor (the caller casts to its dtype)."""
-    kernel = "cpu_kernels.fp8_block_gemv"
+    kernel = "cpu_kernels.fp8_block_gemm"
     lib = _require()
     _check_block_scaled(kernel, "weight", weight, "weight_scale", weight_scale)
     if weight.dim() != 2:
         raise ShapeError(f"{kernel}: argument 'weight' has shape {list(weight.shape)}, expected [N, K]")
     n, k = weight.shape
-    row = _row_f32(kernel, x, k)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise DTypeError(f"{kernel}: argument 'x' has dtype {x.dtype}, expected float32, bfloat16 or float16")
+    if not x.is_cpu:
+        raise DeviceError(f"{kernel}: argument 'x' is on {x.device}, expected cpu")
+    if x.dim() == 0 or x.shape[-1] != k or k == 0:
+        raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected [..., K={k}] with K > 0")
     if bias is not None:
         if tuple(bias.shape) != (n,) or not bias.is_floating_point() or not bias.is_cpu:
             raise ShapeError(f"{kernel}: argument 'bias' is {bias.dtype} {list(bias.shape)}, expected float [{n}] on cpu")
         bias = bias.to(torch.float32).contiguous()
-    scratch = torch.empty(k + math.ceil(k / 128), dtype=torch.float32)
+    rows = x.numel() // k
+    blocks = math.ceil(k / 128)
+    x32 = x.to(torch.float32).contiguous()
+    scratch = torch.empty(rows * (k + blocks) + 128, dtype=torch.float32)
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    lib.dshal_fp8_block_gemv_f32(
-        row.data_ptr(), weight.data_ptr(), weight_scale.contiguous().data_ptr(), None if bias is None else bias.data_ptr(),
-        out.data_ptr(), scratch.data_ptr(), n, k, FP8_E4M3[weight.dtype],
+    lib.dshal_fp8_block_gemm_f32(
+        x32.data_ptr(), weight.data_ptr(), weight_scale.contiguous().data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), scratch.data_ptr(), rows, n, k, FP8_E4M3[weight.dtype],
     )  # fmt: skip
     return out
 

@@ -382,17 +382,40 @@ static void fp8_block_gemv(const float *xq, const float *xs, const uint8_t *w, c
     }
 }
 
-/* One row x [k] (float32) times an FP8 block-scaled weight: see above. bias may be NULL;
- * scratch holds k + ceil(k/128) floats. fnuz selects E4M3FNUZ over E4M3FN. */
-void dshal_fp8_block_gemv_f32(const float *x, const uint8_t *w, const float *w_scale, const float *bias, float *y,
-                              float *scratch, int64_t n, int64_t k, int64_t fnuz)
+/* m rows x [m, k] (float32) times an FP8 block-scaled weight into y [m, n]: each row
+ * quantized as above; one row decodes the weight inside its dot products, several rows
+ * decode each 128-value block once and reuse it for every row. bias may be NULL; scratch
+ * holds m * (k + ceil(k/128)) + 128 floats. fnuz selects E4M3FNUZ over E4M3FN. */
+void dshal_fp8_block_gemm_f32(const float *x, const uint8_t *w, const float *w_scale, const float *bias, float *y,
+                              float *scratch, int64_t m, int64_t n, int64_t k, int64_t fnuz)
 {
     const Fp8Format fmt = fnuz ? (Fp8Format){8, 240.0f, 1} : (Fp8Format){7, 448.0f, 0};
-    float *xq = scratch, *xs = scratch + k;
-    fp8_quantize_row(x, k, 128, &fmt, xq, xs);
-    fp8_block_gemv(xq, xs, w, w_scale, n, k, &fmt, y);
-    for (int64_t r = 0; bias && r < n; r++)
-        y[r] += bias[r];
+    const int64_t blocks = (k + 127) / 128;
+    float *xq = scratch, *xs = scratch + m * k, *decoded = xs + m * blocks;
+    for (int64_t i = 0; i < m; i++)
+        fp8_quantize_row(x + i * k, k, 128, &fmt, xq + i * k, xs + i * blocks);
+    if (m == 1) {
+        fp8_block_gemv(xq, xs, w, w_scale, n, k, &fmt, y);
+    } else {
+        float table[256];
+        fp8_table(&fmt, table);
+        for (int64_t r = 0; r < n; r++) {
+            const uint8_t *row = w + r * k;
+            const float *rs = w_scale + (r / 128) * blocks;
+            for (int64_t i = 0; i < m; i++)
+                y[i * n + r] = 0.0f;
+            for (int64_t j = 0; j < blocks; j++) {
+                const int64_t len = k - j * 128 < 128 ? k - j * 128 : 128;
+                for (int64_t t = 0; t < len; t++)
+                    decoded[t] = table[row[j * 128 + t]];
+                for (int64_t i = 0; i < m; i++)
+                    y[i * n + r] += dot(xq + i * k + j * 128, decoded, len) * (xs[i * blocks + j] * rs[j]);
+            }
+        }
+    }
+    for (int64_t i = 0; bias && i < m; i++)
+        for (int64_t r = 0; r < n; r++)
+            y[i * n + r] += bias[r];
 }
 
 /* v rounded to bfloat16 (nearest, ties to even; NaN stays NaN), returned as a float. */
