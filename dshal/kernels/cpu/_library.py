@@ -1,0 +1,172 @@
+"""Building and loading ``kernels.c``: the system C compiler, the on-disk cache, ctypes.
+
+The library is compiled the first time a kernel is asked for (``-O3 -march=native``, for
+the machine it runs on) into ``$DSHAL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dshal`` or
+``~/.cache/dshal``) under ``cpu-kernels/``, named by a hash of the source, the compiler,
+its flags and the CPU, so a changed source or another machine sharing the directory builds
+its own. Concurrent processes may build at once: each writes a temporary file and renames
+it into place. ``DSHAL_CPU_KERNELS=0`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dshal.errors import BackendUnavailableError
+
+SOURCE = Path(__file__).with_name("kernels.c")
+#: Tried in order: the first that compiles is used (``-march=native`` may be unknown to a compiler).
+FLAG_SETS = (
+    ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared"),
+    ("-O3", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared"),
+)
+_C_INT64, _C_PTR = ctypes.c_int64, ctypes.c_void_p
+#: name -> (restype, argtypes) of every exported kernel.
+SIGNATURES = {
+    "dshal_gemv_f32": (None, [_C_PTR, _C_PTR, _C_PTR, _C_PTR, _C_INT64, _C_INT64]),
+    "dshal_moe_token_f32": (_C_INT64, [_C_PTR] * 5 + [_C_INT64] * 4 + [_C_PTR, _C_PTR]),
+    "dshal_rms_norm_f32": (None, [_C_PTR] * 3 + [ctypes.c_float] + [_C_PTR] * 2 + [_C_INT64] * 2),
+    "dshal_moe_gate_f32": (_C_INT64, [_C_PTR] * 2 + [_C_INT64] * 5 + [ctypes.c_float, _C_INT64] + [_C_PTR] * 4),
+    "dshal_moe_group_f32": (_C_INT64, [_C_PTR] * 2 + [_C_INT64] * 4 + [_C_PTR] * 4),
+    "dshal_moe_combine_f32": (None, [_C_PTR] * 3 + [_C_INT64] * 3 + [_C_PTR]),
+    "dshal_rotary_f32": (None, [_C_PTR, _C_INT64, _C_PTR, _C_PTR] + [_C_INT64] * 5 + [_C_PTR]),
+    "dshal_fp8_block_gemm_f32": (None, [_C_PTR] * 6 + [_C_INT64] * 4),
+    "dshal_moe_token_fp8": (_C_INT64, [_C_PTR] * 7 + [_C_INT64] * 6 + [_C_PTR, _C_PTR]),
+}
+#: The FP8 formats the FP8 kernels read: E4M3 (DeepSeek-V3's) and AMD's E4M3 FNUZ -> the kernels' fnuz flag.
+FP8_E4M3 = {torch.float8_e4m3fn: 0, torch.float8_e4m3fnuz: 1}
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether the C kernels are usable here: ``detail`` is the library path and the
+    compiler, or the reason they are not."""
+
+    available: bool
+    detail: str
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$DSHAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dshal``, else ``~/.cache/dshal``."""
+    if os.environ.get("DSHAL_CACHE_DIR"):
+        return Path(os.environ["DSHAL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dshal"
+
+
+def _disabled_reason() -> str | None:
+    raw = os.environ.get("DSHAL_CPU_KERNELS", "").strip().lower()
+    return f"disabled by DSHAL_CPU_KERNELS={raw}" if raw in ("0", "false", "no", "off") else None
+
+
+def _cpu_identity() -> str:
+    """The CPU the library is built for (``-march=native``): model name and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join([platform.machine(), platform.processor(), *sorted(set(wanted))])
+
+
+def _compiler() -> str | None:
+    """``$CC`` (may carry words, e.g. ``ccache gcc``), else the first of cc, gcc, clang on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _writable_dir() -> Path:
+    """``cache_dir()/cpu-kernels``, or a per-user temporary directory when that cannot be created."""
+    for candidate in (cache_dir() / "cpu-kernels", Path(tempfile.gettempdir()) / f"dshal-cpu-kernels-{getattr(os, 'getuid', lambda: 'user')()}"):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            if os.access(candidate, os.W_OK):
+                return candidate
+        except OSError:
+            continue
+    raise OSError(f"no writable directory for the built kernels (tried {cache_dir() / 'cpu-kernels'} and the temp dir)")
+
+
+def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
+    """Compile ``kernels.c`` into the cache (atomically: concurrent processes may race)."""
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
+        target_dir = _writable_dir()
+        target = target_dir / f"dshal_cpu_{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target, flags
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_dir)
+        os.close(fd)
+        try:
+            done = subprocess.run(
+                [*shlex.split(compiler), *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+            )
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target, flags
+            errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-400:] or f'exit {done.returncode}'}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise OSError("; ".join(errors))
+
+
+_LOCK = threading.Lock()
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
+    with _LOCK:
+        reason = _disabled_reason()
+        if reason:
+            return None, KernelStatus(False, reason)
+        compiler = _compiler()
+        if compiler is None:
+            return None, KernelStatus(False, "no C compiler found (set CC, or install cc/gcc/clang)")
+        try:
+            path, flags = _build(compiler)
+            lib = ctypes.CDLL(str(path))
+            for name, (restype, argtypes) in SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+        except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+            return None, KernelStatus(False, f"building {SOURCE.name} failed: {exc}")
+        return lib, KernelStatus(True, f"{path} ({Path(shlex.split(compiler)[0]).name} {' '.join(flags[:2])})")
+
+
+def reload() -> KernelStatus:
+    """Forget this process's build result and load again, reading ``DSHAL_CPU_KERNELS`` and
+    ``CC`` anew (for tests and benchmarks that compare with the kernels on and off)."""
+    _load.cache_clear()
+    return status()
+
+
+def status() -> KernelStatus:
+    """Build (once per process) and report whether the kernels are usable."""
+    return _load()[1]
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when :func:`status` says it is unavailable."""
+    return _load()[0]
+
+
+def _require() -> ctypes.CDLL:
+    lib, state = _load()
+    if lib is None:
+        raise BackendUnavailableError(f"dshal cpu kernels are unavailable: {state.detail}")
+    return lib
