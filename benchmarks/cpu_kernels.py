@@ -69,7 +69,9 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         weights = [torch.randn(n, k, generator=gen) for _ in range(count)]
         for label, pool in (("cold", weights), ("hot", weights[:1])):
             a, b = _cycle(pool), _cycle(pool)
-            t = best_of({"c": lambda: cpu_kernels.gemv(x, a()), "torch": lambda: F.linear(x, b())}, rounds, len(pool) * 4)
+            t = best_of(
+                {"c": lambda: cpu_kernels.gemv(x, a()), "torch": lambda: F.linear(x, b())}, rounds, len(pool) * 4
+            )
             rows.append((f"linear, 1 row, [{n}x{k}] weight, {label}", t["c"], t["torch"]))
         del weights
 
@@ -200,7 +202,8 @@ def model_rows(rounds: int) -> list[tuple[str, float, float]]:
                 timings["prefill"][mode] = min(timings["prefill"].get(mode, 1e9), (CLOCK() - start) * 1e6)
                 step = decode_steps()
                 step()
-                timings["decode"][mode] = min(timings["decode"].get(mode, 1e9), step.elapsed * 1e6)  # type: ignore[attr-defined]
+                elapsed = step.elapsed  # type: ignore[attr-defined]
+                timings["decode"][mode] = min(timings["decode"].get(mode, 1e9), elapsed * 1e6)
     os.environ.pop("DSHAL_CPU_KERNELS")
     cpu_kernels.reload()
     return [

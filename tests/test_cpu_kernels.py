@@ -77,7 +77,11 @@ def test_gemv_rejects_bad_inputs():
 def _moe_inputs(tokens: int, experts: int = 8, hidden: int = 40, inter: int = 24, k: int = 3):
     x = _randn(tokens, hidden)
     w13, w2 = _randn(experts, 2 * inter, hidden) / hidden**0.5, _randn(experts, hidden, inter) / inter**0.5
-    ids = torch.stack([torch.randperm(experts, generator=GEN)[:k] for _ in range(tokens)]) if tokens else torch.zeros(0, k, dtype=torch.long)
+    ids = (
+        torch.stack([torch.randperm(experts, generator=GEN)[:k] for _ in range(tokens)])
+        if tokens
+        else torch.zeros(0, k, dtype=torch.long)
+    )
     return x, torch.rand(tokens, k, generator=GEN), ids, w13, w2
 
 
@@ -164,7 +168,9 @@ def test_rotary_layouts():
     k = _randn(2, 7, 20)[..., 4:]  # the shared rope key, [B, T, rope]
     cos, sin = _randn(7, 8), _randn(7, 8)
     for interleaved in (True, False):
-        _assert_close(K.rotary(q, cos[:, None], sin[:, None], interleaved), ref(q, cos[:, None], sin[:, None], interleaved))
+        _assert_close(
+            K.rotary(q, cos[:, None], sin[:, None], interleaved), ref(q, cos[:, None], sin[:, None], interleaved)
+        )
         _assert_close(K.rotary(k, cos, sin, interleaved), ref(k, cos, sin, interleaved))
         heads_first = q.transpose(1, 2)  # [B, H, T, rope]: leading dims do not collapse (copied)
         _assert_close(K.rotary(heads_first, cos, sin, interleaved), ref(heads_first, cos, sin, interleaved))
@@ -258,7 +264,9 @@ def test_moe_token_fp8_matches_the_reference(fmt, dtype):
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=120
+    )
 
 
 STATUS = """
@@ -270,7 +278,9 @@ STATUS = """
 
 
 def test_switched_off_by_environment_and_the_backend_still_serves_every_op(tmp_path):
-    code = STATUS + """
+    code = (
+        STATUS
+        + """
     import torch, dshal
     from dshal.ops.catalogue import SPECS
     dshal.use(backend="cpu")
@@ -281,6 +291,7 @@ def test_switched_off_by_environment_and_the_backend_still_serves_every_op(tmp_p
     except dshal.DshalError as err:
         print(type(err).__name__, err)
     """
+    )
     done = _run(code, DSHAL_CPU_KERNELS="0", DSHAL_CACHE_DIR=str(tmp_path))
     assert done.returncode == 0, done.stderr
     first, second = done.stdout.splitlines()
@@ -323,7 +334,9 @@ def test_the_kernel_benchmark_runs():
     """A smoke run of benchmarks/cpu_kernels.py (its timings are not checked: speed is
     measured there, not asserted here)."""
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_kernels.py")
-    done = subprocess.run([sys.executable, script, "--rounds", "1", "--skip-model"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, script, "--rounds", "1", "--skip-model"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[1].split() == ["case", "C", "µs", "torch", "µs", "torch", "/", "C"]

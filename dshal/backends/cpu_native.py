@@ -211,7 +211,8 @@ def moe_gate(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, no
         )  # fmt: skip
         if routed is not None:
             return routed
-    return SPECS["moe_gate"].reference_impl(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+    reference = SPECS["moe_gate"].reference_impl
+    return reference(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
 
 
 #: torch's grouped GEMM (one call for every expert's rows; private, present since torch 2.8).

@@ -47,6 +47,7 @@ __all__ = [
     "status",
 ]
 
+
 def _check_f32_cpu(kernel: str, arg: str, t: torch.Tensor) -> None:
     if t.dtype != torch.float32:
         raise DTypeError(f"{kernel}: argument {arg!r} has dtype {t.dtype}, expected torch.float32")
@@ -60,6 +61,28 @@ def _check_weight(kernel: str, arg: str, w: torch.Tensor, ndim: int) -> None:
         raise ShapeError(f"{kernel}: argument {arg!r} has shape {list(w.shape)}, expected {ndim} dims")
     if not w.is_contiguous():
         raise ShapeError(f"{kernel}: argument {arg!r} has strides {w.stride()}, expected a contiguous tensor")
+
+
+def _check_token_routing(kernel: str, weights: torch.Tensor, ids: torch.Tensor) -> None:
+    """One token's routing: ``ids [1, k]`` int64/int32 and ``weights [1, k]`` float, on the CPU."""
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
+        raise ShapeError(
+            f"{kernel}: argument 'ids' is {ids.dtype} {list(ids.shape)} on {ids.device}, "
+            "expected int64/int32 [1, k] on cpu"
+        )
+    if tuple(weights.shape) != tuple(ids.shape) or not weights.is_floating_point() or not weights.is_cpu:
+        raise ShapeError(
+            f"{kernel}: argument 'weights' is {weights.dtype} {list(weights.shape)} on {weights.device}, "
+            f"expected float {list(ids.shape)} on cpu (one weight per id)"
+        )
+
+
+def _raise_bad_id(kernel: str, ids: torch.Tensor, slot: int, experts: int) -> None:
+    """The error for the id a kernel found outside ``[0, experts)`` at flat ``slot``."""
+    raise ShapeError(
+        f"{kernel}: argument 'ids' holds expert id {int(ids.reshape(-1)[slot])} (slot {slot}), "
+        f"expected ids in [0, {experts})"
+    )
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,9 +104,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         bias = bias.contiguous()
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    lib.dshal_gemv_f32(
-        weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), n, k
-    )
+    lib.dshal_gemv_f32(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), n, k)
     return out
 
 
@@ -112,13 +133,7 @@ def moe_token(
             f"{kernel}: arguments 'w13' {list(w13.shape)} and 'w2' {list(w2.shape)} do not match; "
             f"expected w13 [E, 2I, H] and w2 [E, H, I]"
         )
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
-        raise ShapeError(f"{kernel}: argument 'ids' is {ids.dtype} {list(ids.shape)} on {ids.device}, expected int64/int32 [1, k] on cpu")
-    if tuple(weights.shape) != tuple(ids.shape) or not weights.is_floating_point() or not weights.is_cpu:
-        raise ShapeError(
-            f"{kernel}: argument 'weights' is {weights.dtype} {list(weights.shape)} on {weights.device}, "
-            f"expected float {list(ids.shape)} on cpu (one weight per id)"
-        )
+    _check_token_routing(kernel, weights, ids)
     x = x.contiguous()
     ids = ids.to(torch.int64).contiguous()
     weights = weights.to(torch.float32).contiguous()
@@ -129,7 +144,7 @@ def moe_token(
         ids.shape[1], experts, hidden, inter, scratch.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     if bad:
-        raise ShapeError(f"{kernel}: argument 'ids' holds expert id {int(ids[0, bad - 1])} (slot {bad - 1}), expected ids in [0, {experts})")
+        _raise_bad_id(kernel, ids, bad - 1, experts)
     return out
 
 
@@ -147,11 +162,16 @@ def rms_norm(
     _check_f32_cpu(kernel, "x", x)
     _check_f32_cpu(kernel, "weight", weight)
     if x.dim() == 0 or tuple(weight.shape) != (x.shape[-1],):
-        raise ShapeError(f"{kernel}: argument 'weight' has shape {list(weight.shape)}, expected [D] with D = x.shape[-1] of x {list(x.shape)}")
+        raise ShapeError(
+            f"{kernel}: argument 'weight' has shape {list(weight.shape)}, "
+            f"expected [D] with D = x.shape[-1] of x {list(x.shape)}"
+        )
     if residual is not None:
         _check_f32_cpu(kernel, "residual", residual)
         if residual.shape != x.shape:
-            raise ShapeError(f"{kernel}: argument 'residual' has shape {list(residual.shape)}, expected {list(x.shape)} (x's shape)")
+            raise ShapeError(
+                f"{kernel}: argument 'residual' has shape {list(residual.shape)}, expected {list(x.shape)} (x's shape)"
+            )
         residual = residual.contiguous()
     x, weight = x.contiguous(), weight.contiguous()
     width = x.shape[-1]
@@ -203,7 +223,8 @@ def moe_gate(
     ids = torch.empty(tokens, top_k, dtype=torch.int64)
     not_finite = lib.dshal_moe_gate_f32(
         logits.data_ptr(), None if bias is None else bias.data_ptr(), tokens, experts, top_k, n_group, topk_group,
-        routed_scaling_factor, int(norm_topk_prob), scratch.data_ptr(), usable.data_ptr(), weights.data_ptr(), ids.data_ptr(),
+        routed_scaling_factor, int(norm_topk_prob),
+        scratch.data_ptr(), usable.data_ptr(), weights.data_ptr(), ids.data_ptr(),
     )  # fmt: skip
     return None if not_finite else (weights, ids)
 
@@ -220,7 +241,13 @@ def moe_group(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.T
     kernel = "cpu_kernels.moe_group"
     lib = _require()
     _check_f32_cpu(kernel, "x", x)
-    if x.dim() != 2 or ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
+    if (
+        x.dim() != 2
+        or ids.dim() != 2
+        or ids.shape[0] != x.shape[0]
+        or ids.dtype not in (torch.int64, torch.int32)
+        or not ids.is_cpu
+    ):
         raise ShapeError(
             f"{kernel}: arguments 'x' {list(x.shape)} and 'ids' {ids.dtype} {list(ids.shape)} on {ids.device}, "
             "expected x [T, H] and int64/int32 ids [T, k] on cpu"
@@ -235,10 +262,19 @@ def moe_group(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.T
     ends = torch.empty(experts, dtype=torch.int32)
     xs = torch.empty(tokens * k, hidden, dtype=torch.float32)
     bad = lib.dshal_moe_group_f32(
-        x.data_ptr(), ids.data_ptr(), tokens, k, experts, hidden, counts.data_ptr(), order.data_ptr(), ends.data_ptr(), xs.data_ptr()
+        x.data_ptr(),
+        ids.data_ptr(),
+        tokens,
+        k,
+        experts,
+        hidden,
+        counts.data_ptr(),
+        order.data_ptr(),
+        ends.data_ptr(),
+        xs.data_ptr(),
     )
     if bad:
-        raise ShapeError(f"{kernel}: argument 'ids' holds expert id {int(ids.view(-1)[bad - 1])} (slot {bad - 1}), expected ids in [0, {experts})")
+        _raise_bad_id(kernel, ids, bad - 1, experts)
     return xs, order, ends
 
 
@@ -252,12 +288,20 @@ def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> 
     lib = _require()
     _check_weight(kernel, "y", y, 2)
     if weights.dim() != 2 or not weights.is_floating_point() or not weights.is_cpu:
-        raise ShapeError(f"{kernel}: argument 'weights' is {weights.dtype} {list(weights.shape)}, expected float [T, k] on cpu")
+        raise ShapeError(
+            f"{kernel}: argument 'weights' is {weights.dtype} {list(weights.shape)}, expected float [T, k] on cpu"
+        )
     tokens, k = weights.shape
-    if y.shape[0] != tokens * k or tuple(order.shape) != (tokens * k,) or order.dtype != torch.int64 or not order.is_contiguous():
+    if (
+        y.shape[0] != tokens * k
+        or tuple(order.shape) != (tokens * k,)
+        or order.dtype != torch.int64
+        or not order.is_contiguous()
+    ):
         raise ShapeError(
             f"{kernel}: arguments 'y' {list(y.shape)} and 'order' {order.dtype} {list(order.shape)} do not match "
-            f"'weights' {list(weights.shape)}; expected y [T * k, H] and a contiguous int64 order [T * k] from moe_group"
+            f"'weights' {list(weights.shape)}; expected y [T * k, H] and a contiguous int64 order [T * k] "
+            "from moe_group"
         )
     weights = weights.to(torch.float32).contiguous()
     out = torch.empty(tokens, y.shape[1], dtype=torch.float32)
@@ -325,9 +369,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
 def _check_block_scaled(kernel: str, arg: str, w: torch.Tensor, scale_arg: str, scale: torch.Tensor) -> None:
     """``w [..., N, K]`` E4M3 contiguous with float32 ``scale [..., ceil(N/128), ceil(K/128)]``."""
     if w.dtype not in FP8_E4M3:
-        raise DTypeError(f"{kernel}: argument {arg!r} has dtype {w.dtype}, expected torch.float8_e4m3fn or torch.float8_e4m3fnuz")
+        raise DTypeError(
+            f"{kernel}: argument {arg!r} has dtype {w.dtype}, expected torch.float8_e4m3fn or torch.float8_e4m3fnuz"
+        )
     if not w.is_cpu or not w.is_contiguous():
-        raise ShapeError(f"{kernel}: argument {arg!r} must be a contiguous CPU tensor (device {w.device}, strides {w.stride()})")
+        raise ShapeError(
+            f"{kernel}: argument {arg!r} must be a contiguous CPU tensor (device {w.device}, strides {w.stride()})"
+        )
     _check_f32_cpu(kernel, scale_arg, scale)
     want = (*w.shape[:-2], math.ceil(w.shape[-2] / 128), math.ceil(w.shape[-1] / 128))
     if tuple(scale.shape) != want:
@@ -364,7 +412,9 @@ def fp8_block_gemm(
         raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected [..., K={k}] with K > 0")
     if bias is not None:
         if tuple(bias.shape) != (n,) or not bias.is_floating_point() or not bias.is_cpu:
-            raise ShapeError(f"{kernel}: argument 'bias' is {bias.dtype} {list(bias.shape)}, expected float [{n}] on cpu")
+            raise ShapeError(
+                f"{kernel}: argument 'bias' is {bias.dtype} {list(bias.shape)}, expected float [{n}] on cpu"
+            )
         bias = bias.to(torch.float32).contiguous()
     rows = x.numel() // k
     blocks = math.ceil(k / 128)
@@ -372,7 +422,8 @@ def fp8_block_gemm(
     scratch = torch.empty(rows * (k + blocks) + 128, dtype=torch.float32)
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     lib.dshal_fp8_block_gemm_f32(
-        x32.data_ptr(), weight.data_ptr(), weight_scale.contiguous().data_ptr(), None if bias is None else bias.data_ptr(),
+        x32.data_ptr(), weight.data_ptr(), weight_scale.contiguous().data_ptr(),
+        None if bias is None else bias.data_ptr(),
         out.data_ptr(), scratch.data_ptr(), rows, n, k, FP8_E4M3[weight.dtype],
     )  # fmt: skip
     return out
@@ -406,25 +457,29 @@ def moe_token_fp8(
     inter = two_inter // 2
     if w13.dim() != 3 or two_inter % 2 or tuple(w2.shape) != (experts, hidden, inter) or w2.dtype != w13.dtype:
         raise ShapeError(
-            f"{kernel}: arguments 'w13' {w13.dtype} {list(w13.shape)} and 'w2' {w2.dtype} {list(w2.shape)} do not match; "
+            f"{kernel}: arguments 'w13' {w13.dtype} {list(w13.shape)} and 'w2' {w2.dtype} {list(w2.shape)} "
+            "do not match; "
             "expected w13 [E, 2I, H] and w2 [E, H, I] in one FP8 format"
         )
     if x.dtype not in (torch.float32, torch.bfloat16) or tuple(x.shape) != (1, hidden) or not x.is_cpu:
-        raise ShapeError(f"{kernel}: argument 'x' is {x.dtype} {list(x.shape)} on {x.device}, expected float32/bfloat16 [1, {hidden}] on cpu")
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
-        raise ShapeError(f"{kernel}: argument 'ids' is {ids.dtype} {list(ids.shape)} on {ids.device}, expected int64/int32 [1, k] on cpu")
-    if tuple(weights.shape) != tuple(ids.shape) or not weights.is_floating_point() or not weights.is_cpu:
-        raise ShapeError(f"{kernel}: argument 'weights' is {weights.dtype} {list(weights.shape)}, expected float {list(ids.shape)} on cpu")
+        raise ShapeError(
+            f"{kernel}: argument 'x' is {x.dtype} {list(x.shape)} on {x.device}, "
+            f"expected float32/bfloat16 [1, {hidden}] on cpu"
+        )
+    _check_token_routing(kernel, weights, ids)
     row = x.to(torch.float32).contiguous()
     ids = ids.to(torch.int64).contiguous()
     weights = weights.to(torch.float32).contiguous()
-    scratch = torch.empty(2 * hidden + math.ceil(hidden / 128) + 3 * inter + math.ceil(inter / 128), dtype=torch.float32)
+    scratch = torch.empty(
+        2 * hidden + math.ceil(hidden / 128) + 3 * inter + math.ceil(inter / 128), dtype=torch.float32
+    )
     out = torch.empty(1, hidden, dtype=torch.float32)
     bad = lib.dshal_moe_token_fp8(
-        row.data_ptr(), w13.data_ptr(), w2.data_ptr(), w13_scale.contiguous().data_ptr(), w2_scale.contiguous().data_ptr(),
+        row.data_ptr(), w13.data_ptr(), w2.data_ptr(),
+        w13_scale.contiguous().data_ptr(), w2_scale.contiguous().data_ptr(),
         ids.data_ptr(), weights.data_ptr(), ids.shape[1], experts, hidden, inter, FP8_E4M3[w13.dtype],
         int(x.dtype == torch.bfloat16), scratch.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     if bad:
-        raise ShapeError(f"{kernel}: argument 'ids' holds expert id {int(ids[0, bad - 1])} (slot {bad - 1}), expected ids in [0, {experts})")
+        _raise_bad_id(kernel, ids, bad - 1, experts)
     return out

@@ -89,7 +89,10 @@ def _compiler() -> str | None:
 
 def _writable_dir() -> Path:
     """``cache_dir()/cpu-kernels``, or a per-user temporary directory when that cannot be created."""
-    for candidate in (cache_dir() / "cpu-kernels", Path(tempfile.gettempdir()) / f"dshal-cpu-kernels-{getattr(os, 'getuid', lambda: 'user')()}"):
+    for candidate in (
+        cache_dir() / "cpu-kernels",
+        Path(tempfile.gettempdir()) / f"dshal-cpu-kernels-{getattr(os, 'getuid', lambda: 'user')()}",
+    ):
         try:
             candidate.mkdir(parents=True, exist_ok=True)
             if os.access(candidate, os.W_OK):
@@ -104,7 +107,9 @@ def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
     source = SOURCE.read_bytes()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()]))
+        key = hashlib.sha256(
+            b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()])
+        )
         target_dir = _writable_dir()
         target = target_dir / f"dshal_cpu_{key.hexdigest()[:16]}.so"
         if target.exists():
@@ -113,7 +118,10 @@ def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
         os.close(fd)
         try:
             done = subprocess.run(
-                [*shlex.split(compiler), *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
+                [*shlex.split(compiler), *flags, str(SOURCE), "-o", tmp, "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             if done.returncode == 0:
                 os.replace(tmp, target)
