@@ -156,10 +156,12 @@ def test_moe_experts_fp8_weights_and_bad_ids(cpu):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_linear_matches_the_reference(cpu, dtype):
-    from dshal.backends.cpu_native import GEMV_MAX_K
+    from dshal.backends.cpu_native import GEMV_MAX_K, GEMV_MAX_ROWS
 
     gen = torch.Generator().manual_seed(21)
-    for rows, n, k in [((1,), 48, 200), ((1, 1), 64, 256), ((1, 1, 1), 5, 1), ((1,), 3, GEMV_MAX_K + 8), ((4,), 16, 32)]:
+    cases = [((1,), 48, 200), ((1, 1), 64, 256), ((1, 1, 1), 5, 1), ((1,), 3, GEMV_MAX_K + 8), ((4,), 16, 32)]
+    cases += [((2, 4), 24, 40), ((GEMV_MAX_ROWS + 1,), 24, 40)]  # a decode batch; more rows: MKL's GEMM
+    for rows, n, k in cases:
         x = torch.randn(*rows, k, generator=gen).to(dtype)
         w, b = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype), torch.randn(n, generator=gen).to(dtype)
         _check("linear", x, w)

@@ -35,7 +35,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 2e-6) -> N
 
 @needs_kernels
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (256, 256), (100, 200), (3, 4096)], ids=str)
-@pytest.mark.parametrize("lead", [(1,), (1, 1), (1, 1, 1)], ids=str)
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (1, 1, 1), (3,), (2, 4)], ids=str)
 def test_gemv_matches_linear(n, k, lead):
     x, w, b = _randn(*lead, k), _randn(n, k) / k**0.5, _randn(n)
     _assert_close(K.gemv(x, w), torch.nn.functional.linear(x, w))
@@ -62,10 +62,8 @@ def test_gemv_rejects_bad_inputs():
     w = _randn(8, 16)
     with pytest.raises(DTypeError, match="argument 'x' has dtype torch.float64, expected torch.float32"):
         K.gemv(_randn(1, 16).double(), w)
-    with pytest.raises(ShapeError, match="argument 'x' has shape \\[2, 16\\], expected one row of K=16"):
-        K.gemv(_randn(2, 16), w)
-    with pytest.raises(ShapeError, match="argument 'x' has shape \\[1, 15\\]"):
-        K.gemv(_randn(1, 15), w)
+    with pytest.raises(ShapeError, match="argument 'x' has shape \\[2, 15\\], expected \\[..., K=16\\]"):
+        K.gemv(_randn(2, 15), w)
     with pytest.raises(ShapeError, match="argument 'weight' has strides"):
         K.gemv(_randn(1, 8), w.t())
     with pytest.raises(ShapeError, match="argument 'bias' has shape \\[7\\], expected \\[8\\]"):

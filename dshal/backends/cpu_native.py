@@ -41,20 +41,25 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _one_f32_row(x: torch.Tensor) -> bool:
-    """``x [..., K]`` is a single float32 row (a decode step's activation)."""
-    return x.dtype == torch.float32 and 0 < x.shape[-1] == x.numel()
-
-
 #: Longest weight row (K) the C GEMV takes: MKL's GEMV streams long rows as well or better
 #: (K = 5120 and 7168 ran 15-20 % faster on MKL, K <= 4096 faster in C; benchmarks/RESULTS.md).
 GEMV_MAX_K = 4096
+#: Most rows the C GEMV takes (a decode step's batch): it reads the weight once but does
+#: the dot products per row; MKL's GEMM was faster from 16 rows (benchmarks/RESULTS.md).
+GEMV_MAX_ROWS = 8
+
+
+def _few_f32_rows(x: torch.Tensor) -> bool:
+    """``x [..., K]`` is float32 with at most ``GEMV_MAX_ROWS`` rows of ``0 < K <= GEMV_MAX_K``."""
+    k = x.shape[-1]
+    return x.dtype == torch.float32 and 0 < k <= GEMV_MAX_K and x.numel() <= GEMV_MAX_ROWS * k
 
 
 def linear(x, weight, bias=None, weight_scale=None):
-    """Decode-step products on dshal's C kernels (:mod:`dshal.kernels.cpu`): one float32 row
-    times a float32 weight on a GEMV that reads the weight as one stream (~2x MKL's GEMV on
-    weights with short rows that come from memory, benchmarks/RESULTS.md), or up to
+    """Decode-step products on dshal's C kernels (:mod:`dshal.kernels.cpu`): up to
+    ``GEMV_MAX_ROWS`` float32 rows times a float32 weight on a GEMV that reads the weight as
+    one stream (~2x MKL's GEMV on weights with short rows that come from memory,
+    benchmarks/RESULTS.md), or up to
     ``FP8_GEMM_MAX_ROWS`` rows times an E4M3 weight with 128x128 block scales (the rows
     quantized per 128 values as the op defines, the weight decoded on the fly: 10-16x the
     reference's dequantize-then-GEMM for one row).
@@ -62,8 +67,7 @@ def linear(x, weight, bias=None, weight_scale=None):
     reference (``F.linear``, or the FP8/int8 path)."""
     if (
         weight_scale is None
-        and _one_f32_row(x)
-        and x.shape[-1] <= GEMV_MAX_K
+        and _few_f32_rows(x)
         and weight.dtype == torch.float32
         and weight.is_contiguous()
         and (bias is None or bias.dtype == torch.float32)

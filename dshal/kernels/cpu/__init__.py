@@ -86,17 +86,18 @@ def _raise_bad_id(kernel: str, ids: torch.Tensor, slot: int, experts: int) -> No
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` for one row: ``x [..., K]`` float32 with one row in all
-    (``x.numel() == K > 0``), ``weight [N, K]`` float32 contiguous, ``bias [N]`` float32
-    or None, all on the CPU. Returns a new ``[..., N]`` float32 tensor (``x``'s leading
-    dims). ``x`` and ``bias`` may have any strides (copied when not contiguous)."""
+    """``x @ weight.T (+ bias)`` for a few rows, reading ``weight`` once, row after row:
+    ``x [..., K]`` float32 (``K > 0``), ``weight [N, K]`` float32 contiguous, ``bias [N]``
+    float32 or None, all on the CPU. Returns a new ``[..., N]`` float32 tensor. ``x`` and
+    ``bias`` may have any strides (copied when not contiguous). Each x row costs a full
+    pass of dot products, so this is for decode steps (one row or a small batch)."""
     kernel = "cpu_kernels.gemv"
     lib = _require()
     _check_f32_cpu(kernel, "x", x)
     _check_weight(kernel, "weight", weight, 2)
     n, k = weight.shape
-    if x.dim() == 0 or x.shape[-1] != k or x.numel() != k or k == 0:
-        raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected one row of K={k} > 0 values")
+    if x.dim() == 0 or x.shape[-1] != k or k == 0:
+        raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected [..., K={k}] with K > 0")
     if bias is not None:
         _check_f32_cpu(kernel, "bias", bias)
         if tuple(bias.shape) != (n,):
@@ -104,7 +105,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         bias = bias.contiguous()
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    lib.dshal_gemv_f32(weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), n, k)
+    bias_ptr = None if bias is None else bias.data_ptr()
+    lib.dshal_gemv_f32(weight.data_ptr(), x.data_ptr(), bias_ptr, out.data_ptr(), x.numel() // k, n, k)
     return out
 
 

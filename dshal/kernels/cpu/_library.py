@@ -36,7 +36,7 @@ FLAG_SETS = (
 _C_INT64, _C_PTR = ctypes.c_int64, ctypes.c_void_p
 #: name -> (restype, argtypes) of every exported kernel.
 SIGNATURES = {
-    "dshal_gemv_f32": (None, [_C_PTR, _C_PTR, _C_PTR, _C_PTR, _C_INT64, _C_INT64]),
+    "dshal_gemv_f32": (None, [_C_PTR, _C_PTR, _C_PTR, _C_PTR, _C_INT64, _C_INT64, _C_INT64]),
     "dshal_moe_token_f32": (_C_INT64, [_C_PTR] * 5 + [_C_INT64] * 4 + [_C_PTR, _C_PTR]),
     "dshal_rms_norm_f32": (None, [_C_PTR] * 3 + [ctypes.c_float] + [_C_PTR] * 2 + [_C_INT64] * 2),
     "dshal_moe_gate_f32": (_C_INT64, [_C_PTR] * 2 + [_C_INT64] * 5 + [ctypes.c_float, _C_INT64] + [_C_PTR] * 4),

@@ -34,13 +34,16 @@ static float dot(const float *restrict a, const float *restrict b, int64_t n)
     return acc[0] + tail;
 }
 
-/* y[r] = dot(w[r, :], x) (+ bias[r]); w is [n, k] row-major, bias may be NULL. */
-void dshal_gemv_f32(const float *w, const float *x, const float *bias, float *y, int64_t n, int64_t k)
+/* y[i, r] = dot(w[r, :], x[i, :]) (+ bias[r]) for m rows x [m, k]; w is [n, k] row-major,
+ * read once in memory order (each weight row serves every x row while it is in L1);
+ * bias may be NULL. */
+void dshal_gemv_f32(const float *w, const float *x, const float *bias, float *y, int64_t m, int64_t n, int64_t k)
 {
-    for (int64_t r = 0; r < n; r++) {
-        float v = dot(w + r * k, x, k);
-        y[r] = bias ? v + bias[r] : v;
-    }
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t i = 0; i < m; i++) {
+            const float v = dot(w + r * k, x + i * k, k);
+            y[i * n + r] = bias ? v + bias[r] : v;
+        }
 }
 
 /* One token through its top_k routed SwiGLU experts:
