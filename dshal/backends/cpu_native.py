@@ -7,8 +7,9 @@ op. These providers compute the same functions with torch's fused CPU kernels
 (``scaled_dot_product_attention``, ``linalg.vector_norm``, ``_grouped_mm``), skip the
 float32 round trip where the input already is float32, and hand float32 work that torch
 spreads over many small calls (or reads memory badly for) to dshal's C kernels
-(:mod:`dshal.kernels.cpu`): one-row GEMVs, the one-token expert loop, the router, the
-expert grouping, RMSNorm and rotary. Without a C compiler those cases take the torch path.
+(:mod:`dshal.kernels.cpu`): decode-step GEMVs (float32, and FP8 block-scaled weights),
+the one-token expert loop, the router, the expert grouping, RMSNorm and rotary. Without a
+C compiler those cases take the torch path.
 The conformance suite judges these providers against the references like any plugin's ops
 (``dshal conformance --backend cpu``).
 
@@ -55,30 +56,6 @@ def _few_f32_rows(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and 0 < k <= GEMV_MAX_K and x.numel() <= GEMV_MAX_ROWS * k
 
 
-def linear(x, weight, bias=None, weight_scale=None):
-    """Decode-step products on dshal's C kernels (:mod:`dshal.kernels.cpu`): up to
-    ``GEMV_MAX_ROWS`` float32 rows times a float32 weight on a GEMV that reads the weight as
-    one stream (~2x MKL's GEMV on weights with short rows that come from memory,
-    benchmarks/RESULTS.md), or up to
-    ``FP8_GEMM_MAX_ROWS`` rows times an E4M3 weight with 128x128 block scales (the rows
-    quantized per 128 values as the op defines, the weight decoded on the fly: 10-16x the
-    reference's dequantize-then-GEMM for one row).
-    Everything else, and every product when the C kernels are unavailable, is the
-    reference (``F.linear``, or the FP8/int8 path)."""
-    if (
-        weight_scale is None
-        and _few_f32_rows(x)
-        and weight.dtype == torch.float32
-        and weight.is_contiguous()
-        and (bias is None or bias.dtype == torch.float32)
-        and cpu_kernels.library() is not None
-    ):
-        return cpu_kernels.gemv(x, weight, bias)
-    if _fp8_block_rows(x, weight, weight_scale) and cpu_kernels.library() is not None:
-        return _as(cpu_kernels.fp8_block_gemm(x, weight, weight_scale, bias), x.dtype)
-    return _linear_reference(x, weight, bias, weight_scale)
-
-
 #: Most rows the C FP8 kernel takes: it reads the weight once but does the work per row;
 #: the reference's dequantize-then-GEMM caught up at ~64 rows (benchmarks/RESULTS.md).
 FP8_GEMM_MAX_ROWS = 32
@@ -97,6 +74,31 @@ def _fp8_block_rows(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         and weight.is_contiguous()
         and tuple(weight_scale.shape) == (math.ceil(weight.shape[0] / 128), math.ceil(weight.shape[1] / 128))
     )
+
+
+def linear(x, weight, bias=None, weight_scale=None):
+    """Decode-step products on dshal's C kernels (:mod:`dshal.kernels.cpu`):
+
+    - up to ``GEMV_MAX_ROWS`` float32 rows times a float32 weight: a GEMV that reads the
+      weight as one stream (~2x MKL's GEMV on short-row weights that come from memory);
+    - up to ``FP8_GEMM_MAX_ROWS`` rows times an E4M3 weight with 128x128 block scales: the
+      rows quantized per 128 values as the op defines, the weight decoded on the fly
+      (10-16x the reference's dequantize-then-GEMM for one row).
+
+    Everything else, and every product when the C kernels are unavailable, is the
+    reference (``F.linear``, or the FP8/int8 path). Figures: benchmarks/RESULTS.md."""
+    if (
+        weight_scale is None
+        and _few_f32_rows(x)
+        and weight.dtype == torch.float32
+        and weight.is_contiguous()
+        and (bias is None or bias.dtype == torch.float32)
+        and cpu_kernels.library() is not None
+    ):
+        return cpu_kernels.gemv(x, weight, bias)
+    if _fp8_block_rows(x, weight, weight_scale) and cpu_kernels.library() is not None:
+        return _as(cpu_kernels.fp8_block_gemm(x, weight, weight_scale, bias), x.dtype)
+    return _linear_reference(x, weight, bias, weight_scale)
 
 
 def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):

@@ -22,10 +22,10 @@ from dshal.errors import DeviceError, DTypeError, ShapeError
 from dshal.kernels.cpu._library import (
     FP8_E4M3,
     KernelStatus,
-    _require,
     cache_dir,
     library,
     reload,
+    require_library,
     status,
 )
 
@@ -92,7 +92,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ``bias`` may have any strides (copied when not contiguous). Each x row costs a full
     pass of dot products, so this is for decode steps (one row or a small batch)."""
     kernel = "cpu_kernels.gemv"
-    lib = _require()
+    lib = require_library()
     _check_f32_cpu(kernel, "x", x)
     _check_weight(kernel, "weight", weight, 2)
     n, k = weight.shape
@@ -122,7 +122,7 @@ def moe_token(
     all on the CPU. Returns a new ``[1, H]`` float32 tensor. An id outside ``[0, E)`` raises
     ShapeError (checked before any weight is read)."""
     kernel = "cpu_kernels.moe_token"
-    lib = _require()
+    lib = require_library()
     _check_f32_cpu(kernel, "x", x)
     _check_weight(kernel, "w13", w13, 3)
     _check_weight(kernel, "w2", w2, 3)
@@ -160,7 +160,7 @@ def rms_norm(
     contiguous); ``weight [D]`` float32; all on the CPU. Returns ``y`` (new, ``x``'s shape),
     or ``(y, s)`` with ``residual``, as ``dshal.ops.rms_norm`` does."""
     kernel = "cpu_kernels.rms_norm"
-    lib = _require()
+    lib = require_library()
     _check_f32_cpu(kernel, "x", x)
     _check_f32_cpu(kernel, "weight", weight)
     if x.dim() == 0 or tuple(weight.shape) != (x.shape[-1],):
@@ -204,7 +204,7 @@ def moe_gate(
     reproduce. The counts must satisfy the op's rules (``n_group`` divides E,
     ``1 <= topk_group <= n_group``, ``1 <= top_k <=`` the experts in the kept groups)."""
     kernel = "cpu_kernels.moe_gate"
-    lib = _require()
+    lib = require_library()
     _check_f32_cpu(kernel, "logits", logits)
     if logits.dim() != 2:
         raise ShapeError(f"{kernel}: argument 'logits' has shape {list(logits.shape)}, expected [T, E]")
@@ -241,7 +241,7 @@ def moe_group(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.T
     ``<= e`` (the ``offs`` of ``torch._grouped_mm``). An id outside ``[0, experts)`` raises
     ShapeError."""
     kernel = "cpu_kernels.moe_group"
-    lib = _require()
+    lib = require_library()
     _check_f32_cpu(kernel, "x", x)
     if (
         x.dim() != 2
@@ -287,7 +287,7 @@ def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> 
     int64 from :func:`moe_group`, ``weights [T, k]`` float (read as float32), on the CPU.
     Returns a new ``[T, H]`` float32 tensor."""
     kernel = "cpu_kernels.moe_combine"
-    lib = _require()
+    lib = require_library()
     _check_weight(kernel, "y", y, 2)
     if weights.dim() != 2 or not weights.is_floating_point() or not weights.is_cpu:
         raise ShapeError(
@@ -344,7 +344,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     the angle tables' layout is one this kernel does not index (a last dim of 1, or
     non-broadcast dims that are not consecutive): the caller then takes another path."""
     kernel = "cpu_kernels.rotary"
-    lib = _require()
+    lib = require_library()
     for arg, t in (("x", x), ("cos", cos), ("sin", sin)):
         _check_f32_cpu(kernel, arg, t)
     if x.dim() == 0 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.dim() == 0:
@@ -401,7 +401,7 @@ def fp8_block_gemm(
     ``weight_scale [ceil(N/128), ceil(K/128)]`` float32; ``bias [N]`` float or None; all on
     the CPU. Returns a new ``[..., N]`` float32 tensor (the caller casts to its dtype)."""
     kernel = "cpu_kernels.fp8_block_gemm"
-    lib = _require()
+    lib = require_library()
     _check_block_scaled(kernel, "weight", weight, "weight_scale", weight_scale)
     if weight.dim() != 2:
         raise ShapeError(f"{kernel}: argument 'weight' has shape {list(weight.shape)}, expected [N, K]")
@@ -452,7 +452,7 @@ def moe_token_fp8(
     ceil(I/128)]``; all on the CPU. Returns a new ``[1, H]`` float32 tensor. An id outside
     ``[0, E)`` raises ShapeError."""
     kernel = "cpu_kernels.moe_token_fp8"
-    lib = _require()
+    lib = require_library()
     _check_block_scaled(kernel, "w13", w13, "w13_scale", w13_scale)
     _check_block_scaled(kernel, "w2", w2, "w2_scale", w2_scale)
     experts, two_inter, hidden = w13.shape

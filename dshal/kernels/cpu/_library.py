@@ -173,7 +173,8 @@ def library() -> ctypes.CDLL | None:
     return _load()[0]
 
 
-def _require() -> ctypes.CDLL:
+def require_library() -> ctypes.CDLL:
+    """The loaded kernel library; BackendUnavailableError with the reason when there is none."""
     lib, state = _load()
     if lib is None:
         raise BackendUnavailableError(f"dshal cpu kernels are unavailable: {state.detail}")
