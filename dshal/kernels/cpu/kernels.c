@@ -1,14 +1,17 @@
-/* dshal's C kernels for the cpu backend: one-row (decode step) float32 products.
+/* dshal's C kernels for the cpu backend: the work of a decode step (and a few prefill
+ * helpers) that torch spreads over many small calls or reads memory badly for.
  *
  * Why C: a decode step multiplies one activation row by every weight it uses, so it is a
  * chain of matrix-vector products bound by how fast the weights stream from memory. MKL's
  * GEMV reads several rows at a time; with short rows (a few KB) each row is its own short
  * stream that the hardware prefetcher barely ramps up on. These kernels read a weight
  * row after row in memory order (one stream), with enough independent accumulators for the
- * compiler to vectorize the dot products.
+ * compiler to vectorize the dot products. The rest (router, expert loop and grouping,
+ * RMSNorm, rotary, FP8 blocks) replaces 5-20 small torch calls each with one call.
  *
- * Built at first use by dshal/kernels/cpu/__init__.py with the system C compiler, for the
- * machine it runs on; no Python API is used (loaded with ctypes). Sizes are int64_t.
+ * Built at first use by dshal/kernels/cpu/_library.py with the system C compiler, for the
+ * machine it runs on; no Python API is used (loaded with ctypes; each kernel has a checked
+ * wrapper in dshal/kernels/cpu/__init__.py). Sizes are int64_t.
  */
 #include <math.h>
 #include <stdint.h>
