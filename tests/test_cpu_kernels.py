@@ -60,7 +60,7 @@ def test_gemv_strided_inputs_and_nan():
 @needs_kernels
 def test_gemv_rejects_bad_inputs():
     w = _randn(8, 16)
-    with pytest.raises(DTypeError, match="argument 'x' has dtype torch.float64, expected torch.float32"):
+    with pytest.raises(DTypeError, match="argument 'x' has dtype torch.float64, expected one of float32"):
         K.gemv(_randn(1, 16).double(), w)
     with pytest.raises(ShapeError, match="argument 'x' has shape \\[2, 15\\], expected \\[..., K=16\\]"):
         K.gemv(_randn(2, 15), w)
@@ -237,6 +237,8 @@ def test_fp8_block_gemm_rejects_bad_inputs():
         K.fp8_block_gemm(_randn(1, 256), w, scale[:, :1])
     with pytest.raises(DTypeError, match="argument 'x' has dtype torch.float64"):
         K.fp8_block_gemm(_randn(1, 256).double(), w, scale)
+    with pytest.raises(DeviceError, match="argument 'weight' is on meta, expected cpu"):
+        K.fp8_block_gemm(_randn(1, 256), torch.empty(64, 256, dtype=torch.float8_e4m3fn, device="meta"), scale)
     with pytest.raises(ShapeError, match="argument 'x' has shape \\[2, 255\\], expected \\[..., K=256\\]"):
         K.fp8_block_gemm(_randn(2, 255), w, scale)
 

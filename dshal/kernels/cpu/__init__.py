@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from dshal.errors import DeviceError, DTypeError, ShapeError
+from dshal.errors import DeviceError, ShapeError
 from dshal.kernels.cpu._library import (
     FP8_E4M3,
     KernelStatus,
@@ -28,6 +28,7 @@ from dshal.kernels.cpu._library import (
     require_library,
     status,
 )
+from dshal.ops.spec import check_tensor
 
 __all__ = [
     "FP8_E4M3",
@@ -48,19 +49,27 @@ __all__ = [
 ]
 
 
-def _check_f32_cpu(kernel: str, arg: str, t: torch.Tensor) -> None:
-    if t.dtype != torch.float32:
-        raise DTypeError(f"{kernel}: argument {arg!r} has dtype {t.dtype}, expected torch.float32")
+_F32 = (torch.float32,)
+
+
+def _check_cpu(
+    kernel: str, arg: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], ndim: int | None = None,
+    contiguous: bool = False,
+) -> None:  # fmt: skip
+    """The ops' own dtype/rank check, then: on the CPU, and contiguous when asked."""
+    check_tensor(kernel, arg, t, dtypes=dtypes, ndim=ndim)
     if not t.is_cpu:
         raise DeviceError(f"{kernel}: argument {arg!r} is on {t.device}, expected cpu")
+    if contiguous and not t.is_contiguous():
+        raise ShapeError(f"{kernel}: argument {arg!r} has strides {t.stride()}, expected a contiguous tensor")
+
+
+def _check_f32_cpu(kernel: str, arg: str, t: torch.Tensor) -> None:
+    _check_cpu(kernel, arg, t, _F32)
 
 
 def _check_weight(kernel: str, arg: str, w: torch.Tensor, ndim: int) -> None:
-    _check_f32_cpu(kernel, arg, w)
-    if w.dim() != ndim:
-        raise ShapeError(f"{kernel}: argument {arg!r} has shape {list(w.shape)}, expected {ndim} dims")
-    if not w.is_contiguous():
-        raise ShapeError(f"{kernel}: argument {arg!r} has strides {w.stride()}, expected a contiguous tensor")
+    _check_cpu(kernel, arg, w, _F32, ndim=ndim, contiguous=True)
 
 
 def _check_token_routing(kernel: str, weights: torch.Tensor, ids: torch.Tensor) -> None:
@@ -370,14 +379,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
 
 def _check_block_scaled(kernel: str, arg: str, w: torch.Tensor, scale_arg: str, scale: torch.Tensor) -> None:
     """``w [..., N, K]`` E4M3 contiguous with float32 ``scale [..., ceil(N/128), ceil(K/128)]``."""
-    if w.dtype not in FP8_E4M3:
-        raise DTypeError(
-            f"{kernel}: argument {arg!r} has dtype {w.dtype}, expected torch.float8_e4m3fn or torch.float8_e4m3fnuz"
-        )
-    if not w.is_cpu or not w.is_contiguous():
-        raise ShapeError(
-            f"{kernel}: argument {arg!r} must be a contiguous CPU tensor (device {w.device}, strides {w.stride()})"
-        )
+    _check_cpu(kernel, arg, w, tuple(FP8_E4M3), contiguous=True)
     _check_f32_cpu(kernel, scale_arg, scale)
     want = (*w.shape[:-2], math.ceil(w.shape[-2] / 128), math.ceil(w.shape[-1] / 128))
     if tuple(scale.shape) != want:
@@ -406,10 +408,7 @@ def fp8_block_gemm(
     if weight.dim() != 2:
         raise ShapeError(f"{kernel}: argument 'weight' has shape {list(weight.shape)}, expected [N, K]")
     n, k = weight.shape
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise DTypeError(f"{kernel}: argument 'x' has dtype {x.dtype}, expected float32, bfloat16 or float16")
-    if not x.is_cpu:
-        raise DeviceError(f"{kernel}: argument 'x' is on {x.device}, expected cpu")
+    _check_cpu(kernel, "x", x, (torch.float32, torch.bfloat16, torch.float16))
     if x.dim() == 0 or x.shape[-1] != k or k == 0:
         raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected [..., K={k}] with K > 0")
     if bias is not None:
