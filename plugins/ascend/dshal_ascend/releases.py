@@ -254,3 +254,26 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
         if missing:
             routes[op] = OpRoute("reference", "dshal reference", f"{', '.join(missing)} missing from torch_npu ({rel})")
     return routes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dshal-ascend-plan [--release R]``: which path serves each op on a release, from the
+    recorded signatures (no NPU needed; on an NPU host ``dshal info`` shows the probed plan)."""
+    import argparse
+
+    from dshal_ascend.schema import recorded_releases
+
+    parser = argparse.ArgumentParser(prog="dshal-ascend-plan", description=main.__doc__.split("\n")[0])
+    parser.add_argument("--release", choices=recorded_releases(), default=recorded_releases()[-1],
+                        help="op-plugin release (default: the newest recorded)")
+    args = parser.parse_args(argv)
+    release = RELEASE_BY_NAME[args.release]
+    print(f"op-plugin {release.name} (CANN {release.cann}; torch_npu {', '.join(release.torch_npu)}), "
+          "from recorded signatures -- a plan, not an NPU run")
+    for op, route in plan_ops(kernel_features(args.release)).items():
+        print(f"  {op:17s} {route.describe()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
