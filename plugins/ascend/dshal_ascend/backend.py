@@ -74,7 +74,7 @@ class AscendBackend(Backend):
             # 910B (Atlas A2) and 910C (A3) have no FP8 units: FP8 ops decode to bf16.
             fp8_formats=(),
             native_e4m3="e4m3fn",  # what fmt="e4m3" decodes as in the emulated path
-            op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op].kind != "reference"},
+            op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op.split("[")[0]].kind != "reference"},
             dist_backend="hccl",
             memory_bytes=probe.memory_bytes,
             compute_units=probe.cube_cores,

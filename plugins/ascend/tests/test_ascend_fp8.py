@@ -82,3 +82,18 @@ def test_ascend_emulated_fp8_linear_close_to_reference(scheme):
     want = ref.linear(x, w, bias, w_s).float()
     assert got.shape == (2, 5, 96)
     assert (got - want).norm() / want.norm() < 1e-2
+
+
+def test_ascend_fp8_linear_weight_decoded_once():
+    torch.manual_seed(4)
+    ops = AscendOps(kernel_features(MINIMUM_RELEASE))
+    w, w_s = ref.quantize_fp8(torch.randn(64, 256), (128, 128), "e4m3fn")
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    first = ops.linear(x, w, None, w_s)
+    assert len(ops.prepared) == 1
+    assert torch.equal(ops.linear(x, w, None, w_s), first) and len(ops.prepared) == 1
+    del w
+    import gc
+
+    gc.collect()
+    assert len(ops.prepared) == 0  # dropped with its weight
