@@ -279,8 +279,11 @@ class AscendOps:
         routing = route_tokens(weights, ids, w13.shape[0])
         rows = x[routing.token_of_row]
         q, token_scale = self._dynamic_quant(rows if rows.dtype in HALF_FLOATS else rows.to(out_dtype))
-        s13 = self.prepared.get(w13_scale, f"scale:{out_dtype}", lambda: w13_scale.reshape(w13.shape[0], -1).to(out_dtype))
-        s2 = self.prepared.get(w2_scale, f"scale:{out_dtype}", lambda: w2_scale.reshape(w2.shape[0], -1).to(out_dtype))
+        # op-plugin 7.1.0 npu_grouped_matmul doc, per-token table: scale bf16 for a bf16 output,
+        # float32 for float16; per_token_scale float32.
+        scale_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+        s13 = self.prepared.get(w13_scale, f"scale:{scale_dtype}", lambda: w13_scale.reshape(w13.shape[0], -1).to(scale_dtype))
+        s2 = self.prepared.get(w2_scale, f"scale:{scale_dtype}", lambda: w2_scale.reshape(w2.shape[0], -1).to(scale_dtype))
         h = self._grouped_matmul(q, self._experts_ekn(w13, torch.int8), routing.group_ends,
                                  scale=[s13], per_token_scale=[token_scale], output_dtype=out_dtype)
         act = self.npu.npu_swiglu(h, dim=-1)

@@ -190,6 +190,9 @@ def _grouped_matmul(owner, b):
         _constraint(w.dtype == torch.int8 and b["scale"] is not None and b.get("per_token_scale") is not None
                     and out_dtype in (torch.bfloat16, torch.float16),
                     "int8 npu_grouped_matmul: int8 weight, scale, per_token_scale and a bf16/fp16 output_dtype")
+        want_scale = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32  # 7.1.0 doc, per-token table
+        _constraint(b["scale"][0].dtype == want_scale and b["per_token_scale"][0].dtype == torch.float32,
+                    f"per-token npu_grouped_matmul with {out_dtype} output: scale {want_scale}, per_token_scale float32")
     out = torch.zeros(x.shape[0], w.shape[-1], dtype=torch.float32)
     for e in range(w.shape[0]):
         lo, hi = int(starts[e]), int(ends[e])

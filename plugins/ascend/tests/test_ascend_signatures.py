@@ -169,9 +169,11 @@ def _w8a8_reference(x, weights, ids, w13, w13_scale, w2, w2_scale):
 
 
 @pytest.mark.parametrize("release", RELEASES)
-def test_ascend_moe_experts_w8a8(release):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ascend_moe_experts_w8a8(release, dtype):
     ops, stand_in = _ops(release)
     x, weights, ids, w13f, w2f = _experts()
+    x = x.to(dtype)
     w13, w13_scale = ref.quantize_int8(w13f)
     w2, w2_scale = ref.quantize_int8(w2f)
     got = ops.moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale)
