@@ -235,8 +235,12 @@ class AscendOps:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     def _experts_ekn(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``[E, N, K]`` -> contiguous ``[E, K, N]`` (int8 stays int8), once per weight."""
-        return self.prepared.get(w, f"ekn:{dtype}", lambda: w.to(dtype).transpose(1, 2).contiguous())
+        """``[E, N, K]`` as the ``[E, K, N]`` weight npu_grouped_matmul takes: a transposed view
+        (its doc lists transposed, i.e. stride-swapped, weights as supported), so the experts are
+        never copied; only a weight in another dtype is cast, once."""
+        if w.dtype != dtype:
+            w = self.prepared.get(w, f"cast:{dtype}", lambda: w.to(dtype))
+        return w.transpose(1, 2)
 
     def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         _require_npu_float("moe_experts", "x", x)
@@ -255,10 +259,10 @@ class AscendOps:
             w13_d = dequantize_expert_weights(w13[active.index], w13_scale[active.index], x.dtype).transpose(1, 2)
             w2_d = dequantize_expert_weights(w2[active.index], w2_scale[active.index], x.dtype).transpose(1, 2)
             rows = fp8_expert_rows(x[routing.token_of_row], w13)
-            h = self._grouped_matmul(rows, w13_d.contiguous(), routing.group_ends)
+            h = self._grouped_matmul(rows, w13_d, routing.group_ends)
             act = self.npu.npu_swiglu(h, dim=-1)
             act = fake_quantize_fp8(act, (1, 128), format_of(w2.dtype).name).to(act.dtype)
-            y = self._grouped_matmul(act, w2_d.contiguous(), routing.group_ends)
+            y = self._grouped_matmul(act, w2_d, routing.group_ends)
             return combine_rows(y, routing, x.shape[0]).to(x.dtype)
         routing = route_tokens(weights, ids, w13.shape[0])
         h = self._grouped_matmul(x[routing.token_of_row], self._experts_ekn(w13, x.dtype), routing.group_ends)
