@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dshal_ascend.probe import release_gate
 from dshal_ascend.releases import MINIMUM_RELEASE, MINIMUM_TORCH_NPU, RELEASES, kernel_features, plan_ops, release_of
-from dshal_ascend.schema import recorded_releases
+from dshal_ascend.schema import recorded_releases, recorded_signatures
 
 
 def test_ascend_torch_npu_versions_map_to_releases():
@@ -65,3 +65,13 @@ def test_ascend_capabilities_declare_fp8_emulated_and_auto_choice():
     assert caps.fp8_checkpoint_gemm == "bf16" and "op-plugin 6.0.0" in caps.notes["gemm auto for an FP8 checkpoint"]
     assert "moe_gate" not in caps.op_kinds  # 6.0.0: the reference serves it
     assert caps.notes["op moe_gate"].startswith("reference")
+
+
+def test_ascend_probe_child_source_compiles_and_asks_for_every_kernel():
+    from dshal_ascend import probe
+    from dshal_ascend.releases import KERNELS, OP_KERNELS
+
+    compile(probe._PROBE_SOURCE, "<dshal-ascend probe>", "exec")  # it only ever runs on an NPU host
+    assert "torch.ops.npu" in probe._PROBE_SOURCE and "overloads()" in probe._PROBE_SOURCE
+    assert {k for ks in OP_KERNELS.values() for k in ks} <= set(KERNELS)
+    assert set(KERNELS) == set(recorded_signatures(recorded_releases()[-1]).ops)  # the newest has them all
