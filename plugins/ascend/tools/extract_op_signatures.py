@@ -10,7 +10,8 @@ torch >= 2.4 (what dshal-ascend needs) are kept.
 
     python plugins/ascend/tools/extract_op_signatures.py OP_PLUGIN_GIT_DIR PYTORCH_GIT_DIR
 
-Run it when a release is added to ``RELEASES`` below (and to ``dshal_ascend.releases``).
+Run it (in an environment with torch and pyyaml) when a release is added to ``RELEASES`` below
+and to ``dshal_ascend.releases``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ from pathlib import Path
 
 import yaml
 
-#: The kernels dshal-ascend calls (keep in step with dshal_ascend.releases.KERNELS).
-KERNELS = (
-    "npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul", "npu_interleave_rope",
-    "npu_fused_infer_attention_score", "npu_moe_gating_top_k", "npu_grouped_matmul",
-    "npu_dynamic_quant", "npu_quant_matmul",
-)
-FORMAT_CAST = "npu_format_cast"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dshal_ascend.releases import KERNELS as ALL_KERNELS  # noqa: E402 - the one list of kernels the plugin calls
+
+FORMAT_CAST = "npu_format_cast"  # defined by torch_npu itself, not op-plugin
+KERNELS = tuple(k for k in ALL_KERNELS if k != FORMAT_CAST)
 OP_PLUGIN_PATH = "op_plugin/config/op_plugin_functions.yaml"
 PYTORCH_PATH = "torch_npu/csrc/aten/npu_native_functions.yaml"
 #: release -> (op-plugin branch, Ascend/pytorch branch for npu_format_cast).
