@@ -50,8 +50,9 @@ class AscendBackend(Backend):
         release the torch_npu version belongs to; without a probe, the minimum release's."""
         probe, _ = self.diagnosis()
         release = probe.release or MINIMUM_RELEASE
-        probed = signatures_from_texts(release, {k: list(v) for k, v in probe.schemas.items()}) if probe.schemas else None
-        return kernel_features(release, probed)
+        if not probe.schemas:
+            return kernel_features(release)
+        return kernel_features(release, signatures_from_texts(release, {k: list(v) for k, v in probe.schemas.items()}))
 
     def availability(self) -> Availability:
         probe, _ = self.diagnosis()

@@ -49,7 +49,10 @@ def interleave_halves(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((a, b), dim=-1).flatten(-2)
 
 
-def rope_rows_4d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+RopeOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def rope_rows_4d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> RopeOperands:
     """Flatten ``x [..., D]`` to the 4-D ``[1, 1, R, D]`` (BNSD with B = N = 1) the rotary
     kernels take, and expand the per-pair tables to full-width ``[1, 1, R, D]`` = ``cat(c, c)``.
     The general case (any rank, tables broadcast per row); :func:`rope_operands` avoids it
@@ -63,7 +66,7 @@ def rope_rows_4d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple
     return x.reshape(1, 1, rows, d).contiguous(), full(c), full(s)
 
 
-def rope_operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rope_operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> RopeOperands:
     """``x [B, N, S, D]`` with tables that vary only along S (``[S, D/2]``, ``[1, 1, S, D/2]``...):
     pass ``x`` as is and the tables once per position as ``[1, 1, S, D]`` (``cat(c, c)``), which
     npu_rotary_mul broadcasts over B and N (layout "11SD"). Anything else: :func:`rope_rows_4d`."""

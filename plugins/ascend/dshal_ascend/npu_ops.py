@@ -75,12 +75,18 @@ def import_torch_npu() -> Any:
 
 def _require_npu_float(op: str, arg: str, t: torch.Tensor) -> None:
     if t.dtype not in NPU_FLOATS:
-        raise DTypeError(f"{op}: argument {arg!r} has dtype {t.dtype}, expected float32, bfloat16 or float16 (Ascend NPUs have no float64)")
+        raise DTypeError(
+            f"{op}: argument {arg!r} has dtype {t.dtype}, expected float32, bfloat16 or float16 "
+            "(Ascend NPUs have no float64)"
+        )
 
 
 def _require_npu_out_dtype(op: str, out_dtype: torch.dtype) -> None:
     if out_dtype not in NPU_FLOATS:
-        raise DTypeError(f"{op}: argument 'out_dtype' is {out_dtype}, expected float32, bfloat16 or float16 (Ascend NPUs have no float64)")
+        raise DTypeError(
+            f"{op}: argument 'out_dtype' is {out_dtype}, expected float32, bfloat16 or float16 "
+            "(Ascend NPUs have no float64)"
+        )
 
 
 def _reference(op: str) -> Callable[..., Any]:
@@ -103,7 +109,8 @@ class PreparedWeights:
         if entry is not None and entry[0]() is weight and entry[1] == weight._version:
             return entry[2]
         prepared = make()
-        self._entries[key] = (weakref.ref(weight, lambda _r, k=key: self._entries.pop(k, None)), weight._version, prepared)
+        forget = weakref.ref(weight, lambda _r, k=key: self._entries.pop(k, None))
+        self._entries[key] = (forget, weight._version, prepared)
         return prepared
 
     def __len__(self) -> int:
@@ -167,8 +174,9 @@ class AscendOps:
         elif self.features.interleave_rope and x.shape[-1] == 64 and x.dtype in HALF_FLOATS:
             # npu_interleave_rope de-interleaves x itself and returns the HALF-split order;
             # its cos/sin want N == 1 and x's batch.
-            tables = (c4.expand(x4.shape[0], 1, *c4.shape[2:]).contiguous(), s4.expand(x4.shape[0], 1, *s4.shape[2:]).contiguous())
-            y = interleave_halves(self.npu.npu_interleave_rope(x4, *tables))
+            per_batch = (x4.shape[0], 1, *c4.shape[2:])
+            cos4, sin4 = c4.expand(per_batch).contiguous(), s4.expand(per_batch).contiguous()
+            y = interleave_halves(self.npu.npu_interleave_rope(x4, cos4, sin4))
         else:
             y = interleave_halves(self._rotary_half(deinterleave_pairs(x4).contiguous(), c4, s4))
         return y.reshape(x.shape)
@@ -206,7 +214,8 @@ class AscendOps:
             fits, _why = gating_top_k_fit(logits.shape[1], top_k, n_group, topk_group,
                                           fixed_shape=self.features.gating_fixed_shape, has_bias=bias is not None)
         if not fits:
-            return _reference("moe_gate")(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+            reference = _reference("moe_gate")
+            return reference(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
         # -> (y, expert_idx int32, norm_out). float32 in, so a float32 bias is not rounded before
         # the choice; only expert_idx is used, the weights are recomputed exactly (finish_gate).
         _y, ids, _norm = self.npu.npu_moe_gating_top_k(
@@ -286,8 +295,11 @@ class AscendOps:
         # op-plugin 7.1.0 npu_grouped_matmul doc, per-token table: scale bf16 for a bf16 output,
         # float32 for float16; per_token_scale float32.
         scale_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
-        s13 = self.prepared.get(w13_scale, f"scale:{scale_dtype}", lambda: w13_scale.reshape(w13.shape[0], -1).to(scale_dtype))
-        s2 = self.prepared.get(w2_scale, f"scale:{scale_dtype}", lambda: w2_scale.reshape(w2.shape[0], -1).to(scale_dtype))
+        def per_expert(scale: torch.Tensor) -> torch.Tensor:  # [E, N, 1] -> [E, N], once per scale
+            as_rows = lambda: scale.reshape(scale.shape[0], -1).to(scale_dtype)  # noqa: E731
+            return self.prepared.get(scale, f"scale:{scale_dtype}", as_rows)
+
+        s13, s2 = per_expert(w13_scale), per_expert(w2_scale)
         h = self._grouped_matmul(q, self._experts_ekn(w13, torch.int8), routing.group_ends,
                                  scale=[s13], per_token_scale=[token_scale], output_dtype=out_dtype)
         act = self.npu.npu_swiglu(h, dim=-1)
@@ -339,7 +351,8 @@ class AscendOps:
         ones = torch.ones(n, dtype=torch.float32, device=b.device)
         acc = torch.zeros(m, n, dtype=torch.int32, device=q.device)
         for ((k_lo, k_hi), (lo, hi)), w in tiles.items():
-            acc[:, lo:hi] += self.npu.npu_quant_matmul(q[:, k_lo:k_hi].contiguous(), w, ones[lo:hi], output_dtype=torch.int32)
+            part = q[:, k_lo:k_hi].contiguous()
+            acc[:, lo:hi] += self.npu.npu_quant_matmul(part, w, ones[lo:hi], output_dtype=torch.int32)
         y = acc.to(torch.float32) * tokens[:, None] * scale_n[None, :]
         return (y if bias is None else y + bias.to(torch.float32)).to(out_dtype)
 
@@ -378,8 +391,10 @@ class AscendOps:
             x_block, w_block = GRANULARITY_BLOCKS[mode]
             xd = fake_quantize_fp8(rows, x_block, format_of(weight.dtype).name).to(torch.bfloat16)
             ws = weight_scale.reshape(()) if mode == "tensor" else weight_scale
-            wd = self.prepared.get(weight, "fp8-decoded",
-                                   lambda: dequantize_to(decode_fp8(weight), ws, w_block, torch.float32).to(torch.bfloat16))
+            def decoded() -> torch.Tensor:
+                return dequantize_to(decode_fp8(weight), ws, w_block, torch.float32).to(torch.bfloat16)
+
+            wd = self.prepared.get(weight, "fp8-decoded", decoded)
             y = (xd @ wd.t()).to(torch.float32)
             if bias is not None:
                 y = y + bias.to(torch.float32)

@@ -245,7 +245,9 @@ def release_gate(torch_npu_version: str | None) -> tuple[NpuProbe | None, Releas
     return None, match
 
 
-def diagnose(env: Mapping[str, str] | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[NpuProbe, CannInstall | None]:
+def diagnose(
+    env: Mapping[str, str] | None = None, timeout_s: float = PROBE_TIMEOUT_S
+) -> tuple[NpuProbe, CannInstall | None]:
     """Run checks 1-4 (module docstring), stopping at the first that fails."""
     if not torch_npu_installed():
         return NpuProbe(False, "torch_npu not installed (install dshal-ascend's npu extra on an NPU host)"), None
@@ -267,5 +269,6 @@ def diagnose(env: Mapping[str, str] | None = None, timeout_s: float = PROBE_TIME
             return too_old, cann
     version = probe.cann_version or cann.version
     release = match.release.name if match and match.release else None
-    suffix = (f"; CANN {version}" if version else "") + (f"; torch_npu {match.torch_npu}: {match.reason}" if match else "")
+    suffix = f"; CANN {version}" if version else ""
+    suffix += f"; torch_npu {match.torch_npu}: {match.reason}" if match else ""
     return replace(probe, reason=probe.reason + suffix, cann_version=version, release=release), cann

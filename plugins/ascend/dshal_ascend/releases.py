@@ -127,8 +127,8 @@ def release_of(torch_npu_version: str) -> ReleaseMatch:
         release = max(same_line, key=lambda pr: pr[1].key)[1]
     elif base > newest_base:
         release = RELEASES[-1]
-        return ReleaseMatch(torch_npu_version, release, True,
-                            f"torch_npu {torch_npu_version} is newer than the recorded releases; planned as {release.name}")
+        why = f"torch_npu {torch_npu_version} is newer than the recorded releases; planned as {release.name}"
+        return ReleaseMatch(torch_npu_version, release, True, why)
     else:
         return ReleaseMatch(
             torch_npu_version, None, False,

@@ -146,7 +146,8 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"Tensor({value.dtype}, {list(value.shape)})"
     if isinstance(value, (list, tuple)):
-        return f"{type(value).__name__}[{', '.join(_describe(v) for v in value[:3])}{', ...' if len(value) > 3 else ''}]"
+        shown = ", ".join(_describe(v) for v in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"{type(value).__name__}[{shown}]"
     return f"{type(value).__name__} {value!r}"
 
 
@@ -196,7 +197,8 @@ class ReleaseSignatures:
 
 
 def signatures_from_texts(release: str, texts: dict[str, list[str]], sources: dict | None = None) -> ReleaseSignatures:
-    return ReleaseSignatures(release, {op: tuple(Schema.parse(t) for t in ts) for op, ts in texts.items()}, sources or {})
+    ops = {op: tuple(Schema.parse(t) for t in ts) for op, ts in texts.items()}
+    return ReleaseSignatures(release, ops, sources or {})
 
 
 @cache

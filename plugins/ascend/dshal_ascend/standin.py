@@ -72,8 +72,8 @@ class _Kernel:
             if not schema.returns_fit(result):
                 raise SignatureError(f"stand-in bug: {self.name} result does not match {schema.text}")
             return result
-        raise SignatureError(f"torch_npu (op-plugin {self.owner.release}).{self.name}: no overload accepts the call:\n  "
-                             + "\n  ".join(errors))
+        where = f"torch_npu (op-plugin {self.owner.release}).{self.name}"
+        raise SignatureError(f"{where}: no overload accepts the call:\n  " + "\n  ".join(errors))
 
 
 def _constraint(ok: bool, message: str) -> None:
@@ -192,7 +192,7 @@ def _grouped_matmul(owner, b):
                     "int8 npu_grouped_matmul: int8 weight, scale, per_token_scale and a bf16/fp16 output_dtype")
         want_scale = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32  # 7.1.0 doc, per-token table
         _constraint(b["scale"][0].dtype == want_scale and b["per_token_scale"][0].dtype == torch.float32,
-                    f"per-token npu_grouped_matmul with {out_dtype} output: scale {want_scale}, per_token_scale float32")
+                    f"per-token npu_grouped_matmul, {out_dtype} out: scale {want_scale}, per_token_scale float32")
     out = torch.zeros(x.shape[0], w.shape[-1], dtype=torch.float32)
     for e in range(w.shape[0]):
         lo, hi = int(starts[e]), int(ends[e])
@@ -215,7 +215,8 @@ def _dynamic_quant(owner, b):
 def _quant_matmul(owner, b):
     x1, x2, scale = b["x1"], b["x2"], b["scale"]
     _constraint(x1.dtype == x2.dtype == torch.int8, "npu_quant_matmul: int8 x1 and x2")
-    _constraint(x1.shape[-1] == x2.shape[0], f"npu_quant_matmul: x2 must be [K, N]: x1 {list(x1.shape)}, x2 {list(x2.shape)}")
+    _constraint(x1.shape[-1] == x2.shape[0],
+                f"npu_quant_matmul: x2 must be [K, N]: x1 {list(x1.shape)}, x2 {list(x2.shape)}")
     acc = x1.double() @ x2.double()
     out_dtype = b["output_dtype"]
     if out_dtype == torch.int32:

@@ -61,7 +61,8 @@ def test_ascend_capabilities_declare_fp8_emulated_and_auto_choice():
 
     caps = AscendBackend().capabilities()  # no NPU here: planned for the minimum release
     assert caps.fp8_gemm_native is False and caps.fp8_formats == ()
-    assert all(caps.op_kinds[op] == "emulated" for op in ("fp8_gemm", "dequantize_fp8", "linear[fp8]", "moe_experts[fp8]"))
+    fp8_paths = ("fp8_gemm", "dequantize_fp8", "linear[fp8]", "moe_experts[fp8]")
+    assert all(caps.op_kinds[op] == "emulated" for op in fp8_paths)
     assert caps.fp8_checkpoint_gemm == "bf16" and "op-plugin 6.0.0" in caps.notes["gemm auto for an FP8 checkpoint"]
     assert "moe_gate" not in caps.op_kinds  # 6.0.0: the reference serves it
     assert caps.notes["op moe_gate"].startswith("reference")

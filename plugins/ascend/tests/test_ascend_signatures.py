@@ -44,9 +44,10 @@ def test_ascend_signatures_facts_of_6_0_0_and_7_0_0():
     assert not old.accepts("npu_rotary_mul", "rotary_mode") and new.accepts("npu_rotary_mul", "rotary_mode")
     assert not old.has("npu_interleave_rope") and not old.has("npu_moe_gating_top_k")
     assert new.has("npu_interleave_rope") and new.has("npu_moe_gating_top_k")
-    assert old.accepts("npu_grouped_matmul", "group_list", "int[]") and not old.accepts("npu_grouped_matmul", "group_type")
-    assert new.accepts("npu_grouped_matmul", "group_list", "Tensor") and new.accepts("npu_grouped_matmul", "group_list_type")
-    assert not old.accepts("npu_grouped_matmul", "per_token_scale") and new.accepts("npu_grouped_matmul", "per_token_scale")
+    gmm = "npu_grouped_matmul"
+    assert old.accepts(gmm, "group_list", "int[]") and not old.accepts(gmm, "group_type")
+    assert new.accepts(gmm, "group_list", "Tensor") and new.accepts(gmm, "group_list_type")
+    assert not old.accepts(gmm, "per_token_scale") and new.accepts(gmm, "per_token_scale")
 
 
 def test_ascend_stand_in_says_it_is_not_an_npu_and_rejects_bad_calls():
@@ -83,7 +84,8 @@ def test_ascend_norm_activation_rotary_bind(release):
         q = torch.randn(2, 4, 9, d, dtype=dtype)
         angle = torch.rand(9, d // 2) * 6
         for inter in (True, False):
-            _close(ops.rotary_embedding(q, angle.cos(), angle.sin(), inter), ref.rotary_embedding(q, angle.cos(), angle.sin(), inter))
+            cos, sin = angle.cos(), angle.sin()
+            _close(ops.rotary_embedding(q, cos, sin, inter), ref.rotary_embedding(q, cos, sin, inter))
     tables = [c.arguments["r1"] for c in stand_in.called("npu_rotary_mul")]
     assert tables and all(t.shape[:2] == (1, 1) and t.shape[2] == 9 for t in tables)  # broadcast, not per row
     assert bool(stand_in.called("npu_interleave_rope")) == (release != "6.0.0")
