@@ -75,6 +75,11 @@ class Capabilities:
     emulated: bool = False
     #: Free-form facts worth showing in ``dshal info`` (e.g. which FP8 GEMM path is used).
     notes: Mapping[str, str] = field(default_factory=dict)
+    #: False when the device has no FP8 GEMM units and every FP8 path is emulated (Ascend 910B).
+    fp8_gemm_native: bool = True
+    #: What ``precision.gemm: auto`` should run an FP8 checkpoint as here: ``fp8-block`` (keep
+    #: it), ``int8`` (W8A8) or ``bf16``; a backend without FP8 units names its better choice.
+    fp8_checkpoint_gemm: str = "fp8-block"
 
 
 @dataclass(frozen=True)

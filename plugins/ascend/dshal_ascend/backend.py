@@ -10,6 +10,8 @@ import torch
 
 from dshal.backend import Availability, Backend, Capabilities, Topology
 from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, visible_devices
+from dshal_ascend.releases import MINIMUM_RELEASE, KernelFeatures, kernel_features, plan_ops
+from dshal_ascend.schema import signatures_from_texts
 from dshal_ascend.topology import query_topology
 
 
@@ -23,8 +25,9 @@ class AscendBackend(Backend):
 
     def __init__(self, *, emulate: bool = False) -> None:
         super().__init__(emulate=emulate)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._diagnosis: tuple[NpuProbe, CannInstall | None] | None = None
+        self._ops: Any = None
 
     # ---------------------------------------------------------------- required
     @property
@@ -42,6 +45,15 @@ class AscendBackend(Backend):
                 self._diagnosis = diagnose()
             return self._diagnosis
 
+    def features(self) -> KernelFeatures:
+        """What the installed release's kernels accept: the probed schemas (NPU host) of the
+        release the torch_npu version belongs to; without a probe, the minimum release's."""
+        probe, _ = self.diagnosis()
+        release = probe.release or MINIMUM_RELEASE
+        if not probe.schemas:
+            return kernel_features(release)
+        return kernel_features(release, signatures_from_texts(release, {k: list(v) for k, v in probe.schemas.items()}))
+
     def availability(self) -> Availability:
         probe, _ = self.diagnosis()
         reason = probe.reason
@@ -54,29 +66,45 @@ class AscendBackend(Backend):
 
         probe, cann = self.diagnosis()
         name = probe.name or "Ascend NPU"
+        features = self.features()
+        routes = plan_ops(features)
+        int8_experts = features.w8a8_experts
         return Capabilities(
             device_name=name,
             arch=name.replace(" ", ""),
-            # 910B (Atlas A2) and 910C (A3) have no FP8 units: FP8 ops dequantize to bf16.
+            # 910B (Atlas A2) and 910C (A3) have no FP8 units: FP8 ops decode to bf16.
             fp8_formats=(),
             native_e4m3="e4m3fn",  # what fmt="e4m3" decodes as in the emulated path
-            op_kinds=dict(OP_KINDS),
+            op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op.split("[")[0]].kind != "reference"},
             dist_backend="hccl",
             memory_bytes=probe.memory_bytes,
             compute_units=probe.cube_cores,
+            fp8_gemm_native=False,
+            fp8_checkpoint_gemm="int8" if int8_experts else "bf16",
             notes={
                 "cann": probe.cann_version or (cann.version if cann else None) or "unknown",
-                "torch_npu": probe.torch_npu_version or "unknown",
-                "fp8": "emulated: FP8 bytes decoded with integer ops, bf16 matmul on the NPU",
-                "int8": "W8A8 native: npu_dynamic_quant + npu_quant_matmul (per-token x per-channel)",
-                "quantize_fp8": "served by the reference (no native FP8 storage path on 910B)",
+                "torch_npu": f"{probe.torch_npu_version or 'unknown'} (op-plugin release {features.release}, "
+                             f"minimum {MINIMUM_RELEASE})",
+                "fp8": "emulated on every path (fp8_gemm, dequantize_fp8, linear and moe_experts with FP8 weights): "
+                       "FP8 bytes decoded with integer ops, bf16 matmul; linear weights decoded once, experts "
+                       "only the ones a batch routes to",
+                "gemm auto for an FP8 checkpoint": (
+                    "int8 (W8A8: per-channel int8 weights, per-token int8 activations; no FP8 units)" if int8_experts
+                    else f"bf16 (no FP8 units; op-plugin {features.release} has no grouped W8A8 experts)"
+                ),
+                **{f"op {op}": route.describe() for op, route in routes.items()},
             },
         )
 
     def ops(self) -> Mapping[str, Callable[..., Any]]:
-        from dshal_ascend.npu_ops import OPS
+        """The ops the installed release serves natively or emulated; the rest fall to the reference."""
+        from dshal_ascend.npu_ops import AscendOps
 
-        return dict(OPS)
+        with self._lock:
+            if self._ops is None:
+                self._ops = AscendOps(self.features())
+        routes = plan_ops(self._ops.features)
+        return {op: fn for op, fn in self._ops.ops().items() if routes[op].kind != "reference"}
 
     # ---------------------------------------------------------------- hooks
     def _npu(self) -> Any:

@@ -1,11 +1,15 @@
-"""DeepSeek-V3 FP8 block checkpoint -> W8A8 int8 (per output channel), for 910B.
+"""DeepSeek-V3 checkpoint (FP8 block or bf16) -> W8A8 int8 (per output channel), for 910B.
 
 DeepSeek-V3 ships its linear weights as FP8 (e4m3fn) with one float32 ``weight_scale_inv``
 per 128 x 128 block (the name is historical: it *multiplies*). 910B has no FP8 but a native
 int8 GEMM, so each such weight is dequantized (in float32) and requantized symmetric int8
 with one scale per output channel (row): ``weight`` int8 ``[N, K]`` + ``weight_scale``
 float32 ``[N, 1]``, which ``dshal.ops.linear`` runs as W8A8 (activations are quantized
-per token at run time). Every other tensor is copied unchanged.
+per token at run time). A bf16/fp32 checkpoint is converted the same way: every projection
+weight (``*_proj.weight``, ``kv_a_proj_with_mqa.weight``; routed experts in the Hugging Face
+per-expert layout ``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`` included) is
+quantized per output channel; the embedding, ``lm_head``, the router ``mlp.gate.weight`` and
+the norms stay as they are. Every other tensor is copied unchanged.
 
 Command line: ``dshal-ascend-convert SRC_DIR DST_DIR`` (or ``python -m dshal_ascend.convert``).
 """
@@ -42,8 +46,18 @@ def fp8_block_to_int8(weight: torch.Tensor, scale_inv: torch.Tensor) -> tuple[to
     return quantize_int8(dense)
 
 
+#: Float weights quantized to int8: the linear projections (attention, MLPs, shared and routed experts).
+PROJECTION_SUFFIXES = ("_proj.weight", "kv_a_proj_with_mqa.weight")
+
+
+def is_projection(name: str, t: torch.Tensor) -> bool:
+    """A high-precision linear weight the W8A8 checkpoint stores as int8."""
+    return name.endswith(PROJECTION_SUFFIXES) and t.dim() == 2 and t.is_floating_point() and t.dtype not in FP8_DTYPE_LIST
+
+
 def convert_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert every ``X.weight`` that has an ``X.weight_scale_inv`` beside it; keep the rest.
+    """Convert every ``X.weight`` that has an ``X.weight_scale_inv`` beside it, and every
+    high-precision projection weight (:func:`is_projection`); keep the rest.
 
     Raises ShapeError when an FP8 weight has no block scale (or a scale has no weight), since
     silently copying it would leave a weight the int8 path cannot read.
@@ -62,6 +76,10 @@ def convert_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             out[name[: -len("weight")] + INT8_SCALE_SUFFIX] = s
         elif t.dtype in FP8_DTYPE_LIST:
             raise ShapeError(f"convert: FP8 tensor {name!r} has no block scale {name}_scale_inv beside it")
+        elif is_projection(name, t):
+            q, s = quantize_int8(t.to(torch.float32))
+            out[name] = q
+            out[name[: -len("weight")] + INT8_SCALE_SUFFIX] = s
         else:
             out[name] = t
     return out
@@ -111,7 +129,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dshal-ascend-convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="DeepSeek-V3 FP8 checkpoint directory (config.json + *.safetensors)")
+    parser.add_argument("src", help="DeepSeek-V3 checkpoint directory, FP8 or bf16 (config.json + *.safetensors)")
     parser.add_argument("dst", help="output directory for the W8A8 int8 checkpoint")
     args = parser.parse_args(argv)
     try:
@@ -119,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     except DshalError as err:
         print(f"error: {err}")
         return 1
-    print(f"converted {counts['converted_weights']} FP8 weights to int8; {counts['tensors']} tensors written to {args.dst}")
+    print(f"converted {counts['converted_weights']} weights to int8; {counts['tensors']} tensors written to {args.dst}")
     return 0
 
 

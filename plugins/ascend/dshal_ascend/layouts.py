@@ -16,7 +16,7 @@ from dshal.errors import ShapeError
 from dshal.ops.quant import dequantize_to
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 
-#: ``pre_tockens`` / ``next_tockens`` default of npu_fusion_attention: "no limit".
+#: ``pre_tokens`` / ``next_tokens`` default of npu_fused_infer_attention_score: "no limit".
 NO_TOKEN_LIMIT = 2147483647
 
 # ---------------------------------------------------------------- rms_norm
@@ -49,16 +49,14 @@ def interleave_halves(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((a, b), dim=-1).flatten(-2)
 
 
-def rope_rows_4d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flatten ``x [..., D]`` to the 4-D ``[1, 1, R, D]`` (BNSD with B = N = 1) the rotary
-    kernels take, and expand the per-pair tables ``cos``/``sin`` (broadcastable to
-    ``x[..., :D/2]``) to full-width half-layout tables ``[1, 1, R, D]`` = ``cat(c, c)``.
+RopeOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-    With B = N = 1 every documented constraint of ``npu_rotary_mul`` (half mode: B, N < 1000,
-    r1/r2 layout 11SD) and ``npu_interleave_rope`` (cos N = 1) holds whatever ``x``'s rank.
-    The tables are materialized per row: simple and always valid, at the cost of R x D
-    extra reads (small next to attention).
-    """
+
+def rope_rows_4d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> RopeOperands:
+    """Flatten ``x [..., D]`` to the 4-D ``[1, 1, R, D]`` (BNSD with B = N = 1) the rotary
+    kernels take, and expand the per-pair tables to full-width ``[1, 1, R, D]`` = ``cat(c, c)``.
+    The general case (any rank, tables broadcast per row); :func:`rope_operands` avoids it
+    for the model's ``[B, H, S, D]`` activations."""
     d = x.shape[-1]
     half = (*x.shape[:-1], d // 2)
     rows = x.numel() // d if d else 0
@@ -68,24 +66,42 @@ def rope_rows_4d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple
     return x.reshape(1, 1, rows, d).contiguous(), full(c), full(s)
 
 
+def rope_operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> RopeOperands:
+    """``x [B, N, S, D]`` with tables that vary only along S (``[S, D/2]``, ``[1, 1, S, D/2]``...):
+    pass ``x`` as is and the tables once per position as ``[1, 1, S, D]`` (``cat(c, c)``), which
+    npu_rotary_mul broadcasts over B and N (layout "11SD"). Anything else: :func:`rope_rows_4d`."""
+    d = x.shape[-1]
+    if x.dim() == 4 and cos.dim() <= 4 and cos.shape == sin.shape:
+        padded = (1,) * (4 - cos.dim()) + tuple(cos.shape)
+        if padded[0] == 1 and padded[1] == 1 and padded[2] in (1, x.shape[2]) and padded[3] in (1, d // 2):
+            seq = (1, 1, x.shape[2], d // 2)
+            full = lambda t: torch.cat((t, t), dim=-1).contiguous()  # noqa: E731
+            c = cos.to(x.dtype).reshape(padded).expand(seq)
+            s = sin.to(x.dtype).reshape(padded).expand(seq)
+            return x.contiguous(), full(c), full(s)
+    return rope_rows_4d(x, cos, sin)
+
+
 # ---------------------------------------------------------------- attention
 
 
 @dataclass(frozen=True)
-class FusionAttentionMask:
-    """The mask arguments of ``npu_fusion_attention`` for one (Tq, Tk, causal, window, global) case.
+class InferAttentionPlan:
+    """The mask arguments of ``npu_fused_infer_attention_score`` for one (Tq, Tk, causal,
+    window, global) case (op-plugin 7.1.0 ``docs/context/torch_npu-npu_fused_infer_attention_score.md``).
 
-    ``atten_mask``: bool, True = the pair does NOT take part (op-plugin doc
-    ``torch_npu-npu_fusion_attention.md``: "1 = not computed, 0 = computed"), or None.
-    ``sparse_mode`` 0 = defaultMask (the explicit mask is applied as given), 3 =
-    rightDownCausal (the kernel generates the end-aligned causal mask from a 2048 x 2048
-    compressed upper-triangular mask).
+    ``atten_mask``: bool, True = the pair does NOT take part, or None. ``sparse_mode``:
+    0 = the mask as given (or none), 3 = rightDownCausal and 4 = band, both with the
+    2048 x 2048 compressed ``triu(1)`` mask; band keeps, for the query at end-aligned position
+    ``p``, the keys ``p - pre_tokens .. p + next_tokens``. ``keys``: for one query (sparse
+    modes are ignored when Q_S == 1) the key positions to pass instead of a mask, or None = all.
     """
 
     atten_mask: torch.Tensor | None
     sparse_mode: int
-    pre_tockens: int = NO_TOKEN_LIMIT
-    next_tockens: int = NO_TOKEN_LIMIT
+    pre_tokens: int = NO_TOKEN_LIMIT
+    next_tokens: int = NO_TOKEN_LIMIT
+    keys: torch.Tensor | slice | None = None
 
 
 def masked_pairs(tq: int, tk: int, causal: bool, window: int | None, global_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -118,23 +134,36 @@ def compressed_causal_mask(device: str) -> torch.Tensor:
     return torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
 
 
-def fusion_attention_mask(
+def infer_attention_plan(
     tq: int, tk: int, causal: bool, window: int | None, global_tokens: int, device: torch.device | str = "cpu"
-) -> FusionAttentionMask:
-    """Choose how to express dshal's mask to ``npu_fusion_attention``.
+) -> InferAttentionPlan:
+    """Express dshal's mask to ``npu_fused_infer_attention_score`` without a dense mask where possible.
 
-    * nothing masked -> no mask, ``sparse_mode=0`` (full computation);
-    * plain end-aligned causal -> ``sparse_mode=3`` (rightDownCausal) with the 2048 x 2048
-      compressed ``triu(1)`` mask the docs prescribe, which is O(1) in the sequence length;
-    * window and/or global tokens -> the explicit ``[Tq, Tk]`` mask from :func:`masked_pairs`
-      with ``sparse_mode=0`` and unlimited pre/next tokens (so the band parameters cannot
-      disagree with the mask, which the docs warn corrupts results).
+    * nothing masked -> no mask, ``sparse_mode=0``;
+    * one query (decode) -> no mask: causal end-aligned sees every key; a window keeps the
+      last ``window`` keys and the ``global_tokens`` first ones, passed as a key slice/index;
+    * causal -> ``sparse_mode=3`` with the compressed mask (O(1) in the sequence length);
+    * window without global tokens -> band, ``sparse_mode=4``: ``pre_tokens = window - 1``,
+      ``next_tokens = 0`` (causal) or ``window - 1``;
+    * window with global tokens (several queries) -> the dense ``[Tq, Tk]`` mask, ``sparse_mode=0``.
     """
     if not causal and window is None:
-        return FusionAttentionMask(None, 0)
-    if causal and window is None:
-        return FusionAttentionMask(compressed_causal_mask(str(device)), 3)
-    return FusionAttentionMask(masked_pairs(tq, tk, causal, window, global_tokens, device), 0)
+        return InferAttentionPlan(None, 0)
+    if tq == 1:
+        if window is None or window >= tk:
+            return InferAttentionPlan(None, 0)
+        start = tk - window
+        if global_tokens <= 0:
+            return InferAttentionPlan(None, 0, keys=slice(start, tk))
+        if global_tokens >= start:
+            return InferAttentionPlan(None, 0)
+        keys = torch.cat((torch.arange(global_tokens), torch.arange(start, tk))).to(device)
+        return InferAttentionPlan(None, 0, keys=keys)
+    if window is None:
+        return InferAttentionPlan(compressed_causal_mask(str(device)), 3)
+    if global_tokens <= 0:
+        return InferAttentionPlan(compressed_causal_mask(str(device)), 4, window - 1, 0 if causal else window - 1)
+    return InferAttentionPlan(masked_pairs(tq, tk, causal, window, global_tokens, device), 0)
 
 
 def zero_rows_without_keys(out: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
@@ -151,7 +180,9 @@ def zero_rows_without_keys(out: torch.Tensor, hidden: torch.Tensor | None) -> to
 # ---------------------------------------------------------------- moe_gate
 
 
-def gating_top_k_fit(experts: int, top_k: int, n_group: int, topk_group: int) -> tuple[bool, str]:
+def gating_top_k_fit(
+    experts: int, top_k: int, n_group: int, topk_group: int, fixed_shape: bool = False, has_bias: bool = True
+) -> tuple[bool, str]:
     """Whether ``npu_moe_gating_top_k`` selects exactly DeepSeek-V3's experts, and why not.
 
     The kernel (op-plugin doc ``torch_npu-npu_moe_gating_top_k.md``) matches dshal's
@@ -163,7 +194,14 @@ def gating_top_k_fit(experts: int, top_k: int, n_group: int, topk_group: int) ->
     taken from the kernel; the weights are recomputed (:func:`finish_gate`), so
     ``norm_topk_prob`` and ``routed_scaling_factor`` always follow dshal's definition
     (the kernel's own ``y`` formula is a figure in the doc; we do not depend on it).
+
+    ``fixed_shape``: the op-plugin 7.1.0 page's A2/A3 limits (7.0.0 and 7.1.0): only 256
+    experts, 8 groups, ``topk_group`` 4, a bias, ``top_k <= 32``.
     """
+    if fixed_shape:
+        if (experts, n_group, topk_group) != (256, 8, 4) or not has_bias or top_k > 32:
+            return False, (f"E={experts}, n_group={n_group}, topk_group={topk_group}, bias={has_bias}, top_k={top_k}: "
+                           "before op-plugin 7.2.0 the kernel takes only E=256, 8 groups, topk_group 4, a bias, top_k <= 32")
     if experts > 2048:
         return False, f"{experts} experts > 2048 (kernel limit)"
     if n_group < 1 or experts % n_group:
@@ -246,44 +284,43 @@ def combine_rows(rows: torch.Tensor, routing: ExpertRouting, tokens: int, acc: t
     return out.index_add_(0, routing.token_of_row, rows.to(acc) * routing.weight_of_row.to(acc)[:, None])
 
 
-@dataclass(frozen=True)
-class ExpertOperands:
-    """Everything the two grouped matmuls of ``moe_experts`` need, ready for the kernel.
-
-    ``rows [T*k, H]``: token rows sorted by expert; ``w13_ekn [E, H, 2I]`` and
-    ``w2_ekn [E, I, H]``: the weights as ``[E, K, N]`` (transposed views); ``act_fp8``: the
-    FP8 format the SwiGLU output is rounded to before the second matmul (FP8 experts), or None.
-    """
-
-    routing: ExpertRouting
-    rows: torch.Tensor
-    w13_ekn: torch.Tensor
-    w2_ekn: torch.Tensor
-    act_fp8: str | None
-
-    def between(self, act: torch.Tensor) -> torch.Tensor:
-        """The SwiGLU output as the second matmul sees it (FP8-rounded for FP8 experts)."""
-        return act if self.act_fp8 is None else fake_quantize_fp8(act, (1, 128), self.act_fp8).to(act.dtype)
-
-
 def dequantize_expert_weights(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """FP8 ``[E, R, C]`` + 128x128 block scales -> ``dtype``, without FP8 casts (emulated)."""
     return dequantize_to(decode_fp8(w), scale, (128, 128), torch.float32).to(dtype)
 
 
-def expert_operands(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None) -> ExpertOperands:
-    """Sort tokens by expert and lay out the weights for ``npu_grouped_matmul``. FP8 experts
-    (emulated) get bf16/x-dtype weights and FP8-rounded activations, as the reference's FP8
-    ``linear`` quantizes its inputs per (1, 128)."""
-    routing = route_tokens(weights, ids, w13.shape[0])
-    rows = x[routing.token_of_row]
-    act_fp8 = None
-    if w13_scale is not None:
-        rows = fake_quantize_fp8(rows, (1, 128), format_of(w13.dtype).name).to(x.dtype)
-        act_fp8 = format_of(w2.dtype).name
-        w13 = dequantize_expert_weights(w13, w13_scale, x.dtype)
-        w2 = dequantize_expert_weights(w2, w2_scale, x.dtype)
-    return ExpertOperands(routing, rows, w13.to(x.dtype).transpose(1, 2), w2.to(x.dtype).transpose(1, 2), act_fp8)
+@dataclass(frozen=True)
+class ActiveExperts:
+    """The experts a batch routes to, so FP8 experts are decoded only for those.
+
+    ``index``: expert ids in use, ascending, int64 ``[A]``; ``local_ids``: ``ids`` renumbered
+    to positions in ``index`` (what the grouped matmul's ``group_list`` counts)."""
+
+    index: torch.Tensor
+    local_ids: torch.Tensor
+
+
+def active_experts(ids: torch.Tensor) -> ActiveExperts:
+    index, local = torch.unique(ids.to(torch.int64), sorted=True, return_inverse=True)
+    return ActiveExperts(index, local.reshape(ids.shape))
+
+
+def fp8_expert_rows(rows: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """Token rows rounded to FP8 per (1, 128), as the reference's FP8 ``linear`` quantizes its inputs."""
+    return fake_quantize_fp8(rows, (1, 128), format_of(w13.dtype).name).to(rows.dtype)
+
+
+#: Largest K or N one CANN matmul call takes (issue #20; split beyond it).
+MATMUL_DIM_LIMIT = 65535
+
+
+def split_ranges(size: int, limit: int = MATMUL_DIM_LIMIT) -> list[tuple[int, int]]:
+    """``[0, size)`` cut into as few equal-ish ``(start, stop)`` pieces of at most ``limit`` as possible."""
+    if size <= limit:
+        return [(0, size)]
+    pieces = -(-size // limit)
+    step = -(-size // pieces)
+    return [(i, min(i + step, size)) for i in range(0, size, step)]
 
 
 # ---------------------------------------------------------------- int8
@@ -293,12 +330,6 @@ def fix_zero_scales(scale: torch.Tensor) -> torch.Tensor:
     """dshal gives all-zero rows scale 1 (not 0): their q is 0 either way, but a 0 scale
     would turn later divisions into NaN."""
     return torch.where(scale == 0, torch.ones_like(scale), scale)
-
-
-def quant_matmul_args(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dshal's NT int8 operands -> ``npu_quant_matmul``'s ``(x1 [M, K], x2 [K, N], scale [N]
-    float32, pertoken_scale [M] float32)``; the kernel computes ``(x1 @ x2) * scale * pertoken``."""
-    return a, b.t(), b_scale.reshape(-1).to(torch.float32), a_scale.reshape(-1).to(torch.float32)
 
 
 def dynamic_quant_result(q: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:

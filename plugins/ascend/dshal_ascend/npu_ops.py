@@ -1,18 +1,21 @@
-"""The Ascend op implementations: a torch_npu kernel call wrapped in pure-torch preparation.
+"""The Ascend op implementations: torch_npu kernel calls wrapped in pure-torch preparation.
 
-NPU ONLY. Every function here calls into ``torch_npu``, which is imported lazily on first
-use, so these calls are exercised only on NPU hardware (the ``conformance-ascend`` leg and
-``tests/test_ascend_npu.py``, which skip elsewhere). The preparation around each call lives
-in :mod:`dshal_ascend.layouts` and :mod:`dshal_ascend.fp8emu` and is tested on CPU.
+:class:`AscendOps` holds the kernel module (``torch_npu`` on an NPU host, imported lazily)
+and the :class:`~dshal_ascend.releases.KernelFeatures` of the installed release, and calls
+each kernel the way that release accepts (or serves the reference, saying so in
+:func:`~dshal_ascend.releases.plan_ops`). Every call site is bound in CI against the recorded
+schemas of every supported release: ``tests/test_ascend_signatures.py`` drives these methods
+on CPU tensors through a signature-checking stand-in (which is not an NPU and never reported
+as one). On hardware they run in ``tests/test_ascend_npu.py`` and the ``conformance-ascend`` leg.
 
-Each function has exactly its op spec's signature; dshal validates inputs before calling.
-The torch_npu signatures follow the op-plugin API docs (``Ascend/op-plugin``,
-``docs/context/torch_npu-<name>.md``); the file named beside each call is the one followed.
-Where a doc left an argument unclear, the comment says so and the code avoids relying on it.
+Each public method has exactly its op spec's signature; dshal validates inputs before calling.
+The preparation around the kernels lives in :mod:`dshal_ascend.layouts` and
+:mod:`dshal_ascend.fp8emu` and is unit-tested against the reference ops.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,28 +28,45 @@ from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity
 from dshal.ops.quant import dequantize_to
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 from dshal_ascend.layouts import (
+    active_experts,
     combine_rows,
     deinterleave_pairs,
+    dequantize_expert_weights,
     dynamic_quant_result,
-    expert_operands,
     finish_gate,
-    fusion_attention_mask,
+    fix_zero_scales,
+    fp8_expert_rows,
     gating_top_k_fit,
+    infer_attention_plan,
     interleave_halves,
     masked_pairs,
     pick_rms_norm_outputs,
-    quant_matmul_args,
-    rope_rows_4d,
+    rope_operands,
+    route_tokens,
+    split_ranges,
     zero_rows_without_keys,
 )
+from dshal_ascend.releases import KernelFeatures
 
 #: Activation dtypes the CANN kernels take (NPUs have no float64 compute).
 NPU_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 #: Input dtypes of npu_dynamic_quant (doc: float16, bfloat16).
 HALF_FLOATS = (torch.bfloat16, torch.float16)
+#: ACL format id of FRACTAL_NZ, the cube units' native weight layout (npu_format_cast(w, 29)).
+ACL_FORMAT_FRACTAL_NZ = 29
+#: The op names this module serves (quantize_fp8 is absent: the reference serves it).
+OP_NAMES = (
+    "dequantize_fp8", "quantize_int8", "fp8_gemm", "int8_gemm", "linear", "rms_norm", "silu_and_mul",
+    "rotary_embedding", "attention", "moe_gate", "moe_experts",
+)
+#: How each op is served on 910B (``Capabilities.op_kinds``). ``linear`` and ``moe_experts`` are
+#: native for float and int8 weights; their FP8-weight paths are listed apart as emulated.
+OP_KINDS = {name: "native" for name in OP_NAMES} | {
+    "dequantize_fp8": "emulated", "fp8_gemm": "emulated", "linear[fp8]": "emulated", "moe_experts[fp8]": "emulated",
+}
 
 
-def _torch_npu() -> Any:
+def import_torch_npu() -> Any:
     """torch_npu, imported on first use (only ever reached on an NPU host)."""
     import torch_npu  # noqa: PLC0415 - lazy on purpose: never at import/discovery time
 
@@ -55,12 +75,18 @@ def _torch_npu() -> Any:
 
 def _require_npu_float(op: str, arg: str, t: torch.Tensor) -> None:
     if t.dtype not in NPU_FLOATS:
-        raise DTypeError(f"{op}: argument {arg!r} has dtype {t.dtype}, expected float32, bfloat16 or float16 (Ascend NPUs have no float64)")
+        raise DTypeError(
+            f"{op}: argument {arg!r} has dtype {t.dtype}, expected float32, bfloat16 or float16 "
+            "(Ascend NPUs have no float64)"
+        )
 
 
 def _require_npu_out_dtype(op: str, out_dtype: torch.dtype) -> None:
     if out_dtype not in NPU_FLOATS:
-        raise DTypeError(f"{op}: argument 'out_dtype' is {out_dtype}, expected float32, bfloat16 or float16 (Ascend NPUs have no float64)")
+        raise DTypeError(
+            f"{op}: argument 'out_dtype' is {out_dtype}, expected float32, bfloat16 or float16 "
+            "(Ascend NPUs have no float64)"
+        )
 
 
 def _reference(op: str) -> Callable[..., Any]:
@@ -68,178 +94,320 @@ def _reference(op: str) -> Callable[..., Any]:
     return SPECS[op].reference_impl
 
 
-# ---------------------------------------------------------------- norm / activation / rotary
+class PreparedWeights:
+    """Device layouts derived from a weight once (NZ int8, [E, K, N] experts, decoded FP8),
+    kept while the weight lives and is unchanged. The core has no load hook for backends, so
+    "at load" is the weight's first use; the original stays with the model (the reference
+    fallback and dshal's checks read it), which costs one extra copy per prepared weight."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    def get(self, weight: torch.Tensor, kind: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (id(weight), kind)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+            return entry[2]
+        prepared = make()
+        forget = weakref.ref(weight, lambda _r, k=key: self._entries.pop(k, None))
+        self._entries[key] = (forget, weight._version, prepared)
+        return prepared
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None):
-    _require_npu_float("rms_norm", "x", x)
-    if x.numel() == 0:  # kernels reject empty tensors; plain torch handles them
-        return _reference("rms_norm")(x, weight, eps, residual)
-    npu = _torch_npu()
-    x = x.contiguous()
-    gamma = weight if weight.dtype == x.dtype else weight.to(x.dtype)  # doc: gamma dtype == x dtype
-    if residual is None:
-        # torch_npu-npu_rms_norm.md: npu_rms_norm(self, gamma, epsilon) -> (y, rstd)
-        return pick_rms_norm_outputs(npu.npu_rms_norm(x, gamma, epsilon=eps), fused=False)
-    # op-plugin test_npu_add_rms_norm.py: npu_add_rms_norm(x1, x2, gamma, epsilon) -> (y, rstd, x1 + x2)
-    return pick_rms_norm_outputs(npu.npu_add_rms_norm(x, residual.contiguous(), gamma, eps), fused=True)
+class AscendOps:
+    """dshal's ops on an Ascend NPU, for one torch_npu release.
 
+    ``kernels``: the module the kernels are called on -- ``torch_npu`` (None: imported on first
+    use), or in tests a signature-checking stand-in. ``features``: what that release accepts.
+    """
 
-def silu_and_mul(x):
-    _require_npu_float("silu_and_mul", "x", x)
-    if x.numel() == 0:  # doc: no empty tensors
-        return _reference("silu_and_mul")(x)
-    # torch_npu-npu_swiglu.md: swish(A) * B with A the first half along dim -- dshal's order.
-    return _torch_npu().npu_swiglu(x.contiguous(), dim=-1)
+    def __init__(self, features: KernelFeatures, kernels: Any = None) -> None:
+        self.features = features
+        self._kernels = kernels
+        self.prepared = PreparedWeights()
 
+    @property
+    def npu(self) -> Any:
+        if self._kernels is None:
+            self._kernels = import_torch_npu()
+        return self._kernels
 
-def rotary_embedding(x, cos, sin, interleaved=True):
-    _require_npu_float("rotary_embedding", "x", x)
-    if x.numel() == 0:
-        return _reference("rotary_embedding")(x, cos, sin, interleaved)
-    npu = _torch_npu()
-    x4, c4, s4 = rope_rows_4d(x, cos, sin)
-    if not interleaved:
-        # torch_npu-npu_rotary_mul.md, half mode: r1 * x + r2 * cat(-x2, x1), r1/r2 full width.
-        y = npu.npu_rotary_mul(x4, c4, s4, rotary_mode="half")
-    elif x.shape[-1] == 64 and x.dtype in HALF_FLOATS:
-        # torch_npu-npu_interleave_rope.md (+ ops-transformer InterleaveRope formula): the kernel
-        # de-interleaves x itself and returns the rotated values in HALF-split order, so the
-        # result is re-interleaved. Needs D == 64, bf16/fp16, cos N == 1 (ours is [1, 1, R, D]).
-        y = interleave_halves(npu.npu_interleave_rope(x4, c4, s4))
-    else:
-        y = interleave_halves(npu.npu_rotary_mul(deinterleave_pairs(x4).contiguous(), c4, s4, rotary_mode="half"))
-    return y.reshape(x.shape)
+    def ops(self) -> dict[str, Callable[..., Any]]:
+        return {name: getattr(self, name) for name in OP_NAMES}
 
+    # ------------------------------------------------------------ norm / activation / rotary
+    def rms_norm(self, x, weight, eps=1e-6, residual=None):
+        _require_npu_float("rms_norm", "x", x)
+        if x.numel() == 0:  # kernels reject empty tensors; plain torch handles them
+            return _reference("rms_norm")(x, weight, eps, residual)
+        x = x.contiguous()
+        same = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+        if residual is None:
+            # npu_rms_norm(self, gamma, epsilon) -> (y, rstd); 7.2.0+: a float32 gamma with bf16/fp16 x.
+            fp32_gamma = weight.dtype == torch.float32 and self.features.rms_norm_fp32_gamma
+            gamma = weight if fp32_gamma else same
+            return pick_rms_norm_outputs(self.npu.npu_rms_norm(x, gamma, epsilon=eps), fused=False)
+        # npu_add_rms_norm(x1, x2, gamma, epsilon) -> (y, rstd, x1 + x2)
+        return pick_rms_norm_outputs(self.npu.npu_add_rms_norm(x, residual.contiguous(), same, eps), fused=True)
 
-# ---------------------------------------------------------------- attention
+    def silu_and_mul(self, x):
+        _require_npu_float("silu_and_mul", "x", x)
+        if x.numel() == 0:
+            return _reference("silu_and_mul")(x)
+        return self.npu.npu_swiglu(x.contiguous(), dim=-1)  # swish(first half) * second half
 
+    def _rotary_half(self, x4, c4, s4):
+        if self.features.rotary_mode:
+            return self.npu.npu_rotary_mul(x4, c4, s4, rotary_mode="half")
+        return self.npu.npu_rotary_mul(x4, c4, s4)  # 6.0.0: half mode is the only mode
 
-def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
-    _require_npu_float("attention", "q", q)
-    batch, heads, tq, d = q.shape
-    tk, dv = k.shape[2], v.shape[3]
-    if dv > d or q.numel() == 0 or k.numel() == 0:  # doc: Dq == Dk >= Dv, no empty inputs
-        return _reference("attention")(q, k, v, causal, scale, window, global_tokens)
-    mask = fusion_attention_mask(tq, tk, causal, window, global_tokens, q.device)
-    # torch_npu-npu_fusion_attention.md: (query, key, value, head_num, input_layout, ...) ->
-    # (attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels). BNSD is
-    # dshal's [B, H, T, D]; GQA is native (Nq / Nkv integer). NB: the doc lists it for
-    # training; npu_fused_infer_attention_score is the inference-tuned kernel (not used yet).
-    out = _torch_npu().npu_fusion_attention(
-        q.contiguous(), k.contiguous(), v.contiguous(), heads, "BNSD",
-        atten_mask=mask.atten_mask,
-        scale=float(scale if scale is not None else d ** -0.5),
-        pre_tockens=mask.pre_tockens,
-        next_tockens=mask.next_tockens,
-        sparse_mode=mask.sparse_mode,
-    )[0]
-    # Only Tq > Tk can leave a query with no visible key; dshal defines those rows as 0.
-    hidden = masked_pairs(tq, tk, causal, window, global_tokens, q.device) if tq > tk else None
-    return out if hidden is None else zero_rows_without_keys(out, hidden)
+    def rotary_embedding(self, x, cos, sin, interleaved=True):
+        _require_npu_float("rotary_embedding", "x", x)
+        if x.numel() == 0:
+            return _reference("rotary_embedding")(x, cos, sin, interleaved)
+        x4, c4, s4 = rope_operands(x, cos, sin)  # tables [1, 1, S, D]: broadcast, not per row
+        if not interleaved:
+            y = self._rotary_half(x4, c4, s4)
+        elif self.features.interleave_rope and x.shape[-1] == 64 and x.dtype in HALF_FLOATS:
+            # npu_interleave_rope de-interleaves x itself and returns the HALF-split order;
+            # its cos/sin want N == 1 and x's batch.
+            per_batch = (x4.shape[0], 1, *c4.shape[2:])
+            cos4, sin4 = c4.expand(per_batch).contiguous(), s4.expand(per_batch).contiguous()
+            y = interleave_halves(self.npu.npu_interleave_rope(x4, cos4, sin4))
+        else:
+            y = interleave_halves(self._rotary_half(deinterleave_pairs(x4).contiguous(), c4, s4))
+        return y.reshape(x.shape)
 
+    # ------------------------------------------------------------ attention
+    def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
+        _require_npu_float("attention", "q", q)
+        batch, heads, tq, d = q.shape
+        tk, dv = k.shape[2], v.shape[3]
+        if dv > d or q.numel() == 0 or k.numel() == 0:
+            return _reference("attention")(q, k, v, causal, scale, window, global_tokens)
+        plan = infer_attention_plan(tq, tk, causal, window, global_tokens, q.device)
+        if plan.keys is not None:  # one query: the visible keys, no mask
+            k, v = k[:, :, plan.keys], v[:, :, plan.keys]
+        if dv < d:  # the kernel wants one head dim for K and V (MLA: 192 vs 128): zero-pad V
+            v = F.pad(v, (0, d - dv))
+        # npu_fused_infer_attention_score(query, key, value, *, atten_mask, num_heads, scale,
+        # pre_tokens, next_tokens, input_layout, num_key_value_heads, sparse_mode) -> (out, lse)
+        out, _lse = self.npu.npu_fused_infer_attention_score(
+            q.contiguous(), k.contiguous(), v.contiguous(),
+            atten_mask=plan.atten_mask, num_heads=heads, scale=float(scale if scale is not None else d ** -0.5),
+            pre_tokens=plan.pre_tokens, next_tokens=plan.next_tokens, input_layout="BNSD",
+            num_key_value_heads=k.shape[1], sparse_mode=plan.sparse_mode,
+        )
+        out = out[..., :dv]
+        # Only Tq > Tk can leave a query with no visible key; dshal defines those rows as 0.
+        hidden = masked_pairs(tq, tk, causal, window, global_tokens, q.device) if tq > tk else None
+        return out if hidden is None else zero_rows_without_keys(out, hidden)
 
-# ---------------------------------------------------------------- MoE
+    # ------------------------------------------------------------ MoE
+    def moe_gate(self, logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
+        _require_npu_float("moe_gate", "logits", logits)
+        fits = logits.shape[0] > 0 and self.features.gating_top_k
+        if fits:
+            fits, _why = gating_top_k_fit(logits.shape[1], top_k, n_group, topk_group,
+                                          fixed_shape=self.features.gating_fixed_shape, has_bias=bias is not None)
+        if not fits:
+            reference = _reference("moe_gate")
+            return reference(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+        # -> (y, expert_idx int32, norm_out). float32 in, so a float32 bias is not rounded before
+        # the choice; only expert_idx is used, the weights are recomputed exactly (finish_gate).
+        _y, ids, _norm = self.npu.npu_moe_gating_top_k(
+            logits.to(torch.float32), top_k,
+            bias=None if bias is None else bias.to(torch.float32),
+            k_group=topk_group, group_count=n_group,
+            group_select_mode=1,  # group score = sum of its top-2 experts (DeepSeek-V3)
+            renorm=0, norm_type=1,  # sigmoid, then top-k
+            out_flag=False, routed_scaling_factor=1.0, eps=1e-20,
+        )
+        return finish_gate(logits, bias, ids, routed_scaling_factor, norm_topk_prob)
 
+    def _grouped_matmul(self, rows, weight_ekn, group_ends, **quant):
+        """One ``npu_grouped_matmul`` over expert-sorted ``rows [M, K]`` and ``weight_ekn [E, K, N]``
+        (single tensor in and out: split_item 2); N beyond the kernel limit is split."""
+        if self.features.grouped_matmul_v2:
+            group = dict(group_list=group_ends, group_type=0, group_list_type=0)  # cumulative counts
+        else:
+            group = dict(group_list=[int(c) for c in group_ends.tolist()])  # 6.0.0: int[] (host copy)
+        pieces = []
+        for lo, hi in split_ranges(weight_ekn.shape[-1]):
+            w = weight_ekn if (lo, hi) == (0, weight_ekn.shape[-1]) else weight_ekn[..., lo:hi]
+            scale = quant.get("scale")
+            kw = dict(quant, scale=[scale[0][..., lo:hi]]) if scale is not None else quant
+            pieces.append(self.npu.npu_grouped_matmul([rows], [w], split_item=2, **group, **kw)[0])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
-def moe_gate(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
-    _require_npu_float("moe_gate", "logits", logits)
-    if logits.shape[0] == 0:
-        return _reference("moe_gate")(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
-    fits, _why = gating_top_k_fit(logits.shape[1], top_k, n_group, topk_group)
-    if not fits:
-        return _reference("moe_gate")(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
-    # torch_npu-npu_moe_gating_top_k.md: (x, k, *, bias, k_group, group_count, group_select_mode,
-    # renorm, norm_type, out_flag, routed_scaling_factor, eps) -> (y, expert_idx int32, norm_out).
-    # float32 in, so a float32 correction bias is not rounded to bf16 before the choice.
-    # Only expert_idx is used: the doc's y formula is an image we could not read precisely,
-    # so weights are recomputed from the ids exactly as dshal defines them (finish_gate).
-    _y, ids, _norm = _torch_npu().npu_moe_gating_top_k(
-        logits.to(torch.float32), top_k,
-        bias=None if bias is None else bias.to(torch.float32),
-        k_group=topk_group, group_count=n_group,
-        group_select_mode=1,  # group score = sum of its top-2 experts (DeepSeek-V3)
-        renorm=0,  # norm (sigmoid) before top-k; the only value the doc allows
-        norm_type=1,  # sigmoid
-        out_flag=False, routed_scaling_factor=1.0, eps=1e-20,
-    )
-    return finish_gate(logits, bias, ids, routed_scaling_factor, norm_topk_prob)
+    def _experts_ekn(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[E, N, K]`` as the ``[E, K, N]`` weight npu_grouped_matmul takes: a transposed view
+        (its doc lists transposed, i.e. stride-swapped, weights as supported), so the experts are
+        never copied; only a weight in another dtype is cast, once."""
+        if w.dtype != dtype:
+            w = self.prepared.get(w, f"cast:{dtype}", lambda: w.to(dtype))
+        return w.transpose(1, 2)
 
+    def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+        _require_npu_float("moe_experts", "x", x)
+        if ids.numel() == 0:
+            return torch.zeros_like(x)
+        hidden, inter = w13.shape[2], w2.shape[2]
+        if max(hidden, inter) > 65535:  # K beyond one call's limit: partial sums would round per piece
+            return _reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
+        if w13.dtype == torch.int8:
+            if not self.features.w8a8_experts:
+                return _reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
+            return self._moe_experts_w8a8(x, weights, ids, w13, w2, w13_scale, w2_scale)
+        if w13_scale is not None:  # FP8 (emulated): decode only the experts this batch uses
+            active = active_experts(ids)
+            routing = route_tokens(weights, active.local_ids, active.index.numel())
+            w13_d = dequantize_expert_weights(w13[active.index], w13_scale[active.index], x.dtype).transpose(1, 2)
+            w2_d = dequantize_expert_weights(w2[active.index], w2_scale[active.index], x.dtype).transpose(1, 2)
+            rows = fp8_expert_rows(x[routing.token_of_row], w13)
+            h = self._grouped_matmul(rows, w13_d, routing.group_ends)
+            act = self.npu.npu_swiglu(h, dim=-1)
+            act = fake_quantize_fp8(act, (1, 128), format_of(w2.dtype).name).to(act.dtype)
+            y = self._grouped_matmul(act, w2_d, routing.group_ends)
+            return combine_rows(y, routing, x.shape[0]).to(x.dtype)
+        routing = route_tokens(weights, ids, w13.shape[0])
+        h = self._grouped_matmul(x[routing.token_of_row], self._experts_ekn(w13, x.dtype), routing.group_ends)
+        act = self.npu.npu_swiglu(h, dim=-1)  # gate rows first, then up rows: swish(A) * B
+        y = self._grouped_matmul(act, self._experts_ekn(w2, x.dtype), routing.group_ends)
+        return combine_rows(y, routing, x.shape[0]).to(x.dtype)
 
-def _grouped_matmul(rows: torch.Tensor, weight_ekn: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
-    # torch_npu-npu_grouped_matmul.md, "single-single-single" with group_type=0 (group the M
-    # axis): x [M, K], weight [E, K, N] (the doc allows transposed weights; we pass a transposed
-    # view -- unverified off-hardware whether the kernel reads its strides or wants .contiguous()),
-    # group_list = cumulative row counts (group_list_type=0), split_item=2 -> one tensor [M, N].
-    return _torch_npu().npu_grouped_matmul(
-        [rows], [weight_ekn], group_list=group_ends, split_item=2, group_type=0, group_list_type=0,
-    )[0]
+    def _dynamic_quant(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token int8 of ``rows [M, K]`` -> ``(q [M, K], scale [M] float32)``."""
+        q, scale = self.quantize_int8(rows)
+        return q, scale.reshape(-1)
 
+    def _moe_experts_w8a8(self, x, weights, ids, w13, w2, w13_scale, w2_scale):
+        """int8 experts as vllm-ascend's w8a8_dynamic runs them: per-token dynamic int8
+        activations, ``npu_grouped_matmul`` with the per-channel weight ``scale`` and the
+        ``per_token_scale``, bf16 out; SwiGLU, re-quantized per token, second grouped matmul."""
+        out_dtype = x.dtype if x.dtype in HALF_FLOATS else torch.bfloat16
+        routing = route_tokens(weights, ids, w13.shape[0])
+        rows = x[routing.token_of_row]
+        q, token_scale = self._dynamic_quant(rows if rows.dtype in HALF_FLOATS else rows.to(out_dtype))
+        # op-plugin 7.1.0 npu_grouped_matmul doc, per-token table: scale bf16 for a bf16 output,
+        # float32 for float16; per_token_scale float32.
+        scale_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+        def per_expert(scale: torch.Tensor) -> torch.Tensor:  # [E, N, 1] -> [E, N], once per scale
+            as_rows = lambda: scale.reshape(scale.shape[0], -1).to(scale_dtype)  # noqa: E731
+            return self.prepared.get(scale, f"scale:{scale_dtype}", as_rows)
 
-def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
-    _require_npu_float("moe_experts", "x", x)
-    if ids.numel() == 0:
-        return torch.zeros_like(x)
-    prep = expert_operands(x, weights, ids, w13, w2, w13_scale, w2_scale)
-    h = _grouped_matmul(prep.rows, prep.w13_ekn, prep.routing.group_ends)
-    act = _torch_npu().npu_swiglu(h, dim=-1)  # gate rows first, then up rows: swish(A) * B
-    y = _grouped_matmul(prep.between(act), prep.w2_ekn, prep.routing.group_ends)
-    return combine_rows(y, prep.routing, x.shape[0]).to(x.dtype)
+        s13, s2 = per_expert(w13_scale), per_expert(w2_scale)
+        h = self._grouped_matmul(q, self._experts_ekn(w13, torch.int8), routing.group_ends,
+                                 scale=[s13], per_token_scale=[token_scale], output_dtype=out_dtype)
+        act = self.npu.npu_swiglu(h, dim=-1)
+        q2, act_scale = self._dynamic_quant(act)
+        y = self._grouped_matmul(q2, self._experts_ekn(w2, torch.int8), routing.group_ends,
+                                 scale=[s2], per_token_scale=[act_scale], output_dtype=out_dtype)
+        return combine_rows(y, routing, x.shape[0]).to(x.dtype)
 
+    # ------------------------------------------------------------ int8 (W8A8, native)
+    def quantize_int8(self, x):
+        if x.dtype not in HALF_FLOATS or x.numel() == 0:  # npu_dynamic_quant: fp16/bf16, non-empty
+            _require_npu_float("quantize_int8", "x", x)
+            return _reference("quantize_int8")(x)
+        # per-token symmetric -> (y int8, scale float32 x.shape[:-1]); the kernel wants >= 2 dims
+        q, scale = self.npu.npu_dynamic_quant(x.reshape(-1, x.shape[-1]))
+        return dynamic_quant_result(q, scale, x.shape)
 
-# ---------------------------------------------------------------- int8 (W8A8, native)
+    def _weight_tiles(self, b: torch.Tensor) -> dict[tuple[tuple[int, int], tuple[int, int]], torch.Tensor]:
+        """int8 ``b [N, K]`` as the ``x2 [K, N]`` npu_quant_matmul reads best: transposed and cast
+        to FRACTAL_NZ once per weight (as vllm-ascend does after loading), not a strided view per
+        call; cut into tiles of at most 65535 along K and N first (usually one tile)."""
+        def make():
+            n, k = b.shape
+            return {
+                (kr, nr): self.npu.npu_format_cast(b[nr[0]:nr[1], kr[0]:kr[1]].t().contiguous(), ACL_FORMAT_FRACTAL_NZ)
+                for kr in split_ranges(k) for nr in split_ranges(n)
+            }
+        return self.prepared.get(b, "kn-nz", make)
 
+    def _quant_matmul(self, q, token_scale, b, b_scale, out_dtype, bias=None):
+        """W8A8 ``(q [M, K] @ b[N, K]^T) * token_scale * b_scale (+ bias)``, K and N split at the
+        kernel's limit; float32 out (or a split K) via int32 partial sums (7.0.0+), else the reference."""
+        m, k = q.shape
+        n = b.shape[0]
+        scale_n = b_scale.reshape(-1).to(torch.float32)
+        tokens = token_scale.reshape(-1).to(torch.float32)
+        tiles = self._weight_tiles(b)
+        if out_dtype in HALF_FLOATS and len(split_ranges(k)) == 1:
+            pieces = []
+            for (_kr, (lo, hi)), w in tiles.items():
+                bias_part = None if bias is None else bias.to(torch.float32)[lo:hi]
+                # -> out = (x1 @ x2) * scale * pertoken_scale (+ bias), bf16/fp16
+                pieces.append(self.npu.npu_quant_matmul(q, w, scale_n[lo:hi], pertoken_scale=tokens,
+                                                        bias=bias_part, output_dtype=out_dtype))
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        if not self.features.quant_matmul_int32_guard:  # 6.0.0 would reinterpret the float32 scale
+            y = _reference("int8_gemm")(q, token_scale.reshape(-1, 1), b, b_scale.reshape(-1, 1), torch.float32)
+            return (y if bias is None else y + bias.to(torch.float32)).to(out_dtype)
+        ones = torch.ones(n, dtype=torch.float32, device=b.device)
+        acc = torch.zeros(m, n, dtype=torch.int32, device=q.device)
+        for ((k_lo, k_hi), (lo, hi)), w in tiles.items():
+            part = q[:, k_lo:k_hi].contiguous()
+            acc[:, lo:hi] += self.npu.npu_quant_matmul(part, w, ones[lo:hi], output_dtype=torch.int32)
+        y = acc.to(torch.float32) * tokens[:, None] * scale_n[None, :]
+        return (y if bias is None else y + bias.to(torch.float32)).to(out_dtype)
 
-def quantize_int8(x):
-    if x.dtype not in HALF_FLOATS or x.numel() == 0:  # npu_dynamic_quant: fp16/bf16, non-empty
-        _require_npu_float("quantize_int8", "x", x)
-        return _reference("quantize_int8")(x)
-    # torch_npu-npu_dynamic_quant.md: per-token symmetric -> (y int8, scale float32 x.shape[:-1]);
-    # the kernel wants >= 2 dims.
-    q, scale = _torch_npu().npu_dynamic_quant(x.reshape(-1, x.shape[-1]))
-    return dynamic_quant_result(q, scale, x.shape)
+    def int8_gemm(self, a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+        _require_npu_out_dtype("int8_gemm", out_dtype)
+        if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
+            return torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+        return self._quant_matmul(a.contiguous(), a_scale, b, b_scale, out_dtype)
 
+    # ------------------------------------------------------------ FP8 (emulated on 910B)
+    def dequantize_fp8(self, q, scale, block=(1, 128), out_dtype=torch.bfloat16):
+        _require_npu_out_dtype("dequantize_fp8", out_dtype)
+        return dequantize_to(decode_fp8(q), scale, None if block is None else tuple(block), torch.float32).to(out_dtype)
 
-def int8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    _require_npu_out_dtype("int8_gemm", out_dtype)
-    if a.shape[0] == 0 or b.shape[0] == 0 or a.shape[1] == 0:
-        return torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    npu = _torch_npu()
-    a = a.contiguous()
-    if out_dtype in HALF_FLOATS:
-        # torch_npu-npu_quant_matmul.md table 2 rows "int8, int8, float32 scale, pertoken float32
-        # -> bfloat16 / float16": out = (x1 @ x2) * scale * pertoken_scale. x2 is [K, N]: b.T.
-        x1, x2, scale, pertoken = quant_matmul_args(a, a_scale, b, b_scale)
-        return npu.npu_quant_matmul(x1, x2, scale, pertoken_scale=pertoken, output_dtype=out_dtype)
-    # float32 out: the int32-output row (no pertoken_scale), then scale in float32 here.
-    # Uncertain: whether `scale` is applied to an int32 output; a unit scale is right either way.
-    ones = torch.ones(b.shape[0], dtype=torch.float32, device=b.device)
-    acc = npu.npu_quant_matmul(a, b.t(), ones, output_dtype=torch.int32)
-    return acc.to(torch.float32) * a_scale.to(torch.float32) * b_scale.to(torch.float32).t()
+    def fp8_gemm(self, a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+        _require_npu_out_dtype("fp8_gemm", out_dtype)
+        # 910B has no FP8 units: decode to bf16 on the NPU, then a bf16 matmul (fp32 accumulate).
+        a_block, b_block = GRANULARITY_BLOCKS[gemm_granularity("fp8_gemm", a, a_scale, b, b_scale)]
+        if a_block is None:
+            a_scale, b_scale = a_scale.reshape(()), b_scale.reshape(())
+        ad = dequantize_to(decode_fp8(a), a_scale, a_block, torch.float32).to(torch.bfloat16)
+        bd = dequantize_to(decode_fp8(b), b_scale, b_block, torch.float32).to(torch.bfloat16)
+        return (ad @ bd.t()).to(out_dtype)
 
+    def linear(self, x, weight, bias=None, weight_scale=None):
+        _require_npu_float("linear", "x", x)
+        if weight_scale is None:  # plain float matmul (CANN MatMul through torch)
+            b = None if bias is None else bias.to(x.dtype)
+            return F.linear(x, weight.to(x.dtype), b)
+        rows = x.reshape(-1, x.shape[-1])
+        n = weight.shape[0]
+        if weight.dtype == torch.int8:
+            y = self._linear_w8a8(rows, weight, weight_scale, bias)
+        else:  # FP8 weight, emulated: decoded to bf16 once per weight, x rounded per the weight's scheme
+            mode = _weight_blocks(weight, weight_scale)
+            x_block, w_block = GRANULARITY_BLOCKS[mode]
+            xd = fake_quantize_fp8(rows, x_block, format_of(weight.dtype).name).to(torch.bfloat16)
+            ws = weight_scale.reshape(()) if mode == "tensor" else weight_scale
+            def decoded() -> torch.Tensor:
+                return dequantize_to(decode_fp8(weight), ws, w_block, torch.float32).to(torch.bfloat16)
 
-# ---------------------------------------------------------------- FP8 (emulated on 910B)
+            wd = self.prepared.get(weight, "fp8-decoded", decoded)
+            y = (xd @ wd.t()).to(torch.float32)
+            if bias is not None:
+                y = y + bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
-
-def dequantize_fp8(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
-    _require_npu_out_dtype("dequantize_fp8", out_dtype)
-    return dequantize_to(decode_fp8(q), scale, None if block is None else tuple(block), torch.float32).to(out_dtype)
-
-
-def _fp8_operands_bf16(a, a_scale, b, b_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    a_block, b_block = GRANULARITY_BLOCKS[gemm_granularity("fp8_gemm", a, a_scale, b, b_scale)]
-    if a_block is None:
-        a_scale, b_scale = a_scale.reshape(()), b_scale.reshape(())
-    ad = dequantize_to(decode_fp8(a), a_scale, a_block, torch.float32).to(torch.bfloat16)
-    bd = dequantize_to(decode_fp8(b), b_scale, b_block, torch.float32).to(torch.bfloat16)
-    return ad, bd
-
-
-def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    _require_npu_out_dtype("fp8_gemm", out_dtype)
-    # 910B has no FP8 units: dequantize to bf16 on the NPU, then a bf16 matmul (fp32 accumulate).
-    ad, bd = _fp8_operands_bf16(a, a_scale, b, b_scale)
-    return (ad @ bd.t()).to(out_dtype)
+    def _linear_w8a8(self, rows, weight, weight_scale, bias):
+        """Per-token dynamic int8 activations x per-channel int8 weights (the W8A8 path)."""
+        if rows.shape[0] == 0:
+            y = torch.zeros(0, weight.shape[0], dtype=torch.float32, device=rows.device)
+            return y if bias is None else y + bias.to(torch.float32)
+        q, token_scale = self._dynamic_quant(rows)
+        out_dtype = rows.dtype if rows.dtype in HALF_FLOATS else torch.float32
+        return self._quant_matmul(q, fix_zero_scales(token_scale), weight, weight_scale, out_dtype, bias)
 
 
 def _weight_blocks(weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
@@ -247,63 +415,3 @@ def _weight_blocks(weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
     if tuple(weight_scale.shape) == (-(-n // 128), -(-k // 128)):
         return "block"
     return "row" if tuple(weight_scale.shape) == (n, 1) else "tensor"
-
-
-def linear(x, weight, bias=None, weight_scale=None):
-    _require_npu_float("linear", "x", x)
-    if weight_scale is None:  # plain float matmul (CANN MatMul through torch)
-        b = None if bias is None else bias.to(x.dtype)
-        return F.linear(x, weight.to(x.dtype), b)
-    rows = x.reshape(-1, x.shape[-1])
-    n = weight.shape[0]
-    if weight.dtype == torch.int8:
-        y = _linear_w8a8(rows, weight, weight_scale, bias)
-    else:  # FP8 weight: emulated (x rounded per the weight's scheme, both dequantized to bf16)
-        mode = _weight_blocks(weight, weight_scale)
-        x_block, w_block = GRANULARITY_BLOCKS[mode]
-        xd = fake_quantize_fp8(rows, x_block, format_of(weight.dtype).name).to(torch.bfloat16)
-        ws = weight_scale.reshape(()) if mode == "tensor" else weight_scale
-        wd = dequantize_to(decode_fp8(weight), ws, w_block, torch.float32).to(torch.bfloat16)
-        y = (xd @ wd.t()).to(torch.float32)
-        if bias is not None:
-            y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
-
-
-def _linear_w8a8(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Per-token dynamic int8 activations x per-channel int8 weights (the W8A8 path).
-    Activations are assumed finite here (npu_dynamic_quant's handling of +-Inf/NaN is not
-    documented); the standalone ``quantize_int8`` op follows dshal's rules for float32."""
-    if rows.shape[0] == 0:
-        y = torch.zeros(0, weight.shape[0], dtype=torch.float32, device=rows.device)
-        return y if bias is None else y + bias.to(torch.float32)
-    if rows.dtype in HALF_FLOATS:
-        npu = _torch_npu()
-        q, token_scale = npu.npu_dynamic_quant(rows)  # torch_npu-npu_dynamic_quant.md
-        x1, x2, scale, pertoken = quant_matmul_args(q, token_scale, weight, weight_scale)
-        # torch_npu-npu_quant_matmul.md: a float32 bias with bf16/fp16 output is added after scaling.
-        b = None if bias is None else bias.to(torch.float32)
-        return npu.npu_quant_matmul(x1, x2, scale, pertoken_scale=pertoken, bias=b, output_dtype=rows.dtype)
-    q, token_scale = quantize_int8(rows)
-    y = int8_gemm(q, token_scale, weight, weight_scale, torch.float32)
-    return y if bias is None else y + bias.to(torch.float32)
-
-
-#: op name -> implementation. quantize_fp8 is absent on purpose: 910B cannot hold the
-#: result natively, so the reference serves it (shown as a fallback by ``dshal info``).
-OPS: dict[str, Callable[..., Any]] = {
-    "dequantize_fp8": dequantize_fp8,
-    "quantize_int8": quantize_int8,
-    "fp8_gemm": fp8_gemm,
-    "int8_gemm": int8_gemm,
-    "linear": linear,
-    "rms_norm": rms_norm,
-    "silu_and_mul": silu_and_mul,
-    "rotary_embedding": rotary_embedding,
-    "attention": attention,
-    "moe_gate": moe_gate,
-    "moe_experts": moe_experts,
-}
-
-#: How each op is served on 910B (``Capabilities.op_kinds``).
-OP_KINDS = {name: "native" for name in OPS} | {"dequantize_fp8": "emulated", "fp8_gemm": "emulated"}

@@ -8,8 +8,13 @@ go from harmless to risky, and stop at the first failure:
 2. the CANN shared libraries (``libascendcl.so``, ``libhccl.so``) in ``ASCEND_HOME_PATH``,
    ``ASCEND_TOOLKIT_HOME``, ``LD_LIBRARY_PATH`` or ``/usr/local/Ascend/...``, and the CANN
    version from the toolkit's install-info file -- plain file reads;
-3. only then a child process (``TORCH_DEVICE_BACKEND_AUTOLOAD=0``, with a timeout) that
-   imports torch_npu and counts the NPUs. A crash there cannot hurt this process.
+3. the installed torch_npu version (package metadata, no import) against the minimum
+   supported op-plugin release (:mod:`dshal_ascend.releases`): an older release is reported
+   unavailable with the reason, rather than failing at its first kernel call;
+4. only then a child process (``TORCH_DEVICE_BACKEND_AUTOLOAD=0``, with a timeout) that
+   imports torch_npu, counts the NPUs and reads the schemas of the kernels the plugin calls
+   (``torch.ops.npu.<kernel>``), so the op table follows what is really installed.
+   A crash there cannot hurt this process.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
+
+from dshal_ascend.releases import KERNELS, ReleaseMatch, release_of
 
 #: CANN libraries torch_npu needs at import (ACL runtime) and for collectives (HCCL).
 REQUIRED_LIBRARIES = ("libascendcl.so", "libhccl.so")
@@ -34,12 +42,22 @@ DEFAULT_CANN_ROOTS = (
 )
 PROBE_TIMEOUT_S = 120.0
 
-# Runs in a child process: import torch_npu explicitly (autoload disabled) and describe NPU 0.
+# Runs in a child process: import torch_npu explicitly (autoload disabled), describe NPU 0 and
+# read the schemas of the kernels named in argv[1] (JSON list).
 _PROBE_SOURCE = r"""
 import json, sys
 import torch
 import torch_npu
 out = {"torch_npu": getattr(torch_npu, "__version__", "?"), "count": int(torch.npu.device_count())}
+schemas = {}
+for kernel in json.loads(sys.argv[1]):
+    try:
+        packet = getattr(torch.ops.npu, kernel)
+        texts = [str(getattr(packet, o)._schema).replace("npu::", "", 1) for o in packet.overloads()]
+    except Exception:
+        continue
+    schemas[kernel] = [t for t in texts if not t.split("(", 1)[0].endswith(".out")]
+out["schemas"] = schemas
 if out["count"]:
     props = torch.npu.get_device_properties(0)
     out["name"] = torch.npu.get_device_name(0)
@@ -82,6 +100,10 @@ class NpuProbe:
     cube_cores: int | None = None
     cann_version: str | None = None
     torch_npu_version: str | None = None
+    #: The op-plugin release the torch_npu version belongs to (e.g. ``"7.0.0"``).
+    release: str | None = None
+    #: Kernel name -> schema strings read from ``torch.ops.npu`` in the child (empty: not read).
+    schemas: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def cann_roots(env: Mapping[str, str]) -> list[Path]:
@@ -179,7 +201,7 @@ def probe_npu(timeout_s: float = PROBE_TIMEOUT_S, env: Mapping[str, str] | None 
     child_env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _PROBE_SOURCE],
+            [sys.executable, "-c", _PROBE_SOURCE, json.dumps(list(KERNELS))],
             env=child_env, capture_output=True, text=True, timeout=timeout_s, check=False,
         )
     except subprocess.TimeoutExpired:
@@ -191,7 +213,8 @@ def probe_npu(timeout_s: float = PROBE_TIMEOUT_S, env: Mapping[str, str] | None 
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
         return NpuProbe(False, f"import torch_npu failed in a child process (exit {done.returncode}): {tail}")
     data = json.loads(line[len("DSHAL_PROBE "):])
-    common = dict(cann_version=data.get("cann"), torch_npu_version=data.get("torch_npu"))
+    schemas = {k: tuple(v) for k, v in (data.get("schemas") or {}).items()}
+    common = dict(cann_version=data.get("cann"), torch_npu_version=data.get("torch_npu"), schemas=schemas)
     if not data.get("count"):
         shown = os.environ.get("ASCEND_RT_VISIBLE_DEVICES") if env is None else env.get("ASCEND_RT_VISIBLE_DEVICES")
         hint = f" (ASCEND_RT_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
@@ -202,10 +225,35 @@ def probe_npu(timeout_s: float = PROBE_TIMEOUT_S, env: Mapping[str, str] | None 
     )
 
 
-def diagnose(env: Mapping[str, str] | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[NpuProbe, CannInstall | None]:
-    """Run checks 1-3 (module docstring), stopping at the first that fails."""
+def installed_torch_npu_version() -> str | None:
+    """The installed torch_npu distribution's version, from its metadata (no import)."""
+    try:
+        return metadata.version("torch_npu")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def release_gate(torch_npu_version: str | None) -> tuple[NpuProbe | None, ReleaseMatch | None]:
+    """Check 3: an unavailable NpuProbe saying why when the version is older than the minimum
+    release (or not understood); ``(None, match)`` when it may go on."""
+    if torch_npu_version is None:  # metadata missing (e.g. a source build): the child probe decides
+        return None, None
+    match = release_of(torch_npu_version)
+    if not match.supported:
+        return NpuProbe(False, match.reason, torch_npu_version=torch_npu_version,
+                        release=match.release.name if match.release else None), match
+    return None, match
+
+
+def diagnose(
+    env: Mapping[str, str] | None = None, timeout_s: float = PROBE_TIMEOUT_S
+) -> tuple[NpuProbe, CannInstall | None]:
+    """Run checks 1-4 (module docstring), stopping at the first that fails."""
     if not torch_npu_installed():
         return NpuProbe(False, "torch_npu not installed (install dshal-ascend's npu extra on an NPU host)"), None
+    too_old, match = release_gate(installed_torch_npu_version())
+    if too_old is not None:
+        return too_old, None
     cann = find_cann(env)
     if cann.missing:
         where = ", ".join(cann.searched[:4]) + (" ..." if len(cann.searched) > 4 else "")
@@ -215,6 +263,12 @@ def diagnose(env: Mapping[str, str] | None = None, timeout_s: float = PROBE_TIME
         )
         return NpuProbe(False, reason), cann
     probe = probe_npu(timeout_s, env)
+    if match is None and probe.torch_npu_version:  # version known only from the child
+        too_old, match = release_gate(probe.torch_npu_version)
+        if too_old is not None:
+            return too_old, cann
     version = probe.cann_version or cann.version
+    release = match.release.name if match and match.release else None
     suffix = f"; CANN {version}" if version else ""
-    return replace(probe, reason=probe.reason + suffix, cann_version=version), cann
+    suffix += f"; torch_npu {match.torch_npu}: {match.reason}" if match else ""
+    return replace(probe, reason=probe.reason + suffix, cann_version=version, release=release), cann

@@ -73,3 +73,31 @@ def test_ascend_convert_checkpoint_directory(tmp_path):
     assert "quantization_config" not in config and config["dshal_quantization"]["scheme"] == "w8a8-int8"
     assert (dst / "tokenizer.json").exists()
     assert main([str(tmp_path / "missing"), str(dst)]) == 1
+
+
+def test_ascend_convert_bf16_checkpoint_layout():
+    """A bf16 checkpoint: every projection (experts in the per-expert HF layout included) becomes
+    int8 [N, K] + float32 weight_scale [N, 1]; embedding, lm_head, router and norms stay."""
+    torch.manual_seed(2)
+    names = {
+        "model.embed_tokens.weight": (32, 16),
+        "lm_head.weight": (32, 16),
+        "model.layers.0.input_layernorm.weight": (16,),
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (12, 16),
+        "model.layers.0.self_attn.o_proj.weight": (16, 24),
+        "model.layers.1.mlp.gate.weight": (4, 16),
+        "model.layers.1.mlp.experts.3.gate_proj.weight": (8, 16),
+        "model.layers.1.mlp.experts.3.down_proj.weight": (16, 8),
+        "model.layers.1.mlp.shared_experts.up_proj.weight": (8, 16),
+    }
+    tensors = {n: torch.randn(*shape, dtype=torch.bfloat16) for n, shape in names.items()}
+    out = convert_state_dict(tensors)
+    for name, shape in names.items():
+        if name.endswith("_proj.weight") or name.endswith("kv_a_proj_with_mqa.weight"):
+            scale = out[name[: -len("weight")] + "weight_scale"]
+            assert out[name].dtype == torch.int8 and out[name].shape == shape
+            assert scale.dtype == torch.float32 and scale.shape == (shape[0], 1)
+            err = (out[name].float() * scale - tensors[name].float()).abs()
+            assert bool((err <= scale / 2 + 1e-6).all())  # half an int8 step per row
+        else:
+            assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], tensors[name])

@@ -13,8 +13,12 @@ import torch
 import dshal.ops.reference as ref
 from dshal.errors import DTypeError
 from dshal.ops.spec import FP8_DTYPES
-from dshal_ascend import npu_ops
 from dshal_ascend.fp8emu import FORMATS, decode_fp8, fake_quantize_fp8, round_to_fp8_grid
+from dshal_ascend.npu_ops import AscendOps
+from dshal_ascend.releases import MINIMUM_RELEASE, kernel_features
+
+# No kernel module: these paths must not touch torch_npu (touching it would import it and fail here).
+npu_ops = AscendOps(kernel_features(MINIMUM_RELEASE))
 
 
 @pytest.mark.parametrize("fmt", sorted(FP8_DTYPES))
@@ -78,3 +82,18 @@ def test_ascend_emulated_fp8_linear_close_to_reference(scheme):
     want = ref.linear(x, w, bias, w_s).float()
     assert got.shape == (2, 5, 96)
     assert (got - want).norm() / want.norm() < 1e-2
+
+
+def test_ascend_fp8_linear_weight_decoded_once():
+    torch.manual_seed(4)
+    ops = AscendOps(kernel_features(MINIMUM_RELEASE))
+    w, w_s = ref.quantize_fp8(torch.randn(64, 256), (128, 128), "e4m3fn")
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    first = ops.linear(x, w, None, w_s)
+    assert len(ops.prepared) == 1
+    assert torch.equal(ops.linear(x, w, None, w_s), first) and len(ops.prepared) == 1
+    del w
+    import gc
+
+    gc.collect()
+    assert len(ops.prepared) == 0  # dropped with its weight

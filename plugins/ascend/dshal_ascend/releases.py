@@ -1,0 +1,279 @@
+"""Which torch_npu release is installed, and what each release's kernels accept.
+
+A torch_npu build belongs to one "Ascend Extension for PyTorch" release (the op-plugin
+branch, e.g. ``7.0.0``), which pins a CANN version. The release decides which kernels
+exist and how they are called, so the plugin reads the installed torch_npu version (and,
+on an NPU host, the kernels' schemas, in the child-process probe) and plans every op from
+that: :func:`kernel_features` -> :func:`plan_ops`.
+
+Facts (source beside each):
+
+* torch_npu version -> release, CANN: the version table of ``Ascend/pytorch`` README.md
+  (branch ``v2.9.0-7.3.0``, "CANN Version / Supported Extension Version"), torch >= 2.4 rows.
+* Signatures: ``op_signatures/<release>.json`` (op-plugin ``op_plugin_functions.yaml`` of the
+  release branch). 6.0.0: ``npu_rotary_mul(self, r1, r2)`` (no ``rotary_mode``), no
+  ``npu_interleave_rope`` / ``npu_moe_gating_top_k``, ``npu_grouped_matmul`` takes
+  ``int[]? group_list`` without ``group_type`` / ``group_list_type`` / ``per_token_scale``.
+  7.0.0 has all of them.
+* ``npu_moe_gating_top_k`` on Atlas A2/A3: op-plugin 7.1.0
+  ``docs/context/torch_npu-npu_moe_gating_top_k.md`` accepts only 256 experts, k in [1, 32],
+  a bias, k_group 4, group_count 8; the 7.2.0 page lifts this (E <= 2048, general groups).
+  7.0.0 ships no page; it is held to the 7.1.0 limits.
+* ``npu_rms_norm``: the 7.1.0 doc page wants gamma in x's dtype; the 7.2.0 page accepts a float32
+  gamma with bf16/fp16 x on A2/A3.
+* ``npu_quant_matmul``: op-plugin 6.0.0 ``QuantMatmulKernelNpuOpApi.cpp`` converts a float32
+  ``scale`` with ``npu_trans_quant_param`` whenever there is no ``pertoken_scale`` and the output
+  is not bf16 -- int32 output included; 7.0.0 adds ``output_dtype != at::kInt`` to that guard.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dshal_ascend.schema import ReleaseSignatures, recorded_signatures
+
+#: The kernels the plugin calls (the probe reads their schemas on an NPU host).
+KERNELS = (
+    "npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul", "npu_interleave_rope",
+    "npu_fused_infer_attention_score", "npu_moe_gating_top_k", "npu_grouped_matmul",
+    "npu_dynamic_quant", "npu_quant_matmul", "npu_format_cast",
+)
+
+#: op -> the kernels it cannot run without (moe_gate falls back per call on its own).
+OP_KERNELS = {
+    "rms_norm": ("npu_rms_norm", "npu_add_rms_norm"),
+    "silu_and_mul": ("npu_swiglu",),
+    "rotary_embedding": ("npu_rotary_mul",),
+    "attention": ("npu_fused_infer_attention_score",),
+    "moe_experts": ("npu_grouped_matmul", "npu_swiglu", "npu_dynamic_quant"),
+    "quantize_int8": ("npu_dynamic_quant",),
+    "int8_gemm": ("npu_quant_matmul", "npu_format_cast"),
+    "linear": ("npu_dynamic_quant", "npu_quant_matmul", "npu_format_cast"),
+}
+
+
+@dataclass(frozen=True)
+class Release:
+    """One Ascend Extension for PyTorch release (= op-plugin branch)."""
+
+    name: str
+    cann: str
+    #: torch_npu versions of this release built for torch >= 2.4 (README table).
+    torch_npu: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return _release_key(self.name)
+
+
+def _release_key(name: str) -> tuple[int, ...]:
+    # "6.0.rc3" sorts before "6.0.0": rcN -> -100 + N
+    return tuple(-100 + int(p[2:]) if p.startswith("rc") else int(p) for p in name.split("."))
+
+
+#: Oldest first. 6.0.rc3 is kept only to recognise it as too old.
+RELEASES = (
+    Release("6.0.rc3", "8.0.RC3", ("2.4.0",)),
+    Release("6.0.0", "8.0.0", ("2.4.0.post2",)),
+    Release("7.0.0", "8.1.RC1", ("2.4.0.post4", "2.5.1")),
+    Release("7.1.0", "8.2.RC1", ("2.5.1.post1", "2.6.0")),
+    Release("7.2.0", "8.3.RC1", ("2.6.0.post3", "2.7.1", "2.8.0")),
+    Release("7.3.0", "8.5.0", ("2.6.0.post5", "2.7.1.post2", "2.8.0.post2", "2.9.0")),
+)
+RELEASE_BY_NAME = {r.name: r for r in RELEASES}
+#: The oldest release the plugin supports (also the pin of the ``npu`` extra: torch_npu >= 2.4.0.post2).
+MINIMUM_RELEASE = "6.0.0"
+MINIMUM_TORCH_NPU = "2.4.0.post2"
+WHY_MINIMUM = (
+    "the first final release for torch >= 2.4 whose op-plugin has npu_fused_infer_attention_score, "
+    "npu_dynamic_quant, npu_quant_matmul with pertoken_scale and npu_grouped_matmul"
+)
+
+
+def parse_torch_npu_version(text: str) -> tuple[tuple[int, int, int], int] | None:
+    """``"2.5.1.post1"`` -> ``((2, 5, 1), 1)``; a plain ``"2.5.1"`` has post 0, ``rcN`` -100 + N."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)(?:\.?(post|rc)(\d+))?", text.strip())
+    if match is None:
+        return None
+    base = (int(match.group(1)), int(match.group(2)), int(match.group(3)))
+    kind, num = match.group(4), match.group(5)
+    post = 0 if kind is None else (int(num) if kind == "post" else -100 + int(num))
+    return base, post
+
+
+@dataclass(frozen=True)
+class ReleaseMatch:
+    """What a torch_npu version means: its release (or None) and whether it is supported."""
+
+    torch_npu: str
+    release: Release | None
+    supported: bool
+    reason: str
+
+
+def release_of(torch_npu_version: str) -> ReleaseMatch:
+    """The release a torch_npu version belongs to: the newest release whose listed version for
+    the same torch line is not newer than it. Versions past the table take the newest release."""
+    parsed = parse_torch_npu_version(torch_npu_version)
+    minimum = RELEASE_BY_NAME[MINIMUM_RELEASE]
+    if parsed is None:
+        return ReleaseMatch(torch_npu_version, None, False, f"torch_npu version {torch_npu_version!r} not understood")
+    base, post = parsed
+    listed = [(parse_torch_npu_version(v), r) for r in RELEASES for v in r.torch_npu]
+    same_line = [(p, r) for (b, p), r in listed if b == base and p <= post]
+    newest_base = max(b for (b, _), _ in listed)
+    if same_line:
+        release = max(same_line, key=lambda pr: pr[1].key)[1]
+    elif base > newest_base:
+        release = RELEASES[-1]
+        why = f"torch_npu {torch_npu_version} is newer than the recorded releases; planned as {release.name}"
+        return ReleaseMatch(torch_npu_version, release, True, why)
+    else:
+        return ReleaseMatch(
+            torch_npu_version, None, False,
+            f"torch_npu {torch_npu_version} predates op-plugin {MINIMUM_RELEASE} (CANN {minimum.cann}); "
+            f"dshal-ascend needs torch_npu >= {MINIMUM_TORCH_NPU}: {WHY_MINIMUM}",
+        )
+    if release.key < minimum.key:
+        return ReleaseMatch(
+            torch_npu_version, release, False,
+            f"torch_npu {torch_npu_version} is op-plugin release {release.name} (CANN {release.cann}), older than "
+            f"the minimum {MINIMUM_RELEASE} (torch_npu {MINIMUM_TORCH_NPU}, CANN {minimum.cann}): {WHY_MINIMUM}",
+        )
+    return ReleaseMatch(torch_npu_version, release, True, f"op-plugin release {release.name} (CANN {release.cann})")
+
+
+@dataclass(frozen=True)
+class KernelFeatures:
+    """How this release's kernels are called; read from its schemas plus the release facts above."""
+
+    release: str
+    signatures: ReleaseSignatures
+    #: ``npu_rotary_mul`` takes ``rotary_mode`` (else its only mode is "half").
+    rotary_mode: bool
+    interleave_rope: bool
+    gating_top_k: bool
+    #: 7.0.0/7.1.0: npu_moe_gating_top_k only for E=256, 8 groups, k_group 4, a bias, k <= 32.
+    gating_fixed_shape: bool
+    #: ``group_list`` is a Tensor with ``group_type`` / ``group_list_type`` / ``per_token_scale`` (7.0.0+).
+    grouped_matmul_v2: bool
+    #: ``npu_quant_matmul`` leaves a float32 ``scale`` alone for an int32 output (7.0.0+).
+    quant_matmul_int32_guard: bool
+    #: ``npu_rms_norm`` takes a float32 gamma with bf16/fp16 x on A2/A3 (7.2.0 docs; 7.1.0: same dtype).
+    rms_norm_fp32_gamma: bool
+
+    @property
+    def w8a8_experts(self) -> bool:
+        """int8 experts through npu_grouped_matmul with per-token activation scales."""
+        return self.grouped_matmul_v2 and self.signatures.accepts("npu_grouped_matmul", "per_token_scale")
+
+
+def kernel_features(release: str, signatures: ReleaseSignatures | None = None) -> KernelFeatures:
+    """Features of ``release``, from ``signatures`` (the probed schemas on an NPU host) or the
+    recorded ones."""
+    sig = signatures or recorded_signatures(release)
+    key = _release_key(release)
+    return KernelFeatures(
+        release=release,
+        signatures=sig,
+        rotary_mode=sig.accepts("npu_rotary_mul", "rotary_mode"),
+        interleave_rope=sig.has("npu_interleave_rope"),
+        gating_top_k=sig.has("npu_moe_gating_top_k"),
+        gating_fixed_shape=key < (7, 2, 0),
+        grouped_matmul_v2=sig.accepts("npu_grouped_matmul", "group_list", "Tensor")
+        and sig.accepts("npu_grouped_matmul", "group_list_type"),
+        quant_matmul_int32_guard=key >= (7, 0, 0),
+        rms_norm_fp32_gamma=key >= (7, 2, 0),
+    )
+
+
+@dataclass(frozen=True)
+class OpRoute:
+    """How one op is served on this release: kind (native / emulated / reference), by what, and why."""
+
+    kind: str
+    path: str
+    why: str
+
+    def describe(self) -> str:
+        return f"{self.kind}: {self.path} ({self.why})"
+
+
+def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
+    """Which path serves each op on release ``f.release``; ``dshal info`` prints this."""
+    rel = f"op-plugin {f.release}"
+    rotary = "npu_rotary_mul(x, cos, sin" + (", rotary_mode='half')" if f.rotary_mode else ") [half mode only]")
+    interleaved = (
+        "npu_interleave_rope when D == 64 and bf16/fp16, else " if f.interleave_rope else "no npu_interleave_rope: "
+    )
+    if not f.gating_top_k:
+        gate = OpRoute("reference", "dshal reference", f"{rel} has no npu_moe_gating_top_k")
+    elif f.gating_fixed_shape:
+        gate = OpRoute("native", "npu_moe_gating_top_k (ids) + exact weights",
+                       f"{rel} on A2/A3 accepts only 256 experts, 8 groups, topk_group 4, a bias, top_k <= 32; "
+                       "other shapes: reference")
+    else:
+        gate = OpRoute("native", "npu_moe_gating_top_k (ids) + exact weights",
+                       f"{rel}: E <= 2048, E/n_group > 2, align32(E/n_group)*n_group <= 2048; else reference")
+    if f.w8a8_experts:
+        experts = OpRoute("native", "npu_grouped_matmul x2 + npu_swiglu; int8: W8A8 with per_token_scale from "
+                          "npu_dynamic_quant; FP8: emulated (active experts decoded to bf16)",
+                          f"{rel}: group_list Tensor, group_type 0, group_list_type 0 (cumsum)")
+    else:
+        experts = OpRoute("native", "npu_grouped_matmul x2 + npu_swiglu (bf16); int8 experts: reference; "
+                          "FP8: emulated (active experts decoded to bf16)",
+                          f"{rel}: group_list is int[] (host copy of the counts), no per_token_scale")
+    int8_f32 = ("npu_quant_matmul int32 output, scaled in float32" if f.quant_matmul_int32_guard
+                else "reference (int32 output would reinterpret a float32 scale before 7.0.0)")
+    routes = {
+        "rms_norm": OpRoute("native", "npu_rms_norm / npu_add_rms_norm",
+                            "npu_rms_norm keeps a float32 gamma" + (" (7.2.0+ docs: fp32 gamma with bf16/fp16 x)"
+                            if f.rms_norm_fp32_gamma else " only for float32 x (before 7.2.0 gamma must match x)")
+                            + "; npu_add_rms_norm: gamma in x's dtype"),
+        "silu_and_mul": OpRoute("native", "npu_swiglu(x, dim=-1)", "swish(first half) * second half"),
+        "rotary_embedding": OpRoute("native", rotary, f"cos/sin broadcast as [1, 1, S, D]; interleaved: "
+                                    f"{interleaved}a de-interleave permutation around npu_rotary_mul"),
+        "attention": OpRoute("native", "npu_fused_infer_attention_score (BNSD, num_key_value_heads)",
+                             "causal: sparse_mode 3 + 2048x2048 mask; window: band sparse_mode 4 (pre/next tokens); "
+                             "window + global tokens: dense mask, sparse_mode 0; one query: keys sliced"),
+        "moe_gate": gate,
+        "moe_experts": experts,
+        "quantize_int8": OpRoute("native", "npu_dynamic_quant (bf16/fp16)", "float32 input: reference"),
+        "int8_gemm": OpRoute("native", "npu_quant_matmul(x1, x2 [K, N], scale, pertoken_scale)",
+                             f"bf16/fp16 out; float32 out: {int8_f32}; K or N > 65535 split"),
+        "linear": OpRoute("native", "bf16: CANN matmul; int8: npu_dynamic_quant + npu_quant_matmul on a weight "
+                          "transposed and cast to NZ once (npu_format_cast 29); FP8: emulated",
+                          "K or N > 65535 split into <= 65535 pieces"),
+        "fp8_gemm": OpRoute("emulated", "FP8 bytes decoded with integer ops, bf16 matmul", "910B has no FP8 units"),
+        "dequantize_fp8": OpRoute("emulated", "integer decode of the FP8 bytes", "no FP8 casts on the device"),
+        "quantize_fp8": OpRoute("reference", "dshal reference", "an FP8 result cannot be held natively on 910B"),
+    }
+    for op, kernels in OP_KERNELS.items():
+        missing = [k for k in kernels if not f.signatures.has(k)]
+        if missing:
+            routes[op] = OpRoute("reference", "dshal reference", f"{', '.join(missing)} missing from torch_npu ({rel})")
+    return routes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dshal-ascend-plan [--release R]``: which path serves each op on a release, from the
+    recorded signatures (no NPU needed; on an NPU host ``dshal info`` shows the probed plan)."""
+    import argparse
+
+    from dshal_ascend.schema import recorded_releases
+
+    parser = argparse.ArgumentParser(prog="dshal-ascend-plan", description=main.__doc__.split("\n")[0])
+    parser.add_argument("--release", choices=recorded_releases(), default=recorded_releases()[-1],
+                        help="op-plugin release (default: the newest recorded)")
+    args = parser.parse_args(argv)
+    release = RELEASE_BY_NAME[args.release]
+    print(f"op-plugin {release.name} (CANN {release.cann}; torch_npu {', '.join(release.torch_npu)}), "
+          "from recorded signatures -- a plan, not an NPU run")
+    for op, route in plan_ops(kernel_features(args.release)).items():
+        print(f"  {op:17s} {route.describe()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""torch_npu version -> op-plugin release, the minimum release, and what dshal info reports.
+
+The availability decision is tested on the version data (``release_gate``), never by faking an NPU.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from dshal_ascend.probe import release_gate
+from dshal_ascend.releases import MINIMUM_RELEASE, MINIMUM_TORCH_NPU, RELEASES, kernel_features, plan_ops, release_of
+from dshal_ascend.schema import recorded_releases, recorded_signatures
+
+
+def test_ascend_torch_npu_versions_map_to_releases():
+    assert release_of("2.4.0.post2").release.name == "6.0.0"
+    assert release_of("2.5.1").release.name == "7.0.0"
+    assert release_of("2.5.1.post1").release.name == "7.1.0"
+    assert release_of("2.6.0.post4").release.name == "7.2.0"  # between listed builds: the older release
+    assert release_of("2.9.0+gitabc").release.name == "7.3.0"
+    newer = release_of("2.11.0")
+    assert newer.supported and newer.release.name == "7.3.0" and "newer" in newer.reason
+
+
+def test_ascend_release_older_than_minimum_is_unavailable_with_reason():
+    probe, match = release_gate("2.4.0")  # op-plugin 6.0.rc3, CANN 8.0.RC3
+    assert probe is not None and not probe.ok and match.release.name == "6.0.rc3"
+    assert "older than the minimum 6.0.0" in probe.reason and MINIMUM_TORCH_NPU in probe.reason
+    probe, _ = release_gate("2.3.1.post4")  # torch 2.3 line
+    assert probe is not None and not probe.ok and "predates" in probe.reason
+    probe, match = release_gate("2.5.1")
+    assert probe is None and match.supported
+
+
+def test_ascend_npu_extra_pins_the_minimum_release():
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["npu"] == [f"torch_npu>={MINIMUM_TORCH_NPU}"]
+    assert MINIMUM_RELEASE == recorded_releases()[0]
+    assert all(r.name in recorded_releases() for r in RELEASES if r.key >= RELEASES[1].key)
+
+
+def test_ascend_plan_follows_release_facts():
+    old, new, relaxed = (plan_ops(kernel_features(r)) for r in ("6.0.0", "7.1.0", "7.2.0"))
+    assert "[half mode only]" in old["rotary_embedding"].path and "rotary_mode='half'" in new["rotary_embedding"].path
+    assert "256 experts" in new["moe_gate"].why and "2048" in relaxed["moe_gate"].why
+    assert "reference" in old["int8_gemm"].why and "int32 output" in new["int8_gemm"].why
+    assert kernel_features("7.2.0").rms_norm_fp32_gamma and not kernel_features("7.1.0").rms_norm_fp32_gamma
+
+
+def test_ascend_plan_command_prints_grouped_int8_path(capsys):
+    from dshal_ascend.releases import main
+
+    assert main(["--release", "7.0.0"]) == 0
+    out = capsys.readouterr().out
+    assert "not an NPU run" in out and "W8A8 with per_token_scale" in out and "npu_fused_infer_attention_score" in out
+
+
+def test_ascend_capabilities_declare_fp8_emulated_and_auto_choice():
+    from dshal_ascend import AscendBackend
+
+    caps = AscendBackend().capabilities()  # no NPU here: planned for the minimum release
+    assert caps.fp8_gemm_native is False and caps.fp8_formats == ()
+    fp8_paths = ("fp8_gemm", "dequantize_fp8", "linear[fp8]", "moe_experts[fp8]")
+    assert all(caps.op_kinds[op] == "emulated" for op in fp8_paths)
+    assert caps.fp8_checkpoint_gemm == "bf16" and "op-plugin 6.0.0" in caps.notes["gemm auto for an FP8 checkpoint"]
+    assert "moe_gate" not in caps.op_kinds  # 6.0.0: the reference serves it
+    assert caps.notes["op moe_gate"].startswith("reference")
+
+
+def test_ascend_probe_child_source_compiles_and_asks_for_every_kernel():
+    from dshal_ascend import probe
+    from dshal_ascend.releases import KERNELS, OP_KERNELS
+
+    compile(probe._PROBE_SOURCE, "<dshal-ascend probe>", "exec")  # it only ever runs on an NPU host
+    assert "torch.ops.npu" in probe._PROBE_SOURCE and "overloads()" in probe._PROBE_SOURCE
+    assert {k for ks in OP_KERNELS.values() for k in ks} <= set(KERNELS)
+    assert set(KERNELS) == set(recorded_signatures(recorded_releases()[-1]).ops)  # the newest has them all

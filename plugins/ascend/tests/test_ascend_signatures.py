@@ -1,0 +1,249 @@
+"""Every torch_npu call site of dshal-ascend, bound against each supported release's real schemas.
+
+The plugin's own op code (:class:`dshal_ascend.npu_ops.AscendOps`) runs on CPU tensors through
+:class:`~dshal_ascend.standin.SignatureCheckingStandIn` built from ``op_signatures/<release>.json``
+(op-plugin's ``op_plugin_functions.yaml`` of that release). A wrong keyword, a kernel the release
+lacks, a wrong arity or a wrong tuple index fails here. The stand-in is not an NPU: these tests
+check call sites and the plugin's layout logic, never NPU numerics, and nothing here is reported
+as an NPU result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dshal.ops.reference as ref
+from dshal_ascend.npu_ops import AscendOps
+from dshal_ascend.releases import MINIMUM_RELEASE, kernel_features, plan_ops
+from dshal_ascend.schema import SignatureError, recorded_releases, recorded_signatures
+from dshal_ascend.standin import SignatureCheckingStandIn
+
+RELEASES = recorded_releases()
+
+
+def _ops(release: str) -> tuple[AscendOps, SignatureCheckingStandIn]:
+    stand_in = SignatureCheckingStandIn(recorded_signatures(release))
+    return AscendOps(kernel_features(release), stand_in), stand_in
+
+
+def _close(got, want, rtol=1.6e-2, atol=2e-2):
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+
+
+def test_ascend_signatures_cover_supported_releases():
+    assert RELEASES[0] == MINIMUM_RELEASE and {"7.0.0", "7.1.0", "7.2.0", "7.3.0"} <= set(RELEASES)
+    for release in RELEASES:
+        src = recorded_signatures(release).sources["op_plugin"]
+        assert src["branch"] == release and len(src["commit"]) == 40
+        assert src["path"] == "op_plugin/config/op_plugin_functions.yaml"
+
+
+def test_ascend_signatures_facts_of_6_0_0_and_7_0_0():
+    old, new = recorded_signatures("6.0.0"), recorded_signatures("7.0.0")
+    assert not old.accepts("npu_rotary_mul", "rotary_mode") and new.accepts("npu_rotary_mul", "rotary_mode")
+    assert not old.has("npu_interleave_rope") and not old.has("npu_moe_gating_top_k")
+    assert new.has("npu_interleave_rope") and new.has("npu_moe_gating_top_k")
+    gmm = "npu_grouped_matmul"
+    assert old.accepts(gmm, "group_list", "int[]") and not old.accepts(gmm, "group_type")
+    assert new.accepts(gmm, "group_list", "Tensor") and new.accepts(gmm, "group_list_type")
+    assert not old.accepts(gmm, "per_token_scale") and new.accepts(gmm, "per_token_scale")
+
+
+def test_ascend_stand_in_says_it_is_not_an_npu_and_rejects_bad_calls():
+    stand_in = SignatureCheckingStandIn(recorded_signatures("6.0.0"))
+    assert stand_in.is_npu is False and "not an NPU" in stand_in.describe()
+    x, g = torch.randn(2, 8), torch.ones(8)
+    assert len(stand_in.npu_rms_norm(x, g, epsilon=1e-6)) == 2  # (y, rstd): index 2 does not exist
+    with pytest.raises(SignatureError, match="unexpected keyword argument 'eps'"):
+        stand_in.npu_rms_norm(x, g, eps=1e-6)
+    with pytest.raises(SignatureError, match="positional"):
+        stand_in.npu_rms_norm(x, g, 1e-6, 0)
+    with pytest.raises(SignatureError, match="rotary_mode"):
+        stand_in.npu_rotary_mul(x[None, None], g[None, None, None], g[None, None, None], rotary_mode="half")
+    with pytest.raises(AttributeError):
+        stand_in.npu_moe_gating_top_k  # noqa: B018 - 6.0.0 has no such kernel
+    with pytest.raises(SignatureError, match="group_list"):
+        stand_in.npu_grouped_matmul([x], [g[None, :, None].expand(1, 8, 4)], group_list=torch.tensor([2]), split_item=2)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_ascend_norm_activation_rotary_bind(release):
+    ops, stand_in = _ops(release)
+    x, r = torch.randn(2, 3, 128, dtype=torch.bfloat16), torch.randn(2, 3, 128, dtype=torch.bfloat16)
+    w = torch.rand(128)
+    _close(ops.rms_norm(x, w), ref.rms_norm(x, w))
+    y, s = ops.rms_norm(x, w, 1e-6, r)
+    want_y, want_s = ref.rms_norm(x, w, 1e-6, r)
+    _close(y, want_y)
+    _close(s, want_s)
+    gamma = stand_in.called("npu_rms_norm")[0].arguments["gamma"]
+    assert gamma.dtype == (torch.float32 if release >= "7.2.0" else torch.bfloat16)
+    _close(ops.silu_and_mul(x), ref.silu_and_mul(x))
+    for d, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float32)):
+        q = torch.randn(2, 4, 9, d, dtype=dtype)
+        angle = torch.rand(9, d // 2) * 6
+        for inter in (True, False):
+            cos, sin = angle.cos(), angle.sin()
+            _close(ops.rotary_embedding(q, cos, sin, inter), ref.rotary_embedding(q, cos, sin, inter))
+    tables = [c.arguments["r1"] for c in stand_in.called("npu_rotary_mul")]
+    assert tables and all(t.shape[:2] == (1, 1) and t.shape[2] == 9 for t in tables)  # broadcast, not per row
+    assert bool(stand_in.called("npu_interleave_rope")) == (release != "6.0.0")
+
+
+ATTENTION_CASES = [  # tq, tk, causal, window, global_tokens, expected sparse_mode (None: no kernel mask)
+    (16, 16, True, None, 0, 3),
+    (1, 40, True, 8, 0, 0),
+    (1, 40, True, 8, 4, 0),
+    (24, 24, True, 8, 0, 4),
+    (12, 24, False, 6, 0, 4),
+    (24, 24, True, 8, 2, 0),
+    (16, 16, False, None, 0, 0),
+]
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("tq,tk,causal,window,glob,mode", ATTENTION_CASES)
+def test_ascend_attention_binds_fused_infer(release, tq, tk, causal, window, glob, mode):
+    ops, stand_in = _ops(release)
+    q = torch.randn(2, 4, tq, 48, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 2, tk, 48, dtype=torch.bfloat16), torch.randn(2, 2, tk, 32, dtype=torch.bfloat16)
+    _close(ops.attention(q, k, v, causal, None, window, glob), ref.attention(q, k, v, causal, None, window, glob))
+    (call,) = stand_in.called("npu_fused_infer_attention_score")
+    assert call.arguments["sparse_mode"] == mode and call.arguments["num_key_value_heads"] == 2
+    mask = call.arguments["atten_mask"]
+    assert mask is None or mask.shape == (2048, 2048) or (mode == 0 and glob > 0)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_ascend_moe_gate_per_release(release):
+    ops, stand_in = _ops(release)
+    logits, bias = torch.randn(16, 256), torch.randn(256) * 0.1
+    w, ids = ops.moe_gate(logits, bias, 8, 8, 4, 2.5, True)
+    want_w, want_ids = ref.moe_gate(logits, bias, 8, 8, 4, 2.5, True)
+    assert torch.equal(ids, want_ids)
+    _close(w, want_w, 1e-5, 1e-6)
+    assert bool(stand_in.called("npu_moe_gating_top_k")) == (release != "6.0.0")
+    small_logits = torch.randn(8, 64)
+    w, ids = ops.moe_gate(small_logits, None, 4, 4, 2, 1.0, True)
+    assert torch.equal(ids, ref.moe_gate(small_logits, None, 4, 4, 2, 1.0, True)[1])
+    kernel_calls = len(stand_in.called("npu_moe_gating_top_k"))
+    assert kernel_calls == {"6.0.0": 0, "7.0.0": 1, "7.1.0": 1}.get(release, 2)  # A2 shape limits before 7.2.0
+
+
+def _experts(e=6, h=64, inter=32, t=10, k=2):
+    torch.manual_seed(0)
+    x = torch.randn(t, h, dtype=torch.bfloat16)
+    w13, w2 = torch.randn(e, 2 * inter, h) * 0.1, torch.randn(e, h, inter) * 0.1
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    weights = torch.rand(t, k)
+    return x, weights, ids, w13, w2
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_ascend_moe_experts_bf16_binds(release):
+    ops, stand_in = _ops(release)
+    x, weights, ids, w13, w2 = _experts()
+    w13, w2 = w13.bfloat16(), w2.bfloat16()
+    _close(ops.moe_experts(x, weights, ids, w13, w2), ref.moe_experts(x, weights, ids, w13, w2))
+    ops.moe_experts(x, weights, ids, w13, w2)
+    first = stand_in.called("npu_grouped_matmul")[0].arguments
+    assert isinstance(first["group_list"], torch.Tensor) == (release != "6.0.0")
+    passed = [c.arguments["weight"][0] for c in stand_in.called("npu_grouped_matmul")]
+    assert {w.data_ptr() for w in passed} == {w13.data_ptr(), w2.data_ptr()}  # transposed views, no copies
+    assert len(ops.prepared) == 0
+
+
+def _w8a8_reference(x, weights, ids, w13, w13_scale, w2, w2_scale):
+    """Independent float reference of W8A8 experts: per-token int8 activations (before each
+    matmul), per-channel int8 weights, SwiGLU in float."""
+    def quant(rows):
+        scale = rows.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+        return torch.round(rows / scale).clamp(-127, 127) * scale
+
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = int(ids[t, slot])
+            h = quant(x[t : t + 1].double()) @ (w13[e].double() * w13_scale[e].double()).t()
+            gate, up = h.chunk(2, dim=-1)
+            act = torch.nn.functional.silu(gate) * up
+            out[t] += weights[t, slot].double() * (quant(act) @ (w2[e].double() * w2_scale[e].double()).t())[0]
+    return out
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ascend_moe_experts_w8a8(release, dtype):
+    ops, stand_in = _ops(release)
+    x, weights, ids, w13f, w2f = _experts()
+    x = x.to(dtype)
+    w13, w13_scale = ref.quantize_int8(w13f)
+    w2, w2_scale = ref.quantize_int8(w2f)
+    got = ops.moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale)
+    want = _w8a8_reference(x, weights, ids, w13, w13_scale, w2, w2_scale)
+    _close(got, want, 2e-2, 2e-2)
+    gmm = stand_in.called("npu_grouped_matmul")
+    if release == "6.0.0":  # no per_token_scale before 7.0.0: the reference serves int8 experts
+        assert not gmm
+    else:
+        assert len(gmm) == 2 and all(c.arguments["x"][0].dtype == torch.int8 for c in gmm)
+        assert all(c.arguments["per_token_scale"] is not None and c.arguments["group_type"] == 0 for c in gmm)
+        assert len(stand_in.called("npu_dynamic_quant")) == 2
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_ascend_moe_experts_fp8_decodes_only_active_experts(release):
+    ops, stand_in = _ops(release)
+    x, weights, _ids, w13f, w2f = _experts(e=8, h=128, inter=128)
+    ids = torch.randint(0, 3, (x.shape[0], 2))  # only experts 0..2 active
+    w13, w13_scale = ref.quantize_fp8(w13f, (128, 128), "e4m3fn")
+    w2, w2_scale = ref.quantize_fp8(w2f, (128, 128), "e4m3fn")
+    got = ops.moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale).float()
+    want = ref.moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale).float()
+    # bf16 rows land on the other side of an FP8 rounding boundary now and then: compare norms
+    assert (got - want).norm() / want.norm() < 2e-2
+    weight_batches = [c.arguments["weight"][0].shape[0] for c in stand_in.called("npu_grouped_matmul")]
+    assert weight_batches and max(weight_batches) == torch.unique(ids).numel() < 8
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_ascend_int8_linear_nz_once(release):
+    ops, stand_in = _ops(release)
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    weight, bias = torch.randn(40, 96) * 0.05, torch.randn(40)
+    wq, ws = ref.quantize_int8(weight)
+    for _ in range(2):
+        _close(ops.linear(x, wq, bias, ws), ref.linear(x, wq, bias, ws))
+    calls = stand_in.called("npu_quant_matmul")
+    assert len(calls) == 2 and all(stand_in.was_format_cast(c.arguments["x2"]) for c in calls)
+    assert len(stand_in.called("npu_format_cast")) == 1  # once per weight, not per call
+    q, s = ref.quantize_int8(x)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        _close(ops.int8_gemm(q, s, wq, ws, out_dtype), ref.int8_gemm(q, s, wq, ws, out_dtype), 1e-2, 1e-2)
+    int32_calls = [c for c in stand_in.called("npu_quant_matmul") if c.arguments["output_dtype"] == torch.int32]
+    assert bool(int32_calls) == (release != "6.0.0")  # 6.0.0 converts a float32 scale for int32 output
+
+
+def test_ascend_int8_matmul_splits_beyond_65535(monkeypatch):
+    import dshal_ascend.layouts as layouts
+
+    ops, stand_in = _ops("7.0.0")
+    monkeypatch.setattr(layouts, "MATMUL_DIM_LIMIT", 32)
+    monkeypatch.setattr(layouts.split_ranges, "__defaults__", (32,))
+    x = torch.randn(3, 80, dtype=torch.bfloat16)
+    wq, ws = ref.quantize_int8(torch.randn(70, 80))
+    _close(ops.linear(x, wq, None, ws), ref.linear(x, wq, None, ws))
+    shapes = {tuple(c.arguments["x2"].shape) for c in stand_in.called("npu_quant_matmul")}
+    assert all(k <= 32 and n <= 32 for k, n in shapes) and len(shapes) > 1
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_ascend_plan_names_each_path(release):
+    routes = plan_ops(kernel_features(release))
+    assert routes["fp8_gemm"].kind == "emulated" and "emulated" in routes["linear"].path
+    assert routes["attention"].path.startswith("npu_fused_infer_attention_score")
+    if release == "6.0.0":
+        assert routes["moe_gate"].kind == "reference" and "int8 experts: reference" in routes["moe_experts"].path
+    else:
+        assert "W8A8 with per_token_scale" in routes["moe_experts"].path

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# dshal on an Ascend 910B host, in one go: install with the npu extra, `dshal info`, the
+# ci-tier conformance on the NPU, `dshal run` in int8 (W8A8) and in high precision.
+# Run from the repository root, CANN installed:
+#   plugins/ascend/tools/npu_host_check.sh [OUT_DIR]        (default OUT_DIR: ascend-check)
+# DRY_RUN=1 writes the configs and prints every command without running anything (tested in CI).
+# Each stage's output goes to OUT_DIR/<stage>.log; the script stops at the first failure.
+set -euo pipefail
+
+OUT="${1:-ascend-check}"
+DRY_RUN="${DRY_RUN:-0}"
+SET_ENV="${ASCEND_SET_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$OUT"
+
+stage() {  # stage NAME CMD... : print, then run with output to OUT/NAME.log (not in a dry run)
+    local name="$1"; shift
+    echo "+ [$name] $*"
+    if [ "$DRY_RUN" != 1 ]; then
+        "$@" > "$OUT/$name.log" 2>&1 || { echo "stage $name failed: see $OUT/$name.log"; tail -20 "$OUT/$name.log"; exit 1; }
+    fi
+}
+
+if [ "$DRY_RUN" != 1 ]; then
+    # shellcheck disable=SC1090
+    source "$SET_ENV"   # CANN's environment: libascendcl / libhccl on the library path
+fi
+
+cat > "$OUT/int8.yaml" <<'YAML'
+backend: ascend
+fallback: warn
+precision:
+  gemm: int8
+YAML
+cat > "$OUT/bf16.yaml" <<'YAML'
+backend: ascend
+fallback: warn
+precision:
+  gemm: bf16
+YAML
+
+stage install "$PYTHON" -m pip install -e . -e ./conformance -e "./plugins/ascend[npu]"
+stage info dshal info
+stage conformance dshal conformance --backend ascend --tier ci --report-dir "$OUT/reports"
+stage run-int8 dshal run --config "$OUT/int8.yaml" --prompt-len 16 --new-tokens 8
+stage run-bf16 dshal run --config "$OUT/bf16.yaml" --prompt-len 16 --new-tokens 8
+echo "done: logs, configs and reports/ascend.json in $OUT"
