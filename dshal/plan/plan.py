@@ -315,7 +315,7 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
         held = holdings(sim.model)
         weights = sum(k["bytes"] for k in held.values())
         need = weights + kv_total + prefill.peak_bytes
-        files = {r.file for r in sim.reads}
+        files = {r.file for r in sim.reads if r.file is not None}
         ranks_out.append({
             "ranks": ranks,
             "tp_rank": sim.tp_rank,
@@ -330,6 +330,7 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
                 "prefill_chunk_tokens": req.batch * req.prefill_chunk,
                 "bytes": prefill.peak_bytes,
                 "largest": {"bytes": prefill.largest[0], "op": prefill.largest[1], "shape": list(prefill.largest[2]), "dtype": prefill.largest[3]},
+                "eager_reference_bytes": prefill.eager_peak_bytes,
                 "decode_bytes": decode.peak_bytes,
             },
             "logits": {"prefill": list(prefill.logits_shape), "decode": list(decode.logits_shape)},
@@ -375,8 +376,8 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
             result["refusal"] = (
                 f"ranks {_ranges(r['ranks'])} need {r['needs_bytes'] / GIB:.1f} GiB (weights {r['weight_bytes'] / GIB:.1f} + "
                 f"KV cache {r['kv_cache']['bytes'] / GIB:.1f} + activations {r['activation_peak']['bytes'] / GIB:.1f}), "
-                f"more than --device-memory-gib {req.device_memory_gib:g}; use more ranks (--tp / --ep), a smaller "
-                "--batch / --context / --prefill-chunk, or --precision fp8-block"
+                f"more than --device-memory-gib {req.device_memory_gib:g}; use more ranks (--tp / --ep) or a smaller "
+                "--batch / --context / --prefill-chunk" + (", or --precision fp8-block" if req.precision == "bf16" else "")
             )
     return result
 
@@ -424,14 +425,15 @@ def format_plan(p: dict[str, Any]) -> str:
         a = r["activation_peak"]
         lg = a["largest"]
         lines.append(
-            f"  activation peak, prefill chunk of {a['prefill_chunk_tokens']} tokens: {_b(a['bytes']).strip()} "
-            f"(eager reference ops; largest tensor {lg['op']} {lg['shape']} {lg['dtype'].replace('torch.', '')} {_b(lg['bytes']).strip()}); "
-            f"decode step: {_b(a['decode_bytes']).strip()}"
+            f"  activation peak, prefill chunk of {a['prefill_chunk_tokens']} tokens: {_b(a['bytes']).strip()} with one kernel "
+            f"per dshal op (largest: {lg['op']} {lg['shape']} {lg['dtype']} {_b(lg['bytes']).strip()}); "
+            f"{_b(a['eager_reference_bytes']).strip()} as the eager reference ops run; decode step: {_b(a['decode_bytes']).strip()}"
         )
         lines.append(f"  needs {_b(r['needs_bytes']).strip()} (weights + KV cache + activation peak)" + (
             f" of {p['device_memory_gib']:g} GiB per device" if p["device_memory_gib"] else ""))
         rd = r["reads"]
-        lines.append(f"  reads {rd['bytes'] / 1e9:.1f} GB of the checkpoint in {rd['tensors']:,} reads ({rd['files']} shard files)")
+        files = f" from {rd['files']} shard files" if rd["files"] else ""
+        lines.append(f"  reads {rd['bytes'] / 1e9:.1f} GB of the checkpoint in {rd['tensors']:,} tensor reads{files}")
         comm = r["communication"]
         keys = sorted(set(comm["decode"]) | set(comm["prefill"]))
         if keys:

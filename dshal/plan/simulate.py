@@ -172,50 +172,85 @@ def build_rank(
 
 # ---------------------------------------------------------------- a forward on meta tensors
 class _LiveBytes(TorchDispatchMode):
-    """Bytes of the tensors an eager forward holds at once: every new (non-view) tensor an
-    op returns counts until its Python object is freed; ``peak`` is the most at any time."""
+    """Bytes of the tensors a forward holds at once, counted two ways.
+
+    ``eager``: every new (non-view) tensor any aten op returns counts until its Python
+    object is freed -- what the reference ops hold, their temporaries included (the
+    attention reference materializes every score). ``fused``: each ``dshal.ops`` call
+    counts as one kernel -- only the tensors it returns, plus the model's torch glue
+    between ops -- which is what a backend with fused kernels holds (their small
+    workspaces aside)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.live = self.peak = 0
+        self.live = {"eager": 0, "fused": 0}
+        self.peak = {"eager": 0, "fused": 0}
         self.largest: tuple[int, str, tuple[int, ...], str] = (0, "", (), "")
+        self.depth = 0  # > 0 inside a dshal op
 
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
+    def _free(self, way: str, nbytes: int) -> None:
+        self.live[way] -= nbytes
+
+    def _hold(self, way: str, t: torch.Tensor, what: str) -> None:
+        nbytes = t.numel() * t.element_size()
+        self.live[way] += nbytes
+        self.peak[way] = max(self.peak[way], self.live[way])
+        weakref.finalize(t, self._free, way, nbytes)
+        if way == "fused" and nbytes > self.largest[0]:
+            self.largest = (nbytes, what, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+
+    def _new(self, out: Any, inputs: Any) -> list[torch.Tensor]:
+        seen = {id(t) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+        return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and id(t) not in seen and not t._is_view()]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(t) not in inputs and not t._is_view():
-                nbytes = t.numel() * t.element_size()
-                self.live += nbytes
-                weakref.finalize(t, self._free, nbytes)
-                if nbytes > self.largest[0]:
-                    self.largest = (nbytes, str(func.overloadpacket.__name__), tuple(t.shape), str(t.dtype))
-        self.peak = max(self.peak, self.live)
+        for t in self._new(out, (args, kwargs)):
+            self._hold("eager", t, func.overloadpacket.__name__)
+            if not self.depth:
+                self._hold("fused", t, func.overloadpacket.__name__)
         return out
+
+    def op_hook(self, name: str, fn: Any) -> Any:
+        """Wrap one dshal op: its temporaries are a kernel's own, its outputs are activations."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.depth += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+            if not self.depth:
+                for t in self._new(out, (args, kwargs)):
+                    self._hold("fused", t, f"ops.{name}")
+            return out
+
+        return call
 
 
 @dataclass
 class StepResult:
-    """One forward step of one rank: tokens, logits shape, collectives, activation peak."""
+    """One forward step of one rank: tokens, logits shape, collectives, activation peaks
+    (``peak_bytes``: one kernel per dshal op; ``eager_peak_bytes``: the reference ops as run)."""
 
     tokens: int
     logits_shape: tuple[int, ...]
     traffic: list[Transfer] = field(default_factory=list)
     peak_bytes: int = 0
+    eager_peak_bytes: int = 0
     largest: tuple[int, str, tuple[int, ...], str] = (0, "", (), "")
 
 
 def _step(model: Any, sim: SimulatedRank, ids: torch.Tensor, start: int, cache: Any) -> StepResult:
+    from dshal.runtime import op_hook
+
     for group in sim.groups_in_use():
         group.traffic.clear()
     tracker = _LiveBytes()
-    with reference_ops(), tracker:
+    with reference_ops(), op_hook(tracker.op_hook), tracker:
         logits = model(ids, start, cache, last_only=True)
     traffic = [t for g in sim.groups_in_use() for t in g.traffic]
-    return StepResult(ids.numel(), tuple(logits.shape), traffic, tracker.peak, tracker.largest)
+    return StepResult(ids.numel(), tuple(logits.shape), traffic, tracker.peak["fused"], tracker.peak["eager"], tracker.largest)
 
 
 def run_steps(sim: SimulatedRank, batch: int, context: int, chunk: int) -> tuple[StepResult, StepResult]:
