@@ -55,7 +55,13 @@ def test_config_is_deepseek_v3(v3: ModelArgs) -> None:
     assert (a.num_hidden_layers, a.first_k_dense_replace, a.hidden_size, a.intermediate_size) == (61, 3, 7168, 18432)
     assert (a.moe_intermediate_size, a.vocab_size, a.n_routed_experts, a.num_experts_per_tok) == (2048, 129280, 256, 8)
     assert (a.n_group, a.topk_group, a.n_shared_experts, a.num_attention_heads) == (8, 4, 1, 128)
-    assert (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim) == (1536, 512, 128, 64, 128)
+    assert (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim) == (
+        1536,
+        512,
+        128,
+        64,
+        128,
+    )
     assert a.weight_block_size == (128, 128) and a.fp8_format == "e4m3fn" and a.num_nextn_predict_layers == 1
     assert a.rope_scaling.factor == 40 and a.rope_scaling.original_max_position_embeddings == 4096
 
@@ -105,7 +111,11 @@ def test_a_broken_shard_rule_is_caught(v3: ModelArgs, monkeypatch: pytest.Monkey
     real = transforms._parallel_linear
 
     def one_head_short(old, shard, row, group=None, reduce=True):
-        if row and old.out_features == args.hidden_size and old.in_features == args.num_attention_heads * args.v_head_dim:
+        if (
+            row
+            and old.out_features == args.hidden_size
+            and old.in_features == args.num_attention_heads * args.v_head_dim
+        ):
             shard = Shard(shard.dim, shard.start, shard.stop - args.v_head_dim, shard.parts)
         return real(old, shard, row, group, reduce)
 
@@ -138,7 +148,20 @@ def test_shard_plan_tp8_ep32_reads_only_what_each_rank_needs(v3: ModelArgs, publ
             assert not r.name.startswith("model.layers.61."), r.name  # the MTP layer is not loaded
             if ".mlp.experts." in r.name:
                 assert int(r.name.split(".")[5]) in experts.held, r.name
-            elif any(k in r.name for k in ("q_b_proj", "kv_b_proj", "o_proj", "embed_tokens", "lm_head", "shared_experts", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")):
+            elif any(
+                k in r.name
+                for k in (
+                    "q_b_proj",
+                    "kv_b_proj",
+                    "o_proj",
+                    "embed_tokens",
+                    "lm_head",
+                    "shared_experts",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                )
+            ):
                 full = tensors[r.name].shape
                 assert r.index is not None and math.prod(r.shape) * 8 == math.prod(full), r.name  # 1/8: its TP slice
         files = {r.file for r in sim.reads}
@@ -172,7 +195,9 @@ def test_plan_refuses_a_split_that_cannot_work(request_changes: dict, match: str
 
 def test_plan_report_and_memory_refusal(tmp_path: Path) -> None:
     config = _config(tmp_path, num_hidden_layers=5)
-    plan = make_plan(PlanRequest(config=config, tp=2, ep=2, batch=2, context=64, prefill_chunk=32, device_memory_gib=1.0))
+    plan = make_plan(
+        PlanRequest(config=config, tp=2, ep=2, batch=2, context=64, prefill_chunk=32, device_memory_gib=1.0)
+    )
     rank = plan["ranks"][0]
     assert rank["ranks"] == [0, 1, 2, 3]
     assert rank["kv_cache"]["bytes_per_token"] == 5 * 576 * 2  # absorbed latent + rope key, bf16, per layer

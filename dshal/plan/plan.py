@@ -122,7 +122,12 @@ def activated_params(model: Any, sim_world: int) -> float:
 
 def _replicas(model: Any, path: str, p: torch.Tensor, world: int) -> int:
     """How many ranks of the job hold the same slice as this rank (TP shards: one per EP rank)."""
-    from dshal.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+    from dshal.parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        VocabParallelLMHead,
+    )
 
     module = model.get_submodule(path.rsplit(".", 1)[0])
     sharded = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead)
@@ -163,8 +168,14 @@ def coverage(args: ModelArgs, tp: int, ep: int, gpus_per_node: int | None = None
     with torch.device("meta"):
         full = Transformer(skeleton)
     full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters()}
-    per_layer = lambda name: 1 if not name.startswith("layers.") else (  # noqa: E731
-        args.first_k_dense_replace if not skeleton.is_moe_layer(int(name.split(".")[1])) else args.num_hidden_layers - args.first_k_dense_replace
+    per_layer = lambda name: (
+        1
+        if not name.startswith("layers.")
+        else (  # noqa: E731
+            args.first_k_dense_replace
+            if not skeleton.is_moe_layer(int(name.split(".")[1]))
+            else args.num_hidden_layers - args.first_k_dense_replace
+        )
     )
     seen: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # name -> (dim, start, stop) per TP rank
     experts_held: dict[str, list[int]] = defaultdict(list)
@@ -193,13 +204,19 @@ def coverage(args: ModelArgs, tp: int, ep: int, gpus_per_node: int | None = None
         edge = 0
         for a, b in spans:
             if a != edge:
-                raise ShapeError(f"coverage: {name} slices {spans} leave a gap or overlap at {edge}, expected them to tile 0..{full_len}")
+                raise ShapeError(
+                    f"coverage: {name} slices {spans} leave a gap or overlap at {edge}, "
+                    f"expected them to tile 0..{full_len}"
+                )
             edge = b
         if edge != full_len:
             raise ShapeError(f"coverage: {name} slices {spans} end at {edge}, expected {full_len}")
     for path, ids in experts_held.items():
         if sorted(ids) != list(range(args.n_routed_experts)):
-            raise ShapeError(f"coverage: {path} holds experts {sorted(ids)} over all ranks, expected each of 0..{args.n_routed_experts - 1} once")
+            raise ShapeError(
+                f"coverage: {path} holds experts {sorted(ids)} over all ranks, "
+                f"expected each of 0..{args.n_routed_experts - 1} once"
+            )
     total = sum(math.prod(s) * per_layer(n) for n, s in full_shapes.items())
     per_rank = len(next(iter(experts_held.values()))) // world if experts_held else 0
     return Coverage(total, held, per_rank)
@@ -223,7 +240,11 @@ def block_cuts(sim: SimulatedRank, tensors: dict[str, TensorEntry], block: tuple
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
             continue
         hf = checkpoint_name(path)
-        bases = [f"{hf[: -len('.gate_up_proj')]}.{n}" for n in ("gate_proj", "up_proj")] if path.endswith(".gate_up_proj") else [hf]
+        bases = (
+            [f"{hf[: -len('.gate_up_proj')]}.{n}" for n in ("gate_proj", "up_proj")]
+            if path.endswith(".gate_up_proj")
+            else [hf]
+        )
         shard = module.shard
         for base in bases:
             entry = tensors.get(f"{base}.weight")
@@ -235,11 +256,18 @@ def block_cuts(sim: SimulatedRank, tensors: dict[str, TensorEntry], block: tuple
             lo, hi = shard.start // edge * edge, min(size, math.ceil(shard.stop / edge) * edge)
             other = entry.shape[1 - shard.dim]
             key = re.sub(r"\.layers\.\d+\.", ".layers.*.", base)
-            row = found.setdefault(key, {
-                "weight": key, "dim": "rows" if shard.dim == 0 else "columns", "slice": [shard.start, shard.stop],
-                "block": edge, "tensors": 0, "extra_read_bytes": 0,
-                "held_as": str(module.weight.dtype).replace("torch.", ""),
-            })
+            row = found.setdefault(
+                key,
+                {
+                    "weight": key,
+                    "dim": "rows" if shard.dim == 0 else "columns",
+                    "slice": [shard.start, shard.stop],
+                    "block": edge,
+                    "tensors": 0,
+                    "extra_read_bytes": 0,
+                    "held_as": str(module.weight.dtype).replace("torch.", ""),
+                },
+            )
             row["tensors"] += 1
             row["extra_read_bytes"] += ((hi - lo) - (shard.stop - shard.start)) * other * entry.dtype.itemsize
     return list(found.values())
@@ -261,7 +289,9 @@ def _rank_classes(args: ModelArgs, tp: int, plan: Any) -> list[list[int]]:
 def _traffic(step: Any) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     for t in step.traffic:
-        row = rows.setdefault(f"{t.group} {t.collective}", {"calls": 0, "payload_bytes_per_token": 0.0, "wire_bytes_per_token": 0.0})
+        row = rows.setdefault(
+            f"{t.group} {t.collective}", {"calls": 0, "payload_bytes_per_token": 0.0, "wire_bytes_per_token": 0.0}
+        )
         row["calls"] += 1
         row["payload_bytes_per_token"] += t.payload / step.tokens
         row["wire_bytes_per_token"] += t.wire / step.tokens
@@ -269,7 +299,9 @@ def _traffic(step: Any) -> dict[str, dict[str, float]]:
 
 
 def _is_published_deepseek_v3(args: ModelArgs) -> bool:
-    return args == ModelArgs.from_file(default_config(), **{k: getattr(args, k) for k in ("attention_window", "attention_global_tokens", "mla_mode")})
+    return args == ModelArgs.from_file(
+        default_config(), **{k: getattr(args, k) for k in ("attention_window", "attention_global_tokens", "mla_mode")}
+    )
 
 
 def make_plan(req: PlanRequest) -> dict[str, Any]:
@@ -280,7 +312,9 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
         if not isinstance(value, int) or value < 1:
             raise PlanError(f"dshal plan: --{name.replace('_', '-')} is {value!r}, expected a positive integer")
     if req.prefill_chunk > req.context:
-        raise PlanError(f"dshal plan: --prefill-chunk is {req.prefill_chunk}, expected at most --context ({req.context})")
+        raise PlanError(
+            f"dshal plan: --prefill-chunk is {req.prefill_chunk}, expected at most --context ({req.context})"
+        )
     args = ModelArgs.from_file(req.config)
     world = req.tp * req.ep
     if (req.nodes is None) != (req.gpus_per_node is None):
@@ -304,7 +338,19 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
     try:
         cover = coverage(args, req.tp, req.ep, req.gpus_per_node)
         classes = _rank_classes(args, req.tp, plan)
-        sims = [build_rank(args, tensors, req.tp, req.ep, ranks[0], precision, gpus_per_node=req.gpus_per_node, path=str(req.config)) for ranks in classes]
+        sims = [
+            build_rank(
+                args,
+                tensors,
+                req.tp,
+                req.ep,
+                ranks[0],
+                precision,
+                gpus_per_node=req.gpus_per_node,
+                path=str(req.config),
+            )
+            for ranks in classes
+        ]
     except ShapeError as err:
         raise PlanError(f"dshal plan: TP={req.tp} x EP={req.ep} cannot shard this model: {err}") from err
     block = tuple(args.weight_block_size or (128, 128))
@@ -316,43 +362,67 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
         weights = sum(k["bytes"] for k in held.values())
         need = weights + kv_total + prefill.peak_bytes
         files = {r.file for r in sim.reads if r.file is not None}
-        ranks_out.append({
-            "ranks": ranks,
-            "tp_rank": sim.tp_rank,
-            "ep_rank": sim.ep_rank,
-            "weights": held,
-            "weight_bytes": weights,
-            "params": sum(k["params"] for k in held.values()),
-            "activated_params_per_token": activated_params(sim.model, world),
-            "routed_experts_per_layer": cover.experts_per_rank or args.n_routed_experts,
-            "kv_cache": {"bytes_per_token": per_token, "batch": req.batch, "context": req.context, "bytes": kv_total, "mode": args.mla_mode},
-            "activation_peak": {
-                "prefill_chunk_tokens": req.batch * req.prefill_chunk,
-                "bytes": prefill.peak_bytes,
-                "largest": {"bytes": prefill.largest[0], "op": prefill.largest[1], "shape": list(prefill.largest[2]), "dtype": prefill.largest[3]},
-                "eager_reference_bytes": prefill.eager_peak_bytes,
-                "decode_bytes": decode.peak_bytes,
-            },
-            "logits": {"prefill": list(prefill.logits_shape), "decode": list(decode.logits_shape)},
-            "communication": {"decode": _traffic(decode), "prefill": _traffic(prefill)},
-            "reads": {"bytes": sum(r.nbytes for r in sim.reads), "tensors": len(sim.reads), "files": len(files)},
-            "block_cuts": block_cuts(sim, tensors, block),
-            "needs_bytes": need,
-        })
+        ranks_out.append(
+            {
+                "ranks": ranks,
+                "tp_rank": sim.tp_rank,
+                "ep_rank": sim.ep_rank,
+                "weights": held,
+                "weight_bytes": weights,
+                "params": sum(k["params"] for k in held.values()),
+                "activated_params_per_token": activated_params(sim.model, world),
+                "routed_experts_per_layer": cover.experts_per_rank or args.n_routed_experts,
+                "kv_cache": {
+                    "bytes_per_token": per_token,
+                    "batch": req.batch,
+                    "context": req.context,
+                    "bytes": kv_total,
+                    "mode": args.mla_mode,
+                },
+                "activation_peak": {
+                    "prefill_chunk_tokens": req.batch * req.prefill_chunk,
+                    "bytes": prefill.peak_bytes,
+                    "largest": {
+                        "bytes": prefill.largest[0],
+                        "op": prefill.largest[1],
+                        "shape": list(prefill.largest[2]),
+                        "dtype": prefill.largest[3],
+                    },
+                    "eager_reference_bytes": prefill.eager_peak_bytes,
+                    "decode_bytes": decode.peak_bytes,
+                },
+                "logits": {"prefill": list(prefill.logits_shape), "decode": list(decode.logits_shape)},
+                "communication": {"decode": _traffic(decode), "prefill": _traffic(prefill)},
+                "reads": {"bytes": sum(r.nbytes for r in sim.reads), "tensors": len(sim.reads), "files": len(files)},
+                "block_cuts": block_cuts(sim, tensors, block),
+                "needs_bytes": need,
+            }
+        )
     activated = sum(len(r["ranks"]) * r["activated_params_per_token"] for r in ranks_out)
     result: dict[str, Any] = {
         "schema": "dshal.plan/1",
         "config": str(req.config),
         "model": {
-            "layers": args.num_hidden_layers, "dense_layers": args.first_k_dense_replace, "hidden": args.hidden_size,
-            "heads": args.num_attention_heads, "routed_experts": args.n_routed_experts, "experts_per_token": args.num_experts_per_tok,
-            "vocab": args.vocab_size, "weight_block": list(args.weight_block_size) if args.weight_block_size else None,
+            "layers": args.num_hidden_layers,
+            "dense_layers": args.first_k_dense_replace,
+            "hidden": args.hidden_size,
+            "heads": args.num_attention_heads,
+            "routed_experts": args.n_routed_experts,
+            "experts_per_token": args.num_experts_per_tok,
+            "vocab": args.vocab_size,
+            "weight_block": list(args.weight_block_size) if args.weight_block_size else None,
             "mtp_layers_not_counted": args.num_nextn_predict_layers,
         },
         "layout": {
-            "tp": req.tp, "ep": req.ep, "world": world, "nodes": req.nodes, "gpus_per_node": req.gpus_per_node,
-            "expert_parallel_ranks": world if args.n_routed_experts else 0, "placement": plan.reason,
-            "tp_groups": [list(g) for g in plan.tp_groups], "ep_groups": [list(g) for g in plan.ep_groups],
+            "tp": req.tp,
+            "ep": req.ep,
+            "world": world,
+            "nodes": req.nodes,
+            "gpus_per_node": req.gpus_per_node,
+            "expert_parallel_ranks": world if args.n_routed_experts else 0,
+            "placement": plan.reason,
+            "tp_groups": [list(g) for g in plan.tp_groups],
+            "ep_groups": [list(g) for g in plan.ep_groups],
         },
         "precision": req.precision,
         "ranks": ranks_out,
@@ -365,8 +435,10 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
     }
     if _is_published_deepseek_v3(args):
         result["totals"]["published"] = {
-            "total": PUBLISHED["total"], "total_diff": cover.total_params / PUBLISHED["total"] - 1,
-            "activated": PUBLISHED["activated"], "activated_diff": activated / PUBLISHED["activated"] - 1,
+            "total": PUBLISHED["total"],
+            "total_diff": cover.total_params / PUBLISHED["total"] - 1,
+            "activated": PUBLISHED["activated"],
+            "activated_diff": activated / PUBLISHED["activated"] - 1,
         }
     if req.device_memory_gib is not None:
         budget = req.device_memory_gib * GIB
@@ -374,10 +446,13 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
         if over:
             r = over[0]
             result["refusal"] = (
-                f"ranks {_ranges(r['ranks'])} need {r['needs_bytes'] / GIB:.1f} GiB (weights {r['weight_bytes'] / GIB:.1f} + "
-                f"KV cache {r['kv_cache']['bytes'] / GIB:.1f} + activations {r['activation_peak']['bytes'] / GIB:.1f}), "
+                f"ranks {_ranges(r['ranks'])} need {r['needs_bytes'] / GIB:.1f} GiB "
+                f"(weights {r['weight_bytes'] / GIB:.1f} + "
+                f"KV cache {r['kv_cache']['bytes'] / GIB:.1f} + "
+                f"activations {r['activation_peak']['bytes'] / GIB:.1f}), "
                 f"more than --device-memory-gib {req.device_memory_gib:g}; use more ranks (--tp / --ep) or a smaller "
-                "--batch / --context / --prefill-chunk" + (", or --precision fp8-block" if req.precision == "bf16" else "")
+                "--batch / --context / --prefill-chunk"
+                + (", or --precision fp8-block" if req.precision == "bf16" else "")
             )
     return result
 
@@ -409,28 +484,39 @@ def format_plan(p: dict[str, Any]) -> str:
         f"weights {'FP8 %dx%d blocks' % tuple(m['weight_block']) if m['weight_block'] else 'high precision'}; "
         f"{m['mtp_layers_not_counted']} MTP layer(s) not loaded",
         f"layout: TP={lay['tp']} x EP={lay['ep']} = {lay['world']} ranks{where}; routed experts spread over "
-        f"{lay['expert_parallel_ranks']} ranks ({p['ranks'][0]['routed_experts_per_layer']} per rank and layer); {lay['placement']}",
+        f"{lay['expert_parallel_ranks']} ranks ({p['ranks'][0]['routed_experts_per_layer']} per rank and layer); "
+        f"{lay['placement']}",
         f"precision: {p['precision']}",
     ]
     for r in p["ranks"]:
         lines.append("")
-        lines.append(f"ranks {_ranges(r['ranks'])} (TP rank {r['tp_rank']}, EP rank {r['ep_rank']}): {r['params'] / 1e9:.2f}B parameters")
+        lines.append(
+            f"ranks {_ranges(r['ranks'])} (TP rank {r['tp_rank']}, EP rank {r['ep_rank']}): "
+            f"{r['params'] / 1e9:.2f}B parameters"
+        )
         for kind, v in r["weights"].items():
             if v["bytes"]:
                 count = f"{v['params'] / 1e9:7.2f}B params" if kind != "FP8 scales" else " " * 14
                 lines.append(f"  {kind:<18} {_b(v['bytes'])}  {count}")
         lines.append(f"  {'weights total':<18} {_b(r['weight_bytes'])}")
         kv = r["kv_cache"]
-        lines.append(f"  KV cache ({kv['mode']}): {kv['bytes_per_token']:,} B/token; batch {kv['batch']} x context {kv['context']}: {_b(kv['bytes']).strip()}")
+        lines.append(
+            f"  KV cache ({kv['mode']}): {kv['bytes_per_token']:,} B/token; "
+            f"batch {kv['batch']} x context {kv['context']}: {_b(kv['bytes']).strip()}"
+        )
         a = r["activation_peak"]
         lg = a["largest"]
         lines.append(
-            f"  activation peak, prefill chunk of {a['prefill_chunk_tokens']} tokens: {_b(a['bytes']).strip()} with one kernel "
+            f"  activation peak, prefill chunk of {a['prefill_chunk_tokens']} tokens: "
+            f"{_b(a['bytes']).strip()} with one kernel "
             f"per dshal op (largest: {lg['op']} {lg['shape']} {lg['dtype']} {_b(lg['bytes']).strip()}); "
-            f"{_b(a['eager_reference_bytes']).strip()} as the eager reference ops run; decode step: {_b(a['decode_bytes']).strip()}"
+            f"{_b(a['eager_reference_bytes']).strip()} as the eager reference ops run; "
+            f"decode step: {_b(a['decode_bytes']).strip()}"
         )
-        lines.append(f"  needs {_b(r['needs_bytes']).strip()} (weights + KV cache + activation peak)" + (
-            f" of {p['device_memory_gib']:g} GiB per device" if p["device_memory_gib"] else ""))
+        lines.append(
+            f"  needs {_b(r['needs_bytes']).strip()} (weights + KV cache + activation peak)"
+            + (f" of {p['device_memory_gib']:g} GiB per device" if p["device_memory_gib"] else "")
+        )
         rd = r["reads"]
         files = f" from {rd['files']} shard files" if rd["files"] else ""
         lines.append(f"  reads {rd['bytes'] / 1e9:.1f} GB of the checkpoint in {rd['tensors']:,} tensor reads{files}")
@@ -441,7 +527,12 @@ def format_plan(p: dict[str, Any]) -> str:
             lines.append(f"    {'':<24}{'decode wire':>14}{'payload':>14}{'prefill wire':>14}{'payload':>14}")
             for key in keys:
                 d, f = comm["decode"].get(key, {}), comm["prefill"].get(key, {})
-                cells = [d.get("wire_bytes_per_token", 0), d.get("payload_bytes_per_token", 0), f.get("wire_bytes_per_token", 0), f.get("payload_bytes_per_token", 0)]
+                cells = [
+                    d.get("wire_bytes_per_token", 0),
+                    d.get("payload_bytes_per_token", 0),
+                    f.get("wire_bytes_per_token", 0),
+                    f.get("payload_bytes_per_token", 0),
+                ]
                 lines.append(f"    {key:<24}" + "".join(f"{_human(c):>14}" for c in cells))
         else:
             lines.append("  communication: none (one rank)")
@@ -450,19 +541,22 @@ def format_plan(p: dict[str, Any]) -> str:
             for c in r["block_cuts"]:
                 lines.append(
                     f"    {c['weight']} {c['dim']} [{c['slice'][0]}, {c['slice'][1]}) x{c['tensors']}: reads "
-                    f"{_human(c['extra_read_bytes'])} of neighbouring blocks, dequantizes its slice and holds it as {c['held_as']}"
+                    f"{_human(c['extra_read_bytes'])} of neighbouring blocks, dequantizes its slice and "
+                    f"holds it as {c['held_as']}"
                 )
         else:
             lines.append("  FP8 block cuts: none (every shard boundary is on a 128x128 block edge)")
     lines.append("")
     lines.append(
         f"totals: {t['params_once'] / 1e9:.2f}B parameters, each slice once over the {lay['world']} ranks "
-        f"({t['params_held_with_replicas'] / 1e9:.2f}B held with replicas); activated per token {t['activated_per_token'] / 1e9:.2f}B"
+        f"({t['params_held_with_replicas'] / 1e9:.2f}B held with replicas); "
+        f"activated per token {t['activated_per_token'] / 1e9:.2f}B"
     )
     pub = t.get("published")
     if pub:
         lines.append(
-            f"published (DeepSeek-V3, 61 layers without the MTP layer and without FP8 scales): {pub['total'] / 1e9:.0f}B total "
+            f"published (DeepSeek-V3, 61 layers without the MTP layer and without FP8 scales): "
+            f"{pub['total'] / 1e9:.0f}B total "
             f"({pub['total_diff']:+.2%}), {pub['activated'] / 1e9:.1f}B activated ({pub['activated_diff']:+.2%})"
         )
     if p.get("refusal"):
@@ -481,4 +575,14 @@ def to_json(p: dict[str, Any]) -> str:
     return json.dumps(p, indent=1)
 
 
-__all__ = ["PUBLISHED", "PlanError", "PlanRequest", "block_cuts", "coverage", "default_config", "format_plan", "holdings", "make_plan"]
+__all__ = [
+    "PUBLISHED",
+    "PlanError",
+    "PlanRequest",
+    "block_cuts",
+    "coverage",
+    "default_config",
+    "format_plan",
+    "holdings",
+    "make_plan",
+]

@@ -250,7 +250,9 @@ def _step(model: Any, sim: SimulatedRank, ids: torch.Tensor, start: int, cache: 
     with reference_ops(), op_hook(tracker.op_hook), tracker:
         logits = model(ids, start, cache, last_only=True)
     traffic = [t for g in sim.groups_in_use() for t in g.traffic]
-    return StepResult(ids.numel(), tuple(logits.shape), traffic, tracker.peak["fused"], tracker.peak["eager"], tracker.largest)
+    return StepResult(
+        ids.numel(), tuple(logits.shape), traffic, tracker.peak["fused"], tracker.peak["eager"], tracker.largest
+    )
 
 
 def run_steps(sim: SimulatedRank, batch: int, context: int, chunk: int) -> tuple[StepResult, StepResult]:
