@@ -205,3 +205,18 @@ def test_plan_report_and_memory_refusal(tmp_path: Path) -> None:
     assert "refusal" in plan and "more than --device-memory-gib 1" in plan["refusal"]
     text = format_plan(plan)
     assert "FP8 block cuts: none" in text and "refused:" in text and "published" not in text
+
+
+def test_plan_names_the_fp8_blocks_a_shard_cuts(tmp_path: Path) -> None:
+    """TP=32: the dense MLP's 18432 rows give 576 per rank (4.5 blocks of 128), the shared
+    expert's 2048 give 64; attention (4 heads x 192 / 256 / 128) stays on block edges."""
+    plan = make_plan(PlanRequest(config=_config(tmp_path, num_hidden_layers=4), tp=32, context=16, prefill_chunk=16))
+    cuts = {c["weight"]: c for c in plan["ranks"][0]["block_cuts"]}
+    assert set(cuts) == {
+        f"model.layers.*.mlp.{part}{proj}" for part in ("", "shared_experts.") for proj in ("gate_proj", "up_proj", "down_proj")
+    }
+    gate = cuts["model.layers.*.mlp.gate_proj"]
+    assert (gate["slice_size"], gate["tp_ranks_cut"], gate["tensors"]) == (576, 32, 3)
+    assert gate["extra_read_bytes"] == 3 * 64 * 7168  # each slice has one edge mid-block: 64 rows of it read extra
+    assert gate["held_as"] == "float8_e4m3fn"  # re-quantized in the rank's own blocks by the fp8-block policy
+    assert "a rank reads up to" in format_plan(plan)

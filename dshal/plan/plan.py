@@ -229,47 +229,51 @@ def _parts(model: Any, name: str) -> int:
 
 # ---------------------------------------------------------------- where a shard cuts FP8 blocks
 def block_cuts(sim: SimulatedRank, tensors: dict[str, TensorEntry], block: tuple[int, int]) -> list[dict[str, Any]]:
-    """Shards of FP8-stored weights whose boundaries fall inside a 128x128 block: per weight
-    pattern, where, the extra bytes read (whole blocks around the slice) and what the rank
-    ends up holding."""
-    from dshal.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
+    """FP8-stored weights whose TP slices have a boundary inside a 128x128 block, per weight
+    pattern: how many TP ranks are cut, the most bytes of neighbouring blocks one of them
+    reads (whole blocks around its slice, summed over the pattern's tensors) and what the
+    rank then holds. Every TP rank's slice has the size of this rank's (the transforms split
+    heads and MLP rows evenly)."""
     from dshal.model.precision import checkpoint_name
+    from dshal.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
 
+    tp = sim.groups.tp_size
     found: dict[str, dict[str, Any]] = {}
     for path, module in sim.model.named_modules():
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
             continue
         hf = checkpoint_name(path)
-        bases = (
-            [f"{hf[: -len('.gate_up_proj')]}.{n}" for n in ("gate_proj", "up_proj")]
-            if path.endswith(".gate_up_proj")
-            else [hf]
-        )
+        parts = ("gate_proj", "up_proj")
+        bases = [f"{hf[: -len('.gate_up_proj')]}.{n}" for n in parts] if path.endswith(".gate_up_proj") else [hf]
         shard = module.shard
+        per = shard.stop - shard.start
         for base in bases:
             entry = tensors.get(f"{base}.weight")
             if entry is None or entry.dtype.itemsize != 1:
                 continue
             size, edge = entry.shape[shard.dim], block[shard.dim]
-            if shard.start % edge == 0 and (shard.stop % edge == 0 or shard.stop == size):
+            spans = [(r * per, min(size, (r + 1) * per)) for r in range(tp)]
+            cut = [(a, b) for a, b in spans if a % edge or (b % edge and b != size)]
+            if not cut:
                 continue
-            lo, hi = shard.start // edge * edge, min(size, math.ceil(shard.stop / edge) * edge)
-            other = entry.shape[1 - shard.dim]
+            covering = lambda a, b: min(size, math.ceil(b / edge) * edge) - a // edge * edge  # noqa: E731
+            extra = max(covering(a, b) - (b - a) for a, b in cut) * entry.shape[1 - shard.dim] * entry.dtype.itemsize
             key = re.sub(r"\.layers\.\d+\.", ".layers.*.", base)
             row = found.setdefault(
                 key,
                 {
                     "weight": key,
                     "dim": "rows" if shard.dim == 0 else "columns",
-                    "slice": [shard.start, shard.stop],
+                    "slice_size": per,
                     "block": edge,
+                    "tp_ranks_cut": len(cut),
                     "tensors": 0,
                     "extra_read_bytes": 0,
                     "held_as": str(module.weight.dtype).replace("torch.", ""),
                 },
             )
             row["tensors"] += 1
-            row["extra_read_bytes"] += ((hi - lo) - (shard.stop - shard.start)) * other * entry.dtype.itemsize
+            row["extra_read_bytes"] += extra
     return list(found.values())
 
 
@@ -537,12 +541,18 @@ def format_plan(p: dict[str, Any]) -> str:
         else:
             lines.append("  communication: none (one rank)")
         if r["block_cuts"]:
-            lines.append("  FP8 block cuts (a shard boundary inside a 128x128 scale block):")
+            lines.append("  FP8 block cuts (a TP slice boundary inside a 128x128 scale block):")
             for c in r["block_cuts"]:
+                fp8 = c["held_as"].startswith("float8")
+                held = (
+                    "re-quantizes it in its own 128x128 blocks (a second rounding)"
+                    if fp8
+                    else f"holds it as {c['held_as']} (more bytes than FP8)"
+                )
                 lines.append(
-                    f"    {c['weight']} {c['dim']} [{c['slice'][0]}, {c['slice'][1]}) x{c['tensors']}: reads "
-                    f"{_human(c['extra_read_bytes'])} of neighbouring blocks, dequantizes its slice and "
-                    f"holds it as {c['held_as']}"
+                    f"    {c['weight']} x{c['tensors']}: {c['slice_size']} {c['dim']} per rank, {c['tp_ranks_cut']} of "
+                    f"{p['layout']['tp']} TP ranks cut; a rank reads up to {_human(c['extra_read_bytes'])} of "
+                    f"neighbouring blocks, dequantizes its slice and {held}"
                 )
         else:
             lines.append("  FP8 block cuts: none (every shard boundary is on a 128x128 block edge)")
