@@ -24,7 +24,7 @@ from dshal.config import PrecisionConfig
 from dshal.errors import DshalError, ShapeError
 from dshal.model.args import ModelArgs
 from dshal.plan.names import checkpoint_listing, load_listing
-from dshal.plan.plan import PlanError, PlanRequest, coverage, default_config, format_plan, make_plan
+from dshal.plan.plan import PlanError, PlanRequest, coverage, default_config, format_plan, make_plan, to_json
 from dshal.plan.simulate import build_rank, run_steps
 
 LISTING = Path(__file__).parent / "fixtures" / "plan" / "deepseek_v3_index.json"
@@ -205,6 +205,34 @@ def test_plan_report_and_memory_refusal(tmp_path: Path) -> None:
     assert "refusal" in plan and "more than --device-memory-gib 1" in plan["refusal"]
     text = format_plan(plan)
     assert "FP8 block cuts: none" in text and "refused:" in text and "published" not in text
+    assert json.loads(to_json(plan))["ranks"][0]["kv_cache"] == rank["kv_cache"]
+
+
+def test_cli_plan_refuses_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    from dshal.cli import main
+
+    assert main(["plan", "--tp", "3"]) == 1
+    assert "num_attention_heads is 128, expected a multiple of the group size 3" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the simulated group
+def test_simulated_group_runs_the_real_checks_and_logs_the_traffic() -> None:
+    from dshal import comm
+    from dshal.comm import SimulatedGroup
+
+    group = SimulatedGroup(4, 1, "ep")
+    assert (comm.get_world_size(group), comm.get_rank(group)) == (4, 1)
+    x = torch.empty((6, 8), dtype=torch.bfloat16, device="meta")
+    assert comm.all_gather(x, dim=0, group=group).shape == (24, 8)
+    assert comm.all_reduce(x, group=group) is x
+    link = comm.communicator(group)
+    assert link.exchange_splits([1, 2, 3, 0], "meta") == [1, 2, 3, 0]  # symmetric traffic assumed
+    assert link.all_to_all(x, [1, 2, 3, 0], [1, 2, 3, 0]).shape == (6, 8)
+    with pytest.raises(ShapeError, match="input_splits"):  # the real communicator's split check
+        link.all_to_all(x, None, [1, 2, 3, 1])
+    wire = [(t.collective, t.payload, t.wire) for t in group.traffic]
+    assert ("all_gather", 24 * 16, 18 * 16) in wire and ("all_reduce", 96, 2 * 3 * 96 // 4) in wire
+    assert ("all_to_all", 96, 4 * 16) in wire  # rows for the other ranks only (2 of the 6 stay here)
 
 
 def test_plan_names_the_fp8_blocks_a_shard_cuts(tmp_path: Path) -> None:

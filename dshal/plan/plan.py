@@ -594,5 +594,6 @@ __all__ = [
     "default_config",
     "format_plan",
     "holdings",
+    "to_json",
     "make_plan",
 ]
