@@ -125,6 +125,20 @@ def test_a_broken_shard_rule_is_caught(v3: ModelArgs, monkeypatch: pytest.Monkey
         run_steps(sim, batch=1, context=8, chunk=8)
 
 
+def test_overlapping_shards_are_caught(v3: ModelArgs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vocabulary split whose slices overlap by one row: the coverage of all ranks refuses it."""
+    from dshal.parallel import transforms
+
+    real = transforms.split_range
+    monkeypatch.setattr(
+        transforms,
+        "split_range",
+        lambda total, parts, index: (real(total, parts, index)[0], min(total, real(total, parts, index)[1] + 1)),
+    )
+    with pytest.raises(ShapeError, match=r"coverage: embed.weight slices .* overlap"):
+        coverage(v3, 8, 1)
+
+
 def test_a_wrong_config_is_caught(v3: ModelArgs) -> None:
     """A config whose kv_b_proj rows do not match its heads: the loader refuses the checkpoint's tensor."""
     args = v3.with_(num_hidden_layers=4)
@@ -241,7 +255,9 @@ def test_plan_names_the_fp8_blocks_a_shard_cuts(tmp_path: Path) -> None:
     plan = make_plan(PlanRequest(config=_config(tmp_path, num_hidden_layers=4), tp=32, context=16, prefill_chunk=16))
     cuts = {c["weight"]: c for c in plan["ranks"][0]["block_cuts"]}
     assert set(cuts) == {
-        f"model.layers.*.mlp.{part}{proj}" for part in ("", "shared_experts.") for proj in ("gate_proj", "up_proj", "down_proj")
+        f"model.layers.*.mlp.{part}{proj}"
+        for part in ("", "shared_experts.")
+        for proj in ("gate_proj", "up_proj", "down_proj")
     }
     gate = cuts["model.layers.*.mlp.gate_proj"]
     assert (gate["slice_size"], gate["tp_ranks_cut"], gate["tensors"]) == (576, 32, 3)

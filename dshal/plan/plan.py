@@ -168,15 +168,14 @@ def coverage(args: ModelArgs, tp: int, ep: int, gpus_per_node: int | None = None
     with torch.device("meta"):
         full = Transformer(skeleton)
     full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters()}
-    per_layer = lambda name: (
-        1
-        if not name.startswith("layers.")
-        else (  # noqa: E731
-            args.first_k_dense_replace
-            if not skeleton.is_moe_layer(int(name.split(".")[1]))
-            else args.num_hidden_layers - args.first_k_dense_replace
-        )
-    )
+    moe_layers = args.num_hidden_layers - args.first_k_dense_replace
+
+    def per_layer(name: str) -> int:
+        """How many layers of the real model a skeleton parameter stands for."""
+        if not name.startswith("layers."):
+            return 1
+        return moe_layers if skeleton.is_moe_layer(int(name.split(".")[1])) else args.first_k_dense_replace
+
     seen: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # name -> (dim, start, stop) per TP rank
     experts_held: dict[str, list[int]] = defaultdict(list)
     held: dict[int, int] = {}
@@ -199,7 +198,7 @@ def coverage(args: ModelArgs, tp: int, ep: int, gpus_per_node: int | None = None
                 dim = shard.dim if p_name == "weight" else 0
                 seen[f"{path}.{p_name}"].append((dim, shard.start, shard.stop))
     for name, pieces in seen.items():
-        full_len = full_shapes[name][pieces[0][0]] // max(1, _parts(full, name))
+        full_len = full_shapes[name][pieces[0][0]] // _parts(name)
         spans = sorted((a, b) for _, a, b in pieces)
         edge = 0
         for a, b in spans:
@@ -222,7 +221,7 @@ def coverage(args: ModelArgs, tp: int, ep: int, gpus_per_node: int | None = None
     return Coverage(total, held, per_rank)
 
 
-def _parts(model: Any, name: str) -> int:
+def _parts(name: str) -> int:
     """1, or 2 for ``gate_up_proj`` (a TP shard takes the same rows of its two halves)."""
     return 2 if ".gate_up_proj." in name else 1
 
