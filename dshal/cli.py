@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("dshal.model.run", "run the DeepSeek-V3 model core (tiny built-in model by default) and report tokens/s", "dshal"),
     "bench": ("dshal.perf.bench", "per-op latency, FLOP/s and bytes/s against the device roofline", "dshal"),
     "profile": ("dshal.perf.profile", "profile the model core per layer and op; find the bottlenecks", "dshal"),
+    "plan": ("dshal.plan.command", "per-rank weights, KV cache, activations and traffic of a TP x EP job, on the meta device", "dshal"),
 }
 
 EPILOG = """\

@@ -24,7 +24,7 @@ import datetime
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -271,6 +271,100 @@ class ProcessGroupCommunicator(Communicator):
         self._run("barrier", dist.barrier, group=self.group)
 
 
+# ---------------------------------------------------------------- simulated groups
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One collective a simulated rank took part in: ``payload`` bytes of its tensor and
+    ``wire`` bytes this rank sends over links (ring all-reduce ``2(n-1)/n``, all-gather /
+    reduce-scatter ``(n-1)/n`` of the full tensor, all-to-all: the rows for other ranks)."""
+
+    collective: str
+    group: str
+    payload: int
+    wire: int
+
+
+@dataclass
+class SimulatedGroup:
+    """A group that exists only on paper: ``size`` ranks, this process playing ``rank``.
+
+    The parallel transforms and layers take it wherever they take a process group
+    (``dshal plan`` builds each rank's part of a model this way, on the meta device). Its
+    collectives run :class:`ProcessGroupCommunicator`'s own argument checks and shape
+    rules; only the wire is replaced: each call is logged in ``traffic`` and its output
+    has the right shape (on real tensors, values as if every rank held this rank's data).
+    An all-to-all whose peers' counts are unknown assumes symmetric traffic: every rank
+    sends this one what this one sends it (balanced routing).
+    """
+
+    size: int
+    rank: int
+    name: str = "simulated"
+    traffic: list[Transfer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1 or not isinstance(self.rank, int) or not 0 <= self.rank < self.size:
+            raise CommError(f"SimulatedGroup: rank {self.rank!r} of size {self.size!r}, expected 0 <= rank < size")
+
+
+class SimulatedCommunicator(ProcessGroupCommunicator):
+    """The collectives of a :class:`SimulatedGroup`: the real communicator's checks, a log for the wire."""
+
+    def __init__(self, group: SimulatedGroup):
+        self.group = group
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.size
+
+    def _check_ready(self, collective: str) -> None:
+        return None
+
+    def _run(self, collective: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        n = self.group.size
+        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+        if collective == "all_reduce":
+            payload = nbytes(args[0])
+            wire = 2 * (n - 1) * payload // n
+        elif collective in ("all_gather", "reduce_scatter"):
+            out, src = args[0], args[1]
+            full = nbytes(out) if collective == "all_gather" else nbytes(src)
+            payload, wire = full, (n - 1) * full // n
+            if not out.is_meta:
+                out.copy_(src.repeat(n, *[1] * (src.dim() - 1)) if collective == "all_gather" else src.narrow(0, 0, out.shape[0]))
+        elif collective == "all_to_all":
+            out, src, outs, ins = args[0], args[1], args[2], args[3]
+            row = nbytes(src) // max(src.shape[0], 1)
+            mine = src.shape[0] // n if ins is None else ins[self.rank]
+            payload, wire = nbytes(src), (src.shape[0] - mine) * row
+            if not out.is_meta:
+                out.copy_(src) if out.shape == src.shape else out.zero_()
+        else:  # broadcast, barrier: nothing moves that the plan counts
+            payload = wire = 0
+        self.group.traffic.append(Transfer(collective, self.group.name, payload, wire))
+        return None
+
+    def exchange_splits(self, input_splits: Sequence[int], device: torch.device | str = "cpu") -> list[int]:
+        # split sizes are plain numbers, even in a meta-device run: exchange them on the CPU
+        return super().exchange_splits(input_splits, "cpu")
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        _check_tensor("broadcast", t)
+        if not isinstance(src, int) or not 0 <= src < self.group.size:
+            raise CommError(f"broadcast: argument 'src' is {src!r}, expected a group rank in [0, {self.group.size})")
+        self._run("broadcast", dist.broadcast, t)
+        return t
+
+    def barrier(self) -> None:
+        self._run("barrier", dist.barrier)
+
+
 # ---------------------------------------------------------------- launch and groups
 
 
@@ -450,11 +544,15 @@ def shutdown() -> None:
 
 def get_rank(group: Any = None) -> int:
     """This process's rank in ``group`` (0 when not distributed)."""
+    if isinstance(group, SimulatedGroup):
+        return group.rank
     return dist.get_rank(group) if dist.is_initialized() else 0
 
 
 def get_world_size(group: Any = None) -> int:
     """Ranks in ``group`` (1 when not distributed)."""
+    if isinstance(group, SimulatedGroup):
+        return group.size
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
@@ -491,6 +589,8 @@ def new_groups(partition: Sequence[Sequence[int]], name: str) -> Any:
 
 def communicator(group: Any = None) -> Communicator:
     """The active backend's communicator for ``group`` (None = the world group)."""
+    if isinstance(group, SimulatedGroup):
+        return SimulatedCommunicator(group)
     from dshal.runtime import current
 
     return current().backend.communicator(group)
@@ -537,6 +637,9 @@ __all__ = [
     "Communicator",
     "LaunchEnv",
     "ProcessGroupCommunicator",
+    "SimulatedCommunicator",
+    "SimulatedGroup",
+    "Transfer",
     "all_gather",
     "all_reduce",
     "all_to_all",

@@ -251,6 +251,7 @@ def load_weights(model: nn.Module, reader: Reader, device: torch.device | str = 
     args: ModelArgs = model.args
     device = torch.device(device)
     ld = _Loader(reader, args, device)
+    unloaded = dict(model.named_parameters())  # loading replaces each one (onto the meta device too: dshal plan)
     for path, module in model.named_modules():
         hf = checkpoint_name(path)
         if isinstance(module, Linear):
@@ -288,7 +289,7 @@ def load_weights(model: nn.Module, reader: Reader, device: torch.device | str = 
             f"checkpoint {reader.path}: unexpected tensor(s) {shown}{more}, not part of a DeepSeek-V3 model with "
             f"{args.num_hidden_layers} layers (check config.json against the checkpoint)"
         )
-    left = [name for name, p in model.named_parameters() if p.is_meta]
+    left = [name for name, p in model.named_parameters() if p is unloaded.get(name)]
     if left:
         raise CheckpointError(f"checkpoint {reader.path}: parameters left unloaded: {', '.join(left[:5])}")
     cos, sin = _rope(args, device)

@@ -91,7 +91,7 @@ def _attention_reference(q, k, v, causal=True, scale=None, window=None, global_t
     if seen is not None:
         # Rows with no visible key are all -inf -> NaN; they output zeros.
         blind = ~seen.any(dim=-1, keepdim=True)
-        if bool(blind.any()):
+        if blind.is_meta or bool(blind.any()):  # meta: no values to test, keep the shapes of the fill
             probs.masked_fill_(blind, 0.0)
     out = probs @ vg
     return out.reshape(batch, hq, tq, dv).to(q.dtype)

@@ -158,11 +158,15 @@ def _expert_groups(ids: torch.Tensor, experts: int) -> list[tuple[int, torch.Ten
 
     Slots are flat indices into ``ids.reshape(-1)``. Raises ShapeError for an id outside
     ``[0, experts)``. A single token (a decode step) needs no sort: each of its k slots is
-    its own group.
+    its own group. Meta tensors hold no ids: every slot goes to one group of expert 0, which
+    gives the math the shapes of any routing.
     """
     flat_ids = ids.reshape(-1)
     if flat_ids.numel() == 0:
         return []
+    if flat_ids.is_meta:
+        slots = torch.arange(flat_ids.numel(), device=ids.device)
+        return [(0, slots // ids.shape[1], slots)]
     check_expert_ids(flat_ids, experts)
     if ids.shape[0] == 1:
         token = torch.zeros(1, dtype=torch.long, device=ids.device)

@@ -225,8 +225,9 @@ def check_same_device(op: str, first: str, x: torch.Tensor, **others: torch.Tens
 def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: str, why: str) -> None:
     """Every value of ``ids`` must be in ``[0, size)``; ``what`` names one value ("expert
     id"), ``why`` says where ``size`` comes from. A value check: it reads the tensor (a host
-    sync on an accelerator), so it runs with the math, not in an op's input checker."""
-    if ids.numel():
+    sync on an accelerator), so it runs with the math, not in an op's input checker. Meta
+    tensors hold no values: nothing to check."""
+    if ids.numel() and not ids.is_meta:
         low, high = (int(v) for v in torch.aminmax(ids))
         if low < 0 or high >= size:
             raise ShapeError(

@@ -159,16 +159,13 @@ class ShardedExperts(RoutedExperts):
         tokens, top_k = ids.shape
         lo, hi = split_range(tokens, self.ep_size, self.ep_rank) if self.ep_size > 1 else (0, tokens)
         flat = ids[lo:hi].reshape(-1)
-        owner = self.owner[flat]
-        kept = (owner >= 0).nonzero().squeeze(1)
-        order = kept[torch.argsort(owner[kept] * self.n_experts + flat[kept], stable=True)]  # by rank, then expert
+        order, counts = self._dispatch_order(flat)
         token = order // top_k
         send_x, send_ids = x[lo:hi][token], flat[order]
         if self.ep_size == 1:
             out_rows = self._compute(send_x, send_ids)
         else:
             link = comm.communicator(self.ep_group)
-            counts = torch.bincount(owner[order], minlength=self.ep_size).tolist()
             back = link.exchange_splits(counts, x.device)
             recv_x = link.all_to_all(send_x, back, counts)
             recv_ids = link.all_to_all(send_ids, back, counts)
@@ -182,11 +179,29 @@ class ShardedExperts(RoutedExperts):
             return part
         return _gather_rows(part, tokens, self.ep_size, self.ep_group)
 
+    def _dispatch_order(self, flat: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The slots of ``flat`` (expert ids) this EP group handles, ordered by owner rank then
+        expert, and how many go to each rank of ``ep_group``.
+
+        Meta tensors carry no ids: the order then has the length balanced routing gives (this
+        group's share of the experts times the slots, split evenly over its ranks), so a
+        meta-device forward (``dshal plan``) runs this same code with the shapes of an even load.
+        """
+        if flat.is_meta:
+            slots = math.ceil(flat.numel() * len(self.held) * self.ep_size / self.n_experts)
+            per, extra = divmod(slots, self.ep_size)
+            return torch.arange(slots, device=flat.device), [per + (r < extra) for r in range(self.ep_size)]
+        owner = self.owner[flat]
+        kept = (owner >= 0).nonzero().squeeze(1)
+        order = kept[torch.argsort(owner[kept] * self.n_experts + flat[kept], stable=True)]  # by rank, then expert
+        counts = torch.bincount(owner[order], minlength=self.ep_size).tolist() if self.ep_size > 1 else [order.numel()]
+        return order, counts
+
     def _compute(self, x: torch.Tensor, global_ids: torch.Tensor) -> torch.Tensor:
         """Unweighted outputs ``[R, D]`` of this rank's experts for rows ``x`` routed to ``global_ids``."""
         if x.shape[0] == 0:
             return x.new_zeros((0, x.shape[1]))
-        local = self.local[global_ids][:, None]
+        local = self.local.to(global_ids.device)[global_ids][:, None]  # a meta model keeps its tables on the CPU
         ones = torch.ones(local.shape, dtype=torch.float32, device=x.device)
         return ops.moe_experts(x, ones, local, self.w13, self.w2, self.w13_scale, self.w2_scale)
 

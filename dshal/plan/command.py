@@ -1,0 +1,82 @@
+"""``dshal plan``: per rank, the bytes a TP x EP job of a DeepSeek-V3 model holds and moves,
+worked out on the meta device (no accelerator, no weights)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="CONFIG.json",
+        help="the model's Hugging Face config.json (default: DeepSeek-V3's published one)",
+    )
+    parser.add_argument(
+        "--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (as `dshal run --tp`; default 1)"
+    )
+    parser.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        metavar="M",
+        help="expert-parallel groups (as `dshal run --ep`): the job has TP x EP ranks and the routed "
+        "experts are spread over all of them (default 1)",
+    )
+    parser.add_argument(
+        "--nodes", type=int, default=None, metavar="N", help="nodes (with --gpus-per-node: must equal TP x EP devices)"
+    )
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=None, metavar="G", help="devices per node (places the TP groups)"
+    )
+    parser.add_argument(
+        "--precision",
+        default="fp8-block",
+        metavar="MODE",
+        help="precision.gemm of the run: fp8-block (default, the checkpoint's own), fp8-row, fp8-tensor, bf16",
+    )
+    parser.add_argument("--batch", type=int, default=1, metavar="B", help="sequences (default 1)")
+    parser.add_argument("--context", type=int, default=4096, metavar="T", help="tokens per sequence (default 4096)")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        metavar="C",
+        help="tokens per sequence in one prefill chunk (default min(2048, context))",
+    )
+    parser.add_argument(
+        "--device-memory-gib",
+        type=float,
+        default=None,
+        metavar="G",
+        help="memory per device; refuse a layout whose ranks need more",
+    )
+    parser.add_argument("--json", type=Path, default=None, metavar="F", help="also write the plan as JSON to F")
+
+
+def main(args: argparse.Namespace) -> int:
+    from dshal.plan.plan import PlanError, PlanRequest, default_config, format_plan, make_plan, to_json
+
+    request = PlanRequest(
+        config=args.config or default_config(),
+        tp=args.tp,
+        ep=args.ep,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        precision=args.precision,
+        batch=args.batch,
+        context=args.context,
+        prefill_chunk=args.prefill_chunk or min(2048, args.context),
+        device_memory_gib=args.device_memory_gib,
+    )
+    plan = make_plan(request)
+    print(format_plan(plan))
+    if args.json:
+        args.json.write_text(to_json(plan))
+        print(f"wrote {args.json}")
+    if plan.get("refusal"):
+        raise PlanError(f"dshal plan: refused: {plan['refusal']}")
+    return 0

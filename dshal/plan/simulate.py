@@ -1,0 +1,293 @@
+"""One rank of a parallel job, simulated on the meta device: no weights, no process group.
+
+:func:`build_rank` runs the real loading path, :func:`dshal.parallel.loading.build_parallel`
+(meta model -> ``tensor_parallel`` / ``expert_parallel`` -> ``ShardView`` -> the model
+core's ``load_weights`` -> the precision policy), against a :class:`MetaCheckpoint`: a
+checkpoint made of names, shapes and dtypes only, whose reads return meta tensors of the
+requested slice and are logged. The groups are :class:`dshal.comm.SimulatedGroup`\\ s, so
+the transforms see the sizes and ranks of the real job and the collectives of a forward
+log what would travel.
+
+:func:`run_steps` then runs one prefill chunk and one decode step of that rank's model on
+meta tensors through ``dshal.ops``: every op's reference implementation behind its input
+checks (:func:`reference_ops`), since the meta device carries shapes and dtypes only. The
+live bytes of the tensors the forward creates are tracked to find its activation peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from dshal.comm import SimulatedGroup, Transfer
+from dshal.errors import CommError
+from dshal.model.args import ModelArgs
+from dshal.model.loader import CheckpointError
+from dshal.parallel.groups import GroupPlan, ParallelGroups, plan_groups
+from dshal.plan.names import TensorEntry
+
+
+# ---------------------------------------------------------------- a checkpoint without weights
+@dataclass(frozen=True)
+class Read:
+    """One read of the rank: the tensor, its shard file, the part read (None = all) and its bytes."""
+
+    name: str
+    file: str | None
+    index: tuple[slice, ...] | None
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+class MetaCheckpoint:
+    """The checkpoint reader interface (``names``, ``in``, ``shape``, ``dtype``, ``get``,
+    ``get_slice``) over a listing of tensors (:mod:`dshal.plan.names`). Every read returns
+    a meta tensor of what was asked for and is appended to ``reads``."""
+
+    def __init__(self, tensors: dict[str, TensorEntry], path: str = "<listing>"):
+        self.tensors, self.path = tensors, path
+        self.reads: list[Read] = []
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def _entry(self, name: str) -> TensorEntry:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.path}: no tensor {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._read(name, None)
+
+    def get_slice(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
+        return self._read(name, tuple(slices))
+
+    def _read(self, name: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+        entry = self._entry(name)
+        full = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+        part = full if index is None else full[index]
+        self.reads.append(Read(name, entry.file, index, tuple(part.shape), part.numel() * part.element_size()))
+        return part.contiguous()
+
+
+# ---------------------------------------------------------------- ops on meta tensors
+@contextlib.contextmanager
+def reference_ops() -> Iterator[None]:
+    """While active, every ``dshal.ops`` call runs the op's reference behind its input checks,
+    on tensors of any device (meta included); the runtime active before comes back after."""
+    from dshal.ops.catalogue import SPECS
+    from dshal.runtime import Runtime, current
+
+    base = current()
+    references = {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
+    meta = Runtime(
+        config=base.config,
+        backend=base.backend,
+        device=base.device,
+        providers={name: "reference" for name in references},
+        fallbacks=frozenset(),
+        selection=[],
+        table={name: SPECS[name].checked(fn) for name, fn in references.items()},
+        unchecked=references,
+    )
+    meta.activate()
+    try:
+        yield
+    finally:
+        base.activate()
+
+
+# ---------------------------------------------------------------- one rank
+@dataclass
+class SimulatedRank:
+    """One rank's part of the model (on the meta device), its groups and what it read."""
+
+    rank: int
+    tp_rank: int
+    ep_rank: int
+    groups: ParallelGroups
+    model: Any
+    reads: list[Read]
+
+    def groups_in_use(self) -> list[SimulatedGroup]:
+        return [g for g in (self.groups.tp, self.groups.ep) if isinstance(g, SimulatedGroup)]
+
+
+def layout(world: int, tp: int, ep: int, gpus_per_node: int | None = None) -> GroupPlan:
+    """The TP / EP groups of a job of ``world`` ranks, as :func:`dshal.parallel.setup_groups` places them."""
+    return plan_groups(world, tp, ep, local_world_size=gpus_per_node)
+
+
+def build_rank(
+    args: ModelArgs,
+    tensors: dict[str, TensorEntry],
+    tp: int,
+    ep: int,
+    rank: int,
+    precision: Any,
+    *,
+    gpus_per_node: int | None = None,
+    path: str = "<listing>",
+) -> SimulatedRank:
+    """Global ``rank`` of a ``tp * ep`` job: its model, built as :func:`build_parallel` builds
+    it, from a checkpoint of ``tensors`` (meta tensors; every read logged)."""
+    from dshal.parallel.loading import build_parallel
+
+    world = tp * ep
+    plan = layout(world, tp, ep, gpus_per_node)
+    if not 0 <= rank < world:
+        raise CommError(f"build_rank: argument 'rank' is {rank}, expected 0..{world - 1}")
+    tp_members, ep_members = plan.tp_group_of(rank), plan.ep_group_of(rank)
+    tp_rank, ep_rank = tp_members.index(rank), ep_members.index(rank)
+    groups = ParallelGroups(
+        tp=SimulatedGroup(tp, tp_rank, "tp") if tp > 1 else None,
+        ep=SimulatedGroup(ep, ep_rank, "ep") if ep > 1 else None,
+        tp_size=tp,
+        ep_size=ep,
+        plan=plan,
+    )
+    reader = MetaCheckpoint(tensors, path)
+    with reference_ops():
+        model = build_parallel(args, reader, groups, precision, device="meta")
+    return SimulatedRank(rank, tp_rank, ep_rank, groups, model, reader.reads)
+
+
+# ---------------------------------------------------------------- a forward on meta tensors
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors a forward holds at once, counted two ways.
+
+    ``eager``: every new (non-view) tensor any aten op returns counts until its Python
+    object is freed -- what the reference ops hold, their temporaries included (the
+    attention reference materializes every score). ``fused``: each ``dshal.ops`` call
+    counts as one kernel -- only the tensors it returns, plus the model's torch glue
+    between ops -- which is what a backend with fused kernels holds (their small
+    workspaces aside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = {"eager": 0, "fused": 0}
+        self.peak = {"eager": 0, "fused": 0}
+        self.largest: tuple[int, str, tuple[int, ...], str] = (0, "", (), "")
+        self.depth = 0  # > 0 inside a dshal op
+
+    def _free(self, way: str, nbytes: int) -> None:
+        self.live[way] -= nbytes
+
+    def _hold(self, way: str, t: torch.Tensor, what: str) -> None:
+        nbytes = t.numel() * t.element_size()
+        self.live[way] += nbytes
+        self.peak[way] = max(self.peak[way], self.live[way])
+        weakref.finalize(t, self._free, way, nbytes)
+        if way == "fused" and nbytes > self.largest[0]:
+            self.largest = (nbytes, what, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+
+    def _new(self, out: Any, inputs: Any) -> list[torch.Tensor]:
+        seen = {id(t) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+        return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and id(t) not in seen and not t._is_view()]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in self._new(out, (args, kwargs)):
+            self._hold("eager", t, func.overloadpacket.__name__)
+            if not self.depth:
+                self._hold("fused", t, func.overloadpacket.__name__)
+        return out
+
+    def op_hook(self, name: str, fn: Any) -> Any:
+        """Wrap one dshal op: its temporaries are a kernel's own, its outputs are activations."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.depth += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+            if not self.depth:
+                for t in self._new(out, (args, kwargs)):
+                    self._hold("fused", t, f"ops.{name}")
+            return out
+
+        return call
+
+
+@dataclass
+class StepResult:
+    """One forward step of one rank: tokens, logits shape, collectives, activation peaks
+    (``peak_bytes``: one kernel per dshal op; ``eager_peak_bytes``: the reference ops as run)."""
+
+    tokens: int
+    logits_shape: tuple[int, ...]
+    traffic: list[Transfer] = field(default_factory=list)
+    peak_bytes: int = 0
+    eager_peak_bytes: int = 0
+    largest: tuple[int, str, tuple[int, ...], str] = (0, "", (), "")
+
+
+def _step(model: Any, sim: SimulatedRank, ids: torch.Tensor, start: int, cache: Any) -> StepResult:
+    from dshal.runtime import op_hook
+
+    for group in sim.groups_in_use():
+        group.traffic.clear()
+    tracker = _LiveBytes()
+    with reference_ops(), op_hook(tracker.op_hook), tracker:
+        logits = model(ids, start, cache, last_only=True)
+    traffic = [t for g in sim.groups_in_use() for t in g.traffic]
+    return StepResult(
+        ids.numel(), tuple(logits.shape), traffic, tracker.peak["fused"], tracker.peak["eager"], tracker.largest
+    )
+
+
+def run_steps(sim: SimulatedRank, batch: int, context: int, chunk: int) -> tuple[StepResult, StepResult]:
+    """One prefill chunk of ``chunk`` tokens ending at position ``context`` (the cache stands
+    for the ``context - chunk`` tokens before it: meta tensors hold no values, only the count
+    matters), then one decode step; ``batch`` sequences. Returns ``(prefill, decode)``."""
+    model = sim.model
+    if not 0 < chunk <= context:
+        raise CommError(f"run_steps: prefill chunk {chunk} must be in 1..context ({context})")
+    cache = model.new_cache(batch, context + 1)
+    cache.length = context - chunk
+    prefill = _step(model, sim, torch.zeros((batch, chunk), dtype=torch.int64, device="meta"), context - chunk, cache)
+    decode = _step(model, sim, torch.zeros((batch, 1), dtype=torch.int64, device="meta"), context, cache)
+    return prefill, decode
+
+
+def kv_cache_bytes(sim: SimulatedRank, batch: int, context: int) -> tuple[int, int]:
+    """``(bytes per token, bytes for batch x context)`` of this rank's KV cache (meta: free)."""
+    cache = sim.model.new_cache(batch, context)
+    total = sum(b.numel() * b.element_size() for layer in cache.buffers for b in layer)
+    return total // max(batch * context, 1), total
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b)
+
+
+__all__ = [
+    "MetaCheckpoint",
+    "Read",
+    "SimulatedRank",
+    "StepResult",
+    "build_rank",
+    "kv_cache_bytes",
+    "layout",
+    "reference_ops",
+    "run_steps",
+]

@@ -1,0 +1,266 @@
+"""dshal plan: DeepSeek-V3 at its real dimensions on the meta device.
+
+What these tests hold to:
+- the kept config.json and checkpoint listing are DeepSeek-V3's published facts;
+- one prefill chunk and one decode step of the full 61-layer model run through
+  ``dshal.ops`` (references behind their checks, meta tensors) for TP in {1, 8} x EP in
+  {1, 8, 32}, each rank built by the real loader and transforms;
+- a broken shape rule (a transform one head short) is caught by an op's check;
+- the loader's shard plan reads, for TP=8 / EP=32, every tensor a rank needs and only the
+  slices it needs, and the slices of all 256 ranks tile every tensor;
+- ``dshal plan`` refuses layouts that cannot work, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dshal.config import PrecisionConfig
+from dshal.errors import DshalError, ShapeError
+from dshal.model.args import ModelArgs
+from dshal.plan.names import checkpoint_listing, load_listing
+from dshal.plan.plan import PlanError, PlanRequest, coverage, default_config, format_plan, make_plan, to_json
+from dshal.plan.simulate import build_rank, run_steps
+
+LISTING = Path(__file__).parent / "fixtures" / "plan" / "deepseek_v3_index.json"
+_built: dict[tuple[int, int, int], object] = {}
+
+
+@pytest.fixture(scope="module")
+def v3() -> ModelArgs:
+    return ModelArgs.from_file(default_config())
+
+
+@pytest.fixture(scope="module")
+def published() -> tuple[dict, dict]:
+    return load_listing(LISTING)
+
+
+def _rank(args: ModelArgs, tensors: dict, tp: int, ep: int, rank: int = 0):
+    """Ranks are built once per test module (a full-size build takes seconds)."""
+    key = (tp, ep, rank)
+    if key not in _built:
+        _built[key] = build_rank(args, tensors, tp, ep, rank, PrecisionConfig(gemm="fp8-block"))
+    return _built[key]
+
+
+# ---------------------------------------------------------------- the facts kept as data
+def test_config_is_deepseek_v3(v3: ModelArgs) -> None:
+    a = v3
+    assert (a.num_hidden_layers, a.first_k_dense_replace, a.hidden_size, a.intermediate_size) == (61, 3, 7168, 18432)
+    assert (a.moe_intermediate_size, a.vocab_size, a.n_routed_experts, a.num_experts_per_tok) == (2048, 129280, 256, 8)
+    assert (a.n_group, a.topk_group, a.n_shared_experts, a.num_attention_heads) == (8, 4, 1, 128)
+    assert (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim) == (
+        1536,
+        512,
+        128,
+        64,
+        128,
+    )
+    assert a.weight_block_size == (128, 128) and a.fp8_format == "e4m3fn" and a.num_nextn_predict_layers == 1
+    assert a.rope_scaling.factor == 40 and a.rope_scaling.original_max_position_embeddings == 4096
+
+
+def test_published_listing_matches_the_config(v3: ModelArgs, published: tuple[dict, dict]) -> None:
+    header, tensors = published
+    assert len(tensors) == header["published_tensor_count"] == 91991
+    assert sum(math.prod(e.shape) for e in tensors.values()) == header["published_element_count"]
+    assert "DERIVED" in header["shard_files"]  # the file assignment is not the published one, and says so
+    mine = checkpoint_listing(v3)
+    assert set(mine) == set(tensors)
+    assert all((mine[n].shape, mine[n].dtype) == (e.shape, e.dtype) for n, e in tensors.items())
+    assert len({e.file for e in tensors.values()}) == 163
+
+
+def test_parameter_counts_match_the_published_ones(v3: ModelArgs) -> None:
+    cover = coverage(v3, 8, 1)
+    assert abs(cover.total_params / 671e9 - 1) < 0.01
+    assert cover.total_params == 671_026_419_200  # 61 layers + embedding + head, no MTP layer, no scales
+
+
+# ---------------------------------------------------------------- the meta-device forward
+@pytest.mark.parametrize("tp,ep", [(1, 1), (1, 8), (1, 32), (8, 1), (8, 8), (8, 32)])
+def test_meta_forward_at_full_size(v3: ModelArgs, published: tuple[dict, dict], tp: int, ep: int) -> None:
+    sim = _rank(v3, published[1], tp, ep)
+    held = {n: p for n, p in sim.model.named_parameters()}
+    # the rank's shards: heads / TP, experts / (TP x EP), FP8 blocks kept
+    assert held["layers.5.self_attn.q_b_proj.weight"].shape == (128 // tp * 192, 1536)
+    assert held["layers.5.self_attn.q_b_proj.weight"].dtype == torch.float8_e4m3fn
+    assert held["layers.5.self_attn.q_b_proj.weight_scale"].shape == (128 // tp * 192 // 128, 12)
+    assert held["layers.5.mlp.experts.w13"].shape == (256 // (tp * ep), 4096, 7168)
+    prefill, decode = run_steps(sim, batch=2, context=64, chunk=16)
+    assert prefill.logits_shape == decode.logits_shape == (2, 1, 129280)
+    collectives = {(t.group, t.collective) for t in decode.traffic}
+    assert (("tp", "all_reduce") in collectives) == (tp > 1)
+    assert (("ep", "all_to_all") in collectives) == (ep > 1)
+    assert prefill.peak_bytes > 0 and prefill.eager_peak_bytes >= prefill.peak_bytes
+
+
+def test_a_broken_shard_rule_is_caught(v3: ModelArgs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """o_proj's row-parallel shard one head short: the loader reads what it was told, and
+    dshal.ops.linear's check names the mismatch at the first forward."""
+    from dshal.parallel import transforms
+    from dshal.parallel.layers import Shard
+
+    args = v3.with_(num_hidden_layers=4)
+    real = transforms._parallel_linear
+
+    def one_head_short(old, shard, row, group=None, reduce=True):
+        if (
+            row
+            and old.out_features == args.hidden_size
+            and old.in_features == args.num_attention_heads * args.v_head_dim
+        ):
+            shard = Shard(shard.dim, shard.start, shard.stop - args.v_head_dim, shard.parts)
+        return real(old, shard, row, group, reduce)
+
+    monkeypatch.setattr(transforms, "_parallel_linear", one_head_short)
+    sim = build_rank(args, checkpoint_listing(args), 8, 1, 0, PrecisionConfig())
+    with pytest.raises(ShapeError, match=r"linear: argument .* 2048"):
+        run_steps(sim, batch=1, context=8, chunk=8)
+
+
+def test_overlapping_shards_are_caught(v3: ModelArgs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vocabulary split whose slices overlap by one row: the coverage of all ranks refuses it."""
+    from dshal.parallel import transforms
+
+    real = transforms.split_range
+    monkeypatch.setattr(
+        transforms,
+        "split_range",
+        lambda total, parts, index: (real(total, parts, index)[0], min(total, real(total, parts, index)[1] + 1)),
+    )
+    with pytest.raises(ShapeError, match=r"coverage: embed.weight slices .* overlap"):
+        coverage(v3, 8, 1)
+
+
+def test_a_wrong_config_is_caught(v3: ModelArgs) -> None:
+    """A config whose kv_b_proj rows do not match its heads: the loader refuses the checkpoint's tensor."""
+    args = v3.with_(num_hidden_layers=4)
+    tensors = checkpoint_listing(args)
+    tensors["model.layers.1.self_attn.kv_b_proj.weight"] = tensors["model.layers.1.self_attn.o_proj.weight"]
+    with pytest.raises(DshalError, match="kv_b_proj"):
+        build_rank(args, tensors, 8, 1, 0, PrecisionConfig())
+
+
+# ---------------------------------------------------------------- the loader's shard plan
+def test_shard_plan_tp8_ep32_reads_only_what_each_rank_needs(v3: ModelArgs, published: tuple[dict, dict]) -> None:
+    tensors = published[1]
+    for rank in (0, 255):
+        sim = _rank(v3, tensors, 8, 32, rank)  # load_weights raised if a tensor the rank needs were missing
+        experts = next(m for n, m in sim.model.named_modules() if n == "layers.3.mlp.experts")
+        assert len(experts.held) == 1
+        read_elements = sum(math.prod(r.shape) for r in sim.reads)
+        held_elements = sum(p.numel() for p in sim.model.parameters())
+        assert read_elements == held_elements  # nothing read that the rank does not keep
+        for r in sim.reads:
+            assert not r.name.startswith("model.layers.61."), r.name  # the MTP layer is not loaded
+            if ".mlp.experts." in r.name:
+                assert int(r.name.split(".")[5]) in experts.held, r.name
+            elif any(
+                k in r.name
+                for k in (
+                    "q_b_proj",
+                    "kv_b_proj",
+                    "o_proj",
+                    "embed_tokens",
+                    "lm_head",
+                    "shared_experts",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                )
+            ):
+                full = tensors[r.name].shape
+                assert r.index is not None and math.prod(r.shape) * 8 == math.prod(full), r.name  # 1/8: its TP slice
+        files = {r.file for r in sim.reads}
+        assert 1 < len(files) < 163  # the rank opens only the files holding its slices
+    cover = coverage(v3, 8, 32)  # every rank's slices: each tensor tiled exactly, each expert held once
+    assert cover.experts_per_rank == 1 and cover.total_params == 671_026_419_200
+
+
+# ---------------------------------------------------------------- refusals and the report
+def _config(tmp_path: Path, **changes: object) -> Path:
+    cfg = json.loads(default_config().read_text())
+    cfg.update(changes)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "request_changes,match",
+    [
+        ({"tp": 3}, "num_attention_heads is 128, expected a multiple of the group size 3"),
+        ({"ep": 3}, r"routed experts .* expected a multiple of the group size 3"),
+        ({"tp": 8, "ep": 8, "nodes": 1, "gpus_per_node": 8}, "64 ranks, but --nodes 1 x --gpus-per-node 8 = 8 devices"),
+        ({"precision": "fp9"}, "--precision is 'fp9'"),
+    ],
+)
+def test_plan_refuses_a_split_that_cannot_work(request_changes: dict, match: str) -> None:
+    with pytest.raises(PlanError, match=match):
+        make_plan(PlanRequest(config=default_config(), **request_changes))
+
+
+def test_plan_report_and_memory_refusal(tmp_path: Path) -> None:
+    config = _config(tmp_path, num_hidden_layers=5)
+    plan = make_plan(
+        PlanRequest(config=config, tp=2, ep=2, batch=2, context=64, prefill_chunk=32, device_memory_gib=1.0)
+    )
+    rank = plan["ranks"][0]
+    assert rank["ranks"] == [0, 1, 2, 3]
+    assert rank["kv_cache"]["bytes_per_token"] == 5 * 576 * 2  # absorbed latent + rope key, bf16, per layer
+    assert rank["weights"]["routed experts"]["params"] == 2 * 64 * 3 * 2048 * 7168  # 2 MoE layers, 256 / 4 experts
+    assert "refusal" in plan and "more than --device-memory-gib 1" in plan["refusal"]
+    text = format_plan(plan)
+    assert "FP8 block cuts: none" in text and "refused:" in text and "published" not in text
+    assert json.loads(to_json(plan))["ranks"][0]["kv_cache"] == rank["kv_cache"]
+
+
+def test_cli_plan_refuses_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    from dshal.cli import main
+
+    assert main(["plan", "--tp", "3"]) == 1
+    assert "num_attention_heads is 128, expected a multiple of the group size 3" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the simulated group
+def test_simulated_group_runs_the_real_checks_and_logs_the_traffic() -> None:
+    from dshal import comm
+    from dshal.comm import SimulatedGroup
+
+    group = SimulatedGroup(4, 1, "ep")
+    assert (comm.get_world_size(group), comm.get_rank(group)) == (4, 1)
+    x = torch.empty((6, 8), dtype=torch.bfloat16, device="meta")
+    assert comm.all_gather(x, dim=0, group=group).shape == (24, 8)
+    assert comm.all_reduce(x, group=group) is x
+    link = comm.communicator(group)
+    assert link.exchange_splits([1, 2, 3, 0], "meta") == [1, 2, 3, 0]  # symmetric traffic assumed
+    assert link.all_to_all(x, [1, 2, 3, 0], [1, 2, 3, 0]).shape == (6, 8)
+    with pytest.raises(ShapeError, match="input_splits"):  # the real communicator's split check
+        link.all_to_all(x, None, [1, 2, 3, 1])
+    wire = [(t.collective, t.payload, t.wire) for t in group.traffic]
+    assert ("all_gather", 24 * 16, 18 * 16) in wire and ("all_reduce", 96, 2 * 3 * 96 // 4) in wire
+    assert ("all_to_all", 96, 4 * 16) in wire  # rows for the other ranks only (2 of the 6 stay here)
+
+
+def test_plan_names_the_fp8_blocks_a_shard_cuts(tmp_path: Path) -> None:
+    """TP=32: the dense MLP's 18432 rows give 576 per rank (4.5 blocks of 128), the shared
+    expert's 2048 give 64; attention (4 heads x 192 / 256 / 128) stays on block edges."""
+    plan = make_plan(PlanRequest(config=_config(tmp_path, num_hidden_layers=4), tp=32, context=16, prefill_chunk=16))
+    cuts = {c["weight"]: c for c in plan["ranks"][0]["block_cuts"]}
+    assert set(cuts) == {
+        f"model.layers.*.mlp.{part}{proj}"
+        for part in ("", "shared_experts.")
+        for proj in ("gate_proj", "up_proj", "down_proj")
+    }
+    gate = cuts["model.layers.*.mlp.gate_proj"]
+    assert (gate["slice_size"], gate["tp_ranks_cut"], gate["tensors"]) == (576, 32, 3)
+    assert gate["extra_read_bytes"] == 3 * 64 * 7168  # each slice has one edge mid-block: 64 rows of it read extra
+    assert gate["held_as"] == "float8_e4m3fn"  # re-quantized in the rank's own blocks by the fp8-block policy
+    assert "a rank reads up to" in format_plan(plan)
