@@ -166,6 +166,8 @@ def _record(case: Case, suffix: str, v: Verdict, seed: int, duration: float, wai
         "seed": seed,
         "duration_s": round(duration, 4),
         "waivers": [w.reason for w in waivers],
+        **({"details": v.details} if v.details else {}),
+        **({"finding": v.finding} if v.finding else {}),
     }
 
 

@@ -10,6 +10,7 @@ FAMILY_MODULES = (
     "dshal_conformance.cases.elementwise",
     "dshal_conformance.cases.attention_moe",
     "dshal_conformance.collectives",
+    "dshal_conformance.cases.model",
 )
 
 
