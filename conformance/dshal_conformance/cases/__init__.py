@@ -11,6 +11,7 @@ FAMILY_MODULES = (
     "dshal_conformance.cases.attention_moe",
     "dshal_conformance.collectives",
     "dshal_conformance.cases.model",
+    "dshal_conformance.cases.determinism",
 )
 
 
