@@ -12,6 +12,7 @@ FAMILY_MODULES = (
     "dshal_conformance.collectives",
     "dshal_conformance.cases.model",
     "dshal_conformance.cases.determinism",
+    "dshal_conformance.cases.graph",
 )
 
 
