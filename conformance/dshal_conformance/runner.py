@@ -331,6 +331,49 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
     return [_record(case, o.suffix, o.verdict, seed, duration, used) for o in outcomes]
 
 
+def versions(target: Target) -> dict[str, Any]:
+    """What a matrix cell says it ran on: triton, device driver and runtime (CUDA / ROCm /
+    CANN), Python and host. Driver and runtime come from the backend's capability notes
+    (``driver``, ``runtime``, ``cann``) first, else from torch's build for a device backend;
+    an emulated leg names the Triton interpreter as its runtime."""
+    out: dict[str, Any] = {"python": platform.python_version(), "host": f"{platform.platform()} {platform.machine()}"}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - optional
+        out["triton"] = None
+    driver = runtime = None
+    rt = target.runtime
+    if rt is not None:
+        notes = rt.capabilities.notes
+        driver = notes.get("driver")
+        runtime = notes.get("runtime") or (f"CANN {notes['cann']}" if notes.get("cann") else None)
+        if rt.emulated:
+            runtime = runtime or f"Triton interpreter (triton {out['triton']}) on CPU tensors"
+        elif rt.backend.device_type == "cuda":
+            hip = getattr(torch.version, "hip", None)
+            runtime = runtime or (f"ROCm {hip}" if hip else f"CUDA {torch.version.cuda}")
+            driver = driver or _nvml_driver()
+    out.update(driver=driver, runtime=runtime)
+    return out
+
+
+def _nvml_driver() -> str | None:
+    """The NVIDIA driver version through pynvml when it is installed (None otherwise)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001 - no NVML here
+        return None
+
+
 def environment(target: Target) -> dict[str, Any]:
     """Device, driver/runtime versions, torch, suite version, git commit (for bundles)."""
     import subprocess
