@@ -61,7 +61,7 @@ class RunReport:
                 why = (f"backend {rt.backend.name!r} does not provide {op!r}; served by the {provider!r} reference "
                        f"(fallback: {rt.config.fallback})")
                 out.append({"op": op, "provider": provider, "kind": "fallback", "reason": why, "calls": self.calls.get(op, 0)})
-            elif provider != rt.backend.name:
+            elif op in rt.config.ops or provider != rt.backend.name:
                 out.append({"op": op, "provider": provider, "kind": "override", "reason": f"config ops.{op}: {provider}",
                             "calls": self.calls.get(op, 0)})
         for op, why in getattr(rt, "determinism_gaps", {}).items():
