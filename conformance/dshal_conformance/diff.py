@@ -98,7 +98,7 @@ def _replay(runtime: Any, call: Any) -> tuple[torch.Tensor, ...]:
     place = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
     args = tuple(place(a) for a in call.args)
     kwargs = {k: place(v) for k, v in call.kwargs.items()}
-    return mc._tensors(runtime.table[call.op](*args, **kwargs))
+    return mc.output_tensors(runtime.table[call.op](*args, **kwargs))
 
 
 def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, precision: str = "high",
@@ -171,10 +171,10 @@ def _op_rows(a: Any, b: Any, b_rt: Any, tol: float) -> list[dict[str, Any]]:
         else:
             note = ""
         worst = mc.worst_element(other.outputs[0], call.outputs[0]) if call.outputs and other.outputs else {}
+        drift = mc.call_drift(other, call)
         rows.append({
             "index": call.index, "layer": call.layer, "op": call.op, "nth": call.nth,
-            "drift": mc.call_drift(other, call), "local_drift": local,
-            "over": not mc.call_drift(other, call) <= tol, "local_over": not local <= tol,
+            "drift": drift, "local_drift": local, "over": not drift <= tol, "local_over": not local <= tol,
             "at": worst.get("index"), "a": worst.get("b"), "b": worst.get("a"), "note": note,
         })
     return rows

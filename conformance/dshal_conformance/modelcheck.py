@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,11 +181,11 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def _tensors(value: Any) -> tuple[torch.Tensor, ...]:
+def output_tensors(value: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(value, torch.Tensor):
         return (value.detach().to("cpu", copy=True),)
     if isinstance(value, (tuple, list)):
-        return tuple(t for v in value for t in _tensors(v))
+        return tuple(t for v in value for t in output_tensors(v))
     return ()
 
 
@@ -213,7 +213,7 @@ class _Tracer:
             self.counts[(layer, name)] = nth + 1
             keep = self.keep_inputs
             self.calls.append(
-                OpCall(len(self.calls), layer, name, nth, _tensors(out),
+                OpCall(len(self.calls), layer, name, nth, output_tensors(out),
                        _to_cpu(args) if keep else (), _to_cpu(kwargs) if keep else {})
             )
             if self.on_call is not None:
@@ -346,6 +346,3 @@ def first_over(drifts: dict[str, float], tol: float) -> str | None:
     """The first layer whose drift exceeds ``tol`` (None when none does)."""
     return next((name for name, d in drifts.items() if not d <= tol), None)
 
-
-def iter_layer_calls(t: Trace, layer: str) -> Iterator[OpCall]:
-    return (c for c in t.calls if c.layer == layer)

@@ -65,7 +65,7 @@ class Target:
         return bool(self.runtime is not None and (self.runtime.emulated or self.runtime.capabilities.emulated))
 
 
-def resolve(name: str, emulate: bool | None = None) -> Target:
+def resolve(name: str, emulate: bool | None = None, determinism: str | None = None) -> Target:
     """Load backend ``name`` as a user would (``fallback: error``); a backend that cannot
     run here becomes a Target with ``not_run`` set instead of raising."""
     import dshal
@@ -76,6 +76,8 @@ def resolve(name: str, emulate: bool | None = None) -> Target:
     overrides: dict[str, Any] = {"backend": name, "fallback": "error"}
     if emulate is not None:
         overrides["emulate"] = emulate
+    if determinism is not None:  # strict: the determinism family then holds the backend to its promise
+        overrides["determinism"] = determinism
     config = load_config({}, **overrides)
     infos = {i.name: i for i in dshal.backends(emulate=config.emulate)}
     version = infos[name].version if name in infos else None

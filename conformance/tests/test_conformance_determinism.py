@@ -80,3 +80,14 @@ def test_strict_cpu_is_deterministic_and_batch_invariant_for_every_op() -> None:
     det = [c for c in rep["cases"] if c["kind"] == "determinism"]
     assert len(det) == 2 * sum(len(d) for d, _, _ in OPS.values())
     assert all(c["status"] == "pass" for c in det), [(c["id"], c["reason"]) for c in det if c["status"] != "pass"]
+
+
+def test_command_line_strict_mode(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from dshal import cli
+
+    args = ["conformance", "--backend", "cpu", "--case", "determinism/fp8_gemm/*", "--report-dir", str(tmp_path), "--quiet"]
+    assert cli.main([*args, "--determinism", "strict"]) == 0
+    rep = json.loads((tmp_path / "cpu.json").read_text())
+    assert [c["status"] for c in rep["cases"]] == ["pass", "pass"]  # row-by-row: invariant by construction

@@ -20,6 +20,7 @@ in both, as the model core does). Tolerances: ``tolerances.MODEL_TOLERANCES``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -33,7 +34,11 @@ CI_MODES = ("high", "fp8-block")
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.2e}" if v == v and v not in (float("inf"),) else str(v)
+    return f"{v:.2e}" if math.isfinite(v) else str(v)
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
 
 
 def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
@@ -74,8 +79,8 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
         "mode": mode,
         "precision": precision.gemm,
         "fp8_format": precision.fp8_format,
-        "layer_drift": {k: (v if v == v and v != float("inf") else None) for k, v in drifts.items()},
-        "logit_drift": logit_drift if logit_drift != float("inf") else None,
+        "layer_drift": {k: _finite(v) for k, v in drifts.items()},
+        "logit_drift": _finite(logit_drift),
         "first_layer_over": first,
         "tolerance": tol.drift,
         "origin": tol.origin,
