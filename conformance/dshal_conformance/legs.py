@@ -265,7 +265,7 @@ def markdown(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
         rows, cells = family_rows(reports, family)
         if not rows:
             continue
-        head = [family if family != "model" else "mode"] + [_label(r) + (" `STALE`" if n.stale else "") for r, n in zip(reports, notes)]
+        head = ["mode" if family == "model" else "op"] + [_label(r) + (" `STALE`" if n.stale else "") for r, n in zip(reports, notes)]
         lines += ["", f"## {FAMILY_TITLES[family]}", "", "| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
         for row in rows:
             lines.append("| " + " | ".join(esc(x) for x in [row, *cells[row]]) + " |")
