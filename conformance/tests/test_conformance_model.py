@@ -95,3 +95,18 @@ def test_diff_cpu_against_emulated_nvidia_agrees(tmp_path) -> None:  # noqa: ANN
     assert result["backends"][1]["emulated"] is True
     assert result["first_layer_over"] is None, result["layers"]
     assert result["ops"] and all(r["local_drift"] <= result["tolerance"]["drift"] for r in result["ops"])
+
+
+def test_diff_reads_a_checkpoint_directory_and_the_float64_reference(tmp_path) -> None:  # noqa: ANN001
+    """``--checkpoint DIR`` (a Hugging Face layout on disk) against ``reference``, the float64 oracle."""
+    from dshal.model.checkpoint import save_checkpoint
+    from dshal_conformance import modelcheck as mc
+    from dshal_conformance.diff import compare
+
+    args = mc.suite_args("ci")
+    save_checkpoint(tmp_path / "ckpt", args, mc.suite_checkpoint(args))
+    result = compare("cpu", "reference", checkpoint=str(tmp_path / "ckpt"), prompt_len=4)
+    assert result["checkpoint"] == str(tmp_path / "ckpt")
+    assert [r["layer"] for r in result["layers"]] == ["embed", "layers.0", "layers.1", "layers.2", "norm", "lm_head"]
+    assert result["first_layer_over"] is None and 0 < result["logit_drift"] < result["tolerance"]["drift"]
+    assert result["backends"][1]["providers"]["linear"] == "reference"
