@@ -130,7 +130,8 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
     first_op = next((r for r in ops if not r["drift"] <= tol.drift), None)
     in_layer = [r for r in ops if r["layer"] == first_layer]
     cause = max(in_layer, key=lambda r: _order(r["local_drift"]), default=None)
-    agreement = mc.token_agreement(b_trace.logits, a_trace.logits, 1, tol.drift)
+    logit_drift = mc.rel_drift(b_trace.logits, a_trace.logits)
+    agreement = mc.token_agreement(b_trace.logits, a_trace.logits, 1, mc.ambiguity_basis(logit_drift, tol.drift))
     return {
         "schema": SCHEMA,
         "backends": [_describe(backend_a, a_rt), _describe(backend_b, b_rt)],
@@ -139,7 +140,7 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
         "prompt_len": prompt_len,
         "tolerance": {"drift": tol.drift, "origin": tol.origin},
         "layers": [{"layer": name, "drift": d, "over": not d <= tol.drift} for name, d in drifts.items()],
-        "logit_drift": mc.rel_drift(b_trace.logits, a_trace.logits),
+        "logit_drift": logit_drift,
         "argmax_agreement": {"agreed": agreement.agreed, "decisive": agreement.decisive, "ambiguous": agreement.ambiguous},
         "first_layer_over": first_layer,
         "first_op_over": first_op,

@@ -316,10 +316,17 @@ def greedy_reference(model: Any, prompt: torch.Tensor, steps: int) -> torch.Tens
     return model.generate(prompt, steps).cpu()
 
 
+def ambiguity_basis(logit_drift: float, drift_tol: float) -> float:
+    """The relative drift that decides which reference positions are too close to call: the
+    measured logit drift, capped by the tolerance (past it, the drift check fails anyway)."""
+    return min(drift_tol, logit_drift) if logit_drift == logit_drift else drift_tol
+
+
 def token_agreement(logits: torch.Tensor, ref_logits: torch.Tensor, prompt_len: int, drift_tol: float) -> Agreement:
     """Compare the argmax of ``logits`` with the reference's at positions ``prompt_len - 1``
-    onwards (each predicts the next greedy token). ``drift_tol`` (relative) sets the
-    ambiguity margin: ``8 x drift_tol x RMS(row)`` (two logits moving apart, 4x margin)."""
+    onwards (each predicts the next greedy token). ``drift_tol`` (relative; see
+    :func:`ambiguity_basis`) sets the ambiguity margin: ``8 x drift_tol x RMS(row)`` (two
+    logits moving apart, 4x margin)."""
     agreed = decisive = ambiguous = 0
     first = None
     for step, pos in enumerate(range(prompt_len - 1, ref_logits.shape[1] - 1)):

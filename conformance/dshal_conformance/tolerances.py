@@ -131,13 +131,15 @@ MODEL_TOLERANCES: dict[tuple[str, torch.dtype], ModelTolerance] = {
         "stages adding in quadrature (not measured: the suite checkpoint is float32)",
     ),
     ("fp8", torch.float32): ModelTolerance(
-        1e-3, 1.0,
-        "dshal: activations re-quantized to E4M3 flip one code (2^-3 relative) where float32 and float64 round "
-        "x/scale differently; 1e-3 allows ~1 flip per 10^4 activations (DeepGEMM's per-GEMM bound, calc_diff < 1e-3, "
-        "is ~4.5e-2 relative). Measured 7.8e-7 cpu, 2026-12-05",
+        4.5e-2, 1.0,
+        "DeepGEMM's FP8 bound calc_diff < 1e-3, as relative L2 drift (calc_diff ~ drift^2 / 2): sqrt(2e-3) = 4.5e-2. "
+        "Activations re-quantized to E4M3 flip a code (2^-3 relative) where float32 and float64 round x/scale "
+        "differently, and depth amplifies a flip. Measured on cpu (2026-12-05): 3 layers <= 5e-7 in every FP8 mode; "
+        "6 layers, 32 tokens: fp8-block 2.9e-7, fp8-row 4.7e-3, fp8-tensor 4.1e-2 (one activation scale per tensor "
+        "flips the most codes)",
     ),
     ("int8", torch.float32): ModelTolerance(
-        1e-3, 1.0, "as fp8: W8A8 activations flip one int8 step (1/127 of the row's amax) at rounding boundaries",
+        4.5e-2, 1.0, "as fp8 (W8A8 activations flip one int8 step, 1/127 of the row's amax, at rounding boundaries)",
     ),
 }
 

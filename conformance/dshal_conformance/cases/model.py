@@ -10,7 +10,8 @@ full: every mode, and ``model/deep/<mode>`` on a 6-layer one), with two judgemen
 - ``/tokens``: greedy-token agreement over N steps, teacher-forced: the reference
   generates N tokens greedily, the backend runs one forward pass over that sequence, and
   each position's argmax must match the reference's next token (positions where the
-  reference's own top-1 margin is within reach of the allowed drift are not counted).
+  reference's own top-1 margin is within reach of the measured drift, capped by the
+  tolerance, are not counted).
 
 The reference is the same model core on :func:`~dshal_conformance.modelcheck.reference_runtime`
 (every op its reference implementation) with float64 weights and activations, the same
@@ -91,7 +92,7 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
     ]
     drift = verdict(drift_checks, ctx.overrides)
     drift.details = details
-    agreement = mc.token_agreement(out.logits, ref.logits, prompt.shape[1], tol.drift)
+    agreement = mc.token_agreement(out.logits, ref.logits, prompt.shape[1], mc.ambiguity_basis(logit_drift, tol.drift))
     detail = (
         f"{agreement.agreed} of {agreement.decisive} decisive positions agree over {steps} greedy steps "
         f"(teacher-forced; {agreement.ambiguous} ambiguous on the reference)"
