@@ -128,7 +128,10 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
     drifts = mc.layer_drifts(b_trace, a_trace)
     first_layer = mc.first_over(drifts, tol.drift)
     first_op = next((r for r in ops if not r["drift"] <= tol.drift), None)
-    in_layer = [r for r in ops if r["layer"] == first_layer]
+    # The likely cause: the largest local drift in the first drifting layer (or, when only an
+    # op's output is over, in that op's layer).
+    where = first_layer or (first_op["layer"] if first_op else None)
+    in_layer = [r for r in ops if r["layer"] == where]
     cause = max(in_layer, key=lambda r: _order(r["local_drift"]), default=None)
     logit_drift = mc.rel_drift(b_trace.logits, a_trace.logits)
     agreement = mc.token_agreement(b_trace.logits, a_trace.logits, 1, mc.ambiguity_basis(logit_drift, tol.drift))
