@@ -6,7 +6,8 @@ A backend is a small class in three tiers:
   :meth:`Backend.capabilities`, :meth:`Backend.ops`;
 * **optional hooks** with safe defaults -- :meth:`Backend.communicator`,
   :meth:`Backend.topology`, :meth:`Backend.synchronize`, :meth:`Backend.memory_stats`,
-  :meth:`Backend.pinned_empty`, :meth:`Backend.graph`, :meth:`Backend.timer`;
+  :meth:`Backend.pinned_empty`, :meth:`Backend.graph`, :meth:`Backend.timer`,
+  :meth:`Backend.batch_invariant_ops`;
 * **capability queries** derived from :class:`Capabilities` -- :meth:`Backend.fp8_formats`,
   :meth:`Backend.native_e4m3`, :meth:`Backend.op_kind`.
 
@@ -186,6 +187,11 @@ class Backend(abc.ABC):
     def timer(self) -> Timer:
         """A timer for benchmarking ops on this device (device events where available)."""
         return Timer(self.synchronize)
+
+    def batch_invariant_ops(self) -> Mapping[str, Callable[..., Any]]:
+        """Op name -> a provider whose result for one row (token, sequence) does not depend
+        on the other rows of the batch, used under ``determinism: strict``; default: none."""
+        return {}
 
     # ---------------------------------------------------------------- capability queries
     def fp8_formats(self) -> tuple[str, ...]:

@@ -22,6 +22,9 @@ DEFAULT_PREFER = ("nvidia", "amd", "ascend", "cpu")
 GEMM_MODES = ("fp8-block", "fp8-row", "fp8-tensor", "bf16")
 FP8_FORMATS = ("auto", "e4m3fn", "e4m3fnuz")
 FALLBACK_MODES = ("warn", "error")
+#: default: each op's usual provider; strict: the backend's batch-invariant providers where
+#: it has them (``Backend.batch_invariant_ops``), and a warning naming the ops it has none for.
+DETERMINISM_MODES = ("default", "strict")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     emulate: bool = False
+    #: ``default`` | ``strict`` (see DETERMINISM_MODES).
+    determinism: str = "default"
     #: Where the settings came from (file path, "<dict>", env...), for messages.
     source: str = "<defaults>"
 
@@ -80,6 +85,7 @@ class Config:
             "distributed": {"timeout_s": self.distributed.timeout_s},
             "attention": {"window": self.attention.window, "global_tokens": self.attention.global_tokens},
             "emulate": self.emulate,
+            "determinism": self.determinism,
         }
 
 
@@ -230,6 +236,7 @@ _TOP: dict[str, _Check] = {
     "fallback": _choice(*FALLBACK_MODES),
     "ops": _op_map,
     "emulate": _bool,
+    "determinism": _choice(*DETERMINISM_MODES),
 }
 _SECTION_TYPES = {"precision": PrecisionConfig, "distributed": DistributedConfig, "attention": AttentionConfig}
 
@@ -320,6 +327,7 @@ __all__ = [
     "GEMM_MODES",
     "FP8_FORMATS",
     "FALLBACK_MODES",
+    "DETERMINISM_MODES",
     "DEFAULT_PREFER",
 ]
 

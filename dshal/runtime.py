@@ -45,6 +45,10 @@ class Runtime:
     table: dict[str, Callable[..., Any]] = field(repr=False)
     #: op name -> the same provider without the input checks (dispatched inside ``ops.trusted()``).
     unchecked: dict[str, Callable[..., Any]] = field(repr=False)
+    #: ``determinism: strict``: ops served by a batch-invariant provider of the backend ...
+    batch_invariant: frozenset[str] = frozenset()
+    #: ... and, for each batch-sensitive op without one, why not.
+    determinism_gaps: dict[str, str] = field(default_factory=dict)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -79,6 +83,8 @@ class Runtime:
             "fallbacks": sorted(self.fallbacks),
             "selection": [{"name": d.name, "taken": d.taken, "reason": d.reason} for d in self.selection],
             "config": self.config.to_dict(),
+            "determinism": {"mode": self.config.determinism, "batch_invariant": sorted(self.batch_invariant),
+                            "gaps": dict(self.determinism_gaps)},
         }
 
     def activate(self) -> Runtime:
@@ -189,6 +195,7 @@ def build_runtime(config: Config) -> Runtime:
                 refused.add(name)
             else:
                 unchecked[name] = _fallback_caller(name, backend.name, spec.reference_impl)
+    invariant, gaps = _strict_providers(config, backend, providers, unchecked) if config.determinism == "strict" else (frozenset(), {})
     # A refusal needs no input checks: it is the answer whatever the inputs.
     table = {
         name: fn if name in refused else SPECS[name].checked(fn, device_type)
@@ -203,7 +210,36 @@ def build_runtime(config: Config) -> Runtime:
         selection=trace,
         table=table,
         unchecked=unchecked,
+        batch_invariant=invariant,
+        determinism_gaps=gaps,
     )
+
+
+#: Ops whose results may depend on the batch around a row (reduction splits and tiles follow M).
+BATCH_SENSITIVE_OPS = ("linear", "fp8_gemm", "int8_gemm", "rms_norm", "attention", "moe_experts")
+
+
+def _strict_providers(
+    config: Config, backend: Backend, providers: dict[str, str], unchecked: dict[str, Callable[..., Any]]
+) -> tuple[frozenset[str], dict[str, str]]:
+    """``determinism: strict``: swap in the backend's batch-invariant providers (in place)
+    for the ops it serves itself; return those ops and, for the others, why not."""
+    offered = backend.batch_invariant_ops()
+    invariant, gaps = set(), {}
+    for op in BATCH_SENSITIVE_OPS:
+        if op in config.ops:
+            gaps[op] = f"served by {providers[op]!r} through the ops: override"
+        elif providers.get(op) != backend.name:
+            gaps[op] = f"backend {backend.name!r} does not provide it (served by {providers.get(op)!r})"
+        elif op not in offered:
+            gaps[op] = f"backend {backend.name!r} has no batch-invariant provider for it"
+        else:
+            unchecked[op] = offered[op]
+            invariant.add(op)
+    if gaps:
+        log.warning("dshal: determinism: strict: no batch-invariant provider for %s",
+                    "; ".join(f"{op} ({why})" for op, why in gaps.items()))
+    return frozenset(invariant), gaps
 
 
 def use(config: str | os.PathLike | Mapping[str, Any] | Config | None = None, **overrides: Any) -> Runtime:

@@ -19,7 +19,7 @@ OPS_LIST = "attention, dequantize_fp8"  # start of the sorted catalogue in "unkn
 # (id, YAML text, line of the error, fragments the message must contain)
 BAD_CONFIGS = [
     ("unknown-top-level-key", "backend: cpu\nbakend: cpu\n", 2,
-     ["unknown key 'bakend'", "expected one of: attention, backend, distributed, emulate, fallback, ops, precision, prefer"]),
+     ["unknown key 'bakend'", "expected one of: attention, backend, determinism, distributed, emulate, fallback, ops, precision, prefer"]),
     ("unknown-nested-key", "precision:\n  gemm: bf16\n  gem: bf16\n", 3,
      ["precision.gem: unknown key", "expected one of: gemm, fp8_format, keep_high_precision"]),
     ("backend-wrong-type", "backend: 3\n", 1, ["backend: got 3", "expected a backend name"]),
@@ -103,6 +103,7 @@ def test_good_file_round_trips(tmp_path):
         "backend": "cpu", "prefer": ["amd", "cpu"], "fallback": "error", "ops": {"rms_norm": "cpu"},
         "precision": {"gemm": "fp8-row", "fp8_format": "e4m3fnuz", "keep_high_precision": ["embed"]},
         "distributed": {"timeout_s": 12.0}, "attention": {"window": 64, "global_tokens": 4}, "emulate": False,
+        "determinism": "default",
     }
     assert cfg.source == str(path)
     assert load_config(cfg.to_dict()) == dataclasses.replace(cfg, source="<dict>")

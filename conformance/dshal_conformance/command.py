@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--waivers", metavar="PATH", help="waivers file (default: plugins/NAME/conformance-waivers.yaml or the plugin's own)")
     parser.add_argument("--emulate", action="store_true", default=None, help="run the plugin's own code on CPU tensors (same as DSHAL_EMULATE=1)")
     parser.add_argument("--no-collectives", action="store_true", help="skip the multi-process collective cases")
+    parser.add_argument("--determinism", choices=("default", "strict"), default=None,
+                        help="strict: the backend serves its batch-invariant providers, and a determinism case it "
+                             "then fails is a failure, not a finding")
     parser.add_argument(
         "--timeout", type=float, metavar="S",
         help=f"per-case timeout in seconds (default: {DEFAULT_CASE_TIMEOUT_S:g} for ci, {FULL_TIER_CASE_TIMEOUT_S:g} for full)",
@@ -56,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         for case in runner.select(runner.capability_cases() + all_cases(args.tier), options):
             print("\n".join(case.result_ids()))
         return 0
-    target = runner.resolve(args.backend, args.emulate)
+    target = runner.resolve(args.backend, args.emulate, getattr(args, "determinism", None))
     waiver_path = Path(args.waivers) if args.waivers else (
         waivers.default_path(target.runtime.backend, args.backend) if target.runtime is not None else None
     )

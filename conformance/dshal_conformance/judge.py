@@ -262,6 +262,18 @@ class Verdict:
     threshold: float | None
     reason: str
     needed: dict[str, float] | None = None
+    #: Structured evidence beyond one metric (per-layer drift, per-op findings), JSON-friendly.
+    details: dict[str, Any] | None = None
+    #: A property the backend lacks that is no contract violation (``batch-variant``,
+    #: ``nondeterministic``, ``host-sync``, ``capture-failed``): recorded with status
+    #: ``unsupported`` so it never fails a run, and shown by the matrix.
+    finding: str | None = None
+
+
+def finding(name: str, reason: str, metric: str | None = None, value: float | None = None,
+            details: dict[str, Any] | None = None) -> Verdict:
+    """A finding (see :attr:`Verdict.finding`): status ``unsupported`` with the evidence."""
+    return Verdict("unsupported", metric, value, None, reason, None, details, name)
 
 
 def verdict(checks: list[Check], overrides: dict[str, float] | None = None) -> Verdict:

@@ -20,7 +20,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from datetime import timedelta
 from typing import Any
+
+from dshal_conformance.legs import FAMILY_KINDS, html_tables as legs_html, leg_key, markdown as legs_markdown, parse_age, prepare as prepare_legs
 
 KIND_LABEL = {"hardware": "HW", "emulated": "EMU", "not-run": "NOT RUN"}
 
@@ -30,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", metavar="F", help="write the HTML matrix here")
     parser.add_argument("--markdown", metavar="F", help="write the Markdown matrix here")
     parser.add_argument("--no-dtype", action="store_true", help="one row per op instead of per op x dtype")
+    parser.add_argument("--stale-after", metavar="AGE",
+                        help="mark a leg stale when its report is older than AGE (30d, 12h, 2w) or came from another "
+                             "plugin version than the one installed here")
 
 
 @dataclass
@@ -129,6 +135,8 @@ def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Co
             col.key, n = f"{base}#{n}", n + 1
         columns.append(col)
         for case in rep["cases"]:
+            if case.get("kind") in FAMILY_KINDS:  # model / determinism / graph: their own tables (legs.py)
+                continue
             row = (case["op"], case["dtype"] if by_dtype else "")
             rows.add(row)
             cells.setdefault((col.key, *row), Cell()).add(case)
@@ -136,9 +144,10 @@ def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Co
 
 
 # ------------------------------------------------------------------ Markdown
-def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True) -> str:
+def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None) -> str:
+    reports, notes = prepare_legs(reports, stale_after)
     columns, rows, cells = build(reports, by_dtype)
-    head = ["op", "dtype"] + [f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`" for c in columns]
+    head = ["op", "dtype"] + [f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`" + (" `STALE`" if n.stale else "") for c, n in zip(columns, notes)]
     lines = [
         "# dshal hardware matrix",
         "",
@@ -160,13 +169,14 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True) -> str:
                 out.append("")
                 continue
             worst = cell.worst_text()
-            out.append(f"{mark[cell.status]} {cell.text()}" + (f"<br>worst: {worst}" if worst else "") + f" `{KIND_LABEL[c.kind]}`")
+            out.append(f"{mark[cell.status]} {cell.text()}" + (f"<br>worst: {worst}" if worst else "") + f" `{KIND_LABEL[c.kind]}`"
+                       + (" `STALE`" if notes[columns.index(c)].stale else ""))
         lines.append("| " + " | ".join(out) + " |")
     lines += ["", "## Reports", ""]
     for c, rep in zip(columns, reports):
         note = f" — not run: {c.reason}" if c.kind == "not-run" else ""
         lines.append(f"- **{c.label}** {report_line(c, rep, str)}{note}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + legs_markdown(reports, notes)
 
 
 def report_line(c: Column, rep: dict[str, Any], escape: Any) -> str:
@@ -225,7 +235,8 @@ JS = """
 """
 
 
-def to_html(reports: list[dict[str, Any]], by_dtype: bool = True) -> str:
+def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None) -> str:
+    reports, notes = prepare_legs(reports, stale_after)
     columns, rows, cells = build(reports, by_dtype)
     e = html.escape
     out = [
@@ -246,7 +257,9 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True) -> str:
     for c in columns:
         out.append(
             f"<th data-backend='{e(c.backend)}' data-kind='{c.kind}' title='{e(c.device)} {e(c.arch)}'>{e(c.backend)} "
-            f"<span class='badge {c.kind}'>{KIND_LABEL[c.kind]}</span><br><small>{e(c.device)}</small></th>"
+            f"<span class='badge {c.kind}'>{KIND_LABEL[c.kind]}</span>"
+            + ("<span class='badge stale'>STALE</span>" if notes[columns.index(c)].stale else "")
+            + f"<br><small>{e(c.device)}</small></th>"
         )
     out.append("</tr></thead><tbody>")
     for op, dtype in rows:
@@ -265,10 +278,13 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True) -> str:
                 continue
             sort = cell.counts["pass"] / max(sum(cell.counts.values()), 1)
             worst = e(cell.worst_text())
+            stale = notes[columns.index(c)].stale
             out.append(
-                f"<td class='cell kind-{c.kind} status-{cell.status}' {attrs} data-status='{cell.status}' "
+                f"<td class='cell kind-{c.kind} status-{cell.status}{' stale' if stale else ''}' {attrs} data-status='{cell.status}' "
+                f"data-stale='{1 if stale else 0}' "
                 f"data-passed='{cell.counts['pass']}' data-failed='{cell.counts['fail'] + cell.counts['error']}' data-sort='{sort:.4f}'>"
                 f"{e(cell.text())}<span class='badge {c.kind}'>{KIND_LABEL[c.kind]}</span>"
+                + ("<span class='badge stale'>STALE</span>" if stale else "")
                 + (f"<div class='worst'>worst: {worst}</div>" if worst else "")
                 + "</td>"
             )
@@ -277,8 +293,20 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True) -> str:
     for c, rep in zip(columns, reports):
         note = f" — <em>not run: {e(c.reason)}</em>" if c.kind == "not-run" else ""
         out.append(f"<li><b>{e(c.label)}</b> {report_line(c, rep, e)}{note}</li>")
-    out.append(f"</ul><script>{JS}</script></body></html>")
+    out.append("</ul>" + legs_html(reports, notes))
+    out.append(f"<script>{JS}</script></body></html>")
     return "\n".join(out)
+
+
+def _stale_after(args: argparse.Namespace) -> timedelta | None:
+    from dshal.errors import ConfigError
+
+    if not getattr(args, "stale_after", None):
+        return None
+    try:
+        return parse_age(args.stale_after)
+    except ValueError as err:
+        raise ConfigError(f"--stale-after: {err}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -286,15 +314,19 @@ def main(args: argparse.Namespace) -> int:
 
     reports = [load(p) for p in args.reports]
     by_dtype = not args.no_dtype
+    stale_after = _stale_after(args)
+    for rep, note in zip(*prepare_legs(reports, stale_after)):
+        if note.dropped:
+            print(f"{leg_key(rep)[0]} ({leg_key(rep)[2]}): {note.merged}")
     if not args.html and not args.markdown:
-        print(to_markdown(reports, by_dtype))
+        print(to_markdown(reports, by_dtype, stale_after))
         return 0
     if args.html:
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.html).write_text(to_html(reports, by_dtype))
+        Path(args.html).write_text(to_html(reports, by_dtype, stale_after))
         print(f"html: {args.html}")
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(to_markdown(reports, by_dtype))
+        Path(args.markdown).write_text(to_markdown(reports, by_dtype, stale_after))
         print(f"markdown: {args.markdown}")
     return 0

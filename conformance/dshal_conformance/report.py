@@ -48,6 +48,9 @@ def build(target: Any, options: Any, records: list[dict[str, Any]], started: dat
         platform.update(device=caps.device_name, arch=caps.arch, emulated=target.emulated)
     else:
         platform["not_run"] = target.not_run or "not run"
+    from dshal_conformance.runner import versions
+
+    platform.update(versions(target))  # triton, driver, runtime, python, host
     return {
         "schema": SCHEMA_ID,
         "backend": target.name,

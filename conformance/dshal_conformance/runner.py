@@ -65,7 +65,7 @@ class Target:
         return bool(self.runtime is not None and (self.runtime.emulated or self.runtime.capabilities.emulated))
 
 
-def resolve(name: str, emulate: bool | None = None) -> Target:
+def resolve(name: str, emulate: bool | None = None, determinism: str | None = None) -> Target:
     """Load backend ``name`` as a user would (``fallback: error``); a backend that cannot
     run here becomes a Target with ``not_run`` set instead of raising."""
     import dshal
@@ -76,6 +76,8 @@ def resolve(name: str, emulate: bool | None = None) -> Target:
     overrides: dict[str, Any] = {"backend": name, "fallback": "error"}
     if emulate is not None:
         overrides["emulate"] = emulate
+    if determinism is not None:  # strict: the determinism family then holds the backend to its promise
+        overrides["determinism"] = determinism
     config = load_config({}, **overrides)
     infos = {i.name: i for i in dshal.backends(emulate=config.emulate)}
     version = infos[name].version if name in infos else None
@@ -166,6 +168,8 @@ def _record(case: Case, suffix: str, v: Verdict, seed: int, duration: float, wai
         "seed": seed,
         "duration_s": round(duration, 4),
         "waivers": [w.reason for w in waivers],
+        **({"details": v.details} if v.details else {}),
+        **({"finding": v.finding} if v.finding else {}),
     }
 
 
@@ -327,6 +331,49 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
             _note([w], case)
             used.append(w)
     return [_record(case, o.suffix, o.verdict, seed, duration, used) for o in outcomes]
+
+
+def versions(target: Target) -> dict[str, Any]:
+    """What a matrix cell says it ran on: triton, device driver and runtime (CUDA / ROCm /
+    CANN), Python and host. Driver and runtime come from the backend's capability notes
+    (``driver``, ``runtime``, ``cann``) first, else from torch's build for a device backend;
+    an emulated leg names the Triton interpreter as its runtime."""
+    out: dict[str, Any] = {"python": platform.python_version(), "host": f"{platform.platform()} {platform.machine()}"}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - optional
+        out["triton"] = None
+    driver = runtime = None
+    rt = target.runtime
+    if rt is not None:
+        notes = rt.capabilities.notes
+        driver = notes.get("driver")
+        runtime = notes.get("runtime") or (f"CANN {notes['cann']}" if notes.get("cann") else None)
+        if rt.emulated:
+            runtime = runtime or f"Triton interpreter (triton {out['triton']}) on CPU tensors"
+        elif rt.backend.device_type == "cuda":
+            hip = getattr(torch.version, "hip", None)
+            runtime = runtime or (f"ROCm {hip}" if hip else f"CUDA {torch.version.cuda}")
+            driver = driver or _nvml_driver()
+    out.update(driver=driver, runtime=runtime)
+    return out
+
+
+def _nvml_driver() -> str | None:
+    """The NVIDIA driver version through pynvml when it is installed (None otherwise)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001 - no NVML here
+        return None
 
 
 def environment(target: Target) -> dict[str, Any]:

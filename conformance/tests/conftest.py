@@ -53,3 +53,15 @@ def _installed(paths: list[str]) -> Iterator[None]:
         for p in paths:
             sys.path.remove(p)
         REGISTRY.refresh()
+
+
+@pytest.fixture(scope="session")
+def biased_backend_installed(tmp_path_factory: pytest.TempPathFactory):
+    """``with biased_backend_installed(): ...``: ``conformance_biased_backend.BiasedBackend``
+    is the installed plugin ``biased`` inside the block (a throw-away dist-info, as ``wrong``)."""
+    site = tmp_path_factory.mktemp("biased-plugin")
+    info = site / "dshal_biased-0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dshal-biased\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[dshal.backends]\nbiased = conformance_biased_backend:BiasedBackend\n")
+    return lambda: _installed([str(site), str(HERE)])

@@ -60,6 +60,14 @@ class ReferenceBackend(Backend):
         references = {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
         return {**references, **NATIVE_OPS}
 
+    def batch_invariant_ops(self) -> Mapping[str, Callable[..., Any]]:
+        """Every batch-sensitive op this backend serves, one row at a time (see
+        :mod:`dshal.backends.invariant`): batch-invariant by construction, slower."""
+        from dshal.backends.invariant import BATCHED, row_by_row
+
+        own = self.ops()
+        return {op: row_by_row(op, own[op]) for op in BATCHED if op in own}
+
     def memory_stats(self) -> dict[str, int]:
         import resource
 

@@ -8,6 +8,7 @@ bias, q LoRA, YaRN); ``--checkpoint DIR`` loads a Hugging Face checkpoint instea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mla-mode", choices=("absorb", "naive"), default=None, help="KV cache layout (default: absorb)"
     )
     parser.add_argument("--json", metavar="F", help="also write the results as JSON to F")
+    parser.add_argument("--report", metavar="F", help="write a run report to F: provider and calls per op, fallbacks "
+                        "and why, precision per layer (also printed as tables)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     from dshal.parallel import run as parallel_run
 
@@ -78,9 +81,11 @@ def main(args: argparse.Namespace) -> int:
     prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen).to(runtime.device)
     model.generate(prompt[:, : min(4, args.prompt_len)], 2)  # warm-up: first-call costs out of the timings
 
-    result, start, stamps = _timed_generate(
-        model, prompt, args.new_tokens, runtime.backend.synchronize, not args.no_progress
-    )
+    run_report = _run_report(runtime, model, args.report)
+    with run_report.recording() if run_report else contextlib.nullcontext():
+        result, start, stamps = _timed_generate(
+            model, prompt, args.new_tokens, runtime.backend.synchronize, not args.no_progress
+        )
     prefill_s = stamps[0] - start  # the first new token comes out of the prefill
     decode_s = stamps[-1] - stamps[0]
     decode_tokens = args.batch * (args.new_tokens - 1)
@@ -105,9 +110,21 @@ def main(args: argparse.Namespace) -> int:
         _print(report)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        if run_report:
+            run_report.print()
+            print(f"run report: {run_report.write(args.report)}")
     if groups is not None:
         parallel_run.finish()
     return 0
+
+
+def _run_report(runtime: Any, model: Any, path: str | None) -> Any:
+    """A :class:`~dshal.model.run_report.RunReport` when ``--report`` is given, else None."""
+    if not path:
+        return None
+    from dshal.model.run_report import RunReport
+
+    return RunReport(runtime, model)
 
 
 def _timed_generate(

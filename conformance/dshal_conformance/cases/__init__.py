@@ -10,6 +10,9 @@ FAMILY_MODULES = (
     "dshal_conformance.cases.elementwise",
     "dshal_conformance.cases.attention_moe",
     "dshal_conformance.collectives",
+    "dshal_conformance.cases.model",
+    "dshal_conformance.cases.determinism",
+    "dshal_conformance.cases.graph",
 )
 
 

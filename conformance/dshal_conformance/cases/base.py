@@ -23,7 +23,7 @@ from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError, Unsupp
 from dshal_conformance.judge import Check, Verdict, verdict
 
 TIERS = ("ci", "full")
-KINDS = ("accuracy", "edge", "bad_input", "capability", "collective")
+KINDS = ("accuracy", "edge", "bad_input", "capability", "collective", "model", "determinism", "graph")
 
 
 def case_seed(seed: int, case_id: str) -> int:

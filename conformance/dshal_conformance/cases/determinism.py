@@ -1,0 +1,159 @@
+"""The ``determinism`` family: same call, same bits; a row's result independent of its batch.
+
+For linear, fp8_gemm, rms_norm, attention and moe_experts, case ``determinism/<op>/<dtype>``
+makes two judgements:
+
+- ``/repeat``: the same call twice, the second time on fresh copies of the inputs
+  (other addresses), gives bitwise equal outputs;
+- ``/batch-invariant``: the op on sub-batches (the first row alone, rows 1..3, the last
+  row) gives bitwise the rows of the full-batch result (a "row" is dim 0: a token of
+  ``[M, K]`` inputs, a sequence of attention's ``[B, H, T, D]``).
+
+Many kernels are legitimately batch-variant (split-K and tile choices follow M), so a
+difference is a *finding*, not a failure: status ``unsupported`` with ``finding`` set
+(``nondeterministic`` / ``batch-variant``) and the evidence (first differing row, max
+difference). Only where the backend promises it -- ``determinism: strict`` and the op
+served by one of the backend's ``batch_invariant_ops()`` -- is a difference a ``fail``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from dshal.ops.catalogue import SPECS
+from dshal_conformance.cases.base import Case, Context, Outcome, dtype_name, fail_all, to_cpu, unsupported_outcomes
+from dshal_conformance.judge import Verdict, finding
+
+BF16, F32 = torch.bfloat16, torch.float32
+SUFFIXES = ("/repeat", "/batch-invariant")
+#: Sub-batches compared with the full batch (row slices along dim 0).
+ROWS = 4
+
+
+def _linear(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
+    return {"x": ctx.randn(ROWS, 256, dtype=dtype), "weight": ctx.randn(128, 256, dtype=dtype, scale=256**-0.5)}
+
+
+def _fp8_gemm(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
+    quant = SPECS["quantize_fp8"].reference_impl
+    a, a_scale = quant(ctx.randn(ROWS, 256), (1, 128), ctx.fp8("e4m3"), None)
+    b, b_scale = quant(ctx.randn(128, 256, scale=256**-0.5), (128, 128), ctx.fp8("e4m3"), None)
+    return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "out_dtype": dtype}
+
+
+def _rms_norm(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
+    return {"x": ctx.randn(ROWS, 256, dtype=dtype), "weight": (1 + 0.1 * ctx.randn(256)).to(dtype), "residual": ctx.randn(ROWS, 256, dtype=dtype)}
+
+
+def _attention(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
+    b = ROWS
+    return {"q": ctx.randn(b, 4, 16, 32, dtype=dtype), "k": ctx.randn(b, 2, 16, 32, dtype=dtype), "v": ctx.randn(b, 2, 16, 32, dtype=dtype)}
+
+
+def _moe_experts(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
+    e, h, inter, k = 4, 64, 32, 2
+    ids = torch.stack([torch.randperm(e, generator=ctx.generator)[:k] for _ in range(ROWS)])
+    return {
+        "x": ctx.randn(ROWS, h, dtype=dtype),
+        "weights": torch.rand(ROWS, k, generator=ctx.generator),
+        "ids": ids,
+        "w13": ctx.randn(e, 2 * inter, h, dtype=dtype, scale=h**-0.5),
+        "w2": ctx.randn(e, h, inter, dtype=dtype, scale=inter**-0.5),
+    }
+
+
+#: op -> (dtypes, input builder, the arguments that are batched along dim 0).
+OPS: dict[str, tuple[Sequence[torch.dtype], Callable[[Context, torch.dtype], dict[str, Any]], tuple[str, ...]]] = {
+    "linear": ((F32, BF16), _linear, ("x",)),
+    "fp8_gemm": ((BF16,), _fp8_gemm, ("a", "a_scale")),
+    "rms_norm": ((BF16,), _rms_norm, ("x", "residual")),
+    "attention": ((BF16,), _attention, ("q", "k", "v")),
+    "moe_experts": ((BF16,), _moe_experts, ("x", "weights", "ids")),
+}
+
+
+def _outputs(value: Any) -> tuple[torch.Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[float, int | None]:
+    """Max absolute difference of two output tuples and the first differing row (None: equal bits)."""
+    worst, row = 0.0, None
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return float("inf"), 0
+        same = torch.eq(x.view(torch.uint8) if x.dtype.itemsize == 1 else x, y.view(torch.uint8) if y.dtype.itemsize == 1 else y)
+        same = same | (torch.isnan(x) & torch.isnan(y)) if x.is_floating_point() else same
+        if not bool(same.all()):
+            bad = (~same).reshape(same.shape[0], -1).any(dim=1).nonzero()
+            row = int(bad[0]) if row is None else min(row, int(bad[0]))
+            worst = max(worst, float((x.double() - y.double()).abs().nan_to_num(float("inf")).max()))
+    return worst, row
+
+
+def _sub_batches(n: int) -> list[slice]:
+    return [slice(0, 1), slice(1, min(4, n)), slice(n - 1, n)]
+
+
+def promised(op: str) -> bool:
+    """True when the active runtime runs ``determinism: strict`` and serves ``op`` with a
+    provider its backend declares batch-invariant."""
+    from dshal.runtime import current
+
+    rt = current()
+    return getattr(rt.config, "determinism", "default") == "strict" and op in getattr(rt, "batch_invariant", frozenset())
+
+
+def run_op(ctx: Context, op: str, dtype: torch.dtype) -> list[Outcome]:
+    from dshal.errors import DshalError, UnsupportedOpError
+
+    _, build, batched = OPS[op]
+    kwargs = build(ctx, dtype)
+    try:
+        first = _outputs(ctx.call(op, kwargs))
+        second = _outputs(ctx.call(op, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+    except UnsupportedOpError as err:
+        return unsupported_outcomes(SUFFIXES, f"backend does not provide {op!r}: {err}")
+    except DshalError as err:
+        return fail_all(SUFFIXES, "fail", f"valid input rejected with {type(err).__name__}: {err}")
+    strict = promised(op)
+    diff, row = _difference(first, second)
+    if row is None:
+        repeat = Verdict("pass", "bitwise_repeat", 0.0, 0.0, f"{op}: two calls (the second on fresh input copies) gave equal bits")
+    else:
+        text = f"{op}: the same call twice differs (first at row {row}, max |diff| {diff:.3g})"
+        repeat = Verdict("fail", "bitwise_repeat", diff, 0.0, text + " although determinism: strict") if strict else \
+            finding("nondeterministic", text, "bitwise_repeat", diff, {"row": row})
+    rows = first[0].shape[0]
+    worst, where = 0.0, None
+    for part in _sub_batches(rows):
+        sub = {k: (v[part] if k in batched else v) for k, v in kwargs.items()}
+        got = _outputs(to_cpu(ctx.table[op](**{k: ctx.place(v) for k, v in sub.items()})))
+        d, r = _difference(got, tuple(t[part] for t in first))
+        if r is not None and (where is None or d > worst):
+            worst, where = d, (part.start + r, f"rows {part.start}..{part.stop - 1} of {rows}")
+    if where is None:
+        invariant = Verdict("pass", "bitwise_batch_invariance", 0.0, 0.0,
+                            f"{op}: rows computed in sub-batches ({', '.join(str(s.stop - s.start) for s in _sub_batches(rows))} of {rows}) equal the full batch's bits")
+    else:
+        text = f"{op}: row {where[0]} computed in a sub-batch ({where[1]}) differs from the full batch (max |diff| {worst:.3g})"
+        invariant = Verdict("fail", "bitwise_batch_invariance", worst, 0.0, text + " although determinism: strict") if strict else \
+            finding("batch-variant", text, "bitwise_batch_invariance", worst, {"row": where[0]})
+    return [Outcome("/repeat", repeat), Outcome("/batch-invariant", invariant)]
+
+
+def cases() -> list[Case]:
+    out = []
+    for op, (dtypes, _, batched) in OPS.items():
+        for dtype in dtypes:
+
+            def body(ctx: Context, op: str = op, dtype: torch.dtype = dtype) -> list[Outcome]:
+                return run_op(ctx, op, dtype)
+
+            name = {F32: "f32", BF16: "bf16"}[dtype]
+            params: Mapping[str, Any] = {"rows": ROWS, "batched": list(batched), "sub_batches": [[s.start, s.stop] for s in _sub_batches(ROWS)]}
+            out.append(Case(f"determinism/{op}/{name}", op, "determinism", dtype_name(dtype), dict(params), frozenset({"ci", "full"}), body, SUFFIXES))
+    return out

@@ -1,0 +1,93 @@
+"""The ``determinism`` family: findings are recorded (never errors), a planted batch
+dependence or run-to-run noise is found and located, and ``determinism: strict`` turns the
+backend's promise into a pass/fail check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dshal.config import load_config
+from dshal.ops.catalogue import SPECS
+from dshal.runtime import build_runtime
+from dshal_conformance import report, runner
+from dshal_conformance.cases.base import Context
+from dshal_conformance.cases.determinism import OPS, run_op
+
+FAMILY_OPS = {"linear", "fp8_gemm", "rms_norm", "attention", "moe_experts"}
+
+
+def test_cpu_report_has_a_determinism_row_per_op_and_only_findings(cpu_report: dict) -> None:
+    det = [c for c in cpu_report["cases"] if c["kind"] == "determinism"]
+    assert {c["op"] for c in det} == FAMILY_OPS
+    assert {c["id"].rsplit("/", 1)[1] for c in det} == {"repeat", "batch-invariant"}
+    for c in det:
+        assert c["status"] in ("pass", "unsupported"), (c["id"], c["reason"])
+        if c["status"] == "unsupported":
+            assert c["finding"] in ("batch-variant", "nondeterministic") and "differs" in c["reason"]
+    report.validate(cpu_report)
+
+
+def _context(table: dict, provided: frozenset[str]) -> Context:
+    return Context(table=table, provided=provided, device=torch.device("cpu"), native_e4m3="e4m3fn",
+                   fp8_formats=("e4m3fn",), seed=3)
+
+
+def _batch_dependent_rms_norm(x, weight, eps=1e-6, residual=None):
+    """Planted: the result depends on how many rows share the call."""
+    y, s = SPECS["rms_norm"].reference_impl(x, weight, eps, residual)
+    return y + 1e-3 * x.shape[0], s
+
+
+def _noisy_linear(x, weight, bias=None, weight_scale=None):
+    """Planted: run-to-run noise (as an atomics-based reduction would give)."""
+    return SPECS["linear"].reference_impl(x, weight, bias, weight_scale) + 1e-4 * torch.rand(1)
+
+
+@pytest.fixture()
+def default_cpu():
+    rt = build_runtime(load_config({}, backend="cpu")).activate()
+    yield rt
+
+
+def test_planted_batch_dependence_is_a_finding_with_the_row(default_cpu) -> None:  # noqa: ANN001
+    table = dict(default_cpu.table, rms_norm=SPECS["rms_norm"].checked(_batch_dependent_rms_norm))
+    repeat, invariant = run_op(_context(table, frozenset(SPECS)), "rms_norm", torch.bfloat16)
+    assert repeat.verdict.status == "pass"
+    v = invariant.verdict
+    assert v.status == "unsupported" and v.finding == "batch-variant"
+    assert v.value > 0 and "row 0" in v.reason and v.details == {"row": 0}
+
+
+def test_planted_run_to_run_noise_is_a_finding(default_cpu) -> None:  # noqa: ANN001
+    table = dict(default_cpu.table, linear=SPECS["linear"].checked(_noisy_linear))
+    repeat, _ = run_op(_context(table, frozenset(SPECS)), "linear", torch.float32)
+    assert repeat.verdict.status == "unsupported" and repeat.verdict.finding == "nondeterministic"
+    assert "the same call twice differs" in repeat.verdict.reason
+
+
+def test_strict_makes_a_broken_promise_a_failure() -> None:
+    rt = build_runtime(load_config({}, backend="cpu", determinism="strict")).activate()
+    table = dict(rt.table, rms_norm=SPECS["rms_norm"].checked(_batch_dependent_rms_norm))
+    _, invariant = run_op(_context(table, frozenset(SPECS)), "rms_norm", torch.bfloat16)
+    assert invariant.verdict.status == "fail" and "although determinism: strict" in invariant.verdict.reason
+
+
+def test_strict_cpu_is_deterministic_and_batch_invariant_for_every_op() -> None:
+    rt = build_runtime(load_config({}, backend="cpu", fallback="error", determinism="strict"))
+    target = runner.Target("cpu", False, rt, None)
+    rep = runner.run(target, runner.Options(cases=["determinism/*"], progress=False, collectives=False))
+    det = [c for c in rep["cases"] if c["kind"] == "determinism"]
+    assert len(det) == 2 * sum(len(d) for d, _, _ in OPS.values())
+    assert all(c["status"] == "pass" for c in det), [(c["id"], c["reason"]) for c in det if c["status"] != "pass"]
+
+
+def test_command_line_strict_mode(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from dshal import cli
+
+    args = ["conformance", "--backend", "cpu", "--case", "determinism/fp8_gemm/*", "--report-dir", str(tmp_path), "--quiet"]
+    assert cli.main([*args, "--determinism", "strict"]) == 0
+    rep = json.loads((tmp_path / "cpu.json").read_text())
+    assert [c["status"] for c in rep["cases"]] == ["pass", "pass"]  # row-by-row: invariant by construction

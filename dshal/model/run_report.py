@@ -1,0 +1,136 @@
+"""A run report: which provider served each op and how often, every fallback and why, and
+the precision mode of each layer.
+
+    from dshal.model.run_report import RunReport
+    report = RunReport(dshal.current(), model)
+    with report.recording():
+        model.generate(ids, 16)
+    report.to_dict()          # JSON-friendly
+    report.print()            # a table on the terminal
+    report.write("run.json")
+
+``dshal run --report F`` does the same around its timed generation. Calls are counted
+through :func:`dshal.runtime.op_hook` (one counter increment per call); the hook is gone
+when the block ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class RunReport:
+    """Collects op calls while :meth:`recording`; describes providers, fallbacks, precision."""
+
+    def __init__(self, runtime: Any, model: Any | None = None):
+        self.runtime = runtime
+        self.model = model
+        self.calls: Counter[str] = Counter()
+
+    def _count(self, name: str, provider: Callable[..., Any]) -> Callable[..., Any]:
+        calls = self.calls
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return provider(*args, **kwargs)
+
+        counted.__name__ = name
+        counted.__wrapped__ = provider  # type: ignore[attr-defined]
+        return counted
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[RunReport]:
+        """Count every ``dshal.ops`` call inside the block (on the active runtime)."""
+        from dshal.runtime import op_hook
+
+        with op_hook(self._count):
+            yield self
+
+    # ------------------------------------------------------------ contents
+    def fallbacks(self) -> list[dict[str, Any]]:
+        """Every op not served by the selected backend itself, with the reason."""
+        rt = self.runtime
+        out = []
+        for op, provider in rt.providers.items():
+            if op in rt.fallbacks:
+                why = (f"backend {rt.backend.name!r} does not provide {op!r}; served by the {provider!r} reference "
+                       f"(fallback: {rt.config.fallback})")
+                out.append({"op": op, "provider": provider, "kind": "fallback", "reason": why, "calls": self.calls.get(op, 0)})
+            elif op in rt.config.ops or provider != rt.backend.name:
+                out.append({"op": op, "provider": provider, "kind": "override", "reason": f"config ops.{op}: {provider}",
+                            "calls": self.calls.get(op, 0)})
+        for op, why in getattr(rt, "determinism_gaps", {}).items():
+            out.append({"op": op, "provider": rt.providers.get(op), "kind": "determinism",
+                        "reason": f"determinism: strict, but {why}", "calls": self.calls.get(op, 0)})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        rt = self.runtime
+        ops = {
+            op: {"provider": provider, "kind": rt.provider_kind(op), "calls": self.calls.get(op, 0),
+                 "batch_invariant": op in getattr(rt, "batch_invariant", frozenset())}
+            for op, provider in rt.providers.items()
+        }
+        out: dict[str, Any] = {
+            "backend": rt.backend.name,
+            "device": str(rt.device),
+            "emulated": rt.emulated,
+            "determinism": getattr(rt.config, "determinism", "default"),
+            "ops": ops,
+            "calls_total": sum(self.calls.values()),
+            "fallbacks": self.fallbacks(),
+        }
+        if self.model is not None:
+            desc = self.model.describe()
+            out["precision"] = {
+                "config": rt.config.precision.gemm,
+                "groups": desc["precision_groups"],
+                "layers": [{"layer": layer["layer"], "ffn": layer["ffn"], "precision": layer["precision"],
+                            "modes": sorted(set(layer["precision"].values()))} for layer in desc["layers"]],
+            }
+        return out
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        return path
+
+    def print(self, console: Any = None) -> None:
+        """The report as tables: op -> provider, kind, calls; fallbacks; modes per layer."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console(soft_wrap=True)
+        data = self.to_dict()
+        ops = Table(title=f"run report: ops served on {data['backend']} ({data['calls_total']} calls)", show_edge=False)
+        for h in ("op", "provider", "kind", "calls"):
+            ops.add_column(h)
+        for op, row in sorted(data["ops"].items(), key=lambda kv: -kv[1]["calls"]):
+            ops.add_row(op, row["provider"], row["kind"] + (" (batch-invariant)" if row["batch_invariant"] else ""), str(row["calls"]))
+        console.print(ops)
+        if data["fallbacks"]:
+            fb = Table(title="fallbacks and overrides", show_edge=False)
+            for h in ("op", "provider", "kind", "calls", "reason"):
+                fb.add_column(h)
+            for row in data["fallbacks"]:
+                fb.add_row(row["op"], str(row["provider"]), row["kind"], str(row["calls"]), row["reason"])
+            console.print(fb)
+        else:
+            console.print("fallbacks: none (every op served by the backend itself)")
+        if "precision" in data:
+            prec = Table(title=f"precision per layer (precision.gemm: {data['precision']['config']})", show_edge=False)
+            prec.add_column("layer")
+            prec.add_column("ffn")
+            prec.add_column("modes")
+            for layer in data["precision"]["layers"]:
+                prec.add_row(str(layer["layer"]), layer["ffn"], ", ".join(layer["modes"]))
+            console.print(prec)
+
+
+__all__ = ["RunReport"]

@@ -1,0 +1,57 @@
+"""The run report: provider and call count per op, every fallback or override with its
+reason, precision per layer -- through ``dshal run --report F`` and the Python API."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import dshal
+from dshal.model import random_model, tiny_args
+from dshal.model.run_report import RunReport
+
+
+def test_python_api_counts_calls_and_names_overrides() -> None:
+    rt = dshal.use(backend="cpu", ops={"attention": "cpu"}, precision={"gemm": "bf16"})
+    model = random_model(tiny_args(), seed=1)
+    report = RunReport(rt, model)
+    with report.recording():
+        model.generate(torch.tensor([[1, 2, 3]]), 2)
+    data = report.to_dict()
+    layers = tiny_args().num_hidden_layers
+    # 4 rms_norm per layer (input, post-attention, q_a and kv_a norms) + the final one, per
+    # forward; 2 forwards (prefill + 1 decode).
+    assert data["ops"]["rms_norm"]["calls"] == 2 * (4 * layers + 1)
+    assert data["ops"]["attention"]["calls"] == 2 * layers
+    assert data["ops"]["linear"]["provider"] == "cpu" and data["ops"]["linear"]["calls"] > 0
+    assert data["calls_total"] == sum(op["calls"] for op in data["ops"].values())
+    override = [f for f in data["fallbacks"] if f["op"] == "attention"]
+    assert override == [{"op": "attention", "provider": "cpu", "kind": "override", "reason": "config ops.attention: cpu",
+                         "calls": 2 * layers}]
+    assert [layer["modes"] for layer in data["precision"]["layers"]] == [["float32"]] * layers
+    # The hook is gone afterwards: nothing more is counted.
+    model(torch.tensor([[1, 2]]))
+    assert report.to_dict()["calls_total"] == data["calls_total"]
+
+
+def test_fallbacks_and_strict_gaps_carry_reasons() -> None:
+    rt = dshal.use(backend="nvidia", emulate=True, determinism="strict")
+    data = RunReport(rt).to_dict()
+    kinds = {(f["op"], f["kind"]) for f in data["fallbacks"]}
+    assert ("int8_gemm", "fallback") in kinds and ("linear", "determinism") in kinds
+    fb = next(f for f in data["fallbacks"] if f["op"] == "int8_gemm" and f["kind"] == "fallback")
+    assert "does not provide 'int8_gemm'" in fb["reason"] and "fallback: warn" in fb["reason"]
+    assert "precision" not in data  # no model given
+
+
+def test_dshal_run_report_writes_json_and_prints_tables(tmp_path, capsys) -> None:  # noqa: ANN001
+    from dshal.cli import main
+
+    out = tmp_path / "run.json"
+    assert main(["run", "--new-tokens", "2", "--prompt-len", "3", "--no-progress", "--report", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["backend"] == "cpu" and data["ops"]["linear"]["calls"] > 0
+    assert len(data["precision"]["layers"]) == tiny_args().num_hidden_layers
+    text = capsys.readouterr().out
+    assert "run report: ops served on cpu" in text and f"run report: {out}" in text
