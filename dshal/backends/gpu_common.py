@@ -359,8 +359,8 @@ class TorchGpuBackend(Backend):
     def device_hardware(
         self, arch: str, formats: tuple[str, ...], native: str, peaks: tuple[PeakFigures, ...], notes: Mapping[str, str]
     ) -> GpuHardware:
-        """Device 0's name, memory and compute units from torch, with the plugin's FP8 facts."""
-        props = torch.cuda.get_device_properties(0)
+        """This rank's device's name, memory and compute units from torch, with the plugin's FP8 facts."""
+        props = torch.cuda.get_device_properties(self.device())
         return GpuHardware(
             device_name=props.name,
             arch=arch,
@@ -376,6 +376,13 @@ class TorchGpuBackend(Backend):
     def device_availability(self, runtime: str, visible_env: Sequence[str]) -> Availability:
         """Availability once the torch build is right: a device must be visible."""
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count:
+            from dshal.errors import DeviceError
+
+            try:  # this rank's device (LOCAL_RANK) before any query or probe touches one
+                self.bind_device()
+            except DeviceError as err:
+                return Availability(False, str(err))
         if count == 0:
             shown = ", ".join(f"{k}={os.environ[k]!r}" for k in visible_env if k in os.environ) or "none set"
             return Availability(

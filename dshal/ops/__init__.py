@@ -56,6 +56,12 @@ def trusted() -> Iterator[None]:
         _dispatch.table = previous
 
 
+def checking() -> bool:
+    """Whether this thread's calls check their inputs: False inside :func:`trusted`. The
+    collectives of :mod:`dshal.comm` read it too (their cross-rank agreement check)."""
+    return _dispatch.table is not _unchecked
+
+
 def _bootstrap(name: str, table: dict[str, Callable[..., Any]]) -> Callable[..., Any]:
     def first_call(*args: Any, **kwargs: Any) -> Any:
         from dshal.runtime import current
@@ -89,5 +95,5 @@ for _spec in SPECS.values():
     globals()[_spec.name] = _dispatcher(_spec)
 del _spec
 
-__all__ = sorted(SPECS) + ["SPECS", "OpSpec", "Cost", "reference", "trusted"]
+__all__ = sorted(SPECS) + ["SPECS", "OpSpec", "Cost", "checking", "reference", "trusted"]
 from dshal.ops import reference  # noqa: E402  (needs SPECS above)
