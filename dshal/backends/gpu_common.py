@@ -66,7 +66,7 @@ def _reference(op: str) -> Callable[..., Any]:
 class PeakFigures:
     """Dense (non-sparse) peak throughput and memory bandwidth of one part, with the source."""
 
-    match: str  #: substring of ``torch.cuda.get_device_properties().name``
+    match: str  #: the part, matched exactly against the device name (:func:`dshal.perf.roofline.same_part`)
     bf16_flops: float
     fp8_flops: float
     bandwidth: float  #: bytes/s
@@ -74,10 +74,12 @@ class PeakFigures:
 
 
 def lookup_peaks(device_name: str, table: tuple[PeakFigures, ...]) -> PeakFigures | None:
-    """The first row of ``table`` whose ``match`` occurs in ``device_name`` (order the table
-    from the most specific name to the least)."""
+    """The row of ``table`` whose part is exactly ``device_name``'s (vendor prefix, memory
+    size and type aside), or None: an unknown part gets no datasheet figures."""
+    from dshal.perf.roofline import same_part
+
     for row in table:
-        if row.match in device_name:
+        if same_part(device_name, row.match):
             return row
     return None
 
