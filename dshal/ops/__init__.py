@@ -46,7 +46,9 @@ def trusted() -> Iterator[None]:
     For a caller that builds every op input itself and has already had the same calls
     checked once, as the model core does for its decode steps: the checks are Python and
     cost more than the math for the small tensors of one token. The providers' own value
-    checks (e.g. expert ids in range) still run. Nests; other threads are unaffected.
+    checks (e.g. expert ids in range) still run, device-side (no host sync: see
+    :func:`dshal.ops.spec.check_ids_in_range`), and :mod:`dshal.comm` skips its cross-rank
+    agreement check. Nests; other threads are unaffected.
     """
     previous = _dispatch.table
     _dispatch.table = _unchecked
