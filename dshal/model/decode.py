@@ -80,8 +80,10 @@ class StaticDecoder:
         self._replay: Callable[..., Any] | None = None
         #: Seconds the first call took (checked eager step + warm-up + capture).
         self.capture_s = 0.0
-        #: Whether the backend really captures (``graph(fn)`` is not ``fn`` itself).
+        #: Whether the step runs as a captured graph (the backend captures, and capture worked).
         self.captured = False
+        #: Why capture failed (the step then runs eagerly), or "".
+        self.capture_error = ""
 
     def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         with ops.trusted():
@@ -93,10 +95,15 @@ class StaticDecoder:
         if self._replay is None:
             start = time.perf_counter()
             # First step checked (Python input checks and host-side id checks), outside any graph.
-            static_decode_step(self.model, self.token, self.position, self.cache)
-            self._replay = self._graph(self._step)
-            self.captured = self._replay != self._step  # bound methods: equal, not identical
-            logits = self._replay(self.token, self.position)  # captures, then replays this step
+            logits = static_decode_step(self.model, self.token, self.position, self.cache)
+            replay = self._graph(self._step)
+            try:
+                logits = replay(self.token, self.position)  # captures, then replays this step
+                self.captured = replay != self._step  # bound methods: equal, not identical
+            except RuntimeError as err:  # an op that reads the device on the host cannot be captured
+                replay, self.captured = self._step, False
+                self.capture_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            self._replay = replay
             self.capture_s = time.perf_counter() - start
             return logits
         return self._replay(self.token, self.position)

@@ -167,7 +167,8 @@ def _graph_run(args: argparse.Namespace, model: Any, prompt: torch.Tensor, runti
             "run": True,
             "captured": bool(decoder and decoder.captured),
             "capture_s": round(decoder.capture_s, 3) if decoder else None,
-            "why": "" if captures else f"backend {runtime.backend.name!r} has no device graphs: the static step ran eagerly",
+            "why": (f"capture failed, the static step ran eagerly: {decoder.capture_error}" if decoder and decoder.capture_error
+                    else "" if captures else f"backend {runtime.backend.name!r} has no device graphs: the static step ran eagerly"),
             "tokens_match_eager": bool(torch.equal(ids, eager_ids)),
         },
         "decode_tokens_per_s_graphs": _decode_rate(stamps, args.batch),

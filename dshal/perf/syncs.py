@@ -84,7 +84,9 @@ class HostSyncCounter:
         self.by_op[name] += 1
         if len(self.where) < self._keep:
             frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename]
-            self.where.append(f"{name} at " + " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in frames[-4:][::-1]))
+            self.where.append(
+                f"{name} at " + " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[-4:][::-1])
+            )
 
     @property
     def count(self) -> int:
