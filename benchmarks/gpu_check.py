@@ -7,8 +7,8 @@
 
 The GPU machine's python3 has torch and Triton but nothing else dshal needs, and no
 network. ``--fetch-wheels DIR`` builds dshal, dshal-nvidia and dshal-conformance as wheels
-and downloads the pure-Python dependencies (plus PyYAML's binary wheels for CPython
-3.10-3.13, whichever the machine has) into ``DIR`` (git-ignored ``wheels/``). On the GPU
+and downloads the pure-Python dependencies (plus PyYAML's and numpy's binary wheels for
+CPython 3.10-3.13, whichever the machine has) into ``DIR`` (git-ignored ``wheels/``). On the GPU
 machine ``--wheels DIR`` installs them with ``pip --no-index --no-deps`` into a venv under
 ``$OUT`` that sees the system's torch and Triton, and runs the check in it.
 
@@ -81,12 +81,14 @@ TARGETS = {
     "add_rmsnorm_vs_copy_bandwidth": 0.8,
     "decode_graphs_vs_eager": 2.0,
 }
-#: What the carried wheels provide: import name -> distribution (pure Python, or PyYAML's
-#: per-CPython binary wheels). jsonschema is optional (conformance reports are then not
-#: schema-validated), so rpds-py, which has no pure-Python wheel, is not needed.
+#: What the carried wheels provide: import name -> distribution (pure Python, or the
+#: per-CPython binary wheels of PyYAML and numpy, for a machine whose python3 lacks them).
+#: jsonschema is optional (conformance reports are then not schema-validated), so rpds-py,
+#: which has no pure-Python wheel, is not needed.
 CARRIED = {"stevedore": "stevedore", "rich": "rich", "markdown_it": "markdown-it-py", "mdurl": "mdurl",
            "pygments": "pygments", "yaml": "pyyaml", "numpy": "numpy"}
-PYYAML_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+BINARY = ("pyyaml", "numpy")
+BINARY_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 #: dshal's own distributions, built here as wheels.
 OWN = {"dshal": ".", "dshal-nvidia": "plugins/nvidia", "dshal-conformance": "conformance"}
 
@@ -112,11 +114,11 @@ def fetch_wheels(dest: Path) -> int:
     pip = [sys.executable, "-m", "pip"]
     steps = [
         pip + ["wheel", "--no-deps", "-w", str(dest), *(str(REPO / path) for path in OWN.values())],
-        pip + ["download", "--no-deps", "-d", str(dest), *(d for d in CARRIED.values() if d not in ("pyyaml", "numpy"))],
+        pip + ["download", "--no-deps", "-d", str(dest), *(d for d in CARRIED.values() if d not in BINARY)],
     ]
-    for version in PYYAML_PYTHONS:  # PyYAML ships binary wheels only: one per CPython the machine may have
+    for version in BINARY_PYTHONS:  # binary wheels only: one per CPython the machine may have
         steps.append(pip + ["download", "--no-deps", "--only-binary=:all:", "--platform", "manylinux2014_x86_64",
-                            "--python-version", version, "-d", str(dest), "pyyaml"])
+                            "--python-version", version, "-d", str(dest), *BINARY])
     for step in steps:
         print("+", " ".join(step[2:]), flush=True)
         if subprocess.run(step, check=False).returncode:

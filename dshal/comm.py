@@ -123,6 +123,13 @@ def teardown_action(device_type: str) -> str:
     return "destroy" if device_type == "cpu" else "abort"
 
 
+def host_waits(device_type: str, checking: bool) -> bool:
+    """Whether a collective on ``device_type`` tensors is waited for on the host (bounded by
+    the timeout): always for host tensors (gloo), and for device tensors in checked mode;
+    inside ``ops.trusted()`` device collectives stay asynchronous (graph capture, decode)."""
+    return device_type == "cpu" or checking
+
+
 def _teardown(device_type: str = "cpu") -> None:
     """Tear down every process group so peers blocked on this rank fail fast and exit cleanly."""
     if not dist.is_initialized():
@@ -312,7 +319,7 @@ class ProcessGroupCommunicator(Communicator):
         try:
             work = fn(*args, async_op=True, **kwargs)
             if work is not None:
-                if device.type == "cpu" or ops.checking():
+                if host_waits(device.type, ops.checking()):
                     timeout = datetime.timedelta(seconds=_session["timeout_s"] or 300.0)
                     if work.wait(timeout=timeout) is False:
                         raise RuntimeError(f"timed out after {timeout.total_seconds():g} s waiting for the collective")
@@ -724,6 +731,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "group_name",
+    "host_waits",
     "init",
     "is_initialized",
     "launch_env",

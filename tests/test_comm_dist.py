@@ -114,6 +114,10 @@ def test_comm_nccl_failure_logic() -> None:
 
     assert comm.teardown_action("cuda") == "abort" and comm.teardown_action("npu") == "abort"
     assert comm.teardown_action("cpu") == "destroy"
+    # checked mode waits on the host with the timeout (what catches a dead NCCL peer); a trusted
+    # (decode, graph-captured) collective on device tensors stays asynchronous; gloo always waits
+    assert comm.host_waits("cuda", checking=True) and not comm.host_waits("cuda", checking=False)
+    assert comm.host_waits("cpu", checking=False)
     assert comm.process_group_timeout(10, "cpu").total_seconds() == 10
     assert comm.process_group_timeout(10, "cuda").total_seconds() > 10 + 4
 
