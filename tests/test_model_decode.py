@@ -88,6 +88,13 @@ def test_decode_step_with_device_side_checks_does_no_host_sync():
     with HostSyncCounter() as syncs:
         decoder(torch.tensor([4]), 6)
     assert syncs.count == 0, syncs.where
+    # The eager decode path too, once its first (checked) step has run: trusted, no host sync.
+    cache = model.new_cache(1, 10)
+    model(_ids(model.args, batch=1), 0, cache)
+    model(torch.tensor([[3]]), 5, cache)
+    with HostSyncCounter() as syncs:
+        model(torch.tensor([[4]]), 6, cache)
+    assert syncs.count == 0, syncs.where
 
 
 def test_decode_step_host_syncs_come_only_from_the_routed_experts():
