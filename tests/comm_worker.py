@@ -268,6 +268,7 @@ def devices(rank: int) -> dict:
         found[backend.name] = [device.type, device.index]
     found["cpu runtime"] = str(dshal.current().device)
     found["local_rank"] = os.environ["LOCAL_RANK"]
+    found["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gathered = comm.all_gather(torch.tensor([found["nvidia"][1]]))
     found["all ranks"] = gathered.tolist()
     return found
