@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dshal.parallel.launch import LocalJob
 
@@ -94,7 +95,7 @@ def test_comm_ranks_get_their_local_rank_device(tmp_path: Path) -> None:
         assert payload["all ranks"] == [1, 0]  # different indices, gathered across the ranks
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="written for a machine without CUDA devices")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="written for a machine without CUDA devices")
 def test_local_device_index_rules() -> None:
     """LOCAL_RANK wins; without it the current device (0 with no device module); bad values
     are DeviceErrors naming LOCAL_RANK."""
