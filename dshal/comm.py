@@ -308,12 +308,14 @@ class ProcessGroupCommunicator(Communicator):
         if not dist.is_initialized():
             raise CommError(f"{collective}: torch.distributed is not initialized; call dshal.comm.init() first (or launch with torchrun)")
 
-    def _run(self, collective: str, device: torch.device, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    def _run(self, collective: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Issue ``fn(*args, async_op=True, **kwargs)`` and wait for it (see the module
         docstring: on the host, bounded by the timeout, except for device tensors inside
-        ``ops.trusted()``); a failure becomes a CommError and tears the process group down."""
+        ``ops.trusted()``); a failure becomes a CommError and tears the process group down.
+        The tensors' device is the first tensor argument's (none, as for a barrier: the host)."""
         from dshal import ops
 
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         self._check_ready(collective)
         start = time.monotonic()
         try:
@@ -344,13 +346,13 @@ class ProcessGroupCommunicator(Communicator):
         every rank when they disagree. Returns the records (None inside ``ops.trusted()``)."""
         from dshal import ops
 
-        if not ops.checking():
-            return None
+        if not ops.checking() or not (self.group is None or isinstance(self.group, dist.ProcessGroup)):
+            return None  # trusted, or a group that is not a torch.distributed one: no peers to ask
         n = self.world_size
         mine = torch.tensor(agreement_record(collective, t, arg, n, input_splits, output_splits), dtype=torch.int64)
         length = mine.numel()
         gathered = torch.empty(n * length, dtype=torch.int64, device=t.device)
-        self._run(f"{collective} (agreement check)", t.device, _all_gather_single, gathered, mine.to(t.device), group=self.group)
+        self._run(f"{collective} (agreement check)", _all_gather_single, gathered, mine.to(t.device), group=self.group)
         flat = gathered.tolist()
         records = [flat[i * length : (i + 1) * length] for i in range(n)]
         ranks = list(range(n)) if self.group is None else dist.get_process_group_ranks(self.group)
@@ -366,7 +368,7 @@ class ProcessGroupCommunicator(Communicator):
         _check_tensor("all_reduce", t)
         reduce_op = _reduce_op(op, "all_reduce", t)
         self._agree("all_reduce", t, "op", op)
-        self._run("all_reduce", t.device, dist.all_reduce, t, op=reduce_op, group=self.group)
+        self._run("all_reduce", dist.all_reduce, t, op=reduce_op, group=self.group)
         if op == "avg":
             t.div_(self.world_size)
         return t
@@ -378,7 +380,7 @@ class ProcessGroupCommunicator(Communicator):
         src = t.movedim(dim, 0).contiguous() if dim else t.contiguous()
         self._agree("all_gather", t, "dim", dim)
         out = src.new_empty((n * src.shape[0], *src.shape[1:]))
-        self._run("all_gather", t.device, _all_gather_single, out, src, group=self.group)
+        self._run("all_gather", _all_gather_single, out, src, group=self.group)
         return out.movedim(0, dim) if dim else out
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
@@ -393,7 +395,7 @@ class ProcessGroupCommunicator(Communicator):
         self._agree("reduce_scatter", t, "op and dim", f"{op}/{dim}")
         src = t.movedim(dim, 0).contiguous() if dim else t.contiguous()
         out = src.new_empty((src.shape[0] // n, *src.shape[1:]))
-        self._run("reduce_scatter", t.device, _reduce_scatter_single, out, src, op=reduce_op, group=self.group)
+        self._run("reduce_scatter", _reduce_scatter_single, out, src, op=reduce_op, group=self.group)
         if op == "avg":
             out.div_(n)
         return out.movedim(0, dim) if dim else out
@@ -431,7 +433,7 @@ class ProcessGroupCommunicator(Communicator):
         out = src.new_empty((sum(outs), *src.shape[1:]))
         if len(set(ins)) == 1 and len(set(outs)) == 1 and ins[0] == outs[0]:
             ins = outs = None  # even exchange: the backend's plain all-to-all, faster than the split-size variant
-        self._run("all_to_all", t.device, dist.all_to_all_single, out, src, outs, ins, group=self.group)
+        self._run("all_to_all", dist.all_to_all_single, out, src, outs, ins, group=self.group)
         return out
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -441,11 +443,11 @@ class ProcessGroupCommunicator(Communicator):
             raise CommError(f"broadcast: argument 'src' is {src!r}, expected a group rank in [0, {n})")
         global_src = src if self.group is None else dist.get_global_rank(self.group, src)
         self._agree("broadcast", t, "src", src)
-        self._run("broadcast", t.device, dist.broadcast, t, src=global_src, group=self.group)
+        self._run("broadcast", dist.broadcast, t, src=global_src, group=self.group)
         return t
 
     def barrier(self) -> None:
-        self._run("barrier", torch.device("cpu"), dist.barrier, group=self.group)
+        self._run("barrier", dist.barrier, group=self.group)
 
 
 # ---------------------------------------------------------------- launch and groups

@@ -228,9 +228,12 @@ def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: st
     op's input checker. In checked mode it reads the values on the host (a host sync on an
     accelerator) and raises ShapeError; inside :func:`dshal.ops.trusted` (decode steps, graph
     capture) it is a device-side assertion (``torch._assert_async``): no host sync, and a
-    bad id still stops the program (a device assert on GPUs, a RuntimeError on the CPU)."""
+    bad id still stops the program (a device assert on GPUs, a RuntimeError on the CPU).
+    Meta tensors hold no values: nothing to check."""
     from dshal import ops
 
+    if ids.is_meta:
+        return
     if ids.numel() and not ops.checking():
         message = f"{op}: argument {arg!r} holds a {what} outside [0, {size}) ({why})"
         torch._assert_async(((ids >= 0) & (ids < size)).all(), message)
