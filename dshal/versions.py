@@ -13,6 +13,12 @@ What dshal needs from each, and where it copes with either end:
   ``torch.distributed.distributed_c10d._abort_process_group`` (looked up, destroy otherwise);
 - Triton: ``triton.compile(ASTSource(...), target=GPUTarget(...))`` for ``dshal kernels``, and
   the interpreter (``TRITON_INTERPRET=1``) for emulated plugins.
+
+Checked on 2026-12-05 (no GPU): with Triton 3.6.0 (and torch 2.13 CPU) the block-FP8 GEMM
+kernel compiles for ``GPUTarget("cuda", 90, 32)`` with ``wgmma`` and for gfx942 with MFMA,
+as with 3.9. Triton 3.6's *interpreter* fails in that kernel's ``range(0, tl.cdiv(K, BLOCK_K))``
+(``TypeError: only 0-dimensional arrays can be converted to Python scalars``), so emulated
+mode (CPU, CI) wants the Triton CI runs (3.9); the GPU machine compiles the kernels.
 """
 
 from __future__ import annotations
