@@ -15,11 +15,16 @@ the nccl-tests figures:
 A round's time is the slowest rank's; the figure is the best (minimum) round, which is
 the least disturbed by other processes on a shared machine (the median is kept in the
 JSON). The raw baseline allocates its output each call, as dshal's functional API does.
+
+dshal's side runs in checked mode by default (each collective first exchanges the ranks'
+shapes, dtypes and splits); ``--trusted`` runs it inside ``dshal.ops.trusted()`` (no
+agreement exchange), which is how the model core's decode steps call collectives.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -87,6 +92,16 @@ def worker(args: argparse.Namespace) -> None:
     world = comm.init()
     n = world.world_size
     rows = []
+    mode = dshal.ops.trusted() if args.trusted else contextlib.nullcontext()
+    with mode:
+        _measure(args, n, rows)
+    if world.rank == 0:
+        print("RESULTS " + json.dumps(rows), flush=True)
+    dist.barrier()
+    comm.shutdown()
+
+
+def _measure(args: argparse.Namespace, n: int, rows: list[dict]) -> None:
     for name in args.collectives:
         for size in args.sizes:
             numel = max(n, size // 4 // n * n)
@@ -108,10 +123,6 @@ def worker(args: argparse.Namespace) -> None:
                 "overhead": t_d / t_t,
                 "median_overhead": statistics.median(t_ours) / statistics.median(t_raw),
             })
-    if world.rank == 0:
-        print("RESULTS " + json.dumps(rows), flush=True)
-    dist.barrier()
-    comm.shutdown()
 
 
 def launch(args: argparse.Namespace, ranks: int) -> list[dict]:
@@ -119,7 +130,7 @@ def launch(args: argparse.Namespace, ranks: int) -> list[dict]:
 
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker",
             "--sizes", ",".join(map(str, args.sizes)), "--collectives", ",".join(args.collectives),
-            "--rounds", str(args.rounds), "--seconds", str(args.seconds)]
+            "--rounds", str(args.rounds), "--seconds", str(args.seconds)] + (["--trusted"] if args.trusted else [])
     with LocalJob(argv, ranks, capture=True) as job:
         runs = job.communicate(timeout_s=1800)
     for code, _, err in runs:
@@ -171,6 +182,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=9, help="alternating dshal/torch rounds (best one taken)")
     parser.add_argument("--seconds", type=float, default=1.0, help="time budget per collective and size and side")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--trusted", action="store_true", help="time dshal inside ops.trusted() (no agreement exchange)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,25 +1,40 @@
 #!/usr/bin/env python
-"""One prepared check of the nvidia plugin on an NVIDIA H200 (any Hopper works), < 8 minutes.
+"""One prepared check of the nvidia plugin on an NVIDIA H100/H200 (any Hopper works), < 8 minutes.
 
-    python benchmarks/gpu_check.py                 # on the GPU machine; results under $OUT (default ./out)
-    python benchmarks/gpu_check.py --dry-run       # CPU, emulated backend, tiny shapes (CI)
+    python3 benchmarks/gpu_check.py --fetch-wheels wheels   # here, with network: the wheels it carries
+    python3 benchmarks/gpu_check.py --wheels wheels         # on the GPU machine (no network); results in $OUT
+    python benchmarks/gpu_check.py --dry-run                # CPU, emulated backend, tiny shapes (CI)
 
-It runs, in this order (each stage writes its part of ``$OUT/gpu_check.json`` as soon as
-it finishes, so a stage cut short by the time budget leaves the others' results):
+The GPU machine's python3 has torch and Triton but nothing else dshal needs, and no
+network. ``--fetch-wheels DIR`` builds dshal, dshal-nvidia and dshal-conformance as wheels
+and downloads the pure-Python dependencies (plus PyYAML's and numpy's binary wheels for
+CPython 3.10-3.13, whichever the machine has) into ``DIR`` (git-ignored ``wheels/``). On the GPU
+machine ``--wheels DIR`` installs them with ``pip --no-index --no-deps`` into a venv under
+``$OUT`` that sees the system's torch and Triton, and runs the check in it.
 
-1. **device**: torch/CUDA versions, the device, and what the nvidia backend declares
-   (``dshal info``'s view, including which block-FP8 GEMM path it uses);
-2. **block-FP8 GEMM** on DeepGEMM's shapes (N x K in ``GEMM_SHAPES``, M in ``GEMM_MS``), one
-   row per shape and path: ``triton`` (dshal's kernel), ``torch_blockwise``
-   (``torch.nn.functional.scaled_mm`` 1x128/128x128, cuBLASLt; only where the backend's
-   probe says it works), ``bf16_matmul`` (``torch.matmul`` on bf16 copies) and
-   ``rowwise_scaled_mm`` (``torch._scaled_mm`` with row scales). Timing: CUDA events around
-   each call, median of ``--iters`` calls after ``--warmup`` calls (Triton's autotuning
-   happens in the warm-up), inputs rotated over enough copies to defeat the 50 MB L2;
-3. **fused add+RMSNorm** (``dshal.ops.rms_norm`` with ``residual``, the Triton kernel) against
-   a device-to-device copy moving the same number of bytes;
-4. **conformance** ``full`` tier for ``nvidia`` (``dshal conformance`` in a subprocess, with
-   the time left; its JSON/JUnit reports land in ``$OUT/conformance``).
+It runs, in this order; each stage writes its part of ``$OUT/gpu_check.json`` as soon as
+it finishes, so a stage cut short by the time budget leaves the others' results:
+
+1. **device**: torch/CUDA/Triton versions against the ranges dshal supports, the device,
+   its L2 size (read from the device), and what the nvidia backend declares (``dshal
+   info``'s view, including which block-FP8 GEMM path it uses);
+2. **conformance**: the ``ci`` tier for ``nvidia`` on the device (``dshal conformance`` in
+   a subprocess; the ``full`` tier's float64 oracles run on the host for minutes); reports in
+   ``$OUT/conformance``; collective cases needing more GPUs than present are skipped;
+3. **block-FP8 GEMM** on DeepGEMM's shapes, the lm_head (129280 x 7168) and one K that is
+   not a multiple of 128, one row per shape and path: ``triton`` (dshal's kernel),
+   ``torch_blockwise`` (cuBLASLt, where the backend's probe says it works), ``bf16_matmul``
+   and ``rowwise_scaled_mm``. Timing: for M <= 128, kernel-only: ``--graph-reps`` calls
+   captured back to back in one CUDA graph, the replay timed with CUDA events (no Python
+   launch cost in the figure; back-to-back launches where capture fails); larger M: CUDA
+   events around each call; median of ``--iters`` after ``--warmup`` (autotuning happens in
+   the warm-up); inputs rotated over enough copies to exceed twice the device's L2;
+4. **fused add+RMSNorm** (the Triton kernel) against a device copy of the same bytes;
+5. **one MoE layer** at DeepSeek-V3's sizes (256 experts, top 8 of 8 groups x 4, hidden 7168,
+   expert width 2048, FP8 128x128 weights): ``moe_gate`` + ``moe_experts`` through the
+   runtime, kernel-only timings, and the output against the reference at one token;
+6. **dshal run**: the model core on the device (``dshal run --graphs auto``): decode tokens/s
+   with and without CUDA graphs, compile/autotune time apart.
 
 It ends with a short table of the figures and the issue's targets (printed last).
 """
@@ -39,20 +54,43 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-#: (N, K) of DeepSeek-V3's linears as benchmarked by DeepGEMM.
-GEMM_SHAPES = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
-GEMM_MS = (1, 64, 128, 4096)
-DRY_SHAPES = ((256, 256), (128, 384))
+REPO = Path(__file__).resolve().parents[1]
+#: (N, K) of DeepSeek-V3's linears as benchmarked by DeepGEMM, the lm_head, and a K that is
+#: not a multiple of 128 (the kernels' masked last K block).
+GEMM_SHAPES = (
+    (2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048),
+    (129280, 7168), (4096, 7200),
+)
+GEMM_MS = (1, 16, 64, 128, 4096)
+DRY_SHAPES = ((256, 256), (128, 200))
 DRY_MS = (1, 16)
+#: M up to this is timed kernel-only (graph of back-to-back calls): launch cost dominates there.
+KERNEL_ONLY_MAX_M = 128
 #: Rows x hidden of the add+RMSNorm check (DeepSeek-V3 hidden size 7168).
 NORM_SHAPE = (16384, 7168)
 DRY_NORM_SHAPE = (64, 256)
-L2_BYTES = 50 * 2**20  # H100/H200 L2
+#: One MoE layer: experts, hidden, expert width, top-k, groups, groups kept; tokens timed.
+MOE_DIMS = {"experts": 256, "hidden": 7168, "inter": 2048, "top_k": 8, "n_group": 8, "topk_group": 4}
+MOE_TOKENS = (1, 64, 4096)
+DRY_MOE_DIMS = {"experts": 8, "hidden": 256, "inter": 128, "top_k": 2, "n_group": 2, "topk_group": 1}
+DRY_MOE_TOKENS = (1, 4)
+FALLBACK_L2_BYTES = 50 * 2**20  # H100/H200 L2, when the device does not report it
 TARGETS = {
     "fp8_block_vs_bf16_at_4096x7168x16384": 1.6,
     "triton_vs_cublaslt_blockwise": 0.9,
     "add_rmsnorm_vs_copy_bandwidth": 0.8,
+    "decode_graphs_vs_eager": 2.0,
 }
+#: What the carried wheels provide: import name -> distribution (pure Python, or the
+#: per-CPython binary wheels of PyYAML and numpy, for a machine whose python3 lacks them).
+#: jsonschema is optional (conformance reports are then not schema-validated), so rpds-py,
+#: which has no pure-Python wheel, is not needed.
+CARRIED = {"stevedore": "stevedore", "rich": "rich", "markdown_it": "markdown-it-py", "mdurl": "mdurl",
+           "pygments": "pygments", "yaml": "pyyaml", "numpy": "numpy"}
+BINARY = ("pyyaml", "numpy")
+BINARY_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+#: dshal's own distributions, built here as wheels.
+OWN = {"dshal": ".", "dshal-nvidia": "plugins/nvidia", "dshal-conformance": "conformance"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -62,8 +100,61 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget for the whole check (default 450)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per measurement (default 5; dry run 1)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 30; dry run 2)")
+    p.add_argument("--graph-reps", type=int, default=None, help="calls per captured graph in kernel-only timings (default 20; dry run 2)")
     p.add_argument("--skip-conformance", action="store_true", help="do not run the conformance stage")
+    p.add_argument("--wheels", metavar="DIR", help="install dshal and its dependencies from DIR (no network) into a venv under $OUT first")
+    p.add_argument("--fetch-wheels", metavar="DIR", help="(with network) build/download the wheels --wheels needs into DIR, then exit")
     return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- carried wheels
+def fetch_wheels(dest: Path) -> int:
+    """Build dshal's wheels and download the dependencies the GPU machine lacks into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip"]
+    steps = [
+        pip + ["wheel", "--no-deps", "-w", str(dest), *(str(REPO / path) for path in OWN.values())],
+        pip + ["download", "--no-deps", "-d", str(dest), *(d for d in CARRIED.values() if d not in BINARY)],
+    ]
+    for version in BINARY_PYTHONS:  # binary wheels only: one per CPython the machine may have
+        steps.append(pip + ["download", "--no-deps", "--only-binary=:all:", "--platform", "manylinux2014_x86_64",
+                            "--python-version", version, "-d", str(dest), *BINARY])
+    for step in steps:
+        print("+", " ".join(step[2:]), flush=True)
+        if subprocess.run(step, check=False).returncode:
+            return 1
+    print(f"wheels in {dest}: {len(list(dest.glob('*.whl')))} files")
+    return 0
+
+
+def install_plan(present: set[str], wheels: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(distributions to install from the wheels, modules missing with no wheel for them):
+    dshal's own three always, plus each carried dependency whose module is not ``present``."""
+    have = {w.split("-")[0].lower().replace("_", "-") for w in wheels}
+    wanted = list(OWN) + [dist for module, dist in CARRIED.items() if module not in present]
+    return [d for d in wanted if d in have], [d for d in wanted if d not in have]
+
+
+def install_and_reexec(wheels_dir: Path, out_dir: Path, argv: Sequence[str]) -> int:
+    """Install from ``wheels_dir`` into ``out_dir/venv`` (seeing the system's torch and Triton)
+    and run this script there. Returns its exit code."""
+    import importlib.util
+
+    present = {m for m in CARRIED if importlib.util.find_spec(m) is not None}
+    wheels = sorted(p.name for p in wheels_dir.glob("*.whl"))
+    to_install, missing = install_plan(present, wheels)
+    if missing:
+        print(f"gpu_check: no wheel in {wheels_dir} for {missing}; run --fetch-wheels where there is network", file=sys.stderr)
+        return 2
+    venv = out_dir / "venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    cmd = [str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--find-links", str(wheels_dir), *to_install]
+    print("+", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    rest = [a for i, a in enumerate(argv) if a != "--wheels" and (i == 0 or argv[i - 1] != "--wheels")]
+    return subprocess.run([str(python), str(Path(__file__).resolve()), *rest], check=False).returncode
 
 
 # ---------------------------------------------------------------- helpers
@@ -73,7 +164,8 @@ class Check:
     def __init__(self, out_dir: Path, budget_s: float):
         self.out_dir = out_dir
         self.deadline = time.monotonic() + budget_s
-        self.data: dict[str, Any] = {"schema": "dshal.gpu_check/1", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.data: dict[str, Any] = {"schema": "dshal.gpu_check/2", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.l2_bytes = FALLBACK_L2_BYTES
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
@@ -86,7 +178,8 @@ class Check:
 
 
 def timed_median(fn: Callable[[int], Any], warmup: int, iters: int, on_gpu: bool) -> float:
-    """Median seconds of ``fn(i)`` (i selects the rotating input), after ``warmup`` calls."""
+    """Median seconds of ``fn(i)`` (i selects the rotating input), after ``warmup`` calls;
+    CUDA events around each call on the GPU (includes the Python launch cost)."""
     import torch
 
     for i in range(warmup):
@@ -108,9 +201,56 @@ def timed_median(fn: Callable[[int], Any], warmup: int, iters: int, on_gpu: bool
     return statistics.median(times)
 
 
-def copies_for(bytes_per_set: int, cap: int = 16) -> int:
+def timed_kernel(fn: Callable[[int], Any], warmup: int, iters: int, reps: int, on_gpu: bool) -> tuple[float, str]:
+    """Kernel-only seconds per call of ``fn(i)``: ``reps`` calls (rotating inputs) captured back
+    to back in one CUDA graph, each replay timed with events, median of ``iters`` / reps.
+    Where capture fails, the same ``reps`` calls launched back to back between two events.
+    Returns (seconds, method). On the CPU (dry run): the per-call median."""
+    import torch
+
+    if not on_gpu:
+        return timed_median(fn, warmup, iters, False), "wall clock per call (dry run)"
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+
+    def timed(run: Callable[[], Any]) -> float:
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for begin, end in pairs:
+            begin.record()
+            run()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(b.elapsed_time(e) for b, e in pairs) * 1e-3 / reps
+
+    try:
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            with torch.cuda.graph(graph):
+                for i in range(reps):
+                    fn(i)
+        torch.cuda.current_stream().wait_stream(side)
+        return timed(graph.replay), f"CUDA graph of {reps} back-to-back calls"
+    except (RuntimeError, TypeError) as err:
+        torch.cuda.synchronize()
+        note = str(err).splitlines()[0][:80] if str(err) else type(err).__name__
+
+        def launches() -> None:
+            for i in range(reps):
+                fn(i)
+
+        return timed(launches), f"{reps} back-to-back launches (graph capture failed: {note})"
+
+
+def copies_for(bytes_per_set: int, l2_bytes: int, cap: int = 16) -> int:
     """How many input copies to rotate so that consecutive calls miss L2."""
-    return max(2, min(cap, math.ceil(2 * L2_BYTES / max(bytes_per_set, 1))))
+    return max(2, min(cap, math.ceil(2 * l2_bytes / max(bytes_per_set, 1))))
+
+
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
 
 # ---------------------------------------------------------------- stages
@@ -118,6 +258,7 @@ def stage_device(check: Check, backend: Any, dry_run: bool) -> None:
     import torch
 
     import dshal
+    from dshal.versions import stack_report
 
     info = next(i for i in dshal.backends(emulate=dry_run) if i.name == "nvidia")
     device: dict[str, Any] = {
@@ -128,12 +269,17 @@ def stage_device(check: Check, backend: Any, dry_run: bool) -> None:
         "dry_run": dry_run,
         "nvidia_available": info.available,
         "nvidia_reason": info.reason,
+        "supported_versions": stack_report(),
     }
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        device.update(name=props.name, capability=list(torch.cuda.get_device_capability(0)),
+        index = backend.device().index
+        props = torch.cuda.get_device_properties(index)
+        l2 = int(getattr(props, "L2_cache_size", 0) or 0)
+        device.update(name=props.name, capability=list(torch.cuda.get_device_capability(index)),
                       memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count,
-                      device_count=torch.cuda.device_count())
+                      device_count=torch.cuda.device_count(), l2_bytes=l2 or None,
+                      l2_source="device" if l2 else f"not reported: {FALLBACK_L2_BYTES >> 20} MiB assumed")
+        check.l2_bytes = l2 or FALLBACK_L2_BYTES
     caps = backend.capabilities()
     device["capabilities"] = {
         "device_name": caps.device_name, "arch": caps.arch, "fp8_formats": list(caps.fp8_formats),
@@ -145,7 +291,7 @@ def stage_device(check: Check, backend: Any, dry_run: bool) -> None:
     check.save()
 
 
-def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int) -> None:
+def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int, reps: int) -> None:
     import torch
 
     from dshal.backends.gpu_common import scaled_mm_rowwise_or_tensorwise, torch_blockwise_gemm
@@ -163,12 +309,12 @@ def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
     def time_paths(m: int, w: Any, wq: Any, ws: Any, wr: Any, wr_scale: Any) -> list[dict[str, Any]]:
         """One row per GEMM path at ``m`` rows; the rotated inputs are freed on return."""
         n, k = w.shape
-        copies = copies_for(m * k + n * k)
+        copies = copies_for(m * k + n * k, check.l2_bytes)
         xs = [torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(copies)]
         blk = [ref.quantize_fp8(x, (1, 128), "e4m3fn") for x in xs]
         row = [ref.quantize_fp8(x, (1, -1), "e4m3fn") for x in xs]
-        # Weights rotate too (they dominate the bytes at small M).
-        extra = min(copies, 4) - 1
+        # Weights rotate too (they dominate the bytes at small M); the lm_head's are 0.9 GB each.
+        extra = min(copies, 4 if n * k < 2**28 else 2) - 1
         wqs = [wq] + [wq.clone() for _ in range(extra)]
         wbs = [w] + [w.clone() for _ in range(extra)]
         wrs = [wr] + [wr.clone() for _ in range(extra)]
@@ -193,23 +339,27 @@ def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
                 out = fn(0).float()
                 if name in ("triton", "torch_blockwise"):  # same inputs as the reference
                     entry["similarity_gap"] = float(1 - 2 * (out * want).sum() / (out * out + want * want).sum())
-                seconds = timed_median(fn, warmup, iters, on_gpu)
+                if m <= KERNEL_ONLY_MAX_M:
+                    seconds, entry["timing"] = timed_kernel(fn, warmup, iters, reps, on_gpu)
+                else:
+                    seconds, entry["timing"] = timed_median(fn, warmup, iters, on_gpu), "CUDA events per call"
                 entry.update(us=seconds * 1e6, tflops=2 * m * n * k / seconds / 1e12)
             except Exception as err:  # noqa: BLE001 - one path failing must not stop the check
-                entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                entry["error"] = _error(err)
             entries.append(entry)
         return entries
 
     for n, k in DRY_SHAPES if dry_run else GEMM_SHAPES:
+        if check.left() < 150:  # keep time for the MoE layer and dshal run
+            rows.append({"m": "*", "n": n, "k": k, "path": "*", "skipped": "time budget"})
+            continue
         # Weights once per shape (bf16 and FP8 copies), activations per M.
         w = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) / math.sqrt(k)
         wq, ws = ref.quantize_fp8(w, (128, 128), "e4m3fn")
         wr, wr_scale = ref.quantize_fp8(w, (1, -1), "e4m3fn")
         for m in DRY_MS if dry_run else GEMM_MS:
-            if check.left() < 60:
-                rows.append({"m": m, "n": n, "k": k, "path": "*", "skipped": "time budget"})
-                continue
             rows.extend(time_paths(m, w, wq, ws, wr, wr_scale))
+        del w, wq, ws, wr, wr_scale
         check.save()
 
 
@@ -221,7 +371,7 @@ def stage_norm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
     dev = backend.device()
     tokens, hidden = DRY_NORM_SHAPE if dry_run else NORM_SHAPE
     per = tokens * hidden * 2  # one bf16 [T, H] tensor
-    copies = copies_for(4 * per, cap=4)
+    copies = copies_for(4 * per, check.l2_bytes, cap=4)
     gen = torch.Generator(device=dev).manual_seed(1)
     xs = [torch.randn(tokens, hidden, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(copies)]
     rs = [torch.randn(tokens, hidden, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(copies)]
@@ -242,19 +392,89 @@ def stage_norm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
         result.update(norm_us=norm_s * 1e6, copy_us=copy_s * 1e6, norm_gbs=moved / norm_s / 1e9,
                       copy_gbs=moved / copy_s / 1e9, ratio=copy_s / norm_s)
     except Exception as err:  # noqa: BLE001
-        result["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        result["error"] = _error(err)
     check.data["add_rmsnorm"] = result
     check.save()
 
 
-def stage_conformance(check: Check, dry_run: bool) -> None:
-    report_dir = check.out_dir / "conformance"
-    cmd = [sys.executable, "-m", "dshal", "conformance", "--backend", "nvidia", "--report-dir", str(report_dir)]
-    cmd += ["--tier", "ci", "--ops", "silu_and_mul"] if dry_run else ["--tier", "full"]
-    env = dict(os.environ, **({"DSHAL_EMULATE": "1"} if dry_run else {}))
-    timeout = max(30.0, check.left() - 20)
-    result: dict[str, Any] = {"command": " ".join(cmd[1:]), "timeout_s": round(timeout)}
+def stage_moe(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int, reps: int) -> None:
+    """One DeepSeek-V3 MoE layer through the runtime: gate + FP8 routed experts."""
+    import torch
+
+    import dshal
+    from dshal.ops import reference as ref
+
+    dims = DRY_MOE_DIMS if dry_run else MOE_DIMS
+    e, h, inter = dims["experts"], dims["hidden"], dims["inter"]
+    dev = backend.device()
+    gen = torch.Generator(device=dev).manual_seed(2)
+    rt = dshal.current()
+    gate, experts = rt.op("moe_gate"), rt.op("moe_experts")
+    result: dict[str, Any] = {"dims": dims, "provider": rt.providers["moe_experts"], "kind": rt.provider_kind("moe_experts"),
+                              "rows": []}
+    check.data["moe"] = result
+    try:
+        w13 = torch.empty(e, 2 * inter, h, dtype=torch.float8_e4m3fn, device=dev)
+        w13_scale = torch.empty(e, 2 * inter // 128, math.ceil(h / 128), device=dev)
+        for i in range(e):  # one expert at a time: the bf16 copy of all of them would not fit beside
+            w13[i], w13_scale[i] = ref.quantize_fp8(torch.randn(2 * inter, h, device=dev, generator=gen) / math.sqrt(h), (128, 128), "e4m3fn")
+        w2 = torch.empty(e, h, inter, dtype=torch.float8_e4m3fn, device=dev)
+        w2_scale = torch.empty(e, math.ceil(h / 128), inter // 128, device=dev)
+        for i in range(e):
+            w2[i], w2_scale[i] = ref.quantize_fp8(torch.randn(h, inter, device=dev, generator=gen) / math.sqrt(inter), (128, 128), "e4m3fn")
+        router = torch.randn(e, h, device=dev, generator=gen) / math.sqrt(h)
+        bias = torch.randn(e, device=dev, generator=gen) * 0.01
+        gate_args = (dims["top_k"], dims["n_group"], dims["topk_group"], 2.5)
+        for t in DRY_MOE_TOKENS if dry_run else MOE_TOKENS:
+            if check.left() < 90:
+                result["rows"].append({"tokens": t, "skipped": "time budget"})
+                continue
+            row: dict[str, Any] = {"tokens": t}
+            x = torch.randn(t, h, device=dev, generator=gen).to(torch.bfloat16)
+            try:
+                weights, ids = gate(x.float() @ router.t(), bias, *gate_args)
+                out = experts(x, weights, ids, w13, w2, w13_scale, w2_scale)
+                if t == 1:  # the contract's math on the same inputs
+                    want = ref.moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale).float()
+                    got = out.float()
+                    row["similarity_gap"] = float(1 - 2 * (got * want).sum() / (got * got + want * want).sum())
+                how = timed_kernel if t <= KERNEL_ONLY_MAX_M else None
+                gate_fn = lambda i: gate(x.float() @ router.t(), bias, *gate_args)  # noqa: E731
+                experts_fn = lambda i: experts(x, weights, ids, w13, w2, w13_scale, w2_scale)  # noqa: E731
+                for name, fn in (("gate_us", gate_fn), ("experts_us", experts_fn)):
+                    if how is not None:
+                        seconds, row["timing"] = how(fn, warmup, iters, reps, not dry_run)
+                    else:
+                        seconds, row["timing"] = timed_median(fn, warmup, iters, not dry_run), "CUDA events per call"
+                    row[name] = seconds * 1e6
+            except Exception as err:  # noqa: BLE001
+                row["error"] = _error(err)
+            result["rows"].append(row)
+            check.save()
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory building the weights
+        result["error"] = _error(err)
+    check.save()
+
+
+def stage_run(check: Check, dry_run: bool) -> None:
+    """``dshal run`` on the device: the tiny model, decode tokens/s with and without graphs."""
+    out = check.out_dir / "run.json"
+    cmd = [sys.executable, "-m", "dshal", "run", "--no-progress", "--json", str(out)]
+    cmd += ["--graphs", "on", "--prompt-len", "4", "--new-tokens", "3"] if dry_run else ["--graphs", "auto", "--new-tokens", "64"]
+    env = dict(os.environ, DSHAL_BACKEND="nvidia", **({"DSHAL_EMULATE": "1"} if dry_run else {}))
+    result: dict[str, Any] = {"command": " ".join(cmd[1:])}
+    check.data["run"] = result
+    result.update(_subprocess(cmd, env, max(30.0, check.left() - 10)))
+    if out.is_file():
+        report = json.loads(out.read_text())
+        result.update({k: report.get(k) for k in ("device", "emulated", "prefill_tokens_per_s", "decode_tokens_per_s",
+                                                  "decode_tokens_per_s_graphs", "graphs", "warmup_s", "compile_autotune_s")})
+    check.save()
+
+
+def _subprocess(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     t0 = time.monotonic()
+    result: dict[str, Any] = {"timeout_s": round(timeout)}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         result.update(returncode=proc.returncode, output_tail=(proc.stdout + proc.stderr)[-3000:])
@@ -263,6 +483,17 @@ def stage_conformance(check: Check, dry_run: bool) -> None:
         result.update(returncode=None, error=f"timed out after {timeout:.0f} s",
                       output_tail=tail.decode(errors="replace") if isinstance(tail, bytes) else str(tail))
     result["seconds"] = round(time.monotonic() - t0, 1)
+    return result
+
+
+def stage_conformance(check: Check, dry_run: bool) -> None:
+    report_dir = check.out_dir / "conformance"
+    cmd = [sys.executable, "-m", "dshal", "conformance", "--backend", "nvidia", "--report-dir", str(report_dir), "--tier", "ci"]
+    cmd += ["--ops", "silu_and_mul"] if dry_run else []
+    env = dict(os.environ, **({"DSHAL_EMULATE": "1"} if dry_run else {}))
+    timeout = max(30.0, min(check.left() - 300, 150.0))  # the rest of the stages need ~5 minutes
+    result: dict[str, Any] = {"command": " ".join(cmd[1:])}
+    result.update(_subprocess(cmd, env, timeout))
     report = report_dir / "nvidia.json"
     if report.is_file():
         try:
@@ -287,8 +518,10 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
     rows = check.data.get("gemm", [])
     lines = []
     header = f"{'M':>5} {'N':>6} {'K':>6} " + " ".join(f"{p:>17}" for p in ("triton", "torch_blockwise", "bf16_matmul", "rowwise_scaled_mm"))
-    lines.append("block-FP8 GEMM, TFLOP/s (median of CUDA-event timings)" if not dry_run else "block-FP8 GEMM, TFLOP/s (DRY RUN: CPU interpreter, meaningless)")
+    lines.append(f"block-FP8 GEMM, TFLOP/s (M <= {KERNEL_ONLY_MAX_M}: kernel-only, graph of back-to-back calls; "
+                 "larger M: CUDA events per call)" if not dry_run else "block-FP8 GEMM, TFLOP/s (DRY RUN: CPU interpreter, meaningless)")
     lines.append(header)
+    rows = [r for r in rows if "skipped" not in r]
     shapes = sorted({(r["m"], r["n"], r["k"]) for r in rows}, key=lambda s: (s[1], s[2], s[0]))
     for m, n, k in shapes:
         cells = []
@@ -314,6 +547,18 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
         targets["add_rmsnorm_vs_copy_bandwidth"] = norm["ratio"]
         lines.append(f"add+RMSNorm [{norm['tokens']}x{norm['hidden']}] bf16: {norm['norm_gbs']:.0f} GB/s; "
                      f"copy of the same bytes: {norm['copy_gbs']:.0f} GB/s")
+    for row in check.data.get("moe", {}).get("rows", []):
+        if "experts_us" in row:
+            lines.append(f"MoE layer, {row['tokens']} token(s): gate {row['gate_us']:.0f} us, routed experts "
+                         f"{row['experts_us']:.0f} us ({check.data['moe']['provider']}/{check.data['moe']['kind']})")
+    run = check.data.get("run", {})
+    eager, graphed = run.get("decode_tokens_per_s"), run.get("decode_tokens_per_s_graphs")
+    if eager:
+        lines.append(f"dshal run decode: {eager:.1f} tokens/s eager, "
+                     f"{'-' if graphed is None else f'{graphed:.1f}'} tokens/s with graphs "
+                     f"({(run.get('graphs') or {}).get('why') or 'captured'})")
+        if graphed:
+            targets["decode_graphs_vs_eager"] = graphed / eager
     conf = check.data.get("conformance")
     if conf:
         lines.append(f"conformance: rc={conf.get('returncode')} summary={conf.get('summary')} {conf.get('error', '')}".rstrip())
@@ -327,14 +572,20 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.fetch_wheels:
+        return fetch_wheels(Path(args.fetch_wheels))
+    out_dir = Path(args.out or os.environ.get("OUT") or "out")
+    if args.wheels:
+        return install_and_reexec(Path(args.wheels), out_dir, argv)
     if args.dry_run:
         os.environ["DSHAL_EMULATE"] = "1"
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
-    out_dir = Path(args.out or os.environ.get("OUT") or "out")
     check = Check(out_dir, args.budget_s)
     warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 5)
     iters = args.iters if args.iters is not None else (2 if args.dry_run else 30)
+    reps = args.graph_reps if args.graph_reps is not None else (2 if args.dry_run else 20)
 
     import torch
 
@@ -346,16 +597,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     rt = dshal.use(backend="nvidia", emulate=args.dry_run)
     backend = rt.backend
     t0 = time.monotonic()
+
+    def done(what: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {what}", flush=True)
+
     stage_device(check, backend, args.dry_run)
-    print(f"[{time.monotonic() - t0:6.1f}s] device: {check.data['device'].get('name', backend.capabilities().device_name)}; "
-          f"block path {check.data['device']['gemm_block_path']}", flush=True)
-    stage_gemm(check, backend, args.dry_run, warmup, iters)
-    print(f"[{time.monotonic() - t0:6.1f}s] gemm: {len(check.data['gemm'])} measurements", flush=True)
-    stage_norm(check, backend, args.dry_run, warmup, iters)
-    print(f"[{time.monotonic() - t0:6.1f}s] add+rmsnorm done", flush=True)
+    done(f"device: {check.data['device'].get('name', backend.capabilities().device_name)}; "
+         f"block path {check.data['device']['gemm_block_path']}")
     if not args.skip_conformance:
         stage_conformance(check, args.dry_run)
-        print(f"[{time.monotonic() - t0:6.1f}s] conformance rc={check.data['conformance'].get('returncode')}", flush=True)
+        done(f"conformance rc={check.data['conformance'].get('returncode')} {check.data['conformance'].get('summary')}")
+    stage_gemm(check, backend, args.dry_run, warmup, iters, reps)
+    done(f"gemm: {len(check.data['gemm'])} measurements")
+    stage_norm(check, backend, args.dry_run, warmup, iters)
+    done("add+rmsnorm")
+    stage_moe(check, backend, args.dry_run, warmup, iters, reps)
+    done(f"moe layer: {len(check.data['moe'].get('rows', []))} token counts")
+    stage_run(check, args.dry_run)
+    done(f"dshal run rc={check.data['run'].get('returncode')}")
     check.data["seconds"] = round(time.monotonic() - t0, 1)
     lines = summarize(check, args.dry_run)
     path = check.save()

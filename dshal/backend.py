@@ -7,7 +7,8 @@ A backend is a small class in three tiers:
 * **optional hooks** with safe defaults -- :meth:`Backend.communicator`,
   :meth:`Backend.topology`, :meth:`Backend.synchronize`, :meth:`Backend.memory_stats`,
   :meth:`Backend.pinned_empty`, :meth:`Backend.graph`, :meth:`Backend.timer`,
-  :meth:`Backend.batch_invariant_ops`;
+  :meth:`Backend.batch_invariant_ops`,
+  :meth:`Backend.device` / :meth:`Backend.bind_device` (this rank's device: ``LOCAL_RANK``);
 * **capability queries** derived from :class:`Capabilities` -- :meth:`Backend.fp8_formats`,
   :meth:`Backend.native_e4m3`, :meth:`Backend.op_kind`.
 
@@ -18,6 +19,7 @@ never on its name.
 from __future__ import annotations
 
 import abc
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -117,6 +119,33 @@ class Timer:
         return (time.perf_counter_ns() - self._start) * 1e-9
 
 
+def local_device_index(device_type: str, environ: Mapping[str, str] | None = None) -> int:
+    """The device index of this process for ``device_type``; see :meth:`Backend.local_device_index`."""
+    from dshal.errors import DeviceError
+
+    environ = os.environ if environ is None else environ
+    module = getattr(torch, device_type, None) if device_type != "cpu" else None
+    available = module is not None and module.is_available()
+    count = module.device_count() if available else 0
+    raw = environ.get("LOCAL_RANK", "")
+    if raw == "":
+        return int(module.current_device()) if available else 0
+    try:
+        index = int(raw)
+    except ValueError:
+        raise DeviceError(f"device: environment variable LOCAL_RANK is {raw!r}, expected a non-negative integer") from None
+    if index < 0:
+        raise DeviceError(f"device: environment variable LOCAL_RANK is {index}, expected a non-negative integer")
+    if count == 1:
+        return 0
+    if count and index >= count:
+        raise DeviceError(
+            f"device: LOCAL_RANK is {index} but this process sees {count} {device_type} devices "
+            f"(indices 0..{count - 1}); launch at most {count} ranks per node (torchrun --nproc-per-node {count})"
+        )
+    return index
+
+
 class Backend(abc.ABC):
     """Base class of every dshal backend. Subclass it and register the class under the
     ``dshal.backends`` entry-point group."""
@@ -154,10 +183,30 @@ class Backend(abc.ABC):
 
     # ---------------------------------------------------------------- optional hooks
     def device(self, index: int | None = None) -> torch.device:
-        """The torch device for local device ``index`` (default: the current one)."""
+        """The torch device for local device ``index`` (default: this process's, see
+        :meth:`local_device_index`)."""
         if self.device_type == "cpu":
             return torch.device("cpu")
-        return torch.device(self.device_type, 0 if index is None else index)
+        return torch.device(self.device_type, self.local_device_index() if index is None else index)
+
+    def local_device_index(self) -> int:
+        """This process's device index on its node: ``LOCAL_RANK`` when a launcher (torchrun)
+        set it, else the device module's current device (0 where there is none).
+
+        With one device visible (a launcher that gives each rank its own
+        ``CUDA_VISIBLE_DEVICES``) that device is this rank's whatever ``LOCAL_RANK`` says;
+        with several, a ``LOCAL_RANK`` past the last one is a :class:`~dshal.DeviceError`
+        rather than two ranks silently sharing a device.
+        """
+        return local_device_index(self.device_type)
+
+    def bind_device(self) -> torch.device:
+        """Make :meth:`device` the current device of this process (before anything allocates
+        on the device: runtime, probes, process group) and return it. No-op on the CPU."""
+        device = self.device()
+        if device.type != "cpu":
+            torch.get_device_module(device.type).set_device(device)
+        return device
 
     def communicator(self, group: Any = None) -> Communicator:
         """Collectives over ``group``; default: torch.distributed with ``capabilities().dist_backend``."""

@@ -10,6 +10,29 @@ Failure policy: every collective is bounded by ``distributed.timeout_s``. When o
 torn down, so the peers blocked on this rank fail fast too and nothing waits forever in
 interpreter shutdown. Later collectives raise the same error straight away.
 
+Every collective is issued asynchronously and then waited for with ``work.wait(timeout)``,
+which blocks the host until the work is done or the timeout passes, on every process-group
+type: NCCL/RCCL/HCCL collectives are asynchronous, so without that wait a dead peer would
+only show as a hang at the next synchronization. A failed device process group is
+*aborted* (``ncclCommAbort``: returns at once) rather than destroyed (which waits on the
+dead peer); a gloo one is destroyed. Device process groups are created with a timeout a
+little past ``distributed.timeout_s``, so this wait, not the watchdog, reports first.
+Inside :func:`dshal.ops.trusted` (the model core's decode steps, graph capture) collectives on
+device tensors are not waited for on the host: they stay asynchronous and capturable, and
+a peer that dies then is caught by the process group's watchdog
+(``TORCH_NCCL_ASYNC_ERROR_HANDLING``), which ends the process instead of hanging it.
+
+Checked mode (the default; off inside :func:`dshal.ops.trusted`): before each collective
+the ranks exchange what they are about to do -- the collective, the tensor's dtype and
+shape, the reduce op / dim / source, and for ``all_to_all`` every rank's split sizes -- and
+a disagreement raises :class:`~dshal.CommError` on every rank, naming the ranks and what
+each passed, instead of aborting the process (gloo) or returning uninitialized rows.
+Cost: one extra ``all_gather`` of ``13 + 2 * world_size`` int64 per collective and a
+device-to-host copy of it (a host sync on accelerators): about one small-message latency
+(tens of microseconds on NVLink, ~0.1-1 ms on gloo over loopback). The group stays usable
+after such an error. An ``all_to_all`` with ``input_splits`` only needs no separate split
+exchange in checked mode: the agreement exchange carries the sizes.
+
 ``all_to_all`` split sizes: ``input_splits[i]`` rows of ``t`` go to rank i. When
 ``output_splits`` is None and ``input_splits`` is given, the ranks first exchange their
 split sizes (one small extra all_to_all), so uneven and empty splits need no bookkeeping
@@ -23,6 +46,7 @@ import abc
 import datetime
 import os
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +72,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 # The process-wide record of the distributed session: the timeout every group uses and
 # the first failure (after which the process group is gone and every collective refuses).
-_session: dict[str, Any] = {"timeout_s": None, "failure": None}
+_session: dict[str, Any] = {"timeout_s": None, "failure": None, "device_type": "cpu"}
 
 
 def _reduce_op(op: str, collective: str, t: torch.Tensor) -> Any:
@@ -92,13 +116,123 @@ def _explain(err: BaseException) -> str:
     return "the process-group backend reported an error"
 
 
-def _teardown() -> None:
-    """Destroy every process group so peers blocked on this rank fail fast and exit cleanly."""
-    if dist.is_initialized():
-        try:
+def teardown_action(device_type: str) -> str:
+    """How a failed process group is torn down: ``"abort"`` for one carrying device tensors
+    (NCCL/RCCL/HCCL: destroying it would wait on the dead peer's unfinished work, aborting
+    returns at once), ``"destroy"`` for gloo (host tensors: nothing in flight to wait on)."""
+    return "destroy" if device_type == "cpu" else "abort"
+
+
+def host_waits(device_type: str, checking: bool) -> bool:
+    """Whether a collective on ``device_type`` tensors is waited for on the host (bounded by
+    the timeout): always for host tensors (gloo), and for device tensors in checked mode;
+    inside ``ops.trusted()`` device collectives stay asynchronous (graph capture, decode)."""
+    return device_type == "cpu" or checking
+
+
+def _teardown(device_type: str = "cpu") -> None:
+    """Tear down every process group so peers blocked on this rank fail fast and exit cleanly."""
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if teardown_action(device_type) == "abort" and abort is not None:
+            abort()
+        else:
             dist.destroy_process_group()
-        except (RuntimeError, ValueError, AssertionError):  # already half torn down: nothing left to free
-            pass
+    except (RuntimeError, ValueError, AssertionError):  # already half torn down: nothing left to free
+        pass
+
+
+# ---------------------------------------------------------------- the agreement check (checked mode)
+#: Dims of a tensor carried in full by the agreement record (the product of any further ones rides in the last).
+_RECORD_DIMS = 8
+#: Record layout: [collective, dtype, arg (op/dim/src), ndim, numel, dims x 8, input splits x n, output splits x n].
+_RECORD_HEAD = 5 + _RECORD_DIMS
+COLLECTIVE_NAMES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast")
+
+
+def _code(text: str) -> int:
+    """A stable integer for a name (dtype, collective, reduce op), the same on every rank."""
+    return zlib.crc32(text.encode())
+
+
+_NAMES_BY_CODE = {
+    _code(n): n
+    for n in (
+        *COLLECTIVE_NAMES,
+        *REDUCE_OPS,
+        *(f"{op}/{dim}" for op in REDUCE_OPS for dim in range(_RECORD_DIMS)),  # reduce_scatter's op and dim
+        *(str(v) for v in vars(torch).values() if isinstance(v, torch.dtype)),
+    )
+}
+
+
+def agreement_record(
+    collective: str, t: torch.Tensor, arg: str | int, world: int,
+    input_splits: Sequence[int] | None = None, output_splits: Sequence[int] | None = None,
+) -> list[int]:
+    """What this rank is about to do, as ``13 + 2 * world`` integers (the same length on every
+    rank whatever it does, so the exchange itself cannot disagree). ``-1`` marks unknown splits."""
+    dims = list(t.shape[:_RECORD_DIMS])
+    if t.dim() > _RECORD_DIMS:
+        dims[-1] = int(torch.tensor(t.shape[_RECORD_DIMS - 1 :]).prod())
+    dims += [0] * (_RECORD_DIMS - len(dims))
+    arg_code = _code(arg) if isinstance(arg, str) else int(arg)
+    ins = list(input_splits) if input_splits is not None else [-1] * world
+    outs = list(output_splits) if output_splits is not None else [-1] * world
+    return [_code(collective), _code(str(t.dtype)), arg_code, t.dim(), t.numel(), *dims, *ins, *outs]
+
+
+def _describe_record(record: Sequence[int]) -> str:
+    ndim = record[3]
+    shape = list(record[5 : 5 + min(ndim, _RECORD_DIMS)])
+    name = _NAMES_BY_CODE.get(record[1], "an unknown dtype").replace("torch.", "")
+    return f"{_NAMES_BY_CODE.get(record[0], '?')} of {name} {shape}"
+
+
+def disagreement(collective: str, records: Sequence[Sequence[int]], ranks: Sequence[int], arg_name: str) -> str | None:
+    """Why the ranks' records (one per group rank, see :func:`agreement_record`) disagree, or
+    None when they agree. ``ranks`` are the global ranks, for the message."""
+    n = len(records)
+    first = records[0]
+
+    def split(what: str, key: Any) -> str | None:
+        groups: dict[Any, list[int]] = {}
+        for rank, rec in zip(ranks, records):
+            groups.setdefault(key(rec), []).append(rank)
+        if len(groups) == 1:
+            return None
+        seen = "; ".join(
+            f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {_describe_record(records[ranks.index(rs[0])])}"
+            + (f" ({arg_name} {_NAMES_BY_CODE.get(k, k) if isinstance(k, int) else k})" if what == arg_name else "")
+            for k, rs in groups.items()
+        )
+        return f"the ranks disagree on {what} ({seen})"
+
+    head = _RECORD_HEAD
+    problems = [
+        split("the collective", lambda r: r[0]),
+        split("the dtype of 't'", lambda r: r[1]),
+    ]
+    if collective == "all_to_all":
+        problems.append(split("the shape of 't' past dim 0", lambda r: (r[3], tuple(r[6:head]))))
+    else:
+        problems.append(split("the shape of 't'", lambda r: (r[3], r[4], tuple(r[5:head]))))
+    if arg_name:
+        problems.append(split(arg_name, lambda r: r[2]))
+    found = next((p for p in problems if p), None)
+    if found or collective != "all_to_all" or first[0] != _code("all_to_all"):
+        return found
+    for src in range(n):
+        for dst in range(n):
+            sent, expected = records[src][head + dst], records[dst][head + n + src]
+            if expected >= 0 and sent != expected:
+                return (
+                    f"the split sizes disagree: rank {ranks[src]} sends {sent} rows to rank {ranks[dst]} (its input_splits), "
+                    f"but rank {ranks[dst]} expects {expected} rows from rank {ranks[src]} (its output_splits)"
+                )
+    return None
 
 
 class Communicator(abc.ABC):
@@ -174,11 +308,25 @@ class ProcessGroupCommunicator(Communicator):
         if not dist.is_initialized():
             raise CommError(f"{collective}: torch.distributed is not initialized; call dshal.comm.init() first (or launch with torchrun)")
 
-    def _run(self, collective: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _run(self, collective: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Issue ``fn(*args, async_op=True, **kwargs)`` and wait for it (see the module
+        docstring: on the host, bounded by the timeout, except for device tensors inside
+        ``ops.trusted()``); a failure becomes a CommError and tears the process group down.
+        The tensors' device is the first tensor argument's (none, as for a barrier: the host)."""
+        from dshal import ops
+
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         self._check_ready(collective)
         start = time.monotonic()
         try:
-            return fn(*args, **kwargs)
+            work = fn(*args, async_op=True, **kwargs)
+            if work is not None:
+                if host_waits(device.type, ops.checking()):
+                    timeout = datetime.timedelta(seconds=_session["timeout_s"] or 300.0)
+                    if work.wait(timeout=timeout) is False:
+                        raise RuntimeError(f"timed out after {timeout.total_seconds():g} s waiting for the collective")
+                else:
+                    work.wait()  # the current stream waits for it; the host does not
         except (RuntimeError, ValueError) as err:  # gloo/nccl raise DistBackendError (a RuntimeError)
             where = group_name(self.group)
             message = (
@@ -187,12 +335,39 @@ class ProcessGroupCommunicator(Communicator):
                 f"{_explain(err)}. torch said: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
             )
             _session["failure"] = message
-            _teardown()
+            _teardown(device.type)
             raise CommError(message) from err
+
+    def _agree(
+        self, collective: str, t: torch.Tensor, arg_name: str = "", arg: str | int = 0,
+        input_splits: Sequence[int] | None = None, output_splits: Sequence[int] | None = None,
+    ) -> list[list[int]] | None:
+        """Checked mode: exchange every rank's :func:`agreement_record` and raise CommError on
+        every rank when they disagree. Returns the records (None inside ``ops.trusted()``)."""
+        from dshal import ops
+
+        if not ops.checking() or not (self.group is None or isinstance(self.group, dist.ProcessGroup)):
+            return None  # trusted, or a group that is not a torch.distributed one: no peers to ask
+        n = self.world_size
+        mine = torch.tensor(agreement_record(collective, t, arg, n, input_splits, output_splits), dtype=torch.int64)
+        length = mine.numel()
+        gathered = torch.empty(n * length, dtype=torch.int64, device=t.device)
+        self._run(f"{collective} (agreement check)", _all_gather_single, gathered, mine.to(t.device), group=self.group)
+        flat = gathered.tolist()
+        records = [flat[i * length : (i + 1) * length] for i in range(n)]
+        ranks = list(range(n)) if self.group is None else dist.get_process_group_ranks(self.group)
+        why = disagreement(collective, records, ranks, arg_name)
+        if why:
+            raise CommError(
+                f"{collective} on the {group_name(self.group)}: {why}; every rank of the group must make the same call "
+                "(found by dshal's checked mode before any data moved; the group is still usable)"
+            )
+        return records
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         _check_tensor("all_reduce", t)
         reduce_op = _reduce_op(op, "all_reduce", t)
+        self._agree("all_reduce", t, "op", op)
         self._run("all_reduce", dist.all_reduce, t, op=reduce_op, group=self.group)
         if op == "avg":
             t.div_(self.world_size)
@@ -203,6 +378,7 @@ class ProcessGroupCommunicator(Communicator):
         dim = _check_dim("all_gather", t, dim)
         n = self.world_size
         src = t.movedim(dim, 0).contiguous() if dim else t.contiguous()
+        self._agree("all_gather", t, "dim", dim)
         out = src.new_empty((n * src.shape[0], *src.shape[1:]))
         self._run("all_gather", _all_gather_single, out, src, group=self.group)
         return out.movedim(0, dim) if dim else out
@@ -216,6 +392,7 @@ class ProcessGroupCommunicator(Communicator):
                 f"reduce_scatter: argument 't' has size {t.shape[dim]} in dim {dim}, expected a multiple of the group size {n}"
             )
         reduce_op = _reduce_op(op, "reduce_scatter", t)
+        self._agree("reduce_scatter", t, "op and dim", f"{op}/{dim}")
         src = t.movedim(dim, 0).contiguous() if dim else t.contiguous()
         out = src.new_empty((src.shape[0] // n, *src.shape[1:]))
         self._run("reduce_scatter", _reduce_scatter_single, out, src, op=reduce_op, group=self.group)
@@ -247,10 +424,11 @@ class ProcessGroupCommunicator(Communicator):
             outs = ins if output_splits is None else self._splits("output_splits", output_splits, n, None)
         else:
             ins = self._splits("input_splits", input_splits, n, rows)
-            if output_splits is None:
-                outs = self.exchange_splits(ins, t.device)
-            else:
-                outs = self._splits("output_splits", output_splits, n, None)
+            outs = None if output_splits is None else self._splits("output_splits", output_splits, n, None)
+        records = self._agree("all_to_all", t, input_splits=ins, output_splits=outs)
+        if outs is None:  # what every rank sends here: from the agreement records, else one exchange
+            me = self.rank
+            outs = [rec[_RECORD_HEAD + me] for rec in records] if records is not None else self.exchange_splits(ins, t.device)
         src = t.contiguous()
         out = src.new_empty((sum(outs), *src.shape[1:]))
         if len(set(ins)) == 1 and len(set(outs)) == 1 and ins[0] == outs[0]:
@@ -264,6 +442,7 @@ class ProcessGroupCommunicator(Communicator):
         if not isinstance(src, int) or not 0 <= src < n:
             raise CommError(f"broadcast: argument 'src' is {src!r}, expected a group rank in [0, {n})")
         global_src = src if self.group is None else dist.get_global_rank(self.group, src)
+        self._agree("broadcast", t, "src", src)
         self._run("broadcast", dist.broadcast, t, src=global_src, group=self.group)
         return t
 
@@ -490,6 +669,15 @@ def process_group_backend(runtime: Any) -> str:
     return runtime.capabilities.dist_backend
 
 
+def process_group_timeout(timeout_s: float, device_type: str) -> datetime.timedelta:
+    """The timeout torch's process group gets: ``timeout_s`` on gloo; on device process groups
+    a little more, so dshal's host-side ``work.wait(timeout_s)`` reports a dead peer as a
+    CommError before the NCCL/HCCL watchdog ends the process for the same timeout."""
+    if device_type == "cpu":
+        return datetime.timedelta(seconds=timeout_s)
+    return datetime.timedelta(seconds=timeout_s * 1.25 + 5.0)
+
+
 def init(timeout_s: float | None = None) -> Communicator:
     """Join the job described by torchrun's environment and return the world communicator.
 
@@ -506,10 +694,9 @@ def init(timeout_s: float | None = None) -> Communicator:
     timeout = float(timeout_s if timeout_s is not None else rt.config.distributed.timeout_s)
     if not timeout > 0:
         raise ConfigError(f"distributed.timeout_s: got {timeout}, expected a positive number of seconds")
-    device_id = None
-    if rt.device.type != "cpu":
-        device_id = rt.backend.device(env.local_rank)
-        torch.get_device_module(device_id.type).set_device(device_id)
+    # The runtime already bound this rank's device (LOCAL_RANK) when it was built; bind it
+    # again in case the caller changed the current device since.
+    device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()
     delta = datetime.timedelta(seconds=timeout)
     try:  # env:// also handles torchrun's agent-hosted store
         store, _, _ = next(dist.rendezvous(f"env://?rank={env.rank}&world_size={env.world_size}", timeout=delta))
@@ -522,12 +709,12 @@ def init(timeout_s: float | None = None) -> Communicator:
             store=store,
             rank=env.rank,
             world_size=env.world_size,
-            timeout=delta,
+            timeout=process_group_timeout(timeout, rt.device.type),
             device_id=device_id,
         )
     except (RuntimeError, ValueError) as err:
         raise CommError(f"init: could not build the {process_group_backend(rt)} process group: {err}") from err
-    _session.update(timeout_s=timeout, failure=None)
+    _session.update(timeout_s=timeout, failure=None, device_type=rt.device.type)
     return rt.backend.communicator(None)
 
 
@@ -571,13 +758,13 @@ def new_groups(partition: Sequence[Sequence[int]], name: str) -> Any:
         raise CommError(f"new_groups({name!r}): argument 'partition' is {[list(p) for p in partition]}, expected every rank 0..{world - 1} exactly once")
     me = dist.get_rank()
     mine = None
-    timeout = datetime.timedelta(seconds=_session["timeout_s"] or 300.0)
+    timeout = process_group_timeout(_session["timeout_s"] or 300.0, _session["device_type"])
     for index, ranks in enumerate(partition):
         try:
             group = dist.new_group(list(ranks), timeout=timeout, group_desc=f"{name}{index}")
         except (RuntimeError, ValueError) as err:
             _session["failure"] = f"new_groups({name!r}) failed creating group {list(ranks)}: {err}"
-            _teardown()
+            _teardown(_session["device_type"])
             raise CommError(_session["failure"]) from err
         if me in ranks:
             mine = group
@@ -649,11 +836,16 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "group_name",
+    "host_waits",
     "init",
     "is_initialized",
     "launch_env",
     "new_groups",
+    "agreement_record",
+    "disagreement",
     "process_group_backend",
+    "process_group_timeout",
     "reduce_scatter",
     "shutdown",
+    "teardown_action",
 ]

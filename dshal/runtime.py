@@ -158,6 +158,8 @@ def build_runtime(config: Config) -> Runtime:
     from dshal.ops.catalogue import SPECS
 
     backend, trace = select(config.backend, config.prefer, emulate=config.emulate, registry=REGISTRY)
+    # This rank's device (LOCAL_RANK) becomes current before anything below allocates on it.
+    device = backend.bind_device()
     device_type = backend.device_type
     own_ops: Mapping[str, Callable[..., Any]] = backend.ops()
     other_ops: dict[str, Mapping[str, Callable[..., Any]]] = {backend.name: own_ops}  # ops: overrides
@@ -204,7 +206,7 @@ def build_runtime(config: Config) -> Runtime:
     return Runtime(
         config=config,
         backend=backend,
-        device=backend.device(),
+        device=device,
         providers=providers,
         fallbacks=frozenset(fallbacks),
         selection=trace,

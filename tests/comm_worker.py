@@ -189,6 +189,91 @@ def failure(rank: int, n: int, mode: str, out: Path) -> int:
         return COMM_ERROR_EXIT
 
 
+def disagree(rank: int, n: int) -> dict[str, str]:
+    """Ranks that make different calls: checked mode raises CommError on every rank, naming
+    the ranks, before any data moves, and the group stays usable. Inside ops.trusted() the
+    agreement exchange is skipped (counted through dshal.comm's own exchange function)."""
+    from dshal import ops
+
+    checks: dict[str, str] = {}
+    last = n - 1
+    others = "rank 0" if n == 2 else "ranks " + ", ".join(map(str, range(last)))  # how the message groups them
+    run_checks(checks, "all_reduce[4 vs 5 elements]", lambda: expect_raises(
+        CommError, ["all_reduce", "shape of 't'", f"{others}: all_reduce of float32 [4]", f"rank {last}: all_reduce of float32 [5]"],
+        lambda: comm.all_reduce(torch.ones(5 if rank == last else 4))))
+    run_checks(checks, "all_reduce[float32 vs int64]", lambda: expect_raises(
+        CommError, ["dtype", "float32", "int64", f"rank {last}"],
+        lambda: comm.all_reduce(torch.ones(4, dtype=torch.int64 if rank == last else torch.float32))))
+    run_checks(checks, "all_reduce[sum vs max]", lambda: expect_raises(
+        CommError, ["op", "sum", "max"], lambda: comm.all_reduce(torch.ones(4), op="max" if rank == last else "sum")))
+    run_checks(checks, "broadcast[src]", lambda: expect_raises(
+        CommError, ["src"], lambda: comm.broadcast(torch.ones(2), src=1 if rank == last else 0)))
+    run_checks(checks, "all_reduce vs all_gather", lambda: expect_raises(
+        CommError, ["the collective", "all_reduce", "all_gather"],
+        lambda: comm.all_gather(torch.ones(2)) if rank == last else comm.all_reduce(torch.ones(2))))
+
+    # all_to_all: rank 0 says it expects 2 rows from the last rank, which sends it 3.
+    def bad_splits() -> None:
+        ins = [3 if (rank == last and d == 0) else 1 for d in range(n)]
+        outs = [2 if (rank == 0 and s == last) else 1 for s in range(n)]
+        comm.all_to_all(torch.ones(sum(ins), 2), output_splits=outs, input_splits=ins)
+
+    run_checks(checks, "all_to_all[splits]", lambda: expect_raises(
+        CommError, ["split sizes", f"rank {last} sends 3 rows to rank 0", "expects 2 rows"], bad_splits))
+    run_checks(checks, "all_to_all[trailing shape]", lambda: expect_raises(
+        CommError, ["shape of 't' past dim 0"], lambda: comm.all_to_all(torch.ones(n, 3 if rank == last else 2))))
+    run_checks(checks, "usable after disagreements", lambda: expect_equal(comm.all_reduce(torch.ones(2)), torch.full((2,), float(n))))
+
+    # The sizes an input_splits-only all_to_all needs come from the agreement records.
+    def uneven() -> None:
+        ins = [rank + d for d in range(n)]
+        got = comm.all_to_all(torch.full((sum(ins), 1), float(rank)), input_splits=ins)
+        expect_equal(got, torch.cat([torch.full((s + rank, 1), float(s)) for s in range(n)]))
+
+    run_checks(checks, "all_to_all[sizes from the agreement]", uneven)
+
+    calls = []
+    real = comm.agreement_record
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    def trusted_skips() -> None:
+        comm.agreement_record = counting
+        try:
+            comm.all_reduce(torch.ones(2))
+            checked = len(calls)
+            with ops.trusted():
+                expect_equal(comm.all_reduce(torch.ones(2)), torch.full((2,), float(n)))
+                comm.all_to_all(torch.ones(n, 1), input_splits=[1] * n)
+        finally:
+            comm.agreement_record = real
+        if checked != 1 or len(calls) != 1:
+            raise AssertionError(f"agreement records: {checked} checked, {len(calls)} in all (want 1 and 1)")
+
+    run_checks(checks, "trusted skips the agreement", trusted_skips)
+    return checks
+
+
+def devices(rank: int) -> dict:
+    """The device index each GPU backend computes for this rank (from LOCAL_RANK; no GPU is
+    needed to compute it, and nothing here touches torch.cuda's state)."""
+    from dshal_amd import AmdBackend
+    from dshal_nvidia import NvidiaBackend
+
+    found = {}
+    for backend in (NvidiaBackend(), AmdBackend()):
+        device = backend.device()
+        found[backend.name] = [device.type, device.index]
+    found["cpu runtime"] = str(dshal.current().device)
+    found["local_rank"] = os.environ["LOCAL_RANK"]
+    found["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gathered = comm.all_gather(torch.tensor([found["nvidia"][1]]))
+    found["all ranks"] = gathered.tolist()
+    return found
+
+
 def main() -> int:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     timeout_s = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0
@@ -202,6 +287,14 @@ def main() -> int:
     n = world.world_size
     if scenario == "collectives":
         write(out, rank, {"checks": collectives(rank, n), "backend": world.__class__.__name__})
+        comm.shutdown()
+        return 0
+    if scenario == "disagree":
+        write(out, rank, {"checks": disagree(rank, n)})
+        comm.shutdown()
+        return 0
+    if scenario == "devices":
+        write(out, rank, devices(rank))
         comm.shutdown()
         return 0
     if scenario in ("die", "hang"):

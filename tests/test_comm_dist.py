@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dshal.parallel.launch import LocalJob
 
@@ -55,6 +56,91 @@ def test_comm_collectives_exact(tmp_path: Path, world: int) -> None:
         assert len(payload["checks"]) >= 30
         assert {"all_to_all[rank0 receives none]", "subgroups", "all_reduce[avg]"} <= set(payload["checks"])
     assert not any(alive(pid) for pid in job.pids)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_comm_disagreeing_ranks_raise_comm_error(tmp_path: Path, world: int) -> None:
+    """Issue #16 class 8: a 4- vs 5-element all_reduce, float32 vs int64, mismatched ops,
+    sources and collectives, and all_to_all splits that disagree with the peer's each raise
+    CommError on every rank naming the ranks (gloo used to abort the process, all_to_all to
+    return uninitialized rows); the group stays usable; ops.trusted() skips the check."""
+    job, runs, out = run_job(tmp_path, "disagree", world)
+    assert [code for code, _, _ in runs] == [0] * world, [err[-3000:] for _, _, err in runs]
+    for rank, payload in enumerate(results(out, world)):
+        failed = {name: why for name, why in payload["checks"].items() if why != "ok"}
+        assert not failed, f"rank {rank}: {failed}"
+        assert len(payload["checks"]) == 10
+    assert not any(alive(pid) for pid in job.pids)
+
+
+def test_comm_ranks_get_their_local_rank_device(tmp_path: Path) -> None:
+    """Issue #18 item 2.1: each rank's GPU backends compute their device from LOCAL_RANK (not
+    cuda:0 for all). The launcher's LOCAL_RANK is swapped against RANK to show which one counts."""
+    pytest.importorskip("dshal_nvidia")
+    pytest.importorskip("dshal_amd")
+    out = tmp_path / "devices"
+    out.mkdir()
+    overrides = {0: {"LOCAL_RANK": "1"}, 1: {"LOCAL_RANK": "0"}}
+    job = LocalJob([sys.executable, str(WORKER), "devices", str(out)], 2, capture=True, overrides=overrides)
+    with job:
+        runs = job.communicate(90)
+    assert [code for code, _, _ in runs] == [0, 0], [err[-3000:] for _, _, err in runs]
+    found = results(out, 2)
+    if found[0]["cuda_devices"] == 1:
+        pytest.skip("one CUDA device visible: by design it is every rank's (device index 0)")
+    for rank, payload in enumerate(found):
+        local = 1 - rank
+        assert payload["nvidia"] == ["cuda", local] and payload["amd"] == ["cuda", local], payload
+        assert payload["cpu runtime"] == "cpu"
+        assert payload["all ranks"] == [1, 0]  # different indices, gathered across the ranks
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="written for a machine without CUDA devices")
+def test_local_device_index_rules() -> None:
+    """LOCAL_RANK wins; without it the current device (0 with no device module); bad values
+    are DeviceErrors naming LOCAL_RANK."""
+    from dshal.backend import local_device_index
+    from dshal.errors import DeviceError
+
+    assert local_device_index("cuda", {"LOCAL_RANK": "3"}) == 3  # no CUDA here: nothing to check it against
+    assert local_device_index("cuda", {}) == 0
+    assert local_device_index("npu", {"LOCAL_RANK": "2"}) == 2  # torch_npu absent: no torch.npu module
+    for bad in ("x", "-1"):
+        with pytest.raises(DeviceError, match="LOCAL_RANK"):
+            local_device_index("cuda", {"LOCAL_RANK": bad})
+
+
+def test_comm_nccl_failure_logic() -> None:
+    """The device-process-group side of the failure policy, as logic (no NCCL here): a failed
+    device group is aborted, a gloo one destroyed; device groups get a longer timeout than
+    dshal's own host wait, so the CommError comes before torch's watchdog."""
+    from dshal import comm
+
+    assert comm.teardown_action("cuda") == "abort" and comm.teardown_action("npu") == "abort"
+    assert comm.teardown_action("cpu") == "destroy"
+    # checked mode waits on the host with the timeout (what catches a dead NCCL peer); a trusted
+    # (decode, graph-captured) collective on device tensors stays asynchronous; gloo always waits
+    assert comm.host_waits("cuda", checking=True) and not comm.host_waits("cuda", checking=False)
+    assert comm.host_waits("cpu", checking=False)
+    assert comm.process_group_timeout(10, "cpu").total_seconds() == 10
+    assert comm.process_group_timeout(10, "cuda").total_seconds() > 10 + 4
+
+
+def test_comm_agreement_records_logic() -> None:
+    """The agreement check on hand-made records: what it compares and how it names ranks."""
+    import torch
+
+    from dshal import comm
+
+    a = comm.agreement_record("all_reduce", torch.ones(4), "sum", 2)
+    b = comm.agreement_record("all_reduce", torch.ones(5), "sum", 2)
+    assert len(a) == len(comm.agreement_record("all_to_all", torch.ones(2, 2, 2, 2, 2, 2, 2, 2, 2, 2), "", 2, [1, 1], [1, 1]))
+    assert comm.disagreement("all_reduce", [a, a], [0, 1], "op") is None
+    why = comm.disagreement("all_reduce", [a, b], [4, 6], "op")
+    assert "rank 4" in why and "rank 6" in why and "[4]" in why and "[5]" in why
+    ins0 = comm.agreement_record("all_to_all", torch.ones(3, 2), "", 2, [1, 2], [1, 1])
+    ins1 = comm.agreement_record("all_to_all", torch.ones(2, 2), "", 2, [1, 1], [1, 1])
+    assert "rank 0 sends 2 rows to rank 1" in comm.disagreement("all_to_all", [ins0, ins1], [0, 1], "")
 
 
 def test_comm_dead_peer_raises_comm_error(tmp_path: Path) -> None:

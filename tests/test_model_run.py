@@ -32,7 +32,7 @@ def _code_tokens(path: Path) -> list[tokenize.TokenInfo]:
     return [t for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline) if t.type not in skip]
 
 
-@pytest.mark.parametrize("name", ["model.py", "cache.py", "generate.py", "loader.py", "precision.py", "args.py"])
+@pytest.mark.parametrize("name", ["model.py", "cache.py", "generate.py", "decode.py", "loader.py", "precision.py", "args.py"])
 def test_model_core_has_no_vendor_or_device_branches(name):
     tokens = _code_tokens(MODEL_DIR / name)
     hits = [
@@ -85,8 +85,25 @@ def test_model_dshal_run_tiny_default(tmp_path):
     report = json.loads(out.read_text())
     assert report["backend"] == "cpu" and report["prefill_tokens_per_s"] > 0 and report["decode_tokens_per_s"] > 0
     assert len(report["output_ids"]) == 32
+    # warm-up with the timed shapes, its compile/first-call time apart; no device graphs on cpu
+    assert report["warmup_s"] >= report["compile_autotune_s"] >= 0 and "compile/autotune" in proc.stdout
+    assert report["graphs"] == {"run": False, "why": "backend 'cpu' has no device graphs"}
+    assert report["decode_tokens_per_s_graphs"] is None and "decode with graphs: not run" in proc.stdout
     assert report["providers"]["attention"] == {"provider": "cpu", "kind": "native"}
     assert report["model_description"]["precision_groups"]["attention"] == "fp8-block e4m3fn"  # the default policy
+
+
+def test_model_dshal_run_graphs_on_reports_both_rates(tmp_path):
+    """``--graphs on`` times the static (graph-capturable) decode step too; without device
+    graphs it runs eagerly and says so; its tokens equal the eager run's."""
+    out = tmp_path / "run.json"
+    proc = _dshal("run", "--no-progress", "--graphs", "on", "--prompt-len", "8", "--new-tokens", "6", "--json", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["decode_tokens_per_s"] > 0 and report["decode_tokens_per_s_graphs"] > 0
+    graphs = report["graphs"]
+    assert graphs["run"] and not graphs["captured"] and graphs["tokens_match_eager"]
+    assert "ran eagerly" in graphs["why"] and "decode with graphs:" in proc.stdout
 
 
 def test_model_dshal_run_checkpoint_and_config(tmp_path):

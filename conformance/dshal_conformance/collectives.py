@@ -6,7 +6,13 @@ dshal_conformance.collectives``, like torchrun: RANK/WORLD_SIZE/MASTER_ADDR/MAST
 are integer-valued, so every rank can compute the exact expected result itself; a rank
 reports the first element that differs. The ``dead-peer`` case kills one rank while the
 others wait in an all_reduce: they must raise :class:`dshal.CommError` within the
-configured ``distributed.timeout_s`` (plus a grace period), not hang.
+configured ``distributed.timeout_s`` (plus a grace period), not hang. It runs in dshal's
+checked mode, where every collective is waited for on the host with that timeout, so the
+case means the same on nccl (asynchronous collectives) as on gloo.
+
+Each rank gets ``LOCAL_RANK`` as torchrun sets it and computes on that device. A device
+backend with fewer visible devices than a world size's ranks has that world size's cases
+skipped with the reason (ranks sharing one GPU is not what NCCL supports), not errored.
 """
 
 from __future__ import annotations
@@ -151,7 +157,7 @@ def _worker(rank: int, world: int, backend: str, emulate: bool, names: list[str]
 
         rt = dshal.use(backend=backend, emulate=emulate, fallback="error", distributed={"timeout_s": COMM_TIMEOUT_S})
         comm.init()
-        device = rt.backend.device(None if rt.backend.device_type == "cpu" else rank)
+        device = rt.device  # this rank's (LOCAL_RANK), bound when the runtime was built
         communicator = rt.backend.communicator(None)
     except Exception as err:  # noqa: BLE001
         for name in names:
@@ -198,6 +204,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def device_shortfall(device_type: str, visible: int, world: int) -> str | None:
+    """Why ``world`` ranks cannot each get a device of ``device_type`` when ``visible`` are
+    visible, or None when they can (host tensors: any number of ranks)."""
+    if device_type == "cpu" or visible >= world:
+        return None
+    return (
+        f"needs {world} {device_type} devices (one per rank), this machine shows {visible}; "
+        f"run it where at least {world} are visible"
+    )
+
+
+def visible_devices(backend: str, emulate: bool) -> tuple[str, int]:
+    """The device type ``backend`` computes on here and how many such devices are visible."""
+    from dshal.registry import REGISTRY
+
+    info = REGISTRY.get(backend, emulate=emulate)
+    device_type = info.backend.device_type if info.backend is not None else "cpu"
+    if device_type == "cpu":
+        return device_type, 0
+    module = getattr(torch, device_type, None)
+    return device_type, (module.device_count() if module is not None and module.is_available() else 0)
+
+
 def run_group(
     backend: str,
     emulate: bool,
@@ -205,8 +234,17 @@ def run_group(
     selected: Sequence[Case],
     timeout_s: float,
     on_done: Callable[[Case, Verdict], None],
+    devices: tuple[str, int] | None = None,
 ) -> None:
-    """Run ``selected`` (all of one world size) in ``world`` rank processes; report each case."""
+    """Run ``selected`` (all of one world size) in ``world`` rank processes; report each case.
+    ``devices``: (device type, visible count), default read from the backend here; with too
+    few devices every case is skipped with the reason."""
+    device_type, visible = devices if devices is not None else visible_devices(backend, emulate)
+    short = device_shortfall(device_type, visible, world)
+    if short is not None:
+        for case in selected:
+            on_done(case, Verdict("skip", None, None, None, short))
+        return
     names = [c.params.get("collective", DEAD_PEER) for c in selected]
     with tempfile.TemporaryDirectory(prefix="dshal-collectives-") as scratch:
         (Path(scratch) / "barrier").mkdir()
@@ -218,7 +256,7 @@ def run_group(
         procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "dshal_conformance.collectives", args],
-                env={**env, "RANK": str(r)},
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )

@@ -66,7 +66,7 @@ def _reference(op: str) -> Callable[..., Any]:
 class PeakFigures:
     """Dense (non-sparse) peak throughput and memory bandwidth of one part, with the source."""
 
-    match: str  #: substring of ``torch.cuda.get_device_properties().name``
+    match: str  #: the part, matched exactly against the device name (:func:`dshal.perf.roofline.same_part`)
     bf16_flops: float
     fp8_flops: float
     bandwidth: float  #: bytes/s
@@ -74,10 +74,12 @@ class PeakFigures:
 
 
 def lookup_peaks(device_name: str, table: tuple[PeakFigures, ...]) -> PeakFigures | None:
-    """The first row of ``table`` whose ``match`` occurs in ``device_name`` (order the table
-    from the most specific name to the least)."""
+    """The row of ``table`` whose part is exactly ``device_name``'s (vendor prefix, memory
+    size and type aside), or None: an unknown part gets no datasheet figures."""
+    from dshal.perf.roofline import same_part
+
     for row in table:
-        if row.match in device_name:
+        if same_part(device_name, row.match):
             return row
     return None
 
@@ -359,8 +361,8 @@ class TorchGpuBackend(Backend):
     def device_hardware(
         self, arch: str, formats: tuple[str, ...], native: str, peaks: tuple[PeakFigures, ...], notes: Mapping[str, str]
     ) -> GpuHardware:
-        """Device 0's name, memory and compute units from torch, with the plugin's FP8 facts."""
-        props = torch.cuda.get_device_properties(0)
+        """This rank's device's name, memory and compute units from torch, with the plugin's FP8 facts."""
+        props = torch.cuda.get_device_properties(self.device())
         return GpuHardware(
             device_name=props.name,
             arch=arch,
@@ -376,6 +378,13 @@ class TorchGpuBackend(Backend):
     def device_availability(self, runtime: str, visible_env: Sequence[str]) -> Availability:
         """Availability once the torch build is right: a device must be visible."""
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count:
+            from dshal.errors import DeviceError
+
+            try:  # this rank's device (LOCAL_RANK) before any query or probe touches one
+                self.bind_device()
+            except DeviceError as err:
+                return Availability(False, str(err))
         if count == 0:
             shown = ", ".join(f"{k}={os.environ[k]!r}" for k in visible_env if k in os.environ) or "none set"
             return Availability(

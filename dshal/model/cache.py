@@ -12,6 +12,13 @@ slots: the first ``G`` positions stay pinned and the rest is a ring of the last 
 every layer), and :meth:`LayerCache.update` writes them and returns the cached entries in
 position order followed by the new ones, which is what ``attention(..., window, global_tokens)``
 expects: its window counts keys from the end.
+
+Static decode steps (for graph capture, see :mod:`dshal.model.decode`):
+:meth:`KVCache.begin_at` takes the position as a device tensor, so one captured step serves
+every position. :meth:`LayerCache.update` then writes at that position and returns the
+*whole* buffer; the slots past the position are masked through :attr:`LayerCache.key_bias`
+(0 for written slots, -1e4 for the rest), added to the attention scores
+as one more key dimension against a query component of 1.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ class _StepPlan:
     ordered_slots: torch.Tensor | None = None  # slots of the cached entries, in position order
     keep: torch.Tensor | None = None  # which of the new tokens survive
     slots: torch.Tensor | None = None  # where the survivors go
+    #: Static decode step: the position as a device tensor [1] and the per-slot score bias [S].
+    position: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
 
 
 class KVCache:
@@ -113,6 +123,19 @@ class KVCache:
             self._plan = _StepPlan(start, end, self._slot(cached), keep, self._slot(pos[keep]))
         self.length = end
 
+    #: Score bias of a slot not yet written: exp(-1e4) is 0 in every float dtype.
+    MASKED_SCORE = -1.0e4
+
+    def begin_at(self, position: torch.Tensor) -> None:
+        """Plan a one-token step at ``position`` (an int64 device tensor ``[1]``) without
+        reading it on the host: no host sync, and a captured graph of the step replays at any
+        position. Needs a cache without a window (every position has its own slot)."""
+        if self.window is not None:
+            raise DshalError("KVCache.begin_at: static decode steps need a cache without an attention window")
+        slots = torch.arange(self.capacity, device=position.device)
+        bias = torch.where(slots <= position, 0.0, self.MASKED_SCORE).float()  # [S]
+        self._plan = _StepPlan(-1, -1, position=position, key_bias=bias)
+
     def _slot(self, pos: torch.Tensor) -> torch.Tensor:
         g, w = self.global_tokens, int(self.window or 1)
         return torch.where(pos < g, pos, g + (pos - g) % w)
@@ -138,13 +161,23 @@ class LayerCache:
     def mode(self) -> str:
         return self.cache.mode
 
+    @property
+    def key_bias(self) -> torch.Tensor | None:
+        """In a static decode step (:meth:`KVCache.begin_at`), the score bias ``[S]`` of the
+        buffer's slots (0: written, very negative: not yet); None otherwise."""
+        return self.cache._plan.key_bias
+
     def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store ``new`` (each ``[B, T, *entry]``) at the planned positions; return, per
-        buffer, the cached entries in position order followed by the new ones."""
+        buffer, the cached entries in position order followed by the new ones (in a static
+        decode step: the whole buffer, to be masked with :attr:`key_bias`)."""
         plan = self.cache._plan
         out = []
         for buf, t in zip(self.cache.buffers[self.index], new):
-            if plan.ordered_slots is None:  # slots are positions
+            if plan.position is not None:  # static step: one token at a device-side position
+                buf.index_copy_(1, plan.position, t)
+                out.append(buf)
+            elif plan.ordered_slots is None:  # slots are positions
                 buf[:, plan.start : plan.end] = t
                 out.append(buf[:, : plan.end])
             else:

@@ -209,7 +209,7 @@ class MLA(nn.Module):
             if x_q.shape[1] > 1 and self.expand_prefill:
                 out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
             else:
-                out = self._attend_absorbed(q_nope, q_pe, latent)
+                out = self._attend_absorbed(q_nope, q_pe, latent, cache.key_bias)
         return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, H, Tq, v] -> [B, Tq, H * v] -> [B, Tq, D]
 
     def _causal(self, q_len: int) -> bool:
@@ -232,11 +232,15 @@ class MLA(nn.Module):
         causal = self._causal(q.shape[2])
         return ops.attention(q, k, v, causal, self.softmax_scale, self.window, self.global_tokens)  # [B, H, T, v]
 
-    def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def _attend_absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, key_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         w_kv = self._kv_b_per_head(q_nope.dtype)  # [H, nope + v, r]
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
         q_latent = q_nope.transpose(1, 2) @ w_uk  # [B, H, T, nope] @ [H, nope, r] -> [B, H, T, r]
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, r + rope]
+        if key_bias is not None:  # static decode step: unwritten slots masked by one more dim
+            q, latent = _with_key_bias(q, latent, key_bias / self.softmax_scale)
         k = latent[:, None]  # [B, 1, S, r + rope]: one shared head
         v = latent[:, None, :, : self.rank]  # [B, 1, S, r]
         causal = self._causal(q.shape[2])
@@ -250,6 +254,15 @@ class MLA(nn.Module):
             dense = self.kv_b_proj.dequantized_weight(dtype)
             self._absorbed = (weight, dense.view(-1, self.nope + self.v_dim, self.rank))
         return self._absorbed[1]
+
+
+def _with_key_bias(q: torch.Tensor, latent: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [B, H, T, D]`` and ``latent [B, S, D]`` with one more dim (1 in q, ``bias [S]`` in the
+    keys), so ``q . k`` gains ``bias``: a key mask through the plain attention op."""
+    ones = q.new_ones(*q.shape[:-1], 1)
+    column = bias.clamp(min=torch.finfo(latent.dtype).min / 2).to(latent.dtype)  # finite in float16 too
+    column = column[None, :, None].expand(latent.shape[0], -1, 1)
+    return torch.cat((q, ones), dim=-1), torch.cat((latent, column), dim=-1)
 
 
 # ---------------------------------------------------------------- feed-forward

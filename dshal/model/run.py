@@ -3,6 +3,14 @@
 By default a tiny DeepSeek-V3-shaped model with random weights is built on the fly
 (:func:`dshal.model.args.tiny_args`: first layer dense, grouped MoE with a correction
 bias, q LoRA, YaRN); ``--checkpoint DIR`` loads a Hugging Face checkpoint instead.
+
+Timing: a warm-up generates with exactly the timed shapes (same batch, prompt length and
+number of new tokens), so Triton compilation and autotuning happen there; its extra time
+over the timed run is reported apart as ``compile_autotune_s``. Decode tokens/s counts the
+steps after the first decode step (the first runs the ops' input checks, and with graphs
+is the capture), with and without device graphs (``--graphs``): the graph run captures a
+static decode step with the backend's ``graph()`` hook (:mod:`dshal.model.decode`) and
+reports the capture time apart.
 """
 
 from __future__ import annotations
@@ -36,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
     parser.add_argument(
         "--mla-mode", choices=("absorb", "naive"), default=None, help="KV cache layout (default: absorb)"
+    )
+    parser.add_argument(
+        "--graphs",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also time decode steps captured as device graphs: auto = when the backend captures graphs "
+        "(CUDA/HIP), on = always (without device graphs the static step runs eagerly), off = never",
     )
     parser.add_argument("--json", metavar="F", help="also write the results as JSON to F")
     parser.add_argument("--report", metavar="F", help="write a run report to F: provider and calls per op, fallbacks "
@@ -79,16 +94,19 @@ def main(args: argparse.Namespace) -> int:
     vocab = model.args.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen).to(runtime.device)
-    model.generate(prompt[:, : min(4, args.prompt_len)], 2)  # warm-up: first-call costs out of the timings
+    sync = runtime.backend.synchronize
+    # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
+    warm_start = time.perf_counter()
+    model.generate(prompt, args.new_tokens)
+    sync()
+    warmup_s = time.perf_counter() - warm_start
 
     run_report = _run_report(runtime, model, args.report)
     with run_report.recording() if run_report else contextlib.nullcontext():
-        result, start, stamps = _timed_generate(
-            model, prompt, args.new_tokens, runtime.backend.synchronize, not args.no_progress
-        )
+        result, start, stamps = _timed_generate(model.generate, prompt, args.new_tokens, sync, not args.no_progress)
     prefill_s = stamps[0] - start  # the first new token comes out of the prefill
-    decode_s = stamps[-1] - stamps[0]
-    decode_tokens = args.batch * (args.new_tokens - 1)
+    timed_s = stamps[-1] - start
+    graphs = _graph_run(args, model, prompt, runtime, result)
     report: dict[str, Any] = {
         "backend": runtime.backend.name,
         "device": str(runtime.device),
@@ -99,7 +117,11 @@ def main(args: argparse.Namespace) -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "prefill_tokens_per_s": args.batch * args.prompt_len / prefill_s if prefill_s > 0 else None,
-        "decode_tokens_per_s": decode_tokens / decode_s if decode_tokens and decode_s > 0 else None,
+        "decode_tokens_per_s": _decode_rate(stamps, args.batch),
+        "warmup_s": round(warmup_s, 3),
+        # What the warm-up spent beyond a warm run: kernel compilation, autotuning, first-call setup.
+        "compile_autotune_s": round(max(warmup_s - timed_s, 0.0), 3),
+        **graphs,
         "providers": {op: {"provider": p, "kind": runtime.provider_kind(op)} for op, p in runtime.providers.items()},
         "model_description": model.describe(),
         "output_ids": result[0, args.prompt_len :].tolist(),
@@ -127,8 +149,51 @@ def _run_report(runtime: Any, model: Any, path: str | None) -> Any:
     return RunReport(runtime, model)
 
 
+def _decode_rate(stamps: list[float], batch: int) -> float | None:
+    """Decode tokens/s over the steps after the first decode step (``stamps[i]``: when new
+    token i was ready; token 0 comes from the prefill, token 1 from the first decode step),
+    or None with fewer than 3 new tokens."""
+    if len(stamps) < 3 or stamps[-1] <= stamps[1]:
+        return None
+    return batch * (len(stamps) - 2) / (stamps[-1] - stamps[1])
+
+
+def _graph_run(args: argparse.Namespace, model: Any, prompt: torch.Tensor, runtime: Any, eager_ids: torch.Tensor) -> dict[str, Any]:
+    """Decode through a captured static step (``--graphs``); the report's graph fields."""
+    from dshal.model.decode import generate_with_graphs, static_decode_unsupported
+
+    probe = lambda: None  # noqa: E731
+    captures = runtime.backend.graph(probe) is not probe
+    why = static_decode_unsupported(model)
+    if args.graphs == "off" or (args.graphs == "auto" and not captures):
+        reason = "--graphs off" if args.graphs == "off" else f"backend {runtime.backend.name!r} has no device graphs"
+        return {"graphs": {"run": False, "why": reason}, "decode_tokens_per_s_graphs": None}
+    if why:
+        return {"graphs": {"run": False, "why": why}, "decode_tokens_per_s_graphs": None}
+    decoders: list[Any] = []
+
+    def graph_generate(prompt: torch.Tensor, new_tokens: int, on_token: Any = None) -> torch.Tensor:
+        ids, decoder = generate_with_graphs(model, prompt, new_tokens, runtime.backend.graph, on_token)
+        decoders.append(decoder)
+        return ids
+
+    ids, _, stamps = _timed_generate(graph_generate, prompt, args.new_tokens, runtime.backend.synchronize, False)
+    decoder = decoders[-1]
+    return {
+        "graphs": {
+            "run": True,
+            "captured": bool(decoder and decoder.captured),
+            "capture_s": round(decoder.capture_s, 3) if decoder else None,
+            "why": (f"capture failed, the static step ran eagerly: {decoder.capture_error}" if decoder and decoder.capture_error
+                    else "" if captures else f"backend {runtime.backend.name!r} has no device graphs: the static step ran eagerly"),
+            "tokens_match_eager": bool(torch.equal(ids, eager_ids)),
+        },
+        "decode_tokens_per_s_graphs": _decode_rate(stamps, args.batch),
+    }
+
+
 def _timed_generate(
-    model: Any, prompt: torch.Tensor, new_tokens: int, sync: Any, show: bool
+    generate: Any, prompt: torch.Tensor, new_tokens: int, sync: Any, show: bool
 ) -> tuple[torch.Tensor, float, list[float]]:
     """Generate with a progress bar; returns (ids, start time, time at which each new token was ready)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -144,7 +209,7 @@ def _timed_generate(
             progress.advance(task)
 
         start = time.perf_counter()
-        out = model.generate(prompt, new_tokens, on_token=on_token)
+        out = generate(prompt, new_tokens, on_token=on_token)
     return out, start, stamps
 
 
@@ -186,6 +251,19 @@ def _print(report: dict[str, Any]) -> None:
     console.print(
         f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({batch} x {report['prompt_len']} tokens); "
         f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['new_tokens']} new tokens)"
+    )
+    graphs = report["graphs"]
+    if graphs["run"]:
+        with_graphs = report["decode_tokens_per_s_graphs"]
+        ratio = f" ({with_graphs / decode:.2f}x eager)" if with_graphs and decode else ""
+        how = f"captured in {graphs['capture_s']:.2f} s" if graphs["captured"] else graphs["why"]
+        console.print(f"decode with graphs: [bold]{fmt(with_graphs)}[/bold] tokens/s{ratio}; {how}; "
+                      f"tokens {'match' if graphs['tokens_match_eager'] else 'DIFFER from'} the eager run")
+    else:
+        console.print(f"decode with graphs: not run ({graphs['why']})")
+    console.print(
+        f"warm-up (same shapes): {report['warmup_s']:.2f} s, of which compile/autotune/first-call "
+        f"{report['compile_autotune_s']:.2f} s (outside the timings)"
     )
 
 

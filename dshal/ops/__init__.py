@@ -46,7 +46,9 @@ def trusted() -> Iterator[None]:
     For a caller that builds every op input itself and has already had the same calls
     checked once, as the model core does for its decode steps: the checks are Python and
     cost more than the math for the small tensors of one token. The providers' own value
-    checks (e.g. expert ids in range) still run. Nests; other threads are unaffected.
+    checks (e.g. expert ids in range) still run, device-side (no host sync: see
+    :func:`dshal.ops.spec.check_ids_in_range`), and :mod:`dshal.comm` skips its cross-rank
+    agreement check. Nests; other threads are unaffected.
     """
     previous = _dispatch.table
     _dispatch.table = _unchecked
@@ -54,6 +56,12 @@ def trusted() -> Iterator[None]:
         yield
     finally:
         _dispatch.table = previous
+
+
+def checking() -> bool:
+    """Whether this thread's calls check their inputs: False inside :func:`trusted`. The
+    collectives of :mod:`dshal.comm` read it too (their cross-rank agreement check)."""
+    return _dispatch.table is not _unchecked
 
 
 def _bootstrap(name: str, table: dict[str, Callable[..., Any]]) -> Callable[..., Any]:
@@ -89,5 +97,5 @@ for _spec in SPECS.values():
     globals()[_spec.name] = _dispatcher(_spec)
 del _spec
 
-__all__ = sorted(SPECS) + ["SPECS", "OpSpec", "Cost", "reference", "trusted"]
+__all__ = sorted(SPECS) + ["SPECS", "OpSpec", "Cost", "checking", "reference", "trusted"]
 from dshal.ops import reference  # noqa: E402  (needs SPECS above)

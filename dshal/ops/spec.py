@@ -224,10 +224,21 @@ def check_same_device(op: str, first: str, x: torch.Tensor, **others: torch.Tens
 
 def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: str, why: str) -> None:
     """Every value of ``ids`` must be in ``[0, size)``; ``what`` names one value ("expert
-    id"), ``why`` says where ``size`` comes from. A value check: it reads the tensor (a host
-    sync on an accelerator), so it runs with the math, not in an op's input checker. Meta
-    tensors hold no values: nothing to check."""
-    if ids.numel() and not ids.is_meta:
+    id"), ``why`` says where ``size`` comes from. A value check, run with the math, not in an
+    op's input checker. In checked mode it reads the values on the host (a host sync on an
+    accelerator) and raises ShapeError; inside :func:`dshal.ops.trusted` (decode steps, graph
+    capture) it is a device-side assertion (``torch._assert_async``): no host sync, and a
+    bad id still stops the program (a device assert on GPUs, a RuntimeError on the CPU).
+    Meta tensors hold no values: nothing to check."""
+    from dshal import ops
+
+    if ids.is_meta:
+        return
+    if ids.numel() and not ops.checking():
+        message = f"{op}: argument {arg!r} holds a {what} outside [0, {size}) ({why})"
+        torch._assert_async(((ids >= 0) & (ids < size)).all(), message)
+        return
+    if ids.numel():
         low, high = (int(v) for v in torch.aminmax(ids))
         if low < 0 or high >= size:
             raise ShapeError(

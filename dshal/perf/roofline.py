@@ -10,6 +10,7 @@ hardware's datasheet figure.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,26 @@ _MEASURABLE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 _PEAK_REPEATS = Repeats(warmup=3, min_runs=5, max_runs=30, budget_s=0.4)
 #: Keys with no torch matmul to measure them: the figure of the first available key stands in.
 _STAND_INS = {"fp8": ("bf16", "fp32"), "int8": ("bf16", "fp32"), "fp64": ("fp32",)}
+
+
+#: Words a reported device name adds around the part's own name without making it another
+#: part: vendor and family prefixes, memory size and type, the SXM form factor, and ``VF``
+#: (an SR-IOV virtual function of the same GPU). ``PCIe``, ``NVL`` or a ``G`` prefix do change
+#: the part (a GH200 is not an H200), so they are never dropped.
+_NAME_NOISE = re.compile(r"^(nvidia|amd|instinct|tesla|\d+gb|hbm\d*e?|sxm\d*|vf)$", re.IGNORECASE)
+
+
+def part_words(device_name: str) -> tuple[str, ...]:
+    """The words that name the part in ``device_name`` (``"NVIDIA H100 80GB HBM3"`` -> ``("H100",)``)."""
+    words = re.split(r"[\s_-]+", device_name.strip())
+    return tuple(w.upper() for w in words if w and not _NAME_NOISE.match(w))
+
+
+def same_part(device_name: str, part: str) -> bool:
+    """Whether ``device_name`` (as torch reports it) is exactly ``part`` (a peaks-table name
+    such as ``"H200"`` or ``"H100 PCIe"``): the part's words, no more and no fewer. Substring
+    matching would give a GH200 the H200's figures, or an H100 PCIe the SXM's."""
+    return part_words(device_name) == part_words(part)
 
 
 def dtype_key(dtype: torch.dtype) -> str:
@@ -159,5 +180,7 @@ __all__ = [
     "measure_copy_bandwidth",
     "measure_matmul_flops",
     "place",
+    "part_words",
     "resolve_peaks",
+    "same_part",
 ]

@@ -75,7 +75,7 @@ class AmdBackend(TorchGpuBackend):
     def arch(self) -> str:
         if self.emulate:
             return EMULATED_ARCH
-        return self._memo("arch", lambda: arch_from_gcn(torch.cuda.get_device_properties(0).gcnArchName))
+        return self._memo("arch", lambda: arch_from_gcn(torch.cuda.get_device_properties(self.device()).gcnArchName))
 
     def read_hardware(self) -> GpuHardware:
         arch = self.arch()

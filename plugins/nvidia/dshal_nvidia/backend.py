@@ -84,7 +84,7 @@ class NvidiaBackend(TorchGpuBackend):
     def _capability(self) -> tuple[int, int]:
         if self.emulate:
             return EMULATED_CAPABILITY
-        return self._memo("capability", lambda: tuple(torch.cuda.get_device_capability(0)))
+        return self._memo("capability", lambda: tuple(torch.cuda.get_device_capability(self.device())))
 
     def read_hardware(self) -> GpuHardware:
         cap = self._capability()
@@ -115,7 +115,7 @@ class NvidiaBackend(TorchGpuBackend):
         if self.emulate:
             usable, why = False, "torch blockwise scaled_mm needs CUDA SM90 + cuBLASLt >= 12.9; emulated on CPU"
         else:
-            usable, why = probe_torch_blockwise(torch.device("cuda", 0))
+            usable, why = probe_torch_blockwise(self.device())  # this rank's device (LOCAL_RANK)
         return GemmPlan(
             block_path="torch-blockwise" if usable else triton,
             scaled_mm_dtypes=_E4M3_E5M2,

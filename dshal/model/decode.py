@@ -1,0 +1,146 @@
+"""Decode steps captured as device graphs (CUDA/HIP graphs through the backend's ``graph()`` hook).
+
+One decode step of a small batch launches hundreds of small kernels; on a GPU the host
+spends longer issuing them than the device computing them. A captured graph replays all
+of them with one launch. Capture needs a step whose every shape and address is fixed:
+
+- the token and the position live in static device buffers (``[B, 1]`` and ``[1]``),
+  written before each replay; the position is never read on the host;
+- RoPE angles are gathered with the position tensor, the KV cache is written at it
+  (``index_copy_``) and attention covers the whole cache buffer, its slots past the
+  position masked by a score bias (:meth:`dshal.model.cache.KVCache.begin_at`);
+- every op runs inside :func:`dshal.ops.trusted`: no Python input checks, id range checks
+  on the device, and collectives without a host wait: nothing reads the device on the host.
+
+:func:`generate_with_graphs` is greedy generation with such steps, and
+:class:`StaticDecoder` is the step itself. The first step runs once eagerly with the ops'
+input checks on (outside the graph, as the model core's first decode step does) before it
+is captured. On a backend without device graphs (``graph(fn)`` returns ``fn``) the same
+static step runs eagerly: it is what a graph would replay, which is how the CPU tests
+check it. It uses the "absorb" KV cache layout whatever ``mla_mode`` says, and needs a
+model without an attention window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dshal import ops
+from dshal.errors import DshalError
+from dshal.model.cache import KVCache
+from dshal.model.generate import check_input_ids, check_token_ids
+
+
+def static_decode_step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per sequence at ``position`` (int64 device tensor ``[1]``) -> logits ``[B, V]``.
+
+    The same layers as ``model(token, pos, cache)``, with every shape fixed and no value
+    read on the host, so the step can be captured once and replayed at any position.
+    """
+    check_token_ids("static_decode_step", token, model.args.vocab_size)  # device-side inside ops.trusted()
+    cos = model.rope_cos.index_select(0, position)  # [1, rope / 2]
+    sin = model.rope_sin.index_select(0, position)
+    cache.begin_at(position)
+    h, residual = model.embed(token), None  # [B, 1, D]
+    for layer, layer_cache in zip(model.layers, cache.layers):
+        h, residual = layer(h, residual, cos, sin, layer_cache)
+    h, _ = model.norm(h, residual)
+    return model.lm_head(h)[:, -1]  # [B, V]
+
+
+def static_decode_unsupported(model: nn.Module) -> str | None:
+    """Why ``model``'s decode steps cannot be made static (then they run as usual), or None."""
+    if model.args.attention_window is not None:
+        return "an attention window is set; static decode steps need one cache slot per position"
+    return None
+
+
+class StaticDecoder:
+    """Decode steps of ``model`` on ``cache`` through static buffers, captured with
+    ``graph`` (a backend's :meth:`~dshal.Backend.graph` hook) on the first call.
+
+    ``decoder(token [B], pos)`` returns logits ``[B, V]``: the graph's static output,
+    overwritten by the next call (read it before).
+    """
+
+    def __init__(self, model: nn.Module, cache: KVCache, graph: Callable[[Callable[..., Any]], Callable[..., Any]]):
+        why = static_decode_unsupported(model)
+        if why:
+            raise DshalError(f"StaticDecoder: {why}")
+        device = model.rope_cos.device
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self._graph = graph
+        self._replay: Callable[..., Any] | None = None
+        #: Seconds the first call took (checked eager step + warm-up + capture).
+        self.capture_s = 0.0
+        #: Whether the step runs as a captured graph (the backend captures, and capture worked).
+        self.captured = False
+        #: Why capture failed (the step then runs eagerly), or "".
+        self.capture_error = ""
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        with ops.trusted():
+            return static_decode_step(self.model, token, position, self.cache)
+
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        self.token.copy_(token.reshape(-1, 1))
+        self.position.fill_(pos)  # a host-to-device write, no sync
+        if self._replay is None:
+            start = time.perf_counter()
+            # First step checked (Python input checks and host-side id checks), outside any graph.
+            logits = static_decode_step(self.model, self.token, self.position, self.cache)
+            replay = self._graph(self._step)
+            try:
+                logits = replay(self.token, self.position)  # captures, then replays this step
+                self.captured = replay != self._step  # bound methods: equal, not identical
+            except RuntimeError as err:  # an op that reads the device on the host cannot be captured
+                replay, self.captured = self._step, False
+                self.capture_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            self._replay = replay
+            self.capture_s = time.perf_counter() - start
+            return logits
+        return self._replay(self.token, self.position)
+
+
+@torch.inference_mode()
+def generate_with_graphs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    graph: Callable[[Callable[..., Any]], Callable[..., Any]],
+    on_token: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, StaticDecoder | None]:
+    """Greedy generation (as ``model.generate(input_ids, max_new_tokens)``) whose decode
+    steps go through a :class:`StaticDecoder` captured with ``graph``. Returns the ids
+    ``[B, T + new]`` and the decoder (None when ``max_new_tokens`` < 2: no decode step)."""
+    check_input_ids("generate_with_graphs", input_ids, model.rope_cos.device)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise DshalError(f"generate_with_graphs: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
+    bsz, prompt_len = input_ids.shape
+    out = torch.empty(bsz, prompt_len + max_new_tokens, dtype=torch.int64, device=input_ids.device)
+    out[:, :prompt_len] = input_ids
+    if max_new_tokens == 0:
+        return out, None
+    cache = model.new_cache(bsz, prompt_len + max_new_tokens, "absorb")
+    decoder = StaticDecoder(model, cache, graph) if max_new_tokens > 1 else None
+    logits = model(input_ids, 0, cache, last_only=True)[:, -1]
+    for i in range(max_new_tokens):
+        pos = prompt_len + i
+        token = logits.argmax(dim=-1)  # [B]
+        out[:, pos] = token
+        if on_token is not None:
+            on_token(i)
+        if i + 1 == max_new_tokens:
+            break
+        logits = decoder(token, pos)  # type: ignore[misc]
+    return out, decoder
+
+
+__all__ = ["StaticDecoder", "generate_with_graphs", "static_decode_step", "static_decode_unsupported"]

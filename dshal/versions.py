@@ -1,0 +1,64 @@
+"""The torch and Triton releases dshal supports, and a check of the running stack.
+
+``SUPPORTED`` is inclusive by minor release. Its lower ends are the stack of the prepared
+GPU machine (torch 2.11 with CUDA 13, Triton 3.6; see ``benchmarks/gpu_check.py``); its upper
+ends the stack CI runs (``constraints.txt``). pyproject's requirements are looser floors
+(``torch>=2.4``, ``triton>=3.0``): a release outside ``SUPPORTED`` may work, but it is not
+what dshal was checked on, and :func:`stack_report` says so.
+
+What dshal needs from each, and where it copes with either end:
+- torch: ``dist.all_gather_single`` / ``reduce_scatter_single`` (renamed in 2.10; the old
+  names are the fallback), ``torch.nn.functional.scaled_mm`` with ``ScalingType`` (probed,
+  with ``torch._scaled_mm`` and the Triton kernel behind it), ``torch.get_device_module``,
+  ``torch.distributed.distributed_c10d._abort_process_group`` (looked up, destroy otherwise);
+- Triton: ``triton.compile(ASTSource(...), target=GPUTarget(...))`` for ``dshal kernels``, and
+  the interpreter (``TRITON_INTERPRET=1``) for emulated plugins.
+
+Checked on 2026-12-05 (no GPU): with Triton 3.6.0 (and torch 2.13 CPU) the block-FP8 GEMM
+kernel compiles for ``GPUTarget("cuda", 90, 32)`` with ``wgmma`` and for gfx942 with MFMA,
+as with 3.9. Triton 3.6's *interpreter* fails in that kernel's ``range(0, tl.cdiv(K, BLOCK_K))``
+(``TypeError: only 0-dimensional arrays can be converted to Python scalars``), so emulated
+mode (CPU, CI) wants the Triton CI runs (3.9); the GPU machine compiles the kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+#: package -> (oldest, newest) supported release, inclusive by minor version.
+SUPPORTED: dict[str, tuple[str, str]] = {"torch": ("2.11", "2.13"), "triton": ("3.6", "3.9")}
+
+
+def minor(version: str) -> tuple[int, int]:
+    """``"2.11.0+cu130"`` -> ``(2, 11)``."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def in_range(package: str, version: str) -> bool:
+    """Whether ``version`` of ``package`` lies in :data:`SUPPORTED` (by minor release)."""
+    low, high = SUPPORTED[package]
+    return minor(low) <= minor(version) <= minor(high)
+
+
+def stack_report() -> dict[str, dict[str, object]]:
+    """For each supported package: the installed version (None when absent), the range, and
+    whether it is in range."""
+    out: dict[str, dict[str, object]] = {}
+    for package, (low, high) in SUPPORTED.items():
+        try:
+            version: str | None = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        out[package] = {
+            "installed": version,
+            "supported": f"{low} - {high}",
+            "in_range": None if version is None else in_range(package, version),
+        }
+    return out
+
+
+__all__ = ["SUPPORTED", "in_range", "minor", "stack_report"]
