@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dshal import ops
-from dshal.errors import DshalError
+from dshal.errors import CheckpointError
 from dshal.model.args import ModelArgs
 from dshal.model.precision import apply_precision, checkpoint_name
 from dshal.ops.spec import FP8_DTYPES
@@ -45,10 +45,6 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(DshalError, ValueError):
-    """A checkpoint is incomplete, has extra tensors, or a tensor has the wrong shape or dtype."""
 
 
 # ---------------------------------------------------------------- readers
