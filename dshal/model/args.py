@@ -332,7 +332,7 @@ def checkpoint_config_path(path: Any) -> Path:
     try:
         is_dir = path.stat().st_mode & 0o170000 == 0o040000
     except OSError as err:
-        raise ConfigError(f"cannot open checkpoint: {_os_problem(path, err)}", file=str(path)) from None
+        raise ConfigError(f"cannot read model config: {_os_problem(path, err)}", file=str(path)) from None
     if is_dir:
         return path / "config.json"
     if path.suffix == ".json":
