@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from dshal.errors import DshalError
+from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
 
 
@@ -45,15 +45,15 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     check_dim(op, "v", v, 2, k.shape[2], "Tk, the length of 'k'")
     hk = k.shape[1]
     if hk == 0 or hq % hk:
-        raise DshalError(f"{op}: argument 'k' has {hk} heads, expected a divisor of the {hq} heads of 'q' (GQA)")
+        raise ShapeError(f"{op}: argument 'k' has {hk} heads, expected a divisor of the {hq} heads of 'q' (GQA)")
     if not isinstance(causal, bool):
-        raise DshalError(f"{op}: argument 'causal' is {causal!r}, expected True or False")
+        raise ArgumentError(f"{op}: argument 'causal' is {causal!r}, expected True or False")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0):
-        raise DshalError(f"{op}: argument 'scale' is {scale!r}, expected None or a positive float")
+        raise ArgumentError(f"{op}: argument 'scale' is {scale!r}, expected None or a positive float")
     if window is not None and (not _is_int(window) or window < 1):
-        raise DshalError(f"{op}: argument 'window' is {window!r}, expected None or an int >= 1")
+        raise ArgumentError(f"{op}: argument 'window' is {window!r}, expected None or an int >= 1")
     if not _is_int(global_tokens) or global_tokens < 0:
-        raise DshalError(f"{op}: argument 'global_tokens' is {global_tokens!r}, expected an int >= 0")
+        raise ArgumentError(f"{op}: argument 'global_tokens' is {global_tokens!r}, expected an int >= 0")
     check_same_device(op, "q", q, k=k, v=v)
 
 
