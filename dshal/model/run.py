@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +54,10 @@ def main(args: argparse.Namespace) -> int:
     _positive("--prompt-len", args.prompt_len)
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
+    if args.json:
+        from dshal.outputs import check_writable
+
+        check_writable(args.json, "--json")  # before the run, not after it
     from dshal.parallel import run as parallel_run
 
     parallel = parallel_run.wanted(args)
@@ -104,7 +107,9 @@ def main(args: argparse.Namespace) -> int:
     if groups is None or parallel_run.is_reporting_rank():
         _print(report)
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+            from dshal.outputs import atomic_write
+
+            atomic_write(args.json, json.dumps(report, indent=2, default=str))
     if groups is not None:
         parallel_run.finish()
     return 0
