@@ -34,6 +34,8 @@ environment:
   DSHAL_EMULATE   1 = run GPU plugins' own code paths on CPU tensors
   DSHAL_CPU_KERNELS  0 = no C kernels for the cpu backend (torch serves their ops)
   DSHAL_CACHE_DIR    where built C kernels are kept (default ~/.cache/dshal)
+  DSHAL_CHECK_FINITE 0 = skip the load-time NaN/Inf scan of checkpoint weights
+  DSHAL_PLUGIN_TIMEOUT_S  seconds a plugin's availability()/capabilities() may take (default 60)
 
 Run `dshal COMMAND --help` for a command's options.
 """
