@@ -159,7 +159,15 @@ class Registry:
         with _WATCH.active():
             return self._discover_watched(allow, emulate, only, known, failures, on_failure)
 
-    def _discover_watched(self, allow, emulate, only, known, failures, on_failure) -> dict[str, BackendInfo]:  # noqa: ANN001
+    def _discover_watched(
+        self,
+        allow: frozenset[str] | None,
+        emulate: bool,
+        only: str | None,
+        known: dict[str, BackendInfo],
+        failures: dict[str, tuple[importlib.metadata.EntryPoint, BaseException]],
+        on_failure: Callable[..., None],
+    ) -> dict[str, BackendInfo]:
         timeout = plugin_timeout()
         entry_points, clashes = _entry_points()
         if only is not None:

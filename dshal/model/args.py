@@ -248,7 +248,13 @@ class ModelArgs:
             cfg = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"invalid JSON: {err.msg}", file=str(config_path), line=err.lineno) from None
-        return cls._from_checked(validate_hf_config(cfg, str(config_path), text), **overrides)
+        try:
+            return cls._from_checked(validate_hf_config(cfg, str(config_path), text), **overrides)
+        except ConfigError as err:
+            if err.file is not None:
+                raise
+            # A cross-key check of ModelArgs.validate (e.g. n_group must divide n_routed_experts).
+            raise ConfigError(str(err).removeprefix("config.json: "), file=str(config_path)) from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers' ``DeepseekV3Config`` and :meth:`from_hf_config` read back."""
