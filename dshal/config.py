@@ -204,7 +204,7 @@ def read_text_file(path: Any, what: str) -> tuple[Path, str]:
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"cannot read {what}: {_os_problem(path, err)}", file=str(path)) from None
+        raise ConfigError(f"cannot read {what}: {os_error_reason(path, err)}", file=str(path)) from None
     try:
         return path, raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -218,7 +218,7 @@ def read_text_file(path: Any, what: str) -> tuple[Path, str]:
         ) from None
 
 
-def _os_problem(path: Path, err: OSError) -> str:
+def os_error_reason(path: Path, err: OSError) -> str:
     """One clear sentence for why ``path`` could not be opened."""
     if err.errno == errno.ELOOP:
         return "symlink loop (the link points back to itself through other links)"
@@ -451,6 +451,7 @@ __all__ = [
     "load_config",
     "read_yaml",
     "read_text_file",
+    "os_error_reason",
     "env_flag",
     "GEMM_MODES",
     "FP8_FORMATS",

@@ -251,6 +251,10 @@ class _SigintWatch:
             yield self
             return
 
+        if previous is signal.SIG_IGN:  # Ctrl-C is ignored in this process: keep it so
+            yield self
+            return
+
         def on_sigint(signum: int, frame: Any) -> None:
             self.real = True
             if callable(previous):

@@ -330,7 +330,7 @@ def checkpoint_config_path(path: Any) -> Path:
     """``path/config.json`` for a checkpoint folder, ``path`` for a ``.json`` file; a
     ConfigError that says what is wrong otherwise (a file that is no config, a symlink
     loop, a missing folder, no permission)."""
-    from dshal.config import _os_problem
+    from dshal.config import os_error_reason
 
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         raise ConfigError(f"checkpoint: got {path!r} ({type(path).__name__}), expected a folder path")
@@ -338,7 +338,7 @@ def checkpoint_config_path(path: Any) -> Path:
     try:
         is_dir = path.stat().st_mode & 0o170000 == 0o040000
     except OSError as err:
-        raise ConfigError(f"cannot read model config: {_os_problem(path, err)}", file=str(path)) from None
+        raise ConfigError(f"cannot read model config: {os_error_reason(path, err)}", file=str(path)) from None
     if is_dir:
         return path / "config.json"
     if path.suffix == ".json":
