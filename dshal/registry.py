@@ -458,10 +458,12 @@ def select(
     if backend != "auto":
         chosen, info = require_named(registry, backend, emulate, origin or "backend")
         return chosen, [Decision(backend, True, f"named in config ({info.reason})")]
-    infos = registry.infos(emulate=emulate)
     trace: list[Decision] = []
-    for name in prefer:
-        info = infos.get(name)
+    for name in prefer:  # loads candidates one by one: none after the first usable is probed
+        try:
+            info = registry.get(name, emulate=emulate)
+        except PluginLoadError:  # not installed, or excluded by DSHAL_PLUGINS
+            info = None
         if info is None:
             trace.append(Decision(name, False, "not installed" + _allow_hint(name)))
         elif not info.loaded:

@@ -138,6 +138,13 @@ def test_hung_availability_is_bounded_and_not_probed_for_a_named_backend(install
     assert sys.modules[module].CALLS["availability"] == 1
 
 
+def test_auto_selection_probes_only_its_candidates_up_to_the_first_usable(install_plugin, monkeypatch):
+    module = install_plugin("sleeps_in_availability", {"sleepy": "SleepyBackend"})
+    rt = dshal.use(backend="auto", prefer=["cpu", "sleepy"])
+    assert rt.backend.name == "cpu" and [d.name for d in rt.selection] == ["cpu"]
+    assert sys.modules.get(module) is None  # neither imported nor asked for availability()
+
+
 @pytest.mark.parametrize(
     ("template", "reason"),
     [("exits_on_import", "SystemExit: 3"), ("interrupts_on_import", "KeyboardInterrupt: vendor init gave up")],
