@@ -8,7 +8,6 @@ Precedence, lowest first: built-in defaults < the file or dict < environment
 from __future__ import annotations
 
 import errno
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace

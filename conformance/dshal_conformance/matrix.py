@@ -20,7 +20,6 @@ import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 KIND_LABEL = {"hardware": "HW", "emulated": "EMU", "not-run": "NOT RUN"}

@@ -86,8 +86,6 @@ def test_a_failed_write_keeps_the_old_report_whole(tmp_path, monkeypatch):
 # ----------------------------------------------------------------- dshal matrix
 @pytest.fixture(scope="module")
 def small_report(tmp_path_factory) -> dict:
-    from dshal_conformance import runner
-
     out = tmp_path_factory.mktemp("small")
     assert cli.main(["conformance", "--backend", "cpu", "--ops", "rms_norm", "--report-dir", str(out), "--quiet"]) == 0
     return json.loads((out / "cpu.json").read_text())
