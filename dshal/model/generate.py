@@ -52,6 +52,11 @@ def check_generate_args(
         raise ArgumentError(f"generate: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
     args = getattr(model, "args", None)
     limit = getattr(args, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[1] > limit:
+        raise ShapeError(
+            f"generate: argument 'input_ids' has {input_ids.shape[1]} tokens, expected at most "
+            f"max_position_embeddings ({limit})"
+        )
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
         raise ArgumentError(
             f"generate: argument 'max_new_tokens' is {max_new_tokens}, expected at most {limit - input_ids.shape[1]}: "

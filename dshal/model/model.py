@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dshal import ops
-from dshal.errors import DTypeError, ShapeError
+from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs, yarn_mscale
 from dshal.model.cache import KVCache, LayerCache
 from dshal.model.generate import check_input_ids, check_token_ids, generate
@@ -388,6 +388,8 @@ class Transformer(nn.Module):
         self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
         check_input_ids("Transformer", input_ids, self.rope_cos.device)
+        if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
+            raise ArgumentError(f"Transformer: argument 'start_pos' is {start_pos!r}, expected an int >= 0")
         seqlen = input_ids.shape[1]
         decode = cache is not None and seqlen == 1
         # Every decode step repeats the op calls of this model's first one on the cache with
@@ -440,6 +442,10 @@ class Transformer(nn.Module):
         (``mode``: "absorb" or "naive"; default ``args.mla_mode``)."""
         mode = mode or self.args.mla_mode
         a = self.args
+        for arg, value, high in (("batch", batch, None), ("max_len", max_len, self.rope_cos.shape[0])):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (high is not None and value > high):
+                bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else ">= 1"
+                raise ArgumentError(f"new_cache: argument {arg!r} is {value!r}, expected an int {bound}")
         if mode == "absorb":
             entries = [(a.kv_lora_rank + a.qk_rope_head_dim,)]
         elif mode == "naive":
