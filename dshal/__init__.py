@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 # keeps ``dshal.backends`` the function after discovery imports dshal.backends.reference.
 import dshal.backends  # noqa: F401  (empty package; imports nothing else)
 from dshal.errors import (
+    ArgumentError,
     BackendUnavailableError,
+    CheckpointError,
     CommError,
     ConfigError,
     DeviceError,
@@ -77,6 +79,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_VERSION",
+    "ArgumentError",
+    "CheckpointError",
     "Availability",
     "Backend",
     "BackendInfo",

@@ -36,6 +36,8 @@ environment:
   DSHAL_EMULATE   1 = run GPU plugins' own code paths on CPU tensors
   DSHAL_CPU_KERNELS  0 = no C kernels for the cpu backend (torch serves their ops)
   DSHAL_CACHE_DIR    where built C kernels are kept (default ~/.cache/dshal)
+  DSHAL_CHECK_FINITE 0 = skip the load-time NaN/Inf scan of checkpoint weights
+  DSHAL_PLUGIN_TIMEOUT_S  seconds a plugin's availability()/capabilities() may take (default 60)
 
 Run `dshal COMMAND --help` for a command's options.
 """
@@ -68,6 +70,14 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while a command's modules were still importing
+        print("dshal: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)

@@ -7,7 +7,7 @@ Precedence, lowest first: built-in defaults < the file or dict < environment
 
 from __future__ import annotations
 
-import math
+import errno
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -25,6 +25,16 @@ FALLBACK_MODES = ("warn", "error")
 #: default: each op's usual provider; strict: the backend's batch-invariant providers where
 #: it has them (``Backend.batch_invariant_ops``), and a warning naming the ops it has none for.
 DETERMINISM_MODES = ("default", "strict")
+#: Longest ``distributed.timeout_s``: a week. Larger values overflow the timedelta that
+#: torch.distributed takes, and no collective should wait that long.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+#: What a YAML file may make the loader build: nesting depth, and nodes after alias
+#: expansion. An alias bomb or a deep nest fails fast with file:line instead of hanging
+#: or overflowing the stack; real configs and shape files are far below both.
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
+#: Spellings accepted for on/off environment variables.
+_ENV_TRUE, _ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,13 @@ class Config:
     determinism: str = "default"
     #: Where the settings came from (file path, "<dict>", env...), for messages.
     source: str = "<defaults>"
+    #: key ("backend", "ops.attention"...) -> where its value was set ("dshal.yaml:3",
+    #: "environment variable DSHAL_BACKEND"...), so errors found later can say so.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def origin(self, key: str) -> str:
+        """Where ``key``'s value came from, for messages ("the built-in default" if unset)."""
+        return self.origins.get(key, "the built-in default")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +115,11 @@ class _Doc:
     def __init__(self, data: Any, lines: dict[tuple[str, ...], int], file: str | None):
         self.data, self.lines, self.file = data, lines, file
 
+    def where(self, path: tuple[str, ...]) -> str:
+        """``file:line`` of ``path`` (or just the source name) for messages raised later."""
+        line = self.lines.get(path)
+        return f"{self.file}:{line}" if self.file and line else (self.file or "<unknown>")
+
     def error(self, path: tuple[str, ...], message: str) -> ConfigError:
         line = None
         for n in range(len(path), -1, -1):  # nearest enclosing key with a known line
@@ -108,19 +130,66 @@ class _Doc:
         return ConfigError(f"{key}: {message}" if key else message, file=self.file, line=line, key=key)
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a bound on nesting depth (the composer recurses per level)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nesting deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(node: yaml.Node, file: str, sizes: dict[int, int]) -> int:
+    """Nodes in ``node`` with every alias expanded, computed once per shared node; raises
+    at the smallest node that crosses :data:`MAX_YAML_NODES` (an alias bomb)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, file, sizes) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, file, sizes) + _expanded_size(v, file, sizes) for k, v in node.value)
+    if size > MAX_YAML_NODES:
+        raise ConfigError(
+            f"invalid YAML: this value expands to {size} nodes through aliases, more than {MAX_YAML_NODES} "
+            "(an alias bomb?); write the values out or use fewer nested aliases",
+            file=file,
+            line=node.start_mark.line + 1,
+        )
+    sizes[id(node)] = size
+    return size
+
+
 def _compose(text: str, file: str) -> _Doc:
+    """Parse ``text`` into a :class:`_Doc`; every failure is a ConfigError with file:line."""
+    loader = _BoundedLoader(text)
     try:
         # Constructing can fail too (e.g. an unhashable key), so it stays inside the try.
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded_size(node, file, {})
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(err, "problem", None) or str(err)
         context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
         if context:  # e.g. "while parsing a flow sequence" that started on an earlier line
             problem += f" ({context}" + (f" started on line {context_mark.line + 1})" if context_mark else ")")
         raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
+    except RecursionError:  # a bound above should catch it first; never let it escape raw
+        raise ConfigError(f"invalid YAML: nesting too deep (more than {MAX_YAML_DEPTH} levels)", file=file) from None
+    finally:
+        loader.dispose()
     lines: dict[tuple[str, ...], int] = {}
     if node is None:
         return _Doc({}, lines, file)
@@ -128,6 +197,47 @@ def _compose(text: str, file: str) -> _Doc:
     doc = _Doc(data, lines, file)
     _record_lines(doc, node, ())
     return doc
+
+
+def read_text_file(path: Any, what: str) -> tuple[Path, str]:
+    """``(path, its UTF-8 text)``; each way a file can fail to read gets its own ConfigError
+    naming ``what`` and the file (missing, a folder, no permission, a symlink loop or a
+    dangling link, bytes that are not UTF-8)."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise ConfigError(f"{what}: got {path!r} ({type(path).__name__}), expected a file path (str or os.PathLike)")
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read {what}: {os_error_reason(path, err)}", file=str(path)) from None
+    try:
+        return path, raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(
+            f"{what} is not UTF-8 text: byte 0x{raw[err.start]:02x} at line {line}, column {column} "
+            "(save the file as UTF-8)",
+            file=str(path),
+            line=line,
+        ) from None
+
+
+def os_error_reason(path: Path, err: OSError) -> str:
+    """One clear sentence for why ``path`` could not be opened."""
+    if err.errno == errno.ELOOP:
+        return "symlink loop (the link points back to itself through other links)"
+    if isinstance(err, IsADirectoryError):
+        return "it is a directory, expected a file"
+    if isinstance(err, NotADirectoryError):
+        return "a parent of this path is a file, not a directory"
+    if isinstance(err, PermissionError):
+        return "permission denied (the file exists but this user may not read it)"
+    if isinstance(err, FileNotFoundError):
+        if path.is_symlink():
+            return f"it is a symlink to {os.readlink(path)!r}, which does not exist"
+        return "no such file"
+    return err.strerror or str(err)
 
 
 def _record_lines(doc: _Doc, node: yaml.Node, path: tuple[str, ...]) -> None:
@@ -186,9 +296,9 @@ def _bool(doc: _Doc, path: tuple[str, ...], v: Any) -> bool:
     return v
 
 
-def _positive_number(doc: _Doc, path: tuple[str, ...], v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-        raise doc.error(path, f"got {v!r}, expected a positive finite number of seconds")
+def _timeout_seconds(doc: _Doc, path: tuple[str, ...], v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= MAX_TIMEOUT_S):
+        raise doc.error(path, f"got {v!r}, expected a positive finite number of seconds, at most {MAX_TIMEOUT_S:g} (7 days)")
     return float(v)
 
 
@@ -227,7 +337,7 @@ _SECTIONS: dict[str, dict[str, _Check]] = {
         "fp8_format": _choice(*FP8_FORMATS),
         "keep_high_precision": _str_list,
     },
-    "distributed": {"timeout_s": _positive_number},
+    "distributed": {"timeout_s": _timeout_seconds},
     "attention": {"window": _optional_positive_int, "global_tokens": _non_negative_int},
 }
 _TOP: dict[str, _Check] = {
@@ -249,10 +359,16 @@ def _apply(base: Config, doc: _Doc) -> Config:
         raise doc.error((), f"the config must be a mapping of keys, got {type(data).__name__}")
     allowed = sorted([*_TOP, *_SECTIONS])
     changes: dict[str, Any] = {}
+    origins = dict(base.origins)
     for key, value in data.items():
         path = (str(key),)
+        if not isinstance(key, str):
+            raise doc.error(path, f"key {key!r} is a {type(key).__name__}, expected one of: {', '.join(allowed)}")
         if key in _TOP:
             changes[key] = _TOP[key](doc, path, value)
+            origins[key] = doc.where(path)
+            if key == "ops":
+                origins.update({f"ops.{op}": doc.where(path + (op,)) for op in changes[key]})
         elif key in _SECTIONS:
             if not isinstance(value, Mapping):
                 raise doc.error(path, f"got {value!r}, expected a mapping with keys: {', '.join(_SECTIONS[key])}")
@@ -273,21 +389,35 @@ def _apply(base: Config, doc: _Doc) -> Config:
             ("attention", "global_tokens"),
             f"got {attention.global_tokens}, expected fewer than attention.window ({attention.window})",
         )
-    return replace(base, **changes, source=doc.file or base.source)
+    return replace(base, **changes, source=doc.file or base.source, origins=origins)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment variable (1/0, true/false, yes/no, on/off; unset or empty:
+    ``default``); any other value is a ConfigError naming the variable."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in _ENV_TRUE + _ENV_FALSE:
+        raise ConfigError(f"environment variable {name}: got {raw!r}, expected 1 or 0 (true/false, yes/no, on/off)")
+    return raw in _ENV_TRUE
 
 
 def _env_overrides(config: Config) -> Config:
-    env: dict[str, Any] = {}
-    if os.environ.get("DSHAL_BACKEND"):
-        env["backend"] = os.environ["DSHAL_BACKEND"]
-    if os.environ.get("DSHAL_EMULATE"):
-        raw = os.environ["DSHAL_EMULATE"].strip().lower()
-        if raw not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-            raise ConfigError(f"DSHAL_EMULATE: got {raw!r}, expected 1 or 0", file="<environment>")
-        env["emulate"] = raw in ("1", "true", "yes", "on")
-    if not env:
-        return config
-    return _apply(config, _Doc(env, {}, "<environment DSHAL_BACKEND/DSHAL_EMULATE>"))
+    for name in ("DSHAL_BACKEND", "DSHAL_EMULATE"):
+        if os.environ.get(name):
+            key = name[len("DSHAL_"):].lower()
+            value: Any = os.environ[name] if key == "backend" else env_flag(name, False)
+            config = _apply(config, _Doc({key: value}, {}, f"environment variable {name}"))
+    env_flag("DSHAL_CPU_KERNELS", True)  # read by the cpu backend; a typo must not pass unseen
+    return config
+
+
+def read_yaml(path: Any, what: str) -> _Doc:
+    """Read and parse a YAML file (``what`` names it in messages: "config file", "shapes
+    file") with the bounds above; every failure is a ConfigError with file[:line]."""
+    path, text = read_text_file(path, what)
+    return _compose(text, str(path))
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = None, **overrides: Any) -> Config:
@@ -305,11 +435,12 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = 
     elif isinstance(source, Mapping):
         config = _apply(config, _Doc(dict(source), {}, "<dict>"))
     elif source is not None:
-        path = Path(source)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read config file: {err.strerror}", file=str(path)) from None
+        if not isinstance(source, (str, os.PathLike)):
+            raise ConfigError(
+                f"config: got {source!r} ({type(source).__name__}), expected a YAML file path, "
+                "a dict, a dshal.Config or None"
+            )
+        path, text = read_text_file(source, "config file")
         config = _apply(config, _compose(text, str(path)))
     primary = config.source  # messages about file-level settings keep naming the file
     config = _env_overrides(config)
@@ -324,6 +455,10 @@ __all__ = [
     "DistributedConfig",
     "AttentionConfig",
     "load_config",
+    "read_yaml",
+    "read_text_file",
+    "os_error_reason",
+    "env_flag",
     "GEMM_MODES",
     "FP8_FORMATS",
     "FALLBACK_MODES",

@@ -51,6 +51,16 @@ class CommError(DshalError, RuntimeError):
     """A collective failed: timeout, dead peer, bad group or mismatched world size."""
 
 
+class ArgumentError(DshalError, ValueError):
+    """A non-tensor argument has an invalid value (a flag out of range, ``temperature=nan``,
+    ``max_new_tokens`` beyond the model's context...)."""
+
+
+class CheckpointError(DshalError, ValueError):
+    """A checkpoint is incomplete, has extra tensors, or a tensor has the wrong shape,
+    dtype or non-finite values."""
+
+
 __all__ = [
     "DshalError",
     "ConfigError",
@@ -61,4 +71,6 @@ __all__ = [
     "DTypeError",
     "DeviceError",
     "CommError",
+    "ArgumentError",
+    "CheckpointError",
 ]

@@ -4,20 +4,35 @@ Discovery is lazy (nothing happens at ``import dshal``) and isolated: each plugi
 imported, constructed, version-checked, signature-checked and asked for its availability
 inside its own ``try``. A broken plugin becomes a :class:`BackendInfo` carrying its error;
 it never breaks the others. Asking for that one backend by name raises its error.
+
+Misbehaving plugins are contained too: ``availability()`` and ``capabilities()`` get
+``DSHAL_PLUGIN_TIMEOUT_S`` seconds each (default 60) and a plugin that overruns is listed
+as unavailable; ``sys.exit()``, ``KeyboardInterrupt`` or any other ``BaseException`` raised
+by a plugin is that plugin's failure (a real Ctrl-C is logged, then re-raised); asking for
+one backend by name loads only that plugin.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
+import math
 import os
+import signal
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dshal.backend import API_VERSION, Availability, Backend, Capabilities
-from dshal.errors import BackendUnavailableError, DshalError, PluginLoadError
+from dshal.errors import BackendUnavailableError, ConfigError, DshalError, PluginLoadError
 
 ENTRY_POINT_GROUP = "dshal.backends"
+#: Seconds a plugin's availability() / capabilities() may take (DSHAL_PLUGIN_TIMEOUT_S).
+DEFAULT_PLUGIN_TIMEOUT_S = 60.0
+
+log = logging.getLogger("dshal")
 
 
 @dataclass
@@ -74,20 +89,26 @@ def allowed_plugins() -> frozenset[str] | None:
 
 
 def _emulate_from_env() -> bool:
-    return os.environ.get("DSHAL_EMULATE", "").strip().lower() in ("1", "true", "yes", "on")
+    from dshal.config import env_flag
+
+    return env_flag("DSHAL_EMULATE", False)
 
 
 class Registry:
-    """Discovers and validates backends once per (allow-list, emulate) setting."""
+    """Discovers and validates backends once per (allow-list, emulate) setting. A backend
+    asked for by name (:meth:`get`) is loaded alone; :meth:`infos` loads every plugin."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._cache: dict[tuple[frozenset[str] | None, bool], dict[str, BackendInfo]] = {}
+        #: Plugins loaded one at a time by get(), per setting; infos() reuses them.
+        self._single: dict[tuple[frozenset[str] | None, bool], dict[str, BackendInfo]] = {}
 
     def refresh(self) -> None:
         """Forget every discovery result (e.g. after installing a plugin in-process)."""
         with self._lock:
             self._cache.clear()
+            self._single.clear()
             importlib.invalidate_caches()  # importlib.metadata's directory listings
 
     def infos(self, *, emulate: bool | None = None) -> dict[str, BackendInfo]:
@@ -95,30 +116,67 @@ class Registry:
         key = (allowed_plugins(), emulate)
         with self._lock:
             if key not in self._cache:
-                self._cache[key] = self._discover(*key)
+                self._cache[key] = self._discover(*key, known=self._single.get(key, {}))
             return self._cache[key]
 
     def get(self, name: str, *, emulate: bool | None = None) -> BackendInfo:
-        infos = self.infos(emulate=emulate)
+        """The backend ``name`` (loading only that plugin when the full listing is not cached)."""
+        emulate = _emulate_from_env() if emulate is None else emulate
+        allow = allowed_plugins()
+        key = (allow, emulate)
+        with self._lock:
+            infos = self._cache.get(key)
+            if infos is None:
+                single = self._single.setdefault(key, {})
+                if name not in single:
+                    single.update(self._discover(allow, emulate, only=name))
+                infos = single
         if name not in infos:
-            allow = allowed_plugins()
             hint = f" (DSHAL_PLUGINS limits discovery to {sorted(allow)})" if allow is not None else ""
+            installed = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
             raise PluginLoadError(
-                f"backend {name!r} is not installed{hint}; installed: {sorted(infos) or 'none'}. "
+                f"backend {name!r} is not installed{hint}; installed: {installed or 'none'}. "
                 f"Plugins register under the {ENTRY_POINT_GROUP!r} entry-point group."
             )
         return infos[name]
 
     # ------------------------------------------------------------------ discovery
-    def _discover(self, allow: frozenset[str] | None, emulate: bool) -> dict[str, BackendInfo]:
+    def _discover(
+        self,
+        allow: frozenset[str] | None,
+        emulate: bool,
+        *,
+        only: str | None = None,
+        known: dict[str, BackendInfo] | None = None,
+    ) -> dict[str, BackendInfo]:
         failures: dict[str, tuple[importlib.metadata.EntryPoint, BaseException]] = {}
+        known = known or {}
 
         def on_failure(_manager, ep, err):
             # Unwrap what _load_one_plugin wrapped so the reason shows the plugin's own error.
-            failures[ep.name] = (ep, err.__cause__ if isinstance(err, _PluginAssertion) else err)
+            failures[ep.name] = (ep, err.__cause__ if isinstance(err, _PluginCrash) else err)
 
+        with _WATCH.active():
+            return self._discover_watched(allow, emulate, only, known, failures, on_failure)
+
+    def _discover_watched(
+        self,
+        allow: frozenset[str] | None,
+        emulate: bool,
+        only: str | None,
+        known: dict[str, BackendInfo],
+        failures: dict[str, tuple[importlib.metadata.EntryPoint, BaseException]],
+        on_failure: Callable[..., None],
+    ) -> dict[str, BackendInfo]:
+        timeout = plugin_timeout()
         entry_points, clashes = _entry_points()
-        wanted = [ep.name for ep in entry_points if allow is None or ep.name in allow]
+        if only is not None:
+            clashes = {n: eps for n, eps in clashes.items() if n == only}
+        wanted = [
+            ep.name
+            for ep in entry_points
+            if (allow is None or ep.name in allow) and (only is None or ep.name == only) and ep.name not in known
+        ]
         manager = _manager_class()(
             ENTRY_POINT_GROUP,
             names=wanted,
@@ -126,7 +184,7 @@ class Registry:
             on_missing_entrypoints_callback=None,
             entry_points=entry_points,
         )
-        infos: dict[str, BackendInfo] = {}
+        infos: dict[str, BackendInfo] = {n: i for n, i in known.items() if allow is None or n in allow}
         for name, (ep, err) in failures.items():
             infos[name] = BackendInfo(
                 name=name,
@@ -139,7 +197,7 @@ class Registry:
             )
         for ext in manager:
             ep = ext.entry_point
-            infos[ext.name] = _validate(ext.name, ep.value, _version_of(ep), ext.plugin, emulate)
+            infos[ext.name] = _validate(ext.name, ep.value, _version_of(ep), ext.plugin, emulate, timeout)
         for name, eps in clashes.items():
             if allow is None or name in allow:
                 infos[name] = _clash(name, eps)
@@ -170,8 +228,52 @@ def _dist_label(ep: importlib.metadata.EntryPoint) -> str:
     return f"{dist.metadata['Name']} {dist.version}" if dist is not None else "an unknown distribution"
 
 
-class _PluginAssertion(Exception):
-    """Carries an AssertionError raised while importing a plugin (stevedore re-raises those)."""
+class _PluginCrash(Exception):
+    """Carries what a plugin's import raised that stevedore would let escape (AssertionError,
+    SystemExit, KeyboardInterrupt, any BaseException): isolation must hold for those too."""
+
+
+class _SigintWatch:
+    """Tells a real Ctrl-C from a plugin that raises KeyboardInterrupt itself: while active
+    (main thread only), SIGINT sets :attr:`real` before raising as usual."""
+
+    real = False
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[_SigintWatch]:
+        self.real = False
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        try:
+            previous = signal.getsignal(signal.SIGINT)
+        except ValueError:  # signals unavailable here (e.g. a sub-interpreter)
+            yield self
+            return
+
+        if previous is signal.SIG_IGN:  # Ctrl-C is ignored in this process: keep it so
+            yield self
+            return
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            self.real = True
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _contain(err: BaseException, plugin: str, where: str, watch: _SigintWatch) -> None:
+    """Re-raise ``err`` when it is a real Ctrl-C (after saying where it struck); return for
+    anything a plugin raised itself, which the caller reports as that plugin's failure."""
+    if isinstance(err, KeyboardInterrupt) and watch.real:
+        log.warning("dshal: interrupted (Ctrl-C) during %s of plugin %r", where, plugin)
+        raise err
 
 
 def _entry_points() -> tuple[list[importlib.metadata.EntryPoint], dict[str, list[importlib.metadata.EntryPoint]]]:
@@ -207,7 +309,12 @@ def _manager_class() -> type:
             try:
                 return super()._load_one_plugin(ep, *args, **kwargs)
             except AssertionError as err:  # stevedore lets these escape; isolation must not
-                raise _PluginAssertion(str(err)) from err
+                raise _PluginCrash(str(err)) from err
+            except Exception:
+                raise
+            except BaseException as err:  # noqa: BLE001 - SystemExit, KeyboardInterrupt...: same
+                _contain(err, ep.name, "the import", _WATCH)
+                raise _PluginCrash(f"{type(err).__name__}: {err}") from err
 
     return _Manager
 
@@ -217,8 +324,51 @@ def _version_of(ep: importlib.metadata.EntryPoint) -> str | None:
     return dist.version if dist is not None else None
 
 
-def _validate(name: str, value: str, version: str | None, plugin: object, emulate: bool) -> BackendInfo:
-    """Construct one plugin and check it against the interface; never raises."""
+def plugin_timeout() -> float:
+    """``DSHAL_PLUGIN_TIMEOUT_S`` (seconds a plugin's availability() / capabilities() may take)."""
+    raw = os.environ.get("DSHAL_PLUGIN_TIMEOUT_S", "").strip()
+    if not raw:
+        return DEFAULT_PLUGIN_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= 3600):
+        raise ConfigError(f"environment variable DSHAL_PLUGIN_TIMEOUT_S: got {raw!r}, expected seconds in (0, 3600]")
+    return value
+
+
+class _Overran(Exception):
+    """A plugin call did not return within the plugin timeout."""
+
+
+def _bounded(fn: Callable[[], Any], plugin: str, timeout_s: float) -> Any:
+    """``fn()`` in a daemon thread, given ``timeout_s``; a call that overruns is abandoned
+    (:class:`_Overran`) so one hung plugin cannot block discovery. What ``fn`` raises,
+    BaseException included, is re-raised here as the plugin's own failure."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True, name=f"dshal-plugin-{plugin}")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise _Overran(f"did not return within {timeout_s:g} s (DSHAL_PLUGIN_TIMEOUT_S)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _validate(
+    name: str, value: str, version: str | None, plugin: object, emulate: bool, timeout_s: float = DEFAULT_PLUGIN_TIMEOUT_S
+) -> BackendInfo:
+    """Construct one plugin and check it against the interface; never raises (but a real
+    Ctrl-C is re-raised)."""
 
     def broken(reason: str, err: BaseException) -> BackendInfo:
         return BackendInfo(name, value, version, loaded=False, available=False, reason=reason, error=err)
@@ -241,14 +391,20 @@ def _validate(name: str, value: str, version: str | None, plugin: object, emulat
             )
         ops = dict(backend.ops())
         check_op_signatures(name, ops)
-    except Exception as err:  # noqa: BLE001 - isolation is the point
+    except BaseException as err:  # noqa: BLE001 - isolation is the point
+        _contain(err, name, "construction", _WATCH)
         reason = str(err) if isinstance(err, DshalError) else f"{type(err).__name__}: {err}"
         return broken(reason if isinstance(err, PluginLoadError) else f"construction failed: {reason}", err)
     try:
-        avail = backend.availability()
+        avail = _bounded(backend.availability, name, timeout_s)
         if not isinstance(avail, Availability):
             raise TypeError(f"availability() must return dshal.Availability, got {type(avail).__name__}")
-    except Exception as err:  # noqa: BLE001
+    except _Overran as err:
+        return BackendInfo(
+            name, value, version, loaded=True, available=False, reason=f"availability() {err}", error=err,
+        )
+    except BaseException as err:  # noqa: BLE001
+        _contain(err, name, "availability()", _WATCH)
         return BackendInfo(
             name, value, version, loaded=False, available=False,
             reason=f"availability() raised {type(err).__name__}: {err}", error=err, backend=None,
@@ -256,11 +412,13 @@ def _validate(name: str, value: str, version: str | None, plugin: object, emulat
     caps = None
     if avail.ok:
         try:
-            caps = backend.capabilities()
-        except Exception as err:  # noqa: BLE001
+            caps = _bounded(backend.capabilities, name, timeout_s)
+        except BaseException as err:  # noqa: BLE001
+            _contain(err, name, "capabilities()", _WATCH)
+            verb = "" if isinstance(err, _Overran) else f"raised {type(err).__name__}: "
             return BackendInfo(
                 name, value, version, loaded=False, available=False,
-                reason=f"capabilities() raised {type(err).__name__}: {err}", error=err,
+                reason=f"capabilities() {verb}{err}", error=err,
             )
     return BackendInfo(
         name, value, version, loaded=True, available=avail.ok,
@@ -292,16 +450,20 @@ def select(
     *,
     emulate: bool,
     registry: Registry,
+    origin: str | None = None,
 ) -> tuple[Backend, list[Decision]]:
-    """Pick the backend named in the config, or the first usable one in ``prefer`` for ``auto``."""
+    """Pick the backend named in the config, or the first usable one in ``prefer`` for ``auto``.
+    ``origin`` (e.g. "backend, set by environment variable DSHAL_BACKEND") ends the error of
+    a named backend that cannot be used, so the user knows which setting to fix."""
     if backend != "auto":
-        info = registry.get(backend, emulate=emulate)
-        chosen = info.require()
+        chosen, info = require_named(registry, backend, emulate, origin or "backend")
         return chosen, [Decision(backend, True, f"named in config ({info.reason})")]
-    infos = registry.infos(emulate=emulate)
     trace: list[Decision] = []
-    for name in prefer:
-        info = infos.get(name)
+    for name in prefer:  # loads candidates one by one: none after the first usable is probed
+        try:
+            info = registry.get(name, emulate=emulate)
+        except PluginLoadError:  # not installed, or excluded by DSHAL_PLUGINS
+            info = None
         if info is None:
             trace.append(Decision(name, False, "not installed" + _allow_hint(name)))
         elif not info.loaded:
@@ -315,10 +477,22 @@ def select(
     raise BackendUnavailableError(f"backend: auto found no usable backend in prefer={list(prefer)} ({summary})")
 
 
+def require_named(registry: Registry, name: str, emulate: bool, origin: str) -> tuple[Backend, BackendInfo]:
+    """The usable backend ``name`` and its info; its error otherwise, naming ``origin`` (the
+    setting that asked for it: "backend, set by dshal.yaml:2", "ops.attention, set by <dict>")."""
+    try:
+        info = registry.get(name, emulate=emulate)
+        return info.require(), info
+    except (PluginLoadError, BackendUnavailableError) as err:
+        raise type(err)(f"{err} (requested by {origin})") from (err.__cause__ or err)  # keeps the plugin's error
+
+
 def _allow_hint(name: str) -> str:
     allow = allowed_plugins()
     return " (excluded by DSHAL_PLUGINS)" if allow is not None and name not in allow else ""
 
+
+_WATCH = _SigintWatch()
 
 #: The process-wide registry; ``dshal.backends()`` and ``dshal.use()`` read it.
 REGISTRY = Registry()

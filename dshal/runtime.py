@@ -20,7 +20,7 @@ import torch
 from dshal.backend import Backend, Capabilities
 from dshal.config import Config, load_config
 from dshal.errors import ConfigError, UnsupportedOpError
-from dshal.registry import REGISTRY, Decision, select
+from dshal.registry import REGISTRY, Decision, require_named, select
 
 log = logging.getLogger("dshal")
 
@@ -157,7 +157,10 @@ def build_runtime(config: Config) -> Runtime:
     """Select the backend and resolve each op's provider (no activation)."""
     from dshal.ops.catalogue import SPECS
 
-    backend, trace = select(config.backend, config.prefer, emulate=config.emulate, registry=REGISTRY)
+    backend, trace = select(
+        config.backend, config.prefer, emulate=config.emulate, registry=REGISTRY,
+        origin=f"backend, set by {config.origin('backend')}",
+    )
     # This rank's device (LOCAL_RANK) becomes current before anything below allocates on it.
     device = backend.bind_device()
     device_type = backend.device_type
@@ -172,7 +175,8 @@ def build_runtime(config: Config) -> Runtime:
         if override is not None:
             # Naming the selected backend itself is checked too: it must really provide the op.
             if override not in other_ops:
-                other_ops[override] = REGISTRY.get(override, emulate=config.emulate).require().ops()
+                where = f"ops.{name}, set by {config.origin(f'ops.{name}')}"
+                other_ops[override] = require_named(REGISTRY, override, config.emulate, where)[0].ops()
             if name not in other_ops[override]:
                 raise ConfigError(
                     f"ops.{name}: backend {override!r} does not provide op {name!r} "

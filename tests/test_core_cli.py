@@ -100,7 +100,9 @@ def test_config_error_escaping_a_command_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("DSHAL_EMULATE", "maybe")
     assert main(["info"]) == 1
     err = capsys.readouterr().err
-    assert err == "dshal info: error: <environment>: DSHAL_EMULATE: got 'maybe', expected 1 or 0\n"
+    assert err == (
+        "dshal info: error: environment variable DSHAL_EMULATE: got 'maybe', expected 1 or 0 (true/false, yes/no, on/off)\n"
+    )
 
 
 def test_python_dash_m():

@@ -8,7 +8,7 @@ import torch
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
 import dshal
-from dshal.errors import DeviceError, DTypeError, ShapeError
+from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from dshal.ops import SPECS
 from dshal.ops import reference as ref
 
@@ -39,7 +39,7 @@ BAD = [
     (lambda: ref.rms_norm(torch.ones(2, 8), torch.ones(7)), ShapeError, "'weight' has size 7"),
     (lambda: ref.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6, torch.ones(2, 9)), ShapeError, "'residual' has shape [2, 9]"),
     (lambda: ref.rms_norm(torch.ones(2, 8), torch.ones(8, device="meta")), DeviceError, "'weight' is on meta"),
-    (lambda: ref.rms_norm(torch.ones(2, 8), torch.ones(8), -1.0), DTypeError, "'eps' is -1.0"),
+    (lambda: ref.rms_norm(torch.ones(2, 8), torch.ones(8), -1.0), ArgumentError, "'eps' is -1.0"),
 ]
 
 

@@ -9,7 +9,10 @@ is then 0 only with ``--allow-unavailable`` (for matrix legs without the hardwar
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import threading
 from pathlib import Path
 
 from dshal_conformance.runner import DEFAULT_CASE_TIMEOUT_S, DEFAULT_SEED, FULL_TIER_CASE_TIMEOUT_S
@@ -39,13 +42,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the suite. A Ctrl-C while cases run exits 130 and writes no report."""
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print(f"dshal conformance: interrupted; no report written for {args.backend!r}", file=sys.stderr)
+        if any(t.name == "dshal-conformance-case" and t.is_alive() for t in threading.enumerate()):
+            # A case's torch work is still running in its thread: tearing the interpreter
+            # down around it can abort in C++ ("terminate called..."); leave at once instead.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        raise
+
+
+def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from dshal.errors import ArgumentError
+    from dshal.outputs import check_writable
     from dshal_conformance import report, runner, waivers
     from dshal_conformance.cases import all_cases
 
     console = Console(stderr=True)
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ArgumentError(f"--timeout: got {args.timeout!r}, expected a positive finite number of seconds")
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops is not None else None
+    known = runner.capability_cases() + all_cases(args.tier)
+    if ops is not None:
+        names = sorted({c.op for c in known})
+        unknown = [o for o in ops if o not in names]
+        if unknown or not ops:
+            raise ArgumentError(f"--ops: got {args.ops!r}, expected comma-separated op names from: {', '.join(names)}")
     options = runner.Options(
         tier=args.tier,
         ops=ops,
@@ -55,10 +83,20 @@ def main(args: argparse.Namespace) -> int:
         collectives=not args.no_collectives,
         progress=not args.quiet and sys.stderr.isatty(),
     )
+    selected = runner.select(known, options)
+    if not selected:
+        chosen = ", ".join(f"{flag} {value}" for flag, value in (("--ops", args.ops), ("--case", args.case)) if value)
+        raise ArgumentError(
+            f"{chosen or 'the options'} select no case of tier {args.tier!r}; nothing to check is not a pass "
+            "(see --list for the case ids)"
+        )
     if args.list:
-        for case in runner.select(runner.capability_cases() + all_cases(args.tier), options):
+        for case in selected:
             print("\n".join(case.result_ids()))
         return 0
+    out_dir = check_writable(args.report_dir, "--report-dir", directory=True)
+    if args.bundle:
+        check_writable(args.bundle, "--bundle", directory=True)
     target = runner.resolve(args.backend, args.emulate, getattr(args, "determinism", None))
     waiver_path = Path(args.waivers) if args.waivers else (
         waivers.default_path(target.runtime.backend, args.backend) if target.runtime is not None else None
@@ -67,7 +105,6 @@ def main(args: argparse.Namespace) -> int:
         options.waivers = waivers.load(waiver_path)
     result = runner.run(target, options)
     report.validate(result)
-    out_dir = Path(args.report_dir)
     json_path = report.write_json(result, out_dir / f"{args.backend}.json")
     junit_path = report.write_junit(result, out_dir / f"{args.backend}.junit.xml")
     _print_summary(console, result, json_path, junit_path, waiver_path)

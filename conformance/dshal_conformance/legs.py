@@ -49,10 +49,13 @@ class LegNote:
                 + ", ".join(self.dropped))
 
 
-def leg_key(report: dict[str, Any]) -> tuple[str, str, str]:
+def leg_key(report: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    """What makes two reports the same leg (a rerun, merged keeping the newest): backend,
+    device, kind, arch and host. Legs that share a header but differ in arch or host stay
+    apart (the matrix tags their columns with their files)."""
     p = report["platform"]
     kind = "not-run" if "not_run" in p else ("emulated" if p.get("emulated") else "hardware")
-    return (report["backend"], p.get("device", ""), kind)
+    return (report["backend"], p.get("device", ""), kind, str(p.get("arch") or ""), str(p.get("host") or ""))
 
 
 def _started(report: dict[str, Any]) -> datetime:
@@ -161,7 +164,7 @@ def _versions(report: dict[str, Any]) -> str:
 
 
 def _label(report: dict[str, Any]) -> str:
-    backend, device, kind = leg_key(report)
+    backend, device, kind = leg_key(report)[:3]
     return f"{backend} ({kind}) · {device}"
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from datetime import timedelta
 from typing import Any
 
@@ -47,10 +47,13 @@ class Column:
     kind: str
     reason: str = ""
     summary: dict[str, int] = field(default_factory=dict)
+    #: Set by build() when another column would have the same header: what tells them apart.
+    tag: str = ""
 
     @property
     def label(self) -> str:
-        return f"{self.backend} ({KIND_LABEL[self.kind].lower()})" if self.kind != "hardware" else self.backend
+        base = f"{self.backend} ({KIND_LABEL[self.kind].lower()})" if self.kind != "hardware" else self.backend
+        return f"{base} [{self.tag}]" if self.tag else base
 
 
 @dataclass
@@ -124,12 +127,17 @@ def column_of(report: dict[str, Any]) -> Column:
 
 
 def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Column], list[tuple[str, str]], dict[tuple[str, str, str], Cell]]:
-    """Columns, row keys (op, dtype) and cells keyed (column key, op, dtype)."""
+    """Columns, row keys (op, dtype) and cells keyed (column key, op, dtype). Columns that
+    would share a header (one backend, device and kind twice) get a tag telling them apart:
+    the report's file name (``_source``, set by :func:`main`), else its start time and seed."""
     columns: list[Column] = []
     cells: dict[tuple[str, str, str], Cell] = {}
     rows: set[tuple[str, str]] = set()
-    for rep in reports:
+    clashing = Counter(column_of(rep).key for rep in reports)
+    for index, rep in enumerate(reports, 1):
         col = column_of(rep)
+        if clashing[col.key] > 1:
+            col.tag = rep.get("_source") or f"#{index}, {rep['started']}, seed {rep['seed']}"
         n, base = 2, col.key
         while any(c.key == col.key for c in columns):  # two reports of one backend/device/kind
             col.key, n = f"{base}#{n}", n + 1
@@ -147,7 +155,7 @@ def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Co
 def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None) -> str:
     reports, notes = prepare_legs(reports, stale_after)
     columns, rows, cells = build(reports, by_dtype)
-    head = ["op", "dtype"] + [f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`" + (" `STALE`" if n.stale else "") for c, n in zip(columns, notes)]
+    head = ["op", "dtype"] + [f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`".replace("|", "/") + (" `STALE`" if n.stale else "") for c, n in zip(columns, notes)]
     lines = [
         "# dshal hardware matrix",
         "",
@@ -259,7 +267,9 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
             f"<th data-backend='{e(c.backend)}' data-kind='{c.kind}' title='{e(c.device)} {e(c.arch)}'>{e(c.backend)} "
             f"<span class='badge {c.kind}'>{KIND_LABEL[c.kind]}</span>"
             + ("<span class='badge stale'>STALE</span>" if notes[columns.index(c)].stale else "")
-            + f"<br><small>{e(c.device)}</small></th>"
+            + f"<br><small>{e(c.device)}</small>"
+            + (f"<br><small>{e(c.tag)}</small>" if c.tag else "")
+            + "</th>"
         )
     out.append("</tr></thead><tbody>")
     for op, dtype in rows:
@@ -309,10 +319,41 @@ def _stale_after(args: argparse.Namespace) -> timedelta | None:
         raise ConfigError(f"--stale-after: {err}") from None
 
 
-def main(args: argparse.Namespace) -> int:
-    from dshal_conformance.report import load
+def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
+    """Load ``paths`` (ReportError on a bad one), warning through ``warn(message)`` about a
+    report given twice (kept once) and a summary that contradicts its own cases (the
+    matrix counts the cases)."""
+    from dshal_conformance.report import load, summarize
 
-    reports = [load(p) for p in args.reports]
+    warn = warn or (lambda message: print(f"dshal matrix: warning: {message}", file=sys.stderr))
+    reports: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, ...], str] = {}
+    for path in paths:
+        rep = load(path)
+        identity = (rep["backend"], rep["started"], rep["seed"], rep["platform"].get("device"), len(rep["cases"]),
+                    rep["duration_s"])
+        if identity in seen:
+            warn(f"{path} is the same report as {seen[identity]} (backend {rep['backend']}, started {rep['started']}); "
+                 "listed once")
+            continue
+        seen[identity] = path
+        counted = summarize(rep["cases"])
+        if counted != rep["summary"]:
+            diff = ", ".join(f"{k} {rep['summary'].get(k)} vs {v}" for k, v in counted.items() if rep["summary"].get(k) != v)
+            warn(f"{path}: its summary contradicts its cases ({diff} counted); the matrix uses the counted cases")
+            rep["summary"] = counted
+        rep["_source"] = str(path)
+        reports.append(rep)
+    return reports
+
+
+def main(args: argparse.Namespace) -> int:
+    from dshal.outputs import atomic_write, check_writable
+
+    for flag in ("html", "markdown"):
+        if getattr(args, flag):
+            check_writable(getattr(args, flag), f"--{flag}")
+    reports = read_reports(args.reports)
     by_dtype = not args.no_dtype
     stale_after = _stale_after(args)
     for rep, note in zip(*prepare_legs(reports, stale_after)):
@@ -322,11 +363,9 @@ def main(args: argparse.Namespace) -> int:
         print(to_markdown(reports, by_dtype, stale_after))
         return 0
     if args.html:
-        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.html).write_text(to_html(reports, by_dtype, stale_after))
+        atomic_write(args.html, to_html(reports, by_dtype, stale_after))
         print(f"html: {args.html}")
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(to_markdown(reports, by_dtype, stale_after))
+        atomic_write(args.markdown, to_markdown(reports, by_dtype, stale_after))
         print(f"markdown: {args.markdown}")
     return 0

@@ -11,9 +11,17 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from dshal.errors import DshalError
+from dshal.outputs import atomic_write
 from dshal_conformance import __version__
 
 SCHEMA_ID = "dshal.conformance/1"
+
+
+class ReportError(DshalError, ValueError):
+    """A file given as a conformance report cannot be used: missing, unreadable, not UTF-8,
+    not JSON, another schema, or not valid against ``dshal.conformance/1``."""
+
 STATUSES = ("pass", "fail", "skip", "unsupported", "error")
 _SUMMARY_KEY = {"pass": "passed", "fail": "failed", "skip": "skipped", "unsupported": "unsupported", "error": "errors"}
 
@@ -83,9 +91,7 @@ def ok(report: dict[str, Any]) -> bool:
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
-    return path
+    return atomic_write(path, json.dumps(report, indent=1, sort_keys=False) + "\n")
 
 
 def write_junit(report: dict[str, Any], path: Path) -> Path:
@@ -119,9 +125,7 @@ def write_junit(report: dict[str, Any], path: Path) -> Path:
             ET.SubElement(case, "error", message=message[:500]).text = c["reason"]
         elif c["status"] in ("skip", "unsupported"):
             ET.SubElement(case, "skipped", message=f"{c['status']}: {c['reason']}"[:500])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
-    return path
+    return atomic_write(path, ET.tostring(suite, encoding="utf-8", xml_declaration=True))
 
 
 def sha256(path: Path) -> str:
@@ -140,19 +144,39 @@ def write_bundle(report: dict[str, Any], environment: dict[str, Any], files: lis
     for f in files:
         dest = out_dir / f.name
         if f.resolve() != dest.resolve():
-            shutil.copyfile(f, dest)
+            atomic_write(dest, f.read_bytes())
         copied.append(dest)
     env_path = out_dir / "environment.json"
-    env_path.write_text(json.dumps(environment, indent=1, default=str) + "\n")
+    atomic_write(env_path, json.dumps(environment, indent=1, default=str) + "\n")
     copied.append(env_path)
     lines = [f"{sha256(p)}  {p.name}" for p in copied]
-    (out_dir / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    atomic_write(out_dir / "SHA256SUMS", "\n".join(lines) + "\n")
     archive = shutil.make_archive(str(out_dir), "gztar", root_dir=out_dir.parent, base_dir=out_dir.name)
     return Path(archive)
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read and validate a report (matrix input)."""
-    data = json.loads(Path(path).read_text())
-    validate(data)
+    """Read and validate a report (matrix input); every problem is a ReportError naming the
+    file and what is wrong with it."""
+    import jsonschema
+
+    from dshal.config import read_text_file
+
+    try:
+        _, text = read_text_file(path, "conformance report")
+    except DshalError as err:
+        raise ReportError(str(err)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: a JSON {type(data).__name__}, expected a conformance report object")
+    if data.get("schema") != SCHEMA_ID:
+        raise ReportError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA_ID!r} (a dshal conformance report)")
+    try:
+        validate(data)
+    except jsonschema.ValidationError as err:
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise ReportError(f"{path}: does not follow {SCHEMA_ID} at {where}: {err.message[:200]}") from None
     return data

@@ -68,9 +68,9 @@ class Target:
 def resolve(name: str, emulate: bool | None = None, determinism: str | None = None) -> Target:
     """Load backend ``name`` as a user would (``fallback: error``); a backend that cannot
     run here becomes a Target with ``not_run`` set instead of raising."""
-    import dshal
     from dshal.config import load_config
     from dshal.errors import BackendUnavailableError, PluginLoadError
+    from dshal.registry import REGISTRY
     from dshal.runtime import build_runtime
 
     overrides: dict[str, Any] = {"backend": name, "fallback": "error"}
@@ -79,8 +79,10 @@ def resolve(name: str, emulate: bool | None = None, determinism: str | None = No
     if determinism is not None:  # strict: the determinism family then holds the backend to its promise
         overrides["determinism"] = determinism
     config = load_config({}, **overrides)
-    infos = {i.name: i for i in dshal.backends(emulate=config.emulate)}
-    version = infos[name].version if name in infos else None
+    try:  # this plugin only: probing the others could wait on a hung one (DSHAL_PLUGIN_TIMEOUT_S)
+        version = REGISTRY.get(name, emulate=config.emulate).version
+    except PluginLoadError:
+        version = None
     try:
         rt = build_runtime(config)
     except (BackendUnavailableError, PluginLoadError) as err:

@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dshal.errors import ConfigError
 from dshal_conformance.tolerances import CLOSENESS_METRIC, THRESHOLDS
 
@@ -58,13 +56,10 @@ class Waiver:
 
 def load(path: str | Path) -> list[Waiver]:
     """Parse and validate a waivers file; errors name the file and the entry."""
+    from dshal.config import read_yaml  # the config loader: bounded YAML, file:line errors
+
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read waivers: {err.strerror}", file=str(path)) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}", file=str(path)) from None
+    data = read_yaml(path, "waivers file").data or {}
     entries = data.get("waivers") if isinstance(data, Mapping) else None
     if not isinstance(entries, list):
         raise ConfigError("expected a top-level 'waivers:' list", file=str(path))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
-from dshal.ops.attention import visible_keys
+from dshal.ops.attention import nonfinite_guard, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import _linear_reference
 from dshal.ops.moe import check_expert_ids
@@ -108,6 +108,9 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     tk, dv = k.shape[2], v.shape[3]
     if tq == 0 or tk == 0:  # nothing to attend to: the op's "no visible key" rows are zeros
         return q.new_zeros(batch, hq, tq, dv)
+    guard = nonfinite_guard(q, k, v, causal, window, global_tokens)  # the contract's NaN rule
+    if guard is not None:
+        return guard.apply(attention(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if window is None and (not causal or tq == 1):
         return _attention_folded(q, k, v, scale)

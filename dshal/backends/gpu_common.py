@@ -660,25 +660,36 @@ class TorchGpuBackend(Backend):
         )
 
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
-        from dshal.ops.attention import visible_keys
+        from dshal.ops.attention import nonfinite_guard
 
-        tq, tk = q.shape[2], k.shape[2]
-        gqa = q.shape[1] != k.shape[1]
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        if tq == 0 or tk == 0:
-            return _reference("attention")(q, k, v, causal, scale, window, global_tokens)
-        if causal and window is None and tq == tk:
-            # SDPA's is_causal is top-left aligned, which is end-aligned when Tq == Tk.
-            return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        seen = None if (causal and window is None and tq == 1) else visible_keys(tq, tk, causal, window, global_tokens, q.device)
-        if seen is None:
-            return sdpa(q, k, v, scale=scale, enable_gqa=gqa)
-        out = sdpa(q, k, v, attn_mask=seen, scale=scale, enable_gqa=gqa)
-        if tq > tk:
-            # Only then can a query see no key (its position is < 0); the contract says it
-            # outputs zeros, SDPA gives NaN. Checked by shape, so no host sync.
-            out = out.masked_fill(~seen.any(dim=-1)[:, None], 0.0)
-        return out
+        guard = nonfinite_guard(q, k, v, causal, window, global_tokens)  # the contract's NaN rule
+        if guard is None:
+            return _sdpa_attention(q, k, v, causal, scale, window, global_tokens)
+        # SDPA alone lets a NaN key the mask hides leak, and may drop one the query sees.
+        return guard.apply(_sdpa_attention(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
+
+
+def _sdpa_attention(q, k, v, causal, scale, window, global_tokens):  # noqa: ANN001
+    """The attention op on finite inputs through torch's SDPA (with the op's mask)."""
+    from dshal.ops.attention import visible_keys
+
+    tq, tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if tq == 0 or tk == 0:
+        return _reference("attention")(q, k, v, causal, scale, window, global_tokens)
+    if causal and window is None and tq == tk:
+        # SDPA's is_causal is top-left aligned, which is end-aligned when Tq == Tk.
+        return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    seen = None if (causal and window is None and tq == 1) else visible_keys(tq, tk, causal, window, global_tokens, q.device)
+    if seen is None:
+        return sdpa(q, k, v, scale=scale, enable_gqa=gqa)
+    out = sdpa(q, k, v, attn_mask=seen, scale=scale, enable_gqa=gqa)
+    if tq > tk:
+        # Only then can a query see no key (its position is < 0); the contract says it
+        # outputs zeros, SDPA gives NaN. Checked by shape, so no host sync.
+        out = out.masked_fill(~seen.any(dim=-1)[:, None], 0.0)
+    return out
 
 
 __all__ = [

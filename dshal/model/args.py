@@ -19,6 +19,11 @@ import torch
 from dshal.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Largest ``max_position_embeddings`` accepted: the rotary tables are built for every
+#: position up front (DeepSeek-V3 uses 163840; 2**21 positions already take ~0.5 GB).
+MAX_POSITIONS = 1 << 21
+#: Largest size of any dimension (int32 indexing in the kernels).
+MAX_DIM = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,11 @@ class ModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config.json: {name} is {value!r}, expected a positive integer")
+        if not isinstance(self.max_position_embeddings, int) or not 0 < self.max_position_embeddings <= MAX_POSITIONS:
+            raise ConfigError(
+                f"config.json: max_position_embeddings is {self.max_position_embeddings!r}, "
+                f"expected an integer in [1, {MAX_POSITIONS}]"
+            )
         if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
             raise ConfigError(
                 f"config.json: qk_rope_head_dim is {self.qk_rope_head_dim!r}, expected a positive even integer"
@@ -172,7 +182,14 @@ class ModelArgs:
     # ------------------------------------------------------------ config.json
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], **overrides: Any) -> ModelArgs:
-        """Read a HF ``config.json`` dict (``model_type: deepseek_v3``); ``overrides`` win."""
+        """Read a HF ``config.json`` dict (``model_type: deepseek_v3``); ``overrides`` win.
+
+        The dict is validated first (:func:`validate_hf_config`): types, ranges and the
+        required size keys; each error names the key, the value and what was expected."""
+        return cls._from_checked(validate_hf_config(cfg, "config.json"), **overrides)
+
+    @classmethod
+    def _from_checked(cls, cfg: dict[str, Any], **overrides: Any) -> ModelArgs:
         model_type = cfg.get("model_type")
         if model_type not in ("deepseek_v3", None):
             raise ConfigError(f"config.json: model_type is {model_type!r}, expected 'deepseek_v3'")
@@ -207,7 +224,7 @@ class ModelArgs:
             if method != "fp8":
                 raise ConfigError(f"config.json: quantization_config.quant_method is {method!r}, expected 'fp8'")
             block = quant.get("weight_block_size") or [128, 128]
-            plain["weight_block_size"] = (int(block[0]), int(block[1]))
+            plain["weight_block_size"] = (block[0], block[1])
             fmt = quant.get("fmt", "e4m3")
             plain["fp8_format"] = "e4m3fn" if fmt == "e4m3" else fmt
         if plain.get("q_lora_rank") == 0:
@@ -220,17 +237,24 @@ class ModelArgs:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> ModelArgs:
-        """Read ``path`` (a ``config.json`` or the directory holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
+        """Read ``path`` (a checkpoint folder holding ``config.json``, or that file itself).
+        Every problem is a ConfigError naming the file: unreadable (missing, permission,
+        symlink loop, not UTF-8), invalid JSON, or a key with a wrong type or value."""
+        from dshal.config import read_text_file
+
+        config_path = checkpoint_config_path(path)
+        _, text = read_text_file(config_path, "model config")
         try:
-            cfg = json.loads(path.read_text())
-        except OSError as err:
-            raise ConfigError(f"cannot read model config: {err.strerror}", file=str(path)) from None
+            cfg = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"invalid JSON: {err.msg}", file=str(path), line=err.lineno) from None
-        return cls.from_hf_config(cfg, **overrides)
+            raise ConfigError(f"invalid JSON: {err.msg}", file=str(config_path), line=err.lineno) from None
+        try:
+            return cls._from_checked(validate_hf_config(cfg, str(config_path), text), **overrides)
+        except ConfigError as err:
+            if err.file is not None:
+                raise
+            # A cross-key check of ModelArgs.validate (e.g. n_group must divide n_routed_experts).
+            raise ConfigError(str(err).removeprefix("config.json: "), file=str(config_path)) from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers' ``DeepseekV3Config`` and :meth:`from_hf_config` read back."""
@@ -302,6 +326,187 @@ def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     )
 
 
+def checkpoint_config_path(path: Any) -> Path:
+    """``path/config.json`` for a checkpoint folder, ``path`` for a ``.json`` file; a
+    ConfigError that says what is wrong otherwise (a file that is no config, a symlink
+    loop, a missing folder, no permission)."""
+    from dshal.config import os_error_reason
+
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise ConfigError(f"checkpoint: got {path!r} ({type(path).__name__}), expected a folder path")
+    path = Path(path)
+    try:
+        is_dir = path.stat().st_mode & 0o170000 == 0o040000
+    except OSError as err:
+        raise ConfigError(f"cannot read model config: {os_error_reason(path, err)}", file=str(path)) from None
+    if is_dir:
+        return path / "config.json"
+    if path.suffix == ".json":
+        return path
+    raise ConfigError(
+        "checkpoint path is a file, expected a folder holding config.json and *.safetensors "
+        "(or the config.json itself)",
+        file=str(path),
+    )
+
+
+class _HfCheck:
+    """Raises ConfigErrors about one config.json: key, value, expectation, file[:line]."""
+
+    def __init__(self, file: str, text: str | None):
+        self.file, self.text = file, text
+
+    def fail(self, key: str, value: Any, expected: str) -> ConfigError:
+        line = None
+        if self.text is not None:  # JSON has no line marks: the first line that spells the key
+            leaf = key.rsplit(".", 1)[-1].split("[", 1)[0]
+            at = self.text.find(f'"{leaf}"')
+            line = self.text.count("\n", 0, at) + 1 if at >= 0 else None
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return ConfigError(f"{key}: got {shown}, expected {expected}", file=self.file, line=line, key=key)
+
+    def integer(self, key: str, v: Any, low: int, high: int = MAX_DIM) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise self.fail(key, v, f"an integer in [{low}, {high}]")
+        return v
+
+    def number(self, key: str, v: Any, low: float, high: float = math.inf, *, open_low: bool = True) -> float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (v <= low if open_low else v < low) or v > high:
+            bound = f"> {low:g}" if open_low else f">= {low:g}"
+            raise self.fail(key, v, f"a finite number {bound}" + (f" and <= {high:g}" if high < math.inf else ""))
+        return float(v)
+
+    def boolean(self, key: str, v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise self.fail(key, v, "true or false")
+        return v
+
+    def mapping(self, key: str, v: Any) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise self.fail(key, v, "a JSON object")
+        return v
+
+    def string(self, key: str, v: Any, allowed: tuple[str, ...]) -> str:
+        if not isinstance(v, str) or v not in allowed:
+            raise self.fail(key, v, "one of " + ", ".join(repr(a) for a in allowed))
+        return v
+
+
+#: config.json keys that must be present: without them the model's shapes are guesses.
+REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
+#: Required too when the model has routed experts (``n_routed_experts`` > 0).
+REQUIRED_MOE_KEYS = ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
+_SIZE_KEYS = {  # key -> smallest value
+    **dict.fromkeys(REQUIRED_KEYS, 1),
+    "moe_intermediate_size": 1,
+    "num_experts_per_tok": 1,
+    "n_routed_experts": 0,
+    "n_shared_experts": 0,
+    "first_k_dense_replace": 0,
+    "num_nextn_predict_layers": 0,
+    "num_key_value_heads": 1,
+}
+_OPTIONAL_SIZE_KEYS = {"q_lora_rank": 0, "n_group": 1, "topk_group": 1}  # null allowed
+_BOOL_KEYS = ("attention_bias", "norm_topk_prob", "tie_word_embeddings", "rope_interleave")
+
+
+def validate_hf_config(cfg: Any, file: str = "config.json", text: str | None = None) -> dict[str, Any]:
+    """Check a DeepSeek-V3 ``config.json`` dict before it is read: the required size keys
+    are present, every known key has the right type and a possible value (sizes, YaRN,
+    ``max_position_embeddings`` up to :data:`MAX_POSITIONS`, ``quantization_config``).
+    Returns ``cfg``; raises ConfigError naming key, value, expectation and ``file``."""
+    c = _HfCheck(file, text)
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"got a JSON {type(cfg).__name__}, expected a JSON object of model settings", file=file
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in cfg]
+    if not missing and isinstance(cfg.get("n_routed_experts", 1), int) and cfg.get("n_routed_experts", 1):
+        missing = [k for k in REQUIRED_MOE_KEYS if k not in cfg]
+    if missing:
+        raise ConfigError(
+            f"missing required key(s) {', '.join(missing)}: a DeepSeek-V3 config.json states every size "
+            "(dshal does not guess them)",
+            file=file,
+            key=missing[0],
+        )
+    for key, low in _SIZE_KEYS.items():
+        if key in cfg:
+            c.integer(key, cfg[key], low)
+    for key, low in _OPTIONAL_SIZE_KEYS.items():
+        if cfg.get(key) is not None:
+            c.integer(key, cfg[key], low)
+    for key in _BOOL_KEYS:
+        if key in cfg:
+            c.boolean(key, cfg[key])
+    if "max_position_embeddings" in cfg:
+        c.integer("max_position_embeddings", cfg["max_position_embeddings"], 1, MAX_POSITIONS)
+    if "rope_theta" in cfg:
+        c.number("rope_theta", cfg["rope_theta"], 0)
+    if "rms_norm_eps" in cfg:
+        c.number("rms_norm_eps", cfg["rms_norm_eps"], 0, 1)
+    if "routed_scaling_factor" in cfg:
+        c.number("routed_scaling_factor", cfg["routed_scaling_factor"], 0)
+    for key in ("model_type", "scoring_func", "hidden_act", "dtype", "torch_dtype"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            raise c.fail(key, cfg[key], "a string")
+    for key in ("rope_scaling", "rope_parameters"):
+        if cfg.get(key) is not None:
+            _check_rope(c, key, c.mapping(key, cfg[key]))
+    if cfg.get("quantization_config") is not None:
+        quant = c.mapping("quantization_config", cfg["quantization_config"])
+        if "quant_method" in quant:
+            c.string("quantization_config.quant_method", quant["quant_method"], ("fp8",))
+        if "fmt" in quant:
+            c.string("quantization_config.fmt", quant["fmt"], ("e4m3", "e4m3fn", "e4m3fnuz", "e5m2"))
+        block = quant.get("weight_block_size")
+        if block is not None:
+            ok = isinstance(block, list) and len(block) == 2
+            ok = ok and all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 4096 for b in block)
+            if not ok:
+                raise c.fail(
+                    "quantization_config.weight_block_size", block, "two positive integers [rows, cols], e.g. [128, 128]"
+                )
+    return cfg
+
+
+def _check_rope(c: _HfCheck, key: str, rope: dict[str, Any]) -> None:
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind is not None and not isinstance(kind, str):
+        raise c.fail(f"{key}.rope_type", kind, "a string ('yarn' or 'default')")
+    if "rope_theta" in rope:
+        c.number(f"{key}.rope_theta", rope["rope_theta"], 0)
+    if kind in (None, "default"):
+        return
+    if "factor" not in rope:
+        raise c.fail(f"{key}.factor", None, "a finite number > 0 (YaRN's context extension factor)")
+    c.number(f"{key}.factor", rope["factor"], 0)
+    if rope.get("original_max_position_embeddings") is not None:
+        c.integer(f"{key}.original_max_position_embeddings", rope["original_max_position_embeddings"], 1, MAX_POSITIONS)
+    for name in ("beta_fast", "beta_slow"):
+        if rope.get(name) is not None:
+            c.number(f"{key}.{name}", rope[name], 0)
+    for name in ("mscale", "mscale_all_dim"):
+        if rope.get(name) is not None:
+            c.number(f"{key}.{name}", rope[name], 0, open_low=False)
+    if rope.get("attention_factor") is not None:
+        c.number(f"{key}.attention_factor", rope["attention_factor"], 0)
+    if "truncate" in rope:
+        c.boolean(f"{key}.truncate", rope["truncate"])
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature: ``0.1 * mscale * ln(scale) + 1`` (1 for scale <= 1)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -336,4 +541,12 @@ def tiny_args(**changes: Any) -> ModelArgs:
     return replace(base, **changes)
 
 
-__all__ = ["ModelArgs", "RopeScaling", "tiny_args", "yarn_mscale"]
+__all__ = [
+    "MAX_POSITIONS",
+    "ModelArgs",
+    "RopeScaling",
+    "checkpoint_config_path",
+    "tiny_args",
+    "validate_hf_config",
+    "yarn_mscale",
+]

@@ -82,6 +82,20 @@ class KVCache:
         # The model whose one-token step on this cache ran with the ops' input checks. Weak:
         # a cache must not keep a model (and its process groups) alive.
         self._decode_checked_by: weakref.ref | None = None
+        self._vouched: weakref.ref | None = None
+        #: What the buffers hold, per layer: compared with a model's own layout, so a cache
+        #: made for another model is refused before any op sees it.
+        self.layout = (n_layers, mode, tuple(tuple(s) for s in entry_shapes), dtype, torch.device(device))
+
+    def vouch_for(self, ids: torch.Tensor) -> None:
+        """Mark ``ids`` (this step's input, made by generate() from the model's own logits)
+        as known to be in the vocabulary, so the step skips the id range check's host sync.
+        Only that tensor object is trusted: ids from anywhere else are checked."""
+        self._vouched = weakref.ref(ids)
+
+    def vouched(self, ids: torch.Tensor) -> bool:
+        """Whether ``ids`` is the tensor :meth:`vouch_for` marked last."""
+        return self._vouched is not None and self._vouched() is ids
 
     def decode_checked_for(self, model: object) -> bool:
         """Whether ``model`` ran a one-token step on this cache with the ops' input checks."""

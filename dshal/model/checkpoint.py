@@ -1,5 +1,7 @@
 """Make DeepSeek-V3 checkpoints: random weights in the official tensor names, FP8 block
-quantization as the official checkpoints store it, and a safetensors writer.
+quantization as the official checkpoints store it, and a safetensors writer; and the
+checks a checkpoint read from disk gets beyond shapes: its index file, and non-finite
+values (:func:`check_finite`).
 
 Used by ``dshal run`` (a random model on the fly), the tests and the benchmark. The FP8
 code here is plain torch, independent of ``dshal.ops``, so tests that feed its output to
@@ -16,9 +18,84 @@ from pathlib import Path
 
 import torch
 
+from dshal.errors import CheckpointError, ConfigError
 from dshal.model.args import ModelArgs
 
 E4M3FN_MAX = 448.0
+#: Environment switch of the load-time scan for NaN / Inf weights (on unless 0).
+CHECK_FINITE_ENV = "DSHAL_CHECK_FINITE"
+#: Elements scanned per step, so the scan of a huge tensor needs little extra memory.
+_SCAN_CHUNK = 1 << 24
+#: FP8 bit patterns that are not finite, as (mask, value) on the uint8 view:
+#: e4m3fn has NaN = S.1111.111, e4m3fnuz has NaN = 1000_0000, e5m2 has Inf/NaN = S.11111.xx.
+_FP8_NONFINITE = {
+    torch.float8_e4m3fn: (0x7F, 0x7F),
+    torch.float8_e4m3fnuz: (0xFF, 0x80),
+    torch.float8_e5m2: (0x7C, 0x7C),
+}
+
+
+def check_finite_enabled() -> bool:
+    """Whether loading scans weights for NaN / Inf: yes unless ``DSHAL_CHECK_FINITE=0``
+    (the opt-out for speed: the scan reads every weight once more)."""
+    from dshal.config import env_flag
+
+    return env_flag(CHECK_FINITE_ENV, True)
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: object) -> None:
+    """Raise CheckpointError when ``tensor`` (checkpoint tensor ``name`` of ``where``) holds
+    a NaN or an Inf: such a model loads but generates garbage without a word. Integer
+    tensors pass; FP8 ones are checked on their bit patterns."""
+    fp8 = _FP8_NONFINITE.get(tensor.dtype)
+    if fp8 is None and not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    if fp8 is not None:
+        flat = flat.view(torch.uint8)
+    for start in range(0, flat.numel(), _SCAN_CHUNK):
+        part = flat[start : start + _SCAN_CHUNK]
+        if fp8 is None and math.isfinite(float(part.sum())):
+            continue  # a reduction allocates nothing; a NaN or Inf would make the sum non-finite
+        bad = (part & fp8[0]) == fp8[1] if fp8 is not None else ~torch.isfinite(part)
+        if bool(bad.any()):
+            first = start + int(bad.nonzero()[0, 0])
+            count = int(bad.sum()) if flat.numel() <= _SCAN_CHUNK else None
+            many = f"{count} non-finite value(s)" if count is not None else "non-finite values"
+            index = list(torch.unravel_index(torch.tensor(first), tuple(tensor.shape))) if tensor.dim() else []
+            raise CheckpointError(
+                f"checkpoint {where}: tensor {name!r} ({tensor.dtype}, shape {list(tensor.shape)}) has {many}, "
+                f"the first at index {[int(i) for i in index]}; expected finite weights "
+                f"(set {CHECK_FINITE_ENV}=0 to skip this scan)"
+            )
+
+
+def read_index(index: Path) -> list[str]:
+    """The shard file names listed by a ``model.safetensors.index.json``; CheckpointError
+    when the file is unreadable or its ``weight_map`` is not ``{tensor name: shard file}``
+    with plain file names in the checkpoint folder."""
+    from dshal.config import read_text_file
+
+    try:
+        _, text = read_text_file(index, "checkpoint index")
+        data = json.loads(text)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {index}:{err.lineno}: invalid JSON: {err.msg}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"checkpoint {index}: 'weight_map' is {weight_map!r:.80}, expected a JSON object "
+            "{tensor name: shard file name}"
+        )
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
+            raise CheckpointError(
+                f"checkpoint {index}: weight_map[{tensor!r}] is {shard!r}, expected the file name of a shard "
+                "in the checkpoint folder"
+            )
+    return sorted(set(weight_map.values()))
 
 
 def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -170,6 +247,9 @@ def save_checkpoint(
 
 
 __all__ = [
+    "check_finite",
+    "check_finite_enabled",
+    "read_index",
     "checkpoint_shapes",
     "dequantize_checkpoint_fp8",
     "fp8_block_dequantize",

@@ -8,18 +8,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
+import math
+
+from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from dshal.ops.spec import check_ids_in_range
 
 
 def check_input_ids(where: str, input_ids: Any, device: torch.device | None = None) -> None:
-    """``input_ids`` must be an integer tensor ``[B, T]`` with ``T >= 1`` (on ``device``, when given)."""
+    """``input_ids`` must be an integer tensor ``[B, T]`` with ``B, T >= 1`` (on ``device``, when given)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise DTypeError(f"{where}: argument 'input_ids' is {got}, expected an int64 tensor [B, T]")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ShapeError(
-            f"{where}: argument 'input_ids' has shape {list(input_ids.shape)}, expected [B, T] with T >= 1"
+            f"{where}: argument 'input_ids' has shape {list(input_ids.shape)}, expected [B, T] with B >= 1 and T >= 1"
         )
     if device is not None and input_ids.device != device:
         raise DeviceError(f"{where}: argument 'input_ids' is on {input_ids.device}, expected {device} (the model's)")
@@ -38,6 +40,42 @@ def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Gener
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_generate_args(
+    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: Any, temperature: Any, eos_token_id: Any
+) -> None:
+    """Raise ArgumentError up front for a generation request that cannot be served: a
+    ``max_new_tokens`` that is not an int >= 0 or runs past the model's positions, a
+    ``temperature`` that is not a finite number >= 0, an ``eos_token_id`` outside the vocabulary."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ArgumentError(f"generate: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
+    args = getattr(model, "args", None)
+    limit = getattr(args, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[1] > limit:
+        raise ShapeError(
+            f"generate: argument 'input_ids' has {input_ids.shape[1]} tokens, expected at most "
+            f"max_position_embeddings ({limit})"
+        )
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        raise ArgumentError(
+            f"generate: argument 'max_new_tokens' is {max_new_tokens}, expected at most {limit - input_ids.shape[1]}: "
+            f"the prompt ({input_ids.shape[1]} tokens) plus new tokens must fit max_position_embeddings ({limit})"
+        )
+    if (
+        not isinstance(temperature, (int, float))
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise ArgumentError(f"generate: argument 'temperature' is {temperature!r}, expected a finite number >= 0")
+    vocab = getattr(args, "vocab_size", None)
+    if eos_token_id is not None and (
+        not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool) or not 0 <= eos_token_id < (vocab or 2**63)
+    ):
+        raise ArgumentError(
+            f"generate: argument 'eos_token_id' is {eos_token_id!r}, expected None or a token id in [0, {vocab})"
+        )
 
 
 @torch.inference_mode()
@@ -60,10 +98,7 @@ def generate(
     end of the prefill.
     """
     check_input_ids("generate", input_ids)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise DshalError(f"generate: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise DshalError(f"generate: argument 'temperature' is {temperature!r}, expected a float >= 0")
+    check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     bsz, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
     out = torch.empty(bsz, total, dtype=torch.int64, device=input_ids.device)
@@ -84,8 +119,10 @@ def generate(
             on_token(i)
         if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
             return out[:, : pos + 1]
-        logits = model(token[:, None], pos, cache, last_only=True)[:, -1]
+        step = token[:, None]
+        cache.vouch_for(step)  # the model's own sample: its id range needs no host sync
+        logits = model(step, pos, cache, last_only=True)[:, -1]
     return out
 
 
-__all__ = ["check_input_ids", "check_token_ids", "generate"]
+__all__ = ["check_generate_args", "check_input_ids", "check_token_ids", "generate"]

@@ -15,7 +15,6 @@ skipped. A missing, unexpected or mis-shaped tensor raises :class:`CheckpointErr
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -26,8 +25,9 @@ import torch
 from torch import nn
 
 from dshal import ops
-from dshal.errors import DshalError
+from dshal.errors import CheckpointError
 from dshal.model.args import ModelArgs
+from dshal.model.checkpoint import check_finite, check_finite_enabled, read_index
 from dshal.model.precision import apply_precision, checkpoint_name
 from dshal.ops.spec import FP8_DTYPES
 
@@ -45,10 +45,6 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(DshalError, ValueError):
-    """A checkpoint is incomplete, has extra tensors, or a tensor has the wrong shape or dtype."""
 
 
 # ---------------------------------------------------------------- readers
@@ -83,12 +79,8 @@ class CheckpointReader:
                 self._files.setdefault(name, file)
 
     def _from_index(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"checkpoint {index}: cannot read the 'weight_map' ({err})") from None
         files = []
-        for shard in sorted(set(weight_map.values())):
+        for shard in read_index(index):
             file = index.parent / shard
             if not file.is_file():
                 raise CheckpointError(f"checkpoint {index}: shard {shard!r} is listed but missing")
@@ -175,6 +167,7 @@ class _Loader:
     def __init__(self, reader: Reader, args: ModelArgs, device: torch.device):
         self.reader, self.args, self.device = reader, args, device
         self.used: set[str] = set()
+        self.check_finite = check_finite_enabled()  # DSHAL_CHECK_FINITE=0 skips the NaN/Inf scan
         block = args.weight_block_size or (128, 128)
         self.block = (int(block[0]), int(block[1]))
 
@@ -200,7 +193,10 @@ class _Loader:
                 f"checkpoint {self.reader.path}: tensor {name!r} has dtype {dtype}, expected one of {names} ({what})"
             )
         self.used.add(name)
-        return self.reader.get(name).to(self.device)
+        tensor = self.reader.get(name)
+        if self.check_finite:
+            check_finite(name, tensor, self.reader.path)
+        return tensor.to(self.device)
 
     def float_tensor(self, name: str, shape: tuple[int, ...], what: str, dtype: torch.dtype) -> torch.Tensor:
         return self.read(name, shape, what, (torch.float32, torch.bfloat16, torch.float16)).to(dtype)

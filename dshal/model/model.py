@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dshal import ops
-from dshal.errors import ShapeError
+from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs, yarn_mscale
 from dshal.model.cache import KVCache, LayerCache
 from dshal.model.generate import check_input_ids, check_token_ids, generate
@@ -386,6 +386,7 @@ class Transformer(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self._cache_layouts: dict[str, tuple] = {}  # mode -> KVCache.layout this model makes
         self.args = args
         self.embed = Embedding(args.vocab_size, args.hidden_size, args.dtype)
         self.layers = nn.ModuleList(Block(i, args) for i in range(args.num_hidden_layers))
@@ -400,14 +401,18 @@ class Transformer(nn.Module):
         self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
         check_input_ids("Transformer", input_ids, self.rope_cos.device)
+        if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
+            raise ArgumentError(f"Transformer: argument 'start_pos' is {start_pos!r}, expected an int >= 0")
         seqlen = input_ids.shape[1]
         decode = cache is not None and seqlen == 1
         # Every decode step repeats the op calls of this model's first one on the cache with
         # new values (only the key count grows), so only that one pays for the input checks.
         # The id range check (a host sync on accelerators) goes with them: under generate(),
         # later steps' ids are the model's own samples.
+        if cache is not None:
+            self._check_cache(cache)
         trusted = decode and cache.decode_checked_for(self)
-        if not trusted:
+        if not (trusted and cache.vouched(input_ids)):  # ids that generate() did not make are checked
             check_token_ids("Transformer", input_ids, self.args.vocab_size)
         end = start_pos + seqlen
         if end > self.rope_cos.shape[0]:
@@ -432,11 +437,28 @@ class Transformer(nn.Module):
         return logits
 
     # ------------------------------------------------------------ inference helpers
+    def _check_cache(self, cache: Any) -> None:
+        """``cache`` must be a KVCache laid out for this model (another model's raises)."""
+        if not isinstance(cache, KVCache):
+            raise DTypeError(f"Transformer: argument 'cache' is {type(cache).__name__}, expected a KVCache (model.new_cache)")
+        want = self._cache_layouts.get(cache.mode)
+        if want is None:
+            want = self._cache_layouts[cache.mode] = self.new_cache(1, 1, cache.mode).layout
+        if cache.layout != want:
+            raise ShapeError(
+                f"Transformer: argument 'cache' has layout {cache.layout} (layers, mode, entry shapes, dtype, device), "
+                f"expected {want}: it was made for another model; use this model's new_cache()"
+            )
+
     def new_cache(self, batch: int, max_len: int, mode: str | None = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens
         (``mode``: "absorb" or "naive"; default ``args.mla_mode``)."""
         mode = mode or self.args.mla_mode
         a = self.args
+        for arg, value, high in (("batch", batch, None), ("max_len", max_len, self.rope_cos.shape[0])):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (high is not None and value > high):
+                bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else ">= 1"
+                raise ArgumentError(f"new_cache: argument {arg!r} is {value!r}, expected an int {bound}")
         if mode == "absorb":
             entries = [(a.kv_lora_rank + a.qk_rope_head_dim,)]
         elif mode == "naive":

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,6 +72,11 @@ def main(args: argparse.Namespace) -> int:
     _positive("--prompt-len", args.prompt_len)
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
+    from dshal.outputs import check_writable
+
+    for flag in ("json", "report"):  # before the run, not after it
+        if getattr(args, flag, None):
+            check_writable(getattr(args, flag), f"--{flag}")
     from dshal.parallel import run as parallel_run
 
     parallel = parallel_run.wanted(args)
@@ -131,7 +135,9 @@ def main(args: argparse.Namespace) -> int:
     if groups is None or parallel_run.is_reporting_rank():
         _print(report)
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+            from dshal.outputs import atomic_write
+
+            atomic_write(args.json, json.dumps(report, indent=2, default=str))
         if run_report:
             run_report.print()
             print(f"run report: {run_report.write(args.report)}")

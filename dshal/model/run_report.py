@@ -96,9 +96,10 @@ class RunReport:
         return out
 
     def write(self, path: str | Path) -> Path:
+        from dshal.outputs import atomic_write
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
         return path
 
     def print(self, console: Any = None) -> None:

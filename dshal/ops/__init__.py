@@ -16,7 +16,9 @@ Every call checks its inputs against the op's spec first, except inside
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -97,5 +99,29 @@ for _spec in SPECS.values():
     globals()[_spec.name] = _dispatcher(_spec)
 del _spec
 
+
+
+class _OpsModule(types.ModuleType):
+    """``dshal.ops`` itself, with its op names read-only: an op's dispatcher must stay the
+    one that reads the active runtime's table (what ``rt.providers`` reports). A plugin or
+    script that assigns ``dshal.ops.rms_norm = ...`` gets an error, not a silent takeover;
+    a backend provides an op through ``Backend.ops()``, a config through ``ops:``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in SPECS:
+            raise AttributeError(
+                f"dshal.ops.{name} is read-only: it dispatches to the provider the active runtime chose "
+                f"(see dshal.current().providers); provide {name!r} from a backend's ops() or set "
+                f"`ops: {{{name}: BACKEND}}` in the config"
+            )
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in SPECS:
+            raise AttributeError(f"dshal.ops.{name} is read-only and cannot be deleted")
+        super().__delattr__(name)
+
+
+sys.modules[__name__].__class__ = _OpsModule
 __all__ = sorted(SPECS) + ["SPECS", "OpSpec", "Cost", "checking", "reference", "trusted"]
 from dshal.ops import reference  # noqa: E402  (needs SPECS above)

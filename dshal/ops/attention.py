@@ -7,7 +7,9 @@ import math
 
 import torch
 
-from dshal.errors import DshalError
+from dataclasses import dataclass
+
+from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
 
 
@@ -32,6 +34,11 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
 
     A query that sees no key (e.g. ``p < 0`` when ``Tq > Tk``) outputs zeros.
     Computed in float32 (float64 for float64 inputs).
+
+    Non-finite inputs (NaN, +-Inf): keys a query does not see never reach its output. A
+    non-finite value in the query's own row of ``q``, or in a row of ``k`` it sees, makes its
+    whole output row NaN; a non-finite ``v[j, c]`` of a key ``j`` it sees makes its output
+    column ``c`` NaN. Every provider follows this (:func:`nonfinite_guard`).
     """
     op = "attention"
     check_tensor(op, "q", q, dtypes=FLOAT_DTYPES, ndim=4)
@@ -45,15 +52,15 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     check_dim(op, "v", v, 2, k.shape[2], "Tk, the length of 'k'")
     hk = k.shape[1]
     if hk == 0 or hq % hk:
-        raise DshalError(f"{op}: argument 'k' has {hk} heads, expected a divisor of the {hq} heads of 'q' (GQA)")
+        raise ShapeError(f"{op}: argument 'k' has {hk} heads, expected a divisor of the {hq} heads of 'q' (GQA)")
     if not isinstance(causal, bool):
-        raise DshalError(f"{op}: argument 'causal' is {causal!r}, expected True or False")
+        raise ArgumentError(f"{op}: argument 'causal' is {causal!r}, expected True or False")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0):
-        raise DshalError(f"{op}: argument 'scale' is {scale!r}, expected None or a positive float")
+        raise ArgumentError(f"{op}: argument 'scale' is {scale!r}, expected None or a positive float")
     if window is not None and (not _is_int(window) or window < 1):
-        raise DshalError(f"{op}: argument 'window' is {window!r}, expected None or an int >= 1")
+        raise ArgumentError(f"{op}: argument 'window' is {window!r}, expected None or an int >= 1")
     if not _is_int(global_tokens) or global_tokens < 0:
-        raise DshalError(f"{op}: argument 'global_tokens' is {global_tokens!r}, expected an int >= 0")
+        raise ArgumentError(f"{op}: argument 'global_tokens' is {global_tokens!r}, expected an int >= 0")
     check_same_device(op, "q", q, k=k, v=v)
 
 
@@ -73,8 +80,77 @@ def visible_keys(tq: int, tk: int, causal: bool, window: int | None, global_toke
     return seen
 
 
+def _visible_ranges(
+    tq: int, tk: int, causal: bool, window: int | None, global_tokens: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per query, its visible keys as disjoint index ranges ``[start, end)`` (each bound a
+    ``[Tq]`` int64 tensor): the band, and the global keys below and above it -- the same
+    set as :func:`visible_keys`."""
+    pos = torch.arange(tq, device=device) + (tk - tq)
+    if causal:
+        lo, hi = (pos - window + 1 if window is not None else torch.zeros_like(pos)), pos
+    elif window is not None:
+        lo, hi = pos - window + 1, pos + window - 1
+    else:
+        lo, hi = torch.zeros_like(pos), torch.full_like(pos, tk - 1)
+    a = lo.clamp(0, tk)
+    b = torch.maximum((hi + 1).clamp(0, tk), a)
+    if window is None or global_tokens == 0:
+        return [(a, b)]
+    g = torch.full_like(a, min(global_tokens, tk))
+    below = torch.minimum(g, a)
+    if causal:  # global keys still obey causality: j <= pos
+        return [(a, b), (torch.zeros_like(a), torch.minimum(below, (hi + 1).clamp(min=0)))]
+    return [(a, b), (torch.zeros_like(a), below), (b, torch.maximum(b, g))]
+
+
+@dataclass
+class NonFiniteGuard:
+    """Inputs with every non-finite value zeroed, and where the output must be NaN instead."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    #: ``[B, Hq, Tq, Dv]``-broadcastable bool: outputs that saw a non-finite input.
+    poison: torch.Tensor
+
+    def apply(self, out: torch.Tensor) -> torch.Tensor:
+        return out.masked_fill(self.poison, float("nan"))
+
+
+def nonfinite_guard(q, k, v, causal=True, window=None, global_tokens=0) -> NonFiniteGuard | None:
+    """How the contract's non-finite rule is met by any provider: run the kernel on the
+    returned zeroed inputs, then :meth:`NonFiniteGuard.apply` its output. None when every
+    input is finite: on CPU tensors, where reading a result costs no device sync, three sums
+    tell (a NaN or Inf anywhere makes its tensor's sum non-finite; a sum that merely
+    overflows takes the exact path, which is still right). On other devices the guard is
+    always built: a few elementwise passes over q, k and v, and no sync."""
+    if q.device.type == "cpu" and math.isfinite(float(q.sum()) + float(k.sum()) + float(v.sum())):
+        return None
+    bad_q, bad_k, bad_v = ~torch.isfinite(q), ~torch.isfinite(k), ~torch.isfinite(v)
+    batch, hq, tq, _ = q.shape
+    hk, tk, dv = k.shape[1], k.shape[2], v.shape[3]
+    ranges = _visible_ranges(tq, tk, causal, window, global_tokens, q.device)
+    # Non-finite keys / value entries per prefix of the keys, then summed over each query's ranges.
+    per_key = torch.cat((bad_k.any(dim=-1, keepdim=True), bad_v), dim=-1).to(torch.int32)  # [B, Hk, Tk, 1 + Dv]
+    prefix = torch.nn.functional.pad(per_key.cumsum(dim=2, dtype=torch.int32), (0, 0, 1, 0))  # [B, Hk, Tk + 1, 1 + Dv]
+    seen_bad = sum(prefix.index_select(2, end) - prefix.index_select(2, start) for start, end in ranges) > 0
+    from_kv = seen_bad[..., :1] | seen_bad[..., 1:]  # [B, Hk, Tq, Dv]: a bad key poisons the row, a value its column
+    sees_any = (sum(end - start for start, end in ranges) > 0)[:, None]  # [Tq, 1]: seeing nothing gives zeros
+    from_q = bad_q.any(dim=-1, keepdim=True) & sees_any  # [B, Hq, Tq, 1]
+    poison = (from_kv[:, :, None] | from_q.reshape(batch, hk, hq // hk, tq, 1)).reshape(batch, hq, tq, dv)
+    return NonFiniteGuard(q.masked_fill(bad_q, 0), k.masked_fill(bad_k, 0), v.masked_fill(bad_v, 0), poison)
+
+
 @attention.reference
 def _attention_reference(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
+    guard = nonfinite_guard(q, k, v, causal, window, global_tokens)
+    if guard is not None:
+        return guard.apply(_attention_math(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
+    return _attention_math(q, k, v, causal, scale, window, global_tokens)
+
+
+def _attention_math(q, k, v, causal, scale, window, global_tokens):
     batch, hq, tq, d = q.shape
     hk, tk, dv = k.shape[1], k.shape[2], v.shape[3]
     acc = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32

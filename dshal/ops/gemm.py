@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dshal.errors import DshalError, DTypeError, ShapeError
+from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.ops.quant import (
     FP8_DTYPE_LIST,
     SCALE_DTYPES,
@@ -197,11 +197,11 @@ def linear(x, weight, bias=None, weight_scale=None):
     quantized = weight.dtype not in FLOAT_DTYPES
     if quantized:
         if weight_scale is None:
-            raise DshalError(f"linear: argument 'weight' is {weight.dtype}, which needs a 'weight_scale'; got None")
+            raise ArgumentError(f"linear: argument 'weight' is {weight.dtype}, which needs a 'weight_scale'; got None")
         check_tensor(op, "weight_scale", weight_scale, dtypes=SCALE_DTYPES)
         _weight_quant_mode(op, weight, weight_scale)
     elif weight_scale is not None:
-        raise DshalError(f"linear: argument 'weight_scale' is given, but 'weight' is {weight.dtype}; expected None for a float weight")
+        raise ArgumentError(f"linear: argument 'weight_scale' is given, but 'weight' is {weight.dtype}; expected None for a float weight")
     check_same_device(op, "x", x, weight=weight, bias=bias, weight_scale=weight_scale)
 
 

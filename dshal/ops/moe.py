@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dshal.errors import DshalError, ShapeError
+from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.gemm import _linear_reference
 from dshal.ops.quant import FP8_DTYPE_LIST, SCALE_DTYPES, compute_dtype
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_ids_in_range, check_same_device, check_tensor, op_spec
@@ -17,7 +17,7 @@ from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_ids_in_range, ch
 def _check_count(op: str, arg: str, value: object, low: int, high: int | None, why: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise DshalError(f"{op}: argument {arg!r} is {value!r}, expected an int {bound}{why}")
+        raise ArgumentError(f"{op}: argument {arg!r} is {value!r}, expected an int {bound}{why}")
 
 
 # ---------------------------------------------------------------- moe_gate
@@ -47,9 +47,9 @@ def moe_gate(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, no
     kept = topk_group * (experts // n_group)
     _check_count(op, "top_k", top_k, 1, kept, f" (at most the {kept} experts in the {topk_group} kept groups)")
     if not isinstance(routed_scaling_factor, (int, float)) or isinstance(routed_scaling_factor, bool):
-        raise DshalError(f"{op}: argument 'routed_scaling_factor' is {routed_scaling_factor!r}, expected a float")
+        raise ArgumentError(f"{op}: argument 'routed_scaling_factor' is {routed_scaling_factor!r}, expected a float")
     if not isinstance(norm_topk_prob, bool):
-        raise DshalError(f"{op}: argument 'norm_topk_prob' is {norm_topk_prob!r}, expected True or False")
+        raise ArgumentError(f"{op}: argument 'norm_topk_prob' is {norm_topk_prob!r}, expected True or False")
     check_same_device(op, "logits", logits, bias=bias)
 
 
@@ -89,10 +89,10 @@ def _check_expert_weight(op: str, arg: str, w, scale_arg: str, scale, shape: tup
         raise ShapeError(f"{op}: argument {arg!r} has shape {list(w.shape)}, expected {list(shape)}")
     if w.dtype in FLOAT_DTYPES:
         if scale is not None:
-            raise DshalError(f"{op}: argument {scale_arg!r} is given, but {arg!r} is {w.dtype}; expected None for float weights")
+            raise ArgumentError(f"{op}: argument {scale_arg!r} is given, but {arg!r} is {w.dtype}; expected None for float weights")
         return
     if scale is None:
-        raise DshalError(f"{op}: argument {arg!r} is {w.dtype}, which needs {scale_arg!r} (block scales); got None")
+        raise ArgumentError(f"{op}: argument {arg!r} is {w.dtype}, which needs {scale_arg!r} (block scales); got None")
     check_tensor(op, scale_arg, scale, dtypes=SCALE_DTYPES, ndim=3)
     want = (shape[0], math.ceil(shape[1] / 128), math.ceil(shape[2] / 128))
     if tuple(scale.shape) != want:

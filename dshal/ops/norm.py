@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
-from dshal.errors import DTypeError, ShapeError
+from dshal.errors import ArgumentError, ShapeError
 
 
 @op_spec
@@ -21,7 +21,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     check_tensor("rms_norm", "weight", weight, dtypes=FLOAT_DTYPES, ndim=1)
     check_dim("rms_norm", "weight", weight, 0, x.shape[-1], "the last dim of 'x'")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise DTypeError(f"rms_norm: argument 'eps' is {eps!r}, expected a non-negative float")
+        raise ArgumentError(f"rms_norm: argument 'eps' is {eps!r}, expected a non-negative float")
     if residual is not None:
         check_tensor("rms_norm", "residual", residual, dtypes=(x.dtype,))
         if residual.shape != x.shape:

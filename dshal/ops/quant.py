@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dshal.errors import DshalError, DTypeError, ShapeError
+from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.ops.spec import (
     FLOAT_DTYPES,
     FP8_DTYPES,
@@ -44,7 +44,7 @@ def check_block(op: str, block: Any) -> None:
         and all(isinstance(b, int) and not isinstance(b, bool) and (b > 0 or b == -1) for b in block)
     )
     if not ok:
-        raise DshalError(
+        raise ArgumentError(
             f"{op}: argument 'block' is {block!r}, expected None (tensorwise) or a pair of ints, each > 0 or -1, "
             "e.g. (1, 128), (128, 128), (1, -1)"
         )
@@ -141,7 +141,7 @@ def quantize_fp8(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
     check_block(op, block)
     fp8_dtype(op, "fmt", fmt)
     if scale_fmt not in SCALE_FORMATS:
-        raise DshalError(f"{op}: argument 'scale_fmt' is {scale_fmt!r}, expected None or 'ue8m0'")
+        raise ArgumentError(f"{op}: argument 'scale_fmt' is {scale_fmt!r}, expected None or 'ue8m0'")
 
 
 @quantize_fp8.reference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dshal.errors import DshalError, ShapeError
+from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_same_device, check_tensor, op_spec
 
 
@@ -37,7 +37,7 @@ def rotary_embedding(x, cos, sin, interleaved=True):
             "(x[..., :D/2]: one angle per pair)"
         )
     if not isinstance(interleaved, bool):
-        raise DshalError(f"{op}: argument 'interleaved' is {interleaved!r}, expected True or False")
+        raise ArgumentError(f"{op}: argument 'interleaved' is {interleaved!r}, expected True or False")
     check_same_device(op, "x", x, cos=cos, sin=sin)
 
 

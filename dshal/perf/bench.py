@@ -417,7 +417,7 @@ def main(args: argparse.Namespace) -> int:
         ("--min-runs", args.min_runs, 1),
         ("--time-per-case", args.time_per_case, 0),
     ):
-        if value < low:
+        if not low <= value < float("inf"):  # NaN and inf fail too
             raise DshalError(f"{flag}: got {value}, expected a number >= {low}")
     repeats = Repeats(warmup=args.warmup, min_runs=args.min_runs, max_runs=args.runs, budget_s=args.time_per_case)
     report = run_bench(

@@ -23,7 +23,6 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -584,14 +583,9 @@ SHAPE_SETS: dict[str, Callable[[], list[tuple[str, dict[str, Any]]]]] = {"ci": _
 def load_shapes_file(path: str | os.PathLike) -> list[Case]:
     """Cases from a YAML file (``cases:`` list, or a top-level list, of ``{op: ..., <params>}``);
     every error names ``file:line``."""
-    from dshal.config import _compose  # the config loader's YAML-with-line-marks parser
+    from dshal.config import read_yaml  # the config loader: bounded YAML with line marks
 
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read shapes file: {err.strerror}", file=str(path)) from None
-    doc = _compose(text, str(path))
+    doc = read_yaml(path, "shapes file")
     data, root = doc.data, ()
     if isinstance(data, Mapping):
         unknown = [k for k in data if k != "cases"]

@@ -38,7 +38,10 @@ def set_threads(threads: int | None) -> None:
 def start(args: argparse.Namespace) -> Any:
     """Apply ``--threads`` and activate the runtime of ``--config`` / ``--backend``."""
     import dshal
+    from dshal.outputs import check_writable
 
+    check_writable(args.output, "--output")  # before the run, not after it
+    check_writable(json_path(args), "--json")
     set_threads(args.threads)
     return dshal.use(args.config, **({"backend": args.backend} if args.backend else {}))
 

@@ -131,10 +131,9 @@ class HtmlReport:
         return "\n".join(out)
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.render(), encoding="utf-8")
-        return path
+        from dshal.outputs import atomic_write  # temp file + rename: never a half-written report
+
+        return atomic_write(path, self.render())
 
 
 def _table_html(t: Table) -> str:
@@ -150,10 +149,9 @@ def _table_html(t: Table) -> str:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """``data`` as indented JSON (NaN/inf written as null, so any JSON reader takes it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(data), indent=2, default=str), encoding="utf-8")
-    return path
+    from dshal.outputs import atomic_write  # temp file + rename: never a half-written report
+
+    return atomic_write(path, json.dumps(_finite(data), indent=2, default=str))
 
 
 def _finite(v: Any) -> Any:

@@ -37,6 +37,17 @@ ATTENTION = [
     dict(name="bf16/M0/Tq0", kind="edge", dtype=BF16, b=1, hq=2, hk=2, tq=0, tk=16, d=64),
     dict(name="bf16/Tq>Tk-unseen-queries", kind="edge", dtype=BF16, b=1, hq=2, hk=2, tq=24, tk=16, d=64),
     dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, b=1, hq=4, hk=4, tq=32, tk=32, d=64, noncontiguous=("q", "v")),
+    # Non-finite inputs (the op's contract): keys a query does not see never reach it; a NaN
+    # it sees propagates (row for q/k, column for v). ``nan``: (tensor, index) to poison.
+    dict(name="f32/nan-in-visible-key/causal", kind="edge", dtype=F32, b=1, hq=2, hk=2, tq=16, tk=16, d=32, nan=[("k", (0, 1, 5, 3))]),
+    dict(name="f32/nan-in-hidden-key/window4", kind="edge", dtype=F32, b=1, hq=2, hk=2, tq=16, tk=16, d=32, window=4, nan=[("k", (0, 0, 2, 0))]),
+    dict(name="f32/inf-in-values/window4+global2/gqa", kind="edge", dtype=F32, b=1, hq=4, hk=2, tq=16, tk=16, d=32, window=4, global_tokens=2,
+         nan=[("v", (0, 0, 1, 7)), ("v", (0, 1, 9, 0)), ("v", (0, 1, 14, 3))], value=float("inf")),
+    dict(name="f32/nan-in-query/noncausal-window3", kind="edge", dtype=F32, b=1, hq=2, hk=2, tq=12, tk=12, d=32, causal=False, window=3,
+         nan=[("q", (0, 1, 4, 0)), ("k", (0, 0, 11, 2))]),
+    dict(name="bf16/nan-in-key/decode/Tq1xTk64/gqa", kind="edge", dtype=BF16, b=2, hq=4, hk=2, tq=1, tk=64, d=64, nan=[("k", (1, 0, 40, 5))]),
+    dict(name="bf16/nan-in-key/decode-window16/Tq1xTk64", kind="edge", dtype=BF16, b=1, hq=2, hk=2, tq=1, tk=64, d=64, window=16,
+         nan=[("k", (0, 0, 10, 5)), ("v", (0, 1, 60, 1))]),
     dict(name="bf16/mla/prefill/H128xT1024xD192xDv128", tier="full", dtype=BF16, b=1, hq=128, hk=128, tq=1024, tk=1024, d=192, dv=128),
     dict(name="bf16/mla/decode/H128xTk4096xD192xDv128", tier="full", dtype=BF16, b=4, hq=128, hk=128, tq=1, tk=4096, d=192, dv=128),
     dict(name="bf16/mla/window512/H128xT2048", tier="full", dtype=BF16, b=1, hq=128, hk=128, tq=2048, tk=2048, d=192, dv=128, window=512, global_tokens=16),
@@ -55,6 +66,8 @@ def build_attention(ctx: Context, row: Mapping[str, Any]) -> Inputs:
         "window": row.get("window"),
         "global_tokens": row.get("global_tokens", 0),
     }
+    for name, index in row.get("nan", ()):
+        kw[name][index] = row.get("value", float("nan"))
     return Inputs(kw)
 
 

@@ -68,8 +68,10 @@ def cache_dir() -> Path:
 
 
 def _disabled_reason() -> str | None:
+    from dshal.config import env_flag  # one parser for on/off variables: a typo is a ConfigError
+
     raw = os.environ.get("DSHAL_CPU_KERNELS", "").strip().lower()
-    return f"disabled by DSHAL_CPU_KERNELS={raw}" if raw in ("0", "false", "no", "off") else None
+    return None if env_flag("DSHAL_CPU_KERNELS", True) else f"disabled by DSHAL_CPU_KERNELS={raw}"
 
 
 def _cpu_identity() -> str:

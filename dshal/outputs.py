@@ -1,0 +1,68 @@
+"""Writing report files: check the destination before a run, then replace it atomically.
+
+Every command that writes a report (``dshal conformance``, ``matrix``, ``bench``,
+``profile``, ``run --json``) checks its output paths first, so an unwritable
+``--report-dir`` is found before minutes of work, and writes through
+:func:`atomic_write`: the text goes to a temporary file in the same folder, is flushed to
+disk, then renamed over the destination. A full disk or a Ctrl-C mid-write leaves the
+previous report whole, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dshal.errors import ArgumentError
+
+
+def check_writable(path: Any, what: str, *, directory: bool = False) -> Path:
+    """Make sure ``path`` (a file, or with ``directory=True`` a folder) can be written:
+    its folder is created if missing and a probe file is written and removed there.
+    Raises ArgumentError naming ``what`` (e.g. "--report-dir"), the path and the reason."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        raise ArgumentError(f"{what}: {path} is a directory, expected a file path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dshal-write-probe-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ArgumentError(f"{what}: cannot write to {folder} ({reason}); expected a writable folder") from None
+    return path
+
+
+def atomic_write(path: Any, data: str | bytes, *, encoding: str = "utf-8") -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename:
+    readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode(encoding) if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a report gets the usual mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+__all__ = ["atomic_write", "check_writable"]

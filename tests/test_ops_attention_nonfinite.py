@@ -1,0 +1,90 @@
+"""Attention's non-finite rule (issue #16, class 5), provider by provider, against a
+brute-force statement of the contract: keys a query does not see never reach it; a NaN or
+Inf in its q row, or in a k row it sees, makes its output row NaN; in a v entry it sees,
+that output column NaN."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import dshal
+from dshal.ops.attention import visible_keys
+
+SHAPES = [  # (tq, tk, causal, window, global_tokens)
+    (8, 8, True, None, 0),
+    (8, 8, True, 3, 0),
+    (8, 8, True, 4, 2),
+    (6, 6, False, 2, 0),
+    (6, 6, False, 2, 3),
+    (1, 12, True, None, 0),
+    (1, 12, True, 4, 0),
+    (10, 6, True, None, 0),  # Tq > Tk: the first queries see nothing
+]
+
+
+def expected_nan(q, k, v, causal, window, global_tokens) -> torch.Tensor:
+    batch, hq, tq, _ = q.shape
+    hk, tk, dv = k.shape[1], k.shape[2], v.shape[3]
+    seen = visible_keys(tq, tk, causal, window, global_tokens, q.device)
+    seen = torch.ones(tq, tk, dtype=torch.bool) if seen is None else seen
+    want = torch.zeros(batch, hq, tq, dv, dtype=torch.bool)
+    for b, h, i in itertools.product(range(batch), range(hq), range(tq)):
+        keys = seen[i].nonzero().flatten().tolist()
+        if not keys:
+            continue
+        kv = h // (hq // hk)
+        if not torch.isfinite(q[b, h, i]).all() or any(not torch.isfinite(k[b, kv, j]).all() for j in keys):
+            want[b, h, i] = True
+        for j in keys:
+            want[b, h, i] |= ~torch.isfinite(v[b, kv, j])
+    return want
+
+
+def _inputs(tq, tk, seed, bad):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, t, 16, generator=gen) for h, t in ((4, tq), (2, tk), (2, tk)))
+    # One poisoned entry per tensor named in `bad`, at spots that differ per seed.
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if name in bad:
+            flat = t.view(-1)
+            flat[int(torch.randint(0, flat.numel(), (1,), generator=gen))] = bad[name]
+    return q, k, v
+
+
+def _providers():
+    yield "reference", dshal.ops.reference.attention
+    rt = dshal.use(backend="cpu")
+    yield "cpu", rt.op("attention")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"Tq{s[0]}xTk{s[1]}-{'c' if s[2] else 'nc'}-w{s[3]}-g{s[4]}" for s in SHAPES])
+@pytest.mark.parametrize("bad", [{"k": float("nan")}, {"v": float("inf")}, {"q": float("nan")}, {"k": float("-inf"), "v": float("nan")}])
+def test_every_provider_follows_the_nonfinite_rule(shape, bad, clean_dshal_env):
+    tq, tk, causal, window, global_tokens = shape
+    for seed in range(3):
+        q, k, v = _inputs(tq, tk, seed, bad)
+        want = expected_nan(q, k, v, causal, window, global_tokens)
+        clean = _inputs(tq, tk, seed, {})  # the same values without the poison
+        for name, attention in _providers():
+            out = attention(q, k, v, causal=causal, window=window, global_tokens=global_tokens)
+            got = torch.isnan(out)
+            assert torch.equal(got, want), f"{name}: NaN where {(got & ~want).nonzero().tolist()[:3]}, lost {(want & ~got).nonzero().tolist()[:3]}"
+            # Outputs the poison cannot reach are unchanged only where no visible key was poisoned.
+            ref_clean = dshal.ops.reference.attention(*clean, causal=causal, window=window, global_tokens=global_tokens)
+            untouched = ~want.any(dim=-1, keepdim=True).expand_as(want)
+            if "k" not in bad and "q" not in bad:
+                assert torch.isfinite(out[~want]).all()
+            torch.testing.assert_close(out[untouched & torch.isfinite(ref_clean)], ref_clean[untouched], rtol=1e-5, atol=1e-5)
+
+
+def test_nvidia_emulated_attention_follows_the_rule(monkeypatch, clean_dshal_env):
+    pytest.importorskip("dshal_nvidia", reason="the dshal-nvidia plugin is not installed")
+    rt = dshal.use(backend="nvidia", emulate=True)
+    attention = rt.op("attention")
+    for tq, tk, causal, window, global_tokens in SHAPES:
+        q, k, v = _inputs(tq, tk, 7, {"k": float("nan"), "v": float("inf")})
+        out = attention(q, k, v, causal=causal, window=window, global_tokens=global_tokens)
+        assert torch.equal(torch.isnan(out), expected_nan(q, k, v, causal, window, global_tokens)), (tq, tk, causal, window)

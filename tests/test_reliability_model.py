@@ -1,0 +1,225 @@
+"""Hostile checkpoints and generation requests (issue #16, classes 1, 2 and 6): every bad
+input ends in a typed dshal error that names the key / tensor / argument, the value and
+what was expected -- never a raw Python error, a terabyte allocation or garbage tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import dshal
+from dshal.errors import ArgumentError, CheckpointError, ConfigError, ShapeError
+from dshal.model import ModelArgs, from_pretrained, tiny_args
+from dshal.model.args import MAX_POSITIONS, validate_hf_config
+from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
+
+CONFIG = {"backend": "cpu", "precision": {"gemm": "bf16"}}
+ARGS = tiny_args(num_hidden_layers=2, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return random_checkpoint(ARGS, seed=0, std=0.1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(state, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(path, ARGS, state)
+    return path
+
+
+def _config_file(tmp_path, cfg) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path / "config.json")
+
+
+# ----------------------------------------------------------------- class 1: config.json
+BAD_KEYS = [
+    ("intermediate_size", 256.5, "an integer"),
+    ("vocab_size", True, "an integer"),
+    ("hidden_size", "128", "an integer"),
+    ("num_hidden_layers", -2, "an integer in [1,"),
+    ("max_position_embeddings", 10**12, f"an integer in [1, {MAX_POSITIONS}]"),
+    ("rope_theta", 0, "a finite number > 0"),
+    ("rope_theta", -1.0, "a finite number > 0"),
+    ("rms_norm_eps", float("nan"), "a finite number"),
+    ("rope_scaling", "yarn", "a JSON object"),
+    ("rope_scaling", {"type": "yarn", "factor": 0, "original_max_position_embeddings": 1024}, "factor: got 0, expected a finite number > 0"),
+    ("rope_scaling", {"type": "yarn", "factor": -4, "original_max_position_embeddings": 1024}, "factor: got -4, expected"),
+    ("rope_scaling", {"type": "yarn", "factor": float("nan")}, "factor: got nan, expected a finite"),
+    ("rope_scaling", {"type": "yarn", "factor": 4, "original_max_position_embeddings": "1k"}, "embeddings: got '1k', expected an integer"),
+    ("quantization_config", {"quant_method": "fp8", "weight_block_size": [128]}, "got [128], expected two positive integers"),
+    ("quantization_config", {"quant_method": "fp8", "weight_block_size": [0, 128]}, "got [0, 128], expected two positive"),
+    ("quantization_config", [1, 2], "a JSON object"),
+    ("tie_word_embeddings", "no", "true or false"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), BAD_KEYS, ids=[f"{k}={v!r:.20}" for k, v, _ in BAD_KEYS])
+def test_config_json_bad_value_names_key_value_expectation_and_file(tmp_path, key, value, expected):
+    cfg = {**ARGS.to_hf_config(), key: value}
+    path = _config_file(tmp_path, cfg)
+    with pytest.raises(ConfigError) as caught:
+        ModelArgs.from_file(tmp_path)
+    msg = str(caught.value)
+    assert msg.startswith(path), msg  # the file (and the line of the key)
+    assert caught.value.line is not None and caught.value.key.split(".")[0] == key
+    assert key in msg and expected in msg, msg
+    if not isinstance(value, dict):  # nested values: `expected` quotes the leaf value
+        shown = repr(value) if not isinstance(value, float) or not math.isnan(value) else "nan"
+        assert f"got {shown}" in msg, msg
+
+
+def test_config_json_missing_size_is_an_error_not_a_default(tmp_path):
+    cfg = ARGS.to_hf_config()
+    del cfg["hidden_size"]
+    path = _config_file(tmp_path, cfg)
+    with pytest.raises(ConfigError, match="missing required key.*hidden_size") as caught:
+        ModelArgs.from_file(tmp_path)
+    assert caught.value.file == path
+
+
+@pytest.mark.parametrize("document", [[1, 2], "text", 3])
+def test_config_json_that_is_not_an_object(tmp_path, document):
+    _config_file(tmp_path, document)
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        ModelArgs.from_file(tmp_path)
+
+
+def test_config_json_file_level_errors_each_say_what_is_wrong(tmp_path, checkpoint):
+    bad = tmp_path / "latin1"
+    bad.mkdir()
+    (bad / "config.json").write_bytes(b'{"model_type": "deepseek_v3", "name": "caf\xe9"}')
+    with pytest.raises(ConfigError, match=r"not UTF-8 text: byte 0xe9 at line 1"):
+        ModelArgs.from_file(bad)
+    with pytest.raises(ConfigError, match="checkpoint path is a file, expected a folder"):
+        from_pretrained(checkpoint / "model.safetensors", CONFIG)
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    with pytest.raises(ConfigError, match="symlink loop"):
+        from_pretrained(loop, CONFIG)
+    with pytest.raises(ConfigError, match="no such file"):
+        from_pretrained(tmp_path / "nowhere", CONFIG)
+    if os.geteuid() != 0:  # root reads anything: the permission case cannot be staged
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        (locked / "config.json").write_text("{}")
+        (locked / "config.json").chmod(0)
+        with pytest.raises(ConfigError, match="permission denied"):
+            ModelArgs.from_file(locked)
+
+
+def test_validate_hf_config_accepts_what_to_hf_config_writes():
+    cfg = ARGS.to_hf_config()
+    assert validate_hf_config(json.loads(json.dumps(cfg))) == cfg
+    assert ModelArgs.from_hf_config(json.loads(json.dumps(cfg))) == ARGS
+
+
+@pytest.mark.parametrize("weight_map", [["a.safetensors"], {"x": 3}, {"x": "../elsewhere.safetensors"}])
+def test_index_file_weight_map_must_map_names_to_shard_files(tmp_path, checkpoint, weight_map):
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        from_pretrained(tmp_path, CONFIG)
+
+
+# ----------------------------------------------------------------- class 2: non-finite weights
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_non_finite_weights_raise_checkpoint_error_naming_the_tensor(tmp_path, state, bad, fp8, monkeypatch):
+    tensors = dict(state)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    if fp8:
+        tensors = quantize_checkpoint_fp8(tensors)
+        name = "model.layers.1.self_attn.o_proj.weight_scale_inv"
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, 0] = bad
+    save_checkpoint(tmp_path, ARGS, tensors)
+    config = {**CONFIG, "precision": {"gemm": "fp8-block" if fp8 else "bf16"}}
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' .* non-finite .* index \[0, 0\]"):
+        from_pretrained(tmp_path, config)
+    monkeypatch.setenv("DSHAL_CHECK_FINITE", "0")  # the documented opt-out loads it as it is
+    assert from_pretrained(tmp_path, config) is not None
+
+
+def test_fp8_nan_bit_pattern_in_weight_is_found(tmp_path, state):
+    tensors = quantize_checkpoint_fp8(state)
+    name = "model.layers.0.mlp.down_proj.weight"
+    raw = tensors[name].clone().view(torch.uint8)
+    raw[1, 2] = 0x7F  # e4m3fn NaN
+    tensors[name] = raw.view(torch.float8_e4m3fn)
+    save_checkpoint(tmp_path, ARGS, tensors)
+    with pytest.raises(CheckpointError, match=rf"'{name}'.*index \[1, 2\]"):
+        from_pretrained(tmp_path, {**CONFIG, "precision": {"gemm": "fp8-block"}})
+
+
+# ----------------------------------------------------------------- class 6: generation bounds
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return from_pretrained(checkpoint, CONFIG)
+
+
+def _prompt(batch: int = 1, length: int = 4) -> torch.Tensor:
+    return torch.randint(0, ARGS.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"max_new_tokens": 10**12}, ArgumentError, r"'max_new_tokens' is 1000000000000, expected at most 4092"),
+        ({"max_new_tokens": -1}, ArgumentError, "'max_new_tokens' is -1"),
+        ({"max_new_tokens": 2, "temperature": float("nan")}, ArgumentError, "'temperature' is nan"),
+        ({"max_new_tokens": 2, "temperature": float("inf")}, ArgumentError, "'temperature' is inf"),
+        ({"max_new_tokens": 2, "eos_token_id": 10**6}, ArgumentError, "'eos_token_id' is 1000000"),
+    ],
+)
+def test_generate_rejects_bad_arguments_up_front(model, kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        model.generate(_prompt(), **kwargs)
+
+
+def test_generate_empty_batch_is_a_shape_error(model):
+    with pytest.raises(ShapeError, match=r"input_ids' has shape \[0, 4\], expected \[B, T\] with B >= 1"):
+        model.generate(torch.zeros(0, 4, dtype=torch.int64), 2)
+
+
+def test_decode_step_with_out_of_range_id_is_checked_even_after_trusted_steps(model):
+    prompt = _prompt()
+    cache = model.new_cache(1, 16)
+    model(prompt, 0, cache)
+    good = torch.tensor([[3]])
+    model(good, 4, cache)  # first decode step: checked, later ones run trusted
+    model(good, 5, cache)
+    for bad in (ARGS.vocab_size, -1):
+        with pytest.raises(dshal.DshalError, match="token id"):
+            model(torch.tensor([[bad]]), 6, cache)
+    # and generate() still produces the same tokens with its own trusted steps
+    torch.testing.assert_close(model.generate(prompt, 3), model.generate(prompt, 3), rtol=0, atol=0)
+
+
+def test_cache_of_another_model_is_refused(model, tmp_path, state):
+    other_args = ARGS.with_(kv_lora_rank=32)
+    other = from_pretrained(save_checkpoint(tmp_path, other_args, random_checkpoint(other_args)), CONFIG)
+    cache = other.new_cache(1, 16)
+    with pytest.raises(ShapeError, match="made for another model"):
+        model(_prompt(), 0, cache)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "pattern"),
+    [
+        (lambda m: m.new_cache(1, 10**12), ArgumentError, r"'max_len' is 1000000000000, expected an int in \[1, 4096\]"),
+        (lambda m: m.new_cache(0, 8), ArgumentError, "'batch' is 0"),
+        (lambda m: m(_prompt(), -1), ArgumentError, "'start_pos' is -1"),
+        (lambda m: m(_prompt(), 0, {}), dshal.DTypeError, "'cache' is dict, expected a KVCache"),
+        (lambda m: m.generate(torch.zeros(1, 5000, dtype=torch.int64), 0), ShapeError, "has 5000 tokens, expected at most"),
+    ],
+)
+def test_model_entry_points_reject_impossible_requests(model, call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(model)
