@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("dshal.model.run", "run the DeepSeek-V3 model core (tiny built-in model by default) and report tokens/s", "dshal"),
     "bench": ("dshal.perf.bench", "per-op latency, FLOP/s and bytes/s against the device roofline", "dshal"),
     "profile": ("dshal.perf.profile", "profile the model core per layer and op; find the bottlenecks", "dshal"),
+    "kernels": ("dshal.kernels.triton.crosscompile", "cross-compile every shipped Triton kernel config for sm_90a/gfx942/gfx950", "dshal"),
 }
 
 EPILOG = """\

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from dshal.errors import DTypeError
-from dshal.kernels.triton._checks import FP8_FORMATS, check_kernel_device, module_interpreted, resolve_target
+from dshal.kernels.triton._checks import FP8_FORMATS, check_kernel_device, launch, module_interpreted, resolve_target
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget
 from dshal.ops.spec import check_dim, check_same_device, check_tensor
@@ -161,7 +161,8 @@ def fp8_block_gemm(
     if len(tgt.gemm_tiles) == 1 or INTERPRETED:  # the autotuner needs a GPU to time configs
         tile = tgt.gemm_tiles[0]
         grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
-        _fp8_block_gemm_kernel[grid](
+        launch(
+            _fp8_block_gemm_kernel, grid,
             *args, **meta, **tile.kernel_kwargs(), num_warps=tile.num_warps, num_stages=tile.num_stages
         )
     else:
@@ -169,7 +170,7 @@ def fp8_block_gemm(
         def grid(cfg: dict[str, Any]) -> tuple[int]:
             return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
-        _autotuned(tgt)[grid](*args, **meta)
+        launch(_autotuned(tgt), grid, *args, **meta)
     return out
 
 

@@ -31,6 +31,7 @@ from dshal.kernels.triton._checks import (
     FP8_FORMATS,
     check_flag,
     check_kernel_device,
+    launch,
     module_interpreted,
     resolve_target,
 )
@@ -315,7 +316,8 @@ def grouped_moe_experts(
     # 2. gate/up projection + SwiGLU, one launch over (tile, I block)
     act = torch.empty((T * k, inter), dtype=x.dtype, device=dev)
     s13 = w13_scale if w13_scale is not None else dummy
-    _moe_gate_up_kernel[(max_tiles, triton.cdiv(inter, block_n))](
+    launch(
+        _moe_gate_up_kernel, (max_tiles, triton.cdiv(inter, block_n)),
         x, w13, s13, act,
         token_of_row, tile_expert, tile_row, expert_end,
         H, inter, E,
@@ -329,7 +331,8 @@ def grouped_moe_experts(
     # 3. down projection, weighted, back to each row's (token, choice) slot
     slots = torch.empty((T * k, H), dtype=torch.float32, device=dev)
     s2 = w2_scale if w2_scale is not None else dummy
-    _moe_down_kernel[(max_tiles, triton.cdiv(H, block_n))](
+    launch(
+        _moe_down_kernel, (max_tiles, triton.cdiv(H, block_n)),
         act, w2, s2, slots,
         slot_of_row, weight_of_row, tile_expert, tile_row, expert_end,
         H, inter, E,
