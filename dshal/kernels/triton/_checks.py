@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,10 @@ class Launch:
     kwargs: dict[str, Any]
 
 
+#: Serializes launches under the Triton interpreter, which patches ``triton.language``
+#: globally while a kernel runs and so crashes when two threads run kernels at once.
+INTERPRETER_LOCK = threading.RLock()
+
 _CAPTURED: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar("dshal_triton_capture", default=None)
 
 
@@ -124,7 +129,11 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
     arguments a real launch passes (the JIT specializes on them)."""
     captured = _CAPTURED.get()
     if captured is None:
-        kernel[grid](*args, **kwargs)
+        if type(kernel).__name__ == "InterpretedFunction":
+            with INTERPRETER_LOCK:
+                kernel[grid](*args, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
     else:
         captured.append(Launch(kernel, grid, args, kwargs))
 

@@ -10,6 +10,7 @@ deciding their capabilities); :meth:`KernelTarget.gemm_autotune_configs` imports
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +213,17 @@ class KernelTarget:
             moe_block_k=64,
             bf16_dot=False,
             elementwise_warps=4,
+        )
+
+    @classmethod
+    def emulating(cls, real: KernelTarget) -> KernelTarget:
+        """The interpreter's tiling with ``real``'s FP8 rules: emulated mode accepts, refuses and
+        dots exactly the FP8 dtypes the real hardware does (the interpreter itself takes all)."""
+        return dataclasses.replace(
+            cls.interpreter(real.fp8_e4m3),
+            name=f"interpreter (emulating {real.name})",
+            fp8_dtypes=real.fp8_dtypes,
+            fp8_dot_dtypes=real.fp8_dot_dtypes,
         )
 
     @classmethod
