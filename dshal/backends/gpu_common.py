@@ -450,7 +450,10 @@ class TorchGpuBackend(Backend):
                 kinds[op] = "native"
         notes = dict(hw.notes)
         notes.update(plan.describe())
-        notes["moe_experts"] = "Triton grouped kernel for float weights; FP8 weights: reference math (W8A8 contract)"
+        notes["moe_experts"] = (
+            "Triton grouped kernel (tokens sorted into expert tiles) for float and FP8 weights (1x128 activation "
+            "quant, 128x128 weight scales, in-kernel); int8 weights and float64: reference math"
+        )
         notes["attention"] = "torch scaled_dot_product_attention (explicit mask for end-aligned causal, window, global tokens)"
         if self._triton_ok():
             notes["kernels"] = f"Triton, target {self.kernel_target().name}"
@@ -665,12 +668,12 @@ class TorchGpuBackend(Backend):
         return self.kernels().rotary.rotary_embedding(x, cos, sin, interleaved, target=self.kernel_target())
 
     def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
-        fp8_weights = w13.dtype not in FLOAT_DTYPES or w2.dtype not in FLOAT_DTYPES
-        # The grouped kernel multiplies FP8 weights with unquantized activations (W8A16); the
-        # contract quantizes activations per 1x128 (W8A8, as DeepSeek-V3), and the two differ
-        # by ~1e-3 in DeepGEMM's similarity. FP8 experts use the contract's math until the
-        # kernel quantizes its activations.
-        if x.dtype not in TRITON_FLOAT_DTYPES or ids.numel() == 0 or fp8_weights:
+        # One grouped Triton kernel per projection, FP8 weights included (activations quantized
+        # per 1x128 inside it, 128x128 weight scales, as the contract's W8A8 math). Int8 weights,
+        # float64 and FP8 formats this hardware lacks: the reference.
+        fp8_ok = self.kernel_target().fp8_dtypes
+        served = all(w.dtype == x.dtype or w.dtype in fp8_ok for w in (w13, w2))
+        if x.dtype not in TRITON_FLOAT_DTYPES or ids.numel() == 0 or not served:
             return _reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
         return self.kernels().moe.grouped_moe_experts(
             x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.kernel_target()
