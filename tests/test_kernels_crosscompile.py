@@ -30,8 +30,8 @@ def test_every_shipped_config_lowers_fits_and_uses_the_tensor_cores(rows, name):
     failed = [(r["kernel"], r["config"], r["problems"]) for r in mine if not r["ok"]]
     assert not failed, f"{name}: shipped configs fail: {failed}"
     table = COMPILE_TARGETS[name].kernel_target()
-    gemm = [r for r in mine if r["kernel"] == "fp8_block_gemm"]
-    assert len(gemm) == len(table.gemm_tiles)  # one row per autotune tile, none dropped
+    gemm = [r for r in mine if r["kernel"].startswith("fp8_block_gemm")]
+    assert len(gemm) == len(table.shipped_gemm_tiles())  # one row per tile, none dropped
     moe = [r for r in mine if r["kernel"].startswith("grouped_moe_experts")]
     assert len(moe) == 2
     for r in gemm + moe:
@@ -43,10 +43,14 @@ def test_every_shipped_config_lowers_fits_and_uses_the_tensor_cores(rows, name):
 
 
 def test_sm90a_uses_wgmma_for_warpgroup_tiles_and_cp_async(rows):
-    gemm = [r for r in rows if r["target"] == "sm_90a" and r["kernel"] == "fp8_block_gemm"]
+    gemm = [r for r in rows if r["target"] == "sm_90a" and r["kernel"].startswith("fp8_block_gemm")]
     big = [r for r in gemm if "BLOCK_M=64" in r["config"] or "BLOCK_M=128" in r["config"]]
     assert big and all(any(m.startswith("wgmma.mma_async") for m in r["tensor_core"]) for r in big)
     assert all("cp.async" in r["async_copy"] and r["stages_built"] == r["num_stages"] for r in big)
+    # decode tiles: 16 rows (mma.sync: wgmma needs 64) and split-K, still pipelined
+    decode = [r for r in gemm if r["kernel"] == "fp8_block_gemm (decode)"]
+    assert decode and all("BLOCK_M=16" in r["config"] and r["tensor_core"] for r in decode)
+    assert any("SPLIT_K=4" in r["config"] for r in decode)
 
 
 def test_a_spilling_tile_is_reported_as_a_failure():
@@ -54,7 +58,7 @@ def test_a_spilling_tile_is_reported_as_a_failure():
     hundreds of VGPRs: the check must catch it, not the autotuner at run time."""
     spilling = TileConfig(256, 256, num_warps=8, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16)
     rows = cross_compile(["gfx942"], jobs=1, cache_dir=default_cache_dir(), gemm_tiles=[spilling])
-    (gemm,) = [r for r in rows if r["kernel"] == "fp8_block_gemm"]
+    (gemm,) = [r for r in rows if r["kernel"] == "fp8_block_gemm" and "BLOCK_M=256" in r["config"]]
     assert gemm["lowered"] and gemm["spills"] > 100 and not gemm["ok"]
     assert any("spills" in p for p in gemm["problems"])
 

@@ -150,11 +150,17 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
             call()
         jobs.extend(_expand(kernel, launches, tensor_core, tiles))
 
-    # GEMM: the autotuner's launch, one job per tile of the table
-    m, n, k = 4096, 7168, 2048
-    a, b = torch.empty(m, k, dtype=e4m3), torch.empty(n, k, dtype=e4m3)
-    sa, sb = torch.empty(m, k // 128), torch.empty(n // 128, k // 128)
-    cap("fp8_block_gemm", lambda: mods["gemm"].fp8_block_gemm(a, sa, b, sb, target=target), True, target.gemm_tiles)
+    # GEMM: every tile the target may launch (both spaces, tuned-table entries), each on the
+    # shape class it serves: decode tiles on one token (M = 1 is a constexpr specialization)
+    # over DeepSeek-V3's fused q/kv down-projection, the others on a prefill chunk.
+    for tile in target.shipped_gemm_tiles():
+        decode = tile in target.gemm_decode_tiles
+        m, n, k = (1, 2112, 7168) if decode else (4096, 7168, 2048)
+        a, b = torch.empty(m, k, dtype=e4m3), torch.empty(n, k, dtype=e4m3)
+        sa, sb = torch.empty(m, -(-k // 128)), torch.empty(-(-n // 128), -(-k // 128))
+        cap("fp8_block_gemm (decode)" if decode else "fp8_block_gemm",
+            lambda a=a, sa=sa, b=b, sb=sb, tile=tile: mods["gemm"].fp8_block_gemm(a, sa, b, sb, target=target, tile=tile),
+            True, (tile,))  # fmt: skip
     # MoE: FP8 experts (the routed experts' path), T=64 tokens, top-8 of 16 experts
     T, H, inter, E, topk = 64, 1024, 512, 16, 8
     x = torch.empty(T, H, dtype=torch.bfloat16)
