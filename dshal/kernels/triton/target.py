@@ -261,6 +261,8 @@ class KernelTarget:
             fp8_dot_dtypes=dots,
             # few, wide programs: the interpreter's cost is per program and per op, not per element
             gemm_tiles=(TileConfig(32, 64, num_warps=4, num_stages=1),),
+            # decode GEMMs take the split-K path here too, so emulated runs exercise it
+            gemm_decode_tiles=(TileConfig(16, 64, num_warps=4, num_stages=1, split_k=2),),
             moe_tile=TileConfig(16, 64, num_warps=4, num_stages=1),
             moe_block_k=64,
             bf16_dot=False,
