@@ -113,21 +113,14 @@ class CompileJob:
 
 
 def _expand(kernel: str, launches: list[Any], tensor_core: bool, tiles: Sequence[TileConfig] = ()) -> list[CompileJob]:
-    """Jobs of captured launches; an autotuner's launch becomes one job per config."""
+    """One job per captured launch, tied to the table tile it launched (if any)."""
     jobs = []
     for rec in launches:
-        configs = getattr(rec.kernel, "configs", None)
-        fn = rec.kernel if configs is None else rec.kernel.fn
-        variants = [dict(rec.kwargs)] if configs is None else [rec.kwargs | c.all_kwargs() for c in configs]
-        for kw in variants:
-            tile = next(
-                (t for t in tiles if t.kernel_kwargs().items() <= kw.items()
-                 and (t.num_warps, t.num_stages) == (kw.get("num_warps"), kw.get("num_stages"))),
-                None,
-            )  # fmt: skip
-            kw = {k: v for k, v in kw.items() if v is not None}
-            name = f"{kernel} [{fn.__name__}]" if len(launches) > 1 else kernel
-            jobs.append(CompileJob(name, fn, rec.args, kw, tensor_core, tile, tile.spill_ok if tile else ""))
+        kw = {k: v for k, v in rec.kwargs.items() if v is not None}
+        shape = (kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("num_stages"))
+        tile = next((t for t in tiles if (t.block_m, t.block_n, t.num_warps, t.num_stages) == shape), None)
+        name = f"{kernel} [{rec.kernel.__name__}]" if len(launches) > 1 else kernel
+        jobs.append(CompileJob(name, rec.kernel, rec.args, kw, tensor_core, tile, tile.spill_ok if tile else ""))
     return jobs
 
 
@@ -289,7 +282,7 @@ def _tensor_core(ct: CompileTarget, job: CompileJob, mma: list[str]) -> dict[str
     return row | result
 
 
-def judge(row: dict[str, Any], job_spill_ok: str = "") -> list[str]:
+def judge(row: dict[str, Any]) -> list[str]:
     """Why a compiled config must not ship (empty: it is fine)."""
     if not row.get("lowered"):
         return [f"does not lower: {row.get('error')}"]
@@ -367,7 +360,7 @@ def cross_compile(
 
 # ---------------------------------------------------------------- the command
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("kernel", "config", "lowered", "smem KB/limit", "regs", "spills", "stages", "async", "tensor core", "status")
+    head = ("kernel", "config", "lowered", "smem KB/limit", "regs", "spills", "stages", "async/LDS", "tensor core", "status")
     lines = []
     for r in rows:
         if r.get("lowered"):
