@@ -362,6 +362,10 @@ class TorchGpuBackend(Backend):
     def gemm_plan(self) -> GemmPlan:
         return self._memo("gemm_plan", self.plan_gemm)
 
+    def target(self) -> KernelTarget:
+        """:meth:`kernel_target`, built once (the ops read it on every call)."""
+        return self._memo("kernel_target", self.kernel_target)
+
     def emulated_hardware(self, vendor_arch: str, arch: str, formats: tuple[str, ...], native: str, fp8_note: str) -> GpuHardware:
         """What emulated mode declares: the emulated part's FP8 facts, no memory or peaks."""
         return GpuHardware(
@@ -456,7 +460,7 @@ class TorchGpuBackend(Backend):
         )
         notes["attention"] = "torch scaled_dot_product_attention (explicit mask for end-aligned causal, window, global tokens)"
         if self._triton_ok():
-            notes["kernels"] = f"Triton, target {self.kernel_target().name}"
+            notes["kernels"] = f"Triton, target {self.target().name}"
         else:
             notes["kernels"] = f"triton not installed: {', '.join(TRITON_OPS)} use the reference (pip install 'dshal-{self.name}[triton]')"
         if hw.peaks is not None:
@@ -533,7 +537,7 @@ class TorchGpuBackend(Backend):
             and block_key in TRITON_QUANT_BLOCKS
             and x.dtype in TRITON_FLOAT_DTYPES
             and dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
-            and dtype in self.kernel_target().fp8_dtypes  # e.g. no FNUZ on NVIDIA: the reference serves it
+            and dtype in self.target().fp8_dtypes  # e.g. no FNUZ on NVIDIA: the reference serves it
             and (x.dim() == 2 or (block_key == (1, 128) and x.dim() >= 1))
             and x.numel() > 0
         )
@@ -544,7 +548,7 @@ class TorchGpuBackend(Backend):
         quant = self.kernels().quant
         rows = x.reshape(-1, x.shape[-1])
         q, scale = quant.fp8_quantize_blocks(
-            rows, block_key, dtype, scale_fmt == "ue8m0", target=self.kernel_target()
+            rows, block_key, dtype, scale_fmt == "ue8m0", target=self.target()
         )
         if x.dim() == 2:
             return q, scale
@@ -589,7 +593,7 @@ class TorchGpuBackend(Backend):
                     self._cache.setdefault("blockwise_refused", set()).add(out_dtype)
                 log.warning("dshal %s: blockwise scaled_mm refused output %s (%s); using the Triton kernel for it "
                             "from now on", self.name, out_dtype, str(err).splitlines()[0][:120])
-        fp8_ok = self.kernel_target().fp8_dtypes
+        fp8_ok = self.target().fp8_dtypes
         if (
             plan.block_path == "dequant" or not self._triton_ok() or a.shape[0] == 0 or b.shape[0] == 0
             or a.dtype not in fp8_ok or b.dtype not in fp8_ok  # an FP8 format this hardware lacks
@@ -598,7 +602,7 @@ class TorchGpuBackend(Backend):
         kernel_out = out_dtype if out_dtype in TRITON_FLOAT_DTYPES else torch.float32
         out = self.kernels().gemm.fp8_block_gemm(
             a.contiguous(), a_scale.float().contiguous(), b.contiguous(), b_scale.float().contiguous(),
-            kernel_out, target=self.kernel_target(),
+            kernel_out, target=self.target(),
         )
         return out if kernel_out == out_dtype else out.to(out_dtype)
 
@@ -655,28 +659,28 @@ class TorchGpuBackend(Backend):
     def rms_norm(self, x, weight, eps=1e-6, residual=None):
         if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
             return _reference("rms_norm")(x, weight, eps, residual)
-        return self.kernels().norm.rms_norm(x, weight, eps, residual, target=self.kernel_target())
+        return self.kernels().norm.rms_norm(x, weight, eps, residual, target=self.target())
 
     def silu_and_mul(self, x):
         if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
             return _reference("silu_and_mul")(x)
-        return self.kernels().activation.silu_and_mul(x, target=self.kernel_target())
+        return self.kernels().activation.silu_and_mul(x, target=self.target())
 
     def rotary_embedding(self, x, cos, sin, interleaved=True):
         if x.dtype not in TRITON_FLOAT_DTYPES or cos.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
             return _reference("rotary_embedding")(x, cos, sin, interleaved)
-        return self.kernels().rotary.rotary_embedding(x, cos, sin, interleaved, target=self.kernel_target())
+        return self.kernels().rotary.rotary_embedding(x, cos, sin, interleaved, target=self.target())
 
     def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         # One grouped Triton kernel per projection, FP8 weights included (activations quantized
         # per 1x128 inside it, 128x128 weight scales, as the contract's W8A8 math). Int8 weights,
         # float64 and FP8 formats this hardware lacks: the reference.
-        fp8_ok = self.kernel_target().fp8_dtypes
+        fp8_ok = self.target().fp8_dtypes
         served = all(w.dtype == x.dtype or w.dtype in fp8_ok for w in (w13, w2))
         if x.dtype not in TRITON_FLOAT_DTYPES or ids.numel() == 0 or not served:
             return _reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
         return self.kernels().moe.grouped_moe_experts(
-            x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.kernel_target()
+            x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.target()
         )
 
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
