@@ -12,9 +12,9 @@ from dshal.kernels.triton import ensure_interpreter_if_cpu
 
 ensure_interpreter_if_cpu("cpu")  # before the kernel modules are imported
 
-from dshal.errors import DTypeError  # noqa: E402
-from dshal.kernels.triton import gemm  # noqa: E402
-from dshal.kernels.triton.target import (  # noqa: E402
+from dshal.errors import DTypeError
+from dshal.kernels.triton import gemm
+from dshal.kernels.triton.target import (
     DECODE_M,
     TUNING_SCHEMA,
     KernelTarget,
@@ -23,7 +23,7 @@ from dshal.kernels.triton.target import (  # noqa: E402
     read_tuning,
     tuned_tables,
 )
-from dshal.ops import reference as ref  # noqa: E402
+from dshal.ops import reference as ref
 
 
 @pytest.fixture

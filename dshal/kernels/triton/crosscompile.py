@@ -279,7 +279,6 @@ def _tensor_core(ct: CompileTarget, job: CompileJob, mma: list[str]) -> dict[str
         return {}
     pattern, meaning = ct.tensor_core_pattern(int(job.kwargs.get("BLOCK_M", 64)))
     return {"tensor_core_required": meaning, "tensor_core": [m for m in mma if re.fullmatch(pattern, m)][:3]}
-    return row | result
 
 
 def judge(row: dict[str, Any]) -> list[str]:
@@ -375,7 +374,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             status += f" (spill accepted: {r['spill_ok']})"
         lines.append((*cells, status))
     widths = [max(len(h), *(len(c) for c in col)) for h, col in zip(head, zip(*lines, strict=True), strict=True)] if lines else []
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()  # noqa: E731
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
     return "\n".join([fmt(head), *(fmt(c) for c in lines)])
 
 

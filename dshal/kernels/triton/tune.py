@@ -102,7 +102,9 @@ def tune(
                 if time_tiles:
                     from triton.testing import do_bench
 
-                    call = lambda tile=tile: gemm.fp8_block_gemm(a, sa, b, sb, target=target, tile=tile)  # noqa: E731
+                    def call(tile: TileConfig = tile, ops: tuple = (a, sa, b, sb)) -> torch.Tensor:
+                        return gemm.fp8_block_gemm(*ops, target=target, tile=tile)
+
                     timings[tile] = do_bench(call, warmup=10, rep=50) * 1e3
                 else:
                     timings[tile] = None

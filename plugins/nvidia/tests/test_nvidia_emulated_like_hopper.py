@@ -10,13 +10,13 @@ import textwrap
 
 import pytest
 import torch
+from dshal_nvidia import NvidiaBackend
 
 from dshal.backends.gpu_common import GemmPlan
 from dshal.errors import UnsupportedOpError
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.kernels.triton.target import KernelTarget
 from dshal.ops import reference as ref
-from dshal_nvidia import NvidiaBackend
 
 ensure_interpreter_if_cpu("cpu")  # before anything imports triton
 
@@ -113,7 +113,7 @@ def test_four_threads_quantize_at_first_use(attempt):
     """Fresh process each time (first use is what races): no crash, no false 'imported before
     TRITON_INTERPRET=1', bit-identical results."""
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", THREADS], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", THREADS], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
