@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from dshal.errors import ConfigError
+from dshal.errors import BackendUnavailableError, ConfigError
 from dshal.kernels.triton.target import KernelTarget, TileConfig
 
 
@@ -391,6 +391,10 @@ def main(args: argparse.Namespace) -> int:
     """Print one row per shipped config; exit 1 when any config fails (does not lower, does
     not fit, spills without a reason in the table, lacks its tensor-core instruction)."""
     targets = list(dict.fromkeys(args.target))
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise BackendUnavailableError("dshal kernels: needs the triton package (pip install 'dshal[triton]')")
     rows = cross_compile(targets, args.jobs, None if args.no_cache else default_cache_dir())
     from importlib.metadata import version
 
