@@ -298,7 +298,9 @@ def judge(row: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- worker processes
-def _worker(targets: list[str], worker: int, jobs: int, out: str, cache_dir: str, gemm_tiles: list[dict] | None) -> None:
+def _worker(
+    targets: list[str], worker: int, jobs: int, out: str, cache_dir: str, gemm_tiles: list[dict] | None, only: str
+) -> None:
     import dataclasses
 
     rows = []
@@ -308,8 +310,9 @@ def _worker(targets: list[str], worker: int, jobs: int, out: str, cache_dir: str
         table = ct.kernel_target()
         if gemm_tiles:
             table = dataclasses.replace(table, gemm_tiles=tuple(TileConfig(**t) for t in gemm_tiles))
-        for i, job in enumerate(shipped_jobs(table)):
-            if i % jobs != worker:
+        mine = [(i, job) for i, job in enumerate(shipped_jobs(table)) if job.kernel.startswith(only)]
+        for n, (i, job) in enumerate(mine):
+            if n % jobs != worker:
                 continue
             row = compile_job(ct, job, cache)
             row["index"] = i
@@ -325,11 +328,16 @@ def default_cache_dir() -> Path:
 
 
 def cross_compile(
-    targets: Sequence[str], jobs: int = 2, cache_dir: Path | None = None, gemm_tiles: Sequence[TileConfig] | None = None
+    targets: Sequence[str],
+    jobs: int = 2,
+    cache_dir: Path | None = None,
+    gemm_tiles: Sequence[TileConfig] | None = None,
+    only: str = "",
 ) -> list[dict[str, Any]]:
     """Compile every shipped config of ``targets`` in ``jobs`` worker subprocesses; one row
     per config (see :func:`compile_job`), in table order. ``cache_dir`` None: no cache.
-    ``gemm_tiles`` replaces the tables' GEMM tiles (to check candidates before shipping them)."""
+    ``gemm_tiles`` replaces the tables' GEMM tiles (to check candidates before shipping them);
+    ``only`` keeps the kernels whose name starts with it."""
     import dataclasses
 
     for name in targets:
@@ -345,7 +353,7 @@ def cross_compile(
         for w in range(jobs):
             out = os.path.join(tmp, f"{w}.json")
             code = (f"from dshal.kernels.triton.crosscompile import _worker; "
-                    f"_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r})")  # fmt: skip
+                    f"_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r})")  # fmt: skip
             procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True), out))
         rows = []
         for proc, out in procs:
