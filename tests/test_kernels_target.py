@@ -38,7 +38,7 @@ def test_targets_describe_their_hardware():
 
 
 def test_tile_kwargs_carry_amd_knobs_only_when_set():
-    assert TileConfig(64, 128).kernel_kwargs() == {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}
+    assert TileConfig(64, 128).kernel_kwargs() == {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "SPLIT_K": 1}
     amd = TileConfig(128, 128, waves_per_eu=2, matrix_instr_nonkdim=16).kernel_kwargs()
     assert amd["waves_per_eu"] == 2 and amd["matrix_instr_nonkdim"] == 16
 
@@ -46,7 +46,8 @@ def test_tile_kwargs_carry_amd_knobs_only_when_set():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 def test_autotune_configs_come_from_the_target():
     configs = KernelTarget.amd_gfx942().gemm_autotune_configs()
-    assert len(configs) == len(KernelTarget.amd_gfx942().gemm_tiles)
+    gfx942 = KernelTarget.amd_gfx942()
+    assert len(configs) == len(gfx942.gemm_tiles) + len(gfx942.gemm_decode_tiles)
     assert all(c.kwargs["waves_per_eu"] in (0, 2) and c.kwargs["matrix_instr_nonkdim"] == 16 for c in configs)
     warps = {c.num_warps for c in KernelTarget.nvidia_hopper().gemm_autotune_configs()}
     assert warps == {4, 8}

@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -117,6 +118,8 @@ class GemmPlan:
     scaled_mm_dtypes: frozenset[torch.dtype] = frozenset()
     tensorwise_out_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
     rowwise_out_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)
+    #: output dtypes the blockwise probe ran correctly (``block_path == "torch-blockwise"``)
+    blockwise_out_dtypes: tuple[torch.dtype, ...] = ()
     why: str = ""
 
     def describe(self) -> dict[str, str]:
@@ -129,7 +132,8 @@ class GemmPlan:
             else "the block path with broadcast scales (torch._scaled_mm unused here)"
         )
         block = {
-            "torch-blockwise": "torch.nn.functional.scaled_mm blockwise 1x128/128x128 (cuBLASLt); Triton kernel otherwise",
+            "torch-blockwise": "torch.nn.functional.scaled_mm blockwise 1x128/128x128 (cuBLASLt) for outputs "
+            f"{names(self.blockwise_out_dtypes)}; Triton kernel otherwise",
             "triton": "dshal Triton block-FP8 kernel (FP32 accumulation, scales applied per 128 K)",
             "dequant": "dequantize to float32 + matmul",
         }[self.block_path]
@@ -276,35 +280,45 @@ def version_tuple(text: str | None) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def probe_torch_blockwise(device: torch.device) -> tuple[bool, str]:
-    """Whether this torch + cuBLASLt runs DeepSeek-style blockwise ``scaled_mm`` correctly on
-    ``device``. Checks the prerequisites, then runs one small GEMM against the dequantized
-    float32 product (DeepGEMM's similarity < 1e-3). Returns (usable, reason)."""
+def probe_torch_blockwise(
+    device: torch.device, out_dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float32)
+) -> tuple[tuple[torch.dtype, ...], str]:
+    """For which of ``out_dtypes`` this torch + cuBLASLt runs DeepSeek-style blockwise
+    ``scaled_mm`` correctly on ``device``. Checks the prerequisites, then runs one small GEMM
+    per output dtype against the dequantized float32 product (DeepGEMM's similarity < 1e-3):
+    cuBLASLt may take one output dtype and refuse another. Returns (usable dtypes, reason)."""
     F = torch.nn.functional
     if not (hasattr(F, "scaled_mm") and hasattr(getattr(F, "ScalingType", None), "BlockWise1x128")):
-        return False, f"torch {torch.__version__} has no torch.nn.functional.scaled_mm with BlockWise1x128 scaling"
+        return (), f"torch {torch.__version__} has no torch.nn.functional.scaled_mm with BlockWise1x128 scaling"
     if torch.version.hip is not None or torch.version.cuda is None:
-        return False, "blockwise scaled_mm is a cuBLASLt (CUDA) feature"
+        return (), "blockwise scaled_mm is a cuBLASLt (CUDA) feature"
     if version_tuple(torch.version.cuda) < (12, 9):
-        return False, f"CUDA {torch.version.cuda} < 12.9 (cuBLASLt blockwise FP8 scaling needs 12.9)"
+        return (), f"CUDA {torch.version.cuda} < 12.9 (cuBLASLt blockwise FP8 scaling needs 12.9)"
     if torch.cuda.get_device_capability(device) != (9, 0):
-        return False, "cuBLASLt blockwise FP8 scaling is used on SM90 only"
-    try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        m, n, k = 96, 256, 512
-        a = (torch.randn(m, k, device=device, generator=gen)).to(torch.float8_e4m3fn)
-        b = (torch.randn(n, k, device=device, generator=gen)).to(torch.float8_e4m3fn)
-        sa = torch.rand(m, k // BLOCK, device=device, generator=gen) + 0.5
-        sb = torch.rand(n // BLOCK, k // BLOCK, device=device, generator=gen) + 0.5
-        got = torch_blockwise_gemm(a, sa, b, sb, torch.bfloat16).float()
-        want = _reference("fp8_gemm")(a, sa, b, sb, torch.float32)
-        sim = 1 - 2 * (got * want).sum() / (got * got + want * want).sum()
-        torch.cuda.synchronize(device)
-    except (RuntimeError, TypeError, ValueError) as err:
-        return False, f"probe failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
-    if not float(sim) < 1e-3:
-        return False, f"probe result differs from the dequantized product (1 - similarity = {float(sim):.2e})"
-    return True, f"probed OK (torch {torch.__version__}, CUDA {torch.version.cuda})"
+        return (), "cuBLASLt blockwise FP8 scaling is used on SM90 only"
+    gen = torch.Generator(device=device).manual_seed(0)
+    m, n, k = 96, 256, 512
+    a = (torch.randn(m, k, device=device, generator=gen)).to(torch.float8_e4m3fn)
+    b = (torch.randn(n, k, device=device, generator=gen)).to(torch.float8_e4m3fn)
+    sa = torch.rand(m, k // BLOCK, device=device, generator=gen) + 0.5
+    sb = torch.rand(n // BLOCK, k // BLOCK, device=device, generator=gen) + 0.5
+    want = _reference("fp8_gemm")(a, sa, b, sb, torch.float32)
+    usable, notes = [], []
+    for out_dtype in out_dtypes:
+        name = str(out_dtype).replace("torch.", "")
+        try:
+            got = torch_blockwise_gemm(a, sa, b, sb, out_dtype).float()
+            sim = float(1 - 2 * (got * want).sum() / (got * got + want * want).sum())
+            torch.cuda.synchronize(device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            notes.append(f"{name}: refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+            continue
+        if sim < 1e-3:
+            usable.append(out_dtype)
+            notes.append(f"{name}: OK")
+        else:
+            notes.append(f"{name}: differs from the dequantized product (1 - similarity = {sim:.2e})")
+    return tuple(usable), f"probed (torch {torch.__version__}, CUDA {torch.version.cuda}): " + "; ".join(notes)
 
 
 # ---------------------------------------------------------------- the base backend
@@ -316,6 +330,7 @@ class TorchGpuBackend(Backend):
     def __init__(self, *, emulate: bool = False) -> None:
         super().__init__(emulate=emulate)
         self._cache: dict[str, Any] = {}  # per-instance memo of device facts and loaded kernels
+        self._cache_lock = threading.RLock()  # ops may be called from several threads at once
 
     # ------------------------------------------------------------ declared by subclasses
     @abc.abstractmethod
@@ -338,7 +353,9 @@ class TorchGpuBackend(Backend):
 
     def _memo(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
-            self._cache[key] = make()
+            with self._cache_lock:  # re-entrant: one fact's factory may read another
+                if key not in self._cache:
+                    self._cache[key] = make()
         return self._cache[key]
 
     def hardware(self) -> GpuHardware:
@@ -346,6 +363,10 @@ class TorchGpuBackend(Backend):
 
     def gemm_plan(self) -> GemmPlan:
         return self._memo("gemm_plan", self.plan_gemm)
+
+    def target(self) -> KernelTarget:
+        """:meth:`kernel_target`, built once (the ops read it on every call)."""
+        return self._memo("kernel_target", self.kernel_target)
 
     def emulated_hardware(self, vendor_arch: str, arch: str, formats: tuple[str, ...], native: str, fp8_note: str) -> GpuHardware:
         """What emulated mode declares: the emulated part's FP8 facts, no memory or peaks."""
@@ -415,12 +436,9 @@ class TorchGpuBackend(Backend):
         """The Triton kernel modules, imported on first use (interpreter first when emulated)."""
 
         def load() -> SimpleNamespace:
-            from dshal.kernels import triton as kernels
+            from dshal.kernels.triton import load_kernel_modules
 
-            kernels.ensure_interpreter_if_cpu(self.device_type)
-            return SimpleNamespace(
-                **{m: importlib.import_module(f"dshal.kernels.triton.{m}") for m in kernels.KERNEL_MODULES}
-            )
+            return SimpleNamespace(**load_kernel_modules(self.device_type))
 
         return self._memo("kernels", load)
 
@@ -445,10 +463,13 @@ class TorchGpuBackend(Backend):
                 kinds[op] = "native"
         notes = dict(hw.notes)
         notes.update(plan.describe())
-        notes["moe_experts"] = "Triton grouped kernel for float weights; FP8 weights: reference math (W8A8 contract)"
+        notes["moe_experts"] = (
+            "Triton grouped kernel (tokens sorted into expert tiles) for float and FP8 weights (1x128 activation "
+            "quant, 128x128 weight scales, in-kernel); int8 weights and float64: reference math"
+        )
         notes["attention"] = "torch scaled_dot_product_attention (explicit mask for end-aligned causal, window, global tokens)"
         if self._triton_ok():
-            notes["kernels"] = f"Triton, target {self.kernel_target().name}"
+            notes["kernels"] = f"Triton, target {self.target().name}"
         else:
             notes["kernels"] = f"triton not installed: {', '.join(TRITON_OPS)} use the reference (pip install 'dshal-{self.name}[triton]')"
         if hw.peaks is not None:
@@ -525,16 +546,18 @@ class TorchGpuBackend(Backend):
             and block_key in TRITON_QUANT_BLOCKS
             and x.dtype in TRITON_FLOAT_DTYPES
             and dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+            and dtype in self.target().fp8_dtypes  # e.g. no FNUZ on NVIDIA: the reference serves it
             and (x.dim() == 2 or (block_key == (1, 128) and x.dim() >= 1))
             and x.numel() > 0
         )
         if not fits:
-            # rowwise/tensorwise/e5m2/batched blocks: torch math on the device, same numerics.
+            # rowwise/tensorwise/e5m2/batched blocks, FP8 formats the hardware lacks: torch math on
+            # the device, same numerics.
             return _reference("quantize_fp8")(x, block, FP8_FORMAT_OF[dtype], scale_fmt)
         quant = self.kernels().quant
         rows = x.reshape(-1, x.shape[-1])
         q, scale = quant.fp8_quantize_blocks(
-            rows, block_key, dtype, scale_fmt == "ue8m0", target=self.kernel_target()
+            rows, block_key, dtype, scale_fmt == "ue8m0", target=self.target()
         )
         if x.dim() == 2:
             return q, scale
@@ -575,23 +598,33 @@ class TorchGpuBackend(Backend):
             try:
                 return torch_blockwise_gemm(a, a_scale, b, b_scale, out_dtype)
             except (RuntimeError, ValueError) as err:
-                self._cache["torch_blockwise_refused"] = True
-                log.warning("dshal %s: blockwise scaled_mm failed (%s); using the Triton kernel from now on",
-                            self.name, str(err).splitlines()[0][:120])
-        if plan.block_path == "dequant" or not self._triton_ok() or a.shape[0] == 0 or b.shape[0] == 0:
+                with self._cache_lock:
+                    self._cache.setdefault("blockwise_refused", set()).add(out_dtype)
+                log.warning("dshal %s: blockwise scaled_mm refused output %s (%s); using the Triton kernel for it "
+                            "from now on", self.name, out_dtype, str(err).splitlines()[0][:120])
+        fp8_ok = self.target().fp8_dtypes
+        if (
+            plan.block_path == "dequant" or not self._triton_ok() or a.shape[0] == 0 or b.shape[0] == 0
+            or a.dtype not in fp8_ok or b.dtype not in fp8_ok  # an FP8 format this hardware lacks
+        ):  # fmt: skip
             return _reference("fp8_gemm")(a, a_scale, b, b_scale, out_dtype)
         kernel_out = out_dtype if out_dtype in TRITON_FLOAT_DTYPES else torch.float32
         out = self.kernels().gemm.fp8_block_gemm(
             a.contiguous(), a_scale.float().contiguous(), b.contiguous(), b_scale.float().contiguous(),
-            kernel_out, target=self.kernel_target(),
+            kernel_out, target=self.target(),
         )
         return out if kernel_out == out_dtype else out.to(out_dtype)
 
+    def blockwise_refused(self) -> frozenset[torch.dtype]:
+        """Output dtypes for which cuBLASLt blockwise ``scaled_mm`` failed at run time (they use
+        the Triton kernel from then on)."""
+        return frozenset(self._cache.get("blockwise_refused", ()))
+
     def _torch_blockwise_fits(self, a, b, out_dtype) -> bool:
         return (
-            not self._cache.get("torch_blockwise_refused")
+            out_dtype in self.gemm_plan().blockwise_out_dtypes
+            and out_dtype not in self.blockwise_refused()
             and a.dtype == b.dtype == torch.float8_e4m3fn
-            and out_dtype in (torch.bfloat16, torch.float32)
             # K blocks a multiple of 4: torch versions differ on the padding of the 128x128
             # scales' row stride otherwise (DeepSeek-V3's K are all multiples of 512).
             and a.shape[1] % (4 * BLOCK) == 0
@@ -635,28 +668,28 @@ class TorchGpuBackend(Backend):
     def rms_norm(self, x, weight, eps=1e-6, residual=None):
         if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
             return _reference("rms_norm")(x, weight, eps, residual)
-        return self.kernels().norm.rms_norm(x, weight, eps, residual, target=self.kernel_target())
+        return self.kernels().norm.rms_norm(x, weight, eps, residual, target=self.target())
 
     def silu_and_mul(self, x):
         if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
             return _reference("silu_and_mul")(x)
-        return self.kernels().activation.silu_and_mul(x, target=self.kernel_target())
+        return self.kernels().activation.silu_and_mul(x, target=self.target())
 
     def rotary_embedding(self, x, cos, sin, interleaved=True):
         if x.dtype not in TRITON_FLOAT_DTYPES or cos.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
             return _reference("rotary_embedding")(x, cos, sin, interleaved)
-        return self.kernels().rotary.rotary_embedding(x, cos, sin, interleaved, target=self.kernel_target())
+        return self.kernels().rotary.rotary_embedding(x, cos, sin, interleaved, target=self.target())
 
     def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
-        fp8_weights = w13.dtype not in FLOAT_DTYPES or w2.dtype not in FLOAT_DTYPES
-        # The grouped kernel multiplies FP8 weights with unquantized activations (W8A16); the
-        # contract quantizes activations per 1x128 (W8A8, as DeepSeek-V3), and the two differ
-        # by ~1e-3 in DeepGEMM's similarity. FP8 experts use the contract's math until the
-        # kernel quantizes its activations.
-        if x.dtype not in TRITON_FLOAT_DTYPES or ids.numel() == 0 or fp8_weights:
+        # One grouped Triton kernel per projection, FP8 weights included (activations quantized
+        # per 1x128 inside it, 128x128 weight scales, as the contract's W8A8 math). Int8 weights,
+        # float64 and FP8 formats this hardware lacks: the reference.
+        fp8_ok = self.target().fp8_dtypes
+        served = all(w.dtype == x.dtype or w.dtype in fp8_ok for w in (w13, w2))
+        if x.dtype not in TRITON_FLOAT_DTYPES or ids.numel() == 0 or not served:
             return _reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
         return self.kernels().moe.grouped_moe_experts(
-            x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.kernel_target()
+            x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.target()
         )
 
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):

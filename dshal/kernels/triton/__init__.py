@@ -21,8 +21,11 @@ imported in the process (or set ``TRITON_INTERPRET=1`` in the environment)::
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+import threading
+from types import ModuleType
 
 import torch
 
@@ -30,6 +33,9 @@ from dshal.errors import BackendUnavailableError
 
 #: The modules that define ``@triton.jit`` kernels (decorated at import time).
 KERNEL_MODULES = ("quant", "gemm", "norm", "activation", "rotary", "moe")
+#: Held while the interpreter switch is decided and the kernel modules are imported, so that
+#: threads using the kernels for the first time at once see one consistent outcome.
+_FIRST_USE = threading.RLock()
 
 
 def interpreter_requested() -> bool:
@@ -52,11 +58,14 @@ def interpreter_blocked_reason() -> str | None:
     It cannot once ``triton`` itself or one of the kernel modules was imported while
     ``TRITON_INTERPRET`` was unset: their ``@triton.jit`` functions are already compiled-mode
     objects, which fail on CPU tensors. Reads ``sys.modules`` only (imports nothing)."""
+    # A module still being imported (by another thread) lacks these attributes: that is no
+    # evidence either way, so only finished modules count.
     standard = sys.modules.get("triton.language.standard")
-    if standard is not None and not _decorated_for_interpreter(getattr(standard, "max", None)):
+    std_max = getattr(standard, "max", None)
+    if std_max is not None and not _decorated_for_interpreter(std_max):
         return "triton was imported before TRITON_INTERPRET=1 was set"
     compiled = [
-        m for m in imported_kernel_modules() if not getattr(sys.modules[f"{__name__}.{m}"], "INTERPRETED", False)
+        m for m in imported_kernel_modules() if getattr(sys.modules[f"{__name__}.{m}"], "INTERPRETED", None) is False
     ]
     if compiled:
         return f"the kernel modules {compiled} were imported before TRITON_INTERPRET=1 was set"
@@ -82,9 +91,10 @@ def ensure_interpreter_if_cpu(device: torch.device | str | None = None) -> bool:
         on_cpu = torch.device(device).type == "cpu"
     if not on_cpu:
         return False
-    if not interpreter_requested():
-        os.environ["TRITON_INTERPRET"] = "1"
-    blocked = interpreter_blocked_reason()
+    with _FIRST_USE:
+        if not interpreter_requested():
+            os.environ["TRITON_INTERPRET"] = "1"
+        blocked = interpreter_blocked_reason()
     if blocked:
         raise BackendUnavailableError(
             f"dshal's Triton kernels must run under the interpreter on CPU tensors, but {blocked}; set "
@@ -94,10 +104,19 @@ def ensure_interpreter_if_cpu(device: torch.device | str | None = None) -> bool:
     return True
 
 
+def load_kernel_modules(device: torch.device | str | None = None) -> dict[str, ModuleType]:
+    """:func:`ensure_interpreter_if_cpu` for ``device``, then every kernel module, imported
+    once under one lock (safe when several threads call it first at the same time)."""
+    with _FIRST_USE:
+        ensure_interpreter_if_cpu(device)
+        return {m: importlib.import_module(f"{__name__}.{m}") for m in KERNEL_MODULES}
+
+
 __all__ = [
     "KERNEL_MODULES",
     "ensure_interpreter_if_cpu",
+    "imported_kernel_modules",
     "interpreter_blocked_reason",
     "interpreter_requested",
-    "imported_kernel_modules",
+    "load_kernel_modules",
 ]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,6 +55,8 @@ def check_kernel_device(fn: str, arg: str, t: torch.Tensor, interpreted: bool) -
     ``interpreted`` is whether the calling kernel module was decorated with
     ``TRITON_INTERPRET=1`` (Triton reads it once, when the module is imported)."""
     kind = t.device.type
+    if _CAPTURED.get() is not None:  # cross-compiling: CPU tensors only stand in for device ones
+        return
     if kind == "cpu" and not interpreted:
         raise DeviceError(
             f"{fn}: argument {arg!r} is on cpu, expected a GPU tensor; CPU tensors need the Triton "
@@ -94,3 +101,50 @@ def resolve_target(fn: str, target: object, device: torch.device) -> KernelTarge
 def module_interpreted() -> bool:
     """Called once at a kernel module's import: was it decorated for the interpreter?"""
     return interpreter_requested()
+
+
+# ---------------------------------------------------------------- launches
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a wrapper made it: the ``@triton.jit`` function (or autotuner),
+    its grid, positional arguments and keyword arguments (constexprs and compile options)."""
+
+    kernel: Any
+    grid: Any
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+#: Serializes launches under the Triton interpreter, which patches ``triton.language``
+#: globally while a kernel runs and so crashes when two threads run kernels at once.
+INTERPRETER_LOCK = threading.RLock()
+
+_CAPTURED: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar("dshal_triton_capture", default=None)
+
+
+def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
+    """``kernel[grid](*args, **kwargs)``, or, inside :func:`capture_launches`, only record it.
+
+    Every wrapper launches through here so that ``dshal kernels`` compiles exactly the
+    arguments a real launch passes (the JIT specializes on them)."""
+    captured = _CAPTURED.get()
+    if captured is None:
+        if type(kernel).__name__ == "InterpretedFunction":
+            with INTERPRETER_LOCK:
+                kernel[grid](*args, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
+    else:
+        captured.append(Launch(kernel, grid, args, kwargs))
+
+
+@contextlib.contextmanager
+def capture_launches() -> Iterator[list[Launch]]:
+    """Within the block, wrappers record their launches instead of running them (their
+    CPU tensors stand in for device tensors; outputs stay uninitialized)."""
+    captured: list[Launch] = []
+    token = _CAPTURED.set(captured)
+    try:
+        yield captured
+    finally:
+        _CAPTURED.reset(token)

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 #: Smallest normal float32: a scale never goes below it (amax / fp8_max may underflow).
-FLOAT32_TINY: tl.constexpr = 1.1754943508222875e-38
+#: A ``tl.constexpr`` instance: compiled kernels may read no other globals (the interpreter may).
+FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit

@@ -12,6 +12,7 @@ from dshal.kernels.triton._checks import (
     check_flag,
     check_fp8_dtype,
     check_kernel_device,
+    launch,
     module_interpreted,
     resolve_target,
 )
@@ -105,9 +106,10 @@ def silu_and_mul(x: torch.Tensor, *, target: KernelTarget | None = None) -> torc
         block_d = min(triton.next_power_of_2(d), 1024)
         rows_per = max(1, min(32, 4096 // block_d))
         grid = (triton.cdiv(rows, rows_per), triton.cdiv(d, block_d))
-        _silu_and_mul_kernel[grid](
-            x2, y, rows, d, x2.stride(0), x2.stride(1), ROWS=rows_per, BLOCK_D=block_d, num_warps=tgt.elementwise_warps
-        )
+        launch(
+            _silu_and_mul_kernel, grid,
+            x2, y, rows, d, x2.stride(0), x2.stride(1), ROWS=rows_per, BLOCK_D=block_d, num_warps=tgt.elementwise_warps,
+        )  # fmt: skip
     return y
 
 
@@ -142,7 +144,8 @@ def silu_and_mul_fp8_quant(
     if q.numel():
         rows_per = 16
         grid = (triton.cdiv(rows, rows_per), n_groups)
-        _silu_and_mul_quant_kernel[grid](
+        launch(
+            _silu_and_mul_quant_kernel, grid,
             x2, q.view(torch.uint8), scale, rows, d, x2.stride(0), x2.stride(1), n_groups,
             ROWS=rows_per, GROUP=QUANT_GROUP, ROUND_DTYPE=_TL_DTYPES[x.dtype],
             **fmt.kernel_meta(),

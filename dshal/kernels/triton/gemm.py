@@ -6,25 +6,28 @@ K in steps of 128 (one scale block), takes each partial product from ``tl.dot`` 
 and promotes it into an FP32 accumulator scaled by ``a_scale[m, k] * b_scale[n // 128, k]``
 (the "scale promotion every 128 K" of DeepSeek-V3's ``fp8_gemm`` and DeepGEMM).
 
-Tuning comes from the :class:`~dshal.kernels.triton.target.KernelTarget`: its tile list
-is the autotune space, and ``fp8_dot_dtypes`` says whether ``tl.dot`` takes the FP8
-operands directly (E4M3FN on Hopper/gfx950, E4M3FNUZ as ``tl.float8e4b8`` on gfx942) or
-they are widened to float16 first (exact: every E4M3/E5M2 value is a float16 value).
+Tuning comes from the :class:`~dshal.kernels.triton.target.KernelTarget`: see
+:func:`select_tile` (power-of-two M buckets, tuned tables shipped as data, timing on the
+device once per bucket, never inside a graph capture). ``fp8_dot_dtypes`` says whether
+``tl.dot`` takes the FP8 operands directly (E4M3FN on Hopper/gfx950, E4M3FNUZ as
+``tl.float8e4b8`` on gfx942) or they are widened to float16 first (exact: every E4M3/E5M2
+value is a float16 value). A tile with ``split_k`` > 1 (decode, M <= 16) splits the K loop
+over programs that write float32 partials, summed afterwards in a fixed order.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+import threading
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
 from dshal.errors import DTypeError
-from dshal.kernels.triton._checks import FP8_FORMATS, check_kernel_device, module_interpreted, resolve_target
+from dshal.kernels.triton._checks import FP8_FORMATS, check_kernel_device, launch, module_interpreted, resolve_target
 from dshal.kernels.triton._jit import cast_rne
-from dshal.kernels.triton.target import KernelTarget
+from dshal.kernels.triton.target import KernelTarget, TileConfig, m_bucket
 from dshal.ops.spec import check_dim, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -38,11 +41,13 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def _fp8_block_gemm_kernel(
     a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_cs,
     stride_asm, stride_ask, stride_bsn, stride_bsk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP8: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP8: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
+    # Program (pid, split): output tile pid, K blocks [k_first, k_last) of split; with SPLIT_K > 1
+    # c_ptr is a float32 [SPLIT_K, M, N] buffer of partial sums (stride_cs apart).
     # Grouped tile order: GROUP_M row-tiles share each column of B while it is in cache.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -64,8 +69,18 @@ def _fp8_block_gemm_kernel(
     a_s_ptrs = a_s_ptr + rows * stride_asm
     b_s_ptrs = b_s_ptr + (cols // BLOCK_K) * stride_bsn
 
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_first = 0
+    k_last = k_tiles
+    if SPLIT_K > 1:
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        k_first = tl.program_id(1) * per_split
+        k_last = tl.minimum(k_first + per_split, k_tiles)
+        a_ptrs += k_first * BLOCK_K * stride_ak
+        b_ptrs += k_first * BLOCK_K * stride_bk
+        c_ptr += tl.program_id(1).to(tl.int64) * stride_cs
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+    for kt in range(k_first, k_last):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
@@ -87,12 +102,43 @@ def _fp8_block_gemm_kernel(
     tl.store(c_ptrs, c, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _autotuned(target: KernelTarget) -> Any:
-    """The GEMM kernel behind an autotuner over ``target``'s tiles (built once per target)."""
-    return triton.autotune(configs=target.gemm_autotune_configs(), key=["M", "N", "K", "DOT_FP8"])(
-        _fp8_block_gemm_kernel
-    )
+#: (target, M bucket, N, K, operand dtype, out dtype) -> the tile timed fastest in this process
+_TUNED: dict[tuple, TileConfig] = {}
+_TUNING = threading.Lock()
+
+
+def _capturing_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def select_tile(
+    target: KernelTarget, m: int, n: int, k: int, key: tuple = (), run: Callable[[TileConfig], object] | None = None
+) -> TileConfig:
+    """The tile for an (m, n, k) GEMM on ``target``, in this order:
+
+    1. the tuned table's tile for (n, k, M bucket) (``target.tuned_tile``: data shipped with
+       dshal or written by ``dshal tune``);
+    2. the space's only tile (``target.gemm_space(m)``), or its first when ``run`` is None
+       (the interpreter cannot time) or a CUDA/HIP graph is being captured (timing launches
+       and synchronizes: never inside a capture);
+    3. the fastest tile of the space, timed once per (M bucket, n, k, ``key``) by calling
+       ``run(tile)`` under ``triton.testing.do_bench``; remembered for the process.
+    """
+    bucket = m_bucket(m)
+    tuned = target.tuned_tile(n, k, bucket)
+    if tuned is not None:
+        return tuned
+    space = target.gemm_space(m)
+    if len(space) == 1 or run is None or _capturing_graph():
+        return space[0]
+    from triton.testing import do_bench
+
+    memo = (target.name, bucket, n, k, *key)
+    with _TUNING:
+        if memo not in _TUNED:
+            times = {tile: do_bench(lambda tile=tile: run(tile), warmup=5, rep=20) for tile in space}
+            _TUNED[memo] = min(times, key=times.__getitem__)
+        return _TUNED[memo]
 
 
 def fp8_block_gemm(
@@ -103,6 +149,7 @@ def fp8_block_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
     *,
     target: KernelTarget | None = None,
+    tile: TileConfig | None = None,
 ) -> torch.Tensor:
     """``out[M, N] = (a * a_scale) @ (b * b_scale).T`` with DeepSeek-V3 block scales.
 
@@ -115,15 +162,15 @@ def fp8_block_gemm(
     an empty result, K of 0 zeros.
 
     ``target`` (default: :meth:`KernelTarget.interpreter` for CPU tensors, else
-    :meth:`KernelTarget.generic`) supplies the tiles: one tile is launched directly, several
-    are autotuned per (M, N, K) (under the interpreter, which cannot time configs, the first
-    tile is used). FP8 operands go to ``tl.dot`` directly when ``a`` and ``b``
+    :meth:`KernelTarget.generic`) supplies the tiles, chosen by :func:`select_tile` (under the
+    interpreter, which cannot time tiles, the space's first); ``tile`` forces one (``dshal
+    tune``, ``dshal kernels``). FP8 operands go to ``tl.dot`` directly when ``a`` and ``b``
     share a dtype listed in ``target.fp8_dot_dtypes``, else both are widened (exactly) to float16.
 
     Raises DTypeError (non-FP8 ``a``/``b``, non-float32 scales, bad ``out_dtype``),
     ShapeError (ranks, K mismatch, scale shapes), DeviceError (mixed devices, a CPU tensor
     without the interpreter), UnsupportedOpError (an FP8 dtype outside ``target.fp8_dtypes``,
-    e.g. FNUZ on NVIDIA).
+    e.g. FNUZ on NVIDIA), DTypeError (``tile`` not a TileConfig).
     """
     fn = "fp8_block_gemm"
     fp8 = tuple(FP8_FORMATS)
@@ -147,30 +194,35 @@ def fp8_block_gemm(
     tgt.check_fp8_dtype(fn, "a", a.dtype)
     tgt.check_fp8_dtype(fn, "b", b.dtype)
 
+    if tile is not None and not isinstance(tile, TileConfig):
+        raise DTypeError(f"{fn}: argument 'tile' is a {type(tile).__name__}, expected a TileConfig or None")
+
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=a.device)
-    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     dot_fp8 = a.dtype == b.dtype and tgt.dot_takes(a.dtype)
-    args = (
-        a, b, out, a_scale, b_scale,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-    )  # fmt: skip
-    meta = dict(BLOCK_K=SCALE_BLOCK, EVEN_K=K % SCALE_BLOCK == 0, DOT_FP8=dot_fp8)
-    if len(tgt.gemm_tiles) == 1 or INTERPRETED:  # the autotuner needs a GPU to time configs
-        tile = tgt.gemm_tiles[0]
-        grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n),)
-        _fp8_block_gemm_kernel[grid](
-            *args, **meta, **tile.kernel_kwargs(), num_warps=tile.num_warps, num_stages=tile.num_stages
-        )
-    else:
 
-        def grid(cfg: dict[str, Any]) -> tuple[int]:
-            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    def run(t: TileConfig) -> torch.Tensor:
+        split = min(t.split_k, triton.cdiv(K, SCALE_BLOCK))
+        out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+        # split-K partials: float32 [split, M, N], summed below in split order (deterministic)
+        dest = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=a.device)
+        launch(
+            _fp8_block_gemm_kernel, (triton.cdiv(M, t.block_m) * triton.cdiv(N, t.block_n), split),
+            a, b, dest, a_scale, b_scale,
+            M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), dest.stride(-2), dest.stride(-1),
+            dest.stride(0) if split > 1 else 0,
+            a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+            BLOCK_K=SCALE_BLOCK, EVEN_K=K % SCALE_BLOCK == 0, DOT_FP8=dot_fp8,
+            **(t.kernel_kwargs() | {"SPLIT_K": split}), num_warps=t.num_warps, num_stages=t.num_stages,
+        )  # fmt: skip
+        if split > 1:
+            out.copy_(dest.sum(dim=0))
+        return out
 
-        _autotuned(tgt)[grid](*args, **meta)
-    return out
+    if tile is None:
+        tile = select_tile(tgt, M, N, K, (a.dtype, b.dtype, out_dtype), None if INTERPRETED else run)
+    return run(tile)
 
 
-__all__ = ["fp8_block_gemm", "SCALE_BLOCK"]
+__all__ = ["SCALE_BLOCK", "fp8_block_gemm", "select_tile"]

@@ -31,6 +31,7 @@ from dshal.kernels.triton._checks import (
     FP8_FORMATS,
     check_flag,
     check_kernel_device,
+    launch,
     module_interpreted,
     resolve_target,
 )
@@ -57,19 +58,19 @@ def _dot(acc, a, b, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _fp8_block_dot(
-    acc, a, w_ptrs, k_ok, w_scale,
-    FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, NO_NEG_ZERO: tl.constexpr,
-    DOT_FP8: tl.constexpr,
-):  # fmt: skip
-    """``acc + (a quantized per row to FP8) @ w * scales`` for one 128-wide K block.
-
-    ``a [BLOCK_M, 128]`` is quantized as ``quantize_fp8(block=(1, 128))`` would (the
-    reference's activation quantization), ``w [128, BLOCK_N]`` is an FP8 weight tile with
-    one scale per column (``w_scale``, its 128x128 block's scale)."""
+def _quantize_rows(a, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
+                   NO_NEG_ZERO: tl.constexpr):  # fmt: skip
+    """``a [BLOCK_M, 128]`` quantized per row as ``quantize_fp8(block=(1, 128))`` would (the
+    reference's activation quantization): (values on the FP8 grid as float32, row scales)."""
     a = a.to(tl.float32)
     a_scale = scale_from_amax(tl.max(finite_abs(a), axis=1), FP8_MAX, False)
-    qa = quantize_with_scale(a, a_scale[:, None], FP8_MAX, MANT_BITS, MIN_EXP, NO_NEG_ZERO)
+    return quantize_with_scale(a, a_scale[:, None], FP8_MAX, MANT_BITS, MIN_EXP, NO_NEG_ZERO), a_scale
+
+
+@triton.jit
+def _fp8_scaled_dot(acc, qa, a_scale, w_ptrs, k_ok, w_scale, DOT_FP8: tl.constexpr):
+    """``acc + qa @ w * scales`` for one 128-wide K block: ``qa`` from :func:`_quantize_rows`,
+    ``w [128, BLOCK_N]`` an FP8 weight tile with one scale per column (its 128x128 block's)."""
     w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
     if DOT_FP8:
         part = tl.dot(qa.to(w.dtype), w)
@@ -123,12 +124,9 @@ def _moe_gate_up_kernel(
                 s_k = s_base + (k0 // BLOCK_K) * stride_sk
                 g_scale = tl.load(s_k + (gate_rows // BLOCK_K) * stride_sn)
                 u_scale = tl.load(s_k + (up_rows // BLOCK_K) * stride_sn)
-                acc_g = _fp8_block_dot(
-                    acc_g, a, g_ptrs, k_ok, g_scale, FP8_MAX, MANT_BITS, MIN_EXP, NO_NEG_ZERO, DOT_FP8
-                )
-                acc_u = _fp8_block_dot(
-                    acc_u, a, u_ptrs, k_ok, u_scale, FP8_MAX, MANT_BITS, MIN_EXP, NO_NEG_ZERO, DOT_FP8
-                )
+                qa, a_scale = _quantize_rows(a, FP8_MAX, MANT_BITS, MIN_EXP, NO_NEG_ZERO)  # once for both halves
+                acc_g = _fp8_scaled_dot(acc_g, qa, a_scale, g_ptrs, k_ok, g_scale, DOT_FP8)
+                acc_u = _fp8_scaled_dot(acc_u, qa, a_scale, u_ptrs, k_ok, u_scale, DOT_FP8)
             else:
                 acc_g = _dot(acc_g, a, tl.load(g_ptrs, mask=k_ok[:, None], other=0.0), DOT_DTYPE)
                 acc_u = _dot(acc_u, a, tl.load(u_ptrs, mask=k_ok[:, None], other=0.0), DOT_DTYPE)
@@ -170,7 +168,8 @@ def _moe_down_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if W_FP8:
                 w_scale = tl.load(s_base + (k0 // BLOCK_K) * stride_sk + (w_rows // BLOCK_K) * stride_sn)
-                acc = _fp8_block_dot(acc, a, w_ptrs, k_ok, w_scale, FP8_MAX, MANT_BITS, MIN_EXP, NO_NEG_ZERO, DOT_FP8)
+                qa, a_scale = _quantize_rows(a, FP8_MAX, MANT_BITS, MIN_EXP, NO_NEG_ZERO)
+                acc = _fp8_scaled_dot(acc, qa, a_scale, w_ptrs, k_ok, w_scale, DOT_FP8)
             else:
                 acc = _dot(acc, a, tl.load(w_ptrs, mask=k_ok[:, None], other=0.0), DOT_DTYPE)
             a_ptrs += BLOCK_K
@@ -315,7 +314,8 @@ def grouped_moe_experts(
     # 2. gate/up projection + SwiGLU, one launch over (tile, I block)
     act = torch.empty((T * k, inter), dtype=x.dtype, device=dev)
     s13 = w13_scale if w13_scale is not None else dummy
-    _moe_gate_up_kernel[(max_tiles, triton.cdiv(inter, block_n))](
+    launch(
+        _moe_gate_up_kernel, (max_tiles, triton.cdiv(inter, block_n)),
         x, w13, s13, act,
         token_of_row, tile_expert, tile_row, expert_end,
         H, inter, E,
@@ -329,7 +329,8 @@ def grouped_moe_experts(
     # 3. down projection, weighted, back to each row's (token, choice) slot
     slots = torch.empty((T * k, H), dtype=torch.float32, device=dev)
     s2 = w2_scale if w2_scale is not None else dummy
-    _moe_down_kernel[(max_tiles, triton.cdiv(H, block_n))](
+    launch(
+        _moe_down_kernel, (max_tiles, triton.cdiv(H, block_n)),
         act, w2, s2, slots,
         slot_of_row, weight_of_row, tile_expert, tile_row, expert_end,
         H, inter, E,

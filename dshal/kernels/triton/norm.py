@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from dshal.errors import DTypeError, ShapeError
-from dshal.kernels.triton._checks import check_kernel_device, module_interpreted, resolve_target
+from dshal.kernels.triton._checks import check_kernel_device, launch, module_interpreted, resolve_target
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget
 from dshal.ops.spec import FLOAT_DTYPES, check_dim, check_same_device, check_tensor
@@ -94,7 +94,8 @@ def rms_norm(
         x2 = _rows(x, hidden)
         r2 = _rows(residual, hidden) if residual is not None else x2
         w = weight if weight.stride(0) == 1 else weight.contiguous()
-        _rms_norm_kernel[(rows,)](
+        launch(
+            _rms_norm_kernel, (rows,),
             x2, r2, w, y, summed if summed is not None else y,
             hidden, x2.stride(0), r2.stride(0), float(eps),
             HAS_RESIDUAL=residual is not None,

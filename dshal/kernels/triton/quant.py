@@ -22,6 +22,7 @@ from dshal.kernels.triton._checks import (
     check_flag,
     check_fp8_dtype,
     check_kernel_device,
+    launch,
     module_interpreted,
     resolve_target,
 )
@@ -148,7 +149,8 @@ def fp8_quantize_blocks(
     s3 = scale.view(batch, -1, scale.shape[-1])
     rows = bm if bm > 1 else max(1, min(64, 4096 // bk))
     grid = (triton.cdiv(M, rows), triton.cdiv(K, bk), batch)
-    _quantize_blocks_kernel[grid](
+    launch(
+        _quantize_blocks_kernel, grid,
         x3, q3, s3,
         M, K,
         x3.stride(0), x3.stride(1), x3.stride(2),

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from dshal.errors import ShapeError
-from dshal.kernels.triton._checks import check_flag, check_kernel_device, module_interpreted, resolve_target
+from dshal.kernels.triton._checks import check_flag, check_kernel_device, launch, module_interpreted, resolve_target
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget
 from dshal.ops.spec import FLOAT_DTYPES, check_same_device, check_tensor
@@ -122,7 +122,8 @@ def rotary_embedding(
     s5 = _as_5d(sin.expand(angles))
     block_half = triton.next_power_of_2(half)
     rows_per = max(1, min(16, 2048 // block_half))
-    _rotary_kernel[(triton.cdiv(rows, rows_per),)](
+    launch(
+        _rotary_kernel, (triton.cdiv(rows, rows_per),),
         x5, c5, s5, y,
         rows, D, half,
         x5.shape[1], x5.shape[2], x5.shape[3],

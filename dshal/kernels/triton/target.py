@@ -6,11 +6,21 @@ wrappers; the kernels read only its fields, never a vendor name.
 
 This module does not import triton at import time (plugins may build targets while
 deciding their capabilities); :meth:`KernelTarget.gemm_autotune_configs` imports it.
+
+GEMM tile choice (see :func:`dshal.kernels.triton.gemm.select_tile`): M is bucketed to a power
+of two; a tuned table shipped as data (``tuned/<target name>.json``, written on a real device
+by ``dshal tune``) names the tile per (N, K, M bucket); otherwise the bucket's space
+(:meth:`KernelTarget.gemm_space`) is timed once per (bucket, N, K) on the device -- never inside
+a CUDA/HIP graph capture, where the space's first tile is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+import json
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +36,9 @@ class TileConfig:
     """One GEMM tiling. ``block_k`` is fixed at 128 by the kernels (one FP8 scale block).
 
     ``waves_per_eu`` and ``matrix_instr_nonkdim`` are AMD compiler knobs (None = leave to
-    the compiler); they are passed to Triton only when set.
+    the compiler); they are passed to Triton only when set. ``split_k`` > 1 splits the K loop
+    over that many programs per output tile (float32 partials, summed in a fixed order), so
+    a decode GEMM (M <= 16) fills the GPU with programs.
     """
 
     block_m: int
@@ -36,10 +48,19 @@ class TileConfig:
     group_m: int = 8
     waves_per_eu: int | None = None
     matrix_instr_nonkdim: int | None = None
+    split_k: int = 1
+    #: why a register spill that ``dshal kernels`` finds is accepted (empty: a spill fails it)
+    spill_ok: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "num_warps", "split_k"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1 and v & (v - 1) == 0):
+                raise ValueError(f"TileConfig: {name} is {v!r}, expected a power of two >= 1")
 
     def kernel_kwargs(self) -> dict[str, int]:
-        """The meta-parameters a ``triton.Config`` carries for this tiling."""
-        kw = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "GROUP_M": self.group_m}
+        """The meta-parameters a launch passes for this tiling."""
+        kw = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "GROUP_M": self.group_m, "SPLIT_K": self.split_k}
         if self.waves_per_eu is not None:
             kw["waves_per_eu"] = self.waves_per_eu
         if self.matrix_instr_nonkdim is not None:
@@ -62,6 +83,8 @@ class KernelTarget:
       interpreter, whose bfloat16 dot returns garbage) they are widened to float32 first.
       ``float8_e4m3fnuz`` here means the dot runs on ``tl.float8e4b8`` operands (gfx942).
     - ``gemm_tiles``: the autotune space of the block-FP8 GEMM (one entry = no autotuning).
+    - ``gemm_decode_tiles``: the space for M <= ``DECODE_M`` (small tiles, split-K); empty:
+      ``gemm_tiles`` serve every M.
     - ``moe_tile``, ``moe_block_k``: the fixed tiling of the grouped MoE GEMMs (``block_m``
       sets how token rows are grouped per expert, so it is not autotuned; ``moe_block_k``
       divides 128 so FP8 weight blocks have one scale per K step).
@@ -74,6 +97,7 @@ class KernelTarget:
     fp8_dtypes: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
     fp8_dot_dtypes: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
     gemm_tiles: tuple[TileConfig, ...] = (TileConfig(64, 64),)
+    gemm_decode_tiles: tuple[TileConfig, ...] = ()
     moe_tile: TileConfig = TileConfig(64, 64, num_warps=4, num_stages=2)
     moe_block_k: int = 64
     bf16_dot: bool = True
@@ -116,12 +140,27 @@ class KernelTarget:
             )
 
     def gemm_autotune_configs(self) -> list[Any]:
-        """``triton.Config`` objects for the block-FP8 GEMM's autotuner (imports triton)."""
+        """``triton.Config`` objects of every GEMM tile (both spaces; imports triton)."""
         import triton
 
         return [
-            triton.Config(t.kernel_kwargs(), num_warps=t.num_warps, num_stages=t.num_stages) for t in self.gemm_tiles
+            triton.Config(t.kernel_kwargs(), num_warps=t.num_warps, num_stages=t.num_stages)
+            for t in self.gemm_tiles + self.gemm_decode_tiles
         ]
+
+    def gemm_space(self, m: int) -> tuple[TileConfig, ...]:
+        """The tiles a GEMM with ``m`` rows chooses among."""
+        return self.gemm_decode_tiles if m <= DECODE_M and self.gemm_decode_tiles else self.gemm_tiles
+
+    def tuned_tile(self, n: int, k: int, m_bucket: int) -> TileConfig | None:
+        """The tile the tuned table (:func:`tuned_tables`) names for (N, K, M bucket), if any."""
+        return tuned_tables(self.name).get((n, k, m_bucket))
+
+    def shipped_gemm_tiles(self) -> tuple[TileConfig, ...]:
+        """Every GEMM tile this target may launch: both spaces and the tuned tables' entries."""
+        tiles = dict.fromkeys(self.gemm_tiles + self.gemm_decode_tiles)
+        tiles.update(dict.fromkeys(tuned_tables(self.name).values()))
+        return tuple(tiles)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -129,11 +168,19 @@ class KernelTarget:
         """SM90 (H100/H200): FP8 E4M3FN/E5M2 tensor-core dots, warps of 32."""
         tiles = (
             TileConfig(128, 128, num_warps=8, num_stages=3),
-            TileConfig(128, 256, num_warps=8, num_stages=3),
             TileConfig(128, 64, num_warps=4, num_stages=4),
             TileConfig(64, 128, num_warps=4, num_stages=4),
             TileConfig(64, 64, num_warps=4, num_stages=4),
             TileConfig(32, 64, num_warps=4, num_stages=4),
+        )
+        # M <= 16 (decode): wgmma needs 64 rows, so these use mma.sync; split-K keeps the 132
+        # SMs busy (one token over N = 2112: 2112/32 * 4 = 264 programs, not 33).
+        decode = (
+            TileConfig(16, 32, num_warps=4, num_stages=4, split_k=4),
+            TileConfig(16, 64, num_warps=4, num_stages=4, split_k=4),
+            TileConfig(16, 64, num_warps=4, num_stages=4, split_k=8),
+            TileConfig(16, 128, num_warps=4, num_stages=3, split_k=2),
+            TileConfig(16, 64, num_warps=4, num_stages=4, split_k=1),
         )
         return cls(
             name="nvidia-sm90",
@@ -141,7 +188,10 @@ class KernelTarget:
             fp8_e4m3=torch.float8_e4m3fn,
             fp8_dot_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
             gemm_tiles=tiles,
-            moe_tile=TileConfig(64, 128, num_warps=4, num_stages=3),
+            gemm_decode_tiles=decode,
+            # gate and up accumulators + in-kernel activation quantization: 64x128, or 4 warps, spill
+            # registers on sm_90a (`dshal kernels`)
+            moe_tile=TileConfig(64, 64, num_warps=8, num_stages=3),
             elementwise_warps=8,
         )
 
@@ -163,11 +213,15 @@ class KernelTarget:
     @classmethod
     def _amd(cls, name: str, e4m3: torch.dtype, dots: tuple[torch.dtype, ...]) -> KernelTarget:
         tiles = (
-            TileConfig(256, 256, num_warps=8, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
-            TileConfig(128, 256, num_warps=8, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
-            TileConfig(128, 128, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
+            TileConfig(128, 256, num_warps=8, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
+            TileConfig(128, 128, num_warps=8, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
             TileConfig(64, 128, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
             TileConfig(32, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
+        )
+        decode = (
+            TileConfig(16, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, split_k=4),
+            TileConfig(16, 128, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, split_k=2),
+            TileConfig(16, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, split_k=1),
         )
         return cls(
             name=name,
@@ -176,7 +230,8 @@ class KernelTarget:
             fp8_dtypes=ALL_FP8_DTYPES,
             fp8_dot_dtypes=dots,
             gemm_tiles=tiles,
-            moe_tile=TileConfig(64, 128, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
+            gemm_decode_tiles=decode,
+            moe_tile=TileConfig(64, 128, num_warps=8, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
             elementwise_warps=4,
         )
 
@@ -206,10 +261,23 @@ class KernelTarget:
             fp8_dot_dtypes=dots,
             # few, wide programs: the interpreter's cost is per program and per op, not per element
             gemm_tiles=(TileConfig(32, 64, num_warps=4, num_stages=1),),
+            # decode GEMMs take the split-K path here too, so emulated runs exercise it
+            gemm_decode_tiles=(TileConfig(16, 64, num_warps=4, num_stages=1, split_k=2),),
             moe_tile=TileConfig(16, 64, num_warps=4, num_stages=1),
             moe_block_k=64,
             bf16_dot=False,
             elementwise_warps=4,
+        )
+
+    @classmethod
+    def emulating(cls, real: KernelTarget) -> KernelTarget:
+        """The interpreter's tiling with ``real``'s FP8 rules: emulated mode accepts, refuses and
+        dots exactly the FP8 dtypes the real hardware does (the interpreter itself takes all)."""
+        return dataclasses.replace(
+            cls.interpreter(real.fp8_e4m3),
+            name=f"interpreter (emulating {real.name})",
+            fp8_dtypes=real.fp8_dtypes,
+            fp8_dot_dtypes=real.fp8_dot_dtypes,
         )
 
     @classmethod
@@ -222,10 +290,62 @@ class KernelTarget:
         )
 
 
+#: M up to which ``gemm_decode_tiles`` serve (a decode step's tokens per GEMM).
+DECODE_M = 16
+#: Where the tuned tables ship (data, one JSON per target name).
+TUNED_DIR = Path(__file__).with_name("tuned")
+TUNING_SCHEMA = "dshal.gemm-tuning/1"
+
+
+def m_bucket(m: int) -> int:
+    """The power of two >= ``m`` (>= 1): GEMMs whose M share a bucket share a tile."""
+    return 1 << max(0, int(m) - 1).bit_length()
+
+
+def user_tuning_dir() -> Path:
+    """Where ``dshal tune`` writes by default: ``$DSHAL_CACHE_DIR/gemm-tuning`` (or
+    ``~/.cache/dshal/gemm-tuning``); read after the shipped tables, so it overrides them."""
+    import os
+
+    return Path(os.environ.get("DSHAL_CACHE_DIR") or Path.home() / ".cache" / "dshal") / "gemm-tuning"
+
+
+def read_tuning(path: Path) -> dict[tuple[int, int, int], TileConfig]:
+    """One tuned table: ``{(N, K, M bucket): tile}``. Dry-run tables (no device timings) and
+    other schemas raise ValueError: they must never choose a tile."""
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != TUNING_SCHEMA:
+        raise ValueError(f"{path}: schema is {data.get('schema')!r}, expected {TUNING_SCHEMA!r}")
+    if data.get("dry_run"):
+        raise ValueError(f"{path}: a dry-run table (no device timings) cannot choose tiles")
+    return {(int(e["N"]), int(e["K"]), m_bucket(int(e["M"]))): TileConfig(**e["tile"]) for e in data["entries"]}
+
+
+@lru_cache(maxsize=None)
+def tuned_tables(target_name: str) -> dict[tuple[int, int, int], TileConfig]:
+    """The shipped table of ``target_name`` updated by the user's (``dshal tune``) table."""
+    table: dict[tuple[int, int, int], TileConfig] = {}
+    for folder in (TUNED_DIR, user_tuning_dir()):
+        path = folder / f"{target_name}.json"
+        if path.exists():
+            table.update(read_tuning(path))
+    return table
+
+
 def default_target(device: torch.device) -> KernelTarget:
     """The target a wrapper uses when the caller passes none: the interpreter's for CPU
     tensors, otherwise :meth:`KernelTarget.generic` (plugins should pass their own)."""
     return KernelTarget.interpreter() if device.type == "cpu" else KernelTarget.generic()
 
 
-__all__ = ["KernelTarget", "TileConfig", "E4M3_DTYPES", "ALL_FP8_DTYPES", "default_target"]
+__all__ = [
+    "ALL_FP8_DTYPES",
+    "DECODE_M",
+    "E4M3_DTYPES",
+    "KernelTarget",
+    "TileConfig",
+    "default_target",
+    "m_bucket",
+    "read_tuning",
+    "tuned_tables",
+]

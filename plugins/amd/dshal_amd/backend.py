@@ -86,8 +86,8 @@ class AmdBackend(TorchGpuBackend):
         return self.device_hardware(arch, formats, native, AMD_PEAKS, notes)
 
     def kernel_target(self) -> KernelTarget:
-        if self.emulate:
-            return KernelTarget.interpreter(torch.float8_e4m3fnuz)
+        if self.emulate:  # the interpreter, with the FP8 rules of the part it stands for
+            return KernelTarget.emulating(KernelTarget.amd_gfx942())
         arch = self.arch()
         if arch == "gfx942":
             return KernelTarget.amd_gfx942()

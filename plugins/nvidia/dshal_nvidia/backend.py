@@ -95,9 +95,9 @@ class NvidiaBackend(TorchGpuBackend):
         return self.device_hardware(arch, formats, "e4m3fn", NVIDIA_PEAKS, {"fp8": fp8_note, "cuda": str(torch.version.cuda)})
 
     def kernel_target(self) -> KernelTarget:
-        if self.emulate:
-            return KernelTarget.interpreter(torch.float8_e4m3fn)
         cap = self._capability()
+        if self.emulate:  # the interpreter, with the FP8 rules of the part it stands for
+            return KernelTarget.emulating(KernelTarget.nvidia_hopper())
         if cap >= (9, 0):
             return KernelTarget.nvidia_hopper()
         if cap >= (8, 9):
@@ -113,13 +113,14 @@ class NvidiaBackend(TorchGpuBackend):
         rowwise = (torch.bfloat16, torch.float16) + ((torch.float32,) if new_cublas else ())
         triton = "triton" if triton_installed() else "dequant"
         if self.emulate:
-            usable, why = False, "torch blockwise scaled_mm needs CUDA SM90 + cuBLASLt >= 12.9; emulated on CPU"
-        else:
+            usable, why = (), "torch blockwise scaled_mm needs CUDA SM90 + cuBLASLt >= 12.9; emulated on CPU"
+        else:  # probed per output dtype: cuBLASLt may take bf16 and refuse float32
             usable, why = probe_torch_blockwise(self.device())  # this rank's device (LOCAL_RANK)
         return GemmPlan(
             block_path="torch-blockwise" if usable else triton,
             scaled_mm_dtypes=_E4M3_E5M2,
             rowwise_out_dtypes=rowwise,
+            blockwise_out_dtypes=usable,
             why=why,
         )
 

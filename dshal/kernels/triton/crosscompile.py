@@ -1,0 +1,423 @@
+"""``dshal kernels``: cross-compile every shipped Triton kernel config for a real GPU target.
+
+Triton compiles for a GPU without one: ``triton.compile(ASTSource(...), target=GPUTarget(...))``
+runs the real code generators (LLVM NVPTX + ``ptxas`` for ``sm_90a``; the AMDGPU backend for
+``gfx942`` / ``gfx950``). For every kernel launch the wrappers make with the target's
+:class:`~dshal.kernels.triton.target.KernelTarget` -- every GEMM autotune tile, the MoE and
+elementwise kernels -- this records whether it lowers, its shared memory / LDS against the
+device's limit, registers and spills, the pipelining stages built (``cp.async`` / TMA on
+NVIDIA, LDS buffers on AMD), and for the GEMM and MoE kernels the tensor-core instruction.
+
+Compiled the way a launch is: the wrappers run on representative CPU tensors under
+:func:`~dshal.kernels.triton._checks.capture_launches`, and each captured launch is
+specialized by Triton's own JIT binder (unit strides and the value 1 become constexprs;
+16-divisible pointers, sizes and strides get ``tt.divisibility``), exactly as
+``kernel[grid](...)`` would on the device.
+
+Compiles run in worker subprocesses (``--jobs``, default 2) that import triton with
+``TRITON_INTERPRET`` unset (the kernels must be decorated for compilation, not for the
+interpreter); results are cached per (triton version, kernel source, specialization, options,
+target) under ``$DSHAL_CACHE_DIR/kernels`` (default ``~/.cache/dshal/kernels``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dshal.errors import BackendUnavailableError, ConfigError
+from dshal.kernels.triton.target import KernelTarget, TileConfig
+
+
+@dataclass(frozen=True)
+class CompileTarget:
+    """A real GPU target: how Triton names it, its shared-memory limit, its tensor-core
+    instructions, and the :class:`KernelTarget` (tile tables) dshal ships for it."""
+
+    name: str
+    backend: str  #: "cuda" or "hip"
+    arch: int | str  #: 90, or "gfx942"
+    warp_size: int
+    shared_limit: int  #: bytes of shared memory / LDS one block may use
+    shared_source: str
+    kernel_target: Callable[[], KernelTarget]
+
+    def gpu_target(self) -> Any:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget(self.backend, self.arch, self.warp_size)
+
+    def tensor_core_pattern(self, block_m: int) -> tuple[str, str]:
+        """(regex over the assembly, what it means) of the tensor-core instruction a dot with
+        ``block_m`` rows must use here."""
+        if self.backend == "cuda":
+            if block_m >= 64:
+                return r"wgmma\.mma_async\S*", "wgmma (Hopper warpgroup MMA)"
+            # wgmma's warpgroup covers 64 rows: smaller decode tiles use the synchronous MMA
+            return r"mma\.sync\.aligned\S*", "mma.sync (tile under wgmma's 64 rows)"
+        # gfx942: v_mfma_*_fp8_fp8 (or bf8); gfx950 also v_mfma_*_f8f6f4 (operand format FP8 here)
+        return r"v_mfma_\w*(?:fp8|bf8|f8f6f4)\w*", "v_mfma FP8 (matrix core)"
+
+
+COMPILE_TARGETS: dict[str, CompileTarget] = {
+    t.name: t
+    for t in (
+        CompileTarget(
+            "sm_90a", "cuda", 90, 32, 232448, "CUDA C Programming Guide, compute capability 9.0: 227 KB shared per block",
+            KernelTarget.nvidia_hopper,
+        ),
+        CompileTarget(
+            "gfx942", "hip", "gfx942", 64, 65536, "AMD CDNA3 ISA (MI300X): 64 KB LDS per workgroup",
+            KernelTarget.amd_gfx942,
+        ),
+        CompileTarget(
+            "gfx950", "hip", "gfx950", 64, 163840, "AMD CDNA4 ISA (MI350/MI355X): 160 KB LDS per CU",
+            KernelTarget.amd_gfx950,
+        ),
+    )
+}
+
+
+# ---------------------------------------------------------------- what a target ships
+@dataclass(frozen=True)
+class CompileJob:
+    """One kernel config to compile: the captured launch, expanded per autotune config."""
+
+    kernel: str  #: the wrapper and case, e.g. "fp8_block_gemm (prefill)"
+    fn: Any  #: the @triton.jit function
+    args: tuple
+    kwargs: dict[str, Any]  #: constexprs and compile options, as the launch passes them
+    tensor_core: bool  #: a GEMM/MoE dot: the target's tensor-core instruction must be there
+    tile: TileConfig | None  #: the table entry this job checks (None: not from a tile table)
+    spill_ok: str = ""  #: why a spill is accepted here (empty: a spill fails the config)
+
+    def config(self) -> str:
+        keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages", "waves_per_eu",
+                "matrix_instr_nonkdim")  # fmt: skip
+        return " ".join(f"{k}={self.kwargs[k]}" for k in keys if k in self.kwargs)
+
+
+def _expand(kernel: str, launches: list[Any], tensor_core: bool, tiles: Sequence[TileConfig] = ()) -> list[CompileJob]:
+    """One job per captured launch, tied to the table tile it launched (if any)."""
+    jobs = []
+    for rec in launches:
+        kw = {k: v for k, v in rec.kwargs.items() if v is not None}
+        shape = (kw.get("BLOCK_M"), kw.get("BLOCK_N"), kw.get("num_warps"), kw.get("num_stages"))
+        tile = next((t for t in tiles if (t.block_m, t.block_n, t.num_warps, t.num_stages) == shape), None)
+        name = f"{kernel} [{rec.kernel.__name__}]" if len(launches) > 1 else kernel
+        jobs.append(CompileJob(name, rec.kernel, rec.args, kw, tensor_core, tile, tile.spill_ok if tile else ""))
+    return jobs
+
+
+def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
+    """Every kernel config ``target`` ships, as launches captured from the wrappers on
+    representative CPU tensors (DeepSeek-V3-like shapes: sizes multiples of 16, as on device).
+
+    Imports the kernel modules: call it in a process where ``TRITON_INTERPRET`` is unset."""
+    import importlib
+
+    from dshal.kernels.triton._checks import capture_launches
+
+    mods = {m: importlib.import_module(f"dshal.kernels.triton.{m}") for m in
+            ("quant", "gemm", "norm", "activation", "rotary", "moe")}  # fmt: skip
+    e4m3 = target.fp8_e4m3
+    jobs: list[CompileJob] = []
+
+    def cap(kernel: str, call: Callable[[], Any], tensor_core: bool = False, tiles: Sequence[TileConfig] = ()) -> None:
+        with capture_launches() as launches:
+            call()
+        jobs.extend(_expand(kernel, launches, tensor_core, tiles))
+
+    # GEMM: every tile the target may launch (both spaces, tuned-table entries), each on the
+    # shape class it serves: decode tiles on one token (M = 1 is a constexpr specialization)
+    # over DeepSeek-V3's fused q/kv down-projection, the others on a prefill chunk.
+    for tile in target.shipped_gemm_tiles():
+        decode = tile in target.gemm_decode_tiles
+        m, n, k = (1, 2112, 7168) if decode else (4096, 7168, 2048)
+        a, b = torch.empty(m, k, dtype=e4m3), torch.empty(n, k, dtype=e4m3)
+        sa, sb = torch.empty(m, -(-k // 128)), torch.empty(-(-n // 128), -(-k // 128))
+        cap("fp8_block_gemm (decode)" if decode else "fp8_block_gemm",
+            lambda a=a, sa=sa, b=b, sb=sb, tile=tile: mods["gemm"].fp8_block_gemm(a, sa, b, sb, target=target, tile=tile),
+            True, (tile,))  # fmt: skip
+    # MoE: FP8 experts (the routed experts' path), T=64 tokens, top-8 of 16 experts
+    T, H, inter, E, topk = 64, 1024, 512, 16, 8
+    x = torch.empty(T, H, dtype=torch.bfloat16)
+    ids = (torch.arange(T * topk) % E).reshape(T, topk)
+    wts = torch.empty(T, topk)
+    w13 = torch.empty(E, 2 * inter, H, dtype=e4m3)
+    w2 = torch.empty(E, H, inter, dtype=e4m3)
+    s13 = torch.empty(E, 2 * inter // 128, H // 128)
+    s2 = torch.empty(E, H // 128, inter // 128)
+    cap("grouped_moe_experts (fp8)",
+        lambda: mods["moe"].grouped_moe_experts(x, wts, ids, w13, w2, s13, s2, target=target, check_ids=False),
+        True, (target.moe_tile,))  # fmt: skip
+    # elementwise kernels, bfloat16 rows of DeepSeek-V3's widths
+    xs = torch.empty(64, 7168, dtype=torch.bfloat16)
+    cap("fp8_quantize_blocks (1x128)", lambda: mods["quant"].fp8_quantize_blocks(xs, (1, 128), e4m3, target=target))
+    cap("fp8_quantize_blocks (128x128)",
+        lambda: mods["quant"].fp8_quantize_blocks(xs, (128, 128), e4m3, target=target))  # fmt: skip
+    w = torch.empty(7168, dtype=torch.bfloat16)
+    cap("rms_norm (residual)", lambda: mods["norm"].rms_norm(xs, w, 1e-6, xs, target=target))
+    cap("silu_and_mul", lambda: mods["activation"].silu_and_mul(xs, target=target))
+    cap("silu_and_mul_fp8_quant", lambda: mods["activation"].silu_and_mul_fp8_quant(xs, e4m3, target=target))
+    q = torch.empty(1, 64, 128, 64, dtype=torch.bfloat16)  # [B, T, H, rope dim]
+    cos = torch.empty(64, 1, 32, dtype=torch.bfloat16)
+    cap("rotary_embedding", lambda: mods["rotary"].rotary_embedding(q, cos, cos, True, target=target))
+    return jobs
+
+
+# ---------------------------------------------------------------- compiling one job
+def _specialize(job: CompileJob, gpu_target: Any) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) as Triton's JIT builds them for this launch."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
+
+    fn = job.fn
+    backend = make_backend(gpu_target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    params, spec, options = binder(*job.args, **job.kwargs)
+    names = [p.name for p in fn.params]
+    kinds = [s[0] for s in spec]
+    signature = dict(zip(names, kinds, strict=True))
+    constexprs = {p: get_iterable_path(list(params.values()), p) for p in find_paths_if(kinds, lambda _, v: v == "constexpr")}
+    attr_vals = ["" if s[0] == "constexpr" else s[1] for s in spec]
+    attrs = {p: backend.parse_attr(get_iterable_path(attr_vals, p))
+             for p in find_paths_if(attr_vals, lambda _, v: isinstance(v, str))}  # fmt: skip
+    return signature, constexprs, attrs, dict(options)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error's type and first 300 characters (Triton wraps it in source excerpts)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+
+
+def _int(pattern: str, text: str) -> int:
+    found = [int(v) for v in re.findall(pattern, text)]
+    return max(found) if found else 0
+
+
+def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> dict[str, Any]:
+    """Compile ``job`` for ``ct`` and read its resources; a dict row of the report."""
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    row: dict[str, Any] = {"target": ct.name, "kernel": job.kernel, "config": job.config(), "tensor_core_required": None}
+    stages_asked = int(job.kwargs.get("num_stages", 3 if ct.backend == "cuda" else 2))
+    row["num_stages"] = stages_asked
+    gpu_target = ct.gpu_target()
+    try:
+        signature, constexprs, attrs, options = _specialize(job, gpu_target)
+    except Exception as err:  # noqa: BLE001 -- a bad launch is reported, not raised
+        return row | {"lowered": False, "error": f"specialization failed: {type(err).__name__}: {err}"}
+    key = hashlib.sha256(
+        repr((triton.__version__, job.fn.cache_key, sorted(signature.items()), sorted(constexprs.items()),
+              sorted(attrs.items()), sorted(options.items()), ct.name)).encode()
+    ).hexdigest()  # fmt: skip
+    cached = cache_dir / f"{key}.json" if cache_dir else None
+    if cached and cached.exists():
+        facts = json.loads(cached.read_text())
+        return row | facts | _tensor_core(ct, job, facts["mma"]) | {"cached": True}
+
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True  # ptxas -v is run anyway; print its report
+            knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
+            kernel = triton.compile(ASTSource(job.fn, signature, constexprs, attrs), target=gpu_target, options=options)
+    except Exception as err:  # noqa: BLE001 -- a config that does not lower is a result
+        return row | {"lowered": False, "error": _root_cause(err)}
+    result: dict[str, Any] = {"lowered": True, "error": "", "compile_s": round(time.perf_counter() - start, 2)}
+    shared = int(kernel.metadata.shared)
+    result |= {"shared_bytes": shared, "shared_limit": ct.shared_limit, "fits": shared <= ct.shared_limit}
+    ttgir = kernel.asm.get("ttgir", "")
+    result["stages_built"] = max([int(d) for d in re.findall(r"!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)] or [0])
+    if ct.backend == "cuda":
+        ptx, report = kernel.asm["ptx"], log.getvalue()
+        result["registers"] = _int(r"Used (\d+) registers", report)
+        result["spills"] = _int(r"(\d+) bytes spill stores", report) + _int(r"(\d+) bytes spill loads", report)
+        result["spill_detail"] = "bytes of spill stores + loads (ptxas -v)"
+        copies = [name for name, pat in (("TMA", r"cp\.async\.bulk"), ("cp.async", r"cp\.async\.(?!bulk)")) if re.search(pat, ptx)]
+        result["async_copy"] = ",".join(copies)
+        asm = ptx
+    else:
+        gcn = kernel.asm["amdgcn"]
+        result["registers"] = _int(r"\.vgpr_count:\s+(\d+)", gcn)
+        vgpr, sgpr = _int(r"\.vgpr_spill_count:\s+(\d+)", gcn), _int(r"\.sgpr_spill_count:\s+(\d+)", gcn)
+        result["spills"] = vgpr + sgpr
+        result["spill_detail"] = f"vgpr_spill_count {vgpr}, sgpr_spill_count {sgpr}"
+        result["async_copy"] = "LDS" if shared and re.search(r"\bds_(read|write|load|store)", gcn) else ""
+        asm = gcn
+    result["mma"] = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync\.aligned|v_mfma_)\S*", asm)))
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(result))
+    return row | result | _tensor_core(ct, job, result["mma"])
+
+
+def _tensor_core(ct: CompileTarget, job: CompileJob, mma: list[str]) -> dict[str, Any]:
+    """The tensor-core instructions a GEMM/MoE job was required to have, and those found."""
+    if not job.tensor_core:
+        return {}
+    pattern, meaning = ct.tensor_core_pattern(int(job.kwargs.get("BLOCK_M", 64)))
+    return {"tensor_core_required": meaning, "tensor_core": [m for m in mma if re.fullmatch(pattern, m)][:3]}
+
+
+def judge(row: dict[str, Any]) -> list[str]:
+    """Why a compiled config must not ship (empty: it is fine)."""
+    if not row.get("lowered"):
+        return [f"does not lower: {row.get('error')}"]
+    why = []
+    if not row["fits"]:
+        why.append(f"shared memory {row['shared_bytes']} B > limit {row['shared_limit']} B")
+    if row["spills"] and not row.get("spill_ok"):
+        why.append(f"spills ({row['spill_detail']})")
+    if row.get("tensor_core_required") and not row.get("tensor_core"):
+        why.append(f"no {row['tensor_core_required']} (found {row.get('mma') or 'no MMA'})")
+    if row.get("tensor_core_required") and row["num_stages"] >= 2 and not row.get("async_copy"):
+        why.append(f"num_stages={row['num_stages']} but no asynchronous copy / LDS pipeline was built")
+    return why
+
+
+# ---------------------------------------------------------------- worker processes
+def _worker(
+    targets: list[str], worker: int, jobs: int, out: str, cache_dir: str, gemm_tiles: list[dict] | None, only: str
+) -> None:
+    import dataclasses
+
+    rows = []
+    cache = Path(cache_dir) if cache_dir else None
+    for name in targets:
+        ct = COMPILE_TARGETS[name]
+        table = ct.kernel_target()
+        if gemm_tiles:
+            table = dataclasses.replace(table, gemm_tiles=tuple(TileConfig(**t) for t in gemm_tiles))
+        mine = [(i, job) for i, job in enumerate(shipped_jobs(table)) if job.kernel.startswith(only)]
+        for n, (i, job) in enumerate(mine):
+            if n % jobs != worker:
+                continue
+            row = compile_job(ct, job, cache)
+            row["index"] = i
+            row["spill_ok"] = job.spill_ok
+            row["problems"] = judge(row)
+            row["ok"] = not row["problems"]
+            rows.append(row)
+    Path(out).write_text(json.dumps(rows))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DSHAL_CACHE_DIR") or Path.home() / ".cache" / "dshal") / "kernels"
+
+
+def cross_compile(
+    targets: Sequence[str],
+    jobs: int = 2,
+    cache_dir: Path | None = None,
+    gemm_tiles: Sequence[TileConfig] | None = None,
+    only: str = "",
+) -> list[dict[str, Any]]:
+    """Compile every shipped config of ``targets`` in ``jobs`` worker subprocesses; one row
+    per config (see :func:`compile_job`), in table order. ``cache_dir`` None: no cache.
+    ``gemm_tiles`` replaces the tables' GEMM tiles (to check candidates before shipping them);
+    ``only`` keeps the kernels whose name starts with it."""
+    import dataclasses
+
+    for name in targets:
+        if name not in COMPILE_TARGETS:
+            raise ConfigError(f"dshal kernels: argument '--target' is {name!r}, expected one of {', '.join(COMPILE_TARGETS)}")
+    if jobs < 1:
+        raise ConfigError(f"dshal kernels: argument '--jobs' is {jobs}, expected at least 1")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSHAL_EMULATE")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
+    tiles = [dataclasses.asdict(t) for t in gemm_tiles] if gemm_tiles else None
+    with tempfile.TemporaryDirectory(prefix="dshal-kernels-") as tmp:
+        procs = []
+        for w in range(jobs):
+            out = os.path.join(tmp, f"{w}.json")
+            code = (f"from dshal.kernels.triton.crosscompile import _worker; "
+                    f"_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r})")  # fmt: skip
+            procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True), out))
+        rows = []
+        for proc, out in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"dshal kernels: a compile worker failed (exit {proc.returncode}):\n{err[-2000:]}")
+            rows.extend(json.loads(Path(out).read_text()))
+    order = {name: i for i, name in enumerate(targets)}
+    return sorted(rows, key=lambda r: (order[r["target"]], r["index"]))
+
+
+# ---------------------------------------------------------------- the command
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = ("kernel", "config", "lowered", "smem KB/limit", "regs", "spills", "stages", "async/LDS", "tensor core", "status")
+    lines = []
+    for r in rows:
+        if r.get("lowered"):
+            smem = f"{r['shared_bytes'] / 1024:.0f}/{r['shared_limit'] // 1024}"
+            cells = (r["kernel"], r["config"], "yes", smem, str(r["registers"]), str(r["spills"]),
+                     f"{r['stages_built']}/{r['num_stages']}", r["async_copy"] or "-",
+                     ",".join(r.get("tensor_core") or []) or ("-" if not r["tensor_core_required"] else "MISSING"))  # fmt: skip
+        else:
+            cells = (r["kernel"], r["config"], "no", "", "", "", "", "", "")
+        status = "ok" if r["ok"] else "FAIL: " + "; ".join(r["problems"])
+        if r["ok"] and r.get("spills"):
+            status += f" (spill accepted: {r['spill_ok']})"
+        lines.append((*cells, status))
+    widths = [max(len(h), *(len(c) for c in col)) for h, col in zip(head, zip(*lines, strict=True), strict=True)] if lines else []
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+    return "\n".join([fmt(head), *(fmt(c) for c in lines)])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", action="append", choices=sorted(COMPILE_TARGETS), required=True,
+                        help="GPU target to compile for (repeat for several): sm_90a (H100/H200), gfx942 (MI300X), "
+                             "gfx950 (MI350)")  # fmt: skip
+    parser.add_argument("--json", metavar="F", help="also write the rows as JSON to F")
+    parser.add_argument("--jobs", type=int, default=2, help="compile worker processes (default 2)")
+    parser.add_argument("--no-cache", action="store_true", help="recompile every config (ignore the result cache)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print one row per shipped config; exit 1 when any config fails (does not lower, does
+    not fit, spills without a reason in the table, lacks its tensor-core instruction)."""
+    targets = list(dict.fromkeys(args.target))
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise BackendUnavailableError("dshal kernels: needs the triton package (pip install 'dshal[triton]')")
+    rows = cross_compile(targets, args.jobs, None if args.no_cache else default_cache_dir())
+    from importlib.metadata import version
+
+    triton_version = version("triton")
+    for name in targets:
+        ct = COMPILE_TARGETS[name]
+        mine = [r for r in rows if r["target"] == name]
+        print(f"target {name} (triton {triton_version}; shared limit {ct.shared_limit // 1024} KB: {ct.shared_source})")
+        print(format_table(mine))
+        bad = sum(not r["ok"] for r in mine)
+        print(f"{len(mine) - bad}/{len(mine)} configs ok\n")
+    if args.json:
+        report = {"schema": "dshal.kernels/1", "triton": triton_version, "targets": targets, "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+__all__ = ["COMPILE_TARGETS", "CompileJob", "CompileTarget", "compile_job", "cross_compile", "shipped_jobs"]

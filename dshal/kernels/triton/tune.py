@@ -1,0 +1,189 @@
+"""``dshal tune``: write the block-FP8 GEMM's tuned table for this GPU.
+
+For every (N, K) and every power-of-two M bucket, each tile of the target's space
+(:meth:`~dshal.kernels.triton.target.KernelTarget.gemm_space`) is checked against the
+reference and timed on the device (``triton.testing.do_bench``); the fastest is written
+as a table entry. :func:`~dshal.kernels.triton.gemm.select_tile` reads the shipped tables
+(``dshal/kernels/triton/tuned/<target>.json``) and then the user's
+(``$DSHAL_CACHE_DIR/gemm-tuning/<target>.json``, this command's default output).
+
+Timings need the GPU. Without one, ``--dry-run --target T`` runs every candidate tile of
+``T`` once under the Triton interpreter on tiny shapes and checks its result: it proves the
+tiles and the table format, not their speed, and its table is marked ``dry_run`` so that it
+can never choose a tile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dshal.errors import BackendUnavailableError, ConfigError
+from dshal.kernels.triton.target import DECODE_M, TUNING_SCHEMA, KernelTarget, TileConfig, m_bucket, user_tuning_dir
+
+#: DeepSeek-V3's FP8 linear shapes (N, K), unsharded: fused q/kv down-projection, q up,
+#: kv up, attention output, dense MLP up/down, shared expert up/down.
+DEEPSEEK_V3_SHAPES = (
+    (2112, 7168), (24576, 1536), (32768, 512), (7168, 16384),
+    (36864, 7168), (7168, 18432), (4096, 7168), (7168, 2048),
+)  # fmt: skip
+DEFAULT_M = tuple(2**i for i in range(13))  # 1 .. 4096
+DRY_RUN_SHAPES = ((256, 512), (200, 384))
+DRY_RUN_M = (1, DECODE_M, 48)
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in part.split(",")) for part in text.split(";") if part.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ConfigError(f"dshal tune: argument '--shapes' is {text!r}, expected 'N,K;N,K...' with positive sizes")
+    return shapes  # type: ignore[return-value]
+
+
+def _parse_m(text: str) -> list[int]:
+    try:
+        ms = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ms = []
+    if not ms or min(ms) < 1:
+        raise ConfigError(f"dshal tune: argument '--m' is {text!r}, expected comma-separated positive row counts")
+    return ms
+
+
+def _operands(m: int, n: int, k: int, target: KernelTarget, device: torch.device) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device=device).manual_seed(m * 1_000_003 + n * 1009 + k)
+    kb = math.ceil(k / 128)
+    a = torch.randn(m, k, generator=g, device=device).to(target.fp8_e4m3)
+    b = torch.randn(n, k, generator=g, device=device).to(target.fp8_e4m3)
+    sa = torch.rand(m, kb, generator=g, device=device) + 0.5
+    sb = torch.rand(math.ceil(n / 128), kb, generator=g, device=device) + 0.5
+    return a, sa, b, sb
+
+
+def _similarity_gap(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum().clamp_min(1e-300))
+
+
+def tune(
+    target: KernelTarget,
+    device: torch.device,
+    shapes: list[tuple[int, int]],
+    ms: list[int],
+    time_tiles: bool,
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    """One entry per (N, K, M bucket): each tile of the space checked against the reference
+    (DeepGEMM similarity < 1e-3) and, when ``time_tiles``, timed in microseconds."""
+    from dshal.kernels.triton import gemm
+    from dshal.ops import reference
+
+    entries = []
+    for n, k in shapes:
+        for m in dict.fromkeys(m_bucket(m) for m in ms):
+            a, sa, b, sb = _operands(m, n, k, target, device)
+            want = reference.fp8_gemm(a, sa, b, sb, torch.float32)
+            timings: dict[TileConfig, float | None] = {}
+            for tile in target.gemm_space(m):
+                got = gemm.fp8_block_gemm(a, sa, b, sb, torch.bfloat16, target=target, tile=tile)
+                gap = _similarity_gap(got.float(), want)
+                if not gap < 1e-3:
+                    log(f"  N={n} K={k} M={m}: tile {tile} is wrong (1 - similarity = {gap:.2e}); skipped")
+                    continue
+                if time_tiles:
+                    from triton.testing import do_bench
+
+                    def call(tile: TileConfig = tile, ops: tuple = (a, sa, b, sb)) -> torch.Tensor:
+                        return gemm.fp8_block_gemm(*ops, target=target, tile=tile)
+
+                    timings[tile] = do_bench(call, warmup=10, rep=50) * 1e3
+                else:
+                    timings[tile] = None
+            if not timings:
+                raise RuntimeError(f"dshal tune: no tile of {target.name} computes N={n} K={k} M={m} correctly")
+            best = min(timings, key=lambda t: timings[t] if timings[t] is not None else 0.0)
+            tile_dict = {key: v for key, v in dataclasses.asdict(best).items() if key != "spill_ok"}
+            entries.append({
+                "N": n, "K": k, "M": m, "tile": tile_dict, "us": timings[best],
+                "candidates": {_label(t): us for t, us in timings.items()},
+            })  # fmt: skip
+            shown = f"{timings[best]:.1f} us" if timings[best] is not None else "not timed"
+            log(f"  N={n:6d} K={k:6d} M<={m:5d}: {_label(best)} ({shown}, {len(timings)} tiles)")
+    return entries
+
+
+def _label(t: TileConfig) -> str:
+    return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages} sk{t.split_k}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", help="GPU backend whose kernel target is tuned (default: the configured one)")
+    parser.add_argument("--shapes", help="'N,K;N,K...' (default: DeepSeek-V3's FP8 linear shapes)")
+    parser.add_argument("--m", help="comma-separated M values; each tunes its power-of-two bucket (default 1..4096)")
+    parser.add_argument("--output", metavar="F", help="table to write (default: $DSHAL_CACHE_DIR/gemm-tuning/<target>.json)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: run each candidate tile once under the Triton interpreter on tiny shapes and "
+                             "check it (no timings; the table is marked dry_run and never chooses tiles)")  # fmt: skip
+    parser.add_argument("--target", choices=("sm_90a", "gfx942", "gfx950"), help="with --dry-run: the target's tiles")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        if not args.target:
+            raise ConfigError("dshal tune: --dry-run needs --target sm_90a|gfx942|gfx950")
+        from dshal.kernels.triton import ensure_interpreter_if_cpu
+
+        ensure_interpreter_if_cpu("cpu")  # before the kernel modules are imported
+        from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
+
+        target, device = COMPILE_TARGETS[args.target].kernel_target(), torch.device("cpu")
+        where = "CPU, Triton interpreter (dry run: no timings)"
+        shapes = _parse_shapes(args.shapes) if args.shapes else list(DRY_RUN_SHAPES)
+        ms = _parse_m(args.m) if args.m else list(DRY_RUN_M)
+    else:
+        import dshal
+
+        runtime = dshal.use(backend=args.backend) if args.backend else dshal.use()
+        backend = runtime.backend
+        if runtime.emulated or not hasattr(backend, "kernel_target") or runtime.device.type != "cuda":
+            raise BackendUnavailableError(
+                f"dshal tune: backend {backend.name!r} on {runtime.device} has no GPU to time kernels on "
+                "(emulated or not a Triton GPU backend); use --dry-run --target T to check the tiles without one"
+            )
+        target, device = backend.kernel_target(), runtime.device
+        where = f"{torch.cuda.get_device_name(device)}"
+        shapes = _parse_shapes(args.shapes) if args.shapes else list(DEEPSEEK_V3_SHAPES)
+        ms = _parse_m(args.m) if args.m else list(DEFAULT_M)
+    print(f"dshal tune: target {target.name} on {where}; {len(shapes)} (N, K) x {len(set(map(m_bucket, ms)))} M buckets")
+    entries = tune(target, device, shapes, ms, time_tiles=not args.dry_run)
+    from importlib.metadata import version
+
+    table = {
+        "schema": TUNING_SCHEMA,
+        "target": target.name,
+        "source": f"dshal tune on {where}",
+        "device": None if args.dry_run else where,
+        "dry_run": bool(args.dry_run),
+        "triton": version("triton"),
+        "torch": torch.__version__,
+        "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "entries": entries,
+    }
+    out = Path(args.output) if args.output else (None if args.dry_run else user_tuning_dir() / f"{target.name}.json")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(table, indent=1))
+        print(f"table: {out}" + (" (dry run: select_tile refuses it)" if args.dry_run else ""))
+    return 0
+
+
+__all__ = ["DEEPSEEK_V3_SHAPES", "tune"]

@@ -1,0 +1,124 @@
+"""Block-FP8 GEMM tile choice: power-of-two M buckets, tuned tables shipped as data,
+no timing inside a graph capture, decode tiles with split-K, and ``dshal tune --dry-run``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dshal.kernels.triton import ensure_interpreter_if_cpu
+
+ensure_interpreter_if_cpu("cpu")  # before the kernel modules are imported
+
+from dshal.errors import DTypeError
+from dshal.kernels.triton import gemm
+from dshal.kernels.triton.target import (
+    DECODE_M,
+    TUNING_SCHEMA,
+    KernelTarget,
+    TileConfig,
+    m_bucket,
+    read_tuning,
+    tuned_tables,
+)
+from dshal.ops import reference as ref
+
+
+@pytest.fixture
+def tuning_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSHAL_CACHE_DIR", str(tmp_path))
+    tuned_tables.cache_clear()
+    yield tmp_path / "gemm-tuning"
+    tuned_tables.cache_clear()
+
+
+def operands(m, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=g).to(torch.float8_e4m3fn)
+    b = torch.randn(n, k, generator=g).to(torch.float8_e4m3fn)
+    sa = torch.rand(m, -(-k // 128), generator=g) + 0.5
+    sb = torch.rand(-(-n // 128), -(-k // 128), generator=g) + 0.5
+    return a, sa, b, sb
+
+
+def test_m_buckets_are_powers_of_two():
+    assert [m_bucket(m) for m in (1, 2, 3, 5, 8, 9, 16, 17, 4097)] == [1, 2, 4, 8, 8, 16, 16, 32, 8192]
+
+
+def test_hopper_decode_space_has_small_tiles_and_split_k():
+    hopper = KernelTarget.nvidia_hopper()
+    decode = hopper.gemm_space(1)
+    assert decode == hopper.gemm_space(DECODE_M) and decode != hopper.gemm_space(DECODE_M + 1)
+    assert all(t.block_m == 16 for t in decode) and any(t.split_k > 1 for t in decode)
+    # one token over N = 2112: the first decode tile launches enough programs for 132 SMs
+    first = decode[0]
+    assert -(-2112 // first.block_n) * first.split_k >= 132
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 200, 1000), (5, 256, 1024), (16, 128, 640)])
+def test_split_k_tiles_match_the_reference_and_are_deterministic(m, n, k):
+    a, sa, b, sb = operands(m, n, k)
+    want = ref.fp8_gemm(a, sa, b, sb, torch.float32)
+    interp = KernelTarget.interpreter()
+    for tile in KernelTarget.nvidia_hopper().gemm_decode_tiles:
+        got = gemm.fp8_block_gemm(a, sa, b, sb, torch.float32, target=interp, tile=tile)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+        again = gemm.fp8_block_gemm(a, sa, b, sb, torch.float32, target=interp, tile=tile)
+        assert torch.equal(got, again)
+    bf16 = gemm.fp8_block_gemm(a, sa, b, sb, torch.bfloat16, target=interp, tile=TileConfig(16, 32, split_k=4))
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), want, rtol=1.6e-2, atol=1e-2)
+
+
+def test_a_tuned_table_chooses_by_m_bucket(tuning_dir):
+    tiles = (TileConfig(64, 64), TileConfig(32, 64), TileConfig(16, 32, split_k=2))
+    target = KernelTarget(name="test-target", gemm_tiles=tiles)
+    tuning_dir.mkdir(parents=True)
+    entry = {"N": 256, "K": 512, "M": 8, "tile": {"block_m": 16, "block_n": 32, "split_k": 2}, "us": 3.0}
+    table = {"schema": TUNING_SCHEMA, "target": "test-target", "dry_run": False, "entries": [entry]}
+    (tuning_dir / "test-target.json").write_text(json.dumps(table))
+    for m in (5, 6, 8):  # one bucket: one entry serves them all
+        assert gemm.select_tile(target, m, 256, 512) == tiles[2]
+    assert gemm.select_tile(target, 9, 256, 512) == tiles[0]  # bucket 16: not in the table
+    assert gemm.select_tile(target, 8, 256, 1024) == tiles[0]  # other K
+
+
+def test_no_timing_inside_a_graph_capture(monkeypatch, tuning_dir):
+    target = KernelTarget(name="capture-target", gemm_tiles=(TileConfig(64, 64), TileConfig(32, 64)))
+
+    def run(tile):
+        raise AssertionError("tiles were timed during a graph capture")
+
+    monkeypatch.setattr(gemm, "_capturing_graph", lambda: True)
+    assert gemm.select_tile(target, 100, 256, 512, (), run) == target.gemm_tiles[0]
+
+
+def test_tile_argument_is_checked():
+    a, sa, b, sb = operands(2, 128, 256)
+    with pytest.raises(DTypeError, match="'tile'"):
+        gemm.fp8_block_gemm(a, sa, b, sb, tile=(16, 32))
+    with pytest.raises(ValueError, match="split_k"):
+        TileConfig(16, 32, split_k=3)
+
+
+def test_tune_dry_run_writes_a_table_that_cannot_choose_tiles(tmp_path):
+    from dshal.cli import main
+
+    out = tmp_path / "sm90.json"
+    assert main(["tune", "--dry-run", "--target", "sm_90a", "--shapes", "256,512", "--m", "1,40", "--output", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["dry_run"] is True and table["target"] == "nvidia-sm90" and table["device"] is None
+    hopper = KernelTarget.nvidia_hopper()
+    assert [(e["N"], e["K"], e["M"]) for e in table["entries"]] == [(256, 512, 1), (256, 512, 64)]
+    for e in table["entries"]:
+        assert e["us"] is None and TileConfig(**e["tile"]) in hopper.gemm_space(e["M"])
+        assert len(e["candidates"]) == len(hopper.gemm_space(e["M"]))  # every tile ran and was right
+    with pytest.raises(ValueError, match="dry-run"):
+        read_tuning(out)
+
+
+def test_shipped_tables_load():
+    for name in ("nvidia-sm90", "amd-gfx942", "amd-gfx950"):
+        tuned_tables(name)  # valid schema, not a dry run
