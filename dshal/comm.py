@@ -518,7 +518,7 @@ class SimulatedCommunicator(ProcessGroupCommunicator):
             if not out.is_meta:
                 out.copy_(src.repeat(n, *[1] * (src.dim() - 1)) if collective == "all_gather" else src.narrow(0, 0, out.shape[0]))
         elif collective == "all_to_all":
-            out, src, outs, ins = args[0], args[1], args[2], args[3]
+            out, src, ins = args[0], args[1], args[3]
             row = nbytes(src) // max(src.shape[0], 1)
             mine = src.shape[0] // n if ins is None else ins[self.rank]
             payload, wire = nbytes(src), (src.shape[0] - mine) * row
