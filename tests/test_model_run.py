@@ -80,13 +80,16 @@ def test_model_dshal_run_tiny_default(tmp_path):
         "precision per layer group",
         "routed experts",
         "tokens/s",
+        "precision: high (auto: the checkpoint stores",
     ):
         assert text in proc.stdout, f"{text!r} missing from:\n{proc.stdout}"
     report = json.loads(out.read_text())
     assert report["backend"] == "cpu" and report["prefill_tokens_per_s"] > 0 and report["decode_tokens_per_s"] > 0
     assert len(report["output_ids"]) == 32
     assert report["providers"]["attention"] == {"provider": "cpu", "kind": "native"}
-    assert report["model_description"]["precision_groups"]["attention"] == "fp8-block e4m3fn"  # the default policy
+    # the default policy, gemm: auto, runs the float32 random checkpoint as stored
+    assert report["model_description"]["precision_groups"]["attention"] == "float32"
+    assert report["model_description"]["precision"]["mode"] == "high"
 
 
 def test_model_dshal_run_checkpoint_and_config(tmp_path):
@@ -114,6 +117,8 @@ def test_model_dshal_run_checkpoint_and_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["model_description"]["precision_groups"]["attention"] == "float32"
+    assert report["model_description"]["precision"]["gemm"] == "bf16"  # the older name of "high"
+    assert "'bf16' is the older name of 'high'" in report["model_description"]["precision"]["why"]
     assert report["model_description"]["kv_cache"]["max_cached_tokens"] == 10
     assert "window 8 + 2 global tokens" in proc.stdout
 

@@ -288,6 +288,10 @@ def load_weights(model: nn.Module, reader: Reader, device: torch.device | str = 
             f"checkpoint {reader.path}: unexpected tensor(s) {shown}{more}, not part of a DeepSeek-V3 model with "
             f"{args.num_hidden_layers} layers (check config.json against the checkpoint)"
         )
+    #: What the checkpoint stores (before any cast), for the precision policy's ``auto`` report.
+    model.checkpoint_weight_dtypes = sorted(
+        {str(reader.dtype(n)).replace("torch.", "") for n in ld.used if n.endswith(".weight")}
+    )
     left = [name for name, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"checkpoint {reader.path}: parameters left unloaded: {', '.join(left[:5])}")

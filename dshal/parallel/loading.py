@@ -165,6 +165,38 @@ class ShardView:
         return self.get(name)[slices]
 
 
+def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any) -> bool:
+    """Whether loading this rank's slices and then applying ``precision`` gives the slices
+    of the single-process model. It does when nothing is quantized, or when the checkpoint's
+    own FP8 128x128 blocks are kept (``auto`` / ``fp8-block``) and no shard cuts a block.
+    Quantizing on load, or a cut block, needs the whole weight first (quantize, then shard)."""
+    from dshal.model.precision import AUTO, GEMM_ALIASES, HIGH
+
+    mode = GEMM_ALIASES.get(precision.gemm, precision.gemm)
+    if mode == HIGH:
+        return True
+    stored = {reader.dtype(n) for n in reader.names() if n.endswith(".weight")}
+    fp8 = bool(stored & set(FP8_DTYPES.values()))
+    if torch.int8 in stored:
+        return mode == AUTO and not any(isinstance(m, RowParallelLinear) for m in model.modules())
+    if mode == AUTO and not fp8:
+        return True  # a float checkpoint run as stored
+    if not fp8 or mode not in (AUTO, "fp8-block"):
+        return False
+    from dshal.model.precision import keeps_high_precision
+
+    for path, module in model.named_modules():
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
+            continue
+        hf = checkpoint_name(path).removesuffix(".gate_up_proj") + (".gate_proj" if path.endswith(".gate_up_proj") else "")
+        stored_fp8 = f"{hf}.weight" in reader and reader.dtype(f"{hf}.weight") in FP8_DTYPES.values()
+        if stored_fp8 and not keeps_high_precision(path, precision.keep_high_precision):
+            # strict (an unaligned last shard that ends the weight also counts): exact either way
+            if module.shard.start % 128 or module.shard.stop % 128:
+                return False
+    return True
+
+
 def build_parallel(
     args: ModelArgs,
     reader: Any,
@@ -174,22 +206,42 @@ def build_parallel(
 ) -> Transformer:
     """This rank's part of the model in ``reader``: tensor-parallel over ``groups.tp`` and
     expert-parallel over ``groups.ep`` (see :func:`dshal.parallel.setup_groups`), reading
-    only this rank's slices. Precision and device as in :func:`dshal.model.build_model`."""
+    only this rank's slices. Precision and device as in :func:`dshal.model.build_model`.
+
+    When slicing first would change the numbers (quantizing on load, or shards that cut
+    the checkpoint's 128x128 FP8 blocks: see :func:`_sliced_read_is_exact`), each rank
+    loads the whole model, applies the precision policy, then shards it (the transforms
+    keep a cut block's values and emulate its activation quantization), so TP and EP equal
+    the single process in every precision mode; memory is then the whole model per rank
+    during the load."""
     from dshal.runtime import current
 
     runtime = current()
+    precision = precision if precision is not None else runtime.config.precision
+    device = device if device is not None else runtime.device
     with torch.device("meta"):
         model = Transformer(args)
     if groups.tp_size > 1:
         tensor_parallel(model, groups.tp)
     if groups.ep_size > 1:
         expert_parallel(model, groups.ep)
+    if not _sliced_read_is_exact(reader, model, precision):
+        with torch.device("meta"):
+            model = Transformer(args)
+        load_weights(model, reader, device)
+        apply_precision(model, precision)
+        if groups.tp_size > 1:
+            tensor_parallel(model, groups.tp)
+        if groups.ep_size > 1:
+            expert_parallel(model, groups.ep)
+        model.shard_view = None
+        return model.eval()
     view = ShardView(reader, model, tuple(args.weight_block_size or (128, 128)))
-    load_weights(model, view, device if device is not None else runtime.device)
+    load_weights(model, view, device)
     for module in model.modules():
         if isinstance(module, ShardedExperts):
             module.set_owners(module.owner, module.held)  # tables next to the loaded weights
-    apply_precision(model, precision if precision is not None else runtime.config.precision)
+    apply_precision(model, precision)
     model.shard_view = view
     return model.eval()
 
