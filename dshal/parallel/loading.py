@@ -120,7 +120,7 @@ class ShardView:
         fused_up, fused_down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
         for local, expert in enumerate(held):
             for proj in ("gate_proj", "up_proj", "down_proj"):
-                for kind in ("weight", "weight_scale_inv"):
+                for kind in ("weight", "weight_scale_inv", "weight_scale"):
                     source = f"{prefix}.{expert}.{proj}.{kind}"
                     if source in self.reader:
                         self._sources[f"{prefix}.{local}.{proj}.{kind}"] = (
