@@ -233,6 +233,11 @@ def test_fp8_prefill_products_use_a_cached_dequantized_weight(cpu, fmt, dtype):
     _check("linear", x, w, None, scale)
     row, row_scale = quantize(torch.randn(200, 300, generator=gen), (1, -1), fmt, None)
     _check("linear", x, row, None, row_scale)  # rowwise scales
+    w256, s256 = quantize(torch.randn(64, 256, generator=gen) / 16, (128, 128), fmt, None)
+    x256 = torch.randn(40, 256, generator=gen).to(dtype)
+    _check("linear", x256, w256, None, s256)  # K a multiple of 128: the activations' fast path
+    x256[3, 5] = float("inf")  # a non-finite value: the reference's handling
+    _check("linear", x256, w256, None, s256)
     experts, hidden, inter = 4, 200, 72
     q13, s13 = quantize(torch.randn(experts, 2 * inter, hidden, generator=gen) / 14, (128, 128), fmt, None)
     q2, s2 = quantize(torch.randn(experts, hidden, inter, generator=gen) / 9, (128, 128), fmt, None)

@@ -118,6 +118,35 @@ def _fp8_weight_block(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple
     return GRANULARITY_BLOCKS[_weight_quant_mode("linear", weight, weight_scale)][1]
 
 
+#: FP8 dtype -> its 256 values as float32, by bit pattern. Looking codes up is ~10x faster
+#: than torch's FP8 -> float32 cast on the CPU (90 vs 960 µs for 128k values here) and exact.
+_FP8_VALUES = {dt: torch.arange(256, dtype=torch.uint8).view(dt).to(torch.float32) for dt in FP8_FORMAT_OF}
+
+
+def _fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
+    codes = q.view(torch.uint8).reshape(-1).to(torch.int32)
+    return _FP8_VALUES[q.dtype].index_select(0, codes).view(q.shape)
+
+
+def _quantized_activations(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
+    """``x [..., K]`` quantized per (1, 128) to ``fp8`` and dequantized again, float32: the
+    values the op multiplies. Bit for bit the reference's steps, in fewer passes; the
+    reference itself where a row has non-finite values or K is not a multiple of 128."""
+    k = x.shape[-1]
+    rows = _as(x, torch.float32).reshape(-1, k)
+    if k % 128 == 0 and rows.numel():
+        blocks = rows.view(rows.shape[0], k // 128, 128)
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        if math.isfinite(amax.max().item()):  # NaN and Inf reach the max
+            qmax = float(torch.finfo(fp8).max)
+            # An all-zero block gets scale 1 in the op, `tiny` here: its values are 0 either way.
+            scale = (amax / qmax).clamp_(min=torch.finfo(torch.float32).tiny)
+            q = (blocks / scale).clamp_(-qmax, qmax).to(fp8)
+            return _fp8_to_float32(q).mul_(scale).reshape(x.shape)
+    q, s = _quantize_fp8_reference(rows, (1, 128), FP8_FORMAT_OF[fp8])
+    return dequantize_to(q, s, (1, 128), torch.float32).reshape(x.shape)
+
+
 def linear(x, weight, bias=None, weight_scale=None):
     """Decode-step products on dshal's C kernels (:mod:`dshal.kernels.cpu`):
 
@@ -143,8 +172,14 @@ def linear(x, weight, bias=None, weight_scale=None):
     if _fp8_block_rows(x, weight, weight_scale) and cpu_kernels.library() is not None:
         return _as(cpu_kernels.fp8_block_gemm(x, weight, weight_scale, bias), x.dtype)
     if weight.dtype in FP8_FORMAT_OF and x.dtype != torch.float64:  # prefill: the cached float32 weight
-        dense = DEQUANTIZED.get(weight, weight_scale, _fp8_weight_block(weight, weight_scale))
-        return linear_quantized(x, weight, bias, weight_scale, dense)
+        block = _fp8_weight_block(weight, weight_scale)
+        dense = DEQUANTIZED.get(weight, weight_scale, block)
+        if block != (128, 128):
+            return linear_quantized(x, weight, bias, weight_scale, dense)
+        y = _quantized_activations(x, weight.dtype) @ dense.T  # float32, as the op accumulates
+        if bias is not None:
+            y = y + _as(bias, torch.float32)
+        return _as(y, x.dtype)
     return _linear_reference(x, weight, bias, weight_scale)
 
 
@@ -344,11 +379,8 @@ def _moe_experts_fp8_grouped(x, weights, ids, w13, w2, w13_scale, w2_scale):
     weights in float32, each expert's output rounded to ``x``'s dtype, summed per token in
     expert order. The weights' float32 copies are cached (:class:`DequantizedWeights`), and
     each product is one grouped GEMM over all experts' rows."""
-    fmt = FP8_FORMAT_OF[w13.dtype]
-
-    def quantized(t: torch.Tensor) -> torch.Tensor:  # per-row activation quantization, float32 out
-        q, s = _quantize_fp8_reference(t, (1, 128), fmt)
-        return dequantize_to(q, s, (1, 128), torch.float32)
+    def quantized(t: torch.Tensor) -> torch.Tensor:
+        return _quantized_activations(t, w13.dtype)
 
     d13 = DEQUANTIZED.get(w13, w13_scale, (128, 128))  # [E, 2I, H] float32
     d2 = DEQUANTIZED.get(w2, w2_scale, (128, 128))  # [E, H, I]
