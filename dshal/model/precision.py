@@ -299,6 +299,9 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     for path, module in model.named_modules():
         if isinstance(module, Linear):
             label = precision_label(module.weight, module.weight_scale)
+            emulated = getattr(module, "act_quant", None)  # a TP shard that cuts quantization groups
+            if emulated is not None:
+                label = f"{emulated.mode} {emulated.fmt} (dequantized TP shard)"
         elif isinstance(module, RoutedExperts):
             label = precision_label(module.w13, module.w13_scale)
         elif isinstance(module, Gate):
