@@ -167,33 +167,30 @@ class ShardView:
 
 def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any) -> bool:
     """Whether loading this rank's slices and then applying ``precision`` gives the slices
-    of the single-process model. It does when nothing is quantized, or when the checkpoint's
-    own FP8 128x128 blocks are kept (``auto`` / ``fp8-block``) and no shard cuts a block.
-    Quantizing on load, or a cut block, needs the whole weight first (quantize, then shard)."""
-    from dshal.model.precision import AUTO, GEMM_ALIASES, HIGH
+    of the single-process model. It does without tensor parallelism (experts are held
+    whole), when nothing is quantized, and in ``fp8-block`` (or ``auto`` on an FP8
+    checkpoint) when no TP shard cuts a quantized weight's 128-blocks. Per-row / per-tensor
+    / int8 scales, or a cut block, need the whole weight first (quantize, then shard)."""
+    from dshal.model.precision import AUTO, GEMM_ALIASES, HIGH, keeps_high_precision
 
     mode = GEMM_ALIASES.get(precision.gemm, precision.gemm)
-    if mode == HIGH:
+    kinds = (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)
+    sharded = [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
+    if mode == HIGH or not sharded:
         return True
     stored = {reader.dtype(n) for n in reader.names() if n.endswith(".weight")}
     fp8 = bool(stored & set(FP8_DTYPES.values()))
-    if torch.int8 in stored:
-        return mode == AUTO and not any(isinstance(m, RowParallelLinear) for m in model.modules())
-    if mode == AUTO and not fp8:
+    if mode == AUTO and torch.int8 not in stored and not fp8:
         return True  # a float checkpoint run as stored
-    if not fp8 or mode not in (AUTO, "fp8-block"):
-        return False
-    from dshal.model.precision import keeps_high_precision
-
-    for path, module in model.named_modules():
-        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
-            continue
+    if mode not in (AUTO, "fp8-block") or torch.int8 in stored:
+        return False  # a row-parallel shard's per-row or per-token scales span the ranks
+    for path, module in sharded:
         hf = checkpoint_name(path).removesuffix(".gate_up_proj") + (".gate_proj" if path.endswith(".gate_up_proj") else "")
         stored_fp8 = f"{hf}.weight" in reader and reader.dtype(f"{hf}.weight") in FP8_DTYPES.values()
-        if stored_fp8 and not keeps_high_precision(path, precision.keep_high_precision):
-            # strict (an unaligned last shard that ends the weight also counts): exact either way
-            if module.shard.start % 128 or module.shard.stop % 128:
-                return False
+        quantized = (stored_fp8 or mode != AUTO) and not keeps_high_precision(path, precision.keep_high_precision)
+        # strict (an unaligned last shard that ends the weight also counts): exact either way
+        if quantized and (module.shard.start % 128 or module.shard.stop % 128):
+            return False
     return True
 
 
