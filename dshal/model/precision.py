@@ -169,8 +169,11 @@ def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module) -> tuple[str
         )
     mode = quantized[0]
     what = {"fp8-block": "FP8 weights with 128x128 block scales", INT8: "int8 weights with per-channel scales (W8A8)"}
-    fmts = " + ".join(sorted(stored[mode]))
-    return mode, f"auto: the checkpoint stores {what.get(mode, mode + ' weights')} ({fmts}), run as stored"
+    fmts = "" if mode == INT8 else f" ({' + '.join(sorted(stored[mode]))})"
+    why = f"auto: the checkpoint stores {what.get(mode, mode + ' weights')}{fmts}, run as stored"
+    if HIGH in stored:  # e.g. FP8 gate/up parts whose 128-row blocks do not tile the fused weight
+        why += f"; weights it stores in (or the loader dequantized to) {' + '.join(sorted(stored[HIGH]))} stay so"
+    return mode, why
 
 
 def resolve_fp8_format(precision: PrecisionConfig) -> str:
