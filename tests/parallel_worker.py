@@ -198,6 +198,9 @@ def precision_modes(world: int, path: Path) -> dict[str, str]:
                 want = "q_b_proj" if gemm in ("fp8-block", "auto") else "o_proj"
                 if tp > 1 and not any(n.endswith(want) for n in cut):
                     raise AssertionError(f"expected {want} to hold an emulated shard; emulated shards: {cut}")
+                o_proj = model.layers[0].self_attn.o_proj.weight
+                if tp > 1 and gemm == "int8" and o_proj.dtype != torch.int8:  # row-parallel stays W8A8
+                    raise AssertionError(f"row-parallel o_proj is {o_proj.dtype} under TP, expected int8")
                 if tp == 1 and model.shard_view is None:  # EP alone: experts are whole, slices suffice
                     raise AssertionError("EP-only model read the whole checkpoint")
                 compare(reference, model, args)

@@ -302,9 +302,10 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     for path, module in model.named_modules():
         if isinstance(module, Linear):
             label = precision_label(module.weight, module.weight_scale)
-            emulated = getattr(module, "act_quant", None)  # a TP shard that cuts quantization groups
-            if emulated is not None:
-                label = f"{emulated.mode} {emulated.fmt} (dequantized TP shard)"
+            spans = getattr(module, "act_quant", None)  # a TP shard whose quantization groups span ranks
+            if spans is not None:
+                kept = module.weight_scale is not None
+                label = f"{spans.mode} {spans.fmt} ({'input quantized across ranks' if kept else 'dequantized TP shard'})"
         elif isinstance(module, RoutedExperts):
             label = precision_label(module.w13, module.w13_scale)
         elif isinstance(module, Gate):

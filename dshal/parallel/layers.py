@@ -66,19 +66,35 @@ class ActivationQuant:
     mode: str  # the weight's gemm mode: fp8-block | fp8-row | fp8-tensor | int8
     fmt: str
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., K]`` quantized and dequantized again, in float32."""
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+        """``(q, scale, block)``: ``x [..., K]`` as ``[M, K]`` rows, quantized as the full linear does."""
         from dshal.model.precision import WEIGHT_BLOCKS
 
         rows = x.reshape(-1, x.shape[-1])
         if self.mode == "int8":
             q, s = ops.quantize_int8(rows)
-            dense = q.to(torch.float32) * s
-        else:
-            block = {(128, 128): (1, 128), (1, -1): (1, -1), None: None}[WEIGHT_BLOCKS[self.mode]]
-            q, s = ops.quantize_fp8(rows, block, self.fmt)
-            dense = ops.dequantize_fp8(q, s, block, torch.float32)
+            return q, s, (1, -1)
+        block = {(128, 128): (1, 128), (1, -1): (1, -1), None: None}[WEIGHT_BLOCKS[self.mode]]
+        q, s = ops.quantize_fp8(rows, block, self.fmt)
+        return q, s, block
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` quantized and dequantized again, in float32."""
+        q, s, block = self.quantize(x)
+        dense = q.to(torch.float32) * s if self.mode == "int8" else ops.dequantize_fp8(q, s, block, torch.float32)
         return dense.reshape(x.shape)
+
+    def partial_product(self, x_full: torch.Tensor, cols: slice, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """A row-parallel rank's partial sum, float32 ``[M, N]``, with its weight columns still
+        quantized (per output channel or per tensor): the gathered input ``x_full [M, K]`` is
+        quantized per token (or tensor) as a whole, and this rank's columns are multiplied
+        by its weight columns with the global scales, so the ranks' partials add up to the
+        unsharded product (up to summation order)."""
+        q, s, _ = self.quantize(x_full)
+        q = q[:, cols].contiguous()
+        if self.mode == "int8":
+            return ops.int8_gemm(q, s, weight, scale, torch.float32)
+        return ops.fp8_gemm(q, s, weight, scale, torch.float32)
 
 
 def _emulated_linear(module: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -116,13 +132,20 @@ class RowParallelLinear(Linear):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype)
         self.shard, self.group, self.reduce = shard, group, reduce
         #: Set when the full linear's activation quantization groups span ranks: the input
-        #: is all-gathered, quantized as a whole, and this rank's columns used.
+        #: is all-gathered, quantized as a whole, and this rank's columns used (with the
+        #: quantized weight slice for per-channel / per-tensor scales, dequantized for a cut
+        #: 128-block).
         self.act_quant: ActivationQuant | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
-            full = self.act_quant.apply(comm.all_gather(x.contiguous(), dim=-1, group=self.group))
-            y = ops.linear(full[..., self.shard.start : self.shard.stop], self.weight).to(x.dtype)
+            full = comm.all_gather(x.contiguous(), dim=-1, group=self.group)
+            cols = slice(self.shard.start, self.shard.stop)
+            if self.weight_scale is not None:  # per-token / per-tensor scales: the weight stays quantized
+                rows = self.act_quant.partial_product(full, cols, self.weight, self.weight_scale)
+                y = rows.reshape(*x.shape[:-1], -1).to(x.dtype)
+            else:  # a cut 128-block: the dequantized slice times the dequantized input columns
+                y = ops.linear(self.act_quant.apply(full)[..., cols], self.weight).to(x.dtype)
         else:
             y = ops.linear(x, self.weight, None, self.weight_scale)
         if self.reduce:

@@ -85,10 +85,12 @@ def _slice_scale(
     weight: torch.Tensor, scale: torch.Tensor | None, shard: Shard, row: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, ActivationQuant | None]:
     """The weight shard, its scale shard, and the activation quantization the shard must
-    emulate (None when slicing is exact, see :func:`exact_shard`). A quantized weight
-    whose shard is not exact is held as its dequantized float32 slice: the values the
-    unsharded quantized linear multiplies, so TP equals the single process in every
-    precision mode (quantize before sharding)."""
+    reproduce (None when slicing is exact, see :func:`exact_shard`). A row-parallel shard of
+    a per-channel / per-tensor weight keeps its quantized columns and the global scales
+    (its input is quantized as a whole by the layer); a shard that cuts 128-blocks is held
+    as its dequantized float32 slice. Either way it computes what the unsharded quantized
+    linear computes, so TP equals the single process in every precision mode (quantize
+    before sharding)."""
     from dshal.model.precision import dequantize_weight, stored_mode
 
     full_shape = list(weight.shape)
@@ -97,9 +99,11 @@ def _slice_scale(
         return _slice(weight, shard, tuple(full_shape)), scale, None
     mode = stored_mode(weight, scale)
     if not exact_shard(mode, shard, weight.shape[shard.dim], row):
-        fmt = "int8" if mode == "int8" else FP8_FORMAT_OF[weight.dtype]
+        act = ActivationQuant(mode, "int8" if mode == "int8" else FP8_FORMAT_OF[weight.dtype])
+        if mode != "fp8-block" and shard.dim == 1:  # per-channel / tensor scales: columns keep them
+            return shard.take(weight.data), scale, act
         dense = dequantize_weight(weight.data, scale.data, torch.float32)
-        return shard.take(dense), None, ActivationQuant(mode, fmt)
+        return shard.take(dense), None, act
     if mode == "fp8-tensor" or shard.dim == 1 and mode != "fp8-block":
         return shard.take(weight.data), scale, None
     if mode != "fp8-block":  # per output channel: the scale rows go with the weight rows
