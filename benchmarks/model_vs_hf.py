@@ -15,6 +15,11 @@ on a shared machine, wall time also counts the time spent waiting for a core.
 HF runs eager (attn_implementation="eager", experts_implementation="eager"), and, for
 reference, with its defaults (sdpa attention + grouped_mm experts).
 
+dshal runs with its default config (``precision.gemm: auto``: the float32 checkpoint in
+float32), and a second dshal model loads the FP8 128x128-block version of the same
+weights (auto keeps it FP8, activations float32): its prefill and decode are printed
+beside the float32 model's (``fp8 / f32``).
+
     python benchmarks/model_vs_hf.py [--threads 1] [--repeats 3] [--json out.json]
 """
 
@@ -32,7 +37,7 @@ from pathlib import Path
 import torch
 
 from dshal.model import RopeScaling, from_pretrained, tiny_args
-from dshal.model.checkpoint import random_checkpoint, save_checkpoint
+from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
 
 
 def bench_args():
@@ -121,16 +126,20 @@ def main() -> int:
 
     args = bench_args()
     directory = Path(tempfile.mkdtemp(prefix="dshal-bench-"))
-    save_checkpoint(directory, args, random_checkpoint(args, seed=0, std=0.02))
-    ours = from_pretrained(directory, {"backend": "cpu", "precision": {"gemm": "bf16"}})
+    tensors = random_checkpoint(args, seed=0, std=0.02)
+    save_checkpoint(directory, args, tensors)
+    save_checkpoint(directory / "fp8", args, quantize_checkpoint_fp8(tensors))
+    ours = from_pretrained(directory, {"backend": "cpu"})  # the defaults: gemm auto
+    ours_fp8 = from_pretrained(directory / "fp8", {"backend": "cpu"})
+    modes = {"dshal": ours.describe()["precision"]["mode"], "dshal_fp8": ours_fp8.describe()["precision"]["mode"]}
     load = transformers.DeepseekV3ForCausalLM.from_pretrained
     hf_eager = load(directory, attn_implementation="eager", experts_implementation="eager").eval()
     hf_default = load(directory).eval()
-    models = {"dshal": ours, "hf_eager": hf_eager, "hf_default": hf_default}
+    models = {"dshal": ours, "hf_eager": hf_eager, "hf_default": hf_default, "dshal_fp8": ours_fp8}
 
     def prefill(name: str, ids: torch.Tensor):
         model = models[name]
-        if name == "dshal":
+        if name.startswith("dshal"):
             return lambda: model(ids, 0, model.new_cache(ids.shape[0], ids.shape[1]), last_only=True)
         return lambda: model(ids, use_cache=True, logits_to_keep=1)
 
@@ -138,7 +147,7 @@ def main() -> int:
         """A greedy-generation callable; ``stamps`` gets the time each new token came out."""
         model = models[name]
         mark = (lambda *_: stamps.append(CLOCK())) if stamps is not None else None
-        if name == "dshal":
+        if name.startswith("dshal"):
             return lambda: model.generate(ids, new, on_token=mark)
         streamer = _Stamps(mark) if mark else None
         return lambda: model.generate(
@@ -159,7 +168,7 @@ def main() -> int:
         for prompt in opts.decode_prompts:
             ids = torch.randint(0, args.vocab_size, (1, prompt), generator=gen)
             outputs = {name: generate(name, ids, opts.new_tokens)() for name in models}
-            same = same and all(torch.equal(outputs["dshal"], out) for out in outputs.values())
+            same = same and all(torch.equal(outputs["dshal"], out) for n, out in outputs.items() if n != "dshal_fp8")
             # Decode: the median gap between consecutive new tokens of one run (robust to
             # bursts of load from other processes), the best run of each, runs interleaved.
             gaps: dict[str, float] = dict.fromkeys(models, float("inf"))
@@ -179,17 +188,17 @@ def main() -> int:
     print(f"dshal cpu C kernels: {'on' if kernels.available else 'off'} ({kernels.detail})")
     print(
         f"model: {args.num_hidden_layers} layers, hidden {args.hidden_size}, {args.n_routed_experts} experts, fp32; "
-        f"greedy tokens identical: {same}"
+        f"greedy tokens identical (dshal f32 and HF): {same}; dshal precision (gemm auto): {modes}"
     )
     header = f"{'metric':<28}{'dshal':>10}{'HF eager':>10}{'ratio':>8}{'HF default':>12}{'ratio':>8}"
+    header += f"{'dshal fp8':>11}{'fp8 / f32':>10}"
     print(header)
     for metric in results["dshal"]:
-        d, e, h = (results[n][metric] for n in ("dshal", "hf_eager", "hf_default"))
-        print(f"{metric:<28}{d:>10.1f}{e:>10.1f}{d / e:>7.2f}x{h:>12.1f}{d / h:>7.2f}x")
+        d, e, h, f = (results[n][metric] for n in ("dshal", "hf_eager", "hf_default", "dshal_fp8"))
+        print(f"{metric:<28}{d:>10.1f}{e:>10.1f}{d / e:>7.2f}x{h:>12.1f}{d / h:>7.2f}x{f:>11.1f}{f / d:>9.2f}x")
     if opts.json:
-        Path(opts.json).write_text(
-            json.dumps({"machine": _machine(), "cpu_kernels": kernels.available, "same_tokens": same, "results": results}, indent=2)
-        )
+        report = {"machine": _machine(), "cpu_kernels": kernels.available, "same_tokens": same, "modes": modes}
+        Path(opts.json).write_text(json.dumps({**report, "results": results}, indent=2))
     return 0
 
 

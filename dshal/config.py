@@ -19,7 +19,9 @@ import yaml
 from dshal.errors import ConfigError
 
 DEFAULT_PREFER = ("nvidia", "amd", "ascend", "cpu")
-GEMM_MODES = ("fp8-block", "fp8-row", "fp8-tensor", "bf16")
+#: ``auto`` runs the checkpoint in its own format; ``high`` keeps the checkpoint's high
+#: precision (``bf16`` is its older name, still accepted); the others quantize on load.
+GEMM_MODES = ("auto", "high", "fp8-block", "fp8-row", "fp8-tensor", "int8", "bf16")
 FP8_FORMATS = ("auto", "e4m3fn", "e4m3fnuz")
 FALLBACK_MODES = ("warn", "error")
 #: default: each op's usual provider; strict: the backend's batch-invariant providers where
@@ -41,8 +43,9 @@ _ENV_TRUE, _ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 class PrecisionConfig:
     """Which linears run in which precision (the model core's precision policy)."""
 
-    #: fp8-block (128x128 weight blocks, 1x128 activations) | fp8-row | fp8-tensor | bf16
-    gemm: str = "fp8-block"
+    #: auto (the checkpoint's own format) | high (its bf16/fp32, alias bf16) | fp8-block
+    #: (128x128 weight blocks, 1x128 activations) | fp8-row | fp8-tensor | int8 (W8A8)
+    gemm: str = "auto"
     #: auto (the backend's native E4M3) | e4m3fn | e4m3fnuz
     fp8_format: str = "auto"
     #: Module-name globs that always stay in high precision.

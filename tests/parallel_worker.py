@@ -169,6 +169,46 @@ def models(rank: int, world: int, path: Path) -> dict[str, str]:
     return checks
 
 
+#: (checkpoint sub-directory, precision.gemm) pairs: quantized on load from float32, and an
+#: FP8 checkpoint run as stored (auto) or re-quantized.
+PRECISION_CASES = [("", "fp8-block"), ("", "fp8-row"), ("", "fp8-tensor"), ("", "int8"), ("fp8", "auto"), ("fp8", "int8")]
+
+
+def precision_modes(world: int, path: Path) -> dict[str, str]:
+    """TP=world and EP=world against the single process in every quantized precision mode,
+    on the tiny model (hidden size 128: TP slices of q_b_proj, o_proj and the shared experts
+    cut 128-blocks)."""
+    from dshal.config import PrecisionConfig
+
+    checks: dict[str, str] = {}
+    for sub, gemm in PRECISION_CASES:
+        ckpt = path / sub if sub else path
+        precision = PrecisionConfig(gemm=gemm)
+        args = ModelArgs.from_file(ckpt)
+        reference = build_model(args, CheckpointReader(ckpt), precision)
+        for tp, ep in ((world, 1), (1, world)):
+
+            def check(tp=tp, ep=ep) -> None:
+                model = build_parallel(args, CheckpointReader(ckpt), groups_for(tp, ep), precision)
+                if model.describe()["precision"]["mode"] != reference.describe()["precision"]["mode"]:
+                    raise AssertionError(f"mode {model.describe()['precision']} vs {reference.describe()['precision']}")
+                cut = [n for n, m in model.named_modules() if getattr(m, "act_quant", None) is not None]
+                # block modes: the TP slice of q_b_proj cuts 128-row blocks; per-token modes:
+                # o_proj's activation scale spans both ranks' columns
+                want = "q_b_proj" if gemm in ("fp8-block", "auto") else "o_proj"
+                if tp > 1 and not any(n.endswith(want) for n in cut):
+                    raise AssertionError(f"expected {want} to hold an emulated shard; emulated shards: {cut}")
+                o_proj = model.layers[0].self_attn.o_proj.weight
+                if tp > 1 and gemm == "int8" and o_proj.dtype != torch.int8:  # row-parallel stays W8A8
+                    raise AssertionError(f"row-parallel o_proj is {o_proj.dtype} under TP, expected int8")
+                if tp == 1 and model.shard_view is None:  # EP alone: experts are whole, slices suffice
+                    raise AssertionError("EP-only model read the whole checkpoint")
+                compare(reference, model, args)
+
+            run_checks(checks, f"TP={tp} x EP={ep} {gemm} from {sub or 'float32'} checkpoint", check)
+    return checks
+
+
 def killed(rank: int, out: Path, path: Path) -> int:
     """TP=2 x EP=2 forward passes in a loop until a peer dies; report the CommError."""
     args = ModelArgs.from_file(path)
@@ -196,6 +236,10 @@ def main() -> int:
         return 0
     if scenario == "kill":
         return killed(rank, out, path)
+    if scenario == "precision":
+        write(out, rank, {"checks": precision_modes(world, path)})
+        comm.shutdown()
+        return 0
     raise SystemExit(f"unknown scenario {scenario!r}")
 
 

@@ -26,7 +26,7 @@ BAD_CONFIGS = [
     ("fallback-bad-enum", "prefer: [cpu]\nfallback: ignore\n", 2,
      ["fallback: got 'ignore'", "expected one of: warn, error"]),
     ("gemm-bad-enum", "precision:\n  gemm: fp4\n", 2,
-     ["precision.gemm: got 'fp4'", "expected one of: fp8-block, fp8-row, fp8-tensor, bf16"]),
+     ["precision.gemm: got 'fp4'", "expected one of: auto, high, fp8-block, fp8-row, fp8-tensor, int8, bf16"]),
     ("fp8-format-bad-enum", "precision:\n  fp8_format: e5m2\n", 2,
      ["precision.fp8_format: got 'e5m2'", "expected one of: auto, e4m3fn, e4m3fnuz"]),
     ("prefer-not-a-list", "prefer: cpu\n", 1, ["prefer: got 'cpu'", "expected a non-empty list of backend names"]),
@@ -131,7 +131,7 @@ def test_precedence_defaults_file_env_keywords(tmp_path, monkeypatch):
     path = tmp_path / "dshal.yaml"
     path.write_text("backend: amd\nfallback: error\nattention: {window: 32, global_tokens: 2}\n")
     cfg = load_config(path)
-    assert (cfg.backend, cfg.fallback, cfg.emulate, cfg.precision.gemm) == ("amd", "error", False, "fp8-block")
+    assert (cfg.backend, cfg.fallback, cfg.emulate, cfg.precision.gemm) == ("amd", "error", False, "auto")
 
     monkeypatch.setenv("DSHAL_BACKEND", "cpu")
     monkeypatch.setenv("DSHAL_EMULATE", "1")

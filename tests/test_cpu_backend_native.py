@@ -211,3 +211,36 @@ def test_fp8_block_decode_products_match_the_reference(cpu, fmt, dtype):
 
     with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[0, 4\\)"):
         ops.moe_experts(x, weights, ids + 1, *stacked)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e4m3fnuz"], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fp8_prefill_products_use_a_cached_dequantized_weight(cpu, fmt, dtype):
+    """Many rows times FP8 weights (a prefill): the op's math with the weight dequantized
+    once and kept (DequantizedWeights); a changed weight makes a new copy."""
+    from dshal.backends.cpu_native import DEQUANTIZED
+
+    gen = torch.Generator().manual_seed(24)
+    quantize = SPECS["quantize_fp8"].reference_impl
+    w, scale = quantize(torch.randn(200, 300, generator=gen) / 17, (128, 128), fmt, None)
+    x = torch.randn(2, 40, 300, generator=gen).to(dtype)
+    _check("linear", x, w, torch.randn(200, generator=gen).to(dtype), scale)
+    held = DEQUANTIZED.nbytes()
+    assert held >= 200 * 300 * 4  # this weight's float32 copy is kept
+    _check("linear", x, w, None, scale)
+    assert DEQUANTIZED.nbytes() == held  # ... and reused
+    scale.mul_(2)  # the same tensors, changed in place: the copy is remade
+    _check("linear", x, w, None, scale)
+    row, row_scale = quantize(torch.randn(200, 300, generator=gen), (1, -1), fmt, None)
+    _check("linear", x, row, None, row_scale)  # rowwise scales
+    w256, s256 = quantize(torch.randn(64, 256, generator=gen) / 16, (128, 128), fmt, None)
+    x256 = torch.randn(40, 256, generator=gen).to(dtype)
+    _check("linear", x256, w256, None, s256)  # K a multiple of 128: the activations' fast path
+    x256[3, 5] = float("inf")  # a non-finite value: the reference's handling
+    _check("linear", x256, w256, None, s256)
+    experts, hidden, inter = 4, 200, 72
+    q13, s13 = quantize(torch.randn(experts, 2 * inter, hidden, generator=gen) / 14, (128, 128), fmt, None)
+    q2, s2 = quantize(torch.randn(experts, hidden, inter, generator=gen) / 9, (128, 128), fmt, None)
+    x = torch.randn(24, hidden, generator=gen).to(dtype)
+    weights, ids = torch.rand(24, 2, generator=gen), torch.rand(24, experts, generator=gen).argsort(-1)[:, :2]
+    _check("moe_experts", x, weights, ids, q13, q2, s13, s2)

@@ -159,3 +159,28 @@ def test_model_precision_policy_and_fp8_formats(state):
     q = torch.tensor([[0x80, 0x01, 0x7E]], dtype=torch.uint8).view(torch.float8_e4m3fn)
     converted, s = convert_fp8_format(q, torch.ones(1, 1), "e4m3fnuz")
     assert converted.float().mul(s).tolist() == [[0.0, q.float()[0, 1].item(), 448.0]]
+
+
+def test_gemm_auto_runs_each_checkpoint_in_its_own_format(state):
+    """auto: FP8-block stays FP8 (the checkpoint's bits), float stays high; explicit modes
+    quantize on load; 'bf16' is the older name of 'high'; each choice says why."""
+    from dshal.config import PrecisionConfig
+
+    dshal.use(backend="cpu")
+    fp8 = quantize_checkpoint_fp8(state)
+    auto_fp8 = build_model(ARGS, DictReader(fp8), PrecisionConfig())
+    choice = auto_fp8.describe()["precision"]
+    assert choice["mode"] == "fp8-block" and "128x128 block scales" in choice["why"], choice
+    attn = auto_fp8.layers[1].self_attn
+    assert torch.equal(attn.o_proj.weight.view(torch.uint8), fp8["model.layers.1.self_attn.o_proj.weight"].view(torch.uint8))
+    assert auto_fp8.lm_head.weight.dtype == torch.float32  # keep_high_precision still applies
+    auto_float = build_model(ARGS, DictReader(state), PrecisionConfig())
+    assert auto_float.describe()["precision"]["mode"] == "high"
+    assert auto_float.layers[1].self_attn.o_proj.weight.dtype == torch.float32
+    explicit = build_model(ARGS, DictReader(state), PrecisionConfig(gemm="fp8-block"))
+    assert explicit.layers[1].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    assert "quantized on load" in explicit.describe()["precision"]["why"]
+    for name in ("high", "bf16"):
+        high = build_model(ARGS, DictReader(fp8), PrecisionConfig(gemm=name))
+        assert high.describe()["precision"]["mode"] == "high" and high.layers[1].self_attn.o_proj.weight.dtype == torch.float32
+    assert "'bf16' is the older name of 'high'" in high.describe()["precision"]["why"]

@@ -22,10 +22,14 @@ transformers = pytest.importorskip("transformers")
 HIGH_PRECISION = {"backend": "cpu", "precision": {"gemm": "bf16"}}
 
 
-def _hf_model(args: ModelArgs, directory, seed: int, official_rope_keys: bool = False):
-    """A random HF model for ``args`` (non-zero correction bias), saved to ``directory`` and
-    loaded back eager. ``official_rope_keys`` rewrites config.json's ``rope_parameters`` as
-    the official ``rope_theta`` + ``rope_scaling`` pair."""
+#: The defaults a new user gets (``precision.gemm: auto``): the checkpoint's own precision.
+DEFAULTS = {"backend": "cpu"}
+
+
+def _hf_model(args: ModelArgs, directory, seed: int, official_rope_keys: bool = False, saved_dtype=torch.float32):
+    """A random HF model for ``args`` (non-zero correction bias), saved to ``directory`` in
+    ``saved_dtype`` and loaded back eager in float32. ``official_rope_keys`` rewrites
+    config.json's ``rope_parameters`` as the official ``rope_theta`` + ``rope_scaling`` pair."""
     cfg = args.to_hf_config()
     cfg.pop("architectures")
     hf_config = transformers.DeepseekV3Config(**cfg, initializer_range=0.1)
@@ -35,6 +39,9 @@ def _hf_model(args: ModelArgs, directory, seed: int, official_rope_keys: bool = 
         for layer in model.model.layers:
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.e_score_correction_bias.uniform_(0.0, 0.5)
+    if saved_dtype != torch.float32:
+        model = model.to(saved_dtype)
+        model.config.torch_dtype = saved_dtype
     model.save_pretrained(directory)
     if official_rope_keys:
         path = directory / "config.json"
@@ -43,7 +50,9 @@ def _hf_model(args: ModelArgs, directory, seed: int, official_rope_keys: bool = 
         saved["rope_theta"] = params.pop("rope_theta")
         saved["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_type"}
         path.write_text(json.dumps(saved))
-    return transformers.DeepseekV3ForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    return transformers.DeepseekV3ForCausalLM.from_pretrained(
+        directory, attn_implementation="eager", dtype=torch.float32
+    ).eval()
 
 
 def _prompt(vocab: int, batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
@@ -83,14 +92,22 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("saved", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_model_matches_hf_logits_and_greedy_tokens(name, tmp_path):
+def test_model_defaults_match_hf_logits_and_greedy_tokens(name, saved, tmp_path):
+    """With the default config (``gemm: auto``) a float32 or bf16 checkpoint runs in its
+    own precision: float32 activations match transformers to 1e-4, same greedy tokens."""
     args = tiny_args(**CONFIGS[name])
-    hf = _hf_model(args, tmp_path, seed=len(name), official_rope_keys=name == "yarn")
+    saved_dtype = getattr(torch, saved)
+    hf = _hf_model(args, tmp_path, seed=len(name), official_rope_keys=name == "yarn", saved_dtype=saved_dtype)
     if name == "yarn":
         assert hf.config.rope_parameters["rope_type"] == "yarn"
-    model = from_pretrained(tmp_path, HIGH_PRECISION)
+    model = from_pretrained(tmp_path, DEFAULTS, dtype=torch.float32)
     assert model.args.rope_scaling == args.rope_scaling
+    choice = model.describe()["precision"]
+    assert (choice["gemm"], choice["mode"]) == ("auto", "high"), choice
+    assert f"stores {saved} weights" in choice["why"]
+    assert model.layers[0].self_attn.o_proj.weight.dtype == torch.float32
     ids = _prompt(args.vocab_size)
     with torch.no_grad():
         ref = hf(ids).logits

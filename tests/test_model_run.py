@@ -80,6 +80,7 @@ def test_model_dshal_run_tiny_default(tmp_path):
         "precision per layer group",
         "routed experts",
         "tokens/s",
+        "precision: high (auto: the checkpoint stores",
     ):
         assert text in proc.stdout, f"{text!r} missing from:\n{proc.stdout}"
     report = json.loads(out.read_text())
@@ -90,7 +91,9 @@ def test_model_dshal_run_tiny_default(tmp_path):
     assert report["graphs"] == {"run": False, "why": "backend 'cpu' has no device graphs"}
     assert report["decode_tokens_per_s_graphs"] is None and "decode with graphs: not run" in proc.stdout
     assert report["providers"]["attention"] == {"provider": "cpu", "kind": "native"}
-    assert report["model_description"]["precision_groups"]["attention"] == "fp8-block e4m3fn"  # the default policy
+    # the default policy, gemm: auto, runs the float32 random checkpoint as stored
+    assert report["model_description"]["precision_groups"]["attention"] == "float32"
+    assert report["model_description"]["precision"]["mode"] == "high"
 
 
 def test_model_dshal_run_graphs_on_reports_both_rates(tmp_path):
@@ -131,6 +134,8 @@ def test_model_dshal_run_checkpoint_and_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["model_description"]["precision_groups"]["attention"] == "float32"
+    assert report["model_description"]["precision"]["gemm"] == "bf16"  # the older name of "high"
+    assert "'bf16' is the older name of 'high'" in report["model_description"]["precision"]["why"]
     assert report["model_description"]["kv_cache"]["max_cached_tokens"] == 10
     assert "window 8 + 2 global tokens" in proc.stdout
 

@@ -144,7 +144,36 @@ def test_moe_experts_fp8_weights_equal_per_expert_fp8_linear():
     assert (got.double() - exact).abs().max() < 0.1 * exact.abs().max()
 
 
+def test_moe_experts_int8_weights_equal_per_expert_w8a8():
+    """int8 experts with per-channel scales ([E, 2I, 1], [E, H, 1]): each expert is two
+    W8A8 products (activations quantized per token, as int8_gemm), on the reference and
+    on the cpu backend; within int8's error of the float experts."""
+    torch.manual_seed(4)
+    experts, hidden, inter = 3, 64, 24
+    x = torch.randn(5, hidden)
+    w13, w2 = moe_weights(experts, hidden, inter, 6)
+    q13, s13 = ref.quantize_int8(w13)
+    q2, s2 = ref.quantize_int8(w2)
+    assert s13.shape == (3, 48, 1) and s2.shape == (3, 64, 1)
+    ids, weights = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]]), torch.rand(5, 2)
+    got = ref.moe_experts(x, weights, ids, q13, q2, s13, s2)
+    want = torch.zeros(5, hidden)
+    for t in range(5):
+        for slot in range(2):
+            e = int(ids[t, slot])
+            xq, xs = ref.quantize_int8(x[t : t + 1])
+            h = ref.int8_gemm(xq, xs, q13[e], s13[e], torch.float32)
+            aq, as_ = ref.quantize_int8(ref.silu_and_mul(h))
+            want[t] += weights[t, slot] * ref.int8_gemm(aq, as_, q2[e], s2[e], torch.float32)[0]
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    dshal.use(backend="cpu")
+    torch.testing.assert_close(dshal.ops.moe_experts(x, weights, ids, q13, q2, s13, s2), got, rtol=1e-5, atol=1e-6)
+    exact = loop_experts(x, weights, ids, w13, w2)
+    assert (got.double() - exact).abs().max() < 0.05 * exact.abs().max()
+
+
 X, W13, W2 = torch.ones(3, 16), torch.ones(4, 16, 16), torch.ones(4, 16, 8)
+I13, I2 = torch.ones(4, 16, 16, dtype=torch.int8), torch.ones(4, 16, 8, dtype=torch.int8)
 IDS, WTS = torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2)
 BAD = [
     (lambda: ref.moe_gate(torch.ones(2, 8, dtype=torch.int32), None, 2, 2, 1, 1.0), DTypeError, "'logits' has dtype torch.int32"),
@@ -160,6 +189,11 @@ BAD = [
     (lambda: ref.moe_experts(X, WTS, IDS, W13.to(torch.float8_e4m3fn), W2), DshalError, "needs 'w13_scale'"),
     (lambda: ref.moe_experts(X, WTS, IDS, W13.to(torch.float8_e4m3fn), W2, torch.ones(4, 1, 2)), ShapeError, "expected [4, 1, 1]"),
     (lambda: ref.moe_experts(X, WTS, IDS, W13, W2.to("meta")), DeviceError, "'w2' is on meta"),
+    (lambda: ref.moe_experts(X, WTS, IDS, I13, I2, None, torch.ones(4, 16, 1)), DshalError, "needs 'w13_scale' (per-channel scales)"),
+    (lambda: ref.moe_experts(X, WTS, IDS, I13, I2, torch.ones(4, 1, 1), torch.ones(4, 16, 1)), ShapeError,
+     "'w13_scale' has shape [4, 1, 1], expected [4, 16, 1] (one scale per output channel"),
+    (lambda: ref.moe_experts(X, WTS, IDS, I13, W2.to(torch.float8_e4m3fn), torch.ones(4, 16, 1), torch.ones(4, 1, 1)), DTypeError,
+     "mix int8 and other weights"),
     (lambda: ref.moe_experts(X, WTS, IDS + 4, W13, W2), ShapeError, "expert id 4, expected ids in [0, 4)"),
     (lambda: ref.moe_experts(X, WTS, IDS - 1, W13, W2), ShapeError, "expert id -1"),
 ]

@@ -56,6 +56,23 @@ def test_parallel_matches_single_process(tmp_path: Path, checkpoint: Path, world
     assert job.leaked() == []
 
 
+def test_parallel_equals_single_process_in_every_precision_mode(tmp_path: Path, checkpoint: Path) -> None:
+    """TP=2 and EP=2 (gloo) equal the single process (logits within 1e-5 relative, same
+    greedy tokens) with FP8 / int8 applied on load and with the FP8 checkpoint as stored,
+    on a hidden-128 model whose TP shards cut 128-blocks."""
+    job = LocalJob([sys.executable, str(WORKER), "precision", str(tmp_path), str(checkpoint)], 2, capture=True)
+    with job:
+        runs = job.communicate(timeout_s=240)
+    assert [code for code, _, _ in runs] == [0, 0], [err[-3000:] for _, _, err in runs]
+    for rank in range(2):
+        checks = json.loads((tmp_path / f"rank{rank}.json").read_text())["checks"]
+        assert len(checks) == 12, sorted(checks)
+        assert "TP=2 x EP=1 auto from fp8 checkpoint" in checks and "TP=2 x EP=1 int8 from float32 checkpoint" in checks
+        failed = {name: why for name, why in checks.items() if why != "ok"}
+        assert not failed, f"rank {rank}: {failed}"
+    assert job.leaked() == []
+
+
 def test_parallel_sigkill_during_forward(tmp_path: Path, checkpoint: Path) -> None:
     """TP=2 x EP=2: rank 3 is SIGKILLed while the ranks run forward passes; every other
     rank exits with CommError within timeout_s + 10 s, naming a collective and a group."""

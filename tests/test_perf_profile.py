@@ -47,6 +47,7 @@ def profiled(tmp_path_factory):
 def test_profile_layer_times_add_up_to_wall_time(profiled):
     rc, _, report = profiled
     assert rc == 0 and report["schema"] == "dshal.profile/1"
+    assert report["precision"]["mode"] == "high" and report["precision"]["why"].startswith("auto: ")
     assert [lay["layer"] for lay in report["layers"]] == [
         "embed",
         "layers.0",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,10 @@ from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.attention import nonfinite_guard, visible_keys
 from dshal.ops.catalogue import SPECS
-from dshal.ops.gemm import _linear_reference
+from dshal.ops.gemm import GRANULARITY_BLOCKS, _linear_reference, _weight_quant_mode, linear_quantized
 from dshal.ops.moe import check_expert_ids
+from dshal.ops.quant import _quantize_fp8_reference, dequantize_to
+from dshal.ops.spec import FP8_FORMAT_OF
 
 #: Dtypes torch's CPU kernels already compute in at full precision (no upcast needed).
 _WIDE = (torch.float32, torch.float64)
@@ -76,6 +79,74 @@ def _fp8_block_rows(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     )
 
 
+class DequantizedWeights:
+    """float32 copies of FP8 weights, made on a weight's first prefill-sized product and kept
+    while the weight lives (unchanged: same tensor, same version counter, same scale).
+
+    Beyond ``FP8_GEMM_MAX_ROWS`` rows the op's math is "quantize the activations, dequantize
+    the weight, one float32 GEMM"; dequantizing every FP8 weight on every call made an FP8
+    model's prefill ~3x slower than the same model in float32. The copy costs 4 bytes per
+    weight element next to the FP8 byte (an FP8 model then holds 5x its FP8 weight bytes on
+    the CPU, about a float32 model's 4x plus the FP8 original); decode steps never make one
+    (they run on the C kernels, which read the FP8 bytes)."""
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor, int, torch.Tensor]] = {}
+
+    def get(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+        key = id(weight)
+        held = self._copies.get(key)
+        if held is not None:
+            ref, version, held_scale, scale_version, dense = held
+            if ref() is weight and version == weight._version and held_scale is scale and scale_version == scale._version:
+                return dense
+        dense = dequantize_to(weight, scale.reshape(()) if block is None else scale, block, torch.float32)
+        ref = weakref.ref(weight, lambda _, key=key, copies=self._copies: copies.pop(key, None))
+        self._copies[key] = (ref, weight._version, scale, scale._version, dense)
+        return dense
+
+    def nbytes(self) -> int:
+        """Bytes held by the copies (for memory reports)."""
+        return sum(entry[4].numel() * 4 for entry in self._copies.values())
+
+
+#: The cpu backend's dequantized FP8 weights (see :class:`DequantizedWeights`).
+DEQUANTIZED = DequantizedWeights()
+
+
+def _fp8_weight_block(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[int, int] | None:
+    return GRANULARITY_BLOCKS[_weight_quant_mode("linear", weight, weight_scale)][1]
+
+
+#: FP8 dtype -> its 256 values as float32, by bit pattern. Looking codes up is ~10x faster
+#: than torch's FP8 -> float32 cast on the CPU (90 vs 960 µs for 128k values here) and exact.
+_FP8_VALUES = {dt: torch.arange(256, dtype=torch.uint8).view(dt).to(torch.float32) for dt in FP8_FORMAT_OF}
+
+
+def _fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
+    codes = q.view(torch.uint8).reshape(-1).to(torch.int32)
+    return _FP8_VALUES[q.dtype].index_select(0, codes).view(q.shape)
+
+
+def _quantized_activations(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
+    """``x [..., K]`` quantized per (1, 128) to ``fp8`` and dequantized again, float32: the
+    values the op multiplies. Bit for bit the reference's steps, in fewer passes; the
+    reference itself where a row has non-finite values or K is not a multiple of 128."""
+    k = x.shape[-1]
+    rows = _as(x, torch.float32).reshape(-1, k)
+    if k % 128 == 0 and rows.numel():
+        blocks = rows.view(rows.shape[0], k // 128, 128)
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        if math.isfinite(amax.max().item()):  # NaN and Inf reach the max
+            qmax = float(torch.finfo(fp8).max)
+            # An all-zero block gets scale 1 in the op, `tiny` here: its values are 0 either way.
+            scale = (amax / qmax).clamp_(min=torch.finfo(torch.float32).tiny)
+            q = (blocks / scale).clamp_(-qmax, qmax).to(fp8)
+            return _fp8_to_float32(q).mul_(scale).reshape(x.shape)
+    q, s = _quantize_fp8_reference(rows, (1, 128), FP8_FORMAT_OF[fp8])
+    return dequantize_to(q, s, (1, 128), torch.float32).reshape(x.shape)
+
+
 def linear(x, weight, bias=None, weight_scale=None):
     """Decode-step products on dshal's C kernels (:mod:`dshal.kernels.cpu`):
 
@@ -85,6 +156,8 @@ def linear(x, weight, bias=None, weight_scale=None):
       rows quantized per 128 values as the op defines, the weight decoded on the fly
       (10-16x the reference's dequantize-then-GEMM for one row).
 
+    More rows times an FP8 weight (a prefill): the op's activation quantization and one
+    float32 GEMM with the weight's cached float32 copy (:class:`DequantizedWeights`).
     Everything else, and every product when the C kernels are unavailable, is the
     reference (``F.linear``, or the FP8/int8 path). Figures: benchmarks/RESULTS.md."""
     if (
@@ -98,6 +171,15 @@ def linear(x, weight, bias=None, weight_scale=None):
         return cpu_kernels.gemv(x, weight, bias)
     if _fp8_block_rows(x, weight, weight_scale) and cpu_kernels.library() is not None:
         return _as(cpu_kernels.fp8_block_gemm(x, weight, weight_scale, bias), x.dtype)
+    if weight.dtype in FP8_FORMAT_OF and x.dtype != torch.float64:  # prefill: the cached float32 weight
+        block = _fp8_weight_block(weight, weight_scale)
+        dense = DEQUANTIZED.get(weight, weight_scale, block)
+        if block != (128, 128):
+            return linear_quantized(x, weight, bias, weight_scale, dense)
+        y = _quantized_activations(x, weight.dtype) @ dense.T  # float32, as the op accumulates
+        if bias is not None:
+            y = y + _as(bias, torch.float32)
+        return _as(y, x.dtype)
     return _linear_reference(x, weight, bias, weight_scale)
 
 
@@ -265,6 +347,16 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         with _op_id_errors(ids, w13.shape[0]):
             return _as(cpu_kernels.moe_token_fp8(x, weights, ids, w13, w2, w13_scale, w2_scale), x.dtype)
     if (
+        ids.shape[0] > 1
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and w13.dtype in FP8_FORMAT_OF
+        and w2.dtype == w13.dtype
+        and _GROUPED_MM is not None
+        and cpu_kernels.library() is not None
+    ):  # a prefill of FP8 experts: cached float32 weights, grouped GEMMs
+        with _op_id_errors(ids, w13.shape[0]):
+            return _moe_experts_fp8_grouped(x, weights, ids, w13, w2, w13_scale, w2_scale)
+    if (
         w13_scale is None
         and w2_scale is None
         and x.dtype == w13.dtype == w2.dtype == torch.float32
@@ -282,6 +374,24 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
             y = _GROUPED_MM(silu_and_mul(h), w2.transpose(1, 2), offs=ends)  # [T * k, H]
             return cpu_kernels.moe_combine(y, order, weights)
     return moe_experts_torch(x, weights, ids, w13, w2, w13_scale, w2_scale)
+
+
+def _moe_experts_fp8_grouped(x, weights, ids, w13, w2, w13_scale, w2_scale):
+    """FP8 block-scaled experts for many tokens, as the op defines them: activations (``x``
+    and the SwiGLU output) quantized per (1, 128) and multiplied with the dequantized
+    weights in float32, each expert's output rounded to ``x``'s dtype, summed per token in
+    expert order. The weights' float32 copies are cached (:class:`DequantizedWeights`), and
+    each product is one grouped GEMM over all experts' rows."""
+    def quantized(t: torch.Tensor) -> torch.Tensor:
+        return _quantized_activations(t, w13.dtype)
+
+    d13 = DEQUANTIZED.get(w13, w13_scale, (128, 128))  # [E, 2I, H] float32
+    d2 = DEQUANTIZED.get(w2, w2_scale, (128, 128))  # [E, H, I]
+    xs, order, ends = cpu_kernels.moe_group(quantized(x), ids, w13.shape[0])
+    h = _as(_GROUPED_MM(xs, d13.transpose(1, 2), offs=ends), x.dtype)  # [T * k, 2I]
+    y = _GROUPED_MM(quantized(silu_and_mul(h)), d2.transpose(1, 2), offs=ends)  # [T * k, H]
+    y = _as(_as(y, x.dtype), torch.float32).contiguous()  # each expert's output in x's dtype, as the op rounds it
+    return _as(cpu_kernels.moe_combine(y, order, weights), x.dtype)
 
 
 def moe_experts_torch(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):

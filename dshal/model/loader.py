@@ -7,7 +7,8 @@ parameter it fills is built; :class:`CheckpointReader` also reads slices
 Names are the official ones: ``model.layers.N.self_attn.q_a_proj.weight``, per-expert
 ``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`` (stacked into ``w13`` / ``w2``
 here), and for FP8 checkpoints ``<linear>.weight_scale_inv`` (one float32 scale per
-128x128 block, multiplied in to dequantize). The fused layout some transformers versions
+128x128 block, multiplied in to dequantize); W8A8 int8 checkpoints (``dshal-ascend-convert``)
+``<linear>.weight`` int8 with ``<linear>.weight_scale`` (one scale per output channel). The fused layout some transformers versions
 write (``mlp.experts.gate_up_proj`` ``[E, 2I, D]``, ``mlp.experts.down_proj``) is read too.
 Tensors of multi-token-prediction layers (``model.layers.<num_hidden_layers + i>``) are
 skipped. A missing, unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
@@ -202,9 +203,19 @@ class _Loader:
         return self.read(name, shape, what, (torch.float32, torch.bfloat16, torch.float16)).to(dtype)
 
     def weight(self, prefix: str, shape: tuple[int, int], what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``prefix.weight`` (+ ``prefix.weight_scale_inv`` when FP8): ``(weight, scale or None)``."""
+        """``prefix.weight`` (+ its scales when quantized): ``(weight, scale or None)``.
+
+        FP8 weights come with ``prefix.weight_scale_inv`` (one float32 scale per 128x128
+        block, DeepSeek-V3's format); int8 weights with ``prefix.weight_scale`` (one scale
+        per output channel, ``[N, 1]`` or ``[N]``: W8A8 as ``dshal-ascend-convert`` writes)."""
         name = f"{prefix}.weight"
         dtype = self.reader.dtype(name) if name in self.reader else None
+        if dtype == torch.int8:
+            q = self.read(name, shape, what)
+            scale_name = f"{prefix}.weight_scale"
+            rows = (shape[0],) if scale_name in self.reader and len(self.reader.shape(scale_name)) == 1 else (shape[0], 1)
+            scale = self.read(scale_name, rows, f"per-channel scales of {what}", (torch.float32, torch.bfloat16, torch.float16))
+            return q, scale.to(torch.float32).reshape(shape[0], 1)
         if dtype not in FP8_DTYPES.values():
             return self.float_tensor(name, shape, what, self.args.dtype), None
         q = self.read(name, shape, what)
@@ -216,13 +227,20 @@ class _Loader:
         return q, scale
 
     def stacked(self, prefixes: list[str], rows: int, cols: int, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weights ``[rows, cols]`` of ``prefixes`` concatenated by rows. FP8 parts stay FP8
-        when their 128-row blocks tile the result; otherwise they are dequantized."""
+        """Weights ``[rows, cols]`` of ``prefixes`` concatenated by rows. int8 parts (one
+        scale per row) stay int8; FP8 parts stay FP8 when their 128-row blocks tile the
+        result; otherwise they are dequantized."""
         parts = [self.weight(p, (rows, cols), what) for p in prefixes]
-        if all(s is not None for _, s in parts) and rows % 128 == 0:
+        int8 = all(w.dtype == torch.int8 for w, _ in parts)
+        if all(s is not None for _, s in parts) and (int8 or rows % 128 == 0):
             return torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts])
-        dense = [w if s is None else _dequantize_blocks(w, s, (128, 128), self.args.dtype) for w, s in parts]
-        return torch.cat(dense), None
+        return torch.cat([self.dense(w, s) for w, s in parts]), None
+
+    def dense(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """A weight as read, dequantized to the model's dtype."""
+        from dshal.model.precision import dequantize_weight
+
+        return dequantize_weight(weight, scale, self.args.dtype)
 
 
 def _dequantize_blocks(
@@ -285,6 +303,10 @@ def load_weights(model: nn.Module, reader: Reader, device: torch.device | str = 
             f"checkpoint {reader.path}: unexpected tensor(s) {shown}{more}, not part of a DeepSeek-V3 model with "
             f"{args.num_hidden_layers} layers (check config.json against the checkpoint)"
         )
+    #: What the checkpoint stores (before any cast), for the precision policy's ``auto`` report.
+    model.checkpoint_weight_dtypes = sorted(
+        {str(reader.dtype(n)).replace("torch.", "") for n in ld.used if n.endswith(".weight")}
+    )
     left = [name for name, p in model.named_parameters() if p is unloaded.get(name)]
     if left:
         raise CheckpointError(f"checkpoint {reader.path}: parameters left unloaded: {', '.join(left[:5])}")
@@ -316,6 +338,7 @@ def read_experts(
         w13_parts.append(ld.stacked([f"{prefix}.{e}.gate_proj", f"{prefix}.{e}.up_proj"], inter, dim, f"{what}[{e}]"))
         w2_parts.append(ld.weight(f"{prefix}.{e}.down_proj", (dim, inter), f"{what}[{e}]"))
     quantized = all(s is not None for _, s in w13_parts + w2_parts)
+    quantized = quantized and len({w.dtype for w, _ in w13_parts + w2_parts}) == 1
     if quantized:
         return (
             torch.stack([w for w, _ in w13_parts]),
@@ -323,9 +346,7 @@ def read_experts(
             torch.stack([s for _, s in w13_parts]),
             torch.stack([s for _, s in w2_parts]),
         )
-    dense = lambda parts: torch.stack(  # noqa: E731
-        [w if s is None else _dequantize_blocks(w, s, (128, 128), a.dtype) for w, s in parts]
-    )
+    dense = lambda parts: torch.stack([ld.dense(w, s) for w, s in parts])  # noqa: E731
     return dense(w13_parts), dense(w2_parts), None, None
 
 

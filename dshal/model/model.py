@@ -220,7 +220,9 @@ class MLA(nn.Module):
         """Per-head keys ``[B, H, S, nope + rope]`` and values ``[B, H, S, v]`` from the latent."""
         bsz, slen, _ = latent.shape
         c_kv, k_pe = latent.split([self.rank, self.rope], dim=-1)
-        kv = self.kv_b_proj(c_kv).view(bsz, slen, -1, self.nope + self.v_dim).transpose(1, 2)  # [B, H, S, nope + v]
+        # Weight-only, as in the absorbed path: the latent is never quantized (DeepSeek-V3).
+        w_kv = self._kv_b_per_head(c_kv.dtype).flatten(0, 1)  # [H * (nope + v), r]
+        kv = ops.linear(c_kv, w_kv).view(bsz, slen, -1, self.nope + self.v_dim).transpose(1, 2)  # [B, H, S, nope + v]
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
         return k, v
@@ -248,9 +250,10 @@ class MLA(nn.Module):
         return out @ w_uv.transpose(1, 2)  # [B, H, T, r] @ [H, r, v] -> [B, H, T, v]
 
     def _kv_b_per_head(self, dtype: torch.dtype) -> torch.Tensor:
-        """``kv_b_proj``'s weight as ``[H, nope + v, r]`` in ``dtype``, cached until the weight changes."""
+        """``kv_b_proj``'s weight as ``[H, nope + v, r]`` in ``dtype`` (dequantized: kv_b is
+        weight-only in every precision mode), cached until the weight or dtype changes."""
         weight = self.kv_b_proj.weight
-        if self._absorbed is None or self._absorbed[0] is not weight:
+        if self._absorbed is None or self._absorbed[0] is not weight or self._absorbed[1].dtype != dtype:
             dense = self.kv_b_proj.dequantized_weight(dtype)
             self._absorbed = (weight, dense.view(-1, self.nope + self.v_dim, self.rank))
         return self._absorbed[1]

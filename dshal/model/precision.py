@@ -3,9 +3,14 @@ per-layer report ``model.describe()`` prints.
 
 Config (``precision`` section of ``dshal.yaml``):
 
-- ``gemm``: ``fp8-block`` (128x128 weight blocks, activations per 1x128, as DeepSeek-V3
-  runs), ``fp8-row`` (one scale per output channel / token), ``fp8-tensor``, or ``bf16``
-  (high precision: the model's dtype, which is float32 for float32 checkpoints);
+- ``gemm``: ``auto`` (the default: run the checkpoint in its own format -- an FP8-block
+  checkpoint stays FP8-block, an int8 one W8A8, a bf16 / fp32 one in high precision;
+  quantizing on load is an explicit choice, as in vLLM), ``high`` (dequantize everything
+  to the checkpoint's high precision: bf16, or float32 for float32 checkpoints; ``bf16``
+  is its older name and still accepted), ``fp8-block`` (128x128 weight blocks,
+  activations per 1x128, as DeepSeek-V3 runs), ``fp8-row`` (one scale per output channel
+  / token), ``fp8-tensor``, or ``int8`` (W8A8: int8 weights with one scale per output
+  channel, activations quantized per token, as Ascend runs);
 - ``fp8_format``: ``auto`` (the backend's native E4M3: e4m3fn, or e4m3fnuz on MI300X),
   or explicit;
 - ``keep_high_precision``: module-name globs kept in high precision (matched against
@@ -15,6 +20,9 @@ Config (``precision`` section of ``dshal.yaml``):
 The router (``Gate``) always computes in float32, as DeepSeek-V3 does; the embedding is a
 lookup, not a GEMM. Routed experts take FP8 only with 128x128 block scales
 (``moe_experts``' contract), so ``fp8-row`` / ``fp8-tensor`` run them as ``fp8-block``.
+``kv_b_proj`` is weight-only in every quantized mode: MLA multiplies its dequantized
+weight with the normalized KV latent in high precision (DeepSeek-V3's absorbed attention
+never quantizes the latent), so its stored format only saves memory.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ from dshal.ops.spec import FP8_DTYPES, FP8_FORMAT_OF
 #: gemm mode -> FP8 quantization block of a weight [N, K] (None = one scale).
 WEIGHT_BLOCKS: dict[str, tuple[int, int] | None] = {"fp8-block": (128, 128), "fp8-row": (1, -1), "fp8-tensor": None}
 HIGH = "high"
+INT8 = "int8"
+AUTO = "auto"
+#: Older names of gemm modes, still accepted in configs.
+GEMM_ALIASES = {"bf16": HIGH}
 
 
 def checkpoint_name(path: str) -> str:
@@ -99,13 +111,69 @@ def convert_fp8_format(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> t
 def _quantize(
     weight: torch.Tensor, scale: torch.Tensor | None, mode: str, fmt: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight`` (float or FP8) as FP8 ``fmt`` with the block of ``mode``."""
+    """``weight`` (float, FP8 or int8) in quantized ``mode``: FP8 ``fmt`` with the block of
+    ``mode``, or int8 with one scale per output row (``[..., N, 1]``)."""
+    if mode == INT8:
+        if weight.dtype == torch.int8 and scale is not None:
+            return weight, scale  # already W8A8: keep the checkpoint's bits
+        return ops.quantize_int8(dequantize_weight(weight, scale, torch.float32))
     block = WEIGHT_BLOCKS[mode]
     if scale is not None and weight.dtype in FP8_FORMAT_OF and weight_block(weight, scale) == block:
         return convert_fp8_format(weight, scale, fmt)  # already in this layout: keep the checkpoint's bits
     dense = dequantize_weight(weight, scale, torch.float32)
     q, s = ops.quantize_fp8(dense, block, fmt)
     return q, s
+
+
+def stored_mode(weight: torch.Tensor, scale: torch.Tensor | None) -> str:
+    """The gemm mode a weight is stored in: ``high``, ``int8`` or an ``fp8-*`` mode."""
+    if scale is None:
+        return HIGH
+    if weight.dtype == torch.int8:
+        return INT8
+    return {(128, 128): "fp8-block", (1, -1): "fp8-row", None: "fp8-tensor"}[weight_block(weight, scale)]
+
+
+def _weights(module: nn.Module) -> list[tuple[str, str]]:
+    """``(weight, scale)`` attribute names of a ``Linear`` or ``RoutedExperts``."""
+    return [("weight", "weight_scale")] if hasattr(module, "weight_scale") else [("w13", "w13_scale"), ("w2", "w2_scale")]
+
+
+def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module) -> tuple[str, str]:
+    """``(mode, why)``: the gemm mode ``precision.gemm`` means for the loaded ``model``
+    (``auto`` resolved from the weights the checkpoint stored, ``bf16`` to ``high``)."""
+    from dshal.model.model import Linear, RoutedExperts
+
+    asked = precision.gemm
+    if asked != AUTO:
+        mode = GEMM_ALIASES.get(asked, asked)
+        alias = f" ({asked!r} is the older name of {mode!r})" if mode != asked else ""
+        why = "precision.gemm" + alias
+        if mode != HIGH:
+            why += ": quantized on load where the checkpoint stores another format"
+        return mode, why
+    stored: dict[str, set[str]] = {}
+    for module in model.modules():
+        if isinstance(module, (Linear, RoutedExperts)):
+            for w_name, s_name in _weights(module):
+                weight, scale = getattr(module, w_name), getattr(module, s_name)
+                label = stored_mode(weight, scale)
+                stored.setdefault(label, set()).add(str(FP8_FORMAT_OF.get(weight.dtype, weight.dtype)).replace("torch.", ""))
+    quantized = sorted(m for m in stored if m != HIGH)
+    if not quantized:
+        on_disk = " + ".join(getattr(model, "checkpoint_weight_dtypes", None) or sorted(stored.get(HIGH, {"no"})))
+        dtype = str(model.args.dtype).replace("torch.", "")
+        return HIGH, (
+            f"auto: the checkpoint stores {on_disk} weights: high precision, {dtype} "
+            "(quantize on load only with precision.gemm: fp8-block | fp8-row | fp8-tensor | int8)"
+        )
+    mode = quantized[0]
+    what = {"fp8-block": "FP8 weights with 128x128 block scales", INT8: "int8 weights with per-channel scales (W8A8)"}
+    fmts = "" if mode == INT8 else f" ({' + '.join(sorted(stored[mode]))})"
+    why = f"auto: the checkpoint stores {what.get(mode, mode + ' weights')}{fmts}, run as stored"
+    if HIGH in stored:  # e.g. FP8 gate/up parts whose 128-row blocks do not tile the fused weight
+        why += f"; weights it stores in (or the loader dequantized to) {' + '.join(sorted(stored[HIGH]))} stay so"
+    return mode, why
 
 
 def resolve_fp8_format(precision: PrecisionConfig) -> str:
@@ -123,41 +191,48 @@ def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
 
 def apply_precision(model: nn.Module, precision: PrecisionConfig, dtype: torch.dtype | None = None) -> dict[str, str]:
     """Convert every ``Linear`` and ``RoutedExperts`` of ``model`` in place to the policy's
-    format; return ``{module path: mode}`` (mode: ``high`` or an ``fp8-*`` gemm mode).
+    format; return ``{module path: mode}`` (mode: ``high``, ``int8`` or an ``fp8-*`` gemm mode).
 
-    ``dtype``: the high-precision dtype (default: the model's ``args.dtype``)."""
+    ``auto`` keeps each weight in the format the checkpoint stored it in (FP8 only converted
+    to the backend's E4M3 variant); the chosen mode and why are kept as
+    ``model.precision_choice`` for ``describe()``. ``dtype``: the high-precision dtype
+    (default: the model's ``args.dtype``)."""
     from dshal.model.model import Linear, RoutedExperts
 
     dtype = dtype or model.args.dtype
     fmt = resolve_fp8_format(precision)
+    mode_all, why = resolve_gemm_mode(precision, model)
     plan: dict[str, str] = {}
     for path, module in model.named_modules():
         if not isinstance(module, (Linear, RoutedExperts)):
             continue
-        high = precision.gemm == "bf16" or keeps_high_precision(path, precision.keep_high_precision)
-        if isinstance(module, Linear):
-            mode = HIGH if high else precision.gemm
+        high = keeps_high_precision(path, precision.keep_high_precision)
+        for w_name, s_name in _weights(module):
+            weight, scale = getattr(module, w_name), getattr(module, s_name)
+            mode = mode_all
+            if precision.gemm == AUTO:
+                mode = stored_mode(weight, scale)
+            elif isinstance(module, RoutedExperts) and mode in WEIGHT_BLOCKS:
+                mode = "fp8-block"  # moe_experts takes FP8 experts with 128x128 block scales only
+            if high:
+                mode = HIGH
             if mode == HIGH:
-                weight, scale = dequantize_weight(module.weight, module.weight_scale, dtype), None
+                weight, scale = dequantize_weight(weight, scale, dtype), None
             else:
-                weight, scale = _quantize(module.weight, module.weight_scale, mode, fmt)
-            _set(module, "weight", weight)
-            _set(module, "weight_scale", scale)
-        else:
-            mode = HIGH if high else "fp8-block"
-            for w_name in ("w13", "w2"):
-                weight, scale = getattr(module, w_name), getattr(module, f"{w_name}_scale")
-                if mode == HIGH:
-                    weight, scale = dequantize_weight(weight, scale, dtype), None
-                else:
-                    weight, scale = _quantize(weight, scale, mode, fmt)
-                _set(module, w_name, weight)
-                _set(module, f"{w_name}_scale", scale)
-        plan[path] = mode
+                weight, scale = _quantize(weight, scale, mode, fmt)
+            _set(module, w_name, weight)
+            _set(module, s_name, scale)
+            plan[path] = mode
+    model.precision_choice = {"gemm": precision.gemm, "mode": mode_all, "why": why}
     return plan
 
 
 # ---------------------------------------------------------------- describe()
+def precision_summary(choice: dict[str, Any]) -> str:
+    """One line for ``dshal run`` / ``dshal profile``: the gemm mode chosen and why."""
+    return f"precision: {choice.get('mode')} ({choice.get('why')})"
+
+
 def precision_label(weight: torch.Tensor, scale: torch.Tensor | None) -> str:
     """How a weight is stored: ``float32``, ``bfloat16``, ``fp8-block e4m3fn``, ``int8-row``..."""
     if scale is None:
@@ -227,6 +302,10 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     for path, module in model.named_modules():
         if isinstance(module, Linear):
             label = precision_label(module.weight, module.weight_scale)
+            spans = getattr(module, "act_quant", None)  # a TP shard whose quantization groups span ranks
+            if spans is not None:
+                kept = module.weight_scale is not None
+                label = f"{spans.mode} {spans.fmt} ({'input quantized across ranks' if kept else 'dequantized TP shard'})"
         elif isinstance(module, RoutedExperts):
             label = precision_label(module.w13, module.w13_scale)
         elif isinstance(module, Gate):
@@ -242,8 +321,15 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
                 layers.append({"layer": n, "ffn": "moe" if a.is_moe_layer(n) else "dense", "precision": {}})
             layers[layer_id]["precision"][path.split(".", 2)[2]] = label
     n_params = sum(p.numel() for p in model.parameters())
+    choice = getattr(model, "precision_choice", None) or {"gemm": None, "mode": None, "why": "no precision policy applied"}
+    kv_b = model.layers[0].self_attn.kv_b_proj if len(model.layers) else None
     return {
         "dtype": str(a.dtype).replace("torch.", ""),
+        "precision": {
+            **choice,
+            # MLA multiplies kv_b_proj's dequantized weight with the latent (never quantized).
+            "weight_only": ["kv_b_proj"] if kv_b is not None and kv_b.weight_scale is not None else [],
+        },
         "parameters": n_params,
         "layers_total": a.num_hidden_layers,
         "dense_layers": min(a.first_k_dense_replace, a.num_hidden_layers),
@@ -256,12 +342,15 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
 __all__ = [
     "apply_precision",
     "checkpoint_name",
+    "resolve_gemm_mode",
+    "stored_mode",
     "convert_fp8_format",
     "dequantize_weight",
     "describe_model",
     "keeps_high_precision",
     "kv_cache_report",
     "precision_label",
+    "precision_summary",
     "resolve_fp8_format",
     "weight_block",
 ]

@@ -235,6 +235,9 @@ def _print(report: dict[str, Any]) -> None:
         ops.add_row(op, p["provider"], p["kind"])
     console.print(ops)
     desc = report["model_description"]
+    from dshal.model.precision import precision_summary
+
+    console.print(precision_summary(desc["precision"]))
     prec = Table(
         title=f"precision per layer group ({desc['layers_total']} layers, {desc['dense_layers']} dense)",
         show_edge=False,

@@ -205,14 +205,32 @@ def linear(x, weight, bias=None, weight_scale=None):
     check_same_device(op, "x", x, weight=weight, bias=bias, weight_scale=weight_scale)
 
 
-def _linear_quantized(x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def _linear_quantized(
+    x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, acc: torch.dtype, dense: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The quantized product of ``x2 [M, K]``; ``dense``: the FP8 weight already dequantized
+    (float32 ``weight * weight_scale``, e.g. a backend's cached copy), multiplied with the
+    same quantized activations instead of dequantizing the weight again."""
     mode = _weight_quant_mode("linear", weight, weight_scale)
     if weight.dtype == torch.int8:
         xq, xs = _quantize_int8_reference(x2)
         return _int8_gemm_reference(xq, xs, weight, weight_scale, acc)
     x_block = GRANULARITY_BLOCKS[mode][0]
     xq, xs = _quantize_fp8_reference(x2, x_block, FP8_FORMAT_OF[weight.dtype])
+    if dense is not None:
+        return dequantize_to(xq, xs, x_block, acc) @ dense.to(acc).T
     return _fp8_gemm_reference(xq, xs, weight, weight_scale.reshape(()) if mode == "tensor" else weight_scale, acc)
+
+
+def linear_quantized(x, weight, bias=None, weight_scale=None, dense=None):
+    """:func:`linear`'s reference for a quantized ``weight`` (after the op's checks), with
+    an optional pre-dequantized float32 ``dense`` copy of an FP8 weight (see
+    :func:`_linear_quantized`): the same activation quantization and float32 product."""
+    acc = compute_dtype(x.dtype)
+    y = _linear_quantized(x.reshape(-1, x.shape[-1]), weight, weight_scale, acc, dense)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 @linear.reference
@@ -222,11 +240,7 @@ def _linear_reference(x, weight, bias=None, weight_scale=None):
         w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
         return F.linear(x, w, b)
-    acc = compute_dtype(x.dtype)
-    y = _linear_quantized(x.reshape(-1, x.shape[-1]), weight, weight_scale, acc)
-    if bias is not None:
-        y = y + bias.to(acc)
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return linear_quantized(x, weight, bias, weight_scale)
 
 
 @linear.cost

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dshal.errors import ArgumentError, ShapeError
+from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.ops.gemm import _linear_reference
 from dshal.ops.quant import FP8_DTYPE_LIST, SCALE_DTYPES, compute_dtype
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_ids_in_range, check_same_device, check_tensor, op_spec
@@ -84,21 +84,26 @@ def _moe_gate_cost(logits, bias, top_k, n_group, topk_group, routed_scaling_fact
 
 # ---------------------------------------------------------------- moe_experts
 def _check_expert_weight(op: str, arg: str, w, scale_arg: str, scale, shape: tuple[int, int, int]) -> None:
-    check_tensor(op, arg, w, dtypes=FLOAT_DTYPES + FP8_DTYPE_LIST, ndim=3)
+    check_tensor(op, arg, w, dtypes=FLOAT_DTYPES + FP8_DTYPE_LIST + (torch.int8,), ndim=3)
     if tuple(w.shape) != shape:
         raise ShapeError(f"{op}: argument {arg!r} has shape {list(w.shape)}, expected {list(shape)}")
     if w.dtype in FLOAT_DTYPES:
         if scale is not None:
             raise ArgumentError(f"{op}: argument {scale_arg!r} is given, but {arg!r} is {w.dtype}; expected None for float weights")
         return
+    int8 = w.dtype == torch.int8
     if scale is None:
-        raise ArgumentError(f"{op}: argument {arg!r} is {w.dtype}, which needs {scale_arg!r} (block scales); got None")
+        what = "per-channel scales" if int8 else "block scales"
+        raise ArgumentError(f"{op}: argument {arg!r} is {w.dtype}, which needs {scale_arg!r} ({what}); got None")
     check_tensor(op, scale_arg, scale, dtypes=SCALE_DTYPES, ndim=3)
-    want = (shape[0], math.ceil(shape[1] / 128), math.ceil(shape[2] / 128))
+    if int8:
+        want, what = (shape[0], shape[1], 1), "one scale per output channel"
+    else:
+        want, what = (shape[0], math.ceil(shape[1] / 128), math.ceil(shape[2] / 128)), "one scale per 128x128 block"
     if tuple(scale.shape) != want:
         raise ShapeError(
             f"{op}: argument {scale_arg!r} has shape {list(scale.shape)}, expected {list(want)} "
-            f"(one scale per 128x128 block of {arg!r} {list(shape)})"
+            f"({what} of {arg!r} {list(shape)})"
         )
 
 
@@ -112,7 +117,11 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     ``w2 [E, H, I]``; ``expert_e(h) = w2[e] @ (silu(w13[e, :I] h) * w13[e, I:] h)``.
     FP8 weights need block scales ``w13_scale [E, ceil(2I/128), ceil(H/128)]`` and
     ``w2_scale [E, ceil(H/128), ceil(I/128)]``; their activations are then quantized per
-    (1, 128) as in :func:`linear`. Returns ``[T, H]`` in ``x``'s dtype; the weighted sum is
+    (1, 128) as in :func:`linear`. int8 weights (W8A8) need one float32 scale per output
+    channel, ``w13_scale [E, 2I, 1]`` and ``w2_scale [E, H, 1]``; their activations (``x``,
+    and the SwiGLU output before ``w2``) are quantized per token as :func:`quantize_int8`
+    does, and each product runs as :func:`int8_gemm`. ``w13`` and ``w2`` are both float,
+    both FP8 or both int8. Returns ``[T, H]`` in ``x``'s dtype; the weighted sum is
     accumulated in float32 (float64 for float64 inputs).
     """
     op = "moe_experts"
@@ -131,6 +140,8 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     _check_expert_weight(op, "w13", w13, "w13_scale", w13_scale, (experts, two_i, hidden))
     check_tensor(op, "w2", w2, ndim=3)
     _check_expert_weight(op, "w2", w2, "w2_scale", w2_scale, (experts, hidden, inter))
+    if (w13.dtype == torch.int8) != (w2.dtype == torch.int8):
+        raise DTypeError(f"{op}: arguments 'w13' ({w13.dtype}) and 'w2' ({w2.dtype}) mix int8 and other weights, expected both int8 or neither")
     check_same_device(op, "x", x, weights=weights, ids=ids, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale)
 
 

@@ -54,13 +54,70 @@ def _new_param(value: torch.Tensor | None) -> nn.Parameter | None:
     return None if value is None else nn.Parameter(value, requires_grad=False)
 
 
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How the full (unsharded) quantized linear quantizes its input: FP8 ``fmt`` per
+    ``block`` (``(1, 128)``, ``(1, -1)`` or None = per tensor), or int8 per token
+    (``fmt="int8"``). A shard whose slice cuts the weight's quantization groups, or whose
+    activation groups span ranks, holds its slice of the globally quantized weight
+    dequantized and applies this to the (gathered) input, so it computes what the single
+    process computes, up to summation order."""
+
+    mode: str  # the weight's gemm mode: fp8-block | fp8-row | fp8-tensor | int8
+    fmt: str
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+        """``(q, scale, block)``: ``x [..., K]`` as ``[M, K]`` rows, quantized as the full linear does."""
+        from dshal.model.precision import WEIGHT_BLOCKS
+
+        rows = x.reshape(-1, x.shape[-1])
+        if self.mode == "int8":
+            q, s = ops.quantize_int8(rows)
+            return q, s, (1, -1)
+        block = {(128, 128): (1, 128), (1, -1): (1, -1), None: None}[WEIGHT_BLOCKS[self.mode]]
+        q, s = ops.quantize_fp8(rows, block, self.fmt)
+        return q, s, block
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` quantized and dequantized again, in float32."""
+        q, s, block = self.quantize(x)
+        dense = q.to(torch.float32) * s if self.mode == "int8" else ops.dequantize_fp8(q, s, block, torch.float32)
+        return dense.reshape(x.shape)
+
+    def partial_product(self, x_full: torch.Tensor, cols: slice, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """A row-parallel rank's partial sum, float32 ``[M, N]``, with its weight columns still
+        quantized (per output channel or per tensor): the gathered input ``x_full [M, K]`` is
+        quantized per token (or tensor) as a whole, and this rank's columns are multiplied
+        by its weight columns with the global scales, so the ranks' partials add up to the
+        unsharded product (up to summation order)."""
+        q, s, _ = self.quantize(x_full)
+        q = q[:, cols].contiguous()
+        if self.mode == "int8":
+            return ops.int8_gemm(q, s, weight, scale, torch.float32)
+        return ops.fp8_gemm(q, s, weight, scale, torch.float32)
+
+
+def _emulated_linear(module: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``module``'s product for an input already in full (see :class:`ActivationQuant`)."""
+    y = ops.linear(module.act_quant.apply(x), module.weight, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
 class ColumnParallelLinear(Linear):
     """A linear holding a slice of the output features (rows of ``weight``); its output is
-    this rank's slice of the features, no communication."""
+    this rank's slice of the features, no communication. ``act_quant`` (set by the
+    transform when the slice cuts the weight's quantization blocks): see
+    :class:`ActivationQuant`."""
 
     def __init__(self, in_features: int, out_features: int, shard: Shard, bias: bool, dtype: torch.dtype):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype)
         self.shard = shard
+        self.act_quant: ActivationQuant | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            return _emulated_linear(self, x, self.bias)
+        return super().forward(x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rows [{self.shard.start}, {self.shard.stop}) x {self.shard.parts}"
@@ -74,9 +131,23 @@ class RowParallelLinear(Linear):
     def __init__(self, in_features: int, out_features: int, shard: Shard, bias: bool, dtype: torch.dtype, group: object, reduce: bool = True):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype)
         self.shard, self.group, self.reduce = shard, group, reduce
+        #: Set when the full linear's activation quantization groups span ranks: the input
+        #: is all-gathered, quantized as a whole, and this rank's columns used (with the
+        #: quantized weight slice for per-channel / per-tensor scales, dequantized for a cut
+        #: 128-block).
+        self.act_quant: ActivationQuant | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.linear(x, self.weight, None, self.weight_scale)
+        if self.act_quant is not None:
+            full = comm.all_gather(x.contiguous(), dim=-1, group=self.group)
+            cols = slice(self.shard.start, self.shard.stop)
+            if self.weight_scale is not None:  # per-token / per-tensor scales: the weight stays quantized
+                rows = self.act_quant.partial_product(full, cols, self.weight, self.weight_scale)
+                y = rows.reshape(*x.shape[:-1], -1).to(x.dtype)
+            else:  # a cut 128-block: the dequantized slice times the dequantized input columns
+                y = ops.linear(self.act_quant.apply(full)[..., cols], self.weight).to(x.dtype)
+        else:
+            y = ops.linear(x, self.weight, None, self.weight_scale)
         if self.reduce:
             y = comm.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias
@@ -108,9 +179,13 @@ class VocabParallelLMHead(Linear):
     def __init__(self, in_features: int, shard: Shard, vocab_size: int, padded: int, dtype: torch.dtype, group: object):
         super().__init__(in_features, shard.stop - shard.start, bias=False, dtype=dtype)
         self.shard, self.group, self.vocab_size, self.padded = shard, group, vocab_size, padded
+        self.act_quant: ActivationQuant | None = None  # as ColumnParallelLinear's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = ops.linear(x, self.weight, None, self.weight_scale)
+        if self.act_quant is not None:
+            logits = _emulated_linear(self, x, None)
+        else:
+            logits = ops.linear(x, self.weight, None, self.weight_scale)
         if logits.shape[-1] < self.padded:
             pad = logits.new_zeros((*logits.shape[:-1], self.padded - logits.shape[-1]))
             logits = torch.cat((logits, pad), dim=-1)
@@ -242,6 +317,7 @@ class ParallelMoE(nn.Module):
 
 
 __all__ = [
+    "ActivationQuant",
     "ColumnParallelLinear",
     "ParallelMoE",
     "RowParallelLinear",

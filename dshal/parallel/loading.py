@@ -120,7 +120,7 @@ class ShardView:
         fused_up, fused_down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
         for local, expert in enumerate(held):
             for proj in ("gate_proj", "up_proj", "down_proj"):
-                for kind in ("weight", "weight_scale_inv"):
+                for kind in ("weight", "weight_scale_inv", "weight_scale"):
                     source = f"{prefix}.{expert}.{proj}.{kind}"
                     if source in self.reader:
                         self._sources[f"{prefix}.{local}.{proj}.{kind}"] = (
@@ -165,6 +165,35 @@ class ShardView:
         return self.get(name)[slices]
 
 
+def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any) -> bool:
+    """Whether loading this rank's slices and then applying ``precision`` gives the slices
+    of the single-process model. It does without tensor parallelism (experts are held
+    whole), when nothing is quantized, and in ``fp8-block`` (or ``auto`` on an FP8
+    checkpoint) when no TP shard cuts a quantized weight's 128-blocks. Per-row / per-tensor
+    / int8 scales, or a cut block, need the whole weight first (quantize, then shard)."""
+    from dshal.model.precision import AUTO, GEMM_ALIASES, HIGH, keeps_high_precision
+
+    mode = GEMM_ALIASES.get(precision.gemm, precision.gemm)
+    kinds = (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)
+    sharded = [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
+    if mode == HIGH or not sharded:
+        return True
+    stored = {reader.dtype(n) for n in reader.names() if n.endswith(".weight")}
+    fp8 = bool(stored & set(FP8_DTYPES.values()))
+    if mode == AUTO and torch.int8 not in stored and not fp8:
+        return True  # a float checkpoint run as stored
+    if mode not in (AUTO, "fp8-block") or torch.int8 in stored:
+        return False  # a row-parallel shard's per-row or per-token scales span the ranks
+    for path, module in sharded:
+        hf = checkpoint_name(path).removesuffix(".gate_up_proj") + (".gate_proj" if path.endswith(".gate_up_proj") else "")
+        stored_fp8 = f"{hf}.weight" in reader and reader.dtype(f"{hf}.weight") in FP8_DTYPES.values()
+        quantized = (stored_fp8 or mode != AUTO) and not keeps_high_precision(path, precision.keep_high_precision)
+        # strict (an unaligned last shard that ends the weight also counts): exact either way
+        if quantized and (module.shard.start % 128 or module.shard.stop % 128):
+            return False
+    return True
+
+
 def build_parallel(
     args: ModelArgs,
     reader: Any,
@@ -174,22 +203,42 @@ def build_parallel(
 ) -> Transformer:
     """This rank's part of the model in ``reader``: tensor-parallel over ``groups.tp`` and
     expert-parallel over ``groups.ep`` (see :func:`dshal.parallel.setup_groups`), reading
-    only this rank's slices. Precision and device as in :func:`dshal.model.build_model`."""
+    only this rank's slices. Precision and device as in :func:`dshal.model.build_model`.
+
+    When slicing first would change the numbers (quantizing on load, or shards that cut
+    the checkpoint's 128x128 FP8 blocks: see :func:`_sliced_read_is_exact`), each rank
+    loads the whole model, applies the precision policy, then shards it (the transforms
+    keep a cut block's values and emulate its activation quantization), so TP and EP equal
+    the single process in every precision mode; memory is then the whole model per rank
+    during the load."""
     from dshal.runtime import current
 
     runtime = current()
+    precision = precision if precision is not None else runtime.config.precision
+    device = device if device is not None else runtime.device
     with torch.device("meta"):
         model = Transformer(args)
     if groups.tp_size > 1:
         tensor_parallel(model, groups.tp)
     if groups.ep_size > 1:
         expert_parallel(model, groups.ep)
+    if not _sliced_read_is_exact(reader, model, precision):
+        with torch.device("meta"):
+            model = Transformer(args)
+        load_weights(model, reader, device)
+        apply_precision(model, precision)
+        if groups.tp_size > 1:
+            tensor_parallel(model, groups.tp)
+        if groups.ep_size > 1:
+            expert_parallel(model, groups.ep)
+        model.shard_view = None
+        return model.eval()
     view = ShardView(reader, model, tuple(args.weight_block_size or (128, 128)))
-    load_weights(model, view, device if device is not None else runtime.device)
+    load_weights(model, view, device)
     for module in model.modules():
         if isinstance(module, ShardedExperts):
             module.set_owners(module.owner, module.held)  # tables next to the loaded weights
-    apply_precision(model, precision if precision is not None else runtime.config.precision)
+    apply_precision(model, precision)
     model.shard_view = view
     return model.eval()
 

@@ -31,7 +31,9 @@ from torch import nn
 from dshal import comm
 from dshal.errors import ShapeError
 from dshal.model.model import MLP, Embedding, Linear, MoE, RoutedExperts, Transformer
+from dshal.ops.spec import FP8_FORMAT_OF
 from dshal.parallel.layers import (
+    ActivationQuant,
     ColumnParallelLinear,
     ParallelMoE,
     RowParallelLinear,
@@ -63,27 +65,51 @@ def _slice(value: torch.Tensor | None, shard: Shard, shape: tuple[int, ...]) -> 
     return shard.take(value.data)
 
 
-def _slice_scale(weight: torch.Tensor, scale: torch.Tensor | None, shard: Shard) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight shard and its scale shard; an FP8 weight whose 128x128 blocks the shard
-    would cut is dequantized first (the shard then runs in high precision)."""
-    from dshal.model.precision import dequantize_weight, weight_block
+def exact_shard(mode: str, shard: Shard, full: int, row: bool) -> bool:
+    """Whether a linear stored in gemm ``mode`` computes, on the ``shard`` of its weight
+    (``full`` rows or columns along ``shard.dim``), exactly its part of the unsharded
+    product when it slices the weight and its scales: the slice keeps whole 128x128
+    blocks, and (for a row-parallel shard) no activation quantization group spans ranks.
+    Otherwise the transform sets an :class:`ActivationQuant` on the shard."""
+    if mode == "high":
+        return True
+    if mode == "fp8-block":
+        part = full // shard.parts
+        return shard.start % 128 == 0 and (shard.stop % 128 == 0 or shard.stop == part) and (shard.parts == 1 or part % 128 == 0)
+    # fp8-row / int8 (per output channel) and fp8-tensor: the weight's scales need no cut,
+    # but the activation's scale is per token (or tensor) over all K: whole only per column shard.
+    return not row
+
+
+def _slice_scale(
+    weight: torch.Tensor, scale: torch.Tensor | None, shard: Shard, row: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, ActivationQuant | None]:
+    """The weight shard, its scale shard, and the activation quantization the shard must
+    reproduce (None when slicing is exact, see :func:`exact_shard`). A row-parallel shard of
+    a per-channel / per-tensor weight keeps its quantized columns and the global scales
+    (its input is quantized as a whole by the layer); a shard that cuts 128-blocks is held
+    as its dequantized float32 slice. Either way it computes what the unsharded quantized
+    linear computes, so TP equals the single process in every precision mode (quantize
+    before sharding)."""
+    from dshal.model.precision import dequantize_weight, stored_mode
 
     full_shape = list(weight.shape)
     full_shape[shard.dim] = shard.size
     if scale is None or weight.is_meta:
-        return _slice(weight, shard, tuple(full_shape)), scale
-    block = weight_block(weight, scale)
-    part = weight.shape[shard.dim] // shard.parts
-    if block is None or (block == (1, -1) and shard.dim == 1):
-        return shard.take(weight.data), scale
-    if block == (1, -1):
-        return shard.take(weight.data), shard.take(scale.data)
-    aligned = shard.start % 128 == 0 and (shard.stop % 128 == 0 or shard.stop == part) and (shard.parts == 1 or part % 128 == 0)
-    if not aligned:
+        return _slice(weight, shard, tuple(full_shape)), scale, None
+    mode = stored_mode(weight, scale)
+    if not exact_shard(mode, shard, weight.shape[shard.dim], row):
+        act = ActivationQuant(mode, "int8" if mode == "int8" else FP8_FORMAT_OF[weight.dtype])
+        if mode != "fp8-block" and shard.dim == 1:  # per-channel / tensor scales: columns keep them
+            return shard.take(weight.data), scale, act
         dense = dequantize_weight(weight.data, scale.data, torch.float32)
-        return shard.take(dense), None
+        return shard.take(dense), None, act
+    if mode == "fp8-tensor" or shard.dim == 1 and mode != "fp8-block":
+        return shard.take(weight.data), scale, None
+    if mode != "fp8-block":  # per output channel: the scale rows go with the weight rows
+        return shard.take(weight.data), shard.take(scale.data), None
     scale_shard = Shard(shard.dim, shard.start // 128, math.ceil(shard.stop / 128), shard.parts)
-    return shard.take(weight.data), scale_shard.take(scale.data)
+    return shard.take(weight.data), scale_shard.take(scale.data), None
 
 
 def _parallel_linear(old: Linear, shard: Shard, row: bool, group: Any = None, reduce: bool = True) -> Linear:
@@ -95,7 +121,7 @@ def _parallel_linear(old: Linear, shard: Shard, row: bool, group: Any = None, re
             new: Linear = RowParallelLinear(in_f, out_f, shard, has_bias, old.weight.dtype, group, reduce)
         else:
             new = ColumnParallelLinear(in_f, out_f, shard, has_bias, old.weight.dtype)
-    weight, scale = _slice_scale(old.weight, old.weight_scale, shard)
+    weight, scale, new.act_quant = _slice_scale(old.weight, old.weight_scale, shard, row)
     new.weight = nn.Parameter(weight, requires_grad=False)
     new.weight_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
     if has_bias:  # column-parallel: this rank's rows of the bias; row-parallel: the whole bias, added once
@@ -200,7 +226,7 @@ def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
         model.embed = VocabParallelEmbedding(shard, a.hidden_size, old_embed.weight.dtype, group)
         head = VocabParallelLMHead(a.hidden_size, shard, vocab, padded, model.lm_head.weight.dtype, group)
     model.embed.weight = nn.Parameter(_slice(old_embed.weight, shard, (stop - start, a.hidden_size)), requires_grad=False)
-    weight, scale = _slice_scale(model.lm_head.weight, model.lm_head.weight_scale, shard)
+    weight, scale, head.act_quant = _slice_scale(model.lm_head.weight, model.lm_head.weight_scale, shard)
     head.weight = nn.Parameter(weight, requires_grad=False)
     head.weight_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
     model.lm_head = head
@@ -257,4 +283,4 @@ def spread_experts(experts: nn.Module, group: Any = None) -> ShardedExperts:
     return sharded
 
 
-__all__ = ["expert_parallel", "spread_experts", "tensor_parallel"]
+__all__ = ["exact_shard", "expert_parallel", "spread_experts", "tensor_parallel"]

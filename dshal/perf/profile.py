@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from dshal.errors import DshalError
+from dshal.model.precision import precision_summary
 from dshal.ops.spec import Cost
 from dshal.perf.common import add_common_arguments, json_path, start
 from dshal.perf.instrument import GLUE, OUTSIDE, PROFILER, Recorder, has_hooks
@@ -395,6 +396,7 @@ def write_html(report: dict[str, Any], path: str | Path) -> Path:
         "backend": f"{report['backend']} on {report['device']}" + (" — emulated" if report["emulated"] else ""),
         "model": report["model"],
         "run": f"batch {report['batch']}, prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens",
+        "precision": precision_summary(report["precision"]).removeprefix("precision: ") if "precision" in report else "n/a",
         "machine": f"{plat['cpu']}, {plat['cores']} cores, torch {plat['torch']}, "
         f"torch threads {report['torch_threads']}",
         "wall time": f"{duration(report['wall_s'])} (layers add up to {duration(report['layer_sum_s'])}, "
@@ -513,6 +515,8 @@ def print_summary(report: dict[str, Any]) -> None:
     out.print(
         f"[bold]dshal profile[/bold]: backend [cyan]{report['backend']}[/cyan] on {report['device']}; {report['model']}"
     )
+    if "precision" in report:
+        out.print(precision_summary(report["precision"]))
     out.print(
         f"wall {duration(report['wall_s'])}; layers add up to {duration(report['layer_sum_s'])} "
         f"({100 * report['layer_sum_s'] / report['wall_s']:.1f} %); peak memory "
@@ -559,6 +563,7 @@ def main(args: argparse.Namespace) -> int:
         "torch_threads": torch.get_num_threads(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "providers": {op: {"provider": p, "kind": runtime.provider_kind(op)} for op, p in runtime.providers.items()},
+        "precision": model.describe()["precision"],
         **report,
     }
     html_path = write_html(report, args.output)
