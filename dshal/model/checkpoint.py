@@ -46,7 +46,9 @@ def check_finite_enabled() -> bool:
 def check_finite(name: str, tensor: torch.Tensor, where: object) -> None:
     """Raise CheckpointError when ``tensor`` (checkpoint tensor ``name`` of ``where``) holds
     a NaN or an Inf: such a model loads but generates garbage without a word. Integer
-    tensors pass; FP8 ones are checked on their bit patterns."""
+    tensors and meta tensors pass; FP8 ones are checked on their bit patterns."""
+    if tensor.is_meta:
+        return  # shapes only (`dshal plan`'s checkpoint of names and shapes): no values to scan
     fp8 = _FP8_NONFINITE.get(tensor.dtype)
     if fp8 is None and not tensor.is_floating_point():
         return

@@ -95,8 +95,8 @@ def _slice_scale(
 
     full_shape = list(weight.shape)
     full_shape[shard.dim] = shard.size
-    if scale is None or weight.is_meta:
-        return _slice(weight, shard, tuple(full_shape)), scale, None
+    if scale is None:
+        return _slice(weight, shard, tuple(full_shape)), None, None
     mode = stored_mode(weight, scale)
     if not exact_shard(mode, shard, weight.shape[shard.dim], row):
         act = ActivationQuant(mode, "int8" if mode == "int8" else FP8_FORMAT_OF[weight.dtype])

@@ -546,7 +546,9 @@ def format_plan(p: dict[str, Any]) -> str:
                 held = (
                     "re-quantizes it in its own 128x128 blocks (a second rounding)"
                     if fp8
-                    else f"holds it as {c['held_as']} (more bytes than FP8)"
+                    else f"holds it as {c['held_as']} (more bytes than FP8) and quantizes its input as the whole "
+                    "linear would, so TP computes what one process computes; every rank then reads the whole "
+                    "checkpoint at load (dshal.parallel.build_parallel)"
                 )
                 lines.append(
                     f"    {c['weight']} x{c['tensors']}: {c['slice_size']} {c['dim']} per rank, {c['tp_ranks_cut']} of "
