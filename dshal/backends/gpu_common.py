@@ -695,7 +695,9 @@ class TorchGpuBackend(Backend):
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         from dshal.ops.attention import nonfinite_guard
 
-        guard = nonfinite_guard(q, k, v, causal, window, global_tokens)  # the contract's NaN rule
+        # The contract's NaN rule, without reading a value on the host (also when emulated on
+        # CPU tensors: the path a device runs, which graph capture needs).
+        guard = nonfinite_guard(q, k, v, causal, window, global_tokens, may_read_host=False)
         if guard is None:
             return _sdpa_attention(q, k, v, causal, scale, window, global_tokens)
         # SDPA alone lets a NaN key the mask hides leak, and may drop one the query sees.

@@ -118,14 +118,20 @@ class NonFiniteGuard:
         return out.masked_fill(self.poison, float("nan"))
 
 
-def nonfinite_guard(q, k, v, causal=True, window=None, global_tokens=0) -> NonFiniteGuard | None:
+def nonfinite_guard(
+    q, k, v, causal=True, window=None, global_tokens=0, *, may_read_host: bool | None = None
+) -> NonFiniteGuard | None:
     """How the contract's non-finite rule is met by any provider: run the kernel on the
     returned zeroed inputs, then :meth:`NonFiniteGuard.apply` its output. None when every
-    input is finite: on CPU tensors, where reading a result costs no device sync, three sums
-    tell (a NaN or Inf anywhere makes its tensor's sum non-finite; a sum that merely
-    overflows takes the exact path, which is still right). On other devices the guard is
-    always built: a few elementwise passes over q, k and v, and no sync."""
-    if q.device.type == "cpu" and math.isfinite(float(q.sum()) + float(k.sum()) + float(v.sum())):
+    input is finite: where reading a result costs no device sync (``may_read_host``; default:
+    CPU tensors), three sums tell (a NaN or Inf anywhere makes its tensor's sum non-finite; a
+    sum that merely overflows takes the exact path, which is still right). Otherwise the
+    guard is always built: a few elementwise passes over q, k and v, and no sync. A GPU
+    plugin emulated on CPU tensors passes ``may_read_host=False`` to take its device's path
+    (no host read: graph capture stays possible)."""
+    if may_read_host is None:
+        may_read_host = q.device.type == "cpu"
+    if may_read_host and math.isfinite(float(q.sum()) + float(k.sum()) + float(v.sum())):
         return None
     bad_q, bad_k, bad_v = ~torch.isfinite(q), ~torch.isfinite(k), ~torch.isfinite(v)
     batch, hq, tq, _ = q.shape
