@@ -89,3 +89,29 @@ def test_int8_from_float32_checkpoint(tmp_path):
     int8 = from_pretrained(tmp_path, {"backend": "cpu", "precision": {"gemm": "int8"}})
     assert int8.layers[1].mlp.experts.w13.dtype == torch.int8 and high.layers[1].mlp.experts.w13.dtype == torch.float32
     assert _rel(int8(ids), high(ids)) <= W8A8_REL_LOGITS
+
+
+@pytest.mark.parametrize("choice", ["int8", "bf16"])
+def test_auto_runs_an_fp8_checkpoint_as_the_backend_chooses_without_fp8_units(checkpoints, choice):
+    """``gemm: auto`` on a backend that declares no FP8 GEMM units (``fp8_gemm_native``
+    False, as Ascend 910B does) runs an FP8 checkpoint in the mode it names
+    (``fp8_checkpoint_gemm``): int8 gives the converter's numbers, bf16 the dequantized
+    checkpoint dequantized on load; the reason says why. The policy is driven by declared capabilities here;
+    on the cpu backend, which has FP8, auto keeps FP8."""
+    from dshal.backend import Capabilities
+    from dshal.config import PrecisionConfig
+    from dshal.model.precision import apply_precision
+
+    model = from_pretrained(checkpoints / "fp8", CPU, dtype=torch.float32)
+    assert model.describe()["precision"]["mode"] == "fp8-block"
+    no_fp8 = Capabilities(fp8_formats=(), fp8_gemm_native=False, fp8_checkpoint_gemm=choice)
+    apply_precision(model, PrecisionConfig(gemm="auto"), capabilities=no_fp8)
+    picked = model.describe()["precision"]
+    assert picked["mode"] == ("int8" if choice == "int8" else "high"), picked
+    assert "no FP8 GEMM units" in picked["why"]
+    if choice == "int8":  # the converter's output
+        expected = from_pretrained(checkpoints / "int8", CPU, dtype=torch.float32)
+    else:  # the FP8 checkpoint dequantized on load
+        expected = from_pretrained(checkpoints / "fp8", {**CPU, "precision": {"gemm": "high"}}, dtype=torch.float32)
+    assert model.layers[1].mlp.experts.w13.dtype == (torch.int8 if choice == "int8" else torch.float32)
+    torch.testing.assert_close(model(IDS), expected(IDS), rtol=1e-4, atol=1e-4)

@@ -139,9 +139,29 @@ def _weights(module: nn.Module) -> list[tuple[str, str]]:
     return [("weight", "weight_scale")] if hasattr(module, "weight_scale") else [("w13", "w13_scale"), ("w2", "w2_scale")]
 
 
-def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module) -> tuple[str, str]:
+def fp8_redirect(capabilities: Any = None) -> tuple[str, str] | None:
+    """``(mode, why)`` when the backend has no FP8 GEMM units (``Capabilities.fp8_gemm_native``
+    False) and names another mode for FP8 checkpoints (``fp8_checkpoint_gemm``: ``int8`` or
+    ``high``/``bf16``); None when FP8 weights run as stored. ``capabilities``: default the
+    active backend's."""
+    if capabilities is None:
+        from dshal.runtime import current
+
+        capabilities = current().backend.capabilities()
+    if getattr(capabilities, "fp8_gemm_native", True):
+        return None
+    target = GEMM_ALIASES.get(capabilities.fp8_checkpoint_gemm, capabilities.fp8_checkpoint_gemm)
+    if target in WEIGHT_BLOCKS:
+        return None
+    return target, "this backend has no FP8 GEMM units (every FP8 path would be emulated)"
+
+
+def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module, capabilities: Any = None) -> tuple[str, str]:
     """``(mode, why)``: the gemm mode ``precision.gemm`` means for the loaded ``model``
-    (``auto`` resolved from the weights the checkpoint stored, ``bf16`` to ``high``)."""
+    (``auto`` resolved from the weights the checkpoint stored, ``bf16`` to ``high``). Under
+    ``auto`` an FP8 checkpoint on a backend without FP8 GEMM units runs in the mode the
+    backend names (:func:`fp8_redirect`; Ascend 910B: int8 W8A8). ``capabilities``: default
+    the active backend's."""
     from dshal.model.model import Linear, RoutedExperts
 
     asked = precision.gemm
@@ -170,6 +190,13 @@ def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module) -> tuple[str
     mode = quantized[0]
     what = {"fp8-block": "FP8 weights with 128x128 block scales", INT8: "int8 weights with per-channel scales (W8A8)"}
     fmts = "" if mode == INT8 else f" ({' + '.join(sorted(stored[mode]))})"
+    redirect = fp8_redirect(capabilities)
+    if mode in WEIGHT_BLOCKS and redirect is not None:  # no FP8 GEMM units here: the backend's choice
+        target, backend_why = redirect
+        return target, (
+            f"auto: the checkpoint stores {what.get(mode, mode + ' weights')}{fmts}; {backend_why}: "
+            f"run as {target} ({'quantized on load' if target == INT8 else 'dequantized on load'})"
+        )
     why = f"auto: the checkpoint stores {what.get(mode, mode + ' weights')}{fmts}, run as stored"
     if HIGH in stored:  # e.g. FP8 gate/up parts whose 128-row blocks do not tile the fused weight
         why += f"; weights it stores in (or the loader dequantized to) {' + '.join(sorted(stored[HIGH]))} stay so"
@@ -189,19 +216,23 @@ def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
     setattr(module, name, None if value is None else nn.Parameter(value, requires_grad=False))
 
 
-def apply_precision(model: nn.Module, precision: PrecisionConfig, dtype: torch.dtype | None = None) -> dict[str, str]:
+def apply_precision(
+    model: nn.Module, precision: PrecisionConfig, dtype: torch.dtype | None = None, capabilities: Any = None
+) -> dict[str, str]:
     """Convert every ``Linear`` and ``RoutedExperts`` of ``model`` in place to the policy's
     format; return ``{module path: mode}`` (mode: ``high``, ``int8`` or an ``fp8-*`` gemm mode).
 
     ``auto`` keeps each weight in the format the checkpoint stored it in (FP8 only converted
-    to the backend's E4M3 variant); the chosen mode and why are kept as
+    to the backend's E4M3 variant, or run as the backend's choice where it has no FP8 GEMM
+    units: :func:`fp8_redirect`); the chosen mode and why are kept as
     ``model.precision_choice`` for ``describe()``. ``dtype``: the high-precision dtype
-    (default: the model's ``args.dtype``)."""
+    (default: the model's ``args.dtype``); ``capabilities``: default the active backend's."""
     from dshal.model.model import Linear, RoutedExperts
 
     dtype = dtype or model.args.dtype
     fmt = resolve_fp8_format(precision)
-    mode_all, why = resolve_gemm_mode(precision, model)
+    mode_all, why = resolve_gemm_mode(precision, model, capabilities)
+    redirect = fp8_redirect(capabilities) if precision.gemm == AUTO else None
     plan: dict[str, str] = {}
     for path, module in model.named_modules():
         if not isinstance(module, (Linear, RoutedExperts)):
@@ -212,6 +243,8 @@ def apply_precision(model: nn.Module, precision: PrecisionConfig, dtype: torch.d
             mode = mode_all
             if precision.gemm == AUTO:
                 mode = stored_mode(weight, scale)
+                if redirect is not None and mode in WEIGHT_BLOCKS:
+                    mode = redirect[0]
             elif isinstance(module, RoutedExperts) and mode in WEIGHT_BLOCKS:
                 mode = "fp8-block"  # moe_experts takes FP8 experts with 128x128 block scales only
             if high:
