@@ -33,20 +33,26 @@ SYNC_ATEN_OPS = frozenset({
 #: Tensor methods that copy values to Python objects. Counted at the torch-function level:
 #: on CPU tensors ``tolist`` reaches no aten op, and under ``torch.inference_mode`` neither
 #: does ``.item()`` reach the dispatch mode.
-SYNC_METHODS = frozenset({"tolist", "numpy", "__array__", "item", "__int__", "__float__", "__bool__", "__index__"})
+SYNC_METHODS = frozenset({"tolist", "numpy", "__array__", "item", "__int__", "__float__", "__bool__", "__index__", "cpu"})
 
 
 class HostSyncCounter:
     """Context manager: ``with HostSyncCounter() as syncs: ...``; then ``syncs.count``,
-    ``syncs.by_op`` and ``syncs.where`` (a short stack per call, to find it).
+    ``syncs.by_op``, ``syncs.events`` (``(what, call site)`` of each, the site being the
+    innermost frame outside torch) and ``syncs.where`` (a short stack for the first
+    ``keep_stacks`` calls, to find them).
 
     ``repeat_interleave`` counts only with a tensor of repeats and no ``output_size``.
+    ``exempt``: path fragments of machinery whose calls are not counted (e.g. the Triton
+    interpreter, which reads values on the host where a device would not).
     """
 
-    def __init__(self, keep_stacks: int = 5) -> None:
+    def __init__(self, keep_stacks: int = 5, exempt: tuple[str, ...] = ()) -> None:
         self.by_op: Counter[str] = Counter()
         self.where: list[str] = []
+        self.events: list[tuple[str, str]] = []
         self._keep = keep_stacks
+        self._exempt = exempt
         self._inside = False
         counter = self
 
@@ -81,9 +87,14 @@ class HostSyncCounter:
         self._modes = (_Function(), _Dispatch())
 
     def _record(self, name: str) -> None:
+        stack = [f for f in traceback.extract_stack() if f.filename != __file__]
+        if self._exempt and any(part in f.filename for f in stack for part in self._exempt):
+            return
         self.by_op[name] += 1
+        frames = [f for f in stack if "/torch/" not in f.filename and "contextlib" not in f.filename]
+        site = frames[-1] if frames else None
+        self.events.append((name, f"{site.filename}:{site.lineno} ({site.name})" if site else "?"))
         if len(self.where) < self._keep:
-            frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename]
             self.where.append(
                 f"{name} at " + " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[-4:][::-1])
             )

@@ -19,89 +19,36 @@ Case ``graph/<op>`` (inputs: the first row of the op's own table) makes two judg
 from __future__ import annotations
 
 import os
-import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from dshal_conformance.cases.base import Case, Context, Inputs, Outcome, dtype_name, fail_all, to_cpu, unsupported_outcomes
+from dshal.perf.syncs import HostSyncCounter
+from dshal_conformance.cases.base import (
+    Case,
+    Context,
+    Inputs,
+    Outcome,
+    dtype_name,
+    fail_all,
+    to_cpu,
+    unsupported_outcomes,
+)
 from dshal_conformance.judge import Verdict, close, finding, verdict
 from dshal_conformance.tolerances import closeness
 
 SUFFIXES = ("/replay", "/host-sync")
 
-#: Tensor methods / torch functions that copy device data to the host and wait for it.
-SYNC_FUNCTIONS = frozenset({"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "equal"})
-#: aten ops whose result the host must read (data-dependent scalars or shapes).
-SYNC_ATEN = frozenset({
-    "_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_dim",
-    "unique_consecutive", "repeat_interleave",
-})
 #: Frames from these package folders are emulation machinery (no such sync on a device).
 EXEMPT = (f"{os.sep}triton{os.sep}",)
-_HERE = os.path.abspath(__file__)
-
-
-def _call_site() -> str | None:
-    """The innermost frame outside torch and this module, or None when the call comes from
-    exempt machinery (the Triton interpreter)."""
-    frames = traceback.extract_stack()[:-2]
-    if any(any(e in f.filename for e in EXEMPT) for f in frames):
-        return None
-    torch_dir = os.path.dirname(torch.__file__)
-    for f in reversed(frames):
-        if f.filename != _HERE and not f.filename.startswith(torch_dir) and "contextlib" not in f.filename:
-            return f"{f.filename}:{f.lineno} ({f.name})"
-    return "?"
-
-
-class HostSyncCounter:
-    """``with HostSyncCounter() as c: ...`` then ``c.events``: ``(what, call site)`` of each
-    host synchronization inside the block, seen at the torch-function level (``.item()``,
-    ``.cpu()``...) and at the dispatcher level (``aten._local_scalar_dense``, ``nonzero``...)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str]] = []
-        counter = self
-
-        class Functions(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                name = getattr(func, "__name__", "")
-                if name in SYNC_FUNCTIONS:
-                    counter._note(name)
-                return func(*args, **(kwargs or {}))
-
-        class Dispatch(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                name = func._schema.name.split("::")[-1]
-                if name in SYNC_ATEN:
-                    counter._note(f"aten.{name}")
-                return func(*args, **(kwargs or {}))
-
-        self._modes = (Functions(), Dispatch())
-
-    def _note(self, what: str) -> None:
-        site = _call_site()
-        # One Python-level sync (``t.item()``) also shows as its aten op: count the site once.
-        if site is not None and not (self.events and self.events[-1][1] == site and what.startswith("aten.")):
-            self.events.append((what, site))
-
-    def __enter__(self) -> HostSyncCounter:
-        for mode in self._modes:
-            mode.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for mode in reversed(self._modes):
-            mode.__exit__(*exc)
 
 
 def _tables() -> dict[str, tuple[Mapping[str, Any], Callable[[Context, Mapping[str, Any]], Inputs]]]:
     """op -> (the first row of its table, its build function): the graph family's inputs."""
-    from dshal_conformance.cases import attention_moe as am, elementwise as ew, gemm, quant
+    from dshal_conformance.cases import attention_moe as am
+    from dshal_conformance.cases import elementwise as ew
+    from dshal_conformance.cases import gemm, quant
 
     return {
         "linear": (gemm.LINEAR[0], gemm.build_linear),
@@ -153,7 +100,7 @@ def _host_sync(ctx: Context, op: str, row: Mapping[str, Any], build: Any, runtim
         return Verdict("unsupported", None, None, None,
                        f"backend {runtime.backend.name!r} computes on the host: no host synchronization to count")
     placed = {k: ctx.place(v) for k, v in build(ctx, row).kwargs.items()}
-    with HostSyncCounter() as counter:
+    with HostSyncCounter(exempt=EXEMPT) as counter:
         ctx.table[op](**placed)
     if not counter.events:
         return Verdict("pass", "host_syncs", 0.0, 0.0, f"{op}: no host synchronization on its path")
@@ -192,4 +139,4 @@ def cases() -> list[Case]:
     return out
 
 
-__all__ = ["HostSyncCounter", "SYNC_ATEN", "SYNC_FUNCTIONS", "cases", "run_op"]
+__all__ = ["EXEMPT", "cases", "run_op"]
