@@ -101,6 +101,7 @@ class DequantizedWeights:
             if ref() is weight and version == weight._version and held_scale is scale and scale_version == scale._version:
                 return dense
         dense = dequantize_to(weight, scale.reshape(()) if block is None else scale, block, torch.float32)
+        dense = dense.contiguous()  # K not a multiple of 128: a view into the block-padded product
         ref = weakref.ref(weight, lambda _, key=key, copies=self._copies: copies.pop(key, None))
         self._copies[key] = (ref, weight._version, scale, scale._version, dense)
         return dense
