@@ -440,4 +440,5 @@ def test_the_kernel_benchmark_runs():
     assert lines[1].split() == ["case", "C", "µs", "torch", "µs", "torch", "/", "C"]
     names = [line.split("  ")[0] for line in lines[2:]]
     assert "moe_gate, T=1, E=16, 4 groups" in names and "linear, 1 row, FP8 128x128 blocks, [256x256] weight" in names
+    assert "FP8 prefill activations [64, 192], 1x128 quantize + dequantize" in names
     assert all(line.rstrip().endswith("x") for line in lines[2:])  # every row has its ratio

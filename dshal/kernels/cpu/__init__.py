@@ -3,9 +3,10 @@ calls or reads memory badly for.
 
 ``kernels.c`` holds the kernels (one-row float32 GEMV, FP8 block-scaled GEMM for a few
 rows, the one-token expert loop in float32 and FP8, the router, the expert grouping,
-RMSNorm, rotary, and a prefill's per-(1, 128) FP8 activation quantization); :mod:`._library` builds and loads it on first use. Each kernel has a
-checked Python wrapper here, as the Triton kernels do: it raises a ``DshalError`` for a
-wrong dtype, shape, layout or device, allocates the outputs and calls the kernel.
+RMSNorm, rotary, and a prefill's per-(1, 128) FP8 activation quantization);
+:mod:`._library` builds and loads it on first use. Each kernel has a checked Python
+wrapper here, as the Triton kernels do: it raises a ``DshalError`` for a wrong dtype,
+shape, layout or device, allocates the outputs and calls the kernel.
 Nothing is built at ``import dshal``. Without a working compiler (or with
 ``DSHAL_CPU_KERNELS=0``) :func:`status` says why and the cpu backend serves these cases
 with torch.
