@@ -132,7 +132,7 @@ def _fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
 def _quantized_activations(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
     """``x [..., K]`` quantized per (1, 128) to ``fp8`` and dequantized again, float32: the
     values the op multiplies, bit for bit the reference's. With the C kernels: one pass per
-    128-value block (:func:`dshal.kernels.cpu.fp8_fake_quant_rows`, 4-15x the torch steps
+    128-value block (:func:`dshal.kernels.cpu.fp8_fake_quant_rows`, 4-20x the torch steps
     below). Without them: the reference's steps in fewer passes, or the reference itself
     where a row has non-finite values or K is not a multiple of 128."""
     if x.dtype != torch.float64 and cpu_kernels.library() is not None:
