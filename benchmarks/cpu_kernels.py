@@ -8,7 +8,8 @@ larger than the last-level cache, as in a decode step that reads every layer's w
 once) and on one cached weight ("hot").
 
 Part 2, the model core: a decode step (after 64 tokens) and a 64-token prefill of the
-model_vs_hf.py checkpoint, with the C kernels on and off in the same process.
+model_vs_hf.py checkpoint, and a 64-token prefill of its FP8 128x128-block version, with
+the C kernels on and off in the same process.
 
     python benchmarks/cpu_kernels.py [--threads 1] [--rounds 5]
 """
@@ -121,6 +122,23 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
     )
     rows.append((f"moe_experts, T=1, FP8 blocks, E={experts} top-{top_k}", t["c"], t["torch"]))
 
+    # A prefill's FP8 activations: quantized per (1, 128) and dequantized (the values an FP8
+    # linear multiplies with its cached float32 weight); torch: the backend's path without C.
+    f32, bf16 = torch.float32, torch.bfloat16
+    for shape, dtype in [((64, 256), f32), ((64, 192), f32), ((256, 128), f32), ((512, 256), f32), ((2048, 128), f32),
+                         ((64, 256), bf16)]:  # fmt: skip
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        t = best_of(
+            {
+                "c": lambda: cpu_kernels.fp8_fake_quant_rows(x, torch.float8_e4m3fn),
+                "torch": lambda: cpu_native._quantized_activations_torch(x, torch.float8_e4m3fn),
+            },
+            rounds,
+            50,
+        )
+        label = "" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}"
+        rows.append((f"FP8 prefill activations {list(shape)}{label}, 1x128 quantize + dequantize", t["c"], t["torch"]))
+
     for tokens, e, top_k, groups, kept in [(1, 16, 4, 4, 2), (64, 16, 4, 4, 2), (1, 256, 8, 8, 4), (64, 256, 8, 8, 4)]:
         logits, bias = torch.randn(tokens, e, generator=gen), torch.randn(e, generator=gen)
         ref = SPECS["moe_gate"].reference_impl
@@ -167,17 +185,23 @@ def model_rows(rounds: int) -> list[tuple[str, float, float]]:
     from model_vs_hf import bench_args
 
     from dshal.model import from_pretrained
-    from dshal.model.checkpoint import random_checkpoint, save_checkpoint
+    from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
 
     args = bench_args()
     directory = Path(tempfile.mkdtemp(prefix="dshal-bench-"))
-    save_checkpoint(directory, args, random_checkpoint(args, seed=0, std=0.02))
+    tensors = random_checkpoint(args, seed=0, std=0.02)
+    save_checkpoint(directory, args, tensors)
+    save_checkpoint(directory / "fp8", args, quantize_checkpoint_fp8(tensors))
     model = from_pretrained(directory, {"backend": "cpu", "precision": {"gemm": "bf16"}})
+    fp8_model = from_pretrained(directory / "fp8", {"backend": "cpu"})  # gemm auto: FP8 blocks
     ids = torch.randint(0, args.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
     nxt = torch.tensor([[5]])
 
     def prefill():
         model(ids, 0, model.new_cache(1, 64), last_only=True)
+
+    def prefill_fp8():
+        fp8_model(ids, 0, fp8_model.new_cache(1, 64), last_only=True)
 
     def decode_steps(steps: int = 16) -> Callable[[], None]:
         def run():
@@ -191,7 +215,7 @@ def model_rows(rounds: int) -> list[tuple[str, float, float]]:
 
         return run
 
-    timings: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}
+    timings: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}, "prefill_fp8": {}}
     with torch.inference_mode():
         for _ in range(rounds):
             for mode in ("c", "torch"):
@@ -200,6 +224,9 @@ def model_rows(rounds: int) -> list[tuple[str, float, float]]:
                 start = CLOCK()
                 prefill()
                 timings["prefill"][mode] = min(timings["prefill"].get(mode, 1e9), (CLOCK() - start) * 1e6)
+                start = CLOCK()
+                prefill_fp8()
+                timings["prefill_fp8"][mode] = min(timings["prefill_fp8"].get(mode, 1e9), (CLOCK() - start) * 1e6)
                 step = decode_steps()
                 step()
                 elapsed = step.elapsed  # type: ignore[attr-defined]
@@ -208,6 +235,7 @@ def model_rows(rounds: int) -> list[tuple[str, float, float]]:
     cpu_kernels.reload()
     return [
         ("model_vs_hf model: prefill, 64 tokens", timings["prefill"]["c"], timings["prefill"]["torch"]),
+        ("model_vs_hf model, FP8 checkpoint: prefill, 64 tokens", *(timings["prefill_fp8"][m] for m in ("c", "torch"))),
         ("model_vs_hf model: decode step after 64 tokens", timings["decode"]["c"], timings["decode"]["torch"]),
     ]
 

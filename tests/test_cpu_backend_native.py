@@ -214,6 +214,26 @@ def test_fp8_block_decode_products_match_the_reference(cpu, fmt, dtype):
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e4m3fnuz"], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fp8_prefill_linear_is_bit_identical_to_the_reference(cpu, fmt, dtype):
+    """A prefill's FP8 linear (activations quantized per 1x128 by the C kernel or torch's
+    steps, then one float32 GEMM with the cached dequantized weight) gives the reference's
+    bits: K a multiple of 128 or not, non-finite inputs, zero blocks, a bias."""
+    gen = torch.Generator().manual_seed(25)
+    quantize = SPECS["quantize_fp8"].reference_impl
+    for n, k, lead in [(200, 300, (2, 40)), (64, 256, (33,)), (96, 192, (1, 64))]:
+        w, scale = quantize(torch.randn(n, k, generator=gen) / 17, (128, 128), fmt, None)
+        x = torch.randn(*lead, k, generator=gen) * torch.exp(torch.randn(*lead, k, generator=gen) * 4)
+        x[..., 0, :128] = 0.0  # one all-zero block
+        x[..., 1, 7], x[..., 2, 9], x[..., 3, 11] = float("inf"), -float("inf"), float("nan")
+        x = x.to(dtype)
+        for bias in (None, torch.randn(n, generator=gen).to(dtype)):
+            got, want = ops.linear(x, w, bias, scale), SPECS["linear"].reference_impl(x, w, bias, scale)
+            bits = torch.int16 if dtype != torch.float32 else torch.int32
+            assert got.dtype == want.dtype and torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e4m3fnuz"], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fp8_prefill_products_use_a_cached_dequantized_weight(cpu, fmt, dtype):
     """Many rows times FP8 weights (a prefill): the op's math with the weight dequantized

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dshal.errors import BackendUnavailableError, DeviceError, DTypeError, ShapeError
 from dshal.kernels import cpu as K
@@ -262,6 +263,103 @@ def test_moe_token_fp8_matches_the_reference(fmt, dtype):
         K.moe_token_fp8(x, weights, ids, w13, w2, s13, s2[:, :1])
 
 
+def _fake_quant_reference(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """What ``linear``'s reference multiplies: x quantized per (1, 128), dequantized, float32."""
+    from dshal.ops.quant import dequantize_to
+
+    rows = x.to(torch.float32).reshape(-1, x.shape[-1])
+    q, scale = SPECS["quantize_fp8"].reference_impl(rows, (1, 128), fmt, None)
+    return dequantize_to(q, scale, (1, 128), torch.float32).reshape(x.shape)
+
+
+def _assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit-identical float32 tensors: NaN payloads and signed zeros count."""
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+    differ = (got.view(torch.int32) != want.view(torch.int32)).nonzero()[:4].tolist()
+    assert not differ, [(i, got[tuple(i)].item(), want[tuple(i)].item()) for i in differ]
+
+
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def _special_values(rows: int, k: int) -> torch.Tensor:
+    """Random values with NaN of both signs, +-Inf, +-0, +-float32 max, subnormals, and
+    an all-zero first block per row."""
+    x = _randn(rows, k) * torch.exp(_randn(rows, k) * 8)
+    pick = torch.rand(rows, k, generator=GEN)
+    for (lo, hi), value in zip(
+        [(0.0, 0.03), (0.03, 0.06), (0.06, 0.08), (0.08, 0.1), (0.1, 0.13), (0.13, 0.15), (0.15, 0.2), (0.2, 0.25)],
+        [float("nan"), -float("nan"), float("inf"), -float("inf"), -0.0, F32_MAX, -F32_MAX, 1e-40],
+    ):
+        x[(pick >= lo) & (pick < hi)] = value
+    x[:, :128] = 0.0
+    return x
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FP8, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fp8_fake_quant_rows_is_bit_identical_to_the_reference(fmt, dtype):
+    fp8 = FP8[fmt]
+    for trial in range(60):
+        rows, k = int(torch.randint(1, 9, (1,), generator=GEN)), int(torch.randint(1, 700, (1,), generator=GEN))
+        kind = trial % 4
+        if kind == 0:
+            x = _randn(rows, k) * 3
+        elif kind == 1:  # random bit patterns: every exponent, NaN payloads, subnormals
+            bits = torch.randint(-(2**31), 2**31, (rows, k), generator=GEN, dtype=torch.int64)
+            x = bits.to(torch.int32).view(torch.float32)
+        elif kind == 2:
+            x = _special_values(rows, k)
+        else:  # a tiny block: amax / max is subnormal in float32, so the scale is its floor
+            x = _randn(rows, k) * 1e-39
+        x = x.to(dtype)
+        _assert_same_bits(K.fp8_fake_quant_rows(x, fp8), _fake_quant_reference(x, fmt))
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FP8, ids=str)
+def test_fp8_fake_quant_rows_rounds_every_grid_point_and_midpoint_like_torch(fmt):
+    """Scale 1 (each row starts with the format's max): the values themselves are rounded.
+    Every FP8 value, every midpoint between neighbours (ties to even) and the floats just
+    beside each midpoint, both signs, plus a sweep of float32 bit patterns up to max."""
+    fp8 = FP8[fmt]
+    qmax = torch.finfo(fp8).max
+    grid = torch.arange(256, dtype=torch.uint8).view(fp8).float()
+    grid = grid[grid.isfinite() & (grid >= 0)].unique()
+    mids = ((grid[1:].double() + grid[:-1].double()) / 2).float()
+    sweep = torch.arange(0, torch.tensor(qmax).view(torch.int32).item() + 1, 4099).to(torch.int32).view(torch.float32)
+    values = torch.cat([grid, mids, torch.nextafter(mids, torch.zeros(())), torch.nextafter(mids, grid[-1:]), sweep])
+    values = torch.cat([values, -values, torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf")])])
+    values = F.pad(values, (0, -values.numel() % 127), value=1.0).reshape(-1, 127)
+    x = torch.cat([torch.full((values.shape[0], 1), qmax), values], dim=1)
+    got = K.fp8_fake_quant_rows(x, fp8)
+    _assert_same_bits(got, _fake_quant_reference(x, fmt))
+    assert torch.equal(got[:, 1:].isnan(), values.isnan())
+
+
+@needs_kernels
+def test_fp8_fake_quant_rows_reads_strided_rows_and_any_leading_shape():
+    base = _special_values(6, 600)
+    for x in (base[:, 40:340], base[::2, :300], base.reshape(2, 3, 600)[:, 1:], base.t()[:300].t(), base[:, :0]):
+        got = K.fp8_fake_quant_rows(x, torch.float8_e4m3fn)
+        assert got.is_contiguous()
+        _assert_same_bits(got, _fake_quant_reference(x, "e4m3") if x.numel() else torch.empty(x.shape))
+    _assert_same_bits(K.fp8_fake_quant_rows(base[0], torch.float8_e4m3fn), _fake_quant_reference(base[0], "e4m3"))
+
+
+@needs_kernels
+def test_fp8_fake_quant_rows_rejects_bad_inputs():
+    with pytest.raises(DTypeError, match="argument 'x' has dtype torch.float64"):
+        K.fp8_fake_quant_rows(_randn(2, 256).double(), torch.float8_e4m3fn)
+    with pytest.raises(DTypeError, match="argument 'fp8' is torch.float8_e5m2, expected one of"):
+        K.fp8_fake_quant_rows(_randn(2, 256), torch.float8_e5m2)
+    with pytest.raises(DeviceError, match="argument 'x' is on meta, expected cpu"):
+        K.fp8_fake_quant_rows(torch.empty(2, 256, device="meta"), torch.float8_e4m3fn)
+    with pytest.raises(ShapeError, match="argument 'x' has shape \\[\\], expected \\[..., K\\]"):
+        K.fp8_fake_quant_rows(torch.tensor(1.0), torch.float8_e4m3fn)
+
+
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run(
@@ -342,4 +440,5 @@ def test_the_kernel_benchmark_runs():
     assert lines[1].split() == ["case", "C", "µs", "torch", "µs", "torch", "/", "C"]
     names = [line.split("  ")[0] for line in lines[2:]]
     assert "moe_gate, T=1, E=16, 4 groups" in names and "linear, 1 row, FP8 128x128 blocks, [256x256] weight" in names
+    assert "FP8 prefill activations [64, 192], 1x128 quantize + dequantize" in names
     assert all(line.rstrip().endswith("x") for line in lines[2:])  # every row has its ratio

@@ -3,9 +3,10 @@ calls or reads memory badly for.
 
 ``kernels.c`` holds the kernels (one-row float32 GEMV, FP8 block-scaled GEMM for a few
 rows, the one-token expert loop in float32 and FP8, the router, the expert grouping,
-RMSNorm, rotary); :mod:`._library` builds and loads it on first use. Each kernel has a
-checked Python wrapper here, as the Triton kernels do: it raises a ``DshalError`` for a
-wrong dtype, shape, layout or device, allocates the outputs and calls the kernel.
+RMSNorm, rotary, and a prefill's per-(1, 128) FP8 activation quantization);
+:mod:`._library` builds and loads it on first use. Each kernel has a checked Python
+wrapper here, as the Triton kernels do: it raises a ``DshalError`` for a wrong dtype,
+shape, layout or device, allocates the outputs and calls the kernel.
 Nothing is built at ``import dshal``. Without a working compiler (or with
 ``DSHAL_CPU_KERNELS=0``) :func:`status` says why and the cpu backend serves these cases
 with torch.
@@ -18,7 +19,7 @@ import math
 
 import torch
 
-from dshal.errors import DeviceError, ShapeError
+from dshal.errors import DeviceError, DTypeError, ShapeError
 from dshal.kernels.cpu._library import (
     FP8_E4M3,
     KernelStatus,
@@ -35,6 +36,7 @@ __all__ = [
     "KernelStatus",
     "cache_dir",
     "fp8_block_gemm",
+    "fp8_fake_quant_rows",
     "gemv",
     "library",
     "moe_combine",
@@ -484,3 +486,58 @@ def moe_token_fp8(
     if bad:
         _raise_bad_id(kernel, ids, bad - 1, experts)
     return out
+
+
+def fp8_fake_quant_rows(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
+    """``x [..., K]`` quantized per (1, 128) to the E4M3 format ``fp8`` and dequantized
+    again, in one pass per 128-value block: the float32 values an FP8 ``linear`` multiplies
+    (``dshal.ops.linear``'s reference: ``scale = amax / max`` over the block's finite values,
+    at least float32's smallest normal, 1 for a block without a nonzero finite value;
+    ``q = (x / scale).clamp(-max, max).to(fp8)``; ``q.float() * scale``), bit for bit,
+    NaN and signed zeros included. ``K`` need not be a multiple of 128 (the last block of a
+    row is shorter).
+
+    ``x`` float32/bfloat16/float16 (float16 is widened by torch first) on the CPU, any
+    leading shape; its rows are read in place when its last dim is contiguous and the
+    leading dims collapse to one stride, else from a contiguous copy. ``fp8``
+    ``torch.float8_e4m3fn`` or ``torch.float8_e4m3fnuz``. Returns a new contiguous float32
+    tensor of ``x``'s shape."""
+    kernel = "cpu_kernels.fp8_fake_quant_rows"
+    lib = require_library()
+    _check_cpu(kernel, "x", x, (torch.float32, torch.bfloat16, torch.float16), ndim=None)
+    if x.dim() == 0:
+        raise ShapeError(f"{kernel}: argument 'x' has shape [], expected [..., K]")
+    if fp8 not in FP8_E4M3:
+        raise DTypeError(f"{kernel}: argument 'fp8' is {fp8!r}, expected one of {sorted(map(str, FP8_E4M3))}")
+    if x.dtype == torch.float16:
+        x = x.to(torch.float32)
+    k = x.shape[-1]
+    # empty_like: ~1 µs less than torch.empty(shape) per call, a prefill makes ~30 of these
+    out = torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+    rows = x.numel() // k
+    row_stride = k if x.is_contiguous() else _row_stride(x)
+    if row_stride is None:
+        x = x.contiguous()
+        row_stride = k
+    lib.dshal_fp8_fake_quant_rows(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), row_stride, rows, k, FP8_E4M3[fp8], out.data_ptr()
+    )
+    return out
+
+
+def _row_stride(x: torch.Tensor) -> int | None:
+    """The one stride between consecutive rows of ``x [..., K]`` (its leading dims
+    flattened), or None when its last dim is not contiguous or the leading dims do not
+    collapse to one stride."""
+    shape, strides = x.shape, x.stride()
+    if shape[-1] > 1 and strides[-1] != 1:
+        return None
+    lead = [(n, s) for n, s in zip(shape[:-1], strides[:-1]) if n > 1]
+    if not lead:
+        return shape[-1]
+    for (_, outer), (n, inner) in zip(lead, lead[1:]):
+        if outer != inner * n:
+            return None
+    return lead[-1][1]

@@ -45,6 +45,7 @@ SIGNATURES = {
     "dshal_rotary_f32": (None, [_C_PTR, _C_INT64, _C_PTR, _C_PTR] + [_C_INT64] * 5 + [_C_PTR]),
     "dshal_fp8_block_gemm_f32": (None, [_C_PTR] * 6 + [_C_INT64] * 4),
     "dshal_moe_token_fp8": (_C_INT64, [_C_PTR] * 7 + [_C_INT64] * 6 + [_C_PTR, _C_PTR]),
+    "dshal_fp8_fake_quant_rows": (None, [_C_PTR] + [_C_INT64] * 5 + [_C_PTR]),
 }
 #: The FP8 formats the FP8 kernels read: E4M3 (DeepSeek-V3's) and AMD's E4M3 FNUZ -> the kernels' fnuz flag.
 FP8_E4M3 = {torch.float8_e4m3fn: 0, torch.float8_e4m3fnuz: 1}

@@ -477,3 +477,96 @@ int64_t dshal_moe_token_fp8(const float *x, const uint8_t *w13, const uint8_t *w
     }
     return 0;
 }
+
+/* One 128-value block of a row (len <= 128 values) quantized to FP8 and dequantized again,
+ * exactly as dshal.ops.linear's reference computes it in float32 (prefill activations):
+ *   amax = max |x| over the finite values; scale = amax / max (at least FLT_MIN; 1 when
+ *   amax is 0); v = x / scale clamped to [-max, max] (NaN stays NaN); q = v rounded to the
+ *   format, nearest, ties to even (torch's float32 -> FP8 cast); out = q * scale.
+ * Bit for bit what torch's steps give, NaN included: E4M3FN keeps the NaN's sign and
+ * decodes it as +-0x7FF00000; E4M3FNUZ has one NaN, which decodes to 0x7F800001 and the
+ * float32 multiply quiets to 0x7FC00001; FNUZ has no negative zero. Branch-free per value
+ * so that the compiler vectorizes both passes. */
+static void fp8_fake_quant_block(const float *restrict x, int64_t len, int fnuz, float *restrict out)
+{
+    const float max = fnuz ? 240.0f : 448.0f;
+    const int32_t min_exp = fnuz ? 127 - 7 : 127 - 6; /* biased: the subnormal grid's exponent */
+    /* amax over the finite values as an integer max (a plain reduction, vectorized): |x|'s
+     * bits are ordered like the floats; adding 2^23 modulo 2^31 moves NaN and +-Inf
+     * (0x7F800000 and up) below every finite value, whose image is at least 2^23. */
+    uint32_t shifted_max = 0;
+    for (int64_t i = 0; i < len; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, sizeof b);
+        b = ((b & 0x7FFFFFFFu) + 0x00800000u) & 0x7FFFFFFFu;
+        shifted_max = b > shifted_max ? b : shifted_max;
+    }
+    const uint32_t amax_bits = shifted_max >= 0x00800000u ? shifted_max - 0x00800000u : 0u;
+    float amax, scale = 1.0f;
+    memcpy(&amax, &amax_bits, sizeof amax);
+    if (amax > 0.0f) {
+        scale = amax / max;
+        if (scale < 1.17549435e-38f)
+            scale = 1.17549435e-38f;
+    }
+    for (int64_t i = 0; i < len; i++) {
+        const float v = x[i] / scale;
+        uint32_t vb;
+        memcpy(&vb, &v, sizeof vb);
+        float a = fabsf(v);
+        a = a > max ? max : a; /* +-Inf saturates; NaN compares false and stays */
+        uint32_t ab;
+        memcpy(&ab, &a, sizeof ab);
+        int32_t e = (int32_t)(ab >> 23);
+        e = e < min_exp ? min_exp : e;
+        /* a / step rounded to an integer (ties to even) by adding 1.5 * 2^23, then times
+         * step = 2^(e - 3): three mantissa bits; both scalings are exact powers of two. */
+        const uint32_t inv_bits = (uint32_t)(254 + 3 - e) << 23, step_bits = (uint32_t)(e - 3) << 23;
+        float inv_step, step;
+        memcpy(&inv_step, &inv_bits, sizeof inv_step);
+        memcpy(&step, &step_bits, sizeof step);
+        const float shifted = a * inv_step + 12582912.0f;
+        const float r = (shifted - 12582912.0f) * step;
+        uint32_t rb;
+        memcpy(&rb, &r, sizeof rb);
+        const uint32_t sign = vb & 0x80000000u;
+        rb |= (fnuz && rb == 0u) ? 0u : sign;
+        float q;
+        memcpy(&q, &rb, sizeof q);
+        float y = q * scale;
+        const uint32_t nan_bits = fnuz ? 0x7FC00001u : (0x7FF00000u | sign);
+        float nan_value;
+        memcpy(&nan_value, &nan_bits, sizeof nan_value);
+        out[i] = a != a ? nan_value : y;
+    }
+}
+
+/* rows x [rows, k] (row r at x + r * row_stride, its k values contiguous; float32, or
+ * bfloat16 when bf16 is set) into out [rows, k] float32: each row quantized per 128
+ * values to E4M3FN (fnuz = 0) or E4M3FNUZ (fnuz = 1) and dequantized again, as
+ * fp8_fake_quant_block defines it (the last block of a row may be shorter). */
+void dshal_fp8_fake_quant_rows(const void *x, int64_t bf16, int64_t row_stride, int64_t rows, int64_t k, int64_t fnuz,
+                               float *out)
+{
+    float widened[128];
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t start = 0; start < k; start += 128) {
+            const int64_t len = k - start < 128 ? k - start : 128;
+            const float *block;
+            if (bf16) {
+                const uint16_t *src = (const uint16_t *)x + r * row_stride + start;
+                for (int64_t i = 0; i < len; i++) {
+                    const uint32_t b = (uint32_t)src[i] << 16;
+                    memcpy(widened + i, &b, sizeof b);
+                }
+                block = widened;
+            } else {
+                block = (const float *)x + r * row_stride + start;
+            }
+            if (fnuz)
+                fp8_fake_quant_block(block, len, 1, out + r * k + start);
+            else
+                fp8_fake_quant_block(block, len, 0, out + r * k + start);
+        }
+    }
+}
