@@ -240,6 +240,14 @@ def test_reference_is_the_fallback_provider_and_cpu_is_the_cpu_backend(install_p
     assert rt.providers["attention"] == "cpu" and rt.provider_kind("attention") == "native"
 
 
+def test_a_plugin_cannot_take_the_reference_name(install_plugin):
+    install_plugin("backends", {"reference": "GoodBackend"})
+    info = by_name()["reference"]
+    assert not info.loaded and "the backend name 'reference' is reserved" in info.reason
+    rt = dshal.use(backend="cpu", ops={"rms_norm": "reference"})  # still the op's reference
+    assert rt.unchecked["rms_norm"] is SPECS["rms_norm"].reference_impl
+
+
 def test_fallback_error_hint_names_the_reference_provider(install_plugin):
     install_plugin("backends", GOOD)
     dshal.use(backend="goodtest", fallback="error")
