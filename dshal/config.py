@@ -424,12 +424,18 @@ def env_flag(name: str, default: bool) -> bool:
     return raw in _ENV_TRUE
 
 
+def emulate_from_env() -> bool | None:
+    """``DSHAL_EMULATE`` (the one place it is read): None when unset or empty, else its
+    on/off value (a ConfigError naming the variable for anything else)."""
+    return env_flag("DSHAL_EMULATE", False) if os.environ.get("DSHAL_EMULATE", "").strip() else None
+
+
 def _env_overrides(config: Config) -> Config:
-    for name in ("DSHAL_BACKEND", "DSHAL_EMULATE"):
-        if os.environ.get(name):
-            key = name[len("DSHAL_"):].lower()
-            value: Any = os.environ[name] if key == "backend" else env_flag(name, False)
-            config = _apply(config, _Doc({key: value}, {}, f"environment variable {name}"))
+    if os.environ.get("DSHAL_BACKEND"):
+        config = _apply(config, _Doc({"backend": os.environ["DSHAL_BACKEND"]}, {}, "environment variable DSHAL_BACKEND"))
+    emulate = emulate_from_env()
+    if emulate is not None:
+        config = _apply(config, _Doc({"emulate": emulate}, {}, "environment variable DSHAL_EMULATE"))
     env_flag("DSHAL_CPU_KERNELS", True)  # read by the cpu backend; a typo must not pass unseen
     return config
 

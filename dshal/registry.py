@@ -89,9 +89,9 @@ def allowed_plugins() -> frozenset[str] | None:
 
 
 def _emulate_from_env() -> bool:
-    from dshal.config import env_flag
+    from dshal.config import emulate_from_env
 
-    return env_flag("DSHAL_EMULATE", False)
+    return bool(emulate_from_env())
 
 
 class Registry:

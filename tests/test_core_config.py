@@ -164,6 +164,10 @@ def test_dshal_config_env_names_the_default_file(tmp_path, monkeypatch):
 def test_dshal_emulate_values(monkeypatch, value, expected):
     monkeypatch.setenv("DSHAL_EMULATE", value)
     assert load_config().emulate is expected
+    # One reader serves the config and discovery (dshal.backends() without emulate=).
+    assert config_module.emulate_from_env() is expected and dshal.registry._emulate_from_env() is expected
+    monkeypatch.setenv("DSHAL_EMULATE", " ")
+    assert config_module.emulate_from_env() is None and load_config().emulate is False
 
 
 def test_bad_environment_values(monkeypatch):
