@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 # The subpackage dshal/backends/ shares its name with the dshal.backends() function.
 # Importing a submodule binds the package as an attribute of its parent, but only the
 # first time the package loads; loading it here, before the function is bound below,
-# keeps ``dshal.backends`` the function after discovery imports dshal.backends.reference.
+# keeps ``dshal.backends`` the function after discovery imports dshal.backends.cpu.
 import dshal.backends  # noqa: F401  (empty package; imports nothing else)
 from dshal.errors import (
     ArgumentError,

@@ -19,6 +19,10 @@ import yaml
 from dshal.errors import ConfigError
 
 DEFAULT_PREFER = ("nvidia", "amd", "ascend", "cpu")
+#: The provider that serves an op with its reference implementation (the oracle): what
+#: serves a fallback, and a valid ``ops:`` override. It is no backend (``cpu`` is the
+#: built-in backend's own implementation), so ``backend:`` and ``prefer:`` refuse it.
+REFERENCE_PROVIDER = "reference"
 #: ``auto`` runs the checkpoint in its own format; ``high`` keeps the checkpoint's high
 #: precision (``bf16`` is its older name, still accepted); the others quantize on load.
 GEMM_MODES = ("auto", "high", "fp8-block", "fp8-row", "fp8-tensor", "int8", "bf16")
@@ -73,7 +77,8 @@ class Config:
     backend: str = "auto"
     prefer: tuple[str, ...] = DEFAULT_PREFER
     fallback: str = "warn"
-    #: op name -> provider backend name, overriding the selected backend for that op.
+    #: op name -> provider (a backend name, or ``reference`` for the op's reference
+    #: implementation), overriding the selected backend for that op.
     ops: Mapping[str, str] = field(default_factory=dict)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -275,6 +280,16 @@ def _choice(*allowed: str) -> _Check:
 def _name(doc: _Doc, path: tuple[str, ...], v: Any) -> str:
     if not isinstance(v, str) or not v.strip():
         raise doc.error(path, f"got {v!r}, expected a backend name (auto, cpu, nvidia, amd, ascend or an installed plugin)")
+    if v.strip() == REFERENCE_PROVIDER:
+        raise doc.error(path, f"got {v!r}, expected a backend name: {REFERENCE_PROVIDER!r} names the ops' reference "
+                              f"implementations, a provider only under ops: (e.g. ops: {{attention: {REFERENCE_PROVIDER}}})")
+    return v.strip()
+
+
+def _provider(doc: _Doc, path: tuple[str, ...], v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise doc.error(path, f"got {v!r}, expected a provider: {REFERENCE_PROVIDER} (the op's reference implementation) "
+                              "or a backend name (cpu, nvidia, amd, ascend or an installed plugin)")
     return v.strip()
 
 
@@ -325,12 +340,15 @@ def _op_map(doc: _Doc, path: tuple[str, ...], v: Any) -> dict[str, str]:
     if v is None:
         return {}
     if not isinstance(v, Mapping):
-        raise doc.error(path, f"got {v!r}, expected a mapping of op name to backend name, e.g. {{attention: cpu}}")
+        raise doc.error(path, f"got {v!r}, expected a mapping of op name to provider (a backend name or "
+                              f"{REFERENCE_PROVIDER}), e.g. {{attention: cpu, moe_gate: {REFERENCE_PROVIDER}}}")
     out = {}
     for op, provider in v.items():
         if op not in SPECS:
             raise doc.error(path + (str(op),), f"unknown op, expected one of: {', '.join(sorted(SPECS))}")
-        out[op] = _name(doc, path + (str(op),), provider)
+        out[op] = _provider(doc, path + (str(op),), provider)
+        if out[op] == REFERENCE_PROVIDER and not SPECS[op].has_reference:
+            raise doc.error(path + (str(op),), f"got {REFERENCE_PROVIDER!r}, but op {op!r} has no reference implementation yet")
     return out
 
 
@@ -406,12 +424,18 @@ def env_flag(name: str, default: bool) -> bool:
     return raw in _ENV_TRUE
 
 
+def emulate_from_env() -> bool | None:
+    """``DSHAL_EMULATE`` (the one place it is read): None when unset or empty, else its
+    on/off value (a ConfigError naming the variable for anything else)."""
+    return env_flag("DSHAL_EMULATE", False) if os.environ.get("DSHAL_EMULATE", "").strip() else None
+
+
 def _env_overrides(config: Config) -> Config:
-    for name in ("DSHAL_BACKEND", "DSHAL_EMULATE"):
-        if os.environ.get(name):
-            key = name[len("DSHAL_"):].lower()
-            value: Any = os.environ[name] if key == "backend" else env_flag(name, False)
-            config = _apply(config, _Doc({key: value}, {}, f"environment variable {name}"))
+    if os.environ.get("DSHAL_BACKEND"):
+        config = _apply(config, _Doc({"backend": os.environ["DSHAL_BACKEND"]}, {}, "environment variable DSHAL_BACKEND"))
+    emulate = emulate_from_env()
+    if emulate is not None:
+        config = _apply(config, _Doc({"emulate": emulate}, {}, "environment variable DSHAL_EMULATE"))
     env_flag("DSHAL_CPU_KERNELS", True)  # read by the cpu backend; a typo must not pass unseen
     return config
 

@@ -89,9 +89,9 @@ def allowed_plugins() -> frozenset[str] | None:
 
 
 def _emulate_from_env() -> bool:
-    from dshal.config import env_flag
+    from dshal.config import emulate_from_env
 
-    return env_flag("DSHAL_EMULATE", False)
+    return bool(emulate_from_env())
 
 
 class Registry:
@@ -373,6 +373,12 @@ def _validate(
     def broken(reason: str, err: BaseException) -> BackendInfo:
         return BackendInfo(name, value, version, loaded=False, available=False, reason=reason, error=err)
 
+    from dshal.config import REFERENCE_PROVIDER  # lazy like env_flag: yaml loads with the first config
+
+    if name == REFERENCE_PROVIDER:
+        err = PluginLoadError(f"the backend name {name!r} is reserved: it names the ops' reference implementations "
+                              f"(ops: {{op: {name}}}); register the plugin under another name")
+        return broken(str(err), err)
     if not (isinstance(plugin, type) and issubclass(plugin, Backend)):
         err = PluginLoadError(f"entry point {value!r} must name a dshal.Backend subclass, got {plugin!r}")
         return broken(str(err), err)

@@ -18,14 +18,11 @@ from typing import Any
 import torch
 
 from dshal.backend import Backend, Capabilities
-from dshal.config import Config, load_config
+from dshal.config import REFERENCE_PROVIDER, Config, load_config
 from dshal.errors import ConfigError, UnsupportedOpError
 from dshal.registry import REGISTRY, Decision, require_named, select
 
 log = logging.getLogger("dshal")
-
-#: Name used for the reference implementations when they serve as fallback.
-REFERENCE_PROVIDER = "cpu"
 
 
 @dataclass
@@ -35,7 +32,8 @@ class Runtime:
     config: Config
     backend: Backend
     device: torch.device
-    #: op name -> name of the backend whose implementation serves it.
+    #: op name -> name of the backend whose implementation serves it, or ``reference``
+    #: (:data:`~dshal.config.REFERENCE_PROVIDER`: the op's reference, as fallback or override).
     providers: dict[str, str]
     #: ops served by the fallback provider because the backend lacks them.
     fallbacks: frozenset[str]
@@ -138,7 +136,8 @@ def _fallback_caller(op: str, backend: str, impl: Callable[..., Any]) -> Callabl
     def call(*args: Any, **kwargs: Any) -> Any:
         if not warned:
             warned.append(True)
-            log.warning("dshal: backend %r lacks op %r; serving it with the %r reference (fallback: warn)", backend, op, REFERENCE_PROVIDER)
+            log.warning("dshal: backend %r lacks op %r; serving it with the op's reference (provider %r, fallback: warn)",
+                        backend, op, REFERENCE_PROVIDER)
         return impl(*args, **kwargs)
 
     call.__name__ = op
@@ -172,7 +171,10 @@ def build_runtime(config: Config) -> Runtime:
     fallbacks = set()
     for name, spec in SPECS.items():
         override = config.ops.get(name)
-        if override is not None:
+        if override == REFERENCE_PROVIDER:  # config validation made sure the op has a reference
+            providers[name] = REFERENCE_PROVIDER
+            unchecked[name] = spec.reference_impl
+        elif override is not None:
             # Naming the selected backend itself is checked too: it must really provide the op.
             if override not in other_ops:
                 where = f"ops.{name}, set by {config.origin(f'ops.{name}')}"
@@ -192,7 +194,7 @@ def build_runtime(config: Config) -> Runtime:
             providers[name] = REFERENCE_PROVIDER
             fallbacks.add(name)
             if config.fallback == "error":
-                why = (f"the config says fallback: error (set fallback: warn, or ops: {{{name}: cpu}} "
+                why = (f"the config says fallback: error (set fallback: warn, or ops: {{{name}: {REFERENCE_PROVIDER}}} "
                        "to serve it with the reference)")
                 unchecked[name] = _refusing(name, backend.name, why)
                 refused.add(name)

@@ -30,7 +30,7 @@ def test_info_json_lists_cpu_trace_and_providers():
     data = json.loads(out.stdout)
     cpu = next(b for b in data["backends"] if b["name"] == "cpu")
     assert (cpu["loaded"], cpu["available"], cpu["entry_point"]) == (
-        True, True, "dshal.backends.reference:ReferenceBackend")
+        True, True, "dshal.backends.cpu:CpuBackend")
     assert cpu["capabilities"]["dist_backend"] == "gloo"
     # auto takes the first usable backend in prefer (cpu here; a GPU plugin on hardware)
     rt = data["runtime"]
@@ -54,7 +54,7 @@ def test_info_tables():
     out = run("info")
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert "dshal 0.1.0 backends" in text and "dshal.backends.reference:ReferenceBackend" in text
+    assert "dshal 0.1.0 backends" in text and "dshal.backends.cpu:CpuBackend" in text
     assert "selection (backend: auto)" in text and "taken  " in text and "op providers on " in text
     for op in SPECS:
         assert op in text
@@ -69,7 +69,7 @@ def test_info_shows_broken_plugins_from_the_environment(install_plugin):
     assert by_name["oldapi"]["loaded"] is False and "api_version '0'" in by_name["oldapi"]["reason"]
     assert by_name["goodtest"]["version"] == "0.1"
     assert data["runtime"]["providers"]["rms_norm"] == {"provider": "goodtest", "kind": "native"}
-    assert data["runtime"]["providers"]["quantize_int8"] == {"provider": "cpu", "kind": "fallback"}
+    assert data["runtime"]["providers"]["quantize_int8"] == {"provider": "reference", "kind": "fallback"}
 
 
 @pytest.mark.parametrize("args", [("--help",), ("info", "--help")])

@@ -45,6 +45,12 @@ BAD_CONFIGS = [
     ("unknown-op", "ops:\n  attention: cpu\n  atention: cpu\n", 3,
      ["ops.atention: unknown op", f"expected one of: {OPS_LIST}"]),
     ("ops-not-a-mapping", "ops: [attention]\n", 1, ["ops: got ['attention']", "expected a mapping of op name"]),
+    ("ops-provider-wrong-type", "ops:\n  attention: reference\n  linear: [cpu]\n", 3,
+     ["ops.linear: got ['cpu']", "expected a provider: reference (the op's reference implementation) or a backend name"]),
+    # `reference` names the ops' oracles, never a backend: only ops: accepts it.
+    ("backend-reference", "fallback: warn\nbackend: reference\n", 2,
+     ["backend: got 'reference', expected a backend name", "a provider only under ops:"]),
+    ("prefer-contains-reference", "prefer: [cpu, reference]\n", 1, ["prefer[1]: got 'reference', expected a backend name"]),
     ("invalid-yaml-syntax", "backend: cpu\nprefer: [cpu\nfallback: warn\n", 3,
      ["invalid YAML: expected ',' or ']'", "while parsing a flow sequence started on line 2"]),
     ("tab-indentation", "precision:\n\tgemm: bf16\n", 2, ["invalid YAML"]),
@@ -89,7 +95,7 @@ def test_good_file_round_trips(tmp_path):
         backend: cpu            # comment
         prefer: [amd, cpu]
         fallback: error
-        ops: {rms_norm: cpu}
+        ops: {rms_norm: cpu, moe_gate: reference}
         precision:
           gemm: fp8-row
           fp8_format: e4m3fnuz
@@ -100,7 +106,7 @@ def test_good_file_round_trips(tmp_path):
         """))
     cfg = load_config(path)
     assert cfg.to_dict() == {
-        "backend": "cpu", "prefer": ["amd", "cpu"], "fallback": "error", "ops": {"rms_norm": "cpu"},
+        "backend": "cpu", "prefer": ["amd", "cpu"], "fallback": "error", "ops": {"rms_norm": "cpu", "moe_gate": "reference"},
         "precision": {"gemm": "fp8-row", "fp8_format": "e4m3fnuz", "keep_high_precision": ["embed"]},
         "distributed": {"timeout_s": 12.0}, "attention": {"window": 64, "global_tokens": 4}, "emulate": False,
         "determinism": "default",
@@ -158,6 +164,10 @@ def test_dshal_config_env_names_the_default_file(tmp_path, monkeypatch):
 def test_dshal_emulate_values(monkeypatch, value, expected):
     monkeypatch.setenv("DSHAL_EMULATE", value)
     assert load_config().emulate is expected
+    # One reader serves the config and discovery (dshal.backends() without emulate=).
+    assert config_module.emulate_from_env() is expected and dshal.registry._emulate_from_env() is expected
+    monkeypatch.setenv("DSHAL_EMULATE", " ")
+    assert config_module.emulate_from_env() is None and load_config().emulate is False
 
 
 def test_bad_environment_values(monkeypatch):

@@ -51,7 +51,7 @@ def test_example_is_discovered_and_serves_rms_norm(tiny, caplog):
         dshal.ops.quantize_int8(x)
     assert q.dtype == torch.int8 and scale.shape == (4, 1)
     assert [r.getMessage() for r in caplog.records].count(
-        "dshal: backend 'tiny' lacks op 'quantize_int8'; serving it with the 'cpu' reference (fallback: warn)") == 1
+        "dshal: backend 'tiny' lacks op 'quantize_int8'; serving it with the op's reference (provider 'reference', fallback: warn)") == 1
 
 
 def test_example_inputs_are_checked_by_dshal(tiny):

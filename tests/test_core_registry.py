@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dshal
+from dshal.backends.cpu_native import NATIVE_OPS
 from dshal.errors import BackendUnavailableError, PluginLoadError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
 from dshal.registry import REGISTRY
@@ -179,7 +180,7 @@ def test_fallback_warn_logs_once_per_op(install_plugin, caplog):
     rt = dshal.use(backend="goodtest", fallback="warn")
     assert rt.providers["rms_norm"] == "goodtest"
     assert rt.fallbacks == frozenset(SPECS) - {"rms_norm"}
-    assert all(rt.providers[op] == "cpu" for op in rt.fallbacks)
+    assert all(rt.providers[op] == "reference" for op in rt.fallbacks)
     x = torch.randn(4, 256)
     with caplog.at_level(logging.WARNING, logger="dshal"):
         for _ in range(3):
@@ -187,7 +188,7 @@ def test_fallback_warn_logs_once_per_op(install_plugin, caplog):
             dshal.ops.rms_norm(x, torch.ones(256))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        "dshal: backend 'goodtest' lacks op 'quantize_int8'; serving it with the 'cpu' reference (fallback: warn)"
+        "dshal: backend 'goodtest' lacks op 'quantize_int8'; serving it with the op's reference (provider 'reference', fallback: warn)"
     ]
 
 
@@ -214,6 +215,47 @@ def test_ops_override_routes_one_op_to_another_backend(install_plugin):
     rt = dshal.use(backend="cpu", ops={"rms_norm": "goodtest"})
     dshal.ops.rms_norm(x, w)
     assert calls["rms_norm"] == before + 1 and rt.providers["rms_norm"] == "goodtest"
+
+
+def test_reference_is_the_fallback_provider_and_cpu_is_the_cpu_backend(install_plugin, tmp_path):
+    """`reference` serves an op with its oracle; `cpu` always means the cpu backend's own
+    implementation, which for attention is its native kernel, not the reference."""
+    module = install_plugin("backends", GOOD)
+    calls = call_counts(module)
+    path = tmp_path / "dshal.yaml"
+    path.write_text("backend: goodtest\nops:\n  rms_norm: reference\n  attention: cpu\n")
+    rt = dshal.use(path)
+    assert (rt.providers["rms_norm"], rt.provider_kind("rms_norm")) == ("reference", "override")
+    assert (rt.providers["attention"], rt.provider_kind("attention")) == ("cpu", "override")
+    assert rt.unchecked["rms_norm"] is SPECS["rms_norm"].reference_impl
+    assert rt.unchecked["attention"] is NATIVE_OPS["attention"]  # the cpu backend's native SDPA ...
+    assert rt.unchecked["attention"] is not SPECS["attention"].reference_impl  # ... not the reference
+    before = calls["rms_norm"]
+    x, w = torch.randn(3, 16), torch.rand(16)
+    torch.testing.assert_close(dshal.ops.rms_norm(x, w), dshal.ops.reference.rms_norm(x, w))
+    assert calls["rms_norm"] == before  # the plugin's own rms_norm was not called
+    # The cpu backend itself may be asked for the reference of an op it serves natively.
+    rt = dshal.use(backend="cpu", ops={"linear": "reference"})
+    assert rt.providers["linear"] == "reference" and rt.unchecked["linear"] is SPECS["linear"].reference_impl
+    assert rt.providers["attention"] == "cpu" and rt.provider_kind("attention") == "native"
+
+
+def test_a_plugin_cannot_take_the_reference_name(install_plugin):
+    install_plugin("backends", {"reference": "GoodBackend"})
+    info = by_name()["reference"]
+    assert not info.loaded and "the backend name 'reference' is reserved" in info.reason
+    rt = dshal.use(backend="cpu", ops={"rms_norm": "reference"})  # still the op's reference
+    assert rt.unchecked["rms_norm"] is SPECS["rms_norm"].reference_impl
+
+
+def test_fallback_error_hint_names_the_reference_provider(install_plugin):
+    install_plugin("backends", GOOD)
+    dshal.use(backend="goodtest", fallback="error")
+    with pytest.raises(UnsupportedOpError, match=r"ops: \{attention: reference\} to serve it with the reference"):
+        dshal.ops.attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+    # ... and the hint works: the same config with that override serves the op.
+    rt = dshal.use(backend="goodtest", fallback="error", ops={"attention": "reference"})
+    assert "attention" not in rt.fallbacks and rt.providers["attention"] == "reference"
 
 
 @pytest.mark.parametrize("selected", ["cpu", "goodtest"])
@@ -291,7 +333,7 @@ def test_import_dshal_discovers_nothing_and_imports_no_vendor_runtime():
                          env=env).stdout.splitlines()
     # `import dshal` loads neither torch nor a plugin: the public names import on first use.
     assert json.loads(out[0]) == {"vendor": [], "torch": False, "discovered": False, "active": False}
-    # control: discovery does load stevedore; and importing dshal.backends.reference must not
+    # control: discovery does load stevedore; and importing dshal.backends.cpu must not
     # shadow the dshal.backends() function with the dshal/backends/ package.
     # Discovery (every installed plugin's import, availability and capabilities) imports no
     # vendor runtime either; plugins import those lazily, when an op runs.

@@ -264,3 +264,17 @@ def test_fp8_prefill_products_use_a_cached_dequantized_weight(cpu, fmt, dtype):
     x = torch.randn(24, hidden, generator=gen).to(dtype)
     weights, ids = torch.rand(24, 2, generator=gen), torch.rand(24, experts, generator=gen).argsort(-1)[:, :2]
     _check("moe_experts", x, weights, ids, q13, q2, s13, s2)
+
+
+def test_reference_backend_is_a_deprecated_alias_of_cpu_backend(monkeypatch):
+    """The cpu backend's class was ReferenceBackend; code that subclasses it keeps working,
+    with a DeprecationWarning pointing at CpuBackend."""
+    import importlib
+    import sys
+
+    from dshal.backends.cpu import CpuBackend
+
+    monkeypatch.delitem(sys.modules, "dshal.backends.reference", raising=False)
+    with pytest.warns(DeprecationWarning, match="use dshal.backends.cpu.CpuBackend"):
+        old = importlib.import_module("dshal.backends.reference")
+    assert old.ReferenceBackend is CpuBackend and CpuBackend().name == "cpu"

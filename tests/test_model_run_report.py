@@ -13,7 +13,7 @@ from dshal.model.run_report import RunReport
 
 
 def test_python_api_counts_calls_and_names_overrides() -> None:
-    rt = dshal.use(backend="cpu", ops={"attention": "cpu"}, precision={"gemm": "bf16"})
+    rt = dshal.use(backend="cpu", ops={"attention": "cpu", "moe_gate": "reference"}, precision={"gemm": "bf16"})
     model = random_model(tiny_args(), seed=1)
     report = RunReport(rt, model)
     with report.recording():
@@ -29,6 +29,9 @@ def test_python_api_counts_calls_and_names_overrides() -> None:
     override = [f for f in data["fallbacks"] if f["op"] == "attention"]
     assert override == [{"op": "attention", "provider": "cpu", "kind": "override", "reason": "config ops.attention: cpu",
                          "calls": 2 * layers}]
+    gate = next(f for f in data["fallbacks"] if f["op"] == "moe_gate")
+    assert (gate["provider"], gate["kind"], gate["reason"]) == ("reference", "override", "config ops.moe_gate: reference")
+    assert gate["calls"] > 0 and data["ops"]["moe_gate"]["provider"] == "reference"
     assert [layer["modes"] for layer in data["precision"]["layers"]] == [["float32"]] * layers
     # The hook is gone afterwards: nothing more is counted.
     model(torch.tensor([[1, 2]]))
@@ -42,6 +45,7 @@ def test_fallbacks_and_strict_gaps_carry_reasons() -> None:
     assert ("int8_gemm", "fallback") in kinds and ("linear", "determinism") in kinds
     fb = next(f for f in data["fallbacks"] if f["op"] == "int8_gemm" and f["kind"] == "fallback")
     assert "does not provide 'int8_gemm'" in fb["reason"] and "fallback: warn" in fb["reason"]
+    assert fb["provider"] == "reference" and "provider 'reference'" in fb["reason"]
     assert "precision" not in data  # no model given
 
 

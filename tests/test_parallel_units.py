@@ -153,3 +153,24 @@ def test_parallel_shard_view_experts_renumbered() -> None:
         assert torch.equal(view.get(f"{prefix}.1.up_proj.weight"), fused_up[3, inter:])
         assert torch.equal(view.get(f"{prefix}.1.down_proj.weight"), fused_down[3])
         assert view.shape(f"{prefix}.1.down_proj.weight") == (dim, inter)
+
+
+def test_transforms_record_the_split_in_the_models_declared_parallel_state(clean_dshal_env):
+    """tensor_parallel / expert_parallel write the model's ParallelState (a declared field),
+    not attributes the model never declared; a second tensor_parallel is refused."""
+    import dshal
+    from dshal.comm import SimulatedGroup
+    from dshal.errors import ShapeError
+    from dshal.model import ParallelState, random_model, tiny_args
+    from dshal.parallel.transforms import expert_parallel, tensor_parallel
+
+    dshal.use(backend="cpu")
+    model = random_model(tiny_args())
+    assert model.parallel == ParallelState()
+    tp, ep = SimulatedGroup(2, 1, "tp"), SimulatedGroup(2, 0, "ep")
+    tensor_parallel(model, tp)
+    expert_parallel(model, ep)
+    assert model.parallel == ParallelState(tp_group=tp, tp_size=2, tp_rank=1, ep_group=ep, ep_size=2, ep_rank=0)
+    assert not {"tp_group", "tp_size", "tp_rank", "ep_group", "ep_size", "ep_rank"} & set(vars(model))
+    with pytest.raises(ShapeError, match="already tensor-parallel over 2 ranks"):
+        tensor_parallel(model, tp)

@@ -13,7 +13,7 @@ import torch
 
 import dshal
 from dshal.backend import Availability, Capabilities
-from dshal.backends.reference import ReferenceBackend
+from dshal.backends.cpu import CpuBackend
 from dshal.cli import main as cli
 from dshal.errors import ConfigError, DshalError
 from dshal.ops.catalogue import SPECS
@@ -164,7 +164,7 @@ def test_roofline_placement():
     assert unknown.bound == "unknown" and math.isnan(unknown.percent)
 
 
-class _DeclaredPeaks(ReferenceBackend):
+class _DeclaredPeaks(CpuBackend):
     @property
     def name(self) -> str:
         return "declared"

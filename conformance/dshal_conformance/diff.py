@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dshal.config import REFERENCE_PROVIDER as REFERENCE  # the float64 oracle's side: every op on its reference
 
 SCHEMA = "dshal.diff/1"
-REFERENCE = "reference"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -268,6 +268,9 @@ class Verdict:
     #: ``nondeterministic``, ``host-sync``, ``capture-failed``): recorded with status
     #: ``unsupported`` so it never fails a run, and shown by the matrix.
     finding: str | None = None
+    #: The waiver threshold keys (``metric -> limit`` names) that loosened a check of this
+    #: verdict: how waiver accounting knows a waiver was used.
+    waived: tuple[str, ...] = ()
 
 
 def finding(name: str, reason: str, metric: str | None = None, value: float | None = None,
@@ -280,11 +283,14 @@ def verdict(checks: list[Check], overrides: dict[str, float] | None = None) -> V
     """pass when every check passes; the row shows the worst check (failing ones first).
     ``overrides`` (from a waiver) loosens the threshold of the metrics it names; a metric
     named ``out.max_err_ratio`` matches the override ``max_err_ratio``."""
+    waived = []
     for c in checks:
-        limit = (overrides or {}).get(c.metric, (overrides or {}).get(c.metric.rsplit(".", 1)[-1]))
-        if limit is not None:
+        key = next((k for k in (c.metric, c.metric.rsplit(".", 1)[-1]) if k in (overrides or {})), None)
+        if key is not None:
+            limit = overrides[key]
             c.detail = f"{c.detail}; threshold {_num(c.threshold)} loosened to {_num(limit)} by a waiver".lstrip("; ")
             c.threshold = limit
+            waived.append(key)
     if not checks:
         return Verdict("error", None, None, None, "the case produced no checks")
     failing = [c for c in checks if not c.ok]
@@ -301,6 +307,7 @@ def verdict(checks: list[Check], overrides: dict[str, float] | None = None) -> V
         _json_float(shown.threshold),
         reason,
         {k: _json_float(v) for k, v in shown.needed.items()} or None,
+        waived=tuple(dict.fromkeys(waived)),
     )
 
 

@@ -3,8 +3,8 @@
 - :func:`suite_checkpoint` -- the fixed tiny DeepSeek-V3 checkpoint the suite generates
   from a seed (no download; the same tensors on every machine);
 - :func:`reference_runtime` -- the float64 oracle: the cpu backend's runtime with every
-  op served by the op's reference implementation (provider ``reference``), used with a
-  float64 model;
+  op overridden to the op's reference implementation (``ops: {op: reference}``), used
+  with a float64 model;
 - :func:`trace` -- one forward pass with hooks at every op call (through
   :func:`dshal.runtime.op_hook`) and at every top-level layer (``embed``, ``layers.N``,
   ``norm``, ``lm_head``); outputs (and, for ``dshal diff``, inputs) are kept as CPU copies;
@@ -102,18 +102,13 @@ def precision_for(mode: str, runtime: Any) -> Any:
 
 # ------------------------------------------------------------------ runtimes
 def reference_runtime() -> Any:
-    """The float64 oracle's runtime: the cpu backend with every op served by its reference
-    implementation (provider name ``reference``), input checks included."""
-    from dshal.config import load_config
+    """The float64 oracle's runtime: the cpu backend with every op overridden to its
+    reference implementation (``ops: {op: reference}``), input checks included."""
+    from dshal.config import REFERENCE_PROVIDER, load_config
     from dshal.ops.catalogue import SPECS
     from dshal.runtime import build_runtime
 
-    base = build_runtime(load_config({}, backend="cpu", fallback="warn"))
-    unchecked = {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
-    table = {name: SPECS[name].checked(fn, "cpu") for name, fn in unchecked.items()}
-    return dataclasses.replace(
-        base, providers=dict.fromkeys(unchecked, "reference"), fallbacks=frozenset(), table=table, unchecked=unchecked
-    )
+    return build_runtime(load_config({"backend": "cpu", "ops": dict.fromkeys(SPECS, REFERENCE_PROVIDER)}))
 
 
 def backend_runtime(name: str, emulate: bool | None = None, config: Any = None) -> Any:

@@ -326,13 +326,12 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
         raise ValueError(f"case {case.id!r} has no body (collective cases run through Session.run_collectives)")
     outcomes = _with_timeout(lambda: body(ctx), options.case_timeout_s, case.suffixes)
     duration = time.perf_counter() - t0
-    loosened = [w for w in waivers if w.thresholds]
-    used = []
-    for w in loosened:
-        if any(o.verdict.reason and "loosened" in o.verdict.reason for o in outcomes):
-            _note([w], case)
-            used.append(w)
-    return [_record(case, o.suffix, o.verdict, seed, duration, used) for o in outcomes]
+    records = []
+    for o in outcomes:  # a waiver is used where the judge applied one of its thresholds
+        used = [w for w in waivers if set(w.thresholds) & set(o.verdict.waived)]
+        _note(used, case)
+        records.append(_record(case, o.suffix, o.verdict, seed, duration, used))
+    return records
 
 
 def versions(target: Target) -> dict[str, Any]:

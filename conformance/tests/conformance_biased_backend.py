@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dshal.backend import Capabilities
-from dshal.backends.reference import ReferenceBackend
+from dshal.backends.cpu import CpuBackend
 
 #: Fraction of the op tolerance's absolute part the bias uses.
 FRACTION = 0.25
@@ -30,7 +30,7 @@ def biased(linear: Callable[..., Any]) -> Callable[..., Any]:
     return biased_linear
 
 
-class BiasedBackend(ReferenceBackend):
+class BiasedBackend(CpuBackend):
     @property
     def name(self) -> str:
         return "biased"

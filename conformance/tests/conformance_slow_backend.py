@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dshal.backends.reference import ReferenceBackend
+from dshal.backends.cpu import CpuBackend
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None):  # noqa: ANN001, ANN201
@@ -18,7 +18,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):  # noqa: ANN001, ANN201
     raise AssertionError("a test should have interrupted this case")
 
 
-class SlowBackend(ReferenceBackend):
+class SlowBackend(CpuBackend):
     @property
     def name(self) -> str:
         return "slow"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dshal.backend import Capabilities
-from dshal.backends.reference import ReferenceBackend
+from dshal.backends.cpu import CpuBackend
 from dshal.comm import ProcessGroupCommunicator
 from dshal.ops.catalogue import SPECS
 from dshal.ops.quant import _quantize_fp8_reference
@@ -58,7 +58,7 @@ class SwappedSplitsCommunicator(ProcessGroupCommunicator):
         return super().all_to_all(t, input_splits, output_splits)
 
 
-class WrongBackend(ReferenceBackend):
+class WrongBackend(CpuBackend):
     @property
     def name(self) -> str:
         return "wrong"

@@ -17,7 +17,7 @@ from typing import Any
 from dshal.model.args import ModelArgs, RopeScaling, tiny_args
 from dshal.model.cache import KVCache
 from dshal.model.loader import CheckpointError, CheckpointReader, DictReader, build_model, from_pretrained
-from dshal.model.model import Transformer
+from dshal.model.model import ParallelState, Transformer
 from dshal.model.precision import apply_precision
 
 
@@ -36,6 +36,7 @@ __all__ = [
     "DictReader",
     "KVCache",
     "ModelArgs",
+    "ParallelState",
     "RopeScaling",
     "Transformer",
     "apply_precision",

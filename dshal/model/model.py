@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -377,6 +378,21 @@ class Block(nn.Module):
         return self.mlp(x), residual
 
 
+@dataclass(frozen=True)
+class ParallelState:
+    """How this rank's copy of the model is split; written only by the transforms in
+    :mod:`dshal.parallel` (a model nobody split is one rank of one)."""
+
+    #: ``tensor_parallel``: its process group (None: not split), ranks, and this rank's place.
+    tp_group: Any = None
+    tp_size: int = 1
+    tp_rank: int = 0
+    #: ``expert_parallel``: the same for the routed experts.
+    ep_group: Any = None
+    ep_size: int = 1
+    ep_rank: int = 0
+
+
 class Transformer(nn.Module):
     """DeepSeek-V3: ``embed -> layers -> norm -> lm_head``.
 
@@ -391,6 +407,7 @@ class Transformer(nn.Module):
         super().__init__()
         self._cache_layouts: dict[str, tuple] = {}  # mode -> KVCache.layout this model makes
         self.args = args
+        self.parallel = ParallelState()  # set by dshal.parallel's transforms
         self.embed = Embedding(args.vocab_size, args.hidden_size, args.dtype)
         self.layers = nn.ModuleList(Block(i, args) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.dtype)

@@ -58,8 +58,8 @@ class RunReport:
         out = []
         for op, provider in rt.providers.items():
             if op in rt.fallbacks:
-                why = (f"backend {rt.backend.name!r} does not provide {op!r}; served by the {provider!r} reference "
-                       f"(fallback: {rt.config.fallback})")
+                why = (f"backend {rt.backend.name!r} does not provide {op!r}; served by its reference "
+                       f"(provider {provider!r}, fallback: {rt.config.fallback})")
                 out.append({"op": op, "provider": provider, "kind": "fallback", "reason": why, "calls": self.calls.get(op, 0)})
             elif op in rt.config.ops or provider != rt.backend.name:
                 out.append({"op": op, "provider": provider, "kind": "override", "reason": f"config ops.{op}: {provider}",

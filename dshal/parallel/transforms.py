@@ -23,6 +23,7 @@ only those slices from the checkpoint). They compose in either order; TP x EP ke
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -209,8 +210,8 @@ def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
     ranks) and return it. Every rank of the group must call it, with the same model."""
     transform = "tensor_parallel"
     n, r = _size_and_rank(group)
-    if getattr(model, "tp_size", 1) > 1:
-        raise ShapeError(f"{transform}: the model is already tensor-parallel over {model.tp_size} ranks")
+    if model.parallel.tp_size > 1:
+        raise ShapeError(f"{transform}: the model is already tensor-parallel over {model.parallel.tp_size} ranks")
     if n == 1:
         return model
     a = model.args
@@ -248,7 +249,7 @@ def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
             layer.mlp = ParallelMoE(mlp.gate, experts, shared, group)
         else:
             raise ShapeError(f"{transform}: layer mlp is a {type(mlp).__name__}, expected MLP or MoE")
-    model.tp_group, model.tp_size, model.tp_rank = group, n, r
+    model.parallel = replace(model.parallel, tp_group=group, tp_size=n, tp_rank=r)
     return model
 
 
@@ -268,7 +269,7 @@ def expert_parallel(model: Transformer, group: Any = None) -> Transformer:
         _check_same_experts(experts, group, transform)
         _split_experts_ep(experts, group, m, r, transform)
         mlp.experts = experts
-    model.ep_group, model.ep_size, model.ep_rank = group, m, r
+    model.parallel = replace(model.parallel, ep_group=group, ep_size=m, ep_rank=r)
     return model
 
 

@@ -133,7 +133,7 @@ def _replicas(model: Any, path: str, p: torch.Tensor, world: int) -> int:
     sharded = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead)
     bias_of_row = isinstance(module, RowParallelLinear) and path.endswith(".bias")
     if isinstance(module, sharded) and not bias_of_row:
-        return world // getattr(model, "tp_size", 1)
+        return world // model.parallel.tp_size
     return world
 
 

@@ -54,6 +54,7 @@ def test_nvidia_info_emulated_is_available_and_selected():
     kinds = {op: p["kind"] for op, p in runtime["providers"].items()}
     assert kinds["fp8_gemm"] == "triton" and kinds["moe_experts"] == "triton"
     assert kinds["int8_gemm"] == "fallback"  # not a GPU-plugin path: visibly the reference
+    assert runtime["providers"]["int8_gemm"]["provider"] == "reference"
 
 
 LAZY_CHECK = """
