@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 from dshal.errors import CommError, ConfigError, DTypeError, ShapeError
+from dshal.ops.mode import checking
 
 #: Reductions every communicator supports. ``avg`` is a sum divided by the group size,
 #: computed the same way on every process-group backend (gloo has no native AVG in older torch).
@@ -313,15 +314,13 @@ class ProcessGroupCommunicator(Communicator):
         docstring: on the host, bounded by the timeout, except for device tensors inside
         ``ops.trusted()``); a failure becomes a CommError and tears the process group down.
         The tensors' device is the first tensor argument's (none, as for a barrier: the host)."""
-        from dshal import ops
-
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         self._check_ready(collective)
         start = time.monotonic()
         try:
             work = fn(*args, async_op=True, **kwargs)
             if work is not None:
-                if host_waits(device.type, ops.checking()):
+                if host_waits(device.type, checking()):
                     timeout = datetime.timedelta(seconds=_session["timeout_s"] or 300.0)
                     if work.wait(timeout=timeout) is False:
                         raise RuntimeError(f"timed out after {timeout.total_seconds():g} s waiting for the collective")
@@ -344,9 +343,7 @@ class ProcessGroupCommunicator(Communicator):
     ) -> list[list[int]] | None:
         """Checked mode: exchange every rank's :func:`agreement_record` and raise CommError on
         every rank when they disagree. Returns the records (None inside ``ops.trusted()``)."""
-        from dshal import ops
-
-        if not ops.checking() or not (self.group is None or isinstance(self.group, dist.ProcessGroup)):
+        if not checking() or not (self.group is None or isinstance(self.group, dist.ProcessGroup)):
             return None  # trusted, or a group that is not a torch.distributed one: no peers to ask
         n = self.world_size
         mine = torch.tensor(agreement_record(collective, t, arg, n, input_splits, output_splits), dtype=torch.int64)

@@ -30,9 +30,9 @@ from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.attention import nonfinite_guard, visible_keys
 from dshal.ops.catalogue import SPECS
-from dshal.ops.gemm import GRANULARITY_BLOCKS, _linear_reference, _weight_quant_mode, linear_quantized
+from dshal.ops.gemm import GRANULARITY_BLOCKS, _linear_reference, linear_quantized, weight_quant_mode
 from dshal.ops.moe import check_expert_ids
-from dshal.ops.quant import _quantize_fp8_reference, dequantize_to
+from dshal.ops.quant import dequantize_to
 from dshal.ops.spec import FP8_FORMAT_OF
 
 #: Dtypes torch's CPU kernels already compute in at full precision (no upcast needed).
@@ -116,7 +116,7 @@ DEQUANTIZED = DequantizedWeights()
 
 
 def _fp8_weight_block(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[int, int] | None:
-    return GRANULARITY_BLOCKS[_weight_quant_mode("linear", weight, weight_scale)][1]
+    return GRANULARITY_BLOCKS[weight_quant_mode("linear", weight, weight_scale)][1]
 
 
 #: FP8 dtype -> its 256 values as float32, by bit pattern. Looking codes up is ~10x faster
@@ -153,7 +153,7 @@ def _quantized_activations_torch(x: torch.Tensor, fp8: torch.dtype) -> torch.Ten
             scale = (amax / qmax).clamp_(min=torch.finfo(torch.float32).tiny)
             q = (blocks / scale).clamp_(-qmax, qmax).to(fp8)
             return _fp8_to_float32(q).mul_(scale).reshape(x.shape)
-    q, s = _quantize_fp8_reference(rows, (1, 128), FP8_FORMAT_OF[fp8])
+    q, s = SPECS["quantize_fp8"].reference_impl(rows, (1, 128), FP8_FORMAT_OF[fp8])
     return dequantize_to(q, s, (1, 128), torch.float32).reshape(x.shape)
 
 

@@ -652,9 +652,9 @@ class TorchGpuBackend(Backend):
             return torch.nn.functional.linear(x, w, b)
         if weight.dtype == torch.int8:  # W8A8 is not a GPU-plugin path here: reference math
             return _reference("linear")(x, weight, bias, weight_scale)
-        from dshal.ops.gemm import GRANULARITY_BLOCKS, _weight_quant_mode
+        from dshal.ops.gemm import GRANULARITY_BLOCKS, weight_quant_mode
 
-        mode = _weight_quant_mode("linear", weight, weight_scale)
+        mode = weight_quant_mode("linear", weight, weight_scale)
         x2 = x.reshape(-1, x.shape[-1])
         xq, xs = self.quantize_fp8(x2, GRANULARITY_BLOCKS[mode][0], FP8_FORMAT_OF[weight.dtype], None)
         ws = weight_scale.reshape(()) if mode == "tensor" else weight_scale

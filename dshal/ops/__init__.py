@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dshal.ops.catalogue import SPECS
+from dshal.ops.mode import MODE, checking
 from dshal.ops.spec import Cost, OpSpec
 
 #: op name -> the provider callable of the active runtime (inputs checked). Filled by
@@ -54,16 +55,12 @@ def trusted() -> Iterator[None]:
     """
     previous = _dispatch.table
     _dispatch.table = _unchecked
+    MODE.trusted_depth += 1
     try:
         yield
     finally:
+        MODE.trusted_depth -= 1
         _dispatch.table = previous
-
-
-def checking() -> bool:
-    """Whether this thread's calls check their inputs: False inside :func:`trusted`. The
-    collectives of :mod:`dshal.comm` read it too (their cross-rank agreement check)."""
-    return _dispatch.table is not _unchecked
 
 
 def _bootstrap(name: str, table: dict[str, Callable[..., Any]]) -> Callable[..., Any]:

@@ -158,7 +158,7 @@ int8_gemm.cost(_nt_gemm_cost)
 
 
 # ---------------------------------------------------------------- linear
-def _weight_quant_mode(op: str, weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
+def weight_quant_mode(op: str, weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
     """'block', 'row' or 'tensor' for a quantized weight ``[N, K]`` and its scale."""
     n, k = weight.shape
     shape = tuple(weight_scale.shape)
@@ -199,7 +199,7 @@ def linear(x, weight, bias=None, weight_scale=None):
         if weight_scale is None:
             raise ArgumentError(f"linear: argument 'weight' is {weight.dtype}, which needs a 'weight_scale'; got None")
         check_tensor(op, "weight_scale", weight_scale, dtypes=SCALE_DTYPES)
-        _weight_quant_mode(op, weight, weight_scale)
+        weight_quant_mode(op, weight, weight_scale)
     elif weight_scale is not None:
         raise ArgumentError(f"linear: argument 'weight_scale' is given, but 'weight' is {weight.dtype}; expected None for a float weight")
     check_same_device(op, "x", x, weight=weight, bias=bias, weight_scale=weight_scale)
@@ -211,7 +211,7 @@ def _linear_quantized(
     """The quantized product of ``x2 [M, K]``; ``dense``: the FP8 weight already dequantized
     (float32 ``weight * weight_scale``, e.g. a backend's cached copy), multiplied with the
     same quantized activations instead of dequantizing the weight again."""
-    mode = _weight_quant_mode("linear", weight, weight_scale)
+    mode = weight_quant_mode("linear", weight, weight_scale)
     if weight.dtype == torch.int8:
         xq, xs = _quantize_int8_reference(x2)
         return _int8_gemm_reference(xq, xs, weight, weight_scale, acc)

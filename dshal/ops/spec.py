@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from dshal.errors import DeviceError, DTypeError, ShapeError, UnsupportedOpError
+from dshal.ops.mode import checking
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -230,11 +231,9 @@ def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: st
     capture) it is a device-side assertion (``torch._assert_async``): no host sync, and a
     bad id still stops the program (a device assert on GPUs, a RuntimeError on the CPU).
     Meta tensors hold no values: nothing to check."""
-    from dshal import ops
-
     if ids.is_meta:
         return
-    if ids.numel() and not ops.checking():
+    if ids.numel() and not checking():
         message = f"{op}: argument {arg!r} holds a {what} outside [0, {size}) ({why})"
         torch._assert_async(((ids >= 0) & (ids < size)).all(), message)
         return
