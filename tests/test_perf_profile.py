@@ -133,10 +133,10 @@ def test_profile_names_top_bottlenecks(profiled):
     pattern = re.compile(r"^(embed|layers\.\d+|norm|lm_head) (\w+|torch glue|profiler): \d+ % of time, ")
     for x in b:
         assert pattern.match(x["description"]), x["description"]
+    # Every op row says where it stands on the roofline. Which rows make the top five is timing:
+    # on the tiny float32 model torch glue can take all five places on a loaded runner.
     roofed = [x for x in b if x["op"] not in (GLUE, PROFILER)]
-    assert roofed and all(
-        re.search(r"(memory|compute)-bound at [\d.e+-]+ % of roofline$", x["description"]) for x in roofed
-    )
+    assert all(re.search(r"(memory|compute)-bound at [\d.e+-]+ % of roofline$", x["description"]) for x in roofed)
 
 
 def test_profile_html_holds_plots_and_tables(profiled):
