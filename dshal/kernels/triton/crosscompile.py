@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -41,7 +42,8 @@ from typing import Any
 import torch
 
 from dshal.errors import BackendUnavailableError, ConfigError
-from dshal.kernels.triton.target import KernelTarget, TileConfig
+from dshal.kernels.triton._checks import capture_launches
+from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,10 @@ class CompileTarget:
     warp_size: int
     shared_limit: int  #: bytes of shared memory / LDS one block may use
     shared_source: str
-    kernel_target: Callable[[], KernelTarget]
+    target_name: str  #: the shipped tile table compiled for it (:data:`~.target.SHIPPED_TARGETS`)
+
+    def kernel_target(self) -> KernelTarget:
+        return shipped_target(self.target_name)
 
     def gpu_target(self) -> Any:
         from triton.backends.compiler import GPUTarget
@@ -79,15 +84,15 @@ COMPILE_TARGETS: dict[str, CompileTarget] = {
     for t in (
         CompileTarget(
             "sm_90a", "cuda", 90, 32, 232448, "CUDA C Programming Guide, compute capability 9.0: 227 KB shared per block",
-            KernelTarget.nvidia_hopper,
+            "nvidia-sm90",
         ),
         CompileTarget(
             "gfx942", "hip", "gfx942", 64, 65536, "AMD CDNA3 ISA (MI300X): 64 KB LDS per workgroup",
-            KernelTarget.amd_gfx942,
+            "amd-gfx942",
         ),
         CompileTarget(
             "gfx950", "hip", "gfx950", 64, 163840, "AMD CDNA4 ISA (MI350/MI355X): 160 KB LDS per CU",
-            KernelTarget.amd_gfx950,
+            "amd-gfx950",
         ),
     )
 }
@@ -129,10 +134,6 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
     representative CPU tensors (DeepSeek-V3-like shapes: sizes multiples of 16, as on device).
 
     Imports the kernel modules: call it in a process where ``TRITON_INTERPRET`` is unset."""
-    import importlib
-
-    from dshal.kernels.triton._checks import capture_launches
-
     mods = {m: importlib.import_module(f"dshal.kernels.triton.{m}") for m in
             ("quant", "gemm", "norm", "activation", "rotary", "moe")}  # fmt: skip
     e4m3 = target.fp8_e4m3

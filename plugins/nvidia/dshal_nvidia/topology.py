@@ -12,9 +12,8 @@ import logging
 
 import torch
 
-from dshal.backend import Topology
-from dshal.backends.gpu_common import pci_bus_id
-from dshal.backends.placement import topology_from_matrix
+from dshal import Topology
+from dshal.plugin import pci_bus_id, topology_from_matrix
 
 log = logging.getLogger("dshal")
 
