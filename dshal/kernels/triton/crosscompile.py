@@ -299,9 +299,11 @@ def judge(row: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- worker processes
-def _worker(
+def compile_worker(
     targets: list[str], worker: int, jobs: int, out: str, cache_dir: str, gemm_tiles: list[dict] | None, only: str
 ) -> None:
+    """One compile worker process (started by :func:`cross_compile`): compiles every
+    ``jobs``-th job from number ``worker`` on and writes its rows to ``out`` as JSON."""
     import dataclasses
 
     rows = []
@@ -353,8 +355,8 @@ def cross_compile(
         procs = []
         for w in range(jobs):
             out = os.path.join(tmp, f"{w}.json")
-            code = (f"from dshal.kernels.triton.crosscompile import _worker; "
-                    f"_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r})")  # fmt: skip
+            code = (f"from dshal.kernels.triton.crosscompile import compile_worker; "
+                    f"compile_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r})")  # fmt: skip
             procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True), out))
         rows = []
         for proc, out in procs:
