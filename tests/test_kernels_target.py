@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dshal
-from dshal.kernels.triton.target import SHIPPED_TARGETS, KernelTarget, TileConfig, shipped_target
+from dshal.kernels.triton.target import SHIPPED_TARGETS, TILES_DIR, KernelTarget, TileConfig, read_target, shipped_target
 
 
 def test_targets_describe_their_hardware():
@@ -42,8 +42,22 @@ def test_shipped_tables_are_data_keyed_by_target_name():
     assert set(SHIPPED_TARGETS) == {"nvidia-sm90", "nvidia-sm89", "amd-gfx942", "amd-gfx950", "generic"}
     assert all(name == target.name for name, target in SHIPPED_TARGETS.items())
     assert not hasattr(KernelTarget, "nvidia_hopper") and not hasattr(KernelTarget, "amd_gfx942")  # no vendor factories
-    with pytest.raises(dshal.ConfigError, match=r"'name' is 'sm_90'.*expected one of nvidia-sm90"):
+    with pytest.raises(dshal.ConfigError, match=r"'name' is 'sm_90'.*expected one of amd-gfx942"):
         shipped_target("sm_90")
+    assert any("wgmma needs 64 rows" in note for note in shipped_target("nvidia-sm90").notes)  # the why, kept
+
+
+def test_tile_table_files_are_checked(tmp_path):
+    good = json.loads((TILES_DIR / "amd-gfx942.json").read_text())
+    for change, fragment in [
+        ({"warp_sise": 64}, r"unknown keys \['warp_sise'\]"),
+        ({"fp8_dot_dtypes": ["float8_e4m3"]}, "fp8_dot_dtypes holds 'float8_e4m3'"),
+        ({"schema": "other/1"}, "schema is not"),
+    ]:
+        path = tmp_path / "t.json"
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=fragment):
+            read_target(path)
 
 
 def test_tile_kwargs_carry_amd_knobs_only_when_set():

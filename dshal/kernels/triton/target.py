@@ -1,5 +1,6 @@
 """What the kernels need to know about the hardware: :class:`KernelTarget`, and the tile
-tables dshal ships per target, as data keyed by target name (:data:`SHIPPED_TARGETS`).
+tables dshal ships per target, as data keyed by target name (``tiles/<name>.json``, read
+into :data:`SHIPPED_TARGETS`).
 
 A plugin maps its device's arch to a target name (``shipped_target("nvidia-sm90")``) -- or,
 for a part dshal ships no table for, builds its own :class:`KernelTarget` -- and passes it
@@ -254,88 +255,49 @@ def tuned_tables(target_name: str) -> dict[tuple[int, int, int], TileConfig]:
 
 
 # ---------------------------------------------------------------------- shipped tables (data)
-_AMD_TILES = (
-    TileConfig(128, 256, num_warps=8, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
-    TileConfig(128, 128, num_warps=8, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
-    TileConfig(64, 128, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
-    TileConfig(32, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
-)
-_AMD_DECODE_TILES = (
-    TileConfig(16, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, split_k=4),
-    TileConfig(16, 128, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, split_k=2),
-    TileConfig(16, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, split_k=1),
-)
-_AMD_MOE_TILE = TileConfig(64, 128, num_warps=8, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16)
+#: Where the shipped tile tables live: one JSON per target name (``tiles/<name>.json``).
+TILES_DIR = Path(__file__).with_name("tiles")
+TARGET_SCHEMA = "dshal.kernel-target/1"
+_TILE_FIELDS = ("gemm_tiles", "gemm_decode_tiles")
+_DTYPE_FIELDS = ("fp8_dtypes", "fp8_dot_dtypes")
+
+
+def _fp8_dtype(path: Path, key: str, name: object) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if dtype not in ALL_FP8_DTYPES:
+        raise ValueError(f"{path}: {key} holds {name!r}, expected one of {', '.join(str(d) for d in ALL_FP8_DTYPES)}")
+    return dtype
+
+
+def read_target(path: Path) -> KernelTarget:
+    """One shipped tile table: the :class:`KernelTarget` fields by name (dtypes by their torch
+    name, tiles as :class:`TileConfig` fields), ``about`` and ``<field>_why`` notes saying why
+    (kept in ``notes``). Unknown keys and other schemas raise ValueError naming them."""
+    data = json.loads(Path(path).read_text())
+    if data.pop("schema", None) != TARGET_SCHEMA:
+        raise ValueError(f"{path}: schema is not {TARGET_SCHEMA!r}")
+    fields = {f.name for f in dataclasses.fields(KernelTarget)} - {"notes"}
+    notes = [data.pop("about", "")] + [f"{k[:-4]}: {data.pop(k)}" for k in list(data) if k.endswith("_why")]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}, expected KernelTarget fields ({', '.join(sorted(fields))})")
+    for key in _TILE_FIELDS:
+        if key in data:
+            data[key] = tuple(TileConfig(**tile) for tile in data[key])
+    if "moe_tile" in data:
+        data["moe_tile"] = TileConfig(**data["moe_tile"])
+    for key in _DTYPE_FIELDS:
+        if key in data:
+            data[key] = tuple(_fp8_dtype(path, key, name) for name in data[key])
+    if "fp8_e4m3" in data:
+        data["fp8_e4m3"] = _fp8_dtype(path, "fp8_e4m3", data["fp8_e4m3"])
+    return KernelTarget(**data, notes=tuple(n for n in notes if n))
+
 
 #: The targets dshal ships tile tables for, by name (the name also keys ``tuned/<name>.json``).
-SHIPPED_TARGETS: Mapping[str, KernelTarget] = MappingProxyType({
-    t.name: t
-    for t in (
-        # SM90 (H100/H200): FP8 E4M3FN/E5M2 tensor-core dots, warps of 32.
-        KernelTarget(
-            name="nvidia-sm90",
-            gemm_tiles=(
-                TileConfig(128, 128, num_warps=8, num_stages=3),
-                TileConfig(128, 64, num_warps=4, num_stages=4),
-                TileConfig(64, 128, num_warps=4, num_stages=4),
-                TileConfig(64, 64, num_warps=4, num_stages=4),
-                TileConfig(32, 64, num_warps=4, num_stages=4),
-            ),
-            # M <= 16 (decode): wgmma needs 64 rows, so these use mma.sync; split-K keeps the 132
-            # SMs busy (one token over N = 2112: 2112/32 * 4 = 264 programs, not 33).
-            gemm_decode_tiles=(
-                TileConfig(16, 32, num_warps=4, num_stages=4, split_k=4),
-                TileConfig(16, 64, num_warps=4, num_stages=4, split_k=4),
-                TileConfig(16, 64, num_warps=4, num_stages=4, split_k=8),
-                TileConfig(16, 128, num_warps=4, num_stages=3, split_k=2),
-                TileConfig(16, 64, num_warps=4, num_stages=4, split_k=1),
-            ),
-            # gate and up accumulators + in-kernel activation quantization: 64x128, or 4 warps, spill
-            # registers on sm_90a (`dshal kernels`)
-            moe_tile=TileConfig(64, 64, num_warps=8, num_stages=3),
-            elementwise_warps=8,
-        ),
-        # SM89 (L4/L40): FP8 dots without Hopper's wgmma; smaller shared memory.
-        KernelTarget(
-            name="nvidia-sm89",
-            gemm_tiles=(
-                TileConfig(128, 128, num_warps=8, num_stages=2),
-                TileConfig(64, 128, num_warps=4, num_stages=3),
-                TileConfig(64, 64, num_warps=4, num_stages=3),
-                TileConfig(32, 64, num_warps=4, num_stages=3),
-            ),
-            moe_tile=TileConfig(64, 64, num_warps=4, num_stages=2),
-        ),
-        # gfx942 (MI300X/MI325X): native E4M3 is FNUZ (max 240), dots on tl.float8e4b8, wavefront 64.
-        KernelTarget(
-            name="amd-gfx942",
-            warp_size=64,
-            fp8_e4m3=torch.float8_e4m3fnuz,
-            fp8_dtypes=ALL_FP8_DTYPES,
-            fp8_dot_dtypes=(torch.float8_e4m3fnuz, torch.float8_e5m2fnuz),
-            gemm_tiles=_AMD_TILES,
-            gemm_decode_tiles=_AMD_DECODE_TILES,
-            moe_tile=_AMD_MOE_TILE,
-        ),
-        # gfx950 (MI350/MI355X): OCP E4M3FN/E5M2 dots, wavefront 64.
-        KernelTarget(
-            name="amd-gfx950",
-            warp_size=64,
-            fp8_dtypes=ALL_FP8_DTYPES,
-            fp8_dot_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
-            gemm_tiles=_AMD_TILES,
-            gemm_decode_tiles=_AMD_DECODE_TILES,
-            moe_tile=_AMD_MOE_TILE,
-        ),
-        # Conservative default for a part with no table: warps of 32, no FP8 dots (a plugin with
-        # 64-wide wavefronts replaces warp_size).
-        KernelTarget(
-            name="generic",
-            fp8_dot_dtypes=(),
-            gemm_tiles=(TileConfig(64, 64, num_warps=4, num_stages=2), TileConfig(32, 64, num_warps=4, num_stages=2)),
-        ),
-    )
-})
+SHIPPED_TARGETS: Mapping[str, KernelTarget] = MappingProxyType(
+    {t.name: t for t in (read_target(path) for path in sorted(TILES_DIR.glob("*.json")))}
+)
 
 
 def shipped_target(name: str) -> KernelTarget:
@@ -364,6 +326,7 @@ __all__ = [
     "TileConfig",
     "default_target",
     "m_bucket",
+    "read_target",
     "read_tuning",
     "shipped_target",
     "tuned_tables",
