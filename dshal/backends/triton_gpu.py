@@ -83,6 +83,11 @@ class PeakFigures:
     bandwidth: float  #: bytes/s
     source: str
 
+    @classmethod
+    def datasheet(cls, match: str, bf16_tflops: float, fp8_tflops: float, tb_per_s: float, source: str) -> PeakFigures:
+        """A row in a datasheet's units: dense TFLOP/s and TB/s."""
+        return cls(match, bf16_tflops * 1e12, fp8_tflops * 1e12, tb_per_s * 1e12, source)
+
 
 def lookup_peaks(device_name: str, table: tuple[PeakFigures, ...]) -> PeakFigures | None:
     """The row of ``table`` whose part is exactly ``device_name``'s (vendor prefix, memory

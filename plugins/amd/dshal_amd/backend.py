@@ -24,13 +24,11 @@ from dshal import Availability, Capabilities, Topology
 from dshal.plugin import GemmPlan, KernelTarget, PeakFigures, TorchGpuBackend, shipped_target, triton_installed
 from dshal_amd.topology import amdsmi_topology
 
-_TF = 1e12
-_TB = 1e12
 #: Dense peaks (matrix cores, no sparsity). Most specific name first.
 AMD_PEAKS: tuple[PeakFigures, ...] = (
-    PeakFigures("MI325X", 1307.4 * _TF, 2614.9 * _TF, 6.0 * _TB,
+    PeakFigures.datasheet("MI325X", 1307.4, 2614.9, 6.0,
                 "AMD Instinct MI325X datasheet: FP16/BF16 1307.4 / FP8 2614.9 TFLOPS dense, HBM3E 6.0 TB/s"),
-    PeakFigures("MI300X", 1307.4 * _TF, 2614.9 * _TF, 5.3 * _TB,
+    PeakFigures.datasheet("MI300X", 1307.4, 2614.9, 5.3,
                 "AMD Instinct MI300X datasheet: FP16/BF16 1307.4 / FP8 2614.9 TFLOPS dense, HBM3 5.3 TB/s"),
 )
 

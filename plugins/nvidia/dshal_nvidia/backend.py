@@ -24,19 +24,17 @@ from dshal_nvidia.topology import nvml_topology
 
 log = logging.getLogger("dshal")
 
-_TF = 1e12
-_TB = 1e12
 #: Dense peaks (datasheets list FP8/BF16 "with sparsity"; dense is half). Most specific name first.
 NVIDIA_PEAKS: tuple[PeakFigures, ...] = (
-    PeakFigures("H200 NVL", 835.5 * _TF, 1670.5 * _TF, 4.8 * _TB,
+    PeakFigures.datasheet("H200 NVL", 835.5, 1670.5, 4.8,
                 "NVIDIA H200 NVL datasheet: BF16 1,671 / FP8 3,341 TFLOPS with sparsity (dense = half), HBM3e 4.8 TB/s"),
-    PeakFigures("H200", 989.5 * _TF, 1979 * _TF, 4.8 * _TB,
+    PeakFigures.datasheet("H200", 989.5, 1979, 4.8,
                 "NVIDIA H200 SXM datasheet: BF16 1,979 / FP8 3,958 TFLOPS with sparsity (dense = half), HBM3e 4.8 TB/s"),
-    PeakFigures("H100 NVL", 835.5 * _TF, 1670.5 * _TF, 3.9 * _TB,
+    PeakFigures.datasheet("H100 NVL", 835.5, 1670.5, 3.9,
                 "NVIDIA H100 NVL datasheet: BF16 1,671 / FP8 3,341 TFLOPS with sparsity (dense = half), HBM3 3.9 TB/s"),
-    PeakFigures("H100 PCIe", 756.5 * _TF, 1513 * _TF, 2.0 * _TB,
+    PeakFigures.datasheet("H100 PCIe", 756.5, 1513, 2.0,
                 "NVIDIA H100 PCIe datasheet: BF16 1,513 / FP8 3,026 TFLOPS with sparsity (dense = half), HBM2e 2.0 TB/s"),
-    PeakFigures("H100", 989.5 * _TF, 1979 * _TF, 3.35 * _TB,
+    PeakFigures.datasheet("H100", 989.5, 1979, 3.35,
                 "NVIDIA H100 SXM5 datasheet: BF16 1,979 / FP8 3,958 TFLOPS with sparsity (dense = half), HBM3 3.35 TB/s"),
 )
 
