@@ -97,3 +97,15 @@ def test_toolkit_serves_what_the_plugins_import_today():
     assert ascend_needs <= set(dshal.plugin.__all__)
     assert dshal.plugin.Backend is dshal.Backend and dshal.plugin.DshalError is dshal.DshalError
     assert dshal.plugin.SPECS["rms_norm"].reference_impl is not None
+
+
+def test_shared_gpu_base_holds_no_vendor_probe():
+    """dshal/backends/triton_gpu.py routes ops on declared facts: no build or arch checks and
+    no vendor library in its code (those live in the plugins, e.g. dshal_nvidia.cublaslt)."""
+    tree = ast.parse((ROOT / "dshal" / "backends" / "triton_gpu.py").read_text())
+    attributes = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    probes = {"version", "hip", "get_device_capability", "gcnArchName", "ScalingType", "scaled_mm"}
+    assert not attributes & probes, attributes & probes  # torch.version.*, capabilities, cuBLASLt blockwise
+    assert not imported & {"pynvml", "amdsmi", "triton", "torch_npu"}, imported
