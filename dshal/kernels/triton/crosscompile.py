@@ -63,7 +63,7 @@ class CompileTarget:
         return shipped_target(self.target_name)
 
     def gpu_target(self) -> Any:
-        from triton.backends.compiler import GPUTarget
+        from triton.backends.compiler import GPUTarget  # lazy: the vendor runtime
 
         return GPUTarget(self.backend, self.arch, self.warp_size)
 
@@ -185,8 +185,8 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
 # ---------------------------------------------------------------- compiling one job
 def _specialize(job: CompileJob, gpu_target: Any) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) as Triton's JIT builds them for this launch."""
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
+    from triton.compiler import make_backend  # lazy: the vendor runtime
+    from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path  # lazy: as above
 
     fn = job.fn
     backend = make_backend(gpu_target)
@@ -216,9 +216,9 @@ def _int(pattern: str, text: str) -> int:
 
 def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> dict[str, Any]:
     """Compile ``job`` for ``ct`` and read its resources; a dict row of the report."""
-    import triton
-    from triton import knobs
-    from triton.compiler import ASTSource
+    import triton  # lazy: the vendor runtime, imported in the worker with TRITON_INTERPRET unset
+    from triton import knobs  # lazy: as above
+    from triton.compiler import ASTSource  # lazy: as above
 
     row: dict[str, Any] = {"target": ct.name, "kernel": job.kernel, "config": job.config(), "tensor_core_required": None}
     stages_asked = int(job.kwargs.get("num_stages", 3 if ct.backend == "cuda" else 2))

@@ -103,7 +103,7 @@ def tune(
                     log(f"  N={n} K={k} M={m}: tile {tile} is wrong (1 - similarity = {gap:.2e}); skipped")
                     continue
                 if time_tiles:
-                    from triton.testing import do_bench
+                    from triton.testing import do_bench  # lazy: the vendor runtime
 
                     def call(tile: TileConfig = tile, ops: tuple = (a, sa, b, sb)) -> torch.Tensor:
                         return gemm.fp8_block_gemm(*ops, target=target, tile=tile)

@@ -71,7 +71,7 @@ def _type_name(amdsmi, value) -> str:
 def amdsmi_topology() -> XgmiTopology | None:
     """The topology of the GPUs torch sees (HIP order), or None when amdsmi is unavailable."""
     try:
-        import amdsmi
+        import amdsmi  # lazy: the vendor runtime (optional), never at discovery
     except ImportError:
         log.info("dshal amd: amdsmi not installed; topology unknown (install the amdsmi matching your ROCm)")
         return None
