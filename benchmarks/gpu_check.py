@@ -257,8 +257,8 @@ def _error(err: BaseException) -> str:
 def stage_device(check: Check, backend: Any, dry_run: bool) -> None:
     import torch
 
-    import dshal
-    from dshal.versions import stack_report
+    import dshal  # lazy: dshal is installed by this script's first step
+    from dshal.versions import stack_report  # lazy: as above
 
     info = next(i for i in dshal.backends(emulate=dry_run) if i.name == "nvidia")
     device: dict[str, Any] = {
@@ -294,14 +294,15 @@ def stage_device(check: Check, backend: Any, dry_run: bool) -> None:
 def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int, reps: int) -> None:
     import torch
 
-    from dshal.backends.gpu_common import scaled_mm_rowwise_or_tensorwise, torch_blockwise_gemm
-    from dshal.ops import reference as ref
+    from dshal.ops import reference as ref  # lazy: dshal is installed by this script's first step
+    from dshal.plugin import scaled_mm_rowwise_or_tensorwise  # lazy: as above
+    from dshal_nvidia.cublaslt import torch_blockwise_gemm  # lazy: as above
 
     on_gpu = not dry_run
     dev = backend.device()
     gemm = backend.kernels().gemm  # imports triton (interpreter first when emulated)
     target = backend.kernel_target()
-    torch_blockwise = backend.gemm_plan().block_path == "torch-blockwise"
+    torch_blockwise = backend.gemm_plan().block_path == "native"  # the nvidia plugin's cuBLASLt blockwise
     rows: list[dict[str, Any]] = []
     check.data["gemm"] = rows
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -366,7 +367,7 @@ def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
 def stage_norm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int) -> None:
     import torch
 
-    import dshal
+    import dshal  # lazy: dshal is installed by this script's first step
 
     dev = backend.device()
     tokens, hidden = DRY_NORM_SHAPE if dry_run else NORM_SHAPE
@@ -401,8 +402,8 @@ def stage_moe(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int
     """One DeepSeek-V3 MoE layer through the runtime: gate + FP8 routed experts."""
     import torch
 
-    import dshal
-    from dshal.ops import reference as ref
+    import dshal  # lazy: dshal is installed by this script's first step
+    from dshal.ops import reference as ref  # lazy: as above
 
     dims = DRY_MOE_DIMS if dry_run else MOE_DIMS
     e, h, inter = dims["experts"], dims["hidden"], dims["inter"]
@@ -589,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    import dshal
+    import dshal  # lazy: dshal is installed by this script's first step
 
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible; use --dry-run on a CPU machine", file=sys.stderr)

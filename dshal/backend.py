@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
+from dshal.errors import DeviceError
+
 if TYPE_CHECKING:  # pragma: no cover
     from dshal.comm import Communicator
 
@@ -52,7 +54,16 @@ class Availability:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend's device can do. Everything the core decides, it decides from this."""
+    """What a backend's device can do. Everything the core decides, it decides from this.
+
+    The one facts type of a device that the core and users see (``dshal info``, the runtime,
+    the roofline). A GPU plugin declares its device's facts as a ``Capabilities`` too
+    (:meth:`dshal.plugin.TorchGpuBackend.read_hardware`); the two other types a GPU plugin
+    returns are inputs of narrower consumers, derived from the same arch, and say why in
+    their docstrings: :class:`dshal.plugin.KernelTarget` (the Triton kernels' tiles and FP8
+    rules, needed with no device for cross-compilation) and :class:`dshal.plugin.GemmPlan`
+    (which torch call serves an FP8 GEMM on this torch build, from a probe).
+    """
 
     #: Human-readable device name, e.g. ``"NVIDIA H200"`` or ``"cpu"``.
     device_name: str = "cpu"
@@ -121,8 +132,6 @@ class Timer:
 
 def local_device_index(device_type: str, environ: Mapping[str, str] | None = None) -> int:
     """The device index of this process for ``device_type``; see :meth:`Backend.local_device_index`."""
-    from dshal.errors import DeviceError
-
     environ = os.environ if environ is None else environ
     module = getattr(torch, device_type, None) if device_type != "cpu" else None
     available = module is not None and module.is_available()
@@ -210,7 +219,7 @@ class Backend(abc.ABC):
 
     def communicator(self, group: Any = None) -> Communicator:
         """Collectives over ``group``; default: torch.distributed with ``capabilities().dist_backend``."""
-        from dshal.comm import ProcessGroupCommunicator
+        from dshal.comm import ProcessGroupCommunicator  # lazy: start-up time (torch.distributed and the op catalogue load when collectives are first asked for)
 
         return ProcessGroupCommunicator(group)
 

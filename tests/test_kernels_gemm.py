@@ -14,7 +14,7 @@ from dshal.kernels.triton import ensure_interpreter_if_cpu  # noqa: E402
 ensure_interpreter_if_cpu("cpu")  # before triton and the kernel modules are imported (read at decoration)
 from dshal.errors import DeviceError, DTypeError, ShapeError, UnsupportedOpError  # noqa: E402
 from dshal.kernels.triton.gemm import fp8_block_gemm  # noqa: E402
-from dshal.kernels.triton.target import KernelTarget  # noqa: E402
+from dshal.kernels.triton.target import KernelTarget, shipped_target  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
 
 FORMATS = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
@@ -86,7 +86,7 @@ def test_block_gemm_mixed_ocp_formats_widen():
     assert_matches_reference(out, qa, sa, qb, sb, torch.float32)
 
 
-@pytest.mark.parametrize("target", [KernelTarget.nvidia_hopper(), KernelTarget.amd_gfx942()], ids=lambda t: t.name)
+@pytest.mark.parametrize("target", [shipped_target("nvidia-sm90"), shipped_target("amd-gfx942")], ids=lambda t: t.name)
 def test_block_gemm_hardware_target_first_tile_under_interpreter(target):
     # The interpreter cannot time autotune configs: the target's first (largest) tile runs.
     fmt = "e4m3fnuz" if target.fp8_e4m3 == torch.float8_e4m3fnuz else "e4m3fn"
@@ -98,7 +98,7 @@ def test_block_gemm_hardware_target_first_tile_under_interpreter(target):
 def test_block_gemm_fnuz_on_an_ocp_only_target_is_unsupported():
     qa, sa, qb, sb = operands(4, 8, 128, "e4m3fnuz")
     with pytest.raises(UnsupportedOpError, match="'a' is torch.float8_e4m3fnuz, which Triton cannot handle on target"):
-        fp8_block_gemm(qa, sa, qb, sb, target=KernelTarget.nvidia_hopper())
+        fp8_block_gemm(qa, sa, qb, sb, target=shipped_target("nvidia-sm90"))
 
 
 def test_block_gemm_close_to_unquantized_product():

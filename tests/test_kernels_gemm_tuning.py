@@ -21,6 +21,7 @@ from dshal.kernels.triton.target import (
     TileConfig,
     m_bucket,
     read_tuning,
+    shipped_target,
     tuned_tables,
 )
 from dshal.ops import reference as ref
@@ -48,7 +49,7 @@ def test_m_buckets_are_powers_of_two():
 
 
 def test_hopper_decode_space_has_small_tiles_and_split_k():
-    hopper = KernelTarget.nvidia_hopper()
+    hopper = shipped_target("nvidia-sm90")
     decode = hopper.gemm_space(1)
     assert decode == hopper.gemm_space(DECODE_M) and decode != hopper.gemm_space(DECODE_M + 1)
     assert all(t.block_m == 16 for t in decode) and any(t.split_k > 1 for t in decode)
@@ -62,7 +63,7 @@ def test_split_k_tiles_match_the_reference_and_are_deterministic(m, n, k):
     a, sa, b, sb = operands(m, n, k)
     want = ref.fp8_gemm(a, sa, b, sb, torch.float32)
     interp = KernelTarget.interpreter()
-    for tile in KernelTarget.nvidia_hopper().gemm_decode_tiles:
+    for tile in shipped_target("nvidia-sm90").gemm_decode_tiles:
         got = gemm.fp8_block_gemm(a, sa, b, sb, torch.float32, target=interp, tile=tile)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
         again = gemm.fp8_block_gemm(a, sa, b, sb, torch.float32, target=interp, tile=tile)
@@ -110,7 +111,7 @@ def test_tune_dry_run_writes_a_table_that_cannot_choose_tiles(tmp_path):
     assert main(["tune", "--dry-run", "--target", "sm_90a", "--shapes", "256,512", "--m", "1,40", "--output", str(out)]) == 0
     table = json.loads(out.read_text())
     assert table["dry_run"] is True and table["target"] == "nvidia-sm90" and table["device"] is None
-    hopper = KernelTarget.nvidia_hopper()
+    hopper = shipped_target("nvidia-sm90")
     assert [(e["N"], e["K"], e["M"]) for e in table["entries"]] == [(256, 512, 1), (256, 512, 64)]
     for e in table["entries"]:
         assert e["us"] is None and TileConfig(**e["tile"]) in hopper.gemm_space(e["M"])

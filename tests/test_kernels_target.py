@@ -12,14 +12,15 @@ import textwrap
 import pytest
 import torch
 
-from dshal.kernels.triton.target import KernelTarget, TileConfig
+import dshal
+from dshal.kernels.triton.target import SHIPPED_TARGETS, TILES_DIR, KernelTarget, TileConfig, read_target, shipped_target
 
 
 def test_targets_describe_their_hardware():
     hopper, gfx942, gfx950, interp = (
-        KernelTarget.nvidia_hopper(),
-        KernelTarget.amd_gfx942(),
-        KernelTarget.amd_gfx950(),
+        shipped_target("nvidia-sm90"),
+        shipped_target("amd-gfx942"),
+        shipped_target("amd-gfx950"),
         KernelTarget.interpreter(),
     )
     assert hopper.warp_size == 32 and gfx942.warp_size == gfx950.warp_size == 64
@@ -34,7 +35,29 @@ def test_targets_describe_their_hardware():
     assert len(interp.gemm_tiles) == 1 and not interp.bf16_dot
     assert KernelTarget.interpreter(torch.float8_e4m3fnuz).use_fp8e4b8_dot
     assert torch.float8_e4m3fnuz not in hopper.fp8_dtypes and torch.float8_e4m3fnuz in gfx942.fp8_dtypes
-    assert hash(hopper) == hash(KernelTarget.nvidia_hopper())  # frozen: usable as a cache key
+    assert hash(hopper) == hash(shipped_target("nvidia-sm90"))  # frozen: usable as a cache key
+
+
+def test_shipped_tables_are_data_keyed_by_target_name():
+    assert set(SHIPPED_TARGETS) == {"nvidia-sm90", "nvidia-sm89", "amd-gfx942", "amd-gfx950", "generic"}
+    assert all(name == target.name for name, target in SHIPPED_TARGETS.items())
+    assert not hasattr(KernelTarget, "nvidia_hopper") and not hasattr(KernelTarget, "amd_gfx942")  # no vendor factories
+    with pytest.raises(dshal.ConfigError, match=r"'name' is 'sm_90'.*expected one of amd-gfx942"):
+        shipped_target("sm_90")
+    assert any("wgmma needs 64 rows" in note for note in shipped_target("nvidia-sm90").notes)  # the why, kept
+
+
+def test_tile_table_files_are_checked(tmp_path):
+    good = json.loads((TILES_DIR / "amd-gfx942.json").read_text())
+    for change, fragment in [
+        ({"warp_sise": 64}, r"unknown keys \['warp_sise'\]"),
+        ({"fp8_dot_dtypes": ["float8_e4m3"]}, "fp8_dot_dtypes holds 'float8_e4m3'"),
+        ({"schema": "other/1"}, "schema is not"),
+    ]:
+        path = tmp_path / "t.json"
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=fragment):
+            read_target(path)
 
 
 def test_tile_kwargs_carry_amd_knobs_only_when_set():
@@ -45,11 +68,11 @@ def test_tile_kwargs_carry_amd_knobs_only_when_set():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 def test_autotune_configs_come_from_the_target():
-    configs = KernelTarget.amd_gfx942().gemm_autotune_configs()
-    gfx942 = KernelTarget.amd_gfx942()
+    configs = shipped_target("amd-gfx942").gemm_autotune_configs()
+    gfx942 = shipped_target("amd-gfx942")
     assert len(configs) == len(gfx942.gemm_tiles) + len(gfx942.gemm_decode_tiles)
     assert all(c.kwargs["waves_per_eu"] in (0, 2) and c.kwargs["matrix_instr_nonkdim"] == 16 for c in configs)
-    warps = {c.num_warps for c in KernelTarget.nvidia_hopper().gemm_autotune_configs()}
+    warps = {c.num_warps for c in shipped_target("nvidia-sm90").gemm_autotune_configs()}
     assert warps == {4, 8}
 
 
@@ -69,8 +92,8 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     import dshal, dshal.kernels, dshal.kernels.triton as kt
-    from dshal.kernels.triton.target import KernelTarget
-    KernelTarget.nvidia_hopper().gemm_tiles
+    from dshal.kernels.triton.target import shipped_target
+    shipped_target("nvidia-sm90").gemm_tiles
     report = {"triton_after_import": "triton" in sys.modules}
     if sys.argv[1] == "late":
         import triton  # imported before the interpreter was asked for

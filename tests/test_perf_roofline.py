@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dshal.backends.gpu_common import lookup_peaks
+from dshal.plugin import lookup_peaks
 from dshal.perf.roofline import part_words, same_part
 
 

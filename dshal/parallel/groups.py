@@ -3,7 +3,7 @@
 Tensor parallelism all-reduces every layer, so its groups belong on the fastest links:
 when the backend's :meth:`~dshal.Backend.topology` describes the node (NVLink / xGMI /
 HCCS islands), each TP group is a set of devices pairwise joined by the node's fastest
-link (:func:`dshal.backends.placement.place_groups`). Without a topology, TP groups
+link (:func:`dshal.parallel.placement.place_groups`). Without a topology, TP groups
 are contiguous ranks (torchrun numbers the ranks of a node contiguously, so a TP group of
 at most one node's size stays on one node). EP group ``i`` gathers the ``i``-th member of
 every TP group.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dshal.backend import Topology
-from dshal.backends.placement import place_groups
+from dshal.parallel.placement import place_groups
 from dshal.errors import CommError, ConfigError
 
 #: Cost of a link by name when a topology gives no weights (lower is closer); it only

@@ -3,8 +3,9 @@
 Each kernel module (``quant``, ``gemm``, ``norm``, ``activation``, ``rotary``, ``moe``)
 imports ``triton`` and defines ``@triton.jit`` kernels with a checked Python wrapper
 beside each one. Hardware-specific tuning comes from a :class:`~.target.KernelTarget`
-(``target.py``, importable without triton) that the plugin picks from its declared
-capabilities; the kernels never branch on the vendor.
+(``target.py``, importable without triton): the plugin picks one of the tile tables shipped
+as data (``tiles/<target name>.json``) from its device's arch; the kernels never branch on
+the vendor.
 
 This package's ``__init__`` does **not** import triton or any kernel module.
 

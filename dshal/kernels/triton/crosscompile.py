@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -41,7 +42,8 @@ from typing import Any
 import torch
 
 from dshal.errors import BackendUnavailableError, ConfigError
-from dshal.kernels.triton.target import KernelTarget, TileConfig
+from dshal.kernels.triton._checks import capture_launches
+from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,13 @@ class CompileTarget:
     warp_size: int
     shared_limit: int  #: bytes of shared memory / LDS one block may use
     shared_source: str
-    kernel_target: Callable[[], KernelTarget]
+    target_name: str  #: the shipped tile table compiled for it (:data:`~.target.SHIPPED_TARGETS`)
+
+    def kernel_target(self) -> KernelTarget:
+        return shipped_target(self.target_name)
 
     def gpu_target(self) -> Any:
-        from triton.backends.compiler import GPUTarget
+        from triton.backends.compiler import GPUTarget  # lazy: the vendor runtime
 
         return GPUTarget(self.backend, self.arch, self.warp_size)
 
@@ -79,15 +84,15 @@ COMPILE_TARGETS: dict[str, CompileTarget] = {
     for t in (
         CompileTarget(
             "sm_90a", "cuda", 90, 32, 232448, "CUDA C Programming Guide, compute capability 9.0: 227 KB shared per block",
-            KernelTarget.nvidia_hopper,
+            "nvidia-sm90",
         ),
         CompileTarget(
             "gfx942", "hip", "gfx942", 64, 65536, "AMD CDNA3 ISA (MI300X): 64 KB LDS per workgroup",
-            KernelTarget.amd_gfx942,
+            "amd-gfx942",
         ),
         CompileTarget(
             "gfx950", "hip", "gfx950", 64, 163840, "AMD CDNA4 ISA (MI350/MI355X): 160 KB LDS per CU",
-            KernelTarget.amd_gfx950,
+            "amd-gfx950",
         ),
     )
 }
@@ -129,10 +134,6 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
     representative CPU tensors (DeepSeek-V3-like shapes: sizes multiples of 16, as on device).
 
     Imports the kernel modules: call it in a process where ``TRITON_INTERPRET`` is unset."""
-    import importlib
-
-    from dshal.kernels.triton._checks import capture_launches
-
     mods = {m: importlib.import_module(f"dshal.kernels.triton.{m}") for m in
             ("quant", "gemm", "norm", "activation", "rotary", "moe")}  # fmt: skip
     e4m3 = target.fp8_e4m3
@@ -184,8 +185,8 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
 # ---------------------------------------------------------------- compiling one job
 def _specialize(job: CompileJob, gpu_target: Any) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) as Triton's JIT builds them for this launch."""
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
+    from triton.compiler import make_backend  # lazy: the vendor runtime
+    from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path  # lazy: as above
 
     fn = job.fn
     backend = make_backend(gpu_target)
@@ -215,9 +216,9 @@ def _int(pattern: str, text: str) -> int:
 
 def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> dict[str, Any]:
     """Compile ``job`` for ``ct`` and read its resources; a dict row of the report."""
-    import triton
-    from triton import knobs
-    from triton.compiler import ASTSource
+    import triton  # lazy: the vendor runtime, imported in the worker with TRITON_INTERPRET unset
+    from triton import knobs  # lazy: as above
+    from triton.compiler import ASTSource  # lazy: as above
 
     row: dict[str, Any] = {"target": ct.name, "kernel": job.kernel, "config": job.config(), "tensor_core_required": None}
     stages_asked = int(job.kwargs.get("num_stages", 3 if ct.backend == "cuda" else 2))
@@ -298,9 +299,11 @@ def judge(row: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- worker processes
-def _worker(
+def compile_worker(
     targets: list[str], worker: int, jobs: int, out: str, cache_dir: str, gemm_tiles: list[dict] | None, only: str
 ) -> None:
+    """One compile worker process (started by :func:`cross_compile`): compiles every
+    ``jobs``-th job from number ``worker`` on and writes its rows to ``out`` as JSON."""
     import dataclasses
 
     rows = []
@@ -352,8 +355,8 @@ def cross_compile(
         procs = []
         for w in range(jobs):
             out = os.path.join(tmp, f"{w}.json")
-            code = (f"from dshal.kernels.triton.crosscompile import _worker; "
-                    f"_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r})")  # fmt: skip
+            code = (f"from dshal.kernels.triton.crosscompile import compile_worker; "
+                    f"compile_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r})")  # fmt: skip
             procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True), out))
         rows = []
         for proc, out in procs:

@@ -162,7 +162,7 @@ def fp8_block_gemm(
     an empty result, K of 0 zeros.
 
     ``target`` (default: :meth:`KernelTarget.interpreter` for CPU tensors, else
-    :meth:`KernelTarget.generic`) supplies the tiles, chosen by :func:`select_tile` (under the
+    the ``generic`` shipped table) supplies the tiles, chosen by :func:`select_tile` (under the
     interpreter, which cannot time tiles, the space's first); ``tile`` forces one (``dshal
     tune``, ``dshal kernels``). FP8 operands go to ``tl.dot`` directly when ``a`` and ``b``
     share a dtype listed in ``target.fp8_dot_dtypes``, else both are widened (exactly) to float16.

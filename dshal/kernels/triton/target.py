@@ -1,8 +1,13 @@
-"""What the kernels need to know about the hardware: :class:`KernelTarget`.
+"""What the kernels need to know about the hardware: :class:`KernelTarget`, and the tile
+tables dshal ships per target, as data keyed by target name (``tiles/<name>.json``, read
+into :data:`SHIPPED_TARGETS`).
 
-A plugin picks a target from its declared capabilities (``KernelTarget.nvidia_hopper()``,
-``.amd_gfx942()``, ``.amd_gfx950()``, ``.interpreter()``) and passes it to the kernel
-wrappers; the kernels read only its fields, never a vendor name.
+A plugin maps its device's arch to a target name (``shipped_target("nvidia-sm90")``) -- or,
+for a part dshal ships no table for, builds its own :class:`KernelTarget` -- and passes it
+to the kernel wrappers; the kernels read only its fields, never a vendor name. The tables
+live here, in the core, because ``dshal kernels --target`` cross-compiles them with no
+plugin installed; the choice of table is the plugin's. :meth:`KernelTarget.interpreter`
+(and :meth:`KernelTarget.emulating`) is the CPU's target under ``TRITON_INTERPRET=1``.
 
 This module does not import triton at import time (plugins may build targets while
 deciding their capabilities); :meth:`KernelTarget.gemm_autotune_configs` imports it.
@@ -17,13 +22,18 @@ a CUDA/HIP graph capture, where the space's first tile is used.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
+
+from dshal.errors import ConfigError, UnsupportedOpError
 
 #: The E4M3 variants a target may call native.
 E4M3_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -70,7 +80,14 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class KernelTarget:
-    """The hardware facts and tuning choices the portable kernels depend on.
+    """The hardware facts and tuning choices the portable kernels depend on (Triton's
+    ``GPUTarget`` -- backend, arch, warp size -- plus dshal's FP8 rules and tile tables).
+
+    Why a type apart from :class:`~dshal.Capabilities`: the kernel wrappers and ``dshal
+    kernels`` / ``dshal tune`` need these facts with no backend and no device (cross-compiling
+    for ``sm_90a`` on a CPU machine); it is frozen and hashable, a cache key of the compiled
+    kernels; and it holds torch dtypes and tiles the core's decisions never read.
+    ``Capabilities`` stays what the core and users see; a plugin derives both from the same arch.
 
     - ``warp_size``: 32 (NVIDIA warp) or 64 (AMD CDNA wavefront); sizes elementwise blocks.
     - ``fp8_e4m3``: the native E4M3 dtype (``float8_e4m3fn``, or ``float8_e4m3fnuz`` on gfx942).
@@ -132,8 +149,6 @@ class KernelTarget:
     def check_fp8_dtype(self, fn: str, arg: str, dtype: torch.dtype) -> None:
         """Raise UnsupportedOpError when the kernels cannot handle FP8 ``dtype`` here."""
         if dtype not in self.fp8_dtypes:
-            from dshal.errors import UnsupportedOpError
-
             raise UnsupportedOpError(
                 f"{fn}: argument {arg!r} is {dtype}, which Triton cannot handle on target {self.name!r} "
                 f"(supported FP8 dtypes there: {', '.join(str(d) for d in self.fp8_dtypes)})"
@@ -141,7 +156,7 @@ class KernelTarget:
 
     def gemm_autotune_configs(self) -> list[Any]:
         """``triton.Config`` objects of every GEMM tile (both spaces; imports triton)."""
-        import triton
+        import triton  # lazy: the vendor runtime, only when a kernel is built
 
         return [
             triton.Config(t.kernel_kwargs(), num_warps=t.num_warps, num_stages=t.num_stages)
@@ -162,89 +177,7 @@ class KernelTarget:
         tiles.update(dict.fromkeys(tuned_tables(self.name).values()))
         return tuple(tiles)
 
-    # ------------------------------------------------------------------ constructors
-    @classmethod
-    def nvidia_hopper(cls) -> KernelTarget:
-        """SM90 (H100/H200): FP8 E4M3FN/E5M2 tensor-core dots, warps of 32."""
-        tiles = (
-            TileConfig(128, 128, num_warps=8, num_stages=3),
-            TileConfig(128, 64, num_warps=4, num_stages=4),
-            TileConfig(64, 128, num_warps=4, num_stages=4),
-            TileConfig(64, 64, num_warps=4, num_stages=4),
-            TileConfig(32, 64, num_warps=4, num_stages=4),
-        )
-        # M <= 16 (decode): wgmma needs 64 rows, so these use mma.sync; split-K keeps the 132
-        # SMs busy (one token over N = 2112: 2112/32 * 4 = 264 programs, not 33).
-        decode = (
-            TileConfig(16, 32, num_warps=4, num_stages=4, split_k=4),
-            TileConfig(16, 64, num_warps=4, num_stages=4, split_k=4),
-            TileConfig(16, 64, num_warps=4, num_stages=4, split_k=8),
-            TileConfig(16, 128, num_warps=4, num_stages=3, split_k=2),
-            TileConfig(16, 64, num_warps=4, num_stages=4, split_k=1),
-        )
-        return cls(
-            name="nvidia-sm90",
-            warp_size=32,
-            fp8_e4m3=torch.float8_e4m3fn,
-            fp8_dot_dtypes=(torch.float8_e4m3fn, torch.float8_e5m2),
-            gemm_tiles=tiles,
-            gemm_decode_tiles=decode,
-            # gate and up accumulators + in-kernel activation quantization: 64x128, or 4 warps, spill
-            # registers on sm_90a (`dshal kernels`)
-            moe_tile=TileConfig(64, 64, num_warps=8, num_stages=3),
-            elementwise_warps=8,
-        )
-
-    @classmethod
-    def nvidia_ada(cls) -> KernelTarget:
-        """SM89 (L4/L40): FP8 dots without Hopper's wgmma; smaller shared memory."""
-        tiles = (
-            TileConfig(128, 128, num_warps=8, num_stages=2),
-            TileConfig(64, 128, num_warps=4, num_stages=3),
-            TileConfig(64, 64, num_warps=4, num_stages=3),
-            TileConfig(32, 64, num_warps=4, num_stages=3),
-        )
-        return cls(
-            name="nvidia-sm89",
-            gemm_tiles=tiles,
-            moe_tile=TileConfig(64, 64, num_warps=4, num_stages=2),
-        )
-
-    @classmethod
-    def _amd(cls, name: str, e4m3: torch.dtype, dots: tuple[torch.dtype, ...]) -> KernelTarget:
-        tiles = (
-            TileConfig(128, 256, num_warps=8, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
-            TileConfig(128, 128, num_warps=8, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
-            TileConfig(64, 128, num_warps=4, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
-            TileConfig(32, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16),
-        )
-        decode = (
-            TileConfig(16, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, split_k=4),
-            TileConfig(16, 128, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, split_k=2),
-            TileConfig(16, 64, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16, split_k=1),
-        )
-        return cls(
-            name=name,
-            warp_size=64,
-            fp8_e4m3=e4m3,
-            fp8_dtypes=ALL_FP8_DTYPES,
-            fp8_dot_dtypes=dots,
-            gemm_tiles=tiles,
-            gemm_decode_tiles=decode,
-            moe_tile=TileConfig(64, 128, num_warps=8, num_stages=2, waves_per_eu=2, matrix_instr_nonkdim=16),
-            elementwise_warps=4,
-        )
-
-    @classmethod
-    def amd_gfx942(cls) -> KernelTarget:
-        """MI300X/MI325X: native E4M3 is FNUZ (max 240), dots on ``tl.float8e4b8``, wavefront 64."""
-        return cls._amd("amd-gfx942", torch.float8_e4m3fnuz, (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz))
-
-    @classmethod
-    def amd_gfx950(cls) -> KernelTarget:
-        """MI350/MI355X: OCP E4M3FN/E5M2 dots, wavefront 64."""
-        return cls._amd("amd-gfx950", torch.float8_e4m3fn, (torch.float8_e4m3fn, torch.float8_e5m2))
-
+    # ------------------------------------------------------------------ the interpreter
     @classmethod
     def interpreter(cls, fp8_e4m3: torch.dtype = torch.float8_e4m3fn) -> KernelTarget:
         """``TRITON_INTERPRET=1`` on CPU tensors: one small tiling (autotuning there is slow).
@@ -280,15 +213,6 @@ class KernelTarget:
             fp8_dot_dtypes=real.fp8_dot_dtypes,
         )
 
-    @classmethod
-    def generic(cls) -> KernelTarget:
-        """A conservative default for unknown CUDA-like hardware (warps of 32, no FP8 dots)."""
-        return cls(
-            name="generic",
-            fp8_dot_dtypes=(),
-            gemm_tiles=(TileConfig(64, 64, num_warps=4, num_stages=2), TileConfig(32, 64, num_warps=4, num_stages=2)),
-        )
-
 
 #: M up to which ``gemm_decode_tiles`` serve (a decode step's tokens per GEMM).
 DECODE_M = 16
@@ -305,8 +229,6 @@ def m_bucket(m: int) -> int:
 def user_tuning_dir() -> Path:
     """Where ``dshal tune`` writes by default: ``$DSHAL_CACHE_DIR/gemm-tuning`` (or
     ``~/.cache/dshal/gemm-tuning``); read after the shipped tables, so it overrides them."""
-    import os
-
     return Path(os.environ.get("DSHAL_CACHE_DIR") or Path.home() / ".cache" / "dshal") / "gemm-tuning"
 
 
@@ -332,10 +254,67 @@ def tuned_tables(target_name: str) -> dict[tuple[int, int, int], TileConfig]:
     return table
 
 
+# ---------------------------------------------------------------------- shipped tables (data)
+#: Where the shipped tile tables live: one JSON per target name (``tiles/<name>.json``).
+TILES_DIR = Path(__file__).with_name("tiles")
+TARGET_SCHEMA = "dshal.kernel-target/1"
+_TILE_FIELDS = ("gemm_tiles", "gemm_decode_tiles")
+_DTYPE_FIELDS = ("fp8_dtypes", "fp8_dot_dtypes")
+
+
+def _fp8_dtype(path: Path, key: str, name: object) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if dtype not in ALL_FP8_DTYPES:
+        raise ValueError(f"{path}: {key} holds {name!r}, expected one of {', '.join(str(d) for d in ALL_FP8_DTYPES)}")
+    return dtype
+
+
+def read_target(path: Path) -> KernelTarget:
+    """One shipped tile table: the :class:`KernelTarget` fields by name (dtypes by their torch
+    name, tiles as :class:`TileConfig` fields), ``about`` and ``<field>_why`` notes saying why
+    (kept in ``notes``). Unknown keys and other schemas raise ValueError naming them."""
+    data = json.loads(Path(path).read_text())
+    if data.pop("schema", None) != TARGET_SCHEMA:
+        raise ValueError(f"{path}: schema is not {TARGET_SCHEMA!r}")
+    fields = {f.name for f in dataclasses.fields(KernelTarget)} - {"notes"}
+    notes = [data.pop("about", "")] + [f"{k[:-4]}: {data.pop(k)}" for k in list(data) if k.endswith("_why")]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}, expected KernelTarget fields ({', '.join(sorted(fields))})")
+    for key in _TILE_FIELDS:
+        if key in data:
+            data[key] = tuple(TileConfig(**tile) for tile in data[key])
+    if "moe_tile" in data:
+        data["moe_tile"] = TileConfig(**data["moe_tile"])
+    for key in _DTYPE_FIELDS:
+        if key in data:
+            data[key] = tuple(_fp8_dtype(path, key, name) for name in data[key])
+    if "fp8_e4m3" in data:
+        data["fp8_e4m3"] = _fp8_dtype(path, "fp8_e4m3", data["fp8_e4m3"])
+    return KernelTarget(**data, notes=tuple(n for n in notes if n))
+
+
+#: The targets dshal ships tile tables for, by name (the name also keys ``tuned/<name>.json``).
+SHIPPED_TARGETS: Mapping[str, KernelTarget] = MappingProxyType(
+    {t.name: t for t in (read_target(path) for path in sorted(TILES_DIR.glob("*.json")))}
+)
+
+
+def shipped_target(name: str) -> KernelTarget:
+    """The shipped :class:`KernelTarget` called ``name`` (a key of :data:`SHIPPED_TARGETS`);
+    an unknown name is a :class:`~dshal.ConfigError` listing the known ones."""
+    try:
+        return SHIPPED_TARGETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"kernel target: argument 'name' is {name!r}, expected one of {', '.join(SHIPPED_TARGETS)}"
+        ) from None
+
+
 def default_target(device: torch.device) -> KernelTarget:
     """The target a wrapper uses when the caller passes none: the interpreter's for CPU
-    tensors, otherwise :meth:`KernelTarget.generic` (plugins should pass their own)."""
-    return KernelTarget.interpreter() if device.type == "cpu" else KernelTarget.generic()
+    tensors, otherwise the ``generic`` table (plugins should pass their own)."""
+    return KernelTarget.interpreter() if device.type == "cpu" else SHIPPED_TARGETS["generic"]
 
 
 __all__ = [
@@ -343,9 +322,12 @@ __all__ = [
     "DECODE_M",
     "E4M3_DTYPES",
     "KernelTarget",
+    "SHIPPED_TARGETS",
     "TileConfig",
     "default_target",
     "m_bucket",
+    "read_target",
     "read_tuning",
+    "shipped_target",
     "tuned_tables",
 ]

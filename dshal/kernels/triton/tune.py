@@ -25,7 +25,11 @@ from typing import Any
 
 import torch
 
+import dshal
 from dshal.errors import BackendUnavailableError, ConfigError
+from dshal.kernels.triton import ensure_interpreter_if_cpu
+from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
+from dshal.ops import reference
 from dshal.kernels.triton.target import DECODE_M, TUNING_SCHEMA, KernelTarget, TileConfig, m_bucket, user_tuning_dir
 
 #: DeepSeek-V3's FP8 linear shapes (N, K), unsharded: fused q/kv down-projection, q up,
@@ -84,8 +88,7 @@ def tune(
 ) -> list[dict[str, Any]]:
     """One entry per (N, K, M bucket): each tile of the space checked against the reference
     (DeepGEMM similarity < 1e-3) and, when ``time_tiles``, timed in microseconds."""
-    from dshal.kernels.triton import gemm
-    from dshal.ops import reference
+    from dshal.kernels.triton import gemm  # lazy: imports triton, after the caller chose the interpreter or not
 
     entries = []
     for n, k in shapes:
@@ -100,7 +103,7 @@ def tune(
                     log(f"  N={n} K={k} M={m}: tile {tile} is wrong (1 - similarity = {gap:.2e}); skipped")
                     continue
                 if time_tiles:
-                    from triton.testing import do_bench
+                    from triton.testing import do_bench  # lazy: the vendor runtime
 
                     def call(tile: TileConfig = tile, ops: tuple = (a, sa, b, sb)) -> torch.Tensor:
                         return gemm.fp8_block_gemm(*ops, target=target, tile=tile)
@@ -140,18 +143,12 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         if not args.target:
             raise ConfigError("dshal tune: --dry-run needs --target sm_90a|gfx942|gfx950")
-        from dshal.kernels.triton import ensure_interpreter_if_cpu
-
         ensure_interpreter_if_cpu("cpu")  # before the kernel modules are imported
-        from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
-
         target, device = COMPILE_TARGETS[args.target].kernel_target(), torch.device("cpu")
         where = "CPU, Triton interpreter (dry run: no timings)"
         shapes = _parse_shapes(args.shapes) if args.shapes else list(DRY_RUN_SHAPES)
         ms = _parse_m(args.m) if args.m else list(DRY_RUN_M)
     else:
-        import dshal
-
         runtime = dshal.use(backend=args.backend) if args.backend else dshal.use()
         backend = runtime.backend
         if runtime.emulated or not hasattr(backend, "kernel_target") or runtime.device.type != "cuda":

@@ -9,8 +9,8 @@
   ``torch._scaled_mm``; block scales through dshal's Triton kernel (``tl.float8e4b8`` dots,
   wavefront 64).
 - Collectives: torch.distributed's ``nccl`` process group, which is RCCL on ROCm.
-  Topology: Infinity Fabric from ``amdsmi`` (optional); :meth:`AmdBackend.parallel_groups`
-  places TP/EP groups on fully xGMI-connected islands.
+  Topology: Infinity Fabric from ``amdsmi`` (optional); ``dshal.parallel`` places TP/EP
+  groups on its fully xGMI-connected islands (:func:`dshal.parallel.plan_groups`).
 - ``emulate=True``: the same code on CPU tensors (Triton interpreter), standing for gfx942.
 """
 
@@ -20,18 +20,15 @@ import dataclasses
 
 import torch
 
-from dshal.backend import Availability, Topology
-from dshal.backends.gpu_common import GemmPlan, GpuHardware, PeakFigures, TorchGpuBackend, triton_installed
-from dshal.errors import BackendUnavailableError
-from dshal.kernels.triton.target import KernelTarget
+from dshal import Availability, Capabilities, Topology
+from dshal.plugin import GemmPlan, KernelTarget, PeakFigures, TorchGpuBackend, shipped_target, triton_installed
+from dshal_amd.topology import amdsmi_topology
 
-_TF = 1e12
-_TB = 1e12
 #: Dense peaks (matrix cores, no sparsity). Most specific name first.
 AMD_PEAKS: tuple[PeakFigures, ...] = (
-    PeakFigures("MI325X", 1307.4 * _TF, 2614.9 * _TF, 6.0 * _TB,
+    PeakFigures.datasheet("MI325X", 1307.4, 2614.9, 6.0,
                 "AMD Instinct MI325X datasheet: FP16/BF16 1307.4 / FP8 2614.9 TFLOPS dense, HBM3E 6.0 TB/s"),
-    PeakFigures("MI300X", 1307.4 * _TF, 2614.9 * _TF, 5.3 * _TB,
+    PeakFigures.datasheet("MI300X", 1307.4, 2614.9, 5.3,
                 "AMD Instinct MI300X datasheet: FP16/BF16 1307.4 / FP8 2614.9 TFLOPS dense, HBM3 5.3 TB/s"),
 )
 
@@ -40,6 +37,8 @@ ARCH_FP8 = {
     "gfx942": (("e4m3fnuz",), "e4m3fnuz", "FP8 matrix cores in FNUZ formats (e4m3fnuz max 240, no negative zero)"),
     "gfx950": (("e4m3fn", "e5m2"), "e4m3fn", "FP8 matrix cores in OCP formats (e4m3fn max 448)"),
 }
+#: The shipped Triton tile table per arch (others: "generic" with 64-wide wavefronts).
+TARGET_OF_ARCH = {"gfx942": "amd-gfx942", "gfx950": "amd-gfx950"}
 #: What emulated mode stands for.
 EMULATED_ARCH = "gfx942"
 
@@ -75,9 +74,9 @@ class AmdBackend(TorchGpuBackend):
     def arch(self) -> str:
         if self.emulate:
             return EMULATED_ARCH
-        return self._memo("arch", lambda: arch_from_gcn(torch.cuda.get_device_properties(self.device()).gcnArchName))
+        return self.memo("arch", lambda: arch_from_gcn(torch.cuda.get_device_properties(self.device()).gcnArchName))
 
-    def read_hardware(self) -> GpuHardware:
+    def read_hardware(self) -> Capabilities:
         arch = self.arch()
         formats, native, fp8_note = ARCH_FP8.get(arch, ((), "e4m3fn", f"no FP8 matrix cores known for {arch}: FP8 ops dequantize"))
         if self.emulate:
@@ -86,19 +85,17 @@ class AmdBackend(TorchGpuBackend):
         return self.device_hardware(arch, formats, native, AMD_PEAKS, notes)
 
     def kernel_target(self) -> KernelTarget:
-        if self.emulate:  # the interpreter, with the FP8 rules of the part it stands for
-            return KernelTarget.emulating(KernelTarget.amd_gfx942())
         arch = self.arch()
-        if arch == "gfx942":
-            return KernelTarget.amd_gfx942()
-        if arch == "gfx950":
-            return KernelTarget.amd_gfx950()
+        if self.emulate:  # the interpreter, with the FP8 rules of the part it stands for
+            return KernelTarget.emulating(shipped_target(TARGET_OF_ARCH[arch]))
+        if arch in TARGET_OF_ARCH:
+            return shipped_target(TARGET_OF_ARCH[arch])
         # Unknown CDNA part: conservative tiles, no FP8 dots, 64-wide wavefronts.
-        return dataclasses.replace(KernelTarget.generic(), name=f"amd-{arch}", warp_size=64)
+        return dataclasses.replace(shipped_target("generic"), name=f"amd-{arch}", warp_size=64)
 
     def plan_gemm(self) -> GemmPlan:
         hw = self.hardware()
-        if not hw.has_fp8:
+        if not hw.fp8_formats:
             return GemmPlan(block_path="dequant", why=f"{hw.arch} has no FP8")
         scaled = frozenset({torch.float8_e4m3fnuz} if hw.native_e4m3 == "e4m3fnuz" else {torch.float8_e4m3fn, torch.float8_e5m2})
         return GemmPlan(
@@ -114,19 +111,4 @@ class AmdBackend(TorchGpuBackend):
         emulated or when amdsmi is not installed."""
         if self.emulate:
             return None
-        from dshal_amd.topology import amdsmi_topology
-
         return amdsmi_topology()
-
-    def parallel_groups(self, group_size: int) -> list[list[int]]:
-        """TP/EP groups of ``group_size`` on fully xGMI-connected islands of this node
-        (:func:`dshal_amd.xgmi_groups` on :meth:`topology`)."""
-        from dshal_amd.topology import xgmi_groups
-
-        topo = self.topology()
-        if topo is None:
-            raise BackendUnavailableError(
-                "amd: parallel_groups needs the Infinity Fabric topology, but amdsmi is unavailable "
-                "(install the amdsmi package matching your ROCm) or the backend is emulated"
-            )
-        return xgmi_groups(topo, group_size)

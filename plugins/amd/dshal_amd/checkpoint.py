@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dshal.errors import DeviceError, DTypeError
+from dshal import DeviceError, DTypeError
 
 _FNUZ_NAN = 0x80
 

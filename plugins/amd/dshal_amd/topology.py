@@ -1,9 +1,10 @@
-"""Infinity Fabric (xGMI) topology from ``amdsmi`` (optional), and TP/EP group placement.
+"""Infinity Fabric (xGMI) topology from ``amdsmi`` (optional).
 
 ``amdsmi_topo_get_link_type`` gives, per GPU pair, a link type (XGMI, PCIE...) and a hop
 count; ``amdsmi_topo_get_link_weight`` a weight (lower is closer). A pair is ``"xgmi"``
 only when it is one xGMI hop apart (a direct link); longer xGMI paths are named
-``"xgmi-<n>hop"`` so that :func:`xgmi_groups` never puts them in one group.
+``"xgmi-<n>hop"`` so that TP/EP placement (:func:`dshal.parallel.plan_groups`, on the node's
+fastest link) never puts them in one group.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dshal.backend import Topology
-from dshal.backends.gpu_common import pci_bus_id
-from dshal.backends.placement import place_groups, topology_from_matrix
+from dshal import Topology
+from dshal.plugin import pci_bus_id, topology_from_matrix
 
 log = logging.getLogger("dshal")
 
@@ -52,13 +52,6 @@ def link_matrix(
     )
 
 
-def xgmi_groups(topology: Topology, group_size: int) -> list[list[int]]:
-    """Tensor-/expert-parallel groups of ``group_size`` GPUs, each pairwise linked by direct
-    xGMI (a fully connected island), covering every GPU. See
-    :func:`dshal.backends.placement.place_groups` (it raises ConfigError when impossible)."""
-    return place_groups(topology, group_size, "xgmi")
-
-
 def _type_name(amdsmi, value) -> str:
     """amdsmi returns the link type as an enum member or an int, depending on its version."""
     name = getattr(value, "name", None)
@@ -78,7 +71,7 @@ def _type_name(amdsmi, value) -> str:
 def amdsmi_topology() -> XgmiTopology | None:
     """The topology of the GPUs torch sees (HIP order), or None when amdsmi is unavailable."""
     try:
-        import amdsmi
+        import amdsmi  # lazy: the vendor runtime (optional), never at discovery
     except ImportError:
         log.info("dshal amd: amdsmi not installed; topology unknown (install the amdsmi matching your ROCm)")
         return None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dshal
-from dshal.backends.gpu_common import lookup_peaks
+from dshal.plugin import lookup_peaks
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
 from dshal_amd import AMD_PEAKS, AmdBackend

@@ -1,12 +1,19 @@
-"""TP/EP placement on Infinity Fabric islands, from topology matrices given as data."""
+"""TP/EP placement on Infinity Fabric islands, from topology matrices given as data: the
+topology the amd plugin builds from amdsmi's answers, placed by dshal's own placement
+(``place_groups`` on the xGMI link, and ``dshal.parallel.plan_groups`` on the node's fastest link)."""
 
 from __future__ import annotations
 
 import pytest
 
-from dshal.backends.placement import islands, place_groups, topology_from_matrix
 from dshal.errors import ConfigError, ShapeError
-from dshal_amd.topology import XgmiTopology, link_matrix, link_name, xgmi_groups
+from dshal.parallel import plan_groups
+from dshal.parallel.placement import islands, place_groups, topology_from_matrix
+from dshal_amd.topology import XgmiTopology, link_matrix, link_name
+
+
+def xgmi_groups(topology, group_size):
+    return place_groups(topology, group_size, "xgmi")
 
 
 def _topology(n: int, linked) -> object:
@@ -57,6 +64,15 @@ def test_amd_two_islands_keep_groups_inside_an_island():
     assert xgmi_groups(TWO_ISLANDS, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     with pytest.raises(ConfigError, match=r"groups of 8 .*largest fully xgmi-connected set is \[0, 1, 2, 3\]"):
         xgmi_groups(TWO_ISLANDS, 8)
+
+
+def test_amd_topology_places_tp_groups_through_dshal_parallel():
+    # TP=4 on two islands of 4 (plus the interleaved case): dshal.parallel finds xGMI, the fastest link.
+    plan = plan_groups(8, tp=4, ep=2, topology=TWO_ISLANDS)
+    assert plan.tp_groups == ((0, 1, 2, 3), (4, 5, 6, 7)) and "'xgmi'" in plan.reason
+    interleaved = plan_groups(8, tp=4, ep=2, topology=_topology(8, lambda i, j: i % 2 == j % 2))
+    assert interleaved.tp_groups == ((0, 2, 4, 6), (1, 3, 5, 7))
+    assert interleaved.ep_groups == ((0, 1), (2, 3), (4, 5), (6, 7))
 
 
 def test_amd_interleaved_islands_are_found():

@@ -12,33 +12,29 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import torch
 
-from dshal.backend import Availability, Topology
-from dshal.backends.gpu_common import (
-    GemmPlan,
-    GpuHardware,
-    PeakFigures,
-    TorchGpuBackend,
-    probe_torch_blockwise,
-    triton_installed,
-    version_tuple,
-)
-from dshal.kernels.triton.target import KernelTarget
+from dshal import Availability, Capabilities, Topology
+from dshal.plugin import GemmPlan, KernelTarget, PeakFigures, TorchGpuBackend, shipped_target, triton_installed
+from dshal_nvidia.cublaslt import MIN_CUDA, blockwise_fits, probe_torch_blockwise, torch_blockwise_gemm, version_tuple
+from dshal_nvidia.topology import nvml_topology
 
-_TF = 1e12
-_TB = 1e12
+log = logging.getLogger("dshal")
+
 #: Dense peaks (datasheets list FP8/BF16 "with sparsity"; dense is half). Most specific name first.
 NVIDIA_PEAKS: tuple[PeakFigures, ...] = (
-    PeakFigures("H200 NVL", 835.5 * _TF, 1670.5 * _TF, 4.8 * _TB,
+    PeakFigures.datasheet("H200 NVL", 835.5, 1670.5, 4.8,
                 "NVIDIA H200 NVL datasheet: BF16 1,671 / FP8 3,341 TFLOPS with sparsity (dense = half), HBM3e 4.8 TB/s"),
-    PeakFigures("H200", 989.5 * _TF, 1979 * _TF, 4.8 * _TB,
+    PeakFigures.datasheet("H200", 989.5, 1979, 4.8,
                 "NVIDIA H200 SXM datasheet: BF16 1,979 / FP8 3,958 TFLOPS with sparsity (dense = half), HBM3e 4.8 TB/s"),
-    PeakFigures("H100 NVL", 835.5 * _TF, 1670.5 * _TF, 3.9 * _TB,
+    PeakFigures.datasheet("H100 NVL", 835.5, 1670.5, 3.9,
                 "NVIDIA H100 NVL datasheet: BF16 1,671 / FP8 3,341 TFLOPS with sparsity (dense = half), HBM3 3.9 TB/s"),
-    PeakFigures("H100 PCIe", 756.5 * _TF, 1513 * _TF, 2.0 * _TB,
+    PeakFigures.datasheet("H100 PCIe", 756.5, 1513, 2.0,
                 "NVIDIA H100 PCIe datasheet: BF16 1,513 / FP8 3,026 TFLOPS with sparsity (dense = half), HBM2e 2.0 TB/s"),
-    PeakFigures("H100", 989.5 * _TF, 1979 * _TF, 3.35 * _TB,
+    PeakFigures.datasheet("H100", 989.5, 1979, 3.35,
                 "NVIDIA H100 SXM5 datasheet: BF16 1,979 / FP8 3,958 TFLOPS with sparsity (dense = half), HBM3 3.35 TB/s"),
 )
 
@@ -56,8 +52,19 @@ def fp8_facts(capability: tuple[int, int]) -> tuple[tuple[str, ...], str]:
     return (), f"no FP8 tensor cores on sm_{capability[0]}{capability[1]}: FP8 ops dequantize"
 
 
+#: The shipped Triton tile table per compute capability, newest first (older: "generic").
+TARGET_OF_CAPABILITY = (((9, 0), "nvidia-sm90"), ((8, 9), "nvidia-sm89"))
+#: What cuBLASLt's blockwise path is, for ``dshal info``.
+BLOCKWISE_NAME = "torch.nn.functional.scaled_mm blockwise 1x128/128x128 (cuBLASLt)"
+
+
 class NvidiaBackend(TorchGpuBackend):
     """NVIDIA GPUs through torch's CUDA API, dshal's Triton kernels and cuBLASLt."""
+
+    def __init__(self, *, emulate: bool = False) -> None:
+        super().__init__(emulate=emulate)
+        self._blockwise_refused: set[torch.dtype] = set()
+        self._refused_lock = threading.Lock()  # ops may be called from several threads at once
 
     @property
     def name(self) -> str:
@@ -84,9 +91,9 @@ class NvidiaBackend(TorchGpuBackend):
     def _capability(self) -> tuple[int, int]:
         if self.emulate:
             return EMULATED_CAPABILITY
-        return self._memo("capability", lambda: tuple(torch.cuda.get_device_capability(self.device())))
+        return self.memo("capability", lambda: tuple(torch.cuda.get_device_capability(self.device())))
 
-    def read_hardware(self) -> GpuHardware:
+    def read_hardware(self) -> Capabilities:
         cap = self._capability()
         formats, fp8_note = fp8_facts(cap)
         arch = f"sm_{cap[0]}{cap[1]}"
@@ -96,20 +103,17 @@ class NvidiaBackend(TorchGpuBackend):
 
     def kernel_target(self) -> KernelTarget:
         cap = self._capability()
+        name = next((target for least, target in TARGET_OF_CAPABILITY if cap >= least), "generic")
         if self.emulate:  # the interpreter, with the FP8 rules of the part it stands for
-            return KernelTarget.emulating(KernelTarget.nvidia_hopper())
-        if cap >= (9, 0):
-            return KernelTarget.nvidia_hopper()
-        if cap >= (8, 9):
-            return KernelTarget.nvidia_ada()
-        return KernelTarget.generic()
+            return KernelTarget.emulating(shipped_target(name))
+        return shipped_target(name)
 
     def plan_gemm(self) -> GemmPlan:
         cap = self._capability()
         if not fp8_facts(cap)[0]:
             return GemmPlan(block_path="dequant", why=f"sm_{cap[0]}{cap[1]} has no FP8")
         # cuBLASLt >= 12.9 on SM90 also takes float32 outputs for rowwise scaling.
-        new_cublas = self.emulate or (version_tuple(torch.version.cuda) >= (12, 9) and cap == (9, 0))
+        new_cublas = self.emulate or (version_tuple(torch.version.cuda) >= MIN_CUDA and cap == (9, 0))
         rowwise = (torch.bfloat16, torch.float16) + ((torch.float32,) if new_cublas else ())
         triton = "triton" if triton_installed() else "dequant"
         if self.emulate:
@@ -117,12 +121,33 @@ class NvidiaBackend(TorchGpuBackend):
         else:  # probed per output dtype: cuBLASLt may take bf16 and refuse float32
             usable, why = probe_torch_blockwise(self.device())  # this rank's device (LOCAL_RANK)
         return GemmPlan(
-            block_path="torch-blockwise" if usable else triton,
+            block_path="native" if usable else triton,
             scaled_mm_dtypes=_E4M3_E5M2,
             rowwise_out_dtypes=rowwise,
-            blockwise_out_dtypes=usable,
+            native_out_dtypes=usable,
+            native_name=BLOCKWISE_NAME,
             why=why,
         )
+
+    def native_block_gemm(self, a, a_scale, b, b_scale, out_dtype) -> torch.Tensor | None:
+        """cuBLASLt's blockwise ``scaled_mm`` for the operands it takes and an output dtype it
+        has not refused; a refusal at run time is logged and remembered per output dtype (the
+        Triton kernel serves that dtype from then on)."""
+        if out_dtype in self._blockwise_refused or not blockwise_fits(a, b):
+            return None
+        try:
+            return torch_blockwise_gemm(a, a_scale, b, b_scale, out_dtype)
+        except (RuntimeError, ValueError) as err:
+            with self._refused_lock:
+                self._blockwise_refused.add(out_dtype)
+            log.warning("dshal %s: blockwise scaled_mm refused output %s (%s); using the Triton kernel for it "
+                        "from now on", self.name, out_dtype, str(err).splitlines()[0][:120])
+            return None
+
+    def blockwise_refused(self) -> frozenset[torch.dtype]:
+        """Output dtypes for which cuBLASLt blockwise ``scaled_mm`` failed at run time (they use
+        the Triton kernel from then on)."""
+        return frozenset(self._blockwise_refused)
 
     # ------------------------------------------------------------ topology
     def topology(self) -> Topology | None:
@@ -130,6 +155,4 @@ class NvidiaBackend(TorchGpuBackend):
         or when pynvml is not installed (``pip install 'dshal-nvidia[nvml]'``)."""
         if self.emulate:
             return None
-        from dshal_nvidia.topology import nvml_topology
-
         return nvml_topology()

@@ -12,9 +12,8 @@ import logging
 
 import torch
 
-from dshal.backend import Topology
-from dshal.backends.gpu_common import pci_bus_id
-from dshal.backends.placement import topology_from_matrix
+from dshal import Topology
+from dshal.plugin import pci_bus_id, topology_from_matrix
 
 log = logging.getLogger("dshal")
 
@@ -43,7 +42,7 @@ def link_matrix(nvlink: list[list[bool]], pcie_level: list[list[int]]) -> tuple[
 def nvml_topology() -> Topology | None:
     """The topology of the GPUs torch sees (CUDA order), or None when NVML is unavailable."""
     try:
-        import pynvml
+        import pynvml  # lazy: the vendor runtime (optional), never at discovery
     except ImportError:
         log.info("dshal nvidia: pynvml not installed; topology unknown (pip install 'dshal-nvidia[nvml]')")
         return None

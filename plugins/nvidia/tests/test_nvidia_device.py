@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dshal.backends.gpu_common import lookup_peaks
+from dshal.plugin import lookup_peaks
 from dshal_nvidia import NVIDIA_PEAKS, NvidiaBackend
 from dshal_nvidia.backend import fp8_facts
 from dshal_nvidia.topology import link_matrix

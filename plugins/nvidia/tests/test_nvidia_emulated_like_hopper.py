@@ -12,18 +12,17 @@ import pytest
 import torch
 from dshal_nvidia import NvidiaBackend
 
-from dshal.backends.gpu_common import GemmPlan
 from dshal.errors import UnsupportedOpError
 from dshal.kernels.triton import ensure_interpreter_if_cpu
-from dshal.kernels.triton.target import KernelTarget
 from dshal.ops import reference as ref
+from dshal.plugin import GemmPlan, shipped_target
 
 ensure_interpreter_if_cpu("cpu")  # before anything imports triton
 
 
 def test_emulated_target_accepts_the_fp8_dtypes_hopper_does():
     emulated = NvidiaBackend(emulate=True).kernel_target()
-    hopper = KernelTarget.nvidia_hopper()
+    hopper = shipped_target("nvidia-sm90")
     assert set(emulated.fp8_dtypes) == set(hopper.fp8_dtypes)
     assert set(emulated.fp8_dot_dtypes) == set(hopper.fp8_dot_dtypes)
     assert torch.float8_e4m3fnuz not in emulated.fp8_dtypes
@@ -57,7 +56,7 @@ def test_blockwise_refusal_is_recorded_per_output_dtype():
     refused, and that refusal must disable only the output dtype that was refused."""
     backend = NvidiaBackend(emulate=True)
     backend._cache["gemm_plan"] = GemmPlan(
-        block_path="torch-blockwise", blockwise_out_dtypes=(torch.bfloat16, torch.float32), why="test plan"
+        block_path="native", native_out_dtypes=(torch.bfloat16, torch.float32), why="test plan"
     )
     g = torch.Generator().manual_seed(2)
     a = torch.randn(4, 512, generator=g).to(torch.float8_e4m3fn)
@@ -67,14 +66,14 @@ def test_blockwise_refusal_is_recorded_per_output_dtype():
     got = backend.fp8_gemm(a, sa, b, sb, torch.bfloat16)  # refused -> Triton kernel
     torch.testing.assert_close(got.float(), want, rtol=1.6e-2, atol=1e-2)
     assert backend.blockwise_refused() == {torch.bfloat16}
-    assert backend._torch_blockwise_fits(a, b, torch.float32)  # float32 output still tried
-    backend.fp8_gemm(a, sa, b, sb, torch.float32)
+    got = backend.fp8_gemm(a, sa, b, sb, torch.float32)  # float32 output still tried: refused now
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert backend.blockwise_refused() == {torch.bfloat16, torch.float32}
 
 
 def test_emulated_plan_names_blockwise_output_dtypes():
     plan = NvidiaBackend(emulate=True).gemm_plan()
-    assert plan.block_path == "triton" and plan.blockwise_out_dtypes == ()
+    assert plan.block_path == "triton" and plan.native_out_dtypes == ()
 
 
 THREADS = textwrap.dedent(

@@ -1,6 +1,6 @@
 """The nvidia plugin's own op code, emulated (CPU tensors, Triton interpreter,
 torch._scaled_mm on CPU), against the reference implementations. Small shapes: the
-interpreter is slow. These paths are shared with the amd plugin (dshal.backends.gpu_common)."""
+interpreter is slow. These paths are shared with the amd plugin (dshal.backends.triton_gpu)."""
 
 from __future__ import annotations
 

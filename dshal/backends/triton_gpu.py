@@ -1,13 +1,22 @@
-"""What the NVIDIA and AMD plugins share: a base class for backends on torch's CUDA API
-(CUDA or ROCm/HIP) that serve ops with dshal's portable Triton kernels, ``torch._scaled_mm``
-and ``scaled_dot_product_attention``.
+"""The base class the GPU plugins share: :class:`TorchGpuBackend`, a backend on torch's CUDA
+API (CUDA or ROCm/HIP builds of torch alike) whose ops are served by dshal's portable Triton
+kernels, ``torch._scaled_mm`` and ``scaled_dot_product_attention``. This module decides *which*
+kernel or torch call serves which inputs; it holds no vendor probe and never asks which vendor
+it runs on.
 
-A subclass declares facts, never branches on a vendor:
+A subclass declares facts, and the base dispatches on them:
 
-* :meth:`TorchGpuBackend.hardware` -- device name, arch, FP8 formats, memory, peaks...;
-* :meth:`TorchGpuBackend.kernel_target` -- the :class:`~dshal.kernels.triton.target.KernelTarget`;
-* :meth:`TorchGpuBackend.gemm_plan` -- which FP8 dtypes / output dtypes ``_scaled_mm`` takes
-  here, and which path serves block-scaled FP8 GEMMs.
+* :meth:`TorchGpuBackend.read_hardware` -- the device's :class:`~dshal.Capabilities` (name,
+  arch, FP8 formats, memory, peaks); the base adds how each op is served;
+* :meth:`TorchGpuBackend.kernel_target` -- the Triton kernels'
+  :class:`~dshal.kernels.triton.target.KernelTarget` (tile tables, warp size, FP8 dots);
+* :meth:`TorchGpuBackend.plan_gemm` -- a :class:`GemmPlan`: which FP8 dtypes / output dtypes
+  ``torch._scaled_mm`` takes here, and which path serves block-scaled FP8 GEMMs;
+* :meth:`TorchGpuBackend.native_block_gemm` (optional) -- the plugin's own block-scaled FP8
+  GEMM (a vendor library call), used where its :class:`GemmPlan` says so.
+
+Device events, graphs, ``synchronize`` and memory statistics use ``torch.cuda``, which a ROCm
+build of torch serves through HIP under the same names: they are shared, not vendor code.
 
 **Emulated mode** (``emulate=True``): ``device_type`` is ``"cpu"``; the same op code runs
 on CPU tensors, the Triton kernels under ``TRITON_INTERPRET=1`` (set before the kernel
@@ -19,24 +28,28 @@ Nothing here imports triton (or any vendor library) at import time or at discove
 from __future__ import annotations
 
 import abc
-import importlib
+import dataclasses
 import importlib.util
 import logging
 import math
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from dshal.backend import Availability, Backend, Capabilities, OpKind, Timer
+from dshal.errors import BackendUnavailableError, DeviceError
+from dshal.kernels import triton as triton_kernels
+from dshal.kernels.triton.target import KernelTarget
+from dshal.ops.attention import nonfinite_guard, visible_keys
+from dshal.ops.catalogue import SPECS
+from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity, weight_quant_mode
 from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dshal.kernels.triton.target import KernelTarget
+from dshal.perf.roofline import same_part
 
 log = logging.getLogger("dshal")
 
@@ -56,16 +69,13 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _reference(op: str) -> Callable[..., Any]:
-    from dshal.ops.catalogue import SPECS
-
-    return SPECS[op].reference_impl
-
-
 # ---------------------------------------------------------------- declared facts
 @dataclass(frozen=True)
 class PeakFigures:
-    """Dense (non-sparse) peak throughput and memory bandwidth of one part, with the source."""
+    """One row of a plugin's datasheet table: dense (non-sparse) peak throughput and memory
+    bandwidth of one part, with the source. Not a second facts type: :meth:`TorchGpuBackend.
+    device_hardware` turns the row naming this device into ``Capabilities.peak_flops`` /
+    ``peak_bandwidth`` (and ``notes["peaks"]``)."""
 
     match: str  #: the part, matched exactly against the device name (:func:`dshal.perf.roofline.same_part`)
     bf16_flops: float
@@ -73,12 +83,15 @@ class PeakFigures:
     bandwidth: float  #: bytes/s
     source: str
 
+    @classmethod
+    def datasheet(cls, match: str, bf16_tflops: float, fp8_tflops: float, tb_per_s: float, source: str) -> PeakFigures:
+        """A row in a datasheet's units: dense TFLOP/s and TB/s."""
+        return cls(match, bf16_tflops * 1e12, fp8_tflops * 1e12, tb_per_s * 1e12, source)
+
 
 def lookup_peaks(device_name: str, table: tuple[PeakFigures, ...]) -> PeakFigures | None:
     """The row of ``table`` whose part is exactly ``device_name``'s (vendor prefix, memory
     size and type aside), or None: an unknown part gets no datasheet figures."""
-    from dshal.perf.roofline import same_part
-
     for row in table:
         if same_part(device_name, row.match):
             return row
@@ -86,31 +99,19 @@ def lookup_peaks(device_name: str, table: tuple[PeakFigures, ...]) -> PeakFigure
 
 
 @dataclass(frozen=True)
-class GpuHardware:
-    """What a plugin learned about its device (or what its emulated mode stands for)."""
-
-    device_name: str
-    arch: str
-    fp8_formats: tuple[str, ...]
-    native_e4m3: str
-    dist_backend: str
-    memory_bytes: int | None = None
-    compute_units: int | None = None
-    peaks: PeakFigures | None = None
-    notes: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def has_fp8(self) -> bool:
-        return bool(self.fp8_formats)
-
-
-@dataclass(frozen=True)
 class GemmPlan:
-    """How fp8_gemm runs here.
+    """How fp8_gemm runs here: the routing of the torch calls, decided once per device.
 
-    ``block_path``: ``"torch-blockwise"`` (``torch.nn.functional.scaled_mm`` with 1x128 /
-    128x128 scales, cuBLASLt), ``"triton"`` (dshal's block-FP8 kernel) or ``"dequant"``
-    (dequantize + matmul: no FP8 hardware or no triton).
+    Why a type of its own (not a :class:`~dshal.Capabilities` field, not part of the
+    :class:`~dshal.kernels.triton.target.KernelTarget`): it holds torch dtypes and a probe's
+    outcome on *this* torch build and runtime library, which the core never reads (it reads
+    ``Capabilities.op_kinds``, derived from this) and which the Triton kernels and their
+    cross-compilation, keyed by target alone, must not depend on.
+
+    ``block_path``: ``"native"`` (the plugin's :meth:`TorchGpuBackend.native_block_gemm`, a
+    vendor library, for the output dtypes in ``native_out_dtypes``; the Triton kernel for the
+    rest), ``"triton"`` (dshal's block-FP8 kernel) or ``"dequant"`` (dequantize + matmul: no
+    FP8 hardware or no triton).
     """
 
     block_path: str
@@ -118,8 +119,10 @@ class GemmPlan:
     scaled_mm_dtypes: frozenset[torch.dtype] = frozenset()
     tensorwise_out_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
     rowwise_out_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)
-    #: output dtypes the blockwise probe ran correctly (``block_path == "torch-blockwise"``)
-    blockwise_out_dtypes: tuple[torch.dtype, ...] = ()
+    #: output dtypes the native block GEMM was found to serve (``block_path == "native"``)
+    native_out_dtypes: tuple[torch.dtype, ...] = ()
+    #: what the native block GEMM is, for ``dshal info`` (e.g. the library call)
+    native_name: str = ""
     why: str = ""
 
     def describe(self) -> dict[str, str]:
@@ -132,8 +135,8 @@ class GemmPlan:
             else "the block path with broadcast scales (torch._scaled_mm unused here)"
         )
         block = {
-            "torch-blockwise": "torch.nn.functional.scaled_mm blockwise 1x128/128x128 (cuBLASLt) for outputs "
-            f"{names(self.blockwise_out_dtypes)}; Triton kernel otherwise",
+            "native": f"{self.native_name or 'the plugin native block GEMM'} for outputs "
+            f"{names(self.native_out_dtypes)}; Triton kernel otherwise",
             "triton": "dshal Triton block-FP8 kernel (FP32 accumulation, scales applied per 128 K)",
             "dequant": "dequantize to float32 + matmul",
         }[self.block_path]
@@ -230,39 +233,12 @@ def scaled_mm_rowwise_or_tensorwise(
     return torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
 
 
-def torch_blockwise_gemm(
-    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """DeepSeek-style block FP8 GEMM through ``torch.nn.functional.scaled_mm`` (cuBLASLt
-    1x128 x 128x128 scaling; CUDA SM90 with cuBLASLt >= 12.9).
-
-    torch checks ``a``'s 1x128 scales as ``[M, K/128]`` with strides ``(1, M)`` (M-major),
-    and ``b_scale.t()`` against ``b.t()`` as a row-major ``[N/128, K/128]``, so ``b``'s
-    scales go in transposed. cuBLASLt wants M a multiple of 4: ``a`` is zero-padded
-    (scales 1) and the result sliced back. Callers keep K a multiple of 512.
-    """
-    F = torch.nn.functional
-    m = a.shape[0]
-    pad = -m % 4
-    if pad:
-        a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
-        a_scale = torch.cat([a_scale, a_scale.new_ones(pad, a_scale.shape[1])])
-    sa = a_scale.float().t().contiguous().t()
-    out = F.scaled_mm(
-        a.contiguous(),
-        b.contiguous().t(),
-        sa,
-        F.ScalingType.BlockWise1x128,
-        b_scale.float().contiguous().t(),
-        F.ScalingType.BlockWise128x128,
-        output_dtype=out_dtype,
-    )
-    return out[:m]
-
-
 def pci_bus_id(index: int, domain_digits: int) -> str | None:
     """``DOMAIN:BUS:DEVICE.0`` of torch's device ``index`` (how NVML and amdsmi name a GPU;
-    NVML writes 8 domain digits, amdsmi 4), or None when torch does not report it."""
+    NVML writes 8 domain digits, amdsmi 4), or None when torch does not report it.
+
+    Shared: both plugins match torch's device order to their management library's by this
+    id, and ``torch.cuda.get_device_properties`` reports it on CUDA and ROCm builds alike."""
     props = torch.cuda.get_device_properties(index)
     bus = getattr(props, "pci_bus_id", None)
     if bus is None:
@@ -270,62 +246,11 @@ def pci_bus_id(index: int, domain_digits: int) -> str | None:
     return f"{getattr(props, 'pci_domain_id', 0):0{domain_digits}x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
 
 
-def version_tuple(text: str | None) -> tuple[int, ...]:
-    parts = []
-    for piece in (text or "").split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
-def probe_torch_blockwise(
-    device: torch.device, out_dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float32)
-) -> tuple[tuple[torch.dtype, ...], str]:
-    """For which of ``out_dtypes`` this torch + cuBLASLt runs DeepSeek-style blockwise
-    ``scaled_mm`` correctly on ``device``. Checks the prerequisites, then runs one small GEMM
-    per output dtype against the dequantized float32 product (DeepGEMM's similarity < 1e-3):
-    cuBLASLt may take one output dtype and refuse another. Returns (usable dtypes, reason)."""
-    F = torch.nn.functional
-    if not (hasattr(F, "scaled_mm") and hasattr(getattr(F, "ScalingType", None), "BlockWise1x128")):
-        return (), f"torch {torch.__version__} has no torch.nn.functional.scaled_mm with BlockWise1x128 scaling"
-    if torch.version.hip is not None or torch.version.cuda is None:
-        return (), "blockwise scaled_mm is a cuBLASLt (CUDA) feature"
-    if version_tuple(torch.version.cuda) < (12, 9):
-        return (), f"CUDA {torch.version.cuda} < 12.9 (cuBLASLt blockwise FP8 scaling needs 12.9)"
-    if torch.cuda.get_device_capability(device) != (9, 0):
-        return (), "cuBLASLt blockwise FP8 scaling is used on SM90 only"
-    gen = torch.Generator(device=device).manual_seed(0)
-    m, n, k = 96, 256, 512
-    a = (torch.randn(m, k, device=device, generator=gen)).to(torch.float8_e4m3fn)
-    b = (torch.randn(n, k, device=device, generator=gen)).to(torch.float8_e4m3fn)
-    sa = torch.rand(m, k // BLOCK, device=device, generator=gen) + 0.5
-    sb = torch.rand(n // BLOCK, k // BLOCK, device=device, generator=gen) + 0.5
-    want = _reference("fp8_gemm")(a, sa, b, sb, torch.float32)
-    usable, notes = [], []
-    for out_dtype in out_dtypes:
-        name = str(out_dtype).replace("torch.", "")
-        try:
-            got = torch_blockwise_gemm(a, sa, b, sb, out_dtype).float()
-            sim = float(1 - 2 * (got * want).sum() / (got * got + want * want).sum())
-            torch.cuda.synchronize(device)
-        except (RuntimeError, TypeError, ValueError) as err:
-            notes.append(f"{name}: refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
-            continue
-        if sim < 1e-3:
-            usable.append(out_dtype)
-            notes.append(f"{name}: OK")
-        else:
-            notes.append(f"{name}: differs from the dequantized product (1 - similarity = {sim:.2e})")
-    return tuple(usable), f"probed (torch {torch.__version__}, CUDA {torch.version.cuda}): " + "; ".join(notes)
-
-
 # ---------------------------------------------------------------- the base backend
 class TorchGpuBackend(Backend):
     """Base of the GPU plugins; see the module docstring. Subclasses implement ``name``,
-    :meth:`availability`, :meth:`hardware`, :meth:`kernel_target`, :meth:`gemm_plan`
-    (and :meth:`~dshal.Backend.topology`)."""
+    :meth:`availability`, :meth:`read_hardware`, :meth:`kernel_target`, :meth:`plan_gemm`
+    (and :meth:`~dshal.Backend.topology`, :meth:`native_block_gemm` where they have one)."""
 
     def __init__(self, *, emulate: bool = False) -> None:
         super().__init__(emulate=emulate)
@@ -334,9 +259,11 @@ class TorchGpuBackend(Backend):
 
     # ------------------------------------------------------------ declared by subclasses
     @abc.abstractmethod
-    def read_hardware(self) -> GpuHardware:
-        """Facts about the device (or, emulated, the device the emulation stands for);
-        called once, see :meth:`hardware`."""
+    def read_hardware(self) -> Capabilities:
+        """The device's facts (or, emulated, those of the device the emulation stands for) as
+        :class:`~dshal.Capabilities` without ``op_kinds`` (the base adds how each op is served,
+        see :meth:`capabilities`); called once, see :meth:`hardware`. Build it with
+        :meth:`device_hardware` or :meth:`emulated_hardware`."""
 
     @abc.abstractmethod
     def kernel_target(self) -> KernelTarget:
@@ -351,40 +278,45 @@ class TorchGpuBackend(Backend):
     def device_type(self) -> str:
         return "cpu" if self.emulate else "cuda"
 
-    def _memo(self, key: str, make: Callable[[], Any]) -> Any:
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per backend instance under ``key`` (thread-safe): device
+        facts that need a device query or a probe."""
         if key not in self._cache:
             with self._cache_lock:  # re-entrant: one fact's factory may read another
                 if key not in self._cache:
                     self._cache[key] = make()
         return self._cache[key]
 
-    def hardware(self) -> GpuHardware:
-        return self._memo("hardware", self.read_hardware)
+    def hardware(self) -> Capabilities:
+        return self.memo("hardware", self.read_hardware)
 
     def gemm_plan(self) -> GemmPlan:
-        return self._memo("gemm_plan", self.plan_gemm)
+        return self.memo("gemm_plan", self.plan_gemm)
 
     def target(self) -> KernelTarget:
         """:meth:`kernel_target`, built once (the ops read it on every call)."""
-        return self._memo("kernel_target", self.kernel_target)
+        return self.memo("kernel_target", self.kernel_target)
 
-    def emulated_hardware(self, vendor_arch: str, arch: str, formats: tuple[str, ...], native: str, fp8_note: str) -> GpuHardware:
+    def emulated_hardware(self, vendor_arch: str, arch: str, formats: tuple[str, ...], native: str, fp8_note: str) -> Capabilities:
         """What emulated mode declares: the emulated part's FP8 facts, no memory or peaks."""
-        return GpuHardware(
+        return Capabilities(
             device_name=f"CPU emulating {vendor_arch} (Triton interpreter)",
             arch=arch,
             fp8_formats=formats,
             native_e4m3=native,
             dist_backend="gloo",  # CPU tensors: NCCL/RCCL cannot carry them
+            emulated=True,
             notes={"fp8": fp8_note, "emulated": "kernels run on CPU tensors; collectives on gloo"},
         )
 
     def device_hardware(
         self, arch: str, formats: tuple[str, ...], native: str, peaks: tuple[PeakFigures, ...], notes: Mapping[str, str]
-    ) -> GpuHardware:
-        """This rank's device's name, memory and compute units from torch, with the plugin's FP8 facts."""
+    ) -> Capabilities:
+        """This rank's device's name, memory and compute units from torch, with the plugin's
+        FP8 facts and the datasheet row of ``peaks`` that names this part (if any)."""
         props = torch.cuda.get_device_properties(self.device())
-        return GpuHardware(
+        row = lookup_peaks(props.name, peaks)
+        return Capabilities(
             device_name=props.name,
             arch=arch,
             fp8_formats=formats,
@@ -392,16 +324,15 @@ class TorchGpuBackend(Backend):
             dist_backend="nccl",  # RCCL behind the same name on ROCm
             memory_bytes=int(props.total_memory),
             compute_units=int(props.multi_processor_count),
-            peaks=lookup_peaks(props.name, peaks),
-            notes=dict(notes),
+            peak_flops={"bf16": row.bf16_flops, "fp8": row.fp8_flops} if row else {},
+            peak_bandwidth=row.bandwidth if row else None,
+            notes={**notes, **({"peaks": row.source} if row else {})},
         )
 
     def device_availability(self, runtime: str, visible_env: Sequence[str]) -> Availability:
         """Availability once the torch build is right: a device must be visible."""
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count:
-            from dshal.errors import DeviceError
-
             try:  # this rank's device (LOCAL_RANK) before any query or probe touches one
                 self.bind_device()
             except DeviceError as err:
@@ -423,11 +354,8 @@ class TorchGpuBackend(Backend):
         functions for the mode set at that moment."""
         if not triton_installed():
             return Availability(False, f"emulate: true needs triton (pip install 'dshal-{self.name}[triton]') to run the kernels on CPU")
-        from dshal.errors import BackendUnavailableError
-        from dshal.kernels import triton as kernels
-
         try:
-            kernels.ensure_interpreter_if_cpu("cpu")
+            triton_kernels.ensure_interpreter_if_cpu("cpu")
         except BackendUnavailableError as err:
             return Availability(False, f"emulate: true, but {err}")
         return Availability(True, f"emulated: {what} on CPU tensors (Triton interpreter, torch._scaled_mm on CPU)", emulated=True)
@@ -436,17 +364,15 @@ class TorchGpuBackend(Backend):
         """The Triton kernel modules, imported on first use (interpreter first when emulated)."""
 
         def load() -> SimpleNamespace:
-            from dshal.kernels.triton import load_kernel_modules
+            return SimpleNamespace(**triton_kernels.load_kernel_modules(self.device_type))
 
-            return SimpleNamespace(**load_kernel_modules(self.device_type))
-
-        return self._memo("kernels", load)
+        return self.memo("kernels", load)
 
     def _triton_ok(self) -> bool:
-        return self._memo("triton_ok", triton_installed)
+        return self.memo("triton_ok", triton_installed)
 
     def capabilities(self) -> Capabilities:
-        return self._memo("capabilities", self._build_capabilities)
+        return self.memo("capabilities", self._build_capabilities)
 
     def _build_capabilities(self) -> Capabilities:
         hw = self.hardware()
@@ -458,7 +384,7 @@ class TorchGpuBackend(Backend):
             elif op in REFERENCE_OPS:
                 kinds[op] = "reference"
             elif op in ("fp8_gemm", "linear"):
-                kinds[op] = {"torch-blockwise": "native", "triton": "triton", "dequant": "emulated"}[plan.block_path]
+                kinds[op] = {"native": "native", "triton": "triton", "dequant": "emulated"}[plan.block_path]
             else:
                 kinds[op] = "native"
         notes = dict(hw.notes)
@@ -472,23 +398,7 @@ class TorchGpuBackend(Backend):
             notes["kernels"] = f"Triton, target {self.target().name}"
         else:
             notes["kernels"] = f"triton not installed: {', '.join(TRITON_OPS)} use the reference (pip install 'dshal-{self.name}[triton]')"
-        if hw.peaks is not None:
-            notes["peaks"] = hw.peaks.source
-        peaks = {"bf16": hw.peaks.bf16_flops, "fp8": hw.peaks.fp8_flops} if hw.peaks else {}
-        return Capabilities(
-            device_name=hw.device_name,
-            arch=hw.arch,
-            fp8_formats=hw.fp8_formats,
-            native_e4m3=hw.native_e4m3,
-            op_kinds=kinds,
-            dist_backend=hw.dist_backend,
-            memory_bytes=hw.memory_bytes,
-            compute_units=hw.compute_units,
-            peak_flops=peaks,
-            peak_bandwidth=hw.peaks.bandwidth if hw.peaks else None,
-            emulated=self.emulate,
-            notes=notes,
-        )
+        return dataclasses.replace(hw, op_kinds=kinds, emulated=self.emulate, notes=notes)
 
     def ops(self) -> Mapping[str, Callable[..., Any]]:
         table: dict[str, Callable[..., Any]] = {
@@ -496,8 +406,8 @@ class TorchGpuBackend(Backend):
             "linear": self.linear,
             "attention": self.attention,
             # Vectorized torch math that runs as well on the device: served as is (kind "reference").
-            "dequantize_fp8": _reference("dequantize_fp8"),
-            "moe_gate": _reference("moe_gate"),
+            "dequantize_fp8": SPECS["dequantize_fp8"].reference_impl,
+            "moe_gate": SPECS["moe_gate"].reference_impl,
         }
         if self._triton_ok():
             table.update(
@@ -542,7 +452,7 @@ class TorchGpuBackend(Backend):
         dtype = self._native_fp8_dtype(fmt)
         block_key = tuple(block) if block is not None else None
         fits = (
-            self.hardware().has_fp8
+            bool(self.hardware().fp8_formats)
             and block_key in TRITON_QUANT_BLOCKS
             and x.dtype in TRITON_FLOAT_DTYPES
             and dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -553,7 +463,7 @@ class TorchGpuBackend(Backend):
         if not fits:
             # rowwise/tensorwise/e5m2/batched blocks, FP8 formats the hardware lacks: torch math on
             # the device, same numerics.
-            return _reference("quantize_fp8")(x, block, FP8_FORMAT_OF[dtype], scale_fmt)
+            return SPECS["quantize_fp8"].reference_impl(x, block, FP8_FORMAT_OF[dtype], scale_fmt)
         quant = self.kernels().quant
         rows = x.reshape(-1, x.shape[-1])
         q, scale = quant.fp8_quantize_blocks(
@@ -565,8 +475,6 @@ class TorchGpuBackend(Backend):
         return q.reshape(x.shape), scale.reshape(*lead, scale.shape[-1])
 
     def fp8_gemm(self, a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-        from dshal.ops.gemm import gemm_granularity
-
         granularity = gemm_granularity("fp8_gemm", a, a_scale, b, b_scale)
         plan = self.gemm_plan()
         if granularity == "block":
@@ -593,44 +501,30 @@ class TorchGpuBackend(Backend):
             and (granularity, a.dtype, b.dtype, out_dtype) not in self._cache.get("scaled_mm_refused", ())
         )
 
+    def native_block_gemm(self, a, a_scale, b, b_scale, out_dtype) -> torch.Tensor | None:
+        """Optional hook: the plugin's own block-scaled FP8 GEMM (a vendor library call),
+        tried first when :meth:`gemm_plan` says ``block_path == "native"``. Returns None for
+        inputs it does not serve (or that its library refused): the Triton kernel serves them.
+        Default: None."""
+        return None
+
     def _block_gemm(self, a, a_scale, b, b_scale, out_dtype, plan: GemmPlan):
-        if plan.block_path == "torch-blockwise" and self._torch_blockwise_fits(a, b, out_dtype):
-            try:
-                return torch_blockwise_gemm(a, a_scale, b, b_scale, out_dtype)
-            except (RuntimeError, ValueError) as err:
-                with self._cache_lock:
-                    self._cache.setdefault("blockwise_refused", set()).add(out_dtype)
-                log.warning("dshal %s: blockwise scaled_mm refused output %s (%s); using the Triton kernel for it "
-                            "from now on", self.name, out_dtype, str(err).splitlines()[0][:120])
+        if plan.block_path == "native" and out_dtype in plan.native_out_dtypes:
+            out = self.native_block_gemm(a, a_scale, b, b_scale, out_dtype)
+            if out is not None:
+                return out
         fp8_ok = self.target().fp8_dtypes
         if (
             plan.block_path == "dequant" or not self._triton_ok() or a.shape[0] == 0 or b.shape[0] == 0
             or a.dtype not in fp8_ok or b.dtype not in fp8_ok  # an FP8 format this hardware lacks
         ):  # fmt: skip
-            return _reference("fp8_gemm")(a, a_scale, b, b_scale, out_dtype)
+            return SPECS["fp8_gemm"].reference_impl(a, a_scale, b, b_scale, out_dtype)
         kernel_out = out_dtype if out_dtype in TRITON_FLOAT_DTYPES else torch.float32
         out = self.kernels().gemm.fp8_block_gemm(
             a.contiguous(), a_scale.float().contiguous(), b.contiguous(), b_scale.float().contiguous(),
             kernel_out, target=self.target(),
         )
         return out if kernel_out == out_dtype else out.to(out_dtype)
-
-    def blockwise_refused(self) -> frozenset[torch.dtype]:
-        """Output dtypes for which cuBLASLt blockwise ``scaled_mm`` failed at run time (they use
-        the Triton kernel from then on)."""
-        return frozenset(self._cache.get("blockwise_refused", ()))
-
-    def _torch_blockwise_fits(self, a, b, out_dtype) -> bool:
-        return (
-            out_dtype in self.gemm_plan().blockwise_out_dtypes
-            and out_dtype not in self.blockwise_refused()
-            and a.dtype == b.dtype == torch.float8_e4m3fn
-            # K blocks a multiple of 4: torch versions differ on the padding of the 128x128
-            # scales' row stride otherwise (DeepSeek-V3's K are all multiples of 512).
-            and a.shape[1] % (4 * BLOCK) == 0
-            and b.shape[0] % BLOCK == 0
-            and a.shape[0] > 0
-        )
 
     def _broadcast_block_gemm(self, a, a_scale, b, b_scale, granularity: str, out_dtype, plan: GemmPlan):
         """Row/tensor scales through the block path: ``a``'s scale broadcast to 1x128 blocks,
@@ -651,9 +545,7 @@ class TorchGpuBackend(Backend):
             b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
             return torch.nn.functional.linear(x, w, b)
         if weight.dtype == torch.int8:  # W8A8 is not a GPU-plugin path here: reference math
-            return _reference("linear")(x, weight, bias, weight_scale)
-        from dshal.ops.gemm import GRANULARITY_BLOCKS, weight_quant_mode
-
+            return SPECS["linear"].reference_impl(x, weight, bias, weight_scale)
         mode = weight_quant_mode("linear", weight, weight_scale)
         x2 = x.reshape(-1, x.shape[-1])
         xq, xs = self.quantize_fp8(x2, GRANULARITY_BLOCKS[mode][0], FP8_FORMAT_OF[weight.dtype], None)
@@ -667,17 +559,17 @@ class TorchGpuBackend(Backend):
 
     def rms_norm(self, x, weight, eps=1e-6, residual=None):
         if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
-            return _reference("rms_norm")(x, weight, eps, residual)
+            return SPECS["rms_norm"].reference_impl(x, weight, eps, residual)
         return self.kernels().norm.rms_norm(x, weight, eps, residual, target=self.target())
 
     def silu_and_mul(self, x):
         if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
-            return _reference("silu_and_mul")(x)
+            return SPECS["silu_and_mul"].reference_impl(x)
         return self.kernels().activation.silu_and_mul(x, target=self.target())
 
     def rotary_embedding(self, x, cos, sin, interleaved=True):
         if x.dtype not in TRITON_FLOAT_DTYPES or cos.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
-            return _reference("rotary_embedding")(x, cos, sin, interleaved)
+            return SPECS["rotary_embedding"].reference_impl(x, cos, sin, interleaved)
         return self.kernels().rotary.rotary_embedding(x, cos, sin, interleaved, target=self.target())
 
     def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
@@ -687,14 +579,12 @@ class TorchGpuBackend(Backend):
         fp8_ok = self.target().fp8_dtypes
         served = all(w.dtype == x.dtype or w.dtype in fp8_ok for w in (w13, w2))
         if x.dtype not in TRITON_FLOAT_DTYPES or ids.numel() == 0 or not served:
-            return _reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
+            return SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2, w13_scale, w2_scale)
         return self.kernels().moe.grouped_moe_experts(
             x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.target()
         )
 
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
-        from dshal.ops.attention import nonfinite_guard
-
         # The contract's NaN rule, without reading a value on the host (also when emulated on
         # CPU tensors: the path a device runs, which graph capture needs).
         guard = nonfinite_guard(q, k, v, causal, window, global_tokens, may_read_host=False)
@@ -706,13 +596,11 @@ class TorchGpuBackend(Backend):
 
 def _sdpa_attention(q, k, v, causal, scale, window, global_tokens):  # noqa: ANN001
     """The attention op on finite inputs through torch's SDPA (with the op's mask)."""
-    from dshal.ops.attention import visible_keys
-
     tq, tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if tq == 0 or tk == 0:
-        return _reference("attention")(q, k, v, causal, scale, window, global_tokens)
+        return SPECS["attention"].reference_impl(q, k, v, causal, scale, window, global_tokens)
     if causal and window is None and tq == tk:
         # SDPA's is_causal is top-left aligned, which is end-aligned when Tq == Tk.
         return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -728,16 +616,16 @@ def _sdpa_attention(q, k, v, causal, scale, window, global_tokens):  # noqa: ANN
 
 
 __all__ = [
+    "BLOCK",
     "DeviceEventTimer",
     "DeviceGraph",
     "GemmPlan",
-    "GpuHardware",
     "PeakFigures",
+    "REFERENCE_OPS",
     "TRITON_OPS",
     "TorchGpuBackend",
     "lookup_peaks",
-    "probe_torch_blockwise",
+    "pci_bus_id",
     "scaled_mm_rowwise_or_tensorwise",
-    "torch_blockwise_gemm",
     "triton_installed",
 ]

@@ -1,0 +1,121 @@
+"""The plugin toolkit: the one module of dshal's internals a backend plugin may import.
+
+A plugin imports ``dshal`` (the public API: ``Backend``, ``Capabilities``, the errors...),
+this module, and its own package -- nothing else of dshal. Everything here is a re-export
+(no logic lives in this file), so that what a plugin depends on is listed in one place and
+the modules behind it can move without breaking plugins.
+
+What is here, and why a plugin needs it:
+
+* **The device interface** -- :class:`~dshal.Backend`, :class:`~dshal.Availability`,
+  :class:`~dshal.Capabilities` (the facts the core decides from), :class:`~dshal.Topology`,
+  :class:`~dshal.Timer`, ``OpKind``, ``API_VERSION``: what every backend implements and returns.
+* **The errors** -- :class:`~dshal.DshalError` and its subclasses: what a plugin raises on
+  bad input or an unusable device.
+* **The op catalogue** -- ``SPECS`` (op name -> spec; ``SPECS[op].reference_impl`` is the
+  op's reference math, what a plugin serves an input with when its own path does not take
+  it), ``dequantize_fp8`` / ``quantize_int8`` (the references behind their input checks),
+  and the format facts the ops share: ``FP8_DTYPES``, ``FP8_DTYPE_LIST``, ``FP8_FORMAT_OF``,
+  ``FLOAT_DTYPES``, ``dequantize_to``, ``GRANULARITY_BLOCKS``, ``gemm_granularity``.
+* **The GPU base** (``dshal.backends.triton_gpu``) -- :class:`TorchGpuBackend`, the class
+  the torch-CUDA-API plugins (NVIDIA, AMD) subclass: it routes each op to a portable Triton
+  kernel or a torch call from the facts the subclass declares (:class:`GemmPlan`,
+  :class:`PeakFigures` rows, the kernel target), with CUDA/HIP events and graphs; plus
+  ``triton_installed``, ``pci_bus_id``, ``lookup_peaks``, ``scaled_mm_rowwise_or_tensorwise``
+  and ``BLOCK`` (the 128-wide FP8 scale block).
+* **The Triton kernel targets** (``dshal.kernels.triton.target``) -- :class:`KernelTarget`,
+  :class:`TileConfig`, ``SHIPPED_TARGETS`` / ``shipped_target`` (the tile tables dshal
+  ships, keyed by target name: a plugin maps its arch to one), and
+  ``ensure_interpreter_if_cpu`` (emulated mode: run the kernels on CPU tensors).
+* **Placement** (``dshal.parallel.placement``) -- ``topology_from_matrix`` (build a
+  :class:`~dshal.Topology` from a management library's answers), ``place_groups`` and
+  ``islands`` (what ``dshal.parallel`` does with it).
+"""
+
+from __future__ import annotations
+
+from dshal.backend import API_VERSION, Availability, Backend, Capabilities, OpKind, Timer, Topology
+from dshal.backends.triton_gpu import (
+    BLOCK,
+    DeviceEventTimer,
+    DeviceGraph,
+    GemmPlan,
+    PeakFigures,
+    TorchGpuBackend,
+    lookup_peaks,
+    pci_bus_id,
+    scaled_mm_rowwise_or_tensorwise,
+    triton_installed,
+)
+from dshal.errors import (
+    ArgumentError,
+    BackendUnavailableError,
+    CommError,
+    ConfigError,
+    DeviceError,
+    DshalError,
+    DTypeError,
+    ShapeError,
+    UnsupportedOpError,
+)
+from dshal.kernels.triton import ensure_interpreter_if_cpu
+from dshal.kernels.triton.target import SHIPPED_TARGETS, KernelTarget, TileConfig, shipped_target
+from dshal.ops.catalogue import SPECS
+from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity
+from dshal.ops.quant import FP8_DTYPE_LIST, dequantize_to
+from dshal.ops.reference import dequantize_fp8, quantize_int8
+from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF
+from dshal.parallel.placement import islands, place_groups, topology_from_matrix
+
+__all__ = [
+    # the device interface
+    "API_VERSION",
+    "Availability",
+    "Backend",
+    "Capabilities",
+    "OpKind",
+    "Timer",
+    "Topology",
+    # errors
+    "ArgumentError",
+    "BackendUnavailableError",
+    "CommError",
+    "ConfigError",
+    "DTypeError",
+    "DeviceError",
+    "DshalError",
+    "ShapeError",
+    "UnsupportedOpError",
+    # the op catalogue and format facts
+    "FLOAT_DTYPES",
+    "FP8_DTYPES",
+    "FP8_DTYPE_LIST",
+    "FP8_FORMAT_OF",
+    "GRANULARITY_BLOCKS",
+    "SPECS",
+    "dequantize_fp8",
+    "dequantize_to",
+    "gemm_granularity",
+    "quantize_int8",
+    # the GPU base
+    "BLOCK",
+    "DeviceEventTimer",
+    "DeviceGraph",
+    "GemmPlan",
+    "PeakFigures",
+    "TorchGpuBackend",
+    "lookup_peaks",
+    "pci_bus_id",
+    "scaled_mm_rowwise_or_tensorwise",
+    "triton_installed",
+    # Triton kernel targets
+    "KernelTarget",
+    "SHIPPED_TARGETS",
+    "TileConfig",
+    "ensure_interpreter_if_cpu",
+    "shipped_target",
+    # placement
+    "islands",
+    "place_groups",
+    "topology_from_matrix",
+]
