@@ -8,6 +8,10 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+import dshal
+from dshal.errors import ArgumentError, DshalError, PluginLoadError, UnsupportedOpError
+from dshal.registry import REGISTRY
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
@@ -23,9 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect(config: str | None = None, backend: str | None = None) -> dict[str, Any]:
     """Everything ``dshal info`` shows, as a JSON-friendly dict."""
-    import dshal
-    from dshal.errors import DshalError
-
     overrides = {"backend": backend} if backend else {}
     cfg = dshal.load_config(config, **overrides)
     infos = dshal.backends(emulate=cfg.emulate)
@@ -51,9 +52,6 @@ def collect_standin(backend: str, release: str) -> dict[str, Any]:
     """``dshal info --backend NAME --standin RELEASE`` as a JSON-friendly dict: the backend's
     :meth:`~dshal.Backend.standin_capabilities` for ``release`` (loaded whether or not its device
     is here; its availability is reported unchanged)."""
-    from dshal.errors import PluginLoadError, UnsupportedOpError
-    from dshal.registry import REGISTRY
-
     info = REGISTRY.get(backend)
     if not info.loaded or info.backend is None:
         raise PluginLoadError(f"--backend {backend!r} ({info.entry_point}) failed to load: {info.reason}")
@@ -99,8 +97,6 @@ def _print_standin(data: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.standin is not None:
-        from dshal.errors import ArgumentError, DshalError
-
         try:
             if not args.backend:
                 raise ArgumentError("--standin: needs --backend NAME (the backend whose stand-in view to show)")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dshal.backend import Availability, Backend, Capabilities, Topology
-from dshal.errors import ArgumentError
+from dshal.errors import ArgumentError, DeviceError
 from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, visible_devices
 from dshal_ascend.releases import (
     MINIMUM_RELEASE,
@@ -170,8 +170,12 @@ class AscendBackend(Backend):
 
     # ---------------------------------------------------------------- hooks
     def _npu(self) -> Any:
-        """torch.npu, after importing torch_npu (which registers the ``npu`` device and ``hccl``)."""
-        import torch_npu  # noqa: F401, PLC0415 - NPU only, lazy on purpose
+        """torch.npu, after importing torch_npu (which registers the ``npu`` device and ``hccl``);
+        a :class:`~dshal.DeviceError` with the probe's reason where it cannot be imported."""
+        try:
+            import torch_npu  # lazy: vendor runtime, NPU hosts only  # noqa: F401, PLC0415
+        except ImportError as err:
+            raise DeviceError(f"ascend: no NPU device here ({self.availability().reason}): {err}") from err
 
         return torch.npu  # type: ignore[attr-defined]
 
