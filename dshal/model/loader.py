@@ -405,10 +405,10 @@ def prepare_for_backend(model: nn.Module, runtime: Any) -> int:
             if weight is None or weight.is_meta:
                 continue
             name = f"{path}.{arg}"
-            got = backend.prepare_weight(name, weight.data, f"{op}.{arg}")
-            if got is weight.data:
+            got = backend.prepare_weight(name, weight, f"{op}.{arg}")
+            if got is weight:
                 continue
-            seen = f"backend {backend.name!r}: prepare_weight({name!r}, role {op}.{arg!r}) returned"
+            seen = f"backend {backend.name!r}: prepare_weight({name!r}, role {op}.{arg}) returned"
             if tuple(got.shape) != tuple(weight.shape):
                 raise ShapeError(f"{seen} shape {list(got.shape)}, expected {list(weight.shape)} (only the layout may change)")
             if got.dtype != weight.dtype:
