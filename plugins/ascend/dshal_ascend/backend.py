@@ -96,9 +96,10 @@ class AscendBackend(Backend):
 
     def features(self) -> KernelFeatures:
         """What the installed release's kernels accept: the probed schemas (NPU host) of the
-        release the torch_npu version belongs to; without a probe, the minimum release's."""
+        release the torch_npu version belongs to; without a probe, or when the installed release is
+        not supported (too old: the backend is unavailable), the minimum release's."""
         probe, _ = self.diagnosis()
-        release = probe.release or MINIMUM_RELEASE
+        release = probe.release if probe.ok and probe.release in recorded_releases() else MINIMUM_RELEASE
         if not probe.schemas:
             return kernel_features(release)
         return kernel_features(release, signatures_from_texts(release, {k: list(v) for k, v in probe.schemas.items()}))
