@@ -64,8 +64,8 @@ def test_build_model_hands_each_op_weight_to_the_hook_once(checkpoint, monkeypat
 @pytest.mark.parametrize(
     ("bad", "error", "message"),
     [
-        (lambda w: w.t(), ShapeError, r"prepare_weight\('layers.0.self_attn.o_proj.weight', role linear.weight\) "
-                                      r"returned shape \[\d+, \d+\], expected"),
+        (lambda w: w.t(), ShapeError, (r"prepare_weight\('layers.0.self_attn.o_proj.weight', role linear.weight\) "
+                                       r"returned shape \[\d+, \d+\], expected")),
         (lambda w: w.to(torch.float16), DTypeError, "returned dtype torch.float16, expected"),
     ],
 )

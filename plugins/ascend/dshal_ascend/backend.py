@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -174,7 +174,7 @@ class AscendBackend(Backend):
         """torch.npu, after importing torch_npu (which registers the ``npu`` device and ``hccl``);
         a :class:`~dshal.DeviceError` with the probe's reason where it cannot be imported."""
         try:
-            import torch_npu  # lazy: vendor runtime, NPU hosts only  # noqa: F401, PLC0415
+            import torch_npu  # lazy: vendor runtime, NPU hosts only  # noqa: F401
         except ImportError as err:
             raise DeviceError(f"ascend: no NPU device here ({self.availability().reason}): {err}") from err
 

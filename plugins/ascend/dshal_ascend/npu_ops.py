@@ -69,7 +69,7 @@ OP_KINDS = {name: "native" for name in OP_NAMES} | {
 
 def import_torch_npu() -> Any:
     """torch_npu, imported on first use (only ever reached on an NPU host)."""
-    import torch_npu  # lazy: vendor runtime, never at import/discovery time  # noqa: PLC0415
+    import torch_npu  # lazy: vendor runtime, never at import/discovery time
 
     return torch_npu
 

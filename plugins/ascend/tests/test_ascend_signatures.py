@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dshal.ops.reference as ref
-import dshal_ascend.layouts as layouts
+from dshal_ascend import layouts
 from dshal_ascend.npu_ops import AscendOps
 from dshal_ascend.releases import MINIMUM_RELEASE, kernel_features, plan_ops
 from dshal_ascend.schema import SignatureError, recorded_releases, recorded_signatures
