@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 import dshal
-from dshal.errors import ArgumentError, DshalError, PluginLoadError, UnsupportedOpError
+from dshal.errors import ArgumentError, DshalError, PluginLoadError
 from dshal.registry import REGISTRY
 
 
@@ -57,8 +57,8 @@ def collect_standin(backend: str, release: str) -> dict[str, Any]:
         raise PluginLoadError(f"--backend {backend!r} ({info.entry_point}) failed to load: {info.reason}")
     caps = info.backend.standin_capabilities(release)
     if caps is None:
-        raise UnsupportedOpError(
-            f"--standin: backend {backend!r} offers no stand-in view (Backend.standin_capabilities returns None)"
+        raise ArgumentError(
+            f"--standin: backend {backend!r} offers no stand-in view (its Backend.standin_capabilities returns None)"
         )
     view = asdict(caps)
     view["op_kinds"] = dict(caps.op_kinds)
@@ -76,14 +76,20 @@ def collect_standin(backend: str, release: str) -> dict[str, Any]:
     }
 
 
-def _print_standin(data: dict[str, Any]) -> None:
+def _console() -> Any:
     from rich.console import Console
+
+    # Piped output (CI logs) gets a wide console instead of rich's 80-column default.
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _print_standin(data: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
     view = data["standin"]
     caps = view["capabilities"]
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = _console()
     console.print(f"[bold]{escape(view['label'])}[/bold]")
     console.print(f"stand-in: {escape(caps['device_name'])}")
     console.print(f"{view['backend']} itself: available {'yes' if view['available'] else 'no'} ({escape(view['reason'])})")
@@ -122,12 +128,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _print_tables(data: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    # Piped output (CI logs) gets a wide console instead of rich's 80-column default.
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = _console()
     table = Table(title=f"dshal {data['dshal_version']} backends (api_version {data['api_version']})")
     for col in ("name", "version", "entry point", "loaded", "available", "reason"):
         table.add_column(col, overflow="fold")
