@@ -8,6 +8,8 @@ A backend is a small class in three tiers:
   :meth:`Backend.topology`, :meth:`Backend.synchronize`, :meth:`Backend.memory_stats`,
   :meth:`Backend.pinned_empty`, :meth:`Backend.graph`, :meth:`Backend.timer`,
   :meth:`Backend.batch_invariant_ops`,
+  :meth:`Backend.prepare_weight` (a weight's device layout, once at load),
+  :meth:`Backend.standin_capabilities` (a dry view for a vendor release, no device),
   :meth:`Backend.device` / :meth:`Backend.bind_device` (this rank's device: ``LOCAL_RANK``);
 * **capability queries** derived from :class:`Capabilities` -- :meth:`Backend.fp8_formats`,
   :meth:`Backend.native_e4m3`, :meth:`Backend.op_kind`.
@@ -250,6 +252,27 @@ class Backend(abc.ABC):
         """Op name -> a provider whose result for one row (token, sequence) does not depend
         on the other rows of the batch, used under ``determinism: strict``; default: none."""
         return {}
+
+    def prepare_weight(self, name: str, weight: torch.Tensor, role: str) -> torch.Tensor:
+        """Called once per weight when the model core has loaded it (after the precision policy
+        and any TP/EP sharding), for the ops this backend serves; returns the tensor the model
+        keeps and later hands to the op. ``name`` is the module path plus attribute
+        (``layers.3.mlp.down_proj.weight``); ``role`` is ``"<op>.<argument>"``
+        (``linear.weight``, ``linear.weight_scale``, ``moe_experts.w13``, ...).
+
+        The result must have the same shape, dtype, device and values; only its layout or
+        storage format may differ (e.g. a transposed copy in the device's preferred weight
+        format, viewed back to the op's shape), so the model holds each weight once instead of
+        the original plus a per-call or cached device copy. Default: ``weight`` unchanged."""
+        return weight
+
+    def standin_capabilities(self, release: str) -> Capabilities | None:
+        """What :meth:`capabilities` would declare on ``release`` of the backend's vendor
+        runtime, worked out without the device (e.g. by driving the plugin's own op code through
+        a signature-checking stand-in of that release), for ``dshal info --backend NAME
+        --standin RELEASE``. It is a view, labelled as such: never selected as a runtime, never
+        a device and never part of a conformance report. Default: None (no such view)."""
+        return None
 
     # ---------------------------------------------------------------- capability queries
     def fp8_formats(self) -> tuple[str, ...]:

@@ -8,18 +8,25 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+import dshal
+from dshal.errors import ArgumentError, DshalError, PluginLoadError
+from dshal.registry import REGISTRY
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     parser.add_argument("--config", metavar="F", help="dshal.yaml to select with (default: $DSHAL_CONFIG or built-in defaults)")
     parser.add_argument("--backend", metavar="NAME", help="select this backend instead of the config's")
+    parser.add_argument(
+        "--standin", metavar="RELEASE",
+        help="with --backend NAME: that backend's dry view of RELEASE of its vendor runtime (e.g. ascend's "
+             "op-plugin 7.2.0): the path each op would take, found on a stand-in without the device "
+             "(Backend.standin_capabilities); not a device run, never in a conformance report",
+    )
 
 
 def collect(config: str | None = None, backend: str | None = None) -> dict[str, Any]:
     """Everything ``dshal info`` shows, as a JSON-friendly dict."""
-    import dshal
-    from dshal.errors import DshalError
-
     overrides = {"backend": backend} if backend else {}
     cfg = dshal.load_config(config, **overrides)
     infos = dshal.backends(emulate=cfg.emulate)
@@ -41,7 +48,73 @@ def collect(config: str | None = None, backend: str | None = None) -> dict[str, 
     return out
 
 
+def collect_standin(backend: str, release: str) -> dict[str, Any]:
+    """``dshal info --backend NAME --standin RELEASE`` as a JSON-friendly dict: the backend's
+    :meth:`~dshal.Backend.standin_capabilities` for ``release`` (loaded whether or not its device
+    is here; its availability is reported unchanged)."""
+    info = REGISTRY.get(backend)
+    if not info.loaded or info.backend is None:
+        raise PluginLoadError(f"--backend {backend!r} ({info.entry_point}) failed to load: {info.reason}")
+    caps = info.backend.standin_capabilities(release)
+    if caps is None:
+        raise ArgumentError(
+            f"--standin: backend {backend!r} offers no stand-in view (its Backend.standin_capabilities returns None)"
+        )
+    view = asdict(caps)
+    view["op_kinds"] = dict(caps.op_kinds)
+    return {
+        "standin": {
+            "backend": backend,
+            "release": release,
+            "device_run": False,
+            "label": f"{backend} on a stand-in for release {release}: NOT a device run; nothing here ran on "
+                     f"the device, and the backend's availability is unchanged",
+            "available": info.available,
+            "reason": info.reason,
+            "capabilities": view,
+        }
+    }
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output (CI logs) gets a wide console instead of rich's 80-column default.
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _print_standin(data: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    view = data["standin"]
+    caps = view["capabilities"]
+    console = _console()
+    console.print(f"[bold]{escape(view['label'])}[/bold]")
+    console.print(f"stand-in: {escape(caps['device_name'])}")
+    console.print(f"{view['backend']} itself: available {'yes' if view['available'] else 'no'} ({escape(view['reason'])})")
+    table = Table(title=f"{view['backend']} per op on release {view['release']} (stand-in, not a device)")
+    table.add_column("what", overflow="fold")
+    table.add_column("path / calls", overflow="fold")
+    for key, value in caps["notes"].items():
+        table.add_row(escape(key), escape(str(value)))
+    console.print(table)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.standin is not None:
+        try:
+            if not args.backend:
+                raise ArgumentError("--standin: needs --backend NAME (the backend whose stand-in view to show)")
+            data = collect_standin(args.backend, args.standin)
+        except DshalError as err:
+            print(f"dshal info: error: {err}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            _print_standin(data)
+        return 0
     data = collect(args.config, args.backend)
     if args.json:
         print(json.dumps(data, indent=2, default=str))
@@ -55,12 +128,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _print_tables(data: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    # Piped output (CI logs) gets a wide console instead of rich's 80-column default.
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = _console()
     table = Table(title=f"dshal {data['dshal_version']} backends (api_version {data['api_version']})")
     for col in ("name", "version", "entry point", "loaded", "available", "reason"):
         table.add_column(col, overflow="fold")

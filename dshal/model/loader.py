@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from dshal import ops
-from dshal.errors import CheckpointError
+from dshal.errors import CheckpointError, DeviceError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_index
+from dshal.model.model import MLA, Linear, RoutedExperts
 from dshal.model.precision import apply_precision, checkpoint_name
 from dshal.ops.spec import FP8_DTYPES
 
@@ -376,7 +377,47 @@ def build_model(
         model = Transformer(args)
     load_weights(model, reader, device if device is not None else runtime.device)
     apply_precision(model, precision if precision is not None else runtime.config.precision)
+    prepare_for_backend(model, runtime)  # the backend's weight layouts, once, after the precision policy
     return model.eval()
+
+
+def prepare_for_backend(model: nn.Module, runtime: Any) -> int:
+    """Give each weight the model hands to an op to the backend's load hook once
+    (:meth:`dshal.Backend.prepare_weight`; e.g. Ascend keeps int8 linear weights transposed in
+    its NZ format), for the ops ``runtime``'s backend itself serves, and keep what it returns
+    instead of the original; return how many weights it replaced. Skipped: meta tensors
+    (``dshal plan``) and ``kv_b_proj``, whose weight MLA reads directly. The hook may change
+    only the layout: another shape, dtype or device is an error naming the weight."""
+    backend = runtime.backend
+    read_directly = {id(m.kv_b_proj) for m in model.modules() if isinstance(m, MLA)}
+    replaced = 0
+    for path, module in model.named_modules():
+        if isinstance(module, Linear) and id(module) not in read_directly:
+            op, args = "linear", ("weight", "weight_scale")
+        elif isinstance(module, RoutedExperts):
+            op, args = "moe_experts", ("w13", "w2", "w13_scale", "w2_scale")
+        else:
+            continue
+        if runtime.providers.get(op) != backend.name:
+            continue
+        for arg in args:
+            weight = getattr(module, arg)
+            if weight is None or weight.is_meta:
+                continue
+            name = f"{path}.{arg}"
+            got = backend.prepare_weight(name, weight, f"{op}.{arg}")
+            if got is weight:
+                continue
+            seen = f"backend {backend.name!r}: prepare_weight({name!r}, role {op}.{arg}) returned"
+            if tuple(got.shape) != tuple(weight.shape):
+                raise ShapeError(f"{seen} shape {list(got.shape)}, expected {list(weight.shape)} (only the layout may change)")
+            if got.dtype != weight.dtype:
+                raise DTypeError(f"{seen} dtype {got.dtype}, expected {weight.dtype} (only the layout may change)")
+            if got.device != weight.device:
+                raise DeviceError(f"{seen} a tensor on {got.device}, expected {weight.device}")
+            setattr(module, arg, nn.Parameter(got, requires_grad=False))
+            replaced += 1
+    return replaced
 
 
 def from_pretrained(
@@ -421,5 +462,6 @@ __all__ = [
     "checkpoint_args",
     "from_pretrained",
     "load_weights",
+    "prepare_for_backend",
     "read_experts",
 ]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dshal.model.args import ModelArgs
-from dshal.model.loader import CheckpointReader, checkpoint_args, load_weights
+from dshal.model.loader import CheckpointReader, checkpoint_args, load_weights, prepare_for_backend
 from dshal.model.model import Transformer
 from dshal.model.precision import apply_precision, checkpoint_name
 from dshal.ops.spec import FP8_DTYPES
@@ -232,6 +232,7 @@ def build_parallel(
         if groups.ep_size > 1:
             expert_parallel(model, groups.ep)
         model.shard_view = None
+        prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
         return model.eval()
     view = ShardView(reader, model, tuple(args.weight_block_size or (128, 128)))
     load_weights(model, view, device)
@@ -240,6 +241,7 @@ def build_parallel(
             module.set_owners(module.owner, module.held)  # tables next to the loaded weights
     apply_precision(model, precision)
     model.shard_view = view
+    prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
     return model.eval()
 
 

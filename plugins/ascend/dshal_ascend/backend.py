@@ -4,15 +4,64 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dshal.backend import Availability, Backend, Capabilities, Topology
+from dshal.errors import ArgumentError, DeviceError
 from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, visible_devices
-from dshal_ascend.releases import MINIMUM_RELEASE, KernelFeatures, kernel_features, plan_ops
-from dshal_ascend.schema import signatures_from_texts
+from dshal_ascend.releases import (
+    MINIMUM_RELEASE,
+    RELEASE_BY_NAME,
+    WHY_MINIMUM,
+    KernelFeatures,
+    kernel_features,
+    plan_ops,
+)
+from dshal_ascend.schema import recorded_releases, recorded_signatures, signatures_from_texts
 from dshal_ascend.topology import query_topology
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dshal_ascend.npu_ops import AscendOps
+
+
+def release_capabilities(
+    features: KernelFeatures, *, device_name: str, arch: str, notes: Mapping[str, str],
+    memory_bytes: int | None = None, compute_units: int | None = None,
+) -> Capabilities:
+    """The capabilities of the plugin on ``features.release``: op kinds and the path of every op
+    (``op <name>`` notes, :func:`~dshal_ascend.releases.plan_ops`), FP8 emulated, W8A8 for FP8
+    checkpoints where the release has grouped int8 experts; ``notes`` first."""
+    from dshal_ascend.npu_ops import OP_KINDS  # lazy: start-up time of discovery (npu_ops loads the op hub)
+
+    routes = plan_ops(features)
+    int8_experts = features.w8a8_experts
+    return Capabilities(
+        device_name=device_name,
+        arch=arch,
+        # 910B (Atlas A2) and 910C (A3) have no FP8 units: FP8 ops decode to bf16.
+        fp8_formats=(),
+        native_e4m3="e4m3fn",  # what fmt="e4m3" decodes as in the emulated path
+        op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op.split("[")[0]].kind != "reference"},
+        dist_backend="hccl",
+        memory_bytes=memory_bytes,
+        compute_units=compute_units,
+        fp8_gemm_native=False,
+        fp8_checkpoint_gemm="int8" if int8_experts else "bf16",
+        notes={
+            **notes,
+            "fp8": "emulated on every path (fp8_gemm, dequantize_fp8, linear and moe_experts with FP8 weights): "
+                   "FP8 bytes decoded with integer ops, bf16 matmul; linear weights decoded once, experts "
+                   "only the ones a batch routes to",
+            "gemm auto for an FP8 checkpoint": (
+                "int8 (W8A8: per-channel int8 weights, per-token int8 activations; no FP8 units)" if int8_experts
+                else f"bf16 (no FP8 units; op-plugin {features.release} has no grouped W8A8 experts)"
+            ),
+            **{f"op {op}": route.describe() for op, route in routes.items()},
+        },
+    )
 
 
 class AscendBackend(Backend):
@@ -47,9 +96,10 @@ class AscendBackend(Backend):
 
     def features(self) -> KernelFeatures:
         """What the installed release's kernels accept: the probed schemas (NPU host) of the
-        release the torch_npu version belongs to; without a probe, the minimum release's."""
+        release the torch_npu version belongs to; without a probe, or when the installed release is
+        not supported (too old: the backend is unavailable), the minimum release's."""
         probe, _ = self.diagnosis()
-        release = probe.release or MINIMUM_RELEASE
+        release = probe.release if probe.ok and probe.release in recorded_releases() else MINIMUM_RELEASE
         if not probe.schemas:
             return kernel_features(release)
         return kernel_features(release, signatures_from_texts(release, {k: list(v) for k, v in probe.schemas.items()}))
@@ -62,61 +112,80 @@ class AscendBackend(Backend):
         return Availability(probe.ok, reason)
 
     def capabilities(self) -> Capabilities:
-        from dshal_ascend.npu_ops import OP_KINDS
-
         probe, cann = self.diagnosis()
         name = probe.name or "Ascend NPU"
-        features = self.features()
-        routes = plan_ops(features)
-        int8_experts = features.w8a8_experts
-        return Capabilities(
-            device_name=name,
-            arch=name.replace(" ", ""),
-            # 910B (Atlas A2) and 910C (A3) have no FP8 units: FP8 ops decode to bf16.
-            fp8_formats=(),
-            native_e4m3="e4m3fn",  # what fmt="e4m3" decodes as in the emulated path
-            op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op.split("[")[0]].kind != "reference"},
-            dist_backend="hccl",
-            memory_bytes=probe.memory_bytes,
+        return release_capabilities(
+            self.features(), device_name=name, arch=name.replace(" ", ""), memory_bytes=probe.memory_bytes,
             compute_units=probe.cube_cores,
-            fp8_gemm_native=False,
-            fp8_checkpoint_gemm="int8" if int8_experts else "bf16",
             notes={
                 "cann": probe.cann_version or (cann.version if cann else None) or "unknown",
-                "torch_npu": f"{probe.torch_npu_version or 'unknown'} (op-plugin release {features.release}, "
+                "torch_npu": f"{probe.torch_npu_version or 'unknown'} (op-plugin release {self.features().release}, "
                              f"minimum {MINIMUM_RELEASE})",
-                "fp8": "emulated on every path (fp8_gemm, dequantize_fp8, linear and moe_experts with FP8 weights): "
-                       "FP8 bytes decoded with integer ops, bf16 matmul; linear weights decoded once, experts "
-                       "only the ones a batch routes to",
-                "gemm auto for an FP8 checkpoint": (
-                    "int8 (W8A8: per-channel int8 weights, per-token int8 activations; no FP8 units)" if int8_experts
-                    else f"bf16 (no FP8 units; op-plugin {features.release} has no grouped W8A8 experts)"
-                ),
-                **{f"op {op}": route.describe() for op, route in routes.items()},
             },
         )
 
+    def standin_capabilities(self, release: str) -> Capabilities:
+        """The capabilities the plugin would declare on op-plugin ``release``, from its recorded
+        signatures, with the torch_npu kernels its own op code calls per op (``calls ...``
+        notes), found by running it on CPU tensors through :class:`SignatureCheckingStandIn`.
+        The device name says it is a stand-in, not an NPU; no NPU is probed or needed."""
+        from dshal_ascend.standin import SignatureCheckingStandIn, standin_trace  # lazy: start-up time of discovery
+
+        known = recorded_releases()
+        if release not in known:
+            older = release in RELEASE_BY_NAME and RELEASE_BY_NAME[release].key < RELEASE_BY_NAME[MINIMUM_RELEASE].key
+            why = f"older than the minimum {MINIMUM_RELEASE}: " + WHY_MINIMUM if older else "no recorded signatures"
+            raise ArgumentError(f"--standin: op-plugin release {release!r} ({why}); expected one of {', '.join(known)}")
+        info = RELEASE_BY_NAME[release]
+        stand_in = SignatureCheckingStandIn(recorded_signatures(release))
+        caps = release_capabilities(
+            kernel_features(release), device_name=stand_in.describe(), arch="none (stand-in)",
+            notes={
+                "cann": f"{info.cann} (recorded, not installed)",
+                "torch_npu": f"{', '.join(info.torch_npu)} (op-plugin release {release}, minimum {MINIMUM_RELEASE}; "
+                             "recorded signatures, not installed)",
+            },
+        )
+        calls = {f"calls {case}": text for case, text in standin_trace(release).items()}
+        return replace(caps, notes={**caps.notes, **calls})
+
     def ops(self) -> Mapping[str, Callable[..., Any]]:
         """The ops the installed release serves natively or emulated; the rest fall to the reference."""
-        from dshal_ascend.npu_ops import AscendOps
+        impl = self._impl()
+        routes = plan_ops(impl.features)
+        return {op: fn for op, fn in impl.ops().items() if routes[op].kind != "reference"}
+
+    def _impl(self) -> AscendOps:
+        """The op implementations for the installed release (torch_npu imported at the first kernel call)."""
+        from dshal_ascend.npu_ops import AscendOps  # lazy: start-up time of discovery (npu_ops loads the op hub)
 
         with self._lock:
             if self._ops is None:
                 self._ops = AscendOps(self.features())
-        routes = plan_ops(self._ops.features)
-        return {op: fn for op, fn in self._ops.ops().items() if routes[op].kind != "reference"}
+            return self._ops
+
+    def prepare_weight(self, name: str, weight: torch.Tensor, role: str) -> torch.Tensor:
+        """int8 linear weights: transposed and cast to FRACTAL_NZ once, at load, held once
+        (:meth:`AscendOps.prepare_weight`); every other weight unchanged."""
+        return self._impl().prepare_weight(name, weight, role)
 
     # ---------------------------------------------------------------- hooks
     def _npu(self) -> Any:
-        """torch.npu, after importing torch_npu (which registers the ``npu`` device and ``hccl``)."""
-        import torch_npu  # noqa: F401, PLC0415 - NPU only, lazy on purpose
+        """torch.npu, after importing torch_npu (which registers the ``npu`` device and ``hccl``);
+        a :class:`~dshal.DeviceError` with the probe's reason where it cannot be imported."""
+        try:
+            import torch_npu  # lazy: vendor runtime, NPU hosts only  # noqa: F401
+        except ImportError as err:
+            raise DeviceError(f"ascend: no NPU device here ({self.availability().reason}): {err}") from err
 
         return torch.npu  # type: ignore[attr-defined]
 
     def device(self, index: int | None = None) -> torch.device:
-        """``npu:N``: logical index N among ``ASCEND_RT_VISIBLE_DEVICES`` (default: current)."""
-        npu = self._npu()
-        return torch.device("npu", npu.current_device() if index is None else index)
+        """``npu:N``: logical index N among ``ASCEND_RT_VISIBLE_DEVICES``; default this process's,
+        :meth:`local_device_index` (``LOCAL_RANK`` under torchrun, as on the GPU backends).
+        torch_npu is imported first, so ``torch.npu`` counts the visible NPUs."""
+        self._npu()
+        return super().device(index)
 
     def communicator(self, group: Any = None):  # noqa: ANN201 - dshal.comm.Communicator
         self._npu()  # the hccl process-group backend is registered by importing torch_npu

@@ -16,6 +16,7 @@ The preparation around the kernels lives in :mod:`dshal_ascend.layouts` and
 from __future__ import annotations
 
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,7 @@ OP_KINDS = {name: "native" for name in OP_NAMES} | {
 
 def import_torch_npu() -> Any:
     """torch_npu, imported on first use (only ever reached on an NPU host)."""
-    import torch_npu  # noqa: PLC0415 - lazy on purpose: never at import/discovery time
+    import torch_npu  # lazy: vendor runtime, never at import/discovery time
 
     return torch_npu
 
@@ -89,16 +90,12 @@ def _require_npu_out_dtype(op: str, out_dtype: torch.dtype) -> None:
         )
 
 
-def _reference(op: str) -> Callable[..., Any]:
-    """dshal's reference math, run as plain torch on the NPU tensors (for cases no kernel covers)."""
-    return SPECS[op].reference_impl
-
-
 class PreparedWeights:
-    """Device layouts derived from a weight once (NZ int8, [E, K, N] experts, decoded FP8),
-    kept while the weight lives and is unchanged. The core has no load hook for backends, so
-    "at load" is the weight's first use; the original stays with the model (the reference
-    fallback and dshal's checks read it), which costs one extra copy per prepared weight."""
+    """Device layouts derived from a weight at its first use (decoded FP8 linears, cast
+    experts, an int8 linear weight the load hook could not prepare: one cut into tiles beyond
+    the kernel limit, or one handed to the op directly), kept while the weight lives and is
+    unchanged. The original stays with its owner, so each costs one extra copy; weights the
+    model core loads go through :meth:`AscendOps.prepare_weight` instead and are held once."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
@@ -128,6 +125,8 @@ class AscendOps:
         self.features = features
         self._kernels = kernels
         self.prepared = PreparedWeights()
+        #: op -> how many calls its reference served (bounded: one counter per op)
+        self.reference_calls: Counter[str] = Counter()
 
     @property
     def npu(self) -> Any:
@@ -138,11 +137,33 @@ class AscendOps:
     def ops(self) -> dict[str, Callable[..., Any]]:
         return {name: getattr(self, name) for name in OP_NAMES}
 
+    def _reference(self, op: str) -> Callable[..., Any]:
+        """dshal's reference math, run as plain torch on the NPU tensors (for cases no kernel
+        covers); each use is counted in ``reference_calls`` (the stand-in's dry view shows it)."""
+        self.reference_calls[op] += 1
+        return SPECS[op].reference_impl
+
+    # ------------------------------------------------------------ load hook (Backend.prepare_weight)
+    def prepare_weight(self, name: str, weight: torch.Tensor, role: str) -> torch.Tensor:
+        """An int8 linear weight ``[N, K]`` becomes its transpose ``[K, N]`` cast to FRACTAL_NZ
+        once, at load (as vllm-ascend does after loading W8A8 weights), returned as an ``[N, K]``
+        view of it: same shape, dtype and values, and the model holds only the NZ copy, which
+        :meth:`_weight_tiles` hands ``npu_quant_matmul`` itself. A weight beyond the kernel's
+        65535 limit (cut into tiles at first use) and every other weight are returned unchanged:
+        experts are passed as transposed views and need no copy, and FP8 weights keep their
+        dtype (the op contract reads the FP8 format from it; see the README)."""
+        if role != "linear.weight" or weight.dtype != torch.int8 or weight.dim() != 2:
+            return weight
+        n, k = weight.shape
+        if len(split_ranges(k)) > 1 or len(split_ranges(n)) > 1:
+            return weight
+        return self.npu.npu_format_cast(weight.t().contiguous(), ACL_FORMAT_FRACTAL_NZ).t()
+
     # ------------------------------------------------------------ norm / activation / rotary
     def rms_norm(self, x, weight, eps=1e-6, residual=None):
         _require_npu_float("rms_norm", "x", x)
         if x.numel() == 0:  # kernels reject empty tensors; plain torch handles them
-            return _reference("rms_norm")(x, weight, eps, residual)
+            return self._reference("rms_norm")(x, weight, eps, residual)
         x = x.contiguous()
         same = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         if residual is None:
@@ -156,7 +177,7 @@ class AscendOps:
     def silu_and_mul(self, x):
         _require_npu_float("silu_and_mul", "x", x)
         if x.numel() == 0:
-            return _reference("silu_and_mul")(x)
+            return self._reference("silu_and_mul")(x)
         return self.npu.npu_swiglu(x.contiguous(), dim=-1)  # swish(first half) * second half
 
     def _rotary_half(self, x4, c4, s4):
@@ -167,7 +188,7 @@ class AscendOps:
     def rotary_embedding(self, x, cos, sin, interleaved=True):
         _require_npu_float("rotary_embedding", "x", x)
         if x.numel() == 0:
-            return _reference("rotary_embedding")(x, cos, sin, interleaved)
+            return self._reference("rotary_embedding")(x, cos, sin, interleaved)
         x4, c4, s4 = rope_operands(x, cos, sin)  # tables [1, 1, S, D]: broadcast, not per row
         if not interleaved:
             y = self._rotary_half(x4, c4, s4)
@@ -187,7 +208,7 @@ class AscendOps:
         batch, heads, tq, d = q.shape
         tk, dv = k.shape[2], v.shape[3]
         if dv > d or q.numel() == 0 or k.numel() == 0:
-            return _reference("attention")(q, k, v, causal, scale, window, global_tokens)
+            return self._reference("attention")(q, k, v, causal, scale, window, global_tokens)
         plan = infer_attention_plan(tq, tk, causal, window, global_tokens, q.device)
         if plan.keys is not None:  # one query: the visible keys, no mask
             k, v = k[:, :, plan.keys], v[:, :, plan.keys]
@@ -214,7 +235,7 @@ class AscendOps:
             fits, _why = gating_top_k_fit(logits.shape[1], top_k, n_group, topk_group,
                                           fixed_shape=self.features.gating_fixed_shape, has_bias=bias is not None)
         if not fits:
-            reference = _reference("moe_gate")
+            reference = self._reference("moe_gate")
             return reference(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
         # -> (y, expert_idx int32, norm_out). float32 in, so a float32 bias is not rounded before
         # the choice; only expert_idx is used, the weights are recomputed exactly (finish_gate).
@@ -257,10 +278,10 @@ class AscendOps:
             return torch.zeros_like(x)
         hidden, inter = w13.shape[2], w2.shape[2]
         if max(hidden, inter) > 65535:  # K beyond one call's limit: partial sums would round per piece
-            return _reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
+            return self._reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
         if w13.dtype == torch.int8:
             if not self.features.w8a8_experts:
-                return _reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
+                return self._reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
             return self._moe_experts_w8a8(x, weights, ids, w13, w2, w13_scale, w2_scale)
         if w13_scale is not None:  # FP8 (emulated): decode only the experts this batch uses
             active = active_experts(ids)
@@ -312,7 +333,7 @@ class AscendOps:
     def quantize_int8(self, x):
         if x.dtype not in HALF_FLOATS or x.numel() == 0:  # npu_dynamic_quant: fp16/bf16, non-empty
             _require_npu_float("quantize_int8", "x", x)
-            return _reference("quantize_int8")(x)
+            return self._reference("quantize_int8")(x)
         # per-token symmetric -> (y int8, scale float32 x.shape[:-1]); the kernel wants >= 2 dims
         q, scale = self.npu.npu_dynamic_quant(x.reshape(-1, x.shape[-1]))
         return dynamic_quant_result(q, scale, x.shape)
@@ -320,9 +341,13 @@ class AscendOps:
     def _weight_tiles(self, b: torch.Tensor) -> dict[tuple[tuple[int, int], tuple[int, int]], torch.Tensor]:
         """int8 ``b [N, K]`` as the ``x2 [K, N]`` npu_quant_matmul reads best: transposed and cast
         to FRACTAL_NZ once per weight (as vllm-ascend does after loading), not a strided view per
-        call; cut into tiles of at most 65535 along K and N first (usually one tile)."""
+        call; cut into tiles of at most 65535 along K and N first (usually one tile). A weight
+        the load hook prepared is a transposed view already: its ``[K, N]`` (NZ) tensor is used."""
+        n, k = b.shape
+        if b.t().is_contiguous() and len(split_ranges(k)) == 1 and len(split_ranges(n)) == 1:
+            return {((0, k), (0, n)): b.t()}  # prepared at load (prepare_weight): no second copy
+
         def make():
-            n, k = b.shape
             return {
                 (kr, nr): self.npu.npu_format_cast(b[nr[0]:nr[1], kr[0]:kr[1]].t().contiguous(), ACL_FORMAT_FRACTAL_NZ)
                 for kr in split_ranges(k) for nr in split_ranges(n)
@@ -346,7 +371,7 @@ class AscendOps:
                                                         bias=bias_part, output_dtype=out_dtype))
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
         if not self.features.quant_matmul_int32_guard:  # 6.0.0 would reinterpret the float32 scale
-            y = _reference("int8_gemm")(q, token_scale.reshape(-1, 1), b, b_scale.reshape(-1, 1), torch.float32)
+            y = self._reference("int8_gemm")(q, token_scale.reshape(-1, 1), b, b_scale.reshape(-1, 1), torch.float32)
             return (y if bias is None else y + bias.to(torch.float32)).to(out_dtype)
         ones = torch.ones(n, dtype=torch.float32, device=b.device)
         acc = torch.zeros(m, n, dtype=torch.int32, device=q.device)

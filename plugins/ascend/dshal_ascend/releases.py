@@ -28,10 +28,11 @@ Facts (source beside each):
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 
-from dshal_ascend.schema import ReleaseSignatures, recorded_signatures
+from dshal_ascend.schema import ReleaseSignatures, recorded_releases, recorded_signatures
 
 #: The kernels the plugin calls (the probe reads their schemas on an NPU host).
 KERNELS = (
@@ -259,10 +260,6 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
 def main(argv: list[str] | None = None) -> int:
     """``dshal-ascend-plan [--release R]``: which path serves each op on a release, from the
     recorded signatures (no NPU needed; on an NPU host ``dshal info`` shows the probed plan)."""
-    import argparse
-
-    from dshal_ascend.schema import recorded_releases
-
     parser = argparse.ArgumentParser(prog="dshal-ascend-plan", description=main.__doc__.split("\n")[0])
     parser.add_argument("--release", choices=recorded_releases(), default=recorded_releases()[-1],
                         help="op-plugin release (default: the newest recorded)")

@@ -1,4 +1,5 @@
-"""A signature-checking stand-in for torch_npu -- NOT an NPU. For tests only.
+"""A signature-checking stand-in for torch_npu -- NOT an NPU. For tests and the dry view of
+``dshal info --backend ascend --standin RELEASE`` (:func:`standin_trace`) only.
 
 Built from one release's recorded op schemas (:func:`dshal_ascend.schema.recorded_signatures`),
 it has exactly that release's kernels as attributes (a kernel the release lacks is an
@@ -12,7 +13,6 @@ it runs is ever reported as an NPU run.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dshal_ascend.schema import ReleaseSignatures, SignatureError
+from dshal.ops.catalogue import SPECS
+from dshal_ascend.npu_ops import AscendOps
+from dshal_ascend.releases import kernel_features
+from dshal_ascend.schema import ReleaseSignatures, SignatureError, recorded_signatures
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,11 @@ class RecordedCall:
     kernel: str
     schema: str
     arguments: dict[str, Any]
+    #: The names of the arguments the caller passed, positional ones first (the rest of
+    #: ``arguments`` are the schema's defaults).
+    given: tuple[str, ...] = ()
+    #: How many of ``given`` were passed positionally.
+    positional: int = 0
 
 
 class SignatureCheckingStandIn:
@@ -39,7 +47,9 @@ class SignatureCheckingStandIn:
     def __init__(self, signatures: ReleaseSignatures) -> None:
         self.release = signatures.release
         self.calls: list[RecordedCall] = []
-        self._format_cast: dict[int, weakref.ref] = {}  # id -> tensor made by npu_format_cast
+        #: storage address -> storage of each tensor npu_format_cast made (kept alive, so an
+        #: address is never another tensor's: views of a cast weight are recognised too)
+        self._format_cast: dict[int, torch.UntypedStorage] = {}
         for kernel, schemas in signatures.ops.items():
             setattr(self, kernel, _Kernel(self, kernel, schemas, _COMPUTE[kernel]))
 
@@ -51,8 +61,8 @@ class SignatureCheckingStandIn:
         return [c for c in self.calls if c.kernel == kernel]
 
     def was_format_cast(self, t: torch.Tensor) -> bool:
-        ref = self._format_cast.get(id(t))
-        return ref is not None and ref() is t
+        """Whether ``t`` lives on the storage of a tensor ``npu_format_cast`` made (a view too)."""
+        return t.untyped_storage().data_ptr() in self._format_cast
 
 
 class _Kernel:
@@ -67,7 +77,8 @@ class _Kernel:
             except SignatureError as err:
                 errors.append(str(err))
                 continue
-            self.owner.calls.append(RecordedCall(self.name, schema.text, bound))
+            given = tuple(list(bound)[: len(args) + len(kwargs)])  # bind() puts the caller's first
+            self.owner.calls.append(RecordedCall(self.name, schema.text, bound, given, len(args)))
             result = self.compute(self.owner, bound)
             if not schema.returns_fit(result):
                 raise SignatureError(f"stand-in bug: {self.name} result does not match {schema.text}")
@@ -234,7 +245,7 @@ def _quant_matmul(owner, b):
 
 def _format_cast(owner, b):
     out = b["self"].clone()
-    owner._format_cast[id(out)] = weakref.ref(out)
+    owner._format_cast[out.untyped_storage().data_ptr()] = out.untyped_storage()
     return out
 
 
@@ -251,3 +262,101 @@ _COMPUTE: dict[str, Callable[[SignatureCheckingStandIn, dict[str, Any]], Any]] =
     "npu_quant_matmul": _quant_matmul,
     "npu_format_cast": _format_cast,
 }
+
+
+# ---------------------------------------------------------------- the dry view (dshal info --standin)
+def _describe_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype).replace("torch.", "")
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+        return "[" + ", ".join(_describe_value(v) for v in value) + "]"
+    return str(value).replace("torch.", "")
+
+
+def describe_calls(calls: list[RecordedCall]) -> str:
+    """``kernel(name=value, ...) -> ...``: the kernels called, in order, with the arguments the
+    caller passed (a tensor by its dtype), leaving out the data tensors passed positionally."""
+    def shown(c: RecordedCall) -> str:
+        return ", ".join(
+            f"{k}={_describe_value(c.arguments[k])}" for i, k in enumerate(c.given)
+            if i >= c.positional or not isinstance(c.arguments[k], (torch.Tensor, list, tuple))
+        )
+
+    return " -> ".join(f"{c.kernel}({shown(c)})" for c in calls)
+
+
+def _trace_cases(release: str) -> dict[str, Callable[[Any], Any]]:
+    """One small call per op (and per weight format of linear / moe_experts), DeepSeek-V3-shaped
+    where a kernel's fitting rules care (the router: 256 experts, 8 groups, top-4 groups, top-8)."""
+    g = torch.Generator().manual_seed(0)
+    bf16 = torch.bfloat16
+
+    def rand(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    int8 = SPECS["quantize_int8"].reference_impl
+    fp8 = SPECS["quantize_fp8"].reference_impl
+    t, h, inter, e = 4, 128, 128, 4
+    x, x_res = rand(t, h, dtype=bf16), rand(t, h, dtype=bf16)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]])
+    weights = torch.full((t, 2), 0.5)
+    w13f, w2f = rand(e, 2 * inter, h) * 0.05, rand(e, h, inter) * 0.05
+    w13_i8, w2_i8 = int8(w13f), int8(w2f)
+    w13_f8, w2_f8 = fp8(w13f, (128, 128), "e4m3fn"), fp8(w2f, (128, 128), "e4m3fn")
+    w, bias = rand(64, h) * 0.05, rand(64)
+    w_i8, w_f8 = int8(w), fp8(w, (128, 128), "e4m3fn")
+    a_i8 = int8(x.float())
+    q = rand(1, 2, 8, 64, dtype=bf16)
+    cos, sin = rand(8, 32, dtype=bf16), rand(8, 32, dtype=bf16)
+    logits, gate_bias = rand(t, 256), rand(256) * 0.1
+
+    loaded: dict[str, torch.Tensor] = {}
+
+    def load_int8_linear(ops: Any) -> None:  # what the model core does once per weight at load
+        loaded["weight"] = ops.prepare_weight("linear.weight", w_i8[0], "linear.weight")
+
+    return {
+        "rms_norm": lambda ops: ops.rms_norm(x, torch.ones(h), 1e-6),
+        "rms_norm[residual]": lambda ops: ops.rms_norm(x, torch.ones(h, dtype=bf16), 1e-6, x_res),
+        "silu_and_mul": lambda ops: ops.silu_and_mul(x),
+        "rotary_embedding[interleaved]": lambda ops: ops.rotary_embedding(q, cos, sin, True),
+        "attention[causal]": lambda ops: ops.attention(q, q, q, True),
+        "attention[window]": lambda ops: ops.attention(q, q, q, True, None, 4),
+        "moe_gate[256 experts, 8 groups]": lambda ops: ops.moe_gate(logits, gate_bias, 8, 8, 4, 2.5),
+        "moe_gate[64 experts, 4 groups]": lambda ops: ops.moe_gate(logits[:, :64], gate_bias[:64], 4, 4, 2, 2.5),
+        "moe_experts[bf16]": lambda ops: ops.moe_experts(x, weights, ids, w13f.to(bf16), w2f.to(bf16)),
+        "moe_experts[int8]": lambda ops: ops.moe_experts(x, weights, ids, w13_i8[0], w2_i8[0], w13_i8[1], w2_i8[1]),
+        "moe_experts[fp8]": lambda ops: ops.moe_experts(x, weights, ids, w13_f8[0], w2_f8[0], w13_f8[1], w2_f8[1]),
+        "quantize_int8": lambda ops: ops.quantize_int8(x),
+        "int8_gemm[bf16 out]": lambda ops: ops.int8_gemm(a_i8[0], a_i8[1], w_i8[0], w_i8[1], bf16),
+        "int8_gemm[float32 out]": lambda ops: ops.int8_gemm(a_i8[0], a_i8[1], w_i8[0], w_i8[1], torch.float32),
+        "linear[bf16]": lambda ops: ops.linear(x, w.to(bf16), bias.to(bf16)),
+        "linear[int8] at load (Backend.prepare_weight)": load_int8_linear,
+        "linear[int8]": lambda ops: ops.linear(x, loaded["weight"], bias, w_i8[1]),
+        "linear[fp8]": lambda ops: ops.linear(x, w_f8[0], None, w_f8[1]),
+        "fp8_gemm": lambda ops: ops.fp8_gemm(*fp8(x.float(), (1, 128), "e4m3fn"), *w_f8),
+        "dequantize_fp8": lambda ops: ops.dequantize_fp8(*w_f8, (128, 128)),
+    }
+
+
+def standin_trace(release: str) -> dict[str, str]:
+    """Which torch_npu kernels the plugin's own op code calls on ``release``, per op and weight
+    format: each case runs :class:`~dshal_ascend.npu_ops.AscendOps` on CPU tensors through a
+    :class:`SignatureCheckingStandIn` of that release. What ran is bound against the release's
+    schemas; no result here is an NPU's (the stand-in computes with plain torch)."""
+    stand_in = SignatureCheckingStandIn(recorded_signatures(release))
+    ops = AscendOps(kernel_features(release), stand_in)
+    trace: dict[str, str] = {}
+    for case, run in _trace_cases(release).items():
+        before, fell_back = len(stand_in.calls), sum(ops.reference_calls.values())
+        run(ops)
+        calls = stand_in.calls[before:]
+        used_reference = sum(ops.reference_calls.values()) > fell_back
+        if calls:
+            trace[case] = describe_calls(calls) + ("; then the dshal reference" if used_reference else "")
+        else:
+            emulated = " (emulated: no FP8 units)" if "fp8" in case else ""
+            trace[case] = "no torch_npu kernel: " + (
+                "the dshal reference" if used_reference else f"plain torch ops on the device{emulated}"
+            )
+    return trace

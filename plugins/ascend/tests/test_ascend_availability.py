@@ -107,3 +107,37 @@ def test_ascend_cann_version_from_version_cfg(tmp_path):
 def test_ascend_visible_devices(raw, want):
     env = {} if raw is None else {"ASCEND_RT_VISIBLE_DEVICES": raw}
     assert visible_devices(env) == want
+
+
+def test_ascend_too_old_torch_npu_is_unavailable_with_reason_before_any_op(tmp_path):
+    """An installed torch_npu older than the minimum release (2.4.0 = op-plugin 6.0.rc3): the
+    version gate reads its metadata and reports ascend unavailable with the reason; selecting it
+    fails with that reason up front, not at the first op. The package here is only metadata plus
+    an ``__init__`` that raises if imported: it stands for no NPU and computes nothing, and the
+    test also shows the gate never imports torch_npu."""
+    site = tmp_path / "site"
+    (site / "torch_npu").mkdir(parents=True)
+    (site / "torch_npu" / "__init__.py").write_text("raise ImportError('dshal must not import torch_npu here')\n")
+    dist = site / "torch_npu-2.4.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.4.0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    code = (
+        "import sys, dshal\n"
+        "a = {i.name: i for i in dshal.backends()}['ascend']\n"
+        "print(a.loaded, a.available)\n"
+        "print(a.reason)\n"
+        "try:\n"
+        "    dshal.use(backend='ascend')\n"
+        "except dshal.BackendUnavailableError as err:\n"
+        "    print('refused:', err)\n"
+        "print('torch_npu' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "True False"
+    assert "op-plugin release 6.0.rc3" in lines[1] and "older than the minimum 6.0.0" in lines[1]
+    assert lines[2].startswith("refused: backend 'ascend' is not available: torch_npu 2.4.0")
+    assert lines[-1] == "False"  # decided from the version alone

@@ -8,8 +8,19 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from dshal_ascend import AscendBackend, probe
 from dshal_ascend.probe import release_gate
-from dshal_ascend.releases import MINIMUM_RELEASE, MINIMUM_TORCH_NPU, RELEASES, kernel_features, plan_ops, release_of
+from dshal_ascend.releases import (
+    KERNELS,
+    MINIMUM_RELEASE,
+    MINIMUM_TORCH_NPU,
+    OP_KERNELS,
+    RELEASES,
+    kernel_features,
+    main,
+    plan_ops,
+    release_of,
+)
 from dshal_ascend.schema import recorded_releases, recorded_signatures
 
 
@@ -49,16 +60,12 @@ def test_ascend_plan_follows_release_facts():
 
 
 def test_ascend_plan_command_prints_grouped_int8_path(capsys):
-    from dshal_ascend.releases import main
-
     assert main(["--release", "7.0.0"]) == 0
     out = capsys.readouterr().out
     assert "not an NPU run" in out and "W8A8 with per_token_scale" in out and "npu_fused_infer_attention_score" in out
 
 
 def test_ascend_capabilities_declare_fp8_emulated_and_auto_choice():
-    from dshal_ascend import AscendBackend
-
     caps = AscendBackend().capabilities()  # no NPU here: planned for the minimum release
     assert caps.fp8_gemm_native is False and caps.fp8_formats == ()
     fp8_paths = ("fp8_gemm", "dequantize_fp8", "linear[fp8]", "moe_experts[fp8]")
@@ -69,9 +76,6 @@ def test_ascend_capabilities_declare_fp8_emulated_and_auto_choice():
 
 
 def test_ascend_probe_child_source_compiles_and_asks_for_every_kernel():
-    from dshal_ascend import probe
-    from dshal_ascend.releases import KERNELS, OP_KERNELS
-
     compile(probe._PROBE_SOURCE, "<dshal-ascend probe>", "exec")  # it only ever runs on an NPU host
     assert "torch.ops.npu" in probe._PROBE_SOURCE and "overloads()" in probe._PROBE_SOURCE
     assert {k for ks in OP_KERNELS.values() for k in ks} <= set(KERNELS)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dshal.ops.reference as ref
+from dshal_ascend import layouts
 from dshal_ascend.npu_ops import AscendOps
 from dshal_ascend.releases import MINIMUM_RELEASE, kernel_features, plan_ops
 from dshal_ascend.schema import SignatureError, recorded_releases, recorded_signatures
@@ -226,8 +227,6 @@ def test_ascend_int8_linear_nz_once(release):
 
 
 def test_ascend_int8_matmul_splits_beyond_65535(monkeypatch):
-    import dshal_ascend.layouts as layouts
-
     ops, stand_in = _ops("7.0.0")
     monkeypatch.setattr(layouts, "MATMUL_DIM_LIMIT", 32)
     monkeypatch.setattr(layouts.split_ranges, "__defaults__", (32,))
