@@ -19,9 +19,8 @@ import dshal.plugin
 ROOT = Path(__file__).resolve().parents[1]
 #: The modules a plugin may import from dshal.
 PLUGIN_MODULES = {"dshal", "dshal.plugin"}
-#: plugins/ascend still imports dshal's internals: the lead converts its import lines to
-#: dshal.plugin after merging issue 15's branches, then removes this exclusion.
-NOT_YET_CONVERTED = {"ascend"}
+#: Plugins still allowed to import dshal's internals (none: every plugin goes through dshal.plugin).
+NOT_YET_CONVERTED: set[str] = set()
 
 
 def _dshal_imports(path: Path) -> Iterator[tuple[int, str, list[str]]]:

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dshal.backend import Availability, Backend, Capabilities, Topology
-from dshal.errors import ArgumentError, DeviceError
+from dshal.plugin import ArgumentError, Availability, Backend, Capabilities, DeviceError, Topology
 from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, visible_devices
 from dshal_ascend.releases import (
     MINIMUM_RELEASE,

@@ -24,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dshal.errors import DshalError, DTypeError, ShapeError
-from dshal.ops.quant import FP8_DTYPE_LIST
-from dshal.ops.reference import dequantize_fp8, quantize_int8
+from dshal.plugin import FP8_DTYPE_LIST, DshalError, DTypeError, ShapeError, dequantize_fp8, quantize_int8
 
 #: Suffix of DeepSeek-V3's block scales and of the per-channel scales written instead.
 FP8_SCALE_SUFFIX = "weight_scale_inv"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dshal.ops.spec import FP8_FORMAT_OF
+from dshal.plugin import FP8_FORMAT_OF
 
 
 @dataclass(frozen=True)

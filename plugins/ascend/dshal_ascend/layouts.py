@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dshal.errors import ShapeError
-from dshal.ops.quant import dequantize_to
+from dshal.plugin import ShapeError, dequantize_to
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 
 #: ``pre_tokens`` / ``next_tokens`` default of npu_fused_infer_attention_score: "no limit".

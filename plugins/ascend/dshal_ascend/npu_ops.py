@@ -23,10 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dshal.errors import DTypeError
-from dshal.ops.catalogue import SPECS
-from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity
-from dshal.ops.quant import dequantize_to
+from dshal.plugin import GRANULARITY_BLOCKS, SPECS, DTypeError, dequantize_to, gemm_granularity
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 from dshal_ascend.layouts import (
     active_experts,

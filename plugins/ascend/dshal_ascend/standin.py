@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dshal.ops.catalogue import SPECS
+from dshal.plugin import SPECS
 from dshal_ascend.npu_ops import AscendOps
 from dshal_ascend.releases import kernel_features
 from dshal_ascend.schema import ReleaseSignatures, SignatureError, recorded_signatures

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from dshal.backend import Topology
+from dshal.plugin import Topology
 
 #: npu-smi link code -> (dshal link name, cost; lower is closer).
 LINKS = {
