@@ -34,34 +34,34 @@ ROWS = 4
 
 
 def _linear(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
-    return {"x": ctx.randn(ROWS, 256, dtype=dtype), "weight": ctx.randn(128, 256, dtype=dtype, scale=256**-0.5)}
+    return {"x": ctx.draw.randn(ROWS, 256, dtype=dtype), "weight": ctx.draw.randn(128, 256, dtype=dtype, scale=256**-0.5)}
 
 
 def _fp8_gemm(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
     quant = SPECS["quantize_fp8"].reference_impl
-    a, a_scale = quant(ctx.randn(ROWS, 256), (1, 128), ctx.fp8("e4m3"), None)
-    b, b_scale = quant(ctx.randn(128, 256, scale=256**-0.5), (128, 128), ctx.fp8("e4m3"), None)
+    a, a_scale = quant(ctx.draw.randn(ROWS, 256), (1, 128), ctx.draw.fp8("e4m3"), None)
+    b, b_scale = quant(ctx.draw.randn(128, 256, scale=256**-0.5), (128, 128), ctx.draw.fp8("e4m3"), None)
     return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "out_dtype": dtype}
 
 
 def _rms_norm(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
-    return {"x": ctx.randn(ROWS, 256, dtype=dtype), "weight": (1 + 0.1 * ctx.randn(256)).to(dtype), "residual": ctx.randn(ROWS, 256, dtype=dtype)}
+    return {"x": ctx.draw.randn(ROWS, 256, dtype=dtype), "weight": (1 + 0.1 * ctx.draw.randn(256)).to(dtype), "residual": ctx.draw.randn(ROWS, 256, dtype=dtype)}
 
 
 def _attention(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
     b = ROWS
-    return {"q": ctx.randn(b, 4, 16, 32, dtype=dtype), "k": ctx.randn(b, 2, 16, 32, dtype=dtype), "v": ctx.randn(b, 2, 16, 32, dtype=dtype)}
+    return {"q": ctx.draw.randn(b, 4, 16, 32, dtype=dtype), "k": ctx.draw.randn(b, 2, 16, 32, dtype=dtype), "v": ctx.draw.randn(b, 2, 16, 32, dtype=dtype)}
 
 
 def _moe_experts(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
     e, h, inter, k = 4, 64, 32, 2
-    ids = torch.stack([torch.randperm(e, generator=ctx.generator)[:k] for _ in range(ROWS)])
+    ids = torch.stack([torch.randperm(e, generator=ctx.draw.generator)[:k] for _ in range(ROWS)])
     return {
-        "x": ctx.randn(ROWS, h, dtype=dtype),
-        "weights": torch.rand(ROWS, k, generator=ctx.generator),
+        "x": ctx.draw.randn(ROWS, h, dtype=dtype),
+        "weights": torch.rand(ROWS, k, generator=ctx.draw.generator),
         "ids": ids,
-        "w13": ctx.randn(e, 2 * inter, h, dtype=dtype, scale=h**-0.5),
-        "w2": ctx.randn(e, h, inter, dtype=dtype, scale=inter**-0.5),
+        "w13": ctx.draw.randn(e, 2 * inter, h, dtype=dtype, scale=h**-0.5),
+        "w2": ctx.draw.randn(e, h, inter, dtype=dtype, scale=inter**-0.5),
     }
 
 
