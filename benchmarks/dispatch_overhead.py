@@ -89,7 +89,7 @@ def main() -> None:
     # ---- PROFILING HOOK OFF-COST: the profiling helper adds its row(s) here --------------
     # (time dshal.ops.rms_norm after a `with dshal.runtime.op_hook(...)` block has exited,
     #  and inside one, against the "dispatch" row above.)
-    from dshal.perf.instrument import Recorder
+    from dshal.perf.measure import Recorder
 
     recorder = Recorder(rt.backend.synchronize)  # dshal profile's op hook
     timed = {"on": lambda: dshal.ops.rms_norm(*inputs), "off": lambda: dshal.ops.rms_norm(*inputs),

@@ -12,7 +12,7 @@ import torch
 
 import dshal
 from dshal.cli import main as cli
-from dshal.perf.instrument import GLUE, PROFILER, Recorder, has_hooks
+from dshal.perf.measure import GLUE, PROFILER, Recorder, has_hooks
 from dshal.perf.profile import measure_off_overhead
 from dshal.perf.report import read_report
 from dshal.runtime import op_hook

@@ -223,7 +223,7 @@ class _Tracer:
 def trace(model: Any, input_ids: torch.Tensor, keep_inputs: bool = False) -> Trace:
     """One forward pass of ``model`` on the active runtime with every op call and every
     top-level layer recorded (hooks removed afterwards)."""
-    from dshal.perf.instrument import layer_modules
+    from dshal.perf.measure import layer_modules
     from dshal.runtime import op_hook
 
     tracer = _Tracer(keep_inputs)

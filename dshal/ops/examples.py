@@ -56,6 +56,20 @@ def shape_rows(op: str, table: Iterable[Mapping[str, Any]]) -> tuple[ShapeRow, .
     return tuple(out)
 
 
+def plain(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's parameters as JSON values (dtype names, lists for tuples), as reports show them."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if callable(v) and not isinstance(v, torch.dtype):
+            continue
+        if isinstance(v, torch.dtype):
+            v = str(v).replace("torch.", "")
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
 @dataclass
 class Example:
     """One call's arguments (CPU tensors unless built elsewhere) plus what a judge needs."""
@@ -116,4 +130,4 @@ def fill_pattern(t: torch.Tensor, pattern: str | None) -> torch.Tensor:
     raise ValueError(f"unknown value pattern {pattern!r}")
 
 
-__all__ = ["Draw", "Example", "KINDS", "ShapeRow", "TIERS", "fill_pattern", "shape_rows"]
+__all__ = ["Draw", "Example", "KINDS", "ShapeRow", "TIERS", "fill_pattern", "plain", "shape_rows"]

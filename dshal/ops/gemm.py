@@ -346,7 +346,7 @@ LINEAR_ROWS = [
     dict(name="fp8-block/q_b_proj/M4096xN24576xK1536", tier="full", dtype=BF16, m=4096, n=24576, k=1536, weight="fp8-block"),
     dict(name="fp8-block/o_proj/M4096xN7168xK16384", tier="full", dtype=BF16, m=4096, n=7168, k=16384, weight="fp8-block"),
     # bench
-    dict(name="bench/bf16/M16xN512xK512", kind="bench", dtype=BF16, m=16, n=512, k=512),
+    dict(name="bench/bf16/M16xN512xK512", kind="bench", dtype=BF16, m=16, n=512, k=512, weight="float"),
     dict(name="bench/f32/M128xN512xK512", kind="bench", dtype=F32, m=128, n=512, k=512),
     dict(name="bench/fp8-block/M16xN512xK512", kind="bench", dtype=BF16, m=16, n=512, k=512, weight="fp8-block"),
     dict(name="bench/fp8-block/q_a_proj/M4096xN1536xK7168", kind="bench", tier="full", dtype=BF16, m=4096, n=1536, k=7168, weight="fp8-block"),

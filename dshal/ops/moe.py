@@ -263,7 +263,7 @@ MOE_EXPERTS_ROWS = [
     dict(name="bf16/v3/T64xH7168xI2048xE8-top8", tier="full", dtype=BF16, t=64, h=7168, i=2048, e=8, k=8),
     dict(name="int8/v3/T128xH7168xI2048xE32-top8", tier="full", dtype=BF16, t=128, h=7168, i=2048, e=32, k=8, weight="int8"),
     # bench
-    dict(name="bench/bf16/T32xH256xI128xE16-top4", kind="bench", dtype=BF16, t=32, h=256, i=128, e=16, k=4),
+    dict(name="bench/bf16/T32xH256xI128xE16-top4", kind="bench", dtype=BF16, t=32, h=256, i=128, e=16, k=4, weight="float"),
     dict(name="bench/fp8-block/v3/T256xH7168xI2048xE256-top8", kind="bench", tier="full", dtype=BF16,
          t=256, h=7168, i=2048, e=256, k=8, weight="fp8-block"),
 ]

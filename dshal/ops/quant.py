@@ -290,7 +290,7 @@ QUANTIZE_FP8_ROWS = [
     dict(name="bf16/weight/N2112xK7168", tier="full", dtype=BF16, shape=(2112, 7168), block=WEIGHT),
     dict(name="bf16/weight/N7168xK2048", tier="full", dtype=BF16, shape=(7168, 2048), block=WEIGHT),
     # bench
-    dict(name="bench/bf16/act-1x128/T64xK1024", kind="bench", dtype=BF16, shape=(64, 1024), block=ACT),
+    dict(name="bench/bf16/act-1x128/T64xK1024", kind="bench", dtype=BF16, shape=(64, 1024), block=ACT, fmt="e4m3"),
     dict(name="bench/bf16/act-1x128/T4096xK7168", kind="bench", tier="full", dtype=BF16, shape=(4096, 7168), block=ACT),
 ]
 

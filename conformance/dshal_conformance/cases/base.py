@@ -21,7 +21,7 @@ import torch
 
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
-from dshal.ops.examples import TIERS, Draw, Example, ShapeRow
+from dshal.ops.examples import TIERS, Draw, Example, ShapeRow, plain
 from dshal_conformance.judge import Check, Verdict, verdict
 
 KINDS = ("accuracy", "edge", "bad_input", "capability", "collective", "model", "determinism", "graph")
@@ -126,17 +126,8 @@ def dtype_name(dtype: torch.dtype | str | None) -> str:
 
 
 def _params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """A row's parameters as the report shows them (JSON: dtype names, lists)."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        if k == "dtype" or callable(v):
-            continue
-        if isinstance(v, torch.dtype):
-            v = dtype_name(v)
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[k] = v
-    return out
+    """A row's parameters as the report shows them (its dtype has a field of its own)."""
+    return {k: v for k, v in plain(params).items() if k != "dtype"}
 
 
 # ---------------------------------------------------------------- accuracy cases
