@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
+from dshal.errors import DshalError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
+from dshal.runtime import current
 from dshal_conformance.cases.base import Case, Context, Outcome, dtype_name, fail_all, to_cpu, unsupported_outcomes
 from dshal_conformance.judge import Verdict, finding
 
@@ -101,14 +103,12 @@ def _sub_batches(n: int) -> list[slice]:
 def promised(op: str) -> bool:
     """True when the active runtime runs ``determinism: strict`` and serves ``op`` with a
     provider its backend declares batch-invariant."""
-    from dshal.runtime import current
 
     rt = current()
     return getattr(rt.config, "determinism", "default") == "strict" and op in getattr(rt, "batch_invariant", frozenset())
 
 
 def run_op(ctx: Context, op: str, dtype: torch.dtype) -> list[Outcome]:
-    from dshal.errors import DshalError, UnsupportedOpError
 
     _, build, batched = OPS[op]
     kwargs = build(ctx, dtype)
