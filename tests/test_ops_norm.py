@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
