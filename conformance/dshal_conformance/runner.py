@@ -130,7 +130,7 @@ def capability_cases() -> list[Case]:
     return out
 
 
-def _with_timeout(fn: Callable[[], list[Outcome]], timeout_s: float, suffixes: Sequence[str]) -> list[Outcome]:
+def with_timeout(fn: Callable[[], list[Outcome]], timeout_s: float, suffixes: Sequence[str]) -> list[Outcome]:
     """Run ``fn`` in a daemon thread; a case that does not finish in time is an error
     (the thread is abandoned; the suite goes on)."""
     box: dict[str, Any] = {}
@@ -322,7 +322,7 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
     body = case.body
     if body is None:
         raise ValueError(f"case {case.id!r} has no body (collective cases run through Session.run_collectives)")
-    outcomes = _with_timeout(lambda: body(ctx), options.case_timeout_s, case.suffixes)
+    outcomes = with_timeout(lambda: body(ctx), options.case_timeout_s, case.suffixes)
     duration = time.perf_counter() - t0
     records = []
     for o in outcomes:  # a waiver is used where the judge applied one of its thresholds

@@ -60,7 +60,7 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return list(value) if isinstance(value, tuple) else [value]
 
 
-def _replay(ctx: Context, op: str, row: ShapeRow, backend: Any) -> Verdict:
+def judge_replay(ctx: Context, op: str, row: ShapeRow, backend: Any) -> Verdict:
     fn = ctx.table[op]
     graphed = backend.graph(fn)
     if graphed is fn:
@@ -89,7 +89,7 @@ def _replay(ctx: Context, op: str, row: ShapeRow, backend: Any) -> Verdict:
     return verdict(checks)
 
 
-def _host_sync(ctx: Context, op: str, row: ShapeRow, runtime: Any) -> Verdict:
+def judge_host_sync(ctx: Context, op: str, row: ShapeRow, runtime: Any) -> Verdict:
     if runtime.backend.device_type == "cpu" and not runtime.emulated:
         return Verdict("unsupported", None, None, None,
                        f"backend {runtime.backend.name!r} computes on the host: no host synchronization to count")
@@ -110,8 +110,8 @@ def run_op(ctx: Context, op: str) -> list[Outcome]:
         return unsupported_outcomes(SUFFIXES, f"backend does not provide {op!r}")
     row = first_row(op)
     try:
-        return [Outcome("/replay", _replay(ctx, op, row, runtime.backend)),
-                Outcome("/host-sync", _host_sync(ctx, op, row, runtime))]
+        return [Outcome("/replay", judge_replay(ctx, op, row, runtime.backend)),
+                Outcome("/host-sync", judge_host_sync(ctx, op, row, runtime))]
     except UnsupportedOpError as err:
         return unsupported_outcomes(SUFFIXES, f"{op}: this variant is not supported: {err}")
     except Exception as err:  # noqa: BLE001 - the eager call itself crashed
@@ -131,4 +131,4 @@ def cases() -> list[Case]:
     return out
 
 
-__all__ = ["EXEMPT", "GRAPH_OPS", "cases", "first_row", "run_op"]
+__all__ = ["EXEMPT", "GRAPH_OPS", "cases", "first_row", "judge_host_sync", "judge_replay", "run_op"]
