@@ -49,7 +49,7 @@ def _calls(name: str, numel: int, n: int):
     import torch
     import torch.distributed as dist
 
-    from dshal import comm
+    from dshal import comm  # lazy: start-up time: the launcher imports no torch, only its workers do
 
     gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -85,8 +85,8 @@ def _time_round(fn, iters: int) -> float:
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    import dshal
-    from dshal import comm
+    import dshal  # lazy: start-up time: the launcher imports no torch, only its workers do
+    from dshal import comm  # lazy: start-up time: the launcher imports no torch, only its workers do
 
     dshal.use(backend="cpu", distributed={"timeout_s": 120})
     world = comm.init()
@@ -126,7 +126,7 @@ def _measure(args: argparse.Namespace, n: int, rows: list[dict]) -> None:
 
 
 def launch(args: argparse.Namespace, ranks: int) -> list[dict]:
-    from dshal.parallel.launch import LocalJob
+    from dshal.parallel.launch import LocalJob  # lazy: start-up time: torch loads only when ranks are launched
 
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker",
             "--sizes", ",".join(map(str, args.sizes)), "--collectives", ",".join(args.collectives),

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from dshal.backends import cpu_native
 from dshal.kernels import cpu as cpu_kernels
+from dshal.model import from_pretrained
+from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
 from dshal.ops.catalogue import SPECS
 
 CLOCK = time.perf_counter
@@ -184,8 +186,6 @@ def model_rows(rounds: int) -> list[tuple[str, float, float]]:
     sys.path.insert(0, str(Path(__file__).parent))
     from model_vs_hf import bench_args
 
-    from dshal.model import from_pretrained
-    from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
 
     args = bench_args()
     directory = Path(tempfile.mkdtemp(prefix="dshal-bench-"))

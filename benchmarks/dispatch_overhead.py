@@ -24,6 +24,8 @@ import timeit
 import torch
 
 import dshal
+from dshal.perf.measure import Recorder
+from dshal.perf.report import platform_info
 
 
 def per_call_us(
@@ -46,7 +48,6 @@ def per_call_us(
 
 
 def machine() -> str:
-    from dshal.perf.report import platform_info
 
     p = platform_info()
     return f"{p['cpu']}, {p['cores']} cores, torch {p['torch']}, Python {p['python']}"
@@ -89,7 +90,6 @@ def main() -> None:
     # ---- PROFILING HOOK OFF-COST: the profiling helper adds its row(s) here --------------
     # (time dshal.ops.rms_norm after a `with dshal.runtime.op_hook(...)` block has exited,
     #  and inside one, against the "dispatch" row above.)
-    from dshal.perf.instrument import Recorder
 
     recorder = Recorder(rt.backend.synchronize)  # dshal profile's op hook
     timed = {"on": lambda: dshal.ops.rms_norm(*inputs), "off": lambda: dshal.ops.rms_norm(*inputs),

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from dshal.kernels import cpu as cpu_kernels
 from dshal.model import RopeScaling, from_pretrained, tiny_args
 from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
 
@@ -181,7 +182,6 @@ def main() -> int:
             for name in models:
                 results[name][f"decode_{opts.new_tokens}_after_{prompt}_tok_s"] = 1.0 / gaps[name]
 
-    from dshal.kernels import cpu as cpu_kernels
 
     kernels = cpu_kernels.status()
     print(f"machine: {_machine()}; transformers {transformers.__version__}")

@@ -24,6 +24,8 @@ import torch
 
 import dshal
 from dshal.backends import cpu_native
+from dshal.model import from_pretrained, tiny_args
+from dshal.model.checkpoint import random_checkpoint, save_checkpoint
 
 
 def _median_s(fn: Callable[[], object], repeats: int) -> float:
@@ -53,8 +55,6 @@ def attention_rows(repeats: int) -> list[tuple[str, float, float]]:
 
 
 def load_rows(repeats: int) -> list[tuple[str, float, float]]:
-    from dshal.model import from_pretrained, tiny_args
-    from dshal.model.checkpoint import random_checkpoint, save_checkpoint
 
     args = tiny_args(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, vocab_size=4096)
     with tempfile.TemporaryDirectory() as folder:

@@ -73,3 +73,24 @@ def install_plugin(
     for module in modules:
         sys.modules.pop(module, None)
     REGISTRY.refresh()  # the next test discovers without these sites
+
+
+# ----------------------------------------------------------------- bad inputs of the ops
+class BadInput:
+    """One ``(call, error, fragment)`` of a test module's ``BAD`` list: ``call()`` must raise
+    ``error`` with ``fragment`` in its message."""
+
+    def __init__(self, call: Callable[[], object], error: type[BaseException], fragment: str):
+        self.call, self.error, self.fragment = call, error, fragment
+
+    def check(self) -> None:
+        with pytest.raises(self.error) as info:
+            self.call()
+        assert self.fragment in str(info.value)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes ``bad_input`` runs once per entry of its module's ``BAD`` list."""
+    if "bad_input" in metafunc.fixturenames:
+        bad = metafunc.module.BAD
+        metafunc.parametrize("bad_input", [BadInput(*b) for b in bad], ids=[f"bad{i}" for i in range(len(bad))])

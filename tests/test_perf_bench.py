@@ -18,11 +18,9 @@ from dshal.cli import main as cli
 from dshal.errors import ConfigError, DshalError
 from dshal.ops.catalogue import SPECS
 from dshal.ops.spec import Cost
-from dshal.perf.bench import input_set_count
-from dshal.perf.cases import load_shapes_file, shape_cases
+from dshal.perf.bench import input_set_count, load_shapes_file, shape_cases, torch_rival
+from dshal.perf.measure import Repeats, Stats, perf_counter_clock, place, resolve_peaks, time_calls
 from dshal.perf.report import read_report
-from dshal.perf.roofline import place, resolve_peaks
-from dshal.perf.timing import Repeats, Stats, perf_counter_clock, time_calls
 
 FAST = ["--warmup", "1", "--runs", "3", "--min-runs", "3", "--time-per-case", "0", "--threads", "1", "--no-progress"]
 
@@ -59,13 +57,14 @@ def test_bench_flops_and_bytes_match_independent_counts(bench_run):
     for case in report["cases"]:
         p, b = case["params"], case["providers"]["backend"]
         if case["op"] == "linear":
-            flops = 2 * p["M"] * p["N"] * p["K"]  # GEMM: one multiply + one add per (m, n, k)
+            flops = 2 * p["m"] * p["n"] * p["k"]  # GEMM: one multiply + one add per (m, n, k)
         else:
-            elems = p["T"] * p["H"]
-            flops = 4 * elems + (elems if p["residual"] else 0)  # square, sum, normalize, weight (+ residual add)
+            (t, h), residual = p["shape"], p.get("residual", False)
+            elems = t * h
+            flops = 4 * elems + (elems if residual else 0)  # square, sum, normalize, weight (+ residual add)
             size = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
             # reads x (and residual), writes y (and the sum), reads the weight once
-            moved = elems * size * (4 if p["residual"] else 2) + p["H"] * size
+            moved = elems * size * (4 if residual else 2) + h * size
             assert case["cost"]["bytes"] == moved
             assert b["bytes_per_s"] == pytest.approx(moved / b["median_s"], rel=1e-9)
         assert case["cost"]["flops"] == flops
@@ -106,10 +105,11 @@ def test_bench_ci_shapes_cover_every_op_and_finish(tmp_path):
 def test_full_shapes_use_deepseek_v3_dims():
     cases = shape_cases("full")
     assert {c.op for c in cases} == set(SPECS)
-    experts = next(c for c in cases if c.op == "moe_experts").params
-    assert (experts["H"], experts["I"], experts["E"], experts["top_k"]) == (7168, 2048, 256, 8)
-    decode = [c.params for c in cases if c.op == "attention" and c.params["Tq"] == 1]
-    assert decode and decode[0]["D"] == 512 + 64 and decode[0]["Hq"] == 128  # absorbed MLA: latent + rope
+    assert {c.label for c in shape_cases("ci")} < {c.label for c in cases}  # full includes the ci rows
+    experts = [c.params for c in cases if c.op == "moe_experts" and "full" in c.row.tiers and "ci" not in c.row.tiers]
+    assert [(p["h"], p["i"], p["e"], p["k"]) for p in experts] == [(7168, 2048, 256, 8)]
+    decode = [c.params for c in cases if c.op == "attention" and c.params["tq"] == 1 and c.params["hq"] == 128]
+    assert decode and decode[0]["d"] == 512 + 64 and decode[0]["hk"] == 1  # absorbed MLA: latent + rope
 
 
 def test_torch_direct_columns_compute_the_same_thing():
@@ -117,7 +117,7 @@ def test_torch_direct_columns_compute_the_same_thing():
     device = torch.device("cpu")
     found = 0
     for case in shape_cases("ci"):
-        direct = case.bench.direct(case.params)
+        direct = torch_rival(case)
         if direct is None:
             continue
         args, kwargs = case.inputs(device, 0)
@@ -187,23 +187,27 @@ def test_declared_peaks_are_used_and_missing_ones_measured():
 
 def test_shapes_file_loads(tmp_path):
     f = tmp_path / "shapes.yaml"
-    f.write_text("cases:\n  - {op: linear, M: 4, N: 8, K: 16}\n  - op: attention\n    Hq: 4\n    Tq: 8\n")
+    f.write_text("cases:\n  - {op: linear, m: 4, n: 8, k: 16, dtype: float32}\n  - op: attention\n    b: 1\n    hq: 4\n    tq: 8\n    d: 16\n")
     cases = load_shapes_file(f)
-    assert [c.label for c in cases] == ["linear(M=4, N=8, K=16)", "attention(Hq=4, Tq=8)"]
-    assert cases[1].params["Tk"] == 8 and cases[1].params["Hk"] == 4  # defaults follow Tq / Hq
+    assert [c.label for c in cases] == ["linear/m=4, n=8, k=16, dtype=float32", "attention/b=1, hq=4, tq=8, d=16"]
+    assert cases[0].params["dtype"] is torch.float32
+    _, kwargs = cases[1].inputs(torch.device("cpu"), 0)
+    assert kwargs["k"].shape == (1, 4, 8, 16) and kwargs["v"].shape == (1, 4, 8, 16)  # hk, tk, dv follow hq, tq, d
 
 
 @pytest.mark.parametrize(
     "text, line, words",
     [
-        ("cases:\n  - {op: linear, M: 4, N: 8, K: 16}\n  - {op: nope, M: 1}\n", 3, ["op", "'nope'", "linear"]),
-        ("cases:\n  - op: linear\n    M: 4\n    N: -8\n    K: 16\n", 4, ["N", "-8", ">= 1"]),
+        ("cases:\n  - {op: linear, m: 4, n: 8, k: 16}\n  - {op: nope, m: 1}\n", 3, ["op", "'nope'", "linear"]),
+        ("cases:\n  - op: linear\n    m: 4\n    n: -8\n    k: 16\n", 4, ["n", "-8", ">= 0"]),
+        ("cases:\n  - op: linear\n    n: 8\n    k: 16\n    weight: fp9\n", 5, ["weight", "'fp9'", "fp8-block", "float"]),
+        ("cases:\n  - op: linear\n    n: 8\n    k: 16\n    dtype: bf16\n", 5, ["dtype", "'bf16'", "bfloat16"]),
         (
-            "cases:\n  - op: rms_norm\n    T: 4\n    H: 8\n    colour: red\n",
-            5,
+            "cases:\n  - op: rms_norm\n    shape: [4, 8]\n    colour: red\n",
+            4,
             ["colour", "unknown parameter", "residual"],
         ),
-        ("cases:\n  - op: rms_norm\n    T: 4\n", 2, ["'H'"]),
+        ("cases:\n  - op: rms_norm\n    residual: true\n", 2, ["'shape'"]),
         ("shapes:\n  - {op: rms_norm}\n", 1, ["shapes", "'cases'"]),
         ("cases: [\n", 2, ["invalid YAML"]),
     ],
@@ -234,9 +238,9 @@ def test_bench_reports_a_failing_case_and_goes_on(tmp_path):
     shapes = tmp_path / "s.yaml"
     shapes.write_text(
         "cases:\n"
-        "  - {op: moe_experts, T: 2, H: 8, I: 4, E: 2, top_k: 4}\n"  # 4 distinct experts of 2: no inputs
-        "  - {op: moe_gate, T: 4, E: 6, n_group: 4}\n"  # 6 experts in 4 groups: ShapeError from the op
-        "  - {op: rms_norm, T: 4, H: 8}\n"
+        "  - {op: dequantize_fp8, shape: [4, 256], block: [0, 128]}\n"  # a zero block: no inputs
+        "  - {op: moe_gate, t: 4, e: 6, top_k: 2, n_group: 4, topk_group: 2, routed_scaling_factor: 1.0}\n"  # 6 experts in 4 groups: ShapeError from the op
+        "  - {op: rms_norm, shape: [4, 8]}\n"
     )
     rc = cli(["bench", "--backend", "cpu", "--shapes", str(shapes), "--output", str(tmp_path / "f.html"), *FAST])
     report = json.loads((tmp_path / "f.json").read_text())

@@ -12,7 +12,8 @@ import torch
 
 import dshal
 from dshal.cli import main as cli
-from dshal.perf.instrument import GLUE, PROFILER, Recorder, has_hooks
+from dshal.model import random_model, tiny_args
+from dshal.perf.measure import GLUE, PROFILER, Recorder, has_hooks
 from dshal.perf.profile import measure_off_overhead
 from dshal.perf.report import read_report
 from dshal.runtime import op_hook
@@ -85,7 +86,6 @@ def test_profile_attributes_ops_to_the_right_layers(profiled):
 def test_profile_counts_every_op_call():
     """The recorder sees exactly the calls an independent counting hook sees."""
     dshal.use(backend="cpu")
-    from dshal.model import random_model, tiny_args
 
     model = random_model(tiny_args(), seed=1)
     prompt = torch.randint(0, model.args.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
@@ -115,7 +115,6 @@ def test_profile_counts_every_op_call():
 
 def test_profile_memory_and_kv_cache(profiled):
     _, _, report = profiled
-    from dshal.model import tiny_args
 
     a = tiny_args()
     kv = report["memory"]["kv_cache"]
@@ -162,7 +161,6 @@ def test_profiling_off_leaves_bare_dispatch_and_no_hooks(profiled):
     assert all(v > 0 for v in ov["median_s"].values()) and ov["pairs"] == 3
 
     dshal.use(backend="cpu")
-    from dshal.model import random_model, tiny_args
 
     model = random_model(tiny_args(num_hidden_layers=2), seed=2)
     ids = torch.randint(0, model.args.vocab_size, (1, 4))

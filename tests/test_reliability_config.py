@@ -71,7 +71,7 @@ def test_config_file_that_is_a_folder_or_a_loop(tmp_path, clean_dshal_env):
 
 
 def test_bench_shapes_file_goes_through_the_same_bounded_loader(tmp_path):
-    from dshal.perf.cases import shape_cases
+    from dshal.perf.bench import shape_cases
 
     path = tmp_path / "shapes.yaml"
     path.write_text(ALIAS_BOMB.replace("backend: cpu", "cases: []"))

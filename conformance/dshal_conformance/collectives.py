@@ -30,6 +30,10 @@ from typing import Any
 
 import torch
 
+import dshal
+import dshal.comm as comm
+from dshal.errors import CommError
+from dshal.registry import REGISTRY
 from dshal_conformance.cases.base import TIERS, Case
 from dshal_conformance.judge import Verdict
 
@@ -151,9 +155,6 @@ def _worker(rank: int, world: int, backend: str, emulate: bool, names: list[str]
     results = _Results(scratch)
     report: dict[str, tuple[str, float | None, str]] = {}
     try:
-        import dshal
-        import dshal.comm as comm
-        from dshal.errors import CommError
 
         rt = dshal.use(backend=backend, emulate=emulate, fallback="error", distributed={"timeout_s": COMM_TIMEOUT_S})
         comm.init()
@@ -217,7 +218,6 @@ def device_shortfall(device_type: str, visible: int, world: int) -> str | None:
 
 def visible_devices(backend: str, emulate: bool) -> tuple[str, int]:
     """The device type ``backend`` computes on here and how many such devices are visible."""
-    from dshal.registry import REGISTRY
 
     info = REGISTRY.get(backend, emulate=emulate)
     device_type = info.backend.device_type if info.backend is not None else "cpu"

@@ -15,6 +15,10 @@ import sys
 import threading
 from pathlib import Path
 
+from dshal.errors import ArgumentError
+from dshal.outputs import check_writable
+from dshal_conformance import report, runner, waivers
+from dshal_conformance.cases import all_cases
 from dshal_conformance.runner import DEFAULT_CASE_TIMEOUT_S, DEFAULT_SEED, FULL_TIER_CASE_TIMEOUT_S
 
 
@@ -59,10 +63,6 @@ def main(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from dshal.errors import ArgumentError
-    from dshal.outputs import check_writable
-    from dshal_conformance import report, runner, waivers
-    from dshal_conformance.cases import all_cases
 
     console = Console(stderr=True)
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):

@@ -23,11 +23,19 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from dshal.config import REFERENCE_PROVIDER as REFERENCE  # the float64 oracle's side: every op on its reference
+from dshal.errors import ConfigError
+from dshal.model import CheckpointReader, DictReader, ModelArgs, build_model
+from dshal.perf.report import HtmlReport, Table, console, write_json
+from dshal.runtime import reset
+from dshal_conformance import modelcheck as mc
+from dshal_conformance.tolerances import model_tolerance
 
 SCHEMA = "dshal.diff/1"
 
@@ -50,16 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------ the comparison
 def _side(name: str, emulate: bool | None) -> Any:
-    from dshal_conformance import modelcheck as mc
 
     return mc.reference_runtime() if name == REFERENCE else mc.backend_runtime(name, emulate)
 
 
 def _common_precision(mode: str, a: Any, b: Any) -> Any:
     """``mode`` with one FP8 format both backends compute with (A's native E4M3 when B has it)."""
-    from dataclasses import replace
 
-    from dshal_conformance import modelcheck as mc
 
     precision = mc.precision_for(mode, a)
     if precision.fp8_format not in b.backend.fp8_formats():
@@ -69,8 +74,6 @@ def _common_precision(mode: str, a: Any, b: Any) -> Any:
 
 def _load(checkpoint: str | None) -> tuple[Any, Any, str]:
     """ModelArgs, a reader factory and a label of the checkpoint."""
-    from dshal.model import CheckpointReader, DictReader, ModelArgs
-    from dshal_conformance import modelcheck as mc
 
     if checkpoint:
         return ModelArgs.from_file(checkpoint), lambda: CheckpointReader(checkpoint), str(checkpoint)
@@ -80,9 +83,7 @@ def _load(checkpoint: str | None) -> tuple[Any, Any, str]:
 
 
 def _model(runtime: Any, args: Any, reader: Any, precision: Any, oracle: bool) -> Any:
-    from dataclasses import replace
 
-    from dshal.model import build_model
 
     runtime.activate()
     if oracle:
@@ -92,7 +93,6 @@ def _model(runtime: Any, args: Any, reader: Any, precision: Any, oracle: bool) -
 
 def _replay(runtime: Any, call: Any) -> tuple[torch.Tensor, ...]:
     """A's recorded inputs of ``call`` through ``runtime``'s provider of that op."""
-    from dshal_conformance import modelcheck as mc
 
     device = runtime.device
     place = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
@@ -104,8 +104,6 @@ def _replay(runtime: Any, call: Any) -> tuple[torch.Tensor, ...]:
 def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, precision: str = "high",
             prompt_len: int = 8, emulate: bool | None = None) -> dict[str, Any]:
     """Run both sides and return the comparison (the JSON ``dshal diff`` writes)."""
-    from dshal_conformance import modelcheck as mc
-    from dshal_conformance.tolerances import model_tolerance
 
     a_rt, b_rt = _side(backend_a, emulate), _side(backend_b, emulate)
     args, reader, label = _load(checkpoint)
@@ -122,7 +120,6 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
         b_rt.activate()  # replays of providers that call other ops reach B
         ops = _op_rows(a_trace, b_trace, b_rt, tol.drift)
     finally:
-        from dshal.runtime import reset
 
         reset()
     drifts = mc.layer_drifts(b_trace, a_trace)
@@ -158,7 +155,6 @@ def _order(v: float) -> float:
 
 
 def _op_rows(a: Any, b: Any, b_rt: Any, tol: float) -> list[dict[str, Any]]:
-    from dshal_conformance import modelcheck as mc
 
     b_calls = b.by_key()
     rows = []
@@ -242,7 +238,6 @@ OP_HEADERS = ["call", "layer", "op", "drift", "local drift", "", "worst at", "A 
 def print_result(result: dict[str, Any], top: int) -> None:
     from rich.table import Table as RichTable
 
-    from dshal.perf.report import console
 
     out = console()
     a, b = (s["name"] for s in result["backends"])
@@ -265,7 +260,6 @@ def print_result(result: dict[str, Any], top: int) -> None:
 
 
 def write_html(result: dict[str, Any], path: str, top: int) -> Path:
-    from dshal.perf.report import HtmlReport, Table
 
     a, b = (s["name"] for s in result["backends"])
     prec = result["precision"]
@@ -286,8 +280,6 @@ def write_html(result: dict[str, Any], path: str, top: int) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dshal.errors import ConfigError
-    from dshal.perf.report import write_json
 
     if len(args.backend) != 2:
         raise ConfigError(f"--backend: given {len(args.backend)} time(s), expected exactly 2 (A and B)")
@@ -305,8 +297,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _check_mode(mode: str) -> None:
-    from dshal.errors import ConfigError
-    from dshal_conformance import modelcheck as mc
 
     labels = mc.mode_labels()
     if mode not in labels and mode != "bf16":

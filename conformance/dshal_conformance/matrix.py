@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from dshal.errors import ConfigError
+from dshal.outputs import atomic_write, check_writable
+from dshal_conformance.report import load, summarize
 from dshal_conformance.legs import FAMILY_KINDS, html_tables as legs_html, leg_key, markdown as legs_markdown, parse_age, prepare as prepare_legs
 
 KIND_LABEL = {"hardware": "HW", "emulated": "EMU", "not-run": "NOT RUN"}
@@ -309,7 +312,6 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
 
 
 def _stale_after(args: argparse.Namespace) -> timedelta | None:
-    from dshal.errors import ConfigError
 
     if not getattr(args, "stale_after", None):
         return None
@@ -323,7 +325,6 @@ def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
     """Load ``paths`` (ReportError on a bad one), warning through ``warn(message)`` about a
     report given twice (kept once) and a summary that contradicts its own cases (the
     matrix counts the cases)."""
-    from dshal_conformance.report import load, summarize
 
     warn = warn or (lambda message: print(f"dshal matrix: warning: {message}", file=sys.stderr))
     reports: list[dict[str, Any]] = []
@@ -348,7 +349,6 @@ def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dshal.outputs import atomic_write, check_writable
 
     for flag in ("html", "markdown"):
         if getattr(args, flag):

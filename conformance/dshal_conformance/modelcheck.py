@@ -23,6 +23,13 @@ from typing import Any
 
 import torch
 
+from dshal.config import GEMM_MODES, REFERENCE_PROVIDER, PrecisionConfig, load_config
+from dshal.model import DictReader, build_model, tiny_args
+from dshal.model.checkpoint import random_checkpoint
+from dshal.ops.catalogue import SPECS
+from dshal.perf.measure import layer_modules
+from dshal.runtime import build_runtime, op_hook
+
 #: Seed of the suite's tiny checkpoint and prompt: fixed, so every report judges the same model.
 CHECKPOINT_SEED = 20251205
 #: Weight scale of the suite's checkpoint: large enough that logits have clear top-1 margins.
@@ -38,14 +45,12 @@ HIGH = "high"
 def suite_args(tier: str = "ci") -> Any:
     """ModelArgs of the suite's checkpoint: ``tiny_args()`` (3 layers: 1 dense, 2 MoE) for
     ci; 6 layers for full (more depth for drift to compound over)."""
-    from dshal.model import tiny_args
 
     return tiny_args() if tier == "ci" else tiny_args(num_hidden_layers=6)
 
 
 def suite_checkpoint(args: Any, seed: int = CHECKPOINT_SEED) -> dict[str, torch.Tensor]:
     """The fixed tiny checkpoint (official tensor names, float32), generated from ``seed``."""
-    from dshal.model.checkpoint import random_checkpoint
 
     return random_checkpoint(args, seed, CHECKPOINT_STD)
 
@@ -58,7 +63,6 @@ def suite_prompt(args: Any, length: int, seed: int = CHECKPOINT_SEED) -> torch.T
 def gemm_value(mode: str) -> str:
     """The ``precision.gemm`` config value of a mode label (``high`` is spelled ``bf16``
     where the config does not know ``high``)."""
-    from dshal.config import GEMM_MODES
 
     if mode == HIGH and HIGH not in GEMM_MODES:
         return "bf16"
@@ -68,7 +72,6 @@ def gemm_value(mode: str) -> str:
 def mode_labels() -> list[str]:
     """Every precision mode the config accepts, as labels: ``high`` once (``bf16`` is its
     alias), without ``auto`` (it means the checkpoint's own format, which is high here)."""
-    from dshal.config import GEMM_MODES
 
     out = [HIGH]
     out += [m for m in GEMM_MODES if m not in ("auto", "bf16", HIGH)]
@@ -95,7 +98,6 @@ def mode_unsupported(mode: str, runtime: Any, provided: frozenset[str]) -> str |
 def precision_for(mode: str, runtime: Any) -> Any:
     """The precision config of ``mode`` with the backend's native E4M3 spelled out, so the
     float64 reference quantizes weights to the same FP8 format as the backend."""
-    from dshal.config import PrecisionConfig
 
     return PrecisionConfig(gemm=gemm_value(mode), fp8_format=runtime.backend.native_e4m3())
 
@@ -104,9 +106,6 @@ def precision_for(mode: str, runtime: Any) -> Any:
 def reference_runtime() -> Any:
     """The float64 oracle's runtime: the cpu backend with every op overridden to its
     reference implementation (``ops: {op: reference}``), input checks included."""
-    from dshal.config import REFERENCE_PROVIDER, load_config
-    from dshal.ops.catalogue import SPECS
-    from dshal.runtime import build_runtime
 
     return build_runtime(load_config({"backend": "cpu", "ops": dict.fromkeys(SPECS, REFERENCE_PROVIDER)}))
 
@@ -114,8 +113,6 @@ def reference_runtime() -> Any:
 def backend_runtime(name: str, emulate: bool | None = None, config: Any = None) -> Any:
     """``name``'s runtime as a user gets it (``fallback: warn``: a missing op is served by
     the reference and shows in the providers); not activated."""
-    from dshal.config import load_config
-    from dshal.runtime import build_runtime
 
     overrides: dict[str, Any] = {"backend": name}
     if emulate is not None:
@@ -125,7 +122,6 @@ def backend_runtime(name: str, emulate: bool | None = None, config: Any = None) 
 
 def build(runtime: Any, args: Any, checkpoint: dict[str, torch.Tensor], precision: Any, dtype: torch.dtype | None = None) -> Any:
     """The model core on ``runtime`` (activated) from ``checkpoint``, in ``precision``."""
-    from dshal.model import DictReader, build_model
 
     runtime.activate()
     if dtype is not None:
@@ -223,8 +219,6 @@ class _Tracer:
 def trace(model: Any, input_ids: torch.Tensor, keep_inputs: bool = False) -> Trace:
     """One forward pass of ``model`` on the active runtime with every op call and every
     top-level layer recorded (hooks removed afterwards)."""
-    from dshal.perf.instrument import layer_modules
-    from dshal.runtime import op_hook
 
     tracer = _Tracer(keep_inputs)
     handles = []

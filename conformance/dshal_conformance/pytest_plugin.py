@@ -39,7 +39,7 @@ def _session(config: pytest.Config) -> Any:
     if session is None:
         from pathlib import Path
 
-        from dshal_conformance import runner, waivers
+        from dshal_conformance import runner, waivers  # lazy: start-up time of every pytest run (a pytest11 plugin)
 
         name = config.getoption("--dshal-backend")
         ops = config.getoption("--dshal-ops")
@@ -107,7 +107,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     from pathlib import Path
 
-    from dshal_conformance import report
+    from dshal_conformance import report  # lazy: start-up time of every pytest run (a pytest11 plugin)
 
     result = state.report()
     report.validate(result)

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
+import dshal
+from dshal.config import read_text_file
 from dshal.errors import DshalError
 from dshal.outputs import atomic_write
 from dshal_conformance import __version__
@@ -53,10 +55,11 @@ def summarize(cases: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def build(target: Any, options: Any, records: list[dict[str, Any]], started: datetime, duration_s: float) -> dict[str, Any]:
+def build(
+    target: Any, options: Any, records: list[dict[str, Any]], started: datetime, duration_s: float, versions: dict[str, Any]
+) -> dict[str, Any]:
+    """The report; ``versions``: triton, driver, runtime, python, host (the runner's ``versions(target)``)."""
     import torch  # here, not at the top: `dshal matrix` reads reports without torch
-
-    import dshal
 
     platform: dict[str, Any] = {"device": "not run", "arch": "", "torch": torch.__version__, "emulated": False}
     if target.runtime is not None:
@@ -64,9 +67,7 @@ def build(target: Any, options: Any, records: list[dict[str, Any]], started: dat
         platform.update(device=caps.device_name, arch=caps.arch, emulated=target.emulated)
     else:
         platform["not_run"] = target.not_run or "not run"
-    from dshal_conformance.runner import versions
-
-    platform.update(versions(target))  # triton, driver, runtime, python, host
+    platform.update(versions)  # triton, driver, runtime, python, host
     return {
         "schema": SCHEMA_ID,
         "backend": target.name,
@@ -160,7 +161,6 @@ def load(path: str | Path) -> dict[str, Any]:
     file and what is wrong with it."""
     import jsonschema
 
-    from dshal.config import read_text_file
 
     try:
         _, text = read_text_file(path, "conformance report")

@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from dshal_conformance import __version__
+import dshal
+from dshal.config import load_config
+from dshal.errors import BackendUnavailableError, PluginLoadError
+from dshal.ops.catalogue import SPECS
+from dshal.registry import REGISTRY
+from dshal.runtime import build_runtime, reset
+from dshal_conformance import __version__, report
+from dshal_conformance.collectives import run_group
 from dshal_conformance.cases import all_cases, case_seed
 from dshal_conformance.cases.base import Case, Context, Outcome, fail_all
 from dshal_conformance.judge import Verdict
@@ -68,10 +75,6 @@ class Target:
 def resolve(name: str, emulate: bool | None = None, determinism: str | None = None) -> Target:
     """Load backend ``name`` as a user would (``fallback: error``); a backend that cannot
     run here becomes a Target with ``not_run`` set instead of raising."""
-    from dshal.config import load_config
-    from dshal.errors import BackendUnavailableError, PluginLoadError
-    from dshal.registry import REGISTRY
-    from dshal.runtime import build_runtime
 
     overrides: dict[str, Any] = {"backend": name, "fallback": "error"}
     if emulate is not None:
@@ -108,7 +111,6 @@ def select(cases: Iterable[Case], options: Options) -> list[Case]:
 def capability_cases() -> list[Case]:
     """``capability/<op>``: a declared op must be served by the backend itself; an
     undeclared one must raise UnsupportedOpError (never a silent fallback)."""
-    from dshal.ops.catalogue import SPECS
 
     out = []
     for op in SPECS:
@@ -128,7 +130,7 @@ def capability_cases() -> list[Case]:
     return out
 
 
-def _with_timeout(fn: Callable[[], list[Outcome]], timeout_s: float, suffixes: Sequence[str]) -> list[Outcome]:
+def with_timeout(fn: Callable[[], list[Outcome]], timeout_s: float, suffixes: Sequence[str]) -> list[Outcome]:
     """Run ``fn`` in a daemon thread; a case that does not finish in time is an error
     (the thread is abandoned; the suite goes on)."""
     box: dict[str, Any] = {}
@@ -243,7 +245,6 @@ class Session:
 
     def run_collectives(self, world: int, group: list[Case], on_record: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
         """Run the collective cases of one world size in one group of rank processes."""
-        from dshal_conformance.collectives import run_group
 
         out: list[dict[str, Any]] = []
         runnable = []
@@ -268,9 +269,8 @@ class Session:
         return out
 
     def report(self) -> dict[str, Any]:
-        from dshal_conformance import report
-
-        return report.build(self.target, self.options, self.records, self.started, time.perf_counter() - self._t0)
+        duration_s = time.perf_counter() - self._t0
+        return report.build(self.target, self.options, self.records, self.started, duration_s, versions(self.target))
 
 
 def run(target: Target, options: Options) -> dict[str, Any]:
@@ -291,8 +291,6 @@ def run(target: Target, options: Options) -> dict[str, Any]:
                 bar.start(group[0])
                 session.run_collectives(world, group, lambda rec: bar.done([rec]))
     finally:
-        from dshal.runtime import reset
-
         reset()
     return session.report()
 
@@ -324,7 +322,7 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
     body = case.body
     if body is None:
         raise ValueError(f"case {case.id!r} has no body (collective cases run through Session.run_collectives)")
-    outcomes = _with_timeout(lambda: body(ctx), options.case_timeout_s, case.suffixes)
+    outcomes = with_timeout(lambda: body(ctx), options.case_timeout_s, case.suffixes)
     duration = time.perf_counter() - t0
     records = []
     for o in outcomes:  # a waiver is used where the judge applied one of its thresholds
@@ -381,7 +379,6 @@ def environment(target: Target) -> dict[str, Any]:
     """Device, driver/runtime versions, torch, suite version, git commit (for bundles)."""
     import subprocess
 
-    import dshal
 
     env: dict[str, Any] = {
         "backend": target.name,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dshal.config import read_yaml
 from dshal.errors import ConfigError
 from dshal_conformance.tolerances import CLOSENESS_METRIC, THRESHOLDS
 
@@ -56,7 +57,6 @@ class Waiver:
 
 def load(path: str | Path) -> list[Waiver]:
     """Parse and validate a waivers file; errors name the file and the entry."""
-    from dshal.config import read_yaml  # the config loader: bounded YAML, file:line errors
 
     path = Path(path)
     data = read_yaml(path, "waivers file").data or {}

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dshal_conformance import runner
+from dshal.registry import REGISTRY
 
 HERE = Path(__file__).resolve().parent
 
@@ -15,7 +17,6 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="session")
 def cpu_report() -> dict:
     """The cpu backend's full ci-tier report (collectives included), run once per session."""
-    from dshal_conformance import runner
 
     return runner.run(runner.resolve("cpu"), runner.Options(tier="ci", progress=False))
 
@@ -43,7 +44,6 @@ def wrong_backend_installed(wrong_backend_path: list[str]):
 def _installed(paths: list[str]) -> Iterator[None]:
     """The ``wrong`` plugin is discoverable inside the block only (also by the collective
     rank processes, which inherit sys.path), so other tests never see it."""
-    from dshal.registry import REGISTRY
 
     sys.path[:0] = paths
     REGISTRY.refresh()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dshal import cli
+from dshal_conformance.runner import with_timeout
 
 
 def test_cli_writes_reports_and_reproduces_one_case(tmp_path: Path, capsys) -> None:
@@ -52,9 +53,8 @@ def test_pytest_plugin_runs_the_suite_in_a_vendor_repo(tmp_path: Path, wrong_bac
 def test_a_hanging_case_is_an_error_not_a_hang() -> None:
     import threading
 
-    from dshal_conformance.runner import _with_timeout
 
     release = threading.Event()
-    outcomes = _with_timeout(lambda: release.wait(30) and [], 0.2, ("",))
+    outcomes = with_timeout(lambda: release.wait(30) and [], 0.2, ("",))
     release.set()
     assert outcomes[0].verdict.status == "error" and "timed out after 0.2 s" in outcomes[0].verdict.reason

@@ -11,6 +11,7 @@ import pytest
 
 from dshal_conformance import report, runner
 from dshal_conformance.cases import all_cases
+from dshal.ops.catalogue import SPECS
 
 
 def test_cpu_backend_passes_the_ci_tier(cpu_report: dict) -> None:
@@ -29,7 +30,6 @@ def test_cpu_backend_passes_the_ci_tier(cpu_report: dict) -> None:
 
 
 def test_every_op_and_collective_is_covered(cpu_report: dict) -> None:
-    from dshal.ops.catalogue import SPECS
 
     ops = {c["op"] for c in cpu_report["cases"] if c["kind"] in ("accuracy", "edge")}
     assert set(SPECS) <= ops

@@ -13,6 +13,7 @@ from dshal.runtime import build_runtime
 from dshal_conformance import report, runner
 from dshal_conformance.cases.base import Context
 from dshal_conformance.cases.determinism import OPS, run_op
+from dshal import cli
 
 FAMILY_OPS = {"linear", "fp8_gemm", "rms_norm", "attention", "moe_experts"}
 
@@ -85,7 +86,6 @@ def test_strict_cpu_is_deterministic_and_batch_invariant_for_every_op() -> None:
 def test_command_line_strict_mode(tmp_path) -> None:  # noqa: ANN001
     import json
 
-    from dshal import cli
 
     args = ["conformance", "--backend", "cpu", "--case", "determinism/fp8_gemm/*", "--report-dir", str(tmp_path), "--quiet"]
     assert cli.main([*args, "--determinism", "strict"]) == 0

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from dshal_conformance.cases.base import Context
-from dshal_conformance.cases.graph import _host_sync, _replay, _tables
+from dshal_conformance.cases.graph import first_row, judge_host_sync, judge_replay
 
 from dshal.config import load_config
 from dshal.ops.catalogue import SPECS
@@ -38,8 +38,7 @@ def emulated_nvidia():
 def test_emulated_op_paths_do_no_host_sync(emulated_nvidia) -> None:  # noqa: ANN001
     ctx = _context(emulated_nvidia)
     for op in ("linear", "rms_norm", "attention", "moe_experts", "fp8_gemm"):
-        row, build = _tables()[op]
-        v = _host_sync(ctx, op, row, build, emulated_nvidia)
+        v = judge_host_sync(ctx, op, first_row(op), emulated_nvidia)
         assert v.status == "pass" and v.value == 0.0, (op, v.reason)
 
 
@@ -52,8 +51,7 @@ def _syncing_rms_norm(x, weight, eps=1e-6, residual=None):
 
 def test_a_planted_host_sync_is_a_finding_with_its_call_site(emulated_nvidia) -> None:  # noqa: ANN001
     table = dict(emulated_nvidia.table, rms_norm=SPECS["rms_norm"].checked(_syncing_rms_norm))
-    row, build = _tables()["rms_norm"]
-    v = _host_sync(_context(emulated_nvidia, table), "rms_norm", row, build, emulated_nvidia)
+    v = judge_host_sync(_context(emulated_nvidia, table), "rms_norm", first_row("rms_norm"), emulated_nvidia)
     assert v.status == "unsupported" and v.finding == "host-sync" and v.value == 1.0
     assert "test_conformance_graph.py" in v.reason and "_syncing_rms_norm" in v.reason
     assert v.details["events"][0]["what"] == "Tensor.__float__"
@@ -103,9 +101,9 @@ class _Backend:
 @pytest.mark.parametrize("op", ["rms_norm", "linear", "moe_experts"])
 def test_replay_judgement_passes_a_faithful_replay_and_fails_a_stale_one(op: str) -> None:
     rt = build_runtime(load_config({}, backend="cpu")).activate()
-    row, build = _tables()[op]
-    good = _replay(_context(rt), op, row, build, _Backend(stale=False))
+    row = first_row(op)
+    good = judge_replay(_context(rt), op, row, _Backend(stale=False))
     assert good.status == "pass", good.reason
     assert "replay-new-data" in good.reason
-    bad = _replay(_context(rt), op, row, build, _Backend(stale=True))
+    bad = judge_replay(_context(rt), op, row, _Backend(stale=True))
     assert bad.status == "fail" and bad.metric.startswith("replay-new-data")

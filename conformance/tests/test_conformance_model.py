@@ -8,6 +8,10 @@ import json
 import pytest
 
 from dshal_conformance import runner
+from dshal.cli import main
+from dshal_conformance.diff import compare
+from dshal.model.checkpoint import save_checkpoint
+from dshal_conformance import modelcheck as mc
 
 
 def _by_id(rep: dict) -> dict:
@@ -61,7 +65,6 @@ def test_model_family_catches_the_compounding_bias(biased_reports: tuple[dict, d
 
 
 def test_diff_names_linear_in_the_first_drifting_layer(biased_backend_installed, tmp_path) -> None:  # noqa: ANN001
-    from dshal.cli import main
 
     out = tmp_path / "diff.json"
     page = tmp_path / "diff.html"
@@ -82,14 +85,12 @@ def test_diff_names_linear_in_the_first_drifting_layer(biased_backend_installed,
 
 
 def test_diff_rejects_one_backend() -> None:
-    from dshal.cli import main
 
     assert main(["diff", "--backend", "cpu"]) == 1
 
 
 def test_diff_cpu_against_emulated_nvidia_agrees(tmp_path) -> None:  # noqa: ANN001
     """Across vendors here: the nvidia plugin's own kernels (Triton interpreter) against cpu."""
-    from dshal_conformance.diff import compare
 
     result = compare("cpu", "nvidia", emulate=True, prompt_len=4)
     assert result["backends"][1]["emulated"] is True
@@ -99,9 +100,6 @@ def test_diff_cpu_against_emulated_nvidia_agrees(tmp_path) -> None:  # noqa: ANN
 
 def test_diff_reads_a_checkpoint_directory_and_the_float64_reference(tmp_path) -> None:  # noqa: ANN001
     """``--checkpoint DIR`` (a Hugging Face layout on disk) against ``reference``, the float64 oracle."""
-    from dshal.model.checkpoint import save_checkpoint
-    from dshal_conformance import modelcheck as mc
-    from dshal_conformance.diff import compare
 
     args = mc.suite_args("ci")
     save_checkpoint(tmp_path / "ckpt", args, mc.suite_checkpoint(args))

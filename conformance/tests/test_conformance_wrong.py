@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dshal_conformance import runner, waivers
+from dshal.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,6 @@ def test_waivers_skip_and_loosen_and_are_listed(wrong_backend_installed, tmp_pat
 
 
 def test_a_waiver_without_a_reason_is_refused(tmp_path) -> None:
-    from dshal.errors import ConfigError
 
     path = tmp_path / "w.yaml"
     path.write_text("waivers:\n  - match: 'rms_norm/*'\n    skip: true\n")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dshal.errors import ShapeError
+from dshal.ops.examples import Draw, Example, fill_pattern
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_tensor, op_spec
 
 
@@ -31,3 +32,30 @@ def _silu_and_mul_cost(x):
     n = x.numel()
     # silu ~ 4 flops (exp, add, divide, multiply) + 1 multiply per output element.
     return Cost(flops=5 * (n // 2), bytes=n * x.element_size() * 3 // 2)
+
+
+# ---------------------------------------------------------------- examples
+BF16, F32, F16 = torch.bfloat16, torch.float32, torch.float16
+#: ``shape`` is x's ([..., 2 x intermediate]). Full-tier and bench widths are DeepSeek-V3's:
+#: MoE intermediate 2048, dense intermediate 18432.
+SILU_AND_MUL_ROWS = [
+    dict(name="bf16/T4x2x256", dtype=BF16, shape=(4, 512)),
+    dict(name="f32/T3x2x128", dtype=F32, shape=(3, 256)),
+    dict(name="f16/2x3x2x64", dtype=F16, shape=(2, 3, 128)),
+    dict(name="bf16/M1", kind="edge", dtype=BF16, shape=(1, 256)),
+    dict(name="bf16/M0", kind="edge", dtype=BF16, shape=(0, 256)),
+    dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, shape=(4, 256), noncontiguous=("x",)),
+    dict(name="f32/nan_inf", kind="edge", dtype=F32, shape=(4, 256), values="nan_inf"),
+    dict(name="f32/subnormal", kind="edge", dtype=F32, shape=(2, 256), values="subnormal"),
+    dict(name="bf16/moe/T4096x2x2048", tier="full", dtype=BF16, shape=(4096, 4096)),
+    dict(name="bf16/dense/T1024x2x18432", tier="full", dtype=BF16, shape=(1024, 36864)),
+    # bench
+    dict(name="bench/bf16/T64x2x1024", kind="bench", dtype=BF16, shape=(64, 2048)),
+    dict(name="bench/bf16/dense/T4096x2x18432", kind="bench", tier="full", dtype=BF16, shape=(4096, 36864)),
+]
+
+
+@silu_and_mul.examples(SILU_AND_MUL_ROWS)
+def _silu_and_mul_example(draw: Draw, p) -> Example:
+    x = fill_pattern(draw.randn(*p["shape"], dtype=p.get("dtype", BF16), scale=2.0), p.get("values"))
+    return Example({"x": x})

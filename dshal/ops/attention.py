@@ -10,6 +10,7 @@ import torch
 from dataclasses import dataclass
 
 from dshal.errors import ArgumentError, ShapeError
+from dshal.ops.examples import Draw, Example
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
 
 
@@ -187,3 +188,65 @@ def _attention_cost(q, k, v, causal=True, scale=None, window=None, global_tokens
     flops = 2 * batch * hq * pairs * (d + dv)
     moved = sum(t.numel() for t in (q, k, v)) * q.element_size() + batch * hq * tq * dv * q.element_size()
     return Cost(flops=flops, bytes=moved)
+
+
+# ---------------------------------------------------------------- examples
+BF16, F32 = torch.bfloat16, torch.float32
+#: ``b, hq, tq, d`` (``hk`` = hq, ``tk`` = tq, ``dv`` = d unless given) and the op's keywords.
+#: ``nan``: (tensor, index) pairs to poison with ``value`` (default NaN). Full and bench rows
+#: are DeepSeek-V3's MLA: 128 heads, q/k head dim 192 = 128 + rope 64, v head dim 128;
+#: absorbed decode attends one shared latent head (kv_lora 512 + rope 64, values 512).
+ATTENTION_ROWS = [
+    dict(name="bf16/causal/B1xH4xT64xD64", dtype=BF16, b=1, hq=4, hk=4, tq=64, tk=64, d=64),
+    dict(name="f32/causal/gqa/B2xHq8xHk2xT32xD32", dtype=F32, b=2, hq=8, hk=2, tq=32, tk=32, d=32),
+    dict(name="bf16/noncausal/B1xH2xT48xD64", dtype=BF16, b=1, hq=2, hk=2, tq=48, tk=48, d=64, causal=False),
+    dict(name="bf16/prefill-with-cache/Tq16xTk96", dtype=BF16, b=1, hq=4, hk=4, tq=16, tk=96, d=64),
+    dict(name="bf16/mla-dims/D96xDv64", dtype=BF16, b=1, hq=4, hk=4, tq=32, tk=32, d=96, dv=64),
+    dict(name="f32/scale0.3", dtype=F32, b=1, hq=2, hk=2, tq=32, tk=32, d=32, scale=0.3),
+    dict(name="bf16/window16/T96", dtype=BF16, b=1, hq=4, hk=4, tq=96, tk=96, d=64, window=16),
+    dict(name="f32/window8+global4/T64", dtype=F32, b=1, hq=2, hk=1, tq=64, tk=64, d=32, window=8, global_tokens=4),
+    dict(name="f32/noncausal-window8/T48", dtype=F32, b=1, hq=2, hk=2, tq=48, tk=48, d=32, causal=False, window=8),
+    dict(name="bf16/decode-window32/Tq1xTk128", dtype=BF16, b=2, hq=4, hk=4, tq=1, tk=128, d=64, window=32),
+    dict(name="bf16/decode/M1/Tq1xTk128", kind="edge", dtype=BF16, b=2, hq=4, hk=2, tq=1, tk=128, d=64),
+    dict(name="bf16/M0/Tq0", kind="edge", dtype=BF16, b=1, hq=2, hk=2, tq=0, tk=16, d=64),
+    dict(name="bf16/Tq>Tk-unseen-queries", kind="edge", dtype=BF16, b=1, hq=2, hk=2, tq=24, tk=16, d=64),
+    dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, b=1, hq=4, hk=4, tq=32, tk=32, d=64, noncontiguous=("q", "v")),
+    # Non-finite inputs (the op's contract): keys a query does not see never reach it; a NaN
+    # it sees propagates (row for q/k, column for v).
+    dict(name="f32/nan-in-visible-key/causal", kind="edge", dtype=F32, b=1, hq=2, hk=2, tq=16, tk=16, d=32, nan=[("k", (0, 1, 5, 3))]),
+    dict(name="f32/nan-in-hidden-key/window4", kind="edge", dtype=F32, b=1, hq=2, hk=2, tq=16, tk=16, d=32, window=4, nan=[("k", (0, 0, 2, 0))]),
+    dict(name="f32/inf-in-values/window4+global2/gqa", kind="edge", dtype=F32, b=1, hq=4, hk=2, tq=16, tk=16, d=32, window=4, global_tokens=2,
+         nan=[("v", (0, 0, 1, 7)), ("v", (0, 1, 9, 0)), ("v", (0, 1, 14, 3))], value=float("inf")),
+    dict(name="f32/nan-in-query/noncausal-window3", kind="edge", dtype=F32, b=1, hq=2, hk=2, tq=12, tk=12, d=32, causal=False, window=3,
+         nan=[("q", (0, 1, 4, 0)), ("k", (0, 0, 11, 2))]),
+    dict(name="bf16/nan-in-key/decode/Tq1xTk64/gqa", kind="edge", dtype=BF16, b=2, hq=4, hk=2, tq=1, tk=64, d=64, nan=[("k", (1, 0, 40, 5))]),
+    dict(name="bf16/nan-in-key/decode-window16/Tq1xTk64", kind="edge", dtype=BF16, b=1, hq=2, hk=2, tq=1, tk=64, d=64, window=16,
+         nan=[("k", (0, 0, 10, 5)), ("v", (0, 1, 60, 1))]),
+    dict(name="bf16/mla/prefill/H128xT1024xD192xDv128", tier="full", dtype=BF16, b=1, hq=128, hk=128, tq=1024, tk=1024, d=192, dv=128),
+    dict(name="bf16/mla/decode/H128xTk4096xD192xDv128", tier="full", dtype=BF16, b=4, hq=128, hk=128, tq=1, tk=4096, d=192, dv=128),
+    dict(name="bf16/mla/window512/H128xT2048", tier="full", dtype=BF16, b=1, hq=128, hk=128, tq=2048, tk=2048, d=192, dv=128, window=512, global_tokens=16),
+    # bench
+    dict(name="bench/bf16/causal/B1xH8xT128xD64", kind="bench", dtype=BF16, b=1, hq=8, tq=128, d=64),
+    dict(name="bench/bf16/decode/B4xHq16xHk1xTk256xD96xDv64", kind="bench", dtype=BF16, b=4, hq=16, hk=1, tq=1, tk=256, d=96, dv=64),
+    dict(name="bench/bf16/mla/prefill/H128xT4096xD192xDv128", kind="bench", tier="full", dtype=BF16, b=1, hq=128, tq=4096, d=192, dv=128),
+    dict(name="bench/bf16/mla/absorbed-decode/B64xHq128xHk1xTk4096xD576xDv512", kind="bench", tier="full", dtype=BF16,
+         b=64, hq=128, hk=1, tq=1, tk=4096, d=576, dv=512),
+]
+
+
+@attention.examples(ATTENTION_ROWS)
+def _attention_example(draw: Draw, p) -> Example:
+    b, hq, tq, d = p["b"], p["hq"], p["tq"], p["d"]
+    hk, tk, dv, dtype = p.get("hk", hq), p.get("tk", tq), p.get("dv", d), p.get("dtype", BF16)
+    kw = {
+        "q": draw.randn(b, hq, tq, d, dtype=dtype),
+        "k": draw.randn(b, hk, tk, d, dtype=dtype),
+        "v": draw.randn(b, hk, tk, dv, dtype=dtype),
+        "causal": p.get("causal", True),
+        "scale": p.get("scale"),
+        "window": p.get("window"),
+        "global_tokens": p.get("global_tokens", 0),
+    }
+    for name, index in p.get("nan", ()):
+        kw[name][tuple(index)] = p.get("value", float("nan"))
+    return Example(kw)

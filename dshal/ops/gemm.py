@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from dshal.errors import ArgumentError, DTypeError, ShapeError
+from dshal.ops.examples import Draw, Example, fill_pattern
 from dshal.ops.quant import (
     FP8_DTYPE_LIST,
     SCALE_DTYPES,
-    _quantize_fp8_reference,
-    _quantize_int8_reference,
     check_out_dtype,
     compute_dtype,
     dequantize_to,
+    quantize_fp8,
+    quantize_int8,
 )
 from dshal.ops.spec import FLOAT_DTYPES, FP8_FORMAT_OF, Cost, check_dim, check_same_device, check_tensor, op_spec
 
@@ -213,10 +214,10 @@ def _linear_quantized(
     same quantized activations instead of dequantizing the weight again."""
     mode = weight_quant_mode("linear", weight, weight_scale)
     if weight.dtype == torch.int8:
-        xq, xs = _quantize_int8_reference(x2)
+        xq, xs = quantize_int8.reference_impl(x2)
         return _int8_gemm_reference(xq, xs, weight, weight_scale, acc)
     x_block = GRANULARITY_BLOCKS[mode][0]
-    xq, xs = _quantize_fp8_reference(x2, x_block, FP8_FORMAT_OF[weight.dtype])
+    xq, xs = quantize_fp8.reference_impl(x2, x_block, FP8_FORMAT_OF[weight.dtype])
     if dense is not None:
         return dequantize_to(xq, xs, x_block, acc) @ dense.to(acc).T
     return _fp8_gemm_reference(xq, xs, weight, weight_scale.reshape(()) if mode == "tensor" else weight_scale, acc)
@@ -250,3 +251,127 @@ def _linear_cost(x, weight, bias=None, weight_scale=None):
     moved = x.numel() * x.element_size() + weight.numel() * weight.element_size() + m * n * x.element_size()
     moved += sum(t.numel() * t.element_size() for t in (bias, weight_scale) if t is not None)
     return Cost(flops=2 * m * n * k + (m * n if bias is not None else 0), bytes=moved)
+
+
+# ---------------------------------------------------------------- examples
+BF16, F32 = torch.bfloat16, torch.float32
+#: DeepGEMM's GEMM benchmark shapes (N, K) and Ms: the full tier of fp8_gemm.
+DEEPGEMM_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+DEEPGEMM_M = [1, 64, 128, 4096]
+
+#: ``m, n, k``; ``granularity`` picks the scale layout (GRANULARITY_BLOCKS); ``dtype`` is the output's.
+FP8_GEMM_ROWS = [
+    dict(name="block/bf16/M128xN256xK256", dtype=BF16, m=128, n=256, k=256, granularity="block"),
+    dict(name="block/f32/M64xN128xK256", dtype=F32, m=64, n=128, k=256, granularity="block"),
+    dict(name="rowwise/bf16/M32xN64xK256", dtype=BF16, m=32, n=64, k=256, granularity="row"),
+    dict(name="tensorwise/bf16/M32xN64xK256", dtype=BF16, m=32, n=64, k=256, granularity="tensor"),
+    dict(name="block/M1", kind="edge", dtype=BF16, m=1, n=256, k=256, granularity="block"),
+    dict(name="block/M0", kind="edge", dtype=BF16, m=0, n=128, k=256, granularity="block"),
+    dict(name="block/K200-partial-block", kind="edge", dtype=BF16, m=16, n=128, k=200, granularity="block"),
+    dict(name="block/N200-partial-block", kind="edge", dtype=BF16, m=16, n=200, k=256, granularity="block"),
+    dict(name="block/noncontiguous", kind="edge", dtype=BF16, m=32, n=128, k=256, granularity="block", noncontiguous=("a",)),
+    dict(name="block/zero-rows", kind="edge", dtype=BF16, m=32, n=128, k=256, granularity="block", values="zero_rows"),
+    *(
+        dict(name=f"block/deepgemm/M{m}xN{n}xK{k}", tier="full", dtype=BF16, m=m, n=n, k=k, granularity="block")
+        for n, k in DEEPGEMM_NK
+        for m in DEEPGEMM_M
+    ),
+    # bench (full: the dense down_proj of DeepSeek-V3, N 7168 x K 18432, at a 4096-token prefill)
+    dict(name="bench/block/M64xN256xK512", kind="bench", dtype=BF16, m=64, n=256, k=512, granularity="block"),
+    dict(name="bench/rowwise/M64xN256xK512", kind="bench", dtype=BF16, m=64, n=256, k=512, granularity="row"),
+    dict(name="bench/block/M4096xN7168xK18432", kind="bench", tier="full", dtype=BF16, m=4096, n=7168, k=18432, granularity="block"),
+    dict(name="bench/rowwise/M4096xN7168xK18432", kind="bench", tier="full", dtype=BF16, m=4096, n=7168, k=18432, granularity="row"),
+]
+
+
+@fp8_gemm.examples(FP8_GEMM_ROWS)
+def _fp8_gemm_example(draw: Draw, p) -> Example:
+    """Quantized from float32 draws, which ride along as ``extras`` (``a_f``, ``b_f``)."""
+    m, n, k = p["m"], p["n"], p["k"]
+    fmt = draw.fp8(p.get("fmt", "e4m3"))
+    a_f = fill_pattern(draw.randn(m, k), p.get("values"))
+    b_f = draw.randn(n, k)
+    a_block, b_block = GRANULARITY_BLOCKS[p.get("granularity", "block")]
+    a, a_scale = quantize_fp8.reference_impl(a_f, a_block, fmt, None)
+    b, b_scale = quantize_fp8.reference_impl(b_f, b_block, fmt, None)
+    kw = {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "out_dtype": p.get("dtype", BF16)}
+    return Example(kw, extras={"a_f": a_f, "b_f": b_f})
+
+
+INT8_GEMM_ROWS = [
+    dict(name="bf16/M32xN64xK256", dtype=BF16, m=32, n=64, k=256),
+    dict(name="f32/M16xN128xK200", dtype=F32, m=16, n=128, k=200),
+    dict(name="M1", kind="edge", dtype=BF16, m=1, n=64, k=256),
+    dict(name="M0", kind="edge", dtype=BF16, m=0, n=64, k=256),
+    dict(name="noncontiguous", kind="edge", dtype=BF16, m=16, n=64, k=256, noncontiguous=("a",)),
+    dict(name="bf16/M4096xN7168xK2048", tier="full", dtype=BF16, m=4096, n=7168, k=2048),
+    dict(name="bf16/M128xN2112xK7168", tier="full", dtype=BF16, m=128, n=2112, k=7168),
+    # bench
+    dict(name="bench/bf16/M64xN256xK512", kind="bench", dtype=BF16, m=64, n=256, k=512),
+    dict(name="bench/bf16/M4096xN7168xK18432", kind="bench", tier="full", dtype=BF16, m=4096, n=7168, k=18432),
+]
+
+
+@int8_gemm.examples(INT8_GEMM_ROWS)
+def _int8_gemm_example(draw: Draw, p) -> Example:
+    a, a_scale = quantize_int8.reference_impl(draw.randn(p["m"], p["k"]))
+    b, b_scale = quantize_int8.reference_impl(draw.randn(p["n"], p["k"]))
+    return Example({"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "out_dtype": p.get("dtype", BF16)})
+
+
+#: ``lead`` (x's leading dims) or ``m``; ``weight``: float (x's dtype), fp8-block, fp8-row or
+#: int8. Full and bench rows are DeepSeek-V3's projections (hidden 7168, q_lora 1536,
+#: 128 heads x 192 / x 128, dense intermediate 18432, vocab 129280).
+LINEAR_ROWS = [
+    dict(name="bf16/M4xN256xK256", dtype=BF16, m=4, n=256, k=256),
+    dict(name="bf16/bias/M4xN128xK256", dtype=BF16, m=4, n=128, k=256, bias=True),
+    dict(name="f32/3d/B2xT3xN64xK128", dtype=F32, lead=(2, 3), n=64, k=128, bias=True),
+    dict(name="f16/M8xN64xK128", dtype=torch.float16, m=8, n=64, k=128),
+    dict(name="fp8-block/bf16/M16xN256xK256", dtype=BF16, m=16, n=256, k=256, weight="fp8-block"),
+    dict(name="fp8-block/bias/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="fp8-block", bias=True),
+    dict(name="fp8-row/bf16/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="fp8-row"),
+    dict(name="int8/bf16/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="int8"),
+    dict(name="bf16/M1", kind="edge", dtype=BF16, m=1, n=128, k=256),
+    dict(name="bf16/M0", kind="edge", dtype=BF16, m=0, n=128, k=256),
+    dict(name="fp8-block/M1", kind="edge", dtype=BF16, m=1, n=128, k=256, weight="fp8-block"),
+    dict(name="fp8-block/K200-partial-block", kind="edge", dtype=BF16, m=8, n=128, k=200, weight="fp8-block"),
+    dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, m=8, n=128, k=256, noncontiguous=("x",)),
+    dict(name="f32/nan_inf", kind="edge", dtype=F32, m=4, n=64, k=128, values="nan_inf"),
+    # One row (a decode step's projections), K not a multiple of any vector width.
+    dict(name="f32/decode/M1xN256xK200", dtype=F32, m=1, n=256, k=200),
+    dict(name="f32/decode/bias/B1xT1xN96xK256", dtype=F32, lead=(1, 1), n=96, k=256, bias=True),
+    dict(name="f32/decode/nan_inf", kind="edge", dtype=F32, m=1, n=64, k=128, values="nan_inf"),
+    dict(name="fp8-block/f32/decode/M1xN200xK200-partial-blocks", dtype=F32, m=1, n=200, k=200, weight="fp8-block", bias=True),
+    dict(name="bf16/q_a_proj/M4096xN1536xK7168", tier="full", dtype=BF16, m=4096, n=1536, k=7168),
+    dict(name="fp8-block/q_b_proj/M4096xN24576xK1536", tier="full", dtype=BF16, m=4096, n=24576, k=1536, weight="fp8-block"),
+    dict(name="fp8-block/o_proj/M4096xN7168xK16384", tier="full", dtype=BF16, m=4096, n=7168, k=16384, weight="fp8-block"),
+    # bench
+    dict(name="bench/bf16/M16xN512xK512", kind="bench", dtype=BF16, m=16, n=512, k=512, weight="float"),
+    dict(name="bench/f32/M128xN512xK512", kind="bench", dtype=F32, m=128, n=512, k=512),
+    dict(name="bench/fp8-block/M16xN512xK512", kind="bench", dtype=BF16, m=16, n=512, k=512, weight="fp8-block"),
+    dict(name="bench/fp8-block/q_a_proj/M4096xN1536xK7168", kind="bench", tier="full", dtype=BF16, m=4096, n=1536, k=7168, weight="fp8-block"),
+    dict(name="bench/fp8-block/gate_up/M4096xN36864xK7168", kind="bench", tier="full", dtype=BF16, m=4096, n=36864, k=7168, weight="fp8-block"),
+    dict(name="bench/fp8-block/down/M4096xN7168xK18432", kind="bench", tier="full", dtype=BF16, m=4096, n=7168, k=18432, weight="fp8-block"),
+    dict(name="bench/fp8-block/down/M64xN7168xK18432", kind="bench", tier="full", dtype=BF16, m=64, n=7168, k=18432, weight="fp8-block"),
+    dict(name="bench/bf16/lm_head/M64xN129280xK7168", kind="bench", tier="full", dtype=BF16, m=64, n=129280, k=7168),
+]
+
+
+@linear.examples(LINEAR_ROWS)
+def _linear_example(draw: Draw, p) -> Example:
+    """The float32 weight the quantized ones come from rides along as ``extras["w_f"]``."""
+    lead = tuple(p.get("lead", (p.get("m", 1),)))
+    n, k, dtype = p["n"], p["k"], p.get("dtype", BF16)
+    x = fill_pattern(draw.randn(*lead, k, dtype=dtype), p.get("values"))
+    w_f = draw.randn(n, k, scale=k**-0.5)
+    kind = p.get("weight", "float")
+    kw = {"x": x}
+    if kind == "float":
+        kw["weight"], kw["weight_scale"] = w_f.to(dtype), None
+    elif kind == "int8":
+        kw["weight"], kw["weight_scale"] = quantize_int8.reference_impl(w_f)
+    else:
+        block = (128, 128) if kind == "fp8-block" else (1, -1)
+        kw["weight"], kw["weight_scale"] = quantize_fp8.reference_impl(w_f, block, draw.fp8("e4m3"), None)
+    kw["bias"] = draw.randn(n, dtype=dtype) if p.get("bias") else None
+    return Example(kw, extras={"w_f": w_f})

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from dshal.errors import ArgumentError, DTypeError, ShapeError
-from dshal.ops.gemm import _linear_reference
-from dshal.ops.quant import FP8_DTYPE_LIST, SCALE_DTYPES, compute_dtype
+from dshal.ops.examples import Draw, Example
+from dshal.ops.gemm import linear
+from dshal.ops.quant import FP8_DTYPE_LIST, SCALE_DTYPES, compute_dtype, quantize_fp8, quantize_int8
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_ids_in_range, check_same_device, check_tensor, op_spec
 
 
@@ -152,9 +153,9 @@ def _moe_experts_reference(x, weights, ids, w13, w2, w13_scale=None, w2_scale=No
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
     slot_weight = weights.reshape(-1, 1).to(acc)  # [T * k, 1]; slot s = (token s // k, choice s % k)
     for e, rows, slots in _expert_groups(ids, w13.shape[0]):
-        h = _linear_reference(x[rows], w13[e], None, None if w13_scale is None else w13_scale[e])
+        h = linear.reference_impl(x[rows], w13[e], None, None if w13_scale is None else w13_scale[e])
         act = (F.silu(h[:, :inter].to(acc)) * h[:, inter:].to(acc)).to(x.dtype)
-        y = _linear_reference(act, w2[e], None, None if w2_scale is None else w2_scale[e])
+        y = linear.reference_impl(act, w2[e], None, None if w2_scale is None else w2_scale[e])
         out.index_add_(0, rows, y.to(acc) * slot_weight[slots])
     return out.to(x.dtype)
 
@@ -199,3 +200,101 @@ def _moe_experts_cost(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     moved = 2 * x.numel() * x.element_size() + active * per_expert + slots * (weights.element_size() + ids.element_size())
     moved += sum(t.numel() * t.element_size() for t in (w13_scale, w2_scale) if t is not None)
     return Cost(flops=flops, bytes=moved)
+
+
+# ---------------------------------------------------------------- examples
+BF16, F32 = torch.bfloat16, torch.float32
+#: DeepSeek-V3's router: 256 experts in 8 groups, 4 groups kept, top-8, routed scaling 2.5.
+V3_GATE = dict(e=256, top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+#: ``t`` tokens, ``e`` experts and the op's arguments; ``bias=False`` drops the correction bias.
+MOE_GATE_ROWS = [
+    dict(name="f32/v3-router/T16xE256", dtype=F32, t=16, **V3_GATE),
+    dict(name="bf16/v3-router/T16xE256", dtype=BF16, t=16, **V3_GATE),
+    dict(name="f32/no-bias/T16xE64", dtype=F32, t=16, e=64, top_k=6, n_group=1, topk_group=1, routed_scaling_factor=1.0, bias=False),
+    dict(name="f32/no-norm/T16xE64-g4", dtype=F32, t=16, e=64, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.5, norm_topk_prob=False),
+    dict(name="f32/M1", kind="edge", dtype=F32, t=1, **V3_GATE),
+    dict(name="f32/M0", kind="edge", dtype=F32, t=0, **V3_GATE),
+    dict(name="f32/noncontiguous", kind="edge", dtype=F32, t=16, noncontiguous=("logits",), **V3_GATE),
+    dict(name="f32/v3-router/T4096xE256", tier="full", dtype=F32, t=4096, **V3_GATE),
+    dict(name="bf16/v3-router/T4096xE256", tier="full", dtype=BF16, t=4096, **V3_GATE),
+    # bench
+    dict(name="bench/f32/T64xE64-top6-g8", kind="bench", dtype=F32, t=64, e=64, top_k=6, n_group=8, topk_group=4, routed_scaling_factor=2.5),
+    dict(name="bench/f32/v3-router/T4096xE256", kind="bench", tier="full", dtype=F32, t=4096, **V3_GATE),
+]
+
+
+@moe_gate.examples(MOE_GATE_ROWS)
+def _moe_gate_example(draw: Draw, p) -> Example:
+    e = p["e"]
+    logits = draw.randn(p["t"], e, dtype=p.get("dtype", F32), scale=2.0)
+    # The correction bias is large enough to change the choice of experts.
+    bias = draw.randn(e, scale=0.5) if p.get("bias", True) else None
+    kw = {
+        "logits": logits,
+        "bias": bias,
+        "top_k": p["top_k"],
+        "n_group": p["n_group"],
+        "topk_group": p["topk_group"],
+        "routed_scaling_factor": p["routed_scaling_factor"],
+        "norm_topk_prob": p.get("norm_topk_prob", True),
+    }
+    return Example(kw)
+
+
+#: ``t`` tokens, hidden ``h``, expert intermediate ``i``, ``e`` experts, ``k`` picked per token;
+#: ``weight``: float (x's dtype), fp8-block (128 x 128 scales) or int8 (W8A8, one scale per
+#: output channel: w13_scale [E, 2I, 1], w2_scale [E, H, 1]: Ascend's MoE format).
+MOE_EXPERTS_ROWS = [
+    dict(name="bf16/T8xH128xI64xE8-top2", dtype=BF16, t=8, h=128, i=64, e=8, k=2),
+    dict(name="f32/T16xH64xI32xE4-top2", dtype=F32, t=16, h=64, i=32, e=4, k=2),
+    dict(name="f32/decode/T1xH256xI128xE16-top4", dtype=F32, t=1, h=256, i=128, e=16, k=4),
+    dict(name="f32/T64xH256xI128xE16-top4", dtype=F32, t=64, h=256, i=128, e=16, k=4),
+    dict(name="fp8-block/decode/T1xH256xI128xE8-top2", dtype=BF16, t=1, h=256, i=128, e=8, k=2, weight="fp8-block"),
+    dict(name="fp8-block/f32/decode/T1xH200xI72xE4-top2", dtype=F32, t=1, h=200, i=72, e=4, k=2, weight="fp8-block"),
+    dict(name="fp8-block/T8xH256xI128xE4-top2", dtype=BF16, t=8, h=256, i=128, e=4, k=2, weight="fp8-block"),
+    dict(name="int8/bf16/T8xH128xI64xE8-top2", dtype=BF16, t=8, h=128, i=64, e=8, k=2, weight="int8"),
+    dict(name="int8/f32/decode/T1xH200xI72xE4-top2", dtype=F32, t=1, h=200, i=72, e=4, k=2, weight="int8"),
+    dict(name="int8/f32/T16xH256xI128xE16-top4", dtype=F32, t=16, h=256, i=128, e=16, k=4, weight="int8"),
+    dict(name="bf16/M1", kind="edge", dtype=BF16, t=1, h=128, i=64, e=8, k=2),
+    dict(name="bf16/M0", kind="edge", dtype=BF16, t=0, h=128, i=64, e=8, k=2),
+    dict(name="bf16/int32-ids", kind="edge", dtype=BF16, t=8, h=128, i=64, e=8, k=2, ids="int32"),
+    dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, t=8, h=128, i=64, e=8, k=2, noncontiguous=("x",)),
+    dict(name="fp8-block/v3/T128xH7168xI2048xE32-top8", tier="full", dtype=BF16, t=128, h=7168, i=2048, e=32, k=8, weight="fp8-block"),
+    dict(name="bf16/v3/T64xH7168xI2048xE8-top8", tier="full", dtype=BF16, t=64, h=7168, i=2048, e=8, k=8),
+    dict(name="int8/v3/T128xH7168xI2048xE32-top8", tier="full", dtype=BF16, t=128, h=7168, i=2048, e=32, k=8, weight="int8"),
+    # bench
+    dict(name="bench/bf16/T32xH256xI128xE16-top4", kind="bench", dtype=BF16, t=32, h=256, i=128, e=16, k=4, weight="float"),
+    dict(name="bench/fp8-block/v3/T256xH7168xI2048xE256-top8", kind="bench", tier="full", dtype=BF16,
+         t=256, h=7168, i=2048, e=256, k=8, weight="fp8-block"),
+]
+
+
+@moe_experts.examples(MOE_EXPERTS_ROWS)
+def _moe_experts_example(draw: Draw, p) -> Example:
+    t, h, i, e, k, dtype = p["t"], p["h"], p["i"], p["e"], p["k"], p.get("dtype", BF16)
+    x = draw.randn(t, h, dtype=dtype)
+    weights = draw.rand(t, k).to(torch.float32)
+    ids = draw.rand(t, e).argsort(dim=-1)[:, :k].contiguous()  # k distinct experts per token
+    if p.get("ids") == "int32":
+        ids = ids.to(torch.int32)
+    kw = {"x": x, "weights": weights, "ids": ids}
+    if p.get("weight") == "fp8-block":
+        # One expert at a time: DeepSeek-V3's 256-expert stacks never exist in float32 at once.
+        fmt = draw.fp8("e4m3")
+        kw["w13"], kw["w13_scale"] = _stacked_fp8(draw, e, (2 * i, h), fmt)
+        kw["w2"], kw["w2_scale"] = _stacked_fp8(draw, e, (h, i), fmt)
+        return Example(kw)
+    w13_f = draw.randn(e, 2 * i, h, scale=h**-0.5)
+    w2_f = draw.randn(e, h, i, scale=i**-0.5)
+    if p.get("weight") == "int8":  # one scale per output channel: [E, 2I, 1] and [E, H, 1]
+        kw["w13"], kw["w13_scale"] = quantize_int8.reference_impl(w13_f)
+        kw["w2"], kw["w2_scale"] = quantize_int8.reference_impl(w2_f)
+    else:
+        kw.update(w13=w13_f.to(dtype), w2=w2_f.to(dtype), w13_scale=None, w2_scale=None)
+    return Example(kw)
+
+
+def _stacked_fp8(draw: Draw, experts: int, shape: tuple[int, int], fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``experts`` FP8 weights of ``shape`` (drawn with std 1/sqrt(fan-in)) with 128 x 128 block scales."""
+    q, s = zip(*(quantize_fp8.reference_impl(draw.randn(*shape, scale=shape[1] ** -0.5), (128, 128), fmt, None) for _ in range(experts)))
+    return torch.stack(q), torch.stack(s)

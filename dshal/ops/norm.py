@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dshal.ops.examples import Draw, Example, fill_pattern
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
 from dshal.errors import ArgumentError, ShapeError
 
@@ -50,3 +51,45 @@ def _rms_norm_cost(x, weight, eps=1e-6, residual=None):
     flops = 4 * n + (n if residual is not None else 0)
     moved = x.numel() * x.element_size() * (2 if residual is None else 4) + weight.numel() * weight.element_size()
     return Cost(flops=flops, bytes=moved)
+
+
+# ---------------------------------------------------------------- examples
+BF16, F32, F16 = torch.bfloat16, torch.float32, torch.float16
+#: ``shape`` is x's; ``residual`` adds the fused sum; ``values`` an edge pattern; ``eps`` the op's.
+#: Full-tier and bench widths are DeepSeek-V3's: hidden 7168, q_lora 1536, kv_lora 512.
+RMS_NORM_ROWS = [
+    dict(name="bf16/T4xH256", dtype=BF16, shape=(4, 256)),
+    dict(name="f32/T3xH512", dtype=F32, shape=(3, 512)),
+    dict(name="f16/T2x3xH128", dtype=F16, shape=(2, 3, 128)),
+    dict(name="bf16/residual/T4xH256", dtype=BF16, shape=(4, 256), residual=True, outputs=["y", "sum"]),
+    dict(name="f32/residual/T2xH384", dtype=F32, shape=(2, 384), residual=True, outputs=["y", "sum"]),
+    dict(name="bf16/M1", kind="edge", dtype=BF16, shape=(1, 256)),
+    dict(name="bf16/M0", kind="edge", dtype=BF16, shape=(0, 256)),
+    dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, shape=(4, 256), noncontiguous=("x",)),
+    # Tiny activations: mean(x^2) ~ 1e-6 ~ eps, so eps visibly matters.
+    dict(name="f32/small-eps-matters", kind="edge", dtype=F32, shape=(4, 256), values="small"),
+    dict(name="f32/eps1e-5", kind="edge", dtype=F32, shape=(4, 256), values="small", eps=1e-5),
+    dict(name="f32/subnormal", kind="edge", dtype=F32, shape=(2, 256), values="subnormal"),
+    dict(name="f32/nan_inf", kind="edge", dtype=F32, shape=(4, 256), values="nan_inf"),
+    dict(name="f32/zero_rows", kind="edge", dtype=F32, shape=(4, 256), values="zero_rows"),
+    dict(name="bf16/T4096xH7168", tier="full", dtype=BF16, shape=(4096, 7168)),
+    dict(name="bf16/residual/T4096xH7168", tier="full", dtype=BF16, shape=(4096, 7168), residual=True, outputs=["y", "sum"]),
+    dict(name="bf16/q_lora/T4096x1536", tier="full", dtype=BF16, shape=(4096, 1536)),
+    dict(name="bf16/kv_lora/T4096x512", tier="full", dtype=BF16, shape=(4096, 512)),
+    # bench
+    dict(name="bench/bf16/T64xH1024", kind="bench", dtype=BF16, shape=(64, 1024)),
+    dict(name="bench/f32/residual/T64xH1024", kind="bench", dtype=F32, shape=(64, 1024), residual=True),
+    dict(name="bench/bf16/residual/T4096xH7168", kind="bench", tier="full", dtype=BF16, shape=(4096, 7168), residual=True),
+    dict(name="bench/bf16/kv_lora/T4096xH512", kind="bench", tier="full", dtype=BF16, shape=(4096, 512)),
+]
+
+
+@rms_norm.examples(RMS_NORM_ROWS)
+def _rms_norm_example(draw: Draw, p) -> Example:
+    shape, dtype = p["shape"], p.get("dtype", BF16)
+    x = fill_pattern(draw.randn(*shape, dtype=dtype), p.get("values"))
+    weight = (1.0 + 0.1 * draw.randn(shape[-1])).to(dtype)
+    kw = {"x": x, "weight": weight, "eps": p.get("eps", 1e-6)}
+    if p.get("residual"):
+        kw["residual"] = draw.randn(*shape, dtype=dtype)
+    return Example(kw)

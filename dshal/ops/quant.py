@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dshal.errors import ArgumentError, DTypeError, ShapeError
+from dshal.ops.examples import Draw, Example, fill_pattern
 from dshal.ops.spec import (
     FLOAT_DTYPES,
     FP8_DTYPES,
@@ -249,3 +250,122 @@ def _quantize_int8_cost(x):
     n = x.numel()
     rows = n // x.shape[-1] if x.shape[-1] else 0
     return Cost(flops=5 * n, bytes=n * x.element_size() + n + 4 * rows)
+
+
+# ---------------------------------------------------------------- examples
+# Edge rows cover FP8 maximum values, all-zero blocks, FP8 subnormals, partial blocks
+# (K % 128 != 0, which the block layout allows), NaN/Inf, M = 1 and M = 0 and
+# non-contiguous inputs. Full-tier and bench sizes are DeepSeek-V3's (hidden 7168, MoE
+# intermediate 2048, dense intermediate 18432, 4096-token prefill).
+BF16, F32 = torch.bfloat16, torch.float32
+ACT, WEIGHT, ROW = (1, 128), (128, 128), (1, -1)
+
+
+def _block_of(p) -> tuple[int, int] | None:
+    """The row's ``block`` as the op takes it (a YAML shapes file gives a list)."""
+    block = p.get("block", ACT)
+    return None if block is None else tuple(block)
+
+
+QUANTIZE_FP8_ROWS = [
+    dict(name="bf16/act-1x128/T4xK256", dtype=BF16, shape=(4, 256), block=ACT),
+    dict(name="f32/weight-128x128/N256xK384", dtype=F32, shape=(256, 384), block=WEIGHT),
+    dict(name="bf16/rowwise/T8xK256", dtype=BF16, shape=(8, 256), block=ROW),
+    dict(name="bf16/tensorwise/T8xK256", dtype=BF16, shape=(8, 256), block=None),
+    dict(name="bf16/3d/B2xT3xK256", dtype=BF16, shape=(2, 3, 256), block=ACT),
+    dict(name="f32/e4m3fn/T4xK256", dtype=F32, shape=(4, 256), block=ACT, fmt="e4m3fn"),
+    dict(name="f32/e4m3fnuz/T4xK256", dtype=F32, shape=(4, 256), block=ACT, fmt="e4m3fnuz"),
+    dict(name="f32/e5m2/T4xK256", dtype=F32, shape=(4, 256), block=ACT, fmt="e5m2"),
+    dict(name="f32/ue8m0/T4xK256", dtype=F32, shape=(4, 256), block=ACT, scale_fmt="ue8m0"),
+    dict(name="bf16/M1", kind="edge", dtype=BF16, shape=(1, 256), block=ACT),
+    dict(name="bf16/M0", kind="edge", dtype=BF16, shape=(0, 256), block=ACT),
+    dict(name="bf16/K200-partial-block", kind="edge", dtype=BF16, shape=(4, 200), block=ACT),
+    dict(name="f32/weight-K200-partial-block", kind="edge", dtype=F32, shape=(136, 200), block=WEIGHT),
+    dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, shape=(4, 256), block=ACT, noncontiguous=("x",)),
+    dict(name="f32/fp8-max", kind="edge", dtype=F32, shape=(4, 256), block=ACT, values="fp8_max"),
+    dict(name="f32/zero-block", kind="edge", dtype=F32, shape=(4, 256), block=ACT, values="zero_block"),
+    dict(name="f32/fp8-subnormals", kind="edge", dtype=F32, shape=(4, 256), block=ACT, values="fp8_subnormal"),
+    dict(name="f32/nan_inf", kind="edge", dtype=F32, shape=(4, 256), block=ACT, values="nan_inf"),
+    dict(name="bf16/act/T4096xK7168", tier="full", dtype=BF16, shape=(4096, 7168), block=ACT),
+    dict(name="bf16/weight/N2112xK7168", tier="full", dtype=BF16, shape=(2112, 7168), block=WEIGHT),
+    dict(name="bf16/weight/N7168xK2048", tier="full", dtype=BF16, shape=(7168, 2048), block=WEIGHT),
+    # bench
+    dict(name="bench/bf16/act-1x128/T64xK1024", kind="bench", dtype=BF16, shape=(64, 1024), block=ACT, fmt="e4m3"),
+    dict(name="bench/bf16/act-1x128/T4096xK7168", kind="bench", tier="full", dtype=BF16, shape=(4096, 7168), block=ACT),
+]
+
+
+def _fp8_pattern(draw: Draw, x: torch.Tensor, pattern: str | None) -> torch.Tensor:
+    if pattern == "fp8_max":
+        # Every block holds +-amax many times: those must land exactly on +-fmt_max.
+        x = x.clone()
+        x[..., ::16] = 3.0
+        x[..., 8::16] = -3.0
+        return x
+    if pattern == "zero_block":
+        x = x.clone()
+        x[1] = 0  # a whole row of blocks
+        x[2, 128:] = 0  # one block
+        return x
+    if pattern == "fp8_subnormal":
+        # amax 1 per block, others down to 2^-16: x / scale spans E4M3's subnormals (< 2^-6).
+        exponent = torch.rand(x.shape, generator=draw.generator, dtype=torch.float64, device=draw.device) * -16.0
+        coin = torch.rand(x.shape, generator=draw.generator, device=draw.device)
+        sign = torch.where(coin < 0.5, -1.0, 1.0).to(torch.float64)
+        y = sign * torch.exp2(exponent)
+        y[..., ::128] = 1.0
+        return y.to(x.dtype)
+    return fill_pattern(x, pattern)
+
+
+@quantize_fp8.examples(QUANTIZE_FP8_ROWS)
+def _quantize_fp8_example(draw: Draw, p) -> Example:
+    x = _fp8_pattern(draw, draw.randn(*p["shape"], dtype=p.get("dtype", BF16)), p.get("values"))
+    kw = {"x": x, "block": _block_of(p), "fmt": p.get("fmt", "e4m3"), "scale_fmt": p.get("scale_fmt")}
+    return Example(kw, {**kw, "fmt": draw.fp8(kw["fmt"])})
+
+
+DEQUANTIZE_FP8_ROWS = [
+    dict(name="bf16/act-1x128/T4xK256", dtype=BF16, shape=(4, 256), block=ACT),
+    dict(name="f32/weight-128x128/N256xK384", dtype=F32, shape=(256, 384), block=WEIGHT),
+    dict(name="bf16/rowwise/T8xK256", dtype=BF16, shape=(8, 256), block=ROW),
+    dict(name="f32/tensorwise/T8xK256", dtype=F32, shape=(8, 256), block=None),
+    dict(name="f32/e5m2/T4xK256", dtype=F32, shape=(4, 256), block=ACT, fmt="e5m2"),
+    dict(name="bf16/M1", kind="edge", dtype=BF16, shape=(1, 256), block=ACT),
+    dict(name="bf16/M0", kind="edge", dtype=BF16, shape=(0, 256), block=ACT),
+    dict(name="f32/K200-partial-block", kind="edge", dtype=F32, shape=(136, 200), block=WEIGHT),
+    dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, shape=(4, 256), block=ACT, noncontiguous=("q",)),
+    dict(name="bf16/weight/N7168xK2048", tier="full", dtype=BF16, shape=(7168, 2048), block=WEIGHT),
+    # bench
+    dict(name="bench/bf16/act-1x128/T64xK1024", kind="bench", dtype=BF16, shape=(64, 1024), block=ACT),
+    dict(name="bench/bf16/weight/N7168xK18432", kind="bench", tier="full", dtype=BF16, shape=(7168, 18432), block=WEIGHT),
+]
+
+
+@dequantize_fp8.examples(DEQUANTIZE_FP8_ROWS)
+def _dequantize_fp8_example(draw: Draw, p) -> Example:
+    """``dtype`` is the output dtype; the FP8 input quantizes float32 values."""
+    x = draw.randn(*p["shape"], dtype=torch.float32)
+    block = _block_of(p)
+    q, scale = quantize_fp8.reference_impl(x, block, draw.fp8(p.get("fmt", "e4m3")), None)
+    return Example({"q": q, "scale": scale, "block": block, "out_dtype": p.get("dtype", BF16)})
+
+
+QUANTIZE_INT8_ROWS = [
+    dict(name="bf16/T4xK256", dtype=BF16, shape=(4, 256)),
+    dict(name="f32/B2xT3xK200", dtype=F32, shape=(2, 3, 200)),
+    dict(name="bf16/M1", kind="edge", dtype=BF16, shape=(1, 256)),
+    dict(name="bf16/M0", kind="edge", dtype=BF16, shape=(0, 256)),
+    dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, shape=(4, 256), noncontiguous=("x",)),
+    dict(name="f32/zero_rows", kind="edge", dtype=F32, shape=(4, 256), values="zero_rows"),
+    dict(name="f32/nan_inf", kind="edge", dtype=F32, shape=(4, 256), values="nan_inf"),
+    dict(name="bf16/T4096xK7168", tier="full", dtype=BF16, shape=(4096, 7168)),
+    # bench
+    dict(name="bench/bf16/T64xK1024", kind="bench", dtype=BF16, shape=(64, 1024)),
+    dict(name="bench/bf16/T4096xK7168", kind="bench", tier="full", dtype=BF16, shape=(4096, 7168)),
+]
+
+
+@quantize_int8.examples(QUANTIZE_INT8_ROWS)
+def _quantize_int8_example(draw: Draw, p) -> Example:
+    return Example({"x": fill_pattern(draw.randn(*p["shape"], dtype=p.get("dtype", BF16)), p.get("values"))})

@@ -1,11 +1,41 @@
-"""``dshal.ops.reference.<op>``: each op's reference implementation behind its input
-checks, callable without any runtime. This is the oracle conformance compares against."""
+"""``dshal.ops.reference.<op>``: each op's reference implementation behind its input checks,
+callable without any runtime. This is the oracle conformance compares against.
+
+One function, seen two ways: ``SPECS[op].reference_impl`` is the raw reference (what a
+provider calls after dispatch has already checked the inputs, and what the ``reference``
+fallback provider serves); ``dshal.ops.reference.<op>`` is the same function behind the
+op's input checks, for users, tests and conformance. There is no third way.
+"""
 
 from __future__ import annotations
 
-from dshal.ops.catalogue import SPECS
+from dshal.ops.activation import silu_and_mul as _silu_and_mul
+from dshal.ops.attention import attention as _attention
+from dshal.ops.gemm import fp8_gemm as _fp8_gemm
+from dshal.ops.gemm import int8_gemm as _int8_gemm
+from dshal.ops.gemm import linear as _linear
+from dshal.ops.moe import moe_experts as _moe_experts
+from dshal.ops.moe import moe_gate as _moe_gate
+from dshal.ops.norm import rms_norm as _rms_norm
+from dshal.ops.quant import dequantize_fp8 as _dequantize_fp8
+from dshal.ops.quant import quantize_fp8 as _quantize_fp8
+from dshal.ops.quant import quantize_int8 as _quantize_int8
+from dshal.ops.rotary import rotary_embedding as _rotary_embedding
 
-for _spec in SPECS.values():
-    if _spec.has_reference:
-        globals()[_spec.name] = _spec.checked(_spec.reference_impl)
-del _spec
+quantize_fp8 = _quantize_fp8.checked(_quantize_fp8.reference_impl)
+dequantize_fp8 = _dequantize_fp8.checked(_dequantize_fp8.reference_impl)
+quantize_int8 = _quantize_int8.checked(_quantize_int8.reference_impl)
+fp8_gemm = _fp8_gemm.checked(_fp8_gemm.reference_impl)
+int8_gemm = _int8_gemm.checked(_int8_gemm.reference_impl)
+linear = _linear.checked(_linear.reference_impl)
+rms_norm = _rms_norm.checked(_rms_norm.reference_impl)
+silu_and_mul = _silu_and_mul.checked(_silu_and_mul.reference_impl)
+rotary_embedding = _rotary_embedding.checked(_rotary_embedding.reference_impl)
+attention = _attention.checked(_attention.reference_impl)
+moe_gate = _moe_gate.checked(_moe_gate.reference_impl)
+moe_experts = _moe_experts.checked(_moe_experts.reference_impl)
+
+__all__ = [
+    "quantize_fp8", "dequantize_fp8", "quantize_int8", "fp8_gemm", "int8_gemm", "linear",
+    "rms_norm", "silu_and_mul", "rotary_embedding", "attention", "moe_gate", "moe_experts",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dshal.errors import ArgumentError, ShapeError
+from dshal.ops.examples import Draw, Example, fill_pattern
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_same_device, check_tensor, op_spec
 
 
@@ -58,3 +59,33 @@ def _rotary_embedding_reference(x, cos, sin, interleaved=True):
 def _rotary_embedding_cost(x, cos, sin, interleaved=True):
     n = x.numel()
     return Cost(flops=3 * n, bytes=2 * n * x.element_size() + 2 * cos.numel() * cos.element_size())
+
+
+# ---------------------------------------------------------------- examples
+BF16, F32 = torch.bfloat16, torch.float32
+#: ``shape`` is x's ([B, H, T, D] or [T, D]); one angle per pair and position. Full-tier and
+#: bench sizes are DeepSeek-V3's: 128 heads, rope head dim 64.
+ROTARY_EMBEDDING_ROWS = [
+    dict(name="bf16/interleaved/B1xH4xT16xD64", dtype=BF16, shape=(1, 4, 16, 64), interleaved=True),
+    dict(name="bf16/halves/B1xH4xT16xD64", dtype=BF16, shape=(1, 4, 16, 64), interleaved=False),
+    dict(name="f32/interleaved/B2xH2xT8xD32", dtype=F32, shape=(2, 2, 8, 32), interleaved=True),
+    dict(name="f32/halves/T8xD64", dtype=F32, shape=(8, 64), interleaved=False),
+    dict(name="bf16/M1", kind="edge", dtype=BF16, shape=(1, 4, 1, 64), interleaved=True),
+    dict(name="bf16/M0", kind="edge", dtype=BF16, shape=(1, 4, 0, 64), interleaved=True),
+    dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, shape=(1, 4, 16, 64), interleaved=True, noncontiguous=("x",)),
+    dict(name="f32/nan_inf", kind="edge", dtype=F32, shape=(1, 2, 8, 64), interleaved=True, values="nan_inf"),
+    dict(name="bf16/v3-rope/B1xH128xT4096xD64", tier="full", dtype=BF16, shape=(1, 128, 4096, 64), interleaved=True),
+    # bench
+    dict(name="bench/bf16/B1xH16xT64xD64", kind="bench", dtype=BF16, shape=(1, 16, 64, 64)),
+    dict(name="bench/bf16/B1xH128xT4096xD64", kind="bench", tier="full", dtype=BF16, shape=(1, 128, 4096, 64)),
+]
+
+
+@rotary_embedding.examples(ROTARY_EMBEDDING_ROWS)
+def _rotary_embedding_example(draw: Draw, p) -> Example:
+    shape, dtype = p["shape"], p.get("dtype", BF16)
+    x = fill_pattern(draw.randn(*shape, dtype=dtype), p.get("values"))
+    t, d = shape[-2], shape[-1]
+    angles = draw.randn(t, d // 2, scale=3.0)
+    interleaved = p.get("interleaved", True)
+    return Example({"x": x, "cos": angles.cos().to(dtype), "sin": angles.sin().to(dtype), "interleaved": interleaved})

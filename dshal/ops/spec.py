@@ -15,6 +15,12 @@ signature whose body validates the inputs and raises typed :class:`~dshal.DshalE
     @rms_norm.cost
     def _rms_norm_cost(x, weight, eps=1e-6, residual=None) -> Cost: ...
 
+    @rms_norm.examples(RMS_NORM_ROWS)
+    def _rms_norm_example(draw, p) -> Example: ...
+
+The examples (shape rows and their input builder, see :mod:`dshal.ops.examples`) are what
+bench, conformance and tests draw their inputs from.
+
 Because the checker has the op's signature, Python's own argument binding does the
 work at call time (no ``inspect`` on the hot path), and a plugin's implementation is
 checked against the same signature when it loads.
@@ -23,13 +29,14 @@ checked against the same signature when it loads.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dshal.errors import DeviceError, DTypeError, ShapeError, UnsupportedOpError
+from dshal.ops.examples import Draw, Example, ShapeRow, shape_rows
 from dshal.ops.mode import checking
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -58,7 +65,8 @@ class Cost:
 
 
 class OpSpec:
-    """One op: its name, signature, input checks, cost model and reference implementation."""
+    """One op: its name, signature, input checks, cost model, reference implementation and
+    example inputs."""
 
     def __init__(self, checker: Callable[..., Any]):
         self.name: str = checker.__name__
@@ -68,6 +76,9 @@ class OpSpec:
         self._reference: Callable[..., Any] | None = None
         self._cost: Callable[..., Cost] | None = None
         self._oracle: Callable[..., Any] | None = None
+        self._example: Callable[[Draw, Mapping[str, Any]], Example] | None = None
+        #: The op's shape rows (conformance's examples and bench's shapes), in declared order.
+        self.rows: tuple[ShapeRow, ...] = ()
 
     # ------------------------------------------------------------ declaration
     def reference(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,6 +99,25 @@ class OpSpec:
         self._require_same_signature(fn, "oracle")
         self._oracle = fn
         return fn
+
+    def examples(
+        self, table: Iterable[Mapping[str, Any]]
+    ) -> Callable[[Callable[[Draw, Mapping[str, Any]], Example]], Callable[[Draw, Mapping[str, Any]], Example]]:
+        """Decorator factory: ``table`` (dicts, see :func:`~dshal.ops.examples.shape_rows`) and
+        the builder ``(draw, params) -> Example`` that turns one row into the op's arguments."""
+
+        def register(fn: Callable[[Draw, Mapping[str, Any]], Example]) -> Callable[[Draw, Mapping[str, Any]], Example]:
+            self.rows = shape_rows(self.name, table)
+            self._example = fn
+            return fn
+
+        return register
+
+    def example_inputs(self, draw: Draw, row: ShapeRow | Mapping[str, Any]) -> Example:
+        """The op's arguments for one row (or a row's parameters), drawn from ``draw``."""
+        if self._example is None:
+            raise UnsupportedOpError(f"op {self.name!r} declares no example inputs")
+        return self._example(draw, row.params if isinstance(row, ShapeRow) else row)
 
     def _require_same_signature(self, fn: Callable[..., Any], role: str) -> None:
         mismatch = self.signature_mismatch(fn)

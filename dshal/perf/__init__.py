@@ -1,11 +1,14 @@
 """Performance analysis: ``dshal bench`` (per-op roofline) and ``dshal profile`` (the model
 core per layer and op), both writing self-contained HTML reports with JSON alongside.
 
-- :mod:`dshal.perf.timing`     -- latency statistics, clocks (``perf_counter_ns`` / backend timer), repeats;
-- :mod:`dshal.perf.roofline`   -- device peaks (declared or measured once) and % of roofline;
-- :mod:`dshal.perf.cases`      -- bench cases: per-op input builders and torch rivals, ``ci``/``full``/YAML shapes;
-- :mod:`dshal.perf.instrument` -- the profiler: op timing through ``dshal.runtime.op_hook``, layer hooks;
-- :mod:`dshal.perf.report`     -- HTML (inline SVG plots, tables) and JSON writers;
-- :mod:`dshal.perf.common`     -- options both commands share;
-- :mod:`dshal.perf.bench`, :mod:`dshal.perf.profile` -- the two commands.
+- :mod:`dshal.perf.bench`   -- the bench command: its cases are the ops' own ``bench`` shape
+  rows (:mod:`dshal.ops.examples`) or a YAML file of such rows, and its torch rivals;
+- :mod:`dshal.perf.profile` -- the profile command;
+- :mod:`dshal.perf.measure` -- what both measure with: latency statistics and clocks, device
+  peaks and % of roofline, the profiler's op and layer instrumentation;
+- :mod:`dshal.perf.report`  -- their shared options, HTML (inline SVG plots, tables) and JSON;
+- :mod:`dshal.perf.syncs`   -- :class:`~dshal.perf.syncs.HostSyncCounter`, a check (which calls
+  would make the host wait for the device), used by conformance's graph family and tests.
+
+``dshal.perf.roofline`` remains only as an import path for ``same_part`` (GPU plugins' base).
 """

@@ -4,7 +4,21 @@ For every case (op x shape) it times, side by side in one run:
 
 - ``backend``   -- ``dshal.ops.<op>`` on the selected backend (what the model core calls);
 - ``reference`` -- ``dshal.ops.reference.<op>``, the checked reference, on the same device;
-- ``torch``     -- a direct torch call computing the same thing, where one exists.
+- ``torch``     -- a direct torch call computing the same thing, where one exists
+  (``F.linear``, ``F.rms_norm``, ``F.scaled_dot_product_attention``...).
+
+Cases are the ops' own ``bench`` shape rows (``SPECS[op].rows``, declared next to each op's
+spec in :mod:`dshal.ops`; ``--shapes ci`` small, seconds on 2 CPU cores; ``full``
+DeepSeek-V3's real dimensions, ci rows included) or a YAML file of rows in the same
+parameters, validated with file:line errors by the config's YAML loader::
+
+    cases:
+      - {op: linear, m: 64, n: 7168, k: 2048, dtype: bfloat16, weight: fp8-block}
+      - op: attention
+        b: 1
+        hq: 16
+        tq: 512
+        d: 128
 
 Each is warmed up, then timed call by call (``perf_counter_ns`` on CPU devices, the
 backend's timer -- device events -- elsewhere) over several input sets cycled in turn so
@@ -17,32 +31,41 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from dshal.errors import DshalError
+import dshal
+from dshal import ops
+from dshal.config import read_yaml
+from dshal.errors import ConfigError, DshalError
+from dshal.ops.attention import visible_keys
+from dshal.ops.catalogue import SPECS
+from dshal.ops.examples import TIERS, Draw, ShapeRow, plain
 from dshal.ops.spec import Cost
-from dshal.perf.cases import Case, shape_cases
-from dshal.perf.common import add_common_arguments, json_path, start
+from dshal.perf.measure import Inputs, Peaks, Repeats, backend_clock, peak_key, place, resolve_peaks, time_calls
 from dshal.perf.report import (
     HtmlReport,
     RooflineMark,
     Table,
+    add_common_arguments,
     console,
     duration,
+    json_path,
     new_figure,
     percent,
     platform_info,
     roofline_figure,
     si,
+    start,
     write_json,
 )
-from dshal.perf.roofline import Peaks, dtype_key, place, resolve_peaks
-from dshal.perf.timing import Inputs, Repeats, backend_clock, time_calls
 
 SCHEMA = "dshal.bench/1"
 PROVIDERS = ("backend", "reference", "torch")
@@ -86,6 +109,209 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
 
 
+# ---------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    """One op at one shape: a ``bench`` row of the op's examples, or a row of a shapes file."""
+
+    row: ShapeRow
+
+    @property
+    def op(self) -> str:
+        return self.row.op
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        return self.row.params
+
+    @property
+    def label(self) -> str:
+        """The row's id, ``op/name``."""
+        return self.row.id
+
+    def inputs(self, device: torch.device, seed: int, native_e4m3: str = "e4m3fn") -> Inputs:
+        """The op's arguments for this row, drawn on ``device`` from ``seed``."""
+        draw = Draw(torch.Generator(device=device).manual_seed(seed), device, native_e4m3)
+        return (), SPECS[self.op].example_inputs(draw, self.row).kwargs
+
+
+def shape_cases(shapes: str, op_names: Sequence[str] | None = None) -> list[Case]:
+    """The cases of shape set ``shapes`` (``ci``, ``full`` or a YAML path), limited to ``op_names``."""
+    if shapes in TIERS:
+        cases = [Case(row) for spec in SPECS.values() for row in spec.rows if row.kind == "bench" and shapes in row.tiers]
+    elif shapes.endswith((".yaml", ".yml")) or os.path.exists(shapes):
+        cases = load_shapes_file(shapes)
+    else:
+        raise ConfigError(f"--shapes: got {shapes!r}, expected ci, full, or a YAML file of cases")
+    if op_names:
+        unknown = [op for op in op_names if op not in SPECS]
+        if unknown:
+            raise ConfigError(f"--ops: got {unknown[0]!r}, expected op names from: {', '.join(SPECS)}")
+        cases = [c for c in cases if c.op in op_names]
+        if not cases:
+            raise ConfigError(f"--ops: none of {', '.join(op_names)} has a case in shape set {shapes!r}")
+    return cases
+
+
+def load_shapes_file(path: str | os.PathLike) -> list[Case]:
+    """Cases from a YAML file (``cases:`` list, or a top-level list, of ``{op: ..., <params>}``,
+    the parameters of the op's own shape rows); every error names ``file:line``."""
+    doc = read_yaml(path, "shapes file")
+    data, root = doc.data, ()
+    if isinstance(data, Mapping):
+        unknown = [k for k in data if k != "cases"]
+        if unknown:
+            raise doc.error((str(unknown[0]),), "unknown key, expected 'cases' (a list of {op: NAME, <shape params>})")
+        data, root = data.get("cases"), ("cases",)
+    if not isinstance(data, list) or not data:
+        raise doc.error(root, f"got {data!r}, expected a non-empty list of cases, each {{op: NAME, <shape params>}}")
+    cases = []
+    for index, item in enumerate(data):
+        at = root + (f"[{index}]",)
+        if not isinstance(item, Mapping) or "op" not in item:
+            raise doc.error(at, f"got {item!r}, expected a mapping with an 'op' key and shape parameters")
+        op = item["op"]
+        if op not in SPECS or not SPECS[op].rows:
+            raise doc.error(at + ("op",), f"got {op!r}, expected one of: {', '.join(n for n, s in SPECS.items() if s.rows)}")
+        given = {k: v for k, v in item.items() if k != "op"}
+        params = _checked_params(op, given, lambda key, msg, at=at: doc.error(at + key, msg))
+        name = ", ".join(f"{k}={_show(v)}" for k, v in given.items())
+        cases.append(Case(ShapeRow(op, name, params, frozenset(TIERS), "bench")))
+    return cases
+
+
+def _show(v: Any) -> str:
+    return "null" if v is None else str(list(v)) if isinstance(v, (list, tuple)) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _checked_params(op: str, given: Mapping[str, Any], error: Callable[[tuple[str, ...], str], ConfigError]) -> dict[str, Any]:
+    """``given`` checked against the op's own rows: every key one they use, every value of a
+    kind they use (dtype names become torch dtypes, lists tuples), and every key that all of
+    them give (except ``dtype``, bfloat16 by default) present."""
+    rows = [r.params for r in SPECS[op].rows]
+    seen: dict[str, list[Any]] = {}
+    for p in rows:
+        for k, v in p.items():
+            seen.setdefault(k, []).append(v)
+    params: dict[str, Any] = {}
+    for key, value in given.items():
+        if key not in seen:
+            raise error((str(key),), f"unknown parameter of {op}, expected one of: {', '.join(seen)}")
+        params[key] = _checked_value(key, value, seen[key], error)
+    missing = [k for k in seen if k != "dtype" and k not in params and all(k in p for p in rows)]
+    if missing:
+        raise error((), f"{op} needs parameter {missing[0]!r} (parameters: {', '.join(seen)})")
+    return params
+
+
+def _checked_value(key: str, value: Any, examples: list[Any], error: Callable[[tuple[str, ...], str], ConfigError]) -> Any:
+    """``value`` as the rows' ``examples`` of ``key`` have it, or a file:line error."""
+    if value is None:
+        if None in examples:
+            return None
+    elif any(isinstance(e, torch.dtype) for e in examples):
+        names = sorted({str(e).replace("torch.", "") for e in examples if isinstance(e, torch.dtype)})
+        if value in names:
+            return getattr(torch, value)
+        raise error((key,), f"got {value!r}, expected one of: {', '.join(names)}")
+    elif any(isinstance(e, bool) for e in examples):
+        if isinstance(value, bool):
+            return value
+        raise error((key,), f"got {value!r}, expected true or false")
+    elif any(isinstance(e, int) and not isinstance(e, bool) for e in examples):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise error((key,), f"got {value!r}, expected an integer >= 0")
+    elif any(isinstance(e, float) for e in examples):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise error((key,), f"got {value!r}, expected a number")
+    elif any(isinstance(e, str) for e in examples):
+        choices = sorted({e for e in examples if isinstance(e, str)})
+        if value in choices:
+            return value
+        raise error((key,), f"got {value!r}, expected one of: {', '.join(choices)}")
+    elif any(isinstance(e, (tuple, list)) for e in examples):
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise error((key,), f"got {value!r}, expected a list of integers, e.g. {list(next(e for e in examples if e))}")
+    what = "null or " if None in examples else ""
+    raise error((key,), f"got {value!r}, expected {what}a value like {examples[0]!r}")
+
+
+# ---------------------------------------------------------------- the torch rivals
+def torch_rival(case: Case) -> tuple[str, Callable[..., Any]] | None:
+    """A direct torch call computing what ``case``'s op computes on its inputs (same keyword
+    arguments), and its name; None where torch has no such call."""
+    p, op = case.params, case.op
+    if op == "linear":
+        if p.get("weight", "float") != "float":
+            return None
+        return "F.linear", lambda x, weight, bias=None, weight_scale=None: F.linear(x, weight, bias)
+    if op == "fp8_gemm":
+        if p.get("granularity", "block") == "block":
+            return None  # torch has no portable 1x128 / 128x128 block-scaled GEMM
+        return "torch._scaled_mm", _scaled_mm
+    if op == "int8_gemm":
+        return "torch._int_mm", _int_mm
+    return {
+        "rms_norm": ("F.rms_norm", _rms_norm),
+        "silu_and_mul": ("F.silu(gate) * up", _silu_and_mul),
+        "rotary_embedding": ("torch.view_as_complex rotation", _rotary_complex),
+        "attention": ("F.scaled_dot_product_attention", _sdpa()),
+    }.get(op)
+
+
+def _scaled_mm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    # _scaled_mm wants b column-major ([K, N] view of b [N, K]) and b's scales as [1, N].
+    return torch._scaled_mm(a, b.t(), a_scale, b_scale.t() if b_scale.dim() == 2 else b_scale, out_dtype=out_dtype)
+
+
+def _int_mm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    return (torch._int_mm(a, b.t()).float() * a_scale * b_scale.t()).to(out_dtype)
+
+
+def _rms_norm(x, weight, eps=1e-6, residual=None):
+    if residual is None:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    s = x + residual
+    return F.rms_norm(s, (s.shape[-1],), weight, eps), s
+
+
+def _silu_and_mul(x):
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def _rotary_complex(x, cos, sin, interleaved=True):
+    # DeepSeek-V3's own formulation: pairs as complex numbers times e^{i theta}.
+    turn = torch.complex(cos.float(), sin.float())
+    if interleaved:
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * turn).flatten(-2).to(x.dtype)
+    xc = torch.complex(*x.float().chunk(2, dim=-1))
+    r = xc * turn
+    return torch.cat((r.real, r.imag), dim=-1).to(x.dtype)
+
+
+def _sdpa() -> Callable[..., Any]:
+    masks: dict[tuple[Any, ...], torch.Tensor | None] = {}
+
+    def sdpa(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
+        gqa = q.shape[1] != k.shape[1]
+        tq, tk = q.shape[2], k.shape[2]
+        if causal and window is None and tq == tk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        key = (q.device, tq, tk, causal, window, global_tokens)
+        if key not in masks:  # the mask is shape-only: built once, outside the timed calls after warm-up
+            mask = visible_keys(tq, tk, causal, window, global_tokens, q.device)
+            masks[key] = None if mask is None or bool(mask.all()) else mask  # all visible: SDPA's fast path
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[key], scale=scale, enable_gqa=gqa)
+
+    return sdpa
+
+
+# ---------------------------------------------------------------- timing
 def _tensor_bytes(inputs: Inputs) -> int:
     args, kwargs = inputs
     return sum(v.numel() * v.element_size() for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
@@ -104,13 +330,11 @@ def input_set_count(set_bytes: int, requested: int | None = None) -> int:
 
 def _candidates(case: Case, with_reference: bool, with_torch: bool) -> list[tuple[str, str, Callable[..., Any] | None]]:
     """(column, callable's name, callable) to time for ``case``; callable None = no such provider."""
-    from dshal import ops
-
     out: list[tuple[str, str, Callable[..., Any] | None]] = [("backend", f"dshal.ops.{case.op}", getattr(ops, case.op))]
     if with_reference:
         out.append(("reference", f"dshal.ops.reference.{case.op}", getattr(ops.reference, case.op, None)))
     if with_torch:
-        direct = case.bench.direct(case.params)
+        direct = torch_rival(case)
         out.append(("torch", direct[0] if direct else "none", direct[1] if direct else None))
     return out
 
@@ -126,21 +350,24 @@ def bench_case(
     seed: int = 0,
     with_reference: bool = True,
     with_torch: bool = True,
+    native_e4m3: str = "e4m3fn",
+    need_peak: Callable[[str], None] = lambda key: None,
 ) -> dict[str, Any]:
-    """Time one case on every provider; the JSON-ready result."""
-    from dshal.ops.catalogue import SPECS
-
-    key = dtype_key(case.bench.compute_dtype(case.params))
-    result: dict[str, Any] = {"id": case.label, "op": case.op, "params": dict(case.params), "peak_key": key}
+    """Time one case on every provider; the JSON-ready result. ``need_peak(key)`` is called
+    with the case's roofline key (see :func:`~dshal.perf.measure.peak_key`) before ``peaks``
+    is read, so a caller can resolve peaks as cases need them."""
+    result: dict[str, Any] = {"id": case.label, "op": case.op, "params": plain(case.params)}
     try:
-        first = case.inputs(device, seed)
+        first = case.inputs(device, seed, native_e4m3)
         set_bytes = _tensor_bytes(first)
-        sets = [first] + [case.inputs(device, seed + i) for i in range(1, input_set_count(set_bytes, rotate))]
+        sets = [first] + [case.inputs(device, seed + i, native_e4m3) for i in range(1, input_set_count(set_bytes, rotate))]
     except Exception as err:  # noqa: BLE001 - e.g. out of device memory at `full` shapes: report, go on
         error = f"building inputs failed: {type(err).__name__}: {err}"
         result.update(providers={"backend": {"name": f"dshal.ops.{case.op}", "error": error}}, speedup={})
         return result
     args, kwargs = first
+    key = result["peak_key"] = peak_key(case.op, args, kwargs)
+    need_peak(key)
     cost: Cost = SPECS[case.op].cost_of(*args, **kwargs)
     result.update(
         cost={"flops": cost.flops, "bytes": cost.bytes, "intensity": cost.intensity},
@@ -182,16 +409,19 @@ def run_bench(
     with_torch: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Bench ``cases`` on ``runtime``; the JSON-ready report (schema ``dshal.bench/1``)."""
+    """Bench ``cases`` on ``runtime``; the JSON-ready report (schema ``dshal.bench/1``).
+    Peaks are resolved (declared, or measured once) as the cases need them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    import dshal
 
     backend, device = runtime.backend, runtime.device
     started = time.time()
     clock, clock_name = backend_clock(backend)
-    needed = {dtype_key(c.bench.compute_dtype(c.params)) for c in cases}
-    peaks = resolve_peaks(backend, device, needed)
+    peaks = Peaks()
+
+    def need_peak(key: str) -> None:
+        if key not in peaks.flops:
+            resolve_peaks(backend, device, {key}, into=peaks)
+
     results = []
     columns = (TextColumn("bench {task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
@@ -209,6 +439,8 @@ def run_bench(
                     seed=seed,
                     with_reference=with_reference,
                     with_torch=with_torch,
+                    native_e4m3=backend.native_e4m3(),
+                    need_peak=need_peak,
                 )
             )
             bar.advance(task)
@@ -349,7 +581,7 @@ def write_html(report: dict[str, Any], path: str | Path) -> Path:
         for column, e in c["providers"].items()
         if "flops_per_s" in e
     ]
-    used = {c["peak_key"] for c in report["cases"]}
+    used = {c.get("peak_key") for c in report["cases"]}
     roof = doc.section("Roofline")
     doc.add_figure(
         roof,
@@ -409,8 +641,8 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     runtime = start(args)
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
-    cases = shape_cases(args.shapes, ops)
+    op_names = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    cases = shape_cases(args.shapes, op_names)
     for flag, value, low in (
         ("--warmup", args.warmup, 0),
         ("--runs", args.runs, 1),
@@ -441,4 +673,7 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["SCHEMA", "add_arguments", "bench_case", "input_set_count", "main", "run_bench", "write_html"]
+__all__ = [
+    "SCHEMA", "Case", "add_arguments", "bench_case", "input_set_count", "load_shapes_file", "main", "run_bench",
+    "shape_cases", "torch_rival", "write_html",
+]

@@ -2,7 +2,7 @@
 
 It builds the model exactly as ``dshal run`` does (the tiny built-in DeepSeek-V3-shaped
 model by default, or ``--checkpoint DIR``), warms it up, then generates once with the
-instrumentation of :mod:`dshal.perf.instrument` attached (prefill + decode), and reports:
+instrumentation of :mod:`dshal.perf.measure` attached (prefill + decode), and reports:
 
 - time per layer (``embed``, ``layers.N``, ``norm``, ``lm_head``) split by op type, with
   the time outside ops ("torch glue") and the profiler's own bookkeeping shown apart;
@@ -18,6 +18,7 @@ instrumentation of :mod:`dshal.perf.instrument` attached (prefill + decode), and
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import resource
@@ -30,27 +31,31 @@ from typing import Any
 
 import torch
 
+import dshal
+import dshal.ops
 from dshal.errors import DshalError
+from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.precision import precision_summary
 from dshal.ops.spec import Cost
-from dshal.perf.common import add_common_arguments, json_path, start
-from dshal.perf.instrument import GLUE, OUTSIDE, PROFILER, Recorder, has_hooks
+from dshal.perf.measure import GLUE, OUTSIDE, PROFILER, Peaks, Recorder, gc_paused, has_hooks, place, resolve_peaks
 from dshal.perf.report import (
     PALETTE,
     HtmlReport,
     RooflineMark,
     Table,
+    add_common_arguments,
     console,
     duration,
+    json_path,
     new_figure,
     percent,
     platform_info,
     roofline_figure,
     si,
+    start,
     write_json,
 )
-from dshal.perf.roofline import Peaks, place, resolve_peaks
-from dshal.perf.timing import gc_paused
+from dshal.runtime import current
 
 SCHEMA = "dshal.profile/1"
 PHASES = ("prefill", "decode")
@@ -133,11 +138,6 @@ def measure_off_overhead(model: Any, ids: torch.Tensor, sync: Callable[[], None]
     does not count). Returns the medians and, in percent, (detached - never) / never and
     (on - never) / never for both clocks.
     """
-    import copy
-
-    import dshal.ops
-    from dshal.runtime import current
-
     twin = copy.deepcopy(model, memo=_shared_tensors(model))
 
     def one_pass(m: Any) -> tuple[float, float]:
@@ -180,8 +180,6 @@ def measure_off_overhead(model: Any, ids: torch.Tensor, sync: Callable[[], None]
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
-    from dshal.model import from_pretrained, random_model, tiny_args
-
     if args.checkpoint:
         return from_pretrained(args.checkpoint), str(args.checkpoint)
     return random_model(tiny_args(), seed=args.seed), f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
@@ -535,8 +533,6 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import dshal
-
     _positive("--prompt-len", args.prompt_len)
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)

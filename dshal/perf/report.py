@@ -1,4 +1,6 @@
-"""Self-contained HTML reports (inline SVG plots, tables; no network) and their plots.
+"""What ``dshal bench`` and ``dshal profile`` share around the measurement: their common
+options and start-up, and their output -- self-contained HTML reports (inline SVG plots,
+tables; no network) and JSON.
 
 Plots are drawn on :class:`matplotlib.figure.Figure` objects directly (no pyplot, no
 global backend switch) and inlined as ``<svg>`` elements.
@@ -6,12 +8,14 @@ global backend switch) and inlined as ``<svg>`` elements.
 
 from __future__ import annotations
 
+import argparse
 import html
 import io
 import json
 import math
 import os
 import platform
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -19,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import dshal
+from dshal.errors import DshalError
+from dshal.outputs import atomic_write, check_writable
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em; color: #1d1d1f; max-width: 1400px; }
@@ -131,9 +139,7 @@ class HtmlReport:
         return "\n".join(out)
 
     def write(self, path: str | Path) -> Path:
-        from dshal.outputs import atomic_write  # temp file + rename: never a half-written report
-
-        return atomic_write(path, self.render())
+        return atomic_write(path, self.render())  # temp file + rename: never a half-written report
 
 
 def _table_html(t: Table) -> str:
@@ -149,8 +155,6 @@ def _table_html(t: Table) -> str:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """``data`` as indented JSON (NaN/inf written as null, so any JSON reader takes it)."""
-    from dshal.outputs import atomic_write  # temp file + rename: never a half-written report
-
     return atomic_write(path, json.dumps(_finite(data), indent=2, default=str))
 
 
@@ -218,6 +222,44 @@ def read_report(text: str) -> ReportContents:
     return reader.found
 
 
+# ---------------------------------------------------------------- options both commands share
+def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """``--config --backend --output --json --threads --no-progress``."""
+    parser.add_argument(
+        "--config", metavar="F", help="dshal config file (default: DSHAL_CONFIG or the built-in defaults)"
+    )
+    parser.add_argument("--backend", metavar="NAME", help="backend to use (default: the config's, usually auto)")
+    default = f"dshal-{command}.html"
+    parser.add_argument("--output", default=default, metavar="report.html", help=f"HTML report (default {default})")
+    parser.add_argument("--json", metavar="F", help="JSON results (default: the HTML path with .json)")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (None: leave torch's setting)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise DshalError(f"--threads: got {threads}, expected an integer >= 1")
+    torch.set_num_threads(threads)
+
+
+def start(args: argparse.Namespace) -> Any:
+    """Apply ``--threads`` and activate the runtime of ``--config`` / ``--backend``."""
+    check_writable(args.output, "--output")  # before the run, not after it
+    check_writable(json_path(args), "--json")
+    set_threads(args.threads)
+    return dshal.use(args.config, **({"backend": args.backend} if args.backend else {}))
+
+
+def json_path(args: argparse.Namespace) -> Path:
+    """``--json``, or the HTML path with ``.json``."""
+    return Path(args.json) if args.json else Path(args.output).with_suffix(".json")
+
+
 def platform_info() -> dict[str, Any]:
     """The host: CPU model (as lscpu names it), cores, torch and Python versions."""
     model = platform.processor() or platform.machine()
@@ -231,8 +273,6 @@ def platform_info() -> dict[str, Any]:
 
 def console() -> Any:
     """A rich Console; 160 columns when the output is not a terminal (logs, CI)."""
-    import sys
-
     from rich.console import Console
 
     return Console(width=None if sys.stdout.isatty() else 160)
@@ -335,6 +375,10 @@ def roofline_figure(
 
 
 __all__ = [
+    "add_common_arguments",
+    "json_path",
+    "set_threads",
+    "start",
     "HtmlReport",
     "PALETTE",
     "ReportContents",

@@ -1,14 +1,19 @@
-"""The suite's case catalogue: every family's table, expanded into cases."""
+"""The suite's case catalogue: every family's cases (op families named as in ``dshal.ops``)."""
 
 from __future__ import annotations
+
+import importlib
 
 from dshal_conformance.cases.base import TIERS, Case, case_seed
 
 FAMILY_MODULES = (
     "dshal_conformance.cases.quant",
     "dshal_conformance.cases.gemm",
-    "dshal_conformance.cases.elementwise",
-    "dshal_conformance.cases.attention_moe",
+    "dshal_conformance.cases.norm",
+    "dshal_conformance.cases.activation",
+    "dshal_conformance.cases.rotary",
+    "dshal_conformance.cases.attention",
+    "dshal_conformance.cases.moe",
     "dshal_conformance.collectives",
     "dshal_conformance.cases.model",
     "dshal_conformance.cases.determinism",
@@ -18,8 +23,6 @@ FAMILY_MODULES = (
 
 def all_cases(tier: str = "ci") -> list[Case]:
     """Every case of ``tier`` (``full`` includes the ci rows), in a stable order."""
-    import importlib
-
     if tier not in TIERS:
         raise ValueError(f"tier {tier!r}, expected one of {TIERS}")
     out: list[Case] = []

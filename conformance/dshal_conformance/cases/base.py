@@ -1,10 +1,10 @@
-"""The case model: declarative rows expanded into :class:`Case` objects the runner executes.
+"""The case model: the ops' example rows expanded into :class:`Case` objects the runner executes.
 
-A family module (one per op family) declares *tables*: a list of rows, each a dict of
-shapes, dtypes, op parameters and the tiers it belongs to. :func:`accuracy_cases` turns a
-table plus a ``build`` function (row -> inputs) and a ``judge`` function (outputs ->
-checks) into cases; :func:`bad_input_cases` does the same for inputs that must be
-rejected with a given error class.
+Every op declares its rows and their input builder next to its spec (``SPECS[op].rows``,
+``SPECS[op].example_inputs``: see :mod:`dshal.ops.examples`). A family module here adds
+only the judging: :func:`op_cases` turns the op's ``accuracy`` and ``edge`` rows plus a
+``judge`` function (outputs -> checks) into cases, and :func:`bad_input_cases` adds the
+inputs that must be rejected with a given error class.
 
 Every case is deterministic: its inputs come from a ``torch.Generator`` seeded with
 :func:`case_seed` (the run's seed and the case id), so a case id reproduces one case.
@@ -14,32 +14,22 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError, UnsupportedOpError
+from dshal.ops.catalogue import SPECS
+from dshal.ops.examples import TIERS, Draw, Example, ShapeRow, plain
 from dshal_conformance.judge import Check, Verdict, verdict
 
-TIERS = ("ci", "full")
 KINDS = ("accuracy", "edge", "bad_input", "capability", "collective", "model", "determinism", "graph")
 
 
 def case_seed(seed: int, case_id: str) -> int:
     """The seed of one case: the run's seed mixed with a stable hash of the case id."""
     return (seed * 1_000_003 + zlib.crc32(case_id.encode())) % (2**31 - 1)
-
-
-@dataclass
-class Inputs:
-    """One call's arguments (CPU tensors) plus what the judge needs besides them."""
-
-    kwargs: dict[str, Any]
-    #: Arguments for the float64 oracle when they differ (e.g. ``fmt="e4m3"`` resolved).
-    oracle_kwargs: dict[str, Any] | None = None
-    #: Anything else the judge uses (e.g. FP8 GEMM's pre-quantization inputs).
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,7 +41,9 @@ class Outcome:
 
 
 class Context:
-    """What a case sees of the backend under test: its checked ops, device and formats."""
+    """What a case sees of the backend under test: its checked ops, device and formats.
+    Its random draws (``draw``, a :class:`~dshal.ops.examples.Draw`) stay on the CPU: inputs
+    are built there, the oracle runs there, and :meth:`call` places them on the device."""
 
     def __init__(
         self,
@@ -63,27 +55,15 @@ class Context:
         fp8_formats: Sequence[str],
         seed: int,
     ):
+        self.draw = Draw(torch.Generator().manual_seed(seed), "cpu", native_e4m3)
         self.table = table
         self.provided = provided
+        #: The backend's device (where :meth:`call` runs the op).
         self.device = device
-        self.native_e4m3 = native_e4m3
         self.fp8_formats = tuple(fp8_formats)
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
         #: metric -> loosened threshold, from the waivers that match this case.
         self.overrides: dict[str, float] = {}
-
-    # ---------------------------------------------------------------- inputs
-    def randn(self, *shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
-        # Drawn in float32: full-tier weights are large, and every dtype used is at most that precise.
-        return (torch.randn(shape, generator=self.generator, dtype=torch.float32) * scale).to(dtype)
-
-    def randint(self, low: int, high: int, *shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        return torch.randint(low, high, shape, generator=self.generator, dtype=dtype)
-
-    def fp8(self, fmt: str) -> str:
-        """A concrete FP8 format name (``"e4m3"`` -> the backend's native E4M3)."""
-        return self.native_e4m3 if fmt == "e4m3" else fmt
 
     # ---------------------------------------------------------------- calls
     def place(self, value: Any, noncontiguous: bool = False) -> Any:
@@ -145,29 +125,27 @@ def dtype_name(dtype: torch.dtype | str | None) -> str:
     return dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
 
 
-def _tiers(row: Mapping[str, Any]) -> frozenset[str]:
-    tier = row.get("tier", "ci")
-    # Edge cases and the ci rows also run in the full tier: full is a superset.
-    return frozenset(TIERS) if tier in ("ci", "both") else frozenset({tier})
-
-
-def _params(row: Mapping[str, Any]) -> dict[str, Any]:
-    skip = {"tier", "name", "kind", "dtype"}
-    out: dict[str, Any] = {}
-    for k, v in row.items():
-        if k in skip or callable(v):
-            continue
-        if isinstance(v, torch.dtype):
-            v = dtype_name(v)
-        elif isinstance(v, tuple):
-            v = list(v)
-        out[k] = v
-    return out
+def _params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's parameters as the report shows them (its dtype has a field of its own)."""
+    return {k: v for k, v in plain(params).items() if k != "dtype"}
 
 
 # ---------------------------------------------------------------- accuracy cases
-Build = Callable[[Context, Mapping[str, Any]], Inputs]
-Judge = Callable[[Context, Mapping[str, Any], Any, Any, Inputs], "list[Check] | dict[str, list[Check]]"]
+#: Inputs of a case: context, row parameters -> the op's arguments (default: the op's own
+#: example builder, ``SPECS[op].example_inputs``).
+Build = Callable[[Context, Mapping[str, Any]], Example]
+Judge = Callable[[Context, Mapping[str, Any], Any, Any, Example], "list[Check] | dict[str, list[Check]]"]
+
+
+def example_of(op: str) -> Build:
+    """The op's example builder, drawing from the case's generator."""
+    spec = SPECS[op]
+    return lambda ctx, params: spec.example_inputs(ctx.draw, params)
+
+
+def conformance_rows(op: str) -> list[ShapeRow]:
+    """The op's ``accuracy`` and ``edge`` rows (its ``bench`` rows are for timing)."""
+    return [row for row in SPECS[op].rows if row.kind in ("accuracy", "edge")]
 
 
 def unsupported_outcomes(suffixes: Sequence[str], reason: str) -> list[Outcome]:
@@ -181,20 +159,17 @@ def fail_all(suffixes: Sequence[str], status: str, reason: str) -> list[Outcome]
 def run_accuracy(
     ctx: Context,
     op: str,
-    row: Mapping[str, Any],
-    build: Build,
+    params: Mapping[str, Any],
     judge: Judge,
     suffixes: Sequence[str],
     variant_supported: Callable[[Context, Mapping[str, Any]], str | None] | None = None,
 ) -> list[Outcome]:
     """Build inputs, call the backend, compute the float64 oracle, judge."""
-    from dshal.ops.catalogue import SPECS
-
-    inputs = build(ctx, row)
+    inputs = SPECS[op].example_inputs(ctx.draw, params)
     declared = op in ctx.provided
-    unsupported_variant = variant_supported(ctx, row) if variant_supported else None
+    unsupported_variant = variant_supported(ctx, params) if variant_supported else None
     try:
-        out = ctx.call(op, inputs.kwargs, row.get("noncontiguous", ()))
+        out = ctx.call(op, inputs.kwargs, params.get("noncontiguous", ()))
     except UnsupportedOpError as err:
         if not declared:
             return unsupported_outcomes(suffixes, f"backend does not provide {op!r} and raised UnsupportedOpError as required: {err}")
@@ -210,7 +185,7 @@ def run_accuracy(
             suffixes, "fail", f"the backend does not declare {op!r} but the call returned instead of raising UnsupportedOpError"
         )
     ref = SPECS[op].run_oracle(**(inputs.oracle_kwargs or inputs.kwargs))
-    judged = judge(ctx, row, out, ref, inputs)
+    judged = judge(ctx, params, out, ref, inputs)
     if isinstance(judged, list):
         judged = {"": judged}
     return [Outcome(s, verdict(judged[s], ctx.overrides)) for s in suffixes]
@@ -218,25 +193,21 @@ def run_accuracy(
 
 def accuracy_cases(
     op: str,
-    table: Iterable[Mapping[str, Any]],
-    build: Build,
+    rows: Iterable[ShapeRow],
     judge: Judge,
     *,
     suffixes: Sequence[str] = ("",),
     variant_supported: Callable[[Context, Mapping[str, Any]], str | None] | None = None,
 ) -> list[Case]:
-    """One case per table row; ``row["name"]`` names it, ``row["kind"]`` says accuracy or edge."""
+    """One case per row, with the row's id, kind (accuracy or edge) and tiers."""
     cases = []
-    for row in table:
-        row = dict(row)
-        kind = row.get("kind", "accuracy")
-        case_id = f"{op}/{row['name']}"
+    for row in rows:
 
-        def body(ctx: Context, row: Mapping[str, Any] = row) -> list[Outcome]:
-            return run_accuracy(ctx, op, row, build, judge, suffixes, variant_supported)
+        def body(ctx: Context, params: Mapping[str, Any] = row.params) -> list[Outcome]:
+            return run_accuracy(ctx, op, params, judge, suffixes, variant_supported)
 
         cases.append(
-            Case(case_id, op, kind, dtype_name(row.get("dtype")), _params(row), _tiers(row), body, tuple(suffixes))
+            Case(row.id, op, row.kind, dtype_name(row.params.get("dtype")), _params(row.params), row.tiers, body, tuple(suffixes))
         )
     return cases
 
@@ -289,19 +260,19 @@ def standard_bad_inputs(
 
 def op_cases(
     op: str,
-    table: Sequence[Mapping[str, Any]],
-    build: Build,
     judge: Judge,
     bad: Iterable[BadInput],
     *,
     suffixes: Sequence[str] = ("",),
     variant_supported: Callable[[Context, Mapping[str, Any]], str | None] | None = None,
-    bad_base: Mapping[str, Any] | None = None,
+    bad_base: str | None = None,
 ) -> list[Case]:
-    """An op's accuracy/edge cases from ``table`` and its bad-input cases (spoiling
-    ``bad_base``, default the table's first row)."""
-    return accuracy_cases(op, table, build, judge, suffixes=suffixes, variant_supported=variant_supported) + bad_input_cases(
-        op, table[0] if bad_base is None else bad_base, build, bad
+    """An op's accuracy/edge cases from its example rows and its bad-input cases (spoiling
+    the row named ``bad_base``, default the first)."""
+    rows = conformance_rows(op)
+    base = rows[0] if bad_base is None else next(r for r in rows if r.name == bad_base)
+    return accuracy_cases(op, rows, judge, suffixes=suffixes, variant_supported=variant_supported) + bad_input_cases(
+        op, base.params, example_of(op), bad
     )
 
 
@@ -346,7 +317,8 @@ def bad_input_cases(op: str, base: Mapping[str, Any], build: Build, bad: Iterabl
 
 
 def rejection_case(op: str, name: str, row: Mapping[str, Any], build: Build, error: type[DshalError], what: str) -> Case:
-    """An ``edge`` case whose valid-looking input the op's contract rejects (e.g. K % 128 with a floor-sized scale)."""
+    """An ``edge`` case (both tiers) whose valid-looking input the op's contract rejects
+    (e.g. K % 128 with a floor-sized scale)."""
 
     def body(ctx: Context) -> list[Outcome]:
         inputs = build(ctx, row)
@@ -354,29 +326,4 @@ def rejection_case(op: str, name: str, row: Mapping[str, Any], build: Build, err
         return run_rejection(ctx, op, placed, error, what)
 
     params = {**_params(row), "expects": error.__name__}
-    return Case(f"{op}/{name}", op, "edge", dtype_name(row.get("dtype")), params, _tiers(row), body)
-
-
-# ---------------------------------------------------------------- value patterns
-def fill_pattern(t: torch.Tensor, pattern: str | None, ctx: Context) -> torch.Tensor:
-    """Edge-case values: ``nan_inf`` (NaN, +Inf, -Inf at fixed spots), ``subnormal``
-    (float32 subnormals), ``zero_rows`` (every other row zero), ``small`` (rms ~ 1e-3)."""
-    if pattern is None or t.numel() == 0:
-        return t
-    t = t.clone()
-    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
-    if pattern == "nan_inf":
-        n = flat.numel()
-        flat[0] = float("nan")
-        flat[n // 3] = float("inf")
-        flat[(2 * n) // 3] = float("-inf")
-        return flat.view(t.shape)
-    if pattern == "subnormal":
-        # 1e-39 .. 1e-41: below float32's smallest normal (1.18e-38).
-        return (t.to(torch.float64) * 1e-40).to(t.dtype)
-    if pattern == "small":
-        return (t.to(torch.float64) * 1e-3).to(t.dtype)
-    if pattern == "zero_rows":
-        t[..., ::2, :] = 0
-        return t
-    raise ValueError(f"unknown value pattern {pattern!r}")
+    return Case(f"{op}/{name}", op, "edge", dtype_name(row.get("dtype")), params, frozenset(TIERS), body)

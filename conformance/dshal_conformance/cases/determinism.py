@@ -18,12 +18,14 @@ served by one of the backend's ``batch_invariant_ops()`` -- is a difference a ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from dshal.errors import DshalError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
+from dshal.runtime import current
 from dshal_conformance.cases.base import Case, Context, Outcome, dtype_name, fail_all, to_cpu, unsupported_outcomes
 from dshal_conformance.judge import Verdict, finding
 
@@ -33,45 +35,14 @@ SUFFIXES = ("/repeat", "/batch-invariant")
 ROWS = 4
 
 
-def _linear(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
-    return {"x": ctx.randn(ROWS, 256, dtype=dtype), "weight": ctx.randn(128, 256, dtype=dtype, scale=256**-0.5)}
-
-
-def _fp8_gemm(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
-    quant = SPECS["quantize_fp8"].reference_impl
-    a, a_scale = quant(ctx.randn(ROWS, 256), (1, 128), ctx.fp8("e4m3"), None)
-    b, b_scale = quant(ctx.randn(128, 256, scale=256**-0.5), (128, 128), ctx.fp8("e4m3"), None)
-    return {"a": a, "a_scale": a_scale, "b": b, "b_scale": b_scale, "out_dtype": dtype}
-
-
-def _rms_norm(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
-    return {"x": ctx.randn(ROWS, 256, dtype=dtype), "weight": (1 + 0.1 * ctx.randn(256)).to(dtype), "residual": ctx.randn(ROWS, 256, dtype=dtype)}
-
-
-def _attention(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
-    b = ROWS
-    return {"q": ctx.randn(b, 4, 16, 32, dtype=dtype), "k": ctx.randn(b, 2, 16, 32, dtype=dtype), "v": ctx.randn(b, 2, 16, 32, dtype=dtype)}
-
-
-def _moe_experts(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
-    e, h, inter, k = 4, 64, 32, 2
-    ids = torch.stack([torch.randperm(e, generator=ctx.generator)[:k] for _ in range(ROWS)])
-    return {
-        "x": ctx.randn(ROWS, h, dtype=dtype),
-        "weights": torch.rand(ROWS, k, generator=ctx.generator),
-        "ids": ids,
-        "w13": ctx.randn(e, 2 * inter, h, dtype=dtype, scale=h**-0.5),
-        "w2": ctx.randn(e, h, inter, dtype=dtype, scale=inter**-0.5),
-    }
-
-
-#: op -> (dtypes, input builder, the arguments that are batched along dim 0).
-OPS: dict[str, tuple[Sequence[torch.dtype], Callable[[Context, torch.dtype], dict[str, Any]], tuple[str, ...]]] = {
-    "linear": ((F32, BF16), _linear, ("x",)),
-    "fp8_gemm": ((BF16,), _fp8_gemm, ("a", "a_scale")),
-    "rms_norm": ((BF16,), _rms_norm, ("x", "residual")),
-    "attention": ((BF16,), _attention, ("q", "k", "v")),
-    "moe_experts": ((BF16,), _moe_experts, ("x", "weights", "ids")),
+#: op -> (dtypes, the example row's parameters (inputs: the op's own example builder, with
+#: ``ROWS`` rows along dim 0), the arguments that are batched along dim 0).
+OPS: dict[str, tuple[Sequence[torch.dtype], Mapping[str, Any], tuple[str, ...]]] = {
+    "linear": ((F32, BF16), dict(m=ROWS, n=128, k=256), ("x",)),
+    "fp8_gemm": ((BF16,), dict(m=ROWS, n=128, k=256, granularity="block"), ("a", "a_scale")),
+    "rms_norm": ((BF16,), dict(shape=(ROWS, 256), residual=True), ("x", "residual")),
+    "attention": ((BF16,), dict(b=ROWS, hq=4, hk=2, tq=16, d=32), ("q", "k", "v")),
+    "moe_experts": ((BF16,), dict(t=ROWS, h=64, i=32, e=4, k=2), ("x", "weights", "ids")),
 }
 
 
@@ -101,17 +72,13 @@ def _sub_batches(n: int) -> list[slice]:
 def promised(op: str) -> bool:
     """True when the active runtime runs ``determinism: strict`` and serves ``op`` with a
     provider its backend declares batch-invariant."""
-    from dshal.runtime import current
-
     rt = current()
     return getattr(rt.config, "determinism", "default") == "strict" and op in getattr(rt, "batch_invariant", frozenset())
 
 
 def run_op(ctx: Context, op: str, dtype: torch.dtype) -> list[Outcome]:
-    from dshal.errors import DshalError, UnsupportedOpError
-
-    _, build, batched = OPS[op]
-    kwargs = build(ctx, dtype)
+    _, params, batched = OPS[op]
+    kwargs = SPECS[op].example_inputs(ctx.draw, {**params, "dtype": dtype}).kwargs
     try:
         first = _outputs(ctx.call(op, kwargs))
         second = _outputs(ctx.call(op, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))

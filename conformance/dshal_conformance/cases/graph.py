@@ -19,17 +19,20 @@ Case ``graph/<op>`` (inputs: the first row of the op's own table) makes two judg
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from dshal.errors import UnsupportedOpError
+from dshal.ops.catalogue import SPECS
+from dshal.ops.examples import ShapeRow
 from dshal.perf.syncs import HostSyncCounter
+from dshal.runtime import current
 from dshal_conformance.cases.base import (
     Case,
     Context,
-    Inputs,
     Outcome,
+    conformance_rows,
     dtype_name,
     fail_all,
     to_cpu,
@@ -44,36 +47,27 @@ SUFFIXES = ("/replay", "/host-sync")
 EXEMPT = (f"{os.sep}triton{os.sep}",)
 
 
-def _tables() -> dict[str, tuple[Mapping[str, Any], Callable[[Context, Mapping[str, Any]], Inputs]]]:
-    """op -> (the first row of its table, its build function): the graph family's inputs."""
-    from dshal_conformance.cases import attention_moe as am
-    from dshal_conformance.cases import elementwise as ew
-    from dshal_conformance.cases import gemm, quant
+#: The ops the graph family captures (each on the first row of its own examples).
+GRAPH_OPS = ("linear", "fp8_gemm", "quantize_fp8", "rms_norm", "silu_and_mul", "rotary_embedding", "attention", "moe_gate", "moe_experts")
 
-    return {
-        "linear": (gemm.LINEAR[0], gemm.build_linear),
-        "fp8_gemm": (gemm.FP8_GEMM[0], gemm.build_fp8_gemm),
-        "quantize_fp8": (quant.QUANTIZE_FP8[0], quant.build_quantize_fp8),
-        "rms_norm": (ew.RMS_NORM[0], ew.build_rms_norm),
-        "silu_and_mul": (ew.SILU_AND_MUL[0], ew.build_silu_and_mul),
-        "rotary_embedding": (ew.ROTARY[0], ew.build_rotary),
-        "attention": (am.ATTENTION[0], am.build_attention),
-        "moe_gate": (am.MOE_GATE[0], am.build_moe_gate),
-        "moe_experts": (am.MOE_EXPERTS[0], am.build_moe_experts),
-    }
+
+def first_row(op: str) -> ShapeRow:
+    """The inputs the graph family uses for ``op``: the first of its conformance rows."""
+    return conformance_rows(op)[0]
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
     return list(value) if isinstance(value, tuple) else [value]
 
 
-def _replay(ctx: Context, op: str, row: Mapping[str, Any], build: Any, backend: Any) -> Verdict:
+def judge_replay(ctx: Context, op: str, row: ShapeRow, backend: Any) -> Verdict:
     fn = ctx.table[op]
     graphed = backend.graph(fn)
     if graphed is fn:
         return Verdict("unsupported", None, None, None,
                        f"backend {backend.name!r}: graph() returns the function itself (no device graph here)")
-    first, second = build(ctx, row).kwargs, build(ctx, row).kwargs  # same shapes, new data
+    spec = SPECS[op]
+    first, second = spec.example_inputs(ctx.draw, row).kwargs, spec.example_inputs(ctx.draw, row).kwargs  # same shapes, new data
     placed = {k: ctx.place(v) for k, v in first.items()}
     try:
         eager = to_cpu(fn(**placed))
@@ -95,11 +89,11 @@ def _replay(ctx: Context, op: str, row: Mapping[str, Any], build: Any, backend: 
     return verdict(checks)
 
 
-def _host_sync(ctx: Context, op: str, row: Mapping[str, Any], build: Any, runtime: Any) -> Verdict:
+def judge_host_sync(ctx: Context, op: str, row: ShapeRow, runtime: Any) -> Verdict:
     if runtime.backend.device_type == "cpu" and not runtime.emulated:
         return Verdict("unsupported", None, None, None,
                        f"backend {runtime.backend.name!r} computes on the host: no host synchronization to count")
-    placed = {k: ctx.place(v) for k, v in build(ctx, row).kwargs.items()}
+    placed = {k: ctx.place(v) for k, v in SPECS[op].example_inputs(ctx.draw, row).kwargs.items()}
     with HostSyncCounter(exempt=EXEMPT) as counter:
         ctx.table[op](**placed)
     if not counter.events:
@@ -111,16 +105,13 @@ def _host_sync(ctx: Context, op: str, row: Mapping[str, Any], build: Any, runtim
 
 
 def run_op(ctx: Context, op: str) -> list[Outcome]:
-    from dshal.errors import UnsupportedOpError
-    from dshal.runtime import current
-
     runtime = current()
     if op not in ctx.provided:
         return unsupported_outcomes(SUFFIXES, f"backend does not provide {op!r}")
-    row, build = _tables()[op]
+    row = first_row(op)
     try:
-        return [Outcome("/replay", _replay(ctx, op, row, build, runtime.backend)),
-                Outcome("/host-sync", _host_sync(ctx, op, row, build, runtime))]
+        return [Outcome("/replay", judge_replay(ctx, op, row, runtime.backend)),
+                Outcome("/host-sync", judge_host_sync(ctx, op, row, runtime))]
     except UnsupportedOpError as err:
         return unsupported_outcomes(SUFFIXES, f"{op}: this variant is not supported: {err}")
     except Exception as err:  # noqa: BLE001 - the eager call itself crashed
@@ -129,14 +120,15 @@ def run_op(ctx: Context, op: str) -> list[Outcome]:
 
 def cases() -> list[Case]:
     out = []
-    for op, (row, _) in _tables().items():
+    for op in GRAPH_OPS:
+        row = first_row(op)
 
         def body(ctx: Context, op: str = op) -> list[Outcome]:
             return run_op(ctx, op)
 
-        out.append(Case(f"graph/{op}", op, "graph", dtype_name(row.get("dtype")), {"inputs": row["name"]},
+        out.append(Case(f"graph/{op}", op, "graph", dtype_name(row.params.get("dtype")), {"inputs": row.name},
                         frozenset({"ci", "full"}), body, SUFFIXES))
     return out
 
 
-__all__ = ["EXEMPT", "cases", "run_op"]
+__all__ = ["EXEMPT", "GRAPH_OPS", "cases", "first_row", "judge_host_sync", "judge_replay", "run_op"]

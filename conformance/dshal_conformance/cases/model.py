@@ -26,8 +26,12 @@ from typing import Any
 
 import torch
 
+from dshal.errors import UnsupportedOpError
+from dshal.runtime import current
+from dshal_conformance import modelcheck as mc
 from dshal_conformance.cases.base import Case, Context, Outcome, fail_all, unsupported_outcomes
 from dshal_conformance.judge import Check, verdict
+from dshal_conformance.tolerances import model_tolerance
 
 SUFFIXES = ("/drift", "/tokens")
 #: Modes run in the ci tier (the rest run in full).
@@ -44,10 +48,6 @@ def _finite(v: float) -> float | None:
 
 def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
     """Build both models, trace both, judge drift and tokens (see the module docstring)."""
-    from dshal.errors import UnsupportedOpError
-    from dshal.runtime import current
-    from dshal_conformance import modelcheck as mc
-    from dshal_conformance.tolerances import model_tolerance
 
     runtime = current()  # the backend under test (the runner activated it)
     why = mc.mode_unsupported(mode, runtime, ctx.provided)
@@ -110,7 +110,6 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
 
 
 def _case(mode: str, size: str, tiers: frozenset[str]) -> Case:
-    from dshal_conformance import modelcheck as mc
 
     args = mc.suite_args(size)
 
@@ -132,7 +131,6 @@ def _case(mode: str, size: str, tiers: frozenset[str]) -> Case:
 
 
 def cases() -> list[Case]:
-    from dshal_conformance import modelcheck as mc
 
     out = []
     for mode in mc.mode_labels():
