@@ -49,7 +49,7 @@ from dshal.ops.attention import nonfinite_guard, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity, weight_quant_mode
 from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF
-from dshal.perf.roofline import same_part
+from dshal.perf.measure import same_part
 
 log = logging.getLogger("dshal")
 
@@ -77,7 +77,7 @@ class PeakFigures:
     device_hardware` turns the row naming this device into ``Capabilities.peak_flops`` /
     ``peak_bandwidth`` (and ``notes["peaks"]``)."""
 
-    match: str  #: the part, matched exactly against the device name (:func:`dshal.perf.roofline.same_part`)
+    match: str  #: the part, matched exactly against the device name (:func:`dshal.perf.measure.same_part`)
     bf16_flops: float
     fp8_flops: float
     bandwidth: float  #: bytes/s

@@ -9,6 +9,4 @@ core per layer and op), both writing self-contained HTML reports with JSON along
 - :mod:`dshal.perf.report`  -- their shared options, HTML (inline SVG plots, tables) and JSON;
 - :mod:`dshal.perf.syncs`   -- :class:`~dshal.perf.syncs.HostSyncCounter`, a check (which calls
   would make the host wait for the device), used by conformance's graph family and tests.
-
-``dshal.perf.roofline`` remains only as an import path for ``same_part`` (GPU plugins' base).
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dshal.plugin import lookup_peaks
-from dshal.perf.roofline import part_words, same_part
+from dshal.perf.measure import part_words, same_part
 
 
 @pytest.mark.parametrize(
