@@ -23,6 +23,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint
 from typing import Any
 
 from dshal.backend import API_VERSION, Availability, Backend, Capabilities
@@ -304,8 +305,8 @@ class _IsolatedEntryPoint:
 
 
 def _load_plugins(
-    entry_points: list[importlib.metadata.EntryPoint],
-) -> tuple[list[tuple[importlib.metadata.EntryPoint, object]], dict[str, tuple[importlib.metadata.EntryPoint, BaseException]]]:
+    entry_points: list[EntryPoint],
+) -> tuple[list[tuple[EntryPoint, object]], dict[str, tuple[EntryPoint, BaseException]]]:
     """Import each entry point's target through stevedore, each in its own try: the
     ``(entry point, plugin class)`` pairs that imported, and name -> ``(entry point, error)``
     for those that did not. Only stevedore's public API: the manager lists the given entry
@@ -319,7 +320,7 @@ def _load_plugins(
         def list_entry_points(self) -> list[Any]:
             return list(isolated)
 
-    failures: dict[str, tuple[importlib.metadata.EntryPoint, BaseException]] = {}
+    failures: dict[str, tuple[EntryPoint, BaseException]] = {}
 
     def on_failure(_manager: Any, ep: _IsolatedEntryPoint, err: BaseException) -> None:
         # Unwrap what _IsolatedEntryPoint.load wrapped so the reason shows the plugin's own error.

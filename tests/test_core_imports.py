@@ -283,3 +283,11 @@ def test_every_module_imports_in_any_of_several_orders(modules: dict[str, Module
         assert result["imported"] + len(result["skipped"]) == len(names) and result["imported"] > 0
         for name, why in result["skipped"].items():
             print(f"{order}: skipped {name}: {why}")
+
+
+def test_the_start_up_reasons_hold() -> None:
+    """The ``# lazy: start-up time`` imports above keep these modules free of torch (and of
+    discovery): the CLI's parser, a config file and ``dshal plan --help`` start at once."""
+    code = "import sys, dshal, dshal.cli, dshal.config, dshal.plan.command; print(sorted({'torch', 'stevedore'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"

@@ -566,7 +566,8 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
             spans = getattr(module, "act_quant", None)  # a TP shard whose quantization groups span ranks
             if spans is not None:
                 kept = module.weight_scale is not None
-                label = f"{spans.mode} {spans.fmt} ({'input quantized across ranks' if kept else 'dequantized TP shard'})"
+                where = "input quantized across ranks" if kept else "dequantized TP shard"
+                label = f"{spans.mode} {spans.fmt} ({where})"
         elif isinstance(module, RoutedExperts):
             label = precision_label(module.w13, module.w13_scale)
         elif isinstance(module, Gate):
@@ -582,7 +583,8 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
                 layers.append({"layer": n, "ffn": "moe" if a.is_moe_layer(n) else "dense", "precision": {}})
             layers[layer_id]["precision"][path.split(".", 2)[2]] = label
     n_params = sum(p.numel() for p in model.parameters())
-    choice = getattr(model, "precision_choice", None) or {"gemm": None, "mode": None, "why": "no precision policy applied"}
+    unset = {"gemm": None, "mode": None, "why": "no precision policy applied"}
+    choice = getattr(model, "precision_choice", None) or unset
     kv_b = model.layers[0].self_attn.kv_b_proj if len(model.layers) else None
     return {
         "dtype": str(a.dtype).replace("torch.", ""),
