@@ -31,7 +31,8 @@ from dshal.errors import CheckpointError
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_index
 from dshal.model.model import Embedding, Gate, Linear, RMSNorm, RoutedExperts, Transformer, rope_tables
-from dshal.model.precision import apply_precision, checkpoint_name, dequantize_weight
+from dshal.model.precision import apply_precision, checkpoint_name
+from dshal.model.weights import dequantize_weight
 from dshal.ops.spec import FP8_DTYPES
 from dshal.runtime import current
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from dshal import comm, ops
 from dshal.model.model import Embedding, Linear, RoutedExperts
-from dshal.model.precision import WEIGHT_BLOCKS
+from dshal.model.weights import WEIGHT_BLOCKS
 
 
 @dataclass(frozen=True)
