@@ -30,7 +30,7 @@ from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.attention import nonfinite_guard, visible_keys
 from dshal.ops.catalogue import SPECS
-from dshal.ops.gemm import GRANULARITY_BLOCKS, _linear_reference, linear_quantized, weight_quant_mode
+from dshal.ops.gemm import GRANULARITY_BLOCKS, linear_quantized, weight_quant_mode
 from dshal.ops.moe import check_expert_ids
 from dshal.ops.quant import dequantize_to
 from dshal.ops.spec import FP8_FORMAT_OF
@@ -190,7 +190,7 @@ def linear(x, weight, bias=None, weight_scale=None):
         if bias is not None:
             y = y + _as(bias, torch.float32)
         return _as(y, x.dtype)
-    return _linear_reference(x, weight, bias, weight_scale)
+    return SPECS["linear"].reference_impl(x, weight, bias, weight_scale)
 
 
 def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
