@@ -165,7 +165,7 @@ class Registry:
             for ep in entry_points
             if (allow is None or ep.name in allow) and (only is None or ep.name == only) and ep.name not in known
         ]
-        loaded, failures = _load_plugins(wanted)
+        loaded, failures = _import_plugins(wanted)
         infos: dict[str, BackendInfo] = {n: i for n, i in known.items() if allow is None or n in allow}
         for name, (ep, err) in failures.items():
             infos[name] = BackendInfo(
@@ -304,7 +304,7 @@ class _IsolatedEntryPoint:
         return f"{self.name} = {self.value}"
 
 
-def _load_plugins(
+def _import_plugins(
     entry_points: list[EntryPoint],
 ) -> tuple[list[tuple[EntryPoint, object]], dict[str, tuple[EntryPoint, BaseException]]]:
     """Import each entry point's target through stevedore, each in its own try: the
