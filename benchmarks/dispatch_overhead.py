@@ -100,7 +100,7 @@ def main() -> None:
             with dshal.runtime.op_hook(recorder.wrap_op) if name == "on" else contextlib.nullcontext():
                 fn()  # warm-up
                 hook_rows[name] = min(hook_rows[name], timeit.timeit(fn, number=args.number) / args.number * 1e6)
-    bare = all(dshal.ops._table[name] is fn for name, fn in rt.table.items())
+    bare = all(dshal.ops.DISPATCHER.provider(name) is fn for name, fn in rt.table.items())
     # -------------------------------------------------------------------------------------
 
     print(f"machine: {machine()}")

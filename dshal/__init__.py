@@ -36,6 +36,11 @@ from dshal.errors import (
 
 __version__ = "0.1.0"
 
+# Why a lazy table: the modules behind these names import torch (~1-2 s), and commands that
+# need no tensors (``dshal --help``, ``dshal matrix``) must start at once. The table is
+# explicit: any other name is an AttributeError naming it, so a typo never passes.
+# ``tests/test_core_imports.py`` reads the table to count ``from dshal import NAME`` as an
+# import of NAME's module when it checks the import graph for cycles.
 #: Public name -> the module that defines it, imported on first access (PEP 562).
 _LAZY_NAMES = {
     **dict.fromkeys(("API_VERSION", "Availability", "Backend", "Capabilities", "Timer", "Topology"), "dshal.backend"),
@@ -50,7 +55,7 @@ _LAZY_MODULES = ("ops", "backend", "config", "registry", "runtime")
 def backends(*, emulate: bool | None = None, refresh: bool = False) -> list[BackendInfo]:
     """Every discovered backend, broken ones included, with the reason for each
     (:func:`dshal.registry.backends`)."""
-    from dshal.registry import backends as discovered
+    from dshal.registry import backends as discovered  # lazy: start-up time (import dshal loads no torch)
 
     return discovered(emulate=emulate, refresh=refresh)
 

@@ -12,6 +12,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from dshal import __version__
+from dshal.errors import DshalError
+
 #: name -> (module, one-line help, distribution that provides it)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("dshal.info", "list discovered backends, their availability, capabilities and op providers", "dshal"),
@@ -53,8 +56,6 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from dshal import __version__
-
     parser.add_argument("--version", action="version", version=f"dshal {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text, dist) in SUBCOMMANDS.items():
@@ -87,8 +88,6 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from dshal.errors import DshalError
-
     try:
         return int(args._main(args) or 0)
     except DshalError as err:

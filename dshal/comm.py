@@ -38,6 +38,10 @@ exchange in checked mode: the agreement exchange carries the sizes.
 split sizes (one small extra all_to_all), so uneven and empty splits need no bookkeeping
 by the caller; when both are None, ``t`` is split evenly and every rank must pass the same
 number of rows (as in ``torch.distributed``).
+
+Layering: the communicator classes sit below the runtime (a backend's ``communicator()``
+builds them), so this module imports nothing of :mod:`dshal.runtime`; the module-level
+collectives reach the active backend through the public ``dshal.current()`` at call time.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import dshal
 from dshal.errors import CommError, ConfigError, DTypeError, ShapeError
 from dshal.ops.mode import checking
 
@@ -682,9 +687,7 @@ def init(timeout_s: float | None = None) -> Communicator:
     sets this process's local device (``LOCAL_RANK``) and bounds every collective by
     ``timeout_s`` (default: the config's ``distributed.timeout_s``). Idempotent.
     """
-    from dshal.runtime import current
-
-    rt = current()
+    rt = dshal.current()
     if dist.is_initialized():
         return rt.backend.communicator(None)
     env = launch_env()
@@ -775,9 +778,7 @@ def communicator(group: Any = None) -> Communicator:
     """The active backend's communicator for ``group`` (None = the world group)."""
     if isinstance(group, SimulatedGroup):
         return SimulatedCommunicator(group)
-    from dshal.runtime import current
-
-    return current().backend.communicator(group)
+    return dshal.current().backend.communicator(group)
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:

@@ -335,7 +335,7 @@ def _non_negative_int(doc: _Doc, path: tuple[str, ...], v: Any) -> int:
 
 
 def _op_map(doc: _Doc, path: tuple[str, ...], v: Any) -> dict[str, str]:
-    from dshal.ops.catalogue import SPECS
+    from dshal.ops.catalogue import SPECS  # lazy: start-up time (reading a config loads no torch; the catalogue does)
 
     if v is None:
         return {}

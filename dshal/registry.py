@@ -23,10 +23,13 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint
 from typing import Any
 
 from dshal.backend import API_VERSION, Availability, Backend, Capabilities
+from dshal.config import REFERENCE_PROVIDER, emulate_from_env
 from dshal.errors import BackendUnavailableError, ConfigError, DshalError, PluginLoadError
+from dshal.ops.catalogue import SPECS
 
 ENTRY_POINT_GROUP = "dshal.backends"
 #: Seconds a plugin's availability() / capabilities() may take (DSHAL_PLUGIN_TIMEOUT_S).
@@ -88,12 +91,6 @@ def allowed_plugins() -> frozenset[str] | None:
     return frozenset(n.strip() for n in raw.split(",") if n.strip())
 
 
-def _emulate_from_env() -> bool:
-    from dshal.config import emulate_from_env
-
-    return bool(emulate_from_env())
-
-
 class Registry:
     """Discovers and validates backends once per (allow-list, emulate) setting. A backend
     asked for by name (:meth:`get`) is loaded alone; :meth:`infos` loads every plugin."""
@@ -112,7 +109,7 @@ class Registry:
             importlib.invalidate_caches()  # importlib.metadata's directory listings
 
     def infos(self, *, emulate: bool | None = None) -> dict[str, BackendInfo]:
-        emulate = _emulate_from_env() if emulate is None else emulate
+        emulate = bool(emulate_from_env()) if emulate is None else emulate
         key = (allowed_plugins(), emulate)
         with self._lock:
             if key not in self._cache:
@@ -121,7 +118,7 @@ class Registry:
 
     def get(self, name: str, *, emulate: bool | None = None) -> BackendInfo:
         """The backend ``name`` (loading only that plugin when the full listing is not cached)."""
-        emulate = _emulate_from_env() if emulate is None else emulate
+        emulate = bool(emulate_from_env()) if emulate is None else emulate
         allow = allowed_plugins()
         key = (allow, emulate)
         with self._lock:
@@ -149,15 +146,8 @@ class Registry:
         only: str | None = None,
         known: dict[str, BackendInfo] | None = None,
     ) -> dict[str, BackendInfo]:
-        failures: dict[str, tuple[importlib.metadata.EntryPoint, BaseException]] = {}
-        known = known or {}
-
-        def on_failure(_manager, ep, err):
-            # Unwrap what _load_one_plugin wrapped so the reason shows the plugin's own error.
-            failures[ep.name] = (ep, err.__cause__ if isinstance(err, _PluginCrash) else err)
-
         with _WATCH.active():
-            return self._discover_watched(allow, emulate, only, known, failures, on_failure)
+            return self._discover_watched(allow, emulate, only, known or {})
 
     def _discover_watched(
         self,
@@ -165,25 +155,17 @@ class Registry:
         emulate: bool,
         only: str | None,
         known: dict[str, BackendInfo],
-        failures: dict[str, tuple[importlib.metadata.EntryPoint, BaseException]],
-        on_failure: Callable[..., None],
     ) -> dict[str, BackendInfo]:
         timeout = plugin_timeout()
         entry_points, clashes = _entry_points()
         if only is not None:
             clashes = {n: eps for n, eps in clashes.items() if n == only}
         wanted = [
-            ep.name
+            ep
             for ep in entry_points
             if (allow is None or ep.name in allow) and (only is None or ep.name == only) and ep.name not in known
         ]
-        manager = _manager_class()(
-            ENTRY_POINT_GROUP,
-            names=wanted,
-            on_load_failure_callback=on_failure,
-            on_missing_entrypoints_callback=None,
-            entry_points=entry_points,
-        )
+        loaded, failures = _import_plugins(wanted)
         infos: dict[str, BackendInfo] = {n: i for n, i in known.items() if allow is None or n in allow}
         for name, (ep, err) in failures.items():
             infos[name] = BackendInfo(
@@ -195,9 +177,8 @@ class Registry:
                 reason=f"import failed: {type(err).__name__}: {err}",
                 error=err,
             )
-        for ext in manager:
-            ep = ext.entry_point
-            infos[ext.name] = _validate(ext.name, ep.value, _version_of(ep), ext.plugin, emulate, timeout)
+        for ep, plugin in loaded:
+            infos[ep.name] = _validate(ep.name, ep.value, _version_of(ep), plugin, emulate, timeout)
         for name, eps in clashes.items():
             if allow is None or name in allow:
                 infos[name] = _clash(name, eps)
@@ -293,30 +274,60 @@ def _entry_points() -> tuple[list[importlib.metadata.EntryPoint], dict[str, list
     return [eps[0] for eps in claims.values() if len(eps) == 1], clashes
 
 
-def _manager_class() -> type:
-    """A stevedore manager over a given entry-point list that isolates every plugin import."""
-    from stevedore import NamedExtensionManager
+class _IsolatedEntryPoint:
+    """An entry point whose ``load()`` reports whatever the plugin's import raises as an
+    ordinary ``Exception``. stevedore loads each plugin in its own try but lets
+    ``AssertionError``, ``KeyboardInterrupt`` and other ``BaseException``s escape it;
+    wrapped like this, they reach the manager's ``on_load_failure_callback`` like any
+    import error (a real Ctrl-C is still re-raised)."""
 
-    class _Manager(NamedExtensionManager):
-        def __init__(self, namespace, *, entry_points, **kwargs):
-            self._given_entry_points = entry_points
-            super().__init__(namespace, **kwargs)
+    def __init__(self, entry_point: importlib.metadata.EntryPoint):
+        self.entry_point = entry_point
+        self.name, self.value, self.group = entry_point.name, entry_point.value, entry_point.group
 
-        def list_entry_points(self):
-            return self._given_entry_points
+    @property
+    def dist(self) -> importlib.metadata.Distribution | None:
+        return self.entry_point.dist
 
-        def _load_one_plugin(self, ep, *args, **kwargs):
-            try:
-                return super()._load_one_plugin(ep, *args, **kwargs)
-            except AssertionError as err:  # stevedore lets these escape; isolation must not
-                raise _PluginCrash(str(err)) from err
-            except Exception:
-                raise
-            except BaseException as err:  # noqa: BLE001 - SystemExit, KeyboardInterrupt...: same
-                _contain(err, ep.name, "the import", _WATCH)
-                raise _PluginCrash(f"{type(err).__name__}: {err}") from err
+    def load(self) -> Any:
+        try:
+            return self.entry_point.load()
+        except AssertionError as err:
+            raise _PluginCrash(str(err)) from err
+        except Exception:
+            raise
+        except BaseException as err:  # noqa: BLE001 - SystemExit, KeyboardInterrupt...: the plugin's failure
+            _contain(err, self.name, "the import", _WATCH)
+            raise _PluginCrash(f"{type(err).__name__}: {err}") from err
 
-    return _Manager
+    def __repr__(self) -> str:
+        return f"{self.name} = {self.value}"
+
+
+def _import_plugins(
+    entry_points: list[EntryPoint],
+) -> tuple[list[tuple[EntryPoint, object]], dict[str, tuple[EntryPoint, BaseException]]]:
+    """Import each entry point's target through stevedore, each in its own try: the
+    ``(entry point, plugin class)`` pairs that imported, and name -> ``(entry point, error)``
+    for those that did not. Only stevedore's public API: the manager lists the given entry
+    points (``list_entry_points``), constructs nothing (``invoke_on_load=False``) and hands
+    each failure to ``on_load_failure_callback``."""
+    from stevedore import ExtensionManager  # lazy third-party import: ~0.15 s, paid on the first discovery only
+
+    isolated = [_IsolatedEntryPoint(ep) for ep in entry_points]
+
+    class _GivenEntryPoints(ExtensionManager):
+        def list_entry_points(self) -> list[Any]:
+            return list(isolated)
+
+    failures: dict[str, tuple[EntryPoint, BaseException]] = {}
+
+    def on_failure(_manager: Any, ep: _IsolatedEntryPoint, err: BaseException) -> None:
+        # Unwrap what _IsolatedEntryPoint.load wrapped so the reason shows the plugin's own error.
+        failures[ep.name] = (ep.entry_point, err.__cause__ if isinstance(err, _PluginCrash) else err)
+
+    manager = _GivenEntryPoints(ENTRY_POINT_GROUP, invoke_on_load=False, on_load_failure_callback=on_failure)
+    return [(ext.entry_point.entry_point, ext.plugin) for ext in manager], failures
 
 
 def _version_of(ep: importlib.metadata.EntryPoint) -> str | None:
@@ -372,8 +383,6 @@ def _validate(
 
     def broken(reason: str, err: BaseException) -> BackendInfo:
         return BackendInfo(name, value, version, loaded=False, available=False, reason=reason, error=err)
-
-    from dshal.config import REFERENCE_PROVIDER  # lazy like env_flag: yaml loads with the first config
 
     if name == REFERENCE_PROVIDER:
         err = PluginLoadError(f"the backend name {name!r} is reserved: it names the ops' reference implementations "
@@ -435,8 +444,6 @@ def _validate(
 
 def check_op_signatures(plugin: str, ops: dict) -> None:
     """Raise PluginLoadError when a provided op is unknown or its signature differs from the spec."""
-    from dshal.ops.catalogue import SPECS
-
     problems = []
     for op, impl in ops.items():
         spec = SPECS.get(op)

@@ -1,8 +1,8 @@
 """The active runtime: selected backend, device, and the op -> provider table.
 
 :func:`use` selects a backend from a config, resolves every op's provider *once*, and
-installs the result into :mod:`dshal.ops`' dispatch table, so a ``dshal.ops.<op>`` call
-costs a dict lookup and the provider's own work.
+installs the result into the ops' dispatcher (:data:`dshal.ops.dispatch.DISPATCHER`), so a
+``dshal.ops.<op>`` call costs a dict lookup and the provider's own work.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import torch
 from dshal.backend import Backend, Capabilities
 from dshal.config import REFERENCE_PROVIDER, Config, load_config
 from dshal.errors import ConfigError, UnsupportedOpError
+from dshal.ops.catalogue import SPECS
+from dshal.ops.dispatch import DISPATCHER
 from dshal.registry import REGISTRY, Decision, require_named, select
 
 log = logging.getLogger("dshal")
@@ -100,12 +102,13 @@ _state: dict[str, Any] = {"active": None, "hook": None}
 
 
 def _install(runtime: Runtime) -> None:
-    """Fill dshal.ops' dispatch tables from ``runtime``, through the op hook if one is set."""
-    from dshal import ops
-
+    """Install ``runtime``'s providers into the ops' dispatcher, through the op hook if one is set."""
     hook: OpHook | None = _state["hook"]
-    for mine, theirs in ((ops._table, runtime.table), (ops._unchecked, runtime.unchecked)):
-        mine.update(theirs if hook is None else {name: hook(name, fn) for name, fn in theirs.items()})
+    if hook is None:
+        DISPATCHER.install(runtime.table, runtime.unchecked)
+    else:
+        DISPATCHER.install({name: hook(name, fn) for name, fn in runtime.table.items()},
+                           {name: hook(name, fn) for name, fn in runtime.unchecked.items()})
 
 
 @contextlib.contextmanager
@@ -154,8 +157,6 @@ def _refusing(op: str, backend: str, why: str) -> Callable[..., Any]:
 
 def build_runtime(config: Config) -> Runtime:
     """Select the backend and resolve each op's provider (no activation)."""
-    from dshal.ops.catalogue import SPECS
-
     backend, trace = select(
         config.backend, config.prefer, emulate=config.emulate, registry=REGISTRY,
         origin=f"backend, set by {config.origin('backend')}",
@@ -276,9 +277,7 @@ def current() -> Runtime:
 
 def reset() -> None:
     """Forget the active runtime (the next op call activates the default again)."""
-    from dshal import ops
-
     with _lock:
         _state["active"] = None
         _state["hook"] = None
-        ops._reset_table()
+        DISPATCHER.reset()

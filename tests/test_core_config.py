@@ -165,7 +165,8 @@ def test_dshal_emulate_values(monkeypatch, value, expected):
     monkeypatch.setenv("DSHAL_EMULATE", value)
     assert load_config().emulate is expected
     # One reader serves the config and discovery (dshal.backends() without emulate=).
-    assert config_module.emulate_from_env() is expected and dshal.registry._emulate_from_env() is expected
+    assert config_module.emulate_from_env() is expected
+    assert dshal.registry.emulate_from_env is config_module.emulate_from_env
     monkeypatch.setenv("DSHAL_EMULATE", " ")
     assert config_module.emulate_from_env() is None and load_config().emulate is False
 

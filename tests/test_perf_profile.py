@@ -103,7 +103,7 @@ def test_profile_counts_every_op_call():
         model.generate(prompt, 3)
     recorder = Recorder(lambda: None)
     with recorder.attached(model):
-        assert dshal.ops._table["linear"] is not dshal.current().table["linear"]  # the hook is live
+        assert dshal.ops.DISPATCHER.provider("linear") is not dshal.current().table["linear"]  # the hook is live
         model.generate(prompt, 3)
     seen: Counter[str] = Counter()
     for (_, _, op), tally in recorder.ops.items():
@@ -166,7 +166,7 @@ def test_profiling_off_leaves_bare_dispatch_and_no_hooks(profiled):
     ids = torch.randint(0, model.args.vocab_size, (1, 4))
     result = measure_off_overhead(model, ids, lambda: None, pairs=1)
     runtime = dshal.current()
-    assert all(dshal.ops._table[name] is fn for name, fn in runtime.table.items())
+    assert all(dshal.ops.DISPATCHER.provider(name) is fn for name, fn in runtime.table.items())
     assert result["dispatch_table_bare_when_off"] and not has_hooks(model)
 
 

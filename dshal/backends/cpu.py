@@ -20,6 +20,9 @@ import torch
 
 from dshal.backend import Availability, Backend, Capabilities
 from dshal.backends.cpu_native import NATIVE_OPS
+from dshal.backends.invariant import BATCHED, row_by_row
+from dshal.kernels import cpu as cpu_kernels
+from dshal.ops.catalogue import SPECS
 
 
 class CpuBackend(Backend):
@@ -34,8 +37,6 @@ class CpuBackend(Backend):
         return "cpu"
 
     def availability(self) -> Availability:
-        from dshal.kernels import cpu as cpu_kernels
-
         kernels = cpu_kernels.status()
         c_part = "dshal C kernels built" if kernels.available else f"no dshal C kernels ({kernels.detail}): torch serves their ops"
         return Availability(
@@ -56,16 +57,12 @@ class CpuBackend(Backend):
         )
 
     def ops(self) -> Mapping[str, Callable[..., Any]]:
-        from dshal.ops.catalogue import SPECS
-
         references = {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
         return {**references, **NATIVE_OPS}
 
     def batch_invariant_ops(self) -> Mapping[str, Callable[..., Any]]:
         """Every batch-sensitive op this backend serves, one row at a time (see
         :mod:`dshal.backends.invariant`): batch-invariant by construction, slower."""
-        from dshal.backends.invariant import BATCHED, row_by_row
-
         own = self.ops()
         return {op: row_by_row(op, own[op]) for op in BATCHED if op in own}
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from dshal.ops.catalogue import SPECS
+
 #: op -> (its batched arguments, first one leading; whether leading dims are token rows
 #: to flatten). attention's rows are sequences (dim 0 of q, k, v).
 BATCHED: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -36,8 +38,6 @@ def _join(parts: list[Any], lead: tuple[int, ...] | None) -> Any:
 def row_by_row(op: str, provider: Callable[..., Any]) -> Callable[..., Any]:
     """``provider`` of ``op`` (same signature) applied to each row of its batched
     arguments alone; outputs concatenated back in order."""
-    from dshal.ops.catalogue import SPECS
-
     signature = SPECS[op].signature
     names, flatten = BATCHED[op]
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dshal.config import os_error_reason, read_text_file
 from dshal.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -240,8 +241,6 @@ class ModelArgs:
         """Read ``path`` (a checkpoint folder holding ``config.json``, or that file itself).
         Every problem is a ConfigError naming the file: unreadable (missing, permission,
         symlink loop, not UTF-8), invalid JSON, or a key with a wrong type or value."""
-        from dshal.config import read_text_file
-
         config_path = checkpoint_config_path(path)
         _, text = read_text_file(config_path, "model config")
         try:
@@ -330,8 +329,6 @@ def checkpoint_config_path(path: Any) -> Path:
     """``path/config.json`` for a checkpoint folder, ``path`` for a ``.json`` file; a
     ConfigError that says what is wrong otherwise (a file that is no config, a symlink
     loop, a missing folder, no permission)."""
-    from dshal.config import os_error_reason
-
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         raise ConfigError(f"checkpoint: got {path!r} ({type(path).__name__}), expected a folder path")
     path = Path(path)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dshal.config import env_flag, read_text_file
 from dshal.errors import CheckpointError, ConfigError
 from dshal.model.args import ModelArgs
 
@@ -38,8 +39,6 @@ _FP8_NONFINITE = {
 def check_finite_enabled() -> bool:
     """Whether loading scans weights for NaN / Inf: yes unless ``DSHAL_CHECK_FINITE=0``
     (the opt-out for speed: the scan reads every weight once more)."""
-    from dshal.config import env_flag
-
     return env_flag(CHECK_FINITE_ENV, True)
 
 
@@ -76,8 +75,6 @@ def read_index(index: Path) -> list[str]:
     """The shard file names listed by a ``model.safetensors.index.json``; CheckpointError
     when the file is unreadable or its ``weight_map`` is not ``{tensor name: shard file}``
     with plain file names in the checkpoint folder."""
-    from dshal.config import read_text_file
-
     try:
         _, text = read_text_file(index, "checkpoint index")
         data = json.loads(text)

@@ -25,13 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
+import dshal
 from dshal import ops
 from dshal.errors import CheckpointError, DeviceError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_index
-from dshal.model.model import MLA, Linear, RoutedExperts
+from dshal.model.model import MLA, Embedding, Gate, Linear, RMSNorm, RoutedExperts, Transformer, rope_tables
 from dshal.model.precision import apply_precision, checkpoint_name
+from dshal.model.weights import dequantize_weight
 from dshal.ops.spec import FP8_DTYPES
+from dshal.runtime import current
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -239,8 +242,6 @@ class _Loader:
 
     def dense(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """A weight as read, dequantized to the model's dtype."""
-        from dshal.model.precision import dequantize_weight
-
         return dequantize_weight(weight, scale, self.args.dtype)
 
 
@@ -261,8 +262,6 @@ def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
 def load_weights(model: nn.Module, reader: Reader, device: torch.device | str = "cpu") -> None:
     """Fill every parameter of ``model`` (built on the meta device) from ``reader``; raise
     :class:`CheckpointError` on a missing, mis-shaped or unexpected tensor."""
-    from dshal.model.model import Embedding, Gate, Linear, RMSNorm, RoutedExperts
-
     args: ModelArgs = model.args
     device = torch.device(device)
     ld = _Loader(reader, args, device)
@@ -316,8 +315,6 @@ def load_weights(model: nn.Module, reader: Reader, device: torch.device | str = 
 
 
 def _rope(args: ModelArgs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from dshal.model.model import rope_tables
-
     return rope_tables(args, device)
 
 
@@ -369,9 +366,6 @@ def build_model(
 ) -> nn.Module:
     """Build a :class:`~dshal.model.model.Transformer` from ``reader`` on ``device`` (default:
     the active runtime's), then apply the precision policy (default: the runtime config's)."""
-    from dshal.model.model import Transformer
-    from dshal.runtime import current
-
     runtime = current()
     with torch.device("meta"):
         model = Transformer(args)
@@ -431,8 +425,6 @@ def from_pretrained(
     ``dtype`` overrides the checkpoint's high-precision dtype; ``mla_mode`` the KV cache
     layout ("absorb" or "naive").
     """
-    import dshal
-
     runtime = dshal.use(config) if config is not None else dshal.current()
     args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode)
     return build_model(args, CheckpointReader(path), runtime.config.precision, runtime.device)

@@ -41,6 +41,7 @@ from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs, yarn_mscale
 from dshal.model.cache import KVCache, LayerCache
 from dshal.model.generate import check_input_ids, check_token_ids, generate
+from dshal.model.weights import dequantize_weight, precision_label
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -68,8 +69,6 @@ class Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in ``dtype`` (dequantized when the policy stored it in FP8)."""
-        from dshal.model.precision import dequantize_weight
-
         return dequantize_weight(self.weight, self.weight_scale, dtype)
 
     def extra_repr(self) -> str:
@@ -504,12 +503,108 @@ class Transformer(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """Per-layer precision, KV cache bytes per token (and what dynamic attention saves)."""
-        from dshal.model.precision import describe_model
-
         return describe_model(self)
 
 
+# ---------------------------------------------------------------- describe(): precision per layer, KV bytes
+def _group_of(path: str, dense_layer: bool) -> str:
+    if path.startswith("embed"):
+        return "embed"
+    if path.startswith("lm_head"):
+        return "lm_head"
+    if ".self_attn." in path:
+        return "attention"
+    if ".mlp.gate" == path[path.find(".mlp.") :]:
+        return "router gate"
+    if ".mlp.shared_experts" in path:
+        return "shared experts"
+    if ".mlp.experts" in path:
+        return "routed experts"
+    return "dense mlp" if dense_layer else "mlp"
+
+
+def kv_cache_report(model: nn.Module) -> dict[str, Any]:
+    """KV bytes per token (absorbed latent vs naive per-head keys/values) and the saving
+    of dynamic attention (only ``global_tokens + window`` tokens stay cached)."""
+    a = model.args
+    elem = torch.empty((), dtype=a.dtype).element_size()
+    heads = model.layers[0].self_attn.kv_b_proj.weight.shape[0] // (a.qk_nope_head_dim + a.v_head_dim)
+    layers = len(model.layers)
+    absorbed = layers * (a.kv_lora_rank + a.qk_rope_head_dim) * elem
+    naive = layers * heads * (a.qk_head_dim + a.v_head_dim) * elem
+    per_token = absorbed if a.mla_mode == "absorb" else naive
+    report: dict[str, Any] = {
+        "mode": a.mla_mode,
+        "bytes_per_token": per_token,
+        "bytes_per_token_absorbed": absorbed,
+        "bytes_per_token_naive": naive,
+        "absorbed_saving": 1 - absorbed / naive,
+        "window": a.attention_window,
+        "global_tokens": a.attention_global_tokens if a.attention_window else 0,
+    }
+    if a.attention_window is not None:
+        kept = a.attention_global_tokens + a.attention_window
+        context = a.max_position_embeddings
+        effective = per_token * min(1.0, kept / context)
+        report.update(
+            max_cached_tokens=kept,
+            context=context,
+            bytes_per_token_at_context=effective,
+            bytes_saved_per_token=per_token - effective,
+        )
+    return report
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """What ``Transformer.describe()`` returns (JSON-friendly)."""
+    a = model.args
+    layers = []
+    groups: dict[str, set[str]] = {"embed": {str(a.dtype).replace("torch.", "")}}
+    for path, module in model.named_modules():
+        if isinstance(module, Linear):
+            label = precision_label(module.weight, module.weight_scale)
+            spans = getattr(module, "act_quant", None)  # a TP shard whose quantization groups span ranks
+            if spans is not None:
+                kept = module.weight_scale is not None
+                where = "input quantized across ranks" if kept else "dequantized TP shard"
+                label = f"{spans.mode} {spans.fmt} ({where})"
+        elif isinstance(module, RoutedExperts):
+            label = precision_label(module.w13, module.w13_scale)
+        elif isinstance(module, Gate):
+            label = "float32"
+        else:
+            continue
+        layer_id = int(path.split(".")[1]) if path.startswith("layers.") else None
+        dense = layer_id is not None and not a.is_moe_layer(layer_id)
+        groups.setdefault(_group_of(path, dense), set()).add(label)
+        if layer_id is not None:
+            while len(layers) <= layer_id:
+                n = len(layers)
+                layers.append({"layer": n, "ffn": "moe" if a.is_moe_layer(n) else "dense", "precision": {}})
+            layers[layer_id]["precision"][path.split(".", 2)[2]] = label
+    n_params = sum(p.numel() for p in model.parameters())
+    unset = {"gemm": None, "mode": None, "why": "no precision policy applied"}
+    choice = getattr(model, "precision_choice", None) or unset
+    kv_b = model.layers[0].self_attn.kv_b_proj if len(model.layers) else None
+    return {
+        "dtype": str(a.dtype).replace("torch.", ""),
+        "precision": {
+            **choice,
+            # MLA multiplies kv_b_proj's dequantized weight with the latent (never quantized).
+            "weight_only": ["kv_b_proj"] if kv_b is not None and kv_b.weight_scale is not None else [],
+        },
+        "parameters": n_params,
+        "layers_total": a.num_hidden_layers,
+        "dense_layers": min(a.first_k_dense_replace, a.num_hidden_layers),
+        "precision_groups": {g: " + ".join(sorted(v)) for g, v in groups.items()},
+        "layers": layers,
+        "kv_cache": kv_cache_report(model),
+    }
+
+
 __all__ = [
+    "describe_model",
+    "kv_cache_report",
     "Linear",
     "Embedding",
     "RMSNorm",

@@ -1,5 +1,6 @@
-"""The precision policy: a transform that sets each linear's weight format, and the
-per-layer report ``model.describe()`` prints.
+"""The precision policy: a transform that sets each linear's weight format (the formats
+themselves: :mod:`dshal.model.weights`; the per-layer report ``model.describe()`` prints:
+:func:`dshal.model.model.describe_model`).
 
 Config (``precision`` section of ``dshal.yaml``):
 
@@ -28,7 +29,6 @@ never quantizes the latent), so its stored format only saves memory.
 from __future__ import annotations
 
 import fnmatch
-import math
 from typing import Any
 
 import torch
@@ -36,13 +36,20 @@ from torch import nn
 
 from dshal import ops
 from dshal.config import PrecisionConfig
-from dshal.errors import ConfigError
-from dshal.ops.spec import FP8_DTYPES, FP8_FORMAT_OF
+from dshal.model.model import Linear, RoutedExperts, describe_model, kv_cache_report
+from dshal.model.weights import (
+    HIGH,
+    INT8,
+    WEIGHT_BLOCKS,
+    convert_fp8_format,
+    dequantize_weight,
+    precision_label,
+    stored_mode,
+    weight_block,
+)
+from dshal.ops.spec import FP8_FORMAT_OF
+from dshal.runtime import current
 
-#: gemm mode -> FP8 quantization block of a weight [N, K] (None = one scale).
-WEIGHT_BLOCKS: dict[str, tuple[int, int] | None] = {"fp8-block": (128, 128), "fp8-row": (1, -1), "fp8-tensor": None}
-HIGH = "high"
-INT8 = "int8"
 AUTO = "auto"
 #: Older names of gemm modes, still accepted in configs.
 GEMM_ALIASES = {"bf16": HIGH}
@@ -63,51 +70,6 @@ def keeps_high_precision(path: str, globs: tuple[str, ...] | list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, glob) for name in names for glob in globs)
 
 
-# ---------------------------------------------------------------- weight formats
-def weight_block(weight: torch.Tensor, scale: torch.Tensor) -> tuple[int, int] | None:
-    """The quantization block of ``weight [..., N, K]`` implied by its scale's shape."""
-    n, k = weight.shape[-2], weight.shape[-1]
-    shape = tuple(scale.shape)
-    lead = tuple(weight.shape[:-2])
-    if shape == (*lead, math.ceil(n / 128), math.ceil(k / 128)):
-        return (128, 128)
-    if shape == (*lead, n, 1):
-        return (1, -1)
-    if math.prod(shape) == 1:
-        return None
-    raise ConfigError(
-        f"weight {list(weight.shape)} has a scale of shape {list(shape)}: no 128x128-block, row or tensor layout"
-    )
-
-
-def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``weight`` in ``dtype``: a cast for float weights, ``q * scale`` for FP8 / int8 ones."""
-    if scale is None:
-        return weight if weight.dtype == dtype else weight.to(dtype)
-    if weight.dtype == torch.int8:  # W8A8 weights: one scale per output row
-        return (weight.to(torch.float32) * scale.to(torch.float32)).to(dtype)
-    block = weight_block(weight, scale)
-    return ops.dequantize_fp8(weight, scale.reshape(()) if block is None else scale, block, dtype)
-
-
-def convert_fp8_format(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-express FP8 ``weight * scale`` in format ``fmt``.
-
-    e4m3fn -> e4m3fnuz is exact: the same bits read as fnuz are worth half (its exponent
-    bias is one larger), so the scales double; 0x80 (fn's -0) is fnuz's NaN and becomes 0.
-    Other pairs dequantize and requantize with the same block."""
-    target = FP8_DTYPES[fmt]
-    if weight.dtype == target:
-        return weight, scale
-    if weight.dtype == torch.float8_e4m3fn and target == torch.float8_e4m3fnuz:
-        bits = weight.view(torch.uint8)
-        bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
-        return bits.view(torch.float8_e4m3fnuz), scale * 2
-    block = weight_block(weight, scale)
-    dense = dequantize_weight(weight, scale, torch.float32)
-    return ops.quantize_fp8(dense, block, fmt)
-
-
 def _quantize(
     weight: torch.Tensor, scale: torch.Tensor | None, mode: str, fmt: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,15 +87,6 @@ def _quantize(
     return q, s
 
 
-def stored_mode(weight: torch.Tensor, scale: torch.Tensor | None) -> str:
-    """The gemm mode a weight is stored in: ``high``, ``int8`` or an ``fp8-*`` mode."""
-    if scale is None:
-        return HIGH
-    if weight.dtype == torch.int8:
-        return INT8
-    return {(128, 128): "fp8-block", (1, -1): "fp8-row", None: "fp8-tensor"}[weight_block(weight, scale)]
-
-
 def _weights(module: nn.Module) -> list[tuple[str, str]]:
     """``(weight, scale)`` attribute names of a ``Linear`` or ``RoutedExperts``."""
     return [("weight", "weight_scale")] if hasattr(module, "weight_scale") else [("w13", "w13_scale"), ("w2", "w2_scale")]
@@ -145,8 +98,6 @@ def fp8_redirect(capabilities: Any = None) -> tuple[str, str] | None:
     ``high``/``bf16``); None when FP8 weights run as stored. ``capabilities``: default the
     active backend's."""
     if capabilities is None:
-        from dshal.runtime import current
-
         capabilities = current().backend.capabilities()
     if getattr(capabilities, "fp8_gemm_native", True):
         return None
@@ -162,8 +113,6 @@ def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module, capabilities
     ``auto`` an FP8 checkpoint on a backend without FP8 GEMM units runs in the mode the
     backend names (:func:`fp8_redirect`; Ascend 910B: int8 W8A8). ``capabilities``: default
     the active backend's."""
-    from dshal.model.model import Linear, RoutedExperts
-
     asked = precision.gemm
     if asked != AUTO:
         mode = GEMM_ALIASES.get(asked, asked)
@@ -207,8 +156,6 @@ def resolve_fp8_format(precision: PrecisionConfig) -> str:
     """``fp8_format`` with ``auto`` replaced by the active backend's native E4M3."""
     if precision.fp8_format != "auto":
         return precision.fp8_format
-    from dshal.runtime import current
-
     return current().backend.native_e4m3()
 
 
@@ -227,8 +174,6 @@ def apply_precision(
     units: :func:`fp8_redirect`); the chosen mode and why are kept as
     ``model.precision_choice`` for ``describe()``. ``dtype``: the high-precision dtype
     (default: the model's ``args.dtype``); ``capabilities``: default the active backend's."""
-    from dshal.model.model import Linear, RoutedExperts
-
     dtype = dtype or model.args.dtype
     fmt = resolve_fp8_format(precision)
     mode_all, why = resolve_gemm_mode(precision, model, capabilities)
@@ -260,116 +205,10 @@ def apply_precision(
     return plan
 
 
-# ---------------------------------------------------------------- describe()
+# ---------------------------------------------------------------- reporting
 def precision_summary(choice: dict[str, Any]) -> str:
     """One line for ``dshal run`` / ``dshal profile``: the gemm mode chosen and why."""
     return f"precision: {choice.get('mode')} ({choice.get('why')})"
-
-
-def precision_label(weight: torch.Tensor, scale: torch.Tensor | None) -> str:
-    """How a weight is stored: ``float32``, ``bfloat16``, ``fp8-block e4m3fn``, ``int8-row``..."""
-    if scale is None:
-        return str(weight.dtype).replace("torch.", "")
-    if weight.dtype == torch.int8:
-        return "int8-row"
-    block = weight_block(weight, scale)
-    kind = {(128, 128): "fp8-block", (1, -1): "fp8-row", None: "fp8-tensor"}[block]
-    return f"{kind} {FP8_FORMAT_OF.get(weight.dtype, weight.dtype)}"
-
-
-def _group_of(path: str, dense_layer: bool) -> str:
-    if path.startswith("embed"):
-        return "embed"
-    if path.startswith("lm_head"):
-        return "lm_head"
-    if ".self_attn." in path:
-        return "attention"
-    if ".mlp.gate" == path[path.find(".mlp.") :]:
-        return "router gate"
-    if ".mlp.shared_experts" in path:
-        return "shared experts"
-    if ".mlp.experts" in path:
-        return "routed experts"
-    return "dense mlp" if dense_layer else "mlp"
-
-
-def kv_cache_report(model: nn.Module) -> dict[str, Any]:
-    """KV bytes per token (absorbed latent vs naive per-head keys/values) and the saving
-    of dynamic attention (only ``global_tokens + window`` tokens stay cached)."""
-    a = model.args
-    elem = torch.empty((), dtype=a.dtype).element_size()
-    heads = model.layers[0].self_attn.kv_b_proj.weight.shape[0] // (a.qk_nope_head_dim + a.v_head_dim)
-    layers = len(model.layers)
-    absorbed = layers * (a.kv_lora_rank + a.qk_rope_head_dim) * elem
-    naive = layers * heads * (a.qk_head_dim + a.v_head_dim) * elem
-    per_token = absorbed if a.mla_mode == "absorb" else naive
-    report: dict[str, Any] = {
-        "mode": a.mla_mode,
-        "bytes_per_token": per_token,
-        "bytes_per_token_absorbed": absorbed,
-        "bytes_per_token_naive": naive,
-        "absorbed_saving": 1 - absorbed / naive,
-        "window": a.attention_window,
-        "global_tokens": a.attention_global_tokens if a.attention_window else 0,
-    }
-    if a.attention_window is not None:
-        kept = a.attention_global_tokens + a.attention_window
-        context = a.max_position_embeddings
-        effective = per_token * min(1.0, kept / context)
-        report.update(
-            max_cached_tokens=kept,
-            context=context,
-            bytes_per_token_at_context=effective,
-            bytes_saved_per_token=per_token - effective,
-        )
-    return report
-
-
-def describe_model(model: nn.Module) -> dict[str, Any]:
-    """What ``Transformer.describe()`` returns (JSON-friendly)."""
-    from dshal.model.model import Gate, Linear, RoutedExperts
-
-    a = model.args
-    layers = []
-    groups: dict[str, set[str]] = {"embed": {str(a.dtype).replace("torch.", "")}}
-    for path, module in model.named_modules():
-        if isinstance(module, Linear):
-            label = precision_label(module.weight, module.weight_scale)
-            spans = getattr(module, "act_quant", None)  # a TP shard whose quantization groups span ranks
-            if spans is not None:
-                kept = module.weight_scale is not None
-                label = f"{spans.mode} {spans.fmt} ({'input quantized across ranks' if kept else 'dequantized TP shard'})"
-        elif isinstance(module, RoutedExperts):
-            label = precision_label(module.w13, module.w13_scale)
-        elif isinstance(module, Gate):
-            label = "float32"
-        else:
-            continue
-        layer_id = int(path.split(".")[1]) if path.startswith("layers.") else None
-        dense = layer_id is not None and not a.is_moe_layer(layer_id)
-        groups.setdefault(_group_of(path, dense), set()).add(label)
-        if layer_id is not None:
-            while len(layers) <= layer_id:
-                n = len(layers)
-                layers.append({"layer": n, "ffn": "moe" if a.is_moe_layer(n) else "dense", "precision": {}})
-            layers[layer_id]["precision"][path.split(".", 2)[2]] = label
-    n_params = sum(p.numel() for p in model.parameters())
-    choice = getattr(model, "precision_choice", None) or {"gemm": None, "mode": None, "why": "no precision policy applied"}
-    kv_b = model.layers[0].self_attn.kv_b_proj if len(model.layers) else None
-    return {
-        "dtype": str(a.dtype).replace("torch.", ""),
-        "precision": {
-            **choice,
-            # MLA multiplies kv_b_proj's dequantized weight with the latent (never quantized).
-            "weight_only": ["kv_b_proj"] if kv_b is not None and kv_b.weight_scale is not None else [],
-        },
-        "parameters": n_params,
-        "layers_total": a.num_hidden_layers,
-        "dense_layers": min(a.first_k_dense_replace, a.num_hidden_layers),
-        "precision_groups": {g: " + ".join(sorted(v)) for g, v in groups.items()},
-        "layers": layers,
-        "kv_cache": kv_cache_report(model),
-    }
 
 
 __all__ = [

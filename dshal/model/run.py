@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
+import dshal
 from dshal.errors import DshalError
+from dshal.model import from_pretrained, random_model, tiny_args
+from dshal.model.decode import generate_with_graphs, static_decode_unsupported
+from dshal.model.precision import precision_summary
+from dshal.model.run_report import RunReport
+from dshal.outputs import atomic_write, check_writable
+from dshal.parallel import run as parallel_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="F", help="write a run report to F: provider and calls per op, fallbacks "
                         "and why, precision per layer (also printed as tables)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from dshal.parallel import run as parallel_run
-
     parallel_run.add_arguments(parser)  # --tp / --ep (dshal.parallel.run)
 
 
@@ -66,19 +71,12 @@ def _positive(name: str, value: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import dshal
-    from dshal.model import from_pretrained, random_model, tiny_args
-
     _positive("--prompt-len", args.prompt_len)
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
-    from dshal.outputs import check_writable
-
     for flag in ("json", "report"):  # before the run, not after it
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), f"--{flag}")
-    from dshal.parallel import run as parallel_run
-
     parallel = parallel_run.wanted(args)
     if parallel and parallel_run.relaunch_needed():
         return parallel_run.relaunch(args)
@@ -135,8 +133,6 @@ def main(args: argparse.Namespace) -> int:
     if groups is None or parallel_run.is_reporting_rank():
         _print(report)
         if args.json:
-            from dshal.outputs import atomic_write
-
             atomic_write(args.json, json.dumps(report, indent=2, default=str))
         if run_report:
             run_report.print()
@@ -150,8 +146,6 @@ def _run_report(runtime: Any, model: Any, path: str | None) -> Any:
     """A :class:`~dshal.model.run_report.RunReport` when ``--report`` is given, else None."""
     if not path:
         return None
-    from dshal.model.run_report import RunReport
-
     return RunReport(runtime, model)
 
 
@@ -166,8 +160,6 @@ def _decode_rate(stamps: list[float], batch: int) -> float | None:
 
 def _graph_run(args: argparse.Namespace, model: Any, prompt: torch.Tensor, runtime: Any, eager_ids: torch.Tensor) -> dict[str, Any]:
     """Decode through a captured static step (``--graphs``); the report's graph fields."""
-    from dshal.model.decode import generate_with_graphs, static_decode_unsupported
-
     probe = lambda: None  # noqa: E731
     captures = runtime.backend.graph(probe) is not probe
     why = static_decode_unsupported(model)
@@ -235,8 +227,6 @@ def _print(report: dict[str, Any]) -> None:
         ops.add_row(op, p["provider"], p["kind"])
     console.print(ops)
     desc = report["model_description"]
-    from dshal.model.precision import precision_summary
-
     console.print(precision_summary(desc["precision"]))
     prec = Table(
         title=f"precision per layer group ({desc['layers_total']} layers, {desc['dense_layers']} dense)",

@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dshal.outputs import atomic_write
+from dshal.runtime import op_hook
+
 
 class RunReport:
     """Collects op calls while :meth:`recording`; describes providers, fallbacks, precision."""
@@ -46,8 +49,6 @@ class RunReport:
     @contextlib.contextmanager
     def recording(self) -> Iterator[RunReport]:
         """Count every ``dshal.ops`` call inside the block (on the active runtime)."""
-        from dshal.runtime import op_hook
-
         with op_hook(self._count):
             yield self
 
@@ -96,8 +97,6 @@ class RunReport:
         return out
 
     def write(self, path: str | Path) -> Path:
-        from dshal.outputs import atomic_write
-
         path = Path(path)
         atomic_write(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
         return path

@@ -1,13 +1,15 @@
 """``dshal.ops.<op>(...)``: the op catalogue, dispatched to the active runtime.
 
-Each public function here is a thin dispatcher. The provider behind it (backend kernel,
-or the fallback reference) is resolved once, when :func:`dshal.use` activates a
-runtime, and stored in a table; a call costs a thread-local attribute and a dict
+Each public function below is a thin dispatcher with the op's signature: it calls the
+provider the active runtime chose (backend kernel, or the op's reference) through
+:data:`DISPATCHER` (:mod:`dshal.ops.dispatch`). Providers are resolved once, when
+:func:`dshal.use` activates a runtime; a call costs a thread-local attribute and a dict
 lookup. Calling an op before any ``dshal.use()`` activates the default runtime first
 (config from the environment).
 
-Every call checks its inputs against the op's spec first, except inside
-:func:`trusted`, where the calling thread's ops go straight to their providers.
+Every call checks its inputs against the op's spec first (``SPECS[name]``: the full
+description of shapes, dtypes and errors), except inside :func:`trusted`, where the
+calling thread's ops go straight to their providers.
 
 ``dshal.ops.reference.<op>`` calls the checked reference implementation directly, and
 ``dshal.ops.SPECS`` holds every :class:`~dshal.ops.spec.OpSpec`.
@@ -15,35 +17,23 @@ Every call checks its inputs against the op's spec first, except inside
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import threading
 import types
-from collections.abc import Callable, Iterator
+import contextlib
 from typing import Any
 
+import torch
+
+from dshal.ops import reference
 from dshal.ops.catalogue import SPECS
-from dshal.ops.mode import MODE, checking
+from dshal.ops.dispatch import DISPATCHER, Dispatcher
+from dshal.ops.mode import checking
 from dshal.ops.spec import Cost, OpSpec
 
-#: op name -> the provider callable of the active runtime (inputs checked). Filled by
-#: :meth:`dshal.runtime.Runtime.activate`; before that, each entry activates the default.
-_table: dict[str, Callable[..., Any]] = {}
-#: The same providers without the spec's input checks (what :func:`trusted` dispatches to).
-_unchecked: dict[str, Callable[..., Any]] = {}
+_thread = DISPATCHER.thread  # ``_thread.table``: op name -> provider, for the calling thread
 
 
-class _Dispatch(threading.local):
-    """The table this thread dispatches to (the class attribute is every thread's default)."""
-
-    table = _table
-
-
-_dispatch = _Dispatch()
-
-
-@contextlib.contextmanager
-def trusted() -> Iterator[None]:
+def trusted() -> contextlib.AbstractContextManager[None]:
     """Skip the ops' input checks for this thread's calls inside the block.
 
     For a caller that builds every op input itself and has already had the same calls
@@ -53,53 +43,77 @@ def trusted() -> Iterator[None]:
     :func:`dshal.ops.spec.check_ids_in_range`), and :mod:`dshal.comm` skips its cross-rank
     agreement check. Nests; other threads are unaffected.
     """
-    previous = _dispatch.table
-    _dispatch.table = _unchecked
-    MODE.trusted_depth += 1
-    try:
-        yield
-    finally:
-        MODE.trusted_depth -= 1
-        _dispatch.table = previous
+    return DISPATCHER.trusted()
 
 
-def _bootstrap(name: str, table: dict[str, Callable[..., Any]]) -> Callable[..., Any]:
-    def first_call(*args: Any, **kwargs: Any) -> Any:
-        from dshal.runtime import current
-
-        current()  # activates the default runtime, which refills the tables
-        return table[name](*args, **kwargs)
-
-    return first_call
+# ---------------------------------------------------------------- quantization (dshal.ops.quant)
+def quantize_fp8(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
+    """Quantize ``x [..., M, K]`` to FP8 with one float32 scale per block -> ``(q, scale)``."""
+    return _thread.table["quantize_fp8"](x, block, fmt, scale_fmt)
 
 
-def _dispatcher(spec: OpSpec) -> Callable[..., Any]:
-    state, name = _dispatch, spec.name
-
-    def dispatch(*args: Any, **kwargs: Any) -> Any:
-        return state.table[name](*args, **kwargs)
-
-    dispatch.__name__ = dispatch.__qualname__ = name
-    dispatch.__doc__ = spec.__doc__
-    dispatch.__signature__ = spec.signature  # type: ignore[attr-defined]
-    return dispatch
+def dequantize_fp8(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
+    """``q.float() * scale`` broadcast per block, cast to ``out_dtype`` (inverse of :func:`quantize_fp8`)."""
+    return _thread.table["dequantize_fp8"](q, scale, block, out_dtype)
 
 
-def _reset_table() -> None:
-    for name in SPECS:
-        _table[name] = _bootstrap(name, _table)
-        _unchecked[name] = _bootstrap(name, _unchecked)
+def quantize_int8(x):
+    """Symmetric int8, one scale per row -> ``(q int8 [..., K], scale float32 [..., 1])``."""
+    return _thread.table["quantize_int8"](x)
 
 
-_reset_table()
-for _spec in SPECS.values():
-    globals()[_spec.name] = _dispatcher(_spec)
-del _spec
+# ---------------------------------------------------------------- GEMM (dshal.ops.gemm)
+def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    """``(a * a_scale) @ (b * b_scale).T`` with FP32 accumulation -> ``[M, N]`` in ``out_dtype``."""
+    return _thread.table["fp8_gemm"](a, a_scale, b, b_scale, out_dtype)
 
+
+def int8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    """W8A8: ``(a @ b.T) * a_scale * b_scale.T`` -> ``[M, N]`` in ``out_dtype``."""
+    return _thread.table["int8_gemm"](a, a_scale, b, b_scale, out_dtype)
+
+
+def linear(x, weight, bias=None, weight_scale=None):
+    """``y = x @ weight.T (+ bias)`` -> ``[..., N]``; FP8 ``weight`` with a block ``weight_scale``
+    quantizes ``x`` per (1, 128) and runs :func:`fp8_gemm`."""
+    return _thread.table["linear"](x, weight, bias, weight_scale)
+
+
+# ---------------------------------------------------------------- norm, activation, rotary
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    """RMSNorm over the last dim -> ``y``, or with ``residual`` the pair ``(y, x + residual)``."""
+    return _thread.table["rms_norm"](x, weight, eps, residual)
+
+
+def silu_and_mul(x):
+    """SwiGLU's gating: ``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` -> ``[..., d]``."""
+    return _thread.table["silu_and_mul"](x)
+
+
+def rotary_embedding(x, cos, sin, interleaved=True):
+    """Rotate pairs of ``x [..., D]`` by the angles whose cosine/sine are given -> ``x'``."""
+    return _thread.table["rotary_embedding"](x, cos, sin, interleaved)
+
+
+# ---------------------------------------------------------------- attention (dshal.ops.attention)
+def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
+    """``softmax(q k^T * scale + mask) v`` -> ``[B, Hq, Tq, Dv]`` in ``q``'s dtype."""
+    return _thread.table["attention"](q, k, v, causal, scale, window, global_tokens)
+
+
+# ---------------------------------------------------------------- MoE (dshal.ops.moe)
+def moe_gate(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
+    """DeepSeek-V3's router: ``logits [T, E]`` -> ``(weights [T, top_k] float32, ids [T, top_k] int64)``."""
+    return _thread.table["moe_gate"](logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+
+
+def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+    """Routed SwiGLU experts: ``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` -> ``[T, H]``."""
+    return _thread.table["moe_experts"](x, weights, ids, w13, w2, w13_scale, w2_scale)
 
 
 class _OpsModule(types.ModuleType):
-    """``dshal.ops`` itself, with its op names read-only: an op's dispatcher must stay the
+    """``dshal.ops`` itself, with its op names read-only: an op's function must stay the
     one that reads the active runtime's table (what ``rt.providers`` reports). A plugin or
     script that assigns ``dshal.ops.rms_norm = ...`` gets an error, not a silent takeover;
     a backend provides an op through ``Backend.ops()``, a config through ``ops:``."""
@@ -120,5 +134,4 @@ class _OpsModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _OpsModule
-__all__ = sorted(SPECS) + ["SPECS", "OpSpec", "Cost", "checking", "reference", "trusted"]
-from dshal.ops import reference  # noqa: E402  (needs SPECS above)
+__all__ = sorted(SPECS) + ["DISPATCHER", "SPECS", "Cost", "Dispatcher", "OpSpec", "checking", "reference", "trusted"]

@@ -18,9 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dshal import comm
 from dshal.backend import Topology
 from dshal.parallel.placement import place_groups
 from dshal.errors import CommError, ConfigError
+from dshal.runtime import current
 
 #: Cost of a link by name when a topology gives no weights (lower is closer); it only
 #: picks the node's fastest link. Links not listed cost as much as PCIe.
@@ -144,9 +146,6 @@ def setup_groups(tp: int = 1, ep: int = 1) -> ParallelGroups:
     The world size must equal ``tp * ep``; the layout comes from :func:`plan_groups` with
     the active backend's topology.
     """
-    from dshal import comm
-    from dshal.runtime import current
-
     if not comm.is_initialized():
         raise CommError("setup_groups: the job is not initialized; call dshal.comm.init() first (or launch with torchrun)")
     env = comm.launch_env()

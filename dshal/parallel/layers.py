@@ -18,6 +18,7 @@ from torch import nn
 
 from dshal import comm, ops
 from dshal.model.model import Embedding, Linear, RoutedExperts
+from dshal.model.weights import WEIGHT_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,6 @@ class ActivationQuant:
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
         """``(q, scale, block)``: ``x [..., K]`` as ``[M, K]`` rows, quantized as the full linear does."""
-        from dshal.model.precision import WEIGHT_BLOCKS
-
         rows = x.reshape(-1, x.shape[-1])
         if self.mode == "int8":
             q, s = ops.quantize_int8(rows)

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import dshal
 from dshal.model.args import ModelArgs
 from dshal.model.loader import CheckpointReader, checkpoint_args, load_weights, prepare_for_backend
 from dshal.model.model import Transformer
-from dshal.model.precision import apply_precision, checkpoint_name
+from dshal.model.precision import AUTO, GEMM_ALIASES, HIGH, apply_precision, checkpoint_name, keeps_high_precision
 from dshal.ops.spec import FP8_DTYPES
 from dshal.parallel.groups import ParallelGroups
 from dshal.parallel.layers import (
@@ -34,6 +35,7 @@ from dshal.parallel.layers import (
     VocabParallelLMHead,
 )
 from dshal.parallel.transforms import expert_parallel, tensor_parallel
+from dshal.runtime import current
 
 #: (shape, dtype, read) of one tensor as this rank sees it.
 _Source = tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
@@ -171,8 +173,6 @@ def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any) -> bool
     whole), when nothing is quantized, and in ``fp8-block`` (or ``auto`` on an FP8
     checkpoint) when no TP shard cuts a quantized weight's 128-blocks. Per-row / per-tensor
     / int8 scales, or a cut block, need the whole weight first (quantize, then shard)."""
-    from dshal.model.precision import AUTO, GEMM_ALIASES, HIGH, keeps_high_precision
-
     mode = GEMM_ALIASES.get(precision.gemm, precision.gemm)
     kinds = (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)
     sharded = [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
@@ -211,8 +211,6 @@ def build_parallel(
     keep a cut block's values and emulate its activation quantization), so TP and EP equal
     the single process in every precision mode; memory is then the whole model per rank
     during the load."""
-    from dshal.runtime import current
-
     runtime = current()
     precision = precision if precision is not None else runtime.config.precision
     device = device if device is not None else runtime.device
@@ -255,8 +253,6 @@ def from_pretrained_parallel(
 ) -> Transformer:
     """:func:`dshal.model.from_pretrained` for one rank of a parallel job: ``groups`` from
     :func:`dshal.parallel.setup_groups` says which TP / EP groups this rank is in."""
-    import dshal
-
     runtime = dshal.use(config) if config is not None else dshal.current()
     args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode)
     return build_parallel(args, CheckpointReader(path), groups, runtime.config.precision, runtime.device)

@@ -18,8 +18,14 @@ from typing import Any
 
 import torch
 
+from dshal import comm
 from dshal.errors import DshalError
-from dshal.parallel.groups import ParallelGroups
+from dshal.model import DictReader, tiny_args
+from dshal.model.checkpoint import random_checkpoint
+from dshal.parallel.groups import ParallelGroups, setup_groups
+from dshal.parallel.launch import relaunch_self
+from dshal.parallel.loading import build_parallel, from_pretrained_parallel
+from dshal.runtime import current
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +48,6 @@ def relaunch_needed() -> bool:
 
 def relaunch(args: argparse.Namespace) -> int:
     """Start ``tp * ep`` local ranks running this same command line."""
-    from dshal.parallel.launch import relaunch_self
-
     argv = sys.argv[1:]
     if "run" not in argv:
         raise DshalError("dshal run --tp/--ep: start it from the command line (dshal run ... or torchrun ... -m dshal run ...)")
@@ -52,19 +56,12 @@ def relaunch(args: argparse.Namespace) -> int:
 
 def setup(args: argparse.Namespace) -> ParallelGroups:
     """Join the job and build this rank's groups (WORLD_SIZE must equal tp * ep)."""
-    from dshal import comm
-    from dshal.parallel.groups import setup_groups
-
     comm.init()
     return setup_groups(tp=args.tp, ep=args.ep)
 
 
 def load(args: argparse.Namespace, groups: ParallelGroups) -> tuple[Any, str]:
     """This rank's part of the model: ``--checkpoint`` or the built-in tiny random model."""
-    from dshal.model import DictReader, tiny_args
-    from dshal.model.checkpoint import random_checkpoint
-    from dshal.parallel.loading import build_parallel, from_pretrained_parallel
-
     layout = f"TP={groups.tp_size} x EP={groups.ep_size}"
     if args.checkpoint:
         return from_pretrained_parallel(args.checkpoint, groups, mla_mode=args.mla_mode), f"{args.checkpoint} ({layout})"
@@ -76,8 +73,6 @@ def load(args: argparse.Namespace, groups: ParallelGroups) -> tuple[Any, str]:
 def report(report: dict[str, Any], groups: ParallelGroups) -> dict[str, Any]:
     """Print this rank's tokens/s; gather every rank's on rank 0 and add the aggregate to
     ``report`` (returned). Every rank must call it."""
-    from dshal import comm
-
     rank, world = comm.get_rank(), comm.get_world_size()
     mine = [report.get("prefill_tokens_per_s") or 0.0, report.get("decode_tokens_per_s") or 0.0]
     print(f"rank {rank}/{world}: prefill {mine[0]:,.1f} tokens/s, decode {mine[1]:,.1f} tokens/s", flush=True)
@@ -105,20 +100,14 @@ def report(report: dict[str, Any], groups: ParallelGroups) -> dict[str, Any]:
 
 def is_reporting_rank() -> bool:
     """Rank 0 prints the full report (and writes --json)."""
-    from dshal import comm
-
     return comm.get_rank() == 0
 
 
 def finish() -> None:
-    from dshal import comm
-
     comm.shutdown()
 
 
 def _device() -> torch.device:
-    from dshal.runtime import current
-
     return current().device
 
 

@@ -31,7 +31,8 @@ from torch import nn
 
 from dshal import comm
 from dshal.errors import ShapeError
-from dshal.model.model import MLP, Embedding, Linear, MoE, RoutedExperts, Transformer
+from dshal.model.model import Embedding, Linear, MLP, MoE, RoutedExperts, Transformer
+from dshal.model.weights import dequantize_weight, stored_mode
 from dshal.ops.spec import FP8_FORMAT_OF
 from dshal.parallel.layers import (
     ActivationQuant,
@@ -44,6 +45,7 @@ from dshal.parallel.layers import (
     VocabParallelLMHead,
     split_range,
 )
+from dshal.runtime import current
 
 
 def _size_and_rank(group: Any) -> tuple[int, int]:
@@ -92,8 +94,6 @@ def _slice_scale(
     as its dequantized float32 slice. Either way it computes what the unsharded quantized
     linear computes, so TP equals the single process in every precision mode (quantize
     before sharding)."""
-    from dshal.model.precision import dequantize_weight, stored_mode
-
     full_shape = list(weight.shape)
     full_shape[shard.dim] = shard.size
     if scale is None:
@@ -181,8 +181,6 @@ def _split_experts_tp(experts: ShardedExperts, n: int, r: int, transform: str) -
 def _check_same_experts(experts: ShardedExperts, group: Any, transform: str) -> None:
     """Every rank of an EP group must hold the same experts before they are spread over it
     (its ranks are in different TP groups, or in none)."""
-    from dshal.runtime import current
-
     mask = (experts.owner >= 0).to(device=current().device, dtype=torch.int32)
     masks = comm.all_gather(mask[None], dim=0, group=group)
     if not bool((masks == masks[:1]).all()):

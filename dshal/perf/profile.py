@@ -161,8 +161,7 @@ def measure_off_overhead(model: Any, ids: torch.Tensor, sync: Callable[[], None]
                 samples[kind].append(
                     one_pass(twin) if kind == "never" else profiled_pass() if kind == "on" else one_pass(model)
                 )
-    table = dshal.ops._table
-    bare = all(table[name] is fn for name, fn in current().table.items())
+    bare = all(dshal.ops.DISPATCHER.provider(name) is fn for name, fn in current().table.items())
     wall = {k: statistics.median(w for w, _ in v) for k, v in samples.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in samples.items()}
     pct = lambda d, k: 100.0 * (d[k] - d["never"]) / d["never"] if d["never"] > 0 else math.nan  # noqa: E731

@@ -58,7 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dshal.plan.plan import PlanError, PlanRequest, default_config, format_plan, make_plan, to_json
+    from dshal.plan.plan import (  # lazy: start-up time (dshal plan --help loads no torch)
+        PlanError,
+        PlanRequest,
+        default_config,
+        format_plan,
+        make_plan,
+        to_json,
+    )
 
     request = PlanRequest(
         config=args.config or default_config(),

@@ -31,9 +31,20 @@ from typing import Any
 import torch
 
 from dshal.comm import SimulatedGroup
-from dshal.config import PrecisionConfig
+from dshal.config import GEMM_MODES, PrecisionConfig
 from dshal.errors import ConfigError, ShapeError
 from dshal.model.args import ModelArgs
+from dshal.model.model import Transformer
+from dshal.model.precision import checkpoint_name
+from dshal.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    ShardedExperts,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    split_range,
+)
+from dshal.parallel.transforms import expert_parallel, tensor_parallel
 from dshal.plan.names import TensorEntry, checkpoint_listing
 from dshal.plan.simulate import SimulatedRank, build_rank, kv_cache_bytes, layout, run_steps
 
@@ -122,13 +133,6 @@ def activated_params(model: Any, sim_world: int) -> float:
 
 def _replicas(model: Any, path: str, p: torch.Tensor, world: int) -> int:
     """How many ranks of the job hold the same slice as this rank (TP shards: one per EP rank)."""
-    from dshal.parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-        VocabParallelLMHead,
-    )
-
     module = model.get_submodule(path.rsplit(".", 1)[0])
     sharded = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead)
     bias_of_row = isinstance(module, RowParallelLinear) and path.endswith(".bias")
@@ -158,10 +162,6 @@ def coverage(args: ModelArgs, tp: int, ep: int, gpus_per_node: int | None = None
     """Apply the TP / EP transforms for every rank to a two-layer meta model of ``args``' widths
     and check that the slices tile each tensor exactly (TP slices: each row / column once
     per EP group; experts: each once in the job). Raises ShapeError when they do not."""
-    from dshal.model.model import Transformer
-    from dshal.parallel.layers import ShardedExperts
-    from dshal.parallel.transforms import expert_parallel, tensor_parallel
-
     skeleton = _skeleton(args)
     world = tp * ep
     plan = layout(world, tp, ep, gpus_per_node)
@@ -233,9 +233,6 @@ def block_cuts(sim: SimulatedRank, tensors: dict[str, TensorEntry], block: tuple
     reads (whole blocks around its slice, summed over the pattern's tensors) and what the
     rank then holds. Every TP rank's slice has the size of this rank's (the transforms split
     heads and MLP rows evenly)."""
-    from dshal.model.precision import checkpoint_name
-    from dshal.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead
-
     tp = sim.groups.tp_size
     found: dict[str, dict[str, Any]] = {}
     for path, module in sim.model.named_modules():
@@ -279,8 +276,6 @@ def block_cuts(sim: SimulatedRank, tensors: dict[str, TensorEntry], block: tuple
 # ---------------------------------------------------------------- the whole plan
 def _rank_classes(args: ModelArgs, tp: int, plan: Any) -> list[list[int]]:
     """Ranks grouped by the shapes of their shards (only the vocabulary split can differ)."""
-    from dshal.parallel.layers import split_range
-
     by_size: dict[int, list[int]] = defaultdict(list)
     for rank in range(len(plan.tp_groups) * tp):
         tp_rank = plan.tp_group_of(rank).index(rank)
@@ -331,8 +326,6 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
             f"{args.n_routed_experts // max(req.gpus_per_node, 1)} experts per device (expert-parallel over the node); "
             "--ep M adds M such groups"
         )
-    from dshal.config import GEMM_MODES
-
     if req.precision not in GEMM_MODES:
         raise PlanError(f"dshal plan: --precision is {req.precision!r}, expected one of {', '.join(GEMM_MODES)}")
     precision = PrecisionConfig(gemm=req.precision)

@@ -31,8 +31,11 @@ from dshal.comm import SimulatedGroup, Transfer
 from dshal.errors import CommError
 from dshal.model.args import ModelArgs
 from dshal.model.loader import CheckpointError
+from dshal.ops.catalogue import SPECS
 from dshal.parallel.groups import GroupPlan, ParallelGroups, plan_groups
+from dshal.parallel.loading import build_parallel
 from dshal.plan.names import TensorEntry
+from dshal.runtime import Runtime, current, op_hook
 
 
 # ---------------------------------------------------------------- a checkpoint without weights
@@ -93,9 +96,6 @@ class MetaCheckpoint:
 def reference_ops() -> Iterator[None]:
     """While active, every ``dshal.ops`` call runs the op's reference behind its input checks,
     on tensors of any device (meta included); the runtime active before comes back after."""
-    from dshal.ops.catalogue import SPECS
-    from dshal.runtime import Runtime, current
-
     base = current()
     references = {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
     meta = Runtime(
@@ -149,8 +149,6 @@ def build_rank(
 ) -> SimulatedRank:
     """Global ``rank`` of a ``tp * ep`` job: its model, built as :func:`build_parallel` builds
     it, from a checkpoint of ``tensors`` (meta tensors; every read logged)."""
-    from dshal.parallel.loading import build_parallel
-
     world = tp * ep
     plan = layout(world, tp, ep, gpus_per_node)
     if not 0 <= rank < world:
@@ -242,8 +240,6 @@ class StepResult:
 
 
 def _step(model: Any, sim: SimulatedRank, ids: torch.Tensor, start: int, cache: Any) -> StepResult:
-    from dshal.runtime import op_hook
-
     for group in sim.groups_in_use():
         group.traffic.clear()
     tracker = _LiveBytes()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from dshal.config import env_flag  # one parser for on/off variables: a typo is a ConfigError
 from dshal.errors import BackendUnavailableError
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -69,8 +70,6 @@ def cache_dir() -> Path:
 
 
 def _disabled_reason() -> str | None:
-    from dshal.config import env_flag  # one parser for on/off variables: a typo is a ConfigError
-
     raw = os.environ.get("DSHAL_CPU_KERNELS", "").strip().lower()
     return None if env_flag("DSHAL_CPU_KERNELS", True) else f"disabled by DSHAL_CPU_KERNELS={raw}"
 

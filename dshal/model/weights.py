@@ -1,0 +1,94 @@
+"""How a weight is stored: its quantization block, its gemm mode and label, and the way
+back to a dense tensor. Below the model core (:mod:`dshal.model.model` dequantizes with
+it) and the precision policy (:mod:`dshal.model.precision` chooses the formats)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dshal import ops
+from dshal.errors import ConfigError
+from dshal.ops.spec import FP8_DTYPES, FP8_FORMAT_OF
+
+#: gemm mode -> FP8 quantization block of a weight [N, K] (None = one scale).
+WEIGHT_BLOCKS: dict[str, tuple[int, int] | None] = {"fp8-block": (128, 128), "fp8-row": (1, -1), "fp8-tensor": None}
+HIGH = "high"
+INT8 = "int8"
+
+
+def weight_block(weight: torch.Tensor, scale: torch.Tensor) -> tuple[int, int] | None:
+    """The quantization block of ``weight [..., N, K]`` implied by its scale's shape."""
+    n, k = weight.shape[-2], weight.shape[-1]
+    shape = tuple(scale.shape)
+    lead = tuple(weight.shape[:-2])
+    if shape == (*lead, math.ceil(n / 128), math.ceil(k / 128)):
+        return (128, 128)
+    if shape == (*lead, n, 1):
+        return (1, -1)
+    if math.prod(shape) == 1:
+        return None
+    raise ConfigError(
+        f"weight {list(weight.shape)} has a scale of shape {list(shape)}: no 128x128-block, row or tensor layout"
+    )
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``: a cast for float weights, ``q * scale`` for FP8 / int8 ones."""
+    if scale is None:
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    if weight.dtype == torch.int8:  # W8A8 weights: one scale per output row
+        return (weight.to(torch.float32) * scale.to(torch.float32)).to(dtype)
+    block = weight_block(weight, scale)
+    return ops.dequantize_fp8(weight, scale.reshape(()) if block is None else scale, block, dtype)
+
+
+def convert_fp8_format(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-express FP8 ``weight * scale`` in format ``fmt``.
+
+    e4m3fn -> e4m3fnuz is exact: the same bits read as fnuz are worth half (its exponent
+    bias is one larger), so the scales double; 0x80 (fn's -0) is fnuz's NaN and becomes 0.
+    Other pairs dequantize and requantize with the same block."""
+    target = FP8_DTYPES[fmt]
+    if weight.dtype == target:
+        return weight, scale
+    if weight.dtype == torch.float8_e4m3fn and target == torch.float8_e4m3fnuz:
+        bits = weight.view(torch.uint8)
+        bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+        return bits.view(torch.float8_e4m3fnuz), scale * 2
+    block = weight_block(weight, scale)
+    dense = dequantize_weight(weight, scale, torch.float32)
+    return ops.quantize_fp8(dense, block, fmt)
+
+
+def stored_mode(weight: torch.Tensor, scale: torch.Tensor | None) -> str:
+    """The gemm mode a weight is stored in: ``high``, ``int8`` or an ``fp8-*`` mode."""
+    if scale is None:
+        return HIGH
+    if weight.dtype == torch.int8:
+        return INT8
+    return {(128, 128): "fp8-block", (1, -1): "fp8-row", None: "fp8-tensor"}[weight_block(weight, scale)]
+
+
+def precision_label(weight: torch.Tensor, scale: torch.Tensor | None) -> str:
+    """How a weight is stored: ``float32``, ``bfloat16``, ``fp8-block e4m3fn``, ``int8-row``..."""
+    if scale is None:
+        return str(weight.dtype).replace("torch.", "")
+    if weight.dtype == torch.int8:
+        return "int8-row"
+    block = weight_block(weight, scale)
+    kind = {(128, 128): "fp8-block", (1, -1): "fp8-row", None: "fp8-tensor"}[block]
+    return f"{kind} {FP8_FORMAT_OF.get(weight.dtype, weight.dtype)}"
+
+
+__all__ = [
+    "HIGH",
+    "INT8",
+    "WEIGHT_BLOCKS",
+    "convert_fp8_format",
+    "dequantize_weight",
+    "precision_label",
+    "stored_mode",
+    "weight_block",
+]

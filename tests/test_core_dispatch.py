@@ -1,0 +1,108 @@
+"""``dshal.ops``' public op functions and the dispatcher behind them (dshal.ops.dispatch)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import dshal
+import dshal.ops
+from dshal.ops.catalogue import SPECS
+from dshal.ops.dispatch import DISPATCHER, Dispatcher
+
+HELPERS = {"trusted"}  # public functions of dshal.ops that are not ops
+
+
+def public_functions() -> dict[str, object]:
+    return {
+        name: value
+        for name, value in vars(dshal.ops).items()
+        if inspect.isfunction(value) and value.__module__ == "dshal.ops" and not name.startswith("_")
+    }
+
+
+def test_every_spec_has_exactly_one_public_function_with_its_signature() -> None:
+    functions = public_functions()
+    assert set(functions) - HELPERS == set(SPECS)  # none missing, none without a spec
+    for name, spec in SPECS.items():
+        fn = functions[name]
+        assert inspect.signature(fn) == spec.signature, name
+        assert fn.__doc__ and fn.__doc__.strip(), f"dshal.ops.{name} has no docstring"
+        assert fn.__name__ == name
+    assert set(dshal.ops.__all__) >= set(SPECS) | HELPERS
+
+
+@pytest.fixture
+def recording() -> dict[str, list]:
+    """Every op served by a recorder of (op name, positional args, keyword args)."""
+    seen: dict[str, list] = {}
+
+    def recorder(name: str):
+        def call(*args, **kwargs):
+            seen.setdefault(name, []).append((args, kwargs))
+            return name
+
+        return call
+
+    table = {name: recorder(name) for name in SPECS}
+    DISPATCHER.install(table, table)
+    yield seen
+    dshal.runtime.reset()
+
+
+def test_each_public_function_dispatches_to_its_own_op_with_its_arguments_in_order(recording) -> None:
+    for name, spec in SPECS.items():
+        args = [object() for _ in spec.signature.parameters]
+        assert getattr(dshal.ops, name)(*args) == name
+        assert recording[name] == [(tuple(args), {})], name
+        # defaults reach the provider as the spec declares them
+        required = [object() for p in spec.signature.parameters.values() if p.default is inspect.Parameter.empty]
+        getattr(dshal.ops, name)(*required)
+        defaults = [p.default for p in spec.signature.parameters.values() if p.default is not inspect.Parameter.empty]
+        assert recording[name][-1] == ((*required, *defaults), {}), name
+
+
+def test_install_needs_every_op_and_reset_restores_the_first_call_entries() -> None:
+    dispatcher = Dispatcher(["a", "b"], activate_default=lambda: None)
+    with pytest.raises(ValueError, match=r"missing \['b'\], unknown \['c'\]"):
+        dispatcher.install({"a": len, "c": len}, {"a": len, "b": len})
+    activated = []
+
+    def activate() -> None:
+        activated.append(True)
+        dispatcher.install({"a": lambda x: ("checked", x), "b": len}, {"a": lambda x: ("bare", x), "b": len})
+
+    dispatcher = Dispatcher(["a", "b"], activate_default=activate)
+    assert dispatcher.thread.table["a"](1) == ("checked", 1) and activated == [True]  # first call activates
+    with dispatcher.trusted():
+        assert dispatcher.thread.table["a"](2) == ("bare", 2)
+        assert dispatcher.provider("a", checked=False) is dispatcher.thread.table["a"]
+    assert dispatcher.thread.table["a"](3) == ("checked", 3) and activated == [True]
+    dispatcher.reset()
+    assert dispatcher.thread.table["a"](4) == ("checked", 4) and activated == [True, True]
+
+
+def test_an_op_called_first_in_a_fresh_process_activates_the_default_runtime() -> None:
+    """The bootstrap: ``dshal.ops`` imports nothing of the runtime; its first call reaches it
+    through ``dshal.current()``."""
+    code = textwrap.dedent("""
+        import json, sys
+        import torch
+        import dshal.ops
+        before = "dshal.runtime" in sys.modules
+        y = dshal.ops.rms_norm(torch.ones(2, 8), torch.ones(8))
+        print(json.dumps({"runtime_before": before, "runtime_after": "dshal.runtime" in sys.modules,
+                          "backend": dshal.current().backend.name, "shape": list(y.shape)}))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    env["DSHAL_BACKEND"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert json.loads(out.splitlines()[-1]) == {
+        "runtime_before": False, "runtime_after": True, "backend": "cpu", "shape": [2, 8],
+    }
