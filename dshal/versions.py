@@ -16,9 +16,14 @@ What dshal needs from each, and where it copes with either end:
 
 Checked on 2026-12-05 (no GPU): with Triton 3.6.0 (and torch 2.13 CPU) the block-FP8 GEMM
 kernel compiles for ``GPUTarget("cuda", 90, 32)`` with ``wgmma`` and for gfx942 with MFMA,
-as with 3.9. Triton 3.6's *interpreter* fails in that kernel's ``range(0, tl.cdiv(K, BLOCK_K))``
-(``TypeError: only 0-dimensional arrays can be converted to Python scalars``), so emulated
-mode (CPU, CI) wants the Triton CI runs (3.9); the GPU machine compiles the kernels.
+as with 3.9: the GPU machine compiles the kernels. Emulated mode (the Triton *interpreter*
+on CPU tensors) needs more: running the kernel tests under each interpreter here,
+- 3.6.0 fails with numpy >= 2.4 in every loop whose bounds are kernel values
+  (``range(k_first, k_last)``: its interpreter calls ``int()`` on a one-element array,
+  which numpy 2.4 refuses), and cannot convert ``fp8e4b8`` (e4m3fnuz) at all;
+- 3.7.0 runs those loops but still cannot convert ``fp8e4b8``: 19 of 111 kernel tests fail;
+- 3.8.0 and 3.9.0 pass all 111.
+So an emulated plugin needs :data:`INTERPRETER_MINIMUM`, and says so when it is not there.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import importlib.metadata
 
 #: package -> (oldest, newest) supported release, inclusive by minor version.
 SUPPORTED: dict[str, tuple[str, str]] = {"torch": ("2.11", "2.13"), "triton": ("3.6", "3.9")}
+#: The oldest Triton whose interpreter runs every dshal kernel on CPU tensors (emulated mode).
+INTERPRETER_MINIMUM = "3.8"
 
 
 def minor(version: str) -> tuple[int, int]:
@@ -44,15 +51,33 @@ def in_range(package: str, version: str) -> bool:
     return minor(low) <= minor(version) <= minor(high)
 
 
+def installed(package: str) -> str | None:
+    """The installed version of ``package`` (read from its metadata, without importing it)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def interpreter_refusal(triton_version: str | None) -> str | None:
+    """Why the Triton interpreter of ``triton_version`` cannot run dshal's kernels on CPU
+    tensors (emulated mode), or None when it can (or when Triton is absent: that is said
+    elsewhere)."""
+    if triton_version is None or minor(triton_version) >= minor(INTERPRETER_MINIMUM):
+        return None
+    return (
+        f"the Triton {triton_version} interpreter cannot run dshal's kernels on CPU tensors (it cannot "
+        f"convert e4m3fnuz, and 3.6 with numpy >= 2.4 fails on loop bounds); emulation needs "
+        f"triton>={INTERPRETER_MINIMUM}. A GPU build compiles the kernels and is not affected"
+    )
+
+
 def stack_report() -> dict[str, dict[str, object]]:
     """For each supported package: the installed version (None when absent), the range, and
     whether it is in range."""
     out: dict[str, dict[str, object]] = {}
     for package, (low, high) in SUPPORTED.items():
-        try:
-            version: str | None = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            version = None
+        version = installed(package)
         out[package] = {
             "installed": version,
             "supported": f"{low} - {high}",
@@ -61,4 +86,4 @@ def stack_report() -> dict[str, dict[str, object]]:
     return out
 
 
-__all__ = ["SUPPORTED", "in_range", "minor", "stack_report"]
+__all__ = ["INTERPRETER_MINIMUM", "SUPPORTED", "in_range", "installed", "interpreter_refusal", "minor", "stack_report"]

@@ -50,6 +50,7 @@ from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity, weight_quant_mode
 from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF
 from dshal.perf.measure import same_part
+from dshal.versions import installed, interpreter_refusal
 
 log = logging.getLogger("dshal")
 
@@ -354,6 +355,9 @@ class TorchGpuBackend(Backend):
         functions for the mode set at that moment."""
         if not triton_installed():
             return Availability(False, f"emulate: true needs triton (pip install 'dshal-{self.name}[triton]') to run the kernels on CPU")
+        refusal = interpreter_refusal(installed("triton"))
+        if refusal:
+            return Availability(False, f"emulate: true, but {refusal}")
         try:
             triton_kernels.ensure_interpreter_if_cpu("cpu")
         except BackendUnavailableError as err:

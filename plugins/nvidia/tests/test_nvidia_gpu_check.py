@@ -95,3 +95,28 @@ def test_installed_stack_is_supported():
     assert report["torch"]["in_range"] is True, report
     if report["triton"]["installed"] is not None:
         assert report["triton"]["in_range"] is True, report
+
+
+@pytest.mark.parametrize("version, refused", [("3.6.0", True), ("3.7.0", True), ("3.8.0", False), ("3.9.0", False), (None, False)])
+def test_interpreter_minimum_follows_what_each_interpreter_ran(version, refused):
+    """3.6 and 3.7's interpreters failed dshal's kernel tests here (no fp8e4b8; 3.6 + numpy 2.4
+    also on loop bounds); 3.8 and 3.9 passed them all (see dshal/versions.py)."""
+    from dshal.versions import interpreter_refusal
+
+    why = interpreter_refusal(version)
+    assert (why is not None) is refused
+    if refused:
+        assert f"Triton {version}" in why and "triton>=3.8" in why and "e4m3fnuz" in why
+
+
+def test_emulated_backend_names_the_interpreter_it_runs_on():
+    """The installed Triton (CI's) is new enough: emulated nvidia is available, and its
+    availability comes from the same check."""
+    from dshal.versions import installed, interpreter_refusal
+    from dshal_nvidia import NvidiaBackend
+
+    if installed("triton") is None:
+        pytest.skip("triton is not installed: emulated mode is unavailable for that reason instead")
+    assert interpreter_refusal(installed("triton")) is None
+    availability = NvidiaBackend(emulate=True).availability()
+    assert availability.ok and availability.emulated, availability.reason
