@@ -14,6 +14,7 @@ import torch
 
 import dshal
 from dshal.backend import Capabilities
+from dshal.comm import SimulatedGroup
 from dshal.config import PrecisionConfig
 from dshal.errors import ConfigError, DeviceError
 from dshal.model import DictReader, build_model, tiny_args
@@ -23,6 +24,8 @@ from dshal.model.model import Transformer
 from dshal.model.precision import apply_precision
 from dshal.model.weights import conversion_ops
 from dshal.ops.spec import FP8_DTYPES
+from dshal.parallel.groups import ParallelGroups, plan_groups
+from dshal.parallel.loading import build_parallel
 
 ARGS = tiny_args(num_hidden_layers=2, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2)
 CHECKPOINT = quantize_checkpoint_fp8(random_checkpoint(ARGS, seed=7))
@@ -127,3 +130,21 @@ def test_high_and_int8_run_on_a_backend_without_fp8_storage(no_fp8_storage):
     assert not [n for n, t in _tensors(high).items() if t.dtype in FP8]
     int8 = build_model(ARGS, _reader(), PrecisionConfig(gemm="int8"))
     assert int8.layers[1].mlp.experts.w13.dtype == torch.int8
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_tensor_parallel_rank_converts_on_the_host_then_places_its_shards(no_fp8_storage, device):
+    """``build_parallel`` (TP 2, rank 0, a simulated group: no process group needed to build):
+    the FP8 checkpoint is converted on the host before sharding (int8 row scales span a
+    row-parallel shard), only the shards are placed, none of them float8; on the CPU they are
+    the single-process int8 model's slices."""
+    groups = ParallelGroups(tp=SimulatedGroup(2, 0, "tp"), ep=None, tp_size=2, ep_size=1, plan=plan_groups(2, 2, 1))
+    rank = build_parallel(ARGS, _reader(), groups, device=device)
+    tensors = _tensors(rank)
+    assert all(t.device.type == device and t.dtype not in FP8 for t in tensors.values())
+    q_b = rank.layers[1].self_attn.q_b_proj
+    assert q_b.weight.dtype == torch.int8 and rank.describe()["precision"]["mode"] == "int8"
+    if device == "cpu":
+        whole = build_model(ARGS, _reader()).layers[1].self_attn.q_b_proj
+        rows = whole.weight.shape[0] // 2
+        assert torch.equal(q_b.weight, whole.weight[:rows]) and torch.equal(q_b.weight_scale, whole.weight_scale[:rows])
