@@ -9,10 +9,13 @@ only) and checks where each tensor was held on the way; no NPU is faked.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import dshal
+from dshal import cli
 from dshal.backend import Capabilities
 from dshal.comm import SimulatedGroup
 from dshal.config import PrecisionConfig
@@ -148,3 +151,14 @@ def test_tensor_parallel_rank_converts_on_the_host_then_places_its_shards(no_fp8
         whole = build_model(ARGS, _reader()).layers[1].self_attn.q_b_proj
         rows = whole.weight.shape[0] // 2
         assert torch.equal(q_b.weight, whole.weight[:rows]) and torch.equal(q_b.weight_scale, whole.weight_scale[:rows])
+
+
+def test_info_shows_the_capability(no_fp8_storage, capsys):
+    assert cli.main(["info", "--backend", "nofp8test", "--json"]) == 0
+    backends = {b["name"]: b for b in json.loads(capsys.readouterr().out)["backends"]}
+    assert backends["nofp8test"]["capabilities"]["fp8_storage"] is False
+    assert backends["cpu"]["capabilities"]["fp8_storage"] is True
+    assert cli.main(["info", "--backend", "nofp8test"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "nofp8test: cpu (test backend declaring no float8 storage" in text
+    assert "no float8 tensors on the device (fp8_storage false)" in text
