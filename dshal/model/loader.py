@@ -422,7 +422,7 @@ def place_on_device(model: nn.Module, device: torch.device | str, fp8_storage: b
                     continue
                 if not fp8_storage and tensor.dtype in FP8_DTYPES.values():
                     raise DeviceError(
-                        f"place_on_device: {path}.{name} is {tensor.dtype} but the backend cannot hold float8 tensors "
+                        f"place_on_device: {f'{path}.{name}' if path else name} is {tensor.dtype} but the backend cannot hold float8 tensors "
                         "on its device (Capabilities.fp8_storage False); the precision policy should have converted it"
                     )
                 placed = tensor.to(device)
