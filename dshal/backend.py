@@ -96,6 +96,12 @@ class Capabilities:
     #: What ``precision.gemm: auto`` should run an FP8 checkpoint as here: ``fp8-block`` (keep
     #: it), ``int8`` (W8A8) or ``bf16``; a backend without FP8 units names its better choice.
     fp8_checkpoint_gemm: str = "fp8-block"
+    #: The device can hold float8 tensors. False (torch_npu on Ascend 910B, reportedly): FP8
+    #: payloads never go to the device as float8 -- the loader keeps a checkpoint's FP8 weights
+    #: and their scales on the host, the precision policy converts them there (``auto``: to
+    #: ``fp8_checkpoint_gemm``, or high precision when that names an FP8 mode), only the
+    #: converted tensors move to the device, and an explicit ``fp8-*`` gemm mode is a ConfigError.
+    fp8_storage: bool = True
 
 
 @dataclass(frozen=True)

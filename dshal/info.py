@@ -150,7 +150,9 @@ def _print_tables(data: dict[str, Any]) -> None:
         console.print(
             f"[bold]{b['name']}[/bold]: {caps['device_name']} {caps['arch']}, fp8 {','.join(caps['fp8_formats']) or 'none'} "
             f"(e4m3 = {caps['native_e4m3']}), process group {caps['dist_backend']}"
-            + (", emulated" if caps["emulated"] else "") + (f"; {notes}" if notes else "")
+            + (", emulated" if caps["emulated"] else "")
+            + ("" if caps.get("fp8_storage", True) else ", no float8 tensors on the device (fp8_storage false)")
+            + (f"; {notes}" if notes else "")
         )
     rt = data["runtime"]
     if rt is None:

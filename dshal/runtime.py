@@ -132,6 +132,30 @@ def op_hook(hook: OpHook) -> Iterator[None]:
                 _install(active)
 
 
+@contextlib.contextmanager
+def reference_ops() -> Iterator[None]:
+    """While active, every ``dshal.ops`` call runs the op's reference behind its input checks,
+    on tensors of any device (meta, or the host while the backend's device is elsewhere); the
+    backend, device and config stay the active runtime's, which comes back after."""
+    base = current()
+    references = {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
+    serving = Runtime(
+        config=base.config,
+        backend=base.backend,
+        device=base.device,
+        providers={name: REFERENCE_PROVIDER for name in references},
+        fallbacks=frozenset(),
+        selection=[],
+        table={name: SPECS[name].checked(fn) for name, fn in references.items()},
+        unchecked=references,
+    )
+    serving.activate()
+    try:
+        yield
+    finally:
+        base.activate()
+
+
 def _fallback_caller(op: str, backend: str, impl: Callable[..., Any]) -> Callable[..., Any]:
     """Serve ``op`` from the reference, warning once (``fallback: warn``)."""
     warned = []

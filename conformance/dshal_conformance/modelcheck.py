@@ -89,6 +89,8 @@ def mode_unsupported(mode: str, runtime: Any, provided: frozenset[str]) -> str |
         return None
     if family == "fp8" and not runtime.backend.fp8_formats():
         return f"backend {runtime.backend.name!r} declares no FP8 format"
+    if family == "fp8" and not runtime.backend.capabilities().fp8_storage:
+        return f"backend {runtime.backend.name!r} cannot hold float8 tensors on its device (fp8_storage False)"
     missing = [op for op in MODE_OPS[family] if op not in provided]
     if missing:
         return f"backend {runtime.backend.name!r} does not provide {', '.join(missing)} ({mode} needs them)"

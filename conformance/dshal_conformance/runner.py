@@ -29,7 +29,7 @@ from dshal.runtime import build_runtime, reset
 from dshal_conformance import __version__, report
 from dshal_conformance.collectives import run_group
 from dshal_conformance.cases import all_cases, case_seed
-from dshal_conformance.cases.base import Case, Context, Outcome, fail_all
+from dshal_conformance.cases.base import Case, Context, NotPlaceable, Outcome, fail_all, unsupported_outcomes
 from dshal_conformance.judge import Verdict
 from dshal_conformance.waivers import Waiver, for_case
 
@@ -315,6 +315,7 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
         native_e4m3=caps.native_e4m3,
         fp8_formats=caps.fp8_formats,
         seed=seed,
+        fp8_storage=caps.fp8_storage,
     )
     for w in waivers:
         ctx.overrides.update(w.thresholds)
@@ -322,7 +323,13 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
     body = case.body
     if body is None:
         raise ValueError(f"case {case.id!r} has no body (collective cases run through Session.run_collectives)")
-    outcomes = with_timeout(lambda: body(ctx), options.case_timeout_s, case.suffixes)
+    def run_body() -> list[Outcome]:
+        try:
+            return body(ctx)
+        except NotPlaceable as err:  # FP8 inputs on a device without fp8_storage
+            return unsupported_outcomes(case.suffixes, str(err))
+
+    outcomes = with_timeout(run_body, options.case_timeout_s, case.suffixes)
     duration = time.perf_counter() - t0
     records = []
     for o in outcomes:  # a waiver is used where the judge applied one of its thresholds

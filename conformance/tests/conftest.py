@@ -12,6 +12,7 @@ from dshal_conformance import runner
 from dshal.registry import REGISTRY
 
 HERE = Path(__file__).resolve().parent
+CORE_PLUGIN_FIXTURES = HERE.parents[1] / "tests" / "fixtures" / "core_plugins"
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +27,7 @@ def wrong_backend_path(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Paths that make ``conformance_wrong_backend.WrongBackend`` an installed plugin
     named ``wrong``: a throw-away dist-info declaring the entry point, and this folder.
     Nothing is put on sys.path here (see :func:`wrong_backend_installed`)."""
-    site = tmp_path_factory.mktemp("wrong-plugin")
-    info = site / "dshal_wrong-0.0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dshal-wrong\nVersion: 0.0.1\n")
-    (info / "entry_points.txt").write_text("[dshal.backends]\nwrong = conformance_wrong_backend:WrongBackend\n")
-    return [str(site), str(HERE)]
+    return [_dist_info(tmp_path_factory, "wrong", "conformance_wrong_backend:WrongBackend"), str(HERE)]
 
 
 @pytest.fixture(scope="session")
@@ -59,9 +55,25 @@ def _installed(paths: list[str]) -> Iterator[None]:
 def biased_backend_installed(tmp_path_factory: pytest.TempPathFactory):
     """``with biased_backend_installed(): ...``: ``conformance_biased_backend.BiasedBackend``
     is the installed plugin ``biased`` inside the block (a throw-away dist-info, as ``wrong``)."""
-    site = tmp_path_factory.mktemp("biased-plugin")
-    info = site / "dshal_biased-0.0.1.dist-info"
+    site = _dist_info(tmp_path_factory, "biased", "conformance_biased_backend:BiasedBackend")
+    return lambda: _installed([site, str(HERE)])
+
+
+@pytest.fixture(scope="session")
+def no_fp8_storage_installed(tmp_path_factory: pytest.TempPathFactory):
+    """``with no_fp8_storage_installed(): ...``: the core tests' fixture backend
+    ``tests/fixtures/core_plugins/no_fp8_storage.py`` (the cpu backend's ops, declaring
+    ``Capabilities.fp8_storage`` False) is the installed plugin ``nofp8test`` inside the block."""
+    site = _dist_info(tmp_path_factory, "nofp8test", "no_fp8_storage:NoFp8StorageBackend")
+    return lambda: _installed([site, str(CORE_PLUGIN_FIXTURES)])
+
+
+def _dist_info(tmp_path_factory: pytest.TempPathFactory, name: str, target: str) -> str:
+    """A throw-away site folder holding ``dshal-<name>``'s dist-info, whose entry point
+    declares backend ``name = target``; the module itself comes from another path."""
+    site = tmp_path_factory.mktemp(f"{name}-plugin")
+    info = site / f"dshal_{name}-0.0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dshal-biased\nVersion: 0.0.1\n")
-    (info / "entry_points.txt").write_text("[dshal.backends]\nbiased = conformance_biased_backend:BiasedBackend\n")
-    return lambda: _installed([str(site), str(HERE)])
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: dshal-{name}\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text(f"[dshal.backends]\n{name} = {target}\n")
+    return str(site)

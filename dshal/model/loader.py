@@ -12,6 +12,12 @@ here), and for FP8 checkpoints ``<linear>.weight_scale_inv`` (one float32 scale 
 write (``mlp.experts.gate_up_proj`` ``[E, 2I, D]``, ``mlp.experts.down_proj``) is read too.
 Tensors of multi-token-prediction layers (``model.layers.<num_hidden_layers + i>``) are
 skipped. A missing, unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
+
+Each tensor goes to the model's device as it is read, except, for a backend that cannot hold
+float8 tensors on its device (``Capabilities.fp8_storage`` False, Ascend 910B), FP8 payloads
+and their block scales: they stay where the reader put them (the host), the precision policy
+converts them there (to int8 or high precision), and :func:`place_on_device` then moves the
+converted tensors, so no float8 tensor ever reaches that device.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from dshal.errors import CheckpointError, DeviceError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_index
 from dshal.model.model import MLA, Embedding, Gate, Linear, RMSNorm, RoutedExperts, Transformer, rope_tables
-from dshal.model.precision import apply_precision, checkpoint_name
-from dshal.model.weights import dequantize_weight
+from dshal.model.precision import apply_precision, checkpoint_name, refuse_fp8_without_storage
+from dshal.model.weights import conversion_ops, dequantize_weight
 from dshal.ops.spec import FP8_DTYPES
 from dshal.runtime import current
 
@@ -167,19 +173,23 @@ Reader = CheckpointReader | DictReader
 
 # ---------------------------------------------------------------- reading one weight
 class _Loader:
-    """Fills a meta-device model from a reader, remembering which tensors it used."""
+    """Fills a meta-device model from a reader, remembering which tensors it used.
+    ``fp8_on_host``: FP8 payloads and their scales stay where the reader put them (see the
+    module doc); everything else, dequantized FP8 included, goes to ``device``."""
 
-    def __init__(self, reader: Reader, args: ModelArgs, device: torch.device):
-        self.reader, self.args, self.device = reader, args, device
+    def __init__(self, reader: Reader, args: ModelArgs, device: torch.device, fp8_on_host: bool = False):
+        self.reader, self.args, self.device, self.fp8_on_host = reader, args, device, fp8_on_host
         self.used: set[str] = set()
         self.check_finite = check_finite_enabled()  # DSHAL_CHECK_FINITE=0 skips the NaN/Inf scan
         block = args.weight_block_size or (128, 128)
         self.block = (int(block[0]), int(block[1]))
 
     def read(
-        self, name: str, shape: tuple[int, ...], what: str, dtypes: Iterable[torch.dtype] | None = None
+        self, name: str, shape: tuple[int, ...], what: str, dtypes: Iterable[torch.dtype] | None = None,
+        fp8_part: bool = False,
     ) -> torch.Tensor:
-        """Tensor ``name`` checked against ``shape`` (and ``dtypes``), on the target device."""
+        """Tensor ``name`` checked against ``shape`` (and ``dtypes``), on the target device; an
+        FP8 payload (or, ``fp8_part``, its scale) stays as read under ``fp8_on_host``."""
         if name not in self.reader:
             raise CheckpointError(
                 f"checkpoint {self.reader.path}: missing tensor {name!r} (expected shape {list(shape)} for {what})"
@@ -201,6 +211,8 @@ class _Loader:
         tensor = self.reader.get(name)
         if self.check_finite:
             check_finite(name, tensor, self.reader.path)
+        if self.fp8_on_host and (fp8_part or dtype in FP8_DTYPES.values()):
+            return tensor
         return tensor.to(self.device)
 
     def float_tensor(self, name: str, shape: tuple[int, ...], what: str, dtype: torch.dtype) -> torch.Tensor:
@@ -225,9 +237,10 @@ class _Loader:
         q = self.read(name, shape, what)
         bm, bk = self.block
         scale_shape = (math.ceil(shape[0] / bm), math.ceil(shape[1] / bk))
-        scale = self.read(f"{prefix}.weight_scale_inv", scale_shape, f"block scales of {what}", (torch.float32,))
+        scale = self.read(f"{prefix}.weight_scale_inv", scale_shape, f"block scales of {what}", (torch.float32,), True)
         if (bm, bk) != (128, 128):  # the FP8 ops take 128x128 blocks: keep such weights dequantized
-            return _dequantize_blocks(q, scale, (bm, bk), self.args.dtype), None
+            with conversion_ops(q, self.device):
+                return _dequantize_blocks(q, scale, (bm, bk), self.args.dtype).to(self.device), None
         return q, scale
 
     def stacked(self, prefixes: list[str], rows: int, cols: int, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -241,8 +254,9 @@ class _Loader:
         return torch.cat([self.dense(w, s) for w, s in parts]), None
 
     def dense(self, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """A weight as read, dequantized to the model's dtype."""
-        return dequantize_weight(weight, scale, self.args.dtype)
+        """A weight as read, dequantized to the model's dtype, on the model's device."""
+        with conversion_ops(weight, self.device):
+            return dequantize_weight(weight, scale, self.args.dtype).to(self.device)
 
 
 def _dequantize_blocks(
@@ -259,12 +273,16 @@ def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
     setattr(module, name, None if value is None else nn.Parameter(value, requires_grad=False))
 
 
-def load_weights(model: nn.Module, reader: Reader, device: torch.device | str = "cpu") -> None:
+def load_weights(
+    model: nn.Module, reader: Reader, device: torch.device | str = "cpu", *, fp8_on_host: bool = False
+) -> None:
     """Fill every parameter of ``model`` (built on the meta device) from ``reader``; raise
-    :class:`CheckpointError` on a missing, mis-shaped or unexpected tensor."""
+    :class:`CheckpointError` on a missing, mis-shaped or unexpected tensor. ``fp8_on_host``:
+    FP8 payloads and their scales stay where the reader put them (for a backend without
+    ``Capabilities.fp8_storage``; see the module doc), the rest goes to ``device``."""
     args: ModelArgs = model.args
     device = torch.device(device)
-    ld = _Loader(reader, args, device)
+    ld = _Loader(reader, args, device, fp8_on_host)
     unloaded = dict(model.named_parameters())  # loading replaces each one (onto the meta device too: dshal plan)
     for path, module in model.named_modules():
         hf = checkpoint_name(path)
@@ -365,14 +383,52 @@ def build_model(
     args: ModelArgs, reader: Reader, precision: Any = None, device: torch.device | str | None = None
 ) -> nn.Module:
     """Build a :class:`~dshal.model.model.Transformer` from ``reader`` on ``device`` (default:
-    the active runtime's), then apply the precision policy (default: the runtime config's)."""
+    the active runtime's), then apply the precision policy (default: the runtime config's).
+    On a backend that cannot hold float8 tensors (``Capabilities.fp8_storage`` False) FP8
+    weights are converted on the host first (:func:`load_weights`, :func:`place_on_device`)."""
     runtime = current()
+    precision = precision if precision is not None else runtime.config.precision
+    device = torch.device(device if device is not None else runtime.device)
+    fp8_storage = fp8_storage_of(runtime, precision)
     with torch.device("meta"):
         model = Transformer(args)
-    load_weights(model, reader, device if device is not None else runtime.device)
-    apply_precision(model, precision if precision is not None else runtime.config.precision)
+    load_weights(model, reader, device, fp8_on_host=not fp8_storage)
+    apply_precision(model, precision, device=device)
+    place_on_device(model, device, fp8_storage)
     prepare_for_backend(model, runtime)  # the backend's weight layouts, once, after the precision policy
     return model.eval()
+
+
+def fp8_storage_of(runtime: Any, precision: Any) -> bool:
+    """Whether ``runtime``'s backend can hold float8 tensors on its device
+    (``Capabilities.fp8_storage``); where it cannot, an FP8 ``precision.gemm`` mode is refused
+    here, before anything is read (:func:`~dshal.model.precision.refuse_fp8_without_storage`)."""
+    capabilities = runtime.backend.capabilities()
+    refuse_fp8_without_storage(precision, capabilities, runtime.backend.name)
+    return bool(capabilities.fp8_storage)
+
+
+def place_on_device(model: nn.Module, device: torch.device | str, fp8_storage: bool = True) -> int:
+    """Move every parameter and buffer of ``model`` held off ``device`` there (the weights the
+    loader kept on the host, converted by the precision policy, and tables built next to them);
+    return how many moved. With ``fp8_storage`` False a float8 tensor left among them is a
+    :class:`~dshal.DeviceError` naming it: such a device must never receive one."""
+    device = torch.device(device)
+    moved = 0
+    for path, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or tensor.device.type == device.type:
+                    continue
+                if not fp8_storage and tensor.dtype in FP8_DTYPES.values():
+                    raise DeviceError(
+                        f"place_on_device: {f'{path}.{name}' if path else name} is {tensor.dtype} but the backend cannot hold float8 tensors "
+                        "on its device (Capabilities.fp8_storage False); the precision policy should have converted it"
+                    )
+                placed = tensor.to(device)
+                table[name] = nn.Parameter(placed, requires_grad=False) if isinstance(tensor, nn.Parameter) else placed
+                moved += 1
+    return moved
 
 
 def prepare_for_backend(model: nn.Module, runtime: Any) -> int:
@@ -453,7 +509,9 @@ __all__ = [
     "build_model",
     "checkpoint_args",
     "from_pretrained",
+    "fp8_storage_of",
     "load_weights",
+    "place_on_device",
     "prepare_for_backend",
     "read_experts",
 ]

@@ -36,11 +36,13 @@ from torch import nn
 
 from dshal import ops
 from dshal.config import PrecisionConfig
+from dshal.errors import ConfigError
 from dshal.model.model import Linear, RoutedExperts, describe_model, kv_cache_report
 from dshal.model.weights import (
     HIGH,
     INT8,
     WEIGHT_BLOCKS,
+    conversion_ops,
     convert_fp8_format,
     dequantize_weight,
     precision_label,
@@ -92,19 +94,50 @@ def _weights(module: nn.Module) -> list[tuple[str, str]]:
     return [("weight", "weight_scale")] if hasattr(module, "weight_scale") else [("w13", "w13_scale"), ("w2", "w2_scale")]
 
 
+#: Why ``auto`` does not run an FP8 checkpoint as stored, per missing capability.
+NO_FP8_UNITS = "this backend has no FP8 GEMM units (every FP8 path would be emulated)"
+NO_FP8_STORAGE = "this backend cannot hold float8 tensors on its device"
+
+
 def fp8_redirect(capabilities: Any = None) -> tuple[str, str] | None:
     """``(mode, why)`` when the backend has no FP8 GEMM units (``Capabilities.fp8_gemm_native``
     False) and names another mode for FP8 checkpoints (``fp8_checkpoint_gemm``: ``int8`` or
-    ``high``/``bf16``); None when FP8 weights run as stored. ``capabilities``: default the
-    active backend's."""
+    ``high``/``bf16``), or cannot hold float8 tensors on its device (``fp8_storage`` False:
+    then high precision where it names an FP8 mode); None when FP8 weights run as stored.
+    ``capabilities``: default the active backend's."""
     if capabilities is None:
         capabilities = current().backend.capabilities()
-    if getattr(capabilities, "fp8_gemm_native", True):
+    units, storage = capabilities.fp8_gemm_native, capabilities.fp8_storage
+    if units and storage:
         return None
     target = GEMM_ALIASES.get(capabilities.fp8_checkpoint_gemm, capabilities.fp8_checkpoint_gemm)
     if target in WEIGHT_BLOCKS:
-        return None
-    return target, "this backend has no FP8 GEMM units (every FP8 path would be emulated)"
+        if storage:
+            return None
+        target = HIGH
+    return target, "; ".join(why for ok, why in ((units, NO_FP8_UNITS), (storage, NO_FP8_STORAGE)) if not ok)
+
+
+def refuse_fp8_without_storage(precision: PrecisionConfig, capabilities: Any = None, backend: str | None = None) -> None:
+    """A :class:`~dshal.ConfigError` when ``precision.gemm`` asks for an FP8 mode on a backend
+    that cannot hold float8 tensors on its device (``Capabilities.fp8_storage`` False), naming
+    what to use instead. ``capabilities`` / ``backend`` (its name): default the active backend's."""
+    mode = GEMM_ALIASES.get(precision.gemm, precision.gemm)
+    if mode not in WEIGHT_BLOCKS:
+        return
+    if capabilities is None:
+        active = current().backend
+        capabilities, backend = active.capabilities(), backend or active.name
+    if capabilities.fp8_storage:
+        return
+    redirect = fp8_redirect(capabilities)
+    auto_runs = redirect[0] if redirect is not None else HIGH
+    who = f"backend {backend!r}" if backend else f"this backend ({capabilities.device_name})"
+    raise ConfigError(
+        f"precision.gemm: {precision.gemm!r} keeps float8 weights on the device, but {who} cannot hold "
+        f"float8 tensors on its device (it declares Capabilities.fp8_storage False); use precision.gemm: "
+        f"auto (an FP8 checkpoint then runs as {auto_runs}, converted on the host), int8 (W8A8) or high"
+    )
 
 
 def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module, capabilities: Any = None) -> tuple[str, str]:
@@ -115,6 +148,7 @@ def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module, capabilities
     the active backend's."""
     asked = precision.gemm
     if asked != AUTO:
+        refuse_fp8_without_storage(precision, capabilities)
         mode = GEMM_ALIASES.get(asked, asked)
         alias = f" ({asked!r} is the older name of {mode!r})" if mode != asked else ""
         why = "precision.gemm" + alias
@@ -164,16 +198,24 @@ def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
 
 
 def apply_precision(
-    model: nn.Module, precision: PrecisionConfig, dtype: torch.dtype | None = None, capabilities: Any = None
+    model: nn.Module,
+    precision: PrecisionConfig,
+    dtype: torch.dtype | None = None,
+    capabilities: Any = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, str]:
     """Convert every ``Linear`` and ``RoutedExperts`` of ``model`` in place to the policy's
     format; return ``{module path: mode}`` (mode: ``high``, ``int8`` or an ``fp8-*`` gemm mode).
 
     ``auto`` keeps each weight in the format the checkpoint stored it in (FP8 only converted
     to the backend's E4M3 variant, or run as the backend's choice where it has no FP8 GEMM
-    units: :func:`fp8_redirect`); the chosen mode and why are kept as
-    ``model.precision_choice`` for ``describe()``. ``dtype``: the high-precision dtype
-    (default: the model's ``args.dtype``); ``capabilities``: default the active backend's."""
+    units or cannot hold float8 tensors: :func:`fp8_redirect`); the chosen mode and why are kept
+    as ``model.precision_choice`` for ``describe()``. ``dtype``: the high-precision dtype
+    (default: the model's ``args.dtype``); ``capabilities``: default the active backend's.
+    ``device``: the model's device; a weight held elsewhere (an FP8 payload the loader kept on
+    the host: ``Capabilities.fp8_storage`` False) is converted where it is, by the op references
+    (:func:`~dshal.model.weights.conversion_ops`), and stays there for
+    :func:`dshal.model.loader.place_on_device`. None: every weight by the active runtime's ops."""
     dtype = dtype or model.args.dtype
     fmt = resolve_fp8_format(precision)
     mode_all, why = resolve_gemm_mode(precision, model, capabilities)
@@ -194,10 +236,11 @@ def apply_precision(
                 mode = "fp8-block"  # moe_experts takes FP8 experts with 128x128 block scales only
             if high:
                 mode = HIGH
-            if mode == HIGH:
-                weight, scale = dequantize_weight(weight, scale, dtype), None
-            else:
-                weight, scale = _quantize(weight, scale, mode, fmt)
+            with conversion_ops(weight, device):
+                if mode == HIGH:
+                    weight, scale = dequantize_weight(weight, scale, dtype), None
+                else:
+                    weight, scale = _quantize(weight, scale, mode, fmt)
             _set(module, w_name, weight)
             _set(module, s_name, scale)
             plan[path] = mode
@@ -213,6 +256,8 @@ def precision_summary(choice: dict[str, Any]) -> str:
 
 __all__ = [
     "apply_precision",
+    "fp8_redirect",
+    "refuse_fp8_without_storage",
     "checkpoint_name",
     "resolve_gemm_mode",
     "stored_mode",

@@ -4,6 +4,7 @@ it) and the precision policy (:mod:`dshal.model.precision` chooses the formats).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from dshal import ops
 from dshal.errors import ConfigError
 from dshal.ops.spec import FP8_DTYPES, FP8_FORMAT_OF
+from dshal.runtime import reference_ops
 
 #: gemm mode -> FP8 quantization block of a weight [N, K] (None = one scale).
 WEIGHT_BLOCKS: dict[str, tuple[int, int] | None] = {"fp8-block": (128, 128), "fp8-row": (1, -1), "fp8-tensor": None}
@@ -62,6 +64,17 @@ def convert_fp8_format(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> t
     return ops.quantize_fp8(dense, block, fmt)
 
 
+def conversion_ops(weight: torch.Tensor, device: torch.device | str | None) -> contextlib.AbstractContextManager[None]:
+    """The ops that convert ``weight`` (dequantize, quantize) for a model on ``device``: the
+    active runtime's, or, for a weight held off that device (an FP8 payload the loader kept on
+    the host for a backend that cannot hold float8 tensors, ``Capabilities.fp8_storage``), each
+    op's reference, which runs wherever the weight is (the backend's providers take only
+    tensors on its device). ``device`` None: the active runtime's ops."""
+    if device is None or weight.device.type == torch.device(device).type:
+        return contextlib.nullcontext()
+    return reference_ops()
+
+
 def stored_mode(weight: torch.Tensor, scale: torch.Tensor | None) -> str:
     """The gemm mode a weight is stored in: ``high``, ``int8`` or an ``fp8-*`` mode."""
     if scale is None:
@@ -86,6 +99,7 @@ __all__ = [
     "HIGH",
     "INT8",
     "WEIGHT_BLOCKS",
+    "conversion_ops",
     "convert_fp8_format",
     "dequantize_weight",
     "precision_label",

@@ -21,9 +21,24 @@ from torch import nn
 
 import dshal
 from dshal.model.args import ModelArgs
-from dshal.model.loader import CheckpointReader, checkpoint_args, load_weights, prepare_for_backend
+from dshal.model.loader import (
+    CheckpointReader,
+    checkpoint_args,
+    fp8_storage_of,
+    load_weights,
+    place_on_device,
+    prepare_for_backend,
+)
 from dshal.model.model import Transformer
-from dshal.model.precision import AUTO, GEMM_ALIASES, HIGH, apply_precision, checkpoint_name, keeps_high_precision
+from dshal.model.precision import (
+    AUTO,
+    GEMM_ALIASES,
+    HIGH,
+    apply_precision,
+    checkpoint_name,
+    fp8_redirect,
+    keeps_high_precision,
+)
 from dshal.ops.spec import FP8_DTYPES
 from dshal.parallel.groups import ParallelGroups
 from dshal.parallel.layers import (
@@ -167,12 +182,14 @@ class ShardView:
         return self.get(name)[slices]
 
 
-def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any) -> bool:
+def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any, capabilities: Any = None) -> bool:
     """Whether loading this rank's slices and then applying ``precision`` gives the slices
     of the single-process model. It does without tensor parallelism (experts are held
     whole), when nothing is quantized, and in ``fp8-block`` (or ``auto`` on an FP8
     checkpoint) when no TP shard cuts a quantized weight's 128-blocks. Per-row / per-tensor
-    / int8 scales, or a cut block, need the whole weight first (quantize, then shard)."""
+    / int8 scales, or a cut block, need the whole weight first (quantize, then shard).
+    ``capabilities`` (default the active backend's): ``auto`` runs an FP8 checkpoint in the
+    mode the backend names where it has no FP8 (:func:`~dshal.model.precision.fp8_redirect`)."""
     mode = GEMM_ALIASES.get(precision.gemm, precision.gemm)
     kinds = (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)
     sharded = [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
@@ -180,6 +197,9 @@ def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any) -> bool
         return True
     stored = {reader.dtype(n) for n in reader.names() if n.endswith(".weight")}
     fp8 = bool(stored & set(FP8_DTYPES.values()))
+    redirect = fp8_redirect(capabilities) if mode == AUTO and fp8 else None
+    if redirect is not None:  # int8 (per-row scales span a row-parallel shard) or high (a cast)
+        return redirect[0] == HIGH
     if mode == AUTO and torch.int8 not in stored and not fp8:
         return True  # a float checkpoint run as stored
     if mode not in (AUTO, "fp8-block") or torch.int8 in stored:
@@ -213,32 +233,35 @@ def build_parallel(
     during the load."""
     runtime = current()
     precision = precision if precision is not None else runtime.config.precision
-    device = device if device is not None else runtime.device
+    device = torch.device(device if device is not None else runtime.device)
+    fp8_storage = fp8_storage_of(runtime, precision)  # False: FP8 converted on the host, then placed
     with torch.device("meta"):
         model = Transformer(args)
     if groups.tp_size > 1:
         tensor_parallel(model, groups.tp)
     if groups.ep_size > 1:
         expert_parallel(model, groups.ep)
-    if not _sliced_read_is_exact(reader, model, precision):
+    if not _sliced_read_is_exact(reader, model, precision, runtime.backend.capabilities()):
         with torch.device("meta"):
             model = Transformer(args)
-        load_weights(model, reader, device)
-        apply_precision(model, precision)
+        load_weights(model, reader, device, fp8_on_host=not fp8_storage)
+        apply_precision(model, precision, device=device)
         if groups.tp_size > 1:
             tensor_parallel(model, groups.tp)
         if groups.ep_size > 1:
             expert_parallel(model, groups.ep)
         model.shard_view = None
+        place_on_device(model, device, fp8_storage)  # only the shards of host-converted weights move
         prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
         return model.eval()
     view = ShardView(reader, model, tuple(args.weight_block_size or (128, 128)))
-    load_weights(model, view, device)
+    load_weights(model, view, device, fp8_on_host=not fp8_storage)
     for module in model.modules():
         if isinstance(module, ShardedExperts):
             module.set_owners(module.owner, module.held)  # tables next to the loaded weights
-    apply_precision(model, precision)
+    apply_precision(model, precision, device=device)
     model.shard_view = view
+    place_on_device(model, device, fp8_storage)
     prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
     return model.eval()
 

@@ -10,16 +10,14 @@ log what would travel.
 
 :func:`run_steps` then runs one prefill chunk and one decode step of that rank's model on
 meta tensors through ``dshal.ops``: every op's reference implementation behind its input
-checks (:func:`reference_ops`), since the meta device carries shapes and dtypes only. The
+checks (:func:`dshal.runtime.reference_ops`), since the meta device carries shapes and dtypes only. The
 live bytes of the tensors the forward creates are tracked to find its activation peak.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +29,10 @@ from dshal.comm import SimulatedGroup, Transfer
 from dshal.errors import CommError
 from dshal.model.args import ModelArgs
 from dshal.model.loader import CheckpointError
-from dshal.ops.catalogue import SPECS
 from dshal.parallel.groups import GroupPlan, ParallelGroups, plan_groups
 from dshal.parallel.loading import build_parallel
 from dshal.plan.names import TensorEntry
-from dshal.runtime import Runtime, current, op_hook
+from dshal.runtime import op_hook, reference_ops
 
 
 # ---------------------------------------------------------------- a checkpoint without weights
@@ -89,30 +86,6 @@ class MetaCheckpoint:
         part = full if index is None else full[index]
         self.reads.append(Read(name, entry.file, index, tuple(part.shape), part.numel() * part.element_size()))
         return part.contiguous()
-
-
-# ---------------------------------------------------------------- ops on meta tensors
-@contextlib.contextmanager
-def reference_ops() -> Iterator[None]:
-    """While active, every ``dshal.ops`` call runs the op's reference behind its input checks,
-    on tensors of any device (meta included); the runtime active before comes back after."""
-    base = current()
-    references = {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
-    meta = Runtime(
-        config=base.config,
-        backend=base.backend,
-        device=base.device,
-        providers={name: "reference" for name in references},
-        fallbacks=frozenset(),
-        selection=[],
-        table={name: SPECS[name].checked(fn) for name, fn in references.items()},
-        unchecked=references,
-    )
-    meta.activate()
-    try:
-        yield
-    finally:
-        base.activate()
 
 
 # ---------------------------------------------------------------- one rank

@@ -22,6 +22,7 @@ import torch
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
 from dshal.ops.examples import TIERS, Draw, Example, ShapeRow, plain
+from dshal.ops.spec import FP8_DTYPES
 from dshal_conformance.judge import Check, Verdict, verdict
 
 KINDS = ("accuracy", "edge", "bad_input", "capability", "collective", "model", "determinism", "graph")
@@ -40,6 +41,12 @@ class Outcome:
     verdict: Verdict
 
 
+class NotPlaceable(Exception):
+    """An input the backend's device cannot hold: a float8 tensor where the backend declares
+    ``Capabilities.fp8_storage`` False. The runner reports the case ``unsupported`` with this
+    reason (a declared capability, not a failure of the backend)."""
+
+
 class Context:
     """What a case sees of the backend under test: its checked ops, device and formats.
     Its random draws (``draw``, a :class:`~dshal.ops.examples.Draw`) stay on the CPU: inputs
@@ -54,6 +61,7 @@ class Context:
         native_e4m3: str,
         fp8_formats: Sequence[str],
         seed: int,
+        fp8_storage: bool = True,
     ):
         self.draw = Draw(torch.Generator().manual_seed(seed), "cpu", native_e4m3)
         self.table = table
@@ -61,6 +69,8 @@ class Context:
         #: The backend's device (where :meth:`call` runs the op).
         self.device = device
         self.fp8_formats = tuple(fp8_formats)
+        #: False: the device cannot hold float8 tensors, so :meth:`place` refuses FP8 inputs.
+        self.fp8_storage = fp8_storage
         self.seed = seed
         #: metric -> loosened threshold, from the waivers that match this case.
         self.overrides: dict[str, float] = {}
@@ -68,9 +78,15 @@ class Context:
     # ---------------------------------------------------------------- calls
     def place(self, value: Any, noncontiguous: bool = False) -> Any:
         """``value`` on the backend's device; non-contiguous (every other column of a wider
-        buffer) when asked, with the same values."""
+        buffer) when asked, with the same values. A float8 ``value`` on a backend without
+        ``fp8_storage`` raises :class:`NotPlaceable` (the case is unsupported there)."""
         if not isinstance(value, torch.Tensor):
             return value
+        if not self.fp8_storage and value.dtype in FP8_DTYPES.values():
+            raise NotPlaceable(
+                f"FP8 input ({str(value.dtype).replace('torch.', '')}): the backend declares Capabilities.fp8_storage "
+                "False (it cannot hold float8 tensors on its device), so FP8-input cases are not run on it"
+            )
         if not noncontiguous or value.dim() == 0:
             return value.to(self.device)
         wide = torch.zeros((*value.shape[:-1], 2 * value.shape[-1]), dtype=value.dtype, device=self.device)
@@ -170,6 +186,8 @@ def run_accuracy(
     unsupported_variant = variant_supported(ctx, params) if variant_supported else None
     try:
         out = ctx.call(op, inputs.kwargs, params.get("noncontiguous", ()))
+    except NotPlaceable:
+        raise  # the runner reports the case unsupported (a declared capability, not a crash)
     except UnsupportedOpError as err:
         if not declared:
             return unsupported_outcomes(suffixes, f"backend does not provide {op!r} and raised UnsupportedOpError as required: {err}")

@@ -32,7 +32,8 @@ def release_capabilities(
 ) -> Capabilities:
     """The capabilities of the plugin on ``features.release``: op kinds and the path of every op
     (``op <name>`` notes, :func:`~dshal_ascend.releases.plan_ops`), FP8 emulated, W8A8 for FP8
-    checkpoints where the release has grouped int8 experts; ``notes`` first."""
+    checkpoints where the release has grouped int8 experts, no float8 tensors on the device
+    (``fp8_storage`` False); ``notes`` first."""
     from dshal_ascend.npu_ops import OP_KINDS  # lazy: start-up time of discovery (npu_ops loads the op hub)
 
     routes = plan_ops(features)
@@ -49,11 +50,16 @@ def release_capabilities(
         compute_units=compute_units,
         fp8_gemm_native=False,
         fp8_checkpoint_gemm="int8" if int8_experts else "bf16",
+        # torch_npu reportedly cannot hold float8 tensors on the NPU: the core loader keeps an
+        # FP8 checkpoint's payloads on the host, converts them there and moves only the result.
+        fp8_storage=False,
         notes={
             **notes,
             "fp8": "emulated on every path (fp8_gemm, dequantize_fp8, linear and moe_experts with FP8 weights): "
                    "FP8 bytes decoded with integer ops, bf16 matmul; linear weights decoded once, experts "
                    "only the ones a batch routes to",
+            "fp8 storage": "no float8 tensors on the NPU: an FP8 checkpoint is converted on the host (gemm auto: "
+                           "int8 or bf16) and only the converted weights move; gemm fp8-* is refused (ConfigError)",
             "gemm auto for an FP8 checkpoint": (
                 "int8 (W8A8: per-channel int8 weights, per-token int8 activations; no FP8 units)" if int8_experts
                 else f"bf16 (no FP8 units; op-plugin {features.release} has no grouped W8A8 experts)"

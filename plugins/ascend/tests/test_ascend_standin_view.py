@@ -61,6 +61,8 @@ def test_ascend_info_standin_shows_each_op_path_per_release(capsys, release):
     assert notes["calls attention[window]"].endswith("pre_tokens=3, next_tokens=0, input_layout=BNSD, "
                                                      "num_key_value_heads=2, sparse_mode=4)")
     assert caps["fp8_gemm_native"] is False and caps["fp8_formats"] == []
+    # no float8 tensors on the NPU: FP8 checkpoints are converted on the host (the core loader)
+    assert caps["fp8_storage"] is False and notes["fp8 storage"].startswith("no float8 tensors on the NPU")
 
 
 def test_ascend_info_standin_text_is_labelled_not_an_npu(capsys):
