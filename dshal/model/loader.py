@@ -418,7 +418,7 @@ def place_on_device(model: nn.Module, device: torch.device | str, fp8_storage: b
     for path, module in model.named_modules():
         for table in (module._parameters, module._buffers):
             for name, tensor in table.items():
-                if tensor is None or tensor.device.type == device.type:
+                if tensor is None or tensor.device == device:
                     continue
                 if not fp8_storage and tensor.dtype in FP8_DTYPES.values():
                     raise DeviceError(
