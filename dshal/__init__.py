@@ -15,11 +15,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# The subpackage dshal/backends/ shares its name with the dshal.backends() function.
-# Importing a submodule binds the package as an attribute of its parent, but only the
-# first time the package loads; loading it here, before the function is bound below,
-# keeps ``dshal.backends`` the function after discovery imports dshal.backends.cpu.
-import dshal.backends  # noqa: F401  (empty package; imports nothing else)
+# ``dshal.backends`` is both the package of built-in backends (``dshal.backends.cpu``) and
+# the call that lists every discovered backend (``dshal.backends()``): the package module
+# is callable (see dshal/backends/__init__.py), so ``import dshal.backends.cpu as m`` and
+# ``dshal.backends()`` both work, whichever runs first.
+from dshal import backends
 from dshal.errors import (
     ArgumentError,
     BackendUnavailableError,
@@ -50,14 +50,6 @@ _LAZY_NAMES = {
 }
 #: Submodules that ``import dshal`` used to bind eagerly; still reachable as attributes.
 _LAZY_MODULES = ("ops", "backend", "config", "registry", "runtime")
-
-
-def backends(*, emulate: bool | None = None, refresh: bool = False) -> list[BackendInfo]:
-    """Every discovered backend, broken ones included, with the reason for each
-    (:func:`dshal.registry.backends`)."""
-    from dshal.registry import backends as discovered  # lazy: start-up time (import dshal loads no torch)
-
-    return discovered(emulate=emulate, refresh=refresh)
 
 
 def __getattr__(name: str) -> Any:

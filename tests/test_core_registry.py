@@ -401,3 +401,20 @@ def test_dshal_backends_is_the_registry_listing():
 
     assert inspect.signature(dshal.backends) == inspect.signature(registry.backends)
     assert [i.name for i in dshal.backends()] == [i.name for i in registry.backends()]
+
+
+@pytest.mark.parametrize("first", ["import dshal.backends.cpu_native as native", "import dshal; dshal.backends()"])
+def test_dshal_backends_is_both_the_package_and_the_listing_call(first):
+    """``dshal.backends`` names the package of built-in backends and DESIGN's listing call:
+    either use works first, and the other still works after it."""
+    code = textwrap.dedent(f"""
+        {first}
+        import dshal.backends.cpu_native as native
+        import dshal
+        names = [info.name for info in dshal.backends()]
+        assert "cpu" in names, names
+        assert callable(native.NATIVE_OPS.get) and dshal.backends.cpu_native is native
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
