@@ -1,4 +1,4 @@
-"""``dshal diff --backend A --backend B [--checkpoint DIR] [--precision MODE] [--json F] [--html F]``.
+"""``dshal diff --backend A --backend B [--checkpoint DIR] [--precision MODE] [--decode N] [--decode-path P] [--json F] [--html F]``.
 
 Both backends run the model core on the same checkpoint and prompt, with hooks at every
 op call and every top-level layer (:func:`dshal_conformance.modelcheck.trace`). Then:
