@@ -218,9 +218,11 @@ class _Tracer:
         return traced
 
 
-def trace(model: Any, input_ids: torch.Tensor, keep_inputs: bool = False) -> Trace:
+def trace(model: Any, input_ids: torch.Tensor, keep_inputs: bool = False,
+          forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Trace:
     """One forward pass of ``model`` on the active runtime with every op call and every
-    top-level layer recorded (hooks removed afterwards)."""
+    top-level layer recorded (hooks removed afterwards). ``forward(ids)`` runs the pass
+    (default ``model(ids)``; e.g. a decode step on a KV cache) and returns logits ``[B, T, V]``."""
 
     tracer = _Tracer(keep_inputs)
     handles = []
@@ -237,7 +239,7 @@ def trace(model: Any, input_ids: torch.Tensor, keep_inputs: bool = False) -> Tra
             handles.append(module.register_forward_pre_hook(lambda m, a, name=name: enter(name)))
             handles.append(module.register_forward_hook(lambda m, a, out, name=name: leave(name, out)))
         with op_hook(tracer.wrap):
-            logits = model(input_ids.to(next(model.parameters()).device))
+            logits = (forward or model)(input_ids.to(next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
@@ -322,9 +324,7 @@ def token_agreement(logits: torch.Tensor, ref_logits: torch.Tensor, prompt_len: 
     first = None
     for step, pos in enumerate(range(prompt_len - 1, ref_logits.shape[1] - 1)):
         ref_row, row = ref_logits[0, pos], logits[0, pos]
-        top = ref_row.topk(2).values
-        margin = float(top[0] - top[1])
-        if margin <= 8.0 * drift_tol * float(ref_row.pow(2).mean().sqrt()):
+        if too_close_to_call(ref_row, drift_tol):
             ambiguous += 1
             continue
         decisive += 1
@@ -333,6 +333,13 @@ def token_agreement(logits: torch.Tensor, ref_logits: torch.Tensor, prompt_len: 
         elif first is None:
             first = step
     return Agreement(agreed, decisive, ambiguous, first)
+
+
+def too_close_to_call(ref_row: torch.Tensor, drift_tol: float) -> bool:
+    """Whether the reference's top-1 margin in the logit row ``ref_row [V]`` is within what a
+    relative drift of ``drift_tol`` could move: ``8 x drift_tol x RMS(row)``."""
+    top = ref_row.topk(2).values
+    return float(top[0] - top[1]) <= 8.0 * drift_tol * float(ref_row.pow(2).mean().sqrt())
 
 
 def layer_drifts(out: Trace, ref: Trace) -> dict[str, float]:

@@ -60,6 +60,14 @@ def biased_backend_installed(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def decode_wrong_backend_installed(tmp_path_factory: pytest.TempPathFactory):
+    """``with decode_wrong_backend_installed(): ...``: ``conformance_decode_wrong_backend.DecodeWrongBackend``
+    (attention wrong only for a single query) is the installed plugin ``decodewrong`` inside the block."""
+    site = _dist_info(tmp_path_factory, "decodewrong", "conformance_decode_wrong_backend:DecodeWrongBackend")
+    return lambda: _installed([site, str(HERE)])
+
+
+@pytest.fixture(scope="session")
 def no_fp8_storage_installed(tmp_path_factory: pytest.TempPathFactory):
     """``with no_fp8_storage_installed(): ...``: the core tests' fixture backend
     ``tests/fixtures/core_plugins/no_fp8_storage.py`` (the cpu backend's ops, declaring

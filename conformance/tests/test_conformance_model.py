@@ -96,6 +96,8 @@ def test_diff_cpu_against_emulated_nvidia_agrees(tmp_path) -> None:  # noqa: ANN
     assert result["backends"][1]["emulated"] is True
     assert result["first_layer_over"] is None, result["layers"]
     assert result["ops"] and all(r["local_drift"] <= result["tolerance"]["drift"] for r in result["ops"])
+    # ... and in the decode steps (the plugin's kernels at M = 1, on the absorbed KV cache).
+    assert result["decode_steps"] >= 1 and result["first_drift"] is None, result["first_drift"]
 
 
 def test_diff_reads_a_checkpoint_directory_and_the_float64_reference(tmp_path) -> None:  # noqa: ANN001

@@ -263,7 +263,9 @@ def _with_key_bias(q: torch.Tensor, latent: torch.Tensor, bias: torch.Tensor) ->
     """``q [B, H, T, D]`` and ``latent [B, S, D]`` with one more dim (1 in q, ``bias [S]`` in the
     keys), so ``q . k`` gains ``bias``: a key mask through the plain attention op."""
     ones = q.new_ones(*q.shape[:-1], 1)
-    column = bias.clamp(min=torch.finfo(latent.dtype).min / 2).to(latent.dtype)  # finite in float16 too
+    # Finite in both dtypes: float16 latents, and float64 ones (a float32 bias cannot hold float64's min).
+    low = max(torch.finfo(latent.dtype).min, torch.finfo(bias.dtype).min) / 2
+    column = bias.clamp(min=low).to(latent.dtype)
     column = column[None, :, None].expand(latent.shape[0], -1, 1)
     return torch.cat((q, ones), dim=-1), torch.cat((latent, column), dim=-1)
 
