@@ -227,7 +227,7 @@ class Backend(abc.ABC):
 
     def communicator(self, group: Any = None) -> Communicator:
         """Collectives over ``group``; default: torch.distributed with ``capabilities().dist_backend``."""
-        from dshal.comm import ProcessGroupCommunicator  # lazy: start-up time (torch.distributed and the op catalogue load when collectives are first asked for)
+        from dshal.comm import ProcessGroupCommunicator  # lazy: start-up time (torch.distributed, op catalogue)
 
         return ProcessGroupCommunicator(group)
 

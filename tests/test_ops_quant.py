@@ -9,8 +9,7 @@ import torch
 
 import dshal
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
-from dshal.ops import SPECS
-from dshal.ops import reference as ref
+from dshal.ops import SPECS, reference as ref
 
 FORMATS = {"e4m3fn": (torch.float8_e4m3fn, 448.0), "e4m3fnuz": (torch.float8_e4m3fnuz, 240.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 

@@ -27,9 +27,9 @@ from dshal.ops.catalogue import SPECS
 from dshal.registry import REGISTRY
 from dshal.runtime import build_runtime, reset
 from dshal_conformance import __version__, report
-from dshal_conformance.collectives import run_group
 from dshal_conformance.cases import all_cases, case_seed
 from dshal_conformance.cases.base import Case, Context, NotPlaceable, Outcome, fail_all, unsupported_outcomes
+from dshal_conformance.collectives import run_group
 from dshal_conformance.judge import Verdict
 from dshal_conformance.waivers import Waiver, for_case
 
