@@ -235,7 +235,7 @@ class Backend(abc.ABC):
         """Device interconnect of this node, or None when unknown."""
         return None
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - optional hook: a no-op is right for synchronous (host) backends
         """Wait for queued device work to finish."""
 
     def memory_stats(self) -> dict[str, int]:

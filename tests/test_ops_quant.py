@@ -91,7 +91,7 @@ def test_quantize_fp8_subnormals_and_tiny_blocks():
 
 def test_quantize_fp8_nonfinite_policy_and_fnuz_no_negative_zero():
     x = torch.tensor([[1.0, float("nan"), float("inf"), -float("inf"), 2.0, -0.0]])
-    for fmt, (dtype, qmax) in FORMATS.items():
+    for fmt, (_, qmax) in FORMATS.items():
         q, s = ref.quantize_fp8(x, (1, -1), fmt)
         assert s.item() == pytest.approx(2.0 / qmax)  # only finite values set the scale
         vals = q.float()[0]

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -226,7 +226,7 @@ class Session:
 
     def __init__(self, target: Target, options: Options):
         self.target, self.options = target, options
-        self.started = datetime.now(timezone.utc)
+        self.started = datetime.now(UTC)
         self._t0 = time.perf_counter()
         self.records: list[dict[str, Any]] = []
         self.cases: list[Case] = []
