@@ -22,6 +22,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,7 +74,9 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         for label, pool in (("cold", weights), ("hot", weights[:1])):
             a, b = _cycle(pool), _cycle(pool)
             t = best_of(
-                {"c": lambda: cpu_kernels.gemv(x, a()), "torch": lambda: F.linear(x, b())}, rounds, len(pool) * 4
+                {"c": lambda x=x, a=a: cpu_kernels.gemv(x, a()), "torch": lambda x=x, b=b: F.linear(x, b())},
+                rounds,
+                len(pool) * 4,
             )
             rows.append((f"linear, 1 row, [{n}x{k}] weight, {label}", t["c"], t["torch"]))
         del weights
@@ -87,8 +90,8 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         weights = torch.rand(tokens, top_k, generator=gen)
         t = best_of(
             {
-                "c": lambda: cpu_native.moe_experts(x, weights, ids, w13, w2),
-                "torch": lambda: cpu_native.moe_experts_torch(x, weights, ids, w13, w2),
+                "c": partial(cpu_native.moe_experts, x, weights, ids, w13, w2),
+                "torch": partial(cpu_native.moe_experts_torch, x, weights, ids, w13, w2),
             },
             rounds,
             20,
@@ -101,8 +104,8 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         wq, scale = quantize(torch.randn(n, k, generator=gen) / k**0.5, (128, 128), "e4m3", None)
         t = best_of(
             {
-                "c": lambda: cpu_kernels.fp8_block_gemm(x, wq, scale),
-                "torch": lambda: reference_linear(x, wq, None, scale),
+                "c": partial(cpu_kernels.fp8_block_gemm, x, wq, scale),
+                "torch": partial(reference_linear, x, wq, None, scale),
             },
             rounds,
             20,
@@ -132,8 +135,8 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         x = torch.randn(*shape, generator=gen).to(dtype)
         t = best_of(
             {
-                "c": lambda: cpu_kernels.fp8_fake_quant_rows(x, torch.float8_e4m3fn),
-                "torch": lambda: cpu_native._quantized_activations_torch(x, torch.float8_e4m3fn),
+                "c": partial(cpu_kernels.fp8_fake_quant_rows, x, torch.float8_e4m3fn),
+                "torch": partial(cpu_native._quantized_activations_torch, x, torch.float8_e4m3fn),
             },
             rounds,
             50,
@@ -146,8 +149,8 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         ref = SPECS["moe_gate"].reference_impl
         t = best_of(
             {
-                "c": lambda: cpu_kernels.moe_gate(logits, bias, top_k, groups, kept, 2.5, True),
-                "torch": lambda: ref(logits, bias, top_k, groups, kept, 2.5, True),
+                "c": partial(cpu_kernels.moe_gate, logits, bias, top_k, groups, kept, 2.5, True),
+                "torch": partial(ref, logits, bias, top_k, groups, kept, 2.5, True),
             },
             rounds,
             200,
@@ -159,8 +162,8 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         w = torch.rand(256, generator=gen)
         t = best_of(
             {
-                "c": lambda: cpu_kernels.rms_norm(x, w, 1e-6, res),
-                "torch": lambda: cpu_native.rms_norm_torch(x, w, 1e-6, res),
+                "c": partial(cpu_kernels.rms_norm, x, w, 1e-6, res),
+                "torch": partial(cpu_native.rms_norm_torch, x, w, 1e-6, res),
             },
             rounds,
             500,
@@ -170,8 +173,8 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
         cos, sin = torch.randn(tokens, 1, 8, generator=gen), torch.randn(tokens, 1, 8, generator=gen)
         t = best_of(
             {
-                "c": lambda: cpu_kernels.rotary(q, cos, sin, True),
-                "torch": lambda: cpu_native.rotary_embedding_torch(q, cos, sin, True),
+                "c": partial(cpu_kernels.rotary, q, cos, sin, True),
+                "torch": partial(cpu_native.rotary_embedding_torch, q, cos, sin, True),
             },
             rounds,
             500,

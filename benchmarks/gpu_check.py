@@ -440,8 +440,8 @@ def stage_moe(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int
                     got = out.float()
                     row["similarity_gap"] = float(1 - 2 * (got * want).sum() / (got * got + want * want).sum())
                 how = timed_kernel if t <= KERNEL_ONLY_MAX_M else None
-                gate_fn = lambda i: gate(x.float() @ router.t(), bias, *gate_args)  # noqa: E731
-                experts_fn = lambda i: experts(x, weights, ids, w13, w2, w13_scale, w2_scale)  # noqa: E731
+                gate_fn = lambda i, x=x: gate(x.float() @ router.t(), bias, *gate_args)  # noqa: E731
+                experts_fn = lambda i, x=x, weights=weights, ids=ids: experts(x, weights, ids, w13, w2, w13_scale, w2_scale)  # noqa: E731
                 for name, fn in (("gate_us", gate_fn), ("experts_us", experts_fn)):
                     if how is not None:
                         seconds, row["timing"] = how(fn, warmup, iters, reps, not dry_run)

@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from unittest import mock
 
 import torch
@@ -47,9 +48,10 @@ def attention_rows(repeats: int) -> list[tuple[str, float, float]]:
     rows = []
     for name, (qs, ks, vs, causal) in shapes.items():
         q, k, v = (torch.randn(s, generator=gen, dtype=torch.bfloat16) for s in (qs, ks, vs))
-        guarded = _median_s(lambda: cpu_native.attention(q, k, v, causal), repeats)
+        attention = partial(cpu_native.attention, q, k, v, causal)
+        guarded = _median_s(attention, repeats)
         with mock.patch.object(cpu_native, "nonfinite_guard", lambda *a, **kw: None):
-            bare = _median_s(lambda: cpu_native.attention(q, k, v, causal), repeats)
+            bare = _median_s(attention, repeats)
         rows.append((name, guarded, bare))
     return rows
 

@@ -227,7 +227,7 @@ class Backend(abc.ABC):
 
     def communicator(self, group: Any = None) -> Communicator:
         """Collectives over ``group``; default: torch.distributed with ``capabilities().dist_backend``."""
-        from dshal.comm import ProcessGroupCommunicator  # lazy: start-up time (torch.distributed and the op catalogue load when collectives are first asked for)
+        from dshal.comm import ProcessGroupCommunicator  # lazy: start-up time (torch.distributed, op catalogue)
 
         return ProcessGroupCommunicator(group)
 
@@ -235,7 +235,7 @@ class Backend(abc.ABC):
         """Device interconnect of this node, or None when unknown."""
         return None
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - optional hook: a no-op is right for synchronous (host) backends
         """Wait for queued device work to finish."""
 
     def memory_stats(self) -> dict[str, int]:

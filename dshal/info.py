@@ -157,7 +157,7 @@ def _print_tables(data: dict[str, Any]) -> None:
     rt = data["runtime"]
     if rt is None:
         return
-    console.print("\n[bold]selection[/bold] (backend: %s)" % rt["config"]["backend"])
+    console.print(f"\n[bold]selection[/bold] (backend: {rt['config']['backend']})")
     for d in rt["selection"]:
         console.print(f"  {'[green]taken[/green]' if d['taken'] else 'passed'}  {d['name']}: {escape(d['reason'])}")
     ops = Table(title=f"op providers on {rt['backend']} ({rt['device']})")

@@ -12,9 +12,9 @@ from dshal.kernels.triton import ensure_interpreter_if_cpu
 
 ensure_interpreter_if_cpu("cpu")  # before the kernel modules are imported
 
-from dshal.errors import DTypeError
-from dshal.kernels.triton import gemm
-from dshal.kernels.triton.target import (
+from dshal.errors import DTypeError  # noqa: E402
+from dshal.kernels.triton import gemm  # noqa: E402
+from dshal.kernels.triton.target import (  # noqa: E402
     DECODE_M,
     TUNING_SCHEMA,
     KernelTarget,
@@ -24,7 +24,7 @@ from dshal.kernels.triton.target import (
     shipped_target,
     tuned_tables,
 )
-from dshal.ops import reference as ref
+from dshal.ops import reference as ref  # noqa: E402
 
 
 @pytest.fixture

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 import dshal
-from dshal.kernels.triton.target import SHIPPED_TARGETS, TILES_DIR, KernelTarget, TileConfig, read_target, shipped_target
+from dshal.kernels.triton.target import (
+    SHIPPED_TARGETS,
+    TILES_DIR,
+    KernelTarget,
+    TileConfig,
+    read_target,
+    shipped_target,
+)
 
 
 def test_targets_describe_their_hardware():

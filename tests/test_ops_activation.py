@@ -8,8 +8,7 @@ import torch
 
 import dshal
 from dshal.errors import DeviceError, DTypeError, ShapeError
-from dshal.ops import SPECS
-from dshal.ops import reference as ref
+from dshal.ops import SPECS, reference as ref
 
 
 def numpy_silu_and_mul(x: np.ndarray) -> np.ndarray:

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 import dshal
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
-from dshal.ops import SPECS
-from dshal.ops import reference as ref
+from dshal.ops import SPECS, reference as ref
 
 
 def loop_attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):

@@ -10,8 +10,7 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
 import dshal
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
-from dshal.ops import SPECS
-from dshal.ops import reference as ref
+from dshal.ops import SPECS, reference as ref
 
 
 def hf_config(experts=16, top_k=4, n_group=4, topk_group=2, scale=2.5, norm=True, hidden=16, inter=8):

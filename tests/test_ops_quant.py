@@ -9,8 +9,7 @@ import torch
 
 import dshal
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
-from dshal.ops import SPECS
-from dshal.ops import reference as ref
+from dshal.ops import SPECS, reference as ref
 
 FORMATS = {"e4m3fn": (torch.float8_e4m3fn, 448.0), "e4m3fnuz": (torch.float8_e4m3fnuz, 240.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 
@@ -92,7 +91,7 @@ def test_quantize_fp8_subnormals_and_tiny_blocks():
 
 def test_quantize_fp8_nonfinite_policy_and_fnuz_no_negative_zero():
     x = torch.tensor([[1.0, float("nan"), float("inf"), -float("inf"), 2.0, -0.0]])
-    for fmt, (dtype, qmax) in FORMATS.items():
+    for fmt, (_, qmax) in FORMATS.items():
         q, s = ref.quantize_fp8(x, (1, -1), fmt)
         assert s.item() == pytest.approx(2.0 / qmax)  # only finite values set the scale
         vals = q.float()[0]

@@ -8,8 +8,7 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
 import dshal
 from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
-from dshal.ops import SPECS
-from dshal.ops import reference as ref
+from dshal.ops import SPECS, reference as ref
 
 
 def angles(t: int, d: int) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dshal.plugin import lookup_peaks
 from dshal.perf.measure import part_words, same_part
+from dshal.plugin import lookup_peaks
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import html
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 #: Case kinds of the families beyond single ops (not rows of the op table).
@@ -62,8 +62,8 @@ def _started(report: dict[str, Any]) -> datetime:
     try:
         when = datetime.fromisoformat(report["started"])
     except (KeyError, TypeError, ValueError):
-        return datetime.min.replace(tzinfo=timezone.utc)
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def installed_plugin_version(backend: str) -> str | None:
@@ -91,7 +91,7 @@ def prepare(reports: list[dict[str, Any]], stale_after: timedelta | None = None,
         older, kept = sorted((newest[key], rep), key=_started)
         newest[key] = kept
         dropped.setdefault(key, []).append(older["started"])
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     kept_reports, notes = [], []
     for key in order:
         rep = newest[key]

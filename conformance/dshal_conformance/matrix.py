@@ -25,8 +25,15 @@ from typing import Any
 
 from dshal.errors import ConfigError
 from dshal.outputs import atomic_write, check_writable
+from dshal_conformance.legs import (
+    FAMILY_KINDS,
+    html_tables as legs_html,
+    leg_key,
+    markdown as legs_markdown,
+    parse_age,
+    prepare as prepare_legs,
+)
 from dshal_conformance.report import load, summarize
-from dshal_conformance.legs import FAMILY_KINDS, html_tables as legs_html, leg_key, markdown as legs_markdown, parse_age, prepare as prepare_legs
 
 KIND_LABEL = {"hardware": "HW", "emulated": "EMU", "not-run": "NOT RUN"}
 

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -27,9 +27,9 @@ from dshal.ops.catalogue import SPECS
 from dshal.registry import REGISTRY
 from dshal.runtime import build_runtime, reset
 from dshal_conformance import __version__, report
-from dshal_conformance.collectives import run_group
 from dshal_conformance.cases import all_cases, case_seed
 from dshal_conformance.cases.base import Case, Context, NotPlaceable, Outcome, fail_all, unsupported_outcomes
+from dshal_conformance.collectives import run_group
 from dshal_conformance.judge import Verdict
 from dshal_conformance.waivers import Waiver, for_case
 
@@ -226,7 +226,7 @@ class Session:
 
     def __init__(self, target: Target, options: Options):
         self.target, self.options = target, options
-        self.started = datetime.now(timezone.utc)
+        self.started = datetime.now(UTC)
         self._t0 = time.perf_counter()
         self.records: list[dict[str, Any]] = []
         self.cases: list[Case] = []

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dshal_conformance import runner
+
 from dshal.registry import REGISTRY
+from dshal_conformance import runner
 
 HERE = Path(__file__).resolve().parent
 CORE_PLUGIN_FIXTURES = HERE.parents[1] / "tests" / "fixtures" / "core_plugins"

@@ -9,9 +9,9 @@ from xml.etree import ElementTree as ET
 import jsonschema
 import pytest
 
+from dshal.ops.catalogue import SPECS
 from dshal_conformance import report, runner
 from dshal_conformance.cases import all_cases
-from dshal.ops.catalogue import SPECS
 
 
 def test_cpu_backend_passes_the_ci_tier(cpu_report: dict) -> None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dshal import cli
 from dshal.config import load_config
 from dshal.ops.catalogue import SPECS
 from dshal.runtime import build_runtime
 from dshal_conformance import report, runner
 from dshal_conformance.cases.base import Context
 from dshal_conformance.cases.determinism import OPS, run_op
-from dshal import cli
 
 FAMILY_OPS = {"linear", "fp8_gemm", "rms_norm", "attention", "moe_experts"}
 

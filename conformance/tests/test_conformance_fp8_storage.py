@@ -11,6 +11,7 @@ through a throw-away dist-info, as ``biased`` and ``wrong`` are (``no_fp8_storag
 from __future__ import annotations
 
 import pytest
+
 from dshal_conformance import runner
 
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
-from dshal_conformance.cases.base import Context
-from dshal_conformance.cases.graph import first_row, judge_host_sync, judge_replay
 
 from dshal.config import load_config
 from dshal.ops.catalogue import SPECS
 from dshal.perf.syncs import HostSyncCounter
 from dshal.runtime import build_runtime
+from dshal_conformance.cases.base import Context
+from dshal_conformance.cases.graph import first_row, judge_host_sync, judge_replay
 
 
 def _context(rt: Any, table: dict | None = None) -> Context:

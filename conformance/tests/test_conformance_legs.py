@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -79,7 +79,7 @@ def test_parse_age() -> None:
 
 
 def test_stale_and_duplicate_legs_in_html_and_markdown(cpu_report: dict, tmp_path: Path) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     fresh = _dated(cpu_report, now - timedelta(days=1))
     older_same_leg = _dated(cpu_report, now - timedelta(days=3))
     old = _dated(cpu_report, now - timedelta(days=45))

@@ -7,11 +7,10 @@ import json
 
 import pytest
 
-from dshal_conformance import runner
 from dshal.cli import main
-from dshal_conformance.diff import compare
 from dshal.model.checkpoint import save_checkpoint
-from dshal_conformance import modelcheck as mc
+from dshal_conformance import modelcheck as mc, runner
+from dshal_conformance.diff import compare
 
 
 def _by_id(rep: dict) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dshal_conformance import runner, waivers
 from dshal.errors import ConfigError
+from dshal_conformance import runner, waivers
 
 
 @pytest.fixture(scope="module")

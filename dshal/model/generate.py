@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-
-import math
 
 from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from dshal.ops.spec import check_ids_in_range

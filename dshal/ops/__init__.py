@@ -17,9 +17,9 @@ calling thread's ops go straight to their providers.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
-import contextlib
 from typing import Any
 
 import torch

@@ -4,10 +4,9 @@ global tokens."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-
-from dataclasses import dataclass
 
 from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.examples import Draw, Example

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.examples import Draw, Example, fill_pattern
 from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
-from dshal.errors import ArgumentError, ShapeError
 
 
 @op_spec

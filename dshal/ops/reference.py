@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from dshal.ops.activation import silu_and_mul as _silu_and_mul
 from dshal.ops.attention import attention as _attention
-from dshal.ops.gemm import fp8_gemm as _fp8_gemm
-from dshal.ops.gemm import int8_gemm as _int8_gemm
-from dshal.ops.gemm import linear as _linear
-from dshal.ops.moe import moe_experts as _moe_experts
-from dshal.ops.moe import moe_gate as _moe_gate
+from dshal.ops.gemm import fp8_gemm as _fp8_gemm, int8_gemm as _int8_gemm, linear as _linear
+from dshal.ops.moe import moe_experts as _moe_experts, moe_gate as _moe_gate
 from dshal.ops.norm import rms_norm as _rms_norm
-from dshal.ops.quant import dequantize_fp8 as _dequantize_fp8
-from dshal.ops.quant import quantize_fp8 as _quantize_fp8
-from dshal.ops.quant import quantize_int8 as _quantize_int8
+from dshal.ops.quant import (
+    dequantize_fp8 as _dequantize_fp8,
+    quantize_fp8 as _quantize_fp8,
+    quantize_int8 as _quantize_int8,
+)
 from dshal.ops.rotary import rotary_embedding as _rotary_embedding
 
 quantize_fp8 = _quantize_fp8.checked(_quantize_fp8.reference_impl)

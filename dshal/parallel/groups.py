@@ -20,8 +20,8 @@ from typing import Any
 
 from dshal import comm
 from dshal.backend import Topology
-from dshal.parallel.placement import place_groups
 from dshal.errors import CommError, ConfigError
+from dshal.parallel.placement import place_groups
 from dshal.runtime import current
 
 #: Cost of a link by name when a topology gives no weights (lower is closer); it only

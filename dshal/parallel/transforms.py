@@ -31,7 +31,7 @@ from torch import nn
 
 from dshal import comm
 from dshal.errors import ShapeError
-from dshal.model.model import Embedding, Linear, MLP, MoE, RoutedExperts, Transformer
+from dshal.model.model import MLP, Embedding, Linear, MoE, RoutedExperts, Transformer
 from dshal.model.weights import dequantize_weight, stored_mode
 from dshal.ops.spec import FP8_FORMAT_OF
 from dshal.parallel.layers import (

@@ -192,7 +192,7 @@ def coverage(args: ModelArgs, tp: int, ep: int, gpus_per_node: int | None = None
             shard = getattr(module, "shard", None)
             if shard is None or ep_rank:
                 continue
-            for p_name, p in module.named_parameters(recurse=False):
+            for p_name, _ in module.named_parameters(recurse=False):
                 if p_name == "bias" and shard.dim == 1:
                     continue
                 dim = shard.dim if p_name == "weight" else 0
@@ -252,8 +252,8 @@ def block_cuts(sim: SimulatedRank, tensors: dict[str, TensorEntry], block: tuple
             cut = [(a, b) for a, b in spans if a % edge or (b % edge and b != size)]
             if not cut:
                 continue
-            covering = lambda a, b: min(size, math.ceil(b / edge) * edge) - a // edge * edge  # noqa: E731
-            extra = max(covering(a, b) - (b - a) for a, b in cut) * entry.shape[1 - shard.dim] * entry.dtype.itemsize
+            extra = max(_covering(a, b, size, edge) - (b - a) for a, b in cut)
+            extra *= entry.shape[1 - shard.dim] * entry.dtype.itemsize
             key = re.sub(r"\.layers\.\d+\.", ".layers.*.", base)
             row = found.setdefault(
                 key,
@@ -271,6 +271,12 @@ def block_cuts(sim: SimulatedRank, tensors: dict[str, TensorEntry], block: tuple
             row["tensors"] += 1
             row["extra_read_bytes"] += extra
     return list(found.values())
+
+
+def _covering(start: int, stop: int, size: int, block: int) -> int:
+    """Length of the whole ``block``-sized blocks a slice ``start:stop`` of a ``size``-long
+    dimension touches (the last block may be short)."""
+    return min(size, math.ceil(stop / block) * block) - start // block * block
 
 
 # ---------------------------------------------------------------- the whole plan
@@ -477,7 +483,7 @@ def format_plan(p: dict[str, Any]) -> str:
         f"dshal plan: {p['config']}",
         f"model: {m['layers']} layers ({m['dense_layers']} dense), hidden {m['hidden']}, {m['heads']} heads, "
         f"{m['routed_experts']} routed experts (top {m['experts_per_token']}), vocab {m['vocab']}, "
-        f"weights {'FP8 %dx%d blocks' % tuple(m['weight_block']) if m['weight_block'] else 'high precision'}; "
+        f"weights {'FP8 {}x{} blocks'.format(*m['weight_block']) if m['weight_block'] else 'high precision'}; "
         f"{m['mtp_layers_not_counted']} MTP layer(s) not loaded",
         f"layout: TP={lay['tp']} x EP={lay['ep']} = {lay['world']} ranks{where}; routed experts spread over "
         f"{lay['expert_parallel_ranks']} ranks ({p['ranks'][0]['routed_experts_per_layer']} per rank and layer); "

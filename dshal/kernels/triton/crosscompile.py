@@ -385,7 +385,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             status += f" (spill accepted: {r['spill_ok']})"
         lines.append((*cells, status))
     widths = [max(len(h), *(len(c) for c in col)) for h, col in zip(head, zip(*lines, strict=True), strict=True)] if lines else []
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+
     return "\n".join([fmt(head), *(fmt(c) for c in lines)])
 
 

@@ -94,7 +94,7 @@ def _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, E, BLOCK_M: tl.con
 def _moe_gate_up_kernel(
     x_ptr, w_ptr, s_ptr, act_ptr,
     token_of_row_ptr, tile_expert_ptr, tile_row_ptr, expert_end_ptr,
-    H, I, E,
+    H, INTER, E,
     stride_xt, stride_xh,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
@@ -107,8 +107,8 @@ def _moe_gate_up_kernel(
     if expert < E:
         tokens = tl.load(token_of_row_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        gate_rows = offs_n % I  # wrapped columns are computed but never stored
-        up_rows = gate_rows + I
+        gate_rows = offs_n % INTER  # wrapped columns are computed but never stored
+        up_rows = gate_rows + INTER
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xh
         w_base = w_ptr + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk
@@ -138,15 +138,15 @@ def _moe_gate_up_kernel(
         gate = cast_rne(acc_g, out_dtype).to(tl.float32)
         up = cast_rne(acc_u, out_dtype).to(tl.float32)
         act = gate / (1.0 + tl.exp(-gate)) * up
-        mask = row_ok[:, None] & (offs_n < I)[None, :]
-        tl.store(act_ptr + rows[:, None].to(tl.int64) * I + offs_n[None, :], cast_rne(act, out_dtype), mask=mask)
+        mask = row_ok[:, None] & (offs_n < INTER)[None, :]
+        tl.store(act_ptr + rows[:, None].to(tl.int64) * INTER + offs_n[None, :], cast_rne(act, out_dtype), mask=mask)
 
 
 @triton.jit
 def _moe_down_kernel(
     act_ptr, w_ptr, s_ptr, y_ptr,
     slot_of_row_ptr, weight_of_row_ptr, tile_expert_ptr, tile_row_ptr, expert_end_ptr,
-    H, I, E,
+    H, INTER, E,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -158,13 +158,13 @@ def _moe_down_kernel(
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         w_rows = offs_n % H
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = act_ptr + rows[:, None].to(tl.int64) * I + offs_k[None, :]
+        a_ptrs = act_ptr + rows[:, None].to(tl.int64) * INTER + offs_k[None, :]
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn
         w_ptrs += offs_k[:, None] * stride_wk
         s_base = s_ptr + expert.to(tl.int64) * stride_se
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            k_ok = offs_k + k0 < I
+        for k0 in range(0, INTER, BLOCK_K):
+            k_ok = offs_k + k0 < INTER
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if W_FP8:
                 w_scale = tl.load(s_base + (k0 // BLOCK_K) * stride_sk + (w_rows // BLOCK_K) * stride_sn)

@@ -26,7 +26,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -243,7 +243,7 @@ def read_tuning(path: Path) -> dict[tuple[int, int, int], TileConfig]:
     return {(int(e["N"]), int(e["K"]), m_bucket(int(e["M"]))): TileConfig(**e["tile"]) for e in data["entries"]}
 
 
-@lru_cache(maxsize=None)
+@cache
 def tuned_tables(target_name: str) -> dict[tuple[int, int, int], TileConfig]:
     """The shipped table of ``target_name`` updated by the user's (``dshal tune``) table."""
     table: dict[tuple[int, int, int], TileConfig] = {}

@@ -29,8 +29,8 @@ import dshal
 from dshal.errors import BackendUnavailableError, ConfigError
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
-from dshal.ops import reference
 from dshal.kernels.triton.target import DECODE_M, TUNING_SCHEMA, KernelTarget, TileConfig, m_bucket, user_tuning_dir
+from dshal.ops import reference
 
 #: DeepSeek-V3's FP8 linear shapes (N, K), unsharded: fused q/kv down-projection, q up,
 #: kv up, attention output, dense MLP up/down, shared expert up/down.

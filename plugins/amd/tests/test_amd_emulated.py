@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import dshal
-from dshal.plugin import lookup_peaks
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
+from dshal.plugin import lookup_peaks
 from dshal_amd import AMD_PEAKS, AmdBackend
 from dshal_amd.backend import arch_from_gcn
 

@@ -8,12 +8,12 @@ policy's answers to them, not a device run."""
 from __future__ import annotations
 
 import pytest
-from dshal_ascend import AscendBackend
-from dshal_ascend.schema import recorded_releases
 
 from dshal.config import PrecisionConfig
 from dshal.errors import ConfigError
 from dshal.model.precision import fp8_redirect, refuse_fp8_without_storage
+from dshal_ascend import AscendBackend
+from dshal_ascend.schema import recorded_releases
 
 
 @pytest.mark.parametrize("release", recorded_releases())

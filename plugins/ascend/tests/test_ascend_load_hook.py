@@ -16,13 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dshal_ascend import AscendBackend, layouts
-from dshal_ascend.convert import convert_checkpoint
-from dshal_ascend.npu_ops import AscendOps
-from dshal_ascend.probe import torch_npu_installed
-from dshal_ascend.releases import kernel_features
-from dshal_ascend.schema import recorded_releases, recorded_signatures
-from dshal_ascend.standin import SignatureCheckingStandIn
 
 import dshal.ops.reference as ref
 from dshal.errors import DeviceError
@@ -30,6 +23,13 @@ from dshal.model import from_pretrained, tiny_args
 from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
 from dshal.model.loader import prepare_for_backend
 from dshal.model.model import MLA, Linear
+from dshal_ascend import AscendBackend, layouts
+from dshal_ascend.convert import convert_checkpoint
+from dshal_ascend.npu_ops import AscendOps
+from dshal_ascend.probe import torch_npu_installed
+from dshal_ascend.releases import kernel_features
+from dshal_ascend.schema import recorded_releases, recorded_signatures
+from dshal_ascend.standin import SignatureCheckingStandIn
 
 RELEASES = recorded_releases()
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from dshal_ascend import AscendBackend
-from dshal_ascend.probe import torch_npu_installed
-from dshal_ascend.schema import recorded_releases
 
 from dshal import cli
 from dshal.errors import ArgumentError
+from dshal_ascend import AscendBackend
+from dshal_ascend.probe import torch_npu_installed
+from dshal_ascend.schema import recorded_releases
 
 RELEASES = recorded_releases()
 no_torch_npu = pytest.mark.skipif(torch_npu_installed(), reason="torch_npu is installed here: covers hosts without it")

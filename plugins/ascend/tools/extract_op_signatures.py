@@ -107,7 +107,7 @@ def extract(op_plugin_git: str, pytorch_git: str, release: str) -> dict:
             "torch_npu": {"repository": "https://github.com/Ascend/pytorch", "branch": torch_branch,
                           "commit": torch_commit, "path": PYTORCH_PATH, "ops": [FORMAT_CAST]},
         },
-        "torch_line": "v%d.%d and newer (overloads whose version tags cover it)" % TORCH_LINE,
+        "torch_line": "v{}.{} and newer (overloads whose version tags cover it)".format(*TORCH_LINE),
         "ops": {name: ops[name] for name in sorted(ops)},
     }
 

@@ -10,12 +10,12 @@ import textwrap
 
 import pytest
 import torch
-from dshal_nvidia import NvidiaBackend
 
 from dshal.errors import UnsupportedOpError
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
 from dshal.plugin import GemmPlan, shipped_target
+from dshal_nvidia import NvidiaBackend
 
 ensure_interpreter_if_cpu("cpu")  # before anything imports triton
 

@@ -13,7 +13,6 @@ import dshal
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
 
-
 ensure_interpreter_if_cpu("cpu")  # before anything imports triton (read when functions are decorated)
 
 
