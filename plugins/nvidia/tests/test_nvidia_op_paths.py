@@ -60,3 +60,20 @@ def test_dshal_info_shows_the_path_per_weight_format():
     assert proc.returncode == 0, proc.stderr
     assert "bf16: native -- torch matmul (torch.nn.functional.linear)" in proc.stdout
     assert "fp8-block: triton -- activations quantized per 1x128 by the Triton kernel" in proc.stdout
+
+
+def test_conformance_report_records_the_path_per_weight_format():
+    runner = pytest.importorskip("dshal_conformance.runner", reason="dshal-conformance is not installed")
+    from dshal_conformance import report
+
+    rep = runner.run(runner.resolve("nvidia", emulate=True),
+                     runner.Options(cases=["capability/*"], collectives=False, progress=False))
+    report.validate(rep)
+    assert rep["platform"]["emulated"] is True
+    linear = next(c for c in rep["cases"] if c["id"] == "capability/linear")
+    assert linear["status"] == "pass" and linear["details"]["kind"] == "triton"
+    assert linear["details"]["paths"]["bf16"]["kind"] == "native"
+    assert "torch matmul" in linear["details"]["paths"]["bf16"]["via"]
+    assert linear["details"]["paths"]["fp8-block"]["kind"] == "triton"
+    norm = next(c for c in rep["cases"] if c["id"] == "capability/rms_norm")
+    assert norm["details"] == {"provider": "nvidia", "kind": "triton"}
