@@ -53,6 +53,10 @@ class OpPath:
     kind: OpKind
     via: str
 
+    def as_dict(self) -> dict[str, str]:
+        """``{"kind", "via"}``, as reports write it."""
+        return {"kind": self.kind, "via": self.via}
+
 
 @dataclass(frozen=True)
 class Availability:

@@ -81,7 +81,7 @@ class Runtime:
         if name in self.fallbacks or self.providers[name] != self.backend.name:
             return {}
         paths = self.capabilities.op_paths.get(name, {})
-        return {fmt: {"kind": path.kind, "via": path.via} for fmt, path in paths.items()}
+        return {fmt: path.as_dict() for fmt, path in paths.items()}
 
     def provider_entry(self, name: str) -> dict[str, Any]:
         """``{"provider", "kind"}`` of ``name``, plus ``"paths"`` per weight format where they
