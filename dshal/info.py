@@ -167,6 +167,7 @@ def _print_tables(data: dict[str, Any]) -> None:
     ops.add_column("per weight format (where the path depends on it)", overflow="fold")
     for op, p in rt["providers"].items():
         kind = p["kind"]
-        formats = "\n".join(f"{fmt}: {path['kind']} -- {escape(path['via'])}" for fmt, path in p.get("paths", {}).items())
+        paths = p.get("paths", {})
+        formats = "\n".join(f"{fmt}: {path['kind']} -- {escape(path['via'])}" for fmt, path in paths.items())
         ops.add_row(op, p["provider"], f"[yellow]{kind}[/yellow]" if kind == "fallback" else kind, formats)
     console.print(ops)

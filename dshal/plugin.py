@@ -35,7 +35,17 @@ What is here, and why a plugin needs it:
 
 from __future__ import annotations
 
-from dshal.backend import API_VERSION, WEIGHT_FORMATS, Availability, Backend, Capabilities, OpKind, OpPath, Timer, Topology
+from dshal.backend import (
+    API_VERSION,
+    WEIGHT_FORMATS,
+    Availability,
+    Backend,
+    Capabilities,
+    OpKind,
+    OpPath,
+    Timer,
+    Topology,
+)
 from dshal.backends.triton_gpu import (
     BLOCK,
     DeviceEventTimer,

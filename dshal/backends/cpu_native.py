@@ -465,7 +465,8 @@ def weight_format_paths() -> dict[str, dict[str, OpPath]]:
         "linear": {
             "bf16": OpPath("native", "torch matmul (torch.nn.functional.linear)"
                            + ("; few float32 rows: dshal C GEMV" if c_kernels else "")),
-            "fp8-block": OpPath("native", ("decode rows: dshal C FP8 block kernel; more rows: " if c_kernels else "") + prefill),
+            "fp8-block": OpPath("native", ("decode rows: dshal C FP8 block kernel; more rows: " if c_kernels else "")
+                                + prefill),
             "fp8-row": OpPath("native", prefill),
             "fp8-tensor": OpPath("native", prefill),
             "int8": w8a8,

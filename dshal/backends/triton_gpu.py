@@ -411,8 +411,9 @@ class TorchGpuBackend(Backend):
         block_kind: OpKind = {"native": "native", "triton": "triton", "dequant": "emulated"}[plan.block_path]
         block = OpPath(block_kind, plan.describe()["fp8_gemm block path"])
         if plan.scaled_mm_dtypes:
-            row = OpPath("native", "torch._scaled_mm rowwise where it takes the dtypes/shapes; else the block path")
-            tensor = OpPath("native", "torch._scaled_mm tensorwise where it takes the dtypes/shapes; else the block path")
+            fits = "where it takes the dtypes/shapes; else the block path"
+            row = OpPath("native", f"torch._scaled_mm rowwise {fits}")
+            tensor = OpPath("native", f"torch._scaled_mm tensorwise {fits}")
         else:
             row = tensor = OpPath(block_kind, "the block path with broadcast scales: " + block.via)
         # FP8 kernels run only for formats this hardware has (see quantize_fp8 / moe_experts).

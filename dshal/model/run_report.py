@@ -113,7 +113,8 @@ class RunReport:
             ops.add_column(h)
         for op, row in sorted(data["ops"].items(), key=lambda kv: -kv[1]["calls"]):
             kind = row["kind"] + (f" ({format_paths(row['paths'])})" if row.get("paths") else "")
-            ops.add_row(op, row["provider"], kind + (" (batch-invariant)" if row["batch_invariant"] else ""), str(row["calls"]))
+            kind += " (batch-invariant)" if row["batch_invariant"] else ""
+            ops.add_row(op, row["provider"], kind, str(row["calls"]))
         console.print(ops)
         if data["fallbacks"]:
             fb = Table(title="fallbacks and overrides", show_edge=False)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dshal
+from dshal.plugin import WEIGHT_FORMATS
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
 
@@ -208,6 +209,7 @@ def test_nvidia_bad_input_is_a_clear_error(rt):
 
 # ---- what the plugin says serves each weight format of linear is what runs; dshal info shows it
 def test_linear_kind_per_weight_format(rt):
+    assert all(set(by_format) <= set(WEIGHT_FORMATS) for by_format in rt.capabilities.op_paths.values())
     paths = rt.capabilities.op_paths["linear"]
     assert (paths["bf16"].kind, rt.provider_kind("linear", "bf16")) == ("native", "native")
     assert "torch matmul" in paths["bf16"].via and "Triton" not in paths["bf16"].via
@@ -237,8 +239,8 @@ def test_the_declared_paths_are_the_ones_that_run(rt):
 
 def test_dshal_info_shows_the_path_per_weight_format():
     env = {k: v for k, v in os.environ.items() if k not in ("DSHAL_CONFIG", "DSHAL_BACKEND", "DSHAL_PLUGINS")}
-    proc = subprocess.run([sys.executable, "-m", "dshal", "info", "--backend", "nvidia"], env={**env, "DSHAL_EMULATE": "1"},
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-m", "dshal", "info", "--backend", "nvidia"],
+                          env={**env, "DSHAL_EMULATE": "1"}, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "bf16: native -- torch matmul (torch.nn.functional.linear)" in proc.stdout
     assert "fp8-block: triton -- activations quantized per 1x128 by the Triton kernel" in proc.stdout
