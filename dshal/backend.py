@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from dshal.errors import DeviceError
+from dshal.errors import ArgumentError, DeviceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from dshal.comm import Communicator
@@ -316,7 +316,10 @@ class Backend(abc.ABC):
 
     def op_kind(self, op: str, weight_format: str | None = None) -> OpKind | None:
         """How ``op`` is served by this backend (for ``weight_format``, one of
-        :data:`WEIGHT_FORMATS`, where its path depends on it), or None when it does not provide it."""
+        :data:`WEIGHT_FORMATS`, where its path depends on it; else its one kind), or None when it does
+        not provide it. An unknown ``weight_format`` is an :class:`~dshal.ArgumentError`."""
+        if weight_format is not None and weight_format not in WEIGHT_FORMATS:
+            raise ArgumentError(f"op_kind: weight_format is {weight_format!r}, expected one of {', '.join(WEIGHT_FORMATS)}")
         if op not in self.ops():
             return None
         caps = self.capabilities()

@@ -84,8 +84,8 @@ class Runtime:
         return {fmt: path.as_dict() for fmt, path in paths.items()}
 
     def provider_entry(self, name: str) -> dict[str, Any]:
-        """``{"provider", "kind"}`` of ``name``, plus ``"paths"`` per weight format where they
-        differ (what ``describe``, ``dshal run`` and run reports record per op)."""
+        """``{"provider", "kind"}`` of ``name``, plus ``"paths"`` per weight format where the
+        path depends on it (what ``describe``, ``dshal run`` and run reports record per op)."""
         entry: dict[str, Any] = {"provider": self.providers[name], "kind": self.provider_kind(name)}
         paths = self.provider_paths(name)
         if paths:

@@ -217,6 +217,8 @@ def test_linear_kind_per_weight_format(rt):
     assert "Triton block-FP8 kernel" in paths["fp8-block"].via
     assert paths["fp8-row"].kind == "native" and "torch._scaled_mm rowwise" in paths["fp8-row"].via
     assert paths["int8"].kind == "reference"
+    with pytest.raises(dshal.ArgumentError, match="weight_format is 'fp8', expected one of bf16, fp8-block"):
+        rt.provider_kind("linear", "fp8")
     # op_kinds keeps one kind per op: the FP8 checkpoint's path (documented on Capabilities).
     assert rt.capabilities.fp8_checkpoint_gemm == "fp8-block" and rt.provider_kind("linear") == "triton"
     assert rt.describe()["providers"]["linear"]["paths"]["bf16"]["kind"] == "native"
