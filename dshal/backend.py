@@ -319,7 +319,8 @@ class Backend(abc.ABC):
         :data:`WEIGHT_FORMATS`, where its path depends on it; else its one kind), or None when it does
         not provide it. An unknown ``weight_format`` is an :class:`~dshal.ArgumentError`."""
         if weight_format is not None and weight_format not in WEIGHT_FORMATS:
-            raise ArgumentError(f"op_kind: weight_format is {weight_format!r}, expected one of {', '.join(WEIGHT_FORMATS)}")
+            expected = ", ".join(WEIGHT_FORMATS)
+            raise ArgumentError(f"op_kind: weight_format is {weight_format!r}, expected one of {expected}")
         if op not in self.ops():
             return None
         caps = self.capabilities()
