@@ -17,7 +17,6 @@ from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
 from dshal.plugin import WEIGHT_FORMATS
 
-
 ensure_interpreter_if_cpu("cpu")  # before anything imports triton (read when functions are decorated)
 
 
