@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import dshal
+import dshal.plugin
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
-from dshal.plugin import WEIGHT_FORMATS
 
 ensure_interpreter_if_cpu("cpu")  # before anything imports triton (read when functions are decorated)
 
@@ -208,7 +208,7 @@ def test_nvidia_bad_input_is_a_clear_error(rt):
 
 # ---- what the plugin says serves each weight format of linear is what runs; dshal info shows it
 def test_linear_kind_per_weight_format(rt):
-    assert all(set(by_format) <= set(WEIGHT_FORMATS) for by_format in rt.capabilities.op_paths.values())
+    assert all(set(by_format) <= set(dshal.plugin.WEIGHT_FORMATS) for by_format in rt.capabilities.op_paths.values())
     paths = rt.capabilities.op_paths["linear"]
     assert (paths["bf16"].kind, rt.provider_kind("linear", "bf16")) == ("native", "native")
     assert "torch matmul" in paths["bf16"].via and "Triton" not in paths["bf16"].via
