@@ -285,6 +285,7 @@ def stage_device(check: Check, backend: Any, dry_run: bool) -> None:
         "device_name": caps.device_name, "arch": caps.arch, "fp8_formats": list(caps.fp8_formats),
         "peak_flops": dict(caps.peak_flops), "peak_bandwidth": caps.peak_bandwidth,
         "op_kinds": dict(caps.op_kinds), "notes": dict(caps.notes), "emulated": caps.emulated,
+        "op_paths": {op: {fmt: p.as_dict() for fmt, p in by_fmt.items()} for op, by_fmt in caps.op_paths.items()},
     }
     device["gemm_block_path"] = backend.gemm_plan().block_path
     check.data["device"] = device

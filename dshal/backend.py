@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from dshal.errors import DeviceError
+from dshal.errors import ArgumentError, DeviceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from dshal.comm import Communicator
@@ -39,6 +39,23 @@ if TYPE_CHECKING:  # pragma: no cover
 API_VERSION = "1"
 
 OpKind = Literal["native", "triton", "emulated", "reference"]
+
+#: The weight formats an op's path may depend on (keys of ``Capabilities.op_paths``), named as
+#: the ``precision.gemm`` modes: ``bf16`` stands for every high-precision float weight.
+WEIGHT_FORMATS = ("bf16", "fp8-block", "fp8-row", "fp8-tensor", "int8")
+
+
+@dataclass(frozen=True)
+class OpPath:
+    """How one op is served for one weight format: its :data:`OpKind` and what runs, in words
+    (e.g. ``OpPath("native", "torch matmul (torch.nn.functional.linear)")``)."""
+
+    kind: OpKind
+    via: str
+
+    def as_dict(self) -> dict[str, str]:
+        """``{"kind", "via"}``, as reports write it."""
+        return {"kind": self.kind, "via": self.via}
 
 
 @dataclass(frozen=True)
@@ -76,7 +93,15 @@ class Capabilities:
     #: What ``fmt="e4m3"`` means on this backend.
     native_e4m3: str = "e4m3fn"
     #: How each op is served: ``native`` (vendor library), ``triton``, ``emulated`` or ``reference``.
+    #: For an op whose path depends on its weight format (see ``op_paths``) this is the path of
+    #: its main format: the one an FP8 checkpoint runs in under ``precision.gemm: auto``
+    #: (``fp8_checkpoint_gemm``), e.g. ``fp8-block`` on a GPU, ``int8`` on Ascend.
     op_kinds: Mapping[str, OpKind] = field(default_factory=dict)
+    #: Per weight format, for ops whose path depends on it (``linear``, ``fp8_gemm``,
+    #: ``moe_experts``): op -> format (:data:`WEIGHT_FORMATS`) -> :class:`OpPath`. A bf16 linear
+    #: on a GPU is a torch matmul even where the FP8-block one is a Triton kernel; ``dshal info``,
+    #: ``Runtime.provider_paths`` and run reports show every format. Empty: one path for all.
+    op_paths: Mapping[str, Mapping[str, OpPath]] = field(default_factory=dict)
     #: torch.distributed process-group backend: ``gloo``, ``nccl``, ``hccl``.
     dist_backend: str = "gloo"
     #: Device memory in bytes, when known.
@@ -289,11 +314,18 @@ class Backend(abc.ABC):
         """The concrete format ``fmt="e4m3"`` means here (``e4m3fn`` or ``e4m3fnuz``)."""
         return self.capabilities().native_e4m3
 
-    def op_kind(self, op: str) -> OpKind | None:
-        """How ``op`` is served by this backend, or None when it does not provide it."""
+    def op_kind(self, op: str, weight_format: str | None = None) -> OpKind | None:
+        """How ``op`` is served by this backend (for ``weight_format``, one of
+        :data:`WEIGHT_FORMATS`, where its path depends on it; else its one kind), or None when it does
+        not provide it. An unknown ``weight_format`` is an :class:`~dshal.ArgumentError`."""
+        if weight_format is not None and weight_format not in WEIGHT_FORMATS:
+            expected = ", ".join(WEIGHT_FORMATS)
+            raise ArgumentError(f"op_kind: weight_format is {weight_format!r}, expected one of {expected}")
         if op not in self.ops():
             return None
-        return self.capabilities().op_kinds.get(op, "native")
+        caps = self.capabilities()
+        path = caps.op_paths.get(op, {}).get(weight_format) if weight_format is not None else None
+        return path.kind if path is not None else caps.op_kinds.get(op, "native")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} device_type={self.device_type!r}>"

@@ -163,8 +163,11 @@ def _print_tables(data: dict[str, Any]) -> None:
     ops = Table(title=f"op providers on {rt['backend']} ({rt['device']})")
     ops.add_column("op")
     ops.add_column("provider")
-    ops.add_column("kind")
+    ops.add_column("kind (main path)")
+    ops.add_column("per weight format (where the path depends on it)", overflow="fold")
     for op, p in rt["providers"].items():
         kind = p["kind"]
-        ops.add_row(op, p["provider"], f"[yellow]{kind}[/yellow]" if kind == "fallback" else kind)
+        paths = p.get("paths", {})
+        formats = "\n".join(f"{fmt}: {path['kind']} -- {escape(path['via'])}" for fmt, path in paths.items())
+        ops.add_row(op, p["provider"], f"[yellow]{kind}[/yellow]" if kind == "fallback" else kind, formats)
     console.print(ops)

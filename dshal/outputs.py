@@ -3,17 +3,20 @@
 Every command that writes a report (``dshal conformance``, ``matrix``, ``bench``,
 ``profile``, ``run --json``) checks its output paths first, so an unwritable
 ``--report-dir`` is found before minutes of work, and writes through
-:func:`atomic_write`: the text goes to a temporary file in the same folder, is flushed to
-disk, then renamed over the destination. A full disk or a Ctrl-C mid-write leaves the
+:func:`atomic_write` (or :func:`atomic_output` for a file written piecewise, such as the
+conformance bundle's ``.tar.gz``): the bytes go to a temporary file in the same folder, are
+flushed to disk, then renamed over the destination. A full disk or a Ctrl-C mid-write leaves the
 previous report whole, never a truncated one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from dshal.errors import ArgumentError
 
@@ -36,17 +39,18 @@ def check_writable(path: Any, what: str, *, directory: bool = False) -> Path:
     return path
 
 
-def atomic_write(path: Any, data: str | bytes, *, encoding: str = "utf-8") -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename:
-    readers see the old file or the new one, never a partial one."""
+@contextlib.contextmanager
+def atomic_output(path: Any) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary file in the same folder, flushed
+    to disk and renamed over ``path`` when the block ends; when the block raises (a full disk,
+    Ctrl-C), the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode(encoding) if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a report gets the usual mode
         with os.fdopen(fd, "wb") as f:
-            f.write(raw)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,7 +60,15 @@ def atomic_write(path: Any, data: str | bytes, *, encoding: str = "utf-8") -> Pa
         except OSError:
             pass
         raise
-    return path
+
+
+def atomic_write(path: Any, data: str | bytes, *, encoding: str = "utf-8") -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename:
+    readers see the old file or the new one, never a partial one."""
+    raw = data.encode(encoding) if isinstance(data, str) else data
+    with atomic_output(path) as f:
+        f.write(raw)
+    return Path(path)
 
 
 def _umask() -> int:
@@ -65,4 +77,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["atomic_write", "check_writable"]
+__all__ = ["atomic_output", "atomic_write", "check_writable"]

@@ -9,7 +9,8 @@ What is here, and why a plugin needs it:
 
 * **The device interface** -- :class:`~dshal.Backend`, :class:`~dshal.Availability`,
   :class:`~dshal.Capabilities` (the facts the core decides from), :class:`~dshal.Topology`,
-  :class:`~dshal.Timer`, ``OpKind``, ``API_VERSION``: what every backend implements and returns.
+  :class:`~dshal.Timer`, ``OpKind``, ``OpPath`` (an op's path for one weight format),
+  ``WEIGHT_FORMATS``, ``API_VERSION``: what every backend implements and returns.
 * **The errors** -- :class:`~dshal.DshalError` and its subclasses: what a plugin raises on
   bad input or an unusable device.
 * **The op catalogue** -- ``SPECS`` (op name -> spec; ``SPECS[op].reference_impl`` is the
@@ -34,7 +35,17 @@ What is here, and why a plugin needs it:
 
 from __future__ import annotations
 
-from dshal.backend import API_VERSION, Availability, Backend, Capabilities, OpKind, Timer, Topology
+from dshal.backend import (
+    API_VERSION,
+    WEIGHT_FORMATS,
+    Availability,
+    Backend,
+    Capabilities,
+    OpKind,
+    OpPath,
+    Timer,
+    Topology,
+)
 from dshal.backends.triton_gpu import (
     BLOCK,
     DeviceEventTimer,
@@ -74,8 +85,10 @@ __all__ = [
     "Backend",
     "Capabilities",
     "OpKind",
+    "OpPath",
     "Timer",
     "Topology",
+    "WEIGHT_FORMATS",
     # errors
     "ArgumentError",
     "BackendUnavailableError",

@@ -65,13 +65,32 @@ class Runtime:
         except KeyError:
             raise UnsupportedOpError(f"op {name!r} is not in the catalogue") from None
 
-    def provider_kind(self, name: str) -> str:
-        """How ``name`` is served: native / triton / emulated / reference, "fallback" or "override"."""
+    def provider_kind(self, name: str, weight_format: str | None = None) -> str:
+        """How ``name`` is served: native / triton / emulated / reference, "fallback" or "override".
+        Where the backend's path depends on the weight format (``Capabilities.op_paths``), the
+        kind for ``weight_format`` (``bf16``, ``fp8-block``, ...); without one, its main path's."""
         if name in self.fallbacks:
             return "fallback"
         if self.providers[name] != self.backend.name:
             return "override"
-        return self.backend.op_kind(name) or "native"
+        return self.backend.op_kind(name, weight_format) or "native"
+
+    def provider_paths(self, name: str) -> dict[str, dict[str, str]]:
+        """Weight format -> ``{"kind", "via"}`` for ``name`` when the backend serves it and its
+        path depends on the format (``Capabilities.op_paths``); empty otherwise."""
+        if name in self.fallbacks or self.providers[name] != self.backend.name:
+            return {}
+        paths = self.capabilities.op_paths.get(name, {})
+        return {fmt: path.as_dict() for fmt, path in paths.items()}
+
+    def provider_entry(self, name: str) -> dict[str, Any]:
+        """``{"provider", "kind"}`` of ``name``, plus ``"paths"`` per weight format where the
+        path depends on it (what ``describe``, ``dshal run`` and run reports record per op)."""
+        entry: dict[str, Any] = {"provider": self.providers[name], "kind": self.provider_kind(name)}
+        paths = self.provider_paths(name)
+        if paths:
+            entry["paths"] = paths
+        return entry
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly summary (what ``dshal info`` prints for the active runtime)."""
@@ -79,7 +98,7 @@ class Runtime:
             "backend": self.backend.name,
             "device": str(self.device),
             "emulated": self.emulated,
-            "providers": {op: {"provider": p, "kind": self.provider_kind(op)} for op, p in self.providers.items()},
+            "providers": {op: self.provider_entry(op) for op in self.providers},
             "fallbacks": sorted(self.fallbacks),
             "selection": [{"name": d.name, "taken": d.taken, "reason": d.reason} for d in self.selection],
             "config": self.config.to_dict(),
@@ -93,6 +112,11 @@ class Runtime:
             _state["active"] = self
             _install(self)
         return self
+
+
+def format_paths(paths: Mapping[str, Mapping[str, str]]) -> str:
+    """``Runtime.provider_paths`` in one line for tables: ``bf16: native; fp8-block: triton``."""
+    return "; ".join(f"{fmt}: {path['kind']}" for fmt, path in paths.items())
 
 
 OpHook = Callable[[str, Callable[..., Any]], Callable[..., Any]]

@@ -47,7 +47,11 @@ def test_info_json_with_backend_cpu_serves_every_op_from_cpu():
     assert out.returncode == 0, out.stderr
     rt = json.loads(out.stdout)["runtime"]
     assert rt["selection"] == [{"name": "cpu", "taken": True, "reason": rt["selection"][0]["reason"]}]
-    assert rt["providers"] == {op: {"provider": "cpu", "kind": "native" if op in NATIVE_OPS else "reference"} for op in SPECS}
+    kinds = {op: {"provider": p["provider"], "kind": p["kind"]} for op, p in rt["providers"].items()}
+    assert kinds == {op: {"provider": "cpu", "kind": "native" if op in NATIVE_OPS else "reference"} for op in SPECS}
+    # linear and moe_experts also say what serves each weight format (int8: the reference's W8A8 math).
+    assert {op for op, p in rt["providers"].items() if "paths" in p} == {"linear", "moe_experts"}
+    assert rt["providers"]["linear"]["paths"]["int8"]["kind"] == "reference"
 
 
 def test_info_tables():

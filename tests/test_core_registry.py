@@ -305,7 +305,8 @@ def test_providers_and_describe(clean_dshal_env):
     assert set(rt.providers) == set(SPECS) and set(rt.providers.values()) == {"cpu"}
     desc = rt.describe()
     assert desc["providers"]["rms_norm"] == {"provider": "cpu", "kind": "native"}
-    assert desc["providers"]["linear"] == {"provider": "cpu", "kind": "native"}
+    assert {k: desc["providers"]["linear"][k] for k in ("provider", "kind")} == {"provider": "cpu", "kind": "native"}
+    assert desc["providers"]["linear"]["paths"]["bf16"]["kind"] == "native"
     assert desc["providers"]["fp8_gemm"] == {"provider": "cpu", "kind": "reference"}
     assert desc["selection"] == [{"name": "cpu", "taken": True, "reason": desc["selection"][0]["reason"]}]
     json.dumps(desc)

@@ -52,7 +52,10 @@ def test_the_backend_declares_which_ops_are_native(cpu):
     assert {op for op, kind in kinds.items() if kind == "native"} == set(NATIVE_OPS)
     assert set(kinds) == {name for name, spec in SPECS.items() if spec.has_reference}
     assert cpu.describe()["providers"]["attention"] == {"provider": "cpu", "kind": "native"}
-    assert cpu.describe()["providers"]["linear"] == {"provider": "cpu", "kind": "native"}
+    linear = cpu.describe()["providers"]["linear"]
+    assert (linear["provider"], linear["kind"], linear["paths"]["bf16"]["kind"]) == ("cpu", "native", "native")
+    # int8 weights take the reference's W8A8 math: said per weight format, not hidden behind "native".
+    assert linear["paths"]["int8"]["kind"] == cpu.provider_kind("linear", "int8") == "reference"
     assert cpu.describe()["providers"]["fp8_gemm"] == {"provider": "cpu", "kind": "reference"}
 
 

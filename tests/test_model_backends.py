@@ -36,7 +36,8 @@ def test_model_core_on_an_emulated_gpu_plugin_matches_the_cpu_backend(backend, g
     ids = torch.randint(0, args.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
 
     model = random_model(args, seed=3, precision=precision)
-    assert runtime.provider_kind("linear") == "triton"  # the plugin's kernel, not a fallback
+    # bf16: torch's matmul; fp8-block: the plugin's Triton kernel (neither a fallback).
+    assert runtime.provider_kind("linear", gemm) == ("native" if gemm == "bf16" else "triton")
     logits, tokens = model(ids), model.generate(ids, 4)
 
     dshal.use(backend="cpu")

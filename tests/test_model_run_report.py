@@ -3,9 +3,11 @@ reason, precision per layer -- through ``dshal run --report F`` and the Python A
 
 from __future__ import annotations
 
+import io
 import json
 
 import torch
+from rich.console import Console
 
 import dshal
 from dshal.model import random_model, tiny_args
@@ -25,6 +27,12 @@ def test_python_api_counts_calls_and_names_overrides() -> None:
     assert data["ops"]["rms_norm"]["calls"] == 2 * (4 * layers + 1)
     assert data["ops"]["attention"]["calls"] == 2 * layers
     assert data["ops"]["linear"]["provider"] == "cpu" and data["ops"]["linear"]["calls"] > 0
+    # The path per weight format, where it depends on it (Capabilities.op_paths): the table shows it too.
+    assert data["ops"]["linear"]["paths"]["bf16"]["kind"] == "native" and "paths" not in data["ops"]["rms_norm"]
+    shown = io.StringIO()
+    report.print(Console(file=shown, width=200))
+    want = "native (bf16: native; fp8-block: native; fp8-row: native; fp8-tensor: native; int8: reference)"
+    assert want in shown.getvalue()
     assert data["calls_total"] == sum(op["calls"] for op in data["ops"].values())
     override = [f for f in data["fallbacks"] if f["op"] == "attention"]
     assert override == [{"op": "attention", "provider": "cpu", "kind": "override", "reason": "config ops.attention: cpu",

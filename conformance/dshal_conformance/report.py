@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import tarfile
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -14,7 +14,7 @@ from xml.etree import ElementTree as ET
 import dshal
 from dshal.config import read_text_file
 from dshal.errors import DshalError
-from dshal.outputs import atomic_write
+from dshal.outputs import atomic_output, atomic_write
 from dshal_conformance import __version__
 
 SCHEMA_ID = "dshal.conformance/1"
@@ -139,7 +139,8 @@ def sha256(path: Path) -> str:
 
 def write_bundle(report: dict[str, Any], environment: dict[str, Any], files: list[Path], out_dir: Path) -> Path:
     """A submission bundle: the report files, ``environment.json`` and ``SHA256SUMS``
-    (``sha256sum -c SHA256SUMS`` checks it), packed as ``<dir>.tar.gz`` too."""
+    (``sha256sum -c SHA256SUMS`` checks it), packed as ``<dir>.tar.gz`` too, written like
+    every report file through a temporary file and a rename (never a partial archive)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     copied = []
     for f in files:
@@ -152,8 +153,10 @@ def write_bundle(report: dict[str, Any], environment: dict[str, Any], files: lis
     copied.append(env_path)
     lines = [f"{sha256(p)}  {p.name}" for p in copied]
     atomic_write(out_dir / "SHA256SUMS", "\n".join(lines) + "\n")
-    archive = shutil.make_archive(str(out_dir), "gztar", root_dir=out_dir.parent, base_dir=out_dir.name)
-    return Path(archive)
+    archive = out_dir.with_name(out_dir.name + ".tar.gz")
+    with atomic_output(archive) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+        tar.add(out_dir, arcname=out_dir.name)  # a failure mid-way leaves the previous archive (or none)
+    return archive
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -117,7 +117,9 @@ def capability_cases() -> list[Case]:
 
         def body(ctx: Context, op: str = op) -> list[Outcome]:
             if op in ctx.provided:
-                return [Outcome("", Verdict("pass", "declared", None, None, "declared supported; its cases must pass"))]
+                served = ctx.served.get(op)  # kind, and the path per weight format where it depends on it
+                return [Outcome("", Verdict("pass", "declared", None, None, "declared supported; its cases must pass",
+                                            details=dict(served) if served else None))]
             probe = next((c for c in all_cases("ci") if c.op == op and c.kind == "accuracy"), None)
             if probe is None or probe.body is None:
                 return fail_all([""], "error", f"no accuracy case to probe {op!r} with")
@@ -316,6 +318,7 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
         fp8_formats=caps.fp8_formats,
         seed=seed,
         fp8_storage=caps.fp8_storage,
+        served={case.op: rt.provider_entry(case.op)} if case.kind == "capability" and case.op in provided else None,
     )
     for w in waivers:
         ctx.overrides.update(w.thresholds)

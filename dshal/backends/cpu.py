@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dshal.backend import Availability, Backend, Capabilities
-from dshal.backends.cpu_native import NATIVE_OPS
+from dshal.backends.cpu_native import NATIVE_OPS, weight_format_paths
 from dshal.backends.invariant import BATCHED, row_by_row
 from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.catalogue import SPECS
@@ -52,6 +52,7 @@ class CpuBackend(Backend):
             fp8_formats=("e4m3fn", "e4m3fnuz", "e5m2"),
             native_e4m3="e4m3fn",
             op_kinds={name: "native" if name in NATIVE_OPS else "reference" for name in self.ops()},
+            op_paths=weight_format_paths(),
             dist_backend="gloo",
             compute_units=torch.get_num_threads(),
         )

@@ -26,6 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from dshal.backend import OpPath
 from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.attention import nonfinite_guard, visible_keys
@@ -449,6 +450,36 @@ def moe_experts_torch(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
 
 
 #: op name -> native provider; every other op is served by its reference.
+def weight_format_paths() -> dict[str, dict[str, OpPath]]:
+    """``Capabilities.op_paths`` of the cpu backend: what :func:`linear` and :func:`moe_experts`
+    run per weight format (int8 weights are the reference's W8A8 math on every path)."""
+    c_kernels = cpu_kernels.library() is not None
+    w8a8 = OpPath("reference", "reference math (W8A8)")
+    prefill = "activations quantized per the weight's scheme, float32 GEMM with a cached dequantized weight"
+    fp8_experts = (
+        OpPath("native", "decode step: one dshal C call; prefill: grouped GEMMs on cached float32 weights"
+               + ("" if _GROUPED_MM is not None else " (no torch._grouped_mm here: prefill is the reference)"))
+        if c_kernels else OpPath("reference", "reference math (no dshal C kernels built)")
+    )
+    return {
+        "linear": {
+            "bf16": OpPath("native", "torch matmul (torch.nn.functional.linear)"
+                           + ("; few float32 rows: dshal C GEMV" if c_kernels else "")),
+            "fp8-block": OpPath("native", ("decode rows: dshal C FP8 block kernel; more rows: " if c_kernels else "")
+                                + prefill),
+            "fp8-row": OpPath("native", prefill),
+            "fp8-tensor": OpPath("native", prefill),
+            "int8": w8a8,
+        },
+        "moe_experts": {
+            "bf16": OpPath("native", "tokens sorted by expert, torch grouped GEMMs"
+                           + ("; float32: dshal C grouping kernels" if c_kernels else "")),
+            "fp8-block": fp8_experts,
+            "int8": w8a8,
+        },
+    }
+
+
 NATIVE_OPS = {
     "linear": linear,
     "attention": attention,

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from dshal.backend import Availability, Backend, Capabilities, OpKind, Timer
+from dshal.backend import Availability, Backend, Capabilities, OpKind, OpPath, Timer
 from dshal.errors import BackendUnavailableError, DeviceError
 from dshal.kernels import triton as triton_kernels
 from dshal.kernels.triton.target import KernelTarget
@@ -381,14 +381,15 @@ class TorchGpuBackend(Backend):
     def _build_capabilities(self) -> Capabilities:
         hw = self.hardware()
         plan = self.gemm_plan()
+        paths = self._op_paths(plan)
         kinds: dict[str, OpKind] = {}
         for op in self.ops():
-            if op in TRITON_OPS:
+            if op in paths:  # the main path: an FP8 checkpoint's format (fp8_checkpoint_gemm)
+                kinds[op] = paths[op][hw.fp8_checkpoint_gemm].kind
+            elif op in TRITON_OPS:
                 kinds[op] = "triton"
             elif op in REFERENCE_OPS:
                 kinds[op] = "reference"
-            elif op in ("fp8_gemm", "linear"):
-                kinds[op] = {"native": "native", "triton": "triton", "dequant": "emulated"}[plan.block_path]
             else:
                 kinds[op] = "native"
         notes = dict(hw.notes)
@@ -402,7 +403,39 @@ class TorchGpuBackend(Backend):
             notes["kernels"] = f"Triton, target {self.target().name}"
         else:
             notes["kernels"] = f"triton not installed: {', '.join(TRITON_OPS)} use the reference (pip install 'dshal-{self.name}[triton]')"
-        return dataclasses.replace(hw, op_kinds=kinds, emulated=self.emulate, notes=notes)
+        return dataclasses.replace(hw, op_kinds=kinds, op_paths=paths, emulated=self.emulate, notes=notes)
+
+    def _op_paths(self, plan: GemmPlan) -> dict[str, dict[str, OpPath]]:
+        """What serves ``fp8_gemm``, ``linear`` and ``moe_experts`` per weight format, as the op
+        code below routes them (a float linear is a torch matmul whatever the FP8 path is)."""
+        block_kind: OpKind = {"native": "native", "triton": "triton", "dequant": "emulated"}[plan.block_path]
+        block = OpPath(block_kind, plan.describe()["fp8_gemm block path"])
+        if plan.scaled_mm_dtypes:
+            fits = "where it takes the dtypes/shapes; else the block path"
+            row = OpPath("native", f"torch._scaled_mm rowwise {fits}")
+            tensor = OpPath("native", f"torch._scaled_mm tensorwise {fits}")
+        else:
+            row = tensor = OpPath(block_kind, "the block path with broadcast scales: " + block.via)
+        # FP8 kernels run only for formats this hardware has (see quantize_fp8 / moe_experts).
+        fp8_kernels = self._triton_ok() and bool(self.hardware().fp8_formats) and bool(self.target().fp8_dtypes)
+        act_quant = "activations quantized per 1x128 by " + ("the Triton kernel" if fp8_kernels else "torch math")
+        linear = {
+            "bf16": OpPath("native", "torch matmul (torch.nn.functional.linear) in the activation dtype"),
+            "fp8-block": OpPath(block_kind, f"{act_quant}; fp8_gemm: {block.via}"),
+            "fp8-row": OpPath(row.kind, f"activations quantized per row (torch math); fp8_gemm: {row.via}"),
+            "fp8-tensor": OpPath(tensor.kind, f"activations quantized per tensor (torch math); fp8_gemm: {tensor.via}"),
+            "int8": OpPath("reference", "reference math (W8A8 is not a GPU-plugin path)"),
+        }
+        paths = {"fp8_gemm": {"fp8-block": block, "fp8-row": row, "fp8-tensor": tensor}, "linear": linear}
+        if self._triton_ok():
+            grouped = "Triton grouped kernel (tokens sorted into expert tiles)"
+            moe_fp8 = OpPath("triton", f"{grouped}, 1x128 activation quant and 128x128 weight scales in-kernel")
+            paths["moe_experts"] = {
+                "bf16": OpPath("triton", grouped),
+                "fp8-block": moe_fp8 if fp8_kernels else OpPath("reference", "reference math (no FP8 kernels here)"),
+                "int8": OpPath("reference", "reference math (int8 experts are not a GPU-plugin path)"),
+            }
+        return paths
 
     def ops(self) -> Mapping[str, Callable[..., Any]]:
         table: dict[str, Callable[..., Any]] = {

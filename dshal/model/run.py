@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
         # What the warm-up spent beyond a warm run: kernel compilation, autotuning, first-call setup.
         "compile_autotune_s": round(max(warmup_s - timed_s, 0.0), 3),
         **graphs,
-        "providers": {op: {"provider": p, "kind": runtime.provider_kind(op)} for op, p in runtime.providers.items()},
+        "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
         "model_description": model.describe(),
         "output_ids": result[0, args.prompt_len :].tolist(),
     }

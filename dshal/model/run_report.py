@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dshal.outputs import atomic_write
-from dshal.runtime import op_hook
+from dshal.runtime import format_paths, op_hook
 
 
 class RunReport:
@@ -73,9 +73,9 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         rt = self.runtime
         ops = {
-            op: {"provider": provider, "kind": rt.provider_kind(op), "calls": self.calls.get(op, 0),
+            op: {**rt.provider_entry(op), "calls": self.calls.get(op, 0),
                  "batch_invariant": op in getattr(rt, "batch_invariant", frozenset())}
-            for op, provider in rt.providers.items()
+            for op in rt.providers
         }
         out: dict[str, Any] = {
             "backend": rt.backend.name,
@@ -112,7 +112,9 @@ class RunReport:
         for h in ("op", "provider", "kind", "calls"):
             ops.add_column(h)
         for op, row in sorted(data["ops"].items(), key=lambda kv: -kv[1]["calls"]):
-            ops.add_row(op, row["provider"], row["kind"] + (" (batch-invariant)" if row["batch_invariant"] else ""), str(row["calls"]))
+            kind = row["kind"] + (f" ({format_paths(row['paths'])})" if row.get("paths") else "")
+            kind += " (batch-invariant)" if row["batch_invariant"] else ""
+            ops.add_row(op, row["provider"], kind, str(row["calls"]))
         console.print(ops)
         if data["fallbacks"]:
             fb = Table(title="fallbacks and overrides", show_edge=False)

@@ -461,7 +461,7 @@ def run_bench(
             "budget_s": repeats.budget_s,
         },
         "peaks": peaks.to_dict(),
-        "providers": {op: {"provider": p, "kind": runtime.provider_kind(op)} for op, p in runtime.providers.items()},
+        "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 3),
         "cases": results,

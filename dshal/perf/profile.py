@@ -557,7 +557,7 @@ def main(args: argparse.Namespace) -> int:
         "platform": platform_info(),
         "torch_threads": torch.get_num_threads(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "providers": {op: {"provider": p, "kind": runtime.provider_kind(op)} for op, p in runtime.providers.items()},
+        "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
         "precision": model.describe()["precision"],
         **report,
     }

@@ -62,6 +62,7 @@ class Context:
         fp8_formats: Sequence[str],
         seed: int,
         fp8_storage: bool = True,
+        served: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         self.draw = Draw(torch.Generator().manual_seed(seed), "cpu", native_e4m3)
         self.table = table
@@ -72,6 +73,8 @@ class Context:
         #: False: the device cannot hold float8 tensors, so :meth:`place` refuses FP8 inputs.
         self.fp8_storage = fp8_storage
         self.seed = seed
+        #: op -> how the backend serves it (``Runtime.provider_entry``: kind, and paths per weight format).
+        self.served = dict(served or {})
         #: metric -> loosened threshold, from the waivers that match this case.
         self.overrides: dict[str, float] = {}
 

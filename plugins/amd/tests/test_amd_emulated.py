@@ -101,3 +101,16 @@ def test_amd_real_device_arch_and_topology():
     pytest.importorskip("amdsmi", reason="amdsmi not installed")
     topo = backend.topology()
     assert topo is not None and topo.num_devices == torch.cuda.device_count()
+
+
+def test_amd_linear_path_per_weight_format(rt):
+    # A bf16 linear is torch's matmul (hipBLASLt on ROCm), whatever serves FP8 blocks (Triton here).
+    paths = rt.capabilities.op_paths["linear"]
+    assert (rt.provider_kind("linear", "bf16"), rt.provider_kind("linear", "fp8-block")) == ("native", "triton")
+    assert "torch matmul" in paths["bf16"].via and "blockwise scaled_mm is CUDA-only" in paths["fp8-block"].via
+    x = torch.randn(3, 256, generator=gen(5)).to(torch.bfloat16)
+    w = torch.randn(64, 256, generator=gen(6)).to(torch.bfloat16)
+    assert torch.equal(rt.backend.linear(x, w), torch.nn.functional.linear(x, w))
+    # FP8 experts and float experts: the grouped Triton kernel; int8 experts: the reference.
+    moe = rt.capabilities.op_paths["moe_experts"]
+    assert (moe["bf16"].kind, moe["fp8-block"].kind, moe["int8"].kind) == ("triton", "triton", "reference")

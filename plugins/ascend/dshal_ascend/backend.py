@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dshal.plugin import ArgumentError, Availability, Backend, Capabilities, DeviceError, Topology
+from dshal.plugin import ArgumentError, Availability, Backend, Capabilities, DeviceError, OpPath, Topology
 from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, visible_devices
 from dshal_ascend.releases import (
     MINIMUM_RELEASE,
@@ -24,6 +24,28 @@ from dshal_ascend.topology import query_topology
 
 if TYPE_CHECKING:  # pragma: no cover
     from dshal_ascend.npu_ops import AscendOps
+
+
+def weight_format_paths(routes: Mapping[str, Any], int8_experts: bool) -> dict[str, dict[str, OpPath]]:
+    """``Capabilities.op_paths``: linear and moe_experts per weight format, as the op code routes
+    them (``op_kinds`` has one kind per op; ``linear[fp8]``-style keys keep the FP8 ones apart)."""
+    decoded = OpPath("emulated", "FP8 weight decoded to bf16 once (integer ops), activations rounded as the "
+                     "weight's FP8 scheme, bf16 matmul")
+    paths: dict[str, dict[str, OpPath]] = {}
+    if routes["linear"].kind != "reference":
+        paths["linear"] = {
+            "bf16": OpPath("native", "CANN matmul (torch.nn.functional.linear on the NPU)"),
+            "int8": OpPath("native", "npu_dynamic_quant + npu_quant_matmul (weight transposed, cast to NZ once)"),
+            **dict.fromkeys(("fp8-block", "fp8-row", "fp8-tensor"), decoded),
+        }
+    if routes["moe_experts"].kind != "reference":
+        paths["moe_experts"] = {
+            "bf16": OpPath("native", "npu_grouped_matmul x2 + npu_swiglu"),
+            "int8": OpPath("native", "npu_grouped_matmul W8A8 with per_token_scale from npu_dynamic_quant")
+            if int8_experts else OpPath("reference", "reference math (no grouped W8A8 on this release)"),
+            "fp8-block": OpPath("emulated", "the experts a batch routes to decoded to bf16, then the bf16 path"),
+        }
+    return paths
 
 
 def release_capabilities(
@@ -45,6 +67,7 @@ def release_capabilities(
         fp8_formats=(),
         native_e4m3="e4m3fn",  # what fmt="e4m3" decodes as in the emulated path
         op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op.split("[")[0]].kind != "reference"},
+        op_paths=weight_format_paths(routes, int8_experts),
         dist_backend="hccl",
         memory_bytes=memory_bytes,
         compute_units=compute_units,

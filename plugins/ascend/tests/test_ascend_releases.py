@@ -73,6 +73,12 @@ def test_ascend_capabilities_declare_fp8_emulated_and_auto_choice():
     assert caps.fp8_checkpoint_gemm == "bf16" and "op-plugin 6.0.0" in caps.notes["gemm auto for an FP8 checkpoint"]
     assert "moe_gate" not in caps.op_kinds  # 6.0.0: the reference serves it
     assert caps.notes["op moe_gate"].startswith("reference")
+    # Per weight format (Capabilities.op_paths): FP8 decoded, bf16 and int8 linears on CANN kernels;
+    # 6.0.0 has no grouped W8A8, so int8 experts are the reference there.
+    linear, experts = caps.op_paths["linear"], caps.op_paths["moe_experts"]
+    assert {f: p.kind for f, p in linear.items()} == {
+        "bf16": "native", "int8": "native", "fp8-block": "emulated", "fp8-row": "emulated", "fp8-tensor": "emulated"}
+    assert {f: p.kind for f, p in experts.items()} == {"bf16": "native", "int8": "reference", "fp8-block": "emulated"}
 
 
 def test_ascend_probe_child_source_compiles_and_asks_for_every_kernel():

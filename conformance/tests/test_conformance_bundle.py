@@ -1,0 +1,89 @@
+"""The submission bundle's ``.tar.gz`` is written atomically: whole, or not at all.
+
+Failures are real ones, not mocks: the file size limit of the writing process (RLIMIT_FSIZE,
+the kernel refuses the write with EFBIG mid-archive), and a destination the rename cannot
+replace (a directory where the archive goes).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from dshal_conformance import report
+
+#: A bundle of ~512 KiB of incompressible bytes, written by a process that may not write past
+#: ``limit`` bytes per file (the archive's write fails with EFBIG part-way through).
+WRITER = """
+import os, resource, signal, sys
+from pathlib import Path
+from dshal_conformance import report
+
+out_dir, limit = Path(sys.argv[1]), int(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+try:
+    report.write_bundle({}, {"device": "cpu"}, [out_dir / "payload.bin"], out_dir)
+except OSError as err:
+    print("refused:", err.errno, err.strerror)
+    sys.exit(3)
+print("written")
+"""
+
+
+def _bundle_dir(tmp_path: Path) -> Path:
+    out_dir = tmp_path / "bundle"
+    out_dir.mkdir()
+    (out_dir / "payload.bin").write_bytes(os.urandom(512 * 1024))
+    return out_dir
+
+
+def _write_in_child(out_dir: Path, limit: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WRITER, str(out_dir), str(limit)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bundle_archive_is_whole_after_a_write(tmp_path: Path) -> None:
+    out_dir = _bundle_dir(tmp_path)
+    done = _write_in_child(out_dir, 64 * 1024 * 1024)
+    assert done.returncode == 0, done.stdout + done.stderr
+    archive = tmp_path / "bundle.tar.gz"
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        payload = tar.extractfile("bundle/payload.bin").read()
+    assert {"bundle/payload.bin", "bundle/environment.json", "bundle/SHA256SUMS"} <= names
+    assert payload == (out_dir / "payload.bin").read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_bundle_archive_failing_mid_write_leaves_the_previous_one(tmp_path: Path) -> None:
+    out_dir = _bundle_dir(tmp_path)
+    archive = tmp_path / "bundle.tar.gz"
+    archive.write_bytes(b"the previous archive")
+    done = _write_in_child(out_dir, 128 * 1024)  # the report files fit, the 512 KiB archive does not
+    assert done.returncode == 3 and "refused: 27" in done.stdout, done.stdout + done.stderr  # 27: EFBIG
+    assert archive.read_bytes() == b"the previous archive"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.tar.gz"]  # no temporary file left
+
+
+def test_bundle_archive_failing_mid_write_leaves_no_file(tmp_path: Path) -> None:
+    out_dir = _bundle_dir(tmp_path)
+    done = _write_in_child(out_dir, 128 * 1024)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_bundle_archive_unreplaceable_destination_leaves_no_temporary(tmp_path: Path) -> None:
+    out_dir = tmp_path / "bundle"
+    out_dir.mkdir()
+    (out_dir / "cpu.json").write_text("{}\n")
+    (tmp_path / "bundle.tar.gz").mkdir()  # the rename over a directory fails after the whole write
+    with pytest.raises(OSError):
+        report.write_bundle({}, {"device": "cpu"}, [out_dir / "cpu.json"], out_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.tar.gz"]
+    assert (tmp_path / "bundle.tar.gz").is_dir() and not any((tmp_path / "bundle.tar.gz").iterdir())

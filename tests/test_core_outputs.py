@@ -1,0 +1,28 @@
+"""dshal.outputs: a file written through atomic_output is replaced whole or left as it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dshal.outputs import atomic_output, atomic_write
+
+
+def test_atomic_output_replaces_the_file_when_the_block_ends(tmp_path: Path) -> None:
+    target = atomic_write(tmp_path / "r.json", "old\n")
+    with atomic_output(target) as f:
+        f.write(b"new ")
+        assert target.read_text() == "old\n"  # readers still see the previous file mid-write
+        f.write(b"report\n")
+    assert target.read_text() == "new report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_atomic_output_interrupted_leaves_the_previous_file_and_no_temporary(tmp_path: Path) -> None:
+    target = atomic_write(tmp_path / "r.json", "old\n")
+    with pytest.raises(KeyboardInterrupt), atomic_output(target) as f:
+        f.write(b"half a rep")
+        raise KeyboardInterrupt  # Ctrl-C mid-write
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
