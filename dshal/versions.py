@@ -18,9 +18,10 @@ Checked on 2026-12-05 (no GPU): with Triton 3.6.0 (and torch 2.13 CPU) the block
 kernel compiles for ``GPUTarget("cuda", 90, 32)`` with ``wgmma`` and for gfx942 with MFMA,
 as with 3.9: the GPU machine compiles the kernels. Emulated mode (the Triton *interpreter*
 on CPU tensors) needs more: running the kernel tests under each interpreter here,
-- 3.6.0 fails with numpy >= 2.4 in every loop whose bounds are kernel values
+- 3.6.0 with numpy >= 2.4 fails in the GEMM kernel's K loop, whose bounds are kernel values
   (``range(k_first, k_last)``: its interpreter calls ``int()`` on a one-element array,
-  which numpy 2.4 refuses), and cannot convert ``fp8e4b8`` (e4m3fnuz) at all;
+  which numpy 2.4 refuses); with numpy 2.3 it runs that loop but cannot convert ``fp8e4b8``
+  (e4m3fnuz): 17 of 90 tests fail;
 - 3.7.0 runs those loops but still cannot convert ``fp8e4b8``: 19 of 111 kernel tests fail;
 - 3.8.0 and 3.9.0 pass all 111.
 So an emulated plugin needs :data:`INTERPRETER_MINIMUM`, and says so when it is not there.
