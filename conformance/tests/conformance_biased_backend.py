@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dshal.backend import Capabilities
-from dshal.backends.cpu import CpuBackend
+from cpu_variant import CpuVariant
 
 #: Fraction of the op tolerance's absolute part the bias uses.
 FRACTION = 0.25
@@ -30,16 +29,8 @@ def biased(linear: Callable[..., Any]) -> Callable[..., Any]:
     return biased_linear
 
 
-class BiasedBackend(CpuBackend):
-    @property
-    def name(self) -> str:
-        return "biased"
+class BiasedBackend(CpuVariant):
+    variant_name, variant_note = "biased", "linear biased within tolerance"
 
-    def capabilities(self) -> Capabilities:
-        caps = super().capabilities()
-        return Capabilities(**{**caps.__dict__, "device_name": "cpu (linear biased within tolerance)"})
-
-    def ops(self) -> Mapping[str, Callable[..., Any]]:
-        table = dict(super().ops())
-        table["linear"] = biased(table["linear"])
-        return table
+    def replaced_ops(self, cpu_ops: Mapping[str, Callable[..., Any]]) -> Mapping[str, Callable[..., Any]]:
+        return {"linear": biased(cpu_ops["linear"])}

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dshal.backend import Capabilities
-from dshal.backends.cpu import CpuBackend
+from cpu_variant import CpuVariant
 
 
 def drops_newest_key(attention: Callable[..., Any]) -> Callable[..., Any]:
@@ -26,16 +25,8 @@ def drops_newest_key(attention: Callable[..., Any]) -> Callable[..., Any]:
     return attention_without_newest_key
 
 
-class DecodeWrongBackend(CpuBackend):
-    @property
-    def name(self) -> str:
-        return "decodewrong"
+class DecodeWrongBackend(CpuVariant):
+    variant_name, variant_note = "decodewrong", "attention drops the newest key for one query"
 
-    def capabilities(self) -> Capabilities:
-        caps = super().capabilities()
-        return Capabilities(**{**caps.__dict__, "device_name": "cpu (attention drops the newest key for one query)"})
-
-    def ops(self) -> Mapping[str, Callable[..., Any]]:
-        table = dict(super().ops())
-        table["attention"] = drops_newest_key(table["attention"])
-        return table
+    def replaced_ops(self, cpu_ops: Mapping[str, Callable[..., Any]]) -> Mapping[str, Callable[..., Any]]:
+        return {"attention": drops_newest_key(cpu_ops["attention"])}

@@ -11,9 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from cpu_variant import CpuVariant
 
-from dshal.backend import Capabilities
-from dshal.backends.cpu import CpuBackend
 from dshal.comm import ProcessGroupCommunicator
 from dshal.ops.catalogue import SPECS
 
@@ -57,19 +56,11 @@ class SwappedSplitsCommunicator(ProcessGroupCommunicator):
         return super().all_to_all(t, input_splits, output_splits)
 
 
-class WrongBackend(CpuBackend):
-    @property
-    def name(self) -> str:
-        return "wrong"
+class WrongBackend(CpuVariant):
+    variant_name, variant_note = "wrong", "deliberately wrong"
 
-    def capabilities(self) -> Capabilities:
-        caps = super().capabilities()
-        return Capabilities(**{**caps.__dict__, "device_name": "cpu (deliberately wrong)"})
-
-    def ops(self) -> Mapping[str, Callable[..., Any]]:
-        table = dict(super().ops())
-        table.update(rms_norm=rms_norm, quantize_fp8=quantize_fp8, fp8_gemm=fp8_gemm, attention=attention, moe_gate=moe_gate)
-        return table
+    def replaced_ops(self, cpu_ops: Mapping[str, Callable[..., Any]]) -> Mapping[str, Callable[..., Any]]:
+        return dict(rms_norm=rms_norm, quantize_fp8=quantize_fp8, fp8_gemm=fp8_gemm, attention=attention, moe_gate=moe_gate)
 
     def communicator(self, group: Any = None) -> ProcessGroupCommunicator:
         return SwappedSplitsCommunicator(group)
