@@ -151,7 +151,7 @@ def _print_tables(data: dict[str, Any]) -> None:
             f"[bold]{b['name']}[/bold]: {caps['device_name']} {caps['arch']}, fp8 {','.join(caps['fp8_formats']) or 'none'} "
             f"(e4m3 = {caps['native_e4m3']}), process group {caps['dist_backend']}"
             + (", emulated" if caps["emulated"] else "")
-            + ("" if caps.get("fp8_storage", True) else ", no float8 tensors on the device (fp8_storage false)")
+            + ("" if caps["fp8_storage"] else ", no float8 tensors on the device (fp8_storage false)")
             + (f"; {notes}" if notes else "")
         )
     rt = data["runtime"]

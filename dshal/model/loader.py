@@ -442,15 +442,12 @@ def prepare_for_backend(model: nn.Module, runtime: Any) -> int:
     read_directly = {id(m.kv_b_proj) for m in model.modules() if isinstance(m, MLA)}
     replaced = 0
     for path, module in model.named_modules():
-        if isinstance(module, Linear) and id(module) not in read_directly:
-            op, args = "linear", ("weight", "weight_scale")
-        elif isinstance(module, RoutedExperts):
-            op, args = "moe_experts", ("w13", "w2", "w13_scale", "w2_scale")
-        else:
+        if not isinstance(module, (Linear, RoutedExperts)) or id(module) in read_directly:
             continue
+        op = module.op
         if runtime.providers.get(op) != backend.name:
             continue
-        for arg in args:
+        for arg in (name for pair in module.weight_pairs for name in pair):
             weight = getattr(module, arg)
             if weight is None or weight.is_meta:
                 continue

@@ -57,6 +57,11 @@ class Linear(nn.Module):
     precision policy or read from an FP8 checkpoint (``weight_scale_inv``).
     """
 
+    #: The op this module calls and its ``(weight, scale)`` parameter pairs: what the precision
+    #: policy converts and the backend's load hook (``Backend.prepare_weight``) is handed.
+    op = "linear"
+    weight_pairs = (("weight", "weight_scale"),)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -315,6 +320,9 @@ class RoutedExperts(nn.Module):
     The expert-parallel seam: replace this module with one holding a slice of the experts
     that takes the same call (global ids in, combined output out).
     """
+
+    op = "moe_experts"  # and its (weight, scale) pairs, as Linear's
+    weight_pairs = (("w13", "w13_scale"), ("w2", "w2_scale"))
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, dtype: torch.dtype):
         super().__init__()

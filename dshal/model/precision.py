@@ -89,11 +89,6 @@ def _quantize(
     return q, s
 
 
-def _weights(module: nn.Module) -> list[tuple[str, str]]:
-    """``(weight, scale)`` attribute names of a ``Linear`` or ``RoutedExperts``."""
-    return [("weight", "weight_scale")] if hasattr(module, "weight_scale") else [("w13", "w13_scale"), ("w2", "w2_scale")]
-
-
 #: Why ``auto`` does not run an FP8 checkpoint as stored, per missing capability.
 NO_FP8_UNITS = "this backend has no FP8 GEMM units (every FP8 path would be emulated)"
 NO_FP8_STORAGE = "this backend cannot hold float8 tensors on its device"
@@ -158,7 +153,7 @@ def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module, capabilities
     stored: dict[str, set[str]] = {}
     for module in model.modules():
         if isinstance(module, (Linear, RoutedExperts)):
-            for w_name, s_name in _weights(module):
+            for w_name, s_name in module.weight_pairs:
                 weight, scale = getattr(module, w_name), getattr(module, s_name)
                 label = stored_mode(weight, scale)
                 stored.setdefault(label, set()).add(str(FP8_FORMAT_OF.get(weight.dtype, weight.dtype)).replace("torch.", ""))
@@ -225,7 +220,7 @@ def apply_precision(
         if not isinstance(module, (Linear, RoutedExperts)):
             continue
         high = keeps_high_precision(path, precision.keep_high_precision)
-        for w_name, s_name in _weights(module):
+        for w_name, s_name in module.weight_pairs:
             weight, scale = getattr(module, w_name), getattr(module, s_name)
             mode = mode_all
             if precision.gemm == AUTO:
