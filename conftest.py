@@ -19,3 +19,18 @@ def _fresh_dshal_runtime():
     from dshal import runtime
 
     runtime.reset()
+
+
+@pytest.fixture(scope="session")
+def cpu_rowwise_scaled_mm_refusal():
+    """None where this torch's ``torch._scaled_mm`` takes rowwise scales on CPU tensors, else
+    why not: torch 2.11's CPU kernel takes per-tensor scales only (2.13's takes both). Tests
+    that use ``_scaled_mm`` as a rival skip their rowwise cases with this reason."""
+    import torch
+
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError as err:
+        return f"torch {torch.__version__}: torch._scaled_mm refuses rowwise scales on CPU ({str(err).splitlines()[0][:200]})"
+    return None

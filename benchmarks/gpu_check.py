@@ -5,12 +5,16 @@
     python3 benchmarks/gpu_check.py --wheels wheels         # on the GPU machine (no network); results in $OUT
     python benchmarks/gpu_check.py --dry-run                # CPU, emulated backend, tiny shapes (CI)
 
-The GPU machine's python3 has torch and Triton but nothing else dshal needs, and no
-network. ``--fetch-wheels DIR`` builds dshal, dshal-nvidia and dshal-conformance as wheels
-and downloads the pure-Python dependencies (plus PyYAML's and numpy's binary wheels for
-CPython 3.10-3.13, whichever the machine has) into ``DIR`` (git-ignored ``wheels/``). On the GPU
-machine ``--wheels DIR`` installs them with ``pip --no-index --no-deps`` into a venv under
-``$OUT`` that sees the system's torch and Triton, and runs the check in it.
+The GPU machine has no network. Its python3 (itself a venv, ``/opt/torch/.venv``) has torch,
+Triton, numpy, PyYAML, rich, safetensors and matplotlib, but not stevedore or jsonschema.
+``--fetch-wheels DIR`` builds dshal, dshal-nvidia and dshal-conformance as wheels and
+downloads the pure-Python dependencies (plus PyYAML's and numpy's binary wheels for the
+machine's CPython 3.12; ``--python-version`` for another) into ``DIR`` (git-ignored
+``wheels/``, about 20 MiB: the device tool carries 64 MiB with the working tree). On the GPU
+machine ``--wheels DIR`` installs dshal's three and whatever that python lacks with ``pip
+--no-index --no-deps --target $OUT/site`` and runs the check again with that folder first on
+``PYTHONPATH`` (that python's own torch and Triton stay visible); ``--stack`` then prints
+where each package was imported from.
 
 It runs, in this order; each stage writes its part of ``$OUT/gpu_check.json`` as soon as
 it finishes, so a stage cut short by the time budget leaves the others' results:
@@ -34,7 +38,11 @@ it finishes, so a stage cut short by the time budget leaves the others' results:
    expert width 2048, FP8 128x128 weights): ``moe_gate`` + ``moe_experts`` through the
    runtime, kernel-only timings, and the output against the reference at one token;
 6. **dshal run**: the model core on the device (``dshal run --graphs auto``): decode tokens/s
-   with and without CUDA graphs, compile/autotune time apart.
+   with and without CUDA graphs, compile/autotune time apart;
+7. **tune**: ``dshal tune`` on DeepSeek-V3's FP8 linear shapes with the time left (at most
+   3 minutes; small M first), writing ``$OUT/tuned/nvidia-sm90.json``: the table to ship in
+   ``dshal/kernels/triton/tuned/``. (Until a table is shipped, the GEMM stage's warm-up
+   autotunes at run time, so its figures do not depend on this stage.)
 
 It ends with a short table of the figures and the issue's targets (printed last).
 """
@@ -74,6 +82,8 @@ MOE_DIMS = {"experts": 256, "hidden": 7168, "inter": 2048, "top_k": 8, "n_group"
 MOE_TOKENS = (1, 64, 4096)
 DRY_MOE_DIMS = {"experts": 8, "hidden": 256, "inter": 128, "top_k": 2, "n_group": 2, "topk_group": 1}
 DRY_MOE_TOKENS = (1, 4)
+#: The most the tuning stage may take (it gets what the other stages leave, up to this).
+TUNE_MAX_S = 180.0
 FALLBACK_L2_BYTES = 50 * 2**20  # H100/H200 L2, when the device does not report it
 TARGETS = {
     "fp8_block_vs_bf16_at_4096x7168x16384": 1.6,
@@ -88,7 +98,10 @@ TARGETS = {
 CARRIED = {"stevedore": "stevedore", "rich": "rich", "markdown_it": "markdown-it-py", "mdurl": "mdurl",
            "pygments": "pygments", "yaml": "pyyaml", "numpy": "numpy"}
 BINARY = ("pyyaml", "numpy")
-BINARY_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+#: The GPU machine's CPython (Python 3.12.3 there): the binary wheels fetched by default.
+GPU_MACHINE_PYTHON = "3.12"
+#: What the device tool carries beside the working tree, in all (its ``carry`` limit).
+CARRY_LIMIT_BYTES = 64 * 2**20
 #: dshal's own distributions, built here as wheels.
 OWN = {"dshal": ".", "dshal-nvidia": "plugins/nvidia", "dshal-conformance": "conformance"}
 
@@ -102,28 +115,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 30; dry run 2)")
     p.add_argument("--graph-reps", type=int, default=None, help="calls per captured graph in kernel-only timings (default 20; dry run 2)")
     p.add_argument("--skip-conformance", action="store_true", help="do not run the conformance stage")
-    p.add_argument("--wheels", metavar="DIR", help="install dshal and its dependencies from DIR (no network) into a venv under $OUT first")
+    p.add_argument("--skip-tune", action="store_true", help="do not run the tuning stage (dshal tune with the time left)")
+    p.add_argument("--wheels", metavar="DIR", help="first install dshal and the dependencies this python lacks from DIR (no network) into $OUT/site, then run with it on PYTHONPATH")
     p.add_argument("--fetch-wheels", metavar="DIR", help="(with network) build/download the wheels --wheels needs into DIR, then exit")
+    p.add_argument("--stack", action="store_true",
+                   help="print where torch, Triton and dshal are imported from and the backends found, then exit (checks an install)")
+    p.add_argument("--python-version", default=GPU_MACHINE_PYTHON,
+                   help=f"with --fetch-wheels: the CPython whose binary wheels (PyYAML, numpy) to fetch (default {GPU_MACHINE_PYTHON}, the GPU machine's)")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------- carried wheels
-def fetch_wheels(dest: Path) -> int:
-    """Build dshal's wheels and download the dependencies the GPU machine lacks into ``dest``."""
+def fetch_wheels(dest: Path, python_version: str = GPU_MACHINE_PYTHON) -> int:
+    """Build dshal's wheels and download the dependencies the GPU machine may lack into
+    ``dest``: the pure-Python ones, and PyYAML's and numpy's binary wheels for CPython
+    ``python_version`` only (one set: all four CPythons' would exceed what the device tool
+    carries). Fails if the folder ends up larger than :data:`CARRY_LIMIT_BYTES`."""
     dest.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
     steps = [
         pip + ["wheel", "--no-deps", "-w", str(dest), *(str(REPO / path) for path in OWN.values())],
         pip + ["download", "--no-deps", "-d", str(dest), *(d for d in CARRIED.values() if d not in BINARY)],
+        pip + ["download", "--no-deps", "--only-binary=:all:", "--platform", "manylinux2014_x86_64",
+               "--python-version", python_version, "-d", str(dest), *BINARY],
     ]
-    for version in BINARY_PYTHONS:  # binary wheels only: one per CPython the machine may have
-        steps.append(pip + ["download", "--no-deps", "--only-binary=:all:", "--platform", "manylinux2014_x86_64",
-                            "--python-version", version, "-d", str(dest), *BINARY])
     for step in steps:
         print("+", " ".join(step[2:]), flush=True)
         if subprocess.run(step, check=False).returncode:
             return 1
-    print(f"wheels in {dest}: {len(list(dest.glob('*.whl')))} files")
+    files = list(dest.glob("*.whl"))
+    size = sum(f.stat().st_size for f in files)
+    print(f"wheels in {dest}: {len(files)} files, {size / 2**20:.1f} MiB (CPython {python_version} binaries)")
+    if size > CARRY_LIMIT_BYTES:
+        print(f"gpu_check: {dest} holds {size / 2**20:.1f} MiB, more than the {CARRY_LIMIT_BYTES >> 20} MiB the device "
+              f"tool carries with the working tree; remove old wheels from it", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -136,8 +162,13 @@ def install_plan(present: set[str], wheels: Sequence[str]) -> tuple[list[str], l
 
 
 def install_and_reexec(wheels_dir: Path, out_dir: Path, argv: Sequence[str]) -> int:
-    """Install from ``wheels_dir`` into ``out_dir/venv`` (seeing the system's torch and Triton)
-    and run this script there. Returns its exit code."""
+    """Install from ``wheels_dir`` into the folder ``out_dir/site`` (``pip --target``) and run
+    this script again with that folder first on ``PYTHONPATH``. Returns its exit code.
+
+    A folder, not a venv: the GPU machine's python3 is itself a venv (``/opt/torch/.venv``),
+    and a venv made from a venv does not see the first one's packages, even with
+    ``--system-site-packages`` (it sees the base interpreter's), so torch would be missing.
+    Packages on ``PYTHONPATH`` come before the interpreter's own, entry points included."""
     import importlib.util
 
     present = {m for m in CARRIED if importlib.util.find_spec(m) is not None}
@@ -146,15 +177,33 @@ def install_and_reexec(wheels_dir: Path, out_dir: Path, argv: Sequence[str]) -> 
     if missing:
         print(f"gpu_check: no wheel in {wheels_dir} for {missing}; run --fetch-wheels where there is network", file=sys.stderr)
         return 2
-    venv = out_dir / "venv"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    cmd = [str(python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--find-links", str(wheels_dir), *to_install]
+    site = (out_dir / "site").resolve()
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade", "--target", str(site), "--find-links", str(wheels_dir), *to_install]
     print("+", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
     rest = [a for i, a in enumerate(argv) if a != "--wheels" and (i == 0 or argv[i - 1] != "--wheels")]
-    return subprocess.run([str(python), str(Path(__file__).resolve()), *rest], check=False).returncode
+    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest], env=env, check=False).returncode
+
+
+def stack_facts() -> dict[str, Any]:
+    """The software this check runs on: interpreter, where torch, Triton and dshal's
+    packages are imported from (``--wheels`` puts dshal's first), their versions against
+    :data:`dshal.versions.SUPPORTED`, and the ``dshal.backends`` entry points found."""
+    import importlib.metadata
+    import importlib.util
+
+    from dshal.versions import stack_report  # lazy: dshal is installed by this script's first step
+
+    def origin(module: str) -> str | None:
+        spec = importlib.util.find_spec(module)
+        return str(Path(spec.origin).parent) if spec is not None and spec.origin else None
+
+    backends = sorted(f"{ep.name} ({ep.value})" for ep in importlib.metadata.entry_points(group="dshal.backends"))
+    return {"python": sys.executable, "python_version": platform.python_version(),
+            "from": {m: origin(m) for m in ("torch", "triton", "dshal", "dshal_nvidia", "dshal_conformance", "stevedore")},
+            "versions": stack_report(), "backends": backends}
 
 
 # ---------------------------------------------------------------- helpers
@@ -270,6 +319,7 @@ def stage_device(check: Check, backend: Any, dry_run: bool) -> None:
         "nvidia_available": info.available,
         "nvidia_reason": info.reason,
         "supported_versions": stack_report(),
+        "stack": stack_facts(),
     }
     if torch.cuda.is_available():
         index = backend.device().index
@@ -474,6 +524,26 @@ def stage_run(check: Check, dry_run: bool) -> None:
     check.save()
 
 
+def stage_tune(check: Check, dry_run: bool) -> None:
+    """``dshal tune`` with the time the other stages left (at most :data:`TUNE_MAX_S`): the
+    tuned table to ship as ``dshal/kernels/triton/tuned/nvidia-sm90.json``, small M first."""
+    table = check.out_dir / "tuned" / "nvidia-sm90.json"
+    cmd = [sys.executable, "-m", "dshal", "tune", "--output", str(table)]
+    if dry_run:
+        cmd += ["--dry-run", "--target", "sm_90a", "--shapes", "256,512", "--m", "1,40", "--budget-s", "60"]
+    else:
+        budget = max(0.0, min(check.left() - 20, TUNE_MAX_S))
+        cmd += ["--backend", "nvidia", "--budget-s", f"{budget:.0f}"]
+    result: dict[str, Any] = {"command": " ".join(cmd[1:])}
+    check.data["tune"] = result
+    result.update(_subprocess(cmd, dict(os.environ), max(60.0, check.left())))
+    if table.is_file():
+        data = json.loads(table.read_text())
+        result.update(table=str(table), entries=len(data["entries"]), complete=data.get("complete"),
+                      device=data.get("device"))
+    check.save()
+
+
 def _subprocess(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     t0 = time.monotonic()
     result: dict[str, Any] = {"timeout_s": round(timeout)}
@@ -561,6 +631,10 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
                      f"({(run.get('graphs') or {}).get('why') or 'captured'})")
         if graphed:
             targets["decode_graphs_vs_eager"] = graphed / eager
+    tuned = check.data.get("tune")
+    if tuned:
+        lines.append(f"dshal tune: rc={tuned.get('returncode')}, {tuned.get('entries')} entries "
+                     f"({'complete' if tuned.get('complete') else 'incomplete'}) in {tuned.get('table')}")
     conf = check.data.get("conformance")
     if conf:
         lines.append(f"conformance: rc={conf.get('returncode')} summary={conf.get('summary')} {conf.get('error', '')}".rstrip())
@@ -577,10 +651,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.fetch_wheels:
-        return fetch_wheels(Path(args.fetch_wheels))
+        return fetch_wheels(Path(args.fetch_wheels), args.python_version)
     out_dir = Path(args.out or os.environ.get("OUT") or "out")
     if args.wheels:
         return install_and_reexec(Path(args.wheels), out_dir, argv)
+    if args.stack:
+        print(json.dumps(stack_facts(), indent=2))
+        return 0
     if args.dry_run:
         os.environ["DSHAL_EMULATE"] = "1"
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
@@ -617,6 +694,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     done(f"moe layer: {len(check.data['moe'].get('rows', []))} token counts")
     stage_run(check, args.dry_run)
     done(f"dshal run rc={check.data['run'].get('returncode')}")
+    if not args.skip_tune:
+        stage_tune(check, args.dry_run)
+        tuned = check.data["tune"]
+        done(f"dshal tune rc={tuned.get('returncode')}: {tuned.get('entries')} entries, complete={tuned.get('complete')}")
     check.data["seconds"] = round(time.monotonic() - t0, 1)
     lines = summarize(check, args.dry_run)
     path = check.save()

@@ -111,6 +111,7 @@ def test_tune_dry_run_writes_a_table_that_cannot_choose_tiles(tmp_path):
     assert main(["tune", "--dry-run", "--target", "sm_90a", "--shapes", "256,512", "--m", "1,40", "--output", str(out)]) == 0
     table = json.loads(out.read_text())
     assert table["dry_run"] is True and table["target"] == "nvidia-sm90" and table["device"] is None
+    assert table["complete"] is True
     hopper = shipped_target("nvidia-sm90")
     assert [(e["N"], e["K"], e["M"]) for e in table["entries"]] == [(256, 512, 1), (256, 512, 64)]
     for e in table["entries"]:
@@ -118,6 +119,21 @@ def test_tune_dry_run_writes_a_table_that_cannot_choose_tiles(tmp_path):
         assert len(e["candidates"]) == len(hopper.gemm_space(e["M"]))  # every tile ran and was right
     with pytest.raises(ValueError, match="dry-run"):
         read_tuning(out)
+
+
+def test_tune_budget_stops_between_entries_and_says_so(tmp_path, capsys):
+    """A tuning run cut by ``--budget-s`` keeps what it measured, marked incomplete; the
+    GPU check gives it only the time its other stages leave."""
+    from dshal.cli import main
+
+    out = tmp_path / "sm90.json"
+    args = ["tune", "--dry-run", "--target", "sm_90a", "--shapes", "256,512;128,256", "--m", "1", "--output", str(out)]
+    assert main([*args, "--budget-s", "0"]) == 0
+    table = json.loads(out.read_text())
+    assert table["entries"] == [] and table["complete"] is False
+    assert "incomplete: 0 of 2 entries" in capsys.readouterr().out
+    assert main([*args, "--budget-s", "-1"]) != 0
+    assert "'--budget-s' is -1.0, expected seconds >= 0" in capsys.readouterr().err
 
 
 def test_shipped_tables_load():

@@ -42,12 +42,18 @@ def test_fp8_gemm_block_matches_numpy(m, n, k):
     assert ref.fp8_gemm(a, a_scale, b, b_scale).dtype == torch.bfloat16
 
 
-def test_fp8_gemm_rowwise_and_tensorwise_match_scaled_mm():
+def test_fp8_gemm_rowwise_matches_scaled_mm(cpu_rowwise_scaled_mm_refusal):
+    if cpu_rowwise_scaled_mm_refusal:
+        pytest.skip(cpu_rowwise_scaled_mm_refusal)
     m, n, k = 6, 10, 96
     a, b = fp8_operand(m, k, 3), fp8_operand(n, k, 4)
     sa, sb = torch.rand(m, 1) + 0.5, torch.rand(n, 1) + 0.5
     want = torch._scaled_mm(a, b.T, scale_a=sa, scale_b=sb.T.contiguous(), out_dtype=torch.float32)
     torch.testing.assert_close(ref.fp8_gemm(a, sa, b, sb, torch.float32), want, rtol=1e-5, atol=1e-4)
+
+
+def test_fp8_gemm_tensorwise_matches_scaled_mm():
+    a, b = fp8_operand(6, 96, 3), fp8_operand(10, 96, 4)
     ta, tb = torch.tensor(0.75), torch.tensor(1.5)
     want = torch._scaled_mm(a, b.T, scale_a=ta, scale_b=tb, out_dtype=torch.float32)
     torch.testing.assert_close(ref.fp8_gemm(a, ta, b, tb.reshape(1), torch.float32), want, rtol=1e-5, atol=1e-4)

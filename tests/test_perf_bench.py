@@ -112,13 +112,17 @@ def test_full_shapes_use_deepseek_v3_dims():
     assert decode and decode[0]["d"] == 512 + 64 and decode[0]["hk"] == 1  # absorbed MLA: latent + rope
 
 
-def test_torch_direct_columns_compute_the_same_thing():
-    """The side-by-side torch calls are fair rivals: they agree with the reference."""
+def test_torch_direct_columns_compute_the_same_thing(cpu_rowwise_scaled_mm_refusal):
+    """The side-by-side torch calls are fair rivals: they agree with the reference. (Where
+    this torch's CPU ``_scaled_mm`` refuses rowwise scales, the bench reports that rival's
+    error instead; those cases are left out here.)"""
     device = torch.device("cpu")
     found = 0
     for case in shape_cases("ci"):
         direct = torch_rival(case)
         if direct is None:
+            continue
+        if cpu_rowwise_scaled_mm_refusal and case.op == "fp8_gemm" and case.params.get("granularity") == "row":
             continue
         args, kwargs = case.inputs(device, 0)
         want = getattr(dshal.ops.reference, case.op)(*args, **kwargs)

@@ -7,6 +7,9 @@ as a table entry. :func:`~dshal.kernels.triton.gemm.select_tile` reads the shipp
 (``dshal/kernels/triton/tuned/<target>.json``) and then the user's
 (``$DSHAL_CACHE_DIR/gemm-tuning/<target>.json``, this command's default output).
 
+``--budget-s S`` starts no new entry after S seconds and marks the table ``complete: false``;
+the table is rewritten after every entry, so a run cut short keeps what it measured.
+
 Timings need the GPU. Without one, ``--dry-run --target T`` runs every candidate tile of
 ``T`` once under the Triton interpreter on tiny shapes and checks its result: it proves the
 tiles and the table format, not their speed, and its table is marked ``dry_run`` so that it
@@ -20,6 +23,7 @@ import dataclasses
 import datetime
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +89,25 @@ def tune(
     ms: list[int],
     time_tiles: bool,
     log: Any = print,
+    budget_s: float | None = None,
+    on_entry: Any = None,
 ) -> list[dict[str, Any]]:
     """One entry per (N, K, M bucket): each tile of the space checked against the reference
-    (DeepGEMM similarity < 1e-3) and, when ``time_tiles``, timed in microseconds."""
+    (DeepGEMM similarity < 1e-3) and, when ``time_tiles``, timed in microseconds.
+
+    Entries come M bucket by M bucket, smallest first. With ``budget_s``, no new (N, K, M
+    bucket) is started once that many seconds have passed: the entries so far are returned
+    (fewer than asked). ``on_entry(entries)`` is called after
+    each one, so a caller can save the table as it grows."""
     from dshal.kernels.triton import gemm  # lazy: imports triton, after the caller chose the interpreter or not
 
-    entries = []
-    for n, k in shapes:
-        for m in dict.fromkeys(m_bucket(m) for m in ms):
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    entries: list[dict[str, Any]] = []
+    for m in sorted(dict.fromkeys(m_bucket(m) for m in ms)):  # small M (decode) first: a budget cuts the large
+        for n, k in shapes:
+            if deadline is not None and time.monotonic() >= deadline:
+                log(f"  budget of {budget_s:.0f} s spent: stopped before N={n} K={k} M<={m}")
+                return entries
             a, sa, b, sb = _operands(m, n, k, target, device)
             want = reference.fp8_gemm(a, sa, b, sb, torch.float32)
             timings: dict[TileConfig, float | None] = {}
@@ -121,6 +136,8 @@ def tune(
             })  # fmt: skip
             shown = f"{timings[best]:.1f} us" if timings[best] is not None else "not timed"
             log(f"  N={n:6d} K={k:6d} M<={m:5d}: {_label(best)} ({shown}, {len(timings)} tiles)")
+            if on_entry is not None:
+                on_entry(entries)
     return entries
 
 
@@ -137,6 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no GPU: run each candidate tile once under the Triton interpreter on tiny shapes and "
                              "check it (no timings; the table is marked dry_run and never chooses tiles)")  # fmt: skip
     parser.add_argument("--target", choices=("sm_90a", "gfx942", "gfx950"), help="with --dry-run: the target's tiles")
+    parser.add_argument("--budget-s", type=float, metavar="S",
+                        help="start no new (N, K, M bucket) after S seconds; the table then says complete: false "
+                             "(default: no limit). The table is rewritten after every entry")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
@@ -160,11 +180,14 @@ def main(args: argparse.Namespace) -> int:
         where = f"{torch.cuda.get_device_name(device)}"
         shapes = _parse_shapes(args.shapes) if args.shapes else list(DEEPSEEK_V3_SHAPES)
         ms = _parse_m(args.m) if args.m else list(DEFAULT_M)
-    print(f"dshal tune: target {target.name} on {where}; {len(shapes)} (N, K) x {len(set(map(m_bucket, ms)))} M buckets")
-    entries = tune(target, device, shapes, ms, time_tiles=not args.dry_run)
+    buckets = list(dict.fromkeys(m_bucket(m) for m in ms))
+    if args.budget_s is not None and args.budget_s < 0:
+        raise ConfigError(f"dshal tune: argument '--budget-s' is {args.budget_s}, expected seconds >= 0")
+    print(f"dshal tune: target {target.name} on {where}; {len(shapes)} (N, K) x {len(buckets)} M buckets", flush=True)
     from importlib.metadata import version
 
-    table = {
+    out = Path(args.output) if args.output else (None if args.dry_run else user_tuning_dir() / f"{target.name}.json")
+    header = {
         "schema": TUNING_SCHEMA,
         "target": target.name,
         "source": f"dshal tune on {where}",
@@ -172,14 +195,23 @@ def main(args: argparse.Namespace) -> int:
         "dry_run": bool(args.dry_run),
         "triton": version("triton"),
         "torch": torch.__version__,
-        "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "entries": entries,
     }
-    out = Path(args.output) if args.output else (None if args.dry_run else user_tuning_dir() / f"{target.name}.json")
-    if out is not None:
+
+    def write(entries: list[dict[str, Any]], complete: bool) -> None:
+        if out is None:
+            return
+        table = {**header, "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                 "complete": complete, "entries": entries}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(table, indent=1))
-        print(f"table: {out}" + (" (dry run: select_tile refuses it)" if args.dry_run else ""))
+
+    entries = tune(target, device, shapes, ms, time_tiles=not args.dry_run, budget_s=args.budget_s,
+                   on_entry=lambda so_far: write(so_far, complete=False))
+    complete = len(entries) == len(shapes) * len(buckets)
+    write(entries, complete)
+    if out is not None:
+        print(f"table: {out}" + (" (dry run: select_tile refuses it)" if args.dry_run else "")
+              + ("" if complete else f" (incomplete: {len(entries)} of {len(shapes) * len(buckets)} entries)"))
     return 0
 
 
