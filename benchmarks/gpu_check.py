@@ -12,8 +12,8 @@ downloads the pure-Python dependencies (plus PyYAML's and numpy's binary wheels 
 machine's CPython 3.12; ``--python-version`` for another) into ``DIR`` (git-ignored
 ``wheels/``, about 20 MiB: the device tool carries 64 MiB with the working tree). On the GPU
 machine ``--wheels DIR`` installs dshal's three and whatever that python lacks with ``pip
---no-index --no-deps --target $OUT/site`` and runs the check again with that folder first on
-``PYTHONPATH`` (that python's own torch and Triton stay visible); ``--stack`` then prints
+--no-index --no-deps --target`` into a folder outside ``$OUT`` (``--site``) and runs the check
+again with that folder first on ``PYTHONPATH`` (that python's own torch and Triton stay visible); ``--stack`` then prints
 where each package was imported from.
 
 It runs, in this order; each stage writes its part of ``$OUT/gpu_check.json`` as soon as
@@ -57,7 +57,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,8 +118,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--graph-reps", type=int, default=None, help="calls per captured graph in kernel-only timings (default 20; dry run 2)")
     p.add_argument("--skip-conformance", action="store_true", help="do not run the conformance stage")
     p.add_argument("--skip-tune", action="store_true", help="do not run the tuning stage (dshal tune with the time left)")
-    p.add_argument("--wheels", metavar="DIR", help="first install dshal and the dependencies this python lacks from DIR (no network) into $OUT/site, then run with it on PYTHONPATH")
+    p.add_argument("--wheels", metavar="DIR", help="first install dshal and the dependencies this python lacks from DIR (no network) into --site, then run with it on PYTHONPATH")
     p.add_argument("--fetch-wheels", metavar="DIR", help="(with network) build/download the wheels --wheels needs into DIR, then exit")
+    p.add_argument("--site", default=str(Path(tempfile.gettempdir()) / "dshal-gpu-check-site"),
+                   help="with --wheels: the folder to install into (default: %(default)s; not under $OUT, which the device tool sends back)")
     p.add_argument("--stack", action="store_true",
                    help="print where torch, Triton and dshal are imported from and the backends found, then exit (checks an install)")
     p.add_argument("--python-version", default=GPU_MACHINE_PYTHON,
@@ -161,9 +165,10 @@ def install_plan(present: set[str], wheels: Sequence[str]) -> tuple[list[str], l
     return [d for d in wanted if d in have], [d for d in wanted if d not in have]
 
 
-def install_and_reexec(wheels_dir: Path, out_dir: Path, argv: Sequence[str]) -> int:
-    """Install from ``wheels_dir`` into the folder ``out_dir/site`` (``pip --target``) and run
-    this script again with that folder first on ``PYTHONPATH``. Returns its exit code.
+def install_and_reexec(wheels_dir: Path, site_dir: Path, argv: Sequence[str]) -> int:
+    """Install from ``wheels_dir`` into the folder ``site_dir`` (``pip --target``; outside
+    ``$OUT``, whose files the device tool sends back) and run this script again with that
+    folder first on ``PYTHONPATH``. Returns its exit code.
 
     A folder, not a venv: the GPU machine's python3 is itself a venv (``/opt/torch/.venv``),
     and a venv made from a venv does not see the first one's packages, even with
@@ -177,13 +182,13 @@ def install_and_reexec(wheels_dir: Path, out_dir: Path, argv: Sequence[str]) -> 
     if missing:
         print(f"gpu_check: no wheel in {wheels_dir} for {missing}; run --fetch-wheels where there is network", file=sys.stderr)
         return 2
-    site = (out_dir / "site").resolve()
+    site = Path(site_dir).resolve()
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--upgrade", "--target", str(site), "--find-links", str(wheels_dir), *to_install]
     print("+", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    rest = [a for i, a in enumerate(argv) if a != "--wheels" and (i == 0 or argv[i - 1] != "--wheels")]
+    rest = [a for i, a in enumerate(argv) if a not in ("--wheels", "--site") and (i == 0 or argv[i - 1] not in ("--wheels", "--site"))]
     return subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest], env=env, check=False).returncode
 
 
@@ -578,6 +583,25 @@ def stage_conformance(check: Check, dry_run: bool) -> None:
     check.save()
 
 
+def run_stages(check: Check, stages: Sequence[tuple[str, Callable[[], None], Callable[[], str]]],
+               done: Callable[[str], None]) -> list[str]:
+    """Run each ``(name, stage, summary)`` in order. A stage that raises is recorded under
+    ``stage_errors`` (its traceback's end) and the next one still runs: one GPU window
+    should not be lost to one stage's bug. Returns the names of the stages that failed."""
+    failed = []
+    for name, stage, summary in stages:
+        try:
+            stage()
+        except Exception as err:  # noqa: BLE001 - recorded in the JSON, and the exit code says so
+            check.data.setdefault("stage_errors", {})[name] = traceback.format_exc()[-3000:]
+            check.save()
+            failed.append(name)
+            done(f"{name}: FAILED {_error(err)} (traceback in gpu_check.json; the next stages still run)")
+            continue
+        done(summary())
+    return failed
+
+
 # ---------------------------------------------------------------- summary
 def _best(rows: list[dict[str, Any]], m: int, n: int, k: int, path: str) -> float | None:
     for r in rows:
@@ -654,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fetch_wheels(Path(args.fetch_wheels), args.python_version)
     out_dir = Path(args.out or os.environ.get("OUT") or "out")
     if args.wheels:
-        return install_and_reexec(Path(args.wheels), out_dir, argv)
+        return install_and_reexec(Path(args.wheels), Path(args.site), argv)
     if args.stack:
         print(json.dumps(stack_facts(), indent=2))
         return 0
@@ -673,37 +697,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible; use --dry-run on a CPU machine", file=sys.stderr)
         return 2
-    rt = dshal.use(backend="nvidia", emulate=args.dry_run)
+    try:
+        rt = dshal.use(backend="nvidia", emulate=args.dry_run)
+    except dshal.DshalError as err:  # nothing to measure: record why, with the stack it saw
+        check.data.update(backend_error=_error(err), stack=stack_facts())
+        print(f"gpu_check: the nvidia backend cannot be used: {err}\nresults: {check.save()}", file=sys.stderr)
+        return 2
     backend = rt.backend
     t0 = time.monotonic()
 
     def done(what: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {what}", flush=True)
 
-    stage_device(check, backend, args.dry_run)
-    done(f"device: {check.data['device'].get('name', backend.capabilities().device_name)}; "
-         f"block path {check.data['device']['gemm_block_path']}")
-    if not args.skip_conformance:
-        stage_conformance(check, args.dry_run)
-        done(f"conformance rc={check.data['conformance'].get('returncode')} {check.data['conformance'].get('summary')}")
-    stage_gemm(check, backend, args.dry_run, warmup, iters, reps)
-    done(f"gemm: {len(check.data['gemm'])} measurements")
-    stage_norm(check, backend, args.dry_run, warmup, iters)
-    done("add+rmsnorm")
-    stage_moe(check, backend, args.dry_run, warmup, iters, reps)
-    done(f"moe layer: {len(check.data['moe'].get('rows', []))} token counts")
-    stage_run(check, args.dry_run)
-    done(f"dshal run rc={check.data['run'].get('returncode')}")
-    if not args.skip_tune:
-        stage_tune(check, args.dry_run)
-        tuned = check.data["tune"]
-        done(f"dshal tune rc={tuned.get('returncode')}: {tuned.get('entries')} entries, complete={tuned.get('complete')}")
+    data = check.data
+    stages: list[tuple[str, Callable[[], None], Callable[[], str]]] = [
+        ("device", lambda: stage_device(check, backend, args.dry_run),
+         lambda: f"device: {data['device'].get('name', backend.capabilities().device_name)}; "
+                 f"block path {data['device']['gemm_block_path']}"),
+        ("conformance", lambda: stage_conformance(check, args.dry_run),
+         lambda: f"conformance rc={data['conformance'].get('returncode')} {data['conformance'].get('summary')}"),
+        ("gemm", lambda: stage_gemm(check, backend, args.dry_run, warmup, iters, reps),
+         lambda: f"gemm: {len(data['gemm'])} measurements"),
+        ("add_rmsnorm", lambda: stage_norm(check, backend, args.dry_run, warmup, iters), lambda: "add+rmsnorm"),
+        ("moe", lambda: stage_moe(check, backend, args.dry_run, warmup, iters, reps),
+         lambda: f"moe layer: {len(data['moe'].get('rows', []))} token counts"),
+        ("run", lambda: stage_run(check, args.dry_run), lambda: f"dshal run rc={data['run'].get('returncode')}"),
+        ("tune", lambda: stage_tune(check, args.dry_run),
+         lambda: f"dshal tune rc={data['tune'].get('returncode')}: {data['tune'].get('entries')} entries, "
+                 f"complete={data['tune'].get('complete')}"),
+    ]
+    skipped = {"conformance"} if args.skip_conformance else set()
+    skipped |= {"tune"} if args.skip_tune else set()
+    failed = run_stages(check, [stage for stage in stages if stage[0] not in skipped], done)
     check.data["seconds"] = round(time.monotonic() - t0, 1)
     lines = summarize(check, args.dry_run)
     path = check.save()
     print(f"results: {path}")
     print("\n".join(lines))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Precedence, lowest first: built-in defaults < the file or dict < environment
 from __future__ import annotations
 
 import errno
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -424,6 +425,29 @@ def env_flag(name: str, default: bool) -> bool:
     return raw in _ENV_TRUE
 
 
+def env_number(name: str, default: float, low: float, high: float, *, low_inclusive: bool = False) -> float:
+    """A number from environment variable ``name`` in ``(low, high]`` (``[low, high]`` with
+    ``low_inclusive``; unset or empty: ``default``); anything else is a ConfigError naming the
+    variable, the value and the range."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not ((low <= value if low_inclusive else low < value) and value <= high):
+        bracket = "[" if low_inclusive else "("
+        raise ConfigError(f"environment variable {name}: got {raw!r}, expected a number in {bracket}{low:g}, {high:g}]")
+    return value
+
+
+def dequant_cache_gib(default: float) -> float:
+    """``DSHAL_CPU_DEQUANT_CACHE_GIB``: GiB of float32 copies of FP8 weights the cpu backend
+    may keep for prefill (0 = none; unset: ``default``)."""
+    return env_number("DSHAL_CPU_DEQUANT_CACHE_GIB", default, 0, 1e6, low_inclusive=True)
+
+
 def emulate_from_env() -> bool | None:
     """``DSHAL_EMULATE`` (the one place it is read): None when unset or empty, else its
     on/off value (a ConfigError naming the variable for anything else)."""
@@ -437,6 +461,7 @@ def _env_overrides(config: Config) -> Config:
     if emulate is not None:
         config = _apply(config, _Doc({"emulate": emulate}, {}, "environment variable DSHAL_EMULATE"))
     env_flag("DSHAL_CPU_KERNELS", True)  # read by the cpu backend; a typo must not pass unseen
+    dequant_cache_gib(0.0)  # likewise
     return config
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
-import math
 import os
 import signal
 import threading
@@ -27,8 +26,8 @@ from importlib.metadata import EntryPoint
 from typing import Any
 
 from dshal.backend import API_VERSION, Availability, Backend, Capabilities
-from dshal.config import REFERENCE_PROVIDER, emulate_from_env
-from dshal.errors import BackendUnavailableError, ConfigError, DshalError, PluginLoadError
+from dshal.config import REFERENCE_PROVIDER, emulate_from_env, env_number
+from dshal.errors import BackendUnavailableError, DshalError, PluginLoadError
 from dshal.ops.catalogue import SPECS
 
 ENTRY_POINT_GROUP = "dshal.backends"
@@ -337,16 +336,7 @@ def _version_of(ep: importlib.metadata.EntryPoint) -> str | None:
 
 def plugin_timeout() -> float:
     """``DSHAL_PLUGIN_TIMEOUT_S`` (seconds a plugin's availability() / capabilities() may take)."""
-    raw = os.environ.get("DSHAL_PLUGIN_TIMEOUT_S", "").strip()
-    if not raw:
-        return DEFAULT_PLUGIN_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (0 < value <= 3600):
-        raise ConfigError(f"environment variable DSHAL_PLUGIN_TIMEOUT_S: got {raw!r}, expected seconds in (0, 3600]")
-    return value
+    return env_number("DSHAL_PLUGIN_TIMEOUT_S", DEFAULT_PLUGIN_TIMEOUT_S, 0, 3600)
 
 
 class _Overran(Exception):

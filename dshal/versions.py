@@ -14,9 +14,12 @@ What dshal needs from each, and where it copes with either end:
 - Triton: ``triton.compile(ASTSource(...), target=GPUTarget(...))`` for ``dshal kernels``, and
   the interpreter (``TRITON_INTERPRET=1``) for emulated plugins.
 
-Checked on 2026-12-05 (no GPU): with Triton 3.6.0 (and torch 2.13 CPU) the block-FP8 GEMM
-kernel compiles for ``GPUTarget("cuda", 90, 32)`` with ``wgmma`` and for gfx942 with MFMA,
-as with 3.9: the GPU machine compiles the kernels. Emulated mode (the Triton *interpreter*
+Checked on 2026-12-05 (no GPU), with the GPU machine's own torch 2.11.0+cu130 (PyPI's CUDA
+build runs on the CPU) and Triton 3.6.0: ``dshal kernels`` compiles every shipped config for
+sm_90a, gfx942 and gfx950, with the same resources and tensor-core instructions as 3.9, and
+the test suite passes (its interpreter tests skipped, see below). torch 2.11's CPU
+``torch._scaled_mm`` takes per-tensor scales only; dshal's FP8 GEMM then uses its block path
+(the refusal is remembered), and tests using it as a rowwise rival skip. Emulated mode (the Triton *interpreter*
 on CPU tensors) needs more: running the kernel tests under each interpreter here,
 - 3.6.0 with numpy >= 2.4 fails in the GEMM kernel's K loop, whose bounds are kernel values
   (``range(k_first, k_last)``: its interpreter calls ``int()`` on a one-element array,

@@ -31,6 +31,7 @@ def test_strict_cpu_serves_every_batch_sensitive_op_row_by_row() -> None:
     assert default.batch_invariant == frozenset() and default.unchecked["linear"] is default.backend.ops()["linear"]
 
 
+@pytest.mark.needs_interpreter
 def test_strict_says_where_a_backend_has_no_batch_invariant_provider(caplog) -> None:  # noqa: ANN001
     with caplog.at_level("WARNING", logger="dshal"):
         rt = build_runtime(load_config({}, backend="nvidia", emulate=True, determinism="strict"))

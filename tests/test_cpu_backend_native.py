@@ -236,6 +236,61 @@ def test_fp8_prefill_linear_is_bit_identical_to_the_reference(cpu, fmt, dtype):
             assert got.dtype == want.dtype and torch.equal(got.view(bits), want.view(bits))
 
 
+def _fp8_weights(count: int, n: int = 128, k: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(31)
+    quantize = SPECS["quantize_fp8"].reference_impl
+    return [quantize(torch.randn(n, k, generator=gen), (128, 128), "e4m3", None) for _ in range(count)]
+
+
+def test_dequantized_copies_stay_within_their_budget_least_recently_used_first():
+    from dshal.backends.cpu_native import DequantizedWeights
+    from dshal.ops.quant import dequantize_to
+
+    (w1, s1), (w2, s2), (w3, s3) = _fp8_weights(3)
+    one = 128 * 256 * 4
+    cache = DequantizedWeights(max_bytes=2 * one)
+    d1, d2 = cache.get(w1, s1, (128, 128)), cache.get(w2, s2, (128, 128))
+    assert cache.nbytes() == 2 * one
+    assert cache.get(w1, s1, (128, 128)) is d1  # a hit, and w1 is now the most recently used
+    d3 = cache.get(w3, s3, (128, 128))  # over budget: w2, the least recently used, goes
+    assert cache.nbytes() == 2 * one
+    assert cache.get(w1, s1, (128, 128)) is d1 and cache.get(w3, s3, (128, 128)) is d3
+    again = cache.get(w2, s2, (128, 128))
+    assert again is not d2 and torch.equal(again, d2)  # remade, the same values
+    assert torch.equal(d1, dequantize_to(w1, s1, (128, 128), torch.float32))
+
+
+def test_a_copy_larger_than_the_budget_is_made_per_call_and_not_kept():
+    from dshal.backends.cpu_native import DequantizedWeights
+
+    (w, s), = _fp8_weights(1)
+    cache = DequantizedWeights(max_bytes=128 * 256 * 4 - 1)
+    first = cache.get(w, s, (128, 128))
+    assert cache.nbytes() == 0 and cache.get(w, s, (128, 128)) is not first
+    assert torch.equal(cache.get(w, s, (128, 128)), first)
+
+
+def test_dequant_cache_budget_from_the_environment(cpu, monkeypatch):
+    """``DSHAL_CPU_DEQUANT_CACHE_GIB=0``: nothing kept, the same bits out; a malformed value
+    is a ConfigError naming the variable, at config load already."""
+    from dshal.backends.cpu_native import DEQUANTIZED, DequantizedWeights
+    from dshal.errors import ConfigError
+
+    (w, s), = _fp8_weights(1, n=64)
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(3))
+    kept = ops.linear(x, w, None, s)
+    monkeypatch.setenv("DSHAL_CPU_DEQUANT_CACHE_GIB", "0")
+    assert DequantizedWeights().limit() == 0
+    before = DEQUANTIZED.nbytes()
+    w2, s2 = w.clone(), s.clone()
+    assert torch.equal(ops.linear(x, w2, None, s2), kept) and DEQUANTIZED.nbytes() == before
+    monkeypatch.setenv("DSHAL_CPU_DEQUANT_CACHE_GIB", "lots")
+    with pytest.raises(ConfigError, match=r"DSHAL_CPU_DEQUANT_CACHE_GIB: got 'lots', expected a number in \[0, 1e\+06\]"):
+        DequantizedWeights().limit()
+    with pytest.raises(ConfigError, match="DSHAL_CPU_DEQUANT_CACHE_GIB"):
+        dshal.use(backend="cpu")
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "e4m3fnuz"], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fp8_prefill_products_use_a_cached_dequantized_weight(cpu, fmt, dtype):

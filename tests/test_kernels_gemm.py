@@ -17,6 +17,8 @@ from dshal.kernels.triton.gemm import fp8_block_gemm  # noqa: E402
 from dshal.kernels.triton.target import KernelTarget, shipped_target  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
 
+pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
+
 FORMATS = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
 #: The interpreter target emulating each E4M3 flavour's hardware: its dots take that FP8 dtype.
 NATIVE = {name: KernelTarget.interpreter(dtype) for name, dtype in FORMATS.items()}

@@ -26,6 +26,8 @@ from dshal.kernels.triton.target import (  # noqa: E402
 )
 from dshal.ops import reference as ref  # noqa: E402
 
+pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
+
 
 @pytest.fixture
 def tuning_dir(tmp_path, monkeypatch):

@@ -18,6 +18,8 @@ from dshal.kernels.triton.moe import grouped_moe_experts  # noqa: E402
 from dshal.kernels.triton.target import KernelTarget  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
 
+pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
+
 
 def problem(tokens=9, hidden=48, inter=40, experts=5, top_k=2, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)

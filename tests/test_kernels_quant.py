@@ -16,6 +16,8 @@ from dshal.errors import DeviceError, DTypeError, ShapeError  # noqa: E402
 from dshal.kernels.triton.quant import fp8_quantize_blocks  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
 
+pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
+
 FORMATS = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
 
 

@@ -24,6 +24,7 @@ def _installed(name: str) -> bool:
     return any(info.name == name for info in dshal.backends())
 
 
+@pytest.mark.needs_interpreter
 @pytest.mark.parametrize("gemm", ["bf16", "fp8-block"])
 @pytest.mark.parametrize("backend", ["nvidia", "amd"])
 def test_model_core_on_an_emulated_gpu_plugin_matches_the_cpu_backend(backend, gemm):

@@ -77,6 +77,7 @@ def _decoder_after_first_step(model):
     return decoder
 
 
+@pytest.mark.needs_interpreter
 def test_decode_step_with_device_side_checks_does_no_host_sync():
     """Issue #18 item 2.9: the step a graph captures, with its id checks on (device-side),
     reads nothing on the host, on the emulated nvidia plugin's own ops. Dense layers only:
@@ -104,6 +105,7 @@ def test_decode_step_with_device_side_checks_does_no_host_sync():
     assert syncs.count > 0 and all("check_ids_in_range" in where for where in syncs.where), syncs.where
 
 
+@pytest.mark.needs_interpreter
 def test_decode_step_with_moe_layers_does_no_host_sync():
     """With MoE layers too: FP8 routed experts run the grouped Triton kernel (issue #18 item
     2.7), whose expert-id check is a device-side assertion inside a trusted step, and whose

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import torch
 from rich.console import Console
 
@@ -46,6 +47,7 @@ def test_python_api_counts_calls_and_names_overrides() -> None:
     assert report.to_dict()["calls_total"] == data["calls_total"]
 
 
+@pytest.mark.needs_interpreter
 def test_fallbacks_and_strict_gaps_carry_reasons() -> None:
     rt = dshal.use(backend="nvidia", emulate=True, determinism="strict")
     data = RunReport(rt).to_dict()

@@ -80,6 +80,7 @@ def test_every_provider_follows_the_nonfinite_rule(shape, bad, clean_dshal_env):
             torch.testing.assert_close(out[untouched & torch.isfinite(ref_clean)], ref_clean[untouched], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.needs_interpreter
 def test_nvidia_emulated_attention_follows_the_rule(monkeypatch, clean_dshal_env):
     pytest.importorskip("dshal_nvidia", reason="the dshal-nvidia plugin is not installed")
     rt = dshal.use(backend="nvidia", emulate=True)

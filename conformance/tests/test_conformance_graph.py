@@ -35,6 +35,7 @@ def emulated_nvidia():
     return build_runtime(load_config({}, backend="nvidia", emulate=True, fallback="error")).activate()
 
 
+@pytest.mark.needs_interpreter
 def test_emulated_op_paths_do_no_host_sync(emulated_nvidia) -> None:  # noqa: ANN001
     ctx = _context(emulated_nvidia)
     for op in ("linear", "rms_norm", "attention", "moe_experts", "fp8_gemm"):
@@ -49,6 +50,7 @@ def _syncing_rms_norm(x, weight, eps=1e-6, residual=None):
     return SPECS["rms_norm"].reference_impl(x, weight, eps, residual)
 
 
+@pytest.mark.needs_interpreter
 def test_a_planted_host_sync_is_a_finding_with_its_call_site(emulated_nvidia) -> None:  # noqa: ANN001
     table = dict(emulated_nvidia.table, rms_norm=SPECS["rms_norm"].checked(_syncing_rms_norm))
     v = judge_host_sync(_context(emulated_nvidia, table), "rms_norm", first_row("rms_norm"), emulated_nvidia)

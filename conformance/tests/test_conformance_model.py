@@ -88,6 +88,7 @@ def test_diff_rejects_one_backend() -> None:
     assert main(["diff", "--backend", "cpu"]) == 1
 
 
+@pytest.mark.needs_interpreter
 def test_diff_cpu_against_emulated_nvidia_agrees(tmp_path) -> None:  # noqa: ANN001
     """Across vendors here: the nvidia plugin's own kernels (Triton interpreter) against cpu."""
 

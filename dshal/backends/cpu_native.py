@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import weakref
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
 from dshal.backend import OpPath
+from dshal.config import dequant_cache_gib
 from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.attention import nonfinite_guard, visible_keys
@@ -82,17 +85,31 @@ def _fp8_block_rows(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 class DequantizedWeights:
     """float32 copies of FP8 weights, made on a weight's first prefill-sized product and kept
-    while the weight lives (unchanged: same tensor, same version counter, same scale).
+    while the weight lives (unchanged: same tensor, same version counter, same scale), up to
+    a byte budget.
 
     Beyond ``FP8_GEMM_MAX_ROWS`` rows the op's math is "quantize the activations, dequantize
     the weight, one float32 GEMM"; dequantizing every FP8 weight on every call made an FP8
-    model's prefill ~3x slower than the same model in float32. The copy costs 4 bytes per
-    weight element next to the FP8 byte (an FP8 model then holds 5x its FP8 weight bytes on
-    the CPU, about a float32 model's 4x plus the FP8 original); decode steps never make one
-    (they run on the C kernels, which read the FP8 bytes)."""
+    model's prefill ~3x slower than the same model in float32. A copy costs 4 bytes per
+    weight element next to the FP8 byte, so unbounded an FP8 model would come to hold 5x its
+    FP8 weight bytes. The copies therefore share a budget (:meth:`limit`:
+    ``DSHAL_CPU_DEQUANT_CACHE_GIB``, default a quarter of physical memory): past it the
+    least recently used copy is dropped and made again when next needed (a slower prefill,
+    never an out-of-memory), and a weight whose copy alone exceeds the budget is dequantized
+    per call. Decode steps never make one (they run on the C kernels, which read the FP8
+    bytes)."""
 
-    def __init__(self) -> None:
-        self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor, int, torch.Tensor]] = {}
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self._copies: OrderedDict[int, tuple[weakref.ref, int, torch.Tensor, int, torch.Tensor]] = OrderedDict()
+        self.max_bytes = max_bytes  # None: read limit() from the environment on each miss
+
+    def limit(self) -> int:
+        """The byte budget: ``max_bytes`` when set, else ``DSHAL_CPU_DEQUANT_CACHE_GIB`` (a
+        ConfigError names it when malformed), else a quarter of physical memory."""
+        if self.max_bytes is not None:
+            return self.max_bytes
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(dequant_cache_gib(physical / 4 / 2**30) * 2**30)
 
     def get(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
         key = id(weight)
@@ -100,9 +117,16 @@ class DequantizedWeights:
         if held is not None:
             ref, version, held_scale, scale_version, dense = held
             if ref() is weight and version == weight._version and held_scale is scale and scale_version == scale._version:
+                self._copies.move_to_end(key)
                 return dense
+            del self._copies[key]
         dense = dequantize_to(weight, scale.reshape(()) if block is None else scale, block, torch.float32)
         dense = dense.contiguous()  # K not a multiple of 128: a view into the block-padded product
+        budget, size = self.limit(), dense.numel() * 4
+        if size > budget:
+            return dense
+        while self._copies and self.nbytes() + size > budget:
+            self._copies.popitem(last=False)
         ref = weakref.ref(weight, lambda _, key=key, copies=self._copies: copies.pop(key, None))
         self._copies[key] = (ref, weight._version, scale, scale._version, dense)
         return dense

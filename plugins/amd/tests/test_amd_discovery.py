@@ -31,6 +31,7 @@ def test_amd_info_says_unavailable_with_the_reason():
     assert "not ROCm (torch.version.hip is None)" in amd["reason"] and "DSHAL_EMULATE=1" in amd["reason"]
 
 
+@pytest.mark.needs_interpreter
 def test_amd_info_emulated_is_available_as_gfx942():
     amd = amd_info(DSHAL_EMULATE="1", DSHAL_BACKEND="amd")
     assert amd["available"] is True and amd["emulated"] is True and "e4m3 = e4m3fnuz" in amd["reason"]

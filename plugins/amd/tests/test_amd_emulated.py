@@ -16,6 +16,8 @@ from dshal.plugin import lookup_peaks
 from dshal_amd import AMD_PEAKS, AmdBackend
 from dshal_amd.backend import arch_from_gcn
 
+pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
+
 ON_ROCM = torch.cuda.is_available() and torch.version.hip is not None
 
 

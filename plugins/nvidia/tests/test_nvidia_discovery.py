@@ -40,6 +40,7 @@ def test_nvidia_info_says_unavailable_with_the_reason():
         assert "DSHAL_EMULATE=1" in nvidia["reason"]
 
 
+@pytest.mark.needs_interpreter
 def test_nvidia_info_emulated_is_available_and_selected():
     data = info_json(DSHAL_EMULATE="1")
     nvidia = entry(data, "nvidia")
@@ -74,6 +75,7 @@ print(json.dumps([after_import, after_discovery, after_op]))
 """
 
 
+@pytest.mark.needs_interpreter
 def test_nvidia_no_vendor_import_at_import_or_discovery():
     proc = run_python(["-c", LAZY_CHECK])
     assert proc.returncode == 0, proc.stderr

@@ -19,6 +19,8 @@ from dshal.ops import reference as ref
 
 ensure_interpreter_if_cpu("cpu")  # before anything imports triton (read when functions are decorated)
 
+pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
+
 
 @pytest.fixture
 def rt():
