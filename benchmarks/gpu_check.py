@@ -12,9 +12,9 @@ downloads the pure-Python dependencies (plus PyYAML's and numpy's binary wheels 
 machine's CPython 3.12; ``--python-version`` for another) into ``DIR`` (git-ignored
 ``wheels/``, about 20 MiB: the device tool carries 64 MiB with the working tree). On the GPU
 machine ``--wheels DIR`` installs dshal's three and whatever that python lacks with ``pip
---no-index --no-deps --target`` into a folder outside ``$OUT`` (``--site``) and runs the check
-again with that folder first on ``PYTHONPATH`` (that python's own torch and Triton stay visible); ``--stack`` then prints
-where each package was imported from.
+--no-index --no-deps --target`` into a folder outside ``$OUT`` (``--site``) and runs the
+check again with that folder first on ``PYTHONPATH`` (that python's own torch and Triton stay
+visible); ``--stack`` prints where each package is imported from.
 
 It runs, in this order; each stage writes its part of ``$OUT/gpu_check.json`` as soon as
 it finishes, so a stage cut short by the time budget leaves the others' results:

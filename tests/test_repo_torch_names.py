@@ -1,20 +1,21 @@
-"""Every ``torch.…`` name that dshal, its plugins and the conformance suite spell out exists
-in the installed torch.
+"""Every ``torch.…`` and ``triton.…`` name that dshal, its plugins and the conformance suite
+spell out exists in the installed torch and Triton.
 
 GPU-only paths (CUDA graphs, NCCL process groups, device properties) never run on a CPU
-machine, so a name that a torch release renamed or dropped would only fail on the device.
-Checking the names statically catches that here: CI checks its torch, and the same test run
-under the GPU machine's torch 2.11.0+cu130 (PyPI's CUDA build runs on a CPU) checks that one
-(benchmarks/RESULTS.md). Names reached through ``getattr`` are fallbacks by design and are not
+machine, so a name that a torch or Triton release renamed or dropped would only fail on the
+device. Checking the names statically catches that here: CI checks its torch and Triton, and
+the same test run under the GPU machine's torch 2.11.0+cu130 (PyPI's CUDA build runs on a
+CPU) and Triton 3.6 checks those (benchmarks/RESULTS.md). Names reached through ``getattr`` are fallbacks by design and are not
 checked; nor are calls' results (``props.L2_cache_size``)."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 from pathlib import Path
 
-import torch
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [REPO / "dshal", REPO / "conformance" / "dshal_conformance", *sorted(REPO.glob("plugins/*/dshal_*"))]
@@ -22,15 +23,17 @@ SOURCES = [REPO / "dshal", REPO / "conformance" / "dshal_conformance", *sorted(R
 VENDOR_REGISTERED = {"torch.npu": "torch_npu registers it when imported (never installed on this machine)"}
 
 
-def torch_aliases(tree: ast.Module) -> dict[str, str]:
-    """Local name -> the torch module or object it stands for (``F`` -> ``torch.nn.functional``)."""
+def package_aliases(tree: ast.Module, packages: tuple[str, ...]) -> dict[str, str]:
+    """Local name -> the module or object of ``packages`` it stands for (``F`` ->
+    ``torch.nn.functional``, ``tl`` -> ``triton.language``)."""
     aliases: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] == "torch":
-                    aliases[alias.asname or "torch"] = alias.name if alias.asname else "torch"
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "torch":
+                top = alias.name.split(".")[0]
+                if top in packages:
+                    aliases[alias.asname or top] = alias.name if alias.asname else top
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] in packages:
             for alias in node.names:
                 aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
     return aliases
@@ -68,21 +71,25 @@ def resolves(name: str) -> bool:
 
 def test_the_scan_finds_names_and_flags_a_missing_one():
     tree = ast.parse("import torch\nimport torch.nn.functional as F\nx = torch.cuda.graph\ny = F.silu\nz = torch.cuda.no_such_thing_xyz\n")
-    names = dotted_names(tree, torch_aliases(tree))
+    names = dotted_names(tree, package_aliases(tree, ("torch",)))
     assert set(names) == {"torch.cuda.graph", "torch.nn.functional.silu", "torch.cuda.no_such_thing_xyz"}
     assert [n for n in names if not resolves(n)] == ["torch.cuda.no_such_thing_xyz"]
 
 
-def test_every_torch_name_in_the_sources_exists_in_this_torch():
+@pytest.mark.parametrize("package", ["torch", "triton"])
+def test_every_name_in_the_sources_exists_in_the_installed_package(package):
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed")
+    module = importlib.import_module(package)
     checked, missing = 0, []
     for root in SOURCES:
         for path in sorted(root.rglob("*.py")):
             tree = ast.parse(path.read_text(), filename=str(path))
-            for name, line in dotted_names(tree, torch_aliases(tree)).items():
+            for name, line in dotted_names(tree, package_aliases(tree, (package,))).items():
                 if any(name == ns or name.startswith(ns + ".") for ns in VENDOR_REGISTERED):
                     continue
                 checked += 1
                 if not resolves(name):
                     missing.append(f"{path.relative_to(REPO)}:{line}: {name}")
-    assert checked > 100  # the scan saw the sources (131 distinct names in 2026-12)
-    assert not missing, f"torch {torch.__version__} lacks:\n" + "\n".join(missing)
+    assert checked > 30  # the scan saw the sources (2026-12: 136 torch names, 39 Triton ones)
+    assert not missing, f"{package} {module.__version__} lacks:\n" + "\n".join(missing)

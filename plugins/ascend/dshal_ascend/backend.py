@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def weight_format_paths(routes: Mapping[str, Any], int8_experts: bool) -> dict[str, dict[str, OpPath]]:
     """``Capabilities.op_paths``: linear and moe_experts per weight format, as the op code routes
-    them (``op_kinds`` has one kind per op; ``linear[fp8]``-style keys keep the FP8 ones apart)."""
+    them (``op_kinds`` has one kind per op: the float/int8 path)."""
     decoded = OpPath("emulated", "FP8 weight decoded to bf16 once (integer ops), activations rounded as the "
                      "weight's FP8 scheme, bf16 matmul")
     paths: dict[str, dict[str, OpPath]] = {}
@@ -66,7 +66,7 @@ def release_capabilities(
         # 910B (Atlas A2) and 910C (A3) have no FP8 units: FP8 ops decode to bf16.
         fp8_formats=(),
         native_e4m3="e4m3fn",  # what fmt="e4m3" decodes as in the emulated path
-        op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op.split("[")[0]].kind != "reference"},
+        op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op].kind != "reference"},
         op_paths=weight_format_paths(routes, int8_experts),
         dist_backend="hccl",
         memory_bytes=memory_bytes,

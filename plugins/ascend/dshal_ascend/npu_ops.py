@@ -57,11 +57,10 @@ OP_NAMES = (
     "dequantize_fp8", "quantize_int8", "fp8_gemm", "int8_gemm", "linear", "rms_norm", "silu_and_mul",
     "rotary_embedding", "attention", "moe_gate", "moe_experts",
 )
-#: How each op is served on 910B (``Capabilities.op_kinds``). ``linear`` and ``moe_experts`` are
-#: native for float and int8 weights; their FP8-weight paths are listed apart as emulated.
-OP_KINDS = {name: "native" for name in OP_NAMES} | {
-    "dequantize_fp8": "emulated", "fp8_gemm": "emulated", "linear[fp8]": "emulated", "moe_experts[fp8]": "emulated",
-}
+#: How each op is served on 910B (``Capabilities.op_kinds``: one kind per op). ``linear`` and
+#: ``moe_experts`` are native for float and int8 weights; their FP8-weight paths (emulated) are
+#: in ``Capabilities.op_paths`` (:func:`dshal_ascend.backend.weight_format_paths`).
+OP_KINDS = {name: "native" for name in OP_NAMES} | {"dequantize_fp8": "emulated", "fp8_gemm": "emulated"}
 
 
 def import_torch_npu() -> Any:
