@@ -42,7 +42,7 @@ environment:
   DSHAL_CPU_KERNELS  0 = no C kernels for the cpu backend (torch serves their ops)
   DSHAL_CACHE_DIR    where built C kernels are kept (default ~/.cache/dshal)
   DSHAL_CPU_DEQUANT_CACHE_GIB  cpu backend: GiB of float32 copies of FP8 weights kept for
-                     prefill (least recently used dropped past it; 0 = none; default 1/4 of RAM)
+                     prefill (past it, dequantized per call; 0 = none; default 1/4 of RAM)
   DSHAL_CHECK_FINITE 0 = skip the load-time NaN/Inf scan of checkpoint weights
   DSHAL_PLUGIN_TIMEOUT_S  seconds a plugin's availability()/capabilities() may take (default 60)
 

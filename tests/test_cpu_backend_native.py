@@ -242,7 +242,11 @@ def _fp8_weights(count: int, n: int = 128, k: int = 256) -> list[tuple[torch.Ten
     return [quantize(torch.randn(n, k, generator=gen), (128, 128), "e4m3", None) for _ in range(count)]
 
 
-def test_dequantized_copies_stay_within_their_budget_least_recently_used_first():
+def test_dequantized_copies_stay_within_their_budget_first_come_kept():
+    """A full budget keeps the copies it has (a forward pass reuses them in the same order
+    every time) and dequantizes the others per call; a freed weight frees its room."""
+    import gc
+
     from dshal.backends.cpu_native import DequantizedWeights
     from dshal.ops.quant import dequantize_to
 
@@ -251,13 +255,16 @@ def test_dequantized_copies_stay_within_their_budget_least_recently_used_first()
     cache = DequantizedWeights(max_bytes=2 * one)
     d1, d2 = cache.get(w1, s1, (128, 128)), cache.get(w2, s2, (128, 128))
     assert cache.nbytes() == 2 * one
-    assert cache.get(w1, s1, (128, 128)) is d1  # a hit, and w1 is now the most recently used
-    d3 = cache.get(w3, s3, (128, 128))  # over budget: w2, the least recently used, goes
-    assert cache.nbytes() == 2 * one
-    assert cache.get(w1, s1, (128, 128)) is d1 and cache.get(w3, s3, (128, 128)) is d3
-    again = cache.get(w2, s2, (128, 128))
-    assert again is not d2 and torch.equal(again, d2)  # remade, the same values
+    d3 = cache.get(w3, s3, (128, 128))  # full: made, not kept
+    assert cache.nbytes() == 2 * one and cache.get(w3, s3, (128, 128)) is not d3
+    assert torch.equal(cache.get(w3, s3, (128, 128)), d3)
+    assert cache.get(w1, s1, (128, 128)) is d1 and cache.get(w2, s2, (128, 128)) is d2  # still hits
     assert torch.equal(d1, dequantize_to(w1, s1, (128, 128), torch.float32))
+    del w1, d1
+    gc.collect()
+    assert cache.nbytes() == one  # the copy died with its weight
+    kept = cache.get(w3, s3, (128, 128))
+    assert cache.get(w3, s3, (128, 128)) is kept and cache.nbytes() == 2 * one
 
 
 def test_a_copy_larger_than_the_budget_is_made_per_call_and_not_kept():

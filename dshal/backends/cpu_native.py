@@ -23,7 +23,6 @@ import contextlib
 import math
 import os
 import weakref
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -93,14 +92,15 @@ class DequantizedWeights:
     model's prefill ~3x slower than the same model in float32. A copy costs 4 bytes per
     weight element next to the FP8 byte, so unbounded an FP8 model would come to hold 5x its
     FP8 weight bytes. The copies therefore share a budget (:meth:`limit`:
-    ``DSHAL_CPU_DEQUANT_CACHE_GIB``, default a quarter of physical memory): past it the
-    least recently used copy is dropped and made again when next needed (a slower prefill,
-    never an out-of-memory), and a weight whose copy alone exceeds the budget is dequantized
-    per call. Decode steps never make one (they run on the C kernels, which read the FP8
-    bytes)."""
+    ``DSHAL_CPU_DEQUANT_CACHE_GIB``, default a quarter of physical memory). Once it is full,
+    a weight without a copy is dequantized per call and nothing is evicted: a forward pass
+    visits the weights in the same order every time, so keeping the first ones makes the
+    budget's share of them hit on every pass, where evicting the least recently used would
+    make every one miss. A slower prefill, never an out-of-memory. Decode steps never make a
+    copy (they run on the C kernels, which read the FP8 bytes)."""
 
     def __init__(self, max_bytes: int | None = None) -> None:
-        self._copies: OrderedDict[int, tuple[weakref.ref, int, torch.Tensor, int, torch.Tensor]] = OrderedDict()
+        self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor, int, torch.Tensor]] = {}
         self.max_bytes = max_bytes  # None: read limit() from the environment on each miss
 
     def limit(self) -> int:
@@ -117,19 +117,19 @@ class DequantizedWeights:
         if held is not None:
             ref, version, held_scale, scale_version, dense = held
             if ref() is weight and version == weight._version and held_scale is scale and scale_version == scale._version:
-                self._copies.move_to_end(key)
                 return dense
-            del self._copies[key]
+            del self._copies[key]  # changed in place: its stale copy goes
         dense = dequantize_to(weight, scale.reshape(()) if block is None else scale, block, torch.float32)
         dense = dense.contiguous()  # K not a multiple of 128: a view into the block-padded product
-        budget, size = self.limit(), dense.numel() * 4
-        if size > budget:
-            return dense
-        while self._copies and self.nbytes() + size > budget:
-            self._copies.popitem(last=False)
+        if self.nbytes() + dense.numel() * 4 > self.limit():
+            return dense  # the budget is full: this weight is dequantized per call
         ref = weakref.ref(weight, lambda _, key=key, copies=self._copies: copies.pop(key, None))
         self._copies[key] = (ref, weight._version, scale, scale._version, dense)
         return dense
+
+    def clear(self) -> None:
+        """Drop every copy (they are remade on next use)."""
+        self._copies.clear()
 
     def nbytes(self) -> int:
         """Bytes held by the copies (for memory reports)."""

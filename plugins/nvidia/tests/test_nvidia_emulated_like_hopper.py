@@ -19,6 +19,8 @@ from dshal_nvidia import NvidiaBackend
 
 ensure_interpreter_if_cpu("cpu")  # before anything imports triton
 
+pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
+
 
 def test_emulated_target_accepts_the_fp8_dtypes_hopper_does():
     emulated = NvidiaBackend(emulate=True).kernel_target()
