@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,25 +92,59 @@ def _shards(src: Path) -> Iterator[Path]:
     yield from found
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path) -> dict[str, int]:
+@dataclass(frozen=True)
+class ShardDone:
+    """One converted shard, for progress reports: its position, name, weights converted and
+    seconds taken, and the seconds all shards so far took."""
+
+    index: int
+    total: int
+    name: str
+    converted: int
+    seconds: float
+    elapsed: float
+
+    def line(self) -> str:
+        """``[i/N] name: k weights -> int8 in t s; ~T left`` (the estimate: the mean shard so far)."""
+        left = self.elapsed / self.index * (self.total - self.index)
+        eta = f"; ~{_duration(left)} left" if self.index < self.total else f"; {_duration(self.elapsed)} in all"
+        return f"[{self.index}/{self.total}] {self.name}: {self.converted} weights -> int8 in {self.seconds:.1f} s{eta}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, on_shard: Callable[[ShardDone], None] | None = None
+) -> dict[str, int]:
     """Convert a Hugging Face ``deepseek_v3`` checkpoint directory shard by shard (a weight's
     ``weight_scale_inv`` lives in the same shard in DeepSeek's releases). Non-tensor files
     are copied; ``config.json`` loses its FP8 ``quantization_config`` and records the int8
-    scheme; the safetensors index maps the new ``weight_scale`` names. Returns counts."""
+    scheme; the safetensors index maps the new ``weight_scale`` names. ``on_shard`` is
+    called after each shard (DeepSeek-V3 has 163 and the conversion runs for hours on few
+    threads: benchmarks/RESULTS.md). Returns counts."""
     from safetensors.torch import load_file, save_file
 
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise DshalError(f"convert: destination {dst} is the source; choose another directory")
+    shards = list(_shards(src))
     dst.mkdir(parents=True, exist_ok=True)
     converted = 0
     weight_map: dict[str, str] = {}
-    for shard in _shards(src):
+    start = time.monotonic()
+    for index, shard in enumerate(shards, start=1):
+        began = time.monotonic()
         tensors = load_file(str(shard))
         result = convert_state_dict(tensors)
-        converted += sum(1 for n in result if n.endswith(INT8_SCALE_SUFFIX) and n not in tensors)
+        here = sum(1 for n in result if n.endswith(INT8_SCALE_SUFFIX) and n not in tensors)
+        converted += here
         save_file(result, str(dst / shard.name), metadata={"format": "pt"})
         weight_map.update({n: shard.name for n in result})
+        if on_shard is not None:
+            now = time.monotonic()
+            on_shard(ShardDone(index, len(shards), shard.name, here, now - began, now - start))
     for path in src.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and path.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy2(path, dst / path.name)
@@ -129,9 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dshal-ascend-convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="DeepSeek-V3 checkpoint directory, FP8 or bf16 (config.json + *.safetensors)")
     parser.add_argument("dst", help="output directory for the W8A8 int8 checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no line per converted shard")
     args = parser.parse_args(argv)
+
+    def report(done: ShardDone) -> None:
+        print(done.line(), flush=True)
+
     try:
-        counts = convert_checkpoint(args.src, args.dst)
+        counts = convert_checkpoint(args.src, args.dst, on_shard=None if args.quiet else report)
     except DshalError as err:
         print(f"error: {err}")
         return 1

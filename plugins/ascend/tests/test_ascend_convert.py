@@ -75,6 +75,30 @@ def test_ascend_convert_checkpoint_directory(tmp_path):
     assert main([str(tmp_path / "missing"), str(dst)]) == 1
 
 
+def test_ascend_convert_reports_each_shard_with_an_estimate(tmp_path, capsys):
+    """Hours on a full checkpoint: one line per shard, with what is left."""
+    src, dst = tmp_path / "fp8", tmp_path / "int8"
+    src.mkdir()
+    for i, rows in ((1, 128), (2, 256)):
+        w, s = _fp8_weight(rows, 128, i)
+        save_file({f"m{i}.weight": w, f"m{i}.weight_scale_inv": s}, str(src / f"model-0000{i}-of-00002.safetensors"))
+    assert main([str(src), str(dst)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/2] model-00001-of-00002.safetensors: 1 weights -> int8 in ") and "left" in lines[0]
+    assert lines[1].startswith("[2/2] model-00002-of-00002.safetensors: 1 weights -> int8 in ") and "in all" in lines[1]
+    assert lines[2].startswith("converted 2 weights to int8")
+    assert main([str(src), str(tmp_path / "again"), "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("converted 2 weights")
+
+
+def test_ascend_convert_estimate_is_the_mean_shard_so_far():
+    from dshal_ascend.convert import ShardDone
+
+    assert ShardDone(1, 4, "a", 3, 10.0, 10.0).line() == "[1/4] a: 3 weights -> int8 in 10.0 s; ~30 s left"
+    assert ShardDone(2, 163, "b", 5, 50.0, 100.0).line().endswith("; ~2.2 h left")  # 50 s x 161 shards = 8050 s
+    assert ShardDone(3, 3, "c", 0, 1.0, 90.0).line().endswith("; 1.5 min in all")
+
+
 def test_ascend_convert_bf16_checkpoint_layout():
     """A bf16 checkpoint: every projection (experts in the per-expert HF layout included) becomes
     int8 [N, K] + float32 weight_scale [N, 1]; embedding, lm_head, router and norms stay."""
