@@ -103,6 +103,23 @@ def test_fp8_payloads_stay_on_the_host_until_converted(no_fp8_storage):
     assert tensors["layers.1.self_attn.q_b_proj.weight"].dtype == torch.int8
 
 
+def test_a_large_host_conversion_is_announced_with_its_cost(caplog):
+    """Hours for DeepSeek-V3 on a few threads: the loader says so before converting."""
+    from dshal.model.loader import warn_host_conversion
+
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    load_weights(model, _reader(), "meta", fp8_on_host=True)
+    held = sum(t.numel() for t in _tensors(model).values() if t.dtype in FP8 and t.device.type == "cpu")
+    with caplog.at_level("WARNING", logger="dshal"):
+        assert warn_host_conversion(model, threshold=held + 1) == held and not caplog.records  # below: silent
+        assert warn_host_conversion(model, threshold=held) == held
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "FP8 parameters are converted on the host" in message and "converted to int8 once" in message
+    assert f"on {torch.get_num_threads()} thread(s)" in message
+
+
 def test_host_weights_are_converted_by_the_references():
     """A weight held off the model's device is converted by the op references (the backend's
     providers take only tensors on its device); one on the device by the active runtime."""

@@ -22,6 +22,7 @@ converted tensors, so no float8 tensor ever reaches that device.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -41,6 +42,8 @@ from dshal.model.precision import apply_precision, checkpoint_name, refuse_fp8_w
 from dshal.model.weights import conversion_ops, dequantize_weight
 from dshal.ops.spec import FP8_DTYPES
 from dshal.runtime import current
+
+log = logging.getLogger("dshal")
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -330,6 +333,31 @@ def load_weights(
         raise CheckpointError(f"checkpoint {reader.path}: parameters left unloaded: {', '.join(left[:5])}")
     cos, sin = _rope(args, device)
     model.rope_cos, model.rope_sin = cos, sin
+    if fp8_on_host:
+        warn_host_conversion(model)
+
+
+#: FP8 parameters held on the host for conversion at load above which the loader warns.
+HOST_CONVERSION_WARN_PARAMS = 1_000_000_000
+#: What that conversion measured per torch thread (benchmarks/host_fp8_to_int8.py, 2026-12-05).
+HOST_CONVERSION_PARAMS_PER_S_PER_THREAD = 40e6
+
+
+def warn_host_conversion(model: nn.Module, threshold: int = HOST_CONVERSION_WARN_PARAMS) -> int:
+    """Count the FP8 parameters ``model`` holds on the host for conversion at load (a backend
+    without ``Capabilities.fp8_storage``) and, from ``threshold`` on, warn how long that may
+    take: the whole of DeepSeek-V3 takes hours on a few threads. Returns the count."""
+    count = sum(p.numel() for p in model.parameters() if p.dtype in FP8_DTYPES.values() and p.device.type == "cpu")
+    if count >= threshold:
+        threads = torch.get_num_threads()
+        minutes = count / (HOST_CONVERSION_PARAMS_PER_S_PER_THREAD * threads) / 60
+        log.warning(
+            "dshal: %.1fB FP8 parameters are converted on the host at this load (the device cannot hold float8 "
+            "tensors); measured ~40 M parameters/s per thread, that is at least %.0f min on %d thread(s). A checkpoint "
+            "converted to int8 once (see your backend's documentation) loads without it",
+            count / 1e9, minutes, threads,
+        )
+    return count
 
 
 def _rope(args: ModelArgs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
