@@ -9,6 +9,8 @@
   lack e4m3fnuz), they are skipped with that reason instead of failing inside Triton.
 """
 
+import signal
+
 import pytest
 
 from dshal.kernels.triton import ensure_interpreter_if_cpu
@@ -48,3 +50,16 @@ def cpu_rowwise_scaled_mm_refusal():
     except RuntimeError as err:
         return f"torch {torch.__version__}: torch._scaled_mm refuses rowwise scales on CPU ({str(err).splitlines()[0][:200]})"
     return None
+
+
+def _sigint_default_and_unblocked() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@pytest.fixture
+def sigint_deliverable():
+    """``preexec_fn`` for a child a test presses Ctrl-C on: SIGINT at its default and not
+    blocked, whatever the test worker inherited or set (an ignored or blocked SIGINT passes to
+    children through fork and exec, and a child that never sees the signal hangs the test)."""
+    return _sigint_default_and_unblocked

@@ -168,12 +168,13 @@ def test_a_plugin_cannot_take_over_an_op_by_assignment(install_plugin):
     torch.testing.assert_close(dshal.ops.rms_norm(x, w), dshal.ops.reference.rms_norm(x, w))
 
 
-def test_real_ctrl_c_during_a_hung_probe_exits_130(install_plugin, tmp_path):
+def test_real_ctrl_c_during_a_hung_probe_exits_130(install_plugin, tmp_path, sigint_deliverable):
     install_plugin("sleeps_in_availability", {"sleepy": "SleepyBackend"})
     marker = tmp_path / "probing"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "DSHAL_TEST_MARKER": str(marker)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dshal", "info"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "dshal", "info"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=sigint_deliverable,
     )
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:  # wait until the hung probe runs

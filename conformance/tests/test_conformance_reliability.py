@@ -132,7 +132,7 @@ def test_matrix_warns_on_duplicates_and_contradicting_summaries_and_tags_identic
 
 
 # ----------------------------------------------------------------- Ctrl-C
-def test_ctrl_c_during_op_cases_exits_130_without_a_report(tmp_path):
+def test_ctrl_c_during_op_cases_exits_130_without_a_report(tmp_path, sigint_deliverable):
     site = tmp_path / "site"
     info = site / "dshal_slow-0.0.1.dist-info"
     info.mkdir(parents=True)
@@ -147,7 +147,7 @@ def test_ctrl_c_during_op_cases_exits_130_without_a_report(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "dshal", "conformance", "--backend", "slow", "--ops", "rms_norm",
          "--no-collectives", "--report-dir", str(out), "--quiet"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_deliverable,
     )
     deadline = time.monotonic() + 120
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:

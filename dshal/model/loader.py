@@ -344,10 +344,11 @@ HOST_CONVERSION_PARAMS_PER_S_PER_THREAD = 40e6
 
 
 def warn_host_conversion(model: nn.Module, threshold: int = HOST_CONVERSION_WARN_PARAMS) -> int:
-    """Count the FP8 parameters ``model`` holds on the host for conversion at load (a backend
-    without ``Capabilities.fp8_storage``) and, from ``threshold`` on, warn how long that may
-    take: the whole of DeepSeek-V3 takes hours on a few threads. Returns the count."""
-    count = sum(p.numel() for p in model.parameters() if p.dtype in FP8_DTYPES.values() and p.device.type == "cpu")
+    """Count the FP8 parameters of ``model`` just loaded for a backend without
+    ``Capabilities.fp8_storage`` (all of them are on the host, for conversion) and, from
+    ``threshold`` on, warn how long that may take: the whole of DeepSeek-V3 takes hours on a
+    few threads. Returns the count."""
+    count = sum(p.numel() for p in model.parameters() if p.dtype in FP8_DTYPES.values())  # all held back for it
     if count >= threshold:
         threads = torch.get_num_threads()
         minutes = count / (HOST_CONVERSION_PARAMS_PER_S_PER_THREAD * threads) / 60
