@@ -4,9 +4,10 @@
   Triton reads ``TRITON_INTERPRET`` when ``triton`` is first imported: set it before any
   test module can import triton, so test order never decides which mode a worker gets.
 * Every test starts without an active dshal runtime.
-* Tests marked ``needs_interpreter`` run dshal's Triton kernels on CPU tensors: where the
-  installed Triton's interpreter cannot (``dshal.versions.interpreter_refusal``: 3.6 and 3.7
-  lack e4m3fnuz), they are skipped with that reason instead of failing inside Triton.
+* Tests marked ``needs_interpreter`` run dshal's Triton kernels on CPU tensors: without
+  Triton (an optional extra), or where the installed Triton's interpreter cannot
+  (``dshal.versions.interpreter_refusal``: 3.6 and 3.7 lack e4m3fnuz), they are skipped with
+  that reason instead of failing.
 """
 
 import signal
@@ -21,7 +22,8 @@ ensure_interpreter_if_cpu()
 def pytest_collection_modifyitems(config, items):
     from dshal.versions import installed, interpreter_refusal
 
-    why = interpreter_refusal(installed("triton"))
+    version = installed("triton")
+    why = interpreter_refusal(version) if version else "triton is not installed (pip install 'dshal[triton]')"
     if why is None:
         return
     for item in items:
