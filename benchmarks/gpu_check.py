@@ -312,9 +312,9 @@ def stage_device(check: Check, backend: Any, dry_run: bool) -> None:
     import torch
 
     import dshal  # lazy: dshal is installed by this script's first step
-    from dshal.versions import stack_report  # lazy: as above
 
     info = next(i for i in dshal.backends(emulate=dry_run) if i.name == "nvidia")
+    stack = stack_facts()
     device: dict[str, Any] = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -323,8 +323,8 @@ def stage_device(check: Check, backend: Any, dry_run: bool) -> None:
         "dry_run": dry_run,
         "nvidia_available": info.available,
         "nvidia_reason": info.reason,
-        "supported_versions": stack_report(),
-        "stack": stack_facts(),
+        "supported_versions": stack["versions"],
+        "stack": stack,
     }
     if torch.cuda.is_available():
         index = backend.device().index

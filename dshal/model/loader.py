@@ -354,9 +354,9 @@ def warn_host_conversion(model: nn.Module, threshold: int = HOST_CONVERSION_WARN
         minutes = count / (HOST_CONVERSION_PARAMS_PER_S_PER_THREAD * threads) / 60
         log.warning(
             "dshal: %.1fB FP8 parameters are converted on the host at this load (the device cannot hold float8 "
-            "tensors); measured ~40 M parameters/s per thread, that is at least %.0f min on %d thread(s). A checkpoint "
+            "tensors); measured ~%.0f M parameters/s per thread, that is at least %.0f min on %d thread(s). A checkpoint "
             "converted to int8 once (see your backend's documentation) loads without it",
-            count / 1e9, minutes, threads,
+            count / 1e9, HOST_CONVERSION_PARAMS_PER_S_PER_THREAD / 1e6, minutes, threads,
         )
     return count
 

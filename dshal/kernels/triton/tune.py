@@ -24,6 +24,7 @@ import datetime
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def tune(
     time_tiles: bool,
     log: Any = print,
     budget_s: float | None = None,
-    on_entry: Any = None,
+    on_entry: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per (N, K, M bucket): each tile of the space checked against the reference
     (DeepGEMM similarity < 1e-3) and, when ``time_tiles``, timed in microseconds.
