@@ -1,11 +1,14 @@
 """Repository-wide pytest setup.
 
-* Without a CUDA/ROCm device, Triton kernels can only run under the interpreter, and
-  Triton reads ``TRITON_INTERPRET`` when ``triton`` is first imported: set it before any
-  test module can import triton, so test order never decides which mode a worker gets.
+* The session's Triton mode is decided here, once, before any test module can import
+  triton (Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, so test order must
+  never decide it): the interpreter without a CUDA/ROCm device, compiled with one or with
+  ``TRITON_INTERPRET=0`` (``dshal.kernels.triton.compiled_mode_reason``). Test modules
+  never switch it themselves.
 * Every test starts without an active dshal runtime.
-* Tests marked ``needs_interpreter`` run dshal's Triton kernels on CPU tensors: without
-  Triton (an optional extra), or where the installed Triton's interpreter cannot
+* Tests marked ``needs_interpreter`` run dshal's Triton kernels on CPU tensors: in a
+  compiled-mode session (a GPU machine: ``TRITON_INTERPRET=1 pytest`` runs them there),
+  without Triton (an optional extra), or where the installed Triton's interpreter cannot
   (``dshal.versions.interpreter_refusal``: 3.6 and 3.7 lack e4m3fnuz), they are skipped with
   that reason instead of failing.
 """
@@ -14,16 +17,21 @@ import signal
 
 import pytest
 
-from dshal.kernels.triton import ensure_interpreter_if_cpu
+from dshal.kernels.triton import compiled_mode_reason, ensure_interpreter_if_cpu
 
-ensure_interpreter_if_cpu()
+COMPILED_MODE_REASON = compiled_mode_reason()
+if COMPILED_MODE_REASON is None:
+    ensure_interpreter_if_cpu("cpu")
 
 
 def pytest_collection_modifyitems(config, items):
     from dshal.versions import installed, interpreter_refusal
 
     version = installed("triton")
-    why = interpreter_refusal(version) if version else "triton is not installed (pip install 'dshal[triton]')"
+    if COMPILED_MODE_REASON is not None:
+        why = COMPILED_MODE_REASON
+    else:
+        why = interpreter_refusal(version) if version else "triton is not installed (pip install 'dshal[triton]')"
     if why is None:
         return
     for item in items:

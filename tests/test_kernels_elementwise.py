@@ -3,16 +3,10 @@ against the reference ops."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:  # find_spec: importing triton now would be too early
-    pytest.skip("the Triton kernels need the triton package", allow_module_level=True)
-from dshal.kernels.triton import ensure_interpreter_if_cpu  # noqa: E402
-
-ensure_interpreter_if_cpu("cpu")  # before triton and the kernel modules are imported (read at decoration)
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")  # mode: root conftest
 from dshal.errors import DeviceError, DTypeError, ShapeError  # noqa: E402
 from dshal.kernels.triton.activation import silu_and_mul, silu_and_mul_fp8_quant  # noqa: E402
 from dshal.kernels.triton.norm import rms_norm  # noqa: E402

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:  # find_spec: importing triton now would be too early
-    pytest.skip("the Triton kernels need the triton package", allow_module_level=True)
-from dshal.kernels.triton import ensure_interpreter_if_cpu  # noqa: E402
-
-ensure_interpreter_if_cpu("cpu")  # before triton and the kernel modules are imported (read at decoration)
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")  # mode: root conftest
 from dshal.errors import DeviceError, DTypeError, ShapeError, UnsupportedOpError  # noqa: E402
 from dshal.kernels.triton.gemm import fp8_block_gemm  # noqa: E402
 from dshal.kernels.triton.target import KernelTarget, shipped_target  # noqa: E402

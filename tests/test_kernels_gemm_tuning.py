@@ -3,17 +3,12 @@ no timing inside a graph capture, decode tiles with split-K, and ``dshal tune --
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:  # find_spec: importing triton now would be too early
-    pytest.skip("the Triton kernels need the triton package", allow_module_level=True)
-from dshal.kernels.triton import ensure_interpreter_if_cpu  # noqa: E402
-
-ensure_interpreter_if_cpu("cpu")  # before the kernel modules are imported
+pytest.importorskip("triton", reason="the Triton kernels need the triton package")  # mode: root conftest
 
 from dshal.errors import DTypeError  # noqa: E402
 from dshal.kernels.triton import gemm  # noqa: E402

@@ -134,3 +134,50 @@ def test_interpreter_switch_and_lazy_triton_import():
     assert report["triton_after_import"] is False
     assert report["late"].startswith("BackendUnavailableError")
     assert "triton was imported before TRITON_INTERPRET=1" in report["late"]
+
+
+@pytest.mark.parametrize(
+    ("env", "gpu_present", "expected"),
+    [
+        (None, False, None),  # a CPU machine: the interpreter
+        ("", False, None),  # empty counts as unset
+        (None, True, "a GPU is present"),
+        ("1", True, None),  # asked for on a GPU machine: the emulated tests run there too
+        ("0", False, "TRITON_INTERPRET=0 in the environment"),
+        ("false", True, "TRITON_INTERPRET=false in the environment"),
+    ],
+)
+def test_compiled_mode_reason(monkeypatch, env, gpu_present, expected):
+    from dshal.kernels.triton import compiled_mode_reason
+
+    if env is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", env)
+    why = compiled_mode_reason(gpu_present=gpu_present)
+    if expected is None:
+        assert why is None
+    else:
+        assert expected in why
+        assert "TRITON_INTERPRET=1 runs" in why if gpu_present and not env else "Triton runs compiled" in why
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_a_compiled_mode_session_collects_everything_and_skips_the_emulated_tests():
+    """What ``pytest`` does on a GPU machine (compiled mode), shown on this CPU by choosing
+    compiled mode with TRITON_INTERPRET=0: no test module switches the mode at import, so
+    nothing errors at collection, and the interpreter tests skip with the session's reason."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist"]
+
+    collected = subprocess.run([*run, "--collect-only"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    assert " error" not in collected.stdout.splitlines()[-1], collected.stdout[-3000:]
+
+    modules = ["tests/test_kernels_quant.py", "plugins/nvidia/tests/test_nvidia_emulated_like_hopper.py"]
+    ran = subprocess.run([*run, "-rs", *modules], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    summary = ran.stdout.strip().splitlines()[-1]
+    assert "skipped" in summary and "passed" not in summary and "failed" not in summary, summary
+    assert "TRITON_INTERPRET=0 in the environment: Triton runs compiled" in ran.stdout

@@ -14,10 +14,7 @@ import torch
 
 import dshal
 from dshal.config import PrecisionConfig
-from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.model import random_model, tiny_args
-
-ensure_interpreter_if_cpu("cpu")  # before anything imports triton (read when kernels are decorated)
 
 
 def _installed(name: str) -> bool:

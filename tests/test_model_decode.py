@@ -14,12 +14,9 @@ import torch
 import dshal
 from dshal.config import PrecisionConfig
 from dshal.errors import ShapeError
-from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.model import random_model, tiny_args
 from dshal.model.decode import StaticDecoder, generate_with_graphs
 from dshal.perf.syncs import HostSyncCounter
-
-ensure_interpreter_if_cpu("cpu")  # before anything imports triton
 
 
 def _ids(args, batch=2, length=5):

@@ -44,6 +44,27 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def compiled_mode_reason(gpu_present: bool | None = None) -> str | None:
+    """Why Triton runs compiled (for a GPU) rather than under the interpreter in a process
+    that has not chosen yet, or None when the interpreter is the choice.
+
+    ``TRITON_INTERPRET`` set to a false value in the environment is an explicit choice of
+    compiled mode; unset, a CUDA/ROCm device (``gpu_present``; None: ask torch) chooses
+    compiled mode too. A test session decides this once, before anything imports triton:
+    kernels decorated in one mode cannot run in the other (see the module docstring)."""
+    chosen = os.environ.get("TRITON_INTERPRET", "").strip()
+    if chosen and not interpreter_requested():
+        return f"TRITON_INTERPRET={chosen} in the environment: Triton runs compiled"
+    if interpreter_requested():
+        return None
+    if torch.cuda.is_available() if gpu_present is None else gpu_present:
+        return (
+            "a GPU is present, so Triton runs compiled for it in this process; "
+            "TRITON_INTERPRET=1 runs the kernels on CPU tensors (emulated) instead"
+        )
+    return None
+
+
 def imported_kernel_modules() -> list[str]:
     """Names of the kernel modules already imported (and so already decorated)."""
     return [m for m in KERNEL_MODULES if f"{__name__}.{m}" in sys.modules]
@@ -115,6 +136,7 @@ def load_kernel_modules(device: torch.device | str | None = None) -> dict[str, M
 
 __all__ = [
     "KERNEL_MODULES",
+    "compiled_mode_reason",
     "ensure_interpreter_if_cpu",
     "imported_kernel_modules",
     "interpreter_blocked_reason",

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import dshal
-from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
 from dshal.plugin import lookup_peaks
 from dshal_amd import AMD_PEAKS, AmdBackend
@@ -20,8 +19,6 @@ pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see
 
 ON_ROCM = torch.cuda.is_available() and torch.version.hip is not None
 
-
-ensure_interpreter_if_cpu("cpu")  # before anything imports triton (read when functions are decorated)
 
 
 @pytest.fixture

@@ -12,12 +12,9 @@ import pytest
 import torch
 
 from dshal.errors import UnsupportedOpError
-from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
 from dshal.plugin import GemmPlan, shipped_target
 from dshal_nvidia import NvidiaBackend
-
-ensure_interpreter_if_cpu("cpu")  # before anything imports triton
 
 pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
 

@@ -14,10 +14,7 @@ import torch
 
 import dshal
 import dshal.plugin
-from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.ops import reference as ref
-
-ensure_interpreter_if_cpu("cpu")  # before anything imports triton (read when functions are decorated)
 
 pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
 
