@@ -17,7 +17,9 @@ What is here, and why a plugin needs it:
   op's reference math, what a plugin serves an input with when its own path does not take
   it), ``dequantize_fp8`` / ``quantize_int8`` (the references behind their input checks),
   and the format facts the ops share: ``FP8_DTYPES``, ``FP8_DTYPE_LIST``, ``FP8_FORMAT_OF``,
-  ``FLOAT_DTYPES``, ``dequantize_to``, ``GRANULARITY_BLOCKS``, ``gemm_granularity``.
+  ``FLOAT_DTYPES``, ``dequantize_to``, ``GRANULARITY_BLOCKS``, ``gemm_granularity``;
+  ``fp8_block_to_int8_rows`` (a 128x128-block FP8 weight to int8 rows on the host, the
+  references' bits: for a checkpoint converter).
 * **The GPU base** (``dshal.backends.triton_gpu``) -- :class:`TorchGpuBackend`, the class
   the torch-CUDA-API plugins (NVIDIA, AMD) subclass: it routes each op to a portable Triton
   kernel or a torch call from the facts the subclass declares (:class:`GemmPlan`,
@@ -73,7 +75,7 @@ from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.kernels.triton.target import SHIPPED_TARGETS, KernelTarget, TileConfig, shipped_target
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity
-from dshal.ops.quant import FP8_DTYPE_LIST, dequantize_to
+from dshal.ops.quant import FP8_DTYPE_LIST, dequantize_to, fp8_block_to_int8_rows
 from dshal.ops.reference import dequantize_fp8, quantize_int8
 from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF
 from dshal.parallel.placement import islands, place_groups, topology_from_matrix
@@ -108,6 +110,7 @@ __all__ = [
     "SPECS",
     "dequantize_fp8",
     "dequantize_to",
+    "fp8_block_to_int8_rows",
     "gemm_granularity",
     "quantize_int8",
     # the GPU base

@@ -26,6 +26,7 @@ from dshal.model.loader import load_weights, place_on_device
 from dshal.model.model import Transformer
 from dshal.model.precision import apply_precision
 from dshal.model.weights import conversion_ops
+from dshal.ops import reference as ref
 from dshal.ops.spec import FP8_DTYPES
 from dshal.parallel.groups import ParallelGroups, plan_groups
 from dshal.parallel.loading import build_parallel
@@ -90,9 +91,14 @@ def test_fp8_payloads_stay_on_the_host_until_converted(no_fp8_storage):
 
     with pytest.raises(DeviceError, match="cannot hold float8 tensors"):  # never placed as float8
         place_on_device(model, "meta", fp8_storage=False)
+    w13, w13_scale = held["layers.1.mlp.experts.w13"], held["layers.1.mlp.experts.w13_scale"]
     apply_precision(model, PrecisionConfig(gemm="auto"), device="meta")
     converted = _tensors(model)
     assert model.layers[1].mlp.experts.w13.dtype == torch.int8 and model.layers[1].mlp.experts.w13.device.type == "cpu"
+    # converted on the host in slabs (int8_rows): the composed references' bits
+    want_q, want_s = ref.quantize_int8(ref.dequantize_fp8(w13, w13_scale, (128, 128), torch.float32))
+    assert torch.equal(converted["layers.1.mlp.experts.w13"], want_q)
+    assert torch.equal(converted["layers.1.mlp.experts.w13_scale"], want_s)
     assert place_on_device(model, "meta", fp8_storage=False) > 0
     assert all(t.device.type == "meta" and t.dtype not in FP8 for t in _tensors(model).values())
     assert {n: t.dtype for n, t in converted.items()} == {n: t.dtype for n, t in _tensors(model).items()}
@@ -104,7 +110,7 @@ def test_fp8_payloads_stay_on_the_host_until_converted(no_fp8_storage):
 
 
 def test_a_large_host_conversion_is_announced_with_its_cost(caplog):
-    """Hours for DeepSeek-V3 on a few threads: the loader says so before converting."""
+    """Over an hour for DeepSeek-V3 on one thread: the loader says so before converting."""
     from dshal.model.loader import warn_host_conversion
 
     with torch.device("meta"):

@@ -190,3 +190,73 @@ def test_quant_ops_dispatch_on_cpu_backend():
     assert torch.allclose(qi.float() * si, x, atol=si.max().item() / 2 + 1e-7)
     with pytest.raises(DeviceError, match="expected a 'cpu' tensor"):
         dshal.ops.quantize_int8(torch.ones(2, 3, device="meta"))
+
+
+# ---------------------------------------------------------------- host FP8 -> int8 in slabs
+def _int8_by_references(q, scale):
+    return ref.quantize_int8(ref.dequantize_fp8(q, scale, (128, 128), torch.float32))
+
+
+def _fp8_weight(shape, fmt="e4m3", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, scale = ref.quantize_fp8(torch.randn(*shape, generator=g) / 16, (128, 128), fmt, None)
+    return q, scale * torch.rand(scale.shape, generator=g) * 4  # the blocks' scales differ widely
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (256, 384),  # whole blocks
+        (576, 7168),  # kv_a_proj_with_mqa: N is 4.5 row blocks
+        (200, 300),  # partial row and column blocks
+        (130, 100),  # K under one block
+        (1, 128),
+        (3, 130, 260),  # stacked experts [E, N, K]
+    ],
+)
+@pytest.mark.parametrize("fmt", ["e4m3", "e4m3fnuz"])
+def test_fp8_block_to_int8_rows_is_the_references_bit_for_bit(shape, fmt):
+    from dshal.ops.quant import fp8_block_to_int8_rows
+
+    q, scale = _fp8_weight(shape, fmt)
+    got_q, got_s = fp8_block_to_int8_rows(q, scale)
+    want_q, want_s = _int8_by_references(q, scale)
+    assert got_q.dtype == torch.int8 and got_s.dtype == torch.float32 and got_s.shape == (*shape[:-1], 1)
+    assert torch.equal(got_q, want_q) and torch.equal(got_s, want_s)
+
+
+def test_fp8_block_to_int8_rows_edge_rows_follow_the_references():
+    from dshal.ops.quant import fp8_block_to_int8_rows
+
+    q, scale = _fp8_weight((384, 256))
+    bits = q.view(torch.uint8)
+    bits[5] = 0  # an all-zero row: scale 1
+    bits[130, 7] = 0x7F  # NaN (e4m3fn) in the second slab: the references' rule (NaN -> 0, not in the amax)
+    bits[131, :] = 0x01  # subnormals only
+    scale[2, 1] = 1e-30  # a block whose values underflow float32's normal range
+    got_q, got_s = fp8_block_to_int8_rows(q, scale)
+    want_q, want_s = _int8_by_references(q, scale)
+    assert torch.equal(got_q, want_q) and torch.equal(got_s, want_s)
+    assert got_s[5].item() == 1.0 and got_q[130, 7].item() == 0
+    # float64 scales: the references compute in float64, and so does the helper
+    got64 = fp8_block_to_int8_rows(q, scale.double())
+    want64 = _int8_by_references(q, scale.double())
+    assert torch.equal(got64[0], want64[0]) and torch.equal(got64[1], want64[1])
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "words"),
+    [
+        ((torch.zeros(128, 128), torch.ones(1, 1)), DTypeError, "argument 'q' has dtype torch.float32"),
+        ((torch.zeros(128, dtype=torch.float8_e4m3fn), torch.ones(1)), ShapeError, "argument 'q' must have at least 2"),
+        ((torch.zeros(256, 128, dtype=torch.float8_e4m3fn), torch.ones(1, 1)), ShapeError, "argument 'scale' has shape [1, 1], expected [2, 1]"),
+        ((torch.zeros(128, 128, dtype=torch.float8_e4m3fn), torch.ones(1, 1, dtype=torch.bfloat16)), DTypeError, "argument 'scale' has dtype torch.bfloat16"),
+        ((torch.zeros(128, 128, dtype=torch.float8_e4m3fn, device="meta"), torch.ones(1, 1)), DeviceError, "argument 'q' is on meta, expected cpu"),
+    ],
+)
+def test_fp8_block_to_int8_rows_rejects_bad_input(args, error, words):
+    from dshal.ops.quant import fp8_block_to_int8_rows
+
+    with pytest.raises(error) as caught:
+        fp8_block_to_int8_rows(*args)
+    assert words in str(caught.value)

@@ -339,15 +339,16 @@ def load_weights(
 
 #: FP8 parameters held on the host for conversion at load above which the loader warns.
 HOST_CONVERSION_WARN_PARAMS = 1_000_000_000
-#: What that conversion measured per torch thread (benchmarks/host_fp8_to_int8.py, 2026-12-05).
-HOST_CONVERSION_PARAMS_PER_S_PER_THREAD = 40e6
+#: What that conversion measured per torch thread: the slowest DeepSeek-V3 shape through
+#: ``int8_rows`` (benchmarks/host_fp8_to_int8.py --threads 1, 2-core AMD EPYC, 2026-12-05).
+HOST_CONVERSION_PARAMS_PER_S_PER_THREAD = 150e6
 
 
 def warn_host_conversion(model: nn.Module, threshold: int = HOST_CONVERSION_WARN_PARAMS) -> int:
     """Count the FP8 parameters of ``model`` just loaded for a backend without
     ``Capabilities.fp8_storage`` (all of them are on the host, for conversion) and, from
-    ``threshold`` on, warn how long that may take: the whole of DeepSeek-V3 takes hours on a
-    few threads. Returns the count."""
+    ``threshold`` on, warn how long that may take: the whole of DeepSeek-V3 takes over an hour
+    on one thread. Returns the count."""
     count = sum(p.numel() for p in model.parameters() if p.dtype in FP8_DTYPES.values())  # all held back for it
     if count >= threshold:
         threads = torch.get_num_threads()

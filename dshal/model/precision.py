@@ -45,6 +45,7 @@ from dshal.model.weights import (
     conversion_ops,
     convert_fp8_format,
     dequantize_weight,
+    int8_rows,
     precision_label,
     stored_mode,
     weight_block,
@@ -80,7 +81,7 @@ def _quantize(
     if mode == INT8:
         if weight.dtype == torch.int8 and scale is not None:
             return weight, scale  # already W8A8: keep the checkpoint's bits
-        return ops.quantize_int8(dequantize_weight(weight, scale, torch.float32))
+        return int8_rows(weight, scale)
     block = WEIGHT_BLOCKS[mode]
     if scale is not None and weight.dtype in FP8_FORMAT_OF and weight_block(weight, scale) == block:
         return convert_fp8_format(weight, scale, fmt)  # already in this layout: keep the checkpoint's bits

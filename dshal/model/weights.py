@@ -11,6 +11,7 @@ import torch
 
 from dshal import ops
 from dshal.errors import ConfigError
+from dshal.ops.quant import SCALE_DTYPES, fp8_block_to_int8_rows
 from dshal.ops.spec import FP8_DTYPES, FP8_FORMAT_OF
 from dshal.runtime import reference_ops
 
@@ -44,6 +45,23 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: t
         return (weight.to(torch.float32) * scale.to(torch.float32)).to(dtype)
     block = weight_block(weight, scale)
     return ops.dequantize_fp8(weight, scale.reshape(()) if block is None else scale, block, dtype)
+
+
+def int8_rows(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (float, or FP8 with its scale) as int8 with one scale per output row
+    ``(int8 [..., N, K], float32 [..., N, 1])``. An FP8 weight with 128x128 block scales on
+    the host (a checkpoint converted for a device that cannot hold float8) takes
+    :func:`dshal.ops.quant.fp8_block_to_int8_rows`: the references' bits, in cache-sized
+    slabs; everything else dequantizes, then ``ops.quantize_int8``."""
+    if (
+        scale is not None
+        and weight.device.type == "cpu"
+        and weight.dtype in FP8_FORMAT_OF
+        and scale.dtype in SCALE_DTYPES
+        and weight_block(weight, scale) == (128, 128)
+    ):
+        return fp8_block_to_int8_rows(weight, scale)
+    return ops.quantize_int8(dequantize_weight(weight, scale, torch.float32))
 
 
 def convert_fp8_format(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +120,7 @@ __all__ = [
     "conversion_ops",
     "convert_fp8_format",
     "dequantize_weight",
+    "int8_rows",
     "precision_label",
     "stored_mode",
     "weight_block",

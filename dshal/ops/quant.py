@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dshal.errors import ArgumentError, DTypeError, ShapeError
+from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from dshal.ops.examples import Draw, Example, fill_pattern
 from dshal.ops.spec import (
     FLOAT_DTYPES,
@@ -250,6 +250,61 @@ def _quantize_int8_cost(x):
     n = x.numel()
     rows = n // x.shape[-1] if x.shape[-1] else 0
     return Cost(flops=5 * n, bytes=n * x.element_size() + n + 4 * rows)
+
+
+# ---------------------------------------------------------------- host FP8 -> int8
+#: Rows converted at a time by :func:`fp8_block_to_int8_rows`: one 128-row block of scales,
+#: a float32 slab that stays in cache (3.5 MiB at K = 7168).
+HOST_CHUNK_ROWS = 128
+
+
+def fp8_block_to_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 ``q [..., N, K]`` with 128x128 block scales ``[..., ceil(N/128), ceil(K/128)]`` ->
+    int8 ``[..., N, K]`` with one float32 scale per row ``[..., N, 1]``: bit for bit
+    ``quantize_int8(dequantize_fp8(q, scale, (128, 128), float32))`` by the references, for
+    host (CPU) tensors, which is how a checkpoint is converted for a device that cannot hold
+    float8 (the references' ~9 passes over float32 copies become 6 in place over one 128-row
+    slab at a time; benchmarks/host_fp8_to_int8.py). A slab holding NaN or Inf is computed by
+    the references themselves. Wrong dtypes, shapes or a device other than the CPU raise
+    :class:`~dshal.errors.DshalError` subclasses that name the argument."""
+    op = "fp8_block_to_int8_rows"
+    check_tensor(op, "q", q, dtypes=FP8_DTYPE_LIST, min_ndim=2)
+    check_tensor(op, "scale", scale, dtypes=SCALE_DTYPES)
+    want = scale_shape(q.shape, (128, 128))
+    if tuple(scale.shape) != want:
+        raise ShapeError(f"{op}: argument 'scale' has shape {list(scale.shape)}, expected {list(want)} (128x128 blocks of q {list(q.shape)})")
+    for arg, t in (("q", q), ("scale", scale)):
+        if t.device.type != "cpu":
+            raise DeviceError(f"{op}: argument {arg!r} is on {t.device}, expected cpu (a host conversion)")
+    n, k = q.shape[-2], q.shape[-1]
+    lead = q.shape[:-2]
+    if scale.dtype == torch.float64 or n == 0 or k == 0:  # float64 scales: the references compute in float64
+        return _quantize_int8_reference(dequantize_to(q, scale, (128, 128), compute_dtype(scale.dtype)).to(torch.float32))
+    rows_q, rows_s = q.reshape(-1, n, k), scale.reshape(-1, *scale.shape[-2:]).to(torch.float32)
+    out = torch.empty((rows_q.shape[0], n, k), dtype=torch.int8)
+    scales = torch.empty((rows_q.shape[0], n, 1), dtype=torch.float32)
+    slab = torch.empty((min(HOST_CHUNK_ROWS, n), k), dtype=torch.float32)
+    k_whole = k - k % 128  # columns in whole 128-wide blocks; the rest share the last block's scale
+    for e in range(rows_q.shape[0]):
+        for r0 in range(0, n, HOST_CHUNK_ROWS):
+            r1 = min(r0 + HOST_CHUNK_ROWS, n)
+            x = slab[: r1 - r0]
+            x.copy_(rows_q[e, r0:r1])
+            block_scales = rows_s[e, r0 // 128]  # [ceil(K/128)]: HOST_CHUNK_ROWS is one row block
+            if k_whole:
+                x[:, :k_whole].unflatten(1, (k_whole // 128, 128)).mul_(block_scales[: k_whole // 128, None])
+            if k_whole < k:
+                x[:, k_whole:].mul_(block_scales[-1])
+            low, high = torch.aminmax(x, dim=1, keepdim=True)
+            amax = torch.maximum(high, low.neg_())
+            if not bool(torch.isfinite(amax).all()):  # NaN / Inf: the references' rules for them
+                dense = dequantize_to(rows_q[e, r0:r1], rows_s[e, r0 // 128 : r0 // 128 + 1], (128, 128), torch.float32)
+                out[e, r0:r1], scales[e, r0:r1] = _quantize_int8_reference(dense)
+                continue
+            row_scale = _scale_from_amax(amax, 127.0, None)
+            out[e, r0:r1].copy_(x.div_(row_scale).round_().clamp_(-127, 127))
+            scales[e, r0:r1] = row_scale
+    return out.reshape(*lead, n, k), scales.reshape(*lead, n, 1)
 
 
 # ---------------------------------------------------------------- examples

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from dshal.plugin import FP8_DTYPE_LIST, DshalError, DTypeError, ShapeError, dequantize_fp8, quantize_int8
+from dshal.plugin import FP8_DTYPE_LIST, DshalError, DTypeError, ShapeError, fp8_block_to_int8_rows, quantize_int8
 
 #: Suffix of DeepSeek-V3's block scales and of the per-channel scales written instead.
 FP8_SCALE_SUFFIX = "weight_scale_inv"
 INT8_SCALE_SUFFIX = "weight_scale"
-BLOCK = (128, 128)
 
 
 def fp8_block_to_int8(weight: torch.Tensor, scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +41,7 @@ def fp8_block_to_int8(weight: torch.Tensor, scale_inv: torch.Tensor) -> tuple[to
         raise DTypeError(f"fp8_block_to_int8: argument 'weight' has dtype {weight.dtype}, expected an FP8 dtype")
     if weight.dim() != 2:
         raise ShapeError(f"fp8_block_to_int8: argument 'weight' must be 2-D [N, K], got shape {list(weight.shape)}")
-    dense = dequantize_fp8(weight, scale_inv, BLOCK, torch.float32)  # checks the scale's shape too
-    return quantize_int8(dense)
+    return fp8_block_to_int8_rows(weight, scale_inv)  # the references' bits, in slabs; checks the scale too
 
 
 #: Float weights quantized to int8: the linear projections (attention, MLPs, shared and routed experts).
