@@ -379,21 +379,22 @@ def read_experts(
         w13 = ld.float_tensor(f"{prefix}.gate_up_proj", (n, 2 * inter, dim), what, a.dtype)[ids]
         w2 = ld.float_tensor(f"{prefix}.down_proj", (n, dim, inter), what, a.dtype)[ids]
         return w13, w2, None, None
-    w13_parts, w2_parts = [], []
-    for e in ids:
-        w13_parts.append(ld.stacked([f"{prefix}.{e}.gate_proj", f"{prefix}.{e}.up_proj"], inter, dim, f"{what}[{e}]"))
-        w2_parts.append(ld.weight(f"{prefix}.{e}.down_proj", (dim, inter), f"{what}[{e}]"))
-    quantized = all(s is not None for _, s in w13_parts + w2_parts)
-    quantized = quantized and len({w.dtype for w, _ in w13_parts + w2_parts}) == 1
-    if quantized:
-        return (
-            torch.stack([w for w, _ in w13_parts]),
-            torch.stack([w for w, _ in w2_parts]),
-            torch.stack([s for _, s in w13_parts]),
-            torch.stack([s for _, s in w2_parts]),
-        )
-    dense = lambda parts: torch.stack([ld.dense(w, s) for w, s in parts])  # noqa: E731
-    return dense(w13_parts), dense(w2_parts), None, None
+    gate, up, down = (
+        [ld.weight(f"{prefix}.{e}.{proj}", shape, f"{what}[{e}]") for e in ids]
+        for proj, shape in (("gate_proj", (inter, dim)), ("up_proj", (inter, dim)), ("down_proj", (dim, inter)))
+    )
+    parts = gate + up + down
+    quantized = all(s is not None for _, s in parts) and len({w.dtype for w, _ in parts}) == 1
+    # gate and up stacked by rows stay quantized when their row scales / 128-row blocks tile w13
+    if quantized and (parts[0][0].dtype == torch.int8 or inter % 128 == 0):
+        stack = lambda pairs, i: torch.stack([pair[i] for pair in pairs])  # noqa: E731
+        # one stack per projection, then one cat: per-expert cats cost a dispatch each (on meta too)
+        w13 = torch.cat([stack(gate, 0), stack(up, 0)], dim=1)
+        w13_scale = torch.cat([stack(gate, 1), stack(up, 1)], dim=1)
+        return w13, stack(down, 0), w13_scale, stack(down, 1)
+    dense = lambda pairs: torch.stack([ld.dense(w, s) for w, s in pairs])  # noqa: E731
+    w13 = torch.cat([dense(gate), dense(up)], dim=1)
+    return w13, dense(down), None, None
 
 
 def _ignored(name: str, args: ModelArgs) -> bool:
