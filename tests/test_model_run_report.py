@@ -59,9 +59,10 @@ def test_fallbacks_and_strict_gaps_carry_reasons() -> None:
     assert "precision" not in data  # no model given
 
 
-def test_dshal_run_report_writes_json_and_prints_tables(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_dshal_run_report_writes_json_and_prints_tables(tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
     from dshal.cli import main
 
+    monkeypatch.setenv("DSHAL_BACKEND", "cpu")  # not auto: on a GPU machine auto picks the GPU plugin
     out = tmp_path / "run.json"
     assert main(["run", "--new-tokens", "2", "--prompt-len", "3", "--no-progress", "--report", str(out)]) == 0
     data = json.loads(out.read_text())
