@@ -209,9 +209,15 @@ def test_plan_refuses_a_split_that_cannot_work(request_changes: dict, match: str
 
 def test_plan_report_and_memory_refusal(tmp_path: Path) -> None:
     config = _config(tmp_path, num_hidden_layers=5)
+    stages: list[str] = []
     plan = make_plan(
-        PlanRequest(config=config, tp=2, ep=2, batch=2, context=64, prefill_chunk=32, device_memory_gib=1.0)
+        PlanRequest(config=config, tp=2, ep=2, batch=2, context=64, prefill_chunk=32, device_memory_gib=1.0),
+        on_stage=stages.append,
     )
+    assert stages == [  # what the progress line shows while the meta model loads and runs
+        "rank class 1/1 (ranks 0-3): loading on meta",
+        "rank class 1/1 (ranks 0-3): a prefill chunk of 2 x 32 tokens and a decode step",
+    ]
     rank = plan["ranks"][0]
     assert rank["ranks"] == [0, 1, 2, 3]
     assert rank["kv_cache"]["bytes_per_token"] == 5 * 576 * 2  # absorbed latent + rope key, bf16, per layer

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory per device; refuse a layout whose ranks need more",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="F", help="also write the plan as JSON to F")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress line (DeepSeek-V3 takes ~10 s per rank class)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,7 +82,15 @@ def main(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk or min(2048, args.context),
         device_memory_gib=args.device_memory_gib,
     )
-    plan = make_plan(request)
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    console = Console(stderr=True)  # stdout carries the plan only
+    show = not args.no_progress and console.is_terminal
+    with Progress(*columns, console=console, disable=not show, transient=True) as progress:
+        task = progress.add_task("reading the config", total=None)
+        plan = make_plan(request, on_stage=lambda text: progress.update(task, description=text))
     print(format_plan(plan))
     if args.json:
         args.json.write_text(to_json(plan))

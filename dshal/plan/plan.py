@@ -23,6 +23,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -308,9 +309,11 @@ def _is_published_deepseek_v3(args: ModelArgs) -> bool:
     )
 
 
-def make_plan(req: PlanRequest) -> dict[str, Any]:
+def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Everything ``dshal plan`` prints, as a JSON-friendly dict (raises PlanError for a
-    layout that cannot work)."""
+    layout that cannot work). ``on_stage(text)`` hears each long stage as it starts (loading
+    a rank class on meta, running its steps: seconds each at DeepSeek-V3's size)."""
+    stage = on_stage or (lambda text: None)
     for name in ("tp", "ep", "batch", "context", "prefill_chunk"):
         value = getattr(req, name)
         if not isinstance(value, int) or value < 1:
@@ -340,24 +343,30 @@ def make_plan(req: PlanRequest) -> dict[str, Any]:
     try:
         cover = coverage(args, req.tp, req.ep, req.gpus_per_node)
         classes = _rank_classes(args, req.tp, plan)
-        sims = [
-            build_rank(
-                args,
-                tensors,
-                req.tp,
-                req.ep,
-                ranks[0],
-                precision,
-                gpus_per_node=req.gpus_per_node,
-                path=str(req.config),
+        sims = []
+        for i, ranks in enumerate(classes):
+            stage(f"rank class {i + 1}/{len(classes)} (ranks {_ranges(ranks)}): loading on meta")
+            sims.append(
+                build_rank(
+                    args,
+                    tensors,
+                    req.tp,
+                    req.ep,
+                    ranks[0],
+                    precision,
+                    gpus_per_node=req.gpus_per_node,
+                    path=str(req.config),
+                )
             )
-            for ranks in classes
-        ]
     except ShapeError as err:
         raise PlanError(f"dshal plan: TP={req.tp} x EP={req.ep} cannot shard this model: {err}") from err
     block = tuple(args.weight_block_size or (128, 128))
     ranks_out = []
-    for ranks, sim in zip(classes, sims):
+    for i, (ranks, sim) in enumerate(zip(classes, sims)):
+        stage(
+            f"rank class {i + 1}/{len(classes)} (ranks {_ranges(ranks)}): a prefill chunk of {req.batch} x "
+            f"{req.prefill_chunk} tokens and a decode step"
+        )
         prefill, decode = run_steps(sim, req.batch, req.context, req.prefill_chunk)
         per_token, kv_total = kv_cache_bytes(sim, req.batch, req.context)
         held = holdings(sim.model)
