@@ -120,8 +120,8 @@ def convert_checkpoint(
     ``weight_scale_inv`` lives in the same shard in DeepSeek's releases). Non-tensor files
     are copied; ``config.json`` loses its FP8 ``quantization_config`` and records the int8
     scheme; the safetensors index maps the new ``weight_scale`` names. ``on_shard`` is
-    called after each shard (DeepSeek-V3 has 163 and the conversion runs for hours on few
-    threads: benchmarks/RESULTS.md). Returns counts."""
+    called after each shard (DeepSeek-V3 has 163, and the whole conversion takes about an hour
+    on two threads: benchmarks/RESULTS.md). Returns counts."""
     from safetensors.torch import load_file, save_file
 
     src, dst = Path(src), Path(dst)
