@@ -93,7 +93,9 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         return int(args._main(args) or 0)
     except DshalError as err:
-        print(f"dshal {args.command}: error: {err}", file=sys.stderr)
+        prefix = f"dshal {args.command}: "
+        text = str(err).removeprefix(prefix)  # messages raised for the command already name it
+        print(f"{prefix}error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"dshal {args.command}: interrupted", file=sys.stderr)

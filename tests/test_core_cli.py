@@ -109,6 +109,13 @@ def test_config_error_escaping_a_command_is_one_line(monkeypatch, capsys):
     )
 
 
+def test_a_command_named_in_its_own_message_is_named_once(capsys):
+    from dshal.cli import main
+
+    assert main(["run", "--new-tokens", "-1"]) == 1
+    assert capsys.readouterr().err == "dshal run: error: --new-tokens is -1, expected an integer >= 1\n"
+
+
 def test_python_dash_m():
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
     out = subprocess.run([sys.executable, "-m", "dshal", "info", "--json"], capture_output=True, text=True,
