@@ -189,14 +189,20 @@ def layer_output(out: Any) -> torch.Tensor:
     return (x.detach().to("cpu", torch.float64) + residual.detach().to("cpu", torch.float64))
 
 
+#: ``route(key, args, out) -> out``: sees each ``moe_gate`` call's inputs and output in a
+#: traced pass and may hand the model another routing (:class:`RouterTies`).
+RouteHook = Callable[[tuple[str, str, int], tuple[Any, ...], Any], Any]
+
+
 @dataclass
 class _Tracer:
-    keep_inputs: bool
+    keep_inputs: bool | frozenset[str]
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
     calls: list[OpCall] = field(default_factory=list)
     stack: list[str] = field(default_factory=list)
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
     on_call: Callable[[str, str], None] | None = None
+    route: RouteHook | None = None
 
     def wrap(self, name: str, provider: Callable[..., Any]) -> Callable[..., Any]:
         def traced(*args: Any, **kwargs: Any) -> Any:
@@ -204,7 +210,9 @@ class _Tracer:
             layer = self.stack[-1] if self.stack else "(outside layers)"
             nth = self.counts.get((layer, name), 0)
             self.counts[(layer, name)] = nth + 1
-            keep = self.keep_inputs
+            if name == "moe_gate" and self.route is not None:
+                out = self.route((layer, name, nth), args, out)
+            keep = self.keep_inputs is True or (not isinstance(self.keep_inputs, bool) and name in self.keep_inputs)
             self.calls.append(
                 OpCall(len(self.calls), layer, name, nth, output_tensors(out),
                        _to_cpu(args) if keep else (), _to_cpu(kwargs) if keep else {})
@@ -218,13 +226,15 @@ class _Tracer:
         return traced
 
 
-def trace(model: Any, input_ids: torch.Tensor, keep_inputs: bool = False,
-          forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Trace:
+def trace(model: Any, input_ids: torch.Tensor, keep_inputs: bool | frozenset[str] = False,
+          forward: Callable[[torch.Tensor], torch.Tensor] | None = None, route: RouteHook | None = None) -> Trace:
     """One forward pass of ``model`` on the active runtime with every op call and every
     top-level layer recorded (hooks removed afterwards). ``forward(ids)`` runs the pass
-    (default ``model(ids)``; e.g. a decode step on a KV cache) and returns logits ``[B, T, V]``."""
+    (default ``model(ids)``; e.g. a decode step on a KV cache) and returns logits ``[B, T, V]``.
+    ``keep_inputs``: keep every call's inputs (True) or those of the named ops; ``route``:
+    see :data:`RouteHook`."""
 
-    tracer = _Tracer(keep_inputs)
+    tracer = _Tracer(keep_inputs, route=route)
     handles = []
 
     def enter(name: str) -> None:
@@ -340,6 +350,85 @@ def too_close_to_call(ref_row: torch.Tensor, drift_tol: float) -> bool:
     relative drift of ``drift_tol`` could move: ``8 x drift_tol x RMS(row)``."""
     top = ref_row.topk(2).values
     return float(top[0] - top[1]) <= 8.0 * drift_tol * float(ref_row.pow(2).mean().sqrt())
+
+
+def routing_too_close_to_call(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
+                              topk_group: int, drift_tol: float) -> torch.Tensor:
+    """Per token of the router's ``logits [T, E]``: whether a relative drift of ``drift_tol``
+    could change which experts DeepSeek-V3's router picks. Each logit may move by
+    ``delta = 8 x drift_tol x RMS(row)`` (as :func:`too_close_to_call`), a sigmoid score by at
+    most ``delta / 4``; so a token is too close to call when its k-th and (k+1)-th expert
+    scores (within the kept groups) are within ``delta / 2`` of each other, or its last kept
+    and first dropped group scores (each a sum of two expert scores) within ``delta``."""
+    logits = logits.detach().to("cpu", torch.float64)
+    delta = 8.0 * drift_tol * logits.pow(2).mean(dim=-1).sqrt()
+    scores = torch.sigmoid(logits)
+    choice = scores if bias is None else scores + bias.detach().to("cpu", torch.float64)
+    tokens, experts = choice.shape
+    close = torch.zeros(tokens, dtype=torch.bool)
+    if n_group > 1 and topk_group < n_group:
+        grouped = choice.view(tokens, n_group, experts // n_group)
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        ranked = group_score.sort(dim=-1, descending=True).values
+        close |= ranked[:, topk_group - 1] - ranked[:, topk_group] <= delta
+        kept = group_score.topk(topk_group, dim=-1).indices
+        dropped = torch.ones(tokens, n_group, dtype=torch.bool).scatter_(1, kept, False)
+        choice = grouped.masked_fill(dropped[..., None], float("-inf")).view(tokens, experts)
+    if top_k < experts:
+        ranked = choice.sort(dim=-1, descending=True).values
+        close |= ranked[:, top_k - 1] - ranked[:, top_k] <= delta / 2
+    return close
+
+
+@dataclass
+class RouterTies:
+    """A :data:`RouteHook` for the backend's pass: where its router picks other experts than
+    the reference's for a token whose reference scores are too close to call
+    (:func:`routing_too_close_to_call` at ``drift_tol``), the model gets the reference's
+    ``(weights, ids)`` for that token, and the token counts as ``resolved``.
+
+    A tie on the oracle is no finding, but the other experts change the rest of the pass far
+    more than any drift; on random tiny models such ties are common (6 layers: a few tokens
+    per layer in the FP8 modes). A token that differs at a decisive margin keeps the
+    backend's routing (``mismatched``) and the drift judges it."""
+
+    #: The reference trace's calls; the ``moe_gate`` ones must have their inputs kept.
+    reference: list[OpCall]
+    drift_tol: float
+    resolved: int = 0
+    mismatched: int = 0
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self._gates = {c.key: c for c in self.reference if c.op == "moe_gate"}
+
+    def __call__(self, key: tuple[str, str, int], args: tuple[Any, ...], out: Any) -> Any:
+        ref = self._gates.get(key)
+        if ref is None or len(ref.args) < 5:  # moe_gate(logits, bias, top_k, n_group, topk_group, ...)
+            return out
+        weights, ids = out
+        ref_weights, ref_ids = ref.outputs
+        self.tokens += ids.shape[0]
+        if tuple(ids.shape) != tuple(ref_ids.shape):
+            return out
+        differs = (ids.detach().cpu().sort(dim=-1).values != ref_ids.sort(dim=-1).values).any(dim=-1)
+        if not bool(differs.any()):
+            return out
+        logits, bias, top_k, n_group, topk_group = ref.args[:5]
+        close = routing_too_close_to_call(logits, bias, top_k, n_group, topk_group, self.drift_tol)
+        take = differs & close
+        self.resolved += int(take.sum())
+        self.mismatched += int((differs & ~close).sum())
+        if not bool(take.any()):
+            return out
+        rows = take.nonzero().flatten().to(ids.device)
+        weights, ids = weights.clone(), ids.clone()
+        weights[rows] = ref_weights.to(weights.device, weights.dtype)[rows]
+        ids[rows] = ref_ids.to(ids.device, ids.dtype)[rows]
+        return weights, ids
+
+    def summary(self) -> dict[str, int]:
+        return {"tokens_routed": self.tokens, "near_ties_given_reference": self.resolved, "decisive_mismatches": self.mismatched}
 
 
 def layer_drifts(out: Trace, ref: Trace) -> dict[str, float]:
