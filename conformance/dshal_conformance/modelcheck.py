@@ -352,32 +352,40 @@ def too_close_to_call(ref_row: torch.Tensor, drift_tol: float) -> bool:
     return float(top[0] - top[1]) <= 8.0 * drift_tol * float(ref_row.pow(2).mean().sqrt())
 
 
-def routing_too_close_to_call(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
-                              topk_group: int, drift_tol: float) -> torch.Tensor:
-    """Per token of the router's ``logits [T, E]``: whether a relative drift of ``drift_tol``
-    could change which experts DeepSeek-V3's router picks. Each logit may move by
-    ``delta = 8 x drift_tol x RMS(row)`` (as :func:`too_close_to_call`), a sigmoid score by at
-    most ``delta / 4``; so a token is too close to call when its k-th and (k+1)-th expert
-    scores (within the kept groups) are within ``delta / 2`` of each other, or its last kept
-    and first dropped group scores (each a sum of two expert scores) within ``delta``."""
-    logits = logits.detach().to("cpu", torch.float64)
-    delta = 8.0 * drift_tol * logits.pow(2).mean(dim=-1).sqrt()
-    scores = torch.sigmoid(logits)
-    choice = scores if bias is None else scores + bias.detach().to("cpu", torch.float64)
-    tokens, experts = choice.shape
-    close = torch.zeros(tokens, dtype=torch.bool)
+def selection_margin(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
+    """Per token, how far the float64 oracle's choice is from a tie: the smaller of the gap
+    between the last kept and first dropped group score, and between the top_k-th and
+    next choice score among the kept groups."""
+    tokens, experts = logits.shape
+    if tokens == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    choice = torch.sigmoid(logits.to(torch.float64)) + (0 if bias is None else bias.to(torch.float64))
+    margin = torch.full((tokens,), float("inf"), dtype=torch.float64)
     if n_group > 1 and topk_group < n_group:
         grouped = choice.view(tokens, n_group, experts // n_group)
-        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
         ranked = group_score.sort(dim=-1, descending=True).values
-        close |= ranked[:, topk_group - 1] - ranked[:, topk_group] <= delta
+        margin = ranked[:, topk_group - 1] - ranked[:, topk_group]
         kept = group_score.topk(topk_group, dim=-1).indices
         dropped = torch.ones(tokens, n_group, dtype=torch.bool).scatter_(1, kept, False)
         choice = grouped.masked_fill(dropped[..., None], float("-inf")).view(tokens, experts)
     if top_k < experts:
         ranked = choice.sort(dim=-1, descending=True).values
-        close |= ranked[:, top_k - 1] - ranked[:, top_k] <= delta / 2
-    return close
+        gap = ranked[:, top_k - 1] - ranked[:, top_k]
+        margin = torch.minimum(margin, torch.nan_to_num(gap, posinf=float("inf")))
+    return margin
+
+
+def routing_too_close_to_call(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int,
+                              topk_group: int, drift_tol: float) -> torch.Tensor:
+    """Per token of the router's ``logits [T, E]``: whether a relative drift of ``drift_tol``
+    could change which experts DeepSeek-V3's router picks. Each logit may move by
+    ``delta = 8 x drift_tol x RMS(row)`` (as :func:`too_close_to_call`), so an expert score
+    (a sigmoid: slope <= 1/4) by ``delta / 4`` and a group score (two of them) by ``delta / 2``;
+    two of either moving apart close a gap of ``delta``: a :func:`selection_margin` within it
+    is too close to call."""
+    delta = 8.0 * drift_tol * logits.detach().to("cpu", torch.float64).pow(2).mean(dim=-1).sqrt()
+    return selection_margin(logits.detach().cpu(), None if bias is None else bias.detach().cpu(), top_k, n_group, topk_group) <= delta
 
 
 @dataclass

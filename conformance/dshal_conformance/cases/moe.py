@@ -12,6 +12,7 @@ from dshal.ops.examples import Example
 from dshal_conformance.cases.base import Case, Context, op_cases, standard_bad_inputs
 from dshal_conformance.cases.quant import fp8_variant
 from dshal_conformance.judge import Check, close, failed, fp8_result, threshold_check
+from dshal_conformance.modelcheck import selection_margin
 from dshal_conformance.tolerances import closeness, composite
 
 
@@ -54,30 +55,6 @@ def judge_moe_gate(ctx: Context, row: Mapping[str, Any], out: Any, ref: Any, inp
 #: Choice-score gap under which the oracle's expert choice counts as a tie (float32
 #: sigmoid + bias is good to ~1e-7; 1e-5 leaves two orders of magnitude).
 TIE_MARGIN = 1e-5
-
-
-def selection_margin(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int, topk_group: int) -> torch.Tensor:
-    """Per token, how far the float64 oracle's choice is from a tie: the smaller of the gap
-    between the last kept and first dropped group score, and between the top_k-th and
-    next choice score among the kept groups."""
-    tokens, experts = logits.shape
-    if tokens == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    choice = torch.sigmoid(logits.to(torch.float64)) + (0 if bias is None else bias.to(torch.float64))
-    margin = torch.full((tokens,), float("inf"), dtype=torch.float64)
-    if n_group > 1 and topk_group < n_group:
-        grouped = choice.view(tokens, n_group, experts // n_group)
-        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-        ranked = group_score.sort(dim=-1, descending=True).values
-        margin = ranked[:, topk_group - 1] - ranked[:, topk_group]
-        kept = group_score.topk(topk_group, dim=-1).indices
-        dropped = torch.ones(tokens, n_group, dtype=torch.bool).scatter_(1, kept, False)
-        choice = grouped.masked_fill(dropped[..., None], float("-inf")).view(tokens, experts)
-    if top_k < experts:
-        ranked = choice.sort(dim=-1, descending=True).values
-        gap = ranked[:, top_k - 1] - ranked[:, top_k]
-        margin = torch.minimum(margin, torch.nan_to_num(gap, posinf=float("inf")))
-    return margin
 
 
 def judge_moe_experts(ctx: Context, row: Mapping[str, Any], out: Any, ref: Any, inputs: Example) -> list[Check]:
