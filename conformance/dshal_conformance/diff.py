@@ -15,6 +15,10 @@ op call and every top-level layer (:func:`dshal_conformance.modelcheck.trace`). 
    the op with the largest local drift in the first drifting layer is named as the
    likely cause, with both values at the element where the two differ most.
 
+**Routing**: for each ``moe_gate`` call, the tokens the two sides sent to different experts,
+and how many of those are near-ties on A (either choice is right). A gate that rerouted a
+token in the first drifting layer is named as its likely cause.
+
 ``--backend reference`` names the float64 oracle (every op's reference implementation
 on a float64 model).
 
@@ -176,6 +180,7 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
             "step": first["step"], "name": first["name"], "layer": first["first_layer_over"],
             "op": first["first_op_over"], "likely_cause": first["likely_cause"]},
         "greedy_differs_at": [s["step"] for s in steps if s["greedy"]["differs"]],
+        "routing": routing_summary(steps),
     }
 
 
@@ -241,7 +246,9 @@ def _compare_pass(step: int, a: mc.Trace, b: mc.Trace, b_rt: Any, tol: float) ->
     # op's output is over, in that op's layer).
     where = first_layer or (first_op["layer"] if first_op else None)
     in_layer = [r for r in ops_rows if r["layer"] == where]
-    cause = max(in_layer, key=lambda r: _order(r["local_drift"]), default=None)
+    # A token routed to other experts moves that layer's output more than any op's rounding.
+    rerouted = [r for r in in_layer if r.get("routing") and r["routing"]["differ"]]
+    cause = rerouted[0] if rerouted else max(in_layer, key=lambda r: _order(r["local_drift"]), default=None)
     logit_drift = mc.rel_drift(b.logits, a.logits)
     basis = mc.ambiguity_basis(logit_drift, tol)
     agreement = mc.token_agreement(b.logits, a.logits, 1, basis)
@@ -290,8 +297,30 @@ def _op_rows(step: int, a: Any, b: Any, b_rt: Any, tol: float) -> list[dict[str,
             "step": step, "index": call.index, "layer": call.layer, "op": call.op, "nth": call.nth,
             "drift": drift, "local_drift": local, "over": not drift <= tol, "local_over": not local <= tol,
             "at": worst.get("index"), "a": worst.get("b"), "b": worst.get("a"), "note": note,
+            "routing": routing_difference(call, other, tol),
         })
     return rows
+
+
+def routing_difference(a: mc.OpCall, b: mc.OpCall, tol: float) -> dict[str, int] | None:
+    """For a ``moe_gate`` call (A's inputs kept): how many tokens the two sides routed to
+    different experts, and how many of those are near-ties on A (a relative drift of ``tol``
+    could swap them: :func:`~dshal_conformance.modelcheck.routing_too_close_to_call`), where
+    either choice is right. None for other ops."""
+    if a.op != "moe_gate" or len(a.args) < 5 or len(a.outputs) < 2 or len(b.outputs) < 2:
+        return None
+    ids_a, ids_b = a.outputs[1], b.outputs[1]
+    if tuple(ids_a.shape) != tuple(ids_b.shape):
+        return None
+    differs = (ids_a.sort(dim=-1).values != ids_b.sort(dim=-1).values).any(dim=-1)
+    close = mc.routing_too_close_to_call(*a.args[:5], tol)
+    return {"tokens": int(ids_a.shape[0]), "differ": int(differs.sum()), "near_ties": int((differs & close).sum())}
+
+
+def routing_summary(steps: list[dict[str, Any]]) -> dict[str, int]:
+    """Tokens routed differently over every pass, and how many were near-ties on A."""
+    rows = [r["routing"] for s in steps for r in s["ops"] if r.get("routing")]
+    return {key: sum(r[key] for r in rows) for key in ("tokens", "differ", "near_ties")}
 
 
 def _describe(name: str, rt: Any) -> dict[str, Any]:
@@ -338,9 +367,17 @@ def headline(result: dict[str, Any]) -> str:
             parts.append(f"first op over: {op['layer']}: {op['op']}#{op['nth']} (drift {_num(op['drift'])}; "
                          f"at {op['at']}: {a} {_num(op['a'])}, {b} {_num(op['b'])})")
         cause = step["likely_cause"]
-        if cause:
+        if cause and cause.get("routing") and cause["routing"]["differ"]:
+            parts.append(f"likely cause: {cause['op']} ({cause['layer']}, call #{cause['nth']}: "
+                         f"{cause['routing']['differ']} token(s) routed to other experts)")
+        elif cause:
             parts.append(f"likely cause: {cause['op']} ({cause['layer']}, call #{cause['nth']}: local drift "
                          f"{_num(cause['local_drift'])} with {a}'s inputs)")
+    routing = result.get("routing") or {}
+    if routing.get("differ"):
+        parts.append(f"the router picked other experts for {routing['differ']} of {routing['tokens']} token(s) "
+                     f"({routing['near_ties']} near-tie(s) on {a}, where either choice is right and the drift that "
+                     "follows is no finding)")
     differs = [s for s in steps if s["greedy"]["differs"]]
     if differs:
         parts.append("greedy next token differs after: " + ", ".join(

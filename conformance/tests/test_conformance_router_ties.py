@@ -67,3 +67,43 @@ def test_the_full_tier_model_family_passes_on_cpu_with_its_near_ties_resolved() 
         assert routing["tokens_routed"] == 5 * 32 and routing["decisive_mismatches"] == 0
         assert "near-tie token(s) given the reference's experts" in json.dumps(case)  # said in the report
     assert sum(c["details"]["routing"]["near_ties_given_reference"] for c in deep) > 0
+
+
+# ---------------------------------------------------------------- dshal diff says when routing differs
+def test_diff_counts_tokens_routed_differently_and_the_near_ties_among_them() -> None:
+    from dshal_conformance.diff import routing_difference
+
+    logits = _logits([[2.0, 1.0, 0.9999, -1.0], [2.0, 1.0, 0.0, -1.0]])
+    weights, ids = ref.moe_gate(logits, None, 2, 1, 1, 1.0)
+    a = mc.OpCall(0, "layers.1", "moe_gate", 0, (weights, ids), (logits, None, 2, 1, 1, 1.0, True))
+    other_ids = ids.clone()
+    other_ids[0, 1] = other_ids[1, 1] = 2  # token 0: a near-tie on A; token 1: decisive
+    b = mc.OpCall(0, "layers.1", "moe_gate", 0, (weights, other_ids))
+    assert routing_difference(a, b, 1e-3) == {"tokens": 2, "differ": 2, "near_ties": 1}
+    assert routing_difference(a, a, 1e-3) == {"tokens": 2, "differ": 0, "near_ties": 0}
+    linear = mc.OpCall(1, "layers.1", "linear", 0, (weights,), (logits,))
+    assert routing_difference(linear, linear, 1e-3) is None
+
+
+def test_diff_of_a_deep_fp8_model_against_the_reference_explains_its_routing(tmp_path) -> None:  # noqa: ANN001
+    """6 layers in fp8-row, a 20-token prompt: on the machines this was written on the cpu
+    backend routes one token of 100 to another expert than the float64 reference, at a
+    near-tie. Whatever the rounding here, every difference must be a near-tie (no decisive
+    mismatch on the cpu backend), and the headline says so when there is one."""
+    from dshal.model.checkpoint import save_checkpoint
+    from dshal_conformance.diff import compare, headline
+
+    args = mc.suite_args("full")
+    save_checkpoint(tmp_path / "deep", args, mc.suite_checkpoint(args))
+    result = compare("cpu", "reference", checkpoint=str(tmp_path / "deep"), precision="fp8-row", prompt_len=20, decode=0)
+    routing = result["routing"]
+    assert routing["tokens"] == 5 * 20 and routing["near_ties"] == routing["differ"], routing
+    if routing["differ"]:
+        text = headline(result)
+        assert f"the router picked other experts for {routing['differ']} of 100 token(s)" in text
+        assert any(r["routing"] and r["routing"]["differ"] for r in result["ops"])
+        first = result["first_drift"]
+        where = first and (first["layer"] or first["op"]["layer"])
+        if any(r["layer"] == where and r["routing"] and r["routing"]["differ"] for r in result["ops"]):
+            # a gate that rerouted a token in the first drifting layer is named as its cause
+            assert first["likely_cause"]["op"] == "moe_gate" and "token(s) routed to other experts" in text
