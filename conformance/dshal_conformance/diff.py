@@ -312,7 +312,7 @@ def routing_difference(a: mc.OpCall, b: mc.OpCall, tol: float) -> dict[str, int]
     ids_a, ids_b = a.outputs[1], b.outputs[1]
     if tuple(ids_a.shape) != tuple(ids_b.shape):
         return None
-    differs = (ids_a.sort(dim=-1).values != ids_b.sort(dim=-1).values).any(dim=-1)
+    differs = mc.routed_differently(ids_b, ids_a)
     close = mc.routing_too_close_to_call(*a.args[:5], tol)
     return {"tokens": int(ids_a.shape[0]), "differ": int(differs.sum()), "near_ties": int((differs & close).sum())}
 

@@ -388,6 +388,12 @@ def routing_too_close_to_call(logits: torch.Tensor, bias: torch.Tensor | None, t
     return selection_margin(logits.detach().cpu(), None if bias is None else bias.detach().cpu(), top_k, n_group, topk_group) <= delta
 
 
+def routed_differently(ids: torch.Tensor, ref_ids: torch.Tensor) -> torch.Tensor:
+    """Per token of two routings ``[T, top_k]``: whether their expert sets differ (the order
+    within a token's top-k does not matter)."""
+    return (ids.detach().cpu().sort(dim=-1).values != ref_ids.detach().cpu().sort(dim=-1).values).any(dim=-1)
+
+
 @dataclass
 class RouterTies:
     """A :data:`RouteHook` for the backend's pass: where its router picks other experts than
@@ -419,7 +425,7 @@ class RouterTies:
         self.tokens += ids.shape[0]
         if tuple(ids.shape) != tuple(ref_ids.shape):
             return out
-        differs = (ids.detach().cpu().sort(dim=-1).values != ref_ids.sort(dim=-1).values).any(dim=-1)
+        differs = routed_differently(ids, ref_ids)
         if not bool(differs.any()):
             return out
         logits, bias, top_k, n_group, topk_group = ref.args[:5]

@@ -473,7 +473,6 @@ def moe_experts_torch(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     return _as(torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(0, rows, weighted), x.dtype)
 
 
-#: op name -> native provider; every other op is served by its reference.
 def weight_format_paths() -> dict[str, dict[str, OpPath]]:
     """``Capabilities.op_paths`` of the cpu backend: what :func:`linear` and :func:`moe_experts`
     run per weight format (int8 weights are the reference's W8A8 math on every path)."""
@@ -504,6 +503,7 @@ def weight_format_paths() -> dict[str, dict[str, OpPath]]:
     }
 
 
+#: op name -> native provider; every other op is served by its reference.
 NATIVE_OPS = {
     "linear": linear,
     "attention": attention,

@@ -251,8 +251,7 @@ class _Loader:
         scale per row) stay int8; FP8 parts stay FP8 when their 128-row blocks tile the
         result; otherwise they are dequantized."""
         parts = [self.weight(p, (rows, cols), what) for p in prefixes]
-        int8 = all(w.dtype == torch.int8 for w, _ in parts)
-        if all(s is not None for _, s in parts) and (int8 or rows % 128 == 0):
+        if _stay_quantized(parts, rows):
             return torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts])
         return torch.cat([self.dense(w, s) for w, s in parts]), None
 
@@ -260,6 +259,15 @@ class _Loader:
         """A weight as read, dequantized to the model's dtype, on the model's device."""
         with conversion_ops(weight, self.device):
             return dequantize_weight(weight, scale, self.args.dtype).to(self.device)
+
+
+def _stay_quantized(parts: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int) -> bool:
+    """Whether weight parts read as ``(weight, scale)``, ``rows`` rows each where they are
+    concatenated by rows, keep their stored quantization: all scaled and of one dtype, and
+    int8 (one scale per row) or FP8 whose 128-row blocks tile the concatenation."""
+    if any(s is None for _, s in parts) or len({w.dtype for w, _ in parts}) != 1:
+        return False
+    return parts[0][0].dtype == torch.int8 or rows % 128 == 0
 
 
 def _dequantize_blocks(
@@ -383,10 +391,7 @@ def read_experts(
         [ld.weight(f"{prefix}.{e}.{proj}", shape, f"{what}[{e}]") for e in ids]
         for proj, shape in (("gate_proj", (inter, dim)), ("up_proj", (inter, dim)), ("down_proj", (dim, inter)))
     )
-    parts = gate + up + down
-    quantized = all(s is not None for _, s in parts) and len({w.dtype for w, _ in parts}) == 1
-    # gate and up stacked by rows stay quantized when their row scales / 128-row blocks tile w13
-    if quantized and (parts[0][0].dtype == torch.int8 or inter % 128 == 0):
+    if _stay_quantized(gate + up + down, inter):  # gate and up are stacked by rows into w13
         stack = lambda pairs, i: torch.stack([pair[i] for pair in pairs])  # noqa: E731
         # one stack per projection, then one cat: per-expert cats cost a dispatch each (on meta too)
         w13 = torch.cat([stack(gate, 0), stack(up, 0)], dim=1)
