@@ -21,7 +21,7 @@ from dshal.backend import Backend, Capabilities
 from dshal.config import REFERENCE_PROVIDER, Config, load_config
 from dshal.errors import ConfigError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
-from dshal.ops.dispatch import DISPATCHER
+from dshal.ops.dispatch import DISPATCHER, Hook
 from dshal.registry import REGISTRY, Decision, require_named, select
 
 log = logging.getLogger("dshal")
@@ -119,65 +119,39 @@ def format_paths(paths: Mapping[str, Mapping[str, str]]) -> str:
     return "; ".join(f"{fmt}: {path['kind']}" for fmt, path in paths.items())
 
 
-OpHook = Callable[[str, Callable[..., Any]], Callable[..., Any]]
+OpHook = Hook
 
 _lock = threading.RLock()
-_state: dict[str, Any] = {"active": None, "hook": None}
+_state: dict[str, Any] = {"active": None}
 
 
 def _install(runtime: Runtime) -> None:
-    """Install ``runtime``'s providers into the ops' dispatcher, through the op hook if one is set."""
-    hook: OpHook | None = _state["hook"]
-    if hook is None:
-        DISPATCHER.install(runtime.table, runtime.unchecked)
-    else:
-        DISPATCHER.install({name: hook(name, fn) for name, fn in runtime.table.items()},
-                           {name: hook(name, fn) for name, fn in runtime.unchecked.items()})
+    """Install ``runtime``'s providers into the ops' dispatcher (through the op hook, if one is set)."""
+    DISPATCHER.install(runtime.table, runtime.unchecked)
 
 
 @contextlib.contextmanager
 def op_hook(hook: OpHook) -> Iterator[None]:
-    """While active, every ``dshal.ops.<op>`` call goes through ``hook(op_name, provider)``'s
-    wrapper (used by ``dshal profile``). When no hook is set the dispatch table holds the
-    providers themselves, so the off state costs nothing."""
-    with _lock:
-        if _state["hook"] is not None:
-            raise RuntimeError("an op hook is already installed; hooks do not nest")
-        _state["hook"] = hook
-        runtime = current()
-        _install(runtime)
-    try:
+    """While active, every ``dshal.ops.<op>`` call, from any thread and inside
+    :func:`reference_ops` too, goes through ``hook(op_name, provider)``'s wrapper (used by
+    ``dshal profile``, run reports, ``dshal plan`` and the conformance model traces). Hooks
+    do not nest. When no hook is set the dispatch tables hold the providers themselves, so
+    the off state costs nothing."""
+    current()  # the default runtime's providers are what the hook wraps, not the first-call entries
+    with DISPATCHER.hooked(hook):
         yield
-    finally:
-        with _lock:
-            _state["hook"] = None
-            active = _state["active"]
-            if active is not None:
-                _install(active)
 
 
 @contextlib.contextmanager
 def reference_ops() -> Iterator[None]:
-    """While active, every ``dshal.ops`` call runs the op's reference behind its input checks,
-    on tensors of any device (meta, or the host while the backend's device is elsewhere); the
-    backend, device and config stay the active runtime's, which comes back after."""
-    base = current()
+    """While active, this thread's ``dshal.ops`` calls run each op's reference behind its
+    input checks, on tensors of any device (meta, or the host while the backend's device is
+    elsewhere). Other threads keep the active runtime's providers; the backend, device and
+    config stay the active runtime's. Nests; a ``dshal.use`` inside the block stays active
+    after it."""
     references = {name: spec.reference_impl for name, spec in SPECS.items() if spec.has_reference}
-    serving = Runtime(
-        config=base.config,
-        backend=base.backend,
-        device=base.device,
-        providers={name: REFERENCE_PROVIDER for name in references},
-        fallbacks=frozenset(),
-        selection=[],
-        table={name: SPECS[name].checked(fn) for name, fn in references.items()},
-        unchecked=references,
-    )
-    serving.activate()
-    try:
+    with DISPATCHER.overlay({name: SPECS[name].checked(fn) for name, fn in references.items()}, references):
         yield
-    finally:
-        base.activate()
 
 
 def _fallback_caller(op: str, backend: str, impl: Callable[..., Any]) -> Callable[..., Any]:
@@ -327,5 +301,4 @@ def reset() -> None:
     """Forget the active runtime (the next op call activates the default again)."""
     with _lock:
         _state["active"] = None
-        _state["hook"] = None
         DISPATCHER.reset()

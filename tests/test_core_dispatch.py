@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
+import torch
 
 import dshal
 import dshal.ops
@@ -106,3 +108,86 @@ def test_an_op_called_first_in_a_fresh_process_activates_the_default_runtime() -
     assert json.loads(out.splitlines()[-1]) == {
         "runtime_before": False, "runtime_after": True, "backend": "cpu", "shape": [2, 8],
     }
+
+
+def test_an_overlay_serves_only_its_own_thread_keeps_the_trusted_mode_and_is_hooked() -> None:
+    """``Dispatcher.overlay``: per thread, nested inside or around ``trusted()``, and reached
+    by a hook set before or after it."""
+    dispatcher = Dispatcher(["a"], activate_default=lambda: None)
+    dispatcher.install({"a": lambda: "base"}, {"a": lambda: "base, bare"})
+    with pytest.raises(ValueError, match=r"Dispatcher.overlay: checked table .* missing \['a'\]"):
+        with dispatcher.overlay({}, {"a": len}):
+            pass
+    entered, leave, seen_elsewhere = threading.Event(), threading.Event(), []
+
+    def in_an_overlay() -> None:
+        with dispatcher.overlay({"a": lambda: "overlay"}, {"a": lambda: "overlay, bare"}):
+            entered.set()
+            leave.wait(10)
+            seen_elsewhere.append(dispatcher.thread.table["a"]())
+
+    worker = threading.Thread(target=in_an_overlay)
+    worker.start()
+    assert entered.wait(10)
+    assert dispatcher.thread.table["a"]() == "base"  # this thread is not in the overlay
+    leave.set()
+    worker.join(10)
+    assert seen_elsewhere == ["overlay"]
+
+    with dispatcher.overlay({"a": lambda: "overlay"}, {"a": lambda: "overlay, bare"}):
+        with dispatcher.trusted():
+            assert dispatcher.thread.table["a"]() == "overlay, bare"
+        with dispatcher.hooked(lambda name, fn: lambda: f"hooked {fn()}"):
+            assert dispatcher.thread.table["a"]() == "hooked overlay"
+            with pytest.raises(RuntimeError, match="do not nest"):
+                with dispatcher.hooked(lambda name, fn: fn):
+                    pass
+        assert dispatcher.thread.table["a"]() == "overlay"
+    with dispatcher.trusted():
+        with dispatcher.hooked(lambda name, fn: lambda: f"hooked {fn()}"):
+            with dispatcher.overlay({"a": lambda: "overlay"}, {"a": lambda: "overlay, bare"}):
+                assert dispatcher.thread.table["a"]() == "hooked overlay, bare"
+            assert dispatcher.thread.table["a"]() == "hooked base, bare"
+    assert dispatcher.thread.table["a"]() == "base"
+
+
+def test_reference_ops_is_per_thread_and_a_use_inside_it_stays_active() -> None:
+    """``dshal.runtime.reference_ops`` serves the calling thread only: another thread keeps the
+    backend's providers (the cpu backend takes no meta tensor), and a runtime activated inside
+    the block is the active one after it."""
+    from dshal.errors import DshalError
+    from dshal.runtime import current, op_hook, reference_ops
+
+    dshal.use({"backend": "cpu"})
+    x, w = torch.ones(2, 8, device="meta"), torch.ones(8, device="meta")
+    inside, leave, results = threading.Event(), threading.Event(), []
+
+    def with_references() -> None:
+        with reference_ops():
+            results.append(tuple(dshal.ops.rms_norm(x, w).shape))
+            inside.set()
+            leave.wait(10)
+            results.append(tuple(dshal.ops.rms_norm(x, w).shape))
+
+    worker = threading.Thread(target=with_references)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        with pytest.raises(DshalError, match="device"):  # the cpu backend's provider, checked
+            dshal.ops.rms_norm(x, w)
+    finally:
+        leave.set()
+        worker.join(10)
+    assert results == [(2, 8), (2, 8)]
+
+    calls: list[str] = []
+    with reference_ops():
+        with op_hook(lambda name, fn: lambda *a, **k: (calls.append(name), fn(*a, **k))[1]):
+            dshal.ops.rms_norm(x, w)  # the hook reaches the references
+        chosen = dshal.use({"backend": "cpu", "fallback": "error"})
+        assert dshal.ops.rms_norm(x, w).device.type == "meta"  # still the references here
+    assert calls == ["rms_norm"]
+    assert current() is chosen
+    with pytest.raises(DshalError, match="device"):
+        dshal.ops.rms_norm(x, w)
+    dshal.runtime.reset()

@@ -128,15 +128,19 @@ def test_a_large_host_conversion_is_announced_with_its_cost(caplog):
 
 def test_host_weights_are_converted_by_the_references():
     """A weight held off the model's device is converted by the op references (the backend's
-    providers take only tensors on its device); one on the device by the active runtime."""
+    providers take only tensors on its device); one on the device by the active runtime.
+    Here the "host" is meta and the model's device the cpu backend's."""
     runtime = dshal.use(backend="cpu")
-    assert runtime.providers["quantize_int8"] == "cpu"
-    with conversion_ops(torch.zeros(2, 2), "meta"):
-        assert dshal.current().providers["quantize_int8"] == "reference"
-        assert dshal.current().backend is runtime.backend
+    held_off = torch.ones(2, 8, device="meta")
+    with pytest.raises(DeviceError, match="'x' is on device meta"):
+        dshal.ops.quantize_int8(held_off)  # the cpu backend's provider
+    with conversion_ops(held_off, "cpu"):
+        q, scale = dshal.ops.quantize_int8(held_off)  # the reference, wherever the tensor is
+        assert q.device.type == "meta" and q.dtype == torch.int8
+        assert dshal.current() is runtime  # backend, device and config stay the active runtime's
     assert dshal.current() is runtime
-    with conversion_ops(torch.zeros(2, 2), "cpu"):
-        assert dshal.current() is runtime
+    with conversion_ops(torch.zeros(2, 8), "cpu"), pytest.raises(DeviceError):
+        dshal.ops.quantize_int8(held_off)  # a weight on the device: the active runtime's ops
 
 
 @pytest.mark.parametrize("mode", ["fp8-block", "fp8-row", "fp8-tensor"])

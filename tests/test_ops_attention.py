@@ -96,6 +96,8 @@ BAD = [
     (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), window=0), DshalError, "'window' is 0"),
     (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), global_tokens=-1), DshalError, "'global_tokens' is -1"),
     (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), scale=-1.0), DshalError, "'scale' is -1.0"),
+    (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), scale=float("inf")), DshalError,
+     "'scale' is inf, expected None or a finite positive float"),
 ]
 
 

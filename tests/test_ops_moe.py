@@ -9,7 +9,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
 import dshal
-from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError
+from dshal.errors import ArgumentError, DeviceError, DshalError, DTypeError, ShapeError
 from dshal.ops import SPECS, reference as ref
 
 
@@ -181,6 +181,10 @@ BAD = [
     (lambda: ref.moe_gate(torch.ones(2, 8), None, 2, 2, 3, 1.0), DshalError, "'topk_group' is 3, expected an int in [1, 2]"),
     (lambda: ref.moe_gate(torch.ones(2, 8), None, 5, 2, 1, 1.0), DshalError, "'top_k' is 5, expected an int in [1, 4]"),
     (lambda: ref.moe_gate(torch.ones(2, 8), torch.ones(8, device="meta"), 2, 2, 1, 1.0), DeviceError, "'bias' is on meta"),
+    (lambda: ref.moe_gate(torch.ones(2, 8), None, 2, 2, 1, float("nan")), ArgumentError,
+     "'routed_scaling_factor' is nan, expected a finite positive float"),
+    (lambda: ref.moe_gate(torch.ones(2, 8), None, 2, 2, 1, -2.5), ArgumentError, "'routed_scaling_factor' is -2.5"),
+    (lambda: ref.moe_gate(torch.ones(2, 8), None, 2, 2, 1, 0.0), ArgumentError, "'routed_scaling_factor' is 0.0"),
     (lambda: ref.moe_experts(X.long(), WTS, IDS, W13, W2), DTypeError, "'x' has dtype torch.int64"),
     (lambda: ref.moe_experts(X, WTS, IDS.float(), W13, W2), DTypeError, "'ids' has dtype torch.float32"),
     (lambda: ref.moe_experts(X, WTS, IDS, W13, W2[:, :, :4]), ShapeError, "'w2' has shape [4, 16, 4], expected [4, 16, 8]"),

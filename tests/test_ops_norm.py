@@ -38,6 +38,8 @@ BAD = [
     (lambda: ref.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6, torch.ones(2, 9)), ShapeError, "'residual' has shape [2, 9]"),
     (lambda: ref.rms_norm(torch.ones(2, 8), torch.ones(8, device="meta")), DeviceError, "'weight' is on meta"),
     (lambda: ref.rms_norm(torch.ones(2, 8), torch.ones(8), -1.0), ArgumentError, "'eps' is -1.0"),
+    (lambda: ref.rms_norm(torch.ones(2, 8), torch.ones(8), float("inf")), ArgumentError,
+     "'eps' is inf, expected a finite non-negative float"),
 ]
 
 

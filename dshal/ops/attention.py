@@ -10,7 +10,7 @@ import torch
 
 from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.examples import Draw, Example
-from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
+from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_real, check_same_device, check_tensor, op_spec
 
 
 def _is_int(v: object) -> bool:
@@ -55,8 +55,7 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         raise ShapeError(f"{op}: argument 'k' has {hk} heads, expected a divisor of the {hq} heads of 'q' (GQA)")
     if not isinstance(causal, bool):
         raise ArgumentError(f"{op}: argument 'causal' is {causal!r}, expected True or False")
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0):
-        raise ArgumentError(f"{op}: argument 'scale' is {scale!r}, expected None or a positive float")
+    check_real(op, "scale", scale, positive=True, optional=True)
     if window is not None and (not _is_int(window) or window < 1):
         raise ArgumentError(f"{op}: argument 'window' is {window!r}, expected None or an int >= 1")
     if not _is_int(global_tokens) or global_tokens < 0:

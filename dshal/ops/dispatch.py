@@ -1,10 +1,13 @@
 """The dispatcher: which provider each ``dshal.ops.<op>`` call reaches, per thread.
 
-:class:`Dispatcher` holds two tables, op name -> provider callable: ``checked`` (the
+A pair of tables, op name -> provider callable, serves the calls: ``checked`` (the
 provider behind the op's input checks; what a call reaches by default) and ``unchecked``
 (the bare provider; what a call reaches inside :meth:`Dispatcher.trusted`). The active
-runtime fills them with :meth:`Dispatcher.install`; :meth:`Dispatcher.reset` puts back
-the first-call entries, which activate the default runtime and then dispatch.
+runtime fills the process-wide pair with :meth:`Dispatcher.install`; :meth:`Dispatcher.reset`
+puts back the first-call entries, which activate the default runtime and then dispatch.
+:meth:`Dispatcher.overlay` serves one thread's calls from another pair for the length of
+a block (``dshal.runtime.reference_ops``), and :meth:`Dispatcher.hooked` routes every
+table's providers, overlays included, through one wrapper (``dshal.runtime.op_hook``).
 
 Layering: this module sits below :mod:`dshal.runtime` and imports nothing of it (the
 runtime imports this module to install its providers). The first-call entries reach the
@@ -24,64 +27,143 @@ from dshal.ops.catalogue import SPECS
 from dshal.ops.mode import MODE
 
 Provider = Callable[..., Any]
+#: ``hook(op_name, provider)`` -> the callable that serves the op instead (see :meth:`Dispatcher.hooked`).
+Hook = Callable[[str, Provider], Provider]
 
 
-class _ThreadTable(threading.local):
-    """The table the calling thread dispatches to: ``checked`` unless inside ``trusted()``."""
+class _Tables:
+    """One pair of live tables and the providers they are built from. The live dicts are
+    refilled in place (a thread that holds one sees every later fill), with each provider
+    wrapped by the dispatcher's hook while one is set."""
 
-    def __init__(self, default: dict[str, Provider]):
-        self.table = default
+    __slots__ = ("sources", "checked", "unchecked")
+
+    def __init__(self) -> None:
+        self.sources: tuple[dict[str, Provider], dict[str, Provider]] = ({}, {})
+        self.checked: dict[str, Provider] = {}
+        self.unchecked: dict[str, Provider] = {}
+
+    def fill(self, checked: Mapping[str, Provider], unchecked: Mapping[str, Provider], hook: Hook | None) -> None:
+        self.sources = (dict(checked), dict(unchecked))
+        self.rebuild(hook)
+
+    def rebuild(self, hook: Hook | None) -> None:
+        for live, source in ((self.checked, self.sources[0]), (self.unchecked, self.sources[1])):
+            live.update(source if hook is None else {name: hook(name, fn) for name, fn in source.items()})
+
+
+class _ThreadTables(threading.local):
+    """What the calling thread dispatches through: ``tables`` (the process-wide pair, or an
+    overlay's) and ``table``, the one of that pair its calls read (``unchecked`` inside
+    ``trusted()``)."""
+
+    def __init__(self, base: _Tables):
+        self.tables = base
+        self.table = base.checked
 
 
 class Dispatcher:
-    """Op name -> provider tables of the active runtime, and the per-thread trusted mode.
+    """Op name -> provider tables of the active runtime, per-thread overlays, the per-thread
+    trusted mode and the op hook.
 
     A call costs a thread-local attribute read and a dict lookup: ``thread.table[name]``.
-    The tables are filled in place, so a thread that holds one sees every later install.
     """
 
     def __init__(self, op_names: Iterable[str], activate_default: Callable[[], object]):
         self.op_names = tuple(op_names)
         self._activate_default = activate_default
-        self._checked: dict[str, Provider] = {}
-        self._unchecked: dict[str, Provider] = {}
+        self._lock = threading.Lock()  # guards the hook and the set of live overlays
+        self._hook: Hook | None = None
+        self._base = _Tables()
+        self._overlays: set[_Tables] = set()
         #: ``thread.table`` is the table this thread's calls read (the public op functions use it).
-        self.thread = _ThreadTable(self._checked)
+        self.thread = _ThreadTables(self._base)
         self.reset()
 
     def install(self, checked: Mapping[str, Provider], unchecked: Mapping[str, Provider]) -> None:
         """Serve every op by these providers from now on (``checked`` behind the spec's input
         checks, ``unchecked`` the same providers without them); both name every op."""
-        for role, table in (("checked", checked), ("unchecked", unchecked)):
-            if set(table) != set(self.op_names):
-                missing, extra = set(self.op_names) - set(table), set(table) - set(self.op_names)
-                raise ValueError(f"Dispatcher.install: {role} table must name every op exactly; "
-                                 f"missing {sorted(missing)}, unknown {sorted(extra)}")
-        self._checked.update(checked)
-        self._unchecked.update(unchecked)
+        self._check_names("install", checked, unchecked)
+        with self._lock:
+            self._base.fill(checked, unchecked, self._hook)
 
     def reset(self) -> None:
-        """Forget the installed providers: the next call of each op activates the default runtime."""
-        for name in self.op_names:
-            self._checked[name] = self._first_call(name, self._checked)
-            self._unchecked[name] = self._first_call(name, self._unchecked)
+        """Forget the installed providers and the hook: the next call of each op activates
+        the default runtime."""
+        live = self._base
+        with self._lock:
+            self._hook = None
+            for table in (self._base, *self._overlays):
+                table.rebuild(None)
+            live.fill({name: self._first_call(name, live.checked) for name in self.op_names},
+                      {name: self._first_call(name, live.unchecked) for name in self.op_names}, None)
 
     def provider(self, name: str, *, checked: bool = True) -> Provider:
-        """What a call of ``name`` reaches now (checked, or as inside :meth:`trusted`)."""
-        return (self._checked if checked else self._unchecked)[name]
+        """What a call of ``name`` from this thread reaches now (checked, or as inside :meth:`trusted`)."""
+        tables = self.thread.tables
+        return (tables.checked if checked else tables.unchecked)[name]
 
     @contextlib.contextmanager
     def trusted(self) -> Iterator[None]:
         """Skip the ops' input checks for this thread's calls inside the block (nests; other
         threads are unaffected). See :func:`dshal.ops.trusted` for when that is right."""
         previous = self.thread.table
-        self.thread.table = self._unchecked
+        self.thread.table = self.thread.tables.unchecked
         MODE.trusted_depth += 1
         try:
             yield
         finally:
             MODE.trusted_depth -= 1
             self.thread.table = previous
+
+    @contextlib.contextmanager
+    def overlay(self, checked: Mapping[str, Provider], unchecked: Mapping[str, Provider]) -> Iterator[None]:
+        """Serve this thread's calls inside the block by these providers (both name every op);
+        other threads, and this one after the block, keep the installed ones. Nests, and keeps
+        the trusted mode: a call inside ``trusted()`` reaches ``unchecked``. An install inside
+        the block (``dshal.use``) takes effect for the thread when the block ends."""
+        self._check_names("overlay", checked, unchecked)
+        tables = _Tables()
+        with self._lock:
+            tables.fill(checked, unchecked, self._hook)
+            self._overlays.add(tables)
+        thread = self.thread
+        previous = thread.tables, thread.table
+        thread.tables = tables
+        thread.table = tables.checked if MODE.trusted_depth == 0 else tables.unchecked
+        try:
+            yield
+        finally:
+            thread.tables, thread.table = previous
+            with self._lock:
+                self._overlays.discard(tables)
+
+    @contextlib.contextmanager
+    def hooked(self, hook: Hook) -> Iterator[None]:
+        """While active, every op call, in every thread and overlay, reaches
+        ``hook(op_name, provider)`` instead of the provider. Hooks do not nest. When none is set
+        the tables hold the providers themselves, so the off state costs nothing."""
+        with self._lock:
+            if self._hook is not None:
+                raise RuntimeError("an op hook is already installed; hooks do not nest")
+            self._hook = hook
+            for table in (self._base, *self._overlays):
+                table.rebuild(hook)
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._hook is hook:  # reset() inside the block already took it away
+                    self._hook = None
+                    for table in (self._base, *self._overlays):
+                        table.rebuild(None)
+
+    def _check_names(self, role: str, *tables: Mapping[str, Provider]) -> None:
+        for kind, table in zip(("checked", "unchecked"), tables):
+            if set(table) != set(self.op_names):
+                missing, extra = set(self.op_names) - set(table), set(table) - set(self.op_names)
+                raise ValueError(f"Dispatcher.{role}: {kind} table must name every op exactly; "
+                                 f"missing {sorted(missing)}, unknown {sorted(extra)}")
 
     def _first_call(self, name: str, table: dict[str, Provider]) -> Provider:
         def first_call(*args: Any, **kwargs: Any) -> Any:
@@ -99,4 +181,4 @@ def _activate_default() -> None:
 #: The dispatcher of ``dshal.ops`` (one per process; the active runtime installs into it).
 DISPATCHER = Dispatcher(SPECS, _activate_default)
 
-__all__ = ["DISPATCHER", "Dispatcher", "Provider"]
+__all__ = ["DISPATCHER", "Dispatcher", "Hook", "Provider"]

@@ -12,7 +12,16 @@ from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.ops.examples import Draw, Example
 from dshal.ops.gemm import linear
 from dshal.ops.quant import FP8_DTYPE_LIST, SCALE_DTYPES, compute_dtype, quantize_fp8, quantize_int8
-from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_ids_in_range, check_same_device, check_tensor, op_spec
+from dshal.ops.spec import (
+    FLOAT_DTYPES,
+    Cost,
+    check_dim,
+    check_ids_in_range,
+    check_real,
+    check_same_device,
+    check_tensor,
+    op_spec,
+)
 
 
 def _check_count(op: str, arg: str, value: object, low: int, high: int | None, why: str) -> None:
@@ -47,8 +56,7 @@ def moe_gate(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, no
     _check_count(op, "topk_group", topk_group, 1, n_group, " (groups kept, at most n_group)")
     kept = topk_group * (experts // n_group)
     _check_count(op, "top_k", top_k, 1, kept, f" (at most the {kept} experts in the {topk_group} kept groups)")
-    if not isinstance(routed_scaling_factor, (int, float)) or isinstance(routed_scaling_factor, bool):
-        raise ArgumentError(f"{op}: argument 'routed_scaling_factor' is {routed_scaling_factor!r}, expected a float")
+    check_real(op, "routed_scaling_factor", routed_scaling_factor, positive=True)
     if not isinstance(norm_topk_prob, bool):
         raise ArgumentError(f"{op}: argument 'norm_topk_prob' is {norm_topk_prob!r}, expected True or False")
     check_same_device(op, "logits", logits, bias=bias)

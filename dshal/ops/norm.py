@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from dshal.errors import ArgumentError, ShapeError
+from dshal.errors import ShapeError
 from dshal.ops.examples import Draw, Example, fill_pattern
-from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_same_device, check_tensor, op_spec
+from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_real, check_same_device, check_tensor, op_spec
 
 
 @op_spec
@@ -21,8 +21,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     check_tensor("rms_norm", "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     check_tensor("rms_norm", "weight", weight, dtypes=FLOAT_DTYPES, ndim=1)
     check_dim("rms_norm", "weight", weight, 0, x.shape[-1], "the last dim of 'x'")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ArgumentError(f"rms_norm: argument 'eps' is {eps!r}, expected a non-negative float")
+    check_real("rms_norm", "eps", eps, positive=False)
     if residual is not None:
         check_tensor("rms_norm", "residual", residual, dtypes=(x.dtype,))
         if residual.shape != x.shape:

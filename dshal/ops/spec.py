@@ -29,13 +29,14 @@ checked against the same signature when it loads.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dshal.errors import DeviceError, DTypeError, ShapeError, UnsupportedOpError
+from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedOpError
 from dshal.ops.examples import Draw, Example, ShapeRow, shape_rows
 from dshal.ops.mode import checking
 
@@ -282,6 +283,18 @@ def check_dim(op: str, arg: str, t: torch.Tensor, dim: int, expected: int, what:
         raise ShapeError(
             f"{op}: argument {arg!r} has size {t.shape[dim]} in dim {dim} (shape {list(t.shape)}), expected {expected}{extra}"
         )
+
+
+def check_real(op: str, arg: str, value: Any, *, positive: bool, optional: bool = False) -> None:
+    """``value`` must be a finite real number (not a bool): > 0 where ``positive``, else >= 0;
+    None too where ``optional``. NaN and inf are refused: they would reach every output."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
+        value > 0 if positive else value >= 0
+    ):
+        expected = f"{'None or ' if optional else ''}a finite {'positive' if positive else 'non-negative'} float"
+        raise ArgumentError(f"{op}: argument {arg!r} is {value!r}, expected {expected}")
 
 
 def fp8_dtype(op: str, arg: str, fmt: str, native_e4m3: str = "e4m3fn") -> torch.dtype:
