@@ -6,7 +6,8 @@ the last bits (another summation order, an approximate ``exp``). This measures w
 does to the ``model`` family's drift: every output of ``linear``, ``attention``,
 ``moe_experts`` and ``rms_norm`` on the cpu backend is scaled by ``1 + u * ulps * 2^-24``,
 ``u`` uniform in [-1, 1] from a seeded generator, and the model case's drift is measured as
-the case measures it (float64 reference, router near-ties given the reference's experts).
+the case measures it (float64 reference, router near-ties given the reference's experts),
+with the greedy-token agreement of the ``/tokens`` judgement beside it.
 
 In the FP8 modes the drift is not a sum of roundings: an activation re-quantized to E4M3
 flips a code where the two sides round ``x / scale`` differently, and the layers after it
@@ -56,18 +57,29 @@ class Spread:
     logit_drift: list[float]
     max_layer_drift: list[float]
     bound: float
+    #: Per seed, the share of decisive greedy positions that agree (the ``/tokens`` judgement) ...
+    token_agreement: list[float]
+    #: ... and its bound (at least).
+    token_bound: float
 
     @property
     def over(self) -> int:
+        """Seeds whose drift (logits or a layer) is over the bound."""
         return sum(max(a, b) > self.bound for a, b in zip(self.logit_drift, self.max_layer_drift))
 
+    @property
+    def tokens_under(self) -> int:
+        """Seeds whose greedy agreement is under its bound."""
+        return sum(a < self.token_bound for a in self.token_agreement)
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "over_bound": self.over}
+        return {**asdict(self), "over_bound": self.over, "tokens_under_bound": self.tokens_under}
 
     def line(self) -> str:
         d = self.logit_drift
         return (f"{self.ulps:>7g} ulps: logit drift min {min(d):.3g}, median {statistics.median(d):.3g}, "
-                f"max {max(d):.3g}; max layer {max(self.max_layer_drift):.3g}; over {self.bound:g}: {self.over}/{len(d)}")
+                f"max {max(d):.3g}; max layer {max(self.max_layer_drift):.3g}; over {self.bound:g}: {self.over}/{len(d)}; "
+                f"greedy agreement min {min(self.token_agreement):.3g} (under {self.token_bound:g}: {self.tokens_under}/{len(d)})")
 
 
 def measure(mode: str, size: str, ulps: Iterable[float], seeds: int) -> list[Spread]:
@@ -87,7 +99,7 @@ def measure(mode: str, size: str, ulps: Iterable[float], seeds: int) -> list[Spr
         del ref_model
         spreads = []
         for n in ulps:
-            logit, layer = [], []
+            logit, layer, tokens = [], [], []
             for seed in range(seeds if n else 1):
                 runtime = mc.backend_runtime("cpu")
                 generator = torch.Generator().manual_seed(seed)
@@ -98,7 +110,9 @@ def measure(mode: str, size: str, ulps: Iterable[float], seeds: int) -> list[Spr
                 out = mc.trace(model, sequence, route=mc.RouterTies(ref.calls, tol.drift))
                 logit.append(mc.rel_drift(out.logits, ref.logits))
                 layer.append(max(mc.layer_drifts(out, ref).values(), default=0.0))
-            spreads.append(Spread(n, logit, layer, tol.drift))
+                basis = mc.ambiguity_basis(logit[-1], tol.drift)
+                tokens.append(mc.token_agreement(out.logits, ref.logits, prompt.shape[1], basis).value)
+            spreads.append(Spread(n, logit, layer, tol.drift, tokens, tol.tokens))
         return spreads
     finally:
         active.activate()

@@ -32,9 +32,11 @@ def test_the_measurement_is_seeded_grows_with_the_perturbation_and_leaves_the_ru
     assert unperturbed.logit_drift[0] < min(small.logit_drift) < min(large.logit_drift)
     assert max(small.logit_drift) < small.bound < min(large.logit_drift)  # ~1e-4 relative fails float32's bound
     assert large.over == 2
+    assert all(a == 1.0 for a in small.token_agreement) and small.tokens_under == 0  # every decisive token agrees
     assert sensitivity.measure("high", "ci", [16], seeds=2)[0].logit_drift == small.logit_drift
 
     report = tmp_path / "spread.json"
     assert sensitivity.main(["--mode", "high", "--size", "ci", "--ulps", "16", "--seeds", "1", "--json", str(report)]) == 0
     saved = json.loads(report.read_text())
     assert saved["mode"] == "high" and saved["spreads"][0]["ulps"] == 16 and saved["spreads"][0]["over_bound"] == 0
+    assert saved["spreads"][0]["tokens_under_bound"] == 0
