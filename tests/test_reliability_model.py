@@ -147,6 +147,46 @@ def test_non_finite_weights_raise_checkpoint_error_naming_the_tensor(tmp_path, s
     assert from_pretrained(tmp_path, config) is not None
 
 
+def _spoiled_tensors(t: torch.Tensor):
+    """Wrong versions of one checkpoint tensor, named (None: the tensor is missing)."""
+    yield "missing", None
+    yield "int64", t.to(torch.int64) if t.dtype != torch.int64 else t.float()
+    yield "a leading dim added", t.unsqueeze(0)
+    if t.shape[0] > 1:
+        yield "first dim one short", t[:-1]
+    if t.dim() >= 2 and t.shape[0] != t.shape[1]:  # a square one transposed has the right shape
+        yield "transposed", t.t().contiguous()
+    if t.dim() >= 2 and t.shape[-1] > 1:
+        yield "last dim one short", t[..., :-1]
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_every_checkpoint_tensor_missing_or_misshapen_is_refused_naming_it(state, fp8):
+    """Each tensor of the checkpoint, spoiled one at a time, fails the load with a DshalError
+    that names it (never a crash in a later matmul, never a silent load)."""
+    from dshal.errors import DshalError
+    from dshal.model.loader import DictReader, build_model
+
+    dshal.use({"backend": "cpu"})
+    tensors = quantize_checkpoint_fp8(state) if fp8 else dict(state)
+    problems = []
+    for name, tensor in tensors.items():
+        for what, spoiled in _spoiled_tensors(tensor):
+            checkpoint = {k: v for k, v in tensors.items() if k != name}
+            if spoiled is not None:
+                checkpoint[name] = spoiled
+            try:
+                build_model(ARGS, DictReader(checkpoint, "<spoiled>"))
+            except DshalError as err:
+                if name not in str(err):
+                    problems.append(f"{name} {what}: the error does not name it: {err}")
+            except Exception as err:  # noqa: BLE001 - the finding this test exists for
+                problems.append(f"{name} {what}: {type(err).__name__}: {err}")
+            else:
+                problems.append(f"{name} {what}: loaded")
+    assert not problems, "\n".join(problems[:20])
+
+
 def test_fp8_nan_bit_pattern_in_weight_is_found(tmp_path, state):
     tensors = quantize_checkpoint_fp8(state)
     name = "model.layers.0.mlp.down_proj.weight"
