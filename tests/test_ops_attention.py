@@ -98,6 +98,10 @@ BAD = [
     (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), scale=-1.0), DshalError, "'scale' is -1.0"),
     (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), scale=float("inf")), DshalError,
      "'scale' is inf, expected None or a finite positive float"),
+    (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), scale=10**30), DshalError, "'scale' is 10000"),
+    (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), window=10**30), DshalError,
+     "expected None or an int >= 1 (at most 2**63 - 1)"),
+    (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), global_tokens=2**63), DshalError, "'global_tokens' is 9223372036854775808"),
 ]
 
 

@@ -76,14 +76,17 @@ def spoiled_tensors(t: torch.Tensor) -> Iterator[tuple[str, Any]]:
 def spoiled_options(v: Any) -> Iterator[tuple[str, Any]]:
     """Wrong values for a non-tensor argument, named."""
     yield from (("None", None), ("a string", "bogus"), ("a list", [1, 2]))
-    if isinstance(v, bool):
+    if v is None:  # an optional option: numbers it might take
+        yield from (("-1", -1), ("0", 0), ("1e30", 10**30), ("1.5", 1.5), ("NaN", math.nan))
+    elif isinstance(v, bool):
         yield "2", 2
     elif isinstance(v, int):
-        yield from (("-1", -1), ("0", 0), ("1e9", 10**9), ("1.5", 1.5), ("True", True))
+        yield from (("-1", -1), ("0", 0), ("1e9", 10**9), ("1e30", 10**30), ("1.5", 1.5), ("True", True))
     elif isinstance(v, float):
-        yield from (("NaN", math.nan), ("inf", math.inf), ("-1.0", -1.0), ("0.0", 0.0), ("1 (int)", 1))
+        yield from (("NaN", math.nan), ("inf", math.inf), ("-1.0", -1.0), ("0.0", 0.0), ("1 (int)", 1), ("1e30", 1e30))
     elif isinstance(v, tuple):
-        yield from (("()", ()), ("(1, 2, 3)", (1, 2, 3)), ("negative", tuple(-1 for _ in v)), ("zeros", tuple(0 for _ in v)))
+        yield from (("()", ()), ("(1, 2, 3)", (1, 2, 3)), ("negative", tuple(-1 for _ in v)), ("zeros", tuple(0 for _ in v)),
+                    ("1e30", tuple(10**30 for _ in v)))
     elif isinstance(v, str):
         yield "another string", "e5m3"
 

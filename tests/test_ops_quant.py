@@ -111,6 +111,18 @@ def test_quantize_fp8_batched_and_noncontiguous():
         assert torch.equal(s[b], ws) and same_bits(q[b].contiguous(), wq)
 
 
+def test_a_block_longer_than_its_dim_is_one_block_of_that_dim():
+    """(1, 10**30) quantizes as (1, -1) does, without padding a row to 10**30 values; the
+    same for dequantize (a huge block once crashed torch's pad with an overflow)."""
+    x = torch.randn(6, 200)
+    for huge, whole in (((1, 10**30), (1, -1)), ((10**30, 10**30), (-1, -1)), ((256, 128), (6, 128))):
+        q, scale = ref.quantize_fp8(x, huge, "e4m3fn")
+        q_whole, scale_whole = ref.quantize_fp8(x, whole, "e4m3fn")
+        assert torch.equal(q.view(torch.uint8), q_whole.view(torch.uint8)) and torch.equal(scale, scale_whole)
+        torch.testing.assert_close(ref.dequantize_fp8(q, scale, huge, torch.float32),
+                                   ref.dequantize_fp8(q, scale, whole, torch.float32), rtol=0, atol=0)
+
+
 def test_quantize_fp8_float64_oracle_and_bf16_agree():
     torch.manual_seed(2)
     x = torch.randn(4, 256).to(torch.bfloat16)

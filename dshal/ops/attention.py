@@ -10,11 +10,16 @@ import torch
 
 from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.examples import Draw, Example
-from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_real, check_same_device, check_tensor, op_spec
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+from dshal.ops.spec import (
+    FLOAT_DTYPES,
+    Cost,
+    check_dim,
+    check_int,
+    check_real,
+    check_same_device,
+    check_tensor,
+    op_spec,
+)
 
 
 @op_spec
@@ -56,10 +61,8 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     if not isinstance(causal, bool):
         raise ArgumentError(f"{op}: argument 'causal' is {causal!r}, expected True or False")
     check_real(op, "scale", scale, positive=True, optional=True)
-    if window is not None and (not _is_int(window) or window < 1):
-        raise ArgumentError(f"{op}: argument 'window' is {window!r}, expected None or an int >= 1")
-    if not _is_int(global_tokens) or global_tokens < 0:
-        raise ArgumentError(f"{op}: argument 'global_tokens' is {global_tokens!r}, expected an int >= 0")
+    check_int(op, "window", window, 1, optional=True)
+    check_int(op, "global_tokens", global_tokens, 0)
     check_same_device(op, "q", q, k=k, v=v)
 
 

@@ -52,10 +52,11 @@ def check_block(op: str, block: Any) -> None:
 
 
 def _block_sizes(shape: torch.Size | tuple[int, ...], block: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(M, K, bm, bk) of a tensor shape viewed as ``[..., M, K]`` with ``-1`` resolved."""
+    """(M, K, bm, bk) of a tensor shape viewed as ``[..., M, K]`` with ``-1`` resolved. A block
+    longer than its dim is that dim: the same one block, without padding to its length."""
     m, k = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, shape[-1])
-    bm = max(m, 1) if block[0] == -1 else block[0]
-    bk = max(k, 1) if block[1] == -1 else block[1]
+    bm = max(m, 1) if block[0] == -1 or block[0] > m else block[0]
+    bk = max(k, 1) if block[1] == -1 or block[1] > k else block[1]
     return m, k, bm, bk
 
 

@@ -285,6 +285,19 @@ def check_dim(op: str, arg: str, t: torch.Tensor, dim: int, expected: int, what:
         )
 
 
+#: The largest int a tensor index or size can be (torch's int64).
+INT64_MAX = 2**63 - 1
+
+
+def check_int(op: str, arg: str, value: Any, low: int, *, optional: bool = False) -> None:
+    """``value`` must be an int (not a bool) in ``[low, INT64_MAX]``; None too where ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
+        expected = f"{'None or ' if optional else ''}an int >= {low}" + (" (at most 2**63 - 1)" if isinstance(value, int) and value > INT64_MAX else "")
+        raise ArgumentError(f"{op}: argument {arg!r} is {value!r}, expected {expected}")
+
+
 def check_real(op: str, arg: str, value: Any, *, positive: bool, optional: bool = False) -> None:
     """``value`` must be a finite real number (not a bool): > 0 where ``positive``, else >= 0;
     None too where ``optional``. NaN and inf are refused: they would reach every output."""
@@ -292,7 +305,7 @@ def check_real(op: str, arg: str, value: Any, *, positive: bool, optional: bool 
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
         value > 0 if positive else value >= 0
-    ):
+    ) or (isinstance(value, int) and value > INT64_MAX):  # torch takes a Python int as an int64
         expected = f"{'None or ' if optional else ''}a finite {'positive' if positive else 'non-negative'} float"
         raise ArgumentError(f"{op}: argument {arg!r} is {value!r}, expected {expected}")
 
