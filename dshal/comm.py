@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 import dshal
-from dshal.errors import CommError, ConfigError, DTypeError, ShapeError
+from dshal.errors import CommError, ConfigError, DeviceError, DTypeError, ShapeError
 from dshal.ops.mode import checking
 
 #: Reductions every communicator supports. ``avg`` is a sum divided by the group size,
@@ -95,7 +95,9 @@ def _check_tensor(collective: str, t: Any) -> None:
 
 
 def _check_dim(collective: str, t: torch.Tensor, dim: int) -> int:
-    if not isinstance(dim, int) or not -t.dim() <= dim < max(t.dim(), 1):
+    if t.dim() == 0:
+        raise ShapeError(f"{collective}: argument 't' is a 0-d tensor, expected at least 1 dim (the one to split or join along)")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -t.dim() <= dim < t.dim():
         raise ShapeError(f"{collective}: argument 'dim' is {dim!r}, expected an int in [{-t.dim()}, {t.dim()}) for a {t.dim()}-d tensor")
     return dim % t.dim()
 
@@ -314,6 +316,23 @@ class ProcessGroupCommunicator(Communicator):
         if not dist.is_initialized():
             raise CommError(f"{collective}: torch.distributed is not initialized; call dshal.comm.init() first (or launch with torchrun)")
 
+    def _devices(self) -> list[str] | None:
+        """The device types this group's backend takes (torch's ``Backend.backend_capability``:
+        gloo cpu and cuda, nccl cuda, ...), or None where torch does not say."""
+        if not dist.is_initialized() or not (self.group is None or isinstance(self.group, dist.ProcessGroup)):
+            return None
+        return dist.Backend.backend_capability.get(str(dist.get_backend(self.group)))
+
+    def _check_device(self, collective: str, t: torch.Tensor) -> None:
+        """``t`` must be on a device the group's backend takes: a wrong one would fail inside
+        the collective and tear the process group down for every rank."""
+        devices = self._devices()
+        if devices is not None and t.device.type not in devices:
+            raise DeviceError(
+                f"{collective}: argument 't' is on device {t.device}, expected a tensor on {' or '.join(devices)} "
+                f"(what the {dist.get_backend(self.group)} process group moves)"
+            )
+
     def _run(self, collective: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Issue ``fn(*args, async_op=True, **kwargs)`` and wait for it (see the module
         docstring: on the host, bounded by the timeout, except for device tensors inside
@@ -368,6 +387,7 @@ class ProcessGroupCommunicator(Communicator):
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         _check_tensor("all_reduce", t)
+        self._check_device("all_reduce", t)
         reduce_op = _reduce_op(op, "all_reduce", t)
         self._agree("all_reduce", t, "op", op)
         self._run("all_reduce", dist.all_reduce, t, op=reduce_op, group=self.group)
@@ -377,6 +397,7 @@ class ProcessGroupCommunicator(Communicator):
 
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         _check_tensor("all_gather", t)
+        self._check_device("all_gather", t)
         dim = _check_dim("all_gather", t, dim)
         n = self.world_size
         src = t.movedim(dim, 0).contiguous() if dim else t.contiguous()
@@ -387,6 +408,7 @@ class ProcessGroupCommunicator(Communicator):
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
         _check_tensor("reduce_scatter", t)
+        self._check_device("reduce_scatter", t)
         dim = _check_dim("reduce_scatter", t, dim)
         n = self.world_size
         if t.shape[dim] % n:
@@ -413,6 +435,7 @@ class ProcessGroupCommunicator(Communicator):
         self, t: torch.Tensor, output_splits: Sequence[int] | None = None, input_splits: Sequence[int] | None = None
     ) -> torch.Tensor:
         _check_tensor("all_to_all", t)
+        self._check_device("all_to_all", t)
         if t.dim() == 0:
             raise ShapeError("all_to_all: argument 't' is a 0-d tensor, expected at least 1 dim (rows to exchange)")
         n = self.world_size
@@ -440,6 +463,7 @@ class ProcessGroupCommunicator(Communicator):
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         _check_tensor("broadcast", t)
+        self._check_device("broadcast", t)
         n = self.world_size
         if not isinstance(src, int) or not 0 <= src < n:
             raise CommError(f"broadcast: argument 'src' is {src!r}, expected a group rank in [0, {n})")
@@ -506,6 +530,9 @@ class SimulatedCommunicator(ProcessGroupCommunicator):
 
     def _check_ready(self, collective: str) -> None:
         return None
+
+    def _devices(self) -> list[str] | None:
+        return None  # any device, meta included: nothing moves
 
     def _run(self, collective: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         n = self.group.size

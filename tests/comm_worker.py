@@ -19,7 +19,7 @@ import torch
 
 import dshal
 from dshal import comm
-from dshal.errors import CommError, DTypeError, ShapeError
+from dshal.errors import CommError, DeviceError, DTypeError, ShapeError
 
 COMM_ERROR_EXIT = 17
 
@@ -131,6 +131,12 @@ def collectives(rank: int, n: int) -> dict[str, str]:
     run_checks(checks, "error[not a tensor]", lambda: expect_raises(DTypeError, ["'t'", "list", "torch.Tensor"], lambda: comm.all_reduce([1, 2])))
     run_checks(checks, "error[broadcast src]", lambda: expect_raises(CommError, ["'src'", str(n)], lambda: comm.broadcast(t, src=n)))
     run_checks(checks, "error[dim]", lambda: expect_raises(ShapeError, ["'dim'", "5"], lambda: comm.all_gather(t, dim=5)))
+    run_checks(checks, "error[0-d]", lambda: expect_raises(ShapeError, ["reduce_scatter", "0-d tensor"], lambda: comm.reduce_scatter(torch.tensor(1.0))))
+    run_checks(checks, "error[meta device]", lambda: expect_raises(
+        DeviceError, ["all_reduce", "device meta", "cpu", "gloo"], lambda: comm.all_reduce(torch.ones(2, device="meta"))))
+    for name in ("all_gather", "broadcast", "all_to_all"):
+        run_checks(checks, f"error[meta device {name}]", lambda name=name: expect_raises(
+            DeviceError, [name, "device meta"], lambda: getattr(comm, name)(torch.ones(n, device="meta"))))
     run_checks(checks, "usable after argument errors", lambda: expect_equal(
         comm.all_reduce(torch.ones(2)), torch.full((2,), float(n))))
 
