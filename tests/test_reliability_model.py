@@ -255,6 +255,7 @@ def test_cache_of_another_model_is_refused(model, tmp_path, state):
     [
         (lambda m: m.new_cache(1, 10**12), ArgumentError, r"'max_len' is 1000000000000, expected an int in \[1, 4096\]"),
         (lambda m: m.new_cache(0, 8), ArgumentError, "'batch' is 0"),
+        (lambda m: m.new_cache(10**30, 8), ArgumentError, r"'batch' is 1000000000000000000000000000000, expected an int in \[1, 2\*\*63 - 1\]"),
         (lambda m: m(_prompt(), -1), ArgumentError, "'start_pos' is -1"),
         (lambda m: m(_prompt(), 0, {}), dshal.DTypeError, "'cache' is dict, expected a KVCache"),
         (lambda m: m.generate(torch.zeros(1, 5000, dtype=torch.int64), 0), ShapeError, "has 5000 tokens, expected at most"),

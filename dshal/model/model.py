@@ -42,6 +42,7 @@ from dshal.model.args import ModelArgs, yarn_mscale
 from dshal.model.cache import KVCache, LayerCache
 from dshal.model.generate import check_input_ids, check_token_ids, generate
 from dshal.model.weights import dequantize_weight, precision_label
+from dshal.ops.spec import INT64_MAX
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -485,8 +486,8 @@ class Transformer(nn.Module):
         mode = mode or self.args.mla_mode
         a = self.args
         for arg, value, high in (("batch", batch, None), ("max_len", max_len, self.rope_cos.shape[0])):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (high is not None and value > high):
-                bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else ">= 1"
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value > (high or INT64_MAX):
+                bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else "in [1, 2**63 - 1]"
                 raise ArgumentError(f"new_cache: argument {arg!r} is {value!r}, expected an int {bound}")
         if mode == "absorb":
             entries = [(a.kv_lora_rank + a.qk_rope_head_dim,)]
