@@ -19,7 +19,11 @@ What is here, and why a plugin needs it:
   and the format facts the ops share: ``FP8_DTYPES``, ``FP8_DTYPE_LIST``, ``FP8_FORMAT_OF``,
   ``FLOAT_DTYPES``, ``dequantize_to``, ``GRANULARITY_BLOCKS``, ``gemm_granularity``;
   ``fp8_block_to_int8_rows`` (a 128x128-block FP8 weight to int8 rows on the host, the
-  references' bits: for a checkpoint converter).
+  references' bits: for a checkpoint converter); ``check_ids_in_range``, the value check
+  every ``moe_experts`` provider runs on its ``ids`` before indexing with them (a host read
+  in checked mode, a device-side assert inside ``dshal.ops.trusted()``: the input checker
+  cannot do it without a host sync on every call); ``nonfinite_guard``, how an ``attention``
+  provider meets the op's NaN / Inf rule around a kernel that does not.
 * **The GPU base** (``dshal.backends.triton_gpu``) -- :class:`TorchGpuBackend`, the class
   the torch-CUDA-API plugins (NVIDIA, AMD) subclass: it routes each op to a portable Triton
   kernel or a torch call from the facts the subclass declares (:class:`GemmPlan`,
@@ -73,11 +77,12 @@ from dshal.errors import (
 )
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.kernels.triton.target import SHIPPED_TARGETS, KernelTarget, TileConfig, shipped_target
+from dshal.ops.attention import nonfinite_guard
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity
 from dshal.ops.quant import FP8_DTYPE_LIST, dequantize_to, fp8_block_to_int8_rows
 from dshal.ops.reference import dequantize_fp8, quantize_int8
-from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF
+from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF, check_ids_in_range
 from dshal.parallel.placement import islands, place_groups, topology_from_matrix
 
 __all__ = [
@@ -108,10 +113,12 @@ __all__ = [
     "FP8_FORMAT_OF",
     "GRANULARITY_BLOCKS",
     "SPECS",
+    "check_ids_in_range",
     "dequantize_fp8",
     "dequantize_to",
     "fp8_block_to_int8_rows",
     "gemm_granularity",
+    "nonfinite_guard",
     "quantize_int8",
     # the GPU base
     "BLOCK",

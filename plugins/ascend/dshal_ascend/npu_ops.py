@@ -23,7 +23,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dshal.plugin import GRANULARITY_BLOCKS, SPECS, DTypeError, dequantize_to, gemm_granularity
+from dshal.plugin import (
+    GRANULARITY_BLOCKS,
+    SPECS,
+    DTypeError,
+    check_ids_in_range,
+    dequantize_to,
+    gemm_granularity,
+    nonfinite_guard,
+)
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 from dshal_ascend.layouts import (
     active_experts,
@@ -201,10 +209,20 @@ class AscendOps:
     # ------------------------------------------------------------ attention
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         _require_npu_float("attention", "q", q)
-        batch, heads, tq, d = q.shape
-        tk, dv = k.shape[2], v.shape[3]
-        if dv > d or q.numel() == 0 or k.numel() == 0:
+        if v.shape[3] > q.shape[3] or q.numel() == 0 or k.numel() == 0:
             return self._reference("attention")(q, k, v, causal, scale, window, global_tokens)
+        # The op's NaN / Inf rule (the fused kernel's own handling is not documented): the
+        # kernel runs on zeroed inputs, then the outputs that saw a non-finite value become NaN.
+        # No host read: decode steps stay free of syncs.
+        guard = nonfinite_guard(q, k, v, causal, window, global_tokens, may_read_host=False)
+        if guard is not None:
+            return guard.apply(self._fused_attention(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
+        return self._fused_attention(q, k, v, causal, scale, window, global_tokens)
+
+    def _fused_attention(self, q, k, v, causal, scale, window, global_tokens):
+        """``attention`` on finite inputs through ``npu_fused_infer_attention_score``."""
+        heads, tq, d = q.shape[1:]
+        tk, dv = k.shape[2], v.shape[3]
         plan = infer_attention_plan(tq, tk, causal, window, global_tokens, q.device)
         if plan.keys is not None:  # one query: the visible keys, no mask
             k, v = k[:, :, plan.keys], v[:, :, plan.keys]
@@ -270,6 +288,8 @@ class AscendOps:
 
     def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         _require_npu_float("moe_experts", "x", x)
+        # before any path indexes with them: a bad id would read another expert's memory on the NPU
+        check_ids_in_range("moe_experts", "ids", ids, w13.shape[0], "expert id", f"w13 has {w13.shape[0]} experts")
         if ids.numel() == 0:
             return torch.zeros_like(x)
         hidden, inter = w13.shape[2], w2.shape[2]

@@ -166,7 +166,8 @@ def _fused_infer_attention(owner, b):
     kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
     s = (q.float() @ kf.transpose(-1, -2)) * b["scale"]
     s = s.masked_fill(hidden, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(hidden.all(dim=-1, keepdim=True), torch.zeros((), dtype=p.dtype), p)  # no key: zeros, not NaN
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     return (p @ vf).to(q.dtype), lse
 
