@@ -319,6 +319,7 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
         seed=seed,
         fp8_storage=caps.fp8_storage,
         served={case.op: rt.provider_entry(case.op)} if case.kind == "capability" and case.op in provided else None,
+        emulated=rt.emulated,
     )
     for w in waivers:
         ctx.overrides.update(w.thresholds)

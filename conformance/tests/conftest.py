@@ -69,6 +69,14 @@ def decode_wrong_backend_installed(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def fragile_backend_installed(tmp_path_factory: pytest.TempPathFactory):
+    """``with fragile_backend_installed(): ...``: ``conformance_fragile_backend.FragileBackend``
+    (silu_and_mul assumes a contiguous input) is the installed plugin ``fragile`` inside the block."""
+    site = _dist_info(tmp_path_factory, "fragile", "conformance_fragile_backend:FragileBackend")
+    return lambda: _installed([site, str(HERE)])
+
+
+@pytest.fixture(scope="session")
 def no_fp8_storage_installed(tmp_path_factory: pytest.TempPathFactory):
     """``with no_fp8_storage_installed(): ...``: the core tests' fixture backend
     ``tests/fixtures/core_plugins/no_fp8_storage.py`` (the cpu backend's ops, declaring

@@ -18,6 +18,9 @@ FAMILY_MODULES = (
     "dshal_conformance.cases.model",
     "dshal_conformance.cases.determinism",
     "dshal_conformance.cases.graph",
+    # last: on a device, a kernel that faults on a spoiled input (an illegal address) can take
+    # the process's context down, and every case after it with it
+    "dshal_conformance.cases.spoiled",
 )
 
 

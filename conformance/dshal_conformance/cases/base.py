@@ -63,6 +63,7 @@ class Context:
         seed: int,
         fp8_storage: bool = True,
         served: Mapping[str, Mapping[str, Any]] | None = None,
+        emulated: bool = False,
     ):
         self.draw = Draw(torch.Generator().manual_seed(seed), "cpu", native_e4m3)
         self.table = table
@@ -75,6 +76,8 @@ class Context:
         self.seed = seed
         #: op -> how the backend serves it (``Runtime.provider_entry``: kind, and paths per weight format).
         self.served = dict(served or {})
+        #: The backend runs its device code on CPU tensors (``Runtime.emulated``).
+        self.emulated = emulated
         #: metric -> loosened threshold, from the waivers that match this case.
         self.overrides: dict[str, float] = {}
 
