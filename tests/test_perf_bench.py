@@ -212,6 +212,8 @@ def test_shapes_file_loads(tmp_path):
             ["colour", "unknown parameter", "residual"],
         ),
         ("cases:\n  - op: rms_norm\n    residual: true\n", 2, ["'shape'"]),
+        ("cases:\n  - op: rms_norm\n    shape: [4, -8]\n", 3, ["shape", "[4, -8]", "integers >= 0"]),
+        ("cases:\n  - op: quantize_fp8\n    shape: [4, 8]\n    block: [1, -2]\n", 4, ["block", "[1, -2]", "integers >= -1"]),
         ("shapes:\n  - {op: rms_norm}\n", 1, ["shapes", "'cases'"]),
         ("cases: [\n", 2, ["invalid YAML"]),
     ],
@@ -245,6 +247,7 @@ def test_bench_reports_a_failing_case_and_goes_on(tmp_path):
         "  - {op: dequantize_fp8, shape: [4, 256], block: [0, 128]}\n"  # a zero block: no inputs
         "  - {op: moe_gate, t: 4, e: 6, top_k: 2, n_group: 4, topk_group: 2, routed_scaling_factor: 1.0}\n"  # 6 experts in 4 groups: ShapeError from the op
         "  - {op: rms_norm, shape: [4, 8]}\n"
+        "  - {op: quantize_fp8, shape: [4, 256], block: [0, 128]}\n"  # refused by the op before its cost model divides by 0
     )
     rc = cli(["bench", "--backend", "cpu", "--shapes", str(shapes), "--output", str(tmp_path / "f.html"), *FAST])
     report = json.loads((tmp_path / "f.json").read_text())
@@ -253,3 +256,4 @@ def test_bench_reports_a_failing_case_and_goes_on(tmp_path):
     assert errors[0].startswith("building inputs failed")
     assert errors[1].startswith("ShapeError: moe_gate: argument 'n_group' is 4")
     assert errors[2] == "" and "median_s" in report["cases"][2]["providers"]["backend"]
+    assert errors[3].startswith("ArgumentError: quantize_fp8: argument 'block' is (0, 128)")

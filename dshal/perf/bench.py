@@ -232,9 +232,14 @@ def _checked_value(key: str, value: Any, examples: list[Any], error: Callable[[t
             return value
         raise error((key,), f"got {value!r}, expected one of: {', '.join(choices)}")
     elif any(isinstance(e, (tuple, list)) for e in examples):
-        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        # -1 only where the rows use it ("the whole dim", as block (1, -1)); a size is never negative
+        minus_one = any(-1 in e for e in examples if isinstance(e, (tuple, list)))
+        low = "-1" if minus_one else "0"
+        if isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and (v >= 0 or (minus_one and v == -1)) for v in value
+        ):
             return tuple(value)
-        raise error((key,), f"got {value!r}, expected a list of integers, e.g. {list(next(e for e in examples if e))}")
+        raise error((key,), f"got {value!r}, expected a list of integers >= {low}, e.g. {list(next(e for e in examples if e))}")
     what = "null or " if None in examples else ""
     raise error((key,), f"got {value!r}, expected {what}a value like {examples[0]!r}")
 
@@ -366,6 +371,11 @@ def bench_case(
         result.update(providers={"backend": {"name": f"dshal.ops.{case.op}", "error": error}}, speedup={})
         return result
     args, kwargs = first
+    try:  # a row the op refuses has no cost to model and nothing to time
+        SPECS[case.op].check(*args, **kwargs)
+    except DshalError as err:
+        result.update(providers={"backend": {"name": f"dshal.ops.{case.op}", "error": f"{type(err).__name__}: {err}"}}, speedup={})
+        return result
     key = result["peak_key"] = peak_key(case.op, args, kwargs)
     need_peak(key)
     cost: Cost = SPECS[case.op].cost_of(*args, **kwargs)
