@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,13 @@ def load(path: str | Path) -> list[Waiver]:
         if not isinstance(skip, bool):
             raise ConfigError(f"{where}.skip: got {skip!r}, expected true or false", file=str(path))
         if not isinstance(thresholds, Mapping) or not all(
-            k in LOOSENABLE and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in thresholds.items()
+            k in LOOSENABLE and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for k, v in thresholds.items()
         ):
-            raise ConfigError(f"{where}.thresholds: got {thresholds!r}, expected metric -> number with metrics from {list(LOOSENABLE)}", file=str(path))
+            raise ConfigError(
+                f"{where}.thresholds: got {thresholds!r}, expected metric -> a finite number >= 0 with metrics from {list(LOOSENABLE)}",
+                file=str(path),
+            )
         if not skip and not thresholds:
             raise ConfigError(f"{where}: says neither skip: true nor thresholds: {{...}}", file=str(path))
         out.append(Waiver(match, reason.strip(), skip, {k: float(v) for k, v in thresholds.items()}, str(path)))

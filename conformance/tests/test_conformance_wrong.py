@@ -124,3 +124,11 @@ def test_a_waiver_without_a_reason_is_refused(tmp_path) -> None:
     path.write_text("waivers:\n  - match: 'rms_norm/*'\n    skip: true\n")
     with pytest.raises(ConfigError, match="reason"):
         waivers.load(path)
+
+
+@pytest.mark.parametrize("limit", ["-1", ".nan", ".inf"])
+def test_a_waiver_threshold_must_be_a_finite_number_at_least_zero(tmp_path, limit) -> None:  # noqa: ANN001
+    path = tmp_path / "w.yaml"
+    path.write_text(f"waivers:\n  - match: 'rms_norm/*'\n    reason: measured\n    thresholds: {{max_err_ratio: {limit}}}\n")
+    with pytest.raises(ConfigError, match=r"waivers\[0\]\.thresholds: .* expected metric -> a finite number >= 0"):
+        waivers.load(path)
