@@ -214,3 +214,20 @@ def test_moe_ops_dispatch_on_cpu_backend():
     w13, w2 = moe_weights(16, 16, 8, 5)
     torch.testing.assert_close(dshal.ops.moe_experts(x, weights, ids, w13, w2), ref.moe_experts(x, weights, ids, w13, w2))
     assert SPECS["moe_experts"].cost_of(x, weights, ids, w13, w2).flops > 0
+
+
+def test_ids_check_on_a_device_without_an_async_assert_reads_the_ids(monkeypatch):
+    """Inside ``ops.trusted()`` the expert-id check is ``torch._assert_async``; on a device torch
+    has no kernel for it (its dispatcher raises NotImplementedError, as for an out-of-tree
+    backend without one) the check reads the ids on the host instead of failing the step.
+    torch._assert_async is replaced by a function that raises that error: no device is faked."""
+    from dshal.ops.spec import check_ids_in_range
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_assert_async' with arguments from the 'PrivateUse1' backend")
+
+    monkeypatch.setattr(torch, "_assert_async", no_kernel)
+    with dshal.ops.trusted():
+        check_ids_in_range("moe_experts", "ids", torch.tensor([[0, 3]]), 4, "expert id", "w13 has 4 experts")
+        with pytest.raises(ShapeError, match=r"'ids' holds expert ids outside \[0, 4\)"):
+            check_ids_in_range("moe_experts", "ids", torch.tensor([[0, 4]]), 4, "expert id", "w13 has 4 experts")

@@ -260,14 +260,21 @@ def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: st
     op's input checker. In checked mode it reads the values on the host (a host sync on an
     accelerator) and raises ShapeError; inside :func:`dshal.ops.trusted` (decode steps, graph
     capture) it is a device-side assertion (``torch._assert_async``): no host sync, and a
-    bad id still stops the program (a device assert on GPUs, a RuntimeError on the CPU).
+    bad id still stops the program (a device assert on GPUs, a RuntimeError on the CPU). On
+    a device torch has no async assert for, a host read instead: right, not sync-free.
     Meta tensors hold no values: nothing to check."""
     if ids.is_meta:
         return
     if ids.numel() and not checking():
-        message = f"{op}: argument {arg!r} holds a {what} outside [0, {size}) ({why})"
-        torch._assert_async(((ids >= 0) & (ids < size)).all(), message)
-        return
+        message = f"{op}: argument {arg!r} holds {what}s outside [0, {size}) ({why})"
+        in_range = ((ids >= 0) & (ids < size)).all()
+        try:
+            torch._assert_async(in_range, message)
+            return
+        except NotImplementedError:  # a device torch has no async assert for (an out-of-tree one): read it
+            if bool(in_range):
+                return
+            raise ShapeError(message) from None
     if ids.numel():
         low, high = (int(v) for v in torch.aminmax(ids))
         if low < 0 or high >= size:
