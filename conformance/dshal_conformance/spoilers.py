@@ -19,6 +19,8 @@ import torch
 from dshal.ops.catalogue import SPECS
 from dshal.ops.examples import Draw
 from dshal.ops.spec import FP8_DTYPES
+from dshal_conformance.cases.moe import TIE_MARGIN
+from dshal_conformance.modelcheck import selection_margin
 
 FP8 = tuple(FP8_DTYPES.values())
 OTHER_DTYPES = (
@@ -92,9 +94,6 @@ def sorted_by_id(out: Any) -> Any:
 def routing_differs(got: Any, want: Any, kwargs: dict[str, Any]) -> str | None:
     """:func:`differs` for ``moe_gate``: experts compared as sets per token, and a token whose
     oracle choice is within the moe_gate cases' ``TIE_MARGIN`` of a tie may go either way."""
-    from dshal_conformance.cases.moe import TIE_MARGIN  # lazy: the case modules import this one
-    from dshal_conformance.modelcheck import selection_margin  # lazy: as above
-
     (got_w, got_ids), (want_w, want_ids) = sorted_by_id(got), sorted_by_id(want)
     if got_ids.shape != want_ids.shape or got_ids.dtype != want_ids.dtype or got_ids.is_meta:
         return differs((got_w, got_ids), (want_w, want_ids))

@@ -17,17 +17,12 @@ from dshal.ops.spec import (
     Cost,
     check_dim,
     check_ids_in_range,
+    check_int,
     check_real,
     check_same_device,
     check_tensor,
     op_spec,
 )
-
-
-def _check_count(op: str, arg: str, value: object, low: int, high: int | None, why: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ArgumentError(f"{op}: argument {arg!r} is {value!r}, expected an int {bound}{why}")
 
 
 # ---------------------------------------------------------------- moe_gate
@@ -50,12 +45,12 @@ def moe_gate(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, no
     if bias is not None:
         check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
         check_dim(op, "bias", bias, 0, experts, "E, the experts in 'logits'")
-    _check_count(op, "n_group", n_group, 1, None, "")
+    check_int(op, "n_group", n_group, 1)
     if experts % n_group:
         raise ShapeError(f"{op}: argument 'n_group' is {n_group}, expected a divisor of the {experts} experts in 'logits'")
-    _check_count(op, "topk_group", topk_group, 1, n_group, " (groups kept, at most n_group)")
+    check_int(op, "topk_group", topk_group, 1, n_group, why=" (groups kept, at most n_group)")
     kept = topk_group * (experts // n_group)
-    _check_count(op, "top_k", top_k, 1, kept, f" (at most the {kept} experts in the {topk_group} kept groups)")
+    check_int(op, "top_k", top_k, 1, kept, why=f" (at most the {kept} experts in the {topk_group} kept groups)")
     check_real(op, "routed_scaling_factor", routed_scaling_factor, positive=True)
     if not isinstance(norm_topk_prob, bool):
         raise ArgumentError(f"{op}: argument 'norm_topk_prob' is {norm_topk_prob!r}, expected True or False")

@@ -296,13 +296,18 @@ def check_dim(op: str, arg: str, t: torch.Tensor, dim: int, expected: int, what:
 INT64_MAX = 2**63 - 1
 
 
-def check_int(op: str, arg: str, value: Any, low: int, *, optional: bool = False) -> None:
-    """``value`` must be an int (not a bool) in ``[low, INT64_MAX]``; None too where ``optional``."""
+def check_int(
+    op: str, arg: str, value: Any, low: int, high: int | None = None, *, optional: bool = False, why: str = ""
+) -> None:
+    """``value`` must be an int (not a bool) in ``[low, high]`` (no ``high``: at most
+    ``INT64_MAX``); None too where ``optional``. ``why`` follows the expected range in the message."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
-        expected = f"{'None or ' if optional else ''}an int >= {low}" + (" (at most 2**63 - 1)" if isinstance(value, int) and value > INT64_MAX else "")
-        raise ArgumentError(f"{op}: argument {arg!r} is {value!r}, expected {expected}")
+    top = INT64_MAX if high is None else high
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= top:
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        past = " (at most 2**63 - 1)" if high is None and isinstance(value, int) and value > INT64_MAX else ""
+        raise ArgumentError(f"{op}: argument {arg!r} is {value!r}, expected {'None or ' if optional else ''}an int {bound}{past}{why}")
 
 
 def check_real(op: str, arg: str, value: Any, *, positive: bool, optional: bool = False) -> None:
