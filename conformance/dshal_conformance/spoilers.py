@@ -20,7 +20,7 @@ from dshal.ops.catalogue import SPECS
 from dshal.ops.examples import Draw
 from dshal.ops.spec import FP8_DTYPES
 from dshal_conformance.cases.moe import TIE_MARGIN
-from dshal_conformance.modelcheck import selection_margin
+from dshal_conformance.modelcheck import routed_differently, selection_margin
 
 FP8 = tuple(FP8_DTYPES.values())
 OTHER_DTYPES = (
@@ -97,7 +97,7 @@ def routing_differs(got: Any, want: Any, kwargs: dict[str, Any]) -> str | None:
     (got_w, got_ids), (want_w, want_ids) = sorted_by_id(got), sorted_by_id(want)
     if got_ids.shape != want_ids.shape or got_ids.dtype != want_ids.dtype or got_ids.is_meta:
         return differs((got_w, got_ids), (want_w, want_ids))
-    other = (got_ids != want_ids).any(dim=-1)
+    other = routed_differently(got_ids, want_ids)
     if not bool(other.any()):
         return differs((got_w, got_ids), (want_w, want_ids))
     margin = selection_margin(**{k: kwargs[k] for k in ("logits", "bias", "top_k", "n_group", "topk_group")})
