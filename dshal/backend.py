@@ -163,6 +163,29 @@ class Timer:
         return (time.perf_counter_ns() - self._start) * 1e-9
 
 
+def host_available_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes a new host allocation can still get: the kernel's ``MemAvailable`` (free pages
+    plus the page cache it can drop), capped by the cgroup v2 limit this process runs under;
+    None where neither can be read (not Linux)."""
+    limits = []
+    try:
+        with open(meminfo) as lines:
+            for line in lines:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)  # kB
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(os.path.join(cgroup, "memory.max")) as f_max, open(os.path.join(cgroup, "memory.current")) as f_cur:
+            ceiling, used = f_max.read().strip(), f_cur.read().strip()
+        if ceiling != "max":
+            limits.append(max(int(ceiling) - int(used), 0))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
 def local_device_index(device_type: str, environ: Mapping[str, str] | None = None) -> int:
     """The device index of this process for ``device_type``; see :meth:`Backend.local_device_index`."""
     environ = os.environ if environ is None else environ
@@ -264,7 +287,10 @@ class Backend(abc.ABC):
         """Wait for queued device work to finish."""
 
     def memory_stats(self) -> dict[str, int]:
-        """Allocator statistics in bytes (``allocated``, ``peak_allocated``...); empty when unknown."""
+        """Allocator statistics in bytes, each key only where known: ``allocated``,
+        ``peak_allocated``, ``reserved``, ``total``, and ``free``: what a new allocation can still
+        get (the device's free memory plus what its caching allocator holds unused). The model
+        core checks a KV cache against ``free`` before allocating it. Default: empty."""
         return {}
 
     def pinned_empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -51,6 +51,7 @@ from dshal.backend import (
     OpPath,
     Timer,
     Topology,
+    host_available_memory,
 )
 from dshal.backends.triton_gpu import (
     BLOCK,
@@ -96,6 +97,7 @@ __all__ = [
     "Timer",
     "Topology",
     "WEIGHT_FORMATS",
+    "host_available_memory",
     # errors
     "ArgumentError",
     "BackendUnavailableError",

@@ -297,6 +297,17 @@ def current() -> Runtime:
     return active
 
 
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes a new allocation on ``device`` can still get, as the active runtime's backend
+    reports them (``memory_stats()["free"]``); None when unknown: ``device`` is not the
+    runtime's (meta, another device) or the backend does not say."""
+    runtime = current()
+    if torch.device(device) != runtime.device:
+        return None
+    free = runtime.backend.memory_stats().get("free")
+    return None if free is None else int(free)
+
+
 def reset() -> None:
     """Forget the active runtime (the next op call activates the default again)."""
     with _lock:

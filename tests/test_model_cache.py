@@ -10,6 +10,7 @@ import dshal
 from dshal.config import PrecisionConfig
 from dshal.model import DictReader, build_model, tiny_args
 from dshal.model.checkpoint import random_checkpoint
+from dshal.runtime import free_memory
 
 HIGH = PrecisionConfig(gemm="bf16")
 
@@ -83,6 +84,49 @@ def test_model_cache_sizes_absorbed_vs_naive():
     assert naive.bytes_per_token == a.num_hidden_layers * a.num_attention_heads * (a.qk_head_dim + a.v_head_dim) * 4
     kv = model.describe()["kv_cache"]
     assert kv["bytes_per_token"] == absorbed.bytes_per_token and kv["bytes_per_token_naive"] == naive.bytes_per_token
+
+
+def _allocated_bytes(cache) -> int:
+    return sum(b.numel() * b.element_size() for layer in cache.buffers for b in layer)
+
+
+@pytest.mark.parametrize("changes", [{}, {"attention_window": 6, "attention_global_tokens": 2}])
+@pytest.mark.parametrize("mode", ["naive", "absorb"])
+def test_model_cache_bytes_is_what_new_cache_allocates(mode, changes):
+    model = _model(**changes)
+    for batch, max_len in ((1, 1), (3, 5), (2, 40)):
+        assert model.cache_bytes(batch, max_len, mode) == _allocated_bytes(model.new_cache(batch, max_len, mode))
+
+
+def test_model_a_cache_larger_than_free_memory_is_refused_before_any_allocation():
+    model = _model()
+    free = free_memory("cpu")
+    if free is None:
+        pytest.skip("the cpu backend reports no free memory here (no /proc/meminfo): nothing to check against")
+    per_sequence = model.cache_bytes(1, 64)
+    batch = free // per_sequence + 1  # one sequence more than fits
+    with pytest.raises(dshal.ArgumentError, match=rf"new_cache: batch {batch} x max_len 64 needs a KV cache of .* GiB, "
+                       r"expected at most the .* GiB free on cpu: lower 'batch' or 'max_len'"):
+        model.new_cache(batch, 64)  # had it allocated, zeroing that many bytes would exhaust the host
+    assert free_memory("meta") is None  # meta (dshal plan) holds no bytes: never refused
+    assert model.to("meta").new_cache(batch, 64).batch == batch
+
+
+def test_host_available_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
+    from dshal.plugin import host_available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    assert host_available_memory(str(meminfo), str(tmp_path / "no-cgroup")) == 20000000 * 1024
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("123\n")
+    assert host_available_memory(str(meminfo), str(cgroup)) == 20000000 * 1024  # no cgroup limit
+    (cgroup / "memory.max").write_text(f"{8 * 2**30}\n")
+    (cgroup / "memory.current").write_text(f"{3 * 2**30}\n")
+    assert host_available_memory(str(meminfo), str(cgroup)) == 5 * 2**30  # the container's headroom is less
+    assert host_available_memory(str(tmp_path / "none"), str(tmp_path / "none")) is None
 
 
 @pytest.mark.parametrize("mode", ["naive", "absorb"])

@@ -145,3 +145,16 @@ def test_model_dshal_run_bad_arguments(tmp_path):
     assert proc.returncode == 1 and "--new-tokens is 0, expected an integer >= 1" in proc.stderr
     proc = _dshal("run", "--checkpoint", str(tmp_path / "missing"))
     assert proc.returncode == 1 and "cannot read model config" in proc.stderr
+
+
+def test_model_dshal_run_refuses_a_batch_whose_kv_cache_cannot_fit(tmp_path):
+    from dshal.plugin import host_available_memory
+
+    if host_available_memory() is None:
+        pytest.skip("no /proc/meminfo here: the cpu backend reports no free memory to check against")
+    # 10**9 sequences x 64 tokens of the tiny model's 960-byte tokens: ~57 TiB of cache. Before,
+    # the prompt's ids alone (512 GB) were a traceback from torch's allocator.
+    proc = _dshal("run", "--batch", str(10**9), "--no-progress")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--batch 1000000000 x (--prompt-len 32 + --new-tokens 32) tokens needs a KV cache of" in proc.stderr
+    assert "GiB free on cpu: lower --batch, --prompt-len or --new-tokens" in proc.stderr

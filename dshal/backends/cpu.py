@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dshal.backend import Availability, Backend, Capabilities
+from dshal.backend import Availability, Backend, Capabilities, host_available_memory
 from dshal.backends.cpu_native import NATIVE_OPS, weight_format_paths
 from dshal.backends.invariant import BATCHED, row_by_row
 from dshal.kernels import cpu as cpu_kernels
@@ -71,4 +71,5 @@ class CpuBackend(Backend):
         import resource
 
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"peak_rss": peak_kib * 1024}
+        free = host_available_memory()
+        return {"peak_rss": peak_kib * 1024, **({} if free is None else {"free": free})}

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from dshal.backend import Availability, Backend, Capabilities, OpKind, OpPath, Timer
+from dshal.backend import Availability, Backend, Capabilities, OpKind, OpPath, Timer, host_available_memory
 from dshal.errors import BackendUnavailableError, DeviceError
 from dshal.kernels import triton as triton_kernels
 from dshal.kernels.triton.target import KernelTarget
@@ -462,13 +462,17 @@ class TorchGpuBackend(Backend):
             torch.cuda.synchronize()
 
     def memory_stats(self) -> dict[str, int]:
-        if self.emulate:
-            return {}
+        if self.emulate:  # the tensors live in host memory
+            free = host_available_memory()
+            return {} if free is None else {"free": free}
+        device_free, total = torch.cuda.mem_get_info()
+        allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         return {
-            "allocated": torch.cuda.memory_allocated(),
+            "allocated": allocated,
             "peak_allocated": torch.cuda.max_memory_allocated(),
-            "reserved": torch.cuda.memory_reserved(),
-            "total": torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
+            "reserved": reserved,
+            "total": total,
+            "free": device_free + reserved - allocated,  # the caching allocator reuses what it holds
         }
 
     def pinned_empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -29,7 +29,18 @@ from dataclasses import dataclass
 
 import torch
 
-from dshal.errors import DshalError, ShapeError
+from dshal.errors import ArgumentError, DshalError, ShapeError
+
+
+def check_cache_fits(nbytes: int, free: int | None, device: torch.device, what: str, lower: str) -> None:
+    """Refuse a KV cache of ``nbytes`` on ``device`` when ``free`` (the bytes its backend
+    reports free; None: unknown, no check) cannot hold it. ``what`` names the request and
+    ``lower`` the arguments to reduce, in the caller's terms."""
+    if free is not None and nbytes > free:
+        raise ArgumentError(
+            f"{what} needs a KV cache of {nbytes / 2**30:,.2f} GiB, expected at most the "
+            f"{free / 2**30:,.2f} GiB free on {device}: lower {lower}"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,8 +81,7 @@ class KVCache:
         self.max_len = max_len
         self.window = window
         self.global_tokens = global_tokens if window is not None else 0
-        #: Slots per layer: every position, or the pinned tokens + the ring.
-        self.capacity = max_len if window is None else min(max_len, self.global_tokens + window)
+        self.capacity = self.slots(max_len, window, global_tokens)
         self.buffers = [
             [torch.zeros(batch, self.capacity, *shape, dtype=dtype, device=device) for shape in entry_shapes]
             for _ in range(n_layers)
@@ -104,6 +114,11 @@ class KVCache:
     def mark_decode_checked(self, model: object) -> None:
         """Record that ``model`` ran a one-token step on this cache with the input checks."""
         self._decode_checked_by = weakref.ref(model)
+
+    @staticmethod
+    def slots(max_len: int, window: int | None, global_tokens: int) -> int:
+        """Slots per layer: every position, or the pinned tokens + the ring of the window."""
+        return max_len if window is None else min(max_len, global_tokens + window)
 
     @property
     def bytes_per_token(self) -> int:
@@ -201,4 +216,4 @@ class LayerCache:
         return tuple(out)
 
 
-__all__ = ["KVCache", "LayerCache"]
+__all__ = ["KVCache", "LayerCache", "check_cache_fits"]

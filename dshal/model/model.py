@@ -39,10 +39,11 @@ from torch import nn
 from dshal import ops
 from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs, yarn_mscale
-from dshal.model.cache import KVCache, LayerCache
+from dshal.model.cache import KVCache, LayerCache, check_cache_fits
 from dshal.model.generate import check_input_ids, check_token_ids, generate
 from dshal.model.weights import dequantize_weight, precision_label
 from dshal.ops.spec import INT64_MAX
+from dshal.runtime import free_memory
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -482,31 +483,47 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, mode: str | None = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens
-        (``mode``: "absorb" or "naive"; default ``args.mla_mode``)."""
+        (``mode``: "absorb" or "naive"; default ``args.mla_mode``). A cache larger than the
+        memory the backend reports free on the model's device is refused before any of it
+        is allocated (an ArgumentError with both figures)."""
         mode = mode or self.args.mla_mode
+        nbytes = self.cache_bytes(batch, max_len, mode)
+        device = self.rope_cos.device
+        check_cache_fits(nbytes, free_memory(device), device, f"new_cache: batch {batch} x max_len {max_len}", "'batch' or 'max_len'")
         a = self.args
-        for arg, value, high in (("batch", batch, None), ("max_len", max_len, self.rope_cos.shape[0])):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value > (high or INT64_MAX):
-                bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else "in [1, 2**63 - 1]"
-                raise ArgumentError(f"new_cache: argument {arg!r} is {value!r}, expected an int {bound}")
-        if mode == "absorb":
-            entries = [(a.kv_lora_rank + a.qk_rope_head_dim,)]
-        elif mode == "naive":
-            heads = self.layers[0].self_attn.kv_b_proj.weight.shape[0] // (a.qk_nope_head_dim + a.v_head_dim)
-            entries = [(heads, a.qk_head_dim), (heads, a.v_head_dim)]
-        else:
-            raise ShapeError(f"new_cache: argument 'mode' is {mode!r}, expected 'absorb' or 'naive'")
         return KVCache(
             len(self.layers),
             batch,
             max_len,
-            entries,
+            self._cache_entries(mode),
             mode,
             a.dtype,
-            self.rope_cos.device,
+            device,
             a.attention_window,
             a.attention_global_tokens,
         )
+
+    def cache_bytes(self, batch: int, max_len: int, mode: str | None = None) -> int:
+        """Bytes :meth:`new_cache` allocates for these arguments (computed, nothing allocated)."""
+        mode = mode or self.args.mla_mode
+        for arg, value, high in (("batch", batch, None), ("max_len", max_len, self.rope_cos.shape[0])):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value > (high or INT64_MAX):
+                bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else "in [1, 2**63 - 1]"
+                raise ArgumentError(f"new_cache: argument {arg!r} is {value!r}, expected an int {bound}")
+        a = self.args
+        per_token = sum(math.prod(shape) for shape in self._cache_entries(mode)) * a.dtype.itemsize
+        slots = KVCache.slots(max_len, a.attention_window, a.attention_global_tokens)
+        return len(self.layers) * batch * slots * per_token
+
+    def _cache_entries(self, mode: str) -> list[tuple[int, ...]]:
+        """Per-token shapes of one layer's cache buffers in ``mode``."""
+        a = self.args
+        if mode == "absorb":
+            return [(a.kv_lora_rank + a.qk_rope_head_dim,)]
+        if mode == "naive":
+            heads = self.layers[0].self_attn.kv_b_proj.weight.shape[0] // (a.qk_nope_head_dim + a.v_head_dim)
+            return [(heads, a.qk_head_dim), (heads, a.v_head_dim)]
+        raise ShapeError(f"new_cache: argument 'mode' is {mode!r}, expected 'absorb' or 'naive'")
 
     #: ``model.generate(input_ids, max_new_tokens, temperature=0.0, *, eos_token_id=None,
     #: generator=None, on_token=None)`` -> ``[B, T + new]``: see :func:`dshal.model.generate.generate`.

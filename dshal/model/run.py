@@ -26,11 +26,13 @@ import torch
 import dshal
 from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
+from dshal.model.cache import check_cache_fits
 from dshal.model.decode import generate_with_graphs, static_decode_unsupported
 from dshal.model.precision import precision_summary
 from dshal.model.run_report import RunReport
 from dshal.outputs import atomic_write, check_writable
 from dshal.parallel import run as parallel_run
+from dshal.runtime import free_memory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +95,17 @@ def main(args: argparse.Namespace) -> int:
         model = random_model(model_args, seed=args.seed)
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
+    tokens = args.prompt_len + args.new_tokens
+    if tokens <= model.args.max_position_embeddings:  # else generate() refuses, naming the limit
+        # The KV cache is the run's big allocation: a cache that cannot fit is refused in the
+        # flags' terms before anything is allocated (the prompt included).
+        check_cache_fits(
+            model.cache_bytes(args.batch, tokens),
+            free_memory(runtime.device),
+            runtime.device,
+            f"--batch {args.batch} x (--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens}) tokens",
+            "--batch, --prompt-len or --new-tokens",
+        )
     vocab = model.args.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen).to(runtime.device)

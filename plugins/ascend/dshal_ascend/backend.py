@@ -227,10 +227,14 @@ class AscendBackend(Backend):
 
     def memory_stats(self) -> dict[str, int]:
         npu = self._npu()
+        device_free, total = npu.mem_get_info()
+        allocated, reserved = int(npu.memory_allocated()), int(npu.memory_reserved())
         return {
-            "allocated": int(npu.memory_allocated()),
+            "allocated": allocated,
             "peak_allocated": int(npu.max_memory_allocated()),
-            "reserved": int(npu.memory_reserved()),
+            "reserved": reserved,
+            "total": int(total),
+            "free": int(device_free) + reserved - allocated,  # the caching allocator reuses what it holds
         }
 
     def pinned_empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:

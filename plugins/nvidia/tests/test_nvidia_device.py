@@ -48,7 +48,8 @@ def test_nvidia_nvml_link_matrix_from_data():
 
 def test_nvidia_emulated_hooks_are_cpu_safe():
     backend = NvidiaBackend(emulate=True)
-    assert backend.topology() is None and backend.memory_stats() == {}
+    assert backend.topology() is None
+    assert set(backend.memory_stats()) <= {"free"}  # the host's, where known: emulated tensors live there
     assert not backend.pinned_empty((4,)).is_pinned()
     fn = lambda t: t * 2  # noqa: E731
     assert backend.graph(fn) is fn  # no device graphs on the CPU: fn runs eagerly
@@ -82,7 +83,8 @@ def test_nvidia_graph_timer_and_pinned_memory():
     x @ x
     assert timer.stop() > 0.0
     assert backend.pinned_empty((8,)).is_pinned()
-    assert backend.memory_stats()["allocated"] > 0
+    stats = backend.memory_stats()
+    assert stats["allocated"] > 0 and 0 < stats["free"] <= stats["total"]
 
 
 @needs_gpu
