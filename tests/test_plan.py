@@ -101,6 +101,27 @@ def test_meta_forward_at_full_size(v3: ModelArgs, published: tuple[dict, dict], 
     assert prefill.peak_bytes > 0 and prefill.eager_peak_bytes >= prefill.peak_bytes
 
 
+@pytest.mark.parametrize("tp,ep", [(1, 1), (8, 4)])
+def test_replayed_op_calls_give_the_forward_that_runs_every_call(v3: ModelArgs, tp: int, ep: int) -> None:
+    """The meta forward answers a repeated op call (same argument layouts) from the first
+    one; every figure of both steps must equal those of the forward that runs every call."""
+    args = v3.with_(num_hidden_layers=6)  # 3 dense layers, then 3 MoE layers
+    # A fresh rank for each: the first forward also makes the model's cached weight copies.
+    replayed, full = (
+        run_steps(
+            build_rank(args, checkpoint_listing(args), tp, ep, tp * ep - 1, PrecisionConfig(gemm="fp8-block")),
+            batch=2,
+            context=48,
+            chunk=16,
+            replay=replay,
+        )
+        for replay in (True, False)
+    )
+    assert replayed == full  # tokens, logits shape, traffic, both peaks, the largest activation
+    assert all(step.replayed_calls > 0 for step in replayed) and all(step.replayed_calls == 0 for step in full)
+    assert replayed[0].eager_peak_bytes > replayed[0].peak_bytes > 0
+
+
 def test_a_broken_shard_rule_is_caught(v3: ModelArgs, monkeypatch: pytest.MonkeyPatch) -> None:
     """o_proj's row-parallel shard one head short: the loader reads what it was told, and
     dshal.ops.linear's check names the mismatch at the first forward."""

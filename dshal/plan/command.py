@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", type=Path, default=None, metavar="F", help="also write the plan as JSON to F")
     parser.add_argument(
-        "--no-progress", action="store_true", help="no progress line (DeepSeek-V3 takes ~10 s per rank class)"
+        "--no-progress", action="store_true", help="no progress line (DeepSeek-V3 takes ~5 s per rank class)"
     )
 
 
