@@ -59,3 +59,22 @@ def test_parallel_cli_world_size_mismatch(tmp_path: Path) -> None:
         assert code == 1, err[-2000:]
         assert "tp (4) x ep (1) = 4, expected the world size 2" in err and "Traceback" not in err
     assert job.leaked() == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--tp", "3"], "tensor_parallel: num_attention_heads is 4, expected a multiple of the group size 3"),
+        (["--tp", "2", "--ep", "3"], "expert_parallel: the number of routed experts this rank handles is 8, "
+         "expected a multiple of the group size 3"),
+        (["--tp", "2", "--checkpoint", "/nonexistent"], "/nonexistent: cannot read model config: no such file"),
+    ],
+)
+def test_parallel_cli_an_error_every_rank_would_hit_is_said_once_before_any_starts(flags, said) -> None:
+    """Before, each of the N ranks printed it (N times over) after starting and joining the job."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dshal", *RUN, *flags], env=_env(), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.count(said) == 1, done.stderr[-2000:]
+    assert "rank 0/" not in done.stdout  # no rank ran

@@ -21,10 +21,12 @@ import torch
 from dshal import comm
 from dshal.errors import DshalError
 from dshal.model import DictReader, tiny_args
+from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import random_checkpoint
-from dshal.parallel.groups import ParallelGroups, setup_groups
+from dshal.parallel.groups import ParallelGroups, plan_groups, setup_groups
 from dshal.parallel.launch import relaunch_self
 from dshal.parallel.loading import build_parallel, from_pretrained_parallel
+from dshal.parallel.transforms import sharded_skeletons
 from dshal.runtime import current
 
 
@@ -47,10 +49,15 @@ def relaunch_needed() -> bool:
 
 
 def relaunch(args: argparse.Namespace) -> int:
-    """Start ``tp * ep`` local ranks running this same command line."""
+    """Start ``tp * ep`` local ranks running this same command line, once the model's config
+    is read and every rank's split of it checked here: an error every rank would hit is
+    said once, before any rank starts."""
     argv = sys.argv[1:]
     if "run" not in argv:
         raise DshalError("dshal run --tp/--ep: start it from the command line (dshal run ... or torchrun ... -m dshal run ...)")
+    model_args = ModelArgs.from_file(args.checkpoint) if args.checkpoint else tiny_args()
+    for _ in sharded_skeletons(model_args, plan_groups(args.tp * args.ep, args.tp, args.ep)):
+        pass  # each rank's transforms on a meta skeleton: a split the model cannot take raises
     return relaunch_self(["dshal", *argv], args.tp * args.ep)
 
 

@@ -23,6 +23,7 @@ only those slices from the checkpoint). They compose in either order; TP x EP ke
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -31,9 +32,11 @@ from torch import nn
 
 from dshal import comm
 from dshal.errors import ShapeError
+from dshal.model.args import ModelArgs
 from dshal.model.model import MLP, Embedding, Linear, MoE, RoutedExperts, Transformer
 from dshal.model.weights import dequantize_weight, stored_mode
 from dshal.ops.spec import FP8_FORMAT_OF
+from dshal.parallel.groups import GroupPlan
 from dshal.parallel.layers import (
     ActivationQuant,
     ColumnParallelLinear,
@@ -170,7 +173,7 @@ def _split_experts_tp(experts: ShardedExperts, n: int, r: int, transform: str) -
     owner = experts.owner.clone()
     for ep_rank in range(experts.ep_size):
         members = (owner == ep_rank).nonzero().squeeze(1).tolist()
-        per = _divide(len(members), n, f"the number of routed experts per EP rank ({len(members)})", transform)
+        per = _divide(len(members), n, "the number of routed experts per EP rank", transform)
         for i, e in enumerate(members):
             if i // per != r:
                 owner[e] = -1
@@ -195,7 +198,7 @@ def _split_experts_ep(experts: ShardedExperts, group: Any, m: int, r: int, trans
         raise ShapeError(f"{transform}: the routed experts are already expert-parallel; apply expert_parallel once")
     owner = experts.owner.clone()
     members = list(experts.held)
-    per = _divide(len(members), m, f"the number of routed experts this rank handles ({len(members)})", transform)
+    per = _divide(len(members), m, "the number of routed experts this rank handles", transform)
     for i, e in enumerate(members):
         owner[e] = i // per
     _keep_experts(experts, owner, members[r * per : (r + 1) * per])
@@ -282,4 +285,27 @@ def spread_experts(experts: nn.Module, group: Any = None) -> ShardedExperts:
     return sharded
 
 
-__all__ = ["exact_shard", "expert_parallel", "spread_experts", "tensor_parallel"]
+# ---------------------------------------------------------------- every rank's sharding, without weights
+def skeleton_args(args: ModelArgs) -> ModelArgs:
+    """One dense layer and one MoE layer of ``args``' widths (each layer of a kind is sharded alike)."""
+    dense, moe = args.first_k_dense_replace > 0, args.num_hidden_layers > args.first_k_dense_replace
+    return args.with_(num_hidden_layers=int(dense) + int(moe), first_k_dense_replace=int(dense))
+
+
+def sharded_skeletons(args: ModelArgs, plan: GroupPlan) -> Iterator[tuple[int, int, int, Transformer]]:
+    """For each rank of ``plan``'s TP x EP job: ``(rank, tp_rank, ep_rank, model)``, the
+    :func:`skeleton_args` model on the meta device after that rank's :func:`tensor_parallel`
+    and :func:`expert_parallel` (over simulated groups). A split the model cannot take raises
+    the ShapeError the rank's own transform would raise, in a second and without a process group."""
+    tp, ep = len(plan.tp_groups[0]), len(plan.ep_groups[0])
+    skeleton = skeleton_args(args)
+    for rank in range(tp * ep):
+        tp_rank, ep_rank = plan.tp_group_of(rank).index(rank), plan.ep_group_of(rank).index(rank)
+        with torch.device("meta"):
+            model = Transformer(skeleton)
+        tensor_parallel(model, comm.SimulatedGroup(tp, tp_rank, "tp") if tp > 1 else None)
+        expert_parallel(model, comm.SimulatedGroup(ep, ep_rank, "ep") if ep > 1 else None)
+        yield rank, tp_rank, ep_rank, model
+
+
+__all__ = ["exact_shard", "expert_parallel", "sharded_skeletons", "skeleton_args", "spread_experts", "tensor_parallel"]

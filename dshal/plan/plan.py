@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from dshal.comm import SimulatedGroup
 from dshal.config import GEMM_MODES, PrecisionConfig
 from dshal.errors import ConfigError, ShapeError
 from dshal.model.args import ModelArgs
@@ -45,7 +44,7 @@ from dshal.parallel.layers import (
     VocabParallelLMHead,
     split_range,
 )
-from dshal.parallel.transforms import expert_parallel, tensor_parallel
+from dshal.parallel.transforms import sharded_skeletons, skeleton_args
 from dshal.plan.names import TensorEntry, checkpoint_listing
 from dshal.plan.simulate import SimulatedRank, build_rank, kv_cache_bytes, layout, run_steps
 
@@ -152,18 +151,11 @@ class Coverage:
     experts_per_rank: int
 
 
-def _skeleton(args: ModelArgs) -> ModelArgs:
-    """One dense layer and one MoE layer of the same widths (each layer of a kind is sharded alike)."""
-    dense, moe = args.first_k_dense_replace > 0, args.num_hidden_layers > args.first_k_dense_replace
-    layers = int(dense) + int(moe)
-    return args.with_(num_hidden_layers=layers, first_k_dense_replace=int(dense))
-
-
 def coverage(args: ModelArgs, tp: int, ep: int, gpus_per_node: int | None = None) -> Coverage:
     """Apply the TP / EP transforms for every rank to a two-layer meta model of ``args``' widths
     and check that the slices tile each tensor exactly (TP slices: each row / column once
     per EP group; experts: each once in the job). Raises ShapeError when they do not."""
-    skeleton = _skeleton(args)
+    skeleton = skeleton_args(args)
     world = tp * ep
     plan = layout(world, tp, ep, gpus_per_node)
     with torch.device("meta"):
@@ -180,12 +172,7 @@ def coverage(args: ModelArgs, tp: int, ep: int, gpus_per_node: int | None = None
     seen: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # name -> (dim, start, stop) per TP rank
     experts_held: dict[str, list[int]] = defaultdict(list)
     held: dict[int, int] = {}
-    for rank in range(world):
-        tp_rank, ep_rank = plan.tp_group_of(rank).index(rank), plan.ep_group_of(rank).index(rank)
-        with torch.device("meta"):
-            model = Transformer(skeleton)
-        tensor_parallel(model, SimulatedGroup(tp, tp_rank, "tp") if tp > 1 else None)
-        expert_parallel(model, SimulatedGroup(ep, ep_rank, "ep") if ep > 1 else None)
+    for rank, _, ep_rank, model in sharded_skeletons(args, plan):
         held[rank] = sum(p.numel() * per_layer(n) for n, p in model.named_parameters())
         for path, module in model.named_modules():
             if isinstance(module, ShardedExperts):
