@@ -392,14 +392,27 @@ def read_experts(
         for proj, shape in (("gate_proj", (inter, dim)), ("up_proj", (inter, dim)), ("down_proj", (dim, inter)))
     )
     if _stay_quantized(gate + up + down, inter):  # gate and up are stacked by rows into w13
-        stack = lambda pairs, i: torch.stack([pair[i] for pair in pairs])  # noqa: E731
-        # one stack per projection, then one cat: per-expert cats cost a dispatch each (on meta too)
-        w13 = torch.cat([stack(gate, 0), stack(up, 0)], dim=1)
-        w13_scale = torch.cat([stack(gate, 1), stack(up, 1)], dim=1)
-        return w13, stack(down, 0), w13_scale, stack(down, 1)
-    dense = lambda pairs: torch.stack([ld.dense(w, s) for w, s in pairs])  # noqa: E731
-    w13 = torch.cat([dense(gate), dense(up)], dim=1)
-    return w13, dense(down), None, None
+        part = lambda pairs, i: [pair[i] for pair in pairs]  # noqa: E731
+        w13, w13_scale = _stacked(part(gate, 0), part(up, 0)), _stacked(part(gate, 1), part(up, 1))
+        return w13, _stacked(part(down, 0)), w13_scale, _stacked(part(down, 1))
+    dense = lambda pairs: [ld.dense(w, s) for w, s in pairs]  # noqa: E731
+    return _stacked(dense(gate), dense(up)), _stacked(dense(down)), None, None
+
+
+def _stacked(*projections: list[torch.Tensor]) -> torch.Tensor:
+    """``[E, rows, ...]``: for each expert ``e``, ``projections[0][e]``, ``projections[1][e]``...
+    one after another by rows. Each tensor is copied once into the result: no stacked
+    temporaries to concatenate (half the bytes moved, one buffer less held; and on the meta
+    device, ``dshal plan``, a copy is far cheaper than torch's Python stack and cat)."""
+    first = projections[0][0]
+    rows = [p[0].shape[0] for p in projections]
+    out = torch.empty((len(projections[0]), sum(rows), *first.shape[1:]), dtype=first.dtype, device=first.device)
+    for e in range(out.shape[0]):
+        start = 0
+        for projection, n in zip(projections, rows):
+            out[e, start : start + n].copy_(projection[e])
+            start += n
+    return out
 
 
 def _ignored(name: str, args: ModelArgs) -> bool:
