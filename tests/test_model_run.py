@@ -158,3 +158,9 @@ def test_model_dshal_run_refuses_a_batch_whose_kv_cache_cannot_fit(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--batch 1000000000 x (--prompt-len 32 + --new-tokens 32) tokens needs a KV cache of" in proc.stderr
     assert "GiB free on cpu: lower --batch, --prompt-len or --new-tokens" in proc.stderr
+
+
+def test_model_dshal_run_says_why_there_is_no_decode_rate():
+    proc = _dshal("run", "--new-tokens", "2", "--prompt-len", "4", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "decode: n/a tokens/s (1 x 2 new tokens) (timed from the second decode step on: needs --new-tokens >= 3)" in proc.stdout

@@ -260,9 +260,10 @@ def _print(report: dict[str, Any]) -> None:
     console.print(line)
     fmt = lambda v: "n/a" if v is None else f"{v:,.1f}"  # noqa: E731
     batch, prefill, decode = report["batch"], report["prefill_tokens_per_s"], report["decode_tokens_per_s"]
+    why_not = " (timed from the second decode step on: needs --new-tokens >= 3)" if decode is None else ""
     console.print(
         f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({batch} x {report['prompt_len']} tokens); "
-        f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['new_tokens']} new tokens)"
+        f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['new_tokens']} new tokens){why_not}"
     )
     graphs = report["graphs"]
     if graphs["run"]:
