@@ -165,8 +165,9 @@ class Timer:
 
 def host_available_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
     """Bytes a new host allocation can still get: the kernel's ``MemAvailable`` (free pages
-    plus the page cache it can drop), capped by the cgroup v2 limit this process runs under;
-    None where neither can be read (not Linux)."""
+    plus the page cache it can drop), capped by the headroom of the memory cgroup this
+    process runs under (v2 ``memory.max``, or v1 ``memory/memory.limit_in_bytes``: a
+    container's limit); None where none of them can be read (not Linux)."""
     limits = []
     try:
         with open(meminfo) as lines:
@@ -176,13 +177,18 @@ def host_available_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs
                     break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        with open(os.path.join(cgroup, "memory.max")) as f_max, open(os.path.join(cgroup, "memory.current")) as f_cur:
-            ceiling, used = f_max.read().strip(), f_cur.read().strip()
-        if ceiling != "max":
-            limits.append(max(int(ceiling) - int(used), 0))
-    except (OSError, ValueError):
-        pass
+    for ceiling_file, used_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(os.path.join(cgroup, ceiling_file)) as f_max, open(os.path.join(cgroup, used_file)) as f_used:
+                ceiling, used = f_max.read().strip(), f_used.read().strip()
+        except OSError:
+            continue
+        if ceiling != "max":  # v2's "no limit" (v1 writes a huge number instead)
+            try:
+                limits.append(max(int(ceiling) - int(used), 0))
+            except ValueError:
+                pass
+        break
     return min(limits) if limits else None
 
 

@@ -127,6 +127,13 @@ def test_host_available_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
     (cgroup / "memory.current").write_text(f"{3 * 2**30}\n")
     assert host_available_memory(str(meminfo), str(cgroup)) == 5 * 2**30  # the container's headroom is less
     assert host_available_memory(str(tmp_path / "none"), str(tmp_path / "none")) is None
+    v1 = tmp_path / "cgroup-v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1: no limit
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{2**30}\n")
+    assert host_available_memory(str(meminfo), str(v1)) == 20000000 * 1024
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{4 * 2**30}\n")
+    assert host_available_memory(str(meminfo), str(v1)) == 3 * 2**30
 
 
 @pytest.mark.parametrize("mode", ["naive", "absorb"])
