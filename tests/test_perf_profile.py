@@ -16,7 +16,7 @@ from dshal.model import random_model, tiny_args
 from dshal.perf.measure import GLUE, PROFILER, Recorder, has_hooks
 from dshal.perf.profile import measure_off_overhead
 from dshal.perf.report import read_report
-from dshal.runtime import op_hook
+from dshal.runtime import free_memory, op_hook
 
 PROMPT, NEW = 32, 8
 
@@ -175,3 +175,9 @@ def test_profiling_off_leaves_bare_dispatch_and_no_hooks(profiled):
 def test_profile_rejects_bad_options(capsys):
     assert cli(["profile", "--new-tokens", "0"]) == 1
     assert "--new-tokens is 0, expected an integer >= 1" in capsys.readouterr().err
+    if free_memory("cpu") is None:
+        pytest.skip("the cpu backend reports no free memory here (no /proc/meminfo): nothing to check against")
+    assert cli(["profile", "--backend", "cpu", "--batch", str(10**9), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "dshal profile: error: --batch 1000000000 x (--prompt-len 32 + --new-tokens 8) tokens needs a KV cache of" in err
+    assert "free on cpu: lower --batch, --prompt-len or --new-tokens" in err

@@ -67,6 +67,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parallel_run.add_arguments(parser)  # --tp / --ep (dshal.parallel.run)
 
 
+def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse, in the flags' terms (``--batch``, ``--prompt-len``, ``--new-tokens``), a run
+    whose KV cache cannot fit the memory free on ``device``: the cache is the run's big
+    allocation, and this is said before anything is allocated (the prompt included)."""
+    tokens = args.prompt_len + args.new_tokens
+    if tokens > model.args.max_position_embeddings:
+        return  # generate() refuses it, naming the limit
+    check_cache_fits(
+        model.cache_bytes(args.batch, tokens),
+        free_memory(device),
+        device,
+        f"--batch {args.batch} x (--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens}) tokens",
+        "--batch, --prompt-len or --new-tokens",
+    )
+
+
 def _positive(name: str, value: int) -> None:
     if value < 1:
         raise DshalError(f"dshal run: {name} is {value}, expected an integer >= 1")
@@ -95,17 +111,7 @@ def main(args: argparse.Namespace) -> int:
         model = random_model(model_args, seed=args.seed)
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
-    tokens = args.prompt_len + args.new_tokens
-    if tokens <= model.args.max_position_embeddings:  # else generate() refuses, naming the limit
-        # The KV cache is the run's big allocation: a cache that cannot fit is refused in the
-        # flags' terms before anything is allocated (the prompt included).
-        check_cache_fits(
-            model.cache_bytes(args.batch, tokens),
-            free_memory(runtime.device),
-            runtime.device,
-            f"--batch {args.batch} x (--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens}) tokens",
-            "--batch, --prompt-len or --new-tokens",
-        )
+    check_run_fits(model, args, runtime.device)
     vocab = model.args.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen).to(runtime.device)
@@ -280,4 +286,4 @@ def _print(report: dict[str, Any]) -> None:
     )
 
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "check_run_fits", "main"]

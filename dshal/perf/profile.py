@@ -36,6 +36,7 @@ import dshal.ops
 from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.precision import precision_summary
+from dshal.model.run import check_run_fits
 from dshal.ops.spec import Cost
 from dshal.perf.measure import GLUE, OUTSIDE, PROFILER, Peaks, Recorder, gc_paused, has_hooks, place, resolve_peaks
 from dshal.perf.report import (
@@ -538,6 +539,7 @@ def main(args: argparse.Namespace) -> int:
     _positive("--overhead-pairs", args.overhead_pairs, 0)
     runtime = start(args)
     model, source = _load_model(args)
+    check_run_fits(model, args, runtime.device)
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, model.args.vocab_size, (args.batch, args.prompt_len), generator=gen).to(runtime.device)
     started = time.time()
