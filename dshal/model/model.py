@@ -487,9 +487,9 @@ class Transformer(nn.Module):
         memory the backend reports free on the model's device is refused before any of it
         is allocated (an ArgumentError with both figures)."""
         mode = mode or self.args.mla_mode
-        nbytes = self.cache_bytes(batch, max_len, mode)
-        device = self.rope_cos.device
-        check_cache_fits(nbytes, free_memory(device), device, f"new_cache: batch {batch} x max_len {max_len}", "'batch' or 'max_len'")
+        nbytes, device = self.cache_bytes(batch, max_len, mode), self.rope_cos.device
+        what = f"new_cache: batch {batch} x max_len {max_len}"
+        check_cache_fits(nbytes, free_memory(device), device, what, "'batch' or 'max_len'")
         a = self.args
         return KVCache(
             len(self.layers),
