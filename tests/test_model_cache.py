@@ -9,6 +9,7 @@ import torch
 import dshal
 from dshal.config import PrecisionConfig
 from dshal.model import DictReader, build_model, tiny_args
+from dshal.model.cache import check_cache_fits
 from dshal.model.checkpoint import random_checkpoint
 from dshal.runtime import free_memory
 
@@ -104,12 +105,23 @@ def test_model_a_cache_larger_than_free_memory_is_refused_before_any_allocation(
     if free is None:
         pytest.skip("the cpu backend reports no free memory here (no /proc/meminfo): nothing to check against")
     per_sequence = model.cache_bytes(1, 64)
-    batch = free // per_sequence + 1  # one sequence more than fits
+    # Four times what is free now: the host's free memory moves between this read and new_cache's
+    # own, and a request that then fitted would be allocated for real.
+    batch = 4 * free // per_sequence
     with pytest.raises(dshal.ArgumentError, match=rf"new_cache: batch {batch} x max_len 64 needs a KV cache of .* GiB, "
                        r"expected at most the .* GiB free on cpu: lower 'batch' or 'max_len'"):
         model.new_cache(batch, 64)  # had it allocated, zeroing that many bytes would exhaust the host
     assert free_memory("meta") is None  # meta (dshal plan) holds no bytes: never refused
     assert model.to("meta").new_cache(batch, 64).batch == batch
+
+
+def test_check_cache_fits_refuses_one_byte_past_free_and_never_checks_an_unknown():
+    cpu = torch.device("cpu")
+    check_cache_fits(100, 100, cpu, "a cache", "'batch'")  # exactly what is free: fits
+    check_cache_fits(10**30, None, cpu, "a cache", "'batch'")  # the backend does not say: no check
+    with pytest.raises(dshal.ArgumentError, match=r"^a cache needs a KV cache of 0.00 GiB, expected at most the "
+                       r"0.00 GiB free on cpu: lower 'batch'$"):
+        check_cache_fits(101, 100, cpu, "a cache", "'batch'")
 
 
 def test_host_available_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
