@@ -393,13 +393,13 @@ def read_experts(
     )
     if _stay_quantized(gate + up + down, inter):  # gate and up are stacked by rows into w13
         part = lambda pairs, i: [pair[i] for pair in pairs]  # noqa: E731
-        w13, w13_scale = _stacked(part(gate, 0), part(up, 0)), _stacked(part(gate, 1), part(up, 1))
-        return w13, _stacked(part(down, 0)), w13_scale, _stacked(part(down, 1))
+        w13, w13_scale = _stack_experts(part(gate, 0), part(up, 0)), _stack_experts(part(gate, 1), part(up, 1))
+        return w13, _stack_experts(part(down, 0)), w13_scale, _stack_experts(part(down, 1))
     dense = lambda pairs: [ld.dense(w, s) for w, s in pairs]  # noqa: E731
-    return _stacked(dense(gate), dense(up)), _stacked(dense(down)), None, None
+    return _stack_experts(dense(gate), dense(up)), _stack_experts(dense(down)), None, None
 
 
-def _stacked(*projections: list[torch.Tensor]) -> torch.Tensor:
+def _stack_experts(*projections: list[torch.Tensor]) -> torch.Tensor:
     """``[E, rows, ...]``: for each expert ``e``, ``projections[0][e]``, ``projections[1][e]``...
     one after another by rows. Each tensor is copied once into the result: no stacked
     temporaries to concatenate (half the bytes moved, one buffer less held; and on the meta
