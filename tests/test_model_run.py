@@ -164,3 +164,18 @@ def test_model_dshal_run_says_why_there_is_no_decode_rate():
     proc = _dshal("run", "--new-tokens", "2", "--prompt-len", "4", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "decode: n/a tokens/s (1 x 2 new tokens) (timed from the second decode step on: needs --new-tokens >= 3)" in proc.stdout
+
+
+def test_model_dshal_run_backend_flag_overrides_the_config(tmp_path):
+    """``--backend`` wins over the config file's ``backend`` (as for bench and profile); an
+    unknown name is one error line naming what is installed."""
+    cfg = tmp_path / "dshal.yaml"
+    cfg.write_text("backend: nvidia\n")  # no GPU and no DSHAL_EMULATE here: unavailable
+    proc = _dshal("run", "--config", str(cfg), "--prompt-len", "4", "--new-tokens", "2", "--no-progress")
+    assert proc.returncode == 1 and "nvidia" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _dshal("run", "--config", str(cfg), "--backend", "cpu", "--prompt-len", "4", "--new-tokens", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "backend cpu" in proc.stdout
+    proc = _dshal("run", "--backend", "no-such-backend", "--no-progress")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "backend 'no-such-backend' is not installed; installed: [" in proc.stderr and "'cpu'" in proc.stderr

@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", metavar="F", help="dshal config file (default: DSHAL_CONFIG or the built-in defaults)"
     )
+    parser.add_argument("--backend", metavar="NAME", help="backend to use (default: the config's, usually auto)")
     parser.add_argument(
         "--checkpoint", metavar="DIR", help="Hugging Face DeepSeek-V3 checkpoint (default: a tiny random model)"
     )
@@ -98,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     parallel = parallel_run.wanted(args)
     if parallel and parallel_run.relaunch_needed():
         return parallel_run.relaunch(args)
-    runtime = dshal.use(args.config)
+    runtime = dshal.use(args.config, **({"backend": args.backend} if args.backend else {}))
     groups = parallel_run.setup(args) if parallel else None
     started = time.perf_counter()
     if groups is not None:
