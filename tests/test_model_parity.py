@@ -215,3 +215,75 @@ def test_model_args_read_official_config_keys():
         ModelArgs.from_hf_config({**official, "scoring_func": "softmax"})
     with pytest.raises(dshal.ConfigError, match="num_key_value_heads"):
         ModelArgs.from_hf_config({**official, "num_key_value_heads": 8})
+
+
+def _official_v3_config() -> dict:
+    """DeepSeek-V3's published config.json (the copy `dshal plan` defaults to)."""
+    from dshal.plan.plan import default_config
+
+    return json.loads(default_config().read_text())
+
+
+def test_model_args_read_v3_family_configs():
+    """Checkpoints of DeepSeek-V3's family as they are published: V3.1's FP8 config adds
+    ``quantization_config.scale_fmt: ue8m0``; Kimi-K2 names its own model_type and lists
+    DeepseekV3ForCausalLM in ``architectures``. A different architecture (V3.2's sparse
+    attention) and settings dshal cannot honor are ConfigErrors naming the key."""
+    official = _official_v3_config()
+    v31 = {**official, "quantization_config": {**official["quantization_config"], "scale_fmt": "ue8m0"}}
+    args = ModelArgs.from_hf_config(v31)
+    assert args.scale_fmt == "ue8m0" and args.weight_block_size == (128, 128)
+    assert args.to_hf_config()["quantization_config"]["scale_fmt"] == "ue8m0"  # kept when saved
+    assert ModelArgs.from_hf_config(official).scale_fmt is None
+    assert "scale_fmt" not in ModelArgs.from_hf_config(official).to_hf_config()["quantization_config"]
+
+    kimi = {**official, "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 384,
+            "n_group": 1, "topk_group": 1, "num_attention_heads": 64, "num_key_value_heads": 64}
+    assert ModelArgs.from_hf_config(kimi).n_routed_experts == 384
+    with pytest.raises(dshal.ConfigError, match=r"model_type is 'kimi_k2' \(architectures \[\]\), expected 'deepseek_v3', "
+                       r"or architectures listing 'DeepseekV3ForCausalLM'"):
+        ModelArgs.from_hf_config({**kimi, "architectures": []})
+    with pytest.raises(dshal.ConfigError, match="model_type is 'deepseek_v32'"):
+        ModelArgs.from_hf_config({**official, "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"]})
+    with pytest.raises(dshal.ConfigError, match="architectures.*expected a list of class names"):
+        ModelArgs.from_hf_config({**official, "architectures": "DeepseekV3ForCausalLM"})
+    quant = official["quantization_config"]
+    with pytest.raises(dshal.ConfigError, match="quantization_config.scale_fmt.*'ue4m3'.*expected one of 'ue8m0'"):
+        ModelArgs.from_hf_config({**official, "quantization_config": {**quant, "scale_fmt": "ue4m3"}})
+    with pytest.raises(dshal.ConfigError, match="quantization_config.activation_scheme.*'static'.*expected one of 'dynamic'"):
+        ModelArgs.from_hf_config({**official, "quantization_config": {**quant, "activation_scheme": "static"}})
+    with pytest.raises(dshal.ConfigError, match="scale_fmt is 'e8m0', expected null or 'ue8m0'"):
+        tiny_args(scale_fmt="e8m0")
+
+
+def test_model_kimi_k2_config_matches_hf(tmp_path):
+    """A Kimi-K2-shaped model (one expert group, one dense layer) saved by transformers with
+    Kimi-K2's ``model_type: kimi_k2``: dshal reads it as DeepSeek-V3 and matches HF's logits."""
+    args = tiny_args(n_group=1, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.827)
+    hf = _hf_model(args, tmp_path, seed=3)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["architectures"] == ["DeepseekV3ForCausalLM"]
+    path.write_text(json.dumps({**saved, "model_type": "kimi_k2"}))
+    model = from_pretrained(tmp_path, DEFAULTS, dtype=torch.float32)
+    ids = _prompt(args.vocab_size)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    _assert_logits_close(model(ids), ref, 1e-4)
+
+
+def test_model_says_when_the_checkpoints_activation_scales_are_not_followed(tmp_path):
+    """A V3.1-style FP8 checkpoint (``scale_fmt: ue8m0``) run in FP8: describe() and the
+    run's precision line say its activations get float32 scales; run dequantized (high), no
+    activation is quantized and nothing is said."""
+    args = tiny_args(num_hidden_layers=2, weight_block_size=(128, 128), scale_fmt="ue8m0")
+    save_checkpoint(tmp_path, args, quantize_checkpoint_fp8(random_checkpoint(args, seed=0, std=0.02)))
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
+    model = from_pretrained(tmp_path, DEFAULTS)
+    choice = model.describe()["precision"]
+    assert choice["mode"] == "fp8-block" and choice["activation_scales"].startswith("float32, not the checkpoint's 'ue8m0'")
+    from dshal.model.precision import precision_summary
+
+    assert "; activation scales: float32, not the checkpoint's 'ue8m0'" in precision_summary(choice)
+    high = from_pretrained(tmp_path, {"backend": "cpu", "precision": {"gemm": "high"}}).describe()["precision"]
+    assert "activation_scales" not in high

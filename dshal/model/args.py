@@ -23,6 +23,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 #: Largest ``max_position_embeddings`` accepted: the rotary tables are built for every
 #: position up front (DeepSeek-V3 uses 163840; 2**21 positions already take ~0.5 GB).
 MAX_POSITIONS = 1 << 21
+#: config.json's ``model_type`` of DeepSeek-V3, and the transformers class of its architecture.
+MODEL_TYPE = "deepseek_v3"
+ARCHITECTURE = "DeepseekV3ForCausalLM"
 #: Largest size of any dimension (int32 indexing in the kernels).
 MAX_DIM = (1 << 31) - 1
 
@@ -102,6 +105,10 @@ class ModelArgs:
     weight_block_size: tuple[int, int] | None = None
     #: FP8 format of the checkpoint's weights (``quantization_config.fmt``).
     fp8_format: str = "e4m3fn"
+    #: Activation scale format the FP8 checkpoint was made for (``quantization_config.scale_fmt``):
+    #: None = float32 scales; "ue8m0" = powers of two (DeepSeek-V3.1's reference inference).
+    #: Kept and reported: ``linear`` / ``moe_experts`` quantize activations with float32 scales.
+    scale_fmt: str | None = None
     # --- runtime settings (from the dshal config, not from config.json)
     #: Dynamic attention: keys kept per query besides the global ones (None = all).
     attention_window: int | None = None
@@ -172,6 +179,8 @@ class ModelArgs:
                     f"config.json: num_experts_per_tok is {self.num_experts_per_tok!r}, "
                     f"expected 1..topk_group * experts per group ({self.topk_group * per_group})"
                 )
+        if self.scale_fmt not in (None, "ue8m0"):
+            raise ConfigError(f"config.json: quantization_config.scale_fmt is {self.scale_fmt!r}, expected null or 'ue8m0'")
         if self.mla_mode not in ("absorb", "naive"):
             raise ConfigError(f"mla_mode is {self.mla_mode!r}, expected 'absorb' or 'naive'")
         if self.attention_window is not None and self.attention_global_tokens >= self.attention_window:
@@ -183,7 +192,8 @@ class ModelArgs:
     # ------------------------------------------------------------ config.json
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], **overrides: Any) -> ModelArgs:
-        """Read a HF ``config.json`` dict (``model_type: deepseek_v3``); ``overrides`` win.
+        """Read a HF ``config.json`` dict (``model_type: deepseek_v3``, or ``architectures``
+        listing ``DeepseekV3ForCausalLM``); ``overrides`` win.
 
         The dict is validated first (:func:`validate_hf_config`): types, ranges and the
         required size keys; each error names the key, the value and what was expected."""
@@ -192,8 +202,14 @@ class ModelArgs:
     @classmethod
     def _from_checked(cls, cfg: dict[str, Any], **overrides: Any) -> ModelArgs:
         model_type = cfg.get("model_type")
-        if model_type not in ("deepseek_v3", None):
-            raise ConfigError(f"config.json: model_type is {model_type!r}, expected 'deepseek_v3'")
+        architectures = cfg.get("architectures") or []
+        # Models built on DeepSeek-V3's architecture under their own model_type (Kimi-K2's
+        # "kimi_k2") name its class in `architectures`, as transformers and vLLM read it.
+        if model_type not in (MODEL_TYPE, None) and ARCHITECTURE not in architectures:
+            raise ConfigError(
+                f"config.json: model_type is {model_type!r} (architectures {architectures}), expected "
+                f"{MODEL_TYPE!r}, or architectures listing {ARCHITECTURE!r} (as Kimi-K2's 'kimi_k2' does)"
+            )
         if cfg.get("scoring_func", "sigmoid") != "sigmoid":
             raise ConfigError(
                 f"config.json: scoring_func is {cfg['scoring_func']!r}, expected 'sigmoid' (DeepSeek-V3 routing)"
@@ -228,6 +244,7 @@ class ModelArgs:
             plain["weight_block_size"] = (block[0], block[1])
             fmt = quant.get("fmt", "e4m3")
             plain["fp8_format"] = "e4m3fn" if fmt == "e4m3" else fmt
+            plain["scale_fmt"] = quant.get("scale_fmt")
         if plain.get("q_lora_rank") == 0:
             plain["q_lora_rank"] = None
         for key in ("n_group", "topk_group", "num_experts_per_tok", "n_shared_experts", "n_routed_experts"):
@@ -258,8 +275,8 @@ class ModelArgs:
     def to_hf_config(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers' ``DeepseekV3Config`` and :meth:`from_hf_config` read back."""
         cfg: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM"],
-            "model_type": "deepseek_v3",
+            "architectures": [ARCHITECTURE],
+            "model_type": MODEL_TYPE,
             "num_key_value_heads": self.num_attention_heads,
             "hidden_act": "silu",
             "scoring_func": "sigmoid",
@@ -273,6 +290,7 @@ class ModelArgs:
             "dtype",
             "fp8_format",
             "weight_block_size",
+            "scale_fmt",
         }
         for f in fields(self):
             if f.name not in runtime_only:
@@ -288,6 +306,8 @@ class ModelArgs:
                 "activation_scheme": "dynamic",
                 "weight_block_size": list(self.weight_block_size),
             }
+            if self.scale_fmt is not None:
+                cfg["quantization_config"]["scale_fmt"] = self.scale_fmt
         return cfg
 
     def with_(self, **changes: Any) -> ModelArgs:
@@ -459,6 +479,11 @@ def validate_hf_config(cfg: Any, file: str = "config.json", text: str | None = N
     for key in ("model_type", "scoring_func", "hidden_act", "dtype", "torch_dtype"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             raise c.fail(key, cfg[key], "a string")
+    architectures = cfg.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)
+    ):
+        raise c.fail("architectures", architectures, "a list of class names, e.g. ['DeepseekV3ForCausalLM']")
     for key in ("rope_scaling", "rope_parameters"):
         if cfg.get(key) is not None:
             _check_rope(c, key, c.mapping(key, cfg[key]))
@@ -468,6 +493,11 @@ def validate_hf_config(cfg: Any, file: str = "config.json", text: str | None = N
             c.string("quantization_config.quant_method", quant["quant_method"], ("fp8",))
         if "fmt" in quant:
             c.string("quantization_config.fmt", quant["fmt"], ("e4m3", "e4m3fn", "e4m3fnuz", "e5m2"))
+        if quant.get("scale_fmt") is not None:
+            c.string("quantization_config.scale_fmt", quant["scale_fmt"], ("ue8m0",))
+        if quant.get("activation_scheme") is not None:
+            # Static scales come as `input_scale` tensors, which dshal does not read.
+            c.string("quantization_config.activation_scheme", quant["activation_scheme"], ("dynamic",))
         block = quant.get("weight_block_size")
         if block is not None:
             ok = isinstance(block, list) and len(block) == 2

@@ -241,13 +241,22 @@ def apply_precision(
             _set(module, s_name, scale)
             plan[path] = mode
     model.precision_choice = {"gemm": precision.gemm, "mode": mode_all, "why": why}
+    if model.args.scale_fmt is not None and any(mode in WEIGHT_BLOCKS for mode in plan.values()):
+        model.precision_choice["activation_scales"] = (
+            f"float32, not the checkpoint's {model.args.scale_fmt!r} (quantization_config.scale_fmt): linear and "
+            "moe_experts quantize activations inside the op with float32 scales (same FP8 format and blocks, "
+            "another rounding grid)"
+        )
     return plan
 
 
 # ---------------------------------------------------------------- reporting
 def precision_summary(choice: dict[str, Any]) -> str:
     """One line for ``dshal run`` / ``dshal profile``: the gemm mode chosen and why."""
-    return f"precision: {choice.get('mode')} ({choice.get('why')})"
+    line = f"precision: {choice.get('mode')} ({choice.get('why')})"
+    if choice.get("activation_scales"):
+        line += f"; activation scales: {choice['activation_scales']}"
+    return line
 
 
 __all__ = [
