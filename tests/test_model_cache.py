@@ -124,6 +124,16 @@ def test_check_cache_fits_refuses_one_byte_past_free_and_never_checks_an_unknown
         check_cache_fits(101, 100, cpu, "a cache", "'batch'")
 
 
+def test_check_cache_fits_gives_each_rank_sharing_the_memory_its_share():
+    """Ranks on one host each allocate a cache from the same free memory (``dshal run --tp N``
+    on cpu): each may take 1/N of it."""
+    cpu, gib = torch.device("cpu"), 2**30
+    check_cache_fits(5 * gib, 10 * gib, cpu, "a cache", "'batch'", sharing=2)
+    with pytest.raises(dshal.ArgumentError, match=r"needs a KV cache of 6.00 GiB, expected at most the 5.00 GiB free "
+                       r"on cpu \(the 2 ranks on it share 10.00 GiB\): lower 'batch'$"):
+        check_cache_fits(6 * gib, 10 * gib, cpu, "a cache", "'batch'", sharing=2)
+
+
 def test_host_available_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
     from dshal.plugin import host_available_memory
 

@@ -78,3 +78,16 @@ def test_parallel_cli_an_error_every_rank_would_hit_is_said_once_before_any_star
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.count(said) == 1, done.stderr[-2000:]
     assert "rank 0/" not in done.stdout  # no rank ran
+
+
+def test_parallel_cli_a_cache_no_rank_can_hold_is_said_once_with_the_ranks_share() -> None:
+    """Each rank checks its own KV cache against its share of the host's free memory (the
+    two cpu ranks share it); the refusal they share is said once, by rank 0, not twice."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dshal", *RUN, "--tp", "2", "--batch", str(10**9)],
+        env=_env(), capture_output=True, text=True, timeout=90, check=False,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    said = "--batch 1000000000 x (--prompt-len 4 + --new-tokens 3) tokens needs a KV cache of"
+    assert done.stderr.count(said) == 1, done.stderr[-3000:]
+    assert "(the 2 ranks on it share" in done.stderr and "rank 0/" not in done.stdout

@@ -32,14 +32,22 @@ import torch
 from dshal.errors import ArgumentError, DshalError, ShapeError
 
 
-def check_cache_fits(nbytes: int, free: int | None, device: torch.device, what: str, lower: str) -> None:
+def check_cache_fits(
+    nbytes: int, free: int | None, device: torch.device, what: str, lower: str, sharing: int = 1
+) -> None:
     """Refuse a KV cache of ``nbytes`` on ``device`` when ``free`` (the bytes its backend
     reports free; None: unknown, no check) cannot hold it. ``what`` names the request and
-    ``lower`` the arguments to reduce, in the caller's terms."""
-    if free is not None and nbytes > free:
+    ``lower`` the arguments to reduce, in the caller's terms. ``sharing``: processes that
+    each allocate such a cache from the same ``free`` memory (ranks on one host); each may
+    take its share."""
+    if free is None:
+        return
+    share = free // sharing
+    if nbytes > share:
+        shared = f" (the {sharing} ranks on it share {free / 2**30:,.2f} GiB)" if sharing > 1 else ""
         raise ArgumentError(
             f"{what} needs a KV cache of {nbytes / 2**30:,.2f} GiB, expected at most the "
-            f"{free / 2**30:,.2f} GiB free on {device}: lower {lower}"
+            f"{share / 2**30:,.2f} GiB free on {device}{shared}: lower {lower}"
         )
 
 

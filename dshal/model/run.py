@@ -68,10 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parallel_run.add_arguments(parser)  # --tp / --ep (dshal.parallel.run)
 
 
-def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device) -> None:
+def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device, sharing: int = 1) -> None:
     """Refuse, in the flags' terms (``--batch``, ``--prompt-len``, ``--new-tokens``), a run
     whose KV cache cannot fit the memory free on ``device``: the cache is the run's big
-    allocation, and this is said before anything is allocated (the prompt included)."""
+    allocation, and this is said before anything is allocated (the prompt included).
+    ``sharing``: ranks of this run that allocate their caches from the same memory."""
     tokens = args.prompt_len + args.new_tokens
     if tokens > model.args.max_position_embeddings:
         return  # generate() refuses it, naming the limit
@@ -81,6 +82,7 @@ def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device) -
         device,
         f"--batch {args.batch} x (--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens}) tokens",
         "--batch, --prompt-len or --new-tokens",
+        sharing,
     )
 
 
@@ -112,7 +114,11 @@ def main(args: argparse.Namespace) -> int:
         model = random_model(model_args, seed=args.seed)
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
-    check_run_fits(model, args, runtime.device)
+    if groups is None:
+        check_run_fits(model, args, runtime.device)
+    else:  # every rank checks its own cache; an error they share is said once
+        sharing = parallel_run.ranks_sharing(runtime.device)
+        parallel_run.agree(lambda: check_run_fits(model, args, runtime.device, sharing))
     vocab = model.args.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen).to(runtime.device)

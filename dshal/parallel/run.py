@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -114,8 +115,34 @@ def finish() -> None:
     comm.shutdown()
 
 
+def ranks_sharing(device: torch.device) -> int:
+    """How many of this host's ranks allocate from ``device``'s memory: all of them for a
+    device without an index (the host's memory: cpu, emulated GPU plugins), else one."""
+    return comm.launch_env().local_world_size if torch.device(device).index is None else 1
+
+
+def agree(check: Callable[[], None]) -> None:
+    """Run ``check`` on every rank (every rank must call this). When it raises a DshalError
+    on any rank, the lowest such rank raises its error and the others leave the job and exit
+    with status 1 without a word: an error the ranks share is said once, not N times."""
+    try:
+        check()
+        error = None
+    except DshalError as err:
+        error = err
+    flags = comm.all_gather(torch.tensor([[0.0 if error is None else 1.0]], device=_device()), dim=0).cpu()
+    failed = [rank for rank, flag in enumerate(flags.flatten().tolist()) if flag]
+    if not failed:
+        return
+    speaks = comm.get_rank() == failed[0]
+    finish()
+    if speaks:
+        raise error
+    raise SystemExit(1)
+
+
 def _device() -> torch.device:
     return current().device
 
 
-__all__ = ["add_arguments", "finish", "is_reporting_rank", "load", "relaunch", "relaunch_needed", "report", "setup", "wanted"]
+__all__ = ["add_arguments", "agree", "finish", "is_reporting_rank", "load", "relaunch", "relaunch_needed", "ranks_sharing", "report", "setup", "wanted"]
