@@ -185,6 +185,43 @@ def test_model_describe_reports_dynamic_attention_saving():
     assert kv["bytes_saved_per_token"] == pytest.approx(kv["bytes_per_token"] - kv["bytes_per_token_at_context"])
 
 
+@pytest.mark.parametrize(
+    ("mode", "changes", "chunk"),
+    [("absorb", {}, 5), ("naive", {}, 7), ("absorb", {"attention_window": 8, "attention_global_tokens": 2}, 12),
+     ("naive", {"attention_window": 8, "attention_global_tokens": 2}, 3)],
+)
+def test_model_generate_prefills_a_long_prompt_in_chunks_with_the_same_result(mode, changes, chunk):
+    """``prefill_chunk`` bounds each prefill forward to that many tokens (what ``dshal plan``
+    plans the activation peak for); the tokens are those of one forward over the prompt,
+    with and without an attention window shorter than a chunk."""
+    from dshal.model.decode import generate_with_graphs
+
+    model = _model(mla_mode=mode, **changes)
+    ids = _ids(model.args.vocab_size, 23)
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape[1]))
+    try:
+        chunked = model.generate(ids, 6, prefill_chunk=chunk)
+    finally:
+        hook.remove()
+    prefill_lengths = seen[: -(-23 // chunk)]
+    assert prefill_lengths == [min(chunk, 23 - s) for s in range(0, 23, chunk)] and seen[len(prefill_lengths):] == [1] * 5
+    torch.testing.assert_close(chunked, model.generate(ids, 6, prefill_chunk=None), rtol=0, atol=0)
+    if mode == "absorb" and not changes:  # the static (graph) decode path prefills the same way
+        graphs, _ = generate_with_graphs(model, ids, 6, lambda fn: fn, prefill_chunk=chunk)
+        torch.testing.assert_close(graphs, chunked, rtol=0, atol=0)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(dshal.ArgumentError, match=f"generate: argument 'prefill_chunk' is {bad!r}, expected None or an int >= 1"):
+            model.generate(ids, 2, prefill_chunk=bad)
+
+
+def test_model_generate_default_prefill_chunk_is_the_one_dshal_plan_plans():
+    from dshal.model.generate import DEFAULT_PREFILL_CHUNK
+    from dshal.plan.plan import PlanRequest
+
+    assert PlanRequest(config="config.json").prefill_chunk == DEFAULT_PREFILL_CHUNK == 2048
+
+
 def test_model_generate_contract():
     model = _model()
     ids = _ids(model.args.vocab_size, 5)

@@ -179,3 +179,17 @@ def test_model_dshal_run_backend_flag_overrides_the_config(tmp_path):
     proc = _dshal("run", "--backend", "no-such-backend", "--no-progress")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "backend 'no-such-backend' is not installed; installed: [" in proc.stderr and "'cpu'" in proc.stderr
+
+
+def test_model_dshal_run_prefill_chunk(tmp_path):
+    """``--prefill-chunk`` prefills the prompt in forwards of that many tokens, says so, and
+    generates the tokens of the one-forward prefill."""
+    common = ("run", "--prompt-len", "8", "--new-tokens", "3", "--graphs", "off", "--no-progress", "--json")
+    chunked = _dshal(*common, str(tmp_path / "chunked.json"), "--prefill-chunk", "3")
+    whole = _dshal(*common, str(tmp_path / "whole.json"))
+    assert chunked.returncode == 0 and whole.returncode == 0, chunked.stderr[-2000:] + whole.stderr[-2000:]
+    assert "(1 x 8 tokens in 3 chunks of <= 3)" in chunked.stdout and "(1 x 8 tokens)" in whole.stdout
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("chunked.json", "whole.json"))
+    assert (a["prefill_chunk"], b["prefill_chunk"]) == (3, 2048) and a["output_ids"] == b["output_ids"]
+    bad = _dshal("run", "--prefill-chunk", "0")
+    assert bad.returncode == 1 and "--prefill-chunk is 0, expected an integer >= 1" in bad.stderr

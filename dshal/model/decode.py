@@ -33,7 +33,7 @@ from torch import nn
 from dshal import ops
 from dshal.errors import DshalError
 from dshal.model.cache import KVCache
-from dshal.model.generate import check_input_ids, check_token_ids
+from dshal.model.generate import DEFAULT_PREFILL_CHUNK, check_input_ids, check_prefill_chunk, check_token_ids, prefill
 
 
 def static_decode_step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -116,11 +116,13 @@ def generate_with_graphs(
     max_new_tokens: int,
     graph: Callable[[Callable[..., Any]], Callable[..., Any]],
     on_token: Callable[[int], None] | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> tuple[torch.Tensor, StaticDecoder | None]:
-    """Greedy generation (as ``model.generate(input_ids, max_new_tokens)``) whose decode
-    steps go through a :class:`StaticDecoder` captured with ``graph``. Returns the ids
-    ``[B, T + new]`` and the decoder (None when ``max_new_tokens`` < 2: no decode step)."""
+    """Greedy generation (as ``model.generate(input_ids, max_new_tokens, prefill_chunk=...)``)
+    whose decode steps go through a :class:`StaticDecoder` captured with ``graph``. Returns
+    the ids ``[B, T + new]`` and the decoder (None when ``max_new_tokens`` < 2: no decode step)."""
     check_input_ids("generate_with_graphs", input_ids, model.rope_cos.device)
+    check_prefill_chunk("generate_with_graphs", prefill_chunk)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise DshalError(f"generate_with_graphs: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
     bsz, prompt_len = input_ids.shape
@@ -130,7 +132,7 @@ def generate_with_graphs(
         return out, None
     cache = model.new_cache(bsz, prompt_len + max_new_tokens, "absorb")
     decoder = StaticDecoder(model, cache, graph) if max_new_tokens > 1 else None
-    logits = model(input_ids, 0, cache, last_only=True)[:, -1]
+    logits = prefill(model, input_ids, cache, prefill_chunk)
     for i in range(max_new_tokens):
         pos = prompt_len + i
         token = logits.argmax(dim=-1)  # [B]

@@ -1,4 +1,5 @@
-"""Greedy / temperature sampling with the KV cache: one prefill, then one step per token."""
+"""Greedy / temperature sampling with the KV cache: the prompt's prefill (in chunks of at most
+:data:`DEFAULT_PREFILL_CHUNK` tokens), then one step per token."""
 
 from __future__ import annotations
 
@@ -11,6 +12,29 @@ from torch import nn
 
 from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from dshal.ops.spec import check_ids_in_range
+
+#: Prompt tokens per sequence in one prefill forward. Activations grow with it (attention's
+#: scores with it times the tokens before it), the KV cache does not; ``dshal plan`` plans
+#: the activation peak of a chunk this long. vLLM's chunked prefill uses the same order.
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+def check_prefill_chunk(where: str, prefill_chunk: Any) -> None:
+    if prefill_chunk is not None and (
+        not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1
+    ):
+        raise ArgumentError(f"{where}: argument 'prefill_chunk' is {prefill_chunk!r}, expected None or an int >= 1")
+
+
+def prefill(model: nn.Module, input_ids: torch.Tensor, cache: Any, prefill_chunk: int | None) -> torch.Tensor:
+    """Run the prompt ``input_ids [B, T]`` into ``cache`` in forwards of at most
+    ``prefill_chunk`` tokens (None: one forward); returns the last position's logits ``[B, vocab]``.
+    Each chunk attends to the cached tokens before it, so the result is the one-forward result."""
+    length = input_ids.shape[1]
+    chunk = length if prefill_chunk is None else prefill_chunk
+    for start in range(0, length, chunk):
+        logits = model(input_ids[:, start : start + chunk], start, cache, last_only=True)
+    return logits[:, -1]
 
 
 def check_input_ids(where: str, input_ids: Any, device: torch.device | None = None) -> None:
@@ -87,6 +111,7 @@ def generate(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     on_token: Callable[[int], None] | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + new]``.
 
@@ -94,10 +119,12 @@ def generate(
     ``eos_token_id``, generation stops once every sequence has produced it (the result is
     then shorter); a sequence that finished earlier is padded with it. ``on_token(i)`` is called
     after the i-th new token (0-based), e.g. for a progress bar; the first call marks the
-    end of the prefill.
+    end of the prefill. The prompt is prefilled in forwards of at most ``prefill_chunk``
+    tokens (None: one forward), which bounds the activations of a long prompt.
     """
     check_input_ids("generate", input_ids)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
+    check_prefill_chunk("generate", prefill_chunk)
     bsz, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
     out = torch.empty(bsz, total, dtype=torch.int64, device=input_ids.device)
@@ -106,7 +133,7 @@ def generate(
         return out
     cache = model.new_cache(bsz, total)
     done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
-    logits = model(input_ids, 0, cache, last_only=True)[:, -1]
+    logits = prefill(model, input_ids, cache, prefill_chunk)
     for i in range(max_new_tokens):
         pos = prompt_len + i
         token = _next_token(logits, temperature, generator)
@@ -124,4 +151,12 @@ def generate(
     return out
 
 
-__all__ = ["check_generate_args", "check_input_ids", "check_token_ids", "generate"]
+__all__ = [
+    "DEFAULT_PREFILL_CHUNK",
+    "check_generate_args",
+    "check_input_ids",
+    "check_prefill_chunk",
+    "check_token_ids",
+    "generate",
+    "prefill",
+]

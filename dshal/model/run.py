@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.cache import check_cache_fits
 from dshal.model.decode import generate_with_graphs, static_decode_unsupported
+from dshal.model.generate import DEFAULT_PREFILL_CHUNK
 from dshal.model.precision import precision_summary
 from dshal.model.run_report import RunReport
 from dshal.outputs import atomic_write, check_writable
@@ -50,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--new-tokens", type=int, default=32, metavar="N", help="tokens to generate greedily (default 32)"
     )
     parser.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together (default 1)")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        metavar="C",
+        help=f"prompt tokens per prefill forward: a longer prompt is prefilled in chunks, which bounds its "
+        f"activations, as `dshal plan --prefill-chunk` plans them (default {DEFAULT_PREFILL_CHUNK})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
     parser.add_argument(
         "--mla-mode", choices=("absorb", "naive"), default=None, help="KV cache layout (default: absorb)"
@@ -95,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
     _positive("--prompt-len", args.prompt_len)
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
+    _positive("--prefill-chunk", args.prefill_chunk)
     for flag in ("json", "report"):  # before the run, not after it
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), f"--{flag}")
@@ -125,13 +136,14 @@ def main(args: argparse.Namespace) -> int:
     sync = runtime.backend.synchronize
     # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
     warm_start = time.perf_counter()
-    model.generate(prompt, args.new_tokens)
+    generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk)
+    generate(prompt, args.new_tokens)
     sync()
     warmup_s = time.perf_counter() - warm_start
 
     run_report = _run_report(runtime, model, args.report)
     with run_report.recording() if run_report else contextlib.nullcontext():
-        result, start, stamps = _timed_generate(model.generate, prompt, args.new_tokens, sync, not args.no_progress)
+        result, start, stamps = _timed_generate(generate, prompt, args.new_tokens, sync, not args.no_progress)
     prefill_s = stamps[0] - start  # the first new token comes out of the prefill
     timed_s = stamps[-1] - start
     graphs = _graph_run(args, model, prompt, runtime, result)
@@ -143,6 +155,7 @@ def main(args: argparse.Namespace) -> int:
         "load_s": round(load_s, 3),
         "batch": args.batch,
         "prompt_len": args.prompt_len,
+        "prefill_chunk": args.prefill_chunk,
         "new_tokens": args.new_tokens,
         "prefill_tokens_per_s": args.batch * args.prompt_len / prefill_s if prefill_s > 0 else None,
         "decode_tokens_per_s": _decode_rate(stamps, args.batch),
@@ -197,7 +210,7 @@ def _graph_run(args: argparse.Namespace, model: Any, prompt: torch.Tensor, runti
     decoders: list[Any] = []
 
     def graph_generate(prompt: torch.Tensor, new_tokens: int, on_token: Any = None) -> torch.Tensor:
-        ids, decoder = generate_with_graphs(model, prompt, new_tokens, runtime.backend.graph, on_token)
+        ids, decoder = generate_with_graphs(model, prompt, new_tokens, runtime.backend.graph, on_token, args.prefill_chunk)
         decoders.append(decoder)
         return ids
 
@@ -235,6 +248,13 @@ def _timed_generate(
         start = time.perf_counter()
         out = generate(prompt, new_tokens, on_token=on_token)
     return out, start, stamps
+
+
+def _chunks(report: dict[str, Any]) -> str:
+    """`` in N chunks of C`` when the prompt was prefilled in more than one forward."""
+    chunk = report.get("prefill_chunk") or report["prompt_len"]
+    n = -(-report["prompt_len"] // chunk)
+    return f" in {n} chunks of <= {chunk}" if n > 1 else ""
 
 
 def _print(report: dict[str, Any]) -> None:
@@ -275,7 +295,7 @@ def _print(report: dict[str, Any]) -> None:
     batch, prefill, decode = report["batch"], report["prefill_tokens_per_s"], report["decode_tokens_per_s"]
     why_not = " (timed from the second decode step on: needs --new-tokens >= 3)" if decode is None else ""
     console.print(
-        f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({batch} x {report['prompt_len']} tokens); "
+        f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({batch} x {report['prompt_len']} tokens{_chunks(report)}); "
         f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['new_tokens']} new tokens){why_not}"
     )
     graphs = report["graphs"]

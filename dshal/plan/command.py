@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="C",
-        help="tokens per sequence in one prefill chunk (default min(2048, context))",
+        help="tokens per sequence in one prefill chunk (default min(2048, context): the chunk model.generate "
+        "and `dshal run --prefill-chunk` use by default)",
     )
     parser.add_argument(
         "--device-memory-gib",
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dshal.model.generate import DEFAULT_PREFILL_CHUNK
     from dshal.plan.plan import (  # lazy: start-up time (dshal plan --help loads no torch)
         PlanError,
         PlanRequest,
@@ -79,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch=args.batch,
         context=args.context,
-        prefill_chunk=args.prefill_chunk or min(2048, args.context),
+        prefill_chunk=args.prefill_chunk or min(DEFAULT_PREFILL_CHUNK, args.context),
         device_memory_gib=args.device_memory_gib,
     )
     from rich.console import Console

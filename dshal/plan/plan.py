@@ -34,6 +34,7 @@ import torch
 from dshal.config import GEMM_MODES, PrecisionConfig
 from dshal.errors import ConfigError, ShapeError
 from dshal.model.args import ModelArgs
+from dshal.model.generate import DEFAULT_PREFILL_CHUNK
 from dshal.model.model import Transformer
 from dshal.model.precision import checkpoint_name
 from dshal.parallel.layers import (
@@ -75,7 +76,7 @@ class PlanRequest:
     precision: str = "fp8-block"
     batch: int = 1
     context: int = 4096
-    prefill_chunk: int = 2048
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     device_memory_gib: float | None = None
 
 
