@@ -15,7 +15,7 @@ from dshal.ops.spec import check_ids_in_range
 
 #: Prompt tokens per sequence in one prefill forward. Activations grow with it (attention's
 #: scores with it times the tokens before it), the KV cache does not; ``dshal plan`` plans
-#: the activation peak of a chunk this long. vLLM's chunked prefill uses the same order.
+#: the activation peak of a chunk this long.
 DEFAULT_PREFILL_CHUNK = 2048
 
 
