@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tokenize
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -193,3 +194,83 @@ def test_model_dshal_run_prefill_chunk(tmp_path):
     assert (a["prefill_chunk"], b["prefill_chunk"]) == (3, 2048) and a["output_ids"] == b["output_ids"]
     bad = _dshal("run", "--prefill-chunk", "0")
     assert bad.returncode == 1 and "--prefill-chunk is 0, expected an integer >= 1" in bad.stderr
+
+
+def _checkpoint_with_tokenizer(folder: Path, eos: str = "<eos>") -> Any:
+    """The tiny random model saved with a byte-level BPE tokenizer trained here (300 tokens,
+    BOS added, a chat template), as a real release ships tokenizer.json beside config.json."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from dshal.model import tiny_args
+    from dshal.model.checkpoint import random_checkpoint, save_checkpoint
+
+    args = tiny_args(num_hidden_layers=2)
+    save_checkpoint(folder, args, random_checkpoint(args, seed=2))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["one model on any accelerator", "hello world", "the lazy dog"] * 10, trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token=eos)
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path):
+    """``--prompt`` encodes the text with the checkpoint's tokenizer (BOS added; ``--chat``
+    wraps it in the chat template), prints and reports the decoded output, and stops at the
+    tokenizer's EOS unless ``--ignore-eos``."""
+    ckpt = tmp_path / "ckpt"
+    tokenizer = _checkpoint_with_tokenizer(ckpt)
+    run = ("run", "--checkpoint", str(ckpt), "--new-tokens", "6", "--no-progress", "--graphs", "on", "--json")
+    proc = _dshal(*run, str(tmp_path / "a.json"), "--prompt", "hello world", "--ignore-eos")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["prompt_len"] == len(tokenizer("hello world")["input_ids"]) and report["prompt_text"] == "hello world"
+    assert tokenizer("hello world")["input_ids"][0] == tokenizer.bos_token_id
+    assert len(report["output_ids"]) == report["generated_tokens"] == 6
+    assert report["output_text"] == tokenizer.decode(report["output_ids"], skip_special_tokens=True)
+    assert f"output: {report['output_text']!r}" in proc.stdout and "prompt: 'hello world'" in proc.stdout
+    assert report["graphs"]["tokens_match_eager"]
+
+    # The same run, with the model's second new token made the tokenizer's EOS: it stops there.
+    first, second = report["output_ids"][:2]
+    if second in (first, tokenizer.bos_token_id):
+        pytest.skip("the random model's second token is its first or BOS: no distinct EOS to stop at")
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(second)
+    tokenizer.save_pretrained(ckpt)
+    proc = _dshal(*run, str(tmp_path / "b.json"), "--prompt", "hello world")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stopped = json.loads((tmp_path / "b.json").read_text())
+    assert stopped["output_ids"] == report["output_ids"][:2] and stopped["stopped_at_eos"]
+    assert "(stopped at the tokenizer's EOS)" in proc.stdout and "(1 x 2 new tokens)" in proc.stdout
+    assert stopped["graphs"]["tokens_match_eager"]  # the graph run's first tokens are the eager ones
+
+    chat = _dshal(*run, str(tmp_path / "c.json"), "--prompt", "hello world", "--chat", "--ignore-eos")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    want = tokenizer.apply_chat_template([{"role": "user", "content": "hello world"}], add_generation_prompt=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert json.loads((tmp_path / "c.json").read_text())["prompt_len"] == len(want) > report["prompt_len"]
+
+
+def test_model_dshal_run_text_prompt_errors(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _checkpoint_with_tokenizer(ckpt)
+    cases = [
+        (("--prompt", "hi"), "--prompt needs --checkpoint DIR"),
+        (("--checkpoint", str(ckpt), "--prompt", "hi", "--prompt-len", "4"), "--prompt and --prompt-len are both given"),
+        (("--chat",), "--chat is given without --prompt"),
+        (("--checkpoint", str(ckpt), "--prompt", ""), "--prompt is empty, expected text"),
+    ]
+    for tokenizer_file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (ckpt / tokenizer_file).rename(tmp_path / tokenizer_file)
+    cases.append((("--checkpoint", str(ckpt), "--prompt", "hi"), "no tokenizer, expected one of tokenizer.json"))
+    for flags, said in cases:
+        proc = _dshal("run", *flags, "--no-progress")
+        assert proc.returncode == 1 and said in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])

@@ -32,6 +32,7 @@ from dshal.model.decode import generate_with_graphs, static_decode_unsupported
 from dshal.model.generate import DEFAULT_PREFILL_CHUNK
 from dshal.model.precision import precision_summary
 from dshal.model.run_report import RunReport
+from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer
 from dshal.outputs import atomic_write, check_writable
 from dshal.parallel import run as parallel_run
 from dshal.runtime import free_memory
@@ -46,8 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", metavar="DIR", help="Hugging Face DeepSeek-V3 checkpoint (default: a tiny random model)"
     )
     parser.add_argument(
-        "--prompt-len", type=int, default=32, metavar="N", help="prompt tokens (random ids; default 32)"
+        "--prompt-len", type=int, default=None, metavar="N", help="prompt tokens (random ids; default 32)"
     )
+    parser.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help="prompt with this text instead of random ids, through the --checkpoint's own tokenizer (needs "
+        "transformers); prints the generated text, and generation stops at the tokenizer's EOS",
+    )
+    parser.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
+                        "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
+    parser.add_argument("--ignore-eos", action="store_true", help="with --prompt: always generate --new-tokens tokens")
     parser.add_argument(
         "--new-tokens", type=int, default=32, metavar="N", help="tokens to generate greedily (default 32)"
     )
@@ -101,8 +111,24 @@ def _positive(name: str, value: int) -> None:
         raise DshalError(f"dshal run: {name} is {value}, expected an integer >= 1")
 
 
+def _check_prompt_flags(args: argparse.Namespace) -> None:
+    if args.prompt is not None:
+        if not args.prompt:
+            raise DshalError("dshal run: --prompt is empty, expected text")
+        if args.prompt_len is not None:
+            raise DshalError("dshal run: --prompt and --prompt-len are both given, expected one (the text sets the length)")
+        if not args.checkpoint:
+            raise DshalError("dshal run: --prompt needs --checkpoint DIR, whose tokenizer reads the text "
+                             "(the built-in tiny model has none)")
+    elif args.chat or args.ignore_eos:
+        raise DshalError(f"dshal run: {'--chat' if args.chat else '--ignore-eos'} is given without --prompt, expected both")
+    else:
+        args.prompt_len = 32 if args.prompt_len is None else args.prompt_len
+        _positive("--prompt-len", args.prompt_len)
+
+
 def main(args: argparse.Namespace) -> int:
-    _positive("--prompt-len", args.prompt_len)
+    _check_prompt_flags(args)
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
     _positive("--prefill-chunk", args.prefill_chunk)
@@ -125,18 +151,28 @@ def main(args: argparse.Namespace) -> int:
         model = random_model(model_args, seed=args.seed)
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
+    tokenizer, prompt_ids = None, None
+    if args.prompt is not None:
+        tokenizer = load_tokenizer(args.checkpoint)
+        check_vocabulary(tokenizer, model.args.vocab_size)
+        prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
+        args.prompt_len = len(prompt_ids)
     if groups is None:
         check_run_fits(model, args, runtime.device)
     else:  # every rank checks its own cache; an error they share is said once
         sharing = parallel_run.ranks_sharing(runtime.device)
         parallel_run.agree(lambda: check_run_fits(model, args, runtime.device, sharing))
-    vocab = model.args.vocab_size
-    gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=gen).to(runtime.device)
+    if prompt_ids is None:
+        gen = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randint(0, model.args.vocab_size, (args.batch, args.prompt_len), generator=gen)
+    else:
+        prompt = torch.tensor([prompt_ids] * args.batch, dtype=torch.int64)
+    prompt = prompt.to(runtime.device)
     sync = runtime.backend.synchronize
+    eos = None if tokenizer is None or args.ignore_eos else tokenizer.eos_token_id
     # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
     warm_start = time.perf_counter()
-    generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk)
+    generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos)
     generate(prompt, args.new_tokens)
     sync()
     warmup_s = time.perf_counter() - warm_start
@@ -166,7 +202,12 @@ def main(args: argparse.Namespace) -> int:
         "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
         "model_description": model.describe(),
         "output_ids": result[0, args.prompt_len :].tolist(),
+        "generated_tokens": result.shape[1] - args.prompt_len,  # fewer than new_tokens after an EOS
     }
+    if tokenizer is not None:
+        report["prompt_text"] = args.prompt
+        report["output_text"] = tokenizer.decode(report["output_ids"], skip_special_tokens=True)
+        report["stopped_at_eos"] = eos is not None and report["output_ids"][-1:] == [eos]
     if groups is not None:
         report = parallel_run.report(report, groups)
     if groups is None or parallel_run.is_reporting_rank():
@@ -223,7 +264,7 @@ def _graph_run(args: argparse.Namespace, model: Any, prompt: torch.Tensor, runti
             "capture_s": round(decoder.capture_s, 3) if decoder else None,
             "why": (f"capture failed, the static step ran eagerly: {decoder.capture_error}" if decoder and decoder.capture_error
                     else "" if captures else f"backend {runtime.backend.name!r} has no device graphs: the static step ran eagerly"),
-            "tokens_match_eager": bool(torch.equal(ids, eager_ids)),
+            "tokens_match_eager": bool(torch.equal(ids[:, : eager_ids.shape[1]], eager_ids)),  # eager may stop at EOS
         },
         "decode_tokens_per_s_graphs": _decode_rate(stamps, args.batch),
     }
@@ -296,8 +337,12 @@ def _print(report: dict[str, Any]) -> None:
     why_not = " (timed from the second decode step on: needs --new-tokens >= 3)" if decode is None else ""
     console.print(
         f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({batch} x {report['prompt_len']} tokens{_chunks(report)}); "
-        f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['new_tokens']} new tokens){why_not}"
+        f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}"
     )
+    if "output_text" in report:  # the model's text is not rich markup
+        console.print(f"prompt: {report['prompt_text']!r}", markup=False, highlight=False)
+        eos = " (stopped at the tokenizer's EOS)" if report["stopped_at_eos"] else ""
+        console.print(f"output: {report['output_text']!r}{eos}", markup=False, highlight=False)
     graphs = report["graphs"]
     if graphs["run"]:
         with_graphs = report["decode_tokens_per_s_graphs"]

@@ -1,0 +1,71 @@
+"""Text in and out of the model core: a checkpoint's own tokenizer, read with transformers'
+``AutoTokenizer`` from the checkpoint folder (``tokenizer.json`` + ``tokenizer_config.json``,
+as DeepSeek-V3 ships them; nothing is downloaded). ``dshal run --prompt`` uses it.
+
+The model core itself takes and returns token ids; this module is the only place that
+knows about text, so a backend never sees it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from dshal.errors import ArgumentError, CheckpointError
+
+#: The files a Hugging Face tokenizer is read from; one of them must be in the checkpoint.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(checkpoint: str | os.PathLike) -> Any:
+    """The tokenizer saved with ``checkpoint`` (a folder), read locally. CheckpointError when
+    the folder holds none of :data:`TOKENIZER_FILES` or transformers cannot read them;
+    ArgumentError when transformers is not installed."""
+    folder = Path(checkpoint)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{folder}: no tokenizer, expected one of {', '.join(TOKENIZER_FILES)} beside config.json "
+            "(copy them from the model's release to prompt it with text)"
+        )
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ArgumentError(
+            f"a text prompt needs the transformers package to read {folder}'s tokenizer ({err}): pip install transformers"
+        ) from None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder}: cannot read its tokenizer: {type(err).__name__}: {err}") from None
+
+
+def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    """``text`` as token ids: as one user turn of the tokenizer's chat template (``chat``;
+    what DeepSeek-V3's ``generate.py`` sends), else as plain text with the tokenizer's own
+    special tokens (DeepSeek-V3's adds its BOS). Refuses an empty prompt."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ArgumentError("--chat: the checkpoint's tokenizer has no chat_template (tokenizer_config.json)")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers >= 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(text)["input_ids"]
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise ArgumentError(f"--prompt: {text!r} is no tokens, expected at least one")
+    return ids
+
+
+def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
+    """The tokenizer's ids must index the model's embedding: a tokenizer from another model is
+    refused here rather than as an out-of-range id in the embedding."""
+    size = len(tokenizer)
+    if size > vocab_size:
+        raise CheckpointError(
+            f"the checkpoint's tokenizer has {size} tokens, expected at most the model's vocab_size ({vocab_size}): "
+            "is it another model's tokenizer?"
+        )
+
+
+__all__ = ["TOKENIZER_FILES", "check_vocabulary", "encode_prompt", "load_tokenizer"]
