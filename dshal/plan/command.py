@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dshal.model.generate import DEFAULT_PREFILL_CHUNK
+    from dshal.model.generate import DEFAULT_PREFILL_CHUNK  # lazy: start-up time (dshal plan --help loads no torch)
     from dshal.plan.plan import (  # lazy: start-up time (dshal plan --help loads no torch)
         PlanError,
         PlanRequest,
