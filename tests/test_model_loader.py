@@ -57,6 +57,22 @@ def test_model_loader_reads_fused_expert_layout_and_skips_mtp_layers(state, tmp_
     torch.testing.assert_close(_logits(tmp_path / "fused"), _logits(tmp_path / "ref"), rtol=0, atol=0)
 
 
+def test_model_loader_reports_its_progress_in_order(state, tmp_path):
+    """``from_pretrained(progress=...)`` (what ``dshal run``'s load bar draws) hears every
+    module read, in order up to the total, then the precision, placement and backend-layout
+    phases, each started and done; the model is the one loaded without it."""
+    from dshal.model.loader import LOADED_MODULES
+
+    save_checkpoint(tmp_path, ARGS, state)
+    calls: list[tuple[str, int, int]] = []
+    model = from_pretrained(tmp_path, CONFIG, progress=lambda *call: calls.append(call))
+    modules = sum(isinstance(m, LOADED_MODULES) for m in model.modules())
+    assert modules > 10
+    assert calls[:modules] == [("read", done, modules) for done in range(1, modules + 1)]
+    assert calls[modules:] == [(phase, done, 1) for phase in ("precision", "place", "prepare") for done in (0, 1)]
+    torch.testing.assert_close(model(_ids()), _logits(tmp_path), rtol=0, atol=0)
+
+
 def test_model_reader_is_lazy_and_slices(state, tmp_path):
     save_checkpoint(tmp_path, ARGS, state, max_shard_bytes=300_000)
     reader = CheckpointReader(tmp_path)

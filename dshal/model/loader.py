@@ -22,10 +22,11 @@ converted tensors, so no float8 tensor ever reaches that device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,23 @@ _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 INDEX_FILE = "model.safetensors.index.json"
+
+#: ``progress(phase, done, total)``: where a long load is, for a progress bar. Phases in order:
+#: ``read`` (``done`` of ``total`` modules whose weights are read), then ``precision``,
+#: ``place`` and ``prepare`` (each called with 0 of 1 when it starts and 1 of 1 when done).
+LoadProgress = Callable[[str, int, int], None]
+#: The modules whose weights the loader reads (one ``read`` step each).
+LOADED_MODULES = (Linear, RoutedExperts, Gate, RMSNorm, Embedding)
+
+
+@contextlib.contextmanager
+def load_phase(progress: LoadProgress | None, phase: str) -> Iterator[None]:
+    """Report ``phase`` to ``progress`` (when given) as started, then as done."""
+    if progress is not None:
+        progress(phase, 0, 1)
+    yield
+    if progress is not None:
+        progress(phase, 1, 1)
 
 
 # ---------------------------------------------------------------- readers
@@ -285,17 +303,26 @@ def _set(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
 
 
 def load_weights(
-    model: nn.Module, reader: Reader, device: torch.device | str = "cpu", *, fp8_on_host: bool = False
+    model: nn.Module,
+    reader: Reader,
+    device: torch.device | str = "cpu",
+    *,
+    fp8_on_host: bool = False,
+    progress: LoadProgress | None = None,
 ) -> None:
     """Fill every parameter of ``model`` (built on the meta device) from ``reader``; raise
     :class:`CheckpointError` on a missing, mis-shaped or unexpected tensor. ``fp8_on_host``:
     FP8 payloads and their scales stay where the reader put them (for a backend without
-    ``Capabilities.fp8_storage``; see the module doc), the rest goes to ``device``."""
+    ``Capabilities.fp8_storage``; see the module doc), the rest goes to ``device``.
+    ``progress`` is told each module read (:data:`LoadProgress`, phase ``read``)."""
     args: ModelArgs = model.args
     device = torch.device(device)
     ld = _Loader(reader, args, device, fp8_on_host)
     unloaded = dict(model.named_parameters())  # loading replaces each one (onto the meta device too: dshal plan)
-    for path, module in model.named_modules():
+    loaded = [(path, module) for path, module in model.named_modules() if isinstance(module, LOADED_MODULES)]
+    for done, (path, module) in enumerate(loaded, 1):
+        if progress is not None and done > 1:
+            progress("read", done - 1, len(loaded))
         hf = checkpoint_name(path)
         if isinstance(module, Linear):
             rows, cols = module.out_features, module.in_features
@@ -324,6 +351,8 @@ def load_weights(
             )
         elif isinstance(module, (RMSNorm, Embedding)):
             _set(module, "weight", ld.float_tensor(f"{hf}.weight", tuple(module.weight.shape), path, args.dtype))
+    if progress is not None:
+        progress("read", len(loaded), len(loaded))
     unexpected = [n for n in reader.names() if n not in ld.used and not _ignored(n, args)]
     if unexpected:
         shown = ", ".join(repr(n) for n in sorted(unexpected)[:5])
@@ -429,22 +458,30 @@ def _ignored(name: str, args: ModelArgs) -> bool:
 
 # ---------------------------------------------------------------- building models
 def build_model(
-    args: ModelArgs, reader: Reader, precision: Any = None, device: torch.device | str | None = None
+    args: ModelArgs,
+    reader: Reader,
+    precision: Any = None,
+    device: torch.device | str | None = None,
+    progress: LoadProgress | None = None,
 ) -> nn.Module:
     """Build a :class:`~dshal.model.model.Transformer` from ``reader`` on ``device`` (default:
     the active runtime's), then apply the precision policy (default: the runtime config's).
     On a backend that cannot hold float8 tensors (``Capabilities.fp8_storage`` False) FP8
-    weights are converted on the host first (:func:`load_weights`, :func:`place_on_device`)."""
+    weights are converted on the host first (:func:`load_weights`, :func:`place_on_device`).
+    ``progress``: told each step (:data:`LoadProgress`)."""
     runtime = current()
     precision = precision if precision is not None else runtime.config.precision
     device = torch.device(device if device is not None else runtime.device)
     fp8_storage = fp8_storage_of(runtime, precision)
     with torch.device("meta"):
         model = Transformer(args)
-    load_weights(model, reader, device, fp8_on_host=not fp8_storage)
-    apply_precision(model, precision, device=device)
-    place_on_device(model, device, fp8_storage)
-    prepare_for_backend(model, runtime)  # the backend's weight layouts, once, after the precision policy
+    load_weights(model, reader, device, fp8_on_host=not fp8_storage, progress=progress)
+    with load_phase(progress, "precision"):
+        apply_precision(model, precision, device=device)
+    with load_phase(progress, "place"):
+        place_on_device(model, device, fp8_storage)
+    with load_phase(progress, "prepare"):
+        prepare_for_backend(model, runtime)  # the backend's weight layouts, once, after the precision policy
     return model.eval()
 
 
@@ -517,7 +554,12 @@ def prepare_for_backend(model: nn.Module, runtime: Any) -> int:
 
 
 def from_pretrained(
-    path: str | os.PathLike, config: Any = None, *, dtype: torch.dtype | None = None, mla_mode: str | None = None
+    path: str | os.PathLike,
+    config: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
+    mla_mode: str | None = None,
+    progress: LoadProgress | None = None,
 ) -> nn.Module:
     """Load a DeepSeek-V3 checkpoint directory (``config.json`` + safetensors).
 
@@ -525,11 +567,12 @@ def from_pretrained(
     None keeps the active runtime (or the default one). Its ``precision`` section picks
     each linear's format, its ``attention`` section the dynamic-attention window.
     ``dtype`` overrides the checkpoint's high-precision dtype; ``mla_mode`` the KV cache
-    layout ("absorb" or "naive").
+    layout ("absorb" or "naive"). ``progress(phase, done, total)`` is told where the load is
+    (:data:`LoadProgress`; ``dshal run`` draws it as a progress bar).
     """
     runtime = dshal.use(config) if config is not None else dshal.current()
     args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode)
-    return build_model(args, CheckpointReader(path), runtime.config.precision, runtime.device)
+    return build_model(args, CheckpointReader(path), runtime.config.precision, runtime.device, progress)
 
 
 def checkpoint_args(
@@ -552,10 +595,12 @@ __all__ = [
     "CheckpointError",
     "CheckpointReader",
     "DictReader",
+    "LoadProgress",
     "build_model",
     "checkpoint_args",
     "from_pretrained",
     "fp8_storage_of",
+    "load_phase",
     "load_weights",
     "place_on_device",
     "prepare_for_backend",

@@ -141,10 +141,13 @@ def main(args: argparse.Namespace) -> int:
     runtime = dshal.use(args.config, **({"backend": args.backend} if args.backend else {}))
     groups = parallel_run.setup(args) if parallel else None
     started = time.perf_counter()
+    show = not args.no_progress and (groups is None or parallel_run.is_reporting_rank())
     if groups is not None:
-        model, source = parallel_run.load(args, groups)
+        with _load_progress(show and bool(args.checkpoint)) as progress:
+            model, source = parallel_run.load(args, groups, progress)
     elif args.checkpoint:
-        model = from_pretrained(args.checkpoint, mla_mode=args.mla_mode)
+        with _load_progress(show) as progress:
+            model = from_pretrained(args.checkpoint, mla_mode=args.mla_mode, progress=progress)
         source = str(args.checkpoint)
     else:
         model_args = tiny_args(mla_mode=args.mla_mode or "absorb")
@@ -220,6 +223,34 @@ def main(args: argparse.Namespace) -> int:
     if groups is not None:
         parallel_run.finish()
     return 0
+
+
+#: What the load progress bar says in each phase (dshal.model.loader.LoadProgress).
+LOAD_PHASES = {
+    "read": "loading: reading weights",
+    "precision": "loading: applying the precision policy",
+    "place": "loading: placing weights on the device",
+    "prepare": "loading: the backend's weight layouts",
+}
+
+
+@contextlib.contextmanager
+def _load_progress(show: bool) -> Any:
+    """A progress bar for a checkpoint's load (a full DeepSeek-V3 takes minutes); yields the
+    ``progress(phase, done, total)`` callback, or None when not shown."""
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(LOAD_PHASES["read"], total=None)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=LOAD_PHASES.get(phase, phase), completed=done, total=total)
+
+        yield progress
 
 
 def _run_report(runtime: Any, model: Any, path: str | None) -> Any:

@@ -23,8 +23,10 @@ import dshal
 from dshal.model.args import ModelArgs
 from dshal.model.loader import (
     CheckpointReader,
+    LoadProgress,
     checkpoint_args,
     fp8_storage_of,
+    load_phase,
     load_weights,
     place_on_device,
     prepare_for_backend,
@@ -220,10 +222,11 @@ def build_parallel(
     groups: ParallelGroups,
     precision: Any = None,
     device: torch.device | str | None = None,
+    progress: LoadProgress | None = None,
 ) -> Transformer:
     """This rank's part of the model in ``reader``: tensor-parallel over ``groups.tp`` and
     expert-parallel over ``groups.ep`` (see :func:`dshal.parallel.setup_groups`), reading
-    only this rank's slices. Precision and device as in :func:`dshal.model.build_model`.
+    only this rank's slices. Precision, device and ``progress`` as in :func:`dshal.model.build_model`.
 
     When slicing first would change the numbers (quantizing on load, or shards that cut
     the checkpoint's 128x128 FP8 blocks: see :func:`_sliced_read_is_exact`), each rank
@@ -244,25 +247,31 @@ def build_parallel(
     if not _sliced_read_is_exact(reader, model, precision, runtime.backend.capabilities()):
         with torch.device("meta"):
             model = Transformer(args)
-        load_weights(model, reader, device, fp8_on_host=not fp8_storage)
-        apply_precision(model, precision, device=device)
+        load_weights(model, reader, device, fp8_on_host=not fp8_storage, progress=progress)
+        with load_phase(progress, "precision"):
+            apply_precision(model, precision, device=device)
         if groups.tp_size > 1:
             tensor_parallel(model, groups.tp)
         if groups.ep_size > 1:
             expert_parallel(model, groups.ep)
         model.shard_view = None
-        place_on_device(model, device, fp8_storage)  # only the shards of host-converted weights move
-        prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
+        with load_phase(progress, "place"):
+            place_on_device(model, device, fp8_storage)  # only the shards of host-converted weights move
+        with load_phase(progress, "prepare"):
+            prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
         return model.eval()
     view = ShardView(reader, model, tuple(args.weight_block_size or (128, 128)))
-    load_weights(model, view, device, fp8_on_host=not fp8_storage)
+    load_weights(model, view, device, fp8_on_host=not fp8_storage, progress=progress)
     for module in model.modules():
         if isinstance(module, ShardedExperts):
             module.set_owners(module.owner, module.held)  # tables next to the loaded weights
-    apply_precision(model, precision, device=device)
+    with load_phase(progress, "precision"):
+        apply_precision(model, precision, device=device)
     model.shard_view = view
-    place_on_device(model, device, fp8_storage)
-    prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
+    with load_phase(progress, "place"):
+        place_on_device(model, device, fp8_storage)
+    with load_phase(progress, "prepare"):
+        prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
     return model.eval()
 
 
@@ -273,12 +282,13 @@ def from_pretrained_parallel(
     *,
     dtype: torch.dtype | None = None,
     mla_mode: str | None = None,
+    progress: LoadProgress | None = None,
 ) -> Transformer:
     """:func:`dshal.model.from_pretrained` for one rank of a parallel job: ``groups`` from
     :func:`dshal.parallel.setup_groups` says which TP / EP groups this rank is in."""
     runtime = dshal.use(config) if config is not None else dshal.current()
     args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode)
-    return build_parallel(args, CheckpointReader(path), groups, runtime.config.precision, runtime.device)
+    return build_parallel(args, CheckpointReader(path), groups, runtime.config.precision, runtime.device, progress)
 
 
 __all__ = ["ShardView", "build_parallel", "from_pretrained_parallel"]

@@ -68,11 +68,13 @@ def setup(args: argparse.Namespace) -> ParallelGroups:
     return setup_groups(tp=args.tp, ep=args.ep)
 
 
-def load(args: argparse.Namespace, groups: ParallelGroups) -> tuple[Any, str]:
-    """This rank's part of the model: ``--checkpoint`` or the built-in tiny random model."""
+def load(args: argparse.Namespace, groups: ParallelGroups, progress: Any = None) -> tuple[Any, str]:
+    """This rank's part of the model: ``--checkpoint`` (``progress``: see
+    :data:`dshal.model.loader.LoadProgress`) or the built-in tiny random model."""
     layout = f"TP={groups.tp_size} x EP={groups.ep_size}"
     if args.checkpoint:
-        return from_pretrained_parallel(args.checkpoint, groups, mla_mode=args.mla_mode), f"{args.checkpoint} ({layout})"
+        model = from_pretrained_parallel(args.checkpoint, groups, mla_mode=args.mla_mode, progress=progress)
+        return model, f"{args.checkpoint} ({layout})"
     model_args = tiny_args(mla_mode=args.mla_mode or "absorb")
     reader = DictReader(random_checkpoint(model_args, args.seed), path=f"<random seed={args.seed}>")
     return build_parallel(model_args, reader, groups), f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed}, {layout})"
