@@ -274,3 +274,20 @@ def test_model_dshal_run_text_prompt_errors(tmp_path):
     for flags, said in cases:
         proc = _dshal("run", *flags, "--no-progress")
         assert proc.returncode == 1 and said in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])
+
+
+def test_model_dshal_run_temperature_samples_reproducibly(tmp_path):
+    """``--temperature`` samples (seeded by ``--seed``: the same tokens twice, others than
+    greedy's); the greedy graph run is not run, and says why."""
+    common = ("run", "--prompt-len", "4", "--new-tokens", "8", "--graphs", "on", "--no-progress", "--json")
+    ids = []
+    for name, extra in (("g", ()), ("t1", ("--temperature", "1.5")), ("t2", ("--temperature", "1.5"))):
+        proc = _dshal(*common, str(tmp_path / f"{name}.json"), *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        ids.append(json.loads((tmp_path / f"{name}.json").read_text()))
+    greedy, sampled, again = ids
+    assert sampled["output_ids"] == again["output_ids"] != greedy["output_ids"]
+    assert sampled["temperature"] == 1.5 and greedy["temperature"] == 0.0
+    assert sampled["graphs"] == {"run": False, "why": "--temperature > 0: the static (graph) decode step is greedy"}
+    bad = _dshal("run", "--temperature", "-1")
+    assert bad.returncode == 1 and "--temperature is -1.0, expected a finite number >= 0" in bad.stderr

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import time
 from typing import Any
 
@@ -58,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
                         "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
     parser.add_argument("--ignore-eos", action="store_true", help="with --prompt: always generate --new-tokens tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sample new tokens from "
+                        "softmax(logits / T), seeded by --seed (default 0: greedy)")
     parser.add_argument(
         "--new-tokens", type=int, default=32, metavar="N", help="tokens to generate greedily (default 32)"
     )
@@ -132,6 +135,8 @@ def main(args: argparse.Namespace) -> int:
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
     _positive("--prefill-chunk", args.prefill_chunk)
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise DshalError(f"dshal run: --temperature is {args.temperature}, expected a finite number >= 0")
     for flag in ("json", "report"):  # before the run, not after it
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), f"--{flag}")
@@ -175,12 +180,16 @@ def main(args: argparse.Namespace) -> int:
     eos = None if tokenizer is None or args.ignore_eos else tokenizer.eos_token_id
     # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
     warm_start = time.perf_counter()
-    generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos)
+    sampler = torch.Generator(device=prompt.device)
+    generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
+                                 temperature=args.temperature, generator=sampler)
+    sampler.manual_seed(args.seed)
     generate(prompt, args.new_tokens)
     sync()
     warmup_s = time.perf_counter() - warm_start
 
     run_report = _run_report(runtime, model, args.report)
+    sampler.manual_seed(args.seed)  # the timed run samples what the warm-up did
     with run_report.recording() if run_report else contextlib.nullcontext():
         result, start, stamps = _timed_generate(generate, prompt, args.new_tokens, sync, not args.no_progress)
     prefill_s = stamps[0] - start  # the first new token comes out of the prefill
@@ -196,6 +205,7 @@ def main(args: argparse.Namespace) -> int:
         "prompt_len": args.prompt_len,
         "prefill_chunk": args.prefill_chunk,
         "new_tokens": args.new_tokens,
+        "temperature": args.temperature,
         "prefill_tokens_per_s": args.batch * args.prompt_len / prefill_s if prefill_s > 0 else None,
         "decode_tokens_per_s": _decode_rate(stamps, args.batch),
         "warmup_s": round(warmup_s, 3),
@@ -277,6 +287,8 @@ def _graph_run(args: argparse.Namespace, model: Any, prompt: torch.Tensor, runti
     if args.graphs == "off" or (args.graphs == "auto" and not captures):
         reason = "--graphs off" if args.graphs == "off" else f"backend {runtime.backend.name!r} has no device graphs"
         return {"graphs": {"run": False, "why": reason}, "decode_tokens_per_s_graphs": None}
+    if args.temperature > 0:
+        why = "--temperature > 0: the static (graph) decode step is greedy"
     if why:
         return {"graphs": {"run": False, "why": why}, "decode_tokens_per_s_graphs": None}
     decoders: list[Any] = []
