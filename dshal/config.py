@@ -472,12 +472,18 @@ def read_yaml(path: Any, what: str) -> _Doc:
     return _compose(text, str(path))
 
 
-def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = None, **overrides: Any) -> Config:
+def load_config(
+    source: str | os.PathLike | Mapping[str, Any] | Config | None = None,
+    *,
+    overrides_source: str = "<keyword arguments>",
+    **overrides: Any,
+) -> Config:
     """Build a validated :class:`Config`.
 
     ``source`` is a YAML path, a dict, a Config, or None (``DSHAL_CONFIG`` if set, else
     defaults). Environment overrides apply next, then ``overrides`` (same keys as the
-    file; sections as dicts are merged key by key).
+    file; sections as dicts are merged key by key). ``overrides_source`` is what messages
+    say set them (a command passes its flag, e.g. ``"--backend"``).
     """
     config = Config()
     if source is None and os.environ.get("DSHAL_CONFIG"):
@@ -497,7 +503,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | Config | None = 
     primary = config.source  # messages about file-level settings keep naming the file
     config = _env_overrides(config)
     if overrides:
-        config = _apply(config, _Doc(overrides, {}, "<keyword arguments>"))
+        config = _apply(config, _Doc(overrides, {}, overrides_source))
     return replace(config, source=primary)
 
 

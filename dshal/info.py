@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def collect(config: str | None = None, backend: str | None = None) -> dict[str, Any]:
     """Everything ``dshal info`` shows, as a JSON-friendly dict."""
     overrides = {"backend": backend} if backend else {}
-    cfg = dshal.load_config(config, **overrides)
+    cfg = dshal.load_config(config, overrides_source="--backend", **overrides)
     infos = dshal.backends(emulate=cfg.emulate)
     out: dict[str, Any] = {"dshal_version": dshal.__version__, "api_version": dshal.API_VERSION, "backends": []}
     for info in infos:

@@ -273,10 +273,16 @@ def _strict_providers(
     return frozenset(invariant), gaps
 
 
-def use(config: str | os.PathLike | Mapping[str, Any] | Config | None = None, **overrides: Any) -> Runtime:
+def use(
+    config: str | os.PathLike | Mapping[str, Any] | Config | None = None,
+    *,
+    overrides_source: str = "<keyword arguments>",
+    **overrides: Any,
+) -> Runtime:
     """Load ``config`` (path, dict, Config or None = defaults + env), apply keyword
-    overrides, select the backend, and make the result the active runtime."""
-    runtime = build_runtime(load_config(config, **overrides))
+    overrides (``overrides_source``: what messages say set them), select the backend, and
+    make the result the active runtime."""
+    runtime = build_runtime(load_config(config, overrides_source=overrides_source, **overrides))
     log.info(
         "dshal: backend %s on %s; fallbacks: %s",
         runtime.backend.name,

@@ -180,6 +180,7 @@ def test_model_dshal_run_backend_flag_overrides_the_config(tmp_path):
     proc = _dshal("run", "--backend", "no-such-backend", "--no-progress")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "backend 'no-such-backend' is not installed; installed: [" in proc.stderr and "'cpu'" in proc.stderr
+    assert "(requested by backend, set by --backend)" in proc.stderr  # the flag, not "<keyword arguments>"
 
 
 def test_model_dshal_run_prefill_chunk(tmp_path):

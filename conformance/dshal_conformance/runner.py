@@ -81,7 +81,7 @@ def resolve(name: str, emulate: bool | None = None, determinism: str | None = No
         overrides["emulate"] = emulate
     if determinism is not None:  # strict: the determinism family then holds the backend to its promise
         overrides["determinism"] = determinism
-    config = load_config({}, **overrides)
+    config = load_config({}, overrides_source="--backend", **overrides)
     try:  # this plugin only: probing the others could wait on a hung one (DSHAL_PLUGIN_TIMEOUT_S)
         version = REGISTRY.get(name, emulate=config.emulate).version
     except PluginLoadError:

@@ -143,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
     parallel = parallel_run.wanted(args)
     if parallel and parallel_run.relaunch_needed():
         return parallel_run.relaunch(args)
-    runtime = dshal.use(args.config, **({"backend": args.backend} if args.backend else {}))
+    runtime = dshal.use(args.config, overrides_source="--backend", **({"backend": args.backend} if args.backend else {}))
     groups = parallel_run.setup(args) if parallel else None
     started = time.perf_counter()
     show = not args.no_progress and (groups is None or parallel_run.is_reporting_rank())

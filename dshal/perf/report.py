@@ -252,7 +252,7 @@ def start(args: argparse.Namespace) -> Any:
     check_writable(args.output, "--output")  # before the run, not after it
     check_writable(json_path(args), "--json")
     set_threads(args.threads)
-    return dshal.use(args.config, **({"backend": args.backend} if args.backend else {}))
+    return dshal.use(args.config, overrides_source="--backend", **({"backend": args.backend} if args.backend else {}))
 
 
 def json_path(args: argparse.Namespace) -> Path:

@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
         shapes = _parse_shapes(args.shapes) if args.shapes else list(DRY_RUN_SHAPES)
         ms = _parse_m(args.m) if args.m else list(DRY_RUN_M)
     else:
-        runtime = dshal.use(backend=args.backend) if args.backend else dshal.use()
+        runtime = dshal.use(backend=args.backend, overrides_source="--backend") if args.backend else dshal.use()
         backend = runtime.backend
         if runtime.emulated or not hasattr(backend, "kernel_target") or runtime.device.type != "cuda":
             raise BackendUnavailableError(
