@@ -260,6 +260,32 @@ def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path)
     assert json.loads((tmp_path / "c.json").read_text())["prompt_len"] == len(want) > report["prompt_len"]
 
 
+def test_model_dshal_run_runs_a_checkpoints_tokenizer_code_only_when_asked(tmp_path):
+    """A tokenizer that is code shipped with the checkpoint (``auto_map``, as Kimi-K2's
+    tiktoken one): refused with what to do, never asked about on the terminal; run with
+    ``--trust-remote-code``."""
+    ckpt = tmp_path / "ckpt"
+    _checkpoint_with_tokenizer(ckpt)
+    (ckpt / "shipped_tokenizer.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass ShippedTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n"
+    )
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="ShippedTokenizer", auto_map={"AutoTokenizer": [None, "shipped_tokenizer.ShippedTokenizer"]})
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    run = ("run", "--checkpoint", str(ckpt), "--prompt", "hello", "--new-tokens", "2", "--no-progress")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}  # where transformers copies the code
+    env = {k: v for k, v in env.items() if not k.startswith("DSHAL_")}
+    refused = subprocess.run([sys.executable, "-m", "dshal", *run], capture_output=True, text=True, timeout=60, env=env,
+                             stdin=subprocess.DEVNULL)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "its tokenizer is code the checkpoint ships" in refused.stderr and "--trust-remote-code" in refused.stderr
+    trusted = subprocess.run([sys.executable, "-m", "dshal", *run, "--trust-remote-code"], capture_output=True,
+                             text=True, timeout=60, env=env)
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    assert "output: " in trusted.stdout
+
+
 def test_model_dshal_run_text_prompt_errors(tmp_path):
     ckpt = tmp_path / "ckpt"
     _checkpoint_with_tokenizer(ckpt)
@@ -267,6 +293,7 @@ def test_model_dshal_run_text_prompt_errors(tmp_path):
         (("--prompt", "hi"), "--prompt needs --checkpoint DIR"),
         (("--checkpoint", str(ckpt), "--prompt", "hi", "--prompt-len", "4"), "--prompt and --prompt-len are both given"),
         (("--chat",), "--chat is given without --prompt"),
+        (("--trust-remote-code",), "--trust-remote-code is given without --prompt"),
         (("--checkpoint", str(ckpt), "--prompt", ""), "--prompt is empty, expected text"),
     ]
     for tokenizer_file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

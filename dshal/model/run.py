@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
                         "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
     parser.add_argument("--ignore-eos", action="store_true", help="with --prompt: always generate --new-tokens tokens")
+    parser.add_argument("--trust-remote-code", action="store_true", help="with --prompt: let transformers run the "
+                        "tokenizer code --checkpoint ships (e.g. Kimi-K2's); off by default, as in vLLM")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sample new tokens from "
                         "softmax(logits / T), seeded by --seed (default 0: greedy)")
     parser.add_argument(
@@ -123,9 +125,10 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
         if not args.checkpoint:
             raise DshalError("dshal run: --prompt needs --checkpoint DIR, whose tokenizer reads the text "
                              "(the built-in tiny model has none)")
-    elif args.chat or args.ignore_eos:
-        raise DshalError(f"dshal run: {'--chat' if args.chat else '--ignore-eos'} is given without --prompt, expected both")
     else:
+        for flag in ("chat", "ignore_eos", "trust_remote_code"):
+            if getattr(args, flag):
+                raise DshalError(f"dshal run: --{flag.replace('_', '-')} is given without --prompt, expected both")
         args.prompt_len = 32 if args.prompt_len is None else args.prompt_len
         _positive("--prompt-len", args.prompt_len)
 
@@ -161,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - started
     tokenizer, prompt_ids = None, None
     if args.prompt is not None:
-        tokenizer = load_tokenizer(args.checkpoint)
+        tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
         check_vocabulary(tokenizer, model.args.vocab_size)
         prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
         args.prompt_len = len(prompt_ids)

@@ -17,10 +17,12 @@ from dshal.errors import ArgumentError, CheckpointError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_tokenizer(checkpoint: str | os.PathLike) -> Any:
+def load_tokenizer(checkpoint: str | os.PathLike, trust_remote_code: bool = False) -> Any:
     """The tokenizer saved with ``checkpoint`` (a folder), read locally. CheckpointError when
     the folder holds none of :data:`TOKENIZER_FILES` or transformers cannot read them;
-    ArgumentError when transformers is not installed."""
+    ArgumentError when transformers is not installed. ``trust_remote_code``: let transformers
+    import the tokenizer code the checkpoint ships (Kimi-K2's); off, it is refused, never
+    asked about on the terminal."""
     folder = Path(checkpoint)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(
@@ -34,9 +36,15 @@ def load_tokenizer(checkpoint: str | os.PathLike) -> Any:
             f"a text prompt needs the transformers package to read {folder}'s tokenizer ({err}): pip install transformers"
         ) from None
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{folder}: cannot read its tokenizer: {type(err).__name__}: {err}") from None
+        text = " ".join(str(err).split())
+        if "trust_remote_code" in text and not trust_remote_code:
+            raise CheckpointError(
+                f"{folder}: its tokenizer is code the checkpoint ships (tokenizer_config.json's auto_map), which dshal "
+                "does not run unless asked: read it, then pass --trust-remote-code (trust_remote_code=True)"
+            ) from None
+        raise CheckpointError(f"{folder}: cannot read its tokenizer: {type(err).__name__}: {text}") from None
 
 
 def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
