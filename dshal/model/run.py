@@ -151,10 +151,10 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     show = not args.no_progress and (groups is None or parallel_run.is_reporting_rank())
     if groups is not None:
-        with _load_progress(show and bool(args.checkpoint)) as progress:
+        with load_progress_bar(show and bool(args.checkpoint)) as progress:
             model, source = parallel_run.load(args, groups, progress)
     elif args.checkpoint:
-        with _load_progress(show) as progress:
+        with load_progress_bar(show) as progress:
             model = from_pretrained(args.checkpoint, mla_mode=args.mla_mode, progress=progress)
         source = str(args.checkpoint)
     else:
@@ -248,7 +248,7 @@ LOAD_PHASES = {
 
 
 @contextlib.contextmanager
-def _load_progress(show: bool) -> Any:
+def load_progress_bar(show: bool) -> Any:
     """A progress bar for a checkpoint's load (a full DeepSeek-V3 takes minutes); yields the
     ``progress(phase, done, total)`` callback, or None when not shown."""
     if not show:
@@ -404,4 +404,4 @@ def _print(report: dict[str, Any]) -> None:
     )
 
 
-__all__ = ["add_arguments", "check_run_fits", "main"]
+__all__ = ["add_arguments", "check_run_fits", "load_progress_bar", "main"]

@@ -36,7 +36,7 @@ import dshal.ops
 from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.precision import precision_summary
-from dshal.model.run import check_run_fits
+from dshal.model.run import check_run_fits, load_progress_bar
 from dshal.ops.spec import Cost
 from dshal.perf.measure import GLUE, OUTSIDE, PROFILER, Peaks, Recorder, gc_paused, has_hooks, place, resolve_peaks
 from dshal.perf.report import (
@@ -181,7 +181,8 @@ def measure_off_overhead(model: Any, ids: torch.Tensor, sync: Callable[[], None]
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
     if args.checkpoint:
-        return from_pretrained(args.checkpoint), str(args.checkpoint)
+        with load_progress_bar(not args.no_progress) as progress:
+            return from_pretrained(args.checkpoint, progress=progress), str(args.checkpoint)
     return random_model(tiny_args(), seed=args.seed), f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
 
 
