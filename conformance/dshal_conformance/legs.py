@@ -1,12 +1,12 @@
 """The matrix's legs: when and on what each was measured, which are stale, which merged;
-and the families beyond single ops (``model``, ``determinism``, ``graph``) per leg.
+and the families beyond single ops (``model``, ``determinism``, ``graph``, ``hooks``) per leg.
 
 - :func:`prepare` merges reports of the same leg (backend, device, kind) keeping the
   newest (by ``started``) and says which were dropped; with ``stale_after`` it marks a leg
   stale when its report is older than that age or was produced by another plugin version
   than the one installed here;
 - :func:`markdown` / :func:`html_tables` render the legs table (versions, date, notes,
-  and one column per family: op, model, determinism, graph) and one table per family.
+  and one column per family: op, model, determinism, graph, hooks) and one table per family.
 
 Reading reports needs no torch (``dshal matrix`` stays light).
 """
@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 #: Case kinds of the families beyond single ops (not rows of the op table).
-FAMILY_KINDS = ("model", "determinism", "graph")
+FAMILY_KINDS = ("model", "determinism", "graph", "hooks")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -153,6 +153,8 @@ def family_summary(report: dict[str, Any], family: str) -> str:
         if sync and all(c["status"] == "unsupported" and not c.get("finding") for c in sync):
             return text + "; host syncs: n/a"
         return text + f"; sync-free {sum(c['status'] == 'pass' for c in sync)}/{len(sync)}"
+    if family == "hooks":
+        return _pair_cell(cases, "/consistent", "/tracks-allocation", HOOK_LABELS)
     return _count(cases)
 
 
@@ -230,6 +232,8 @@ def family_rows(reports: list[dict[str, Any]], family: str) -> tuple[list[str], 
                 out.append(_model_cell(cases))
             elif family == "determinism":
                 out.append(_pair_cell(cases, "/repeat", "/batch-invariant", ("deterministic", "batch-invariant")))
+            elif family == "hooks":
+                out.append(_pair_cell(cases, "/consistent", "/tracks-allocation", HOOK_LABELS))
             else:
                 out.append(_pair_cell(cases, "/replay", "/host-sync", ("replay = eager", "sync-free")))
         cells[row] = out
@@ -240,8 +244,11 @@ FAMILY_TITLES = {
     "model": "Model: drift against the float64 reference model, greedy tokens",
     "determinism": "Determinism: same bits twice, batch invariance (❌ = a finding, not a failure)",
     "graph": "Graph: captured replay = eager; host syncs on the op path",
+    "hooks": "Hooks: memory_stats() consistent, and its free memory tracks an allocation",
 }
-LEG_HEADERS = ["leg", "started", "versions", "op", "model", "determinism", "graph", "notes"]
+LEG_HEADERS = ["leg", "started", "versions", "op", "model", "determinism", "graph", "hooks", "notes"]
+#: What the hooks family's two judgements are called in the tables.
+HOOK_LABELS = ("consistent", "tracks allocation")
 
 
 def _note_text(report: dict[str, Any], note: LegNote) -> str:

@@ -125,13 +125,14 @@ def test_family_columns_per_leg(cpu_report: dict, tmp_path: Path) -> None:
     assert cli.main(["matrix", _write(tmp_path, "cpu", cpu_report), "--html", str(html_path), "--markdown", str(md_path)]) == 0
     md = md_path.read_text()
     head = next(line for line in md.split("## Legs", 1)[1].splitlines() if line.startswith("| leg |"))
-    assert [c.strip() for c in head.strip("|").split("|")][3:7] == ["op", "model", "determinism", "graph"]
+    assert [c.strip() for c in head.strip("|").split("|")][3:8] == ["op", "model", "determinism", "graph", "hooks"]
     parser = Legs()
     parser.feed(html_path.read_text())
     by = {(c["data-family"], c["data-row"]): c["text"] for c in parser.family}
     assert by[("model", "high")].startswith("✅ drift") and "tokens 4/4" in by[("model", "high")]
     assert "deterministic" in by[("determinism", "linear (float32)")]
     assert by[("graph", "rms_norm")] == "replay = eager ➖ · sync-free ➖"
+    assert by[("hooks", "memory_stats")] == "consistent ✅ · tracks allocation ➖"
     # The op table has no model / determinism / graph rows.
     assert "| model |" not in md.split("## Reports")[0]
 

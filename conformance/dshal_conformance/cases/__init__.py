@@ -18,6 +18,7 @@ FAMILY_MODULES = (
     "dshal_conformance.cases.model",
     "dshal_conformance.cases.determinism",
     "dshal_conformance.cases.graph",
+    "dshal_conformance.cases.hooks",
     # last: on a device, a kernel that faults on a spoiled input (an illegal address) can take
     # the process's context down, and every case after it with it
     "dshal_conformance.cases.spoiled",

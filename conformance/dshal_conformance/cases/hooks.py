@@ -1,0 +1,123 @@
+"""The ``hooks`` family: the optional Backend hooks the model core relies on.
+
+Case ``hooks/memory_stats`` judges ``Backend.memory_stats()``, whose ``free`` key is what the
+model core checks a KV cache against before allocating it (``model.new_cache``,
+``dshal run``): a plugin that reports it in the wrong unit or from the wrong device lets a
+cache through that cannot fit, or refuses one that would. Two judgements:
+
+- ``/consistent``: a dict of non-negative integer byte counts, whose documented keys hold
+  together: ``allocated <= peak_allocated``, ``allocated <= reserved <= total``,
+  ``free <= total``. An empty dict is ``unsupported`` (the hook's default: no KV check).
+- ``/tracks-allocation``: where the backend reports ``allocated`` (memory of its own, as a
+  GPU's allocator accounts it), a :data:`PROBE_BYTES` tensor allocated on its device must
+  raise ``allocated`` by at least its size and lower ``free`` by about its size (between
+  half and twice: another process may share the device), and releasing it must give
+  ``allocated`` back. Without ``allocated`` (the host's memory, which every process on the
+  machine moves) it is ``unsupported``, with that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from dshal.runtime import current
+from dshal_conformance.cases.base import Case, Context, Outcome
+from dshal_conformance.judge import Verdict
+
+SUFFIXES = ("/consistent", "/tracks-allocation")
+#: The probe tensor of ``/tracks-allocation``.
+PROBE_BYTES = 64 << 20
+#: Rounding the allocator may add (block sizes) when ``allocated`` is compared before and after.
+SLACK_BYTES = 2 << 20
+#: ``(smaller, larger)`` pairs of documented keys that must be ordered so, where both are reported.
+ORDER = (("allocated", "peak_allocated"), ("allocated", "reserved"), ("reserved", "total"), ("free", "total"))
+
+
+def judge_consistent(stats: Any) -> Verdict:
+    """``/consistent`` on what ``memory_stats()`` returned."""
+    if not isinstance(stats, Mapping):
+        return Verdict("fail", None, None, None, f"memory_stats() returned {type(stats).__name__}, expected a dict of byte counts")
+    if not stats:
+        return Verdict("unsupported", None, None, None,
+                       "memory_stats() reports nothing (the hook's default): KV caches are not checked against free memory")
+    for key, value in stats.items():
+        if not isinstance(key, str) or not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return Verdict("fail", None, None, None,
+                           f"memory_stats()[{key!r}] is {value!r}, expected a non-negative int number of bytes")
+    for small, large in ORDER:
+        if small in stats and large in stats and stats[small] > stats[large]:
+            return Verdict("fail", small, float(stats[small]), float(stats[large]),
+                           f"memory_stats(): {small} ({stats[small]}) > {large} ({stats[large]}), expected {small} <= {large}")
+    note = "" if "free" in stats else "; no 'free' key: KV caches are not checked against free memory"
+    return Verdict("pass", None, None, None, f"keys {sorted(stats)}: non-negative byte counts, relations hold{note}")
+
+
+def judge_tracking(before: Mapping[str, int], held: Mapping[str, int], after: Mapping[str, int], nbytes: int) -> Verdict:
+    """``/tracks-allocation`` from the stats read before a ``nbytes`` allocation, while it is
+    held, and after it is released."""
+    rise = held["allocated"] - before["allocated"]
+    if rise < nbytes:
+        return Verdict("fail", "allocated_rise", float(rise), float(nbytes),
+                       f"allocating {nbytes} bytes raised 'allocated' by {rise}, expected at least {nbytes}")
+    if after["allocated"] > before["allocated"] + SLACK_BYTES:
+        return Verdict("fail", "allocated_after_release", float(after["allocated"]), float(before["allocated"]),
+                       f"after releasing the {nbytes} bytes 'allocated' is {after['allocated']}, expected about "
+                       f"{before['allocated']} (what it was before)")
+    if "free" not in before or "free" not in held:
+        return Verdict("pass", "allocated_rise", float(rise), float(nbytes),
+                       f"'allocated' rose by {rise} for {nbytes} bytes and fell back; no 'free' key to judge")
+    drop = before["free"] - held["free"]
+    ratio = drop / nbytes
+    if not 0.5 <= ratio <= 2.0:
+        return Verdict("fail", "free_drop_ratio", ratio, 1.0,
+                       f"allocating {nbytes} bytes lowered 'free' by {drop} ({ratio:.2f}x), expected about {nbytes} "
+                       "(0.5x to 2x): is 'free' in bytes, and of this device?")
+    return Verdict("pass", "free_drop_ratio", ratio, 1.0,
+                   f"'free' fell by {drop} ({ratio:.2f}x) for {nbytes} bytes; 'allocated' rose by {rise} and fell back")
+
+
+def _tracks_allocation(runtime: Any, device: torch.device, before: Mapping[str, Any]) -> Verdict:
+    if "allocated" not in before:
+        return Verdict("unsupported", None, None, None,
+                       "no 'allocated' key: the backend reports the host's memory, which other processes move; not judged")
+    if "free" in before and before["free"] < 4 * PROBE_BYTES:
+        return Verdict("unsupported", None, None, None,
+                       f"{before['free']} bytes free, fewer than 4 x the {PROBE_BYTES}-byte probe: not judged")
+    backend = runtime.backend
+    backend.synchronize()
+    before = backend.memory_stats()
+    probe = torch.ones(PROBE_BYTES, dtype=torch.uint8, device=device)  # touched: really allocated
+    backend.synchronize()
+    held = backend.memory_stats()
+    del probe
+    backend.synchronize()
+    return judge_tracking(before, held, backend.memory_stats(), PROBE_BYTES)
+
+
+def run(ctx: Context) -> list[Outcome]:
+    runtime = current()
+    try:
+        stats = runtime.backend.memory_stats()
+    except Exception as err:  # noqa: BLE001 - the hook crashing is what the case reports
+        reason = f"memory_stats() raised {type(err).__name__}: {err}"
+        return [Outcome(s, Verdict("error", None, None, None, reason)) for s in SUFFIXES]
+    consistent = judge_consistent(stats)
+    if consistent.status != "pass":
+        skipped = Verdict("unsupported", None, None, None, f"not judged: /consistent is {consistent.status}")
+        return [Outcome("/consistent", consistent), Outcome("/tracks-allocation", skipped)]
+    try:
+        tracking = _tracks_allocation(runtime, ctx.device, stats)
+    except Exception as err:  # noqa: BLE001
+        tracking = Verdict("error", None, None, None, f"memory_stats() while probing raised {type(err).__name__}: {err}")
+    return [Outcome("/consistent", consistent), Outcome("/tracks-allocation", tracking)]
+
+
+def cases() -> list[Case]:
+    return [Case("hooks/memory_stats", "memory_stats", "hooks", "uint8", {"probe_bytes": PROBE_BYTES},
+                 frozenset({"ci", "full"}), run, SUFFIXES)]
+
+
+__all__ = ["PROBE_BYTES", "SUFFIXES", "cases", "judge_consistent", "judge_tracking"]
