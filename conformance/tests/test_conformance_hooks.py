@@ -56,3 +56,29 @@ def test_cpu_report_has_the_hooks_case(cpu_report: dict) -> None:
     assert by["hooks/memory_stats/consistent"]["status"] == "pass"
     tracking = by["hooks/memory_stats/tracks-allocation"]
     assert tracking["status"] == "unsupported" and "the host's memory" in tracking["reason"]
+
+
+def test_topology_is_judged_as_placement_reads_it() -> None:
+    from dshal.backend import Topology
+    from dshal_conformance.cases.hooks import judge_topology
+
+    two = (("self", "nvlink"), ("nvlink", "self"))
+    good = judge_topology(Topology(links=two, weights=((0, 1), (1, 0)), source="nvml"), 2)
+    assert good.status == "pass" and "2 devices, links ['nvlink'] (nvml)" in good.reason
+    assert judge_topology(Topology(links=two), None).status == "pass"  # device count unknown: not compared
+    none = judge_topology(None, 2)
+    assert none.status == "unsupported" and "contiguous ranks" in none.reason
+    for topology, visible, said in [
+        (Topology(links=(("self", "nvlink"), ("pcie", "self"))), 2, "not symmetric: [1][0] is 'pcie' but [0][1] is 'nvlink'"),
+        (Topology(links=(("nvlink", "nvlink"), ("nvlink", "self"))), 2, "'links'[0][0] is 'nvlink', expected 'self'"),
+        (Topology(links=two, weights=((0, 1),)), 2, "'weights' must be 2x2 like 'links'"),
+        (Topology(links=two), 8, "covers 2 devices, expected the 8 this process sees"),
+        ({"links": two}, 2, "returned dict, expected a dshal.Topology or None"),
+    ]:
+        got = judge_topology(topology, visible)
+        assert got.status == "fail" and said in got.reason, (topology, got.reason)
+
+
+def test_cpu_report_topology_case(cpu_report: dict) -> None:
+    case = next(c for c in cpu_report["cases"] if c["id"] == "hooks/topology/consistent")
+    assert case["status"] == "unsupported" and "reports none" in case["reason"]

@@ -1,4 +1,4 @@
-"""The ``hooks`` family: the optional Backend hooks the model core relies on.
+"""The ``hooks`` family: the optional Backend hooks the model core and placement rely on.
 
 Case ``hooks/memory_stats`` judges ``Backend.memory_stats()``, whose ``free`` key is what the
 model core checks a KV cache against before allocating it (``model.new_cache``,
@@ -14,6 +14,11 @@ cache through that cannot fit, or refuses one that would. Two judgements:
   half and twice: another process may share the device), and releasing it must give
   ``allocated`` back. Without ``allocated`` (the host's memory, which every process on the
   machine moves) it is ``unsupported``, with that reason.
+
+Case ``hooks/topology`` (``/consistent``) judges ``Backend.topology()``, from which
+``dshal.parallel`` places TP groups on the best-connected devices: a square, symmetric link
+matrix with ``"self"`` on the diagonal (weights, if any, of the same shape), over as many
+devices as this process sees. None is ``unsupported`` (TP groups are then contiguous ranks).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from typing import Any
 
 import torch
 
+from dshal.backend import Topology
+from dshal.errors import DshalError
+from dshal.parallel.placement import topology_from_matrix
 from dshal.runtime import current
 from dshal_conformance.cases.base import Case, Context, Outcome
 from dshal_conformance.judge import Verdict
@@ -115,9 +123,49 @@ def run(ctx: Context) -> list[Outcome]:
     return [Outcome("/consistent", consistent), Outcome("/tracks-allocation", tracking)]
 
 
+def judge_topology(topology: Any, visible_devices: int | None) -> Verdict:
+    """``hooks/topology/consistent`` on what ``topology()`` returned; ``visible_devices``: how
+    many devices of the backend's type this process sees (None: unknown, not compared)."""
+    if topology is None:
+        return Verdict("unsupported", None, None, None,
+                       "topology() reports none: TP groups are placed as contiguous ranks")
+    if not isinstance(topology, Topology):
+        return Verdict("fail", None, None, None, f"topology() returned {type(topology).__name__}, expected a dshal.Topology or None")
+    try:
+        topology_from_matrix(topology.links, topology.weights, topology.source)
+    except (DshalError, TypeError, ValueError) as err:
+        return Verdict("fail", None, None, None, f"topology() is not a valid link matrix: {err}")
+    n = topology.num_devices
+    if visible_devices is not None and n != visible_devices:
+        return Verdict("fail", "devices", float(n), float(visible_devices),
+                       f"topology() covers {n} devices, expected the {visible_devices} this process sees")
+    kinds = sorted({link for row in topology.links for link in row if link != "self"})
+    return Verdict("pass", "devices", float(n), float(n), f"{n} devices, links {kinds or ['none']} ({topology.source or 'no source'})")
+
+
+def _visible_devices(device_type: str) -> int | None:
+    """Devices of ``device_type`` this process sees, from torch's module of that name
+    (``torch.cuda``, ``torch.npu`` once torch_npu is imported); None where there is none."""
+    module = getattr(torch, device_type, None)
+    count = getattr(module, "device_count", None)
+    return int(count()) if callable(count) and device_type != "cpu" else None
+
+
+def run_topology(ctx: Context) -> list[Outcome]:
+    backend = current().backend
+    try:
+        topology = backend.topology()
+    except Exception as err:  # noqa: BLE001 - the hook crashing is what the case reports
+        return [Outcome("/consistent", Verdict("error", None, None, None, f"topology() raised {type(err).__name__}: {err}"))]
+    return [Outcome("/consistent", judge_topology(topology, _visible_devices(backend.device_type)))]
+
+
 def cases() -> list[Case]:
-    return [Case("hooks/memory_stats", "memory_stats", "hooks", "uint8", {"probe_bytes": PROBE_BYTES},
-                 frozenset({"ci", "full"}), run, SUFFIXES)]
+    return [
+        Case("hooks/memory_stats", "memory_stats", "hooks", "uint8", {"probe_bytes": PROBE_BYTES},
+             frozenset({"ci", "full"}), run, SUFFIXES),
+        Case("hooks/topology", "topology", "hooks", "-", {}, frozenset({"ci", "full"}), run_topology, ("/consistent",)),
+    ]
 
 
-__all__ = ["PROBE_BYTES", "SUFFIXES", "cases", "judge_consistent", "judge_tracking"]
+__all__ = ["PROBE_BYTES", "SUFFIXES", "cases", "judge_consistent", "judge_topology", "judge_tracking"]
