@@ -83,6 +83,22 @@ def test_parameter_counts_match_the_published_ones(v3: ModelArgs) -> None:
     assert cover.total_params == 671_026_419_200  # 61 layers + embedding + head, no MTP layer, no scales
 
 
+def test_kimi_k2_plans_to_its_published_size(tmp_path: Path) -> None:
+    """A model of the family under its own model_type: Kimi-K2's config.json (moonshotai/
+    Kimi-K2-Instruct: model_type kimi_k2, architectures DeepseekV3ForCausalLM, 384 experts in
+    one group, 64 heads, one dense layer, vocab 163840, no MTP layer; the rest as DeepSeek-V3)
+    plans to Moonshot's published 1T parameters, 32B activated per token."""
+    config = json.loads(default_config().read_text())
+    config.update(model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"], n_routed_experts=384, n_group=1,
+                  topk_group=1, num_attention_heads=64, num_key_value_heads=64, first_k_dense_replace=1,
+                  vocab_size=163840, rope_theta=50000.0, routed_scaling_factor=2.827, num_nextn_predict_layers=0)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    totals = make_plan(PlanRequest(config=path, tp=8, ep=4, context=64, prefill_chunk=64))["totals"]
+    assert 1.0e12 < totals["params_once"] < 1.05e12 and 31e9 < totals["activated_per_token"] < 33e9
+    assert "published" not in totals  # DeepSeek-V3's published figures are not Kimi-K2's
+
+
 # ---------------------------------------------------------------- the meta-device forward
 @pytest.mark.parametrize("tp,ep", [(1, 1), (1, 8), (1, 32), (8, 1), (8, 8), (8, 32)])
 def test_meta_forward_at_full_size(v3: ModelArgs, published: tuple[dict, dict], tp: int, ep: int) -> None:
