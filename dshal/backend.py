@@ -296,7 +296,8 @@ class Backend(abc.ABC):
         """Allocator statistics in bytes, each key only where known: ``allocated``,
         ``peak_allocated``, ``reserved``, ``total``, and ``free``: what a new allocation can still
         get (the device's free memory plus what its caching allocator holds unused). The model
-        core checks a KV cache against ``free`` before allocating it. Default: empty."""
+        core checks a KV cache against ``free`` before allocating it; a backend may add keys of
+        its own (cpu: ``peak_rss``). Conformance judges it (``hooks/memory_stats``). Default: empty."""
         return {}
 
     def pinned_empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
