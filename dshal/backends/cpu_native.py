@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +239,8 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     gqa = hq != k.shape[1]
     if causal and window is None and tq == tk:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif causal and window is None and tq < tk and _flash_with_lse() is not None:
+        out = _attention_after_cached(q, k, v, scale)
     else:
         seen = visible_keys(tq, tk, causal, window, global_tokens, q.device)  # [Tq, Tk]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale, enable_gqa=gqa)
@@ -245,6 +248,32 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         if bool(blind.any()):
             out.masked_fill_(blind[:, None], 0.0)
     return out[..., :dv] if dv < d else out
+
+
+def _flash_with_lse() -> Any:
+    """torch's fused CPU attention that also returns each row's log-sum-exp (an aten op of
+    torch >= 2.3, not a public API); None where this torch has none."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attention_after_cached(q, k, v, scale: float) -> torch.Tensor:
+    """Causal attention of the last ``Tq`` of ``Tk`` positions (a prefill chunk after cached
+    tokens): each query sees the ``Tk - Tq`` cached keys, all of them, and its chunk's keys up
+    to itself. Two fused calls, the cached part unmasked and the chunk's square causal,
+    merged by their log-sum-exps: one call with the end-aligned mask makes the kernel compute
+    every block (benchmarks/prefill_chunks.py measured both)."""
+    batch, hq, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    if hk != hq:  # the kernel pairs query head h with key head h
+        k, v = (t[:, :, None].expand(batch, hk, hq // hk, tk, t.shape[3]).reshape(batch, hq, tk, t.shape[3]) for t in (k, v))
+    flash, cached = _flash_with_lse(), tk - tq
+    out_cached, lse_cached = flash(q, k[:, :, :cached], v[:, :, :cached], 0.0, False, scale=scale)
+    out_chunk, lse_chunk = flash(q, k[:, :, cached:], v[:, :, cached:], 0.0, True, scale=scale)
+    top = torch.maximum(lse_cached, lse_chunk)
+    w_cached, w_chunk = (lse_cached - top).exp_()[..., None], (lse_chunk - top).exp_()[..., None]
+    acc = q.dtype if q.dtype in _WIDE else torch.float32
+    out = (_as(out_cached, acc) * w_cached + _as(out_chunk, acc) * w_chunk) / (w_cached + w_chunk)
+    return _as(out, q.dtype)
 
 
 def _attention_folded(q, k, v, scale: float) -> torch.Tensor:

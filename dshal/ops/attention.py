@@ -202,6 +202,9 @@ ATTENTION_ROWS = [
     dict(name="f32/causal/gqa/B2xHq8xHk2xT32xD32", dtype=F32, b=2, hq=8, hk=2, tq=32, tk=32, d=32),
     dict(name="bf16/noncausal/B1xH2xT48xD64", dtype=BF16, b=1, hq=2, hk=2, tq=48, tk=48, d=64, causal=False),
     dict(name="bf16/prefill-with-cache/Tq16xTk96", dtype=BF16, b=1, hq=4, hk=4, tq=16, tk=96, d=64),
+    # a prefill chunk after cached tokens (generate's chunked prefill), with GQA and MLA's head dims
+    dict(name="f32/prefill-with-cache/gqa/Hq8xHk2xTq16xTk80", dtype=F32, b=2, hq=8, hk=2, tq=16, tk=80, d=32),
+    dict(name="bf16/prefill-with-cache/Hk1xTq24xTk72xD96xDv64", dtype=BF16, b=1, hq=4, hk=1, tq=24, tk=72, d=96, dv=64),
     dict(name="bf16/mla-dims/D96xDv64", dtype=BF16, b=1, hq=4, hk=4, tq=32, tk=32, d=96, dv=64),
     dict(name="f32/scale0.3", dtype=F32, b=1, hq=2, hk=2, tq=32, tk=32, d=32, scale=0.3),
     dict(name="bf16/window16/T96", dtype=BF16, b=1, hq=4, hk=4, tq=96, tk=96, d=64, window=16),
