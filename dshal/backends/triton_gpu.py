@@ -645,6 +645,16 @@ def _sdpa_attention(q, k, v, causal, scale, window, global_tokens):  # noqa: ANN
     if causal and window is None and tq == tk:
         # SDPA's is_causal is top-left aligned, which is end-aligned when Tq == Tk.
         return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if causal and window is None and 1 < tq < tk:
+        # A prefill chunk after cached tokens: torch's lower-right causal bias runs the
+        # flash / memory-efficient kernels with end alignment, skipping the masked blocks,
+        # where a boolean mask would be materialized and every block computed. Elsewhere
+        # (CPU tensors: emulated) torch materializes the same mask itself.
+        # lazy: importing it imports triton, which an emulated backend must import only after
+        # TRITON_INTERPRET is set (dshal.kernels.triton.ensure_interpreter_if_cpu)
+        from torch.nn.attention.bias import causal_lower_right
+
+        return sdpa(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale, enable_gqa=gqa)
     seen = None if (causal and window is None and tq == 1) else visible_keys(tq, tk, causal, window, global_tokens, q.device)
     if seen is None:
         return sdpa(q, k, v, scale=scale, enable_gqa=gqa)
