@@ -239,6 +239,26 @@ def test_model_generate_contract():
     sampled = model.generate(ids, 4, temperature=1.0, generator=torch.Generator().manual_seed(0))
     again = model.generate(ids, 4, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, again)
+    # top_p = 1 is plain sampling; a nucleus too small for a second token is greedy
+    whole = model.generate(ids, 4, temperature=1.0, generator=torch.Generator().manual_seed(0), top_p=1.0)
+    assert torch.equal(whole, sampled)
+    narrow = model.generate(ids, 7, temperature=5.0, generator=torch.Generator().manual_seed(0), top_p=1e-9)
+    assert torch.equal(narrow, out)
+    for bad in (0, 1.5, -0.1, float("nan"), True, "0.9"):
+        with pytest.raises(dshal.ArgumentError, match=r"argument 'top_p' is .*, expected a number in \(0, 1\]"):
+            model.generate(ids, 2, temperature=1.0, top_p=bad)
+
+
+def test_top_p_samples_only_the_nucleus():
+    """Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.6 keeps the first two (0.5 alone does not
+    reach it), top_p 0.5 only the first; both kept tokens are drawn."""
+    from dshal.model.generate import _next_token
+
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(400, 4)
+    gen = torch.Generator().manual_seed(3)
+    assert set(_next_token(logits, 1.0, gen, 0.6).tolist()) == {0, 1}
+    assert set(_next_token(logits, 1.0, gen, 0.5).tolist()) == {0}
+    assert set(_next_token(logits, 1.0, gen, 1.0).tolist()) == {0, 1, 2, 3}
 
 
 def test_model_bad_inputs_raise_clear_errors():

@@ -319,3 +319,8 @@ def test_model_dshal_run_temperature_samples_reproducibly(tmp_path):
     assert sampled["graphs"] == {"run": False, "why": "--temperature > 0: the static (graph) decode step is greedy"}
     bad = _dshal("run", "--temperature", "-1")
     assert bad.returncode == 1 and "--temperature is -1.0, expected a finite number >= 0" in bad.stderr
+    bad = _dshal("run", "--top-p", "0")
+    assert bad.returncode == 1 and "--top-p is 0.0, expected a number in (0, 1]" in bad.stderr
+    nucleus = _dshal(*common, str(tmp_path / "p.json"), "--temperature", "1.5", "--top-p", "1e-9")
+    assert nucleus.returncode == 0, nucleus.stderr[-2000:]
+    assert json.loads((tmp_path / "p.json").read_text())["output_ids"] == greedy["output_ids"]  # a one-token nucleus

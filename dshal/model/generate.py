@@ -56,13 +56,26 @@ def check_token_ids(where: str, input_ids: torch.Tensor, vocab_size: int) -> Non
     check_ids_in_range(where, "input_ids", input_ids, vocab_size, "token id", "the vocabulary")
 
 
-def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def _next_token(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0
+) -> torch.Tensor:
     """``[B, V]`` logits -> ``[B]`` ids: argmax when ``temperature == 0``, else a sample of
-    ``softmax(logits / temperature)``."""
+    ``softmax(logits / temperature)``, restricted with ``top_p < 1`` to the most likely tokens
+    whose probabilities reach ``top_p`` together (nucleus sampling; the most likely is always kept)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_top_p(top_p: Any) -> None:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ArgumentError(f"generate: argument 'top_p' is {top_p!r}, expected a number in (0, 1]")
 
 
 def check_generate_args(
@@ -112,6 +125,7 @@ def generate(
     generator: torch.Generator | None = None,
     on_token: Callable[[int], None] | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + new]``.
 
@@ -120,11 +134,13 @@ def generate(
     then shorter); a sequence that finished earlier is padded with it. ``on_token(i)`` is called
     after the i-th new token (0-based), e.g. for a progress bar; the first call marks the
     end of the prefill. The prompt is prefilled in forwards of at most ``prefill_chunk``
-    tokens (None: one forward), which bounds the activations of a long prompt.
+    tokens (None: one forward), which bounds the activations of a long prompt. ``top_p < 1``
+    samples from the smallest set of most likely tokens whose probabilities reach it.
     """
     check_input_ids("generate", input_ids)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate", prefill_chunk)
+    check_top_p(top_p)
     bsz, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
     out = torch.empty(bsz, total, dtype=torch.int64, device=input_ids.device)
@@ -136,7 +152,7 @@ def generate(
     logits = prefill(model, input_ids, cache, prefill_chunk)
     for i in range(max_new_tokens):
         pos = prompt_len + i
-        token = _next_token(logits, temperature, generator)
+        token = _next_token(logits, temperature, generator, top_p)
         if eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, eos_token_id), token)
             done |= token == eos_token_id
@@ -157,6 +173,7 @@ __all__ = [
     "check_input_ids",
     "check_prefill_chunk",
     "check_token_ids",
+    "check_top_p",
     "generate",
     "prefill",
 ]

@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "tokenizer code --checkpoint ships (e.g. Kimi-K2's); off by default, as in vLLM")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sample new tokens from "
                         "softmax(logits / T), seeded by --seed (default 0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="with --temperature: sample from the "
+                        "most likely tokens whose probabilities reach P together (default 1: all)")
     parser.add_argument(
         "--new-tokens", type=int, default=32, metavar="N", help="tokens to generate greedily (default 32)"
     )
@@ -140,6 +142,8 @@ def main(args: argparse.Namespace) -> int:
     _positive("--prefill-chunk", args.prefill_chunk)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise DshalError(f"dshal run: --temperature is {args.temperature}, expected a finite number >= 0")
+    if not 0 < args.top_p <= 1:
+        raise DshalError(f"dshal run: --top-p is {args.top_p}, expected a number in (0, 1]")
     for flag in ("json", "report"):  # before the run, not after it
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), f"--{flag}")
@@ -185,7 +189,7 @@ def main(args: argparse.Namespace) -> int:
     warm_start = time.perf_counter()
     sampler = torch.Generator(device=prompt.device)
     generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
-                                 temperature=args.temperature, generator=sampler)
+                                 temperature=args.temperature, generator=sampler, top_p=args.top_p)
     sampler.manual_seed(args.seed)
     generate(prompt, args.new_tokens)
     sync()
@@ -209,6 +213,7 @@ def main(args: argparse.Namespace) -> int:
         "prefill_chunk": args.prefill_chunk,
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
+        "top_p": args.top_p,
         "prefill_tokens_per_s": args.batch * args.prompt_len / prefill_s if prefill_s > 0 else None,
         "decode_tokens_per_s": _decode_rate(stamps, args.batch),
         "warmup_s": round(warmup_s, 3),
