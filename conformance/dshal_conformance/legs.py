@@ -154,7 +154,13 @@ def family_summary(report: dict[str, Any], family: str) -> str:
             return text + "; host syncs: n/a"
         return text + f"; sync-free {sum(c['status'] == 'pass' for c in sync)}/{len(sync)}"
     if family == "hooks":
-        return _pair_cell(cases, "/consistent", "/tracks-allocation", HOOK_LABELS)
+        consistent = [c for c in cases if c["id"].endswith("/consistent")]
+        judged = [c for c in consistent if c["status"] != "unsupported"]
+        text = f"consistent {sum(c['status'] == 'pass' for c in judged)}/{len(judged)}"
+        if len(judged) < len(consistent):
+            text += f" ({len(consistent) - len(judged)} not reported)"
+        tracking = _pair_cell(cases, "/tracks-allocation", "/none", (HOOK_LABELS[1], ""))
+        return text + (f"; {tracking}" if tracking else "")
     return _count(cases)
 
 

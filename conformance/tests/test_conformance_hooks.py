@@ -1,6 +1,8 @@
-"""The ``hooks`` family: ``memory_stats()`` judged as the model core's KV check relies on it."""
+"""The ``hooks`` family: memory_stats(), topology() and timer(), judged as the model core, placement and bench rely on them."""
 
 from __future__ import annotations
+
+import pytest
 
 from dshal_conformance.cases.hooks import PROBE_BYTES, judge_consistent, judge_tracking
 
@@ -82,3 +84,19 @@ def test_topology_is_judged_as_placement_reads_it() -> None:
 def test_cpu_report_topology_case(cpu_report: dict) -> None:
     case = next(c for c in cpu_report["cases"] if c["id"] == "hooks/topology/consistent")
     assert case["status"] == "unsupported" and "reports none" in case["reason"]
+
+
+def test_timer_is_judged_in_seconds() -> None:
+    from dshal_conformance.cases.hooks import judge_timer
+
+    assert judge_timer(0.051, 0.05).status == "pass"
+    assert judge_timer(0.4, 0.05).status == "pass"  # a loaded host oversleeps
+    in_ms = judge_timer(51.0, 0.05)
+    assert in_ms.status == "fail" and "is it in seconds?" in in_ms.reason and in_ms.value == pytest.approx(1020)
+    assert judge_timer(5.1e-5, 0.05).status == "fail"  # microseconds read as ms
+    assert judge_timer(float("nan"), 0.05).status == "fail" and judge_timer(None, 0.05).status == "fail"
+
+
+def test_cpu_report_timer_case(cpu_report: dict) -> None:
+    case = next(c for c in cpu_report["cases"] if c["id"] == "hooks/timer/consistent")
+    assert case["status"] == "pass" and 0.6 <= case["value"] <= 20

@@ -133,6 +133,9 @@ def test_family_columns_per_leg(cpu_report: dict, tmp_path: Path) -> None:
     assert "deterministic" in by[("determinism", "linear (float32)")]
     assert by[("graph", "rms_norm")] == "replay = eager ➖ · sync-free ➖"
     assert by[("hooks", "memory_stats")] == "consistent ✅ · tracks allocation ➖"
+    assert by[("hooks", "topology")] == "consistent ➖" and by[("hooks", "timer")] == "consistent ✅"
+    cpu_leg = next(line for line in md.split("## Legs", 1)[1].splitlines() if line.startswith("| cpu (hardware)"))
+    assert "| consistent 2/2 (1 not reported); tracks allocation ➖ |" in cpu_leg
     # The op table has no model / determinism / graph rows.
     assert "| model |" not in md.split("## Reports")[0]
 

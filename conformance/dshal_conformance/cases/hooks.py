@@ -19,10 +19,17 @@ Case ``hooks/topology`` (``/consistent``) judges ``Backend.topology()``, from wh
 ``dshal.parallel`` places TP groups on the best-connected devices: a square, symmetric link
 matrix with ``"self"`` on the diagonal (weights, if any, of the same shape), over as many
 devices as this process sees. None is ``unsupported`` (TP groups are then contiguous ranks).
+
+Case ``hooks/timer`` (``/consistent``) judges ``Backend.timer()``, which ``dshal bench`` and
+``dshal profile`` time with: around a :data:`SLEEP_S` host wait (an idle device's clock
+advances with it), ``stop()`` must return about that many seconds (0.6x to 20x: a loaded host
+oversleeps; a timer in milliseconds is 1000x off).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -160,12 +167,42 @@ def run_topology(ctx: Context) -> list[Outcome]:
     return [Outcome("/consistent", judge_topology(topology, _visible_devices(backend.device_type)))]
 
 
+#: The host wait ``hooks/timer`` times.
+SLEEP_S = 0.05
+
+
+def judge_timer(elapsed: Any, slept: float) -> Verdict:
+    """``hooks/timer/consistent``: ``elapsed`` (what ``stop()`` returned) around a ``slept``-second wait."""
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed):
+        return Verdict("fail", None, None, None, f"timer().stop() returned {elapsed!r}, expected a finite number of seconds")
+    ratio = elapsed / slept
+    if not 0.6 <= ratio <= 20:
+        return Verdict("fail", "elapsed_ratio", ratio, 1.0,
+                       f"timer() measured {elapsed:.6g} s around a {slept} s wait ({ratio:.3g}x), expected about "
+                       f"{slept} s (0.6x to 20x): is it in seconds?")
+    return Verdict("pass", "elapsed_ratio", ratio, 1.0, f"timer() measured {elapsed:.4f} s around a {slept} s wait")
+
+
+def run_timer(ctx: Context) -> list[Outcome]:
+    backend = current().backend
+    try:
+        backend.synchronize()
+        timer = backend.timer()
+        timer.start()
+        time.sleep(SLEEP_S)
+        elapsed = timer.stop()
+    except Exception as err:  # noqa: BLE001 - the hook crashing is what the case reports
+        return [Outcome("/consistent", Verdict("error", None, None, None, f"timer() raised {type(err).__name__}: {err}"))]
+    return [Outcome("/consistent", judge_timer(elapsed, SLEEP_S))]
+
+
 def cases() -> list[Case]:
     return [
         Case("hooks/memory_stats", "memory_stats", "hooks", "uint8", {"probe_bytes": PROBE_BYTES},
              frozenset({"ci", "full"}), run, SUFFIXES),
         Case("hooks/topology", "topology", "hooks", "-", {}, frozenset({"ci", "full"}), run_topology, ("/consistent",)),
+        Case("hooks/timer", "timer", "hooks", "-", {"sleep_s": SLEEP_S}, frozenset({"ci", "full"}), run_timer, ("/consistent",)),
     ]
 
 
-__all__ = ["PROBE_BYTES", "SUFFIXES", "cases", "judge_consistent", "judge_topology", "judge_tracking"]
+__all__ = ["PROBE_BYTES", "SLEEP_S", "SUFFIXES", "cases", "judge_consistent", "judge_timer", "judge_topology", "judge_tracking"]
