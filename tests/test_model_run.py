@@ -198,7 +198,7 @@ def test_model_dshal_run_prefill_chunk(tmp_path):
 
 
 def _checkpoint_with_tokenizer(folder: Path, eos: str = "<eos>") -> Any:
-    """The tiny random model saved with a byte-level BPE tokenizer trained here (300 tokens,
+    """The tiny random model saved with a byte-level BPE tokenizer trained here (at most 300 tokens,
     BOS added, a chat template), as a real release ships tokenizer.json beside config.json."""
     pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -324,3 +324,17 @@ def test_model_dshal_run_temperature_samples_reproducibly(tmp_path):
     nucleus = _dshal(*common, str(tmp_path / "p.json"), "--temperature", "1.5", "--top-p", "1e-9")
     assert nucleus.returncode == 0, nucleus.stderr[-2000:]
     assert json.loads((tmp_path / "p.json").read_text())["output_ids"] == greedy["output_ids"]  # a one-token nucleus
+
+
+def test_text_refuses_another_models_tokenizer_and_a_chat_without_template(tmp_path):
+    from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer
+
+    _checkpoint_with_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    check_vocabulary(tokenizer, 512)  # the tiny model's vocabulary holds its tokens (at most 300)
+    with pytest.raises(dshal.CheckpointError, match=rf"tokenizer has {len(tokenizer)} tokens, expected at most the model's vocab_size \(256\)"):
+        check_vocabulary(tokenizer, 256)
+    tokenizer.chat_template = None
+    with pytest.raises(dshal.ArgumentError, match="--chat: the checkpoint's tokenizer has no chat_template"):
+        encode_prompt(tokenizer, "hello", chat=True)
+    assert encode_prompt(tokenizer, "hello", chat=False)[0] == tokenizer.bos_token_id
