@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="with --temperature: sample from the "
                         "most likely tokens whose probabilities reach P together (default 1: all)")
     parser.add_argument(
-        "--new-tokens", type=int, default=32, metavar="N", help="tokens to generate greedily (default 32)"
+        "--new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32; greedy unless --temperature)"
     )
     parser.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together (default 1)")
     parser.add_argument(
@@ -135,7 +135,8 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
         _positive("--prompt-len", args.prompt_len)
 
 
-def main(args: argparse.Namespace) -> int:
+def _check_flags(args: argparse.Namespace) -> None:
+    """Every flag's value, before anything is loaded (outputs included: before the run, not after it)."""
     _check_prompt_flags(args)
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
@@ -144,9 +145,13 @@ def main(args: argparse.Namespace) -> int:
         raise DshalError(f"dshal run: --temperature is {args.temperature}, expected a finite number >= 0")
     if not 0 < args.top_p <= 1:
         raise DshalError(f"dshal run: --top-p is {args.top_p}, expected a number in (0, 1]")
-    for flag in ("json", "report"):  # before the run, not after it
+    for flag in ("json", "report"):
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), f"--{flag}")
+
+
+def main(args: argparse.Namespace) -> int:
+    _check_flags(args)
     parallel = parallel_run.wanted(args)
     if parallel and parallel_run.relaunch_needed():
         return parallel_run.relaunch(args)
@@ -187,10 +192,9 @@ def main(args: argparse.Namespace) -> int:
     eos = None if tokenizer is None or args.ignore_eos else tokenizer.eos_token_id
     # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
     warm_start = time.perf_counter()
-    sampler = torch.Generator(device=prompt.device)
+    sampler = torch.Generator(device=prompt.device).manual_seed(args.seed)
     generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
                                  temperature=args.temperature, generator=sampler, top_p=args.top_p)
-    sampler.manual_seed(args.seed)
     generate(prompt, args.new_tokens)
     sync()
     warmup_s = time.perf_counter() - warm_start
