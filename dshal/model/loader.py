@@ -321,8 +321,6 @@ def load_weights(
     unloaded = dict(model.named_parameters())  # loading replaces each one (onto the meta device too: dshal plan)
     loaded = [(path, module) for path, module in model.named_modules() if isinstance(module, LOADED_MODULES)]
     for done, (path, module) in enumerate(loaded, 1):
-        if progress is not None and done > 1:
-            progress("read", done - 1, len(loaded))
         hf = checkpoint_name(path)
         if isinstance(module, Linear):
             rows, cols = module.out_features, module.in_features
@@ -351,8 +349,8 @@ def load_weights(
             )
         elif isinstance(module, (RMSNorm, Embedding)):
             _set(module, "weight", ld.float_tensor(f"{hf}.weight", tuple(module.weight.shape), path, args.dtype))
-    if progress is not None:
-        progress("read", len(loaded), len(loaded))
+        if progress is not None:
+            progress("read", done, len(loaded))
     unexpected = [n for n in reader.names() if n not in ld.used and not _ignored(n, args)]
     if unexpected:
         shown = ", ".join(repr(n) for n in sorted(unexpected)[:5])
