@@ -286,7 +286,11 @@ def test_model_dshal_run_runs_a_checkpoints_tokenizer_code_only_when_asked(tmp_p
     assert "output: " in trusted.stdout
 
 
-def test_model_dshal_run_text_prompt_errors(tmp_path):
+def test_model_dshal_run_text_prompt_errors(tmp_path, capsys):
+    """Each one error line, no traceback (in-process: the flags are refused before anything
+    heavy runs; the no-tokenizer case loads the tiny checkpoint first)."""
+    from dshal.cli import main
+
     ckpt = tmp_path / "ckpt"
     _checkpoint_with_tokenizer(ckpt)
     cases = [
@@ -300,11 +304,12 @@ def test_model_dshal_run_text_prompt_errors(tmp_path):
         (ckpt / tokenizer_file).rename(tmp_path / tokenizer_file)
     cases.append((("--checkpoint", str(ckpt), "--prompt", "hi"), "no tokenizer, expected one of tokenizer.json"))
     for flags, said in cases:
-        proc = _dshal("run", *flags, "--no-progress")
-        assert proc.returncode == 1 and said in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])
+        code = main(["run", *flags, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 1 and said in err and err.count("\n") == 1, (flags, err[-2000:])
 
 
-def test_model_dshal_run_temperature_samples_reproducibly(tmp_path):
+def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
     """``--temperature`` samples (seeded by ``--seed``: the same tokens twice, others than
     greedy's); the greedy graph run is not run, and says why."""
     common = ("run", "--prompt-len", "4", "--new-tokens", "8", "--graphs", "on", "--no-progress", "--json")
@@ -317,10 +322,12 @@ def test_model_dshal_run_temperature_samples_reproducibly(tmp_path):
     assert sampled["output_ids"] == again["output_ids"] != greedy["output_ids"]
     assert sampled["temperature"] == 1.5 and greedy["temperature"] == 0.0
     assert sampled["graphs"] == {"run": False, "why": "--temperature > 0: the static (graph) decode step is greedy"}
-    bad = _dshal("run", "--temperature", "-1")
-    assert bad.returncode == 1 and "--temperature is -1.0, expected a finite number >= 0" in bad.stderr
-    bad = _dshal("run", "--top-p", "0")
-    assert bad.returncode == 1 and "--top-p is 0.0, expected a number in (0, 1]" in bad.stderr
+    from dshal.cli import main
+
+    assert main(["run", "--temperature", "-1"]) == 1
+    assert main(["run", "--top-p", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "--temperature is -1.0, expected a finite number >= 0" in err and "--top-p is 0.0, expected a number in (0, 1]" in err
     nucleus = _dshal(*common, str(tmp_path / "p.json"), "--temperature", "1.5", "--top-p", "1e-9")
     assert nucleus.returncode == 0, nucleus.stderr[-2000:]
     assert json.loads((tmp_path / "p.json").read_text())["output_ids"] == greedy["output_ids"]  # a one-token nucleus
