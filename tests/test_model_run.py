@@ -345,3 +345,16 @@ def test_text_refuses_another_models_tokenizer_and_a_chat_without_template(tmp_p
     with pytest.raises(dshal.ArgumentError, match="--chat: the checkpoint's tokenizer has no chat_template"):
         encode_prompt(tokenizer, "hello", chat=True)
     assert encode_prompt(tokenizer, "hello", chat=False)[0] == tokenizer.bos_token_id
+
+
+def test_model_dshal_run_parallel_prompt_error_is_said_once(tmp_path):
+    """Two ranks (``--tp 2``) reading a checkpoint without a tokenizer: one error line, not two."""
+    ckpt = tmp_path / "ckpt"
+    _checkpoint_with_tokenizer(ckpt)
+    (ckpt / "tokenizer.json").unlink()
+    (ckpt / "tokenizer_config.json").unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "dshal", "run", "--checkpoint", str(ckpt), "--prompt", "hi", "--tp", "2",
+                           "--no-progress"], capture_output=True, text=True, timeout=120, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("no tokenizer, expected one of tokenizer.json") == 1, proc.stderr[-2000:]

@@ -135,6 +135,13 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
         _positive("--prompt-len", args.prompt_len)
 
 
+def _read_prompt(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[int]]:
+    """``--prompt`` through ``--checkpoint``'s tokenizer: ``(tokenizer, token ids)``."""
+    tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
+    check_vocabulary(tokenizer, vocab_size)
+    return tokenizer, encode_prompt(tokenizer, args.prompt, args.chat)
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Every flag's value, before anything is loaded (outputs included: before the run, not after it)."""
     _check_prompt_flags(args)
@@ -173,9 +180,8 @@ def main(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - started
     tokenizer, prompt_ids = None, None
     if args.prompt is not None:
-        tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
-        check_vocabulary(tokenizer, model.args.vocab_size)
-        prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat)
+        read = functools.partial(_read_prompt, args, model.args.vocab_size)
+        tokenizer, prompt_ids = read() if groups is None else parallel_run.agree(read)  # a tokenizer error said once
         args.prompt_len = len(prompt_ids)
     if groups is None:
         check_run_fits(model, args, runtime.device)

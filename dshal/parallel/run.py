@@ -123,19 +123,20 @@ def ranks_sharing(device: torch.device) -> int:
     return comm.launch_env().local_world_size if torch.device(device).index is None else 1
 
 
-def agree(check: Callable[[], None]) -> None:
-    """Run ``check`` on every rank (every rank must call this). When it raises a DshalError
-    on any rank, the lowest such rank raises its error and the others leave the job and exit
-    with status 1 without a word: an error the ranks share is said once, not N times."""
+def agree(check: Callable[[], Any]) -> Any:
+    """Run ``check`` on every rank (every rank must call this) and return its result. When
+    it raises a DshalError on any rank, the lowest such rank raises its error and the others
+    leave the job and exit with status 1 without a word: an error the ranks share is said
+    once, not N times."""
+    result, error = None, None
     try:
-        check()
-        error = None
+        result = check()
     except DshalError as err:
         error = err
     flags = comm.all_gather(torch.tensor([[0.0 if error is None else 1.0]], device=_device()), dim=0).cpu()
     failed = [rank for rank, flag in enumerate(flags.flatten().tolist()) if flag]
     if not failed:
-        return
+        return result
     speaks = comm.get_rank() == failed[0]
     finish()
     if speaks:
