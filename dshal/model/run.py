@@ -40,36 +40,38 @@ from dshal.runtime import free_memory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", metavar="F", help="dshal config file (default: DSHAL_CONFIG or the built-in defaults)"
-    )
-    parser.add_argument("--backend", metavar="NAME", help="backend to use (default: the config's, usually auto)")
-    parser.add_argument(
+    model = parser.add_argument_group("model and backend")
+    model.add_argument("--config", metavar="F", help="dshal config file (default: DSHAL_CONFIG or the built-in defaults)")
+    model.add_argument("--backend", metavar="NAME", help="backend to use (default: the config's, usually auto)")
+    model.add_argument(
         "--checkpoint", metavar="DIR", help="Hugging Face DeepSeek-V3 checkpoint (default: a tiny random model)"
     )
-    parser.add_argument(
-        "--prompt-len", type=int, default=None, metavar="N", help="prompt tokens (random ids; default 32)"
-    )
-    parser.add_argument(
+    model.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling (default 0)")
+    model.add_argument("--mla-mode", choices=("absorb", "naive"), default=None, help="KV cache layout (default: absorb)")
+
+    prompt = parser.add_argument_group("prompt and sampling")
+    prompt.add_argument("--prompt-len", type=int, default=None, metavar="N", help="prompt tokens (random ids; default 32)")
+    prompt.add_argument(
         "--prompt",
         metavar="TEXT",
         help="prompt with this text instead of random ids, through the --checkpoint's own tokenizer (needs "
         "transformers); prints the generated text, and generation stops at the tokenizer's EOS",
     )
-    parser.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
+    prompt.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
                         "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
-    parser.add_argument("--ignore-eos", action="store_true", help="with --prompt: always generate --new-tokens tokens")
-    parser.add_argument("--trust-remote-code", action="store_true", help="with --prompt: let transformers run the "
+    prompt.add_argument("--ignore-eos", action="store_true", help="with --prompt: always generate --new-tokens tokens")
+    prompt.add_argument("--trust-remote-code", action="store_true", help="with --prompt: let transformers run the "
                         "tokenizer code --checkpoint ships (e.g. Kimi-K2's); off by default, as in vLLM")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sample new tokens from "
+    prompt.add_argument("--new-tokens", type=int, default=32, metavar="N",
+                        help="tokens to generate (default 32; greedy unless --temperature)")
+    prompt.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sample new tokens from "
                         "softmax(logits / T), seeded by --seed (default 0: greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="with --temperature: sample from the "
+    prompt.add_argument("--top-p", type=float, default=1.0, metavar="P", help="with --temperature: sample from the "
                         "most likely tokens whose probabilities reach P together (default 1: all)")
-    parser.add_argument(
-        "--new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32; greedy unless --temperature)"
-    )
-    parser.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together (default 1)")
-    parser.add_argument(
+
+    shape = parser.add_argument_group("how it runs")
+    shape.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together (default 1)")
+    shape.add_argument(
         "--prefill-chunk",
         type=int,
         default=DEFAULT_PREFILL_CHUNK,
@@ -77,22 +79,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"prompt tokens per prefill forward: a longer prompt is prefilled in chunks, which bounds its "
         f"activations, as `dshal plan --prefill-chunk` plans them (default {DEFAULT_PREFILL_CHUNK})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
-    parser.add_argument(
-        "--mla-mode", choices=("absorb", "naive"), default=None, help="KV cache layout (default: absorb)"
-    )
-    parser.add_argument(
+    shape.add_argument(
         "--graphs",
         choices=("auto", "on", "off"),
         default="auto",
         help="also time decode steps captured as device graphs: auto = when the backend captures graphs "
         "(CUDA/HIP), on = always (without device graphs the static step runs eagerly), off = never",
     )
-    parser.add_argument("--json", metavar="F", help="also write the results as JSON to F")
-    parser.add_argument("--report", metavar="F", help="write a run report to F: provider and calls per op, fallbacks "
+    parallel_run.add_arguments(shape)  # --tp / --ep (dshal.parallel.run)
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", metavar="F", help="also write the results as JSON to F")
+    output.add_argument("--report", metavar="F", help="write a run report to F: provider and calls per op, fallbacks "
                         "and why, precision per layer (also printed as tables)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parallel_run.add_arguments(parser)  # --tp / --ep (dshal.parallel.run)
+    output.add_argument("--no-progress", action="store_true", help="no progress bars (loading, generating)")
 
 
 def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device, sharing: int = 1) -> None:

@@ -31,7 +31,8 @@ from dshal.parallel.transforms import sharded_skeletons
 from dshal.runtime import current
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: Any) -> None:
+    """``--tp`` and ``--ep`` on ``parser`` (an ArgumentParser or one of its argument groups)."""
     parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (default 1)")
     parser.add_argument("--ep", type=int, default=1, metavar="M", help="expert-parallel ranks (default 1)")
 
