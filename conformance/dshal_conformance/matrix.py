@@ -25,6 +25,14 @@ from typing import Any
 
 from dshal.errors import ConfigError
 from dshal.outputs import atomic_write, check_writable
+from dshal_conformance.compare import (
+    Comparison,
+    baseline_paths,
+    compare,
+    html_section as changes_html,
+    markdown as changes_markdown,
+    summary_line,
+)
 from dshal_conformance.legs import (
     FAMILY_KINDS,
     html_tables as legs_html,
@@ -43,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", metavar="F", help="write the HTML matrix here")
     parser.add_argument("--markdown", metavar="F", help="write the Markdown matrix here")
     parser.add_argument("--no-dtype", action="store_true", help="one row per op instead of per op x dtype")
+    parser.add_argument("--baseline", metavar="REPORT|DIR", action="append", default=[],
+                        help="reports of an earlier run (files, or folders searched for *.json; repeatable): each "
+                        "leg's cases are compared with the same leg's there: regressed, new failing, lost, fixed")
+    parser.add_argument("--fail-on-regression", action="store_true",
+                        help="with --baseline: exit 1 when a case that passed there fails now, or a new case fails")
     parser.add_argument("--stale-after", metavar="AGE",
                         help="mark a leg stale when its report is older than AGE (30d, 12h, 2w) or came from another "
                              "plugin version than the one installed here")
@@ -162,7 +175,8 @@ def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Co
 
 
 # ------------------------------------------------------------------ Markdown
-def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None) -> str:
+def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None,
+                changes: Comparison | None = None) -> str:
     reports, notes = prepare_legs(reports, stale_after)
     columns, rows, cells = build(reports, by_dtype)
     head = ["op", "dtype"] + [f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`".replace("|", "/") + (" `STALE`" if n.stale else "") for c, n in zip(columns, notes)]
@@ -194,7 +208,7 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
     for c, rep in zip(columns, reports):
         note = f" — not run: {c.reason}" if c.kind == "not-run" else ""
         lines.append(f"- **{c.label}** {report_line(c, rep, str)}{note}")
-    return "\n".join(lines) + "\n" + legs_markdown(reports, notes)
+    return "\n".join(lines) + "\n" + (changes_markdown(changes) if changes else "") + legs_markdown(reports, notes)
 
 
 def report_line(c: Column, rep: dict[str, Any], escape: Any) -> str:
@@ -253,7 +267,8 @@ JS = """
 """
 
 
-def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None) -> str:
+def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None,
+            changes: Comparison | None = None) -> str:
     reports, notes = prepare_legs(reports, stale_after)
     columns, rows, cells = build(reports, by_dtype)
     e = html.escape
@@ -313,7 +328,7 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
     for c, rep in zip(columns, reports):
         note = f" — <em>not run: {e(c.reason)}</em>" if c.kind == "not-run" else ""
         out.append(f"<li><b>{e(c.label)}</b> {report_line(c, rep, e)}{note}</li>")
-    out.append("</ul>" + legs_html(reports, notes))
+    out.append("</ul>" + (changes_html(changes) if changes else "") + legs_html(reports, notes))
     out.append(f"<script>{JS}</script></body></html>")
     return "\n".join(out)
 
@@ -363,16 +378,28 @@ def main(args: argparse.Namespace) -> int:
     reports = read_reports(args.reports)
     by_dtype = not args.no_dtype
     stale_after = _stale_after(args)
+    if args.fail_on_regression and not args.baseline:
+        raise ConfigError("--fail-on-regression needs --baseline REPORT|DIR (what to compare with)")
+    changes = None
+    if args.baseline:
+        changes = compare(reports, read_reports(baseline_paths(args.baseline), warn=lambda message: None))
     for rep, note in zip(*prepare_legs(reports, stale_after)):
         if note.dropped:
             print(f"{leg_key(rep)[0]} ({leg_key(rep)[2]}): {note.merged}")
     if not args.html and not args.markdown:
-        print(to_markdown(reports, by_dtype, stale_after))
-        return 0
+        print(to_markdown(reports, by_dtype, stale_after, changes))
     if args.html:
-        atomic_write(args.html, to_html(reports, by_dtype, stale_after))
+        atomic_write(args.html, to_html(reports, by_dtype, stale_after, changes))
         print(f"html: {args.html}")
     if args.markdown:
-        atomic_write(args.markdown, to_markdown(reports, by_dtype, stale_after))
+        atomic_write(args.markdown, to_markdown(reports, by_dtype, stale_after, changes))
         print(f"markdown: {args.markdown}")
+    if changes is not None:
+        for leg in changes.legs:
+            print(("REGRESSED " if leg.bad else "") + summary_line(leg))
+        for title, legs in (("new leg", changes.new_legs), ("baseline leg not run now", changes.gone_legs)):
+            for leg_name in legs:
+                print(f"{title}: {leg_name}")
+        if args.fail_on_regression and changes.bad:
+            return 1
     return 0
