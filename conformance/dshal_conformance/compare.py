@@ -13,7 +13,8 @@ and its cases are compared by id:
 * cases added and removed (the suite grew or shrank), and legs that appeared or are gone.
 
 ``--fail-on-regression`` makes ``dshal matrix`` exit 1 when any leg regressed or has new
-failures, so a CI step can gate on it.
+failures, or a baseline leg did not run now (a hardware leg that became "not run" is another
+leg), so a CI step can gate on it.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ class Comparison:
 
     @property
     def bad(self) -> bool:
-        return any(leg.bad for leg in self.legs)
+        """A leg regressed or has new failures, or a leg of the baseline did not run now
+        (e.g. a runner lost its device: its hardware leg became "not run")."""
+        return any(leg.bad for leg in self.legs) or bool(self.gone_legs)
 
 
 def baseline_paths(given: list[str]) -> list[str]:

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reports of an earlier run (files, or folders searched for *.json; repeatable): each "
                         "leg's cases are compared with the same leg's there: regressed, new failing, lost, fixed")
     parser.add_argument("--fail-on-regression", action="store_true",
-                        help="with --baseline: exit 1 when a case that passed there fails now, or a new case fails")
+                        help="with --baseline: exit 1 when a case that passed there fails now, a new case fails, "
+                        "or a leg there did not run now")
     parser.add_argument("--stale-after", metavar="AGE",
                         help="mark a leg stale when its report is older than AGE (30d, 12h, 2w) or came from another "
                              "plugin version than the one installed here")
@@ -397,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
     if changes is not None:
         for leg in changes.legs:
             print(("REGRESSED " if leg.bad else "") + summary_line(leg))
-        for title, legs in (("new leg", changes.new_legs), ("baseline leg not run now", changes.gone_legs)):
+        for title, legs in (("new leg", changes.new_legs), ("GONE baseline leg not run now", changes.gone_legs)):
             for leg_name in legs:
                 print(f"{title}: {leg_name}")
         if args.fail_on_regression and changes.bad:

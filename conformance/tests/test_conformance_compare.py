@@ -66,3 +66,15 @@ def test_an_unchanged_leg_passes_the_gate_and_the_flag_needs_a_baseline(cpu_repo
     empty.mkdir()
     assert cli.main(["matrix", path, "--baseline", str(empty)]) == 1
     assert "is a folder with no *.json reports in it" in capsys.readouterr().err
+
+
+def test_a_hardware_leg_that_did_not_run_now_fails_the_gate(cpu_report: dict, tmp_path: Path, capsys) -> None:
+    """The runner lost its device: the leg that ran on hardware is "not run" now, another leg."""
+    gone = copy.deepcopy(cpu_report)
+    gone["platform"] = {**gone["platform"], "not_run": "backend 'cpu' is not available: no device"}
+    gone["cases"] = []
+    now = _write(tmp_path / "now", "cpu", gone)
+    then = _write(tmp_path / "then", "cpu", cpu_report)
+    assert cli.main(["matrix", now, "--baseline", then, "--fail-on-regression", "--markdown", str(tmp_path / "m.md")]) == 1
+    out = capsys.readouterr().out
+    assert "GONE baseline leg not run now: cpu (hardware) · cpu" in out and "new leg: cpu (not-run)" in out
