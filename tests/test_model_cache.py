@@ -236,6 +236,12 @@ def test_model_generate_contract():
     eos = int(out[0, 5])
     stopped = model.generate(ids[:1], 7, eos_token_id=eos)
     assert stopped.shape == (1, 6) and int(stopped[0, -1]) == eos
+    unused = next(i for i in range(model.args.vocab_size) if i not in out.tolist()[0])
+    assert torch.equal(model.generate(ids[:1], 7, eos_token_id=[unused, eos]), stopped)  # several stop ids
+    assert model.generate(ids[:1], 7, eos_token_id=[unused]).shape == (1, 12)
+    for bad in ([], [model.args.vocab_size], [eos, 1.5], (True,)):
+        with pytest.raises(dshal.ArgumentError, match="argument 'eos_token_id' is .*, expected None, a token id"):
+            model.generate(ids[:1], 2, eos_token_id=bad)
     sampled = model.generate(ids, 4, temperature=1.0, generator=torch.Generator().manual_seed(0))
     again = model.generate(ids, 4, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, again)

@@ -250,8 +250,19 @@ def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stopped = json.loads((tmp_path / "b.json").read_text())
     assert stopped["output_ids"] == report["output_ids"][:2] and stopped["stopped_at_eos"]
-    assert "(stopped at the tokenizer's EOS)" in proc.stdout and "(1 x 2 new tokens)" in proc.stdout
+    assert "(stopped at an end-of-sequence id)" in proc.stdout and "(1 x 2 new tokens)" in proc.stdout
     assert stopped["graphs"]["tokens_match_eager"]  # the graph run's first tokens are the eager ones
+
+    # The tokenizer's EOS back to '<eos>'; the end-of-turn id only in generation_config.json (as Kimi-K2's).
+    tokenizer.eos_token = "<eos>"
+    tokenizer.save_pretrained(ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_token_id, second]}))
+    proc = _dshal(*run, str(tmp_path / "g.json"), "--prompt", "hello world")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    turn = json.loads((tmp_path / "g.json").read_text())
+    assert turn["output_ids"] == report["output_ids"][:2] and turn["stopped_at_eos"]
+    assert turn["stop_ids"] == [tokenizer.eos_token_id, second]
+    (ckpt / "generation_config.json").unlink()
 
     chat = _dshal(*run, str(tmp_path / "c.json"), "--prompt", "hello world", "--chat", "--ignore-eos")
     assert chat.returncode == 0, chat.stderr[-2000:]
@@ -334,7 +345,7 @@ def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
 
 
 def test_text_refuses_another_models_tokenizer_and_a_chat_without_template(tmp_path):
-    from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer
+    from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer, stop_ids
 
     _checkpoint_with_tokenizer(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
@@ -345,6 +356,15 @@ def test_text_refuses_another_models_tokenizer_and_a_chat_without_template(tmp_p
     with pytest.raises(dshal.ArgumentError, match="--chat: the checkpoint's tokenizer has no chat_template"):
         encode_prompt(tokenizer, "hello", chat=True)
     assert encode_prompt(tokenizer, "hello", chat=False)[0] == tokenizer.bos_token_id
+    assert stop_ids(tokenizer, tmp_path) == [tokenizer.eos_token_id]  # no generation_config.json
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 7}')
+    assert stop_ids(tokenizer, tmp_path) == [tokenizer.eos_token_id, 7]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": ["x"]}')
+    with pytest.raises(dshal.CheckpointError, match=r"generation_config.json: eos_token_id holds 'x', expected token ids"):
+        stop_ids(tokenizer, tmp_path)
+    (tmp_path / "generation_config.json").write_text("[1]")
+    with pytest.raises(dshal.CheckpointError, match="not a JSON object of generation settings"):
+        stop_ids(tokenizer, tmp_path)
 
 
 def test_model_dshal_run_parallel_prompt_error_is_said_once(tmp_path):

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -106,11 +106,13 @@ def check_generate_args(
     ):
         raise ArgumentError(f"generate: argument 'temperature' is {temperature!r}, expected a finite number >= 0")
     vocab = getattr(args, "vocab_size", None)
+    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     if eos_token_id is not None and (
-        not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool) or not 0 <= eos_token_id < (vocab or 2**63)
+        not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (vocab or 2**63) for i in ids)
     ):
         raise ArgumentError(
-            f"generate: argument 'eos_token_id' is {eos_token_id!r}, expected None or a token id in [0, {vocab})"
+            f"generate: argument 'eos_token_id' is {eos_token_id!r}, expected None, a token id in [0, {vocab}) "
+            "or a non-empty list of them"
         )
 
 
@@ -121,7 +123,7 @@ def generate(
     max_new_tokens: int,
     temperature: float = 0.0,
     *,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     on_token: Callable[[int], None] | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
@@ -130,8 +132,9 @@ def generate(
     """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + new]``.
 
     ``temperature=0`` is greedy (what transformers' ``do_sample=False`` does). With
-    ``eos_token_id``, generation stops once every sequence has produced it (the result is
-    then shorter); a sequence that finished earlier is padded with it. ``on_token(i)`` is called
+    ``eos_token_id`` (one id, or a list: e.g. a chat model's end-of-turn token besides its EOS),
+    generation stops once every sequence has produced one (the result is then shorter); a
+    sequence that finished earlier is padded with the first. ``on_token(i)`` is called
     after the i-th new token (0-based), e.g. for a progress bar; the first call marks the
     end of the prefill. The prompt is prefilled in forwards of at most ``prefill_chunk``
     tokens (None: one forward), which bounds the activations of a long prompt. ``top_p < 1``
@@ -149,17 +152,20 @@ def generate(
         return out
     cache = model.new_cache(bsz, total)
     done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
+    stops = None if eos_token_id is None else torch.tensor(
+        eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=input_ids.device
+    )
     logits = prefill(model, input_ids, cache, prefill_chunk)
     for i in range(max_new_tokens):
         pos = prompt_len + i
         token = _next_token(logits, temperature, generator, top_p)
-        if eos_token_id is not None:
-            token = torch.where(done, torch.full_like(token, eos_token_id), token)
-            done |= token == eos_token_id
+        if stops is not None:
+            token = torch.where(done, stops[0], token)  # a finished sequence is padded with the first stop id
+            done |= torch.isin(token, stops)
         out[:, pos] = token
         if on_token is not None:
             on_token(i)
-        if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+        if i + 1 == max_new_tokens or (stops is not None and bool(done.all())):
             return out[:, : pos + 1]
         step = token[:, None]
         cache.vouch_for(step)  # the model's own sample: its id range needs no host sync

@@ -33,7 +33,7 @@ from dshal.model.decode import generate_with_graphs, static_decode_unsupported
 from dshal.model.generate import DEFAULT_PREFILL_CHUNK
 from dshal.model.precision import precision_summary
 from dshal.model.run_report import RunReport
-from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer
+from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer, stop_ids
 from dshal.outputs import atomic_write, check_writable
 from dshal.parallel import run as parallel_run
 from dshal.runtime import free_memory
@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt",
         metavar="TEXT",
         help="prompt with this text instead of random ids, through the --checkpoint's own tokenizer (needs "
-        "transformers); prints the generated text, and generation stops at the tokenizer's EOS",
+        "transformers); prints the generated text, and generation stops at the tokenizer's EOS or an eos_token_id "
+        "of the checkpoint's generation_config.json",
     )
     prompt.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
                         "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
@@ -135,11 +136,11 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
         _positive("--prompt-len", args.prompt_len)
 
 
-def _read_prompt(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[int]]:
-    """``--prompt`` through ``--checkpoint``'s tokenizer: ``(tokenizer, token ids)``."""
+def _read_prompt(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[int], list[int]]:
+    """``--prompt`` through ``--checkpoint``'s tokenizer: ``(tokenizer, token ids, stop ids)``."""
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
     check_vocabulary(tokenizer, vocab_size)
-    return tokenizer, encode_prompt(tokenizer, args.prompt, args.chat)
+    return tokenizer, encode_prompt(tokenizer, args.prompt, args.chat), stop_ids(tokenizer, args.checkpoint)
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -178,10 +179,10 @@ def main(args: argparse.Namespace) -> int:
         model = random_model(model_args, seed=args.seed)
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
-    tokenizer, prompt_ids = None, None
+    tokenizer, prompt_ids, stops = None, None, []
     if args.prompt is not None:
         read = functools.partial(_read_prompt, args, model.args.vocab_size)
-        tokenizer, prompt_ids = read() if groups is None else parallel_run.agree(read)  # a tokenizer error said once
+        tokenizer, prompt_ids, stops = read() if groups is None else parallel_run.agree(read)  # an error said once
         args.prompt_len = len(prompt_ids)
     if groups is None:
         check_run_fits(model, args, runtime.device)
@@ -195,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
         prompt = torch.tensor([prompt_ids] * args.batch, dtype=torch.int64)
     prompt = prompt.to(runtime.device)
     sync = runtime.backend.synchronize
-    eos = None if tokenizer is None or args.ignore_eos else tokenizer.eos_token_id
+    eos = None if args.ignore_eos or not stops else stops
     # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
     warm_start = time.perf_counter()
     sampler = torch.Generator(device=prompt.device).manual_seed(args.seed)
@@ -238,7 +239,8 @@ def main(args: argparse.Namespace) -> int:
     if tokenizer is not None:
         report["prompt_text"] = args.prompt
         report["output_text"] = tokenizer.decode(report["output_ids"], skip_special_tokens=True)
-        report["stopped_at_eos"] = eos is not None and report["output_ids"][-1:] == [eos]
+        report["stop_ids"] = eos or []
+        report["stopped_at_eos"] = bool(eos) and report["output_ids"][-1:] != [] and report["output_ids"][-1] in eos
     if groups is not None:
         report = parallel_run.report(report, groups)
     if groups is None or parallel_run.is_reporting_rank():
@@ -402,7 +404,7 @@ def _print(report: dict[str, Any]) -> None:
     )
     if "output_text" in report:  # the model's text is not rich markup
         console.print(f"prompt: {report['prompt_text']!r}", markup=False, highlight=False)
-        eos = " (stopped at the tokenizer's EOS)" if report["stopped_at_eos"] else ""
+        eos = " (stopped at an end-of-sequence id)" if report["stopped_at_eos"] else ""
         console.print(f"output: {report['output_text']!r}{eos}", markup=False, highlight=False)
     graphs = report["graphs"]
     if graphs["run"]:

@@ -7,10 +7,12 @@ knows about text, so a backend never sees it."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+from dshal.config import read_text_file
 from dshal.errors import ArgumentError, CheckpointError
 
 #: The files a Hugging Face tokenizer is read from; one of them must be in the checkpoint.
@@ -65,6 +67,33 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
     return ids
 
 
+#: Where a checkpoint states its generation defaults, the stop ids among them.
+GENERATION_CONFIG = "generation_config.json"
+
+
+def stop_ids(tokenizer: Any, checkpoint: str | os.PathLike) -> list[int]:
+    """The ids that end a generation: the tokenizer's EOS, and the ``eos_token_id`` (an id or
+    a list) of the checkpoint's ``generation_config.json`` where it has one, as transformers
+    and vLLM stop. A chat model's end-of-turn token is often only there (Kimi-K2's
+    ``<|im_end|>``, while its tokenizer's EOS is ``[EOS]``)."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    path = Path(checkpoint) / GENERATION_CONFIG
+    if path.is_file():
+        _, text = read_text_file(path, "generation config")
+        try:
+            declared = json.loads(text).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise CheckpointError(f"{path}: not a JSON object of generation settings ({err})") from None
+        for value in declared if isinstance(declared, list) else [declared]:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CheckpointError(f"{path}: eos_token_id holds {value!r}, expected token ids (ints >= 0)")
+            if value not in ids:
+                ids.append(value)
+    return ids
+
+
 def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
     """The tokenizer's ids must index the model's embedding: a tokenizer from another model is
     refused here rather than as an out-of-range id in the embedding."""
@@ -76,4 +105,4 @@ def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
         )
 
 
-__all__ = ["TOKENIZER_FILES", "check_vocabulary", "encode_prompt", "load_tokenizer"]
+__all__ = ["GENERATION_CONFIG", "TOKENIZER_FILES", "check_vocabulary", "encode_prompt", "load_tokenizer", "stop_ids"]
