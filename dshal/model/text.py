@@ -74,8 +74,8 @@ GENERATION_CONFIG = "generation_config.json"
 def stop_ids(tokenizer: Any, checkpoint: str | os.PathLike) -> list[int]:
     """The ids that end a generation: the tokenizer's EOS, and the ``eos_token_id`` (an id or
     a list) of the checkpoint's ``generation_config.json`` where it has one, as transformers
-    and vLLM stop. A chat model's end-of-turn token is often only there (Kimi-K2's
-    ``<|im_end|>``, while its tokenizer's EOS is ``[EOS]``)."""
+    and vLLM stop. A chat model's end-of-turn token is often only there, apart from the
+    tokenizer's EOS."""
     ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     path = Path(checkpoint) / GENERATION_CONFIG
     if path.is_file():
