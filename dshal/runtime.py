@@ -292,6 +292,13 @@ def use(
     return runtime.activate()
 
 
+def use_for_command(config: str | os.PathLike | None, backend: str | None, flag: str = "--backend") -> Runtime:
+    """:func:`use` for a command: ``config`` (its ``--config``; None: DSHAL_CONFIG or the
+    defaults) with ``backend`` (its ``flag``'s value; None: the config's) winning, and
+    messages naming ``flag`` as what set it."""
+    return use(config, overrides_source=flag, **({"backend": backend} if backend else {}))
+
+
 def current() -> Runtime:
     """The active runtime; activates the default one (config from the environment) if none is."""
     active = _state["active"]

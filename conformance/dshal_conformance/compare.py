@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dshal.errors import ConfigError
-from dshal_conformance.legs import leg_key, prepare
+from dshal_conformance.legs import leg_key, leg_label, prepare
 
 FAILED = ("fail", "error")
 NOT_PASSING = ("unsupported", "skip")
@@ -39,7 +39,6 @@ class LegChanges:
 
     leg: str
     baseline_started: str
-    started: str
     regressed: list[tuple[str, str, str, str]] = field(default_factory=list)
     lost: list[tuple[str, str, str, str]] = field(default_factory=list)
     fixed: list[tuple[str, str, str, str]] = field(default_factory=list)
@@ -81,11 +80,6 @@ def baseline_paths(given: list[str]) -> list[str]:
     return paths
 
 
-def leg_label(report: dict[str, Any]) -> str:
-    backend, device, kind = leg_key(report)[:3]
-    return f"{backend} ({kind}) · {device}"
-
-
 def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> Comparison:
     """Each current leg against the same leg of ``baseline`` (both merged to one report per leg)."""
     now_reports, _ = prepare(current)
@@ -107,7 +101,7 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> Co
 def _leg_changes(before: dict[str, Any], now: dict[str, Any]) -> LegChanges:
     old = {c["id"]: c for c in before["cases"]}
     new = {c["id"]: c for c in now["cases"]}
-    out = LegChanges(leg_label(now), before.get("started", ""), now.get("started", ""))
+    out = LegChanges(leg_label(now), before.get("started", ""))
     for case_id, case in new.items():
         status, reason = case["status"], case.get("reason", "")
         prior = old.get(case_id)

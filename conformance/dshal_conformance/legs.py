@@ -171,7 +171,8 @@ def _versions(report: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _label(report: dict[str, Any]) -> str:
+def leg_label(report: dict[str, Any]) -> str:
+    """``backend (kind) · device``: how the tables name a leg."""
     backend, device, kind = leg_key(report)[:3]
     return f"{backend} ({kind}) · {device}"
 
@@ -274,14 +275,14 @@ def markdown(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
     lines = ["", "## Legs", "", "| " + " | ".join(LEG_HEADERS) + " |", "|" + "---|" * len(LEG_HEADERS)]
     for rep, note in zip(reports, notes):
         stale = " `STALE`" if note.stale else ""
-        row = [_label(rep) + stale, rep.get("started", ""), _versions(rep),
+        row = [leg_label(rep) + stale, rep.get("started", ""), _versions(rep),
                *(family_summary(rep, f) for f in ("op", *FAMILY_KINDS)), _note_text(rep, note)]
         lines.append("| " + " | ".join(esc(x) for x in row) + " |")
     for family in FAMILY_KINDS:
         rows, cells = family_rows(reports, family)
         if not rows:
             continue
-        head = ["mode" if family == "model" else "op"] + [_label(r) + (" `STALE`" if n.stale else "") for r, n in zip(reports, notes)]
+        head = ["mode" if family == "model" else "op"] + [leg_label(r) + (" `STALE`" if n.stale else "") for r, n in zip(reports, notes)]
         lines += ["", f"## {FAMILY_TITLES[family]}", "", "| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
         for row in rows:
             lines.append("| " + " | ".join(esc(x) for x in [row, *cells[row]]) + " |")
@@ -302,9 +303,9 @@ def html_tables(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
     for rep, note in zip(reports, notes):
         badges = ("<span class='badge stale'>STALE</span>" if note.stale else "") + (
             "<span class='badge merged'>MERGED</span>" if note.dropped else "")
-        attrs = (f"data-leg='{e(_label(rep))}' data-stale='{1 if note.stale else 0}' "
+        attrs = (f"data-leg='{e(leg_label(rep))}' data-stale='{1 if note.stale else 0}' "
                  f"data-merged='{len(note.dropped)}'")
-        cells = [e(_label(rep)) + badges, e(rep.get("started", "")), e(_versions(rep)),
+        cells = [e(leg_label(rep)) + badges, e(rep.get("started", "")), e(_versions(rep)),
                  *(e(family_summary(rep, f)) for f in ("op", *FAMILY_KINDS)), e(_note_text(rep, note))]
         out.append(f"<tr class='{'stale' if note.stale else ''}' {attrs}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")
@@ -316,14 +317,14 @@ def html_tables(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
                    f"<th>{'mode' if family == 'model' else 'op'}</th>")
         for rep, note in zip(reports, notes):
             stale = " class='stale'" if note.stale else ""
-            out.append(f"<th{stale}>{e(_label(rep))}" + ("<span class='badge stale'>STALE</span>" if note.stale else "") + "</th>")
+            out.append(f"<th{stale}>{e(leg_label(rep))}" + ("<span class='badge stale'>STALE</span>" if note.stale else "") + "</th>")
         out.append("</tr></thead><tbody>")
         for row in rows:
             out.append(f"<tr><td>{e(row)}</td>" + "".join(
-                f"<td data-family='{family}' data-row='{e(row)}' data-leg='{e(_label(rep))}'>{e(text)}</td>"
+                f"<td data-family='{family}' data-row='{e(row)}' data-leg='{e(leg_label(rep))}'>{e(text)}</td>"
                 for rep, text in zip(reports, cells[row])) + "</tr>")
         out.append("</tbody></table>")
     return "\n".join(out)
 
 
-__all__ = ["FAMILY_KINDS", "LegNote", "family_summary", "html_tables", "leg_key", "markdown", "parse_age", "prepare"]
+__all__ = ["FAMILY_KINDS", "LegNote", "family_summary", "html_tables", "leg_key", "leg_label", "markdown", "parse_age", "prepare"]

@@ -23,7 +23,6 @@ import contextlib
 import math
 import os
 import weakref
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +40,9 @@ from dshal.ops.spec import FP8_FORMAT_OF
 
 #: Dtypes torch's CPU kernels already compute in at full precision (no upcast needed).
 _WIDE = (torch.float32, torch.float64)
+#: torch's fused CPU attention that also returns each row's log-sum-exp (an aten op of torch
+#: >= 2.3, not a public API), looked up once; None where this torch has none.
+FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -239,7 +241,7 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     gqa = hq != k.shape[1]
     if causal and window is None and tq == tk:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    elif causal and window is None and tq < tk and _flash_with_lse() is not None:
+    elif causal and window is None and tq < tk and FLASH_WITH_LSE is not None:
         out = _attention_after_cached(q, k, v, scale)
     else:
         seen = visible_keys(tq, tk, causal, window, global_tokens, q.device)  # [Tq, Tk]
@@ -248,12 +250,6 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         if bool(blind.any()):
             out.masked_fill_(blind[:, None], 0.0)
     return out[..., :dv] if dv < d else out
-
-
-def _flash_with_lse() -> Any:
-    """torch's fused CPU attention that also returns each row's log-sum-exp (an aten op of
-    torch >= 2.3, not a public API); None where this torch has none."""
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _attention_after_cached(q, k, v, scale: float) -> torch.Tensor:
@@ -266,9 +262,9 @@ def _attention_after_cached(q, k, v, scale: float) -> torch.Tensor:
     hk, tk = k.shape[1], k.shape[2]
     if hk != hq:  # the kernel pairs query head h with key head h
         k, v = (t[:, :, None].expand(batch, hk, hq // hk, tk, t.shape[3]).reshape(batch, hq, tk, t.shape[3]) for t in (k, v))
-    flash, cached = _flash_with_lse(), tk - tq
-    out_cached, lse_cached = flash(q, k[:, :, :cached], v[:, :, :cached], 0.0, False, scale=scale)
-    out_chunk, lse_chunk = flash(q, k[:, :, cached:], v[:, :, cached:], 0.0, True, scale=scale)
+    cached = tk - tq
+    out_cached, lse_cached = FLASH_WITH_LSE(q, k[:, :, :cached], v[:, :, :cached], 0.0, False, scale=scale)
+    out_chunk, lse_chunk = FLASH_WITH_LSE(q, k[:, :, cached:], v[:, :, cached:], 0.0, True, scale=scale)
     top = torch.maximum(lse_cached, lse_chunk)
     w_cached, w_chunk = (lse_cached - top).exp_()[..., None], (lse_chunk - top).exp_()[..., None]
     acc = q.dtype if q.dtype in _WIDE else torch.float32

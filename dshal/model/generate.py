@@ -78,6 +78,11 @@ def check_top_p(top_p: Any) -> None:
         raise ArgumentError(f"generate: argument 'top_p' is {top_p!r}, expected a number in (0, 1]")
 
 
+def _stop_list(eos_token_id: Any) -> list[Any]:
+    """``eos_token_id`` (one id or a list of them) as a list."""
+    return list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+
+
 def check_generate_args(
     model: nn.Module, input_ids: torch.Tensor, max_new_tokens: Any, temperature: Any, eos_token_id: Any
 ) -> None:
@@ -106,7 +111,7 @@ def check_generate_args(
     ):
         raise ArgumentError(f"generate: argument 'temperature' is {temperature!r}, expected a finite number >= 0")
     vocab = getattr(args, "vocab_size", None)
-    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    ids = _stop_list(eos_token_id)
     if eos_token_id is not None and (
         not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (vocab or 2**63) for i in ids)
     ):
@@ -152,9 +157,7 @@ def generate(
         return out
     cache = model.new_cache(bsz, total)
     done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
-    stops = None if eos_token_id is None else torch.tensor(
-        eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=input_ids.device
-    )
+    stops = None if eos_token_id is None else torch.tensor(_stop_list(eos_token_id), device=input_ids.device)
     logits = prefill(model, input_ids, cache, prefill_chunk)
     for i in range(max_new_tokens):
         pos = prompt_len + i

@@ -476,10 +476,7 @@ def build_model(
     load_weights(model, reader, device, fp8_on_host=not fp8_storage, progress=progress)
     with load_phase(progress, "precision"):
         apply_precision(model, precision, device=device)
-    with load_phase(progress, "place"):
-        place_on_device(model, device, fp8_storage)
-    with load_phase(progress, "prepare"):
-        prepare_for_backend(model, runtime)  # the backend's weight layouts, once, after the precision policy
+    place_and_prepare(model, device, fp8_storage, runtime, progress)
     return model.eval()
 
 
@@ -551,6 +548,18 @@ def prepare_for_backend(model: nn.Module, runtime: Any) -> int:
     return replaced
 
 
+def place_and_prepare(
+    model: nn.Module, device: torch.device, fp8_storage: bool, runtime: Any, progress: LoadProgress | None = None
+) -> None:
+    """The last steps of every build, after the precision policy: weights held elsewhere
+    moved to ``device`` (:func:`place_on_device`), then the backend's weight layouts, once
+    (:func:`prepare_for_backend`); each a ``progress`` phase."""
+    with load_phase(progress, "place"):
+        place_on_device(model, device, fp8_storage)
+    with load_phase(progress, "prepare"):
+        prepare_for_backend(model, runtime)
+
+
 def from_pretrained(
     path: str | os.PathLike,
     config: Any = None,
@@ -600,6 +609,7 @@ __all__ = [
     "fp8_storage_of",
     "load_phase",
     "load_weights",
+    "place_and_prepare",
     "place_on_device",
     "prepare_for_backend",
     "read_experts",

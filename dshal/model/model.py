@@ -526,7 +526,7 @@ class Transformer(nn.Module):
         raise ShapeError(f"new_cache: argument 'mode' is {mode!r}, expected 'absorb' or 'naive'")
 
     #: ``model.generate(input_ids, max_new_tokens, temperature=0.0, *, eos_token_id=None,
-    #: generator=None, on_token=None, prefill_chunk=2048)`` -> ``[B, T + new]``: see
+    #: generator=None, on_token=None, prefill_chunk=2048, top_p=1.0)`` -> ``[B, T + new]``: see
     #: :func:`dshal.model.generate.generate`.
     generate = generate
 

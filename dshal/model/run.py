@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-import dshal
 from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.cache import check_cache_fits
@@ -36,7 +35,7 @@ from dshal.model.run_report import RunReport
 from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer, stop_ids
 from dshal.outputs import atomic_write, check_writable
 from dshal.parallel import run as parallel_run
-from dshal.runtime import free_memory
+from dshal.runtime import free_memory, use_for_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
     parallel = parallel_run.wanted(args)
     if parallel and parallel_run.relaunch_needed():
         return parallel_run.relaunch(args)
-    runtime = dshal.use(args.config, overrides_source="--backend", **({"backend": args.backend} if args.backend else {}))
+    runtime = use_for_command(args.config, args.backend)
     groups = parallel_run.setup(args) if parallel else None
     started = time.perf_counter()
     show = not args.no_progress and (groups is None or parallel_run.is_reporting_rank())
@@ -240,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
         report["prompt_text"] = args.prompt
         report["output_text"] = tokenizer.decode(report["output_ids"], skip_special_tokens=True)
         report["stop_ids"] = eos or []
-        report["stopped_at_eos"] = bool(eos) and report["output_ids"][-1:] != [] and report["output_ids"][-1] in eos
+        report["stopped_at_eos"] = bool(eos and report["output_ids"] and report["output_ids"][-1] in eos)
     if groups is not None:
         report = parallel_run.report(report, groups)
     if groups is None or parallel_run.is_reporting_rank():

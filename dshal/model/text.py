@@ -32,7 +32,7 @@ def load_tokenizer(checkpoint: str | os.PathLike, trust_remote_code: bool = Fals
             "(copy them from the model's release to prompt it with text)"
         )
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # an optional dependency, and seconds to import: only for text
     except ImportError as err:
         raise ArgumentError(
             f"a text prompt needs the transformers package to read {folder}'s tokenizer ({err}): pip install transformers"
@@ -57,7 +57,7 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise ArgumentError("--chat: the checkpoint's tokenizer has no chat_template (tokenizer_config.json)")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers >= 5 returns a BatchEncoding
+        if hasattr(ids, "keys"):  # transformers >= 5 returns a BatchEncoding
             ids = ids["input_ids"]
     else:
         ids = tokenizer(text)["input_ids"]

@@ -28,8 +28,7 @@ from dshal.model.loader import (
     fp8_storage_of,
     load_phase,
     load_weights,
-    place_on_device,
-    prepare_for_backend,
+    place_and_prepare,
 )
 from dshal.model.model import Transformer
 from dshal.model.precision import (
@@ -255,10 +254,7 @@ def build_parallel(
         if groups.ep_size > 1:
             expert_parallel(model, groups.ep)
         model.shard_view = None
-        with load_phase(progress, "place"):
-            place_on_device(model, device, fp8_storage)  # only the shards of host-converted weights move
-        with load_phase(progress, "prepare"):
-            prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
+        place_and_prepare(model, device, fp8_storage, runtime, progress)  # only the shards move; layouts on the shards
         return model.eval()
     view = ShardView(reader, model, tuple(args.weight_block_size or (128, 128)))
     load_weights(model, view, device, fp8_on_host=not fp8_storage, progress=progress)
@@ -268,10 +264,7 @@ def build_parallel(
     with load_phase(progress, "precision"):
         apply_precision(model, precision, device=device)
     model.shard_view = view
-    with load_phase(progress, "place"):
-        place_on_device(model, device, fp8_storage)
-    with load_phase(progress, "prepare"):
-        prepare_for_backend(model, runtime)  # the backend's weight layouts, once, on the shards
+    place_and_prepare(model, device, fp8_storage, runtime, progress)  # the backend's layouts on the shards
     return model.eval()
 
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-import dshal
 from dshal.errors import DshalError
 from dshal.outputs import atomic_write, check_writable
+from dshal.runtime import use_for_command
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em; color: #1d1d1f; max-width: 1400px; }
@@ -252,7 +252,7 @@ def start(args: argparse.Namespace) -> Any:
     check_writable(args.output, "--output")  # before the run, not after it
     check_writable(json_path(args), "--json")
     set_threads(args.threads)
-    return dshal.use(args.config, overrides_source="--backend", **({"backend": args.backend} if args.backend else {}))
+    return use_for_command(args.config, args.backend)
 
 
 def json_path(args: argparse.Namespace) -> Path:

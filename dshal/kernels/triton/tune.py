@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-import dshal
 from dshal.errors import BackendUnavailableError, ConfigError
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
 from dshal.kernels.triton.target import DECODE_M, TUNING_SCHEMA, KernelTarget, TileConfig, m_bucket, user_tuning_dir
 from dshal.ops import reference
+from dshal.runtime import use_for_command
 
 #: DeepSeek-V3's FP8 linear shapes (N, K), unsharded: fused q/kv down-projection, q up,
 #: kv up, attention output, dense MLP up/down, shared expert up/down.
@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
         shapes = _parse_shapes(args.shapes) if args.shapes else list(DRY_RUN_SHAPES)
         ms = _parse_m(args.m) if args.m else list(DRY_RUN_M)
     else:
-        runtime = dshal.use(backend=args.backend, overrides_source="--backend") if args.backend else dshal.use()
+        runtime = use_for_command(None, args.backend)
         backend = runtime.backend
         if runtime.emulated or not hasattr(backend, "kernel_target") or runtime.device.type != "cuda":
             raise BackendUnavailableError(
