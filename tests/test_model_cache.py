@@ -255,6 +255,68 @@ def test_model_generate_contract():
             model.generate(ids, 2, temperature=1.0, top_p=bad)
 
 
+def _right_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, list[int]]:
+    width = max(map(len, prompts))
+    return torch.tensor([p + [pad] * (width - len(p)) for p in prompts]), [len(p) for p in prompts]
+
+
+@pytest.mark.parametrize(("mode", "changes"), [("absorb", {}), ("naive", {}),
+                                               ("absorb", {"attention_window": 6, "attention_global_tokens": 1})])
+def test_model_generate_prompts_of_different_lengths_as_each_prompt_alone(mode, changes):
+    """A batch of prompts of 3, 11 and 7 tokens (right-padded, ``prompt_lens``) gives each
+    prompt the tokens it gets alone; the padding is never read (-1 or an id past the
+    vocabulary change nothing), and the static (graph) decode path gives the same ids."""
+    from dshal.model.decode import generate_with_graphs
+    from dshal.model.generate import completions
+
+    model = _model(mla_mode=mode, **changes)
+    vocab = model.args.vocab_size
+    prompts = [_ids(vocab, n, batch=1, seed=n)[0].tolist() for n in (3, 11, 7)]
+    ids, lens = _right_padded(prompts, pad=-1)
+    out = model.generate(ids, 6, prompt_lens=lens, prefill_chunk=2)
+    assert out.shape == (3, 17)
+    for row, prompt in zip(out.tolist(), prompts):
+        assert row[: len(prompt)] == prompt  # the prompt, then its own continuation
+    alone = [model.generate(torch.tensor([p]), 6)[0, len(p):].tolist() for p in prompts]
+    assert completions(out, lens, 6) == alone
+    # a shorter prompt steps on to the common end: its extra tokens continue it greedily
+    assert model.generate(torch.tensor([prompts[0]]), 14)[0].tolist() == out[0].tolist()
+    past_vocab, _ = _right_padded(prompts, pad=vocab + 5)
+    assert torch.equal(model.generate(past_vocab, 6, prompt_lens=lens), out)
+    if not changes:
+        graphs, _ = generate_with_graphs(model, ids, 6, lambda fn: fn, prompt_lens=lens)
+        torch.testing.assert_close(graphs, out, rtol=0, atol=0)
+
+
+def test_model_generate_ragged_prompts_stop_per_row_and_never_inside_a_prompt():
+    """With ``eos_token_id``, a row stops at a stop id it generates, not at one inside its own
+    prompt that is fed one step at a time; ``completions`` cuts each row after its stop."""
+    from dshal.model.generate import completions
+
+    model = _model()
+    vocab = model.args.vocab_size
+    short = _ids(vocab, 2, batch=1, seed=1)[0].tolist()
+    free = model.generate(torch.tensor([short]), 4)[0, 2:].tolist()
+    eos = free[1]  # the short prompt's second new token
+    long = _ids(vocab, 6, batch=1, seed=2)[0].tolist()
+    long[4] = eos  # fed after the prefill of 2 tokens: a prompt id, not a stop
+    ids, lens = _right_padded([short, long], pad=0)
+    out = model.generate(ids, 4, prompt_lens=lens, eos_token_id=eos)
+    got = completions(out, lens, 4, eos_token_id=eos)
+    assert got[0] == free[:2]  # stopped at its eos
+    assert got[1] == completions(model.generate(torch.tensor([long]), 4, eos_token_id=eos), [6], 4, eos)[0]
+    assert out[1, :6].tolist() == long
+
+
+def test_model_generate_refuses_bad_prompt_lens():
+    model = _model()
+    ids = _ids(model.args.vocab_size, 5)
+    for bad in ([5], [0, 5], [5, 6], [5, 2.0], [True, 5], 5, "55"):
+        with pytest.raises(dshal.ArgumentError, match=r"argument 'prompt_lens' is .*, expected None or 2 ints in \[1, 5\]"):
+            model.generate(ids, 2, prompt_lens=bad)
+    assert torch.equal(model.generate(ids, 2, prompt_lens=torch.tensor([5, 5])), model.generate(ids, 2))
+
+
 def test_top_p_samples_only_the_nucleus():
     """Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.6 keeps the first two (0.5 alone does not
     reach it), top_p 0.5 only the first; both kept tokens are drawn."""

@@ -271,6 +271,34 @@ def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path)
     assert json.loads((tmp_path / "c.json").read_text())["prompt_len"] == len(want) > report["prompt_len"]
 
 
+def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
+    """Repeated ``--prompt``: one batch of prompts of different lengths; each sequence gets the
+    tokens it gets alone, the graph run agrees, and ``--batch`` with several prompts is refused."""
+    ckpt = tmp_path / "ckpt"
+    tokenizer = _checkpoint_with_tokenizer(ckpt)
+    texts = ["hello", "one model on any accelerator"]
+    lens = [len(tokenizer(t)["input_ids"]) for t in texts]
+    assert lens[0] < lens[1]
+    run = ("run", "--checkpoint", str(ckpt), "--new-tokens", "5", "--no-progress", "--graphs", "on", "--ignore-eos",
+           "--json")
+    proc = _dshal(*run, str(tmp_path / "both.json"), "--prompt", texts[0], "--prompt", texts[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert (both["batch"], both["prompt_len"], both["prefill_len"]) == (2, lens[1], lens[0])
+    assert [seq["prompt_len"] for seq in both["sequences"]] == lens
+    assert both["graphs"]["tokens_match_eager"]
+    assert f"prompts of {lens[0]} to {lens[1]} tokens" in proc.stdout
+    for i, text in enumerate(texts):
+        alone = _dshal(*run, str(tmp_path / f"{i}.json"), "--prompt", text, "--graphs", "off")
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        want = json.loads((tmp_path / f"{i}.json").read_text())
+        seq = both["sequences"][i]
+        assert seq["output_ids"] == want["output_ids"] and len(seq["output_ids"]) == 5
+        assert f"prompt {i + 1}: {text!r}" in proc.stdout and f"output {i + 1}: {seq['output_text']!r}" in proc.stdout
+    bad = _dshal("run", "--checkpoint", str(ckpt), "--prompt", "a", "--prompt", "b", "--batch", "2")
+    assert bad.returncode == 1 and "--batch is 2 with 2 --prompt texts, expected --batch 1" in bad.stderr
+
+
 def test_model_dshal_run_runs_a_checkpoints_tokenizer_code_only_when_asked(tmp_path):
     """A tokenizer that is code shipped with the checkpoint (``auto_map``, as Kimi-K2's
     tiktoken one): refused with what to do, never asked about on the terminal; run with

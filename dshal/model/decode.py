@@ -24,7 +24,7 @@ model without an attention window.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,14 @@ from torch import nn
 from dshal import ops
 from dshal.errors import DshalError
 from dshal.model.cache import KVCache
-from dshal.model.generate import DEFAULT_PREFILL_CHUNK, check_input_ids, check_prefill_chunk, check_token_ids, prefill
+from dshal.model.generate import (
+    DEFAULT_PREFILL_CHUNK,
+    PromptBatch,
+    check_input_ids,
+    check_prefill_chunk,
+    check_token_ids,
+    prefill,
+)
 
 
 def static_decode_step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -117,29 +124,31 @@ def generate_with_graphs(
     graph: Callable[[Callable[..., Any]], Callable[..., Any]],
     on_token: Callable[[int], None] | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    prompt_lens: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, StaticDecoder | None]:
-    """Greedy generation (as ``model.generate(input_ids, max_new_tokens, prefill_chunk=...)``)
-    whose decode steps go through a :class:`StaticDecoder` captured with ``graph``. Returns
-    the ids ``[B, T + new]`` and the decoder (None when ``max_new_tokens`` < 2: no decode step)."""
+    """Greedy generation (as ``model.generate(input_ids, max_new_tokens, prefill_chunk=...,
+    prompt_lens=...)``) whose decode steps go through a :class:`StaticDecoder` captured with
+    ``graph``. Returns the ids ``[B, T + new]`` and the decoder (None when no decode step runs)."""
     check_input_ids("generate_with_graphs", input_ids, model.rope_cos.device)
     check_prefill_chunk("generate_with_graphs", prefill_chunk)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise DshalError(f"generate_with_graphs: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
-    bsz, prompt_len = input_ids.shape
-    out = torch.empty(bsz, prompt_len + max_new_tokens, dtype=torch.int64, device=input_ids.device)
-    out[:, :prompt_len] = input_ids
+    prompts = PromptBatch("generate_with_graphs", input_ids, prompt_lens)
+    bsz, width = input_ids.shape
+    total = width + max_new_tokens
+    out = torch.empty(bsz, total, dtype=torch.int64, device=input_ids.device)
+    out[:, :width] = prompts.ids
     if max_new_tokens == 0:
         return out, None
-    cache = model.new_cache(bsz, prompt_len + max_new_tokens, "absorb")
-    decoder = StaticDecoder(model, cache, graph) if max_new_tokens > 1 else None
-    logits = prefill(model, input_ids, cache, prefill_chunk)
-    for i in range(max_new_tokens):
-        pos = prompt_len + i
-        token = logits.argmax(dim=-1)  # [B]
+    cache = model.new_cache(bsz, total, "absorb")
+    decoder = StaticDecoder(model, cache, graph) if total - prompts.start > 1 else None
+    logits = prefill(model, prompts.ids[:, : prompts.start], cache, prefill_chunk)
+    for pos in range(prompts.start, total):
+        token = prompts.force(logits.argmax(dim=-1), pos)  # [B]
         out[:, pos] = token
         if on_token is not None:
-            on_token(i)
-        if i + 1 == max_new_tokens:
+            on_token(pos - prompts.start)
+        if pos + 1 == total:
             break
         logits = decoder(token, pos)  # type: ignore[misc]
     return out, decoder

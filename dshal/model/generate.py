@@ -1,5 +1,11 @@
 """Greedy / temperature sampling with the KV cache: the prompt's prefill (in chunks of at most
-:data:`DEFAULT_PREFILL_CHUNK` tokens), then one step per token."""
+:data:`DEFAULT_PREFILL_CHUNK` tokens), then one step per token.
+
+Prompts of different lengths share a batch the way DeepSeek-V3's ``generate.py`` runs them:
+right-padded, prefilled up to the shortest one, then one step per position for every
+sequence, where a sequence still inside its prompt is fed its own next prompt token instead
+of the sampled one (:class:`PromptBatch`). All sequences are then at the same position, so
+the causal attention needs no padding mask."""
 
 from __future__ import annotations
 
@@ -54,6 +60,76 @@ def check_token_ids(where: str, input_ids: torch.Tensor, vocab_size: int) -> Non
     """Every id in ``input_ids`` must be in ``[0, vocab_size)`` (reads the values: a host sync
     on an accelerator)."""
     check_ids_in_range(where, "input_ids", input_ids, vocab_size, "token id", "the vocabulary")
+
+
+class PromptBatch:
+    """The prompts of one generation: ``input_ids [B, T]``, each row's prompt its first
+    ``prompt_lens[b]`` ids (None: all T). Ids past a row's prompt (its padding) are never
+    read: they are replaced by 0 here and by the sampled tokens during generation.
+
+    ``start`` is the shortest prompt's length: the prefill covers ``ids[:, :start]``, and
+    :meth:`force` feeds each longer prompt's remaining ids one step at a time.
+    """
+
+    def __init__(self, where: str, input_ids: torch.Tensor, prompt_lens: Sequence[int] | None):
+        width = input_ids.shape[1]
+        lens = check_prompt_lens(where, prompt_lens, input_ids.shape[0], width)
+        self.lens = lens
+        self.start = min(lens)
+        self.ids = input_ids
+        #: ``[B, T]`` True where a row's prompt is; None when every prompt fills the width.
+        self.in_prompt: torch.Tensor | None = None
+        if self.start < width:
+            lengths = torch.tensor(lens, device=input_ids.device)
+            self.in_prompt = torch.arange(width, device=input_ids.device) < lengths[:, None]
+            self.ids = input_ids.masked_fill(~self.in_prompt, 0)
+
+    def force(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """``token [B]`` sampled for position ``pos``, with the prompt's own id where a row's
+        prompt still covers ``pos`` (device-side: no host sync)."""
+        if self.in_prompt is None or pos >= self.ids.shape[1]:
+            return token
+        return torch.where(self.in_prompt[:, pos], self.ids[:, pos], token)
+
+    def sampled(self, pos: int) -> torch.Tensor | bool:
+        """Which rows' token at ``pos`` was sampled (not forced from the prompt): ``[B]`` bool or True."""
+        if self.in_prompt is None or pos >= self.ids.shape[1]:
+            return True
+        return ~self.in_prompt[:, pos]
+
+
+def check_prompt_lens(where: str, prompt_lens: Any, batch: int, width: int) -> list[int]:
+    """``prompt_lens`` (None: every row is ``width`` long) as a list of ``batch`` ints in ``[1, width]``."""
+    if prompt_lens is None:
+        return [width] * batch
+    if isinstance(prompt_lens, torch.Tensor):
+        prompt_lens = prompt_lens.tolist()
+    if (
+        not isinstance(prompt_lens, Sequence)
+        or len(prompt_lens) != batch
+        or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= width for n in prompt_lens)
+    ):
+        raise ArgumentError(
+            f"{where}: argument 'prompt_lens' is {prompt_lens!r}, expected None or {batch} ints in [1, {width}] "
+            "(one prompt length per row of input_ids, whose rows are right-padded to the longest)"
+        )
+    return list(prompt_lens)
+
+
+def completions(
+    ids: torch.Tensor, prompt_lens: Sequence[int], max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None
+) -> list[list[int]]:
+    """Each row's new tokens in :func:`generate`'s result ``ids``: the at most ``max_new_tokens``
+    ids after its prompt (``prompt_lens[b]`` ids), up to and including the first stop id of
+    ``eos_token_id``. (A row whose prompt is shorter than the longest runs on past
+    ``max_new_tokens``, as every row steps to the same end; those extra tokens are dropped here.)"""
+    stops = set() if eos_token_id is None else set(_stop_list(eos_token_id))
+    rows = []
+    for row, length in zip(ids.tolist(), prompt_lens):
+        new = row[length : length + max_new_tokens]
+        cut = next((i + 1 for i, token in enumerate(new) if token in stops), len(new))
+        rows.append(new[:cut])
+    return rows
 
 
 def _next_token(
@@ -133,6 +209,7 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     top_p: float = 1.0,
+    prompt_lens: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + new]``.
 
@@ -140,44 +217,55 @@ def generate(
     ``eos_token_id`` (one id, or a list: e.g. a chat model's end-of-turn token besides its EOS),
     generation stops once every sequence has produced one (the result is then shorter); a
     sequence that finished earlier is padded with the first. ``on_token(i)`` is called
-    after the i-th new token (0-based), e.g. for a progress bar; the first call marks the
+    after the i-th step (0-based), e.g. for a progress bar; the first call marks the
     end of the prefill. The prompt is prefilled in forwards of at most ``prefill_chunk``
     tokens (None: one forward), which bounds the activations of a long prompt. ``top_p < 1``
     samples from the smallest set of most likely tokens whose probabilities reach it.
+
+    Prompts of different lengths: right-pad them to ``T`` and give each row's length in
+    ``prompt_lens``. Row b then holds its prompt, then its new tokens from ``prompt_lens[b]``
+    on: every row steps to ``T + max_new_tokens``, so a shorter prompt gets more than
+    ``max_new_tokens`` (:func:`completions` cuts each row's). The steps that feed the longer
+    prompts' remaining ids run one position at a time, as DeepSeek-V3's ``generate.py`` does.
     """
     check_input_ids("generate", input_ids)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate", prefill_chunk)
     check_top_p(top_p)
-    bsz, prompt_len = input_ids.shape
-    total = prompt_len + max_new_tokens
+    prompts = PromptBatch("generate", input_ids, prompt_lens)
+    bsz, width = input_ids.shape
+    total = width + max_new_tokens
     out = torch.empty(bsz, total, dtype=torch.int64, device=input_ids.device)
-    out[:, :prompt_len] = input_ids
+    out[:, :width] = prompts.ids
     if max_new_tokens == 0:
         return out
+    if prompts.in_prompt is not None:  # the forced prompt ids are fed as vouched steps: check them now
+        check_token_ids("generate", prompts.ids, model.args.vocab_size)
     cache = model.new_cache(bsz, total)
     done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
     stops = None if eos_token_id is None else torch.tensor(_stop_list(eos_token_id), device=input_ids.device)
-    logits = prefill(model, input_ids, cache, prefill_chunk)
-    for i in range(max_new_tokens):
-        pos = prompt_len + i
-        token = _next_token(logits, temperature, generator, top_p)
+    logits = prefill(model, prompts.ids[:, : prompts.start], cache, prefill_chunk)
+    for pos in range(prompts.start, total):
+        token = prompts.force(_next_token(logits, temperature, generator, top_p), pos)
         if stops is not None:
             token = torch.where(done, stops[0], token)  # a finished sequence is padded with the first stop id
-            done |= torch.isin(token, stops)
+            done |= torch.isin(token, stops) & prompts.sampled(pos)
         out[:, pos] = token
         if on_token is not None:
-            on_token(i)
-        if i + 1 == max_new_tokens or (stops is not None and bool(done.all())):
+            on_token(pos - prompts.start)
+        if pos + 1 == total or (stops is not None and bool(done.all())):
             return out[:, : pos + 1]
         step = token[:, None]
-        cache.vouch_for(step)  # the model's own sample: its id range needs no host sync
+        cache.vouch_for(step)  # the model's own sample, or a checked prompt id: no host sync for its range
         logits = model(step, pos, cache, last_only=True)[:, -1]
     return out
 
 
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
+    "PromptBatch",
+    "check_prompt_lens",
+    "completions",
     "check_generate_args",
     "check_input_ids",
     "check_prefill_chunk",

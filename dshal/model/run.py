@@ -29,7 +29,7 @@ from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.cache import check_cache_fits
 from dshal.model.decode import generate_with_graphs, static_decode_unsupported
-from dshal.model.generate import DEFAULT_PREFILL_CHUNK
+from dshal.model.generate import DEFAULT_PREFILL_CHUNK, completions
 from dshal.model.precision import precision_summary
 from dshal.model.run_report import RunReport
 from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer, stop_ids
@@ -53,9 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument(
         "--prompt",
         metavar="TEXT",
+        action="append",
         help="prompt with this text instead of random ids, through the --checkpoint's own tokenizer (needs "
         "transformers); prints the generated text, and generation stops at the tokenizer's EOS or an eos_token_id "
-        "of the checkpoint's generation_config.json",
+        "of the checkpoint's generation_config.json. Repeat it for a batch of prompts (of any lengths: "
+        "right-padded, prefilled up to the shortest, the rest fed one step at a time, as DeepSeek-V3's generate.py)",
     )
     prompt.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
                         "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
@@ -70,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "most likely tokens whose probabilities reach P together (default 1: all)")
 
     shape = parser.add_argument_group("how it runs")
-    shape.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together (default 1)")
+    shape.add_argument("--batch", type=int, default=1, metavar="N",
+                       help="sequences generated together (default 1; with one --prompt, copies of it)")
     shape.add_argument(
         "--prefill-chunk",
         type=int,
@@ -120,8 +123,11 @@ def _positive(name: str, value: int) -> None:
 
 def _check_prompt_flags(args: argparse.Namespace) -> None:
     if args.prompt is not None:
-        if not args.prompt:
+        if not all(args.prompt):
             raise DshalError("dshal run: --prompt is empty, expected text")
+        if len(args.prompt) > 1 and args.batch != 1:
+            raise DshalError(f"dshal run: --batch is {args.batch} with {len(args.prompt)} --prompt texts, expected "
+                             "--batch 1 (the prompts are the batch) or one --prompt (copied --batch times)")
         if args.prompt_len is not None:
             raise DshalError("dshal run: --prompt and --prompt-len are both given, expected one (the text sets the length)")
         if not args.checkpoint:
@@ -135,11 +141,23 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
         _positive("--prompt-len", args.prompt_len)
 
 
-def _read_prompt(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[int], list[int]]:
-    """``--prompt`` through ``--checkpoint``'s tokenizer: ``(tokenizer, token ids, stop ids)``."""
+def _read_prompts(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[list[int]], list[int]]:
+    """Each ``--prompt`` through ``--checkpoint``'s tokenizer: ``(tokenizer, token ids per
+    sequence of the batch, stop ids)``; one prompt is copied ``--batch`` times."""
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
     check_vocabulary(tokenizer, vocab_size)
-    return tokenizer, encode_prompt(tokenizer, args.prompt, args.chat), stop_ids(tokenizer, args.checkpoint)
+    ids = [encode_prompt(tokenizer, text, args.chat) for text in args.prompt]
+    return tokenizer, ids * args.batch if len(ids) == 1 else ids, stop_ids(tokenizer, args.checkpoint)
+
+
+def _prompt_batch(args: argparse.Namespace, vocab_size: int, prompts: list[list[int]] | None) -> tuple[torch.Tensor, list[int]]:
+    """The batch's input ids ``[B, longest prompt]`` (right-padded) and each row's prompt length:
+    ``prompts``' ids, or random ids of ``--prompt-len``."""
+    if prompts is None:
+        gen = torch.Generator().manual_seed(args.seed)
+        return torch.randint(0, vocab_size, (args.batch, args.prompt_len), generator=gen), [args.prompt_len] * args.batch
+    width = max(map(len, prompts))
+    return torch.tensor([ids + [0] * (width - len(ids)) for ids in prompts]), [len(ids) for ids in prompts]
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -180,27 +198,25 @@ def main(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - started
     tokenizer, prompt_ids, stops = None, None, []
     if args.prompt is not None:
-        read = functools.partial(_read_prompt, args, model.args.vocab_size)
+        read = functools.partial(_read_prompts, args, model.args.vocab_size)
         tokenizer, prompt_ids, stops = read() if groups is None else parallel_run.agree(read)  # an error said once
-        args.prompt_len = len(prompt_ids)
+        args.batch, args.prompt_len = len(prompt_ids), max(map(len, prompt_ids))
     if groups is None:
         check_run_fits(model, args, runtime.device)
     else:  # every rank checks its own cache; an error they share is said once
         sharing = parallel_run.ranks_sharing(runtime.device)
         parallel_run.agree(lambda: check_run_fits(model, args, runtime.device, sharing))
-    if prompt_ids is None:
-        gen = torch.Generator().manual_seed(args.seed)
-        prompt = torch.randint(0, model.args.vocab_size, (args.batch, args.prompt_len), generator=gen)
-    else:
-        prompt = torch.tensor([prompt_ids] * args.batch, dtype=torch.int64)
+    prompt, prompt_lens = _prompt_batch(args, model.args.vocab_size, prompt_ids)
     prompt = prompt.to(runtime.device)
+    steps = args.prompt_len + args.new_tokens - min(prompt_lens)  # decode steps, the longer prompts' rest included
     sync = runtime.backend.synchronize
     eos = None if args.ignore_eos or not stops else stops
     # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
     warm_start = time.perf_counter()
     sampler = torch.Generator(device=prompt.device).manual_seed(args.seed)
     generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
-                                 temperature=args.temperature, generator=sampler, top_p=args.top_p)
+                                 temperature=args.temperature, generator=sampler, top_p=args.top_p,
+                                 prompt_lens=prompt_lens)
     generate(prompt, args.new_tokens)
     sync()
     warmup_s = time.perf_counter() - warm_start
@@ -208,10 +224,11 @@ def main(args: argparse.Namespace) -> int:
     run_report = _run_report(runtime, model, args.report)
     sampler.manual_seed(args.seed)  # the timed run samples what the warm-up did
     with run_report.recording() if run_report else contextlib.nullcontext():
-        result, start, stamps = _timed_generate(generate, prompt, args.new_tokens, sync, not args.no_progress)
-    prefill_s = stamps[0] - start  # the first new token comes out of the prefill
+        result, start, stamps = _timed_generate(generate, prompt, args.new_tokens, steps, sync, not args.no_progress)
+    prefill_s = stamps[0] - start  # the first step's token comes out of the prefill
     timed_s = stamps[-1] - start
-    graphs = _graph_run(args, model, prompt, runtime, result)
+    outputs = completions(result, prompt_lens, args.new_tokens, eos)
+    graphs = _graph_run(args, model, prompt, prompt_lens, runtime, outputs, eos)
     report: dict[str, Any] = {
         "backend": runtime.backend.name,
         "device": str(runtime.device),
@@ -219,12 +236,14 @@ def main(args: argparse.Namespace) -> int:
         "model": source,
         "load_s": round(load_s, 3),
         "batch": args.batch,
-        "prompt_len": args.prompt_len,
+        "prompt_len": args.prompt_len,  # the longest prompt
+        # Tokens per sequence in the prefill: the shortest prompt's (the longer ones' rest is fed by decode steps).
+        "prefill_len": min(prompt_lens),
         "prefill_chunk": args.prefill_chunk,
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
-        "prefill_tokens_per_s": args.batch * args.prompt_len / prefill_s if prefill_s > 0 else None,
+        "prefill_tokens_per_s": args.batch * min(prompt_lens) / prefill_s if prefill_s > 0 else None,
         "decode_tokens_per_s": _decode_rate(stamps, args.batch),
         "warmup_s": round(warmup_s, 3),
         # What the warm-up spent beyond a warm run: kernel compilation, autotuning, first-call setup.
@@ -232,14 +251,20 @@ def main(args: argparse.Namespace) -> int:
         **graphs,
         "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
         "model_description": model.describe(),
-        "output_ids": result[0, args.prompt_len :].tolist(),
-        "generated_tokens": result.shape[1] - args.prompt_len,  # fewer than new_tokens after an EOS
+        "output_ids": outputs[0],  # the first sequence's
+        "generated_tokens": max(map(len, outputs)),  # fewer than new_tokens after an EOS
     }
     if tokenizer is not None:
-        report["prompt_text"] = args.prompt
-        report["output_text"] = tokenizer.decode(report["output_ids"], skip_special_tokens=True)
+        texts = args.prompt * args.batch if len(args.prompt) == 1 else args.prompt
         report["stop_ids"] = eos or []
-        report["stopped_at_eos"] = bool(eos and report["output_ids"] and report["output_ids"][-1] in eos)
+        report["sequences"] = [
+            {"prompt_text": text, "prompt_len": length, "output_ids": ids,
+             "output_text": tokenizer.decode(ids, skip_special_tokens=True),
+             "stopped_at_eos": bool(eos and ids and ids[-1] in eos)}
+            for text, length, ids in zip(texts, prompt_lens, outputs)
+        ]
+        first = report["sequences"][0]  # the single-prompt fields, as before
+        report.update(prompt_text=first["prompt_text"], output_text=first["output_text"], stopped_at_eos=first["stopped_at_eos"])
     if groups is not None:
         report = parallel_run.report(report, groups)
     if groups is None or parallel_run.is_reporting_rank():
@@ -298,8 +323,17 @@ def _decode_rate(stamps: list[float], batch: int) -> float | None:
     return batch * (len(stamps) - 2) / (stamps[-1] - stamps[1])
 
 
-def _graph_run(args: argparse.Namespace, model: Any, prompt: torch.Tensor, runtime: Any, eager_ids: torch.Tensor) -> dict[str, Any]:
-    """Decode through a captured static step (``--graphs``); the report's graph fields."""
+def _graph_run(
+    args: argparse.Namespace,
+    model: Any,
+    prompt: torch.Tensor,
+    prompt_lens: list[int],
+    runtime: Any,
+    eager_outputs: list[list[int]],
+    eos: list[int] | None,
+) -> dict[str, Any]:
+    """Decode through a captured static step (``--graphs``); the report's graph fields.
+    ``eager_outputs``: the eager run's new tokens per sequence (cut after a stop id ``eos``)."""
     probe = lambda: None  # noqa: E731
     captures = runtime.backend.graph(probe) is not probe
     why = static_decode_unsupported(model)
@@ -313,11 +347,13 @@ def _graph_run(args: argparse.Namespace, model: Any, prompt: torch.Tensor, runti
     decoders: list[Any] = []
 
     def graph_generate(prompt: torch.Tensor, new_tokens: int, on_token: Any = None) -> torch.Tensor:
-        ids, decoder = generate_with_graphs(model, prompt, new_tokens, runtime.backend.graph, on_token, args.prefill_chunk)
+        ids, decoder = generate_with_graphs(model, prompt, new_tokens, runtime.backend.graph, on_token, args.prefill_chunk,
+                                            prompt_lens)
         decoders.append(decoder)
         return ids
 
-    ids, _, stamps = _timed_generate(graph_generate, prompt, args.new_tokens, runtime.backend.synchronize, False)
+    steps = prompt.shape[1] + args.new_tokens - min(prompt_lens)
+    ids, _, stamps = _timed_generate(graph_generate, prompt, args.new_tokens, steps, runtime.backend.synchronize, False)
     decoder = decoders[-1]
     return {
         "graphs": {
@@ -326,22 +362,24 @@ def _graph_run(args: argparse.Namespace, model: Any, prompt: torch.Tensor, runti
             "capture_s": round(decoder.capture_s, 3) if decoder else None,
             "why": (f"capture failed, the static step ran eagerly: {decoder.capture_error}" if decoder and decoder.capture_error
                     else "" if captures else f"backend {runtime.backend.name!r} has no device graphs: the static step ran eagerly"),
-            "tokens_match_eager": bool(torch.equal(ids[:, : eager_ids.shape[1]], eager_ids)),  # eager may stop at EOS
+            # The graph run never stops at an EOS: its tokens up to each sequence's stop are compared.
+            "tokens_match_eager": completions(ids, prompt_lens, args.new_tokens, eos) == eager_outputs,
         },
         "decode_tokens_per_s_graphs": _decode_rate(stamps, args.batch),
     }
 
 
 def _timed_generate(
-    generate: Any, prompt: torch.Tensor, new_tokens: int, sync: Any, show: bool
+    generate: Any, prompt: torch.Tensor, new_tokens: int, steps: int, sync: Any, show: bool
 ) -> tuple[torch.Tensor, float, list[float]]:
-    """Generate with a progress bar; returns (ids, start time, time at which each new token was ready)."""
+    """Generate with a progress bar of ``steps``; returns (ids, start time, time at which each
+    step's token was ready)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     stamps: list[float] = []
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show, transient=True) as progress:
-        task = progress.add_task("generate", total=new_tokens)
+        task = progress.add_task("generate", total=steps)
 
         def on_token(i: int) -> None:
             sync()
@@ -355,8 +393,8 @@ def _timed_generate(
 
 def _chunks(report: dict[str, Any]) -> str:
     """`` in N chunks of C`` when the prompt was prefilled in more than one forward."""
-    chunk = report.get("prefill_chunk") or report["prompt_len"]
-    n = -(-report["prompt_len"] // chunk)
+    chunk = report.get("prefill_chunk") or report["prefill_len"]
+    n = -(-report["prefill_len"] // chunk)
     return f" in {n} chunks of <= {chunk}" if n > 1 else ""
 
 
@@ -397,14 +435,22 @@ def _print(report: dict[str, Any]) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:,.1f}"  # noqa: E731
     batch, prefill, decode = report["batch"], report["prefill_tokens_per_s"], report["decode_tokens_per_s"]
     why_not = " (timed from the second decode step on: needs --new-tokens >= 3)" if decode is None else ""
+    ragged = ""
+    if report["prefill_len"] < report["prompt_len"]:
+        ragged = (f"; prompts of {report['prefill_len']} to {report['prompt_len']} tokens: "
+                  "the longer ones' rest is fed by the decode steps")
     console.print(
-        f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({batch} x {report['prompt_len']} tokens{_chunks(report)}); "
-        f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}"
+        f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({batch} x {report['prefill_len']} tokens{_chunks(report)}); "
+        f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}{ragged}"
     )
-    if "output_text" in report:  # the model's text is not rich markup
-        console.print(f"prompt: {report['prompt_text']!r}", markup=False, highlight=False)
-        eos = " (stopped at an end-of-sequence id)" if report["stopped_at_eos"] else ""
-        console.print(f"output: {report['output_text']!r}{eos}", markup=False, highlight=False)
+    sequences = report.get("sequences", [])
+    if len({seq["prompt_text"] for seq in sequences}) == 1:
+        sequences = sequences[:1]  # --batch copies of one prompt: its first output
+    for i, seq in enumerate(sequences):  # the model's text is not rich markup
+        number = f" {i + 1}" if len(sequences) > 1 else ""
+        console.print(f"prompt{number}: {seq['prompt_text']!r}", markup=False, highlight=False)
+        eos = " (stopped at an end-of-sequence id)" if seq["stopped_at_eos"] else ""
+        console.print(f"output{number}: {seq['output_text']!r}{eos}", markup=False, highlight=False)
     graphs = report["graphs"]
     if graphs["run"]:
         with_graphs = report["decode_tokens_per_s_graphs"]
