@@ -19,7 +19,7 @@ import torch
 
 from dshal.backend import Backend, Capabilities
 from dshal.config import REFERENCE_PROVIDER, Config, load_config
-from dshal.errors import ConfigError, UnsupportedOpError
+from dshal.errors import ConfigError, DeviceError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
 from dshal.ops.dispatch import DISPATCHER, Hook
 from dshal.registry import REGISTRY, Decision, require_named, select
@@ -319,6 +319,31 @@ def free_memory(device: torch.device | str) -> int | None:
         return None
     free = runtime.backend.memory_stats().get("free")
     return None if free is None else int(free)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation the device (or the host) refused: torch's
+    ``OutOfMemoryError`` (CUDA, HIP, NPU), or the CPU allocator's "can't allocate memory"."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(err, oom):
+        return True
+    return isinstance(err, (RuntimeError, MemoryError)) and (
+        "can't allocate memory" in str(err) or "out of memory" in str(err).lower()
+    )
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(device: torch.device | str, what: str, lower: str) -> Iterator[None]:
+    """Turn an allocation that ``device`` refuses inside the block into a DeviceError that
+    names the request (``what``) and the arguments that shrink it (``lower``), in the
+    caller's terms, with torch's own first line; any other error passes unchanged."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        said = " ".join(str(err).split())[:300]
+        raise DeviceError(f"{what} ran out of memory on {device} ({said}): lower {lower}") from None
 
 
 def reset() -> None:

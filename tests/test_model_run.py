@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import dshal
 import dshal.model
 
 MODEL_DIR = Path(dshal.model.__file__).parent
@@ -195,6 +197,54 @@ def test_model_dshal_run_prefill_chunk(tmp_path):
     assert (a["prefill_chunk"], b["prefill_chunk"]) == (3, 2048) and a["output_ids"] == b["output_ids"]
     bad = _dshal("run", "--prefill-chunk", "0")
     assert bad.returncode == 1 and "--prefill-chunk is 0, expected an integer >= 1" in bad.stderr
+
+
+#: ``dshal run`` in a process whose address space is capped (RLIMIT_AS) at what its imports
+#: use plus argv[1] MiB: a real allocation failure, as a device out of memory gives one.
+_CAPPED_RUN = """
+import resource, sys
+import torch, dshal.cli, dshal.model.run  # the command's imports, before the cap
+used = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]) * 2**20, resource.RLIM_INFINITY))
+sys.exit(dshal.cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux's /proc to cap the address space")
+def test_model_dshal_run_out_of_memory_in_the_prefill_is_said_in_the_flags_terms():
+    """The KV cache fits, the prefill's activations do not: the allocation the host refuses is
+    one error line naming the flags that shrink them (not torch's traceback), and a smaller
+    --prefill-chunk, as it says, runs under the same cap."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    env.update(OMP_NUM_THREADS="1", DSHAL_BACKEND="cpu")
+    run = ("run", "--batch", "16", "--prompt-len", "2048", "--new-tokens", "2", "--graphs", "off", "--no-progress")
+
+    def capped(chunk: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _CAPPED_RUN, "600", *run, "--prefill-chunk", str(chunk)],
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    refused = capped(2048)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert ("dshal run: error: --batch 16 x --prompt-len 2048 (prefilled in forwards of <= 2048 tokens) + --new-tokens 2 "
+            "ran out of memory on cpu (") in refused.stderr
+    assert "can't allocate memory" in refused.stderr and "lower --batch, --prefill-chunk or --prompt-len" in refused.stderr
+    smaller = capped(64)
+    assert smaller.returncode == 0, smaller.stderr[-2000:]
+
+
+def test_out_of_memory_as_error_turns_only_refused_allocations_into_device_errors():
+    from dshal.runtime import out_of_memory_as_error
+
+    with pytest.raises(dshal.DeviceError, match=r"^a big request ran out of memory on cpu \(.*can't allocate memory.*\): "
+                                                  r"lower --size$"):
+        with out_of_memory_as_error("cpu", "a big request", "--size"):
+            torch.empty(2**62, dtype=torch.uint8)  # the host refuses it at once
+    with pytest.raises(dshal.DeviceError, match=r"on cuda:0 \(CUDA out of memory\. Tried to allocate 2\.00 GiB\)"):
+        with out_of_memory_as_error("cuda:0", "a big request", "--size"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # what torch raises there
+    with pytest.raises(RuntimeError, match="^something else$"):
+        with out_of_memory_as_error("cpu", "a big request", "--size"):
+            raise RuntimeError("something else")
 
 
 def _checkpoint_with_tokenizer(folder: Path, eos: str = "<eos>") -> Any:

@@ -35,7 +35,7 @@ from dshal.model.run_report import RunReport
 from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer, stop_ids
 from dshal.outputs import atomic_write, check_writable
 from dshal.parallel import run as parallel_run
-from dshal.runtime import free_memory, use_for_command
+from dshal.runtime import free_memory, out_of_memory_as_error, use_for_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +114,16 @@ def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device, s
         "--batch, --prompt-len or --new-tokens",
         sharing,
     )
+
+
+def out_of_memory_in_flags(args: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Inside it, an allocation ``device`` refuses (the prefill's activations, which the KV
+    cache check does not cover) is a DeviceError in the flags' terms, not torch's traceback."""
+    chunk = getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK)
+    what = (f"--batch {args.batch} x --prompt-len {args.prompt_len} (prefilled in forwards of <= {chunk} tokens) "
+            f"+ --new-tokens {args.new_tokens}")
+    lower = "--batch, --prefill-chunk or --prompt-len" if hasattr(args, "prefill_chunk") else "--batch or --prompt-len"
+    return out_of_memory_as_error(device, what, lower)
 
 
 def _positive(name: str, value: int) -> None:
@@ -208,27 +218,10 @@ def main(args: argparse.Namespace) -> int:
         parallel_run.agree(lambda: check_run_fits(model, args, runtime.device, sharing))
     prompt, prompt_lens = _prompt_batch(args, model.args.vocab_size, prompt_ids)
     prompt = prompt.to(runtime.device)
-    steps = args.prompt_len + args.new_tokens - min(prompt_lens)  # decode steps, the longer prompts' rest included
-    sync = runtime.backend.synchronize
     eos = None if args.ignore_eos or not stops else stops
-    # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
-    warm_start = time.perf_counter()
-    sampler = torch.Generator(device=prompt.device).manual_seed(args.seed)
-    generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
-                                 temperature=args.temperature, generator=sampler, top_p=args.top_p,
-                                 prompt_lens=prompt_lens)
-    generate(prompt, args.new_tokens)
-    sync()
-    warmup_s = time.perf_counter() - warm_start
-
     run_report = _run_report(runtime, model, args.report)
-    sampler.manual_seed(args.seed)  # the timed run samples what the warm-up did
-    with run_report.recording() if run_report else contextlib.nullcontext():
-        result, start, stamps = _timed_generate(generate, prompt, args.new_tokens, steps, sync, not args.no_progress)
-    prefill_s = stamps[0] - start  # the first step's token comes out of the prefill
-    timed_s = stamps[-1] - start
-    outputs = completions(result, prompt_lens, args.new_tokens, eos)
-    graphs = _graph_run(args, model, prompt, prompt_lens, runtime, outputs, eos)
+    with out_of_memory_in_flags(args, runtime.device):
+        timing, outputs = _generate_and_time(args, model, runtime, prompt, prompt_lens, eos, run_report)
     report: dict[str, Any] = {
         "backend": runtime.backend.name,
         "device": str(runtime.device),
@@ -243,12 +236,7 @@ def main(args: argparse.Namespace) -> int:
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
-        "prefill_tokens_per_s": args.batch * min(prompt_lens) / prefill_s if prefill_s > 0 else None,
-        "decode_tokens_per_s": _decode_rate(stamps, args.batch),
-        "warmup_s": round(warmup_s, 3),
-        # What the warm-up spent beyond a warm run: kernel compilation, autotuning, first-call setup.
-        "compile_autotune_s": round(max(warmup_s - timed_s, 0.0), 3),
-        **graphs,
+        **timing,
         "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
         "model_description": model.describe(),
         "output_ids": outputs[0],  # the first sequence's
@@ -277,6 +265,46 @@ def main(args: argparse.Namespace) -> int:
     if groups is not None:
         parallel_run.finish()
     return 0
+
+
+def _generate_and_time(
+    args: argparse.Namespace,
+    model: Any,
+    runtime: Any,
+    prompt: torch.Tensor,
+    prompt_lens: list[int],
+    eos: list[int] | None,
+    run_report: Any,
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """The warm-up, the timed run (recorded by ``run_report``) and the graph run: the report's
+    timing fields, and each sequence's new tokens."""
+    sync = runtime.backend.synchronize
+    steps = args.prompt_len + args.new_tokens - min(prompt_lens)  # decode steps, the longer prompts' rest included
+    # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
+    warm_start = time.perf_counter()
+    sampler = torch.Generator(device=prompt.device).manual_seed(args.seed)
+    generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
+                                 temperature=args.temperature, generator=sampler, top_p=args.top_p,
+                                 prompt_lens=prompt_lens)
+    generate(prompt, args.new_tokens)
+    sync()
+    warmup_s = time.perf_counter() - warm_start
+
+    sampler.manual_seed(args.seed)  # the timed run samples what the warm-up did
+    with run_report.recording() if run_report else contextlib.nullcontext():
+        result, start, stamps = _timed_generate(generate, prompt, args.new_tokens, steps, sync, not args.no_progress)
+    prefill_s = stamps[0] - start  # the first step's token comes out of the prefill
+    timed_s = stamps[-1] - start
+    outputs = completions(result, prompt_lens, args.new_tokens, eos)
+    timing = {
+        "prefill_tokens_per_s": args.batch * min(prompt_lens) / prefill_s if prefill_s > 0 else None,
+        "decode_tokens_per_s": _decode_rate(stamps, args.batch),
+        "warmup_s": round(warmup_s, 3),
+        # What the warm-up spent beyond a warm run: kernel compilation, autotuning, first-call setup.
+        "compile_autotune_s": round(max(warmup_s - timed_s, 0.0), 3),
+        **_graph_run(args, model, prompt, prompt_lens, runtime, outputs, eos),
+    }
+    return timing, outputs
 
 
 #: What the load progress bar says in each phase (dshal.model.loader.LoadProgress).
@@ -466,4 +494,4 @@ def _print(report: dict[str, Any]) -> None:
     )
 
 
-__all__ = ["add_arguments", "check_run_fits", "load_progress_bar", "main"]
+__all__ = ["add_arguments", "check_run_fits", "load_progress_bar", "main", "out_of_memory_in_flags"]

@@ -36,7 +36,7 @@ import dshal.ops
 from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.precision import precision_summary
-from dshal.model.run import check_run_fits, load_progress_bar
+from dshal.model.run import check_run_fits, load_progress_bar, out_of_memory_in_flags
 from dshal.ops.spec import Cost
 from dshal.perf.measure import GLUE, OUTSIDE, PROFILER, Peaks, Recorder, gc_paused, has_hooks, place, resolve_peaks
 from dshal.perf.report import (
@@ -544,9 +544,10 @@ def main(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, model.args.vocab_size, (args.batch, args.prompt_len), generator=gen).to(runtime.device)
     started = time.time()
-    report = profile_model(
-        model, runtime, prompt, args.new_tokens, overhead_pairs=args.overhead_pairs, progress=not args.no_progress
-    )
+    with out_of_memory_in_flags(args, runtime.device):
+        report = profile_model(
+            model, runtime, prompt, args.new_tokens, overhead_pairs=args.overhead_pairs, progress=not args.no_progress
+        )
     report = {
         "schema": SCHEMA,
         "dshal_version": dshal.__version__,
