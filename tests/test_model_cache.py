@@ -230,9 +230,9 @@ def test_model_generate_contract():
     # greedy = argmax of the cache-free forward at every step
     assert torch.equal(model(out[:, :-1])[:, 4:].argmax(-1), out[:, 5:])
     assert torch.equal(model.generate(ids, 0), ids)
-    seen = []
-    model.generate(ids, 3, on_token=seen.append)
-    assert seen == [0, 1, 2]
+    seen, streamed = [], []
+    model.generate(ids, 3, on_token=seen.append, stream=streamed.append)
+    assert seen == [0, 1, 2] and torch.equal(torch.stack(streamed, dim=1), out[:, 5:8])  # each step's ids as they come
     eos = int(out[0, 5])
     stopped = model.generate(ids[:1], 7, eos_token_id=eos)
     assert stopped.shape == (1, 6) and int(stopped[0, -1]) == eos

@@ -456,3 +456,97 @@ def test_model_dshal_run_parallel_prompt_error_is_said_once(tmp_path):
                            "--no-progress"], capture_output=True, text=True, timeout=120, env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.count("no tokenizer, expected one of tokenizer.json") == 1, proc.stderr[-2000:]
+
+
+def test_text_stream_holds_back_a_character_split_across_tokens(tmp_path):
+    """Byte-level tokens can split one character: the stream never shows the half (U+FFFD),
+    and its pieces join to the whole decoded text."""
+    from dshal.model.text import TextStream, load_tokenizer
+
+    _checkpoint_with_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    ids = tokenizer("héllo wörld ✓", add_special_tokens=False)["input_ids"]
+    halves = [i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd")]
+    assert halves, "the test text must split a character across tokens"
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(i) for i in [tokenizer.bos_token_id, *ids]] + [stream.flush()]
+    assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == "héllo wörld ✓"
+    assert pieces[halves[0]] == ""  # after ids[:halves[0]]: held back, shown with the next token
+
+
+def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
+    """Each turn sends the whole conversation (the earlier answers included) through the chat
+    template and prints the greedy answer as it comes; /clear forgets it; a turn past the
+    model's positions is refused and dropped; the end of the input ends the chat."""
+    import io
+
+    from dshal.model import from_pretrained
+    from dshal.model.chat import ChatSettings, chat
+    from dshal.model.text import encode_chat, load_tokenizer
+
+    _checkpoint_with_tokenizer(tmp_path)
+    dshal.use(backend="cpu")
+    model, tokenizer = from_pretrained(tmp_path), load_tokenizer(tmp_path)
+
+    def answer(messages: list[dict[str, str]]) -> str:
+        ids = encode_chat(tokenizer, messages)
+        out = model.generate(torch.tensor([ids]), 6)
+        return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+    first = answer([{"role": "user", "content": "hello world"}])
+    second = answer([{"role": "user", "content": "hello world"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "the lazy dog"}])
+    after_clear = answer([{"role": "user", "content": "one model"}])
+    lines = iter(["hello world", "", "the lazy dog", "x " * 5000, "/clear", "one model"])
+
+    def read(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    conversation = chat(model, tokenizer, ChatSettings(max_new_tokens=6), read, out)
+    text = out.getvalue()
+    assert conversation.turns == 3
+    assert conversation.messages == [{"role": "user", "content": "one model"}, {"role": "assistant", "content": after_clear}]
+    assert f"\n{first}\n" in text and f"\n{second}\n" in text and f"\n{after_clear}\n" in text
+    assert "(not sent: the conversation would be" in text and "pass max_position_embeddings (4096)" in text
+    assert text.index(second) < text.index("(conversation cleared)") < text.rindex(after_clear)
+
+
+def test_model_dshal_run_interactive(tmp_path):
+    """``dshal run --interactive`` reads the turns from the terminal (here a pipe), answers each
+    and ends at the end of the input; the flags of a timed run are refused with it."""
+    ckpt = tmp_path / "ckpt"
+    _checkpoint_with_tokenizer(ckpt)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    proc = subprocess.run([sys.executable, "-m", "dshal", "run", "--checkpoint", str(ckpt), "--interactive",
+                           "--new-tokens", "4"], input="hello world\n/clear\nthe lazy dog\n", capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "chat: /clear to forget the conversation" in proc.stdout and "(conversation cleared)" in proc.stdout
+    assert "dshal run --interactive: 2 answer(s) on backend cpu (cpu)" in proc.stdout
+    for extra, flag in ((("--prompt", "hi"), "--prompt"), (("--batch", "2"), "--batch"), (("--json", "x.json"), "--json"),
+                        (("--tp", "2"), "--tp/--ep")):
+        bad = _dshal("run", "--checkpoint", str(ckpt), "--interactive", *extra)
+        assert bad.returncode == 1 and f"--interactive is given with {flag}, expected one of them" in bad.stderr
+    bad = _dshal("run", "--interactive")
+    assert bad.returncode == 1 and "--interactive needs --checkpoint DIR" in bad.stderr
+
+
+def test_model_chat_says_a_turn_it_cannot_answer_and_goes_on(tmp_path):
+    import io
+
+    from dshal.model import from_pretrained
+    from dshal.model.chat import ChatSettings, chat
+    from dshal.model.text import load_tokenizer
+
+    _checkpoint_with_tokenizer(tmp_path)
+    dshal.use(backend="cpu")
+    model, tokenizer = from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    lines = iter(["hello", "world", "/exit", "never read"])
+    out = io.StringIO()
+    conversation = chat(model, tokenizer, ChatSettings(max_new_tokens=2, temperature=-1.0), lambda _: next(lines), out)
+    assert conversation.turns == 0 and conversation.messages == [] and next(lines) == "never read"
+    assert out.getvalue().count("(not answered: generate: argument 'temperature' is -1.0, expected a finite number >= 0)") == 2

@@ -210,6 +210,7 @@ def generate(
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     top_p: float = 1.0,
     prompt_lens: Sequence[int] | None = None,
+    stream: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + new]``.
 
@@ -221,6 +222,8 @@ def generate(
     end of the prefill. The prompt is prefilled in forwards of at most ``prefill_chunk``
     tokens (None: one forward), which bounds the activations of a long prompt. ``top_p < 1``
     samples from the smallest set of most likely tokens whose probabilities reach it.
+    ``stream(token)`` gets each step's ids ``[B]`` (on the device) as they come, e.g. to print
+    the text while it is generated.
 
     Prompts of different lengths: right-pad them to ``T`` and give each row's length in
     ``prompt_lens``. Row b then holds its prompt, then its new tokens from ``prompt_lens[b]``
@@ -251,6 +254,8 @@ def generate(
             token = torch.where(done, stops[0], token)  # a finished sequence is padded with the first stop id
             done |= torch.isin(token, stops) & prompts.sampled(pos)
         out[:, pos] = token
+        if stream is not None:
+            stream(token)
         if on_token is not None:
             on_token(pos - prompts.start)
         if pos + 1 == total or (stops is not None and bool(done.all())):

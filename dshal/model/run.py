@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -28,11 +29,12 @@ import torch
 from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.cache import check_cache_fits
+from dshal.model.chat import ChatSettings, chat
 from dshal.model.decode import generate_with_graphs, static_decode_unsupported
 from dshal.model.generate import DEFAULT_PREFILL_CHUNK, completions
 from dshal.model.precision import precision_summary
 from dshal.model.run_report import RunReport
-from dshal.model.text import check_vocabulary, encode_prompt, load_tokenizer, stop_ids
+from dshal.model.text import check_chat_template, check_vocabulary, encode_prompt, load_tokenizer, stop_ids
 from dshal.outputs import atomic_write, check_writable
 from dshal.parallel import run as parallel_run
 from dshal.runtime import free_memory, out_of_memory_as_error, use_for_command
@@ -61,7 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     prompt.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
                         "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
-    prompt.add_argument("--ignore-eos", action="store_true", help="with --prompt: always generate --new-tokens tokens")
+    prompt.add_argument("--interactive", action="store_true", help="chat with the --checkpoint on the terminal through "
+                        "its tokenizer's chat template, answers printed as they come (as DeepSeek-V3's generate.py "
+                        "--interactive); /clear forgets the conversation, /exit or Ctrl-D ends it. No timings")
+    prompt.add_argument("--ignore-eos", action="store_true", help="with --prompt or --interactive: always generate "
+                        "--new-tokens tokens")
     prompt.add_argument("--trust-remote-code", action="store_true", help="with --prompt: let transformers run the "
                         "tokenizer code --checkpoint ships (e.g. Kimi-K2's); off by default, as in vLLM")
     prompt.add_argument("--new-tokens", type=int, default=32, metavar="N",
@@ -132,7 +138,9 @@ def _positive(name: str, value: int) -> None:
 
 
 def _check_prompt_flags(args: argparse.Namespace) -> None:
-    if args.prompt is not None:
+    if args.interactive:
+        _check_interactive_flags(args)
+    elif args.prompt is not None:
         if not all(args.prompt):
             raise DshalError("dshal run: --prompt is empty, expected text")
         if len(args.prompt) > 1 and args.batch != 1:
@@ -149,6 +157,33 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
                 raise DshalError(f"dshal run: --{flag.replace('_', '-')} is given without --prompt, expected both")
         args.prompt_len = 32 if args.prompt_len is None else args.prompt_len
         _positive("--prompt-len", args.prompt_len)
+
+
+def _check_interactive_flags(args: argparse.Namespace) -> None:
+    """``--interactive`` needs a checkpoint (its tokenizer) and takes no flag of the timed run."""
+    if not args.checkpoint:
+        raise DshalError("dshal run: --interactive needs --checkpoint DIR, whose tokenizer and chat template carry "
+                         "the conversation (the built-in tiny model has none)")
+    given = {"--prompt": args.prompt is not None, "--prompt-len": args.prompt_len is not None,
+             "--batch": args.batch != 1, "--json": bool(args.json), "--report": bool(args.report),
+             "--tp/--ep": args.tp * args.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1}
+    for flag, is_given in given.items():
+        if is_given:
+            raise DshalError(f"dshal run: --interactive is given with {flag}, expected one of them (the conversation "
+                             "is one sequence in this process, typed on the terminal, and nothing is timed)")
+
+
+def _interactive(args: argparse.Namespace, model: Any, runtime: Any) -> int:
+    """``--interactive``: the conversation (:mod:`dshal.model.chat`)."""
+    tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
+    check_vocabulary(tokenizer, model.args.vocab_size)
+    check_chat_template(tokenizer, "--interactive")
+    stops = None if args.ignore_eos else (stop_ids(tokenizer, args.checkpoint) or None)
+    guard = functools.partial(out_of_memory_as_error, runtime.device, "this turn", "--new-tokens, or /clear the conversation")
+    settings = ChatSettings(args.new_tokens, stops, args.temperature, args.top_p, args.prefill_chunk, args.seed, guard)
+    conversation = chat(model, tokenizer, settings)
+    print(f"dshal run --interactive: {conversation.turns} answer(s) on backend {runtime.backend.name} ({runtime.device})")
+    return 0
 
 
 def _read_prompts(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[list[int]], list[int]]:
@@ -206,6 +241,8 @@ def main(args: argparse.Namespace) -> int:
         model = random_model(model_args, seed=args.seed)
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
+    if args.interactive:
+        return _interactive(args, model, runtime)
     tokenizer, prompt_ids, stops = None, None, []
     if args.prompt is not None:
         read = functools.partial(_read_prompts, args, model.args.vocab_size)

@@ -53,18 +53,52 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
     """``text`` as token ids: as one user turn of the tokenizer's chat template (``chat``;
     what DeepSeek-V3's ``generate.py`` sends), else as plain text with the tokenizer's own
     special tokens (DeepSeek-V3's adds its BOS). Refuses an empty prompt."""
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ArgumentError("--chat: the checkpoint's tokenizer has no chat_template (tokenizer_config.json)")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # transformers >= 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-    else:
-        ids = tokenizer(text)["input_ids"]
+    ids = encode_chat(tokenizer, [{"role": "user", "content": text}]) if chat else tokenizer(text)["input_ids"]
     ids = [int(i) for i in ids]
     if not ids:
         raise ArgumentError(f"--prompt: {text!r} is no tokens, expected at least one")
     return ids
+
+
+def check_chat_template(tokenizer: Any, flag: str = "--chat") -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ArgumentError(f"{flag}: the checkpoint's tokenizer has no chat_template (tokenizer_config.json)")
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """A conversation (``[{"role": "user" | "assistant", "content": text}, ...]``) as token ids
+    through the tokenizer's chat template, ending with the assistant's turn to answer."""
+    check_chat_template(tokenizer)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers >= 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+class TextStream:
+    """Text of token ids that come one at a time: :meth:`push` returns what the new id adds
+    to the decoded text (special tokens skipped). Ids are decoded together, since one
+    character can span several byte-level tokens; text that ends in an incomplete character
+    (U+FFFD) is held back until the next id completes it, and :meth:`flush` returns the rest."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._shown = 0  # characters of the decoded text already returned
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._new(text)
+
+    def flush(self) -> str:
+        return self._new(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _new(self, text: str) -> str:
+        new, self._shown = text[self._shown :], max(self._shown, len(text))
+        return new
 
 
 #: Where a checkpoint states its generation defaults, the stop ids among them.
@@ -105,4 +139,14 @@ def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
         )
 
 
-__all__ = ["GENERATION_CONFIG", "TOKENIZER_FILES", "check_vocabulary", "encode_prompt", "load_tokenizer", "stop_ids"]
+__all__ = [
+    "GENERATION_CONFIG",
+    "TOKENIZER_FILES",
+    "TextStream",
+    "check_chat_template",
+    "check_vocabulary",
+    "encode_chat",
+    "encode_prompt",
+    "load_tokenizer",
+    "stop_ids",
+]

@@ -1,0 +1,116 @@
+"""``dshal run --interactive``: a conversation with the model on the terminal, as DeepSeek-V3's
+``generate.py --interactive`` holds one.
+
+Each turn sends the whole conversation through the tokenizer's chat template and generates
+the answer, printed as it comes. ``/clear`` forgets the conversation, ``/exit`` (or the end
+of the input) ends it. A turn that cannot be served (the conversation grew past the model's
+positions or the memory) is said and dropped, and the conversation goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import torch
+
+from dshal.errors import DshalError
+from dshal.model.generate import completions
+from dshal.model.text import TextStream, encode_chat
+
+#: The commands a turn can be instead of a message.
+COMMANDS = {"/clear": "forget the conversation", "/exit": "end it (so does the end of the input, Ctrl-D)"}
+
+
+@dataclass
+class ChatSettings:
+    """How each answer is generated (``dshal run``'s flags)."""
+
+    max_new_tokens: int
+    stop_ids: list[int] | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    prefill_chunk: int | None = None
+    seed: int = 0
+    #: What a turn's generation runs inside, e.g. turning a refused allocation into a DshalError.
+    guard: Callable[[], Any] | None = None
+
+
+@dataclass
+class Conversation:
+    """The turns so far, as the chat template takes them."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    turns: int = 0  # answers generated
+
+
+def chat(
+    model: Any,
+    tokenizer: Any,
+    settings: ChatSettings,
+    read: Callable[[str], str] = input,
+    out: TextIO | None = None,
+) -> Conversation:
+    """Hold the conversation until ``/exit`` or the end of ``read``'s input (EOFError);
+    ``out``: where answers and notes are written (default stdout). Returns the conversation."""
+    out = out or sys.stdout
+    conversation = Conversation()
+    device = model.rope_cos.device
+    limit = model.args.max_position_embeddings
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    print(f"chat: {', '.join(f'{c} to {what}' for c, what in COMMANDS.items())}", file=out, flush=True)
+    while True:
+        try:
+            text = read(">>> ")
+        except EOFError:
+            print(file=out)
+            return conversation
+        command = text.strip()
+        if command == "/exit":
+            return conversation
+        if command == "/clear":
+            conversation.messages.clear()
+            print("(conversation cleared)", file=out, flush=True)
+            continue
+        if not command:
+            continue
+        conversation.messages.append({"role": "user", "content": text})
+        ids = encode_chat(tokenizer, conversation.messages)
+        if len(ids) + settings.max_new_tokens > limit:
+            conversation.messages.pop()
+            print(f"(not sent: the conversation would be {len(ids)} tokens, and {settings.max_new_tokens} new ones "
+                  f"pass max_position_embeddings ({limit}): /clear starts a new one)", file=out, flush=True)
+            continue
+        try:
+            answer = _answer(model, tokenizer, settings, ids, generator, out)
+        except DshalError as err:
+            conversation.messages.pop()
+            print(f"\n(not answered: {err})", file=out, flush=True)
+            continue
+        conversation.messages.append({"role": "assistant", "content": answer})
+        conversation.turns += 1
+
+
+def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], generator: torch.Generator,
+            out: TextIO) -> str:
+    """Generate the answer to the conversation ``ids``, writing its text to ``out`` as it comes."""
+    stream = TextStream(tokenizer)
+    prompt = torch.tensor([ids], device=model.rope_cos.device)
+
+    def show(token: torch.Tensor) -> None:
+        out.write(stream.push(int(token[0])))
+        out.flush()
+
+    with settings.guard() if settings.guard else contextlib.nullcontext():
+        result = model.generate(prompt, settings.max_new_tokens, settings.temperature, eos_token_id=settings.stop_ids,
+                                generator=generator, prefill_chunk=settings.prefill_chunk, top_p=settings.top_p,
+                                stream=show)
+    print(stream.flush(), file=out, flush=True)
+    (new,) = completions(result, [len(ids)], settings.max_new_tokens, settings.stop_ids)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+__all__ = ["COMMANDS", "ChatSettings", "Conversation", "chat"]
