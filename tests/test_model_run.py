@@ -347,6 +347,29 @@ def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
         assert f"prompt {i + 1}: {text!r}" in proc.stdout and f"output {i + 1}: {seq['output_text']!r}" in proc.stdout
     bad = _dshal("run", "--checkpoint", str(ckpt), "--prompt", "a", "--prompt", "b", "--batch", "2")
     assert bad.returncode == 1 and "--batch is 2 with 2 --prompt texts, expected --batch 1" in bad.stderr
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
+    from_file = _dshal(*run, str(tmp_path / "file.json"), "--prompt-file", str(tmp_path / "prompts.jsonl"), "--graphs", "off")
+    assert from_file.returncode == 0, from_file.stderr[-2000:]
+    assert json.loads((tmp_path / "file.json").read_text())["sequences"] == both["sequences"]
+
+
+def test_model_dshal_run_reads_a_prompt_file(tmp_path):
+    from dshal.model.run import read_prompt_file
+
+    (tmp_path / "p.txt").write_text("hello\n\n  \none model\n")
+    assert read_prompt_file(str(tmp_path / "p.txt")) == ["hello", "one model"]
+    (tmp_path / "p.jsonl").write_text('"hello"\n\n{"prompt": "two\\nlines", "id": 3}\n')
+    assert read_prompt_file(str(tmp_path / "p.jsonl")) == ["hello", "two\nlines"]
+    for body, line, why in (('"a"\n{"id": 1}\n', 2, "no prompt on this line"), ('"a"\n"b"\n[x\n', 3, "not JSON"),
+                            ('""\n', 1, "no prompt on this line")):
+        (tmp_path / "bad.jsonl").write_text(body)
+        with pytest.raises(dshal.ConfigError, match=rf"bad.jsonl:{line}: --prompt-file: {why}"):
+            read_prompt_file(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(dshal.ConfigError, match="empty.txt: --prompt-file: no prompts in it"):
+        read_prompt_file(str(tmp_path / "empty.txt"))
+    with pytest.raises(dshal.ConfigError, match="cannot read --prompt-file: no such file"):
+        read_prompt_file(str(tmp_path / "missing.txt"))
 
 
 def test_model_dshal_run_runs_a_checkpoints_tokenizer_code_only_when_asked(tmp_path):

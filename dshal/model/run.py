@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from dshal.errors import DshalError
+from dshal.config import read_text_file
+from dshal.errors import ConfigError, DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.cache import check_cache_fits
 from dshal.model.chat import ChatSettings, chat
@@ -63,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     prompt.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
                         "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
+    prompt.add_argument("--prompt-file", metavar="F", help="a --prompt per line of F (blank lines skipped); in a .jsonl "
+                        "file each line is a JSON string or an object with a \"prompt\" string (text with newlines)")
     prompt.add_argument("--interactive", action="store_true", help="chat with the --checkpoint on the terminal through "
                         "its tokenizer's chat template, answers printed as they come (as DeepSeek-V3's generate.py "
                         "--interactive); /clear forgets the conversation, /exit or Ctrl-D ends it. No timings")
@@ -137,7 +140,34 @@ def _positive(name: str, value: int) -> None:
         raise DshalError(f"dshal run: {name} is {value}, expected an integer >= 1")
 
 
+def read_prompt_file(path: str) -> list[str]:
+    """The prompts of ``--prompt-file``: one per non-blank line; in a ``.jsonl`` file each line
+    a JSON string or an object with a ``"prompt"`` string. ConfigError naming the file and line."""
+    path_, text = read_text_file(path, "--prompt-file")
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if path_.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--prompt-file: not JSON ({err.msg})", file=str(path_), line=number) from None
+        value = value.get("prompt") if isinstance(value, dict) else value
+        if not isinstance(value, str) or not value:
+            raise ConfigError("--prompt-file: no prompt on this line, expected a non-empty JSON string or "
+                              '{"prompt": "..."}', file=str(path_), line=number)
+        prompts.append(value)
+    if not prompts:
+        raise ConfigError("--prompt-file: no prompts in it, expected one per line", file=str(path_))
+    return prompts
+
+
 def _check_prompt_flags(args: argparse.Namespace) -> None:
+    if args.prompt_file is not None:
+        args.prompt = [*(args.prompt or []), *read_prompt_file(args.prompt_file)]
     if args.interactive:
         _check_interactive_flags(args)
     elif args.prompt is not None:
