@@ -433,7 +433,7 @@ def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
     greedy, sampled, again = ids
     assert sampled["output_ids"] == again["output_ids"] != greedy["output_ids"]
     assert sampled["temperature"] == 1.5 and greedy["temperature"] == 0.0
-    assert sampled["graphs"] == {"run": False, "why": "--temperature > 0: the static (graph) decode step is greedy"}
+    assert sampled["graphs"] == {"run": False, "why": "temperature > 0: the static (graph) decode step is greedy"}
     from dshal.cli import main
 
     assert main(["run", "--temperature", "-1"]) == 1
@@ -573,3 +573,43 @@ def test_model_chat_says_a_turn_it_cannot_answer_and_goes_on(tmp_path):
     conversation = chat(model, tokenizer, ChatSettings(max_new_tokens=2, temperature=-1.0), lambda _: next(lines), out)
     assert conversation.turns == 0 and conversation.messages == [] and next(lines) == "never read"
     assert out.getvalue().count("(not answered: generate: argument 'temperature' is -1.0, expected a finite number >= 0)") == 2
+
+
+def test_sampling_defaults_read_the_checkpoints_generation_config(tmp_path):
+    from dshal.model.text import sampling_defaults
+
+    assert sampling_defaults(tmp_path) == {}  # no generation_config.json
+    config = tmp_path / "generation_config.json"
+    config.write_text('{"bos_token_id": 0, "eos_token_id": 1, "do_sample": true, "temperature": 0.6, "top_p": 0.95}')
+    assert sampling_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95}  # DeepSeek-V3's
+    config.write_text('{"do_sample": false, "temperature": 0.6}')
+    assert sampling_defaults(tmp_path) == {"temperature": 0.0}  # transformers: greedy
+    config.write_text('{"eos_token_id": 1}')
+    assert sampling_defaults(tmp_path) == {}
+    for body, said in (('{"temperature": -1}', "temperature is -1, expected a number >= 0"),
+                       ('{"top_p": 0}', r"top_p is 0, expected a number in \(0, 1\]"),
+                       ('{"temperature": "hot"}', "temperature is 'hot'"), ('{"top_p": true}', "top_p is True")):
+        config.write_text(body)
+        with pytest.raises(dshal.CheckpointError, match=f"generation_config.json: {said}"):
+            sampling_defaults(tmp_path)
+
+
+def test_model_dshal_run_text_prompts_sample_as_the_generation_config_says(tmp_path):
+    """With --prompt, the checkpoint's temperature / top_p apply unless the flags are given (as
+    vLLM applies them); the run says where they came from. Random ids stay greedy."""
+    ckpt = tmp_path / "ckpt"
+    _checkpoint_with_tokenizer(ckpt)
+    (ckpt / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.95}')
+    run = ("run", "--checkpoint", str(ckpt), "--new-tokens", "3", "--no-progress", "--graphs", "off", "--json")
+    runs = {}
+    for name, extra in (("config", ("--prompt", "hello")), ("greedy", ("--prompt", "hello", "--temperature", "0")),
+                        ("ids", ("--prompt-len", "4"))):
+        proc = _dshal(*run, str(tmp_path / f"{name}.json"), *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = (json.loads((tmp_path / f"{name}.json").read_text()), proc.stdout)
+    report, stdout = runs["config"]
+    assert (report["temperature"], report["top_p"], report["sampling_from"]) == (0.6, 0.95, "generation_config.json")
+    assert "sampling: temperature 0.6, top-p 0.95 (from the checkpoint's generation_config.json" in stdout
+    for name in ("greedy", "ids"):
+        report, stdout = runs[name]
+        assert (report["temperature"], report["sampling_from"]) == (0.0, None) and "sampling: greedy\n" in stdout

@@ -35,7 +35,15 @@ from dshal.model.decode import generate_with_graphs, static_decode_unsupported
 from dshal.model.generate import DEFAULT_PREFILL_CHUNK, completions
 from dshal.model.precision import precision_summary
 from dshal.model.run_report import RunReport
-from dshal.model.text import check_chat_template, check_vocabulary, encode_prompt, load_tokenizer, stop_ids
+from dshal.model.text import (
+    GENERATION_CONFIG,
+    check_chat_template,
+    check_vocabulary,
+    encode_prompt,
+    load_tokenizer,
+    sampling_defaults,
+    stop_ids,
+)
 from dshal.outputs import atomic_write, check_writable
 from dshal.parallel import run as parallel_run
 from dshal.runtime import free_memory, out_of_memory_as_error, use_for_command
@@ -74,11 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--trust-remote-code", action="store_true", help="with --prompt: let transformers run the "
                         "tokenizer code --checkpoint ships (e.g. Kimi-K2's); off by default, as in vLLM")
     prompt.add_argument("--new-tokens", type=int, default=32, metavar="N",
-                        help="tokens to generate (default 32; greedy unless --temperature)")
-    prompt.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sample new tokens from "
-                        "softmax(logits / T), seeded by --seed (default 0: greedy)")
-    prompt.add_argument("--top-p", type=float, default=1.0, metavar="P", help="with --temperature: sample from the "
-                        "most likely tokens whose probabilities reach P together (default 1: all)")
+                        help="tokens to generate (default 32)")
+    prompt.add_argument("--temperature", type=float, default=None, metavar="T", help="sample new tokens from "
+                        "softmax(logits / T), seeded by --seed; 0 = greedy (default: with --prompt or --interactive, "
+                        "the checkpoint's generation_config.json, as vLLM; else 0)")
+    prompt.add_argument("--top-p", type=float, default=None, metavar="P", help="with a temperature: sample from the "
+                        "most likely tokens whose probabilities reach P together (default: as --temperature; else 1: all)")
 
     shape = parser.add_argument_group("how it runs")
     shape.add_argument("--batch", type=int, default=1, metavar="N",
@@ -203,8 +212,28 @@ def _check_interactive_flags(args: argparse.Namespace) -> None:
                              "is one sequence in this process, typed on the terminal, and nothing is timed)")
 
 
+def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float]) -> None:
+    """``--temperature`` / ``--top-p`` where given, else ``defaults`` (the checkpoint's
+    generation_config.json), else greedy; ``args.sampling_from`` names the file when it set one."""
+    from_file = set()
+    for name, fallback in (("temperature", 0.0), ("top_p", 1.0)):
+        if getattr(args, name) is None:
+            from_file |= {name} & defaults.keys()
+            setattr(args, name, defaults.get(name, fallback))
+    used = "temperature" in from_file or (args.temperature > 0 and "top_p" in from_file)  # top-p is moot when greedy
+    args.sampling_from = GENERATION_CONFIG if used else None
+
+
+def _sampling_line(temperature: float, top_p: float, source: str | None) -> str:
+    how = "greedy" if temperature == 0 else f"temperature {temperature:g}, top-p {top_p:g}"
+    source = f" (from the checkpoint's {source}; --temperature 0 for greedy)" if source else ""
+    return f"sampling: {how}{source}"
+
+
 def _interactive(args: argparse.Namespace, model: Any, runtime: Any) -> int:
     """``--interactive``: the conversation (:mod:`dshal.model.chat`)."""
+    _resolve_sampling(args, sampling_defaults(args.checkpoint))
+    print(_sampling_line(args.temperature, args.top_p, args.sampling_from))
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
     check_vocabulary(tokenizer, model.args.vocab_size)
     check_chat_template(tokenizer, "--interactive")
@@ -219,6 +248,7 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any) -> int:
 def _read_prompts(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[list[int]], list[int]]:
     """Each ``--prompt`` through ``--checkpoint``'s tokenizer: ``(tokenizer, token ids per
     sequence of the batch, stop ids)``; one prompt is copied ``--batch`` times."""
+    _resolve_sampling(args, sampling_defaults(args.checkpoint))
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
     check_vocabulary(tokenizer, vocab_size)
     ids = [encode_prompt(tokenizer, text, args.chat) for text in args.prompt]
@@ -241,10 +271,12 @@ def _check_flags(args: argparse.Namespace) -> None:
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
     _positive("--prefill-chunk", args.prefill_chunk)
-    if not math.isfinite(args.temperature) or args.temperature < 0:
+    if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature < 0):
         raise DshalError(f"dshal run: --temperature is {args.temperature}, expected a finite number >= 0")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         raise DshalError(f"dshal run: --top-p is {args.top_p}, expected a number in (0, 1]")
+    if not (args.prompt or args.interactive):
+        _resolve_sampling(args, {})  # random ids: greedy unless asked
     for flag in ("json", "report"):
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), f"--{flag}")
@@ -303,6 +335,7 @@ def main(args: argparse.Namespace) -> int:
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
+        "sampling_from": args.sampling_from,  # generation_config.json where it set them, else None
         **timing,
         "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
         "model_description": model.describe(),
@@ -436,7 +469,7 @@ def _graph_run(
         reason = "--graphs off" if args.graphs == "off" else f"backend {runtime.backend.name!r} has no device graphs"
         return {"graphs": {"run": False, "why": reason}, "decode_tokens_per_s_graphs": None}
     if args.temperature > 0:
-        why = "--temperature > 0: the static (graph) decode step is greedy"
+        why = "temperature > 0: the static (graph) decode step is greedy"
     if why:
         return {"graphs": {"run": False, "why": why}, "decode_tokens_per_s_graphs": None}
     decoders: list[Any] = []
@@ -538,6 +571,7 @@ def _print(report: dict[str, Any]) -> None:
         f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({batch} x {report['prefill_len']} tokens{_chunks(report)}); "
         f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}{ragged}"
     )
+    console.print(_sampling_line(report["temperature"], report["top_p"], report["sampling_from"]))
     sequences = report.get("sequences", [])
     if len({seq["prompt_text"] for seq in sequences}) == 1:
         sequences = sequences[:1]  # --batch copies of one prompt: its first output

@@ -8,6 +8,7 @@ knows about text, so a backend never sees it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -105,27 +106,59 @@ class TextStream:
 GENERATION_CONFIG = "generation_config.json"
 
 
+def generation_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's ``generation_config.json`` ({} when it has none); CheckpointError when
+    it is not a JSON object."""
+    path = Path(checkpoint) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    _, text = read_text_file(path, "generation config")
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not a JSON object of generation settings ({err})") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path}: not a JSON object of generation settings (a {type(settings).__name__})")
+    return settings
+
+
 def stop_ids(tokenizer: Any, checkpoint: str | os.PathLike) -> list[int]:
     """The ids that end a generation: the tokenizer's EOS, and the ``eos_token_id`` (an id or
     a list) of the checkpoint's ``generation_config.json`` where it has one, as transformers
     and vLLM stop. A chat model's end-of-turn token is often only there, apart from the
     tokenizer's EOS."""
     ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    path = Path(checkpoint) / GENERATION_CONFIG
-    if path.is_file():
-        _, text = read_text_file(path, "generation config")
-        try:
-            declared = json.loads(text).get("eos_token_id")
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise CheckpointError(f"{path}: not a JSON object of generation settings ({err})") from None
-        for value in declared if isinstance(declared, list) else [declared]:
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise CheckpointError(f"{path}: eos_token_id holds {value!r}, expected token ids (ints >= 0)")
-            if value not in ids:
-                ids.append(value)
+    declared = generation_config(checkpoint).get("eos_token_id")
+    for value in declared if isinstance(declared, list) else [declared]:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(
+                f"{Path(checkpoint) / GENERATION_CONFIG}: eos_token_id holds {value!r}, expected token ids (ints >= 0)"
+            )
+        if value not in ids:
+            ids.append(value)
     return ids
+
+
+def sampling_defaults(checkpoint: str | os.PathLike) -> dict[str, float]:
+    """The sampling the checkpoint's ``generation_config.json`` asks for: its ``temperature``
+    and ``top_p`` where it gives them (DeepSeek-V3's: 0.6 and 0.95), as vLLM applies them to a
+    request that sets neither; ``{"temperature": 0.0}`` (greedy) where it says
+    ``do_sample: false``, as transformers reads it; {} where it says nothing."""
+    settings = generation_config(checkpoint)
+    if settings.get("do_sample") is False:
+        return {"temperature": 0.0}
+    found: dict[str, float] = {}
+    for key, valid, expected in (("temperature", lambda v: v >= 0, "a number >= 0"),
+                                 ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")):
+        value = settings.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not valid(value):
+            raise CheckpointError(f"{Path(checkpoint) / GENERATION_CONFIG}: {key} is {value!r}, expected {expected}")
+        found[key] = float(value)
+    return found
 
 
 def check_vocabulary(tokenizer: Any, vocab_size: int) -> None:
@@ -147,6 +180,8 @@ __all__ = [
     "check_vocabulary",
     "encode_chat",
     "encode_prompt",
+    "generation_config",
     "load_tokenizer",
+    "sampling_defaults",
     "stop_ids",
 ]
