@@ -73,14 +73,12 @@ class PromptBatch:
 
     def __init__(self, where: str, input_ids: torch.Tensor, prompt_lens: Sequence[int] | None):
         width = input_ids.shape[1]
-        lens = check_prompt_lens(where, prompt_lens, input_ids.shape[0], width)
-        self.lens = lens
-        self.start = min(lens)
+        self.start = min(check_prompt_lens(where, prompt_lens, input_ids.shape[0], width))
         self.ids = input_ids
         #: ``[B, T]`` True where a row's prompt is; None when every prompt fills the width.
         self.in_prompt: torch.Tensor | None = None
         if self.start < width:
-            lengths = torch.tensor(lens, device=input_ids.device)
+            lengths = torch.tensor(prompt_lens, device=input_ids.device)
             self.in_prompt = torch.arange(width, device=input_ids.device) < lengths[:, None]
             self.ids = input_ids.masked_fill(~self.in_prompt, 0)
 

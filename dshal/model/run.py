@@ -20,7 +20,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -205,7 +204,7 @@ def _check_interactive_flags(args: argparse.Namespace) -> None:
                          "the conversation (the built-in tiny model has none)")
     given = {"--prompt": args.prompt is not None, "--prompt-len": args.prompt_len is not None,
              "--batch": args.batch != 1, "--json": bool(args.json), "--report": bool(args.report),
-             "--tp/--ep": args.tp * args.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1}
+             "--tp/--ep": parallel_run.wanted(args)}
     for flag, is_given in given.items():
         if is_given:
             raise DshalError(f"dshal run: --interactive is given with {flag}, expected one of them (the conversation "
