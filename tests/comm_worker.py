@@ -280,6 +280,31 @@ def devices(rank: int) -> dict:
     return found
 
 
+def shared_lines(rank: int, timeout_s: float) -> dict:
+    """Every rank reads rank 0's lines through ``shared_input``; rank 0's user takes longer
+    than the comm timeout over the first one (the poll keeps each collective shorter)."""
+    import time
+
+    from dshal.parallel.run import shared_input
+
+    typed = iter(["héllo ✓", "", "a second line"])
+
+    def slow_user(prompt: str) -> str:
+        time.sleep(1.5 * timeout_s)
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    read = shared_input(slow_user if rank == 0 else None, poll_s=timeout_s / 5)
+    got, start = [], time.monotonic()
+    while True:
+        try:
+            got.append(read(">>> "))
+        except EOFError:
+            return {"lines": got, "seconds": time.monotonic() - start}
+
+
 def main() -> int:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     timeout_s = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0
@@ -301,6 +326,10 @@ def main() -> int:
         return 0
     if scenario == "devices":
         write(out, rank, devices(rank))
+        comm.shutdown()
+        return 0
+    if scenario == "shared_input":
+        write(out, rank, shared_lines(rank, timeout_s))
         comm.shutdown()
         return 0
     if scenario in ("die", "hang"):

@@ -237,3 +237,14 @@ def test_comm_not_initialized_and_env_errors(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(CommError, match="LOCAL_RANK is 3"):
         comm.launch_env({**base, "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"})
     assert os.environ.get("RANK") is None
+
+
+def test_shared_input_gives_every_rank_rank_0s_lines_however_long_the_user_takes(tmp_path: Path) -> None:
+    """``dshal run --interactive --tp N``: rank 0 reads the terminal and every rank gets each
+    line (non-ASCII and empty included) and then the end of input; a user slower than the
+    comm timeout (2 s here; 3 s per line) ends nothing, since rank 0 keeps posting "waiting"."""
+    job, runs, out = run_job(tmp_path, "shared_input", 2, "2")
+    assert [code for code, _, _ in runs] == [0, 0], [err[-3000:] for _, _, err in runs]
+    found = results(out, 2)
+    assert [r["lines"] for r in found] == [["héllo ✓", "", "a second line"]] * 2
+    assert all(r["seconds"] >= 4 * 3.0 - 0.5 for r in found)  # four reads of 3 s, each longer than the timeout

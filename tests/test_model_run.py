@@ -550,8 +550,15 @@ def test_model_dshal_run_interactive(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "chat: /clear to forget the conversation" in proc.stdout and "(conversation cleared)" in proc.stdout
     assert "dshal run --interactive: 2 answer(s) on backend cpu (cpu)" in proc.stdout
-    for extra, flag in ((("--prompt", "hi"), "--prompt"), (("--batch", "2"), "--batch"), (("--json", "x.json"), "--json"),
-                        (("--tp", "2"), "--tp/--ep")):
+    # Two tensor-parallel ranks: rank 0 reads and prints, both generate; the same answers.
+    tp = subprocess.run([sys.executable, "-m", "dshal", "run", "--checkpoint", str(ckpt), "--interactive",
+                         "--new-tokens", "4", "--tp", "2"], input="hello world\n/clear\nthe lazy dog\n",
+                        capture_output=True, text=True, timeout=120, env=env)
+    assert tp.returncode == 0, tp.stderr[-2000:]
+    answers = lambda out: [line for line in out.splitlines() if line.startswith(">>> ")]  # noqa: E731
+    assert answers(tp.stdout) == answers(proc.stdout) and len(answers(proc.stdout)) == 4
+    assert "dshal run --interactive: 2 answer(s) on backend cpu (cpu, TP=2 x EP=1)" in tp.stdout
+    for extra, flag in ((("--prompt", "hi"), "--prompt"), (("--batch", "2"), "--batch"), (("--json", "x.json"), "--json")):
         bad = _dshal("run", "--checkpoint", str(ckpt), "--interactive", *extra)
         assert bad.returncode == 1 and f"--interactive is given with {flag}, expected one of them" in bad.stderr
     bad = _dshal("run", "--interactive")

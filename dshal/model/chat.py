@@ -5,6 +5,9 @@ Each turn sends the whole conversation through the tokenizer's chat template and
 the answer, printed as it comes. ``/clear`` forgets the conversation, ``/exit`` (or the end
 of the input) ends it. A turn that cannot be served (the conversation grew past the model's
 positions or the memory) is said and dropped, and the conversation goes on.
+
+In a parallel job every rank holds the conversation: rank 0 reads the terminal and shares
+each line (:func:`dshal.parallel.run.shared_input`), every rank generates, rank 0 prints.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class ChatSettings:
     seed: int = 0
     #: What a turn's generation runs inside, e.g. turning a refused allocation into a DshalError.
     guard: Callable[[], Any] | None = None
+    #: In a parallel job: given whether this rank's turn failed, whether any rank's did (every
+    #: rank then drops the turn). None: this process alone.
+    any_failed: Callable[[bool], bool] | None = None
 
 
 @dataclass
@@ -84,11 +90,16 @@ def chat(
             print(f"(not sent: the conversation would be {len(ids)} tokens, and {settings.max_new_tokens} new ones "
                   f"pass max_position_embeddings ({limit}): /clear starts a new one)", file=out, flush=True)
             continue
+        answer, error = "", None
         try:
             answer = _answer(model, tokenizer, settings, ids, generator, out)
         except DshalError as err:
+            error = err
+        if settings.any_failed(error is not None) if settings.any_failed else error is not None:
             conversation.messages.pop()
-            print(f"\n(not answered: {err})", file=out, flush=True)
+            if error is not None and out is not sys.stdout:  # a rank that does not print: its own error
+                print(f"(not answered: {error})", file=sys.stderr, flush=True)
+            print(f"\n(not answered: {error or 'it failed on another rank, which said why'})", file=out, flush=True)
             continue
         conversation.messages.append({"role": "assistant", "content": answer})
         conversation.turns += 1

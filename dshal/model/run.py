@@ -20,6 +20,8 @@ import contextlib
 import functools
 import json
 import math
+import os
+import sys
 import time
 from typing import Any
 
@@ -203,12 +205,11 @@ def _check_interactive_flags(args: argparse.Namespace) -> None:
         raise DshalError("dshal run: --interactive needs --checkpoint DIR, whose tokenizer and chat template carry "
                          "the conversation (the built-in tiny model has none)")
     given = {"--prompt": args.prompt is not None, "--prompt-len": args.prompt_len is not None,
-             "--batch": args.batch != 1, "--json": bool(args.json), "--report": bool(args.report),
-             "--tp/--ep": parallel_run.wanted(args)}
+             "--batch": args.batch != 1, "--json": bool(args.json), "--report": bool(args.report)}
     for flag, is_given in given.items():
         if is_given:
             raise DshalError(f"dshal run: --interactive is given with {flag}, expected one of them (the conversation "
-                             "is one sequence in this process, typed on the terminal, and nothing is timed)")
+                             "is one sequence, typed on the terminal, and nothing is timed)")
 
 
 def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float]) -> None:
@@ -229,18 +230,36 @@ def _sampling_line(temperature: float, top_p: float, source: str | None) -> str:
     return f"sampling: {how}{source}"
 
 
-def _interactive(args: argparse.Namespace, model: Any, runtime: Any) -> int:
-    """``--interactive``: the conversation (:mod:`dshal.model.chat`)."""
+def _chat_tokenizer(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[int] | None]:
+    """``--interactive``'s tokenizer (with a chat template) and stop ids; sets the sampling."""
     _resolve_sampling(args, sampling_defaults(args.checkpoint))
-    print(_sampling_line(args.temperature, args.top_p, args.sampling_from))
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
-    check_vocabulary(tokenizer, model.args.vocab_size)
+    check_vocabulary(tokenizer, vocab_size)
     check_chat_template(tokenizer, "--interactive")
-    stops = None if args.ignore_eos else (stop_ids(tokenizer, args.checkpoint) or None)
+    return tokenizer, None if args.ignore_eos else (stop_ids(tokenizer, args.checkpoint) or None)
+
+
+def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any) -> int:
+    """``--interactive``: the conversation (:mod:`dshal.model.chat`); in a parallel job rank 0
+    reads and prints, every rank generates."""
+    read_tokenizer = functools.partial(_chat_tokenizer, args, model.args.vocab_size)
+    tokenizer, stops = read_tokenizer() if groups is None else parallel_run.agree(read_tokenizer)  # said once
+    speaks = groups is None or parallel_run.is_reporting_rank()
     guard = functools.partial(out_of_memory_as_error, runtime.device, "this turn", "--new-tokens, or /clear the conversation")
-    settings = ChatSettings(args.new_tokens, stops, args.temperature, args.top_p, args.prefill_chunk, args.seed, guard)
-    conversation = chat(model, tokenizer, settings)
-    print(f"dshal run --interactive: {conversation.turns} answer(s) on backend {runtime.backend.name} ({runtime.device})")
+    settings = ChatSettings(args.new_tokens, stops, args.temperature, args.top_p, args.prefill_chunk, args.seed, guard,
+                            None if groups is None else parallel_run.any_rank)
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if speaks else stack.enter_context(open(os.devnull, "w"))  # noqa: SIM115
+        if speaks:
+            print(_sampling_line(args.temperature, args.top_p, args.sampling_from))
+        read = input if groups is None else parallel_run.shared_input()
+        conversation = chat(model, tokenizer, settings, read, out)
+    if speaks:
+        layout = "" if groups is None else f", TP={groups.tp_size} x EP={groups.ep_size}"
+        print(f"dshal run --interactive: {conversation.turns} answer(s) on backend {runtime.backend.name} "
+              f"({runtime.device}{layout})")
+    if groups is not None:
+        parallel_run.finish()
     return 0
 
 
@@ -303,7 +322,7 @@ def main(args: argparse.Namespace) -> int:
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
     if args.interactive:
-        return _interactive(args, model, runtime)
+        return _interactive(args, model, runtime, groups)
     tokenizer, prompt_ids, stops = None, None, []
     if args.prompt is not None:
         read = functools.partial(_read_prompts, args, model.args.vocab_size)

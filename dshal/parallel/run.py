@@ -145,8 +145,69 @@ def agree(check: Callable[[], Any]) -> Any:
     raise SystemExit(1)
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (every rank must call this)."""
+    flags = comm.all_gather(torch.tensor([[1.0 if flag else 0.0]], device=_device()), dim=0)
+    return bool(flags.any())
+
+
+#: Seconds between rank 0's "still waiting for the user" broadcasts while a chat is idle:
+#: no collective of the other ranks waits longer than that, far under the comm timeout.
+INPUT_POLL_S = 5.0
+_WAITING, _LINE, _END = 0, 1, 2
+
+
+def shared_input(read: Callable[[str], str] = input, poll_s: float = INPUT_POLL_S) -> Callable[[str], str]:
+    """A ``read(prompt)`` for every rank of the job: rank 0 reads a line with ``read`` (the
+    terminal), and every rank returns that line; at the end of rank 0's input every rank
+    raises EOFError (every rank must call it). Rank 0 reads in a thread and, while the user
+    is typing, broadcasts "still waiting" every ``poll_s`` seconds, so the other ranks wait in
+    collectives of that length rather than one that the comm timeout would end."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+
+    def read_into_queue(prompt: str) -> None:
+        try:
+            lines.put((_LINE, read(prompt)))
+        except EOFError:
+            lines.put((_END, ""))
+
+    def read_shared(prompt: str) -> str:
+        device = _device()
+        if comm.get_rank() == 0:
+            threading.Thread(target=read_into_queue, args=(prompt,), daemon=True).start()
+            while True:
+                try:
+                    status, text = lines.get(timeout=poll_s)
+                except queue.Empty:
+                    status, text = _WAITING, ""
+                data = text.encode()
+                comm.broadcast(torch.tensor([status, len(data)], dtype=torch.int64, device=device), src=0)
+                if status != _WAITING:
+                    break
+        else:
+            while True:
+                header = comm.broadcast(torch.zeros(2, dtype=torch.int64, device=device), src=0)
+                status, size = (int(v) for v in header.tolist())
+                if status != _WAITING:
+                    break
+        if status == _END:
+            raise EOFError
+        if comm.get_rank() == 0:
+            payload = torch.tensor(list(data), dtype=torch.uint8, device=device)
+        else:
+            payload = torch.zeros(size, dtype=torch.uint8, device=device)
+        if payload.numel():
+            payload = comm.broadcast(payload, src=0)
+        return bytes(payload.cpu().tolist()).decode()
+
+    return read_shared
+
+
 def _device() -> torch.device:
     return current().device
 
 
-__all__ = ["add_arguments", "agree", "finish", "is_reporting_rank", "load", "relaunch", "relaunch_needed", "ranks_sharing", "report", "setup", "wanted"]
+__all__ = ["INPUT_POLL_S", "add_arguments", "agree", "any_rank", "finish", "is_reporting_rank", "load", "relaunch", "relaunch_needed", "ranks_sharing", "report", "setup", "shared_input", "wanted"]
