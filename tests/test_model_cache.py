@@ -260,12 +260,18 @@ def _right_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, lis
     return torch.tensor([p + [pad] * (width - len(p)) for p in prompts]), [len(p) for p in prompts]
 
 
-@pytest.mark.parametrize(("mode", "changes"), [("absorb", {}), ("naive", {}),
-                                               ("absorb", {"attention_window": 6, "attention_global_tokens": 1})])
+WINDOW = {"attention_window": 6, "attention_global_tokens": 1}
+
+
+@pytest.mark.parametrize(("mode", "changes"), [("absorb", {}), ("naive", {}), ("absorb", WINDOW)])
 def test_model_generate_prompts_of_different_lengths_as_each_prompt_alone(mode, changes):
     """A batch of prompts of 3, 11 and 7 tokens (right-padded, ``prompt_lens``) gives each
     prompt the tokens it gets alone; the padding is never read (-1 or an id past the
-    vocabulary change nothing), and the static (graph) decode path gives the same ids."""
+    vocabulary change nothing). Without an attention window each prompt is prefilled alone
+    (batch-1 forwards) and the rows then decode together, each at its own position, one step
+    per new token; the static (graph) decode path gives the same ids. With a window the
+    longer prompts' rest is fed by one-token steps of the batch (DeepSeek-V3's scheme), and a
+    shorter prompt steps on to the common end."""
     from dshal.model.decode import generate_with_graphs
     from dshal.model.generate import completions
 
@@ -273,39 +279,50 @@ def test_model_generate_prompts_of_different_lengths_as_each_prompt_alone(mode, 
     vocab = model.args.vocab_size
     prompts = [_ids(vocab, n, batch=1, seed=n)[0].tolist() for n in (3, 11, 7)]
     ids, lens = _right_padded(prompts, pad=-1)
-    out = model.generate(ids, 6, prompt_lens=lens, prefill_chunk=2)
-    assert out.shape == (3, 17)
+    forwards: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda _, inputs: forwards.append(tuple(inputs[0].shape)))
+    try:
+        out = model.generate(ids, 6, prompt_lens=lens, prefill_chunk=4)
+    finally:
+        hook.remove()
     for row, prompt in zip(out.tolist(), prompts):
         assert row[: len(prompt)] == prompt  # the prompt, then its own continuation
     alone = [model.generate(torch.tensor([p]), 6)[0, len(p):].tolist() for p in prompts]
     assert completions(out, lens, 6) == alone
-    # a shorter prompt steps on to the common end: its extra tokens continue it greedily
-    assert model.generate(torch.tensor([prompts[0]]), 14)[0].tolist() == out[0].tolist()
     past_vocab, _ = _right_padded(prompts, pad=vocab + 5)
     assert torch.equal(model.generate(past_vocab, 6, prompt_lens=lens), out)
-    if not changes:
-        graphs, _ = generate_with_graphs(model, ids, 6, lambda fn: fn, prompt_lens=lens)
-        torch.testing.assert_close(graphs, out, rtol=0, atol=0)
+    if changes:  # fed: one prefill of the shortest prompt, then 11 + 6 - 3 - 1 one-token steps of all rows
+        assert forwards == [(3, 3)] + [(3, 1)] * 13
+        assert model.generate(torch.tensor([prompts[0]]), 14)[0].tolist() == out[0].tolist()
+        return
+    # each prompt alone in chunks of 4 (3; 4 + 4 + 3; 4 + 3); the decode steps are static (no model forward)
+    assert forwards == [(1, 3), (1, 4), (1, 4), (1, 3), (1, 4), (1, 3)]
+    assert out.shape == (3, 11 + 6) and out[0, 3 + 6 :].eq(0).all()  # padding after a row's new tokens
+    graphs, _ = generate_with_graphs(model, ids, 6, lambda fn: fn, prompt_lens=lens)
+    torch.testing.assert_close(graphs, out, rtol=0, atol=0)
 
 
-def test_model_generate_ragged_prompts_stop_per_row_and_never_inside_a_prompt():
+@pytest.mark.parametrize("changes", [{}, WINDOW])
+def test_model_generate_ragged_prompts_stop_per_row_and_never_inside_a_prompt(changes):
     """With ``eos_token_id``, a row stops at a stop id it generates, not at one inside its own
-    prompt that is fed one step at a time; ``completions`` cuts each row after its stop."""
+    prompt (prefilled, or fed one step at a time); ``completions`` cuts each row after its stop."""
     from dshal.model.generate import completions
 
-    model = _model()
+    model = _model(**changes)
     vocab = model.args.vocab_size
     short = _ids(vocab, 2, batch=1, seed=1)[0].tolist()
     free = model.generate(torch.tensor([short]), 4)[0, 2:].tolist()
     eos = free[1]  # the short prompt's second new token
     long = _ids(vocab, 6, batch=1, seed=2)[0].tolist()
-    long[4] = eos  # fed after the prefill of 2 tokens: a prompt id, not a stop
+    long[4] = eos  # inside the long prompt: a prompt id, not a stop
     ids, lens = _right_padded([short, long], pad=0)
     out = model.generate(ids, 4, prompt_lens=lens, eos_token_id=eos)
     got = completions(out, lens, 4, eos_token_id=eos)
     assert got[0] == free[:2]  # stopped at its eos
     assert got[1] == completions(model.generate(torch.tensor([long]), 4, eos_token_id=eos), [6], 4, eos)[0]
     assert out[1, :6].tolist() == long
+    if not changes:
+        assert out[0, 4:].eq(eos).all()  # a stopped row is padded with the stop id
 
 
 def test_model_generate_refuses_bad_prompt_lens():

@@ -334,10 +334,11 @@ def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
     proc = _dshal(*run, str(tmp_path / "both.json"), "--prompt", texts[0], "--prompt", texts[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     both = json.loads((tmp_path / "both.json").read_text())
-    assert (both["batch"], both["prompt_len"], both["prefill_len"]) == (2, lens[1], lens[0])
+    assert (both["batch"], both["prompt_len"], both["shortest_prompt"]) == (2, lens[1], lens[0])
+    assert both["ragged_batch"] == "each at its own positions" and both["generated_tokens"] == 5
     assert [seq["prompt_len"] for seq in both["sequences"]] == lens
     assert both["graphs"]["tokens_match_eager"]
-    assert f"prompts of {lens[0]} to {lens[1]} tokens" in proc.stdout
+    assert f"2 prompts of {lens[0]} to {lens[1]} tokens, each prefilled alone" in proc.stdout
     for i, text in enumerate(texts):
         alone = _dshal(*run, str(tmp_path / f"{i}.json"), "--prompt", text, "--graphs", "off")
         assert alone.returncode == 0, alone.stderr[-2000:]

@@ -164,14 +164,17 @@ class KVCache:
     MASKED_SCORE = -1.0e4
 
     def begin_at(self, position: torch.Tensor) -> None:
-        """Plan a one-token step at ``position`` (an int64 device tensor ``[1]``) without
-        reading it on the host: no host sync, and a captured graph of the step replays at any
-        position. Needs a cache without a window (every position has its own slot)."""
+        """Plan a one-token step at ``position`` (an int64 device tensor: ``[1]``, or ``[B]``
+        with each row's own position) without reading it on the host: no host sync, and a
+        captured graph of the step replays at any position. Needs a cache without a window
+        (every position has its own slot)."""
         if self.window is not None:
             raise DshalError("KVCache.begin_at: static decode steps need a cache without an attention window")
+        if position.shape not in ((1,), (self.batch,)):
+            raise ShapeError(f"KVCache.begin_at: position has shape {list(position.shape)}, expected [1] or [{self.batch}]")
         slots = torch.arange(self.capacity, device=position.device)
-        bias = torch.where(slots <= position, 0.0, self.MASKED_SCORE).float()  # [S]
-        self._plan = _StepPlan(-1, -1, position=position, key_bias=bias)
+        bias = torch.where(slots <= position[:, None], 0.0, self.MASKED_SCORE).float()  # [1 or B, S]
+        self._plan = _StepPlan(-1, -1, position=position, key_bias=bias if position.shape[0] > 1 else bias[0])
 
     def _slot(self, pos: torch.Tensor) -> torch.Tensor:
         g, w = self.global_tokens, int(self.window or 1)
@@ -200,8 +203,8 @@ class LayerCache:
 
     @property
     def key_bias(self) -> torch.Tensor | None:
-        """In a static decode step (:meth:`KVCache.begin_at`), the score bias ``[S]`` of the
-        buffer's slots (0: written, very negative: not yet); None otherwise."""
+        """In a static decode step (:meth:`KVCache.begin_at`), the score bias ``[S]`` (per row:
+        ``[B, S]``) of the buffer's slots (0: written, very negative: not yet); None otherwise."""
         return self.cache._plan.key_bias
 
     def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -212,7 +215,11 @@ class LayerCache:
         out = []
         for buf, t in zip(self.cache.buffers[self.index], new):
             if plan.position is not None:  # static step: one token at a device-side position
-                buf.index_copy_(1, plan.position, t)
+                if plan.position.shape[0] == 1:
+                    buf.index_copy_(1, plan.position, t)
+                else:  # each row at its own position
+                    rows = torch.arange(buf.shape[0], device=buf.device)
+                    buf.index_put_((rows, plan.position), t[:, 0])
                 out.append(buf)
             elif plan.ordered_slots is None:  # slots are positions
                 buf[:, plan.start : plan.end] = t

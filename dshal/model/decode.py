@@ -35,16 +35,17 @@ from dshal.errors import DshalError
 from dshal.model.cache import KVCache
 from dshal.model.generate import (
     DEFAULT_PREFILL_CHUNK,
-    PromptBatch,
     check_input_ids,
     check_prefill_chunk,
+    check_prompt_lens,
     check_token_ids,
     prefill,
 )
 
 
 def static_decode_step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One token per sequence at ``position`` (int64 device tensor ``[1]``) -> logits ``[B, V]``.
+    """One token per sequence at ``position`` (int64 device tensor: ``[1]``, or ``[B]`` with
+    each sequence at its own position) -> logits ``[B, V]``.
 
     The same layers as ``model(token, pos, cache)``, with every shape fixed and no value
     read on the host, so the step can be captured once and replayed at any position.
@@ -52,6 +53,8 @@ def static_decode_step(model: nn.Module, token: torch.Tensor, position: torch.Te
     check_token_ids("static_decode_step", token, model.args.vocab_size)  # device-side inside ops.trusted()
     cos = model.rope_cos.index_select(0, position)  # [1, rope / 2]
     sin = model.rope_sin.index_select(0, position)
+    if position.shape[0] > 1:  # each row its own angle: [B, T=1, rope / 2]
+        cos, sin = cos[:, None], sin[:, None]
     cache.begin_at(position)
     h, residual = model.embed(token), None  # [B, 1, D]
     for layer, layer_cache in zip(model.layers, cache.layers):
@@ -72,17 +75,24 @@ class StaticDecoder:
     ``graph`` (a backend's :meth:`~dshal.Backend.graph` hook) on the first call.
 
     ``decoder(token [B], pos)`` returns logits ``[B, V]``: the graph's static output,
-    overwritten by the next call (read it before).
+    overwritten by the next call (read it before). With ``per_row``, ``pos`` is an int64
+    device tensor ``[B]``: each sequence's own position (prompts of different lengths).
     """
 
-    def __init__(self, model: nn.Module, cache: KVCache, graph: Callable[[Callable[..., Any]], Callable[..., Any]]):
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: KVCache,
+        graph: Callable[[Callable[..., Any]], Callable[..., Any]],
+        per_row: bool = False,
+    ):
         why = static_decode_unsupported(model)
         if why:
             raise DshalError(f"StaticDecoder: {why}")
         device = model.rope_cos.device
         self.model, self.cache = model, cache
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
-        self.position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.position = torch.zeros(cache.batch if per_row else 1, dtype=torch.int64, device=device)
         self._graph = graph
         self._replay: Callable[..., Any] | None = None
         #: Seconds the first call took (checked eager step + warm-up + capture).
@@ -96,9 +106,12 @@ class StaticDecoder:
         with ops.trusted():
             return static_decode_step(self.model, token, position, self.cache)
 
-    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+    def __call__(self, token: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         self.token.copy_(token.reshape(-1, 1))
-        self.position.fill_(pos)  # a host-to-device write, no sync
+        if isinstance(pos, torch.Tensor):
+            self.position.copy_(pos)  # device to device
+        else:
+            self.position.fill_(pos)  # a host-to-device write, no sync
         if self._replay is None:
             start = time.perf_counter()
             # First step checked (Python input checks and host-side id checks), outside any graph.
@@ -133,25 +146,94 @@ def generate_with_graphs(
     check_prefill_chunk("generate_with_graphs", prefill_chunk)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise DshalError(f"generate_with_graphs: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
-    prompts = PromptBatch("generate_with_graphs", input_ids, prompt_lens)
+    lens = check_prompt_lens("generate_with_graphs", prompt_lens, *input_ids.shape)
+    return generate_rows(model, input_ids, lens, max_new_tokens, lambda logits: logits.argmax(dim=-1), graph=graph,
+                         on_token=on_token, prefill_chunk=prefill_chunk)
+
+
+def prefill_rows(
+    model: nn.Module, input_ids: torch.Tensor, prompt_lens: Sequence[int], cache: KVCache, prefill_chunk: int | None
+) -> torch.Tensor:
+    """Prefill each row's prompt (its first ``prompt_lens[b]`` ids) alone, at its own positions
+    from 0, into its row of ``cache``; returns each row's last logits ``[B, vocab]``. With one
+    length for all rows, one batched prefill."""
+    if len(set(prompt_lens)) == 1:
+        return prefill(model, input_ids[:, : prompt_lens[0]], cache, prefill_chunk)
+    logits = []
+    for row, length in enumerate(prompt_lens):
+        alone = model.new_cache(1, length, cache.mode)
+        logits.append(prefill(model, input_ids[row : row + 1, :length], alone, prefill_chunk))
+        for buffers, row_buffers in zip(cache.buffers, alone.buffers):
+            for buf, row_buf in zip(buffers, row_buffers):
+                buf[row, :length] = row_buf[0]
+    cache.length = max(prompt_lens)
+    return torch.cat(logits)
+
+
+@torch.inference_mode()
+def generate_rows(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt_lens: Sequence[int],
+    max_new_tokens: int,
+    next_token: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    graph: Callable[[Callable[..., Any]], Callable[..., Any]] = lambda fn: fn,
+    eos_token_id: Sequence[int] | None = None,
+    stream: Callable[[torch.Tensor], None] | None = None,
+    on_token: Callable[[int], None] | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+) -> tuple[torch.Tensor, StaticDecoder | None]:
+    """Generation with each sequence at its own positions: every prompt is prefilled alone into
+    its row of one cache (:func:`prefill_rows`), then each step decodes all rows together,
+    row b at position ``prompt_lens[b] + i`` (:class:`StaticDecoder` with per-row positions:
+    the cache slots past a row's position are masked). ``next_token`` turns logits ``[B, V]``
+    into ids ``[B]``.
+
+    Returns ``[B, L + new]`` with L the longest prompt (shorter when every row stopped at a
+    stop id) and the decoder (None when no decode step runs). Row b holds its prompt, its new tokens from
+    ``prompt_lens[b]`` on, then padding: the first stop id of ``eos_token_id``, else 0. A
+    row that stopped is padded the same way.
+    """
+    why = static_decode_unsupported(model)
+    if why:
+        raise DshalError(f"generate_rows: {why}")
     bsz, width = input_ids.shape
-    total = width + max_new_tokens
-    out = torch.empty(bsz, total, dtype=torch.int64, device=input_ids.device)
-    out[:, :width] = prompts.ids
+    device = input_ids.device
+    stops = None if eos_token_id is None else torch.tensor(list(eos_token_id), device=device)
+    pad = 0 if eos_token_id is None else int(eos_token_id[0])
+    lengths = torch.tensor(list(prompt_lens), device=device)
+    in_prompt = torch.arange(width, device=device) < lengths[:, None]
+    out = torch.full((bsz, width + max_new_tokens), pad, dtype=torch.int64, device=device)
+    out[:, :width] = input_ids.masked_fill(~in_prompt, pad)
     if max_new_tokens == 0:
         return out, None
-    cache = model.new_cache(bsz, total, "absorb")
-    decoder = StaticDecoder(model, cache, graph) if total - prompts.start > 1 else None
-    logits = prefill(model, prompts.ids[:, : prompts.start], cache, prefill_chunk)
-    for pos in range(prompts.start, total):
-        token = prompts.force(logits.argmax(dim=-1), pos)  # [B]
-        out[:, pos] = token
+    longest = max(prompt_lens)
+    cache = model.new_cache(bsz, longest + max_new_tokens, "absorb")
+    decoder = StaticDecoder(model, cache, graph, per_row=True) if max_new_tokens > 1 else None
+    logits = prefill_rows(model, input_ids, prompt_lens, cache, prefill_chunk)
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        token = next_token(logits)  # [B]
+        if stops is not None:
+            token = torch.where(done, stops[0], token)
+            done |= torch.isin(token, stops)
+        out.scatter_(1, (lengths + i)[:, None], token[:, None])
+        if stream is not None:
+            stream(token)
         if on_token is not None:
-            on_token(pos - prompts.start)
-        if pos + 1 == total:
-            break
-        logits = decoder(token, pos)  # type: ignore[misc]
+            on_token(i)
+        if i + 1 == max_new_tokens or (stops is not None and bool(done.all())):
+            return out[:, : longest + i + 1], decoder
+        logits = decoder(token, lengths + i)  # type: ignore[misc]
     return out, decoder
 
 
-__all__ = ["StaticDecoder", "generate_with_graphs", "static_decode_step", "static_decode_unsupported"]
+__all__ = [
+    "StaticDecoder",
+    "generate_rows",
+    "generate_with_graphs",
+    "prefill_rows",
+    "static_decode_step",
+    "static_decode_unsupported",
+]

@@ -1,11 +1,18 @@
 """Greedy / temperature sampling with the KV cache: the prompt's prefill (in chunks of at most
 :data:`DEFAULT_PREFILL_CHUNK` tokens), then one step per token.
 
-Prompts of different lengths share a batch the way DeepSeek-V3's ``generate.py`` runs them:
-right-padded, prefilled up to the shortest one, then one step per position for every
-sequence, where a sequence still inside its prompt is fed its own next prompt token instead
-of the sampled one (:class:`PromptBatch`). All sequences are then at the same position, so
-the causal attention needs no padding mask."""
+Prompts of different lengths share a batch (right-padded, with ``prompt_lens``) in one of two
+ways:
+
+- each at its own positions (:func:`dshal.model.decode.generate_rows`): every prompt is
+  prefilled alone into its row of the cache, then each decode step runs all rows, row b at
+  its own position, the cache slots past it masked (the static decode step's key mask);
+- on a model with an attention window, whose cache cannot mask per row, the way DeepSeek-V3's
+  ``generate.py`` runs them: prefilled up to the shortest prompt, then one step per position
+  for every sequence, where a sequence still inside its prompt is fed its own next prompt
+  token instead of the sampled one (:class:`PromptBatch`). All sequences are then at the
+  same position, so the causal attention needs no mask; the longer prompts' rest costs
+  one-token steps."""
 
 from __future__ import annotations
 
@@ -224,16 +231,28 @@ def generate(
     the text while it is generated.
 
     Prompts of different lengths: right-pad them to ``T`` and give each row's length in
-    ``prompt_lens``. Row b then holds its prompt, then its new tokens from ``prompt_lens[b]``
-    on: every row steps to ``T + max_new_tokens``, so a shorter prompt gets more than
-    ``max_new_tokens`` (:func:`completions` cuts each row's). The steps that feed the longer
-    prompts' remaining ids run one position at a time, as DeepSeek-V3's ``generate.py`` does.
+    ``prompt_lens``; the padding is never read. Row b then holds its prompt, then its new
+    tokens from ``prompt_lens[b]`` on; :func:`completions` cuts each row's. Each row runs at
+    its own positions (see the module docstring), and what follows its tokens is padding (the
+    first stop id, else 0); on a model with an attention window every row steps to
+    ``T + max_new_tokens`` instead, so a shorter prompt gets more tokens.
     """
     check_input_ids("generate", input_ids)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate", prefill_chunk)
     check_top_p(top_p)
     prompts = PromptBatch("generate", input_ids, prompt_lens)
+    if prompts.in_prompt is not None and max_new_tokens > 0:
+        from dshal.model import decode  # it builds on this module
+
+        if decode.static_decode_unsupported(model) is None:  # each row at its own positions
+            out, _ = decode.generate_rows(
+                model, input_ids, check_prompt_lens("generate", prompt_lens, *input_ids.shape), max_new_tokens,
+                lambda logits: _next_token(logits, temperature, generator, top_p),
+                eos_token_id=None if eos_token_id is None else _stop_list(eos_token_id),
+                stream=stream, on_token=on_token, prefill_chunk=prefill_chunk,
+            )
+            return out
     bsz, width = input_ids.shape
     total = width + max_new_tokens
     out = torch.empty(bsz, total, dtype=torch.int64, device=input_ids.device)

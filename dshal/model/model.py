@@ -192,14 +192,16 @@ class MLA(nn.Module):
         last_query_only: bool = False,
     ) -> torch.Tensor:
         """``x [B, T, D] -> [B, T, D]``, or ``[B, 1, D]`` for the last position only when
-        ``last_query_only`` (keys and values, and the cache, still cover all T tokens)."""
+        ``last_query_only`` (keys and values, and the cache, still cover all T tokens).
+        ``cos`` / ``sin``: ``[T, rope / 2]``, or ``[B, T, rope / 2]`` when the rows are at
+        different positions (a static decode step of prompts of different lengths)."""
         bsz = x.shape[0]
-        x_q, cos_q, sin_q = (x[:, -1:], cos[-1:], sin[-1:]) if last_query_only else (x, cos, sin)
+        x_q, cos_q, sin_q = (x[:, -1:], cos[..., -1:, :], sin[..., -1:, :]) if last_query_only else (x, cos, sin)
         # queries: [B, Tq, H, nope], [B, Tq, H, rope]
         q = self.q_proj(x_q) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_q)))
         q = q.view(bsz, x_q.shape[1], -1, self.qk_head_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = ops.rotary_embedding(q_pe, cos_q[:, None], sin_q[:, None], self.interleaved)
+        q_pe = ops.rotary_embedding(q_pe, cos_q[..., None, :], sin_q[..., None, :], self.interleaved)  # one angle for all heads
         # latent: [B, T, r + rope] = normalized c_kv | rotated shared key
         kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
@@ -267,13 +269,14 @@ class MLA(nn.Module):
 
 
 def _with_key_bias(q: torch.Tensor, latent: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [B, H, T, D]`` and ``latent [B, S, D]`` with one more dim (1 in q, ``bias [S]`` in the
-    keys), so ``q . k`` gains ``bias``: a key mask through the plain attention op."""
+    """``q [B, H, T, D]`` and ``latent [B, S, D]`` with one more dim (1 in q, ``bias [S]`` or
+    per row ``[B, S]`` in the keys), so ``q . k`` gains ``bias``: a key mask through the plain
+    attention op."""
     ones = q.new_ones(*q.shape[:-1], 1)
     # Finite in both dtypes: float16 latents, and float64 ones (a float32 bias cannot hold float64's min).
     low = max(torch.finfo(latent.dtype).min, torch.finfo(bias.dtype).min) / 2
     column = bias.clamp(min=low).to(latent.dtype)
-    column = column[None, :, None].expand(latent.shape[0], -1, 1)
+    column = column.reshape(-1, column.shape[-1])[:, :, None].expand(latent.shape[0], -1, 1)  # [B, S, 1]
     return torch.cat((q, ones), dim=-1), torch.cat((latent, column), dim=-1)
 
 

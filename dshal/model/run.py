@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -143,6 +144,32 @@ def out_of_memory_in_flags(args: argparse.Namespace, device: torch.device) -> co
             f"+ --new-tokens {args.new_tokens}")
     lower = "--batch, --prefill-chunk or --prompt-len" if hasattr(args, "prefill_chunk") else "--batch or --prompt-len"
     return out_of_memory_as_error(device, what, lower)
+
+
+#: How :func:`generate` runs prompts of different lengths (``ragged_batch`` in the report).
+RAGGED_OWN_POSITIONS = "each at its own positions"
+RAGGED_FED = "fed into one position"
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What one generation of a batch runs: ``ragged`` (None: one prompt length, else how
+    prompts of different lengths run), the prompt tokens per row that the prefill covers
+    (the most), all the prefill's tokens, and the steps after it (one per ``on_token``)."""
+
+    ragged: str | None
+    prefill_len: int
+    prefill_tokens: int
+    steps: int
+
+
+def batch_shape(model: Any, prompt_lens: list[int], new_tokens: int) -> BatchShape:
+    shortest, longest = min(prompt_lens), max(prompt_lens)
+    if shortest == longest:
+        return BatchShape(None, longest, longest * len(prompt_lens), new_tokens)
+    if static_decode_unsupported(model) is None:  # generate_rows
+        return BatchShape(RAGGED_OWN_POSITIONS, longest, sum(prompt_lens), new_tokens)
+    return BatchShape(RAGGED_FED, shortest, shortest * len(prompt_lens), longest + new_tokens - shortest)
 
 
 def _positive(name: str, value: int) -> None:
@@ -339,6 +366,7 @@ def main(args: argparse.Namespace) -> int:
     run_report = _run_report(runtime, model, args.report)
     with out_of_memory_in_flags(args, runtime.device):
         timing, outputs = _generate_and_time(args, model, runtime, prompt, prompt_lens, eos, run_report)
+    shape = batch_shape(model, prompt_lens, args.new_tokens)
     report: dict[str, Any] = {
         "backend": runtime.backend.name,
         "device": str(runtime.device),
@@ -347,8 +375,9 @@ def main(args: argparse.Namespace) -> int:
         "load_s": round(load_s, 3),
         "batch": args.batch,
         "prompt_len": args.prompt_len,  # the longest prompt
-        # Tokens per sequence in the prefill: the shortest prompt's (the longer ones' rest is fed by decode steps).
-        "prefill_len": min(prompt_lens),
+        "shortest_prompt": min(prompt_lens),
+        "ragged_batch": shape.ragged,
+        "prefill_len": shape.prefill_len,
         "prefill_chunk": args.prefill_chunk,
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
@@ -397,7 +426,7 @@ def _generate_and_time(
     """The warm-up, the timed run (recorded by ``run_report``) and the graph run: the report's
     timing fields, and each sequence's new tokens."""
     sync = runtime.backend.synchronize
-    steps = args.prompt_len + args.new_tokens - min(prompt_lens)  # decode steps, the longer prompts' rest included
+    shape = batch_shape(model, prompt_lens, args.new_tokens)
     # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
     warm_start = time.perf_counter()
     sampler = torch.Generator(device=prompt.device).manual_seed(args.seed)
@@ -410,12 +439,12 @@ def _generate_and_time(
 
     sampler.manual_seed(args.seed)  # the timed run samples what the warm-up did
     with run_report.recording() if run_report else contextlib.nullcontext():
-        result, start, stamps = _timed_generate(generate, prompt, args.new_tokens, steps, sync, not args.no_progress)
+        result, start, stamps = _timed_generate(generate, prompt, args.new_tokens, shape.steps, sync, not args.no_progress)
     prefill_s = stamps[0] - start  # the first step's token comes out of the prefill
     timed_s = stamps[-1] - start
     outputs = completions(result, prompt_lens, args.new_tokens, eos)
     timing = {
-        "prefill_tokens_per_s": args.batch * min(prompt_lens) / prefill_s if prefill_s > 0 else None,
+        "prefill_tokens_per_s": shape.prefill_tokens / prefill_s if prefill_s > 0 else None,
         "decode_tokens_per_s": _decode_rate(stamps, args.batch),
         "warmup_s": round(warmup_s, 3),
         # What the warm-up spent beyond a warm run: kernel compilation, autotuning, first-call setup.
@@ -498,8 +527,8 @@ def _graph_run(
         decoders.append(decoder)
         return ids
 
-    steps = prompt.shape[1] + args.new_tokens - min(prompt_lens)
-    ids, _, stamps = _timed_generate(graph_generate, prompt, args.new_tokens, steps, runtime.backend.synchronize, False)
+    ids, _, stamps = _timed_generate(graph_generate, prompt, args.new_tokens, args.new_tokens, runtime.backend.synchronize,
+                                     False)
     decoder = decoders[-1]
     return {
         "graphs": {
@@ -581,13 +610,16 @@ def _print(report: dict[str, Any]) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:,.1f}"  # noqa: E731
     batch, prefill, decode = report["batch"], report["prefill_tokens_per_s"], report["decode_tokens_per_s"]
     why_not = " (timed from the second decode step on: needs --new-tokens >= 3)" if decode is None else ""
-    ragged = ""
-    if report["prefill_len"] < report["prompt_len"]:
-        ragged = (f"; prompts of {report['prefill_len']} to {report['prompt_len']} tokens: "
-                  "the longer ones' rest is fed by the decode steps")
+    prefilled = f"{batch} x {report['prefill_len']} tokens{_chunks(report)}"
+    if report["ragged_batch"] == RAGGED_OWN_POSITIONS:
+        prefilled = (f"{batch} prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens, each prefilled "
+                     f"alone{_chunks(report)}")
+    elif report["ragged_batch"]:
+        prefilled += (f"; prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens: the longer ones' "
+                      "rest is fed by the decode steps (the model has an attention window)")
     console.print(
-        f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({batch} x {report['prefill_len']} tokens{_chunks(report)}); "
-        f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}{ragged}"
+        f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({prefilled}); "
+        f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}"
     )
     console.print(_sampling_line(report["temperature"], report["top_p"], report["sampling_from"]))
     sequences = report.get("sequences", [])
