@@ -210,7 +210,8 @@ def generate_rows(
         return out, None
     longest = max(prompt_lens)
     cache = model.new_cache(bsz, longest + max_new_tokens, "absorb")
-    decoder = StaticDecoder(model, cache, graph, per_row=True) if max_new_tokens > 1 else None
+    per_row = len(set(prompt_lens)) > 1  # else one position for all rows: the step as it always was
+    decoder = StaticDecoder(model, cache, graph, per_row) if max_new_tokens > 1 else None
     logits = prefill_rows(model, input_ids, prompt_lens, cache, prefill_chunk)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
@@ -225,7 +226,7 @@ def generate_rows(
             on_token(i)
         if i + 1 == max_new_tokens or (stops is not None and bool(done.all())):
             return out[:, : longest + i + 1], decoder
-        logits = decoder(token, lengths + i)  # type: ignore[misc]
+        logits = decoder(token, lengths + i if per_row else longest + i)  # type: ignore[misc]
     return out, decoder
 
 
