@@ -146,3 +146,49 @@ def test_failed_capture_falls_back_to_the_eager_static_step():
     got, decoder = generate_with_graphs(model, ids, 5, failing_graph)
     assert torch.equal(got, model.generate(ids, 5))
     assert not decoder.captured and "not permitted when stream is capturing" in decoder.capture_error
+
+
+def _rows_decoder(model, prompts):
+    """A per-row StaticDecoder over ``prompts``, each prefilled alone into its row."""
+    cache = model.new_cache(len(prompts), 10, "absorb")
+    for row, prompt in enumerate(prompts):
+        row_cache = model.new_cache(1, prompt.shape[1], "absorb")
+        model(prompt, 0, row_cache)
+        for buffers, row_buffers in zip(cache.buffers, row_cache.buffers):
+            buffers[0][row, : prompt.shape[1]] = row_buffers[0][0]
+    return StaticDecoder(model, cache, _eager("cpu"), per_row=True), cache
+
+
+def test_static_decode_with_each_row_at_its_own_position():
+    """Rows at different positions in one static step (prompts of different lengths): each
+    row's logits are those of that row decoded alone at its position."""
+    dshal.use(backend="cpu")
+    model = random_model(tiny_args(), seed=2)
+    prompts = [_ids(model.args, batch=1, length=n) for n in (3, 6)]
+    alone = []
+    for prompt in prompts:  # each row's own cache and decode
+        cache = model.new_cache(1, 10, "absorb")
+        model(prompt, 0, cache)
+        alone.append([model(torch.tensor([[t]]), prompt.shape[1] + i, cache, last_only=True)[0, -1]
+                      for i, t in enumerate((7, 9))])
+    decoder, cache = _rows_decoder(model, prompts)
+    for i, t in enumerate((7, 9)):
+        got = decoder(torch.tensor([t, t]), torch.tensor([3, 6]) + i)
+        for row in range(2):
+            want = alone[row][i]
+            assert (got[row] - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    with pytest.raises(ShapeError, match=r"KVCache.begin_at: position has shape \[3\], expected \[1\] or \[2\]"):
+        cache.begin_at(torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.needs_interpreter
+def test_static_decode_with_rows_at_their_own_positions_does_no_host_sync():
+    """The per-row step (per-row cache write, RoPE angle and key mask) reads nothing on the
+    host after its checked first call, on the emulated nvidia plugin's own ops."""
+    _emulated_nvidia()
+    model = random_model(tiny_args(first_k_dense_replace=3), seed=0, precision=PrecisionConfig(gemm="fp8-block"))
+    decoder, _ = _rows_decoder(model, [_ids(model.args, batch=1, length=n) for n in (3, 6)])
+    decoder(torch.tensor([3, 3]), torch.tensor([3, 6]))  # the checked first step
+    with HostSyncCounter() as syncs:
+        decoder(torch.tensor([4, 4]), torch.tensor([4, 7]))
+    assert syncs.count == 0, syncs.where
