@@ -33,7 +33,7 @@ from torch import nn
 from dshal import ops
 from dshal.errors import DshalError
 from dshal.model.cache import KVCache
-from dshal.model.generate import (
+from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
     check_input_ids,
     check_prefill_chunk,

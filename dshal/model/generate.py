@@ -23,50 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError
-from dshal.ops.spec import check_ids_in_range
-
-#: Prompt tokens per sequence in one prefill forward. Activations grow with it (attention's
-#: scores with it times the tokens before it), the KV cache does not; ``dshal plan`` plans
-#: the activation peak of a chunk this long.
-DEFAULT_PREFILL_CHUNK = 2048
-
-
-def check_prefill_chunk(where: str, prefill_chunk: Any) -> None:
-    if prefill_chunk is not None and (
-        not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1
-    ):
-        raise ArgumentError(f"{where}: argument 'prefill_chunk' is {prefill_chunk!r}, expected None or an int >= 1")
-
-
-def prefill(model: nn.Module, input_ids: torch.Tensor, cache: Any, prefill_chunk: int | None) -> torch.Tensor:
-    """Run the prompt ``input_ids [B, T]`` into ``cache`` in forwards of at most
-    ``prefill_chunk`` tokens (None: one forward); returns the last position's logits ``[B, vocab]``.
-    Each chunk attends to the cached tokens before it, so the result is the one-forward result."""
-    length = input_ids.shape[1]
-    chunk = length if prefill_chunk is None else prefill_chunk
-    for start in range(0, length, chunk):
-        logits = model(input_ids[:, start : start + chunk], start, cache, last_only=True)
-    return logits[:, -1]
-
-
-def check_input_ids(where: str, input_ids: Any, device: torch.device | None = None) -> None:
-    """``input_ids`` must be an integer tensor ``[B, T]`` with ``B, T >= 1`` (on ``device``, when given)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise DTypeError(f"{where}: argument 'input_ids' is {got}, expected an int64 tensor [B, T]")
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ShapeError(
-            f"{where}: argument 'input_ids' has shape {list(input_ids.shape)}, expected [B, T] with B >= 1 and T >= 1"
-        )
-    if device is not None and input_ids.device != device:
-        raise DeviceError(f"{where}: argument 'input_ids' is on {input_ids.device}, expected {device} (the model's)")
-
-
-def check_token_ids(where: str, input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Every id in ``input_ids`` must be in ``[0, vocab_size)`` (reads the values: a host sync
-    on an accelerator)."""
-    check_ids_in_range(where, "input_ids", input_ids, vocab_size, "token id", "the vocabulary")
+from dshal.errors import ArgumentError, ShapeError
+from dshal.model import decode
+from dshal.model.prefill import (
+    DEFAULT_PREFILL_CHUNK,
+    check_input_ids,
+    check_prefill_chunk,
+    check_prompt_lens,
+    check_token_ids,
+    prefill,
+)
 
 
 class PromptBatch:
@@ -101,24 +67,6 @@ class PromptBatch:
         if self.in_prompt is None or pos >= self.ids.shape[1]:
             return True
         return ~self.in_prompt[:, pos]
-
-
-def check_prompt_lens(where: str, prompt_lens: Any, batch: int, width: int) -> list[int]:
-    """``prompt_lens`` (None: every row is ``width`` long) as a list of ``batch`` ints in ``[1, width]``."""
-    if prompt_lens is None:
-        return [width] * batch
-    if isinstance(prompt_lens, torch.Tensor):
-        prompt_lens = prompt_lens.tolist()
-    if (
-        not isinstance(prompt_lens, Sequence)
-        or len(prompt_lens) != batch
-        or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= width for n in prompt_lens)
-    ):
-        raise ArgumentError(
-            f"{where}: argument 'prompt_lens' is {prompt_lens!r}, expected None or {batch} ints in [1, {width}] "
-            "(one prompt length per row of input_ids, whose rows are right-padded to the longest)"
-        )
-    return list(prompt_lens)
 
 
 def completions(
@@ -243,8 +191,6 @@ def generate(
     check_top_p(top_p)
     prompts = PromptBatch("generate", input_ids, prompt_lens)
     if prompts.in_prompt is not None and max_new_tokens > 0:
-        from dshal.model import decode  # it builds on this module
-
         if decode.static_decode_unsupported(model) is None:  # each row at its own positions
             out, _ = decode.generate_rows(
                 model, input_ids, check_prompt_lens("generate", prompt_lens, *input_ids.shape), max_new_tokens,
