@@ -74,8 +74,8 @@ def completions(
 ) -> list[list[int]]:
     """Each row's new tokens in :func:`generate`'s result ``ids``: the at most ``max_new_tokens``
     ids after its prompt (``prompt_lens[b]`` ids), up to and including the first stop id of
-    ``eos_token_id``. (A row whose prompt is shorter than the longest runs on past
-    ``max_new_tokens``, as every row steps to the same end; those extra tokens are dropped here.)"""
+    ``eos_token_id``. (On a model with an attention window, a row whose prompt is shorter than
+    the longest runs on past ``max_new_tokens``; those extra tokens are dropped here.)"""
     stops = set() if eos_token_id is None else set(_stop_list(eos_token_id))
     rows = []
     for row, length in zip(ids.tolist(), prompt_lens):
@@ -189,16 +189,15 @@ def generate(
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate", prefill_chunk)
     check_top_p(top_p)
-    prompts = PromptBatch("generate", input_ids, prompt_lens)
-    if prompts.in_prompt is not None and max_new_tokens > 0:
-        if decode.static_decode_unsupported(model) is None:  # each row at its own positions
-            out, _ = decode.generate_rows(
-                model, input_ids, check_prompt_lens("generate", prompt_lens, *input_ids.shape), max_new_tokens,
-                lambda logits: _next_token(logits, temperature, generator, top_p),
-                eos_token_id=None if eos_token_id is None else _stop_list(eos_token_id),
-                stream=stream, on_token=on_token, prefill_chunk=prefill_chunk,
-            )
-            return out
+    lens = check_prompt_lens("generate", prompt_lens, *input_ids.shape)
+    if len(set(lens)) > 1 and max_new_tokens > 0 and decode.static_decode_unsupported(model) is None:
+        out, _ = decode.generate_rows(  # each row at its own positions
+            model, input_ids, lens, max_new_tokens, lambda logits: _next_token(logits, temperature, generator, top_p),
+            eos_token_id=None if eos_token_id is None else _stop_list(eos_token_id),
+            stream=stream, on_token=on_token, prefill_chunk=prefill_chunk,
+        )
+        return out
+    prompts = PromptBatch("generate", input_ids, lens)  # one length, or fed into one position
     bsz, width = input_ids.shape
     total = width + max_new_tokens
     out = torch.empty(bsz, total, dtype=torch.int64, device=input_ids.device)
