@@ -63,13 +63,20 @@ def _rotary_embedding_cost(x, cos, sin, interleaved=True):
 
 # ---------------------------------------------------------------- examples
 BF16, F32 = torch.bfloat16, torch.float32
-#: ``shape`` is x's ([B, H, T, D] or [T, D]); one angle per pair and position. Full-tier and
-#: bench sizes are DeepSeek-V3's: 128 heads, rope head dim 64.
+#: ``shape`` is x's ([B, H, T, D] or [T, D]); one angle per pair and position (``cos_shape``:
+#: the tables' shape where they are not ``[T, D/2]`` with T = ``shape[-2]``: the model core's
+#: layouts, ``[B, T, H, D]`` queries with ``[T, 1, D/2]`` tables, and a decode step whose rows
+#: are at their own positions, ``[B, 1, 1, D/2]`` / ``[B, 1, D/2]``). Full-tier and bench
+#: sizes are DeepSeek-V3's: 128 heads, rope head dim 64.
 ROTARY_EMBEDDING_ROWS = [
     dict(name="bf16/interleaved/B1xH4xT16xD64", dtype=BF16, shape=(1, 4, 16, 64), interleaved=True),
     dict(name="bf16/halves/B1xH4xT16xD64", dtype=BF16, shape=(1, 4, 16, 64), interleaved=False),
     dict(name="f32/interleaved/B2xH2xT8xD32", dtype=F32, shape=(2, 2, 8, 32), interleaved=True),
     dict(name="f32/halves/T8xD64", dtype=F32, shape=(8, 64), interleaved=False),
+    dict(name="bf16/model-queries/B2xT8xH4xD64", dtype=BF16, shape=(2, 8, 4, 64), cos_shape=(8, 1, 32), interleaved=True),
+    dict(name="bf16/row-positions/B3xT1xH4xD64", dtype=BF16, shape=(3, 1, 4, 64), cos_shape=(3, 1, 1, 32),
+         interleaved=True),
+    dict(name="f32/row-positions/B3xT1xD64", dtype=F32, shape=(3, 1, 64), cos_shape=(3, 1, 32), interleaved=True),
     dict(name="bf16/M1", kind="edge", dtype=BF16, shape=(1, 4, 1, 64), interleaved=True),
     dict(name="bf16/M0", kind="edge", dtype=BF16, shape=(1, 4, 0, 64), interleaved=True),
     dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, shape=(1, 4, 16, 64), interleaved=True, noncontiguous=("x",)),
@@ -85,7 +92,6 @@ ROTARY_EMBEDDING_ROWS = [
 def _rotary_embedding_example(draw: Draw, p) -> Example:
     shape, dtype = p["shape"], p.get("dtype", BF16)
     x = fill_pattern(draw.randn(*shape, dtype=dtype), p.get("values"))
-    t, d = shape[-2], shape[-1]
-    angles = draw.randn(t, d // 2, scale=3.0)
+    angles = draw.randn(*p.get("cos_shape", (shape[-2], shape[-1] // 2)), scale=3.0)
     interleaved = p.get("interleaved", True)
     return Example({"x": x, "cos": angles.cos().to(dtype), "sin": angles.sin().to(dtype), "interleaved": interleaved})
