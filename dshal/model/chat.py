@@ -43,6 +43,8 @@ class ChatSettings:
     #: In a parallel job: given whether this rank's turn failed, whether any rank's did (every
     #: rank then drops the turn). None: this process alone.
     any_failed: Callable[[bool], bool] | None = None
+    #: A rank that does not print (its ``out`` discards): says its own failures on stderr under this name.
+    silent_rank: str | None = None
 
 
 @dataclass
@@ -97,8 +99,8 @@ def chat(
             error = err
         if settings.any_failed(error is not None) if settings.any_failed else error is not None:
             conversation.messages.pop()
-            if error is not None and out is not sys.stdout:  # a rank that does not print: its own error
-                print(f"(not answered: {error})", file=sys.stderr, flush=True)
+            if error is not None and settings.silent_rank:
+                print(f"{settings.silent_rank}: (not answered: {error})", file=sys.stderr, flush=True)
             print(f"\n(not answered: {error or 'it failed on another rank, which said why'})", file=out, flush=True)
             continue
         conversation.messages.append({"role": "assistant", "content": answer})

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dshal import comm
 from dshal.config import read_text_file
 from dshal.errors import ConfigError, DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
@@ -274,7 +275,8 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
     speaks = groups is None or parallel_run.is_reporting_rank()
     guard = functools.partial(out_of_memory_as_error, runtime.device, "this turn", "--new-tokens, or /clear the conversation")
     settings = ChatSettings(args.new_tokens, stops, args.temperature, args.top_p, args.prefill_chunk, args.seed, guard,
-                            None if groups is None else parallel_run.any_rank)
+                            None if groups is None else parallel_run.any_rank,
+                            None if speaks else f"rank {comm.get_rank()}")
     with contextlib.ExitStack() as stack:
         out = sys.stdout if speaks else stack.enter_context(open(os.devnull, "w"))  # noqa: SIM115
         if speaks:
