@@ -31,6 +31,26 @@ from dshal.model.generate import completions
 PROMPT_SETS = {"close (60-67 tokens)": list(range(60, 68)), "spread (8-120 tokens)": [8, 24, 40, 56, 72, 88, 104, 120]}
 
 
+def _measure(ours, hf, prompts: list[list[int]], new: int, repeats: int) -> tuple[dict[str, float], dict[str, bool]]:
+    """Tokens/s of the four ways to run ``prompts``, and whether each gives dshal's one-by-one tokens."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    right = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    left = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    hf_kwargs = dict(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    runs = {
+        "ours_batch": lambda: completions(ours.generate(right, new, prompt_lens=lengths), lengths, new),
+        "ours_alone": lambda: [ours.generate(torch.tensor([p]), new)[0, len(p):].tolist() for p in prompts],
+        "hf_batch": lambda: hf.generate(left, attention_mask=mask, **hf_kwargs)[:, width:].tolist(),
+        "hf_alone": lambda: [hf.generate(torch.tensor([p]), **hf_kwargs)[0, len(p):].tolist() for p in prompts],
+    }
+    tokens = {name: fn() for name, fn in runs.items()}  # warm-up, and the tokens compared
+    best = _best_times(runs, repeats)
+    rates = {name: len(prompts) * new / best[name] for name in runs}
+    return rates, {name: tokens[name] == tokens["ours_alone"] for name in runs}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -56,32 +76,10 @@ def main() -> int:
     with torch.inference_mode():
         for label, lengths in PROMPT_SETS.items():
             prompts = [torch.randint(0, args.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-            width = max(lengths)
-            right = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
-            left = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-            hf_kwargs = dict(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
-
-            def ours_batch():
-                return completions(ours.generate(right, new, prompt_lens=lengths), lengths, new)
-
-            def ours_alone():
-                return [ours.generate(torch.tensor([p]), new)[0, len(p):].tolist() for p in prompts]
-
-            def hf_batch():
-                return hf.generate(left, attention_mask=mask, **hf_kwargs)[:, width:].tolist()
-
-            def hf_alone():
-                return [hf.generate(torch.tensor([p]), **hf_kwargs)[0, len(p):].tolist() for p in prompts]
-
-            runs = {"ours_batch": ours_batch, "ours_alone": ours_alone, "hf_batch": hf_batch, "hf_alone": hf_alone}
-            tokens = {name: fn() for name, fn in runs.items()}  # warm-up, and the tokens compared
-            best = _best_times(runs, opts.repeats)
-            rate = {name: 8 * new / best[name] for name in runs}
+            rate, same = _measure(ours, hf, prompts, new, opts.repeats)
             print(f"{label:<24}{rate['ours_batch']:>12.1f}{rate['ours_alone']:>14.1f}"
                   f"{rate['ours_batch'] / rate['ours_alone']:>6.2f}x{rate['hf_batch']:>10.1f}{rate['hf_alone']:>11.1f}"
                   f"{rate['hf_batch'] / rate['hf_alone']:>6.2f}x{rate['ours_batch'] / rate['hf_batch']:>15.2f}x")
-            same = {name: tokens[name] == tokens["ours_alone"] for name in runs}
             print(f"{'':<24}greedy tokens equal to dshal one by one: {same}")
     return 0
 

@@ -267,9 +267,9 @@ WINDOW = {"attention_window": 6, "attention_global_tokens": 1}
 def test_model_generate_prompts_of_different_lengths_as_each_prompt_alone(mode, changes):
     """A batch of prompts of 3, 11 and 7 tokens (right-padded, ``prompt_lens``) gives each
     prompt the tokens it gets alone; the padding is never read (-1 or an id past the
-    vocabulary change nothing). Without an attention window each prompt is prefilled alone
-    (batch-1 forwards) and the rows then decode together, each at its own position, one step
-    per new token; the static (graph) decode path gives the same ids. With a window the
+    vocabulary change nothing). Without an attention window the shortest prompt's length is
+    prefilled for all rows, each longer prompt's rest alone (batch-1 forwards), and the rows
+    then decode together, each at its own position, one step per new token; the static (graph) decode path gives the same ids. With a window the
     longer prompts' rest is fed by one-token steps of the batch (DeepSeek-V3's scheme), and a
     shorter prompt steps on to the common end."""
     from dshal.model.decode import generate_with_graphs
@@ -295,8 +295,9 @@ def test_model_generate_prompts_of_different_lengths_as_each_prompt_alone(mode, 
         assert forwards == [(3, 3)] + [(3, 1)] * 13
         assert model.generate(torch.tensor([prompts[0]]), 14)[0].tolist() == out[0].tolist()
         return
-    # each prompt alone in chunks of 4 (3; 4 + 4 + 3; 4 + 3); the decode steps are static (no model forward)
-    assert forwards == [(1, 3), (1, 4), (1, 4), (1, 3), (1, 4), (1, 3)]
+    # the shortest prompt's 3 tokens for all rows, then each longer prompt's rest alone in chunks
+    # of 4 (8 = 4 + 4; 4); the decode steps are static (no model forward)
+    assert forwards == [(3, 3), (1, 4), (1, 4), (1, 4)]
     assert out.shape == (3, 11 + 6) and out[0, 3 + 6 :].eq(0).all()  # padding after a row's new tokens
     graphs, _ = generate_with_graphs(model, ids, 6, lambda fn: fn, prompt_lens=lens)
     torch.testing.assert_close(graphs, out, rtol=0, atol=0)

@@ -338,7 +338,7 @@ def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
     assert both["ragged_batch"] == "each at its own positions" and both["generated_tokens"] == 5
     assert [seq["prompt_len"] for seq in both["sequences"]] == lens
     assert both["graphs"]["tokens_match_eager"]
-    assert f"2 prompts of {lens[0]} to {lens[1]} tokens, each prefilled alone" in proc.stdout
+    assert f"2 prompts of {lens[0]} to {lens[1]} tokens: the shortest length for all, each longer one's rest alone" in proc.stdout
     for i, text in enumerate(texts):
         alone = _dshal(*run, str(tmp_path / f"{i}.json"), "--prompt", text, "--graphs", "off")
         assert alone.returncode == 0, alone.stderr[-2000:]

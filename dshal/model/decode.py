@@ -154,20 +154,29 @@ def generate_with_graphs(
 def prefill_rows(
     model: nn.Module, input_ids: torch.Tensor, prompt_lens: Sequence[int], cache: KVCache, prefill_chunk: int | None
 ) -> torch.Tensor:
-    """Prefill each row's prompt (its first ``prompt_lens[b]`` ids) alone, at its own positions
-    from 0, into its row of ``cache``; returns each row's last logits ``[B, vocab]``. With one
-    length for all rows, one batched prefill."""
-    if len(set(prompt_lens)) == 1:
-        return prefill(model, input_ids[:, : prompt_lens[0]], cache, prefill_chunk)
-    logits = []
+    """Each row's prompt (its first ``prompt_lens[b]`` ids) into its row of ``cache``, at its
+    own positions from 0; returns each row's last logits ``[B, vocab]``. The shortest prompt's
+    length is prefilled for all rows at once; each longer prompt's rest then runs alone, on a
+    batch-1 cache holding its row's prefix, and is copied into its row."""
+    shortest = min(prompt_lens)
+    logits = prefill(model, input_ids[:, :shortest], cache, prefill_chunk)
+    if shortest == max(prompt_lens):
+        return logits
+    rows = list(logits)
     for row, length in enumerate(prompt_lens):
+        if length == shortest:
+            continue
         alone = model.new_cache(1, length, cache.mode)
-        logits.append(prefill(model, input_ids[row : row + 1, :length], alone, prefill_chunk))
         for buffers, row_buffers in zip(cache.buffers, alone.buffers):
             for buf, row_buf in zip(buffers, row_buffers):
-                buf[row, :length] = row_buf[0]
+                row_buf[0, :shortest] = buf[row, :shortest]
+        alone.length = shortest
+        rows[row] = prefill(model, input_ids[row : row + 1, shortest:length], alone, prefill_chunk, shortest)[0]
+        for buffers, row_buffers in zip(cache.buffers, alone.buffers):
+            for buf, row_buf in zip(buffers, row_buffers):
+                buf[row, shortest:length] = row_buf[0, shortest:]
     cache.length = max(prompt_lens)
-    return torch.cat(logits)
+    return torch.stack(rows)
 
 
 @torch.inference_mode()
@@ -184,8 +193,8 @@ def generate_rows(
     on_token: Callable[[int], None] | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> tuple[torch.Tensor, StaticDecoder | None]:
-    """Generation with each sequence at its own positions: every prompt is prefilled alone into
-    its row of one cache (:func:`prefill_rows`), then each step decodes all rows together,
+    """Generation with each sequence at its own positions: every prompt is prefilled into its
+    row of one cache (:func:`prefill_rows`), then each step decodes all rows together,
     row b at position ``prompt_lens[b] + i`` (:class:`StaticDecoder` with per-row positions:
     the cache slots past a row's position are masked). ``next_token`` turns logits ``[B, V]``
     into ids ``[B]``.

@@ -5,7 +5,8 @@ Prompts of different lengths share a batch (right-padded, with ``prompt_lens``) 
 ways:
 
 - each at its own positions (:func:`dshal.model.decode.generate_rows`): every prompt is
-  prefilled alone into its row of the cache, then each decode step runs all rows, row b at
+  prefilled into its row of the cache (the shortest length for all rows at once, each longer
+  prompt's rest alone), then each decode step runs all rows, row b at
   its own position, the cache slots past it masked (the static decode step's key mask);
 - on a model with an attention window, whose cache cannot mask per row, the way DeepSeek-V3's
   ``generate.py`` runs them: prefilled up to the shortest prompt, then one step per position

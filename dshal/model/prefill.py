@@ -25,14 +25,17 @@ def check_prefill_chunk(where: str, prefill_chunk: Any) -> None:
         raise ArgumentError(f"{where}: argument 'prefill_chunk' is {prefill_chunk!r}, expected None or an int >= 1")
 
 
-def prefill(model: nn.Module, input_ids: torch.Tensor, cache: Any, prefill_chunk: int | None) -> torch.Tensor:
-    """Run the prompt ``input_ids [B, T]`` into ``cache`` in forwards of at most
-    ``prefill_chunk`` tokens (None: one forward); returns the last position's logits ``[B, vocab]``.
-    Each chunk attends to the cached tokens before it, so the result is the one-forward result."""
+def prefill(
+    model: nn.Module, input_ids: torch.Tensor, cache: Any, prefill_chunk: int | None, start_pos: int = 0
+) -> torch.Tensor:
+    """Run the prompt ``input_ids [B, T]`` (positions from ``start_pos``, after what ``cache``
+    holds) into ``cache`` in forwards of at most ``prefill_chunk`` tokens (None: one forward);
+    returns the last position's logits ``[B, vocab]``. Each chunk attends to the cached tokens
+    before it, so the result is the one-forward result."""
     length = input_ids.shape[1]
     chunk = length if prefill_chunk is None else prefill_chunk
     for start in range(0, length, chunk):
-        logits = model(input_ids[:, start : start + chunk], start, cache, last_only=True)
+        logits = model(input_ids[:, start : start + chunk], start_pos + start, cache, last_only=True)
     return logits[:, -1]
 
 

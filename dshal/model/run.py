@@ -614,8 +614,8 @@ def _print(report: dict[str, Any]) -> None:
     why_not = " (timed from the second decode step on: needs --new-tokens >= 3)" if decode is None else ""
     prefilled = f"{batch} x {report['prefill_len']} tokens{_chunks(report)}"
     if report["ragged_batch"] == RAGGED_OWN_POSITIONS:
-        prefilled = (f"{batch} prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens, each prefilled "
-                     f"alone{_chunks(report)}")
+        prefilled = (f"{batch} prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens: the shortest "
+                     f"length for all, each longer one's rest alone{_chunks(report)}")
     elif report["ragged_batch"]:
         prefilled += (f"; prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens: the longer ones' "
                       "rest is fed by the decode steps (the model has an attention window)")
