@@ -61,6 +61,9 @@ def compare(reference: torch.nn.Module, model: torch.nn.Module, args: ModelArgs)
     tokens_want = reference.generate(ids, NEW_TOKENS)
     tokens_got = model.generate(ids, NEW_TOKENS)
     expect_equal(tokens_got, tokens_want)
+    # prompts of different lengths: the second row's prompt is its first 4 ids (rows at their own positions)
+    ragged = dict(prompt_lens=[ids.shape[1], 4])
+    expect_equal(model.generate(ids, NEW_TOKENS, **ragged), reference.generate(ids, NEW_TOKENS, **ragged))
 
 
 def groups_for(tp: int, ep: int) -> ParallelGroups:
