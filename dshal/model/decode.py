@@ -200,9 +200,9 @@ def generate_rows(
     into ids ``[B]``.
 
     Returns ``[B, L + new]`` with L the longest prompt (shorter when every row stopped at a
-    stop id) and the decoder (None when no decode step runs). Row b holds its prompt, its new tokens from
-    ``prompt_lens[b]`` on, then padding: the first stop id of ``eos_token_id``, else 0. A
-    row that stopped is padded the same way.
+    stop id) and the decoder (None when no decode step runs). Row b holds its prompt, its new
+    tokens from ``prompt_lens[b]`` on, then padding: the first stop id of ``eos_token_id``,
+    else 0. A row that stopped is padded the same way.
     """
     why = static_decode_unsupported(model)
     if why:
