@@ -346,12 +346,14 @@ def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
         seq = both["sequences"][i]
         assert seq["output_ids"] == want["output_ids"] and len(seq["output_ids"]) == 5
         assert f"prompt {i + 1}: {text!r}" in proc.stdout and f"output {i + 1}: {seq['output_text']!r}" in proc.stdout
-    bad = _dshal("run", "--checkpoint", str(ckpt), "--prompt", "a", "--prompt", "b", "--batch", "2")
-    assert bad.returncode == 1 and "--batch is 2 with 2 --prompt texts, expected --batch 1" in bad.stderr
+    # From a file, at most --batch 1 sequence per generation: two batches, the same sequences.
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
-    from_file = _dshal(*run, str(tmp_path / "file.json"), "--prompt-file", str(tmp_path / "prompts.jsonl"), "--graphs", "off")
+    from_file = _dshal(*run, str(tmp_path / "file.json"), "--prompt-file", str(tmp_path / "prompts.jsonl"), "--batch", "1")
     assert from_file.returncode == 0, from_file.stderr[-2000:]
-    assert json.loads((tmp_path / "file.json").read_text())["sequences"] == both["sequences"]
+    one_by_one = json.loads((tmp_path / "file.json").read_text())
+    assert (one_by_one["batch"], one_by_one["batches"]) == (1, 2) and one_by_one["sequences"] == both["sequences"]
+    assert f"2 prompts of {lens[0]} to {lens[1]} tokens in 2 batches of <= 1" in from_file.stdout
+    assert one_by_one["graphs"] == {"run": False, "why": "2 batches: graphs are timed on one batch"}
 
 
 def test_model_dshal_run_reads_a_prompt_file(tmp_path):

@@ -93,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "most likely tokens whose probabilities reach P together (default: as --temperature; else 1: all)")
 
     shape = parser.add_argument_group("how it runs")
-    shape.add_argument("--batch", type=int, default=1, metavar="N",
-                       help="sequences generated together (default 1; with one --prompt, copies of it)")
+    shape.add_argument("--batch", type=int, default=None, metavar="N",
+                       help="sequences generated together (default 1; with one --prompt, N copies of it; with several "
+                       "prompts, at most N at a time, in their order: default all)")
     shape.add_argument(
         "--prefill-chunk",
         type=int,
@@ -211,9 +212,6 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
     elif args.prompt is not None:
         if not all(args.prompt):
             raise DshalError("dshal run: --prompt is empty, expected text")
-        if len(args.prompt) > 1 and args.batch != 1:
-            raise DshalError(f"dshal run: --batch is {args.batch} with {len(args.prompt)} --prompt texts, expected "
-                             "--batch 1 (the prompts are the batch) or one --prompt (copied --batch times)")
         if args.prompt_len is not None:
             raise DshalError("dshal run: --prompt and --prompt-len are both given, expected one (the text sets the length)")
         if not args.checkpoint:
@@ -233,7 +231,7 @@ def _check_interactive_flags(args: argparse.Namespace) -> None:
         raise DshalError("dshal run: --interactive needs --checkpoint DIR, whose tokenizer and chat template carry "
                          "the conversation (the built-in tiny model has none)")
     given = {"--prompt": args.prompt is not None, "--prompt-len": args.prompt_len is not None,
-             "--batch": args.batch != 1, "--json": bool(args.json), "--report": bool(args.report)}
+             "--batch": args.batch not in (None, 1), "--json": bool(args.json), "--report": bool(args.report)}
     for flag, is_given in given.items():
         if is_given:
             raise DshalError(f"dshal run: --interactive is given with {flag}, expected one of them (the conversation "
@@ -294,12 +292,12 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
 
 def _read_prompts(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[list[int]], list[int]]:
     """Each ``--prompt`` through ``--checkpoint``'s tokenizer: ``(tokenizer, token ids per
-    sequence of the batch, stop ids)``; one prompt is copied ``--batch`` times."""
+    sequence, stop ids)``; one prompt is copied ``--batch`` times."""
     _resolve_sampling(args, sampling_defaults(args.checkpoint))
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
     check_vocabulary(tokenizer, vocab_size)
     ids = [encode_prompt(tokenizer, text, args.chat) for text in args.prompt]
-    return tokenizer, ids * args.batch if len(ids) == 1 else ids, stop_ids(tokenizer, args.checkpoint)
+    return tokenizer, ids * (args.batch or 1) if len(ids) == 1 else ids, stop_ids(tokenizer, args.checkpoint)
 
 
 def _prompt_batch(args: argparse.Namespace, vocab_size: int, prompts: list[list[int]] | None) -> tuple[torch.Tensor, list[int]]:
@@ -316,7 +314,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Every flag's value, before anything is loaded (outputs included: before the run, not after it)."""
     _check_prompt_flags(args)
     _positive("--new-tokens", args.new_tokens)
-    _positive("--batch", args.batch)
+    if args.batch is not None:
+        _positive("--batch", args.batch)
     _positive("--prefill-chunk", args.prefill_chunk)
     if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature < 0):
         raise DshalError(f"dshal run: --temperature is {args.temperature}, expected a finite number >= 0")
@@ -356,18 +355,24 @@ def main(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         read = functools.partial(_read_prompts, args, model.args.vocab_size)
         tokenizer, prompt_ids, stops = read() if groups is None else parallel_run.agree(read)  # an error said once
-        args.batch, args.prompt_len = len(prompt_ids), max(map(len, prompt_ids))
+        several = len(args.prompt) > 1 and args.batch is not None
+        args.batch = min(args.batch, len(prompt_ids)) if several else len(prompt_ids)  # sequences per generation
+        args.prompt_len = max(map(len, prompt_ids))
+    else:
+        args.batch = args.batch or 1
     if groups is None:
         check_run_fits(model, args, runtime.device)
     else:  # every rank checks its own cache; an error they share is said once
         sharing = parallel_run.ranks_sharing(runtime.device)
         parallel_run.agree(lambda: check_run_fits(model, args, runtime.device, sharing))
-    prompt, prompt_lens = _prompt_batch(args, model.args.vocab_size, prompt_ids)
-    prompt = prompt.to(runtime.device)
+    groups_of = [None] if prompt_ids is None else [prompt_ids[i : i + args.batch] for i in range(0, len(prompt_ids), args.batch)]
+    batches = [_prompt_batch(args, model.args.vocab_size, ids) for ids in groups_of]
+    batches = [(prompt.to(runtime.device), lens) for prompt, lens in batches]
+    prompt_lens = [n for _, lens in batches for n in lens]  # every sequence's
     eos = None if args.ignore_eos or not stops else stops
     run_report = _run_report(runtime, model, args.report)
     with out_of_memory_in_flags(args, runtime.device):
-        timing, outputs = _generate_and_time(args, model, runtime, prompt, prompt_lens, eos, run_report)
+        timing, outputs = _generate_and_time(args, model, runtime, batches, eos, run_report)
     shape = batch_shape(model, prompt_lens, args.new_tokens)
     report: dict[str, Any] = {
         "backend": runtime.backend.name,
@@ -375,7 +380,8 @@ def main(args: argparse.Namespace) -> int:
         "emulated": runtime.emulated,
         "model": source,
         "load_s": round(load_s, 3),
-        "batch": args.batch,
+        "batch": args.batch,  # sequences per generation
+        "batches": len(batches),
         "prompt_len": args.prompt_len,  # the longest prompt
         "shortest_prompt": min(prompt_lens),
         "ragged_batch": shape.ragged,
@@ -392,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
         "generated_tokens": max(map(len, outputs)),  # fewer than new_tokens after an EOS
     }
     if tokenizer is not None:
-        texts = args.prompt * args.batch if len(args.prompt) == 1 else args.prompt
+        texts = args.prompt * len(outputs) if len(args.prompt) == 1 else args.prompt
         report["stop_ids"] = eos or []
         report["sequences"] = [
             {"prompt_text": text, "prompt_len": length, "output_ids": ids,
@@ -420,38 +426,48 @@ def _generate_and_time(
     args: argparse.Namespace,
     model: Any,
     runtime: Any,
-    prompt: torch.Tensor,
-    prompt_lens: list[int],
+    batches: list[tuple[torch.Tensor, list[int]]],
     eos: list[int] | None,
     run_report: Any,
 ) -> tuple[dict[str, Any], list[list[int]]]:
-    """The warm-up, the timed run (recorded by ``run_report``) and the graph run: the report's
-    timing fields, and each sequence's new tokens."""
+    """The warm-up (on the first batch), the timed run of every batch (recorded by
+    ``run_report``) and the graph run: the report's timing fields, and each sequence's new tokens."""
     sync = runtime.backend.synchronize
-    shape = batch_shape(model, prompt_lens, args.new_tokens)
-    # Warm-up with exactly the timed shapes: compilation and autotuning happen here.
-    warm_start = time.perf_counter()
-    sampler = torch.Generator(device=prompt.device).manual_seed(args.seed)
+    sampler = torch.Generator(device=batches[0][0].device).manual_seed(args.seed)
     generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
-                                 temperature=args.temperature, generator=sampler, top_p=args.top_p,
-                                 prompt_lens=prompt_lens)
-    generate(prompt, args.new_tokens)
+                                 temperature=args.temperature, generator=sampler, top_p=args.top_p)
+    # Warm-up with exactly the (first batch's) timed shapes: compilation and autotuning happen here.
+    warm_start = time.perf_counter()
+    generate(batches[0][0], args.new_tokens, prompt_lens=batches[0][1])
     sync()
     warmup_s = time.perf_counter() - warm_start
 
     sampler.manual_seed(args.seed)  # the timed run samples what the warm-up did
+    outputs: list[list[int]] = []
+    prefill_tokens, prefill_s, decode_tokens, decode_s, first_s = 0, 0.0, 0, 0.0, None
     with run_report.recording() if run_report else contextlib.nullcontext():
-        result, start, stamps = _timed_generate(generate, prompt, args.new_tokens, shape.steps, sync, not args.no_progress)
-    prefill_s = stamps[0] - start  # the first step's token comes out of the prefill
-    timed_s = stamps[-1] - start
-    outputs = completions(result, prompt_lens, args.new_tokens, eos)
+        for prompt, lens in batches:
+            shape = batch_shape(model, lens, args.new_tokens)
+            run = functools.partial(generate, prompt_lens=lens)
+            result, start, stamps = _timed_generate(run, prompt, args.new_tokens, shape.steps, sync, not args.no_progress)
+            outputs += completions(result, lens, args.new_tokens, eos)
+            prefill_tokens += shape.prefill_tokens
+            prefill_s += stamps[0] - start  # the first step's token comes out of the prefill
+            tokens, seconds = _decode_span(stamps, len(lens))
+            decode_tokens, decode_s = decode_tokens + tokens, decode_s + seconds
+            first_s = stamps[-1] - start if first_s is None else first_s
+    if len(batches) == 1:
+        graphs = _graph_run(args, model, *batches[0], runtime, outputs, eos)
+    else:
+        graphs = {"graphs": {"run": False, "why": f"{len(batches)} batches: graphs are timed on one batch"},
+                  "decode_tokens_per_s_graphs": None}
     timing = {
-        "prefill_tokens_per_s": shape.prefill_tokens / prefill_s if prefill_s > 0 else None,
-        "decode_tokens_per_s": _decode_rate(stamps, args.batch),
+        "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s > 0 else None,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
         "warmup_s": round(warmup_s, 3),
-        # What the warm-up spent beyond a warm run: kernel compilation, autotuning, first-call setup.
-        "compile_autotune_s": round(max(warmup_s - timed_s, 0.0), 3),
-        **_graph_run(args, model, prompt, prompt_lens, runtime, outputs, eos),
+        # What the warm-up spent beyond a warm run of the same batch: compilation, autotuning, first-call setup.
+        "compile_autotune_s": round(max(warmup_s - first_s, 0.0), 3),
+        **graphs,
     }
     return timing, outputs
 
@@ -491,13 +507,19 @@ def _run_report(runtime: Any, model: Any, path: str | None) -> Any:
     return RunReport(runtime, model)
 
 
-def _decode_rate(stamps: list[float], batch: int) -> float | None:
-    """Decode tokens/s over the steps after the first decode step (``stamps[i]``: when new
-    token i was ready; token 0 comes from the prefill, token 1 from the first decode step),
-    or None with fewer than 3 new tokens."""
+def _decode_span(stamps: list[float], batch: int) -> tuple[int, float]:
+    """The decode tokens and seconds of the steps after the first decode step (``stamps[i]``:
+    when new token i was ready; token 0 comes from the prefill, token 1 from the first decode
+    step); (0, 0) with fewer than 3 new tokens."""
     if len(stamps) < 3 or stamps[-1] <= stamps[1]:
-        return None
-    return batch * (len(stamps) - 2) / (stamps[-1] - stamps[1])
+        return 0, 0.0
+    return batch * (len(stamps) - 2), stamps[-1] - stamps[1]
+
+
+def _decode_rate(stamps: list[float], batch: int) -> float | None:
+    """Decode tokens/s of :func:`_decode_span`, or None with fewer than 3 new tokens."""
+    tokens, seconds = _decode_span(stamps, batch)
+    return tokens / seconds if seconds > 0 else None
 
 
 def _graph_run(
@@ -619,6 +641,9 @@ def _print(report: dict[str, Any]) -> None:
     elif report["ragged_batch"]:
         prefilled += (f"; prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens: the longer ones' "
                       "rest is fed by the decode steps (the model has an attention window)")
+    if report["batches"] > 1:
+        prefilled = (f"{len(report['sequences'])} prompts of {report['shortest_prompt']} to {report['prompt_len']} "
+                     f"tokens in {report['batches']} batches of <= {batch}")
     console.print(
         f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({prefilled}); "
         f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}"
