@@ -39,7 +39,9 @@ it finishes, so a stage cut short by the time budget leaves the others' results:
    runtime, kernel-only timings, and the output against the reference at one token;
 6. **dshal run**: the model core on the device (``dshal run --graphs auto``): decode tokens/s
    with and without CUDA graphs, compile/autotune time apart;
-7. **tune**: ``dshal tune`` on DeepSeek-V3's FP8 linear shapes with the time left (at most
+7. **ragged**: prompts of different lengths (the tiny model): eager, and through the per-row
+   static decode step captured as a CUDA graph; the tokens must match and the step capture;
+8. **tune**: ``dshal tune`` on DeepSeek-V3's FP8 linear shapes with the time left (at most
    3 minutes; small M first), writing ``$OUT/tuned/nvidia-sm90.json``: the table to ship in
    ``dshal/kernels/triton/tuned/``. (Until a table is shipped, the GEMM stage's warm-up
    autotunes at run time, so its figures do not depend on this stage.)
@@ -529,6 +531,39 @@ def stage_run(check: Check, dry_run: bool) -> None:
     check.save()
 
 
+def stage_ragged(check: Check, backend: Any, dry_run: bool) -> None:
+    """Prompts of different lengths on the device (the tiny model): eager ``generate(...,
+    prompt_lens=)`` and through the per-row static step captured as a graph
+    (``generate_with_graphs``); the tokens must match, and the step must capture."""
+    import torch
+
+    from dshal.model import random_model, tiny_args  # lazy: dshal is installed by this script's first step
+    from dshal.model.decode import generate_with_graphs  # lazy: as above
+
+    model = random_model(tiny_args(), seed=0)
+    device = model.rope_cos.device
+    lens, new = ([3, 6], 2) if dry_run else ([5, 17, 9, 30], 32)  # the interpreter is slow
+    ids = torch.randint(0, model.args.vocab_size, (len(lens), max(lens)), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    result: dict[str, Any] = {"prompt_lens": lens, "new_tokens": new}
+    check.data["ragged"] = result
+
+    def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+        fn()  # warm-up: compilation, and the graph's capture
+        backend.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        backend.synchronize()
+        return out, time.perf_counter() - start
+
+    eager, result["eager_s"] = timed(lambda: model.generate(ids, new, prompt_lens=lens))
+    (graphed, decoder), result["graphs_s"] = timed(lambda: generate_with_graphs(model, ids, new, backend.graph,
+                                                                                 prompt_lens=lens))
+    result.update(tokens_match=bool(torch.equal(eager, graphed)), captured=bool(decoder and decoder.captured),
+                  capture_error=decoder.capture_error if decoder else "")
+    check.save()
+
+
 def stage_tune(check: Check, dry_run: bool) -> None:
     """``dshal tune`` with the time the other stages left (at most :data:`TUNE_MAX_S`): the
     tuned table to ship as ``dshal/kernels/triton/tuned/nvidia-sm90.json``, small M first."""
@@ -655,6 +690,12 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
                      f"({(run.get('graphs') or {}).get('why') or 'captured'})")
         if graphed:
             targets["decode_graphs_vs_eager"] = graphed / eager
+    ragged = check.data.get("ragged", {})
+    if "tokens_match" in ragged:
+        how = "captured" if ragged["captured"] else f"not captured {ragged['capture_error']}".rstrip()
+        lines.append(f"prompts of {ragged['prompt_lens']} tokens, {ragged['new_tokens']} new: eager {ragged['eager_s']:.3f} s, "
+                     f"per-row graph step {ragged['graphs_s']:.3f} s ({how}); tokens "
+                     f"{'match' if ragged['tokens_match'] else 'DIFFER'}")
     tuned = check.data.get("tune")
     if tuned:
         lines.append(f"dshal tune: rc={tuned.get('returncode')}, {tuned.get('entries')} entries "
@@ -722,6 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("moe", lambda: stage_moe(check, backend, args.dry_run, warmup, iters, reps),
          lambda: f"moe layer: {len(data['moe'].get('rows', []))} token counts"),
         ("run", lambda: stage_run(check, args.dry_run), lambda: f"dshal run rc={data['run'].get('returncode')}"),
+        ("ragged", lambda: stage_ragged(check, backend, args.dry_run),
+         lambda: f"ragged batch: tokens match {data['ragged'].get('tokens_match')}, "
+                 f"captured {data['ragged'].get('captured')}"),
         ("tune", lambda: stage_tune(check, args.dry_run),
          lambda: f"dshal tune rc={data['tune'].get('returncode')}: {data['tune'].get('entries')} entries, "
                  f"complete={data['tune'].get('complete')}"),
