@@ -70,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="prompt with this text instead of random ids, through the --checkpoint's own tokenizer (needs "
         "transformers); prints the generated text, and generation stops at the tokenizer's EOS or an eos_token_id "
-        "of the checkpoint's generation_config.json. Repeat it for a batch of prompts (of any lengths: "
-        "right-padded, prefilled up to the shortest, the rest fed one step at a time, as DeepSeek-V3's generate.py)",
+        "of the checkpoint's generation_config.json. Repeat it for a batch of prompts of any lengths (each "
+        "row decoded at its own positions)",
     )
     prompt.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
                         "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
