@@ -326,6 +326,42 @@ def test_model_generate_ragged_prompts_stop_per_row_and_never_inside_a_prompt(ch
         assert out[0, 4:].eq(eos).all()  # a stopped row is padded with the stop id
 
 
+def test_model_generate_continues_in_a_cache_that_holds_the_prompts_start():
+    """``cache=`` / ``cached=``: only the prompt's rest is prefilled (the forwards say so) and
+    the tokens are those of a fresh generate; bad reuse is an ArgumentError naming why."""
+    model = _model()
+    ids = _ids(model.args.vocab_size, 9, batch=1)
+    fresh = model.generate(ids, 5)
+    cache = model.new_cache(1, 40)
+    model.generate(ids[:, :4], 3, cache=cache)  # an earlier turn: holds ids[:, :4] and 2 new tokens
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].shape[1]))
+    try:
+        assert torch.equal(model.generate(ids, 5, cache=cache, cached=4), fresh)
+    finally:
+        hook.remove()
+    assert seen == [5, 1, 1, 1, 1]  # the prompt's last 5 tokens, then 4 decode steps
+    window = _model(attention_window=4, attention_global_tokens=1)
+    bad = [
+        (dict(cached=2), "argument 'cached' is 2, expected 0 without a 'cache'"),
+        (dict(cache=cache, cached=9), r"argument 'cached' is 9, expected an int in \[0, 8\]"),
+        (dict(cache=cache, cached=True), "argument 'cached' is True"),
+        (dict(cache=model.new_cache(2, 40)), "argument 'cache' has batch 2, expected 1"),
+        (dict(cache=model.new_cache(1, 10)), "argument 'cache' has max_len 10, expected at least 14"),
+        (dict(cache=model.new_cache(1, 40), cached=3), "argument 'cached' is 3, expected at most the 0 positions"),
+    ]
+    for kwargs, said in bad:
+        with pytest.raises(dshal.ArgumentError, match=said):
+            model.generate(ids, 5, **kwargs)
+    ring = window.new_cache(1, 40)
+    window.generate(ids[:, :6], 2, cache=ring)  # the ring holds 7 positions now
+    with pytest.raises(dshal.ArgumentError, match="exactly them in a cache with an attention window"):
+        window.generate(ids, 5, cache=ring, cached=4)
+    ragged = torch.cat((ids, ids))
+    with pytest.raises(dshal.ArgumentError, match="'cache' is given with prompts of different lengths"):
+        model.generate(ragged, 2, prompt_lens=[9, 5], cache=model.new_cache(2, 40))
+
+
 def test_model_generate_refuses_bad_prompt_lens():
     model = _model()
     ids = _ids(model.args.vocab_size, 5)

@@ -539,6 +539,12 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
     assert f"\n{first}\n" in text and f"\n{second}\n" in text and f"\n{after_clear}\n" in text
     assert "(not sent: the conversation would be" in text and "pass max_position_embeddings (4096)" in text
     assert text.index(second) < text.index("(conversation cleared)") < text.rindex(after_clear)
+    # The second turn prefilled only what it added to the first turn's tokens (kept in the cache);
+    # its answer above is still the one a fresh generate gives.
+    first_turn = len(encode_chat(tokenizer, [{"role": "user", "content": "hello world"}]))
+    second_turn = encode_chat(tokenizer, [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": first},
+                                          {"role": "user", "content": "the lazy dog"}])
+    assert conversation.prefilled[0] == first_turn and conversation.prefilled[1] <= len(second_turn) - first_turn
 
 
 def test_model_dshal_run_interactive(tmp_path):

@@ -2,7 +2,9 @@
 ``generate.py --interactive`` holds one.
 
 Each turn sends the whole conversation through the tokenizer's chat template and generates
-the answer, printed as it comes. ``/clear`` forgets the conversation, ``/exit`` (or the end
+the answer, printed as it comes. The KV cache is kept across turns: a turn prefills only what
+its tokens add to the ones the cache holds (the earlier turns, where the template renders them
+the same way). ``/clear`` forgets the conversation, ``/exit`` (or the end
 of the input) ends it. A turn that cannot be served (the conversation grew past the model's
 positions or the memory) is said and dropped, and the conversation goes on.
 
@@ -49,10 +51,28 @@ class ChatSettings:
 
 @dataclass
 class Conversation:
-    """The turns so far, as the chat template takes them."""
+    """The turns so far, as the chat template takes them, and the KV cache they left."""
 
     messages: list[dict[str, str]] = field(default_factory=list)
     turns: int = 0  # answers generated
+    cache: Any = None  # the model's KV cache, kept across turns
+    cached_ids: list[int] = field(default_factory=list)  # the tokens it holds
+    prefilled: list[int] = field(default_factory=list)  # tokens each answered turn prefilled (the rest was cached)
+
+    def forget(self) -> None:
+        """Start again: no messages, nothing cached (the cache's memory is kept)."""
+        self.messages.clear()
+        self.cached_ids = []
+
+    def reusable(self, ids: list[int]) -> int:
+        """How many leading tokens of ``ids`` the cache holds (at most all but one: the last
+        prompt token is prefilled, for the answer's first logits)."""
+        same = 0
+        for held, new in zip(self.cached_ids, ids):
+            if held != new:
+                break
+            same += 1
+        return min(same, len(ids) - 1)
 
 
 def chat(
@@ -80,7 +100,7 @@ def chat(
         if command == "/exit":
             return conversation
         if command == "/clear":
-            conversation.messages.clear()
+            conversation.forget()
             print("(conversation cleared)", file=out, flush=True)
             continue
         if not command:
@@ -94,9 +114,9 @@ def chat(
             continue
         answer, error = "", None
         try:
-            answer = _answer(model, tokenizer, settings, ids, generator, out)
+            answer = _answer(model, tokenizer, settings, ids, generator, out, conversation)
         except DshalError as err:
-            error = err
+            error, conversation.cached_ids = err, []  # what the cache holds is unknown now
         if settings.any_failed(error is not None) if settings.any_failed else error is not None:
             conversation.messages.pop()
             if error is not None and settings.silent_rank:
@@ -108,10 +128,18 @@ def chat(
 
 
 def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], generator: torch.Generator,
-            out: TextIO) -> str:
-    """Generate the answer to the conversation ``ids``, writing its text to ``out`` as it comes."""
+            out: TextIO, conversation: Conversation) -> str:
+    """Generate the answer to the conversation ``ids``, writing its text to ``out`` as it comes;
+    the conversation's cache is reused for the tokens it holds, or made anew when too small."""
     stream = TextStream(tokenizer)
     prompt = torch.tensor([ids], device=model.rope_cos.device)
+    need = len(ids) + settings.max_new_tokens
+    cached = conversation.reusable(ids)
+    if conversation.cache is None or conversation.cache.max_len < need:
+        # Room for a few more turns like this one, within the model's positions.
+        room = min(model.args.max_position_embeddings, max(2 * need, 1024))
+        conversation.cache, conversation.cached_ids, cached = None, [], 0  # the old one's memory goes first
+        conversation.cache = model.new_cache(1, room)
 
     def show(token: torch.Tensor) -> None:
         out.write(stream.push(int(token[0])))
@@ -120,8 +148,10 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
     with settings.guard() if settings.guard else contextlib.nullcontext():
         result = model.generate(prompt, settings.max_new_tokens, settings.temperature, eos_token_id=settings.stop_ids,
                                 generator=generator, prefill_chunk=settings.prefill_chunk, top_p=settings.top_p,
-                                stream=show)
+                                stream=show, cache=conversation.cache, cached=cached)
     print(stream.flush(), file=out, flush=True)
+    conversation.cached_ids = result[0, :-1].tolist()  # every token fed to the model: all but the last
+    conversation.prefilled.append(len(ids) - cached)
     (new,) = completions(result, [len(ids)], settings.max_new_tokens, settings.stop_ids)
     return tokenizer.decode(new, skip_special_tokens=True)
 

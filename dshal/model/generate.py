@@ -113,6 +113,30 @@ def _stop_list(eos_token_id: Any) -> list[Any]:
     return list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
 
 
+def check_cache_reuse(cache: Any, cached: Any, input_ids: torch.Tensor, max_new_tokens: int, ragged: bool) -> None:
+    """``generate(..., cache=, cached=)``: ArgumentError unless ``cache`` is a KV cache of the
+    batch with room for the prompt and the new tokens, holding at least ``cached`` positions
+    (an int in [0, T - 1]: one prompt token at least is prefilled, for the first logits)."""
+    bsz, width = input_ids.shape
+    where = "generate: argument 'cached'"
+    if isinstance(cached, bool) or not isinstance(cached, int) or not 0 <= cached < width:
+        raise ArgumentError(f"{where} is {cached!r}, expected an int in [0, {width - 1}] (prompt tokens already in 'cache')")
+    if cache is None:
+        raise ArgumentError(f"{where} is {cached}, expected 0 without a 'cache' that holds them")
+    if ragged:
+        raise ArgumentError("generate: argument 'cache' is given with prompts of different lengths, expected one length")
+    if cache.batch != bsz:
+        raise ArgumentError(f"generate: argument 'cache' has batch {cache.batch}, expected {bsz} (input_ids' rows)")
+    if cache.max_len < width + max_new_tokens:
+        raise ArgumentError(f"generate: argument 'cache' has max_len {cache.max_len}, expected at least "
+                            f"{width + max_new_tokens} (the prompt and the new tokens)")
+    if cached > cache.length or (cache.window is not None and cached != cache.length):
+        raise ArgumentError(
+            f"{where} is {cached}, expected at most the {cache.length} positions the cache holds "
+            "(exactly them in a cache with an attention window: its ring cannot rewind)"
+        )
+
+
 def check_generate_args(
     model: nn.Module, input_ids: torch.Tensor, max_new_tokens: Any, temperature: Any, eos_token_id: Any
 ) -> None:
@@ -165,6 +189,8 @@ def generate(
     top_p: float = 1.0,
     prompt_lens: Sequence[int] | None = None,
     stream: Callable[[torch.Tensor], None] | None = None,
+    cache: Any = None,
+    cached: int = 0,
 ) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + new]``.
 
@@ -185,12 +211,19 @@ def generate(
     its own positions (see the module docstring), and what follows its tokens is padding (the
     first stop id, else 0); on a model with an attention window every row steps to
     ``T + max_new_tokens`` instead, so a shorter prompt gets more tokens.
+
+    ``cache`` (a ``model.new_cache(B, max_len)`` with ``max_len >= T + max_new_tokens``) whose
+    first ``cached`` positions hold ``input_ids[:, :cached]`` already, e.g. an earlier turn of a
+    conversation: only the rest of the prompt is prefilled. Afterwards the cache holds the
+    prompt and every new token but the last. Prompts of one length only.
     """
     check_input_ids("generate", input_ids)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate", prefill_chunk)
     check_top_p(top_p)
     lens = check_prompt_lens("generate", prompt_lens, *input_ids.shape)
+    if cache is not None or cached:
+        check_cache_reuse(cache, cached, input_ids, max_new_tokens, len(set(lens)) > 1)
     if len(set(lens)) > 1 and max_new_tokens > 0 and decode.static_decode_unsupported(model) is None:
         out, _ = decode.generate_rows(  # each row at its own positions
             model, input_ids, lens, max_new_tokens, lambda logits: _next_token(logits, temperature, generator, top_p),
@@ -207,10 +240,10 @@ def generate(
         return out
     if prompts.in_prompt is not None:  # the forced prompt ids are fed as vouched steps: check them now
         check_token_ids("generate", prompts.ids, model.args.vocab_size)
-    cache = model.new_cache(bsz, total)
+    cache = model.new_cache(bsz, total) if cache is None else cache
     done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
     stops = None if eos_token_id is None else torch.tensor(_stop_list(eos_token_id), device=input_ids.device)
-    logits = prefill(model, prompts.ids[:, : prompts.start], cache, prefill_chunk)
+    logits = prefill(model, prompts.ids[:, cached : prompts.start], cache, prefill_chunk, cached)
     for pos in range(prompts.start, total):
         token = prompts.force(_next_token(logits, temperature, generator, top_p), pos)
         if stops is not None:
@@ -234,6 +267,7 @@ __all__ = [
     "PromptBatch",
     "check_prompt_lens",
     "completions",
+    "check_cache_reuse",
     "check_generate_args",
     "check_input_ids",
     "check_prefill_chunk",
