@@ -71,7 +71,7 @@ def bench_args():
 CLOCK = time.process_time
 
 
-def _best_times(fns: dict[str, object], repeats: int) -> dict[str, float]:
+def best_times(fns: dict[str, object], repeats: int) -> dict[str, float]:
     """Fastest of ``repeats`` runs of each callable, the callables interleaved so that
     load from other processes hits all of them alike (the minimum is the least noisy
     estimate on a shared machine)."""
@@ -100,7 +100,7 @@ class _Stamps:
         pass
 
 
-def _machine() -> str:
+def machine_line() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
@@ -162,7 +162,7 @@ def main() -> int:
             ids = torch.randint(0, args.vocab_size, (1, length), generator=gen)
             for name in models:
                 prefill(name, ids)()  # warm-up
-            best = _best_times({name: prefill(name, ids) for name in models}, opts.repeats)
+            best = best_times({name: prefill(name, ids) for name in models}, opts.repeats)
             for name in models:
                 results[name][f"prefill_{length}_tok_s"] = length / best[name]
         same = True
@@ -184,7 +184,7 @@ def main() -> int:
 
 
     kernels = cpu_kernels.status()
-    print(f"machine: {_machine()}; transformers {transformers.__version__}")
+    print(f"machine: {machine_line()}; transformers {transformers.__version__}")
     print(f"dshal cpu C kernels: {'on' if kernels.available else 'off'} ({kernels.detail})")
     print(
         f"model: {args.num_hidden_layers} layers, hidden {args.hidden_size}, {args.n_routed_experts} experts, fp32; "
@@ -197,7 +197,7 @@ def main() -> int:
         d, e, h, f = (results[n][metric] for n in ("dshal", "hf_eager", "hf_default", "dshal_fp8"))
         print(f"{metric:<28}{d:>10.1f}{e:>10.1f}{d / e:>7.2f}x{h:>12.1f}{d / h:>7.2f}x{f:>11.1f}{f / d:>9.2f}x")
     if opts.json:
-        report = {"machine": _machine(), "cpu_kernels": kernels.available, "same_tokens": same, "modes": modes}
+        report = {"machine": machine_line(), "cpu_kernels": kernels.available, "same_tokens": same, "modes": modes}
         Path(opts.json).write_text(json.dumps({**report, "results": results}, indent=2))
     return 0
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from model_vs_hf import _best_times, _machine, bench_args
+from model_vs_hf import bench_args, best_times, machine_line
 
 from dshal.model import from_pretrained
 from dshal.model.checkpoint import random_checkpoint, save_checkpoint
@@ -46,7 +46,7 @@ def _measure(ours, hf, prompts: list[list[int]], new: int, repeats: int) -> tupl
         "hf_alone": lambda: [hf.generate(torch.tensor([p]), **hf_kwargs)[0, len(p):].tolist() for p in prompts],
     }
     tokens = {name: fn() for name, fn in runs.items()}  # warm-up, and the tokens compared
-    best = _best_times(runs, repeats)
+    best = best_times(runs, repeats)
     rates = {name: len(prompts) * new / best[name] for name in runs}
     return rates, {name: tokens[name] == tokens["ours_alone"] for name in runs}
 
@@ -68,7 +68,7 @@ def main() -> int:
         directory, attn_implementation="eager", experts_implementation="eager"
     ).eval()
     new = opts.new_tokens
-    print(f"machine: {_machine()}; transformers {transformers.__version__}")
+    print(f"machine: {machine_line()}; transformers {transformers.__version__}")
     print(f"8 prompts, {new} new tokens each, greedy; tokens/s = 8 x {new} / time")
     print(f"{'prompts':<24}{'dshal batch':>12}{'dshal 1 by 1':>14}{'gain':>7}{'HF batch':>10}{'HF 1 by 1':>11}{'gain':>7}"
           f"{'dshal/HF batch':>16}")

@@ -8,6 +8,7 @@ Precedence, lowest first: built-in defaults < the file or dict < environment
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -230,6 +231,16 @@ def read_text_file(path: Any, what: str) -> tuple[Path, str]:
             file=str(path),
             line=line,
         ) from None
+
+
+def read_json_file(path: Any, what: str) -> tuple[Path, Any]:
+    """``(path, its JSON value)``: :func:`read_text_file`'s errors, and invalid JSON as a
+    ConfigError naming the file and line."""
+    path, text = read_text_file(path, what)
+    try:
+        return path, json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{what}: invalid JSON: {err.msg}", file=str(path), line=err.lineno) from None
 
 
 def os_error_reason(path: Path, err: OSError) -> str:
@@ -508,6 +519,7 @@ def load_config(
 
 
 __all__ = [
+    "read_json_file",
     "Config",
     "PrecisionConfig",
     "DistributedConfig",

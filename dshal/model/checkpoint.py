@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dshal.config import env_flag, read_text_file
+from dshal.config import env_flag, read_json_file
 from dshal.errors import CheckpointError, ConfigError
 from dshal.model.args import ModelArgs
 
@@ -76,12 +76,9 @@ def read_index(index: Path) -> list[str]:
     when the file is unreadable or its ``weight_map`` is not ``{tensor name: shard file}``
     with plain file names in the checkpoint folder."""
     try:
-        _, text = read_text_file(index, "checkpoint index")
-        data = json.loads(text)
+        _, data = read_json_file(index, "checkpoint index")
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {index}:{err.lineno}: invalid JSON: {err.msg}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(

@@ -39,6 +39,7 @@ from dshal.model.prefill import (
     check_prefill_chunk,
     check_prompt_lens,
     check_token_ids,
+    mask_padding,
     prefill,
 )
 
@@ -167,16 +168,19 @@ def prefill_rows(
         if length == shortest:
             continue
         alone = model.new_cache(1, length, cache.mode)
-        for buffers, row_buffers in zip(cache.buffers, alone.buffers):
-            for buf, row_buf in zip(buffers, row_buffers):
-                row_buf[0, :shortest] = buf[row, :shortest]
+        for buf, row_buf in _buffer_pairs(cache, alone):
+            row_buf[0, :shortest] = buf[row, :shortest]
         alone.length = shortest
         rows[row] = prefill(model, input_ids[row : row + 1, shortest:length], alone, prefill_chunk, shortest)[0]
-        for buffers, row_buffers in zip(cache.buffers, alone.buffers):
-            for buf, row_buf in zip(buffers, row_buffers):
-                buf[row, shortest:length] = row_buf[0, shortest:]
+        for buf, row_buf in _buffer_pairs(cache, alone):
+            buf[row, shortest:length] = row_buf[0, shortest:]
     cache.length = max(prompt_lens)
     return torch.stack(rows)
+
+
+def _buffer_pairs(cache: KVCache, other: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The two caches' buffers side by side, layer by layer (the same layout)."""
+    return [pair for layers in zip(cache.buffers, other.buffers) for pair in zip(*layers)]
 
 
 @torch.inference_mode()
@@ -212,9 +216,8 @@ def generate_rows(
     stops = None if eos_token_id is None else torch.tensor(list(eos_token_id), device=device)
     pad = 0 if eos_token_id is None else int(eos_token_id[0])
     lengths = torch.tensor(list(prompt_lens), device=device)
-    in_prompt = torch.arange(width, device=device) < lengths[:, None]
     out = torch.full((bsz, width + max_new_tokens), pad, dtype=torch.int64, device=device)
-    out[:, :width] = input_ids.masked_fill(~in_prompt, pad)
+    out[:, :width] = mask_padding(input_ids, prompt_lens, pad)[0]
     if max_new_tokens == 0:
         return out, None
     longest = max(prompt_lens)

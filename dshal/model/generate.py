@@ -32,6 +32,7 @@ from dshal.model.prefill import (
     check_prefill_chunk,
     check_prompt_lens,
     check_token_ids,
+    mask_padding,
     prefill,
 )
 
@@ -52,9 +53,7 @@ class PromptBatch:
         #: ``[B, T]`` True where a row's prompt is; None when every prompt fills the width.
         self.in_prompt: torch.Tensor | None = None
         if self.start < width:
-            lengths = torch.tensor(prompt_lens, device=input_ids.device)
-            self.in_prompt = torch.arange(width, device=input_ids.device) < lengths[:, None]
-            self.ids = input_ids.masked_fill(~self.in_prompt, 0)
+            self.ids, self.in_prompt = mask_padding(input_ids, prompt_lens, 0)
 
     def force(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """``token [B]`` sampled for position ``pos``, with the prompt's own id where a row's

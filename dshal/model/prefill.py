@@ -58,6 +58,15 @@ def check_token_ids(where: str, input_ids: torch.Tensor, vocab_size: int) -> Non
     check_ids_in_range(where, "input_ids", input_ids, vocab_size, "token id", "the vocabulary")
 
 
+def mask_padding(input_ids: torch.Tensor, prompt_lens: Sequence[int], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, in_prompt)``: ``input_ids [B, T]`` with each row's padding (past its
+    ``prompt_lens[b]`` ids) replaced by ``fill``, and ``[B, T]`` True where a row's prompt is."""
+    width = input_ids.shape[1]
+    lengths = torch.tensor(list(prompt_lens), device=input_ids.device)
+    in_prompt = torch.arange(width, device=input_ids.device) < lengths[:, None]
+    return input_ids.masked_fill(~in_prompt, fill), in_prompt
+
+
 def check_prompt_lens(where: str, prompt_lens: Any, batch: int, width: int) -> list[int]:
     """``prompt_lens`` (None: every row is ``width`` long) as a list of ``batch`` ints in ``[1, width]``."""
     if prompt_lens is None:
@@ -82,5 +91,6 @@ __all__ = [
     "check_prefill_chunk",
     "check_prompt_lens",
     "check_token_ids",
+    "mask_padding",
     "prefill",
 ]

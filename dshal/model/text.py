@@ -7,14 +7,13 @@ knows about text, so a backend never sees it."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from dshal.config import read_text_file
-from dshal.errors import ArgumentError, CheckpointError
+from dshal.config import read_json_file
+from dshal.errors import ArgumentError, CheckpointError, ConfigError
 
 #: The files a Hugging Face tokenizer is read from; one of them must be in the checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -112,11 +111,10 @@ def generation_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
     path = Path(checkpoint) / GENERATION_CONFIG
     if not path.is_file():
         return {}
-    _, text = read_text_file(path, "generation config")
     try:
-        settings = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not a JSON object of generation settings ({err})") from None
+        _, settings = read_json_file(path, "generation config")
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(settings, dict):
         raise CheckpointError(f"{path}: not a JSON object of generation settings (a {type(settings).__name__})")
     return settings

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -163,9 +165,6 @@ def shared_input(read: Callable[[str], str] = input, poll_s: float = INPUT_POLL_
     raises EOFError (every rank must call it). Rank 0 reads in a thread and, while the user
     is typing, broadcasts "still waiting" every ``poll_s`` seconds, so the other ranks wait in
     collectives of that length rather than one that the comm timeout would end."""
-    import queue
-    import threading
-
     lines: queue.Queue = queue.Queue()
 
     def read_into_queue(prompt: str) -> None:
