@@ -37,8 +37,9 @@ it finishes, so a stage cut short by the time budget leaves the others' results:
 5. **one MoE layer** at DeepSeek-V3's sizes (256 experts, top 8 of 8 groups x 4, hidden 7168,
    expert width 2048, FP8 128x128 weights): ``moe_gate`` + ``moe_experts`` through the
    runtime, kernel-only timings, and the output against the reference at one token;
-6. **dshal run**: the model core on the device (``dshal run --graphs auto``): decode tokens/s
-   with and without CUDA graphs, compile/autotune time apart;
+6. **dshal run**: the model core on the device (``dshal run --graphs auto --speculative mtp``):
+   decode tokens/s with and without CUDA graphs, compile/autotune time apart, and greedy
+   decoding with the (random) MTP layer's drafts, whose tokens must be the eager run's;
 7. **ragged**: prompts of different lengths (the tiny model): eager, and through the per-row
    static decode step captured as a CUDA graph; the tokens must match and the step capture;
 8. **tune**: ``dshal tune`` on DeepSeek-V3's FP8 linear shapes with the time left (at most
@@ -516,9 +517,10 @@ def stage_moe(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int
 
 
 def stage_run(check: Check, dry_run: bool) -> None:
-    """``dshal run`` on the device: the tiny model, decode tokens/s with and without graphs."""
+    """``dshal run`` on the device: the tiny model, decode tokens/s with and without graphs,
+    and with MTP drafts (its random MTP layer: the two-token steps' kernels and their tokens)."""
     out = check.out_dir / "run.json"
-    cmd = [sys.executable, "-m", "dshal", "run", "--no-progress", "--json", str(out)]
+    cmd = [sys.executable, "-m", "dshal", "run", "--no-progress", "--speculative", "mtp", "--json", str(out)]
     cmd += ["--graphs", "on", "--prompt-len", "4", "--new-tokens", "3"] if dry_run else ["--graphs", "auto", "--new-tokens", "64"]
     env = dict(os.environ, DSHAL_BACKEND="nvidia", **({"DSHAL_EMULATE": "1"} if dry_run else {}))
     result: dict[str, Any] = {"command": " ".join(cmd[1:])}
@@ -527,7 +529,8 @@ def stage_run(check: Check, dry_run: bool) -> None:
     if out.is_file():
         report = json.loads(out.read_text())
         result.update({k: report.get(k) for k in ("device", "emulated", "prefill_tokens_per_s", "decode_tokens_per_s",
-                                                  "decode_tokens_per_s_graphs", "graphs", "warmup_s", "compile_autotune_s")})
+                                                  "decode_tokens_per_s_graphs", "graphs", "warmup_s", "compile_autotune_s",
+                                                  "decode_tokens_per_s_speculative", "speculative")})
     check.save()
 
 
@@ -690,6 +693,11 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
                      f"({(run.get('graphs') or {}).get('why') or 'captured'})")
         if graphed:
             targets["decode_graphs_vs_eager"] = graphed / eager
+        speculative = run.get("speculative") or {}
+        if speculative.get("run"):
+            lines.append(f"dshal run with MTP drafts (random MTP layer): {run['decode_tokens_per_s_speculative'] or 0:.1f} "
+                         f"tokens/s, {speculative['accepted']} of {speculative['drafted']} drafts accepted, tokens "
+                         f"{'match' if speculative['tokens_match_eager'] else 'DIFFER'}")
     ragged = check.data.get("ragged", {})
     if "tokens_match" in ragged:
         how = "captured" if ragged["captured"] else f"not captured {ragged['capture_error']}".rstrip()

@@ -54,8 +54,9 @@ class PrecisionConfig:
     gemm: str = "auto"
     #: auto (the backend's native E4M3) | e4m3fn | e4m3fnuz
     fp8_format: str = "auto"
-    #: Module-name globs that always stay in high precision.
-    keep_high_precision: tuple[str, ...] = ("embed", "lm_head", "*.gate")
+    #: Module-name globs that always stay in high precision (DeepSeek-V3's checkpoint stores
+    #: these unquantized; the last two are the MTP layer's input projection and head).
+    keep_high_precision: tuple[str, ...] = ("embed", "lm_head", "*.gate", "*.eh_proj", "*.shared_head.head")
 
 
 @dataclass(frozen=True)

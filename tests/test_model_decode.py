@@ -36,6 +36,9 @@ def test_host_sync_counter_sees_value_reads_and_dynamic_shapes():
         "Tensor.__int__": 1, "Tensor.item": 1, "Tensor.__bool__": 1, "Tensor.tolist": 1,
         "aten::nonzero": 1, "boolean-mask indexing": 1,
     }
+    with torch.inference_mode(), HostSyncCounter(dispatch=False) as reads:  # value reads only
+        int(t[1]), t.tolist(), t.nonzero()
+    assert reads.by_op == {"Tensor.__int__": 1, "Tensor.tolist": 1}
 
 
 def test_static_decode_matches_the_model_decode():

@@ -35,7 +35,9 @@ def _code_tokens(path: Path) -> list[tokenize.TokenInfo]:
     return [t for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline) if t.type not in skip]
 
 
-@pytest.mark.parametrize("name", ["model.py", "cache.py", "generate.py", "decode.py", "loader.py", "precision.py", "args.py"])
+@pytest.mark.parametrize(
+    "name", ["model.py", "cache.py", "prefill.py", "generate.py", "decode.py", "speculative.py", "loader.py", "precision.py", "args.py"]
+)
 def test_model_core_has_no_vendor_or_device_branches(name):
     tokens = _code_tokens(MODEL_DIR / name)
     hits = [
@@ -110,6 +112,43 @@ def test_model_dshal_run_graphs_on_reports_both_rates(tmp_path):
     graphs = report["graphs"]
     assert graphs["run"] and not graphs["captured"] and graphs["tokens_match_eager"]
     assert "ran eagerly" in graphs["why"] and "decode with graphs:" in proc.stdout
+
+
+def test_model_dshal_run_speculative_mtp(tmp_path):
+    """``--speculative mtp`` loads the MTP layer and times greedy decoding with its drafts
+    after the eager run: the same tokens, and how many drafts were accepted. A checkpoint
+    without an MTP layer, and sampling, are said."""
+    from dshal.model import tiny_args
+    from dshal.model.checkpoint import random_checkpoint, save_checkpoint
+
+    out = tmp_path / "run.json"
+    proc = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "12", "--json", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    spec = report["speculative"]
+    assert spec["run"] and spec["tokens_match_eager"] and spec["method"] == "mtp"
+    assert spec["drafted"] == spec["steps"] >= 6 and spec["steps"] + spec["accepted"] == 11
+    assert report["decode_tokens_per_s_speculative"] > 0 and "decode with MTP drafts:" in proc.stdout
+    assert report["model_description"]["precision_groups"]["mtp"] == "float32"
+    # The MTP layer's weights come after the others': the eager tokens are those of a run without it.
+    plain = _dshal("run", "--no-progress", "--new-tokens", "12", "--json", str(tmp_path / "plain.json"), timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads((tmp_path / "plain.json").read_text())["output_ids"] == report["output_ids"]
+    assert json.loads((tmp_path / "plain.json").read_text())["speculative"] is None
+
+    sampled = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "4", "--temperature", "0.7",
+                     "--json", str(out), timeout=120)
+    assert sampled.returncode == 0, sampled.stderr
+    assert json.loads(out.read_text())["speculative"] == {
+        "run": False, "why": "temperature > 0: speculative decoding here is greedy (--temperature 0)"}
+    assert "decode with MTP drafts: not run (temperature > 0" in sampled.stdout
+
+    args = tiny_args(num_hidden_layers=2)
+    save_checkpoint(tmp_path / "ckpt", args, random_checkpoint(args))
+    missing = _dshal("run", "--no-progress", "--checkpoint", str(tmp_path / "ckpt"), "--speculative", "mtp", timeout=120)
+    assert missing.returncode != 0
+    assert "mtp_layers is 1, expected an integer in [0, 0]" in missing.stderr and "config.json" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_model_dshal_run_checkpoint_and_config(tmp_path):

@@ -91,3 +91,23 @@ def test_parallel_cli_a_cache_no_rank_can_hold_is_said_once_with_the_ranks_share
     said = "--batch 1000000000 x (--prompt-len 4 + --new-tokens 3) tokens needs a KV cache of"
     assert done.stderr.count(said) == 1, done.stderr[-3000:]
     assert "(the 2 ranks on it share" in done.stderr and "rank 0/" not in done.stdout
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"]])
+def test_parallel_cli_speculative_mtp_splits_the_mtp_layer_too(tmp_path: Path, layout: list[str]) -> None:
+    """``--speculative mtp`` under TP (the MTP layer's attention, MoE and vocabulary-parallel
+    head split like the others) and EP: every rank accepts the same drafts, and the tokens
+    are the single-process run's."""
+    flags = ["run", "--new-tokens", "8", "--prompt-len", "6", "--no-progress", "--speculative", "mtp"]
+    reports = []
+    for extra, name in ((layout, "parallel.json"), ([], "single.json")):
+        done = subprocess.run(
+            [sys.executable, "-m", "dshal", *flags, *extra, "--json", str(tmp_path / name)],
+            env=_env(), capture_output=True, text=True, timeout=180, check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports.append(json.loads((tmp_path / name).read_text()))
+    parallel, single = reports
+    assert parallel["speculative"]["run"] and parallel["speculative"]["tokens_match_eager"]
+    assert parallel["output_ids"] == single["output_ids"]
+    assert parallel["speculative"]["accepted"] == single["speculative"]["accepted"]

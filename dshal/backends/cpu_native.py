@@ -383,17 +383,30 @@ def _op_id_errors(ids: torch.Tensor, experts: int):
         raise
 
 
+#: Up to this many tokens, ``moe_experts`` runs the one-token C kernel per token: grouping
+#: costs more than it saves there (profiled on benchmarks/speculative_mtp.py's MoE layer, two
+#: tokens: 0.08 ms per token for both projections, against 0.18 ms per grouped projection).
+FEW_TOKENS = 2
+
+
+def _per_token(kernel, x, weights, ids, *experts):  # noqa: ANN001, ANN202
+    """``kernel`` (a one-token C kernel) on each row of ``x`` / ``weights`` / ``ids``."""
+    if ids.shape[0] == 1:
+        return kernel(x, weights, ids, *experts)
+    return torch.cat([kernel(x[t : t + 1], weights[t : t + 1], ids[t : t + 1], *experts) for t in range(ids.shape[0])])
+
+
 def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     """Routed SwiGLU experts with the per-expert Python work taken out of the token loop.
 
-    With the C kernels built: one token (a decode step) is one C call for all its experts
-    (float32, or FP8 block-scaled experts with float32/bf16 activations); more float32
-    tokens are grouped by expert in C (counting sort + row gather), run as one
-    ``torch._grouped_mm`` per projection, and summed back per token in C. Everything
-    else: :func:`moe_experts_torch`.
+    With the C kernels built: each token of a decode step (up to :data:`FEW_TOKENS`: one, or
+    a token and its speculative draft) is one C call for all its experts (float32, or FP8
+    block-scaled experts with float32/bf16 activations); more float32 tokens are grouped by
+    expert in C (counting sort + row gather), run as one ``torch._grouped_mm`` per
+    projection, and summed back per token in C. Everything else: :func:`moe_experts_torch`.
     """
     if (
-        ids.shape[0] == 1
+        ids.shape[0] <= FEW_TOKENS
         and x.dtype in (torch.float32, torch.bfloat16)
         and w13.dtype in cpu_kernels.FP8_E4M3
         and w2.dtype == w13.dtype
@@ -405,7 +418,7 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         and cpu_kernels.library() is not None
     ):  # a decode step of FP8 experts (DeepSeek-V3's format): one C call
         with _op_id_errors(ids, w13.shape[0]):
-            return _as(cpu_kernels.moe_token_fp8(x, weights, ids, w13, w2, w13_scale, w2_scale), x.dtype)
+            return _as(_per_token(cpu_kernels.moe_token_fp8, x, weights, ids, w13, w2, w13_scale, w2_scale), x.dtype)
     if (
         ids.shape[0] > 1
         and x.dtype in (torch.float32, torch.bfloat16)
@@ -424,9 +437,9 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         and cpu_kernels.library() is not None
     ):
         experts = w13.shape[0]
-        if ids.shape[0] == 1 and w13.is_contiguous() and w2.is_contiguous():
+        if ids.shape[0] <= FEW_TOKENS and w13.is_contiguous() and w2.is_contiguous():
             with _op_id_errors(ids, experts):
-                return cpu_kernels.moe_token(x, weights, ids, w13, w2)
+                return _per_token(cpu_kernels.moe_token, x, weights, ids, w13, w2)
         if ids.shape[0] > 1 and _GROUPED_MM is not None:
             with _op_id_errors(ids, experts):
                 xs, order, ends = cpu_kernels.moe_group(x, ids, experts)

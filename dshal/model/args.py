@@ -97,7 +97,8 @@ class ModelArgs:
     max_position_embeddings: int = 163840
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    #: Multi-token-prediction layers stored after the last layer (skipped when loading).
+    #: Multi-token-prediction layers stored after the last layer (loaded only when
+    #: ``mtp_layers`` asks for them).
     num_nextn_predict_layers: int = 0
     #: Dtype of the high-precision weights and activations.
     dtype: torch.dtype = torch.bfloat16
@@ -117,6 +118,10 @@ class ModelArgs:
     #: KV cache layout: "absorb" caches the latent + rope key (decode absorbs kv_b_proj),
     #: "naive" caches per-head keys and values.
     mla_mode: str = "absorb"
+    #: Multi-token-prediction layers to build and load (the first ``mtp_layers`` of the
+    #: checkpoint's ``num_nextn_predict_layers``): the draft of speculative decoding
+    #: (:mod:`dshal.model.speculative`). 0: none, the checkpoint's are skipped.
+    mtp_layers: int = 0
 
     # ------------------------------------------------------------ derived
     @property
@@ -183,6 +188,16 @@ class ModelArgs:
             raise ConfigError(f"config.json: quantization_config.scale_fmt is {self.scale_fmt!r}, expected null or 'ue8m0'")
         if self.mla_mode not in ("absorb", "naive"):
             raise ConfigError(f"mla_mode is {self.mla_mode!r}, expected 'absorb' or 'naive'")
+        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
+            raise ConfigError(
+                f"config.json: num_nextn_predict_layers is {self.num_nextn_predict_layers!r}, expected an integer >= 0"
+            )
+        if not isinstance(self.mtp_layers, int) or not 0 <= self.mtp_layers <= self.num_nextn_predict_layers:
+            raise ConfigError(
+                f"mtp_layers is {self.mtp_layers!r}, expected an integer in [0, {self.num_nextn_predict_layers}]: "
+                f"the checkpoint has {self.num_nextn_predict_layers} multi-token-prediction layer(s) "
+                "(config.json num_nextn_predict_layers)"
+            )
         if self.attention_window is not None and self.attention_global_tokens >= self.attention_window:
             raise ConfigError(
                 f"attention.global_tokens is {self.attention_global_tokens}, "
@@ -286,6 +301,7 @@ class ModelArgs:
             "attention_window",
             "attention_global_tokens",
             "mla_mode",
+            "mtp_layers",
             "rope_scaling",
             "dtype",
             "fp8_format",

@@ -100,6 +100,7 @@ class KVCache:
         # The model whose one-token step on this cache ran with the ops' input checks. Weak:
         # a cache must not keep a model (and its process groups) alive.
         self._decode_checked_by: weakref.ref | None = None
+        self._decode_checked_tokens: set[int] = set()  # step lengths it checked
         self._vouched: weakref.ref | None = None
         #: What the buffers hold, per layer: compared with a model's own layout, so a cache
         #: made for another model is refused before any op sees it.
@@ -115,13 +116,16 @@ class KVCache:
         """Whether ``ids`` is the tensor :meth:`vouch_for` marked last."""
         return self._vouched is not None and self._vouched() is ids
 
-    def decode_checked_for(self, model: object) -> bool:
-        """Whether ``model`` ran a one-token step on this cache with the ops' input checks."""
-        return self._decode_checked_by is not None and self._decode_checked_by() is model
+    def decode_checked_for(self, model: object, tokens: int = 1) -> bool:
+        """Whether ``model`` ran a step of ``tokens`` tokens on this cache with the ops' input checks."""
+        by = self._decode_checked_by
+        return by is not None and by() is model and tokens in self._decode_checked_tokens
 
-    def mark_decode_checked(self, model: object) -> None:
-        """Record that ``model`` ran a one-token step on this cache with the input checks."""
-        self._decode_checked_by = weakref.ref(model)
+    def mark_decode_checked(self, model: object, tokens: int = 1) -> None:
+        """Record that ``model`` ran a step of ``tokens`` tokens on this cache with the input checks."""
+        if not (self._decode_checked_by is not None and self._decode_checked_by() is model):
+            self._decode_checked_by, self._decode_checked_tokens = weakref.ref(model), set()
+        self._decode_checked_tokens.add(tokens)
 
     @staticmethod
     def slots(max_len: int, window: int | None, global_tokens: int) -> int:

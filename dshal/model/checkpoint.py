@@ -100,33 +100,50 @@ def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     d = a.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (a.vocab_size, d)}
     for i in range(a.num_hidden_layers):
-        p = f"model.layers.{i}"
-        shapes[f"{p}.input_layernorm.weight"] = (d,)
-        shapes[f"{p}.post_attention_layernorm.weight"] = (d,)
-        att = f"{p}.self_attn"
-        h = a.num_attention_heads
-        if a.q_lora_rank is None:
-            shapes[f"{att}.q_proj.weight"] = (h * a.qk_head_dim, d)
-        else:
-            shapes[f"{att}.q_a_proj.weight"] = (a.q_lora_rank, d)
-            shapes[f"{att}.q_a_layernorm.weight"] = (a.q_lora_rank,)
-            shapes[f"{att}.q_b_proj.weight"] = (h * a.qk_head_dim, a.q_lora_rank)
-        shapes[f"{att}.kv_a_proj_with_mqa.weight"] = (a.kv_lora_rank + a.qk_rope_head_dim, d)
-        shapes[f"{att}.kv_a_layernorm.weight"] = (a.kv_lora_rank,)
-        shapes[f"{att}.kv_b_proj.weight"] = (h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank)
-        shapes[f"{att}.o_proj.weight"] = (d, h * a.v_head_dim)
-        mlp = f"{p}.mlp"
-        if a.is_moe_layer(i):
-            shapes[f"{mlp}.gate.weight"] = (a.n_routed_experts, d)
-            shapes[f"{mlp}.gate.e_score_correction_bias"] = (a.n_routed_experts,)
-            for e in range(a.n_routed_experts):
-                _mlp_shapes(shapes, f"{mlp}.experts.{e}", d, a.moe_intermediate_size)
-            _mlp_shapes(shapes, f"{mlp}.shared_experts", d, a.n_shared_experts * a.moe_intermediate_size)
-        else:
-            _mlp_shapes(shapes, mlp, d, a.intermediate_size)
+        _layer_shapes(shapes, a, i)
     shapes["model.norm.weight"] = (d,)
     shapes["lm_head.weight"] = (a.vocab_size, d)
+    # The multi-token-prediction layers (after the head, so the main model's random weights
+    # do not depend on them): a layer of their own, their input projection and output head.
+    for i in range(a.num_hidden_layers, a.num_hidden_layers + a.num_nextn_predict_layers):
+        p = f"model.layers.{i}"
+        _layer_shapes(shapes, a, i)
+        shapes[f"{p}.embed_tokens.weight"] = (a.vocab_size, d)
+        shapes[f"{p}.enorm.weight"] = (d,)
+        shapes[f"{p}.hnorm.weight"] = (d,)
+        shapes[f"{p}.eh_proj.weight"] = (d, 2 * d)
+        shapes[f"{p}.shared_head.norm.weight"] = (d,)
+        shapes[f"{p}.shared_head.head.weight"] = (a.vocab_size, d)
     return shapes
+
+
+def _layer_shapes(shapes: dict[str, tuple[int, ...]], a: ModelArgs, i: int) -> None:
+    """The attention, norms and FFN of layer ``i``."""
+    d = a.hidden_size
+    p = f"model.layers.{i}"
+    shapes[f"{p}.input_layernorm.weight"] = (d,)
+    shapes[f"{p}.post_attention_layernorm.weight"] = (d,)
+    att = f"{p}.self_attn"
+    h = a.num_attention_heads
+    if a.q_lora_rank is None:
+        shapes[f"{att}.q_proj.weight"] = (h * a.qk_head_dim, d)
+    else:
+        shapes[f"{att}.q_a_proj.weight"] = (a.q_lora_rank, d)
+        shapes[f"{att}.q_a_layernorm.weight"] = (a.q_lora_rank,)
+        shapes[f"{att}.q_b_proj.weight"] = (h * a.qk_head_dim, a.q_lora_rank)
+    shapes[f"{att}.kv_a_proj_with_mqa.weight"] = (a.kv_lora_rank + a.qk_rope_head_dim, d)
+    shapes[f"{att}.kv_a_layernorm.weight"] = (a.kv_lora_rank,)
+    shapes[f"{att}.kv_b_proj.weight"] = (h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank)
+    shapes[f"{att}.o_proj.weight"] = (d, h * a.v_head_dim)
+    mlp = f"{p}.mlp"
+    if a.is_moe_layer(i):
+        shapes[f"{mlp}.gate.weight"] = (a.n_routed_experts, d)
+        shapes[f"{mlp}.gate.e_score_correction_bias"] = (a.n_routed_experts,)
+        for e in range(a.n_routed_experts):
+            _mlp_shapes(shapes, f"{mlp}.experts.{e}", d, a.moe_intermediate_size)
+        _mlp_shapes(shapes, f"{mlp}.shared_experts", d, a.n_shared_experts * a.moe_intermediate_size)
+    else:
+        _mlp_shapes(shapes, mlp, d, a.intermediate_size)
 
 
 def _mlp_shapes(shapes: dict[str, tuple[int, ...]], prefix: str, dim: int, inter: int) -> None:
@@ -153,7 +170,10 @@ def random_checkpoint(args: ModelArgs, seed: int = 0, std: float = 0.02) -> dict
 
 
 def is_quantized_linear(name: str) -> bool:
-    """Linears DeepSeek-V3's FP8 checkpoint stores in FP8 (not embed, lm_head, router, norms)."""
+    """Linears DeepSeek-V3's FP8 checkpoint stores in FP8 (not embed, lm_head, router, norms,
+    nor the multi-token-prediction layer's ``eh_proj`` and ``shared_head.head``)."""
+    if name.endswith(".eh_proj.weight"):
+        return False
     return name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight")
 
 

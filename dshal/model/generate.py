@@ -76,7 +76,7 @@ def completions(
     ids after its prompt (``prompt_lens[b]`` ids), up to and including the first stop id of
     ``eos_token_id``. (On a model with an attention window, a row whose prompt is shorter than
     the longest runs on past ``max_new_tokens``; those extra tokens are dropped here.)"""
-    stops = set() if eos_token_id is None else set(_stop_list(eos_token_id))
+    stops = set() if eos_token_id is None else set(stop_list(eos_token_id))
     rows = []
     for row, length in zip(ids.tolist(), prompt_lens):
         new = row[length : length + max_new_tokens]
@@ -107,7 +107,7 @@ def check_top_p(top_p: Any) -> None:
         raise ArgumentError(f"generate: argument 'top_p' is {top_p!r}, expected a number in (0, 1]")
 
 
-def _stop_list(eos_token_id: Any) -> list[Any]:
+def stop_list(eos_token_id: Any) -> list[Any]:
     """``eos_token_id`` (one id or a list of them) as a list."""
     return list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
 
@@ -164,7 +164,7 @@ def check_generate_args(
     ):
         raise ArgumentError(f"generate: argument 'temperature' is {temperature!r}, expected a finite number >= 0")
     vocab = getattr(args, "vocab_size", None)
-    ids = _stop_list(eos_token_id)
+    ids = stop_list(eos_token_id)
     if eos_token_id is not None and (
         not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (vocab or 2**63) for i in ids)
     ):
@@ -226,7 +226,7 @@ def generate(
     if len(set(lens)) > 1 and max_new_tokens > 0 and decode.static_decode_unsupported(model) is None:
         out, _ = decode.generate_rows(  # each row at its own positions
             model, input_ids, lens, max_new_tokens, lambda logits: _next_token(logits, temperature, generator, top_p),
-            eos_token_id=None if eos_token_id is None else _stop_list(eos_token_id),
+            eos_token_id=None if eos_token_id is None else stop_list(eos_token_id),
             stream=stream, on_token=on_token, prefill_chunk=prefill_chunk,
         )
         return out
@@ -241,7 +241,7 @@ def generate(
         check_token_ids("generate", prompts.ids, model.args.vocab_size)
     cache = model.new_cache(bsz, total) if cache is None else cache
     done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
-    stops = None if eos_token_id is None else torch.tensor(_stop_list(eos_token_id), device=input_ids.device)
+    stops = None if eos_token_id is None else torch.tensor(stop_list(eos_token_id), device=input_ids.device)
     logits = prefill(model, prompts.ids[:, cached : prompts.start], cache, prefill_chunk, cached)
     for pos in range(prompts.start, total):
         token = prompts.force(_next_token(logits, temperature, generator, top_p), pos)
@@ -273,5 +273,6 @@ __all__ = [
     "check_token_ids",
     "check_top_p",
     "generate",
+    "stop_list",
     "prefill",
 ]

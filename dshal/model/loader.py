@@ -11,7 +11,7 @@ here), and for FP8 checkpoints ``<linear>.weight_scale_inv`` (one float32 scale 
 ``<linear>.weight`` int8 with ``<linear>.weight_scale`` (one scale per output channel). The fused layout some transformers versions
 write (``mlp.experts.gate_up_proj`` ``[E, 2I, D]``, ``mlp.experts.down_proj``) is read too.
 Tensors of multi-token-prediction layers (``model.layers.<num_hidden_layers + i>``) are
-skipped. A missing, unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
+skipped unless ``ModelArgs.mtp_layers`` asks for them (the model's ``mtp.<layer>``). A missing, unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
 
 Each tensor goes to the model's device as it is read, except, for a backend that cannot hold
 float8 tensors on its device (``Capabilities.fp8_storage`` False, Ascend 910B), FP8 payloads
@@ -443,14 +443,17 @@ def _stack_experts(*projections: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _ignored(name: str, args: ModelArgs) -> bool:
-    """Tensors that are in checkpoints but not in the model: MTP layers, rotary buffers."""
+    """Tensors that are in checkpoints but not in the model: rotary buffers, the MTP layers
+    not asked for (``args.mtp_layers``) and the built ones' copy of the token embedding
+    (the model's own serves them)."""
     if name.endswith("rotary_emb.inv_freq"):
         return True
     if name.startswith("model.layers."):
         layer = name.split(".")[2]
-        if layer.isdigit():
-            n = int(layer)
-            return args.num_hidden_layers <= n < args.num_hidden_layers + args.num_nextn_predict_layers
+        first_mtp = args.num_hidden_layers
+        if layer.isdigit() and first_mtp <= int(layer) < first_mtp + args.num_nextn_predict_layers:
+            built = int(layer) < first_mtp + args.mtp_layers
+            return not built or name == f"model.layers.{layer}.embed_tokens.weight"
     return False
 
 
@@ -566,6 +569,7 @@ def from_pretrained(
     *,
     dtype: torch.dtype | None = None,
     mla_mode: str | None = None,
+    mtp_layers: int | None = None,
     progress: LoadProgress | None = None,
 ) -> nn.Module:
     """Load a DeepSeek-V3 checkpoint directory (``config.json`` + safetensors).
@@ -574,19 +578,26 @@ def from_pretrained(
     None keeps the active runtime (or the default one). Its ``precision`` section picks
     each linear's format, its ``attention`` section the dynamic-attention window.
     ``dtype`` overrides the checkpoint's high-precision dtype; ``mla_mode`` the KV cache
-    layout ("absorb" or "naive"). ``progress(phase, done, total)`` is told where the load is
+    layout ("absorb" or "naive"); ``mtp_layers`` loads that many of the checkpoint's
+    multi-token-prediction layers (for :mod:`dshal.model.speculative`; default none).
+    ``progress(phase, done, total)`` is told where the load is
     (:data:`LoadProgress`; ``dshal run`` draws it as a progress bar).
     """
     runtime = dshal.use(config) if config is not None else dshal.current()
-    args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode)
+    args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode, mtp_layers=mtp_layers)
     return build_model(args, CheckpointReader(path), runtime.config.precision, runtime.device, progress)
 
 
 def checkpoint_args(
-    path: str | os.PathLike, runtime: Any, *, dtype: torch.dtype | None = None, mla_mode: str | None = None
+    path: str | os.PathLike,
+    runtime: Any,
+    *,
+    dtype: torch.dtype | None = None,
+    mla_mode: str | None = None,
+    mtp_layers: int | None = None,
 ) -> ModelArgs:
     """``ModelArgs`` of the checkpoint at ``path`` with ``runtime``'s dynamic-attention
-    settings, and ``dtype`` / ``mla_mode`` overrides when given."""
+    settings, and ``dtype`` / ``mla_mode`` / ``mtp_layers`` overrides when given."""
     overrides: dict[str, Any] = {
         "attention_window": runtime.config.attention.window,
         "attention_global_tokens": runtime.config.attention.global_tokens,
@@ -595,6 +606,8 @@ def checkpoint_args(
         overrides["dtype"] = dtype
     if mla_mode is not None:
         overrides["mla_mode"] = mla_mode
+    if mtp_layers is not None:
+        overrides["mtp_layers"] = mtp_layers
     return ModelArgs.from_file(path, **overrides)
 
 

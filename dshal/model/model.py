@@ -41,9 +41,16 @@ from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs, yarn_mscale
 from dshal.model.cache import KVCache, LayerCache, check_cache_fits
 from dshal.model.generate import check_input_ids, check_token_ids, generate
+from dshal.model.prefill import check_start_pos
 from dshal.model.weights import dequantize_weight, precision_label
 from dshal.ops.spec import INT64_MAX
 from dshal.runtime import free_memory
+
+#: Steps of up to this many tokens on a KV cache (one token, or a token and its draft, see
+#: :mod:`dshal.model.speculative`) are decode steps: they attend in the absorbed form, and they
+#: repeat the op calls of the model's first step of their length, so only that one runs the
+#: input checks.
+MAX_STEP_TOKENS = 2
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -167,8 +174,9 @@ class MLA(nn.Module):
         #: Dynamic attention: each query sees its last `window` keys and the first `global_tokens`.
         self.window = args.attention_window
         self.global_tokens = args.attention_global_tokens if args.attention_window else 0
-        #: In "absorb" mode, multi-token steps (prefill) expand k/v from the latent (cheaper
-        #: for long chunks); False runs them absorbed too.
+        #: In "absorb" mode, steps of more than MAX_STEP_TOKENS tokens (prefill) expand k/v
+        #: from the latent (cheaper for long chunks); False runs them absorbed too. Decode
+        #: steps stay absorbed: expanding the whole cache for one or two queries costs more.
         self.expand_prefill = True
         self.q_lora_rank = args.q_lora_rank
         if args.q_lora_rank is None:
@@ -215,7 +223,7 @@ class MLA(nn.Module):
             out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2))
         else:
             (latent,) = cache.update(latent)
-            if x_q.shape[1] > 1 and self.expand_prefill:
+            if x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill:
                 out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
             else:
                 out = self._attend_absorbed(q_nope, q_pe, latent, cache.key_bias)
@@ -392,6 +400,44 @@ class Block(nn.Module):
         return self.mlp(x), residual
 
 
+class SharedHead(nn.Module):
+    """A multi-token-prediction layer's output: final norm and vocabulary projection."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.dtype)
+        self.head = Linear(args.hidden_size, args.vocab_size, dtype=args.dtype)
+
+
+class MTPLayer(Block):
+    """DeepSeek-V3's multi-token-prediction (MTP) module, stored in the checkpoint as layer
+    ``num_hidden_layers`` (``model.layers.61``): one more layer that, from the main model's
+    final hidden state at position i and the embedding of token i + 1, predicts token i + 2.
+    Speculative decoding (:mod:`dshal.model.speculative`) takes that prediction as a draft
+    the main model verifies.
+
+    As vLLM runs it (``deepseek_mtp.py``): ``eh_proj([enorm(embedding); hnorm(hidden)])``
+    through the layer, then ``shared_head``'s norm and head; the token embedding is the
+    main model's (the checkpoint's copy in this layer is not read)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__(layer_id, args)
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.dtype)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.dtype)
+        self.eh_proj = Linear(2 * args.hidden_size, args.hidden_size, dtype=args.dtype)
+        self.shared_head = SharedHead(args)
+
+    def predict(
+        self, hidden: torch.Tensor, embedded: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None
+    ) -> torch.Tensor:
+        """``hidden [B, T, D]`` (the main model's, after its final norm) and ``embedded [B, T, D]``
+        (the next tokens' embeddings) -> logits ``[B, T, vocab]`` of the token after the next."""
+        x = self.eh_proj(torch.cat((self.enorm(embedded), self.hnorm(hidden)), dim=-1))  # [B, T, D]
+        x, residual = self(x, None, cos, sin, cache)
+        x, _ = self.shared_head.norm(x, residual)
+        return self.shared_head.head(x)
+
+
 @dataclass(frozen=True)
 class ParallelState:
     """How this rank's copy of the model is split; written only by the transforms in
@@ -426,36 +472,41 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, args) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.dtype)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, dtype=args.dtype)
+        #: The checkpoint's multi-token-prediction layers that ``args.mtp_layers`` asks for,
+        #: keyed by their layer number in the checkpoint (``mtp.61`` is ``model.layers.61``).
+        first = args.num_hidden_layers
+        self.mtp = nn.ModuleDict({str(i): MTPLayer(i, args) for i in range(first, first + args.mtp_layers)})
         cos, sin = rope_tables(args)
         self.register_buffer("rope_cos", cos, persistent=False)  # [S, rope / 2]
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None, last_only: bool = False
-    ) -> torch.Tensor:
+        self,
+        input_ids: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, T or 1, vocab]``; with ``return_hidden``, ``(logits, hidden)`` where
+        ``hidden`` is the final norm's output ``[B, T or 1, D]`` (what the MTP layer reads)."""
         check_input_ids("Transformer", input_ids, self.rope_cos.device)
-        if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
-            raise ArgumentError(f"Transformer: argument 'start_pos' is {start_pos!r}, expected an int >= 0")
+        check_start_pos("Transformer", start_pos)
         seqlen = input_ids.shape[1]
-        decode = cache is not None and seqlen == 1
-        # Every decode step repeats the op calls of this model's first one on the cache with
-        # new values (only the key count grows), so only that one pays for the input checks.
-        # The id range check (a host sync on accelerators) goes with them: under generate(),
-        # later steps' ids are the model's own samples.
+        step = cache is not None and seqlen <= MAX_STEP_TOKENS
+        # Every decode step repeats the op calls of this model's first one of its length on the
+        # cache with new values (only the key count grows), so only that one pays for the input
+        # checks. The id range check (a host sync on accelerators) goes with them: under
+        # generate(), later steps' ids are the model's own samples.
         if cache is not None:
             self._check_cache(cache)
-        trusted = decode and cache.decode_checked_for(self)
+        trusted = step and cache.decode_checked_for(self, seqlen)
         if not (trusted and cache.vouched(input_ids)):  # ids that generate() did not make are checked
             check_token_ids("Transformer", input_ids, self.args.vocab_size)
-        end = start_pos + seqlen
-        if end > self.rope_cos.shape[0]:
-            raise ShapeError(
-                f"Transformer: positions up to {end} exceed max_position_embeddings ({self.rope_cos.shape[0]})"
-            )
+        cos, sin = self._positions("Transformer", start_pos, seqlen)  # [T, rope / 2]
         if cache is not None:
             cache.begin(start_pos, seqlen, input_ids.shape[0])
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]  # [T, rope / 2]
         h, residual = self.embed(input_ids), None  # [B, T, D]
         last = len(self.layers) - 1 if last_only and seqlen > 1 else None  # one position: nothing to select
         with ops.trusted() if trusted else contextlib.nullcontext():
@@ -466,36 +517,87 @@ class Transformer(nn.Module):
                 h, residual = layer(h, residual, cos, sin, layer_cache, i == last)
             h, _ = self.norm(h, residual)
             logits = self.lm_head(h)  # [B, T or 1, vocab]
-        if decode:
-            cache.mark_decode_checked(self)
+        if step:
+            cache.mark_decode_checked(self, seqlen)
+        return (logits, h) if return_hidden else logits
+
+    @torch.inference_mode()
+    def draft(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """The first MTP layer's logits ``[B, T, vocab]`` for the tokens two positions on:
+        ``hidden [B, T, D]`` is this model's at positions ``start_pos ..`` (``forward(...,
+        return_hidden=True)``), ``next_ids [B, T]`` the token that follows each of them.
+        ``cache``: the MTP layer's own (:meth:`new_cache` with ``mtp=True``)."""
+        if not len(self.mtp):
+            raise ArgumentError(
+                "Transformer.draft: this model has no multi-token-prediction layer, expected one "
+                "(build it with mtp_layers=1 from a checkpoint whose num_nextn_predict_layers >= 1)"
+            )
+        check_input_ids("Transformer.draft", next_ids, self.rope_cos.device)
+        check_start_pos("Transformer.draft", start_pos)
+        bsz, seqlen = next_ids.shape
+        if hidden.shape != (bsz, seqlen, self.args.hidden_size):
+            raise ShapeError(
+                f"Transformer.draft: argument 'hidden' has shape {list(hidden.shape)}, "
+                f"expected {[bsz, seqlen, self.args.hidden_size]} (next_ids' [B, T] and the model width)"
+            )
+        cos, sin = self._positions("Transformer.draft", start_pos, seqlen)
+        step = cache is not None and seqlen <= MAX_STEP_TOKENS  # checked once per length, as in forward()
+        if cache is not None:
+            self._check_cache(cache, mtp=True)
+        trusted = step and cache.decode_checked_for(self, seqlen)
+        if not (trusted and cache.vouched(next_ids)):
+            check_token_ids("Transformer.draft", next_ids, self.args.vocab_size)
+        if cache is not None:
+            cache.begin(start_pos, seqlen, bsz)
+        embedded = self.embed(next_ids)  # [B, T, D]
+        if start_pos == 0:  # position 0 takes no token embedding, as vLLM runs DeepSeek's MTP weights
+            embedded[:, 0] = 0
+        layer = next(iter(self.mtp.values()))
+        with ops.trusted() if trusted else contextlib.nullcontext():
+            logits = layer.predict(hidden, embedded, cos, sin, None if cache is None else cache.layers[0])
+        if step:
+            cache.mark_decode_checked(self, seqlen)
         return logits
 
+    def _positions(self, where: str, start_pos: int, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables' rows for positions ``[start_pos, start_pos + seqlen)``."""
+        end = start_pos + seqlen
+        if end > self.rope_cos.shape[0]:
+            raise ShapeError(f"{where}: positions up to {end} exceed max_position_embeddings ({self.rope_cos.shape[0]})")
+        return self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+
     # ------------------------------------------------------------ inference helpers
-    def _check_cache(self, cache: Any) -> None:
-        """``cache`` must be a KVCache laid out for this model (another model's raises)."""
+    def _check_cache(self, cache: Any, mtp: bool = False) -> None:
+        """``cache`` must be a KVCache laid out for this model (another model's raises), or
+        with ``mtp`` for its MTP layer."""
         if not isinstance(cache, KVCache):
             raise DTypeError(f"Transformer: argument 'cache' is {type(cache).__name__}, expected a KVCache (model.new_cache)")
-        want = self._cache_layouts.get(cache.mode)
+        key = (cache.mode, mtp)
+        want = self._cache_layouts.get(key)
         if want is None:
-            want = self._cache_layouts[cache.mode] = self.new_cache(1, 1, cache.mode).layout
+            want = self._cache_layouts[key] = self.new_cache(1, 1, cache.mode, mtp=mtp).layout
         if cache.layout != want:
+            made = "new_cache(..., mtp=True)" if mtp else "new_cache()"
             raise ShapeError(
                 f"Transformer: argument 'cache' has layout {cache.layout} (layers, mode, entry shapes, dtype, device), "
-                f"expected {want}: it was made for another model; use this model's new_cache()"
+                f"expected {want}: it was made for another model or layer; use this model's {made}"
             )
 
-    def new_cache(self, batch: int, max_len: int, mode: str | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, mode: str | None = None, mtp: bool = False) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens
-        (``mode``: "absorb" or "naive"; default ``args.mla_mode``). A cache larger than the
-        memory the backend reports free on the model's device is refused before any of it
-        is allocated (an ArgumentError with both figures)."""
+        (``mode``: "absorb" or "naive"; default ``args.mla_mode``); with ``mtp``, for the MTP
+        layer (:meth:`draft`) instead of the main layers. A cache larger than the memory the
+        backend reports free on the model's device is refused before any of it is allocated
+        (an ArgumentError with both figures)."""
         mode = mode or self.args.mla_mode
-        nbytes, device = self.cache_bytes(batch, max_len, mode), self.rope_cos.device
+        nbytes, device = self.cache_bytes(batch, max_len, mode, mtp), self.rope_cos.device
         what = f"new_cache: batch {batch} x max_len {max_len}"
         check_cache_fits(nbytes, free_memory(device), device, what, "'batch' or 'max_len'")
         a = self.args
         return KVCache(
-            len(self.layers),
+            self._cached_layers(mtp),
             batch,
             max_len,
             self._cache_entries(mode),
@@ -506,7 +608,10 @@ class Transformer(nn.Module):
             a.attention_global_tokens,
         )
 
-    def cache_bytes(self, batch: int, max_len: int, mode: str | None = None) -> int:
+    def _cached_layers(self, mtp: bool) -> int:
+        return min(len(self.mtp), 1) if mtp else len(self.layers)
+
+    def cache_bytes(self, batch: int, max_len: int, mode: str | None = None, mtp: bool = False) -> int:
         """Bytes :meth:`new_cache` allocates for these arguments (computed, nothing allocated)."""
         mode = mode or self.args.mla_mode
         for arg, value, high in (("batch", batch, None), ("max_len", max_len, self.rope_cos.shape[0])):
@@ -516,7 +621,7 @@ class Transformer(nn.Module):
         a = self.args
         per_token = sum(math.prod(shape) for shape in self._cache_entries(mode)) * a.dtype.itemsize
         slots = KVCache.slots(max_len, a.attention_window, a.attention_global_tokens)
-        return len(self.layers) * batch * slots * per_token
+        return self._cached_layers(mtp) * batch * slots * per_token
 
     def _cache_entries(self, mode: str) -> list[tuple[int, ...]]:
         """Per-token shapes of one layer's cache buffers in ``mode``."""
@@ -540,6 +645,8 @@ class Transformer(nn.Module):
 
 # ---------------------------------------------------------------- describe(): precision per layer, KV bytes
 def _group_of(path: str, dense_layer: bool) -> str:
+    if path.startswith("mtp."):
+        return "mtp"
     if path.startswith("embed"):
         return "embed"
     if path.startswith("lm_head"):
@@ -647,5 +754,7 @@ __all__ = [
     "RoutedExperts",
     "MoE",
     "Block",
+    "SharedHead",
+    "MTPLayer",
     "Transformer",
 ]

@@ -59,11 +59,14 @@ GEMM_ALIASES = {"bf16": HIGH}
 
 
 def checkpoint_name(path: str) -> str:
-    """The Hugging Face checkpoint prefix of a model path (``embed`` -> ``model.embed_tokens``)."""
+    """The Hugging Face checkpoint prefix of a model path (``embed`` -> ``model.embed_tokens``,
+    the multi-token-prediction layer ``mtp.61`` -> ``model.layers.61``)."""
     if path == "lm_head" or path.startswith("lm_head."):
         return path
     if path == "embed" or path.startswith("embed."):
         return "model.embed_tokens" + path[len("embed") :]
+    if path.startswith("mtp."):
+        return "model.layers." + path[len("mtp.") :]
     return f"model.{path}"
 
 

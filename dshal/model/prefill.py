@@ -52,6 +52,11 @@ def check_input_ids(where: str, input_ids: Any, device: torch.device | None = No
         raise DeviceError(f"{where}: argument 'input_ids' is on {input_ids.device}, expected {device} (the model's)")
 
 
+def check_start_pos(where: str, start_pos: Any) -> None:
+    if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
+        raise ArgumentError(f"{where}: argument 'start_pos' is {start_pos!r}, expected an int >= 0")
+
+
 def check_token_ids(where: str, input_ids: torch.Tensor, vocab_size: int) -> None:
     """Every id in ``input_ids`` must be in ``[0, vocab_size)`` (reads the values: a host sync
     on an accelerator)."""
@@ -90,6 +95,7 @@ __all__ = [
     "check_input_ids",
     "check_prefill_chunk",
     "check_prompt_lens",
+    "check_start_pos",
     "check_token_ids",
     "mask_padding",
     "prefill",

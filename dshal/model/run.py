@@ -10,7 +10,9 @@ over the timed run is reported apart as ``compile_autotune_s``. Decode tokens/s 
 steps after the first decode step (the first runs the ops' input checks, and with graphs
 is the capture), with and without device graphs (``--graphs``): the graph run captures a
 static decode step with the backend's ``graph()`` hook (:mod:`dshal.model.decode`) and
-reports the capture time apart.
+reports the capture time apart. ``--speculative mtp`` also times greedy decoding with the
+checkpoint's multi-token-prediction drafts (:mod:`dshal.model.speculative`), after a warm-up
+of its own shapes, and reports how many drafts were accepted.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dshal.model.decode import generate_with_graphs, static_decode_unsupported
 from dshal.model.generate import DEFAULT_PREFILL_CHUNK, completions
 from dshal.model.precision import precision_summary
 from dshal.model.run_report import RunReport
+from dshal.model.speculative import SpeculativeStats, generate_speculative, mtp_layers_for, speculative_unsupported
 from dshal.model.text import (
     GENERATION_CONFIG,
     check_chat_template,
@@ -110,6 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="also time decode steps captured as device graphs: auto = when the backend captures graphs "
         "(CUDA/HIP), on = always (without device graphs the static step runs eagerly), off = never",
+    )
+    shape.add_argument(
+        "--speculative",
+        choices=("mtp",),
+        default=None,
+        help="also time greedy decoding with drafts of the checkpoint's multi-token-prediction layer (DeepSeek-V3's "
+        "MTP, config.json num_nextn_predict_layers >= 1; loaded only with this flag), one sequence: the tokens are "
+        "the eager run's, and the report says how many drafts were accepted",
     )
     parallel_run.add_arguments(shape)  # --tp / --ep (dshal.parallel.run)
 
@@ -231,7 +242,8 @@ def _check_interactive_flags(args: argparse.Namespace) -> None:
         raise DshalError("dshal run: --interactive needs --checkpoint DIR, whose tokenizer and chat template carry "
                          "the conversation (the built-in tiny model has none)")
     given = {"--prompt": args.prompt is not None, "--prompt-len": args.prompt_len is not None,
-             "--batch": args.batch not in (None, 1), "--json": bool(args.json), "--report": bool(args.report)}
+             "--batch": args.batch not in (None, 1), "--json": bool(args.json), "--report": bool(args.report),
+             "--speculative": args.speculative is not None}
     for flag, is_given in given.items():
         if is_given:
             raise DshalError(f"dshal run: --interactive is given with {flag}, expected one of them (the conversation "
@@ -336,16 +348,17 @@ def main(args: argparse.Namespace) -> int:
     runtime = use_for_command(args.config, args.backend)
     groups = parallel_run.setup(args) if parallel else None
     started = time.perf_counter()
+    mtp = mtp_layers_for(args.speculative)
     show = not args.no_progress and (groups is None or parallel_run.is_reporting_rank())
     if groups is not None:
         with load_progress_bar(show and bool(args.checkpoint)) as progress:
             model, source = parallel_run.load(args, groups, progress)
     elif args.checkpoint:
         with load_progress_bar(show) as progress:
-            model = from_pretrained(args.checkpoint, mla_mode=args.mla_mode, progress=progress)
+            model = from_pretrained(args.checkpoint, mla_mode=args.mla_mode, mtp_layers=mtp, progress=progress)
         source = str(args.checkpoint)
-    else:
-        model_args = tiny_args(mla_mode=args.mla_mode or "absorb")
+    else:  # its MTP layer's random weights come after the others': the same model as without it
+        model_args = tiny_args(mla_mode=args.mla_mode or "absorb", num_nextn_predict_layers=mtp, mtp_layers=mtp)
         model = random_model(model_args, seed=args.seed)
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
@@ -461,6 +474,7 @@ def _generate_and_time(
     else:
         graphs = {"graphs": {"run": False, "why": f"{len(batches)} batches: graphs are timed on one batch"},
                   "decode_tokens_per_s_graphs": None}
+    graphs.update(_speculative_run(args, model, batches, runtime, outputs, eos))
     timing = {
         "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s > 0 else None,
         "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
@@ -568,6 +582,49 @@ def _graph_run(
     }
 
 
+def _speculative_run(
+    args: argparse.Namespace,
+    model: Any,
+    batches: list[tuple[torch.Tensor, list[int]]],
+    runtime: Any,
+    eager_outputs: list[list[int]],
+    eos: list[int] | None,
+) -> dict[str, Any]:
+    """Greedy decoding with MTP drafts (``--speculative mtp``), warmed up with its own shapes,
+    then timed; the report's ``speculative`` fields."""
+    if args.speculative is None:
+        return {"speculative": None, "decode_tokens_per_s_speculative": None}
+    why = speculative_unsupported(model)
+    if args.temperature > 0:
+        why = "temperature > 0: speculative decoding here is greedy (--temperature 0)"
+    elif len(batches) > 1 or batches[0][0].shape[0] > 1:
+        why = f"{len(eager_outputs)} sequences: speculative decoding runs one sequence (one prompt, --batch 1)"
+    if why:
+        return {"speculative": {"run": False, "why": why}, "decode_tokens_per_s_speculative": None}
+    prompt = batches[0][0]
+    stats: list[SpeculativeStats] = []
+
+    def speculative_generate(prompt: torch.Tensor, new_tokens: int, on_token: Any = None) -> torch.Tensor:
+        ids, run_stats = generate_speculative(model, prompt, new_tokens, eos_token_id=eos, on_token=on_token,
+                                              prefill_chunk=args.prefill_chunk)
+        stats.append(run_stats)
+        return ids
+
+    speculative_generate(prompt, args.new_tokens)  # warm-up: its own shapes (two-token steps, the MTP layer)
+    runtime.backend.synchronize()
+    ids, _, stamps = _timed_generate(speculative_generate, prompt, args.new_tokens, args.new_tokens,
+                                     runtime.backend.synchronize, False)
+    return {
+        "speculative": {
+            "run": True,
+            "why": "",
+            **stats[-1].as_dict(),
+            "tokens_match_eager": completions(ids, [prompt.shape[1]], args.new_tokens, eos) == eager_outputs,
+        },
+        "decode_tokens_per_s_speculative": _decode_rate(stamps, 1),
+    }
+
+
 def _timed_generate(
     generate: Any, prompt: torch.Tensor, new_tokens: int, steps: int, sync: Any, show: bool
 ) -> tuple[torch.Tensor, float, list[float]]:
@@ -666,6 +723,16 @@ def _print(report: dict[str, Any]) -> None:
                       f"tokens {'match' if graphs['tokens_match_eager'] else 'DIFFER from'} the eager run")
     else:
         console.print(f"decode with graphs: not run ({graphs['why']})")
+    speculative = report["speculative"]  # None: not asked
+    if speculative and speculative["run"]:
+        with_drafts = report["decode_tokens_per_s_speculative"]
+        ratio = f" ({with_drafts / decode:.2f}x eager)" if with_drafts and decode else ""
+        rate = speculative["acceptance_rate"]
+        accepted = "no step" if rate is None else f"{speculative['accepted']} of {speculative['drafted']} drafts accepted ({rate:.0%})"
+        console.print(f"decode with MTP drafts: [bold]{fmt(with_drafts)}[/bold] tokens/s{ratio}; {accepted}; "
+                      f"tokens {'match' if speculative['tokens_match_eager'] else 'DIFFER from'} the eager run")
+    elif speculative:
+        console.print(f"decode with MTP drafts: not run ({speculative['why']})")
     console.print(
         f"warm-up (same shapes): {report['warmup_s']:.2f} s, of which compile/autotune/first-call "
         f"{report['compile_autotune_s']:.2f} s (outside the timings)"

@@ -275,12 +275,13 @@ def from_pretrained_parallel(
     *,
     dtype: torch.dtype | None = None,
     mla_mode: str | None = None,
+    mtp_layers: int | None = None,
     progress: LoadProgress | None = None,
 ) -> Transformer:
     """:func:`dshal.model.from_pretrained` for one rank of a parallel job: ``groups`` from
     :func:`dshal.parallel.setup_groups` says which TP / EP groups this rank is in."""
     runtime = dshal.use(config) if config is not None else dshal.current()
-    args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode)
+    args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode, mtp_layers=mtp_layers)
     return build_parallel(args, CheckpointReader(path), groups, runtime.config.precision, runtime.device, progress)
 
 

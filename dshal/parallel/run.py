@@ -26,6 +26,7 @@ from dshal.errors import DshalError
 from dshal.model import DictReader, tiny_args
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import random_checkpoint
+from dshal.model.speculative import mtp_layers_for
 from dshal.parallel.groups import ParallelGroups, plan_groups, setup_groups
 from dshal.parallel.launch import relaunch_self
 from dshal.parallel.loading import build_parallel, from_pretrained_parallel
@@ -75,10 +76,11 @@ def load(args: argparse.Namespace, groups: ParallelGroups, progress: Any = None)
     """This rank's part of the model: ``--checkpoint`` (``progress``: see
     :data:`dshal.model.loader.LoadProgress`) or the built-in tiny random model."""
     layout = f"TP={groups.tp_size} x EP={groups.ep_size}"
+    mtp = mtp_layers_for(args.speculative)
     if args.checkpoint:
-        model = from_pretrained_parallel(args.checkpoint, groups, mla_mode=args.mla_mode, progress=progress)
+        model = from_pretrained_parallel(args.checkpoint, groups, mla_mode=args.mla_mode, mtp_layers=mtp, progress=progress)
         return model, f"{args.checkpoint} ({layout})"
-    model_args = tiny_args(mla_mode=args.mla_mode or "absorb")
+    model_args = tiny_args(mla_mode=args.mla_mode or "absorb", num_nextn_predict_layers=mtp, mtp_layers=mtp)
     reader = DictReader(random_checkpoint(model_args, args.seed), path=f"<random seed={args.seed}>")
     return build_parallel(model_args, reader, groups), f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed}, {layout})"
 

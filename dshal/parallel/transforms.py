@@ -206,6 +206,22 @@ def _split_experts_ep(experts: ShardedExperts, group: Any, m: int, r: int, trans
 
 
 # ---------------------------------------------------------------- the transforms
+def blocks(model: Transformer) -> list[nn.Module]:
+    """Every attention + FFN layer of ``model``: its layers, then its multi-token-prediction
+    layers (split the same way)."""
+    return [*model.layers, *model.mtp.values()]
+
+
+def _vocab_parallel_head(head: nn.Module, shard: Shard, vocab: int, padded: int, group: Any) -> VocabParallelLMHead:
+    """``head`` (a Linear onto the vocabulary) holding this rank's ``shard`` of its rows."""
+    with torch.device("meta"):
+        parallel = VocabParallelLMHead(head.in_features, shard, vocab, padded, head.weight.dtype, group)
+    weight, scale, parallel.act_quant = _slice_scale(head.weight, head.weight_scale, shard)
+    parallel.weight = nn.Parameter(weight, requires_grad=False)
+    parallel.weight_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+    return parallel
+
+
 def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
     """Shard ``model`` in place over ``group`` (a ``dshal.comm`` process group; None = all
     ranks) and return it. Every rank of the group must call it, with the same model."""
@@ -226,14 +242,12 @@ def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
     old_embed: Embedding = model.embed
     with torch.device("meta"):
         model.embed = VocabParallelEmbedding(shard, a.hidden_size, old_embed.weight.dtype, group)
-        head = VocabParallelLMHead(a.hidden_size, shard, vocab, padded, model.lm_head.weight.dtype, group)
     model.embed.weight = nn.Parameter(_slice(old_embed.weight, shard, (stop - start, a.hidden_size)), requires_grad=False)
-    weight, scale, head.act_quant = _slice_scale(model.lm_head.weight, model.lm_head.weight_scale, shard)
-    head.weight = nn.Parameter(weight, requires_grad=False)
-    head.weight_scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
-    model.lm_head = head
+    model.lm_head = _vocab_parallel_head(model.lm_head, shard, vocab, padded, group)
+    for mtp in model.mtp.values():  # the multi-token-prediction layers' own heads
+        mtp.shared_head.head = _vocab_parallel_head(mtp.shared_head.head, shard, vocab, padded, group)
 
-    for layer in model.layers:
+    for layer in blocks(model):
         attn = layer.self_attn
         q_name = "q_proj" if attn.q_lora_rank is None else "q_b_proj"
         qk, kv = attn.qk_head_dim, attn.nope + attn.v_dim
@@ -262,7 +276,7 @@ def expert_parallel(model: Transformer, group: Any = None) -> Transformer:
     if m == 1:
         return model
     a = model.args
-    for layer in model.layers:
+    for layer in blocks(model):
         mlp = layer.mlp
         if not isinstance(mlp, (MoE, ParallelMoE)):
             continue

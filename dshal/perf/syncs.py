@@ -44,10 +44,13 @@ class HostSyncCounter:
 
     ``repeat_interleave`` counts only with a tensor of repeats and no ``output_size``.
     ``exempt``: path fragments of machinery whose calls are not counted (e.g. the Triton
-    interpreter, which reads values on the host where a device would not).
+    interpreter, which reads values on the host where a device would not). ``dispatch=False``
+    counts only the Tensor methods that copy values to Python (no dispatcher mode: torch
+    cannot create some tensor subclasses under one, e.g. the lower-right causal bias SDPA
+    takes for a few queries after cached keys).
     """
 
-    def __init__(self, keep_stacks: int = 5, exempt: tuple[str, ...] = ()) -> None:
+    def __init__(self, keep_stacks: int = 5, exempt: tuple[str, ...] = (), dispatch: bool = True) -> None:
         self.by_op: Counter[str] = Counter()
         self.where: list[str] = []
         self.events: list[tuple[str, str]] = []
@@ -84,7 +87,7 @@ class HostSyncCounter:
                 finally:
                     counter._inside = False
 
-        self._modes = (_Function(), _Dispatch())
+        self._modes = (_Function(), _Dispatch()) if dispatch else (_Function(),)
 
     def _record(self, name: str) -> None:
         stack = [f for f in traceback.extract_stack() if f.filename != __file__]

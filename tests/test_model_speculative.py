@@ -1,0 +1,236 @@
+"""Speculative decoding with the multi-token-prediction (MTP) layer.
+
+The oracle is plain greedy generation: whatever the drafts are, speculative decoding must
+give its tokens exactly. The random MTP layer's drafts are mostly wrong; drafts from the
+known continuation (every one right, or every other one) check the accepted path's
+bookkeeping with the real main model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dshal
+from dshal.config import PrecisionConfig
+from dshal.errors import ArgumentError, CheckpointError, ConfigError, ShapeError
+from dshal.model import DictReader, build_model, random_model, tiny_args
+from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint
+from dshal.model.speculative import generate_speculative
+from dshal.perf.syncs import HostSyncCounter
+
+
+def _mtp_args(**changes):
+    return tiny_args(num_nextn_predict_layers=1, mtp_layers=1, **changes)
+
+
+def _prompt(args, length=7, seed=0, batch=1):
+    return torch.randint(0, args.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def mtp_model():
+    return random_model(_mtp_args(), seed=3)
+
+
+def _repeating_mtp_model(args, seed):
+    """A random model whose MTP layer drafts the token it is given (the next one) again: the
+    layer adds nothing to ``eh_proj``'s copy of the normalized embedding, and its head is the
+    embedding. Right wherever the model repeats a token, which random models do."""
+    tensors = random_checkpoint(args, seed)
+    layer, d = f"model.layers.{args.num_hidden_layers}", args.hidden_size
+    tensors[f"{layer}.eh_proj.weight"] = torch.cat((torch.eye(d), torch.zeros(d, d)), 1).to(args.dtype)
+    for name in tensors:
+        if name.startswith(layer) and name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensors[name] = torch.zeros_like(tensors[name])
+    tensors[f"{layer}.shared_head.head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    return build_model(args, DictReader(tensors))
+
+
+@pytest.mark.parametrize("mla_mode", ["absorb", "naive"])
+@pytest.mark.parametrize("prefill_chunk", [None, 3])
+def test_speculative_gives_the_greedy_tokens(mla_mode, prefill_chunk):
+    accepted = rejected = 0
+    args = _mtp_args(mla_mode=mla_mode)
+    for make, seed in ((random_model, 0), (random_model, 1), (_repeating_mtp_model, 0), (_repeating_mtp_model, 3)):
+        model = make(args, seed=seed)
+        prompt = _prompt(args, seed=seed)
+        want = model.generate(prompt, 24)
+        got, stats = generate_speculative(model, prompt, 24, prefill_chunk=prefill_chunk)
+        assert torch.equal(got, want), f"seed {seed}"
+        assert stats.steps >= 12 and stats.steps + stats.accepted == 23  # one token from the prefill
+        accepted, rejected = accepted + stats.accepted, rejected + stats.steps - stats.accepted
+    assert accepted >= 10 and rejected >= 10  # both paths ran
+
+
+def test_the_mtp_layer_is_built_only_when_asked_and_does_not_change_the_main_weights():
+    with_mtp = random_model(_mtp_args(), seed=1)
+    without = random_model(tiny_args(), seed=1)
+    assert len(with_mtp.mtp) == 1 and len(without.mtp) == 0
+    assert not any(name.startswith("mtp.") for name, _ in without.named_parameters())
+    main = dict(without.named_parameters())
+    for name, p in with_mtp.named_parameters():
+        if not name.startswith("mtp."):
+            assert torch.equal(p, main[name]), name
+    # A checkpoint with an MTP layer loads without it unless asked (its tensors are skipped).
+    skipped = random_model(tiny_args(num_nextn_predict_layers=1), seed=1)
+    assert len(skipped.mtp) == 0
+    assert "mtp" in with_mtp.describe()["precision_groups"]
+
+
+class _Oracle:
+    """Drafts from the known greedy continuation ``ids [1, N]``: right, or (``wrong_every``)
+    wrong at every n-th call. Counts the calls."""
+
+    def __init__(self, ids: torch.Tensor, vocab: int, wrong_every: int = 0):
+        self.ids, self.vocab, self.wrong_every, self.calls = ids[0].tolist(), vocab, wrong_every, 0
+
+    def __call__(self, hidden, next_ids, start_pos, cache=None):
+        self.calls += 1
+        last = start_pos + next_ids.shape[1] - 1  # the draft is for position last + 2
+        token = self.ids[last + 2] if last + 2 < len(self.ids) else 0
+        if self.wrong_every and self.calls % self.wrong_every == 0:
+            token = (token + 1) % self.vocab
+        logits = torch.zeros(1, next_ids.shape[1], self.vocab)
+        logits[0, -1, token] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("wrong_every, steps", [(0, 12), (2, 16)])
+def test_speculative_with_drafts_that_are_right_gives_two_tokens_a_step(mtp_model, monkeypatch, wrong_every, steps):
+    prompt = _prompt(mtp_model.args, length=6, seed=5)
+    want = mtp_model.generate(prompt, 25)
+    monkeypatch.setattr(mtp_model, "draft", _Oracle(want, mtp_model.args.vocab_size, wrong_every))
+    got, stats = generate_speculative(mtp_model, prompt, 25)
+    assert torch.equal(got, want)
+    assert stats.steps == steps  # 24 tokens after the prefill's: 2 a step, or 2 and 1 in turn
+    assert stats.accepted == 24 - steps
+    assert math.isclose(stats.tokens_per_step, 24 / steps)
+
+
+def test_each_draft_is_the_mtp_layers_prediction_from_the_whole_sequence(mtp_model, monkeypatch):
+    """The loop feeds the MTP layer each kept position's hidden state with the token after it,
+    in its own cache: every draft equals the one computed from scratch on the final sequence."""
+    drafts = []
+    real = mtp_model.draft
+
+    def spy(hidden, next_ids, start_pos, cache=None):
+        logits = real(hidden, next_ids, start_pos, cache)
+        drafts.append((start_pos + next_ids.shape[1] - 1, logits[0, -1]))
+        return logits
+
+    prompt = _prompt(mtp_model.args, length=9, seed=2)
+    monkeypatch.setattr(mtp_model, "draft", spy)
+    ids, stats = generate_speculative(mtp_model, prompt, 20, prefill_chunk=4)
+    _, hidden = mtp_model(ids, return_hidden=True)
+    full = real(hidden[:, :-1], ids[:, 1:], 0)[0]  # [N - 1, V]: position p's guess for p + 2
+    assert len(drafts) == 3 + stats.steps - 1  # 3 prefill chunks, then one per step but the last
+    for pos, logits in drafts:
+        torch.testing.assert_close(logits, full[pos], atol=1e-4, rtol=1e-4)
+
+
+def test_the_mtp_layer_reads_its_inputs_as_deepseek_v3s_weights_expect(mtp_model):
+    """``eh_proj([enorm(embedding); hnorm(hidden)])`` (the embedding zero at position 0), the
+    layer, then ``shared_head``'s norm and head: each step written out in torch."""
+    layer = mtp_model.mtp["3"]
+    hidden = torch.randn(1, 5, 128, generator=torch.Generator().manual_seed(0))
+    next_ids = _prompt(mtp_model.args, length=5, seed=4)
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mtp_model.args.rms_norm_eps) * weight
+
+    embedded = mtp_model.embed.weight[next_ids].clone()
+    embedded[:, 0] = 0
+    x = torch.cat((rms(embedded, layer.enorm.weight), rms(hidden, layer.hnorm.weight)), -1) @ layer.eh_proj.weight.T
+    with torch.inference_mode():
+        y, residual = layer(x, None, mtp_model.rope_cos[:5], mtp_model.rope_sin[:5], None)
+    want = rms(y + residual, layer.shared_head.norm.weight) @ layer.shared_head.head.weight.T
+    torch.testing.assert_close(mtp_model.draft(hidden, next_ids, 0), want, atol=1e-4, rtol=1e-4)
+    # Past position 0 the embedding is kept: the same rows drafted from position 1 differ.
+    assert not torch.allclose(mtp_model.draft(hidden, next_ids, 1)[:, 0], want[:, 0], atol=1e-3)
+
+
+def test_speculative_stops_at_a_stop_id_as_generate_does(mtp_model):
+    prompt = _prompt(mtp_model.args, length=6, seed=7)
+    free = mtp_model.generate(prompt, 16)
+    stop = int(free[0, 6 + 5])  # the sixth new token
+    want = mtp_model.generate(prompt, 16, eos_token_id=[stop])
+    got, _ = generate_speculative(mtp_model, prompt, 16, eos_token_id=[stop])
+    assert torch.equal(got, want) and int(got[0, -1]) == stop
+    one, stats = generate_speculative(mtp_model, prompt, 1)
+    assert torch.equal(one, free[:, :7]) and stats.steps == 0
+    none, _ = generate_speculative(mtp_model, prompt, 0)
+    assert torch.equal(none, prompt)
+
+
+@pytest.mark.needs_interpreter
+def test_a_speculative_step_syncs_the_host_once_on_a_gpu_plugin():
+    """Checking a draft reads one small tensor on the host per step (the accept decision):
+    the ids' range checks and the ops' input checks run on the first step of each length
+    only. On the emulated nvidia plugin's own ops (on CPU tensors the cpu backend may read
+    values on the host where that costs nothing). Dense layers, as the decode-step test."""
+    if not any(info.name == "nvidia" for info in dshal.backends()):
+        pytest.skip("the dshal-nvidia plugin is not installed")
+    try:
+        assert dshal.use(backend="nvidia", emulate=True).emulated
+        args = _mtp_args(first_k_dense_replace=4)  # the MTP layer (layer 3) dense too
+        model = random_model(args, seed=0, precision=PrecisionConfig(gemm="fp8-block"))
+        prompt = _prompt(args, length=6, seed=1)
+        generate_speculative(model, prompt, 4)  # the first steps of each length: checked
+        seen = []
+        with HostSyncCounter(dispatch=False) as counter:  # value reads: SDPA's causal bias is a subclass
+            _, stats = generate_speculative(model, prompt, 8, on_token=lambda i: seen.append(counter.count))
+    finally:
+        dshal.use(backend="cpu")
+    per_step = [b - a for a, b in zip(seen[1:], seen[2:]) if b != a]
+    assert stats.steps >= 4 and per_step == [1] * len(per_step) and len(per_step) >= 3, counter.where
+
+
+def test_speculative_refuses_what_it_cannot_serve(mtp_model):
+    prompt = _prompt(mtp_model.args)
+    with pytest.raises(ArgumentError, match=r"'input_ids' has 2 sequences, expected 1"):
+        generate_speculative(mtp_model, _prompt(mtp_model.args, batch=2), 4)
+    with pytest.raises(ArgumentError, match="no multi-token-prediction layer.*mtp_layers=1"):
+        generate_speculative(random_model(tiny_args()), prompt, 4)
+    windowed = random_model(_mtp_args(attention_window=8, attention_global_tokens=2))
+    with pytest.raises(ArgumentError, match="attention window"):
+        generate_speculative(windowed, prompt, 4)
+    with pytest.raises(ArgumentError, match="max_new_tokens"):
+        generate_speculative(mtp_model, prompt, -1)
+    with pytest.raises(ShapeError, match=r"'hidden' has shape \[1, 3, 128\], expected \[1, 7, 128\]"):
+        mtp_model.draft(torch.zeros(1, 3, 128), prompt, 0)
+    with pytest.raises(ShapeError, match="made for another model or layer"):
+        mtp_model.draft(torch.zeros(1, 7, 128), prompt, 0, mtp_model.new_cache(1, 16))
+    with pytest.raises(ConfigError, match=r"mtp_layers is 1, expected an integer in \[0, 0\]"):
+        tiny_args(mtp_layers=1)
+
+
+def test_the_loader_reads_the_mtp_layer_under_the_checkpoints_names():
+    args = _mtp_args(num_hidden_layers=2)
+    tensors = random_checkpoint(args, seed=2)
+    assert "model.layers.2.eh_proj.weight" in tensors and "model.layers.2.shared_head.head.weight" in tensors
+    model = build_model(args, DictReader(tensors))
+    state = dict(model.named_parameters())
+    for ours, theirs in (("mtp.2.eh_proj.weight", "model.layers.2.eh_proj.weight"),
+                         ("mtp.2.self_attn.kv_b_proj.weight", "model.layers.2.self_attn.kv_b_proj.weight"),
+                         ("mtp.2.shared_head.head.weight", "model.layers.2.shared_head.head.weight"),
+                         ("mtp.2.enorm.weight", "model.layers.2.enorm.weight")):
+        assert torch.equal(state[ours], tensors[theirs]), ours
+    missing = {k: v for k, v in tensors.items() if k != "model.layers.2.hnorm.weight"}
+    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.2.hnorm.weight'"):
+        build_model(args, DictReader(missing))
+
+
+def test_an_fp8_checkpoints_mtp_layer_keeps_its_projection_and_head_unquantized():
+    args = _mtp_args(num_hidden_layers=2, hidden_size=256, moe_intermediate_size=128, intermediate_size=256)
+    tensors = quantize_checkpoint_fp8(random_checkpoint(args, seed=4))
+    assert tensors["model.layers.2.eh_proj.weight"].dtype == args.dtype
+    assert tensors["model.layers.2.self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn
+    model = build_model(args.with_(weight_block_size=(128, 128)), DictReader(tensors))
+    layer = model.mtp["2"]
+    assert layer.self_attn.o_proj.weight_scale is not None and layer.eh_proj.weight_scale is None
+    prompt = _prompt(args, length=5)
+    got, _ = generate_speculative(model, prompt, 8)
+    assert torch.equal(got, model.generate(prompt, 8))
