@@ -139,9 +139,14 @@ def test_model_dshal_run_speculative_mtp(tmp_path):
     sampled = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "4", "--temperature", "0.7",
                      "--json", str(out), timeout=120)
     assert sampled.returncode == 0, sampled.stderr
+    spec = json.loads(out.read_text())["speculative"]
+    assert spec["run"] and spec["tokens_match_eager"] is None and "sampled: tokens not compared" in sampled.stdout
+    several = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "3", "--batch", "2",
+                     "--json", str(out), timeout=120)
+    assert several.returncode == 0, several.stderr
     assert json.loads(out.read_text())["speculative"] == {
-        "run": False, "why": "temperature > 0: speculative decoding here is greedy (--temperature 0)"}
-    assert "decode with MTP drafts: not run (temperature > 0" in sampled.stdout
+        "run": False, "why": "2 sequences: speculative decoding runs one sequence (one prompt, --batch 1)"}
+    assert "decode with MTP drafts: not run (2 sequences" in several.stdout
 
     args = tiny_args(num_hidden_layers=2)
     save_checkpoint(tmp_path / "ckpt", args, random_checkpoint(args))

@@ -18,7 +18,8 @@ from dshal.config import PrecisionConfig
 from dshal.errors import ArgumentError, CheckpointError, ConfigError, ShapeError
 from dshal.model import DictReader, build_model, random_model, tiny_args
 from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint
-from dshal.model.speculative import generate_speculative
+from dshal.model.generate import sampling_probs
+from dshal.model.speculative import DraftVerifier, generate_speculative
 from dshal.perf.syncs import HostSyncCounter
 
 
@@ -234,3 +235,60 @@ def test_an_fp8_checkpoints_mtp_layer_keeps_its_projection_and_head_unquantized(
     prompt = _prompt(args, length=5)
     got, _ = generate_speculative(model, prompt, 8)
     assert torch.equal(got, model.generate(prompt, 8))
+
+
+def _tv(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Total variation distance between the empirical distribution of ``counts`` and ``probs``."""
+    return 0.5 * float((counts / counts.sum() - probs).abs().sum())
+
+
+def test_draft_verifier_keeps_or_redraws_so_each_token_is_distributed_as_the_model_says():
+    """Speculative sampling's step: whatever the draft distribution q, the token for the draft's
+    position is distributed as p[0], and the next one (when the draft is kept) as p[1]. Always
+    keeping the draft would give q instead (checked to be far from p)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, 0.0], [0.0, 0.0, 3.0, 1.0, 0.0, -2.0]])
+    q = torch.softmax(torch.tensor([[-1.0, 0.5, 2.0, 0.0, 0.0, 1.0]]), dim=-1)
+    verifier = DraftVerifier(temperature=1.0, top_p=1.0, generator=gen)
+    p = torch.softmax(logits, dim=-1)
+    first, bonus, kept_n = torch.zeros(6), torch.zeros(6), 0
+    n = 20000
+    for _ in range(n):
+        draft = torch.multinomial(q, 1, generator=gen)[0]
+        a, b, kept = verifier.check(logits, draft, q).tolist()
+        first[a] += 1
+        if kept:
+            bonus[b] += 1
+            kept_n += 1
+    assert _tv(first, p[0]) < 0.015 and _tv(bonus, p[1]) < 0.02
+    assert abs(kept_n / n - float(torch.minimum(p[0], q[0]).sum())) < 0.015  # P(keep) = sum min(p, q)
+    assert 0.5 * float((q[0] - p[0]).abs().sum()) > 0.3
+    # Greedy: the argmax of each position; the draft kept when it is the first argmax.
+    greedy = DraftVerifier(0.0, 1.0, None)
+    assert greedy.check(logits, torch.tensor([0]), None).tolist() == [0, 2, 1]
+    assert greedy.check(logits, torch.tensor([3]), None).tolist() == [0, 2, 0]
+
+
+def test_sampled_speculative_tokens_follow_the_models_distribution():
+    """End to end with the random MTP layer's sampled drafts (kept about 2 times in 3 here):
+    the second new token's distribution is the exact one, summed over the first token's."""
+    args = _mtp_args(vocab_size=8)
+    model = random_model(args, seed=0, std=0.2)
+    prompt = _prompt(args, length=5)
+    with torch.inference_mode():
+        first = sampling_probs(model(prompt)[0, -1], 1.0)
+        extended = torch.cat((prompt.repeat(8, 1), torch.arange(8)[:, None]), dim=1)
+        second = (first[:, None] * sampling_probs(model(extended)[:, -1], 1.0)).sum(dim=0)
+    gen = torch.Generator().manual_seed(0)
+    counts, kept, steps = torch.zeros(8), 0, 0
+    for _ in range(400):
+        ids, stats = generate_speculative(model, prompt, 2, 1.0, generator=gen)
+        counts[ids[0, 6]] += 1
+        kept, steps = kept + stats.accepted, steps + stats.steps
+    assert _tv(counts, second) < 0.08, (counts / 400, second)
+    assert 0.3 < kept / steps < 0.95
+    # Reproducible with the same seed, and top-p keeps to the nucleus.
+    again = [generate_speculative(model, prompt, 6, 0.7, generator=torch.Generator().manual_seed(3))[0] for _ in range(2)]
+    assert torch.equal(again[0], again[1])
+    nucleus, _ = generate_speculative(model, prompt, 6, 1.0, top_p=1e-6, generator=gen)
+    assert torch.equal(nucleus, model.generate(prompt, 6))  # only the most likely token is left: greedy

@@ -89,17 +89,24 @@ def _next_token(
     logits: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0
 ) -> torch.Tensor:
     """``[B, V]`` logits -> ``[B]`` ids: argmax when ``temperature == 0``, else a sample of
-    ``softmax(logits / temperature)``, restricted with ``top_p < 1`` to the most likely tokens
-    whose probabilities reach ``top_p`` together (nucleus sampling; the most likely is always kept)."""
+    :func:`sampling_probs`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """``[..., V]`` logits -> the float32 distribution generation samples from (``temperature > 0``):
+    ``softmax(logits / temperature)``, restricted with ``top_p < 1`` to the most likely tokens
+    whose probabilities reach ``top_p`` together (nucleus sampling; the most likely is always
+    kept). Not renormalized: ``torch.multinomial`` takes weights."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 def check_top_p(top_p: Any) -> None:
@@ -273,6 +280,7 @@ __all__ = [
     "check_token_ids",
     "check_top_p",
     "generate",
+    "sampling_probs",
     "stop_list",
     "prefill",
 ]

@@ -10,7 +10,7 @@ over the timed run is reported apart as ``compile_autotune_s``. Decode tokens/s 
 steps after the first decode step (the first runs the ops' input checks, and with graphs
 is the capture), with and without device graphs (``--graphs``): the graph run captures a
 static decode step with the backend's ``graph()`` hook (:mod:`dshal.model.decode`) and
-reports the capture time apart. ``--speculative mtp`` also times greedy decoding with the
+reports the capture time apart. ``--speculative mtp`` also times decoding with the
 checkpoint's multi-token-prediction drafts (:mod:`dshal.model.speculative`), after a warm-up
 of its own shapes, and reports how many drafts were accepted.
 """
@@ -118,9 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--speculative",
         choices=("mtp",),
         default=None,
-        help="also time greedy decoding with drafts of the checkpoint's multi-token-prediction layer (DeepSeek-V3's "
-        "MTP, config.json num_nextn_predict_layers >= 1; loaded only with this flag), one sequence: the tokens are "
-        "the eager run's, and the report says how many drafts were accepted",
+        help="also time decoding with drafts of the checkpoint's multi-token-prediction layer (DeepSeek-V3's "
+        "MTP, config.json num_nextn_predict_layers >= 1; loaded only with this flag), one sequence: greedy, the "
+        "tokens are the eager run's; sampled, drawn from the same distribution (speculative sampling); the report "
+        "says how many drafts were accepted",
     )
     parallel_run.add_arguments(shape)  # --tp / --ep (dshal.parallel.run)
 
@@ -590,22 +591,24 @@ def _speculative_run(
     eager_outputs: list[list[int]],
     eos: list[int] | None,
 ) -> dict[str, Any]:
-    """Greedy decoding with MTP drafts (``--speculative mtp``), warmed up with its own shapes,
-    then timed; the report's ``speculative`` fields."""
+    """Decoding with MTP drafts (``--speculative mtp``), warmed up with its own shapes, then
+    timed; the report's ``speculative`` fields. Greedy, its tokens must be the eager run's;
+    sampled, they are drawn from the same distribution (not compared)."""
     if args.speculative is None:
         return {"speculative": None, "decode_tokens_per_s_speculative": None}
     why = speculative_unsupported(model)
-    if args.temperature > 0:
-        why = "temperature > 0: speculative decoding here is greedy (--temperature 0)"
-    elif len(batches) > 1 or batches[0][0].shape[0] > 1:
+    if not why and (len(batches) > 1 or batches[0][0].shape[0] > 1):
         why = f"{len(eager_outputs)} sequences: speculative decoding runs one sequence (one prompt, --batch 1)"
     if why:
         return {"speculative": {"run": False, "why": why}, "decode_tokens_per_s_speculative": None}
     prompt = batches[0][0]
     stats: list[SpeculativeStats] = []
+    sampler = torch.Generator(device=prompt.device)
 
     def speculative_generate(prompt: torch.Tensor, new_tokens: int, on_token: Any = None) -> torch.Tensor:
-        ids, run_stats = generate_speculative(model, prompt, new_tokens, eos_token_id=eos, on_token=on_token,
+        sampler.manual_seed(args.seed)
+        ids, run_stats = generate_speculative(model, prompt, new_tokens, args.temperature, top_p=args.top_p,
+                                              generator=sampler, eos_token_id=eos, on_token=on_token,
                                               prefill_chunk=args.prefill_chunk)
         stats.append(run_stats)
         return ids
@@ -619,7 +622,9 @@ def _speculative_run(
             "run": True,
             "why": "",
             **stats[-1].as_dict(),
-            "tokens_match_eager": completions(ids, [prompt.shape[1]], args.new_tokens, eos) == eager_outputs,
+            # Sampled tokens are drawn from the eager run's distribution, not the same draws: None.
+            "tokens_match_eager": (completions(ids, [prompt.shape[1]], args.new_tokens, eos) == eager_outputs
+                                   if args.temperature == 0 else None),
         },
         "decode_tokens_per_s_speculative": _decode_rate(stamps, 1),
     }
@@ -729,8 +734,10 @@ def _print(report: dict[str, Any]) -> None:
         ratio = f" ({with_drafts / decode:.2f}x eager)" if with_drafts and decode else ""
         rate = speculative["acceptance_rate"]
         accepted = "no step" if rate is None else f"{speculative['accepted']} of {speculative['drafted']} drafts accepted ({rate:.0%})"
-        console.print(f"decode with MTP drafts: [bold]{fmt(with_drafts)}[/bold] tokens/s{ratio}; {accepted}; "
-                      f"tokens {'match' if speculative['tokens_match_eager'] else 'DIFFER from'} the eager run")
+        match = speculative["tokens_match_eager"]
+        tokens = ("sampled: tokens not compared" if match is None
+                  else f"tokens {'match' if match else 'DIFFER from'} the eager run")
+        console.print(f"decode with MTP drafts: [bold]{fmt(with_drafts)}[/bold] tokens/s{ratio}; {accepted}; {tokens}")
     elif speculative:
         console.print(f"decode with MTP drafts: not run ({speculative['why']})")
     console.print(
