@@ -301,7 +301,7 @@ def _checkpoint_with_tokenizer(folder: Path, eos: str = "<eos>") -> Any:
     from dshal.model import tiny_args
     from dshal.model.checkpoint import random_checkpoint, save_checkpoint
 
-    args = tiny_args(num_hidden_layers=2)
+    args = tiny_args(num_hidden_layers=2, num_nextn_predict_layers=1)  # an MTP layer, read with --speculative mtp
     save_checkpoint(folder, args, random_checkpoint(args, seed=2))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -589,6 +589,16 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
     second_turn = encode_chat(tokenizer, [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": first},
                                           {"role": "user", "content": "the lazy dog"}])
     assert conversation.prefilled[0] == first_turn and conversation.prefilled[1] <= len(second_turn) - first_turn
+    # With the MTP layer's drafts: the same greedy answers, both caches kept across turns (the
+    # MTP layer's one position shorter at least: its entries were made with the token after).
+    drafting = from_pretrained(tmp_path, mtp_layers=1)
+    lines = iter(["hello world", "the lazy dog", "/clear", "one model"])
+    out = io.StringIO()
+    speculative = chat(drafting, tokenizer, ChatSettings(max_new_tokens=6, speculative=True), read, out)
+    assert [m["content"] for m in speculative.messages] == ["one model", after_clear]
+    assert f"\n{first}\n" in out.getvalue() and f"\n{second}\n" in out.getvalue()
+    assert speculative.prefilled[0] == first_turn and speculative.prefilled[1] <= len(second_turn) - first_turn + 1
+    assert len(speculative.drafts) == 3 and all(0 <= kept <= steps for kept, steps in speculative.drafts)
 
 
 def test_model_dshal_run_interactive(tmp_path):
@@ -611,6 +621,12 @@ def test_model_dshal_run_interactive(tmp_path):
     answers = lambda out: [line for line in out.splitlines() if line.startswith(">>> ")]  # noqa: E731
     assert answers(tp.stdout) == answers(proc.stdout) and len(answers(proc.stdout)) == 4
     assert "dshal run --interactive: 2 answer(s) on backend cpu (cpu, TP=2 x EP=1)" in tp.stdout
+    # With the MTP layer's drafts (greedy): the same answers.
+    drafting = subprocess.run([sys.executable, "-m", "dshal", "run", "--checkpoint", str(ckpt), "--interactive",
+                               "--new-tokens", "4", "--speculative", "mtp"], input="hello world\n/clear\nthe lazy dog\n",
+                              capture_output=True, text=True, timeout=60, env=env)
+    assert drafting.returncode == 0, drafting.stderr[-2000:]
+    assert answers(drafting.stdout) == answers(proc.stdout) and "MTP drafts accepted" in drafting.stdout
     for extra, flag in ((("--prompt", "hi"), "--prompt"), (("--batch", "2"), "--batch"), (("--json", "x.json"), "--json")):
         bad = _dshal("run", "--checkpoint", str(ckpt), "--interactive", *extra)
         assert bad.returncode == 1 and f"--interactive is given with {flag}, expected one of them" in bad.stderr

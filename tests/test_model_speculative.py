@@ -292,3 +292,21 @@ def test_sampled_speculative_tokens_follow_the_models_distribution():
     assert torch.equal(again[0], again[1])
     nucleus, _ = generate_speculative(model, prompt, 6, 1.0, top_p=1e-6, generator=gen)
     assert torch.equal(nucleus, model.generate(prompt, 6))  # only the most likely token is left: greedy
+
+
+def test_speculative_continues_in_caches_that_hold_the_prompts_start(mtp_model):
+    """As ``generate(..., cache=, cached=)``: a second call on the same caches prefills only
+    what the first did not hold, and gives the fresh tokens."""
+    prompt = _prompt(mtp_model.args, length=20, seed=6)
+    cache, mtp_cache = mtp_model.new_cache(1, 64), mtp_model.new_cache(1, 64, mtp=True)
+    first, _ = generate_speculative(mtp_model, prompt[:, :12], 8, cache=cache, mtp_cache=mtp_cache)
+    assert cache.length == first.shape[1] - 1 and mtp_cache.length <= cache.length  # all but the last token
+    longer = torch.cat((first, prompt[:, 12:]), dim=1)
+    held = min(first.shape[1] - 2, mtp_cache.length)  # the MTP entry of a position was made with the next token
+    second, _ = generate_speculative(mtp_model, longer, 8, cache=cache, mtp_cache=mtp_cache, cached=held)
+    assert torch.equal(second, mtp_model.generate(longer, 8))
+    with pytest.raises(ArgumentError, match="generate_speculative: argument 'cached' is 3, expected 0 without a 'mtp_cache'"):
+        generate_speculative(mtp_model, longer, 4, cache=cache, cached=3)
+    with pytest.raises(ArgumentError, match=r"'mtp_cache' has max_len 64, expected at least 66"):
+        generate_speculative(mtp_model, torch.cat((longer, longer, longer[:, :6]), 1), 4, cache=mtp_model.new_cache(1, 80),
+                             mtp_cache=mtp_cache)

@@ -2,7 +2,7 @@
 ``generate.py --interactive`` holds one.
 
 Each turn sends the whole conversation through the tokenizer's chat template and generates
-the answer, printed as it comes. The KV cache is kept across turns: a turn prefills only what
+the answer, printed as it comes (with the MTP layer's drafts under ``--speculative mtp``). The KV cache is kept across turns: a turn prefills only what
 its tokens add to the ones the cache holds (the earlier turns, where the template renders them
 the same way). ``/clear`` forgets the conversation, ``/exit`` (or the end
 of the input) ends it. A turn that cannot be served (the conversation grew past the model's
@@ -24,6 +24,7 @@ import torch
 
 from dshal.errors import DshalError
 from dshal.model.generate import completions
+from dshal.model.speculative import generate_speculative
 from dshal.model.text import TextStream, encode_chat
 
 #: The commands a turn can be instead of a message.
@@ -47,6 +48,8 @@ class ChatSettings:
     any_failed: Callable[[bool], bool] | None = None
     #: A rank that does not print (its ``out`` discards): says its own failures on stderr under this name.
     silent_rank: str | None = None
+    #: Decode with the model's MTP drafts (:func:`dshal.model.speculative.generate_speculative`).
+    speculative: bool = False
 
 
 @dataclass
@@ -56,8 +59,10 @@ class Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
     turns: int = 0  # answers generated
     cache: Any = None  # the model's KV cache, kept across turns
+    mtp_cache: Any = None  # with speculative decoding: the MTP layer's
     cached_ids: list[int] = field(default_factory=list)  # the tokens it holds
     prefilled: list[int] = field(default_factory=list)  # tokens each answered turn prefilled (the rest was cached)
+    drafts: list[tuple[int, int]] = field(default_factory=list)  # speculative: (accepted, drafted) per turn
 
     def forget(self) -> None:
         """Start again: no messages, nothing cached (the cache's memory is kept)."""
@@ -138,17 +143,26 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
     if conversation.cache is None or conversation.cache.max_len < need:
         # Room for a few more turns like this one, within the model's positions.
         room = min(model.args.max_position_embeddings, max(2 * need, 1024))
-        conversation.cache, conversation.cached_ids, cached = None, [], 0  # the old one's memory goes first
+        conversation.cache, conversation.mtp_cache, conversation.cached_ids, cached = None, None, [], 0  # old memory first
         conversation.cache = model.new_cache(1, room)
+        conversation.mtp_cache = model.new_cache(1, room, mtp=True) if settings.speculative else None
 
     def show(token: torch.Tensor) -> None:
         out.write(stream.push(int(token[0])))
         out.flush()
 
+    sampling = dict(eos_token_id=settings.stop_ids, generator=generator, prefill_chunk=settings.prefill_chunk,
+                    top_p=settings.top_p, stream=show, cache=conversation.cache)
     with settings.guard() if settings.guard else contextlib.nullcontext():
-        result = model.generate(prompt, settings.max_new_tokens, settings.temperature, eos_token_id=settings.stop_ids,
-                                generator=generator, prefill_chunk=settings.prefill_chunk, top_p=settings.top_p,
-                                stream=show, cache=conversation.cache, cached=cached)
+        if settings.speculative:
+            # An MTP position's entry was made with the token after it: reusable one short of
+            # the main cache's, and no further than the MTP cache got.
+            cached = max(0, min(cached - 1, conversation.mtp_cache.length))
+            result, stats = generate_speculative(model, prompt, settings.max_new_tokens, settings.temperature,
+                                                 mtp_cache=conversation.mtp_cache, cached=cached, **sampling)
+            conversation.drafts.append((stats.accepted, stats.steps))
+        else:
+            result = model.generate(prompt, settings.max_new_tokens, settings.temperature, cached=cached, **sampling)
     print(stream.flush(), file=out, flush=True)
     conversation.cached_ids = result[0, :-1].tolist()  # every token fed to the model: all but the last
     conversation.prefilled.append(len(ids) - cached)

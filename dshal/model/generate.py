@@ -119,26 +119,30 @@ def stop_list(eos_token_id: Any) -> list[Any]:
     return list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
 
 
-def check_cache_reuse(cache: Any, cached: Any, input_ids: torch.Tensor, max_new_tokens: int, ragged: bool) -> None:
+def check_cache_reuse(
+    cache: Any, cached: Any, input_ids: torch.Tensor, max_new_tokens: int, ragged: bool,
+    caller: str = "generate", name: str = "cache",
+) -> None:
     """``generate(..., cache=, cached=)``: ArgumentError unless ``cache`` is a KV cache of the
     batch with room for the prompt and the new tokens, holding at least ``cached`` positions
-    (an int in [0, T - 1]: one prompt token at least is prefilled, for the first logits)."""
+    (an int in [0, T - 1]: one prompt token at least is prefilled, for the first logits).
+    ``caller`` and ``name``: the function and argument the messages name."""
     bsz, width = input_ids.shape
-    where = "generate: argument 'cached'"
+    where = f"{caller}: argument 'cached'"
     if isinstance(cached, bool) or not isinstance(cached, int) or not 0 <= cached < width:
-        raise ArgumentError(f"{where} is {cached!r}, expected an int in [0, {width - 1}] (prompt tokens already in 'cache')")
+        raise ArgumentError(f"{where} is {cached!r}, expected an int in [0, {width - 1}] (prompt tokens already in '{name}')")
     if cache is None:
-        raise ArgumentError(f"{where} is {cached}, expected 0 without a 'cache' that holds them")
+        raise ArgumentError(f"{where} is {cached}, expected 0 without a '{name}' that holds them")
     if ragged:
-        raise ArgumentError("generate: argument 'cache' is given with prompts of different lengths, expected one length")
+        raise ArgumentError(f"{caller}: argument '{name}' is given with prompts of different lengths, expected one length")
     if cache.batch != bsz:
-        raise ArgumentError(f"generate: argument 'cache' has batch {cache.batch}, expected {bsz} (input_ids' rows)")
+        raise ArgumentError(f"{caller}: argument '{name}' has batch {cache.batch}, expected {bsz} (input_ids' rows)")
     if cache.max_len < width + max_new_tokens:
-        raise ArgumentError(f"generate: argument 'cache' has max_len {cache.max_len}, expected at least "
+        raise ArgumentError(f"{caller}: argument '{name}' has max_len {cache.max_len}, expected at least "
                             f"{width + max_new_tokens} (the prompt and the new tokens)")
     if cached > cache.length or (cache.window is not None and cached != cache.length):
         raise ArgumentError(
-            f"{where} is {cached}, expected at most the {cache.length} positions the cache holds "
+            f"{where} is {cached}, expected at most the {cache.length} positions '{name}' holds "
             "(exactly them in a cache with an attention window: its ring cannot rewind)"
         )
 

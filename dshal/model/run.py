@@ -243,8 +243,7 @@ def _check_interactive_flags(args: argparse.Namespace) -> None:
         raise DshalError("dshal run: --interactive needs --checkpoint DIR, whose tokenizer and chat template carry "
                          "the conversation (the built-in tiny model has none)")
     given = {"--prompt": args.prompt is not None, "--prompt-len": args.prompt_len is not None,
-             "--batch": args.batch not in (None, 1), "--json": bool(args.json), "--report": bool(args.report),
-             "--speculative": args.speculative is not None}
+             "--batch": args.batch not in (None, 1), "--json": bool(args.json), "--report": bool(args.report)}
     for flag, is_given in given.items():
         if is_given:
             raise DshalError(f"dshal run: --interactive is given with {flag}, expected one of them (the conversation "
@@ -281,13 +280,16 @@ def _chat_tokenizer(args: argparse.Namespace, vocab_size: int) -> tuple[Any, lis
 def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any) -> int:
     """``--interactive``: the conversation (:mod:`dshal.model.chat`); in a parallel job rank 0
     reads and prints, every rank generates."""
+    why = speculative_unsupported(model) if args.speculative else None
+    if why:
+        raise DshalError(f"dshal run: --interactive --speculative {args.speculative}: {why}")
     read_tokenizer = functools.partial(_chat_tokenizer, args, model.args.vocab_size)
     tokenizer, stops = read_tokenizer() if groups is None else parallel_run.agree(read_tokenizer)  # said once
     speaks = groups is None or parallel_run.is_reporting_rank()
     guard = functools.partial(out_of_memory_as_error, runtime.device, "this turn", "--new-tokens, or /clear the conversation")
     settings = ChatSettings(args.new_tokens, stops, args.temperature, args.top_p, args.prefill_chunk, args.seed, guard,
                             None if groups is None else parallel_run.any_rank,
-                            None if speaks else f"rank {comm.get_rank()}")
+                            None if speaks else f"rank {comm.get_rank()}", args.speculative == "mtp")
     with contextlib.ExitStack() as stack:
         out = sys.stdout if speaks else stack.enter_context(open(os.devnull, "w"))  # noqa: SIM115
         if speaks:
@@ -296,8 +298,10 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
         conversation = chat(model, tokenizer, settings, read, out)
     if speaks:
         layout = "" if groups is None else f", TP={groups.tp_size} x EP={groups.ep_size}"
+        accepted, drafted = sum(a for a, _ in conversation.drafts), sum(d for _, d in conversation.drafts)
+        drafts = f"; {accepted} of {drafted} MTP drafts accepted" if args.speculative else ""
         print(f"dshal run --interactive: {conversation.turns} answer(s) on backend {runtime.backend.name} "
-              f"({runtime.device}{layout})")
+              f"({runtime.device}{layout}){drafts}")
     if groups is not None:
         parallel_run.finish()
     return 0

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from dshal.errors import ArgumentError
-from dshal.model.generate import check_generate_args, check_top_p, sampling_probs, stop_list
+from dshal.model.cache import KVCache
+from dshal.model.generate import check_cache_reuse, check_generate_args, check_top_p, sampling_probs, stop_list
 from dshal.model.prefill import DEFAULT_PREFILL_CHUNK, check_input_ids, check_prefill_chunk
 
 
@@ -140,6 +141,9 @@ def generate_speculative(
     on_token: Callable[[int], None] | None = None,
     stream: Callable[[torch.Tensor], None] | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    cache: KVCache | None = None,
+    mtp_cache: KVCache | None = None,
+    cached: int = 0,
 ) -> tuple[torch.Tensor, SpeculativeStats]:
     """Generation of one sequence ``input_ids [1, T]`` with MTP drafts: ``[1, T + new]`` ids
     and the :class:`SpeculativeStats`. Greedy (``temperature == 0``), the ids are exactly
@@ -148,7 +152,13 @@ def generate_speculative(
     they are distributed as its samples (speculative sampling), not the same draws.
     ``on_token(i)`` is called after the i-th new token (the first call marks the end of the
     prefill) and ``stream(ids [1])`` gets each new token, as in ``generate``; the prompt is
-    prefilled in forwards of at most ``prefill_chunk`` tokens (None: one)."""
+    prefilled in forwards of at most ``prefill_chunk`` tokens (None: one).
+
+    ``cache`` (``model.new_cache(1, max_len)``) and ``mtp_cache`` (``model.new_cache(1,
+    max_len, mtp=True)``), both holding the prompt's first ``cached`` positions, e.g. from an
+    earlier turn of a conversation: only the rest is prefilled. Afterwards ``cache`` holds
+    every token but the last; ``mtp_cache`` its first ``mtp_cache.length`` positions (the MTP
+    layer skips the last step's kept positions when no draft follows)."""
     check_input_ids("generate_speculative", input_ids, model.rope_cos.device)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate_speculative", prefill_chunk)
@@ -161,6 +171,9 @@ def generate_speculative(
             f"generate_speculative: argument 'input_ids' has {input_ids.shape[0]} sequences, expected 1 "
             "(each sequence accepts its own drafts; run the prompts one at a time)"
         )
+    if cache is not None or mtp_cache is not None or cached:
+        for name, given in (("cache", cache), ("mtp_cache", mtp_cache)):
+            check_cache_reuse(given, cached, input_ids, max_new_tokens, False, "generate_speculative", name)
     stops = set() if eos_token_id is None else set(stop_list(eos_token_id))
     verifier = DraftVerifier(temperature, top_p, generator)
     width = input_ids.shape[1]
@@ -170,12 +183,13 @@ def generate_speculative(
     stats = SpeculativeStats()
     if max_new_tokens == 0:
         return out, stats
-    cache, mtp_cache = model.new_cache(1, total), model.new_cache(1, total, mtp=True)
+    cache = model.new_cache(1, total) if cache is None else cache
+    mtp_cache = model.new_cache(1, total, mtp=True) if mtp_cache is None else mtp_cache
 
     # Prefill, chunk by chunk: the main model, then the MTP layer on the chunk's hidden states,
     # each with the token after it (the prompt's next id; after the last, the first new token).
-    chunk = width if prefill_chunk is None else prefill_chunk
-    for start in range(0, width, chunk):
+    chunk = width - cached if prefill_chunk is None else prefill_chunk
+    for start in range(cached, width, chunk):
         end = min(start + chunk, width)
         logits, hidden = model(input_ids[:, start:end], start, cache, return_hidden=True)
         next_ids = input_ids[:, start + 1 : end + 1]
@@ -195,6 +209,7 @@ def generate_speculative(
             if on_token is not None:
                 on_token(pos - width)
             if pos + 1 == total or value in stops:
+                cache.length = pos  # what it holds: every token but the last (not a rejected draft's slot)
                 return out[:, : pos + 1], stats
             pos += 1
         # The main model at [last token, draft] (positions pos - 1, pos): its tokens for pos, pos + 1.
