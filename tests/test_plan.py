@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from dshal.config import PrecisionConfig
-from dshal.errors import DshalError, ShapeError
+from dshal.errors import ConfigError, DshalError, ShapeError
 from dshal.model.args import ModelArgs
 from dshal.plan.names import checkpoint_listing, load_listing
 from dshal.plan.plan import PlanError, PlanRequest, coverage, default_config, format_plan, make_plan, to_json
@@ -263,6 +263,28 @@ def test_plan_report_and_memory_refusal(tmp_path: Path) -> None:
     text = format_plan(plan)
     assert "FP8 block cuts: none" in text and "refused:" in text and "published" not in text
     assert json.loads(to_json(plan))["ranks"][0]["kv_cache"] == rank["kv_cache"]
+
+
+def test_plan_with_the_mtp_layer_for_speculative_decoding(tmp_path: Path) -> None:
+    """``--speculative mtp`` holds the MTP layer (split like a MoE layer; its head as the
+    output head) and its one layer of KV cache; DeepSeek-V3 then plans to the published 685B
+    less the MTP layer's copy of the embedding, which dshal does not load."""
+    config = _config(tmp_path, num_hidden_layers=5)
+    request = dict(config=config, tp=2, ep=2, batch=2, context=64, prefill_chunk=32)
+    without, with_mtp = make_plan(PlanRequest(**request)), make_plan(PlanRequest(**request, speculative="mtp"))
+    rank, plain = with_mtp["ranks"][0], without["ranks"][0]
+    assert plain["weights"]["MTP layer"]["params"] == 0 and with_mtp["model"]["mtp_layers"] == 1
+    moe_layer = plain["weights"]["routed experts"]["params"] // 2  # 2 MoE layers of 5
+    assert rank["weights"]["MTP layer"]["params"] > moe_layer  # a MoE layer, eh_proj and a head shard
+    assert rank["kv_cache"]["bytes_per_token"] == plain["kv_cache"]["bytes_per_token"] * 6 // 5
+    assert rank["activated_params_per_token"] == plain["activated_params_per_token"]
+    assert "1 MTP layer loaded (--speculative mtp)" in format_plan(with_mtp)
+    full = make_plan(PlanRequest(config=default_config(), tp=8, ep=4, context=64, prefill_chunk=64, speculative="mtp"))
+    published = full["totals"]["published"]
+    embedding_copy = 129280 * 7168
+    assert published["total"] == 685e9 and abs(full["totals"]["params_once"] + embedding_copy - 685e9) / 685e9 < 0.002
+    with pytest.raises(ConfigError, match=r"mtp_layers is 1, expected an integer in \[0, 0\]"):
+        make_plan(PlanRequest(**{**request, "config": _config(tmp_path, num_nextn_predict_layers=0)}, speculative="mtp"))
 
 
 def test_cli_plan_refuses_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:

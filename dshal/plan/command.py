@@ -55,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="G",
         help="memory per device; refuse a layout whose ranks need more",
     )
+    parser.add_argument(
+        "--speculative",
+        choices=("mtp",),
+        default=None,
+        help="plan `dshal run --speculative mtp`: the checkpoint's multi-token-prediction layer held too (split "
+        "like the other layers) and its KV cache",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="F", help="also write the plan as JSON to F")
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress line (DeepSeek-V3 takes ~5 s per rank class)"
@@ -83,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
         context=args.context,
         prefill_chunk=args.prefill_chunk or min(DEFAULT_PREFILL_CHUNK, args.context),
         device_memory_gib=args.device_memory_gib,
+        speculative=args.speculative,
     )
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

@@ -37,6 +37,7 @@ from dshal.model.args import ModelArgs
 from dshal.model.generate import DEFAULT_PREFILL_CHUNK
 from dshal.model.model import Transformer
 from dshal.model.precision import checkpoint_name
+from dshal.model.speculative import mtp_layers_for
 from dshal.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -52,6 +53,9 @@ from dshal.plan.simulate import SimulatedRank, build_rank, kv_cache_bytes, layou
 #: DeepSeek-V3's published parameter counts (README_WEIGHTS.md, see data/SOURCES.md):
 #: 671B in the 61 main layers with embedding and head; 36.6B activated per token.
 PUBLISHED = {"total": 671e9, "activated": 36.6e9}
+#: With the MTP module: "685B, which includes 671B of the Main Model weights and 14B of the
+#: Multi-Token Prediction (MTP) Module weights" (DeepSeek-V3's model card, README_WEIGHTS.md).
+PUBLISHED_WITH_MTP = 685e9
 GIB = 2**30
 
 
@@ -78,6 +82,8 @@ class PlanRequest:
     context: int = 4096
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     device_memory_gib: float | None = None
+    #: "mtp": ``dshal run --speculative mtp``, the checkpoint's MTP layer loaded too.
+    speculative: str | None = None
 
 
 # ---------------------------------------------------------------- what a rank holds
@@ -86,6 +92,8 @@ def weight_kind(path: str, dense_layer: bool) -> str:
     leaf = path.rsplit(".", 1)[-1]
     if "scale" in leaf:
         return "FP8 scales"
+    if path.startswith("mtp."):
+        return "MTP layer"
     if path.startswith(("embed", "lm_head")):
         return "embed / lm_head"
     if ".self_attn." in path:
@@ -99,7 +107,8 @@ def weight_kind(path: str, dense_layer: bool) -> str:
     return "dense MLP" if dense_layer else "norms, router"
 
 
-KINDS = ("attention", "dense MLP", "routed experts", "shared experts", "embed / lm_head", "norms, router", "FP8 scales")
+KINDS = ("attention", "dense MLP", "routed experts", "shared experts", "embed / lm_head", "norms, router", "MTP layer",
+         "FP8 scales")
 
 
 def holdings(model: Any) -> dict[str, dict[str, int]]:
@@ -118,12 +127,13 @@ def holdings(model: Any) -> dict[str, dict[str, int]]:
 def activated_params(model: Any, sim_world: int) -> float:
     """Parameters one token uses on this rank: everything but the embedding lookup, the
     routed experts scaled by the token's share of them (top_k / experts, even routing),
-    and replicated tensors divided by how many ranks hold them (so the ranks sum to the model's)."""
+    and replicated tensors divided by how many ranks hold them (so the ranks sum to the model's).
+    The MTP layer is left out, as the published count leaves it out."""
     args = model.args
     total = 0.0
     for path, p in model.named_parameters():
         leaf = path.rsplit(".", 1)[-1]
-        if "scale" in leaf or path.startswith("embed"):
+        if "scale" in leaf or path.startswith(("embed", "mtp.")):
             continue
         if ".mlp.experts." in path:
             total += p.numel() * args.num_experts_per_tok / args.n_routed_experts
@@ -293,7 +303,8 @@ def _traffic(step: Any) -> dict[str, dict[str, float]]:
 
 def _is_published_deepseek_v3(args: ModelArgs) -> bool:
     return args == ModelArgs.from_file(
-        default_config(), **{k: getattr(args, k) for k in ("attention_window", "attention_global_tokens", "mla_mode")}
+        default_config(),
+        **{k: getattr(args, k) for k in ("attention_window", "attention_global_tokens", "mla_mode", "mtp_layers")},
     )
 
 
@@ -310,7 +321,7 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
         raise PlanError(
             f"dshal plan: --prefill-chunk is {req.prefill_chunk}, expected at most --context ({req.context})"
         )
-    args = ModelArgs.from_file(req.config)
+    args = ModelArgs.from_file(req.config, mtp_layers=mtp_layers_for(req.speculative))
     world = req.tp * req.ep
     if (req.nodes is None) != (req.gpus_per_node is None):
         raise PlanError("dshal plan: give --nodes and --gpus-per-node together")
@@ -356,7 +367,7 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
             f"{req.prefill_chunk} tokens and a decode step"
         )
         prefill, decode = run_steps(sim, req.batch, req.context, req.prefill_chunk)
-        per_token, kv_total = kv_cache_bytes(sim, req.batch, req.context)
+        per_token, kv_total = kv_cache_bytes(sim, req.batch, req.context, mtp=args.mtp_layers > 0)
         held = holdings(sim.model)
         weights = sum(k["bytes"] for k in held.values())
         need = weights + kv_total + prefill.peak_bytes
@@ -410,7 +421,8 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
             "experts_per_token": args.num_experts_per_tok,
             "vocab": args.vocab_size,
             "weight_block": list(args.weight_block_size) if args.weight_block_size else None,
-            "mtp_layers_not_counted": args.num_nextn_predict_layers,
+            "mtp_layers": args.mtp_layers,  # counted: loaded for --speculative mtp
+            "mtp_layers_not_counted": args.num_nextn_predict_layers - args.mtp_layers,
         },
         "layout": {
             "tp": req.tp,
@@ -433,9 +445,10 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
         "device_memory_gib": req.device_memory_gib,
     }
     if _is_published_deepseek_v3(args):
+        published_total = PUBLISHED_WITH_MTP if args.mtp_layers else PUBLISHED["total"]
         result["totals"]["published"] = {
-            "total": PUBLISHED["total"],
-            "total_diff": cover.total_params / PUBLISHED["total"] - 1,
+            "total": published_total,
+            "total_diff": cover.total_params / published_total - 1,
             "activated": PUBLISHED["activated"],
             "activated_diff": activated / PUBLISHED["activated"] - 1,
         }
@@ -481,7 +494,8 @@ def format_plan(p: dict[str, Any]) -> str:
         f"model: {m['layers']} layers ({m['dense_layers']} dense), hidden {m['hidden']}, {m['heads']} heads, "
         f"{m['routed_experts']} routed experts (top {m['experts_per_token']}), vocab {m['vocab']}, "
         f"weights {'FP8 {}x{} blocks'.format(*m['weight_block']) if m['weight_block'] else 'high precision'}; "
-        f"{m['mtp_layers_not_counted']} MTP layer(s) not loaded",
+        + (f"{m['mtp_layers']} MTP layer loaded (--speculative mtp)" if m["mtp_layers"]
+           else f"{m['mtp_layers_not_counted']} MTP layer(s) not loaded"),
         f"layout: TP={lay['tp']} x EP={lay['ep']} = {lay['world']} ranks{where}; routed experts spread over "
         f"{lay['expert_parallel_ranks']} ranks ({p['ranks'][0]['routed_experts_per_layer']} per rank and layer); "
         f"{lay['placement']}",
@@ -562,9 +576,11 @@ def format_plan(p: dict[str, Any]) -> str:
     pub = t.get("published")
     if pub:
         lines.append(
-            f"published (DeepSeek-V3, 61 layers without the MTP layer and without FP8 scales): "
-            f"{pub['total'] / 1e9:.0f}B total "
+            f"published (DeepSeek-V3, 61 layers {'with' if m['mtp_layers'] else 'without'} the MTP layer and without "
+            f"FP8 scales): {pub['total'] / 1e9:.0f}B total "
             f"({pub['total_diff']:+.2%}), {pub['activated'] / 1e9:.1f}B activated ({pub['activated_diff']:+.2%})"
+            + (f"; dshal does not load the MTP layer's copy of the embedding ({m['vocab'] * m['hidden'] / 1e9:.2f}B)"
+               if m["mtp_layers"] else "")
         )
     if p.get("refusal"):
         lines.append(f"refused: {p['refusal']}")

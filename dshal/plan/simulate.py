@@ -327,10 +327,11 @@ def run_steps(
     return prefill, decode
 
 
-def kv_cache_bytes(sim: SimulatedRank, batch: int, context: int) -> tuple[int, int]:
-    """``(bytes per token, bytes for batch x context)`` of this rank's KV cache (meta: free)."""
-    cache = sim.model.new_cache(batch, context)
-    total = sum(b.numel() * b.element_size() for layer in cache.buffers for b in layer)
+def kv_cache_bytes(sim: SimulatedRank, batch: int, context: int, mtp: bool = False) -> tuple[int, int]:
+    """``(bytes per token, bytes for batch x context)`` of this rank's KV cache (meta: free);
+    with ``mtp``, the MTP layer's cache too (speculative decoding keeps one)."""
+    caches = [sim.model.new_cache(batch, context)] + ([sim.model.new_cache(batch, context, mtp=True)] if mtp else [])
+    total = sum(b.numel() * b.element_size() for cache in caches for layer in cache.buffers for b in layer)
     return total // max(batch * context, 1), total
 
 
