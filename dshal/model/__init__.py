@@ -6,6 +6,9 @@
     ids = model.generate(input_ids, max_new_tokens=32)   # [B, T + 32], greedy
     model.describe()                                 # precision per layer, KV bytes per token
 
+    drafting = dshal.model.from_pretrained("path/to/DeepSeek-V3", mtp_layers=1)  # + its MTP layer
+    ids, stats = dshal.model.generate_speculative(drafting, input_ids, 32)  # MTP drafts; plain greedy's ids
+
 ``random_model(args)`` builds a randomly initialized model (``tiny_args()`` for the
 built-in tiny one ``dshal run`` uses).
 """
@@ -20,6 +23,7 @@ from dshal.model.checkpoint import random_checkpoint
 from dshal.model.loader import CheckpointError, CheckpointReader, DictReader, build_model, from_pretrained
 from dshal.model.model import ParallelState, Transformer
 from dshal.model.precision import apply_precision
+from dshal.model.speculative import generate_speculative
 
 
 def random_model(args: ModelArgs | None = None, seed: int = 0, std: float = 0.02, precision: Any = None) -> Transformer:
@@ -41,6 +45,7 @@ __all__ = [
     "apply_precision",
     "build_model",
     "from_pretrained",
+    "generate_speculative",
     "random_model",
     "tiny_args",
 ]
