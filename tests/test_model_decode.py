@@ -15,7 +15,7 @@ import dshal
 from dshal.config import PrecisionConfig
 from dshal.errors import ShapeError
 from dshal.model import random_model, tiny_args
-from dshal.model.decode import StaticDecoder, generate_with_graphs
+from dshal.model.decode import StaticDecoder, generate_with_graphs, positioned_step
 from dshal.perf.syncs import HostSyncCounter
 
 
@@ -180,8 +180,34 @@ def test_static_decode_with_each_row_at_its_own_position():
         for row in range(2):
             want = alone[row][i]
             assert (got[row] - want).abs().max().item() <= 1e-5 * want.abs().max().item()
-    with pytest.raises(ShapeError, match=r"KVCache.begin_at: position has shape \[3\], expected \[1\] or \[2\]"):
+    with pytest.raises(ShapeError, match=r"KVCache.begin_at: position has shape \[3\], expected \[1\], \[2\] or \[2, T\]"):
         cache.begin_at(torch.tensor([1, 2, 3]))
+    with pytest.raises(ShapeError, match=r"position has shape \[3, 2\]"):
+        cache.begin_at(torch.zeros(3, 2, dtype=torch.int64))
+
+
+def test_positioned_step_runs_two_tokens_per_row_each_at_its_own_positions():
+    """A token and the next (a speculative draft) per row, rows at different positions: each
+    row's logits and hidden states are those of its two-token step alone."""
+    dshal.use(backend="cpu")
+    model = random_model(tiny_args(), seed=2)
+    prompts = [_ids(model.args, batch=1, length=n) for n in (3, 6)]
+    step = torch.tensor([[7, 9], [11, 5]])
+    alone = []
+    for row, prompt in enumerate(prompts):
+        cache = model.new_cache(1, 10, "absorb")
+        model(prompt, 0, cache)
+        alone.append(model(step[row : row + 1], prompt.shape[1], cache, return_hidden=True))
+    cache = model.new_cache(2, 10, "absorb")
+    for row, prompt in enumerate(prompts):
+        one = model.new_cache(1, prompt.shape[1], "absorb")
+        model(prompt, 0, one)
+        for batch_buf, row_buf in cache.buffer_pairs(one):
+            batch_buf[row, : prompt.shape[1]] = row_buf[0]
+    logits, hidden = positioned_step(model, step, torch.tensor([[3, 4], [6, 7]]), cache)
+    for row, (want_logits, want_hidden) in enumerate(alone):
+        torch.testing.assert_close(logits[row], want_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden[row], want_hidden[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.needs_interpreter

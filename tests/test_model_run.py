@@ -141,12 +141,11 @@ def test_model_dshal_run_speculative_mtp(tmp_path):
     assert sampled.returncode == 0, sampled.stderr
     spec = json.loads(out.read_text())["speculative"]
     assert spec["run"] and spec["tokens_match_eager"] is None and "sampled: tokens not compared" in sampled.stdout
-    several = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "3", "--batch", "2",
+    several = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "6", "--batch", "3",
                      "--json", str(out), timeout=120)
     assert several.returncode == 0, several.stderr
-    assert json.loads(out.read_text())["speculative"] == {
-        "run": False, "why": "2 sequences: speculative decoding runs one sequence (one prompt, --batch 1)"}
-    assert "decode with MTP drafts: not run (2 sequences" in several.stdout
+    spec = json.loads(out.read_text())["speculative"]
+    assert spec["run"] and spec["tokens_match_eager"] and spec["steps"] + spec["accepted"] >= 3 * 5
 
     args = tiny_args(num_hidden_layers=2)
     save_checkpoint(tmp_path / "ckpt", args, random_checkpoint(args))

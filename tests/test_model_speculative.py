@@ -18,7 +18,7 @@ from dshal.config import PrecisionConfig
 from dshal.errors import ArgumentError, CheckpointError, ConfigError, ShapeError
 from dshal.model import DictReader, build_model, random_model, tiny_args
 from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint
-from dshal.model.generate import sampling_probs
+from dshal.model.generate import completions, sampling_probs
 from dshal.model.speculative import DraftVerifier, generate_speculative
 from dshal.perf.syncs import HostSyncCounter
 
@@ -185,16 +185,29 @@ def test_a_speculative_step_syncs_the_host_once_on_a_gpu_plugin():
             ids, stats = generate_speculative(model, prompt, 8, on_token=lambda i: seen.append(counter.count))
         # Its two-token steps on the plugin's kernels give the plugin's own greedy tokens.
         assert torch.equal(ids, model.generate(prompt, 8))
+        # Several rows at their own positions (the static step's plan): one host read a step too.
+        rows, lens = _prompt(args, length=6, seed=2, batch=2), [6, 3]
+        generate_speculative(model, rows, 3, prompt_lens=lens)
+        row_reads = []
+        with HostSyncCounter(dispatch=False) as row_counter:
+            together, _ = generate_speculative(model, rows, 6, prompt_lens=lens,
+                                               on_token=lambda i: row_reads.append(row_counter.count))
+        assert completions(together, lens, 6) == [model.generate(rows[b : b + 1, :n], 6)[0, n:].tolist()
+                                                  for b, n in enumerate(lens)]
     finally:
         dshal.use(backend="cpu")
     per_step = [b - a for a, b in zip(seen[1:], seen[2:]) if b != a]
     assert stats.steps >= 4 and per_step == [1] * len(per_step) and len(per_step) >= 3, counter.where
+    row_steps = [b - a for a, b in zip(row_reads, row_reads[1:])]
+    assert len(row_steps) >= 3 and row_steps == [1] * len(row_steps), row_counter.where
 
 
 def test_speculative_refuses_what_it_cannot_serve(mtp_model):
     prompt = _prompt(mtp_model.args)
-    with pytest.raises(ArgumentError, match=r"'input_ids' has 2 sequences, expected 1"):
-        generate_speculative(mtp_model, _prompt(mtp_model.args, batch=2), 4)
+    with pytest.raises(ArgumentError, match=r"'stream' is given with 2 sequences, expected one sequence"):
+        generate_speculative(mtp_model, _prompt(mtp_model.args, batch=2), 4, stream=print)
+    with pytest.raises(ArgumentError, match=r"argument 'prompt_lens' is \[3\], expected None or 2 ints"):
+        generate_speculative(mtp_model, _prompt(mtp_model.args, batch=2), 4, prompt_lens=[3])
     with pytest.raises(ArgumentError, match="no multi-token-prediction layer.*mtp_layers=1"):
         generate_speculative(random_model(tiny_args()), prompt, 4)
     windowed = random_model(_mtp_args(attention_window=8, attention_global_tokens=2))
@@ -257,7 +270,7 @@ def test_draft_verifier_keeps_or_redraws_so_each_token_is_distributed_as_the_mod
     n = 20000
     for _ in range(n):
         draft = torch.multinomial(q, 1, generator=gen)[0]
-        a, b, kept = verifier.check(logits, draft, q).tolist()
+        (a, b, kept), = verifier.check(logits[None], draft, q).tolist()
         first[a] += 1
         if kept:
             bonus[b] += 1
@@ -267,8 +280,11 @@ def test_draft_verifier_keeps_or_redraws_so_each_token_is_distributed_as_the_mod
     assert 0.5 * float((q[0] - p[0]).abs().sum()) > 0.3
     # Greedy: the argmax of each position; the draft kept when it is the first argmax.
     greedy = DraftVerifier(0.0, 1.0, None)
-    assert greedy.check(logits, torch.tensor([0]), None).tolist() == [0, 2, 1]
-    assert greedy.check(logits, torch.tensor([3]), None).tolist() == [0, 2, 0]
+    assert greedy.check(logits[None], torch.tensor([0]), None).tolist() == [[0, 2, 1]]
+    assert greedy.check(logits[None], torch.tensor([3]), None).tolist() == [[0, 2, 0]]
+    # Rows at once: each row checked against its own draft and distribution.
+    rows = verifier.check(torch.stack((logits, logits.flip(0))), torch.tensor([0, 2]), torch.cat((q, q)))
+    assert rows.shape == (2, 3) and set(rows[:, 2].tolist()) <= {0, 1}
 
 
 def test_sampled_speculative_tokens_follow_the_models_distribution():
@@ -312,3 +328,36 @@ def test_speculative_continues_in_caches_that_hold_the_prompts_start(mtp_model):
     with pytest.raises(ArgumentError, match=r"'mtp_cache' has max_len 64, expected at least 66"):
         generate_speculative(mtp_model, torch.cat((longer, longer, longer[:, :6]), 1), 4, cache=mtp_model.new_cache(1, 80),
                              mtp_cache=mtp_cache)
+
+
+@pytest.mark.parametrize("mla_mode", ["absorb", "naive"])
+def test_several_prompts_each_get_their_greedy_tokens(mla_mode):
+    """Prompts of different lengths in one batch: each row at its own positions, keeping its own
+    drafts; each row's tokens are those of the prompt alone (stop ids included)."""
+    args = _mtp_args(mla_mode=mla_mode)
+    lens = [7, 4, 9, 6]
+    kept = 0
+    for seed in (0, 3):
+        model = _repeating_mtp_model(args, seed)
+        ids = _prompt(args, length=9, seed=seed, batch=4)
+        alone = [model.generate(ids[b : b + 1, :n], 20)[0, n:].tolist() for b, n in enumerate(lens)]
+        out, stats = generate_speculative(model, ids, 20, prompt_lens=lens)
+        assert completions(out, lens, 20) == alone
+        stop = alone[0][5]
+        stopped, _ = generate_speculative(model, ids, 20, prompt_lens=lens, eos_token_id=[stop])
+        assert completions(stopped, lens, 20, [stop]) == [row[: row.index(stop) + 1] if stop in row else row for row in alone]
+        kept += stats.accepted
+        assert stats.steps + stats.accepted >= 4 * 19  # every row's tokens after the prefill's first
+    assert kept >= 10
+
+
+def test_several_prompts_report_their_tokens_as_they_come_and_sample():
+    args = _mtp_args()
+    model = random_model(args, seed=2)
+    ids, lens = _prompt(args, length=6, batch=3), [6, 2, 4]
+    written = []
+    out, _ = generate_speculative(model, ids, 5, prompt_lens=lens, on_token=written.append)
+    assert written[0] == 2 and written[-1] == 3 * 5 - 1 and written == sorted(written)  # prefill: a token per row
+    sampled = [generate_speculative(model, ids, 5, 0.8, prompt_lens=lens, generator=torch.Generator().manual_seed(1))[0]
+               for _ in range(2)]
+    assert torch.equal(sampled[0], sampled[1]) and sampled[0].shape == (3, 11)

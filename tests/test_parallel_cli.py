@@ -96,9 +96,9 @@ def test_parallel_cli_a_cache_no_rank_can_hold_is_said_once_with_the_ranks_share
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"]])
 def test_parallel_cli_speculative_mtp_splits_the_mtp_layer_too(tmp_path: Path, layout: list[str]) -> None:
     """``--speculative mtp`` under TP (the MTP layer's attention, MoE and vocabulary-parallel
-    head split like the others) and EP: every rank accepts the same drafts, and the tokens
-    are the single-process run's."""
-    flags = ["run", "--new-tokens", "8", "--prompt-len", "6", "--no-progress", "--speculative", "mtp"]
+    head split like the others) and EP, two sequences each at its own positions: every rank
+    accepts the same drafts, and the tokens are the single-process run's."""
+    flags = ["run", "--new-tokens", "8", "--prompt-len", "6", "--batch", "2", "--no-progress", "--speculative", "mtp"]
     reports = []
     for extra, name in ((layout, "parallel.json"), ([], "single.json")):
         done = subprocess.run(

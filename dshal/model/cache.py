@@ -61,7 +61,8 @@ class _StepPlan:
     ordered_slots: torch.Tensor | None = None  # slots of the cached entries, in position order
     keep: torch.Tensor | None = None  # which of the new tokens survive
     slots: torch.Tensor | None = None  # where the survivors go
-    #: Static decode step: the position as a device tensor [1] and the per-slot score bias [S].
+    #: Static decode step: the position(s) as a device tensor ([1], [B] or [B, T]) and the
+    #: per-slot score bias ([S], [B, S] or [B, T, S]).
     position: torch.Tensor | None = None
     key_bias: torch.Tensor | None = None
 
@@ -127,6 +128,11 @@ class KVCache:
             self._decode_checked_by, self._decode_checked_tokens = weakref.ref(model), set()
         self._decode_checked_tokens.add(tokens)
 
+    def buffer_pairs(self, other: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This cache's buffers and ``other``'s (the same layout) side by side, layer by layer:
+        e.g. to copy one sequence's entries between a batch cache and a one-row cache."""
+        return [pair for layers in zip(self.buffers, other.buffers) for pair in zip(*layers)]
+
     @staticmethod
     def slots(max_len: int, window: int | None, global_tokens: int) -> int:
         """Slots per layer: every position, or the pinned tokens + the ring of the window."""
@@ -168,17 +174,20 @@ class KVCache:
     MASKED_SCORE = -1.0e4
 
     def begin_at(self, position: torch.Tensor) -> None:
-        """Plan a one-token step at ``position`` (an int64 device tensor: ``[1]``, or ``[B]``
-        with each row's own position) without reading it on the host: no host sync, and a
-        captured graph of the step replays at any position. Needs a cache without a window
-        (every position has its own slot)."""
+        """Plan a step at ``position`` (an int64 device tensor: ``[1]`` for one token of every
+        row; ``[B]``, one token per row at its own position; or ``[B, T]``, T tokens per row,
+        e.g. a token and its speculative draft) without reading it on the host: no host sync,
+        and a captured graph of the step replays at any position. Each token sees the slots
+        up to its own position. Needs a cache without a window (every position has its own slot)."""
         if self.window is not None:
             raise DshalError("KVCache.begin_at: static decode steps need a cache without an attention window")
-        if position.shape not in ((1,), (self.batch,)):
-            raise ShapeError(f"KVCache.begin_at: position has shape {list(position.shape)}, expected [1] or [{self.batch}]")
+        if position.shape not in ((1,), (self.batch,)) and not (position.dim() == 2 and position.shape[0] == self.batch):
+            raise ShapeError(
+                f"KVCache.begin_at: position has shape {list(position.shape)}, expected [1], [{self.batch}] or [{self.batch}, T]"
+            )
         slots = torch.arange(self.capacity, device=position.device)
-        bias = torch.where(slots <= position[:, None], 0.0, self.MASKED_SCORE).float()  # [1 or B, S]
-        self._plan = _StepPlan(-1, -1, position=position, key_bias=bias if position.shape[0] > 1 else bias[0])
+        bias = torch.where(slots <= position[..., None], 0.0, self.MASKED_SCORE).float()  # [1 or B, S] or [B, T, S]
+        self._plan = _StepPlan(-1, -1, position=position, key_bias=bias[0] if position.shape == (1,) else bias)
 
     def _slot(self, pos: torch.Tensor) -> torch.Tensor:
         g, w = self.global_tokens, int(self.window or 1)
@@ -208,7 +217,8 @@ class LayerCache:
     @property
     def key_bias(self) -> torch.Tensor | None:
         """In a static decode step (:meth:`KVCache.begin_at`), the score bias ``[S]`` (per row:
-        ``[B, S]``) of the buffer's slots (0: written, very negative: not yet); None otherwise."""
+        ``[B, S]``; per row and token: ``[B, T, S]``) of the buffer's slots (0: visible, very
+        negative: not yet written, or past the token's position); None otherwise."""
         return self.cache._plan.key_bias
 
     def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -218,12 +228,15 @@ class LayerCache:
         plan = self.cache._plan
         out = []
         for buf, t in zip(self.cache.buffers[self.index], new):
-            if plan.position is not None:  # static step: one token at a device-side position
-                if plan.position.shape[0] == 1:
+            if plan.position is not None:  # static step: tokens at device-side positions
+                if plan.position.shape == (1,):
                     buf.index_copy_(1, plan.position, t)
-                else:  # each row at its own position
+                elif plan.position.dim() == 1:  # one token per row, each at its own position
                     rows = torch.arange(buf.shape[0], device=buf.device)
                     buf.index_put_((rows, plan.position), t[:, 0])
+                else:  # T tokens per row at positions [B, T]
+                    rows = torch.arange(buf.shape[0], device=buf.device)[:, None].expand_as(plan.position)
+                    buf.index_put_((rows, plan.position), t)
                 out.append(buf)
             elif plan.ordered_slots is None:  # slots are positions
                 buf[:, plan.start : plan.end] = t

@@ -57,11 +57,31 @@ def static_decode_step(model: nn.Module, token: torch.Tensor, position: torch.Te
     if position.shape[0] > 1:  # each row its own angle: [B, T=1, rope / 2]
         cos, sin = cos[:, None], sin[:, None]
     cache.begin_at(position)
-    h, residual = model.embed(token), None  # [B, 1, D]
+    return model.lm_head(_through_layers(model, token, cos, sin, cache))[:, -1]  # [B, V]
+
+
+def positioned_step(
+    model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens [B, T]`` at ``positions [B, T]`` (int64 device tensor: each row's own, e.g. a
+    token and its speculative draft) -> ``(logits [B, T, V], hidden [B, T, D])``, ``hidden``
+    the final norm's output. The static step's cache plan (:meth:`KVCache.begin_at`): each
+    token sees the slots up to its own position, and nothing is read on the host."""
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]  # [B, T, rope / 2]
+    cache.begin_at(positions)
+    hidden = _through_layers(model, tokens, cos, sin, cache)
+    return model.lm_head(hidden), hidden
+
+
+def _through_layers(
+    model: nn.Module, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    """Embedding, every layer on its cache, final norm: ``[B, T, D]``."""
+    h, residual = model.embed(tokens), None  # [B, T, D]
     for layer, layer_cache in zip(model.layers, cache.layers):
         h, residual = layer(h, residual, cos, sin, layer_cache)
     h, _ = model.norm(h, residual)
-    return model.lm_head(h)[:, -1]  # [B, V]
+    return h
 
 
 def static_decode_unsupported(model: nn.Module) -> str | None:
@@ -168,19 +188,14 @@ def prefill_rows(
         if length == shortest:
             continue
         alone = model.new_cache(1, length, cache.mode)
-        for buf, row_buf in _buffer_pairs(cache, alone):
+        for buf, row_buf in cache.buffer_pairs(alone):
             row_buf[0, :shortest] = buf[row, :shortest]
         alone.length = shortest
         rows[row] = prefill(model, input_ids[row : row + 1, shortest:length], alone, prefill_chunk, shortest)[0]
-        for buf, row_buf in _buffer_pairs(cache, alone):
+        for buf, row_buf in cache.buffer_pairs(alone):
             buf[row, shortest:length] = row_buf[0, shortest:]
     cache.length = max(prompt_lens)
     return torch.stack(rows)
-
-
-def _buffer_pairs(cache: KVCache, other: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The two caches' buffers side by side, layer by layer (the same layout)."""
-    return [pair for layers in zip(cache.buffers, other.buffers) for pair in zip(*layers)]
 
 
 @torch.inference_mode()
@@ -246,6 +261,7 @@ __all__ = [
     "StaticDecoder",
     "generate_rows",
     "generate_with_graphs",
+    "positioned_step",
     "prefill_rows",
     "static_decode_step",
     "static_decode_unsupported",

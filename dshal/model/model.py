@@ -258,11 +258,11 @@ class MLA(nn.Module):
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
         q_latent = q_nope.transpose(1, 2) @ w_uk  # [B, H, T, nope] @ [H, nope, r] -> [B, H, T, r]
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, r + rope]
-        if key_bias is not None:  # static decode step: unwritten slots masked by one more dim
+        if key_bias is not None:  # static decode step: unwritten slots masked by more dims
             q, latent = _with_key_bias(q, latent, key_bias / self.softmax_scale)
         k = latent[:, None]  # [B, 1, S, r + rope]: one shared head
         v = latent[:, None, :, : self.rank]  # [B, 1, S, r]
-        causal = self._causal(q.shape[2])
+        causal = self._causal(q.shape[2]) and key_bias is None  # the bias masks by position itself
         out = ops.attention(q, k, v, causal, self.softmax_scale, self.window, self.global_tokens)  # [B, H, T, r]
         return out @ w_uv.transpose(1, 2)  # [B, H, T, r] @ [H, r, v] -> [B, H, T, v]
 
@@ -277,15 +277,20 @@ class MLA(nn.Module):
 
 
 def _with_key_bias(q: torch.Tensor, latent: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [B, H, T, D]`` and ``latent [B, S, D]`` with one more dim (1 in q, ``bias [S]`` or
-    per row ``[B, S]`` in the keys), so ``q . k`` gains ``bias``: a key mask through the plain
-    attention op."""
-    ones = q.new_ones(*q.shape[:-1], 1)
+    """``q [B, H, T, D]`` and ``latent [B, S, D]`` with more dims, so ``q . k`` gains ``bias``: a
+    key mask through the plain attention op. ``bias [S]`` or per row ``[B, S]``: one dim, 1 in
+    q and the bias in the keys. Per row and query ``[B, T, S]``: T dims, query t's one-hot in q
+    and each query's bias in the keys."""
     # Finite in both dtypes: float16 latents, and float64 ones (a float32 bias cannot hold float64's min).
     low = max(torch.finfo(latent.dtype).min, torch.finfo(bias.dtype).min) / 2
-    column = bias.clamp(min=low).to(latent.dtype)
-    column = column.reshape(-1, column.shape[-1])[:, :, None].expand(latent.shape[0], -1, 1)  # [B, S, 1]
-    return torch.cat((q, ones), dim=-1), torch.cat((latent, column), dim=-1)
+    columns = bias.clamp(min=low).to(latent.dtype)
+    if columns.dim() == 3:  # [B, T, S]: one column per query
+        queries = q.shape[2]
+        picks = torch.eye(queries, dtype=q.dtype, device=q.device).expand(*q.shape[:-1], queries)  # [B, H, T, T]
+        return torch.cat((q, picks), dim=-1), torch.cat((latent, columns.transpose(1, 2)), dim=-1)
+    ones = q.new_ones(*q.shape[:-1], 1)
+    columns = columns.reshape(-1, columns.shape[-1])[:, :, None].expand(latent.shape[0], -1, 1)  # [B, S, 1]
+    return torch.cat((q, ones), dim=-1), torch.cat((latent, columns), dim=-1)
 
 
 # ---------------------------------------------------------------- feed-forward

@@ -21,13 +21,16 @@ sampling's. DeepSeek-V3's report measures 85-90 % of drafts accepted (about 1.8x
 per second); a random MTP layer's greedy drafts are almost never right, and each step then
 costs a two-token forward and an MTP forward for one token.
 
-One sequence at a time, without an attention window (a ring cache cannot take back a
-rejected draft). The tests check greedy results against :func:`dshal.model.generate.generate`
-token for token, and sampled ones against the exact distribution.
+Several sequences (prompts of any lengths) run together, each at its own positions and
+keeping its own drafts (:func:`dshal.model.decode.positioned_step`). Not with an attention
+window (a ring cache cannot take back a rejected draft). The tests check greedy results
+against :func:`dshal.model.generate.generate` token for token, and sampled ones against the
+exact distribution.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,10 +38,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from dshal import ops
 from dshal.errors import ArgumentError
 from dshal.model.cache import KVCache
+from dshal.model.decode import positioned_step
 from dshal.model.generate import check_cache_reuse, check_generate_args, check_top_p, sampling_probs, stop_list
-from dshal.model.prefill import DEFAULT_PREFILL_CHUNK, check_input_ids, check_prefill_chunk
+from dshal.model.prefill import (
+    DEFAULT_PREFILL_CHUNK,
+    check_input_ids,
+    check_prefill_chunk,
+    check_prompt_lens,
+    mask_padding,
+)
 
 
 @dataclass
@@ -106,26 +117,60 @@ class DraftVerifier:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
     def token(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[1, V]`` logits -> the token ``[1]`` and the distribution it was drawn from (None: greedy)."""
+        """``[B, V]`` logits -> the tokens ``[B]`` and the distributions they were drawn from
+        (None: greedy)."""
         if self.temperature == 0:
             return logits.argmax(dim=-1), None
         probs = self._probs(logits)
         return self._sample(probs), probs
 
     def check(self, logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
-        """``logits [2, V]`` of the main model at [last token, draft], ``draft [1]`` drawn from
-        ``q [1, V]``: ``[3]`` ids on the device, ``(token for the draft's position, the
-        position after it, 1 if the draft is kept else 0)``."""
+        """``logits [B, 2, V]`` of the main model at [last token, draft] per row, ``draft [B]``
+        drawn from ``q [B, V]``: ``[B, 3]`` ids on the device, per row ``(token for the draft's
+        position, the token after it, 1 if the draft is kept else 0)``."""
         if self.temperature == 0:
-            chosen = logits.argmax(dim=-1)  # [2]
-            return torch.cat((chosen, (chosen[:1] == draft).long()))
-        p = self._probs(logits)  # [2, V]
-        u = torch.rand(1, generator=self.generator, device=p.device)
-        kept = u * q[0, draft] <= p[0, draft]  # [1]: with probability min(1, p(d) / q(d))
-        residual = (p[0] - q[0]).clamp(min=0)
-        residual = torch.where(residual.sum() > 0, residual, p[0])  # p == q: the draft is always kept
-        first = torch.where(kept, draft, self._sample(residual[None]))
-        return torch.cat((first, self._sample(p[1:]), kept.long()))
+            chosen = logits.argmax(dim=-1)  # [B, 2]
+            return torch.cat((chosen, (chosen[:, :1] == draft[:, None]).long()), dim=1)
+        p = self._probs(logits)  # [B, 2, V]
+        drafted = draft[:, None]
+        u = torch.rand(drafted.shape, generator=self.generator, device=p.device)
+        kept = u * q.gather(1, drafted) <= p[:, 0].gather(1, drafted)  # [B, 1]: with probability min(1, p(d) / q(d))
+        residual = (p[:, 0] - q).clamp(min=0)
+        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p[:, 0])  # p == q: always kept
+        first = torch.where(kept, drafted, self._sample(residual)[:, None])
+        return torch.cat((first, self._sample(p[:, 1])[:, None], kept.long()), dim=1)
+
+
+def _prefill(
+    model: nn.Module, ids: torch.Tensor, cache: KVCache, mtp_cache: KVCache, cached: int, prefill_chunk: int | None,
+    verifier: DraftVerifier,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prefill one sequence ``ids [1, T]`` from position ``cached``, chunk by chunk: the main
+    model, then the MTP layer on the chunk's hidden states, each with the token after it (the
+    prompt's next id; after the last, the first new token). Returns the first new token
+    ``[1]``, the first draft ``[1]`` and its distribution (None: greedy)."""
+    width = ids.shape[1]
+    chunk = width - cached if prefill_chunk is None else prefill_chunk
+    for start in range(cached, width, chunk):
+        end = min(start + chunk, width)
+        logits, hidden = model(ids[:, start:end], start, cache, return_hidden=True)
+        next_ids = ids[:, start + 1 : end + 1]
+        if end == width:
+            token, _ = verifier.token(logits[:, -1])  # [1]: position `width`
+            next_ids = torch.cat((next_ids, token[:, None]), dim=1)
+        draft_logits = model.draft(hidden, next_ids, start, mtp_cache)
+    draft, q = verifier.token(draft_logits[:, -1])  # for position `width + 1`
+    return token, draft, q
+
+
+def _positioned_draft(
+    model: nn.Module, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, mtp_cache: KVCache
+) -> torch.Tensor:
+    """The MTP layer's logits ``[B, T, V]`` at per-row ``positions [B, T]`` (decode: none is 0)."""
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]  # [B, T, rope / 2]
+    mtp_cache.begin_at(positions)
+    layer = next(iter(model.mtp.values()))
+    return layer.predict(hidden, model.embed(next_ids), cos, sin, mtp_cache.layers[0])
 
 
 @torch.inference_mode()
@@ -141,41 +186,65 @@ def generate_speculative(
     on_token: Callable[[int], None] | None = None,
     stream: Callable[[torch.Tensor], None] | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    prompt_lens: Sequence[int] | None = None,
     cache: KVCache | None = None,
     mtp_cache: KVCache | None = None,
     cached: int = 0,
 ) -> tuple[torch.Tensor, SpeculativeStats]:
-    """Generation of one sequence ``input_ids [1, T]`` with MTP drafts: ``[1, T + new]`` ids
-    and the :class:`SpeculativeStats`. Greedy (``temperature == 0``), the ids are exactly
-    those of ``model.generate(input_ids, max_new_tokens, eos_token_id=...)``; sampled
-    (``temperature``, ``top_p``, ``generator`` as in :func:`~dshal.model.generate.generate`),
-    they are distributed as its samples (speculative sampling), not the same draws.
-    ``on_token(i)`` is called after the i-th new token (the first call marks the end of the
-    prefill) and ``stream(ids [1])`` gets each new token, as in ``generate``; the prompt is
-    prefilled in forwards of at most ``prefill_chunk`` tokens (None: one).
+    """Generation with MTP drafts: ``[B, T + new]`` ids and the :class:`SpeculativeStats`.
+    Greedy (``temperature == 0``), the ids are exactly those of ``model.generate(input_ids,
+    max_new_tokens, eos_token_id=..., prompt_lens=...)``; sampled (``temperature``, ``top_p``,
+    ``generator`` as in :func:`~dshal.model.generate.generate`), they are distributed as its
+    samples (speculative sampling), not the same draws.
+
+    One sequence runs as the module docstring says. Several (``input_ids [B, T]``, right-padded
+    with ``prompt_lens`` as ``generate`` takes them) are each prefilled alone into their row of
+    the caches; then every step runs all rows together, each at its own positions (the static
+    step's key mask, :func:`dshal.model.decode.positioned_step`), each keeping its own draft or
+    not. Row b's new tokens follow its prompt; what follows them is padding (the first stop
+    id, else 0); :func:`~dshal.model.generate.completions` cuts them.
+
+    ``on_token(i)`` is called when the new tokens up to the i-th (0-based, counted over all
+    rows) are written: after each token for one sequence, after the prefill and each step for
+    several. ``stream(ids [1])`` (one sequence) gets each new token. The prompt is prefilled
+    in forwards of at most ``prefill_chunk`` tokens (None: one).
 
     ``cache`` (``model.new_cache(1, max_len)``) and ``mtp_cache`` (``model.new_cache(1,
     max_len, mtp=True)``), both holding the prompt's first ``cached`` positions, e.g. from an
-    earlier turn of a conversation: only the rest is prefilled. Afterwards ``cache`` holds
-    every token but the last; ``mtp_cache`` its first ``mtp_cache.length`` positions (the MTP
-    layer skips the last step's kept positions when no draft follows)."""
+    earlier turn of a conversation: only the rest is prefilled (one sequence). Afterwards
+    ``cache`` holds every token but the last; ``mtp_cache`` its first ``mtp_cache.length``
+    positions (the MTP layer skips the last step's kept positions when no draft follows)."""
     check_input_ids("generate_speculative", input_ids, model.rope_cos.device)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate_speculative", prefill_chunk)
     check_top_p(top_p)
+    lens = check_prompt_lens("generate_speculative", prompt_lens, *input_ids.shape)
     why = speculative_unsupported(model)
     if why:
         raise ArgumentError(f"generate_speculative: {why}")
-    if input_ids.shape[0] != 1:
+    several = input_ids.shape[0] > 1
+    if several and (cache is not None or mtp_cache is not None or cached or stream is not None):
         raise ArgumentError(
-            f"generate_speculative: argument 'input_ids' has {input_ids.shape[0]} sequences, expected 1 "
-            "(each sequence accepts its own drafts; run the prompts one at a time)"
+            f"generate_speculative: 'cache', 'mtp_cache', 'cached' or 'stream' is given with {input_ids.shape[0]} "
+            "sequences, expected one sequence with them"
         )
     if cache is not None or mtp_cache is not None or cached:
         for name, given in (("cache", cache), ("mtp_cache", mtp_cache)):
-            check_cache_reuse(given, cached, input_ids, max_new_tokens, False, "generate_speculative", name)
-    stops = set() if eos_token_id is None else set(stop_list(eos_token_id))
+            check_cache_reuse(given, cached, input_ids[:, : lens[0]], max_new_tokens, False, "generate_speculative", name)
+    stops = [] if eos_token_id is None else stop_list(eos_token_id)
     verifier = DraftVerifier(temperature, top_p, generator)
+    if several:
+        return _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk)
+    return _generate_one(model, input_ids[:, : lens[0]], max_new_tokens, verifier, set(stops), on_token, stream,
+                         prefill_chunk, cache, mtp_cache, cached)
+
+
+def _generate_one(
+    model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, verifier: DraftVerifier, stops: set[int],
+    on_token: Callable[[int], None] | None, stream: Callable[[torch.Tensor], None] | None,
+    prefill_chunk: int | None, cache: KVCache | None, mtp_cache: KVCache | None, cached: int,
+) -> tuple[torch.Tensor, SpeculativeStats]:
+    """:func:`generate_speculative` for one sequence ``input_ids [1, T]``."""
     width = input_ids.shape[1]
     total = width + max_new_tokens
     out = torch.empty(1, total, dtype=torch.int64, device=input_ids.device)
@@ -185,19 +254,7 @@ def generate_speculative(
         return out, stats
     cache = model.new_cache(1, total) if cache is None else cache
     mtp_cache = model.new_cache(1, total, mtp=True) if mtp_cache is None else mtp_cache
-
-    # Prefill, chunk by chunk: the main model, then the MTP layer on the chunk's hidden states,
-    # each with the token after it (the prompt's next id; after the last, the first new token).
-    chunk = width - cached if prefill_chunk is None else prefill_chunk
-    for start in range(cached, width, chunk):
-        end = min(start + chunk, width)
-        logits, hidden = model(input_ids[:, start:end], start, cache, return_hidden=True)
-        next_ids = input_ids[:, start + 1 : end + 1]
-        if end == width:
-            token, _ = verifier.token(logits[:, -1])  # [1]: position `width`
-            next_ids = torch.cat((next_ids, token[:, None]), dim=1)
-        draft_logits = model.draft(hidden, next_ids, start, mtp_cache)
-    draft, q = verifier.token(draft_logits[:, -1])  # for position `width + 1`
+    token, draft, q = _prefill(model, input_ids, cache, mtp_cache, cached, prefill_chunk, verifier)
 
     # Decode: write the tokens known so far, then one main-model step checks the draft.
     pos, new, new_host = width, token, token.tolist()  # `new` goes to positions pos, pos + 1 ...
@@ -216,7 +273,7 @@ def generate_speculative(
         step = torch.stack((new[-1:], draft), dim=1)
         cache.vouch_for(step)  # the model's own tokens: no id range check
         logits, hidden = model(step, pos - 1, cache, return_hidden=True)
-        verdict = verifier.check(logits[0], draft, q)  # [3]
+        verdict = verifier.check(logits, draft, q)[0]  # [3]
         picked = verdict.tolist()  # the step's one host sync
         kept = 1 + picked[2]  # a rejected draft's cache slot (pos) is overwritten next step
         stats.steps += 1
@@ -227,6 +284,68 @@ def generate_speculative(
             mtp_ids = new[None]
             mtp_cache.vouch_for(mtp_ids)
             draft, q = verifier.token(model.draft(hidden[:, :kept], mtp_ids, pos - 1, mtp_cache)[:, -1])
+
+
+def _generate_rows(
+    model: nn.Module, input_ids: torch.Tensor, lens: list[int], max_new_tokens: int, verifier: DraftVerifier,
+    stops: list[int], on_token: Callable[[int], None] | None, prefill_chunk: int | None,
+) -> tuple[torch.Tensor, SpeculativeStats]:
+    """:func:`generate_speculative` for several sequences, each at its own positions."""
+    bsz, width = input_ids.shape
+    total, device = width + max_new_tokens, input_ids.device
+    out, _ = mask_padding(input_ids, lens, stops[0] if stops else 0)
+    out = torch.cat((out, out.new_full((bsz, max_new_tokens), stops[0] if stops else 0)), dim=1)
+    stats = SpeculativeStats()
+    if max_new_tokens == 0:
+        return out[:, :width], stats
+    cache, mtp_cache = model.new_cache(bsz, total, "absorb"), model.new_cache(bsz, total, "absorb", mtp=True)
+    firsts = []
+    for row, length in enumerate(lens):  # each prompt alone, then into its row of the caches
+        alone, mtp_alone = model.new_cache(1, length, "absorb"), model.new_cache(1, length, "absorb", mtp=True)
+        firsts.append(_prefill(model, input_ids[row : row + 1, :length], alone, mtp_alone, 0, prefill_chunk, verifier))
+        for batch_buf, row_buf in [*cache.buffer_pairs(alone), *mtp_cache.buffer_pairs(mtp_alone)]:
+            batch_buf[row, :length] = row_buf[0]
+    last = torch.cat([token for token, _, _ in firsts])  # [B]
+    draft = torch.cat([d for _, d, _ in firsts])
+    q = None if firsts[0][2] is None else torch.cat([p for _, _, p in firsts])
+
+    pos, done, written = list(lens), [False] * bsz, 0  # row b's next position; whether it is done
+    pending = [[token] for token in last.tolist()]  # each row's tokens to write
+    checked = False  # the first step runs the ops' input checks; the others repeat its calls
+    while True:
+        for row, tokens in enumerate(pending):
+            for value in tokens if not done[row] else ():
+                out[row, pos[row]] = value
+                written += 1
+                pos[row] += 1
+                if value in stops or pos[row] == lens[row] + max_new_tokens:
+                    done[row] = True
+                    break
+        if on_token is not None:
+            on_token(written - 1)
+        if all(done):
+            end = max(pos)
+            return out[:, :end], stats
+        # Every row at [last token, draft] (positions pos - 1, pos); a done row repeats a slot of its own.
+        at = [min(p, total - 1) for p in pos]
+        positions = torch.tensor([[p - 1, p] for p in at], device=device)
+        with ops.trusted() if checked else contextlib.nullcontext():
+            logits, hidden = positioned_step(model, torch.stack((last, draft), dim=1), positions, cache)
+            verdict = verifier.check(logits, draft, q)  # [B, 3]
+            picked = verdict.tolist()  # the step's one host sync
+            kept = verdict[:, 2]  # [B]: 1 where the draft is kept
+            last = verdict[:, :2].gather(1, kept[:, None])[:, 0]  # each row's last kept token
+            # The MTP layer at both positions of every row; a row whose draft was rejected drafts from
+            # its first (its second slot is overwritten next step), the others from their second.
+            mtp_logits = _positioned_draft(model, hidden, verdict[:, :2], positions, mtp_cache)  # [B, 2, V]
+            draft, q = verifier.token(mtp_logits.gather(1, kept[:, None, None].expand(-1, 1, mtp_logits.shape[-1]))[:, 0])
+        checked = True
+        pending = []
+        for row, (first, second, keep) in enumerate(picked):
+            pending.append([first, second] if keep else [first])
+            if not done[row]:
+                stats.steps += 1
+                stats.accepted += keep
 
 
 __all__ = ["DraftVerifier", "SpeculativeStats", "generate_speculative", "mtp_layers_for", "speculative_unsupported"]
