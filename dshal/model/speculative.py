@@ -54,8 +54,9 @@ from dshal.model.prefill import (
 
 @dataclass
 class SpeculativeStats:
-    """What the drafts bought: ``steps`` main-model forwards after the prefill, each checking
-    one draft, of which ``accepted`` were right."""
+    """What the drafts bought: ``steps`` sequence-steps after the prefill (a main-model forward
+    per step, counted once for each sequence still generating), each checking one draft, of
+    which ``accepted`` were kept."""
 
     steps: int = 0
     accepted: int = 0
@@ -66,8 +67,8 @@ class SpeculativeStats:
 
     @property
     def tokens_per_step(self) -> float | None:
-        """New tokens per main-model forward after the prefill (1 + acceptance rate, but for
-        a last step cut short)."""
+        """New tokens per sequence and step after the prefill (1 + acceptance rate; a last
+        step cut short by the token budget or a stop id counts its kept draft too)."""
         return (self.steps + self.accepted) / self.steps if self.steps else None
 
     def as_dict(self) -> dict[str, Any]:
