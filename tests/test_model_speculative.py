@@ -176,28 +176,28 @@ def test_a_speculative_step_syncs_the_host_once_on_a_gpu_plugin():
         pytest.skip("the dshal-nvidia plugin is not installed")
     try:
         assert dshal.use(backend="nvidia", emulate=True).emulated
-        args = _mtp_args(first_k_dense_replace=4)  # the MTP layer (layer 3) dense too
+        args = _mtp_args(num_hidden_layers=2, first_k_dense_replace=3)  # the MTP layer (layer 2) dense too
         model = random_model(args, seed=0, precision=PrecisionConfig(gemm="fp8-block"))
         prompt = _prompt(args, length=6, seed=1)
         generate_speculative(model, prompt, 4)  # the first steps of each length: checked
         seen = []
         with HostSyncCounter(dispatch=False) as counter:  # value reads: SDPA's causal bias is a subclass
-            ids, stats = generate_speculative(model, prompt, 8, on_token=lambda i: seen.append(counter.count))
+            ids, stats = generate_speculative(model, prompt, 6, on_token=lambda i: seen.append(counter.count))
         # Its two-token steps on the plugin's kernels give the plugin's own greedy tokens.
-        assert torch.equal(ids, model.generate(prompt, 8))
+        assert torch.equal(ids, model.generate(prompt, 6))
         # Several rows at their own positions (the static step's plan): one host read a step too.
         rows, lens = _prompt(args, length=6, seed=2, batch=2), [6, 3]
         generate_speculative(model, rows, 3, prompt_lens=lens)
         row_reads = []
         with HostSyncCounter(dispatch=False) as row_counter:
-            together, _ = generate_speculative(model, rows, 6, prompt_lens=lens,
+            together, _ = generate_speculative(model, rows, 5, prompt_lens=lens,
                                                on_token=lambda i: row_reads.append(row_counter.count))
-        assert completions(together, lens, 6) == [model.generate(rows[b : b + 1, :n], 6)[0, n:].tolist()
+        assert completions(together, lens, 5) == [model.generate(rows[b : b + 1, :n], 5)[0, n:].tolist()
                                                   for b, n in enumerate(lens)]
     finally:
         dshal.use(backend="cpu")
     per_step = [b - a for a, b in zip(seen[1:], seen[2:]) if b != a]
-    assert stats.steps >= 4 and per_step == [1] * len(per_step) and len(per_step) >= 3, counter.where
+    assert stats.steps >= 3 and per_step == [1] * len(per_step) and len(per_step) >= 3, counter.where
     row_steps = [b - a for a, b in zip(row_reads, row_reads[1:])]
     assert len(row_steps) >= 3 and row_steps == [1] * len(row_steps), row_counter.where
 
@@ -260,14 +260,14 @@ def _tv(counts: torch.Tensor, probs: torch.Tensor) -> float:
 def test_draft_verifier_keeps_or_redraws_so_each_token_is_distributed_as_the_model_says():
     """Speculative sampling's step: whatever the draft distribution q, the token for the draft's
     position is distributed as p[0], and the next one (when the draft is kept) as p[1]. Always
-    keeping the draft would give q instead (checked to be far from p)."""
+    keeping the draft would give q instead (checked to be far from p: 10x the tolerance)."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, 0.0], [0.0, 0.0, 3.0, 1.0, 0.0, -2.0]])
     q = torch.softmax(torch.tensor([[-1.0, 0.5, 2.0, 0.0, 0.0, 1.0]]), dim=-1)
     verifier = DraftVerifier(temperature=1.0, top_p=1.0, generator=gen)
     p = torch.softmax(logits, dim=-1)
     first, bonus, kept_n = torch.zeros(6), torch.zeros(6), 0
-    n = 20000
+    n = 8000
     for _ in range(n):
         draft = torch.multinomial(q, 1, generator=gen)[0]
         (a, b, kept), = verifier.check(logits[None], draft, q).tolist()
@@ -275,8 +275,8 @@ def test_draft_verifier_keeps_or_redraws_so_each_token_is_distributed_as_the_mod
         if kept:
             bonus[b] += 1
             kept_n += 1
-    assert _tv(first, p[0]) < 0.015 and _tv(bonus, p[1]) < 0.02
-    assert abs(kept_n / n - float(torch.minimum(p[0], q[0]).sum())) < 0.015  # P(keep) = sum min(p, q)
+    assert _tv(first, p[0]) < 0.03 and _tv(bonus, p[1]) < 0.04
+    assert abs(kept_n / n - float(torch.minimum(p[0], q[0]).sum())) < 0.02  # P(keep) = sum min(p, q)
     assert 0.5 * float((q[0] - p[0]).abs().sum()) > 0.3
     # Greedy: the argmax of each position; the draft kept when it is the first argmax.
     greedy = DraftVerifier(0.0, 1.0, None)
