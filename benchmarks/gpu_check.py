@@ -39,7 +39,8 @@ it finishes, so a stage cut short by the time budget leaves the others' results:
    runtime, kernel-only timings, and the output against the reference at one token;
 6. **dshal run**: the model core on the device (``dshal run --graphs auto --speculative mtp``):
    decode tokens/s with and without CUDA graphs, compile/autotune time apart, and greedy
-   decoding with the (random) MTP layer's drafts, whose tokens must be the eager run's;
+   decoding with the (random) MTP layer's drafts, its steps captured as CUDA graphs, whose
+   tokens must be the eager run's;
 7. **ragged**: prompts of different lengths (the tiny model): eager, and through the per-row
    static decode step captured as a CUDA graph; the tokens must match and the step capture;
 8. **tune**: ``dshal tune`` on DeepSeek-V3's FP8 linear shapes with the time left (at most
@@ -696,8 +697,9 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
         speculative = run.get("speculative") or {}
         if speculative.get("run"):
             lines.append(f"dshal run with MTP drafts (random MTP layer): {run['decode_tokens_per_s_speculative'] or 0:.1f} "
-                         f"tokens/s, {speculative['accepted']} of {speculative['drafted']} drafts accepted, tokens "
-                         f"{'match' if speculative['tokens_match_eager'] else 'DIFFER'}")
+                         f"tokens/s, {speculative['accepted']} of {speculative['drafted']} drafts accepted, steps "
+                         f"captured {speculative['captured']} {speculative['capture_error']}".rstrip()
+                         + f", tokens {'match' if speculative['tokens_match_eager'] else 'DIFFER'}")
     ragged = check.data.get("ragged", {})
     if "tokens_match" in ragged:
         how = "captured" if ragged["captured"] else f"not captured {ragged['capture_error']}".rstrip()

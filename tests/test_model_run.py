@@ -129,6 +129,7 @@ def test_model_dshal_run_speculative_mtp(tmp_path):
     assert spec["run"] and spec["tokens_match_eager"] and spec["method"] == "mtp"
     assert spec["drafted"] == spec["steps"] >= 6 and spec["steps"] + spec["accepted"] == 11
     assert report["decode_tokens_per_s_speculative"] > 0 and "decode with MTP drafts:" in proc.stdout
+    assert spec["captured"] is None  # no device graphs on cpu: --graphs auto leaves the steps eager
     assert report["model_description"]["precision_groups"]["mtp"] == "float32"
     # The MTP layer's weights come after the others': the eager tokens are those of a run without it.
     plain = _dshal("run", "--no-progress", "--new-tokens", "12", "--json", str(tmp_path / "plain.json"), timeout=120)
@@ -136,6 +137,11 @@ def test_model_dshal_run_speculative_mtp(tmp_path):
     assert json.loads((tmp_path / "plain.json").read_text())["output_ids"] == report["output_ids"]
     assert json.loads((tmp_path / "plain.json").read_text())["speculative"] is None
 
+    graphed = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "4", "--graphs", "on",
+                     "--json", str(out), timeout=120)
+    assert graphed.returncode == 0, graphed.stderr
+    spec = json.loads(out.read_text())["speculative"]  # through the hook, which on cpu captures nothing
+    assert spec["captured"] is False and spec["tokens_match_eager"] and "its steps not captured" in graphed.stdout
     sampled = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "4", "--temperature", "0.7",
                      "--json", str(out), timeout=120)
     assert sampled.returncode == 0, sampled.stderr

@@ -361,3 +361,41 @@ def test_several_prompts_report_their_tokens_as_they_come_and_sample():
     sampled = [generate_speculative(model, ids, 5, 0.8, prompt_lens=lens, generator=torch.Generator().manual_seed(1))[0]
                for _ in range(2)]
     assert torch.equal(sampled[0], sampled[1]) and sampled[0].shape == (3, 11)
+
+
+def test_the_steps_go_through_the_backends_graph_hook():
+    """With ``graph`` (a backend's ``graph()`` hook) the steps run as one captured callable each:
+    its first call checked and eager, then what the hook returned, replayed every step. Here
+    the hook is a stand-in that wraps the step (not a device graph; the CPU has none); one that
+    fails at capture leaves the steps eager, and says why. The tokens stay the greedy ones."""
+    args = _mtp_args()
+    model = _repeating_mtp_model(args, 0)
+    prompt = _prompt(args, seed=0)
+    want = model.generate(prompt, 16)
+    replays = []
+
+    def capture(step):
+        def replay(*inputs):
+            replays.append(1)
+            return step(*inputs)
+        return replay
+
+    got, stats = generate_speculative(model, prompt, 16, graph=capture)
+    assert torch.equal(got, want) and stats.captured is True and stats.accepted > 0
+    assert len(replays) == stats.steps  # the first step's capture replays it, then one replay a step
+
+    def refuse(step):
+        def replay(*inputs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return replay
+
+    got, stats = generate_speculative(model, prompt, 16, graph=refuse)
+    assert torch.equal(got, want) and stats.captured is False
+    assert stats.capture_error == "RuntimeError: operation not permitted when stream is capturing"
+    rows, lens = _prompt(args, length=7, seed=1, batch=2), [7, 4]
+    together, stats = generate_speculative(model, rows, 10, prompt_lens=lens, graph=capture)
+    assert completions(together, lens, 10) == [model.generate(rows[b : b + 1, :n], 10)[0, n:].tolist() for b, n in enumerate(lens)]
+    sampled, stats = generate_speculative(model, prompt, 4, 0.5, graph=capture, generator=torch.Generator().manual_seed(0))
+    assert stats.captured is None  # a sampled step holds random draws: eager
+    with pytest.raises(ArgumentError, match="'stream' is given with 'graph', expected one sequence without 'graph'"):
+        generate_speculative(model, prompt, 4, graph=capture, stream=print)

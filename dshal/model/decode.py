@@ -91,6 +91,44 @@ def static_decode_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+class GraphStep:
+    """A step over static input buffers: its first call runs ``step`` with the ops' input
+    checks, eagerly, then captures it with ``graph`` (a backend's :meth:`~dshal.Backend.graph`
+    hook) inside :func:`dshal.ops.trusted`; later calls replay the capture. Where capture fails
+    (an op reads the device on the host) the step runs eagerly, and ``capture_error`` says why.
+    A replay's outputs are the graph's static buffers, overwritten by the next call."""
+
+    def __init__(self, step: Callable[..., Any], graph: Callable[[Callable[..., Any]], Callable[..., Any]]):
+        self._step, self._graph = step, graph
+        self._replay: Callable[..., Any] | None = None
+        #: Seconds the first call took (checked eager step + warm-up + capture).
+        self.capture_s = 0.0
+        #: Whether the step runs as a captured graph (the backend captures, and capture worked).
+        self.captured = False
+        #: Why capture failed (the step then runs eagerly), or "".
+        self.capture_error = ""
+
+    def _trusted(self, *inputs: Any) -> Any:
+        with ops.trusted():
+            return self._step(*inputs)
+
+    def __call__(self, *inputs: Any) -> Any:
+        if self._replay is not None:
+            return self._replay(*inputs)
+        start = time.perf_counter()
+        out = self._step(*inputs)  # checked (Python input checks and host-side id checks), outside any graph
+        replay = self._graph(self._trusted)
+        try:
+            out = replay(*inputs)  # captures, then replays this step
+            self.captured = replay != self._trusted  # bound methods: equal, not identical
+        except RuntimeError as err:  # an op that reads the device on the host cannot be captured
+            replay, self.captured = self._trusted, False
+            self.capture_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        self._replay = replay
+        self.capture_s = time.perf_counter() - start
+        return out
+
+
 class StaticDecoder:
     """Decode steps of ``model`` on ``cache`` through static buffers, captured with
     ``graph`` (a backend's :meth:`~dshal.Backend.graph` hook) on the first call.
@@ -114,18 +152,22 @@ class StaticDecoder:
         self.model, self.cache = model, cache
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
         self.position = torch.zeros(cache.batch if per_row else 1, dtype=torch.int64, device=device)
-        self._graph = graph
-        self._replay: Callable[..., Any] | None = None
-        #: Seconds the first call took (checked eager step + warm-up + capture).
-        self.capture_s = 0.0
-        #: Whether the step runs as a captured graph (the backend captures, and capture worked).
-        self.captured = False
-        #: Why capture failed (the step then runs eagerly), or "".
-        self.capture_error = ""
+        self._run = GraphStep(lambda token, position: static_decode_step(model, token, position, cache), graph)
 
-    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        with ops.trusted():
-            return static_decode_step(self.model, token, position, self.cache)
+    @property
+    def capture_s(self) -> float:
+        """Seconds the first call took (checked eager step + warm-up + capture)."""
+        return self._run.capture_s
+
+    @property
+    def captured(self) -> bool:
+        """Whether the step runs as a captured graph (the backend captures, and capture worked)."""
+        return self._run.captured
+
+    @property
+    def capture_error(self) -> str:
+        """Why capture failed (the step then runs eagerly), or ""."""
+        return self._run.capture_error
 
     def __call__(self, token: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         self.token.copy_(token.reshape(-1, 1))
@@ -133,24 +175,9 @@ class StaticDecoder:
             self.position.copy_(pos)  # device to device
         else:
             self.position.fill_(pos)  # a host-to-device write, no sync
-        if self._replay is None:
-            start = time.perf_counter()
-            # First step checked (Python input checks and host-side id checks), outside any graph.
-            logits = static_decode_step(self.model, self.token, self.position, self.cache)
-            replay = self._graph(self._step)
-            try:
-                logits = replay(self.token, self.position)  # captures, then replays this step
-                self.captured = replay != self._step  # bound methods: equal, not identical
-            except RuntimeError as err:  # an op that reads the device on the host cannot be captured
-                replay, self.captured = self._step, False
-                self.capture_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-            self._replay = replay
-            self.capture_s = time.perf_counter() - start
-            return logits
-        return self._replay(self.token, self.position)
+        return self._run(self.token, self.position)
 
 
-@torch.inference_mode()
 def generate_with_graphs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -258,6 +285,7 @@ def generate_rows(
 
 
 __all__ = [
+    "GraphStep",
     "StaticDecoder",
     "generate_rows",
     "generate_with_graphs",

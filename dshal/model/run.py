@@ -610,12 +610,17 @@ def _speculative_run(
     sync = runtime.backend.synchronize
     sampler = torch.Generator(device=prompt.device)
     marks: list[tuple[int, float]] = []  # (new tokens written so far - 1, when)
+    # The steps as device graphs, as --graphs decides for the plain decode steps (greedy only).
+    probe = lambda: None  # noqa: E731
+    captures = runtime.backend.graph(probe) is not probe
+    use_graph = args.temperature == 0 and (args.graphs == "on" or (args.graphs == "auto" and captures))
+    graph = runtime.backend.graph if use_graph else None
 
     def speculative_generate(on_token: Any = None) -> tuple[torch.Tensor, SpeculativeStats]:
         sampler.manual_seed(args.seed)
         return generate_speculative(model, prompt, args.new_tokens, args.temperature, top_p=args.top_p,
                                     generator=sampler, eos_token_id=eos, on_token=on_token,
-                                    prefill_chunk=args.prefill_chunk, prompt_lens=lens)
+                                    prefill_chunk=args.prefill_chunk, prompt_lens=lens, graph=graph)
 
     def mark(i: int) -> None:
         sync()
@@ -747,6 +752,11 @@ def _print(report: dict[str, Any]) -> None:
         match = speculative["tokens_match_eager"]
         tokens = ("sampled: tokens not compared" if match is None
                   else f"tokens {'match' if match else 'DIFFER from'} the eager run")
+        graphed = report["decode_tokens_per_s_graphs"]
+        if speculative["captured"] and graphed and with_drafts:
+            ratio += f", {with_drafts / graphed:.2f}x with graphs; its steps captured"
+        elif speculative["captured"] is False:
+            ratio += f", its steps not captured{': ' + speculative['capture_error'] if speculative['capture_error'] else ''}"
         console.print(f"decode with MTP drafts: [bold]{fmt(with_drafts)}[/bold] tokens/s{ratio}; {accepted}; {tokens}")
     elif speculative:
         console.print(f"decode with MTP drafts: not run ({speculative['why']})")

@@ -30,7 +30,6 @@ exact distribution.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dshal import ops
 from dshal.errors import ArgumentError
 from dshal.model.cache import KVCache
-from dshal.model.decode import positioned_step
+from dshal.model.decode import GraphStep, positioned_step
 from dshal.model.generate import check_cache_reuse, check_generate_args, check_top_p, sampling_probs, stop_list
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
@@ -60,6 +58,10 @@ class SpeculativeStats:
 
     steps: int = 0
     accepted: int = 0
+    #: With a ``graph`` hook: whether the steps ran as a captured graph (None: not asked), and
+    #: why capture failed.
+    captured: bool | None = None
+    capture_error: str = ""
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -79,6 +81,8 @@ class SpeculativeStats:
             "accepted": self.accepted,
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_step": self.tokens_per_step,
+            "captured": self.captured,
+            "capture_error": self.capture_error,
         }
 
 
@@ -174,6 +178,53 @@ def _positioned_draft(
     return layer.predict(hidden, model.embed(next_ids), cos, sin, mtp_cache.layers[0])
 
 
+class SpeculativeStep:
+    """One step of every row on static buffers: the main model at [last token, draft] per row
+    (:func:`~dshal.model.decode.positioned_step`), the verdict, and the MTP layer's next draft,
+    with no host read, run through a :class:`~dshal.model.decode.GraphStep` (captured with
+    ``graph``, e.g. a CUDA graph; pass ``lambda fn: fn`` to run it eagerly). A sampling
+    verifier's random draws need the step run eagerly.
+
+    ``step(last [B], draft [B], q [B, V] or None, positions [B, 2])`` returns ``(verdict
+    [B, 3], last, draft, q)`` for the next call (static buffers when captured: read or pass
+    them on before the next call)."""
+
+    def __init__(
+        self, model: nn.Module, cache: KVCache, mtp_cache: KVCache, verifier: DraftVerifier,
+        graph: Callable[[Callable[..., Any]], Callable[..., Any]],
+    ):
+        device, batch = model.rope_cos.device, cache.batch
+        self.model, self.cache, self.mtp_cache, self.verifier = model, cache, mtp_cache, verifier
+        self.tokens = torch.zeros(batch, 2, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(batch, 2, dtype=torch.int64, device=device)
+        self.q = None if verifier.temperature == 0 else torch.zeros(batch, model.args.vocab_size, device=device)
+        self.run = GraphStep(self._step, graph)
+
+    def _step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, q: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        model = self.model
+        logits, hidden = positioned_step(model, tokens, positions, self.cache)
+        verdict = self.verifier.check(logits, tokens[:, 1], q)  # [B, 3]
+        kept = verdict[:, 2]  # [B]: 1 where the draft is kept
+        last = verdict[:, :2].gather(1, kept[:, None])[:, 0]  # each row's last kept token
+        # The MTP layer at both positions of every row; a row whose draft was rejected drafts from
+        # its first (its second slot is overwritten next step), the others from their second.
+        mtp_logits = _positioned_draft(model, hidden, verdict[:, :2], positions, self.mtp_cache)  # [B, 2, V]
+        draft, q = self.verifier.token(mtp_logits.gather(1, kept[:, None, None].expand(-1, 1, mtp_logits.shape[-1]))[:, 0])
+        return verdict, last, draft, q
+
+    def __call__(
+        self, last: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self.tokens[:, 0].copy_(last)
+        self.tokens[:, 1].copy_(draft)
+        self.positions.copy_(positions)
+        if q is not None:
+            self.q.copy_(q)
+        return self.run(self.tokens, self.positions, self.q)
+
+
 @torch.inference_mode()
 def generate_speculative(
     model: nn.Module,
@@ -191,6 +242,7 @@ def generate_speculative(
     cache: KVCache | None = None,
     mtp_cache: KVCache | None = None,
     cached: int = 0,
+    graph: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
 ) -> tuple[torch.Tensor, SpeculativeStats]:
     """Generation with MTP drafts: ``[B, T + new]`` ids and the :class:`SpeculativeStats`.
     Greedy (``temperature == 0``), the ids are exactly those of ``model.generate(input_ids,
@@ -214,7 +266,12 @@ def generate_speculative(
     max_len, mtp=True)``), both holding the prompt's first ``cached`` positions, e.g. from an
     earlier turn of a conversation: only the rest is prefilled (one sequence). Afterwards
     ``cache`` holds every token but the last; ``mtp_cache`` its first ``mtp_cache.length``
-    positions (the MTP layer skips the last step's kept positions when no draft follows)."""
+    positions (the MTP layer skips the last step's kept positions when no draft follows).
+
+    ``graph`` (a backend's :meth:`~dshal.Backend.graph` hook): the steps run as one captured
+    graph each (:class:`SpeculativeStep`; greedy only, a sampled step runs eagerly), one
+    sequence included (it then takes the several-sequence path); ``stats.captured`` says
+    whether capture worked."""
     check_input_ids("generate_speculative", input_ids, model.rope_cos.device)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate_speculative", prefill_chunk)
@@ -223,19 +280,22 @@ def generate_speculative(
     why = speculative_unsupported(model)
     if why:
         raise ArgumentError(f"generate_speculative: {why}")
-    several = input_ids.shape[0] > 1
-    if several and (cache is not None or mtp_cache is not None or cached or stream is not None):
+    rows = input_ids.shape[0] > 1 or graph is not None
+    if rows and (cache is not None or mtp_cache is not None or cached or stream is not None):
+        what = f"{input_ids.shape[0]} sequences" if input_ids.shape[0] > 1 else "'graph'"
         raise ArgumentError(
-            f"generate_speculative: 'cache', 'mtp_cache', 'cached' or 'stream' is given with {input_ids.shape[0]} "
-            "sequences, expected one sequence with them"
+            f"generate_speculative: 'cache', 'mtp_cache', 'cached' or 'stream' is given with {what}, "
+            "expected one sequence without 'graph' for them"
         )
     if cache is not None or mtp_cache is not None or cached:
         for name, given in (("cache", cache), ("mtp_cache", mtp_cache)):
             check_cache_reuse(given, cached, input_ids[:, : lens[0]], max_new_tokens, False, "generate_speculative", name)
     stops = [] if eos_token_id is None else stop_list(eos_token_id)
     verifier = DraftVerifier(temperature, top_p, generator)
-    if several:
-        return _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk)
+    if rows:
+        greedy_graph = graph if temperature == 0 else None  # a captured step holds no random draws
+        return _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk,
+                              greedy_graph)
     return _generate_one(model, input_ids[:, : lens[0]], max_new_tokens, verifier, set(stops), on_token, stream,
                          prefill_chunk, cache, mtp_cache, cached)
 
@@ -290,8 +350,10 @@ def _generate_one(
 def _generate_rows(
     model: nn.Module, input_ids: torch.Tensor, lens: list[int], max_new_tokens: int, verifier: DraftVerifier,
     stops: list[int], on_token: Callable[[int], None] | None, prefill_chunk: int | None,
+    graph: Callable[[Callable[..., Any]], Callable[..., Any]] | None,
 ) -> tuple[torch.Tensor, SpeculativeStats]:
-    """:func:`generate_speculative` for several sequences, each at its own positions."""
+    """:func:`generate_speculative` for several sequences (or one, with ``graph``), each at its
+    own positions, the steps through a :class:`SpeculativeStep`."""
     bsz, width = input_ids.shape
     total, device = width + max_new_tokens, input_ids.device
     out, _ = mask_padding(input_ids, lens, stops[0] if stops else 0)
@@ -312,7 +374,7 @@ def _generate_rows(
 
     pos, done, written = list(lens), [False] * bsz, 0  # row b's next position; whether it is done
     pending = [[token] for token in last.tolist()]  # each row's tokens to write
-    checked = False  # the first step runs the ops' input checks; the others repeat its calls
+    step = SpeculativeStep(model, cache, mtp_cache, verifier, graph or (lambda fn: fn))
     while True:
         for row, tokens in enumerate(pending):
             for value in tokens if not done[row] else ():
@@ -325,28 +387,16 @@ def _generate_rows(
         if on_token is not None:
             on_token(written - 1)
         if all(done):
-            end = max(pos)
-            return out[:, :end], stats
+            stats.captured, stats.capture_error = (step.run.captured, step.run.capture_error) if graph else (None, "")
+            return out[:, : max(pos)], stats
         # Every row at [last token, draft] (positions pos - 1, pos); a done row repeats a slot of its own.
         at = [min(p, total - 1) for p in pos]
-        positions = torch.tensor([[p - 1, p] for p in at], device=device)
-        with ops.trusted() if checked else contextlib.nullcontext():
-            logits, hidden = positioned_step(model, torch.stack((last, draft), dim=1), positions, cache)
-            verdict = verifier.check(logits, draft, q)  # [B, 3]
-            picked = verdict.tolist()  # the step's one host sync
-            kept = verdict[:, 2]  # [B]: 1 where the draft is kept
-            last = verdict[:, :2].gather(1, kept[:, None])[:, 0]  # each row's last kept token
-            # The MTP layer at both positions of every row; a row whose draft was rejected drafts from
-            # its first (its second slot is overwritten next step), the others from their second.
-            mtp_logits = _positioned_draft(model, hidden, verdict[:, :2], positions, mtp_cache)  # [B, 2, V]
-            draft, q = verifier.token(mtp_logits.gather(1, kept[:, None, None].expand(-1, 1, mtp_logits.shape[-1]))[:, 0])
-        checked = True
+        verdict, last, draft, q = step(last, draft, q, torch.tensor([[p - 1, p] for p in at], device=device))
         pending = []
-        for row, (first, second, keep) in enumerate(picked):
+        for row, (first, second, keep) in enumerate(verdict.tolist()):  # the step's one host read
             pending.append([first, second] if keep else [first])
             if not done[row]:
                 stats.steps += 1
                 stats.accepted += keep
 
-
-__all__ = ["DraftVerifier", "SpeculativeStats", "generate_speculative", "mtp_layers_for", "speculative_unsupported"]
+__all__ = ["DraftVerifier", "SpeculativeStats", "SpeculativeStep", "generate_speculative", "mtp_layers_for", "speculative_unsupported"]
