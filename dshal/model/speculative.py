@@ -399,4 +399,5 @@ def _generate_rows(
                 stats.steps += 1
                 stats.accepted += keep
 
+
 __all__ = ["DraftVerifier", "SpeculativeStats", "SpeculativeStep", "generate_speculative", "mtp_layers_for", "speculative_unsupported"]
