@@ -96,8 +96,9 @@ def test_parallel_cli_a_cache_no_rank_can_hold_is_said_once_with_the_ranks_share
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"]])
 def test_parallel_cli_speculative_mtp_splits_the_mtp_layer_too(tmp_path: Path, layout: list[str]) -> None:
     """``--speculative mtp`` under TP (the MTP layer's attention, MoE and vocabulary-parallel
-    head split like the others) and EP, two sequences each at its own positions: every rank
-    accepts the same drafts, and the tokens are the single-process run's."""
+    head split like the others) and EP, two sequences each at its own positions: the tokens
+    are the single-process run's, and the run's own check against its eager tokens holds on
+    every rank (a rank that kept another draft than its peers would desynchronize the job)."""
     flags = ["run", "--new-tokens", "8", "--prompt-len", "6", "--batch", "2", "--no-progress", "--speculative", "mtp"]
     reports = []
     for extra, name in ((layout, "parallel.json"), ([], "single.json")):
@@ -110,4 +111,5 @@ def test_parallel_cli_speculative_mtp_splits_the_mtp_layer_too(tmp_path: Path, l
     parallel, single = reports
     assert parallel["speculative"]["run"] and parallel["speculative"]["tokens_match_eager"]
     assert parallel["output_ids"] == single["output_ids"]
-    assert parallel["speculative"]["accepted"] == single["speculative"]["accepted"]
+    # (Not the acceptances: a random MTP layer's logits are near ties, so its drafts may differ
+    # with the reduction order of the split; the tokens may not.)

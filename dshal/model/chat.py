@@ -2,9 +2,9 @@
 ``generate.py --interactive`` holds one.
 
 Each turn sends the whole conversation through the tokenizer's chat template and generates
-the answer, printed as it comes (with the MTP layer's drafts under ``--speculative mtp``). The KV cache is kept across turns: a turn prefills only what
-its tokens add to the ones the cache holds (the earlier turns, where the template renders them
-the same way). ``/clear`` forgets the conversation, ``/exit`` (or the end
+the answer, printed as it comes (with the MTP layer's drafts under ``--speculative mtp``).
+The KV cache is kept across turns: a turn prefills only what its tokens add to the ones the
+cache holds (the earlier turns, where the template renders them the same way). ``/clear`` forgets the conversation, ``/exit`` (or the end
 of the input) ends it. A turn that cannot be served (the conversation grew past the model's
 positions or the memory) is said and dropped, and the conversation goes on.
 
@@ -151,18 +151,18 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
         out.write(stream.push(int(token[0])))
         out.flush()
 
-    sampling = dict(eos_token_id=settings.stop_ids, generator=generator, prefill_chunk=settings.prefill_chunk,
-                    top_p=settings.top_p, stream=show, cache=conversation.cache)
+    common = dict(eos_token_id=settings.stop_ids, generator=generator, prefill_chunk=settings.prefill_chunk,
+                  top_p=settings.top_p, stream=show, cache=conversation.cache)
     with settings.guard() if settings.guard else contextlib.nullcontext():
         if settings.speculative:
             # An MTP position's entry was made with the token after it: reusable one short of
             # the main cache's, and no further than the MTP cache got.
             cached = max(0, min(cached - 1, conversation.mtp_cache.length))
             result, stats = generate_speculative(model, prompt, settings.max_new_tokens, settings.temperature,
-                                                 mtp_cache=conversation.mtp_cache, cached=cached, **sampling)
+                                                 mtp_cache=conversation.mtp_cache, cached=cached, **common)
             conversation.drafts.append((stats.accepted, stats.steps))
         else:
-            result = model.generate(prompt, settings.max_new_tokens, settings.temperature, cached=cached, **sampling)
+            result = model.generate(prompt, settings.max_new_tokens, settings.temperature, cached=cached, **common)
     print(stream.flush(), file=out, flush=True)
     conversation.cached_ids = result[0, :-1].tolist()  # every token fed to the model: all but the last
     conversation.prefilled.append(len(ids) - cached)

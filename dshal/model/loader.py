@@ -11,7 +11,8 @@ here), and for FP8 checkpoints ``<linear>.weight_scale_inv`` (one float32 scale 
 ``<linear>.weight`` int8 with ``<linear>.weight_scale`` (one scale per output channel). The fused layout some transformers versions
 write (``mlp.experts.gate_up_proj`` ``[E, 2I, D]``, ``mlp.experts.down_proj``) is read too.
 Tensors of multi-token-prediction layers (``model.layers.<num_hidden_layers + i>``) are
-skipped unless ``ModelArgs.mtp_layers`` asks for them (the model's ``mtp.<layer>``). A missing, unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
+skipped unless ``ModelArgs.mtp_layers`` asks for them (the model's ``mtp.<layer>``). A
+missing, unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
 
 Each tensor goes to the model's device as it is read, except, for a backend that cannot hold
 float8 tensors on its device (``Capabilities.fp8_storage`` False, Ascend 910B), FP8 payloads

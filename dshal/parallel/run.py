@@ -119,6 +119,10 @@ def is_reporting_rank() -> bool:
 
 
 def finish() -> None:
+    """Leave the job together: every rank waits for the others, then tears its groups down.
+    (A rank that tore down while a peer was still finishing its last collective could end that
+    peer with gloo's "terminate called without an active exception", seen under load.)"""
+    comm.barrier()
     comm.shutdown()
 
 
