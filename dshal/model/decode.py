@@ -94,7 +94,8 @@ def static_decode_unsupported(model: nn.Module) -> str | None:
 class GraphStep:
     """A step over static input buffers: its first call runs ``step`` with the ops' input
     checks, eagerly, then captures it with ``graph`` (a backend's :meth:`~dshal.Backend.graph`
-    hook) inside :func:`dshal.ops.trusted`; later calls replay the capture. Where capture fails
+    hook) inside :func:`dshal.ops.trusted`; later calls replay the capture (a hook that returns
+    the step itself captures nothing: later calls run it eagerly, trusted). Where capture fails
     (an op reads the device on the host) the step runs eagerly, and ``capture_error`` says why.
     A replay's outputs are the graph's static buffers, overwritten by the next call."""
 
@@ -118,6 +119,9 @@ class GraphStep:
         start = time.perf_counter()
         out = self._step(*inputs)  # checked (Python input checks and host-side id checks), outside any graph
         replay = self._graph(self._trusted)
+        if replay == self._trusted:  # the backend captures nothing: later calls run the step eagerly
+            self._replay, self.capture_s = replay, time.perf_counter() - start
+            return out
         try:
             out = replay(*inputs)  # captures, then replays this step
             self.captured = replay != self._trusted  # bound methods: equal, not identical

@@ -541,6 +541,12 @@ def _decode_rate(stamps: list[float], batch: int) -> float | None:
     return tokens / seconds if seconds > 0 else None
 
 
+def _captures_graphs(runtime: Any) -> bool:
+    """Whether the backend captures device graphs (its ``graph()`` hook returns another callable)."""
+    probe = lambda: None  # noqa: E731
+    return runtime.backend.graph(probe) is not probe
+
+
 def _graph_run(
     args: argparse.Namespace,
     model: Any,
@@ -552,8 +558,7 @@ def _graph_run(
 ) -> dict[str, Any]:
     """Decode through a captured static step (``--graphs``); the report's graph fields.
     ``eager_outputs``: the eager run's new tokens per sequence (cut after a stop id ``eos``)."""
-    probe = lambda: None  # noqa: E731
-    captures = runtime.backend.graph(probe) is not probe
+    captures = _captures_graphs(runtime)
     why = static_decode_unsupported(model)
     if args.graphs == "off" or (args.graphs == "auto" and not captures):
         reason = "--graphs off" if args.graphs == "off" else f"backend {runtime.backend.name!r} has no device graphs"
@@ -611,8 +616,7 @@ def _speculative_run(
     sampler = torch.Generator(device=prompt.device)
     marks: list[tuple[int, float]] = []  # (new tokens written so far - 1, when)
     # The steps as device graphs, as --graphs decides for the plain decode steps (greedy only).
-    probe = lambda: None  # noqa: E731
-    captures = runtime.backend.graph(probe) is not probe
+    captures = _captures_graphs(runtime)
     use_graph = args.temperature == 0 and (args.graphs == "on" or (args.graphs == "auto" and captures))
     graph = runtime.backend.graph if use_graph else None
 
