@@ -17,7 +17,7 @@ from comm_worker import COMM_ERROR_EXIT, expect_equal, expect_raises, run_checks
 import dshal
 from dshal import comm, ops
 from dshal.errors import CommError, ShapeError
-from dshal.model import DictReader, ModelArgs, build_model, from_pretrained, tiny_args
+from dshal.model import DictReader, ModelArgs, build_model, decode, from_pretrained, tiny_args
 from dshal.model.checkpoint import random_checkpoint
 from dshal.model.loader import CheckpointReader
 from dshal.parallel import build_parallel, expert_parallel, setup_groups, tensor_parallel
@@ -91,6 +91,28 @@ def from_checkpoint(checks: dict, name: str, reference, path: Path, groups: Para
     run_checks(checks, name, check)
 
 
+def ranks_agree(checks: dict, reference, path: Path, rank: int) -> None:
+    """A rank that would choose another token (as a near tie can make a split model's ranks do)
+    still takes rank 0's: each rank here picks argmax + its rank, yet every rank's tokens are
+    rank 0's choice, the single process's greedy ones (with a stop id: the same step count)."""
+
+    def check() -> None:
+        args = ModelArgs.from_file(path)
+        model = build_parallel(args, CheckpointReader(path), groups_for(2, 1))
+        ids = prompt(args)
+        def own_choice(logits: torch.Tensor) -> torch.Tensor:
+            return (logits.argmax(dim=-1) + rank) % args.vocab_size
+        for lens in ([ids.shape[1]] * 2, [ids.shape[1], 4]):
+            want = reference.generate(ids, NEW_TOKENS, prompt_lens=lens)
+            got, _ = decode.generate_rows(model, ids, lens, NEW_TOKENS, own_choice)
+            expect_equal(got, want)
+            stop = int(want[0, ids.shape[1] + 1])  # row 0's second new token stops it; row 1 runs on
+            got, _ = decode.generate_rows(model, ids, lens, NEW_TOKENS, own_choice, eos_token_id=[stop])
+            expect_equal(got, reference.generate(ids, NEW_TOKENS, prompt_lens=lens, eos_token_id=stop))
+
+    run_checks(checks, "ranks take rank 0's tokens (TP=2, each rank choosing its own)", check)
+
+
 def total_bytes(path: Path) -> int:
     reader = CheckpointReader(path)
     total = 0
@@ -156,6 +178,7 @@ def models(rank: int, world: int, path: Path) -> dict[str, str]:
             from_checkpoint(checks, f"TP={tp} x EP={ep} from FP8 checkpoint", fp8_reference, fp8, groups_for(tp, ep))
         live(checks, "live tensor_parallel", reference, ckpt, args, [lambda m: tensor_parallel(m, None)])
         live(checks, "live expert_parallel", reference, ckpt, args, [lambda m: expert_parallel(m, None)])
+        ranks_agree(checks, reference, path, rank)
     if world == 4:
         g = groups_for(2, 2)
         live(checks, "live TP then EP", reference, ckpt, args, [lambda m: tensor_parallel(m, g.tp), lambda m: expert_parallel(m, g.ep)])

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dshal import ops
+from dshal import comm, ops
 from dshal.errors import DshalError
 from dshal.model.cache import KVCache
 from dshal.model.prefill import (
@@ -42,6 +42,20 @@ from dshal.model.prefill import (
     mask_padding,
     prefill,
 )
+
+
+def agreed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` (a step's chosen tokens, or a speculative step's verdict) as the job's first rank
+    chose them. The ranks of a split model can differ in the last bits of their logits (kernels
+    whose reduction order varies, e.g. split-K or atomics), and at a near tie choose different
+    tokens; they would then feed different tokens to their shards, or stop at different steps
+    and hang in the next collective. One small broadcast a step keeps them in step (as
+    SGLang's ``SYNC_TOKEN_IDS_ACROSS_TP`` does); an unsplit model skips it. Trusted: every
+    rank builds ``ids`` alike, so the cross-rank agreement check would only add a collective."""
+    if model.parallel.tp_size * model.parallel.ep_size == 1:
+        return ids
+    with ops.trusted():
+        return comm.broadcast(ids.contiguous(), src=0)
 
 
 def static_decode_step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -247,7 +261,7 @@ def generate_rows(
     row of one cache (:func:`prefill_rows`), then each step decodes all rows together,
     row b at position ``prompt_lens[b] + i`` (:class:`StaticDecoder` with per-row positions:
     the cache slots past a row's position are masked). ``next_token`` turns logits ``[B, V]``
-    into ids ``[B]``.
+    into ids ``[B]``; in a split model every rank takes the first rank's (:func:`agreed`).
 
     Returns ``[B, L + new]`` with L the longest prompt (shorter when every row stopped at a
     stop id) and the decoder (None when no decode step runs). Row b holds its prompt, its new
@@ -273,7 +287,7 @@ def generate_rows(
     logits = prefill_rows(model, input_ids, prompt_lens, cache, prefill_chunk)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        token = next_token(logits)  # [B]
+        token = agreed(model, next_token(logits))  # [B]
         if stops is not None:
             token = torch.where(done, stops[0], token)
             done |= torch.isin(token, stops)
@@ -291,6 +305,7 @@ def generate_rows(
 __all__ = [
     "GraphStep",
     "StaticDecoder",
+    "agreed",
     "generate_rows",
     "generate_with_graphs",
     "positioned_step",

@@ -226,6 +226,8 @@ def generate(
     first ``cached`` positions hold ``input_ids[:, :cached]`` already, e.g. an earlier turn of a
     conversation: only the rest of the prompt is prefilled. Afterwards the cache holds the
     prompt and every new token but the last. Prompts of one length only.
+
+    In a split model (TP/EP) every rank takes rank 0's tokens (:func:`~dshal.model.decode.agreed`).
     """
     check_input_ids("generate", input_ids)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
@@ -255,7 +257,7 @@ def generate(
     stops = None if eos_token_id is None else torch.tensor(stop_list(eos_token_id), device=input_ids.device)
     logits = prefill(model, prompts.ids[:, cached : prompts.start], cache, prefill_chunk, cached)
     for pos in range(prompts.start, total):
-        token = prompts.force(_next_token(logits, temperature, generator, top_p), pos)
+        token = prompts.force(decode.agreed(model, _next_token(logits, temperature, generator, top_p)), pos)
         if stops is not None:
             token = torch.where(done, stops[0], token)  # a finished sequence is padded with the first stop id
             done |= torch.isin(token, stops) & prompts.sampled(pos)

@@ -37,10 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dshal import comm
 from dshal.errors import ArgumentError
 from dshal.model.cache import KVCache
-from dshal.model.decode import GraphStep, positioned_step
+from dshal.model.decode import GraphStep, agreed, positioned_step
 from dshal.model.generate import check_cache_reuse, check_generate_args, check_top_p, sampling_probs, stop_list
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
@@ -162,11 +161,11 @@ def _prefill(
         logits, hidden = model(ids[:, start:end], start, cache, return_hidden=True)
         next_ids = ids[:, start + 1 : end + 1]
         if end == width:
-            token = _agreed(model, verifier.token(logits[:, -1])[0])  # [1]: position `width`
+            token = agreed(model, verifier.token(logits[:, -1])[0])  # [1]: position `width`
             next_ids = torch.cat((next_ids, token[:, None]), dim=1)
         draft_logits = model.draft(hidden, next_ids, start, mtp_cache)
     draft, q = verifier.token(draft_logits[:, -1])  # for position `width + 1`
-    return token, _agreed(model, draft), q
+    return token, agreed(model, draft), q
 
 
 def _positioned_draft(
@@ -177,16 +176,6 @@ def _positioned_draft(
     mtp_cache.begin_at(positions)
     layer = next(iter(model.mtp.values()))
     return layer.predict(hidden, model.embed(next_ids), cos, sin, mtp_cache.layers[0])
-
-
-def _agreed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``ids`` (a step's tokens or verdict) as the job's first rank chose them. The ranks of a
-    split model can differ in the last bits of their logits (reduction orders), and at a near
-    tie choose different tokens or keep different drafts; they would then feed different
-    tokens, or run different numbers of steps and hang. One small broadcast keeps them in step."""
-    if model.parallel.tp_size * model.parallel.ep_size == 1:
-        return ids
-    return comm.broadcast(ids.contiguous(), src=0)
 
 
 class SpeculativeStep:
@@ -216,14 +205,14 @@ class SpeculativeStep:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         model = self.model
         logits, hidden = positioned_step(model, tokens, positions, self.cache)
-        verdict = _agreed(model, self.verifier.check(logits, tokens[:, 1], q))  # [B, 3]
+        verdict = agreed(model, self.verifier.check(logits, tokens[:, 1], q))  # [B, 3]
         kept = verdict[:, 2]  # [B]: 1 where the draft is kept
         last = verdict[:, :2].gather(1, kept[:, None])[:, 0]  # each row's last kept token
         # The MTP layer at both positions of every row; a row whose draft was rejected drafts from
         # its first (its second slot is overwritten next step), the others from their second.
         mtp_logits = _positioned_draft(model, hidden, verdict[:, :2], positions, self.mtp_cache)  # [B, 2, V]
         draft, q = self.verifier.token(mtp_logits.gather(1, kept[:, None, None].expand(-1, 1, mtp_logits.shape[-1]))[:, 0])
-        return verdict, last, _agreed(model, draft), q
+        return verdict, last, agreed(model, draft), q
 
     def __call__(
         self, last: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, positions: torch.Tensor
@@ -345,7 +334,7 @@ def _generate_one(
         step = torch.stack((new[-1:], draft), dim=1)
         cache.vouch_for(step)  # the model's own tokens: no id range check
         logits, hidden = model(step, pos - 1, cache, return_hidden=True)
-        verdict = _agreed(model, verifier.check(logits, draft, q)[0])  # [3]
+        verdict = agreed(model, verifier.check(logits, draft, q)[0])  # [3]
         picked = verdict.tolist()  # the step's one host sync
         kept = 1 + picked[2]  # a rejected draft's cache slot (pos) is overwritten next step
         stats.steps += 1
@@ -356,7 +345,7 @@ def _generate_one(
             mtp_ids = new[None]
             mtp_cache.vouch_for(mtp_ids)
             draft, q = verifier.token(model.draft(hidden[:, :kept], mtp_ids, pos - 1, mtp_cache)[:, -1])
-            draft = _agreed(model, draft)
+            draft = agreed(model, draft)
 
 
 def _generate_rows(
