@@ -403,6 +403,8 @@ def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
     assert (one_by_one["batch"], one_by_one["batches"]) == (1, 2) and one_by_one["sequences"] == both["sequences"]
     assert f"2 prompts of {lens[0]} to {lens[1]} tokens in 2 batches of <= 1" in from_file.stdout
     assert one_by_one["graphs"] == {"run": False, "why": "2 batches: graphs are timed on one batch"}
+    # Two prompt lengths: the second batch's shapes are warmed up too, not met inside the timings.
+    assert (both["warmup_shapes"], one_by_one["warmup_shapes"]) == (1, 2) and "2 batch shapes" in from_file.stdout
 
 
 def test_model_dshal_run_reads_a_prompt_file(tmp_path):

@@ -6,7 +6,9 @@ bias, q LoRA, YaRN); ``--checkpoint DIR`` loads a Hugging Face checkpoint instea
 
 Timing: a warm-up generates with exactly the timed shapes (same batch, prompt length and
 number of new tokens), so Triton compilation and autotuning happen there; its extra time
-over the timed run is reported apart as ``compile_autotune_s``. Decode tokens/s counts the
+over the timed run is reported apart as ``compile_autotune_s``. Each later batch of another
+shape (``--prompt-file`` in several batches) is warmed up too, with its prefill and one
+decode step (``warmup_shapes`` counts them). Decode tokens/s counts the
 steps after the first decode step (the first runs the ops' input checks, and with graphs
 is the capture), with and without device graphs (``--graphs``): the graph run captures a
 static decode step with the backend's ``graph()`` hook (:mod:`dshal.model.decode`) and
@@ -454,9 +456,18 @@ def _generate_and_time(
     sampler = torch.Generator(device=batches[0][0].device).manual_seed(args.seed)
     generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
                                  temperature=args.temperature, generator=sampler, top_p=args.top_p)
-    # Warm-up with exactly the (first batch's) timed shapes: compilation and autotuning happen here.
+    # Warm-up with exactly the first batch's timed shapes: compilation and autotuning happen here.
     warm_start = time.perf_counter()
     generate(batches[0][0], args.new_tokens, prompt_lens=batches[0][1])
+    sync()
+    first_warmup_s = time.perf_counter() - warm_start
+    # Each later batch of another shape (rows, prompt lengths): its prefill and one decode step,
+    # so that no batch compiles or autotunes inside the timings.
+    warmed = {_batch_key(*batches[0])}
+    for prompt, lens in batches[1:]:
+        if _batch_key(prompt, lens) not in warmed:
+            warmed.add(_batch_key(prompt, lens))
+            generate(prompt, min(args.new_tokens, 2), prompt_lens=lens)
     sync()
     warmup_s = time.perf_counter() - warm_start
 
@@ -484,8 +495,9 @@ def _generate_and_time(
         "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s > 0 else None,
         "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
         "warmup_s": round(warmup_s, 3),
-        # What the warm-up spent beyond a warm run of the same batch: compilation, autotuning, first-call setup.
-        "compile_autotune_s": round(max(warmup_s - first_s, 0.0), 3),
+        "warmup_shapes": len(warmed),
+        # What the first batch's warm-up spent beyond its timed run: compilation, autotuning, first-call setup.
+        "compile_autotune_s": round(max(first_warmup_s - first_s, 0.0), 3),
         **graphs,
     }
     return timing, outputs
@@ -649,6 +661,11 @@ def _speculative_run(
     }
 
 
+def _batch_key(prompt: torch.Tensor, lens: list[int]) -> tuple[Any, ...]:
+    """What a batch's kernel shapes depend on: its rows and each row's prompt length."""
+    return (*prompt.shape, *lens)
+
+
 def _timed_generate(
     generate: Any, prompt: torch.Tensor, new_tokens: int, steps: int, sync: Any, show: bool
 ) -> tuple[torch.Tensor, float, list[float]]:
@@ -765,8 +782,9 @@ def _print(report: dict[str, Any]) -> None:
     elif speculative:
         console.print(f"decode with MTP drafts: not run ({speculative['why']})")
     console.print(
-        f"warm-up (same shapes): {report['warmup_s']:.2f} s, of which compile/autotune/first-call "
-        f"{report['compile_autotune_s']:.2f} s (outside the timings)"
+        f"warm-up (same shapes{f', {shapes} batch shapes' if (shapes := report['warmup_shapes']) > 1 else ''}): "
+        f"{report['warmup_s']:.2f} s, of which compile/autotune/first-call "
+        f"{report['compile_autotune_s']:.2f} s (the first batch's; outside the timings)"
     )
 
 
