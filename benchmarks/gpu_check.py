@@ -39,10 +39,12 @@ it finishes, so a stage cut short by the time budget leaves the others' results:
    runtime, kernel-only timings, and the output against the reference at one token;
 6. **dshal run**: the model core on the device (``dshal run --graphs auto --speculative mtp``):
    decode tokens/s with and without CUDA graphs, compile/autotune time apart, and greedy
-   decoding with the (random) MTP layer's drafts, its steps captured as CUDA graphs, whose
-   tokens must be the eager run's;
+   decoding with the (random) MTP layer's drafts, its steps' forwards captured as CUDA graphs,
+   whose tokens must be the eager run's;
 7. **ragged**: prompts of different lengths (the tiny model): eager, and through the per-row
-   static decode step captured as a CUDA graph; the tokens must match and the step capture;
+   static decode step captured as a CUDA graph; the tokens must match and the step capture.
+   Then sampled speculative decoding on them (temperature 0.8): its forwards captured, its
+   draws made between them;
 8. **tune**: ``dshal tune`` on DeepSeek-V3's FP8 linear shapes with the time left (at most
    3 minutes; small M first), writing ``$OUT/tuned/nvidia-sm90.json``: the table to ship in
    ``dshal/kernels/triton/tuned/``. (Until a table is shipped, the GEMM stage's warm-up
@@ -538,13 +540,16 @@ def stage_run(check: Check, dry_run: bool) -> None:
 def stage_ragged(check: Check, backend: Any, dry_run: bool) -> None:
     """Prompts of different lengths on the device (the tiny model): eager ``generate(...,
     prompt_lens=)`` and through the per-row static step captured as a graph
-    (``generate_with_graphs``); the tokens must match, and the step must capture."""
+    (``generate_with_graphs``); the tokens must match, and the step must capture. Then sampled
+    speculative decoding of the same prompts with the step's forwards captured (the random MTP
+    layer's drafts; the draws between the forwards): whether it captured, and every id in range."""
     import torch
 
     from dshal.model import random_model, tiny_args  # lazy: dshal is installed by this script's first step
     from dshal.model.decode import generate_with_graphs  # lazy: as above
+    from dshal.model.speculative import generate_speculative  # lazy: as above
 
-    model = random_model(tiny_args(), seed=0)
+    model = random_model(tiny_args(num_nextn_predict_layers=1, mtp_layers=1), seed=0)  # the MTP layer after the others
     device = model.rope_cos.device
     lens, new = ([3, 6], 2) if dry_run else ([5, 17, 9, 30], 32)  # the interpreter is slow
     ids = torch.randint(0, model.args.vocab_size, (len(lens), max(lens)), generator=torch.Generator().manual_seed(0))
@@ -565,6 +570,11 @@ def stage_ragged(check: Check, backend: Any, dry_run: bool) -> None:
                                                                                  prompt_lens=lens))
     result.update(tokens_match=bool(torch.equal(eager, graphed)), captured=bool(decoder and decoder.captured),
                   capture_error=decoder.capture_error if decoder else "")
+    check.save()
+    sampler = torch.Generator(device=device).manual_seed(0)
+    sampled, stats = generate_speculative(model, ids, new, 0.8, generator=sampler, prompt_lens=lens, graph=backend.graph)
+    result["speculative_sampled"] = {
+        **stats.as_dict(), "ids_in_range": bool(((sampled >= 0) & (sampled < model.args.vocab_size)).all())}
     check.save()
 
 
@@ -706,6 +716,11 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
         lines.append(f"prompts of {ragged['prompt_lens']} tokens, {ragged['new_tokens']} new: eager {ragged['eager_s']:.3f} s, "
                      f"per-row graph step {ragged['graphs_s']:.3f} s ({how}); tokens "
                      f"{'match' if ragged['tokens_match'] else 'DIFFER'}")
+    sampled = ragged.get("speculative_sampled")
+    if sampled:
+        how = "captured" if sampled["captured"] else f"not captured {sampled['capture_error']}".rstrip()
+        lines.append(f"sampled speculative decoding on them: {sampled['steps']} steps ({how}), "
+                     f"{sampled['accepted']} of {sampled['drafted']} drafts kept, ids in range {sampled['ids_in_range']}")
     tuned = check.data.get("tune")
     if tuned:
         lines.append(f"dshal tune: rc={tuned.get('returncode')}, {tuned.get('entries')} entries "

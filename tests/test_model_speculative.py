@@ -364,10 +364,12 @@ def test_several_prompts_report_their_tokens_as_they_come_and_sample():
 
 
 def test_the_steps_go_through_the_backends_graph_hook():
-    """With ``graph`` (a backend's ``graph()`` hook) the steps run as one captured callable each:
-    its first call checked and eager, then what the hook returned, replayed every step. Here
-    the hook is a stand-in that wraps the step (not a device graph; the CPU has none); one that
-    fails at capture leaves the steps eager, and says why. The tokens stay the greedy ones."""
+    """With ``graph`` (a backend's ``graph()`` hook) each step's two forwards (the main model,
+    the MTP layer) run as captured callables: their first calls checked and eager, then what
+    the hook returned, replayed every step. Here the hook is a stand-in that wraps the forward
+    (not a device graph; the CPU has none); one that fails at capture leaves the steps eager,
+    and says why. The tokens stay the greedy ones. A sampled run is captured too (its draws
+    are made between the forwards), and draws what the eager run draws."""
     args = _mtp_args()
     model = _repeating_mtp_model(args, 0)
     prompt = _prompt(args, seed=0)
@@ -382,7 +384,7 @@ def test_the_steps_go_through_the_backends_graph_hook():
 
     got, stats = generate_speculative(model, prompt, 16, graph=capture)
     assert torch.equal(got, want) and stats.captured is True and stats.accepted > 0
-    assert len(replays) == stats.steps  # the first step's capture replays it, then one replay a step
+    assert len(replays) == 2 * stats.steps  # the first step's captures replay it, then two replays a step
 
     def refuse(step):
         def replay(*inputs):
@@ -395,7 +397,10 @@ def test_the_steps_go_through_the_backends_graph_hook():
     rows, lens = _prompt(args, length=7, seed=1, batch=2), [7, 4]
     together, stats = generate_speculative(model, rows, 10, prompt_lens=lens, graph=capture)
     assert completions(together, lens, 10) == [model.generate(rows[b : b + 1, :n], 10)[0, n:].tolist() for b, n in enumerate(lens)]
-    sampled, stats = generate_speculative(model, prompt, 4, 0.5, graph=capture, generator=torch.Generator().manual_seed(0))
-    assert stats.captured is None  # a sampled step holds random draws: eager
+    replays.clear()
+    sampled, stats = generate_speculative(model, prompt, 12, 0.5, graph=capture, generator=torch.Generator().manual_seed(0))
+    assert stats.captured is True and len(replays) == 2 * stats.steps
+    eager, _ = generate_speculative(model, prompt, 12, 0.5, graph=lambda fn: fn, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, eager)
     with pytest.raises(ArgumentError, match="'stream' is given with 'graph', expected one sequence without 'graph'"):
         generate_speculative(model, prompt, 4, graph=capture, stream=print)

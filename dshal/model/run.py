@@ -627,9 +627,8 @@ def _speculative_run(
     sync = runtime.backend.synchronize
     sampler = torch.Generator(device=prompt.device)
     marks: list[tuple[int, float]] = []  # (new tokens written so far - 1, when)
-    # The steps as device graphs, as --graphs decides for the plain decode steps (greedy only).
-    captures = _captures_graphs(runtime)
-    use_graph = args.temperature == 0 and (args.graphs == "on" or (args.graphs == "auto" and captures))
+    # The steps' forwards as device graphs, as --graphs decides for the plain decode steps.
+    use_graph = args.graphs == "on" or (args.graphs == "auto" and _captures_graphs(runtime))
     graph = runtime.backend.graph if use_graph else None
 
     def speculative_generate(on_token: Any = None) -> tuple[torch.Tensor, SpeculativeStats]:

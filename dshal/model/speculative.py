@@ -30,6 +30,7 @@ exact distribution.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -179,50 +180,69 @@ def _positioned_draft(
 
 
 class SpeculativeStep:
-    """One step of every row on static buffers: the main model at [last token, draft] per row
-    (:func:`~dshal.model.decode.positioned_step`), the verdict, and the MTP layer's next draft,
-    with no host read, run through a :class:`~dshal.model.decode.GraphStep` (captured with
-    ``graph``, e.g. a CUDA graph; pass ``lambda fn: fn`` to run it eagerly). A sampling
-    verifier's random draws need the step run eagerly.
+    """One step of every row on static buffers, as two forwards each run through a
+    :class:`~dshal.model.decode.GraphStep` (captured with ``graph``, e.g. a CUDA graph; pass
+    ``lambda fn: fn`` to run them eagerly), and the choices between them:
+
+    1. the main model at [last token, draft] per row (:func:`~dshal.model.decode.positioned_step`);
+    2. the verdict (:meth:`DraftVerifier.check`), eager;
+    3. the MTP layer at both positions of every row, the logits of each row's last kept one;
+    4. the next draft (:meth:`DraftVerifier.token`), eager.
+
+    The choices stay outside the graphs (as vLLM keeps its sampler outside them): a sampling
+    verifier's random draws then come from its generator on every step, not a captured replay
+    of the first step's, and greedy and sampled steps are captured alike. No step reads the
+    device on the host.
 
     ``step(last [B], draft [B], q [B, V] or None, positions [B, 2])`` returns ``(verdict
-    [B, 3], last, draft, q)`` for the next call (static buffers when captured: read or pass
-    them on before the next call)."""
+    [B, 3], last, draft, q)`` for the next call."""
 
     def __init__(
         self, model: nn.Module, cache: KVCache, mtp_cache: KVCache, verifier: DraftVerifier,
         graph: Callable[[Callable[..., Any]], Callable[..., Any]],
     ):
         device, batch = model.rope_cos.device, cache.batch
-        self.model, self.cache, self.mtp_cache, self.verifier = model, cache, mtp_cache, verifier
+        self.model, self.verifier = model, verifier
         self.tokens = torch.zeros(batch, 2, dtype=torch.int64, device=device)
         self.positions = torch.zeros(batch, 2, dtype=torch.int64, device=device)
-        self.q = None if verifier.temperature == 0 else torch.zeros(batch, model.args.vocab_size, device=device)
-        self.run = GraphStep(self._step, graph)
+        self.main = GraphStep(lambda tokens, positions: positioned_step(model, tokens, positions, cache), graph)
+        self.mtp = GraphStep(functools.partial(_kept_draft_logits, model, mtp_cache), graph)
 
-    def _step(
-        self, tokens: torch.Tensor, positions: torch.Tensor, q: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        model = self.model
-        logits, hidden = positioned_step(model, tokens, positions, self.cache)
-        verdict = agreed(model, self.verifier.check(logits, tokens[:, 1], q))  # [B, 3]
-        kept = verdict[:, 2]  # [B]: 1 where the draft is kept
-        last = verdict[:, :2].gather(1, kept[:, None])[:, 0]  # each row's last kept token
-        # The MTP layer at both positions of every row; a row whose draft was rejected drafts from
-        # its first (its second slot is overwritten next step), the others from their second.
-        mtp_logits = _positioned_draft(model, hidden, verdict[:, :2], positions, self.mtp_cache)  # [B, 2, V]
-        draft, q = self.verifier.token(mtp_logits.gather(1, kept[:, None, None].expand(-1, 1, mtp_logits.shape[-1]))[:, 0])
-        return verdict, last, agreed(model, draft), q
+    @property
+    def captured(self) -> bool:
+        """Whether both forwards run as captured graphs."""
+        return self.main.captured and self.mtp.captured
+
+    @property
+    def capture_error(self) -> str:
+        """Why a forward's capture failed (it then runs eagerly), or ""."""
+        return self.main.capture_error or self.mtp.capture_error
 
     def __call__(
         self, last: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        model = self.model
         self.tokens[:, 0].copy_(last)
         self.tokens[:, 1].copy_(draft)
         self.positions.copy_(positions)
-        if q is not None:
-            self.q.copy_(q)
-        return self.run(self.tokens, self.positions, self.q)
+        logits, hidden = self.main(self.tokens, self.positions)  # [B, 2, V], [B, 2, D]
+        verdict = agreed(model, self.verifier.check(logits, draft, q))  # [B, 3]
+        kept = verdict[:, 2]  # [B]: 1 where the draft is kept
+        last = verdict[:, :2].gather(1, kept[:, None])[:, 0]  # each row's last kept token
+        draft, q = self.verifier.token(self.mtp(hidden, verdict[:, :2], self.positions, kept))
+        return verdict, last, agreed(model, draft), q
+
+
+def _kept_draft_logits(
+    model: nn.Module, mtp_cache: KVCache, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+    kept: torch.Tensor,
+) -> torch.Tensor:
+    """The MTP layer at both positions of every row (``hidden [B, 2, D]``, each position's
+    next token in ``next_ids [B, 2]``): the logits ``[B, V]`` of each row's last kept position
+    (``kept [B]``: 1 where the draft was kept). A row whose draft was rejected drafts from its
+    first position; its second slot is overwritten next step."""
+    logits = _positioned_draft(model, hidden, next_ids, positions, mtp_cache)  # [B, 2, V]
+    return logits.gather(1, kept[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
 
 
 @torch.inference_mode()
@@ -268,9 +288,9 @@ def generate_speculative(
     ``cache`` holds every token but the last; ``mtp_cache`` its first ``mtp_cache.length``
     positions (the MTP layer skips the last step's kept positions when no draft follows).
 
-    ``graph`` (a backend's :meth:`~dshal.Backend.graph` hook): the steps run as one captured
-    graph each (:class:`SpeculativeStep`; greedy only, a sampled step runs eagerly), one
-    sequence included (it then takes the several-sequence path); ``stats.captured`` says
+    ``graph`` (a backend's :meth:`~dshal.Backend.graph` hook): each step's two forwards run as
+    captured graphs, its choices (greedy or sampled) between them (:class:`SpeculativeStep`),
+    one sequence included (it then takes the several-sequence path); ``stats.captured`` says
     whether capture worked."""
     check_input_ids("generate_speculative", input_ids, model.rope_cos.device)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
@@ -293,9 +313,7 @@ def generate_speculative(
     stops = [] if eos_token_id is None else stop_list(eos_token_id)
     verifier = DraftVerifier(temperature, top_p, generator)
     if rows:
-        greedy_graph = graph if temperature == 0 else None  # a captured step holds no random draws
-        return _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk,
-                              greedy_graph)
+        return _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk, graph)
     return _generate_one(model, input_ids[:, : lens[0]], max_new_tokens, verifier, set(stops), on_token, stream,
                          prefill_chunk, cache, mtp_cache, cached)
 
@@ -388,7 +406,7 @@ def _generate_rows(
         if on_token is not None:
             on_token(written - 1)
         if all(done):
-            stats.captured, stats.capture_error = (step.run.captured, step.run.capture_error) if graph else (None, "")
+            stats.captured, stats.capture_error = (step.captured, step.capture_error) if graph else (None, "")
             return out[:, : max(pos)], stats
         # Every row at [last token, draft] (positions pos - 1, pos); a done row repeats a slot of its own.
         at = [min(p, total - 1) for p in pos]
