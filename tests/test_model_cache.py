@@ -374,7 +374,7 @@ def test_model_generate_refuses_bad_prompt_lens():
 def test_top_p_samples_only_the_nucleus():
     """Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.6 keeps the first two (0.5 alone does not
     reach it), top_p 0.5 only the first; both kept tokens are drawn."""
-    from dshal.model.generate import _next_token
+    from dshal.model.sampling import next_token as _next_token
 
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(400, 4)
     gen = torch.Generator().manual_seed(3)

@@ -13,7 +13,7 @@ import torch
 
 import dshal
 from dshal.config import PrecisionConfig
-from dshal.errors import ShapeError
+from dshal.errors import ArgumentError, ShapeError
 from dshal.model import random_model, tiny_args
 from dshal.model.decode import StaticDecoder, generate_with_graphs, positioned_step
 from dshal.perf.syncs import HostSyncCounter
@@ -58,6 +58,34 @@ def test_static_decode_matches_the_model_decode():
         want_logits = model(token[:, None], pos, cache, last_only=True)[:, -1]
         got_logits = decoder(token, pos).clone()
         assert (got_logits - want_logits).abs().max().item() <= 1e-5 * want_logits.abs().max().item()
+
+
+def test_static_decode_samples_outside_the_graph():
+    """Sampled generation through the static step: the graph hook gets the forward only and the
+    token is drawn after it, from the generator, each step. The draws are then the eager
+    ``generate``'s with the same seed (one [B, V] draw a step on the same logits), for one
+    length and for prompts of different lengths; a one-token nucleus is greedy."""
+    dshal.use(backend="cpu")
+    model = random_model(tiny_args(), seed=2)
+    ids = _ids(model.args)
+    hooked = []
+
+    def stand_in(step):  # records what it is asked to capture; not a device graph
+        hooked.append(step)
+        return step
+
+    for lens in (None, [ids.shape[1], 3]):
+        want = model.generate(ids, 8, 1.5, prompt_lens=lens, generator=torch.Generator().manual_seed(3))
+        got, decoder = generate_with_graphs(model, ids, 8, stand_in, prompt_lens=lens, temperature=1.5,
+                                            generator=torch.Generator().manual_seed(3))
+        assert torch.equal(got, want) and not torch.equal(got, model.generate(ids, 8, prompt_lens=lens))
+    assert len(hooked) == 2  # one static step per generation, its logits out of the graph
+    nucleus, _ = generate_with_graphs(model, ids, 8, stand_in, temperature=1.5, top_p=1e-9)
+    assert torch.equal(nucleus, model.generate(ids, 8))
+    with pytest.raises(ArgumentError, match="generate_with_graphs: argument 'temperature' is -1, expected a finite number >= 0"):
+        generate_with_graphs(model, ids, 8, stand_in, temperature=-1)
+    with pytest.raises(ArgumentError, match=r"generate_with_graphs: argument 'top_p' is 0, expected a number in \(0, 1\]"):
+        generate_with_graphs(model, ids, 8, stand_in, temperature=1.0, top_p=0)
 
 
 def _emulated_nvidia():

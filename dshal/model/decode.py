@@ -12,7 +12,7 @@ of them with one launch. Capture needs a step whose every shape and address is f
 - every op runs inside :func:`dshal.ops.trusted`: no Python input checks, id range checks
   on the device, and collectives without a host wait: nothing reads the device on the host.
 
-:func:`generate_with_graphs` is greedy generation with such steps, and
+:func:`generate_with_graphs` is generation (greedy or sampled) with such steps, and
 :class:`StaticDecoder` is the step itself. The first step runs once eagerly with the ops'
 input checks on (outside the graph, as the model core's first decode step does) before it
 is captured. On a backend without device graphs (``graph(fn)`` returns ``fn``) the same
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dshal import comm, ops
-from dshal.errors import DshalError
+from dshal.errors import ArgumentError, DshalError
 from dshal.model.cache import KVCache
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
@@ -42,6 +42,7 @@ from dshal.model.prefill import (
     mask_padding,
     prefill,
 )
+from dshal.model.sampling import check_temperature, check_top_p, next_token
 
 
 def agreed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -204,16 +205,27 @@ def generate_with_graphs(
     on_token: Callable[[int], None] | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     prompt_lens: Sequence[int] | None = None,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, StaticDecoder | None]:
-    """Greedy generation (as ``model.generate(input_ids, max_new_tokens, prefill_chunk=...,
-    prompt_lens=...)``) whose decode steps go through a :class:`StaticDecoder` captured with
-    ``graph``. Returns the ids ``[B, T + new]`` and the decoder (None when no decode step runs)."""
-    check_input_ids("generate_with_graphs", input_ids, model.rope_cos.device)
-    check_prefill_chunk("generate_with_graphs", prefill_chunk)
+    """Generation (as ``model.generate(input_ids, max_new_tokens, temperature, top_p=...,
+    generator=..., prefill_chunk=..., prompt_lens=...)``: greedy by default) whose decode steps go
+    through a :class:`StaticDecoder` captured with ``graph``. The graph returns the logits; the
+    token is chosen from them outside it (:func:`dshal.model.sampling.next_token`), so a
+    sampled step's draws come from ``generator`` every step. Returns the ids ``[B, T + new]``
+    and the decoder (None when no decode step runs)."""
+    where = "generate_with_graphs"
+    check_input_ids(where, input_ids, model.rope_cos.device)
+    check_prefill_chunk(where, prefill_chunk)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise DshalError(f"generate_with_graphs: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
-    lens = check_prompt_lens("generate_with_graphs", prompt_lens, *input_ids.shape)
-    return generate_rows(model, input_ids, lens, max_new_tokens, lambda logits: logits.argmax(dim=-1), graph=graph,
+        raise ArgumentError(f"{where}: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
+    check_temperature(temperature, where)
+    check_top_p(top_p, where)
+    lens = check_prompt_lens(where, prompt_lens, *input_ids.shape)
+    return generate_rows(model, input_ids, lens, max_new_tokens,
+                         lambda logits: next_token(logits, temperature, generator, top_p), graph=graph,
                          on_token=on_token, prefill_chunk=prefill_chunk)
 
 

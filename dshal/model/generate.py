@@ -17,7 +17,6 @@ ways:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ from dshal.model.prefill import (
     mask_padding,
     prefill,
 )
+from dshal.model.sampling import check_temperature, check_top_p, next_token, sampling_probs
 
 
 class PromptBatch:
@@ -83,35 +83,6 @@ def completions(
         cut = next((i + 1 for i, token in enumerate(new) if token in stops), len(new))
         rows.append(new[:cut])
     return rows
-
-
-def _next_token(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0
-) -> torch.Tensor:
-    """``[B, V]`` logits -> ``[B]`` ids: argmax when ``temperature == 0``, else a sample of
-    :func:`sampling_probs`."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
-
-
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """``[..., V]`` logits -> the float32 distribution generation samples from (``temperature > 0``):
-    ``softmax(logits / temperature)``, restricted with ``top_p < 1`` to the most likely tokens
-    whose probabilities reach ``top_p`` together (nucleus sampling; the most likely is always
-    kept). Not renormalized: ``torch.multinomial`` takes weights."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return probs
-
-
-def check_top_p(top_p: Any) -> None:
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ArgumentError(f"generate: argument 'top_p' is {top_p!r}, expected a number in (0, 1]")
 
 
 def stop_list(eos_token_id: Any) -> list[Any]:
@@ -167,13 +138,7 @@ def check_generate_args(
             f"generate: argument 'max_new_tokens' is {max_new_tokens}, expected at most {limit - input_ids.shape[1]}: "
             f"the prompt ({input_ids.shape[1]} tokens) plus new tokens must fit max_position_embeddings ({limit})"
         )
-    if (
-        not isinstance(temperature, (int, float))
-        or isinstance(temperature, bool)
-        or not math.isfinite(temperature)
-        or temperature < 0
-    ):
-        raise ArgumentError(f"generate: argument 'temperature' is {temperature!r}, expected a finite number >= 0")
+    check_temperature(temperature)
     vocab = getattr(args, "vocab_size", None)
     ids = stop_list(eos_token_id)
     if eos_token_id is not None and (
@@ -238,7 +203,7 @@ def generate(
         check_cache_reuse(cache, cached, input_ids, max_new_tokens, len(set(lens)) > 1)
     if len(set(lens)) > 1 and max_new_tokens > 0 and decode.static_decode_unsupported(model) is None:
         out, _ = decode.generate_rows(  # each row at its own positions
-            model, input_ids, lens, max_new_tokens, lambda logits: _next_token(logits, temperature, generator, top_p),
+            model, input_ids, lens, max_new_tokens, lambda logits: next_token(logits, temperature, generator, top_p),
             eos_token_id=None if eos_token_id is None else stop_list(eos_token_id),
             stream=stream, on_token=on_token, prefill_chunk=prefill_chunk,
         )
@@ -257,7 +222,7 @@ def generate(
     stops = None if eos_token_id is None else torch.tensor(stop_list(eos_token_id), device=input_ids.device)
     logits = prefill(model, prompts.ids[:, cached : prompts.start], cache, prefill_chunk, cached)
     for pos in range(prompts.start, total):
-        token = prompts.force(decode.agreed(model, _next_token(logits, temperature, generator, top_p)), pos)
+        token = prompts.force(decode.agreed(model, next_token(logits, temperature, generator, top_p)), pos)
         if stops is not None:
             token = torch.where(done, stops[0], token)  # a finished sequence is padded with the first stop id
             done |= torch.isin(token, stops) & prompts.sampled(pos)

@@ -1,0 +1,55 @@
+"""How generation chooses each token from the logits: greedy, or sampled with a temperature and
+nucleus (top-p) cut, shared by plain, graph-captured and speculative decoding."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from dshal.errors import ArgumentError
+
+
+def next_token(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0
+) -> torch.Tensor:
+    """``[B, V]`` logits -> ``[B]`` ids: argmax when ``temperature == 0``, else a sample of
+    :func:`sampling_probs`."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """``[..., V]`` logits -> the float32 distribution generation samples from (``temperature > 0``):
+    ``softmax(logits / temperature)``, restricted with ``top_p < 1`` to the most likely tokens
+    whose probabilities reach ``top_p`` together (nucleus sampling; the most likely is always
+    kept). Not renormalized: ``torch.multinomial`` takes weights."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
+def check_temperature(temperature: Any, where: str = "generate") -> None:
+    """ArgumentError naming ``where`` unless ``temperature`` is a finite number >= 0."""
+    if (
+        not isinstance(temperature, (int, float))
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise ArgumentError(f"{where}: argument 'temperature' is {temperature!r}, expected a finite number >= 0")
+
+
+def check_top_p(top_p: Any, where: str = "generate") -> None:
+    """ArgumentError naming ``where`` unless ``top_p`` is a number in (0, 1]."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ArgumentError(f"{where}: argument 'top_p' is {top_p!r}, expected a number in (0, 1]")
+
+
+__all__ = ["check_temperature", "check_top_p", "next_token", "sampling_probs"]
