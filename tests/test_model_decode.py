@@ -13,7 +13,7 @@ import torch
 
 import dshal
 from dshal.config import PrecisionConfig
-from dshal.errors import ArgumentError, ShapeError
+from dshal.errors import ArgumentError, DshalError, ShapeError
 from dshal.model import random_model, tiny_args
 from dshal.model.decode import StaticDecoder, generate_with_graphs, positioned_step
 from dshal.perf.syncs import HostSyncCounter
@@ -86,6 +86,32 @@ def test_static_decode_samples_outside_the_graph():
         generate_with_graphs(model, ids, 8, stand_in, temperature=-1)
     with pytest.raises(ArgumentError, match=r"generate_with_graphs: argument 'top_p' is 0, expected a number in \(0, 1\]"):
         generate_with_graphs(model, ids, 8, stand_in, temperature=1.0, top_p=0)
+
+
+def test_generate_through_a_static_decoder_kept_with_its_cache():
+    """``generate(..., cache=, decoder=)``: the decode steps through a StaticDecoder on the
+    caller's cache give plain generate's tokens, leave the cache as plain generate does (every
+    token but the last), and the same decoder serves the next call that reuses the cache; a
+    decoder on another cache, with ragged prompts or one per row is refused."""
+    dshal.use(backend="cpu")
+    model = random_model(tiny_args(), seed=2)
+    ids = _ids(model.args)
+    cache = model.new_cache(2, 24, "absorb")
+    decoder = StaticDecoder(model, cache, lambda fn: fn)
+    first = model.generate(ids, 6, cache=cache, decoder=decoder)
+    assert torch.equal(first, model.generate(ids, 6)) and cache.length == first.shape[1] - 1
+    follow = torch.cat((first, _ids(model.args)[:, :3]), dim=1)  # the next turn: the cache holds all but 4 ids
+    again = model.generate(follow, 5, cache=cache, cached=first.shape[1] - 1, decoder=decoder)
+    assert torch.equal(again, model.generate(follow, 5))
+    other = model.new_cache(2, 24, "absorb")
+    with pytest.raises(ArgumentError, match="'decoder' is built on another KV cache than argument 'cache'"):
+        model.generate(ids, 3, cache=other, decoder=decoder)
+    with pytest.raises(ArgumentError, match="'cache' is given with prompts of different lengths"):
+        model.generate(ids, 3, cache=cache, decoder=decoder, prompt_lens=[5, 3])
+    with pytest.raises(ArgumentError, match="expected a StaticDecoder"):
+        model.generate(ids, 3, cache=cache, decoder=StaticDecoder(model, cache, lambda fn: fn, per_row=True))
+    with pytest.raises(DshalError, match="the cache's layout is 'naive', expected 'absorb'"):
+        StaticDecoder(model, model.new_cache(2, 24, "naive"), lambda fn: fn)
 
 
 def _emulated_nvidia():

@@ -607,6 +607,22 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
     assert f"\n{first}\n" in out.getvalue() and f"\n{second}\n" in out.getvalue()
     assert speculative.prefilled[0] == first_turn and speculative.prefilled[1] <= len(second_turn) - first_turn + 1
     assert len(speculative.drafts) == 3 and all(0 <= kept <= steps for kept, steps in speculative.drafts)
+    # Through the static decode step and a graph hook (a stand-in that records what it is
+    # asked to capture; the CPU has no device graphs): the same answers, the step captured
+    # once for the whole conversation, the cache reused as before.
+    captures = []
+
+    def stand_in(step):
+        captures.append(step)
+        return step
+
+    lines = iter(["hello world", "the lazy dog", "/clear", "one model"])
+    out = io.StringIO()
+    graphed = chat(model, tokenizer, ChatSettings(max_new_tokens=6, graph=stand_in), read, out)
+    assert [m["content"] for m in graphed.messages] == ["one model", after_clear]
+    assert f"\n{first}\n" in out.getvalue() and f"\n{second}\n" in out.getvalue()
+    assert len(captures) == 1 and graphed.decoder is not None and graphed.decoder.cache is graphed.cache
+    assert graphed.prefilled[:2] == conversation.prefilled[:2]
 
 
 def test_model_dshal_run_interactive(tmp_path):
@@ -635,6 +651,14 @@ def test_model_dshal_run_interactive(tmp_path):
                               capture_output=True, text=True, timeout=60, env=env)
     assert drafting.returncode == 0, drafting.stderr[-2000:]
     assert answers(drafting.stdout) == answers(proc.stdout) and "MTP drafts accepted" in drafting.stdout
+    assert "decode steps: eager (backend 'cpu' has no device graphs)" in proc.stdout
+    # Through the static (graph) step, which the cpu backend runs eagerly: the same answers.
+    static = subprocess.run([sys.executable, "-m", "dshal", "run", "--checkpoint", str(ckpt), "--interactive",
+                             "--new-tokens", "4", "--graphs", "on"], input="hello world\n/clear\nthe lazy dog\n",
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert static.returncode == 0, static.stderr[-2000:]
+    assert answers(static.stdout) == answers(proc.stdout)
+    assert "decode steps: the static (graph) step, eager: backend 'cpu' has no device graphs" in static.stdout
     for extra, flag in ((("--prompt", "hi"), "--prompt"), (("--batch", "2"), "--batch"), (("--json", "x.json"), "--json")):
         bad = _dshal("run", "--checkpoint", str(ckpt), "--interactive", *extra)
         assert bad.returncode == 1 and f"--interactive is given with {flag}, expected one of them" in bad.stderr

@@ -4,7 +4,8 @@
 Each turn sends the whole conversation through the tokenizer's chat template and generates
 the answer, printed as it comes (with the MTP layer's drafts under ``--speculative mtp``).
 The KV cache is kept across turns: a turn prefills only what its tokens add to the ones the
-cache holds (the earlier turns, where the template renders them the same way). ``/clear`` forgets the conversation, ``/exit`` (or the end
+cache holds (the earlier turns, where the template renders them the same way). With the
+backend's graph hook the decode steps run as one captured device graph, kept with the cache. ``/clear`` forgets the conversation, ``/exit`` (or the end
 of the input) ends it. A turn that cannot be served (the conversation grew past the model's
 positions or the memory) is said and dropped, and the conversation goes on.
 
@@ -23,6 +24,7 @@ from typing import Any, TextIO
 import torch
 
 from dshal.errors import DshalError
+from dshal.model.decode import StaticDecoder
 from dshal.model.generate import completions
 from dshal.model.speculative import generate_speculative
 from dshal.model.text import TextStream, encode_chat
@@ -50,6 +52,10 @@ class ChatSettings:
     silent_rank: str | None = None
     #: Decode with the model's MTP drafts (:func:`dshal.model.speculative.generate_speculative`).
     speculative: bool = False
+    #: The backend's ``graph()`` hook: the decode steps run as one captured device graph, kept
+    #: across turns with the cache (:class:`~dshal.model.decode.StaticDecoder`). None: eager.
+    #: Not with ``speculative`` (its steps take the batch path, which keeps no cache).
+    graph: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
     turns: int = 0  # answers generated
     cache: Any = None  # the model's KV cache, kept across turns
+    decoder: Any = None  # with graphs: the decode step on that cache, captured once
     mtp_cache: Any = None  # with speculative decoding: the MTP layer's
     cached_ids: list[int] = field(default_factory=list)  # the tokens it holds
     prefilled: list[int] = field(default_factory=list)  # tokens each answered turn prefilled (the rest was cached)
@@ -143,9 +150,13 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
     if conversation.cache is None or conversation.cache.max_len < need:
         # Room for a few more turns like this one, within the model's positions.
         room = min(model.args.max_position_embeddings, max(2 * need, 1024))
-        conversation.cache, conversation.mtp_cache, conversation.cached_ids, cached = None, None, [], 0  # old memory first
-        conversation.cache = model.new_cache(1, room)
+        conversation.cache, conversation.mtp_cache, conversation.decoder = None, None, None  # old memory first
+        conversation.cached_ids, cached = [], 0
+        static = settings.graph is not None and not settings.speculative
+        conversation.cache = model.new_cache(1, room, "absorb" if static else None)
         conversation.mtp_cache = model.new_cache(1, room, mtp=True) if settings.speculative else None
+        if static:
+            conversation.decoder = StaticDecoder(model, conversation.cache, settings.graph)
 
     def show(token: torch.Tensor) -> None:
         out.write(stream.push(int(token[0])))
@@ -162,7 +173,8 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
                                                  mtp_cache=conversation.mtp_cache, cached=cached, **common)
             conversation.drafts.append((stats.accepted, stats.steps))
         else:
-            result = model.generate(prompt, settings.max_new_tokens, settings.temperature, cached=cached, **common)
+            result = model.generate(prompt, settings.max_new_tokens, settings.temperature, cached=cached,
+                                    decoder=conversation.decoder, **common)
     print(stream.flush(), file=out, flush=True)
     conversation.cached_ids = result[0, :-1].tolist()  # every token fed to the model: all but the last
     conversation.prefilled.append(len(ids) - cached)

@@ -167,8 +167,11 @@ class StaticDecoder:
         why = static_decode_unsupported(model)
         if why:
             raise DshalError(f"StaticDecoder: {why}")
+        if cache.mode != "absorb":
+            raise DshalError(f"StaticDecoder: the cache's layout is {cache.mode!r}, expected 'absorb' "
+                             "(model.new_cache(batch, max_len, 'absorb'))")
         device = model.rope_cos.device
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.per_row = model, cache, per_row
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
         self.position = torch.zeros(cache.batch if per_row else 1, dtype=torch.int64, device=device)
         self._run = GraphStep(lambda token, position: static_decode_step(model, token, position, cache), graph)

@@ -166,6 +166,7 @@ def generate(
     stream: Callable[[torch.Tensor], None] | None = None,
     cache: Any = None,
     cached: int = 0,
+    decoder: decode.StaticDecoder | None = None,
 ) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + new]``.
 
@@ -192,6 +193,11 @@ def generate(
     conversation: only the rest of the prompt is prefilled. Afterwards the cache holds the
     prompt and every new token but the last. Prompts of one length only.
 
+    ``decoder`` (a :class:`~dshal.model.decode.StaticDecoder` built on ``cache``): the decode
+    steps go through it, captured as a device graph by its ``graph`` hook, the token chosen
+    outside the graph. Its capture is kept, so a conversation that reuses the cache and the
+    decoder turn after turn captures once. Prompts of one length only.
+
     In a split model (TP/EP) every rank takes rank 0's tokens (:func:`~dshal.model.decode.agreed`).
     """
     check_input_ids("generate", input_ids)
@@ -201,6 +207,8 @@ def generate(
     lens = check_prompt_lens("generate", prompt_lens, *input_ids.shape)
     if cache is not None or cached:
         check_cache_reuse(cache, cached, input_ids, max_new_tokens, len(set(lens)) > 1)
+    if decoder is not None:
+        check_decoder(decoder, cache)
     if len(set(lens)) > 1 and max_new_tokens > 0 and decode.static_decode_unsupported(model) is None:
         out, _ = decode.generate_rows(  # each row at its own positions
             model, input_ids, lens, max_new_tokens, lambda logits: next_token(logits, temperature, generator, top_p),
@@ -232,11 +240,28 @@ def generate(
         if on_token is not None:
             on_token(pos - prompts.start)
         if pos + 1 == total or (stops is not None and bool(done.all())):
+            if decoder is not None:
+                cache.length = pos  # what its steps wrote: every token but the last
             return out[:, : pos + 1]
+        if decoder is not None:
+            logits = decoder(token, pos)  # static buffers: read before the next step
+            continue
         step = token[:, None]
         cache.vouch_for(step)  # the model's own sample, or a checked prompt id: no host sync for its range
         logits = model(step, pos, cache, last_only=True)[:, -1]
     return out
+
+
+def check_decoder(decoder: Any, cache: Any) -> None:
+    """``generate(..., decoder=)``: ArgumentError unless ``decoder`` is a StaticDecoder of one
+    position for all rows, built on the ``cache`` given with it (which takes prompts of one
+    length only: :func:`check_cache_reuse`)."""
+    if not isinstance(decoder, decode.StaticDecoder) or decoder.per_row:
+        raise ArgumentError(f"generate: argument 'decoder' is {decoder!r}, expected a StaticDecoder(model, cache, graph) "
+                            "of one position for all rows")
+    if cache is None or decoder.cache is not cache:
+        raise ArgumentError("generate: argument 'decoder' is built on another KV cache than argument 'cache', "
+                            "expected the same one (pass the decoder's cache as 'cache')")
 
 
 __all__ = [
@@ -245,6 +270,7 @@ __all__ = [
     "check_prompt_lens",
     "completions",
     "check_cache_reuse",
+    "check_decoder",
     "check_generate_args",
     "check_input_ids",
     "check_prefill_chunk",

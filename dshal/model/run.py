@@ -113,8 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--graphs",
         choices=("auto", "on", "off"),
         default="auto",
-        help="also time decode steps captured as device graphs: auto = when the backend captures graphs "
-        "(CUDA/HIP), on = always (without device graphs the static step runs eagerly), off = never",
+        help="also time decode steps captured as device graphs (with --interactive: answer through them): auto = "
+        "when the backend captures graphs (CUDA/HIP), on = always (without device graphs the static step runs "
+        "eagerly), off = never",
     )
     shape.add_argument(
         "--speculative",
@@ -289,13 +290,16 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
     tokenizer, stops = read_tokenizer() if groups is None else parallel_run.agree(read_tokenizer)  # said once
     speaks = groups is None or parallel_run.is_reporting_rank()
     guard = functools.partial(out_of_memory_as_error, runtime.device, "this turn", "--new-tokens, or /clear the conversation")
+    static, decode_line = _chat_graphs(args, model, runtime)
     settings = ChatSettings(args.new_tokens, stops, args.temperature, args.top_p, args.prefill_chunk, args.seed, guard,
                             None if groups is None else parallel_run.any_rank,
-                            None if speaks else f"rank {comm.get_rank()}", args.speculative == "mtp")
+                            None if speaks else f"rank {comm.get_rank()}", args.speculative == "mtp",
+                            runtime.backend.graph if static else None)
     with contextlib.ExitStack() as stack:
         out = sys.stdout if speaks else stack.enter_context(open(os.devnull, "w"))  # noqa: SIM115
         if speaks:
             print(_sampling_line(args.temperature, args.top_p, args.sampling_from))
+            print(decode_line)
         read = input if groups is None else parallel_run.shared_input()
         conversation = chat(model, tokenizer, settings, read, out)
     if speaks:
@@ -307,6 +311,21 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
     if groups is not None:
         parallel_run.finish()
     return 0
+
+
+def _chat_graphs(args: argparse.Namespace, model: Any, runtime: Any) -> tuple[bool, str]:
+    """Whether ``--interactive``'s decode steps go through the static step and the backend's
+    graph hook (``--graphs on``, or ``auto`` on a backend that captures), and the line that says how."""
+    captures = _captures_graphs(runtime)
+    why = ("--graphs off" if args.graphs == "off" else
+           f"backend {runtime.backend.name!r} has no device graphs" if args.graphs == "auto" and not captures else
+           f"--speculative {args.speculative}: its steps keep no conversation cache through graphs" if args.speculative
+           else static_decode_unsupported(model))
+    if why:
+        return False, f"decode steps: eager ({why})"
+    if captures:
+        return True, "decode steps: captured as one device graph, kept across turns"
+    return True, f"decode steps: the static (graph) step, eager: backend {runtime.backend.name!r} has no device graphs"
 
 
 def _read_prompts(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[list[int]], list[int]]:
