@@ -44,7 +44,8 @@ it finishes, so a stage cut short by the time budget leaves the others' results:
 7. **ragged**: prompts of different lengths (the tiny model): eager, and through the per-row
    static decode step captured as a CUDA graph; the tokens must match and the step capture.
    Then sampled speculative decoding on them (temperature 0.8): its forwards captured, its
-   draws made between them;
+   draws made between them; and two turns of a conversation through one captured decode step
+   kept with its cache (``generate(..., cache=, decoder=)``, as ``--interactive`` runs);
 8. **tune**: ``dshal tune`` on DeepSeek-V3's FP8 linear shapes with the time left (at most
    3 minutes; small M first), writing ``$OUT/tuned/nvidia-sm90.json``: the table to ship in
    ``dshal/kernels/triton/tuned/``. (Until a table is shipped, the GEMM stage's warm-up
@@ -546,7 +547,7 @@ def stage_ragged(check: Check, backend: Any, dry_run: bool) -> None:
     import torch
 
     from dshal.model import random_model, tiny_args  # lazy: dshal is installed by this script's first step
-    from dshal.model.decode import generate_with_graphs  # lazy: as above
+    from dshal.model.decode import StaticDecoder, generate_with_graphs  # lazy: as above
     from dshal.model.speculative import generate_speculative  # lazy: as above
 
     model = random_model(tiny_args(num_nextn_predict_layers=1, mtp_layers=1), seed=0)  # the MTP layer after the others
@@ -575,6 +576,19 @@ def stage_ragged(check: Check, backend: Any, dry_run: bool) -> None:
     sampled, stats = generate_speculative(model, ids, new, 0.8, generator=sampler, prompt_lens=lens, graph=backend.graph)
     result["speculative_sampled"] = {
         **stats.as_dict(), "ids_in_range": bool(((sampled >= 0) & (sampled < model.args.vocab_size)).all())}
+    check.save()
+    # Two turns of a conversation: one captured step on a kept cache, the second turn reusing it.
+    first_turn = ids[:1, : lens[0]]
+    cache = model.new_cache(1, lens[0] + 2 * new + 4, "absorb")
+    decoder = StaticDecoder(model, cache, backend.graph)
+    first = model.generate(first_turn, new, cache=cache, decoder=decoder)
+    follow = torch.cat((first, ids[:1, :4]), dim=1)
+    again = model.generate(follow, new, cache=cache, cached=first.shape[1] - 1, decoder=decoder)
+    result["conversation"] = {
+        "tokens_match": bool(torch.equal(first, model.generate(first_turn, new))
+                             and torch.equal(again, model.generate(follow, new))),
+        "captured": decoder.captured, "capture_error": decoder.capture_error,
+    }
     check.save()
 
 
@@ -721,6 +735,11 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
         how = "captured" if sampled["captured"] else f"not captured {sampled['capture_error']}".rstrip()
         lines.append(f"sampled speculative decoding on them: {sampled['steps']} steps ({how}), "
                      f"{sampled['accepted']} of {sampled['drafted']} drafts kept, ids in range {sampled['ids_in_range']}")
+    turns = ragged.get("conversation")
+    if turns:
+        how = "captured" if turns["captured"] else f"not captured {turns['capture_error']}".rstrip()
+        lines.append(f"two conversation turns through one kept decode step ({how}): tokens "
+                     f"{'match' if turns['tokens_match'] else 'DIFFER'}")
     tuned = check.data.get("tune")
     if tuned:
         lines.append(f"dshal tune: rc={tuned.get('returncode')}, {tuned.get('entries')} entries "

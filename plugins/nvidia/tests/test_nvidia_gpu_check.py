@@ -57,6 +57,7 @@ def test_nvidia_gpu_check_dry_run(tmp_path, cpu_rowwise_scaled_mm_refusal):
     assert ragged["tokens_match"] is True and ragged["captured"] is False and ragged["eager_s"] > 0  # no graphs on CPU
     sampled = ragged["speculative_sampled"]  # sampled speculative decoding through the graph hook (emulated: none)
     assert sampled["steps"] > 0 and sampled["ids_in_range"] is True and sampled["captured"] is False
+    assert ragged["conversation"] == {"tokens_match": True, "captured": False, "capture_error": ""}
     assert data["device"]["supported_versions"]["torch"]["in_range"] is True
     tuned = data["tune"]
     assert tuned["returncode"] == 0 and tuned["entries"] == 2 and tuned["complete"] is True, tuned
