@@ -579,7 +579,7 @@ def stage_ragged(check: Check, backend: Any, dry_run: bool) -> None:
     check.save()
     # Two turns of a conversation: one captured step on a kept cache, the second turn reusing it.
     first_turn = ids[:1, : lens[0]]
-    cache = model.new_cache(1, lens[0] + 2 * new + 4, "absorb")
+    cache = model.new_cache(1, lens[0] + 2 * new + 4, "absorb", static=True)
     decoder = StaticDecoder(model, cache, backend.graph)
     first = model.generate(first_turn, new, cache=cache, decoder=decoder)
     follow = torch.cat((first, ids[:1, :4]), dim=1)

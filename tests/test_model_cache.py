@@ -88,15 +88,54 @@ def test_model_cache_sizes_absorbed_vs_naive():
 
 
 def _allocated_bytes(cache) -> int:
-    return sum(b.numel() * b.element_size() for layer in cache.buffers for b in layer)
+    return sum(b.untyped_storage().nbytes() for layer in cache.buffers for b in layer)  # views: their whole allocation
 
 
 @pytest.mark.parametrize("changes", [{}, {"attention_window": 6, "attention_global_tokens": 2}])
-@pytest.mark.parametrize("mode", ["naive", "absorb"])
+@pytest.mark.parametrize("mode", ["naive", "absorb", "absorb-static"])
 def test_model_cache_bytes_is_what_new_cache_allocates(mode, changes):
     model = _model(**changes)
+    mode, static = mode.removesuffix("-static"), mode.endswith("-static")
     for batch, max_len in ((1, 1), (3, 5), (2, 40)):
-        assert model.cache_bytes(batch, max_len, mode) == _allocated_bytes(model.new_cache(batch, max_len, mode))
+        cache = model.new_cache(batch, max_len, mode, static=static)
+        assert model.cache_bytes(batch, max_len, mode, static=static) == _allocated_bytes(cache)
+        assert cache.bytes_per_token * cache.capacity * batch == _allocated_bytes(cache)
+
+
+def test_model_static_cache_takes_the_key_mask_in_place():
+    """A cache for static steps (``new_cache(..., static=True)``) holds 2 spare columns after
+    each latent: a static step writes its key mask there instead of copying the cache with
+    the mask appended, per layer and step. Its steps give the logits of the same steps on a
+    plain cache (one position for all rows, one per row, two tokens per row)."""
+    from dshal.model.decode import positioned_step, static_decode_step
+
+    model = _model()
+    a = model.args
+    width = a.kv_lora_rank + a.qk_rope_head_dim
+    ids = _ids(a.vocab_size, 5)
+    static, plain = model.new_cache(2, 12, "absorb", static=True), model.new_cache(2, 12, "absorb")
+    assert static.bias_columns == 2 and plain.bias_columns == 0
+    assert static.buffers[0][0].shape == plain.buffers[0][0].shape == (2, 12, width)
+    model(ids, 0, static), model(ids, 0, plain)
+    with dshal.ops.trusted():
+        for position in (torch.tensor([5]), torch.tensor([5, 3])):
+            token = torch.tensor([7, 9])[:, None]
+            want, got = (static_decode_step(model, token, position, c) for c in (plain, static))
+            assert _rel_err(got, want) < 1e-5
+        positions = torch.tensor([[6, 7], [4, 5]])
+        tokens = _ids(a.vocab_size, 2, seed=3)
+        (want, _), (got, _) = (positioned_step(model, tokens, positions, c) for c in (plain, static))
+        assert _rel_err(got, want) < 1e-5
+    # The keys a step attends over are the cache's own memory, the mask in its spare columns.
+    layer = static.layers[0]
+    latent = static.buffers[0][0]
+    columns = torch.full((2, 12, 2), -3.0)
+    keys = layer.biased_keys(latent, columns)
+    assert keys.shape == (2, 12, width + 2) and keys.data_ptr() == latent.data_ptr()
+    assert torch.equal(keys[..., width:], columns) and torch.equal(keys[..., :width], latent)
+    assert plain.layers[0].biased_keys(plain.buffers[0][0], columns) is None  # no spare columns: the caller copies
+    with pytest.raises(dshal.DshalError, match="argument 'static' is given with mode 'naive', expected 'absorb'"):
+        model.new_cache(1, 4, "naive", static=True)
 
 
 def test_model_a_cache_larger_than_free_memory_is_refused_before_any_allocation():

@@ -18,7 +18,10 @@ Static decode steps (for graph capture, see :mod:`dshal.model.decode`):
 every position. :meth:`LayerCache.update` then writes at that position and returns the
 *whole* buffer; the slots past the position are masked through :attr:`LayerCache.key_bias`
 (0 for written slots, -1e4 for the rest), added to the attention scores
-as one more key dimension against a query component of 1.
+as one more key dimension against a query component of 1. A cache made for static steps
+(``bias_columns``) holds spare columns after each entry for that key dimension, so a step
+writes it in place (:meth:`LayerCache.biased_keys`) instead of copying the whole buffer
+with the column appended, per layer and step.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class KVCache:
         device: torch.device | str,
         window: int | None = None,
         global_tokens: int = 0,
+        bias_columns: int = 0,
     ) -> None:
         self.mode = mode
         self.batch = batch
@@ -91,9 +95,20 @@ class KVCache:
         self.window = window
         self.global_tokens = global_tokens if window is not None else 0
         self.capacity = self.slots(max_len, window, global_tokens)
-        self.buffers = [
-            [torch.zeros(batch, self.capacity, *shape, dtype=dtype, device=device) for shape in entry_shapes]
+        if bias_columns and (mode != "absorb" or window is not None):
+            raise DshalError("KVCache: bias_columns need the 'absorb' layout without an attention window (static steps)")
+        #: Spare columns after each absorb buffer's entry, where a static step writes its key
+        #: bias (:meth:`LayerCache.biased_keys`); 0: the step appends them to a copy instead.
+        self.bias_columns = bias_columns
+        # Each layer's buffers as allocated (with the spare columns), and the entries' views of them.
+        self._allocated = [
+            [torch.zeros(batch, self.capacity, shape[0] + bias_columns, *shape[1:], dtype=dtype, device=device)
+             for shape in entry_shapes]
             for _ in range(n_layers)
+        ]
+        self.buffers = [
+            [buf[:, :, : shape[0]] if bias_columns else buf for buf, shape in zip(layer, entry_shapes)]
+            for layer in self._allocated
         ]
         self.layers = [LayerCache(self, i) for i in range(n_layers)]
         self.length = 0
@@ -140,8 +155,8 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one cached token takes, summed over layers."""
-        return sum(b[0, 0].numel() * b.element_size() for layer in self.buffers for b in layer)
+        """Bytes one cached token takes, summed over layers (the spare bias columns included)."""
+        return sum(b[0, 0].numel() * b.element_size() for layer in self._allocated for b in layer)
 
     def begin(self, start: int, length: int, batch: int) -> None:
         """Plan the step that writes positions ``[start, start + length)`` of ``batch``
@@ -220,6 +235,19 @@ class LayerCache:
         ``[B, S]``; per row and token: ``[B, T, S]``) of the buffer's slots (0: visible, very
         negative: not yet written, or past the token's position); None otherwise."""
         return self.cache._plan.key_bias
+
+    def biased_keys(self, keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor | None:
+        """In a static step on a cache with spare bias columns: ``keys`` (this layer's whole
+        absorb buffer, as :meth:`update` returned it) followed by ``columns [B, S, n]`` (the
+        step's key bias, one column per query), written into the spare columns in place, so
+        the cache is not copied. None when the cache has fewer than ``n`` spare columns."""
+        n = columns.shape[-1]
+        if n > self.cache.bias_columns:
+            return None
+        allocated = self.cache._allocated[self.index][0]
+        width = keys.shape[-1]
+        allocated[:, :, width : width + n] = columns
+        return allocated[:, :, : width + n]
 
     def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store ``new`` (each ``[B, T, *entry]``) at the planned positions; return, per

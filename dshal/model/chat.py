@@ -153,7 +153,7 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
         conversation.cache, conversation.mtp_cache, conversation.decoder = None, None, None  # old memory first
         conversation.cached_ids, cached = [], 0
         static = settings.graph is not None and not settings.speculative
-        conversation.cache = model.new_cache(1, room, "absorb" if static else None)
+        conversation.cache = model.new_cache(1, room, "absorb" if static else None, static=static)
         conversation.mtp_cache = model.new_cache(1, room, mtp=True) if settings.speculative else None
         if static:
             conversation.decoder = StaticDecoder(model, conversation.cache, settings.graph)

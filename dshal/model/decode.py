@@ -169,7 +169,7 @@ class StaticDecoder:
             raise DshalError(f"StaticDecoder: {why}")
         if cache.mode != "absorb":
             raise DshalError(f"StaticDecoder: the cache's layout is {cache.mode!r}, expected 'absorb' "
-                             "(model.new_cache(batch, max_len, 'absorb'))")
+                             "(model.new_cache(batch, max_len, 'absorb', static=True))")
         device = model.rope_cos.device
         self.model, self.cache, self.per_row = model, cache, per_row
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
@@ -296,7 +296,7 @@ def generate_rows(
     if max_new_tokens == 0:
         return out, None
     longest = max(prompt_lens)
-    cache = model.new_cache(bsz, longest + max_new_tokens, "absorb")
+    cache = model.new_cache(bsz, longest + max_new_tokens, "absorb", static=True)
     per_row = len(set(prompt_lens)) > 1  # else one position for all rows: the step as it always was
     decoder = StaticDecoder(model, cache, graph, per_row) if max_new_tokens > 1 else None
     logits = prefill_rows(model, input_ids, prompt_lens, cache, prefill_chunk)

@@ -226,7 +226,7 @@ class MLA(nn.Module):
             if x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill:
                 out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
             else:
-                out = self._attend_absorbed(q_nope, q_pe, latent, cache.key_bias)
+                out = self._attend_absorbed(q_nope, q_pe, latent, cache)
         return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, H, Tq, v] -> [B, Tq, H * v] -> [B, Tq, D]
 
     def _causal(self, q_len: int) -> bool:
@@ -252,14 +252,15 @@ class MLA(nn.Module):
         return ops.attention(q, k, v, causal, self.softmax_scale, self.window, self.global_tokens)  # [B, H, T, v]
 
     def _attend_absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, key_bias: torch.Tensor | None = None
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cache: Any = None
     ) -> torch.Tensor:
         w_kv = self._kv_b_per_head(q_nope.dtype)  # [H, nope + v, r]
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
         q_latent = q_nope.transpose(1, 2) @ w_uk  # [B, H, T, nope] @ [H, nope, r] -> [B, H, T, r]
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, r + rope]
+        key_bias = None if cache is None else cache.key_bias
         if key_bias is not None:  # static decode step: unwritten slots masked by more dims
-            q, latent = _with_key_bias(q, latent, key_bias / self.softmax_scale)
+            q, latent = _with_key_bias(q, latent, key_bias / self.softmax_scale, cache)
         k = latent[:, None]  # [B, 1, S, r + rope]: one shared head
         v = latent[:, None, :, : self.rank]  # [B, 1, S, r]
         causal = self._causal(q.shape[2]) and key_bias is None  # the bias masks by position itself
@@ -276,21 +277,26 @@ class MLA(nn.Module):
         return self._absorbed[1]
 
 
-def _with_key_bias(q: torch.Tensor, latent: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _with_key_bias(
+    q: torch.Tensor, latent: torch.Tensor, bias: torch.Tensor, cache: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [B, H, T, D]`` and ``latent [B, S, D]`` with more dims, so ``q . k`` gains ``bias``: a
     key mask through the plain attention op. ``bias [S]`` or per row ``[B, S]``: one dim, 1 in
     q and the bias in the keys. Per row and query ``[B, T, S]``: T dims, query t's one-hot in q
-    and each query's bias in the keys."""
+    and each query's bias in the keys. The keys' dims go into the layer ``cache``'s spare
+    columns where it has them (no copy of the cache), else onto a copy of ``latent``."""
     # Finite in both dtypes: float16 latents, and float64 ones (a float32 bias cannot hold float64's min).
     low = max(torch.finfo(latent.dtype).min, torch.finfo(bias.dtype).min) / 2
     columns = bias.clamp(min=low).to(latent.dtype)
     if columns.dim() == 3:  # [B, T, S]: one column per query
         queries = q.shape[2]
-        picks = torch.eye(queries, dtype=q.dtype, device=q.device).expand(*q.shape[:-1], queries)  # [B, H, T, T]
-        return torch.cat((q, picks), dim=-1), torch.cat((latent, columns.transpose(1, 2)), dim=-1)
-    ones = q.new_ones(*q.shape[:-1], 1)
-    columns = columns.reshape(-1, columns.shape[-1])[:, :, None].expand(latent.shape[0], -1, 1)  # [B, S, 1]
-    return torch.cat((q, ones), dim=-1), torch.cat((latent, columns), dim=-1)
+        extra = torch.eye(queries, dtype=q.dtype, device=q.device).expand(*q.shape[:-1], queries)  # [B, H, T, T]
+        columns = columns.transpose(1, 2)  # [B, S, T]
+    else:
+        extra = q.new_ones(*q.shape[:-1], 1)
+        columns = columns.reshape(-1, columns.shape[-1])[:, :, None].expand(latent.shape[0], -1, 1)  # [B, S, 1]
+    keys = cache.biased_keys(latent, columns)
+    return torch.cat((q, extra), dim=-1), torch.cat((latent, columns), dim=-1) if keys is None else keys
 
 
 # ---------------------------------------------------------------- feed-forward
@@ -590,14 +596,20 @@ class Transformer(nn.Module):
                 f"expected {want}: it was made for another model or layer; use this model's {made}"
             )
 
-    def new_cache(self, batch: int, max_len: int, mode: str | None = None, mtp: bool = False) -> KVCache:
+    def new_cache(
+        self, batch: int, max_len: int, mode: str | None = None, mtp: bool = False, static: bool = False
+    ) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens
         (``mode``: "absorb" or "naive"; default ``args.mla_mode``); with ``mtp``, for the MTP
-        layer (:meth:`draft`) instead of the main layers. A cache larger than the memory the
-        backend reports free on the model's device is refused before any of it is allocated
-        (an ArgumentError with both figures)."""
+        layer (:meth:`draft`) instead of the main layers. ``static``: for static (graph) decode
+        steps (:mod:`dshal.model.decode`), in the "absorb" layout with spare columns for their
+        key mask (:class:`KVCache` ``bias_columns``), so a step does not copy the cache. A
+        cache larger than the memory the backend reports free on the model's device is refused
+        before any of it is allocated (an ArgumentError with both figures)."""
         mode = mode or self.args.mla_mode
-        nbytes, device = self.cache_bytes(batch, max_len, mode, mtp), self.rope_cos.device
+        if static and mode != "absorb":
+            raise ArgumentError(f"new_cache: argument 'static' is given with mode {mode!r}, expected 'absorb'")
+        nbytes, device = self.cache_bytes(batch, max_len, mode, mtp, static), self.rope_cos.device
         what = f"new_cache: batch {batch} x max_len {max_len}"
         check_cache_fits(nbytes, free_memory(device), device, what, "'batch' or 'max_len'")
         a = self.args
@@ -611,12 +623,15 @@ class Transformer(nn.Module):
             device,
             a.attention_window,
             a.attention_global_tokens,
+            MAX_STEP_TOKENS if static and a.attention_window is None else 0,
         )
 
     def _cached_layers(self, mtp: bool) -> int:
         return min(len(self.mtp), 1) if mtp else len(self.layers)
 
-    def cache_bytes(self, batch: int, max_len: int, mode: str | None = None, mtp: bool = False) -> int:
+    def cache_bytes(
+        self, batch: int, max_len: int, mode: str | None = None, mtp: bool = False, static: bool = False
+    ) -> int:
         """Bytes :meth:`new_cache` allocates for these arguments (computed, nothing allocated)."""
         mode = mode or self.args.mla_mode
         for arg, value, high in (("batch", batch, None), ("max_len", max_len, self.rope_cos.shape[0])):
@@ -624,7 +639,8 @@ class Transformer(nn.Module):
                 bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else "in [1, 2**63 - 1]"
                 raise ArgumentError(f"new_cache: argument {arg!r} is {value!r}, expected an int {bound}")
         a = self.args
-        per_token = sum(math.prod(shape) for shape in self._cache_entries(mode)) * a.dtype.itemsize
+        spare = MAX_STEP_TOKENS if static and a.attention_window is None else 0
+        per_token = sum(math.prod(shape) + spare for shape in self._cache_entries(mode)) * a.dtype.itemsize
         slots = KVCache.slots(max_len, a.attention_window, a.attention_global_tokens)
         return self._cached_layers(mtp) * batch * slots * per_token
 

@@ -380,7 +380,8 @@ def _generate_rows(
     stats = SpeculativeStats()
     if max_new_tokens == 0:
         return out[:, :width], stats
-    cache, mtp_cache = model.new_cache(bsz, total, "absorb"), model.new_cache(bsz, total, "absorb", mtp=True)
+    cache = model.new_cache(bsz, total, "absorb", static=True)
+    mtp_cache = model.new_cache(bsz, total, "absorb", mtp=True, static=True)
     firsts = []
     for row, length in enumerate(lens):  # each prompt alone, then into its row of the caches
         alone, mtp_alone = model.new_cache(1, length, "absorb"), model.new_cache(1, length, "absorb", mtp=True)
