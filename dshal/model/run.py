@@ -143,8 +143,10 @@ def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device, s
     tokens = args.prompt_len + args.new_tokens
     if tokens > model.args.max_position_embeddings:
         return  # generate() refuses it, naming the limit
+    # The eager run's cache, or the graph run's (the absorb layout with spare mask columns).
+    nbytes = max(model.cache_bytes(args.batch, tokens), model.cache_bytes(args.batch, tokens, "absorb", static=True))
     check_cache_fits(
-        model.cache_bytes(args.batch, tokens),
+        nbytes,
         free_memory(device),
         device,
         f"--batch {args.batch} x (--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens}) tokens",
