@@ -206,7 +206,8 @@ def _run(model: Any, prompt: torch.Tensor, decode: int, path: str, keep_inputs: 
     if not decode:  # the prefill alone, without a cache
         return [mc.trace(model, prompt, keep_inputs)], []
     prompt_len = prompt.shape[1]
-    cache = model.new_cache(1, prompt_len + decode, "absorb" if path == "static" else None)
+    static = path == "static"  # the cache the graph-run paths make: the key mask in spare columns
+    cache = model.new_cache(1, prompt_len + decode, "absorb" if static else None, static=static)
     traces = [mc.trace(model, prompt, keep_inputs, forward=lambda ids: model(ids, 0, cache))]
     step = _decode_step(model, cache, path)
     fed: list[int] = []
