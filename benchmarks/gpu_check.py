@@ -37,16 +37,21 @@ it finishes, so a stage cut short by the time budget leaves the others' results:
 5. **one MoE layer** at DeepSeek-V3's sizes (256 experts, top 8 of 8 groups x 4, hidden 7168,
    expert width 2048, FP8 128x128 weights): ``moe_gate`` + ``moe_experts`` through the
    runtime, kernel-only timings, and the output against the reference at one token;
-6. **dshal run**: the model core on the device (``dshal run --graphs auto --speculative mtp``):
+6. **attention** at a decode step of DeepSeek-V3's absorbed MLA on one TP=8 rank (16 heads on
+   the shared 576-wide latent, values 512; 4096 cached tokens; batch 1 and 8): the op as the
+   nvidia backend serves it (its non-finite guard, then SDPA) against torch's SDPA alone on
+   the same inputs, kernel-only; the eager step (causal) and the static one (one more key
+   dimension for the mask, non-causal). The guard's cost on a device was never measured;
+7. **dshal run**: the model core on the device (``dshal run --graphs auto --speculative mtp``):
    decode tokens/s with and without CUDA graphs, compile/autotune time apart, and greedy
    decoding with the (random) MTP layer's drafts, its steps' forwards captured as CUDA graphs,
    whose tokens must be the eager run's;
-7. **ragged**: prompts of different lengths (the tiny model): eager, and through the per-row
+8. **ragged**: prompts of different lengths (the tiny model): eager, and through the per-row
    static decode step captured as a CUDA graph; the tokens must match and the step capture.
    Then sampled speculative decoding on them (temperature 0.8): its forwards captured, its
    draws made between them; and two turns of a conversation through one captured decode step
    kept with its cache (``generate(..., cache=, decoder=)``, as ``--interactive`` runs);
-8. **tune**: ``dshal tune`` on DeepSeek-V3's FP8 linear shapes with the time left (at most
+9. **tune**: ``dshal tune`` on DeepSeek-V3's FP8 linear shapes with the time left (at most
    3 minutes; small M first), writing ``$OUT/tuned/nvidia-sm90.json``: the table to ship in
    ``dshal/kernels/triton/tuned/``. (Until a table is shipped, the GEMM stage's warm-up
    autotunes at run time, so its figures do not depend on this stage.)
@@ -87,6 +92,10 @@ KERNEL_ONLY_MAX_M = 128
 NORM_SHAPE = (16384, 7168)
 DRY_NORM_SHAPE = (64, 256)
 #: One MoE layer: experts, hidden, expert width, top-k, groups, groups kept; tokens timed.
+#: Absorbed MLA decode attention on one TP=8 rank: (batch, query heads, cached tokens, latent
+#: width (kv_lora + rope), value width (kv_lora)).
+ATTENTION_CASES = ((1, 16, 4096, 576, 512), (8, 16, 4096, 576, 512))
+DRY_ATTENTION_CASES = ((1, 2, 64, 48, 32),)
 MOE_DIMS = {"experts": 256, "hidden": 7168, "inter": 2048, "top_k": 8, "n_group": 8, "topk_group": 4}
 MOE_TOKENS = (1, 64, 4096)
 DRY_MOE_DIMS = {"experts": 8, "hidden": 256, "inter": 128, "top_k": 2, "n_group": 2, "topk_group": 1}
@@ -461,6 +470,58 @@ def stage_norm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
     check.save()
 
 
+def stage_attention(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int, reps: int) -> None:
+    """Decode attention as the model's absorbed MLA step calls it: the op as served (non-finite
+    guard + SDPA) against SDPA alone, kernel-only; eager (causal, the filled slots) and static
+    (the whole buffer with one more key dimension for the mask, non-causal)."""
+    rows: list[dict[str, Any]] = []
+    check.data["attention"] = {"rows": rows}
+    for batch, heads, slots, width, value in DRY_ATTENTION_CASES if dry_run else ATTENTION_CASES:
+        for step, extra, causal in (("eager", 0, True), ("static", 1, False)):
+            row: dict[str, Any] = {"step": step, "batch": batch, "heads": heads, "cached": slots, "d": width + extra,
+                                   "dv": value}
+            rows.append(row)
+            try:
+                row.update(_attention_timings(check, backend, row, causal, dry_run, warmup, iters, reps))
+            except Exception as err:  # noqa: BLE001
+                row["error"] = _error(err)
+            check.save()
+
+
+def _attention_timings(
+    check: Check, backend: Any, row: dict[str, Any], causal: bool, dry_run: bool, warmup: int, iters: int, reps: int
+) -> dict[str, Any]:
+    """One :func:`stage_attention` case: the served op and SDPA alone on the same rotated inputs."""
+    import torch
+
+    import dshal  # lazy: dshal is installed by this script's first step
+
+    dev = backend.device()
+    attention = dshal.current().op("attention")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gen = torch.Generator(device=dev).manual_seed(3)
+    batch, heads, slots, d, value = row["batch"], row["heads"], row["cached"], row["d"], row["dv"]
+    per = batch * slots * d * 2
+    copies = copies_for(per, check.l2_bytes, cap=4)
+    qs = [torch.randn(batch, heads, 1, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(copies)]
+    latents = [torch.randn(batch, slots, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(copies)]
+    kv = [(lat[:, None], lat[:, None, :, :value]) for lat in latents]  # one shared head; values its first columns
+    scale = 1 / math.sqrt(192)  # DeepSeek-V3's qk head dim
+
+    def served(i: int) -> Any:
+        return attention(qs[i % copies], *kv[i % copies], causal, scale)
+
+    def alone(i: int) -> Any:
+        return sdpa(qs[i % copies], *kv[i % copies], scale=scale, enable_gqa=True)
+
+    want = alone(0).float()
+    gap = float((served(0).float() - want).abs().max() / want.abs().max())
+    served_s, how = timed_kernel(served, warmup, iters, reps, not dry_run)
+    alone_s, _ = timed_kernel(alone, warmup, iters, reps, not dry_run)
+    return {"served_us": served_s * 1e6, "sdpa_us": alone_s * 1e6, "guard_cost": served_s / alone_s,
+            "similarity_gap": gap, "timing": how, "cache_gbs_sdpa": per / alone_s / 1e9}
+
+
 def stage_moe(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int, reps: int) -> None:
     """One DeepSeek-V3 MoE layer through the runtime: gate + FP8 routed experts."""
     import torch
@@ -724,6 +785,11 @@ def summarize(check: Check, dry_run: bool) -> list[str]:
                          f"tokens/s, {speculative['accepted']} of {speculative['drafted']} drafts accepted, steps "
                          f"captured {speculative['captured']} {speculative['capture_error']}".rstrip()
                          + f", tokens {'match' if speculative['tokens_match_eager'] else 'DIFFER'}")
+    for row in check.data.get("attention", {}).get("rows", []):
+        what = f"attention {row['step']} decode B{row['batch']} H{row['heads']} {row['cached']} cached D{row['d']}/{row['dv']}"
+        lines.append(f"{what}: {row['error']}" if "error" in row else
+                     f"{what}: served {row['served_us']:.1f} us, SDPA alone {row['sdpa_us']:.1f} us "
+                     f"(guard {row['guard_cost']:.2f}x)")
     ragged = check.data.get("ragged", {})
     if "tokens_match" in ragged:
         how = "captured" if ragged["captured"] else f"not captured {ragged['capture_error']}".rstrip()
@@ -806,6 +872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("add_rmsnorm", lambda: stage_norm(check, backend, args.dry_run, warmup, iters), lambda: "add+rmsnorm"),
         ("moe", lambda: stage_moe(check, backend, args.dry_run, warmup, iters, reps),
          lambda: f"moe layer: {len(data['moe'].get('rows', []))} token counts"),
+        ("attention", lambda: stage_attention(check, backend, args.dry_run, warmup, iters, reps),
+         lambda: f"attention: {len(data['attention']['rows'])} decode cases"),
         ("run", lambda: stage_run(check, args.dry_run), lambda: f"dshal run rc={data['run'].get('returncode')}"),
         ("ragged", lambda: stage_ragged(check, backend, args.dry_run),
          lambda: f"ragged batch: tokens match {data['ragged'].get('tokens_match')}, "
