@@ -3,7 +3,12 @@
 1. Attention's non-finite guard on the cpu backend: the op as shipped (finite inputs: one
    isfinite scan of q, k, v, then the kernel) against the same kernel with the guard
    bypassed. Decode (MLA absorbed: all heads on one latent head) and prefill shapes.
-2. The load-time NaN/Inf scan of checkpoint weights: ``from_pretrained`` of a small random
+2. The guard a device backend builds on every call (``may_read_host=False``: no host read, so
+   it cannot skip itself for finite inputs), alone, at a decode step of DeepSeek-V3's absorbed
+   MLA: the general path (zeroed copies of q, k and v, per-key prefix sums; taken here by a
+   window as long as the keys, which hides none) against the path for a query that sees every
+   key (min/max reductions, no copies).
+3. The load-time NaN/Inf scan of checkpoint weights: ``from_pretrained`` of a small random
    checkpoint with ``DSHAL_CHECK_FINITE=1`` (default) against ``=0``.
 
     python benchmarks/nonfinite_overhead.py [--repeats N]
@@ -56,6 +61,22 @@ def attention_rows(repeats: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def device_guard_rows(repeats: int) -> list[tuple[str, float, float]]:
+    """(case, the guard for a query seeing every key, the general guard) in seconds."""
+    from dshal.ops.attention import nonfinite_guard
+
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for batch, keys in ((1, 4096), (8, 4096)):
+        q = torch.randn(batch, 16, 1, 577, generator=gen, dtype=torch.bfloat16)
+        latent = torch.randn(batch, keys, 577, generator=gen, dtype=torch.bfloat16)
+        k, v = latent[:, None], latent[:, None, :, :512]
+        visible = _median_s(lambda q=q, k=k, v=v: nonfinite_guard(q, k, v, True, may_read_host=False), repeats)
+        general = _median_s(lambda q=q, k=k, v=v, n=keys: nonfinite_guard(q, k, v, True, n, may_read_host=False), repeats)
+        rows.append((f"device guard, decode B{batch} H16 Tk{keys} D577/512", visible, general))
+    return rows
+
+
 def load_rows(repeats: int) -> list[tuple[str, float, float]]:
 
     args = tiny_args(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, vocab_size=4096)
@@ -79,6 +100,9 @@ def main() -> None:
     print(f"{'case':48} {'checked ms':>11} {'unchecked ms':>13} {'ratio':>6}")
     for name, checked, bare in attention_rows(opts.repeats) + load_rows(opts.repeats):
         print(f"{name:48} {checked * 1e3:11.3f} {bare * 1e3:13.3f} {checked / bare:6.2f}")
+    print(f"{'case':48} {'every key seen ms':>17} {'general ms':>11} {'saved':>6}")
+    for name, visible, general in device_guard_rows(opts.repeats):
+        print(f"{name:48} {visible * 1e3:17.3f} {general * 1e3:11.3f} {general / visible:5.1f}x")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ SHAPES = [  # (tq, tk, causal, window, global_tokens)
     (6, 6, False, 2, 3),
     (1, 12, True, None, 0),
     (1, 12, True, 4, 0),
+    (5, 9, False, None, 0),  # every query sees every key: the guard runs the kernel on the inputs as given
     (10, 6, True, None, 0),  # Tq > Tk: the first queries see nothing
 ]
 
@@ -89,3 +90,31 @@ def test_nvidia_emulated_attention_follows_the_rule(monkeypatch, clean_dshal_env
         q, k, v = _inputs(tq, tk, 7, {"k": float("nan"), "v": float("inf")})
         out = attention(q, k, v, causal=causal, window=window, global_tokens=global_tokens)
         assert torch.equal(torch.isnan(out), expected_nan(q, k, v, causal, window, global_tokens)), (tq, tk, causal, window)
+
+
+def test_the_guard_copies_nothing_where_every_key_is_visible():
+    """A decode step's query (causal, Tq 1) and non-causal attention without a window see every
+    key: the guard then hands the kernel q, k and v themselves (no zeroed copies of the KV
+    cache), finds the poison with reductions, and still marks exactly the contract's NaNs."""
+    from dshal.ops.attention import nonfinite_guard
+
+    for tq, tk, causal in ((1, 12, True), (5, 9, False)):
+        q, k, v = _inputs(tq, tk, 3, {"k": float("nan"), "v": float("-inf")})
+        guard = nonfinite_guard(q, k, v, causal, may_read_host=False)
+        assert guard.q is q and guard.k is k and guard.v is v
+        out = guard.apply(dshal.ops.reference.attention(*_inputs(tq, tk, 3, {}), causal=causal))
+        assert torch.equal(torch.isnan(out), expected_nan(q, k, v, causal, None, 0))
+        clean = _inputs(tq, tk, 4, {})
+        assert not nonfinite_guard(*clean, causal, may_read_host=False).poison.any()
+    # MLA's absorbed decode: one latent head, the values its first columns (one read serves both).
+    gen = torch.Generator().manual_seed(5)
+    q, latent = torch.randn(2, 4, 1, 24, generator=gen), torch.randn(2, 10, 24, generator=gen)
+    for spot in ((0, 3, 20), (1, 6, 5)):  # past the values' columns (a key only); inside them
+        poisoned = latent.clone()
+        poisoned[spot] = float("inf")
+        k, v = poisoned[:, None], poisoned[:, None, :, :16]
+        guard = nonfinite_guard(q, k, v, True, may_read_host=False)
+        assert guard.k is k and torch.equal(guard.poison.expand(2, 4, 1, 16), expected_nan(q, k, v, True, None, 0))
+    q, k, v = _inputs(8, 8, 3, {})  # causal, Tq > 1: keys hidden from some queries, zeroed copies
+    masked = nonfinite_guard(q, k, v, True, may_read_host=False)
+    assert masked.k is not k and torch.equal(masked.k, k)

@@ -230,7 +230,14 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         return q.new_zeros(batch, hq, tq, dv)
     guard = nonfinite_guard(q, k, v, causal, window, global_tokens)  # the contract's NaN rule
     if guard is not None:
-        return guard.apply(attention(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
+        return guard.apply(_attention_kernels(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
+    return _attention_kernels(q, k, v, causal, scale, window, global_tokens)
+
+
+def _attention_kernels(q, k, v, causal, scale, window, global_tokens):  # noqa: ANN001, ANN202
+    """:func:`attention` past its non-finite guard (``q``, ``k``, ``v`` as the guard hands them)."""
+    batch, hq, tq, d = q.shape
+    tk, dv = k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if window is None and (not causal or tq == 1):
         return _attention_folded(q, k, v, scale)

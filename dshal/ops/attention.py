@@ -108,7 +108,10 @@ def _visible_ranges(
 
 @dataclass
 class NonFiniteGuard:
-    """Inputs with every non-finite value zeroed, and where the output must be NaN instead."""
+    """The inputs to run the kernel on, and where the output must be NaN instead. The inputs
+    have every non-finite value zeroed where a key hidden from a query could otherwise leak
+    one into its output; they are the given tensors themselves when every query sees every
+    key (nothing can leak: a non-finite value reaches only outputs the poison marks)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -135,9 +138,11 @@ def nonfinite_guard(
         may_read_host = q.device.type == "cpu"
     if may_read_host and math.isfinite(float(q.sum()) + float(k.sum()) + float(v.sum())):
         return None
-    bad_q, bad_k, bad_v = ~torch.isfinite(q), ~torch.isfinite(k), ~torch.isfinite(v)
     batch, hq, tq, _ = q.shape
     hk, tk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if window is None and (not causal or tq == 1) and min(q.shape) > 0 and min(k.shape) > 0 and dv > 0:
+        return _all_keys_visible_guard(q, k, v)
+    bad_q, bad_k, bad_v = ~torch.isfinite(q), ~torch.isfinite(k), ~torch.isfinite(v)
     ranges = _visible_ranges(tq, tk, causal, window, global_tokens, q.device)
     # Non-finite keys / value entries per prefix of the keys, then summed over each query's ranges.
     per_key = torch.cat((bad_k.any(dim=-1, keepdim=True), bad_v), dim=-1).to(torch.int32)  # [B, Hk, Tk, 1 + Dv]
@@ -148,6 +153,30 @@ def nonfinite_guard(
     from_q = bad_q.any(dim=-1, keepdim=True) & sees_any  # [B, Hq, Tq, 1]
     poison = (from_kv[:, :, None] | from_q.reshape(batch, hk, hq // hk, tq, 1)).reshape(batch, hq, tq, dv)
     return NonFiniteGuard(q.masked_fill(bad_q, 0), k.masked_fill(bad_k, 0), v.masked_fill(bad_v, 0), poison)
+
+
+def _all_keys_visible_guard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> NonFiniteGuard:
+    """:func:`nonfinite_guard` where every query sees every key (a decode step's one query, or
+    non-causal without a window): no hidden key can leak a value, so the kernel runs on the
+    inputs as given. A query's row is NaN when its q row, or any k row of its kv head, is not
+    finite; a column when any v entry of it is.
+
+    Found with products by zeros: ``0 * x`` is 0 for a finite ``x`` and NaN for NaN or +-Inf
+    (IEEE 754), and a sum of zeros cannot overflow, so ``zeros [1, Tk] @ k`` has NaN exactly in
+    the columns where a key is not finite. One read of k (a matrix-vector product, at memory
+    speed), which also serves v when v is k's first columns (MLA's absorbed decode: the values
+    are the latent's first ``kv_lora`` columns); no copy of either."""
+    hq, hk, dv = q.shape[1], k.shape[1], v.shape[3]
+    per_head = hq // hk
+    zeros = k.new_zeros(*k.shape[:2], 1, k.shape[2])  # [B, Hk, 1, Tk]
+    key_columns = (zeros @ k).isnan()  # [B, Hk, 1, D]
+    if v.data_ptr() == k.data_ptr() and v.stride() == k.stride():  # v = k[..., :Dv]
+        value_columns = key_columns[..., :dv]
+    else:
+        value_columns = (zeros @ v).isnan()  # [B, Hk, 1, Dv]
+    query_rows = (q @ q.new_zeros(q.shape[-1], 1)).isnan()  # [B, Hq, Tq, 1]
+    rows = query_rows | key_columns.any(dim=-1, keepdim=True).repeat_interleave(per_head, dim=1)  # [B, Hq, Tq, 1]
+    return NonFiniteGuard(q, k, v, rows | value_columns.repeat_interleave(per_head, dim=1))
 
 
 @attention.reference
