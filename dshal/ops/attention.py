@@ -166,8 +166,12 @@ def _all_keys_visible_guard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     the columns where a key is not finite. One read of k (a matrix-vector product, at memory
     speed), which also serves v when v is k's first columns (MLA's absorbed decode: the values
     are the latent's first ``kv_lora`` columns); no copy of either."""
-    hq, hk, dv = q.shape[1], k.shape[1], v.shape[3]
-    per_head = hq // hk
+    batch, hq, _, _ = q.shape
+    hk, dv = k.shape[1], v.shape[3]
+
+    def per_query_head(t: torch.Tensor) -> torch.Tensor:  # [B, Hk, 1, n] -> [B, Hq, 1, n] (no host sync)
+        return t[:, :, None].expand(batch, hk, hq // hk, *t.shape[2:]).reshape(batch, hq, *t.shape[2:])
+
     zeros = k.new_zeros(*k.shape[:2], 1, k.shape[2])  # [B, Hk, 1, Tk]
     key_columns = (zeros @ k).isnan()  # [B, Hk, 1, D]
     if v.data_ptr() == k.data_ptr() and v.stride() == k.stride():  # v = k[..., :Dv]
@@ -175,8 +179,8 @@ def _all_keys_visible_guard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     else:
         value_columns = (zeros @ v).isnan()  # [B, Hk, 1, Dv]
     query_rows = (q @ q.new_zeros(q.shape[-1], 1)).isnan()  # [B, Hq, Tq, 1]
-    rows = query_rows | key_columns.any(dim=-1, keepdim=True).repeat_interleave(per_head, dim=1)  # [B, Hq, Tq, 1]
-    return NonFiniteGuard(q, k, v, rows | value_columns.repeat_interleave(per_head, dim=1))
+    rows = query_rows | per_query_head(key_columns.any(dim=-1, keepdim=True))  # [B, Hq, Tq, 1]
+    return NonFiniteGuard(q, k, v, rows | per_query_head(value_columns))
 
 
 @attention.reference
