@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dshal.plugin import ArgumentError, Availability, Backend, Capabilities, DeviceError, OpPath, Topology
-from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, visible_devices
+from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, float_overflow_mode, visible_devices
 from dshal_ascend.releases import (
     MINIMUM_RELEASE,
     RELEASE_BY_NAME,
@@ -149,6 +149,7 @@ class AscendBackend(Backend):
                 "cann": probe.cann_version or (cann.version if cann else None) or "unknown",
                 "torch_npu": f"{probe.torch_npu_version or 'unknown'} (op-plugin release {self.features().release}, "
                              f"minimum {MINIMUM_RELEASE})",
+                "float overflow mode": float_overflow_mode(),
             },
         )
 

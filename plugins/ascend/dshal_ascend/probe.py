@@ -195,6 +195,19 @@ def visible_devices(env: Mapping[str, str] | None = None) -> list[int] | None:
     return ids
 
 
+def float_overflow_mode(env: Mapping[str, str] | None = None) -> str:
+    """The NPU's floating-point overflow mode as ``INF_NAN_MODE_ENABLE`` sets it (CANN's
+    environment reference: 1, the default on Atlas A2/A3, is IEEE 754's Inf/NaN; 0 is
+    saturation, where an Inf computes to +-max and a NaN to 0, whatever the op). In
+    saturation mode no op can keep the non-finite rules of the op contract (attention's NaN
+    rows and columns, quantization's refusals): said in the backend's capability notes."""
+    env = os.environ if env is None else env
+    if env.get("INF_NAN_MODE_ENABLE", "1").strip() == "0":
+        return ("saturation (INF_NAN_MODE_ENABLE=0): Inf computes to +-max and NaN to 0, so the ops' "
+                "non-finite rules cannot hold")
+    return "Inf/NaN, IEEE 754 (INF_NAN_MODE_ENABLE unset or 1)"
+
+
 def probe_npu(timeout_s: float = PROBE_TIMEOUT_S, env: Mapping[str, str] | None = None) -> NpuProbe:
     """Import torch_npu in a child process and count the visible NPUs. Never raises."""
     child_env = dict(os.environ if env is None else env)

@@ -15,7 +15,7 @@ import pytest
 import dshal
 from dshal.info import collect
 from dshal_ascend import AscendBackend
-from dshal_ascend.probe import find_cann, probe_npu, torch_npu_installed, visible_devices
+from dshal_ascend.probe import find_cann, float_overflow_mode, probe_npu, torch_npu_installed, visible_devices
 
 pytestmark = pytest.mark.skipif(torch_npu_installed(), reason="torch_npu is installed here: these tests cover hosts without it")
 
@@ -141,3 +141,12 @@ def test_ascend_too_old_torch_npu_is_unavailable_with_reason_before_any_op(tmp_p
     assert "op-plugin release 6.0.rc3" in lines[1] and "older than the minimum 6.0.0" in lines[1]
     assert lines[2].startswith("refused: backend 'ascend' is not available: torch_npu 2.4.0")
     assert lines[-1] == "False"  # decided from the version alone
+
+
+@pytest.mark.parametrize("raw, saturating", [(None, False), ("1", False), ("0", True), (" 0 ", True)])
+def test_ascend_float_overflow_mode_says_when_non_finite_rules_cannot_hold(raw, saturating):
+    """``INF_NAN_MODE_ENABLE=0`` (saturation: NaN computes to 0) is named in the capability
+    notes, since no op can keep the contract's NaN rules then; unset or 1 is IEEE 754."""
+    mode = float_overflow_mode({} if raw is None else {"INF_NAN_MODE_ENABLE": raw})
+    assert mode.startswith("saturation") is saturating
+    assert ("non-finite rules cannot hold" in mode) is saturating
