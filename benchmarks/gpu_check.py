@@ -40,8 +40,8 @@ it finishes, so a stage cut short by the time budget leaves the others' results:
 6. **attention** at a decode step of DeepSeek-V3's absorbed MLA on one TP=8 rank (16 heads on
    the shared 576-wide latent, values 512; 4096 cached tokens; batch 1 and 8): the op as the
    nvidia backend serves it (its non-finite guard, then SDPA) against torch's SDPA alone on
-   the same inputs, kernel-only; the eager step (causal) and the static one (one more key
-   dimension for the mask, non-causal). The guard's cost on a device was never measured;
+   the same inputs, kernel-only; the eager step (causal) and the static one (the cache's 8
+   spare key columns for the mask, non-causal). The guard's cost on a device was never measured;
 7. **dshal run**: the model core on the device (``dshal run --graphs auto --speculative mtp``):
    decode tokens/s with and without CUDA graphs, compile/autotune time apart, and greedy
    decoding with the (random) MTP layer's drafts, its steps' forwards captured as CUDA graphs,
@@ -473,11 +473,13 @@ def stage_norm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
 def stage_attention(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int, reps: int) -> None:
     """Decode attention as the model's absorbed MLA step calls it: the op as served (non-finite
     guard + SDPA) against SDPA alone, kernel-only; eager (causal, the filled slots) and static
-    (the whole buffer with one more key dimension for the mask, non-causal)."""
+    (the whole buffer with the cache's spare key columns for the mask, non-causal)."""
+    from dshal.model.cache import KVCache  # lazy: dshal is installed by this script's first step
+
     rows: list[dict[str, Any]] = []
     check.data["attention"] = {"rows": rows}
     for batch, heads, slots, width, value in DRY_ATTENTION_CASES if dry_run else ATTENTION_CASES:
-        for step, extra, causal in (("eager", 0, True), ("static", 1, False)):
+        for step, extra, causal in (("eager", 0, True), ("static", KVCache.STATIC_BIAS_COLUMNS, False)):
             row: dict[str, Any] = {"step": step, "batch": batch, "heads": heads, "cached": slots, "d": width + extra,
                                    "dv": value}
             rows.append(row)

@@ -103,9 +103,9 @@ def test_model_cache_bytes_is_what_new_cache_allocates(mode, changes):
 
 
 def test_model_static_cache_takes_the_key_mask_in_place():
-    """A cache for static steps (``new_cache(..., static=True)``) holds 2 spare columns after
+    """A cache for static steps (``new_cache(..., static=True)``) holds 8 spare columns after
     each latent: a static step writes its key mask there instead of copying the cache with
-    the mask appended, per layer and step. Its steps give the logits of the same steps on a
+    the mask appended, per layer and step, and the keys stay a multiple of 8 wide. Its steps give the logits of the same steps on a
     plain cache (one position for all rows, one per row, two tokens per row)."""
     from dshal.model.decode import positioned_step, static_decode_step
 
@@ -114,7 +114,7 @@ def test_model_static_cache_takes_the_key_mask_in_place():
     width = a.kv_lora_rank + a.qk_rope_head_dim
     ids = _ids(a.vocab_size, 5)
     static, plain = model.new_cache(2, 12, "absorb", static=True), model.new_cache(2, 12, "absorb")
-    assert static.bias_columns == 2 and plain.bias_columns == 0
+    assert static.bias_columns == 8 and plain.bias_columns == 0
     assert static.buffers[0][0].shape == plain.buffers[0][0].shape == (2, 12, width)
     model(ids, 0, static), model(ids, 0, plain)
     with dshal.ops.trusted():
@@ -131,8 +131,8 @@ def test_model_static_cache_takes_the_key_mask_in_place():
     latent = static.buffers[0][0]
     columns = torch.full((2, 12, 2), -3.0)
     keys = layer.biased_keys(latent, columns)
-    assert keys.shape == (2, 12, width + 2) and keys.data_ptr() == latent.data_ptr()
-    assert torch.equal(keys[..., width:], columns) and torch.equal(keys[..., :width], latent)
+    assert keys.shape == (2, 12, width + 8) and keys.shape[-1] % 8 == 0 and keys.data_ptr() == latent.data_ptr()
+    assert torch.equal(keys[..., width : width + 2], columns) and torch.equal(keys[..., :width], latent)
     assert plain.layers[0].biased_keys(plain.buffers[0][0], columns) is None  # no spare columns: the caller copies
     with pytest.raises(dshal.DshalError, match="argument 'static' is given with mode 'naive', expected 'absorb'"):
         model.new_cache(1, 4, "naive", static=True)

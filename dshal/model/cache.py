@@ -187,6 +187,10 @@ class KVCache:
 
     #: Score bias of a slot not yet written: exp(-1e4) is 0 in every float dtype.
     MASKED_SCORE = -1.0e4
+    #: Spare columns of a cache for static steps (``bias_columns``): a step's key bias takes
+    #: one per query, and keys 8 elements wider keep their head dim a multiple of 8, which
+    #: fused attention kernels want (16-byte rows in 16-bit dtypes).
+    STATIC_BIAS_COLUMNS = 8
 
     def begin_at(self, position: torch.Tensor) -> None:
         """Plan a step at ``position`` (an int64 device tensor: ``[1]`` for one token of every
@@ -238,16 +242,18 @@ class LayerCache:
 
     def biased_keys(self, keys: torch.Tensor, columns: torch.Tensor) -> torch.Tensor | None:
         """In a static step on a cache with spare bias columns: ``keys`` (this layer's whole
-        absorb buffer, as :meth:`update` returned it) followed by ``columns [B, S, n]`` (the
-        step's key bias, one column per query), written into the spare columns in place, so
-        the cache is not copied. None when the cache has fewer than ``n`` spare columns."""
+        absorb buffer, as :meth:`update` returned it) followed by its spare columns, the first
+        ``n`` of them holding ``columns [B, S, n]`` (the step's key bias, one column per query),
+        written in place, so the cache is not copied. The other spare columns hold whatever an
+        earlier step left there: the query's components for them must be 0. None when the
+        cache has fewer than ``n`` spare columns."""
         n = columns.shape[-1]
         if n > self.cache.bias_columns:
             return None
         allocated = self.cache._allocated[self.index][0]
         width = keys.shape[-1]
         allocated[:, :, width : width + n] = columns
-        return allocated[:, :, : width + n]
+        return allocated[:, :, : width + self.cache.bias_columns]
 
     def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store ``new`` (each ``[B, T, *entry]``) at the planned positions; return, per

@@ -296,7 +296,10 @@ def _with_key_bias(
         extra = q.new_ones(*q.shape[:-1], 1)
         columns = columns.reshape(-1, columns.shape[-1])[:, :, None].expand(latent.shape[0], -1, 1)  # [B, S, 1]
     keys = cache.biased_keys(latent, columns)
-    return torch.cat((q, extra), dim=-1), torch.cat((latent, columns), dim=-1) if keys is None else keys
+    if keys is None:
+        return torch.cat((q, extra), dim=-1), torch.cat((latent, columns), dim=-1)
+    unused = keys.shape[-1] - latent.shape[-1] - extra.shape[-1]  # spare columns this step does not write
+    return torch.cat((q, extra, q.new_zeros(*q.shape[:-1], unused)), dim=-1), keys
 
 
 # ---------------------------------------------------------------- feed-forward
@@ -602,8 +605,9 @@ class Transformer(nn.Module):
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens
         (``mode``: "absorb" or "naive"; default ``args.mla_mode``); with ``mtp``, for the MTP
         layer (:meth:`draft`) instead of the main layers. ``static``: for static (graph) decode
-        steps (:mod:`dshal.model.decode`), in the "absorb" layout with spare columns for their
-        key mask (:class:`KVCache` ``bias_columns``), so a step does not copy the cache. A
+        steps (:mod:`dshal.model.decode`), in the "absorb" layout with
+        ``KVCache.STATIC_BIAS_COLUMNS`` spare columns for their key mask, so a step does not
+        copy the cache. A
         cache larger than the memory the backend reports free on the model's device is refused
         before any of it is allocated (an ArgumentError with both figures)."""
         mode = mode or self.args.mla_mode
@@ -623,7 +627,7 @@ class Transformer(nn.Module):
             device,
             a.attention_window,
             a.attention_global_tokens,
-            MAX_STEP_TOKENS if static and a.attention_window is None else 0,
+            KVCache.STATIC_BIAS_COLUMNS if static and a.attention_window is None else 0,
         )
 
     def _cached_layers(self, mtp: bool) -> int:
@@ -639,7 +643,7 @@ class Transformer(nn.Module):
                 bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else "in [1, 2**63 - 1]"
                 raise ArgumentError(f"new_cache: argument {arg!r} is {value!r}, expected an int {bound}")
         a = self.args
-        spare = MAX_STEP_TOKENS if static and a.attention_window is None else 0
+        spare = KVCache.STATIC_BIAS_COLUMNS if static and a.attention_window is None else 0
         per_token = sum(math.prod(shape) + spare for shape in self._cache_entries(mode)) * a.dtype.itemsize
         slots = KVCache.slots(max_len, a.attention_window, a.attention_global_tokens)
         return self._cached_layers(mtp) * batch * slots * per_token

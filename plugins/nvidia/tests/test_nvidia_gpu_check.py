@@ -50,7 +50,7 @@ def test_nvidia_gpu_check_dry_run(tmp_path, cpu_rowwise_scaled_mm_refusal):
     assert all("experts_us" in r and "error" not in r for r in moe["rows"]), moe
     assert moe["rows"][0]["similarity_gap"] < 1e-3
     attention = data["attention"]["rows"]  # decode attention as served (guard + SDPA) and SDPA alone
-    assert [(r["step"], r["d"]) for r in attention] == [("eager", 48), ("static", 49)]
+    assert [(r["step"], r["d"]) for r in attention] == [("eager", 48), ("static", 56)]
     assert all("error" not in r and r["served_us"] > 0 and r["sdpa_us"] > 0 and r["similarity_gap"] < 1e-2
                for r in attention), attention
     run = data["run"]
