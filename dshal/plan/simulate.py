@@ -331,7 +331,7 @@ def kv_cache_bytes(sim: SimulatedRank, batch: int, context: int, mtp: bool = Fal
     """``(bytes per token, bytes for batch x context)`` of this rank's KV cache (meta: free);
     with ``mtp``, the MTP layer's cache too (speculative decoding keeps one)."""
     caches = [sim.model.new_cache(batch, context)] + ([sim.model.new_cache(batch, context, mtp=True)] if mtp else [])
-    total = sum(b.numel() * b.element_size() for cache in caches for layer in cache.buffers for b in layer)
+    total = sum(cache.bytes_per_token * cache.capacity * cache.batch for cache in caches)  # as allocated
     return total // max(batch * context, 1), total
 
 
