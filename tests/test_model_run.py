@@ -623,6 +623,10 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
     assert f"\n{first}\n" in out.getvalue() and f"\n{second}\n" in out.getvalue()
     assert len(captures) == 1 and graphed.decoder is not None and graphed.decoder.cache is graphed.cache
     assert graphed.prefilled[:2] == conversation.prefilled[:2]
+    windowed = dshal.model.random_model(dshal.model.tiny_args(attention_window=8))  # refused before any turn is read
+    with pytest.raises(dshal.DshalError, match="ChatSettings.graph is given, but the static decode step it captures "
+                                               "cannot run: an attention window is set"):
+        chat(windowed, tokenizer, ChatSettings(max_new_tokens=6, graph=stand_in), read, out)
 
 
 def test_model_dshal_run_interactive(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import torch
 
 from dshal.errors import DshalError
-from dshal.model.decode import StaticDecoder
+from dshal.model.decode import StaticDecoder, static_decode_unsupported
 from dshal.model.generate import completions
 from dshal.model.speculative import generate_speculative
 from dshal.model.text import TextStream, encode_chat
@@ -97,6 +97,9 @@ def chat(
     """Hold the conversation until ``/exit`` or the end of ``read``'s input (EOFError);
     ``out``: where answers and notes are written (default stdout). Returns the conversation."""
     out = out or sys.stdout
+    why = static_decode_unsupported(model) if settings.graph is not None and not settings.speculative else None
+    if why:
+        raise DshalError(f"chat: ChatSettings.graph is given, but the static decode step it captures cannot run: {why}")
     conversation = Conversation()
     device = model.rope_cos.device
     limit = model.args.max_position_embeddings
