@@ -369,7 +369,8 @@ def test_the_steps_go_through_the_backends_graph_hook():
     the hook returned, replayed every step. Here the hook is a stand-in that wraps the forward
     (not a device graph; the CPU has none); one that fails at capture leaves the steps eager,
     and says why. The tokens stay the greedy ones. A sampled run is captured too (its draws
-    are made between the forwards), and draws what the eager run draws."""
+    are made between the forwards), and draws what the eager run draws. One sequence is
+    continued in its caches through the hook too (streamed), turn after turn."""
     args = _mtp_args()
     model = _repeating_mtp_model(args, 0)
     prompt = _prompt(args, seed=0)
@@ -402,5 +403,20 @@ def test_the_steps_go_through_the_backends_graph_hook():
     assert stats.captured is True and len(replays) == 2 * stats.steps
     eager, _ = generate_speculative(model, prompt, 12, 0.5, graph=lambda fn: fn, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, eager)
-    with pytest.raises(ArgumentError, match="'stream' is given with 'graph', expected one sequence without 'graph'"):
-        generate_speculative(model, prompt, 4, graph=capture, stream=print)
+    # One sequence continued in its caches through the hook (a conversation's turns, as
+    # `dshal run --interactive --speculative mtp` runs them): tokens streamed as they are
+    # written, the caches left for the next turn, every turn's tokens greedy's.
+    cache = model.new_cache(1, 48, "absorb", static=True)
+    mtp_cache = model.new_cache(1, 48, "absorb", mtp=True, static=True)
+    streamed = []
+    first, _ = generate_speculative(model, prompt, 9, graph=capture, cache=cache, mtp_cache=mtp_cache,
+                                    stream=lambda t: streamed.append(int(t[0])))
+    assert torch.equal(first, model.generate(prompt, 9)) and streamed == first[0, prompt.shape[1]:].tolist()
+    assert cache.length == first.shape[1] - 1 and mtp_cache.length == first.shape[1] - 2
+    follow = torch.cat((first, _prompt(args, length=3, seed=4)), dim=1)
+    again, stats = generate_speculative(model, follow, 9, graph=capture, cache=cache, mtp_cache=mtp_cache,
+                                        cached=mtp_cache.length)
+    assert torch.equal(again, model.generate(follow, 9)) and stats.captured is True
+    with pytest.raises(ArgumentError, match="argument 'cache' has the 'naive' layout, expected 'absorb' with 'graph'"):
+        generate_speculative(model, prompt, 4, graph=capture, cache=model.new_cache(1, 16, "naive"),
+                             mtp_cache=model.new_cache(1, 16, "absorb", mtp=True))

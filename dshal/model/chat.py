@@ -53,8 +53,8 @@ class ChatSettings:
     #: Decode with the model's MTP drafts (:func:`dshal.model.speculative.generate_speculative`).
     speculative: bool = False
     #: The backend's ``graph()`` hook: the decode steps run as one captured device graph, kept
-    #: across turns with the cache (:class:`~dshal.model.decode.StaticDecoder`). None: eager.
-    #: Not with ``speculative`` (its steps take the batch path, which keeps no cache).
+    #: across turns with the cache (:class:`~dshal.model.decode.StaticDecoder`); with
+    #: ``speculative``, each step's two forwards, captured anew each turn. None: eager.
     graph: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
 
 
@@ -97,7 +97,7 @@ def chat(
     """Hold the conversation until ``/exit`` or the end of ``read``'s input (EOFError);
     ``out``: where answers and notes are written (default stdout). Returns the conversation."""
     out = out or sys.stdout
-    why = static_decode_unsupported(model) if settings.graph is not None and not settings.speculative else None
+    why = static_decode_unsupported(model) if settings.graph is not None else None
     if why:
         raise DshalError(f"chat: ChatSettings.graph is given, but the static decode step it captures cannot run: {why}")
     conversation = Conversation()
@@ -155,10 +155,11 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
         room = min(model.args.max_position_embeddings, max(2 * need, 1024))
         conversation.cache, conversation.mtp_cache, conversation.decoder = None, None, None  # old memory first
         conversation.cached_ids, cached = [], 0
-        static = settings.graph is not None and not settings.speculative
+        static = settings.graph is not None
         conversation.cache = model.new_cache(1, room, "absorb" if static else None, static=static)
-        conversation.mtp_cache = model.new_cache(1, room, mtp=True) if settings.speculative else None
-        if static:
+        if settings.speculative:
+            conversation.mtp_cache = model.new_cache(1, room, "absorb" if static else None, mtp=True, static=static)
+        elif static:
             conversation.decoder = StaticDecoder(model, conversation.cache, settings.graph)
 
     def show(token: torch.Tensor) -> None:
@@ -173,7 +174,8 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
             # the main cache's, and no further than the MTP cache got.
             cached = max(0, min(cached - 1, conversation.mtp_cache.length))
             result, stats = generate_speculative(model, prompt, settings.max_new_tokens, settings.temperature,
-                                                 mtp_cache=conversation.mtp_cache, cached=cached, **common)
+                                                 mtp_cache=conversation.mtp_cache, cached=cached,
+                                                 graph=settings.graph, **common)
             conversation.drafts.append((stats.accepted, stats.steps))
         else:
             result = model.generate(prompt, settings.max_new_tokens, settings.temperature, cached=cached,

@@ -321,12 +321,12 @@ def _chat_graphs(args: argparse.Namespace, model: Any, runtime: Any) -> tuple[bo
     captures = _captures_graphs(runtime)
     why = ("--graphs off" if args.graphs == "off" else
            f"backend {runtime.backend.name!r} has no device graphs" if args.graphs == "auto" and not captures else
-           f"--speculative {args.speculative}: its steps keep no conversation cache through graphs" if args.speculative
-           else static_decode_unsupported(model))
+           static_decode_unsupported(model))
     if why:
         return False, f"decode steps: eager ({why})"
     if captures:
-        return True, "decode steps: captured as one device graph, kept across turns"
+        return True, ("decode steps: their two forwards captured as device graphs each turn" if args.speculative
+                      else "decode steps: captured as one device graph, kept across turns")
     return True, f"decode steps: the static (graph) step, eager: backend {runtime.backend.name!r} has no device graphs"
 
 

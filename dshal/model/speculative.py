@@ -290,8 +290,9 @@ def generate_speculative(
 
     ``graph`` (a backend's :meth:`~dshal.Backend.graph` hook): each step's two forwards run as
     captured graphs, its choices (greedy or sampled) between them (:class:`SpeculativeStep`),
-    one sequence included (it then takes the several-sequence path); ``stats.captured`` says
-    whether capture worked."""
+    one sequence included (it then takes the several-sequence path, its caches, when given, in
+    the "absorb" layout: ``model.new_cache(1, max_len, "absorb", static=True)``);
+    ``stats.captured`` says whether capture worked."""
     check_input_ids("generate_speculative", input_ids, model.rope_cos.device)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate_speculative", prefill_chunk)
@@ -300,20 +301,24 @@ def generate_speculative(
     why = speculative_unsupported(model)
     if why:
         raise ArgumentError(f"generate_speculative: {why}")
-    rows = input_ids.shape[0] > 1 or graph is not None
-    if rows and (cache is not None or mtp_cache is not None or cached or stream is not None):
-        what = f"{input_ids.shape[0]} sequences" if input_ids.shape[0] > 1 else "'graph'"
+    if input_ids.shape[0] > 1 and (cache is not None or mtp_cache is not None or cached or stream is not None):
         raise ArgumentError(
-            f"generate_speculative: 'cache', 'mtp_cache', 'cached' or 'stream' is given with {what}, "
-            "expected one sequence without 'graph' for them"
+            f"generate_speculative: 'cache', 'mtp_cache', 'cached' or 'stream' is given with {input_ids.shape[0]} "
+            "sequences, expected one sequence for them"
         )
-    if cache is not None or mtp_cache is not None or cached:
+    reused = cache is not None or mtp_cache is not None or cached
+    if reused:
         for name, given in (("cache", cache), ("mtp_cache", mtp_cache)):
             check_cache_reuse(given, cached, input_ids[:, : lens[0]], max_new_tokens, False, "generate_speculative", name)
+            if graph is not None and given.mode != "absorb":
+                raise ArgumentError(f"generate_speculative: argument '{name}' has the {given.mode!r} layout, expected "
+                                    "'absorb' with 'graph' (model.new_cache(1, max_len, 'absorb', static=True))")
     stops = [] if eos_token_id is None else stop_list(eos_token_id)
     verifier = DraftVerifier(temperature, top_p, generator)
-    if rows:
-        return _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk, graph)
+    if input_ids.shape[0] > 1 or graph is not None:
+        caches = (cache, mtp_cache, cached) if reused else None
+        return _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk, graph,
+                              caches, stream)
     return _generate_one(model, input_ids[:, : lens[0]], max_new_tokens, verifier, set(stops), on_token, stream,
                          prefill_chunk, cache, mtp_cache, cached)
 
@@ -370,9 +375,13 @@ def _generate_rows(
     model: nn.Module, input_ids: torch.Tensor, lens: list[int], max_new_tokens: int, verifier: DraftVerifier,
     stops: list[int], on_token: Callable[[int], None] | None, prefill_chunk: int | None,
     graph: Callable[[Callable[..., Any]], Callable[..., Any]] | None,
+    reuse: tuple[KVCache, KVCache, int] | None = None,
+    stream: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, SpeculativeStats]:
     """:func:`generate_speculative` for several sequences (or one, with ``graph``), each at its
-    own positions, the steps through a :class:`SpeculativeStep`."""
+    own positions, the steps through a :class:`SpeculativeStep`. ``reuse``: one sequence's
+    ``(cache, mtp_cache, cached)``, prefilled from ``cached`` and left as
+    :func:`generate_speculative` says; ``stream``: one sequence's tokens as they are written."""
     bsz, width = input_ids.shape
     total, device = width + max_new_tokens, input_ids.device
     out, _ = mask_padding(input_ids, lens, stops[0] if stops else 0)
@@ -380,14 +389,18 @@ def _generate_rows(
     stats = SpeculativeStats()
     if max_new_tokens == 0:
         return out[:, :width], stats
-    cache = model.new_cache(bsz, total, "absorb", static=True)
-    mtp_cache = model.new_cache(bsz, total, "absorb", mtp=True, static=True)
-    firsts = []
-    for row, length in enumerate(lens):  # each prompt alone, then into its row of the caches
-        alone, mtp_alone = model.new_cache(1, length, "absorb"), model.new_cache(1, length, "absorb", mtp=True)
-        firsts.append(_prefill(model, input_ids[row : row + 1, :length], alone, mtp_alone, 0, prefill_chunk, verifier))
-        for batch_buf, row_buf in [*cache.buffer_pairs(alone), *mtp_cache.buffer_pairs(mtp_alone)]:
-            batch_buf[row, :length] = row_buf[0]
+    if reuse is not None:  # one sequence, continued in the caller's caches
+        cache, mtp_cache, cached = reuse
+        firsts = [_prefill(model, input_ids[:, : lens[0]], cache, mtp_cache, cached, prefill_chunk, verifier)]
+    else:
+        cache = model.new_cache(bsz, total, "absorb", static=True)
+        mtp_cache = model.new_cache(bsz, total, "absorb", mtp=True, static=True)
+        firsts = []
+        for row, length in enumerate(lens):  # each prompt alone, then into its row of the caches
+            alone, mtp_alone = model.new_cache(1, length, "absorb"), model.new_cache(1, length, "absorb", mtp=True)
+            firsts.append(_prefill(model, input_ids[row : row + 1, :length], alone, mtp_alone, 0, prefill_chunk, verifier))
+            for batch_buf, row_buf in [*cache.buffer_pairs(alone), *mtp_cache.buffer_pairs(mtp_alone)]:
+                batch_buf[row, :length] = row_buf[0]
     last = torch.cat([token for token, _, _ in firsts])  # [B]
     draft = torch.cat([d for _, d, _ in firsts])
     q = None if firsts[0][2] is None else torch.cat([p for _, _, p in firsts])
@@ -399,6 +412,8 @@ def _generate_rows(
         for row, tokens in enumerate(pending):
             for value in tokens if not done[row] else ():
                 out[row, pos[row]] = value
+                if stream is not None:
+                    stream(out[row, pos[row] : pos[row] + 1])
                 written += 1
                 pos[row] += 1
                 if value in stops or pos[row] == lens[row] + max_new_tokens:
@@ -408,6 +423,9 @@ def _generate_rows(
             on_token(written - 1)
         if all(done):
             stats.captured, stats.capture_error = (step.captured, step.capture_error) if graph else (None, "")
+            if reuse is not None:  # what the static steps left valid: every token but the last, and one
+                cache.length = pos[0] - 1  # fewer in the MTP cache (its last entry may have been made for
+                mtp_cache.length = max(pos[0] - 2, 0)  # a draft that was not kept)
             return out[:, : max(pos)], stats
         # Every row at [last token, draft] (positions pos - 1, pos); a done row repeats a slot of its own.
         at = [min(p, total - 1) for p in pos]
