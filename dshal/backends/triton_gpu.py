@@ -398,7 +398,11 @@ class TorchGpuBackend(Backend):
             "Triton grouped kernel (tokens sorted into expert tiles) for float and FP8 weights (1x128 activation "
             "quant, 128x128 weight scales, in-kernel); int8 weights and float64: reference math"
         )
-        notes["attention"] = "torch scaled_dot_product_attention (explicit mask for end-aligned causal, window, global tokens)"
+        notes["attention"] = (
+            "torch scaled_dot_product_attention (explicit mask for end-aligned causal, window, global tokens); "
+            "non-finite guard built on the device: where every key is seen (decode), products by zeros on the "
+            "inputs as given, else zeroed copies"
+        )
         if self._triton_ok():
             notes["kernels"] = f"Triton, target {self.target().name}"
         else:
