@@ -19,7 +19,7 @@ from dshal.errors import ArgumentError, CheckpointError, ConfigError, ShapeError
 from dshal.model import DictReader, build_model, random_model, tiny_args
 from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint
 from dshal.model.generate import completions, sampling_probs
-from dshal.model.speculative import DraftVerifier, generate_speculative
+from dshal.model.speculative import DraftVerifier, SpeculativeStep, generate_speculative
 from dshal.perf.syncs import HostSyncCounter
 
 
@@ -417,6 +417,27 @@ def test_the_steps_go_through_the_backends_graph_hook():
     again, stats = generate_speculative(model, follow, 9, graph=capture, cache=cache, mtp_cache=mtp_cache,
                                         cached=mtp_cache.length)
     assert torch.equal(again, model.generate(follow, 9)) and stats.captured is True
+    # A step kept with the caches: its forwards captured once for every later call.
+    hooked = []
+
+    def counting(fn):
+        hooked.append(fn)
+        return capture(fn)
+
+    cache = model.new_cache(1, 64, "absorb", static=True)
+    mtp_cache = model.new_cache(1, 64, "absorb", mtp=True, static=True)
+    step = SpeculativeStep(model, cache, mtp_cache, DraftVerifier(0.0, 1.0, None), counting)
+    turn = prompt
+    for seed in (5, 6):
+        got, _ = generate_speculative(model, turn, 6, cache=cache, mtp_cache=mtp_cache, cached=mtp_cache.length, step=step)
+        assert torch.equal(got, model.generate(turn, 6))
+        turn = torch.cat((got, _prompt(args, length=3, seed=seed)), dim=1)
+    assert len(hooked) == 2
+    with pytest.raises(ArgumentError, match="'step' is built on other KV caches than arguments 'cache' and 'mtp_cache'"):
+        generate_speculative(model, prompt, 4, cache=model.new_cache(1, 48, "absorb"), mtp_cache=mtp_cache, step=step)
+    with pytest.raises(ArgumentError, match=r"'step' samples with temperature 0.0, top_p 1.0 and its own generator, "
+                                            r"expected this call's \(temperature 0.5"):
+        generate_speculative(model, prompt, 4, 0.5, cache=cache, mtp_cache=mtp_cache, step=step)
     with pytest.raises(ArgumentError, match="argument 'cache' has the 'naive' layout, expected 'absorb' with 'graph'"):
         generate_speculative(model, prompt, 4, graph=capture, cache=model.new_cache(1, 16, "naive"),
                              mtp_cache=model.new_cache(1, 16, "absorb", mtp=True))

@@ -26,7 +26,7 @@ import torch
 from dshal.errors import DshalError
 from dshal.model.decode import StaticDecoder, static_decode_unsupported
 from dshal.model.generate import completions
-from dshal.model.speculative import generate_speculative
+from dshal.model.speculative import DraftVerifier, SpeculativeStep, generate_speculative
 from dshal.model.text import TextStream, encode_chat
 
 #: The commands a turn can be instead of a message.
@@ -54,7 +54,7 @@ class ChatSettings:
     speculative: bool = False
     #: The backend's ``graph()`` hook: the decode steps run as one captured device graph, kept
     #: across turns with the cache (:class:`~dshal.model.decode.StaticDecoder`); with
-    #: ``speculative``, each step's two forwards, captured anew each turn. None: eager.
+    #: ``speculative``, each step's two forwards, also kept with the caches. None: eager.
     graph: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
 
 
@@ -66,6 +66,7 @@ class Conversation:
     turns: int = 0  # answers generated
     cache: Any = None  # the model's KV cache, kept across turns
     decoder: Any = None  # with graphs: the decode step on that cache, captured once
+    speculative_step: Any = None  # with graphs and MTP drafts: the step on both caches, captured once
     mtp_cache: Any = None  # with speculative decoding: the MTP layer's
     cached_ids: list[int] = field(default_factory=list)  # the tokens it holds
     prefilled: list[int] = field(default_factory=list)  # tokens each answered turn prefilled (the rest was cached)
@@ -153,12 +154,16 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
     if conversation.cache is None or conversation.cache.max_len < need:
         # Room for a few more turns like this one, within the model's positions.
         room = min(model.args.max_position_embeddings, max(2 * need, 1024))
-        conversation.cache, conversation.mtp_cache, conversation.decoder = None, None, None  # old memory first
+        conversation.cache = conversation.mtp_cache = conversation.decoder = conversation.speculative_step = None  # old memory first
         conversation.cached_ids, cached = [], 0
         static = settings.graph is not None
         conversation.cache = model.new_cache(1, room, "absorb" if static else None, static=static)
         if settings.speculative:
             conversation.mtp_cache = model.new_cache(1, room, "absorb" if static else None, mtp=True, static=static)
+            if static:
+                verifier = DraftVerifier(settings.temperature, settings.top_p, generator)
+                conversation.speculative_step = SpeculativeStep(model, conversation.cache, conversation.mtp_cache,
+                                                                verifier, settings.graph)
         elif static:
             conversation.decoder = StaticDecoder(model, conversation.cache, settings.graph)
 
@@ -175,7 +180,7 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
             cached = max(0, min(cached - 1, conversation.mtp_cache.length))
             result, stats = generate_speculative(model, prompt, settings.max_new_tokens, settings.temperature,
                                                  mtp_cache=conversation.mtp_cache, cached=cached,
-                                                 graph=settings.graph, **common)
+                                                 step=conversation.speculative_step, **common)
             conversation.drafts.append((stats.accepted, stats.steps))
         else:
             result = model.generate(prompt, settings.max_new_tokens, settings.temperature, cached=cached,

@@ -325,7 +325,7 @@ def _chat_graphs(args: argparse.Namespace, model: Any, runtime: Any) -> tuple[bo
     if why:
         return False, f"decode steps: eager ({why})"
     if captures:
-        return True, ("decode steps: their two forwards captured as device graphs each turn" if args.speculative
+        return True, ("decode steps: their two forwards captured as device graphs, kept across turns" if args.speculative
                       else "decode steps: captured as one device graph, kept across turns")
     return True, f"decode steps: the static (graph) step, eager: backend {runtime.backend.name!r} has no device graphs"
 

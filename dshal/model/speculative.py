@@ -202,7 +202,7 @@ class SpeculativeStep:
         graph: Callable[[Callable[..., Any]], Callable[..., Any]],
     ):
         device, batch = model.rope_cos.device, cache.batch
-        self.model, self.verifier = model, verifier
+        self.model, self.cache, self.mtp_cache, self.verifier, self.graph = model, cache, mtp_cache, verifier, graph
         self.tokens = torch.zeros(batch, 2, dtype=torch.int64, device=device)
         self.positions = torch.zeros(batch, 2, dtype=torch.int64, device=device)
         self.main = GraphStep(lambda tokens, positions: positioned_step(model, tokens, positions, cache), graph)
@@ -263,6 +263,7 @@ def generate_speculative(
     mtp_cache: KVCache | None = None,
     cached: int = 0,
     graph: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+    step: SpeculativeStep | None = None,
 ) -> tuple[torch.Tensor, SpeculativeStats]:
     """Generation with MTP drafts: ``[B, T + new]`` ids and the :class:`SpeculativeStats`.
     Greedy (``temperature == 0``), the ids are exactly those of ``model.generate(input_ids,
@@ -292,7 +293,10 @@ def generate_speculative(
     captured graphs, its choices (greedy or sampled) between them (:class:`SpeculativeStep`),
     one sequence included (it then takes the several-sequence path, its caches, when given, in
     the "absorb" layout: ``model.new_cache(1, max_len, "absorb", static=True)``);
-    ``stats.captured`` says whether capture worked."""
+    ``stats.captured`` says whether capture worked. ``step``: a :class:`SpeculativeStep` built
+    on ``cache`` and ``mtp_cache`` with this call's sampling (``DraftVerifier(temperature,
+    top_p, generator)``) and a graph hook, whose captured forwards this call replays instead of
+    capturing its own: a conversation that keeps caches and step captures once."""
     check_input_ids("generate_speculative", input_ids, model.rope_cos.device)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate_speculative", prefill_chunk)
@@ -313,14 +317,36 @@ def generate_speculative(
             if graph is not None and given.mode != "absorb":
                 raise ArgumentError(f"generate_speculative: argument '{name}' has the {given.mode!r} layout, expected "
                                     "'absorb' with 'graph' (model.new_cache(1, max_len, 'absorb', static=True))")
+    if step is not None:
+        _check_step(step, cache, mtp_cache, temperature, top_p, generator)
+        graph = step.graph
     stops = [] if eos_token_id is None else stop_list(eos_token_id)
-    verifier = DraftVerifier(temperature, top_p, generator)
+    verifier = DraftVerifier(temperature, top_p, generator) if step is None else step.verifier
     if input_ids.shape[0] > 1 or graph is not None:
         caches = (cache, mtp_cache, cached) if reused else None
         return _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk, graph,
-                              caches, stream)
+                              caches, stream, step)
     return _generate_one(model, input_ids[:, : lens[0]], max_new_tokens, verifier, set(stops), on_token, stream,
                          prefill_chunk, cache, mtp_cache, cached)
+
+
+def _check_step(
+    step: Any, cache: KVCache | None, mtp_cache: KVCache | None, temperature: float, top_p: float,
+    generator: torch.Generator | None,
+) -> None:
+    """``generate_speculative(..., step=)``: ArgumentError unless ``step`` is a SpeculativeStep
+    on the caches given with it, sampling as the call asks."""
+    if not isinstance(step, SpeculativeStep):
+        raise ArgumentError(f"generate_speculative: argument 'step' is {step!r}, expected a SpeculativeStep")
+    if cache is None or step.cache is not cache or step.mtp_cache is not mtp_cache:
+        raise ArgumentError("generate_speculative: argument 'step' is built on other KV caches than arguments 'cache' "
+                            "and 'mtp_cache', expected the same ones")
+    v = step.verifier
+    if (v.temperature, v.top_p) != (temperature, top_p) or v.generator is not generator:
+        raise ArgumentError(
+            f"generate_speculative: argument 'step' samples with temperature {v.temperature}, top_p {v.top_p} and "
+            f"its own generator, expected this call's (temperature {temperature}, top_p {top_p}, 'generator')"
+        )
 
 
 def _generate_one(
@@ -377,11 +403,13 @@ def _generate_rows(
     graph: Callable[[Callable[..., Any]], Callable[..., Any]] | None,
     reuse: tuple[KVCache, KVCache, int] | None = None,
     stream: Callable[[torch.Tensor], None] | None = None,
+    step: SpeculativeStep | None = None,
 ) -> tuple[torch.Tensor, SpeculativeStats]:
     """:func:`generate_speculative` for several sequences (or one, with ``graph``), each at its
     own positions, the steps through a :class:`SpeculativeStep`. ``reuse``: one sequence's
     ``(cache, mtp_cache, cached)``, prefilled from ``cached`` and left as
-    :func:`generate_speculative` says; ``stream``: one sequence's tokens as they are written."""
+    :func:`generate_speculative` says; ``stream``: one sequence's tokens as they are written;
+    ``step``: the caller's step on those caches (else one is made)."""
     bsz, width = input_ids.shape
     total, device = width + max_new_tokens, input_ids.device
     out, _ = mask_padding(input_ids, lens, stops[0] if stops else 0)
@@ -407,7 +435,7 @@ def _generate_rows(
 
     pos, done, written = list(lens), [False] * bsz, 0  # row b's next position; whether it is done
     pending = [[token] for token in last.tolist()]  # each row's tokens to write
-    step = SpeculativeStep(model, cache, mtp_cache, verifier, graph or (lambda fn: fn))
+    step = step or SpeculativeStep(model, cache, mtp_cache, verifier, graph or (lambda fn: fn))
     while True:
         for row, tokens in enumerate(pending):
             for value in tokens if not done[row] else ():
