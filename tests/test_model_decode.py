@@ -110,7 +110,7 @@ def test_generate_through_a_static_decoder_kept_with_its_cache():
         model.generate(ids, 3, cache=cache, decoder=decoder, prompt_lens=[5, 3])
     with pytest.raises(ArgumentError, match="expected a StaticDecoder"):
         model.generate(ids, 3, cache=cache, decoder=StaticDecoder(model, cache, lambda fn: fn, per_row=True))
-    with pytest.raises(DshalError, match="the cache's layout is 'naive', expected 'absorb'"):
+    with pytest.raises(DshalError, match="StaticDecoder: argument 'cache' has the 'naive' layout, expected 'absorb'"):
         StaticDecoder(model, model.new_cache(2, 24, "naive"), lambda fn: fn)
 
 

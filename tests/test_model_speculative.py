@@ -438,6 +438,8 @@ def test_the_steps_go_through_the_backends_graph_hook():
     with pytest.raises(ArgumentError, match=r"'step' samples with temperature 0.0, top_p 1.0 and its own generator, "
                                             r"expected this call's \(temperature 0.5"):
         generate_speculative(model, prompt, 4, 0.5, cache=cache, mtp_cache=mtp_cache, step=step)
-    with pytest.raises(ArgumentError, match="argument 'cache' has the 'naive' layout, expected 'absorb' with 'graph'"):
+    with pytest.raises(ArgumentError, match="SpeculativeStep: argument 'mtp_cache' has the 'naive' layout"):
+        SpeculativeStep(model, cache, model.new_cache(1, 16, "naive", mtp=True), DraftVerifier(0.0, 1.0, None), capture)
+    with pytest.raises(ArgumentError, match="argument 'cache' has the 'naive' layout, expected 'absorb' for static steps"):
         generate_speculative(model, prompt, 4, graph=capture, cache=model.new_cache(1, 16, "naive"),
                              mtp_cache=model.new_cache(1, 16, "absorb", mtp=True))

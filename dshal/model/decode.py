@@ -106,6 +106,14 @@ def static_decode_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+def static_cache_unsupported(cache: KVCache) -> str | None:
+    """Why static steps cannot run on ``cache`` (said after the argument that names it), or None."""
+    if cache.mode != "absorb":
+        return (f"has the {cache.mode!r} layout, expected 'absorb' for static steps "
+                "(model.new_cache(batch, max_len, 'absorb', static=True))")
+    return None
+
+
 class GraphStep:
     """A step over static input buffers: its first call runs ``step`` with the ops' input
     checks, eagerly, then captures it with ``graph`` (a backend's :meth:`~dshal.Backend.graph`
@@ -167,9 +175,9 @@ class StaticDecoder:
         why = static_decode_unsupported(model)
         if why:
             raise DshalError(f"StaticDecoder: {why}")
-        if cache.mode != "absorb":
-            raise DshalError(f"StaticDecoder: the cache's layout is {cache.mode!r}, expected 'absorb' "
-                             "(model.new_cache(batch, max_len, 'absorb', static=True))")
+        why = static_cache_unsupported(cache)
+        if why:
+            raise DshalError(f"StaticDecoder: argument 'cache' {why}")
         device = model.rope_cos.device
         self.model, self.cache, self.per_row = model, cache, per_row
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
@@ -325,6 +333,7 @@ __all__ = [
     "generate_with_graphs",
     "positioned_step",
     "prefill_rows",
+    "static_cache_unsupported",
     "static_decode_step",
     "static_decode_unsupported",
 ]

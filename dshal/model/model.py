@@ -607,9 +607,9 @@ class Transformer(nn.Module):
         layer (:meth:`draft`) instead of the main layers. ``static``: for static (graph) decode
         steps (:mod:`dshal.model.decode`), in the "absorb" layout with
         ``KVCache.STATIC_BIAS_COLUMNS`` spare columns for their key mask, so a step does not
-        copy the cache. A
-        cache larger than the memory the backend reports free on the model's device is refused
-        before any of it is allocated (an ArgumentError with both figures)."""
+        copy the cache. A cache larger than the memory the backend reports free on the
+        model's device is refused before any of it is allocated (an ArgumentError with both
+        figures)."""
         mode = mode or self.args.mla_mode
         if static and mode != "absorb":
             raise ArgumentError(f"new_cache: argument 'static' is given with mode {mode!r}, expected 'absorb'")
@@ -627,8 +627,12 @@ class Transformer(nn.Module):
             device,
             a.attention_window,
             a.attention_global_tokens,
-            KVCache.STATIC_BIAS_COLUMNS if static and a.attention_window is None else 0,
+            self._spare_columns(static),
         )
+
+    def _spare_columns(self, static: bool) -> int:
+        """A cache's spare key-bias columns: static steps need no window (one slot per position)."""
+        return KVCache.STATIC_BIAS_COLUMNS if static and self.args.attention_window is None else 0
 
     def _cached_layers(self, mtp: bool) -> int:
         return min(len(self.mtp), 1) if mtp else len(self.layers)
@@ -643,8 +647,8 @@ class Transformer(nn.Module):
                 bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else "in [1, 2**63 - 1]"
                 raise ArgumentError(f"new_cache: argument {arg!r} is {value!r}, expected an int {bound}")
         a = self.args
-        spare = KVCache.STATIC_BIAS_COLUMNS if static and a.attention_window is None else 0
-        per_token = sum(math.prod(shape) + spare for shape in self._cache_entries(mode)) * a.dtype.itemsize
+        per_token = sum(math.prod(shape) + self._spare_columns(static) for shape in self._cache_entries(mode))
+        per_token *= a.dtype.itemsize
         slots = KVCache.slots(max_len, a.attention_window, a.attention_global_tokens)
         return self._cached_layers(mtp) * batch * slots * per_token
 

@@ -319,9 +319,7 @@ def _chat_graphs(args: argparse.Namespace, model: Any, runtime: Any) -> tuple[bo
     """Whether ``--interactive``'s decode steps go through the static step and the backend's
     graph hook (``--graphs on``, or ``auto`` on a backend that captures), and the line that says how."""
     captures = _captures_graphs(runtime)
-    why = ("--graphs off" if args.graphs == "off" else
-           f"backend {runtime.backend.name!r} has no device graphs" if args.graphs == "auto" and not captures else
-           static_decode_unsupported(model))
+    why = _graphs_declined(args, runtime, captures) or static_decode_unsupported(model)
     if why:
         return False, f"decode steps: eager ({why})"
     if captures:
@@ -580,6 +578,16 @@ def _captures_graphs(runtime: Any) -> bool:
     return runtime.backend.graph(probe) is not probe
 
 
+def _graphs_declined(args: argparse.Namespace, runtime: Any, captures: bool) -> str:
+    """Why ``--graphs`` asks for no graph steps (``off``, or ``auto`` on a backend without
+    device graphs), or "" when it asks for them (``on``, or ``auto`` where ``captures``)."""
+    if args.graphs == "off":
+        return "--graphs off"
+    if args.graphs == "auto" and not captures:
+        return f"backend {runtime.backend.name!r} has no device graphs"
+    return ""
+
+
 def _graph_run(
     args: argparse.Namespace,
     model: Any,
@@ -592,10 +600,7 @@ def _graph_run(
     """Decode through a captured static step (``--graphs``); the report's graph fields.
     ``eager_outputs``: the eager run's new tokens per sequence (cut after a stop id ``eos``)."""
     captures = _captures_graphs(runtime)
-    why = static_decode_unsupported(model)
-    if args.graphs == "off" or (args.graphs == "auto" and not captures):
-        reason = "--graphs off" if args.graphs == "off" else f"backend {runtime.backend.name!r} has no device graphs"
-        return {"graphs": {"run": False, "why": reason}, "decode_tokens_per_s_graphs": None}
+    why = _graphs_declined(args, runtime, captures) or static_decode_unsupported(model)
     if why:
         return {"graphs": {"run": False, "why": why}, "decode_tokens_per_s_graphs": None}
     decoders: list[Any] = []
@@ -650,8 +655,7 @@ def _speculative_run(
     sampler = torch.Generator(device=prompt.device)
     marks: list[tuple[int, float]] = []  # (new tokens written so far - 1, when)
     # The steps' forwards as device graphs, as --graphs decides for the plain decode steps.
-    use_graph = args.graphs == "on" or (args.graphs == "auto" and _captures_graphs(runtime))
-    graph = runtime.backend.graph if use_graph else None
+    graph = None if _graphs_declined(args, runtime, _captures_graphs(runtime)) else runtime.backend.graph
 
     def speculative_generate(on_token: Any = None) -> tuple[torch.Tensor, SpeculativeStats]:
         sampler.manual_seed(args.seed)

@@ -40,7 +40,7 @@ from torch import nn
 
 from dshal.errors import ArgumentError
 from dshal.model.cache import KVCache
-from dshal.model.decode import GraphStep, agreed, positioned_step
+from dshal.model.decode import GraphStep, agreed, positioned_step, static_cache_unsupported
 from dshal.model.generate import check_cache_reuse, check_generate_args, check_top_p, sampling_probs, stop_list
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
@@ -201,6 +201,10 @@ class SpeculativeStep:
         self, model: nn.Module, cache: KVCache, mtp_cache: KVCache, verifier: DraftVerifier,
         graph: Callable[[Callable[..., Any]], Callable[..., Any]],
     ):
+        for name, given in (("cache", cache), ("mtp_cache", mtp_cache)):
+            why = static_cache_unsupported(given)
+            if why:
+                raise ArgumentError(f"SpeculativeStep: argument '{name}' {why}")
         device, batch = model.rope_cos.device, cache.batch
         self.model, self.cache, self.mtp_cache, self.verifier, self.graph = model, cache, mtp_cache, verifier, graph
         self.tokens = torch.zeros(batch, 2, dtype=torch.int64, device=device)
@@ -310,16 +314,16 @@ def generate_speculative(
             f"generate_speculative: 'cache', 'mtp_cache', 'cached' or 'stream' is given with {input_ids.shape[0]} "
             "sequences, expected one sequence for them"
         )
+    if step is not None:
+        _check_step(step, cache, mtp_cache, temperature, top_p, generator)
+        graph = step.graph
     reused = cache is not None or mtp_cache is not None or cached
     if reused:
         for name, given in (("cache", cache), ("mtp_cache", mtp_cache)):
             check_cache_reuse(given, cached, input_ids[:, : lens[0]], max_new_tokens, False, "generate_speculative", name)
-            if graph is not None and given.mode != "absorb":
-                raise ArgumentError(f"generate_speculative: argument '{name}' has the {given.mode!r} layout, expected "
-                                    "'absorb' with 'graph' (model.new_cache(1, max_len, 'absorb', static=True))")
-    if step is not None:
-        _check_step(step, cache, mtp_cache, temperature, top_p, generator)
-        graph = step.graph
+            why = static_cache_unsupported(given) if graph is not None else None
+            if why:
+                raise ArgumentError(f"generate_speculative: argument '{name}' {why} (with 'graph')")
     stops = [] if eos_token_id is None else stop_list(eos_token_id)
     verifier = DraftVerifier(temperature, top_p, generator) if step is None else step.verifier
     if input_ids.shape[0] > 1 or graph is not None:
