@@ -40,7 +40,8 @@ environment:
   DSHAL_PLUGINS   comma-separated allow-list of plugins to discover
   DSHAL_EMULATE   1 = run GPU plugins' own code paths on CPU tensors
   DSHAL_CPU_KERNELS  0 = no C kernels for the cpu backend (torch serves their ops)
-  DSHAL_CACHE_DIR    where built C kernels are kept (default ~/.cache/dshal)
+  DSHAL_CACHE_DIR    dshal's cache: built C kernels, cross-compiled kernels, `dshal tune`
+                     tables (default $XDG_CACHE_HOME/dshal, else ~/.cache/dshal)
   DSHAL_CPU_DEQUANT_CACHE_GIB  cpu backend: GiB of float32 copies of FP8 weights kept for
                      prefill (past it, dequantized per call; 0 = none; default 1/4 of RAM)
   DSHAL_CHECK_FINITE 0 = skip the load-time NaN/Inf scan of checkpoint weights

@@ -437,6 +437,14 @@ def env_flag(name: str, default: bool) -> bool:
     return raw in _ENV_TRUE
 
 
+def cache_dir() -> Path:
+    """dshal's per-user cache (built C kernels, cross-compiled kernels, ``dshal tune`` tables):
+    ``$DSHAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dshal``, else ``~/.cache/dshal``."""
+    if os.environ.get("DSHAL_CACHE_DIR"):
+        return Path(os.environ["DSHAL_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dshal"
+
+
 def env_number(name: str, default: float, low: float, high: float, *, low_inclusive: bool = False) -> float:
     """A number from environment variable ``name`` in ``(low, high]`` (``[low, high]`` with
     ``low_inclusive``; unset or empty: ``default``); anything else is a ConfigError naming the

@@ -206,3 +206,25 @@ def test_every_config_field_has_a_validator():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Config().backend = "cpu"  # type: ignore[misc]
+
+
+def test_one_cache_directory_for_every_kind_of_cached_build(tmp_path, monkeypatch):
+    """The C kernels, the cross-compiled kernels and the `dshal tune` tables share one cache:
+    $DSHAL_CACHE_DIR, else $XDG_CACHE_HOME/dshal, else ~/.cache/dshal (the tune table and the
+    cross-compile cache used to ignore XDG_CACHE_HOME and land apart from the C kernels)."""
+    from dshal.kernels.cpu._library import cache_dir as c_kernels_cache
+    from dshal.kernels.triton.crosscompile import default_cache_dir
+    from dshal.kernels.triton.target import user_tuning_dir
+
+    def parents() -> set:
+        return {c_kernels_cache(), default_cache_dir().parent, user_tuning_dir().parent}
+
+    monkeypatch.delenv("DSHAL_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert parents() == {tmp_path / "xdg" / "dshal"}
+    monkeypatch.setenv("DSHAL_CACHE_DIR", str(tmp_path / "mine"))
+    assert parents() == {tmp_path / "mine"}
+    monkeypatch.delenv("DSHAL_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert parents() == {tmp_path / "home" / ".cache" / "dshal"}

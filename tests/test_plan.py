@@ -330,3 +330,31 @@ def test_plan_names_the_fp8_blocks_a_shard_cuts(tmp_path: Path) -> None:
     # quantize before sharding: a slice that cuts blocks is held dequantized (TP equals one process)
     assert gate["held_as"] == "float32"
     assert "a rank reads up to" in format_plan(plan)
+
+
+def test_readme_quotes_what_dshal_plan_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's plan output (the TP=8 node, verbatim) and its EP=32 figures are what the
+    commands print today: they had drifted (29.10 GiB quoted, 31.01 printed)."""
+    from dshal.cli import main
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = [ln for ln in readme.splitlines() if ln.startswith("dshal plan --") and "--json" not in ln]
+    tp8, ep32 = (ln.split("#")[0].split()[1:] for ln in lines[:2])
+    assert "--tp" in tp8 and "--ep" in ep32
+    assert main([*tp8, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    after = readme[readme.index("line above prints"):]
+    quoted = after[after.index("```\n") + 4:]
+    quoted = quoted[: quoted.index("```")]
+    first, *rest = quoted.splitlines()
+    assert printed.splitlines()[0].endswith(first.removeprefix("dshal plan: "))
+    assert printed.splitlines()[1:] == rest
+    assert main([*ep32, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    paragraph = " ".join(readme[readme.index("The EP=32 line"):].split("\n\n")[0].split())
+    for figure in ("attention 10.63", "routed experts 19.03", "37.01 GiB of weights", "KV cache 8.58 GiB",
+                   "activation peak 31.01 GiB", "76.59 GiB in all"):
+        assert figure in paragraph
+    for figure in ("10.63 GiB", "19.03 GiB", "weights total         37.01 GiB", "8192: 8.58 GiB",
+                   "32768 tokens: 31.01 GiB", "needs 76.59 GiB"):
+        assert figure in printed, figure

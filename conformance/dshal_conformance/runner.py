@@ -387,9 +387,9 @@ def _nvml_driver() -> str | None:
 
 
 def environment(target: Target) -> dict[str, Any]:
-    """Device, driver/runtime versions, torch, suite version, git commit (for bundles)."""
+    """Device, driver/runtime versions (as :func:`versions` gives them to a matrix cell),
+    torch, suite version, git commit (for bundles)."""
     import subprocess
-
 
     env: dict[str, Any] = {
         "backend": target.name,
@@ -404,12 +404,7 @@ def environment(target: Target) -> dict[str, Any]:
         "machine": platform.machine(),
         "emulated": target.emulated,
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001 - optional
-        env["triton"] = None
+    env.update(versions(target))
     if target.runtime is not None:
         caps = target.runtime.capabilities
         env.update(device=caps.device_name, arch=caps.arch, dist_backend=caps.dist_backend, notes=dict(caps.notes))

@@ -19,6 +19,10 @@ def test_cli_writes_reports_and_reproduces_one_case(tmp_path: Path, capsys) -> N
     rep = json.loads((tmp_path / "cpu.json").read_text())
     assert [c["id"] for c in rep["cases"]] == ["rms_norm/f32/nan_inf"] and rep["seed"] == 7
     assert (tmp_path / "cpu.junit.xml").is_file() and (tmp_path / "bundle" / "SHA256SUMS").is_file()
+    env = json.loads((tmp_path / "bundle" / "environment.json").read_text())
+    # the bundle names what it ran on as the matrix does: driver and runtime keys always present
+    assert {"device", "driver", "runtime", "torch", "triton", "suite_version", "git_commit"} <= env.keys()
+    assert env["device"] == rep["platform"]["device"] and env["runtime"] == rep["platform"]["runtime"]
     assert cli.main(["conformance", "--backend", "cpu", "--tier", "full", "--list", "--ops", "fp8_gemm"]) == 0
     listed = capsys.readouterr().out.split()
     assert "fp8_gemm/block/deepgemm/M4096xN7168xK2048/vs-prequant" in listed and "capability/fp8_gemm" in listed

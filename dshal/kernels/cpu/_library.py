@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dshal.config import env_flag  # one parser for on/off variables: a typo is a ConfigError
+from dshal.config import cache_dir, env_flag  # one parser for on/off variables: a typo is a ConfigError
 from dshal.errors import BackendUnavailableError
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -59,14 +59,6 @@ class KernelStatus:
 
     available: bool
     detail: str
-
-
-def cache_dir() -> Path:
-    """Where built kernels are kept: ``$DSHAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dshal``, else ``~/.cache/dshal``."""
-    if os.environ.get("DSHAL_CACHE_DIR"):
-        return Path(os.environ["DSHAL_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dshal"
 
 
 def _disabled_reason() -> str | None:

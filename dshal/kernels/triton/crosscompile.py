@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from dshal.config import cache_dir
 from dshal.errors import BackendUnavailableError, ConfigError
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
@@ -327,7 +328,8 @@ def compile_worker(
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DSHAL_CACHE_DIR") or Path.home() / ".cache" / "dshal") / "kernels"
+    """Where compiled configs are kept between runs: ``kernels`` in dshal's cache."""
+    return cache_dir() / "kernels"
 
 
 def cross_compile(

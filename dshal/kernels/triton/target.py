@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from dshal.config import cache_dir
 from dshal.errors import ConfigError, UnsupportedOpError
 
 #: The E4M3 variants a target may call native.
@@ -227,9 +227,9 @@ def m_bucket(m: int) -> int:
 
 
 def user_tuning_dir() -> Path:
-    """Where ``dshal tune`` writes by default: ``$DSHAL_CACHE_DIR/gemm-tuning`` (or
-    ``~/.cache/dshal/gemm-tuning``); read after the shipped tables, so it overrides them."""
-    return Path(os.environ.get("DSHAL_CACHE_DIR") or Path.home() / ".cache" / "dshal") / "gemm-tuning"
+    """Where ``dshal tune`` writes by default: ``gemm-tuning`` in dshal's cache
+    (:func:`dshal.config.cache_dir`); read after the shipped tables, so it overrides them."""
+    return cache_dir() / "gemm-tuning"
 
 
 def read_tuning(path: Path) -> dict[tuple[int, int, int], TileConfig]:
