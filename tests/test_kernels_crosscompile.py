@@ -65,3 +65,71 @@ def test_a_spilling_tile_is_reported_as_a_failure():
     (gemm,) = [r for r in rows if "BLOCK_M=256" in r["config"]]
     assert gemm["lowered"] and gemm["spills"] > 100 and not gemm["ok"]
     assert any("spills" in p for p in gemm["problems"])
+
+
+def test_workers_are_capped_at_the_cpus_and_a_bad_json_path_is_refused_first(tmp_path, monkeypatch, capsys):
+    """`--jobs 10000` started 10000 Python + Triton workers (a 2-core machine froze); and a
+    `--json` that is a folder was a traceback after all the compiling."""
+    import subprocess
+
+    from dshal.cli import main
+    from dshal.kernels.triton import crosscompile
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def counting_popen(*args, **kwargs):
+        started.append(args[0])
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(crosscompile.subprocess, "Popen", counting_popen)
+    rows = cross_compile(["sm_90a"], jobs=10_000, cache_dir=None, only="no kernel has this name")
+    assert rows == [] and 1 <= len(started) == min(10_000, crosscompile._cpus())
+
+    started.clear()
+    assert main(["kernels", "--target", "sm_90a", "--json", str(tmp_path)]) == 1
+    assert f"--json: {tmp_path} is a directory, expected a file path" in capsys.readouterr().err
+    assert started == []  # refused before any worker
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    """A parent killed by a signal that skips its cleanup (`timeout`, SIGKILL) leaves no
+    compile worker running on as an orphan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from dshal.kernels.triton.crosscompile import cross_compile; "
+            "cross_compile(['sm_90a', 'gfx942', 'gfx950'], jobs=2, cache_dir=None)")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", code])
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        return found
+
+    deadline = time.monotonic() + 60
+    while len(workers := children(parent.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(workers) == 2
+    time.sleep(1.0)  # let the workers start importing
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    killed = time.monotonic()
+    alive = workers
+    while alive and time.monotonic() < killed + 5:  # they notice within 0.5 s (12 s, compiling on, before)
+        time.sleep(0.1)
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and _not_zombie(w)]
+    assert alive == [], f"compile workers {alive} still run 5 s after their parent was killed"
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -94,7 +94,7 @@ def test_kimi_k2_plans_to_its_published_size(tmp_path: Path) -> None:
                   vocab_size=163840, rope_theta=50000.0, routed_scaling_factor=2.827, num_nextn_predict_layers=0)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    totals = make_plan(PlanRequest(config=path, tp=8, ep=4, context=64, prefill_chunk=64))["totals"]
+    totals = make_plan(PlanRequest(config=path, tp=8, ep=4, context=64, prefill_chunk=63))["totals"]
     assert 1.0e12 < totals["params_once"] < 1.05e12 and 31e9 < totals["activated_per_token"] < 33e9
     assert "published" not in totals  # DeepSeek-V3's published figures are not Kimi-K2's
 
@@ -159,7 +159,7 @@ def test_a_broken_shard_rule_is_caught(v3: ModelArgs, monkeypatch: pytest.Monkey
     monkeypatch.setattr(transforms, "_parallel_linear", one_head_short)
     sim = build_rank(args, checkpoint_listing(args), 8, 1, 0, PrecisionConfig())
     with pytest.raises(ShapeError, match=r"linear: argument .* 2048"):
-        run_steps(sim, batch=1, context=8, chunk=8)
+        run_steps(sim, batch=1, context=9, chunk=8)
 
 
 def test_overlapping_shards_are_caught(v3: ModelArgs, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,6 +237,13 @@ def _config(tmp_path: Path, **changes: object) -> Path:
         ({"ep": 3}, r"routed experts .* expected a multiple of the group size 3"),
         ({"tp": 8, "ep": 8, "nodes": 1, "gpus_per_node": 8}, "64 ranks, but --nodes 1 x --gpus-per-node 8 = 8 devices"),
         ({"precision": "fp9"}, "--precision is 'fp9'"),
+        ({"context": 1}, r"--context is 1, expected at least 2"),
+        ({"context": 64, "prefill_chunk": 64}, r"--prefill-chunk is 64, expected less than --context \(64\)"),
+        ({"context": 163841}, r"--context is 163841, expected at most the model's max_position_embeddings \(163840\)"),
+        ({"device_memory_gib": -5.0}, r"--device-memory-gib is -5.0, expected a number > 0"),
+        # was torch's "numel: integer multiplication overflow" traceback
+        ({"batch": 100_000, "context": 100_000, "prefill_chunk": 2048}, r"--batch 100000 x --context 100000 .* past "
+         r"torch's size limit .* expected a smaller --batch"),
     ],
 )
 def test_plan_refuses_a_split_that_cannot_work(request_changes: dict, match: str) -> None:
@@ -279,7 +286,7 @@ def test_plan_with_the_mtp_layer_for_speculative_decoding(tmp_path: Path) -> Non
     assert rank["kv_cache"]["bytes_per_token"] == plain["kv_cache"]["bytes_per_token"] * 6 // 5
     assert rank["activated_params_per_token"] == plain["activated_params_per_token"]
     assert "1 MTP layer loaded (--speculative mtp)" in format_plan(with_mtp)
-    full = make_plan(PlanRequest(config=default_config(), tp=8, ep=4, context=64, prefill_chunk=64, speculative="mtp"))
+    full = make_plan(PlanRequest(config=default_config(), tp=8, ep=4, context=64, prefill_chunk=63, speculative="mtp"))
     published = full["totals"]["published"]
     embedding_copy = 129280 * 7168
     assert published["total"] == 685e9 and abs(full["totals"]["params_once"] + embedding_copy - 685e9) / 685e9 < 0.002
@@ -317,7 +324,7 @@ def test_simulated_group_runs_the_real_checks_and_logs_the_traffic() -> None:
 def test_plan_names_the_fp8_blocks_a_shard_cuts(tmp_path: Path) -> None:
     """TP=32: the dense MLP's 18432 rows give 576 per rank (4.5 blocks of 128), the shared
     expert's 2048 give 64; attention (4 heads x 192 / 256 / 128) stays on block edges."""
-    plan = make_plan(PlanRequest(config=_config(tmp_path, num_hidden_layers=4), tp=32, context=16, prefill_chunk=16))
+    plan = make_plan(PlanRequest(config=_config(tmp_path, num_hidden_layers=4), tp=32, context=16, prefill_chunk=15))
     cuts = {c["weight"]: c for c in plan["ranks"][0]["block_cuts"]}
     assert set(cuts) == {
         f"model.layers.*.mlp.{part}{proj}"
@@ -358,3 +365,13 @@ def test_readme_quotes_what_dshal_plan_prints(capsys: pytest.CaptureFixture[str]
     for figure in ("10.63 GiB", "19.03 GiB", "weights total         37.01 GiB", "8192: 8.58 GiB",
                    "32768 tokens: 31.01 GiB", "needs 76.59 GiB"):
         assert figure in printed, figure
+
+
+def test_a_context_of_max_position_embeddings_plans(tmp_path: Path) -> None:
+    """A sequence may fill every position the model has (as `dshal run` fills them): the steps
+    end at position context - 1 in a cache of `context` tokens, the KV cache the plan counts.
+    The plan used to ask for a cache of context + 1 and refuse with new_cache's internal names."""
+    config = _config(tmp_path, num_hidden_layers=4, max_position_embeddings=256)
+    plan = make_plan(PlanRequest(config=config, tp=2, batch=2, context=256, prefill_chunk=255))
+    kv = plan["ranks"][0]["kv_cache"]
+    assert kv["context"] == 256 and kv["bytes"] == kv["bytes_per_token"] * 2 * 256

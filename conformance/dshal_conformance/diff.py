@@ -51,6 +51,7 @@ from dshal.config import REFERENCE_PROVIDER as REFERENCE  # the float64 oracle's
 from dshal.errors import ConfigError
 from dshal.model import CheckpointReader, DictReader, ModelArgs, build_model
 from dshal.model.decode import static_decode_step, static_decode_unsupported
+from dshal.outputs import check_writable
 from dshal.perf.report import HtmlReport, Table, console, write_json
 from dshal.runtime import reset
 from dshal_conformance import modelcheck as mc
@@ -491,14 +492,18 @@ def write_html(result: dict[str, Any], path: str, top: int) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-
     if len(args.backend) != 2:
         raise ConfigError(f"--backend: given {len(args.backend)} time(s), expected exactly 2 (A and B)")
     if args.prompt_len < 1:
         raise ConfigError(f"--prompt-len: got {args.prompt_len}, expected an integer >= 1")
     if args.decode < 0:
         raise ConfigError(f"--decode: got {args.decode}, expected an integer >= 0")
+    if args.top < 1:
+        raise ConfigError(f"--top: got {args.top}, expected an integer >= 1")
     _check_mode(args.precision)
+    for flag, path in (("--json", args.json), ("--html", args.html)):
+        if path:
+            check_writable(path, flag)  # before both model runs, not after them
     result = compare(args.backend[0], args.backend[1], checkpoint=args.checkpoint, precision=args.precision,
                      prompt_len=args.prompt_len, emulate=args.emulate, decode=args.decode,
                      decode_path=args.decode_path)
@@ -511,7 +516,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _check_mode(mode: str) -> None:
-
     labels = mc.mode_labels()
     if mode not in labels and mode != "bf16":
         raise ConfigError(f"--precision: got {mode!r}, expected one of: {', '.join(labels)}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dshal.outputs import atomic_write, check_writable
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -39,14 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="precision.gemm of the run: fp8-block (default, the checkpoint's own), fp8-row, fp8-tensor, bf16",
     )
     parser.add_argument("--batch", type=int, default=1, metavar="B", help="sequences (default 1)")
-    parser.add_argument("--context", type=int, default=4096, metavar="T", help="tokens per sequence (default 4096)")
+    parser.add_argument("--context", type=int, default=4096, metavar="T", help="tokens per sequence, prompt and generated together, up to the model's max_position_embeddings; the "
+         "plan runs the prompt's last prefill chunk and the decode step at the last position (default 4096)")
     parser.add_argument(
         "--prefill-chunk",
         type=int,
         default=None,
         metavar="C",
-        help="tokens per sequence in one prefill chunk (default min(2048, context): the chunk model.generate "
-        "and `dshal run --prefill-chunk` use by default)",
+        help="tokens per sequence in one prefill chunk, less than --context (default min(2048, context - 1): the "
+        "chunk model.generate and `dshal run --prefill-chunk` use by default)",
     )
     parser.add_argument(
         "--device-memory-gib",
@@ -79,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
         to_json,
     )
 
+    if args.json:
+        check_writable(args.json, "--json")  # before the plan, not after it
     request = PlanRequest(
         config=args.config or default_config(),
         tp=args.tp,
@@ -88,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch=args.batch,
         context=args.context,
-        prefill_chunk=args.prefill_chunk or min(DEFAULT_PREFILL_CHUNK, args.context),
+        prefill_chunk=min(DEFAULT_PREFILL_CHUNK, args.context - 1) if args.prefill_chunk is None else args.prefill_chunk,
         device_memory_gib=args.device_memory_gib,
         speculative=args.speculative,
     )
@@ -103,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         plan = make_plan(request, on_stage=lambda text: progress.update(task, description=text))
     print(format_plan(plan))
     if args.json:
-        args.json.write_text(to_json(plan))
+        atomic_write(args.json, to_json(plan))
         print(f"wrote {args.json}")
     if plan.get("refusal"):
         raise PlanError(f"dshal plan: refused: {plan['refusal']}")

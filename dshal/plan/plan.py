@@ -313,15 +313,25 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
     layout that cannot work). ``on_stage(text)`` hears each long stage as it starts (loading
     a rank class on meta, running its steps: seconds each at DeepSeek-V3's size)."""
     stage = on_stage or (lambda text: None)
+    if isinstance(req.context, int) and not isinstance(req.context, bool) and req.context < 2:
+        raise PlanError(f"dshal plan: --context is {req.context}, expected at least 2 (a prompt token, then the decode step)")
     for name in ("tp", "ep", "batch", "context", "prefill_chunk"):
         value = getattr(req, name)
         if not isinstance(value, int) or value < 1:
             raise PlanError(f"dshal plan: --{name.replace('_', '-')} is {value!r}, expected a positive integer")
-    if req.prefill_chunk > req.context:
+    if req.prefill_chunk >= req.context:
         raise PlanError(
-            f"dshal plan: --prefill-chunk is {req.prefill_chunk}, expected at most --context ({req.context})"
+            f"dshal plan: --prefill-chunk is {req.prefill_chunk}, expected less than --context ({req.context}): "
+            "the decode step after the prompt takes the last position"
         )
+    if req.device_memory_gib is not None and not req.device_memory_gib > 0:
+        raise PlanError(f"dshal plan: --device-memory-gib is {req.device_memory_gib!r}, expected a number > 0")
     args = ModelArgs.from_file(req.config, mtp_layers=mtp_layers_for(req.speculative))
+    if req.context > args.max_position_embeddings:
+        raise PlanError(
+            f"dshal plan: --context is {req.context}, expected at most the model's max_position_embeddings "
+            f"({args.max_position_embeddings})"
+        )
     world = req.tp * req.ep
     if (req.nodes is None) != (req.gpus_per_node is None):
         raise PlanError("dshal plan: give --nodes and --gpus-per-node together")
@@ -366,7 +376,16 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
             f"rank class {i + 1}/{len(classes)} (ranks {_ranges(ranks)}): a prefill chunk of {req.batch} x "
             f"{req.prefill_chunk} tokens and a decode step"
         )
-        prefill, decode = run_steps(sim, req.batch, req.context, req.prefill_chunk)
+        try:
+            prefill, decode = run_steps(sim, req.batch, req.context, req.prefill_chunk)
+        except RuntimeError as err:  # torch's element count overflows int64 even on meta tensors
+            if "overflow" not in str(err):
+                raise
+            raise PlanError(
+                f"dshal plan: --batch {req.batch} x --context {req.context} (prefill chunks of {req.prefill_chunk}) "
+                f"needs tensors past torch's size limit ({str(err).splitlines()[0]}); expected a smaller --batch "
+                "or --prefill-chunk"
+            ) from None
         per_token, kv_total = kv_cache_bytes(sim, req.batch, req.context, mtp=args.mtp_layers > 0)
         held = holdings(sim.model)
         weights = sum(k["bytes"] for k in held.values())

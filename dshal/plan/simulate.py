@@ -313,17 +313,18 @@ def _step(model: Any, sim: SimulatedRank, ids: torch.Tensor, start: int, cache: 
 def run_steps(
     sim: SimulatedRank, batch: int, context: int, chunk: int, *, replay: bool = True
 ) -> tuple[StepResult, StepResult]:
-    """One prefill chunk of ``chunk`` tokens ending at position ``context`` (the cache stands
-    for the ``context - chunk`` tokens before it: meta tensors hold no values, only the count
-    matters), then one decode step; ``batch`` sequences. Returns ``(prefill, decode)``.
-    ``replay=False`` runs every op call (the same results, several times slower)."""
+    """``batch`` sequences of ``context`` tokens each: the prompt's last prefill chunk, ``chunk``
+    tokens ending before position ``context - 1`` (the cache stands for the tokens before it:
+    meta tensors hold no values, only the count matters), then the decode step at position
+    ``context - 1``, which fills the cache. Returns ``(prefill, decode)``. ``replay=False``
+    runs every op call (the same results, several times slower)."""
     model = sim.model
-    if not 0 < chunk <= context:
-        raise CommError(f"run_steps: prefill chunk {chunk} must be in 1..context ({context})")
-    cache = model.new_cache(batch, context + 1)
-    cache.length = context - chunk
-    prefill = _step(model, sim, torch.zeros((batch, chunk), dtype=torch.int64, device="meta"), context - chunk, cache, replay)
-    decode = _step(model, sim, torch.zeros((batch, 1), dtype=torch.int64, device="meta"), context, cache, replay)
+    if not 0 < chunk < context:
+        raise CommError(f"run_steps: prefill chunk {chunk} must be in 1..context - 1 ({context - 1})")
+    cache = model.new_cache(batch, context)
+    start = cache.length = context - 1 - chunk
+    prefill = _step(model, sim, torch.zeros((batch, chunk), dtype=torch.int64, device="meta"), start, cache, replay)
+    decode = _step(model, sim, torch.zeros((batch, 1), dtype=torch.int64, device="meta"), context - 1, cache, replay)
     return prefill, decode
 
 

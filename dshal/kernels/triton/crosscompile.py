@@ -45,6 +45,7 @@ from dshal.config import cache_dir
 from dshal.errors import BackendUnavailableError, ConfigError
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
+from dshal.outputs import atomic_write, check_writable
 
 
 @dataclass(frozen=True)
@@ -300,13 +301,40 @@ def judge(row: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- worker processes
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _exit_with_parent(parent: int, period_s: float = 0.5) -> None:
+    """End this worker when ``parent``, the process that started it, is gone (killed by a
+    signal that skips its cleanup, e.g. ``timeout``'s SIGTERM): an orphan would keep compiling."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    if os.getppid() != parent:  # gone while this worker was importing
+        os._exit(1)
+    threading.Thread(target=watch, name="dshal-kernels-parent-watch", daemon=True).start()
+
+
 def compile_worker(
-    targets: list[str], worker: int, jobs: int, out: str, cache_dir: str, gemm_tiles: list[dict] | None, only: str
+    targets: list[str], worker: int, jobs: int, out: str, cache_dir: str, gemm_tiles: list[dict] | None, only: str,
+    parent: int,
 ) -> None:
-    """One compile worker process (started by :func:`cross_compile`): compiles every
-    ``jobs``-th job from number ``worker`` on and writes its rows to ``out`` as JSON."""
+    """One compile worker process (started by :func:`cross_compile` in process ``parent``):
+    compiles every ``jobs``-th job from number ``worker`` on and writes its rows to ``out``
+    as JSON; it exits when ``parent`` is gone."""
     import dataclasses
 
+    _exit_with_parent(parent)
     rows = []
     cache = Path(cache_dir) if cache_dir else None
     for name in targets:
@@ -350,22 +378,29 @@ def cross_compile(
             raise ConfigError(f"dshal kernels: argument '--target' is {name!r}, expected one of {', '.join(COMPILE_TARGETS)}")
     if jobs < 1:
         raise ConfigError(f"dshal kernels: argument '--jobs' is {jobs}, expected at least 1")
+    jobs = min(jobs, _cpus())  # each worker is a whole Python + Triton; more than the CPUs only thrash
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSHAL_EMULATE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
     tiles = [dataclasses.asdict(t) for t in gemm_tiles] if gemm_tiles else None
     with tempfile.TemporaryDirectory(prefix="dshal-kernels-") as tmp:
-        procs = []
-        for w in range(jobs):
-            out = os.path.join(tmp, f"{w}.json")
-            code = (f"from dshal.kernels.triton.crosscompile import compile_worker; "
-                    f"compile_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r})")  # fmt: skip
-            procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True), out))
-        rows = []
-        for proc, out in procs:
-            _, err = proc.communicate()
-            if proc.returncode != 0:
-                raise RuntimeError(f"dshal kernels: a compile worker failed (exit {proc.returncode}):\n{err[-2000:]}")
-            rows.extend(json.loads(Path(out).read_text()))
+        procs: list[tuple[subprocess.Popen, str]] = []
+        try:
+            for w in range(jobs):
+                out = os.path.join(tmp, f"{w}.json")
+                code = (f"from dshal.kernels.triton.crosscompile import compile_worker; "
+                        f"compile_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r}, {os.getpid()})")  # fmt: skip
+                procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True), out))
+            rows = []
+            for proc, out in procs:
+                _, err = proc.communicate()
+                if proc.returncode != 0:
+                    raise RuntimeError(f"dshal kernels: a compile worker failed (exit {proc.returncode}):\n{err[-2000:]}")
+                rows.extend(json.loads(Path(out).read_text()))
+        finally:  # an error or Ctrl-C here leaves no worker behind
+            for proc, _ in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     order = {name: i for i, name in enumerate(targets)}
     return sorted(rows, key=lambda r: (order[r["target"]], r["index"]))
 
@@ -399,7 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPU target to compile for (repeat for several): sm_90a (H100/H200), gfx942 (MI300X), "
                              "gfx950 (MI350)")  # fmt: skip
     parser.add_argument("--json", metavar="F", help="also write the rows as JSON to F")
-    parser.add_argument("--jobs", type=int, default=2, help="compile worker processes (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="compile worker processes (default 2; at most the CPUs this process may use)")
     parser.add_argument("--no-cache", action="store_true", help="recompile every config (ignore the result cache)")
 
 
@@ -411,6 +446,8 @@ def main(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("triton") is None:
         raise BackendUnavailableError("dshal kernels: needs the triton package (pip install 'dshal[triton]')")
+    if args.json:  # before minutes of compiling, not after
+        check_writable(args.json, "--json")
     rows = cross_compile(targets, args.jobs, None if args.no_cache else default_cache_dir())
     from importlib.metadata import version
 
@@ -424,7 +461,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{len(mine) - bad}/{len(mine)} configs ok\n")
     if args.json:
         report = {"schema": "dshal.kernels/1", "triton": triton_version, "targets": targets, "rows": rows}
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        atomic_write(args.json, json.dumps(report, indent=1))
     return 0 if all(r["ok"] for r in rows) else 1
 
 
