@@ -71,7 +71,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                     parser.exit(2, f"dshal {name}: needs the {dist!r} distribution ({err}); install it with pip\n")
                 raise
             module.add_arguments(p)
-            p.set_defaults(_main=module.main)
+            p.set_defaults(_main=module.main, _parser=p)
     return parser
 
 
@@ -87,7 +87,9 @@ def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said with the command's usage, not the top-level one
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2

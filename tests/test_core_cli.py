@@ -91,6 +91,22 @@ def test_help(args, capsys):
         assert "--json" in out.out and "--backend NAME" in out.out
 
 
+@pytest.mark.parametrize("command", ["run", "profile", "bench --backend cpu", "conformance --backend cpu"])
+def test_a_flag_that_does_not_parse_gets_the_commands_usage(command, capsys):
+    """argparse's errors (exit 2) show the command's own usage: an unknown flag printed the
+    top-level `dshal COMMAND ...` usage; a --seed past what torch takes was a traceback."""
+    from dshal.cli import main
+
+    command, *required = command.split()
+    for argv, said in (([command, *required, "--bogus", "x"], "unrecognized arguments: --bogus x"),
+                       ([command, *required, "--seed", str(2**64)], f"argument --seed: got {2**64}, expected an integer in [0, 2**63 - 1]"),
+                       ([command, *required, "--seed", "-1"], "argument --seed: got -1, expected")):  # fmt: skip
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and f"usage: dshal {command} " in err and f"dshal {command}: error: {said}" in err
+
+
 def test_dshal_error_is_one_clean_line_and_exit_1():
     out = run("info", extra_env={"DSHAL_BACKEND": "nope"})
     assert out.returncode == 1

@@ -212,6 +212,19 @@ def test_model_dshal_run_refuses_a_batch_whose_kv_cache_cannot_fit(tmp_path):
     assert "GiB free on cpu: lower --batch, --prompt-len or --new-tokens" in proc.stderr
 
 
+def test_model_run_and_profile_say_a_sequence_past_the_models_positions_in_flags(capsys):
+    """`--prompt-len 5000` on the tiny model (4096 positions) said generate's internal
+    `argument 'input_ids' has 5000 tokens`; profile said `Transformer: positions up to ...`."""
+    from dshal.cli import main
+
+    for argv, said in ((["run", "--prompt-len", "5000"], "--prompt-len 5000 + --new-tokens 32 = 5032 tokens"),
+                       (["run", "--new-tokens", "4065"], "--prompt-len 32 + --new-tokens 4065 = 4097 tokens"),
+                       (["profile", "--prompt-len", "4090"], "--prompt-len 4090 + --new-tokens 8 = 4098 tokens")):  # fmt: skip
+        assert main([*argv, "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {said}, expected at most the model's max_position_embeddings (4096)" in err, err
+
+
 def test_model_dshal_run_says_why_there_is_no_decode_rate():
     proc = _dshal("run", "--new-tokens", "2", "--prompt-len", "4", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -235,6 +235,12 @@ def test_bench_cli_rejects_bad_options(tmp_path, capsys):
     assert "--ops: got 'nope'" in capsys.readouterr().err
     assert cli(["bench", "--backend", "cpu", "--runs", "0", "--output", str(tmp_path / "x.html")]) == 1
     assert "--runs: got 0, expected a number >= 1" in capsys.readouterr().err
+    # said once, before any case: each case used to report "--rotate: got 0" as its own error
+    for flags, said in ((["--rotate", "0"], "--rotate: got 0, expected a number >= 1"),
+                        (["--min-runs", "10", "--runs", "2"], "--min-runs: got 10, expected at most --runs (2)"),
+                        (["--ops", ""], "--ops: got '', expected op names")):  # fmt: skip
+        assert cli(["bench", "--backend", "cpu", *flags, "--output", str(tmp_path / "x.html")]) == 1
+        assert said in capsys.readouterr().err
     assert not Path(tmp_path / "x.html").exists()
 
 

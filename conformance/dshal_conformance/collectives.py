@@ -218,7 +218,6 @@ def device_shortfall(device_type: str, visible: int, world: int) -> str | None:
 
 def visible_devices(backend: str, emulate: bool) -> tuple[str, int]:
     """The device type ``backend`` computes on here and how many such devices are visible."""
-
     info = REGISTRY.get(backend, emulate=emulate)
     device_type = info.backend.device_type if info.backend is not None else "cpu"
     if device_type == "cpu":

@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from dshal.cliargs import seed
 from dshal.errors import ArgumentError
 from dshal.outputs import check_writable
 from dshal_conformance import report, runner, waivers
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tier", choices=("ci", "full"), default="ci", help="ci: small shapes (default); full: DeepSeek-V3 / DeepGEMM shapes")
     parser.add_argument("--report-dir", metavar="DIR", default="conformance-reports", help="where NAME.json and NAME.junit.xml go (default: %(default)s)")
     parser.add_argument("--case", action="append", metavar="ID", help="run only this case id (glob allowed; repeatable)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="run seed; each case mixes it with its id (default: %(default)s)")
+    parser.add_argument("--seed", type=seed, default=DEFAULT_SEED, help="run seed; each case mixes it with its id (default: %(default)s)")
     parser.add_argument("--waivers", metavar="PATH", help="waivers file (default: plugins/NAME/conformance-waivers.yaml or the plugin's own)")
     parser.add_argument("--emulate", action="store_true", default=None, help="run the plugin's own code on CPU tensors (same as DSHAL_EMULATE=1)")
     parser.add_argument("--no-collectives", action="store_true", help="skip the multi-process collective cases")

@@ -93,8 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------ the comparison
 def _side(name: str, emulate: bool | None) -> Any:
-
-    return mc.reference_runtime() if name == REFERENCE else mc.backend_runtime(name, emulate)
+    return mc.reference_runtime() if name == REFERENCE else mc.backend_runtime(name, emulate, source="--backend")
 
 
 def _common_precision(mode: str, a: Any, b: Any) -> Any:
@@ -109,7 +108,6 @@ def _common_precision(mode: str, a: Any, b: Any) -> Any:
 
 def _load(checkpoint: str | None) -> tuple[Any, Any, str]:
     """ModelArgs, a reader factory and a label of the checkpoint."""
-
     if checkpoint:
         return ModelArgs.from_file(checkpoint), lambda: CheckpointReader(checkpoint), str(checkpoint)
     args = mc.suite_args("ci")
@@ -119,7 +117,6 @@ def _load(checkpoint: str | None) -> tuple[Any, Any, str]:
 
 def _model(runtime: Any, args: Any, reader: Any, precision: Any, oracle: bool) -> Any:
 
-
     runtime.activate()
     if oracle:
         args = replace(args, dtype=torch.float64)
@@ -128,7 +125,6 @@ def _model(runtime: Any, args: Any, reader: Any, precision: Any, oracle: bool) -
 
 def _replay(runtime: Any, call: Any) -> tuple[torch.Tensor, ...]:
     """A's recorded inputs of ``call`` through ``runtime``'s provider of that op."""
-
     device = runtime.device
     place = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
     args = tuple(place(a) for a in call.args)
@@ -144,7 +140,6 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
     The top-level keys from ``layers`` to ``unmatched_calls`` are the prefill's; ``steps``
     holds the same comparison for the prefill (step 0) and each decode step (1..N), and
     ``first_drift`` names the first step and op over the tolerance."""
-
     a_rt, b_rt = _side(backend_a, emulate), _side(backend_b, emulate)
     args, reader, label = _load(checkpoint)
     prec = _common_precision(precision, a_rt, b_rt)
@@ -203,7 +198,6 @@ def _run(model: Any, prompt: torch.Tensor, decode: int, path: str, keep_inputs: 
          forced: list[int] | None = None) -> tuple[list[mc.Trace], list[int]]:
     """The prefill and ``decode`` greedy steps of ``model``, each traced: the traces and the
     token ids fed to steps 1..N (``forced``, or this model's own greedy choices)."""
-
     if not decode:  # the prefill alone, without a cache
         return [mc.trace(model, prompt, keep_inputs)], []
     prompt_len = prompt.shape[1]
@@ -223,7 +217,6 @@ def _run(model: Any, prompt: torch.Tensor, decode: int, path: str, keep_inputs: 
 
 def _decode_step(model: Any, cache: Any, path: str) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
     """``step(ids [1, 1], pos, n)`` -> logits ``[1, 1, V]``: the n-th (0-based) decode step."""
-
     if path == "generate":
         return lambda ids, pos, n: model(ids, pos, cache)  # the model checks step 0 and trusts the rest
 
@@ -239,7 +232,6 @@ def _decode_step(model: Any, cache: Any, path: str) -> Callable[[torch.Tensor, i
 def _compare_pass(step: int, a: mc.Trace, b: mc.Trace, b_rt: Any, tol: float) -> dict[str, Any]:
     """One pass (the prefill, or decode step ``step``) of both sides compared layer by layer
     and op by op; the likely cause; whether B's greedy next token differs from A's."""
-
     ops_rows = _op_rows(step, a, b, b_rt, tol)
     drifts = mc.layer_drifts(b, a)
     first_layer = mc.first_over(drifts, tol)
@@ -278,7 +270,6 @@ def _order(v: float) -> float:
 
 
 def _op_rows(step: int, a: Any, b: Any, b_rt: Any, tol: float) -> list[dict[str, Any]]:
-
     b_calls = b.by_key()
     rows = []
     for call in a.calls:
@@ -466,7 +457,6 @@ def print_result(result: dict[str, Any], top: int) -> None:
 
 
 def write_html(result: dict[str, Any], path: str, top: int) -> Path:
-
     a, b = (s["name"] for s in result["backends"])
     prec = result["precision"]
     report = HtmlReport(f"dshal diff: {a} vs {b}", {

@@ -335,7 +335,6 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
 
 
 def _stale_after(args: argparse.Namespace) -> timedelta | None:
-
     if not getattr(args, "stale_after", None):
         return None
     try:
@@ -348,7 +347,6 @@ def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
     """Load ``paths`` (ReportError on a bad one), warning through ``warn(message)`` about a
     report given twice (kept once) and a summary that contradicts its own cases (the
     matrix counts the cases)."""
-
     warn = warn or (lambda message: print(f"dshal matrix: warning: {message}", file=sys.stderr))
     reports: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], str] = {}
@@ -372,7 +370,6 @@ def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
 
 
 def main(args: argparse.Namespace) -> int:
-
     for flag in ("html", "markdown"):
         if getattr(args, flag):
             check_writable(getattr(args, flag), f"--{flag}")

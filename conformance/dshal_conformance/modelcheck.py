@@ -45,13 +45,11 @@ HIGH = "high"
 def suite_args(tier: str = "ci") -> Any:
     """ModelArgs of the suite's checkpoint: ``tiny_args()`` (3 layers: 1 dense, 2 MoE) for
     ci; 6 layers for full (more depth for drift to compound over)."""
-
     return tiny_args() if tier == "ci" else tiny_args(num_hidden_layers=6)
 
 
 def suite_checkpoint(args: Any, seed: int = CHECKPOINT_SEED) -> dict[str, torch.Tensor]:
     """The fixed tiny checkpoint (official tensor names, float32), generated from ``seed``."""
-
     return random_checkpoint(args, seed, CHECKPOINT_STD)
 
 
@@ -63,7 +61,6 @@ def suite_prompt(args: Any, length: int, seed: int = CHECKPOINT_SEED) -> torch.T
 def gemm_value(mode: str) -> str:
     """The ``precision.gemm`` config value of a mode label (``high`` is spelled ``bf16``
     where the config does not know ``high``)."""
-
     if mode == HIGH and HIGH not in GEMM_MODES:
         return "bf16"
     return mode
@@ -72,7 +69,6 @@ def gemm_value(mode: str) -> str:
 def mode_labels() -> list[str]:
     """Every precision mode the config accepts, as labels: ``high`` once (``bf16`` is its
     alias), without ``auto`` (it means the checkpoint's own format, which is high here)."""
-
     out = [HIGH]
     out += [m for m in GEMM_MODES if m not in ("auto", "bf16", HIGH)]
     return out
@@ -100,7 +96,6 @@ def mode_unsupported(mode: str, runtime: Any, provided: frozenset[str]) -> str |
 def precision_for(mode: str, runtime: Any) -> Any:
     """The precision config of ``mode`` with the backend's native E4M3 spelled out, so the
     float64 reference quantizes weights to the same FP8 format as the backend."""
-
     return PrecisionConfig(gemm=gemm_value(mode), fp8_format=runtime.backend.native_e4m3())
 
 
@@ -108,23 +103,21 @@ def precision_for(mode: str, runtime: Any) -> Any:
 def reference_runtime() -> Any:
     """The float64 oracle's runtime: the cpu backend with every op overridden to its
     reference implementation (``ops: {op: reference}``), input checks included."""
-
     return build_runtime(load_config({"backend": "cpu", "ops": dict.fromkeys(SPECS, REFERENCE_PROVIDER)}))
 
 
-def backend_runtime(name: str, emulate: bool | None = None, config: Any = None) -> Any:
+def backend_runtime(name: str, emulate: bool | None = None, config: Any = None, source: str = "<keyword arguments>") -> Any:
     """``name``'s runtime as a user gets it (``fallback: warn``: a missing op is served by
-    the reference and shows in the providers); not activated."""
-
+    the reference and shows in the providers); not activated. ``source``: what messages say
+    chose the backend (a command's flag)."""
     overrides: dict[str, Any] = {"backend": name}
     if emulate is not None:
         overrides["emulate"] = emulate
-    return build_runtime(load_config(config, **overrides))
+    return build_runtime(load_config(config, overrides_source=source, **overrides))
 
 
 def build(runtime: Any, args: Any, checkpoint: dict[str, torch.Tensor], precision: Any, dtype: torch.dtype | None = None) -> Any:
     """The model core on ``runtime`` (activated) from ``checkpoint``, in ``precision``."""
-
     runtime.activate()
     if dtype is not None:
         args = dataclasses.replace(args, dtype=dtype)
@@ -233,7 +226,6 @@ def trace(model: Any, input_ids: torch.Tensor, keep_inputs: bool | frozenset[str
     (default ``model(ids)``; e.g. a decode step on a KV cache) and returns logits ``[B, T, V]``.
     ``keep_inputs``: keep every call's inputs (True) or those of the named ops; ``route``:
     see :data:`RouteHook`."""
-
     tracer = _Tracer(keep_inputs, route=route)
     handles = []
 

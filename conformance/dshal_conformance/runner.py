@@ -75,7 +75,6 @@ class Target:
 def resolve(name: str, emulate: bool | None = None, determinism: str | None = None) -> Target:
     """Load backend ``name`` as a user would (``fallback: error``); a backend that cannot
     run here becomes a Target with ``not_run`` set instead of raising."""
-
     overrides: dict[str, Any] = {"backend": name, "fallback": "error"}
     if emulate is not None:
         overrides["emulate"] = emulate
@@ -111,7 +110,6 @@ def select(cases: Iterable[Case], options: Options) -> list[Case]:
 def capability_cases() -> list[Case]:
     """``capability/<op>``: a declared op must be served by the backend itself; an
     undeclared one must raise UnsupportedOpError (never a silent fallback)."""
-
     out = []
     for op in SPECS:
 
@@ -247,7 +245,6 @@ class Session:
 
     def run_collectives(self, world: int, group: list[Case], on_record: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
         """Run the collective cases of one world size in one group of rank processes."""
-
         out: list[dict[str, Any]] = []
         runnable = []
         for case in group:

@@ -58,7 +58,6 @@ class Waiver:
 
 def load(path: str | Path) -> list[Waiver]:
     """Parse and validate a waivers file; errors name the file and the entry."""
-
     path = Path(path)
     data = read_yaml(path, "waivers file").data or {}
     entries = data.get("waivers") if isinstance(data, Mapping) else None

@@ -27,14 +27,16 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dshal import comm
+from dshal.cliargs import seed
 from dshal.config import read_text_file
-from dshal.errors import ConfigError, DshalError
+from dshal.errors import ArgumentError, ConfigError, DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.cache import check_cache_fits
 from dshal.model.chat import ChatSettings, chat
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--checkpoint", metavar="DIR", help="Hugging Face DeepSeek-V3 checkpoint (default: a tiny random model)"
     )
-    model.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling (default 0)")
+    model.add_argument("--seed", type=seed, default=0, help="seed of the random weights, prompt and sampling (default 0)")
     model.add_argument("--mla-mode", choices=("absorb", "naive"), default=None, help="KV cache layout (default: absorb)")
 
     prompt = parser.add_argument_group("prompt and sampling")
@@ -141,8 +143,12 @@ def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device, s
     allocation, and this is said before anything is allocated (the prompt included).
     ``sharing``: ranks of this run that allocate their caches from the same memory."""
     tokens = args.prompt_len + args.new_tokens
-    if tokens > model.args.max_position_embeddings:
-        return  # generate() refuses it, naming the limit
+    limit = model.args.max_position_embeddings
+    if tokens > limit:
+        prompt = (f"the longest --prompt ({args.prompt_len} tokens)" if getattr(args, "prompt", None) is not None
+                  else f"--prompt-len {args.prompt_len}")
+        raise ArgumentError(f"{prompt} + --new-tokens {args.new_tokens} = {tokens} tokens, expected at most the "
+                            f"model's max_position_embeddings ({limit})")
     # The eager run's cache, or the graph run's (the absorb layout with spare mask columns).
     nbytes = max(model.cache_bytes(args.batch, tokens), model.cache_bytes(args.batch, tokens, "absorb", static=True))
     check_cache_fits(
@@ -411,7 +417,7 @@ def main(args: argparse.Namespace) -> int:
     eos = None if args.ignore_eos or not stops else stops
     run_report = _run_report(runtime, model, args.report)
     with out_of_memory_in_flags(args, runtime.device):
-        timing, outputs = _generate_and_time(args, model, runtime, batches, eos, run_report)
+        timing, outputs = _generate_and_time(args, model, runtime, batches, eos, run_report, show)
     shape = batch_shape(model, prompt_lens, args.new_tokens)
     report: dict[str, Any] = {
         "backend": runtime.backend.name,
@@ -468,26 +474,30 @@ def _generate_and_time(
     batches: list[tuple[torch.Tensor, list[int]]],
     eos: list[int] | None,
     run_report: Any,
+    show: bool,
 ) -> tuple[dict[str, Any], list[list[int]]]:
     """The warm-up (on the first batch), the timed run of every batch (recorded by
-    ``run_report``) and the graph run: the report's timing fields, and each sequence's new tokens."""
+    ``run_report``) and the graph run: the report's timing fields, and each sequence's new tokens.
+    ``show``: a status line on a terminal names each stage while it runs."""
     sync = runtime.backend.synchronize
     sampler = torch.Generator(device=batches[0][0].device).manual_seed(args.seed)
     generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
                                  temperature=args.temperature, generator=sampler, top_p=args.top_p)
     # Warm-up with exactly the first batch's timed shapes: compilation and autotuning happen here.
+    where = f"on {runtime.backend.name} ({runtime.device})"
     warm_start = time.perf_counter()
-    generate(batches[0][0], args.new_tokens, prompt_lens=batches[0][1])
-    sync()
-    first_warmup_s = time.perf_counter() - warm_start
-    # Each later batch of another shape (rows, prompt lengths): its prefill and one decode step,
-    # so that no batch compiles or autotunes inside the timings.
-    warmed = {_batch_key(*batches[0])}
-    for prompt, lens in batches[1:]:
-        if _batch_key(prompt, lens) not in warmed:
-            warmed.add(_batch_key(prompt, lens))
-            generate(prompt, min(args.new_tokens, 2), prompt_lens=lens)
-    sync()
+    with _stage(show, f"dshal run: warm-up {where} (compiles, autotunes)"):
+        generate(batches[0][0], args.new_tokens, prompt_lens=batches[0][1])
+        sync()
+        first_warmup_s = time.perf_counter() - warm_start
+        # Each later batch of another shape (rows, prompt lengths): its prefill and one decode step,
+        # so that no batch compiles or autotunes inside the timings.
+        warmed = {_batch_key(*batches[0])}
+        for prompt, lens in batches[1:]:
+            if _batch_key(prompt, lens) not in warmed:
+                warmed.add(_batch_key(prompt, lens))
+                generate(prompt, min(args.new_tokens, 2), prompt_lens=lens)
+        sync()
     warmup_s = time.perf_counter() - warm_start
 
     sampler.manual_seed(args.seed)  # the timed run samples what the warm-up did
@@ -497,7 +507,7 @@ def _generate_and_time(
         for prompt, lens in batches:
             shape = batch_shape(model, lens, args.new_tokens)
             run = functools.partial(generate, prompt_lens=lens)
-            result, start, stamps = _timed_generate(run, prompt, args.new_tokens, shape.steps, sync, not args.no_progress)
+            result, start, stamps = _timed_generate(run, prompt, args.new_tokens, shape.steps, sync, show)
             outputs += completions(result, lens, args.new_tokens, eos)
             prefill_tokens += shape.prefill_tokens
             prefill_s += stamps[0] - start  # the first step's token comes out of the prefill
@@ -505,11 +515,13 @@ def _generate_and_time(
             decode_tokens, decode_s = decode_tokens + tokens, decode_s + seconds
             first_s = stamps[-1] - start if first_s is None else first_s
     if len(batches) == 1:
-        graphs = _graph_run(args, model, *batches[0], runtime, outputs, eos)
+        with _stage(show, f"dshal run: decode with graphs {where} (when --graphs asks for them)"):
+            graphs = _graph_run(args, model, *batches[0], runtime, outputs, eos)
     else:
         graphs = {"graphs": {"run": False, "why": f"{len(batches)} batches: graphs are timed on one batch"},
                   "decode_tokens_per_s_graphs": None}
-    graphs.update(_speculative_run(args, model, batches, runtime, outputs, eos))
+    with _stage(show and args.speculative is not None, f"dshal run: decode with MTP drafts {where}"):
+        graphs.update(_speculative_run(args, model, batches, runtime, outputs, eos))
     timing = {
         "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s > 0 else None,
         "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
@@ -520,6 +532,23 @@ def _generate_and_time(
         **graphs,
     }
     return timing, outputs
+
+
+@contextlib.contextmanager
+def _stage(show: bool, text: str) -> Iterator[None]:
+    """A transient status line on stderr naming what runs now, where stderr is a terminal (a
+    warm-up that compiles or autotunes can take a while and prints nothing else)."""
+    if not show:
+        yield
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(text):
+        yield
 
 
 #: What the load progress bar says in each phase (dshal.model.loader.LoadProgress).

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import dshal
 from dshal import ops
+from dshal.cliargs import seed
 from dshal.config import read_yaml
 from dshal.errors import ConfigError, DshalError
 from dshal.ops.attention import visible_keys
@@ -106,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-reference", action="store_true", help="skip the reference column")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch-direct column")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the random inputs (default 0)")
 
 
 # ---------------------------------------------------------------- cases
@@ -650,17 +651,22 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    runtime = start(args)
-    op_names = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
-    cases = shape_cases(args.shapes, op_names)
-    for flag, value, low in (
+    for flag, value, low in (  # flags first: before the backend loads and the cases draw inputs
         ("--warmup", args.warmup, 0),
         ("--runs", args.runs, 1),
         ("--min-runs", args.min_runs, 1),
         ("--time-per-case", args.time_per_case, 0),
+        ("--rotate", 1 if args.rotate is None else args.rotate, 1),
     ):
         if not low <= value < float("inf"):  # NaN and inf fail too
             raise DshalError(f"{flag}: got {value}, expected a number >= {low}")
+    if args.min_runs > args.runs:
+        raise DshalError(f"--min-runs: got {args.min_runs}, expected at most --runs ({args.runs})")
+    if args.ops is not None and not args.ops.strip(", "):
+        raise DshalError(f"--ops: got {args.ops!r}, expected op names separated by commas")
+    runtime = start(args)
+    op_names = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+    cases = shape_cases(args.shapes, op_names)
     repeats = Repeats(warmup=args.warmup, min_runs=args.min_runs, max_runs=args.runs, budget_s=args.time_per_case)
     report = run_bench(
         runtime,

@@ -33,6 +33,7 @@ import torch
 
 import dshal
 import dshal.ops
+from dshal.cliargs import seed
 from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.precision import precision_summary
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--new-tokens", type=int, default=8, metavar="N", help="tokens generated while profiling (default 8)"
     )
     parser.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the random weights and prompt (default 0)")
     parser.add_argument(
         "--overhead-pairs",
         type=int,

@@ -51,7 +51,6 @@ def _finite(v: float) -> float | None:
 
 def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
     """Build both models, trace both, judge drift and tokens (see the module docstring)."""
-
     runtime = current()  # the backend under test (the runner activated it)
     why = mc.mode_unsupported(mode, runtime, ctx.provided)
     if why:
@@ -119,7 +118,6 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
 
 
 def _case(mode: str, size: str, tiers: frozenset[str]) -> Case:
-
     args = mc.suite_args(size)
 
     def body(ctx: Context) -> list[Outcome]:
@@ -140,7 +138,6 @@ def _case(mode: str, size: str, tiers: frozenset[str]) -> Case:
 
 
 def cases() -> list[Case]:
-
     out = []
     for mode in mc.mode_labels():
         out.append(_case(mode, "ci", frozenset({"ci", "full"}) if mode in CI_MODES else frozenset({"full"})))
