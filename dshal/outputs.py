@@ -29,6 +29,8 @@ def check_writable(path: Any, what: str, *, directory: bool = False) -> Path:
     folder = path if directory else path.parent
     if not directory and path.is_dir():
         raise ArgumentError(f"{what}: {path} is a directory, expected a file path")
+    if directory and path.exists() and not path.is_dir():
+        raise ArgumentError(f"{what}: {path} is a file, expected a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".dshal-write-probe-"):

@@ -292,11 +292,17 @@ def use(
     return runtime.activate()
 
 
-def use_for_command(config: str | os.PathLike | None, backend: str | None, flag: str = "--backend") -> Runtime:
+def use_for_command(
+    config: str | os.PathLike | None, backend: str | None, flag: str = "--backend", *, emulate: bool | None = None
+) -> Runtime:
     """:func:`use` for a command: ``config`` (its ``--config``; None: DSHAL_CONFIG or the
-    defaults) with ``backend`` (its ``flag``'s value; None: the config's) winning, and
-    messages naming ``flag`` as what set it."""
-    return use(config, overrides_source=flag, **({"backend": backend} if backend else {}))
+    defaults) with ``backend`` (its ``flag``'s value; None: the config's) and ``emulate`` (its
+    ``--emulate``; None: the config's) winning, and messages naming the flags that set them."""
+    overrides: dict[str, Any] = {"backend": backend} if backend else {}
+    if emulate is not None:
+        overrides["emulate"] = emulate
+    source = f"{flag} / --emulate" if emulate is not None and backend else ("--emulate" if emulate is not None else flag)
+    return use(config, overrides_source=source, **overrides)
 
 
 def current() -> Runtime:

@@ -263,3 +263,17 @@ def test_bench_reports_a_failing_case_and_goes_on(tmp_path):
     assert errors[1].startswith("ShapeError: moe_gate: argument 'n_group' is 4")
     assert errors[2] == "" and "median_s" in report["cases"][2]["providers"]["backend"]
     assert errors[3].startswith("ArgumentError: quantize_fp8: argument 'block' is (0, 128)")
+
+
+@pytest.mark.needs_interpreter
+def test_bench_emulate_flag_runs_a_gpu_plugins_own_code(tmp_path):
+    """`--emulate` (as conformance and diff take it) benches the nvidia plugin's kernels on CPU
+    tensors; bench's own error for the plugin pointed at DSHAL_EMULATE=1 with no flag to match."""
+    pytest.importorskip("dshal_nvidia", reason="the dshal-nvidia plugin is not installed")
+    shapes = tmp_path / "s.yaml"
+    shapes.write_text("cases:\n  - {op: rms_norm, shape: [4, 128]}\n")
+    out = tmp_path / "e.html"
+    rc = cli(["bench", "--backend", "nvidia", "--emulate", "--shapes", str(shapes), "--output", str(out), *FAST])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert rc == 0 and report["backend"] == "nvidia" and report["emulated"] is True
+    assert "median_s" in report["cases"][0]["providers"]["backend"]

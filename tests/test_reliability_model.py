@@ -99,6 +99,10 @@ def test_config_json_file_level_errors_each_say_what_is_wrong(tmp_path, checkpoi
         ModelArgs.from_file(bad)
     with pytest.raises(ConfigError, match="checkpoint path is a file, expected a folder"):
         from_pretrained(checkpoint / "model.safetensors", CONFIG)
+    runtime_config = tmp_path / "dshal.yaml"  # `dshal plan --config dshal.yaml`: the other kind of config
+    runtime_config.write_text("backend: cpu\n")
+    with pytest.raises(ConfigError, match=r"a \.yaml is a dshal runtime config \(dshal\.yaml\), not a model's config"):
+        ModelArgs.from_file(runtime_config)
     loop = tmp_path / "loop"
     os.symlink(loop, loop)
     with pytest.raises(ConfigError, match="symlink loop"):

@@ -12,7 +12,6 @@ import argparse
 import math
 import os
 import sys
-import threading
 from pathlib import Path
 
 from dshal.cliargs import seed
@@ -52,18 +51,17 @@ def main(args: argparse.Namespace) -> int:
         return _main(args)
     except KeyboardInterrupt:
         print(f"dshal conformance: interrupted; no report written for {args.backend!r}", file=sys.stderr)
-        if any(t.name == "dshal-conformance-case" and t.is_alive() for t in threading.enumerate()):
-            # A case's torch work is still running in its thread: tearing the interpreter
-            # down around it can abort in C++ ("terminate called..."); leave at once instead.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
-        raise
+        # Leave at once: torch work may still run in a case's thread, or in threads a case
+        # started (torch's pools, gloo), and tearing the interpreter down around them can abort
+        # in C++ ("terminate called without an active exception", exit 134). Nothing is left
+        # to clean up: reports are only ever written whole, after the run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
-
 
     console = Console(stderr=True)
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):

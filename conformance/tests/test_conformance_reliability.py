@@ -34,6 +34,8 @@ def test_unwritable_report_dir_is_found_before_any_case_runs(tmp_path, capsys):
     started = time.perf_counter()
     code, err = _run(capsys, "conformance", "--backend", "cpu", "--report-dir", str(blocker / "reports"), "--quiet")
     assert code == 1 and "--report-dir: cannot write to" in err and "passed" not in err
+    code, err = _run(capsys, "conformance", "--backend", "cpu", "--report-dir", str(blocker), "--quiet")
+    assert code == 1 and f"--report-dir: {blocker} is a file, expected a folder" in err  # was "(File exists)"
     assert time.perf_counter() - started < 30
 
 

@@ -376,9 +376,11 @@ def checkpoint_config_path(path: Any) -> Path:
         return path / "config.json"
     if path.suffix == ".json":
         return path
+    yaml_note = (": a .yaml is a dshal runtime config (dshal.yaml), not a model's config"
+                 if path.suffix in (".yaml", ".yml") else "")
     raise ConfigError(
         "checkpoint path is a file, expected a folder holding config.json and *.safetensors "
-        "(or the config.json itself)",
+        f"(or the config.json itself){yaml_note}",
         file=str(path),
     )
 

@@ -224,11 +224,13 @@ def read_report(text: str) -> ReportContents:
 
 # ---------------------------------------------------------------- options both commands share
 def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """``--config --backend --output --json --threads --no-progress``."""
+    """``--config --backend --emulate --output --json --threads --no-progress``."""
     parser.add_argument(
         "--config", metavar="F", help="dshal config file (default: DSHAL_CONFIG or the built-in defaults)"
     )
     parser.add_argument("--backend", metavar="NAME", help="backend to use (default: the config's, usually auto)")
+    parser.add_argument("--emulate", action="store_true", default=None,
+                        help="run GPU plugins' own code on CPU tensors (same as DSHAL_EMULATE=1)")
     default = f"dshal-{command}.html"
     parser.add_argument("--output", default=default, metavar="report.html", help=f"HTML report (default {default})")
     parser.add_argument("--json", metavar="F", help="JSON results (default: the HTML path with .json)")
@@ -242,17 +244,18 @@ def set_threads(threads: int | None) -> None:
     """Apply ``--threads`` (None: leave torch's setting)."""
     if threads is None:
         return
-    if threads < 1:
-        raise DshalError(f"--threads: got {threads}, expected an integer >= 1")
+    cpus = os.cpu_count() or 1
+    if not 1 <= threads <= cpus:  # more threads than CPUs only contend (10000 took a minute per case)
+        raise DshalError(f"--threads: got {threads}, expected an integer in [1, {cpus}] (the CPUs here)")
     torch.set_num_threads(threads)
 
 
 def start(args: argparse.Namespace) -> Any:
-    """Apply ``--threads`` and activate the runtime of ``--config`` / ``--backend``."""
+    """Apply ``--threads`` and activate the runtime of ``--config`` / ``--backend`` / ``--emulate``."""
     check_writable(args.output, "--output")  # before the run, not after it
     check_writable(json_path(args), "--json")
     set_threads(args.threads)
-    return use_for_command(args.config, args.backend)
+    return use_for_command(args.config, args.backend, emulate=args.emulate)
 
 
 def json_path(args: argparse.Namespace) -> Path:
