@@ -121,6 +121,17 @@ def test_tune_dry_run_writes_a_table_that_cannot_choose_tiles(tmp_path):
         read_tuning(out)
 
 
+def test_tune_refuses_a_folder_as_output_and_a_backend_with_dry_run(tmp_path, capsys):
+    """Both were taken: `--output DIR` failed after every tile had run; `--backend nope
+    --dry-run` exited 0 without a word about the backend it ignored."""
+    from dshal.cli import main
+
+    assert main(["tune", "--dry-run", "--target", "sm_90a", "--output", str(tmp_path)]) == 1
+    assert f"--output: {tmp_path} is a directory, expected a file path" in capsys.readouterr().err
+    assert main(["tune", "--dry-run", "--target", "sm_90a", "--backend", "nope"]) == 1
+    assert "--backend nope with --dry-run: a dry run uses no backend" in capsys.readouterr().err
+
+
 def test_tune_budget_stops_between_entries_and_says_so(tmp_path, capsys):
     """A tuning run cut by ``--budget-s`` keeps what it measured, marked incomplete; the
     GPU check gives it only the time its other stages leave."""

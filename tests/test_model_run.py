@@ -508,6 +508,8 @@ def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
     assert main(["run", "--top-p", "0"]) == 1
     err = capsys.readouterr().err
     assert "--temperature is -1.0, expected a finite number >= 0" in err and "--top-p is 0.0, expected a number in (0, 1]" in err
+    assert main(["run", "--top-p", "0.5"]) == 1  # greedy would ignore it in silence
+    assert "--top-p 0.5 with greedy decoding (temperature 0), expected --temperature > 0" in capsys.readouterr().err
     nucleus = _dshal(*common, str(tmp_path / "p.json"), "--temperature", "1.5", "--top-p", "1e-9")
     assert nucleus.returncode == 0, nucleus.stderr[-2000:]
     assert json.loads((tmp_path / "p.json").read_text())["output_ids"] == greedy["output_ids"]  # a one-token nucleus

@@ -277,3 +277,15 @@ def test_bench_emulate_flag_runs_a_gpu_plugins_own_code(tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     assert rc == 0 and report["backend"] == "nvidia" and report["emulated"] is True
     assert "median_s" in report["cases"][0]["providers"]["backend"]
+
+
+def test_bench_names_cases_above_their_roofline():
+    """A figure over 100 % of roofline (seen at 177 % with a re-measured host bandwidth) is
+    named with its likely causes, not printed as if it were an achievement."""
+    from dshal.perf.bench import above_roofline
+
+    def case(name: str, percent: float | None) -> dict:
+        return {"id": name, "providers": {"backend": {"roofline_percent": percent}}}
+
+    report = {"cases": [case("a", 58.0), case("b", 177.0), case("c", None), {"id": "d", "providers": {"backend": {"error": "x"}}}]}
+    assert above_roofline(report) == ["b"]

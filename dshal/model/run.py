@@ -265,12 +265,16 @@ def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float]) -> N
     """``--temperature`` / ``--top-p`` where given, else ``defaults`` (the checkpoint's
     generation_config.json), else greedy; ``args.sampling_from`` names the file when it set one."""
     from_file = set()
+    top_p_given = args.top_p is not None
     for name, fallback in (("temperature", 0.0), ("top_p", 1.0)):
         if getattr(args, name) is None:
             from_file |= {name} & defaults.keys()
             setattr(args, name, defaults.get(name, fallback))
     used = "temperature" in from_file or (args.temperature > 0 and "top_p" in from_file)  # top-p is moot when greedy
     args.sampling_from = GENERATION_CONFIG if used else None
+    if top_p_given and args.temperature == 0:  # a greedy run would ignore it in silence
+        raise DshalError(f"dshal run: --top-p {args.top_p:g} with greedy decoding (temperature 0), expected "
+                         "--temperature > 0 with it: top-p filters what sampling draws from")
 
 
 def _sampling_line(temperature: float, top_p: float, source: str | None) -> str:

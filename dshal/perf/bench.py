@@ -648,6 +648,18 @@ def print_summary(report: dict[str, Any]) -> None:
     for row in result_rows(report):
         t.add_row(row[0], f"{row[1]} ({row[2]})", row[3], row[4], f"{row[5]} {row[6]}", row[8], row[10])
     out.print(t)
+    above = above_roofline(report)
+    if above:
+        out.print(f"note: {len(above)} case(s) above 100 % of roofline ({', '.join(above)}): their inputs stayed in "
+                  f"cache between calls, or the peak ({_peak_note(report['peaks'])}) is low; --rotate N cycles more "
+                  "input sets", highlight=False)
+
+
+def above_roofline(report: dict[str, Any]) -> list[str]:
+    """The cases whose backend column claims more than its roofline: a figure not to trust as
+    is (a cache-resident working set, or a measured peak below the device's real one)."""
+    return [c["id"] for c in report["cases"]
+            if (c["providers"]["backend"].get("roofline_percent") or 0) > 100]  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:

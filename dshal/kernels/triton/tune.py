@@ -35,6 +35,7 @@ from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
 from dshal.kernels.triton.target import DECODE_M, TUNING_SCHEMA, KernelTarget, TileConfig, m_bucket, user_tuning_dir
 from dshal.ops import reference
+from dshal.outputs import atomic_write, check_writable
 from dshal.runtime import use_for_command
 
 #: DeepSeek-V3's FP8 linear shapes (N, K), unsharded: fused q/kv down-projection, q up,
@@ -161,9 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.output:
+        check_writable(args.output, "--output")  # before the tiles are timed, not after
     if args.dry_run:
         if not args.target:
             raise ConfigError("dshal tune: --dry-run needs --target sm_90a|gfx942|gfx950")
+        if args.backend:
+            raise ConfigError(f"dshal tune: --backend {args.backend} with --dry-run: a dry run uses no backend, "
+                              "expected --target alone")
         ensure_interpreter_if_cpu("cpu")  # before the kernel modules are imported
         target, device = COMPILE_TARGETS[args.target].kernel_target(), torch.device("cpu")
         where = "CPU, Triton interpreter (dry run: no timings)"
@@ -203,8 +209,7 @@ def main(args: argparse.Namespace) -> int:
             return
         table = {**header, "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                  "complete": complete, "entries": entries}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(table, indent=1))
+        atomic_write(out, json.dumps(table, indent=1))
 
     entries = tune(target, device, shapes, ms, time_tiles=not args.dry_run, budget_s=args.budget_s,
                    on_entry=lambda so_far: write(so_far, complete=False))
