@@ -147,8 +147,9 @@ def _print_tables(data: dict[str, Any]) -> None:
         if not caps:
             continue
         notes = "; ".join(f"{k}: {v}" for k, v in caps["notes"].items())
+        device = " ".join(filter(None, (caps["device_name"], caps["arch"])))  # a plugin may leave arch empty
         console.print(
-            f"[bold]{b['name']}[/bold]: {caps['device_name']} {caps['arch']}, fp8 {','.join(caps['fp8_formats']) or 'none'} "
+            f"[bold]{b['name']}[/bold]: {device}, fp8 {','.join(caps['fp8_formats']) or 'none'} "
             f"(e4m3 = {caps['native_e4m3']}), process group {caps['dist_backend']}"
             + (", emulated" if caps["emulated"] else "")
             + ("" if caps["fp8_storage"] else ", no float8 tensors on the device (fp8_storage false)")

@@ -19,16 +19,19 @@ import importlib.metadata
 import logging
 import os
 import signal
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
-from typing import Any
+from typing import Any, get_args
 
-from dshal.backend import API_VERSION, Availability, Backend, Capabilities
+from dshal.backend import API_VERSION, WEIGHT_FORMATS, Availability, Backend, Capabilities, OpKind
 from dshal.config import REFERENCE_PROVIDER, emulate_from_env, env_number
 from dshal.errors import BackendUnavailableError, DshalError, PluginLoadError
 from dshal.ops.catalogue import SPECS
+from dshal.ops.spec import FP8_DTYPES
 
 ENTRY_POINT_GROUP = "dshal.backends"
 #: Seconds a plugin's availability() / capabilities() may take (DSHAL_PLUGIN_TIMEOUT_S).
@@ -145,7 +148,8 @@ class Registry:
         only: str | None = None,
         known: dict[str, BackendInfo] | None = None,
     ) -> dict[str, BackendInfo]:
-        with _WATCH.active():
+        # A plugin's prints go to stderr: stdout carries what commands print (`dshal info --json`).
+        with _WATCH.active(), contextlib.redirect_stdout(sys.stderr):
             return self._discover_watched(allow, emulate, only, known or {})
 
     def _discover_watched(
@@ -173,7 +177,7 @@ class Registry:
                 version=_version_of(ep),
                 loaded=False,
                 available=False,
-                reason=f"import failed: {type(err).__name__}: {err}",
+                reason=f"import failed: {type(err).__name__}: {err}{_raised_at(err)}",
                 error=err,
             )
         for ep, plugin in loaded:
@@ -184,13 +188,24 @@ class Registry:
         return dict(sorted(infos.items()))
 
 
+def _raised_at(err: BaseException) -> str:
+    """`` (at FILE:LINE)`` of the innermost frame ``err`` (or what it wraps) was raised in."""
+    while err.__traceback__ is None and err.__cause__ is not None:
+        err = err.__cause__
+    frames = traceback.extract_tb(err.__traceback__) if err.__traceback__ is not None else []
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
 def _clash(name: str, eps: list[importlib.metadata.EntryPoint]) -> BackendInfo:
     """A name that several distributions claim: neither is imported (which one would win
     depends on sys.path order), and the listing says who claims it."""
     claims = "; ".join(f"{ep.value} (from {_dist_label(ep)})" for ep in eps)
+    builtin = [ep for ep in eps if ep.value.split(":")[0].split(".")[0] == "dshal"]
+    fix = ("it is the name of dshal's built-in backend: register the others under another name" if builtin
+           else "uninstall all but one")
     reason = (
         f"{len(eps)} installed distributions register the backend name {name!r} in {ENTRY_POINT_GROUP!r}: "
-        f"{claims}; uninstall all but one"
+        f"{claims}; {fix}"
     )
     return BackendInfo(
         name=name,
@@ -403,7 +418,8 @@ def _validate(
     try:
         avail = _bounded(backend.availability, name, timeout_s)
         if not isinstance(avail, Availability):
-            raise TypeError(f"availability() must return dshal.Availability, got {type(avail).__name__}")
+            err = PluginLoadError(f"availability() must return dshal.Availability, got {type(avail).__name__}")
+            return broken(str(err), err)
     except _Overran as err:
         return BackendInfo(
             name, value, version, loaded=True, available=False, reason=f"availability() {err}", error=err,
@@ -425,11 +441,42 @@ def _validate(
                 name, value, version, loaded=False, available=False,
                 reason=f"capabilities() {verb}{err}", error=err,
             )
+        try:
+            check_capabilities(name, caps, ops)
+        except PluginLoadError as err:
+            return broken(str(err), err)
     return BackendInfo(
         name, value, version, loaded=True, available=avail.ok,
         reason=avail.reason or ("available" if avail.ok else "unavailable"),
         backend=backend, capabilities=caps, emulated=avail.emulated,
     )
+
+
+def check_capabilities(plugin: str, caps: object, ops: Iterable[str]) -> None:
+    """Raise PluginLoadError when ``capabilities()`` returned something other than a
+    :class:`~dshal.Capabilities`, or one whose op and format names the core cannot act on:
+    every later use (``dshal info``, the loader, conformance) reads these fields."""
+    if not isinstance(caps, Capabilities):
+        raise PluginLoadError(f"plugin {plugin!r}: capabilities() must return dshal.Capabilities, got {type(caps).__name__}")
+    provided, problems = set(ops), []
+    formats = caps.fp8_formats
+    if isinstance(formats, str) or not isinstance(formats, (tuple, list)) or not set(formats) <= set(FP8_DTYPES):
+        problems.append(f"fp8_formats is {formats!r}, expected a tuple of {', '.join(FP8_DTYPES)}")
+    if caps.native_e4m3 not in ("e4m3fn", "e4m3fnuz"):
+        problems.append(f"native_e4m3 is {caps.native_e4m3!r}, expected 'e4m3fn' or 'e4m3fnuz'")
+    kinds = get_args(OpKind)
+    for op, kind in dict(caps.op_kinds).items():
+        if op not in provided:
+            problems.append(f"op_kinds names {op!r}, which ops() does not provide")
+        elif kind not in kinds:
+            problems.append(f"op_kinds[{op!r}] is {kind!r}, expected one of {', '.join(kinds)}")
+    for op, paths in dict(caps.op_paths).items():
+        if op not in provided:
+            problems.append(f"op_paths names {op!r}, which ops() does not provide")
+        elif not set(paths) <= set(WEIGHT_FORMATS):
+            problems.append(f"op_paths[{op!r}] has formats {sorted(paths)}, expected some of {', '.join(WEIGHT_FORMATS)}")
+    if problems:
+        raise PluginLoadError(f"plugin {plugin!r}: capabilities() " + "; ".join(problems))
 
 
 def check_op_signatures(plugin: str, ops: dict) -> None:

@@ -138,3 +138,30 @@ def test_python_dash_m():
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["runtime"]["selection"][-1]["taken"]
+
+
+def test_info_survives_plugins_with_bad_capabilities_and_prints(install_plugin):
+    """A plugin whose capabilities() is not a Capabilities (a dict, None, fields the core
+    cannot act on) is listed as failed, and `dshal info` still lists the others: a dict was a
+    TypeError traceback for every plugin. A plugin printing on import or in availability()
+    leaves `--json` parseable (its lines go to stderr)."""
+    install_plugin("backends", {"capsdict": "CapabilitiesDictBackend", "capsnone": "CapabilitiesNoneBackend",
+                                "capsclaims": "CapabilitiesClaimsBackend", "availbool": "AvailabilityBoolBackend"})
+    install_plugin("prints_on_import", {"chatty": "ChattyBackend"})
+    path = {"PYTHONPATH": os.pathsep.join(sys.path[:2])}  # the two throw-away distributions' folders
+    out = run("info", "--json", extra_env=path)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)  # the chatty plugin's prints went to stderr
+    assert "acme runtime 1.2 loaded" in out.stderr and "probing acme devices" in out.stderr
+    infos = {b["name"]: b for b in data["backends"]}
+    assert infos["chatty"]["available"] and infos["cpu"]["available"]
+    assert "capabilities() must return dshal.Capabilities, got dict" in infos["capsdict"]["reason"]
+    assert "capabilities() must return dshal.Capabilities, got NoneType" in infos["capsnone"]["reason"]
+    claims = infos["capsclaims"]["reason"]
+    assert "fp8_formats is 'e4m3fn', expected a tuple of e4m3fn, e4m3fnuz, e5m2" in claims
+    assert "op_kinds names 'attention', which ops() does not provide" in claims
+    assert "op_kinds['rms_norm'] is 'fast', expected one of native, triton, emulated, reference" in claims
+    assert not any(infos[n]["loaded"] for n in ("capsdict", "capsnone", "capsclaims"))
+    assert infos["availbool"]["reason"] == "availability() must return dshal.Availability, got bool"  # not "raised"
+    table = run("info", extra_env=path)
+    assert table.returncode == 0 and "Traceback" not in table.stderr and "chatty-device" in table.stdout

@@ -75,7 +75,8 @@ def test_broken_plugins_are_listed_with_their_error_and_the_good_ones_work(zoo):
     # stevedore re-raises AssertionError from a plugin import; the registry must isolate it.
     asserts = infos["asserts"]
     assert isinstance(asserts.error, AssertionError)
-    assert asserts.reason == "import failed: AssertionError: vendor sanity check failed"
+    assert asserts.reason.startswith("import failed: AssertionError: vendor sanity check failed (at ")
+    assert asserts.reason.endswith(".py:3)")  # the plugin's own line, not stevedore's
 
 
 @pytest.mark.parametrize("name", ["noruntime", "asserts", *BROKEN_AFTER_IMPORT])
@@ -419,3 +420,16 @@ def test_dshal_backends_is_both_the_package_and_the_listing_call(first):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
+
+
+def test_an_import_error_says_where_and_a_clash_with_the_builtin_cpu_says_what_to_do(install_plugin):
+    """The listing names the plugin's file and line an import raised at (the CLI shows no
+    traceback); a plugin registered as 'cpu' is told that the name is dshal's own, not to
+    uninstall one of the two (one of them is dshal)."""
+    module = install_plugin("fails_on_import", {"failing": None})
+    failing = by_name()["failing"]
+    assert failing.reason.startswith("import failed: ValueError: invalid literal for int() with base 10: 'x' (at ")
+    assert failing.reason.endswith(f"{module}.py:5)")
+    install_plugin("backends", {"cpu": "GoodBackend"})
+    cpu = by_name()["cpu"]
+    assert not cpu.loaded and "it is the name of dshal's built-in backend: register the others under another name" in cpu.reason
