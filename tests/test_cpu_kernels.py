@@ -261,6 +261,30 @@ def test_moe_token_fp8_matches_the_reference(fmt, dtype):
         K.moe_token_fp8(x, weights, ids.clamp(max=0) + torch.tensor([[0, 6]]), w13, w2, s13, s2)
     with pytest.raises(ShapeError, match="argument 'w2_scale' has shape"):
         K.moe_token_fp8(x, weights, ids, w13, w2, s13, s2[:, :1])
+    # Strided scales: the contiguous copies must live through the call (they were temporaries
+    # freed before the kernel read them: values like 5e33 came out).
+    strided13, strided2 = s13.transpose(1, 2).contiguous().transpose(1, 2), s2.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided13.is_contiguous()
+    for _ in range(3):  # an allocation in between reuses freed memory
+        got_strided = K.moe_token_fp8(x, weights, ids, w13, w2, strided13, strided2)
+        torch.empty(1 << 16).fill_(1e30)
+        assert torch.equal(got_strided, got)
+
+
+@needs_kernels
+def test_fp8_block_gemm_reads_strided_scales_it_was_given():
+    """A transposed-then-transposed-back (non-contiguous) weight scale gives the same result:
+    its contiguous copy was a temporary freed before the C kernel read it (errors of ~4e19)."""
+    quantize = SPECS["quantize_fp8"].reference_impl
+    w, scale = quantize(_randn(256, 384) * 0.1, (128, 128), "e4m3fn", None)
+    strided = scale.t().contiguous().t()
+    assert not strided.is_contiguous()
+    x = _randn(3, 384)
+    want = K.fp8_block_gemm(x, w, scale)
+    for _ in range(3):
+        got = K.fp8_block_gemm(x, w, strided)
+        torch.empty(1 << 16).fill_(1e30)
+        assert torch.equal(got, want)
 
 
 def _fake_quant_reference(x: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -424,8 +424,9 @@ def fp8_block_gemm(
     x32 = x.to(torch.float32).contiguous()
     scratch = torch.empty(rows * (k + blocks) + 128, dtype=torch.float32)
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    scale = weight_scale.contiguous()  # bound: a temporary's memory is freed before the call reads it
     lib.dshal_fp8_block_gemm_f32(
-        x32.data_ptr(), weight.data_ptr(), weight_scale.contiguous().data_ptr(),
+        x32.data_ptr(), weight.data_ptr(), scale.data_ptr(),
         None if bias is None else bias.data_ptr(),
         out.data_ptr(), scratch.data_ptr(), rows, n, k, FP8_E4M3[weight.dtype],
     )  # fmt: skip
@@ -477,9 +478,10 @@ def moe_token_fp8(
         2 * hidden + math.ceil(hidden / 128) + 3 * inter + math.ceil(inter / 128), dtype=torch.float32
     )
     out = torch.empty(1, hidden, dtype=torch.float32)
+    s13, s2 = w13_scale.contiguous(), w2_scale.contiguous()  # bound: temporaries would be freed before the call
     bad = lib.dshal_moe_token_fp8(
         row.data_ptr(), w13.data_ptr(), w2.data_ptr(),
-        w13_scale.contiguous().data_ptr(), w2_scale.contiguous().data_ptr(),
+        s13.data_ptr(), s2.data_ptr(),
         ids.data_ptr(), weights.data_ptr(), ids.shape[1], experts, hidden, inter, FP8_E4M3[w13.dtype],
         int(x.dtype == torch.bfloat16), scratch.data_ptr(), out.data_ptr(),
     )  # fmt: skip
