@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import abc
 import datetime
+import math
 import os
 import time
 import zlib
@@ -87,6 +88,21 @@ def _reduce_op(op: str, collective: str, t: torch.Tensor) -> Any:
     if op == "avg" and not t.is_floating_point():
         raise DTypeError(f"{collective}: op='avg' needs a floating-point tensor, argument 't' has dtype {t.dtype}")
     return REDUCE_OPS[op]
+
+
+#: The dtypes a gloo process group moves and reduces, measured with torch 2.13 (all_reduce and
+#: broadcast of each dtype between two gloo ranks): int16, the unsigned ints wider than 8 bits
+#: and every float8 fail inside gloo with "Invalid scalar type", which shuts the group down.
+GLOO_DTYPES = frozenset({
+    torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.complex64,
+    torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool,
+})
+
+
+def _rows_as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``t [R, ...]`` as ``uint8 [R, bytes per row]``: the same memory, for a
+    collective that only moves rows (the backend never needs to know the dtype)."""
+    return t.view(torch.uint8).reshape(t.shape[0], t.element_size() * math.prod(t.shape[1:]))
 
 
 def _check_tensor(collective: str, t: Any) -> None:
@@ -323,6 +339,24 @@ class ProcessGroupCommunicator(Communicator):
             return None
         return dist.Backend.backend_capability.get(str(dist.get_backend(self.group)))
 
+    def _moves_as_is(self, t: torch.Tensor) -> bool:
+        """Whether the group's backend takes ``t``'s dtype (gloo: :data:`GLOO_DTYPES`; others:
+        assumed, where it is not measured)."""
+        return not (self._backend() == "gloo" and t.dtype not in GLOO_DTYPES)
+
+    def _backend(self) -> str | None:
+        if not dist.is_initialized() or not (self.group is None or isinstance(self.group, dist.ProcessGroup)):
+            return None
+        return str(dist.get_backend(self.group))
+
+    def _check_reducible(self, collective: str, t: torch.Tensor) -> None:
+        """A reduction needs the backend to do arithmetic in ``t``'s dtype: refused before any
+        data moves (inside gloo it would shut the process group down for every rank)."""
+        if not self._moves_as_is(t):
+            allowed = ", ".join(sorted(str(d).removeprefix("torch.") for d in GLOO_DTYPES))
+            raise DTypeError(f"{collective}: argument 't' has dtype {t.dtype}, which the gloo process group cannot "
+                             f"reduce; expected one of {allowed}")
+
     def _check_device(self, collective: str, t: torch.Tensor) -> None:
         """``t`` must be on a device the group's backend takes: a wrong one would fail inside
         the collective and tear the process group down for every rank."""
@@ -389,10 +423,14 @@ class ProcessGroupCommunicator(Communicator):
         _check_tensor("all_reduce", t)
         self._check_device("all_reduce", t)
         reduce_op = _reduce_op(op, "all_reduce", t)
+        self._check_reducible("all_reduce", t)
         self._agree("all_reduce", t, "op", op)
-        self._run("all_reduce", dist.all_reduce, t, op=reduce_op, group=self.group)
+        buf = t.contiguous()  # backends reduce the storage in order: a strided view would mix elements
+        self._run("all_reduce", dist.all_reduce, buf, op=reduce_op, group=self.group)
         if op == "avg":
-            t.div_(self.world_size)
+            buf.div_(self.world_size)
+        if buf is not t:
+            t.copy_(buf)
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -403,7 +441,10 @@ class ProcessGroupCommunicator(Communicator):
         src = t.movedim(dim, 0).contiguous() if dim else t.contiguous()
         self._agree("all_gather", t, "dim", dim)
         out = src.new_empty((n * src.shape[0], *src.shape[1:]))
-        self._run("all_gather", _all_gather_single, out, src, group=self.group)
+        if self._moves_as_is(src):
+            self._run("all_gather", _all_gather_single, out, src, group=self.group)
+        else:  # rows as bytes (FP8 on gloo): moved, never computed on
+            self._run("all_gather", _all_gather_single, _rows_as_bytes(out), _rows_as_bytes(src), group=self.group)
         return out.movedim(0, dim) if dim else out
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
@@ -416,6 +457,7 @@ class ProcessGroupCommunicator(Communicator):
                 f"reduce_scatter: argument 't' has size {t.shape[dim]} in dim {dim}, expected a multiple of the group size {n}"
             )
         reduce_op = _reduce_op(op, "reduce_scatter", t)
+        self._check_reducible("reduce_scatter", t)
         self._agree("reduce_scatter", t, "op and dim", f"{op}/{dim}")
         src = t.movedim(dim, 0).contiguous() if dim else t.contiguous()
         out = src.new_empty((src.shape[0] // n, *src.shape[1:]))
@@ -458,7 +500,11 @@ class ProcessGroupCommunicator(Communicator):
         out = src.new_empty((sum(outs), *src.shape[1:]))
         if len(set(ins)) == 1 and len(set(outs)) == 1 and ins[0] == outs[0]:
             ins = outs = None  # even exchange: the backend's plain all-to-all, faster than the split-size variant
-        self._run("all_to_all", dist.all_to_all_single, out, src, outs, ins, group=self.group)
+        if self._moves_as_is(src):
+            self._run("all_to_all", dist.all_to_all_single, out, src, outs, ins, group=self.group)
+        else:  # rows as bytes (FP8 on gloo): the splits count rows either way
+            self._run("all_to_all", dist.all_to_all_single, _rows_as_bytes(out), _rows_as_bytes(src), outs, ins,
+                      group=self.group)
         return out
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -469,7 +515,11 @@ class ProcessGroupCommunicator(Communicator):
             raise CommError(f"broadcast: argument 'src' is {src!r}, expected a group rank in [0, {n})")
         global_src = src if self.group is None else dist.get_global_rank(self.group, src)
         self._agree("broadcast", t, "src", src)
-        self._run("broadcast", dist.broadcast, t, src=global_src, group=self.group)
+        buf = t.contiguous()  # backends write the storage in order: a strided view would get the wrong elements
+        payload = buf if self._moves_as_is(buf) else buf.reshape(-1).view(torch.uint8)  # bytes: FP8 on gloo
+        self._run("broadcast", dist.broadcast, payload, src=global_src, group=self.group)
+        if buf is not t:
+            t.copy_(buf)
         return t
 
     def barrier(self) -> None:
