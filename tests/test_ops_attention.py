@@ -102,6 +102,11 @@ BAD = [
     (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), window=10**30), DshalError,
      "expected None or an int >= 1 (at most 2**63 - 1)"),
     (lambda: ref.attention(*qkv(1, 2, 1, 3, 3, 4, 4), global_tokens=2**63), DshalError, "'global_tokens' is 9223372036854775808"),
+    # no query head: the cpu backend's chunk path divided by zero in C (SIGFPE); a head of width 0: 1/sqrt(0)
+    (lambda: dshal.ops.attention(torch.ones(1, 0, 3, 16), torch.ones(1, 2, 5, 16), torch.ones(1, 2, 5, 8)), ShapeError,
+     "'q' has shape [1, 0, 3, 16], expected at least one head"),
+    (lambda: ref.attention(torch.ones(1, 2, 3, 0), torch.ones(1, 2, 5, 0), torch.ones(1, 2, 5, 8)), ShapeError,
+     "expected at least one head (Hq >= 1) of width D >= 1"),
 ]
 
 

@@ -231,3 +231,28 @@ def test_ids_check_on_a_device_without_an_async_assert_reads_the_ids(monkeypatch
         check_ids_in_range("moe_experts", "ids", torch.tensor([[0, 3]]), 4, "expert id", "w13 has 4 experts")
         with pytest.raises(ShapeError, match=r"'ids' holds expert ids outside \[0, 4\)"):
             check_ids_in_range("moe_experts", "ids", torch.tensor([[0, 4]]), 4, "expert id", "w13 has 4 experts")
+
+
+@pytest.mark.parametrize("dtype,hidden,inter", [(torch.float32, 130, 66), (torch.bfloat16, 12, 10), ("fp8", 130, 66),
+                                                (torch.float32, 64, 0)], ids=str)
+def test_moe_experts_on_cpu_takes_rows_grouped_gemm_cannot(dtype, hidden, inter):
+    """Widths whose rows are not a multiple of 16 bytes (and empty experts) are valid for the
+    op: the cpu backend's grouped GEMM raised "strides should be multiple of 16 bytes" for
+    them, from a model whose moe_intermediate_size was 66 as soon as a prompt had 2 tokens."""
+    dshal.use(backend="cpu")
+    gen = torch.Generator().manual_seed(3)
+    experts, tokens = 4, 5
+    x = torch.randn(tokens, hidden, generator=gen)
+    weights, ids = torch.rand(tokens, 2, generator=gen), torch.randint(0, experts, (tokens, 2), generator=gen)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.1
+    w2 = torch.randn(experts, hidden, inter, generator=gen) * 0.1
+    scales = ()
+    if dtype == "fp8":
+        pairs = [[ref.quantize_fp8(w, (128, 128), "e4m3fn") for w in ws] for ws in (w13, w2)]
+        (w13, s13), (w2, s2) = ((torch.stack([q for q, _ in p]), torch.stack([s for _, s in p])) for p in pairs)
+        scales = (s13, s2)
+    else:
+        x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    got = dshal.ops.moe_experts(x, weights, ids, w13, w2, *scales)
+    want = ref.moe_experts(x, weights, ids, w13, w2, *scales)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)

@@ -379,6 +379,15 @@ _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _grouped_mm_takes(dtype: torch.dtype, hidden: int, inter: int) -> bool:
+    """Whether ``torch._grouped_mm`` runs the experts' two products in ``dtype``: it refuses
+    (RuntimeError "strides should be multiple of 16 bytes") rows of H or I values that are not
+    a multiple of 16 bytes, and empty ones. Elsewhere the expert loop serves."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return (_GROUPED_MM is not None and dtype in _GROUPED_MM_DTYPES and hidden > 0 and inter > 0
+            and hidden * size % 16 == 0 and inter * size % 16 == 0)
+
+
 @contextlib.contextmanager
 def _op_id_errors(ids: torch.Tensor, experts: int):
     """A C kernel's out-of-range id error, re-raised in the op's own words (the kernel
@@ -431,7 +440,7 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         and x.dtype in (torch.float32, torch.bfloat16)
         and w13.dtype in FP8_FORMAT_OF
         and w2.dtype == w13.dtype
-        and _GROUPED_MM is not None
+        and _grouped_mm_takes(torch.float32, w13.shape[2], w2.shape[2])
         and cpu_kernels.library() is not None
     ):  # a prefill of FP8 experts: cached float32 weights, grouped GEMMs
         with _op_id_errors(ids, w13.shape[0]):
@@ -447,7 +456,7 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         if ids.shape[0] <= FEW_TOKENS and w13.is_contiguous() and w2.is_contiguous():
             with _op_id_errors(ids, experts):
                 return _per_token(cpu_kernels.moe_token, x, weights, ids, w13, w2)
-        if ids.shape[0] > 1 and _GROUPED_MM is not None:
+        if ids.shape[0] > 1 and _grouped_mm_takes(x.dtype, w13.shape[2], w2.shape[2]):
             with _op_id_errors(ids, experts):
                 xs, order, ends = cpu_kernels.moe_group(x, ids, experts)
             h = _GROUPED_MM(xs, w13.transpose(1, 2), offs=ends)  # [T * k, 2I]
@@ -502,7 +511,7 @@ def moe_experts_torch(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     rows = order // k  # the token of each sorted slot
     counts = torch.bincount(flat, minlength=w13.shape[0])
     xs = x.index_select(0, rows)  # [T * k, H]; ~6x faster than x[rows] on CPU
-    if _GROUPED_MM is not None and x.dtype in _GROUPED_MM_DTYPES:
+    if _grouped_mm_takes(x.dtype, w13.shape[2], w2.shape[2]):
         ends = counts.cumsum(0).to(torch.int32)
         h = _GROUPED_MM(xs, w13.transpose(1, 2), offs=ends)  # [T * k, 2I]
         y = _GROUPED_MM(silu_and_mul(h), w2.transpose(1, 2), offs=ends)  # [T * k, H]

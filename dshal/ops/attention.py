@@ -56,6 +56,9 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     check_dim(op, "v", v, 1, k.shape[1], "Hk, the heads of 'k'")
     check_dim(op, "v", v, 2, k.shape[2], "Tk, the length of 'k'")
     hk = k.shape[1]
+    if hq == 0 or d == 0:  # no head, or a head of no width: nothing to attend with (the scale is 1/sqrt(D))
+        raise ShapeError(f"{op}: argument 'q' has shape {list(q.shape)}, expected at least one head (Hq >= 1) of "
+                         "width D >= 1")
     if hk == 0 or hq % hk:
         raise ShapeError(f"{op}: argument 'k' has {hk} heads, expected a divisor of the {hq} heads of 'q' (GQA)")
     if not isinstance(causal, bool):
