@@ -217,12 +217,13 @@ def test_fp8_block_decode_products_match_the_reference(cpu, fmt, dtype):
         ops.moe_experts(x, weights, ids + 1, *stacked)
 
 
-@pytest.mark.parametrize("fmt", ["e4m3", "e4m3fnuz"], ids=str)
+@pytest.mark.parametrize("fmt", ["e4m3", "e4m3fnuz", "e5m2"], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_fp8_prefill_linear_is_bit_identical_to_the_reference(cpu, fmt, dtype):
     """A prefill's FP8 linear (activations quantized per 1x128 by the C kernel or torch's
     steps, then one float32 GEMM with the cached dequantized weight) gives the reference's
-    bits: K a multiple of 128 or not, non-finite inputs, zero blocks, a bias."""
+    bits: K a multiple of 128 or not, non-finite inputs, zero blocks, a bias. E5M2 weights
+    too (the C kernel takes the E4M3 formats; e5m2 was its DTypeError)."""
     gen = torch.Generator().manual_seed(25)
     quantize = SPECS["quantize_fp8"].reference_impl
     for n, k, lead in [(200, 300, (2, 40)), (64, 256, (33,)), (96, 192, (1, 64))]:

@@ -163,8 +163,8 @@ def _quantized_activations(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
     128-value block (:func:`dshal.kernels.cpu.fp8_fake_quant_rows`, 4-20x the torch steps
     below). Without them: the reference's steps in fewer passes, or the reference itself
     where a row has non-finite values or K is not a multiple of 128."""
-    if x.dtype != torch.float64 and cpu_kernels.library() is not None:
-        return cpu_kernels.fp8_fake_quant_rows(x, fp8)
+    if x.dtype != torch.float64 and fp8 in cpu_kernels.FP8_E4M3 and cpu_kernels.library() is not None:
+        return cpu_kernels.fp8_fake_quant_rows(x, fp8)  # the E4M3 formats (e5m2: the torch steps)
     return _quantized_activations_torch(x, fp8)
 
 
