@@ -537,3 +537,25 @@ def test_model_cache_is_freed_at_once_and_holds_its_model_weakly():
         assert cache_ref() is None
     finally:
         gc.enable()
+
+
+def test_sampling_at_extreme_temperature_and_top_p_stays_a_distribution():
+    """A tiny positive temperature or top_p passes the checks and must sample, not crash:
+    `logits / 1e-300` was inf - inf = NaN in softmax, and a top_p that rounds to 0 in float32
+    masked every token ("probability tensor contains either inf, nan or element < 0"). In the
+    limit both are the most likely token; a temperature past float's range is an ArgumentError."""
+    from dshal.errors import ArgumentError
+    from dshal.model.sampling import next_token, sampling_probs
+
+    logits = torch.tensor([[3.0, 1.0, 2.5, -1.0], [0.0, 0.0, 5.0, 1.0]]) * 40
+    for temperature, top_p in ((1e-300, 1.0), (1e-30, 1.0), (1.0, 1e-300), (1e-300, 1e-300)):
+        probs = sampling_probs(logits, temperature, top_p)
+        assert torch.isfinite(probs).all() and (probs >= 0).all()
+        assert torch.equal(probs.argmax(-1), logits.argmax(-1))
+        gen = torch.Generator().manual_seed(0)
+        assert torch.equal(next_token(logits, temperature, gen, top_p), logits.argmax(-1))
+    # ordinary temperatures: the plain softmax(logits / T), unchanged
+    assert torch.equal(sampling_probs(logits, 0.7), torch.softmax(logits / 0.7, dim=-1))
+    model = build_model(tiny_args(), DictReader(random_checkpoint(tiny_args())))
+    with pytest.raises(ArgumentError, match="argument 'temperature' is 1000.*expected a finite number >= 0"):
+        model.generate(torch.tensor([[1, 2]]), 2, 10**400)

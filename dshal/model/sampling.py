@@ -26,13 +26,26 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
     ``softmax(logits / temperature)``, restricted with ``top_p < 1`` to the most likely tokens
     whose probabilities reach ``top_p`` together (nucleus sampling; the most likely is always
     kept). Not renormalized: ``torch.multinomial`` takes weights."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    if temperature < TINY_TEMPERATURE:  # logits / temperature could overflow (inf - inf = NaN in softmax)
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)) * min(1.0 / temperature, 1e30)  # softmax is shift-free
+    else:
+        scaled = logits / temperature
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        drop = before >= top_p  # a top_p below float32's smallest value would drop the first too: keep it
+        drop[..., 0] = False
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs
+
+
+#: Below this temperature :func:`sampling_probs` shifts the logits by their max before scaling:
+#: the plain ``logits / temperature`` overflows float32 there for any logit of magnitude
+#: past ~3e18 (and at 1e-300 the temperature itself rounds to 0 in float32).
+TINY_TEMPERATURE = 1e-20
 
 
 def check_temperature(temperature: Any, where: str = "generate") -> None:
@@ -40,10 +53,17 @@ def check_temperature(temperature: Any, where: str = "generate") -> None:
     if (
         not isinstance(temperature, (int, float))
         or isinstance(temperature, bool)
-        or not math.isfinite(temperature)
+        or not _finite(temperature)
         or temperature < 0
     ):
         raise ArgumentError(f"{where}: argument 'temperature' is {temperature!r}, expected a finite number >= 0")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def check_top_p(top_p: Any, where: str = "generate") -> None:
