@@ -475,10 +475,11 @@ def test_model_decode_checks_the_op_inputs_of_a_caches_first_step_only():
         forward(ids[:, 4:5], 4, cache)
         assert cache.decode_checked_for(model)
         forward(ids[:, 5:6], 5, cache)
-        forward(ids[:, 1:2], 6, cache, by=other)  # another model on this cache: checked again
-        forward(ids[:, :1], 0, model.new_cache(1, 8))  # so is a new cache
-        forward(ids[:, 1:2], 1, None)  # and a forward without a cache
-    assert steps == [{True}, {True}, {True}, {False}, {True}, {True}, {True}]
+        with pytest.raises(dshal.ShapeError, match="made by another model's new_cache"):
+            forward(ids[:, 1:2], 6, cache, by=other)  # another model's keys are not this one's: refused
+        forward(ids[:, :1], 0, model.new_cache(1, 8))  # a new cache is checked again
+        forward(ids[:, 1:2], 1, None)  # and so is a forward without a cache
+    assert steps == [{True}, {True}, {True}, {False}, set(), {True}, {True}]
 
 
 def test_model_token_ids_outside_the_vocabulary_raise_a_clear_error():

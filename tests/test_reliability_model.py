@@ -254,6 +254,27 @@ def test_cache_of_another_model_is_refused(model, tmp_path, state):
         model(_prompt(), 0, cache)
 
 
+def test_cache_of_another_model_with_the_same_layout_is_refused(tmp_path):
+    """Same dims, other weights: the layout matches, so the cache was taken and generation ran
+    on keys and values another model wrote (its tokens silently differed from the model's own)."""
+    from dshal.model import random_model, tiny_args
+    from dshal.model.decode import StaticDecoder
+
+    first, second = random_model(tiny_args(), seed=0), random_model(tiny_args(), seed=1)
+    ids = torch.tensor([[1, 2, 3]])
+    cache = first.new_cache(1, 10)
+    first.generate(ids, 2, cache=cache)
+    with pytest.raises(ShapeError, match="made by another model's new_cache"):
+        second.generate(ids, 2, cache=cache, cached=2)
+    with pytest.raises(ShapeError, match="made by another model's new_cache"):
+        StaticDecoder(second, first.new_cache(1, 10, "absorb", static=True), lambda step: step)
+    with pytest.raises(dshal.DTypeError, match="'cache' is str, expected a KVCache"):
+        StaticDecoder(second, "x", lambda step: step)
+    with pytest.raises(ArgumentError, match="argument 'cache' is a str, expected a KVCache"):
+        second.generate(ids, 2, cache="x")
+    assert second.generate(ids, 2, cache=second.new_cache(1, 10)).shape == (1, 5)  # its own still works
+
+
 @pytest.mark.parametrize(
     ("call", "error", "pattern"),
     [

@@ -100,6 +100,9 @@ class KVCache:
         #: Spare columns after each absorb buffer's entry, where a static step writes its key
         #: bias (:meth:`LayerCache.biased_keys`); 0: the step appends them to a copy instead.
         self.bias_columns = bias_columns
+        #: A weak reference to the model whose ``new_cache`` made this cache (None when built
+        #: directly): another model with the same layout would read keys it never wrote.
+        self.owner: weakref.ReferenceType | None = None
         # Each layer's buffers as allocated (with the spare columns), and the entries' views of them.
         self._allocated = [
             [torch.zeros(batch, self.capacity, shape[0] + bias_columns, *shape[1:], dtype=dtype, device=device)

@@ -25,6 +25,7 @@ from torch import nn
 
 from dshal.errors import ArgumentError, ShapeError
 from dshal.model import decode
+from dshal.model.cache import KVCache
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
     check_input_ids,
@@ -106,6 +107,8 @@ def check_cache_reuse(
         raise ArgumentError(f"{where} is {cached}, expected 0 without a '{name}' that holds them")
     if ragged:
         raise ArgumentError(f"{caller}: argument '{name}' is given with prompts of different lengths, expected one length")
+    if not isinstance(cache, KVCache):
+        raise ArgumentError(f"{caller}: argument '{name}' is a {type(cache).__name__}, expected a KVCache (model.new_cache)")
     if cache.batch != bsz:
         raise ArgumentError(f"{caller}: argument '{name}' has batch {cache.batch}, expected {bsz} (input_ids' rows)")
     if cache.max_len < width + max_new_tokens:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -592,12 +593,15 @@ class Transformer(nn.Module):
         want = self._cache_layouts.get(key)
         if want is None:
             want = self._cache_layouts[key] = self.new_cache(1, 1, cache.mode, mtp=mtp).layout
+        made = "new_cache(..., mtp=True)" if mtp else "new_cache()"
         if cache.layout != want:
-            made = "new_cache(..., mtp=True)" if mtp else "new_cache()"
             raise ShapeError(
                 f"Transformer: argument 'cache' has layout {cache.layout} (layers, mode, entry shapes, dtype, device), "
                 f"expected {want}: it was made for another model or layer; use this model's {made}"
             )
+        if cache.owner is not None and cache.owner() is not self:  # same layout, other weights: other keys
+            raise ShapeError(f"Transformer: argument 'cache' was made by another model's new_cache (its keys and "
+                             f"values come from other weights); use this model's {made}")
 
     def new_cache(
         self, batch: int, max_len: int, mode: str | None = None, mtp: bool = False, static: bool = False
@@ -617,7 +621,7 @@ class Transformer(nn.Module):
         what = f"new_cache: batch {batch} x max_len {max_len}"
         check_cache_fits(nbytes, free_memory(device), device, what, "'batch' or 'max_len'")
         a = self.args
-        return KVCache(
+        cache = KVCache(
             self._cached_layers(mtp),
             batch,
             max_len,
@@ -629,6 +633,8 @@ class Transformer(nn.Module):
             a.attention_global_tokens,
             self._spare_columns(static),
         )
+        cache.owner = weakref.ref(self)
+        return cache
 
     def _spare_columns(self, static: bool) -> int:
         """A cache's spare key-bias columns: static steps need no window (one slot per position)."""
