@@ -651,6 +651,9 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
     with pytest.raises(dshal.DshalError, match="ChatSettings.graph is given, but the static decode step it captures "
                                                "cannot run: an attention window is set"):
         chat(windowed, tokenizer, ChatSettings(max_new_tokens=6, graph=stand_in), read, out)
+    # No answer without a token: 0 claimed cached tokens it never prefilled, and dropped the next turn.
+    with pytest.raises(dshal.errors.ArgumentError, match="ChatSettings.max_new_tokens is 0, expected an int >= 1"):
+        chat(model, tokenizer, ChatSettings(max_new_tokens=0), read, out)
 
 
 def test_model_dshal_run_interactive(tmp_path):

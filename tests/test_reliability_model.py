@@ -284,8 +284,28 @@ def test_cache_of_another_model_with_the_same_layout_is_refused(tmp_path):
         (lambda m: m(_prompt(), -1), ArgumentError, "'start_pos' is -1"),
         (lambda m: m(_prompt(), 0, {}), dshal.DTypeError, "'cache' is dict, expected a KVCache"),
         (lambda m: m.generate(torch.zeros(1, 5000, dtype=torch.int64), 0), ShapeError, "has 5000 tokens, expected at most"),
+        # callbacks and generators of the wrong type: refused before the prefill (they failed after it)
+        (lambda m: m.generate(_prompt(), 2, stream=5), ArgumentError, "argument 'stream' is a int, expected a callable"),
+        (lambda m: m.generate(_prompt(), 2, on_token="x"), ArgumentError, "argument 'on_token' is a str, expected a callable"),
+        (lambda m: m.generate(_prompt(), 2, 1.0, generator=5), ArgumentError, "'generator' is a int, expected a torch.Generator"),
     ],
 )
 def test_model_entry_points_reject_impossible_requests(model, call, error, pattern):
     with pytest.raises(error, match=pattern):
         call(model)
+
+
+def test_static_decoder_checks_the_token_and_the_position_it_is_given():
+    """A host position outside the cache was an IndexError from inside the step; a token count
+    that is not the cache's batch, a torch copy error."""
+    from dshal.model import random_model, tiny_args
+    from dshal.model.decode import StaticDecoder
+
+    model = random_model(tiny_args())
+    decoder = StaticDecoder(model, model.new_cache(1, 8, "absorb", static=True), lambda step: step)
+    for pos in (10**6, -1, 8, 2.0, True):
+        with pytest.raises(ArgumentError, match=rf"argument 'pos' is {pos!r}, expected an int in \[0, 7\]"):
+            decoder(torch.tensor([1]), pos)
+    with pytest.raises(ArgumentError, match=r"argument 'token' is \[2\], expected 1 token id\(s\), one per row"):
+        decoder(torch.tensor([1, 2]), 0)
+    assert decoder(torch.tensor([1]), 0).shape == (1, model.args.vocab_size)

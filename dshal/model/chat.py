@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import torch
 
-from dshal.errors import DshalError
+from dshal.errors import ArgumentError, DshalError
 from dshal.model.decode import StaticDecoder, static_decode_unsupported
 from dshal.model.generate import completions
 from dshal.model.speculative import DraftVerifier, SpeculativeStep, generate_speculative
@@ -101,6 +101,9 @@ def chat(
     why = static_decode_unsupported(model) if settings.graph is not None else None
     if why:
         raise DshalError(f"chat: ChatSettings.graph is given, but the static decode step it captures cannot run: {why}")
+    tokens = settings.max_new_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:  # an answer needs a token
+        raise ArgumentError(f"chat: ChatSettings.max_new_tokens is {tokens!r}, expected an int >= 1")
     conversation = Conversation()
     device = model.rope_cos.device
     limit = model.args.max_position_embeddings

@@ -35,6 +35,7 @@ from dshal.errors import ArgumentError, DshalError
 from dshal.model.cache import KVCache
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
+    check_callbacks,
     check_input_ids,
     check_prefill_chunk,
     check_prompt_lens,
@@ -201,10 +202,17 @@ class StaticDecoder:
         return self._run.capture_error
 
     def __call__(self, token: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        batch = self.cache.batch
+        if not isinstance(token, torch.Tensor) or token.numel() != batch:
+            got = list(token.shape) if isinstance(token, torch.Tensor) else type(token).__name__
+            raise ArgumentError(f"StaticDecoder: argument 'token' is {got}, expected {batch} token id(s), one per row")
         self.token.copy_(token.reshape(-1, 1))
         if isinstance(pos, torch.Tensor):
-            self.position.copy_(pos)  # device to device
+            self.position.copy_(pos)  # device to device: its values are the caller's to keep in range
         else:
+            if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < self.cache.max_len:
+                raise ArgumentError(f"StaticDecoder: argument 'pos' is {pos!r}, expected an int in "
+                                    f"[0, {self.cache.max_len - 1}] (a slot of the cache)")
             self.position.fill_(pos)  # a host-to-device write, no sync
         return self._run(self.token, self.position)
 
@@ -235,6 +243,9 @@ def generate_with_graphs(
         raise ArgumentError(f"{where}: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
     check_temperature(temperature, where)
     check_top_p(top_p, where)
+    check_callbacks(where, generator=generator, on_token=on_token, graph=graph)
+    if graph is None:
+        raise ArgumentError(f"{where}: argument 'graph' is None, expected a backend's graph hook (runtime.backend.graph)")
     lens = check_prompt_lens(where, prompt_lens, *input_ids.shape)
     return generate_rows(model, input_ids, lens, max_new_tokens,
                          lambda logits: next_token(logits, temperature, generator, top_p), graph=graph,

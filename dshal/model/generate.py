@@ -28,6 +28,7 @@ from dshal.model import decode
 from dshal.model.cache import KVCache
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
+    check_callbacks,
     check_input_ids,
     check_prefill_chunk,
     check_prompt_lens,
@@ -207,6 +208,7 @@ def generate(
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate", prefill_chunk)
     check_top_p(top_p)
+    check_callbacks("generate", generator=generator, on_token=on_token, stream=stream)
     lens = check_prompt_lens("generate", prompt_lens, *input_ids.shape)
     if cache is not None or cached:
         check_cache_reuse(cache, cached, input_ids, max_new_tokens, len(set(lens)) > 1)

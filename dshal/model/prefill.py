@@ -39,6 +39,16 @@ def prefill(
     return logits[:, -1]
 
 
+def check_callbacks(where: str, generator: Any = None, **callbacks: Any) -> None:
+    """ArgumentError before anything runs unless each callback is None or callable and
+    ``generator`` is None or a ``torch.Generator`` (a wrong one failed after the prefill)."""
+    for name, fn in callbacks.items():
+        if fn is not None and not callable(fn):
+            raise ArgumentError(f"{where}: argument {name!r} is a {type(fn).__name__}, expected a callable or None")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentError(f"{where}: argument 'generator' is a {type(generator).__name__}, expected a torch.Generator or None")
+
+
 def check_input_ids(where: str, input_ids: Any, device: torch.device | None = None) -> None:
     """``input_ids`` must be an integer tensor ``[B, T]`` with ``B, T >= 1`` (on ``device``, when given)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):

@@ -44,6 +44,7 @@ from dshal.model.decode import GraphStep, agreed, positioned_step, static_cache_
 from dshal.model.generate import check_cache_reuse, check_generate_args, check_top_p, sampling_probs, stop_list
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
+    check_callbacks,
     check_input_ids,
     check_prefill_chunk,
     check_prompt_lens,
@@ -304,6 +305,7 @@ def generate_speculative(
     check_input_ids("generate_speculative", input_ids, model.rope_cos.device)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate_speculative", prefill_chunk)
+    check_callbacks("generate_speculative", generator=generator, on_token=on_token, stream=stream)
     check_top_p(top_p)
     lens = check_prompt_lens("generate_speculative", prompt_lens, *input_ids.shape)
     why = speculative_unsupported(model)
