@@ -40,9 +40,10 @@ ROWS = 4
 OPS: dict[str, tuple[Sequence[torch.dtype], Mapping[str, Any], tuple[str, ...]]] = {
     "linear": ((F32, BF16), dict(m=ROWS, n=128, k=256), ("x",)),
     "fp8_gemm": ((BF16,), dict(m=ROWS, n=128, k=256, granularity="block"), ("a", "a_scale")),
-    "rms_norm": ((BF16,), dict(shape=(ROWS, 256), residual=True), ("x", "residual")),
-    "attention": ((BF16,), dict(b=ROWS, hq=4, hk=2, tq=16, d=32), ("q", "k", "v")),
-    "moe_experts": ((BF16,), dict(t=ROWS, h=64, i=32, e=4, k=2), ("x", "weights", "ids")),
+    # float32 too: a model in float32 (the tiny one) hides 1-ulp noise that bf16's rounding masks
+    "rms_norm": ((F32, BF16), dict(shape=(ROWS, 256), residual=True), ("x", "residual")),
+    "attention": ((F32, BF16), dict(b=ROWS, hq=4, hk=2, tq=16, d=32), ("q", "k", "v")),
+    "moe_experts": ((F32, BF16), dict(t=ROWS, h=64, i=32, e=4, k=2), ("x", "weights", "ids")),
 }
 
 
