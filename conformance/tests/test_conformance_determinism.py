@@ -91,3 +91,19 @@ def test_command_line_strict_mode(tmp_path) -> None:  # noqa: ANN001
     assert cli.main([*args, "--determinism", "strict"]) == 0
     rep = json.loads((tmp_path / "cpu.json").read_text())
     assert [c["status"] for c in rep["cases"]] == ["pass", "pass"]  # row-by-row: invariant by construction
+
+
+def _one_ulp_jitter_rms_norm(x, weight, eps=1e-6, residual=None):
+    """Planted: float32 noise of one ulp at random places, which bf16 rounding would hide."""
+    y, s = SPECS["rms_norm"].reference_impl(x, weight, eps, residual)
+    flip = (torch.rand(y.shape) < 0.5).to(torch.int32)
+    return (y.view(torch.int32) + flip).view(torch.float32) if y.dtype == torch.float32 else y, s
+
+
+def test_float32_one_ulp_noise_is_a_finding(default_cpu) -> None:  # noqa: ANN001
+    """rms_norm was checked in bf16 only: a vendor's 1-ulp float32 jitter passed, and the
+    matrix said deterministic for a model that runs in float32."""
+    assert torch.float32 in OPS["rms_norm"][0]
+    table = dict(default_cpu.table, rms_norm=SPECS["rms_norm"].checked(_one_ulp_jitter_rms_norm))
+    repeat, _ = run_op(_context(table, frozenset(SPECS)), "rms_norm", torch.float32)
+    assert repeat.verdict.status == "unsupported" and repeat.verdict.finding == "nondeterministic"
