@@ -280,6 +280,7 @@ def test_cache_of_another_model_with_the_same_layout_is_refused(tmp_path):
     [
         (lambda m: m.new_cache(1, 10**12), ArgumentError, r"'max_len' is 1000000000000, expected an int in \[1, 4096\]"),
         (lambda m: m.new_cache(0, 8), ArgumentError, "'batch' is 0"),
+        (lambda m: m.new_cache(1, 8, "paged"), ArgumentError, "argument 'mode' is 'paged', expected 'absorb' or 'naive'"),
         (lambda m: m.new_cache(10**30, 8), ArgumentError, r"'batch' is 1000000000000000000000000000000, expected an int in \[1, 2\*\*63 - 1\]"),
         (lambda m: m(_prompt(), -1), ArgumentError, "'start_pos' is -1"),
         (lambda m: m(_prompt(), 0, {}), dshal.DTypeError, "'cache' is dict, expected a KVCache"),

@@ -666,7 +666,7 @@ class Transformer(nn.Module):
         if mode == "naive":
             heads = self.layers[0].self_attn.kv_b_proj.weight.shape[0] // (a.qk_nope_head_dim + a.v_head_dim)
             return [(heads, a.qk_head_dim), (heads, a.v_head_dim)]
-        raise ShapeError(f"new_cache: argument 'mode' is {mode!r}, expected 'absorb' or 'naive'")
+        raise ArgumentError(f"new_cache: argument 'mode' is {mode!r}, expected 'absorb' or 'naive'")
 
     #: ``model.generate(input_ids, max_new_tokens, temperature=0.0, *, eos_token_id=None,
     #: generator=None, on_token=None, prefill_chunk=2048, top_p=1.0)`` -> ``[B, T + new]``: see
