@@ -310,3 +310,21 @@ def test_static_decoder_checks_the_token_and_the_position_it_is_given():
     with pytest.raises(ArgumentError, match=r"argument 'token' is \[2\], expected 1 token id\(s\), one per row"):
         decoder(torch.tensor([1, 2]), 0)
     assert decoder(torch.tensor([1]), 0).shape == (1, model.args.vocab_size)
+
+
+@pytest.mark.parametrize(
+    ("changes", "said"),
+    [
+        (dict(rope_theta=0.0), "rope_theta is 0.0, expected a finite number > 0"),  # was math domain error
+        (dict(rms_norm_eps=float("nan")), "rms_norm_eps is nan, expected a finite number > 0"),
+        (dict(n_shared_experts=-1), "n_shared_experts is -1, expected an integer >= 0"),  # was a torch RuntimeError
+        (dict(qk_nope_head_dim=-4), "qk_nope_head_dim is -4, expected an integer >= 0"),
+        (dict(attention_window=2.5), r"attention.window is 2.5, expected null or an integer >= 1"),  # was TypeError
+        (dict(attention_window=0), r"attention.window is 0, expected null or an integer >= 1"),  # was about global_tokens
+    ],
+)
+def test_model_args_built_in_python_are_checked_like_config_json(changes, said):
+    """ModelArgs made in Python (tiny_args(...), ModelArgs(...)) skip config.json's checks:
+    these values got as far as a math domain error, a TypeError or a torch error."""
+    with pytest.raises(ConfigError, match=said):
+        tiny_args(**changes)

@@ -198,6 +198,18 @@ class ModelArgs:
                 f"the checkpoint has {self.num_nextn_predict_layers} multi-token-prediction layer(s) "
                 "(config.json num_nextn_predict_layers)"
             )
+        for name in ("intermediate_size", "moe_intermediate_size", "qk_nope_head_dim", "n_shared_experts",
+                     "n_routed_experts", "first_k_dense_replace", "attention_global_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} is {value!r}, expected an integer >= 0")
+        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{name} is {value!r}, expected a finite number > 0")
+        window = self.attention_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ConfigError(f"attention.window is {window!r}, expected null or an integer >= 1")
         if self.attention_window is not None and self.attention_global_tokens >= self.attention_window:
             raise ConfigError(
                 f"attention.global_tokens is {self.attention_global_tokens}, "
