@@ -335,9 +335,8 @@ class ProcessGroupCommunicator(Communicator):
     def _devices(self) -> list[str] | None:
         """The device types this group's backend takes (torch's ``Backend.backend_capability``:
         gloo cpu and cuda, nccl cuda, ...), or None where torch does not say."""
-        if not dist.is_initialized() or not (self.group is None or isinstance(self.group, dist.ProcessGroup)):
-            return None
-        return dist.Backend.backend_capability.get(str(dist.get_backend(self.group)))
+        backend = self._backend()
+        return None if backend is None else dist.Backend.backend_capability.get(backend)
 
     def _moves_as_is(self, t: torch.Tensor) -> bool:
         """Whether the group's backend takes ``t``'s dtype (gloo: :data:`GLOO_DTYPES`; others:
@@ -345,6 +344,8 @@ class ProcessGroupCommunicator(Communicator):
         return not (self._backend() == "gloo" and t.dtype not in GLOO_DTYPES)
 
     def _backend(self) -> str | None:
+        """The group's process-group backend (``gloo``, ``nccl``...), or None where there is none
+        to ask (not initialized, or a simulated group)."""
         if not dist.is_initialized() or not (self.group is None or isinstance(self.group, dist.ProcessGroup)):
             return None
         return str(dist.get_backend(self.group))

@@ -301,8 +301,8 @@ def use_for_command(
     overrides: dict[str, Any] = {"backend": backend} if backend else {}
     if emulate is not None:
         overrides["emulate"] = emulate
-    source = f"{flag} / --emulate" if emulate is not None and backend else ("--emulate" if emulate is not None else flag)
-    return use(config, overrides_source=source, **overrides)
+    flags = [name for name, given in ((flag, backend), ("--emulate", emulate is not None)) if given]
+    return use(config, overrides_source=" / ".join(flags) or flag, **overrides)
 
 
 def current() -> Runtime:

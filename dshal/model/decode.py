@@ -176,7 +176,7 @@ class StaticDecoder:
         why = static_decode_unsupported(model)
         if why:
             raise DshalError(f"StaticDecoder: {why}")
-        model._check_cache(cache)  # a KVCache of this model (not another's, not another type)
+        model.check_cache(cache)  # a KVCache of this model (not another's, not another type)
         why = static_cache_unsupported(cache)
         if why:
             raise DshalError(f"StaticDecoder: argument 'cache' {why}")

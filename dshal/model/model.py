@@ -515,7 +515,7 @@ class Transformer(nn.Module):
         # checks. The id range check (a host sync on accelerators) goes with them: under
         # generate(), later steps' ids are the model's own samples.
         if cache is not None:
-            self._check_cache(cache)
+            self.check_cache(cache)
         trusted = step and cache.decode_checked_for(self, seqlen)
         if not (trusted and cache.vouched(input_ids)):  # ids that generate() did not make are checked
             check_token_ids("Transformer", input_ids, self.args.vocab_size)
@@ -560,7 +560,7 @@ class Transformer(nn.Module):
         cos, sin = self._positions("Transformer.draft", start_pos, seqlen)
         step = cache is not None and seqlen <= MAX_STEP_TOKENS  # checked once per length, as in forward()
         if cache is not None:
-            self._check_cache(cache, mtp=True)
+            self.check_cache(cache, mtp=True)
         trusted = step and cache.decode_checked_for(self, seqlen)
         if not (trusted and cache.vouched(next_ids)):
             check_token_ids("Transformer.draft", next_ids, self.args.vocab_size)
@@ -584,7 +584,7 @@ class Transformer(nn.Module):
         return self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
 
     # ------------------------------------------------------------ inference helpers
-    def _check_cache(self, cache: Any, mtp: bool = False) -> None:
+    def check_cache(self, cache: Any, mtp: bool = False) -> None:
         """``cache`` must be a KVCache laid out for this model (another model's raises), or
         with ``mtp`` for its MTP layer."""
         if not isinstance(cache, KVCache):

@@ -10,6 +10,11 @@ import torch
 
 from dshal.errors import ArgumentError
 
+#: Below this temperature :func:`sampling_probs` shifts the logits by their max before scaling:
+#: the plain ``logits / temperature`` overflows float32 there for any logit of magnitude
+#: past ~3e18 (and at 1e-300 the temperature itself rounds to 0 in float32).
+TINY_TEMPERATURE = 1e-20
+
 
 def next_token(
     logits: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0
@@ -41,11 +46,6 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return probs
 
-
-#: Below this temperature :func:`sampling_probs` shifts the logits by their max before scaling:
-#: the plain ``logits / temperature`` overflows float32 there for any logit of magnitude
-#: past ~3e18 (and at 1e-300 the temperature itself rounds to 0 in float32).
-TINY_TEMPERATURE = 1e-20
 
 
 def check_temperature(temperature: Any, where: str = "generate") -> None:
