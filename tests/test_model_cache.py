@@ -560,3 +560,22 @@ def test_sampling_at_extreme_temperature_and_top_p_stays_a_distribution():
     model = build_model(tiny_args(), DictReader(random_checkpoint(tiny_args())))
     with pytest.raises(ArgumentError, match="argument 'temperature' is 1000.*expected a finite number >= 0"):
         model.generate(torch.tensor([[1, 2]]), 2, 10**400)
+
+
+def test_completions_refuses_lengths_that_do_not_match_the_rows() -> None:
+    from dshal.errors import ArgumentError, ShapeError
+    from dshal.model.generate import completions
+
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert completions(ids, [2, 1], 2) == [[3, 4], [6, 7]]
+    assert completions(ids, torch.tensor([2, 1]), 2) == [[3, 4], [6, 7]]
+    with pytest.raises(ShapeError, match=r"'prompt_lens' has 1 entries, expected 2"):
+        completions(ids, [2], 2)  # zip() used to drop the second row
+    with pytest.raises(ShapeError, match=r"'prompt_lens' has 3 entries, expected 2"):
+        completions(ids, [2, 1, 1], 2)
+    with pytest.raises(ArgumentError, match=r"'prompt_lens' holds 5, expected ints in \[0, 4\]"):
+        completions(ids, [2, 5], 2)
+    with pytest.raises(ArgumentError, match=r"'max_new_tokens' is -1"):
+        completions(ids, [2, 1], -1)
+    with pytest.raises(ShapeError, match=r"'ids' is shape \(4,\), expected a \[batch, length\] tensor"):
+        completions(ids[0], [2], 2)

@@ -171,6 +171,9 @@ BAD = [
     (lambda: ref.linear(torch.ones(3, 8), torch.ones(4, 8).to(E4)), DshalError, "needs a 'weight_scale'; got None"),
     (lambda: ref.linear(torch.ones(3, 8), torch.ones(4, 8).to(E4), None, torch.ones(2, 2)), ShapeError, "'weight_scale' has shape [2, 2]"),
     (lambda: ref.linear(torch.ones(3, 8), torch.ones(4, 8), None, torch.ones(4, 1)), DshalError, "expected None for a float weight"),
+    # K = 0: no scale block to hold (int8 was a reshape error deep in torch; rowwise FP8 too).
+    (lambda: ref.linear(torch.ones(3, 0), torch.ones(4, 0, dtype=torch.int8), None, torch.ones(4, 1)), ShapeError, "expected K >= 1 for a quantized weight"),
+    (lambda: ref.linear(torch.ones(3, 0), torch.ones(4, 0).to(E4), None, torch.ones(4, 1)), ShapeError, "is torch.float8_e4m3fn [4, 0]"),
 ]
 
 

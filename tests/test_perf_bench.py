@@ -289,3 +289,19 @@ def test_bench_names_cases_above_their_roofline():
 
     report = {"cases": [case("a", 58.0), case("b", 177.0), case("c", None), {"id": "d", "providers": {"backend": {"error": "x"}}}]}
     assert above_roofline(report) == ["b"]
+
+
+def test_bench_names_cases_whose_spread_makes_their_ratios_rough():
+    from dshal.perf.bench import NOISY_SPREAD, noisy_cases
+
+    def entry(median: float, p10: float, p90: float) -> dict:
+        return {"median_s": median, "p10_s": p10, "p90_s": p90}
+
+    steady, jumpy = entry(1e-3, 0.95e-3, 1.1e-3), entry(1e-3, 0.9e-3, 1e-3 * (1.0 + NOISY_SPREAD))
+    report = {"cases": [
+        {"id": "steady", "providers": {"backend": steady, "reference": steady}},
+        {"id": "backend-noisy", "providers": {"backend": jumpy, "reference": steady}},
+        {"id": "peer-noisy", "providers": {"backend": steady, "torch": jumpy, "reference": None}},
+        {"id": "failed", "providers": {"backend": {"error": "x"}}},
+    ]}
+    assert noisy_cases(report) == ["backend-noisy", "peer-noisy"]

@@ -193,6 +193,8 @@ def _model_cell(cases: list[dict[str, Any]]) -> str:
     if tokens is not None and tokens.get("details"):
         t = tokens["details"]
         text += f"; tokens {t['agreed']}/{t['decisive']}"
+    if d.get("reference_served"):
+        text += f"; reference served: {', '.join(d['reference_served'])}"
     return text
 
 

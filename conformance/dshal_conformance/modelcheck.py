@@ -106,6 +106,18 @@ def reference_runtime() -> Any:
     return build_runtime(load_config({"backend": "cpu", "ops": dict.fromkeys(SPECS, REFERENCE_PROVIDER)}))
 
 
+def with_reference_stand_ins(runtime: Any, provided: frozenset[str]) -> tuple[Any, tuple[str, ...]]:
+    """``runtime`` and no stand-ins when its backend provides every op; else a runtime of
+    the same backend and config in which each op it does not provide is served by the op's
+    reference (``ops: {op: reference}``), and those ops' names. A partial plugin (a few
+    native ops) thereby gets its ops judged inside the model; reports name the stand-ins."""
+    missing = tuple(op for op, spec in SPECS.items() if op not in provided and spec.has_reference)
+    if not missing:
+        return runtime, ()
+    config = dataclasses.replace(runtime.config, ops={**runtime.config.ops, **dict.fromkeys(missing, REFERENCE_PROVIDER)})
+    return build_runtime(config), missing
+
+
 def backend_runtime(name: str, emulate: bool | None = None, config: Any = None, source: str = "<keyword arguments>") -> Any:
     """``name``'s runtime as a user gets it (``fallback: warn``: a missing op is served by
     the reference and shows in the providers); not activated. ``source``: what messages say

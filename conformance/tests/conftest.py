@@ -61,6 +61,17 @@ def biased_backend_installed(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def partial_backends_installed(tmp_path_factory: pytest.TempPathFactory):
+    """``with partial_backends_installed(): ...``: ``conformance_partial_backend``'s
+    ``partial`` and ``partialbiased`` (linear and rms_norm only) are installed plugins inside the block."""
+    sites = [
+        _dist_info(tmp_path_factory, "partial", "conformance_partial_backend:PartialBackend"),
+        _dist_info(tmp_path_factory, "partialbiased", "conformance_partial_backend:PartialBiasedBackend"),
+    ]
+    return lambda: _installed([*sites, str(HERE)])
+
+
+@pytest.fixture(scope="session")
 def decode_wrong_backend_installed(tmp_path_factory: pytest.TempPathFactory):
     """``with decode_wrong_backend_installed(): ...``: ``conformance_decode_wrong_backend.DecodeWrongBackend``
     (attention wrong only for a single query) is the installed plugin ``decodewrong`` inside the block."""

@@ -63,6 +63,40 @@ def test_model_family_catches_the_compounding_bias(biased_reports: tuple[dict, d
     assert "first layer over" in drift["reason"] and "layers.0" in drift["reason"]
 
 
+@pytest.fixture(scope="module")
+def partial_reports(partial_backends_installed) -> dict[str, dict]:  # noqa: ANN001
+    options = runner.Options(cases=["model/*", "capability/attention"], progress=False, collectives=False)
+    with partial_backends_installed():
+        return {name: runner.run(runner.resolve(name), options) for name in ("partial", "partialbiased")}
+
+
+def test_a_partial_plugin_gets_its_ops_judged_inside_the_model(partial_reports: dict[str, dict]) -> None:
+    cases = _by_id(partial_reports["partial"])
+    # Undeclared ops stay undeclared: the stand-ins serve the model case only.
+    assert cases["capability/attention"]["status"] == "unsupported"
+    drift, tokens = cases["model/high/drift"], cases["model/high/tokens"]
+    assert drift["status"] == "pass" and tokens["status"] == "pass", (drift["reason"], tokens["reason"])
+    served = drift["details"]["reference_served"]
+    assert "attention" in served and "moe_experts" in served
+    assert "linear" not in served and "rms_norm" not in served
+    assert "served by the reference" in drift["reason"] and "attention" in drift["reason"]
+    assert tokens["details"]["reference_served"] == served
+    # fp8-block needs quantize_fp8 and fp8_gemm from the backend itself.
+    assert cases["model/fp8-block/drift"]["status"] == "unsupported"
+    assert "fp8_gemm" in cases["model/fp8-block/drift"]["reason"]
+    from dshal_conformance.legs import family_rows
+
+    _, cells = family_rows([partial_reports["partial"]], "model")
+    assert "reference served: " in cells["high"][0] and "attention" in cells["high"][0]
+
+
+def test_a_partial_plugin_with_a_compounding_bias_fails_the_model_case(partial_reports: dict[str, dict]) -> None:
+    drift = _by_id(partial_reports["partialbiased"])["model/high/drift"]
+    assert drift["status"] == "fail", drift["reason"]
+    assert drift["details"]["first_layer_over"] == "layers.0"
+    assert "attention" in drift["details"]["reference_served"]
+
+
 def test_diff_names_linear_in_the_first_drifting_layer(biased_backend_installed, tmp_path) -> None:  # noqa: ANN001
 
     out = tmp_path / "diff.json"

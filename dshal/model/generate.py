@@ -78,9 +78,20 @@ def completions(
     ids after its prompt (``prompt_lens[b]`` ids), up to and including the first stop id of
     ``eos_token_id``. (On a model with an attention window, a row whose prompt is shorter than
     the longest runs on past ``max_new_tokens``; those extra tokens are dropped here.)"""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        seen = f"shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else f"a {type(ids).__name__}"
+        raise ShapeError(f"completions: argument 'ids' is {seen}, expected a [batch, length] tensor (generate's result)")
+    lens = prompt_lens.tolist() if isinstance(prompt_lens, torch.Tensor) else list(prompt_lens)
+    if len(lens) != ids.shape[0]:
+        raise ShapeError(f"completions: argument 'prompt_lens' has {len(lens)} entries, expected {ids.shape[0]} (one per row of 'ids')")
+    bad = next((n for n in lens if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= ids.shape[1]), None)
+    if bad is not None:
+        raise ArgumentError(f"completions: argument 'prompt_lens' holds {bad!r}, expected ints in [0, {ids.shape[1]}] (the width of 'ids')")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ArgumentError(f"completions: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
     stops = set() if eos_token_id is None else set(stop_list(eos_token_id))
     rows = []
-    for row, length in zip(ids.tolist(), prompt_lens):
+    for row, length in zip(ids.tolist(), lens):
         new = row[length : length + max_new_tokens]
         cut = next((i + 1 for i, token in enumerate(new) if token in stops), len(new))
         rows.append(new[:cut])

@@ -200,6 +200,8 @@ def linear(x, weight, bias=None, weight_scale=None):
         if weight_scale is None:
             raise ArgumentError(f"linear: argument 'weight' is {weight.dtype}, which needs a 'weight_scale'; got None")
         check_tensor(op, "weight_scale", weight_scale, dtypes=SCALE_DTYPES)
+        if weight.shape[1] == 0:  # an empty row has no scale block: rowwise and block shapes coincide
+            raise ShapeError(f"linear: argument 'weight' is {weight.dtype} [{weight.shape[0]}, 0], expected K >= 1 for a quantized weight")
         weight_quant_mode(op, weight, weight_scale)
     elif weight_scale is not None:
         raise ArgumentError(f"linear: argument 'weight_scale' is given, but 'weight' is {weight.dtype}; expected None for a float weight")

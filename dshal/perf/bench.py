@@ -648,11 +648,30 @@ def print_summary(report: dict[str, Any]) -> None:
     for row in result_rows(report):
         t.add_row(row[0], f"{row[1]} ({row[2]})", row[3], row[4], f"{row[5]} {row[6]}", row[8], row[10])
     out.print(t)
+    noisy = noisy_cases(report)
+    if noisy:
+        out.print(f"note: {len(noisy)} case(s) with a p10–p90 spread over {NOISY_SPREAD:.0%} of the median "
+                  f"({', '.join(noisy)}): the machine was busy or the runs too few; their ratios are rough. "
+                  "Rerun on a quiet machine, or raise --runs / --time-per-case", highlight=False)
     above = above_roofline(report)
     if above:
         out.print(f"note: {len(above)} case(s) above 100 % of roofline ({', '.join(above)}): their inputs stayed in "
                   f"cache between calls, or the peak ({_peak_note(report['peaks'])}) is low; --rotate N cycles more "
                   "input sets", highlight=False)
+
+
+#: Relative p10–p90 spread (of the median) past which a case's figures and ratios are rough.
+NOISY_SPREAD = 0.5
+
+
+def noisy_cases(report: dict[str, Any]) -> list[str]:
+    """The cases where any provider's p10–p90 spread exceeds ``NOISY_SPREAD`` of its median:
+    a ratio between two such columns can be off by that much."""
+    def noisy(entry: dict[str, Any]) -> bool:
+        median = entry.get("median_s")
+        return bool(median) and (entry["p90_s"] - entry["p10_s"]) / median > NOISY_SPREAD
+
+    return [c["id"] for c in report["cases"] if any(noisy(e) for e in c["providers"].values() if e)]
 
 
 def above_roofline(report: dict[str, Any]) -> list[str]:

@@ -20,6 +20,13 @@ The reference is the same model core on :func:`~dshal_conformance.modelcheck.ref
 (every op its reference implementation) with float64 weights and activations, the same
 precision mode and the same FP8 format (the router and the RoPE tables compute in float32
 in both, as the model core does). Tolerances: ``tolerances.MODEL_TOLERANCES``.
+
+A partial plugin (one that provides only some ops) is judged too: each op it does not
+provide is served by the op's reference on its device
+(:func:`~dshal_conformance.modelcheck.with_reference_stand_ins`), the judgements' detail
+and ``details["reference_served"]`` name those ops, and a backend that provides none of the
+ops the model calls gets ``unsupported``. A precision mode still needs its own ops
+(``MODE_OPS``) from the backend.
 """
 
 from __future__ import annotations
@@ -66,7 +73,8 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
         sequence = mc.greedy_reference(ref_model, prompt, steps)
         ref = mc.trace(ref_model, sequence, keep_inputs=frozenset({"moe_gate"}))
         del ref_model
-        model = mc.build(runtime, args, checkpoint, precision)
+        model_runtime, stand_ins = mc.with_reference_stand_ins(runtime, ctx.provided)
+        model = mc.build(model_runtime, args, checkpoint, precision)
         ties = mc.RouterTies(ref.calls, tol.drift)
         try:
             out = mc.trace(model, sequence, route=ties)
@@ -74,6 +82,11 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
             return unsupported_outcomes(SUFFIXES, f"the model core needs an op the backend does not provide: {err}")
     finally:
         runtime.activate()
+    called = {c.op for c in out.calls}
+    by_reference = sorted(called & set(stand_ins))
+    if not called - set(stand_ins):
+        return unsupported_outcomes(SUFFIXES, f"the backend provides none of the ops the model calls ({', '.join(sorted(called))})")
+    served = f"; served by the reference (the backend does not provide them): {', '.join(by_reference)}" if by_reference else ""
     drifts = mc.layer_drifts(out, ref)
     logit_drift = mc.rel_drift(out.logits, ref.logits)
     first = mc.first_over(drifts, tol.drift)
@@ -89,13 +102,14 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
         "tolerance": tol.drift,
         "origin": tol.origin,
         "routing": ties.summary(),
+        "reference_served": by_reference,
     }
     routing = (
         f"; routing: {ties.resolved} near-tie token(s) given the reference's experts, {ties.mismatched} decisive "
         f"mismatch(es) of {ties.tokens} routed"
     )
     drift_checks = [
-        Check("logit_rel_drift", logit_drift, tol.drift, detail=f"logits against the float64 reference model; {where}{routing}", origin=tol.origin),
+        Check("logit_rel_drift", logit_drift, tol.drift, detail=f"logits against the float64 reference model; {where}{routing}{served}", origin=tol.origin),
         Check("max_layer_rel_drift", max(drifts.values(), default=0.0), tol.drift, detail=f"per layer: {per_layer}", origin=tol.origin),
     ]
     drift = verdict(drift_checks, ctx.overrides)
@@ -105,6 +119,7 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
         f"{agreement.agreed} of {agreement.decisive} decisive positions agree over {steps} greedy steps "
         f"(teacher-forced; {agreement.ambiguous} ambiguous on the reference)"
         + (f"; first mismatch at step {agreement.first_mismatch}" if agreement.first_mismatch is not None else "")
+        + served
     )
     tokens = verdict([Check("token_agreement", agreement.value, tol.tokens, at_least=True, detail=detail, origin=tol.origin)], ctx.overrides)
     tokens.details = {
@@ -113,6 +128,7 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
         "decisive": agreement.decisive,
         "ambiguous": agreement.ambiguous,
         "first_mismatch": agreement.first_mismatch,
+        "reference_served": by_reference,
     }
     return [Outcome("/drift", drift), Outcome("/tokens", tokens)]
 
