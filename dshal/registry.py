@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
 from typing import Any, get_args
@@ -475,6 +475,13 @@ def check_capabilities(plugin: str, caps: object, ops: Iterable[str]) -> None:
             problems.append(f"op_paths names {op!r}, which ops() does not provide")
         elif not set(paths) <= set(WEIGHT_FORMATS):
             problems.append(f"op_paths[{op!r}] has formats {sorted(paths)}, expected some of {', '.join(WEIGHT_FORMATS)}")
+    notes = caps.notes
+    if not isinstance(notes, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in notes.items()):
+        shown = {k: type(v).__name__ for k, v in notes.items()} if isinstance(notes, Mapping) else type(notes).__name__
+        problems.append(f"notes is {shown}, expected a mapping of str to str (reports and dshal info print them)")
+    for name in ("device_name", "arch", "dist_backend"):
+        if not isinstance(getattr(caps, name), str):
+            problems.append(f"{name} is {getattr(caps, name)!r}, expected a str")
     if problems:
         raise PluginLoadError(f"plugin {plugin!r}: capabilities() " + "; ".join(problems))
 

@@ -161,6 +161,8 @@ def test_info_survives_plugins_with_bad_capabilities_and_prints(install_plugin):
     assert "fp8_formats is 'e4m3fn', expected a tuple of e4m3fn, e4m3fnuz, e5m2" in claims
     assert "op_kinds names 'attention', which ops() does not provide" in claims
     assert "op_kinds['rms_norm'] is 'fast', expected one of native, triton, emulated, reference" in claims
+    assert "notes is {'driver': 'int', 'runtime': 'str'}, expected a mapping of str to str" in claims
+    assert "arch is None, expected a str" in claims
     assert not any(infos[n]["loaded"] for n in ("capsdict", "capsnone", "capsclaims"))
     assert infos["availbool"]["reason"] == "availability() must return dshal.Availability, got bool"  # not "raised"
     table = run("info", extra_env=path)

@@ -67,12 +67,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ArgumentError(f"--timeout: got {args.timeout!r}, expected a positive finite number of seconds")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops is not None else None
-    known = runner.capability_cases() + all_cases(args.tier)
-    if ops is not None:
-        names = sorted({c.op for c in known})
-        unknown = [o for o in ops if o not in names]
-        if unknown or not ops:
-            raise ArgumentError(f"--ops: got {args.ops!r}, expected comma-separated op names from: {', '.join(names)}")
+    runner.check_selection(args.tier, ops, args.case, collectives=not args.no_collectives)
     options = runner.Options(
         tier=args.tier,
         ops=ops,
@@ -82,13 +77,7 @@ def _main(args: argparse.Namespace) -> int:
         collectives=not args.no_collectives,
         progress=not args.quiet and sys.stderr.isatty(),
     )
-    selected = runner.select(known, options)
-    if not selected:
-        chosen = ", ".join(f"{flag} {value}" for flag, value in (("--ops", args.ops), ("--case", args.case)) if value)
-        raise ArgumentError(
-            f"{chosen or 'the options'} select no case of tier {args.tier!r}; nothing to check is not a pass "
-            "(see --list for the case ids)"
-        )
+    selected = runner.select(runner.capability_cases() + all_cases(args.tier), options)
     if args.list:
         for case in selected:
             print("\n".join(case.result_ids()))
@@ -110,8 +99,15 @@ def _main(args: argparse.Namespace) -> int:
     if args.bundle:
         archive = report.write_bundle(result, runner.environment(target), [json_path, junit_path], Path(args.bundle))
         console.print(f"bundle: {args.bundle} ({archive})")
+    if target.load_failed:  # a broken plugin is a failing leg, whatever --allow-unavailable says
+        console.print(f"[red]{args.backend}: the plugin failed to load[/]; --allow-unavailable covers a missing "
+                      "device or plugin, not a broken one", highlight=False, soft_wrap=True)
+        return 1
     if target.not_run:
         return 0 if args.allow_unavailable else 1
+    if report.all_skipped(result):
+        console.print("[red]every selected case was skipped[/]: nothing was checked, and nothing to check is not a pass",
+                      highlight=False, soft_wrap=True)
     return 0 if report.ok(result) else 1
 
 

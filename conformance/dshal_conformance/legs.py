@@ -271,9 +271,14 @@ def _note_text(report: dict[str, Any], note: LegNote) -> str:
     return " — ".join(parts)
 
 
+def md_cell(text: Any) -> str:
+    """``text`` as one Markdown table cell: a ``|`` or a line break would end the cell or the row."""
+    return " ".join(str(text).replace("|", "/").split("\n"))
+
+
 def markdown(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
     """The legs table and the three family tables, as Markdown."""
-    esc = lambda s: str(s).replace("|", "/").replace("\n", " ")  # noqa: E731
+    esc = md_cell
     lines = ["", "## Legs", "", "| " + " | ".join(LEG_HEADERS) + " |", "|" + "---|" * len(LEG_HEADERS)]
     for rep, note in zip(reports, notes):
         stale = " `STALE`" if note.stale else ""

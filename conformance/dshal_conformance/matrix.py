@@ -38,6 +38,7 @@ from dshal_conformance.legs import (
     html_tables as legs_html,
     leg_key,
     markdown as legs_markdown,
+    md_cell,
     parse_age,
     prepare as prepare_legs,
 )
@@ -180,7 +181,7 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
                 changes: Comparison | None = None) -> str:
     reports, notes = prepare_legs(reports, stale_after)
     columns, rows, cells = build(reports, by_dtype)
-    head = ["op", "dtype"] + [f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`".replace("|", "/") + (" `STALE`" if n.stale else "") for c, n in zip(columns, notes)]
+    head = ["op", "dtype"] + [md_cell(f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`") + (" `STALE`" if n.stale else "") for c, n in zip(columns, notes)]
     lines = [
         "# dshal hardware matrix",
         "",
@@ -195,19 +196,19 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
         out = [op, dtype or "-"]
         for c in columns:
             if c.kind == "not-run":
-                out.append(f"⏸ not run: {c.reason}".replace("|", "/"))
+                out.append(md_cell(f"⏸ not run: {c.reason}"))
                 continue
             cell = cells.get((c.key, op, dtype))
             if cell is None:
                 out.append("")
                 continue
             worst = cell.worst_text()
-            out.append(f"{mark[cell.status]} {cell.text()}" + (f"<br>worst: {worst}" if worst else "") + f" `{KIND_LABEL[c.kind]}`"
+            out.append(md_cell(f"{mark[cell.status]} {cell.text()}") + (f"<br>worst: {md_cell(worst)}" if worst else "") + f" `{KIND_LABEL[c.kind]}`"
                        + (" `STALE`" if notes[columns.index(c)].stale else ""))
         lines.append("| " + " | ".join(out) + " |")
     lines += ["", "## Reports", ""]
     for c, rep in zip(columns, reports):
-        note = f" — not run: {c.reason}" if c.kind == "not-run" else ""
+        note = f" — not run: {md_cell(c.reason)}" if c.kind == "not-run" else ""
         lines.append(f"- **{c.label}** {report_line(c, rep, str)}{note}")
     return "\n".join(lines) + "\n" + (changes_markdown(changes) if changes else "") + legs_markdown(reports, notes)
 

@@ -2,9 +2,13 @@
 
     pytest --pyargs dshal_conformance --dshal-backend NAME [--dshal-tier full]
            [--dshal-ops a,b] [--dshal-case ID] [--dshal-waivers F] [--dshal-report-dir DIR]
+           [--dshal-allow-unavailable]
 
 One test per result id (``test_conformance[rms_norm/bf16/T4xH256]``): pass -> passed,
 fail/error -> failed with the case's reason, skip/unsupported -> skipped with the reason.
+As with ``dshal conformance``: an unknown op or a selection of no case is a usage error, and
+a backend that cannot run here is one failed test (``not-run``, with the reason) unless
+``--dshal-allow-unavailable`` makes it a skip; a plugin that fails to load always fails.
 With ``--dshal-report-dir`` the JSON report and JUnit XML are written at the end, exactly
 as ``dshal conformance`` writes them. Without ``--dshal-backend`` the suite's tests are
 skipped, so installing this package never changes another project's test run.
@@ -29,6 +33,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dshal-seed", type=int, default=None, help="run seed")
     group.addoption("--dshal-emulate", action="store_true", default=None, help="emulate mode (as DSHAL_EMULATE=1)")
     group.addoption("--dshal-report-dir", metavar="DIR", help="write NAME.json and NAME.junit.xml here at the end")
+    group.addoption("--dshal-allow-unavailable", action="store_true",
+                    help="skip (not fail) when the backend cannot run here (no device, plugin missing); a plugin "
+                         "that fails to load still fails")
+
+
+def _ops(config: pytest.Config) -> list[str] | None:
+    ops = config.getoption("--dshal-ops")
+    return [o.strip() for o in ops.split(",") if o.strip()] if ops is not None else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A selection of nothing is a usage error before collection: nothing to check is not a pass."""
+    if not config.getoption("--dshal-backend", None):
+        return
+    from dshal.errors import ArgumentError  # lazy: start-up time of every pytest run (a pytest11 plugin)
+    from dshal_conformance import runner
+
+    try:
+        runner.check_selection(config.getoption("--dshal-tier"), _ops(config), config.getoption("--dshal-case"),
+                               ops_flag="--dshal-ops", case_flag="--dshal-case")
+    except ArgumentError as err:
+        raise pytest.UsageError(str(err)) from None
 
 
 def _session(config: pytest.Config) -> Any:
@@ -42,13 +68,12 @@ def _session(config: pytest.Config) -> Any:
         from dshal_conformance import runner, waivers  # lazy: start-up time of every pytest run (a pytest11 plugin)
 
         name = config.getoption("--dshal-backend")
-        ops = config.getoption("--dshal-ops")
         seed = config.getoption("--dshal-seed")
         tier = config.getoption("--dshal-tier")
         options = runner.Options(
             tier=tier,
             case_timeout_s=runner.default_timeout(tier),
-            ops=[o.strip() for o in ops.split(",")] if ops else None,
+            ops=_ops(config),
             cases=config.getoption("--dshal-case"),
             seed=runner.DEFAULT_SEED if seed is None else seed,
             progress=False,
@@ -66,6 +91,8 @@ def _session(config: pytest.Config) -> Any:
 
 
 _SESSION = pytest.StashKey[Any]()
+#: The one result id of a backend that did not run.
+NOT_RUN = "not-run"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -76,9 +103,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         reason = "pass --dshal-backend NAME to run the dshal conformance suite"
         metafunc.parametrize("dshal_result_id", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["not-selected"])
         return
-    if session.target.runtime is None:
-        reason = f"backend {session.target.name!r} not run: {session.target.not_run}"
-        metafunc.parametrize("dshal_result_id", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["not-run"])
+    target = session.target
+    if target.runtime is None:
+        reason = f"backend {target.name!r} not run: {target.not_run}"
+        if metafunc.config.getoption("--dshal-allow-unavailable") and not target.load_failed:
+            metafunc.parametrize("dshal_result_id", [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ids=["not-run"])
+        else:  # as `dshal conformance`: not run is a failure unless allowed, a broken plugin always
+            session.done[NOT_RUN] = {"id": NOT_RUN, "status": "error", "reason": reason}
+            metafunc.parametrize("dshal_result_id", [NOT_RUN], ids=[NOT_RUN])
         return
     ids = [rid for case in session.cases for rid in case.result_ids()]
     metafunc.parametrize("dshal_result_id", ids, ids=ids)

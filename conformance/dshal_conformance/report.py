@@ -86,9 +86,16 @@ def build(
 
 
 def ok(report: dict[str, Any]) -> bool:
-    """True when nothing failed or errored (skips and unsupported ops do not fail a run)."""
+    """True when nothing failed or errored (skips and unsupported ops do not fail a run), and
+    something was checked: a run whose every case was skipped (waived, or too few devices)
+    checked nothing, and nothing to check is not a pass."""
     s = report["summary"]
-    return s["failed"] == 0 and s["errors"] == 0
+    return s["failed"] == 0 and s["errors"] == 0 and not all_skipped(report)
+
+
+def all_skipped(report: dict[str, Any]) -> bool:
+    """Cases ran (or were selected) and every one of them was skipped."""
+    return bool(report["cases"]) and all(c["status"] == "skip" for c in report["cases"])
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:

@@ -22,7 +22,7 @@ import torch
 
 import dshal
 from dshal.config import load_config
-from dshal.errors import BackendUnavailableError, PluginLoadError
+from dshal.errors import ArgumentError, BackendUnavailableError, PluginLoadError
 from dshal.ops.catalogue import SPECS
 from dshal.registry import REGISTRY
 from dshal.runtime import build_runtime, reset
@@ -66,6 +66,8 @@ class Target:
     runtime: Any | None  # dshal.Runtime when available
     plugin_version: str | None
     not_run: str | None = None  # why it could not run (unavailable, not installed)
+    #: The plugin is installed but failed to load (a crash, not an absence): never an allowed "not run".
+    load_failed: bool = False
 
     @property
     def emulated(self) -> bool:
@@ -82,14 +84,33 @@ def resolve(name: str, emulate: bool | None = None, determinism: str | None = No
         overrides["determinism"] = determinism
     config = load_config({}, overrides_source="--backend", **overrides)
     try:  # this plugin only: probing the others could wait on a hung one (DSHAL_PLUGIN_TIMEOUT_S)
-        version = REGISTRY.get(name, emulate=config.emulate).version
-    except PluginLoadError:
-        version = None
+        info = REGISTRY.get(name, emulate=config.emulate)
+    except PluginLoadError:  # not installed (or left out by DSHAL_PLUGINS): a leg without its plugin
+        info = None
+    version = info.version if info is not None else None
     try:
         rt = build_runtime(config)
     except (BackendUnavailableError, PluginLoadError) as err:
-        return Target(name, config.emulate, None, version, not_run=str(err))
+        return Target(name, config.emulate, None, version, not_run=str(err), load_failed=info is not None and not info.loaded)
     return Target(name, config.emulate, rt, version)
+
+
+def check_selection(tier: str, ops: Sequence[str] | None, cases: Sequence[str] | None, collectives: bool = True,
+                    ops_flag: str = "--ops", case_flag: str = "--case") -> None:
+    """ArgumentError for an unknown op name, or a selection of no case in ``tier``: nothing
+    to check is not a pass. The flags name the options in messages (the CLI's or pytest's)."""
+    known = capability_cases() + all_cases(tier)
+    if ops is not None:
+        names = sorted({c.op for c in known})
+        unknown = [o for o in ops if o not in names]
+        if unknown or not ops:
+            raise ArgumentError(f"{ops_flag}: got {','.join(ops)!r}, expected comma-separated op names from: {', '.join(names)}")
+    if not select(known, Options(tier=tier, ops=ops, cases=cases, collectives=collectives)):
+        chosen = ", ".join(f"{flag} {value}" for flag, value in ((ops_flag, ",".join(ops or ())), (case_flag, cases)) if value)
+        raise ArgumentError(
+            f"{chosen or 'the options'} select no case of tier {tier!r}; nothing to check is not a pass "
+            "(see --list for the case ids)"
+        )
 
 
 def select(cases: Iterable[Case], options: Options) -> list[Case]:
@@ -247,8 +268,9 @@ class Session:
         """Run the collective cases of one world size in one group of rank processes."""
         out: list[dict[str, Any]] = []
         runnable = []
+        waivers = {case.id: for_case(self.options.waivers, case.result_ids()) for case in group}
         for case in group:
-            skip = [w for w in for_case(self.options.waivers, case.result_ids()) if w.skip]
+            skip = [w for w in waivers[case.id] if w.skip]
             if skip:
                 _note(skip, case)
                 out.append(_record(case, "", Verdict("skip", None, None, None, f"waived: {skip[0].reason}"), self.options.seed, 0.0, skip))
@@ -258,12 +280,15 @@ class Session:
         t_group = time.perf_counter()
 
         def on_done(case: Case, v: Verdict) -> None:
-            out.append(_record(case, "", v, self.options.seed, time.perf_counter() - t_group, []))
+            used = [w for w in waivers[case.id] if set(w.thresholds) & set(v.waived)]
+            _note(used, case)
+            out.append(_record(case, "", v, self.options.seed, time.perf_counter() - t_group, used))
             on_record(out[-1])
 
         if runnable:
             timeout = self.options.case_timeout_s + 30 * world
-            run_group(self.target.name, self.target.emulate, world, runnable, timeout, on_done)
+            limits = {case.id: {k: v for w in waivers[case.id] for k, v in w.thresholds.items()} for case in runnable}
+            run_group(self.target.name, self.target.emulate, world, runnable, timeout, on_done, limits=limits)
         self.records += out
         return out
 
@@ -301,12 +326,18 @@ def _note(waivers: list[Waiver], case: Case) -> None:
 
 
 def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: Options) -> list[dict[str, Any]]:
-    waivers = for_case(options.waivers, case.result_ids())
+    # Per result id: a waiver of ``case/vs-prequant`` leaves ``case/vs-dequant`` judged as it is.
+    waivers = {s: for_case(options.waivers, [case.id + s]) for s in case.suffixes}
+    skips = {s: [w for w in ws if w.skip] for s, ws in waivers.items()}
     seed = case_seed(options.seed, case.id)
-    skip = [w for w in waivers if w.skip]
-    if skip:
-        _note(skip, case)
-        return [_record(case, s, Verdict("skip", None, None, None, f"waived: {skip[0].reason}"), seed, 0.0, skip) for s in case.suffixes]
+
+    def skipped(suffix: str) -> dict[str, Any]:
+        _note(skips[suffix], case)
+        reason = f"waived: {skips[suffix][0].reason}"
+        return _record(case, suffix, Verdict("skip", None, None, None, reason), seed, 0.0, skips[suffix])
+
+    if all(skips.values()):
+        return [skipped(s) for s in case.suffixes]
     ctx = Context(
         table=rt.table,
         provided=provided,
@@ -318,8 +349,8 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
         served={case.op: rt.provider_entry(case.op)} if case.kind == "capability" and case.op in provided else None,
         emulated=rt.emulated,
     )
-    for w in waivers:
-        ctx.overrides.update(w.thresholds)
+    for suffix, ws in waivers.items():
+        ctx.waived[suffix] = {k: v for w in ws for k, v in w.thresholds.items()}
     t0 = time.perf_counter()
     body = case.body
     if body is None:
@@ -334,7 +365,10 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
     duration = time.perf_counter() - t0
     records = []
     for o in outcomes:  # a waiver is used where the judge applied one of its thresholds
-        used = [w for w in waivers if set(w.thresholds) & set(o.verdict.waived)]
+        if skips.get(o.suffix):
+            records.append(skipped(o.suffix))
+            continue
+        used = [w for w in waivers.get(o.suffix, []) if set(w.thresholds) & set(o.verdict.waived)]
         _note(used, case)
         records.append(_record(case, o.suffix, o.verdict, seed, duration, used))
     return records

@@ -88,6 +88,13 @@ def fragile_backend_installed(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def broken_plugin_path(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Paths that make ``tests/fixtures/core_plugins/fails_on_import.py`` (its import raises)
+    an installed plugin named ``broken``: a plugin bug, not an absent plugin."""
+    return [_dist_info(tmp_path_factory, "broken", "fails_on_import:Backend"), str(CORE_PLUGIN_FIXTURES)]
+
+
+@pytest.fixture(scope="session")
 def no_fp8_storage_installed(tmp_path_factory: pytest.TempPathFactory):
     """``with no_fp8_storage_installed(): ...``: the core tests' fixture backend
     ``tests/fixtures/core_plugins/no_fp8_storage.py`` (the cpu backend's ops, declaring

@@ -54,6 +54,46 @@ def test_pytest_plugin_runs_the_suite_in_a_vendor_repo(tmp_path: Path, wrong_bac
     assert unselected.returncode == 0 and "1 skipped" in unselected.stdout
 
 
+def test_pytest_plugin_checks_nothing_only_when_told(tmp_path: Path, broken_plugin_path: list[str]) -> None:
+    """As `dshal conformance`: a backend that cannot run fails unless allowed, a broken plugin
+    fails even then, and a selection of nothing is a usage error (all of them passed with
+    "1 skipped" before)."""
+    typo = _pytest(["--dshal-backend", "nvdia"], tmp_path)
+    assert typo.returncode == 1 and "not-run" in typo.stdout and "'nvdia' is not installed" in typo.stdout
+    allowed = _pytest(["--dshal-backend", "nvdia", "--dshal-allow-unavailable"], tmp_path)
+    assert allowed.returncode == 0 and "1 skipped" in allowed.stdout
+    broken = _pytest(["--dshal-backend", "broken", "--dshal-allow-unavailable"], tmp_path, broken_plugin_path)
+    assert broken.returncode == 1 and "failed to load" in broken.stdout
+    for args, said in ((["--dshal-case", "rms_nrom/*"], "--dshal-case ['rms_nrom/*'] select no case"),
+                       (["--dshal-ops", "rms_norm,bogus"], "--dshal-ops: got 'rms_norm,bogus'")):
+        run = _pytest(["--dshal-backend", "cpu", *args], tmp_path)
+        assert run.returncode == 4 and said in run.stderr, (run.stdout[-500:], run.stderr[-500:])
+
+
+def test_a_broken_plugin_fails_its_leg_even_with_allow_unavailable(tmp_path: Path, broken_plugin_path: list[str], capsys) -> None:
+    import sys as _sys
+
+    from dshal.registry import REGISTRY
+
+    _sys.path[:0] = broken_plugin_path
+    REGISTRY.refresh()
+    try:
+        code = cli.main(["conformance", "--backend", "broken", "--allow-unavailable", "--ops", "rms_norm",
+                         "--report-dir", str(tmp_path), "--quiet"])
+    finally:
+        for p in broken_plugin_path:
+            _sys.path.remove(p)
+        REGISTRY.refresh()
+    assert code == 1  # was 0: a load crash passed as "not run"
+    err = capsys.readouterr().err
+    assert "failed to load" in err and "not a broken one" in err
+    rep = json.loads((tmp_path / "broken.json").read_text())
+    assert "failed to load" in rep["platform"]["not_run"]
+    # A missing plugin is still an allowed "not run" leg.
+    assert cli.main(["conformance", "--backend", "notinstalled", "--allow-unavailable", "--ops", "rms_norm",
+                     "--report-dir", str(tmp_path), "--quiet"]) == 0
+
+
 def test_a_hanging_case_is_an_error_not_a_hang() -> None:
     import threading
 
@@ -62,3 +102,12 @@ def test_a_hanging_case_is_an_error_not_a_hang() -> None:
     outcomes = with_timeout(lambda: release.wait(30) and [], 0.2, ("",))
     release.set()
     assert outcomes[0].verdict.status == "error" and "timed out after 0.2 s" in outcomes[0].verdict.reason
+
+
+def test_a_run_whose_every_case_was_waived_away_is_not_a_pass(tmp_path: Path, capsys) -> None:
+    waivers = tmp_path / "w.yaml"
+    waivers.write_text("waivers:\n  - match: '*'\n    skip: true\n    reason: everything waived\n")
+    args = ["conformance", "--backend", "cpu", "--case", "rms_norm/f32/nan_inf", "--report-dir", str(tmp_path), "--quiet"]
+    assert cli.main([*args, "--waivers", str(waivers)]) == 1  # was 0: "passed 0 ... skipped 1"
+    assert "nothing was checked" in capsys.readouterr().err
+    assert cli.main(args) == 0

@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from dshal import cli
+from dshal_conformance import runner
 
 
 class Cells(HTMLParser):
@@ -118,3 +119,16 @@ def test_matrix_command_runs_without_importing_torch(cpu_report: dict, tmp_path:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "0 False"
     assert "| rms_norm |" in (tmp_path / "m.md").read_text()
+
+
+def test_a_multiline_not_run_reason_stays_in_its_cell() -> None:
+    from dshal_conformance.matrix import to_markdown
+
+    rep = runner.run(runner.resolve("notinstalled"), runner.Options(progress=False))
+    rep["platform"]["not_run"] = "no device\nsecond line | with a bar"
+    md = to_markdown([rep])
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert "second line / with a bar" in md
+    # Every table row is whole: no line of a table starts or ends inside a cell.
+    assert all(line.rstrip().endswith("|") for line in rows), rows
+    assert not any(line.startswith("second line") for line in md.splitlines())

@@ -132,3 +132,42 @@ def test_a_waiver_threshold_must_be_a_finite_number_at_least_zero(tmp_path, limi
     path.write_text(f"waivers:\n  - match: 'rms_norm/*'\n    reason: measured\n    thresholds: {{max_err_ratio: {limit}}}\n")
     with pytest.raises(ConfigError, match=r"waivers\[0\]\.thresholds: .* expected metric -> a finite number >= 0"):
         waivers.load(path)
+
+
+def test_a_waiver_of_one_result_leaves_its_sibling_judged(wrong_backend_installed, tmp_path) -> None:  # noqa: ANN001
+    """A waiver naming ``.../vs-prequant`` skipped (or loosened) ``.../vs-dequant`` too: the
+    case's waivers were gathered over all its result ids and applied to every result."""
+    case = "fp8_gemm/block/bf16/M128xN256xK256"
+    path = tmp_path / "conformance-waivers.yaml"
+    path.write_text(
+        "waivers:\n"
+        f"  - match: '{case}/vs-prequant'\n"
+        "    skip: true\n"
+        "    reason: prequant path lands later\n"
+        f"  - match: '{case}/vs-prequant'\n"
+        "    thresholds: {similarity_vs_dequant: 0.5}\n"
+        "    reason: names the sibling's metric\n"
+    )
+    options = runner.Options(cases=[f"{case}/*"], progress=False, waivers=waivers.load(path))
+    with wrong_backend_installed():
+        rep = runner.run(runner.resolve("wrong"), options)
+    cases = _by_id(rep)
+    assert cases[f"{case}/vs-prequant"]["status"] == "skip"
+    dequant = cases[f"{case}/vs-dequant"]
+    assert dequant["status"] == "fail" and not dequant.get("waivers"), dequant  # the scales bug still shows
+    assert {w["reason"]: w["cases"] for w in rep["waivers"]} == {"prequant path lands later": [case], "names the sibling's metric": []}
+
+
+def test_collective_threshold_waivers_rejudge_the_ranks() -> None:
+    """``seconds_to_error`` / ``collective_ulp`` waivers were accepted and never applied."""
+    from dshal_conformance.collectives import DEAD_PEER, _merge
+
+    slow = {r: {DEAD_PEER: ("fail", 40.0, "CommError after 40.00 s")} for r in range(2)}
+    assert _merge(DEAD_PEER, 3, slow, 60.0, {}).status == "fail"
+    waived = _merge(DEAD_PEER, 3, slow, 60.0, {}, {"seconds_to_error": 45.0})
+    assert waived.status == "pass" and waived.threshold == 45.0 and waived.waived == ("seconds_to_error",)
+    assert _merge(DEAD_PEER, 3, slow, 60.0, {}, {"seconds_to_error": 30.0}).status == "fail"
+    off = {r: {"all_reduce-sum": ("fail", 1.0, "1 of 8 elements differ")} for r in range(2)}
+    assert _merge("all_reduce-sum", 2, off, 60.0, {}, {"collective_ulp": 1.0}).status == "pass"
+    wrong_type = {r: {DEAD_PEER: ("fail", None, "raised RuntimeError instead of CommError")} for r in range(2)}
+    assert _merge(DEAD_PEER, 3, wrong_type, 60.0, {}, {"seconds_to_error": 1e9}).status == "fail"  # no metric to loosen

@@ -78,8 +78,13 @@ class Context:
         self.served = dict(served or {})
         #: The backend runs its device code on CPU tensors (``Runtime.emulated``).
         self.emulated = emulated
-        #: metric -> loosened threshold, from the waivers that match this case.
-        self.overrides: dict[str, float] = {}
+        #: result suffix -> (metric -> loosened threshold), from the waivers that match that
+        #: result id: a waiver of one result leaves its siblings alone.
+        self.waived: dict[str, dict[str, float]] = {}
+
+    def overrides(self, suffix: str) -> dict[str, float]:
+        """The loosened thresholds of the result ``case id + suffix``."""
+        return self.waived.get(suffix, {})
 
     # ---------------------------------------------------------------- calls
     def place(self, value: Any, noncontiguous: bool = False) -> Any:
@@ -212,7 +217,7 @@ def run_accuracy(
     judged = judge(ctx, params, out, ref, inputs)
     if isinstance(judged, list):
         judged = {"": judged}
-    return [Outcome(s, verdict(judged[s], ctx.overrides)) for s in suffixes]
+    return [Outcome(s, verdict(judged[s], ctx.overrides(s))) for s in suffixes]
 
 
 def accuracy_cases(

@@ -112,7 +112,7 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
         Check("logit_rel_drift", logit_drift, tol.drift, detail=f"logits against the float64 reference model; {where}{routing}{served}", origin=tol.origin),
         Check("max_layer_rel_drift", max(drifts.values(), default=0.0), tol.drift, detail=f"per layer: {per_layer}", origin=tol.origin),
     ]
-    drift = verdict(drift_checks, ctx.overrides)
+    drift = verdict(drift_checks, ctx.overrides("/drift"))
     drift.details = details
     agreement = mc.token_agreement(out.logits, ref.logits, prompt.shape[1], mc.ambiguity_basis(logit_drift, tol.drift))
     detail = (
@@ -121,7 +121,7 @@ def run_mode(ctx: Context, mode: str, size: str) -> list[Outcome]:
         + (f"; first mismatch at step {agreement.first_mismatch}" if agreement.first_mismatch is not None else "")
         + served
     )
-    tokens = verdict([Check("token_agreement", agreement.value, tol.tokens, at_least=True, detail=detail, origin=tol.origin)], ctx.overrides)
+    tokens = verdict([Check("token_agreement", agreement.value, tol.tokens, at_least=True, detail=detail, origin=tol.origin)], ctx.overrides("/tokens"))
     tokens.details = {
         "steps": steps,
         "agreed": agreement.agreed,
