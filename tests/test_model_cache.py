@@ -258,7 +258,9 @@ def test_model_generate_default_prefill_chunk_is_the_one_dshal_plan_plans():
     from dshal.model.generate import DEFAULT_PREFILL_CHUNK
     from dshal.plan.plan import PlanRequest
 
-    assert PlanRequest(config="config.json").prefill_chunk == DEFAULT_PREFILL_CHUNK == 2048
+    from dshal.plan.plan import default_config, with_defaults
+
+    assert with_defaults(PlanRequest(config=default_config())).prefill_chunk == DEFAULT_PREFILL_CHUNK == 2048
 
 
 def test_model_generate_contract():

@@ -155,6 +155,43 @@ def test_parallel_shard_view_experts_renumbered() -> None:
         assert view.shape(f"{prefix}.1.down_proj.weight") == (dim, inter)
 
 
+def test_parallel_shard_view_refuses_a_tensor_its_slice_does_not_come_from() -> None:
+    """A slice fits many wrong tensors: TP=2 loaded a 4-head q_b_proj into a 2-head model
+    (config.json edited), a tensor with extra rows, a larger vocabulary, and an extra expert,
+    all of which one process refuses; a row short crashed inside torch at the first forward."""
+    from dshal.errors import CheckpointError
+    from dshal.parallel.transforms import _parallel_linear
+    from dshal.model.model import Linear
+
+    name = "model.layers.0.self_attn.kv_b_proj"
+    with torch.device("meta"):
+        full = Linear(64, 256, bias=False, dtype=torch.float32)
+    column = _parallel_linear(full, Shard(0, 0, 128), row=False)
+    assert column.shard.total == 256
+    good = DictReader({f"{name}.weight": torch.randn(256, 64)})
+    assert ShardView(good, _holder("layers.0.self_attn.kv_b_proj", column)).shape(f"{name}.weight") == (128, 64)
+    for rows in (512, 255, 300):
+        reader = DictReader({f"{name}.weight": torch.randn(rows, 64)})
+        with pytest.raises(CheckpointError, match=rf"has shape \[{rows}, 64\], expected \[256, 64\] \(the full tensor, whose rows \[0, 128\)"):
+            ShardView(reader, _holder("layers.0.self_attn.kv_b_proj", column))
+    q, scale = fp8_block_quantize(torch.randn(256, 64))
+    wrong_scale = DictReader({f"{name}.weight": q, f"{name}.weight_scale_inv": torch.ones(3, 1)})
+    with pytest.raises(CheckpointError, match=r"weight_scale_inv' has shape \[3, 1\], expected \[2, 1\]"):
+        ShardView(wrong_scale, _holder("layers.0.self_attn.kv_b_proj", column))
+    assert ShardView(DictReader({f"{name}.weight": q, f"{name}.weight_scale_inv": scale}),
+                     _holder("layers.0.self_attn.kv_b_proj", column)).shape(f"{name}.weight_scale_inv") == (1, 1)
+
+    prefix, n, inter, dim = "model.layers.1.mlp.experts", 4, 3, 5
+    experts = ShardedExperts(n, [2, 3], dim, inter, torch.float32)
+    tensors = {f"{prefix}.{e}.{p}.weight": torch.ones(1) for e in range(n + 1) for p in ("gate_proj", "up_proj", "down_proj")}
+    view = ShardView(DictReader(tensors), _holder("layers.1.mlp.experts", experts))
+    assert f"{prefix}.4.up_proj.weight" in view.names()  # visible: the loader calls it unexpected
+    assert f"{prefix}.1.up_proj.weight" in view.names() and f"{prefix}.0.gate_proj.weight" in view.names()
+    fused = {f"{prefix}.gate_up_proj": torch.ones(n + 1, 2 * inter, dim), f"{prefix}.down_proj": torch.ones(n + 1, dim, inter)}
+    with pytest.raises(CheckpointError, match=r"gate_up_proj' has shape \[5, 6, 5\], expected 4 experts in dim 0"):
+        ShardView(DictReader(fused), _holder("layers.1.mlp.experts", experts))
+
+
 def test_transforms_record_the_split_in_the_models_declared_parallel_state(clean_dshal_env):
     """tensor_parallel / expert_parallel write the model's ParallelState (a declared field),
     not attributes the model never declared; a second tensor_parallel is refused."""

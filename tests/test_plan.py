@@ -375,3 +375,20 @@ def test_a_context_of_max_position_embeddings_plans(tmp_path: Path) -> None:
     plan = make_plan(PlanRequest(config=config, tp=2, batch=2, context=256, prefill_chunk=255))
     kv = plan["ranks"][0]["kv_cache"]
     assert kv["context"] == 256 and kv["bytes"] == kv["bytes_per_token"] * 2 * 256
+
+
+def test_plan_defaults_follow_the_checkpoint(tmp_path: Path) -> None:
+    """A bf16 model with a short context: the defaults plan it as `dshal run` would run it.
+    They were fp8-block (weights planned as FP8 while run keeps them high) and a context of
+    4096 the model refuses (`--context is 4096`, with no --context given)."""
+    config = _config(tmp_path, max_position_embeddings=512, num_hidden_layers=4)
+    data = json.loads(config.read_text())
+    data.pop("quantization_config", None)
+    config.write_text(json.dumps(data))
+    plan = make_plan(PlanRequest(config=config))
+    assert plan["precision"] == "auto" and plan["precision_mode"] == "high"
+    assert plan["ranks"][0]["kv_cache"]["context"] == 512
+    assert "precision: high (auto: the checkpoint's own)" in format_plan(plan)
+    v3 = make_plan(PlanRequest(config=_config(tmp_path, num_hidden_layers=4), context=64))
+    assert v3["precision_mode"] == "fp8-block"
+    assert make_plan(PlanRequest(config=config, precision="fp8-block", context=64))["precision_mode"] == "fp8-block"

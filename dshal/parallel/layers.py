@@ -31,6 +31,9 @@ class Shard:
     start: int
     stop: int
     parts: int = 1
+    #: The full weight's extent along ``dim``, per part (None: not recorded). The sliced
+    #: loader checks a checkpoint tensor against it: a slice alone fits many wrong tensors.
+    total: int | None = None
 
     @property
     def size(self) -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import dshal
+from dshal.errors import CheckpointError
 from dshal.model.args import ModelArgs
 from dshal.model.loader import (
     CheckpointReader,
@@ -84,34 +85,59 @@ class ShardView:
                     bases = [f"{parent}.gate_proj", f"{parent}.up_proj"]
                     shard = replace(shard, parts=1)
                 for base in bases:
-                    self._weight(base, shard)
+                    self._weight(base, shard, tuple(module.weight.shape))
                     if isinstance(module, ColumnParallelLinear) and module.bias is not None:
-                        self._plain(f"{base}.bias", Shard(0, shard.start, shard.stop))
+                        self._plain(f"{base}.bias", Shard(0, shard.start, shard.stop, total=shard.total))
             elif isinstance(module, ShardedExperts):
-                self._experts(hf, module.held)
+                self._experts(hf, module.held, module.n_experts)
 
     # ------------------------------------------------------------ building the view
-    def _plain(self, name: str, shard: Shard) -> None:
+    def _check_full(self, name: str, shard: Shard, full: list[int] | None = None) -> None:
+        """CheckpointError unless ``name``'s extent along the shard's dim is the full size the
+        shard was cut from (``full``: the whole expected shape, where known): the loader sees
+        only the slice, which would fit a tensor of another size (another config.json)."""
+        found = list(self.reader.shape(name))
+        if shard.total is None or shard.dim >= len(found):
+            return
+        want = list(full) if full is not None else [*found[: shard.dim], shard.total, *found[shard.dim + 1:]]
+        if found[shard.dim] != shard.total or (full is not None and found != want):
+            axis = "rows" if shard.dim == 0 else "columns"
+            raise CheckpointError(
+                f"checkpoint {self.path}: tensor {name!r} has shape {found}, expected {want} "
+                f"(the full tensor, whose {axis} [{shard.start}, {shard.stop}) this tensor-parallel rank reads)"
+            )
+
+    def _plain(self, name: str, shard: Shard, full: list[int] | None = None) -> None:
         if name not in self.reader:
             return
+        self._check_full(name, shard, full)
         shape = list(self.reader.shape(name))
         index = _index(shard, len(shape))
         shape[shard.dim] = shard.stop - shard.start
         self._sources[name] = (tuple(shape), self.reader.dtype(name), lambda: self.reader.get_slice(name, index))
 
-    def _weight(self, base: str, shard: Shard) -> None:
+    def _weight(self, base: str, shard: Shard, local: tuple[int, ...]) -> None:
+        """``base.weight`` (and its FP8 scale) sliced by ``shard``; ``local``: this rank's
+        weight shape, which with the shard's full extent gives the checkpoint's shape."""
         name, scale_name = f"{base}.weight", f"{base}.weight_scale_inv"
-        if name not in self.reader:
+        full = list(local)
+        if shard.total is not None:
+            full[shard.dim] = shard.total
+        if name not in self.reader:  # the loader says it is missing, where it is not optional (a tied lm_head)
             return
         quantized = self.reader.dtype(name) in FP8_DTYPES.values() and scale_name in self.reader
         if not quantized:
-            self._plain(name, shard)
+            self._plain(name, shard, full)
             return
+        self._check_full(name, shard, full)
         block = self.block[shard.dim]
-        full = self.reader.shape(name)[shard.dim]
-        if shard.start % block == 0 and (shard.stop % block == 0 or shard.stop == full):
-            self._plain(name, shard)
-            self._plain(scale_name, Shard(shard.dim, shard.start // block, math.ceil(shard.stop / block)))
+        scale_shard = Shard(shard.dim, shard.start // block, math.ceil(shard.stop / block))
+        if shard.total is not None and len(full) == 2:  # the scale of the full weight: one per block
+            scale_shard = replace(scale_shard, total=math.ceil(shard.total / block))
+            self._check_full(scale_name, scale_shard, [math.ceil(n / b) for n, b in zip(full, self.block)])
+        if shard.start % block == 0 and (shard.stop % block == 0 or shard.stop == full[shard.dim]):
+            self._plain(name, shard, full)
+            self._plain(scale_name, scale_shard)
             return
         # the slice cuts FP8 blocks: this rank gets it dequantized (float32) and no scale
         self._hidden.add(scale_name)
@@ -130,11 +156,18 @@ class ShardView:
         dense = q * scale.repeat_interleave(bm, 0)[: q.shape[0]].repeat_interleave(bk, 1)[:, : q.shape[1]]
         return dense.narrow(shard.dim, shard.start - lo * block, shard.stop - shard.start)
 
-    def _experts(self, prefix: str, held: list[int]) -> None:
+    def _experts(self, prefix: str, held: list[int], n_experts: int) -> None:
         """Expert ``held[i]`` of the checkpoint appears as expert ``i`` (per-expert layout),
-        from either the per-expert or the fused (``gate_up_proj [E, 2I, D]``) layout."""
+        from either the per-expert or the fused (``gate_up_proj [E, 2I, D]``) layout. The
+        other ranks' experts are hidden; an expert past ``n_experts`` stays visible, so the
+        loader calls it unexpected, as in one process."""
         under = prefix + "."
-        self._hidden.update(n for n in self.reader.names() if n.startswith(under))
+
+        def ours(name: str) -> bool:
+            index = name[len(under):].split(".", 1)[0]
+            return not index.isdigit() or int(index) < n_experts
+
+        self._hidden.update(n for n in self.reader.names() if n.startswith(under) and ours(n))
         fused_up, fused_down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
         for local, expert in enumerate(held):
             for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -145,6 +178,12 @@ class ShardView:
                             tuple(self.reader.shape(source)), self.reader.dtype(source), lambda s=source: self._whole(s)
                         )
             if fused_up in self.reader and fused_down in self.reader:
+                for fused in (fused_up, fused_down):
+                    if self.reader.shape(fused)[0] != n_experts:
+                        raise CheckpointError(
+                            f"checkpoint {self.path}: tensor {fused!r} has shape {list(self.reader.shape(fused))}, "
+                            f"expected {n_experts} experts in dim 0 (n_routed_experts in config.json)"
+                        )
                 _, two_i, dim = self.reader.shape(fused_up)
                 inter = two_i // 2
                 dtype = self.reader.dtype(fused_up)

@@ -118,6 +118,7 @@ def _slice_scale(
 
 def _parallel_linear(old: Linear, shard: Shard, row: bool, group: Any = None, reduce: bool = True) -> Linear:
     """``old`` as a column- (``row=False``) or row-parallel linear holding ``shard``."""
+    shard = replace(shard, total=old.weight.shape[shard.dim] // shard.parts)
     in_f, out_f = (shard.size, old.out_features) if row else (old.in_features, shard.size)
     has_bias = old.bias is not None
     with torch.device("meta"):
@@ -237,7 +238,7 @@ def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
 
     vocab = a.vocab_size
     start, stop = split_range(vocab, n, r)
-    shard = Shard(0, start, stop)
+    shard = Shard(0, start, stop, total=vocab)
     padded = math.ceil(vocab / n)
     old_embed: Embedding = model.embed
     with torch.device("meta"):

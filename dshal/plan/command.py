@@ -36,13 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--precision",
-        default="fp8-block",
+        default="auto",
         metavar="MODE",
-        help="precision.gemm of the run: fp8-block (default, the checkpoint's own), fp8-row, fp8-tensor, bf16",
+        help="precision.gemm of the run: auto (default: the checkpoint's own format, FP8 blocks for DeepSeek-V3), "
+        "high, fp8-block, fp8-row, fp8-tensor, int8 (bf16: the older name of high)",
     )
     parser.add_argument("--batch", type=int, default=1, metavar="B", help="sequences (default 1)")
-    parser.add_argument("--context", type=int, default=4096, metavar="T", help="tokens per sequence, prompt and generated together, up to the model's max_position_embeddings; the "
-         "plan runs the prompt's last prefill chunk and the decode step at the last position (default 4096)")
+    parser.add_argument("--context", type=int, default=None, metavar="T", help="tokens per sequence, prompt and generated together, up to the model's max_position_embeddings; the "
+         "plan runs the prompt's last prefill chunk and the decode step at the last position (default 4096, or "
+         "max_position_embeddings where that is less)")
     parser.add_argument(
         "--prefill-chunk",
         type=int,
@@ -72,7 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dshal.model.generate import DEFAULT_PREFILL_CHUNK  # lazy: start-up time (dshal plan --help loads no torch)
     from dshal.plan.plan import (  # lazy: start-up time (dshal plan --help loads no torch)
         PlanError,
         PlanRequest,
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         precision=args.precision,
         batch=args.batch,
         context=args.context,
-        prefill_chunk=min(DEFAULT_PREFILL_CHUNK, args.context - 1) if args.prefill_chunk is None else args.prefill_chunk,
+        prefill_chunk=args.prefill_chunk,
         device_memory_gib=args.device_memory_gib,
         speculative=args.speculative,
     )

@@ -24,7 +24,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,11 @@ def default_config() -> Path:
     return Path(str(resources.files("dshal.plan") / "data" / "deepseek_v3_config.json"))
 
 
+#: Tokens per sequence planned when ``--context`` is not given (capped at the model's
+#: ``max_position_embeddings``).
+DEFAULT_CONTEXT = 4096
+
+
 @dataclass(frozen=True)
 class PlanRequest:
     """What ``dshal plan`` was asked (the command-line options)."""
@@ -77,10 +82,13 @@ class PlanRequest:
     ep: int = 1
     nodes: int | None = None
     gpus_per_node: int | None = None
-    precision: str = "fp8-block"
+    #: ``precision.gemm``: ``auto`` is the checkpoint's own format (FP8 blocks for DeepSeek-V3).
+    precision: str = "auto"
     batch: int = 1
-    context: int = 4096
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    #: None: ``min(DEFAULT_CONTEXT, max_position_embeddings)``.
+    context: int | None = None
+    #: None: ``min(DEFAULT_PREFILL_CHUNK, context - 1)``, the chunk ``model.generate`` uses.
+    prefill_chunk: int | None = None
     device_memory_gib: float | None = None
     #: "mtp": ``dshal run --speculative mtp``, the checkpoint's MTP layer loaded too.
     speculative: str | None = None
@@ -308,6 +316,25 @@ def _is_published_deepseek_v3(args: ModelArgs) -> bool:
     )
 
 
+def with_defaults(req: PlanRequest) -> PlanRequest:
+    """``req`` with its context (capped at the model's ``max_position_embeddings``) and
+    prefill chunk filled in where they were left to the defaults."""
+    context = req.context
+    if context is None:
+        context = min(DEFAULT_CONTEXT, ModelArgs.from_file(req.config).max_position_embeddings)
+    chunk = req.prefill_chunk
+    if chunk is None and isinstance(context, int):
+        chunk = max(1, min(DEFAULT_PREFILL_CHUNK, context - 1))
+    return replace(req, context=context, prefill_chunk=chunk)
+
+
+def resolved_precision(req: PlanRequest, args: ModelArgs) -> str:
+    """The gemm mode the plan holds weights in: ``auto`` is the checkpoint's own format."""
+    if req.precision != "auto":
+        return req.precision
+    return "fp8-block" if args.weight_block_size else "high"
+
+
 def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Everything ``dshal plan`` prints, as a JSON-friendly dict (raises PlanError for a
     layout that cannot work). ``on_stage(text)`` hears each long stage as it starts (loading
@@ -315,6 +342,8 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
     stage = on_stage or (lambda text: None)
     if isinstance(req.context, int) and not isinstance(req.context, bool) and req.context < 2:
         raise PlanError(f"dshal plan: --context is {req.context}, expected at least 2 (a prompt token, then the decode step)")
+    if req.context is None or req.prefill_chunk is None:
+        req = with_defaults(req)
     for name in ("tp", "ep", "batch", "context", "prefill_chunk"):
         value = getattr(req, name)
         if not isinstance(value, int) or value < 1:
@@ -455,6 +484,7 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
             "ep_groups": [list(g) for g in plan.ep_groups],
         },
         "precision": req.precision,
+        "precision_mode": resolved_precision(req, args),
         "ranks": ranks_out,
         "totals": {
             "params_once": cover.total_params,
@@ -518,7 +548,7 @@ def format_plan(p: dict[str, Any]) -> str:
         f"layout: TP={lay['tp']} x EP={lay['ep']} = {lay['world']} ranks{where}; routed experts spread over "
         f"{lay['expert_parallel_ranks']} ranks ({p['ranks'][0]['routed_experts_per_layer']} per rank and layer); "
         f"{lay['placement']}",
-        f"precision: {p['precision']}",
+        f"precision: {p['precision_mode']}" + (" (auto: the checkpoint's own)" if p["precision"] == "auto" else ""),
     ]
     for r in p["ranks"]:
         lines.append("")
