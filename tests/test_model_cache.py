@@ -256,9 +256,7 @@ def test_model_generate_prefills_a_long_prompt_in_chunks_with_the_same_result(mo
 
 def test_model_generate_default_prefill_chunk_is_the_one_dshal_plan_plans():
     from dshal.model.generate import DEFAULT_PREFILL_CHUNK
-    from dshal.plan.plan import PlanRequest
-
-    from dshal.plan.plan import default_config, with_defaults
+    from dshal.plan.plan import PlanRequest, default_config, with_defaults
 
     assert with_defaults(PlanRequest(config=default_config())).prefill_chunk == DEFAULT_PREFILL_CHUNK == 2048
 

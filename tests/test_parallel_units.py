@@ -160,8 +160,8 @@ def test_parallel_shard_view_refuses_a_tensor_its_slice_does_not_come_from() -> 
     (config.json edited), a tensor with extra rows, a larger vocabulary, and an extra expert,
     all of which one process refuses; a row short crashed inside torch at the first forward."""
     from dshal.errors import CheckpointError
-    from dshal.parallel.transforms import _parallel_linear
     from dshal.model.model import Linear
+    from dshal.parallel.transforms import _parallel_linear
 
     name = "model.layers.0.self_attn.kv_b_proj"
     with torch.device("meta"):
