@@ -49,13 +49,37 @@ class LegNote:
                 + ", ".join(self.dropped))
 
 
-def leg_key(report: dict[str, Any]) -> tuple[str, str, str, str, str]:
+def leg_key(report: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
     """What makes two reports the same leg (a rerun, merged keeping the newest): backend,
-    device, kind, arch and host. Legs that share a header but differ in arch or host stay
-    apart (the matrix tags their columns with their files)."""
+    device, kind, arch, host system and what the run checked (tier and selection: a partial
+    rerun never replaces a whole run). Legs that share a header but differ in arch or host
+    stay apart (the matrix tags their columns with their files)."""
     p = report["platform"]
     kind = "not-run" if "not_run" in p else ("emulated" if p.get("emulated") else "hardware")
-    return (report["backend"], p.get("device", ""), kind, str(p.get("arch") or ""), str(p.get("host") or ""))
+    return (report["backend"], p.get("device", ""), kind, str(p.get("arch") or ""), host_system(p.get("host")),
+            checked(report))
+
+
+def host_system(host: Any) -> str:
+    """``Linux x86_64`` of a report's ``platform.host`` (``Linux-6.8.0-1014-azure-x86_64-with-glibc2.39
+    x86_64``): the kernel release and libc change with every runner image, and a leg with them
+    in its key never met its baseline."""
+    text = str(host or "")
+    return f"{text.split('-', 1)[0]} {text.split()[-1]}" if text.split() else ""
+
+
+def checked(report: dict[str, Any]) -> str:
+    """What the run checked, as a label: the tier where not ci, and ``--ops`` / ``--case`` /
+    ``--no-collectives`` where given ('' for a whole ci run)."""
+    parts = [] if report.get("tier", "ci") == "ci" else [f"tier {report['tier']}"]
+    chosen = report.get("selection") or {}
+    if chosen.get("ops"):
+        parts.append("--ops " + ",".join(chosen["ops"]))
+    for case in chosen.get("cases") or ():
+        parts.append(f"--case {case}")
+    if chosen.get("collectives") is False:
+        parts.append("--no-collectives")
+    return " ".join(parts)
 
 
 def _started(report: dict[str, Any]) -> datetime:
@@ -173,8 +197,9 @@ def _versions(report: dict[str, Any]) -> str:
 
 def leg_label(report: dict[str, Any]) -> str:
     """``backend (kind) · device``: how the tables name a leg."""
-    backend, device, kind = leg_key(report)[:3]
-    return f"{backend} ({kind}) · {device}"
+    key = leg_key(report)
+    backend, device, kind, what = key[0], key[1], key[2], key[-1]
+    return f"{backend} ({kind}) · {device}" + (f" [{what}]" if what else "")
 
 
 # ------------------------------------------------------------------ family detail rows

@@ -35,6 +35,7 @@ from dshal_conformance.compare import (
 )
 from dshal_conformance.legs import (
     FAMILY_KINDS,
+    checked,
     html_tables as legs_html,
     leg_key,
     markdown as legs_markdown,
@@ -42,7 +43,7 @@ from dshal_conformance.legs import (
     parse_age,
     prepare as prepare_legs,
 )
-from dshal_conformance.report import load, summarize
+from dshal_conformance.report import is_environment_file, load, summarize
 
 KIND_LABEL = {"hardware": "HW", "emulated": "EMU", "not-run": "NOT RUN"}
 
@@ -161,8 +162,9 @@ def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Co
     clashing = Counter(column_of(rep).key for rep in reports)
     for index, rep in enumerate(reports, 1):
         col = column_of(rep)
-        if clashing[col.key] > 1:
-            col.tag = rep.get("_source") or f"#{index}, {rep['started']}, seed {rep['seed']}"
+        if clashing[col.key] > 1:  # what the run checked (a partial run), then where it came from
+            where = rep.get("_source") or f"#{index}, {rep['started']}, seed {rep['seed']}"
+            col.tag = ", ".join(part for part in (checked(rep), where) if part)
         n, base = 2, col.key
         while any(c.key == col.key for c in columns):  # two reports of one backend/device/kind
             col.key, n = f"{base}#{n}", n + 1
@@ -352,6 +354,9 @@ def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
     reports: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], str] = {}
     for path in paths:
+        if is_environment_file(path):  # `reports/*/*.json` over a bundle folder
+            warn(f"{path} is a bundle's environment file, not a report; left out")
+            continue
         rep = load(path)
         identity = (rep["backend"], rep["started"], rep["seed"], rep["platform"].get("device"), len(rep["cases"]),
                     rep["duration_s"])

@@ -81,6 +81,11 @@ def build(
         "cases": records,
         "tier": options.tier,
         "suite_version": __version__,
+        "selection": {
+            "ops": list(options.ops) if options.ops is not None else None,
+            "cases": list(options.cases) if options.cases is not None else None,
+            "collectives": bool(options.collectives),
+        },
         "waivers": [w.as_dict() for w in options.waivers],
     }
 
@@ -155,15 +160,40 @@ def write_bundle(report: dict[str, Any], environment: dict[str, Any], files: lis
         if f.resolve() != dest.resolve():
             atomic_write(dest, f.read_bytes())
         copied.append(dest)
-    env_path = out_dir / "environment.json"
-    atomic_write(env_path, json.dumps(environment, indent=1, default=str) + "\n")
+    env_path = out_dir / ENVIRONMENT_FILE
+    atomic_write(env_path, json.dumps({"schema": ENVIRONMENT_SCHEMA, **environment}, indent=1, default=str) + "\n")
     copied.append(env_path)
     lines = [f"{sha256(p)}  {p.name}" for p in copied]
-    atomic_write(out_dir / "SHA256SUMS", "\n".join(lines) + "\n")
+    sums = out_dir / "SHA256SUMS"
+    atomic_write(sums, "\n".join(lines) + "\n")
     archive = out_dir.with_name(out_dir.name + ".tar.gz")
     with atomic_output(archive) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
-        tar.add(out_dir, arcname=out_dir.name)  # a failure mid-way leaves the previous archive (or none)
+        # This run's files only: a reused folder may hold an earlier run's (a failure mid-way
+        # leaves the previous archive, or none).
+        for path in [*copied, sums]:
+            tar.add(path, arcname=f"{out_dir.name}/{path.name}")
     return archive
+
+
+#: A bundle's environment file, and the schema it declares so that `dshal matrix` given
+#: ``reports/*/*.json`` over a bundle folder can tell it from a report.
+ENVIRONMENT_FILE = "environment.json"
+ENVIRONMENT_SCHEMA = "dshal.environment/1"
+
+
+def is_environment_file(path: str | Path) -> bool:
+    """``path`` is a bundle's environment file (this version's, or an older one's without a
+    schema), not a report."""
+    path = Path(path)
+    if path.name != ENVIRONMENT_FILE:
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (
+        data.get("schema") == ENVIRONMENT_SCHEMA or ("schema" not in data and "cases" not in data and "suite_version" in data)
+    )
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -87,3 +87,25 @@ def test_bundle_archive_unreplaceable_destination_leaves_no_temporary(tmp_path: 
         report.write_bundle({}, {"device": "cpu"}, [out_dir / "cpu.json"], out_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle.tar.gz"]
     assert (tmp_path / "bundle.tar.gz").is_dir() and not any((tmp_path / "bundle.tar.gz").iterdir())
+
+
+def test_a_reused_bundle_folder_packs_this_runs_files_only(tmp_path: Path) -> None:
+    """A folder reused for another backend's bundle packed the earlier run's report too
+    (outside SHA256SUMS); its environment file broke `dshal matrix reports/*/*.json`."""
+    import json
+
+    from dshal_conformance.matrix import read_reports
+
+    out_dir = tmp_path / "bundle"
+    out_dir.mkdir()
+    (out_dir / "cpu.json").write_text("{}")  # an earlier run's report
+    (out_dir / "ascend.json").write_text("{}")
+    archive = report.write_bundle({}, {"device": "npu"}, [out_dir / "ascend.json"], out_dir)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["bundle/SHA256SUMS", "bundle/ascend.json", "bundle/environment.json"]
+    env = out_dir / "environment.json"
+    assert json.loads(env.read_text())["schema"] == report.ENVIRONMENT_SCHEMA
+    warned: list[str] = []
+    assert read_reports([str(env)], warn=warned.append) == []
+    assert "environment file, not a report" in warned[0]
+    assert not report.is_environment_file(out_dir / "cpu.json")

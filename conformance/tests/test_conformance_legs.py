@@ -146,3 +146,31 @@ def test_prepare_keeps_order_and_newest() -> None:
     b = {**base, "started": "2026-01-01T00:00:00+00:00"}
     kept, notes = prepare([a, b])
     assert kept == [a] and notes[0].dropped == ["2026-01-01T00:00:00+00:00"]
+
+
+def test_a_partial_rerun_is_its_own_leg_and_a_kernel_update_is_not(tmp_path: Path) -> None:
+    """A newer `--ops rms_norm` run replaced the whole run it followed (its other ops and
+    their failures vanished from the matrix), and a runner's new kernel release made its
+    baseline leg "GONE" and the same leg "new"."""
+    from dshal_conformance.legs import leg_key, leg_label
+    from dshal_conformance.matrix import to_markdown
+
+    host = "Linux-6.8.0-1014-azure-x86_64-with-glibc2.39 x86_64"
+    base = {"backend": "x", "platform": {"device": "d", "arch": "a", "emulated": False, "host": host}, "cases": [], "tier": "ci",
+            "summary": {"passed": 0, "failed": 0, "errors": 0, "unsupported": 0, "skipped": 0}, "seed": 0,
+            "plugin_version": "1", "dshal_version": "1"}
+    whole = {**base, "started": "2026-01-01T00:00:00+00:00", "selection": {"ops": None, "cases": None, "collectives": True}}
+    partial = {**base, "started": "2026-01-02T00:00:00+00:00", "selection": {"ops": ["rms_norm"], "cases": None, "collectives": True}}
+    rerun = {**whole, "started": "2026-01-03T00:00:00+00:00"}
+    kept, _ = prepare([whole, partial, rerun])
+    assert kept == [rerun, partial]  # the rerun replaces the whole run; the partial run stands beside it
+    assert leg_label(partial) == "x (hardware) · d [--ops rms_norm]" and leg_label(whole) == "x (hardware) · d"
+    assert leg_label({**whole, "tier": "full"}) == "x (hardware) · d [tier full]"
+    assert "x [--ops rms_norm" in to_markdown([whole, partial])
+    new_kernel = {**whole, "platform": {**whole["platform"], "host": "Linux-6.11.0-1004-azure-x86_64-with-glibc2.39 x86_64"}}
+    assert leg_key(new_kernel) == leg_key(whole)
+    other_arch = {**whole, "platform": {**whole["platform"], "host": "Linux-6.8.0-aarch64-with-glibc2.39 aarch64"}}
+    assert leg_key(other_arch) != leg_key(whole)
+    # Reports from before the selection was recorded are whole runs of their tier.
+    legacy = {k: v for k, v in whole.items() if k != "selection"}
+    assert leg_key(legacy) == leg_key(whole)
