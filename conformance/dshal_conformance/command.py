@@ -66,8 +66,7 @@ def _main(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ArgumentError(f"--timeout: got {args.timeout!r}, expected a positive finite number of seconds")
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops is not None else None
-    runner.check_selection(args.tier, ops, args.case, collectives=not args.no_collectives)
+    ops = runner.check_selection(args.tier, args.ops, args.case, collectives=not args.no_collectives)
     options = runner.Options(
         tier=args.tier,
         ops=ops,

@@ -160,11 +160,14 @@ def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Co
     cells: dict[tuple[str, str, str], Cell] = {}
     rows: set[tuple[str, str]] = set()
     clashing = Counter(column_of(rep).key for rep in reports)
+    selections: dict[str, set[str]] = {}
+    for rep in reports:
+        selections.setdefault(column_of(rep).key, set()).add(checked(rep))
     for index, rep in enumerate(reports, 1):
         col = column_of(rep)
-        if clashing[col.key] > 1:  # what the run checked (a partial run), then where it came from
+        if clashing[col.key] > 1:  # what the run checked, where that differs (a partial run); then where it came from
             where = rep.get("_source") or f"#{index}, {rep['started']}, seed {rep['seed']}"
-            col.tag = ", ".join(part for part in (checked(rep), where) if part)
+            col.tag = ", ".join(part for part in (checked(rep) if len(selections[col.key]) > 1 else "", where) if part)
         n, base = 2, col.key
         while any(c.key == col.key for c in columns):  # two reports of one backend/device/kind
             col.key, n = f"{base}#{n}", n + 1

@@ -21,6 +21,9 @@ from typing import Any
 import pytest
 
 _STATE_KEY = "dshal_conformance_session"
+_SESSION = pytest.StashKey[Any]()
+#: The op names of --dshal-ops, checked at configure time (None: every op).
+_OPS = pytest.StashKey[Any]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,21 +41,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "that fails to load still fails")
 
 
-def _ops(config: pytest.Config) -> list[str] | None:
-    ops = config.getoption("--dshal-ops")
-    return [o.strip() for o in ops.split(",") if o.strip()] if ops is not None else None
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """A selection of nothing is a usage error before collection: nothing to check is not a pass."""
     if not config.getoption("--dshal-backend", None):
         return
     from dshal.errors import ArgumentError  # lazy: start-up time of every pytest run (a pytest11 plugin)
-    from dshal_conformance import runner
+    from dshal_conformance import runner  # lazy: as above
 
     try:
-        runner.check_selection(config.getoption("--dshal-tier"), _ops(config), config.getoption("--dshal-case"),
-                               ops_flag="--dshal-ops", case_flag="--dshal-case")
+        config.stash[_OPS] = runner.check_selection(config.getoption("--dshal-tier"), config.getoption("--dshal-ops"),
+                                                    config.getoption("--dshal-case"), ops_flag="--dshal-ops",
+                                                    case_flag="--dshal-case")
     except ArgumentError as err:
         raise pytest.UsageError(str(err)) from None
 
@@ -73,7 +72,7 @@ def _session(config: pytest.Config) -> Any:
         options = runner.Options(
             tier=tier,
             case_timeout_s=runner.default_timeout(tier),
-            ops=_ops(config),
+            ops=config.stash.get(_OPS, None),
             cases=config.getoption("--dshal-case"),
             seed=runner.DEFAULT_SEED if seed is None else seed,
             progress=False,
@@ -90,7 +89,6 @@ def _session(config: pytest.Config) -> Any:
     return session
 
 
-_SESSION = pytest.StashKey[Any]()
 #: The one result id of a backend that did not run.
 NOT_RUN = "not-run"
 

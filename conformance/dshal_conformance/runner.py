@@ -95,22 +95,25 @@ def resolve(name: str, emulate: bool | None = None, determinism: str | None = No
     return Target(name, config.emulate, rt, version)
 
 
-def check_selection(tier: str, ops: Sequence[str] | None, cases: Sequence[str] | None, collectives: bool = True,
-                    ops_flag: str = "--ops", case_flag: str = "--case") -> None:
-    """ArgumentError for an unknown op name, or a selection of no case in ``tier``: nothing
-    to check is not a pass. The flags name the options in messages (the CLI's or pytest's)."""
+def check_selection(tier: str, ops_text: str | None, cases: Sequence[str] | None, collectives: bool = True,
+                    ops_flag: str = "--ops", case_flag: str = "--case") -> list[str] | None:
+    """The op names of ``ops_text`` (comma-separated; None: every op). ArgumentError for an
+    unknown op name, or a selection of no case in ``tier``: nothing to check is not a pass.
+    The flags name the options in messages (the CLI's or pytest's)."""
     known = capability_cases() + all_cases(tier)
+    ops = [o.strip() for o in ops_text.split(",") if o.strip()] if ops_text is not None else None
     if ops is not None:
         names = sorted({c.op for c in known})
         unknown = [o for o in ops if o not in names]
         if unknown or not ops:
-            raise ArgumentError(f"{ops_flag}: got {','.join(ops)!r}, expected comma-separated op names from: {', '.join(names)}")
+            raise ArgumentError(f"{ops_flag}: got {ops_text!r}, expected comma-separated op names from: {', '.join(names)}")
     if not select(known, Options(tier=tier, ops=ops, cases=cases, collectives=collectives)):
-        chosen = ", ".join(f"{flag} {value}" for flag, value in ((ops_flag, ",".join(ops or ())), (case_flag, cases)) if value)
+        chosen = ", ".join(f"{flag} {value}" for flag, value in ((ops_flag, ops_text), (case_flag, cases)) if value)
         raise ArgumentError(
             f"{chosen or 'the options'} select no case of tier {tier!r}; nothing to check is not a pass "
             "(see --list for the case ids)"
         )
+    return ops
 
 
 def select(cases: Iterable[Case], options: Options) -> list[Case]:
