@@ -80,6 +80,28 @@ def test_parallel_cli_an_error_every_rank_would_hit_is_said_once_before_any_star
     assert "rank 0/" not in done.stdout  # no rank ran
 
 
+def test_parallel_cli_a_checkpoint_every_rank_refuses_is_said_once(tmp_path: Path) -> None:
+    """config.json says 2 heads, the tensors hold 4: one process refuses it, and TP=2 ran it
+    as a wrong 2-head model (each rank read half of each 4-head tensor). Each rank now
+    refuses its slice, and the refusal is said once (it was said by every rank)."""
+    from dshal.model import tiny_args
+    from dshal.model.checkpoint import random_checkpoint, save_checkpoint
+
+    args = tiny_args()
+    save_checkpoint(tmp_path, args, random_checkpoint(args, 0, 0.05))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(num_attention_heads=args.num_attention_heads // 2, num_key_value_heads=args.num_attention_heads // 2)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "dshal", *RUN, "--tp", "2", "--checkpoint", str(tmp_path)],
+        env=_env(), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    said = "q_b_proj.weight' has shape"
+    assert done.stderr.count(said) == 1 and "(the full tensor, whose rows [" in done.stderr, done.stderr[-3000:]
+    assert "rank 0/" not in done.stdout
+
+
 def test_parallel_cli_a_cache_no_rank_can_hold_is_said_once_with_the_ranks_share() -> None:
     """Each rank checks its own KV cache against its share of the host's free memory (the
     two cpu ranks share it); the refusal they share is said once, by rank 0, not twice."""

@@ -388,7 +388,9 @@ def main(args: argparse.Namespace) -> int:
     show = not args.no_progress and (groups is None or parallel_run.is_reporting_rank())
     if groups is not None:
         with load_progress_bar(show and bool(args.checkpoint)) as progress:
-            model, source = parallel_run.load(args, groups, progress)
+            # A checkpoint defect every rank meets is said once (the transforms' collectives are done
+            # before any tensor is read, so a failing rank only skips the agreement's own).
+            model, source = parallel_run.agree(lambda: parallel_run.load(args, groups, progress))
     elif args.checkpoint:
         with load_progress_bar(show) as progress:
             model = from_pretrained(args.checkpoint, mla_mode=args.mla_mode, mtp_layers=mtp, progress=progress)
