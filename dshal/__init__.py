@@ -30,6 +30,7 @@ from dshal.errors import (
     DshalError,
     DTypeError,
     PluginLoadError,
+    ProviderError,
     ShapeError,
     UnsupportedOpError,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "DshalError",
     "DTypeError",
     "PluginLoadError",
+    "ProviderError",
     "Runtime",
     "ShapeError",
     "Timer",

@@ -47,6 +47,11 @@ class DeviceError(DshalError, RuntimeError):
     """A tensor argument lives on the wrong device."""
 
 
+class ProviderError(DshalError, RuntimeError):
+    """An op's provider broke the op's contract: it returned a tensor of another shape,
+    dtype or device than the contract says (a plugin defect, not a caller's)."""
+
+
 class CommError(DshalError, RuntimeError):
     """A collective failed: timeout, dead peer, bad group or mismatched world size."""
 

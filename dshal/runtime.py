@@ -229,7 +229,7 @@ def build_runtime(config: Config) -> Runtime:
     invariant, gaps = _strict_providers(config, backend, providers, unchecked) if config.determinism == "strict" else (frozenset(), {})
     # A refusal needs no input checks: it is the answer whatever the inputs.
     table = {
-        name: fn if name in refused else SPECS[name].checked(fn, device_type)
+        name: fn if name in refused else SPECS[name].checked(fn, device_type, providers[name])
         for name, fn in unchecked.items()
     }
     return Runtime(

@@ -191,3 +191,36 @@ def test_reference_ops_is_per_thread_and_a_use_inside_it_stays_active() -> None:
     with pytest.raises(DshalError, match="device"):
         dshal.ops.rms_norm(x, w)
     dshal.runtime.reset()
+
+
+def test_a_providers_wrong_output_is_named_at_the_op_that_made_it(install_plugin) -> None:
+    """A plugin's rms_norm that drops a column was met by the next op ("linear: argument 'x'
+    has size ...") or, decoding under trusted(), by nothing at all. Checked dispatch now
+    names the provider and the output; trusted() calls pay nothing for it."""
+    install_plugin("backends", {"wrongout": "WrongOutputBackend"})
+    dshal.use(backend="wrongout")
+    x, w = torch.randn(3, 8), torch.ones(8)
+    with pytest.raises(dshal.ProviderError, match=r"rms_norm: provider 'wrongout' returned its output with shape \[3, 7\], expected \[3, 8\]"):
+        dshal.ops.rms_norm(x, w)
+    with pytest.raises(dshal.ProviderError, match=r"rms_norm: provider 'wrongout' returned \(Tensor\), expected 2 tensor\(s\)"):
+        dshal.ops.rms_norm(x, w, 1e-6, torch.zeros(3, 8))
+    with dshal.ops.trusted():
+        assert dshal.ops.rms_norm(x, w).shape == (3, 7)  # unchecked: the decode steps' path
+    for op, spec in SPECS.items():
+        assert spec._outputs is not None, f"{op} declares no outputs"
+
+
+def test_output_rules_match_the_references_on_every_example_row() -> None:
+    """Each op's declared outputs are what its reference returns on every shape row."""
+    from dshal.ops.examples import Draw
+    from dshal.ops.spec import check_outputs
+
+    draw = Draw(torch.Generator().manual_seed(0), "cpu", "e4m3fn")
+    for op, spec in SPECS.items():
+        for row in spec.rows:
+            if "ci" not in row.tiers or row.kind == "bench":  # the ci rows: small shapes
+                continue
+            kwargs = spec.example_inputs(draw, row).kwargs
+            out = spec.reference_impl(**kwargs)
+            first = next(iter(spec.signature.parameters))
+            check_outputs(op, "reference", out, spec._outputs(**kwargs), kwargs[first].device)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dshal.errors import ShapeError
 from dshal.ops.examples import Draw, Example, fill_pattern
-from dshal.ops.spec import FLOAT_DTYPES, Cost, check_tensor, op_spec
+from dshal.ops.spec import FLOAT_DTYPES, Cost, Output, check_tensor, op_spec
 
 
 @op_spec
@@ -32,6 +32,11 @@ def _silu_and_mul_cost(x):
     n = x.numel()
     # silu ~ 4 flops (exp, add, divide, multiply) + 1 multiply per output element.
     return Cost(flops=5 * (n // 2), bytes=n * x.element_size() * 3 // 2)
+
+
+@silu_and_mul.outputs
+def _silu_and_mul_outputs(x):
+    return (Output((*x.shape[:-1], x.shape[-1] // 2), x.dtype),)
 
 
 # ---------------------------------------------------------------- examples

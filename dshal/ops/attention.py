@@ -13,6 +13,7 @@ from dshal.ops.examples import Draw, Example
 from dshal.ops.spec import (
     FLOAT_DTYPES,
     Cost,
+    Output,
     check_dim,
     check_int,
     check_real,
@@ -225,6 +226,11 @@ def _attention_cost(q, k, v, causal=True, scale=None, window=None, global_tokens
     flops = 2 * batch * hq * pairs * (d + dv)
     moved = sum(t.numel() for t in (q, k, v)) * q.element_size() + batch * hq * tq * dv * q.element_size()
     return Cost(flops=flops, bytes=moved)
+
+
+@attention.outputs
+def _attention_outputs(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
+    return (Output((*q.shape[:-1], v.shape[-1]), q.dtype),)
 
 
 # ---------------------------------------------------------------- examples

@@ -21,7 +21,16 @@ from dshal.ops.quant import (
     quantize_fp8,
     quantize_int8,
 )
-from dshal.ops.spec import FLOAT_DTYPES, FP8_FORMAT_OF, Cost, check_dim, check_same_device, check_tensor, op_spec
+from dshal.ops.spec import (
+    FLOAT_DTYPES,
+    FP8_FORMAT_OF,
+    Cost,
+    Output,
+    check_dim,
+    check_same_device,
+    check_tensor,
+    op_spec,
+)
 
 #: Scale granularity -> (a's quantization block, b's quantization block).
 GRANULARITY_BLOCKS = {"block": ((1, 128), (128, 128)), "row": ((1, -1), (1, -1)), "tensor": (None, None)}
@@ -116,6 +125,11 @@ def _fp8_gemm_oracle(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
     return _fp8_gemm_in(a, a_scale, b, b_scale, torch.float64)
 
 
+@fp8_gemm.outputs
+def _fp8_gemm_outputs(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    return (Output((a.shape[0], b.shape[0]), out_dtype),)
+
+
 # ---------------------------------------------------------------- int8_gemm
 @op_spec
 def int8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
@@ -147,6 +161,11 @@ def _int8_gemm_reference(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
 @int8_gemm.oracle
 def _int8_gemm_oracle(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
     return _int8_gemm_in(a, a_scale, b, b_scale, torch.float64)
+
+
+@int8_gemm.outputs
+def _int8_gemm_outputs(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    return (Output((a.shape[0], b.shape[0]), out_dtype),)
 
 
 def _nt_gemm_cost(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
@@ -253,6 +272,11 @@ def _linear_cost(x, weight, bias=None, weight_scale=None):
     moved = x.numel() * x.element_size() + weight.numel() * weight.element_size() + m * n * x.element_size()
     moved += sum(t.numel() * t.element_size() for t in (bias, weight_scale) if t is not None)
     return Cost(flops=2 * m * n * k + (m * n if bias is not None else 0), bytes=moved)
+
+
+@linear.outputs
+def _linear_outputs(x, weight, bias=None, weight_scale=None):
+    return (Output((*x.shape[:-1], weight.shape[0]), x.dtype),)
 
 
 # ---------------------------------------------------------------- examples

@@ -15,6 +15,7 @@ from dshal.ops.quant import FP8_DTYPE_LIST, SCALE_DTYPES, compute_dtype, quantiz
 from dshal.ops.spec import (
     FLOAT_DTYPES,
     Cost,
+    Output,
     check_dim,
     check_ids_in_range,
     check_int,
@@ -84,6 +85,11 @@ def _moe_gate_cost(logits, bias, top_k, n_group, topk_group, routed_scaling_fact
     # sigmoid (~4) + bias add + selection compares (~log2 E) per score.
     flops = n * (5 + max(1, math.ceil(math.log2(max(logits.shape[1], 2)))))
     return Cost(flops=flops, bytes=n * logits.element_size() + tokens * top_k * (4 + 8))
+
+
+@moe_gate.outputs
+def _moe_gate_outputs(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
+    return Output((logits.shape[0], top_k)), Output((logits.shape[0], top_k))
 
 
 # ---------------------------------------------------------------- moe_experts
@@ -203,6 +209,11 @@ def _moe_experts_cost(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     moved = 2 * x.numel() * x.element_size() + active * per_expert + slots * (weights.element_size() + ids.element_size())
     moved += sum(t.numel() * t.element_size() for t in (w13_scale, w2_scale) if t is not None)
     return Cost(flops=flops, bytes=moved)
+
+
+@moe_experts.outputs
+def _moe_experts_outputs(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+    return (Output(tuple(x.shape), x.dtype),)
 
 
 # ---------------------------------------------------------------- examples

@@ -6,7 +6,7 @@ import torch
 
 from dshal.errors import ShapeError
 from dshal.ops.examples import Draw, Example, fill_pattern
-from dshal.ops.spec import FLOAT_DTYPES, Cost, check_dim, check_real, check_same_device, check_tensor, op_spec
+from dshal.ops.spec import FLOAT_DTYPES, Cost, Output, check_dim, check_real, check_same_device, check_tensor, op_spec
 
 
 @op_spec
@@ -50,6 +50,12 @@ def _rms_norm_cost(x, weight, eps=1e-6, residual=None):
     flops = 4 * n + (n if residual is not None else 0)
     moved = x.numel() * x.element_size() * (2 if residual is None else 4) + weight.numel() * weight.element_size()
     return Cost(flops=flops, bytes=moved)
+
+
+@rms_norm.outputs
+def _rms_norm_outputs(x, weight, eps=1e-6, residual=None):
+    y = Output(tuple(x.shape), x.dtype)
+    return (y,) if residual is None else (y, Output(tuple(x.shape), x.dtype))
 
 
 # ---------------------------------------------------------------- examples

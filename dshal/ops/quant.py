@@ -22,6 +22,7 @@ from dshal.ops.spec import (
     FP8_FORMAT_OF,
     FP8_MAX,
     Cost,
+    Output,
     check_same_device,
     check_tensor,
     fp8_dtype,
@@ -175,6 +176,11 @@ def _quantize_fp8_cost(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
     return Cost(flops=4 * n, bytes=n * x.element_size() + n + 4 * n_scales)
 
 
+@quantize_fp8.outputs
+def _quantize_fp8_outputs(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
+    return Output(tuple(x.shape)), Output(scale_shape(x.shape, block) if x.dim() else ())
+
+
 # ---------------------------------------------------------------- dequantize_fp8
 @op_spec
 def dequantize_fp8(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
@@ -226,6 +232,11 @@ def _dequantize_fp8_cost(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
     return Cost(flops=n, bytes=n + scale.numel() * scale.element_size() + n * out_size)
 
 
+@dequantize_fp8.outputs
+def _dequantize_fp8_outputs(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
+    return (Output(tuple(q.shape), out_dtype),)
+
+
 # ---------------------------------------------------------------- int8
 @op_spec
 def quantize_int8(x):
@@ -251,6 +262,11 @@ def _quantize_int8_cost(x):
     n = x.numel()
     rows = n // x.shape[-1] if x.shape[-1] else 0
     return Cost(flops=5 * n, bytes=n * x.element_size() + n + 4 * rows)
+
+
+@quantize_int8.outputs
+def _quantize_int8_outputs(x):
+    return Output(tuple(x.shape), torch.int8), Output((*x.shape[:-1], 1), torch.float32)
 
 
 # ---------------------------------------------------------------- host FP8 -> int8

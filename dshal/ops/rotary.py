@@ -6,7 +6,7 @@ import torch
 
 from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.examples import Draw, Example, fill_pattern
-from dshal.ops.spec import FLOAT_DTYPES, Cost, check_same_device, check_tensor, op_spec
+from dshal.ops.spec import FLOAT_DTYPES, Cost, Output, check_same_device, check_tensor, op_spec
 
 
 @op_spec
@@ -59,6 +59,11 @@ def _rotary_embedding_reference(x, cos, sin, interleaved=True):
 def _rotary_embedding_cost(x, cos, sin, interleaved=True):
     n = x.numel()
     return Cost(flops=3 * n, bytes=2 * n * x.element_size() + 2 * cos.numel() * cos.element_size())
+
+
+@rotary_embedding.outputs
+def _rotary_embedding_outputs(x, cos, sin, interleaved=True):
+    return (Output(tuple(x.shape), x.dtype),)
 
 
 # ---------------------------------------------------------------- examples

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedOpError
+from dshal.errors import ArgumentError, DeviceError, DTypeError, ProviderError, ShapeError, UnsupportedOpError
 from dshal.ops.examples import Draw, Example, ShapeRow, shape_rows
 from dshal.ops.mode import checking
 
@@ -78,6 +78,7 @@ class OpSpec:
         self._cost: Callable[..., Cost] | None = None
         self._oracle: Callable[..., Any] | None = None
         self._example: Callable[[Draw, Mapping[str, Any]], Example] | None = None
+        self._outputs: Callable[..., tuple[Output, ...]] | None = None
         #: The op's shape rows (conformance's examples and bench's shapes), in declared order.
         self.rows: tuple[ShapeRow, ...] = ()
 
@@ -92,6 +93,15 @@ class OpSpec:
         """Decorator: register the FLOPs/bytes model (same signature as the op)."""
         self._require_same_signature(fn, "cost")
         self._cost = fn
+        return fn
+
+    def outputs(self, fn: Callable[..., tuple[Output, ...]]) -> Callable[..., tuple[Output, ...]]:
+        """Decorator: register what the contract says a call returns, one :class:`Output`
+        (shape, and dtype where the contract fixes it) per returned tensor, from the
+        arguments alone (same signature as the op). Dispatch checks every provider's result
+        against it, so a plugin's wrong shape is named at the op that made it."""
+        self._require_same_signature(fn, "outputs")
+        self._outputs = fn
         return fn
 
     def oracle(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -151,30 +161,29 @@ class OpSpec:
         up = lambda v: v.detach().to(torch.float64) if isinstance(v, torch.Tensor) and v.dtype in FLOAT_DTYPES else v  # noqa: E731
         return self.reference_impl(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
 
-    def checked(self, impl: Callable[..., Any], device_type: str | None = None) -> Callable[..., Any]:
+    def checked(self, impl: Callable[..., Any], device_type: str | None = None, provider: str | None = None) -> Callable[..., Any]:
         """``impl`` behind this op's input checks (and, when given, a device-type check of the
-        first tensor argument). This is what dispatch calls."""
+        first tensor argument). This is what dispatch calls. With ``provider`` (its name, for
+        messages) the result is checked against the op's :meth:`outputs` too: a
+        :class:`~dshal.errors.ProviderError` names a wrong shape, dtype or device."""
         check = self.check
         name = self.name
         first = next(iter(self.signature.parameters))
+        outputs = self._outputs if provider is not None else None
 
-        if device_type is None:
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                check(*args, **kwargs)
-                return impl(*args, **kwargs)
-
-        else:
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                check(*args, **kwargs)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            check(*args, **kwargs)
+            if device_type is not None:
                 x = args[0] if args else kwargs[first]
                 if x.device.type != device_type:
                     raise DeviceError(
                         f"{name}: argument {first!r} is on device {x.device}, "
                         f"expected a {device_type!r} tensor (the active backend's device)"
                     )
-                return impl(*args, **kwargs)
+            out = impl(*args, **kwargs)
+            if outputs is not None:
+                check_outputs(name, provider, out, outputs(*args, **kwargs), (args[0] if args else kwargs[first]).device)
+            return out
 
         call.__name__ = call.__qualname__ = name
         call.__doc__ = self.__doc__
@@ -197,6 +206,31 @@ class OpSpec:
 
     def __repr__(self) -> str:
         return f"<op {self.name}{self.signature}>"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One tensor an op returns: its shape, and its dtype where the contract fixes it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None = None
+
+
+def check_outputs(op: str, provider: str, out: Any, expected: tuple[Output, ...], device: torch.device) -> None:
+    """ProviderError unless ``out`` is the tensors ``expected`` says (one tensor, or a tuple
+    of them), on ``device`` (the first argument's)."""
+    got = out if isinstance(out, tuple) else (out,)
+    if len(got) != len(expected) or not all(isinstance(t, torch.Tensor) for t in got):
+        seen = ", ".join(type(t).__name__ for t in got)
+        raise ProviderError(f"{op}: provider {provider!r} returned ({seen}), expected {len(expected)} tensor(s)")
+    for i, (t, want) in enumerate(zip(got, expected)):
+        which = f"output {i}" if len(expected) > 1 else "its output"
+        if tuple(t.shape) != tuple(want.shape):
+            raise ProviderError(f"{op}: provider {provider!r} returned {which} with shape {list(t.shape)}, expected {list(want.shape)}")
+        if want.dtype is not None and t.dtype != want.dtype:
+            raise ProviderError(f"{op}: provider {provider!r} returned {which} as {t.dtype}, expected {want.dtype}")
+        if t.device != device:
+            raise ProviderError(f"{op}: provider {provider!r} returned {which} on {t.device}, expected {device} (its inputs' device)")
 
 
 def _same_default(a: Any, b: Any) -> bool:

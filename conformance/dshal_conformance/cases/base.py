@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dshal.errors import DeviceError, DshalError, DTypeError, ShapeError, UnsupportedOpError
+from dshal.errors import DeviceError, DshalError, DTypeError, ProviderError, ShapeError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
 from dshal.ops.examples import TIERS, Draw, Example, ShapeRow, plain
 from dshal.ops.spec import FP8_DTYPES
@@ -205,6 +205,8 @@ def run_accuracy(
         if unsupported_variant:
             return unsupported_outcomes(suffixes, f"{unsupported_variant}; raised UnsupportedOpError: {err}")
         return fail_all(suffixes, "fail", f"the backend declares {op!r} supported but raised UnsupportedOpError: {err}")
+    except ProviderError as err:  # dispatch checked the result against the op's declared outputs
+        return fail_all(suffixes, "fail", f"the output breaks the op's contract: {err}")
     except DshalError as err:
         return fail_all(suffixes, "fail", f"valid input rejected with {type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - a crash is a finding, not a suite error
