@@ -345,3 +345,46 @@ def test_reference_backend_is_a_deprecated_alias_of_cpu_backend(monkeypatch):
     with pytest.warns(DeprecationWarning, match="use dshal.backends.cpu.CpuBackend"):
         old = importlib.import_module("dshal.backends.reference")
     assert old.ReferenceBackend is CpuBackend and CpuBackend().name == "cpu"
+
+
+def test_dequantized_copies_are_safe_from_several_threads():
+    """A service's requests prefill at once while weights come and go (a hot reload): the
+    byte total was a sum over the dict, which another thread's insert or a weight's death
+    changed mid-iteration ("dictionary changed size during iteration" out of generate)."""
+    import sys
+    import threading
+
+    from dshal.backends.cpu_native import DequantizedWeights
+    from dshal.model.checkpoint import fp8_block_quantize
+
+    cache = DequantizedWeights(max_bytes=1 << 30)
+    errors: list[BaseException] = []
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+
+    weights = [fp8_block_quantize(torch.randn(16, 16)) for _ in range(400)]
+
+    def churn(mine: list) -> None:
+        try:
+            for _ in range(3):
+                held = [(q.clone(), s.clone()) for q, s in mine]  # new weights: every get is a miss
+                for q, s in held:
+                    dense = cache.get(q, s, (128, 128))
+                    assert cache.get(q, s, (128, 128)) is dense  # a hit: the same copy
+                del held  # the weights die: their copies go with them
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    try:
+        threads = [threading.Thread(target=churn, args=(weights[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert not errors, errors[0]
+    import gc
+
+    gc.collect()
+    assert cache.nbytes() == 0 and not cache._copies

@@ -20,8 +20,10 @@ wraps each provider with its spec's checks).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import threading
 import weakref
 
 import torch
@@ -104,6 +106,9 @@ class DequantizedWeights:
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor, int, torch.Tensor]] = {}
+        self._bytes = 0  # kept as copies come and go: summing while another thread inserts raised
+        # Reentrant: a weight's death callback may run inside a locked block on this thread.
+        self._lock = threading.RLock()
         self.max_bytes = max_bytes  # None: read limit() from the environment on each miss
 
     def limit(self) -> int:
@@ -115,28 +120,49 @@ class DequantizedWeights:
         return int(dequant_cache_gib(physical / 4 / 2**30) * 2**30)
 
     def get(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+        """``weight``'s float32 copy (safe from several threads: a service's requests)."""
         key = id(weight)
-        held = self._copies.get(key)
-        if held is not None:
-            ref, version, held_scale, scale_version, dense = held
-            if ref() is weight and version == weight._version and held_scale is scale and scale_version == scale._version:
-                return dense
-            del self._copies[key]  # changed in place: its stale copy goes
+        with self._lock:
+            held = self._copies.get(key)
+            if held is not None:
+                ref, version, held_scale, scale_version, dense = held
+                if ref() is weight and version == weight._version and held_scale is scale and scale_version == scale._version:
+                    return dense
+                self._drop(key)  # changed in place: its stale copy goes
         dense = dequantize_to(weight, scale.reshape(()) if block is None else scale, block, torch.float32)
         dense = dense.contiguous()  # K not a multiple of 128: a view into the block-padded product
-        if self.nbytes() + dense.numel() * 4 > self.limit():
-            return dense  # the budget is full: this weight is dequantized per call
-        ref = weakref.ref(weight, lambda _, key=key, copies=self._copies: copies.pop(key, None))
-        self._copies[key] = (ref, weight._version, scale, scale._version, dense)
+        with self._lock:
+            self._drop(key)  # another thread may have made one meanwhile
+            if self._bytes + dense.numel() * 4 > self.limit():
+                return dense  # the budget is full: this weight is dequantized per call
+            ref = weakref.ref(weight, functools.partial(_forget_copy, weakref.ref(self), key))
+            self._copies[key] = (ref, weight._version, scale, scale._version, dense)
+            self._bytes += dense.numel() * 4
         return dense
+
+    def _drop(self, key: int, only: weakref.ref | None = None) -> None:
+        with self._lock:
+            entry = self._copies.get(key)
+            if entry is not None and (only is None or entry[0] is only):
+                del self._copies[key]
+                self._bytes -= entry[4].numel() * 4
 
     def clear(self) -> None:
         """Drop every copy (they are remade on next use)."""
-        self._copies.clear()
+        with self._lock:
+            self._copies.clear()
+            self._bytes = 0
 
     def nbytes(self) -> int:
         """Bytes held by the copies (for memory reports)."""
-        return sum(entry[4].numel() * 4 for entry in self._copies.values())
+        return self._bytes
+
+
+def _forget_copy(cache: weakref.ref, key: int, dead: weakref.ref) -> None:
+    """A weight died: drop its copy (only its own: a new tensor may reuse the id)."""
+    owner = cache()
+    if owner is not None:
+        owner._drop(key, only=dead)
 
 
 #: The cpu backend's dequantized FP8 weights (see :class:`DequantizedWeights`).

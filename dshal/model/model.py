@@ -121,6 +121,11 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
     """``cos, sin [max_position_embeddings, qk_rope_head_dim / 2]`` float32, one angle per
     rotated pair, with YaRN's frequency ramp and cos/sin scale when ``rope_scaling`` is set."""
     dim, base = args.qk_rope_head_dim, args.rope_theta
+    if torch.device(device if device is not None else torch.empty(0).device).type == "meta":
+        # Shapes only. Not arange: a meta factory op imports triton (through torch._refs and
+        # dynamo), which then cannot run under the interpreter an emulated plugin needs later.
+        shape = (args.max_position_embeddings, dim // 2)
+        return torch.empty(shape, device="meta"), torch.empty(shape, device="meta")
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     attention_factor = 1.0
     rs = args.rope_scaling

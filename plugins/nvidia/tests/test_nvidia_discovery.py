@@ -83,3 +83,19 @@ def test_nvidia_no_vendor_import_at_import_or_discovery():
     assert after_import == []
     assert after_discovery == []
     assert after_op == ["triton"]  # the kernels are really used once an op runs
+
+
+def test_emulated_nvidia_after_a_model_was_built_on_cpu():
+    """A service that built a model on cpu could never switch to emulated nvidia: the meta
+    build's arange imported triton (torch._refs -> dynamo) before TRITON_INTERPRET was set."""
+    code = (
+        "import sys, torch, dshal, dshal.model\n"
+        "dshal.use(backend='cpu')\n"
+        "model = dshal.model.random_model(dshal.model.tiny_args(), seed=1)\n"
+        "model.generate(torch.tensor([[1, 2, 3]]), 2)\n"
+        "print('triton imported:', 'triton' in sys.modules)\n"
+        "print('emulated:', dshal.use(backend='nvidia', emulate=True).emulated)\n"
+    )
+    proc = run_python(["-c", code])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "triton imported: False" in proc.stdout and "emulated: True" in proc.stdout
