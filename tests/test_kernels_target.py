@@ -181,3 +181,11 @@ def test_a_compiled_mode_session_collects_everything_and_skips_the_emulated_test
     summary = ran.stdout.strip().splitlines()[-1]
     assert "skipped" in summary and "passed" not in summary and "failed" not in summary, summary
     assert "TRITON_INTERPRET=0 in the environment: Triton runs compiled" in ran.stdout
+
+
+@pytest.mark.parametrize(("field", "value"), [("group_m", 0), ("group_m", -1), ("num_stages", 0), ("block_m", 48)])
+def test_a_tile_that_cannot_launch_is_refused(field, value):
+    """group_m 0 returned uninitialised memory and -1 wrote out of bounds (heap corruption),
+    from a tile given to fp8_block_gemm(tile=) or read from a hand-edited tuned table."""
+    with pytest.raises(ValueError, match=f"TileConfig: {field} is {value}"):
+        TileConfig(**{"block_m": 64, "block_n": 64, field: value})

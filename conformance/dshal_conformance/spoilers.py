@@ -149,11 +149,4 @@ def spoiled_calls(op: str, rows_per_op: int, draw: Draw | None = None) -> Iterat
                 yield f"{row.name}: {arg} {what}", {**base, arg: bad}, bad
 
 
-def fp8_with_nan(value: Any) -> bool:
-    """Whether ``value`` is an FP8 tensor holding a NaN code (what the Triton interpreter
-    decodes as a number: an emulated backend may lose it where the hardware does not)."""
-    return isinstance(value, torch.Tensor) and value.dtype in FP8 and value.device.type != "meta" and bool(
-        value.float().isnan().any())
-
-
-__all__ = ["differs", "fp8_with_nan", "routing_differs", "sorted_by_id", "spoiled_calls", "spoiled_options", "spoiled_tensors"]
+__all__ = ["differs", "routing_differs", "sorted_by_id", "spoiled_calls", "spoiled_options", "spoiled_tensors"]

@@ -603,7 +603,8 @@ class TorchGpuBackend(Backend):
         return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
     def rms_norm(self, x, weight, eps=1e-6, residual=None):
-        if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
+        # Rows wider than the kernel's one-block reach: the reference (valid op input).
+        if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0 or x.shape[-1] > self.kernels().norm.MAX_HIDDEN:
             return SPECS["rms_norm"].reference_impl(x, weight, eps, residual)
         return self.kernels().norm.rms_norm(x, weight, eps, residual, target=self.target())
 
@@ -613,9 +614,11 @@ class TorchGpuBackend(Backend):
         return self.kernels().activation.silu_and_mul(x, target=self.target())
 
     def rotary_embedding(self, x, cos, sin, interleaved=True):
-        if x.dtype not in TRITON_FLOAT_DTYPES or cos.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
+        rotary = self.kernels().rotary
+        if (x.dtype not in TRITON_FLOAT_DTYPES or cos.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0
+                or x.dim() > rotary.MAX_LEADING + 1):  # more leading dims than the kernel indexes: the reference
             return SPECS["rotary_embedding"].reference_impl(x, cos, sin, interleaved)
-        return self.kernels().rotary.rotary_embedding(x, cos, sin, interleaved, target=self.target())
+        return rotary.rotary_embedding(x, cos, sin, interleaved, target=self.target())
 
     def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         # One grouped Triton kernel per projection, FP8 weights included (activations quantized
@@ -625,6 +628,9 @@ class TorchGpuBackend(Backend):
         served = all(w.dtype == x.dtype or w.dtype in fp8_ok for w in (w13, w2))
         if x.dtype not in TRITON_FLOAT_DTYPES or ids.numel() == 0 or not served:
             return SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2, w13_scale, w2_scale)
+        # The contract takes float64 routing weights and scales; the kernel reads float32.
+        weights = weights.float() if weights.dtype == torch.float64 else weights
+        w13_scale, w2_scale = (s.float() if s is not None and s.dtype == torch.float64 else s for s in (w13_scale, w2_scale))
         return self.kernels().moe.grouped_moe_experts(
             x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.target()
         )

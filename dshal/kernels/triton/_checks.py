@@ -103,6 +103,32 @@ def module_interpreted() -> bool:
     return interpreter_requested()
 
 
+def fp8_nan_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` bool: which rows of a 2-D (or, per expert, 3-D: ``[E, rows]``) FP8 or float
+    tensor hold a NaN. For :func:`hardware_nan_gemm` / :func:`hardware_nan_moe`."""
+    return t.float().isnan().any(dim=-1)
+
+
+def hardware_nan_gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b.T`` with NaN where a GPU's tensor cores put it: every output of a row of
+    ``a`` or ``b`` holding an FP8 NaN code. The Triton interpreter decodes those codes as
+    numbers (e4m3fn's 0x7F as 480, fnuz's 0x80 as -0), so an emulated FP8 GEMM hid NaN that
+    the device propagates. Interpreter only; no host read (graph capture and the host-sync
+    count see none)."""
+    return out.masked_fill_(fp8_nan_rows(a)[:, None] | fp8_nan_rows(b)[None, :], float("nan"))
+
+
+def hardware_nan_moe(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """:func:`hardware_nan_gemm` for the grouped MoE with FP8 weights (whose activations are
+    quantized to FP8 in the kernel): a token's row is NaN when its ``x`` row or a routed
+    expert's ``w13`` holds a NaN (each reaches every output through the activation), and
+    ``out[t, h]`` when a routed expert's ``w2[h]`` row does."""
+    w13_bad = fp8_nan_rows(w13).any(dim=-1)  # [E]
+    rows = x.isnan().any(dim=-1) | w13_bad[ids].any(dim=-1)  # [T]
+    cols = fp8_nan_rows(w2)[ids].any(dim=1)  # [T, H]
+    return out.masked_fill_(rows[:, None] | cols, float("nan"))
+
+
 # ---------------------------------------------------------------- launches
 @dataclass(frozen=True)
 class Launch:

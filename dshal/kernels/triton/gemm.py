@@ -25,7 +25,14 @@ import triton
 import triton.language as tl
 
 from dshal.errors import DTypeError
-from dshal.kernels.triton._checks import FP8_FORMATS, check_kernel_device, launch, module_interpreted, resolve_target
+from dshal.kernels.triton._checks import (
+    FP8_FORMATS,
+    check_kernel_device,
+    hardware_nan_gemm,
+    launch,
+    module_interpreted,
+    resolve_target,
+)
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget, TileConfig, m_bucket
 from dshal.ops.spec import check_dim, check_same_device, check_tensor
@@ -222,7 +229,9 @@ def fp8_block_gemm(
 
     if tile is None:
         tile = select_tile(tgt, M, N, K, (a.dtype, b.dtype, out_dtype), None if INTERPRETED else run)
-    return run(tile)
+    out = run(tile)
+    # The interpreter decodes FP8 NaN codes as numbers; tensor cores propagate NaN.
+    return hardware_nan_gemm(out, a, b) if INTERPRETED else out
 
 
 __all__ = ["SCALE_BLOCK", "fp8_block_gemm", "select_tile"]

@@ -31,6 +31,7 @@ from dshal.kernels.triton._checks import (
     FP8_FORMATS,
     check_flag,
     check_kernel_device,
+    hardware_nan_moe,
     launch,
     module_interpreted,
     resolve_target,
@@ -339,7 +340,10 @@ def grouped_moe_experts(
     )  # fmt: skip
 
     # 4. combine the k choices of each token
-    return slots.view(T, k, H).sum(dim=1).to(x.dtype)
+    out = slots.view(T, k, H).sum(dim=1).to(x.dtype)
+    if INTERPRETED and (w13_fp8 or w2_fp8):  # the interpreter decodes FP8 NaN codes as numbers
+        hardware_nan_moe(out, x, ids, w13, w2)
+    return out
 
 
 __all__ = ["grouped_moe_experts"]

@@ -136,4 +136,4 @@ def rotary_embedding(
     return y
 
 
-__all__ = ["rotary_embedding"]
+__all__ = ["MAX_LEADING", "rotary_embedding"]

@@ -67,6 +67,11 @@ class TileConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1 and v & (v - 1) == 0):
                 raise ValueError(f"TileConfig: {name} is {v!r}, expected a power of two >= 1")
+        # group_m < 1 made negative program ids that pass the store mask: out-of-bounds writes.
+        for name in ("num_stages", "group_m"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"TileConfig: {name} is {v!r}, expected an int >= 1")
 
     def kernel_kwargs(self) -> dict[str, int]:
         """The meta-parameters a launch passes for this tiling."""

@@ -197,6 +197,50 @@ def test_nvidia_moe_experts(rt, fp8):
     assert similarity_gap(got, want) < 1e-4
 
 
+def test_nvidia_serves_every_valid_input_its_kernels_cannot_take(rt):
+    """Valid op inputs past a kernel's reach were a ShapeError / DTypeError naming the
+    kernel wrapper: rows wider than rms_norm's block, more leading dims than rotary indexes,
+    float64 routing weights and FP8 scales for the grouped MoE kernel."""
+    x = torch.randn(2, 70000, generator=gen(40))
+    torch.testing.assert_close(dshal.ops.rms_norm(x, torch.ones(70000)), ref.rms_norm(x, torch.ones(70000)))
+    x6, cos, sin = torch.randn(2, 1, 2, 2, 3, 8, generator=gen(41)), torch.randn(3, 4, generator=gen(42)), torch.randn(3, 4, generator=gen(43))
+    torch.testing.assert_close(dshal.ops.rotary_embedding(x6, cos, sin), ref.rotary_embedding(x6, cos, sin))
+    tokens, hidden, inter, experts = 3, 128, 64, 3
+    x = torch.randn(tokens, hidden, generator=gen(44)).to(torch.bfloat16)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    weights = torch.rand(tokens, 2, generator=gen(45), dtype=torch.float64)
+    w13, s13 = ref.quantize_fp8(torch.randn(experts, 2 * inter, hidden, generator=gen(46)) / 11, (128, 128), "e4m3fn")
+    w2, s2 = ref.quantize_fp8(torch.randn(experts, hidden, inter, generator=gen(47)) / 8, (128, 128), "e4m3fn")
+    got = dshal.ops.moe_experts(x, weights, ids, w13, w2, s13.double(), s2.double())
+    want = ref.moe_experts(x, weights, ids, w13, w2, s13.double(), s2.double())
+    assert similarity_gap(got, want) < 1e-4
+
+
+def test_nvidia_fp8_nan_codes_propagate_as_on_tensor_cores(rt):
+    """The interpreter decodes e4m3fn's NaN code 0x7F as 480: an emulated FP8 GEMM, an FP8
+    linear whose activation held a NaN, and FP8 experts gave finite numbers where Hopper
+    (and the reference) give NaN."""
+    (a, sa), (b, sb) = _fp8_operands(4, 136, 256, seed=50)
+    a = a.clone()
+    a.view(torch.uint8)[1, 7] = 0x7F
+    got, want = dshal.ops.fp8_gemm(a, sa, b, sb, torch.float32), ref.fp8_gemm(a, sa, b, sb, torch.float32)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan()[1].all() and not got.isnan()[0].any()
+    x = torch.randn(3, 256, generator=gen(51))
+    x[1, 5] = float("nan")
+    w, ws = ref.quantize_fp8(torch.randn(136, 256, generator=gen(52)), (128, 128), "e4m3fn")
+    assert torch.equal(dshal.ops.linear(x, w, None, ws).isnan(), ref.linear(x, w, None, ws).isnan())
+    tokens, hidden, inter, experts = 3, 128, 64, 3
+    x = torch.randn(tokens, hidden, generator=gen(53)).to(torch.bfloat16)
+    x[1, 3] = float("nan")
+    ids, weights = torch.tensor([[0, 1], [1, 2], [2, 0]]), torch.rand(tokens, 2, generator=gen(54))
+    w13, s13 = ref.quantize_fp8(torch.randn(experts, 2 * inter, hidden, generator=gen(55)) / 11, (128, 128), "e4m3fn")
+    w2, s2 = ref.quantize_fp8(torch.randn(experts, hidden, inter, generator=gen(56)) / 8, (128, 128), "e4m3fn")
+    w2 = w2.clone()
+    w2.view(torch.uint8)[2, 5, 0] = 0x7F  # expert 2's output row 5: tokens 1 and 2 route to it
+    got, want = dshal.ops.moe_experts(x, weights, ids, w13, w2, s13, s2), ref.moe_experts(x, weights, ids, w13, w2, s13, s2)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan()[1].all() and got.isnan()[2, 5] and not got.isnan()[0].any()
+
+
 def test_nvidia_bad_input_is_a_clear_error(rt):
     a = torch.zeros(4, 256).to(torch.float8_e4m3fn)
     with pytest.raises(dshal.ShapeError, match="a_scale"):
