@@ -39,9 +39,11 @@ environment:
   DSHAL_BACKEND   backend name, overrides the config's `backend`
   DSHAL_PLUGINS   comma-separated allow-list of plugins to discover
   DSHAL_EMULATE   1 = run GPU plugins' own code paths on CPU tensors
-  DSHAL_CPU_KERNELS  0 = no C kernels for the cpu backend (torch serves their ops)
+  DSHAL_CPU_KERNELS  0 = no C kernels for the cpu backend (torch serves their ops); read
+                     once, when the cpu backend first uses them
   DSHAL_CACHE_DIR    dshal's cache: built C kernels, cross-compiled kernels, `dshal tune`
-                     tables (default $XDG_CACHE_HOME/dshal, else ~/.cache/dshal)
+                     tables (default $XDG_CACHE_HOME/dshal, else ~/.cache/dshal); the C
+                     kernels' folder is read once, when they are first loaded
   DSHAL_CPU_DEQUANT_CACHE_GIB  cpu backend: GiB of float32 copies of FP8 weights kept for
                      prefill (past it, dequantized per call; 0 = none; default 1/4 of RAM)
   DSHAL_CHECK_FINITE 0 = skip the load-time NaN/Inf scan of checkpoint weights

@@ -401,8 +401,9 @@ def _apply(base: Config, doc: _Doc) -> Config:
         if key in _TOP:
             changes[key] = _TOP[key](doc, path, value)
             origins[key] = doc.where(path)
-            if key == "ops":
+            if key == "ops":  # merged op by op, as the sections are: a keyword override keeps the file's others
                 origins.update({f"ops.{op}": doc.where(path + (op,)) for op in changes[key]})
+                changes[key] = {**base.ops, **changes[key]}
         elif key in _SECTIONS:
             if not isinstance(value, Mapping):
                 raise doc.error(path, f"got {value!r}, expected a mapping with keys: {', '.join(_SECTIONS[key])}")

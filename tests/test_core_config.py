@@ -228,3 +228,16 @@ def test_one_cache_directory_for_every_kind_of_cached_build(tmp_path, monkeypatc
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert parents() == {tmp_path / "home" / ".cache" / "dshal"}
+
+
+def test_an_ops_keyword_overrides_one_op_and_keeps_the_files_others(tmp_path) -> None:
+    """`ops=` replaced the file's whole `ops:` mapping (its moe_gate override vanished) while
+    `precision=` merged key by key, as load_config says every section does."""
+    from dshal.config import load_config
+
+    path = tmp_path / "dshal.yaml"
+    path.write_text("ops:\n  attention: reference\n  moe_gate: reference\nprecision:\n  fp8_format: e4m3fnuz\n")
+    config = load_config(path, ops={"attention": "cpu"}, precision={"gemm": "int8"})
+    assert dict(config.ops) == {"attention": "cpu", "moe_gate": "reference"}
+    assert config.precision.gemm == "int8" and config.precision.fp8_format == "e4m3fnuz"
+    assert config.origin("ops.moe_gate").startswith(str(path)) and "keyword" in config.origin("ops.attention")

@@ -70,3 +70,34 @@ def test_dshal_run_report_writes_json_and_prints_tables(tmp_path, capsys, monkey
     assert len(data["precision"]["layers"]) == tiny_args().num_hidden_layers
     text = capsys.readouterr().out
     assert "run report: ops served on cpu" in text and f"run report: {out}" in text
+
+
+def test_a_report_counts_its_own_threads_calls_and_a_second_one_is_a_clear_error() -> None:
+    """In a service, request A's report counted request B's op calls (404 instead of 202),
+    and a second concurrent report was a bare RuntimeError from the dispatcher."""
+    import threading
+
+    dshal.use(backend="cpu")
+    x, w = torch.randn(2, 8), torch.ones(8)
+    report = RunReport(dshal.current())
+    started, release, seen = threading.Event(), threading.Event(), []
+
+    def other_request() -> None:
+        started.set()
+        for _ in range(5):
+            dshal.ops.rms_norm(x, w)
+        try:
+            with RunReport(dshal.current()).recording():
+                pass
+        except dshal.DshalError as err:
+            seen.append(str(err))
+        release.set()
+
+    with report.recording():
+        dshal.ops.rms_norm(x, w)
+        worker = threading.Thread(target=other_request)
+        worker.start()
+        release.wait(30)
+        worker.join()
+    assert report.calls["rms_norm"] == 1
+    assert seen and "hooks do not nest" in seen[0]

@@ -143,6 +143,9 @@ class GraphStep:
         start = time.perf_counter()
         out = self._step(*inputs)  # checked (Python input checks and host-side id checks), outside any graph
         replay = self._graph(self._trusted)
+        if not callable(replay):
+            raise ArgumentError(f"argument 'graph': the hook returned a {type(replay).__name__}, expected a callable "
+                                "(the captured step, or the step itself where nothing is captured)")
         if replay == self._trusted:  # the backend captures nothing: later calls run the step eagerly
             self._replay, self.capture_s = replay, time.perf_counter() - start
             return out
@@ -206,9 +209,19 @@ class StaticDecoder:
         if not isinstance(token, torch.Tensor) or token.numel() != batch:
             got = list(token.shape) if isinstance(token, torch.Tensor) else type(token).__name__
             raise ArgumentError(f"StaticDecoder: argument 'token' is {got}, expected {batch} token id(s), one per row")
+        if token.dtype.is_floating_point or token.dtype.is_complex or token.dtype == torch.bool:
+            raise ArgumentError(f"StaticDecoder: argument 'token' has dtype {token.dtype}, expected integer token ids")
         self.token.copy_(token.reshape(-1, 1))
         if isinstance(pos, torch.Tensor):
-            self.position.copy_(pos)  # device to device: its values are the caller's to keep in range
+            if pos.numel() != self.position.numel() or pos.dtype.is_floating_point or pos.dtype == torch.bool:
+                raise ArgumentError(f"StaticDecoder: argument 'pos' is a {pos.dtype} tensor of shape {list(pos.shape)}, "
+                                    f"expected {self.position.numel()} integer position(s)")
+            if pos.device.type == "cpu" and pos.numel():  # a host tensor: checked without a device sync
+                low, high = (int(v) for v in torch.aminmax(pos))
+                if low < 0 or high >= self.cache.max_len:
+                    raise ArgumentError(f"StaticDecoder: argument 'pos' holds {low if low < 0 else high}, expected "
+                                        f"positions in [0, {self.cache.max_len - 1}] (slots of the cache)")
+            self.position.copy_(pos.reshape(self.position.shape))  # a device tensor: its values are the caller's to keep in range
         else:
             if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < self.cache.max_len:
                 raise ArgumentError(f"StaticDecoder: argument 'pos' is {pos!r}, expected an int in "

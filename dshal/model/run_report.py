@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,12 +35,14 @@ class RunReport:
         self.runtime = runtime
         self.model = model
         self.calls: Counter[str] = Counter()
+        self._thread = threading.get_ident()
 
     def _count(self, name: str, provider: Callable[..., Any]) -> Callable[..., Any]:
-        calls = self.calls
+        calls, mine = self.calls, self._thread
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            calls[name] += 1
+            if threading.get_ident() == mine:  # this request's calls, not another thread's
+                calls[name] += 1
             return provider(*args, **kwargs)
 
         counted.__name__ = name
@@ -48,7 +51,9 @@ class RunReport:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[RunReport]:
-        """Count every ``dshal.ops`` call inside the block (on the active runtime)."""
+        """Count every ``dshal.ops`` call this thread makes inside the block (on the active
+        runtime). One recording at a time per process: the op hook does not nest."""
+        self._thread = threading.get_ident()
         with op_hook(self._count):
             yield self
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import dshal
+from dshal.errors import DshalError
 from dshal.ops.catalogue import SPECS
 from dshal.ops.mode import MODE
 
@@ -145,7 +146,10 @@ class Dispatcher:
         the tables hold the providers themselves, so the off state costs nothing."""
         with self._lock:
             if self._hook is not None:
-                raise RuntimeError("an op hook is already installed; hooks do not nest")
+                raise DshalError(
+                    "an op hook is already installed (RunReport.recording, dshal profile or diff tracing, "
+                    "dshal.runtime.op_hook); hooks do not nest: one at a time per process"
+                )
             self._hook = hook
             for table in (self._base, *self._overlays):
                 table.rebuild(hook)
