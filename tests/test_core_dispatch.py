@@ -139,7 +139,7 @@ def test_an_overlay_serves_only_its_own_thread_keeps_the_trusted_mode_and_is_hoo
             assert dispatcher.thread.table["a"]() == "overlay, bare"
         with dispatcher.hooked(lambda name, fn: lambda: f"hooked {fn()}"):
             assert dispatcher.thread.table["a"]() == "hooked overlay"
-            with pytest.raises(RuntimeError, match="do not nest"):
+            with pytest.raises(dshal.DshalError, match="do not nest"):
                 with dispatcher.hooked(lambda name, fn: fn):
                     pass
         assert dispatcher.thread.table["a"]() == "overlay"

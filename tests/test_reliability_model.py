@@ -313,7 +313,7 @@ def test_static_decoder_checks_the_token_and_the_position_it_is_given():
         decoder(torch.tensor([1.7]), 0)  # was truncated to token 1
     assert decoder(torch.tensor([1]), 0).shape == (1, model.args.vocab_size)
     rows = StaticDecoder(model, model.new_cache(2, 8, "absorb", static=True), lambda step: step, per_row=True)
-    with pytest.raises(ArgumentError, match=r"argument 'pos' holds 99, expected positions in \[0, 7\]"):
+    with pytest.raises(ArgumentError, match=r"argument 'pos' holds a position outside \[0, 7\]"):
         rows(torch.tensor([1, 2]), torch.tensor([3, 99]))  # a host tensor: was an IndexError from index_copy_
     with pytest.raises(ArgumentError, match=r"argument 'pos' is a torch.int64 tensor of shape \[3\], expected 2"):
         rows(torch.tensor([1, 2]), torch.tensor([3, 4, 5]))

@@ -216,12 +216,14 @@ class StaticDecoder:
             if pos.numel() != self.position.numel() or pos.dtype.is_floating_point or pos.dtype == torch.bool:
                 raise ArgumentError(f"StaticDecoder: argument 'pos' is a {pos.dtype} tensor of shape {list(pos.shape)}, "
                                     f"expected {self.position.numel()} integer position(s)")
-            if pos.device.type == "cpu" and pos.numel():  # a host tensor: checked without a device sync
-                low, high = (int(v) for v in torch.aminmax(pos))
-                if low < 0 or high >= self.cache.max_len:
-                    raise ArgumentError(f"StaticDecoder: argument 'pos' holds {low if low < 0 else high}, expected "
-                                        f"positions in [0, {self.cache.max_len - 1}] (slots of the cache)")
-            self.position.copy_(pos.reshape(self.position.shape))  # a device tensor: its values are the caller's to keep in range
+            message = f"StaticDecoder: argument 'pos' holds a position outside [0, {self.cache.max_len - 1}] (slots of the cache)"
+            try:  # device-side, no host sync: raises here on CPU tensors, a device assert on a GPU
+                torch._assert_async(((pos >= 0) & (pos < self.cache.max_len)).all(), message)
+            except RuntimeError:
+                raise ArgumentError(message) from None
+            except NotImplementedError:  # a device torch has no async assert for: the caller's to keep in range
+                pass
+            self.position.copy_(pos.reshape(self.position.shape))
         else:
             if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < self.cache.max_len:
                 raise ArgumentError(f"StaticDecoder: argument 'pos' is {pos!r}, expected an int in "

@@ -121,7 +121,7 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
     """``cos, sin [max_position_embeddings, qk_rope_head_dim / 2]`` float32, one angle per
     rotated pair, with YaRN's frequency ramp and cos/sin scale when ``rope_scaling`` is set."""
     dim, base = args.qk_rope_head_dim, args.rope_theta
-    if torch.device(device if device is not None else torch.empty(0).device).type == "meta":
+    if torch.empty(0, device=device).is_meta:  # `device`, else the caller's default (a `with torch.device` block)
         # Shapes only. Not arange: a meta factory op imports triton (through torch._refs and
         # dynamo), which then cannot run under the interpreter an emulated plugin needs later.
         shape = (args.max_position_embeddings, dim // 2)
