@@ -329,8 +329,9 @@ def _note(waivers: list[Waiver], case: Case) -> None:
 
 
 def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: Options) -> list[dict[str, Any]]:
-    # Per result id: a waiver of ``case/vs-prequant`` leaves ``case/vs-dequant`` judged as it is.
-    waivers = {s: for_case(options.waivers, [case.id + s]) for s in case.suffixes}
+    # Per result: a waiver of ``case/vs-prequant`` leaves ``case/vs-dequant`` judged as it is;
+    # one matching the case id itself covers all its results.
+    waivers = {s: for_case(options.waivers, [case.id, case.id + s]) for s in case.suffixes}
     skips = {s: [w for w in ws if w.skip] for s, ws in waivers.items()}
     seed = case_seed(options.seed, case.id)
 

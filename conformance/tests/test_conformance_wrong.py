@@ -156,6 +156,11 @@ def test_a_waiver_of_one_result_leaves_its_sibling_judged(wrong_backend_installe
     dequant = cases[f"{case}/vs-dequant"]
     assert dequant["status"] == "fail" and not dequant.get("waivers"), dequant  # the scales bug still shows
     assert {w["reason"]: w["cases"] for w in rep["waivers"]} == {"prequant path lands later": [case], "names the sibling's metric": []}
+    # A waiver naming the case id covers every result of it.
+    path.write_text(f"waivers:\n  - match: '{case}'\n    skip: true\n    reason: the whole case\n")
+    with wrong_backend_installed():
+        rep = runner.run(runner.resolve("wrong"), runner.Options(cases=[f"{case}/*"], progress=False, waivers=waivers.load(path)))
+    assert {c["id"]: c["status"] for c in rep["cases"]} == {f"{case}/vs-dequant": "skip", f"{case}/vs-prequant": "skip"}
 
 
 def test_collective_threshold_waivers_rejudge_the_ranks() -> None:
