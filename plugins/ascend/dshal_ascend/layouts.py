@@ -65,12 +65,17 @@ def rope_rows_4d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> RopeO
     return x.reshape(1, 1, rows, d).contiguous(), full(c), full(s)
 
 
+#: npu_rotary_mul's bound on B and N (exclusive) in its half mode.
+ROTARY_MAX_BN = 1000
+
+
 def rope_operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> RopeOperands:
     """``x [B, N, S, D]`` with tables that vary only along S (``[S, D/2]``, ``[1, 1, S, D/2]``...):
     pass ``x`` as is and the tables once per position as ``[1, 1, S, D]`` (``cat(c, c)``), which
     npu_rotary_mul broadcasts over B and N (layout "11SD"). Anything else: :func:`rope_rows_4d`."""
     d = x.shape[-1]
-    if x.dim() == 4 and cos.dim() <= 4 and cos.shape == sin.shape:
+    # npu_rotary_mul's half mode wants B, N < 1000 (op-plugin 7.1.0/7.3.0 torch_npu-npu_rotary_mul.md).
+    if x.dim() == 4 and x.shape[0] < ROTARY_MAX_BN and x.shape[1] < ROTARY_MAX_BN and cos.dim() <= 4 and cos.shape == sin.shape:
         padded = (1,) * (4 - cos.dim()) + tuple(cos.shape)
         if padded[0] == 1 and padded[1] == 1 and padded[2] in (1, x.shape[2]) and padded[3] in (1, d // 2):
             seq = (1, 1, x.shape[2], d // 2)
@@ -82,6 +87,25 @@ def rope_operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Rope
 
 
 # ---------------------------------------------------------------- attention
+#: npu_fused_infer_attention_score's limits on Atlas A2/A3 (op-plugin 7.1.0-7.3.0
+#: docs/context/torch_npu-npu_fused_infer_attention_score.md): query float16 / bfloat16, head
+#: dim <= 512 and a multiple of 16, at most 256 query heads, num_heads / num_key_value_heads <= 64.
+FIA_DTYPES = (torch.float16, torch.bfloat16)
+FIA_MAX_HEAD_DIM, FIA_HEAD_DIM_MULTIPLE, FIA_MAX_HEADS, FIA_MAX_GROUP = 512, 16, 256, 64
+
+
+def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why ``npu_fused_infer_attention_score`` cannot take ``q [B, Hq, Tq, D]`` / ``k [B, Hk, Tk, D]``
+    (the reference then serves the call), or None."""
+    d, heads, kv_heads = q.shape[3], q.shape[1], k.shape[1]
+    if q.dtype not in FIA_DTYPES:
+        return f"query dtype {q.dtype} (the kernel takes float16 / bfloat16)"
+    if d > FIA_MAX_HEAD_DIM or d % FIA_HEAD_DIM_MULTIPLE:
+        return f"head dim {d} (the kernel takes at most {FIA_MAX_HEAD_DIM}, a multiple of {FIA_HEAD_DIM_MULTIPLE})"
+    if heads > FIA_MAX_HEADS or heads // max(kv_heads, 1) > FIA_MAX_GROUP:
+        return f"{heads} query heads over {kv_heads} kv heads (at most {FIA_MAX_HEADS}, {FIA_MAX_GROUP} per kv head)"
+    return None
+
 
 
 @dataclass(frozen=True)

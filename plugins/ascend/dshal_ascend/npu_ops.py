@@ -42,6 +42,7 @@ from dshal_ascend.layouts import (
     finish_gate,
     fix_zero_scales,
     fp8_expert_rows,
+    fused_attention_unsupported,
     gating_top_k_fit,
     infer_attention_plan,
     interleave_halves,
@@ -168,6 +169,9 @@ class AscendOps:
         _require_npu_float("rms_norm", "x", x)
         if x.numel() == 0:  # kernels reject empty tensors; plain torch handles them
             return self._reference("rms_norm")(x, weight, eps, residual)
+        if x.dim() == 1:  # the kernels take 2-8 dims (op-plugin torch_npu-npu_rms_norm.md)
+            out = self.rms_norm(x[None], weight, eps, None if residual is None else residual[None])
+            return tuple(t[0] for t in out) if isinstance(out, tuple) else out[0]
         x = x.contiguous()
         same = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         if residual is None:
@@ -209,7 +213,7 @@ class AscendOps:
     # ------------------------------------------------------------ attention
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         _require_npu_float("attention", "q", q)
-        if v.shape[3] > q.shape[3] or q.numel() == 0 or k.numel() == 0:
+        if v.shape[3] > q.shape[3] or q.numel() == 0 or k.numel() == 0 or fused_attention_unsupported(q, k):
             return self._reference("attention")(q, k, v, causal, scale, window, global_tokens)
         # The op's NaN / Inf rule (the fused kernel's own handling is not documented): the
         # kernel runs on zeroed inputs, then the outputs that saw a non-finite value become NaN.
@@ -265,11 +269,9 @@ class AscendOps:
 
     def _grouped_matmul(self, rows, weight_ekn, group_ends, **quant):
         """One ``npu_grouped_matmul`` over expert-sorted ``rows [M, K]`` and ``weight_ekn [E, K, N]``
-        (single tensor in and out: split_item 2); N beyond the kernel limit is split."""
-        if self.features.grouped_matmul_v2:
-            group = dict(group_list=group_ends, group_type=0, group_list_type=0)  # cumulative counts
-        else:
-            group = dict(group_list=[int(c) for c in group_ends.tolist()])  # 6.0.0: int[] (host copy)
+        (single tensor in and out: split_item 2, a Tensor group_list: 7.0.0+); N beyond the
+        kernel limit is split."""
+        group = dict(group_list=group_ends, group_type=0, group_list_type=0)  # cumulative counts
         pieces = []
         for lo, hi in split_ranges(weight_ekn.shape[-1]):
             w = weight_ekn if (lo, hi) == (0, weight_ekn.shape[-1]) else weight_ekn[..., lo:hi]
@@ -293,7 +295,8 @@ class AscendOps:
         if ids.numel() == 0:
             return torch.zeros_like(x)
         hidden, inter = w13.shape[2], w2.shape[2]
-        if max(hidden, inter) > 65535:  # K beyond one call's limit: partial sums would round per piece
+        # 6.0.0's int[] group_list wants a list of 2-D weights (plan_ops routes it to the reference).
+        if max(hidden, inter) > 65535 or not self.features.grouped_matmul_v2:  # K beyond one call's limit: partial sums would round per piece
             return self._reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
         if w13.dtype == torch.int8:
             if not self.features.w8a8_experts:

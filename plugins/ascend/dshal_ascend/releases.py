@@ -217,7 +217,11 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
     else:
         gate = OpRoute("native", "npu_moe_gating_top_k (ids) + exact weights",
                        f"{rel}: E <= 2048, E/n_group > 2, align32(E/n_group)*n_group <= 2048; else reference")
-    if f.w8a8_experts:
+    if not f.grouped_matmul_v2:
+        experts = OpRoute("reference", "dshal reference",
+                          f"{rel}: npu_grouped_matmul takes one [E, K, N] weight only with a Tensor group_list (7.0.0+); "
+                          "its int[] form wants a list of 2-D weights")
+    elif f.w8a8_experts:
         experts = OpRoute("native", "npu_grouped_matmul x2 + npu_swiglu; int8: W8A8 with per_token_scale from "
                           "npu_dynamic_quant; FP8: emulated (active experts decoded to bf16)",
                           f"{rel}: group_list Tensor, group_type 0, group_list_type 0 (cumsum)")
@@ -237,7 +241,8 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
                                     f"{interleaved}a de-interleave permutation around npu_rotary_mul"),
         "attention": OpRoute("native", "npu_fused_infer_attention_score (BNSD, num_key_value_heads)",
                              "causal: sparse_mode 3 + 2048x2048 mask; window: band sparse_mode 4 (pre/next tokens); "
-                             "window + global tokens: dense mask, sparse_mode 0; one query: keys sliced"),
+                             "window + global tokens: dense mask, sparse_mode 0; one query: keys sliced; float32, "
+                             "head dim > 512 or not a multiple of 16, > 256 heads or > 64 per kv head: reference"),
         "moe_gate": gate,
         "moe_experts": experts,
         "quantize_int8": OpRoute("native", "npu_dynamic_quant (bf16/fp16)", "float32 input: reference"),

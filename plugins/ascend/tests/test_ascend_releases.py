@@ -75,11 +75,13 @@ def test_ascend_capabilities_declare_fp8_emulated_and_auto_choice():
     assert "moe_gate" not in caps.op_kinds  # 6.0.0: the reference serves it
     assert caps.notes["op moe_gate"].startswith("reference")
     # Per weight format (Capabilities.op_paths): FP8 decoded, bf16 and int8 linears on CANN kernels;
-    # 6.0.0 has no grouped W8A8, so int8 experts are the reference there.
-    linear, experts = caps.op_paths["linear"], caps.op_paths["moe_experts"]
+    # 6.0.0's grouped matmul takes no single [E, K, N] weight, so the reference serves the experts.
+    linear = caps.op_paths["linear"]
     assert {f: p.kind for f, p in linear.items()} == {
         "bf16": "native", "int8": "native", "fp8-block": "emulated", "fp8-row": "emulated", "fp8-tensor": "emulated"}
-    assert {f: p.kind for f, p in experts.items()} == {"bf16": "native", "int8": "reference", "fp8-block": "emulated"}
+    assert "moe_experts" not in caps.op_kinds and "moe_experts" not in caps.op_paths
+    later = AscendBackend().standin_capabilities("7.1.0")
+    assert {f: p.kind for f, p in later.op_paths["moe_experts"].items()} == {"bf16": "native", "int8": "native", "fp8-block": "emulated"}
 
 
 def test_ascend_probe_child_source_compiles_and_asks_for_every_kernel():
