@@ -85,6 +85,7 @@ def test_nvidia_no_vendor_import_at_import_or_discovery():
     assert after_op == ["triton"]  # the kernels are really used once an op runs
 
 
+@pytest.mark.needs_interpreter  # emulation itself: Triton >= 3.8
 def test_emulated_nvidia_after_a_model_was_built_on_cpu():
     """A service that built a model on cpu could never switch to emulated nvidia: the meta
     build's arange imported triton (torch._refs -> dynamo) before TRITON_INTERPRET was set."""
