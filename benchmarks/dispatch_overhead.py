@@ -4,6 +4,7 @@ Times, side by side in one run, on a small tensor (so the math is cheap and the
 overheads show), the active runtime's ``rms_norm`` provider (``--backend``, default cpu):
 
 1. ``dshal.ops.rms_norm``                  -- dispatch: table lookup + input checks + device check
+                                              + the check of the outputs against the op's declared ones
 2. ``runtime.table["rms_norm"]``           -- the same checked provider, called without dispatch
 3. ``runtime.unchecked["rms_norm"]``       -- the bare provider: no checks
 4. ``dshal.ops.rms_norm`` in ``ops.trusted()`` -- dispatch without the checks (model decode steps)
@@ -111,7 +112,7 @@ def main() -> None:
     dispatch, direct, raw, trusted = rows.values()
     added = dispatch - direct
     print(f"added by dispatch (dispatch - checked provider): {added:+.3f} us  (goal <= 1 us: {'met' if added <= 1 else 'MISSED'})")
-    print(f"input checks (checked provider - provider):     {direct - raw:+.3f} us")
+    print(f"input + output checks (checked provider - provider): {direct - raw:+.3f} us")
     print(f"dispatch in ops.trusted() (trusted - provider): {trusted - raw:+.3f} us")
     off_added = hook_rows["off"] - hook_rows["checked"]
     print(f"profiling hook off again: dispatch - checked provider = {off_added:+.3f} us (before any hook: {added:+.3f} us); "

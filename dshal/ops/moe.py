@@ -213,7 +213,7 @@ def _moe_experts_cost(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
 
 @moe_experts.outputs
 def _moe_experts_outputs(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
-    return (Output(tuple(x.shape), x.dtype),)
+    return (Output(x.shape, x.dtype),)
 
 
 # ---------------------------------------------------------------- examples

@@ -54,8 +54,8 @@ def _rms_norm_cost(x, weight, eps=1e-6, residual=None):
 
 @rms_norm.outputs
 def _rms_norm_outputs(x, weight, eps=1e-6, residual=None):
-    y = Output(tuple(x.shape), x.dtype)
-    return (y,) if residual is None else (y, Output(tuple(x.shape), x.dtype))
+    y = Output(x.shape, x.dtype)
+    return (y,) if residual is None else (y, y)  # the norm, and x + residual
 
 
 # ---------------------------------------------------------------- examples

@@ -178,7 +178,7 @@ def _quantize_fp8_cost(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
 
 @quantize_fp8.outputs
 def _quantize_fp8_outputs(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
-    return Output(tuple(x.shape)), Output(scale_shape(x.shape, block) if x.dim() else ())
+    return Output(x.shape), Output(scale_shape(x.shape, block) if x.dim() else ())
 
 
 # ---------------------------------------------------------------- dequantize_fp8
@@ -234,7 +234,7 @@ def _dequantize_fp8_cost(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
 
 @dequantize_fp8.outputs
 def _dequantize_fp8_outputs(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
-    return (Output(tuple(q.shape), out_dtype),)
+    return (Output(q.shape, out_dtype),)
 
 
 # ---------------------------------------------------------------- int8
@@ -266,7 +266,7 @@ def _quantize_int8_cost(x):
 
 @quantize_int8.outputs
 def _quantize_int8_outputs(x):
-    return Output(tuple(x.shape), torch.int8), Output((*x.shape[:-1], 1), torch.float32)
+    return Output(x.shape, torch.int8), Output((*x.shape[:-1], 1), torch.float32)
 
 
 # ---------------------------------------------------------------- host FP8 -> int8

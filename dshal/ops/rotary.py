@@ -63,7 +63,7 @@ def _rotary_embedding_cost(x, cos, sin, interleaved=True):
 
 @rotary_embedding.outputs
 def _rotary_embedding_outputs(x, cos, sin, interleaved=True):
-    return (Output(tuple(x.shape), x.dtype),)
+    return (Output(x.shape, x.dtype),)
 
 
 # ---------------------------------------------------------------- examples

@@ -32,7 +32,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -173,16 +173,15 @@ class OpSpec:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             check(*args, **kwargs)
-            if device_type is not None:
-                x = args[0] if args else kwargs[first]
-                if x.device.type != device_type:
-                    raise DeviceError(
-                        f"{name}: argument {first!r} is on device {x.device}, "
-                        f"expected a {device_type!r} tensor (the active backend's device)"
-                    )
+            x = args[0] if args else kwargs[first]
+            if device_type is not None and x.device.type != device_type:
+                raise DeviceError(
+                    f"{name}: argument {first!r} is on device {x.device}, "
+                    f"expected a {device_type!r} tensor (the active backend's device)"
+                )
             out = impl(*args, **kwargs)
             if outputs is not None:
-                check_outputs(name, provider, out, outputs(*args, **kwargs), (args[0] if args else kwargs[first]).device)
+                check_outputs(name, provider, out, outputs(*args, **kwargs), x.device)
             return out
 
         call.__name__ = call.__qualname__ = name
@@ -208,9 +207,9 @@ class OpSpec:
         return f"<op {self.name}{self.signature}>"
 
 
-@dataclass(frozen=True)
-class Output:
-    """One tensor an op returns: its shape, and its dtype where the contract fixes it."""
+class Output(NamedTuple):
+    """One tensor an op returns: its shape (a tuple or ``torch.Size``), and its dtype where the
+    contract fixes it. A NamedTuple: the rules run on every checked call."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None = None
@@ -218,8 +217,20 @@ class Output:
 
 def check_outputs(op: str, provider: str, out: Any, expected: tuple[Output, ...], device: torch.device) -> None:
     """ProviderError unless ``out`` is the tensors ``expected`` says (one tensor, or a tuple
-    of them), on ``device`` (the first argument's)."""
-    got = out if isinstance(out, tuple) else (out,)
+    of them), on ``device`` (the first argument's). The passing path is a few attribute
+    compares (about 1 µs); the message is built only on failure."""
+    got = out if type(out) is tuple else (out,)
+    if len(got) == len(expected):
+        for t, want in zip(got, expected):
+            if (not isinstance(t, torch.Tensor) or t.shape != want.shape
+                    or (want.dtype is not None and t.dtype != want.dtype) or t.device != device):
+                break
+        else:
+            return
+    _output_error(op, provider, got, expected, device)
+
+
+def _output_error(op: str, provider: str, got: tuple[Any, ...], expected: tuple[Output, ...], device: torch.device) -> None:
     if len(got) != len(expected) or not all(isinstance(t, torch.Tensor) for t in got):
         seen = ", ".join(type(t).__name__ for t in got)
         raise ProviderError(f"{op}: provider {provider!r} returned ({seen}), expected {len(expected)} tensor(s)")
