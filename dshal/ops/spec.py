@@ -217,9 +217,9 @@ class Output(NamedTuple):
 
 def check_outputs(op: str, provider: str, out: Any, expected: tuple[Output, ...], device: torch.device) -> None:
     """ProviderError unless ``out`` is the tensors ``expected`` says (one tensor, or a tuple
-    of them), on ``device`` (the first argument's). The passing path is a few attribute
+    or list of them), on ``device`` (the first argument's). The passing path is a few attribute
     compares (about 1 µs); the message is built only on failure."""
-    got = out if type(out) is tuple else (out,)
+    got = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if len(got) == len(expected):
         for t, want in zip(got, expected):
             if (not isinstance(t, torch.Tensor) or t.shape != want.shape
