@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before DeepSeek's kernels are decorated
 
@@ -107,6 +108,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--steps", type=int, default=6, help="decode steps after the prefill")
     opts = parser.parse_args()
+    missing = [f for f in ("model.py", "kernel.py", "convert.py") if not (Path(opts.inference_dir) / f).is_file()]
+    if missing:
+        parser.error(f"--inference-dir {opts.inference_dir}: no {', '.join(missing)} there; expected DeepSeek-V3's "
+                     "inference/ folder (git clone https://github.com/deepseek-ai/DeepSeek-V3)")
     dshal.use(backend="cpu")
     for seed in (int(s) for s in opts.seeds.split(",")):
         with tempfile.TemporaryDirectory() as root:

@@ -1,7 +1,7 @@
 """What does ``dshal.ops.<op>`` dispatch cost on top of the op itself?
 
 Times, side by side in one run, on a small tensor (so the math is cheap and the
-overheads show), the active runtime's ``rms_norm`` provider (``--backend``, default cpu):
+overheads show), the ``cpu`` backend's ``rms_norm`` provider:
 
 1. ``dshal.ops.rms_norm``                  -- dispatch: table lookup + input checks + device check
                                               + the check of the outputs against the op's declared ones

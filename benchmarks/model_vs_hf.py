@@ -122,6 +122,8 @@ def main() -> int:
     parser.add_argument("--decode-prompts", type=int, nargs="+", default=[64, 512], help="prompt lengths for decode")
     parser.add_argument("--json", help="write the figures here too")
     opts = parser.parse_args()
+    if opts.new_tokens < 3:  # decode is the median gap between consecutive new tokens
+        parser.error(f"--new-tokens {opts.new_tokens}: expected at least 3 (two gaps between new tokens to time)")
     torch.set_num_threads(opts.threads)
     import transformers
 

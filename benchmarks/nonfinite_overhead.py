@@ -1,13 +1,13 @@
 """What the non-finite safety checks of issue #16 cost, measured side by side in one run.
 
-1. Attention's non-finite guard on the cpu backend: the op as shipped (finite inputs: one
-   isfinite scan of q, k, v, then the kernel) against the same kernel with the guard
+1. Attention's non-finite guard on the cpu backend: the op as shipped (finite inputs: three
+   sums of q, k, v read on the host, then the kernel) against the same kernel with the guard
    bypassed. Decode (MLA absorbed: all heads on one latent head) and prefill shapes.
 2. The guard a device backend builds on every call (``may_read_host=False``: no host read, so
    it cannot skip itself for finite inputs), alone, at a decode step of DeepSeek-V3's absorbed
    MLA: the general path (zeroed copies of q, k and v, per-key prefix sums; taken here by a
    window as long as the keys, which hides none) against the path for a query that sees every
-   key (min/max reductions, no copies).
+   key (products of zeros with k and v, whose IEEE 0·NaN = NaN marks the non-finite ones; no copies).
 3. The load-time NaN/Inf scan of checkpoint weights: ``from_pretrained`` of a small random
    checkpoint with ``DSHAL_CHECK_FINITE=1`` (default) against ``=0``.
 

@@ -26,6 +26,8 @@ import dshal
 from dshal.model import random_model
 from dshal.model.decode import static_decode_step
 
+#: Tokens prefilled before the timed decode steps.
+PROMPT = 16
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,11 +37,14 @@ def main() -> int:
     parser.add_argument("--cache-len", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=8, help="decode steps per timed run")
     opts = parser.parse_args()
+    if opts.steps < 1 or opts.cache_len < PROMPT + opts.steps:
+        parser.error(f"--cache-len {opts.cache_len} must hold the {PROMPT}-token prompt and --steps {opts.steps} "
+                     f"(at least {PROMPT + max(opts.steps, 1)}), and --steps must be >= 1")
     torch.set_num_threads(opts.threads)
     dshal.use(backend="cpu")
     args = bench_args().with_(kv_lora_rank=512, qk_rope_head_dim=64, max_position_embeddings=max(opts.cache_len, 2048))
     model = random_model(args, seed=0)
-    prompt = torch.randint(0, args.vocab_size, (opts.batch, 16), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, args.vocab_size, (opts.batch, PROMPT), generator=torch.Generator().manual_seed(1))
     caches = {"plain cache": model.new_cache(opts.batch, opts.cache_len, "absorb"),
               "static cache": model.new_cache(opts.batch, opts.cache_len, "absorb", static=True)}
     token = prompt[:, -1:].clone()
@@ -49,7 +54,7 @@ def main() -> int:
         def run():
             with torch.inference_mode(), dshal.ops.trusted():
                 for i in range(opts.steps):
-                    logits[id(cache)] = static_decode_step(model, token, torch.tensor([16 + i]), cache)
+                    logits[id(cache)] = static_decode_step(model, token, torch.tensor([PROMPT + i]), cache)
         return run
 
     with torch.inference_mode():
