@@ -317,6 +317,8 @@ def test_static_decoder_checks_the_token_and_the_position_it_is_given():
         rows(torch.tensor([1, 2]), torch.tensor([3, 99]))  # a host tensor: was an IndexError from index_copy_
     with pytest.raises(ArgumentError, match=r"argument 'pos' is a torch.int64 tensor of shape \[3\], expected 2"):
         rows(torch.tensor([1, 2]), torch.tensor([3, 4, 5]))
+    with pytest.raises(ArgumentError, match=r"argument 'pos' is a torch.complex64 tensor"):
+        rows(torch.tensor([1, 2]), torch.tensor([3, 4], dtype=torch.complex64))  # was "holds a position outside"
     assert rows(torch.tensor([1, 2]), torch.tensor([3, 4])).shape == (2, model.args.vocab_size)
     hook_returning_none = StaticDecoder(model, model.new_cache(1, 8, "absorb", static=True), lambda step: None)
     with pytest.raises(ArgumentError, match=r"argument 'graph': the hook returned a NoneType, expected a callable"):
@@ -339,3 +341,19 @@ def test_model_args_built_in_python_are_checked_like_config_json(changes, said):
     these values got as far as a math domain error, a TypeError or a torch error."""
     with pytest.raises(ConfigError, match=said):
         tiny_args(**changes)
+
+
+def test_rope_tables_on_meta_are_float32_whatever_the_default_dtype():
+    """The meta path (shapes only, so a model build imports no triton) followed torch's
+    default dtype, where the tables are float32 on every device."""
+    from dshal.model import tiny_args
+    from dshal.model.model import rope_tables
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        cos, sin = rope_tables(tiny_args(), "meta")
+    finally:
+        torch.set_default_dtype(previous)
+    assert cos.is_meta and cos.dtype == sin.dtype == torch.float32
+    assert cos.shape == rope_tables(tiny_args(), "cpu")[0].shape

@@ -213,16 +213,16 @@ class StaticDecoder:
             raise ArgumentError(f"StaticDecoder: argument 'token' has dtype {token.dtype}, expected integer token ids")
         self.token.copy_(token.reshape(-1, 1))
         if isinstance(pos, torch.Tensor):
-            if pos.numel() != self.position.numel() or pos.dtype.is_floating_point or pos.dtype == torch.bool:
+            if (pos.numel() != self.position.numel() or pos.dtype.is_floating_point or pos.dtype.is_complex
+                    or pos.dtype == torch.bool):
                 raise ArgumentError(f"StaticDecoder: argument 'pos' is a {pos.dtype} tensor of shape {list(pos.shape)}, "
                                     f"expected {self.position.numel()} integer position(s)")
-            message = f"StaticDecoder: argument 'pos' holds a position outside [0, {self.cache.max_len - 1}] (slots of the cache)"
-            try:  # device-side, no host sync: raises here on CPU tensors, a device assert on a GPU
-                torch._assert_async(((pos >= 0) & (pos < self.cache.max_len)).all(), message)
-            except RuntimeError:
-                raise ArgumentError(message) from None
-            except NotImplementedError:  # a device torch has no async assert for: the caller's to keep in range
-                pass
+            if pos.is_cpu:  # host memory: checked at no device cost (a device tensor is the caller's to keep in range)
+                message = f"StaticDecoder: argument 'pos' holds a position outside [0, {self.cache.max_len - 1}] (slots of the cache)"
+                try:  # not a Python read of the values: the host-sync count of a step stays 0
+                    torch._assert_async(((pos >= 0) & (pos < self.cache.max_len)).all(), message)
+                except RuntimeError:
+                    raise ArgumentError(message) from None
             self.position.copy_(pos.reshape(self.position.shape))
         else:
             if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < self.cache.max_len:

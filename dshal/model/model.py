@@ -125,7 +125,7 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
         # Shapes only. Not arange: a meta factory op imports triton (through torch._refs and
         # dynamo), which then cannot run under the interpreter an emulated plugin needs later.
         shape = (args.max_position_embeddings, dim // 2)
-        return torch.empty(shape, device="meta"), torch.empty(shape, device="meta")
+        return torch.empty(shape, dtype=torch.float32, device="meta"), torch.empty(shape, dtype=torch.float32, device="meta")
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     attention_factor = 1.0
     rs = args.rope_scaling
