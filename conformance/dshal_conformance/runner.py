@@ -31,7 +31,7 @@ from dshal_conformance.cases import all_cases, case_seed
 from dshal_conformance.cases.base import Case, Context, NotPlaceable, Outcome, fail_all, unsupported_outcomes
 from dshal_conformance.collectives import run_group
 from dshal_conformance.judge import Verdict
-from dshal_conformance.waivers import Waiver, for_case
+from dshal_conformance.waivers import Waiver, for_case, thresholds
 
 DEFAULT_SEED = 20250101
 DEFAULT_CASE_TIMEOUT_S = 120.0
@@ -290,7 +290,7 @@ class Session:
 
         if runnable:
             timeout = self.options.case_timeout_s + 30 * world
-            limits = {case.id: {k: v for w in waivers[case.id] for k, v in w.thresholds.items()} for case in runnable}
+            limits = {case.id: thresholds(waivers[case.id]) for case in runnable}
             run_group(self.target.name, self.target.emulate, world, runnable, timeout, on_done, limits=limits)
         self.records += out
         return out
@@ -354,7 +354,7 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
         emulated=rt.emulated,
     )
     for suffix, ws in waivers.items():
-        ctx.waived[suffix] = {k: v for w in ws for k, v in w.thresholds.items()}
+        ctx.waived[suffix] = thresholds(ws)
     t0 = time.perf_counter()
     body = case.body
     if body is None:

@@ -110,3 +110,8 @@ def default_path(backend: Any, name: str, search_from: Path | None = None) -> Pa
 
 def for_case(waivers: list[Waiver], result_ids: list[str]) -> list[Waiver]:
     return [w for w in waivers if any(w.matches(i) for i in result_ids)]
+
+
+def thresholds(waivers: list[Waiver]) -> dict[str, float]:
+    """metric -> loosened threshold, from ``waivers`` (a later waiver's value wins)."""
+    return {metric: limit for w in waivers for metric, limit in w.thresholds.items()}

@@ -100,7 +100,7 @@ class ShardView:
         if shard.total is None or shard.dim >= len(found):
             return
         want = list(full) if full is not None else [*found[: shard.dim], shard.total, *found[shard.dim + 1:]]
-        if found[shard.dim] != shard.total or (full is not None and found != want):
+        if found != want:
             axis = "rows" if shard.dim == 0 else "columns"
             raise CheckpointError(
                 f"checkpoint {self.path}: tensor {name!r} has shape {found}, expected {want} "
@@ -110,7 +110,8 @@ class ShardView:
     def _plain(self, name: str, shard: Shard, full: list[int] | None = None) -> None:
         if name not in self.reader:
             return
-        self._check_full(name, shard, full)
+        if full is None:  # a weight's full shape is checked by _weight, before it decides the path
+            self._check_full(name, shard)
         shape = list(self.reader.shape(name))
         index = _index(shard, len(shape))
         shape[shard.dim] = shard.stop - shard.start
@@ -125,11 +126,11 @@ class ShardView:
             full[shard.dim] = shard.total
         if name not in self.reader:  # the loader says it is missing, where it is not optional (a tied lm_head)
             return
+        self._check_full(name, shard, full)
         quantized = self.reader.dtype(name) in FP8_DTYPES.values() and scale_name in self.reader
         if not quantized:
             self._plain(name, shard, full)
             return
-        self._check_full(name, shard, full)
         block = self.block[shard.dim]
         scale_shard = Shard(shard.dim, shard.start // block, math.ceil(shard.stop / block))
         if shard.total is not None and len(full) == 2:  # the scale of the full weight: one per block
