@@ -64,6 +64,7 @@ ATTENTION_CASES = {
     "prefill-causal": (4, 4, 16, 16, 32, 32, True, None, 0),
     "chunk-after-cache": (4, 2, 5, 21, 32, 32, True, None, 0),
     "chunk-after-cache-one-kv-head-mla-dims": (4, 1, 6, 30, 48, 32, True, None, 0),
+    "chunk-after-cache-values-wider": (2, 2, 3, 7, 16, 32, True, None, 0),  # the flash pair needs Dv <= D
     "decode-absorbed-shape": (8, 1, 1, 40, 48, 40, True, None, 0),
     "decode-batch-of-queries-noncausal": (6, 3, 3, 9, 16, 8, False, None, 0),
     "more-queries-than-keys": (2, 2, 7, 4, 16, 16, True, None, 0),

@@ -118,3 +118,37 @@ def test_the_guard_copies_nothing_where_every_key_is_visible():
     q, k, v = _inputs(8, 8, 3, {})  # causal, Tq > 1: keys hidden from some queries, zeroed copies
     masked = nonfinite_guard(q, k, v, True, may_read_host=False)
     assert masked.k is not k and torch.equal(masked.k, k)
+
+
+def test_values_sharing_the_keys_buffer_in_every_layout(clean_dshal_env):
+    """v and k as views of one buffer: v = k's first columns (absorbed MLA: the zeroed copy the
+    guard makes is shared too), and v *wider* than k (k = buf[..., :D], v = buf: Dv > D is the
+    contract's). The second crashed in the guard's shortcut, which read v as k's columns."""
+    from dshal.ops.attention import nonfinite_guard
+
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 4, 24, generator=gen)
+    buf = torch.randn(1, 1, 10, 40, generator=gen)
+    buf[0, 0, 2, 30] = float("nan")  # a value column past the keys (in v only)
+    buf[0, 0, 6, 3] = float("inf")  # in both
+    for k, v in ((buf[..., :24], buf[..., :24][..., :16]), (buf[..., :24], buf)):
+        want = expected_nan(q, k, v, True, None, 0)
+        for name, attention in _providers():
+            out = attention(q, k, v, causal=True)
+            assert out.shape == (1, 4, 4, v.shape[3]) and torch.equal(torch.isnan(out), want), name
+    k, v = buf[..., :24], buf[..., :16]
+    guard = nonfinite_guard(q, k, v, True, may_read_host=False)  # causal, Tq > 1: zeroed copies
+    assert guard.v.data_ptr() == guard.k.data_ptr() and guard.v.stride() == guard.k.stride()
+
+
+@pytest.mark.parametrize("window", [2**62, 2**63 - 1])
+def test_a_window_near_the_int64_limit_hides_nothing(window, clean_dshal_env):
+    """``pos + window`` wrapped in int64 for a window near 2**63: the guard then thought the
+    queries saw no key and dropped a NaN they do see."""
+    q, k, v = _inputs(5, 5, 1, {"k": float("nan")})
+    want = expected_nan(q, k, v, False, None, 0)
+    assert want.any()
+    for name, attention in _providers():
+        for global_tokens in (0, 2):
+            out = attention(q, k, v, causal=False, window=window, global_tokens=global_tokens)
+            assert torch.equal(torch.isnan(out), want), name

@@ -274,7 +274,7 @@ def _attention_kernels(q, k, v, causal, scale, window, global_tokens):  # noqa: 
     gqa = hq != k.shape[1]
     if causal and window is None and tq == tk:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    elif causal and window is None and tq < tk and FLASH_WITH_LSE is not None:
+    elif causal and window is None and tq < tk and dv <= d and FLASH_WITH_LSE is not None:  # flash: one head dim
         out = _attention_after_cached(q, k, v, scale)
     else:
         seen = visible_keys(tq, tk, causal, window, global_tokens, q.device)  # [Tq, Tk]

@@ -75,6 +75,7 @@ def visible_keys(tq: int, tk: int, causal: bool, window: int | None, global_toke
     when every key is visible."""
     if not causal and window is None:
         return None
+    window = _within_reach(window, tq, tk)
     pos = torch.arange(tq, device=device)[:, None] + (tk - tq)
     key = torch.arange(tk, device=device)[None, :]
     if causal:
@@ -86,12 +87,19 @@ def visible_keys(tq: int, tk: int, causal: bool, window: int | None, global_toke
     return seen
 
 
+def _within_reach(window: int | None, tq: int, tk: int) -> int | None:
+    """``window`` capped at ``Tq + Tk``, past which it hides nothing: a window near the int64
+    limit would wrap in ``pos + window``."""
+    return None if window is None else min(window, tq + tk)
+
+
 def _visible_ranges(
     tq: int, tk: int, causal: bool, window: int | None, global_tokens: int, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per query, its visible keys as disjoint index ranges ``[start, end)`` (each bound a
     ``[Tq]`` int64 tensor): the band, and the global keys below and above it -- the same
     set as :func:`visible_keys`."""
+    window = _within_reach(window, tq, tk)
     pos = torch.arange(tq, device=device) + (tk - tq)
     if causal:
         lo, hi = (pos - window + 1 if window is not None else torch.zeros_like(pos)), pos
@@ -146,7 +154,8 @@ def nonfinite_guard(
     hk, tk, dv = k.shape[1], k.shape[2], v.shape[3]
     if window is None and (not causal or tq == 1) and min(q.shape) > 0 and min(k.shape) > 0 and dv > 0:
         return _all_keys_visible_guard(q, k, v)
-    bad_q, bad_k, bad_v = ~torch.isfinite(q), ~torch.isfinite(k), ~torch.isfinite(v)
+    bad_q, bad_k = ~torch.isfinite(q), ~torch.isfinite(k)
+    bad_v = bad_k[..., :dv] if _leading_columns(v, k) else ~torch.isfinite(v)
     ranges = _visible_ranges(tq, tk, causal, window, global_tokens, q.device)
     # Non-finite keys / value entries per prefix of the keys, then summed over each query's ranges.
     per_key = torch.cat((bad_k.any(dim=-1, keepdim=True), bad_v), dim=-1).to(torch.int32)  # [B, Hk, Tk, 1 + Dv]
@@ -156,7 +165,17 @@ def nonfinite_guard(
     sees_any = (sum(end - start for start, end in ranges) > 0)[:, None]  # [Tq, 1]: seeing nothing gives zeros
     from_q = bad_q.any(dim=-1, keepdim=True) & sees_any  # [B, Hq, Tq, 1]
     poison = (from_kv[:, :, None] | from_q.reshape(batch, hk, hq // hk, tq, 1)).reshape(batch, hq, tq, dv)
-    return NonFiniteGuard(q.masked_fill(bad_q, 0), k.masked_fill(bad_k, 0), v.masked_fill(bad_v, 0), poison)
+    safe_k = k.masked_fill(bad_k, 0)
+    # MLA's absorbed values stay the zeroed keys' first columns: one copy, and a kernel can share it.
+    safe_v = safe_k[..., :dv] if _leading_columns(v, k) else v.masked_fill(bad_v, 0)
+    return NonFiniteGuard(q.masked_fill(bad_q, 0), safe_k, safe_v, poison)
+
+
+def _leading_columns(v: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``v`` is ``k[..., :Dv]`` (MLA's absorbed decode: the values are the latent's first
+    ``kv_lora`` columns)."""
+    return (v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and v.shape[:-1] == k.shape[:-1]
+            and v.shape[-1] <= k.shape[-1])
 
 
 def _all_keys_visible_guard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> NonFiniteGuard:
@@ -178,7 +197,7 @@ def _all_keys_visible_guard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
     zeros = k.new_zeros(*k.shape[:2], 1, k.shape[2])  # [B, Hk, 1, Tk]
     key_columns = (zeros @ k).isnan()  # [B, Hk, 1, D]
-    if v.data_ptr() == k.data_ptr() and v.stride() == k.stride():  # v = k[..., :Dv]
+    if _leading_columns(v, k):
         value_columns = key_columns[..., :dv]
     else:
         value_columns = (zeros @ v).isnan()  # [B, Hk, 1, Dv]
@@ -238,7 +257,8 @@ BF16, F32 = torch.bfloat16, torch.float32
 #: ``b, hq, tq, d`` (``hk`` = hq, ``tk`` = tq, ``dv`` = d unless given) and the op's keywords.
 #: ``nan``: (tensor, index) pairs to poison with ``value`` (default NaN). Full and bench rows
 #: are DeepSeek-V3's MLA: 128 heads, q/k head dim 192 = 128 + rope 64, v head dim 128;
-#: absorbed decode attends one shared latent head (kv_lora 512 + rope 64, values 512).
+#: absorbed decode attends one shared latent head (kv_lora 512 + rope 64, values 512): ``latent``
+#: makes v the keys' first ``dv`` columns, as the model passes them (a view: a NaN in k is in v too).
 ATTENTION_ROWS = [
     dict(name="bf16/causal/B1xH4xT64xD64", dtype=BF16, b=1, hq=4, hk=4, tq=64, tk=64, d=64),
     dict(name="f32/causal/gqa/B2xHq8xHk2xT32xD32", dtype=F32, b=2, hq=8, hk=2, tq=32, tk=32, d=32),
@@ -268,6 +288,11 @@ ATTENTION_ROWS = [
     dict(name="bf16/nan-in-key/decode/Tq1xTk64/gqa", kind="edge", dtype=BF16, b=2, hq=4, hk=2, tq=1, tk=64, d=64, nan=[("k", (1, 0, 40, 5))]),
     dict(name="bf16/nan-in-key/decode-window16/Tq1xTk64", kind="edge", dtype=BF16, b=1, hq=2, hk=2, tq=1, tk=64, d=64, window=16,
          nan=[("k", (0, 0, 10, 5)), ("v", (0, 1, 60, 1))]),
+    # absorbed MLA: decode, an MTP step's few queries, a NaN in the shared latent
+    dict(name="bf16/mla/absorbed-decode/B2xHq32xHk1xTk300xD576xDv512", dtype=BF16, b=2, hq=32, hk=1, tq=1, tk=300, d=576, dv=512, latent=True),
+    dict(name="bf16/mla/absorbed-mtp/Hq32xHk1xTq2xTk130xD576xDv512", dtype=BF16, b=1, hq=32, hk=1, tq=2, tk=130, d=576, dv=512, latent=True),
+    dict(name="bf16/nan-in-latent/absorbed-decode/Hq32xTk64", kind="edge", dtype=BF16, b=2, hq=32, hk=1, tq=1, tk=64, d=576, dv=512,
+         latent=True, nan=[("k", (1, 0, 40, 7))]),
     dict(name="bf16/mla/prefill/H128xT1024xD192xDv128", tier="full", dtype=BF16, b=1, hq=128, hk=128, tq=1024, tk=1024, d=192, dv=128),
     dict(name="bf16/mla/decode/H128xTk4096xD192xDv128", tier="full", dtype=BF16, b=4, hq=128, hk=128, tq=1, tk=4096, d=192, dv=128),
     dict(name="bf16/mla/window512/H128xT2048", tier="full", dtype=BF16, b=1, hq=128, hk=128, tq=2048, tk=2048, d=192, dv=128, window=512, global_tokens=16),
@@ -276,7 +301,7 @@ ATTENTION_ROWS = [
     dict(name="bench/bf16/decode/B4xHq16xHk1xTk256xD96xDv64", kind="bench", dtype=BF16, b=4, hq=16, hk=1, tq=1, tk=256, d=96, dv=64),
     dict(name="bench/bf16/mla/prefill/H128xT4096xD192xDv128", kind="bench", tier="full", dtype=BF16, b=1, hq=128, tq=4096, d=192, dv=128),
     dict(name="bench/bf16/mla/absorbed-decode/B64xHq128xHk1xTk4096xD576xDv512", kind="bench", tier="full", dtype=BF16,
-         b=64, hq=128, hk=1, tq=1, tk=4096, d=576, dv=512),
+         b=64, hq=128, hk=1, tq=1, tk=4096, d=576, dv=512, latent=True),
 ]
 
 
@@ -284,10 +309,11 @@ ATTENTION_ROWS = [
 def _attention_example(draw: Draw, p) -> Example:
     b, hq, tq, d = p["b"], p["hq"], p["tq"], p["d"]
     hk, tk, dv, dtype = p.get("hk", hq), p.get("tk", tq), p.get("dv", d), p.get("dtype", BF16)
+    q, k = draw.randn(b, hq, tq, d, dtype=dtype), draw.randn(b, hk, tk, d, dtype=dtype)
     kw = {
-        "q": draw.randn(b, hq, tq, d, dtype=dtype),
-        "k": draw.randn(b, hk, tk, d, dtype=dtype),
-        "v": draw.randn(b, hk, tk, dv, dtype=dtype),
+        "q": q,
+        "k": k,
+        "v": k[..., :dv] if p.get("latent") else draw.randn(b, hk, tk, dv, dtype=dtype),
         "causal": p.get("causal", True),
         "scale": p.get("scale"),
         "window": p.get("window"),

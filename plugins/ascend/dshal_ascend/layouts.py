@@ -107,6 +107,49 @@ def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
+#: The MLA form of npu_fused_infer_attention_score on A2/A3 (``query_rope`` / ``key_rope``; op-plugin
+#: 7.1.0-7.3.0 docs/context/torch_npu-npu_fused_infer_attention_score.md, query D 512): query
+#: D 512 + rope 64, 32 / 64 / 128 query heads over one kv head, 1-16 queries, page attention
+#: required (block_size 16 or 128), one query: sparse_mode 0 and no mask, more: sparse_mode 3 with
+#: the compressed mask. dshal's absorbed MLA decode steps are this shape (r 512, rope 64).
+MLA_LATENT_DIM, MLA_ROPE_DIM, MLA_HEADS, MLA_MAX_QUERIES = 512, 64, (32, 64, 128), 16
+MLA_BLOCK_SIZE = 128
+
+
+def mla_form_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None) -> str | None:
+    """Why the kernel's MLA form cannot take absorbed ``q [B, H, Tq, r + rope]``, ``k [B, 1, Tk, r + rope]``,
+    ``v [B, 1, Tk, r]``, or None."""
+    heads, tq, d = q.shape[1:]
+    if d != MLA_LATENT_DIM + MLA_ROPE_DIM or v.shape[3] != MLA_LATENT_DIM or k.shape[1] != 1:
+        return (f"q head dim {d}, v head dim {v.shape[3]}, {k.shape[1]} kv heads (the MLA form takes "
+                f"{MLA_LATENT_DIM} + {MLA_ROPE_DIM}, {MLA_LATENT_DIM}, 1)")
+    if q.dtype not in FIA_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (one of float16 / bfloat16)"
+    if heads not in MLA_HEADS:
+        return f"{heads} query heads (the MLA form takes {' / '.join(map(str, MLA_HEADS))})"
+    if not 1 <= tq <= min(MLA_MAX_QUERIES, k.shape[2]):
+        return f"{tq} queries over {k.shape[2]} keys (the MLA form takes 1-{MLA_MAX_QUERIES}, at most one per key)"
+    if tq > 1 and not (causal and window is None):
+        return "several queries without a plain causal mask (the MLA form takes only sparse_mode 3 then)"
+    return None
+
+
+def paged(t: torch.Tensor, block: int = MLA_BLOCK_SIZE) -> torch.Tensor:
+    """``t [B, 1, S, D]`` as page-attention blocks ``[B * ceil(S / block), 1, block, D]``, batch b's
+    pages first-to-last at ``b * pages .. (b + 1) * pages - 1`` (:func:`page_table`); the last page is
+    zero-padded. A view when S is a multiple of ``block`` and ``t`` is contiguous, else one copy."""
+    b, _, s, d = t.shape
+    pages = -(-s // block)
+    if pages * block != s:
+        t = torch.nn.functional.pad(t, (0, 0, 0, pages * block - s))
+    return t.contiguous().reshape(b * pages, 1, block, d)  # [B, 1, P*block, D] -> N = 1, so a view
+
+
+def page_table(batch: int, seq: int, device: torch.device | str, block: int = MLA_BLOCK_SIZE) -> torch.Tensor:
+    """``block_table [B, pages]`` int32 for :func:`paged`'s layout."""
+    pages = -(-seq // block)
+    return torch.arange(batch * pages, dtype=torch.int32, device=device).reshape(batch, pages)
+
 
 @dataclass(frozen=True)
 class InferAttentionPlan:

@@ -34,6 +34,8 @@ from dshal.plugin import (
 )
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 from dshal_ascend.layouts import (
+    MLA_BLOCK_SIZE,
+    MLA_LATENT_DIM,
     active_experts,
     combine_rows,
     deinterleave_pairs,
@@ -47,6 +49,9 @@ from dshal_ascend.layouts import (
     infer_attention_plan,
     interleave_halves,
     masked_pairs,
+    mla_form_unsupported,
+    page_table,
+    paged,
     pick_rms_norm_outputs,
     rope_operands,
     route_tokens,
@@ -213,15 +218,22 @@ class AscendOps:
     # ------------------------------------------------------------ attention
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         _require_npu_float("attention", "q", q)
-        if v.shape[3] > q.shape[3] or q.numel() == 0 or k.numel() == 0 or fused_attention_unsupported(q, k):
+        if q.numel() == 0 or k.numel() == 0:
             return self._reference("attention")(q, k, v, causal, scale, window, global_tokens)
+        if window is not None and window >= q.shape[2] + k.shape[2]:
+            window = None  # it hides nothing (and window - 1 would not fit the kernel's pre_tokens)
+        # Absorbed MLA (head dim r + rope = 576, one kv head) has its own form of the kernel.
+        mla = self.features.mla_rope and mla_form_unsupported(q, k, v, causal, window) is None
+        if not mla and (v.shape[3] > q.shape[3] or fused_attention_unsupported(q, k)):
+            return self._reference("attention")(q, k, v, causal, scale, window, global_tokens)
+        run = self._mla_attention if mla else self._fused_attention
         # The op's NaN / Inf rule (the fused kernel's own handling is not documented): the
         # kernel runs on zeroed inputs, then the outputs that saw a non-finite value become NaN.
         # No host read: decode steps stay free of syncs.
         guard = nonfinite_guard(q, k, v, causal, window, global_tokens, may_read_host=False)
         if guard is not None:
-            return guard.apply(self._fused_attention(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
-        return self._fused_attention(q, k, v, causal, scale, window, global_tokens)
+            return guard.apply(run(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
+        return run(q, k, v, causal, scale, window, global_tokens)
 
     def _fused_attention(self, q, k, v, causal, scale, window, global_tokens):
         """``attention`` on finite inputs through ``npu_fused_infer_attention_score``."""
@@ -244,6 +256,31 @@ class AscendOps:
         # Only Tq > Tk can leave a query with no visible key; dshal defines those rows as 0.
         hidden = masked_pairs(tq, tk, causal, window, global_tokens, q.device) if tq > tk else None
         return out if hidden is None else zero_rows_without_keys(out, hidden)
+
+    def _mla_attention(self, q, k, v, causal, scale, window, global_tokens):
+        """Absorbed MLA on finite inputs through the kernel's MLA form: the query and key split into
+        latent (r = 512) and rope (64) parts, the keys and values as 128-token pages (the form
+        requires page attention; :func:`mla_form_unsupported` lists its limits)."""
+        batch, heads, tq, d = q.shape
+        plan = infer_attention_plan(tq, k.shape[2], causal, window, global_tokens, q.device)
+        # the model's v = k[..., :r] (mla_form_unsupported checked the widths)
+        shares_latent = v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
+        if plan.keys is not None:  # one query: the visible keys
+            k, v = k[:, :, plan.keys], v[:, :, plan.keys]
+        tk, r = k.shape[2], MLA_LATENT_DIM
+        key = paged(k[..., :r])
+        # npu_fused_infer_attention_score(query, key, value, *, query_rope, key_rope, block_table,
+        # actual_seq_lengths_kv, block_size, num_heads, num_key_value_heads, scale, input_layout,
+        # sparse_mode, atten_mask) -> (out [B, N, Tq, r], lse): rope parts contiguous (docs).
+        out, _lse = self.npu.npu_fused_infer_attention_score(
+            q[..., :r].contiguous(), key, key if shares_latent else paged(v),
+            query_rope=q[..., r:].contiguous(), key_rope=paged(k[..., r:]),
+            block_table=page_table(batch, tk, q.device), actual_seq_lengths_kv=[tk] * batch,
+            block_size=MLA_BLOCK_SIZE, num_heads=heads, num_key_value_heads=1,
+            scale=float(scale if scale is not None else d ** -0.5), input_layout="BNSD",
+            sparse_mode=plan.sparse_mode, atten_mask=plan.atten_mask,
+        )
+        return out
 
     # ------------------------------------------------------------ MoE
     def moe_gate(self, logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):

@@ -163,6 +163,9 @@ class KernelFeatures:
     quant_matmul_int32_guard: bool
     #: ``npu_rms_norm`` takes a float32 gamma with bf16/fp16 x on A2/A3 (7.2.0 docs; 7.1.0: same dtype).
     rms_norm_fp32_gamma: bool
+    #: npu_fused_infer_attention_score's MLA form (``query_rope`` / ``key_rope`` with page attention):
+    #: in the schema from 7.0.0, its A2/A3 limits documented from 7.1.0 (the form dshal relies on).
+    mla_rope: bool
 
     @property
     def w8a8_experts(self) -> bool:
@@ -186,6 +189,7 @@ def kernel_features(release: str, signatures: ReleaseSignatures | None = None) -
         and sig.accepts("npu_grouped_matmul", "group_list_type"),
         quant_matmul_int32_guard=key >= (7, 0, 0),
         rms_norm_fp32_gamma=key >= (7, 2, 0),
+        mla_rope=key >= (7, 1, 0) and sig.accepts("npu_fused_infer_attention_score", "query_rope"),
     )
 
 
@@ -229,6 +233,9 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
         experts = OpRoute("native", "npu_grouped_matmul x2 + npu_swiglu (bf16); int8 experts: reference; "
                           "FP8: emulated (active experts decoded to bf16)",
                           f"{rel}: group_list is int[] (host copy of the counts), no per_token_scale")
+    mla = ("absorbed MLA decode (576 = 512 + rope 64, 1 kv head, 32/64/128 heads, <= 16 causal queries): "
+           "the MLA form, query_rope / key_rope, keys copied into 128-token pages" if f.mla_rope
+           else f"absorbed MLA (head dim 576): reference ({rel} has no documented MLA form)")
     int8_f32 = ("npu_quant_matmul int32 output, scaled in float32" if f.quant_matmul_int32_guard
                 else "reference (int32 output would reinterpret a float32 scale before 7.0.0)")
     routes = {
@@ -241,8 +248,9 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
                                     f"{interleaved}a de-interleave permutation around npu_rotary_mul"),
         "attention": OpRoute("native", "npu_fused_infer_attention_score (BNSD, num_key_value_heads)",
                              "causal: sparse_mode 3 + 2048x2048 mask; window: band sparse_mode 4 (pre/next tokens); "
-                             "window + global tokens: dense mask, sparse_mode 0; one query: keys sliced; float32, "
-                             "head dim > 512 or not a multiple of 16, > 256 heads or > 64 per kv head: reference"),
+                             "window + global tokens: dense mask, sparse_mode 0; one query: keys sliced; " + mla
+                             + "; float32, head dim > 512 or not a multiple of 16, > 256 heads or > 64 per kv head: "
+                             "reference"),
         "moe_gate": gate,
         "moe_experts": experts,
         "quantize_int8": OpRoute("native", "npu_dynamic_quant (bf16/fp16)", "float32 input: reference"),

@@ -141,6 +141,8 @@ def _interleave_rope(owner, b):
 def _fused_infer_attention(owner, b):
     q, k, v = b["query"], b["key"], b["value"]
     _constraint(b["input_layout"] == "BNSD", "stand-in models input_layout BNSD only")
+    if b.get("query_rope") is not None or b.get("key_rope") is not None or b["block_table"] is not None:
+        return _mla_paged_attention(owner, b)
     _constraint(b["num_heads"] == q.shape[1], "num_heads must equal query's N")
     kv_heads = b["num_key_value_heads"] or q.shape[1]
     _constraint(kv_heads == k.shape[1] and q.shape[1] % kv_heads == 0, "num_key_value_heads must equal key's N")
@@ -170,6 +172,49 @@ def _fused_infer_attention(owner, b):
     p = torch.where(hidden.all(dim=-1, keepdim=True), torch.zeros((), dtype=p.dtype), p)  # no key: zeros, not NaN
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     return (p @ vf).to(q.dtype), lse
+
+
+def _mla_paged_attention(owner, b):
+    """The MLA form with page attention, BNSD (op-plugin 7.1.0-7.3.0 docs, query D 512): its
+    documented A2/A3 limits, then ``softmax(scale * (q k^T + q_rope k_rope^T)) v`` over each
+    batch's pages, end-aligned causal for sparse_mode 3."""
+    q, key, value, q_rope, k_rope = b["query"], b["key"], b["value"], b["query_rope"], b["key_rope"]
+    table, lengths, block = b["block_table"], b["actual_seq_lengths_kv"], b["block_size"]
+    batch, heads, tq, d = q.shape
+    _constraint(q_rope is not None and k_rope is not None, "query_rope and key_rope go together")
+    _constraint(d == 512 and heads in (32, 64, 128) and 1 <= tq <= 16,
+                f"MLA form: query [B, 32/64/128, 1-16, 512], got {list(q.shape)}")
+    _constraint(tuple(q_rope.shape) == (batch, heads, tq, 64), f"query_rope must be {[batch, heads, tq, 64]}, got {list(q_rope.shape)}")
+    _constraint(b["num_heads"] == heads and b["num_key_value_heads"] == 1, "MLA form: num_heads = query's N, one kv head")
+    _constraint(table is not None and block in (16, 128), f"MLA form needs page attention with block_size 16 or 128, got {block}")
+    pages = key.shape[0]
+    _constraint(tuple(key.shape) == (pages, 1, block, 512) and tuple(value.shape) == tuple(key.shape),
+                f"paged key / value must be [blocknum, 1, {block}, 512], got {list(key.shape)} / {list(value.shape)}")
+    _constraint(tuple(k_rope.shape) == (pages, 1, block, 64), f"key_rope must be [{pages}, 1, {block}, 64], got {list(k_rope.shape)}")
+    dtypes = {t.dtype for t in (q, key, value, q_rope, k_rope)}
+    _constraint(len(dtypes) == 1 and q.dtype in (torch.float16, torch.bfloat16), f"MLA form: one fp16/bf16 dtype, got {dtypes}")
+    _constraint(all(t.is_contiguous() for t in (q_rope, k_rope)), "query_rope / key_rope must be contiguous")
+    _constraint(table.dtype == torch.int32 and table.dim() == 2 and table.shape[0] == batch, "block_table: int32 [B, pages]")
+    _constraint(lengths is not None and len(lengths) == batch, "page attention needs actual_seq_lengths_kv, one per batch")
+    need = [-(-int(n) // block) for n in lengths]
+    _constraint(table.shape[1] >= max(need) and pages >= sum(need), "block_table / blocknum too small for the lengths")
+    _constraint(not b["softmax_lse_flag"], "the MLA form does not return the softmax LSE")
+    mode, mask = b["sparse_mode"], b["atten_mask"]
+    if tq == 1:
+        _constraint(mode == 0 and mask is None, "MLA form, one query: sparse_mode 0 and no mask")
+    else:
+        _constraint(mode == 3 and mask is not None and tuple(mask.shape[-2:]) == (2048, 2048),
+                    "MLA form, several queries: sparse_mode 3 with the compressed mask")
+    out = torch.zeros(batch, heads, tq, 512)
+    for i in range(batch):
+        rows = table[i, : need[i]].long()
+        n = int(lengths[i])
+        kf, rf, vf = (t[rows].reshape(-1, t.shape[-1])[:n].float() for t in (key, k_rope, value))
+        s = (q[i].float() @ kf.T + q_rope[i].float() @ rf.T) * b["scale"]  # [H, Tq, n]
+        if tq > 1:
+            s = s.masked_fill(torch.arange(n)[None, :] > torch.arange(tq)[:, None] + n - tq, float("-inf"))
+        out[i] = torch.softmax(s, dim=-1) @ vf
+    return out.to(q.dtype), torch.zeros(batch, heads, tq, 1)
 
 
 def _gating_top_k(owner, b):
@@ -309,6 +354,7 @@ def _trace_cases(release: str) -> dict[str, Callable[[Any], Any]]:
     a_i8 = int8(x.float())
     q = rand(1, 2, 8, 64, dtype=bf16)
     cos, sin = rand(8, 32, dtype=bf16), rand(8, 32, dtype=bf16)
+    q_mla, latent = rand(1, 32, 1, 576, dtype=bf16), rand(1, 1, 8, 576, dtype=bf16)  # 32 heads, r 512 + rope 64
     logits, gate_bias = rand(t, 256), rand(256) * 0.1
 
     loaded: dict[str, torch.Tensor] = {}
@@ -323,6 +369,7 @@ def _trace_cases(release: str) -> dict[str, Callable[[Any], Any]]:
         "rotary_embedding[interleaved]": lambda ops: ops.rotary_embedding(q, cos, sin, True),
         "attention[causal]": lambda ops: ops.attention(q, q, q, True),
         "attention[window]": lambda ops: ops.attention(q, q, q, True, None, 4),
+        "attention[absorbed MLA decode]": lambda ops: ops.attention(q_mla, latent, latent[..., :512], True),
         "moe_gate[256 experts, 8 groups]": lambda ops: ops.moe_gate(logits, gate_bias, 8, 8, 4, 2.5),
         "moe_gate[64 experts, 4 groups]": lambda ops: ops.moe_gate(logits[:, :64], gate_bias[:64], 4, 4, 2, 2.5),
         "moe_experts[bf16]": lambda ops: ops.moe_experts(x, weights, ids, w13f.to(bf16), w2f.to(bf16)),

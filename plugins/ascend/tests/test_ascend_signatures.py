@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import dshal.ops.reference as ref
+from dshal.ops.examples import Draw
+from dshal.plugin import SPECS
 from dshal_ascend import layouts
 from dshal_ascend.npu_ops import AscendOps
 from dshal_ascend.releases import MINIMUM_RELEASE, kernel_features, plan_ops
@@ -114,6 +116,72 @@ def test_ascend_attention_binds_fused_infer(release, tq, tk, causal, window, glo
     assert call.arguments["sparse_mode"] == mode and call.arguments["num_key_value_heads"] == 2
     mask = call.arguments["atten_mask"]
     assert mask is None or mask.shape == (2048, 2048) or (mode == 0 and glob > 0)
+
+
+def _absorbed(batch: int, heads: int, tq: int, tk: int, g: torch.Generator):
+    """The model's absorbed MLA operands: ``q [B, H, Tq, 512 + 64]``, one latent ``[B, Tk, 576]``
+    viewed as ``k [B, 1, Tk, 576]`` and ``v = k[..., :512]`` (dshal/model/model.py)."""
+    q = torch.randn(batch, heads, tq, 576, generator=g).bfloat16()
+    latent = torch.randn(batch, tk, 576, generator=g).bfloat16()
+    return q, latent[:, None], latent[:, None, :, :512]
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("tq,tk,window", [(1, 5, None), (1, 300, None), (1, 300, 100), (3, 130, None), (16, 16, None)])
+def test_ascend_absorbed_mla_uses_the_kernels_mla_form(release, tq, tk, window):
+    """Absorbed MLA decode (head dim 512 + rope 64, one kv head) went to the reference: the
+    plain form takes head dims <= 512. From 7.1.0 it runs the kernel's MLA form: query_rope /
+    key_rope, 128-token pages, one query without a mask, several with sparse_mode 3."""
+    ops, stand_in = _ops(release)
+    q, k, v = _absorbed(2, 32, tq, tk, torch.Generator().manual_seed(tq * 1000 + tk))
+    _close(ops.attention(q, k, v, True, 0.07, window), ref.attention(q, k, v, True, 0.07, window))
+    calls = stand_in.called("npu_fused_infer_attention_score")
+    if release < "7.1.0":
+        assert not calls  # no documented MLA form: the reference
+        return
+    (call,) = calls
+    a = call.arguments
+    visible = tk if window is None else window
+    pages = -(-visible // 128)
+    assert a["query"].shape == (2, 32, tq, 512) and a["query_rope"].shape == (2, 32, tq, 64)
+    assert a["key"].shape == (2 * pages, 1, 128, 512) and a["key_rope"].shape == (2 * pages, 1, 128, 64)
+    assert a["value"] is a["key"]  # v is the latent's first 512 columns: paged once
+    assert a["block_table"].tolist() == [list(range(pages)), list(range(pages, 2 * pages))]
+    assert a["actual_seq_lengths_kv"] == [visible, visible] and a["block_size"] == 128
+    assert (a["sparse_mode"], a["atten_mask"] is None) == ((0, True) if tq == 1 else (3, False))
+
+
+@pytest.mark.parametrize("heads,tq,causal,v_cols,dtype", [
+    (16, 1, True, 512, torch.bfloat16),   # 16 heads: the form takes 32 / 64 / 128
+    (32, 17, True, 512, torch.bfloat16),  # more than 16 queries
+    (32, 4, False, 512, torch.bfloat16),  # several queries, not causal: only sparse_mode 3
+    (32, 1, True, 448, torch.bfloat16),   # v is not the 512-wide latent
+    (32, 1, True, 512, torch.float32),
+])
+def test_ascend_absorbed_mla_outside_the_form_goes_to_the_reference(heads, tq, causal, v_cols, dtype):
+    ops, stand_in = _ops("7.3.0")
+    q, k, v = _absorbed(1, heads, tq, 40, torch.Generator().manual_seed(1))
+    q, k, v = q.to(dtype), k.to(dtype), v[..., :v_cols].to(dtype)
+    _close(ops.attention(q, k, v, causal), ref.attention(q, k, v, causal))
+    assert not stand_in.called("npu_fused_infer_attention_score")
+
+
+def test_ascend_mla_stand_in_holds_the_documented_limits():
+    """The stand-in's MLA form refuses what the 7.1.0-7.3.0 docs say the kernel refuses."""
+    stand_in = SignatureCheckingStandIn(recorded_signatures("7.3.0"))
+    q, k, _ = _absorbed(1, 32, 2, 20, torch.Generator().manual_seed(2))
+    key, rope = layouts.paged(k[..., :512].contiguous()), layouts.paged(k[..., 512:].contiguous())
+    good = dict(query_rope=q[..., 512:].contiguous(), key_rope=rope, block_table=layouts.page_table(1, 20, "cpu"),
+                actual_seq_lengths_kv=[20], block_size=128, num_heads=32, num_key_value_heads=1, scale=0.1,
+                input_layout="BNSD", sparse_mode=3, atten_mask=layouts.compressed_causal_mask("cpu"))
+    out, _ = stand_in.npu_fused_infer_attention_score(q[..., :512].contiguous(), key, key, **good)
+    assert out.shape == (1, 32, 2, 512)
+    for change, message in ((dict(sparse_mode=0, atten_mask=None), "sparse_mode 3"), (dict(block_size=64), "block_size"),
+                            (dict(actual_seq_lengths_kv=None), "actual_seq_lengths_kv"),
+                            (dict(query_rope=q[..., 512:]), "contiguous"),
+                            (dict(block_table=layouts.page_table(1, 20, "cpu").long()), "int32")):
+        with pytest.raises(SignatureError, match=message):
+            stand_in.npu_fused_infer_attention_score(q[..., :512].contiguous(), key, key, **{**good, **change})
 
 
 @pytest.mark.parametrize("release", RELEASES)
@@ -278,3 +346,36 @@ def test_ascend_plan_names_each_path(release):
         assert "list of 2-D weights" in routes["moe_experts"].why
     else:
         assert "W8A8 with per_token_scale" in routes["moe_experts"].path
+
+
+def _ci_rows(op: str):
+    return [row for row in SPECS[op].rows if "ci" in row.tiers and row.kind != "bench"]
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_ascend_every_ci_example_through_the_stand_in(release):
+    """Every op's ci-tier examples (the rows conformance runs, edge cases and NaN rows included)
+    through the plugin's own code and the release's stand-in, against the op's reference: the
+    call sites, layouts and fallbacks together, on the shapes an NPU leg would see. Not NPU
+    numerics: the tolerance is loose (2 % of the result's scale), enough to catch a wrong
+    layout, index or mask, and NaN / Inf must sit exactly where the reference has them."""
+    ops, stand_in = _ops(release)
+    served = set()
+    for op in SPECS:
+        if not hasattr(ops, op):  # quantize_fp8: the reference by design (plan_ops)
+            continue
+        for row in _ci_rows(op):
+            example = SPECS[op].example_inputs(Draw(torch.Generator().manual_seed(0)), row)
+            calls = len(stand_in.calls)
+            got = getattr(ops, op)(**example.kwargs)
+            want = SPECS[op].reference_impl(**example.kwargs)
+            for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,), strict=True):
+                assert g.shape == w.shape and g.dtype == w.dtype, row.id
+                g, w = g.double(), w.double()
+                assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf()), row.id
+                finite = torch.isfinite(w)
+                scale = float(w[finite].abs().max()) if finite.any() else 1.0
+                torch.testing.assert_close(g[finite], w[finite], rtol=2e-2, atol=2e-2 * (scale + 1), msg=row.id)
+            if len(stand_in.calls) > calls:
+                served.add(op)
+    assert {"rms_norm", "silu_and_mul", "rotary_embedding", "attention", "int8_gemm", "linear"} <= served
