@@ -3,6 +3,7 @@
 
     python3 benchmarks/gpu_check.py --fetch-wheels wheels   # here, with network: the wheels it carries
     python3 benchmarks/gpu_check.py --wheels wheels         # on the GPU machine (no network); results in $OUT
+                                                            # (the device tool: carry ["wheels"], $OUT as it sets it)
     python benchmarks/gpu_check.py --dry-run                # CPU, emulated backend, tiny shapes (CI)
 
 The GPU machine has no network. Its python3 (itself a venv, ``/opt/torch/.venv``) has torch,
@@ -102,6 +103,9 @@ DRY_MOE_DIMS = {"experts": 8, "hidden": 256, "inter": 128, "top_k": 2, "n_group"
 DRY_MOE_TOKENS = (1, 4)
 #: The most the tuning stage may take (it gets what the other stages leave, up to this).
 TUNE_MAX_S = 180.0
+#: The least time left for which the late stages still start (below it they are skipped, so the
+#: whole check ends within its budget: the device tool stops a command at 600 s).
+RUN_MIN_S, RAGGED_MIN_S, TUNE_MIN_S = 40.0, 45.0, 40.0
 FALLBACK_L2_BYTES = 50 * 2**20  # H100/H200 L2, when the device does not report it
 TARGETS = {
     "fp8_block_vs_bf16_at_4096x7168x16384": 1.6,
@@ -236,6 +240,8 @@ class Check:
         self.deadline = time.monotonic() + budget_s
         self.data: dict[str, Any] = {"schema": "dshal.gpu_check/2", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.l2_bytes = FALLBACK_L2_BYTES
+        #: The first kernel-timing capture that failed (then no later one is tried).
+        self.capture_error: str | None = None
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
@@ -271,15 +277,31 @@ def timed_median(fn: Callable[[int], Any], warmup: int, iters: int, on_gpu: bool
     return statistics.median(times)
 
 
-def timed_kernel(fn: Callable[[int], Any], warmup: int, iters: int, reps: int, on_gpu: bool) -> tuple[float, str]:
+def timed_kernel(
+    fn: Callable[[int], Any], warmup: int, iters: int, reps: int, on_gpu: bool, check: Check | None = None
+) -> tuple[float, str]:
     """Kernel-only seconds per call of ``fn(i)``: ``reps`` calls (rotating inputs) captured back
     to back in one CUDA graph, each replay timed with events, median of ``iters`` / reps.
     Where capture fails, the same ``reps`` calls launched back to back between two events.
-    Returns (seconds, method). On the CPU (dry run): the per-call median."""
-    import torch
+    Returns (seconds, method). On the CPU (dry run): the per-call median.
+
+    Runs inside ``dshal.ops.trusted()``, as a captured decode step does: a checked op reads
+    values on the host (the MoE ids' range), which a capture refuses. A failed capture is
+    recorded on ``check`` (``capture_error``) and no later call captures: torch 2.11 leaves the
+    caching allocator in capture mode after one (pytorch#180395), so a second capture in the
+    same process is not trustworthy."""
+
+    import dshal  # lazy: dshal is installed by this script's first step
 
     if not on_gpu:
         return timed_median(fn, warmup, iters, False), "wall clock per call (dry run)"
+    with dshal.ops.trusted():
+        return _timed_kernel_trusted(fn, warmup, iters, reps, check)
+
+
+def _timed_kernel_trusted(fn: Callable[[int], Any], warmup: int, iters: int, reps: int, check: Check | None) -> tuple[float, str]:
+    import torch
+
     for i in range(warmup):
         fn(i)
     torch.cuda.synchronize()
@@ -293,30 +315,42 @@ def timed_kernel(fn: Callable[[int], Any], warmup: int, iters: int, reps: int, o
         torch.cuda.synchronize()
         return statistics.median(b.elapsed_time(e) for b, e in pairs) * 1e-3 / reps
 
+    def launches() -> None:
+        for i in range(reps):
+            fn(i)
+
+    earlier = check.capture_error if check is not None else None
+    if earlier:
+        return timed(launches), f"{reps} back-to-back launches (no capture after a failed one: {earlier})"
     try:
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             with torch.cuda.graph(graph):
-                for i in range(reps):
-                    fn(i)
+                launches()
         torch.cuda.current_stream().wait_stream(side)
         return timed(graph.replay), f"CUDA graph of {reps} back-to-back calls"
     except (RuntimeError, TypeError) as err:
         torch.cuda.synchronize()
         note = str(err).splitlines()[0][:80] if str(err) else type(err).__name__
-
-        def launches() -> None:
-            for i in range(reps):
-                fn(i)
-
+        if check is not None:
+            check.capture_error = note
+            check.data["capture_error"] = note
         return timed(launches), f"{reps} back-to-back launches (graph capture failed: {note})"
 
 
 def copies_for(bytes_per_set: int, l2_bytes: int, cap: int = 16) -> int:
     """How many input copies to rotate so that consecutive calls miss L2."""
     return max(2, min(cap, math.ceil(2 * l2_bytes / max(bytes_per_set, 1))))
+
+
+def weight_copies(copies: int, n: int, k: int) -> int:
+    """How many copies of an ``[N, K]`` weight the GEMM rotation uses beside ``copies`` input
+    sets: all of them (weights dominate the bytes at small M, and the rotation must pass twice
+    the L2: at most 16 copies, ~0.5 GB of bf16 for the smallest shape), but at most 2 of a
+    weight of 2**28 elements or more (the lm_head's, 0.9 GB each in bf16: twice the L2 alone)."""
+    return copies if n * k < 2**28 else min(copies, 2)
 
 
 def _error(err: BaseException) -> str:
@@ -386,8 +420,7 @@ def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
         xs = [torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(copies)]
         blk = [ref.quantize_fp8(x, (1, 128), "e4m3fn") for x in xs]
         row = [ref.quantize_fp8(x, (1, -1), "e4m3fn") for x in xs]
-        # Weights rotate too (they dominate the bytes at small M); the lm_head's are 0.9 GB each.
-        extra = min(copies, 4 if n * k < 2**28 else 2) - 1
+        extra = weight_copies(copies, n, k) - 1
         wqs = [wq] + [wq.clone() for _ in range(extra)]
         wbs = [w] + [w.clone() for _ in range(extra)]
         wrs = [wr] + [wr.clone() for _ in range(extra)]
@@ -413,7 +446,7 @@ def stage_gemm(check: Check, backend: Any, dry_run: bool, warmup: int, iters: in
                 if name in ("triton", "torch_blockwise"):  # same inputs as the reference
                     entry["similarity_gap"] = float(1 - 2 * (out * want).sum() / (out * out + want * want).sum())
                 if m <= KERNEL_ONLY_MAX_M:
-                    seconds, entry["timing"] = timed_kernel(fn, warmup, iters, reps, on_gpu)
+                    seconds, entry["timing"] = timed_kernel(fn, warmup, iters, reps, on_gpu, check)
                 else:
                     seconds, entry["timing"] = timed_median(fn, warmup, iters, on_gpu), "CUDA events per call"
                 entry.update(us=seconds * 1e6, tflops=2 * m * n * k / seconds / 1e12)
@@ -518,8 +551,8 @@ def _attention_timings(
 
     want = alone(0).float()
     gap = float((served(0).float() - want).abs().max() / want.abs().max())
-    served_s, how = timed_kernel(served, warmup, iters, reps, not dry_run)
-    alone_s, _ = timed_kernel(alone, warmup, iters, reps, not dry_run)
+    served_s, how = timed_kernel(served, warmup, iters, reps, not dry_run, check)
+    alone_s, _ = timed_kernel(alone, warmup, iters, reps, not dry_run, check)
     return {"served_us": served_s * 1e6, "sdpa_us": alone_s * 1e6, "guard_cost": served_s / alone_s,
             "similarity_gap": gap, "timing": how, "cache_gbs_sdpa": per / alone_s / 1e9}
 
@@ -570,9 +603,10 @@ def stage_moe(check: Check, backend: Any, dry_run: bool, warmup: int, iters: int
                 experts_fn = lambda i, x=x, weights=weights, ids=ids: experts(x, weights, ids, w13, w2, w13_scale, w2_scale)  # noqa: E731
                 for name, fn in (("gate_us", gate_fn), ("experts_us", experts_fn)):
                     if how is not None:
-                        seconds, row["timing"] = how(fn, warmup, iters, reps, not dry_run)
+                        seconds, row["timing"] = how(fn, warmup, iters, reps, not dry_run, check)
                     else:
-                        seconds, row["timing"] = timed_median(fn, warmup, iters, not dry_run), "CUDA events per call"
+                        with dshal.ops.trusted():  # as the kernel-only rows: no host checks
+                            seconds, row["timing"] = timed_median(fn, warmup, iters, not dry_run), "CUDA events per call"
                     row[name] = seconds * 1e6
             except Exception as err:  # noqa: BLE001
                 row["error"] = _error(err)
@@ -592,7 +626,11 @@ def stage_run(check: Check, dry_run: bool) -> None:
     env = dict(os.environ, DSHAL_BACKEND="nvidia", **({"DSHAL_EMULATE": "1"} if dry_run else {}))
     result: dict[str, Any] = {"command": " ".join(cmd[1:])}
     check.data["run"] = result
-    result.update(_subprocess(cmd, env, max(30.0, check.left() - 10)))
+    if not dry_run and check.left() < RUN_MIN_S:
+        result["skipped"] = "time budget"
+        check.save()
+        return
+    result.update(_subprocess(cmd, env, max(RUN_MIN_S, check.left()) - 10))
     if out.is_file():
         report = json.loads(out.read_text())
         result.update({k: report.get(k) for k in ("device", "emulated", "prefill_tokens_per_s", "decode_tokens_per_s",
@@ -613,6 +651,9 @@ def stage_ragged(check: Check, backend: Any, dry_run: bool) -> None:
     from dshal.model.decode import StaticDecoder, generate_with_graphs  # lazy: as above
     from dshal.model.speculative import generate_speculative  # lazy: as above
 
+    if not dry_run and check.left() < RAGGED_MIN_S:
+        check.data["ragged"] = {"skipped": "time budget"}
+        return
     model = random_model(tiny_args(num_nextn_predict_layers=1, mtp_layers=1), seed=0)  # the MTP layer after the others
     device = model.rope_cos.device
     lens, new = ([3, 6], 2) if dry_run else ([5, 17, 9, 30], 32)  # the interpreter is slow
@@ -667,7 +708,11 @@ def stage_tune(check: Check, dry_run: bool) -> None:
         cmd += ["--backend", "nvidia", "--budget-s", f"{budget:.0f}"]
     result: dict[str, Any] = {"command": " ".join(cmd[1:])}
     check.data["tune"] = result
-    result.update(_subprocess(cmd, dict(os.environ), max(60.0, check.left())))
+    if not dry_run and check.left() < TUNE_MIN_S:
+        result["skipped"] = "time budget"
+        check.save()
+        return
+    result.update(_subprocess(cmd, dict(os.environ), 60.0 if dry_run else check.left() - 5))
     if table.is_file():
         data = json.loads(table.read_text())
         result.update(table=str(table), entries=len(data["entries"]), complete=data.get("complete"),

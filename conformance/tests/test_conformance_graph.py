@@ -4,6 +4,7 @@ new data in the static buffers) able to fail."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from dshal.ops.catalogue import SPECS
 from dshal.perf.syncs import HostSyncCounter
 from dshal.runtime import build_runtime
 from dshal_conformance.cases.base import Context
-from dshal_conformance.cases.graph import first_row, judge_host_sync, judge_replay
+from dshal_conformance.cases.graph import emulation_machinery, first_row, judge_host_sync, judge_replay
 
 
 def _context(rt: Any, table: dict | None = None) -> Context:
@@ -57,6 +58,42 @@ def test_a_planted_host_sync_is_a_finding_with_its_call_site(emulated_nvidia) ->
     assert v.status == "unsupported" and v.finding == "host-sync" and v.value == 1.0
     assert "test_conformance_graph.py" in v.reason and "_syncing_rms_norm" in v.reason
     assert v.details["events"][0]["what"] == "Tensor.__float__"
+
+
+def test_only_the_triton_package_itself_is_exempt_from_the_sync_count(tmp_path) -> None:  # noqa: ANN001
+    """The exemption used to be any path with a ``triton`` folder in it, which also hid dshal's
+    own kernel wrappers (``dshal/kernels/triton/*``): their syncs happen on a device too."""
+    import importlib.util
+
+    import dshal
+
+    machinery = emulation_machinery()
+    assert machinery and importlib.util.find_spec("triton").origin.startswith(machinery)
+    wrappers = Path(dshal.__file__).resolve().parent / "kernels" / "triton" / "moe.py"
+    assert wrappers.is_file() and not str(wrappers).startswith(machinery)
+    source = tmp_path / "vendor" / "triton" / "wrapper.py"  # a plugin's own kernel folder
+    source.parent.mkdir(parents=True)
+    source.write_text("def launch(t):\n    return t.sum().item()\n")
+    spec = importlib.util.spec_from_file_location("planted_wrapper", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with HostSyncCounter(exempt=machinery) as counter:
+        module.launch(torch.ones(3))
+    assert [what for what, _ in counter.events] == ["Tensor.item"] and "wrapper.py" in counter.events[0][1]
+
+
+@pytest.mark.needs_interpreter
+def test_host_sync_is_judged_as_a_captured_step_calls_the_op(emulated_nvidia) -> None:  # noqa: ANN001
+    """Checked mode reads the MoE ids' range on the host (by design: issue #18, item 9); a
+    captured decode step runs inside trusted(), where the check is a device-side assert.
+    The judgement counts the trusted path, and the checked one does sync."""
+    ctx = _context(emulated_nvidia)
+    row = first_row("moe_experts")
+    assert judge_host_sync(ctx, "moe_experts", row, emulated_nvidia).value == 0.0
+    placed = SPECS["moe_experts"].example_inputs(ctx.draw, row).kwargs
+    with HostSyncCounter(exempt=emulation_machinery()) as counter:
+        emulated_nvidia.table["moe_experts"](**placed)
+    assert counter.events and "spec.py" in counter.events[0][1]
 
 
 def test_counter_sees_python_and_dispatcher_level_syncs() -> None:

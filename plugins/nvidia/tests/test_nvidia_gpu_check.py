@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,32 @@ def test_gpu_check_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path)
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "broken_stage" in saved["stage_errors"]["b"] and "L2_cache_size" in saved["stage_errors"]["b"]
     assert set(saved["stage_errors"]) == {"b"}
+
+
+def test_gpu_check_rotates_enough_weight_copies_to_miss_l2():
+    """Decode-size GEMMs read mostly weights; four copies at most (the old cap) left three of
+    DeepSeek-V3's shapes under twice an H100's L2 and five under an H200's, so their figures
+    included L2 hits."""
+    gpu_check = _load_script()
+    for l2 in (50 * 2**20, 60 * 2**20):  # H100, H200 (as torch reports them)
+        for n, k in gpu_check.GEMM_SHAPES:
+            copies = gpu_check.copies_for(1 * k + n * k, l2)
+            assert gpu_check.weight_copies(copies, n, k) * n * k >= 2 * l2, (n, k, l2)
+
+
+def test_gpu_check_late_stages_respect_the_budget(tmp_path):
+    """With the budget spent, dshal run, the ragged batch and tuning are skipped (recorded),
+    not started with a floor of 30-60 s each: the device tool stops the command at 600 s and
+    the summary, written last, would be lost."""
+    gpu_check = _load_script()
+    check = gpu_check.Check(tmp_path, budget_s=0)
+    t0 = time.monotonic()
+    gpu_check.stage_run(check, dry_run=False)
+    gpu_check.stage_ragged(check, None, dry_run=False)  # skipped before touching the backend
+    gpu_check.stage_tune(check, dry_run=False)
+    assert time.monotonic() - t0 < 5
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert all(saved[stage]["skipped"] == "time budget" for stage in ("run", "ragged", "tune")), saved
 
 
 def test_gpu_check_install_plan():
