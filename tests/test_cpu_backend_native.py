@@ -111,6 +111,7 @@ def test_rms_norm_silu_and_rotary_match_the_reference(cpu, dtype):
         _check("rotary_embedding", x[..., 1:33], cos[:, :16], sin[:, :16], interleaved)
         _check("rotary_embedding", x[..., ::2], cos[:, :16], sin[:, :16], interleaved)
         _check("rotary_embedding", x, cos.double(), sin.double(), interleaved)
+        _check("rotary_embedding", x, cos[0, 0].clone(), sin[0, 0].clone(), interleaved)  # 0-d: one angle everywhere
 
 
 MOE_CASES = {

@@ -178,6 +178,7 @@ def test_rotary_layouts():
     # Layouts the kernel does not index: the caller falls back.
     assert K.rotary(k, cos[:, :1], sin[:, :1]) is None
     assert K.rotary(_randn(2, 3, 4, 16), _randn(2, 1, 4, 8), _randn(2, 1, 4, 8)) is None
+    assert K.rotary(k, cos[0, 0].clone(), sin[0, 0].clone()) is None  # 0-d tables (one angle): the op allows them
     with pytest.raises(ShapeError, match="D even"):
         K.rotary(_randn(3, 15), _randn(3, 7), _randn(3, 7))
 

@@ -131,3 +131,16 @@ def test_block_gemm_rejects_bad_inputs(call, error, fragment):
     with pytest.raises(error) as info:
         call(*_ok())
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_block_gemm_does_not_overflow_where_the_result_does_not(fmt):
+    """The scales multiplied into the dot left to right (``dot * a_s * b_s``) overflowed
+    float32 once ``dot * a_s`` did (an activation block near bf16's max gives a_s ~ 1e36),
+    although the result, with a small weight scale, is finite."""
+    qa, sa, qb, sb = operands(4, 128, 256, fmt, seed=3)
+    sa, sb = sa * 1e37, sb * 1e-9  # dot * a_s ~ 1e39: past float32
+    want = ref.fp8_gemm(qa, sa, qb, sb, torch.float32)
+    assert torch.isfinite(want).all() and want.abs().max() > 1e25
+    out = fp8_block_gemm(qa, sa, qb, sb, torch.float32, target=NATIVE[fmt])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-5 * float(want.abs().max()))  # summation order

@@ -123,3 +123,18 @@ def test_moe_rejects_bad_inputs(call, error, fragment):
     with pytest.raises(error) as info:
         call()
     assert fragment in str(info.value)
+
+
+def test_moe_fp8_activation_near_bf16_max_stays_finite():
+    """A token whose activations reach ~3e38 quantizes to an FP8 scale ~7e35; ``part * a_scale``
+    overflowed before the weight's scale brought it back (nvidia: wrong finite rows, amd: NaN)."""
+    x, weights, ids, w13, w2 = problem(tokens=3, hidden=128, inter=128, experts=2, top_k=1, dtype=torch.bfloat16)
+    x[1, :4] = torch.tensor([3e38, -3e38, 1e38, 2e38], dtype=torch.bfloat16)
+    q13, s13 = ref.quantize_fp8(w13.float() * 1e-6, (128, 128), "e4m3fn")
+    q2, s2 = ref.quantize_fp8(w2.float() * 1e-3, (128, 128), "e4m3fn")
+    want = ref.moe_experts(x, weights, ids, q13, q2, s13, s2).double()
+    assert torch.isfinite(want).all()
+    for target in (KernelTarget.interpreter(torch.float8_e4m3fn), KernelTarget.interpreter(torch.float8_e4m3fnuz)):
+        out = grouped_moe_experts(x, weights, ids, q13, q2, s13, s2, target=target).double()
+        assert torch.isfinite(out).all()
+        assert 1 - 2 * (out * want).sum() / (out.square() + want.square()).sum() < 1e-4

@@ -174,6 +174,7 @@ BAD = [
     # K = 0: no scale block to hold (int8 was a reshape error deep in torch; rowwise FP8 too).
     (lambda: ref.linear(torch.ones(3, 0), torch.ones(4, 0, dtype=torch.int8), None, torch.ones(4, 1)), ShapeError, "expected K >= 1 for a quantized weight"),
     (lambda: ref.linear(torch.ones(3, 0), torch.ones(4, 0).to(E4), None, torch.ones(4, 1)), ShapeError, "is torch.float8_e4m3fn [4, 0]"),
+    (lambda: ref.fp8_gemm(torch.ones(3, 0).to(E4), torch.ones(3, 1), torch.ones(5, 0).to(E4), torch.ones(5, 1)), ShapeError, "expected K >= 1"),
 ]
 
 

@@ -572,17 +572,20 @@ class TorchGpuBackend(Backend):
         return out if kernel_out == out_dtype else out.to(out_dtype)
 
     def _broadcast_block_gemm(self, a, a_scale, b, b_scale, granularity: str, out_dtype, plan: GemmPlan):
-        """Row/tensor scales through the block path: ``a``'s scale broadcast to 1x128 blocks,
-        ``b``'s applied to the float32 result (exact: it is constant along K)."""
+        """Row/tensor scales through the block path: ``a``'s scale, divided by its largest
+        magnitude, broadcast to 1x128 blocks; ``b``'s times that magnitude applied to the
+        float32 result (exact: it is constant along K). The split keeps the partial product
+        from overflowing where the result does not (a scale near 1e34 with a tiny one)."""
         m, k = a.shape
         n = b.shape[0]
         kb, nb = math.ceil(k / BLOCK), math.ceil(n / BLOCK)
-        sa = a_scale.float().reshape(-1, 1).expand(m, kb).contiguous() if granularity == "row" else \
-            a_scale.float().reshape(1, 1).expand(m, kb).contiguous()
+        sa = a_scale.float().reshape(-1, 1) if granularity == "row" else a_scale.float().reshape(1, 1)
+        peak = sa.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)  # a device scalar: no host read
+        sa = (sa / peak).expand(m, kb).contiguous()
         ones = torch.ones(nb, kb, dtype=torch.float32, device=a.device)
         acc = self._block_gemm(a, sa, b, ones, torch.float32, plan)
         sb = b_scale.float().reshape(1, -1) if granularity == "row" else b_scale.float().reshape(())
-        return (acc * sb).to(out_dtype)
+        return (acc * (sb * peak)).to(out_dtype)
 
     def linear(self, x, weight, bias=None, weight_scale=None):
         if weight.dtype in FLOAT_DTYPES:

@@ -95,10 +95,12 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
     itself). The scale shapes select the granularity: block ``a_scale [M, ceil(K/128)]``
     (1x128 tiles) + ``b_scale [ceil(N/128), ceil(K/128)]`` (128x128 tiles); rowwise
     ``[M, 1]`` + ``[N, 1]``; tensorwise 0-dim (or 1-element) + 0-dim. Mixed granularities
-    raise ShapeError. Scales are float32.
+    and K = 0 raise ShapeError. Scales are float32.
     """
     op = "fp8_gemm"
     _check_nt_operands(op, a, a_scale, b, b_scale, FP8_DTYPE_LIST)
+    if a.shape[1] == 0:  # an empty row has no scale block: rowwise and block shapes coincide (as in linear)
+        raise ShapeError(f"{op}: argument 'a' is {a.dtype} [{a.shape[0]}, 0], expected K >= 1")
     if _FP8_FAMILY[a.dtype] != _FP8_FAMILY[b.dtype]:
         raise DTypeError(
             f"{op}: arguments 'a' ({a.dtype}) and 'b' ({b.dtype}) mix FP8 families, expected both OCP "

@@ -130,8 +130,8 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     (1, 128) as in :func:`linear`. int8 weights (W8A8) need one float32 scale per output
     channel, ``w13_scale [E, 2I, 1]`` and ``w2_scale [E, H, 1]``; their activations (``x``,
     and the SwiGLU output before ``w2``) are quantized per token as :func:`quantize_int8`
-    does, and each product runs as :func:`int8_gemm`. ``w13`` and ``w2`` are both float,
-    both FP8 or both int8. Returns ``[T, H]`` in ``x``'s dtype; the weighted sum is
+    does, and each product runs as :func:`int8_gemm`. int8 weights come in pairs (both
+    ``w13`` and ``w2``); float and FP8 may mix, each GEMM following its own weight. Returns ``[T, H]`` in ``x``'s dtype; the weighted sum is
     accumulated in float32 (float64 for float64 inputs).
     """
     op = "moe_experts"

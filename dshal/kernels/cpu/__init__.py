@@ -352,18 +352,18 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     """``dshal.ops.rotary_embedding`` in float32: pairs of ``x [..., D]`` rotated by the
     angles in ``cos``/``sin`` (same shape, ``[..., D/2]``, broadcastable to ``x[..., :D/2]``).
     All float32 on the CPU. Returns a new contiguous tensor of ``x``'s shape, or None when
-    the angle tables' layout is one this kernel does not index (a last dim of 1, or
+    the angle tables' layout is one this kernel does not index (0-d, a last dim of 1, or
     non-broadcast dims that are not consecutive): the caller then takes another path."""
     kernel = "cpu_kernels.rotary"
     lib = require_library()
     for arg, t in (("x", x), ("cos", cos), ("sin", sin)):
         _check_f32_cpu(kernel, arg, t)
-    if x.dim() == 0 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.dim() == 0:
+    if x.dim() == 0 or x.shape[-1] % 2 or cos.shape != sin.shape:
         raise ShapeError(
             f"{kernel}: arguments 'x' {list(x.shape)}, 'cos' {list(cos.shape)}, 'sin' {list(sin.shape)}, "
             "expected x [..., D] with D even and cos, sin of one shape [..., D/2]"
         )
-    layout = _rotary_layout(x.shape, x.stride(), cos.shape)
+    layout = None if cos.dim() == 0 else _rotary_layout(x.shape, x.stride(), cos.shape)
     if layout is None:
         return None
     row_stride, inner, periods = layout

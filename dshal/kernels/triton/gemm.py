@@ -100,7 +100,7 @@ def _fp8_block_gemm_kernel(
         if not DOT_FP8:
             a = a.to(tl.float16)
             b = b.to(tl.float16)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])  # scales first: dot * a_s alone can overflow
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 

@@ -77,7 +77,7 @@ def _fp8_scaled_dot(acc, qa, a_scale, w_ptrs, k_ok, w_scale, DOT_FP8: tl.constex
         part = tl.dot(qa.to(w.dtype), w)
     else:  # exact: FP8 values are float16 values
         part = tl.dot(qa.to(tl.float16), w.to(tl.float16))
-    return acc + part * a_scale[:, None] * w_scale[None, :]
+    return acc + part * (a_scale[:, None] * w_scale[None, :])  # scales first: part * a_scale alone can overflow
 
 
 @triton.jit

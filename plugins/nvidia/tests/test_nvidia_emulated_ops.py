@@ -96,6 +96,20 @@ def test_nvidia_fp8_gemm_row_and_tensor(rt, granularity, m, n, k, out_dtype):
     torch.testing.assert_close(got.double(), want, **tol)
 
 
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_nvidia_fp8_gemm_row_and_tensor_through_the_block_kernel_do_not_overflow(rt, granularity):
+    """K = 40 takes the block kernel with a's scale broadcast and b's applied after: a huge
+    a-scale overflowed the float32 partial product before the tiny b-scale came in."""
+    block = (1, -1) if granularity == "row" else None
+    a, sa = ref.quantize_fp8(torch.randn(5, 40, generator=gen(6)), block, "e4m3fn")
+    b, sb = ref.quantize_fp8(torch.randn(20, 40, generator=gen(7)), block, "e4m3fn")
+    sa, sb = sa * 1e37, sb * 1e-9
+    want = ref.fp8_gemm(a, sa, b, sb, torch.float64)
+    assert torch.isfinite(want).all()
+    got = dshal.ops.fp8_gemm(a, sa, b, sb, torch.float32)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def test_nvidia_fp8_gemm_odd_shapes_leave_scaled_mm(rt):
     # K = 40 is no multiple of 16: torch._scaled_mm on CUDA would refuse it. The plugin must
     # take the block path instead; CPU _scaled_mm accepts it, so prove the routing directly.
