@@ -96,6 +96,10 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 163840
     rms_norm_eps: float = 1e-6
+    #: Epsilon of the two latent norms (``q_a_layernorm``, ``kv_a_layernorm``). DeepSeek's
+    #: ``inference/model.py`` and HF's DeepseekV3 build them with 1e-6 whatever
+    #: ``rms_norm_eps`` says (the config's only sets the layer and final norms).
+    latent_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     #: Multi-token-prediction layers stored after the last layer (loaded only when
     #: ``mtp_layers`` asks for them).
@@ -203,7 +207,7 @@ class ModelArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} is {value!r}, expected an integer >= 0")
-        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+        for name in ("rope_theta", "rms_norm_eps", "latent_norm_eps", "routed_scaling_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ConfigError(f"{name} is {value!r}, expected a finite number > 0")
@@ -240,6 +244,13 @@ class ModelArgs:
         if cfg.get("scoring_func", "sigmoid") != "sigmoid":
             raise ConfigError(
                 f"config.json: scoring_func is {cfg['scoring_func']!r}, expected 'sigmoid' (DeepSeek-V3 routing)"
+            )
+        if cfg.get("moe_layer_freq", 1) != 1:
+            # DeepSeek's remote code makes every moe_layer_freq-th layer past first_k_dense_replace
+            # MoE; DeepSeek-V3 (and HF's DeepseekV3, which ignores the key) use 1.
+            raise ConfigError(
+                f"config.json: moe_layer_freq is {cfg['moe_layer_freq']!r}, expected 1 (every layer from "
+                "first_k_dense_replace on is MoE, as in DeepSeek-V3)"
             )
         if cfg.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json: hidden_act is {cfg['hidden_act']!r}, expected 'silu' (SwiGLU)")
@@ -310,6 +321,7 @@ class ModelArgs:
             "topk_method": "noaux_tc",
         }
         runtime_only = {
+            "latent_norm_eps",  # fixed by the architecture, not a config.json key
             "attention_window",
             "attention_global_tokens",
             "mla_mode",

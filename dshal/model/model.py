@@ -189,10 +189,10 @@ class MLA(nn.Module):
             self.q_proj = Linear(d, h * self.qk_head_dim, dtype=dt)
         else:
             self.q_a_proj = Linear(d, args.q_lora_rank, bias=args.attention_bias, dtype=dt)
-            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dt)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.latent_norm_eps, dt)
             self.q_b_proj = Linear(args.q_lora_rank, h * self.qk_head_dim, dtype=dt)
         self.kv_a_proj_with_mqa = Linear(d, self.rank + self.rope, bias=args.attention_bias, dtype=dt)
-        self.kv_a_layernorm = RMSNorm(self.rank, args.rms_norm_eps, dt)
+        self.kv_a_layernorm = RMSNorm(self.rank, args.latent_norm_eps, dt)
         self.kv_b_proj = Linear(self.rank, h * (self.nope + self.v_dim), dtype=dt)
         self.o_proj = Linear(h * self.v_dim, d, bias=args.attention_bias, dtype=dt)
         self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # (kv_b weight seen, its [H, nope+v, r] form)
