@@ -108,29 +108,45 @@ def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 
 #: The MLA form of npu_fused_infer_attention_score on A2/A3 (``query_rope`` / ``key_rope``; op-plugin
-#: 7.1.0-7.3.0 docs/context/torch_npu-npu_fused_infer_attention_score.md, query D 512): query
-#: D 512 + rope 64, 32 / 64 / 128 query heads over one kv head, 1-16 queries, page attention
-#: required (block_size 16 or 128), one query: sparse_mode 0 and no mask, more: sparse_mode 3 with
-#: the compressed mask. dshal's absorbed MLA decode steps are this shape (r 512, rope 64).
+#: 7.1.0 and 7.2.0 docs/context/torch_npu-npu_fused_infer_attention_score.md, query D 512): query
+#: D 512 + rope 64, 32 / 64 / 128 query heads over one kv head (the MLA section allows 128 per kv
+#: head, past the general 64), 1-16 queries, page attention required (block_size 16 or 128), one
+#: query: sparse_mode 0 and no mask, more: sparse_mode 3 with the compressed mask; every dim of
+#: key and of value multiplied must fit int32, B <= 65536, S <= 262144. 7.3.0 relaxes these (more
+#: head counts, other sparse modes, page attention optional); dshal keeps to what every release
+#: from 7.1.0 takes. dshal's absorbed MLA decode steps are this shape (r 512, rope 64); fewer
+#: heads (DeepSeek-V3 on TP=8: 16 per rank) are padded with zero queries to 32, as vllm-ascend does.
 MLA_LATENT_DIM, MLA_ROPE_DIM, MLA_HEADS, MLA_MAX_QUERIES = 512, 64, (32, 64, 128), 16
 MLA_BLOCK_SIZE = 128
+MLA_MAX_BATCH, MLA_MAX_KEYS, MLA_MAX_ELEMENTS = 65536, 262144, 2**31 - 1
+
+
+def mla_heads(heads: int) -> int | None:
+    """The head count the MLA form runs ``heads`` query heads as (zero queries pad the rest),
+    or None past its largest."""
+    return next((n for n in MLA_HEADS if n >= heads), None)
 
 
 def mla_form_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None) -> str | None:
     """Why the kernel's MLA form cannot take absorbed ``q [B, H, Tq, r + rope]``, ``k [B, 1, Tk, r + rope]``,
     ``v [B, 1, Tk, r]``, or None."""
-    heads, tq, d = q.shape[1:]
+    batch, heads, tq, d = q.shape
+    tk = k.shape[2]
     if d != MLA_LATENT_DIM + MLA_ROPE_DIM or v.shape[3] != MLA_LATENT_DIM or k.shape[1] != 1:
         return (f"q head dim {d}, v head dim {v.shape[3]}, {k.shape[1]} kv heads (the MLA form takes "
                 f"{MLA_LATENT_DIM} + {MLA_ROPE_DIM}, {MLA_LATENT_DIM}, 1)")
     if q.dtype not in FIA_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (one of float16 / bfloat16)"
-    if heads not in MLA_HEADS:
-        return f"{heads} query heads (the MLA form takes {' / '.join(map(str, MLA_HEADS))})"
-    if not 1 <= tq <= min(MLA_MAX_QUERIES, k.shape[2]):
-        return f"{tq} queries over {k.shape[2]} keys (the MLA form takes 1-{MLA_MAX_QUERIES}, at most one per key)"
+    if mla_heads(heads) is None:
+        return f"{heads} query heads (the MLA form takes at most {MLA_HEADS[-1]})"
+    if not 1 <= tq <= min(MLA_MAX_QUERIES, tk):
+        return f"{tq} queries over {tk} keys (the MLA form takes 1-{MLA_MAX_QUERIES}, at most one per key)"
     if tq > 1 and not (causal and window is None):
         return "several queries without a plain causal mask (the MLA form takes only sparse_mode 3 then)"
+    pages = -(-tk // MLA_BLOCK_SIZE)
+    if batch > MLA_MAX_BATCH or tk > MLA_MAX_KEYS or batch * pages * MLA_BLOCK_SIZE * MLA_LATENT_DIM > MLA_MAX_ELEMENTS:
+        return (f"batch {batch} x {tk} keys (the kernel takes B <= {MLA_MAX_BATCH}, S <= {MLA_MAX_KEYS}, "
+                "and paged key / value of at most 2**31 - 1 elements)")
     return None
 
 

@@ -50,6 +50,7 @@ from dshal_ascend.layouts import (
     interleave_halves,
     masked_pairs,
     mla_form_unsupported,
+    mla_heads,
     page_table,
     paged,
     pick_rms_norm_outputs,
@@ -260,8 +261,12 @@ class AscendOps:
     def _mla_attention(self, q, k, v, causal, scale, window, global_tokens):
         """Absorbed MLA on finite inputs through the kernel's MLA form: the query and key split into
         latent (r = 512) and rope (64) parts, the keys and values as 128-token pages (the form
-        requires page attention; :func:`mla_form_unsupported` lists its limits)."""
+        requires page attention; :func:`mla_form_unsupported` lists its limits), the heads padded
+        with zero queries to a count the form takes (their rows are dropped)."""
         batch, heads, tq, d = q.shape
+        padded = mla_heads(heads)
+        if padded != heads:
+            q = F.pad(q, (0, 0, 0, 0, 0, padded - heads))
         plan = infer_attention_plan(tq, k.shape[2], causal, window, global_tokens, q.device)
         # the model's v = k[..., :r] (mla_form_unsupported checked the widths)
         shares_latent = v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
@@ -276,11 +281,11 @@ class AscendOps:
             q[..., :r].contiguous(), key, key if shares_latent else paged(v),
             query_rope=q[..., r:].contiguous(), key_rope=paged(k[..., r:]),
             block_table=page_table(batch, tk, q.device), actual_seq_lengths_kv=[tk] * batch,
-            block_size=MLA_BLOCK_SIZE, num_heads=heads, num_key_value_heads=1,
+            block_size=MLA_BLOCK_SIZE, num_heads=padded, num_key_value_heads=1,
             scale=float(scale if scale is not None else d ** -0.5), input_layout="BNSD",
             sparse_mode=plan.sparse_mode, atten_mask=plan.atten_mask,
         )
-        return out
+        return out if padded == heads else out[:, :heads]
 
     # ------------------------------------------------------------ MoE
     def moe_gate(self, logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):

@@ -233,8 +233,8 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
         experts = OpRoute("native", "npu_grouped_matmul x2 + npu_swiglu (bf16); int8 experts: reference; "
                           "FP8: emulated (active experts decoded to bf16)",
                           f"{rel}: group_list is int[] (host copy of the counts), no per_token_scale")
-    mla = ("absorbed MLA decode (576 = 512 + rope 64, 1 kv head, 32/64/128 heads, <= 16 causal queries): "
-           "the MLA form, query_rope / key_rope, keys copied into 128-token pages" if f.mla_rope
+    mla = ("absorbed MLA decode (576 = 512 + rope 64, 1 kv head, <= 128 heads padded to 32/64/128, <= 16 causal "
+           "queries): the MLA form, query_rope / key_rope, keys copied into 128-token pages" if f.mla_rope
            else f"absorbed MLA (head dim 576): reference ({rel} has no documented MLA form)")
     int8_f32 = ("npu_quant_matmul int32 output, scaled in float32" if f.quant_matmul_int32_guard
                 else "reference (int32 output would reinterpret a float32 scale before 7.0.0)")

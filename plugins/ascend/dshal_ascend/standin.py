@@ -175,9 +175,10 @@ def _fused_infer_attention(owner, b):
 
 
 def _mla_paged_attention(owner, b):
-    """The MLA form with page attention, BNSD (op-plugin 7.1.0-7.3.0 docs, query D 512): its
-    documented A2/A3 limits, then ``softmax(scale * (q k^T + q_rope k_rope^T)) v`` over each
-    batch's pages, end-aligned causal for sparse_mode 3."""
+    """The MLA form with page attention, BNSD (op-plugin 7.1.0 / 7.2.0 docs, query D 512; 7.3.0
+    takes more, dshal calls only what all take): its documented A2/A3 limits, then
+    ``softmax(scale * (q k^T + q_rope k_rope^T)) v`` over each batch's pages, end-aligned
+    causal for sparse_mode 3. The softmax LSE is not asked for: ``[1]`` zeros, as documented."""
     q, key, value, q_rope, k_rope = b["query"], b["key"], b["value"], b["query_rope"], b["key_rope"]
     table, lengths, block = b["block_table"], b["actual_seq_lengths_kv"], b["block_size"]
     batch, heads, tq, d = q.shape
@@ -193,9 +194,14 @@ def _mla_paged_attention(owner, b):
     _constraint(tuple(k_rope.shape) == (pages, 1, block, 64), f"key_rope must be [{pages}, 1, {block}, 64], got {list(k_rope.shape)}")
     dtypes = {t.dtype for t in (q, key, value, q_rope, k_rope)}
     _constraint(len(dtypes) == 1 and q.dtype in (torch.float16, torch.bfloat16), f"MLA form: one fp16/bf16 dtype, got {dtypes}")
-    _constraint(all(t.is_contiguous() for t in (q_rope, k_rope)), "query_rope / key_rope must be contiguous")
+    _constraint(all(t.is_contiguous() for t in (q, key, value, q_rope, k_rope)),
+                "query, key, value, query_rope and key_rope must be contiguous")
     _constraint(table.dtype == torch.int32 and table.dim() == 2 and table.shape[0] == batch, "block_table: int32 [B, pages]")
-    _constraint(lengths is not None and len(lengths) == batch, "page attention needs actual_seq_lengths_kv, one per batch")
+    _constraint(lengths is not None and (len(lengths) == 1 or len(lengths) >= batch),
+                "page attention needs actual_seq_lengths_kv: one length, or one per batch")
+    lengths = [lengths[0]] * batch if len(lengths) == 1 else list(lengths[:batch])
+    _constraint(batch <= 65536 and max(int(n) for n in lengths) <= 262144 and key.numel() <= 2**31 - 1,
+                "B <= 65536, S <= 262144, key / value of at most 2**31 - 1 elements")
     need = [-(-int(n) // block) for n in lengths]
     _constraint(table.shape[1] >= max(need) and pages >= sum(need), "block_table / blocknum too small for the lengths")
     _constraint(not b["softmax_lse_flag"], "the MLA form does not return the softmax LSE")
@@ -214,7 +220,7 @@ def _mla_paged_attention(owner, b):
         if tq > 1:
             s = s.masked_fill(torch.arange(n)[None, :] > torch.arange(tq)[:, None] + n - tq, float("-inf"))
         out[i] = torch.softmax(s, dim=-1) @ vf
-    return out.to(q.dtype), torch.zeros(batch, heads, tq, 1)
+    return out.to(q.dtype), torch.zeros(1)
 
 
 def _gating_top_k(owner, b):

@@ -151,8 +151,32 @@ def test_ascend_absorbed_mla_uses_the_kernels_mla_form(release, tq, tk, window):
     assert (a["sparse_mode"], a["atten_mask"] is None) == ((0, True) if tq == 1 else (3, False))
 
 
+@pytest.mark.parametrize("heads", [16, 48, 128])
+def test_ascend_absorbed_mla_pads_the_heads_to_a_count_the_form_takes(heads):
+    """DeepSeek-V3 on TP=8 has 16 heads per rank; the form takes 32 / 64 / 128 (7.1.0, 7.2.0):
+    zero queries pad the rest, and their rows are dropped."""
+    ops, stand_in = _ops("7.1.0")
+    q, k, v = _absorbed(2, heads, 1, 70, torch.Generator().manual_seed(heads))
+    _close(ops.attention(q, k, v, True, 0.07), ref.attention(q, k, v, True, 0.07))
+    (call,) = stand_in.called("npu_fused_infer_attention_score")
+    padded = layouts.mla_heads(heads)
+    assert padded >= heads and call.arguments["num_heads"] == padded == call.arguments["query"].shape[1]
+    assert layouts.mla_heads(129) is None
+
+
+def test_ascend_absorbed_mla_past_the_kernels_sizes_goes_to_the_reference():
+    """The docs bound B, S and the elements of the paged key / value (int32): a batch of 32 at
+    131072 keys is 2**31 elements, one past it (checked on meta tensors: no memory)."""
+    q = torch.empty(32, 32, 1, 576, dtype=torch.bfloat16, device="meta")
+    latent = torch.empty(32, 1, 131072, 576, dtype=torch.bfloat16, device="meta")
+    assert "2**31 - 1 elements" in layouts.mla_form_unsupported(q, latent, latent[..., :512], True, None)
+    assert layouts.mla_form_unsupported(q[:31], latent[:31], latent[:31, ..., :512], True, None) is None
+    long = torch.empty(1, 1, 262145, 576, dtype=torch.bfloat16, device="meta")
+    assert "S <= 262144" in layouts.mla_form_unsupported(q[:1], long, long[..., :512], True, None)
+
+
 @pytest.mark.parametrize("heads,tq,causal,v_cols,dtype", [
-    (16, 1, True, 512, torch.bfloat16),   # 16 heads: the form takes 32 / 64 / 128
+    (129, 1, True, 512, torch.bfloat16),  # more heads than the form's largest count
     (32, 17, True, 512, torch.bfloat16),  # more than 16 queries
     (32, 4, False, 512, torch.bfloat16),  # several queries, not causal: only sparse_mode 3
     (32, 1, True, 448, torch.bfloat16),   # v is not the 512-wide latent
