@@ -15,6 +15,7 @@ one backend by name loads only that plugin.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.metadata
 import logging
 import os
@@ -132,9 +133,11 @@ class Registry:
                 infos = single
         if name not in infos:
             hint = f" (DSHAL_PLUGINS limits discovery to {sorted(allow)})" if allow is not None else ""
-            installed = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+            installed = installed_names()
+            close = misspelling_of(name)
+            guess = f" Did you mean {close!r}?" if close else ""
             raise PluginLoadError(
-                f"backend {name!r} is not installed{hint}; installed: {installed or 'none'}. "
+                f"backend {name!r} is not installed{hint}; installed: {installed or 'none'}.{guess} "
                 f"Plugins register under the {ENTRY_POINT_GROUP!r} entry-point group."
             )
         return infos[name]
@@ -560,6 +563,20 @@ def backends(*, emulate: bool | None = None, refresh: bool = False) -> list[Back
     if refresh:
         REGISTRY.refresh()
     return list(REGISTRY.infos(emulate=emulate).values())
+
+
+def installed_names() -> list[str]:
+    """The backend names registered under the entry-point group (nothing is loaded)."""
+    return sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def misspelling_of(name: str) -> str | None:
+    """The installed backend ``name`` is most likely a misspelling of (``nvida`` -> ``nvidia``),
+    or None: a name close to none of them is taken as a plugin this machine lacks."""
+    if name in installed_names():
+        return None
+    close = difflib.get_close_matches(name, installed_names(), n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def names(infos: Iterable[BackendInfo]) -> list[str]:

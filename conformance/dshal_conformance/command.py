@@ -98,9 +98,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.bundle:
         archive = report.write_bundle(result, runner.environment(target), [json_path, junit_path], Path(args.bundle))
         console.print(f"bundle: {args.bundle} ({archive})")
-    if target.load_failed:  # a broken plugin is a failing leg, whatever --allow-unavailable says
-        console.print(f"[red]{args.backend}: the plugin failed to load[/]; --allow-unavailable covers a missing "
-                      "device or plugin, not a broken one", highlight=False, soft_wrap=True)
+    if target.broken_leg:  # a broken plugin or a typo fails the leg, whatever --allow-unavailable says
+        console.print(f"[red]{args.backend}: {target.broken_leg}[/]", highlight=False, soft_wrap=True)
         return 1
     if target.not_run:
         return 0 if args.allow_unavailable else 1

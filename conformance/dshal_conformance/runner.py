@@ -24,7 +24,7 @@ import dshal
 from dshal.config import load_config
 from dshal.errors import ArgumentError, BackendUnavailableError, PluginLoadError
 from dshal.ops.catalogue import SPECS
-from dshal.registry import REGISTRY
+from dshal.registry import REGISTRY, misspelling_of
 from dshal.runtime import build_runtime, reset
 from dshal_conformance import __version__, report
 from dshal_conformance.cases import all_cases, case_seed
@@ -68,6 +68,18 @@ class Target:
     not_run: str | None = None  # why it could not run (unavailable, not installed)
     #: The plugin is installed but failed to load (a crash, not an absence): never an allowed "not run".
     load_failed: bool = False
+    #: Not installed, but close to an installed name (``nvida``): a typo, never an allowed "not run".
+    misspelling_of: str | None = None
+
+    @property
+    def broken_leg(self) -> str | None:
+        """Why this leg fails even where a missing device or plugin is allowed, or None."""
+        if self.load_failed:
+            return "the plugin failed to load; --allow-unavailable covers a missing device or plugin, not a broken one"
+        if self.misspelling_of:
+            return (f"no backend {self.name!r} is installed, and {self.misspelling_of!r} is: a misspelled name is "
+                    "not a missing plugin")
+        return None
 
     @property
     def emulated(self) -> bool:
@@ -91,7 +103,8 @@ def resolve(name: str, emulate: bool | None = None, determinism: str | None = No
     try:
         rt = build_runtime(config)
     except (BackendUnavailableError, PluginLoadError) as err:
-        return Target(name, config.emulate, None, version, not_run=str(err), load_failed=info is not None and not info.loaded)
+        return Target(name, config.emulate, None, version, not_run=str(err), load_failed=info is not None and not info.loaded,
+                      misspelling_of=misspelling_of(name) if info is None else None)
     return Target(name, config.emulate, rt, version)
 
 

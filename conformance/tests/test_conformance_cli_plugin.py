@@ -60,7 +60,10 @@ def test_pytest_plugin_checks_nothing_only_when_told(tmp_path: Path, broken_plug
     "1 skipped" before)."""
     typo = _pytest(["--dshal-backend", "nvdia"], tmp_path)
     assert typo.returncode == 1 and "not-run" in typo.stdout and "'nvdia' is not installed" in typo.stdout
-    allowed = _pytest(["--dshal-backend", "nvdia", "--dshal-allow-unavailable"], tmp_path)
+    # A name close to an installed one is a typo, not a missing plugin: allowed to be absent, it still fails.
+    misspelled = _pytest(["--dshal-backend", "nvdia", "--dshal-allow-unavailable"], tmp_path)
+    assert misspelled.returncode == 1 and "Did you mean 'nvidia'?" in misspelled.stdout
+    allowed = _pytest(["--dshal-backend", "notinstalled", "--dshal-allow-unavailable"], tmp_path)
     assert allowed.returncode == 0 and "1 skipped" in allowed.stdout
     broken = _pytest(["--dshal-backend", "broken", "--dshal-allow-unavailable"], tmp_path, broken_plugin_path)
     assert broken.returncode == 1 and "failed to load" in broken.stdout
@@ -92,6 +95,12 @@ def test_a_broken_plugin_fails_its_leg_even_with_allow_unavailable(tmp_path: Pat
     # A missing plugin is still an allowed "not run" leg.
     assert cli.main(["conformance", "--backend", "notinstalled", "--allow-unavailable", "--ops", "rms_norm",
                      "--report-dir", str(tmp_path), "--quiet"]) == 0
+    # A misspelled one is not (it passed as "not run" before): the leg fails and says the name it meant.
+    assert cli.main(["conformance", "--backend", "nvida", "--allow-unavailable", "--ops", "rms_norm",
+                     "--report-dir", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "'nvidia' is: a misspelled name is not a missing plugin" in err
+    assert "Did you mean 'nvidia'?" in json.loads((tmp_path / "nvida.json").read_text())["platform"]["not_run"]
 
 
 def test_a_hanging_case_is_an_error_not_a_hang() -> None:
