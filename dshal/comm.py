@@ -87,6 +87,9 @@ def _reduce_op(op: str, collective: str, t: torch.Tensor) -> Any:
         raise CommError(f"{collective}: argument 'op' is {op!r}, expected one of {', '.join(REDUCE_OPS)}")
     if op == "avg" and not t.is_floating_point():
         raise DTypeError(f"{collective}: op='avg' needs a floating-point tensor, argument 't' has dtype {t.dtype}")
+    if t.is_complex() and op not in ("sum", "avg"):  # torch refuses it at issue, and the group was torn down
+        raise DTypeError(f"{collective}: op={op!r} has no order on complex numbers, argument 't' has dtype {t.dtype}; "
+                         "expected op 'sum' or 'avg'")
     return REDUCE_OPS[op]
 
 

@@ -135,3 +135,61 @@ def test_parallel_cli_speculative_mtp_splits_the_mtp_layer_too(tmp_path: Path, l
     assert parallel["output_ids"] == single["output_ids"]
     # (Not the acceptances: a random MTP layer's logits are near ties, so its drafts may differ
     # with the reduction order of the split; the tokens may not.)
+
+
+def test_parallel_cli_ranks_started_with_different_settings_are_told_so(tmp_path: Path) -> None:
+    """Ranks whose flags or configs differ built different groups (a wrong "peer hung" after the
+    whole timeout) or silently computed different models and exited 0. Now the job compares
+    every rank's settings first: the lowest rank names each difference, all exit 1."""
+    other = tmp_path / "other.yaml"
+    other.write_text("distributed:\n  timeout_s: 30\n")
+    job = LocalJob([sys.executable, "-m", "dshal", *RUN, "--tp", "2"], 2, env=_env(), capture=True,
+                   overrides={1: {"DSHAL_CONFIG": str(other)}})
+    with job:
+        runs = job.communicate(timeout_s=90)
+    assert [code for code, _, _ in runs] == [1, 1], [err[-1500:] for _, _, err in runs]
+    said = runs[0][2]
+    assert "the ranks were started with different settings: config.distributed.timeout_s: rank 0 300.0, rank 1 30.0" in said
+    assert "Traceback" not in said and "different settings" not in runs[1][2]  # said once
+    assert job.leaked() == []
+
+
+def test_parallel_cli_sigterm_to_the_launcher_ends_its_ranks() -> None:
+    """`timeout` / `kill` send SIGTERM: the launcher exited 143 and left both ranks generating.
+    Its ranks carry its pid (DSHAL_LAUNCHER_PID); none may outlive it."""
+    import signal
+    import time
+
+    # 4000 new tokens, warm-up included: about two minutes on two cores, far longer than the test.
+    launcher = subprocess.Popen([sys.executable, "-m", "dshal", "run", "--new-tokens", "4000", "--prompt-len", "4",
+                                 "--no-progress", "--tp", "2"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = f"DSHAL_LAUNCHER_PID={launcher.pid}".encode()
+
+    def ranks() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if marker in (entry / "environ").read_bytes().split(b"\0"):
+                        found.append(int(entry.name))
+                except OSError:
+                    pass
+        return found
+
+    try:
+        deadline = time.monotonic() + 60
+        while len(ranks()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(ranks()) == 2, "the ranks did not start"
+        time.sleep(2)
+        assert launcher.poll() is None
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 15
+        while ranks() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ranks() == []
+    finally:
+        launcher.kill()
+        for pid in ranks():
+            os.kill(pid, signal.SIGKILL)

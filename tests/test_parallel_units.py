@@ -211,3 +211,19 @@ def test_transforms_record_the_split_in_the_models_declared_parallel_state(clean
     assert not {"tp_group", "tp_size", "tp_rank", "ep_group", "ep_size", "ep_rank"} & set(vars(model))
     with pytest.raises(ShapeError, match="already tensor-parallel over 2 ranks"):
         tensor_parallel(model, tp)
+
+
+def test_a_vocabulary_split_that_leaves_a_rank_empty_is_refused(clean_dshal_env):
+    """vocab 9 over TP=4 is cut in chunks of 3: rank 3 got no rows and crashed in index_select
+    at the first forward (a raw RuntimeError); the transform now says so up front, on every rank."""
+    import dshal
+    from dshal.comm import SimulatedGroup
+    from dshal.errors import ShapeError
+    from dshal.model import random_model, tiny_args
+    from dshal.parallel.transforms import tensor_parallel
+
+    dshal.use(backend="cpu")
+    for rank in (0, 3):
+        with pytest.raises(ShapeError, match="vocab_size 9 in chunks of 3 leaves the last of 4 ranks no vocabulary rows"):
+            tensor_parallel(random_model(tiny_args(vocab_size=9, num_attention_heads=4)), SimulatedGroup(4, rank, "tp"))
+    tensor_parallel(random_model(tiny_args(vocab_size=10, num_attention_heads=4)), SimulatedGroup(4, 3, "tp"))  # 3+3+3+1

@@ -382,7 +382,17 @@ def main(args: argparse.Namespace) -> int:
     if parallel and parallel_run.relaunch_needed():
         return parallel_run.relaunch(args)
     runtime = use_for_command(args.config, args.backend)
-    groups = parallel_run.setup(args) if parallel else None
+    if not parallel:
+        return _main(args, runtime, None)
+    groups = parallel_run.setup(args)
+    try:
+        return _main(args, runtime, groups)
+    finally:  # after an error too: a process leaving with a live gloo group can abort at exit
+        comm.shutdown()
+
+
+def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
+    """:func:`main` once the runtime is chosen and, when parallel, the job joined."""
     started = time.perf_counter()
     mtp = mtp_layers_for(args.speculative)
     show = not args.no_progress and (groups is None or parallel_run.is_reporting_rank())

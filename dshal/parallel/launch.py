@@ -8,13 +8,15 @@ own (they raise CommError) before they are killed. Every child is reaped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Self
 
 
@@ -154,13 +156,58 @@ def _exists(pid: int) -> bool:
     return True
 
 
+#: Set in each rank :func:`relaunch_self` starts: the launcher's pid, which the rank watches
+#: (:func:`exit_with_parent`), so a launcher killed outright leaves no rank running.
+LAUNCHER_PID_ENV = "DSHAL_LAUNCHER_PID"
+
+
+def exit_with_parent(parent: int, period_s: float = 0.5) -> None:
+    """End this process when ``parent``, the process that started it, is gone (killed by a
+    signal that skips its cleanup, e.g. SIGKILL): an orphan would keep working."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    if os.getppid() != parent:  # gone while this process was starting
+        os._exit(1)
+    threading.Thread(target=watch, name="dshal-parent-watch", daemon=True).start()
+
+
 def relaunch_self(module_argv: Sequence[str], world_size: int, timeout_s: float | None = None) -> int:
     """Run ``python -m <module_argv>`` as ``world_size`` local ranks; output goes to this
-    terminal. Returns 0 when every rank succeeded, else the first non-zero exit code."""
-    job = LocalJob([sys.executable, "-m", *module_argv], world_size)
-    with job:
-        codes = job.wait(timeout_s if timeout_s is not None else 10**9)
+    terminal. Returns 0 when every rank succeeded, else the first non-zero exit code.
+    SIGTERM and SIGHUP (``timeout``, ``kill``, a closed terminal) end the ranks with this
+    process; each rank also ends itself if this process disappears (:data:`LAUNCHER_PID_ENV`)."""
+    launcher = {LAUNCHER_PID_ENV: str(os.getpid())}
+    job = LocalJob([sys.executable, "-m", *module_argv], world_size, overrides={r: launcher for r in range(world_size)})
+    with _signals_end_the_job():
+        with job:
+            codes = job.wait(timeout_s if timeout_s is not None else 10**9)
     failed = [c for c in codes if c != 0]
     if not failed:
         return 0
     return failed[0] if isinstance(failed[0], int) and failed[0] > 0 else 1
+
+
+@contextlib.contextmanager
+def _signals_end_the_job() -> Iterator[None]:
+    """SIGTERM / SIGHUP raise SystemExit(128 + signal) in the block, so the job's cleanup (its
+    ``with``: kill and reap every rank) runs; Python's default would end the process with the
+    ranks left running. Only the main thread may set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -12,6 +12,7 @@ the same sequences, so the job's rate is set by its slowest rank.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import sys
@@ -22,13 +23,13 @@ from typing import Any
 import torch
 
 from dshal import comm
-from dshal.errors import DshalError
+from dshal.errors import CommError, DshalError
 from dshal.model import DictReader, tiny_args
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import random_checkpoint
 from dshal.model.speculative import mtp_layers_for
 from dshal.parallel.groups import ParallelGroups, plan_groups, setup_groups
-from dshal.parallel.launch import relaunch_self
+from dshal.parallel.launch import LAUNCHER_PID_ENV, exit_with_parent, relaunch_self
 from dshal.parallel.loading import build_parallel, from_pretrained_parallel
 from dshal.parallel.transforms import sharded_skeletons
 from dshal.runtime import current
@@ -45,7 +46,12 @@ def wanted(args: argparse.Namespace) -> bool:
     for name in ("tp", "ep"):
         if getattr(args, name) < 1:
             raise DshalError(f"dshal run: --{name} is {getattr(args, name)}, expected an integer >= 1")
-    return args.tp * args.ep > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    raw = os.environ.get("WORLD_SIZE") or "1"
+    try:
+        world = int(raw)
+    except ValueError:
+        raise CommError(f"dshal run: environment variable WORLD_SIZE is {raw!r}, expected an integer (torchrun sets it)") from None
+    return args.tp * args.ep > 1 or world > 1
 
 
 def relaunch_needed() -> bool:
@@ -67,9 +73,50 @@ def relaunch(args: argparse.Namespace) -> int:
 
 
 def setup(args: argparse.Namespace) -> ParallelGroups:
-    """Join the job and build this rank's groups (WORLD_SIZE must equal tp * ep)."""
+    """Join the job, check that every rank was started with the same settings, and build this
+    rank's groups (WORLD_SIZE must equal tp * ep)."""
+    if os.environ.get(LAUNCHER_PID_ENV):  # started by relaunch(): end with the launcher
+        exit_with_parent(int(os.environ[LAUNCHER_PID_ENV]))
     comm.init()
+    agree(lambda: same_settings(run_settings(args)))
     return setup_groups(tp=args.tp, ep=args.ep)
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What every rank of one ``dshal run`` job must share: its flags and the runtime's
+    configuration (the resolved backend included)."""
+    flags = {f"--{name.replace('_', '-')}": value for name, value in sorted(vars(args).items()) if not callable(value)}
+    rt = current()
+    return {**flags, "backend": rt.backend.name, **_dotted("config", rt.config.to_dict())}
+
+
+def _dotted(prefix: str, tree: dict[str, Any]) -> dict[str, Any]:
+    """``{"config.precision.gemm": ...}`` from nested mappings: a difference names its key."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        out.update(_dotted(name, value) if isinstance(value, dict) and value else {name: value})
+    return out
+
+
+def same_settings(settings: dict[str, Any]) -> None:
+    """CommError naming each setting that differs between ranks, and each rank's value (every
+    rank must call it). Ranks started with different flags or configs would build different
+    groups (a wrong "peer hung" after the whole timeout) or silently compute different models."""
+    device = _device()
+    text = json.dumps(settings, sort_keys=True, default=str).encode()
+    sizes = comm.all_gather(torch.tensor([[len(text)]], dtype=torch.int64, device=device), dim=0).flatten().tolist()
+    mine = torch.zeros(1, max(sizes), dtype=torch.uint8, device=device)
+    mine[0, : len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    rows = comm.all_gather(mine, dim=0).cpu()
+    everyone = [json.loads(bytes(rows[rank, :size].tolist())) for rank, size in enumerate(sizes)]
+    keys = sorted(set().union(*everyone))
+    differ = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in everyone}) > 1]
+    if differ:
+        said = "; ".join(f"{k}: " + ", ".join(f"rank {r} {s.get(k)!r}" for r, s in enumerate(everyone)) for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        raise CommError(f"dshal run: the ranks were started with different settings: {said}{more}; every rank of "
+                        "one job needs the same command line and configuration")
 
 
 def load(args: argparse.Namespace, groups: ParallelGroups, progress: Any = None) -> tuple[Any, str]:
@@ -177,6 +224,9 @@ def shared_input(read: Callable[[str], str] = input, poll_s: float = INPUT_POLL_
         try:
             lines.put((_LINE, read(prompt)))
         except EOFError:
+            lines.put((_END, ""))
+        except Exception as err:  # noqa: BLE001 - undecodable bytes, a terminal's I/O error: the input ends
+            print(f"dshal run: reading the terminal failed ({type(err).__name__}: {err}); ending the chat", file=sys.stderr)
             lines.put((_END, ""))
 
     def read_shared(prompt: str) -> str:

@@ -237,6 +237,11 @@ def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
     h0, h1 = r * heads, (r + 1) * heads
 
     vocab = a.vocab_size
+    if split_range(vocab, n, n - 1)[0] >= vocab:  # ceil-sized chunks: the last rank may get none
+        raise ShapeError(
+            f"{transform}: vocab_size {vocab} in chunks of {math.ceil(vocab / n)} leaves the last of {n} ranks "
+            "no vocabulary rows; use fewer tensor-parallel ranks"
+        )
     start, stop = split_range(vocab, n, r)
     shard = Shard(0, start, stop, total=vocab)
     padded = math.ceil(vocab / n)

@@ -46,6 +46,7 @@ from dshal.errors import BackendUnavailableError, ConfigError
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
 from dshal.outputs import atomic_write, check_writable
+from dshal.parallel.launch import exit_with_parent
 
 
 @dataclass(frozen=True)
@@ -309,22 +310,6 @@ def _cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _exit_with_parent(parent: int, period_s: float = 0.5) -> None:
-    """End this worker when ``parent``, the process that started it, is gone (killed by a
-    signal that skips its cleanup, e.g. ``timeout``'s SIGTERM): an orphan would keep compiling."""
-    import threading
-
-    def watch() -> None:
-        while True:
-            time.sleep(period_s)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    if os.getppid() != parent:  # gone while this worker was importing
-        os._exit(1)
-    threading.Thread(target=watch, name="dshal-kernels-parent-watch", daemon=True).start()
-
-
 def compile_worker(
     targets: list[str], worker: int, jobs: int, out: str, cache_dir: str, gemm_tiles: list[dict] | None, only: str,
     parent: int,
@@ -334,7 +319,7 @@ def compile_worker(
     as JSON; it exits when ``parent`` is gone."""
     import dataclasses
 
-    _exit_with_parent(parent)
+    exit_with_parent(parent)  # an orphan would keep compiling
     rows = []
     cache = Path(cache_dir) if cache_dir else None
     for name in targets:
