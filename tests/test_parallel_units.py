@@ -3,6 +3,8 @@ checkpoint view a rank loads from (no processes, no process group)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -227,3 +229,34 @@ def test_a_vocabulary_split_that_leaves_a_rank_empty_is_refused(clean_dshal_env)
         with pytest.raises(ShapeError, match="vocab_size 9 in chunks of 3 leaves the last of 4 ranks no vocabulary rows"):
             tensor_parallel(random_model(tiny_args(vocab_size=9, num_attention_heads=4)), SimulatedGroup(4, rank, "tp"))
     tensor_parallel(random_model(tiny_args(vocab_size=10, num_attention_heads=4)), SimulatedGroup(4, 3, "tp"))  # 3+3+3+1
+
+
+CHAT_READER = """
+import dshal
+from dshal import comm
+from dshal.parallel.run import shared_input
+
+dshal.use(backend="cpu")
+comm.init()
+def undecodable(prompt):
+    raise UnicodeDecodeError("utf-8", b"\\\\xff", 0, 1, "invalid start byte")
+try:
+    shared_input(undecodable, poll_s=0.05)("> ")
+except EOFError:
+    print("ended")
+comm.shutdown()
+"""
+
+
+def test_the_shared_chat_reader_ends_on_a_terminal_error(tmp_path):
+    """`--interactive --tp N`: an undecodable byte (or EIO) killed rank 0's reader thread, and
+    rank 0 posted "waiting" forever. Any read error now ends the input for every rank."""
+    import subprocess
+    import sys
+
+    from dshal.parallel.launch import free_port, rank_env
+
+    env = {**os.environ, **rank_env(0, 1, free_port()), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CHAT_READER], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ended", done.stderr[-2000:]
+    assert "reading the terminal failed (UnicodeDecodeError" in done.stderr
