@@ -1,5 +1,5 @@
 """In-process pieces of dshal.parallel: group placement on topology data, shards, and the
-checkpoint view a rank loads from (no processes, no process group)."""
+checkpoint view a rank loads from (no process group; one test starts a one-rank job)."""
 
 from __future__ import annotations
 
