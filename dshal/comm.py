@@ -50,6 +50,7 @@ import abc
 import datetime
 import math
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -710,6 +711,45 @@ def _rendezvous_error(err: BaseException, env: LaunchEnv, timeout_s: float) -> C
     return CommError(msg)
 
 
+def _bounded_rendezvous(env: LaunchEnv, timeout: float) -> Any:
+    """``dist.rendezvous`` (env://, which also handles torchrun's agent-hosted store) within
+    ``timeout`` (+ a few seconds). torch bounds its connect, not the store handshake: a
+    MASTER_PORT held by a process that accepts and never answers (a stopped old job, another
+    service) blocked there for ever. It runs in a daemon thread; past the bound this rank
+    raises CommError and leaves the thread blocked (it cannot be cancelled; it dies with the
+    process)."""
+    result: dict[str, Any] = {}
+
+    def join() -> None:
+        try:
+            url = f"env://?rank={env.rank}&world_size={env.world_size}"
+            result["store"] = next(dist.rendezvous(url, timeout=datetime.timedelta(seconds=timeout)))[0]
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=join, name="dshal-rendezvous", daemon=True)
+    thread.start()
+    thread.join(timeout + RENDEZVOUS_GRACE_S)
+    if thread.is_alive():
+        raise CommError(
+            f"init: rank {env.rank} got no answer from the store at MASTER_ADDR={env.master_addr} "
+            f"MASTER_PORT={env.master_port} within {timeout:g} s (distributed.timeout_s): something accepts "
+            "connections on that port but does not answer (a stopped old job, another service); pick a free port "
+            "(torchrun --master-port / --rdzv-endpoint)"
+        )
+    err = result.get("error")
+    if isinstance(err, (RuntimeError, ValueError)):
+        raise _rendezvous_error(err, env, timeout) from err
+    if err is not None:
+        raise err
+    return result["store"]
+
+
+#: Seconds past ``distributed.timeout_s`` that the rendezvous may take before it is abandoned
+#: (torch's own timeout, when it applies, reports first and more precisely).
+RENDEZVOUS_GRACE_S = 5.0
+
+
 def _check_world_size(store: Any, env: LaunchEnv) -> None:
     """Every rank must agree on WORLD_SIZE; compare through the rendezvous store before the
     process group is built (a mismatch would otherwise hang inside the backend). Rank 0
@@ -778,11 +818,7 @@ def init(timeout_s: float | None = None) -> Communicator:
     # The runtime already bound this rank's device (LOCAL_RANK) when it was built; bind it
     # again in case the caller changed the current device since.
     device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()
-    delta = datetime.timedelta(seconds=timeout)
-    try:  # env:// also handles torchrun's agent-hosted store
-        store, _, _ = next(dist.rendezvous(f"env://?rank={env.rank}&world_size={env.world_size}", timeout=delta))
-    except (RuntimeError, ValueError) as err:
-        raise _rendezvous_error(err, env, timeout) from err
+    store = _bounded_rendezvous(env, timeout)
     _check_world_size(store, env)
     try:
         dist.init_process_group(

@@ -179,8 +179,8 @@ def test_comm_hung_peer_times_out(tmp_path: Path) -> None:
 
 
 def test_comm_init_errors_are_clear(tmp_path: Path) -> None:
-    """Port in use, a missing rank and mismatched WORLD_SIZE each give a CommError that says
-    so. The three jobs run side by side to keep the wall time down."""
+    """Port in use, a missing rank, mismatched WORLD_SIZE and a store that never answers each
+    give a CommError that says so. The jobs run side by side to keep the wall time down."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -189,6 +189,8 @@ def test_comm_init_errors_are_clear(tmp_path: Path) -> None:
         "port_in_use": {"world_size": 1, "port": busy_port},
         "missing_rank": {"world_size": 2, "ranks": [0]},
         "mismatch": {"world_size": 2, "overrides": {1: {"WORLD_SIZE": "3"}}},
+        # a port that accepts and never answers (a stopped old job's store): rank 1 hung in the handshake
+        "silent_store": {"world_size": 2, "ranks": [1], "port": busy_port},
     }
     jobs = {}
     try:
@@ -212,6 +214,8 @@ def test_comm_init_errors_are_clear(tmp_path: Path) -> None:
     assert "not all WORLD_SIZE=2 ranks joined" in missing_msg
     for msg in messages["mismatch"]:
         assert "mismatched world size" in msg and "WORLD_SIZE=2" in msg and "WORLD_SIZE=3" in msg
+    (silent_msg,) = messages["silent_store"]
+    assert f"rank 1 got no answer from the store at MASTER_ADDR=127.0.0.1 MASTER_PORT={busy_port} within 3 s" in silent_msg
 
 
 def test_comm_not_initialized_and_env_errors(monkeypatch: pytest.MonkeyPatch) -> None:
