@@ -332,7 +332,7 @@ class ProcessGroupCommunicator(Communicator):
     def _check_ready(self, collective: str) -> None:
         failure = _session["failure"]
         if failure is not None:
-            raise CommError(f"{collective} on the {group_name(None)}: the process group was shut down after an earlier failure: {failure}")
+            raise CommError(f"{collective} on the {group_name(self.group)}: the process group was shut down after an earlier failure: {failure}")
         if not dist.is_initialized():
             raise CommError(f"{collective}: torch.distributed is not initialized; call dshal.comm.init() first (or launch with torchrun)")
 
@@ -425,6 +425,7 @@ class ProcessGroupCommunicator(Communicator):
         return records
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        self._check_ready("all_reduce")  # before anything asks the group its size
         _check_tensor("all_reduce", t)
         self._check_device("all_reduce", t)
         reduce_op = _reduce_op(op, "all_reduce", t)
@@ -439,6 +440,7 @@ class ProcessGroupCommunicator(Communicator):
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        self._check_ready("all_gather")  # before anything asks the group its size
         _check_tensor("all_gather", t)
         self._check_device("all_gather", t)
         dim = _check_dim("all_gather", t, dim)
@@ -453,6 +455,7 @@ class ProcessGroupCommunicator(Communicator):
         return out.movedim(0, dim) if dim else out
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
+        self._check_ready("reduce_scatter")  # before anything asks the group its size
         _check_tensor("reduce_scatter", t)
         self._check_device("reduce_scatter", t)
         dim = _check_dim("reduce_scatter", t, dim)
@@ -481,6 +484,7 @@ class ProcessGroupCommunicator(Communicator):
     def all_to_all(
         self, t: torch.Tensor, output_splits: Sequence[int] | None = None, input_splits: Sequence[int] | None = None
     ) -> torch.Tensor:
+        self._check_ready("all_to_all")  # before anything asks the group its size
         _check_tensor("all_to_all", t)
         self._check_device("all_to_all", t)
         if t.dim() == 0:
@@ -513,6 +517,7 @@ class ProcessGroupCommunicator(Communicator):
         return out
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        self._check_ready("broadcast")  # before anything asks the group its size
         _check_tensor("broadcast", t)
         self._check_device("broadcast", t)
         n = self.world_size

@@ -224,8 +224,10 @@ def test_comm_not_initialized_and_env_errors(monkeypatch: pytest.MonkeyPatch) ->
     from dshal import comm
     from dshal.errors import CommError
 
-    with pytest.raises(CommError, match="not initialized"):
-        comm.all_reduce(torch.ones(2))
+    for name, call in (("all_reduce", lambda: comm.all_reduce(torch.ones(2))), ("broadcast", lambda: comm.broadcast(torch.ones(2))),
+                       ("all_to_all", lambda: comm.all_to_all(torch.ones(2)))):
+        with pytest.raises(CommError, match=f"^{name}: torch.distributed is not initialized"):  # named world_size before
+            call()
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(CommError, match=r"\['RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'\] are not set"):
