@@ -51,13 +51,15 @@ def test_parallel_cli_under_torchrun() -> None:
 
 
 def test_parallel_cli_world_size_mismatch(tmp_path: Path) -> None:
-    """Two ranks asked for --tp 4: each says so and exits 1, no traceback."""
+    """Two ranks asked for --tp 4: both exit 1, no traceback, and rank 0 alone says so (each
+    did, with its group left live at exit)."""
     job = LocalJob([sys.executable, "-m", "dshal", *RUN, "--tp", "4"], 2, env=_env(), capture=True)
     with job:
         runs = job.communicate(timeout_s=60)
-    for code, _, err in runs:
-        assert code == 1, err[-2000:]
-        assert "tp (4) x ep (1) = 4, expected the world size 2" in err and "Traceback" not in err
+    assert [code for code, _, _ in runs] == [1, 1], [err[-2000:] for _, _, err in runs]
+    said = "tp (4) x ep (1) = 4, expected the world size 2"
+    assert said in runs[0][2] and said not in runs[1][2]
+    assert not any("Traceback" in err for _, _, err in runs)
     assert job.leaked() == []
 
 

@@ -146,3 +146,20 @@ def test_replay_judgement_passes_a_faithful_replay_and_fails_a_stale_one(op: str
     assert "replay-new-data" in good.reason
     bad = judge_replay(_context(rt), op, row, _Backend(stale=True))
     assert bad.status == "fail" and bad.metric.startswith("replay-new-data")
+
+
+def test_the_exemption_holds_both_spellings_of_a_symlinked_triton(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Frames carry the path as imported; a site-packages reached through a symlink (lib64 ->
+    lib) spelled triton's folder differently from its resolved path, and the interpreter's
+    own host reads counted as findings."""
+    import importlib.machinery
+    import importlib.util
+
+    real = tmp_path / "lib" / "triton"
+    real.mkdir(parents=True)
+    (tmp_path / "lib64").symlink_to(tmp_path / "lib")
+    linked = tmp_path / "lib64" / "triton"
+    spec = importlib.machinery.ModuleSpec("triton", None, is_package=True)
+    spec.submodule_search_locations = [str(linked)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "triton" else None)
+    assert set(emulation_machinery()) == {f"{linked}/", f"{real}/"}

@@ -580,7 +580,8 @@ class TorchGpuBackend(Backend):
         n = b.shape[0]
         kb, nb = math.ceil(k / BLOCK), math.ceil(n / BLOCK)
         sa = a_scale.float().reshape(-1, 1) if granularity == "row" else a_scale.float().reshape(1, 1)
-        peak = sa.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)  # a device scalar: no host read
+        # the largest finite magnitude, a device scalar (no host read): a NaN / Inf scale stays its own row's
+        peak = torch.where(sa.isfinite(), sa.abs(), 0.0).amax().clamp_min(torch.finfo(torch.float32).tiny)
         sa = (sa / peak).expand(m, kb).contiguous()
         ones = torch.ones(nb, kb, dtype=torch.float32, device=a.device)
         acc = self._block_gemm(a, sa, b, ones, torch.float32, plan)

@@ -384,10 +384,9 @@ def main(args: argparse.Namespace) -> int:
     runtime = use_for_command(args.config, args.backend)
     if not parallel:
         return _main(args, runtime, None)
-    groups = parallel_run.setup(args)
     try:
-        return _main(args, runtime, groups)
-    finally:  # after an error too: a process leaving with a live gloo group can abort at exit
+        return _main(args, runtime, parallel_run.setup(args))
+    finally:  # after an error too (setup's included): a process leaving with a live gloo group can abort at exit
         comm.shutdown()
 
 

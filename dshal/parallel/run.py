@@ -79,13 +79,14 @@ def setup(args: argparse.Namespace) -> ParallelGroups:
         exit_with_parent(int(os.environ[LAUNCHER_PID_ENV]))
     comm.init()
     agree(lambda: same_settings(run_settings(args)))
-    return setup_groups(tp=args.tp, ep=args.ep)
+    return agree(lambda: setup_groups(tp=args.tp, ep=args.ep))  # e.g. tp x ep != WORLD_SIZE: said once
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every rank of one ``dshal run`` job must share: its flags and the runtime's
     configuration (the resolved backend included)."""
-    flags = {f"--{name.replace('_', '-')}": value for name, value in sorted(vars(args).items()) if not callable(value)}
+    flags = {f"--{name.replace('_', '-')}": value for name, value in sorted(vars(args).items())
+             if not callable(value) and not name.startswith("_")}  # argparse plumbing (the parser) is no setting
     rt = current()
     return {**flags, "backend": rt.backend.name, **_dotted("config", rt.config.to_dict())}
 

@@ -52,7 +52,9 @@ def emulation_machinery() -> tuple[str, ...]:
     device too, and their syncs count."""
     spec = importlib.util.find_spec("triton")
     folders = spec.submodule_search_locations if spec is not None and spec.submodule_search_locations else []
-    return tuple(os.path.join(os.path.realpath(folder), "") for folder in folders)
+    # frames carry the path as imported: a symlinked site-packages (lib64 -> lib) has two spellings
+    spellings = {os.path.join(path, "") for folder in folders for path in (folder, os.path.realpath(folder))}
+    return tuple(sorted(spellings))
 
 
 #: The ops the graph family captures (each on the first row of its own examples).

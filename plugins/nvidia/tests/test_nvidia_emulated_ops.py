@@ -319,3 +319,16 @@ def test_conformance_report_records_the_path_per_weight_format():
     assert linear["details"]["paths"]["fp8-block"]["kind"] == "triton"
     norm = next(c for c in rep["cases"] if c["id"] == "capability/rms_norm")
     assert norm["details"] == {"provider": "nvidia", "kind": "triton"}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nvidia_fp8_gemm_a_bad_row_scale_stays_in_its_row(rt, bad):
+    """Row scales through the block kernel are divided by their peak: a NaN or Inf scale in one
+    row must not become the peak and spoil every other row (it did, briefly)."""
+    a, sa = ref.quantize_fp8(torch.randn(4, 40, generator=gen(8)), (1, -1), "e4m3fn")
+    b, sb = ref.quantize_fp8(torch.randn(6, 40, generator=gen(9)), (1, -1), "e4m3fn")
+    sa = sa.clone()
+    sa[0] = bad
+    got, want = dshal.ops.fp8_gemm(a, sa, b, sb, torch.float32), ref.fp8_gemm(a, sa, b, sb, torch.float32)
+    assert not torch.isfinite(got[0]).any() and not torch.isfinite(want[0]).any()  # (an Inf scale: inf here, NaN there)
+    torch.testing.assert_close(got[1:], want[1:], rtol=1e-5, atol=1e-4)
