@@ -114,6 +114,17 @@ def _check_tensor(collective: str, t: Any) -> None:
         raise DTypeError(f"{collective}: argument 't' is a {type(t).__name__}, expected a torch.Tensor")
 
 
+def _check_writable(collective: str, t: torch.Tensor) -> None:
+    """An in-place collective writes every element of ``t``: an expanded view (a stride 0 over
+    a dim of several elements) cannot take the result, and the copy back failed inside torch
+    after the data had moved."""
+    if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+        raise ShapeError(
+            f"{collective}: argument 't' is an expanded view (shape {list(t.shape)}, strides {list(t.stride())}), "
+            "expected a tensor whose elements do not share memory: the result is written into it (pass t.clone())"
+        )
+
+
 def _check_dim(collective: str, t: torch.Tensor, dim: int) -> int:
     if t.dim() == 0:
         raise ShapeError(f"{collective}: argument 't' is a 0-d tensor, expected at least 1 dim (the one to split or join along)")
@@ -427,6 +438,7 @@ class ProcessGroupCommunicator(Communicator):
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         self._check_ready("all_reduce")  # before anything asks the group its size
         _check_tensor("all_reduce", t)
+        _check_writable("all_reduce", t)
         self._check_device("all_reduce", t)
         reduce_op = _reduce_op(op, "all_reduce", t)
         self._check_reducible("all_reduce", t)
@@ -519,6 +531,7 @@ class ProcessGroupCommunicator(Communicator):
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         self._check_ready("broadcast")  # before anything asks the group its size
         _check_tensor("broadcast", t)
+        _check_writable("broadcast", t)
         self._check_device("broadcast", t)
         n = self.world_size
         if not isinstance(src, int) or not 0 <= src < n:
@@ -624,6 +637,7 @@ class SimulatedCommunicator(ProcessGroupCommunicator):
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         _check_tensor("broadcast", t)
+        _check_writable("broadcast", t)
         if not isinstance(src, int) or not 0 <= src < self.group.size:
             raise CommError(f"broadcast: argument 'src' is {src!r}, expected a group rank in [0, {self.group.size})")
         self._run("broadcast", dist.broadcast, t)

@@ -161,6 +161,8 @@ def collectives(rank: int, n: int) -> dict[str, str]:
     t = value(rank)
     run_checks(checks, "error[op]", lambda: expect_raises(CommError, ["all_reduce", "'op'", "'median'", "sum"], lambda: comm.all_reduce(t, op="median")))
     run_checks(checks, "error[avg int]", lambda: expect_raises(DTypeError, ["avg", "torch.int64"], lambda: comm.all_reduce(t.long(), op="avg")))
+    run_checks(checks, "error[expanded all_reduce]", lambda: expect_raises(  # failed in torch after the data moved
+        ShapeError, ["all_reduce", "expanded view", "t.clone()"], lambda: comm.all_reduce(torch.ones(1).expand(4))))
     run_checks(checks, "error[max complex]", lambda: expect_raises(  # torch refused it at issue: the group was torn down
         DTypeError, ["op='max'", "complex64", "'sum' or 'avg'"], lambda: comm.all_reduce(t.to(torch.complex64), op="max")))
     run_checks(checks, "error[splits sum]", lambda: expect_raises(
