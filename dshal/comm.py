@@ -825,10 +825,16 @@ def init(timeout_s: float | None = None) -> Communicator:
 
     Uses the active runtime's process-group backend (see :func:`process_group_backend`),
     sets this process's local device (``LOCAL_RANK``) and bounds every collective by
-    ``timeout_s`` (default: the config's ``distributed.timeout_s``). Idempotent.
+    ``timeout_s`` (default: the config's ``distributed.timeout_s``). Idempotent; asking an
+    initialized job for another timeout is a ConfigError (the process group's own timeout is
+    fixed when it is built: ``shutdown()`` first).
     """
     rt = dshal.current()
     if dist.is_initialized():
+        held = _session["timeout_s"]
+        if timeout_s is not None and held is not None and float(timeout_s) != held:
+            raise ConfigError(f"init: argument 'timeout_s' is {timeout_s}, but this process joined the job with "
+                              f"{held:g} s; call dshal.comm.shutdown() first to rejoin with another timeout")
         return rt.backend.communicator(None)
     env = launch_env()
     timeout = float(timeout_s if timeout_s is not None else rt.config.distributed.timeout_s)

@@ -19,7 +19,7 @@ import torch
 
 import dshal
 from dshal import comm
-from dshal.errors import CommError, DeviceError, DTypeError, ShapeError
+from dshal.errors import CommError, ConfigError, DeviceError, DTypeError, ShapeError
 
 COMM_ERROR_EXIT = 17
 
@@ -161,6 +161,9 @@ def collectives(rank: int, n: int) -> dict[str, str]:
     t = value(rank)
     run_checks(checks, "error[op]", lambda: expect_raises(CommError, ["all_reduce", "'op'", "'median'", "sum"], lambda: comm.all_reduce(t, op="median")))
     run_checks(checks, "error[avg int]", lambda: expect_raises(DTypeError, ["avg", "torch.int64"], lambda: comm.all_reduce(t.long(), op="avg")))
+    run_checks(checks, "init again", lambda: expect_equal(torch.tensor(comm.init().world_size), torch.tensor(n)))
+    run_checks(checks, "error[init with another timeout]", lambda: expect_raises(  # kept the old one silently
+        ConfigError, ["'timeout_s' is 12345", "shutdown() first"], lambda: comm.init(timeout_s=12345)))
     run_checks(checks, "error[expanded all_reduce]", lambda: expect_raises(  # failed in torch after the data moved
         ShapeError, ["all_reduce", "expanded view", "t.clone()"], lambda: comm.all_reduce(torch.ones(1).expand(4))))
     run_checks(checks, "error[max complex]", lambda: expect_raises(  # torch refused it at issue: the group was torn down
