@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 
 import dshal
+from dshal.config import MAX_TIMEOUT_S
 from dshal.errors import CommError, ConfigError, DeviceError, DTypeError, ShapeError
 from dshal.ops.mode import checking
 
@@ -140,7 +141,7 @@ def group_name(group: Any = None) -> str:
     desc = getattr(group, "group_desc", "") or getattr(group, "group_name", "") or "unnamed"
     try:
         ranks = dist.get_process_group_ranks(group)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, KeyError):  # KeyError: torch forgot a group torn down after a failure
         return f"group {desc!r}"
     return f"group {desc!r} (global ranks {ranks})"
 
@@ -838,8 +839,8 @@ def init(timeout_s: float | None = None) -> Communicator:
         return rt.backend.communicator(None)
     env = launch_env()
     timeout = float(timeout_s if timeout_s is not None else rt.config.distributed.timeout_s)
-    if not timeout > 0:
-        raise ConfigError(f"distributed.timeout_s: got {timeout}, expected a positive number of seconds")
+    if not 0 < timeout <= MAX_TIMEOUT_S:  # as the config's key (larger overflows torch's timedelta)
+        raise ConfigError(f"distributed.timeout_s: got {timeout}, expected a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     # The runtime already bound this rank's device (LOCAL_RANK) when it was built; bind it
     # again in case the caller changed the current device since.
     device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()

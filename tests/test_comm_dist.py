@@ -254,3 +254,42 @@ def test_shared_input_gives_every_rank_rank_0s_lines_however_long_the_user_takes
     found = results(out, 2)
     assert [r["lines"] for r in found] == [["héllo ✓", "", "a second line"]] * 2
     assert all(r["seconds"] >= 4 * 3.0 - 0.5 for r in found)  # four reads of 3 s, each longer than the timeout
+
+
+SUBGROUP_AFTER_FAILURE = """
+import torch
+import dshal
+from dshal import comm
+from dshal.errors import CommError
+
+dshal.use(backend="cpu")
+comm.init(timeout_s=20)
+tp = comm.new_groups([[0]], "tp")
+
+def boom(*args, **kwargs):
+    raise RuntimeError("Connection closed by peer")
+
+try:
+    comm.communicator(tp)._run("all_reduce", boom, torch.ones(2))
+except CommError:
+    pass
+for call in (lambda: comm.all_reduce(torch.ones(2), group=tp), lambda: comm.communicator(tp).world_size):
+    try:
+        call()
+    except CommError as err:
+        print("CommError:", str(err).split(":")[0])
+comm.shutdown()
+"""
+
+
+def test_a_subgroup_after_a_failure_still_raises_comm_error(tmp_path: Path) -> None:
+    """After a failure every group is torn down and torch forgets their ranks: naming a tp / ep
+    group then raised a bare KeyError from every later call on it, not the CommError promised."""
+    import subprocess
+
+    from dshal.parallel.launch import free_port, rank_env
+
+    env = {**os.environ, **rank_env(0, 1, free_port()), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", SUBGROUP_AFTER_FAILURE], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["CommError: all_reduce on the group 'tp0'", "CommError: world_size on the group 'tp0'"]
