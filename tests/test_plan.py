@@ -360,10 +360,10 @@ def test_readme_quotes_what_dshal_plan_prints(capsys: pytest.CaptureFixture[str]
     printed = capsys.readouterr().out
     paragraph = " ".join(readme[readme.index("The EP=32 line"):].split("\n\n")[0].split())
     for figure in ("attention 10.63", "routed experts 19.03", "37.01 GiB of weights", "KV cache 8.58 GiB",
-                   "activation peak 31.01 GiB", "76.59 GiB in all"):
+                   "activation peak 31.01 GiB", "1.91 GiB (0.24 at TP=8)", "78.50 GiB in all"):
         assert figure in paragraph
     for figure in ("10.63 GiB", "19.03 GiB", "weights total         37.01 GiB", "8192: 8.58 GiB",
-                   "32768 tokens: 31.01 GiB", "needs 76.59 GiB"):
+                   "32768 tokens: 31.01 GiB", "kv_b_proj dequantized: 1.91 GiB", "needs 78.50 GiB"):
         assert figure in printed, figure
 
 
@@ -392,3 +392,30 @@ def test_plan_defaults_follow_the_checkpoint(tmp_path: Path) -> None:
     v3 = make_plan(PlanRequest(config=_config(tmp_path, num_hidden_layers=4), context=64))
     assert v3["precision_mode"] == "fp8-block"
     assert make_plan(PlanRequest(config=config, precision="fp8-block", context=64))["precision_mode"] == "fp8-block"
+
+
+def test_plan_counts_the_whole_model_a_quantize_then_shard_rank_loads(tmp_path: Path) -> None:
+    """fp8-row with TP quantizes each weight whole before sharding (build_parallel): every rank
+    holds the whole model during the load. The plan counted only the shards and let a 131 GiB
+    device pass for a ~627 GiB load."""
+    config = _config(tmp_path, num_hidden_layers=4)
+    sharded = make_plan(PlanRequest(config=config, tp=8, precision="fp8-block", context=16, prefill_chunk=15))
+    whole = make_plan(PlanRequest(config=config, tp=8, precision="fp8-row", context=16, prefill_chunk=15))
+    (s,), (w,) = sharded["ranks"], whole["ranks"]
+    assert not s["loads_whole_model"] and w["loads_whole_model"]
+    assert w["needs_bytes"] >= w["reads"]["bytes"] > 4 * w["weight_bytes"]
+    assert "loads the whole model, then quantizes and shards it" in format_plan(whole)
+    budget = (w["needs_bytes"] / 2) / 2**30
+    refused = make_plan(PlanRequest(config=config, tp=8, precision="fp8-row", context=16, prefill_chunk=15,
+                                    device_memory_gib=budget))
+    assert "load the whole model before sharding it" in refused["refusal"] and "more ranks do not help" in refused["refusal"]
+
+
+def test_plan_names_the_mode_a_non_128_block_checkpoint_runs_in(tmp_path: Path) -> None:
+    """The loader dequantizes FP8 blocks other than 128 x 128 (they run high); the plan said fp8-block."""
+    from dshal.plan.plan import resolved_precision
+
+    args = ModelArgs.from_file(default_config())
+    request = PlanRequest(config=default_config())
+    assert resolved_precision(request, args) == "fp8-block"
+    assert resolved_precision(request, ModelArgs(**{**vars(args), "weight_block_size": (64, 64)})) == "high"

@@ -273,6 +273,17 @@ class MLA(nn.Module):
         out = ops.attention(q, k, v, causal, self.softmax_scale, self.window, self.global_tokens)  # [B, H, T, r]
         return out @ w_uv.transpose(1, 2)  # [B, H, T, r] @ [H, r, v] -> [B, H, T, v]
 
+    def cached_bytes(self) -> int:
+        """Bytes this layer holds beyond its parameters once it has attended in the absorbed form:
+        ``kv_b_proj``'s dequantized ``[H, nope + v, r]`` copy (none when the weight is already
+        stored in the compute dtype, whose view it then is)."""
+        if self._absorbed is None:
+            return 0
+        weight, dense = self._absorbed
+        if dense.dtype == weight.dtype and self.kv_b_proj.weight_scale is None:
+            return 0
+        return dense.numel() * dense.element_size()
+
     def _kv_b_per_head(self, dtype: torch.dtype) -> torch.Tensor:
         """``kv_b_proj``'s weight as ``[H, nope + v, r]`` in ``dtype`` (dequantized: kv_b is
         weight-only in every precision mode), cached until the weight or dtype changes."""

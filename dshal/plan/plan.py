@@ -35,7 +35,7 @@ from dshal.config import GEMM_MODES, PrecisionConfig
 from dshal.errors import ConfigError, ShapeError
 from dshal.model.args import ModelArgs
 from dshal.model.generate import DEFAULT_PREFILL_CHUNK
-from dshal.model.model import Transformer
+from dshal.model.model import MLA, Transformer
 from dshal.model.precision import checkpoint_name
 from dshal.model.speculative import mtp_layers_for
 from dshal.parallel.layers import (
@@ -332,7 +332,8 @@ def resolved_precision(req: PlanRequest, args: ModelArgs) -> str:
     """The gemm mode the plan holds weights in: ``auto`` is the checkpoint's own format."""
     if req.precision != "auto":
         return req.precision
-    return "fp8-block" if args.weight_block_size else "high"
+    # the loader dequantizes blocks other than 128 x 128 (dshal.model.precision): they run high
+    return "fp8-block" if args.weight_block_size and tuple(args.weight_block_size) == (128, 128) else "high"
 
 
 def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -418,7 +419,15 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
         per_token, kv_total = kv_cache_bytes(sim, req.batch, req.context, mtp=args.mtp_layers > 0)
         held = holdings(sim.model)
         weights = sum(k["bytes"] for k in held.values())
-        need = weights + kv_total + prefill.peak_bytes
+        # each attention layer's dequantized kv_b_proj, kept from the first absorbed step on
+        absorbed = sum(m.cached_bytes() for m in sim.model.modules() if isinstance(m, MLA))
+        need = weights + absorbed + kv_total + prefill.peak_bytes
+        read_bytes = sum(r.nbytes for r in sim.reads)
+        # Quantize-then-shard (per-row / per-tensor / int8 scales, or a cut 128-block): the rank loads
+        # the whole model first (dshal.parallel.loading.build_parallel); at least what it reads.
+        whole_load = sim.model.shard_view is None and (sim.groups.tp_size > 1 or sim.groups.ep_size > 1)
+        if whole_load:
+            need = max(need, read_bytes)
         files = {r.file for r in sim.reads if r.file is not None}
         ranks_out.append(
             {
@@ -451,8 +460,10 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
                 },
                 "logits": {"prefill": list(prefill.logits_shape), "decode": list(decode.logits_shape)},
                 "communication": {"decode": _traffic(decode), "prefill": _traffic(prefill)},
-                "reads": {"bytes": sum(r.nbytes for r in sim.reads), "tensors": len(sim.reads), "files": len(files)},
+                "reads": {"bytes": read_bytes, "tensors": len(sim.reads), "files": len(files)},
                 "block_cuts": block_cuts(sim, tensors, block),
+                "absorbed_kv_b_bytes": absorbed,
+                "loads_whole_model": whole_load,
                 "needs_bytes": need,
             }
         )
@@ -506,15 +517,26 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
         over = [r for r in ranks_out if r["needs_bytes"] > budget]
         if over:
             r = over[0]
-            result["refusal"] = (
-                f"ranks {_ranges(r['ranks'])} need {r['needs_bytes'] / GIB:.1f} GiB "
-                f"(weights {r['weight_bytes'] / GIB:.1f} + "
-                f"KV cache {r['kv_cache']['bytes'] / GIB:.1f} + "
-                f"activations {r['activation_peak']['bytes'] / GIB:.1f}), "
-                f"more than --device-memory-gib {req.device_memory_gib:g}; use more ranks (--tp / --ep) or a smaller "
-                "--batch / --context / --prefill-chunk"
-                + (", or --precision fp8-block" if req.precision == "bf16" else "")
-            )
+            running = (r["weight_bytes"] + r["absorbed_kv_b_bytes"] + r["kv_cache"]["bytes"]
+                       + r["activation_peak"]["bytes"])
+            if r["loads_whole_model"] and r["needs_bytes"] > running:  # the load, not the run, is too big
+                result["refusal"] = (
+                    f"ranks {_ranges(r['ranks'])} load the whole model before sharding it ({r['needs_bytes'] / GIB:.1f} GiB, "
+                    f"more than --device-memory-gib {req.device_memory_gib:g}): precision {result['precision_mode']} with TP "
+                    "quantizes each weight whole; use --precision fp8-block with an FP8 checkpoint whose 128-blocks "
+                    "the shards do not cut (more ranks do not help here)"
+                )
+            else:
+                result["refusal"] = (
+                    f"ranks {_ranges(r['ranks'])} need {r['needs_bytes'] / GIB:.1f} GiB "
+                    f"(weights {r['weight_bytes'] / GIB:.1f} + "
+                    + (f"absorbed kv_b_proj copies {r['absorbed_kv_b_bytes'] / GIB:.1f} + " if r["absorbed_kv_b_bytes"] else "")
+                    + f"KV cache {r['kv_cache']['bytes'] / GIB:.1f} + "
+                    f"activations {r['activation_peak']['bytes'] / GIB:.1f}), "
+                    f"more than --device-memory-gib {req.device_memory_gib:g}; use more ranks (--tp / --ep) or a smaller "
+                    "--batch / --context / --prefill-chunk"
+                    + (", or --precision fp8-block" if req.precision == "bf16" else "")
+                )
     return result
 
 
@@ -575,10 +597,18 @@ def format_plan(p: dict[str, Any]) -> str:
             f"{_b(a['eager_reference_bytes']).strip()} as the eager reference ops run; "
             f"decode step: {_b(a['decode_bytes']).strip()}"
         )
+        parts = "weights + " + ("absorbed kv_b_proj copies + " if r["absorbed_kv_b_bytes"] else "") + "KV cache + activation peak"
+        if r["loads_whole_model"]:
+            parts = f"the larger of {parts} and the whole model it loads before sharding"
         lines.append(
-            f"  needs {_b(r['needs_bytes']).strip()} (weights + KV cache + activation peak)"
+            f"  needs {_b(r['needs_bytes']).strip()} ({parts})"
             + (f" of {p['device_memory_gib']:g} GiB per device" if p["device_memory_gib"] else "")
         )
+        if r["absorbed_kv_b_bytes"]:
+            lines.append(f"  absorbed decode keeps each layer's kv_b_proj dequantized: {_b(r['absorbed_kv_b_bytes']).strip()}")
+        if r["loads_whole_model"]:
+            lines.append("  loads the whole model, then quantizes and shards it (per-row / per-tensor / int8 scales or a "
+                         "cut 128-block: TP then computes what one process computes)")
         rd = r["reads"]
         files = f" from {rd['files']} shard files" if rd["files"] else ""
         lines.append(f"  reads {rd['bytes'] / 1e9:.1f} GB of the checkpoint in {rd['tensors']:,} tensor reads{files}")
