@@ -443,3 +443,27 @@ def test_the_steps_go_through_the_backends_graph_hook():
     with pytest.raises(ArgumentError, match="argument 'cache' has the 'naive' layout, expected 'absorb' for static steps"):
         generate_speculative(model, prompt, 4, graph=capture, cache=model.new_cache(1, 16, "naive"),
                              mtp_cache=model.new_cache(1, 16, "absorb", mtp=True))
+
+
+def test_greedy_speculative_returns_generates_tensor_exactly_with_ragged_prompts_and_a_stop(mtp_model):
+    """The docstring promises generate's ids. With ragged prompts where the longest row stops
+    first, speculative cut its result at the furthest row end ([2, 11]) where generate keeps
+    the longest prompt plus the most tokens any row made ([2, 17])."""
+    args = mtp_model.args
+    ids = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    lens = [9, 3]
+    free = mtp_model.generate(ids, 8, prompt_lens=lens)
+    stop = int(free[0, 10])  # the longest row's second new token
+    want = mtp_model.generate(ids, 8, prompt_lens=lens, eos_token_id=[stop])
+    got, _ = generate_speculative(mtp_model, ids, 8, prompt_lens=lens, eos_token_id=[stop])
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_sampling_from_non_finite_logits_is_a_dshal_error():
+    """torch.multinomial's bare RuntimeError ended an --interactive chat (it catches DshalError)."""
+    from dshal.model.sampling import next_token
+
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])
+    with pytest.raises(dshal.DshalError, match="logits are not finite"):
+        next_token(logits, 1.0, torch.Generator().manual_seed(0))
+    assert next_token(logits[1:], 1.0, torch.Generator().manual_seed(0)).shape == (1,)

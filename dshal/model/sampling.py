@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dshal.errors import ArgumentError
+from dshal.errors import ArgumentError, DshalError
 
 #: Below this temperature :func:`sampling_probs` shifts the logits by their max before scaling:
 #: the plain ``logits / temperature`` overflows float32 there for any logit of magnitude
@@ -23,7 +23,22 @@ def next_token(
     :func:`sampling_probs`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+    return draw(sampling_probs(logits, temperature, top_p), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``[B, V]`` weights -> ``[B]`` ids sampled from them. A row of NaN / Inf weights (the model
+    produced non-finite logits) is a DshalError naming that, not torch's bare RuntimeError (it
+    checks the weights anyway: no extra host sync)."""
+    try:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    except RuntimeError as err:
+        if "inf" in str(err) or "nan" in str(err):
+            raise DshalError(
+                "sampling: the model's logits are not finite (NaN or Inf) at this step, so there is no distribution "
+                f"to sample from; a checkpoint with NaN / Inf weights, or an overflow in a reduced precision. torch said: {err}"
+            ) from None
+        raise
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
@@ -72,4 +87,4 @@ def check_top_p(top_p: Any, where: str = "generate") -> None:
         raise ArgumentError(f"{where}: argument 'top_p' is {top_p!r}, expected a number in (0, 1]")
 
 
-__all__ = ["check_temperature", "check_top_p", "next_token", "sampling_probs"]
+__all__ = ["check_temperature", "check_top_p", "draw", "next_token", "sampling_probs"]

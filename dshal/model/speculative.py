@@ -50,6 +50,7 @@ from dshal.model.prefill import (
     check_prompt_lens,
     mask_padding,
 )
+from dshal.model.sampling import draw
 
 
 @dataclass
@@ -121,7 +122,7 @@ class DraftVerifier:
         return probs / probs.sum(dim=-1, keepdim=True)
 
     def _sample(self, probs: torch.Tensor) -> torch.Tensor:
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return draw(probs, self.generator)
 
     def token(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, V]`` logits -> the tokens ``[B]`` and the distributions they were drawn from
@@ -460,7 +461,8 @@ def _generate_rows(
             if reuse is not None:  # what the static steps left valid: every token but the last, and one
                 cache.length = pos[0] - 1  # fewer in the MTP cache (its last entry may have been made for
                 mtp_cache.length = max(pos[0] - 2, 0)  # a draft that was not kept)
-            return out[:, : max(pos)], stats
+            # generate's width: the longest prompt plus the most tokens a row made (not the furthest row end)
+            return out[:, : max(lens) + max(p - n for p, n in zip(pos, lens, strict=True))], stats
         # Every row at [last token, draft] (positions pos - 1, pos); a done row repeats a slot of its own.
         at = [min(p, total - 1) for p in pos]
         verdict, last, draft, q = step(last, draft, q, torch.tensor([[p - 1, p] for p in at], device=device))
