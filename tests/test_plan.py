@@ -419,3 +419,17 @@ def test_plan_names_the_mode_a_non_128_block_checkpoint_runs_in(tmp_path: Path) 
     request = PlanRequest(config=default_config())
     assert resolved_precision(request, args) == "fp8-block"
     assert resolved_precision(request, ModelArgs(**{**vars(args), "weight_block_size": (64, 64)})) == "high"
+
+
+def test_plan_does_not_claim_no_block_cuts_for_a_checkpoint_quantized_on_load(tmp_path: Path) -> None:
+    """A bf16 checkpoint run fp8-block over TP=32: the shards cut blocks, each rank quantizes the
+    whole model first, and the cut weights are held dequantized; the plan printed "FP8 block
+    cuts: none (every shard boundary is on a 128x128 block edge)"."""
+    cfg = json.loads(default_config().read_text())
+    cfg.pop("quantization_config")
+    cfg.update(num_hidden_layers=4)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    text = format_plan(make_plan(PlanRequest(config=path, tp=32, precision="fp8-block", context=16, prefill_chunk=15)))
+    assert "FP8 block cuts: none read (the checkpoint is not FP8); every rank quantizes the whole model" in text
+    assert "every shard boundary is on a 128x128 block edge" not in text

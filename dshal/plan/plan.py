@@ -644,6 +644,10 @@ def format_plan(p: dict[str, Any]) -> str:
                     f"{p['layout']['tp']} TP ranks cut; a rank reads up to {_human(c['extra_read_bytes'])} of "
                     f"neighbouring blocks, dequantizes its slice and {held}"
                 )
+        elif not m["weight_block"]:  # nothing FP8 is read: cuts happen, if at all, after a whole-model quantization
+            lines.append("  FP8 block cuts: none read (the checkpoint is not FP8)" + (
+                "; every rank quantizes the whole model before sharding, and a shard that cuts a 128x128 block "
+                "holds that weight dequantized (in 'weights' above)" if r["loads_whole_model"] else ""))
         else:
             lines.append("  FP8 block cuts: none (every shard boundary is on a 128x128 block edge)")
     lines.append("")
