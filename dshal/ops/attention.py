@@ -155,7 +155,8 @@ def nonfinite_guard(
     if window is None and (not causal or tq == 1) and min(q.shape) > 0 and min(k.shape) > 0 and dv > 0:
         return _all_keys_visible_guard(q, k, v)
     bad_q, bad_k = ~torch.isfinite(q), ~torch.isfinite(k)
-    bad_v = bad_k[..., :dv] if _leading_columns(v, k) else ~torch.isfinite(v)
+    shared = values_are_key_columns(v, k)  # MLA's absorbed values: one mask and one zeroed copy serve both
+    bad_v = bad_k[..., :dv] if shared else ~torch.isfinite(v)
     ranges = _visible_ranges(tq, tk, causal, window, global_tokens, q.device)
     # Non-finite keys / value entries per prefix of the keys, then summed over each query's ranges.
     per_key = torch.cat((bad_k.any(dim=-1, keepdim=True), bad_v), dim=-1).to(torch.int32)  # [B, Hk, Tk, 1 + Dv]
@@ -166,14 +167,13 @@ def nonfinite_guard(
     from_q = bad_q.any(dim=-1, keepdim=True) & sees_any  # [B, Hq, Tq, 1]
     poison = (from_kv[:, :, None] | from_q.reshape(batch, hk, hq // hk, tq, 1)).reshape(batch, hq, tq, dv)
     safe_k = k.masked_fill(bad_k, 0)
-    # MLA's absorbed values stay the zeroed keys' first columns: one copy, and a kernel can share it.
-    safe_v = safe_k[..., :dv] if _leading_columns(v, k) else v.masked_fill(bad_v, 0)
+    safe_v = safe_k[..., :dv] if shared else v.masked_fill(bad_v, 0)  # still k's first columns: a kernel can share it
     return NonFiniteGuard(q.masked_fill(bad_q, 0), safe_k, safe_v, poison)
 
 
-def _leading_columns(v: torch.Tensor, k: torch.Tensor) -> bool:
+def values_are_key_columns(v: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``v`` is ``k[..., :Dv]`` (MLA's absorbed decode: the values are the latent's first
-    ``kv_lora`` columns)."""
+    ``kv_lora`` columns): a kernel may then read one tensor for both."""
     return (v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and v.shape[:-1] == k.shape[:-1]
             and v.shape[-1] <= k.shape[-1])
 
@@ -197,7 +197,7 @@ def _all_keys_visible_guard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
     zeros = k.new_zeros(*k.shape[:2], 1, k.shape[2])  # [B, Hk, 1, Tk]
     key_columns = (zeros @ k).isnan()  # [B, Hk, 1, D]
-    if _leading_columns(v, k):
+    if values_are_key_columns(v, k):
         value_columns = key_columns[..., :dv]
     else:
         value_columns = (zeros @ v).isnan()  # [B, Hk, 1, Dv]

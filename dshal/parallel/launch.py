@@ -157,24 +157,8 @@ def _exists(pid: int) -> bool:
 
 
 #: Set in each rank :func:`relaunch_self` starts: the launcher's pid, which the rank watches
-#: (:func:`exit_with_parent`), so a launcher killed outright leaves no rank running.
+#: (:func:`dshal.lifetime.exit_with_parent`), so a launcher killed outright leaves no rank running.
 LAUNCHER_PID_ENV = "DSHAL_LAUNCHER_PID"
-
-
-def exit_with_parent(parent: int, period_s: float = 0.5) -> None:
-    """End this process when ``parent``, the process that started it, is gone (killed by a
-    signal that skips its cleanup, e.g. SIGKILL): an orphan would keep working."""
-    import threading
-
-    def watch() -> None:
-        while True:
-            time.sleep(period_s)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    if os.getppid() != parent:  # gone while this process was starting
-        os._exit(1)
-    threading.Thread(target=watch, name="dshal-parent-watch", daemon=True).start()
 
 
 def relaunch_self(module_argv: Sequence[str], world_size: int, timeout_s: float | None = None) -> int:

@@ -24,12 +24,13 @@ import torch
 
 from dshal import comm
 from dshal.errors import CommError, DshalError
+from dshal.lifetime import exit_with_parent
 from dshal.model import DictReader, tiny_args
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import random_checkpoint
 from dshal.model.speculative import mtp_layers_for
 from dshal.parallel.groups import ParallelGroups, plan_groups, setup_groups
-from dshal.parallel.launch import LAUNCHER_PID_ENV, exit_with_parent, relaunch_self
+from dshal.parallel.launch import LAUNCHER_PID_ENV, relaunch_self
 from dshal.parallel.loading import build_parallel, from_pretrained_parallel
 from dshal.parallel.transforms import sharded_skeletons
 from dshal.runtime import current

@@ -45,8 +45,8 @@ from dshal.config import cache_dir
 from dshal.errors import BackendUnavailableError, ConfigError
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
+from dshal.lifetime import exit_with_parent
 from dshal.outputs import atomic_write, check_writable
-from dshal.parallel.launch import exit_with_parent
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from dshal.plugin import (
     dequantize_to,
     gemm_granularity,
     nonfinite_guard,
+    values_are_key_columns,
 )
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 from dshal_ascend.layouts import (
@@ -268,8 +269,7 @@ class AscendOps:
         if padded != heads:
             q = F.pad(q, (0, 0, 0, 0, 0, padded - heads))
         plan = infer_attention_plan(tq, k.shape[2], causal, window, global_tokens, q.device)
-        # the model's v = k[..., :r] (mla_form_unsupported checked the widths)
-        shares_latent = v.data_ptr() == k.data_ptr() and v.stride() == k.stride()
+        shares_latent = values_are_key_columns(v, k)  # the model's v = k[..., :r]: paged once
         if plan.keys is not None:  # one query: the visible keys
             k, v = k[:, :, plan.keys], v[:, :, plan.keys]
         tk, r = k.shape[2], MLA_LATENT_DIM
