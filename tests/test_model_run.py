@@ -716,7 +716,7 @@ def test_model_chat_says_a_turn_it_cannot_answer_and_goes_on(tmp_path):
 
 
 def test_sampling_defaults_read_the_checkpoints_generation_config(tmp_path):
-    from dshal.model.text import sampling_defaults
+    from dshal.model.text import sampling_defaults, unapplied_sampling
 
     assert sampling_defaults(tmp_path) == {}  # no generation_config.json
     config = tmp_path / "generation_config.json"
@@ -726,9 +726,19 @@ def test_sampling_defaults_read_the_checkpoints_generation_config(tmp_path):
     assert sampling_defaults(tmp_path) == {"temperature": 0.0}  # transformers: greedy
     config.write_text('{"eos_token_id": 1}')
     assert sampling_defaults(tmp_path) == {}
+    # transformers and vLLM: top_k 1 is greedy, and do_sample without a temperature samples at 1.0.
+    config.write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.95, "top_k": 1}')
+    assert sampling_defaults(tmp_path) == {"temperature": 0.0} and unapplied_sampling(tmp_path) == []
+    config.write_text('{"do_sample": true, "top_p": 0.9}')
+    assert sampling_defaults(tmp_path) == {"temperature": 1.0, "top_p": 0.9}
+    config.write_text('{"temperature": 0.7, "top_k": 20, "min_p": 0.05}')  # dshal applies neither: said
+    assert sampling_defaults(tmp_path) == {"temperature": 0.7} and unapplied_sampling(tmp_path) == ["top_k 20", "min_p 0.05"]
+    config.write_text('{"do_sample": false, "top_k": 20}')
+    assert unapplied_sampling(tmp_path) == []
     for body, said in (('{"temperature": -1}', "temperature is -1, expected a number >= 0"),
                        ('{"top_p": 0}', r"top_p is 0, expected a number in \(0, 1\]"),
-                       ('{"temperature": "hot"}', "temperature is 'hot'"), ('{"top_p": true}', "top_p is True")):
+                       ('{"temperature": "hot"}', "temperature is 'hot'"), ('{"top_p": true}', "top_p is True"),
+                       ('{"top_k": 2.5}', "top_k is 2.5, expected an int >= 0")):
         config.write_text(body)
         with pytest.raises(dshal.CheckpointError, match=f"generation_config.json: {said}"):
             sampling_defaults(tmp_path)

@@ -88,13 +88,13 @@ class _Oracle:
     def __init__(self, ids: torch.Tensor, vocab: int, wrong_every: int = 0):
         self.ids, self.vocab, self.wrong_every, self.calls = ids[0].tolist(), vocab, wrong_every, 0
 
-    def __call__(self, hidden, next_ids, start_pos, cache=None):
+    def __call__(self, hidden, next_ids, start_pos, cache=None, last_only=False):
         self.calls += 1
         last = start_pos + next_ids.shape[1] - 1  # the draft is for position last + 2
         token = self.ids[last + 2] if last + 2 < len(self.ids) else 0
         if self.wrong_every and self.calls % self.wrong_every == 0:
             token = (token + 1) % self.vocab
-        logits = torch.zeros(1, next_ids.shape[1], self.vocab)
+        logits = torch.zeros(1, 1 if last_only else next_ids.shape[1], self.vocab)
         logits[0, -1, token] = 1.0
         return logits
 
@@ -117,8 +117,8 @@ def test_each_draft_is_the_mtp_layers_prediction_from_the_whole_sequence(mtp_mod
     drafts = []
     real = mtp_model.draft
 
-    def spy(hidden, next_ids, start_pos, cache=None):
-        logits = real(hidden, next_ids, start_pos, cache)
+    def spy(hidden, next_ids, start_pos, cache=None, last_only=False):
+        logits = real(hidden, next_ids, start_pos, cache, last_only)
         drafts.append((start_pos + next_ids.shape[1] - 1, logits[0, -1]))
         return logits
 
@@ -130,6 +130,20 @@ def test_each_draft_is_the_mtp_layers_prediction_from_the_whole_sequence(mtp_mod
     assert len(drafts) == 3 + stats.steps - 1  # 3 prefill chunks, then one per step but the last
     for pos, logits in drafts:
         torch.testing.assert_close(logits, full[pos], atol=1e-4, rtol=1e-4)
+
+
+def test_the_prefill_computes_the_logits_of_its_last_position_only(mtp_model, monkeypatch):
+    """Speculative prefill used the last row of the main and MTP logits but computed every
+    position's: [C, 129280] twice per chunk (~1 GB for a 2048-token chunk; 16 GB for a 32k
+    prompt in one forward, more than 2**31 elements). The hidden states stay whole (the MTP
+    layer reads every position), and the tokens are generate()'s."""
+    heads = []
+    for module in (mtp_model.lm_head, mtp_model.mtp["3"].shared_head.head):
+        monkeypatch.setattr(module, "forward", lambda x, real=module.forward: (heads.append(x.shape[1]), real(x))[1])
+    prompt = _prompt(mtp_model.args, length=9, seed=2)
+    ids, _ = generate_speculative(mtp_model, prompt, 6, prefill_chunk=4)
+    assert heads[:6] == [1] * 6  # 3 chunks, each one main and one MTP position
+    assert torch.equal(ids, mtp_model.generate(prompt, 6))
 
 
 def test_the_mtp_layer_reads_its_inputs_as_deepseek_v3s_weights_expect(mtp_model):
@@ -467,3 +481,34 @@ def test_sampling_from_non_finite_logits_is_a_dshal_error():
     with pytest.raises(dshal.DshalError, match="logits are not finite"):
         next_token(logits, 1.0, torch.Generator().manual_seed(0))
     assert next_token(logits[1:], 1.0, torch.Generator().manual_seed(0)).shape == (1,)
+
+
+def test_greedy_generation_from_nan_logits_is_a_dshal_error(mtp_model):
+    """argmax of a NaN row is the NaN's index: greedy generation returned tokens the model never
+    chose, with no word. Every greedy loop now ends in a DshalError (no host sync per step)."""
+    from dshal.model.decode import generate_with_graphs
+
+    ids = _prompt(mtp_model.args, batch=2)
+    clean = mtp_model.generate(ids, 4)
+    norm = mtp_model.norm.weight
+    saved = norm.detach().clone()
+    with torch.no_grad():
+        norm[0] = float("nan")  # every logit NaN from the first step on
+    try:
+        runs = {
+            "generate": lambda: mtp_model.generate(ids, 4),
+            "generate (ragged rows)": lambda: mtp_model.generate(ids, 4, prompt_lens=[7, 3]),
+            "generate_with_graphs": lambda: generate_with_graphs(mtp_model, ids, 4, lambda fn: fn),
+            "generate_speculative": lambda: generate_speculative(mtp_model, ids[:1], 4),
+        }
+        for name, run in runs.items():
+            try:
+                run()
+            except dshal.DshalError as err:
+                assert "logits hold NaN at a greedy step" in str(err), name
+            else:
+                pytest.fail(f"{name}: no DshalError from NaN logits")
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+    assert torch.equal(mtp_model.generate(ids, 4), clean)  # the flag does not outlive its generation

@@ -43,7 +43,7 @@ from dshal.model.prefill import (
     mask_padding,
     prefill,
 )
-from dshal.model.sampling import check_temperature, check_top_p, next_token
+from dshal.model.sampling import TokenChooser, check_temperature, check_top_p
 
 
 def agreed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -248,7 +248,7 @@ def generate_with_graphs(
     """Generation (as ``model.generate(input_ids, max_new_tokens, temperature, top_p=...,
     generator=..., prefill_chunk=..., prompt_lens=...)``: greedy by default) whose decode steps go
     through a :class:`StaticDecoder` captured with ``graph``. The graph returns the logits; the
-    token is chosen from them outside it (:func:`dshal.model.sampling.next_token`), so a
+    token is chosen from them outside it (:class:`dshal.model.sampling.TokenChooser`), so a
     sampled step's draws come from ``generator`` every step. Returns the ids ``[B, T + new]``
     and the decoder (None when no decode step runs)."""
     where = "generate_with_graphs"
@@ -262,9 +262,11 @@ def generate_with_graphs(
     if graph is None:
         raise ArgumentError(f"{where}: argument 'graph' is None, expected a backend's graph hook (runtime.backend.graph)")
     lens = check_prompt_lens(where, prompt_lens, *input_ids.shape)
-    return generate_rows(model, input_ids, lens, max_new_tokens,
-                         lambda logits: next_token(logits, temperature, generator, top_p), graph=graph,
-                         on_token=on_token, prefill_chunk=prefill_chunk)
+    chooser = TokenChooser(temperature, top_p, generator)
+    out, decoder = generate_rows(model, input_ids, lens, max_new_tokens, chooser, graph=graph, on_token=on_token,
+                                 prefill_chunk=prefill_chunk)
+    chooser.raise_if_nan(where)
+    return out, decoder
 
 
 def prefill_rows(

@@ -36,7 +36,7 @@ from dshal.model.prefill import (
     mask_padding,
     prefill,
 )
-from dshal.model.sampling import check_temperature, check_top_p, next_token, sampling_probs
+from dshal.model.sampling import TokenChooser, check_temperature, check_top_p, sampling_probs
 
 
 class PromptBatch:
@@ -225,12 +225,14 @@ def generate(
         check_cache_reuse(cache, cached, input_ids, max_new_tokens, len(set(lens)) > 1)
     if decoder is not None:
         check_decoder(decoder, cache)
+    chooser = TokenChooser(temperature, top_p, generator)
     if len(set(lens)) > 1 and max_new_tokens > 0 and decode.static_decode_unsupported(model) is None:
         out, _ = decode.generate_rows(  # each row at its own positions
-            model, input_ids, lens, max_new_tokens, lambda logits: next_token(logits, temperature, generator, top_p),
+            model, input_ids, lens, max_new_tokens, chooser,
             eos_token_id=None if eos_token_id is None else stop_list(eos_token_id),
             stream=stream, on_token=on_token, prefill_chunk=prefill_chunk,
         )
+        chooser.raise_if_nan("generate")
         return out
     prompts = PromptBatch("generate", input_ids, lens)  # one length, or fed into one position
     bsz, width = input_ids.shape
@@ -246,7 +248,7 @@ def generate(
     stops = None if eos_token_id is None else torch.tensor(stop_list(eos_token_id), device=input_ids.device)
     logits = prefill(model, prompts.ids[:, cached : prompts.start], cache, prefill_chunk, cached)
     for pos in range(prompts.start, total):
-        token = prompts.force(decode.agreed(model, next_token(logits, temperature, generator, top_p)), pos)
+        token = prompts.force(decode.agreed(model, chooser(logits)), pos)
         if stops is not None:
             token = torch.where(done, stops[0], token)  # a finished sequence is padded with the first stop id
             done |= torch.isin(token, stops) & prompts.sampled(pos)
@@ -258,6 +260,7 @@ def generate(
         if pos + 1 == total or (stops is not None and bool(done.all())):
             if decoder is not None:
                 cache.length = pos  # what its steps wrote: every token but the last
+            chooser.raise_if_nan("generate")
             return out[:, : pos + 1]
         if decoder is not None:
             logits = decoder(token, pos)  # static buffers: read before the next step

@@ -459,12 +459,14 @@ class MTPLayer(Block):
         self.shared_head = SharedHead(args)
 
     def predict(
-        self, hidden: torch.Tensor, embedded: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None
+        self, hidden: torch.Tensor, embedded: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """``hidden [B, T, D]`` (the main model's, after its final norm) and ``embedded [B, T, D]``
-        (the next tokens' embeddings) -> logits ``[B, T, vocab]`` of the token after the next."""
+        (the next tokens' embeddings) -> logits ``[B, T or 1, vocab]`` of the token after the next
+        (``last_only``: the last position's; the cache still gets every position's keys)."""
         x = self.eh_proj(torch.cat((self.enorm(embedded), self.hnorm(hidden)), dim=-1))  # [B, T, D]
-        x, residual = self(x, None, cos, sin, cache)
+        x, residual = self(x, None, cos, sin, cache, last_only and x.shape[1] > 1)
         x, _ = self.shared_head.norm(x, residual)
         return self.shared_head.head(x)
 
@@ -520,8 +522,9 @@ class Transformer(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[B, T or 1, vocab]``; with ``return_hidden``, ``(logits, hidden)`` where
-        ``hidden`` is the final norm's output ``[B, T or 1, D]`` (what the MTP layer reads)."""
+        """Logits ``[B, T or 1, vocab]`` (``last_only``: the last position's); with
+        ``return_hidden``, ``(logits, hidden)`` where ``hidden`` is the final norm's output
+        ``[B, T, D]`` at every position, also with ``last_only`` (what the MTP layer reads)."""
         check_input_ids("Transformer", input_ids, self.rope_cos.device)
         check_start_pos("Transformer", start_pos)
         seqlen = input_ids.shape[1]
@@ -539,7 +542,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.begin(start_pos, seqlen, input_ids.shape[0])
         h, residual = self.embed(input_ids), None  # [B, T, D]
-        last = len(self.layers) - 1 if last_only and seqlen > 1 else None  # one position: nothing to select
+        # One position: nothing to select; the hidden states asked for: every position's.
+        last = len(self.layers) - 1 if last_only and seqlen > 1 and not return_hidden else None
         with ops.trusted() if trusted else contextlib.nullcontext():
             for i, layer in enumerate(self.layers):
                 # With last_only, the last layer needs queries, attention output and FFN for
@@ -547,16 +551,18 @@ class Transformer(nn.Module):
                 layer_cache = None if cache is None else cache.layers[i]
                 h, residual = layer(h, residual, cos, sin, layer_cache, i == last)
             h, _ = self.norm(h, residual)
-            logits = self.lm_head(h)  # [B, T or 1, vocab]
+            logits = self.lm_head(h[:, -1:] if last_only else h)  # [B, T or 1, vocab]
         if step:
             cache.mark_decode_checked(self, seqlen)
         return (logits, h) if return_hidden else logits
 
     @torch.inference_mode()
     def draft(
-        self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache: KVCache | None = None
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """The first MTP layer's logits ``[B, T, vocab]`` for the tokens two positions on:
+        """The first MTP layer's logits ``[B, T, vocab]`` (``last_only``: ``[B, 1, vocab]``, the
+        last position's) for the tokens two positions on:
         ``hidden [B, T, D]`` is this model's at positions ``start_pos ..`` (``forward(...,
         return_hidden=True)``), ``next_ids [B, T]`` the token that follows each of them.
         ``cache``: the MTP layer's own (:meth:`new_cache` with ``mtp=True``)."""
@@ -587,7 +593,7 @@ class Transformer(nn.Module):
             embedded[:, 0] = 0
         layer = next(iter(self.mtp.values()))
         with ops.trusted() if trusted else contextlib.nullcontext():
-            logits = layer.predict(hidden, embedded, cos, sin, None if cache is None else cache.layers[0])
+            logits = layer.predict(hidden, embedded, cos, sin, None if cache is None else cache.layers[0], last_only)
         if step:
             cache.mark_decode_checked(self, seqlen)
         return logits

@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ from dshal.model.text import (
     load_tokenizer,
     sampling_defaults,
     stop_ids,
+    unapplied_sampling,
 )
 from dshal.outputs import atomic_write, check_writable
 from dshal.parallel import run as parallel_run
@@ -261,9 +262,10 @@ def _check_interactive_flags(args: argparse.Namespace) -> None:
                              "is one sequence, typed on the terminal, and nothing is timed)")
 
 
-def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float]) -> None:
+def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float], unapplied: Sequence[str] = ()) -> None:
     """``--temperature`` / ``--top-p`` where given, else ``defaults`` (the checkpoint's
-    generation_config.json), else greedy; ``args.sampling_from`` names the file when it set one."""
+    generation_config.json), else greedy; ``args.sampling_from`` names the file when it set one.
+    ``unapplied``: the file's sampling keys dshal does not apply, said when the run samples."""
     from_file = set()
     top_p_given = args.top_p is not None
     for name, fallback in (("temperature", 0.0), ("top_p", 1.0)):
@@ -272,6 +274,9 @@ def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float]) -> N
             setattr(args, name, defaults.get(name, fallback))
     used = "temperature" in from_file or (args.temperature > 0 and "top_p" in from_file)  # top-p is moot when greedy
     args.sampling_from = GENERATION_CONFIG if used else None
+    if unapplied and args.temperature > 0:  # a run that follows the file says what it leaves out
+        print(f"note: the checkpoint's {GENERATION_CONFIG} sets {', '.join(unapplied)}, which dshal does not apply "
+              "(it samples with a temperature and top-p only)", file=sys.stderr)
     if top_p_given and args.temperature == 0:  # a greedy run would ignore it in silence
         raise DshalError(f"dshal run: --top-p {args.top_p:g} with greedy decoding (temperature 0), expected "
                          "--temperature > 0 with it: top-p filters what sampling draws from")
@@ -285,7 +290,7 @@ def _sampling_line(temperature: float, top_p: float, source: str | None) -> str:
 
 def _chat_tokenizer(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[int] | None]:
     """``--interactive``'s tokenizer (with a chat template) and stop ids; sets the sampling."""
-    _resolve_sampling(args, sampling_defaults(args.checkpoint))
+    _resolve_sampling(args, sampling_defaults(args.checkpoint), unapplied_sampling(args.checkpoint))
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
     check_vocabulary(tokenizer, vocab_size)
     check_chat_template(tokenizer, "--interactive")
@@ -341,7 +346,7 @@ def _chat_graphs(args: argparse.Namespace, model: Any, runtime: Any) -> tuple[bo
 def _read_prompts(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[list[int]], list[int]]:
     """Each ``--prompt`` through ``--checkpoint``'s tokenizer: ``(tokenizer, token ids per
     sequence, stop ids)``; one prompt is copied ``--batch`` times."""
-    _resolve_sampling(args, sampling_defaults(args.checkpoint))
+    _resolve_sampling(args, sampling_defaults(args.checkpoint), unapplied_sampling(args.checkpoint))
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
     check_vocabulary(tokenizer, vocab_size)
     ids = [encode_prompt(tokenizer, text, args.chat) for text in args.prompt]

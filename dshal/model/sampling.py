@@ -20,10 +20,47 @@ def next_token(
     logits: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0
 ) -> torch.Tensor:
     """``[B, V]`` logits -> ``[B]`` ids: argmax when ``temperature == 0``, else a sample of
-    :func:`sampling_probs`."""
-    if temperature == 0:
+    :func:`sampling_probs`. One step on its own; generation loops use :class:`TokenChooser`,
+    which also catches NaN logits under greedy."""
+    return TokenChooser(temperature, top_p, generator)(logits)
+
+
+class TokenChooser:
+    """How each step's token is chosen from the logits, for one generation: greedy (argmax) when
+    ``temperature == 0``, else a sample of :func:`sampling_probs` with ``generator``.
+
+    Greedy has no answer for NaN logits: torch's argmax returns a NaN's index, a token the model
+    never chose (the "!!!!" output of a broken checkpoint). Sampling refuses them at once
+    (:func:`draw`); greedy marks on the device whether any step met one, with no host sync per
+    step (a captured decode step's rule), and :meth:`raise_if_nan` raises where the generation
+    ends."""
+
+    def __init__(self, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None):
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self._nan_seen: torch.Tensor | None = None  # 0-d bool on the logits' device
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` logits -> ``[B]`` ids."""
+        if self.temperature == 0:
+            return self.argmax(logits)
+        return draw(sampling_probs(logits, self.temperature, self.top_p), self.generator)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` -> ``[...]``: the greedy ids, remembering whether any logit was NaN."""
+        nan = logits.isnan().any()
+        self._nan_seen = nan if self._nan_seen is None else self._nan_seen | nan
         return logits.argmax(dim=-1)
-    return draw(sampling_probs(logits, temperature, top_p), generator)
+
+    def raise_if_nan(self, where: str) -> None:
+        """DshalError if a greedy step since the last call met NaN logits (one host read); resets."""
+        seen, self._nan_seen = self._nan_seen, None
+        if seen is not None and bool(seen):
+            raise DshalError(
+                f"{where}: the model's logits hold NaN at a greedy step, so argmax has no answer and the tokens "
+                "from that step on are not the model's; the loader refuses NaN / Inf weights (unless "
+                "DSHAL_CHECK_FINITE=0), so an overflow in a reduced precision or a backend's op "
+                "(`dshal conformance --backend NAME` checks each op against the reference)"
+            )
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -87,4 +124,4 @@ def check_top_p(top_p: Any, where: str = "generate") -> None:
         raise ArgumentError(f"{where}: argument 'top_p' is {top_p!r}, expected a number in (0, 1]")
 
 
-__all__ = ["check_temperature", "check_top_p", "draw", "next_token", "sampling_probs"]
+__all__ = ["TokenChooser", "check_temperature", "check_top_p", "draw", "next_token", "sampling_probs"]

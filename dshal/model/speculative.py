@@ -50,7 +50,7 @@ from dshal.model.prefill import (
     check_prompt_lens,
     mask_padding,
 )
-from dshal.model.sampling import draw
+from dshal.model.sampling import TokenChooser, draw
 
 
 @dataclass
@@ -106,16 +106,14 @@ def speculative_unsupported(model: nn.Module) -> str | None:
     return None
 
 
-class DraftVerifier:
+class DraftVerifier(TokenChooser):
     """How a step's tokens are chosen: greedy (argmax; a draft is kept when it is the argmax),
     or sampled with speculative sampling (Leviathan et al., 2023; Chen et al., 2023): the
     draft ``d``, drawn from the MTP layer's distribution ``q``, is kept with probability
     ``min(1, p(d) / q(d))`` under the main model's ``p``; otherwise the token is drawn from
     ``max(p - q, 0)`` normalized. Each kept or redrawn token is then distributed as ``p``
-    exactly, so the output is distributed as plain sampling's."""
-
-    def __init__(self, temperature: float, top_p: float, generator: torch.Generator | None):
-        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+    exactly, so the output is distributed as plain sampling's. NaN logits under greedy are
+    caught as :class:`~dshal.model.sampling.TokenChooser` says."""
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         probs = sampling_probs(logits, self.temperature, self.top_p)
@@ -128,7 +126,7 @@ class DraftVerifier:
         """``[B, V]`` logits -> the tokens ``[B]`` and the distributions they were drawn from
         (None: greedy)."""
         if self.temperature == 0:
-            return logits.argmax(dim=-1), None
+            return self.argmax(logits), None
         probs = self._probs(logits)
         return self._sample(probs), probs
 
@@ -137,7 +135,7 @@ class DraftVerifier:
         drawn from ``q [B, V]``: ``[B, 3]`` ids on the device, per row ``(token for the draft's
         position, the token after it, 1 if the draft is kept else 0)``."""
         if self.temperature == 0:
-            chosen = logits.argmax(dim=-1)  # [B, 2]
+            chosen = self.argmax(logits)  # [B, 2]
             return torch.cat((chosen, (chosen[:, :1] == draft[:, None]).long()), dim=1)
         p = self._probs(logits)  # [B, 2, V]
         drafted = draft[:, None]
@@ -161,12 +159,13 @@ def _prefill(
     chunk = width - cached if prefill_chunk is None else prefill_chunk
     for start in range(cached, width, chunk):
         end = min(start + chunk, width)
-        logits, hidden = model(ids[:, start:end], start, cache, return_hidden=True)
+        # Logits of the last position only ([B, C, vocab] twice was ~1 GB a 2048-token chunk).
+        logits, hidden = model(ids[:, start:end], start, cache, last_only=True, return_hidden=True)
         next_ids = ids[:, start + 1 : end + 1]
         if end == width:
             token = agreed(model, verifier.token(logits[:, -1])[0])  # [1]: position `width`
             next_ids = torch.cat((next_ids, token[:, None]), dim=1)
-        draft_logits = model.draft(hidden, next_ids, start, mtp_cache)
+        draft_logits = model.draft(hidden, next_ids, start, mtp_cache, last_only=True)
     draft, q = verifier.token(draft_logits[:, -1])  # for position `width + 1`
     return token, agreed(model, draft), q
 
@@ -331,10 +330,13 @@ def generate_speculative(
     verifier = DraftVerifier(temperature, top_p, generator) if step is None else step.verifier
     if input_ids.shape[0] > 1 or graph is not None:
         caches = (cache, mtp_cache, cached) if reused else None
-        return _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk, graph,
-                              caches, stream, step)
-    return _generate_one(model, input_ids[:, : lens[0]], max_new_tokens, verifier, set(stops), on_token, stream,
-                         prefill_chunk, cache, mtp_cache, cached)
+        out, stats = _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk,
+                                    graph, caches, stream, step)
+    else:
+        out, stats = _generate_one(model, input_ids[:, : lens[0]], max_new_tokens, verifier, set(stops), on_token,
+                                   stream, prefill_chunk, cache, mtp_cache, cached)
+    verifier.raise_if_nan("generate_speculative")
+    return out, stats
 
 
 def _check_step(

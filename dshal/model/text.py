@@ -142,14 +142,40 @@ def stop_ids(tokenizer: Any, checkpoint: str | os.PathLike) -> list[int]:
 def sampling_defaults(checkpoint: str | os.PathLike) -> dict[str, float]:
     """The sampling the checkpoint's ``generation_config.json`` asks for: its ``temperature``
     and ``top_p`` where it gives them (DeepSeek-V3's: 0.6 and 0.95), as vLLM applies them to a
-    request that sets neither; ``{"temperature": 0.0}`` (greedy) where it says
-    ``do_sample: false``, as transformers reads it; {} where it says nothing."""
+    request that sets neither; temperature 1.0 where it says ``do_sample: true`` without one
+    (transformers' and vLLM's default); ``{"temperature": 0.0}`` (greedy) where it says
+    ``do_sample: false`` (as transformers reads it) or ``top_k: 1`` (one candidate); {} where it
+    says nothing. Its ``top_k`` > 1 and ``min_p`` > 0 are not applied: :func:`unapplied_sampling`."""
     settings = generation_config(checkpoint)
     if settings.get("do_sample") is False:
         return {"temperature": 0.0}
+    found = _sampling_keys(checkpoint, settings)
+    if found.pop("top_k", None) == 1:
+        return {"temperature": 0.0}
+    found.pop("min_p", None)
+    if settings.get("do_sample") is True:
+        found.setdefault("temperature", 1.0)
+    return found
+
+
+def unapplied_sampling(checkpoint: str | os.PathLike) -> list[str]:
+    """The sampling keys of the checkpoint's ``generation_config.json`` that dshal does not apply
+    (it samples with a temperature and top-p only), as ``"top_k 20"``: ``top_k`` > 1, ``min_p`` > 0."""
+    settings = generation_config(checkpoint)
+    if settings.get("do_sample") is False:
+        return []
+    found = _sampling_keys(checkpoint, settings)
+    notes = [f"top_k {found['top_k']:g}"] if found.get("top_k", 0) > 1 else []
+    return notes + ([f"min_p {found['min_p']:g}"] if found.get("min_p", 0) > 0 else [])
+
+
+def _sampling_keys(checkpoint: str | os.PathLike, settings: dict[str, Any]) -> dict[str, float]:
+    """The sampling numbers in ``settings`` (generation_config.json), checked."""
     found: dict[str, float] = {}
     for key, valid, expected in (("temperature", lambda v: v >= 0, "a number >= 0"),
-                                 ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")):
+                                 ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                                 ("top_k", lambda v: v >= 0 and v == int(v), "an int >= 0"),
+                                 ("min_p", lambda v: 0 <= v <= 1, "a number in [0, 1]")):
         value = settings.get(key)
         if value is None:
             continue
@@ -181,5 +207,6 @@ __all__ = [
     "generation_config",
     "load_tokenizer",
     "sampling_defaults",
+    "unapplied_sampling",
     "stop_ids",
 ]
