@@ -22,8 +22,9 @@ What is here, and why a plugin needs it:
   references' bits: for a checkpoint converter); ``check_ids_in_range``, the value check
   every ``moe_experts`` provider runs on its ``ids`` before indexing with them (a host read
   in checked mode, a device-side assert inside ``dshal.ops.trusted()``: the input checker
-  cannot do it without a host sync on every call); ``nonfinite_guard``, how an ``attention``
-  provider meets the op's NaN / Inf rule around a kernel that does not, and
+  cannot do it without a host sync on every call); ``guarded_attention``, how an ``attention``
+  provider meets the op's NaN / Inf rule around a kernel that does not (``nonfinite_guard``
+  is its one-call guard: the inputs to run and the outputs to poison), and
   ``values_are_key_columns`` (absorbed MLA's values are its keys' first columns: one read serves both).
 * **The GPU base** (``dshal.backends.triton_gpu``) -- :class:`TorchGpuBackend`, the class
   the torch-CUDA-API plugins (NVIDIA, AMD) subclass: it routes each op to a portable Triton
@@ -79,7 +80,7 @@ from dshal.errors import (
 )
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.kernels.triton.target import SHIPPED_TARGETS, KernelTarget, TileConfig, shipped_target
-from dshal.ops.attention import nonfinite_guard, values_are_key_columns
+from dshal.ops.attention import guarded_attention, nonfinite_guard, values_are_key_columns
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity
 from dshal.ops.quant import FP8_DTYPE_LIST, dequantize_to, fp8_block_to_int8_rows
@@ -121,6 +122,7 @@ __all__ = [
     "dequantize_to",
     "fp8_block_to_int8_rows",
     "gemm_granularity",
+    "guarded_attention",
     "nonfinite_guard",
     "quantize_int8",
     "values_are_key_columns",

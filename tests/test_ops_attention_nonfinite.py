@@ -152,3 +152,31 @@ def test_a_window_near_the_int64_limit_hides_nothing(window, clean_dshal_env):
         for global_tokens in (0, 2):
             out = attention(q, k, v, causal=False, window=window, global_tokens=global_tokens)
             assert torch.equal(torch.isnan(out), want), name
+
+
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=[f"Tq{s[0]}xTk{s[1]}-w{s[3]}-g{s[4]}" for s in SHAPES[:5]])
+def test_the_guard_runs_kv_head_groups_alone_with_the_same_result(shape):
+    """The guard holds a few times k and v (masks, int32 prefix counts, zeroed copies): ~40 GiB
+    for a 2048-token prefill chunk over 128k keys of 128 expanded heads. guarded_attention
+    takes kv heads in groups of at most ``group_bytes`` (here one head each) and gives the
+    whole call's result, NaN placement included, with GQA and with v as k's columns."""
+    from dshal.ops.attention import guarded_attention
+
+    tq, tk, causal, window, global_tokens = shape
+    reference = dshal.ops.reference.attention
+    q, k, v = _inputs(tq, tk, 2, {"k": float("nan"), "v": float("inf")})
+    k[0, 1, 0, 0] = float("nan")  # a poisoned first key in the second head too
+    shared = (k, k[..., :12])  # values that are the keys' first columns (absorbed MLA's layout)
+    for k_, v_ in ((k, v), shared):
+        calls = []
+
+        def kernel(q, k, v, *args, calls=calls):
+            calls.append((q.shape[1], k.shape[1], v.data_ptr() == k.data_ptr()))
+            return reference(q, k, v, *args)
+
+        whole = guarded_attention(reference, q, k_, v_, causal, None, window, global_tokens, may_read_host=False)
+        split = guarded_attention(kernel, q, k_, v_, causal, None, window, global_tokens, may_read_host=False,
+                                  group_bytes=1)
+        assert calls == [(2, 1, v_ is not v)] * 2  # one kv head and its two query heads per call
+        assert torch.equal(torch.isnan(split), expected_nan(q, k_, v_, causal, window, global_tokens))
+        torch.testing.assert_close(split, whole, equal_nan=True, rtol=1e-5, atol=1e-6)  # other batched shapes: ulps

@@ -33,7 +33,7 @@ from dshal.backend import OpPath
 from dshal.config import dequant_cache_gib
 from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
-from dshal.ops.attention import nonfinite_guard, visible_keys
+from dshal.ops.attention import guarded_attention, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, linear_quantized, weight_quant_mode
 from dshal.ops.moe import check_expert_ids
@@ -254,10 +254,7 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     tk, dv = k.shape[2], v.shape[3]
     if tq == 0 or tk == 0:  # nothing to attend to: the op's "no visible key" rows are zeros
         return q.new_zeros(batch, hq, tq, dv)
-    guard = nonfinite_guard(q, k, v, causal, window, global_tokens)  # the contract's NaN rule
-    if guard is not None:
-        return guard.apply(_attention_kernels(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
-    return _attention_kernels(q, k, v, causal, scale, window, global_tokens)
+    return guarded_attention(_attention_kernels, q, k, v, causal, scale, window, global_tokens)  # the NaN rule
 
 
 def _attention_kernels(q, k, v, causal, scale, window, global_tokens):  # noqa: ANN001, ANN202
@@ -374,6 +371,9 @@ def rotary_embedding_torch(x, cos, sin, interleaved=True):
         except RuntimeError:  # strides or offset not pair-aligned
             z = torch.view_as_complex(pairs.contiguous())
         out = torch.view_as_real(z * torch.complex(c, s)).flatten(-2)
+    elif torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        a, b = xf.chunk(2, dim=-1)  # out= writes into views are not differentiable: new tensors
+        out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
     else:
         out = torch.empty(xf.shape, dtype=acc, device=x.device)
         a, b = xf.chunk(2, dim=-1)
@@ -405,13 +405,15 @@ _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _grouped_mm_takes(dtype: torch.dtype, hidden: int, inter: int) -> bool:
+def _grouped_mm_takes(dtype: torch.dtype, hidden: int, inter: int, *weights: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` runs the experts' two products in ``dtype``: it refuses
     (RuntimeError "strides should be multiple of 16 bytes") rows of H or I values that are not
-    a multiple of 16 bytes, and empty ones. Elsewhere the expert loop serves."""
+    a multiple of 16 bytes, and empty ones; and of ``weights`` (the expert tensors it reads
+    as given) it takes the contiguous layout the model holds, not every view the op allows
+    (a strided or expanded one: "Invalid strides/sizes"). Elsewhere the expert loop serves."""
     size = torch.empty((), dtype=dtype).element_size()
     return (_GROUPED_MM is not None and dtype in _GROUPED_MM_DTYPES and hidden > 0 and inter > 0
-            and hidden * size % 16 == 0 and inter * size % 16 == 0)
+            and hidden * size % 16 == 0 and inter * size % 16 == 0 and all(w.is_contiguous() for w in weights))
 
 
 @contextlib.contextmanager
@@ -482,7 +484,7 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         if ids.shape[0] <= FEW_TOKENS and w13.is_contiguous() and w2.is_contiguous():
             with _op_id_errors(ids, experts):
                 return _per_token(cpu_kernels.moe_token, x, weights, ids, w13, w2)
-        if ids.shape[0] > 1 and _grouped_mm_takes(x.dtype, w13.shape[2], w2.shape[2]):
+        if ids.shape[0] > 1 and _grouped_mm_takes(x.dtype, w13.shape[2], w2.shape[2], w13, w2):
             with _op_id_errors(ids, experts):
                 xs, order, ends = cpu_kernels.moe_group(x, ids, experts)
             h = _GROUPED_MM(xs, w13.transpose(1, 2), offs=ends)  # [T * k, 2I]
@@ -537,7 +539,7 @@ def moe_experts_torch(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     rows = order // k  # the token of each sorted slot
     counts = torch.bincount(flat, minlength=w13.shape[0])
     xs = x.index_select(0, rows)  # [T * k, H]; ~6x faster than x[rows] on CPU
-    if _grouped_mm_takes(x.dtype, w13.shape[2], w2.shape[2]):
+    if _grouped_mm_takes(x.dtype, w13.shape[2], w2.shape[2], w13, w2):
         ends = counts.cumsum(0).to(torch.int32)
         h = _GROUPED_MM(xs, w13.transpose(1, 2), offs=ends)  # [T * k, 2I]
         y = _GROUPED_MM(silu_and_mul(h), w2.transpose(1, 2), offs=ends)  # [T * k, H]

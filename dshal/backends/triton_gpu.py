@@ -45,10 +45,10 @@ from dshal.backend import Availability, Backend, Capabilities, OpKind, OpPath, T
 from dshal.errors import BackendUnavailableError, DeviceError
 from dshal.kernels import triton as triton_kernels
 from dshal.kernels.triton.target import KernelTarget
-from dshal.ops.attention import nonfinite_guard, visible_keys
+from dshal.ops.attention import guarded_attention, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity, weight_quant_mode
-from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF
+from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF, check_ids_in_range
 from dshal.perf.measure import same_part
 from dshal.versions import installed, interpreter_refusal
 
@@ -63,6 +63,8 @@ TRITON_QUANT_BLOCKS = ((1, 128), (128, 128))
 #: Dtypes the Triton elementwise kernels take (float64 is an oracle dtype: torch math serves it).
 TRITON_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 128
+#: CUDA's (and HIP's) limit on a launch grid's y and z sizes.
+MAX_GRID_Y = 65535
 
 
 def triton_installed() -> bool:
@@ -504,6 +506,7 @@ class TorchGpuBackend(Backend):
             and dtype in self.target().fp8_dtypes  # e.g. no FNUZ on NVIDIA: the reference serves it
             and (x.dim() == 2 or (block_key == (1, 128) and x.dim() >= 1))
             and x.numel() > 0
+            and (-(-x.shape[-1] // BLOCK) <= MAX_GRID_Y or (block_key == (1, BLOCK) and x.shape[-1] % BLOCK == 0))
         )
         if not fits:
             # rowwise/tensorwise/e5m2/batched blocks, FP8 formats the hardware lacks: torch math on
@@ -511,13 +514,17 @@ class TorchGpuBackend(Backend):
             return SPECS["quantize_fp8"].reference_impl(x, block, FP8_FORMAT_OF[dtype], scale_fmt)
         quant = self.kernels().quant
         rows = x.reshape(-1, x.shape[-1])
+        if block_key == (1, BLOCK) and x.shape[-1] % BLOCK == 0 and x.shape[-1] // BLOCK > MAX_GRID_Y:
+            # The kernel's grid puts a row's blocks in grid.y (at most 65535 on CUDA and HIP): a
+            # longer row (a 1-D x past 8.4M elements) goes as rows of one block, the same blocks.
+            rows = x.reshape(-1, BLOCK)
         q, scale = quant.fp8_quantize_blocks(
             rows, block_key, dtype, scale_fmt == "ue8m0", target=self.target()
         )
-        if x.dim() == 2:
+        if x.dim() == 2 and rows.shape == x.shape:
             return q, scale
         lead = x.shape[:-1] if x.dim() > 1 else ()
-        return q.reshape(x.shape), scale.reshape(*lead, scale.shape[-1])
+        return q.reshape(x.shape), scale.reshape(*lead, -1)
 
     def fp8_gemm(self, a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
         granularity = gemm_granularity("fp8_gemm", a, a_scale, b, b_scale)
@@ -635,18 +642,17 @@ class TorchGpuBackend(Backend):
         # The contract takes float64 routing weights and scales; the kernel reads float32.
         weights = weights.float() if weights.dtype == torch.float64 else weights
         w13_scale, w2_scale = (s.float() if s is not None and s.dtype == torch.float64 else s for s in (w13_scale, w2_scale))
+        experts = w13.shape[0]  # the op's own words for a bad id (host read checked, device assert trusted)
+        check_ids_in_range("moe_experts", "ids", ids, experts, "expert id", f"w13 has {experts} experts")
         return self.kernels().moe.grouped_moe_experts(
-            x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.target()
+            x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.target(), check_ids=False
         )
 
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         # The contract's NaN rule, without reading a value on the host (also when emulated on
         # CPU tensors: the path a device runs, which graph capture needs).
-        guard = nonfinite_guard(q, k, v, causal, window, global_tokens, may_read_host=False)
-        if guard is None:
-            return _sdpa_attention(q, k, v, causal, scale, window, global_tokens)
         # SDPA alone lets a NaN key the mask hides leak, and may drop one the query sees.
-        return guard.apply(_sdpa_attention(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
+        return guarded_attention(_sdpa_attention, q, k, v, causal, scale, window, global_tokens, may_read_host=False)
 
 
 def _sdpa_attention(q, k, v, causal, scale, window, global_tokens):  # noqa: ANN001

@@ -22,6 +22,10 @@ from dshal.ops.spec import (
     op_spec,
 )
 
+#: Positive floats at or below this round to 0 in float32, at or above the other to inf.
+FLOAT32_ZERO_BELOW = 2.0**-150
+FLOAT32_INF_FROM = 2.0**128 * (1 - 2.0**-25)
+
 
 @op_spec
 def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
@@ -65,6 +69,11 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     if not isinstance(causal, bool):
         raise ArgumentError(f"{op}: argument 'causal' is {causal!r}, expected True or False")
     check_real(op, "scale", scale, positive=True, optional=True)
+    if scale is not None and q.dtype != torch.float64 and not FLOAT32_ZERO_BELOW < scale < FLOAT32_INF_FROM:
+        # Computed in float32: such a scale is 0 or inf there, and providers then disagree.
+        raise ArgumentError(f"{op}: argument 'scale' is {scale!r}, expected a positive float that float32 holds "
+                            f"(in ({FLOAT32_ZERO_BELOW:.4g}, {FLOAT32_INF_FROM:.4g}): attention on {q.dtype} computes "
+                            "in float32)")
     check_int(op, "window", window, 1, optional=True)
     check_int(op, "global_tokens", global_tokens, 0)
     check_same_device(op, "q", q, k=k, v=v)
@@ -169,6 +178,49 @@ def nonfinite_guard(
     safe_k = k.masked_fill(bad_k, 0)
     safe_v = safe_k[..., :dv] if shared else v.masked_fill(bad_v, 0)  # still k's first columns: a kernel can share it
     return NonFiniteGuard(q.masked_fill(bad_q, 0), safe_k, safe_v, poison)
+
+
+#: Bytes of k and v (per kv-head group) past which :func:`guarded_attention` splits the heads.
+#: The guard holds a few times its inputs (bool masks, int32 prefix counts, zeroed copies):
+#: ~40 GiB on top of 10 GiB of k and v for a 2048-token prefill chunk over 128k expanded keys
+#: of 128 heads, past an H200's free memory; in groups it stays a few times this bound.
+GUARD_GROUP_BYTES = 512 * 2**20
+
+
+def guarded_attention(
+    kernel, q, k, v, causal=True, scale=None, window=None, global_tokens=0, *,  # noqa: ANN001
+    may_read_host: bool | None = None, group_bytes: int = GUARD_GROUP_BYTES,
+) -> torch.Tensor:
+    """``kernel(q, k, v, causal, scale, window, global_tokens)`` -- an attention kernel for
+    finite inputs -- under the op's NaN / Inf rule (:func:`nonfinite_guard`, with its
+    ``may_read_host``): what every provider runs. Where the guard must be built and the keys
+    see different queries, the kv heads go in groups whose k and v take at most
+    ``group_bytes`` (a kv head alone may take more), each guarded and run on its own: heads
+    are independent, so the result is the same, and the guard's memory is bounded by the
+    group's, not the whole k and v's."""
+    if may_read_host is None:
+        may_read_host = q.device.type == "cpu"
+    hk, tk = k.shape[1], k.shape[2]
+    per_head = k[:, :1].numel() * k.element_size()
+    if not values_are_key_columns(v, k):
+        per_head += v[:, :1].numel() * v.element_size()
+    heads = max(1, group_bytes // max(per_head, 1))
+    visible_to_all = window is None and (not causal or q.shape[2] == 1)
+    if heads >= hk or visible_to_all or tk == 0:
+        guard = nonfinite_guard(q, k, v, causal, window, global_tokens, may_read_host=may_read_host)
+        if guard is None:
+            return kernel(q, k, v, causal, scale, window, global_tokens)
+        return guard.apply(kernel(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
+    if may_read_host and math.isfinite(float(q.sum()) + float(k.sum()) + float(v.sum())):
+        return kernel(q, k, v, causal, scale, window, global_tokens)
+    share = q.shape[1] // hk  # query heads per kv head
+    outs = []
+    for first in range(0, hk, heads):
+        kv = slice(first, first + heads)
+        qs = q[:, first * share : (first + heads) * share]
+        guard = nonfinite_guard(qs, k[:, kv], v[:, kv], causal, window, global_tokens, may_read_host=False)
+        outs.append(guard.apply(kernel(guard.q, guard.k, guard.v, causal, scale, window, global_tokens)))
+    return torch.cat(outs, dim=1)
 
 
 def values_are_key_columns(v: torch.Tensor, k: torch.Tensor) -> bool:

@@ -360,9 +360,9 @@ def check_real(op: str, arg: str, value: Any, *, positive: bool, optional: bool 
     None too where ``optional``. NaN and inf are refused: they would reach every output."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
-        value > 0 if positive else value >= 0
-    ) or (isinstance(value, int) and value > INT64_MAX):  # torch takes a Python int as an int64
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (  # torch takes a Python int as an int64
+        isinstance(value, int) and value > INT64_MAX  # first: math.isfinite(10**400) raises OverflowError
+    ) or not math.isfinite(value) or not (value > 0 if positive else value >= 0):
         expected = f"{'None or ' if optional else ''}a finite {'positive' if positive else 'non-negative'} float"
         raise ArgumentError(f"{op}: argument {arg!r} is {value!r}, expected {expected}")
 

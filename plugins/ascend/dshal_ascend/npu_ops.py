@@ -30,7 +30,7 @@ from dshal.plugin import (
     check_ids_in_range,
     dequantize_to,
     gemm_granularity,
-    nonfinite_guard,
+    guarded_attention,
     values_are_key_columns,
 )
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
@@ -232,10 +232,7 @@ class AscendOps:
         # The op's NaN / Inf rule (the fused kernel's own handling is not documented): the
         # kernel runs on zeroed inputs, then the outputs that saw a non-finite value become NaN.
         # No host read: decode steps stay free of syncs.
-        guard = nonfinite_guard(q, k, v, causal, window, global_tokens, may_read_host=False)
-        if guard is not None:
-            return guard.apply(run(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
-        return run(q, k, v, causal, scale, window, global_tokens)
+        return guarded_attention(run, q, k, v, causal, scale, window, global_tokens, may_read_host=False)
 
     def _fused_attention(self, q, k, v, causal, scale, window, global_tokens):
         """``attention`` on finite inputs through ``npu_fused_infer_attention_score``."""

@@ -56,6 +56,27 @@ def test_nvidia_quantize_fp8_is_bit_identical(rt, shape, block, scale_fmt):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("shape", [(3 * 128,), (2, 3 * 128), (3 * 128 + 5,)])
+def test_nvidia_quantize_fp8_rows_past_the_grid_limit(rt, shape, monkeypatch):
+    """The kernel's grid puts a row's 128-blocks in grid.y (<= 65535 on CUDA and HIP): a 1-D x
+    past 8.4M elements failed to launch on a GPU. Such a row now goes as rows of one block (the
+    same blocks, bit for bit); one that does not split into whole blocks goes to the reference.
+    The limit is lowered to 2 here: the interpreter is too slow for 8.4M elements."""
+    import dshal.backends.triton_gpu as triton_gpu
+
+    monkeypatch.setattr(triton_gpu, "MAX_GRID_Y", 2)
+    grids = []
+    quant = rt.backend.kernels().quant
+    real_launch = quant.launch
+    monkeypatch.setattr(quant, "launch", lambda kernel, grid, *a, **kw: (grids.append(grid), real_launch(kernel, grid, *a, **kw)))
+    x = torch.randn(shape, generator=gen(4)) * 3
+    q, s = dshal.ops.quantize_fp8(x, (1, 128), "e4m3")
+    q_ref, s_ref = ref.quantize_fp8(x, (1, 128), "e4m3fn")
+    assert q.shape == q_ref.shape and s.shape == s_ref.shape and torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert all(grid[1] <= 2 for grid in grids) and (grids != []) == (shape[-1] % 128 == 0)
+
+
 def test_nvidia_quantize_fp8_rowwise_and_e5m2_use_torch_math(rt):
     x = torch.randn(4, 40, generator=gen(2))
     for block, fmt in (((1, -1), "e4m3"), (None, "e4m3"), ((1, 128), "e5m2")):
