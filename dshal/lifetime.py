@@ -1,14 +1,31 @@
-"""A child process that ends with the process that started it.
+"""Child Python processes that import what their parent imports and end with it.
 
-Shared by the ranks ``dshal run --tp N`` starts (:mod:`dshal.parallel.launch`) and the
-``dshal kernels`` compile workers: stdlib only, so importing it costs a worker nothing.
+Shared by the ranks ``dshal run --tp N`` starts (:mod:`dshal.parallel.launch`), the
+conformance suite's collective ranks and the ``dshal kernels`` compile workers: stdlib only,
+so importing it costs a worker nothing.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+from collections.abc import Mapping
+
+
+def child_python(*args: str) -> list[str]:
+    """``python -P <args>``: this interpreter without the working directory first on the import
+    path (``-m`` and ``-c`` put it there: a ``dshal/`` folder in it, such as a checkout, shadowed
+    the installed package, "module 'dshal' has no attribute 'use'"). Give the child
+    :func:`child_env`'s PYTHONPATH so it imports what this process imports."""
+    return [sys.executable, "-P", *args]
+
+
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default this process's environment) with PYTHONPATH set to this process's import
+    path, in its order: a package found here (dshal, a plugin, the suite) is found there."""
+    return {**(os.environ if env is None else env), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
 def exit_with_parent(parent: int, period_s: float = 0.5) -> None:
@@ -26,4 +43,4 @@ def exit_with_parent(parent: int, period_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="dshal-parent-watch", daemon=True).start()
 
 
-__all__ = ["exit_with_parent"]
+__all__ = ["child_env", "child_python", "exit_with_parent"]

@@ -24,11 +24,15 @@ def _env() -> dict[str, str]:
 
 def test_parallel_cli_launches_local_ranks(tmp_path: Path) -> None:
     """Without torchrun, --ep 2 starts two ranks itself; rank 0 writes the report with the
-    per-rank and aggregate tokens/s."""
+    per-rank and aggregate tokens/s. Started from a folder holding a ``dshal/`` folder (a
+    checkout): the ranks' ``python -m`` put it first on their path, and each died with
+    "cannot import name '__version__' from 'dshal' (unknown location)"."""
     out = tmp_path / "report.json"
+    (tmp_path / "dshal").mkdir()
+    script = Path(sys.executable).parent / "dshal"  # the console script: its own path has no working directory
     done = subprocess.run(
-        [sys.executable, "-m", "dshal", *RUN, "--ep", "2", "--json", str(out)],
-        env=_env(), capture_output=True, text=True, timeout=120, check=False,
+        [str(script), *RUN, "--ep", "2", "--json", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0/2:" in done.stdout and "rank 1/2:" in done.stdout and "aggregate over 2 ranks" in done.stdout

@@ -33,6 +33,7 @@ import torch
 import dshal
 import dshal.comm as comm
 from dshal.errors import CommError
+from dshal.lifetime import child_env, child_python
 from dshal.registry import REGISTRY
 from dshal_conformance.cases.base import TIERS, Case
 from dshal_conformance.judge import Verdict
@@ -250,13 +251,12 @@ def run_group(
     with tempfile.TemporaryDirectory(prefix="dshal-collectives-") as scratch:
         (Path(scratch) / "barrier").mkdir()
         port = free_port()
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
-        # The children see this process's sys.path (a plugin found through it is found there too).
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        # The children import what this process imports (a plugin found here is found there too).
+        env = child_env(dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world)))
         args = json.dumps({"world": world, "backend": backend, "emulate": emulate, "names": names, "scratch": scratch})
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "dshal_conformance.collectives", args],
+                child_python("-m", "dshal_conformance.collectives", args),
                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

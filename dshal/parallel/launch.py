@@ -13,11 +13,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Self
+
+from dshal.lifetime import child_env, child_python
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -167,7 +168,8 @@ def relaunch_self(module_argv: Sequence[str], world_size: int, timeout_s: float 
     SIGTERM and SIGHUP (``timeout``, ``kill``, a closed terminal) end the ranks with this
     process; each rank also ends itself if this process disappears (:data:`LAUNCHER_PID_ENV`)."""
     launcher = {LAUNCHER_PID_ENV: str(os.getpid())}
-    job = LocalJob([sys.executable, "-m", *module_argv], world_size, overrides={r: launcher for r in range(world_size)})
+    job = LocalJob(child_python("-m", *module_argv), world_size, env=child_env(),
+                   overrides={r: launcher for r in range(world_size)})
     with _signals_end_the_job():
         with job:
             codes = job.wait(timeout_s if timeout_s is not None else 10**9)

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ from dshal.config import cache_dir
 from dshal.errors import BackendUnavailableError, ConfigError
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
-from dshal.lifetime import exit_with_parent
+from dshal.lifetime import child_env, child_python, exit_with_parent
 from dshal.outputs import atomic_write, check_writable
 
 
@@ -364,7 +363,7 @@ def cross_compile(
     if jobs < 1:
         raise ConfigError(f"dshal kernels: argument '--jobs' is {jobs}, expected at least 1")
     jobs = min(jobs, _cpus())  # each worker is a whole Python + Triton; more than the CPUs only thrash
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSHAL_EMULATE")}
+    env = {k: v for k, v in child_env().items() if k not in ("TRITON_INTERPRET", "DSHAL_EMULATE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
     tiles = [dataclasses.asdict(t) for t in gemm_tiles] if gemm_tiles else None
     with tempfile.TemporaryDirectory(prefix="dshal-kernels-") as tmp:
@@ -374,7 +373,7 @@ def cross_compile(
                 out = os.path.join(tmp, f"{w}.json")
                 code = (f"from dshal.kernels.triton.crosscompile import compile_worker; "
                         f"compile_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r}, {os.getpid()})")  # fmt: skip
-                procs.append((subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True), out))
+                procs.append((subprocess.Popen(child_python("-c", code), env=env, stderr=subprocess.PIPE, text=True), out))
             rows = []
             for proc, out in procs:
                 _, err = proc.communicate()
