@@ -75,6 +75,13 @@ class Column:
     summary: dict[str, int] = field(default_factory=dict)
     #: Set by build() when another column would have the same header: what tells them apart.
     tag: str = ""
+    #: A leg that did not run because it is broken (``platform.broken``: a plugin that failed to
+    #: load, a misspelled backend): drawn as a failure, not a grey "not run".
+    broken: str = ""
+
+    @property
+    def not_run_text(self) -> str:
+        return f"broken, the leg fails: {self.broken}: {self.reason}" if self.broken else f"not run: {self.reason}"
 
     @property
     def label(self) -> str:
@@ -120,8 +127,12 @@ class Cell:
         if not self.worst:
             return ""
         w = self.worst
-        op = ">=" if w["metric"] and "sqnr" in w["metric"] else "<="
-        return f"{w['metric']} {_fmt(w['value'])} ({op} {_fmt(w['threshold'])})"
+        if not w.get("metric"):  # a failure with no number (a crash, a broken contract): say which case
+            return f"{w['status']} {w['id']}"
+        op = ">=" if "sqnr" in w["metric"] else "<="
+        text = f"{w['metric']} {_fmt(w['value'])} ({op} {_fmt(w['threshold'])})"
+        # A case that errored before its metric was measured can carry a passing-looking number.
+        return f"{text}, {w['status']}" if w["status"] in ("fail", "error") else text
 
 
 def _fmt(v: Any) -> str:
@@ -149,7 +160,8 @@ def column_of(report: dict[str, Any]) -> Column:
     p = report["platform"]
     kind = "not-run" if "not_run" in p else ("emulated" if p["emulated"] else "hardware")
     key = f"{report['backend']}@{p['device']}:{kind}"
-    return Column(key, report["backend"], p["device"], p["arch"], kind, p.get("not_run", ""), dict(report["summary"]))
+    return Column(key, report["backend"], p["device"], p["arch"], kind, p.get("not_run", ""), dict(report["summary"]),
+                  broken=p.get("broken", ""))
 
 
 def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Column], list[tuple[str, str]], dict[tuple[str, str, str], Cell]]:
@@ -201,7 +213,7 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
         out = [op, dtype or "-"]
         for c in columns:
             if c.kind == "not-run":
-                out.append(md_cell(f"⏸ not run: {c.reason}"))
+                out.append(md_cell(("❌ " if c.broken else "⏸ ") + c.not_run_text))
                 continue
             cell = cells.get((c.key, op, dtype))
             if cell is None:
@@ -213,7 +225,7 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
         lines.append("| " + " | ".join(out) + " |")
     lines += ["", "## Reports", ""]
     for c, rep in zip(columns, reports):
-        note = f" — not run: {md_cell(c.reason)}" if c.kind == "not-run" else ""
+        note = f" — {md_cell(c.not_run_text)}" if c.kind == "not-run" else ""
         lines.append(f"- **{c.label}** {report_line(c, rep, str)}{note}")
     return "\n".join(lines) + "\n" + (changes_markdown(changes) if changes else "") + legs_markdown(reports, notes)
 
@@ -309,9 +321,10 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
         for c in columns:
             attrs = f"data-backend='{e(c.backend)}' data-column='{e(c.key)}' data-op='{e(op)}' data-dtype='{e(dtype)}' data-kind='{c.kind}'"
             if c.kind == "not-run":
+                status = "fail" if c.broken else "not-run"
                 out.append(
-                    f"<td class='cell kind-not-run status-not-run' {attrs} data-status='not-run' data-sort='-1'>"
-                    f"not run: {e(c.reason)}</td>"
+                    f"<td class='cell kind-not-run status-{status}' {attrs} data-status='{status}' data-sort='-1'>"
+                    f"{e(c.not_run_text)}</td>"
                 )
                 continue
             cell = cells.get((c.key, op, dtype))
@@ -333,7 +346,7 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
         out.append("</tr>")
     out.append("</tbody></table><h2>Reports</h2><ul>")
     for c, rep in zip(columns, reports):
-        note = f" — <em>not run: {e(c.reason)}</em>" if c.kind == "not-run" else ""
+        note = f" — <em>{e(c.not_run_text)}</em>" if c.kind == "not-run" else ""
         out.append(f"<li><b>{e(c.label)}</b> {report_line(c, rep, e)}{note}</li>")
     out.append("</ul>" + (changes_html(changes) if changes else "") + legs_html(reports, notes))
     out.append(f"<script>{JS}</script></body></html>")

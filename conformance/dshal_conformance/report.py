@@ -67,6 +67,8 @@ def build(
         platform.update(device=caps.device_name, arch=caps.arch, emulated=target.emulated)
     else:
         platform["not_run"] = target.not_run or "not run"
+        if target.broken_leg:  # installed and crashed, or a typo: a failed leg, not a missing one
+            platform["broken"] = target.broken_leg
     platform.update(versions)  # triton, driver, runtime, python, host
     return {
         "schema": SCHEMA_ID,
@@ -128,7 +130,13 @@ def write_junit(report: dict[str, Any], path: Path) -> Path:
         ET.SubElement(props, "property", name=f"platform.{key}", value=str(value))
     if "not_run" in report["platform"]:
         case = ET.SubElement(suite, "testcase", classname=f"{report['backend']}", name="not-run", time="0")
-        ET.SubElement(case, "skipped", message=str(report["platform"]["not_run"]))
+        broken = report["platform"].get("broken")
+        if broken:  # dashboards must show a broken plugin as broken, not as a skipped leg
+            suite.set("errors", "1")
+            ET.SubElement(case, "error", message=f"{broken}: {report['platform']['not_run']}"[:500]).text = str(
+                report["platform"]["not_run"])
+        else:
+            ET.SubElement(case, "skipped", message=str(report["platform"]["not_run"]))
     for c in report["cases"]:
         case = ET.SubElement(suite, "testcase", classname=f"{report['backend']}.{c['op']}", name=c["id"], time=f"{c.get('duration_s', 0):.4f}")
         message = f"{c['metric']}={c['value']} threshold={c['threshold']}: {c['reason']}"

@@ -92,9 +92,20 @@ def test_a_broken_plugin_fails_its_leg_even_with_allow_unavailable(tmp_path: Pat
     assert "failed to load" in err and "not a broken one" in err
     rep = json.loads((tmp_path / "broken.json").read_text())
     assert "failed to load" in rep["platform"]["not_run"]
+    # The report, JUnit and matrix say "broken" (they drew it as a skipped, grey "not run" leg).
+    assert "the plugin failed to load" in rep["platform"]["broken"]
+    junit = (tmp_path / "broken.junit.xml").read_text()
+    assert 'errors="1"' in junit and "<error" in junit and "<skipped" not in junit
+    from dshal_conformance import matrix
+
+    column = matrix.column_of(rep)
+    assert column.broken and column.not_run_text.startswith("broken, the leg fails: the plugin failed to load")
     # A missing plugin is still an allowed "not run" leg.
     assert cli.main(["conformance", "--backend", "notinstalled", "--allow-unavailable", "--ops", "rms_norm",
                      "--report-dir", str(tmp_path), "--quiet"]) == 0
+    missing = json.loads((tmp_path / "notinstalled.json").read_text())
+    assert "broken" not in missing["platform"] and not matrix.column_of(missing).broken
+    assert "<skipped" in (tmp_path / "notinstalled.junit.xml").read_text()
     # A misspelled one is not (it passed as "not run" before): the leg fails and says the name it meant.
     assert cli.main(["conformance", "--backend", "nvida", "--allow-unavailable", "--ops", "rms_norm",
                      "--report-dir", str(tmp_path), "--quiet"]) == 1

@@ -12,6 +12,7 @@ Every case is deterministic: its inputs come from a ``torch.Generator`` seeded w
 
 from __future__ import annotations
 
+import traceback
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,10 +107,37 @@ class Context:
         return view
 
     def call(self, op: str, kwargs: Mapping[str, Any], noncontiguous: Iterable[str] = ()) -> Any:
-        """Run the backend's checked ``op`` on device copies of ``kwargs``; the result comes back on the CPU."""
+        """Run the backend's checked ``op`` on device copies of ``kwargs``; the result comes back on
+        the CPU. A provider that wrote into an argument raises :class:`InputWritten` (the
+        oracle, computed afterwards from the same inputs, would blame its numbers instead)."""
         strided = set(noncontiguous)
+        before = {k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         placed = {k: self.place(v, k in strided) for k, v in kwargs.items()}
-        return to_cpu(self.table[op](**placed))
+        out = to_cpu(self.table[op](**placed))
+        for name, was in before.items():
+            now = placed[name].detach().to("cpu")
+            if not same_bits(now, was):
+                changed = int((now.contiguous().view(-1).view(torch.uint8) != was.contiguous().view(-1).view(torch.uint8)).sum())
+                raise InputWritten(f"{op}: the provider wrote into its argument {name!r} ({changed} bytes changed); "
+                                   "an op must leave its inputs as they were")
+        return out
+
+
+class InputWritten(ProviderError):
+    """A provider modified one of its input tensors in place."""
+
+
+def crash_site(err: BaseException) -> str:
+    """`` (at file:line in function)``: where ``err`` was raised, for a vendor to find it."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bytes (NaN payloads and signed zeros included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
 def to_cpu(value: Any) -> Any:
@@ -205,12 +233,12 @@ def run_accuracy(
         if unsupported_variant:
             return unsupported_outcomes(suffixes, f"{unsupported_variant}; raised UnsupportedOpError: {err}")
         return fail_all(suffixes, "fail", f"the backend declares {op!r} supported but raised UnsupportedOpError: {err}")
-    except ProviderError as err:  # dispatch checked the result against the op's declared outputs
-        return fail_all(suffixes, "fail", f"the output breaks the op's contract: {err}")
+    except ProviderError as err:  # its result against the op's declared outputs, or its inputs written
+        return fail_all(suffixes, "fail", f"the provider breaks the op's contract: {err}")
     except DshalError as err:
         return fail_all(suffixes, "fail", f"valid input rejected with {type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - a crash is a finding, not a suite error
-        return fail_all(suffixes, "error", f"crashed with {type(err).__name__}: {err}")
+        return fail_all(suffixes, "error", f"crashed with {type(err).__name__}: {err}{crash_site(err)}")
     if not declared:
         return fail_all(
             suffixes, "fail", f"the backend does not declare {op!r} but the call returned instead of raising UnsupportedOpError"

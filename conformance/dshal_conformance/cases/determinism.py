@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dshal.errors import DshalError, UnsupportedOpError
+from dshal.errors import DshalError, ProviderError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
 from dshal.runtime import current
 from dshal_conformance.cases.base import Case, Context, Outcome, dtype_name, fail_all, to_cpu, unsupported_outcomes
@@ -85,6 +85,8 @@ def run_op(ctx: Context, op: str, dtype: torch.dtype) -> list[Outcome]:
         second = _outputs(ctx.call(op, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
     except UnsupportedOpError as err:
         return unsupported_outcomes(SUFFIXES, f"backend does not provide {op!r}: {err}")
+    except ProviderError as err:  # not a refusal: its result (or its inputs afterwards) broke the contract
+        return fail_all(SUFFIXES, "fail", f"the provider breaks the op's contract: {err}")
     except DshalError as err:
         return fail_all(SUFFIXES, "fail", f"valid input rejected with {type(err).__name__}: {err}")
     strict = promised(op)

@@ -1,0 +1,61 @@
+"""Faults a vendor's plugin makes that the suite must name as what they are."""
+
+from __future__ import annotations
+
+import torch
+
+from dshal.ops.catalogue import SPECS
+from dshal_conformance.cases.base import Context, conformance_rows, run_accuracy
+from dshal_conformance.cases.norm import judge_same_dtype
+
+
+def _context(table: dict) -> Context:
+    return Context(table=table, provided=frozenset(table), device=torch.device("cpu"), native_e4m3="e4m3fn",
+                   fp8_formats=("e4m3fn",), seed=3)
+
+
+def _run(rms_norm) -> str:
+    row = next(r for r in conformance_rows("rms_norm") if "residual" not in r.params)
+    [outcome] = run_accuracy(_context({"rms_norm": rms_norm}), "rms_norm", row.params, judge_same_dtype, ("",))
+    return f"{outcome.verdict.status}: {outcome.verdict.reason}"
+
+
+def test_a_provider_that_writes_into_its_input_is_told_so():
+    """A right result written back into ``x`` was judged against the oracle computed afterwards
+    from the clobbered ``x``: "max_err_ratio 5.5e4", a kernel-accuracy bug that was not there."""
+    reference = SPECS["rms_norm"].reference_impl
+
+    def clobbering(x, weight, eps=1e-6, residual=None):
+        out = reference(x, weight, eps, residual)
+        x.copy_(out if isinstance(out, torch.Tensor) else out[0])
+        return out
+
+    said = _run(clobbering)
+    assert said.startswith("fail: the provider breaks the op's contract: rms_norm: the provider wrote into its "
+                           "argument 'x'"), said
+    assert _run(reference).startswith("pass"), _run(reference)
+
+
+def test_a_crash_in_a_provider_names_where_it_happened():
+    def crashing(x, weight, eps=1e-6, residual=None):
+        return x[x.shape[0] + 5]
+
+    said = _run(crashing)
+    assert said.startswith("error: crashed with IndexError") and f"{__file__}:" in said and "in crashing)" in said, said
+
+
+def test_the_matrix_names_a_failure_without_a_number_and_flags_a_failing_one():
+    """A ProviderError cell read "worst: None inf (<= inf)", an errored collective cell
+    "worst: collective_ulp 0 (<= 0)", which reads as a pass."""
+    from dshal_conformance.matrix import Cell
+
+    base = {"id": "rms_norm/bf16/T3", "op": "rms_norm"}
+    cell = Cell()
+    cell.add({**base, "status": "fail", "metric": None, "value": None, "threshold": None})
+    assert cell.worst_text() == "fail rms_norm/bf16/T3"
+    errored = Cell()
+    errored.add({**base, "status": "error", "metric": "collective_ulp", "value": 0, "threshold": 0})
+    assert errored.worst_text() == "collective_ulp 0 (<= 0), error"
+    fine = Cell()
+    fine.add({**base, "status": "pass", "metric": "out.max_err_ratio", "value": 0.5, "threshold": 1})
+    assert fine.worst_text() == "out.max_err_ratio 0.5 (<= 1)"
