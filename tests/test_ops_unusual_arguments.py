@@ -83,3 +83,16 @@ def test_emulated_moe_experts_names_a_bad_id_in_the_ops_words(clean_dshal_env):
     ids[3, 1] = -1
     with pytest.raises(ShapeError, match=r"^moe_experts: argument 'ids' holds expert id"):
         dshal.ops.moe_experts(x, weights, ids, w13, torch.randn(4, 64, 32) / 8)
+
+
+def test_a_dtype_taken_from_another_argument_is_named_so(clean_dshal_env):
+    """'argument 'k' has dtype torch.bfloat16, expected one of float64' did not say that q set it."""
+    from dshal.errors import DTypeError
+
+    dshal.use(backend="cpu")
+    q = torch.randn(1, 2, 4, 16, dtype=torch.float64)
+    k = torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(DTypeError, match=r"argument 'k' has dtype torch.bfloat16, expected torch.float64 \(the dtype of 'q'\)"):
+        dshal.ops.attention(q, k, k)
+    with pytest.raises(DTypeError, match=r"argument 'residual' has dtype torch.float64, expected torch.float32 \(the dtype of 'x'\)"):
+        dshal.ops.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6, torch.randn(2, 8, dtype=torch.float64))

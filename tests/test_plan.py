@@ -360,11 +360,38 @@ def test_readme_quotes_what_dshal_plan_prints(capsys: pytest.CaptureFixture[str]
     printed = capsys.readouterr().out
     paragraph = " ".join(readme[readme.index("The EP=32 line"):].split("\n\n")[0].split())
     for figure in ("attention 10.63", "routed experts 19.03", "37.01 GiB of weights", "KV cache 8.58 GiB",
-                   "activation peak 31.01 GiB", "1.91 GiB (0.24 at TP=8)", "78.50 GiB in all"):
+                   "activation peak 31.01 GiB", "1.91 GiB (0.24 at TP=8)", "3.13 GiB", "81.63 GiB in all"):
         assert figure in paragraph
     for figure in ("10.63 GiB", "19.03 GiB", "weights total         37.01 GiB", "8192: 8.58 GiB",
-                   "32768 tokens: 31.01 GiB", "kv_b_proj dequantized: 1.91 GiB", "needs 78.50 GiB"):
+                   "32768 tokens: 31.01 GiB", "kv_b_proj dequantized: 1.91 GiB", "(GPU providers): 3.13 GiB more",
+                   "needs 81.63 GiB"):
         assert figure in printed, figure
+
+
+def test_the_plan_counts_the_attention_nan_guard_of_gpu_providers(tmp_path: Path) -> None:
+    """A GPU provider builds attention's NaN guard on every prefill chunk (no host read), and its
+    temporaries are inside the op, which the one-kernel-per-op peak leaves out: ~31 GiB past an
+    H200's memory for a 2048-token chunk at 128k context before the guard went by kv-head groups.
+    The plan now adds the guard's measured peak to what a rank needs."""
+    from dshal.ops.attention import guarded_attention
+    from dshal.plan.simulate import _LiveBytes
+
+    config = _config(tmp_path, num_hidden_layers=4, max_position_embeddings=512)
+    plan = make_plan(PlanRequest(config=config, batch=2, context=512, prefill_chunk=128))
+    rank = plan["ranks"][0]
+    guard = rank["activation_peak"]["attention_guard_bytes"]
+    assert guard > 0 and rank["needs_bytes"] == (rank["weight_bytes"] + rank["absorbed_kv_b_bytes"] + rank["kv_cache"]["bytes"]
+                                                  + rank["activation_peak"]["bytes"] + guard)
+    args = json.loads(Path(config).read_text())
+    heads, nope, rope, vdim = (args[k] for k in ("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    q = torch.empty(2, heads, 128, nope + rope, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(2, heads, 511, nope + rope, device="meta", dtype=torch.bfloat16)  # the chunk ends at position 510
+    v = torch.empty(2, heads, 511, vdim, device="meta", dtype=torch.bfloat16)
+    tracker = _LiveBytes(replay=False)
+    with tracker:
+        guarded_attention(lambda q, k, v, *a: q.new_empty(*q.shape[:3], v.shape[3]), q, k, v, True, None, None, 0,
+                          may_read_host=False)
+    assert guard == tracker.peak["eager"]  # the naive prefill's expanded heads, as the plan runs the chunk
 
 
 def test_a_context_of_max_position_embeddings_plans(tmp_path: Path) -> None:

@@ -177,6 +177,7 @@ def fp8_result(name: str, out: Any, ref: torch.Tensor, against: str, expected_dt
     what = {
         "dequant": "the float64 GEMM of the dequantized inputs",
         "prequant": "the float64 GEMM of the inputs before quantization",
+        "prequant_e5m2": "the float64 GEMM of the inputs before quantization to E5M2",
         "requant": "the float64 oracle (which re-quantizes intermediates in float64)",
     }[against]
     return [

@@ -57,6 +57,9 @@ THRESHOLDS: dict[str, Threshold] = {
     # E4M3 keeps 4 significant bits per operand (~28 dB each); the product of two quantized
     # operands lands near 25 dB. DeepGEMM's 1e-3 similarity corresponds to ~27 dB.
     "sqnr_vs_prequant_db": Threshold(20.0, True, "dshal: E4M3 has 4 significant bits (~25 dB for a product), 5 dB margin"),
+    # E5M2 keeps one significant bit fewer: twice the rounding error, four times its square.
+    "similarity_vs_prequant_e5m2": Threshold(4e-3, False, "DeepGEMM's 1e-3 for E4M3, x4: E5M2 has one significant bit fewer"),
+    "sqnr_vs_prequant_e5m2_db": Threshold(14.0, True, "sqnr_vs_prequant_db less 6 dB: E5M2 has one significant bit fewer"),
     # Ops that re-quantize an intermediate activation to FP8 (MoE experts' down projection):
     # float32 and float64 paths round a few activations to neighbouring FP8 codes (2^-4
     # rel.), so they are held to DeepGEMM's bound rather than the dequantized one.

@@ -52,8 +52,8 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     """
     op = "attention"
     check_tensor(op, "q", q, dtypes=FLOAT_DTYPES, ndim=4)
-    check_tensor(op, "k", k, dtypes=(q.dtype,), ndim=4)
-    check_tensor(op, "v", v, dtypes=(q.dtype,), ndim=4)
+    check_tensor(op, "k", k, dtypes=(q.dtype,), ndim=4, dtype_of="q")
+    check_tensor(op, "v", v, dtypes=(q.dtype,), ndim=4, dtype_of="q")
     batch, hq, _, d = q.shape
     check_dim(op, "k", k, 0, batch, "B, the batch of 'q'")
     check_dim(op, "k", k, 3, d, "D, the head dim of 'q'")
@@ -214,13 +214,14 @@ def guarded_attention(
     if may_read_host and math.isfinite(float(q.sum()) + float(k.sum()) + float(v.sum())):
         return kernel(q, k, v, causal, scale, window, global_tokens)
     share = q.shape[1] // hk  # query heads per kv head
-    outs = []
-    for first in range(0, hk, heads):
+
+    def group(first: int) -> torch.Tensor:  # its guard is freed on return, before the next group's
         kv = slice(first, first + heads)
         qs = q[:, first * share : (first + heads) * share]
         guard = nonfinite_guard(qs, k[:, kv], v[:, kv], causal, window, global_tokens, may_read_host=False)
-        outs.append(guard.apply(kernel(guard.q, guard.k, guard.v, causal, scale, window, global_tokens)))
-    return torch.cat(outs, dim=1)
+        return guard.apply(kernel(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
+
+    return torch.cat([group(first) for first in range(0, hk, heads)], dim=1)
 
 
 def values_are_key_columns(v: torch.Tensor, k: torch.Tensor) -> bool:

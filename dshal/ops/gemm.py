@@ -23,6 +23,7 @@ from dshal.ops.quant import (
 )
 from dshal.ops.spec import (
     FLOAT_DTYPES,
+    FP8_DTYPES,
     FP8_FORMAT_OF,
     Cost,
     Output,
@@ -299,6 +300,10 @@ FP8_GEMM_ROWS = [
     dict(name="block/N200-partial-block", kind="edge", dtype=BF16, m=16, n=200, k=256, granularity="block"),
     dict(name="block/noncontiguous", kind="edge", dtype=BF16, m=32, n=128, k=256, granularity="block", noncontiguous=("a",)),
     dict(name="block/zero-rows", kind="edge", dtype=BF16, m=32, n=128, k=256, granularity="block", values="zero_rows"),
+    # Every FP8 format, named (the rows above take the backend's native E4M3): a backend is
+    # judged in each format it declares (Capabilities.fp8_formats), the others are unsupported.
+    *(dict(name=f"block/{fmt}/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, granularity="block", fmt=fmt)
+      for fmt in FP8_DTYPES),
     *(
         dict(name=f"block/deepgemm/M{m}xN{n}xK{k}", tier="full", dtype=BF16, m=m, n=n, k=k, granularity="block")
         for n, k in DEEPGEMM_NK
@@ -363,6 +368,8 @@ LINEAR_ROWS = [
     dict(name="bf16/M0", kind="edge", dtype=BF16, m=0, n=128, k=256),
     dict(name="fp8-block/M1", kind="edge", dtype=BF16, m=1, n=128, k=256, weight="fp8-block"),
     dict(name="fp8-block/K200-partial-block", kind="edge", dtype=BF16, m=8, n=128, k=200, weight="fp8-block"),
+    *(dict(name=f"fp8-block/{fmt}/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="fp8-block", fmt=fmt)
+      for fmt in FP8_DTYPES),  # every format, named (as fp8_gemm's)
     dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, m=8, n=128, k=256, noncontiguous=("x",)),
     dict(name="f32/nan_inf", kind="edge", dtype=F32, m=4, n=64, k=128, values="nan_inf"),
     # One row (a decode step's projections), K not a multiple of any vector width.
@@ -400,6 +407,6 @@ def _linear_example(draw: Draw, p) -> Example:
         kw["weight"], kw["weight_scale"] = quantize_int8.reference_impl(w_f)
     else:
         block = (128, 128) if kind == "fp8-block" else (1, -1)
-        kw["weight"], kw["weight_scale"] = quantize_fp8.reference_impl(w_f, block, draw.fp8("e4m3"), None)
+        kw["weight"], kw["weight_scale"] = quantize_fp8.reference_impl(w_f, block, draw.fp8(p.get("fmt", "e4m3")), None)
     kw["bias"] = draw.randn(n, dtype=dtype) if p.get("bias") else None
     return Example(kw, extras={"w_f": w_f})

@@ -14,6 +14,7 @@ from dshal.ops.gemm import linear
 from dshal.ops.quant import FP8_DTYPE_LIST, SCALE_DTYPES, compute_dtype, quantize_fp8, quantize_int8
 from dshal.ops.spec import (
     FLOAT_DTYPES,
+    FP8_DTYPES,
     Cost,
     Output,
     check_dim,
@@ -266,6 +267,8 @@ MOE_EXPERTS_ROWS = [
     dict(name="fp8-block/decode/T1xH256xI128xE8-top2", dtype=BF16, t=1, h=256, i=128, e=8, k=2, weight="fp8-block"),
     dict(name="fp8-block/f32/decode/T1xH200xI72xE4-top2", dtype=F32, t=1, h=200, i=72, e=4, k=2, weight="fp8-block"),
     dict(name="fp8-block/T8xH256xI128xE4-top2", dtype=BF16, t=8, h=256, i=128, e=4, k=2, weight="fp8-block"),
+    *(dict(name=f"fp8-block/{fmt}/T8xH128xI128xE4-top2", dtype=BF16, t=8, h=128, i=128, e=4, k=2, weight="fp8-block",
+           fmt=fmt) for fmt in FP8_DTYPES),  # every format, named (as fp8_gemm's)
     dict(name="int8/bf16/T8xH128xI64xE8-top2", dtype=BF16, t=8, h=128, i=64, e=8, k=2, weight="int8"),
     dict(name="int8/f32/decode/T1xH200xI72xE4-top2", dtype=F32, t=1, h=200, i=72, e=4, k=2, weight="int8"),
     dict(name="int8/f32/T16xH256xI128xE16-top4", dtype=F32, t=16, h=256, i=128, e=16, k=4, weight="int8"),
@@ -294,7 +297,7 @@ def _moe_experts_example(draw: Draw, p) -> Example:
     kw = {"x": x, "weights": weights, "ids": ids}
     if p.get("weight") == "fp8-block":
         # One expert at a time: DeepSeek-V3's 256-expert stacks never exist in float32 at once.
-        fmt = draw.fp8("e4m3")
+        fmt = draw.fp8(p.get("fmt", "e4m3"))
         kw["w13"], kw["w13_scale"] = _stacked_fp8(draw, e, (2 * i, h), fmt)
         kw["w2"], kw["w2_scale"] = _stacked_fp8(draw, e, (h, i), fmt)
         return Example(kw)

@@ -23,7 +23,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     check_dim("rms_norm", "weight", weight, 0, x.shape[-1], "the last dim of 'x'")
     check_real("rms_norm", "eps", eps, positive=False)
     if residual is not None:
-        check_tensor("rms_norm", "residual", residual, dtypes=(x.dtype,))
+        check_tensor("rms_norm", "residual", residual, dtypes=(x.dtype,), dtype_of="x")
         if residual.shape != x.shape:
             raise ShapeError(
                 f"rms_norm: argument 'residual' has shape {list(residual.shape)}, expected {list(x.shape)} (the shape of 'x')"

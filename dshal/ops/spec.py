@@ -275,12 +275,15 @@ def check_tensor(
     dtypes: tuple[torch.dtype, ...] | None = None,
     ndim: int | tuple[int, ...] | None = None,
     min_ndim: int | None = None,
+    dtype_of: str | None = None,
 ) -> torch.Tensor:
-    """Check that ``t`` is a tensor with an allowed dtype and rank; return it."""
+    """Check that ``t`` is a tensor with an allowed dtype and rank; return it. ``dtype_of``:
+    the argument ``dtypes`` (one dtype) comes from, which the message then names."""
     if not isinstance(t, torch.Tensor):
         raise DTypeError(f"{op}: argument {arg!r} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        raise DTypeError(f"{op}: argument {arg!r} has dtype {t.dtype}, expected one of {_dtypes(dtypes)}")
+        expected = f"{dtypes[0]} (the dtype of {dtype_of!r})" if dtype_of else f"one of {_dtypes(dtypes)}"
+        raise DTypeError(f"{op}: argument {arg!r} has dtype {t.dtype}, expected {expected}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
         if t.dim() not in allowed:

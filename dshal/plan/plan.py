@@ -421,7 +421,9 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
         weights = sum(k["bytes"] for k in held.values())
         # each attention layer's dequantized kv_b_proj, kept from the first absorbed step on
         absorbed = sum(m.cached_bytes() for m in sim.model.modules() if isinstance(m, MLA))
-        need = weights + absorbed + kv_total + prefill.peak_bytes
+        # The attention NaN guard's temporaries on GPU providers, on top of the activations (an upper bound).
+        guard = max(prefill.attention_guard_bytes, decode.attention_guard_bytes)
+        need = weights + absorbed + kv_total + prefill.peak_bytes + guard
         read_bytes = sum(r.nbytes for r in sim.reads)
         # Quantize-then-shard (per-row / per-tensor / int8 scales, or a cut 128-block): the rank loads
         # the whole model first (dshal.parallel.loading.build_parallel); at least what it reads.
@@ -457,6 +459,7 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
                     },
                     "eager_reference_bytes": prefill.eager_peak_bytes,
                     "decode_bytes": decode.peak_bytes,
+                    "attention_guard_bytes": guard,
                 },
                 "logits": {"prefill": list(prefill.logits_shape), "decode": list(decode.logits_shape)},
                 "communication": {"decode": _traffic(decode), "prefill": _traffic(prefill)},
@@ -518,7 +521,7 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
         if over:
             r = over[0]
             running = (r["weight_bytes"] + r["absorbed_kv_b_bytes"] + r["kv_cache"]["bytes"]
-                       + r["activation_peak"]["bytes"])
+                       + r["activation_peak"]["bytes"] + r["activation_peak"]["attention_guard_bytes"])
             if r["loads_whole_model"] and r["needs_bytes"] > running:  # the load, not the run, is too big
                 result["refusal"] = (
                     f"ranks {_ranges(r['ranks'])} load the whole model before sharding it ({r['needs_bytes'] / GIB:.1f} GiB, "
@@ -532,7 +535,8 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
                     f"(weights {r['weight_bytes'] / GIB:.1f} + "
                     + (f"absorbed kv_b_proj copies {r['absorbed_kv_b_bytes'] / GIB:.1f} + " if r["absorbed_kv_b_bytes"] else "")
                     + f"KV cache {r['kv_cache']['bytes'] / GIB:.1f} + "
-                    f"activations {r['activation_peak']['bytes'] / GIB:.1f}), "
+                    f"activations {r['activation_peak']['bytes'] / GIB:.1f} + "
+                    f"attention guard {r['activation_peak']['attention_guard_bytes'] / GIB:.1f}), "
                     f"more than --device-memory-gib {req.device_memory_gib:g}; use more ranks (--tp / --ep) or a smaller "
                     "--batch / --context / --prefill-chunk"
                     + (", or --precision fp8-block" if req.precision == "bf16" else "")
@@ -595,9 +599,11 @@ def format_plan(p: dict[str, Any]) -> str:
             f"{_b(a['bytes']).strip()} with one kernel "
             f"per dshal op (largest: {lg['op']} {lg['shape']} {lg['dtype']} {_b(lg['bytes']).strip()}); "
             f"{_b(a['eager_reference_bytes']).strip()} as the eager reference ops run; "
-            f"decode step: {_b(a['decode_bytes']).strip()}"
+            f"decode step: {_b(a['decode_bytes']).strip()}; "
+            f"attention NaN guard (GPU providers): {_b(a['attention_guard_bytes']).strip()} more"
         )
-        parts = "weights + " + ("absorbed kv_b_proj copies + " if r["absorbed_kv_b_bytes"] else "") + "KV cache + activation peak"
+        parts = ("weights + " + ("absorbed kv_b_proj copies + " if r["absorbed_kv_b_bytes"] else "")
+                 + "KV cache + activation peak + attention guard")
         if r["loads_whole_model"]:
             parts = f"the larger of {parts} and the whole model it loads before sharding"
         lines.append(

@@ -196,6 +196,9 @@ class _LiveBytes(TorchDispatchMode):
         self.depth = 0  # > 0 inside a dshal op
         self.outcomes: dict[Any, _OpOutcome | None] = {}  # None: a call that cannot be replayed
         self.replayed = 0
+        #: the attention call with the most key and value bytes, as layouts (holding its tensors
+        #: would keep their bytes live): its NaN guard is measured apart
+        self.largest_attention: tuple[int, tuple[Any, ...]] | None = None
 
     def _free(self, way: str, nbytes: int) -> None:
         self.live[way] -= nbytes
@@ -253,6 +256,10 @@ class _LiveBytes(TorchDispatchMode):
         """Wrap one dshal op: its temporaries are a kernel's own, its outputs are activations."""
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            if name == "attention" and not self.depth and not kwargs and len(args) == 7:  # as the model calls it
+                size = args[1].numel() * args[1].element_size() + args[2].numel() * args[2].element_size()
+                if self.largest_attention is None or size > self.largest_attention[0]:
+                    self.largest_attention = (size, attention_layouts(*args))
             # An op inside an op runs as is: the outer call's outcome covers it.
             key = self._key(name, args, kwargs) if self.replay and not self.depth else None
             outcome = self.outcomes.get(key) if key is not None else None
@@ -290,6 +297,9 @@ class StepResult:
     largest: tuple[int, str, tuple[int, ...], str] = (0, "", (), "")
     #: op calls answered from an earlier call with the same argument layouts (see _LiveBytes)
     replayed_calls: int = field(default=0, compare=False)
+    #: peak bytes of the attention NaN guard a GPU provider builds inside its largest attention
+    #: call (:func:`attention_guard_bytes`): kernel temporaries ``peak_bytes`` leaves out
+    attention_guard_bytes: int = 0
 
 
 def _step(model: Any, sim: SimulatedRank, ids: torch.Tensor, start: int, cache: Any, replay: bool) -> StepResult:
@@ -307,7 +317,36 @@ def _step(model: Any, sim: SimulatedRank, ids: torch.Tensor, start: int, cache: 
         tracker.peak["eager"],
         tracker.largest,
         tracker.replayed,
+        attention_guard_bytes(*tracker.largest_attention[1]) if tracker.largest_attention else 0,
     )
+
+
+def attention_layouts(q: Any, k: Any, v: Any, *options: Any) -> tuple[Any, ...]:
+    """An attention call's arguments with q, k and v as (shape, dtype) and whether v is k's
+    first columns (absorbed MLA), for :func:`attention_guard_bytes`."""
+    from dshal.ops.attention import values_are_key_columns  # lazy: the plan's own import stays light
+
+    return ((tuple(q.shape), q.dtype), (tuple(k.shape), k.dtype), (tuple(v.shape), values_are_key_columns(v, k)),
+            *options)
+
+
+def attention_guard_bytes(q: Any, k: Any, v: Any, causal: bool, scale: Any, window: Any, global_tokens: int) -> int:
+    """Peak bytes of what :func:`~dshal.ops.attention.guarded_attention` holds for one attention
+    call on a GPU provider (no host read: the guard is always built, in groups of kv heads),
+    its output included: run on meta tensors of the call's layouts (:func:`attention_layouts`)."""
+    from dshal.ops.attention import guarded_attention  # lazy: the plan's own import stays light
+
+    (q_shape, dtype), (k_shape, _), (v_shape, shared) = q, k, v
+    q, k = (torch.empty(shape, dtype=dtype, device="meta") for shape in (q_shape, k_shape))
+    v = k[..., : v_shape[-1]] if shared else torch.empty(v_shape, dtype=dtype, device="meta")
+
+    def kernel(q: Any, k: Any, v: Any, *rest: Any) -> Any:  # the kernel's own workspace is its vendor's
+        return q.new_empty(*q.shape[:3], v.shape[3])
+
+    tracker = _LiveBytes(replay=False)
+    with tracker:
+        guarded_attention(kernel, q, k, v, causal, scale, window, global_tokens, may_read_host=False)
+    return tracker.peak["eager"]
 
 
 def run_steps(

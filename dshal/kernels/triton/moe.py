@@ -11,8 +11,9 @@ How it runs (no Python loop over experts):
    of ``x``, multiplies by ``w13[e]`` (gate and up halves together) and applies SwiGLU in
    the epilogue;
 3. one launch of ``_moe_down_kernel``: multiplies by ``w2[e]``, scales each row by its
-   routing weight and writes it back to the row's original (token, choice) slot;
-4. a sum over the k choices (one torch reduction) gives ``[T, H]``.
+   routing weight and writes it back to the row's original (token, choice) slot, in float32;
+4. a sum over the k choices (one torch reduction) gives ``[T, H]``. With one choice per token
+   (k = 1: the expert-parallel path) the down kernel writes the output in ``x``'s dtype itself.
 
 Weights are ``x``'s float dtype, or FP8 with 128x128 block scales; then, as in
 ``dshal.ops.linear``, the GEMM's activation rows are quantized per (1, 128) in the weight's
@@ -153,6 +154,7 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP8: tl.constexpr, ROUND_DTYPE: tl.constexpr,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, NO_NEG_ZERO: tl.constexpr,
+    COMBINED: tl.constexpr,
 ):  # fmt: skip
     expert, rows, row_ok = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, E, BLOCK_M)
     if expert < E:
@@ -180,6 +182,8 @@ def _moe_down_kernel(
         out = cast_rne(acc, ROUND_DTYPE).to(tl.float32) * routing[:, None]
         slots = tl.load(slot_of_row_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         mask = row_ok[:, None] & (offs_n < H)[None, :]
+        if COMBINED:  # one choice per token: its weighted output is the token's, in x's dtype
+            out = cast_rne(out, ROUND_DTYPE)
         tl.store(y_ptr + slots[:, None] * H + offs_n[None, :], out, mask=mask)
 
 
@@ -325,8 +329,10 @@ def grouped_moe_experts(
         num_warps=warps, num_stages=stages, **extra,
     )  # fmt: skip
 
-    # 3. down projection, weighted, back to each row's (token, choice) slot
-    slots = torch.empty((T * k, H), dtype=torch.float32, device=dev)
+    # 3. down projection, weighted, back to each row's (token, choice) slot: float32 for the
+    # combine; with one choice per token (the expert-parallel path) the token's output itself
+    combined = k == 1
+    slots = torch.empty((T * k, H), dtype=x.dtype if combined else torch.float32, device=dev)
     s2 = w2_scale if w2_scale is not None else dummy
     launch(
         _moe_down_kernel, (max_tiles, triton.cdiv(H, block_n)),
@@ -336,11 +342,11 @@ def grouped_moe_experts(
         *w2.stride(),
         *s2.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, ROUND_DTYPE=x_tl, **weight_meta(w2, w2_fp8),
-        num_warps=warps, num_stages=stages, **extra,
+        COMBINED=combined, num_warps=warps, num_stages=stages, **extra,
     )  # fmt: skip
 
-    # 4. combine the k choices of each token
-    out = slots.view(T, k, H).sum(dim=1).to(x.dtype)
+    # 4. combine the k choices of each token (float32 [T * k, H] slots: 16x a bf16 output at k = 8)
+    out = slots if combined else slots.view(T, k, H).sum(dim=1).to(x.dtype)
     if INTERPRETED and (w13_fp8 or w2_fp8):  # the interpreter decodes FP8 NaN codes as numbers
         hardware_nan_moe(out, x, ids, w13, w2)
     return out

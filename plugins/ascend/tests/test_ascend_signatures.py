@@ -15,7 +15,7 @@ import torch
 
 import dshal.ops.reference as ref
 from dshal.ops.examples import Draw
-from dshal.plugin import SPECS
+from dshal.plugin import FP8_DTYPES, SPECS
 from dshal_ascend import layouts
 from dshal_ascend.npu_ops import AscendOps
 from dshal_ascend.releases import MINIMUM_RELEASE, kernel_features, plan_ops
@@ -382,7 +382,9 @@ def test_ascend_every_ci_example_through_the_stand_in(release):
     through the plugin's own code and the release's stand-in, against the op's reference: the
     call sites, layouts and fallbacks together, on the shapes an NPU leg would see. Not NPU
     numerics: the tolerance is loose (2 % of the result's scale), enough to catch a wrong
-    layout, index or mask, and NaN / Inf must sit exactly where the reference has them."""
+    layout, index or mask, and NaN / Inf must sit exactly where the reference has them. FP8
+    weights run as int8 W8A8 here (one more quantization, 2-4 % apart at a point in E5M2 and
+    E4M3FNUZ rows): they are held to conformance's FP8 bound, DeepGEMM's similarity < 1e-3."""
     ops, stand_in = _ops(release)
     served = set()
     for op in SPECS:
@@ -390,6 +392,7 @@ def test_ascend_every_ci_example_through_the_stand_in(release):
             continue
         for row in _ci_rows(op):
             example = SPECS[op].example_inputs(Draw(torch.Generator().manual_seed(0)), row)
+            fp8 = any(isinstance(t, torch.Tensor) and t.dtype in FP8_DTYPES.values() for t in example.kwargs.values())
             calls = len(stand_in.calls)
             got = getattr(ops, op)(**example.kwargs)
             want = SPECS[op].reference_impl(**example.kwargs)
@@ -398,6 +401,10 @@ def test_ascend_every_ci_example_through_the_stand_in(release):
                 g, w = g.double(), w.double()
                 assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isinf(), w.isinf()), row.id
                 finite = torch.isfinite(w)
+                if fp8 and finite.any():
+                    gf, wf = g[finite], w[finite]
+                    assert 1 - 2 * (gf * wf).sum() / (gf * gf + wf * wf).sum().clamp(min=1e-300) < 1e-3, row.id
+                    continue
                 scale = float(w[finite].abs().max()) if finite.any() else 1.0
                 torch.testing.assert_close(g[finite], w[finite], rtol=2e-2, atol=2e-2 * (scale + 1), msg=row.id)
             if len(stand_in.calls) > calls:
