@@ -89,7 +89,7 @@ def _npu_dynamic_quant_nonfinite(op: str, bad: Any) -> str | None:
     return "npu_dynamic_quant: non-finite input" if op == "quantize_int8" and nonfinite else None
 
 
-@pytest.mark.parametrize("release", ["6.0.0", "7.3.0"])  # the oldest and newest recorded: their paths differ most
+@pytest.mark.parametrize("release", ["6.0.0", "7.3.0", "26.1.0"])  # the oldest and newest recorded (7.3.0: the last with ScalarType? output_dtype)
 @pytest.mark.parametrize("op", sorted(SPECS))
 def test_the_ascend_plugins_code_on_the_stand_in_handles_every_spoiled_argument(release, op) -> None:
     ctx, table = _ascend_standin_context(release)

@@ -74,7 +74,7 @@ def rope_operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Rope
     pass ``x`` as is and the tables once per position as ``[1, 1, S, D]`` (``cat(c, c)``), which
     npu_rotary_mul broadcasts over B and N (layout "11SD"). Anything else: :func:`rope_rows_4d`."""
     d = x.shape[-1]
-    # npu_rotary_mul's half mode wants B, N < 1000 (op-plugin 7.1.0/7.3.0 torch_npu-npu_rotary_mul.md).
+    # npu_rotary_mul's half mode wants B, N < 1000 (op-plugin 7.1.0/7.3.0/26.0.0/26.1.0 torch_npu-npu_rotary_mul.md).
     if x.dim() == 4 and x.shape[0] < ROTARY_MAX_BN and x.shape[1] < ROTARY_MAX_BN and cos.dim() <= 4 and cos.shape == sin.shape:
         padded = (1,) * (4 - cos.dim()) + tuple(cos.shape)
         if padded[0] == 1 and padded[1] == 1 and padded[2] in (1, x.shape[2]) and padded[3] in (1, d // 2):
@@ -88,7 +88,8 @@ def rope_operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Rope
 
 # ---------------------------------------------------------------- attention
 #: npu_fused_infer_attention_score's limits on Atlas A2/A3 (op-plugin 7.1.0-7.3.0
-#: docs/context/torch_npu-npu_fused_infer_attention_score.md): query float16 / bfloat16, head
+#: docs/context/torch_npu-npu_fused_infer_attention_score.md; 26.0.0 / 26.1.0
+#: docs/zh/custom_APIs/torch_npu/ say the same): query float16 / bfloat16, head
 #: dim <= 512 and a multiple of 16, at most 256 query heads, num_heads / num_key_value_heads <= 64.
 FIA_DTYPES = (torch.float16, torch.bfloat16)
 FIA_MAX_HEAD_DIM, FIA_HEAD_DIM_MULTIPLE, FIA_MAX_HEADS, FIA_MAX_GROUP = 512, 16, 256, 64
@@ -113,8 +114,8 @@ def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
 #: head, past the general 64), 1-16 queries, page attention required (block_size 16 or 128), one
 #: query: sparse_mode 0 and no mask, more: sparse_mode 3 with the compressed mask; every dim of
 #: key and of value multiplied must fit int32, B <= 65536, S <= 262144. 7.3.0 relaxes these (more
-#: head counts, other sparse modes, page attention optional); dshal keeps to what every release
-#: from 7.1.0 takes. dshal's absorbed MLA decode steps are this shape (r 512, rope 64); fewer
+#: head counts, other sparse modes, page attention optional; 26.0.0 / 26.1.0 as 7.3.0); dshal keeps
+#: to what every release from 7.1.0 takes. dshal's absorbed MLA decode steps are this shape (r 512, rope 64); fewer
 #: heads (DeepSeek-V3 on TP=8: 16 per rank) are padded with zero queries to 32, as vllm-ascend does.
 MLA_LATENT_DIM, MLA_ROPE_DIM, MLA_HEADS, MLA_MAX_QUERIES = 512, 64, (32, 64, 128), 16
 MLA_BLOCK_SIZE = 128

@@ -10,6 +10,19 @@ Facts (source beside each):
 
 * torch_npu version -> release, CANN: the version table of ``Ascend/pytorch`` README.md
   (branch ``v2.9.0-7.3.0``, "CANN Version / Supported Extension Version"), torch >= 2.4 rows.
+  From 26.0.0 the README no longer lists the release (its table stops at 7.3.0); the mapping is in
+  ``docs/en/release_notes/release_notes.md`` ("Related Product Version Mapping") of the release's
+  ``v2.7.1-<release>`` branch. The numbering jumped from 7.3.0 to 26.0.0 (op-plugin branches
+  ``26.0.0``, ``26.1.0``), and 26.1.0 renames the product "TorchNPU":
+
+  - 26.0.0 (branch ``v2.7.1-26.0.0``, April 2026): CANN 9.0.0; torch_npu 2.7.1.post4,
+    2.8.0.post4, 2.9.0.post2, 2.10.0.
+  - 26.1.0 (branch ``v2.7.1-26.1.0``, July 2026): CANN 9.1.0; torch_npu 2.7.1.post8,
+    2.9.0.post6, 2.10.0.post4, 2.11.0, 2.12.0 (no torch 2.8 build).
+  - Pre-release builds of new torch lines: the README of the 26.x branches lists torch_npu
+    2.10.0rc2, 2.11.0rc1, 2.12.0rc1 with CANN 8.5.0 (branches ``v2.10.0`` ... , no op-plugin
+    release); before 26.0.0 / 26.1.0 listed those lines they were planned as 7.3.0 ("newer"), and
+    they still are (:func:`release_of`).
 * Signatures: ``op_signatures/<release>.json`` (op-plugin ``op_plugin_functions.yaml`` of the
   release branch). 6.0.0: ``npu_rotary_mul(self, r1, r2)`` (no ``rotary_mode``), no
   ``npu_interleave_rope`` / ``npu_moe_gating_top_k``, ``npu_grouped_matmul`` takes
@@ -24,6 +37,19 @@ Facts (source beside each):
 * ``npu_quant_matmul``: op-plugin 6.0.0 ``QuantMatmulKernelNpuOpApi.cpp`` converts a float32
   ``scale`` with ``npu_trans_quant_param`` whenever there is no ``pertoken_scale`` and the output
   is not bf16 -- int32 output included; 7.0.0 adds ``output_dtype != at::kInt`` to that guard.
+  26.0.0 / 26.1.0 keep it (``output_acltype != ACL_INT32``, same file).
+* 26.0.0 / 26.1.0 signatures (``op_plugin_functions.yaml``; the same for both): ``output_dtype`` of
+  ``npu_quant_matmul`` and of the Tensor-``group_list`` ``npu_grouped_matmul``, and ``dst_type`` of
+  ``npu_dynamic_quant``, are ``int?`` (were ``ScalarType?``). ``torch_npu.npu_*`` is
+  ``torch.ops.npu.npu_*`` (``torch_npu/__init__.py``), whose argument conversion passes a
+  ``torch.dtype`` to an ``int`` as its ScalarType number (bfloat16 -> 15), the number the kernels
+  read (``op_plugin/python/meta/_meta_registrations.py`` ``TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP``);
+  the docs and op-plugin's tests still pass ``output_dtype=torch.bfloat16``, as dshal does.
+  ``npu_format_cast``'s ``customize_dtype`` became keyword-only (dshal passes only ``acl_format``);
+  ``npu_rotary_mul`` gained an optional ``rotate``. The documented limits dshal relies on (rms_norm
+  gamma dtypes, add_rms_norm gamma = x's dtype, rotary B, N < 1000, the attention head / dim limits
+  and the MLA form, gating, grouped-matmul per-token scale dtypes) read as in 7.3.0
+  (``docs/zh/custom_APIs/torch_npu/torch_npu-<kernel>.md``).
 """
 
 from __future__ import annotations
@@ -62,6 +88,9 @@ class Release:
     cann: str
     #: torch_npu versions of this release built for torch >= 2.4 (README table).
     torch_npu: tuple[str, ...]
+    #: Pre-release builds of a newer torch line the README lists with this release's CANN, built from
+    #: that line's own branch (``v2.10.0`` ...), not the release branch: planned as this release.
+    prereleases: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -80,9 +109,17 @@ RELEASES = (
     Release("7.0.0", "8.1.RC1", ("2.4.0.post4", "2.5.1")),
     Release("7.1.0", "8.2.RC1", ("2.5.1.post1", "2.6.0")),
     Release("7.2.0", "8.3.RC1", ("2.6.0.post3", "2.7.1", "2.8.0")),
-    Release("7.3.0", "8.5.0", ("2.6.0.post5", "2.7.1.post2", "2.8.0.post2", "2.9.0")),
+    Release("7.3.0", "8.5.0", ("2.6.0.post5", "2.7.1.post2", "2.8.0.post2", "2.9.0"),
+            prereleases=("2.10.0rc2", "2.11.0rc1", "2.12.0rc1")),
+    Release("26.0.0", "9.0.0", ("2.7.1.post4", "2.8.0.post4", "2.9.0.post2", "2.10.0")),
+    Release("26.1.0", "9.1.0", ("2.7.1.post8", "2.9.0.post6", "2.10.0.post4", "2.11.0", "2.12.0")),
 )
 RELEASE_BY_NAME = {r.name: r for r in RELEASES}
+#: A build older than every listed build of its torch line (pre-releases included), on a line no
+#: release up to this one lists, is planned as the newest release whose lines are all older (e.g.
+#: 2.10.0rc1: 7.3.0, as before 26.0.0 was recorded). Lines introduced by earlier releases keep the
+#: "predates" verdict they always had.
+PRERELEASE_LINES_FROM = "7.3.0"
 #: The oldest release the plugin supports (also the pin of the ``npu`` extra: torch_npu >= 2.4.0.post2).
 MINIMUM_RELEASE = "6.0.0"
 MINIMUM_TORCH_NPU = "2.4.0.post2"
@@ -115,7 +152,11 @@ class ReleaseMatch:
 
 def release_of(torch_npu_version: str) -> ReleaseMatch:
     """The release a torch_npu version belongs to: the newest release whose listed version for
-    the same torch line is not newer than it. Versions past the table take the newest release."""
+    the same torch line is not newer than it; else a pre-release build the README lists
+    (``Release.prereleases``). A version on a torch line newer than every line the releases up to
+    some release P list is planned as P ("newer"): past the table, the newest release; an older
+    build of a line a release after 7.3.0 introduced, the newest release before it
+    (``PRERELEASE_LINES_FROM``). Other versions predate the minimum."""
     parsed = parse_torch_npu_version(torch_npu_version)
     minimum = RELEASE_BY_NAME[MINIMUM_RELEASE]
     if parsed is None:
@@ -123,12 +164,27 @@ def release_of(torch_npu_version: str) -> ReleaseMatch:
     base, post = parsed
     listed = [(parse_torch_npu_version(v), r) for r in RELEASES for v in r.torch_npu]
     same_line = [(p, r) for (b, p), r in listed if b == base and p <= post]
-    newest_base = max(b for (b, _), _ in listed)
+    pre = [(p, r, v) for r in RELEASES for v in r.prereleases
+           for b, p in [parse_torch_npu_version(v)] if b == base and p <= post]
+    newer_than = [r for r in RELEASES if all(b < base for (b, _), o in listed if o.key <= r.key)]
     if same_line:
         release = max(same_line, key=lambda pr: pr[1].key)[1]
-    elif base > newest_base:
-        release = RELEASES[-1]
-        why = f"torch_npu {torch_npu_version} is newer than the recorded releases; planned as {release.name}"
+    elif pre:
+        _, release, build = max(pre, key=lambda prv: (prv[0], prv[1].key))
+        why = (f"torch_npu {torch_npu_version}: pre-release {build}, which the Ascend/pytorch README lists with CANN "
+               f"{release.cann} (no release branch); planned as op-plugin {release.name}")
+        return ReleaseMatch(torch_npu_version, release, True, why)
+    elif newer_than and newer_than[-1].key >= _release_key(PRERELEASE_LINES_FROM):
+        release = newer_than[-1]
+        if release is RELEASES[-1]:
+            why = f"torch_npu {torch_npu_version} is newer than the recorded releases; planned as {release.name}"
+        else:
+            line = ".".join(map(str, base))
+            first = min((r for (b, _), r in listed if b == base), key=lambda r: r.key, default=None)
+            later = (f"precedes the first {line} build listed (op-plugin {first.name})" if first
+                     else f"no release lists torch {line}")
+            why = (f"torch_npu {torch_npu_version} is newer than the torch lines of op-plugin {release.name} and "
+                   f"{later}; planned as {release.name}")
         return ReleaseMatch(torch_npu_version, release, True, why)
     else:
         return ReleaseMatch(

@@ -155,9 +155,16 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_int_or_dtype(v: Any) -> bool:
+    # torch.ops' argument conversion takes a torch.dtype for an ``int`` as its ScalarType number
+    # (bfloat16 -> 15): op-plugin 26.x declares output_dtype / dst_type ``int?`` and its docs pass
+    # torch.bfloat16 there. (``SymInt`` and list elements stay plain ints.)
+    return _is_int(v) or isinstance(v, torch.dtype)
+
+
 _SCALARS = {
     "Tensor": lambda v: isinstance(v, torch.Tensor),
-    "int": _is_int,
+    "int": _is_int_or_dtype,
     "SymInt": _is_int,
     "float": lambda v: isinstance(v, float) or _is_int(v),
     "bool": lambda v: isinstance(v, bool),
@@ -173,7 +180,7 @@ def value_fits(type_: str, value: Any) -> bool:
         return value is None or value_fits(type_[:-1], value)
     list_match = re.fullmatch(r"(\w+)\[(\d*)\]", type_)
     if list_match:
-        elem = _SCALARS[list_match.group(1)]
+        elem = _is_int if list_match.group(1) == "int" else _SCALARS[list_match.group(1)]
         return isinstance(value, (list, tuple)) and all(elem(v) for v in value)
     return _SCALARS[type_](value)
 

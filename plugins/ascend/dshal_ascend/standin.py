@@ -87,6 +87,21 @@ class _Kernel:
         raise SignatureError(f"{where}: no overload accepts the call:\n  " + "\n  ".join(errors))
 
 
+#: ScalarType numbers of the dtypes dshal passes (op-plugin 26.0.0 ``_meta_registrations.py``
+#: ``TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP``): what an ``int? output_dtype`` (26.x) receives.
+_SCALAR_TYPE_NUMBERS = {1: torch.int8, 3: torch.int32, 5: torch.float16, 6: torch.float32, 15: torch.bfloat16}
+
+
+def _dtype_arg(value: Any) -> torch.dtype | None:
+    """An ``output_dtype`` argument as a dtype: a torch.dtype (``ScalarType?``, or ``int?`` through
+    torch.ops' conversion) or its ScalarType number (``int?``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value not in _SCALAR_TYPE_NUMBERS:
+            raise SignatureError(f"stand-in does not model ScalarType number {value}")
+        return _SCALAR_TYPE_NUMBERS[value]
+    return value
+
+
 def _constraint(ok: bool, message: str) -> None:
     if not ok:
         raise SignatureError(message)
@@ -175,8 +190,8 @@ def _fused_infer_attention(owner, b):
 
 
 def _mla_paged_attention(owner, b):
-    """The MLA form with page attention, BNSD (op-plugin 7.1.0 / 7.2.0 docs, query D 512; 7.3.0
-    takes more, dshal calls only what all take): its documented A2/A3 limits, then
+    """The MLA form with page attention, BNSD (op-plugin 7.1.0 / 7.2.0 docs, query D 512; 7.3.0,
+    26.0.0 and 26.1.0 take more, dshal calls only what all take): its documented A2/A3 limits, then
     ``softmax(scale * (q k^T + q_rope k_rope^T)) v`` over each batch's pages, end-aligned
     causal for sparse_mode 3. The softmax LSE is not asked for: ``[1]`` zeros, as documented."""
     q, key, value, q_rope, k_rope = b["query"], b["key"], b["value"], b["query_rope"], b["key_rope"]
@@ -248,7 +263,7 @@ def _grouped_matmul(owner, b):
     _constraint(ends.numel() == w.shape[0], f"group_list has {ends.numel()} groups, weight {w.shape[0]} experts")
     starts = torch.cat((ends.new_zeros(1), ends[:-1]))
     quantized = x.dtype == torch.int8
-    out_dtype = b["output_dtype"] or x.dtype
+    out_dtype = _dtype_arg(b["output_dtype"]) or x.dtype
     if quantized:
         _constraint(w.dtype == torch.int8 and b["scale"] is not None and b.get("per_token_scale") is not None
                     and out_dtype in (torch.bfloat16, torch.float16),
@@ -281,7 +296,7 @@ def _quant_matmul(owner, b):
     _constraint(x1.shape[-1] == x2.shape[0],
                 f"npu_quant_matmul: x2 must be [K, N]: x1 {list(x1.shape)}, x2 {list(x2.shape)}")
     acc = x1.double() @ x2.double()
-    out_dtype = b["output_dtype"]
+    out_dtype = _dtype_arg(b["output_dtype"])
     if out_dtype == torch.int32:
         old = tuple(int(p) for p in owner.release.split(".")) < (7, 0, 0)
         _constraint(not (old and scale.dtype == torch.float32 and b["pertoken_scale"] is None),

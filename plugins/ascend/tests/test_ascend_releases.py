@@ -31,8 +31,40 @@ def test_ascend_torch_npu_versions_map_to_releases():
     assert release_of("2.5.1.post1").release.name == "7.1.0"
     assert release_of("2.6.0.post4").release.name == "7.2.0"  # between listed builds: the older release
     assert release_of("2.9.0+gitabc").release.name == "7.3.0"
-    newer = release_of("2.11.0")
-    assert newer.supported and newer.release.name == "7.3.0" and "newer" in newer.reason
+    newer = release_of("2.13.0")
+    assert newer.supported and newer.release.name == "26.1.0" and "newer" in newer.reason
+
+
+def test_ascend_26_x_torch_npu_versions_map_to_releases():
+    """release_notes.md of Ascend/pytorch v2.7.1-26.0.0 / v2.7.1-26.1.0: 26.0.0 = CANN 9.0.0,
+    26.1.0 = CANN 9.1.0; later posts of a line take the later release, earlier ones stay 7.3.0."""
+    expected = {
+        "2.7.1.post2": "7.3.0", "2.7.1.post3": "7.3.0", "2.7.1.post4": "26.0.0", "2.7.1.post8": "26.1.0",
+        "2.8.0.post4": "26.0.0", "2.8.0.post9": "26.0.0",  # 26.1.0 has no torch 2.8 build
+        "2.9.0": "7.3.0", "2.9.0.post1": "7.3.0", "2.9.0.post2": "26.0.0", "2.9.0.post6": "26.1.0",
+        "2.10.0": "26.0.0", "2.10.0.post3": "26.0.0", "2.10.0.post4": "26.1.0", "2.11.0": "26.1.0", "2.12.0": "26.1.0",
+    }
+    for version, release in expected.items():
+        match = release_of(version)
+        assert match.supported and match.release.name == release, (version, match)
+    assert {r.name: r.cann for r in RELEASES}.items() >= {"26.0.0": "9.0.0", "26.1.0": "9.1.0"}.items()
+    assert "op-plugin release 26.1.0 (CANN 9.1.0)" == release_of("2.12.0").reason
+
+
+def test_ascend_pre_release_builds_of_new_torch_lines_stay_planned_as_7_3_0():
+    """The README lists torch_npu 2.10.0rc2 / 2.11.0rc1 / 2.12.0rc1 with CANN 8.5.0 (no release
+    branch): planned as 7.3.0, as before 26.x was recorded (they would "predate 6.0.0" otherwise),
+    as is an unlisted older build of such a line; lines of releases up to 7.3.0 keep "predates"."""
+    for version in ("2.10.0rc2", "2.11.0rc1", "2.12.0rc1", "2.10.0rc1"):
+        match = release_of(version)
+        assert match.supported and match.release.name == "7.3.0", (version, match)
+    assert "CANN 8.5.0" in release_of("2.11.0rc1").reason and "newer" in release_of("2.10.0rc1").reason
+    unlisted = release_of("2.10.5")  # a line between the table's lines: the newest release with older lines
+    assert unlisted.supported and unlisted.release.name == "26.0.0" and "no release lists torch 2.10.5" in unlisted.reason
+    assert release_of("2.9.5").release.name == "7.3.0"  # as before 26.x was recorded
+    for version in ("2.6.0rc1", "2.9.0rc1", "2.5.0", "2.4.0rc1"):
+        match = release_of(version)
+        assert not match.supported and "predates" in match.reason, (version, match)
 
 
 def test_ascend_release_older_than_minimum_is_unavailable_with_reason():
@@ -58,6 +90,9 @@ def test_ascend_plan_follows_release_facts():
     assert "256 experts" in new["moe_gate"].why and "2048" in relaxed["moe_gate"].why
     assert "reference" in old["int8_gemm"].why and "int32 output" in new["int8_gemm"].why
     assert kernel_features("7.2.0").rms_norm_fp32_gamma and not kernel_features("7.1.0").rms_norm_fp32_gamma
+    for release in ("26.0.0", "26.1.0"):  # compared as numbers, not strings ("26" < "7")
+        f = kernel_features(release)
+        assert f.rms_norm_fp32_gamma and f.mla_rope and f.quant_matmul_int32_guard and not f.gating_fixed_shape
 
 
 def test_ascend_plan_command_prints_grouped_int8_path(capsys):

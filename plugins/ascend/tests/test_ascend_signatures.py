@@ -10,6 +10,8 @@ as an NPU result.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -18,11 +20,15 @@ from dshal.ops.examples import Draw
 from dshal.plugin import FP8_DTYPES, SPECS
 from dshal_ascend import layouts
 from dshal_ascend.npu_ops import AscendOps
-from dshal_ascend.releases import MINIMUM_RELEASE, kernel_features, plan_ops
-from dshal_ascend.schema import SignatureError, recorded_releases, recorded_signatures
+from dshal_ascend.releases import MINIMUM_RELEASE, RELEASE_BY_NAME, kernel_features, plan_ops
+from dshal_ascend.schema import SignatureError, recorded_releases, recorded_signatures, value_fits
 from dshal_ascend.standin import SignatureCheckingStandIn
 
 RELEASES = recorded_releases()
+
+
+def _key(release: str) -> tuple[int, ...]:
+    return RELEASE_BY_NAME[release].key  # "26.0.0" sorts after "7.3.0" (not as strings)
 
 
 def _ops(release: str) -> tuple[AscendOps, SignatureCheckingStandIn]:
@@ -35,7 +41,8 @@ def _close(got, want, rtol=1.6e-2, atol=2e-2):
 
 
 def test_ascend_signatures_cover_supported_releases():
-    assert RELEASES[0] == MINIMUM_RELEASE and {"7.0.0", "7.1.0", "7.2.0", "7.3.0"} <= set(RELEASES)
+    assert RELEASES[0] == MINIMUM_RELEASE and {"7.0.0", "7.1.0", "7.2.0", "7.3.0", "26.0.0", "26.1.0"} <= set(RELEASES)
+    assert RELEASES[-2:] == ("26.0.0", "26.1.0")  # numeric order
     for release in RELEASES:
         src = recorded_signatures(release).sources["op_plugin"]
         assert src["branch"] == release and len(src["commit"]) == 40
@@ -51,6 +58,48 @@ def test_ascend_signatures_facts_of_6_0_0_and_7_0_0():
     assert old.accepts(gmm, "group_list", "int[]") and not old.accepts(gmm, "group_type")
     assert new.accepts(gmm, "group_list", "Tensor") and new.accepts(gmm, "group_list_type")
     assert not old.accepts(gmm, "per_token_scale") and new.accepts(gmm, "per_token_scale")
+
+
+def test_ascend_signatures_facts_of_26_x():
+    """op-plugin 26.0.0 / 26.1.0 (one schema set): the dtype arguments dshal passes are ``int?``
+    (were ``ScalarType?``), npu_format_cast's customize_dtype is keyword-only, npu_rotary_mul has
+    an optional ``rotate``; nothing dshal relies on is gone."""
+    old = recorded_signatures("7.3.0")
+    for release in ("26.0.0", "26.1.0"):
+        new = recorded_signatures(release)
+        assert set(new.ops) == set(old.ops)
+        for op, arg in (("npu_quant_matmul", "output_dtype"), ("npu_dynamic_quant", "dst_type")):
+            assert old.accepts(op, arg, "ScalarType") and new.accepts(op, arg, "int?")
+        gmm = next(s for s in new.ops["npu_grouped_matmul"] if s.param("group_list").type == "Tensor?")
+        assert gmm.param("output_dtype").type == "int?" and gmm.param("group_list_type").default == "0"
+        cast = next(s for s in new.ops["npu_format_cast"] if s.overload == "")
+        assert cast.param("customize_dtype").keyword_only and not cast.param("acl_format").keyword_only
+        assert new.accepts("npu_rotary_mul", "rotate", "Tensor") and not old.accepts("npu_rotary_mul", "rotate")
+        # the same features, so the same plan as 7.3.0
+        assert kernel_features(release) == replace(kernel_features("7.3.0"), release=release, signatures=new)
+        assert plan_ops(kernel_features(release)) == {
+            op: replace(r, why=r.why.replace("op-plugin 7.3.0", f"op-plugin {release}"))
+            for op, r in plan_ops(kernel_features("7.3.0")).items()}
+
+
+def test_ascend_int_arguments_take_a_dtype_as_torch_ops_does():
+    """torch.ops hands an ``int`` argument a torch.dtype as its ScalarType number, so
+    ``output_dtype=torch.bfloat16`` binds to 26.x's ``int? output_dtype`` (docs and op-plugin's
+    tests call it so); the stand-in reads either form."""
+    assert value_fits("int?", torch.bfloat16) and value_fits("int?", 15) and value_fits("ScalarType?", torch.int32)
+    assert not value_fits("ScalarType?", 15) and not value_fits("int[]?", [torch.bfloat16]) and not value_fits("int", 1.0)
+    stand_in = SignatureCheckingStandIn(recorded_signatures("26.0.0"))
+    x1, x2 = torch.randint(-5, 5, (3, 8), dtype=torch.int8), torch.randint(-5, 5, (8, 4), dtype=torch.int8)
+    scale, token = torch.rand(4), torch.rand(3)
+    by_dtype = stand_in.npu_quant_matmul(x1, x2, scale, pertoken_scale=token, output_dtype=torch.bfloat16)
+    by_number = stand_in.npu_quant_matmul(x1, x2, scale, pertoken_scale=token, output_dtype=15)
+    assert by_dtype.dtype == by_number.dtype == torch.bfloat16 and torch.equal(by_dtype, by_number)
+    assert stand_in.npu_quant_matmul(x1, x2, torch.ones(4), output_dtype=torch.int32).dtype == torch.int32
+    with pytest.raises(SignatureError, match="output_dtype"):
+        SignatureCheckingStandIn(recorded_signatures("7.3.0")).npu_quant_matmul(
+            x1, x2, scale, pertoken_scale=token, output_dtype=15)
+    with pytest.raises(SignatureError, match="positional"):  # 26.x: customize_dtype is keyword-only
+        stand_in.npu_format_cast(x2, 29, 1)
 
 
 def test_ascend_stand_in_says_it_is_not_an_npu_and_rejects_bad_calls():
@@ -81,7 +130,7 @@ def test_ascend_norm_activation_rotary_bind(release):
     _close(y, want_y)
     _close(s, want_s)
     gamma = stand_in.called("npu_rms_norm")[0].arguments["gamma"]
-    assert gamma.dtype == (torch.float32 if release >= "7.2.0" else torch.bfloat16)
+    assert gamma.dtype == (torch.float32 if _key(release) >= (7, 2, 0) else torch.bfloat16)
     _close(ops.silu_and_mul(x), ref.silu_and_mul(x))
     for d, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (64, torch.float32)):
         q = torch.randn(2, 4, 9, d, dtype=dtype)
@@ -136,7 +185,7 @@ def test_ascend_absorbed_mla_uses_the_kernels_mla_form(release, tq, tk, window):
     q, k, v = _absorbed(2, 32, tq, tk, torch.Generator().manual_seed(tq * 1000 + tk))
     _close(ops.attention(q, k, v, True, 0.07, window), ref.attention(q, k, v, True, 0.07, window))
     calls = stand_in.called("npu_fused_infer_attention_score")
-    if release < "7.1.0":
+    if _key(release) < (7, 1, 0):
         assert not calls  # no documented MLA form: the reference
         return
     (call,) = calls
