@@ -738,7 +738,8 @@ def test_sampling_defaults_read_the_checkpoints_generation_config(tmp_path):
     for body, said in (('{"temperature": -1}', "temperature is -1, expected a number >= 0"),
                        ('{"top_p": 0}', r"top_p is 0, expected a number in \(0, 1\]"),
                        ('{"temperature": "hot"}', "temperature is 'hot'"), ('{"top_p": true}', "top_p is True"),
-                       ('{"top_k": 2.5}', "top_k is 2.5, expected an int >= 0")):
+                       ('{"top_k": 2.5}', "top_k is 2.5, expected an int >= 0"), ('{"min_p": 1e400}', "min_p is inf"),
+                       ('{"top_k": ' + "9" * 400 + '}', "top_k is 999")):
         config.write_text(body)
         with pytest.raises(dshal.CheckpointError, match=f"generation_config.json: {said}"):
             sampling_defaults(tmp_path)
@@ -749,7 +750,7 @@ def test_model_dshal_run_text_prompts_sample_as_the_generation_config_says(tmp_p
     vLLM applies them); the run says where they came from. Random ids stay greedy."""
     ckpt = tmp_path / "ckpt"
     _checkpoint_with_tokenizer(ckpt)
-    (ckpt / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.95}')
+    (ckpt / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.95, "top_k": 20}')
     run = ("run", "--checkpoint", str(ckpt), "--new-tokens", "3", "--no-progress", "--graphs", "off", "--json")
     runs = {}
     for name, extra in (("config", ("--prompt", "hello")), ("greedy", ("--prompt", "hello", "--temperature", "0")),
@@ -757,6 +758,8 @@ def test_model_dshal_run_text_prompts_sample_as_the_generation_config_says(tmp_p
         proc = _dshal(*run, str(tmp_path / f"{name}.json"), *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[name] = (json.loads((tmp_path / f"{name}.json").read_text()), proc.stdout)
+        said = "note: the checkpoint's generation_config.json sets top_k 20, which dshal does not apply"
+        assert (said in proc.stderr) == (name == "config"), (name, proc.stderr[-500:])  # only where the file applies
     report, stdout = runs["config"]
     assert (report["temperature"], report["top_p"], report["sampling_from"]) == (0.6, 0.95, "generation_config.json")
     assert "sampling: temperature 0.6, top-p 0.95 (from the checkpoint's generation_config.json" in stdout

@@ -512,3 +512,32 @@ def test_greedy_generation_from_nan_logits_is_a_dshal_error(mtp_model):
         with torch.no_grad():
             norm.copy_(saved)
     assert torch.equal(mtp_model.generate(ids, 4), clean)  # the flag does not outlive its generation
+
+
+def test_nan_in_the_mtp_drafts_alone_is_not_an_error(mtp_model):
+    """A draft is a proposal that verification rejects: NaN MTP logits (greedy) must not stop a
+    generation whose tokens are all the main model's (they raised with the first version)."""
+    ids = _prompt(mtp_model.args)
+    norm = mtp_model.mtp["3"].shared_head.norm.weight
+    saved = norm.detach().clone()
+    with torch.no_grad():
+        norm[0] = float("nan")
+    try:
+        got, stats = generate_speculative(mtp_model, ids, 6)
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+    assert torch.equal(got, mtp_model.generate(ids, 6)) and stats.accepted == 0
+
+
+def test_a_split_model_raises_on_nan_as_its_first_rank_says():
+    """Each rank marks its own logits, which can differ in the last bits: one rank raising while
+    another went on to its next collective would hang the job. Every rank takes rank 0's flag."""
+    from dshal.model.sampling import TokenChooser
+
+    chooser = TokenChooser(0.0)
+    chooser(torch.tensor([[float("nan"), 1.0]]))
+    chooser.raise_if_nan("generate", agree=lambda flag: torch.zeros_like(flag))  # rank 0 saw none: no raise
+    chooser(torch.tensor([[0.0, 1.0]]))
+    with pytest.raises(dshal.DshalError, match="logits hold NaN"):
+        chooser.raise_if_nan("generate", agree=lambda flag: torch.ones_like(flag))  # rank 0 saw one

@@ -95,7 +95,8 @@ def test_a_broken_plugin_fails_its_leg_even_with_allow_unavailable(tmp_path: Pat
     # The report, JUnit and matrix say "broken" (they drew it as a skipped, grey "not run" leg).
     assert "the plugin failed to load" in rep["platform"]["broken"]
     junit = (tmp_path / "broken.junit.xml").read_text()
-    assert 'errors="1"' in junit and "<error" in junit and "<skipped" not in junit
+    assert 'tests="1"' in junit and 'errors="1"' in junit and 'skipped="0"' in junit
+    assert "<error" in junit and "<skipped" not in junit
     from dshal_conformance import matrix
 
     column = matrix.column_of(rep)
@@ -105,7 +106,8 @@ def test_a_broken_plugin_fails_its_leg_even_with_allow_unavailable(tmp_path: Pat
                      "--report-dir", str(tmp_path), "--quiet"]) == 0
     missing = json.loads((tmp_path / "notinstalled.json").read_text())
     assert "broken" not in missing["platform"] and not matrix.column_of(missing).broken
-    assert "<skipped" in (tmp_path / "notinstalled.junit.xml").read_text()
+    junit = (tmp_path / "notinstalled.junit.xml").read_text()  # counts that add up: 1 test, 1 skipped
+    assert "<skipped" in junit and 'tests="1"' in junit and 'skipped="1"' in junit and 'errors="0"' in junit
     # A misspelled one is not (it passed as "not run" before): the leg fails and says the name it meant.
     assert cli.main(["conformance", "--backend", "nvida", "--allow-unavailable", "--ops", "rms_norm",
                      "--report-dir", str(tmp_path), "--quiet"]) == 1

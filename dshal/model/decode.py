@@ -265,7 +265,7 @@ def generate_with_graphs(
     chooser = TokenChooser(temperature, top_p, generator)
     out, decoder = generate_rows(model, input_ids, lens, max_new_tokens, chooser, graph=graph, on_token=on_token,
                                  prefill_chunk=prefill_chunk)
-    chooser.raise_if_nan(where)
+    chooser.raise_if_nan(where, lambda flag: agreed(model, flag))
     return out, decoder
 
 

@@ -232,7 +232,7 @@ def generate(
             eos_token_id=None if eos_token_id is None else stop_list(eos_token_id),
             stream=stream, on_token=on_token, prefill_chunk=prefill_chunk,
         )
-        chooser.raise_if_nan("generate")
+        chooser.raise_if_nan("generate", lambda flag: decode.agreed(model, flag))
         return out
     prompts = PromptBatch("generate", input_ids, lens)  # one length, or fed into one position
     bsz, width = input_ids.shape
@@ -260,7 +260,7 @@ def generate(
         if pos + 1 == total or (stops is not None and bool(done.all())):
             if decoder is not None:
                 cache.length = pos  # what its steps wrote: every token but the last
-            chooser.raise_if_nan("generate")
+            chooser.raise_if_nan("generate", lambda flag: decode.agreed(model, flag))
             return out[:, : pos + 1]
         if decoder is not None:
             logits = decoder(token, pos)  # static buffers: read before the next step

@@ -274,7 +274,8 @@ def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float], unap
             setattr(args, name, defaults.get(name, fallback))
     used = "temperature" in from_file or (args.temperature > 0 and "top_p" in from_file)  # top-p is moot when greedy
     args.sampling_from = GENERATION_CONFIG if used else None
-    if unapplied and args.temperature > 0:  # a run that follows the file says what it leaves out
+    first_rank = comm.get_rank() == 0 and os.environ.get("RANK", "0") == "0"  # also before the group is up
+    if unapplied and args.sampling_from and first_rank:  # a run that follows the file says what it leaves out
         print(f"note: the checkpoint's {GENERATION_CONFIG} sets {', '.join(unapplied)}, which dshal does not apply "
               "(it samples with a temperature and top-p only)", file=sys.stderr)
     if top_p_given and args.temperature == 0:  # a greedy run would ignore it in silence

@@ -4,6 +4,7 @@ nucleus (top-p) cut, shared by plain, graph-captured and speculative decoding.""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,10 +52,14 @@ class TokenChooser:
         self._nan_seen = nan if self._nan_seen is None else self._nan_seen | nan
         return logits.argmax(dim=-1)
 
-    def raise_if_nan(self, where: str) -> None:
-        """DshalError if a greedy step since the last call met NaN logits (one host read); resets."""
+    def raise_if_nan(self, where: str, agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """DshalError if a greedy step since the last call met NaN logits (one host read); resets.
+        ``agree``: in a split model, every rank takes the first rank's flag (as it takes its tokens,
+        :func:`dshal.model.decode.agreed`), so no rank raises while another goes on to a collective."""
         seen, self._nan_seen = self._nan_seen, None
-        if seen is not None and bool(seen):
+        if seen is not None and agree is not None:
+            seen = agree(seen.reshape(1).to(torch.int32))
+        if seen is not None and bool(seen.any()):
             raise DshalError(
                 f"{where}: the model's logits hold NaN at a greedy step, so argmax has no answer and the tokens "
                 "from that step on are not the model's; the loader refuses NaN / Inf weights (unless "

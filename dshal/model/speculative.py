@@ -130,6 +130,13 @@ class DraftVerifier(TokenChooser):
         probs = self._probs(logits)
         return self._sample(probs), probs
 
+    def draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`token`, for the MTP layer's proposal: greedy, NaN logits there are not the
+        model's tokens' (verification rejects a wrong draft), so they are not marked."""
+        if self.temperature == 0:
+            return logits.argmax(dim=-1), None
+        return self.token(logits)
+
     def check(self, logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
         """``logits [B, 2, V]`` of the main model at [last token, draft] per row, ``draft [B]``
         drawn from ``q [B, V]``: ``[B, 3]`` ids on the device, per row ``(token for the draft's
@@ -166,7 +173,7 @@ def _prefill(
             token = agreed(model, verifier.token(logits[:, -1])[0])  # [1]: position `width`
             next_ids = torch.cat((next_ids, token[:, None]), dim=1)
         draft_logits = model.draft(hidden, next_ids, start, mtp_cache, last_only=True)
-    draft, q = verifier.token(draft_logits[:, -1])  # for position `width + 1`
+    draft, q = verifier.draft(draft_logits[:, -1])  # for position `width + 1`
     return token, agreed(model, draft), q
 
 
@@ -234,7 +241,7 @@ class SpeculativeStep:
         verdict = agreed(model, self.verifier.check(logits, draft, q))  # [B, 3]
         kept = verdict[:, 2]  # [B]: 1 where the draft is kept
         last = verdict[:, :2].gather(1, kept[:, None])[:, 0]  # each row's last kept token
-        draft, q = self.verifier.token(self.mtp(hidden, verdict[:, :2], self.positions, kept))
+        draft, q = self.verifier.draft(self.mtp(hidden, verdict[:, :2], self.positions, kept))
         return verdict, last, agreed(model, draft), q
 
 
@@ -335,7 +342,7 @@ def generate_speculative(
     else:
         out, stats = _generate_one(model, input_ids[:, : lens[0]], max_new_tokens, verifier, set(stops), on_token,
                                    stream, prefill_chunk, cache, mtp_cache, cached)
-    verifier.raise_if_nan("generate_speculative")
+    verifier.raise_if_nan("generate_speculative", lambda flag: agreed(model, flag))
     return out, stats
 
 
@@ -402,7 +409,7 @@ def _generate_one(
             # The MTP layer at the kept positions, each with the token after it: the next draft.
             mtp_ids = new[None]
             mtp_cache.vouch_for(mtp_ids)
-            draft, q = verifier.token(model.draft(hidden[:, :kept], mtp_ids, pos - 1, mtp_cache)[:, -1])
+            draft, q = verifier.draft(model.draft(hidden[:, :kept], mtp_ids, pos - 1, mtp_cache)[:, -1])
             draft = agreed(model, draft)
 
 

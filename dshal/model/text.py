@@ -179,7 +179,8 @@ def _sampling_keys(checkpoint: str | os.PathLike, settings: dict[str, Any]) -> d
         value = settings.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not valid(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 2**63  # before isfinite:
+                or not math.isfinite(value) or not valid(value)):  # it overflows on a huge int
             raise CheckpointError(f"{Path(checkpoint) / GENERATION_CONFIG}: {key} is {value!r}, expected {expected}")
         found[key] = float(value)
     return found

@@ -221,7 +221,14 @@ def guarded_attention(
         guard = nonfinite_guard(qs, k[:, kv], v[:, kv], causal, window, global_tokens, may_read_host=False)
         return guard.apply(kernel(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
 
-    return torch.cat([group(first) for first in range(0, hk, heads)], dim=1)
+    out = None
+    for first in range(0, hk, heads):
+        part = group(first)
+        if out is None:  # the kernel's dtype: one output, written group by group (no concatenated copy)
+            out = part.new_empty(*q.shape[:3], part.shape[-1])
+        out[:, first * share : first * share + part.shape[1]] = part
+        del part
+    return out
 
 
 def values_are_key_columns(v: torch.Tensor, k: torch.Tensor) -> bool:

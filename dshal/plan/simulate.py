@@ -199,17 +199,32 @@ class _LiveBytes(TorchDispatchMode):
         #: the attention call with the most key and value bytes, as layouts (holding its tensors
         #: would keep their bytes live): its NaN guard is measured apart
         self.largest_attention: tuple[int, tuple[Any, ...]] | None = None
+        #: per way: storage -> [tensors holding it, its bytes]. Bytes live while any tensor of
+        #: the storage does: a view keeps its base's storage after the base's Python object is gone.
+        self.storages: dict[str, dict[int, list[int]]] = {"eager": {}, "fused": {}}
 
-    def _free(self, way: str, nbytes: int) -> None:
-        self.live[way] -= nbytes
+    def _release(self, way: str, key: int) -> None:
+        entry = self.storages[way][key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live[way] -= entry[1]
+            del self.storages[way][key]
 
-    def _hold(self, way: str, t: torch.Tensor, what: str) -> None:
-        nbytes = t.numel() * t.element_size()
-        self.live[way] += nbytes
-        self.peak[way] = max(self.peak[way], self.live[way])
-        weakref.finalize(t, self._free, way, nbytes)
-        if way == "fused" and nbytes > self.largest[0]:
-            self.largest = (nbytes, what, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+    def _hold(self, way: str, t: torch.Tensor, what: str, view: bool = False) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        entry = self.storages[way].get(key)
+        if entry is None and view:  # a view of what the forward did not make (weights, the KV cache)
+            return
+        if entry is None:  # new bytes; a view of a held storage only adds a holder
+            nbytes = storage.nbytes()
+            entry = self.storages[way][key] = [0, nbytes]
+            self.live[way] += nbytes
+            self.peak[way] = max(self.peak[way], self.live[way])
+            if way == "fused" and nbytes > self.largest[0]:
+                self.largest = (nbytes, what, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+        entry[0] += 1
+        weakref.finalize(t, self._release, way, key)
 
     def _new(self, out: Any, inputs: Any) -> list[torch.Tensor]:
         seen = {id(t) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
@@ -217,10 +232,14 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        # Views too (below autograd their _is_view() is False; and aten.to is annotated as one but
+        # copies): an output on an input's storage holds that storage, adding no bytes.
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in self._new(out, (args, kwargs)):
-            self._hold("eager", t, func.overloadpacket.__name__)
+            view = t.untyped_storage()._cdata in inputs
+            self._hold("eager", t, func.overloadpacket.__name__, view)
             if not self.depth:
-                self._hold("fused", t, func.overloadpacket.__name__)
+                self._hold("fused", t, func.overloadpacket.__name__, view)
         return out
 
     def _key(self, name: str, args: Any, kwargs: Any) -> Any:
@@ -332,8 +351,9 @@ def attention_layouts(q: Any, k: Any, v: Any, *options: Any) -> tuple[Any, ...]:
 
 def attention_guard_bytes(q: Any, k: Any, v: Any, causal: bool, scale: Any, window: Any, global_tokens: int) -> int:
     """Peak bytes of what :func:`~dshal.ops.attention.guarded_attention` holds for one attention
-    call on a GPU provider (no host read: the guard is always built, in groups of kv heads),
-    its output included: run on meta tensors of the call's layouts (:func:`attention_layouts`)."""
+    call on a GPU provider (no host read: the guard is always built, in groups of kv heads)
+    besides its inputs and output, which the step counts: run on meta tensors of the call's
+    layouts (:func:`attention_layouts`)."""
     from dshal.ops.attention import guarded_attention  # lazy: the plan's own import stays light
 
     (q_shape, dtype), (k_shape, _), (v_shape, shared) = q, k, v
@@ -345,8 +365,8 @@ def attention_guard_bytes(q: Any, k: Any, v: Any, causal: bool, scale: Any, wind
 
     tracker = _LiveBytes(replay=False)
     with tracker:
-        guarded_attention(kernel, q, k, v, causal, scale, window, global_tokens, may_read_host=False)
-    return tracker.peak["eager"]
+        out = guarded_attention(kernel, q, k, v, causal, scale, window, global_tokens, may_read_host=False)
+    return tracker.peak["eager"] - out.numel() * out.element_size()  # the output is an activation, counted there
 
 
 def run_steps(

@@ -169,6 +169,11 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
     cap("grouped_moe_experts (fp8)",
         lambda: mods["moe"].grouped_moe_experts(x, wts, ids, w13, w2, s13, s2, target=target, check_ids=False),
         True, (target.moe_tile,))  # fmt: skip
+    # one choice per token (the expert-parallel path): the down kernel writes x's dtype itself
+    cap("grouped_moe_experts (fp8, one choice per token)",
+        lambda: mods["moe"].grouped_moe_experts(x, wts[:, :1], ids[:, :1], w13, w2, s13, s2, target=target,
+                                                check_ids=False),
+        True, (target.moe_tile,))  # fmt: skip
     # elementwise kernels, bfloat16 rows of DeepSeek-V3's widths
     xs = torch.empty(64, 7168, dtype=torch.bfloat16)
     cap("fp8_quantize_blocks (1x128)", lambda: mods["quant"].fp8_quantize_blocks(xs, (1, 128), e4m3, target=target))
