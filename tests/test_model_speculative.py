@@ -528,6 +528,14 @@ def test_nan_in_the_mtp_drafts_alone_is_not_an_error(mtp_model):
         with torch.no_grad():
             norm.copy_(saved)
     assert torch.equal(got, mtp_model.generate(ids, 6)) and stats.accepted == 0
+    with torch.no_grad():
+        norm[0] = float("nan")
+    try:  # sampled: such drafts come from the uniform distribution, and the tokens stay p's
+        sampled, _ = generate_speculative(mtp_model, ids, 6, 0.8, generator=torch.Generator().manual_seed(1))
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+    assert sampled.shape == (1, ids.shape[1] + 6) and bool(((sampled >= 0) & (sampled < mtp_model.args.vocab_size)).all())
 
 
 def test_a_split_model_raises_on_nan_as_its_first_rank_says():

@@ -284,6 +284,11 @@ class MLA(nn.Module):
             return 0
         return dense.numel() * dense.element_size()
 
+    def cache_kv_b(self, dtype: torch.dtype) -> None:
+        """Make the dequantized ``kv_b_proj`` copy (:meth:`cached_bytes`) now rather than at the
+        first forward (``dshal plan`` counts it apart from a step's activations)."""
+        self._kv_b_per_head(dtype)
+
     def _kv_b_per_head(self, dtype: torch.dtype) -> torch.Tensor:
         """``kv_b_proj``'s weight as ``[H, nope + v, r]`` in ``dtype`` (dequantized: kv_b is
         weight-only in every precision mode), cached until the weight or dtype changes."""

@@ -131,11 +131,14 @@ class DraftVerifier(TokenChooser):
         return self._sample(probs), probs
 
     def draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As :meth:`token`, for the MTP layer's proposal: greedy, NaN logits there are not the
-        model's tokens' (verification rejects a wrong draft), so they are not marked."""
+        """As :meth:`token`, for the MTP layer's proposal, whose NaN / Inf logits are not an error:
+        verification rejects a wrong draft. Greedy, they are not marked; sampled, such a row
+        proposes from the uniform distribution (speculative sampling is exact for any proposal),
+        with no host sync."""
         if self.temperature == 0:
             return logits.argmax(dim=-1), None
-        return self.token(logits)
+        finite = torch.isfinite(logits).all(dim=-1, keepdim=True)
+        return self.token(torch.where(finite, logits, torch.zeros_like(logits)))
 
     def check(self, logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
         """``logits [B, 2, V]`` of the main model at [last token, draft] per row, ``draft [B]``

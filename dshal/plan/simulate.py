@@ -30,6 +30,7 @@ from dshal.comm import SimulatedGroup, Transfer
 from dshal.errors import CommError
 from dshal.model.args import ModelArgs
 from dshal.model.loader import CheckpointError
+from dshal.model.model import MLA
 from dshal.parallel.groups import GroupPlan, ParallelGroups, plan_groups
 from dshal.parallel.loading import build_parallel
 from dshal.plan.names import TensorEntry
@@ -170,12 +171,30 @@ class _OpOutcome:
     eager_rise: int
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """The identity of ``t``'s storage (its StorageImpl; tensors that share bytes share it)."""
+    return t.untyped_storage()._cdata
+
+
+def _storages(tree: Any) -> set[int]:
+    return {_storage_key(t) for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
+
+
+def _span(t: torch.Tensor) -> int:
+    """Bytes from ``t``'s first element to one past its last (0 when empty)."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))) * t.element_size()
+
+
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the tensors a forward holds at once, counted two ways.
 
-    ``eager``: every new (non-view) tensor any aten op returns counts until its Python
-    object is freed -- what the reference ops hold, their temporaries included (the
-    attention reference materializes every score). ``fused``: each ``dshal.ops`` call
+    ``eager``: the bytes of every storage an aten op makes count while any tensor of it
+    lives (a view holds its base's; views of what the forward did not make, the weights and
+    the KV cache, add nothing) -- what the reference ops hold, their temporaries included (the
+    attention reference materializes every score). Not followed: ``set_``, ``resize_`` and
+    ``out=`` writes that change a storage's size (no forward of the model uses them). ``fused``: each ``dshal.ops`` call
     counts as one kernel -- only the tensors it returns, plus the model's torch glue
     between ops -- which is what a backend with fused kernels holds (their small
     workspaces aside).
@@ -212,7 +231,7 @@ class _LiveBytes(TorchDispatchMode):
 
     def _hold(self, way: str, t: torch.Tensor, what: str, view: bool = False) -> None:
         storage = t.untyped_storage()
-        key = storage._cdata
+        key = _storage_key(t)
         entry = self.storages[way].get(key)
         if entry is None and view:  # a view of what the forward did not make (weights, the KV cache)
             return
@@ -234,9 +253,9 @@ class _LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         # Views too (below autograd their _is_view() is False; and aten.to is annotated as one but
         # copies): an output on an input's storage holds that storage, adding no bytes.
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = _storages((args, kwargs))
         for t in self._new(out, (args, kwargs)):
-            view = t.untyped_storage()._cdata in inputs
+            view = _storage_key(t) in inputs
             self._hold("eager", t, func.overloadpacket.__name__, view)
             if not self.depth:
                 self._hold("fused", t, func.overloadpacket.__name__, view)
@@ -251,8 +270,13 @@ class _LiveBytes(TorchDispatchMode):
         leaves, spec = tree_flatten(out)
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         fresh = self._new(out, inputs)
-        # Replayable: every tensor it returns is a new meta tensor of its own (no view, no input).
-        if len(fresh) == len(tensors) == len({id(t) for t in tensors}) and all(t.is_meta for t in tensors):
+        taken = _storages(inputs)
+        # Replayable: every tensor it returns is a new meta tensor with a storage of its own, all
+        # of it (no view of an input or of another output: _is_view() is False under inference_mode).
+        own = [_storage_key(t) for t in tensors]
+        if (len(fresh) == len(tensors) == len(set(own)) and all(t.is_meta for t in tensors)
+                and not taken.intersection(own)
+                and all(t.storage_offset() == 0 and t.untyped_storage().nbytes() == _span(t) for t in tensors)):
             layouts = tuple(
                 ("tensor", tuple(x.shape), x.stride(), x.dtype) if isinstance(x, torch.Tensor) else ("value", x)
                 for x in leaves
@@ -296,8 +320,9 @@ class _LiveBytes(TorchDispatchMode):
                 self.depth -= 1
                 self.peak["eager"] = max(peak, self.peak["eager"])
             if not self.depth:
+                taken = _storages((args, kwargs))
                 for t in self._new(out, (args, kwargs)):
-                    self._hold("fused", t, f"ops.{name}")
+                    self._hold("fused", t, f"ops.{name}", _storage_key(t) in taken)
             return out
 
         return call
@@ -382,6 +407,10 @@ def run_steps(
         raise CommError(f"run_steps: prefill chunk {chunk} must be in 1..context - 1 ({context - 1})")
     cache = model.new_cache(batch, context)
     start = cache.length = context - 1 - chunk
+    with reference_ops():  # kv_b_proj's copies: held for the run, counted apart (plan's absorbed bytes)
+        for module in model.modules():
+            if isinstance(module, MLA):
+                module.cache_kv_b(model.args.dtype)
     prefill = _step(model, sim, torch.zeros((batch, chunk), dtype=torch.int64, device="meta"), start, cache, replay)
     decode = _step(model, sim, torch.zeros((batch, 1), dtype=torch.int64, device="meta"), context - 1, cache, replay)
     return prefill, decode

@@ -153,7 +153,8 @@ class ReleaseMatch:
 def release_of(torch_npu_version: str) -> ReleaseMatch:
     """The release a torch_npu version belongs to: the newest release whose listed version for
     the same torch line is not newer than it; else a pre-release build the README lists
-    (``Release.prereleases``). A version on a torch line newer than every line the releases up to
+    (``Release.prereleases``); else the newest release listing an earlier build of its torch
+    minor line (2.11.1 after 2.11.0). A version on a torch line newer than every line the releases up to
     some release P list is planned as P ("newer"): past the table, the newest release; an older
     build of a line a release after 7.3.0 introduced, the newest release before it
     (``PRERELEASE_LINES_FROM``). Other versions predate the minimum."""
@@ -166,6 +167,9 @@ def release_of(torch_npu_version: str) -> ReleaseMatch:
     same_line = [(p, r) for (b, p), r in listed if b == base and p <= post]
     pre = [(p, r, v) for r in RELEASES for v in r.prereleases
            for b, p in [parse_torch_npu_version(v)] if b == base and p <= post]
+    # A later build of a listed torch line (2.11.1 after 26.1.0's 2.11.0): the newest release
+    # listing a build of that line before it, not an older release by the line rule below.
+    later_build = [r for (b, p), r in listed if b[:2] == base[:2] and (b, p) <= parsed]
     newer_than = [r for r in RELEASES if all(b < base for (b, _), o in listed if o.key <= r.key)]
     if same_line:
         release = max(same_line, key=lambda pr: pr[1].key)[1]
@@ -173,6 +177,12 @@ def release_of(torch_npu_version: str) -> ReleaseMatch:
         _, release, build = max(pre, key=lambda prv: (prv[0], prv[1].key))
         why = (f"torch_npu {torch_npu_version}: pre-release {build}, which the Ascend/pytorch README lists with CANN "
                f"{release.cann} (no release branch); planned as op-plugin {release.name}")
+        return ReleaseMatch(torch_npu_version, release, True, why)
+    elif later_build and max(later_build, key=lambda r: r.key).key >= minimum.key:
+        release = max(later_build, key=lambda r: r.key)
+        line = ".".join(map(str, base[:2]))
+        why = (f"torch_npu {torch_npu_version} is a later build of torch {line} than op-plugin {release.name} lists; "
+               f"planned as {release.name} (CANN {release.cann})")
         return ReleaseMatch(torch_npu_version, release, True, why)
     elif newer_than and newer_than[-1].key >= _release_key(PRERELEASE_LINES_FROM):
         release = newer_than[-1]

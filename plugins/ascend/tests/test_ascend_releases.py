@@ -59,9 +59,14 @@ def test_ascend_pre_release_builds_of_new_torch_lines_stay_planned_as_7_3_0():
         match = release_of(version)
         assert match.supported and match.release.name == "7.3.0", (version, match)
     assert "CANN 8.5.0" in release_of("2.11.0rc1").reason and "newer" in release_of("2.10.0rc1").reason
-    unlisted = release_of("2.10.5")  # a line between the table's lines: the newest release with older lines
-    assert unlisted.supported and unlisted.release.name == "26.0.0" and "no release lists torch 2.10.5" in unlisted.reason
-    assert release_of("2.9.5").release.name == "7.3.0"  # as before 26.x was recorded
+    # A later build of a listed torch line: the newest release listing an earlier build of it
+    # (2.11.1 and 2.10.1 went to 26.0.0 while 2.11.0 and 2.10.0.post4 are 26.1.0's).
+    for version, release in (("2.10.5", "26.1.0"), ("2.11.1", "26.1.0"), ("2.10.1", "26.1.0"), ("2.9.5", "26.1.0"),
+                             ("2.8.1", "26.0.0"), ("2.5.2", "7.1.0")):
+        match = release_of(version)
+        assert match.supported and match.release.name == release, (version, match)
+        line = ".".join(version.split(".")[:2])
+        assert f"is a later build of torch {line} than op-plugin {release} lists" in match.reason, match.reason
     for version in ("2.6.0rc1", "2.9.0rc1", "2.5.0", "2.4.0rc1"):
         match = release_of(version)
         assert not match.supported and "predates" in match.reason, (version, match)
