@@ -277,8 +277,11 @@ def test_model_generate_contract():
     assert stopped.shape == (1, 6) and int(stopped[0, -1]) == eos
     unused = next(i for i in range(model.args.vocab_size) if i not in out.tolist()[0])
     assert torch.equal(model.generate(ids[:1], 7, eos_token_id=[unused, eos]), stopped)  # several stop ids
+    # an integer tensor, as transformers takes it (it was refused): 0-d and 1-D
+    assert torch.equal(model.generate(ids[:1], 7, eos_token_id=torch.tensor(eos)), stopped)
+    assert torch.equal(model.generate(ids[:1], 7, eos_token_id=torch.tensor([unused, eos])), stopped)
     assert model.generate(ids[:1], 7, eos_token_id=[unused]).shape == (1, 12)
-    for bad in ([], [model.args.vocab_size], [eos, 1.5], (True,)):
+    for bad in ([], [model.args.vocab_size], [eos, 1.5], (True,), torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.int64)):
         with pytest.raises(dshal.ArgumentError, match="argument 'eos_token_id' is .*, expected None, a token id"):
             model.generate(ids[:1], 2, eos_token_id=bad)
     sampled = model.generate(ids, 4, temperature=1.0, generator=torch.Generator().manual_seed(0))

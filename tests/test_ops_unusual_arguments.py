@@ -96,3 +96,12 @@ def test_a_dtype_taken_from_another_argument_is_named_so(clean_dshal_env):
         dshal.ops.attention(q, k, k)
     with pytest.raises(DTypeError, match=r"argument 'residual' has dtype torch.float64, expected torch.float32 \(the dtype of 'x'\)"):
         dshal.ops.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6, torch.randn(2, 8, dtype=torch.float64))
+
+
+def test_a_moe_weight_shape_error_says_where_the_expected_shape_comes_from(clean_dshal_env):
+    """A w13 with no intermediate rows blamed w2 ("expected [8, 128, 0]") without saying why."""
+    dshal.use(backend="cpu")
+    x, weights, ids, _ = _moe_inputs(experts=8, hidden=128)
+    with pytest.raises(ShapeError, match=r"argument 'w2' has shape \[8, 128, 64\], expected \[8, 128, 0\] "
+                                         r"\(\[E, H, I\]: E and 2I from 'w13' \[8, 0, 128\], H from 'x'\)"):
+        dshal.ops.moe_experts(x, weights, ids, torch.randn(8, 0, 128), torch.randn(8, 128, 64))

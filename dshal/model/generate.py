@@ -99,7 +99,10 @@ def completions(
 
 
 def stop_list(eos_token_id: Any) -> list[Any]:
-    """``eos_token_id`` (one id or a list of them) as a list."""
+    """``eos_token_id`` (one id, a list of them, or an integer tensor of them as transformers
+    takes it) as a list."""
+    if isinstance(eos_token_id, torch.Tensor) and not eos_token_id.is_floating_point() and eos_token_id.dim() <= 1:
+        return eos_token_id.reshape(-1).tolist()  # once, before generating: one host read
     return list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
 
 
@@ -161,7 +164,7 @@ def check_generate_args(
     ):
         raise ArgumentError(
             f"generate: argument 'eos_token_id' is {eos_token_id!r}, expected None, a token id in [0, {vocab}) "
-            "or a non-empty list of them"
+            "or a non-empty list (or 1-D integer tensor) of them"
         )
 
 
@@ -186,7 +189,7 @@ def generate(
     """Continue ``input_ids [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + new]``.
 
     ``temperature=0`` is greedy (what transformers' ``do_sample=False`` does). With
-    ``eos_token_id`` (one id, or a list: e.g. a chat model's end-of-turn token besides its EOS),
+    ``eos_token_id`` (one id, or a list or integer tensor: e.g. a chat model's end-of-turn token besides its EOS),
     generation stops once every sequence has produced one (the result is then shorter); a
     sequence that finished earlier is padded with the first. ``on_token(i)`` is called
     after the i-th step (0-based), e.g. for a progress bar; the first call marks the

@@ -94,10 +94,12 @@ def _moe_gate_outputs(logits, bias, top_k, n_group, topk_group, routed_scaling_f
 
 
 # ---------------------------------------------------------------- moe_experts
-def _check_expert_weight(op: str, arg: str, w, scale_arg: str, scale, shape: tuple[int, int, int]) -> None:
+def _check_expert_weight(
+    op: str, arg: str, w, scale_arg: str, scale, shape: tuple[int, int, int], why: str = ""  # noqa: ANN001
+) -> None:
     check_tensor(op, arg, w, dtypes=FLOAT_DTYPES + FP8_DTYPE_LIST + (torch.int8,), ndim=3)
     if tuple(w.shape) != shape:
-        raise ShapeError(f"{op}: argument {arg!r} has shape {list(w.shape)}, expected {list(shape)}")
+        raise ShapeError(f"{op}: argument {arg!r} has shape {list(w.shape)}, expected {list(shape)}{why}")
     if w.dtype in FLOAT_DTYPES:
         if scale is not None:
             raise ArgumentError(f"{op}: argument {scale_arg!r} is given, but {arg!r} is {w.dtype}; expected None for float weights")
@@ -150,7 +152,8 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     inter = two_i // 2
     _check_expert_weight(op, "w13", w13, "w13_scale", w13_scale, (experts, two_i, hidden))
     check_tensor(op, "w2", w2, ndim=3)
-    _check_expert_weight(op, "w2", w2, "w2_scale", w2_scale, (experts, hidden, inter))
+    _check_expert_weight(op, "w2", w2, "w2_scale", w2_scale, (experts, hidden, inter),
+                         f" ([E, H, I]: E and 2I from 'w13' {list(w13.shape)}, H from 'x')")
     if (w13.dtype == torch.int8) != (w2.dtype == torch.int8):
         raise DTypeError(f"{op}: arguments 'w13' ({w13.dtype}) and 'w2' ({w2.dtype}) mix int8 and other weights, expected both int8 or neither")
     check_same_device(op, "x", x, weights=weights, ids=ids, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale)

@@ -250,7 +250,8 @@ class ShardedExperts(RoutedExperts):
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         acc = torch.zeros((hi - lo, x.shape[1]), dtype=acc_dtype, device=x.device)
         slot_weight = weights[lo:hi].reshape(-1)[order].to(acc_dtype)
-        acc.index_add_(0, token, out_rows.to(acc_dtype) * slot_weight[:, None])
+        # One [R, D] temporary (out_rows is this call's own: scaled in place when already acc_dtype).
+        acc.index_add_(0, token, out_rows.to(acc_dtype).mul_(slot_weight[:, None]))
         part = acc.to(x.dtype)
         if self.ep_size == 1:
             return part

@@ -67,6 +67,9 @@ def rope_rows_4d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> RopeO
 
 #: npu_rotary_mul's bound on B and N (exclusive) in its half mode.
 ROTARY_MAX_BN = 1000
+#: npu_rotary_mul's bound on the head dim D (exclusive), in both modes on Atlas A2/A3 (op-plugin
+#: 7.1.0 / 7.3.0 docs/context/torch_npu-npu_rotary_mul.md, "D < 896"; 26.x custom_APIs pages).
+ROTARY_MAX_D = 896
 
 
 def rope_operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> RopeOperands:

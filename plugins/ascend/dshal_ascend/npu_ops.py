@@ -37,6 +37,7 @@ from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 from dshal_ascend.layouts import (
     MLA_BLOCK_SIZE,
     MLA_LATENT_DIM,
+    ROTARY_MAX_D,
     active_experts,
     combine_rows,
     deinterleave_pairs,
@@ -202,7 +203,7 @@ class AscendOps:
 
     def rotary_embedding(self, x, cos, sin, interleaved=True):
         _require_npu_float("rotary_embedding", "x", x)
-        if x.numel() == 0:
+        if x.numel() == 0 or x.shape[-1] >= ROTARY_MAX_D:  # past the kernel's head dim: the reference
             return self._reference("rotary_embedding")(x, cos, sin, interleaved)
         x4, c4, s4 = rope_operands(x, cos, sin)  # tables [1, 1, S, D]: broadcast, not per row
         if not interleaved:

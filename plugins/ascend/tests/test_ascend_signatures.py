@@ -378,6 +378,12 @@ def test_ascend_inputs_past_the_kernels_documented_limits_go_to_the_reference(re
     cos, sin = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
     _close(ops.rotary_embedding(x4, cos, sin, False), ref.rotary_embedding(x4, cos, sin, False))
     assert all(c.arguments["self"].shape[0] < 1000 and c.arguments["self"].shape[1] < 1000 for c in stand_in.called("npu_rotary_mul"))
+    rotary_calls = len(stand_in.called("npu_rotary_mul")) + len(stand_in.called("npu_interleave_rope"))
+    wide = torch.randn(1, 2, 3, 896, generator=g).bfloat16()  # D < 896 in both modes
+    cos, sin = torch.randn(3, 448, generator=g), torch.randn(3, 448, generator=g)
+    for interleaved in (False, True):
+        _close(ops.rotary_embedding(wide, cos, sin, interleaved), ref.rotary_embedding(wide, cos, sin, interleaved))
+    assert len(stand_in.called("npu_rotary_mul")) + len(stand_in.called("npu_interleave_rope")) == rotary_calls
 
 
 @pytest.mark.parametrize("release", RELEASES)
