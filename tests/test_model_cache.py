@@ -416,13 +416,13 @@ def test_model_generate_refuses_bad_prompt_lens():
 def test_top_p_samples_only_the_nucleus():
     """Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.6 keeps the first two (0.5 alone does not
     reach it), top_p 0.5 only the first; both kept tokens are drawn."""
-    from dshal.model.sampling import next_token as _next_token
+    from dshal.model.sampling import TokenChooser
 
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(400, 4)
     gen = torch.Generator().manual_seed(3)
-    assert set(_next_token(logits, 1.0, gen, 0.6).tolist()) == {0, 1}
-    assert set(_next_token(logits, 1.0, gen, 0.5).tolist()) == {0}
-    assert set(_next_token(logits, 1.0, gen, 1.0).tolist()) == {0, 1, 2, 3}
+    assert set(TokenChooser(1.0, 0.6, gen)(logits).tolist()) == {0, 1}
+    assert set(TokenChooser(1.0, 0.5, gen)(logits).tolist()) == {0}
+    assert set(TokenChooser(1.0, 1.0, gen)(logits).tolist()) == {0, 1, 2, 3}
 
 
 def test_model_bad_inputs_raise_clear_errors():
@@ -549,7 +549,7 @@ def test_sampling_at_extreme_temperature_and_top_p_stays_a_distribution():
     masked every token ("probability tensor contains either inf, nan or element < 0"). In the
     limit both are the most likely token; a temperature past float's range is an ArgumentError."""
     from dshal.errors import ArgumentError
-    from dshal.model.sampling import next_token, sampling_probs
+    from dshal.model.sampling import TokenChooser, sampling_probs
 
     logits = torch.tensor([[3.0, 1.0, 2.5, -1.0], [0.0, 0.0, 5.0, 1.0]]) * 40
     for temperature, top_p in ((1e-300, 1.0), (1e-30, 1.0), (1.0, 1e-300), (1e-300, 1e-300)):
@@ -557,7 +557,7 @@ def test_sampling_at_extreme_temperature_and_top_p_stays_a_distribution():
         assert torch.isfinite(probs).all() and (probs >= 0).all()
         assert torch.equal(probs.argmax(-1), logits.argmax(-1))
         gen = torch.Generator().manual_seed(0)
-        assert torch.equal(next_token(logits, temperature, gen, top_p), logits.argmax(-1))
+        assert torch.equal(TokenChooser(temperature, top_p, gen)(logits), logits.argmax(-1))
     # ordinary temperatures: the plain softmax(logits / T), unchanged
     assert torch.equal(sampling_probs(logits, 0.7), torch.softmax(logits / 0.7, dim=-1))
     model = build_model(tiny_args(), DictReader(random_checkpoint(tiny_args())))

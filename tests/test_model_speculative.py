@@ -475,12 +475,12 @@ def test_greedy_speculative_returns_generates_tensor_exactly_with_ragged_prompts
 
 def test_sampling_from_non_finite_logits_is_a_dshal_error():
     """torch.multinomial's bare RuntimeError ended an --interactive chat (it catches DshalError)."""
-    from dshal.model.sampling import next_token
+    from dshal.model.sampling import TokenChooser
 
     logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])
     with pytest.raises(dshal.DshalError, match="logits are not finite"):
-        next_token(logits, 1.0, torch.Generator().manual_seed(0))
-    assert next_token(logits[1:], 1.0, torch.Generator().manual_seed(0)).shape == (1,)
+        TokenChooser(1.0, generator=torch.Generator().manual_seed(0))(logits)
+    assert TokenChooser(1.0, generator=torch.Generator().manual_seed(0))(logits[1:]).shape == (1,)
 
 
 def test_greedy_generation_from_nan_logits_is_a_dshal_error(mtp_model):

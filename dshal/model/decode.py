@@ -313,7 +313,8 @@ def generate_rows(
     row of one cache (:func:`prefill_rows`), then each step decodes all rows together,
     row b at position ``prompt_lens[b] + i`` (:class:`StaticDecoder` with per-row positions:
     the cache slots past a row's position are masked). ``next_token`` turns logits ``[B, V]``
-    into ids ``[B]``; in a split model every rank takes the first rank's (:func:`agreed`).
+    into ids ``[B]`` (a :class:`~dshal.model.sampling.TokenChooser`, whose NaN check its caller
+    runs when this returns); in a split model every rank takes the first rank's (:func:`agreed`).
 
     Returns ``[B, L + new]`` with L the longest prompt (shorter when every row stopped at a
     stop id) and the decoder (None when no decode step runs). Row b holds its prompt, its new

@@ -17,15 +17,6 @@ from dshal.errors import ArgumentError, DshalError
 TINY_TEMPERATURE = 1e-20
 
 
-def next_token(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None, top_p: float = 1.0
-) -> torch.Tensor:
-    """``[B, V]`` logits -> ``[B]`` ids: argmax when ``temperature == 0``, else a sample of
-    :func:`sampling_probs`. One step on its own; generation loops use :class:`TokenChooser`,
-    which also catches NaN logits under greedy."""
-    return TokenChooser(temperature, top_p, generator)(logits)
-
-
 class TokenChooser:
     """How each step's token is chosen from the logits, for one generation: greedy (argmax) when
     ``temperature == 0``, else a sample of :func:`sampling_probs` with ``generator``.
@@ -129,4 +120,4 @@ def check_top_p(top_p: Any, where: str = "generate") -> None:
         raise ArgumentError(f"{where}: argument 'top_p' is {top_p!r}, expected a number in (0, 1]")
 
 
-__all__ = ["TokenChooser", "check_temperature", "check_top_p", "draw", "next_token", "sampling_probs"]
+__all__ = ["TokenChooser", "check_temperature", "check_top_p", "draw", "sampling_probs"]

@@ -157,7 +157,7 @@ def nonfinite_guard(
     (no host read: graph capture stays possible)."""
     if may_read_host is None:
         may_read_host = q.device.type == "cpu"
-    if may_read_host and math.isfinite(float(q.sum()) + float(k.sum()) + float(v.sum())):
+    if may_read_host and _sums_are_finite(q, k, v):
         return None
     batch, hq, tq, _ = q.shape
     hk, tk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -211,7 +211,7 @@ def guarded_attention(
         if guard is None:
             return kernel(q, k, v, causal, scale, window, global_tokens)
         return guard.apply(kernel(guard.q, guard.k, guard.v, causal, scale, window, global_tokens))
-    if may_read_host and math.isfinite(float(q.sum()) + float(k.sum()) + float(v.sum())):
+    if may_read_host and _sums_are_finite(q, k, v):
         return kernel(q, k, v, causal, scale, window, global_tokens)
     share = q.shape[1] // hk  # query heads per kv head
 
@@ -229,6 +229,13 @@ def guarded_attention(
         out[:, first * share : first * share + part.shape[1]] = part
         del part
     return out
+
+
+def _sums_are_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q, k and v hold only finite values, read on the host (three sums: a NaN or Inf
+    anywhere makes its tensor's sum non-finite; one that merely overflows says no, which only
+    takes the exact path)."""
+    return math.isfinite(float(q.sum()) + float(k.sum()) + float(v.sum()))
 
 
 def values_are_key_columns(v: torch.Tensor, k: torch.Tensor) -> bool:

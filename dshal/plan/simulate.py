@@ -31,6 +31,7 @@ from dshal.errors import CommError
 from dshal.model.args import ModelArgs
 from dshal.model.loader import CheckpointError
 from dshal.model.model import MLA
+from dshal.ops.attention import guarded_attention, values_are_key_columns
 from dshal.parallel.groups import GroupPlan, ParallelGroups, plan_groups
 from dshal.parallel.loading import build_parallel
 from dshal.plan.names import TensorEntry
@@ -231,7 +232,7 @@ class _LiveBytes(TorchDispatchMode):
 
     def _hold(self, way: str, t: torch.Tensor, what: str, view: bool = False) -> None:
         storage = t.untyped_storage()
-        key = _storage_key(t)
+        key = storage._cdata
         entry = self.storages[way].get(key)
         if entry is None and view:  # a view of what the forward did not make (weights, the KV cache)
             return
@@ -368,8 +369,6 @@ def _step(model: Any, sim: SimulatedRank, ids: torch.Tensor, start: int, cache: 
 def attention_layouts(q: Any, k: Any, v: Any, *options: Any) -> tuple[Any, ...]:
     """An attention call's arguments with q, k and v as (shape, dtype) and whether v is k's
     first columns (absorbed MLA), for :func:`attention_guard_bytes`."""
-    from dshal.ops.attention import values_are_key_columns  # lazy: the plan's own import stays light
-
     return ((tuple(q.shape), q.dtype), (tuple(k.shape), k.dtype), (tuple(v.shape), values_are_key_columns(v, k)),
             *options)
 
@@ -379,8 +378,6 @@ def attention_guard_bytes(q: Any, k: Any, v: Any, causal: bool, scale: Any, wind
     call on a GPU provider (no host read: the guard is always built, in groups of kv heads)
     besides its inputs and output, which the step counts: run on meta tensors of the call's
     layouts (:func:`attention_layouts`)."""
-    from dshal.ops.attention import guarded_attention  # lazy: the plan's own import stays light
-
     (q_shape, dtype), (k_shape, _), (v_shape, shared) = q, k, v
     q, k = (torch.empty(shape, dtype=dtype, device="meta") for shape in (q_shape, k_shape))
     v = k[..., : v_shape[-1]] if shared else torch.empty(v_shape, dtype=dtype, device="meta")

@@ -115,9 +115,8 @@ class Context:
         placed = {k: self.place(v, k in strided) for k, v in kwargs.items()}
         out = to_cpu(self.table[op](**placed))
         for name, was in before.items():
-            now = placed[name].detach().to("cpu")
-            if not same_bits(now, was):
-                changed = int((now.contiguous().view(-1).view(torch.uint8) != was.contiguous().view(-1).view(torch.uint8)).sum())
+            changed = changed_bytes(placed[name].detach().to("cpu"), was)
+            if changed:
                 raise InputWritten(f"{op}: the provider wrote into its argument {name!r} ({changed} bytes changed); "
                                    "an op must leave its inputs as they were")
         return out
@@ -133,11 +132,12 @@ def crash_site(err: BaseException) -> str:
     return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, dtype and bytes (NaN payloads and signed zeros included)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+def changed_bytes(now: torch.Tensor, was: torch.Tensor) -> int:
+    """How many bytes of ``now`` differ from ``was`` (NaN payloads and signed zeros included);
+    all of them when the shape or dtype changed."""
+    if now.shape != was.shape or now.dtype != was.dtype:
+        return max(now.numel() * now.element_size(), was.numel() * was.element_size(), 1)
+    return int((now.contiguous().view(-1).view(torch.uint8) != was.contiguous().view(-1).view(torch.uint8)).sum())
 
 
 def to_cpu(value: Any) -> Any:
