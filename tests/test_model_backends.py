@@ -45,3 +45,24 @@ def test_model_core_on_an_emulated_gpu_plugin_matches_the_cpu_backend(backend, g
     # Same weights, same formats: only the summation order differs (measured ~6e-7).
     assert ((logits - want_logits).abs().max() / want_logits.abs().max()).item() <= 1e-4
     assert torch.equal(tokens, want_tokens)
+
+
+@pytest.mark.needs_interpreter
+@pytest.mark.parametrize("backend, undeclared", [("amd", "e4m3fn"), ("nvidia", "e4m3fnuz")])
+def test_an_fp8_format_the_backend_does_not_declare_is_refused_at_load(backend, undeclared):
+    """gfx942 computes e4m3fnuz only and Hopper e4m3fn / e5m2: FP8 weights stored in another
+    format would be served by a fallback (before this check the model ran, slowly on a device),
+    so the load is a ConfigError naming the format, the declared ones and what to set."""
+    if not _installed(backend):
+        pytest.skip(f"the dshal-{backend} plugin is not installed")
+    runtime = dshal.use(backend=backend, emulate=True)
+    assert undeclared not in runtime.backend.fp8_formats()
+    with pytest.raises(dshal.ConfigError) as err:
+        random_model(tiny_args(), seed=3, precision=PrecisionConfig(gemm="fp8-block", fp8_format=undeclared))
+    native = runtime.backend.native_e4m3()
+    assert f"stored as {undeclared!r}" in str(err.value) and f"precision.fp8_format: auto ({native})" in str(err.value)
+    assert f"backend {backend!r}" in str(err.value)
+    # auto (the native E4M3) loads, and so does high precision, which stores no FP8
+    random_model(tiny_args(), seed=3, precision=PrecisionConfig(gemm="fp8-block", fp8_format="auto"))
+    random_model(tiny_args(), seed=3, precision=PrecisionConfig(gemm="high", fp8_format=undeclared))
+    dshal.use(backend="cpu")

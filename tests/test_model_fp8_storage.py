@@ -189,3 +189,18 @@ def test_info_shows_the_capability(no_fp8_storage, capsys):
     text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "nofp8test: cpu (test backend declaring no float8 storage" in text
     assert "no float8 tensors on the device (fp8_storage false)" in text
+
+
+def test_a_backend_declaring_no_fp8_format_refuses_fp8_weights_and_names_high_precision():
+    """A plugin that declares FP8 units and storage but no FP8 format (an inconsistent but legal
+    declaration): FP8 weights are refused at load, not met as an op's error at the first forward."""
+    from dshal.model.precision import refuse_undeclared_fp8_format
+
+    dshal.use(backend="cpu")
+    model = Transformer(ARGS)
+    load_weights(model, _reader(), "cpu")
+    none_declared = Capabilities(fp8_formats=())
+    with pytest.raises(ConfigError, match=r"declares the FP8 formats \[\] .*use precision.gemm: high"):
+        apply_precision(model, PrecisionConfig(gemm="fp8-block"), capabilities=none_declared)
+    refuse_undeclared_fp8_format("e4m3fn", Capabilities(fp8_formats=("e4m3fn",)))  # declared: no error
+    assert apply_precision(model, PrecisionConfig(gemm="high"), capabilities=none_declared)  # stores no FP8

@@ -139,6 +139,30 @@ def refuse_fp8_without_storage(precision: PrecisionConfig, capabilities: Any = N
     )
 
 
+def refuse_undeclared_fp8_format(fmt: str, capabilities: Any = None, backend: str | None = None) -> None:
+    """A :class:`~dshal.ConfigError` when FP8 weights would be stored as ``fmt`` on a backend
+    that does not declare it in ``Capabilities.fp8_formats``: its ops would serve that format
+    by a fallback or not at all (gfx942 computes e4m3fnuz only), which the first forward, or
+    only a profile, would show. ``capabilities`` / ``backend`` (its name): default the active
+    backend's."""
+    if capabilities is None:
+        active = current().backend
+        capabilities, backend = active.capabilities(), backend or active.name
+    declared = tuple(capabilities.fp8_formats)
+    if fmt in declared:
+        return
+    who = f"backend {backend!r}" if backend else f"this backend ({capabilities.device_name})"
+    others = [f for f in declared if f != capabilities.native_e4m3]
+    if declared:
+        fix = f"precision.fp8_format: auto ({capabilities.native_e4m3})" + "".join(f" or {f}" for f in others)
+    else:
+        fix = "precision.gemm: high (or int8, W8A8)"
+    raise ConfigError(
+        f"precision.fp8_format: FP8 weights would be stored as {fmt!r}, but {who} declares the FP8 formats "
+        f"{list(declared)} (Capabilities.fp8_formats); use {fix}"
+    )
+
+
 def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module, capabilities: Any = None) -> tuple[str, str]:
     """``(mode, why)``: the gemm mode ``precision.gemm`` means for the loaded ``model``
     (``auto`` resolved from the weights the checkpoint stored, ``bf16`` to ``high``). Under
@@ -220,6 +244,7 @@ def apply_precision(
     mode_all, why = resolve_gemm_mode(precision, model, capabilities)
     redirect = fp8_redirect(capabilities) if precision.gemm == AUTO else None
     plan: dict[str, str] = {}
+    fmt_checked = False
     for path, module in model.named_modules():
         if not isinstance(module, (Linear, RoutedExperts)):
             continue
@@ -235,6 +260,9 @@ def apply_precision(
                 mode = "fp8-block"  # moe_experts takes FP8 experts with 128x128 block scales only
             if high:
                 mode = HIGH
+            elif mode in WEIGHT_BLOCKS and not fmt_checked:
+                refuse_undeclared_fp8_format(fmt, capabilities)
+                fmt_checked = True
             with conversion_ops(weight, device):
                 if mode == HIGH:
                     weight, scale = dequantize_weight(weight, scale, dtype), None
@@ -266,6 +294,7 @@ __all__ = [
     "apply_precision",
     "fp8_redirect",
     "refuse_fp8_without_storage",
+    "refuse_undeclared_fp8_format",
     "checkpoint_name",
     "resolve_gemm_mode",
     "stored_mode",
