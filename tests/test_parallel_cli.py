@@ -199,3 +199,37 @@ def test_parallel_cli_sigterm_to_the_launcher_ends_its_ranks() -> None:
         launcher.kill()
         for pid in ranks():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_parallel_cli_a_rank_killed_mid_run_is_named_as_the_first_failure() -> None:
+    """The out-of-memory killer ends one rank: the other fails in its next collective with "a peer
+    closed its connection", which names no rank. The launcher says which rank died first, and
+    how, last on its stderr, and exits 1."""
+    import signal
+    import time
+
+    launcher = subprocess.Popen([sys.executable, "-m", "dshal", "run", "--new-tokens", "4000", "--prompt-len", "4",
+                                 "--no-progress", "--tp", "2"], env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    marker, rank1 = f"DSHAL_LAUNCHER_PID={launcher.pid}".encode(), b"RANK=1"
+    try:
+        victim, deadline = None, time.monotonic() + 60
+        while victim is None and time.monotonic() < deadline:
+            for entry in Path("/proc").iterdir():
+                try:
+                    environ = (entry / "environ").read_bytes().split(b"\0") if entry.name.isdigit() else []
+                except OSError:
+                    continue
+                if marker in environ and rank1 in environ:
+                    victim = int(entry.name)
+            time.sleep(0.2)
+        assert victim is not None, "rank 1 did not start"
+        time.sleep(8)  # into the run: both ranks in their collectives
+        os.kill(victim, signal.SIGKILL)
+        _, err = launcher.communicate(timeout=90)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 1, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dshal: first failure: rank 1 (killed by SIGKILL"), err[-2000:]
+    assert "a peer closed its connection" in err  # rank 0's own error, before the summary

@@ -260,3 +260,30 @@ def test_the_shared_chat_reader_ends_on_a_terminal_error(tmp_path):
     done = subprocess.run([sys.executable, "-c", CHAT_READER], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ended", done.stderr[-2000:]
     assert "reading the terminal failed (UnicodeDecodeError" in done.stderr
+
+
+# ---------------------------------------------------------------- launcher
+def test_local_job_names_the_rank_that_failed_first_and_the_ones_it_killed() -> None:
+    """A dead rank's peers fail after it with a lost connection, so their errors name no culprit
+    (torchrun prints the "first observed failure" for that reason). Rank 1 kills itself, rank 0
+    fails a moment later, rank 2 never ends: the summary names each in its role."""
+    import signal
+    import sys
+
+    from dshal.parallel.launch import LocalJob
+
+    script = ("import os, signal, time\n"
+              "rank = int(os.environ['RANK'])\n"
+              "if rank == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "time.sleep(1.5 if rank == 0 else 60)\n"
+              "raise SystemExit(3)\n")
+    with LocalJob([sys.executable, "-c", script], 3, capture=True) as job:
+        codes = [code for code, _, _ in job.communicate(timeout_s=60, grace_s=4)]
+    assert codes == [3, -signal.SIGKILL, -signal.SIGKILL]
+    assert job.first_failed == [1] and job.killed == [2]
+    assert job.failure_summary(codes) == (
+        "first failure: rank 1 (killed by SIGKILL (the out-of-memory killer sends it: see `dmesg`)); "
+        "then rank 0 (its error names a lost peer); rank 2 still running, killed"
+    )
+    with LocalJob([sys.executable, "-c", "pass"], 2) as ok:
+        assert ok.failure_summary(ok.wait(30)) is None

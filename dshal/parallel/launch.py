@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -73,6 +74,10 @@ class LocalJob:
         self.ranks = list(range(world_size)) if ranks is None else list(ranks)
         self.overrides = dict(overrides or {})
         self.procs: list[subprocess.Popen[str]] = []
+        #: Set by :meth:`wait`: the ranks seen failed at the first poll that saw any, and the
+        #: ranks still running at its deadline (killed).
+        self.first_failed: list[int] = []
+        self.killed: list[int] = []
 
     def start(self) -> Self:
         for rank in self.ranks:
@@ -99,15 +104,39 @@ class LocalJob:
         deadline = time.monotonic() + timeout_s
         while True:
             codes = [p.poll() for p in self.procs]
+            failed = [self.ranks[i] for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed and not self.first_failed:
+                self.first_failed = failed  # its peers fail after it, naming only a lost connection
             if all(c is not None for c in codes):
                 break
-            if any(c not in (None, 0) for c in codes):
+            if failed:
                 deadline = min(deadline, time.monotonic() + grace_s)
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
+        self.killed = [self.ranks[i] for i, c in enumerate(codes) if c is None]
         self.kill()
         return [p.returncode for p in self.procs]
+
+    def failure_summary(self, codes: Sequence[int | None]) -> str | None:
+        """After :meth:`wait` returned ``codes``: which rank failed first, with its exit code or
+        signal, and which ones this job killed; None when every rank exited 0. A dead rank's
+        peers fail after it with errors about a lost connection; this names the one to read."""
+        by_rank = dict(zip(self.ranks, codes, strict=True))
+        if not self.first_failed:
+            return None if all(c == 0 for c in codes) else f"ranks {_listed(self.killed)} did not finish in time"
+        first = self.first_failed
+        if len(first) == 1:
+            line = f"first failure: rank {first[0]} ({exit_status(by_rank[first[0]])})"
+        else:
+            line = f"first failure: ranks {_listed(first)} ({'; '.join(f'rank {r}: {exit_status(by_rank[r])}' for r in first)})"
+        later = [r for r, c in by_rank.items() if c != 0 and r not in first and r not in self.killed]
+        if later:
+            line += (f"; then rank {later[0]} (its error names a lost peer)" if len(later) == 1 else
+                     f"; then ranks {_listed(later)} (their errors name a lost peer)")
+        if self.killed:
+            line += f"; rank{'s' if len(self.killed) > 1 else ''} {_listed(self.killed)} still running, killed"
+        return line
 
     def communicate(self, timeout_s: float, grace_s: float = 30.0) -> list[tuple[int | None, str, str]]:
         """Like :meth:`wait`, collecting each rank's (exit code, stdout, stderr); needs ``capture=True``."""
@@ -147,6 +176,23 @@ class LocalJob:
                 pass
 
 
+def exit_status(code: int | None) -> str:
+    """A rank's exit code in words: ``exit code 1``, ``killed by SIGKILL (...)``."""
+    if code is None or code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"killed by signal {-code}"
+    why = {"SIGKILL": " (the out-of-memory killer sends it: see `dmesg`)",
+           "SIGSEGV": " (a crash in native code)", "SIGABRT": " (an abort in native code)"}.get(name, "")
+    return f"killed by {name}{why}"
+
+
+def _listed(ranks: Sequence[int]) -> str:
+    return ", ".join(map(str, ranks))
+
+
 def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -164,7 +210,8 @@ LAUNCHER_PID_ENV = "DSHAL_LAUNCHER_PID"
 
 def relaunch_self(module_argv: Sequence[str], world_size: int, timeout_s: float | None = None) -> int:
     """Run ``python -m <module_argv>`` as ``world_size`` local ranks; output goes to this
-    terminal. Returns 0 when every rank succeeded, else the first non-zero exit code.
+    terminal. Returns 0 when every rank succeeded, else the exit code of the rank that failed
+    first (1 for a signal), and says on stderr which rank that was (:meth:`LocalJob.failure_summary`).
     SIGTERM and SIGHUP (``timeout``, ``kill``, a closed terminal) end the ranks with this
     process; each rank also ends itself if this process disappears (:data:`LAUNCHER_PID_ENV`)."""
     launcher = {LAUNCHER_PID_ENV: str(os.getpid())}
@@ -173,10 +220,13 @@ def relaunch_self(module_argv: Sequence[str], world_size: int, timeout_s: float 
     with _signals_end_the_job():
         with job:
             codes = job.wait(timeout_s if timeout_s is not None else 10**9)
-    failed = [c for c in codes if c != 0]
-    if not failed:
+    summary = job.failure_summary(codes)
+    if summary is None:
         return 0
-    return failed[0] if isinstance(failed[0], int) and failed[0] > 0 else 1
+    if world_size > 1:
+        print(f"dshal: {summary}", file=sys.stderr, flush=True)
+    first = dict(zip(job.ranks, codes, strict=True))[job.first_failed[0]] if job.first_failed else 1
+    return first if isinstance(first, int) and first > 0 else 1
 
 
 @contextlib.contextmanager
