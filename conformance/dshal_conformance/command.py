@@ -9,16 +9,19 @@ is then 0 only with ``--allow-unavailable`` (for matrix legs without the hardwar
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from dshal.cliargs import seed
 from dshal.errors import ArgumentError
 from dshal.outputs import check_writable
 from dshal_conformance import report, runner, waivers
 from dshal_conformance.cases import all_cases
+from dshal_conformance.cases.base import CRASH_LOG
 from dshal_conformance.runner import DEFAULT_CASE_TIMEOUT_S, DEFAULT_SEED, FULL_TIER_CASE_TIMEOUT_S
 
 
@@ -43,6 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-unavailable", action="store_true", help="exit 0 with a 'not run' report when the backend cannot run here")
     parser.add_argument("--list", action="store_true", help="list the selected case ids and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--traceback", action="store_true",
+                        help="print each crashed case's whole traceback on stderr as it happens (the report keeps "
+                             "one line: the exception and the file:line it was raised at)")
+
+
+def show_crashes(stream: Any) -> None:
+    """Write each case crash's traceback (:data:`~dshal_conformance.cases.base.CRASH_LOG`) to ``stream``."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("crash: %(message)s"))
+    CRASH_LOG.addHandler(handler)
+    CRASH_LOG.setLevel(logging.ERROR)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -76,6 +90,8 @@ def _main(args: argparse.Namespace) -> int:
         collectives=not args.no_collectives,
         progress=not args.quiet and sys.stderr.isatty(),
     )
+    if getattr(args, "traceback", False):
+        show_crashes(sys.stderr)
     selected = runner.select(runner.capability_cases() + all_cases(args.tier), options)
     if args.list:
         for case in selected:

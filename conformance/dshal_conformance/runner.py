@@ -28,7 +28,7 @@ from dshal.registry import REGISTRY, misspelling_of
 from dshal.runtime import build_runtime, reset
 from dshal_conformance import __version__, report
 from dshal_conformance.cases import all_cases, case_seed
-from dshal_conformance.cases.base import Case, Context, NotPlaceable, Outcome, fail_all, unsupported_outcomes
+from dshal_conformance.cases.base import Case, Context, NotPlaceable, Outcome, crashed, fail_all, unsupported_outcomes
 from dshal_conformance.collectives import run_group
 from dshal_conformance.judge import Verdict
 from dshal_conformance.waivers import Waiver, for_case, thresholds
@@ -189,7 +189,7 @@ def with_timeout(fn: Callable[[], list[Outcome]], timeout_s: float, suffixes: Se
         return fail_all(suffixes, "error", f"timed out after {timeout_s:g} s (hang)")
     if "err" in box:
         err = box["err"]
-        return fail_all(suffixes, "error", f"the case itself crashed: {type(err).__name__}: {err}")
+        return crashed(suffixes, "the case itself", err)
     return box["out"]
 
 

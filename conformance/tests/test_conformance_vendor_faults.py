@@ -41,7 +41,39 @@ def test_a_crash_in_a_provider_names_where_it_happened():
         return x[x.shape[0] + 5]
 
     said = _run(crashing)
-    assert said.startswith("error: crashed with IndexError") and f"{__file__}:" in said and "in crashing)" in said, said
+    assert said.startswith("error: the provider crashed with IndexError") and f"{__file__}:" in said, said
+    assert "in crashing)" in said, said
+
+
+def test_traceback_shows_each_crash_whole_on_stderr_and_is_silent_without_it(capsys):
+    """The report keeps one line per crash; a vendor debugging one asks `--traceback` for the
+    whole stack. Without it nothing is printed (logging's last resort would print errors)."""
+    import io
+    import logging
+
+    from dshal_conformance.cases.base import CRASH_LOG
+    from dshal_conformance.command import show_crashes
+
+    def crashing(x, weight, eps=1e-6, residual=None):
+        return helper_that_fails(x)
+
+    def helper_that_fails(x):
+        return x[x.shape[0] + 5]
+
+    _run(crashing)
+    assert capsys.readouterr().err == ""
+    shown = io.StringIO()
+    handlers = list(CRASH_LOG.handlers)
+    try:
+        show_crashes(shown)
+        said = _run(crashing)
+    finally:
+        CRASH_LOG.handlers[:] = handlers
+        CRASH_LOG.setLevel(logging.NOTSET)
+    text = shown.getvalue()
+    assert text.startswith(f"crash: {said.removeprefix('error: ')}\nTraceback (most recent call last):"), text
+    assert "in crashing" in text and "in helper_that_fails" in text, text
+    assert text.rstrip().splitlines()[-1].startswith("IndexError: "), text
 
 
 def test_the_matrix_names_a_failure_without_a_number_and_flags_a_failing_one():

@@ -12,6 +12,7 @@ Every case is deterministic: its inputs come from a ``torch.Generator`` seeded w
 
 from __future__ import annotations
 
+import logging
 import traceback
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -126,6 +127,20 @@ class InputWritten(ProviderError):
     """A provider modified one of its input tensors in place."""
 
 
+#: Where each crash's whole traceback goes (``dshal conformance --traceback`` shows it on stderr);
+#: the report keeps one line per crash, with :func:`crash_site`.
+CRASH_LOG = logging.getLogger("dshal_conformance.crashes")
+CRASH_LOG.addHandler(logging.NullHandler())  # silent unless asked (logging's last resort would print them)
+
+
+def crashed(suffixes: Sequence[str], what: str, err: BaseException) -> list[Outcome]:
+    """Every result of a case an error: ``{what} crashed with Type: message (at file:line in fn)``;
+    the traceback goes to :data:`CRASH_LOG`."""
+    reason = f"{what} crashed with {type(err).__name__}: {err}{crash_site(err)}"
+    CRASH_LOG.error("%s", reason, exc_info=(type(err), err, err.__traceback__))
+    return fail_all(suffixes, "error", reason)
+
+
 def crash_site(err: BaseException) -> str:
     """`` (at file:line in function)``: where ``err`` was raised, for a vendor to find it."""
     frames = traceback.extract_tb(err.__traceback__)
@@ -238,7 +253,7 @@ def run_accuracy(
     except DshalError as err:
         return fail_all(suffixes, "fail", f"valid input rejected with {type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - a crash is a finding, not a suite error
-        return fail_all(suffixes, "error", f"crashed with {type(err).__name__}: {err}{crash_site(err)}")
+        return crashed(suffixes, "the provider", err)
     if not declared:
         return fail_all(
             suffixes, "fail", f"the backend does not declare {op!r} but the call returned instead of raising UnsupportedOpError"

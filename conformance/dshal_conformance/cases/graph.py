@@ -35,8 +35,8 @@ from dshal_conformance.cases.base import (
     Context,
     Outcome,
     conformance_rows,
+    crashed,
     dtype_name,
-    fail_all,
     to_cpu,
     unsupported_outcomes,
 )
@@ -127,7 +127,7 @@ def run_op(ctx: Context, op: str) -> list[Outcome]:
     except UnsupportedOpError as err:
         return unsupported_outcomes(SUFFIXES, f"{op}: this variant is not supported: {err}")
     except Exception as err:  # noqa: BLE001 - the eager call itself crashed
-        return fail_all(SUFFIXES, "error", f"{op} crashed: {type(err).__name__}: {err}")
+        return crashed(SUFFIXES, op, err)
 
 
 def cases() -> list[Case]:

@@ -39,7 +39,7 @@ import torch
 from dshal.errors import UnsupportedOpError
 from dshal.runtime import current
 from dshal_conformance import modelcheck as mc
-from dshal_conformance.cases.base import Case, Context, Outcome, fail_all, unsupported_outcomes
+from dshal_conformance.cases.base import Case, Context, Outcome, crashed, unsupported_outcomes
 from dshal_conformance.judge import Check, verdict
 from dshal_conformance.tolerances import model_tolerance
 
@@ -140,7 +140,7 @@ def _case(mode: str, size: str, tiers: frozenset[str]) -> Case:
         try:
             return run_mode(ctx, mode, size)
         except Exception as err:  # noqa: BLE001 - a crash in the model core is a finding
-            return fail_all(SUFFIXES, "error", f"the model core crashed in mode {mode}: {type(err).__name__}: {err}")
+            return crashed(SUFFIXES, f"the model core in mode {mode}", err)
 
     case_id = f"model/{mode}" if size == "ci" else f"model/deep/{mode}"
     params = {
