@@ -10,11 +10,16 @@ and its cases are compared by id:
   longer declares, or a device it no longer sees);
 * **fixed**: failed or errored in the baseline, passes now;
 * **new failing**: not in the baseline, fails or errors now;
-* cases added and removed (the suite grew or shrank), and legs that appeared or are gone.
+* **now failing**: unsupported or skipped in the baseline, fails or errors now (a plugin that
+  began to declare an op it then fails, a waiver removed);
+* cases added and removed (the suite grew or shrank), and legs that appeared or are gone; a
+  leg that did not run in the baseline and runs now (a runner that got its device) came online;
+  a leg whose plugin failed to load now is broken.
 
-``--fail-on-regression`` makes ``dshal matrix`` exit 1 when any leg regressed or has new
-failures, or a baseline leg did not run now (a hardware leg that became "not run" is another
-leg), so a CI step can gate on it.
+``--fail-on-regression`` makes ``dshal matrix`` exit 1 when any leg regressed or has new or
+now failing cases, a leg is broken now, or a baseline leg did not run now (a hardware leg that
+became "not run" is another leg), so a CI step can gate on it. A leg coming online is not a
+regression.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dshal.errors import ConfigError
-from dshal_conformance.legs import leg_key, leg_label, prepare
+from dshal_conformance.legs import leg_key, leg_label, md_cell, prepare
 
 FAILED = ("fail", "error")
 NOT_PASSING = ("unsupported", "skip")
@@ -43,12 +48,15 @@ class LegChanges:
     lost: list[tuple[str, str, str, str]] = field(default_factory=list)
     fixed: list[tuple[str, str, str, str]] = field(default_factory=list)
     new_failing: list[tuple[str, str, str, str]] = field(default_factory=list)
+    now_failing: list[tuple[str, str, str, str]] = field(default_factory=list)
     added: int = 0
     removed: int = 0
+    #: ``"suite 0.0.9 -> 0.1.0"`` when the two runs' suites differ (cases added / removed follow), else "".
+    suite_change: str = ""
 
     @property
     def bad(self) -> bool:
-        return bool(self.regressed or self.new_failing)
+        return bool(self.regressed or self.new_failing or self.now_failing)
 
 
 @dataclass
@@ -56,12 +64,16 @@ class Comparison:
     legs: list[LegChanges]
     new_legs: list[str]
     gone_legs: list[str]
+    #: Legs that did not run in the baseline and whose backend runs now (not a regression).
+    online_legs: list[str] = field(default_factory=list)
+    #: Legs whose plugin failed to load now (``platform.broken``).
+    broken_legs: list[str] = field(default_factory=list)
 
     @property
     def bad(self) -> bool:
-        """A leg regressed or has new failures, or a leg of the baseline did not run now
-        (e.g. a runner lost its device: its hardware leg became "not run")."""
-        return any(leg.bad for leg in self.legs) or bool(self.gone_legs)
+        """A leg regressed or has new failures, a leg is broken now, or a leg of the baseline
+        did not run now (e.g. a runner lost its device: its hardware leg became "not run")."""
+        return any(leg.bad for leg in self.legs) or bool(self.gone_legs or self.broken_legs)
 
 
 def baseline_paths(given: list[str]) -> list[str]:
@@ -94,14 +106,30 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> Co
             new_legs.append(leg_label(rep))
             continue
         legs.append(_leg_changes(before, rep))
-    gone = [leg_label(r) for r in then_reports if leg_key(r) not in now_keys]
-    return Comparison(legs, new_legs, gone)
+    broken = [f"{leg_label(r)}: {r['platform']['broken']}" for r in now_reports if r["platform"].get("broken")]
+    ran_now = {_runs_as(r) for r in now_reports if "not_run" not in r["platform"]}
+    gone, online = [], []
+    for rep in then_reports:
+        if leg_key(rep) in now_keys:
+            continue
+        came_online = "not_run" in rep["platform"] and _runs_as(rep) in ran_now
+        (online if came_online else gone).append(leg_label(rep))
+    return Comparison(legs, new_legs, gone, online, broken)
+
+
+def _runs_as(report: dict[str, Any]) -> tuple[str, ...]:
+    """What a leg is besides where it ran: backend, runner leg name and selection (a baseline
+    leg that did not run matches the same backend running now)."""
+    key = leg_key(report)
+    return key[0], key[5], key[-1]
 
 
 def _leg_changes(before: dict[str, Any], now: dict[str, Any]) -> LegChanges:
     old = {c["id"]: c for c in before["cases"]}
     new = {c["id"]: c for c in now["cases"]}
     out = LegChanges(leg_label(now), before.get("started", ""))
+    if before.get("suite_version") != now.get("suite_version"):
+        out.suite_change = f"suite {before.get('suite_version') or '-'} -> {now.get('suite_version') or '-'}"
     for case_id, case in new.items():
         status, reason = case["status"], case.get("reason", "")
         prior = old.get(case_id)
@@ -118,31 +146,43 @@ def _leg_changes(before: dict[str, Any], now: dict[str, Any]) -> LegChanges:
             out.lost.append(row)
         elif was in FAILED and status == "pass":
             out.fixed.append(row)
+        elif was in NOT_PASSING and status in FAILED:
+            out.now_failing.append(row)
     out.removed = sum(1 for case_id in old if case_id not in new)
     return out
 
 
 CATEGORIES = (("regressed", "regressed (pass -> fail/error)"), ("new_failing", "new and failing"),
+              ("now_failing", "now failing (unsupported/skip -> fail/error)"),
               ("lost", "lost (pass -> unsupported/skip)"), ("fixed", "fixed (fail/error -> pass)"))
 
 
 def summary_line(leg: LegChanges) -> str:
     counts = ", ".join(f"{len(getattr(leg, name))} {name.replace('_', ' ')}" for name, _ in CATEGORIES)
-    return f"{leg.leg}: {counts}; {leg.added} cases added, {leg.removed} removed (baseline {leg.baseline_started})"
+    suite = f", {leg.suite_change}" if leg.suite_change else ""
+    return f"{leg.leg}: {counts}; {leg.added} cases added, {leg.removed} removed (baseline {leg.baseline_started}{suite})"
+
+
+def leg_lists(comparison: Comparison) -> list[tuple[str, list[str]]]:
+    """The legs that are not compared case by case, under their titles."""
+    return [("legs not in the baseline", comparison.new_legs), ("baseline legs not run now", comparison.gone_legs),
+            ("came online (not run in the baseline, run now)", comparison.online_legs),
+            ("broken now (the plugin failed to load)", comparison.broken_legs)]
 
 
 def markdown(comparison: Comparison) -> str:
     lines = ["", "## Changes since the baseline", ""]
     if comparison.legs:
-        lines += ["| leg | baseline run | regressed | new failing | lost | fixed | cases added / removed |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| leg | baseline run | regressed | new failing | now failing | lost | fixed | cases added / removed |",
+                  "|---|---|---|---|---|---|---|---|"]
         for leg in comparison.legs:
             mark = "❌ " if leg.bad else ""
-            lines.append(f"| {mark}{leg.leg} | {leg.baseline_started} | {len(leg.regressed)} | {len(leg.new_failing)} | "
-                         f"{len(leg.lost)} | {len(leg.fixed)} | {leg.added} / {leg.removed} |")
-    for title, legs in (("legs not in the baseline", comparison.new_legs), ("baseline legs not run now", comparison.gone_legs)):
+            lines.append(f"| {mark}{md_cell(leg.leg)} | {leg.baseline_started} | {len(leg.regressed)} | "
+                         f"{len(leg.new_failing)} | {len(leg.now_failing)} | {len(leg.lost)} | {len(leg.fixed)} | "
+                         f"{leg.added} / {leg.removed} |")
+    for title, legs in leg_lists(comparison):
         if legs:
-            lines += ["", f"{title}: " + ", ".join(legs)]
+            lines += ["", f"{title}: " + md_cell(", ".join(legs))]
     for leg in comparison.legs:
         for name, title in CATEGORIES:
             rows = getattr(leg, name)
@@ -150,7 +190,7 @@ def markdown(comparison: Comparison) -> str:
                 continue
             lines += ["", f"### {leg.leg}: {title}", ""]
             for case_id, was, status, reason in rows[:SHOWN]:
-                lines.append(f"- `{case_id}`: {was} -> {status}" + (f": {reason}".replace("\n", " ") if reason else ""))
+                lines.append(f"- `{case_id}`: {was} -> {status}" + (f": {md_cell(reason)}" if reason else ""))
             if len(rows) > SHOWN:
                 lines.append(f"- ... and {len(rows) - SHOWN} more")
     return "\n".join(lines) + "\n"
@@ -161,13 +201,15 @@ def html_section(comparison: Comparison) -> str:
     out = ["<h2 id='changes'>Changes since the baseline</h2>"]
     if comparison.legs:
         out.append("<table class='family' id='changes-table'><thead><tr><th>leg</th><th>baseline run</th><th>regressed</th>"
-                   "<th>new failing</th><th>lost</th><th>fixed</th><th>cases added / removed</th></tr></thead><tbody>")
+                   "<th>new failing</th><th>now failing</th><th>lost</th><th>fixed</th><th>cases added / removed</th>"
+                   "</tr></thead><tbody>")
         for leg in comparison.legs:
             out.append(f"<tr data-leg='{e(leg.leg)}' data-bad='{1 if leg.bad else 0}'><td>{e(leg.leg)}</td>"
                        f"<td>{e(leg.baseline_started)}</td><td>{len(leg.regressed)}</td><td>{len(leg.new_failing)}</td>"
-                       f"<td>{len(leg.lost)}</td><td>{len(leg.fixed)}</td><td>{leg.added} / {leg.removed}</td></tr>")
+                       f"<td>{len(leg.now_failing)}</td><td>{len(leg.lost)}</td><td>{len(leg.fixed)}</td>"
+                       f"<td>{leg.added} / {leg.removed}</td></tr>")
         out.append("</tbody></table>")
-    for title, legs in (("legs not in the baseline", comparison.new_legs), ("baseline legs not run now", comparison.gone_legs)):
+    for title, legs in leg_lists(comparison):
         if legs:
             out.append(f"<p>{e(title)}: {e(', '.join(legs))}</p>")
     for leg in comparison.legs:

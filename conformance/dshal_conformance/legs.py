@@ -49,15 +49,16 @@ class LegNote:
                 + ", ".join(self.dropped))
 
 
-def leg_key(report: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+def leg_key(report: dict[str, Any]) -> tuple[str, str, str, str, str, str, str]:
     """What makes two reports the same leg (a rerun, merged keeping the newest): backend,
-    device, kind, arch, host system and what the run checked (tier and selection: a partial
-    rerun never replaces a whole run). Legs that share a header but differ in arch or host
-    stay apart (the matrix tags their columns with their files)."""
+    device, kind, arch, host system, the CI leg name (``platform.leg``: two runners whose
+    devices were both missing report the same device, "not run") and what the run checked
+    (tier and selection: a partial rerun never replaces a whole run). Legs that share a header
+    but differ in arch or host stay apart (the matrix tags their columns with their files)."""
     p = report["platform"]
     kind = "not-run" if "not_run" in p else ("emulated" if p.get("emulated") else "hardware")
     return (report["backend"], p.get("device", ""), kind, str(p.get("arch") or ""), host_system(p.get("host")),
-            checked(report))
+            str(p.get("leg") or ""), checked(report))
 
 
 def host_system(host: Any) -> str:
@@ -120,12 +121,12 @@ def prepare(reports: list[dict[str, Any]], stale_after: timedelta | None = None,
     for key in order:
         rep = newest[key]
         note = LegNote(dropped=sorted(dropped.get(key, [])))
-        if stale_after is not None and key[2] != "not-run":
+        if stale_after is not None:  # a "not run" or broken cell ages too: it says what was true then
             age = now - _started(rep)
             if age > stale_after:
                 note.stale.append(f"report is {_age(age)} old (over {_age(stale_after)})")
             installed = installed_plugin_version(rep["backend"])
-            if installed is not None and rep.get("plugin_version") not in (None, installed):
+            if key[2] != "not-run" and installed is not None and rep.get("plugin_version") not in (None, installed):
                 note.stale.append(f"produced by plugin {rep['plugin_version']}, installed here: {installed}")
         kept_reports.append(rep)
         notes.append(note)
@@ -190,7 +191,8 @@ def family_summary(report: dict[str, Any], family: str) -> str:
 
 def _versions(report: dict[str, Any]) -> str:
     p = report["platform"]
-    parts = [f"plugin {report.get('plugin_version') or '-'}", f"torch {p.get('torch') or '-'}",
+    parts = [f"plugin {report.get('plugin_version') or '-'}", f"suite {report.get('suite_version') or '-'}",
+             f"torch {p.get('torch') or '-'}",
              f"triton {p.get('triton') or '-'}", f"driver {p.get('driver') or '-'}", f"runtime {p.get('runtime') or '-'}"]
     return ", ".join(parts)
 
@@ -198,8 +200,8 @@ def _versions(report: dict[str, Any]) -> str:
 def leg_label(report: dict[str, Any]) -> str:
     """``backend (kind) · device``: how the tables name a leg."""
     key = leg_key(report)
-    backend, device, kind, what = key[0], key[1], key[2], key[-1]
-    return f"{backend} ({kind}) · {device}" + (f" [{what}]" if what else "")
+    backend, device, kind, leg, what = key[0], key[1], key[2], key[5], key[-1]
+    return f"{backend} ({kind}) · {device}" + (f" @{leg}" if leg else "") + (f" [{what}]" if what else "")
 
 
 # ------------------------------------------------------------------ family detail rows
@@ -297,8 +299,10 @@ def _note_text(report: dict[str, Any], note: LegNote) -> str:
 
 
 def md_cell(text: Any) -> str:
-    """``text`` as one Markdown table cell: a ``|`` or a line break would end the cell or the row."""
-    return " ".join(str(text).replace("|", "/").split("\n"))
+    """``text`` as one Markdown table cell or list item: a ``|`` or a line break would end the
+    cell or the row, and a ``<`` would open an HTML tag (a device or reason text is the
+    report's, not markup)."""
+    return " ".join(str(text).replace("<", "&lt;").replace("|", "/").split("\n"))
 
 
 def markdown(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:

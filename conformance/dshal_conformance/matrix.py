@@ -19,6 +19,7 @@ import html
 import math
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -57,8 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reports of an earlier run (files, or folders searched for *.json; repeatable): each "
                         "leg's cases are compared with the same leg's there: regressed, new failing, lost, fixed")
     parser.add_argument("--fail-on-regression", action="store_true",
-                        help="with --baseline: exit 1 when a case that passed there fails now, a new case fails, "
-                        "or a leg there did not run now")
+                        help="with --baseline: exit 1 when a case that passed there (or was unsupported or "
+                        "skipped) fails now, a new case fails, a leg is broken now, or a leg there did not run now")
+    parser.add_argument("--expect", metavar="LEG,LEG", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+                        help="the CI legs that must have a report (their platform.leg, set by "
+                             "DSHAL_CONFORMANCE_LEG): exit 1 naming each one no report comes from (a runner that "
+                             "never ran or uploaded nothing would otherwise just vanish from the matrix)")
     parser.add_argument("--stale-after", metavar="AGE",
                         help="mark a leg stale when its report is older than AGE (30d, 12h, 2w) or came from another "
                              "plugin version than the one installed here")
@@ -195,7 +200,7 @@ def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Co
 
 # ------------------------------------------------------------------ Markdown
 def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None,
-                changes: Comparison | None = None) -> str:
+                changes: Comparison | None = None, missing: Sequence[str] = ()) -> str:
     reports, notes = prepare_legs(reports, stale_after)
     columns, rows, cells = build(reports, by_dtype)
     head = ["op", "dtype"] + [md_cell(f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`") + (" `STALE`" if n.stale else "") for c, n in zip(columns, notes)]
@@ -205,6 +210,7 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
         "`HW` = measured on the device; `EMU` = the plugin's kernels emulated on CPU tensors (not a hardware result); "
         "`NOT RUN` = the leg could not run (reason given).",
         "",
+        *[f"**❌ MISSING leg: {md_cell(missing_text(leg))}**\n" for leg in missing],
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
@@ -226,7 +232,7 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
     lines += ["", "## Reports", ""]
     for c, rep in zip(columns, reports):
         note = f" — {md_cell(c.not_run_text)}" if c.kind == "not-run" else ""
-        lines.append(f"- **{c.label}** {report_line(c, rep, str)}{note}")
+        lines.append(f"- **{md_cell(c.label)}** {report_line(c, rep, md_cell)}{note}")
     return "\n".join(lines) + "\n" + (changes_markdown(changes) if changes else "") + legs_markdown(reports, notes)
 
 
@@ -287,7 +293,7 @@ JS = """
 
 
 def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None,
-            changes: Comparison | None = None) -> str:
+            changes: Comparison | None = None, missing: Sequence[str] = ()) -> str:
     reports, notes = prepare_legs(reports, stale_after)
     columns, rows, cells = build(reports, by_dtype)
     e = html.escape
@@ -299,6 +305,7 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
         "<span class='badge hardware'>HW</span> measured on the device (solid border); "
         "<span class='badge emulated'>EMU</span> the plugin's kernels emulated on CPU tensors (dashed, striped: not a hardware result); "
         "<span class='badge not-run'>NOT RUN</span> the leg could not run (grey, with the reason).</p>",
+        *[f"<p class='missing' data-missing-leg='{e(leg)}'><b>❌ MISSING leg: {e(missing_text(leg))}</b></p>" for leg in missing],
         "<div class='controls'><label>filter ops <input id='filter' type='search' placeholder='e.g. fp8_gemm'></label>"
         "<label>kind <select id='kind'><option value=''>all</option><option value='hardware'>hardware</option>"
         "<option value='emulated'>emulated</option><option value='not-run'>not run</option></select></label>"
@@ -374,8 +381,8 @@ def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
             warn(f"{path} is a bundle's environment file, not a report; left out")
             continue
         rep = load(path)
-        identity = (rep["backend"], rep["started"], rep["seed"], rep["platform"].get("device"), len(rep["cases"]),
-                    rep["duration_s"])
+        identity = (rep["backend"], rep["started"], rep["seed"], rep["platform"].get("device"), rep["platform"].get("leg"),
+                    len(rep["cases"]), rep["duration_s"])
         if identity in seen:
             warn(f"{path} is the same report as {seen[identity]} (backend {rep['backend']}, started {rep['started']}); "
                  "listed once")
@@ -406,20 +413,35 @@ def main(args: argparse.Namespace) -> int:
     for rep, note in zip(*prepare_legs(reports, stale_after)):
         if note.dropped:
             print(f"{leg_key(rep)[0]} ({leg_key(rep)[2]}): {note.merged}")
+    missing = missing_legs(reports, getattr(args, "expect", None) or [])
     if not args.html and not args.markdown:
-        print(to_markdown(reports, by_dtype, stale_after, changes))
+        print(to_markdown(reports, by_dtype, stale_after, changes, missing))
     if args.html:
-        atomic_write(args.html, to_html(reports, by_dtype, stale_after, changes))
+        atomic_write(args.html, to_html(reports, by_dtype, stale_after, changes, missing))
         print(f"html: {args.html}")
     if args.markdown:
-        atomic_write(args.markdown, to_markdown(reports, by_dtype, stale_after, changes))
+        atomic_write(args.markdown, to_markdown(reports, by_dtype, stale_after, changes, missing))
         print(f"markdown: {args.markdown}")
+    failed = False
     if changes is not None:
         for leg in changes.legs:
             print(("REGRESSED " if leg.bad else "") + summary_line(leg))
-        for title, legs in (("new leg", changes.new_legs), ("GONE baseline leg not run now", changes.gone_legs)):
+        for title, legs in (("new leg", changes.new_legs), ("GONE baseline leg not run now", changes.gone_legs),
+                            ("came online (not run in the baseline)", changes.online_legs),
+                            ("BROKEN now", changes.broken_legs)):
             for leg_name in legs:
                 print(f"{title}: {leg_name}")
-        if args.fail_on_regression and changes.bad:
-            return 1
-    return 0
+        failed = args.fail_on_regression and changes.bad
+    for leg in missing:
+        print(f"MISSING leg: {missing_text(leg)}")
+    return 1 if failed or missing else 0
+
+
+def missing_text(leg: str) -> str:
+    return f"{leg} (no report has platform.leg {leg!r}: its runner did not run, or uploaded nothing)"
+
+
+def missing_legs(reports: list[dict[str, Any]], expected: list[str]) -> list[str]:
+    """The names in ``expected`` that no report's ``platform.leg`` carries."""
+    present = {rep["platform"].get("leg") for rep in reports}
+    return [leg for leg in expected if leg not in present]

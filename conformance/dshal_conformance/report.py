@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import tarfile
 from datetime import datetime
 from importlib import resources
@@ -70,6 +72,8 @@ def build(
         if target.broken_leg:  # installed and crashed, or a typo: a failed leg, not a missing one
             platform["broken"] = target.broken_leg
     platform.update(versions)  # triton, driver, runtime, python, host
+    if getattr(options, "leg", None):
+        platform["leg"] = options.leg
     return {
         "schema": SCHEMA_ID,
         "backend": target.name,
@@ -106,46 +110,82 @@ def all_skipped(report: dict[str, Any]) -> bool:
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
-    return atomic_write(path, json.dumps(report, indent=1, sort_keys=False) + "\n")
+    """The report as strict JSON: a NaN or infinite number anywhere in it (a case's value or
+    details) is written as null, not as ``NaN`` / ``Infinity``, which JSON parsers other than
+    Python's refuse (the case's reason keeps the word)."""
+    return atomic_write(path, json.dumps(finite_numbers(report), indent=1, sort_keys=False, allow_nan=False) + "\n")
+
+
+def finite_numbers(value: Any) -> Any:
+    """``value`` with every NaN / infinite float inside it (dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_numbers(v) for v in value]
+    return value
+
+
+#: Characters XML 1.0 cannot hold, even escaped (C0 controls but tab, newline, carriage return;
+#: lone surrogates; U+FFFE, U+FFFF): a CUDA error's ANSI colour codes made the JUnit file unreadable.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(value: Any) -> str:
+    """``str(value)`` with the characters XML cannot hold written as ``\\x1b`` escapes."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                        str(value))
 
 
 def write_junit(report: dict[str, Any], path: Path) -> Path:
     """JUnit XML: one testcase per result; fail -> <failure>, error -> <error>, skip and
-    unsupported -> <skipped> (with the reason)."""
+    unsupported -> <skipped> (with the reason). Every text goes through :func:`xml_text`."""
     s = report["summary"]
     not_run = "not_run" in report["platform"]  # one testcase of its own: an error when the leg is broken
     broken = not_run and bool(report["platform"].get("broken"))
-    suite = ET.Element(
+
+    def element(parent: ET.Element | None, tag: str, text: str | None = None, **attrs: Any) -> ET.Element:
+        clean = {k: xml_text(v) for k, v in attrs.items()}
+        node = ET.Element(tag, clean) if parent is None else ET.SubElement(parent, tag, clean)
+        if text is not None:
+            node.text = xml_text(text)
+        return node
+
+    suite = element(
+        None,
         "testsuite",
         name=f"dshal-conformance.{report['backend']}",
-        tests=str(len(report["cases"]) + not_run),
-        failures=str(s["failed"]),
-        errors=str(s["errors"] + broken),
-        skipped=str(s["skipped"] + s["unsupported"] + (not_run and not broken)),
+        tests=len(report["cases"]) + not_run,
+        failures=s["failed"],
+        errors=s["errors"] + broken,
+        skipped=s["skipped"] + s["unsupported"] + (not_run and not broken),
         time=f"{report['duration_s']:.3f}",
         timestamp=report["started"],
     )
-    props = ET.SubElement(suite, "properties")
+    props = element(suite, "properties")
     for key in ("backend", "plugin_version", "dshal_version", "seed", "tier"):
-        ET.SubElement(props, "property", name=key, value=str(report.get(key)))
+        element(props, "property", name=key, value=report.get(key))
     for key, value in report["platform"].items():
-        ET.SubElement(props, "property", name=f"platform.{key}", value=str(value))
-    if "not_run" in report["platform"]:
-        case = ET.SubElement(suite, "testcase", classname=f"{report['backend']}", name="not-run", time="0")
+        element(props, "property", name=f"platform.{key}", value=value)
+    if not_run:
+        case = element(suite, "testcase", classname=report["backend"], name="not-run", time="0")
         if broken:  # dashboards must show a broken plugin as broken, not as a skipped leg
-            ET.SubElement(case, "error", message=f"{report['platform']['broken']}: {report['platform']['not_run']}"[:500]).text = str(
-                report["platform"]["not_run"])
+            element(case, "error", report["platform"]["not_run"],
+                    message=f"{report['platform']['broken']}: {report['platform']['not_run']}"[:500])
         else:
-            ET.SubElement(case, "skipped", message=str(report["platform"]["not_run"]))
+            element(case, "skipped", message=report["platform"]["not_run"])
     for c in report["cases"]:
-        case = ET.SubElement(suite, "testcase", classname=f"{report['backend']}.{c['op']}", name=c["id"], time=f"{c.get('duration_s', 0):.4f}")
-        message = f"{c['metric']}={c['value']} threshold={c['threshold']}: {c['reason']}"
+        case = element(suite, "testcase", classname=f"{report['backend']}.{c['op']}", name=c["id"],
+                       time=f"{c.get('duration_s', 0):.4f}")
+        measured = f"{c['metric']}={c['value']} threshold={c['threshold']}: " if c["metric"] else ""
+        message = measured + c["reason"]
         if c["status"] == "fail":
-            ET.SubElement(case, "failure", message=message[:500]).text = c["reason"]
+            element(case, "failure", c["reason"], message=message[:500])
         elif c["status"] == "error":
-            ET.SubElement(case, "error", message=message[:500]).text = c["reason"]
+            element(case, "error", c["reason"], message=message[:500])
         elif c["status"] in ("skip", "unsupported"):
-            ET.SubElement(case, "skipped", message=f"{c['status']}: {c['reason']}"[:500])
+            element(case, "skipped", message=f"{c['status']}: {c['reason']}"[:500])
     return atomic_write(path, ET.tostring(suite, encoding="utf-8", xml_declaration=True))
 
 
@@ -227,4 +267,9 @@ def load(path: str | Path) -> dict[str, Any]:
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
         raise ReportError(f"{path}: does not follow {SCHEMA_ID} at {where}: {err.message[:200]}") from None
+    try:  # the matrix orders reruns and ages legs by it
+        datetime.fromisoformat(data["started"])
+    except ValueError:
+        raise ReportError(f"{path}: started is {data['started']!r}, expected an ISO 8601 time "
+                          "(2026-12-06T19:04:33+00:00)") from None
     return data

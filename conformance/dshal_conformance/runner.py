@@ -9,6 +9,7 @@ checks exactly as ``dshal.ops.<op>`` does.
 from __future__ import annotations
 
 import fnmatch
+import os
 import platform
 import threading
 import time
@@ -44,6 +45,10 @@ def default_timeout(tier: str) -> float:
     return FULL_TIER_CASE_TIMEOUT_S if tier == "full" else DEFAULT_CASE_TIMEOUT_S
 
 
+#: Environment variable naming the CI leg a report comes from (the workflow sets it per runner).
+LEG_ENV = "DSHAL_CONFORMANCE_LEG"
+
+
 @dataclass
 class Options:
     tier: str = "ci"
@@ -55,6 +60,11 @@ class Options:
     collectives: bool = True
     waivers: list[Waiver] = field(default_factory=list)
     progress: bool = True
+    #: The CI runner's name for this leg (``h200``), recorded as ``platform.leg``:
+    #: :data:`LEG_ENV` where set. Reports of legs that did not run carry no device name, so
+    #: without it an h100 and an h200 leg with no device merge into one; ``dshal matrix
+    #: --expect`` finds legs by it.
+    leg: str | None = field(default_factory=lambda: os.environ.get(LEG_ENV) or None)
 
 
 @dataclass
@@ -89,6 +99,9 @@ class Target:
 def resolve(name: str, emulate: bool | None = None, determinism: str | None = None) -> Target:
     """Load backend ``name`` as a user would (``fallback: error``); a backend that cannot
     run here becomes a Target with ``not_run`` set instead of raising."""
+    if not name or name in (".", "..") or any(sep in name for sep in ("/", "\\", "\0")):
+        raise ArgumentError(f"backend: got {name!r}, expected a backend's name (no path separators): it also names "
+                            "the report files NAME.json and NAME.junit.xml")
     overrides: dict[str, Any] = {"backend": name, "fallback": "error"}
     if emulate is not None:
         overrides["emulate"] = emulate

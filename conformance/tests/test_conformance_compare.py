@@ -43,10 +43,11 @@ def test_baseline_names_what_regressed_was_lost_fixed_and_is_new(cpu_report: dic
     args = ["matrix", *reports, "--baseline", str(base_dir), "--markdown", str(md), "--html", str(page)]
     assert cli.main([*args, "--fail-on-regression"]) == 1
     out = capsys.readouterr().out
-    assert "REGRESSED cpu (hardware) · cpu: 1 regressed, 1 new failing, 1 lost, 1 fixed; 1 cases added, 1 removed" in out
+    assert ("REGRESSED cpu (hardware) · cpu: 1 regressed, 1 new failing, 0 now failing, 1 lost, 1 fixed; 1 cases added, "
+            "1 removed") in out
     assert "new leg: amd (emulated) · CPU emulating gfx942" in out
     text = md.read_text()
-    assert "## Changes since the baseline" in text and "| ❌ cpu (hardware) · cpu |" in text and "| 1 | 1 | 1 | 1 | 1 / 1 |" in text
+    assert "## Changes since the baseline" in text and "| ❌ cpu (hardware) · cpu |" in text and "| 1 | 1 | 0 | 1 | 1 | 1 / 1 |" in text
     assert f"- `{regress}`: pass -> fail: out.max_err_ratio 85.8 > 1" in text
     assert f"- `{fix}`: fail -> pass" in text and f"- `{lose}`: pass -> unsupported" in text
     assert "- `rms_norm/new-row`: - -> error: boom" in text and "legs not in the baseline: amd (emulated)" in text
@@ -59,7 +60,8 @@ def test_an_unchanged_leg_passes_the_gate_and_the_flag_needs_a_baseline(cpu_repo
     path = _write(tmp_path / "now", "cpu", cpu_report)
     same = _write(tmp_path / "then", "cpu", cpu_report)
     assert cli.main(["matrix", path, "--baseline", same, "--fail-on-regression", "--markdown", str(tmp_path / "m.md")]) == 0
-    assert "cpu (hardware) · cpu: 0 regressed, 0 new failing, 0 lost, 0 fixed; 0 cases added, 0 removed" in capsys.readouterr().out
+    assert ("cpu (hardware) · cpu: 0 regressed, 0 new failing, 0 now failing, 0 lost, 0 fixed; 0 cases added, "
+            "0 removed") in capsys.readouterr().out
     assert cli.main(["matrix", path, "--fail-on-regression"]) == 1
     assert "--fail-on-regression needs --baseline" in capsys.readouterr().err
     empty = tmp_path / "empty"
@@ -78,3 +80,68 @@ def test_a_hardware_leg_that_did_not_run_now_fails_the_gate(cpu_report: dict, tm
     assert cli.main(["matrix", now, "--baseline", then, "--fail-on-regression", "--markdown", str(tmp_path / "m.md")]) == 1
     out = capsys.readouterr().out
     assert "GONE baseline leg not run now: cpu (hardware) · cpu" in out and "new leg: cpu (not-run)" in out
+
+
+def test_a_case_that_was_unsupported_or_skipped_and_fails_now_fails_the_gate(cpu_report: dict, tmp_path: Path, capsys) -> None:
+    """A plugin that began to declare an op it then fails, or a waiver removed: the case was
+    unsupported / skipped in the baseline and fails now. The gate counted only pass -> fail."""
+    passing = [c["id"] for c in cpu_report["cases"] if c["status"] == "pass"]
+    declared, unwaived = passing[:2]
+    baseline = copy.deepcopy(cpu_report)
+    _set(baseline, declared, "unsupported", "backend does not provide it")
+    _set(baseline, unwaived, "skip", "waived: known issue")
+    current = copy.deepcopy(cpu_report)
+    _set(current, declared, "fail", "out.max_err_ratio 9 > 1")
+    _set(current, unwaived, "error", "crashed")
+    now, then = _write(tmp_path / "now", "cpu", current), _write(tmp_path / "then", "cpu", baseline)
+    md = tmp_path / "m.md"
+    assert cli.main(["matrix", now, "--baseline", then, "--fail-on-regression", "--markdown", str(md)]) == 1
+    assert "REGRESSED cpu (hardware) · cpu: 0 regressed, 0 new failing, 2 now failing" in capsys.readouterr().out
+    text = md.read_text()
+    assert f"- `{declared}`: unsupported -> fail: out.max_err_ratio 9 > 1" in text and f"- `{unwaived}`: skip -> error" in text
+
+
+def test_a_leg_coming_online_passes_the_gate_and_a_broken_one_fails_it(cpu_report: dict, tmp_path: Path, capsys) -> None:
+    """The day an NPU runner gets its device, its leg goes from "not run" to hardware: that failed
+    the gate as a gone leg. A leg whose plugin fails to load now passed it (only "new leg")."""
+    not_run = copy.deepcopy(cpu_report)
+    not_run["platform"] = {**not_run["platform"], "device": "not run", "arch": "", "not_run": "no device"}
+    not_run["cases"], not_run["summary"] = [], dict.fromkeys(not_run["summary"], 0)
+    then = _write(tmp_path / "then", "cpu", not_run)
+    now = _write(tmp_path / "now", "cpu", cpu_report)
+    assert cli.main(["matrix", now, "--baseline", then, "--fail-on-regression", "--markdown", str(tmp_path / "m.md")]) == 0
+    out = capsys.readouterr().out
+    assert "came online (not run in the baseline): cpu (not-run) · not run" in out and "GONE" not in out
+    broken = copy.deepcopy(not_run)
+    broken["platform"]["broken"] = "the plugin failed to load"
+    now = _write(tmp_path / "now", "cpu", broken)
+    assert cli.main(["matrix", now, "--baseline", then, "--fail-on-regression", "--markdown", str(tmp_path / "m.md")]) == 1
+    assert "BROKEN now: cpu (not-run) · not run: the plugin failed to load" in capsys.readouterr().out
+
+
+def test_legs_that_did_not_run_stay_apart_by_their_ci_leg_and_expect_names_a_missing_one(
+        cpu_report: dict, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Two runners (h100, h200) without their devices both report device "not run": they merged
+    into one column. With the CI leg name in each report they stay apart, and ``--expect`` fails
+    when an expected leg's report never arrived (it vanished from the matrix before)."""
+    from dshal_conformance import report, runner
+
+    monkeypatch.setenv(runner.LEG_ENV, "h100")
+    target = runner.Target("nvidia", False, None, "0.1.0", not_run="no CUDA device")
+    options = runner.Options(tier="ci", progress=False)
+    assert options.leg == "h100"
+    h100 = report.build(target, options, [], __import__("datetime").datetime.now(), 0.0, {})
+    report.validate(h100)
+    h200 = {**copy.deepcopy(h100), "platform": {**h100["platform"], "leg": "h200"}}
+    paths = [_write(tmp_path / "h100", "nvidia", h100), _write(tmp_path / "h200", "nvidia", h200),
+             _write(tmp_path / "cpu", "cpu", {**cpu_report, "platform": {**cpu_report["platform"], "leg": "cpu"}})]
+    md = tmp_path / "m.md"
+    assert cli.main(["matrix", *paths, "--markdown", str(md), "--expect", "cpu,h100,h200"]) == 0
+    out = capsys.readouterr().out
+    assert "newest of 2" not in out and "MISSING" not in out
+    text = md.read_text()
+    assert "nvidia (not-run) · not run @h100" in text and "nvidia (not-run) · not run @h200" in text
+    assert cli.main(["matrix", *paths[1:], "--markdown", str(md), "--expect", "cpu,h100,h200,mi300x"]) == 1
+    out = capsys.readouterr().out
+    assert "MISSING leg: h100 (no report has platform.leg 'h100'" in out and "MISSING leg: mi300x" in out
+    assert "❌ MISSING leg: h100" in md.read_text()

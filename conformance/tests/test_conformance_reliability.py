@@ -161,3 +161,67 @@ def test_ctrl_c_during_op_cases_exits_130_without_a_report(tmp_path, sigint_deli
     assert "interrupted; no report written" in err
     assert "terminate called" not in err and "Traceback" not in err
     assert not (out / "slow.json").exists() and not (out / "slow.junit.xml").exists()
+
+
+# ----------------------------------------------------------------- what the files hold
+def test_junit_and_json_stay_parseable_with_control_characters_and_infinities(tmp_path, small_report):
+    """A CUDA error's ANSI colours in a reason made the JUnit file unreadable XML; a determinism
+    case's ``inf`` difference was written as ``Infinity``, which strict JSON parsers refuse."""
+    from xml.etree import ElementTree as ET
+
+    rep = copy.deepcopy(small_report)
+    case = rep["cases"][0]
+    case.update(status="error", metric=None, value=None, threshold=None,
+                reason="crashed with RuntimeError: \x1b[31mCUDA error\x1b[0m: an illegal memory access\x00")
+    failing = rep["cases"][1]
+    failing.update(status="fail", value=float("inf"), details={"row": 0, "max_diff": float("nan")})
+    rep["platform"]["driver"] = "bad\x07bell"
+    rep["summary"] = report.summarize(rep["cases"])
+    junit = report.write_junit(rep, tmp_path / "r.junit.xml")
+    suite = ET.parse(junit).getroot()
+    error = suite.find(".//error")
+    assert error.get("message") == "crashed with RuntimeError: \\x1b[31mCUDA error\\x1b[0m: an illegal memory access\\x00"
+    assert int(suite.get("errors")) == 1 and int(suite.get("failures")) == 1  # counts as in the JSON
+    text = report.write_json(rep, tmp_path / "r.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    back = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert back["cases"][1]["value"] is None and back["cases"][1]["details"] == {"row": 0, "max_diff": None}
+    assert back["cases"][0]["reason"] == case["reason"]  # JSON escapes control characters itself
+
+
+def test_a_backend_name_with_a_path_in_it_is_refused_before_any_file_is_written(tmp_path, capsys):
+    code, err = _run(capsys, "conformance", "--backend", "x/../../escape", "--report-dir", str(tmp_path / "r"),
+                     "--allow-unavailable", "--quiet")
+    assert code == 1 and "backend: got 'x/../../escape', expected a backend's name (no path separators)" in err, err
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_matrix_refuses_a_report_whose_start_time_is_not_a_time(tmp_path, capsys, small_report):
+    rep = {**small_report, "started": "yesterday"}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(rep))
+    code, err = _run(capsys, "matrix", str(path))
+    assert code == 1 and f"{path}: started is 'yesterday', expected an ISO 8601 time" in err, err
+
+
+def test_an_old_not_run_or_broken_leg_is_marked_stale_and_names_are_not_markup(tmp_path, capsys, small_report):
+    """`--stale-after` skipped legs that did not run: a 23-month-old "broken" column looked
+    current. A device name is the report's text, not Markdown or HTML."""
+    broken = copy.deepcopy(small_report)
+    broken["backend"], broken["started"] = "npu", "2025-01-01T00:00:00+00:00"
+    broken["platform"] = {**broken["platform"], "device": "not run", "arch": "", "not_run": "import failed",
+                          "broken": "the plugin failed to load"}
+    broken["cases"], broken["summary"] = [], report.summarize([])
+    odd = copy.deepcopy(small_report)
+    odd["platform"]["device"] = "<i>GPU</i>\nnext"
+    paths = []
+    for name, rep in (("npu", broken), ("odd", odd)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        Path(paths[-1]).write_text(json.dumps(rep))
+    md = tmp_path / "m.md"
+    assert cli.main(["matrix", *paths, "--markdown", str(md), "--stale-after", "30d"]) == 0
+    text = md.read_text()
+    legs = next(line for line in text.splitlines() if line.startswith("| npu (not-run)"))
+    assert "`STALE`" in legs and "STALE: report is" in legs, legs
+    reports = text.split("## Reports", 1)[1].split("\n## ", 1)[0]
+    assert "<i>" not in reports and "&lt;i>GPU&lt;/i> next" in reports, reports

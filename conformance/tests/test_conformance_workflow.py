@@ -33,7 +33,10 @@ def test_workflow_legs_name_existing_tox_envs() -> None:
     steps = " ".join(str(s.get("run", "")) + str(s.get("uses", "")) for s in leg["steps"])
     assert "tox -e ${{ matrix.tox_env }}" in steps and "upload-artifact" in steps
     assert final["needs"] == "leg" and final["if"] == "always()"
-    assert any("dshal matrix" in str(s.get("run", "")) for s in final["steps"])
+    assert leg["env"]["DSHAL_CONFORMANCE_LEG"] == "${{ matrix.leg }}"  # each report names its leg
+    build = next(str(s["run"]) for s in final["steps"] if "dshal matrix" in str(s.get("run", "")))
+    assert f"--expect {','.join(item['leg'] for item in legs)}" in build  # a leg whose report never came fails
+    assert 'exit $status' in build  # after the summary is written
 
 
 def test_tox_envs_pin_torch_through_constraints() -> None:
