@@ -36,6 +36,9 @@ def test_parallel_cli_launches_local_ranks(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0/2:" in done.stdout and "rank 1/2:" in done.stdout and "aggregate over 2 ranks" in done.stdout
+    # each rank's line whole (print() wrote text and newline apart: "... tokens/srank 1/2: ...")
+    assert sorted(line[:9] for line in done.stdout.splitlines() if "tokens/s" in line and line.startswith("rank ")) == \
+        ["rank 0/2:", "rank 1/2:"] and "tokens/srank" not in done.stdout
     report = json.loads(out.read_text())
     parallel = report["parallel"]
     assert (parallel["tp"], parallel["ep"], parallel["world_size"]) == (1, 2, 2)

@@ -139,7 +139,9 @@ def report(report: dict[str, Any], groups: ParallelGroups) -> dict[str, Any]:
     ``report`` (returned). Every rank must call it."""
     rank, world = comm.get_rank(), comm.get_world_size()
     mine = [report.get("prefill_tokens_per_s") or 0.0, report.get("decode_tokens_per_s") or 0.0]
-    print(f"rank {rank}/{world}: prefill {mine[0]:,.1f} tokens/s, decode {mine[1]:,.1f} tokens/s", flush=True)
+    # One write per line: print() writes the text and its newline apart, and the ranks share stdout.
+    sys.stdout.write(f"rank {rank}/{world}: prefill {mine[0]:,.1f} tokens/s, decode {mine[1]:,.1f} tokens/s\n")
+    sys.stdout.flush()
     rates = comm.all_gather(torch.tensor([mine], dtype=torch.float64, device=_device()), dim=0).cpu()
     per_rank = [{"rank": r, "prefill_tokens_per_s": float(p), "decode_tokens_per_s": float(d)} for r, (p, d) in enumerate(rates.tolist())]
     slowest = rates.min(dim=0).values.tolist()

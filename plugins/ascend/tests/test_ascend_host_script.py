@@ -33,7 +33,8 @@ def test_ascend_host_script_dry_run(tmp_path, capsys):
     assert "dshal conformance --backend ascend --tier ci" in lines[2]
     assert lines[3].startswith(f"+ [run-int8] dshal run --config {out}/int8.yaml")
     assert lines[4].startswith(f"+ [run-high] dshal run --config {out}/high.yaml")
-    assert not (out / "install.log").exists()  # a dry run runs nothing
+    assert not (out / "install.log").exists()  # a dry run runs nothing, and says so
+    assert done.stdout.strip().splitlines()[-1] == f"done (dry run): configs in {out}; nothing was installed or run"
     # The configs are valid dshal configs selecting ascend: W8A8 int8, and high precision.
     for name, mode in (("int8", "int8"), ("high", "high")):
         config = dshal.load_config(str(out / f"{name}.yaml"))

@@ -44,4 +44,8 @@ stage info dshal info --backend ascend   # exit 1, with the reason, unless ascen
 stage conformance dshal conformance --backend ascend --tier ci --report-dir "$OUT/reports"
 stage run-int8 dshal run --config "$OUT/int8.yaml" --prompt-len 16 --new-tokens 8
 stage run-high dshal run --config "$OUT/high.yaml" --prompt-len 16 --new-tokens 8
-echo "done: logs, configs and reports/ascend.json in $OUT"
+if [ "$DRY_RUN" = 1 ]; then
+  echo "done (dry run): configs in $OUT; nothing was installed or run"
+else
+  echo "done: logs, configs and reports/ascend.json in $OUT"
+fi
