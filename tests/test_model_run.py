@@ -766,3 +766,39 @@ def test_model_dshal_run_text_prompts_sample_as_the_generation_config_says(tmp_p
     for name in ("greedy", "ids"):
         report, stdout = runs[name]
         assert (report["temperature"], report["sampling_from"]) == (0.0, None) and "sampling: greedy\n" in stdout
+
+
+def test_model_a_kimi_k2_checkpoint_reads_its_tokenizer_without_running_its_config_code(tmp_path):
+    """Kimi-K2 ships config.json with model_type kimi_k2 (unknown to transformers), an auto_map
+    to its configuration code and YaRN rope_scaling. transformers read that config only to pick
+    a tokenizer class and died in it (AttributeError: no 'max_position_embeddings'), a traceback
+    from `dshal run --prompt`, or offered to run the code on the terminal. A plain tokenizer is
+    now read without the config (same ids as the tokenizer itself gives); a shipped tokenizer is
+    the documented refusal; a config.json path means its folder."""
+    from dshal.model.text import load_tokenizer
+
+    ckpt = tmp_path / "kimi"
+    tokenizer = _checkpoint_with_tokenizer(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+                  rope_scaling={"type": "yarn", "factor": 32.0, "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
+                                "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096})
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "configuration_deepseek.py").write_text("raise RuntimeError('the config code ran')\n")
+    read = load_tokenizer(ckpt)
+    assert read("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+    from dshal.model import from_pretrained
+
+    ids = torch.tensor([read("hello world")["input_ids"]])
+    assert torch.equal(from_pretrained(ckpt / "config.json")(ids), from_pretrained(ckpt)(ids))  # was "not safetensors"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
+    done = subprocess.run([sys.executable, "-m", "dshal", "run", "--checkpoint", str(ckpt / "config.json"), "--prompt",
+                           "hello", "--new-tokens", "2", "--no-progress"], capture_output=True, text=True, timeout=90,
+                          env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and "output: " in done.stdout, done.stderr[-2000:]
+    tok_config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    with pytest.raises(dshal.CheckpointError, match="its tokenizer is code the checkpoint ships"):
+        load_tokenizer(ckpt)

@@ -409,6 +409,13 @@ def checkpoint_config_path(path: Any) -> Path:
     )
 
 
+def checkpoint_folder(path: Any) -> Path:
+    """The checkpoint folder ``path`` names: itself, or the folder of a ``config.json`` given
+    instead (:func:`checkpoint_config_path` says that form is accepted; the weights, tokenizer
+    and generation_config.json are read beside it)."""
+    return checkpoint_config_path(path).parent
+
+
 class _HfCheck:
     """Raises ConfigErrors about one config.json: key, value, expectation, file[:line]."""
 
@@ -615,6 +622,7 @@ __all__ = [
     "ModelArgs",
     "RopeScaling",
     "checkpoint_config_path",
+    "checkpoint_folder",
     "tiny_args",
     "validate_hf_config",
     "yarn_mscale",

@@ -93,6 +93,8 @@ class CheckpointReader:
 
         self._safe_open = safe_open
         self.path = Path(path)
+        if self.path.suffix == ".json" and self.path.is_file():  # config.json or the index: their folder
+            self.path = self.path.parent
         self._files: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         if self.path.is_file():

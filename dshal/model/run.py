@@ -38,6 +38,7 @@ from dshal.cliargs import seed
 from dshal.config import read_text_file
 from dshal.errors import ArgumentError, ConfigError, DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
+from dshal.model.args import checkpoint_folder
 from dshal.model.cache import check_cache_fits
 from dshal.model.chat import ChatSettings, chat
 from dshal.model.decode import generate_with_graphs, static_decode_unsupported
@@ -366,6 +367,8 @@ def _prompt_batch(args: argparse.Namespace, vocab_size: int, prompts: list[list[
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Every flag's value, before anything is loaded (outputs included: before the run, not after it)."""
+    if args.checkpoint:  # a config.json given for its folder: the tokenizer and generation config are beside it
+        args.checkpoint = str(checkpoint_folder(args.checkpoint))
     _check_prompt_flags(args)
     _positive("--new-tokens", args.new_tokens)
     if args.batch is not None:

@@ -7,6 +7,7 @@ knows about text, so a backend never sees it."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -37,16 +38,48 @@ def load_tokenizer(checkpoint: str | os.PathLike, trust_remote_code: bool = Fals
         raise ArgumentError(
             f"a text prompt needs the transformers package to read {folder}'s tokenizer ({err}): pip install transformers"
         ) from None
+    shipped_code = CheckpointError(
+        f"{folder}: its tokenizer is code the checkpoint ships (tokenizer_config.json's auto_map), which dshal "
+        "does not run unless asked: read it, then pass --trust-remote-code (trust_remote_code=True)"
+    )
+    if not trust_remote_code and "AutoTokenizer" in (_json_object(folder / "tokenizer_config.json").get("auto_map") or {}):
+        raise shipped_code
+    extra: dict[str, Any] = {}
+    if not trust_remote_code and not _known_model_type(folder):
+        # transformers reads config.json only to pick a tokenizer class; for a model type it does not
+        # know (Kimi-K2's kimi_k2) it then offers to run the config's code, or fails on its rope_scaling
+        extra["config"] = _empty_config()
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code,
+                                             **extra)
+    except Exception as err:  # noqa: BLE001 - the checkpoint's files (or its shipped code) failed: say whose
         text = " ".join(str(err).split())
         if "trust_remote_code" in text and not trust_remote_code:
-            raise CheckpointError(
-                f"{folder}: its tokenizer is code the checkpoint ships (tokenizer_config.json's auto_map), which dshal "
-                "does not run unless asked: read it, then pass --trust-remote-code (trust_remote_code=True)"
-            ) from None
+            raise shipped_code from None
         raise CheckpointError(f"{folder}: cannot read its tokenizer: {type(err).__name__}: {text}") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when it is missing or not an object (transformers then says what is wrong)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _known_model_type(folder: Path) -> bool:
+    """config.json names a model type the installed transformers knows (or has none to read)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # lazy: transformers is optional
+
+    model_type = _json_object(folder / "config.json").get("model_type")
+    return not isinstance(model_type, str) or model_type in CONFIG_MAPPING_NAMES
+
+
+def _empty_config() -> Any:
+    import transformers  # lazy: transformers is optional
+
+    return (getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig)()
 
 
 def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
