@@ -425,6 +425,136 @@ def test_top_p_samples_only_the_nucleus():
     assert set(TokenChooser(1.0, 1.0, gen)(logits).tolist()) == {0, 1, 2, 3}
 
 
+def _kept(probs: torch.Tensor) -> set[int]:
+    return set(probs.nonzero().flatten().tolist())
+
+
+def test_top_k_keeps_the_k_most_likely_and_ties_at_the_kth():
+    """Probabilities 0.4, 0.2, 0.2, 0.1, 0.1: top_k 2 keeps the tie at the second place too
+    (as transformers' TopKLogitsWarper), renormalized over what it keeps; 0 or >= V cuts nothing."""
+    from dshal.model.sampling import sampling_probs
+
+    probs = torch.tensor([0.4, 0.2, 0.2, 0.1, 0.1])
+    logits = probs.log()
+    assert _kept(sampling_probs(logits, 1.0, top_k=1)) == {0}
+    assert _kept(sampling_probs(logits, 1.0, top_k=2)) == _kept(sampling_probs(logits, 1.0, top_k=3)) == {0, 1, 2}
+    assert _kept(sampling_probs(logits, 1.0, top_k=4)) == {0, 1, 2, 3, 4}
+    kept = sampling_probs(logits, 1.0, top_k=3)
+    assert torch.allclose(kept / kept.sum(), torch.tensor([0.5, 0.25, 0.25, 0.0, 0.0]))
+    for no_cut in (0, 5, 1000):
+        assert torch.allclose(sampling_probs(logits, 1.0, top_k=no_cut), probs)
+    # on the scaled logits: a temperature changes the probabilities, not which k are kept
+    assert _kept(sampling_probs(logits, 7.0, top_k=1)) == {0}
+
+
+def test_top_p_after_top_k_sees_the_renormalized_distribution():
+    """Probabilities 0.3, 0.25, 0.2, 0.15, 0.1. top_k 2 leaves 0.545, 0.455: top_p 0.5 then
+    keeps the first alone (top-p on the mass before the cut, 0.3 < 0.5, would keep two, and so
+    would top-p before top-k)."""
+    from dshal.model.sampling import sampling_probs
+
+    logits = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1]).log()
+    assert _kept(sampling_probs(logits, 1.0, top_p=0.5)) == {0, 1}
+    assert _kept(sampling_probs(logits, 1.0, top_p=0.5, top_k=2)) == {0}
+    assert _kept(sampling_probs(logits, 1.0, top_p=0.6, top_k=2)) == {0, 1}
+
+
+def test_min_p_drops_the_tokens_far_less_likely_than_the_most_likely():
+    """Probabilities 0.5, 0.3, 0.1, 0.06, 0.04: min_p 0.25 keeps those >= 0.125 (two), 0.1 those
+    >= 0.05 (four), 1 the most likely alone. All cuts at once: top_k 4, then top_p 0.85 (of the
+    four renormalized, drops the fourth), then min_p 0.25 (drops the third)."""
+    from dshal.model.sampling import sampling_probs
+
+    logits = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04]).log()
+    assert _kept(sampling_probs(logits, 1.0, min_p=0.25)) == {0, 1}
+    assert _kept(sampling_probs(logits, 1.0, min_p=0.1)) == {0, 1, 2, 3}
+    assert _kept(sampling_probs(logits, 1.0, min_p=1.0)) == {0}
+    assert torch.allclose(sampling_probs(logits, 1.0, min_p=0.0), torch.softmax(logits, -1))
+    assert _kept(sampling_probs(logits, 1.0, top_p=0.85, top_k=4)) == {0, 1, 2}
+    both = sampling_probs(logits, 1.0, top_p=0.85, top_k=4, min_p=0.25)
+    assert torch.allclose(both / both.sum(), torch.tensor([0.625, 0.375, 0.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize(
+    "temperature, top_p, top_k, min_p",
+    [(1.0, 1.0, 20, 0.0), (0.7, 0.9, 50, 0.0), (1.3, 0.8, 0, 0.05), (0.6, 0.95, 20, 0.1), (1.0, 0.5, 5, 0.3),
+     (2.0, 1.0, 0, 0.2), (1.0, 0.99, 150, 0.01)],
+)
+def test_sampling_cuts_match_transformers_warpers(temperature, top_p, top_k, min_p):
+    """The same tokens kept, with the same renormalized probabilities, as transformers'
+    temperature, top-k, top-p and min-p warpers applied in its order, then softmax."""
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    from dshal.model.sampling import sampling_probs
+
+    logits = torch.randn(8, 200, generator=torch.Generator().manual_seed(top_k)) * 2
+    scores = warpers.TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = warpers.TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = warpers.TopPLogitsWarper(top_p)(None, scores)
+    if min_p:
+        scores = warpers.MinPLogitsWarper(min_p)(None, scores)
+    want = torch.softmax(scores, dim=-1)
+    got = sampling_probs(logits, temperature, top_p, top_k, min_p)
+    assert torch.equal(got > 0, want > 0)
+    assert torch.allclose(got / got.sum(-1, keepdim=True), want, atol=1e-6)
+    assert 1 < int((want > 0).sum(-1).max()) < 200  # the case cuts something, not everything
+
+
+def test_sampling_cuts_read_nothing_on_the_host():
+    """A captured decode step chooses its token outside the graph every step: the cuts must not
+    sync (no ``.item()``, no data-dependent shapes)."""
+    from dshal.model.sampling import sampling_probs
+    from dshal.perf.syncs import HostSyncCounter
+
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    with HostSyncCounter() as syncs:
+        sampling_probs(logits, 0.7, 0.9, 5, 0.1)
+        sampling_probs(logits, 1e-30, 0.9, 5, 0.1)
+    assert syncs.count == 0, syncs.where
+
+
+def test_token_chooser_draws_from_the_cut_distribution():
+    """Probabilities 0.4, 0.3, 0.2, 0.1: top_k 2 draws the first two as 4 : 3, min_p 0.4 the
+    first three as 4 : 3 : 2; the positional arguments stay (temperature, top_p, generator)."""
+    from dshal.model.sampling import TokenChooser
+
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().expand(4000, 4)
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.bincount(TokenChooser(1.0, 1.0, gen, top_k=2)(logits), minlength=4) / 4000
+    assert counts[2:].sum() == 0 and abs(float(counts[0]) - 4 / 7) < 0.03
+    counts = torch.bincount(TokenChooser(1.0, 1.0, gen, min_p=0.4)(logits), minlength=4) / 4000
+    assert counts[3] == 0 and abs(float(counts[0]) - 4 / 9) < 0.03 and abs(float(counts[2]) - 2 / 9) < 0.03
+    assert set(TokenChooser(1.0, 0.5, gen, top_k=3)(logits).tolist()) == {0, 1}  # 0.4 / 0.9 < 0.5: two
+
+
+def test_model_generate_samples_among_the_top_k():
+    """``generate(..., top_k=1)`` is greedy at any temperature; with top_k 3 every sampled token
+    is among its step's 3 most likely (recomputed with the cache-free forward), where plain
+    sampling at that temperature leaves them; bad top_k / min_p are refused by name."""
+    model = _model()
+    ids = _ids(model.args.vocab_size, 5)
+    greedy = model.generate(ids, 7)
+    assert torch.equal(model.generate(ids, 7, temperature=5.0, generator=torch.Generator().manual_seed(0), top_k=1), greedy)
+
+    def ranks(out: torch.Tensor) -> torch.Tensor:
+        """Each new token's rank among its step's logits (0: the most likely)."""
+        logits = model(out[:, :-1])[:, 4:].float()
+        chosen = logits.gather(-1, out[:, 5:, None])
+        return (logits > chosen + 1e-4).sum(-1)
+
+    top3 = model.generate(ids, 12, temperature=3.0, generator=torch.Generator().manual_seed(1), top_k=3)
+    assert int(ranks(top3).max()) < 3
+    plain = model.generate(ids, 12, temperature=3.0, generator=torch.Generator().manual_seed(1))
+    assert int(ranks(plain).max()) >= 3
+    for name, bad, expected in (("top_k", -1, r"an int >= 0"), ("top_k", 2.0, r"an int >= 0"), ("top_k", True, "an int >= 0"),
+                                ("min_p", -0.1, r"a number in \[0, 1\]"), ("min_p", 1.5, r"a number in \[0, 1\]"),
+                                ("min_p", float("nan"), r"a number in \[0, 1\]"), ("min_p", True, r"a number in \[0, 1\]"),
+                                ("min_p", "0.1", r"a number in \[0, 1\]")):
+        with pytest.raises(dshal.ArgumentError, match=f"generate: argument '{name}' is .*, expected {expected}"):
+            model.generate(ids, 2, temperature=1.0, **{name: bad})
+
+
 def test_model_bad_inputs_raise_clear_errors():
     model = _model()
     with pytest.raises(dshal.DTypeError, match="input_ids"):

@@ -64,7 +64,8 @@ def test_static_decode_samples_outside_the_graph():
     """Sampled generation through the static step: the graph hook gets the forward only and the
     token is drawn after it, from the generator, each step. The draws are then the eager
     ``generate``'s with the same seed (one [B, V] draw a step on the same logits), for one
-    length and for prompts of different lengths; a one-token nucleus is greedy."""
+    length and for prompts of different lengths, with top-k and min-p cuts too; a one-token
+    nucleus or top_k 1 is greedy."""
     dshal.use(backend="cpu")
     model = random_model(tiny_args(), seed=2)
     ids = _ids(model.args)
@@ -82,10 +83,21 @@ def test_static_decode_samples_outside_the_graph():
     assert len(hooked) == 2  # one static step per generation, its logits out of the graph
     nucleus, _ = generate_with_graphs(model, ids, 8, stand_in, temperature=1.5, top_p=1e-9)
     assert torch.equal(nucleus, model.generate(ids, 8))
+    # top_k and min_p reach the chooser: the eager draws with the same cuts, greedy at top_k 1
+    cuts = dict(temperature=1.5, top_p=0.9, top_k=4, min_p=0.05)
+    want = model.generate(ids, 8, generator=torch.Generator().manual_seed(4), **cuts)
+    got, _ = generate_with_graphs(model, ids, 8, stand_in, generator=torch.Generator().manual_seed(4), **cuts)
+    assert torch.equal(got, want)
+    assert not torch.equal(want, model.generate(ids, 8, 1.5, top_p=0.9, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(generate_with_graphs(model, ids, 8, stand_in, temperature=1.5, top_k=1)[0], model.generate(ids, 8))
     with pytest.raises(ArgumentError, match="generate_with_graphs: argument 'temperature' is -1, expected a finite number >= 0"):
         generate_with_graphs(model, ids, 8, stand_in, temperature=-1)
     with pytest.raises(ArgumentError, match=r"generate_with_graphs: argument 'top_p' is 0, expected a number in \(0, 1\]"):
         generate_with_graphs(model, ids, 8, stand_in, temperature=1.0, top_p=0)
+    with pytest.raises(ArgumentError, match=r"generate_with_graphs: argument 'top_k' is -2, expected an int >= 0"):
+        generate_with_graphs(model, ids, 8, stand_in, temperature=1.0, top_k=-2)
+    with pytest.raises(ArgumentError, match=r"generate_with_graphs: argument 'min_p' is 2, expected a number in \[0, 1\]"):
+        generate_with_graphs(model, ids, 8, stand_in, temperature=1.0, min_p=2)
 
 
 def test_generate_through_a_static_decoder_kept_with_its_cache():

@@ -509,8 +509,14 @@ def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
     assert main(["run", "--top-p", "0"]) == 1
     err = capsys.readouterr().err
     assert "--temperature is -1.0, expected a finite number >= 0" in err and "--top-p is 0.0, expected a number in (0, 1]" in err
+    assert main(["run", "--top-k", "-1"]) == 1
+    assert main(["run", "--min-p", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert "--top-k is -1, expected an int >= 0" in err and "--min-p is 1.5, expected a number in [0, 1]" in err
     assert main(["run", "--top-p", "0.5"]) == 1  # greedy would ignore it in silence
     assert "--top-p 0.5 with greedy decoding (temperature 0), expected --temperature > 0" in capsys.readouterr().err
+    assert main(["run", "--top-k", "5", "--min-p", "0.1"]) == 1
+    assert "--top-k 5, --min-p 0.1 with greedy decoding (temperature 0)" in capsys.readouterr().err
     nucleus = _dshal(*common, str(tmp_path / "p.json"), "--temperature", "1.5", "--top-p", "1e-9")
     assert nucleus.returncode == 0, nucleus.stderr[-2000:]
     assert json.loads((tmp_path / "p.json").read_text())["output_ids"] == greedy["output_ids"]  # a one-token nucleus
@@ -716,7 +722,7 @@ def test_model_chat_says_a_turn_it_cannot_answer_and_goes_on(tmp_path):
 
 
 def test_sampling_defaults_read_the_checkpoints_generation_config(tmp_path):
-    from dshal.model.text import sampling_defaults, unapplied_sampling
+    from dshal.model.text import sampling_defaults
 
     assert sampling_defaults(tmp_path) == {}  # no generation_config.json
     config = tmp_path / "generation_config.json"
@@ -728,17 +734,22 @@ def test_sampling_defaults_read_the_checkpoints_generation_config(tmp_path):
     assert sampling_defaults(tmp_path) == {}
     # transformers and vLLM: top_k 1 is greedy, and do_sample without a temperature samples at 1.0.
     config.write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.95, "top_k": 1}')
-    assert sampling_defaults(tmp_path) == {"temperature": 0.0} and unapplied_sampling(tmp_path) == []
+    assert sampling_defaults(tmp_path) == {"temperature": 0.0}
     config.write_text('{"do_sample": true, "top_p": 0.9}')
     assert sampling_defaults(tmp_path) == {"temperature": 1.0, "top_p": 0.9}
-    config.write_text('{"temperature": 0.7, "top_k": 20, "min_p": 0.05}')  # dshal applies neither: said
-    assert sampling_defaults(tmp_path) == {"temperature": 0.7} and unapplied_sampling(tmp_path) == ["top_k 20", "min_p 0.05"]
-    config.write_text('{"do_sample": false, "top_k": 20}')
-    assert unapplied_sampling(tmp_path) == []
+    config.write_text('{"temperature": 0.7, "top_k": 20, "min_p": 0.05}')
+    defaults = sampling_defaults(tmp_path)
+    assert defaults == {"temperature": 0.7, "top_k": 20, "min_p": 0.05} and isinstance(defaults["top_k"], int)
+    config.write_text('{"temperature": 0.7, "top_k": 0, "min_p": 0}')  # no cut, as when absent (not transformers' 50)
+    assert sampling_defaults(tmp_path) == {"temperature": 0.7}
+    config.write_text('{"do_sample": false, "top_k": 20, "min_p": 0.05}')
+    assert sampling_defaults(tmp_path) == {"temperature": 0.0}
     for body, said in (('{"temperature": -1}', "temperature is -1, expected a number >= 0"),
                        ('{"top_p": 0}', r"top_p is 0, expected a number in \(0, 1\]"),
                        ('{"temperature": "hot"}', "temperature is 'hot'"), ('{"top_p": true}', "top_p is True"),
                        ('{"top_k": 2.5}', "top_k is 2.5, expected an int >= 0"), ('{"min_p": 1e400}', "min_p is inf"),
+                       ('{"top_k": -1}', "top_k is -1, expected an int >= 0"),
+                       ('{"min_p": 1.5}', r"min_p is 1.5, expected a number in \[0, 1\]"),
                        ('{"top_k": ' + "9" * 400 + '}', "top_k is 999")):
         config.write_text(body)
         with pytest.raises(dshal.CheckpointError, match=f"generation_config.json: {said}"):
@@ -746,23 +757,31 @@ def test_sampling_defaults_read_the_checkpoints_generation_config(tmp_path):
 
 
 def test_model_dshal_run_text_prompts_sample_as_the_generation_config_says(tmp_path):
-    """With --prompt, the checkpoint's temperature / top_p apply unless the flags are given (as
-    vLLM applies them); the run says where they came from. Random ids stay greedy."""
+    """With --prompt, the checkpoint's temperature / top_p / top_k / min_p apply unless the
+    flags are given (as vLLM applies them); the run says where they came from. Random ids stay
+    greedy."""
     ckpt = tmp_path / "ckpt"
     _checkpoint_with_tokenizer(ckpt)
-    (ckpt / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": 0.95, "top_k": 20}')
+    (ckpt / "generation_config.json").write_text(
+        '{"do_sample": true, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.05}'
+    )
     run = ("run", "--checkpoint", str(ckpt), "--new-tokens", "3", "--no-progress", "--graphs", "off", "--json")
     runs = {}
     for name, extra in (("config", ("--prompt", "hello")), ("greedy", ("--prompt", "hello", "--temperature", "0")),
-                        ("ids", ("--prompt-len", "4"))):
+                        ("ids", ("--prompt-len", "4")), ("flags", ("--prompt", "hello", "--top-k", "5", "--min-p", "0"))):
         proc = _dshal(*run, str(tmp_path / f"{name}.json"), *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "note:" not in proc.stderr, proc.stderr[-500:]  # the file's sampling is applied, none left out
         runs[name] = (json.loads((tmp_path / f"{name}.json").read_text()), proc.stdout)
-        said = "note: the checkpoint's generation_config.json sets top_k 20, which dshal does not apply"
-        assert (said in proc.stderr) == (name == "config"), (name, proc.stderr[-500:])  # only where the file applies
     report, stdout = runs["config"]
-    assert (report["temperature"], report["top_p"], report["sampling_from"]) == (0.6, 0.95, "generation_config.json")
-    assert "sampling: temperature 0.6, top-p 0.95 (from the checkpoint's generation_config.json" in stdout
+    assert (report["temperature"], report["top_p"], report["top_k"], report["min_p"], report["sampling_from"]) == (
+        0.6, 0.95, 20, 0.05, "generation_config.json")
+    assert ("sampling: temperature 0.6, top-p 0.95, top-k 20, min-p 0.05 (from the checkpoint's generation_config.json; "
+            "--temperature 0 for greedy)") in stdout
+    report, stdout = runs["flags"]  # the flags override the file, the rest still comes from it
+    assert (report["temperature"], report["top_p"], report["top_k"], report["min_p"], report["sampling_from"]) == (
+        0.6, 0.95, 5, 0.0, "generation_config.json")
+    assert "sampling: temperature 0.6, top-p 0.95, top-k 5 (from the checkpoint's" in stdout
     for name in ("greedy", "ids"):
         report, stdout = runs[name]
         assert (report["temperature"], report["sampling_from"]) == (0.0, None) and "sampling: greedy\n" in stdout

@@ -229,6 +229,11 @@ def test_speculative_refuses_what_it_cannot_serve(mtp_model):
         generate_speculative(windowed, prompt, 4)
     with pytest.raises(ArgumentError, match="max_new_tokens"):
         generate_speculative(mtp_model, prompt, -1)
+    for name, bad, expected in (("top_p", 0, r"a number in \(0, 1\]"), ("top_k", -1, "an int >= 0"),
+                                ("top_k", 3.0, "an int >= 0"), ("min_p", 1.5, r"a number in \[0, 1\]"),
+                                ("min_p", False, r"a number in \[0, 1\]")):
+        with pytest.raises(ArgumentError, match=f"generate_speculative: argument '{name}' is .*, expected {expected}"):
+            generate_speculative(mtp_model, prompt, 4, 1.0, **{name: bad})
     with pytest.raises(ShapeError, match=r"'hidden' has shape \[1, 3, 128\], expected \[1, 7, 128\]"):
         mtp_model.draft(torch.zeros(1, 3, 128), prompt, 0)
     with pytest.raises(ShapeError, match="made for another model or layer"):
@@ -301,29 +306,47 @@ def test_draft_verifier_keeps_or_redraws_so_each_token_is_distributed_as_the_mod
     assert rows.shape == (2, 3) and set(rows[:, 2].tolist()) <= {0, 1}
 
 
-def test_sampled_speculative_tokens_follow_the_models_distribution():
+@pytest.mark.parametrize("temperature, cuts", [(1.0, {}), (2.5, {"top_k": 3, "min_p": 0.3})])
+def test_sampled_speculative_tokens_follow_the_models_distribution(temperature, cuts):
     """End to end with the random MTP layer's sampled drafts (kept about 2 times in 3 here):
-    the second new token's distribution is the exact one, summed over the first token's."""
+    the second new token's distribution is the exact one, summed over the first token's. With
+    top-k and min-p cuts too (on both the model's p and the drafts' q; here each cuts what the
+    other leaves): the cut distribution, far from the uncut one, and no token outside it."""
     args = _mtp_args(vocab_size=8)
     model = random_model(args, seed=0, std=0.2)
     prompt = _prompt(args, length=5)
-    with torch.inference_mode():
-        first = sampling_probs(model(prompt)[0, -1], 1.0)
-        extended = torch.cat((prompt.repeat(8, 1), torch.arange(8)[:, None]), dim=1)
-        second = (first[:, None] * sampling_probs(model(extended)[:, -1], 1.0)).sum(dim=0)
+
+    def exact(**cuts) -> torch.Tensor:
+        with torch.inference_mode():
+            first = sampling_probs(model(prompt)[0, -1], temperature, **cuts)
+            extended = torch.cat((prompt.repeat(8, 1), torch.arange(8)[:, None]), dim=1)
+            then = sampling_probs(model(extended)[:, -1], temperature, **cuts)
+        return (first[:, None] / first.sum() * then / then.sum(dim=-1, keepdim=True)).sum(dim=0)
+
+    second = exact(**cuts)
     gen = torch.Generator().manual_seed(0)
     counts, kept, steps = torch.zeros(8), 0, 0
     for _ in range(400):
-        ids, stats = generate_speculative(model, prompt, 2, 1.0, generator=gen)
+        ids, stats = generate_speculative(model, prompt, 2, temperature, generator=gen, **cuts)
         counts[ids[0, 6]] += 1
         kept, steps = kept + stats.accepted, steps + stats.steps
     assert _tv(counts, second) < 0.08, (counts / 400, second)
     assert 0.3 < kept / steps < 0.95
-    # Reproducible with the same seed, and top-p keeps to the nucleus.
+    if cuts:
+        assert counts[second == 0].sum() == 0 and 0.5 * float((second - exact()).abs().sum()) > 0.25
+
+
+def test_sampled_speculative_is_reproducible_and_keeps_to_the_nucleus():
+    args = _mtp_args(vocab_size=8)
+    model = random_model(args, seed=0, std=0.2)
+    prompt = _prompt(args, length=5)
     again = [generate_speculative(model, prompt, 6, 0.7, generator=torch.Generator().manual_seed(3))[0] for _ in range(2)]
     assert torch.equal(again[0], again[1])
+    gen = torch.Generator().manual_seed(0)
     nucleus, _ = generate_speculative(model, prompt, 6, 1.0, top_p=1e-6, generator=gen)
     assert torch.equal(nucleus, model.generate(prompt, 6))  # only the most likely token is left: greedy
+    top_1, _ = generate_speculative(model, prompt, 6, 5.0, top_k=1, generator=gen)
+    assert torch.equal(top_1, model.generate(prompt, 6))
 
 
 def test_speculative_continues_in_caches_that_hold_the_prompts_start(mtp_model):
@@ -449,9 +472,16 @@ def test_the_steps_go_through_the_backends_graph_hook():
     assert len(hooked) == 2
     with pytest.raises(ArgumentError, match="'step' is built on other KV caches than arguments 'cache' and 'mtp_cache'"):
         generate_speculative(model, prompt, 4, cache=model.new_cache(1, 48, "absorb"), mtp_cache=mtp_cache, step=step)
-    with pytest.raises(ArgumentError, match=r"'step' samples with temperature 0.0, top_p 1.0 and its own generator, "
-                                            r"expected this call's \(temperature 0.5"):
+    with pytest.raises(ArgumentError, match=r"'step' samples with temperature 0.0, top_p 1.0, top_k 0, min_p 0.0 and its "
+                                            r"own generator, expected this call's \(temperature 0.5"):
         generate_speculative(model, prompt, 4, 0.5, cache=cache, mtp_cache=mtp_cache, step=step)
+    for other in ({"top_k": 5}, {"min_p": 0.1}):  # every cut must be the step's: its choices are made between its graphs
+        with pytest.raises(ArgumentError, match=rf"expected this call's \(temperature 0.0, top_p 1.0, "
+                                                rf"top_k {other.get('top_k', 0)}, min_p {other.get('min_p', 0.0)}, 'generator'\)"):
+            generate_speculative(model, prompt, 4, cache=cache, mtp_cache=mtp_cache, step=step, **other)
+    cut = SpeculativeStep(model, cache, mtp_cache, DraftVerifier(0.0, 1.0, None, 5, 0.1), counting)
+    got, _ = generate_speculative(model, prompt, 4, cache=cache, mtp_cache=mtp_cache, step=cut, top_k=5, min_p=0.1)
+    assert torch.equal(got, model.generate(prompt, 4))
     with pytest.raises(ArgumentError, match="SpeculativeStep: argument 'mtp_cache' has the 'naive' layout"):
         SpeculativeStep(model, cache, model.new_cache(1, 16, "naive", mtp=True), DraftVerifier(0.0, 1.0, None), capture)
     with pytest.raises(ArgumentError, match="argument 'cache' has the 'naive' layout, expected 'absorb' for static steps"):

@@ -56,6 +56,10 @@ class ChatSettings:
     #: across turns with the cache (:class:`~dshal.model.decode.StaticDecoder`); with
     #: ``speculative``, each step's two forwards, also kept with the caches. None: eager.
     graph: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
+    #: The top-k and min-p cuts beside ``top_p`` (:func:`dshal.model.sampling.sampling_probs`;
+    #: 0: none), last so that the fields before keep their positions.
+    top_k: int = 0
+    min_p: float = 0.0
 
 
 @dataclass
@@ -164,7 +168,7 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
         if settings.speculative:
             conversation.mtp_cache = model.new_cache(1, room, "absorb" if static else None, mtp=True, static=static)
             if static:
-                verifier = DraftVerifier(settings.temperature, settings.top_p, generator)
+                verifier = DraftVerifier(settings.temperature, settings.top_p, generator, settings.top_k, settings.min_p)
                 conversation.speculative_step = SpeculativeStep(model, conversation.cache, conversation.mtp_cache,
                                                                 verifier, settings.graph)
         elif static:
@@ -175,7 +179,7 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
         out.flush()
 
     common = dict(eos_token_id=settings.stop_ids, generator=generator, prefill_chunk=settings.prefill_chunk,
-                  top_p=settings.top_p, stream=show, cache=conversation.cache)
+                  top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p, stream=show, cache=conversation.cache)
     with settings.guard() if settings.guard else contextlib.nullcontext():
         if settings.speculative:
             # An MTP position's entry was made with the token after it: reusable one short of

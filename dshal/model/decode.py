@@ -43,7 +43,7 @@ from dshal.model.prefill import (
     mask_padding,
     prefill,
 )
-from dshal.model.sampling import TokenChooser, check_temperature, check_top_p
+from dshal.model.sampling import TokenChooser, check_min_p, check_temperature, check_top_k, check_top_p
 
 
 def agreed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -244,9 +244,11 @@ def generate_with_graphs(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    top_k: int = 0,
+    min_p: float = 0.0,
 ) -> tuple[torch.Tensor, StaticDecoder | None]:
-    """Generation (as ``model.generate(input_ids, max_new_tokens, temperature, top_p=...,
-    generator=..., prefill_chunk=..., prompt_lens=...)``: greedy by default) whose decode steps go
+    """Generation (as ``model.generate(input_ids, max_new_tokens, temperature, top_p=..., top_k=...,
+    min_p=..., generator=..., prefill_chunk=..., prompt_lens=...)``: greedy by default) whose decode steps go
     through a :class:`StaticDecoder` captured with ``graph``. The graph returns the logits; the
     token is chosen from them outside it (:class:`dshal.model.sampling.TokenChooser`), so a
     sampled step's draws come from ``generator`` every step. Returns the ids ``[B, T + new]``
@@ -258,11 +260,13 @@ def generate_with_graphs(
         raise ArgumentError(f"{where}: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
     check_temperature(temperature, where)
     check_top_p(top_p, where)
+    check_top_k(top_k, where)
+    check_min_p(min_p, where)
     check_callbacks(where, generator=generator, on_token=on_token, graph=graph)
     if graph is None:
         raise ArgumentError(f"{where}: argument 'graph' is None, expected a backend's graph hook (runtime.backend.graph)")
     lens = check_prompt_lens(where, prompt_lens, *input_ids.shape)
-    chooser = TokenChooser(temperature, top_p, generator)
+    chooser = TokenChooser(temperature, top_p, generator, top_k, min_p)
     out, decoder = generate_rows(model, input_ids, lens, max_new_tokens, chooser, graph=graph, on_token=on_token,
                                  prefill_chunk=prefill_chunk)
     chooser.raise_if_nan(where, lambda flag: agreed(model, flag))

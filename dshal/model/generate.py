@@ -36,7 +36,7 @@ from dshal.model.prefill import (
     mask_padding,
     prefill,
 )
-from dshal.model.sampling import TokenChooser, check_temperature, check_top_p, sampling_probs
+from dshal.model.sampling import TokenChooser, check_min_p, check_temperature, check_top_k, check_top_p, sampling_probs
 
 
 class PromptBatch:
@@ -180,6 +180,8 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     prompt_lens: Sequence[int] | None = None,
     stream: Callable[[torch.Tensor], None] | None = None,
     cache: Any = None,
@@ -194,8 +196,11 @@ def generate(
     sequence that finished earlier is padded with the first. ``on_token(i)`` is called
     after the i-th step (0-based), e.g. for a progress bar; the first call marks the
     end of the prefill. The prompt is prefilled in forwards of at most ``prefill_chunk``
-    tokens (None: one forward), which bounds the activations of a long prompt. ``top_p < 1``
-    samples from the smallest set of most likely tokens whose probabilities reach it.
+    tokens (None: one forward), which bounds the activations of a long prompt. Sampled, the
+    distribution is cut as transformers' warpers cut it, in this order
+    (:func:`~dshal.model.sampling.sampling_probs`): ``top_k >= 1`` keeps the k most likely
+    tokens (0: all), ``top_p < 1`` the smallest set of most likely tokens whose probabilities
+    reach it, ``min_p > 0`` the tokens at least ``min_p`` times as likely as the most likely.
     ``stream(token)`` gets each step's ids ``[B]`` (on the device) as they come, e.g. to print
     the text while it is generated.
 
@@ -222,13 +227,15 @@ def generate(
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate", prefill_chunk)
     check_top_p(top_p)
+    check_top_k(top_k)
+    check_min_p(min_p)
     check_callbacks("generate", generator=generator, on_token=on_token, stream=stream)
     lens = check_prompt_lens("generate", prompt_lens, *input_ids.shape)
     if cache is not None or cached:
         check_cache_reuse(cache, cached, input_ids, max_new_tokens, len(set(lens)) > 1)
     if decoder is not None:
         check_decoder(decoder, cache)
-    chooser = TokenChooser(temperature, top_p, generator)
+    chooser = TokenChooser(temperature, top_p, generator, top_k, min_p)
     if len(set(lens)) > 1 and max_new_tokens > 0 and decode.static_decode_unsupported(model) is None:
         out, _ = decode.generate_rows(  # each row at its own positions
             model, input_ids, lens, max_new_tokens, chooser,
@@ -297,6 +304,8 @@ __all__ = [
     "check_input_ids",
     "check_prefill_chunk",
     "check_token_ids",
+    "check_min_p",
+    "check_top_k",
     "check_top_p",
     "generate",
     "sampling_probs",

@@ -696,8 +696,8 @@ class Transformer(nn.Module):
         raise ArgumentError(f"new_cache: argument 'mode' is {mode!r}, expected 'absorb' or 'naive'")
 
     #: ``model.generate(input_ids, max_new_tokens, temperature=0.0, *, eos_token_id=None,
-    #: generator=None, on_token=None, prefill_chunk=2048, top_p=1.0)`` -> ``[B, T + new]``: see
-    #: :func:`dshal.model.generate.generate`.
+    #: generator=None, on_token=None, prefill_chunk=2048, top_p=1.0, top_k=0, min_p=0.0)`` ->
+    #: ``[B, T + new]``: see :func:`dshal.model.generate.generate`.
     generate = generate
 
     def describe(self) -> dict[str, Any]:

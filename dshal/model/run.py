@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,6 @@ from dshal.model.text import (
     load_tokenizer,
     sampling_defaults,
     stop_ids,
-    unapplied_sampling,
 )
 from dshal.outputs import atomic_write, check_writable
 from dshal.parallel import run as parallel_run
@@ -100,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the checkpoint's generation_config.json, as vLLM; else 0)")
     prompt.add_argument("--top-p", type=float, default=None, metavar="P", help="with a temperature: sample from the "
                         "most likely tokens whose probabilities reach P together (default: as --temperature; else 1: all)")
+    prompt.add_argument("--top-k", type=int, default=None, metavar="K", help="with a temperature: sample from the K "
+                        "most likely tokens only, cut before --top-p and --min-p (default: with --prompt or "
+                        "--interactive, the checkpoint's generation_config.json top_k where it sets one; else 0: no cut)")
+    prompt.add_argument("--min-p", type=float, default=None, metavar="X", help="with a temperature: drop the tokens "
+                        "less than X times as likely as the most likely one (default: with --prompt or --interactive, "
+                        "the checkpoint's generation_config.json min_p where it sets one; else 0: no cut)")
 
     shape = parser.add_argument_group("how it runs")
     shape.add_argument("--batch", type=int, default=None, metavar="N",
@@ -263,36 +268,42 @@ def _check_interactive_flags(args: argparse.Namespace) -> None:
                              "is one sequence, typed on the terminal, and nothing is timed)")
 
 
-def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float], unapplied: Sequence[str] = ()) -> None:
-    """``--temperature`` / ``--top-p`` where given, else ``defaults`` (the checkpoint's
-    generation_config.json), else greedy; ``args.sampling_from`` names the file when it set one.
-    ``unapplied``: the file's sampling keys dshal does not apply, said when the run samples."""
+#: The sampling cuts beside the temperature: (attribute, flag, value when neither the flag nor
+#: the checkpoint sets it: no cut).
+SAMPLING_CUTS = (("top_p", "--top-p", 1.0), ("top_k", "--top-k", 0), ("min_p", "--min-p", 0.0))
+
+
+def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float]) -> None:
+    """``--temperature`` / ``--top-p`` / ``--top-k`` / ``--min-p`` where given, else ``defaults``
+    (the checkpoint's generation_config.json), else greedy with no cuts; ``args.sampling_from``
+    names the file when it set what the run uses."""
     from_file = set()
-    top_p_given = args.top_p is not None
-    for name, fallback in (("temperature", 0.0), ("top_p", 1.0)):
+    cuts_given = [f"{flag} {getattr(args, name):g}" for name, flag, _ in SAMPLING_CUTS if getattr(args, name) is not None]
+    for name, fallback in (("temperature", 0.0), *((name, off) for name, _, off in SAMPLING_CUTS)):
         if getattr(args, name) is None:
             from_file |= {name} & defaults.keys()
             setattr(args, name, defaults.get(name, fallback))
-    used = "temperature" in from_file or (args.temperature > 0 and "top_p" in from_file)  # top-p is moot when greedy
+    # The cuts are moot when greedy.
+    used = "temperature" in from_file or (args.temperature > 0 and bool(from_file))
     args.sampling_from = GENERATION_CONFIG if used else None
-    first_rank = comm.get_rank() == 0 and os.environ.get("RANK", "0") == "0"  # also before the group is up
-    if unapplied and args.sampling_from and first_rank:  # a run that follows the file says what it leaves out
-        print(f"note: the checkpoint's {GENERATION_CONFIG} sets {', '.join(unapplied)}, which dshal does not apply "
-              "(it samples with a temperature and top-p only)", file=sys.stderr)
-    if top_p_given and args.temperature == 0:  # a greedy run would ignore it in silence
-        raise DshalError(f"dshal run: --top-p {args.top_p:g} with greedy decoding (temperature 0), expected "
-                         "--temperature > 0 with it: top-p filters what sampling draws from")
+    if cuts_given and args.temperature == 0:  # a greedy run would ignore them in silence
+        raise DshalError(f"dshal run: {', '.join(cuts_given)} with greedy decoding (temperature 0), expected "
+                         f"--temperature > 0 with {'it' if len(cuts_given) == 1 else 'them'}: top-p, top-k and "
+                         "min-p filter what sampling draws from")
 
 
-def _sampling_line(temperature: float, top_p: float, source: str | None) -> str:
+def _sampling_line(temperature: float, top_p: float, top_k: int, min_p: float, source: str | None) -> str:
     how = "greedy" if temperature == 0 else f"temperature {temperature:g}, top-p {top_p:g}"
+    if temperature > 0:  # the cuts that cut something
+        how += f", top-k {top_k}" if top_k > 0 else ""
+        how += f", min-p {min_p:g}" if min_p > 0 else ""
     source = f" (from the checkpoint's {source}; --temperature 0 for greedy)" if source else ""
     return f"sampling: {how}{source}"
 
 
 def _chat_tokenizer(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[int] | None]:
     """``--interactive``'s tokenizer (with a chat template) and stop ids; sets the sampling."""
-    _resolve_sampling(args, sampling_defaults(args.checkpoint), unapplied_sampling(args.checkpoint))
+    _resolve_sampling(args, sampling_defaults(args.checkpoint))
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
     check_vocabulary(tokenizer, vocab_size)
     check_chat_template(tokenizer, "--interactive")
@@ -313,11 +324,11 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
     settings = ChatSettings(args.new_tokens, stops, args.temperature, args.top_p, args.prefill_chunk, args.seed, guard,
                             None if groups is None else parallel_run.any_rank,
                             None if speaks else f"rank {comm.get_rank()}", args.speculative == "mtp",
-                            runtime.backend.graph if static else None)
+                            runtime.backend.graph if static else None, top_k=args.top_k, min_p=args.min_p)
     with contextlib.ExitStack() as stack:
         out = sys.stdout if speaks else stack.enter_context(open(os.devnull, "w"))  # noqa: SIM115
         if speaks:
-            print(_sampling_line(args.temperature, args.top_p, args.sampling_from))
+            print(_sampling_line(args.temperature, args.top_p, args.top_k, args.min_p, args.sampling_from))
             print(decode_line)
         read = input if groups is None else parallel_run.shared_input()
         conversation = chat(model, tokenizer, settings, read, out)
@@ -348,7 +359,7 @@ def _chat_graphs(args: argparse.Namespace, model: Any, runtime: Any) -> tuple[bo
 def _read_prompts(args: argparse.Namespace, vocab_size: int) -> tuple[Any, list[list[int]], list[int]]:
     """Each ``--prompt`` through ``--checkpoint``'s tokenizer: ``(tokenizer, token ids per
     sequence, stop ids)``; one prompt is copied ``--batch`` times."""
-    _resolve_sampling(args, sampling_defaults(args.checkpoint), unapplied_sampling(args.checkpoint))
+    _resolve_sampling(args, sampling_defaults(args.checkpoint))
     tokenizer = load_tokenizer(args.checkpoint, args.trust_remote_code)
     check_vocabulary(tokenizer, vocab_size)
     ids = [encode_prompt(tokenizer, text, args.chat) for text in args.prompt]
@@ -378,6 +389,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise DshalError(f"dshal run: --temperature is {args.temperature}, expected a finite number >= 0")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise DshalError(f"dshal run: --top-p is {args.top_p}, expected a number in (0, 1]")
+    if args.top_k is not None and args.top_k < 0:
+        raise DshalError(f"dshal run: --top-k is {args.top_k}, expected an int >= 0 (0: no cut)")
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
+        raise DshalError(f"dshal run: --min-p is {args.min_p}, expected a number in [0, 1] (0: no cut)")
     if not (args.prompt or args.interactive):
         _resolve_sampling(args, {})  # random ids: greedy unless asked
     for flag in ("json", "report"):
@@ -459,6 +474,8 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
         "new_tokens": args.new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
+        "top_k": args.top_k,  # 0: no cut
+        "min_p": args.min_p,  # 0: no cut
         "sampling_from": args.sampling_from,  # generation_config.json where it set them, else None
         **timing,
         "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
@@ -506,7 +523,8 @@ def _generate_and_time(
     sync = runtime.backend.synchronize
     sampler = torch.Generator(device=batches[0][0].device).manual_seed(args.seed)
     generate = functools.partial(model.generate, prefill_chunk=args.prefill_chunk, eos_token_id=eos,
-                                 temperature=args.temperature, generator=sampler, top_p=args.top_p)
+                                 temperature=args.temperature, generator=sampler, top_p=args.top_p,
+                                 top_k=args.top_k, min_p=args.min_p)
     # Warm-up with exactly the first batch's timed shapes: compilation and autotuning happen here.
     where = f"on {runtime.backend.name} ({runtime.device})"
     warm_start = time.perf_counter()
@@ -661,7 +679,8 @@ def _graph_run(
 
     def graph_generate(prompt: torch.Tensor, new_tokens: int, on_token: Any = None) -> torch.Tensor:
         ids, decoder = generate_with_graphs(model, prompt, new_tokens, runtime.backend.graph, on_token, args.prefill_chunk,
-                                            prompt_lens, temperature=args.temperature, top_p=args.top_p, generator=sampler)
+                                            prompt_lens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                            min_p=args.min_p, generator=sampler)
         decoders.append(decoder)
         return ids
 
@@ -713,6 +732,7 @@ def _speculative_run(
     def speculative_generate(on_token: Any = None) -> tuple[torch.Tensor, SpeculativeStats]:
         sampler.manual_seed(args.seed)
         return generate_speculative(model, prompt, args.new_tokens, args.temperature, top_p=args.top_p,
+                                    top_k=args.top_k, min_p=args.min_p,
                                     generator=sampler, eos_token_id=eos, on_token=on_token,
                                     prefill_chunk=args.prefill_chunk, prompt_lens=lens, graph=graph)
 
@@ -824,7 +844,8 @@ def _print(report: dict[str, Any]) -> None:
         f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({prefilled}); "
         f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}"
     )
-    console.print(_sampling_line(report["temperature"], report["top_p"], report["sampling_from"]))
+    console.print(_sampling_line(report["temperature"], report["top_p"], report["top_k"], report["min_p"],
+                                 report["sampling_from"]))
     sequences = report.get("sequences", [])
     if len({seq["prompt_text"] for seq in sequences}) == 1:
         sequences = sequences[:1]  # --batch copies of one prompt: its first output

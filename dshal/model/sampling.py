@@ -1,5 +1,5 @@
 """How generation chooses each token from the logits: greedy, or sampled with a temperature and
-nucleus (top-p) cut, shared by plain, graph-captured and speculative decoding."""
+top-k, nucleus (top-p) and min-p cuts, shared by plain, graph-captured and speculative decoding."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ TINY_TEMPERATURE = 1e-20
 
 class TokenChooser:
     """How each step's token is chosen from the logits, for one generation: greedy (argmax) when
-    ``temperature == 0``, else a sample of :func:`sampling_probs` with ``generator``.
+    ``temperature == 0``, else a sample of :func:`sampling_probs` (``temperature``, ``top_p``,
+    ``top_k``, ``min_p``) with ``generator``.
 
     Greedy has no answer for NaN logits: torch's argmax returns a NaN's index, a token the model
     never chose (the "!!!!" output of a broken checkpoint). Sampling refuses them at once
@@ -27,15 +28,23 @@ class TokenChooser:
     step (a captured decode step's rule), and :meth:`raise_if_nan` raises where the generation
     ends."""
 
-    def __init__(self, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None):
+    def __init__(
+        self, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None, top_k: int = 0,
+        min_p: float = 0.0,
+    ):
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.top_k, self.min_p = top_k, min_p
         self._nan_seen: torch.Tensor | None = None  # 0-d bool on the logits' device
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """``[B, V]`` logits -> ``[B]`` ids."""
         if self.temperature == 0:
             return self.argmax(logits)
-        return draw(sampling_probs(logits, self.temperature, self.top_p), self.generator)
+        return draw(self.probs(logits), self.generator)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` logits -> this generation's sampling weights (:func:`sampling_probs`)."""
+        return sampling_probs(logits, self.temperature, self.top_p, self.top_k, self.min_p)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """``[..., V]`` -> ``[...]``: the greedy ids, remembering whether any logit was NaN."""
@@ -74,16 +83,31 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
         raise
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+def sampling_probs(
+    logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> torch.Tensor:
     """``[..., V]`` logits -> the float32 distribution generation samples from (``temperature > 0``):
-    ``softmax(logits / temperature)``, restricted with ``top_p < 1`` to the most likely tokens
-    whose probabilities reach ``top_p`` together (nucleus sampling; the most likely is always
-    kept). Not renormalized: ``torch.multinomial`` takes weights."""
+    ``softmax(logits / temperature)`` cut in the order transformers applies its warpers
+    (temperature, top-k, top-p, min-p), each cut seeing the distribution renormalized over what
+    the one before kept:
+
+    - ``top_k`` >= 1: only the tokens whose logit is at least the k-th largest (ties at the k-th
+      are kept, as transformers' ``TopKLogitsWarper``); 0 or ``>= V``: no cut. An absent
+      ``top_k`` is 0 (vLLM's rule), not transformers' ``GenerationConfig`` default of 50.
+    - ``top_p < 1``: the most likely tokens whose probabilities reach ``top_p`` together
+      (nucleus sampling).
+    - ``min_p > 0``: only the tokens at least ``min_p`` times as likely as the most likely.
+
+    The most likely token is always kept. Not renormalized: ``torch.multinomial`` takes weights.
+    No host sync: a captured decode step chooses its tokens with it every step."""
     logits = logits.float()
     if temperature < TINY_TEMPERATURE:  # logits / temperature could overflow (inf - inf = NaN in softmax)
         scaled = (logits - logits.amax(dim=-1, keepdim=True)) * min(1.0 / temperature, 1e30)  # softmax is shift-free
     else:
         scaled = logits / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)  # before softmax: top-p sees the top-k renormalized
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -92,8 +116,9 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0)
         drop[..., 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if min_p > 0.0:  # a ratio to the most likely: the same before or after renormalizing
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     return probs
-
 
 
 def check_temperature(temperature: Any, where: str = "generate") -> None:
@@ -120,4 +145,24 @@ def check_top_p(top_p: Any, where: str = "generate") -> None:
         raise ArgumentError(f"{where}: argument 'top_p' is {top_p!r}, expected a number in (0, 1]")
 
 
-__all__ = ["TokenChooser", "check_temperature", "check_top_p", "draw", "sampling_probs"]
+def check_top_k(top_k: Any, where: str = "generate") -> None:
+    """ArgumentError naming ``where`` unless ``top_k`` is an int >= 0 (0: no cut)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ArgumentError(f"{where}: argument 'top_k' is {top_k!r}, expected an int >= 0 (0: no cut)")
+
+
+def check_min_p(min_p: Any, where: str = "generate") -> None:
+    """ArgumentError naming ``where`` unless ``min_p`` is a number in [0, 1] (0: no cut)."""
+    if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
+        raise ArgumentError(f"{where}: argument 'min_p' is {min_p!r}, expected a number in [0, 1] (0: no cut)")
+
+
+__all__ = [
+    "TokenChooser",
+    "check_min_p",
+    "check_temperature",
+    "check_top_k",
+    "check_top_p",
+    "draw",
+    "sampling_probs",
+]

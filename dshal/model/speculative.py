@@ -41,7 +41,7 @@ from torch import nn
 from dshal.errors import ArgumentError
 from dshal.model.cache import KVCache
 from dshal.model.decode import GraphStep, agreed, positioned_step, static_cache_unsupported
-from dshal.model.generate import check_cache_reuse, check_generate_args, check_top_p, sampling_probs, stop_list
+from dshal.model.generate import check_cache_reuse, check_generate_args, stop_list
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
     check_callbacks,
@@ -50,7 +50,7 @@ from dshal.model.prefill import (
     check_prompt_lens,
     mask_padding,
 )
-from dshal.model.sampling import TokenChooser, draw
+from dshal.model.sampling import TokenChooser, check_min_p, check_top_k, check_top_p, draw
 
 
 @dataclass
@@ -112,11 +112,14 @@ class DraftVerifier(TokenChooser):
     draft ``d``, drawn from the MTP layer's distribution ``q``, is kept with probability
     ``min(1, p(d) / q(d))`` under the main model's ``p``; otherwise the token is drawn from
     ``max(p - q, 0)`` normalized. Each kept or redrawn token is then distributed as ``p``
-    exactly, so the output is distributed as plain sampling's. NaN logits under greedy are
-    caught as :class:`~dshal.model.sampling.TokenChooser` says."""
+    exactly, so the output is distributed as plain sampling's. Both ``p`` and ``q`` are cut as
+    plain sampling cuts (temperature, top-k, top-p, min-p:
+    :func:`~dshal.model.sampling.sampling_probs`): ``p`` is then what plain sampling draws from,
+    and the rule is exact for any ``q``. NaN logits under greedy are caught as
+    :class:`~dshal.model.sampling.TokenChooser` says."""
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = sampling_probs(logits, self.temperature, self.top_p)
+        probs = self.probs(logits)
         return probs / probs.sum(dim=-1, keepdim=True)
 
     def _sample(self, probs: torch.Tensor) -> torch.Tensor:
@@ -268,6 +271,8 @@ def generate_speculative(
     temperature: float = 0.0,
     *,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     generator: torch.Generator | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     on_token: Callable[[int], None] | None = None,
@@ -283,8 +288,9 @@ def generate_speculative(
     """Generation with MTP drafts: ``[B, T + new]`` ids and the :class:`SpeculativeStats`.
     Greedy (``temperature == 0``), the ids are exactly those of ``model.generate(input_ids,
     max_new_tokens, eos_token_id=..., prompt_lens=...)``; sampled (``temperature``, ``top_p``,
-    ``generator`` as in :func:`~dshal.model.generate.generate`), they are distributed as its
-    samples (speculative sampling), not the same draws.
+    ``top_k``, ``min_p``, ``generator`` as in :func:`~dshal.model.generate.generate`), they are
+    distributed as its samples (speculative sampling, the drafts cut as the model's tokens are),
+    not the same draws.
 
     One sequence runs as the module docstring says. Several (``input_ids [B, T]``, right-padded
     with ``prompt_lens`` as ``generate`` takes them) are each prefilled alone into their row of
@@ -310,13 +316,15 @@ def generate_speculative(
     the "absorb" layout: ``model.new_cache(1, max_len, "absorb", static=True)``);
     ``stats.captured`` says whether capture worked. ``step``: a :class:`SpeculativeStep` built
     on ``cache`` and ``mtp_cache`` with this call's sampling (``DraftVerifier(temperature,
-    top_p, generator)``) and a graph hook, whose captured forwards this call replays instead of
-    capturing its own: a conversation that keeps caches and step captures once."""
+    top_p, generator, top_k, min_p)``) and a graph hook, whose captured forwards this call
+    replays instead of capturing its own: a conversation that keeps caches and step captures once."""
     check_input_ids("generate_speculative", input_ids, model.rope_cos.device)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate_speculative", prefill_chunk)
     check_callbacks("generate_speculative", generator=generator, on_token=on_token, stream=stream)
-    check_top_p(top_p)
+    check_top_p(top_p, "generate_speculative")
+    check_top_k(top_k, "generate_speculative")
+    check_min_p(min_p, "generate_speculative")
     lens = check_prompt_lens("generate_speculative", prompt_lens, *input_ids.shape)
     why = speculative_unsupported(model)
     if why:
@@ -327,7 +335,7 @@ def generate_speculative(
             "sequences, expected one sequence for them"
         )
     if step is not None:
-        _check_step(step, cache, mtp_cache, temperature, top_p, generator)
+        _check_step(step, cache, mtp_cache, DraftVerifier(temperature, top_p, generator, top_k, min_p))
         graph = step.graph
     reused = cache is not None or mtp_cache is not None or cached
     if reused:
@@ -337,7 +345,7 @@ def generate_speculative(
             if why:
                 raise ArgumentError(f"generate_speculative: argument '{name}' {why} (with 'graph')")
     stops = [] if eos_token_id is None else stop_list(eos_token_id)
-    verifier = DraftVerifier(temperature, top_p, generator) if step is None else step.verifier
+    verifier = DraftVerifier(temperature, top_p, generator, top_k, min_p) if step is None else step.verifier
     if input_ids.shape[0] > 1 or graph is not None:
         caches = (cache, mtp_cache, cached) if reused else None
         out, stats = _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk,
@@ -349,23 +357,23 @@ def generate_speculative(
     return out, stats
 
 
-def _check_step(
-    step: Any, cache: KVCache | None, mtp_cache: KVCache | None, temperature: float, top_p: float,
-    generator: torch.Generator | None,
-) -> None:
+def _check_step(step: Any, cache: KVCache | None, mtp_cache: KVCache | None, wanted: DraftVerifier) -> None:
     """``generate_speculative(..., step=)``: ArgumentError unless ``step`` is a SpeculativeStep
-    on the caches given with it, sampling as the call asks."""
+    on the caches given with it, sampling as the call asks (``wanted``: the call's verifier)."""
     if not isinstance(step, SpeculativeStep):
         raise ArgumentError(f"generate_speculative: argument 'step' is {step!r}, expected a SpeculativeStep")
     if cache is None or step.cache is not cache or step.mtp_cache is not mtp_cache:
         raise ArgumentError("generate_speculative: argument 'step' is built on other KV caches than arguments 'cache' "
                             "and 'mtp_cache', expected the same ones")
-    v = step.verifier
-    if (v.temperature, v.top_p) != (temperature, top_p) or v.generator is not generator:
-        raise ArgumentError(
-            f"generate_speculative: argument 'step' samples with temperature {v.temperature}, top_p {v.top_p} and "
-            f"its own generator, expected this call's (temperature {temperature}, top_p {top_p}, 'generator')"
-        )
+    settings = ("temperature", "top_p", "top_k", "min_p")
+
+    def said(verifier: DraftVerifier) -> str:
+        return ", ".join(f"{name} {getattr(verifier, name)}" for name in settings)
+
+    same = all(getattr(step.verifier, name) == getattr(wanted, name) for name in settings)
+    if not same or step.verifier.generator is not wanted.generator:
+        raise ArgumentError(f"generate_speculative: argument 'step' samples with {said(step.verifier)} and its own "
+                            f"generator, expected this call's ({said(wanted)}, 'generator')")
 
 
 def _generate_one(

@@ -173,33 +173,28 @@ def stop_ids(tokenizer: Any, checkpoint: str | os.PathLike) -> list[int]:
 
 
 def sampling_defaults(checkpoint: str | os.PathLike) -> dict[str, float]:
-    """The sampling the checkpoint's ``generation_config.json`` asks for: its ``temperature``
-    and ``top_p`` where it gives them (DeepSeek-V3's: 0.6 and 0.95), as vLLM applies them to a
-    request that sets neither; temperature 1.0 where it says ``do_sample: true`` without one
-    (transformers' and vLLM's default); ``{"temperature": 0.0}`` (greedy) where it says
-    ``do_sample: false`` (as transformers reads it) or ``top_k: 1`` (one candidate); {} where it
-    says nothing. Its ``top_k`` > 1 and ``min_p`` > 0 are not applied: :func:`unapplied_sampling`."""
+    """The sampling the checkpoint's ``generation_config.json`` asks for: its ``temperature``,
+    ``top_p``, ``top_k`` (> 1, an int) and ``min_p`` (> 0) where it gives them (DeepSeek-V3's:
+    temperature 0.6 and top_p 0.95), as vLLM applies them to a request that sets none;
+    temperature 1.0 where it says ``do_sample: true`` without one (transformers' and vLLM's
+    default); ``{"temperature": 0.0}`` (greedy) where it says ``do_sample: false`` (as
+    transformers reads it) or ``top_k: 1`` (one candidate); {} where it says nothing. A
+    ``top_k`` of 0 or ``min_p`` of 0 cuts nothing, as when absent (vLLM's rule: an absent
+    ``top_k`` is not transformers' default of 50)."""
     settings = generation_config(checkpoint)
     if settings.get("do_sample") is False:
         return {"temperature": 0.0}
     found = _sampling_keys(checkpoint, settings)
-    if found.pop("top_k", None) == 1:
+    top_k = found.pop("top_k", 0)
+    if top_k == 1:
         return {"temperature": 0.0}
-    found.pop("min_p", None)
+    if top_k > 1:
+        found["top_k"] = int(top_k)
+    if found.get("min_p") == 0:
+        del found["min_p"]
     if settings.get("do_sample") is True:
         found.setdefault("temperature", 1.0)
     return found
-
-
-def unapplied_sampling(checkpoint: str | os.PathLike) -> list[str]:
-    """The sampling keys of the checkpoint's ``generation_config.json`` that dshal does not apply
-    (it samples with a temperature and top-p only), as ``"top_k 20"``: ``top_k`` > 1, ``min_p`` > 0."""
-    settings = generation_config(checkpoint)
-    if settings.get("do_sample") is False:
-        return []
-    found = _sampling_keys(checkpoint, settings)
-    notes = [f"top_k {found['top_k']:g}"] if found.get("top_k", 0) > 1 else []
-    return notes + ([f"min_p {found['min_p']:g}"] if found.get("min_p", 0) > 0 else [])
 
 
 def _sampling_keys(checkpoint: str | os.PathLike, settings: dict[str, Any]) -> dict[str, float]:
@@ -241,6 +236,5 @@ __all__ = [
     "generation_config",
     "load_tokenizer",
     "sampling_defaults",
-    "unapplied_sampling",
     "stop_ids",
 ]
