@@ -163,6 +163,37 @@ def uneven_dispatch(checks: dict, group, size: int, rank: int) -> None:
     run_checks(checks, f"uneven all_to_all dispatch (EP={size}, ranks >0 receive nothing)", check)
 
 
+def trusted_steps_exchange_nothing(checks: dict, path: Path, groups: ParallelGroups) -> None:
+    """A decode step after the first runs inside ``ops.trusted()``, where a collective does not
+    first exchange agreement records (an all_gather and a host read each). The TP embedding's
+    all-reduce sat outside that block: one exchange every step."""
+
+    def check() -> None:
+        args = ModelArgs.from_file(path)
+        model = build_parallel(args, CheckpointReader(path), groups)
+        ids = prompt(args)[:1]
+        cache = model.new_cache(1, ids.shape[1] + 2)
+        model(ids, 0, cache)
+        model(ids[:, -1:], ids.shape[1], cache)  # the first step of this length: checked
+        exchanged, original = [], comm.ProcessGroupCommunicator._agree
+
+        def counting(self, collective, *rest, **named):  # instrumentation: counts, changes nothing
+            records = original(self, collective, *rest, **named)
+            if records is not None:
+                exchanged.append(collective)
+            return records
+
+        comm.ProcessGroupCommunicator._agree = counting
+        try:
+            model(ids[:, -1:], ids.shape[1] + 1, cache)
+        finally:
+            comm.ProcessGroupCommunicator._agree = original
+        if exchanged:
+            raise AssertionError(f"a trusted decode step exchanged agreement records for {exchanged}")
+
+    run_checks(checks, "trusted TP decode steps exchange no agreement records", check)
+
+
 def models(rank: int, world: int, path: Path) -> dict[str, str]:
     checks: dict[str, str] = {}
     args = ModelArgs.from_file(path)
@@ -179,6 +210,7 @@ def models(rank: int, world: int, path: Path) -> dict[str, str]:
         live(checks, "live tensor_parallel", reference, ckpt, args, [lambda m: tensor_parallel(m, None)])
         live(checks, "live expert_parallel", reference, ckpt, args, [lambda m: expert_parallel(m, None)])
         ranks_agree(checks, reference, path, rank)
+        trusted_steps_exchange_nothing(checks, path, groups_for(world, 1))
     if world == 4:
         g = groups_for(2, 2)
         live(checks, "live TP then EP", reference, ckpt, args, [lambda m: tensor_parallel(m, g.tp), lambda m: expert_parallel(m, g.ep)])

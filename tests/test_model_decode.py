@@ -287,3 +287,41 @@ def test_static_decode_with_rows_at_their_own_positions_does_no_host_sync():
     with HostSyncCounter() as syncs:
         decoder(torch.tensor([4, 4]), torch.tensor([4, 7]))
     assert syncs.count == 0, syncs.where
+
+
+def test_a_split_expert_model_is_not_captured_and_says_why():
+    """TP/EP experts dispatch a data-dependent number of slots (``torch.nonzero``; with EP the
+    all_to_all counts read on the host): a device graph cannot hold that step, and a capture
+    that fails part-way could leave collectives enqueued on some ranks. A backend that would
+    capture (a stand-in hook returning another callable: not a device graph) is not asked to;
+    the steps run eagerly, trusted, with the reason as ``capture_error``. A model without
+    split experts is captured as before."""
+    from dshal.comm import SimulatedGroup
+    from dshal.model.checkpoint import random_checkpoint
+    from dshal.model.loader import DictReader
+    from dshal.parallel.groups import ParallelGroups, plan_groups
+    from dshal.parallel.loading import build_parallel
+
+    dshal.use(backend="cpu")
+    args = tiny_args()
+    groups = ParallelGroups(tp=SimulatedGroup(2, 0, "tp"), ep=None, tp_size=2, ep_size=1, plan=plan_groups(2, 2, 1))
+    split = build_parallel(args, DictReader(random_checkpoint(args, seed=1)), groups)
+    whole = random_model(args, seed=1)
+    asked = []
+
+    def capturing(step):  # as a CUDA hook: returns a new callable, which would capture on its first call
+        asked.append(step)
+        return lambda *inputs: step(*inputs)
+
+    for model, captured in ((split, False), (whole, True)):
+        cache = model.new_cache(1, 16, "absorb", static=True)
+        decoder = StaticDecoder(model, cache, capturing)
+        ids = _ids(model.args, batch=1)
+        logits = decoder(ids[:, 0], 0).clone()  # checked, eager
+        again = decoder(ids[:, 1], 1)  # replayed (or run eagerly, trusted)
+        assert decoder.captured is captured and torch.isfinite(logits).all() and torch.isfinite(again).all()
+        if captured:
+            assert decoder.capture_error == ""
+        else:
+            assert decoder.capture_error.startswith("not captured: the split experts' dispatch keeps this rank's")
+    assert len(asked) == 2  # the hook is still asked (it tells whether the backend captures at all)

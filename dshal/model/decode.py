@@ -115,16 +115,29 @@ def static_cache_unsupported(cache: KVCache) -> str | None:
     return None
 
 
+def graph_capture_unsupported(model: nn.Module) -> str | None:
+    """Why ``model``'s decode steps cannot be captured as device graphs (a module declares it:
+    ``RoutedExperts.graph_capture_unsupported``, which a replacement may set), or None."""
+    for module in model.modules():
+        why = getattr(module, "graph_capture_unsupported", None)  # declared by RoutedExperts, None there
+        if why:
+            return why
+    return None
+
+
 class GraphStep:
     """A step over static input buffers: its first call runs ``step`` with the ops' input
     checks, eagerly, then captures it with ``graph`` (a backend's :meth:`~dshal.Backend.graph`
     hook) inside :func:`dshal.ops.trusted`; later calls replay the capture (a hook that returns
     the step itself captures nothing: later calls run it eagerly, trusted). Where capture fails
-    (an op reads the device on the host) the step runs eagerly, and ``capture_error`` says why.
+    (an op reads the device on the host) the step runs eagerly, and ``capture_error`` says why;
+    where the step is known not to be capturable (``unsupported``: why) capture is not tried,
+    since a failed capture may leave collectives enqueued on some ranks' streams.
     A replay's outputs are the graph's static buffers, overwritten by the next call."""
 
-    def __init__(self, step: Callable[..., Any], graph: Callable[[Callable[..., Any]], Callable[..., Any]]):
-        self._step, self._graph = step, graph
+    def __init__(self, step: Callable[..., Any], graph: Callable[[Callable[..., Any]], Callable[..., Any]],
+                 unsupported: str | None = None):
+        self._step, self._graph, self._unsupported = step, graph, unsupported
         self._replay: Callable[..., Any] | None = None
         #: Seconds the first call took (checked eager step + warm-up + capture).
         self.capture_s = 0.0
@@ -148,6 +161,10 @@ class GraphStep:
                                 "(the captured step, or the step itself where nothing is captured)")
         if replay == self._trusted:  # the backend captures nothing: later calls run the step eagerly
             self._replay, self.capture_s = replay, time.perf_counter() - start
+            return out
+        if self._unsupported:  # the backend would capture (on its first call): not this step
+            self._replay, self.capture_error = self._trusted, f"not captured: {self._unsupported}"
+            self.capture_s = time.perf_counter() - start
             return out
         try:
             out = replay(*inputs)  # captures, then replays this step
@@ -187,7 +204,8 @@ class StaticDecoder:
         self.model, self.cache, self.per_row = model, cache, per_row
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
         self.position = torch.zeros(cache.batch if per_row else 1, dtype=torch.int64, device=device)
-        self._run = GraphStep(lambda token, position: static_decode_step(model, token, position, cache), graph)
+        self._run = GraphStep(lambda token, position: static_decode_step(model, token, position, cache), graph,
+                              graph_capture_unsupported(model))
 
     @property
     def capture_s(self) -> float:

@@ -372,6 +372,9 @@ class RoutedExperts(nn.Module):
 
     op = "moe_experts"  # and its (weight, scale) pairs, as Linear's
     weight_pairs = (("w13", "w13_scale"), ("w2", "w2_scale"))
+    #: Why a decode step holding this module cannot be captured as a device graph (a
+    #: data-dependent shape, a host read), or None. A replacement that cannot says so here.
+    graph_capture_unsupported: str | None = None
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, dtype: torch.dtype):
         super().__init__()
@@ -546,10 +549,10 @@ class Transformer(nn.Module):
         cos, sin = self._positions("Transformer", start_pos, seqlen)  # [T, rope / 2]
         if cache is not None:
             cache.begin(start_pos, seqlen, input_ids.shape[0])
-        h, residual = self.embed(input_ids), None  # [B, T, D]
         # One position: nothing to select; the hidden states asked for: every position's.
         last = len(self.layers) - 1 if last_only and seqlen > 1 and not return_hidden else None
-        with ops.trusted() if trusted else contextlib.nullcontext():
+        with ops.trusted() if trusted else contextlib.nullcontext():  # the embedding too: its TP all-reduce
+            h, residual = self.embed(input_ids), None  # [B, T, D]
             for i, layer in enumerate(self.layers):
                 # With last_only, the last layer needs queries, attention output and FFN for
                 # the last position only; every layer still caches all T tokens' keys.
@@ -593,11 +596,11 @@ class Transformer(nn.Module):
             check_token_ids("Transformer.draft", next_ids, self.args.vocab_size)
         if cache is not None:
             cache.begin(start_pos, seqlen, bsz)
-        embedded = self.embed(next_ids)  # [B, T, D]
-        if start_pos == 0:  # position 0 takes no token embedding, as vLLM runs DeepSeek's MTP weights
-            embedded[:, 0] = 0
         layer = next(iter(self.mtp.values()))
         with ops.trusted() if trusted else contextlib.nullcontext():
+            embedded = self.embed(next_ids)  # [B, T, D]
+            if start_pos == 0:  # position 0 takes no token embedding, as vLLM runs DeepSeek's MTP weights
+                embedded[:, 0] = 0
             logits = layer.predict(hidden, embedded, cos, sin, None if cache is None else cache.layers[0], last_only)
         if step:
             cache.mark_decode_checked(self, seqlen)

@@ -40,7 +40,7 @@ from torch import nn
 
 from dshal.errors import ArgumentError
 from dshal.model.cache import KVCache
-from dshal.model.decode import GraphStep, agreed, positioned_step, static_cache_unsupported
+from dshal.model.decode import GraphStep, agreed, graph_capture_unsupported, positioned_step, static_cache_unsupported
 from dshal.model.generate import check_cache_reuse, check_generate_args, stop_list
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
@@ -223,8 +223,10 @@ class SpeculativeStep:
         self.model, self.cache, self.mtp_cache, self.verifier, self.graph = model, cache, mtp_cache, verifier, graph
         self.tokens = torch.zeros(batch, 2, dtype=torch.int64, device=device)
         self.positions = torch.zeros(batch, 2, dtype=torch.int64, device=device)
-        self.main = GraphStep(lambda tokens, positions: positioned_step(model, tokens, positions, cache), graph)
-        self.mtp = GraphStep(functools.partial(_kept_draft_logits, model, mtp_cache), graph)
+        unsupported = graph_capture_unsupported(model)
+        self.main = GraphStep(lambda tokens, positions: positioned_step(model, tokens, positions, cache), graph,
+                              unsupported)
+        self.mtp = GraphStep(functools.partial(_kept_draft_logits, model, mtp_cache), graph, unsupported)
 
     @property
     def captured(self) -> bool:

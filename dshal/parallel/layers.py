@@ -213,6 +213,11 @@ class ShardedExperts(RoutedExperts):
     op does), and an all-gather rebuilds every token.
     """
 
+    graph_capture_unsupported = (
+        "the split experts' dispatch keeps this rank's (token, expert) slots only, a data-dependent shape "
+        "(torch.nonzero; with EP the all_to_all counts are read on the host), which a device graph cannot hold"
+    )
+
     def __init__(self, n_experts: int, held: list[int], dim: int, inter_dim: int, dtype: torch.dtype):
         super().__init__(len(held), dim, inter_dim, dtype)
         self.n_experts = n_experts
