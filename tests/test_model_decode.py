@@ -325,3 +325,25 @@ def test_a_split_expert_model_is_not_captured_and_says_why():
         else:
             assert decoder.capture_error.startswith("not captured: the split experts' dispatch keeps this rank's")
     assert len(asked) == 2  # the hook is still asked (it tells whether the backend captures at all)
+
+
+@pytest.mark.needs_interpreter
+def test_a_windowed_decode_step_past_the_ring_does_no_host_sync():
+    """With an attention window the cache is a ring once positions pass global + window: the
+    step's surviving tokens were picked with a boolean mask (``pos[keep]``, ``t[:, keep]``), a
+    host read per step and per layer. They are index ranges worked out from the positions now."""
+    _emulated_nvidia()
+    args = tiny_args(first_k_dense_replace=3, attention_window=4, attention_global_tokens=2)
+    model = random_model(args, seed=0, precision=PrecisionConfig(gemm="fp8-block"))
+    reference = random_model(args, seed=0, precision=PrecisionConfig(gemm="fp8-block"))
+    ids = _ids(args, batch=1, length=9)  # past the ring's 6 slots at once
+    cache, whole = model.new_cache(1, 16), reference.new_cache(1, 16)
+    model(ids, 0, cache)
+    model(torch.tensor([[3]]), 9, cache)  # the checked first step of this length
+    own = torch.tensor([[4]])
+    cache.vouch_for(own)
+    with HostSyncCounter() as syncs:
+        got = model(own, 10, cache)
+    assert syncs.count == 0, syncs.where
+    reference(torch.cat((ids, torch.tensor([[3]])), 1), 0, whole)  # the same positions in one forward, then the step
+    assert torch.equal(got, reference(own, 10, whole))

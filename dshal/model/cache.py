@@ -62,7 +62,7 @@ class _StepPlan:
     end: int
     #: None: slots are positions (no ring yet); else the ring layout below.
     ordered_slots: torch.Tensor | None = None  # slots of the cached entries, in position order
-    keep: torch.Tensor | None = None  # which of the new tokens survive
+    keep: tuple[slice, ...] = ()  # which of the new tokens survive: index ranges of T, known on the host
     slots: torch.Tensor | None = None  # where the survivors go
     #: Static decode step: the position(s) as a device tensor ([1], [B] or [B, T]) and the
     #: per-slot score bias ([S], [B, S] or [B, T, S]).
@@ -183,9 +183,12 @@ class KVCache:
                 if start <= self.capacity
                 else torch.cat((torch.arange(g, device=device), torch.arange(start - w, start, device=device)))
             )
-            pos = torch.arange(start, end, device=device)
-            keep = (pos < g) | (pos >= end - w)
-            self._plan = _StepPlan(start, end, self._slot(cached), keep, self._slot(pos[keep]))
+            # The new tokens that survive: the pinned ones (positions < g), then the window's last w;
+            # as index ranges worked out on the host (a boolean mask would read the device each step).
+            pinned, tail = min(end, g) - start, max(end - w, start, min(end, g)) - start
+            keep = tuple(s for s in (slice(0, max(pinned, 0)), slice(tail, length)) if s.stop > s.start)
+            pos = torch.cat([torch.arange(start + s.start, start + s.stop, device=device) for s in keep])
+            self._plan = _StepPlan(start, end, self._slot(cached), keep, self._slot(pos))
         self.length = end
 
     #: Score bias of a slot not yet written: exp(-1e4) is 0 in every float dtype.
@@ -281,7 +284,8 @@ class LayerCache:
             else:
                 past = buf.index_select(1, plan.ordered_slots)
                 out.append(torch.cat((past, t), dim=1))
-                buf[:, plan.slots] = t[:, plan.keep]
+                kept = [t[:, s] for s in plan.keep]
+                buf[:, plan.slots] = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
         return tuple(out)
 
 
