@@ -467,3 +467,30 @@ def test_the_kernel_benchmark_runs():
     assert "moe_gate, T=1, E=16, 4 groups" in names and "linear, 1 row, FP8 128x128 blocks, [256x256] weight" in names
     assert "FP8 prefill activations [64, 192], 1x128 quantize + dequantize" in names
     assert all(line.rstrip().endswith("x") for line in lines[2:])  # every row has its ratio
+
+
+def test_torch_compile_around_the_c_kernels_gives_the_eager_answer():
+    """dynamo traced the ctypes calls with its fake tensors' pointers: a function calling
+    ``ops.moe_gate`` aborted the process (heap corruption), and ``torch.compile(model)`` gave
+    other logits without a word. Each kernel call is a graph break now (backend "eager":
+    dynamo's tracing is where it went wrong; no inductor compile needed)."""
+    import dshal
+    from dshal.model import random_model, tiny_args
+
+    if K.library() is None:
+        pytest.skip(f"the C kernels are not built here: {K.status()}")
+    dshal.use(backend="cpu")
+    torch._dynamo.reset()
+    bias = torch.zeros(16)
+    logits = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+
+    def route(x):
+        return dshal.ops.moe_gate(x, bias, 4, 4, 2, 2.5)
+
+    want = route(logits)
+    got = torch.compile(route, backend="eager")(logits)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    model = random_model(tiny_args(), seed=1)
+    ids = torch.randint(0, model.args.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(torch.compile(model, backend="eager")(ids), model(ids))
+    torch._dynamo.reset()

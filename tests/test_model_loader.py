@@ -200,3 +200,24 @@ def test_gemm_auto_runs_each_checkpoint_in_its_own_format(state):
         high = build_model(ARGS, DictReader(fp8), PrecisionConfig(gemm=name))
         assert high.describe()["precision"]["mode"] == "high" and high.layers[1].self_attn.o_proj.weight.dtype == torch.float32
     assert "'bf16' is the older name of 'high'" in high.describe()["precision"]["why"]
+
+
+@pytest.mark.parametrize("gemm", ["high", "fp8-block", "int8"])
+def test_weights_loaded_into_a_model_that_already_ran_are_the_ones_it_computes_with(gemm):
+    """MLA keeps kv_b_proj's dequantized per-head form, and the cpu backend a float32 copy of
+    FP8 weights: both were keyed on the parameter object, so ``load_state_dict`` (which copies
+    into the same parameters) into a model that had run left it computing with the old weights
+    (1.2 relative off, no warning). They follow in-place writes now. A model built under
+    ``torch.inference_mode()`` (whose tensors keep no write counter) still runs."""
+    from dshal.config import PrecisionConfig
+    from dshal.model import random_model
+
+    dshal.use(backend="cpu")
+    precision = PrecisionConfig(gemm=gemm)
+    source, warm = random_model(ARGS, seed=1, precision=precision), random_model(ARGS, seed=2, precision=precision)
+    ids = torch.randint(0, ARGS.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    before = warm(ids)
+    warm.load_state_dict(source.state_dict(), strict=True)
+    assert torch.equal(warm(ids), source(ids)) and not torch.equal(before, source(ids))
+    with torch.inference_mode():
+        assert torch.isfinite(random_model(ARGS, seed=1, precision=precision)(ids)).all()

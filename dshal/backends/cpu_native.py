@@ -38,7 +38,7 @@ from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, linear_quantized, weight_quant_mode
 from dshal.ops.moe import check_expert_ids
 from dshal.ops.quant import dequantize_to
-from dshal.ops.spec import FP8_FORMAT_OF
+from dshal.ops.spec import FP8_FORMAT_OF, write_count
 
 #: Dtypes torch's CPU kernels already compute in at full precision (no upcast needed).
 _WIDE = (torch.float32, torch.float64)
@@ -126,7 +126,7 @@ class DequantizedWeights:
             held = self._copies.get(key)
             if held is not None:
                 ref, version, held_scale, scale_version, dense = held
-                if ref() is weight and version == weight._version and held_scale is scale and scale_version == scale._version:
+                if ref() is weight and version == write_count(weight) and held_scale is scale and scale_version == write_count(scale):
                     return dense
                 self._drop(key)  # changed in place: its stale copy goes
         dense = dequantize_to(weight, scale.reshape(()) if block is None else scale, block, torch.float32)
@@ -136,7 +136,7 @@ class DequantizedWeights:
             if self._bytes + dense.numel() * 4 > self.limit():
                 return dense  # the budget is full: this weight is dequantized per call
             ref = weakref.ref(weight, functools.partial(_forget_copy, weakref.ref(self), key))
-            self._copies[key] = (ref, weight._version, scale, scale._version, dense)
+            self._copies[key] = (ref, write_count(weight), scale, write_count(scale), dense)
             self._bytes += dense.numel() * 4
         return dense
 

@@ -44,7 +44,7 @@ from dshal.model.cache import KVCache, LayerCache, check_cache_fits
 from dshal.model.generate import check_input_ids, check_token_ids, generate
 from dshal.model.prefill import check_start_pos
 from dshal.model.weights import dequantize_weight, precision_label
-from dshal.ops.spec import INT64_MAX
+from dshal.ops.spec import INT64_MAX, write_count
 from dshal.runtime import free_memory
 
 #: Steps of up to this many tokens on a KV cache (one token, or a token and its draft, see
@@ -195,7 +195,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, args.latent_norm_eps, dt)
         self.kv_b_proj = Linear(self.rank, h * (self.nope + self.v_dim), dtype=dt)
         self.o_proj = Linear(h * self.v_dim, d, bias=args.attention_bias, dtype=dt)
-        self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # (kv_b weight seen, its [H, nope+v, r] form)
+        # ((kv_b weight, its version, scale, its version) seen, the weight's [H, nope+v, r] form)
+        self._absorbed: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -279,7 +280,7 @@ class MLA(nn.Module):
         stored in the compute dtype, whose view it then is)."""
         if self._absorbed is None:
             return 0
-        weight, dense = self._absorbed
+        (weight, *_), dense = self._absorbed
         if dense.dtype == weight.dtype and self.kv_b_proj.weight_scale is None:
             return 0
         return dense.numel() * dense.element_size()
@@ -292,10 +293,14 @@ class MLA(nn.Module):
     def _kv_b_per_head(self, dtype: torch.dtype) -> torch.Tensor:
         """``kv_b_proj``'s weight as ``[H, nope + v, r]`` in ``dtype`` (dequantized: kv_b is
         weight-only in every precision mode), cached until the weight or dtype changes."""
-        weight = self.kv_b_proj.weight
-        if self._absorbed is None or self._absorbed[0] is not weight or self._absorbed[1].dtype != dtype:
+        weight, scale = self.kv_b_proj.weight, self.kv_b_proj.weight_scale
+        # In-place writes count too: load_state_dict copies into the same parameters.
+        versions = (write_count(weight), write_count(scale))
+        seen = (weight, scale, versions)
+        old = None if self._absorbed is None else self._absorbed[0]
+        if old is None or old[0] is not weight or old[1] is not scale or old[2] != versions or self._absorbed[1].dtype != dtype:
             dense = self.kv_b_proj.dequantized_weight(dtype)
-            self._absorbed = (weight, dense.view(-1, self.nope + self.v_dim, self.rank))
+            self._absorbed = (seen, dense.view(-1, self.nope + self.v_dim, self.rank))
         return self._absorbed[1]
 
 

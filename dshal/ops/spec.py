@@ -267,6 +267,13 @@ def op_spec(checker: Callable[..., Any]) -> OpSpec:
 # class with the op, the argument, what was seen and what was expected.
 
 
+def write_count(t: torch.Tensor | None) -> int | None:
+    """``t``'s in-place write counter (``Tensor._version``: a cache keyed on a tensor sees
+    ``copy_`` / ``load_state_dict`` into it); None for no tensor, or one made under inference
+    mode, which keeps none (it cannot be written outside inference mode either)."""
+    return None if t is None or t.is_inference() else t._version
+
+
 def check_tensor(
     op: str,
     arg: str,

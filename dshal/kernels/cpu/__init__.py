@@ -53,6 +53,10 @@ __all__ = [
 
 _F32 = (torch.float32,)
 
+#: Each kernel call is a graph break under ``torch.compile``: dynamo would trace the ctypes call
+#: with its fake tensors' pointers (heap corruption, then wrong logits), so it runs the call eagerly.
+_not_traced = torch.compiler.disable
+
 
 def _check_cpu(
     kernel: str, arg: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], ndim: int | None = None,
@@ -96,6 +100,7 @@ def _raise_bad_id(kernel: str, ids: torch.Tensor, slot: int, experts: int) -> No
     )
 
 
+@_not_traced
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for a few rows, reading ``weight`` once, row after row:
     ``x [..., K]`` float32 (``K > 0``), ``weight [N, K]`` float32 contiguous, ``bias [N]``
@@ -121,6 +126,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out
 
 
+@_not_traced
 def moe_token(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
@@ -161,6 +167,7 @@ def moe_token(
     return out
 
 
+@_not_traced
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +205,7 @@ def rms_norm(
     return y if total is None else (y, total)
 
 
+@_not_traced
 def moe_gate(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
@@ -242,6 +250,7 @@ def moe_gate(
     return None if not_finite else (weights, ids)
 
 
+@_not_traced
 def moe_group(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort a multi-token ``moe_experts`` call's slots by expert and gather their rows.
 
@@ -291,6 +300,7 @@ def moe_group(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.T
     return xs, order, ends
 
 
+@_not_traced
 def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The weighted sum back per token, the inverse of :func:`moe_group`:
     ``out[t] = sum_j weights[t, s] * y[j]`` over the rows ``j`` with ``order[j] = t * k + s``,
@@ -348,6 +358,7 @@ def _rotary_layout(
     return row_stride, inner, periods
 
 
+@_not_traced
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor | None:
     """``dshal.ops.rotary_embedding`` in float32: pairs of ``x [..., D]`` rotated by the
     angles in ``cos``/``sin`` (same shape, ``[..., D/2]``, broadcastable to ``x[..., :D/2]``).
@@ -391,6 +402,7 @@ def _check_block_scaled(kernel: str, arg: str, w: torch.Tensor, scale_arg: str, 
         )
 
 
+@_not_traced
 def fp8_block_gemm(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -433,6 +445,7 @@ def fp8_block_gemm(
     return out
 
 
+@_not_traced
 def moe_token_fp8(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -490,6 +503,7 @@ def moe_token_fp8(
     return out
 
 
+@_not_traced
 def fp8_fake_quant_rows(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
     """``x [..., K]`` quantized per (1, 128) to the E4M3 format ``fp8`` and dequantized
     again, in one pass per 128-value block: the float32 values an FP8 ``linear`` multiplies
