@@ -61,17 +61,46 @@ def test_an_attention_scale_float32_cannot_hold_is_refused(scale, clean_dshal_en
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cpu_rotary_takes_inputs_that_require_grad(dtype, clean_dshal_env):
-    """The half-split (interleaved=False) torch path wrote with out= into views, which autograd
-    refuses: a raw RuntimeError where the reference answers."""
+def test_inputs_that_require_grad_are_refused_in_grad_mode_and_served_without_it(dtype, clean_dshal_env):
+    """No op has a backward: in grad mode a tensor that requires grad lost its autograd for some
+    shapes and dtypes and kept it for others (wrong gradients, no word); it is an ArgumentError
+    naming the argument now. Under no_grad the same tensors are served: the cpu backend's
+    half-split rotary path wrote with out= into views, which autograd refuses (a raw
+    RuntimeError where the reference answers)."""
     dshal.use(backend="cpu")
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(1, 2, 8, 32, generator=gen).to(dtype)
     cos, sin = (torch.randn(8, 16, generator=gen).to(dtype) for _ in range(2))
     want = dshal.ops.reference.rotary_embedding(x, cos, sin, False)
-    for args in ((x.clone().requires_grad_(), cos, sin), (x, cos, sin.clone().requires_grad_())):
-        got = dshal.ops.rotary_embedding(*args, False)
-        torch.testing.assert_close(got.detach(), want)
+    for name, args in (("x", (x.clone().requires_grad_(), cos, sin)), ("sin", (x, cos, sin.clone().requires_grad_()))):
+        with pytest.raises(ArgumentError, match=rf"^rotary_embedding: argument '{name}' requires grad, .*inference-only"):
+            dshal.ops.rotary_embedding(*args, False)
+        with torch.no_grad():
+            torch.testing.assert_close(dshal.ops.rotary_embedding(*args, False), want)
+    weight = torch.nn.Linear(32, 4).weight  # a Parameter: requires grad
+    with pytest.raises(ArgumentError, match="^linear: argument 'weight' requires grad"):
+        dshal.ops.linear(x.float(), weight=weight)
+
+
+def test_ops_under_autocast_keep_their_dtypes(clean_dshal_env):
+    """torch.autocast turned the cpu provider's matmul to bf16 from 64 rows on: a ProviderError
+    that blamed the provider ("returned its output as torch.bfloat16"). An op's dtypes are its
+    contract: autocast is off inside it; the model under autocast gives its float32 logits."""
+    from dshal.model import random_model, tiny_args
+
+    dshal.use(backend="cpu")
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 32, generator=gen)
+    model = random_model(tiny_args(), seed=1)
+    ids = torch.randint(0, model.args.vocab_size, (1, 5), generator=gen)
+    want = model(ids)
+    for rows in (2, 64):
+        x = torch.randn(rows, 32, generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = dshal.ops.linear(x, w)
+        assert got.dtype == torch.float32 and torch.equal(got, dshal.ops.linear(x, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(ids), want)
 
 
 @pytest.mark.needs_interpreter

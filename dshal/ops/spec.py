@@ -171,6 +171,8 @@ class OpSpec:
         first = next(iter(self.signature.parameters))
         outputs = self._outputs if provider is not None else None
 
+        params = list(self.signature.parameters)
+
         def call(*args: Any, **kwargs: Any) -> Any:
             check(*args, **kwargs)
             x = args[0] if args else kwargs[first]
@@ -179,7 +181,13 @@ class OpSpec:
                     f"{name}: argument {first!r} is on device {x.device}, "
                     f"expected a {device_type!r} tensor (the active backend's device)"
                 )
-            out = impl(*args, **kwargs)
+            if torch.is_grad_enabled():
+                refuse_autograd(name, params, args, kwargs)
+            if torch.is_autocast_enabled(x.device.type):  # the op's dtypes are its contract, not autocast's
+                with torch.autocast(x.device.type, enabled=False):
+                    out = impl(*args, **kwargs)
+            else:
+                out = impl(*args, **kwargs)
             if outputs is not None:
                 check_outputs(name, provider, out, outputs(*args, **kwargs), x.device)
             return out
@@ -265,6 +273,19 @@ def op_spec(checker: Callable[..., Any]) -> OpSpec:
 # ---------------------------------------------------------------- input-check helpers
 # Small, fast helpers shared by every op's checker. Each raises the documented error
 # class with the op, the argument, what was seen and what was expected.
+
+
+def refuse_autograd(op: str, params: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """ArgumentError when grad mode is on and a tensor argument requires grad: no op has a
+    backward (providers are kernels, some in C), so autograd would be dropped for some shapes
+    and dtypes and kept for others, and gradients come out wrong without a word."""
+    for param, value in (*zip(params, args), *kwargs.items()):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise ArgumentError(
+                f"{op}: argument {param!r} requires grad, expected a tensor that does not: dshal ops are "
+                "inference-only (no backward); call them under torch.inference_mode() or torch.no_grad(), "
+                "or pass a detached tensor"
+            )
 
 
 def write_count(t: torch.Tensor | None) -> int | None:
