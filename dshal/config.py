@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from dshal.errors import ConfigError
+from dshal.errors import ArgumentError, ConfigError
 
 DEFAULT_PREFER = ("nvidia", "amd", "ascend", "cpu")
 #: The provider that serves an op with its reference implementation (the oracle): what
@@ -425,6 +425,20 @@ def _apply(base: Config, doc: _Doc) -> Config:
             f"got {attention.global_tokens}, expected fewer than attention.window ({attention.window})",
         )
     return replace(base, **changes, source=doc.file or base.source, origins=origins)
+
+
+def precision_config(value: Any, where: str = "argument 'precision'") -> PrecisionConfig:
+    """``value`` as a :class:`PrecisionConfig`: one already, a mapping with the keys of a config
+    file's ``precision`` section (``{"gemm": "fp8-block"}``, checked as the file's are), or a
+    gemm mode name (``"fp8-block"``). ArgumentError for anything else."""
+    if isinstance(value, PrecisionConfig):
+        return value
+    if isinstance(value, str):
+        value = {"gemm": value}
+    if not isinstance(value, Mapping):
+        raise ArgumentError(f"{where}: got {type(value).__name__}, expected a PrecisionConfig, a mapping such as "
+                            "{'gemm': 'fp8-block'} (a config's precision section) or a gemm mode name")
+    return _apply(Config(), _Doc({"precision": dict(value)}, {}, where)).precision
 
 
 def env_flag(name: str, default: bool) -> bool:

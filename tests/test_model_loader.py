@@ -221,3 +221,27 @@ def test_weights_loaded_into_a_model_that_already_ran_are_the_ones_it_computes_w
     assert torch.equal(warm(ids), source(ids)) and not torch.equal(before, source(ids))
     with torch.inference_mode():
         assert torch.isfinite(random_model(ARGS, seed=1, precision=precision)(ids)).all()
+
+
+def test_dtype_casts_of_a_loaded_model_are_refused_and_device_moves_pass():
+    """``.bfloat16()`` converted the weights and the router but not ``args.dtype`` (the KV cache
+    then refused bf16 queries with a DTypeError naming 'k'); on an FP8 model ``.float()``
+    turned FP8 payloads into floats their scales no longer fit. Casts are refused, naming what
+    to do; a cast to the same dtype and device moves pass."""
+    from dshal.config import PrecisionConfig
+    from dshal.model import random_model
+
+    dshal.use(backend="cpu")
+    model = random_model(ARGS, seed=1)
+    ids = torch.randint(0, ARGS.vocab_size, (1, 4), generator=torch.Generator().manual_seed(0))
+    want = model(ids)
+    for cast in (model.bfloat16, model.half, model.double, lambda: model.to(torch.bfloat16)):
+        with pytest.raises(dshal.ArgumentError, match=r"casting its float32 tensors to .*dtype=torch\."):
+            cast()
+    assert torch.equal(model.float().to("cpu")(ids), want)  # nothing was converted by the refused casts
+    fp8 = random_model(ARGS, seed=1, precision={"gemm": "fp8-block"})  # a config's precision section
+    with pytest.raises(dshal.ArgumentError, match="casting its float8_e4m3fn tensors to float32 .*gemm 'high'"):
+        fp8.float()
+    with pytest.raises(dshal.ArgumentError, match="argument 'precision': got int, expected a PrecisionConfig"):
+        random_model(ARGS, precision=3)
+    assert random_model(ARGS, precision="int8").describe()["precision"]["mode"] == PrecisionConfig(gemm="int8").gemm

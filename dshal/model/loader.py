@@ -36,6 +36,7 @@ from torch import nn
 
 import dshal
 from dshal import ops
+from dshal.config import precision_config
 from dshal.errors import CheckpointError, DeviceError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_index
@@ -474,7 +475,7 @@ def build_model(
     weights are converted on the host first (:func:`load_weights`, :func:`place_on_device`).
     ``progress``: told each step (:data:`LoadProgress`)."""
     runtime = current()
-    precision = precision if precision is not None else runtime.config.precision
+    precision = precision_config(precision) if precision is not None else runtime.config.precision
     device = torch.device(device if device is not None else runtime.device)
     fp8_storage = fp8_storage_of(runtime, precision)
     with torch.device("meta"):

@@ -44,7 +44,7 @@ from dshal.model.cache import KVCache, LayerCache, check_cache_fits
 from dshal.model.generate import check_input_ids, check_token_ids, generate
 from dshal.model.prefill import check_start_pos
 from dshal.model.weights import dequantize_weight, precision_label
-from dshal.ops.spec import INT64_MAX, write_count
+from dshal.ops.spec import FP8_DTYPES, INT64_MAX, write_count
 from dshal.runtime import free_memory
 
 #: Steps of up to this many tokens on a KV cache (one token, or a token and its draft, see
@@ -525,6 +525,26 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(args)
         self.register_buffer("rope_cos", cos, persistent=False)  # [S, rope / 2]
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """What ``.to()``, ``.cuda()``, ``.half()`` ... run: device moves pass; a dtype cast is
+        refused. The dtype is a load-time choice that the KV cache (``args.dtype``), the float32
+        router and RoPE tables, and FP8 payloads with their scales each follow in their own way;
+        a cast converted some and not others (a DTypeError at the first generate, FP8 weights
+        turned to floats that their scales no longer fit)."""
+        held = {p.dtype for p in self.parameters()} & set(FP8_DTYPES.values())
+        device = self.rope_cos.device
+        for dtype in (self.args.dtype, *sorted(held, key=str)):
+            cast = fn(torch.empty(0, dtype=dtype, device=device)).dtype
+            if cast != dtype:
+                name, to = (str(d).replace("torch.", "") for d in (dtype, cast))
+                instead = ("load it with precision gemm 'high' to dequantize its FP8 weights" if dtype in held else
+                           f"load it again with from_pretrained(..., dtype=torch.{to}) (or ModelArgs.dtype)")
+                raise ArgumentError(
+                    f"Transformer: casting its {name} tensors to {to} (.half(), .float(), .to(dtype)) is not "
+                    f"supported, expected device moves only: the dtype is chosen at load; {instead}"
+                )
+        return super()._apply(fn, recurse)
 
     @torch.inference_mode()
     def forward(

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from dshal import ops
-from dshal.config import PrecisionConfig
+from dshal.config import PrecisionConfig, precision_config
 from dshal.errors import ConfigError
 from dshal.model.model import Linear, RoutedExperts, describe_model, kv_cache_report
 from dshal.model.weights import (
@@ -239,6 +239,7 @@ def apply_precision(
     the host: ``Capabilities.fp8_storage`` False) is converted where it is, by the op references
     (:func:`~dshal.model.weights.conversion_ops`), and stays there for
     :func:`dshal.model.loader.place_on_device`. None: every weight by the active runtime's ops."""
+    precision = precision_config(precision)
     dtype = dtype or model.args.dtype
     fmt = resolve_fp8_format(precision)
     mode_all, why = resolve_gemm_mode(precision, model, capabilities)

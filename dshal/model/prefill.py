@@ -53,7 +53,7 @@ def check_input_ids(where: str, input_ids: Any, device: torch.device | None = No
     """``input_ids`` must be an integer tensor ``[B, T]`` with ``B, T >= 1`` (on ``device``, when given)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise DTypeError(f"{where}: argument 'input_ids' is {got}, expected an int64 tensor [B, T]")
+        raise DTypeError(f"{where}: argument 'input_ids' is {got}, expected an int64 (or int32) tensor [B, T]")
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ShapeError(
             f"{where}: argument 'input_ids' has shape {list(input_ids.shape)}, expected [B, T] with B >= 1 and T >= 1"
