@@ -51,6 +51,7 @@ from dshal.model.prefill import (
     mask_padding,
 )
 from dshal.model.sampling import TokenChooser, check_min_p, check_top_k, check_top_p, draw
+from dshal.runtime import current
 
 
 @dataclass
@@ -209,7 +210,9 @@ class SpeculativeStep:
     device on the host.
 
     ``step(last [B], draft [B], q [B, V] or None, positions [B, 2])`` returns ``(verdict
-    [B, 3], last, draft, q)`` for the next call."""
+    [B, 3], last, draft, q)`` for the next call. ``positions`` may be a host tensor (pinned:
+    ``Backend.pinned_empty``): it is copied without waiting, as the caller writes it again only
+    after reading the verdict, which waits for the step."""
 
     def __init__(
         self, model: nn.Module, cache: KVCache, mtp_cache: KVCache, verifier: DraftVerifier,
@@ -244,7 +247,7 @@ class SpeculativeStep:
         model = self.model
         self.tokens[:, 0].copy_(last)
         self.tokens[:, 1].copy_(draft)
-        self.positions.copy_(positions)
+        self.positions.copy_(positions, non_blocking=True)
         logits, hidden = self.main(self.tokens, self.positions)  # [B, 2, V], [B, 2, D]
         verdict = agreed(model, self.verifier.check(logits, draft, q))  # [B, 3]
         kept = verdict[:, 2]  # [B]: 1 where the draft is kept
@@ -440,7 +443,7 @@ def _generate_rows(
     :func:`generate_speculative` says; ``stream``: one sequence's tokens as they are written;
     ``step``: the caller's step on those caches (else one is made)."""
     bsz, width = input_ids.shape
-    total, device = width + max_new_tokens, input_ids.device
+    total = width + max_new_tokens
     out, _ = mask_padding(input_ids, lens, stops[0] if stops else 0)
     out = torch.cat((out, out.new_full((bsz, max_new_tokens), stops[0] if stops else 0)), dim=1)
     stats = SpeculativeStats()
@@ -463,6 +466,9 @@ def _generate_rows(
     q = None if firsts[0][2] is None else torch.cat([p for _, _, p in firsts])
 
     pos, done, written = list(lens), [False] * bsz, 0  # row b's next position; whether it is done
+    # Positions go to the device from a pinned host buffer: a tensor made from a list each step was a
+    # blocking copy (a stream sync on CUDA) besides the verdict's one read.
+    staged = current().backend.pinned_empty((bsz, 2), torch.int64)
     pending = [[token] for token in last.tolist()]  # each row's tokens to write
     step = step or SpeculativeStep(model, cache, mtp_cache, verifier, graph or (lambda fn: fn))
     while True:
@@ -487,7 +493,8 @@ def _generate_rows(
             return out[:, : max(lens) + max(p - n for p, n in zip(pos, lens, strict=True))], stats
         # Every row at [last token, draft] (positions pos - 1, pos); a done row repeats a slot of its own.
         at = [min(p, total - 1) for p in pos]
-        verdict, last, draft, q = step(last, draft, q, torch.tensor([[p - 1, p] for p in at], device=device))
+        staged.copy_(torch.tensor([[p - 1, p] for p in at]))
+        verdict, last, draft, q = step(last, draft, q, staged)
         pending = []
         for row, (first, second, keep) in enumerate(verdict.tolist()):  # the step's one host read
             pending.append([first, second] if keep else [first])
