@@ -28,6 +28,7 @@ checked against the same signature when it loads.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -183,7 +184,7 @@ class OpSpec:
                 )
             if torch.is_grad_enabled():
                 refuse_autograd(name, params, args, kwargs)
-            if torch.is_autocast_enabled(x.device.type):  # the op's dtypes are its contract, not autocast's
+            if autocast_on(x.device.type):  # the op's dtypes are its contract, not autocast's
                 with torch.autocast(x.device.type, enabled=False):
                     out = impl(*args, **kwargs)
             else:
@@ -273,6 +274,21 @@ def op_spec(checker: Callable[..., Any]) -> OpSpec:
 # ---------------------------------------------------------------- input-check helpers
 # Small, fast helpers shared by every op's checker. Each raises the documented error
 # class with the op, the argument, what was seen and what was expected.
+
+
+@functools.cache
+def _autocast_knows(device_type: str) -> bool:
+    """Whether torch's autocast has a state for ``device_type`` (it raises for meta)."""
+    try:
+        torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+    return True
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is active for ``device_type`` in this thread."""
+    return _autocast_knows(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def refuse_autograd(op: str, params: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
