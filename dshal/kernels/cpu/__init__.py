@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 
@@ -53,9 +54,19 @@ __all__ = [
 
 _F32 = (torch.float32,)
 
-#: Each kernel call is a graph break under ``torch.compile``: dynamo would trace the ctypes call
-#: with its fake tensors' pointers (heap corruption, then wrong logits), so it runs the call eagerly.
-_not_traced = torch.compiler.disable
+def _not_traced(kernel: Any) -> Any:
+    """``kernel`` as a graph break under ``torch.compile``: dynamo would trace its ctypes call with
+    fake tensors' pointers (heap corruption, then wrong logits). Wrapped when traced only:
+    ``torch.compiler.disable`` imports dynamo, which imports triton, and triton imported before
+    ``TRITON_INTERPRET=1`` rules out emulated GPU plugins later in the process."""
+
+    @functools.wraps(kernel)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # dynamo is tracing this call: run the kernel outside the graph
+            return torch.compiler.disable(kernel)(*args, **kwargs)
+        return kernel(*args, **kwargs)
+
+    return call
 
 
 def _check_cpu(
