@@ -8,6 +8,7 @@ registry, so discovery goes through real entry points (no mocks).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import shutil
 import sys
@@ -94,3 +95,58 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "bad_input" in metafunc.fixturenames:
         bad = metafunc.module.BAD
         metafunc.parametrize("bad_input", [BadInput(*b) for b in bad], ids=[f"bad{i}" for i in range(len(bad))])
+
+
+# ----------------------------------------------------------------- kernel wrappers' checks
+class KernelChecks(collections.Counter):
+    """The ``kernel_checks`` fixture: input-check calls of the Triton kernel wrappers so far,
+    by ``module.name``."""
+
+    def trusted_matches_checked(self, call: Callable[[], object]) -> None:
+        """``call()`` checked (some of its wrapper's checks run), then inside
+        ``dshal.ops.trusted()`` (none run): the same outputs, bit for bit."""
+        import torch
+
+        import dshal
+
+        self.clear()
+        checked = call()
+        assert self, "the checked call ran no input checks"
+        self.clear()
+        with dshal.ops.trusted():
+            trusted = call()
+        assert not self, f"input checks ran inside dshal.ops.trusted(): {dict(self)}"
+        as_tuple = lambda out: out if isinstance(out, tuple) else (out,)  # noqa: E731
+        for want, got in zip(as_tuple(checked), as_tuple(trusted), strict=True):
+            assert isinstance(got, torch.Tensor) and (got.dtype, got.shape) == (want.dtype, want.shape)
+            assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))
+
+
+@pytest.fixture
+def kernel_checks(monkeypatch: pytest.MonkeyPatch) -> KernelChecks:
+    """Counts the input-check calls of dshal's Triton kernel wrappers, by ``module.name``:
+    every ``check_*`` / ``_check_*`` function a kernel module calls through its namespace
+    (``check_tensor``, ``check_dim``, ``check_same_device``, ``check_kernel_device``... and
+    the wrappers' own helpers) and ``KernelTarget.check_fp8_dtype``. Not the ids' range check
+    (``check_ids_in_range``): inside ``dshal.ops.trusted()`` it is a device-side assert, kept.
+    Imports the kernel modules (interpreter tests only: mark them ``needs_interpreter``)."""
+    from dshal.kernels.triton import load_kernel_modules
+    from dshal.kernels.triton.target import KernelTarget
+
+    counts = KernelChecks()
+
+    def counted(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    for module_name, module in load_kernel_modules("cpu").items():
+        for attr, value in list(vars(module).items()):
+            if callable(value) and attr.lstrip("_").startswith("check_") and attr != "check_ids_in_range":
+                monkeypatch.setattr(module, attr, counted(f"{module_name}.{attr}", value))
+    monkeypatch.setattr(
+        KernelTarget, "check_fp8_dtype", counted("KernelTarget.check_fp8_dtype", KernelTarget.check_fp8_dtype)
+    )
+    return counts

@@ -172,3 +172,26 @@ def test_rotary_rejects_bad_inputs(call, error, fragment):
     with pytest.raises(error) as info:
         call()
     assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------- trusted mode
+TRUSTED_CALLS = {
+    "rms_norm": lambda: rms_norm(rand(3, 5, 96, dtype=torch.bfloat16), rand(96, seed=1), 1e-5),
+    "rms_norm-residual": lambda: rms_norm(
+        rand(4, 200, dtype=torch.float16), rand(200, dtype=torch.float16, seed=1), residual=rand(4, 200, dtype=torch.float16, seed=2)
+    ),
+    "silu_and_mul": lambda: silu_and_mul(rand(5, 2, 300, dtype=torch.bfloat16)[:, 1]),
+    "silu_and_mul_fp8_quant": lambda: silu_and_mul_fp8_quant(rand(3, 512), torch.float8_e4m3fn, True),
+    "silu_and_mul_fp8_quant-fnuz": lambda: silu_and_mul_fp8_quant(rand(2, 300, dtype=torch.bfloat16), torch.float8_e4m3fnuz),
+    "rotary-interleaved": lambda: rotary_embedding(rand(2, 4, 3, 16), *angles(3, 8)),
+    "rotary-half": lambda: rotary_embedding(
+        rand(3, 4, 16, dtype=torch.bfloat16), *(t[:, None] for t in angles(3, 8)), interleaved=False
+    ),
+}
+
+
+@pytest.mark.parametrize("call", TRUSTED_CALLS.values(), ids=TRUSTED_CALLS)
+def test_trusted_mode_skips_the_wrapper_checks_same_bits(call, kernel_checks):
+    """Inside dshal.ops.trusted() the wrappers run none of their input checks (the op's
+    checker vouched for the inputs) and compute the same bits as when they check."""
+    kernel_checks.trusted_matches_checked(call)

@@ -144,3 +144,13 @@ def test_block_gemm_does_not_overflow_where_the_result_does_not(fmt):
     assert torch.isfinite(want).all() and want.abs().max() > 1e25
     out = fp8_block_gemm(qa, sa, qb, sb, torch.float32, target=NATIVE[fmt])
     torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-5 * float(want.abs().max()))  # summation order
+
+
+@pytest.mark.parametrize("fmt, dot, out_dtype", [
+    ("e4m3fn", "e4m3fn", torch.bfloat16), ("e4m3fnuz", "e4m3fnuz", torch.float32), ("e4m3fnuz", "e4m3fn", torch.float16),
+], ids=["e4m3fn", "e4m3fnuz", "widened"])
+def test_trusted_mode_skips_the_wrapper_checks_same_bits(fmt, dot, out_dtype, kernel_checks):
+    """Inside dshal.ops.trusted() the wrapper runs none of its input checks (the op's
+    checker vouched for the inputs) and computes the same bits as when it checks."""
+    qa, sa, qb, sb = operands(33, 70, 200, fmt)
+    kernel_checks.trusted_matches_checked(lambda: fp8_block_gemm(qa, sa, qb, sb, out_dtype, target=NATIVE[dot]))

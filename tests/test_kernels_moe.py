@@ -6,6 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")  # mode: root conftest
+import dshal  # noqa: E402
 from dshal.errors import DeviceError, DTypeError, ShapeError  # noqa: E402
 from dshal.kernels.triton import moe  # noqa: E402
 from dshal.kernels.triton.moe import grouped_moe_experts  # noqa: E402
@@ -162,3 +163,17 @@ def test_moe_fp8_activation_near_bf16_max_stays_finite():
         out = grouped_moe_experts(x, weights, ids, q13, q2, s13, s2, target=target).double()
         assert torch.isfinite(out).all()
         assert 1 - 2 * (out * want).sum() / (out.square() + want.square()).sum() < 1e-4
+
+
+def test_trusted_mode_skips_the_wrapper_checks_same_bits(kernel_checks):
+    """Inside dshal.ops.trusted() the wrapper runs none of its input checks (the op's
+    checker vouched for the inputs) and computes the same bits as when it checks: float
+    and FP8 weights, k = 2 and k = 1. The ids' range is still checked (on the device there)."""
+    x, weights, ids, w13, w2 = problem(tokens=6, hidden=136, inter=40, experts=3, dtype=torch.bfloat16)
+    q13, s13 = ref.quantize_fp8(w13.float(), (128, 128), "e4m3fn")
+    q2, s2 = ref.quantize_fp8(w2.float(), (128, 128), "e4m3fn")
+    kernel_checks.trusted_matches_checked(lambda: grouped_moe_experts(x, weights, ids, w13, w2))
+    kernel_checks.trusted_matches_checked(lambda: grouped_moe_experts(x, weights, ids, q13, q2, s13, s2))
+    kernel_checks.trusted_matches_checked(lambda: grouped_moe_experts(x, weights[:, :1], ids[:, :1], w13, w2))
+    with dshal.ops.trusted(), pytest.raises(RuntimeError, match=r"expert ids outside \[0, 3\)"):
+        grouped_moe_experts(x, weights, ids + 3, w13, w2)

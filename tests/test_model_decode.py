@@ -184,6 +184,35 @@ def test_decode_step_with_moe_layers_does_no_host_sync():
     assert syncs.count == 0, syncs.where
 
 
+@pytest.mark.needs_interpreter
+def test_trusted_decode_step_runs_no_kernel_wrapper_checks(kernel_checks):
+    """Inside dshal.ops.trusted() the Triton kernel wrappers skip their Python input checks,
+    as the ops do (each check call cost ~0.3 µs, ~160 of them per step of this 3-layer FP8
+    model): the checked first step runs them, the trusted steps after it (static and eager)
+    none. The expert ids' range check stays (a device-side assert there)."""
+    _emulated_nvidia()
+    model = random_model(tiny_args(), seed=0, precision=PrecisionConfig(gemm="fp8-block"))
+    cache = model.new_cache(1, 10, "absorb")
+    model(_ids(model.args, batch=1), 0, cache)
+    decoder = StaticDecoder(model, cache, _eager("nvidia"))
+    kernel_checks.clear()
+    decoder(torch.tensor([3]), 5)  # the checked first step
+    assert {"norm.check_tensor", "quant.check_tensor", "gemm.check_dim", "rotary.check_tensor",
+            "activation._check_gated", "moe.check_tensor", "KernelTarget.check_fp8_dtype"} <= set(kernel_checks)
+    kernel_checks.clear()
+    decoder(torch.tensor([4]), 6)
+    assert not kernel_checks, dict(kernel_checks)
+
+    eager = model.new_cache(1, 10)
+    model(_ids(model.args, batch=1), 0, eager)
+    model(torch.tensor([[3]]), 5, eager)
+    own = torch.tensor([[4]])
+    eager.vouch_for(own)
+    kernel_checks.clear()
+    model(own, 6, eager)  # trusted eager step
+    assert not kernel_checks, dict(kernel_checks)
+
+
 def test_decode_id_checks_checked_on_host_trusted_on_device():
     """A bad token id: ShapeError in the checked first step, a device-side assertion (here a
     RuntimeError from torch._assert_async, no host read) inside the captured step."""

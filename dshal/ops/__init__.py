@@ -38,7 +38,8 @@ def trusted() -> contextlib.AbstractContextManager[None]:
 
     For a caller that builds every op input itself and has already had the same calls
     checked once, as the model core does for its decode steps: the checks are Python and
-    cost more than the math for the small tensors of one token. The providers' own value
+    cost more than the math for the small tensors of one token. The Triton kernel wrappers
+    (:mod:`dshal.kernels.triton`) skip their own input checks too. The providers' own value
     checks (e.g. expert ids in range) still run, device-side (no host sync: see
     :func:`dshal.ops.spec.check_ids_in_range`), and :mod:`dshal.comm` skips its cross-rank
     agreement check. Nests; other threads are unaffected.

@@ -2,7 +2,8 @@
 
 Each kernel module (``quant``, ``gemm``, ``norm``, ``activation``, ``rotary``, ``moe``)
 imports ``triton`` and defines ``@triton.jit`` kernels with a checked Python wrapper
-beside each one. Hardware-specific tuning comes from a :class:`~.target.KernelTarget`
+beside each one (its input checks are skipped inside :func:`dshal.ops.trusted`, as the ops'
+own are). Hardware-specific tuning comes from a :class:`~.target.KernelTarget`
 (``target.py``, importable without triton): the plugin picks one of the tile tables shipped
 as data (``tiles/<target name>.json``) from its device's arch; the kernels never branch on
 the vendor.

@@ -9,6 +9,7 @@ import triton.language as tl
 
 from dshal.errors import ShapeError
 from dshal.kernels.triton._checks import (
+    FP8_FORMATS,
     check_flag,
     check_fp8_dtype,
     check_kernel_device,
@@ -18,6 +19,7 @@ from dshal.kernels.triton._checks import (
 )
 from dshal.kernels.triton._jit import cast_rne, finite_abs, quantize_to_codes, scale_from_amax
 from dshal.kernels.triton.target import KernelTarget
+from dshal.ops.mode import checking
 from dshal.ops.spec import FLOAT_DTYPES, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -75,14 +77,31 @@ def _silu_and_mul_quant_kernel(
     tl.store(s_ptr + rows.to(tl.int64) * n_groups + group, scale, mask=row_ok)
 
 
-def _check_gated(fn: str, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Common checks; returns ``x`` as ``[rows, 2d]`` (a view when possible), rows and d."""
+def _check_gated(fn: str, x: torch.Tensor, target: object) -> KernelTarget:
+    """The input checks both wrappers share (skipped inside :func:`dshal.ops.trusted`); returns the target."""
     check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     if x.shape[-1] % 2:
         raise ShapeError(
             f"{fn}: argument 'x' has last dim {x.shape[-1]} (shape {list(x.shape)}), expected an even size 2*d"
         )
     check_kernel_device(fn, "x", x, INTERPRETED)
+    return resolve_target(fn, target, x.device)
+
+
+def _check_silu_and_mul_fp8_quant(
+    fn: str, x: torch.Tensor, fp8_dtype: torch.dtype, ue8m0: bool, target: object
+) -> KernelTarget:
+    """:func:`silu_and_mul_fp8_quant`'s input checks (skipped inside :func:`dshal.ops.trusted`);
+    returns the target."""
+    check_fp8_dtype(fn, "fp8_dtype", fp8_dtype)
+    check_flag(fn, "ue8m0", ue8m0)
+    tgt = _check_gated(fn, x, target)
+    tgt.check_fp8_dtype(fn, "fp8_dtype", fp8_dtype)
+    return tgt
+
+
+def _gated_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``x`` as ``[rows, 2d]`` (a view when possible), rows and d."""
     two_d = x.shape[-1]
     x2 = x.reshape(-1, two_d)
     return x2, x2.shape[0], two_d // 2
@@ -96,11 +115,16 @@ def silu_and_mul(x: torch.Tensor, *, target: KernelTarget | None = None) -> torc
     ``target`` only sets the warps per program.
 
     Raises DTypeError (dtype), ShapeError (odd last dim), DeviceError (a CPU tensor
-    without the interpreter).
+    without the interpreter). Inside :func:`dshal.ops.trusted` these input checks are
+    skipped (as the op's own are): the caller vouches for the inputs; only ``target`` is
+    resolved.
     """
     fn = "silu_and_mul"
-    x2, rows, d = _check_gated(fn, x)
-    tgt = resolve_target(fn, target, x.device)
+    if checking():
+        tgt = _check_gated(fn, x, target)
+    else:  # inside dshal.ops.trusted(): no input checks
+        tgt = resolve_target(fn, target, x.device)
+    x2, rows, d = _gated_rows(x)
     y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     if y.numel():
         block_d = min(triton.next_power_of_2(d), 1024)
@@ -130,14 +154,17 @@ def silu_and_mul_fp8_quant(
 
     Raises DTypeError (``x``'s dtype, ``fp8_dtype``, ``ue8m0``), ShapeError (odd last dim),
     DeviceError (a CPU tensor without the interpreter), UnsupportedOpError (an
-    ``fp8_dtype`` outside ``target.fp8_dtypes``).
+    ``fp8_dtype`` outside ``target.fp8_dtypes``). Inside :func:`dshal.ops.trusted` these
+    input checks are skipped (as the op's own are): the caller vouches for the inputs; only
+    ``target`` is resolved.
     """
     fn = "silu_and_mul_fp8_quant"
-    fmt = check_fp8_dtype(fn, "fp8_dtype", fp8_dtype)
-    check_flag(fn, "ue8m0", ue8m0)
-    x2, rows, d = _check_gated(fn, x)
-    tgt = resolve_target(fn, target, x.device)
-    tgt.check_fp8_dtype(fn, "fp8_dtype", fp8_dtype)
+    if checking():
+        tgt = _check_silu_and_mul_fp8_quant(fn, x, fp8_dtype, ue8m0, target)
+    else:  # inside dshal.ops.trusted(): no input checks
+        tgt = resolve_target(fn, target, x.device)
+    fmt = FP8_FORMATS[fp8_dtype]
+    x2, rows, d = _gated_rows(x)
     n_groups = triton.cdiv(d, QUANT_GROUP)
     q = torch.empty((*x.shape[:-1], d), dtype=fp8_dtype, device=x.device)
     scale = torch.empty((*x.shape[:-1], n_groups), dtype=torch.float32, device=x.device)

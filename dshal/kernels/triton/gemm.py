@@ -35,6 +35,7 @@ from dshal.kernels.triton._checks import (
 )
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget, TileConfig, m_bucket
+from dshal.ops.mode import checking
 from dshal.ops.spec import check_dim, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -148,6 +149,43 @@ def select_tile(
         return _TUNED[memo]
 
 
+def _check_fp8_block_gemm(
+    fn: str,
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    target: object,
+    tile: object,
+) -> KernelTarget:
+    """:func:`fp8_block_gemm`'s input checks (skipped inside :func:`dshal.ops.trusted`);
+    returns the target."""
+    fp8 = tuple(FP8_FORMATS)
+    check_tensor(fn, "a", a, dtypes=fp8, ndim=2)
+    check_tensor(fn, "b", b, dtypes=fp8, ndim=2)
+    check_tensor(fn, "a_scale", a_scale, dtypes=(torch.float32,), ndim=2)
+    check_tensor(fn, "b_scale", b_scale, dtypes=(torch.float32,), ndim=2)
+    if out_dtype not in OUT_DTYPES:
+        raise DTypeError(f"{fn}: argument 'out_dtype' is {out_dtype!r}, expected torch.bfloat16, float16 or float32")
+    M, K = a.shape
+    N = b.shape[0]
+    check_dim(fn, "b", b, 1, K, "K, the last dim of 'a'")
+    k_blocks = triton.cdiv(K, SCALE_BLOCK)
+    check_dim(fn, "a_scale", a_scale, 0, M, "M, the rows of 'a'")
+    check_dim(fn, "a_scale", a_scale, 1, k_blocks, "ceil(K/128) for 1x128 activation blocks")
+    check_dim(fn, "b_scale", b_scale, 0, triton.cdiv(N, SCALE_BLOCK), "ceil(N/128) for 128x128 weight blocks")
+    check_dim(fn, "b_scale", b_scale, 1, k_blocks, "ceil(K/128) for 128x128 weight blocks")
+    check_same_device(fn, "a", a, b=b, a_scale=a_scale, b_scale=b_scale)
+    check_kernel_device(fn, "a", a, INTERPRETED)
+    tgt = resolve_target(fn, target, a.device)
+    tgt.check_fp8_dtype(fn, "a", a.dtype)
+    tgt.check_fp8_dtype(fn, "b", b.dtype)
+    if tile is not None and not isinstance(tile, TileConfig):
+        raise DTypeError(f"{fn}: argument 'tile' is a {type(tile).__name__}, expected a TileConfig or None")
+    return tgt
+
+
 def fp8_block_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -177,32 +215,17 @@ def fp8_block_gemm(
     Raises DTypeError (non-FP8 ``a``/``b``, non-float32 scales, bad ``out_dtype``),
     ShapeError (ranks, K mismatch, scale shapes), DeviceError (mixed devices, a CPU tensor
     without the interpreter), UnsupportedOpError (an FP8 dtype outside ``target.fp8_dtypes``,
-    e.g. FNUZ on NVIDIA), DTypeError (``tile`` not a TileConfig).
+    e.g. FNUZ on NVIDIA), DTypeError (``tile`` not a TileConfig). Inside
+    :func:`dshal.ops.trusted` these input checks are skipped (as the op's own are): the
+    caller vouches for the inputs; only ``target`` is resolved.
     """
     fn = "fp8_block_gemm"
-    fp8 = tuple(FP8_FORMATS)
-    check_tensor(fn, "a", a, dtypes=fp8, ndim=2)
-    check_tensor(fn, "b", b, dtypes=fp8, ndim=2)
-    check_tensor(fn, "a_scale", a_scale, dtypes=(torch.float32,), ndim=2)
-    check_tensor(fn, "b_scale", b_scale, dtypes=(torch.float32,), ndim=2)
-    if out_dtype not in OUT_DTYPES:
-        raise DTypeError(f"{fn}: argument 'out_dtype' is {out_dtype!r}, expected torch.bfloat16, float16 or float32")
+    if checking():
+        tgt = _check_fp8_block_gemm(fn, a, a_scale, b, b_scale, out_dtype, target, tile)
+    else:  # inside dshal.ops.trusted(): no input checks
+        tgt = resolve_target(fn, target, a.device)
     M, K = a.shape
     N = b.shape[0]
-    check_dim(fn, "b", b, 1, K, "K, the last dim of 'a'")
-    k_blocks = triton.cdiv(K, SCALE_BLOCK)
-    check_dim(fn, "a_scale", a_scale, 0, M, "M, the rows of 'a'")
-    check_dim(fn, "a_scale", a_scale, 1, k_blocks, "ceil(K/128) for 1x128 activation blocks")
-    check_dim(fn, "b_scale", b_scale, 0, triton.cdiv(N, SCALE_BLOCK), "ceil(N/128) for 128x128 weight blocks")
-    check_dim(fn, "b_scale", b_scale, 1, k_blocks, "ceil(K/128) for 128x128 weight blocks")
-    check_same_device(fn, "a", a, b=b, a_scale=a_scale, b_scale=b_scale)
-    check_kernel_device(fn, "a", a, INTERPRETED)
-    tgt = resolve_target(fn, target, a.device)
-    tgt.check_fp8_dtype(fn, "a", a.dtype)
-    tgt.check_fp8_dtype(fn, "b", b.dtype)
-
-    if tile is not None and not isinstance(tile, TileConfig):
-        raise DTypeError(f"{fn}: argument 'tile' is a {type(tile).__name__}, expected a TileConfig or None")
 
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=a.device)

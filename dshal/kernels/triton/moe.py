@@ -39,6 +39,7 @@ from dshal.kernels.triton._checks import (
 )
 from dshal.kernels.triton._jit import cast_rne, finite_abs, quantize_with_scale, scale_from_amax
 from dshal.kernels.triton.target import KernelTarget
+from dshal.ops.mode import checking
 from dshal.ops.spec import check_dim, check_ids_in_range, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -213,6 +214,45 @@ def _check_weight(
     return is_fp8
 
 
+def _check_grouped_moe_experts(
+    fn: str,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None,
+    target: object,
+    check_ids: bool,
+) -> KernelTarget:
+    """:func:`grouped_moe_experts`'s input checks (skipped inside :func:`dshal.ops.trusted`;
+    the ids' range is not among them); returns the target."""
+    check_tensor(fn, "x", x, dtypes=X_DTYPES, ndim=2)
+    check_tensor(fn, "weights", weights, dtypes=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
+    check_tensor(fn, "ids", ids, dtypes=ID_DTYPES, ndim=2)
+    T, H = x.shape
+    if weights.shape != ids.shape or weights.shape[0] != T:
+        raise ShapeError(
+            f"{fn}: arguments 'weights' {list(weights.shape)} and 'ids' {list(ids.shape)} must both be [T, k] "
+            f"with T={T} (rows of 'x')"
+        )
+    check_tensor(fn, "w13", w13, ndim=3)
+    E, two_i = w13.shape[0], w13.shape[1]
+    if two_i % 2:
+        raise ShapeError(f"{fn}: argument 'w13' has shape {list(w13.shape)}, expected [E, 2I, H] with an even 2I")
+    w13_fp8 = _check_weight(fn, "w13", w13, w13_scale, x.dtype, (E, two_i, H))
+    w2_fp8 = _check_weight(fn, "w2", w2, w2_scale, x.dtype, (E, H, two_i // 2))
+    check_flag(fn, "check_ids", check_ids)
+    check_same_device(fn, "x", x, weights=weights, ids=ids, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale)
+    check_kernel_device(fn, "x", x, INTERPRETED)
+    tgt = resolve_target(fn, target, x.device)
+    for name, w, is_fp8 in (("w13", w13, w13_fp8), ("w2", w2, w2_fp8)):
+        if is_fp8:
+            tgt.check_fp8_dtype(fn, name, w.dtype)
+    return tgt
+
+
 def grouped_moe_experts(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -244,33 +284,20 @@ def grouped_moe_experts(
 
     Raises DTypeError (dtypes, FP8 weight without scale or scale without FP8 weight),
     ShapeError (shapes, ids out of range), DeviceError (mixed devices, a CPU tensor without
-    the interpreter), UnsupportedOpError (FP8 weights outside ``target.fp8_dtypes``).
+    the interpreter), UnsupportedOpError (FP8 weights outside ``target.fp8_dtypes``). Inside
+    :func:`dshal.ops.trusted` these input checks are skipped (as the op's own are): the
+    caller vouches for the inputs; only ``target`` is resolved, and ``check_ids`` still
+    asserts the ids' range on the device.
     """
     fn = "grouped_moe_experts"
-    check_tensor(fn, "x", x, dtypes=X_DTYPES, ndim=2)
-    check_tensor(fn, "weights", weights, dtypes=(torch.float32, torch.bfloat16, torch.float16), ndim=2)
-    check_tensor(fn, "ids", ids, dtypes=ID_DTYPES, ndim=2)
+    if checking():
+        tgt = _check_grouped_moe_experts(fn, x, weights, ids, w13, w2, w13_scale, w2_scale, target, check_ids)
+    else:  # inside dshal.ops.trusted(): no input checks (the ids' range check below stays, on the device)
+        tgt = resolve_target(fn, target, x.device)
     T, H = x.shape
-    if weights.shape != ids.shape or weights.shape[0] != T:
-        raise ShapeError(
-            f"{fn}: arguments 'weights' {list(weights.shape)} and 'ids' {list(ids.shape)} must both be [T, k] "
-            f"with T={T} (rows of 'x')"
-        )
-    check_tensor(fn, "w13", w13, ndim=3)
-    E, two_i = w13.shape[0], w13.shape[1]
-    if two_i % 2:
-        raise ShapeError(f"{fn}: argument 'w13' has shape {list(w13.shape)}, expected [E, 2I, H] with an even 2I")
-    inter = two_i // 2
-    w13_fp8 = _check_weight(fn, "w13", w13, w13_scale, x.dtype, (E, two_i, H))
-    w2_fp8 = _check_weight(fn, "w2", w2, w2_scale, x.dtype, (E, H, inter))
-    check_flag(fn, "check_ids", check_ids)
-    check_same_device(fn, "x", x, weights=weights, ids=ids, w13=w13, w2=w2, w13_scale=w13_scale, w2_scale=w2_scale)
-    check_kernel_device(fn, "x", x, INTERPRETED)
-    tgt = resolve_target(fn, target, x.device)
-    for name, w, is_fp8 in (("w13", w13, w13_fp8), ("w2", w2, w2_fp8)):
-        if is_fp8:
-            tgt.check_fp8_dtype(fn, name, w.dtype)
+    E, inter = w13.shape[0], w13.shape[1] // 2
     k = ids.shape[1]
+    w13_fp8, w2_fp8 = w13.dtype in FP8_FORMATS, w2.dtype in FP8_FORMATS
     if check_ids:  # a host read in checked mode; a device-side assert inside dshal.ops.trusted()
         check_ids_in_range(fn, "ids", ids, E, "expert id", f"w13 has {E} experts")
     if T * k == 0 or H == 0 or E == 0:

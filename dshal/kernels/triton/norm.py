@@ -10,6 +10,7 @@ from dshal.errors import DTypeError, ShapeError
 from dshal.kernels.triton._checks import check_kernel_device, launch, module_interpreted, resolve_target
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget
+from dshal.ops.mode import checking
 from dshal.ops.spec import FLOAT_DTYPES, check_dim, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -47,6 +48,30 @@ def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or hidden <= 1 else t2.contiguous()
 
 
+def _check_rms_norm(
+    fn: str, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, target: object
+) -> KernelTarget:
+    """:func:`rms_norm`'s input checks (skipped inside :func:`dshal.ops.trusted`); returns the target."""
+    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor(fn, "weight", weight, dtypes=FLOAT_DTYPES, ndim=1)
+    hidden = x.shape[-1]
+    check_dim(fn, "weight", weight, 0, hidden, "the last dim of 'x'")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise DTypeError(f"{fn}: argument 'eps' is {eps!r}, expected a non-negative float")
+    if residual is not None:
+        check_tensor(fn, "residual", residual, dtypes=(x.dtype,))
+        if residual.shape != x.shape:
+            raise ShapeError(
+                f"{fn}: argument 'residual' has shape {list(residual.shape)}, "
+                f"expected {list(x.shape)} (the shape of 'x')"
+            )
+    if hidden > MAX_HIDDEN:
+        raise ShapeError(f"{fn}: argument 'x' has last dim {hidden}, expected at most {MAX_HIDDEN}")
+    check_same_device(fn, "x", x, weight=weight, residual=residual)
+    check_kernel_device(fn, "x", x, INTERPRETED)
+    return resolve_target(fn, target, x.device)
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -65,27 +90,16 @@ def rms_norm(
     warps per program.
 
     Raises DTypeError (dtypes, ``eps``), ShapeError (``weight``/``residual`` shapes, H too
-    large), DeviceError (mixed devices, a CPU tensor without the interpreter).
+    large), DeviceError (mixed devices, a CPU tensor without the interpreter). Inside
+    :func:`dshal.ops.trusted` these input checks are skipped (as the op's own are): the
+    caller vouches for the inputs; only ``target`` is resolved.
     """
     fn = "rms_norm"
-    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    check_tensor(fn, "weight", weight, dtypes=FLOAT_DTYPES, ndim=1)
+    if checking():
+        tgt = _check_rms_norm(fn, x, weight, eps, residual, target)
+    else:  # inside dshal.ops.trusted(): no input checks
+        tgt = resolve_target(fn, target, x.device)
     hidden = x.shape[-1]
-    check_dim(fn, "weight", weight, 0, hidden, "the last dim of 'x'")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise DTypeError(f"{fn}: argument 'eps' is {eps!r}, expected a non-negative float")
-    if residual is not None:
-        check_tensor(fn, "residual", residual, dtypes=(x.dtype,))
-        if residual.shape != x.shape:
-            raise ShapeError(
-                f"{fn}: argument 'residual' has shape {list(residual.shape)}, "
-                f"expected {list(x.shape)} (the shape of 'x')"
-            )
-    if hidden > MAX_HIDDEN:
-        raise ShapeError(f"{fn}: argument 'x' has last dim {hidden}, expected at most {MAX_HIDDEN}")
-    check_same_device(fn, "x", x, weight=weight, residual=residual)
-    check_kernel_device(fn, "x", x, INTERPRETED)
-    tgt = resolve_target(fn, target, x.device)
 
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     summed = torch.empty_like(y) if residual is not None else None

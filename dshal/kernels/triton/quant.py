@@ -19,6 +19,7 @@ import triton.language as tl
 
 from dshal.errors import ShapeError
 from dshal.kernels.triton._checks import (
+    FP8_FORMATS,
     check_flag,
     check_fp8_dtype,
     check_kernel_device,
@@ -28,6 +29,7 @@ from dshal.kernels.triton._checks import (
 )
 from dshal.kernels.triton._jit import finite_abs, quantize_to_codes, scale_from_amax
 from dshal.kernels.triton.target import KernelTarget
+from dshal.ops.mode import checking
 from dshal.ops.spec import FLOAT_DTYPES, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -81,6 +83,33 @@ def _is_power_of_two(n: object) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
 
 
+def _check_fp8_quantize_blocks(
+    fn: str, x: torch.Tensor, block: tuple[int, int], fp8_dtype: torch.dtype, ue8m0: bool, target: object
+) -> KernelTarget:
+    """:func:`fp8_quantize_blocks`'s input checks (skipped inside :func:`dshal.ops.trusted`);
+    returns the target."""
+    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_fp8_dtype(fn, "fp8_dtype", fp8_dtype)
+    check_flag(fn, "ue8m0", ue8m0)
+    if (
+        not isinstance(block, (tuple, list))
+        or len(block) != 2
+        or not (block[0] == 1 or (_is_power_of_two(block[0]) and block[0] <= 256))
+        or not (_is_power_of_two(block[1]) and 16 <= block[1] <= 1024)
+        or block[0] * block[1] > MAX_BLOCK_ELEMENTS
+    ):
+        raise ShapeError(
+            f"{fn}: argument 'block' is {block!r}, expected (bm, bk) with bm 1 or a power of two <= 256, "
+            f"bk a power of two in [16, 1024] and bm * bk <= {MAX_BLOCK_ELEMENTS}, e.g. (1, 128) or (128, 128)"
+        )
+    if block[0] > 1 and x.dim() < 2:
+        raise ShapeError(f"{fn}: argument 'x' has shape {list(x.shape)}, expected at least 2-D for block {block!r}")
+    check_kernel_device(fn, "x", x, INTERPRETED)
+    tgt = resolve_target(fn, target, x.device)
+    tgt.check_fp8_dtype(fn, "fp8_dtype", fp8_dtype)
+    return tgt
+
+
 def fp8_quantize_blocks(
     x: torch.Tensor,
     block: tuple[int, int] = (1, 128),
@@ -107,29 +136,17 @@ def fp8_quantize_blocks(
 
     Raises ShapeError (bad ``block``, ``x`` of the wrong rank), DTypeError (``x``'s dtype,
     ``fp8_dtype``, ``ue8m0``), DeviceError (a CPU tensor without the interpreter, meta),
-    UnsupportedOpError (an ``fp8_dtype`` outside ``target.fp8_dtypes``).
+    UnsupportedOpError (an ``fp8_dtype`` outside ``target.fp8_dtypes``). Inside
+    :func:`dshal.ops.trusted` these input checks are skipped (as the op's own are): the
+    caller vouches for the inputs; only ``target`` is resolved.
     """
     fn = "fp8_quantize_blocks"
-    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    fmt = check_fp8_dtype(fn, "fp8_dtype", fp8_dtype)
-    check_flag(fn, "ue8m0", ue8m0)
-    if (
-        not isinstance(block, (tuple, list))
-        or len(block) != 2
-        or not (block[0] == 1 or (_is_power_of_two(block[0]) and block[0] <= 256))
-        or not (_is_power_of_two(block[1]) and 16 <= block[1] <= 1024)
-        or block[0] * block[1] > MAX_BLOCK_ELEMENTS
-    ):
-        raise ShapeError(
-            f"{fn}: argument 'block' is {block!r}, expected (bm, bk) with bm 1 or a power of two <= 256, "
-            f"bk a power of two in [16, 1024] and bm * bk <= {MAX_BLOCK_ELEMENTS}, e.g. (1, 128) or (128, 128)"
-        )
+    if checking():
+        tgt = _check_fp8_quantize_blocks(fn, x, block, fp8_dtype, ue8m0, target)
+    else:  # inside dshal.ops.trusted(): no input checks
+        tgt = resolve_target(fn, target, x.device)
+    fmt = FP8_FORMATS[fp8_dtype]
     bm, bk = int(block[0]), int(block[1])
-    if bm > 1 and x.dim() < 2:
-        raise ShapeError(f"{fn}: argument 'x' has shape {list(x.shape)}, expected at least 2-D for block {block!r}")
-    check_kernel_device(fn, "x", x, INTERPRETED)
-    tgt = resolve_target(fn, target, x.device)
-    tgt.check_fp8_dtype(fn, "fp8_dtype", fp8_dtype)
 
     K = x.shape[-1]
     if bm == 1:

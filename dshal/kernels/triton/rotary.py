@@ -10,6 +10,7 @@ from dshal.errors import ShapeError
 from dshal.kernels.triton._checks import check_flag, check_kernel_device, launch, module_interpreted, resolve_target
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget
+from dshal.ops.mode import checking
 from dshal.ops.spec import FLOAT_DTYPES, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -62,6 +63,35 @@ def _as_5d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape((1,) * (5 - t.dim()) + tuple(t.shape)) if t.dim() < 5 else t
 
 
+def _check_rotary(
+    fn: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, target: object
+) -> KernelTarget:
+    """:func:`rotary_embedding`'s input checks (skipped inside :func:`dshal.ops.trusted`); returns the target."""
+    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor(fn, "cos", cos, dtypes=FLOAT_DTYPES)
+    check_tensor(fn, "sin", sin, dtypes=FLOAT_DTYPES)
+    check_flag(fn, "interleaved", interleaved)
+    D = x.shape[-1]
+    if D % 2:
+        raise ShapeError(f"{fn}: argument 'x' has last dim {D} (shape {list(x.shape)}), expected an even size D")
+    if x.dim() > MAX_LEADING + 1:
+        raise ShapeError(f"{fn}: argument 'x' has shape {list(x.shape)}, expected at most {MAX_LEADING + 1} dims")
+    angles = (*x.shape[:-1], D // 2)
+    for name, t in (("cos", cos), ("sin", sin)):
+        try:
+            ok = torch.broadcast_shapes(t.shape, angles) == torch.Size(angles)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ShapeError(
+                f"{fn}: argument {name!r} has shape {list(t.shape)}, expected a shape that broadcasts to "
+                f"{list(angles)} (x[..., :D/2]), e.g. [T, D/2] for x [B, H, T, D] or [T, 1, D/2] for x [T, H, D]"
+            )
+    check_same_device(fn, "x", x, cos=cos, sin=sin)
+    check_kernel_device(fn, "x", x, INTERPRETED)
+    return resolve_target(fn, target, x.device)
+
+
 def rotary_embedding(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -85,33 +115,18 @@ def rotary_embedding(
 
     Raises DTypeError (dtypes, ``interleaved``), ShapeError (odd D, more than 5 dims,
     cos/sin not broadcastable to ``x[..., :D/2]``), DeviceError (mixed devices, a CPU
-    tensor without the interpreter).
+    tensor without the interpreter). Inside :func:`dshal.ops.trusted` these input checks
+    are skipped (as the op's own are): the caller vouches for the inputs; only ``target``
+    is resolved.
     """
     fn = "rotary_embedding"
-    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    check_tensor(fn, "cos", cos, dtypes=FLOAT_DTYPES)
-    check_tensor(fn, "sin", sin, dtypes=FLOAT_DTYPES)
-    check_flag(fn, "interleaved", interleaved)
+    if checking():
+        tgt = _check_rotary(fn, x, cos, sin, interleaved, target)
+    else:  # inside dshal.ops.trusted(): no input checks
+        tgt = resolve_target(fn, target, x.device)
     D = x.shape[-1]
-    if D % 2:
-        raise ShapeError(f"{fn}: argument 'x' has last dim {D} (shape {list(x.shape)}), expected an even size D")
-    if x.dim() > MAX_LEADING + 1:
-        raise ShapeError(f"{fn}: argument 'x' has shape {list(x.shape)}, expected at most {MAX_LEADING + 1} dims")
     half = D // 2
     angles = (*x.shape[:-1], half)
-    for name, t in (("cos", cos), ("sin", sin)):
-        try:
-            ok = torch.broadcast_shapes(t.shape, angles) == torch.Size(angles)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ShapeError(
-                f"{fn}: argument {name!r} has shape {list(t.shape)}, expected a shape that broadcasts to "
-                f"{list(angles)} (x[..., :D/2]), e.g. [T, D/2] for x [B, H, T, D] or [T, 1, D/2] for x [T, H, D]"
-            )
-    check_same_device(fn, "x", x, cos=cos, sin=sin)
-    check_kernel_device(fn, "x", x, INTERPRETED)
-    tgt = resolve_target(fn, target, x.device)
 
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = x.numel() // D if D else 0
