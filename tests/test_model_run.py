@@ -819,5 +819,9 @@ def test_model_a_kimi_k2_checkpoint_reads_its_tokenizer_without_running_its_conf
     tok_config = json.loads((ckpt / "tokenizer_config.json").read_text())
     tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}
     (ckpt / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    # a class transformers has is loaded as that class, the shipped code left alone (as transformers does)
+    assert load_tokenizer(ckpt)("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+    tok_config["tokenizer_class"] = "TikTokenTokenizer"  # Kimi-K2's: only its shipped code has it
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(tok_config))
     with pytest.raises(dshal.CheckpointError, match="its tokenizer is code the checkpoint ships"):
         load_tokenizer(ckpt)

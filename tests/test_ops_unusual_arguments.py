@@ -99,8 +99,10 @@ def test_ops_under_autocast_keep_their_dtypes(clean_dshal_env):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = dshal.ops.linear(x, w)
         assert got.dtype == torch.float32 and torch.equal(got, dshal.ops.linear(x, w))
+    tokens = model.generate(ids, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(ids), want)
+        assert torch.equal(model.generate(ids, 4), tokens)  # trusted decode steps too
 
 
 @pytest.mark.needs_interpreter

@@ -96,32 +96,47 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> Co
     """Each current leg against the same leg of ``baseline`` (both merged to one report per leg)."""
     now_reports, _ = prepare(current)
     then_reports, _ = prepare(baseline)
-    then_by_leg = {leg_key(r): r for r in then_reports}
-    now_keys = {leg_key(r) for r in now_reports}
     legs: list[LegChanges] = []
     new_legs: list[str] = []
+    matched: set[int] = set()  # baseline reports compared with a current one
     for rep in now_reports:
-        before = then_by_leg.get(leg_key(rep))
+        before = _baseline_of(rep, then_reports)
         if before is None:
             new_legs.append(leg_label(rep))
             continue
+        matched.add(id(before))
         legs.append(_leg_changes(before, rep))
     broken = [f"{leg_label(r)}: {r['platform']['broken']}" for r in now_reports if r["platform"].get("broken")]
-    ran_now = {_runs_as(r) for r in now_reports if "not_run" not in r["platform"]}
+    ran_now = [r for r in now_reports if leg_key(r)[2] == "hardware"]  # a not-run leg is a hardware leg's absence
     gone, online = [], []
     for rep in then_reports:
-        if leg_key(rep) in now_keys:
+        if id(rep) in matched:
             continue
-        came_online = "not_run" in rep["platform"] and _runs_as(rep) in ran_now
+        came_online = "not_run" in rep["platform"] and any(_same_leg(rep, r, ignore=(1, 2, 3)) for r in ran_now)
         (online if came_online else gone).append(leg_label(rep))
     return Comparison(legs, new_legs, gone, online, broken)
 
 
-def _runs_as(report: dict[str, Any]) -> tuple[str, ...]:
-    """What a leg is besides where it ran: backend, runner leg name and selection (a baseline
-    leg that did not run matches the same backend running now)."""
-    key = leg_key(report)
-    return key[0], key[5], key[-1]
+#: Position of the CI leg name in :func:`~dshal_conformance.legs.leg_key` (device, kind, arch: 1, 2, 3).
+_LEG_NAME = 5
+
+
+def _same_leg(a: dict[str, Any], b: dict[str, Any], ignore: tuple[int, ...] = ()) -> bool:
+    """``a`` and ``b`` are one leg, leaving out the key positions in ``ignore``; a CI leg name
+    that only one side has (a baseline made before reports carried ``platform.leg``) matches."""
+    ka, kb = leg_key(a), leg_key(b)
+    for i, (x, y) in enumerate(zip(ka, kb, strict=True)):
+        if i in ignore or x == y or (i == _LEG_NAME and not (x and y)):
+            continue
+        return False
+    return True
+
+
+def _baseline_of(report: dict[str, Any], baseline: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The baseline report of ``report``'s leg: the same key, else the same key but for a CI leg
+    name only one of them has."""
+    exact = next((b for b in baseline if leg_key(b) == leg_key(report)), None)
+    return exact or next((b for b in baseline if _same_leg(b, report)), None)
 
 
 def _leg_changes(before: dict[str, Any], now: dict[str, Any]) -> LegChanges:

@@ -145,3 +145,23 @@ def test_legs_that_did_not_run_stay_apart_by_their_ci_leg_and_expect_names_a_mis
     out = capsys.readouterr().out
     assert "MISSING leg: h100 (no report has platform.leg 'h100'" in out and "MISSING leg: mi300x" in out
     assert "❌ MISSING leg: h100" in md.read_text()
+
+
+def test_a_baseline_without_leg_names_still_meets_its_leg_and_an_emulated_leg_is_not_a_hardware_one(
+        cpu_report: dict, tmp_path: Path, capsys) -> None:
+    """Reports got ``platform.leg``: a baseline made before it never met the same runner's leg
+    (every leg "gone", the gate red). And a not-run hardware leg whose backend now runs only
+    emulated did not "come online": its report never arrived."""
+    named = {**copy.deepcopy(cpu_report), "platform": {**cpu_report["platform"], "leg": "cpu"}}
+    now, then = _write(tmp_path / "now", "cpu", named), _write(tmp_path / "then", "cpu", cpu_report)
+    assert cli.main(["matrix", now, "--baseline", then, "--fail-on-regression", "--markdown", str(tmp_path / "m.md")]) == 0
+    out = capsys.readouterr().out
+    assert "cpu (hardware) · cpu @cpu: 0 regressed" in out and "GONE" not in out and "new leg" not in out
+    not_run = copy.deepcopy(cpu_report)
+    not_run["platform"] = {**not_run["platform"], "device": "not run", "arch": "", "not_run": "no device"}
+    not_run["cases"], not_run["summary"] = [], dict.fromkeys(not_run["summary"], 0)
+    emulated = {**copy.deepcopy(cpu_report), "platform": {**cpu_report["platform"], "emulated": True}}
+    now, then = _write(tmp_path / "now2", "cpu", emulated), _write(tmp_path / "then2", "cpu", not_run)
+    assert cli.main(["matrix", now, "--baseline", then, "--fail-on-regression", "--markdown", str(tmp_path / "m.md")]) == 1
+    out = capsys.readouterr().out
+    assert "GONE baseline leg not run now: cpu (not-run)" in out and "came online" not in out

@@ -91,3 +91,29 @@ def test_the_matrix_names_a_failure_without_a_number_and_flags_a_failing_one():
     fine = Cell()
     fine.add({**base, "status": "pass", "metric": "out.max_err_ratio", "value": 0.5, "threshold": 1})
     assert fine.worst_text() == "out.max_err_ratio 0.5 (<= 1)"
+
+
+def test_a_crash_instead_of_the_documented_error_is_logged_with_its_site(capsys):
+    """A bad-input case whose provider crashed instead of raising the documented error had no
+    file:line in its reason and nothing for ``--traceback`` to show."""
+    import io
+    import logging
+
+    from dshal_conformance.cases import all_cases
+    from dshal_conformance.cases.base import CRASH_LOG
+    from dshal_conformance.command import show_crashes
+
+    def crashing(x, weight, eps=1e-6, residual=None):
+        return x[x.shape[0] + 5]
+
+    shown, handlers = io.StringIO(), list(CRASH_LOG.handlers)
+    try:
+        show_crashes(shown)
+        case = next(c for c in all_cases("ci") if c.op == "rms_norm" and c.kind == "bad_input" and "spoiled" not in c.id)
+        [outcome, *_] = case.body(_context({"rms_norm": crashing}))
+    finally:
+        CRASH_LOG.handlers[:] = handlers
+        CRASH_LOG.setLevel(logging.NOTSET)
+    reason = outcome.verdict.reason
+    assert "crashed with IndexError instead of raising" in reason and f"{__file__}:" in reason, reason
+    assert "Traceback (most recent call last):" in shown.getvalue()

@@ -41,6 +41,7 @@ from dshal.model.prefill import (
     check_prompt_lens,
     check_token_ids,
     mask_padding,
+    own_dtypes,
     prefill,
 )
 from dshal.model.sampling import TokenChooser, check_min_p, check_temperature, check_top_k, check_top_p
@@ -60,6 +61,7 @@ def agreed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return comm.broadcast(ids.contiguous(), src=0)
 
 
+@own_dtypes
 def static_decode_step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One token per sequence at ``position`` (int64 device tensor: ``[1]``, or ``[B]`` with
     each sequence at its own position) -> logits ``[B, V]``.
@@ -76,6 +78,7 @@ def static_decode_step(model: nn.Module, token: torch.Tensor, position: torch.Te
     return model.lm_head(_through_layers(model, token, cos, sin, cache))[:, -1]  # [B, V]
 
 
+@own_dtypes
 def positioned_step(
     model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
 ) -> tuple[torch.Tensor, torch.Tensor]:

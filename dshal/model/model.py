@@ -42,7 +42,7 @@ from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs, yarn_mscale
 from dshal.model.cache import KVCache, LayerCache, check_cache_fits
 from dshal.model.generate import check_input_ids, check_token_ids, generate
-from dshal.model.prefill import check_start_pos
+from dshal.model.prefill import check_start_pos, own_dtypes
 from dshal.model.weights import dequantize_weight, precision_label
 from dshal.ops.spec import FP8_DTYPES, INT64_MAX, write_count
 from dshal.runtime import free_memory
@@ -499,6 +499,7 @@ class ParallelState:
     ep_rank: int = 0
 
 
+
 class Transformer(nn.Module):
     """DeepSeek-V3: ``embed -> layers -> norm -> lm_head``.
 
@@ -546,6 +547,7 @@ class Transformer(nn.Module):
                 )
         return super()._apply(fn, recurse)
 
+    @own_dtypes
     @torch.inference_mode()
     def forward(
         self,
@@ -589,6 +591,7 @@ class Transformer(nn.Module):
             cache.mark_decode_checked(self, seqlen)
         return (logits, h) if return_hidden else logits
 
+    @own_dtypes
     @torch.inference_mode()
     def draft(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache: KVCache | None = None,

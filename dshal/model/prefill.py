@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError
-from dshal.ops.spec import check_ids_in_range
+from dshal.ops.spec import autocast_on, check_ids_in_range
 
 #: Prompt tokens per sequence in one prefill forward. Activations grow with it (attention's
 #: scores with it times the tokens before it), the KV cache does not; ``dshal plan`` plans
@@ -100,6 +101,23 @@ def check_prompt_lens(where: str, prompt_lens: Any, batch: int, width: int) -> l
     return list(prompt_lens)
 
 
+def own_dtypes(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step(model, ...)`` (a method, or a function of the model) with ``torch.autocast`` off
+    while it runs, where it is on: the model's dtypes are chosen at load (FP8 payloads, the
+    float32 router, the KV cache's dtype), and its trusted decode steps call the providers
+    without the op wrapper that turns autocast off (a bf16 matmul then met a float32 residual)."""
+
+    @functools.wraps(step)
+    def run(model: Any, *args: Any, **kwargs: Any) -> Any:
+        device_type = model.rope_cos.device.type
+        if not autocast_on(device_type):
+            return step(model, *args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return step(model, *args, **kwargs)
+
+    return run
+
+
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
     "check_input_ids",
@@ -108,5 +126,6 @@ __all__ = [
     "check_start_pos",
     "check_token_ids",
     "mask_padding",
+    "own_dtypes",
     "prefill",
 ]

@@ -49,6 +49,7 @@ from dshal.model.prefill import (
     check_prefill_chunk,
     check_prompt_lens,
     mask_padding,
+    own_dtypes,
 )
 from dshal.model.sampling import TokenChooser, check_min_p, check_top_k, check_top_p, draw
 from dshal.runtime import current
@@ -256,6 +257,7 @@ class SpeculativeStep:
         return verdict, last, agreed(model, draft), q
 
 
+@own_dtypes
 def _kept_draft_logits(
     model: nn.Module, mtp_cache: KVCache, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
     kept: torch.Tensor,

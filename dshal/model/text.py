@@ -42,8 +42,10 @@ def load_tokenizer(checkpoint: str | os.PathLike, trust_remote_code: bool = Fals
         f"{folder}: its tokenizer is code the checkpoint ships (tokenizer_config.json's auto_map), which dshal "
         "does not run unless asked: read it, then pass --trust-remote-code (trust_remote_code=True)"
     )
-    if not trust_remote_code and "AutoTokenizer" in (_json_object(folder / "tokenizer_config.json").get("auto_map") or {}):
-        raise shipped_code
+    tokenizer_config = _json_object(folder / "tokenizer_config.json")
+    shipped = "AutoTokenizer" in (tokenizer_config.get("auto_map") or {})
+    if shipped and not trust_remote_code and not _transformers_has(tokenizer_config.get("tokenizer_class")):
+        raise shipped_code  # (a tokenizer_class transformers has is loaded as that class, the code left alone)
     extra: dict[str, Any] = {}
     if not trust_remote_code and not _known_model_type(folder):
         # transformers reads config.json only to pick a tokenizer class; for a model type it does not
@@ -66,6 +68,13 @@ def _json_object(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _transformers_has(class_name: Any) -> bool:
+    """transformers itself has a class of this name (a checkpoint's ``tokenizer_class``)."""
+    import transformers  # lazy: transformers is optional
+
+    return isinstance(class_name, str) and class_name.isidentifier() and hasattr(transformers, class_name)
 
 
 def _known_model_type(folder: Path) -> bool:

@@ -307,7 +307,8 @@ def refuse_autograd(op: str, params: list[str], args: tuple[Any, ...], kwargs: d
 def write_count(t: torch.Tensor | None) -> int | None:
     """``t``'s in-place write counter (``Tensor._version``: a cache keyed on a tensor sees
     ``copy_`` / ``load_state_dict`` into it); None for no tensor, or one made under inference
-    mode, which keeps none (it cannot be written outside inference mode either)."""
+    mode, which keeps none. Writes a cache keyed on it cannot see: into such a tensor (inside
+    inference mode), and through ``t.data`` (which has a counter of its own)."""
     return None if t is None or t.is_inference() else t._version
 
 

@@ -136,9 +136,14 @@ CRASH_LOG.addHandler(logging.NullHandler())  # silent unless asked (logging's la
 def crashed(suffixes: Sequence[str], what: str, err: BaseException) -> list[Outcome]:
     """Every result of a case an error: ``{what} crashed with Type: message (at file:line in fn)``;
     the traceback goes to :data:`CRASH_LOG`."""
-    reason = f"{what} crashed with {type(err).__name__}: {err}{crash_site(err)}"
+    return fail_all(suffixes, "error", logged_crash(f"{what} crashed with {type(err).__name__}: {err}", err))
+
+
+def logged_crash(reason: str, err: BaseException) -> str:
+    """``reason`` with where ``err`` was raised (:func:`crash_site`); its traceback goes to :data:`CRASH_LOG`."""
+    reason += crash_site(err)
     CRASH_LOG.error("%s", reason, exc_info=(type(err), err, err.__traceback__))
-    return fail_all(suffixes, "error", reason)
+    return reason
 
 
 def crash_site(err: BaseException) -> str:
@@ -364,7 +369,8 @@ def run_rejection(ctx: Context, op: str, kwargs: dict[str, Any], error: type[Dsh
     except DshalError as err:
         status, reason = "fail", f"{what}: raised {type(err).__name__}, expected {error.__name__}: {err}"
     except Exception as err:  # noqa: BLE001
-        status, reason = "fail", f"{what}: crashed with {type(err).__name__} instead of raising {error.__name__}: {err}"
+        status, reason = "fail", logged_crash(
+            f"{what}: crashed with {type(err).__name__} instead of raising {error.__name__}: {err}", err)
     else:
         shape = list(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
         status, reason = "fail", f"{what}: accepted the bad input and returned {shape} instead of raising {error.__name__}"

@@ -20,7 +20,15 @@ import torch
 from dshal.errors import DshalError, ProviderError
 from dshal.ops.catalogue import SPECS
 from dshal.ops.examples import TIERS
-from dshal_conformance.cases.base import Case, Context, NotPlaceable, Outcome, to_cpu, unsupported_outcomes
+from dshal_conformance.cases.base import (
+    Case,
+    Context,
+    NotPlaceable,
+    Outcome,
+    logged_crash,
+    to_cpu,
+    unsupported_outcomes,
+)
 from dshal_conformance.judge import Verdict
 from dshal_conformance.spoilers import differs, routing_differs, spoiled_calls
 
@@ -72,7 +80,8 @@ def run_spoiled(ctx: Context, op: str, exempt: Exemption | None = None) -> list[
                 wrong.append(f"{name}: refused")
             continue
         except Exception as err:  # noqa: BLE001 - what the case exists to find
-            crashes.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300])
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            crashes.append(logged_crash(f"{name}: {type(err).__name__}: {first_line}"[:300], err))
             continue
         counts["accepted"] += 1
         ref_kwargs = {**kwargs, "fmt": ctx.draw.native_e4m3} if kwargs.get("fmt") == "e4m3" else kwargs
