@@ -14,7 +14,18 @@ import torch
 
 import dshal
 from dshal.config import PrecisionConfig
-from dshal.model import random_model, tiny_args
+from dshal.model import build_model, random_model, tiny_args
+
+
+class Unreadable:
+    """A checkpoint reader whose every read fails: what a check made before reading never meets."""
+
+    path = "<unreadable>"
+
+    def _read(self, *args):
+        raise AssertionError("the checkpoint was read before the refusal")
+
+    names = get = get_slice = shape = dtype = _read
 
 
 def _installed(name: str) -> bool:
@@ -62,6 +73,8 @@ def test_an_fp8_format_the_backend_does_not_declare_is_refused_at_load(backend, 
     native = runtime.backend.native_e4m3()
     assert f"stored as {undeclared!r}" in str(err.value) and f"precision.fp8_format: auto ({native})" in str(err.value)
     assert f"backend {backend!r}" in str(err.value)
+    with pytest.raises(dshal.ConfigError, match=f"stored as {undeclared!r}"):  # an explicit FP8 mode: before any read
+        build_model(tiny_args(), Unreadable(), PrecisionConfig(gemm="fp8-block", fp8_format=undeclared))
     # auto (the native E4M3) loads, and so does high precision, which stores no FP8
     random_model(tiny_args(), seed=3, precision=PrecisionConfig(gemm="fp8-block", fp8_format="auto"))
     random_model(tiny_args(), seed=3, precision=PrecisionConfig(gemm="high", fp8_format=undeclared))
