@@ -75,6 +75,8 @@ def test_an_fp8_format_the_backend_does_not_declare_is_refused_at_load(backend, 
     assert f"backend {backend!r}" in str(err.value)
     with pytest.raises(dshal.ConfigError, match=f"stored as {undeclared!r}"):  # an explicit FP8 mode: before any read
         build_model(tiny_args(), Unreadable(), PrecisionConfig(gemm="fp8-block", fp8_format=undeclared))
+    everything_high = PrecisionConfig(gemm="fp8-block", fp8_format=undeclared, keep_high_precision=("*",))
+    random_model(tiny_args(), seed=3, precision=everything_high)  # stores no FP8: nothing to refuse
     # auto (the native E4M3) loads, and so does high precision, which stores no FP8
     random_model(tiny_args(), seed=3, precision=PrecisionConfig(gemm="fp8-block", fp8_format="auto"))
     random_model(tiny_args(), seed=3, precision=PrecisionConfig(gemm="high", fp8_format=undeclared))

@@ -98,16 +98,20 @@ def compare(current: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> Co
     then_reports, _ = prepare(baseline)
     legs: list[LegChanges] = []
     new_legs: list[str] = []
+    unmatched: list[dict[str, Any]] = []  # current reports of legs the baseline lacks
     matched: set[int] = set()  # baseline reports compared with a current one
     for rep in now_reports:
         before = _baseline_of(rep, then_reports)
         if before is None:
             new_legs.append(leg_label(rep))
+            unmatched.append(rep)
             continue
         matched.add(id(before))
         legs.append(_leg_changes(before, rep))
     broken = [f"{leg_label(r)}: {r['platform']['broken']}" for r in now_reports if r["platform"].get("broken")]
-    ran_now = [r for r in now_reports if leg_key(r)[2] == "hardware"]  # a not-run leg is a hardware leg's absence
+    # A not-run leg is a hardware leg's absence: a hardware leg new to the baseline may be it, come
+    # online; one that met its own baseline leg is not (another runner's report is then missing).
+    ran_now = [r for r in unmatched if leg_key(r)[2] == "hardware"]
     gone, online = [], []
     for rep in then_reports:
         if id(rep) in matched:

@@ -165,3 +165,19 @@ def test_a_baseline_without_leg_names_still_meets_its_leg_and_an_emulated_leg_is
     assert cli.main(["matrix", now, "--baseline", then, "--fail-on-regression", "--markdown", str(tmp_path / "m.md")]) == 1
     out = capsys.readouterr().out
     assert "GONE baseline leg not run now: cpu (not-run)" in out and "came online" not in out
+
+
+def test_a_hardware_leg_that_met_its_baseline_does_not_bring_another_runners_leg_online(
+        cpu_report: dict, tmp_path: Path, capsys) -> None:
+    """Baseline: one runner of a backend ran, another did not. Now only the first reports: the
+    second's not-run leg "came online" through the first's report, and the gate stayed green
+    while a leg had vanished."""
+    not_run = copy.deepcopy(cpu_report)
+    not_run["platform"] = {**not_run["platform"], "device": "not run", "arch": "", "not_run": "no device"}
+    not_run["cases"], not_run["summary"] = [], dict.fromkeys(not_run["summary"], 0)
+    then = [_write(tmp_path / "then", "ran", cpu_report), _write(tmp_path / "then", "missing", not_run)]
+    now = _write(tmp_path / "now", "cpu", cpu_report)
+    args = ["matrix", now, "--baseline", str(tmp_path / "then"), "--fail-on-regression", "--markdown", str(tmp_path / "m.md")]
+    assert cli.main(args) == 1, then
+    out = capsys.readouterr().out
+    assert "GONE baseline leg not run now: cpu (not-run) · not run" in out and "came online" not in out

@@ -42,14 +42,12 @@ from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_index
 from dshal.model.model import MLA, Embedding, Gate, Linear, RMSNorm, RoutedExperts, Transformer, rope_tables
 from dshal.model.precision import (
-    GEMM_ALIASES,
     apply_precision,
     checkpoint_name,
     refuse_fp8_without_storage,
-    refuse_undeclared_fp8_format,
-    resolve_fp8_format,
+    refuse_undeclared_fp8_before_reading,
 )
-from dshal.model.weights import WEIGHT_BLOCKS, conversion_ops, dequantize_weight
+from dshal.model.weights import conversion_ops, dequantize_weight
 from dshal.ops.spec import FP8_DTYPES
 from dshal.runtime import current
 
@@ -487,6 +485,7 @@ def build_model(
     fp8_storage = fp8_storage_of(runtime, precision)
     with torch.device("meta"):
         model = Transformer(args)
+    refuse_undeclared_fp8_before_reading(model, precision)
     load_weights(model, reader, device, fp8_on_host=not fp8_storage, progress=progress)
     with load_phase(progress, "precision"):
         apply_precision(model, precision, device=device)
@@ -497,13 +496,9 @@ def build_model(
 def fp8_storage_of(runtime: Any, precision: Any) -> bool:
     """Whether ``runtime``'s backend can hold float8 tensors on its device
     (``Capabilities.fp8_storage``); where it cannot, an FP8 ``precision.gemm`` mode is refused
-    here, before anything is read (:func:`~dshal.model.precision.refuse_fp8_without_storage`),
-    and so is an FP8 mode in a format the backend does not declare (under ``auto`` that waits for
-    the weights: :func:`~dshal.model.precision.apply_precision`)."""
+    here, before anything is read (:func:`~dshal.model.precision.refuse_fp8_without_storage`)."""
     capabilities = runtime.backend.capabilities()
     refuse_fp8_without_storage(precision, capabilities, runtime.backend.name)
-    if GEMM_ALIASES.get(precision.gemm, precision.gemm) in WEIGHT_BLOCKS:
-        refuse_undeclared_fp8_format(resolve_fp8_format(precision), capabilities, runtime.backend.name)
     return bool(capabilities.fp8_storage)
 
 

@@ -163,6 +163,19 @@ def refuse_undeclared_fp8_format(fmt: str, capabilities: Any = None, backend: st
     )
 
 
+def refuse_undeclared_fp8_before_reading(model: nn.Module, precision: PrecisionConfig) -> None:
+    """:func:`refuse_undeclared_fp8_format` for an explicit FP8 ``precision.gemm`` on the
+    not-yet-loaded ``model`` (meta), before any weight is read, where some linear would store
+    FP8 (not every one kept in high precision). Under ``auto`` the weights decide: the check
+    then waits for :func:`apply_precision`."""
+    if GEMM_ALIASES.get(precision.gemm, precision.gemm) not in WEIGHT_BLOCKS:
+        return
+    quantized = [path for path, module in model.named_modules()
+                 if isinstance(module, (Linear, RoutedExperts)) and not keeps_high_precision(path, precision.keep_high_precision)]
+    if quantized:
+        refuse_undeclared_fp8_format(resolve_fp8_format(precision))
+
+
 def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module, capabilities: Any = None) -> tuple[str, str]:
     """``(mode, why)``: the gemm mode ``precision.gemm`` means for the loaded ``model``
     (``auto`` resolved from the weights the checkpoint stored, ``bf16`` to ``high``). Under
@@ -295,6 +308,7 @@ __all__ = [
     "apply_precision",
     "fp8_redirect",
     "refuse_fp8_without_storage",
+    "refuse_undeclared_fp8_before_reading",
     "refuse_undeclared_fp8_format",
     "checkpoint_name",
     "resolve_gemm_mode",

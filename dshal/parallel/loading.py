@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import dshal
+from dshal.config import precision_config
 from dshal.errors import CheckpointError
 from dshal.model.args import ModelArgs
 from dshal.model.loader import (
@@ -40,6 +41,7 @@ from dshal.model.precision import (
     checkpoint_name,
     fp8_redirect,
     keeps_high_precision,
+    refuse_undeclared_fp8_before_reading,
 )
 from dshal.ops.spec import FP8_DTYPES
 from dshal.parallel.groups import ParallelGroups
@@ -274,11 +276,12 @@ def build_parallel(
     the single process in every precision mode; memory is then the whole model per rank
     during the load."""
     runtime = current()
-    precision = precision if precision is not None else runtime.config.precision
+    precision = precision_config(precision) if precision is not None else runtime.config.precision
     device = torch.device(device if device is not None else runtime.device)
     fp8_storage = fp8_storage_of(runtime, precision)  # False: FP8 converted on the host, then placed
     with torch.device("meta"):
         model = Transformer(args)
+    refuse_undeclared_fp8_before_reading(model, precision)
     if groups.tp_size > 1:
         tensor_parallel(model, groups.tp)
     if groups.ep_size > 1:
