@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError
-from dshal.ops.spec import autocast_on, check_ids_in_range
+from dshal.ops.spec import check_ids_in_range, without_autocast
 
 #: Prompt tokens per sequence in one prefill forward. Activations grow with it (attention's
 #: scores with it times the tokens before it), the KV cache does not; ``dshal plan`` plans
@@ -109,10 +109,7 @@ def own_dtypes(step: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(step)
     def run(model: Any, *args: Any, **kwargs: Any) -> Any:
-        device_type = model.rope_cos.device.type
-        if not autocast_on(device_type):
-            return step(model, *args, **kwargs)
-        with torch.autocast(device_type, enabled=False):
+        with without_autocast(model.rope_cos.device):
             return step(model, *args, **kwargs)
 
     return run

@@ -28,6 +28,7 @@ checked against the same signature when it loads.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -289,6 +290,13 @@ def _autocast_knows(device_type: str) -> bool:
 def autocast_on(device_type: str) -> bool:
     """Whether ``torch.autocast`` is active for ``device_type`` in this thread."""
     return _autocast_knows(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A block where ``torch.autocast`` is off for ``device``'s type (nothing to do where it is off)."""
+    if autocast_on(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def refuse_autograd(op: str, params: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
