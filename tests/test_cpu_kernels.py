@@ -110,8 +110,10 @@ def test_moe_group_and_combine_match_the_reference(tokens):
     assert torch.equal(xs, x[order // ids.shape[1]])
     y = torch.stack([w2[e] @ SPECS["silu_and_mul"].reference_impl(w13[e] @ row) for e, row in zip(flat[order], xs)])
     _assert_close(K.moe_combine(y, order, weights), SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2), 1e-5)
+    bad = ids.clone()
+    bad[0, 0] = -1  # (ids - 1 held no -1 when no token chose expert 0: a draw-dependent pass)
     with pytest.raises(ShapeError, match="holds expert id -1"):
-        K.moe_group(x, ids - 1, 8)
+        K.moe_group(x, bad, 8)
     with pytest.raises(ShapeError, match="do not match 'weights'"):
         K.moe_combine(y[1:], order[1:], weights)
 
