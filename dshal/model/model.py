@@ -195,8 +195,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, args.latent_norm_eps, dt)
         self.kv_b_proj = Linear(self.rank, h * (self.nope + self.v_dim), dtype=dt)
         self.o_proj = Linear(h * self.v_dim, d, bias=args.attention_bias, dtype=dt)
-        # ((kv_b weight, its version, scale, its version) seen, the weight's [H, nope+v, r] form)
-        self._absorbed: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        # (kv_b weight, scale, their write counts, dtype) the cached [H, nope+v, r] form was made from, and it
+        self._absorbed: tuple[torch.Tensor, torch.Tensor | None, tuple[int | None, ...], torch.dtype, torch.Tensor] | None = None
 
     def forward(
         self,
@@ -280,7 +280,7 @@ class MLA(nn.Module):
         stored in the compute dtype, whose view it then is)."""
         if self._absorbed is None:
             return 0
-        (weight, *_), dense = self._absorbed
+        weight, *_, dense = self._absorbed
         if dense.dtype == weight.dtype and self.kv_b_proj.weight_scale is None:
             return 0
         return dense.numel() * dense.element_size()
@@ -294,14 +294,12 @@ class MLA(nn.Module):
         """``kv_b_proj``'s weight as ``[H, nope + v, r]`` in ``dtype`` (dequantized: kv_b is
         weight-only in every precision mode), cached until the weight or dtype changes."""
         weight, scale = self.kv_b_proj.weight, self.kv_b_proj.weight_scale
-        # In-place writes count too: load_state_dict copies into the same parameters.
-        versions = (write_count(weight), write_count(scale))
-        seen = (weight, scale, versions)
-        old = None if self._absorbed is None else self._absorbed[0]
-        if old is None or old[0] is not weight or old[1] is not scale or old[2] != versions or self._absorbed[1].dtype != dtype:
-            dense = self.kv_b_proj.dequantized_weight(dtype)
-            self._absorbed = (seen, dense.view(-1, self.nope + self.v_dim, self.rank))
-        return self._absorbed[1]
+        counts = (write_count(weight), write_count(scale))  # load_state_dict copies into the same parameters
+        held = self._absorbed
+        if held is None or held[0] is not weight or held[1] is not scale or held[2:4] != (counts, dtype):
+            dense = self.kv_b_proj.dequantized_weight(dtype).view(-1, self.nope + self.v_dim, self.rank)
+            self._absorbed = held = (weight, scale, counts, dtype, dense)
+        return held[4]
 
 
 def _with_key_bias(
@@ -497,7 +495,6 @@ class ParallelState:
     ep_group: Any = None
     ep_size: int = 1
     ep_rank: int = 0
-
 
 
 class Transformer(nn.Module):

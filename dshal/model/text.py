@@ -7,14 +7,13 @@ knows about text, so a backend never sees it."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from dshal.config import read_json_file
-from dshal.errors import ArgumentError, CheckpointError, ConfigError
+from dshal.errors import ArgumentError, CheckpointError, ConfigError, DshalError
 
 #: The files a Hugging Face tokenizer is read from; one of them must be in the checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -64,8 +63,8 @@ def load_tokenizer(checkpoint: str | os.PathLike, trust_remote_code: bool = Fals
 def _json_object(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``; {} when it is missing or not an object (transformers then says what is wrong)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        _, data = read_json_file(path, path.name)
+    except DshalError:
         return {}
     return data if isinstance(data, dict) else {}
 

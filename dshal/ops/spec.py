@@ -172,7 +172,6 @@ class OpSpec:
         name = self.name
         first = next(iter(self.signature.parameters))
         outputs = self._outputs if provider is not None else None
-
         params = list(self.signature.parameters)
 
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -185,10 +184,7 @@ class OpSpec:
                 )
             if torch.is_grad_enabled():
                 refuse_autograd(name, params, args, kwargs)
-            if autocast_on(x.device.type):  # the op's dtypes are its contract, not autocast's
-                with torch.autocast(x.device.type, enabled=False):
-                    out = impl(*args, **kwargs)
-            else:
+            with without_autocast(x.device):  # the op's dtypes are its contract, not autocast's
                 out = impl(*args, **kwargs)
             if outputs is not None:
                 check_outputs(name, provider, out, outputs(*args, **kwargs), x.device)

@@ -54,6 +54,7 @@ __all__ = [
 
 _F32 = (torch.float32,)
 
+
 def _not_traced(kernel: Any) -> Any:
     """``kernel`` as a graph break under ``torch.compile``: dynamo would trace its ctypes call with
     fake tensors' pointers (heap corruption, then wrong logits). Wrapped when traced only:
