@@ -22,7 +22,10 @@ What is here, and why a plugin needs it:
   references' bits: for a checkpoint converter); ``check_ids_in_range``, the value check
   every ``moe_experts`` provider runs on its ``ids`` before indexing with them (a host read
   in checked mode, a device-side assert inside ``dshal.ops.trusted()``: the input checker
-  cannot do it without a host sync on every call); ``guarded_attention``, how an ``attention``
+  cannot do it without a host sync on every call; ``NO_EXPERT``, the id -1 that marks a
+  slot no expert serves, and ``moe_experts_on_kept_slots``, which serves such ``ids``
+  through a provider's own path on the kept slots, for a provider whose kernel cannot skip
+  them itself: a host read); ``guarded_attention``, how an ``attention``
   provider meets the op's NaN / Inf rule around a kernel that does not (``nonfinite_guard``
   is its one-call guard: the inputs to run and the outputs to poison), and
   ``values_are_key_columns`` (absorbed MLA's values are its keys' first columns: one read serves both).
@@ -83,6 +86,7 @@ from dshal.kernels.triton.target import SHIPPED_TARGETS, KernelTarget, TileConfi
 from dshal.ops.attention import guarded_attention, nonfinite_guard, values_are_key_columns
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity
+from dshal.ops.moe import NO_EXPERT, moe_experts_on_kept_slots
 from dshal.ops.quant import FP8_DTYPE_LIST, dequantize_to, fp8_block_to_int8_rows
 from dshal.ops.reference import dequantize_fp8, quantize_int8
 from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF, check_ids_in_range
@@ -116,6 +120,7 @@ __all__ = [
     "FP8_DTYPE_LIST",
     "FP8_FORMAT_OF",
     "GRANULARITY_BLOCKS",
+    "NO_EXPERT",
     "SPECS",
     "check_ids_in_range",
     "dequantize_fp8",
@@ -123,6 +128,7 @@ __all__ = [
     "fp8_block_to_int8_rows",
     "gemm_granularity",
     "guarded_attention",
+    "moe_experts_on_kept_slots",
     "nonfinite_guard",
     "quantize_int8",
     "values_are_key_columns",

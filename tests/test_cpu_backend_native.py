@@ -152,11 +152,11 @@ def test_moe_experts_fp8_weights_and_bad_ids(cpu):
     w13q, w2q = w13q.view(4, 256, 128), w2q.view(4, 128, 128)
     s13, s2 = s13.view(4, 2, 1), s2.view(4, 1, 1)
     _check("moe_experts", x, weights, ids, w13q, w2q, s13, s2)  # FP8 blocks: the reference's path
-    with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[0, 4\\)"):
+    with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[-1, 4\\)"):
         ops.moe_experts(x, weights, ids + 1, w13, w2)
-    with pytest.raises(ShapeError, match="expert id -1"):
-        ops.moe_experts(x[:1], weights[:1], ids[:1] - 1, w13, w2)
-    with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[0, 4\\)"):  # one token: its own path
+    with pytest.raises(ShapeError, match="expert id -2"):
+        ops.moe_experts(x[:1], weights[:1], ids[:1] - 2, w13, w2)
+    with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[-1, 4\\)"):  # one token: its own path
         ops.moe_experts(x[:1], weights[:1], ids[:1] + 3, w13, w2)
 
 
@@ -215,7 +215,7 @@ def test_fp8_block_decode_products_match_the_reference(cpu, fmt, dtype):
     _check("moe_experts", x, weights, ids, stacked[0], stacked[1], stacked[2], stacked[3])
     from dshal.errors import ShapeError
 
-    with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[0, 4\\)"):
+    with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[-1, 4\\)"):
         ops.moe_experts(x, weights, ids + 1, *stacked)
 
 

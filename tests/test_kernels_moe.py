@@ -128,8 +128,8 @@ def _bad(**change):
 
 _q13, _s13 = ref.quantize_fp8(problem(tokens=3)[3], (128, 128), "e4m3fn")
 BAD = [
-    (_bad(ids=torch.tensor([[0, 5], [1, 2], [3, 4]])), ShapeError, "holds expert id 5, expected ids in [0, 5)"),
-    (_bad(ids=torch.tensor([[0, -1], [1, 2], [3, 4]])), ShapeError, "holds expert id -1, expected ids in [0, 5)"),
+    (_bad(ids=torch.tensor([[0, 5], [1, 2], [3, 4]])), ShapeError, "holds expert id 5, expected ids in [-1, 5)"),
+    (_bad(ids=torch.tensor([[0, -2], [1, 2], [3, 4]])), ShapeError, "holds expert id -2, expected ids in [-1, 5)"),
     (_bad(ids=torch.zeros(3, 2)), DTypeError, "'ids' has dtype torch.float32"),
     (_bad(weights=torch.ones(3, 3)), ShapeError, "'weights' [3, 3]"),
     (_bad(x=torch.ones(3, 48, dtype=torch.float64)), DTypeError, "'x' has dtype torch.float64"),
@@ -175,5 +175,5 @@ def test_trusted_mode_skips_the_wrapper_checks_same_bits(kernel_checks):
     kernel_checks.trusted_matches_checked(lambda: grouped_moe_experts(x, weights, ids, w13, w2))
     kernel_checks.trusted_matches_checked(lambda: grouped_moe_experts(x, weights, ids, q13, q2, s13, s2))
     kernel_checks.trusted_matches_checked(lambda: grouped_moe_experts(x, weights[:, :1], ids[:, :1], w13, w2))
-    with dshal.ops.trusted(), pytest.raises(RuntimeError, match=r"expert ids outside \[0, 3\)"):
+    with dshal.ops.trusted(), pytest.raises(RuntimeError, match=r"expert ids outside \[-1, 3\)"):
         grouped_moe_experts(x, weights, ids + 3, w13, w2)

@@ -318,23 +318,59 @@ def test_static_decode_with_rows_at_their_own_positions_does_no_host_sync():
     assert syncs.count == 0, syncs.where
 
 
-def test_a_split_expert_model_is_not_captured_and_says_why():
-    """TP/EP experts dispatch a data-dependent number of slots (``torch.nonzero``; with EP the
-    all_to_all counts read on the host): a device graph cannot hold that step, and a capture
-    that fails part-way could leave collectives enqueued on some ranks. A backend that would
-    capture (a stand-in hook returning another callable: not a device graph) is not asked to;
-    the steps run eagerly, trusted, with the reason as ``capture_error``. A model without
-    split experts is captured as before."""
+@pytest.mark.needs_interpreter
+def test_a_tensor_parallel_decode_step_does_no_host_sync():
+    """A tensor-parallel rank's FP8 experts (the emulated nvidia plugin's grouped Triton
+    kernel) and its all-reduces read nothing on the host in a trusted step: the split
+    experts' dispatch kept this rank's slots with ``torch.nonzero`` (a sync per MoE layer).
+    The step also equals the same rank's step in checked mode."""
     from dshal.comm import SimulatedGroup
     from dshal.model.checkpoint import random_checkpoint
     from dshal.model.loader import DictReader
     from dshal.parallel.groups import ParallelGroups, plan_groups
     from dshal.parallel.loading import build_parallel
 
+    _emulated_nvidia()
+    args = tiny_args(first_k_dense_replace=1)
+    groups = ParallelGroups(tp=SimulatedGroup(2, 1, "tp"), ep=None, tp_size=2, ep_size=1, plan=plan_groups(2, 2, 1))
+    model = build_parallel(args, DictReader(random_checkpoint(args, seed=3)), groups, precision=PrecisionConfig(gemm="fp8-block"))
+    ids = _ids(args, batch=1)
+    checked_cache, cache = model.new_cache(1, 16, "absorb"), model.new_cache(1, 16, "absorb")
+    for c in (checked_cache, cache):
+        model(ids, 0, c)
+    n = ids.shape[1]
+    for c in (checked_cache, cache):
+        model(torch.tensor([[3]]), n, c)  # the checked first step of this length
+    checked = model(torch.tensor([[4]]), n + 1, checked_cache)
+    own = torch.tensor([[4]])
+    cache.vouch_for(own)
+    with HostSyncCounter() as syncs:
+        trusted = model(own, n + 1, cache)
+    assert syncs.count == 0, syncs.where
+    assert torch.equal(trusted, checked)
+
+
+def test_tensor_parallel_experts_are_captured_and_expert_parallel_ones_say_why_not():
+    """Tensor-parallel experts dispatch in fixed shapes (the other ranks' experts are
+    NO_EXPERT slots the op skips), so their decode steps are captured as a whole model's are;
+    they dispatched with ``torch.nonzero`` (a host read per layer) and were not captured.
+    Expert-parallel experts send each rank a data-dependent number of slots (all_to_all
+    counts read on the host): a device graph cannot hold that step, and a capture that fails
+    part-way could leave collectives enqueued on some ranks. A backend that would capture (a
+    stand-in hook returning another callable: not a device graph) is not asked to; the steps
+    run eagerly, trusted, with the reason as ``capture_error``."""
+    from dshal.comm import SimulatedGroup
+    from dshal.model.checkpoint import random_checkpoint
+    from dshal.model.loader import DictReader
+    from dshal.parallel.groups import ParallelGroups, plan_groups
+    from dshal.parallel.loading import build_parallel
+    from dshal.parallel.transforms import expert_parallel
+
     dshal.use(backend="cpu")
     args = tiny_args()
     groups = ParallelGroups(tp=SimulatedGroup(2, 0, "tp"), ep=None, tp_size=2, ep_size=1, plan=plan_groups(2, 2, 1))
-    split = build_parallel(args, DictReader(random_checkpoint(args, seed=1)), groups)
+    tensor_split = build_parallel(args, DictReader(random_checkpoint(args, seed=1)), groups)
+    expert_split = expert_parallel(random_model(args, seed=1), SimulatedGroup(2, 0, "ep"))
     whole = random_model(args, seed=1)
     asked = []
 
@@ -342,7 +378,7 @@ def test_a_split_expert_model_is_not_captured_and_says_why():
         asked.append(step)
         return lambda *inputs: step(*inputs)
 
-    for model, captured in ((split, False), (whole, True)):
+    for model, captured in ((tensor_split, True), (expert_split, False), (whole, True)):
         cache = model.new_cache(1, 16, "absorb", static=True)
         decoder = StaticDecoder(model, cache, capturing)
         ids = _ids(model.args, batch=1)
@@ -352,8 +388,8 @@ def test_a_split_expert_model_is_not_captured_and_says_why():
         if captured:
             assert decoder.capture_error == ""
         else:
-            assert decoder.capture_error.startswith("not captured: the split experts' dispatch keeps this rank's")
-    assert len(asked) == 2  # the hook is still asked (it tells whether the backend captures at all)
+            assert decoder.capture_error.startswith("not captured: the expert-parallel dispatch sends each rank")
+    assert len(asked) == 3  # the hook is still asked (it tells whether the backend captures at all)
 
 
 @pytest.mark.needs_interpreter

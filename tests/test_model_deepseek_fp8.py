@@ -4,8 +4,9 @@ latent (dshal's expanded path before issue 14) costs.
 
 :class:`DeepSeekFP8Reference` is a test-only float re-implementation of the numerics of
 DeepSeek-V3's inference code (``inference/model.py`` + ``kernel.py`` of
-deepseek-ai/DeepSeek-V3, MIT), run as its ``gemm_impl = "fp8"`` with
-``attn_impl = "absorb"`` (its defaults), written from reading that code (none of it
+deepseek-ai/DeepSeek-V3, MIT), run as its ``gemm_impl = "fp8"`` (an opt-in there: its
+default is "bf16", dequantized weights and no activation quantization, which dshal's
+``gemm: high`` matches) with ``attn_impl = "absorb"`` (its default), written from reading that code (none of it
 copied), in plain torch so it shares nothing with ``dshal.ops``:
 - every FP8 linear quantizes its input per 1x128 (``act_quant``: scale = amax / 448,
   e4m3fn) and multiplies with the 128x128 block-scaled weight, accumulating in float32

@@ -197,8 +197,8 @@ BAD = [
      "'w13_scale' has shape [4, 1, 1], expected [4, 16, 1] (one scale per output channel"),
     (lambda: ref.moe_experts(X, WTS, IDS, I13, W2.to(torch.float8_e4m3fn), torch.ones(4, 16, 1), torch.ones(4, 1, 1)), DTypeError,
      "mix int8 and other weights"),
-    (lambda: ref.moe_experts(X, WTS, IDS + 4, W13, W2), ShapeError, "expert id 4, expected ids in [0, 4)"),
-    (lambda: ref.moe_experts(X, WTS, IDS - 1, W13, W2), ShapeError, "expert id -1"),
+    (lambda: ref.moe_experts(X, WTS, IDS + 4, W13, W2), ShapeError, "expert id 4, expected ids in [-1, 4)"),
+    (lambda: ref.moe_experts(X, WTS, IDS - 2, W13, W2), ShapeError, "expert id -2"),
 ]
 
 

@@ -111,7 +111,7 @@ def test_emulated_moe_experts_names_a_bad_id_in_the_ops_words(clean_dshal_env):
     pytest.importorskip("dshal_nvidia", reason="the dshal-nvidia plugin is not installed")
     dshal.use(backend="nvidia", emulate=True)
     x, weights, ids, w13 = _moe_inputs(experts=4, hidden=64, inter=32)
-    ids[3, 1] = -1
+    ids[3, 1] = -2
     with pytest.raises(ShapeError, match=r"^moe_experts: argument 'ids' holds expert id"):
         dshal.ops.moe_experts(x, weights, ids, w13, torch.randn(4, 64, 32) / 8)
 

@@ -36,7 +36,7 @@ from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.attention import guarded_attention, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, linear_quantized, weight_quant_mode
-from dshal.ops.moe import check_expert_ids
+from dshal.ops.moe import NO_EXPERT, check_expert_ids, moe_experts_on_kept_slots
 from dshal.ops.quant import dequantize_to
 from dshal.ops.spec import FP8_FORMAT_OF, write_count
 
@@ -448,7 +448,10 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     block-scaled experts with float32/bf16 activations); more float32 tokens are grouped by
     expert in C (counting sort + row gather), run as one ``torch._grouped_mm`` per
     projection, and summed back per token in C. Everything else: :func:`moe_experts_torch`.
+    Slots marked ``NO_EXPERT`` are dropped first (reading ids costs nothing on the CPU).
     """
+    if ids.numel() and bool((ids == NO_EXPERT).any()):
+        return moe_experts_on_kept_slots(moe_experts, x, weights, ids, w13, w2, w13_scale, w2_scale)
     if (
         ids.shape[0] <= FEW_TOKENS
         and x.dtype in (torch.float32, torch.bfloat16)

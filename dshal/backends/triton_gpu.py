@@ -48,6 +48,7 @@ from dshal.kernels.triton.target import KernelTarget
 from dshal.ops.attention import guarded_attention, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity, weight_quant_mode
+from dshal.ops.moe import NO_EXPERT
 from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF, check_ids_in_range
 from dshal.perf.measure import same_part
 from dshal.versions import installed, interpreter_refusal
@@ -643,7 +644,7 @@ class TorchGpuBackend(Backend):
         weights = weights.float() if weights.dtype == torch.float64 else weights
         w13_scale, w2_scale = (s.float() if s is not None and s.dtype == torch.float64 else s for s in (w13_scale, w2_scale))
         experts = w13.shape[0]  # the op's own words for a bad id (host read checked, device assert trusted)
-        check_ids_in_range("moe_experts", "ids", ids, experts, "expert id", f"w13 has {experts} experts")
+        check_ids_in_range("moe_experts", "ids", ids, experts, "expert id", f"w13 has {experts} experts", low=NO_EXPERT)
         return self.kernels().moe.grouped_moe_experts(
             x, weights, ids, w13, w2, w13_scale, w2_scale, target=self.target(), check_ids=False
         )

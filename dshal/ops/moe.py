@@ -124,9 +124,11 @@ def _check_expert_weight(
 def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     """Routed SwiGLU experts: ``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])``.
 
-    ``x [T, H]`` float; ``weights [T, k]`` float; ``ids [T, k]`` int64/int32 in ``[0, E)``
-    (out-of-range ids raise ShapeError when the reference runs; the checker does not read
-    tensor values). ``w13 [E, 2I, H]`` holds each expert's gate rows then up rows,
+    ``x [T, H]`` float; ``weights [T, k]`` float; ``ids [T, k]`` int64/int32 in ``[0, E)``,
+    or :data:`NO_EXPERT` (-1): a slot no expert of these weights serves (a tensor-parallel
+    rank's share of the experts, as vLLM's ``expert_map`` marks them), which adds nothing to
+    its token, whatever its weight (out-of-range ids raise ShapeError when the reference
+    runs; the checker does not read tensor values). ``w13 [E, 2I, H]`` holds each expert's gate rows then up rows,
     ``w2 [E, H, I]``; ``expert_e(h) = w2[e] @ (silu(w13[e, :I] h) * w13[e, I:] h)``.
     FP8 weights need block scales ``w13_scale [E, ceil(2I/128), ceil(H/128)]`` and
     ``w2_scale [E, ceil(H/128), ceil(I/128)]``; their activations are then quantized per
@@ -173,17 +175,42 @@ def _moe_experts_reference(x, weights, ids, w13, w2, w13_scale=None, w2_scale=No
     return out.to(x.dtype)
 
 
+#: An id in ``moe_experts``' ``ids`` that no expert serves: the slot adds nothing.
+NO_EXPERT = -1
+
+
 def check_expert_ids(ids: torch.Tensor, experts: int) -> None:
-    """Raise ShapeError unless every id in ``ids`` is in ``[0, experts)``."""
-    check_ids_in_range("moe_experts", "ids", ids, experts, "expert id", f"w13 has {experts} experts")
+    """Raise ShapeError unless every id in ``ids`` is :data:`NO_EXPERT` or in ``[0, experts)``."""
+    check_ids_in_range("moe_experts", "ids", ids, experts, "expert id", f"w13 has {experts} experts", low=NO_EXPERT)
+
+
+def moe_experts_on_kept_slots(experts_op, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):  # noqa: ANN001, ANN201
+    """``moe_experts`` for ``ids`` that may hold :data:`NO_EXPERT`, through ``experts_op`` (a
+    ``moe_experts`` that needs every id served) on the served slots only: one row per slot,
+    weight 1, in expert order; each row (the expert's output in ``x``'s dtype, as the op
+    rounds it) is then weighted and summed per token in float32 (float64 for float64), as
+    the op does. Picking the slots reads ``ids`` on the host (a sync on an accelerator): for
+    providers where that is free (the CPU) or already paid; a device kernel skips the slots
+    itself (see ``dshal.kernels.triton.moe``)."""
+    flat = ids.reshape(-1)
+    kept = (flat != NO_EXPERT).nonzero().squeeze(1)
+    kept = kept[torch.argsort(flat[kept], stable=True)]  # expert order, as the reference sums
+    token = kept // ids.shape[1]
+    acc = compute_dtype(x.dtype)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
+    if kept.numel():
+        ones = torch.ones((kept.numel(), 1), dtype=weights.dtype, device=weights.device)
+        rows = experts_op(x[token], ones, flat[kept][:, None], w13, w2, w13_scale, w2_scale)  # [S, H]
+        out.index_add_(0, token, rows.to(acc) * weights.reshape(-1)[kept].to(acc)[:, None])
+    return out.to(x.dtype)
 
 
 def _expert_groups(ids: torch.Tensor, experts: int) -> list[tuple[int, torch.Tensor, torch.Tensor | slice]]:
     """``(expert, token rows, their slots)`` for each expert that has slots: one matmul each.
 
-    Slots are flat indices into ``ids.reshape(-1)``. Raises ShapeError for an id outside
-    ``[0, experts)``. A single token (a decode step) needs no sort: each of its k slots is
-    its own group. Meta tensors hold no ids: every slot goes to one group of expert 0, which
+    Slots are flat indices into ``ids.reshape(-1)``; :data:`NO_EXPERT` slots are in no group.
+    Raises ShapeError for an id outside ``[0, experts)`` other than NO_EXPERT. A single
+    token (a decode step) needs no sort: each of its k slots is its own group. Meta tensors hold no ids: every slot goes to one group of expert 0, which
     gives the math the shapes of any routing.
     """
     flat_ids = ids.reshape(-1)
@@ -195,12 +222,12 @@ def _expert_groups(ids: torch.Tensor, experts: int) -> list[tuple[int, torch.Ten
     check_expert_ids(flat_ids, experts)
     if ids.shape[0] == 1:
         token = torch.zeros(1, dtype=torch.long, device=ids.device)
-        return [(e, token, slice(slot, slot + 1)) for slot, e in enumerate(flat_ids.tolist())]
-    order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert
+        return [(e, token, slice(slot, slot + 1)) for slot, e in enumerate(flat_ids.tolist()) if e != NO_EXPERT]
+    order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert, NO_EXPERT's first
     rows = order // ids.shape[1]
-    counts = torch.bincount(flat_ids, minlength=experts).tolist()
-    starts = [0, *itertools.accumulate(counts)]
-    return [(e, rows[starts[e] : starts[e + 1]], order[starts[e] : starts[e + 1]]) for e in range(experts) if counts[e]]
+    counts = torch.bincount(flat_ids - NO_EXPERT, minlength=experts + 1).tolist()  # [skipped, expert 0, ...]
+    starts = list(itertools.accumulate(counts))  # starts[e]: where expert e's slots begin
+    return [(e, rows[starts[e] : starts[e + 1]], order[starts[e] : starts[e + 1]]) for e in range(experts) if counts[e + 1]]
 
 
 @moe_experts.cost
@@ -272,6 +299,13 @@ MOE_EXPERTS_ROWS = [
     dict(name="fp8-block/T8xH256xI128xE4-top2", dtype=BF16, t=8, h=256, i=128, e=4, k=2, weight="fp8-block"),
     *(dict(name=f"fp8-block/{fmt}/T8xH128xI128xE4-top2", dtype=BF16, t=8, h=128, i=128, e=4, k=2, weight="fp8-block",
            fmt=fmt) for fmt in FP8_DTYPES),  # every format, named (as fp8_gemm's)
+    # slots marked NO_EXPERT (a tensor-parallel rank's share; their weights NaN: ignored)
+    dict(name="bf16/skipped-slots/T8xH128xI64xE8-top2", dtype=BF16, t=8, h=128, i=64, e=8, k=2, skip=True),
+    dict(name="f32/decode/skipped-slots/T1xH256xI128xE16-top4", dtype=F32, t=1, h=256, i=128, e=16, k=4, skip=True),
+    dict(name="fp8-block/skipped-slots/T8xH256xI128xE4-top2", dtype=BF16, t=8, h=256, i=128, e=4, k=2, weight="fp8-block",
+         skip=True),
+    dict(name="fp8-block/decode/skipped-slots/T1xH256xI128xE8-top2", dtype=BF16, t=1, h=256, i=128, e=8, k=2,
+         weight="fp8-block", skip=True),
     dict(name="int8/bf16/T8xH128xI64xE8-top2", dtype=BF16, t=8, h=128, i=64, e=8, k=2, weight="int8"),
     dict(name="int8/f32/decode/T1xH200xI72xE4-top2", dtype=F32, t=1, h=200, i=72, e=4, k=2, weight="int8"),
     dict(name="int8/f32/T16xH256xI128xE16-top4", dtype=F32, t=16, h=256, i=128, e=16, k=4, weight="int8"),
@@ -279,6 +313,7 @@ MOE_EXPERTS_ROWS = [
     dict(name="bf16/M0", kind="edge", dtype=BF16, t=0, h=128, i=64, e=8, k=2),
     dict(name="bf16/int32-ids", kind="edge", dtype=BF16, t=8, h=128, i=64, e=8, k=2, ids="int32"),
     dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, t=8, h=128, i=64, e=8, k=2, noncontiguous=("x",)),
+    dict(name="bf16/all-skipped", kind="edge", dtype=BF16, t=4, h=128, i=64, e=8, k=2, skip="all"),
     dict(name="fp8-block/v3/T128xH7168xI2048xE32-top8", tier="full", dtype=BF16, t=128, h=7168, i=2048, e=32, k=8, weight="fp8-block"),
     dict(name="bf16/v3/T64xH7168xI2048xE8-top8", tier="full", dtype=BF16, t=64, h=7168, i=2048, e=8, k=8),
     dict(name="int8/v3/T128xH7168xI2048xE32-top8", tier="full", dtype=BF16, t=128, h=7168, i=2048, e=32, k=8, weight="int8"),
@@ -295,6 +330,12 @@ def _moe_experts_example(draw: Draw, p) -> Example:
     x = draw.randn(t, h, dtype=dtype)
     weights = draw.rand(t, k).to(torch.float32)
     ids = draw.rand(t, e).argsort(dim=-1)[:, :k].contiguous()  # k distinct experts per token
+    if p.get("skip"):
+        # Every third slot, token 0's all (when there are others), or all: served elsewhere.
+        slot = torch.arange(t * k).reshape(t, k)
+        skipped = (slot % 3 == 1) | ((slot < k) & (t > 1)) if p["skip"] is True else torch.ones_like(ids, dtype=torch.bool)
+        ids = ids.masked_fill(skipped, NO_EXPERT)
+        weights = weights.masked_fill(skipped, float("nan"))
     if p.get("ids") == "int32":
         ids = ids.to(torch.int32)
     kw = {"x": x, "weights": weights, "ids": ids}

@@ -110,7 +110,9 @@ def _finite_abs(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_from_amax(amax: torch.Tensor, qmax: float, scale_fmt: str | None) -> torch.Tensor:
-    """float32 scale = amax / qmax; all-zero blocks get 1; never 0, NaN or Inf."""
+    """float32 scale = amax / qmax; all-zero blocks get 1; never 0, NaN or Inf. (DeepSeek-V3's
+    ``act_quant`` raises amax to at least 1e-4 first: blocks below that get coarser scales
+    there, and the same dequantized zeros for all-zero blocks; dshal keeps the exact amax.)"""
     scale = (amax / qmax).to(torch.float32)
     tiny = torch.finfo(torch.float32).tiny  # amax / qmax may underflow float32
     scale = torch.where(amax > 0, scale.clamp(min=tiny), torch.ones((), dtype=torch.float32))

@@ -351,8 +351,8 @@ def check_same_device(op: str, first: str, x: torch.Tensor, **others: torch.Tens
             raise DeviceError(f"{op}: argument {arg!r} is on {t.device}, expected {dev} (the device of {first!r})")
 
 
-def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: str, why: str) -> None:
-    """Every value of ``ids`` must be in ``[0, size)``; ``what`` names one value ("expert
+def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: str, why: str, low: int = 0) -> None:
+    """Every value of ``ids`` must be in ``[low, size)``; ``what`` names one value ("expert
     id"), ``why`` says where ``size`` comes from. A value check, run with the math, not in an
     op's input checker. In checked mode it reads the values on the host (a host sync on an
     accelerator) and raises ShapeError; inside :func:`dshal.ops.trusted` (decode steps, graph
@@ -363,8 +363,8 @@ def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: st
     if ids.is_meta:
         return
     if ids.numel() and not checking():
-        message = f"{op}: argument {arg!r} holds {what}s outside [0, {size}) ({why})"
-        in_range = ((ids >= 0) & (ids < size)).all()
+        message = f"{op}: argument {arg!r} holds {what}s outside [{low}, {size}) ({why})"
+        in_range = ((ids >= low) & (ids < size)).all()
         try:
             torch._assert_async(in_range, message)
             return
@@ -373,10 +373,10 @@ def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: st
                 return
             raise ShapeError(message) from None
     if ids.numel():
-        low, high = (int(v) for v in torch.aminmax(ids))
-        if low < 0 or high >= size:
+        least, most = (int(v) for v in torch.aminmax(ids))
+        if least < low or most >= size:
             raise ShapeError(
-                f"{op}: argument {arg!r} holds {what} {low if low < 0 else high}, expected ids in [0, {size}) ({why})"
+                f"{op}: argument {arg!r} holds {what} {least if least < low else most}, expected ids in [{low}, {size}) ({why})"
             )
 
 

@@ -122,10 +122,13 @@ def hardware_nan_moe(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, w13:
     """:func:`hardware_nan_gemm` for the grouped MoE with FP8 weights (whose activations are
     quantized to FP8 in the kernel): a token's row is NaN when its ``x`` row or a routed
     expert's ``w13`` holds a NaN (each reaches every output through the activation), and
-    ``out[t, h]`` when a routed expert's ``w2[h]`` row does."""
+    ``out[t, h]`` when a routed expert's ``w2[h]`` row does. Skipped slots (id -1) reach
+    nothing; a token whose slots are all skipped is 0 whatever its ``x``."""
+    served = ids >= 0  # [T, k]
+    routed = ids.clamp(min=0)
     w13_bad = fp8_nan_rows(w13).any(dim=-1)  # [E]
-    rows = x.isnan().any(dim=-1) | w13_bad[ids].any(dim=-1)  # [T]
-    cols = fp8_nan_rows(w2)[ids].any(dim=1)  # [T, H]
+    rows = (x.isnan().any(dim=-1) & served.any(dim=-1)) | (w13_bad[routed] & served).any(dim=-1)  # [T]
+    cols = (fp8_nan_rows(w2)[routed] & served[..., None]).any(dim=1)  # [T, H]
     return out.masked_fill_(rows[:, None] | cols, float("nan"))
 
 

@@ -84,11 +84,12 @@ def _fp8_scaled_dot(acc, qa, a_scale, w_ptrs, k_ok, w_scale, DOT_FP8: tl.constex
 
 @triton.jit
 def _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, E, BLOCK_M: tl.constexpr):
-    """This tile's expert (E when the tile is unused), its sorted rows and their validity."""
+    """This tile's expert (E for skipped slots' rows, E + 1 when the tile is unused), its
+    sorted rows and their validity."""
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
     row0 = tl.load(tile_row_ptr + tile)
-    end = tl.load(expert_end_ptr + tl.minimum(expert, E - 1))
+    end = tl.load(expert_end_ptr + tl.minimum(expert, E))
     rows = row0 + tl.arange(0, BLOCK_M)
     return expert, rows, rows < end
 
@@ -186,6 +187,14 @@ def _moe_down_kernel(
         if COMBINED:  # one choice per token: its weighted output is the token's, in x's dtype
             out = cast_rne(out, ROUND_DTYPE)
         tl.store(y_ptr + slots[:, None] * H + offs_n[None, :], out, mask=mask)
+    elif expert == E:  # skipped slots (no expert here): zeros, whatever their weight
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slots = tl.load(slot_of_row_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        mask = row_ok[:, None] & (offs_n < H)[None, :]
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if COMBINED:
+            zeros = zeros.to(ROUND_DTYPE)
+        tl.store(y_ptr + slots[:, None] * H + offs_n[None, :], zeros, mask=mask)
 
 
 def _check_weight(
@@ -268,7 +277,8 @@ def grouped_moe_experts(
     """Routed SwiGLU experts: ``out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t])``.
 
     ``x [T, H]`` bfloat16/float16/float32 (any strides); ``weights [T, k]`` float (routing
-    weights); ``ids [T, k]`` int64/int32 expert indices in ``[0, E)``; ``w13 [E, 2I, H]``
+    weights); ``ids [T, k]`` int64/int32 expert indices in ``[0, E)``, or -1 for a slot no
+    expert here serves (it adds nothing, whatever its weight); ``w13 [E, 2I, H]``
     (gate rows ``[:I]``, up rows ``[I:]``) and ``w2 [E, H, I]``, each of ``x``'s dtype or FP8
     with float32 128x128 block scales ``w13_scale [E, ceil(2I/128), ceil(H/128)]`` and
     ``w2_scale [E, ceil(H/128), ceil(I/128)]`` (each GEMM's activations are then quantized
@@ -299,26 +309,28 @@ def grouped_moe_experts(
     k = ids.shape[1]
     w13_fp8, w2_fp8 = w13.dtype in FP8_FORMATS, w2.dtype in FP8_FORMATS
     if check_ids:  # a host read in checked mode; a device-side assert inside dshal.ops.trusted()
-        check_ids_in_range(fn, "ids", ids, E, "expert id", f"w13 has {E} experts")
+        check_ids_in_range(fn, "ids", ids, E, "expert id", f"w13 has {E} experts", low=-1)
     if T * k == 0 or H == 0 or E == 0:
         return torch.zeros((T, H), dtype=x.dtype, device=x.device)
 
-    # 1. sort the (token, choice) rows by expert and cut each expert's rows into tiles
+    # 1. sort the (token, choice) rows by expert and cut each expert's rows into tiles; the
+    # skipped slots (id -1) form a last group, "expert" E, whose tiles write zeros
     dev = x.device
     block_m, block_n, block_k = tgt.moe_tile.block_m, tgt.moe_tile.block_n, tgt.moe_block_k
     flat_ids = ids.reshape(-1).to(torch.int64)
-    slot_of_row = torch.argsort(flat_ids, stable=True)  # sorted row -> (token * k + choice)
+    group_of_slot = torch.where(flat_ids < 0, E, flat_ids)
+    slot_of_row = torch.argsort(group_of_slot, stable=True)  # sorted row -> (token * k + choice)
     token_of_row = (slot_of_row // k).to(torch.int32)
     weight_of_row = weights.reshape(-1)[slot_of_row].to(torch.float32)
-    counts = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add_(0, group_of_slot, torch.ones_like(flat_ids))
     expert_end = torch.cumsum(counts, 0)
     expert_start = expert_end - counts
     tiles = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, 0)
-    max_tiles = triton.cdiv(T * k, block_m) + min(E, T * k)  # bound on sum(ceil(count / block_m))
+    max_tiles = triton.cdiv(T * k, block_m) + min(E + 1, T * k)  # bound on sum(ceil(count / block_m))
     tile_ids = torch.arange(max_tiles, device=dev)
-    tile_expert = torch.searchsorted(tile_end, tile_ids, right=True)  # E for unused tiles
-    owner = tile_expert.clamp(max=E - 1)
+    tile_expert = torch.searchsorted(tile_end, tile_ids, right=True)  # E + 1 for unused tiles
+    owner = tile_expert.clamp(max=E)
     tile_row = expert_start[owner] + (tile_ids - (tile_end - tiles)[owner]) * block_m
     tile_expert, tile_row = tile_expert.to(torch.int32), tile_row.to(torch.int32)
     expert_end = expert_end.to(torch.int32)

@@ -25,12 +25,14 @@ import torch.nn.functional as F
 
 from dshal.plugin import (
     GRANULARITY_BLOCKS,
+    NO_EXPERT,
     SPECS,
     DTypeError,
     check_ids_in_range,
     dequantize_to,
     gemm_granularity,
     guarded_attention,
+    moe_experts_on_kept_slots,
     values_are_key_columns,
 )
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
@@ -331,9 +333,12 @@ class AscendOps:
     def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         _require_npu_float("moe_experts", "x", x)
         # before any path indexes with them: a bad id would read another expert's memory on the NPU
-        check_ids_in_range("moe_experts", "ids", ids, w13.shape[0], "expert id", f"w13 has {w13.shape[0]} experts")
+        check_ids_in_range("moe_experts", "ids", ids, w13.shape[0], "expert id", f"w13 has {w13.shape[0]} experts",
+                           low=NO_EXPERT)
         if ids.numel() == 0:
             return torch.zeros_like(x)
+        if bool((ids == NO_EXPERT).any()):  # the grouped matmuls' routing counts read ids on the host anyway
+            return moe_experts_on_kept_slots(self.moe_experts, x, weights, ids, w13, w2, w13_scale, w2_scale)
         hidden, inter = w13.shape[2], w2.shape[2]
         # 6.0.0's int[] group_list wants a list of 2-D weights (plan_ops routes it to the reference).
         if max(hidden, inter) > 65535 or not self.features.grouped_matmul_v2:  # K beyond one call's limit: partial sums would round per piece
