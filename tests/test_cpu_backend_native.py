@@ -281,6 +281,52 @@ def test_a_copy_larger_than_the_budget_is_made_per_call_and_not_kept():
     assert torch.equal(cache.get(w, s, (128, 128)), first)
 
 
+def test_an_inference_mode_weight_buffer_refilled_in_place_is_not_served_stale(cpu):
+    """A buffer made under ``torch.inference_mode()`` has no write counter: refilled with the
+    next layer's FP8 weight (an offloading loop), its cached float32 copy looked unchanged and
+    ``linear`` returned the previous weight's product (97 off). Such weights are dequantized
+    per call."""
+    from dshal.backends.cpu_native import DEQUANTIZED
+
+    layers = _fp8_weights(2, n=64)
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(4))  # > 32 rows: the cached prefill path
+    with torch.inference_mode():
+        w_buf, s_buf = torch.empty_like(layers[0][0]), torch.empty_like(layers[0][1])
+        before = DEQUANTIZED.nbytes()
+        for w, s in layers:
+            w_buf.copy_(w)
+            s_buf.copy_(s)
+            assert torch.equal(ops.linear(x, w_buf, None, s_buf), SPECS["linear"].reference_impl(x, w, None, s))
+        assert DEQUANTIZED.nbytes() == before
+
+
+def test_cpu_kernels_write_on_the_cpu_whatever_the_default_device():
+    """The C kernels' wrappers allocated their outputs on torch's default device: under
+    ``torch.set_default_device("meta")`` (or ``with torch.device("meta")``, set elsewhere in
+    a process) the C code wrote through a null pointer and the process died (SIGSEGV), in
+    ``ops.rms_norm`` on CPU tensors and in ``generate``. Run in a child process, so that a
+    crash fails the test instead of the session."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, dshal\n"
+        "from dshal import ops\n"
+        "from dshal.model import random_model\n"
+        "dshal.use(backend='cpu')\n"
+        "model = random_model(seed=0)\n"
+        "prompt = torch.tensor([[1, 2, 3]])\n"
+        "x, w = torch.randn(4, 64), torch.rand(64)\n"
+        "want = (ops.rms_norm(x, w), model.generate(prompt, 4))\n"
+        "torch.set_default_device('meta')\n"
+        "got = (ops.rms_norm(x, w), model.generate(prompt, 4))\n"
+        "assert all(g.device.type == 'cpu' and torch.equal(g, h) for g, h in zip(got, want)), got\n"
+        "print('same')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "same", (proc.returncode, proc.stderr[-2000:])
+
+
 def test_dequant_cache_budget_from_the_environment(cpu, monkeypatch):
     """``DSHAL_CPU_DEQUANT_CACHE_GIB=0``: nothing kept, the same bits out; a malformed value
     is a ConfigError naming the variable, at config load already."""

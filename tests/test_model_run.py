@@ -704,6 +704,63 @@ def test_model_dshal_run_interactive(tmp_path):
     assert bad.returncode == 1 and "--interactive needs --checkpoint DIR" in bad.stderr
 
 
+class _CodePointChat:
+    """A stand-in chat tokenizer (not a real one): one id per character (>= 10), 0..9 special."""
+
+    chat_template = "code points"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):  # noqa: ANN001, ANN201
+        ids = [1]
+        for m in messages:
+            ids += [2 if m["role"] == "user" else 3] + [ord(c) % 100 + 10 for c in m["content"]] + [4]
+        return ids + [3]
+
+    def decode(self, ids, skip_special_tokens=True):  # noqa: ANN001, ANN201
+        return "".join(chr(i + 90) for i in ids if i >= 10)
+
+
+def test_model_chat_with_an_attention_window_goes_on_after_clear_and_a_wrapped_ring():
+    """With an attention window, /clear (and a failed turn) left the cache at its old length
+    and the next turn asked to restart at 0, which ``generate`` refused for any windowed
+    cache: every later turn was "not answered". A restart at 0 is always possible; a ring
+    that has wrapped cannot rewind to a shared prefix, so the turn prefills from 0. Every
+    answer equals a fresh ``generate`` of its conversation."""
+    import io
+
+    from dshal.model.chat import ChatSettings, chat
+    from dshal.model.text import encode_chat
+
+    dshal.use(backend="cpu")
+    model = dshal.model.random_model(dshal.model.tiny_args(attention_window=8, attention_global_tokens=2), seed=2)
+    tokenizer = _CodePointChat()
+    lines = iter(["hello", "more words", "/clear", "again"])
+
+    def read(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    conversation = chat(model, tokenizer, ChatSettings(max_new_tokens=4), read, out)
+    assert "not answered" not in out.getvalue() and conversation.turns == 3
+    # the second turn could not reuse the wrapped ring's prefix: it prefilled all its tokens
+    first = encode_chat(tokenizer, [{"role": "user", "content": "hello"}])
+    answer = tokenizer.decode(model.generate(torch.tensor([first]), 4)[0, len(first):].tolist())
+    second = encode_chat(tokenizer, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": answer},
+                                     {"role": "user", "content": "more words"}])
+    assert len(first) + 4 > 10 and conversation.prefilled[1] == len(second)
+    messages = [{"role": "user", "content": "again"}]
+    ids = encode_chat(tokenizer, messages)
+    fresh = model.generate(torch.tensor([ids]), 4)[0, len(ids):].tolist()
+    assert conversation.messages == [*messages, {"role": "assistant", "content": tokenizer.decode(fresh)}]
+    cache = model.new_cache(1, 64)
+    model.generate(torch.tensor([ids * 2]), 4, cache=cache)  # 36 positions: past the ring's 10 slots
+    assert cache.length > cache.capacity and not cache.can_rewind_to(5) and cache.can_rewind_to(0)
+    again = model.generate(torch.tensor([ids]), 4, cache=cache, cached=0)
+    assert again[0, len(ids):].tolist() == fresh
+
+
 def test_model_chat_says_a_turn_it_cannot_answer_and_goes_on(tmp_path):
     import io
 

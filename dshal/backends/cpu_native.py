@@ -120,7 +120,11 @@ class DequantizedWeights:
         return int(dequant_cache_gib(physical / 4 / 2**30) * 2**30)
 
     def get(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
-        """``weight``'s float32 copy (safe from several threads: a service's requests)."""
+        """``weight``'s float32 copy (safe from several threads: a service's requests). A
+        tensor made under ``torch.inference_mode()`` has no write counter, so a refill in place
+        could not be seen: its copy is made per call, never kept."""
+        if write_count(weight) is None or write_count(scale) is None:
+            return dequantize_to(weight, scale.reshape(()) if block is None else scale, block, torch.float32).contiguous()
         key = id(weight)
         with self._lock:
             held = self._copies.get(key)
@@ -175,7 +179,7 @@ def _fp8_weight_block(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple
 
 #: FP8 dtype -> its 256 values as float32, by bit pattern. Looking codes up is ~10x faster
 #: than torch's FP8 -> float32 cast on the CPU (90 vs 960 µs for 128k values here) and exact.
-_FP8_VALUES = {dt: torch.arange(256, dtype=torch.uint8).view(dt).to(torch.float32) for dt in FP8_FORMAT_OF}
+_FP8_VALUES = {dt: torch.arange(256, dtype=torch.uint8, device="cpu").view(dt).to(torch.float32) for dt in FP8_FORMAT_OF}
 
 
 def _fp8_to_float32(q: torch.Tensor) -> torch.Tensor:

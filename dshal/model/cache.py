@@ -156,6 +156,12 @@ class KVCache:
         """Slots per layer: every position, or the pinned tokens + the ring of the window."""
         return max_len if window is None else min(max_len, global_tokens + window)
 
+    def can_rewind_to(self, start: int) -> bool:
+        """Whether a step may start at ``start`` (``0 <= start <= length``): always, unless the
+        ring of an attention window has overwritten positions before ``length`` that a restart
+        at ``start`` would need (past its slots it can go on, or start again at 0)."""
+        return 0 <= start <= self.length and (start in (0, self.length) or self.length <= self.capacity)
+
     @property
     def bytes_per_token(self) -> int:
         """Bytes one cached token takes, summed over layers (the spare bias columns included)."""

@@ -158,6 +158,8 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
     prompt = torch.tensor([ids], device=model.rope_cos.device)
     need = len(ids) + settings.max_new_tokens
     cached = conversation.reusable(ids)
+    if conversation.cache is not None and not conversation.cache.can_rewind_to(cached):
+        cached = 0  # a wrapped attention-window ring: what it holds cannot be reused, only rewritten
     if conversation.cache is None or conversation.cache.max_len < need:
         # Room for a few more turns like this one, within the model's positions.
         room = min(model.args.max_position_embeddings, max(2 * need, 1024))
@@ -185,6 +187,8 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
             # An MTP position's entry was made with the token after it: reusable one short of
             # the main cache's, and no further than the MTP cache got.
             cached = max(0, min(cached - 1, conversation.mtp_cache.length))
+            if not (conversation.cache.can_rewind_to(cached) and conversation.mtp_cache.can_rewind_to(cached)):
+                cached = 0  # a wrapped attention-window ring
             result, stats = generate_speculative(model, prompt, settings.max_new_tokens, settings.temperature,
                                                  mtp_cache=conversation.mtp_cache, cached=cached,
                                                  step=conversation.speculative_step, **common)

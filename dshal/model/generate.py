@@ -129,10 +129,10 @@ def check_cache_reuse(
     if cache.max_len < width + max_new_tokens:
         raise ArgumentError(f"{caller}: argument '{name}' has max_len {cache.max_len}, expected at least "
                             f"{width + max_new_tokens} (the prompt and the new tokens)")
-    if cached > cache.length or (cache.window is not None and cached != cache.length):
+    if not cache.can_rewind_to(cached):
         raise ArgumentError(
             f"{where} is {cached}, expected at most the {cache.length} positions '{name}' holds "
-            "(exactly them in a cache with an attention window: its ring cannot rewind)"
+            "(0 or exactly them in a cache whose attention window's ring has wrapped: it cannot rewind)"
         )
 
 

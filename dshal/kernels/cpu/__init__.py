@@ -132,7 +132,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             raise ShapeError(f"{kernel}: argument 'bias' has shape {list(bias.shape)}, expected [{n}]")
         bias = bias.contiguous()
     x = x.contiguous()
-    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32, device="cpu")
     bias_ptr = None if bias is None else bias.data_ptr()
     lib.dshal_gemv_f32(weight.data_ptr(), x.data_ptr(), bias_ptr, out.data_ptr(), x.numel() // k, n, k)
     return out
@@ -168,8 +168,8 @@ def moe_token(
     x = x.contiguous()
     ids = ids.to(torch.int64).contiguous()
     weights = weights.to(torch.float32).contiguous()
-    scratch = torch.empty(two_inter, dtype=torch.float32)
-    out = torch.empty(1, hidden, dtype=torch.float32)
+    scratch = torch.empty(two_inter, dtype=torch.float32, device="cpu")
+    out = torch.empty(1, hidden, dtype=torch.float32, device="cpu")
     bad = lib.dshal_moe_token_f32(
         x.data_ptr(), w13.data_ptr(), w2.data_ptr(), ids.data_ptr(), weights.data_ptr(),
         ids.shape[1], experts, hidden, inter, scratch.data_ptr(), out.data_ptr(),
@@ -208,8 +208,8 @@ def rms_norm(
     x, weight = x.contiguous(), weight.contiguous()
     width = x.shape[-1]
     rows = x.numel() // width if width else 0
-    y = torch.empty(x.shape, dtype=torch.float32)
-    total = None if residual is None else torch.empty(x.shape, dtype=torch.float32)
+    y = torch.empty(x.shape, dtype=torch.float32, device="cpu")
+    total = None if residual is None else torch.empty(x.shape, dtype=torch.float32, device="cpu")
     lib.dshal_rms_norm_f32(
         x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
         y.data_ptr(), None if total is None else total.data_ptr(), rows, width,
@@ -250,10 +250,10 @@ def moe_gate(
     if not 1 <= top_k <= (experts // n_group) * (topk_group if topk_group < n_group else n_group):
         raise ShapeError(f"{kernel}: top_k={top_k} is outside [1, the experts in the kept groups]")
     logits = logits.contiguous()
-    scratch = torch.empty(2 * experts + n_group, dtype=torch.float32)
-    usable = torch.empty(experts + n_group, dtype=torch.uint8)
-    weights = torch.empty(tokens, top_k, dtype=torch.float32)
-    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    scratch = torch.empty(2 * experts + n_group, dtype=torch.float32, device="cpu")
+    usable = torch.empty(experts + n_group, dtype=torch.uint8, device="cpu")
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device="cpu")
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device="cpu")
     not_finite = lib.dshal_moe_gate_f32(
         logits.data_ptr(), None if bias is None else bias.data_ptr(), tokens, experts, top_k, n_group, topk_group,
         routed_scaling_factor, int(norm_topk_prob),
@@ -291,10 +291,10 @@ def moe_group(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.T
     tokens, hidden = x.shape
     k = ids.shape[1]
     x, ids = x.contiguous(), ids.to(torch.int64).contiguous()
-    counts = torch.empty(experts, dtype=torch.int64)
-    order = torch.empty(tokens * k, dtype=torch.int64)
-    ends = torch.empty(experts, dtype=torch.int32)
-    xs = torch.empty(tokens * k, hidden, dtype=torch.float32)
+    counts = torch.empty(experts, dtype=torch.int64, device="cpu")
+    order = torch.empty(tokens * k, dtype=torch.int64, device="cpu")
+    ends = torch.empty(experts, dtype=torch.int32, device="cpu")
+    xs = torch.empty(tokens * k, hidden, dtype=torch.float32, device="cpu")
     bad = lib.dshal_moe_group_f32(
         x.data_ptr(),
         ids.data_ptr(),
@@ -339,7 +339,7 @@ def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> 
             "from moe_group"
         )
     weights = weights.to(torch.float32).contiguous()
-    out = torch.empty(tokens, y.shape[1], dtype=torch.float32)
+    out = torch.empty(tokens, y.shape[1], dtype=torch.float32, device="cpu")
     lib.dshal_moe_combine_f32(y.data_ptr(), order.data_ptr(), weights.data_ptr(), tokens, k, y.shape[1], out.data_ptr())
     return out
 
@@ -394,7 +394,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
         x = x.contiguous()
         row_stride = x.shape[-1]
     cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty(x.shape, dtype=torch.float32)
+    out = torch.empty(x.shape, dtype=torch.float32, device="cpu")
     lib.dshal_rotary_f32(
         x.data_ptr(), row_stride, cos.data_ptr(), sin.data_ptr(), x.numel() // x.shape[-1] if x.shape[-1] else 0,
         x.shape[-1], inner, periods, int(interleaved), out.data_ptr(),
@@ -446,8 +446,8 @@ def fp8_block_gemm(
     rows = x.numel() // k
     blocks = math.ceil(k / 128)
     x32 = x.to(torch.float32).contiguous()
-    scratch = torch.empty(rows * (k + blocks) + 128, dtype=torch.float32)
-    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    scratch = torch.empty(rows * (k + blocks) + 128, dtype=torch.float32, device="cpu")
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32, device="cpu")
     scale = weight_scale.contiguous()  # bound: a temporary's memory is freed before the call reads it
     lib.dshal_fp8_block_gemm_f32(
         x32.data_ptr(), weight.data_ptr(), scale.data_ptr(),
@@ -500,9 +500,9 @@ def moe_token_fp8(
     ids = ids.to(torch.int64).contiguous()
     weights = weights.to(torch.float32).contiguous()
     scratch = torch.empty(
-        2 * hidden + math.ceil(hidden / 128) + 3 * inter + math.ceil(inter / 128), dtype=torch.float32
+        2 * hidden + math.ceil(hidden / 128) + 3 * inter + math.ceil(inter / 128), dtype=torch.float32, device="cpu"
     )
-    out = torch.empty(1, hidden, dtype=torch.float32)
+    out = torch.empty(1, hidden, dtype=torch.float32, device="cpu")
     s13, s2 = w13_scale.contiguous(), w2_scale.contiguous()  # bound: temporaries would be freed before the call
     bad = lib.dshal_moe_token_fp8(
         row.data_ptr(), w13.data_ptr(), w2.data_ptr(),
