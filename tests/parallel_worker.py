@@ -239,7 +239,8 @@ def precision_modes(world: int, path: Path) -> dict[str, str]:
     from dshal.config import PrecisionConfig
 
     checks: dict[str, str] = {}
-    for sub, gemm in PRECISION_CASES:
+    # a W8A8 checkpoint as stored (dshal-ascend-convert's; made when that plugin is installed)
+    for sub, gemm in PRECISION_CASES + ([("int8", "auto")] if (path / "int8").is_dir() else []):
         ckpt = path / sub if sub else path
         precision = PrecisionConfig(gemm=gemm)
         args = ModelArgs.from_file(ckpt)
@@ -253,12 +254,14 @@ def precision_modes(world: int, path: Path) -> dict[str, str]:
                 cut = [n for n, m in model.named_modules() if getattr(m, "act_quant", None) is not None]
                 # block modes: the TP slice of q_b_proj cuts 128-row blocks; per-token modes:
                 # o_proj's activation scale spans both ranks' columns
-                want = "q_b_proj" if gemm in ("fp8-block", "auto") else "o_proj"
+                want = "q_b_proj" if gemm in ("fp8-block", "auto") and sub != "int8" else "o_proj"
                 if tp > 1 and not any(n.endswith(want) for n in cut):
                     raise AssertionError(f"expected {want} to hold an emulated shard; emulated shards: {cut}")
                 o_proj = model.layers[0].self_attn.o_proj.weight
-                if tp > 1 and gemm == "int8" and o_proj.dtype != torch.int8:  # row-parallel stays W8A8
+                if tp > 1 and "int8" in (gemm, sub) and o_proj.dtype != torch.int8:  # row-parallel stays W8A8
                     raise AssertionError(f"row-parallel o_proj is {o_proj.dtype} under TP, expected int8")
+                if sub == "int8" and model.shard_view is None:  # W8A8 as stored: its rows and scales slice
+                    raise AssertionError("a TP/EP rank read the whole W8A8 checkpoint")
                 if tp == 1 and model.shard_view is None:  # EP alone: experts are whole, slices suffice
                     raise AssertionError("EP-only model read the whole checkpoint")
                 compare(reference, model, args)

@@ -26,7 +26,8 @@ KILL_TIMEOUT_S = 5.0
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A float32 checkpoint, and beside it (``fp8/``) its FP8 128x128-block version."""
+    """A float32 checkpoint, and beside it (``fp8/``) its FP8 128x128-block version and, with
+    the dshal-ascend plugin installed, (``int8/``) the W8A8 checkpoint its converter makes."""
     from dshal.model import tiny_args
     from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
 
@@ -35,6 +36,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tensors = random_checkpoint(args, seed=5)
     save_checkpoint(path, args, tensors)
     save_checkpoint(path / "fp8", args, quantize_checkpoint_fp8(tensors))
+    try:
+        from dshal_ascend.convert import convert_checkpoint  # lazy: an optional plugin's converter
+    except ImportError:
+        return path
+    convert_checkpoint(path / "fp8", path / "int8")
     return path
 
 
@@ -60,15 +66,16 @@ def test_parallel_matches_single_process(tmp_path: Path, checkpoint: Path, world
 
 def test_parallel_equals_single_process_in_every_precision_mode(tmp_path: Path, checkpoint: Path) -> None:
     """TP=2 and EP=2 (gloo) equal the single process (logits within 1e-5 relative, same
-    greedy tokens) with FP8 / int8 applied on load and with the FP8 checkpoint as stored,
-    on a hidden-128 model whose TP shards cut 128-blocks."""
+    greedy tokens) with FP8 / int8 applied on load and with the FP8 and W8A8 checkpoints as
+    stored, on a hidden-128 model whose TP shards cut 128-blocks. The W8A8 one is read in
+    slices (each rank read the whole checkpoint)."""
     job = LocalJob([sys.executable, str(WORKER), "precision", str(tmp_path), str(checkpoint)], 2, capture=True)
     with job:
         runs = job.communicate(timeout_s=240)
     assert [code for code, _, _ in runs] == [0, 0], [err[-3000:] for _, _, err in runs]
     for rank in range(2):
         checks = json.loads((tmp_path / f"rank{rank}.json").read_text())["checks"]
-        assert len(checks) == 12, sorted(checks)
+        assert len(checks) == (14 if (checkpoint / "int8").is_dir() else 12), sorted(checks)
         assert "TP=2 x EP=1 auto from fp8 checkpoint" in checks and "TP=2 x EP=1 int8 from float32 checkpoint" in checks
         failed = {name: why for name, why in checks.items() if why != "ok"}
         assert not failed, f"rank {rank}: {failed}"

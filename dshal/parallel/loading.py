@@ -53,7 +53,7 @@ from dshal.parallel.layers import (
     VocabParallelEmbedding,
     VocabParallelLMHead,
 )
-from dshal.parallel.transforms import expert_parallel, tensor_parallel
+from dshal.parallel.transforms import activation_quant_of, expert_parallel, tensor_parallel
 from dshal.runtime import current
 
 #: (shape, dtype, read) of one tensor as this rank sees it.
@@ -129,6 +129,11 @@ class ShardView:
         if name not in self.reader:  # the loader says it is missing, where it is not optional (a tied lm_head)
             return
         self._check_full(name, shard, full)
+        if self.reader.dtype(name) == torch.int8:  # W8A8: one scale per output row, sliced with its rows
+            self._plain(name, shard, full)
+            if shard.dim == 0:  # a column slice keeps every row's scale: that tensor is read whole
+                self._plain(f"{base}.weight_scale", replace(shard, parts=1))
+            return
         quantized = self.reader.dtype(name) in FP8_DTYPES.values() and scale_name in self.reader
         if not quantized:
             self._plain(name, shard, full)
@@ -228,9 +233,11 @@ class ShardView:
 def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any, capabilities: Any = None) -> bool:
     """Whether loading this rank's slices and then applying ``precision`` gives the slices
     of the single-process model. It does without tensor parallelism (experts are held
-    whole), when nothing is quantized, and in ``fp8-block`` (or ``auto`` on an FP8
-    checkpoint) when no TP shard cuts a quantized weight's 128-blocks. Per-row / per-tensor
-    / int8 scales, or a cut block, need the whole weight first (quantize, then shard).
+    whole), when nothing is quantized, with a W8A8 (int8) checkpoint run as stored (its
+    per-row scales slice with their rows), and in ``fp8-block`` (or ``auto`` on an FP8
+    checkpoint) when no TP shard cuts a quantized weight's 128-blocks. Quantizing on load
+    to per-row / per-tensor / int8 scales, or a cut block, needs the whole weight first
+    (quantize, then shard).
     ``capabilities`` (default the active backend's): ``auto`` runs an FP8 checkpoint in the
     mode the backend names where it has no FP8 (:func:`~dshal.model.precision.fp8_redirect`)."""
     mode = GEMM_ALIASES.get(precision.gemm, precision.gemm)
@@ -243,8 +250,10 @@ def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any, capabil
     redirect = fp8_redirect(capabilities) if mode == AUTO and fp8 else None
     if redirect is not None:  # int8 (per-row scales span a row-parallel shard) or high (a cast)
         return redirect[0] == HIGH
-    if mode == AUTO and torch.int8 not in stored and not fp8:
-        return True  # a float checkpoint run as stored
+    if mode == AUTO and not fp8:
+        # a float checkpoint run as stored; or W8A8 as stored: per-row scales slice with their
+        # rows, and a row-parallel shard quantizes its gathered input as a whole (activation_quant_of)
+        return True
     if mode not in (AUTO, "fp8-block") or torch.int8 in stored:
         return False  # a row-parallel shard's per-row or per-token scales span the ranks
     for path, module in sharded:
@@ -304,6 +313,8 @@ def build_parallel(
     for module in model.modules():
         if isinstance(module, ShardedExperts):
             module.set_owners(module.owner, module.held)  # tables next to the loaded weights
+        elif isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
+            module.act_quant = activation_quant_of(module)  # a row-parallel W8A8 shard's input scale spans ranks
     with load_phase(progress, "precision"):
         apply_precision(model, precision, device=device)
     model.shard_view = view

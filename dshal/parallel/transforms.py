@@ -87,6 +87,19 @@ def exact_shard(mode: str, shard: Shard, full: int, row: bool) -> bool:
     return not row
 
 
+def activation_quant_of(module: Linear) -> ActivationQuant | None:
+    """The :class:`ActivationQuant` a parallel linear loaded with its shard already (a
+    sliced read) needs, as :func:`_slice_scale` would have set it from the whole weight:
+    None where slicing is exact."""
+    if module.weight_scale is None or module.shard.total is None:
+        return None
+    mode = stored_mode(module.weight, module.weight_scale)
+    row = isinstance(module, RowParallelLinear)
+    if exact_shard(mode, module.shard, module.shard.total * module.shard.parts, row):
+        return None
+    return ActivationQuant(mode, "int8" if mode == "int8" else FP8_FORMAT_OF[module.weight.dtype])
+
+
 def _slice_scale(
     weight: torch.Tensor, scale: torch.Tensor | None, shard: Shard, row: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, ActivationQuant | None]:
@@ -328,4 +341,4 @@ def sharded_skeletons(args: ModelArgs, plan: GroupPlan) -> Iterator[tuple[int, i
         yield rank, tp_rank, ep_rank, model
 
 
-__all__ = ["exact_shard", "expert_parallel", "sharded_skeletons", "skeleton_args", "spread_experts", "tensor_parallel"]
+__all__ = ["activation_quant_of", "exact_shard", "expert_parallel", "sharded_skeletons", "skeleton_args", "spread_experts", "tensor_parallel"]
