@@ -247,7 +247,8 @@ def precision_modes(world: int, path: Path) -> dict[str, str]:
         reference = build_model(args, CheckpointReader(ckpt), precision)
         for tp, ep in ((world, 1), (1, world)):
 
-            def check(tp=tp, ep=ep, ckpt=ckpt, precision=precision, args=args, reference=reference, gemm=gemm) -> None:
+            def check(tp=tp, ep=ep, ckpt=ckpt, precision=precision, args=args, reference=reference, gemm=gemm,
+                      sub=sub) -> None:
                 model = build_parallel(args, CheckpointReader(ckpt), groups_for(tp, ep), precision)
                 if model.describe()["precision"]["mode"] != reference.describe()["precision"]["mode"]:
                     raise AssertionError(f"mode {model.describe()['precision']} vs {reference.describe()['precision']}")
