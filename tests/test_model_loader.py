@@ -114,6 +114,59 @@ def test_model_loader_unexpected_tensor(state, tmp_path):
         from_pretrained(path, CONFIG)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "model.layers.2.self_attn.q_a_proj.weight",  # an MTP layer config.json does not declare
+        "model.layers.7.input_layernorm.weight",  # past the model's layers
+        "model.layers.1.mlp.experts.8.up_proj.weight",  # an expert past n_routed_experts (8)
+        "model.layers.0.mlp.surprise.weight",  # under no module
+    ],
+)
+def test_model_loader_refuses_a_tensor_no_module_reads_before_reading_any(state, extra):
+    """A tensor no module of the model can read needs no data to be refused: it was found
+    after the whole checkpoint was read (~673 GB on DeepSeek-V3). Now before the first
+    module is read, with the message the check after reading gives."""
+    reads: list[str] = []
+
+    class CountingReader(DictReader):
+        def get(self, name):
+            reads.append(name)
+            return super().get(name)
+
+    steps: list[tuple[str, int, int]] = []
+    dshal.use(CONFIG)
+    reader = CountingReader({**state, extra: torch.zeros(4)})
+    with pytest.raises(CheckpointError, match=rf"unexpected tensor\(s\) '{extra}', not part of a DeepSeek-V3 model with 2 layers"):
+        build_model(ARGS, reader, progress=lambda *step: steps.append(step))
+    assert not [step for step in steps if step[0] == "read"] and reads == []
+
+
+def test_model_loader_missing_tensor_names_the_shard_the_index_places_it_in(state, tmp_path):
+    """A tensor the index places in a shard that lacks it (a shard re-written, or half
+    downloaded): the message says which shard to fetch again. An index that lists a tensor
+    no shard has, and that the model does not need, still loads."""
+    from safetensors.torch import load_file
+
+    save_checkpoint(tmp_path, ARGS, state, max_shard_bytes=200_000)
+    index = tmp_path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    shard = data["weight_map"][name]
+    tensors = load_file(str(tmp_path / shard))
+    tensors.pop(name)
+    save_file(tensors, str(tmp_path / shard), metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError,
+        match=rf"missing tensor '{name}' \(expected shape \[64, 128\] for .*; model.safetensors.index.json places it in {shard}, ",
+    ):
+        from_pretrained(tmp_path, CONFIG)
+    save_file({**tensors, name: state[name]}, str(tmp_path / shard), metadata={"format": "pt"})
+    data["weight_map"]["model.layers.0.not_in_any_shard.weight"] = shard
+    index.write_text(json.dumps(data))
+    assert from_pretrained(tmp_path, CONFIG) is not None
+
+
 def test_model_loader_wrong_dtype_and_missing_scale(state, tmp_path):
     name = "model.norm.weight"
     path = _save_broken(tmp_path / "dtype", state, **{name: torch.zeros(128, dtype=torch.int64)})

@@ -157,6 +157,89 @@ def test_parallel_shard_view_experts_renumbered() -> None:
         assert view.shape(f"{prefix}.1.down_proj.weight") == (dim, inter)
 
 
+def test_parallel_shard_view_says_the_checkpoints_own_names_and_shows_what_the_model_does_not_read() -> None:
+    """A rank holding experts 2 and 3 reads them as experts 0 and 1: ``origin`` gives the
+    checkpoint's names back (also of a tensor the checkpoint lacks, and in the fused layout
+    the fused tensor and the expert's rows), ``part`` which rows of a sliced tensor the rank
+    holds. Only what the model reads is hidden: a bias or an unknown tensor under an expert
+    stayed hidden, so a parallel load dropped what one process calls unexpected."""
+    n, inter, dim = 4, 3, 5
+    prefix = "model.layers.1.mlp.experts"
+    experts = ShardedExperts(n, [2, 3], dim, inter, torch.float32)
+    tensors = {f"{prefix}.{e}.{p}.weight": torch.ones(inter, dim) for e in range(n) for p in ("gate_proj", "up_proj", "down_proj")}
+    tensors.update({f"{prefix}.2.gate_proj.bias": torch.ones(inter), f"{prefix}.0.foo.weight": torch.ones(1),
+                    f"{prefix}.1.gate_proj.weight_scale_inv": torch.ones(1)})
+    view = ShardView(DictReader(tensors), _holder("layers.1.mlp.experts", experts))
+    assert view.origin(f"{prefix}.0.gate_proj.weight") == f"{prefix}.2.gate_proj.weight"
+    assert view.origin(f"{prefix}.1.down_proj.weight_scale_inv") == f"{prefix}.3.down_proj.weight_scale_inv"  # absent
+    assert view.origin("model.norm.weight") == "model.norm.weight" and view.part(f"{prefix}.0.up_proj.weight") == ""
+    shown = set(view.names())
+    assert {f"{prefix}.2.gate_proj.bias", f"{prefix}.0.foo.weight"} <= shown  # the loader calls them unexpected
+    assert f"{prefix}.1.gate_proj.weight_scale_inv" not in shown  # another rank's expert: what the model reads
+    assert f"{prefix}.3.gate_proj.weight" not in shown and f"{prefix}.1.gate_proj.weight" in shown  # renumbered
+    fused = {f"{prefix}.gate_up_proj": torch.ones(n, 2 * inter, dim)}  # down_proj missing
+    view = ShardView(DictReader(fused), _holder("layers.1.mlp.experts", experts))
+    assert view.names() == [] and f"{prefix}.1.down_proj.weight" not in view
+    assert view.origin(f"{prefix}.1.up_proj.weight") == f"{prefix}.gate_up_proj[3, 3:6]"
+    assert view.origin(f"{prefix}.0.down_proj.weight") == f"{prefix}.down_proj[2]"
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    with torch.device("meta"):
+        column = ColumnParallelLinear(64, 128, Shard(0, 128, 256, total=256), bias=False, dtype=torch.float32)
+    view = ShardView(DictReader({name: torch.ones(256, 64)}), _holder("layers.0.self_attn.kv_b_proj", column))
+    assert view.origin(name) == name and view.part(name) == "this rank's rows [128, 256) of it"
+
+
+def _parallel_rank_load(args, tensors, tp: int, ep: int, rank: int = 1):
+    """Rank ``rank``'s part of ``tensors`` loaded in one process (simulated groups)."""
+    import dshal
+    from dshal.comm import SimulatedGroup
+    from dshal.parallel.groups import ParallelGroups
+    from dshal.parallel.loading import build_parallel
+
+    dshal.use(backend="cpu", precision={"gemm": "bf16"})
+    groups = ParallelGroups(
+        tp=SimulatedGroup(tp, rank % tp, "tp") if tp > 1 else None, ep=SimulatedGroup(ep, rank // tp, "ep") if ep > 1 else None,
+        tp_size=tp, ep_size=ep, plan=plan_groups(tp * ep, tp, ep),
+    )
+    return build_parallel(args, DictReader(tensors, path="<ckpt>"), groups)
+
+
+@pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2)], ids=["tp2", "ep2"])
+def test_parallel_load_errors_name_the_checkpoints_expert_as_one_process_does(clean_dshal_env, tp, ep) -> None:
+    """Rank 1 of two holds experts 8..15 of 16, which it reads as 0..7: its messages named
+    checkpoint expert 13 ``experts.5`` (missing, mis-shaped, wrong dtype, NaN), and a bias
+    or an unknown tensor under an expert was dropped without a word. They read as one
+    process's now; a NaN in a tensor-parallel slice says its index is within the rank's rows."""
+    from dshal.errors import CheckpointError
+    from dshal.model.args import tiny_args
+    from dshal.model.checkpoint import random_checkpoint
+
+    args = tiny_args()
+    good = random_checkpoint(args, seed=1)
+    expert = "model.layers.1.mlp.experts.13"
+    nan = good[f"{expert}.gate_proj.weight"].clone()
+    nan[2, 3] = float("nan")
+    cases = [
+        ({f"{expert}.down_proj.weight": None}, rf"missing tensor '{expert}.down_proj.weight' \(expected shape .* for layers.1.mlp.experts\[13\]\)"),
+        ({f"{expert}.up_proj.weight": torch.zeros(3, 4)}, rf"tensor '{expert}.up_proj.weight' has shape \[3, 4\]"),
+        ({f"{expert}.up_proj.weight": good[f"{expert}.up_proj.weight"].to(torch.int64)}, rf"tensor '{expert}.up_proj.weight' has dtype torch.int64"),
+        ({f"{expert}.gate_proj.weight": nan}, rf"tensor '{expert}.gate_proj.weight' \(torch.float32, shape \[64, 128\]\) has 1 non-finite value\(s\), the first at index \[2, 3\]"),
+        ({f"{expert}.gate_proj.bias": torch.ones(4)}, rf"unexpected tensor\(s\) '{expert}.gate_proj.bias'"),
+        ({"model.layers.1.mlp.experts.2.foo.weight": torch.ones(4)}, r"unexpected tensor\(s\) 'model.layers.1.mlp.experts.2.foo.weight'"),
+    ]
+    if tp > 1:  # rank 1 holds q_b_proj's second half of rows
+        q_b = "model.layers.0.self_attn.q_b_proj.weight"
+        half = good[q_b].shape[0] // 2
+        spoiled = good[q_b].clone()
+        spoiled[half + 4, 1] = float("inf")
+        cases.append(({q_b: spoiled}, rf"tensor '{q_b}' \(this rank's rows \[{half}, {2 * half}\) of it\) .* index \[4, 1\]"))
+    for edits, said in cases:
+        tensors = {**good, **edits}
+        tensors = {k: v for k, v in tensors.items() if v is not None}
+        with pytest.raises(CheckpointError, match=said):
+            _parallel_rank_load(args, tensors, tp, ep)
+
+
 def test_parallel_shard_view_refuses_a_tensor_its_slice_does_not_come_from() -> None:
     """A slice fits many wrong tensors: TP=2 loaded a 4-head q_b_proj into a 2-head model
     (config.json edited), a tensor with extra rows, a larger vocabulary, and an extra expert,

@@ -42,10 +42,12 @@ def check_finite_enabled() -> bool:
     return env_flag(CHECK_FINITE_ENV, True)
 
 
-def check_finite(name: str, tensor: torch.Tensor, where: object) -> None:
+def check_finite(name: str, tensor: torch.Tensor, where: object, part: str = "") -> None:
     """Raise CheckpointError when ``tensor`` (checkpoint tensor ``name`` of ``where``) holds
     a NaN or an Inf: such a model loads but generates garbage without a word. Integer
-    tensors and meta tensors pass; FP8 ones are checked on their bit patterns."""
+    tensors and meta tensors pass; FP8 ones are checked on their bit patterns. ``part``:
+    which part of ``name`` ``tensor`` is, where it is not all of it (a tensor-parallel
+    rank's rows, ``this rank's rows [a, b) of it``): the index said is within that part."""
     if tensor.is_meta:
         return  # shapes only (`dshal plan`'s checkpoint of names and shapes): no values to scan
     fp8 = _FP8_NONFINITE.get(tensor.dtype)
@@ -55,17 +57,18 @@ def check_finite(name: str, tensor: torch.Tensor, where: object) -> None:
     if fp8 is not None:
         flat = flat.view(torch.uint8)
     for start in range(0, flat.numel(), _SCAN_CHUNK):
-        part = flat[start : start + _SCAN_CHUNK]
-        if fp8 is None and math.isfinite(float(part.sum())):
+        chunk = flat[start : start + _SCAN_CHUNK]
+        if fp8 is None and math.isfinite(float(chunk.sum())):
             continue  # a reduction allocates nothing; a NaN or Inf would make the sum non-finite
-        bad = (part & fp8[0]) == fp8[1] if fp8 is not None else ~torch.isfinite(part)
+        bad = (chunk & fp8[0]) == fp8[1] if fp8 is not None else ~torch.isfinite(chunk)
         if bool(bad.any()):
             first = start + int(bad.nonzero()[0, 0])
             count = int(bad.sum()) if flat.numel() <= _SCAN_CHUNK else None
             many = f"{count} non-finite value(s)" if count is not None else "non-finite values"
             index = list(torch.unravel_index(torch.tensor(first), tuple(tensor.shape))) if tensor.dim() else []
             raise CheckpointError(
-                f"checkpoint {where}: tensor {name!r} ({tensor.dtype}, shape {list(tensor.shape)}) has {many}, "
+                f"checkpoint {where}: tensor {name!r}{f' ({part})' if part else ''} ({tensor.dtype}, shape "
+                f"{list(tensor.shape)}) has {many}, "
                 f"the first at index {[int(i) for i in index]}; expected finite weights "
                 f"(set {CHECK_FINITE_ENV}=0 to skip this scan)"
             )
@@ -75,6 +78,12 @@ def read_index(index: Path) -> list[str]:
     """The shard file names listed by a ``model.safetensors.index.json``; CheckpointError
     when the file is unreadable or its ``weight_map`` is not ``{tensor name: shard file}``
     with plain file names in the checkpoint folder."""
+    return sorted(set(read_weight_map(index).values()))
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (``{tensor name: shard file name}``) of a
+    ``model.safetensors.index.json``, checked as :func:`read_index` says."""
     try:
         _, data = read_json_file(index, "checkpoint index")
     except ConfigError as err:
@@ -91,7 +100,7 @@ def read_index(index: Path) -> list[str]:
                 f"checkpoint {index}: weight_map[{tensor!r}] is {shard!r}, expected the file name of a shard "
                 "in the checkpoint folder"
             )
-    return sorted(set(weight_map.values()))
+    return dict(weight_map)
 
 
 def checkpoint_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -266,6 +275,7 @@ __all__ = [
     "check_finite",
     "check_finite_enabled",
     "read_index",
+    "read_weight_map",
     "checkpoint_shapes",
     "dequantize_checkpoint_fp8",
     "fp8_block_dequantize",

@@ -39,7 +39,7 @@ from dshal import ops
 from dshal.config import precision_config
 from dshal.errors import CheckpointError, DeviceError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs
-from dshal.model.checkpoint import check_finite, check_finite_enabled, read_index
+from dshal.model.checkpoint import check_finite, check_finite_enabled, read_weight_map
 from dshal.model.model import MLA, Embedding, Gate, Linear, RMSNorm, RoutedExperts, Transformer, rope_tables
 from dshal.model.precision import (
     apply_precision,
@@ -87,7 +87,25 @@ def load_phase(progress: LoadProgress | None, phase: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- readers
-class CheckpointReader:
+class ReaderNames:
+    """What a reader says about one of its names, for messages (the defaults: a name is the
+    checkpoint's own, all of it, in no index). A view that renames or slices tensors
+    (:class:`dshal.parallel.loading.ShardView`) says what each of its names reads."""
+
+    def origin(self, name: str) -> str:
+        """The checkpoint's own name of what ``name`` reads (also for a name the reader lacks)."""
+        return name
+
+    def part(self, name: str) -> str:
+        """Which part of :meth:`origin` ``name`` is, where not all of it ("" when it is)."""
+        return ""
+
+    def index_shard(self, name: str) -> str | None:
+        """The shard file the checkpoint's index places tensor ``name`` in, if it lists it."""
+        return None
+
+
+class CheckpointReader(ReaderNames):
     """Lazy tensors of a safetensors checkpoint: one file, or shards listed by
     ``model.safetensors.index.json``. Files are memory-mapped and opened once.
 
@@ -103,6 +121,7 @@ class CheckpointReader:
             self.path = self.path.parent
         self._files: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
+        self._index_map: dict[str, str] = {}  # the index's weight_map, for messages about missing tensors
         if self.path.is_file():
             files = [self.path]
         elif (self.path / INDEX_FILE).is_file():
@@ -121,7 +140,8 @@ class CheckpointReader:
 
     def _from_index(self, index: Path) -> list[Path]:
         files = []
-        for shard in read_index(index):
+        self._index_map = read_weight_map(index)
+        for shard in sorted(set(self._index_map.values())):
             file = index.parent / shard
             if not file.is_file():
                 raise CheckpointError(f"checkpoint {index}: shard {shard!r} is listed but missing")
@@ -147,6 +167,9 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self._files)
 
+    def index_shard(self, name: str) -> str | None:
+        return self._index_map.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._files
 
@@ -166,7 +189,7 @@ class CheckpointReader:
         return self._open(self._file_of(name)).get_slice(name)[slices]
 
 
-class DictReader:
+class DictReader(ReaderNames):
     """The :class:`CheckpointReader` interface over in-memory tensors (random models, tests)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], path: str = "<in-memory>"):
@@ -220,14 +243,20 @@ class _Loader:
     ) -> torch.Tensor:
         """Tensor ``name`` checked against ``shape`` (and ``dtypes``), on the target device; an
         FP8 payload (or, ``fp8_part``, its scale) stays as read under ``fp8_on_host``."""
+        origin = self.reader.origin(name)
         if name not in self.reader:
+            shard = self.reader.index_shard(name)
+            placed = (
+                f"; {INDEX_FILE} places it in {shard}, which does not hold it: re-download that shard?"
+                if shard is not None else ""
+            )
             raise CheckpointError(
-                f"checkpoint {self.reader.path}: missing tensor {name!r} (expected shape {list(shape)} for {what})"
+                f"checkpoint {self.reader.path}: missing tensor {origin!r} (expected shape {list(shape)} for {what}{placed})"
             )
         found = self.reader.shape(name)
         if tuple(found) != tuple(shape):
             raise CheckpointError(
-                f"checkpoint {self.reader.path}: tensor {name!r} has shape {list(found)}, "
+                f"checkpoint {self.reader.path}: tensor {origin!r} has shape {list(found)}, "
                 f"expected {list(shape)} ({what})"
             )
         dtype = self.reader.dtype(name)
@@ -235,12 +264,12 @@ class _Loader:
         if allowed is not None and dtype not in allowed:
             names = ", ".join(str(d).replace("torch.", "") for d in allowed)
             raise CheckpointError(
-                f"checkpoint {self.reader.path}: tensor {name!r} has dtype {dtype}, expected one of {names} ({what})"
+                f"checkpoint {self.reader.path}: tensor {origin!r} has dtype {dtype}, expected one of {names} ({what})"
             )
         self.used.add(name)
         tensor = self.reader.get(name)
         if self.check_finite:
-            check_finite(name, tensor, self.reader.path)
+            check_finite(origin, tensor, self.reader.path, self.reader.part(name))
         if self.fp8_on_host and (fp8_part or dtype in FP8_DTYPES.values()):
             return tensor
         return tensor.to(self.device)
@@ -320,7 +349,8 @@ def load_weights(
     progress: LoadProgress | None = None,
 ) -> None:
     """Fill every parameter of ``model`` (built on the meta device) from ``reader``; raise
-    :class:`CheckpointError` on a missing, mis-shaped or unexpected tensor. ``fp8_on_host``:
+    :class:`CheckpointError` on a missing, mis-shaped or unexpected tensor (one that no
+    module can read before reading anything), naming it as ``reader.origin`` says. ``fp8_on_host``:
     FP8 payloads and their scales stay where the reader put them (for a backend without
     ``Capabilities.fp8_storage``; see the module doc), the rest goes to ``device``.
     ``progress`` is told each module read (:data:`LoadProgress`, phase ``read``)."""
@@ -329,6 +359,8 @@ def load_weights(
     ld = _Loader(reader, args, device, fp8_on_host)
     unloaded = dict(model.named_parameters())  # loading replaces each one (onto the meta device too: dshal plan)
     loaded = [(path, module) for path, module in model.named_modules() if isinstance(module, LOADED_MODULES)]
+    # A tensor no loaded module can use is an error that needs no data: said before reading any.
+    _refuse_unexpected(reader, _unusable(reader.names(), _module_prefixes(loaded), args), args)
     for done, (path, module) in enumerate(loaded, 1):
         hf = checkpoint_name(path)
         if isinstance(module, Linear):
@@ -345,7 +377,9 @@ def load_weights(
             if module.bias is not None:
                 _set(module, "bias", ld.float_tensor(f"{hf}.bias", (rows,), path, args.dtype))
         elif isinstance(module, RoutedExperts):
-            w13, w2, s13, s2 = read_experts(ld, hf, range(module.w13.shape[0]), path)
+            # a rank's ShardedExperts holds experts ``held``: messages name them by their number
+            labels = getattr(module, "held", None)
+            w13, w2, s13, s2 = read_experts(ld, hf, range(module.w13.shape[0]), path, labels)
             for name, value in (("w13", w13), ("w2", w2), ("w13_scale", s13), ("w2_scale", s2)):
                 _set(module, name, value)
         elif isinstance(module, Gate):
@@ -360,14 +394,8 @@ def load_weights(
             _set(module, "weight", ld.float_tensor(f"{hf}.weight", tuple(module.weight.shape), path, args.dtype))
         if progress is not None:
             progress("read", done, len(loaded))
-    unexpected = [n for n in reader.names() if n not in ld.used and not _ignored(n, args)]
-    if unexpected:
-        shown = ", ".join(repr(n) for n in sorted(unexpected)[:5])
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        raise CheckpointError(
-            f"checkpoint {reader.path}: unexpected tensor(s) {shown}{more}, not part of a DeepSeek-V3 model with "
-            f"{args.num_hidden_layers} layers (check config.json against the checkpoint)"
-        )
+    # left over: under a module's prefix, but nothing read them (``experts.3.gate_proj.bias``)
+    _refuse_unexpected(reader, [n for n in reader.names() if n not in ld.used and not _ignored(n, args)], args)
     #: What the checkpoint stores (before any cast), for the precision policy's ``auto`` report.
     model.checkpoint_weight_dtypes = sorted(
         {str(reader.dtype(n)).replace("torch.", "") for n in ld.used if n.endswith(".weight")}
@@ -411,12 +439,15 @@ def _rope(args: ModelArgs, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 
 def read_experts(
-    ld: _Loader, prefix: str, expert_ids: Iterable[int], what: str
+    ld: _Loader, prefix: str, expert_ids: Iterable[int], what: str, labels: Iterable[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Stacked ``w13 [E', 2I, D]``, ``w2 [E', D, I]`` (+ block scales) of ``expert_ids``,
-    from the per-expert layout or the fused one (``prefix.gate_up_proj`` / ``prefix.down_proj``)."""
+    from the per-expert layout or the fused one (``prefix.gate_up_proj`` / ``prefix.down_proj``).
+    ``labels``: the number each expert has in messages (default its id; a rank's renumbered
+    experts are said by their checkpoint numbers)."""
     a = ld.args
     ids = list(expert_ids)
+    said = dict(zip(ids, labels if labels is not None else ids))
     inter, dim = a.moe_intermediate_size, a.hidden_size
     if f"{prefix}.gate_up_proj" in ld.reader:  # fused layout (float only)
         n = a.n_routed_experts
@@ -424,7 +455,7 @@ def read_experts(
         w2 = ld.float_tensor(f"{prefix}.down_proj", (n, dim, inter), what, a.dtype)[ids]
         return w13, w2, None, None
     gate, up, down = (
-        [ld.weight(f"{prefix}.{e}.{proj}", shape, f"{what}[{e}]") for e in ids]
+        [ld.weight(f"{prefix}.{e}.{proj}", shape, f"{what}[{said[e]}]") for e in ids]
         for proj, shape in (("gate_proj", (inter, dim)), ("up_proj", (inter, dim)), ("down_proj", (dim, inter)))
     )
     if _stay_quantized(gate + up + down, inter):  # gate and up are stacked by rows into w13
@@ -449,6 +480,60 @@ def _stack_experts(*projections: list[torch.Tensor]) -> torch.Tensor:
             out[e, start : start + n].copy_(projection[e])
             start += n
     return out
+
+
+def _module_prefixes(loaded: list[tuple[str, nn.Module]]) -> dict[str, int | None]:
+    """The checkpoint name prefix of each loaded module's tensors (a ``gate_up_proj`` linear
+    has two: ``gate_proj`` and ``up_proj``), with the number of experts of a routed-experts
+    module (its local count, as the reader numbers them) and None for the others."""
+    prefixes: dict[str, int | None] = {}
+    for path, module in loaded:
+        hf = checkpoint_name(path)
+        if isinstance(module, RoutedExperts):
+            prefixes[hf] = int(module.w13.shape[0])
+        elif isinstance(module, Linear) and path.endswith(".gate_up_proj"):
+            parent = hf[: -len(".gate_up_proj")]
+            prefixes[f"{parent}.gate_proj"] = prefixes[f"{parent}.up_proj"] = None
+        else:
+            prefixes[hf] = None
+    return prefixes
+
+
+def _unusable(names: Iterable[str], prefixes: Mapping[str, int | None], args: ModelArgs) -> list[str]:
+    """The ``names`` no loaded module can read: not :func:`_ignored` and under none of
+    ``prefixes`` (:func:`_module_prefixes`), or under a routed-experts one with an expert
+    index past its count. Each name's proper prefixes are looked up, longest first: a few
+    dict lookups per name (DeepSeek-V3 has ~90k names and ~2k module prefixes)."""
+    out = []
+    for name in names:
+        if _ignored(name, args):
+            continue
+        end = len(name)
+        while True:
+            end = name.rfind(".", 0, end)
+            if end <= 0:  # under no module
+                out.append(name)
+                break
+            if name[:end] in prefixes:
+                count = prefixes[name[:end]]
+                index = name[end + 1 :].split(".", 1)[0]
+                if count is not None and index.isdigit() and int(index) >= count:
+                    out.append(name)  # an expert past the module's experts
+                break
+    return out
+
+
+def _refuse_unexpected(reader: Reader, names: list[str], args: ModelArgs) -> None:
+    """CheckpointError naming ``names`` (by the checkpoint's own names), when there are any."""
+    if not names:
+        return
+    unexpected = sorted({reader.origin(n) for n in names})
+    shown = ", ".join(repr(n) for n in unexpected[:5])
+    more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+    raise CheckpointError(
+        f"checkpoint {reader.path}: unexpected tensor(s) {shown}{more}, not part of a DeepSeek-V3 model with "
+        f"{args.num_hidden_layers} layers (check config.json against the checkpoint)"
+    )
 
 
 def _ignored(name: str, args: ModelArgs) -> bool:
@@ -626,6 +711,7 @@ __all__ = [
     "CheckpointReader",
     "DictReader",
     "LoadProgress",
+    "ReaderNames",
     "build_model",
     "checkpoint_args",
     "from_pretrained",

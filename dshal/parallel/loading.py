@@ -26,6 +26,7 @@ from dshal.model.args import ModelArgs
 from dshal.model.loader import (
     CheckpointReader,
     LoadProgress,
+    ReaderNames,
     checkpoint_args,
     fp8_storage_of,
     load_phase,
@@ -66,9 +67,12 @@ def _index(shard: Shard, ndim: int) -> tuple[slice, ...]:
     return tuple(index)
 
 
-class ShardView:
+class ShardView(ReaderNames):
     """One rank's view of a checkpoint reader (the reader interface: ``names``, ``in``,
-    ``shape``, ``dtype``, ``get``, ``get_slice``), built from a transformed model."""
+    ``shape``, ``dtype``, ``get``, ``get_slice``), built from a transformed model.
+    ``origin(name)`` gives the checkpoint's own name of what a name of the view reads (a
+    renumbered expert's, also where the checkpoint lacks it), ``part(name)`` which rows or
+    columns of it this rank holds, so the loader's messages say what one process says."""
 
     def __init__(self, reader: Any, model: nn.Module, block: tuple[int, int] = (128, 128)):
         self.reader = reader
@@ -76,6 +80,8 @@ class ShardView:
         self.block = block
         self._sources: dict[str, _Source] = {}
         self._hidden: set[str] = set()
+        self._origins: dict[str, str] = {}  # a view name -> the checkpoint's name of what it reads
+        self._parts: dict[str, str] = {}  # a sliced name -> which part of it this rank holds
         self.read_whole: list[str] = []  # names read without slicing (for checks and tests)
         for path, module in model.named_modules():
             hf = checkpoint_name(path)
@@ -91,7 +97,7 @@ class ShardView:
                     if isinstance(module, ColumnParallelLinear) and module.bias is not None:
                         self._plain(f"{base}.bias", Shard(0, shard.start, shard.stop, total=shard.total))
             elif isinstance(module, ShardedExperts):
-                self._experts(hf, module.held, module.n_experts)
+                self._experts(hf, module.held, module.n_experts, module.w13.shape[1] // 2)
 
     # ------------------------------------------------------------ building the view
     def _check_full(self, name: str, shard: Shard, full: list[int] | None = None) -> None:
@@ -116,6 +122,7 @@ class ShardView:
             self._check_full(name, shard)
         shape = list(self.reader.shape(name))
         index = _index(shard, len(shape))
+        self._note_part(name, shard, shape)
         shape[shard.dim] = shard.stop - shard.start
         self._sources[name] = (tuple(shape), self.reader.dtype(name), lambda: self.reader.get_slice(name, index))
 
@@ -150,8 +157,15 @@ class ShardView:
         # the slice cuts FP8 blocks: this rank gets it dequantized (float32) and no scale
         self._hidden.add(scale_name)
         shape = list(self.reader.shape(name))
+        self._note_part(name, shard, shape)
         shape[shard.dim] = shard.stop - shard.start
         self._sources[name] = (tuple(shape), torch.float32, lambda: self._dequantized_slice(name, scale_name, shard))
+
+    def _note_part(self, name: str, shard: Shard, full: list[int]) -> None:
+        """Remember which rows (columns) of ``name`` (``full``: its shape) the slice holds."""
+        if shard.dim < len(full) and (shard.start, shard.stop) != (0, full[shard.dim]):
+            axis = "rows" if shard.dim == 0 else "columns"
+            self._parts[name] = f"this rank's {axis} [{shard.start}, {shard.stop}) of it"
 
     def _dequantized_slice(self, name: str, scale_name: str, shard: Shard) -> torch.Tensor:
         block = self.block[shard.dim]
@@ -164,43 +178,48 @@ class ShardView:
         dense = q * scale.repeat_interleave(bm, 0)[: q.shape[0]].repeat_interleave(bk, 1)[:, : q.shape[1]]
         return dense.narrow(shard.dim, shard.start - lo * block, shard.stop - shard.start)
 
-    def _experts(self, prefix: str, held: list[int], n_experts: int) -> None:
+    def _experts(self, prefix: str, held: list[int], n_experts: int, inter: int) -> None:
         """Expert ``held[i]`` of the checkpoint appears as expert ``i`` (per-expert layout),
-        from either the per-expert or the fused (``gate_up_proj [E, 2I, D]``) layout. The
-        other ranks' experts are hidden; an expert past ``n_experts`` stays visible, so the
-        loader calls it unexpected, as in one process."""
-        under = prefix + "."
-
-        def ours(name: str) -> bool:
-            index = name[len(under):].split(".", 1)[0]
-            return not index.isdigit() or int(index) < n_experts
-
-        self._hidden.update(n for n in self.reader.names() if n.startswith(under) and ours(n))
+        from either the per-expert or the fused (``gate_up_proj [E, 2I, D]``) layout. Only
+        what the model reads is hidden (the three projections' weights and scales of every
+        expert below ``n_experts``, the fused tensors): anything else under ``prefix``
+        (``experts.3.gate_proj.bias``, an expert past ``n_experts``) stays visible under its
+        own name, so the loader calls it unexpected, as in one process. ``inter``: the
+        experts' intermediate size (the rows of the gate in the fused layout)."""
+        projections, kinds = ("gate_proj", "up_proj", "down_proj"), ("weight", "weight_scale_inv", "weight_scale")
         fused_up, fused_down = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+        self._hidden.update(f"{prefix}.{e}.{p}.{k}" for e in range(n_experts) for p in projections for k in kinds)
+        self._hidden.update((fused_up, fused_down))
+        fused = fused_up in self.reader or fused_down in self.reader
         for local, expert in enumerate(held):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                for kind in ("weight", "weight_scale_inv", "weight_scale"):
-                    source = f"{prefix}.{expert}.{proj}.{kind}"
+            for proj in projections:
+                for kind in kinds:
+                    source, name = f"{prefix}.{expert}.{proj}.{kind}", f"{prefix}.{local}.{proj}.{kind}"
+                    self._origins[name] = source  # also when absent: the loader names what is missing
                     if source in self.reader:
-                        self._sources[f"{prefix}.{local}.{proj}.{kind}"] = (
+                        self._sources[name] = (
                             tuple(self.reader.shape(source)), self.reader.dtype(source), lambda s=source: self._whole(s)
                         )
+            if fused:  # the fused tensor and the expert's rows of it
+                self._origins[f"{prefix}.{local}.gate_proj.weight"] = f"{fused_up}[{expert}, 0:{inter}]"
+                self._origins[f"{prefix}.{local}.up_proj.weight"] = f"{fused_up}[{expert}, {inter}:{2 * inter}]"
+                self._origins[f"{prefix}.{local}.down_proj.weight"] = f"{fused_down}[{expert}]"
             if fused_up in self.reader and fused_down in self.reader:
-                for fused in (fused_up, fused_down):
-                    if self.reader.shape(fused)[0] != n_experts:
+                for fused_name in (fused_up, fused_down):
+                    if self.reader.shape(fused_name)[0] != n_experts:
                         raise CheckpointError(
-                            f"checkpoint {self.path}: tensor {fused!r} has shape {list(self.reader.shape(fused))}, "
+                            f"checkpoint {self.path}: tensor {fused_name!r} has shape {list(self.reader.shape(fused_name))}, "
                             f"expected {n_experts} experts in dim 0 (n_routed_experts in config.json)"
                         )
                 _, two_i, dim = self.reader.shape(fused_up)
-                inter = two_i // 2
+                half = two_i // 2
                 dtype = self.reader.dtype(fused_up)
-                for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, two_i))):
+                for proj, rows in (("gate_proj", slice(0, half)), ("up_proj", slice(half, two_i))):
                     self._sources[f"{prefix}.{local}.{proj}.weight"] = (
-                        (inter, dim), dtype, lambda e=expert, r=rows: self.reader.get_slice(fused_up, (slice(e, e + 1), r))[0]
+                        (half, dim), dtype, lambda e=expert, r=rows: self.reader.get_slice(fused_up, (slice(e, e + 1), r))[0]
                     )
                 self._sources[f"{prefix}.{local}.down_proj.weight"] = (
-                    (dim, inter), self.reader.dtype(fused_down), lambda e=expert: self.reader.get_slice(fused_down, (slice(e, e + 1),))[0]
+                    (dim, half), self.reader.dtype(fused_down), lambda e=expert: self.reader.get_slice(fused_down, (slice(e, e + 1),))[0]
                 )
 
     def _whole(self, name: str) -> torch.Tensor:
@@ -208,6 +227,14 @@ class ShardView:
         return self.reader.get(name)
 
     # ------------------------------------------------------------ the reader interface
+    def origin(self, name: str) -> str:
+        return self._origins.get(name, name)
+
+    def part(self, name: str) -> str:
+        return self._parts.get(name, "")
+
+    def index_shard(self, name: str) -> str | None:
+        return self.reader.index_shard(self.origin(name))
     def names(self) -> list[str]:
         shown = [n for n in self.reader.names() if n not in self._hidden and n not in self._sources]
         return shown + list(self._sources)

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from dshal.comm import SimulatedGroup, Transfer
 from dshal.errors import CommError
 from dshal.model.args import ModelArgs
-from dshal.model.loader import CheckpointError
+from dshal.model.loader import CheckpointError, ReaderNames
 from dshal.model.model import MLA
 from dshal.ops.attention import guarded_attention, values_are_key_columns
 from dshal.parallel.groups import GroupPlan, ParallelGroups, plan_groups
@@ -50,7 +50,7 @@ class Read:
     nbytes: int
 
 
-class MetaCheckpoint:
+class MetaCheckpoint(ReaderNames):
     """The checkpoint reader interface (``names``, ``in``, ``shape``, ``dtype``, ``get``,
     ``get_slice``) over a listing of tensors (:mod:`dshal.plan.names`). Every read returns
     a meta tensor of what was asked for and is appended to ``reads``."""
