@@ -370,3 +370,32 @@ def test_local_job_names_the_rank_that_failed_first_and_the_ones_it_killed() -> 
     )
     with LocalJob([sys.executable, "-c", "pass"], 2) as ok:
         assert ok.failure_summary(ok.wait(30)) is None
+
+
+def test_tensor_parallel_experts_take_their_share_in_fixed_shapes_up_to_a_bound(clean_dshal_env):
+    """A tensor-parallel rank's experts (no EP group) run every token's slots, the other
+    ranks' experts as NO_EXPERT, up to ``FIXED_SHAPE_SLOTS`` (decode: no host read, capturable);
+    past it (a long prefill chunk) only this rank's slots, so a GPU kernel's temporaries
+    follow this rank's share. Both give this rank's partial sum, the reference's on its
+    experts alone."""
+    import dshal
+    from dshal.ops import reference as ref
+    from dshal.ops.moe import NO_EXPERT
+
+    dshal.use(backend="cpu")
+    gen = torch.Generator().manual_seed(0)
+    n, held, dim, inter = 8, [2, 3, 5], 64, 32
+    experts = ShardedExperts(n, held, dim, inter, torch.float32)
+    experts.w13 = torch.nn.Parameter(torch.randn(len(held), 2 * inter, dim, generator=gen) / 8, requires_grad=False)
+    experts.w2 = torch.nn.Parameter(torch.randn(len(held), dim, inter, generator=gen) / 8, requires_grad=False)
+    x, weights = torch.randn(12, dim, generator=gen), torch.rand(12, 3, generator=gen)
+    ids = torch.rand(12, n, generator=gen).argsort(dim=-1)[:, :3]
+    local = torch.full((n,), NO_EXPERT)
+    local[held] = torch.arange(len(held))
+    want = ref.moe_experts(x, weights, local[ids], experts.w13, experts.w2)
+    fixed = experts(x, weights, ids)
+    experts.FIXED_SHAPE_SLOTS = ids.numel() - 1
+    kept = experts(x, weights, ids)
+    torch.testing.assert_close(fixed, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kept, want, rtol=1e-6, atol=1e-6)
+    assert experts.graph_capture_unsupported is None

@@ -205,15 +205,24 @@ class ShardedExperts(RoutedExperts):
     when no rank of this EP group handles it (another tensor-parallel rank's EP group does;
     the caller sums the partial outputs with an all-reduce).
 
-    Without an EP group, the rank computes its own experts' share of every token, in fixed
-    shapes (no host read, so decode steps can be captured as device graphs): the other
-    ranks' experts become ``NO_EXPERT`` slots, which ``dshal.ops.moe_experts`` skips. With one,
+    Without an EP group, the rank computes its own experts' share of every token. Up to
+    :attr:`FIXED_SHAPE_SLOTS` (token, expert) slots (decode steps) it does so in fixed shapes
+    (no host read, so the steps can be captured as device graphs): the other ranks' experts
+    become ``NO_EXPERT`` slots, which ``dshal.ops.moe_experts`` skips. A longer prefill chunk
+    keeps only this rank's slots (``torch.nonzero``, a host read), so that the op's
+    temporaries (a GPU kernel's float32 slot rows) grow with this rank's share. With one,
     the tokens (identical on every rank of the group) are cut into one slice per rank; each
     rank sends its slice's (token, expert) pairs to the experts' owners with ``all_to_all``
     (uneven counts, possibly none), the owners run ``dshal.ops.moe_experts`` and send the
     outputs back, the sender weights and sums them (in expert order, as the single-device
     op does), and an all-gather rebuilds every token.
     """
+
+    #: Calls with up to this many (token, expert) slots run in fixed shapes (see the class
+    #: doc): decode batches of up to 4096 sequences at DeepSeek-V3's top-8; past it a GPU
+    #: kernel's float32 slot rows for every slot (~0.9 GiB at this bound, H 7168) would grow
+    #: with the prefill chunk (7.5 GiB for 32768 tokens) instead of with this rank's share.
+    FIXED_SHAPE_SLOTS = 32768
 
     @property
     def graph_capture_unsupported(self) -> str | None:  # RoutedExperts' declaration, per instance
@@ -242,26 +251,30 @@ class ShardedExperts(RoutedExperts):
         self.register_buffer("local", local.to(device), persistent=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.ep_size == 1:  # the other ranks' experts map to NO_EXPERT (local is -1 there)
+        tokens, top_k = ids.shape
+        if self.ep_size == 1 and ids.numel() <= self.FIXED_SHAPE_SLOTS:  # other ranks' experts: NO_EXPERT (local -1)
             local = self.local.to(ids.device)[ids]  # a meta model keeps its tables on the CPU
             return ops.moe_experts(x, weights, local, self.w13, self.w2, self.w13_scale, self.w2_scale)
-        tokens, top_k = ids.shape
-        lo, hi = split_range(tokens, self.ep_size, self.ep_rank)
+        lo, hi = split_range(tokens, self.ep_size, self.ep_rank) if self.ep_size > 1 else (0, tokens)
         flat = ids[lo:hi].reshape(-1)
         order, counts = self._dispatch_order(flat)
         token = order // top_k
         send_x, send_ids = x[lo:hi][token], flat[order]
-        link = comm.communicator(self.ep_group)
-        back = link.exchange_splits(counts, x.device)
-        recv_x = link.all_to_all(send_x, back, counts)
-        recv_ids = link.all_to_all(send_ids, back, counts)
-        out_rows = link.all_to_all(self._compute(recv_x, recv_ids), counts, back)
+        if self.ep_size == 1:
+            out_rows = self._compute(send_x, send_ids)
+        else:
+            link = comm.communicator(self.ep_group)
+            back = link.exchange_splits(counts, x.device)
+            recv_x = link.all_to_all(send_x, back, counts)
+            recv_ids = link.all_to_all(send_ids, back, counts)
+            out_rows = link.all_to_all(self._compute(recv_x, recv_ids), counts, back)
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         acc = torch.zeros((hi - lo, x.shape[1]), dtype=acc_dtype, device=x.device)
         slot_weight = weights[lo:hi].reshape(-1)[order].to(acc_dtype)
         # One [R, D] temporary (out_rows is this call's own: scaled in place when already acc_dtype).
         acc.index_add_(0, token, out_rows.to(acc_dtype).mul_(slot_weight[:, None]))
-        return _gather_rows(acc.to(x.dtype), tokens, self.ep_size, self.ep_group)
+        part = acc.to(x.dtype)
+        return part if self.ep_size == 1 else _gather_rows(part, tokens, self.ep_size, self.ep_group)
 
     def _dispatch_order(self, flat: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """The slots of ``flat`` (expert ids) this EP group handles, ordered by owner rank then
@@ -278,7 +291,7 @@ class ShardedExperts(RoutedExperts):
         owner = self.owner[flat]
         kept = (owner >= 0).nonzero().squeeze(1)
         order = kept[torch.argsort(owner[kept] * self.n_experts + flat[kept], stable=True)]  # by rank, then expert
-        counts = torch.bincount(owner[order], minlength=self.ep_size).tolist()
+        counts = torch.bincount(owner[order], minlength=self.ep_size).tolist() if self.ep_size > 1 else [order.numel()]
         return order, counts
 
     def _compute(self, x: torch.Tensor, global_ids: torch.Tensor) -> torch.Tensor:
