@@ -43,4 +43,19 @@ def exit_with_parent(parent: int, period_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="dshal-parent-watch", daemon=True).start()
 
 
-__all__ = ["child_env", "child_python", "exit_with_parent"]
+def dies_with_parent(parent: int) -> str:
+    """Python source for the start of a ``-c`` child of process ``parent``, before any heavy
+    import: on Linux the kernel kills the child the moment its parent dies
+    (``PR_SET_PDEATHSIG``), even while it still imports torch or holds the GIL compiling,
+    where :func:`exit_with_parent`'s watcher is not running yet or waits for its turn; it
+    exits at once when the parent is gone already. Standard library only."""
+    return (
+        "import ctypes, os, signal, sys\n"
+        "if sys.platform.startswith('linux'):\n"
+        "    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG\n"
+        f"if os.getppid() != {int(parent)}:\n"
+        "    os._exit(1)\n"
+    )
+
+
+__all__ = ["child_env", "child_python", "dies_with_parent", "exit_with_parent"]

@@ -44,7 +44,7 @@ from dshal.config import cache_dir
 from dshal.errors import BackendUnavailableError, ConfigError
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
-from dshal.lifetime import child_env, child_python, exit_with_parent
+from dshal.lifetime import child_env, child_python, dies_with_parent, exit_with_parent
 from dshal.outputs import atomic_write, check_writable
 
 
@@ -323,7 +323,7 @@ def compile_worker(
     as JSON; it exits when ``parent`` is gone."""
     import dataclasses
 
-    exit_with_parent(parent)  # an orphan would keep compiling
+    exit_with_parent(parent)  # an orphan would keep compiling (where dies_with_parent has no prctl)
     rows = []
     cache = Path(cache_dir) if cache_dir else None
     for name in targets:
@@ -376,7 +376,7 @@ def cross_compile(
         try:
             for w in range(jobs):
                 out = os.path.join(tmp, f"{w}.json")
-                code = (f"from dshal.kernels.triton.crosscompile import compile_worker; "
+                code = (dies_with_parent(os.getpid()) + "from dshal.kernels.triton.crosscompile import compile_worker\n"
                         f"compile_worker({list(targets)!r}, {w}, {jobs}, {out!r}, {str(cache_dir or '')!r}, {tiles!r}, {only!r}, {os.getpid()})")  # fmt: skip
                 procs.append((subprocess.Popen(child_python("-c", code), env=env, stderr=subprocess.PIPE, text=True), out))
             rows = []
