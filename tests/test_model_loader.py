@@ -59,9 +59,12 @@ def test_model_loader_reads_fused_expert_layout_and_skips_mtp_layers(state, tmp_
 
 def test_model_loader_reports_its_progress_in_order(state, tmp_path):
     """``from_pretrained(progress=...)`` (what ``dshal run``'s load bar draws) hears every
-    module read, in order up to the total, then the precision, placement and backend-layout
-    phases, each started and done; the model is the one loaded without it."""
+    module read, in order up to the total, then each module the precision policy converted
+    (that phase was one step, 0/1 for most of a load converted on the host), then the
+    placement and backend-layout phases, each started and done; the model is the one loaded
+    without it."""
     from dshal.model.loader import LOADED_MODULES
+    from dshal.model.model import Linear, RoutedExperts
 
     save_checkpoint(tmp_path, ARGS, state)
     calls: list[tuple[str, int, int]] = []
@@ -69,7 +72,10 @@ def test_model_loader_reports_its_progress_in_order(state, tmp_path):
     modules = sum(isinstance(m, LOADED_MODULES) for m in model.modules())
     assert modules > 10
     assert calls[:modules] == [("read", done, modules) for done in range(1, modules + 1)]
-    assert calls[modules:] == [(phase, done, 1) for phase in ("precision", "place", "prepare") for done in (0, 1)]
+    converted = sum(isinstance(m, (Linear, RoutedExperts)) for m in model.modules())
+    precision = [("precision", 0, 1)] + [("precision", done, converted) for done in range(1, converted + 1)]
+    assert calls[modules : modules + converted + 1] == precision
+    assert calls[modules + converted + 1 :] == [(phase, done, 1) for phase in ("place", "prepare") for done in (0, 1)]
     torch.testing.assert_close(model(_ids()), _logits(tmp_path), rtol=0, atol=0)
 
 

@@ -76,6 +76,14 @@ LoadProgress = Callable[[str, int, int], None]
 LOADED_MODULES = (Linear, RoutedExperts, Gate, RMSNorm, Embedding)
 
 
+def phase_steps(progress: LoadProgress | None, phase: str) -> Callable[[int, int], None] | None:
+    """``progress`` for the steps of one ``phase``: ``(done, total)`` -> ``progress(phase, done, total)``."""
+    if progress is None:
+        return None
+    progress(phase, 0, 1)  # started: shown before the first step ends
+    return lambda done, total: progress(phase, done, total)
+
+
 @contextlib.contextmanager
 def load_phase(progress: LoadProgress | None, phase: str) -> Iterator[None]:
     """Report ``phase`` to ``progress`` (when given) as started, then as done."""
@@ -572,8 +580,7 @@ def build_model(
         model = Transformer(args)
     refuse_undeclared_fp8_before_reading(model, precision)
     load_weights(model, reader, device, fp8_on_host=not fp8_storage, progress=progress)
-    with load_phase(progress, "precision"):
-        apply_precision(model, precision, device=device)
+    apply_precision(model, precision, device=device, progress=phase_steps(progress, "precision"))
     place_and_prepare(model, device, fp8_storage, runtime, progress)
     return model.eval()
 
@@ -717,6 +724,7 @@ __all__ = [
     "from_pretrained",
     "fp8_storage_of",
     "load_phase",
+    "phase_steps",
     "load_weights",
     "place_and_prepare",
     "place_on_device",

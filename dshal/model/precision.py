@@ -29,6 +29,7 @@ never quantizes the latent), so its stored format only saves memory.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -239,6 +240,7 @@ def apply_precision(
     dtype: torch.dtype | None = None,
     capabilities: Any = None,
     device: torch.device | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, str]:
     """Convert every ``Linear`` and ``RoutedExperts`` of ``model`` in place to the policy's
     format; return ``{module path: mode}`` (mode: ``high``, ``int8`` or an ``fp8-*`` gemm mode).
@@ -251,7 +253,9 @@ def apply_precision(
     ``device``: the model's device; a weight held elsewhere (an FP8 payload the loader kept on
     the host: ``Capabilities.fp8_storage`` False) is converted where it is, by the op references
     (:func:`~dshal.model.weights.conversion_ops`), and stays there for
-    :func:`dshal.model.loader.place_on_device`. None: every weight by the active runtime's ops."""
+    :func:`dshal.model.loader.place_on_device`. None: every weight by the active runtime's ops.
+    ``progress(done, total)`` is told after each module (a V3 checkpoint converted on the
+    host takes most of a load: the bar moves with it)."""
     precision = precision_config(precision)
     dtype = dtype or model.args.dtype
     fmt = resolve_fp8_format(precision)
@@ -259,9 +263,8 @@ def apply_precision(
     redirect = fp8_redirect(capabilities) if precision.gemm == AUTO else None
     plan: dict[str, str] = {}
     fmt_checked = False
-    for path, module in model.named_modules():
-        if not isinstance(module, (Linear, RoutedExperts)):
-            continue
+    converted = [(path, module) for path, module in model.named_modules() if isinstance(module, (Linear, RoutedExperts))]
+    for done, (path, module) in enumerate(converted, 1):
         high = keeps_high_precision(path, precision.keep_high_precision)
         for w_name, s_name in module.weight_pairs:
             weight, scale = getattr(module, w_name), getattr(module, s_name)
@@ -285,6 +288,8 @@ def apply_precision(
             _set(module, w_name, weight)
             _set(module, s_name, scale)
             plan[path] = mode
+        if progress is not None:
+            progress(done, len(converted))
     model.precision_choice = {"gemm": precision.gemm, "mode": mode_all, "why": why}
     if model.args.scale_fmt is not None and any(mode in WEIGHT_BLOCKS for mode in plan.values()):
         model.precision_choice["activation_scales"] = (

@@ -29,8 +29,8 @@ from dshal.model.loader import (
     ReaderNames,
     checkpoint_args,
     fp8_storage_of,
-    load_phase,
     load_weights,
+    phase_steps,
     place_and_prepare,
 )
 from dshal.model.model import Transformer
@@ -326,8 +326,7 @@ def build_parallel(
         with torch.device("meta"):
             model = Transformer(args)
         load_weights(model, reader, device, fp8_on_host=not fp8_storage, progress=progress)
-        with load_phase(progress, "precision"):
-            apply_precision(model, precision, device=device)
+        apply_precision(model, precision, device=device, progress=phase_steps(progress, "precision"))
         if groups.tp_size > 1:
             tensor_parallel(model, groups.tp)
         if groups.ep_size > 1:
@@ -342,8 +341,7 @@ def build_parallel(
             module.set_owners(module.owner, module.held)  # tables next to the loaded weights
         elif isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
             module.act_quant = activation_quant_of(module)  # a row-parallel W8A8 shard's input scale spans ranks
-    with load_phase(progress, "precision"):
-        apply_precision(model, precision, device=device)
+    apply_precision(model, precision, device=device, progress=phase_steps(progress, "precision"))
     model.shard_view = view
     place_and_prepare(model, device, fp8_storage, runtime, progress)  # the backend's layouts on the shards
     return model.eval()
