@@ -240,9 +240,12 @@ def precision_modes(world: int, path: Path) -> dict[str, str]:
 
     checks: dict[str, str] = {}
     # a W8A8 checkpoint as stored (dshal-ascend-convert's; made when that plugin is installed)
-    for sub, gemm in PRECISION_CASES + ([("int8", "auto")] if (path / "int8").is_dir() else []):
+    # (with o_proj, a row-parallel layer, kept in high precision: its shard quantizes nothing)
+    w8a8 = [("int8", "auto"), ("int8", "auto+high o_proj")] if (path / "int8").is_dir() else []
+    for sub, gemm in PRECISION_CASES + w8a8:
         ckpt = path / sub if sub else path
-        precision = PrecisionConfig(gemm=gemm)
+        keep = ("*o_proj",) if gemm.endswith("+high o_proj") else ()
+        precision = PrecisionConfig(gemm=gemm.removesuffix("+high o_proj"), keep_high_precision=keep)
         args = ModelArgs.from_file(ckpt)
         reference = build_model(args, CheckpointReader(ckpt), precision)
         for tp, ep in ((world, 1), (1, world)):
@@ -256,10 +259,13 @@ def precision_modes(world: int, path: Path) -> dict[str, str]:
                 # block modes: the TP slice of q_b_proj cuts 128-row blocks; per-token modes:
                 # o_proj's activation scale spans both ranks' columns
                 want = "q_b_proj" if gemm in ("fp8-block", "auto") and sub != "int8" else "o_proj"
-                if tp > 1 and not any(n.endswith(want) for n in cut):
+                high_o_proj = gemm.endswith("+high o_proj")
+                if high_o_proj and any(n.endswith("o_proj") for n in cut):  # it quantizes nothing
+                    raise AssertionError(f"o_proj is kept in high precision but emulates a quantized shard: {cut}")
+                if tp > 1 and not high_o_proj and not any(n.endswith(want) for n in cut):
                     raise AssertionError(f"expected {want} to hold an emulated shard; emulated shards: {cut}")
                 o_proj = model.layers[0].self_attn.o_proj.weight
-                if tp > 1 and "int8" in (gemm, sub) and o_proj.dtype != torch.int8:  # row-parallel stays W8A8
+                if tp > 1 and "int8" in (gemm, sub) and not high_o_proj and o_proj.dtype != torch.int8:  # row-parallel stays W8A8
                     raise AssertionError(f"row-parallel o_proj is {o_proj.dtype} under TP, expected int8")
                 if sub == "int8" and model.shard_view is None:  # W8A8 as stored: its rows and scales slice
                     raise AssertionError("a TP/EP rank read the whole W8A8 checkpoint")

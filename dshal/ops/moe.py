@@ -187,14 +187,15 @@ def check_expert_ids(ids: torch.Tensor, experts: int) -> None:
 def moe_experts_on_kept_slots(experts_op, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):  # noqa: ANN001, ANN201
     """``moe_experts`` for ``ids`` that may hold :data:`NO_EXPERT`, through ``experts_op`` (a
     ``moe_experts`` that needs every id served) on the served slots only: one row per slot,
-    weight 1, in expert order; each row (the expert's output in ``x``'s dtype, as the op
+    weight 1, in the reference's order; each row (the expert's output in ``x``'s dtype, as the op
     rounds it) is then weighted and summed per token in float32 (float64 for float64), as
     the op does. Picking the slots reads ``ids`` on the host (a sync on an accelerator): for
     providers where that is free (the CPU) or already paid; a device kernel skips the slots
     itself (see ``dshal.kernels.triton.moe``)."""
     flat = ids.reshape(-1)
     kept = (flat != NO_EXPERT).nonzero().squeeze(1)
-    kept = kept[torch.argsort(flat[kept], stable=True)]  # expert order, as the reference sums
+    if ids.shape[0] > 1:  # expert order, as the reference sums (one token: slot order, as it does)
+        kept = kept[torch.argsort(flat[kept], stable=True)]
     token = kept // ids.shape[1]
     acc = compute_dtype(x.dtype)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)

@@ -339,9 +339,10 @@ def build_parallel(
     for module in model.modules():
         if isinstance(module, ShardedExperts):
             module.set_owners(module.owner, module.held)  # tables next to the loaded weights
-        elif isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
-            module.act_quant = activation_quant_of(module)  # a row-parallel W8A8 shard's input scale spans ranks
     apply_precision(model, precision, device=device, progress=phase_steps(progress, "precision"))
+    for module in model.modules():  # after the policy: a layer it keeps in high precision quantizes nothing
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelLMHead)):
+            module.act_quant = activation_quant_of(module)  # a row-parallel W8A8 shard's input scale spans ranks
     model.shard_view = view
     place_and_prepare(model, device, fp8_storage, runtime, progress)  # the backend's layouts on the shards
     return model.eval()
