@@ -49,6 +49,10 @@ class Runtime:
     batch_invariant: frozenset[str] = frozenset()
     #: ... and, for each batch-sensitive op without one, why not.
     determinism_gaps: dict[str, str] = field(default_factory=dict)
+    #: ``moe_experts``' provider serves ``NO_EXPERT`` ids itself: the reference does, a
+    #: backend's provider where it declares ``Capabilities.moe_no_expert_ids``; another
+    #: backend's (an ``ops:`` override) is not assumed to.
+    moe_skips_no_expert: bool = False
 
     @property
     def capabilities(self) -> Capabilities:
@@ -245,6 +249,8 @@ def build_runtime(config: Config) -> Runtime:
         unchecked=unchecked,
         batch_invariant=invariant,
         determinism_gaps=gaps,
+        moe_skips_no_expert=providers["moe_experts"] == REFERENCE_PROVIDER
+        or (providers["moe_experts"] == backend.name and backend.capabilities().moe_no_expert_ids),
     )
 
 

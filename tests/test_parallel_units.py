@@ -399,3 +399,41 @@ def test_tensor_parallel_experts_take_their_share_in_fixed_shapes_up_to_a_bound(
     torch.testing.assert_close(fixed, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kept, want, rtol=1e-6, atol=1e-6)
     assert experts.graph_capture_unsupported is None
+
+
+def test_a_backend_that_does_not_declare_no_expert_ids_never_gets_them(install_plugin):
+    """``NO_EXPERT`` ids came with this release: a plugin written before it (its
+    ``moe_experts`` refuses -1, ``Capabilities.moe_no_expert_ids`` undeclared) still serves
+    tensor-parallel experts, which keep their own slots for it (a host read, as before), and
+    their decode steps say why they are not captured; the conformance rows with such ids are
+    unsupported there, not failed. The backends dshal ships declare it."""
+    import dshal
+    from dshal.ops.moe import NO_EXPERT
+
+    install_plugin("old_moe_contract", {"oldmoetest": "OldMoeContractBackend"})
+    runtime = dshal.use(backend="oldmoetest")
+    assert not runtime.moe_skips_no_expert
+    gen = torch.Generator().manual_seed(1)
+    n, held, dim, inter = 8, [1, 6], 64, 32
+    experts = ShardedExperts(n, held, dim, inter, torch.float32)
+    experts.w13 = torch.nn.Parameter(torch.randn(len(held), 2 * inter, dim, generator=gen) / 8, requires_grad=False)
+    experts.w2 = torch.nn.Parameter(torch.randn(len(held), dim, inter, generator=gen) / 8, requires_grad=False)
+    x, weights = torch.randn(5, dim, generator=gen), torch.rand(5, 2, generator=gen)
+    ids = torch.tensor([[1, 2], [6, 1], [0, 3], [6, 7], [2, 5]])
+    with pytest.raises(dshal.errors.ShapeError, match="expert id -1"):  # what -1 would have met
+        dshal.ops.moe_experts(x, weights, torch.full_like(ids, NO_EXPERT), experts.w13, experts.w2)
+    got = experts(x, weights, ids)
+    local = torch.full((n,), NO_EXPERT)
+    local[held] = torch.arange(len(held))
+    want = dshal.ops.reference.moe_experts(x, weights, local[ids], experts.w13, experts.w2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert "does not declare Capabilities.moe_no_expert_ids" in experts.graph_capture_unsupported
+    from dshal_conformance import runner  # lazy: the suite is its own package
+
+    report = runner.run(runner.resolve("oldmoetest"), runner.Options(ops=["moe_experts"], collectives=False, progress=False))
+    skipped = [c for c in report["cases"] if "skipped-slots" in c["id"] or "all-skipped" in c["id"]]
+    assert len(skipped) == 5 and all(c["status"] == "unsupported" for c in skipped), skipped
+    assert all("moe_no_expert_ids" in c["reason"] for c in skipped)
+    assert dshal.use(backend="cpu").moe_skips_no_expert
+    if any(info.name == "nvidia" for info in dshal.backends()):  # the GPU base (emulated here)
+        assert dshal.use(backend="nvidia", emulate=True).moe_skips_no_expert

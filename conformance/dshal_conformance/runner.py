@@ -378,6 +378,7 @@ def _run_one(case: Case, rt: Any, provided: frozenset[str], caps: Any, options: 
         fp8_storage=caps.fp8_storage,
         served={case.op: rt.provider_entry(case.op)} if case.kind == "capability" and case.op in provided else None,
         emulated=rt.emulated,
+        capabilities=caps,
     )
     for suffix, ws in waivers.items():
         ctx.waived[suffix] = thresholds(ws)

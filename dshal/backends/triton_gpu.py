@@ -410,7 +410,9 @@ class TorchGpuBackend(Backend):
             notes["kernels"] = f"Triton, target {self.target().name}"
         else:
             notes["kernels"] = f"triton not installed: {', '.join(TRITON_OPS)} use the reference (pip install 'dshal-{self.name}[triton]')"
-        return dataclasses.replace(hw, op_kinds=kinds, op_paths=paths, emulated=self.emulate, notes=notes)
+        # moe_experts: the grouped kernel skips NO_EXPERT slots on the device; the reference drops them
+        return dataclasses.replace(hw, op_kinds=kinds, op_paths=paths, emulated=self.emulate, notes=notes,
+                                   moe_no_expert_ids=True)
 
     def _op_paths(self, plan: GemmPlan) -> dict[str, dict[str, OpPath]]:
         """What serves ``fp8_gemm``, ``linear`` and ``moe_experts`` per weight format, as the op

@@ -300,13 +300,14 @@ MOE_EXPERTS_ROWS = [
     dict(name="fp8-block/T8xH256xI128xE4-top2", dtype=BF16, t=8, h=256, i=128, e=4, k=2, weight="fp8-block"),
     *(dict(name=f"fp8-block/{fmt}/T8xH128xI128xE4-top2", dtype=BF16, t=8, h=128, i=128, e=4, k=2, weight="fp8-block",
            fmt=fmt) for fmt in FP8_DTYPES),  # every format, named (as fp8_gemm's)
-    # slots marked NO_EXPERT (a tensor-parallel rank's share; their weights NaN: ignored)
-    dict(name="bf16/skipped-slots/T8xH128xI64xE8-top2", dtype=BF16, t=8, h=128, i=64, e=8, k=2, skip=True),
-    dict(name="f32/decode/skipped-slots/T1xH256xI128xE16-top4", dtype=F32, t=1, h=256, i=128, e=16, k=4, skip=True),
+    # slots marked NO_EXPERT (a tensor-parallel rank's share; their weights NaN: ignored);
+    # conformance runs them where the backend declares Capabilities.moe_no_expert_ids
+    dict(name="bf16/skipped-slots/T8xH128xI64xE8-top2", dtype=BF16, t=8, h=128, i=64, e=8, k=2, skip=True, capability="moe_no_expert_ids"),
+    dict(name="f32/decode/skipped-slots/T1xH256xI128xE16-top4", dtype=F32, t=1, h=256, i=128, e=16, k=4, skip=True, capability="moe_no_expert_ids"),
     dict(name="fp8-block/skipped-slots/T8xH256xI128xE4-top2", dtype=BF16, t=8, h=256, i=128, e=4, k=2, weight="fp8-block",
-         skip=True),
+         skip=True, capability="moe_no_expert_ids"),
     dict(name="fp8-block/decode/skipped-slots/T1xH256xI128xE8-top2", dtype=BF16, t=1, h=256, i=128, e=8, k=2,
-         weight="fp8-block", skip=True),
+         weight="fp8-block", skip=True, capability="moe_no_expert_ids"),
     dict(name="int8/bf16/T8xH128xI64xE8-top2", dtype=BF16, t=8, h=128, i=64, e=8, k=2, weight="int8"),
     dict(name="int8/f32/decode/T1xH200xI72xE4-top2", dtype=F32, t=1, h=200, i=72, e=4, k=2, weight="int8"),
     dict(name="int8/f32/T16xH256xI128xE16-top4", dtype=F32, t=16, h=256, i=128, e=16, k=4, weight="int8"),
@@ -314,7 +315,7 @@ MOE_EXPERTS_ROWS = [
     dict(name="bf16/M0", kind="edge", dtype=BF16, t=0, h=128, i=64, e=8, k=2),
     dict(name="bf16/int32-ids", kind="edge", dtype=BF16, t=8, h=128, i=64, e=8, k=2, ids="int32"),
     dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, t=8, h=128, i=64, e=8, k=2, noncontiguous=("x",)),
-    dict(name="bf16/all-skipped", kind="edge", dtype=BF16, t=4, h=128, i=64, e=8, k=2, skip="all"),
+    dict(name="bf16/all-skipped", kind="edge", dtype=BF16, t=4, h=128, i=64, e=8, k=2, skip="all", capability="moe_no_expert_ids"),
     dict(name="fp8-block/v3/T128xH7168xI2048xE32-top8", tier="full", dtype=BF16, t=128, h=7168, i=2048, e=32, k=8, weight="fp8-block"),
     dict(name="bf16/v3/T64xH7168xI2048xE8-top8", tier="full", dtype=BF16, t=64, h=7168, i=2048, e=8, k=8),
     dict(name="int8/v3/T128xH7168xI2048xE32-top8", tier="full", dtype=BF16, t=128, h=7168, i=2048, e=32, k=8, weight="int8"),

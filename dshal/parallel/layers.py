@@ -19,6 +19,7 @@ from torch import nn
 from dshal import comm, ops
 from dshal.model.model import Embedding, Linear, RoutedExperts
 from dshal.model.weights import WEIGHT_BLOCKS
+from dshal.runtime import current
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,9 @@ class ShardedExperts(RoutedExperts):
     the caller sums the partial outputs with an all-reduce).
 
     Without an EP group, the rank computes its own experts' share of every token. Up to
-    :attr:`FIXED_SHAPE_SLOTS` (token, expert) slots (decode steps) it does so in fixed shapes
+    :attr:`FIXED_SHAPE_SLOTS` (token, expert) slots (decode steps), where the backend's
+    ``moe_experts`` serves ``NO_EXPERT`` ids (``Capabilities.moe_no_expert_ids``: every
+    backend dshal ships), it does so in fixed shapes
     (no host read, so the steps can be captured as device graphs): the other ranks' experts
     become ``NO_EXPERT`` slots, which ``dshal.ops.moe_experts`` skips. A longer prefill chunk
     keeps only this rank's slots (``torch.nonzero``, a host read), so that the op's
@@ -226,10 +229,13 @@ class ShardedExperts(RoutedExperts):
 
     @property
     def graph_capture_unsupported(self) -> str | None:  # RoutedExperts' declaration, per instance
-        if self.ep_size == 1:
-            return None
-        return ("the expert-parallel dispatch sends each rank a data-dependent number of (token, expert) slots "
-                "(torch.nonzero, and all_to_all counts read on the host), which a device graph cannot hold")
+        if self.ep_size > 1:
+            return ("the expert-parallel dispatch sends each rank a data-dependent number of (token, expert) slots "
+                    "(torch.nonzero, and all_to_all counts read on the host), which a device graph cannot hold")
+        if not current().moe_skips_no_expert:
+            return ("the backend's moe_experts does not declare Capabilities.moe_no_expert_ids: a tensor-parallel rank "
+                    "keeps its own (token, expert) slots (torch.nonzero), a data-dependent shape")
+        return None
 
     def __init__(self, n_experts: int, held: list[int], dim: int, inter_dim: int, dtype: torch.dtype):
         super().__init__(len(held), dim, inter_dim, dtype)
@@ -252,7 +258,8 @@ class ShardedExperts(RoutedExperts):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         tokens, top_k = ids.shape
-        if self.ep_size == 1 and ids.numel() <= self.FIXED_SHAPE_SLOTS:  # other ranks' experts: NO_EXPERT (local -1)
+        fixed = self.ep_size == 1 and ids.numel() <= self.FIXED_SHAPE_SLOTS and current().moe_skips_no_expert
+        if fixed:  # the other ranks' experts are NO_EXPERT slots (local is -1 there)
             local = self.local.to(ids.device)[ids]  # a meta model keeps its tables on the CPU
             return ops.moe_experts(x, weights, local, self.w13, self.w2, self.w13_scale, self.w2_scale)
         lo, hi = split_range(tokens, self.ep_size, self.ep_rank) if self.ep_size > 1 else (0, tokens)

@@ -66,6 +66,7 @@ class Context:
         fp8_storage: bool = True,
         served: Mapping[str, Mapping[str, Any]] | None = None,
         emulated: bool = False,
+        capabilities: Any = None,
     ):
         self.draw = Draw(torch.Generator().manual_seed(seed), "cpu", native_e4m3)
         self.table = table
@@ -80,6 +81,9 @@ class Context:
         self.served = dict(served or {})
         #: The backend runs its device code on CPU tensors (``Runtime.emulated``).
         self.emulated = emulated
+        #: The backend's ``Capabilities`` (None: every optional one taken as declared), for rows
+        #: that need one (an example row's ``capability`` key).
+        self.capabilities = capabilities
         #: result suffix -> (metric -> loosened threshold), from the waivers that match that
         #: result id: a waiver of one result leaves its siblings alone.
         self.waived: dict[str, dict[str, float]] = {}
@@ -240,6 +244,9 @@ def run_accuracy(
     variant_supported: Callable[[Context, Mapping[str, Any]], str | None] | None = None,
 ) -> list[Outcome]:
     """Build inputs, call the backend, compute the float64 oracle, judge."""
+    needs = params.get("capability")  # an optional contract feature the row exercises
+    if needs and ctx.capabilities is not None and not getattr(ctx.capabilities, needs):
+        return unsupported_outcomes(suffixes, f"the backend does not declare Capabilities.{needs}: the row is not run")
     inputs = SPECS[op].example_inputs(ctx.draw, params)
     declared = op in ctx.provided
     unsupported_variant = variant_supported(ctx, params) if variant_supported else None
