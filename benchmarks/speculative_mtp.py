@@ -35,8 +35,8 @@ def _known_drafts(model, continuation: torch.Tensor):
     """``model.draft`` that runs the MTP layer, then drafts the known next-but-one token."""
     real, ids = model.draft, continuation[0].tolist()
 
-    def draft(hidden, next_ids, start_pos, cache=None):
-        logits = real(hidden, next_ids, start_pos, cache)
+    def draft(hidden, next_ids, start_pos, cache=None, last_only=False):
+        logits = real(hidden, next_ids, start_pos, cache, last_only=last_only)
         last = start_pos + next_ids.shape[1] - 1
         right = torch.zeros_like(logits)
         right[0, -1, ids[last + 2] if last + 2 < len(ids) else 0] = 1.0

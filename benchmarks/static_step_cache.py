@@ -71,7 +71,8 @@ def main() -> int:
           f"{args.kv_lora_rank + args.qk_rope_head_dim}, {args.num_hidden_layers} layers, {opts.steps} steps")
     for name, seconds in best.items():
         print(f"  {name:13s} {seconds / opts.steps * 1e3:8.2f} ms per step")
-    print(f"  static / plain: {best['plain cache'] / best['static cache']:.2f}x faster; logits max rel gap {gap:.1e}")
+    print(f"  static step speed vs plain: {best['plain cache'] / best['static cache']:.2f}x (plain time / static time); "
+          f"logits max rel gap {gap:.1e}")
     return 0
 
 

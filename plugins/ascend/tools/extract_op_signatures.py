@@ -16,6 +16,7 @@ and to ``dshal_ascend.releases``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -115,7 +116,13 @@ def extract(op_plugin_git: str, pytorch_git: str, release: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    op_plugin_git, pytorch_git = argv
+    parser = argparse.ArgumentParser(
+        description="Regenerate dshal_ascend/op_signatures/<release>.json from git clones of Ascend/op-plugin and "
+        "Ascend/pytorch (each release's branch is read with git show; nothing is checked out).")
+    parser.add_argument("op_plugin_git", metavar="OP_PLUGIN_GIT_DIR", help="a git clone of Ascend/op-plugin")
+    parser.add_argument("pytorch_git", metavar="PYTORCH_GIT_DIR", help="a git clone of Ascend/pytorch")
+    opts = parser.parse_args(argv)
+    op_plugin_git, pytorch_git = opts.op_plugin_git, opts.pytorch_git
     out_dir = Path(__file__).resolve().parents[1] / "dshal_ascend" / "op_signatures"
     out_dir.mkdir(exist_ok=True)
     for release in RELEASES:
