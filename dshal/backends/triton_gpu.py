@@ -86,11 +86,29 @@ class PeakFigures:
     fp8_flops: float
     bandwidth: float  #: bytes/s
     source: str
+    #: The whole part's compute units (0: not given). A device showing fewer under the same
+    #: name is a partition of it (an MI300X in CPX mode: 38 of 304 CUs): its FLOP/s scale.
+    compute_units: int = 0
 
     @classmethod
-    def datasheet(cls, match: str, bf16_tflops: float, fp8_tflops: float, tb_per_s: float, source: str) -> PeakFigures:
+    def datasheet(cls, match: str, bf16_tflops: float, fp8_tflops: float, tb_per_s: float, source: str,
+                  compute_units: int = 0) -> PeakFigures:
         """A row in a datasheet's units: dense TFLOP/s and TB/s."""
-        return cls(match, bf16_tflops * 1e12, fp8_tflops * 1e12, tb_per_s * 1e12, source)
+        return cls(match, bf16_tflops * 1e12, fp8_tflops * 1e12, tb_per_s * 1e12, source, compute_units)
+
+    def for_units(self, units: int) -> PeakFigures:
+        """This row for a device showing ``units`` compute units: the FLOP/s of that share of
+        the part where it shows fewer than the whole (a partition), else the row itself. The
+        bandwidth stays the part's (a partition's share depends on its memory mode), and the
+        source says so."""
+        if not self.compute_units or units >= self.compute_units or units <= 0:
+            return self
+        share = units / self.compute_units
+        return dataclasses.replace(
+            self, bf16_flops=self.bf16_flops * share, fp8_flops=self.fp8_flops * share,
+            source=f"{self.source}; FLOP/s scaled to this partition's {units} of {self.compute_units} CUs "
+                   "(bandwidth: the whole part's)",
+        )
 
 
 def lookup_peaks(device_name: str, table: tuple[PeakFigures, ...]) -> PeakFigures | None:
@@ -320,6 +338,7 @@ class TorchGpuBackend(Backend):
         FP8 facts and the datasheet row of ``peaks`` that names this part (if any)."""
         props = torch.cuda.get_device_properties(self.device())
         row = lookup_peaks(props.name, peaks)
+        row = row.for_units(int(props.multi_processor_count)) if row else None
         return Capabilities(
             device_name=props.name,
             arch=arch,
@@ -638,7 +657,7 @@ class TorchGpuBackend(Backend):
         # One grouped Triton kernel per projection, FP8 weights included (activations quantized
         # per 1x128 inside it, 128x128 weight scales, as the contract's W8A8 math). Int8 weights,
         # float64 and FP8 formats this hardware lacks: the reference.
-        fp8_ok = self.target().fp8_dtypes
+        fp8_ok = self.target().fp8_dtypes if self.hardware().fp8_formats else ()  # a part without FP8: the reference
         served = all(w.dtype == x.dtype or w.dtype in fp8_ok for w in (w13, w2))
         if x.dtype not in TRITON_FLOAT_DTYPES or ids.numel() == 0 or not served:
             return SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2, w13_scale, w2_scale)

@@ -24,12 +24,21 @@ from dshal import Availability, Capabilities, Topology
 from dshal.plugin import GemmPlan, KernelTarget, PeakFigures, TorchGpuBackend, shipped_target, triton_installed
 from dshal_amd.topology import amdsmi_topology
 
-#: Dense peaks (matrix cores, no sparsity). Most specific name first.
+#: Dense peaks (matrix cores, no sparsity), with the whole part's CUs (a CPX/DPX partition
+#: shows fewer under the same name). Most specific name first.
 AMD_PEAKS: tuple[PeakFigures, ...] = (
+    PeakFigures.datasheet("MI355X", 2516.6, 5033.2, 8.0,
+                "derived: 256 CUs x 2.4 GHz peak clock (AMD, Hot Chips 2025) x 8192 dense FP8 FLOP/clock/CU "
+                "(AMD, ISSCC 2026), FP16/BF16 half; HBM3E 8 TB/s (AMD)", compute_units=256),
+    PeakFigures.datasheet("MI350X", 2306.9, 4613.7, 8.0,
+                "derived: 256 CUs x 2.2 GHz peak clock (AMD, Hot Chips 2025) x 8192 dense FP8 FLOP/clock/CU "
+                "(AMD, ISSCC 2026), FP16/BF16 half; HBM3E 8 TB/s (AMD)", compute_units=256),
     PeakFigures.datasheet("MI325X", 1307.4, 2614.9, 6.0,
-                "AMD Instinct MI325X datasheet: FP16/BF16 1307.4 / FP8 2614.9 TFLOPS dense, HBM3E 6.0 TB/s"),
+                "AMD Instinct MI325X datasheet: FP16/BF16 1307.4 / FP8 2614.9 TFLOPS dense, HBM3E 6.0 TB/s",
+                compute_units=304),
     PeakFigures.datasheet("MI300X", 1307.4, 2614.9, 5.3,
-                "AMD Instinct MI300X datasheet: FP16/BF16 1307.4 / FP8 2614.9 TFLOPS dense, HBM3 5.3 TB/s"),
+                "AMD Instinct MI300X datasheet: FP16/BF16 1307.4 / FP8 2614.9 TFLOPS dense, HBM3 5.3 TB/s",
+                compute_units=304),
 )
 
 #: What each known arch computes FP8 in: (formats, native E4M3, description).

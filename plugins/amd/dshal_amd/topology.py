@@ -53,11 +53,15 @@ def link_matrix(
 
 
 def _type_name(amdsmi, value) -> str:
-    """amdsmi returns the link type as an enum member or an int, depending on its version."""
+    """amdsmi returns the link type as an enum member or an int, depending on its version. An
+    int is ``amdsmi_topo_get_link_type``'s I/O-link code (``amdsmi_io_link_type_t``), so that
+    enum is read first: releases that also define ``AmdSmiLinkType`` number it differently
+    (PCIE 0, XGMI 1 there against PCIEXPRESS 1, XGMI 2), which would name an XGMI pair "not
+    applicable" and a PCIe pair XGMI."""
     name = getattr(value, "name", None)
     if isinstance(name, str):
         return name
-    for enum_name in ("AmdSmiLinkType", "AmdSmiIoLinkType"):
+    for enum_name in ("AmdSmiIoLinkType", "AmdSmiLinkType"):
         enum = getattr(amdsmi, enum_name, None)
         if enum is None:
             continue

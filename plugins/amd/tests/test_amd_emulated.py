@@ -83,6 +83,20 @@ def test_amd_arch_and_peaks():
     row = lookup_peaks("AMD Instinct MI300X", AMD_PEAKS)
     assert row is not None and row.bandwidth == 5.3e12 and row.fp8_flops == 2614.9e12
     assert lookup_peaks("AMD Instinct MI325X", AMD_PEAKS).bandwidth == 6.0e12
+    # gfx950 parts had no row: no roofline peaks on an MI355X
+    mi355 = lookup_peaks("AMD Instinct MI355X", AMD_PEAKS)
+    assert mi355.fp8_flops == 5033.2e12 and mi355.bandwidth == 8.0e12
+    assert lookup_peaks("AMD Instinct MI350X", AMD_PEAKS).fp8_flops == 4613.7e12
+
+
+def test_amd_partition_peaks_scale_with_its_compute_units():
+    """An MI300X in CPX mode shows 38 of its 304 CUs under the same name: it got the whole
+    chip's FLOP/s (8x too high for its roofline). The row scales to the CUs a device shows."""
+    row = lookup_peaks("AMD Instinct MI300X", AMD_PEAKS)
+    cpx = row.for_units(38)
+    assert cpx.fp8_flops == pytest.approx(2614.9e12 / 8) and cpx.bf16_flops == pytest.approx(1307.4e12 / 8)
+    assert cpx.bandwidth == row.bandwidth and "38 of 304 CUs" in cpx.source
+    assert row.for_units(304) is row and row.for_units(0) is row
 
 
 @pytest.mark.skipif(ON_ROCM, reason="a ROCm GPU is present: the 'no ROCm' reason cannot be shown")

@@ -110,3 +110,22 @@ def test_amd_topology_matrix_is_validated():
         topology_from_matrix([["self", "xgmi"], ["xgmi", "xgmi"]])
     with pytest.raises(ShapeError, match="square matrix"):
         topology_from_matrix([["self", "xgmi"], ["xgmi"]])
+
+
+def test_amd_link_type_codes_read_as_io_link_types():
+    """``amdsmi_topo_get_link_type`` answers an ``amdsmi_io_link_type_t`` code. Releases that
+    also define ``AmdSmiLinkType`` number it differently (PCIE 0, XGMI 1, NOT_APPLICABLE 2
+    against PCIEXPRESS 1, XGMI 2): read first, it named an XGMI pair "applicable" and a PCIe
+    pair XGMI. The stand-in below holds only those two enums, with those releases' values
+    (not amdsmi, and never reported as a device)."""
+    import enum
+    import types
+
+    from dshal_amd.topology import _type_name
+
+    io = enum.IntEnum("AmdSmiIoLinkType", {"UNDEFINED": 0, "PCIEXPRESS": 1, "XGMI": 2})
+    link = enum.IntEnum("AmdSmiLinkType", {"PCIE": 0, "XGMI": 1, "NOT_APPLICABLE": 2})
+    both = types.SimpleNamespace(AmdSmiIoLinkType=io, AmdSmiLinkType=link)
+    assert _type_name(both, 2) == "XGMI" and _type_name(both, 1) == "PCIEXPRESS"
+    assert _type_name(both, io.XGMI) == "XGMI"  # an enum member names itself
+    assert _type_name(types.SimpleNamespace(AmdSmiLinkType=link), 1) == "XGMI"  # only the other enum: it is used
