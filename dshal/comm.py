@@ -170,6 +170,15 @@ def host_waits(device_type: str, checking: bool) -> bool:
     return device_type == "cpu" or checking
 
 
+def collective_device(args: Sequence[Any]) -> str:
+    """The device type a collective with these arguments runs on: its first tensor's; none (a
+    barrier): the process group's, the device this process joined the job with. A failed
+    barrier on an NCCL group is then aborted, not destroyed (a destroy flushes its
+    communicators, which can block on a dead peer)."""
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return tensor.device.type if tensor is not None else (_session.get("device_type") or "cpu")
+
+
 def _teardown(device_type: str = "cpu") -> None:
     """Tear down every process group so peers blocked on this rank fail fast and exit cleanly."""
     if not dist.is_initialized():
@@ -388,8 +397,8 @@ class ProcessGroupCommunicator(Communicator):
         """Issue ``fn(*args, async_op=True, **kwargs)`` and wait for it (see the module
         docstring: on the host, bounded by the timeout, except for device tensors inside
         ``ops.trusted()``); a failure becomes a CommError and tears the process group down.
-        The tensors' device is the first tensor argument's (none, as for a barrier: the host)."""
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        The collective's device: :func:`collective_device`."""
+        device = torch.device(collective_device(args))
         self._check_ready(collective)
         start = time.monotonic()
         try:
@@ -770,18 +779,21 @@ def _bounded_rendezvous(env: LaunchEnv, timeout: float) -> Any:
 RENDEZVOUS_GRACE_S = 5.0
 
 
-def _check_world_size(store: Any, env: LaunchEnv) -> None:
-    """Every rank must agree on WORLD_SIZE; compare through the rendezvous store before the
-    process group is built (a mismatch would otherwise hang inside the backend). Rank 0
-    reads every rank's size; the others read rank 0's and acknowledge, and rank 0 (which
-    hosts the store) waits for those acknowledgements so nobody loses the store mid-check."""
+def _check_world_size(store: Any, env: LaunchEnv, setup: str = "") -> None:
+    """Every rank must agree on WORLD_SIZE and on ``setup`` (its dshal backend and process-group
+    backend); compare through the rendezvous store before the process group is built (a
+    mismatch would otherwise hang inside the backend: NCCL ranks waiting for peers that built
+    a gloo group). Rank 0 reads every rank's; the others read rank 0's and acknowledge, and
+    rank 0 (which hosts the store) waits for those acknowledgements so nobody loses the store
+    mid-check."""
     prefix = f"dshal/launch/{env.restart}"
-    store.set(f"{prefix}/size/{env.rank}", str(env.world_size))
+    store.set(f"{prefix}/size/{env.rank}", f"{env.world_size}|{setup}")
     others = [0] if env.rank else list(range(1, env.world_size))
-    sizes = {}
+    sizes, setups = {}, {}
     for other in others:
         try:
-            sizes[other] = int(store.get(f"{prefix}/size/{other}"))
+            size, _, setups[other] = store.get(f"{prefix}/size/{other}").decode().partition("|")
+            sizes[other] = int(size)
         except (RuntimeError, ValueError) as err:
             raise CommError(
                 f"init: rank {env.rank} could not read rank {other}'s WORLD_SIZE within distributed.timeout_s "
@@ -800,6 +812,13 @@ def _check_world_size(store: Any, env: LaunchEnv) -> None:
             raise CommError(
                 f"init: mismatched world size: rank {env.rank} has WORLD_SIZE={env.world_size} but rank {other} has "
                 f"WORLD_SIZE={seen}; launch every rank with the same WORLD_SIZE"
+            )
+    for other, theirs in setups.items():
+        if theirs != setup:
+            raise CommError(
+                f"init: mismatched backends: rank {env.rank} runs {setup} but rank {other} runs {theirs}; every rank "
+                "must run the same backend (under backend: auto a rank that cannot use its device takes the next "
+                "one: name the backend, e.g. backend: nvidia, and that rank says why)"
             )
 
 
@@ -845,7 +864,7 @@ def init(timeout_s: float | None = None) -> Communicator:
     # again in case the caller changed the current device since.
     device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()
     store = _bounded_rendezvous(env, timeout)
-    _check_world_size(store, env)
+    _check_world_size(store, env, f"backend {rt.backend.name!r} ({process_group_backend(rt)})")
     try:
         dist.init_process_group(
             backend=process_group_backend(rt),

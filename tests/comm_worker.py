@@ -353,7 +353,8 @@ def shared_lines(rank: int, timeout_s: float) -> dict:
 def main() -> int:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     timeout_s = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0
-    dshal.use(backend="cpu", distributed={"timeout_s": timeout_s})
+    backend = os.environ.get("DSHAL_TEST_BACKEND", "cpu")  # a rank may be told another (init errors)
+    dshal.use(backend=backend, emulate=backend != "cpu", distributed={"timeout_s": timeout_s})
     rank = int(os.environ["RANK"])
     try:
         world = comm.init()

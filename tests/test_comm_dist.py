@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dshal
 from dshal.parallel.launch import LocalJob
 
 WORKER = Path(__file__).with_name("comm_worker.py")
@@ -118,6 +119,14 @@ def test_comm_nccl_failure_logic() -> None:
 
     assert comm.teardown_action("cuda") == "abort" and comm.teardown_action("npu") == "abort"
     assert comm.teardown_action("cpu") == "destroy"
+    # a barrier carries no tensor: it runs on the group's device (it was taken for the host,
+    # so a failed NCCL barrier destroyed its group instead of aborting it)
+    joined = comm._session.get("device_type")
+    try:
+        comm._session["device_type"] = "cuda"
+        assert comm.collective_device(()) == "cuda" and comm.collective_device((torch.ones(1),)) == "cpu"
+    finally:
+        comm._session["device_type"] = joined
     # checked mode waits on the host with the timeout (what catches a dead NCCL peer); a trusted
     # (decode, graph-captured) collective on device tensors stays asynchronous; gloo always waits
     assert comm.host_waits("cuda", checking=True) and not comm.host_waits("cuda", checking=False)
@@ -192,6 +201,9 @@ def test_comm_init_errors_are_clear(tmp_path: Path) -> None:
         # a port that accepts and never answers (a stopped old job's store): rank 1 hung in the handshake
         "silent_store": {"world_size": 2, "ranks": [1], "port": busy_port},
     }
+    if any(info.name == "nvidia" for info in dshal.backends()):
+        # rank 1 on another backend (as a rank that could not use its GPU falls to the cpu one)
+        layouts["mixed_backends"] = {"world_size": 2, "overrides": {1: {"DSHAL_TEST_BACKEND": "nvidia"}}}
     jobs = {}
     try:
         for name, layout in layouts.items():
@@ -214,6 +226,8 @@ def test_comm_init_errors_are_clear(tmp_path: Path) -> None:
     assert "not all WORLD_SIZE=2 ranks joined" in missing_msg
     for msg in messages["mismatch"]:
         assert "mismatched world size" in msg and "WORLD_SIZE=2" in msg and "WORLD_SIZE=3" in msg
+    for msg in messages.get("mixed_backends", []):
+        assert "mismatched backends" in msg and "backend 'cpu' (gloo)" in msg and "backend 'nvidia' (gloo)" in msg
     (silent_msg,) = messages["silent_store"]
     assert f"rank 1 got no answer from the store at MASTER_ADDR=127.0.0.1 MASTER_PORT={busy_port} within 3 s" in silent_msg
 
@@ -293,3 +307,38 @@ def test_a_subgroup_after_a_failure_still_raises_comm_error(tmp_path: Path) -> N
     done = subprocess.run([sys.executable, "-c", SUBGROUP_AFTER_FAILURE], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["CommError: all_reduce on the group 'tp0'", "CommError: world_size on the group 'tp0'"]
+
+
+PLANS_DIFFER = """
+import os
+import dshal
+from dshal import comm
+from dshal.errors import CommError
+from dshal.parallel import groups
+from dshal.parallel.placement import topology_from_matrix
+
+dshal.use(backend="cpu")
+comm.init(timeout_s=30)
+if comm.get_rank() == 1:  # this rank's node answers with NVLink pairs (0, 2) and (1, 3): another plan
+    pairs = topology_from_matrix([["self" if i == j else ("nvlink" if (i - j) % 2 == 0 else "pcie") for j in range(4)]
+                                  for i in range(4)], source="test: this rank's node")
+    dshal.current().backend.topology = lambda: pairs
+try:
+    groups.setup_groups(tp=2, ep=2)
+    print("groups made")
+except CommError as err:
+    print("CommError:", str(err)[:80])
+comm.shutdown()
+"""
+
+
+def test_ranks_that_plan_other_groups_say_so_before_making_any(tmp_path: Path) -> None:
+    """Each rank plans TP/EP groups from its own node's topology; a node that answers otherwise
+    (no NVML, a degraded link) made its ranks call new_group with other rank lists: a hang or
+    wrong groups. The plans are compared first, and every rank raises naming the ranks that differ."""
+    job = LocalJob([sys.executable, "-c", PLANS_DIFFER], 4, capture=True)
+    with job:
+        runs = job.communicate(timeout_s=120)
+    assert [code for code, _, _ in runs] == [0] * 4, [err[-1500:] for _, _, err in runs]
+    for _, out, _ in runs:
+        assert out.strip().startswith("CommError: setup_groups: ranks [1] planned other TP/EP groups than rank 0"), out

@@ -397,7 +397,7 @@ def test_model_generate_continues_in_a_cache_that_holds_the_prompts_start():
             model.generate(ids, 5, **kwargs)
     ring = window.new_cache(1, 40)
     window.generate(ids[:, :6], 2, cache=ring)  # the ring holds 7 positions now
-    with pytest.raises(dshal.ArgumentError, match="exactly them in a cache with an attention window"):
+    with pytest.raises(dshal.ArgumentError, match="0 or exactly them in a cache whose attention window's ring has wrapped"):
         window.generate(ids, 5, cache=ring, cached=4)
     ragged = torch.cat((ids, ids))
     with pytest.raises(dshal.ArgumentError, match="'cache' is given with prompts of different lengths"):

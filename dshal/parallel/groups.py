@@ -14,9 +14,12 @@ creates the process groups on a running job.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from dshal import comm
 from dshal.backend import Topology
@@ -140,6 +143,22 @@ class ParallelGroups:
     plan: GroupPlan
 
 
+def _check_same_plan(plan: GroupPlan) -> None:
+    """Every rank must create the same groups: each plans from its own node's topology (a node
+    without NVML answers, a degraded link, mixed node types would plan others), and ranks
+    calling ``new_group`` with different rank lists hang or build wrong groups. One all_gather
+    of each rank's plan digest, before any group exists; CommError naming the ranks that differ."""
+    digest = zlib.crc32(repr((plan.tp_groups, plan.ep_groups)).encode())
+    seen = comm.all_gather(torch.tensor([digest], dtype=torch.int64, device=current().device)).tolist()
+    differ = [rank for rank, theirs in enumerate(seen) if theirs != seen[0]]
+    if differ:
+        raise CommError(
+            f"setup_groups: ranks {differ} planned other TP/EP groups than rank 0 (each node plans from its own "
+            f"topology; this rank's plan: TP {list(plan.tp_groups)}, EP {list(plan.ep_groups)}: {plan.reason}); "
+            "give every node the same topology (the same GPUs and links, NVML / amdsmi installed on each)"
+        )
+
+
 def setup_groups(tp: int = 1, ep: int = 1) -> ParallelGroups:
     """Create the TP and EP process groups of the running job (every rank must call it).
 
@@ -152,6 +171,7 @@ def setup_groups(tp: int = 1, ep: int = 1) -> ParallelGroups:
     plan = plan_groups(
         comm.get_world_size(), tp, ep, local_world_size=env.local_world_size, topology=current().backend.topology()
     )
+    _check_same_plan(plan)
     tp_group = comm.new_groups(plan.tp_groups, "tp") if tp > 1 else None
     ep_group = comm.new_groups(plan.ep_groups, "ep") if ep > 1 else None
     return ParallelGroups(tp=tp_group, ep=ep_group, tp_size=tp, ep_size=ep, plan=plan)
