@@ -170,6 +170,30 @@ def host_waits(device_type: str, checking: bool) -> bool:
     return device_type == "cpu" or checking
 
 
+#: How often a device collective's completion is checked while the host waits for it.
+DEVICE_POLL_S = 20e-6
+
+
+def wait_on_host(work: Any, timeout_s: float, device_type: str) -> None:
+    """Block until ``work`` (an async collective's handle) completes, at most ``timeout_s``;
+    RuntimeError when it does not. gloo's ``wait(timeout)`` sleeps on a condition variable.
+    A device group's (NCCL/RCCL/HCCL) ``wait(timeout)`` polls with a fixed sleep between
+    checks (1 ms in current torch, 10 ms in older builds): a floor on every checked collective
+    far above a small message's latency. Device work is polled here at ``DEVICE_POLL_S``
+    through ``is_completed()`` (true also when the work failed), then ``wait()`` raises its
+    error, if any, and orders the current stream after it."""
+    if device_type == "cpu":
+        if work.wait(timeout=datetime.timedelta(seconds=timeout_s)) is False:
+            raise RuntimeError(f"timed out after {timeout_s:g} s waiting for the collective")
+        return
+    deadline = time.monotonic() + timeout_s
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout_s:g} s waiting for the collective")
+        time.sleep(DEVICE_POLL_S)
+    work.wait()
+
+
 def collective_device(args: Sequence[Any]) -> str:
     """The device type a collective with these arguments runs on: its first tensor's; none (a
     barrier): the process group's, the device this process joined the job with. A failed
@@ -405,9 +429,7 @@ class ProcessGroupCommunicator(Communicator):
             work = fn(*args, async_op=True, **kwargs)
             if work is not None:
                 if host_waits(device.type, checking()):
-                    timeout = datetime.timedelta(seconds=_session["timeout_s"] or 300.0)
-                    if work.wait(timeout=timeout) is False:
-                        raise RuntimeError(f"timed out after {timeout.total_seconds():g} s waiting for the collective")
+                    wait_on_host(work, _session["timeout_s"] or 300.0, device.type)
                 else:
                     work.wait()  # the current stream waits for it; the host does not
         except (RuntimeError, ValueError) as err:  # gloo/nccl raise DistBackendError (a RuntimeError)

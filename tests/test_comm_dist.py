@@ -342,3 +342,37 @@ def test_ranks_that_plan_other_groups_say_so_before_making_any(tmp_path: Path) -
     assert [code for code, _, _ in runs] == [0] * 4, [err[-1500:] for _, _, err in runs]
     for _, out, _ in runs:
         assert out.strip().startswith("CommError: setup_groups: ranks [1] planned other TP/EP groups than rank 0"), out
+
+
+class _WorkStandIn:
+    """Not a collective: an object with a c10d Work's ``is_completed`` / ``wait`` that completes
+    after ``polls`` checks (or never), to check :func:`dshal.comm.wait_on_host`'s logic."""
+
+    def __init__(self, polls: int | None):
+        self.polls, self.checked, self.waited = polls, 0, False
+
+    def is_completed(self) -> bool:
+        self.checked += 1
+        return self.polls is not None and self.checked > self.polls
+
+    def wait(self, timeout=None):  # noqa: ANN001, ANN201
+        self.waited = True
+        return True
+
+
+def test_device_collectives_are_polled_finely_and_still_time_out() -> None:
+    """A device group's ``work.wait(timeout)`` polls with a 1 ms (older torch: 10 ms) sleep,
+    a floor under every checked collective on NCCL; dshal polls ``is_completed()`` at 20 us,
+    then ``wait()`` (its error, the stream order), and still raises at the timeout."""
+    import time
+
+    from dshal import comm
+
+    done = _WorkStandIn(polls=5)
+    start = time.monotonic()
+    comm.wait_on_host(done, 5.0, "cuda")
+    assert done.waited and done.checked == 6 and time.monotonic() - start < 0.5
+    never = _WorkStandIn(polls=None)
+    with pytest.raises(RuntimeError, match="timed out after 0.05 s"):
+        comm.wait_on_host(never, 0.05, "cuda")
+    assert not never.waited and never.checked > 10
