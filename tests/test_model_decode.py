@@ -390,6 +390,17 @@ def test_tensor_parallel_experts_are_captured_and_expert_parallel_ones_say_why_n
         else:
             assert decoder.capture_error.startswith("not captured: the expert-parallel dispatch sends each rank")
     assert len(asked) == 3  # the hook is still asked (it tells whether the backend captures at all)
+    # A step past the slots a TP rank keeps fixed shapes for (a batch of 4097 at top-8) reads
+    # the host: not captured either (it was declared capturable at any batch).
+    from dshal.parallel.layers import ShardedExperts
+
+    for module in tensor_split.modules():
+        if isinstance(module, ShardedExperts):
+            module.FIXED_SHAPE_SLOTS = args.num_experts_per_tok - 1  # one token's slots are past it
+    decoder = StaticDecoder(tensor_split, tensor_split.new_cache(1, 16, "absorb", static=True), capturing)
+    decoder(_ids(args, batch=1)[:, 0], 0)
+    decoder(_ids(args, batch=1)[:, 1], 1)
+    assert not decoder.captured and "routes" in decoder.capture_error and "keeps fixed shapes for" in decoder.capture_error
 
 
 @pytest.mark.needs_interpreter

@@ -118,13 +118,20 @@ def static_cache_unsupported(cache: KVCache) -> str | None:
     return None
 
 
-def graph_capture_unsupported(model: nn.Module) -> str | None:
-    """Why ``model``'s decode steps cannot be captured as device graphs (a module declares it:
-    ``RoutedExperts.graph_capture_unsupported``, which a replacement may set), or None."""
+def graph_capture_unsupported(model: nn.Module, tokens: int) -> str | None:
+    """Why ``model``'s decode steps of ``tokens`` tokens (all rows) cannot be captured as device
+    graphs, or None. A module declares it: ``RoutedExperts.graph_capture_unsupported``, and
+    ``RoutedExperts.graph_capture_max_slots`` (the (token, expert) slots a call keeps fixed
+    shapes for), which a replacement may set."""
+    slots = tokens * model.args.num_experts_per_tok
     for module in model.modules():
         why = getattr(module, "graph_capture_unsupported", None)  # declared by RoutedExperts, None there
         if why:
             return why
+        limit = getattr(module, "graph_capture_max_slots", None)
+        if limit is not None and slots > limit:
+            return (f"a step of {tokens} tokens routes {slots} (token, expert) slots, past the {limit} its "
+                    f"{type(module).__name__} keeps fixed shapes for: it reads the host past them")
     return None
 
 
@@ -208,7 +215,7 @@ class StaticDecoder:
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
         self.position = torch.zeros(cache.batch if per_row else 1, dtype=torch.int64, device=device)
         self._run = GraphStep(lambda token, position: static_decode_step(model, token, position, cache), graph,
-                              graph_capture_unsupported(model))
+                              graph_capture_unsupported(model, cache.batch))
 
     @property
     def capture_s(self) -> float:

@@ -69,8 +69,9 @@ _SAFETENSORS_DTYPES = {
 INDEX_FILE = "model.safetensors.index.json"
 
 #: ``progress(phase, done, total)``: where a long load is, for a progress bar. Phases in order:
-#: ``read`` (``done`` of ``total`` modules whose weights are read), then ``precision``,
-#: ``place`` and ``prepare`` (each called with 0 of 1 when it starts and 1 of 1 when done).
+#: ``read`` (``done`` of ``total`` modules whose weights are read), ``precision`` (0 of 1 when it
+#: starts, then ``done`` of ``total`` modules converted), then ``place`` and ``prepare`` (each
+#: called with 0 of 1 when it starts and 1 of 1 when done).
 LoadProgress = Callable[[str, int, int], None]
 #: The modules whose weights the loader reads (one ``read`` step each).
 LOADED_MODULES = (Linear, RoutedExperts, Gate, RMSNorm, Embedding)

@@ -378,6 +378,9 @@ class RoutedExperts(nn.Module):
     #: Why a decode step holding this module cannot be captured as a device graph (a
     #: data-dependent shape, a host read), or None. A replacement that cannot says so here.
     graph_capture_unsupported: str | None = None
+    #: Calls of up to this many (token, expert) slots keep fixed shapes (None: any number); a
+    #: decode step past it is not captured either.
+    graph_capture_max_slots: int | None = None
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, dtype: torch.dtype):
         super().__init__()

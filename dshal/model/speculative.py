@@ -227,7 +227,7 @@ class SpeculativeStep:
         self.model, self.cache, self.mtp_cache, self.verifier, self.graph = model, cache, mtp_cache, verifier, graph
         self.tokens = torch.zeros(batch, 2, dtype=torch.int64, device=device)
         self.positions = torch.zeros(batch, 2, dtype=torch.int64, device=device)
-        unsupported = graph_capture_unsupported(model)
+        unsupported = graph_capture_unsupported(model, 2 * batch)  # a token and its draft per row
         self.main = GraphStep(lambda tokens, positions: positioned_step(model, tokens, positions, cache), graph,
                               unsupported)
         self.mtp = GraphStep(functools.partial(_kept_draft_logits, model, mtp_cache), graph, unsupported)

@@ -237,6 +237,10 @@ class ShardedExperts(RoutedExperts):
                     "keeps its own (token, expert) slots (torch.nonzero), a data-dependent shape")
         return None
 
+    @property
+    def graph_capture_max_slots(self) -> int | None:  # RoutedExperts' declaration: past it, the kept slots
+        return self.FIXED_SHAPE_SLOTS
+
     def __init__(self, n_experts: int, held: list[int], dim: int, inter_dim: int, dtype: torch.dtype):
         super().__init__(len(held), dim, inter_dim, dtype)
         self.n_experts = n_experts
