@@ -597,13 +597,7 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
     second = answer([{"role": "user", "content": "hello world"}, {"role": "assistant", "content": first},
                      {"role": "user", "content": "the lazy dog"}])
     after_clear = answer([{"role": "user", "content": "one model"}])
-    lines = iter(["hello world", "", "the lazy dog", "x " * 5000, "/clear", "one model"])
-
-    def read(prompt: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
+    read = _typed("hello world", "", "the lazy dog", "x " * 5000, "/clear", "one model")
 
     out = io.StringIO()
     conversation = chat(model, tokenizer, ChatSettings(max_new_tokens=6), read, out)
@@ -622,7 +616,7 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
     # With the MTP layer's drafts: the same greedy answers, both caches kept across turns (the
     # MTP layer's one position shorter at least: its entries were made with the token after).
     drafting = from_pretrained(tmp_path, mtp_layers=1)
-    lines = iter(["hello world", "the lazy dog", "/clear", "one model"])
+    read = _typed("hello world", "the lazy dog", "/clear", "one model")
     out = io.StringIO()
     speculative = chat(drafting, tokenizer, ChatSettings(max_new_tokens=6, speculative=True), read, out)
     assert [m["content"] for m in speculative.messages] == ["one model", after_clear]
@@ -638,7 +632,7 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
         captures.append(step)
         return step
 
-    lines = iter(["hello world", "the lazy dog", "/clear", "one model"])
+    read = _typed("hello world", "the lazy dog", "/clear", "one model")
     out = io.StringIO()
     graphed = chat(model, tokenizer, ChatSettings(max_new_tokens=6, graph=stand_in), read, out)
     assert [m["content"] for m in graphed.messages] == ["one model", after_clear]
@@ -648,7 +642,7 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
     # With the MTP layer's drafts through the hook: the step's two forwards captured once for the
     # conversation (kept with its caches), the same answers.
     captures.clear()
-    lines = iter(["hello world", "the lazy dog", "/clear", "one model"])
+    read = _typed("hello world", "the lazy dog", "/clear", "one model")
     out = io.StringIO()
     both = chat(drafting, tokenizer, ChatSettings(max_new_tokens=6, speculative=True, graph=stand_in), read, out)
     assert [m["content"] for m in both.messages] == ["one model", after_clear]
@@ -704,6 +698,19 @@ def test_model_dshal_run_interactive(tmp_path):
     assert bad.returncode == 1 and "--interactive needs --checkpoint DIR" in bad.stderr
 
 
+def _typed(*lines: str):  # noqa: ANN202
+    """A terminal that types ``lines``, then ends (EOFError), as ``chat`` reads one."""
+    typed = iter(lines)
+
+    def read(prompt: str) -> str:
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
 class _CodePointChat:
     """A stand-in chat tokenizer (not a real one): one id per character (>= 10), 0..9 special."""
 
@@ -733,13 +740,7 @@ def test_model_chat_with_an_attention_window_goes_on_after_clear_and_a_wrapped_r
     dshal.use(backend="cpu")
     model = dshal.model.random_model(dshal.model.tiny_args(attention_window=8, attention_global_tokens=2), seed=2)
     tokenizer = _CodePointChat()
-    lines = iter(["hello", "more words", "/clear", "again"])
-
-    def read(prompt: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
+    read = _typed("hello", "more words", "/clear", "again")
 
     out = io.StringIO()
     conversation = chat(model, tokenizer, ChatSettings(max_new_tokens=4), read, out)
