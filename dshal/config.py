@@ -242,6 +242,8 @@ def read_json_file(path: Any, what: str) -> tuple[Path, Any]:
         return path, json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{what}: invalid JSON: {err.msg}", file=str(path), line=err.lineno) from None
+    except RecursionError:  # json's decoder recurses per level: a file of "[[[[..." exhausts the stack
+        raise ConfigError(f"{what}: JSON nested too deeply to read", file=str(path)) from None
 
 
 def os_error_reason(path: Path, err: OSError) -> str:

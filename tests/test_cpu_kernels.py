@@ -496,3 +496,27 @@ def test_torch_compile_around_the_c_kernels_gives_the_eager_answer():
     ids = torch.randint(0, model.args.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     assert torch.equal(torch.compile(model, backend="eager")(ids), model(ids))
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes only")
+def test_the_kernel_cache_is_never_a_folder_others_can_write(tmp_path, monkeypatch):
+    """Where the home cache cannot be made, the built library went to a predictable
+    ``$TMPDIR/dshal-cpu-kernels-<uid>`` checked only for being writable: a folder another user
+    made (or anyone can write) held their ``.so``, which dshal then loaded and ran. Such a
+    folder is refused; one dshal makes is mode 0700."""
+    import tempfile
+
+    from dshal.kernels.cpu import _library
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("DSHAL_CACHE_DIR", str(blocked / "cache"))  # cannot be created: under a file
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shared = tmp_path / f"dshal-cpu-kernels-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OSError, match="only this user can write"):
+        _library._writable_dir()
+    shared.rmdir()
+    made = _library._writable_dir()
+    assert made == shared and (made.stat().st_mode & 0o777) == 0o700

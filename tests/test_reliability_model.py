@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -73,6 +74,24 @@ def test_config_json_bad_value_names_key_value_expectation_and_file(tmp_path, ke
     if not isinstance(value, dict):  # nested values: `expected` quotes the leaf value
         shown = repr(value) if not isinstance(value, float) or not math.isnan(value) else "nan"
         assert f"got {shown}" in msg, msg
+
+
+@pytest.mark.parametrize(("sizes", "said"), [
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers is 1000000, expected at most 4096"),
+    ({"qk_rope_head_dim": 4096, "max_position_embeddings": 2**21}, "max_position_embeddings x qk_rope_head_dim is"),
+    ({"vocab_size": 2**31 - 1, "hidden_size": 2**31 - 1}, "vocab_size x hidden_size (the embedding) is"),
+])
+def test_config_json_sizes_that_multiply_past_what_can_be_built_are_refused_at_once(tmp_path, sizes, said):
+    """Each size in range, together too large: 10**6 layers took minutes and gigabytes to fail
+    (every layer is built before a weight is read), a 140 KB checkpoint asked for 17 GB of
+    rotary tables, and vocab x hidden crashed in torch ("Storage size calculation overflowed")."""
+    import time
+
+    _config_file(tmp_path, {**ARGS.to_hf_config(), **sizes})
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        ModelArgs.from_file(tmp_path)
+    assert time.monotonic() - start < 5
 
 
 def test_config_json_missing_size_is_an_error_not_a_default(tmp_path):
@@ -357,3 +376,17 @@ def test_rope_tables_on_meta_are_float32_whatever_the_default_dtype():
         torch.set_default_dtype(previous)
     assert cos.is_meta and cos.dtype == sin.dtype == torch.float32
     assert cos.shape == rope_tables(tiny_args(), "cpu")[0].shape
+
+
+def test_json_nested_past_the_decoders_limit_is_a_config_error(tmp_path):
+    """A config.json, an index or a generation_config.json of "[[[[...]]]]" crashed with a
+    RecursionError traceback (only JSONDecodeError was caught)."""
+    from dshal.config import read_json_file
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "config.json").write_text(deep)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        ModelArgs.from_file(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(deep)
+    with pytest.raises(ConfigError, match="checkpoint index: JSON nested too deeply"):
+        read_json_file(tmp_path / "model.safetensors.index.json", "checkpoint index")

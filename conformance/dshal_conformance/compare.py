@@ -207,9 +207,10 @@ def markdown(comparison: Comparison) -> str:
             rows = getattr(leg, name)
             if not rows:
                 continue
-            lines += ["", f"### {leg.leg}: {title}", ""]
-            for case_id, was, status, reason in rows[:SHOWN]:
-                lines.append(f"- `{case_id}`: {was} -> {status}" + (f": {md_cell(reason)}" if reason else ""))
+            lines += ["", f"### {md_cell(leg.leg)}: {title}", ""]
+            for case_id, was, status, reason in rows[:SHOWN]:  # a report's text: no markup, no code span it could close
+                case = md_cell(case_id).replace("`", "'")
+                lines.append(f"- `{case}`: {md_cell(was)} -> {md_cell(status)}" + (f": {md_cell(reason)}" if reason else ""))
             if len(rows) > SHOWN:
                 lines.append(f"- ... and {len(rows) - SHOWN} more")
     return "\n".join(lines) + "\n"

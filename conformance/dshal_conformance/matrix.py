@@ -216,7 +216,7 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
     ]
     mark = {"pass": "✅", "fail": "❌", "unsupported": "➖", "skip": "⏭"}
     for op, dtype in rows:
-        out = [op, dtype or "-"]
+        out = [md_cell(op), md_cell(dtype or "-")]  # a report's text, not markup
         for c in columns:
             if c.kind == "not-run":
                 out.append(md_cell(("❌ " if c.broken else "⏸ ") + c.not_run_text))

@@ -237,7 +237,7 @@ def is_environment_file(path: str | Path) -> bool:
         return False
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, or nested past the decoder's limit
         return False
     return isinstance(data, dict) and (
         data.get("schema") == ENVIRONMENT_SCHEMA or ("schema" not in data and "cases" not in data and "suite_version" in data)
@@ -258,6 +258,8 @@ def load(path: str | Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ReportError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+    except RecursionError:
+        raise ReportError(f"{path}: JSON nested too deeply to read (not a conformance report)") from None
     if not isinstance(data, dict):
         raise ReportError(f"{path}: a JSON {type(data).__name__}, expected a conformance report object")
     if data.get("schema") != SCHEMA_ID:

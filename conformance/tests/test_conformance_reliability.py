@@ -225,3 +225,30 @@ def test_an_old_not_run_or_broken_leg_is_marked_stale_and_names_are_not_markup(t
     assert "`STALE`" in legs and "STALE: report is" in legs, legs
     reports = text.split("## Reports", 1)[1].split("\n## ", 1)[0]
     assert "<i>" not in reports and "&lt;i>GPU&lt;/i> next" in reports, reports
+
+
+def test_a_reports_case_names_are_text_in_the_markdown_tables(tmp_path, capsys, small_report):
+    """A case's op and dtype went into the matrix table raw, and a baseline change's leg and
+    case id into its list: one vendor's report could forge rows (a ✅ for another leg) or put
+    a script in CI's step summary. They are table text now."""
+    evil = copy.deepcopy(small_report)
+    case = evil["cases"][0]
+    case["op"] = "<script>x</script>|forged\n| injected | row |"
+    case["dtype"] = "bf16</td><img src=x>"
+    case["id"] = "a`\n| injected | id |"
+    path, base = tmp_path / "now.json", tmp_path / "base.json"
+    path.write_text(json.dumps(evil))
+    before = copy.deepcopy(evil)
+    before["cases"][0]["status"] = "fail" if case["status"] == "pass" else "pass"
+    base.write_text(json.dumps(before))
+    md = tmp_path / "m.md"
+    assert cli.main(["matrix", str(path), "--baseline", str(base), "--markdown", str(md)]) in (0, 1)
+    text = md.read_text()
+    assert "<script" not in text and "<img" not in text and "\n| injected" not in text, text
+
+
+def test_matrix_refuses_json_nested_past_the_decoders_limit(tmp_path, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    code, err = _run(capsys, "matrix", str(path))
+    assert code == 1 and "nested too deeply" in err and "Traceback" not in err, err

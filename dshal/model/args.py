@@ -23,6 +23,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 #: Largest ``max_position_embeddings`` accepted: the rotary tables are built for every
 #: position up front (DeepSeek-V3 uses 163840; 2**21 positions already take ~0.5 GB).
 MAX_POSITIONS = 1 << 21
+#: Largest ``num_hidden_layers``: every layer is built (on the meta device) before a weight is
+#: read, so a config claiming 10**6 layers took minutes and gigabytes to fail (V3 has 61).
+MAX_LAYERS = 4096
+#: Largest ``max_position_embeddings x qk_rope_head_dim``: the float32 rotary tables hold as
+#: many values (1 GiB at this bound; DeepSeek-V3: 163840 x 64 = 10.5M).
+MAX_ROPE_VALUES = 1 << 28
+#: Largest element count of one weight a config may imply (torch's storage size overflows
+#: past ~2**63 bytes; DeepSeek-V3's largest, its stacked routed experts, hold ~7.5e9 per layer).
+MAX_WEIGHT_ELEMENTS = 1 << 40
 #: config.json's ``model_type`` of DeepSeek-V3, and the transformers class of its architecture.
 MODEL_TYPE = "deepseek_v3"
 ARCHITECTURE = "DeepseekV3ForCausalLM"
@@ -219,6 +228,33 @@ class ModelArgs:
                 f"attention.global_tokens is {self.attention_global_tokens}, "
                 f"expected fewer than attention.window ({self.attention_window})"
             )
+        self._check_sizes_together()
+
+    def _check_sizes_together(self) -> None:
+        """Sizes each in range can still multiply past what can be built: a tiny config.json
+        hung a load for minutes (10**6 layers), asked for 17 GB of rotary tables, or crashed in
+        torch ("Storage size calculation overflowed")."""
+        if self.num_hidden_layers > MAX_LAYERS:
+            raise ConfigError(f"config.json: num_hidden_layers is {self.num_hidden_layers}, expected at most {MAX_LAYERS} "
+                              "(every layer is built before a weight is read; DeepSeek-V3 has 61)")
+        rope = self.max_position_embeddings * self.qk_rope_head_dim
+        if rope > MAX_ROPE_VALUES:
+            raise ConfigError(
+                f"config.json: max_position_embeddings x qk_rope_head_dim is {self.max_position_embeddings} x "
+                f"{self.qk_rope_head_dim} = {rope}, expected at most 2**28 (the rotary tables hold that many float32 "
+                "values; DeepSeek-V3: 163840 x 64)"
+            )
+        weights = {
+            "vocab_size x hidden_size (the embedding)": self.vocab_size * self.hidden_size,
+            "intermediate_size x hidden_size (a dense MLP)": self.intermediate_size * self.hidden_size,
+            "n_routed_experts x 2 x moe_intermediate_size x hidden_size (the routed experts)":
+                self.n_routed_experts * 2 * self.moe_intermediate_size * self.hidden_size,
+            "num_attention_heads x (qk_nope_head_dim + v_head_dim) x kv_lora_rank (kv_b_proj)":
+                self.num_attention_heads * (self.qk_nope_head_dim + self.v_head_dim) * self.kv_lora_rank,
+        }
+        for what, elements in weights.items():
+            if elements > MAX_WEIGHT_ELEMENTS:
+                raise ConfigError(f"config.json: {what} is {elements} elements, expected at most 2**40")
 
     # ------------------------------------------------------------ config.json
     @classmethod
@@ -302,6 +338,8 @@ class ModelArgs:
             cfg = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"invalid JSON: {err.msg}", file=str(config_path), line=err.lineno) from None
+        except RecursionError:  # "[[[[..." past the decoder's recursion limit
+            raise ConfigError("JSON nested too deeply to read", file=str(config_path)) from None
         try:
             return cls._from_checked(validate_hf_config(cfg, str(config_path), text), **overrides)
         except ConfigError as err:

@@ -224,6 +224,8 @@ def read_prompt_file(path: str) -> list[str]:
             value = json.loads(line)
         except json.JSONDecodeError as err:
             raise ConfigError(f"--prompt-file: not JSON ({err.msg})", file=str(path_), line=number) from None
+        except RecursionError:
+            raise ConfigError("--prompt-file: JSON nested too deeply to read", file=str(path_), line=number) from None
         value = value.get("prompt") if isinstance(value, dict) else value
         if not isinstance(value, str) or not value:
             raise ConfigError("--prompt-file: no prompt on this line, expected a non-empty JSON string or "

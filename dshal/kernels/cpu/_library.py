@@ -81,19 +81,32 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _owned_privately(path: Path) -> bool:
+    """Whether ``path`` belongs to this user and no one else can write it: a library loaded
+    from a folder another user can write (a predictable name under /tmp) runs their code."""
+    if not hasattr(os, "getuid"):
+        return True  # no POSIX owners here
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _writable_dir() -> Path:
-    """``cache_dir()/cpu-kernels``, or a per-user temporary directory when that cannot be created."""
+    """``cache_dir()/cpu-kernels``, or a per-user temporary directory (mode 0700) when that cannot
+    be created; either only when this user owns it and no one else can write it."""
     for candidate in (
         cache_dir() / "cpu-kernels",
         Path(tempfile.gettempdir()) / f"dshal-cpu-kernels-{getattr(os, 'getuid', lambda: 'user')()}",
     ):
         try:
-            candidate.mkdir(parents=True, exist_ok=True)
-            if os.access(candidate, os.W_OK):
+            candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if os.access(candidate, os.W_OK) and _owned_privately(candidate):
                 return candidate
         except OSError:
             continue
-    raise OSError(f"no writable directory for the built kernels (tried {cache_dir() / 'cpu-kernels'} and the temp dir)")
+    raise OSError(
+        f"no writable directory for the built kernels that only this user can write (tried {cache_dir() / 'cpu-kernels'} "
+        "and the temp dir)"
+    )
 
 
 def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
@@ -106,7 +119,7 @@ def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
         )
         target_dir = _writable_dir()
         target = target_dir / f"dshal_cpu_{key.hexdigest()[:16]}.so"
-        if target.exists():
+        if target.exists() and _owned_privately(target):
             return target, flags
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_dir)
         os.close(fd)

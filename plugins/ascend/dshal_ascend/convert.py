@@ -26,7 +26,15 @@ from pathlib import Path
 
 import torch
 
-from dshal.plugin import FP8_DTYPE_LIST, DshalError, DTypeError, ShapeError, fp8_block_to_int8_rows, quantize_int8
+from dshal.plugin import (
+    FP8_DTYPE_LIST,
+    ConfigError,
+    DshalError,
+    DTypeError,
+    ShapeError,
+    fp8_block_to_int8_rows,
+    quantize_int8,
+)
 
 #: Suffix of DeepSeek-V3's block scales and of the per-channel scales written instead.
 FP8_SCALE_SUFFIX = "weight_scale_inv"
@@ -128,6 +136,10 @@ def convert_checkpoint(
     if src.resolve() == dst.resolve():
         raise DshalError(f"convert: destination {dst} is the source; choose another directory")
     shards = list(_shards(src))
+    # read before the shards (an hour for DeepSeek-V3): a bad one must not fail at the end
+    config_path, index_path = src / "config.json", src / "model.safetensors.index.json"
+    config = _json_object(config_path) if config_path.exists() else None
+    index_json = _json_object(index_path) if index_path.exists() else None
     dst.mkdir(parents=True, exist_ok=True)
     converted = 0
     weight_map: dict[str, str] = {}
@@ -146,17 +158,25 @@ def convert_checkpoint(
     for path in src.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and path.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy2(path, dst / path.name)
-    config_path = src / "config.json"
-    if config_path.exists():
-        config = json.loads(config_path.read_text())
+    if config is not None:
         config.pop("quantization_config", None)
         config["dshal_quantization"] = {"scheme": "w8a8-int8", "weight": "per-output-channel", "activation": "per-token-dynamic"}
         (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if (src / "model.safetensors.index.json").exists():
-        index = json.loads((src / "model.safetensors.index.json").read_text())
-        index["weight_map"] = weight_map
-        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if index_json is not None:
+        index_json["weight_map"] = weight_map
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
     return {"converted_weights": converted, "tensors": len(weight_map)}
+
+
+def _json_object(path: Path) -> dict:
+    """``path``'s JSON object; ConfigError naming the file when it is unreadable, not JSON or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ConfigError(f"convert: {path}: not a readable JSON file ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"convert: {path}: a JSON {type(value).__name__}, expected an object")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

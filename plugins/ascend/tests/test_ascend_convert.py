@@ -75,6 +75,23 @@ def test_ascend_convert_checkpoint_directory(tmp_path):
     assert main([str(tmp_path / "missing"), str(dst)]) == 1
 
 
+def test_ascend_convert_reads_config_and_index_before_the_shards(tmp_path, capsys):
+    """A config.json that is not a JSON object crashed with a TypeError traceback after every
+    shard was converted (an hour on DeepSeek-V3), leaving shards and no config. It is refused
+    first, with a message and exit 1, and nothing is written."""
+    src, dst = tmp_path / "fp8", tmp_path / "int8"
+    src.mkdir()
+    w, s = _fp8_weight(128, 128, 4)
+    save_file({"m.weight": w, "m.weight_scale_inv": s}, str(src / "model-00001-of-00001.safetensors"))
+    for name, text, said in (("config.json", '["not an object"]', "a JSON list, expected an object"),
+                             ("model.safetensors.index.json", "{not json", "not a readable JSON file")):
+        (src / name).write_text(text)
+        assert main([str(src), str(dst), "--quiet"]) == 1
+        out = capsys.readouterr().out
+        assert said in out and name in out and not dst.exists(), out
+        (src / name).unlink()
+
+
 def test_ascend_convert_reports_each_shard_with_an_estimate(tmp_path, capsys):
     """Hours on a full checkpoint: one line per shard, with what is left."""
     src, dst = tmp_path / "fp8", tmp_path / "int8"
