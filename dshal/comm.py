@@ -170,7 +170,10 @@ def host_waits(device_type: str, checking: bool) -> bool:
     return device_type == "cpu" or checking
 
 
-#: How often a device collective's completion is checked while the host waits for it.
+#: A device collective's completion is checked continuously for this long (a small message
+#: on NVLink takes tens of us), then every ``DEVICE_POLL_S`` (plus the kernel's timer slack,
+#: ~50 us on Linux) while the host waits for it.
+DEVICE_SPIN_S = 200e-6
 DEVICE_POLL_S = 20e-6
 
 
@@ -180,17 +183,21 @@ def wait_on_host(work: Any, timeout_s: float, device_type: str) -> None:
     A device group's (NCCL/RCCL/HCCL) ``wait(timeout)`` polls with a fixed sleep between
     checks (1 ms in current torch, 10 ms in older builds): a floor on every checked collective
     far above a small message's latency. Device work is polled here at ``DEVICE_POLL_S``
-    through ``is_completed()`` (true also when the work failed), then ``wait()`` raises its
-    error, if any, and orders the current stream after it."""
+    through ``is_completed()`` (true also when the work failed), continuously for its first
+    ``DEVICE_SPIN_S``, then ``wait()`` raises its error, if any, and orders the current stream
+    after it."""
     if device_type == "cpu":
         if work.wait(timeout=datetime.timedelta(seconds=timeout_s)) is False:
             raise RuntimeError(f"timed out after {timeout_s:g} s waiting for the collective")
         return
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline, spin_until = start + timeout_s, start + DEVICE_SPIN_S
     while not work.is_completed():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise RuntimeError(f"timed out after {timeout_s:g} s waiting for the collective")
-        time.sleep(DEVICE_POLL_S)
+        if now > spin_until:
+            time.sleep(DEVICE_POLL_S)
     work.wait()
 
 

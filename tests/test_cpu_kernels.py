@@ -514,9 +514,16 @@ def test_the_kernel_cache_is_never_a_folder_others_can_write(tmp_path, monkeypat
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     shared = tmp_path / f"dshal-cpu-kernels-{os.getuid()}"
     shared.mkdir()
-    shared.chmod(0o777)
-    with pytest.raises(OSError, match="only this user can write"):
-        _library._writable_dir()
+    shared.chmod(0o777)  # this user's (as an older dshal made it under umask 002): closed, then used
+    assert _library._writable_dir() == shared and (shared.stat().st_mode & 0o777) == 0o700
     shared.rmdir()
     made = _library._writable_dir()
     assert made == shared and (made.stat().st_mode & 0o777) == 0o700
+    planted = made / "dshal_cpu_0123456789abcdef.so"
+    planted.write_text("")
+    planted.chmod(0o666)  # a library others could have written is not loaded
+    assert "others can write" in _library._not_private(planted)
+    if os.getuid() == 0:  # root can stand in for another user: a folder of theirs is refused, said why
+        os.chown(made, 65534, 65534)
+        with pytest.raises(OSError, match=r"belongs to uid 65534, not this user .*set DSHAL_CACHE_DIR"):
+            _library._writable_dir()

@@ -150,3 +150,17 @@ def test_tune_budget_stops_between_entries_and_says_so(tmp_path, capsys):
 def test_shipped_tables_load():
     for name in ("nvidia-sm90", "amd-gfx942", "amd-gfx950"):
         tuned_tables(name)  # valid schema, not a dry run
+
+
+def test_a_damaged_tuned_table_in_the_cache_names_itself(tuning_dir):
+    """A user's `dshal tune` table in the cache that is damaged (not JSON, nested past the
+    decoder's limit, entries missing) ended kernel use in a raw ValueError / RecursionError."""
+    from dshal.errors import ConfigError
+
+    tuning_dir.mkdir(parents=True)
+    table = tuning_dir / "nvidia-sm90.json"
+    for text in ("{not json", "[" * 100_000 + "]" * 100_000, '{"schema": "dshal.gemm-tuning/1"}'):
+        table.write_text(text)
+        tuned_tables.cache_clear()
+        with pytest.raises(ConfigError, match=r"nvidia-sm90.json: not a usable tuned table .*run dshal tune again"):
+            tuned_tables("nvidia-sm90")

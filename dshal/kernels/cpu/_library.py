@@ -81,32 +81,41 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _owned_privately(path: Path) -> bool:
-    """Whether ``path`` belongs to this user and no one else can write it: a library loaded
-    from a folder another user can write (a predictable name under /tmp) runs their code."""
+def _not_private(path: Path) -> str | None:
+    """Why ``path`` could hold another user's code (a library loaded from a folder someone else
+    can write, a predictable name under /tmp, runs theirs), or None. A folder of this user's
+    that others may write (made under umask 002: 0775) is closed to 0700 first."""
     if not hasattr(os, "getuid"):
-        return True  # no POSIX owners here
+        return None  # no POSIX owners here
     st = path.stat()
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to uid {st.st_uid}, not this user ({os.getuid()})"
+    if st.st_mode & 0o022 and path.is_dir():
+        path.chmod(0o700)
+        st = path.stat()
+    if st.st_mode & 0o022:
+        return f"others can write {path} (mode {st.st_mode & 0o777:o})"
+    return None
 
 
 def _writable_dir() -> Path:
     """``cache_dir()/cpu-kernels``, or a per-user temporary directory (mode 0700) when that cannot
     be created; either only when this user owns it and no one else can write it."""
+    refused = []
     for candidate in (
         cache_dir() / "cpu-kernels",
         Path(tempfile.gettempdir()) / f"dshal-cpu-kernels-{getattr(os, 'getuid', lambda: 'user')()}",
     ):
         try:
             candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if os.access(candidate, os.W_OK) and _owned_privately(candidate):
-                return candidate
-        except OSError:
-            continue
-    raise OSError(
-        f"no writable directory for the built kernels that only this user can write (tried {cache_dir() / 'cpu-kernels'} "
-        "and the temp dir)"
-    )
+            why = _not_private(candidate) or (None if os.access(candidate, os.W_OK) else f"{candidate} is not writable")
+        except OSError as err:
+            why = f"{candidate}: {err.strerror or err}"
+        if why is None:
+            return candidate
+        refused.append(why)
+    raise OSError(f"no directory for the built kernels that only this user can write: {'; '.join(refused)} "
+                  "(set DSHAL_CACHE_DIR to a folder of your own)")
 
 
 def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
@@ -119,7 +128,7 @@ def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
         )
         target_dir = _writable_dir()
         target = target_dir / f"dshal_cpu_{key.hexdigest()[:16]}.so"
-        if target.exists() and _owned_privately(target):
+        if target.exists() and _not_private(target) is None:
             return target, flags
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_dir)
         os.close(fd)

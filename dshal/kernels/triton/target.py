@@ -255,7 +255,11 @@ def tuned_tables(target_name: str) -> dict[tuple[int, int, int], TileConfig]:
     for folder in (TUNED_DIR, user_tuning_dir()):
         path = folder / f"{target_name}.json"
         if path.exists():
-            table.update(read_tuning(path))
+            try:
+                table.update(read_tuning(path))
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:  # a damaged file in the cache
+                raise ConfigError(f"{path}: not a usable tuned table ({type(err).__name__}: {str(err)[:200]}); "
+                                  "delete it or run dshal tune again") from None
     return table
 
 
