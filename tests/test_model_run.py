@@ -883,3 +883,16 @@ def test_model_a_kimi_k2_checkpoint_reads_its_tokenizer_without_running_its_conf
     (ckpt / "tokenizer_config.json").write_text(json.dumps(tok_config))
     with pytest.raises(dshal.CheckpointError, match="its tokenizer is code the checkpoint ships"):
         load_tokenizer(ckpt)
+
+
+def test_decode_rate_counts_the_tokens_each_sequence_keeps():
+    """A row that stopped at its EOS is padded to the batch's end, and a ragged batch with an
+    attention window feeds a row its prompt a position a step: counting every row every step
+    reported 2 x 18 tokens where 2 + 18 were kept, and ~6x the output rate with the window."""
+    from dshal.model.run import _decode_rate, _decode_span
+
+    stamps = [0.0, 1.0] + [1.0 + 0.5 * i for i in range(1, 19)]  # 20 steps, the last 18 in 9 s
+    stopped, full = [7] * 4, [7] * 20
+    assert _decode_span(stamps, [stopped, full]) == (2 + 18, 9.0)
+    assert _decode_rate(stamps, [full, full]) == 36 / 9.0
+    assert _decode_span(stamps[:2], [full]) == (0, 0.0)  # fewer than 3 steps: no rate

@@ -552,10 +552,11 @@ def _generate_and_time(
             shape = batch_shape(model, lens, args.new_tokens)
             run = functools.partial(generate, prompt_lens=lens)
             result, start, stamps = _timed_generate(run, prompt, args.new_tokens, shape.steps, sync, show)
-            outputs += completions(result, lens, args.new_tokens, eos)
+            kept = completions(result, lens, args.new_tokens, eos)
+            outputs += kept
             prefill_tokens += shape.prefill_tokens
             prefill_s += stamps[0] - start  # the first step's token comes out of the prefill
-            tokens, seconds = _decode_span(stamps, len(lens))
+            tokens, seconds = _decode_span(stamps, kept)
             decode_tokens, decode_s = decode_tokens + tokens, decode_s + seconds
             first_s = stamps[-1] - start if first_s is None else first_s
     if len(batches) == 1:
@@ -630,18 +631,22 @@ def _run_report(runtime: Any, model: Any, path: str | None) -> Any:
     return RunReport(runtime, model)
 
 
-def _decode_span(stamps: list[float], batch: int) -> tuple[int, float]:
+def _decode_span(stamps: list[float], kept: list[list[int]]) -> tuple[int, float]:
     """The decode tokens and seconds of the steps after the first decode step (``stamps[i]``:
-    when new token i was ready; token 0 comes from the prefill, token 1 from the first decode
-    step); (0, 0) with fewer than 3 new tokens."""
+    when step i's token was ready; token 0 comes from the prefill, token 1 from the first
+    decode step); (0, 0) with fewer than 3 steps. The tokens are the new ones each sequence
+    keeps (``kept``, cut at its stop), past its first two: a row that stopped is padded to the
+    batch's end and a row fed its prompt a position a step (a ragged batch with an attention
+    window) makes steps with no new token, and neither is output (counting every row every step
+    gave ~6x the output rate there)."""
     if len(stamps) < 3 or stamps[-1] <= stamps[1]:
         return 0, 0.0
-    return batch * (len(stamps) - 2), stamps[-1] - stamps[1]
+    return sum(max(len(row) - 2, 0) for row in kept), stamps[-1] - stamps[1]
 
 
-def _decode_rate(stamps: list[float], batch: int) -> float | None:
-    """Decode tokens/s of :func:`_decode_span`, or None with fewer than 3 new tokens."""
-    tokens, seconds = _decode_span(stamps, batch)
+def _decode_rate(stamps: list[float], kept: list[list[int]]) -> float | None:
+    """Decode tokens/s of :func:`_decode_span`, or None with fewer than 3 steps."""
+    tokens, seconds = _decode_span(stamps, kept)
     return tokens / seconds if seconds > 0 else None
 
 
@@ -689,6 +694,7 @@ def _graph_run(
     ids, _, stamps = _timed_generate(graph_generate, prompt, args.new_tokens, args.new_tokens, runtime.backend.synchronize,
                                      False)
     decoder = decoders[-1]
+    kept = completions(ids, prompt_lens, args.new_tokens, eos)  # it runs past a stop id: what a row keeps counts
     return {
         "graphs": {
             "run": True,
@@ -698,10 +704,9 @@ def _graph_run(
                     else "" if captures else f"backend {runtime.backend.name!r} has no device graphs: the static step ran eagerly"),
             # The graph run never stops at an EOS: its tokens up to each sequence's stop are compared.
             # Sampled, they are drawn from the same distribution, not the same draws: None.
-            "tokens_match_eager": (completions(ids, prompt_lens, args.new_tokens, eos) == eager_outputs
-                                   if args.temperature == 0 else None),
+            "tokens_match_eager": kept == eager_outputs if args.temperature == 0 else None,
         },
-        "decode_tokens_per_s_graphs": _decode_rate(stamps, args.batch),
+        "decode_tokens_per_s_graphs": _decode_rate(stamps, kept),
     }
 
 
