@@ -119,4 +119,23 @@ def test_attention_dispatch_on_cpu_backend_and_cost():
     dshal.use(backend="cpu")
     q, k, v = qkv(1, 4, 2, 3, 5, 8, 6)
     torch.testing.assert_close(dshal.ops.attention(q, k, v, window=2, global_tokens=1), ref.attention(q, k, v, window=2, global_tokens=1))
-    assert SPECS["attention"].cost_of(q, k, v).flops == 2 * 1 * 4 * 3 * 5 * (8 + 6)
+    # causal, 3 queries at the end of 5 keys: 3 + 4 + 5 pairs of the 3 x 5
+    assert SPECS["attention"].cost_of(q, k, v).flops == 2 * 1 * 4 * (3 + 4 + 5) * (8 + 6)
+    assert SPECS["attention"].cost_of(q, k, v, causal=False).flops == 2 * 1 * 4 * 3 * 5 * (8 + 6)
+
+
+def test_attention_cost_counts_the_pairs_the_mask_lets_through():
+    """The cost model counted causal and windowed attention as dense: bench and profile gave
+    FLOP/s and roofline shares for work no kernel does (the cpu provider runs causal 3x
+    faster). It counts the visible (query, key) pairs now, the mask's own count."""
+    import itertools
+
+    from dshal.ops import SPECS
+    from dshal.ops.attention import visible_keys, visible_pairs
+
+    for tq, tk, causal, window, pinned in itertools.product((1, 3, 16), (1, 4, 20), (True, False), (None, 1, 5, 100), (0, 2)):
+        mask = visible_keys(tq, tk, causal, window, pinned, torch.device("cpu"))
+        assert visible_pairs(tq, tk, causal, window, pinned) == (tq * tk if mask is None else int(mask.sum()))
+    q = torch.empty(1, 8, 1024, 64, device="meta")
+    dense = SPECS["attention"].cost_of(q, q, q, causal=False).flops
+    assert SPECS["attention"].cost_of(q, q, q, causal=True).flops == dense * (1024 * 1025 // 2) // (1024 * 1024)

@@ -304,11 +304,31 @@ def _attention_math(q, k, v, causal, scale, window, global_tokens):
     return out.reshape(batch, hq, tq, dv).to(q.dtype)
 
 
+def visible_pairs(tq: int, tk: int, causal: bool, window: int | None, global_tokens: int) -> int:
+    """How many (query, key) pairs :func:`visible_keys` lets through, counted per query in
+    closed form (no ``[Tq, Tk]`` mask): what a kernel that skips masked blocks computes, up to
+    its tiles' edges (causal halves a square's work, CPU and GPU kernels alike skip it)."""
+    if not causal and window is None:
+        return tq * tk
+    window = _within_reach(window, tq, tk)
+    pos = torch.arange(tq, dtype=torch.int64) + (tk - tq)
+    if window is None:  # causal: keys 0..pos
+        return int((pos + 1).clamp(0, tk).sum())
+    low = (pos - window + 1).clamp(min=0)
+    high = pos.clamp(max=tk - 1) if causal else (pos + window - 1).clamp(max=tk - 1)
+    near = (high - low + 1).clamp(min=0)  # the window's keys
+    pinned_end = torch.full_like(pos, min(global_tokens, tk))  # the global keys [0, pinned_end)
+    if causal:
+        pinned_end = torch.minimum(pinned_end, (pos + 1).clamp(min=0))
+    both = (torch.minimum(pinned_end - 1, high) - low + 1).clamp(min=0)  # global keys inside the window
+    return int((near + pinned_end - both).sum())
+
+
 @attention.cost
 def _attention_cost(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     batch, hq, tq, d = q.shape
     tk, dv = k.shape[2], v.shape[3]
-    pairs = tq * tk  # dense count; masked pairs are not subtracted (kernels tile them too)
+    pairs = visible_pairs(tq, tk, causal, window, global_tokens)
     flops = 2 * batch * hq * pairs * (d + dv)
     moved = sum(t.numel() for t in (q, k, v)) * q.element_size() + batch * hq * tq * dv * q.element_size()
     return Cost(flops=flops, bytes=moved)
