@@ -527,3 +527,18 @@ def test_the_kernel_cache_is_never_a_folder_others_can_write(tmp_path, monkeypat
         os.chown(made, 65534, 65534)
         with pytest.raises(OSError, match=r"belongs to uid 65534, not this user .*set DSHAL_CACHE_DIR"):
             _library._writable_dir()
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes only")
+def test_a_shared_or_linked_cache_folder_keeps_its_mode(tmp_path):
+    """Closing a group-writable cache folder to 0700 went through a symlink to a shared
+    folder and cleared a setgid team folder's mode: those are refused, their mode kept."""
+    from dshal.kernels.cpu import _library
+
+    shared = tmp_path / "team"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    link = tmp_path / "cpu-kernels"
+    link.symlink_to(shared)
+    assert "others can write" in _library._not_private(link) and (shared.stat().st_mode & 0o7777) == 0o2775
+    assert "others can write" in _library._not_private(shared) and (shared.stat().st_mode & 0o7777) == 0o2775

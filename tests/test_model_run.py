@@ -896,3 +896,6 @@ def test_decode_rate_counts_the_tokens_each_sequence_keeps():
     assert _decode_span(stamps, [stopped, full]) == (2 + 18, 9.0)
     assert _decode_rate(stamps, [full, full]) == 36 / 9.0
     assert _decode_span(stamps[:2], [full]) == (0, 0.0)  # fewer than 3 steps: no rate
+    assert _decode_rate(stamps, [[7], [7]]) is None  # no token after step 1: no rate, not 0.0
+    # a row fed its prompt for 16 steps first: all 4 of its tokens come after step 1
+    assert _decode_span(stamps, [[7] * 4, [7] * 4], [0, 16]) == (2 + 4, 9.0)

@@ -556,7 +556,8 @@ def _generate_and_time(
             outputs += kept
             prefill_tokens += shape.prefill_tokens
             prefill_s += stamps[0] - start  # the first step's token comes out of the prefill
-            tokens, seconds = _decode_span(stamps, kept)
+            fed = [n - min(lens) for n in lens] if shape.ragged == RAGGED_FED else None  # rows fed their prompt first
+            tokens, seconds = _decode_span(stamps, kept, fed)
             decode_tokens, decode_s = decode_tokens + tokens, decode_s + seconds
             first_s = stamps[-1] - start if first_s is None else first_s
     if len(batches) == 1:
@@ -569,7 +570,7 @@ def _generate_and_time(
         graphs.update(_speculative_run(args, model, batches, runtime, outputs, eos))
     timing = {
         "prefill_tokens_per_s": prefill_tokens / prefill_s if prefill_s > 0 else None,
-        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else None,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 and decode_tokens else None,
         "warmup_s": round(warmup_s, 3),
         "warmup_shapes": len(warmed),
         # What the first batch's warm-up spent beyond its timed run: compilation, autotuning, first-call setup.
@@ -631,23 +632,25 @@ def _run_report(runtime: Any, model: Any, path: str | None) -> Any:
     return RunReport(runtime, model)
 
 
-def _decode_span(stamps: list[float], kept: list[list[int]]) -> tuple[int, float]:
+def _decode_span(stamps: list[float], kept: list[list[int]], first_steps: list[int] | None = None) -> tuple[int, float]:
     """The decode tokens and seconds of the steps after the first decode step (``stamps[i]``:
-    when step i's token was ready; token 0 comes from the prefill, token 1 from the first
-    decode step); (0, 0) with fewer than 3 steps. The tokens are the new ones each sequence
-    keeps (``kept``, cut at its stop), past its first two: a row that stopped is padded to the
-    batch's end and a row fed its prompt a position a step (a ragged batch with an attention
-    window) makes steps with no new token, and neither is output (counting every row every step
-    gave ~6x the output rate there)."""
+    when step i's token was ready; step 0 is the prefill's); (0, 0) with fewer than 3 steps.
+    The tokens are the new ones each sequence keeps (``kept``, cut at its stop) that came after
+    step 1: a row that stopped is padded to the batch's end, and a row fed its prompt a
+    position a step (a ragged batch with an attention window) makes steps with no new token,
+    and neither is output (counting every row every step gave ~6x the output rate there).
+    ``first_steps``: the step each row's first new token comes at (0 unless fed its prompt)."""
     if len(stamps) < 3 or stamps[-1] <= stamps[1]:
         return 0, 0.0
-    return sum(max(len(row) - 2, 0) for row in kept), stamps[-1] - stamps[1]
+    first_steps = first_steps or [0] * len(kept)
+    late = sum(max(len(row) - max(2 - first, 0), 0) for row, first in zip(kept, first_steps))
+    return late, stamps[-1] - stamps[1]
 
 
 def _decode_rate(stamps: list[float], kept: list[list[int]]) -> float | None:
-    """Decode tokens/s of :func:`_decode_span`, or None with fewer than 3 steps."""
+    """Decode tokens/s of :func:`_decode_span`, or None with fewer than 3 steps or no such token."""
     tokens, seconds = _decode_span(stamps, kept)
-    return tokens / seconds if seconds > 0 else None
+    return tokens / seconds if seconds > 0 and tokens else None
 
 
 def _captures_graphs(runtime: Any) -> bool:
@@ -706,7 +709,8 @@ def _graph_run(
             # Sampled, they are drawn from the same distribution, not the same draws: None.
             "tokens_match_eager": kept == eager_outputs if args.temperature == 0 else None,
         },
-        "decode_tokens_per_s_graphs": _decode_rate(stamps, kept),
+        # over the steps the eager run took (it stops once every row has; this run does not)
+        "decode_tokens_per_s_graphs": _decode_rate(stamps[: max(map(len, kept), default=0)], kept),
     }
 
 

@@ -90,11 +90,13 @@ def _not_private(path: Path) -> str | None:
     st = path.stat()
     if st.st_uid != os.getuid():
         return f"{path} belongs to uid {st.st_uid}, not this user ({os.getuid()})"
-    if st.st_mode & 0o022 and path.is_dir():
+    # A folder of this user's an older dshal left group-writable is closed; not one reached
+    # through a symlink, nor a setgid one (a deliberately shared folder: its mode is theirs).
+    if st.st_mode & 0o022 and path.is_dir() and not path.is_symlink() and not st.st_mode & 0o2000:
         path.chmod(0o700)
         st = path.stat()
     if st.st_mode & 0o022:
-        return f"others can write {path} (mode {st.st_mode & 0o777:o})"
+        return f"others can write {path} (mode {st.st_mode & 0o7777:o})"
     return None
 
 
