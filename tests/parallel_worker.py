@@ -136,7 +136,9 @@ def live(checks: dict, name: str, reference, ckpt: dict, args: ModelArgs, steps)
 
 def uneven_dispatch(checks: dict, group, size: int, rank: int) -> None:
     """ShardedExperts over an EP group vs the single-device op, with tokens routed only to
-    the experts of EP rank 0 (the other ranks receive nothing) and fewer tokens than ranks."""
+    the experts of EP rank 0 (the other ranks receive nothing) and fewer tokens than ranks:
+    in fixed shapes (each rank's share, all-reduced) and through the all_to_all dispatch
+    (the path of calls past ``FIXED_SHAPE_SLOTS``)."""
 
     def check() -> None:
         gen = torch.Generator().manual_seed(11)
@@ -155,10 +157,12 @@ def uneven_dispatch(checks: dict, group, size: int, rank: int) -> None:
             spread_experts(experts, group)
             if experts.held != list(range(rank * per, (rank + 1) * per)):
                 raise AssertionError(f"rank {rank} holds {experts.held}")
-            got = experts(x, weights, ids)
-            rel = float((got - want).abs().max() / want.abs().max())
-            if not rel <= REL_TOL:
-                raise AssertionError(f"{tokens} tokens: rel error {rel:.3g}")
+            for fixed_slots in (ids.numel(), ids.numel() - 1):  # fixed shapes, then the dispatch
+                experts.FIXED_SHAPE_SLOTS = fixed_slots
+                got = experts(x, weights, ids)
+                rel = float((got - want).abs().max() / want.abs().max())
+                if not rel <= REL_TOL:
+                    raise AssertionError(f"{tokens} tokens, fixed shapes up to {fixed_slots} slots: rel error {rel:.3g}")
 
     run_checks(checks, f"uneven all_to_all dispatch (EP={size}, ranks >0 receive nothing)", check)
 

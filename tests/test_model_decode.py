@@ -319,11 +319,13 @@ def test_static_decode_with_rows_at_their_own_positions_does_no_host_sync():
 
 
 @pytest.mark.needs_interpreter
-def test_a_tensor_parallel_decode_step_does_no_host_sync():
-    """A tensor-parallel rank's FP8 experts (the emulated nvidia plugin's grouped Triton
-    kernel) and its all-reduces read nothing on the host in a trusted step: the split
-    experts' dispatch kept this rank's slots with ``torch.nonzero`` (a sync per MoE layer).
-    The step also equals the same rank's step in checked mode."""
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2), (2, 2)])
+def test_a_split_experts_decode_step_does_no_host_sync(tp: int, ep: int):
+    """A tensor- or expert-parallel rank's FP8 experts (the emulated nvidia plugin's grouped
+    Triton kernel) and its all-reduces read nothing on the host in a trusted step: the split
+    experts' dispatch kept this rank's slots with ``torch.nonzero`` (a sync per MoE layer),
+    and under EP read the all_to_all counts. The step also equals the same rank's step in
+    checked mode."""
     from dshal.comm import SimulatedGroup
     from dshal.model.checkpoint import random_checkpoint
     from dshal.model.loader import DictReader
@@ -332,7 +334,9 @@ def test_a_tensor_parallel_decode_step_does_no_host_sync():
 
     _emulated_nvidia()
     args = tiny_args(first_k_dense_replace=1)
-    groups = ParallelGroups(tp=SimulatedGroup(2, 1, "tp"), ep=None, tp_size=2, ep_size=1, plan=plan_groups(2, 2, 1))
+    groups = ParallelGroups(tp=SimulatedGroup(tp, tp - 1, "tp") if tp > 1 else None,
+                            ep=SimulatedGroup(ep, ep - 1, "ep") if ep > 1 else None,
+                            tp_size=tp, ep_size=ep, plan=plan_groups(tp * ep, tp, ep))
     model = build_parallel(args, DictReader(random_checkpoint(args, seed=3)), groups, precision=PrecisionConfig(gemm="fp8-block"))
     ids = _ids(args, batch=1)
     checked_cache, cache = model.new_cache(1, 16, "absorb"), model.new_cache(1, 16, "absorb")
@@ -350,15 +354,13 @@ def test_a_tensor_parallel_decode_step_does_no_host_sync():
     assert torch.equal(trusted, checked)
 
 
-def test_tensor_parallel_experts_are_captured_and_expert_parallel_ones_say_why_not():
-    """Tensor-parallel experts dispatch in fixed shapes (the other ranks' experts are
-    NO_EXPERT slots the op skips), so their decode steps are captured as a whole model's are;
-    they dispatched with ``torch.nonzero`` (a host read per layer) and were not captured.
-    Expert-parallel experts send each rank a data-dependent number of slots (all_to_all
-    counts read on the host): a device graph cannot hold that step, and a capture that fails
-    part-way could leave collectives enqueued on some ranks. A backend that would capture (a
-    stand-in hook returning another callable: not a device graph) is not asked to; the steps
-    run eagerly, trusted, with the reason as ``capture_error``."""
+def test_tensor_and_expert_parallel_experts_are_captured():
+    """Split experts dispatch in fixed shapes (the other ranks' experts are NO_EXPERT slots
+    the op skips; an EP group then sums its ranks' shares with an all-reduce), so their decode
+    steps are captured as a whole model's are. Tensor-parallel ones dispatched with
+    ``torch.nonzero`` (a host read per layer); expert-parallel ones sent each rank a
+    data-dependent number of slots (all_to_all counts read on the host): neither was captured.
+    A stand-in hook returning another callable (not a device graph) records who was asked."""
     from dshal.comm import SimulatedGroup
     from dshal.model.checkpoint import random_checkpoint
     from dshal.model.loader import DictReader
@@ -378,29 +380,27 @@ def test_tensor_parallel_experts_are_captured_and_expert_parallel_ones_say_why_n
         asked.append(step)
         return lambda *inputs: step(*inputs)
 
-    for model, captured in ((tensor_split, True), (expert_split, False), (whole, True)):
+    for model in (tensor_split, expert_split, whole):
         cache = model.new_cache(1, 16, "absorb", static=True)
         decoder = StaticDecoder(model, cache, capturing)
         ids = _ids(model.args, batch=1)
         logits = decoder(ids[:, 0], 0).clone()  # checked, eager
-        again = decoder(ids[:, 1], 1)  # replayed (or run eagerly, trusted)
-        assert decoder.captured is captured and torch.isfinite(logits).all() and torch.isfinite(again).all()
-        if captured:
-            assert decoder.capture_error == ""
-        else:
-            assert decoder.capture_error.startswith("not captured: the expert-parallel dispatch sends each rank")
+        again = decoder(ids[:, 1], 1)  # replayed
+        assert decoder.captured and decoder.capture_error == ""
+        assert torch.isfinite(logits).all() and torch.isfinite(again).all()
     assert len(asked) == 3  # the hook is still asked (it tells whether the backend captures at all)
     # A step past the slots a TP rank keeps fixed shapes for (a batch of 4097 at top-8) reads
     # the host: not captured either (it was declared capturable at any batch).
     from dshal.parallel.layers import ShardedExperts
 
-    for module in tensor_split.modules():
-        if isinstance(module, ShardedExperts):
-            module.FIXED_SHAPE_SLOTS = args.num_experts_per_tok - 1  # one token's slots are past it
-    decoder = StaticDecoder(tensor_split, tensor_split.new_cache(1, 16, "absorb", static=True), capturing)
-    decoder(_ids(args, batch=1)[:, 0], 0)
-    decoder(_ids(args, batch=1)[:, 1], 1)
-    assert not decoder.captured and "routes" in decoder.capture_error and "keeps fixed shapes for" in decoder.capture_error
+    for model in (tensor_split, expert_split):
+        for module in model.modules():
+            if isinstance(module, ShardedExperts):
+                module.FIXED_SHAPE_SLOTS = args.num_experts_per_tok - 1  # one token's slots are past it
+        decoder = StaticDecoder(model, model.new_cache(1, 16, "absorb", static=True), capturing)
+        decoder(_ids(args, batch=1)[:, 0], 0)
+        decoder(_ids(args, batch=1)[:, 1], 1)
+        assert not decoder.captured and "routes" in decoder.capture_error and "keeps fixed shapes for" in decoder.capture_error
 
 
 @pytest.mark.needs_interpreter

@@ -206,19 +206,26 @@ class ShardedExperts(RoutedExperts):
     when no rank of this EP group handles it (another tensor-parallel rank's EP group does;
     the caller sums the partial outputs with an all-reduce).
 
-    Without an EP group, the rank computes its own experts' share of every token. Up to
-    :attr:`FIXED_SHAPE_SLOTS` (token, expert) slots (decode steps), where the backend's
-    ``moe_experts`` serves ``NO_EXPERT`` ids (``Capabilities.moe_no_expert_ids``: every
-    backend dshal ships), it does so in fixed shapes
-    (no host read, so the steps can be captured as device graphs): the other ranks' experts
-    become ``NO_EXPERT`` slots, which ``dshal.ops.moe_experts`` skips. A longer prefill chunk
-    keeps only this rank's slots (``torch.nonzero``, a host read), so that the op's
-    temporaries (a GPU kernel's float32 slot rows) grow with this rank's share. With one,
-    the tokens (identical on every rank of the group) are cut into one slice per rank; each
-    rank sends its slice's (token, expert) pairs to the experts' owners with ``all_to_all``
-    (uneven counts, possibly none), the owners run ``dshal.ops.moe_experts`` and send the
-    outputs back, the sender weights and sums them (in expert order, as the single-device
-    op does), and an all-gather rebuilds every token.
+    Up to :attr:`FIXED_SHAPE_SLOTS` (token, expert) slots (decode steps, short prefill chunks),
+    where the backend's ``moe_experts`` serves ``NO_EXPERT`` ids
+    (``Capabilities.moe_no_expert_ids``: every backend dshal ships), the rank computes its own
+    experts' share of every token in fixed shapes (no host read, so the steps can be captured
+    as device graphs): the other ranks' experts become ``NO_EXPERT`` slots, which
+    ``dshal.ops.moe_experts`` skips. With an EP group the tokens are the same on every rank of
+    it, so an all-reduce over the group then sums its ranks' shares, as DeepSeek-V3's own
+    inference code does: one collective per layer (the dispatch below takes five), whose
+    ``2 (m-1)/m T D`` wire elements per rank (``m`` ranks, ``T`` tokens, width ``D``) are
+    fewer than the dispatch's ``(m-1)/m T D (1 + 2k/m)`` below ``m = 2k`` ranks, ``k`` being
+    the slots per token this EP group serves (top-k over the TP size; ``dshal plan`` shows both).
+
+    Past that bound (long prefill chunks) the op's temporaries (a GPU kernel's float32 slot
+    rows) would grow with every slot; there the rank keeps only the slots it serves
+    (``torch.nonzero``, a host read). Without an EP group it computes them itself. With one,
+    the tokens are cut into one slice per rank; each rank sends its slice's (token, expert)
+    pairs to the experts' owners with ``all_to_all`` (uneven counts, possibly none), the
+    owners run ``dshal.ops.moe_experts`` and send the outputs back, the sender weights and
+    sums them (in expert order, as the single-device op does), and an all-gather rebuilds
+    every token.
     """
 
     #: Calls with up to this many (token, expert) slots run in fixed shapes (see the class
@@ -229,12 +236,11 @@ class ShardedExperts(RoutedExperts):
 
     @property
     def graph_capture_unsupported(self) -> str | None:  # RoutedExperts' declaration, per instance
-        if self.ep_size > 1:
-            return ("the expert-parallel dispatch sends each rank a data-dependent number of (token, expert) slots "
-                    "(torch.nonzero, and all_to_all counts read on the host), which a device graph cannot hold")
         if not current().moe_skips_no_expert:
-            return ("the backend's moe_experts does not declare Capabilities.moe_no_expert_ids: a tensor-parallel rank "
-                    "keeps its own (token, expert) slots (torch.nonzero), a data-dependent shape")
+            return ("the backend's moe_experts does not declare Capabilities.moe_no_expert_ids: the rank keeps the "
+                    "(token, expert) slots its experts serve (torch.nonzero"
+                    + (", and all_to_all counts read on the host" if self.ep_size > 1 else "")
+                    + "), a data-dependent shape")
         return None
 
     @property
@@ -262,10 +268,11 @@ class ShardedExperts(RoutedExperts):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         tokens, top_k = ids.shape
-        fixed = self.ep_size == 1 and ids.numel() <= self.FIXED_SHAPE_SLOTS and current().moe_skips_no_expert
-        if fixed:  # the other ranks' experts are NO_EXPERT slots (local is -1 there)
+        if ids.numel() <= self.FIXED_SHAPE_SLOTS and current().moe_skips_no_expert:
+            # the other ranks' experts are NO_EXPERT slots (local is -1 there)
             local = self.local.to(ids.device)[ids]  # a meta model keeps its tables on the CPU
-            return ops.moe_experts(x, weights, local, self.w13, self.w2, self.w13_scale, self.w2_scale)
+            part = ops.moe_experts(x, weights, local, self.w13, self.w2, self.w13_scale, self.w2_scale)
+            return part if self.ep_size == 1 else comm.all_reduce(part, group=self.ep_group)
         lo, hi = split_range(tokens, self.ep_size, self.ep_rank) if self.ep_size > 1 else (0, tokens)
         flat = ids[lo:hi].reshape(-1)
         order, counts = self._dispatch_order(flat)
