@@ -233,7 +233,7 @@ def _expert_groups(ids: torch.Tensor, experts: int) -> list[tuple[int, torch.Ten
 
 @moe_experts.cost
 def _moe_experts_cost(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
-    slots = ids.numel()  # NO_EXPERT ones too: from shapes alone, an upper bound on a tensor-parallel rank
+    slots = ids.numel()  # NO_EXPERT ones too: from shapes alone, an upper bound on a TP / EP rank
     experts, two_i, hidden = w13.shape
     flops = slots * (2 * two_i * hidden + 2 * hidden * (two_i // 2) + 3 * (two_i // 2) + 2 * hidden)
     active = min(experts, slots)  # at most this many experts' weights are read
