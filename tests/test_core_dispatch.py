@@ -151,6 +151,57 @@ def test_an_overlay_serves_only_its_own_thread_keeps_the_trusted_mode_and_is_hoo
     assert dispatcher.thread.table["a"]() == "base"
 
 
+def test_blocks_closed_out_of_order_or_on_another_thread_leave_each_thread_consistent() -> None:
+    """A ``trusted()`` or overlay block held open by a generator (a streamed response) may end
+    after a block opened later, or on another thread (the generator finished there). Each
+    block saved the thread's table on entry and wrote it back on exit: two trusted streams
+    finished in turn left the thread unchecked for good (trusted depth 0 with the unchecked
+    table), an overlay's table outlived it, and a close on another thread set that thread's
+    depth to -1. A block's close now removes it from the thread that opened it."""
+    from dshal.ops.mode import MODE, checking
+
+    dispatcher = Dispatcher(["a"], activate_default=lambda: None)
+    dispatcher.install({"a": lambda: "base"}, {"a": lambda: "base, bare"})
+
+    def held(block, n):  # a streaming generator keeping its block open across yields
+        with block:
+            yield from range(n)
+
+    def serving() -> str:
+        return dispatcher.thread.table["a"]()
+
+    first, second = held(dispatcher.trusted(), 1), held(dispatcher.trusted(), 2)
+    next(first), next(second)
+    list(first)  # the block opened first closes first
+    assert serving() == "base, bare" and not checking()  # the second block is still open
+    list(second)
+    assert serving() == "base" and checking() and MODE.trusted_depth == 0
+
+    overlay = held(dispatcher.overlay({"a": lambda: "overlay"}, {"a": lambda: "overlay, bare"}), 1)
+    trusted = held(dispatcher.trusted(), 2)
+    next(overlay), next(trusted)
+    assert serving() == "overlay, bare"
+    list(overlay)
+    assert serving() == "base, bare"
+    list(trusted)
+    assert serving() == "base"
+
+    opened, handed = threading.Event(), []
+
+    def open_one() -> None:  # a worker opens a trusted stream and hands it over
+        stream = held(dispatcher.trusted(), 2)
+        next(stream)
+        handed.append(stream)
+        opened.set()
+
+    worker = threading.Thread(target=open_one)
+    worker.start()
+    assert opened.wait(10)
+    worker.join(10)
+    handed.pop().close()  # the main thread finishes it
+    assert serving() == "base" and checking() and MODE.trusted_depth == 0
+
+
 def test_reference_ops_is_per_thread_and_a_use_inside_it_stays_active() -> None:
     """``dshal.runtime.reference_ops`` serves the calling thread only: another thread keeps the
     backend's providers (the cpu backend takes no meta tensor), and a runtime activated inside

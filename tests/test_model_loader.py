@@ -282,6 +282,27 @@ def test_weights_loaded_into_a_model_that_already_ran_are_the_ones_it_computes_w
         assert torch.isfinite(random_model(ARGS, seed=1, precision=precision)(ids)).all()
 
 
+def test_a_moved_model_takes_its_own_new_cache_after_it_ran_on_the_old_device():
+    """The layouts a model checks caches against name their device; a model that had run once
+    kept them after ``.to(device)``, so every cache it made on the new device was refused as
+    "made for another model" (a model built on the CPU, run, then moved to a GPU). The meta
+    device stands in for the new device (the same code path)."""
+    from dshal.model import random_model
+    from dshal.runtime import reference_ops
+
+    dshal.use(backend="cpu")
+    model = random_model(ARGS, seed=1)
+    ids = torch.tensor([[1, 2, 3]])
+    model.generate(ids, max_new_tokens=2)  # checks a CPU cache: its layout is kept
+    left_behind = model.new_cache(1, 8)
+    model.to("meta")
+    with reference_ops():  # the cpu backend takes no meta tensor
+        logits = model(ids.to("meta"), 0, model.new_cache(1, 8))
+        assert logits.device.type == "meta" and logits.shape == (1, 3, ARGS.vocab_size)
+        with pytest.raises(dshal.ShapeError, match="made for another model"):  # a cache on the old device is refused
+            model(ids.to("meta"), 0, left_behind)
+
+
 def test_dtype_casts_of_a_loaded_model_are_refused_and_device_moves_pass():
     """``.bfloat16()`` converted the weights and the router but not ``args.dtype`` (the KV cache
     then refused bf16 queries with a DTypeError naming 'k'); on an FP8 model ``.float()``

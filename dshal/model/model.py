@@ -545,6 +545,7 @@ class Transformer(nn.Module):
                     f"Transformer: casting its {name} tensors to {to} (.half(), .float(), .to(dtype)) is not "
                     f"supported, expected device moves only: the dtype is chosen at load; {instead}"
                 )
+        self._cache_layouts.clear()  # they name the device: a moved model's own caches live on the new one
         return super()._apply(fn, recurse)
 
     @own_dtypes

@@ -42,7 +42,10 @@ def trusted() -> contextlib.AbstractContextManager[None]:
     (:mod:`dshal.kernels.triton`) skip their own input checks too. The providers' own value
     checks (e.g. expert ids in range) still run, device-side (no host sync: see
     :func:`dshal.ops.spec.check_ids_in_range`), and :mod:`dshal.comm` skips its cross-rank
-    agreement check. Nests; other threads are unaffected.
+    agreement check. Nests; other threads are unaffected (asyncio tasks of one thread share
+    its mode: do not await inside the block). Blocks may close in any order and on any
+    thread (a generator finished elsewhere): each close ends its own block on the thread
+    that opened it.
     """
     return DISPATCHER.trusted()
 

@@ -56,11 +56,22 @@ class _Tables:
 class _ThreadTables(threading.local):
     """What the calling thread dispatches through: ``tables`` (the process-wide pair, or an
     overlay's) and ``table``, the one of that pair its calls read (``unchecked`` inside
-    ``trusted()``)."""
+    ``trusted()``), both worked out from ``blocks``: the thread's open ``trusted()`` (None)
+    and overlay (its tables) blocks, in the order they were entered."""
 
     def __init__(self, base: _Tables):
         self.tables = base
         self.table = base.checked
+        self.blocks: list[_Block] = []
+
+
+class _Block:
+    """One open ``trusted()`` block (``tables`` None) or overlay; compared by identity."""
+
+    __slots__ = ("tables",)
+
+    def __init__(self, tables: _Tables | None):
+        self.tables = tables
 
 
 class Dispatcher:
@@ -108,14 +119,11 @@ class Dispatcher:
     def trusted(self) -> Iterator[None]:
         """Skip the ops' input checks for this thread's calls inside the block (nests; other
         threads are unaffected). See :func:`dshal.ops.trusted` for when that is right."""
-        previous = self.thread.table
-        self.thread.table = self.thread.tables.unchecked
-        MODE.trusted_depth += 1
+        close = self._open(_Block(None))
         try:
             yield
         finally:
-            MODE.trusted_depth -= 1
-            self.thread.table = previous
+            close()
 
     @contextlib.contextmanager
     def overlay(self, checked: Mapping[str, Provider], unchecked: Mapping[str, Provider]) -> Iterator[None]:
@@ -128,16 +136,38 @@ class Dispatcher:
         with self._lock:
             tables.fill(checked, unchecked, self._hook)
             self._overlays.add(tables)
-        thread = self.thread
-        previous = thread.tables, thread.table
-        thread.tables = tables
-        thread.table = tables.checked if MODE.trusted_depth == 0 else tables.unchecked
+        close = self._open(_Block(tables))
         try:
             yield
         finally:
-            thread.tables, thread.table = previous
+            close()
             with self._lock:
                 self._overlays.discard(tables)
+
+    def _open(self, block: _Block) -> Callable[[], None]:
+        """Open ``block`` on the calling thread; returns what closes it. Blocks need not close
+        in the order they opened (two generators, each inside its own block, finished in
+        turn), nor on the thread that opened them (a generator finished by another thread):
+        closing removes this block from the thread that opened it, and that thread's tables
+        and trusted depth are worked out again from the blocks still open there."""
+        state, mode = self.thread.__dict__, MODE.__dict__  # the opening thread's own (threading.local) attributes
+        state["blocks"].append(block)
+        self._settle(state, mode)
+
+        def close() -> None:
+            blocks = state["blocks"]
+            blocks[:] = [b for b in blocks if b is not block]
+            self._settle(state, mode)
+
+        return close
+
+    def _settle(self, state: dict[str, Any], mode: dict[str, Any]) -> None:
+        blocks = state["blocks"]
+        tables = next((b.tables for b in reversed(blocks) if b.tables is not None), self._base)
+        depth = sum(b.tables is None for b in blocks)
+        mode["trusted_depth"] = depth
+        state["tables"] = tables
+        state["table"] = tables.unchecked if depth else tables.checked
 
     @contextlib.contextmanager
     def hooked(self, hook: Hook) -> Iterator[None]:
