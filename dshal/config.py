@@ -25,6 +25,10 @@ DEFAULT_PREFER = ("nvidia", "amd", "ascend", "cpu")
 #: serves a fallback, and a valid ``ops:`` override. It is no backend (``cpu`` is the
 #: built-in backend's own implementation), so ``backend:`` and ``prefer:`` refuse it.
 REFERENCE_PROVIDER = "reference"
+#: What ``Runtime.providers`` names for an op no provider serves (the backend lacks it and
+#: ``fallback: error``, or it has no reference to fall back to): its calls raise
+#: UnsupportedOpError. No backend may take this name either.
+REFUSED_PROVIDER = "none"
 #: ``auto`` runs the checkpoint in its own format; ``high`` keeps the checkpoint's high
 #: precision (``bf16`` is its older name, still accepted); the others quantize on load.
 GEMM_MODES = ("auto", "high", "fp8-block", "fp8-row", "fp8-tensor", "int8", "bf16")
@@ -57,6 +61,12 @@ class PrecisionConfig:
     #: Module-name globs that always stay in high precision (DeepSeek-V3's checkpoint stores
     #: these unquantized; the last two are the MTP layer's input projection and head).
     keep_high_precision: tuple[str, ...] = ("embed", "lm_head", "*.gate", "*.eh_proj", "*.shared_head.head")
+    #: key -> where its value was set (``file:line``, or what set it), for errors raised later.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError about ``precision.<key>`` at the file and line that set it, if any."""
+        return located_error(message, self.origins.get(key), f"precision.{key}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,10 @@ class Config:
     def origin(self, key: str) -> str:
         """Where ``key``'s value came from, for messages ("the built-in default" if unset)."""
         return self.origins.get(key, "the built-in default")
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError about ``key`` at the file and line that set it, if any."""
+        return located_error(message, self.origins.get(key), key)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -417,6 +431,10 @@ def _apply(base: Config, doc: _Doc) -> Config:
                         path + (str(sub_key),), f"unknown key, expected one of: {', '.join(_SECTIONS[key])}"
                     )
                 sub[sub_key] = _SECTIONS[key][sub_key](doc, path + (str(sub_key),), sub_value)
+            where = {sub_key: doc.where(path + (str(sub_key),)) for sub_key in sub}
+            origins.update({f"{key}.{sub_key}": at for sub_key, at in where.items()})
+            if hasattr(section, "origins"):  # errors raised after loading name the file and line
+                sub["origins"] = {**section.origins, **where}
             changes[key] = replace(section, **sub)
         else:
             raise doc.error(path, f"unknown key {key!r}, expected one of: {', '.join(allowed)}")
@@ -427,6 +445,15 @@ def _apply(base: Config, doc: _Doc) -> Config:
             f"got {attention.global_tokens}, expected fewer than attention.window ({attention.window})",
         )
     return replace(base, **changes, source=doc.file or base.source, origins=origins)
+
+
+def located_error(message: str, origin: str | None, key: str) -> ConfigError:
+    """A ConfigError about ``key`` whose value came from ``origin`` (``file:line`` as
+    :meth:`Config.origin` gives it): the error then carries that file and line."""
+    file, _, line = (origin or "").rpartition(":")
+    if file and line.isdigit():
+        return ConfigError(message, file=file, line=int(line), key=key)
+    return ConfigError(message, key=key)
 
 
 def precision_config(value: Any, where: str = "argument 'precision'") -> PrecisionConfig:

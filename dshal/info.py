@@ -170,5 +170,5 @@ def _print_tables(data: dict[str, Any]) -> None:
         kind = p["kind"]
         paths = p.get("paths", {})
         formats = "\n".join(f"{fmt}: {path['kind']} -- {escape(path['via'])}" for fmt, path in paths.items())
-        ops.add_row(op, p["provider"], f"[yellow]{kind}[/yellow]" if kind == "fallback" else kind, formats)
+        ops.add_row(op, p["provider"], f"[yellow]{kind}[/yellow]" if kind in ("fallback", "refused") else kind, formats)
     console.print(ops)

@@ -29,7 +29,7 @@ from importlib.metadata import EntryPoint
 from typing import Any, get_args
 
 from dshal.backend import API_VERSION, WEIGHT_FORMATS, Availability, Backend, Capabilities, OpKind
-from dshal.config import REFERENCE_PROVIDER, emulate_from_env, env_number
+from dshal.config import REFERENCE_PROVIDER, REFUSED_PROVIDER, emulate_from_env, env_number
 from dshal.errors import BackendUnavailableError, DshalError, PluginLoadError
 from dshal.ops.catalogue import SPECS
 from dshal.ops.spec import FP8_DTYPES
@@ -392,9 +392,11 @@ def _validate(
     def broken(reason: str, err: BaseException) -> BackendInfo:
         return BackendInfo(name, value, version, loaded=False, available=False, reason=reason, error=err)
 
-    if name == REFERENCE_PROVIDER:
-        err = PluginLoadError(f"the backend name {name!r} is reserved: it names the ops' reference implementations "
-                              f"(ops: {{op: {name}}}); register the plugin under another name")
+    if name in (REFERENCE_PROVIDER, REFUSED_PROVIDER):
+        meaning = ("the ops' reference implementations (ops: {op: reference})" if name == REFERENCE_PROVIDER
+                   else "the provider of an op no one serves (Runtime.providers)")
+        err = PluginLoadError(f"the backend name {name!r} is reserved: it names {meaning}; "
+                              "register the plugin under another name")
         return broken(str(err), err)
     if not (isinstance(plugin, type) and issubclass(plugin, Backend)):
         err = PluginLoadError(f"entry point {value!r} must name a dshal.Backend subclass, got {plugin!r}")

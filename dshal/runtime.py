@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from dshal.backend import Backend, Capabilities
-from dshal.config import REFERENCE_PROVIDER, Config, load_config
-from dshal.errors import ConfigError, DeviceError, UnsupportedOpError
+from dshal.config import REFERENCE_PROVIDER, REFUSED_PROVIDER, Config, load_config
+from dshal.errors import DeviceError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
 from dshal.ops.dispatch import DISPATCHER, Hook
 from dshal.registry import REGISTRY, Decision, require_named, select
@@ -34,8 +34,9 @@ class Runtime:
     config: Config
     backend: Backend
     device: torch.device
-    #: op name -> name of the backend whose implementation serves it, or ``reference``
-    #: (:data:`~dshal.config.REFERENCE_PROVIDER`: the op's reference, as fallback or override).
+    #: op name -> name of the backend whose implementation serves it, ``reference``
+    #: (:data:`~dshal.config.REFERENCE_PROVIDER`: the op's reference, as fallback or override),
+    #: or ``none`` (:data:`~dshal.config.REFUSED_PROVIDER`: an op in :attr:`refused`).
     providers: dict[str, str]
     #: ops served by the fallback provider because the backend lacks them.
     fallbacks: frozenset[str]
@@ -53,6 +54,9 @@ class Runtime:
     #: backend's provider where it declares ``Capabilities.moe_no_expert_ids``; another
     #: backend's (an ``ops:`` override) is not assumed to.
     moe_skips_no_expert: bool = False
+    #: op name -> why its calls raise UnsupportedOpError: the backend lacks it and the config
+    #: says ``fallback: error``, or it has no reference to fall back to.
+    refused: dict[str, str] = field(default_factory=dict)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -73,6 +77,8 @@ class Runtime:
         """How ``name`` is served: native / triton / emulated / reference, "fallback" or "override".
         Where the backend's path depends on the weight format (``Capabilities.op_paths``), the
         kind for ``weight_format`` (``bf16``, ``fp8-block``, ...); without one, its main path's."""
+        if name in self.refused:
+            return "refused"
         if name in self.fallbacks:
             return "fallback"
         if self.providers[name] != self.backend.name:
@@ -194,7 +200,7 @@ def build_runtime(config: Config) -> Runtime:
     other_ops: dict[str, Mapping[str, Callable[..., Any]]] = {backend.name: own_ops}  # ops: overrides
     providers: dict[str, str] = {}
     unchecked: dict[str, Callable[..., Any]] = {}  # op -> provider; the table gets it behind the checks
-    refused: set[str] = set()
+    refused: dict[str, str] = {}  # op -> why its calls raise
     fallbacks = set()
     for name, spec in SPECS.items():
         override = config.ops.get(name)
@@ -207,29 +213,28 @@ def build_runtime(config: Config) -> Runtime:
                 where = f"ops.{name}, set by {config.origin(f'ops.{name}')}"
                 other_ops[override] = require_named(REGISTRY, override, config.emulate, where)[0].ops()
             if name not in other_ops[override]:
-                raise ConfigError(
+                raise config.error(
+                    f"ops.{name}",
                     f"ops.{name}: backend {override!r} does not provide op {name!r} "
                     f"(it provides: {', '.join(sorted(other_ops[override])) or 'none'})",
-                    file=config.source,
                 )
             providers[name] = override
             unchecked[name] = other_ops[override][name]
         elif name in own_ops:
             providers[name] = backend.name
             unchecked[name] = own_ops[name]
+        elif config.fallback == "error" or not spec.has_reference:  # no reference must not break use() either
+            refused[name] = (
+                f"the config says fallback: error (set fallback: warn, or ops: {{{name}: {REFERENCE_PROVIDER}}} "
+                "to serve it with the reference)" if config.fallback == "error"
+                else "the op has no reference implementation to fall back to"
+            )
+            providers[name] = REFUSED_PROVIDER
+            unchecked[name] = _refusing(name, backend.name, refused[name])
         else:
             providers[name] = REFERENCE_PROVIDER
             fallbacks.add(name)
-            if config.fallback == "error":
-                why = (f"the config says fallback: error (set fallback: warn, or ops: {{{name}: {REFERENCE_PROVIDER}}} "
-                       "to serve it with the reference)")
-                unchecked[name] = _refusing(name, backend.name, why)
-                refused.add(name)
-            elif not spec.has_reference:  # an op still without a reference must not break use()
-                unchecked[name] = _refusing(name, backend.name, "the op has no reference implementation to fall back to")
-                refused.add(name)
-            else:
-                unchecked[name] = _fallback_caller(name, backend.name, spec.reference_impl)
+            unchecked[name] = _fallback_caller(name, backend.name, spec.reference_impl)
     invariant, gaps = _strict_providers(config, backend, providers, unchecked) if config.determinism == "strict" else (frozenset(), {})
     # A refusal needs no input checks: it is the answer whatever the inputs. The reference's
     # outputs are the contract's by construction: only a backend's are checked per call.
@@ -251,6 +256,7 @@ def build_runtime(config: Config) -> Runtime:
         determinism_gaps=gaps,
         moe_skips_no_expert=providers["moe_experts"] == REFERENCE_PROVIDER
         or (providers["moe_experts"] == backend.name and backend.capabilities().moe_no_expert_ids),
+        refused=refused,
     )
 
 
@@ -292,10 +298,11 @@ def use(
     make the result the active runtime."""
     runtime = build_runtime(load_config(config, overrides_source=overrides_source, **overrides))
     log.info(
-        "dshal: backend %s on %s; fallbacks: %s",
+        "dshal: backend %s on %s; fallbacks: %s%s",
         runtime.backend.name,
         runtime.device,
         ", ".join(sorted(runtime.fallbacks)) or "none",
+        f"; refused (calls raise UnsupportedOpError): {', '.join(sorted(runtime.refused))}" if runtime.refused else "",
     )
     return runtime.activate()
 

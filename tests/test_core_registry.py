@@ -194,9 +194,14 @@ def test_fallback_warn_logs_once_per_op(install_plugin, caplog):
 
 
 def test_fallback_error_raises_unsupported(install_plugin):
+    """With ``fallback: error`` no one serves an op the backend lacks, and the runtime says so:
+    it named the reference as the provider (``rt.providers``, ``dshal info``, run reports)
+    while every call raised."""
     install_plugin("backends", GOOD)
     rt = dshal.use(backend="goodtest", fallback="error")
-    assert "quantize_int8" in rt.fallbacks
+    assert "quantize_int8" not in rt.fallbacks and "fallback: error" in rt.refused["quantize_int8"]
+    assert (rt.providers["quantize_int8"], rt.provider_kind("quantize_int8")) == ("none", "refused")
+    assert rt.provider_entry("quantize_int8") == {"provider": "none", "kind": "refused"}
     with pytest.raises(UnsupportedOpError, match="backend 'goodtest' does not provide op 'quantize_int8'.*fallback: error"):
         dshal.ops.quantize_int8(torch.randn(4, 8))
     y = dshal.ops.rms_norm(torch.randn(2, 8), torch.ones(8))  # its own op still works
@@ -242,9 +247,10 @@ def test_reference_is_the_fallback_provider_and_cpu_is_the_cpu_backend(install_p
 
 
 def test_a_plugin_cannot_take_the_reference_name(install_plugin):
-    install_plugin("backends", {"reference": "GoodBackend"})
+    install_plugin("backends", {"reference": "GoodBackend", "none": "GoodBackend"})
     info = by_name()["reference"]
     assert not info.loaded and "the backend name 'reference' is reserved" in info.reason
+    assert "the backend name 'none' is reserved" in by_name()["none"].reason
     rt = dshal.use(backend="cpu", ops={"rms_norm": "reference"})  # still the op's reference
     assert rt.unchecked["rms_norm"] is SPECS["rms_norm"].reference_impl
 
@@ -264,7 +270,7 @@ def test_ops_override_naming_a_backend_without_the_op_is_a_config_error(install_
     install_plugin("backends", GOOD)
     path = tmp_path / "dshal.yaml"
     path.write_text(f"backend: {selected}\nops: {{quantize_int8: goodtest}}\n")
-    with pytest.raises(dshal.ConfigError, match=rf"^{path}: ops.quantize_int8: backend 'goodtest' does not provide "
+    with pytest.raises(dshal.ConfigError, match=rf"^{path}:2: ops.quantize_int8: backend 'goodtest' does not provide "
                                                  r"op 'quantize_int8' \(it provides: rms_norm\)"):
         dshal.use(path)
 

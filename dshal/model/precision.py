@@ -133,19 +133,23 @@ def refuse_fp8_without_storage(precision: PrecisionConfig, capabilities: Any = N
     redirect = fp8_redirect(capabilities)
     auto_runs = redirect[0] if redirect is not None else HIGH
     who = f"backend {backend!r}" if backend else f"this backend ({capabilities.device_name})"
-    raise ConfigError(
+    raise precision.error(
+        "gemm",
         f"precision.gemm: {precision.gemm!r} keeps float8 weights on the device, but {who} cannot hold "
         f"float8 tensors on its device (it declares Capabilities.fp8_storage False); use precision.gemm: "
-        f"auto (an FP8 checkpoint then runs as {auto_runs}, converted on the host), int8 (W8A8) or high"
+        f"auto (an FP8 checkpoint then runs as {auto_runs}, converted on the host), int8 (W8A8) or high",
     )
 
 
-def refuse_undeclared_fp8_format(fmt: str, capabilities: Any = None, backend: str | None = None) -> None:
+def refuse_undeclared_fp8_format(
+    fmt: str, capabilities: Any = None, backend: str | None = None, precision: PrecisionConfig | None = None
+) -> None:
     """A :class:`~dshal.ConfigError` when FP8 weights would be stored as ``fmt`` on a backend
     that does not declare it in ``Capabilities.fp8_formats``: its ops would serve that format
     by a fallback or not at all (gfx942 computes e4m3fnuz only), which the first forward, or
     only a profile, would show. ``capabilities`` / ``backend`` (its name): default the active
-    backend's."""
+    backend's. ``precision``: the policy that chose ``fmt`` (the error then names the config
+    file and line of its ``fp8_format``, or of its ``gemm`` where the format was left auto)."""
     if capabilities is None:
         active = current().backend
         capabilities, backend = active.capabilities(), backend or active.name
@@ -158,10 +162,11 @@ def refuse_undeclared_fp8_format(fmt: str, capabilities: Any = None, backend: st
         fix = f"precision.fp8_format: auto ({capabilities.native_e4m3})" + "".join(f" or {f}" for f in others)
     else:
         fix = "precision.gemm: high (or int8, W8A8)"
-    raise ConfigError(
-        f"precision.fp8_format: FP8 weights would be stored as {fmt!r}, but {who} declares the FP8 formats "
-        f"{list(declared)} (Capabilities.fp8_formats); use {fix}"
-    )
+    message = (f"precision.fp8_format: FP8 weights would be stored as {fmt!r}, but {who} declares the FP8 formats "
+               f"{list(declared)} (Capabilities.fp8_formats); use {fix}")
+    if precision is None:
+        raise ConfigError(message)
+    raise precision.error("fp8_format" if "fp8_format" in precision.origins else "gemm", message)
 
 
 def refuse_undeclared_fp8_before_reading(model: nn.Module, precision: PrecisionConfig) -> None:
@@ -174,7 +179,7 @@ def refuse_undeclared_fp8_before_reading(model: nn.Module, precision: PrecisionC
     quantized = [path for path, module in model.named_modules()
                  if isinstance(module, (Linear, RoutedExperts)) and not keeps_high_precision(path, precision.keep_high_precision)]
     if quantized:
-        refuse_undeclared_fp8_format(resolve_fp8_format(precision))
+        refuse_undeclared_fp8_format(resolve_fp8_format(precision), precision=precision)
 
 
 def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module, capabilities: Any = None) -> tuple[str, str]:
@@ -278,7 +283,7 @@ def apply_precision(
             if high:
                 mode = HIGH
             elif mode in WEIGHT_BLOCKS and not fmt_checked:
-                refuse_undeclared_fp8_format(fmt, capabilities)
+                refuse_undeclared_fp8_format(fmt, capabilities, precision=precision)
                 fmt_checked = True
             with conversion_ops(weight, device):
                 if mode == HIGH:

@@ -63,7 +63,11 @@ class RunReport:
         rt = self.runtime
         out = []
         for op, provider in rt.providers.items():
-            if op in rt.fallbacks:
+            if op in getattr(rt, "refused", {}):
+                out.append({"op": op, "provider": provider, "kind": "refused", "calls": self.calls.get(op, 0),
+                            "reason": f"backend {rt.backend.name!r} does not provide {op!r}; its calls raise "
+                                      f"UnsupportedOpError: {rt.refused[op]}"})
+            elif op in rt.fallbacks:
                 why = (f"backend {rt.backend.name!r} does not provide {op!r}; served by its reference "
                        f"(provider {provider!r}, fallback: {rt.config.fallback})")
                 out.append({"op": op, "provider": provider, "kind": "fallback", "reason": why, "calls": self.calls.get(op, 0)})
