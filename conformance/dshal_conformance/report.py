@@ -63,7 +63,8 @@ def build(
     """The report; ``versions``: triton, driver, runtime, python, host (the runner's ``versions(target)``)."""
     import torch  # here, not at the top: `dshal matrix` reads reports without torch
 
-    platform: dict[str, Any] = {"device": "not run", "arch": "", "torch": torch.__version__, "emulated": False}
+    platform: dict[str, Any] = {"device": "not run", "arch": "", "torch": torch.__version__, "emulated": False,
+                                "triton": None, "driver": None, "runtime": None}  # required: null until versions says
     if target.runtime is not None:
         caps = target.runtime.capabilities
         platform.update(device=caps.device_name, arch=caps.arch, emulated=target.emulated)

@@ -7,6 +7,8 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
+
 from dshal import cli
 from dshal_conformance import runner
 
@@ -47,7 +49,8 @@ def _synthetic_hardware(cpu_report: dict) -> dict:
     """The cpu report relabelled as measured on an H100, with one planted failure."""
     rep = copy.deepcopy(cpu_report)
     rep["backend"] = "nvidia"
-    rep["platform"] = {"device": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "torch": "2.13.0+cu129", "emulated": False}
+    rep["platform"] = {"device": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "torch": "2.13.0+cu129", "triton": "3.6.0",
+                       "driver": "580.65", "runtime": "CUDA 12.9", "emulated": False}
     victim = next(c for c in rep["cases"] if c["id"] == "attention/bf16/window16/T96")
     victim.update(status="fail", value=85.8, reason="out: max |err| 1.143 (planted)")
     rep["summary"]["passed"] -= 1
@@ -64,7 +67,8 @@ def _write(tmp_path: Path, name: str, rep: dict) -> str:
 def test_matrix_shows_hardware_emulated_and_not_run_apart(cpu_report: dict, tmp_path: Path) -> None:
     hw = _synthetic_hardware(cpu_report)
     emu = copy.deepcopy(cpu_report)
-    emu["backend"], emu["platform"] = "amd", {"device": "CPU emulating gfx942", "arch": "gfx942", "torch": "2.13.0", "emulated": True}
+    emu["backend"], emu["platform"] = "amd", {"device": "CPU emulating gfx942", "arch": "gfx942", "torch": "2.13.0",
+                                              "triton": "3.6.0", "driver": None, "runtime": None, "emulated": True}
     # A leg without its hardware writes a 'not run' report through the real command.
     code = cli.main(["conformance", "--backend", "no-such-backend", "--report-dir", str(tmp_path), "--allow-unavailable", "--quiet"])
     assert code == 0
@@ -132,3 +136,23 @@ def test_a_multiline_not_run_reason_stays_in_its_cell() -> None:
     # Every table row is whole: no line of a table starts or ends inside a cell.
     assert all(line.rstrip().endswith("|") for line in rows), rows
     assert not any(line.startswith("second line") for line in md.splitlines())
+
+
+def test_the_schema_requires_what_the_matrix_reads(cpu_report: dict) -> None:
+    """A case's ``kind`` files it under its family's column (model, determinism, graph, hooks)
+    and DESIGN fixes ``platform.triton / driver / runtime``; the schema let reports without
+    them through, and the matrix then counted every family case under its op's column."""
+    import jsonschema
+
+    from dshal_conformance import report
+
+    report.validate(cpu_report)
+    no_kind = copy.deepcopy(cpu_report)
+    del no_kind["cases"][0]["kind"]
+    with pytest.raises(jsonschema.ValidationError, match="'kind' is a required property"):
+        report.validate(no_kind)
+    for key in ("triton", "driver", "runtime"):
+        missing = copy.deepcopy(cpu_report)
+        del missing["platform"][key]
+        with pytest.raises(jsonschema.ValidationError, match=f"'{key}' is a required property"):
+            report.validate(missing)
