@@ -94,6 +94,12 @@ def test_no_timing_inside_a_graph_capture(monkeypatch, tuning_dir):
 
     monkeypatch.setattr(gemm, "_capturing_graph", lambda: True)
     assert gemm.select_tile(target, 100, 256, 512, (), run) == target.gemm_tiles[0]
+    # A tile the eager step before the capture timed for this shape is the one captured: the
+    # capture took the space's first whatever was timed (a split-K tile vs another: other bits
+    # in the replayed graph than in the eager step).
+    monkeypatch.setitem(gemm._TUNED, (target.name, gemm.m_bucket(100), 256, 512), target.gemm_tiles[1])
+    assert gemm.select_tile(target, 100, 256, 512, (), run) == target.gemm_tiles[1]
+    assert gemm.select_tile(target, 100, 256, 1024, (), run) == target.gemm_tiles[0]  # another K: none timed
 
 
 def test_tile_argument_is_checked():

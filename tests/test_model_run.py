@@ -96,9 +96,25 @@ def test_model_dshal_run_tiny_default(tmp_path):
     assert report["graphs"] == {"run": False, "why": "backend 'cpu' has no device graphs"}
     assert report["decode_tokens_per_s_graphs"] is None and "decode with graphs: not run" in proc.stdout
     assert report["providers"]["attention"] == {"provider": "cpu", "kind": "native"}
+    assert report["determinism"] == {"mode": "default", "batch_invariant_ops": [], "gaps": {}}
+    assert "determinism:" not in proc.stdout
     # the default policy, gemm: auto, runs the float32 random checkpoint as stored
     assert report["model_description"]["precision_groups"]["attention"] == "float32"
     assert report["model_description"]["precision"]["mode"] == "high"
+
+
+def test_model_dshal_run_records_a_strict_determinism_mode(tmp_path):
+    """``determinism: strict`` changes the numbers (batch-invariant providers): the run's
+    output and JSON said nothing of it, so a strict run's record equalled a default one's."""
+    config = tmp_path / "strict.yaml"
+    config.write_text("backend: cpu\ndeterminism: strict\n")
+    out = tmp_path / "run.json"
+    proc = _dshal("run", "--no-progress", "--config", str(config), "--prompt-len", "4", "--new-tokens", "2",
+                  "--json", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    determinism = json.loads(out.read_text())["determinism"]
+    assert determinism["mode"] == "strict" and "linear" in determinism["batch_invariant_ops"]
+    assert "determinism: strict (batch-invariant: " in proc.stdout
 
 
 def test_model_dshal_run_graphs_on_reports_both_rates(tmp_path):

@@ -481,6 +481,9 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
         "sampling_from": args.sampling_from,  # generation_config.json where it set them, else None
         **timing,
         "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
+        # strict: batch-invariant providers where the backend has them (other numbers than default)
+        "determinism": {"mode": runtime.config.determinism, "batch_invariant_ops": sorted(runtime.batch_invariant),
+                        "gaps": dict(runtime.determinism_gaps)},
         "model_description": model.describe(),
         "output_ids": outputs[0],  # the first sequence's
         "generated_tokens": max(map(len, outputs)),  # fewer than new_tokens after an EOS
@@ -812,6 +815,11 @@ def _print(report: dict[str, Any]) -> None:
     emulated = " (emulated)" if report["emulated"] else ""
     console.print(f"[bold]dshal run[/bold]: backend [cyan]{report['backend']}[/cyan] on {report['device']}{emulated}")
     console.print(f"model: {report['model']} (loaded in {report['load_s']:.2f} s)")
+    determinism = report["determinism"]
+    if determinism["mode"] != "default":
+        gaps = "; ".join(f"{op}: {why}" for op, why in determinism["gaps"].items())
+        console.print(f"determinism: {determinism['mode']} (batch-invariant: "
+                      f"{', '.join(determinism['batch_invariant_ops']) or 'none'}" + (f"; not: {gaps}" if gaps else "") + ")")
     ops = Table(title="op providers", show_edge=False)
     ops.add_column("op")
     ops.add_column("provider")

@@ -127,21 +127,28 @@ def select_tile(
     1. the tuned table's tile for (n, k, M bucket) (``target.tuned_tile``: data shipped with
        dshal or written by ``dshal tune``);
     2. the space's only tile (``target.gemm_space(m)``), or its first when ``run`` is None
-       (the interpreter cannot time) or a CUDA/HIP graph is being captured (timing launches
-       and synchronizes: never inside a capture);
+       (the interpreter cannot time);
     3. the fastest tile of the space, timed once per (M bucket, n, k, ``key``) by calling
-       ``run(tile)`` under ``triton.testing.do_bench``; remembered for the process.
+       ``run(tile)`` under ``triton.testing.do_bench``; remembered for the process. While a
+       CUDA/HIP graph is being captured nothing is timed (timing launches and synchronizes):
+       the capture takes the tile already timed for the shape (by the eager step before it,
+       so a replay computes the bits the eager step did), else the space's first.
+
+    Without a tuned table the timed choice may differ from one process to the next, and with
+    it a GEMM's rounding (a split-K tile sums in another order); ``dshal tune`` fixes it.
     """
     bucket = m_bucket(m)
     tuned = target.tuned_tile(n, k, bucket)
     if tuned is not None:
         return tuned
     space = target.gemm_space(m)
-    if len(space) == 1 or run is None or _capturing_graph():
+    if len(space) == 1 or run is None:
         return space[0]
+    memo = (target.name, bucket, n, k, *key)
+    if _capturing_graph():
+        return _TUNED.get(memo, space[0])
     from triton.testing import do_bench
 
-    memo = (target.name, bucket, n, k, *key)
     with _TUNING:
         if memo not in _TUNED:
             times = {tile: do_bench(lambda tile=tile: run(tile), warmup=5, rep=20) for tile in space}
