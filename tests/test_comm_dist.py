@@ -384,3 +384,26 @@ def test_device_collectives_are_polled_finely_and_still_time_out() -> None:
     with pytest.raises(RuntimeError, match="timed out after 0.05 s"):
         comm.wait_on_host(never, 0.05, "cuda")
     assert not never.waited and never.checked > 10
+
+
+def test_a_process_that_exits_without_shutdown_leaves_the_job_before_the_interpreter_tears_down(tmp_path):
+    """A script that joined with ``dshal.comm.init()`` and exited without ``shutdown()`` left
+    its process groups (and rank 0's store server) to the interpreter's teardown, where gloo's
+    store thread was destroyed while joinable: "terminate called without an active exception",
+    SIGABRT, in about a third of 2-rank runs. ``init`` leaves the job at exit now: an exit hook
+    registered before ``init`` (so run after dshal's) finds no process group left."""
+    script = tmp_path / "exit_without_shutdown.py"
+    script.write_text(
+        "import atexit\n"
+        "import torch.distributed as dist\n"
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized(), flush=True))\n"
+        "import dshal, dshal.comm\n"
+        "dshal.use(backend='cpu')\n"
+        "dshal.comm.init()\n"
+        "dshal.comm.barrier()\n"
+    )
+    with LocalJob([sys.executable, str(script)], 2, capture=True) as job:
+        runs = job.communicate(timeout_s=120)
+    for code, out, err in runs:
+        assert code == 0, err[-2000:]
+        assert "initialized at exit: False" in out, out + err[-2000:]
