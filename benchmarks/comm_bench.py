@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from local_ranks import run_ranks
+
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 BUS_FACTOR = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
@@ -126,18 +128,10 @@ def _measure(args: argparse.Namespace, n: int, rows: list[dict]) -> None:
 
 
 def launch(args: argparse.Namespace, ranks: int) -> list[dict]:
-    from dshal.parallel.launch import LocalJob  # lazy: start-up time: torch loads only when ranks are launched
-
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker",
             "--sizes", ",".join(map(str, args.sizes)), "--collectives", ",".join(args.collectives),
             "--rounds", str(args.rounds), "--seconds", str(args.seconds)] + (["--trusted"] if args.trusted else [])
-    with LocalJob(argv, ranks, capture=True) as job:
-        runs = job.communicate(timeout_s=1800)
-    for code, _, err in runs:
-        if code != 0:
-            raise SystemExit(f"comm_bench: a rank exited with {code}:\n{err[-3000:]}")
-    line = next(line for line in runs[0][1].splitlines() if line.startswith("RESULTS "))
-    return json.loads(line[len("RESULTS "):])
+    return run_ranks("comm_bench", argv, ranks)
 
 
 def machine() -> str:

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from local_ranks import run_ranks
+
 #: Tokens prefilled before the timed decode steps.
 PROMPT = 8
 
@@ -109,17 +111,9 @@ def worker(opts: argparse.Namespace) -> None:
 
 
 def launch(opts: argparse.Namespace, ranks: int) -> list[dict]:
-    from dshal.parallel.launch import LocalJob  # lazy: torch loads only in the ranks
-
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--batch", ",".join(map(str, opts.batch)),
             "--steps", str(opts.steps), "--repeats", str(opts.repeats)]
-    with LocalJob(argv, ranks, capture=True, cwd=Path(__file__).resolve().parent) as job:
-        runs = job.communicate(timeout_s=1800)
-    for code, _, err in runs:
-        if code != 0:
-            raise SystemExit(f"ep_decode: a rank exited with {code}:\n{err[-3000:]}")
-    line = next(line for line in runs[0][1].splitlines() if line.startswith("RESULTS "))
-    return json.loads(line[len("RESULTS "):])
+    return run_ranks("ep_decode", argv, ranks)
 
 
 def main() -> int:
