@@ -170,3 +170,18 @@ def test_a_damaged_tuned_table_in_the_cache_names_itself(tuning_dir):
         tuned_tables.cache_clear()
         with pytest.raises(ConfigError, match=r"nvidia-sm90.json: not a usable tuned table .*run dshal tune again"):
             tuned_tables("nvidia-sm90")
+
+
+@pytest.mark.parametrize("command", [["tune", "--dry-run", "--target", "sm_90a"], ["kernels", "--target", "sm_90a"]])
+def test_commands_that_compile_kernels_say_when_triton_is_not_installed(command):
+    """An install without the ``triton`` extra: ``dshal kernels`` said so in one line, while
+    ``dshal tune --dry-run`` printed its header and then a PackageNotFoundError traceback.
+    The child process hides the package (``sys.modules['triton'] = None``), as a venv without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            f"from dshal.cli import main\nsys.exit(main({command!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"dshal {command[0]}: error: needs the triton package (pip install 'dshal[triton]')" in proc.stderr

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-dir", metavar="DIR", default="conformance-reports", help="where NAME.json and NAME.junit.xml go (default: %(default)s)")
     parser.add_argument("--case", action="append", metavar="ID", help="run only this case id (glob allowed; repeatable)")
     parser.add_argument("--seed", type=seed, default=DEFAULT_SEED, help="run seed; each case mixes it with its id (default: %(default)s)")
-    parser.add_argument("--waivers", metavar="PATH", help="waivers file (default: plugins/NAME/conformance-waivers.yaml or the plugin's own)")
+    parser.add_argument("--waivers", metavar="PATH", help="waivers file (default: the conformance-waivers.yaml shipped in the plugin's package)")
     parser.add_argument("--emulate", action="store_true", default=None, help="run the plugin's own code on CPU tensors (same as DSHAL_EMULATE=1)")
     parser.add_argument("--no-collectives", action="store_true", help="skip the multi-process collective cases")
     parser.add_argument("--determinism", choices=("default", "strict"), default=None,
@@ -76,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True)
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
@@ -113,9 +114,9 @@ def _main(args: argparse.Namespace) -> int:
     _print_summary(console, result, json_path, junit_path, waiver_path)
     if args.bundle:
         archive = report.write_bundle(result, runner.environment(target), [json_path, junit_path], Path(args.bundle))
-        console.print(f"bundle: {args.bundle} ({archive})")
+        console.print(f"bundle: {escape(str(args.bundle))} ({escape(str(archive))})")
     if target.broken_leg:  # a broken plugin or a typo fails the leg, whatever --allow-unavailable says
-        console.print(f"[red]{args.backend}: {target.broken_leg}[/]", highlight=False, soft_wrap=True)
+        console.print(f"[red]{escape(args.backend)}: {escape(target.broken_leg)}[/]", highlight=False, soft_wrap=True)
         return 1
     if target.not_run:
         return 0 if args.allow_unavailable else 1
@@ -126,17 +127,20 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _print_summary(console, result: dict, json_path: Path, junit_path: Path, waiver_path: Path | None) -> None:  # noqa: ANN001
-    p = result["platform"]
+    from rich.markup import escape
+    # Reasons, ids and names are text, not markup: rich dropped "[triton]" from an install hint.
+    p = {k: escape(v) if isinstance(v, str) else v for k, v in result["platform"].items()}
+    backend = escape(result["backend"])
     tier = f"tier {result['tier']}, seed {result['seed']}"
     if "not_run" in p:
-        console.print(f"[bold]{result['backend']}[/]: [yellow]not run[/], {tier}", soft_wrap=True)
+        console.print(f"[bold]{backend}[/]: [yellow]not run[/], {tier}", soft_wrap=True)
         console.print(f"reason: {p['not_run']}", highlight=False, soft_wrap=True)
     else:
         kind = "emulated" if p["emulated"] else "hardware"
-        console.print(f"[bold]{result['backend']}[/] on {p['device']} ({p['arch'] or '-'}, {kind}), {tier}", highlight=False, soft_wrap=True)
+        console.print(f"[bold]{backend}[/] on {p['device']} ({p['arch'] or '-'}, {kind}), {tier}", highlight=False, soft_wrap=True)
     for c in result["cases"]:
         if c["status"] in ("fail", "error"):
-            console.print(f"[red]{c['status'].upper()}[/] {c['id']}: {c['reason']}", highlight=False, soft_wrap=True)
+            console.print(f"[red]{c['status'].upper()}[/] {escape(c['id'])}: {escape(c['reason'])}", highlight=False, soft_wrap=True)
     s = result["summary"]
     console.print(
         f"passed {s['passed']}, failed {s['failed']}, errors {s['errors']}, unsupported {s['unsupported']}, "
@@ -144,8 +148,8 @@ def _print_summary(console, result: dict, json_path: Path, junit_path: Path, wai
     )
     used = [w for w in result["waivers"] if w["cases"]]
     if waiver_path is not None:
-        console.print(f"waivers: {waiver_path} ({len(used)} of {len(result['waivers'])} used)")
-    console.print(f"report: {json_path}\njunit:  {junit_path}")
+        console.print(f"waivers: {escape(str(waiver_path))} ({len(used)} of {len(result['waivers'])} used)")
+    console.print(f"report: {escape(str(json_path))}\njunit:  {escape(str(junit_path))}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dshal-tier", choices=("ci", "full"), default="ci", help="case tier (default: ci)")
     group.addoption("--dshal-ops", metavar="A,B", help="only these ops")
     group.addoption("--dshal-case", action="append", metavar="ID", help="only this case id (glob; repeatable)")
-    group.addoption("--dshal-waivers", metavar="PATH", help="waivers file (default: plugins/NAME/conformance-waivers.yaml)")
+    group.addoption("--dshal-waivers", metavar="PATH", help="waivers file (default: the conformance-waivers.yaml shipped in the plugin's package)")
     group.addoption("--dshal-seed", type=int, default=None, help="run seed")
     group.addoption("--dshal-emulate", action="store_true", default=None, help="emulate mode (as DSHAL_EMULATE=1)")
     group.addoption("--dshal-report-dir", metavar="DIR", help="write NAME.json and NAME.junit.xml here at the end")

@@ -1,6 +1,7 @@
 """Waivers: the only way a vendor may skip a case or loosen a threshold.
 
-``plugins/<vendor>/conformance-waivers.yaml`` (or ``--waivers PATH``)::
+They live in the plugin's ``conformance-waivers.yaml``, in its package (``plugins/<vendor>/dshal_<vendor>/``
+in this repository; see :func:`default_path`), or ``--waivers PATH``::
 
     waivers:
       - match: "attention/*/window*"       # fnmatch glob over case ids (result ids too)
@@ -95,9 +96,11 @@ def load(path: str | Path) -> list[Waiver]:
 
 
 def default_path(backend: Any, name: str, search_from: Path | None = None) -> Path | None:
-    """``plugins/<name>/conformance-waivers.yaml`` under the working directory, else the
-    file shipped next to the plugin's package (or one level up, the distribution root)."""
-    candidates = [(search_from or Path.cwd()) / "plugins" / name / FILE_NAME]
+    """The waivers file of the plugin serving ``backend``: ``conformance-waivers.yaml`` inside
+    its package (shipped in its wheel as package data), else next to it (one level up: a
+    source checkout's distribution root, the layout before the file moved into the package),
+    else ``plugins/<name>/`` under the working directory."""
+    candidates = []
     try:
         module_file = inspect.getsourcefile(type(backend))
     except TypeError:
@@ -105,6 +108,7 @@ def default_path(backend: Any, name: str, search_from: Path | None = None) -> Pa
     if module_file:
         pkg = Path(module_file).resolve().parent
         candidates += [pkg / FILE_NAME, pkg.parent / FILE_NAME]
+    candidates.append((search_from or Path.cwd()) / "plugins" / name / FILE_NAME)
     return next((p for p in candidates if p.is_file()), None)
 
 

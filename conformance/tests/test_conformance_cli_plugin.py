@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dshal import cli
 from dshal_conformance.runner import with_timeout
 
@@ -133,3 +135,44 @@ def test_a_run_whose_every_case_was_waived_away_is_not_a_pass(tmp_path: Path, ca
     assert cli.main([*args, "--waivers", str(waivers)]) == 1  # was 0: "passed 0 ... skipped 1"
     assert "nothing was checked" in capsys.readouterr().err
     assert cli.main(args) == 0
+
+
+@pytest.mark.parametrize("vendor", ["nvidia", "amd", "ascend"])
+def test_a_plugins_waivers_file_ships_inside_its_package(vendor, tmp_path):
+    """``plugins/<vendor>/conformance-waivers.yaml`` sat outside the package: an installed
+    wheel had none, and a waiver a vendor filed was lost outside a source checkout. It lives in
+    the package now, declared as package data, and is found from the plugin wherever the
+    command runs."""
+    import importlib
+    import tomllib
+
+    from dshal_conformance import waivers
+
+    module = importlib.import_module(f"dshal_{vendor}")
+    backend_class = next(getattr(module, n) for n in module.__all__ if n.endswith("Backend"))
+    found = waivers.default_path(backend_class(), vendor, search_from=tmp_path)  # no plugins/ folder there
+    package = Path(module.__file__).resolve().parent
+    assert found == package / waivers.FILE_NAME
+    project = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    assert waivers.FILE_NAME in project["tool"]["setuptools"]["package-data"][f"dshal_{vendor}"]
+
+
+def test_the_summary_prints_reasons_and_ids_as_text_not_markup(tmp_path: Path) -> None:
+    """rich read ``[triton]`` in an install hint as a markup tag and dropped it: the printed
+    line said ``pip install 'dshal-nvidia'`` (already installed) where the report said
+    ``'dshal-nvidia[triton]'``."""
+    import io
+
+    from rich.console import Console
+
+    from dshal_conformance.command import _print_summary
+
+    hint = "needs triton (pip install 'dshal-nvidia[triton]') to run the kernels on CPU"
+    result = {"backend": "nvidia[x]", "tier": "ci", "seed": 0, "duration_s": 0.0, "waivers": [],
+              "platform": {"not_run": hint, "device": "not run", "arch": "", "emulated": True},
+              "cases": [{"status": "fail", "id": "linear/[bf16]/M1", "reason": "out: [bold]x[/bold] off"}],
+              "summary": {"passed": 0, "failed": 1, "errors": 0, "unsupported": 0, "skipped": 0}}
+    out = io.StringIO()
+    _print_summary(Console(file=out, width=400), result, tmp_path / "r.json", tmp_path / "r.xml", None)
+    text = out.getvalue()
+    assert hint in text and "nvidia[x]" in text and "linear/[bf16]/M1: out: [bold]x[/bold] off" in text, text

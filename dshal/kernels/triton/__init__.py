@@ -24,6 +24,7 @@ imported in the process (or set ``TRITON_INTERPRET=1`` in the environment)::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -127,6 +128,13 @@ def ensure_interpreter_if_cpu(device: torch.device | str | None = None) -> bool:
     return True
 
 
+def require_triton(command: str) -> None:
+    """BackendUnavailableError naming the install line when the triton package is absent (a
+    command that compiles or times kernels, run from an install without the extra)."""
+    if importlib.util.find_spec("triton") is None:
+        raise BackendUnavailableError(f"{command}: needs the triton package (pip install 'dshal[triton]')")
+
+
 def load_kernel_modules(device: torch.device | str | None = None) -> dict[str, ModuleType]:
     """:func:`ensure_interpreter_if_cpu` for ``device``, then every kernel module, imported
     once under one lock (safe when several threads call it first at the same time)."""
@@ -143,4 +151,5 @@ __all__ = [
     "interpreter_blocked_reason",
     "interpreter_requested",
     "load_kernel_modules",
+    "require_triton",
 ]

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 from dshal.config import cache_dir
-from dshal.errors import BackendUnavailableError, ConfigError
+from dshal.errors import ConfigError
+from dshal.kernels.triton import require_triton
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
 from dshal.lifetime import child_env, child_python, dies_with_parent, exit_with_parent
@@ -431,10 +432,7 @@ def main(args: argparse.Namespace) -> int:
     """Print one row per shipped config; exit 1 when any config fails (does not lower, does
     not fit, spills without a reason in the table, lacks its tensor-core instruction)."""
     targets = list(dict.fromkeys(args.target))
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        raise BackendUnavailableError("dshal kernels: needs the triton package (pip install 'dshal[triton]')")
+    require_triton("dshal kernels")
     if args.json:  # before minutes of compiling, not after
         check_writable(args.json, "--json")
     rows = cross_compile(targets, args.jobs, None if args.no_cache else default_cache_dir())

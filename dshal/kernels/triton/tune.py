@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from dshal.errors import BackendUnavailableError, ConfigError
-from dshal.kernels.triton import ensure_interpreter_if_cpu
+from dshal.kernels.triton import ensure_interpreter_if_cpu, require_triton
 from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
 from dshal.kernels.triton.target import DECODE_M, TUNING_SCHEMA, KernelTarget, TileConfig, m_bucket, user_tuning_dir
 from dshal.ops import reference
@@ -162,6 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    require_triton("dshal tune")
     if args.output:
         check_writable(args.output, "--output")  # before the tiles are timed, not after
     if args.dry_run:
