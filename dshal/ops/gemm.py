@@ -298,6 +298,10 @@ FP8_GEMM_ROWS = [
     dict(name="block/M0", kind="edge", dtype=BF16, m=0, n=128, k=256, granularity="block"),
     dict(name="block/K200-partial-block", kind="edge", dtype=BF16, m=16, n=128, k=200, granularity="block"),
     dict(name="block/N200-partial-block", kind="edge", dtype=BF16, m=16, n=200, k=256, granularity="block"),
+    # Four K blocks: an activation scale read at the wrong K block (e.g. kb % 2) shows only past two.
+    dict(name="block/bf16/M16xN128xK512", dtype=BF16, m=16, n=128, k=512, granularity="block"),
+    # Rowwise scales span the whole row: any K, the tail past the last multiple of 128 included.
+    dict(name="rowwise/K200-tail", kind="edge", dtype=BF16, m=16, n=64, k=200, granularity="row"),
     dict(name="block/noncontiguous", kind="edge", dtype=BF16, m=32, n=128, k=256, granularity="block", noncontiguous=("a",)),
     dict(name="block/zero-rows", kind="edge", dtype=BF16, m=32, n=128, k=256, granularity="block", values="zero_rows"),
     # Every FP8 format, named (the rows above take the backend's native E4M3): a backend is
@@ -363,11 +367,18 @@ LINEAR_ROWS = [
     dict(name="fp8-block/bf16/M16xN256xK256", dtype=BF16, m=16, n=256, k=256, weight="fp8-block"),
     dict(name="fp8-block/bias/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="fp8-block", bias=True),
     dict(name="fp8-row/bf16/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="fp8-row"),
+    dict(name="fp8-row/bias/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="fp8-row", bias=True),
     dict(name="int8/bf16/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="int8"),
+    dict(name="int8/bias/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="int8", bias=True),
+    # A 2 x 3 block-scale grid (N 256, K 384): not square, so a transposed read of it is wrong,
+    # and three K blocks, so is an activation scale read at the wrong K block.
+    dict(name="fp8-block/bf16/M8xN256xK384", dtype=BF16, m=8, n=256, k=384, weight="fp8-block"),
     dict(name="bf16/M1", kind="edge", dtype=BF16, m=1, n=128, k=256),
     dict(name="bf16/M0", kind="edge", dtype=BF16, m=0, n=128, k=256),
     dict(name="fp8-block/M1", kind="edge", dtype=BF16, m=1, n=128, k=256, weight="fp8-block"),
     dict(name="fp8-block/K200-partial-block", kind="edge", dtype=BF16, m=8, n=128, k=200, weight="fp8-block"),
+    # Rowwise scales allow any K: the tail past the last multiple of 128 counts too.
+    dict(name="fp8-row/K200-tail", kind="edge", dtype=BF16, m=8, n=128, k=200, weight="fp8-row"),
     *(dict(name=f"fp8-block/{fmt}/M16xN128xK256", dtype=BF16, m=16, n=128, k=256, weight="fp8-block", fmt=fmt)
       for fmt in FP8_DTYPES),  # every format, named (as fp8_gemm's)
     dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, m=8, n=128, k=256, noncontiguous=("x",)),
