@@ -6,7 +6,9 @@ dshal_conformance.collectives``, like torchrun: RANK/WORLD_SIZE/MASTER_ADDR/MAST
 are integer-valued, so every rank can compute the exact expected result itself; a rank
 reports the first element that differs. The ``dead-peer`` case kills one rank while the
 others wait in an all_reduce: they must raise :class:`dshal.CommError` within the
-configured ``distributed.timeout_s`` (plus a grace period), not hang. It runs in dshal's
+configured ``distributed.timeout_s`` (plus a grace period), not hang. ``all_gather`` and
+``reduce_scatter`` run along dim 0 and along the last dim (``dim=-1``, as dshal's
+tensor-parallel layers call them, on 3-D and 2-D tensors). It runs in dshal's
 checked mode, where every collective is waited for on the host with that timeout, so the
 case means the same on nccl (asynchronous collectives) as on gloo.
 
@@ -44,7 +46,9 @@ COLLECTIVES = {
     "all_reduce-sum": "all_reduce",
     "all_reduce-max": "all_reduce",
     "all_gather": "all_gather",
+    "all_gather-last-dim": "all_gather",
     "reduce_scatter": "reduce_scatter",
+    "reduce_scatter-last-dim": "reduce_scatter",
     "all_to_all-even": "all_to_all",
     "all_to_all-uneven": "all_to_all",
     "broadcast": "broadcast",
@@ -93,9 +97,15 @@ def _check(collective: str, rank: int, world: int, comm: Any, device: torch.devi
         return got, torch.stack([make(r) for r in range(world)]).amax(0)
     if collective == "all_gather":
         return comm.all_gather(_make(rank, 2).to(device), dim=0), torch.cat([_make(r, 2) for r in range(world)])
+    if collective == "all_gather-last-dim":  # as the tensor-parallel layers gather their column shards
+        make = lambda r: _make(r, 6).reshape(2, 3, 4)  # noqa: E731
+        return comm.all_gather(make(rank).to(device), dim=-1), torch.cat([make(r) for r in range(world)], dim=-1)
     if collective == "reduce_scatter":
         got = comm.reduce_scatter(_make(rank, 2 * world).to(device), dim=0, op="sum")
         return got, sum(_make(r, 2 * world) for r in range(world)).chunk(world)[rank]
+    if collective == "reduce_scatter-last-dim":
+        got = comm.reduce_scatter(_make(rank, 4, 2 * world).to(device), dim=-1, op="sum")
+        return got, sum(_make(r, 4, 2 * world) for r in range(world)).chunk(world, dim=-1)[rank]
     if collective == "all_to_all-even":
         got = comm.all_to_all(_make(rank, 2 * world).to(device))
         return got, torch.cat([_make(s, 2 * world)[2 * rank : 2 * rank + 2] for s in range(world)])

@@ -35,7 +35,8 @@ def test_every_op_and_collective_is_covered(cpu_report: dict) -> None:
     ops = {c["op"] for c in cpu_report["cases"] if c["kind"] in ("accuracy", "edge")}
     assert set(SPECS) <= ops
     ids = {c["id"] for c in cpu_report["cases"]}
-    for name in ("all_reduce-sum", "all_reduce-max", "all_gather", "reduce_scatter", "all_to_all-even", "all_to_all-uneven", "broadcast", "barrier"):
+    for name in ("all_reduce-sum", "all_reduce-max", "all_gather", "all_gather-last-dim", "reduce_scatter",
+                 "reduce_scatter-last-dim", "all_to_all-even", "all_to_all-uneven", "broadcast", "barrier"):
         assert {f"comm/{name}/w2", f"comm/{name}/w4"} <= ids
     assert "comm/dead-peer/w2" in ids
     for edge in ("M0", "M1", "noncontiguous", "nan_inf", "fp8-max", "zero-block", "fp8-subnormals", "K200-partial-block", "K200-floor-scale-rejected"):
