@@ -52,6 +52,9 @@ SILU_AND_MUL_ROWS = [
     dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, shape=(4, 256), noncontiguous=("x",)),
     dict(name="f32/nan_inf", kind="edge", dtype=F32, shape=(4, 256), values="nan_inf"),
     dict(name="f32/subnormal", kind="edge", dtype=F32, shape=(2, 256), values="subnormal"),
+    # |x| ~ 1e3: silu(gate) * up ~ 1e6, finite in bf16 and float32 (the contract computes in
+    # float32), past float16's 65504 (a bf16 path computed in float16 overflows to inf).
+    dict(name="bf16/large-values", kind="edge", dtype=BF16, shape=(4, 256), values="large"),
     dict(name="bf16/moe/T4096x2x2048", tier="full", dtype=BF16, shape=(4096, 4096)),
     dict(name="bf16/dense/T1024x2x18432", tier="full", dtype=BF16, shape=(1024, 36864)),
     # bench

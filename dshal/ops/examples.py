@@ -108,7 +108,8 @@ class Draw:
 
 def fill_pattern(t: torch.Tensor, pattern: str | None) -> torch.Tensor:
     """Edge-case values: ``nan_inf`` (NaN, +Inf, -Inf at fixed spots), ``subnormal``
-    (float32 subnormals), ``zero_rows`` (every other row zero), ``small`` (rms ~ 1e-3)."""
+    (float32 subnormals), ``zero_rows`` (every other row zero), ``small`` (rms ~ 1e-3),
+    ``large`` (rms ~ 1e3: products past float16's 65504)."""
     if pattern is None or t.numel() == 0:
         return t
     t = t.clone()
@@ -124,6 +125,8 @@ def fill_pattern(t: torch.Tensor, pattern: str | None) -> torch.Tensor:
         return (t.to(torch.float64) * 1e-40).to(t.dtype)
     if pattern == "small":
         return (t.to(torch.float64) * 1e-3).to(t.dtype)
+    if pattern == "large":
+        return (t.to(torch.float64) * 1e3).to(t.dtype)
     if pattern == "zero_rows":
         t[..., ::2, :] = 0
         return t
