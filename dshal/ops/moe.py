@@ -122,7 +122,8 @@ def _check_expert_weight(
 
 @op_spec
 def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
-    """Routed SwiGLU experts: ``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])``.
+    """Routed SwiGLU experts: ``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])``
+    (an expert a token's ids name twice counts twice, once per slot).
 
     ``x [T, H]`` float; ``weights [T, k]`` float; ``ids [T, k]`` int64/int32 in ``[0, E)``,
     or :data:`NO_EXPERT` (-1): a slot no expert of these weights serves (a tensor-parallel
@@ -315,6 +316,10 @@ MOE_EXPERTS_ROWS = [
     dict(name="bf16/M0", kind="edge", dtype=BF16, t=0, h=128, i=64, e=8, k=2),
     dict(name="bf16/int32-ids", kind="edge", dtype=BF16, t=8, h=128, i=64, e=8, k=2, ids="int32"),
     dict(name="bf16/noncontiguous", kind="edge", dtype=BF16, t=8, h=128, i=64, e=8, k=2, noncontiguous=("x",)),
+    # A token routed twice to one expert (its last slot repeats its first): the contract sums
+    # over k, so that expert counts twice, each time with its slot's weight.
+    dict(name="bf16/duplicate-ids", kind="edge", dtype=BF16, t=8, h=128, i=64, e=8, k=4, duplicate_ids=True),
+    dict(name="f32/decode/duplicate-ids", kind="edge", dtype=F32, t=1, h=256, i=128, e=16, k=4, duplicate_ids=True),
     dict(name="bf16/all-skipped", kind="edge", dtype=BF16, t=4, h=128, i=64, e=8, k=2, skip="all", capability="moe_no_expert_ids"),
     dict(name="fp8-block/v3/T128xH7168xI2048xE32-top8", tier="full", dtype=BF16, t=128, h=7168, i=2048, e=32, k=8, weight="fp8-block"),
     dict(name="bf16/v3/T64xH7168xI2048xE8-top8", tier="full", dtype=BF16, t=64, h=7168, i=2048, e=8, k=8),
@@ -332,6 +337,8 @@ def _moe_experts_example(draw: Draw, p) -> Example:
     x = draw.randn(t, h, dtype=dtype)
     weights = draw.rand(t, k).to(torch.float32)
     ids = draw.rand(t, e).argsort(dim=-1)[:, :k].contiguous()  # k distinct experts per token
+    if p.get("duplicate_ids") and k > 1:
+        ids[:, -1] = ids[:, 0]  # ... but for one repeated expert
     if p.get("skip"):
         # Every third slot, token 0's all (when there are others), or all: served elsewhere.
         slot = torch.arange(t * k).reshape(t, k)
