@@ -210,11 +210,19 @@ def fp8_codes(name: str, q: Any, ref_q: torch.Tensor) -> list[Check]:
     worst = int(dist.flatten().argmax())
     at = _where(torch.tensor(worst), dist.shape)
     value = float(dist.flatten()[worst])
+    differ = int((dist > 0).sum())
     detail = (
-        f"{name}: {int((dist > 0).sum())} of {dist.numel()} codes differ; worst at {at}: "
+        f"{name}: {differ} of {dist.numel()} codes differ; worst at {at}: "
         f"got {float(q.float().flatten()[worst])}, reference {float(ref_q.float().flatten()[worst])}"
     )
-    return [threshold_check("fp8_code_distance", value, detail)]
+    return [threshold_check("fp8_code_distance", value, detail), _mismatch_check("fp8_code_mismatch_frac", name, differ, dist.numel(), "codes")]
+
+
+def _mismatch_check(metric: str, name: str, differ: int, total: int, what: str) -> Check:
+    """The fraction of ``total`` quantized values that differ from the oracle's at all: a
+    rounding boundary resolved differently (float32 vs float64) moves a rare value by one
+    step; a systematic rounding error (toward zero, say) moves about half of them."""
+    return threshold_check(metric, differ / total, f"{name}: {differ} of {total} {what} differ from the oracle's")
 
 
 def int_codes(name: str, q: Any, ref_q: torch.Tensor, metric: str = "int8_code_distance") -> list[Check]:
@@ -226,11 +234,13 @@ def int_codes(name: str, q: Any, ref_q: torch.Tensor, metric: str = "int8_code_d
     dist = (q.detach().cpu().to(torch.int64) - ref_q.to(torch.int64)).abs()
     worst = int(dist.flatten().argmax())
     at = _where(torch.tensor(worst), dist.shape)
+    differ = int((dist > 0).sum())
     detail = (
-        f"{name}: {int((dist > 0).sum())} of {dist.numel()} values differ; worst at {at}: "
+        f"{name}: {differ} of {dist.numel()} values differ; worst at {at}: "
         f"got {int(q.flatten()[worst])}, reference {int(ref_q.flatten()[worst])}"
     )
-    return [threshold_check(metric, float(dist.flatten()[worst]), detail)]
+    return [threshold_check(metric, float(dist.flatten()[worst]), detail),
+            _mismatch_check(metric.replace("_distance", "_mismatch_frac"), name, differ, dist.numel(), "values")]
 
 
 def scales(name: str, scale: Any, ref_scale: torch.Tensor) -> list[Check]:
