@@ -321,7 +321,11 @@ class Backend(abc.ABC):
 
     def batch_invariant_ops(self) -> Mapping[str, Callable[..., Any]]:
         """Op name -> a provider whose result for one row (token, sequence) does not depend
-        on the other rows of the batch, used under ``determinism: strict``; default: none."""
+        on the other rows of the batch, used under ``determinism: strict``; default: none.
+        It computes the op's contract: a call the contract makes batch-dependent (``linear``
+        with a tensorwise-FP8 weight, whose activations share one scale:
+        :data:`dshal.backends.invariant.CONTRACT_BATCH_VARIANT`) runs on the whole batch, and
+        the runtime reports it in ``Runtime.determinism_gaps``."""
         return {}
 
     def prepare_weight(self, name: str, weight: torch.Tensor, role: str) -> torch.Tensor:

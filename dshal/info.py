@@ -172,3 +172,8 @@ def _print_tables(data: dict[str, Any]) -> None:
         formats = "\n".join(f"{fmt}: {path['kind']} -- {escape(path['via'])}" for fmt, path in paths.items())
         ops.add_row(op, p["provider"], f"[yellow]{kind}[/yellow]" if kind in ("fallback", "refused") else kind, formats)
     console.print(ops)
+    det = rt.get("determinism") or {}
+    if det.get("mode") == "strict":
+        console.print(f"\n[bold]determinism: strict[/bold]: batch-invariant: {', '.join(det['batch_invariant']) or 'none'}")
+        for op, why in det["gaps"].items():
+            console.print(f"  [yellow]{op}[/yellow]: {escape(why)}")

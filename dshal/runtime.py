@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from dshal.backend import Backend, Capabilities
+from dshal.backends.invariant import CONTRACT_BATCH_VARIANT
 from dshal.config import REFERENCE_PROVIDER, REFUSED_PROVIDER, Config, load_config
 from dshal.errors import DeviceError, UnsupportedOpError
 from dshal.ops.catalogue import SPECS
@@ -48,7 +49,10 @@ class Runtime:
     unchecked: dict[str, Callable[..., Any]] = field(repr=False)
     #: ``determinism: strict``: ops served by a batch-invariant provider of the backend ...
     batch_invariant: frozenset[str] = frozenset()
-    #: ... and, for each batch-sensitive op without one, why not.
+    #: ... and, for each batch-sensitive op without one, why not; for an op in
+    #: ``batch_invariant`` whose contract couples the rows of some calls (``linear`` with a
+    #: tensorwise-FP8 weight: :data:`dshal.backends.invariant.CONTRACT_BATCH_VARIANT`), which
+    #: calls stay batch-variant and why.
     determinism_gaps: dict[str, str] = field(default_factory=dict)
     #: ``moe_experts``' provider serves ``NO_EXPERT`` ids itself: the reference does, a
     #: backend's provider where it declares ``Capabilities.moe_no_expert_ids``; another
@@ -268,7 +272,9 @@ def _strict_providers(
     config: Config, backend: Backend, providers: dict[str, str], unchecked: dict[str, Callable[..., Any]]
 ) -> tuple[frozenset[str], dict[str, str]]:
     """``determinism: strict``: swap in the backend's batch-invariant providers (in place)
-    for the ops it serves itself; return those ops and, for the others, why not."""
+    for the ops it serves itself; return those ops and, for the others, why not. An op whose
+    contract couples the rows of some calls (:data:`~dshal.backends.invariant.CONTRACT_BATCH_VARIANT`)
+    is batch-invariant but for those calls, which its gap names: no provider can be both."""
     offered = backend.batch_invariant_ops()
     invariant, gaps = set(), {}
     for op in BATCH_SENSITIVE_OPS:
@@ -284,6 +290,12 @@ def _strict_providers(
     if gaps:
         log.warning("dshal: determinism: strict: no batch-invariant provider for %s",
                     "; ".join(f"{op} ({why})" for op, why in gaps.items()))
+    for op in sorted(invariant & CONTRACT_BATCH_VARIANT.keys()):
+        gaps[op] = CONTRACT_BATCH_VARIANT[op]
+        # Loud where the model will make such calls (precision.gemm: fp8-tensor); a checkpoint
+        # stored per tensor under precision auto is named in the model's precision report.
+        log.log(logging.WARNING if config.precision.gemm == "fp8-tensor" else logging.INFO,
+                "dshal: determinism: strict: %s: %s", op, gaps[op])
     return frozenset(invariant), gaps
 
 
