@@ -109,7 +109,7 @@ def test_strict_linear_computes_the_contract_for_tensorwise_fp8_and_says_it_is_b
             build_runtime(load_config({"precision": {"gemm": "fp8-tensor"}}, backend="cpu", determinism="strict"))
         assert "determinism: strict: linear: tensorwise-FP8 weights" in caplog.text
     finally:
-        dshal.use(backend="cpu")
+        dshal.runtime.reset()
 
 
 def test_row_by_row_runs_a_tensorwise_fp8_linear_whole() -> None:

@@ -423,3 +423,35 @@ def test_a_windowed_decode_step_past_the_ring_does_no_host_sync():
     assert syncs.count == 0, syncs.where
     reference(torch.cat((ids, torch.tensor([[3]])), 1), 0, whole)  # the same positions in one forward, then the step
     assert torch.equal(got, reference(own, 10, whole))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strict_logits_of_a_row_do_not_depend_on_its_batch(dtype: torch.dtype) -> None:
+    """determinism: strict made every op batch-invariant, but the absorbed MLA's per-head
+    output product (``out @ w_uv.mT``, plain torch) took another GEMM layout once the batch
+    grew: row 0's cached-step logits alone and in a batch of 4 differed in the last bits.
+    Prefill (full and last-position), decode steps in both cache modes and the static step."""
+    from dshal.model.decode import static_decode_step
+
+    try:
+        dshal.use(backend="cpu", determinism="strict")
+        model = random_model(tiny_args(dtype=dtype), seed=0)
+        ids = _ids(model.args, batch=4, length=24)
+
+        def steps(x: torch.Tensor, mode: str, static: bool = False) -> list[torch.Tensor]:
+            cache = model.new_cache(x.shape[0], x.shape[1] + 2, mode, static=static)
+            out = [model(x, 0, cache, last_only=True)[:, -1]]
+            for i in range(2):
+                token = torch.full((x.shape[0], 1), 5 + i)
+                pos = x.shape[1] + i
+                out.append(static_decode_step(model, token, torch.tensor([pos]), cache)[:, None] if static
+                           else model(token, pos, cache, last_only=True))
+            return [o.reshape(x.shape[0], -1) for o in out]
+
+        for what, run in (("no cache", lambda x: [model(x)]), ("naive", lambda x: steps(x, "naive")),
+                          ("absorb", lambda x: steps(x, "absorb")), ("absorb, 2-token prefill", lambda x: steps(x[:, :2], "absorb")),
+                          ("static", lambda x: steps(x, "absorb", static=True))):
+            for i, (alone, batch) in enumerate(zip(run(ids[:1]), run(ids), strict=True)):
+                assert torch.equal(alone[0], batch[0]), (what, i, (alone[0].float() - batch[0].float()).abs().max().item())
+    finally:
+        dshal.runtime.reset()

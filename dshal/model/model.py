@@ -262,8 +262,14 @@ class MLA(nn.Module):
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cache: Any = None
     ) -> torch.Tensor:
         w_kv = self._kv_b_per_head(q_nope.dtype)  # [H, nope + v, r]
-        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
-        q_latent = q_nope.transpose(1, 2) @ w_uk  # [B, H, T, nope] @ [H, nope, r] -> [B, H, T, r]
+        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]  # each head's matrix row-major (stride r, 1)
+        # The per-head products are one GEMM per (row, head) with operands laid out alike
+        # whatever B: torch broadcasts a 3-dim weight over the batch as a view for B = 1 and a
+        # contiguous copy for B > 1, so a weight whose heads are not row-major (w_uv.mT) got
+        # another GEMM layout -- another summation order -- once the batch grew, and a row's
+        # result depended on its batch. Here the weights' heads are row-major slices and the
+        # activations contiguous: B only adds GEMMs, never changes one.
+        q_latent = q_nope.transpose(1, 2).contiguous() @ w_uk  # [B, H, T, nope] @ [H, nope, r] -> [B, H, T, r]
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, r + rope]
         key_bias = None if cache is None else cache.key_bias
         if key_bias is not None:  # static decode step: unwritten slots masked by more dims
@@ -272,7 +278,7 @@ class MLA(nn.Module):
         v = latent[:, None, :, : self.rank]  # [B, 1, S, r]
         causal = self._causal(q.shape[2]) and key_bias is None  # the bias masks by position itself
         out = ops.attention(q, k, v, causal, self.softmax_scale, self.window, self.global_tokens)  # [B, H, T, r]
-        return out @ w_uv.transpose(1, 2)  # [B, H, T, r] @ [H, r, v] -> [B, H, T, v]
+        return (w_uv @ out.contiguous().mT).mT  # ([H, v, r] @ [B, H, r, T]).mT -> [B, H, T, v]
 
     def cached_bytes(self) -> int:
         """Bytes this layer holds beyond its parameters once it has attended in the absorbed form:
