@@ -13,7 +13,7 @@ from dshal.ops.catalogue import SPECS
 from dshal.runtime import build_runtime
 from dshal_conformance import report, runner
 from dshal_conformance.cases.base import Context
-from dshal_conformance.cases.determinism import OPS, run_op
+from dshal_conformance.cases.determinism import OPS, ROWS, _sub_batches, run_op
 
 FAMILY_OPS = {"linear", "fp8_gemm", "rms_norm", "attention", "moe_experts"}
 
@@ -26,6 +26,11 @@ def test_cpu_report_has_a_determinism_row_per_op_and_only_findings(cpu_report: d
         assert c["status"] in ("pass", "unsupported"), (c["id"], c["reason"])
         if c["status"] == "unsupported":
             assert c["finding"] in ("batch-variant", "nondeterministic") and "differs" in c["reason"]
+    # The cpu backend's float32 linear runs up to 8 rows through its C GEMV and more through
+    # torch's GEMM (another summation order): batch-variant, which the leg must say (with
+    # sub-batches of at most 4 rows of 4 it said batch-invariant).
+    linear = next(c for c in det if c["id"] == "determinism/linear/f32/batch-invariant")
+    assert (linear["status"], linear["finding"]) == ("unsupported", "batch-variant"), linear["reason"]
     report.validate(cpu_report)
 
 
@@ -57,7 +62,27 @@ def test_planted_batch_dependence_is_a_finding_with_the_row(default_cpu) -> None
     assert repeat.verdict.status == "pass"
     v = invariant.verdict
     assert v.status == "unsupported" and v.finding == "batch-variant"
-    assert v.value > 0 and "row 0" in v.reason and v.details == {"row": 0}
+    # The evidence is the sub-batch with the largest difference (here one of the single rows).
+    assert v.value > 0 and v.details["row"] in (0, ROWS - 1) and f"row {v.details['row']} " in v.reason
+
+
+def _gemv_up_to_eight_rows_linear(x, weight, bias=None, weight_scale=None):
+    """Planted: as the cpu backend's float32 linear, another summation order above 8 rows."""
+    y = SPECS["linear"].reference_impl(x, weight, bias, weight_scale)
+    return y if x.reshape(-1, x.shape[-1]).shape[0] <= 8 else torch.nextafter(y, torch.full_like(y, float("inf")))
+
+
+def test_sub_batches_cross_a_row_count_threshold(default_cpu) -> None:  # noqa: ANN001
+    """With a batch of 4 (sub-batches of 1 and 3 rows) every call stayed at or under 8 rows:
+    a linear whose path changes above 8 rows passed as batch-invariant."""
+    sizes = [s.stop - s.start for s in _sub_batches(ROWS)]
+    assert min(sizes) == 1 and max(sizes) > 8 and ROWS > 64
+    table = dict(default_cpu.table, linear=SPECS["linear"].checked(_gemv_up_to_eight_rows_linear))
+    repeat, invariant = run_op(_context(table, frozenset(SPECS)), "linear", torch.float32)
+    assert repeat.verdict.status == "pass"
+    v = invariant.verdict
+    # Rows 0..15 in one sub-batch take the >8-row path as in the full batch; the others do not.
+    assert v.status == "unsupported" and v.finding == "batch-variant" and v.details["row"] in (0, 1, 2, 3, 4, ROWS - 1), v.reason
 
 
 def test_planted_run_to_run_noise_is_a_finding(default_cpu) -> None:  # noqa: ANN001

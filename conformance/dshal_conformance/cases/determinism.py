@@ -5,9 +5,12 @@ makes two judgements:
 
 - ``/repeat``: the same call twice, the second time on fresh copies of the inputs
   (other addresses), gives bitwise equal outputs;
-- ``/batch-invariant``: the op on sub-batches (the first row alone, rows 1..3, the last
-  row) gives bitwise the rows of the full-batch result (a "row" is dim 0: a token of
-  ``[M, K]`` inputs, a sequence of attention's ``[B, H, T, D]``).
+- ``/batch-invariant``: the op on sub-batches (the first row alone, rows 1..4, rows 0..15,
+  the last row) gives bitwise the rows of the full batch of ``ROWS`` = 96 (a "row" is dim 0:
+  a token of ``[M, K]`` inputs, a sequence of attention's ``[B, H, T, D]``). Row 0 is thus
+  computed in batches of 1, 16 and 96: kernels switch paths with the row count (the cpu
+  backend's float32 linear runs up to 8 rows through its C GEMV, more through torch's GEMM),
+  and sub-batches that all stay on one side of such a threshold would hide the difference.
 
 Many kernels are legitimately batch-variant (split-K and tile choices follow M), so a
 difference is a *finding*, not a failure: status ``unsupported`` with ``finding`` set
@@ -31,8 +34,10 @@ from dshal_conformance.judge import Verdict, finding
 
 BF16, F32 = torch.bfloat16, torch.float32
 SUFFIXES = ("/repeat", "/batch-invariant")
-#: Sub-batches compared with the full batch (row slices along dim 0).
-ROWS = 4
+#: Rows of the full batch (dim 0). Sub-batches (:func:`_sub_batches`) of 1, 4 and 16 rows
+#: against 96 cross the row counts where kernels change path (GEMV vs GEMM, decode vs prefill
+#: kernels, M tiles) while the cases stay small.
+ROWS = 96
 
 
 #: op -> (dtypes, the example row's parameters (inputs: the op's own example builder, with
@@ -67,7 +72,9 @@ def _difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[f
 
 
 def _sub_batches(n: int) -> list[slice]:
-    return [slice(0, 1), slice(1, min(4, n)), slice(n - 1, n)]
+    """Row slices compared with the full batch of ``n`` rows: the first row alone, rows 1..4
+    (not at the start), the first 16, the last row alone."""
+    return [slice(0, 1), slice(1, min(5, n)), slice(0, min(16, n)), slice(n - 1, n)]
 
 
 def promised(op: str) -> bool:
