@@ -128,11 +128,11 @@ class Capabilities:
     #: converted tensors move to the device, and an explicit ``fp8-*`` gemm mode is a ConfigError.
     fp8_storage: bool = True
     #: ``moe_experts`` serves ``NO_EXPERT`` (-1) ids itself (a slot that adds nothing: a
-    #: tensor-parallel rank's share of the experts), without a host read. False (the default,
-    #: what a plugin written before the id existed declares): tensor-parallel experts keep
-    #: their own slots before calling it (``torch.nonzero``, a host read per MoE layer), their
-    #: decode steps are not captured as device graphs, and the conformance rows with such ids
-    #: are unsupported, not run.
+    #: tensor- or expert-parallel rank's share of the experts), without a host read. False (the
+    #: default, what a plugin written before the id existed declares): split experts keep
+    #: their own slots before calling it (``torch.nonzero``, a host read per MoE layer; under
+    #: EP the all_to_all dispatch), their decode steps are not captured as device graphs, and
+    #: the conformance rows with such ids are unsupported, not run.
     moe_no_expert_ids: bool = False
 
 

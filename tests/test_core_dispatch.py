@@ -202,6 +202,51 @@ def test_blocks_closed_out_of_order_or_on_another_thread_leave_each_thread_consi
     assert serving() == "base" and checking() and MODE.trusted_depth == 0
 
 
+def test_blocks_closed_on_another_thread_while_this_one_opens_blocks_race_nothing() -> None:
+    """A close from another thread rebuilt the opening thread's block list from an old copy
+    while that thread opened and closed its own: overlays served by the base table, and a
+    thread left trusted (unchecked) for good with stale blocks. Each thread's blocks are
+    changed under its lock now."""
+    import queue
+    import sys
+
+    from dshal.ops.mode import MODE
+
+    dispatcher = Dispatcher(["a"], activate_default=lambda: None)
+    dispatcher.install({"a": lambda: "base"}, {"a": lambda: "base, bare"})
+    overlay = ({"a": lambda: "overlay"}, {"a": lambda: "overlay, bare"})
+
+    def held(block):
+        with block:
+            yield
+
+    handed: queue.Queue = queue.Queue()
+    wrong = []
+
+    def closing() -> None:
+        while (stream := handed.get()) is not None:
+            stream.close()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, where the race lives
+    closer = threading.Thread(target=closing)
+    closer.start()
+    try:
+        for _ in range(20000):
+            stream = held(dispatcher.trusted())
+            next(stream)
+            handed.put(stream)
+            with dispatcher.overlay(*overlay):
+                if not dispatcher.thread.table["a"]().startswith("overlay"):
+                    wrong.append("overlay")
+    finally:
+        handed.put(None)
+        closer.join(60)
+        sys.setswitchinterval(interval)
+    assert not wrong and dispatcher.thread.table["a"]() == "base" and MODE.trusted_depth == 0
+    assert dispatcher.thread.blocks == []
+
+
 def test_reference_ops_is_per_thread_and_a_use_inside_it_stays_active() -> None:
     """``dshal.runtime.reference_ops`` serves the calling thread only: another thread keeps the
     backend's providers (the cpu backend takes no meta tensor), and a runtime activated inside

@@ -22,7 +22,8 @@ never tested for inside it:
   take matching halves of each.
 - an expert-parallel transform replaces ``MoE.experts`` (a :class:`RoutedExperts`, called
   as ``experts(x, weights, ids)`` with the router's global expert ids) with a module that
-  dispatches tokens to the rank owning each expert (``dshal.comm.all_to_all``).
+  serves its rank's share (``dshal.parallel.layers.ShardedExperts``: the others' slots as
+  ``NO_EXPERT`` and an all-reduce, or tokens sent to their owners with ``dshal.comm.all_to_all``).
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ class _ThreadTables(threading.local):
         self.tables = base
         self.table = base.checked
         self.blocks: list[_Block] = []
+        self.lock = threading.Lock()  # a block may close on another thread while this one opens one
 
 
 class _Block:
@@ -151,13 +152,15 @@ class Dispatcher:
         closing removes this block from the thread that opened it, and that thread's tables
         and trusted depth are worked out again from the blocks still open there."""
         state, mode = self.thread.__dict__, MODE.__dict__  # the opening thread's own (threading.local) attributes
-        state["blocks"].append(block)
-        self._settle(state, mode)
+        with state["lock"]:
+            state["blocks"].append(block)
+            self._settle(state, mode)
 
         def close() -> None:
-            blocks = state["blocks"]
-            blocks[:] = [b for b in blocks if b is not block]
-            self._settle(state, mode)
+            with state["lock"]:
+                blocks = state["blocks"]
+                blocks[:] = [b for b in blocks if b is not block]
+                self._settle(state, mode)
 
         return close
 

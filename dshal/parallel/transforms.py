@@ -11,8 +11,9 @@
   ``1/n`` of them and the MoE's partial outputs (routed + shared) meet in one all-reduce;
   tokens are the same on every rank of a TP group, so no token exchange is needed.
 * :func:`expert_parallel` over a group of ``m`` ranks: the routed experts (those this rank
-  handles) are split into ``m`` blocks, one per rank, and tokens travel to their experts
-  with ``all_to_all`` (see :class:`~dshal.parallel.layers.ShardedExperts`).
+  handles) are split into ``m`` blocks, one per rank; each rank serves its block's share of
+  every token and an all-reduce sums them (decode steps), or tokens travel to their experts
+  with ``all_to_all`` (long prefill chunks; see :class:`~dshal.parallel.layers.ShardedExperts`).
 
 Both work on a model with weights (they slice them) or on one built on the meta device
 (they record what each rank needs; :func:`dshal.parallel.loading.build_parallel` then reads
@@ -289,7 +290,8 @@ def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
 
 def expert_parallel(model: Transformer, group: Any = None) -> Transformer:
     """Spread the routed experts of ``model`` over ``group`` (None = all ranks), in place;
-    tokens reach their experts with ``all_to_all``. Every rank of the group must call it."""
+    see :class:`~dshal.parallel.layers.ShardedExperts` for how tokens reach them. Every rank
+    of the group must call it."""
     transform = "expert_parallel"
     m, r = _size_and_rank(group)
     if m == 1:
