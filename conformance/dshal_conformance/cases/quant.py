@@ -15,8 +15,10 @@ import torch
 
 from dshal.errors import DshalError, DTypeError
 from dshal.ops.examples import Example
+from dshal.ops.quant import dequantize_to
+from dshal.ops.spec import FP8_FORMAT_OF, FP8_MAX
 from dshal_conformance.cases.base import BadInput, Case, Context, op_cases, replace_arg, standard_bad_inputs
-from dshal_conformance.judge import Check, close, failed, fp8_codes, int_codes, scales
+from dshal_conformance.judge import Check, close, failed, fp8_codes, int_codes, near_rounding_boundary, scales
 from dshal_conformance.tolerances import closeness
 
 
@@ -32,7 +34,13 @@ def judge_quantize_fp8(ctx: Context, row: Mapping[str, Any], out: Any, ref: Any,
     if not (isinstance(out, tuple) and len(out) == 2):
         return [failed("out.type", f"expected (q, scale), got {type(out).__name__}")]
     q, scale = out
-    return scales("scale", scale, ref[1]) + fp8_codes("q", q, ref[0])
+    ref_q, ref_scale = ref
+    block = inputs.kwargs.get("block", (1, 128))
+    per_element = dequantize_to(torch.ones(ref_q.shape, dtype=ref_q.dtype), ref_scale, block, torch.float64)
+    quotient = inputs.kwargs["x"].detach().cpu().double() / per_element
+    qmax = FP8_MAX[FP8_FORMAT_OF[ref_q.dtype]]
+    boundary = near_rounding_boundary(quotient, lambda v: v.clamp(-qmax, qmax).to(ref_q.dtype).view(torch.uint8))
+    return scales("scale", scale, ref_scale) + fp8_codes("q", q, ref_q, boundary)
 
 
 def judge_dequantize(ctx: Context, row: Mapping[str, Any], out: Any, ref: Any, inputs: Example) -> list[Check]:
@@ -42,7 +50,9 @@ def judge_dequantize(ctx: Context, row: Mapping[str, Any], out: Any, ref: Any, i
 def judge_quantize_int8(ctx: Context, row: Mapping[str, Any], out: Any, ref: Any, inputs: Example) -> list[Check]:
     if not (isinstance(out, tuple) and len(out) == 2):
         return [failed("out.type", f"expected (q, scale), got {type(out).__name__}")]
-    return scales("scale", out[1], ref[1]) + int_codes("q", out[0], ref[0])
+    quotient = inputs.kwargs["x"].detach().cpu().double() / ref[1].double()
+    boundary = near_rounding_boundary(quotient, lambda v: torch.round(v).clamp(-127, 127))
+    return scales("scale", out[1], ref[1]) + int_codes("q", out[0], ref[0], boundary=boundary)
 
 
 def cases() -> list[Case]:
