@@ -95,8 +95,13 @@ def test_strict_linear_computes_the_contract_for_tensorwise_fp8_and_says_it_is_b
         why = rt.determinism_gaps["linear"]
         assert "tensorwise-FP8" in why and "one scale over all rows" in why and "linear" in rt.batch_invariant
         assert rt.describe()["determinism"]["gaps"]["linear"] == why
-        gap = next(f for f in RunReport(rt).to_dict()["fallbacks"] if f["kind"] == "determinism")
-        assert gap["op"] == "linear" and "tensorwise-FP8" in gap["reason"]
+        report = RunReport(rt)
+        with report.recording():  # a run report lists the gap with the calls it concerns only
+            dshal.ops.linear(x, weight.float())
+            assert not any(f["kind"] == "determinism" for f in report.to_dict()["fallbacks"])
+            dshal.ops.linear(x, weight, weight_scale=scale)
+        gap = next(f for f in report.to_dict()["fallbacks"] if f["kind"] == "determinism")
+        assert gap["op"] == "linear" and "tensorwise-FP8" in gap["reason"] and gap["calls"] == 1
         assert not any(r.levelname == "WARNING" and "tensorwise" in r.message for r in caplog.records)
         # Rowwise and block FP8 weights (per-row activation scales) stay row by row: invariant.
         for block in ((1, -1), (128, 128)):

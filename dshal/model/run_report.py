@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dshal.backends.invariant import CONTRACT_BATCH_VARIANT, couples_rows
+from dshal.ops.catalogue import SPECS
 from dshal.outputs import atomic_write
 from dshal.runtime import format_paths, op_hook
 
@@ -35,14 +37,19 @@ class RunReport:
         self.runtime = runtime
         self.model = model
         self.calls: Counter[str] = Counter()
+        #: calls whose contract couples the rows (``couples_rows``: batch-variant under strict)
+        self.coupled: Counter[str] = Counter()
         self._thread = threading.get_ident()
 
     def _count(self, name: str, provider: Callable[..., Any]) -> Callable[..., Any]:
-        calls, mine = self.calls, self._thread
+        calls, coupled, mine = self.calls, self.coupled, self._thread
+        signature = SPECS[name].signature if name in CONTRACT_BATCH_VARIANT else None
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             if threading.get_ident() == mine:  # this request's calls, not another thread's
                 calls[name] += 1
+                if signature is not None and couples_rows(name, signature.bind(*args, **kwargs).arguments):
+                    coupled[name] += 1
             return provider(*args, **kwargs)
 
         counted.__name__ = name
@@ -75,8 +82,13 @@ class RunReport:
                 out.append({"op": op, "provider": provider, "kind": "override", "reason": f"config ops.{op}: {provider}",
                             "calls": self.calls.get(op, 0)})
         for op, why in getattr(rt, "determinism_gaps", {}).items():
+            calls = self.calls.get(op, 0)
+            if op in getattr(rt, "batch_invariant", frozenset()):  # a contract's coupling: only its own calls
+                calls = self.coupled.get(op, 0)
+                if not calls:
+                    continue
             out.append({"op": op, "provider": rt.providers.get(op), "kind": "determinism",
-                        "reason": f"determinism: strict, but {why}", "calls": self.calls.get(op, 0)})
+                        "reason": f"determinism: strict, but {why}", "calls": calls})
         return out
 
     def to_dict(self) -> dict[str, Any]:
