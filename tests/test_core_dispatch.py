@@ -247,6 +247,37 @@ def test_blocks_closed_on_another_thread_while_this_one_opens_blocks_race_nothin
     assert dispatcher.thread.blocks == []
 
 
+def test_a_block_the_garbage_collector_closes_while_its_thread_opens_one_does_not_hang() -> None:
+    """A generator paused inside ``trusted()`` and dropped in a reference cycle is closed by the
+    garbage collector, which may run inside the thread's own open of another block (any
+    allocation there can start a collection): a plain lock taken twice by one thread hung the
+    process for good. Run in a child with a deadline, the collector set to run often."""
+    script = textwrap.dedent("""
+        import gc, sys
+        from dshal.ops.dispatch import Dispatcher
+        from dshal.ops.mode import MODE
+        dispatcher = Dispatcher(["a"], activate_default=lambda: None)
+        dispatcher.install({"a": lambda: "base"}, {"a": lambda: "base, bare"})
+        def held():
+            with dispatcher.trusted():
+                yield
+        for threshold in range(1, 60):
+            for _ in range(3):
+                stream = held(); next(stream)
+                cycle = [stream]; cycle.append(cycle)
+                del stream, cycle
+                gc.set_threshold(threshold)
+                with dispatcher.trusted():
+                    pass
+                gc.set_threshold(700)
+        gc.collect()
+        print(MODE.trusted_depth, len(dispatcher.thread.blocks), dispatcher.thread.table["a"]())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["0", "0", "base"], proc.stdout
+
+
 def test_reference_ops_is_per_thread_and_a_use_inside_it_stays_active() -> None:
     """``dshal.runtime.reference_ops`` serves the calling thread only: another thread keeps the
     backend's providers (the cpu backend takes no meta tensor), and a runtime activated inside

@@ -63,7 +63,10 @@ class _ThreadTables(threading.local):
         self.tables = base
         self.table = base.checked
         self.blocks: list[_Block] = []
-        self.lock = threading.Lock()  # a block may close on another thread while this one opens one
+        # A block may close on another thread while this one opens one, or on this thread
+        # inside its own settle (a generator finalized by the garbage collector): re-entrant.
+        self.lock = threading.RLock()
+        self.version = 0  # bumped by every open and close: a settle interrupted by one settles again
 
 
 class _Block:
@@ -154,23 +157,34 @@ class Dispatcher:
         state, mode = self.thread.__dict__, MODE.__dict__  # the opening thread's own (threading.local) attributes
         with state["lock"]:
             state["blocks"].append(block)
+            state["version"] += 1
             self._settle(state, mode)
 
         def close() -> None:
             with state["lock"]:
                 blocks = state["blocks"]
                 blocks[:] = [b for b in blocks if b is not block]
+                state["version"] += 1
                 self._settle(state, mode)
 
         return close
 
     def _settle(self, state: dict[str, Any], mode: dict[str, Any]) -> None:
-        blocks = state["blocks"]
-        tables = next((b.tables for b in reversed(blocks) if b.tables is not None), self._base)
-        depth = sum(b.tables is None for b in blocks)
-        mode["trusted_depth"] = depth
-        state["tables"] = tables
-        state["table"] = tables.unchecked if depth else tables.checked
+        """Work the thread's tables and trusted depth out from its open blocks (under its lock),
+        again if a block closed meanwhile (re-entrantly, from a garbage-collected generator)."""
+        while True:
+            version = state["version"]
+            tables, depth = self._base, 0
+            for block in state["blocks"]:
+                if block.tables is None:
+                    depth += 1
+                else:
+                    tables = block.tables  # the innermost overlay
+            mode["trusted_depth"] = depth
+            state["tables"] = tables
+            state["table"] = tables.unchecked if depth else tables.checked
+            if state["version"] == version:
+                return
 
     @contextlib.contextmanager
     def hooked(self, hook: Hook) -> Iterator[None]:
