@@ -11,8 +11,8 @@ the precision mode of each layer.
 
 ``dshal run --report F`` does the same around its timed generation. Calls are counted
 through :func:`dshal.runtime.op_hook` (one counter increment per call, and for a ``linear``
-two attribute reads: whether its weight is FP8 with one scale, a call whose rows a strict
-run cannot keep apart); the hook is gone when the block ends.
+a look at its weight's dtype: an FP8 weight with one scale couples the call's rows, which a
+strict run cannot keep apart); the hook is gone when the block ends.
 """
 
 from __future__ import annotations
@@ -26,18 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from dshal.backends.invariant import CONTRACT_BATCH_VARIANT, couples_rows
-from dshal.ops.catalogue import SPECS
-from dshal.ops.spec import FP8_FORMAT_OF
 from dshal.outputs import atomic_write
 from dshal.runtime import format_paths, op_hook
 
 
-def _may_couple_rows(args: tuple, kwargs: dict) -> bool:
-    """Whether a ``linear(x, weight, bias, weight_scale)`` call's weight is FP8 with a single
-    scale (two attribute reads): only such a call can couple rows (``couples_rows`` decides)."""
-    weight = args[1] if len(args) > 1 else kwargs.get("weight")
-    scale = args[3] if len(args) > 3 else kwargs.get("weight_scale")
-    return getattr(weight, "dtype", None) in FP8_FORMAT_OF and getattr(scale, "numel", lambda: 0)() == 1
+def _weight_args(args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``weight`` and ``weight_scale`` of a ``linear(x, weight, bias, weight_scale)`` call,
+    all :func:`couples_rows` reads (no signature binding per call)."""
+    return {"weight": args[1] if len(args) > 1 else kwargs.get("weight"),
+            "weight_scale": args[3] if len(args) > 3 else kwargs.get("weight_scale")}
 
 
 class RunReport:
@@ -53,13 +50,12 @@ class RunReport:
 
     def _count(self, name: str, provider: Callable[..., Any]) -> Callable[..., Any]:
         calls, coupled, mine = self.calls, self.coupled, self._thread
-        signature = SPECS[name].signature if name in CONTRACT_BATCH_VARIANT else None
+        may_couple = name in CONTRACT_BATCH_VARIANT  # linear: its weight decides
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             if threading.get_ident() == mine:  # this request's calls, not another thread's
                 calls[name] += 1
-                if signature is not None and _may_couple_rows(args, kwargs) and couples_rows(
-                        name, signature.bind(*args, **kwargs).arguments):
+                if may_couple and couples_rows(name, _weight_args(args, kwargs)):
                     coupled[name] += 1
             return provider(*args, **kwargs)
 

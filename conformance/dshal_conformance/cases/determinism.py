@@ -5,12 +5,13 @@ makes two judgements:
 
 - ``/repeat``: the same call twice, the second time on fresh copies of the inputs
   (other addresses), gives bitwise equal outputs;
-- ``/batch-invariant``: the op on sub-batches (the first row alone, rows 1..4, rows 0..15,
-  the last row) gives bitwise the rows of the full batch of ``ROWS`` = 96 (a "row" is dim 0:
-  a token of ``[M, K]`` inputs, a sequence of attention's ``[B, H, T, D]``). Row 0 is thus
-  computed in batches of 1, 16 and 96: kernels switch paths with the row count (the cpu
-  backend's float32 linear runs up to 8 rows through its C GEMV, more through torch's GEMM),
-  and sub-batches that all stay on one side of such a threshold would hide the difference.
+- ``/batch-invariant``: the op on sub-batches (every row alone, and windows of ``WINDOWS``
+  rows: see :func:`_sub_batches`) gives bitwise the rows of the full batch of ``ROWS`` = 96
+  (a "row" is dim 0: a token of ``[M, K]`` inputs, a sequence of attention's ``[B, H, T, D]``).
+  Kernels switch paths with the row count (the cpu backend's float32 linear runs up to 8 rows
+  through its C GEMV, more through torch's GEMM), and a rounding that lands apart may show at
+  only a few rows: sub-batches that stay on one side of a threshold, or miss those rows,
+  would hide the difference.
 
 Many kernels are legitimately batch-variant (split-K and tile choices follow M), so a
 difference is a *finding*, not a failure: status ``unsupported`` with ``finding`` set
