@@ -10,7 +10,8 @@ A backend is a small class in three tiers:
   :meth:`Backend.batch_invariant_ops`,
   :meth:`Backend.prepare_weight` (a weight's device layout, once at load),
   :meth:`Backend.standin_capabilities` (a dry view for a vendor release, no device),
-  :meth:`Backend.device` / :meth:`Backend.bind_device` (this rank's device: ``LOCAL_RANK``);
+  :meth:`Backend.device` / :meth:`Backend.local_device_index` / :meth:`Backend.bind_device`
+  (this rank's device: ``LOCAL_RANK``);
 * **capability queries** derived from :class:`Capabilities` -- :meth:`Backend.fp8_formats`,
   :meth:`Backend.native_e4m3`, :meth:`Backend.op_kind`.
 
@@ -257,7 +258,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def ops(self) -> Mapping[str, Callable[..., Any]]:
         """Op name -> implementation. Each implementation has exactly the op spec's
-        signature; the core validates inputs before calling it."""
+        signature. The core validates inputs before calling it, except inside
+        :func:`dshal.ops.trusted` (decode steps after the first, graph capture): a check that
+        a provider needs there and that reads the device (``moe_experts`` ids:
+        :func:`dshal.plugin.check_ids_in_range`) is the provider's own."""
 
     # ---------------------------------------------------------------- optional hooks
     def device(self, index: int | None = None) -> torch.device:

@@ -51,7 +51,8 @@ class BackendInfo:
     loaded: bool
     available: bool
     reason: str
-    #: The exception that stopped the plugin from loading (None when it loaded).
+    #: The exception behind ``reason`` when the plugin cannot be used: it failed to load, or its
+    #: ``availability()`` overran (None when it loaded and answered).
     error: BaseException | None = field(default=None, repr=False)
     backend: Backend | None = field(default=None, repr=False)
     capabilities: Capabilities | None = field(default=None, repr=False)
@@ -59,10 +60,10 @@ class BackendInfo:
 
     def require(self) -> Backend:
         """The backend, or the error that explains why it cannot be used."""
-        if not self.loaded or self.backend is None:
+        if not self.loaded:
             raise PluginLoadError(f"backend {self.name!r} ({self.entry_point}) failed to load: {self.reason}") from self.error
-        if not self.available:
-            raise BackendUnavailableError(f"backend {self.name!r} is not available: {self.reason}")
+        if not self.available or self.backend is None:
+            raise BackendUnavailableError(f"backend {self.name!r} is not available: {self.reason}") from self.error
         return self.backend
 
     def as_dict(self) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")  # mode: root conftest
-from dshal.errors import DeviceError, DTypeError, ShapeError  # noqa: E402
+from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError  # noqa: E402
 from dshal.kernels.triton.activation import silu_and_mul, silu_and_mul_fp8_quant  # noqa: E402
 from dshal.kernels.triton.norm import rms_norm  # noqa: E402
 from dshal.kernels.triton.quant import fp8_quantize_blocks  # noqa: E402
@@ -60,7 +60,8 @@ NORM_BAD = [
     (lambda: rms_norm(rand(2, 8), rand(9)), ShapeError, "'weight' has size 9"),
     (lambda: rms_norm(rand(2, 8), rand(8), residual=rand(3, 8)), ShapeError, "'residual' has shape [3, 8]"),
     (lambda: rms_norm(rand(2, 8), rand(8), residual=rand(2, 8).half()), DTypeError, "'residual' has dtype"),
-    (lambda: rms_norm(rand(2, 8), rand(8), eps=-1.0), DTypeError, "'eps' is -1.0"),
+    (lambda: rms_norm(rand(2, 8), rand(8), eps=-1.0), ArgumentError, "'eps' is -1.0"),
+    (lambda: rms_norm(rand(2, 8), rand(8), eps=float("inf")), ArgumentError, "'eps' is inf"),
     (lambda: rms_norm(rand(2, 8).int(), rand(8)), DTypeError, "'x' has dtype torch.int32"),
     (lambda: rms_norm(rand(2, 8).to("meta"), rand(8).to("meta")), DeviceError, "'x' is on meta"),
     (lambda: rms_norm(rand(2, 8), rand(8).to("meta")), DeviceError, "'weight' is on meta"),
@@ -111,7 +112,7 @@ ACT_BAD = [
     (lambda: silu_and_mul(rand(2, 8).long()), DTypeError, "'x' has dtype torch.int64"),
     (lambda: silu_and_mul(rand(2, 8).to("meta")), DeviceError, "'x' is on meta"),
     (lambda: silu_and_mul_fp8_quant(rand(2, 8), torch.bfloat16), DTypeError, "'fp8_dtype' is torch.bfloat16"),
-    (lambda: silu_and_mul_fp8_quant(rand(2, 8), ue8m0=1), DTypeError, "'ue8m0' is 1"),
+    (lambda: silu_and_mul_fp8_quant(rand(2, 8), ue8m0=1), ArgumentError, "'ue8m0' is 1"),
     (lambda: silu_and_mul_fp8_quant(rand(2, 9)), ShapeError, "last dim 9"),
 ]
 
@@ -162,7 +163,7 @@ ROPE_BAD = [
     (lambda: rotary_embedding(rand(2, 4, 8), *angles(2, 4)), ShapeError, "'cos' has shape [2, 4]"),
     (lambda: rotary_embedding(rand(4, 8), angles(4, 4)[0], angles(4, 5)[1]), ShapeError, "'sin' has shape [4, 5]"),
     (lambda: rotary_embedding(rand(1, 1, 1, 1, 1, 8), *angles(1, 4)), ShapeError, "at most 5 dims"),
-    (lambda: rotary_embedding(rand(4, 8), *angles(4, 4), interleaved="yes"), DTypeError, "'interleaved' is 'yes'"),
+    (lambda: rotary_embedding(rand(4, 8), *angles(4, 4), interleaved="yes"), ArgumentError, "'interleaved' is 'yes'"),
     (lambda: rotary_embedding(rand(4, 8, dtype=torch.half).to("meta"), *angles(4, 4)), DeviceError, "is on"),
 ]
 

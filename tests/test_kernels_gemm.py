@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")  # mode: root conftest
-from dshal.errors import DeviceError, DTypeError, ShapeError, UnsupportedOpError  # noqa: E402
+from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedOpError  # noqa: E402
 from dshal.kernels.triton.gemm import fp8_block_gemm  # noqa: E402
 from dshal.kernels.triton.target import KernelTarget, shipped_target  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
@@ -122,7 +122,7 @@ BAD = [
     (lambda qa, sa, qb, sb: fp8_block_gemm(qa[0], sa, qb, sb), ShapeError, "'a' must be 2-D"),
     (lambda qa, sa, qb, sb: fp8_block_gemm(qa, sa, qb.to("meta"), sb), DeviceError, "'b' is on meta"),
     (lambda *ops: fp8_block_gemm(*(t.to("meta") for t in ops)), DeviceError, "'a' is on meta"),
-    (lambda qa, sa, qb, sb: fp8_block_gemm(qa, sa, qb, sb, target=3), DTypeError, "'target' is a int"),
+    (lambda qa, sa, qb, sb: fp8_block_gemm(qa, sa, qb, sb, target=3), ArgumentError, "'target' is a int"),
 ]
 
 

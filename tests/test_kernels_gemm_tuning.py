@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")  # mode: root conftest
 
-from dshal.errors import DTypeError  # noqa: E402
+from dshal.errors import ArgumentError  # noqa: E402
 from dshal.kernels.triton import gemm  # noqa: E402
 from dshal.kernels.triton.target import (  # noqa: E402
     DECODE_M,
@@ -104,7 +104,7 @@ def test_no_timing_inside_a_graph_capture(monkeypatch, tuning_dir):
 
 def test_tile_argument_is_checked():
     a, sa, b, sb = operands(2, 128, 256)
-    with pytest.raises(DTypeError, match="'tile'"):
+    with pytest.raises(ArgumentError, match="'tile'"):
         gemm.fp8_block_gemm(a, sa, b, sb, tile=(16, 32))
     with pytest.raises(ValueError, match="split_k"):
         TileConfig(16, 32, split_k=3)
@@ -185,3 +185,15 @@ def test_commands_that_compile_kernels_say_when_triton_is_not_installed(command)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"dshal {command[0]}: error: needs the triton package (pip install 'dshal[triton]')" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "fragment"),
+    [("_parse_shapes", "256;0,512", "'--shapes' is '256;0,512'"), ("_parse_m", "1,x", "'--m' is '1,x'")],
+)
+def test_tune_flag_values_out_of_range_are_argument_errors(parse, text, fragment):
+    """A CLI flag out of range is an ArgumentError (README: errors), not a config file's ConfigError."""
+    from dshal.kernels.triton import tune
+
+    with pytest.raises(ArgumentError, match=fragment):
+        getattr(tune, parse)(text)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")  # mode: root conftest
-from dshal.errors import DeviceError, DTypeError, ShapeError  # noqa: E402
+from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError  # noqa: E402
 from dshal.kernels.triton.quant import fp8_quantize_blocks  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
 
@@ -121,9 +121,9 @@ BAD = [
     (lambda: fp8_quantize_blocks(torch.ones(128), (128, 128)), ShapeError, "at least 2-D"),
     (lambda: fp8_quantize_blocks(torch.ones(4, 128), (1, 128), torch.half), DTypeError, "'fp8_dtype' is torch.float16"),
     (lambda: fp8_quantize_blocks(torch.ones(4, 128, dtype=torch.int32)), DTypeError, "'x' has dtype torch.int32"),
-    (lambda: fp8_quantize_blocks(torch.ones(4, 128), ue8m0="yes"), DTypeError, "'ue8m0' is 'yes'"),
+    (lambda: fp8_quantize_blocks(torch.ones(4, 128), ue8m0="yes"), ArgumentError, "'ue8m0' is 'yes'"),
     (lambda: fp8_quantize_blocks(torch.ones(4, 128, device="meta")), DeviceError, "'x' is on meta"),
-    (lambda: fp8_quantize_blocks(torch.ones(4, 128), target="hopper"), DTypeError, "'target' is a str"),
+    (lambda: fp8_quantize_blocks(torch.ones(4, 128), target="hopper"), ArgumentError, "'target' is a str"),
 ]
 
 

@@ -15,7 +15,7 @@ import torch
 
 import dshal
 from dshal.config import MAX_YAML_DEPTH, load_config
-from dshal.errors import ConfigError, PluginLoadError
+from dshal.errors import BackendUnavailableError, ConfigError, PluginLoadError
 
 ALIAS_BOMB = "\n".join(
     ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
@@ -136,6 +136,10 @@ def test_hung_availability_is_bounded_and_not_probed_for_a_named_backend(install
     assert time.perf_counter() - started < 10
     assert not info.available and "availability() did not return within 0.5 s" in info.reason
     assert sys.modules[module].CALLS["availability"] == 1
+    # it loaded; it is unavailable (the README's promise), not a plugin that failed to load
+    assert info.loaded
+    with pytest.raises(BackendUnavailableError, match="'sleepy' is not available: availability.. did not return"):
+        info.require()
 
 
 def test_auto_selection_probes_only_its_candidates_up_to_the_first_usable(install_plugin, monkeypatch):

@@ -734,9 +734,9 @@ class Transformer(nn.Module):
             return [(heads, a.qk_head_dim), (heads, a.v_head_dim)]
         raise ArgumentError(f"new_cache: argument 'mode' is {mode!r}, expected 'absorb' or 'naive'")
 
-    #: ``model.generate(input_ids, max_new_tokens, temperature=0.0, *, eos_token_id=None,
-    #: generator=None, on_token=None, prefill_chunk=2048, top_p=1.0, top_k=0, min_p=0.0)`` ->
-    #: ``[B, T + new]``: see :func:`dshal.model.generate.generate`.
+    #: ``model.generate(input_ids, max_new_tokens, ...)`` -> ``[B, T + new]``: sampling,
+    #: ragged prompts (``prompt_lens``), streaming and caches are keywords of
+    #: :func:`dshal.model.generate.generate`, which documents them all.
     generate = generate
 
     def describe(self) -> dict[str, Any]:

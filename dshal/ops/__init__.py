@@ -78,8 +78,10 @@ def int8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
 
 
 def linear(x, weight, bias=None, weight_scale=None):
-    """``y = x @ weight.T (+ bias)`` -> ``[..., N]``; FP8 ``weight`` with a block ``weight_scale``
-    quantizes ``x`` per (1, 128) and runs :func:`fp8_gemm`."""
+    """``y = x @ weight.T (+ bias)`` -> ``[..., N]``. An FP8 ``weight``'s ``weight_scale`` shape
+    picks how ``x`` is quantized for :func:`fp8_gemm`: block ``[ceil(N/128), ceil(K/128)]`` per
+    (1, 128), rowwise ``[N, 1]`` per row, 0-dim per tensor; an int8 ``weight`` with ``[N, 1]``
+    scales runs W8A8 through :func:`int8_gemm`."""
     return _thread.table["linear"](x, weight, bias, weight_scale)
 
 

@@ -55,10 +55,6 @@ def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
     return start, min(total, start + per)
 
 
-def _new_param(value: torch.Tensor | None) -> nn.Parameter | None:
-    return None if value is None else nn.Parameter(value, requires_grad=False)
-
-
 @dataclass(frozen=True)
 class ActivationQuant:
     """How the full (unsharded) quantized linear quantizes its input: FP8 ``fmt`` per

@@ -205,10 +205,6 @@ class Peaks:
     #: key (or ``"bandwidth"``) -> "capabilities", "measured", or "stand-in: <key> (measured)".
     sources: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def any_measured(self) -> bool:
-        return any("measured" in s for s in self.sources.values())
-
     def to_dict(self) -> dict[str, Any]:
         return {"flops": dict(self.flops), "bandwidth": self.bandwidth, "sources": dict(self.sources)}
 

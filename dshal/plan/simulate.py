@@ -17,7 +17,6 @@ call repeated with the same argument layouts (the next layer's) is answered from
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -419,10 +418,6 @@ def kv_cache_bytes(sim: SimulatedRank, batch: int, context: int, mtp: bool = Fal
     caches = [sim.model.new_cache(batch, context)] + ([sim.model.new_cache(batch, context, mtp=True)] if mtp else [])
     total = sum(cache.bytes_per_token * cache.capacity * cache.batch for cache in caches)  # as allocated
     return total // max(batch * context, 1), total
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)
 
 
 __all__ = [

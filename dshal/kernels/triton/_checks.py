@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dshal.errors import BackendUnavailableError, DeviceError, DTypeError
+from dshal.errors import ArgumentError, BackendUnavailableError, DeviceError, DTypeError
 from dshal.kernels.triton import interpreter_blocked_reason, interpreter_requested
 from dshal.kernels.triton.target import KernelTarget, default_target
 
@@ -85,7 +85,7 @@ def check_fp8_dtype(fn: str, arg: str, dtype: object) -> Fp8Format:
 def check_flag(fn: str, arg: str, value: object) -> bool:
     """``value`` must be a plain bool (a tensor or string here is a caller's mistake)."""
     if not isinstance(value, bool):
-        raise DTypeError(f"{fn}: argument {arg!r} is {value!r}, expected True or False")
+        raise ArgumentError(f"{fn}: argument {arg!r} is {value!r}, expected True or False")
     return value
 
 
@@ -94,7 +94,7 @@ def resolve_target(fn: str, target: object, device: torch.device) -> KernelTarge
     if target is None:
         return default_target(device)
     if not isinstance(target, KernelTarget):
-        raise DTypeError(f"{fn}: argument 'target' is a {type(target).__name__}, expected a KernelTarget or None")
+        raise ArgumentError(f"{fn}: argument 'target' is a {type(target).__name__}, expected a KernelTarget or None")
     return target
 
 

@@ -152,7 +152,8 @@ def silu_and_mul_fp8_quant(
     would. Scales follow ``fp8_quantize_blocks`` (amax / fp8 max, 1 for an all-zero block,
     powers of two when ``ue8m0``). ``target`` only sets the warps per program.
 
-    Raises DTypeError (``x``'s dtype, ``fp8_dtype``, ``ue8m0``), ShapeError (odd last dim),
+    Raises DTypeError (``x``'s dtype, ``fp8_dtype``), ArgumentError (``ue8m0`` not a bool),
+    ShapeError (odd last dim),
     DeviceError (a CPU tensor without the interpreter), UnsupportedOpError (an
     ``fp8_dtype`` outside ``target.fp8_dtypes``). Inside :func:`dshal.ops.trusted` these
     input checks are skipped (as the op's own are): the caller vouches for the inputs; only

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from dshal.config import cache_dir
-from dshal.errors import ConfigError
+from dshal.errors import ArgumentError
 from dshal.kernels.triton import require_triton
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
@@ -365,9 +365,9 @@ def cross_compile(
 
     for name in targets:
         if name not in COMPILE_TARGETS:
-            raise ConfigError(f"dshal kernels: argument '--target' is {name!r}, expected one of {', '.join(COMPILE_TARGETS)}")
+            raise ArgumentError(f"dshal kernels: argument '--target' is {name!r}, expected one of {', '.join(COMPILE_TARGETS)}")
     if jobs < 1:
-        raise ConfigError(f"dshal kernels: argument '--jobs' is {jobs}, expected at least 1")
+        raise ArgumentError(f"dshal kernels: argument '--jobs' is {jobs}, expected at least 1")
     jobs = min(jobs, _cpus())  # each worker is a whole Python + Triton; more than the CPUs only thrash
     env = {k: v for k, v in child_env().items() if k not in ("TRITON_INTERPRET", "DSHAL_EMULATE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dshal.errors import DTypeError
+from dshal.errors import ArgumentError, DTypeError
 from dshal.kernels.triton._checks import (
     FP8_FORMATS,
     check_kernel_device,
@@ -189,7 +189,7 @@ def _check_fp8_block_gemm(
     tgt.check_fp8_dtype(fn, "a", a.dtype)
     tgt.check_fp8_dtype(fn, "b", b.dtype)
     if tile is not None and not isinstance(tile, TileConfig):
-        raise DTypeError(f"{fn}: argument 'tile' is a {type(tile).__name__}, expected a TileConfig or None")
+        raise ArgumentError(f"{fn}: argument 'tile' is a {type(tile).__name__}, expected a TileConfig or None")
     return tgt
 
 
@@ -222,7 +222,8 @@ def fp8_block_gemm(
     Raises DTypeError (non-FP8 ``a``/``b``, non-float32 scales, bad ``out_dtype``),
     ShapeError (ranks, K mismatch, scale shapes), DeviceError (mixed devices, a CPU tensor
     without the interpreter), UnsupportedOpError (an FP8 dtype outside ``target.fp8_dtypes``,
-    e.g. FNUZ on NVIDIA), DTypeError (``tile`` not a TileConfig). Inside
+    e.g. FNUZ on NVIDIA), ArgumentError (``tile`` not a TileConfig, ``target`` not a
+    KernelTarget). Inside
     :func:`dshal.ops.trusted` these input checks are skipped (as the op's own are): the
     caller vouches for the inputs; only ``target`` is resolved.
     """

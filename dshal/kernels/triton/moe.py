@@ -293,7 +293,7 @@ def grouped_moe_experts(
     :func:`dshal.ops.trusted` (no sync: decode steps and graph capture); False skips it.
 
     Raises DTypeError (dtypes, FP8 weight without scale or scale without FP8 weight),
-    ShapeError (shapes, ids out of range), DeviceError (mixed devices, a CPU tensor without
+    ArgumentError (``check_ids`` not a bool), ShapeError (shapes, ids out of range), DeviceError (mixed devices, a CPU tensor without
     the interpreter), UnsupportedOpError (FP8 weights outside ``target.fp8_dtypes``). Inside
     :func:`dshal.ops.trusted` these input checks are skipped (as the op's own are): the
     caller vouches for the inputs; only ``target`` is resolved, and ``check_ids`` still

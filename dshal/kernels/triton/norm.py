@@ -6,12 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dshal.errors import DTypeError, ShapeError
+from dshal.errors import ShapeError
 from dshal.kernels.triton._checks import check_kernel_device, launch, module_interpreted, resolve_target
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget
 from dshal.ops.mode import checking
-from dshal.ops.spec import FLOAT_DTYPES, check_dim, check_same_device, check_tensor
+from dshal.ops.spec import FLOAT_DTYPES, check_dim, check_real, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
 
@@ -56,8 +56,7 @@ def _check_rms_norm(
     check_tensor(fn, "weight", weight, dtypes=FLOAT_DTYPES, ndim=1)
     hidden = x.shape[-1]
     check_dim(fn, "weight", weight, 0, hidden, "the last dim of 'x'")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise DTypeError(f"{fn}: argument 'eps' is {eps!r}, expected a non-negative float")
+    check_real(fn, "eps", eps, positive=False)
     if residual is not None:
         check_tensor(fn, "residual", residual, dtypes=(x.dtype,))
         if residual.shape != x.shape:
@@ -89,7 +88,7 @@ def rms_norm(
     of ``x``'s dtype. One program per row; H is at most 65536. ``target`` only sets the
     warps per program.
 
-    Raises DTypeError (dtypes, ``eps``), ShapeError (``weight``/``residual`` shapes, H too
+    Raises DTypeError (dtypes), ArgumentError (``eps`` negative or not finite), ShapeError (``weight``/``residual`` shapes, H too
     large), DeviceError (mixed devices, a CPU tensor without the interpreter). Inside
     :func:`dshal.ops.trusted` these input checks are skipped (as the op's own are): the
     caller vouches for the inputs; only ``target`` is resolved.

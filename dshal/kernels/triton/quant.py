@@ -135,7 +135,7 @@ def fp8_quantize_blocks(
     ``target`` only sets the warps per program.
 
     Raises ShapeError (bad ``block``, ``x`` of the wrong rank), DTypeError (``x``'s dtype,
-    ``fp8_dtype``, ``ue8m0``), DeviceError (a CPU tensor without the interpreter, meta),
+    ``fp8_dtype``), ArgumentError (``ue8m0`` not a bool), DeviceError (a CPU tensor without the interpreter, meta),
     UnsupportedOpError (an ``fp8_dtype`` outside ``target.fp8_dtypes``). Inside
     :func:`dshal.ops.trusted` these input checks are skipped (as the op's own are): the
     caller vouches for the inputs; only ``target`` is resolved.

@@ -113,7 +113,7 @@ def rotary_embedding(
     ``(a, b) -> (a cos - b sin, b cos + a sin)``. Math in float32; the result is a new
     contiguous tensor of ``x``'s shape and dtype. ``target`` only sets the warps per program.
 
-    Raises DTypeError (dtypes, ``interleaved``), ShapeError (odd D, more than 5 dims,
+    Raises DTypeError (dtypes), ArgumentError (``interleaved`` not a bool), ShapeError (odd D, more than 5 dims,
     cos/sin not broadcastable to ``x[..., :D/2]``), DeviceError (mixed devices, a CPU
     tensor without the interpreter). Inside :func:`dshal.ops.trusted` these input checks
     are skipped (as the op's own are): the caller vouches for the inputs; only ``target``

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from dshal.errors import BackendUnavailableError, ConfigError
+from dshal.backends.triton_gpu import TorchGpuBackend
+from dshal.errors import ArgumentError, BackendUnavailableError
 from dshal.kernels.triton import ensure_interpreter_if_cpu, require_triton
 from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
 from dshal.kernels.triton.target import DECODE_M, TUNING_SCHEMA, KernelTarget, TileConfig, m_bucket, user_tuning_dir
@@ -55,7 +56,7 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
     except ValueError:
         shapes = []
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise ConfigError(f"dshal tune: argument '--shapes' is {text!r}, expected 'N,K;N,K...' with positive sizes")
+        raise ArgumentError(f"dshal tune: argument '--shapes' is {text!r}, expected 'N,K;N,K...' with positive sizes")
     return shapes  # type: ignore[return-value]
 
 
@@ -65,7 +66,7 @@ def _parse_m(text: str) -> list[int]:
     except ValueError:
         ms = []
     if not ms or min(ms) < 1:
-        raise ConfigError(f"dshal tune: argument '--m' is {text!r}, expected comma-separated positive row counts")
+        raise ArgumentError(f"dshal tune: argument '--m' is {text!r}, expected comma-separated positive row counts")
     return ms
 
 
@@ -167,9 +168,9 @@ def main(args: argparse.Namespace) -> int:
         check_writable(args.output, "--output")  # before the tiles are timed, not after
     if args.dry_run:
         if not args.target:
-            raise ConfigError("dshal tune: --dry-run needs --target sm_90a|gfx942|gfx950")
+            raise ArgumentError("dshal tune: --dry-run needs --target sm_90a|gfx942|gfx950")
         if args.backend:
-            raise ConfigError(f"dshal tune: --backend {args.backend} with --dry-run: a dry run uses no backend, "
+            raise ArgumentError(f"dshal tune: --backend {args.backend} with --dry-run: a dry run uses no backend, "
                               "expected --target alone")
         ensure_interpreter_if_cpu("cpu")  # before the kernel modules are imported
         target, device = COMPILE_TARGETS[args.target].kernel_target(), torch.device("cpu")
@@ -179,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         runtime = use_for_command(None, args.backend)
         backend = runtime.backend
-        if runtime.emulated or not hasattr(backend, "kernel_target") or runtime.device.type != "cuda":
+        if runtime.emulated or not isinstance(backend, TorchGpuBackend) or runtime.device.type != "cuda":
             raise BackendUnavailableError(
                 f"dshal tune: backend {backend.name!r} on {runtime.device} has no GPU to time kernels on "
                 "(emulated or not a Triton GPU backend); use --dry-run --target T to check the tiles without one"
@@ -190,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
         ms = _parse_m(args.m) if args.m else list(DEFAULT_M)
     buckets = list(dict.fromkeys(m_bucket(m) for m in ms))
     if args.budget_s is not None and args.budget_s < 0:
-        raise ConfigError(f"dshal tune: argument '--budget-s' is {args.budget_s}, expected seconds >= 0")
+        raise ArgumentError(f"dshal tune: argument '--budget-s' is {args.budget_s}, expected seconds >= 0")
     print(f"dshal tune: target {target.name} on {where}; {len(shapes)} (N, K) x {len(buckets)} M buckets", flush=True)
     from importlib.metadata import version
 

@@ -96,6 +96,9 @@ def rope_operands(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Rope
 #: dim <= 512 and a multiple of 16, at most 256 query heads, num_heads / num_key_value_heads <= 64.
 FIA_DTYPES = (torch.float16, torch.bfloat16)
 FIA_MAX_HEAD_DIM, FIA_HEAD_DIM_MULTIPLE, FIA_MAX_HEADS, FIA_MAX_GROUP = 512, 16, 256, 64
+#: B <= 65536 and S <= 262144: the page's limits for one query (7.1.0 line 368, 7.3.0 line 342,
+#: 26.1.0 docs/zh/custom_APIs/torch_npu/ line 427); dshal holds every call to them, as the MLA form's.
+FIA_MAX_BATCH, FIA_MAX_KEYS = 65536, 262144
 
 
 def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -108,6 +111,8 @@ def fused_attention_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
         return f"head dim {d} (the kernel takes at most {FIA_MAX_HEAD_DIM}, a multiple of {FIA_HEAD_DIM_MULTIPLE})"
     if heads > FIA_MAX_HEADS or heads // max(kv_heads, 1) > FIA_MAX_GROUP:
         return f"{heads} query heads over {kv_heads} kv heads (at most {FIA_MAX_HEADS}, {FIA_MAX_GROUP} per kv head)"
+    if q.shape[0] > FIA_MAX_BATCH or k.shape[2] > FIA_MAX_KEYS:
+        return f"batch {q.shape[0]} x {k.shape[2]} keys (the kernel takes B <= {FIA_MAX_BATCH}, S <= {FIA_MAX_KEYS})"
     return None
 
 
@@ -398,6 +403,10 @@ def fp8_expert_rows(rows: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
 
 #: Largest K or N one CANN matmul call takes (issue #20; split beyond it).
 MATMUL_DIM_LIMIT = 65535
+#: Most groups (experts) one npu_grouped_matmul call takes with one x, weight and output
+#: (op-plugin 7.1.0 docs/context/torch_npu-npu_grouped_matmul.md line 728, 7.3.0 line 772:
+#: group_list's first dim at most 1024); more experts: the reference serves moe_experts.
+GROUPED_MATMUL_MAX_GROUPS = 1024
 
 
 def split_ranges(size: int, limit: int = MATMUL_DIM_LIMIT) -> list[tuple[int, int]]:

@@ -37,6 +37,7 @@ from dshal.plugin import (
 )
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 from dshal_ascend.layouts import (
+    GROUPED_MATMUL_MAX_GROUPS,
     MLA_BLOCK_SIZE,
     MLA_LATENT_DIM,
     ROTARY_MAX_D,
@@ -341,14 +342,19 @@ class AscendOps:
             return moe_experts_on_kept_slots(self.moe_experts, x, weights, ids, w13, w2, w13_scale, w2_scale)
         hidden, inter = w13.shape[2], w2.shape[2]
         # 6.0.0's int[] group_list wants a list of 2-D weights (plan_ops routes it to the reference).
-        if max(hidden, inter) > 65535 or not self.features.grouped_matmul_v2:  # K beyond one call's limit: partial sums would round per piece
+        fp8 = w13_scale is not None and w13.dtype != torch.int8
+        if (max(hidden, inter) > 65535  # K beyond one call's limit: partial sums would round per piece
+                or not self.features.grouped_matmul_v2
+                or (not fp8 and w13.shape[0] > GROUPED_MATMUL_MAX_GROUPS)):  # FP8 counts its active experts
             return self._reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
         if w13.dtype == torch.int8:
             if not self.features.w8a8_experts:
                 return self._reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
             return self._moe_experts_w8a8(x, weights, ids, w13, w2, w13_scale, w2_scale)
-        if w13_scale is not None:  # FP8 (emulated): decode only the experts this batch uses
+        if fp8:  # emulated: decode only the experts this batch uses
             active = active_experts(ids)
+            if active.index.numel() > GROUPED_MATMUL_MAX_GROUPS:
+                return self._reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
             routing = route_tokens(weights, active.local_ids, active.index.numel())
             w13_d = dequantize_expert_weights(w13[active.index], w13_scale[active.index], x.dtype).transpose(1, 2)
             w2_d = dequantize_expert_weights(w2[active.index], w2_scale[active.index], x.dtype).transpose(1, 2)

@@ -294,11 +294,13 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
     elif f.w8a8_experts:
         experts = OpRoute("native", "npu_grouped_matmul x2 + npu_swiglu; int8: W8A8 with per_token_scale from "
                           "npu_dynamic_quant; FP8: emulated (active experts decoded to bf16)",
-                          f"{rel}: group_list Tensor, group_type 0, group_list_type 0 (cumsum)")
+                          f"{rel}: group_list Tensor, group_type 0, group_list_type 0 (cumsum); "
+                          "more than 1024 experts (FP8: active experts): reference")
     else:
         experts = OpRoute("native", "npu_grouped_matmul x2 + npu_swiglu (bf16); int8 experts: reference; "
                           "FP8: emulated (active experts decoded to bf16)",
-                          f"{rel}: group_list is int[] (host copy of the counts), no per_token_scale")
+                          f"{rel}: group_list is int[] (host copy of the counts), no per_token_scale; "
+                          "more than 1024 experts (FP8: active experts): reference")
     mla = ("absorbed MLA decode (576 = 512 + rope 64, 1 kv head, <= 128 heads padded to 32/64/128, <= 16 causal "
            "queries): the MLA form, query_rope / key_rope, keys copied into 128-token pages" if f.mla_rope
            else f"absorbed MLA (head dim 576): reference ({rel} has no documented MLA form)")
@@ -315,8 +317,8 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
         "attention": OpRoute("native", "npu_fused_infer_attention_score (BNSD, num_key_value_heads)",
                              "causal: sparse_mode 3 + 2048x2048 mask; window: band sparse_mode 4 (pre/next tokens); "
                              "window + global tokens: dense mask, sparse_mode 0; one query: keys sliced; " + mla
-                             + "; float32, head dim > 512 or not a multiple of 16, > 256 heads or > 64 per kv head: "
-                             "reference"),
+                             + "; float32, head dim > 512 or not a multiple of 16, > 256 heads or > 64 per kv head, "
+                             "batch > 65536 or keys > 262144: reference"),
         "moe_gate": gate,
         "moe_experts": experts,
         "quantize_int8": OpRoute("native", "npu_dynamic_quant (bf16/fp16)", "float32 input: reference"),

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dshal.plugin import SPECS
+from dshal_ascend.layouts import FIA_MAX_BATCH, FIA_MAX_KEYS, GROUPED_MATMUL_MAX_GROUPS
 from dshal_ascend.npu_ops import AscendOps
 from dshal_ascend.releases import kernel_features
 from dshal_ascend.schema import ReleaseSignatures, SignatureError, recorded_signatures
@@ -163,6 +164,8 @@ def _fused_infer_attention(owner, b):
     _constraint(kv_heads == k.shape[1] and q.shape[1] % kv_heads == 0, "num_key_value_heads must equal key's N")
     _constraint(k.shape[-1] == v.shape[-1] == q.shape[-1], "query, key and value need one head dim D")
     tq, tk = q.shape[2], k.shape[2]
+    _constraint(q.shape[0] <= FIA_MAX_BATCH and tk <= FIA_MAX_KEYS,
+                f"batch {q.shape[0]}, {tk} keys; the kernel takes B <= {FIA_MAX_BATCH}, S <= {FIA_MAX_KEYS}")
     mode, mask = b["sparse_mode"], b["atten_mask"]
     rel = torch.arange(tk)[None, :] - (torch.arange(tq)[:, None] + tk - tq)
     if tq == 1:  # docs: sparse_mode, pre/next tokens ignored for one query
@@ -261,6 +264,8 @@ def _grouped_matmul(owner, b):
     if b.get("group_list_type", 0) == 1:
         ends = ends.cumsum(0)
     _constraint(ends.numel() == w.shape[0], f"group_list has {ends.numel()} groups, weight {w.shape[0]} experts")
+    _constraint(ends.numel() <= GROUPED_MATMUL_MAX_GROUPS,
+                f"group_list has {ends.numel()} groups; the kernel takes at most {GROUPED_MATMUL_MAX_GROUPS}")
     starts = torch.cat((ends.new_zeros(1), ends[:-1]))
     quantized = x.dtype == torch.int8
     out_dtype = _dtype_arg(b["output_dtype"]) or x.dtype

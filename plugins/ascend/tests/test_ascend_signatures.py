@@ -386,6 +386,40 @@ def test_ascend_inputs_past_the_kernels_documented_limits_go_to_the_reference(re
     assert len(stand_in.called("npu_rotary_mul")) + len(stand_in.called("npu_interleave_rope")) == rotary_calls
 
 
+def test_ascend_past_the_kernels_group_and_key_limits_go_to_the_reference(monkeypatch):
+    """npu_grouped_matmul takes at most 1024 groups (experts); one-query
+    npu_fused_infer_attention_score B <= 65536, S <= 262144 (op-plugin 7.1.0 / 7.3.0 docs).
+    Both reached the kernel before, and the stand-in took them."""
+    ops, stand_in = _ops("7.3.0")
+    x, weights, ids, w13, w2 = _experts(e=1100, h=16, inter=16, t=4)
+    w13, w2 = w13.bfloat16(), w2.bfloat16()
+    ids[0, 0] = 1099
+    _close(ops.moe_experts(x, weights, ids, w13, w2), ref.moe_experts(x, weights, ids, w13, w2))
+    assert not stand_in.called("npu_grouped_matmul")
+    rows, weight_ekn = torch.zeros(2, 16), torch.zeros(1025, 16, 8)
+    with pytest.raises(SignatureError, match="1025 groups; the kernel takes at most 1024"):
+        stand_in.npu_grouped_matmul([rows], [weight_ekn], split_item=2, group_type=0, group_list_type=0,
+                                    group_list=torch.full((1025,), 2))
+    # FP8 experts count the experts a batch uses (the others are never decoded)
+    monkeypatch.setattr("dshal_ascend.npu_ops.GROUPED_MATMUL_MAX_GROUPS", 2)
+    x, weights, _ids, w13f, w2f = _experts(e=8, h=128, inter=128)
+    w13, w13_scale = ref.quantize_fp8(w13f, (128, 128), "e4m3fn")
+    w2, w2_scale = ref.quantize_fp8(w2f, (128, 128), "e4m3fn")
+    ids = torch.tensor([[0, 1]] * x.shape[0])
+    before = len(stand_in.called("npu_grouped_matmul"))  # the refused call above is recorded too
+    ops.moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale)
+    assert len(stand_in.called("npu_grouped_matmul")) == before + 2  # two active experts: the kernel
+    ids[0, 0] = 2
+    ops.moe_experts(x, weights, ids, w13, w2, w13_scale, w2_scale)
+    assert len(stand_in.called("npu_grouped_matmul")) == before + 2  # three: the reference
+    q = torch.empty(1, 8, 1, 64, dtype=torch.bfloat16, device="meta")
+    keys = torch.empty(1, 8, layouts.FIA_MAX_KEYS + 1, 64, dtype=torch.bfloat16, device="meta")
+    assert "S <= 262144" in layouts.fused_attention_unsupported(q, keys)
+    assert layouts.fused_attention_unsupported(q, keys[:, :, :-1]) is None
+    wide = torch.empty(layouts.FIA_MAX_BATCH + 1, 8, 1, 64, dtype=torch.bfloat16, device="meta")
+    assert "B <= 65536" in layouts.fused_attention_unsupported(wide, keys[:1, :, :8].expand(len(wide), -1, -1, -1))
+
+
 @pytest.mark.parametrize("release", RELEASES)
 def test_ascend_int8_linear_nz_once(release):
     ops, stand_in = _ops(release)
