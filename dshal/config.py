@@ -444,6 +444,12 @@ def _apply(base: Config, doc: _Doc) -> Config:
             ("attention", "global_tokens"),
             f"got {attention.global_tokens}, expected fewer than attention.window ({attention.window})",
         )
+    if attention.window is None and attention.global_tokens:
+        raise doc.error(
+            ("attention", "global_tokens"),
+            f"got {attention.global_tokens}, expected 0 without attention.window (global tokens are the "
+            "leading tokens a window keeps; with no window every token is kept)",
+        )
     return replace(base, **changes, source=doc.file or base.source, origins=origins)
 
 

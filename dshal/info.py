@@ -11,6 +11,7 @@ from typing import Any
 import dshal
 from dshal.errors import ArgumentError, DshalError, PluginLoadError
 from dshal.registry import REGISTRY
+from dshal.versions import stack_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,8 @@ def collect(config: str | None = None, backend: str | None = None) -> dict[str, 
     overrides = {"backend": backend} if backend else {}
     cfg = dshal.load_config(config, overrides_source="--backend", **overrides)
     infos = dshal.backends(emulate=cfg.emulate)
-    out: dict[str, Any] = {"dshal_version": dshal.__version__, "api_version": dshal.API_VERSION, "backends": []}
+    out: dict[str, Any] = {"dshal_version": dshal.__version__, "api_version": dshal.API_VERSION,
+                           "versions": stack_report(), "backends": []}
     for info in infos:
         entry = info.as_dict()
         if info.capabilities is not None:
@@ -142,6 +144,12 @@ def _print_tables(data: dict[str, Any]) -> None:
             avail if b["available"] else "[yellow]no[/yellow]", escape(b["reason"]),
         )
     console.print(table)
+    stack = []
+    for package, v in data["versions"].items():
+        if v["installed"] is not None:
+            note = "" if v["in_range"] else f" [yellow](outside the checked {v['supported']}: may work, not tested)[/yellow]"
+            stack.append(f"{package} {v['installed']}{note}")
+    console.print("stack: " + ", ".join(stack))
     for b in data["backends"]:
         caps = b.get("capabilities")
         if not caps:

@@ -35,7 +35,8 @@ from dshal.ops.catalogue import SPECS
 from dshal.ops.spec import FP8_DTYPES
 
 ENTRY_POINT_GROUP = "dshal.backends"
-#: Seconds a plugin's availability() / capabilities() may take (DSHAL_PLUGIN_TIMEOUT_S).
+#: Seconds each plugin step may take: import, constructor, ops(), availability(), capabilities()
+#: (DSHAL_PLUGIN_TIMEOUT_S).
 DEFAULT_PLUGIN_TIMEOUT_S = 60.0
 
 log = logging.getLogger("dshal")
@@ -181,7 +182,8 @@ class Registry:
                 version=_version_of(ep),
                 loaded=False,
                 available=False,
-                reason=f"import failed: {type(err).__name__}: {err}{_raised_at(err)}",
+                reason=(f"the import {err}" if isinstance(err, _Overran)
+                        else f"import failed: {type(err).__name__}: {err}{_raised_at(err)}"),
                 error=err,
             )
         for ep, plugin in loaded:
@@ -308,8 +310,10 @@ class _IsolatedEntryPoint:
         return self.entry_point.dist
 
     def load(self) -> Any:
-        try:
-            return self.entry_point.load()
+        try:  # bounded like the probes: an import that blocks on a wedged driver must not hang discovery
+            return _bounded(self.entry_point.load, self.name, plugin_timeout())
+        except _Overran:
+            raise
         except AssertionError as err:
             raise _PluginCrash(str(err)) from err
         except Exception:
@@ -354,7 +358,8 @@ def _version_of(ep: importlib.metadata.EntryPoint) -> str | None:
 
 
 def plugin_timeout() -> float:
-    """``DSHAL_PLUGIN_TIMEOUT_S`` (seconds a plugin's availability() / capabilities() may take)."""
+    """``DSHAL_PLUGIN_TIMEOUT_S`` (seconds a plugin's import, constructor, ops(), availability()
+    and capabilities() may each take)."""
     return env_number("DSHAL_PLUGIN_TIMEOUT_S", DEFAULT_PLUGIN_TIMEOUT_S, 0, 3600)
 
 
@@ -409,14 +414,18 @@ def _validate(
             f"but this dshal implements api_version {API_VERSION!r}"
         )
         return broken(str(err), err)
-    try:
-        backend = plugin(emulate=emulate)
+    stage = "the constructor"
+    try:  # plugin code, bounded as the probes are
+        backend = _bounded(lambda: plugin(emulate=emulate), name, timeout_s)
         if backend.name != name:
             raise PluginLoadError(
                 f"plugin registered as {name!r} reports name {backend.name!r}; the entry-point name must match"
             )
-        ops = dict(backend.ops())
+        stage = "ops()"
+        ops = _bounded(lambda: dict(backend.ops()), name, timeout_s)
         check_op_signatures(name, ops)
+    except _Overran as err:
+        return broken(f"{stage} {err}", err)
     except BaseException as err:  # noqa: BLE001 - isolation is the point
         _contain(err, name, "construction", _WATCH)
         reason = str(err) if isinstance(err, DshalError) else f"{type(err).__name__}: {err}"

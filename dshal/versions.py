@@ -2,9 +2,12 @@
 
 ``SUPPORTED`` is inclusive by minor release. Its lower ends are the stack of the prepared
 GPU machine (torch 2.11 with CUDA 13, Triton 3.6; see ``benchmarks/gpu_check.py``); its upper
-ends the stack CI runs (``constraints.txt``). pyproject's requirements are looser floors
-(``torch>=2.4``, ``triton>=3.0``): a release outside ``SUPPORTED`` may work, but it is not
-what dshal was checked on, and :func:`stack_report` says so.
+ends the stack CI runs (``constraints.txt``). pyproject's torch requirement is a looser floor
+(``torch>=2.4``: the torch_npu 6.0.0 / 7.0.0 lines ship for it; SDPA's ``enable_gqa``, 2.5+,
+is worked around by :func:`dshal.ops.attention.sdpa`): a release outside ``SUPPORTED`` may
+work, but it is not what dshal was checked on, and :func:`stack_report` (``dshal info``'s
+``stack:`` line) says so. Triton's floor is ``SUPPORTED``'s (``dshal kernels`` reads
+``triton.knobs``, 3.4+, and the ptxas log, 3.5+; :func:`dshal.kernels.triton.require_triton`).
 
 What dshal needs from each, and where it copes with either end:
 - torch: ``dist.all_gather_single`` / ``reduce_scatter_single`` (renamed in 2.10; the old

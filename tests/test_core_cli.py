@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dshal.backends.cpu_native import NATIVE_OPS
 from dshal.ops.catalogue import SPECS
@@ -62,6 +63,20 @@ def test_info_tables():
     assert "selection (backend: auto)" in text and "taken  " in text and "op providers on " in text
     for op in SPECS:
         assert op in text
+    assert f"stack: torch {torch.__version__}" in text
+
+
+def test_info_says_when_torch_or_triton_is_outside_the_checked_range(capsys):
+    """versions.stack_report() was computed by gpu_check only: no command said that the running
+    torch / Triton lies outside what dshal was checked on."""
+    from dshal import info
+
+    data = info.collect(backend="cpu")
+    assert data["versions"]["torch"]["installed"] == torch.__version__
+    data["versions"]["torch"] = {"installed": "2.4.1", "supported": "2.11 - 2.13", "in_range": False}
+    info._print_tables(data)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "stack: torch 2.4.1 (outside the checked 2.11 - 2.13: may work, not tested)" in text
 
 
 def test_info_shows_broken_plugins_from_the_environment(install_plugin):

@@ -40,6 +40,8 @@ BAD_CONFIGS = [
      ["attention.window: got 0", "expected null or a positive integer"]),
     ("global-tokens-not-below-window", "attention:\n  window: 8\n  global_tokens: 8\n", 3,
      ["attention.global_tokens: got 8", "expected fewer than attention.window (8)"]),
+    ("global-tokens-without-window", "attention:\n  global_tokens: 3\n", 2,
+     ["attention.global_tokens: got 3", "expected 0 without attention.window"]),
     ("global-tokens-negative", "attention: {global_tokens: -1}\n", 1,
      ["attention.global_tokens: got -1", "expected an integer >= 0"]),
     ("unknown-op", "ops:\n  attention: cpu\n  atention: cpu\n", 3,

@@ -440,7 +440,25 @@ def test_built_once_into_the_cache_and_reused(tmp_path):
     stamp = built[0].stat().st_mtime_ns
     again = _run(STATUS, DSHAL_CACHE_DIR=str(tmp_path))
     assert again.stdout == first.stdout and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
-    assert sorted((tmp_path / "cpu-kernels").iterdir()) == built  # no temporary files left behind
+    digest = built[0].with_suffix(".sha256")  # what the build wrote, checked before every load
+    assert sorted((tmp_path / "cpu-kernels").iterdir()) == sorted([*built, digest])  # no temporary files left behind
+
+
+@needs_kernels
+def test_a_damaged_build_in_the_cache_is_rebuilt_not_mapped(tmp_path):
+    """A cached library truncated (a crash mid-write) killed every later run with SIGBUS, before
+    any message; an emptied one (a power loss after an un-synced rename) turned the kernels off
+    for good in silence. Both are rebuilt now."""
+    first = _run(STATUS, DSHAL_CACHE_DIR=str(tmp_path))
+    assert first.returncode == 0 and '"available": true' in first.stdout, first.stderr
+    (built,) = (tmp_path / "cpu-kernels").glob("dshal_cpu_*.so")
+    whole = built.read_bytes()
+    for damaged in (whole[:1000], b""):
+        built.write_bytes(damaged)
+        again = _run(STATUS, DSHAL_CACHE_DIR=str(tmp_path))
+        assert again.returncode == 0, (again.returncode, again.stderr)
+        assert '"available": true' in again.stdout
+        assert built.stat().st_size == len(whole)
 
 
 def test_unavailable_kernels_raise_backend_unavailable(monkeypatch):

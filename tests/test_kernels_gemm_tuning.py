@@ -153,6 +153,22 @@ def test_tune_budget_stops_between_entries_and_says_so(tmp_path, capsys):
     assert "'--budget-s' is -1.0, expected seconds >= 0" in capsys.readouterr().err
 
 
+def test_a_cut_re_tune_keeps_the_entries_it_did_not_redo(tmp_path, capsys):
+    """A re-tune cut by its budget (or Ctrl-C: the same writes) replaced a complete table with
+    its partial one: every entry not yet re-measured was lost."""
+    from dshal.cli import main
+
+    out = tmp_path / "sm90.json"
+    args = ["tune", "--dry-run", "--target", "sm_90a", "--shapes", "256,512;128,256", "--m", "1", "--output", str(out)]
+    assert main(args) == 0
+    before = json.loads(out.read_text())["entries"]
+    assert len(before) == 2
+    assert main([*args, "--budget-s", "0"]) == 0  # nothing re-tuned
+    after = json.loads(out.read_text())
+    assert after["complete"] is False and after["entries"] == before
+    assert "incomplete: 0 of 2 entries" in capsys.readouterr().out
+
+
 def test_shipped_tables_load():
     for name in ("nvidia-sm90", "amd-gfx942", "amd-gfx950"):
         tuned_tables(name)  # valid schema, not a dry run
@@ -165,7 +181,13 @@ def test_a_damaged_tuned_table_in_the_cache_names_itself(tuning_dir):
 
     tuning_dir.mkdir(parents=True)
     table = tuning_dir / "nvidia-sm90.json"
-    for text in ("{not json", "[" * 100_000 + "]" * 100_000, '{"schema": "dshal.gemm-tuning/1"}'):
+    entry = {"N": 256, "K": 512, "M": 8, "tile": {"block_m": 16, "block_n": 32}}
+    other_target = {"schema": TUNING_SCHEMA, "target": "amd-gfx942", "entries": [entry]}
+    negative = {"schema": TUNING_SCHEMA, "target": "nvidia-sm90", "entries": [{**entry, "N": -5}]}
+    # a JSON list (an AttributeError escaped as a traceback), another target's table and a
+    # negative size were taken as the sm90 table
+    for text in ("{not json", "[" * 100_000 + "]" * 100_000, '{"schema": "dshal.gemm-tuning/1"}', "[]",
+                 json.dumps(other_target), json.dumps(negative)):
         table.write_text(text)
         tuned_tables.cache_clear()
         with pytest.raises(ConfigError, match=r"nvidia-sm90.json: not a usable tuned table .*run dshal tune again"):

@@ -189,3 +189,15 @@ def test_a_tile_that_cannot_launch_is_refused(field, value):
     from a tile given to fp8_block_gemm(tile=) or read from a hand-edited tuned table."""
     with pytest.raises(ValueError, match=f"TileConfig: {field} is {value}"):
         TileConfig(**{"block_m": 64, "block_n": 64, field: value})
+
+
+def test_kernel_commands_refuse_a_triton_older_than_supported(monkeypatch):
+    """``dshal kernels`` on Triton 3.0-3.5 died in a compile worker (``cannot import name
+    'knobs'``); it and ``dshal tune`` name the floor now."""
+    import dshal.kernels.triton as kernels
+
+    monkeypatch.setattr(kernels, "installed", lambda package: "3.0.0")
+    with pytest.raises(dshal.BackendUnavailableError, match=r"dshal kernels: needs triton>=3.6, found 3.0.0"):
+        kernels.require_triton("dshal kernels")
+    monkeypatch.setattr(kernels, "installed", lambda package: "3.6.0")
+    kernels.require_triton("dshal kernels")  # the GPU machine's

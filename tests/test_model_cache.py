@@ -501,6 +501,22 @@ def test_sampling_cuts_match_transformers_warpers(temperature, top_p, top_k, min
     assert 1 < int((want > 0).sum(-1).max()) < 200  # the case cuts something, not everything
 
 
+def test_top_p_keeps_the_tokens_transformers_keeps_among_ties_at_the_boundary():
+    """Same kept count, another subset: of tokens tied at the top-p boundary dshal kept the
+    lowest ids, transformers' TopPLogitsWarper (and vLLM) the highest. bf16 logits over a 129k
+    vocabulary tie at the boundary in most rows."""
+    from dshal.model.sampling import sampling_probs
+
+    assert (sampling_probs(torch.zeros(1, 5), 1.0, 0.3) > 0).tolist() == [[False, False, False, True, True]]
+    kept = sampling_probs(torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0, -1.0]]), 1.0, 0.7) > 0
+    assert kept.nonzero()[:, 1].tolist() == [0, 2, 3]
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0, -1.0], [0.0] * 6])
+    for top_p in (0.3, 0.5, 0.7, 0.9):
+        want = torch.softmax(warpers.TopPLogitsWarper(top_p)(None, logits.clone()), dim=-1)
+        assert torch.equal(sampling_probs(logits, 1.0, top_p) > 0, want > 0), top_p
+
+
 def test_sampling_cuts_read_nothing_on_the_host():
     """A captured decode step chooses its token outside the graph every step: the cuts must not
     sync (no ``.item()``, no data-dependent shapes)."""
@@ -553,6 +569,22 @@ def test_model_generate_samples_among_the_top_k():
                                 ("min_p", "0.1", r"a number in \[0, 1\]")):
         with pytest.raises(dshal.ArgumentError, match=f"generate: argument '{name}' is .*, expected {expected}"):
             model.generate(ids, 2, temperature=1.0, **{name: bad})
+
+
+def test_model_generate_warns_that_cuts_are_moot_when_greedy():
+    """top_p / top_k / min_p at temperature 0 were ignored in silence by the Python API (``dshal
+    run`` refuses the flags; HF's generate warns); the tokens stay greedy's."""
+    import warnings
+
+    model = _model()
+    ids = _ids(model.args.vocab_size, 5)
+    with pytest.warns(UserWarning, match=r"generate: top_p=0.1, top_k=5 with temperature 0 \(greedy\) has no effect"):
+        out = model.generate(ids, 3, top_p=0.1, top_k=5)
+    assert torch.equal(out, model.generate(ids, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(ids, 2)  # no cut: no warning
+        model.generate(ids, 2, temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
 
 
 def test_model_bad_inputs_raise_clear_errors():

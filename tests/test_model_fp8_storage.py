@@ -203,4 +203,7 @@ def test_a_backend_declaring_no_fp8_format_refuses_fp8_weights_and_names_high_pr
     with pytest.raises(ConfigError, match=r"declares the FP8 formats \[\] .*use precision.gemm: high"):
         apply_precision(model, PrecisionConfig(gemm="fp8-block"), capabilities=none_declared)
     refuse_undeclared_fp8_format("e4m3fn", Capabilities(fp8_formats=("e4m3fn",)))  # declared: no error
+    # the fix names only formats precision.fp8_format can take (e5m2 is an op's format, not a weight's)
+    with pytest.raises(ConfigError, match=r"use precision.fp8_format: auto \(e4m3fn\)$"):
+        refuse_undeclared_fp8_format("e4m3fnuz", Capabilities(fp8_formats=("e4m3fn", "e5m2")))
     assert apply_precision(model, PrecisionConfig(gemm="high"), capabilities=none_declared)  # stores no FP8

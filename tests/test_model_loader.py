@@ -159,7 +159,8 @@ def test_model_loader_missing_tensor_names_the_shard_the_index_places_it_in(stat
     data = json.loads(index.read_text())
     name = "model.layers.1.mlp.experts.3.up_proj.weight"
     shard = data["weight_map"][name]
-    tensors = load_file(str(tmp_path / shard))
+    # copies: the shard is rewritten below, and safetensors < 0.8 keeps loaded tensors mapped (SIGBUS)
+    tensors = {key: t.clone() for key, t in load_file(str(tmp_path / shard)).items()}
     tensors.pop(name)
     save_file(tensors, str(tmp_path / shard), metadata={"format": "pt"})
     with pytest.raises(
@@ -259,6 +260,35 @@ def test_gemm_auto_runs_each_checkpoint_in_its_own_format(state):
         high = build_model(ARGS, DictReader(fp8), PrecisionConfig(gemm=name))
         assert high.describe()["precision"]["mode"] == "high" and high.layers[1].self_attn.o_proj.weight.dtype == torch.float32
     assert "'bf16' is the older name of 'high'" in high.describe()["precision"]["why"]
+
+
+def test_gemm_auto_says_why_an_fp8_checkpoint_with_other_blocks_runs_high(state):
+    """FP8 weights in 64x64 blocks are dequantized on load (the FP8 ops take 128x128): the
+    reason said the checkpoint stored float32 + FP8 weights, as if it were high precision."""
+    from dataclasses import replace
+
+    from dshal.config import PrecisionConfig
+
+    dshal.use(backend="cpu")
+    args = replace(ARGS, weight_block_size=(64, 64))
+    model = build_model(args, DictReader(quantize_checkpoint_fp8(state, 64)), PrecisionConfig())
+    choice = model.describe()["precision"]
+    assert choice["mode"] == "high" and "FP8 weights have 64x64 blocks" in choice["why"], choice
+    assert "precision.gemm: fp8-block re-quantizes them" in choice["why"]
+    requantized = build_model(args, DictReader(quantize_checkpoint_fp8(state, 64)), PrecisionConfig(gemm="fp8-block"))
+    assert requantized.layers[1].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
+
+
+def test_a_random_model_follows_the_runtime_attention_window():
+    """``attention:`` applied to checkpoints only: the built-in tiny model (``dshal run``,
+    ``profile``, ``run --tp``) ran with full attention under a windowed config."""
+    from dshal.model import random_model
+
+    dshal.use(backend="cpu", attention={"window": 8, "global_tokens": 2})
+    model = random_model(tiny_args(num_hidden_layers=1))
+    assert (model.args.attention_window, model.args.attention_global_tokens) == (8, 2)
+    assert model.describe()["kv_cache"]["window"] is not None
+    assert random_model(tiny_args(num_hidden_layers=1, attention_window=4)).args.attention_window == 4  # its own
 
 
 @pytest.mark.parametrize("gemm", ["high", "fp8-block", "int8"])

@@ -46,9 +46,10 @@ def _hf_model(args: ModelArgs, directory, seed: int, official_rope_keys: bool = 
     if official_rope_keys:
         path = directory / "config.json"
         saved = json.loads(path.read_text())
-        params = saved.pop("rope_parameters")
-        saved["rope_theta"] = params.pop("rope_theta")
-        saved["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_type"}
+        params = saved.pop("rope_parameters", None)  # transformers 5; 4.x writes the official pair itself
+        if params is not None:
+            saved["rope_theta"] = params.pop("rope_theta")
+            saved["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_type"}
         path.write_text(json.dumps(saved))
     return transformers.DeepseekV3ForCausalLM.from_pretrained(
         directory, attn_implementation="eager", dtype=torch.float32

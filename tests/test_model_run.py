@@ -117,6 +117,16 @@ def test_model_dshal_run_records_a_strict_determinism_mode(tmp_path):
     assert "determinism: strict (batch-invariant: " in proc.stdout
 
 
+def test_model_dshal_run_applies_the_configs_attention_window_to_the_tiny_model(tmp_path):
+    """``attention: {window, global_tokens}`` reached checkpoints only: the built-in model ran
+    with full attention and a full KV cache, and said nothing."""
+    config = tmp_path / "window.yaml"
+    config.write_text("backend: cpu\nattention: {window: 8, global_tokens: 2}\n")
+    proc = _dshal("run", "--no-progress", "--config", str(config), "--prompt-len", "4", "--new-tokens", "2", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "window 8 + 2 global tokens" in proc.stdout
+
+
 def test_model_dshal_run_graphs_on_reports_both_rates(tmp_path):
     """``--graphs on`` times the static (graph-capturable) decode step too; without device
     graphs it runs eagerly and says so; its tokens equal the eager run's."""

@@ -276,6 +276,30 @@ def _tv(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return 0.5 * float((counts / counts.sum() - probs).abs().sum())
 
 
+def test_draft_verifier_never_keeps_a_draft_the_cuts_removed_even_when_u_is_zero():
+    """``torch.rand`` draws 0.0 about once in 2**24: ``u * q(d) <= p(d)`` then kept a draft with
+    p(d) = 0 (outside top-k), a token plain sampling never gives. Replays a generator state
+    whose next draw is exactly 0.0."""
+    gen = torch.Generator().manual_seed(0)
+    chunk, drawn = 1 << 24, 0
+    for _ in range(8):
+        zeros = (torch.rand(chunk, generator=gen) == 0).nonzero()
+        if len(zeros):
+            drawn += int(zeros[0])
+            break
+        drawn += chunk
+    gen = torch.Generator().manual_seed(0)
+    for size in [chunk] * (drawn // chunk) + [drawn % chunk]:
+        torch.rand(size, generator=gen)
+    state = gen.get_state()
+    assert float(torch.rand(1, generator=gen)) == 0.0
+    gen.set_state(state)
+    logits = torch.tensor([[[3.0, 2.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]]])
+    verifier = DraftVerifier(1.0, 1.0, gen, top_k=2)  # p keeps tokens 0 and 1
+    first, _bonus, kept = verifier.check(logits, torch.tensor([3]), torch.tensor([[0.1, 0.1, 0.1, 0.7]]))[0].tolist()
+    assert kept == 0 and first in (0, 1)
+
+
 def test_draft_verifier_keeps_or_redraws_so_each_token_is_distributed_as_the_model_says():
     """Speculative sampling's step: whatever the draft distribution q, the token for the draft's
     position is distributed as p[0], and the next one (when the draft is kept) as p[1]. Always

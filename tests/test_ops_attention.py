@@ -139,3 +139,20 @@ def test_attention_cost_counts_the_pairs_the_mask_lets_through():
     q = torch.empty(1, 8, 1024, 64, device="meta")
     dense = SPECS["attention"].cost_of(q, q, q, causal=False).flops
     assert SPECS["attention"].cost_of(q, q, q, causal=True).flops == dense * (1024 * 1025 // 2) // (1024 * 1024)
+
+
+def test_sdpa_with_grouped_kv_heads_on_a_torch_without_enable_gqa():
+    """torch 2.4 (pyproject's floor; torch_npu 6.0.0 / 7.0.0) has no ``enable_gqa``: the cpu and
+    GPU backends passed it on every call. The fallback repeats the kv heads per group."""
+    from dshal.ops.attention import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    mask = torch.rand(5, 5, generator=g) > 0.3
+    mask[:, 0] = True
+    for kwargs in ({"is_causal": True}, {"attn_mask": mask}, {}):
+        repeated = sdpa(q, k, v, native_gqa=False, **kwargs)
+        torch.testing.assert_close(repeated, sdpa(q, k, v, native_gqa=True, **kwargs))
+    torch.testing.assert_close(sdpa(q, k, v, native_gqa=False, is_causal=True), dshal.ops.reference.attention(q, k, v))
+    plain = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    torch.testing.assert_close(sdpa(q, q, q, native_gqa=False), plain)  # no groups: untouched

@@ -5,6 +5,7 @@ kill or hijack discovery."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,26 @@ def test_hung_availability_is_bounded_and_not_probed_for_a_named_backend(install
     assert info.loaded
     with pytest.raises(BackendUnavailableError, match="'sleepy' is not available: availability.. did not return"):
         info.require()
+
+
+@pytest.mark.parametrize(
+    ("stage", "reason"),
+    [("import", "the import did not return within 0.5 s"), ("constructor", "the constructor did not return within 0.5 s"),
+     ("ops", "ops() did not return within 0.5 s")],
+)
+def test_a_plugin_hung_while_loading_is_listed_failed_and_discovery_goes_on(install_plugin, monkeypatch, stage, reason):
+    """Only availability() / capabilities() were bounded: a plugin whose import, constructor or
+    ops() blocked hung ``dshal info`` and every discovery for good (README: a plugin cannot hang it)."""
+    monkeypatch.setenv("DSHAL_TEST_SLEEP_AT", stage)
+    monkeypatch.setenv("DSHAL_PLUGIN_TIMEOUT_S", "0.5")
+    install_plugin("sleeps_while_loading", {"drowsy": "DrowsyBackend"})
+    started = time.perf_counter()
+    infos = {i.name: i for i in dshal.backends()}
+    assert time.perf_counter() - started < 10
+    assert infos["cpu"].available  # the others still load
+    assert not infos["drowsy"].loaded and reason in infos["drowsy"].reason
+    with pytest.raises(PluginLoadError, match=re.escape(reason)):
+        infos["drowsy"].require()
 
 
 def test_auto_selection_probes_only_its_candidates_up_to_the_first_usable(install_plugin, monkeypatch):

@@ -33,7 +33,7 @@ from dshal.backend import OpPath
 from dshal.config import dequant_cache_gib
 from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
-from dshal.ops.attention import guarded_attention, visible_keys
+from dshal.ops.attention import guarded_attention, sdpa, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, linear_quantized, weight_quant_mode
 from dshal.ops.moe import NO_EXPERT, check_expert_ids, moe_experts_on_kept_slots
@@ -272,14 +272,13 @@ def _attention_kernels(q, k, v, causal, scale, window, global_tokens):  # noqa: 
         # The fused (flash) CPU kernel needs equal q/k/v head dims, else torch falls back to
         # unfused math ~2x slower; zero columns of v only add zero columns to the output.
         v = F.pad(v, (0, d - dv))
-    gqa = hq != k.shape[1]
     if causal and window is None and tq == tk:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        out = sdpa(q, k, v, is_causal=True, scale=scale)
     elif causal and window is None and tq < tk and dv <= d and FLASH_WITH_LSE is not None:  # flash: one head dim
         out = _attention_after_cached(q, k, v, scale)
     else:
         seen = visible_keys(tq, tk, causal, window, global_tokens, q.device)  # [Tq, Tk]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale, enable_gqa=gqa)
+        out = sdpa(q, k, v, attn_mask=seen, scale=scale)
         blind = ~seen.any(dim=-1)  # queries that see no key output zeros, whatever the kernel does
         if bool(blind.any()):
             out.masked_fill_(blind[:, None], 0.0)

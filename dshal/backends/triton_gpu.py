@@ -45,7 +45,7 @@ from dshal.backend import Availability, Backend, Capabilities, OpKind, OpPath, T
 from dshal.errors import BackendUnavailableError, DeviceError
 from dshal.kernels import triton as triton_kernels
 from dshal.kernels.triton.target import KernelTarget
-from dshal.ops.attention import guarded_attention, visible_keys
+from dshal.ops.attention import guarded_attention, sdpa, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity, weight_quant_mode
 from dshal.ops.moe import NO_EXPERT
@@ -680,13 +680,11 @@ class TorchGpuBackend(Backend):
 def _sdpa_attention(q, k, v, causal, scale, window, global_tokens):  # noqa: ANN001
     """The attention op on finite inputs through torch's SDPA (with the op's mask)."""
     tq, tk = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    sdpa = torch.nn.functional.scaled_dot_product_attention
     if tq == 0 or tk == 0:
         return SPECS["attention"].reference_impl(q, k, v, causal, scale, window, global_tokens)
     if causal and window is None and tq == tk:
         # SDPA's is_causal is top-left aligned, which is end-aligned when Tq == Tk.
-        return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=True, scale=scale)
     if causal and window is None and 1 < tq < tk:
         # A prefill chunk after cached tokens: torch's lower-right causal bias runs the
         # flash / memory-efficient kernels with end alignment, skipping the masked blocks,
@@ -696,11 +694,11 @@ def _sdpa_attention(q, k, v, causal, scale, window, global_tokens):  # noqa: ANN
         # TRITON_INTERPRET is set (dshal.kernels.triton.ensure_interpreter_if_cpu)
         from torch.nn.attention.bias import causal_lower_right
 
-        return sdpa(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, attn_mask=causal_lower_right(tq, tk), scale=scale)
     seen = None if (causal and window is None and tq == 1) else visible_keys(tq, tk, causal, window, global_tokens, q.device)
     if seen is None:
-        return sdpa(q, k, v, scale=scale, enable_gqa=gqa)
-    out = sdpa(q, k, v, attn_mask=seen, scale=scale, enable_gqa=gqa)
+        return sdpa(q, k, v, scale=scale)
+    out = sdpa(q, k, v, attn_mask=seen, scale=scale)
     if tq > tk:
         # Only then can a query see no key (its position is < 0); the contract says it
         # outputs zeros, SDPA gives NaN. Checked by shape, so no host sync.

@@ -20,7 +20,14 @@ from typing import Any
 from dshal.model.args import ModelArgs, RopeScaling, tiny_args
 from dshal.model.cache import KVCache
 from dshal.model.checkpoint import random_checkpoint
-from dshal.model.loader import CheckpointError, CheckpointReader, DictReader, build_model, from_pretrained
+from dshal.model.loader import (
+    CheckpointError,
+    CheckpointReader,
+    DictReader,
+    build_model,
+    from_pretrained,
+    with_runtime_attention,
+)
 from dshal.model.model import ParallelState, Transformer
 from dshal.model.precision import apply_precision
 from dshal.model.speculative import generate_speculative
@@ -28,8 +35,9 @@ from dshal.model.speculative import generate_speculative
 
 def random_model(args: ModelArgs | None = None, seed: int = 0, std: float = 0.02, precision: Any = None) -> Transformer:
     """A model with random weights (the official tensor names, through the same loader),
-    on the active runtime's device, with ``precision`` (default: the runtime config's)."""
-    args = args or tiny_args()
+    on the active runtime's device, with ``precision`` (default: the runtime config's) and the
+    runtime config's ``attention:`` window where ``args`` sets none."""
+    args = with_runtime_attention(args or tiny_args())
     return build_model(args, DictReader(random_checkpoint(args, seed, std), path=f"<random seed={seed}>"), precision)
 
 

@@ -44,7 +44,7 @@ from dshal.model.prefill import (
     own_dtypes,
     prefill,
 )
-from dshal.model.sampling import TokenChooser, check_min_p, check_temperature, check_top_k, check_top_p
+from dshal.model.sampling import TokenChooser, check_min_p, check_temperature, check_top_k, check_top_p, warn_moot_cuts
 
 
 def agreed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -290,6 +290,7 @@ def generate_with_graphs(
     check_top_p(top_p, where)
     check_top_k(top_k, where)
     check_min_p(min_p, where)
+    warn_moot_cuts(where, temperature, top_p, top_k, min_p)
     check_callbacks(where, generator=generator, on_token=on_token, graph=graph)
     if graph is None:
         raise ArgumentError(f"{where}: argument 'graph' is None, expected a backend's graph hook (runtime.backend.graph)")

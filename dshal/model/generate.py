@@ -36,7 +36,15 @@ from dshal.model.prefill import (
     mask_padding,
     prefill,
 )
-from dshal.model.sampling import TokenChooser, check_min_p, check_temperature, check_top_k, check_top_p, sampling_probs
+from dshal.model.sampling import (
+    TokenChooser,
+    check_min_p,
+    check_temperature,
+    check_top_k,
+    check_top_p,
+    sampling_probs,
+    warn_moot_cuts,
+)
 
 
 class PromptBatch:
@@ -229,6 +237,7 @@ def generate(
     check_top_p(top_p)
     check_top_k(top_k)
     check_min_p(min_p)
+    warn_moot_cuts("generate", temperature, top_p, top_k, min_p)
     check_callbacks("generate", generator=generator, on_token=on_token, stream=stream)
     lens = check_prompt_lens("generate", prompt_lens, *input_ids.shape)
     if cache is not None or cached:

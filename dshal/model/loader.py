@@ -24,6 +24,7 @@ converted tensors, so no float8 tensor ever reaches that device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -691,6 +692,22 @@ def from_pretrained(
     return build_model(args, CheckpointReader(path), runtime.config.precision, runtime.device, progress)
 
 
+def runtime_attention(runtime: Any) -> dict[str, Any]:
+    """``runtime``'s config ``attention.window`` / ``attention.global_tokens`` as ``ModelArgs`` fields."""
+    attention = runtime.config.attention
+    return {"attention_window": attention.window, "attention_global_tokens": attention.global_tokens}
+
+
+def with_runtime_attention(args: ModelArgs, runtime: Any = None) -> ModelArgs:
+    """``args`` with the runtime config's dynamic attention (default runtime: the active one)
+    where ``args`` sets no window of its own: a built model follows ``attention:`` as a loaded
+    checkpoint does."""
+    if args.attention_window is not None:
+        return args
+    fields = runtime_attention(runtime if runtime is not None else current())
+    return args if fields["attention_window"] is None else dataclasses.replace(args, **fields)
+
+
 def checkpoint_args(
     path: str | os.PathLike,
     runtime: Any,
@@ -701,10 +718,7 @@ def checkpoint_args(
 ) -> ModelArgs:
     """``ModelArgs`` of the checkpoint at ``path`` with ``runtime``'s dynamic-attention
     settings, and ``dtype`` / ``mla_mode`` / ``mtp_layers`` overrides when given."""
-    overrides: dict[str, Any] = {
-        "attention_window": runtime.config.attention.window,
-        "attention_global_tokens": runtime.config.attention.global_tokens,
-    }
+    overrides: dict[str, Any] = runtime_attention(runtime)
     if dtype is not None:
         overrides["dtype"] = dtype
     if mla_mode is not None:
@@ -722,6 +736,8 @@ __all__ = [
     "ReaderNames",
     "build_model",
     "checkpoint_args",
+    "runtime_attention",
+    "with_runtime_attention",
     "from_pretrained",
     "fp8_storage_of",
     "load_phase",

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from dshal import ops
-from dshal.config import PrecisionConfig, precision_config
+from dshal.config import FP8_FORMATS, PrecisionConfig, precision_config
 from dshal.errors import ConfigError
 from dshal.model.model import Linear, RoutedExperts, describe_model, kv_cache_report
 from dshal.model.weights import (
@@ -157,7 +157,8 @@ def refuse_undeclared_fp8_format(
     if fmt in declared:
         return
     who = f"backend {backend!r}" if backend else f"this backend ({capabilities.device_name})"
-    others = [f for f in declared if f != capabilities.native_e4m3]
+    # e5m2 is a format some ops take, not one precision.fp8_format stores weights in
+    others = [f for f in declared if f != capabilities.native_e4m3 and f in FP8_FORMATS]
     if declared:
         fix = f"precision.fp8_format: auto ({capabilities.native_e4m3})" + "".join(f" or {f}" for f in others)
     else:
@@ -208,6 +209,13 @@ def resolve_gemm_mode(precision: PrecisionConfig, model: nn.Module, capabilities
     if not quantized:
         on_disk = " + ".join(getattr(model, "checkpoint_weight_dtypes", None) or sorted(stored.get(HIGH, {"no"})))
         dtype = str(model.args.dtype).replace("torch.", "")
+        block = model.args.weight_block_size
+        if "float8" in on_disk and block is not None and tuple(block) != (128, 128):
+            return HIGH, (
+                f"auto: the checkpoint's FP8 weights have {block[0]}x{block[1]} blocks, which the FP8 ops do not "
+                f"take (128x128): dequantized on load, high precision, {dtype} "
+                "(precision.gemm: fp8-block re-quantizes them per 128x128 block on load)"
+            )
         return HIGH, (
             f"auto: the checkpoint stores {on_disk} weights: high precision, {dtype} "
             "(quantize on load only with precision.gemm: fp8-block | fp8-row | fp8-tensor | int8)"

@@ -292,6 +292,9 @@ def _resolve_sampling(args: argparse.Namespace, defaults: dict[str, float]) -> N
         raise DshalError(f"dshal run: {', '.join(cuts_given)} with greedy decoding (temperature 0), expected "
                          f"--temperature > 0 with {'it' if len(cuts_given) == 1 else 'them'}: top-p, top-k and "
                          "min-p filter what sampling draws from")
+    if args.temperature == 0:  # the generation config's cuts are moot under greedy decoding
+        for name, _, off in SAMPLING_CUTS:
+            setattr(args, name, off)
 
 
 def _sampling_line(temperature: float, top_p: float, top_k: int, min_p: float, source: str | None) -> str:

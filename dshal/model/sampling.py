@@ -4,6 +4,7 @@ top-k, nucleus (top-p) and min-p cuts, shared by plain, graph-captured and specu
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -95,7 +96,7 @@ def sampling_probs(
       are kept, as transformers' ``TopKLogitsWarper``); 0 or ``>= V``: no cut. An absent
       ``top_k`` is 0 (vLLM's rule), not transformers' ``GenerationConfig`` default of 50.
     - ``top_p < 1``: the most likely tokens whose probabilities reach ``top_p`` together
-      (nucleus sampling).
+      (nucleus sampling), by transformers' rule (of tokens tied at the boundary, the higher ids).
     - ``min_p > 0``: only the tokens at least ``min_p`` times as likely as the most likely.
 
     The most likely token is always kept. Not renormalized: ``torch.multinomial`` takes weights.
@@ -110,10 +111,12 @@ def sampling_probs(
         scaled = scaled.masked_fill(scaled < kth, -math.inf)  # before softmax: top-p sees the top-k renormalized
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
-        drop = before >= top_p  # a top_p below float32's smallest value would drop the first too: keep it
-        drop[..., 0] = False
+        # transformers' TopPLogitsWarper (and vLLM's rule): from the least likely up, drop the
+        # tokens whose mass stays within 1 - top_p; a stable ascending sort, so among tokens
+        # tied at the boundary the higher ids are kept, as theirs are
+        sorted_probs, order = probs.sort(dim=-1, stable=True)
+        drop = sorted_probs.cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1] = False  # the most likely, even for a top_p below float32's smallest value
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     if min_p > 0.0:  # a ratio to the most likely: the same before or after renormalizing
@@ -151,6 +154,19 @@ def check_top_k(top_k: Any, where: str = "generate") -> None:
         raise ArgumentError(f"{where}: argument 'top_k' is {top_k!r}, expected an int >= 0 (0: no cut)")
 
 
+def warn_moot_cuts(where: str, temperature: float, top_p: float, top_k: int, min_p: float) -> None:
+    """A UserWarning when a generation that decodes greedily (``temperature`` 0) is given a
+    top-p / top-k / min-p cut: they filter what sampling draws from, so greedy ignores them
+    (``dshal run`` refuses such flags; HF's generate warns alike)."""
+    if temperature != 0:
+        return
+    cuts = [f"{name}={value!r}" for name, value, off in (("top_p", top_p, 1.0), ("top_k", top_k, 0), ("min_p", min_p, 0.0))
+            if value != off]
+    if cuts:
+        warnings.warn(f"{where}: {', '.join(cuts)} with temperature 0 (greedy) has no effect; pass a temperature > 0 "
+                      "to sample with it", UserWarning, stacklevel=3)
+
+
 def check_min_p(min_p: Any, where: str = "generate") -> None:
     """ArgumentError naming ``where`` unless ``min_p`` is a number in [0, 1] (0: no cut)."""
     if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
@@ -165,4 +181,5 @@ __all__ = [
     "check_top_p",
     "draw",
     "sampling_probs",
+    "warn_moot_cuts",
 ]

@@ -51,7 +51,7 @@ from dshal.model.prefill import (
     mask_padding,
     own_dtypes,
 )
-from dshal.model.sampling import TokenChooser, check_min_p, check_top_k, check_top_p, draw
+from dshal.model.sampling import TokenChooser, check_min_p, check_top_k, check_top_p, draw, warn_moot_cuts
 from dshal.runtime import current
 
 
@@ -155,7 +155,9 @@ class DraftVerifier(TokenChooser):
         p = self._probs(logits)  # [B, 2, V]
         drafted = draft[:, None]
         u = torch.rand(drafted.shape, generator=self.generator, device=p.device)
-        kept = u * q.gather(1, drafted) <= p[:, 0].gather(1, drafted)  # [B, 1]: with probability min(1, p(d) / q(d))
+        # [B, 1]: with probability min(1, p(d) / q(d)) for u in [0, 1); strict, so u = 0 never
+        # keeps a draft the cuts removed (p(d) = 0)
+        kept = u * q.gather(1, drafted) < p[:, 0].gather(1, drafted)
         residual = (p[:, 0] - q).clamp(min=0)
         residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p[:, 0])  # p == q: always kept
         first = torch.where(kept, drafted, self._sample(residual)[:, None])
@@ -332,6 +334,7 @@ def generate_speculative(
     check_top_p(top_p, "generate_speculative")
     check_top_k(top_k, "generate_speculative")
     check_min_p(min_p, "generate_speculative")
+    warn_moot_cuts("generate_speculative", temperature, top_p, top_k, min_p)
     lens = check_prompt_lens("generate_speculative", prompt_lens, *input_ids.shape)
     why = speculative_unsupported(model)
     if why:

@@ -21,6 +21,7 @@ from dshal.ops.spec import (
     check_tensor,
     op_spec,
 )
+from dshal.versions import minor
 
 #: Positive floats at or below this round to 0 in float32, at or above the other to inf.
 FLOAT32_ZERO_BELOW = 2.0**-150
@@ -77,6 +78,24 @@ def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
     check_int(op, "window", window, 1, optional=True)
     check_int(op, "global_tokens", global_tokens, 0)
     check_same_device(op, "q", q, k=k, v=v)
+
+
+#: torch's scaled_dot_product_attention takes ``enable_gqa`` from 2.5; pyproject admits 2.4
+#: (torch_npu 6.0.0 / 7.0.0 ship for it).
+SDPA_TAKES_GQA = minor(torch.__version__) >= (2, 5)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, native_gqa: bool = SDPA_TAKES_GQA, **kwargs) -> torch.Tensor:
+    """torch's ``scaled_dot_product_attention(q, k, v, **kwargs)`` where ``k`` / ``v`` may have
+    fewer heads than ``q`` (grouped: ``Hq`` a multiple of ``Hk``): ``enable_gqa`` where torch
+    takes it (``native_gqa``), else ``k`` / ``v`` repeated per group first."""
+    groups = q.shape[1] // k.shape[1] if k.shape[1] else 1
+    if groups == 1:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    if native_gqa:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def visible_keys(tq: int, tk: int, causal: bool, window: int | None, global_tokens: int, device: torch.device) -> torch.Tensor | None:

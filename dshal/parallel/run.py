@@ -28,6 +28,7 @@ from dshal.lifetime import exit_with_parent
 from dshal.model import DictReader, tiny_args
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import random_checkpoint
+from dshal.model.loader import with_runtime_attention
 from dshal.model.speculative import mtp_layers_for
 from dshal.parallel.groups import ParallelGroups, plan_groups, setup_groups
 from dshal.parallel.launch import LAUNCHER_PID_ENV, relaunch_self
@@ -129,7 +130,8 @@ def load(args: argparse.Namespace, groups: ParallelGroups, progress: Any = None)
     if args.checkpoint:
         model = from_pretrained_parallel(args.checkpoint, groups, mla_mode=args.mla_mode, mtp_layers=mtp, progress=progress)
         return model, f"{args.checkpoint} ({layout})"
-    model_args = tiny_args(mla_mode=args.mla_mode or "absorb", num_nextn_predict_layers=mtp, mtp_layers=mtp)
+    model_args = with_runtime_attention(
+        tiny_args(mla_mode=args.mla_mode or "absorb", num_nextn_predict_layers=mtp, mtp_layers=mtp))
     reader = DictReader(random_checkpoint(model_args, args.seed), path=f"<random seed={args.seed}>")
     return build_parallel(model_args, reader, groups), f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed}, {layout})"
 

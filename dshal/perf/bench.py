@@ -46,7 +46,7 @@ from dshal import ops
 from dshal.cliargs import seed
 from dshal.config import read_yaml
 from dshal.errors import ConfigError, DshalError
-from dshal.ops.attention import visible_keys
+from dshal.ops.attention import sdpa as attention_sdpa, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.examples import TIERS, Draw, ShapeRow, plain
 from dshal.ops.spec import Cost
@@ -304,15 +304,14 @@ def _sdpa() -> Callable[..., Any]:
     masks: dict[tuple[Any, ...], torch.Tensor | None] = {}
 
     def sdpa(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
-        gqa = q.shape[1] != k.shape[1]
         tq, tk = q.shape[2], k.shape[2]
         if causal and window is None and tq == tk:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            return attention_sdpa(q, k, v, is_causal=True, scale=scale)
         key = (q.device, tq, tk, causal, window, global_tokens)
         if key not in masks:  # the mask is shape-only: built once, outside the timed calls after warm-up
             mask = visible_keys(tq, tk, causal, window, global_tokens, q.device)
             masks[key] = None if mask is None or bool(mask.all()) else mask  # all visible: SDPA's fast path
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[key], scale=scale, enable_gqa=gqa)
+        return attention_sdpa(q, k, v, attn_mask=masks[key], scale=scale)
 
     return sdpa
 

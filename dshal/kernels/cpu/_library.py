@@ -27,6 +27,7 @@ import torch
 
 from dshal.config import cache_dir, env_flag  # one parser for on/off variables: a typo is a ConfigError
 from dshal.errors import BackendUnavailableError
+from dshal.outputs import atomic_write
 
 SOURCE = Path(__file__).with_name("kernels.c")
 #: Tried in order: the first that compiles is used (``-march=native`` may be unknown to a compiler).
@@ -120,8 +121,23 @@ def _writable_dir() -> Path:
                   "(set DSHAL_CACHE_DIR to a folder of your own)")
 
 
-def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
-    """Compile ``kernels.c`` into the cache (atomically: concurrent processes may race)."""
+def _digest(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _intact(target: Path) -> bool:
+    """Whether the cached ``target`` is the file its build wrote: its ``.sha256`` beside it
+    matches. A truncated or emptied file (a crash or power loss mid-write) would otherwise be
+    mapped as it is: SIGBUS, or the kernels off for good."""
+    try:
+        return _digest(target) == target.with_suffix(".sha256").read_text().strip()
+    except OSError:
+        return False
+
+
+def _build(compiler: str, fresh: bool = False) -> tuple[Path, tuple[str, ...]]:
+    """Compile ``kernels.c`` into the cache (atomically: concurrent processes may race), or
+    reuse an intact earlier build unless ``fresh``."""
     source = SOURCE.read_bytes()
     errors = []
     for flags in FLAG_SETS:
@@ -130,7 +146,7 @@ def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
         )
         target_dir = _writable_dir()
         target = target_dir / f"dshal_cpu_{key.hexdigest()[:16]}.so"
-        if target.exists() and _not_private(target) is None:
+        if not fresh and target.exists() and _not_private(target) is None and _intact(target):
             return target, flags
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_dir)
         os.close(fd)
@@ -142,6 +158,9 @@ def _build(compiler: str) -> tuple[Path, tuple[str, ...]]:
                 timeout=120,
             )
             if done.returncode == 0:
+                with open(tmp, "rb") as built:  # on disk before its name is: no empty file after a power loss
+                    os.fsync(built.fileno())
+                atomic_write(target.with_suffix(".sha256"), _digest(tmp) + "\n")
                 os.replace(tmp, target)
                 return target, flags
             errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-400:] or f'exit {done.returncode}'}")
@@ -165,7 +184,11 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
             return None, KernelStatus(False, "no C compiler found (set CC, or install cc/gcc/clang)")
         try:
             path, flags = _build(compiler)
-            lib = ctypes.CDLL(str(path))
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:  # damaged in a way its digest could not tell (or replaced since): build again, once
+                path, flags = _build(compiler, fresh=True)
+                lib = ctypes.CDLL(str(path))
             for name, (restype, argtypes) in SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = restype, argtypes

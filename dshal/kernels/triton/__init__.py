@@ -33,6 +33,7 @@ from types import ModuleType
 import torch
 
 from dshal.errors import BackendUnavailableError
+from dshal.versions import SUPPORTED, installed, minor
 
 #: The modules that define ``@triton.jit`` kernels (decorated at import time).
 KERNEL_MODULES = ("quant", "gemm", "norm", "activation", "rotary", "moe")
@@ -130,9 +131,14 @@ def ensure_interpreter_if_cpu(device: torch.device | str | None = None) -> bool:
 
 def require_triton(command: str) -> None:
     """BackendUnavailableError naming the install line when the triton package is absent (a
-    command that compiles or times kernels, run from an install without the extra)."""
+    command that compiles or times kernels, run from an install without the extra) or older
+    than :data:`dshal.versions.SUPPORTED` (``triton.knobs``, the ptxas log: Triton 3.5 and
+    earlier failed deep in a compile worker)."""
     if importlib.util.find_spec("triton") is None:
         raise BackendUnavailableError(f"{command}: needs the triton package (pip install 'dshal[triton]')")
+    found, oldest = installed("triton"), SUPPORTED["triton"][0]
+    if found is not None and minor(found) < minor(oldest):
+        raise BackendUnavailableError(f"{command}: needs triton>={oldest}, found {found} (pip install 'triton>={oldest}')")
 
 
 def load_kernel_modules(device: torch.device | str | None = None) -> dict[str, ModuleType]:

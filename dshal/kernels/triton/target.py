@@ -237,15 +237,26 @@ def user_tuning_dir() -> Path:
     return cache_dir() / "gemm-tuning"
 
 
-def read_tuning(path: Path) -> dict[tuple[int, int, int], TileConfig]:
-    """One tuned table: ``{(N, K, M bucket): tile}``. Dry-run tables (no device timings) and
-    other schemas raise ValueError: they must never choose a tile."""
+def read_tuning(path: Path, target_name: str | None = None) -> dict[tuple[int, int, int], TileConfig]:
+    """One tuned table: ``{(N, K, M bucket): tile}``. Dry-run tables (no device timings), other
+    schemas, a table tuned for another target than ``target_name`` (when given) and sizes
+    below 1 raise ValueError: they must never choose a tile."""
     data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a JSON {type(data).__name__}, expected an object")
     if data.get("schema") != TUNING_SCHEMA:
         raise ValueError(f"{path}: schema is {data.get('schema')!r}, expected {TUNING_SCHEMA!r}")
     if data.get("dry_run"):
         raise ValueError(f"{path}: a dry-run table (no device timings) cannot choose tiles")
-    return {(int(e["N"]), int(e["K"]), m_bucket(int(e["M"]))): TileConfig(**e["tile"]) for e in data["entries"]}
+    if target_name is not None and data.get("target") != target_name:
+        raise ValueError(f"{path}: tuned for target {data.get('target')!r}, expected {target_name!r}")
+    table = {}
+    for e in data["entries"]:
+        n, k, m = int(e["N"]), int(e["K"]), int(e["M"])
+        if min(n, k, m) < 1:
+            raise ValueError(f"{path}: entry N={n}, K={k}, M={m}, expected sizes >= 1")
+        table[(n, k, m_bucket(m))] = TileConfig(**e["tile"])
+    return table
 
 
 @cache
@@ -256,7 +267,7 @@ def tuned_tables(target_name: str) -> dict[tuple[int, int, int], TileConfig]:
         path = folder / f"{target_name}.json"
         if path.exists():
             try:
-                table.update(read_tuning(path))
+                table.update(read_tuning(path, target_name))
             except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:  # a damaged file in the cache
                 raise ConfigError(f"{path}: not a usable tuned table ({type(err).__name__}: {str(err)[:200]}); "
                                   "delete it or run dshal tune again") from None

@@ -206,21 +206,52 @@ def main(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
     }
 
+    previous = _previous_entries(out, target.name, bool(args.dry_run))
+    retuned = [0]
+
     def write(entries: list[dict[str, Any]], complete: bool) -> None:
         if out is None:
             return
+        done = {_entry_key(e) for e in entries}  # a cut or interrupted re-tune keeps what it has not redone
+        kept = [e for e in previous if _entry_key(e) not in done]
         table = {**header, "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                 "complete": complete, "entries": entries}
+                 "complete": complete, "entries": entries + kept}
         atomic_write(out, json.dumps(table, indent=1))
+        retuned[0] = len(entries)
 
-    entries = tune(target, device, shapes, ms, time_tiles=not args.dry_run, budget_s=args.budget_s,
-                   on_entry=lambda so_far: write(so_far, complete=False))
-    complete = len(entries) == len(shapes) * len(buckets)
+    total = len(shapes) * len(buckets)
+    try:
+        entries = tune(target, device, shapes, ms, time_tiles=not args.dry_run, budget_s=args.budget_s,
+                       on_entry=lambda so_far: write(so_far, complete=False))
+    except KeyboardInterrupt:
+        if out is not None and retuned[0]:
+            print(f"table: {out} (interrupted: {retuned[0]} of {total} entries written"
+                  + (", the others kept from the table before)" if previous else ")"), flush=True)
+        raise
+    complete = len(entries) == total
     write(entries, complete)
     if out is not None:
         print(f"table: {out}" + (" (dry run: select_tile refuses it)" if args.dry_run else "")
-              + ("" if complete else f" (incomplete: {len(entries)} of {len(shapes) * len(buckets)} entries)"))
+              + ("" if complete else f" (incomplete: {len(entries)} of {total} entries)"))
     return 0
+
+
+def _entry_key(entry: dict[str, Any]) -> tuple[int, int, int]:
+    return int(entry["N"]), int(entry["K"]), m_bucket(int(entry["M"]))
+
+
+def _previous_entries(out: Path | None, target_name: str, dry_run: bool) -> list[dict[str, Any]]:
+    """The entries of the table already at ``out`` when it is one for ``target_name`` of the
+    same kind (dry run or timed); none when there is none or it cannot be read."""
+    if out is None or not out.is_file():
+        return []
+    try:
+        data = json.loads(out.read_text())
+        if (data.get("schema"), data.get("target"), bool(data.get("dry_run"))) != (TUNING_SCHEMA, target_name, dry_run):
+            return []
+        return [e for e in data["entries"] if isinstance(e, dict) and _entry_key(e)]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []
 
 
 __all__ = ["DEEPSEEK_V3_SHAPES", "tune"]
