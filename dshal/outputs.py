@@ -31,6 +31,9 @@ def check_writable(path: Any, what: str, *, directory: bool = False) -> Path:
         raise ArgumentError(f"{what}: {path} is a directory, expected a file path")
     if directory and path.exists() and not path.is_dir():
         raise ArgumentError(f"{what}: {path} is a file, expected a folder")
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)  # the nearest that exists
+    if blocking is not None and not blocking.is_dir():
+        raise ArgumentError(f"{what}: {blocking} is a file, expected a folder to hold {path}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".dshal-write-probe-"):

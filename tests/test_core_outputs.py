@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dshal.outputs import atomic_output, atomic_write
+from dshal.errors import ArgumentError
+from dshal.outputs import atomic_output, atomic_write, check_writable
 
 
 def test_atomic_output_replaces_the_file_when_the_block_ends(tmp_path: Path) -> None:
@@ -26,3 +27,13 @@ def test_atomic_output_interrupted_leaves_the_previous_file_and_no_temporary(tmp
         raise KeyboardInterrupt  # Ctrl-C mid-write
     assert target.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_check_writable_names_a_file_that_stands_where_a_folder_should(tmp_path: Path) -> None:
+    """``--json afile/out.json`` said "cannot write to afile (File exists); expected a writable
+    folder": the path names a file as a folder."""
+    (tmp_path / "afile").write_text("x")
+    for path in (tmp_path / "afile" / "out.json", tmp_path / "afile" / "deeper" / "out.json"):
+        with pytest.raises(ArgumentError, match=r"--json: .*afile is a file, expected a folder to hold"):
+            check_writable(path, "--json")
+    assert check_writable(tmp_path / "new" / "out.json", "--json") == tmp_path / "new" / "out.json"

@@ -219,6 +219,8 @@ def test_model_args_read_official_config_keys():
     assert ModelArgs.from_hf_config(new_style).rope_scaling == args.rope_scaling
     with pytest.raises(dshal.ConfigError, match="scoring_func"):
         ModelArgs.from_hf_config({**official, "scoring_func": "softmax"})
+    with pytest.raises(dshal.ConfigError, match="topk_method is 'greedy', expected 'noaux_tc'"):  # was run as noaux_tc
+        ModelArgs.from_hf_config({**official, "topk_method": "greedy"})
     with pytest.raises(dshal.ConfigError, match="num_key_value_heads"):
         ModelArgs.from_hf_config({**official, "num_key_value_heads": 8})
     # DeepSeek's remote code reads moe_layer_freq (dense layers between MoE ones); dshal and HF's

@@ -35,7 +35,7 @@ import torch
 import dshal
 import dshal.comm as comm
 from dshal.errors import CommError
-from dshal.lifetime import child_env, child_python
+from dshal.lifetime import child_env, child_python, dies_with_parent, exit_with_parent
 from dshal.registry import REGISTRY
 from dshal_conformance.cases.base import TIERS, Case
 from dshal_conformance.judge import Verdict
@@ -263,23 +263,33 @@ def run_group(
         port = free_port()
         # The children import what this process imports (a plugin found here is found there too).
         env = child_env(dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world)))
-        args = json.dumps({"world": world, "backend": backend, "emulate": emulate, "names": names, "scratch": scratch})
-        procs = [
-            subprocess.Popen(
-                child_python("-m", "dshal_conformance.collectives", args),
-                env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            for r in range(world)
-        ]
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            try:
-                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        args = json.dumps({"world": world, "backend": backend, "emulate": emulate, "names": names, "scratch": scratch,
+                           "parent": os.getpid()})
+        # The ranks end with this process: an interrupted or killed run left them running on. The
+        # kernel kills them with it (dies_with_parent, even mid-import); a watcher where it cannot.
+        code = (dies_with_parent(os.getpid()) + f"sys.argv = ['-c', {args!r}]\nimport runpy\n"
+                "runpy.run_module('dshal_conformance.collectives', run_name='__main__')\n")
+        procs: list[subprocess.Popen] = []
+        try:
+            for r in range(world):
+                procs.append(subprocess.Popen(
+                    child_python("-c", code),
+                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                ))
+            deadline = time.monotonic() + timeout_s
+            for p in procs:
+                try:
+                    p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         stderr = {r: (p.stderr.read().decode(errors="replace") if p.stderr else "") for r, p in enumerate(procs)}
         reports: dict[int, dict[str, tuple[str, float | None, str]]] = {}
         for r in range(world):
@@ -328,4 +338,5 @@ def _merge(
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])
+    exit_with_parent(spec["parent"])  # a parent killed by a signal that skips its cleanup (SIGTERM, SIGKILL)
     _worker(int(os.environ["RANK"]), spec["world"], spec["backend"], spec["emulate"], spec["names"], spec["scratch"])

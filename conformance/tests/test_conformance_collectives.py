@@ -29,3 +29,75 @@ def test_collectives_skip_when_the_machine_has_fewer_gpus_than_ranks():
     assert [cid for cid, _ in seen] == [c.id for c in selected]
     for _, verdict in seen:
         assert verdict.status == "skip" and f"shows {visible}" in verdict.reason
+
+
+def _ranks_of(parent: int) -> list[int]:
+    """Pids of the collective rank processes whose parent is ``parent``."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if "dshal_conformance.collectives" in cmd and ppid == parent:
+            found.append(int(pid))
+    return found
+
+
+def _running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (not gone, not a zombie)."""
+
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc"), reason="reads /proc to find the rank processes")
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+def test_collective_ranks_end_with_an_interrupted_or_killed_run(tmp_path, signal_name):
+    """Ctrl-C, SIGTERM or SIGKILL to ``dshal conformance`` left its rank processes running
+    (holding their port and device) for 10-25 s more."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from dshal.lifetime import child_env, child_python
+
+    proc = subprocess.Popen(
+        child_python("-m", "dshal", "conformance", "--backend", "cpu", "--ops", "all_reduce", "--report-dir", str(tmp_path)),
+        env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not ranks:
+            assert proc.poll() is None and time.monotonic() < deadline, "no rank process started"
+            time.sleep(0.2)
+            ranks = _ranks_of(proc.pid)
+        time.sleep(2.0)  # every rank started, its collectives under way
+        ranks = _ranks_of(proc.pid)
+        os.kill(proc.pid, getattr(signal, signal_name))
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 1.5  # the ranks watch their parent every 0.5 s
+        while _running(ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _running(ranks) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _running(ranks):
+            os.kill(pid, signal.SIGKILL)

@@ -281,6 +281,11 @@ class ModelArgs:
             raise ConfigError(
                 f"config.json: scoring_func is {cfg['scoring_func']!r}, expected 'sigmoid' (DeepSeek-V3 routing)"
             )
+        if cfg.get("topk_method", "noaux_tc") != "noaux_tc":  # V2's "greedy" / "group_limited_greedy": other routing
+            raise ConfigError(
+                f"config.json: topk_method is {cfg['topk_method']!r}, expected 'noaux_tc' (DeepSeek-V3 routing: "
+                "group-limited top-k of the bias-corrected sigmoid scores)"
+            )
         if cfg.get("moe_layer_freq", 1) != 1:
             # DeepSeek's remote code makes every moe_layer_freq-th layer past first_k_dense_replace
             # MoE; DeepSeek-V3 (and HF's DeepseekV3, which ignores the key) use 1.
@@ -563,7 +568,7 @@ def validate_hf_config(cfg: Any, file: str = "config.json", text: str | None = N
         c.number("rms_norm_eps", cfg["rms_norm_eps"], 0, 1)
     if "routed_scaling_factor" in cfg:
         c.number("routed_scaling_factor", cfg["routed_scaling_factor"], 0)
-    for key in ("model_type", "scoring_func", "hidden_act", "dtype", "torch_dtype"):
+    for key in ("model_type", "scoring_func", "topk_method", "hidden_act", "dtype", "torch_dtype"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             raise c.fail(key, cfg[key], "a string")
     architectures = cfg.get("architectures")
