@@ -47,7 +47,8 @@ environment:
   DSHAL_CPU_DEQUANT_CACHE_GIB  cpu backend: GiB of float32 copies of FP8 weights kept for
                      prefill (past it, dequantized per call; 0 = none; default 1/4 of RAM)
   DSHAL_CHECK_FINITE 0 = skip the load-time NaN/Inf scan of checkpoint weights
-  DSHAL_PLUGIN_TIMEOUT_S  seconds a plugin's availability()/capabilities() may take (default 60)
+  DSHAL_PLUGIN_TIMEOUT_S  seconds a plugin's availability()/capabilities() may take (default 60;
+                     an import, constructor or ops() still running then is warned about)
 
 Run `dshal COMMAND --help` for a command's options.
 """

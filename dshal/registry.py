@@ -7,7 +7,8 @@ it never breaks the others. Asking for that one backend by name raises its error
 
 Misbehaving plugins are contained too: ``availability()`` and ``capabilities()`` get
 ``DSHAL_PLUGIN_TIMEOUT_S`` seconds each (default 60) and a plugin that overruns is listed
-as unavailable; ``sys.exit()``, ``KeyboardInterrupt`` or any other ``BaseException`` raised
+as unavailable (its import, constructor and ``ops()`` run on the caller's thread: past that
+time a warning names the plugin, Ctrl-C and ``DSHAL_PLUGINS`` being the ways out); ``sys.exit()``, ``KeyboardInterrupt`` or any other ``BaseException`` raised
 by a plugin is that plugin's failure (a real Ctrl-C is logged, then re-raised); asking for
 one backend by name loads only that plugin.
 """
@@ -35,8 +36,8 @@ from dshal.ops.catalogue import SPECS
 from dshal.ops.spec import FP8_DTYPES
 
 ENTRY_POINT_GROUP = "dshal.backends"
-#: Seconds each plugin step may take: import, constructor, ops(), availability(), capabilities()
-#: (DSHAL_PLUGIN_TIMEOUT_S).
+#: Seconds a plugin's availability() / capabilities() may take (DSHAL_PLUGIN_TIMEOUT_S); an import,
+#: constructor or ops() past it is warned about.
 DEFAULT_PLUGIN_TIMEOUT_S = 60.0
 
 log = logging.getLogger("dshal")
@@ -182,8 +183,7 @@ class Registry:
                 version=_version_of(ep),
                 loaded=False,
                 available=False,
-                reason=(f"the import {err}" if isinstance(err, _Overran)
-                        else f"import failed: {type(err).__name__}: {err}{_raised_at(err)}"),
+                reason=f"import failed: {type(err).__name__}: {err}{_raised_at(err)}",
                 error=err,
             )
         for ep, plugin in loaded:
@@ -310,10 +310,8 @@ class _IsolatedEntryPoint:
         return self.entry_point.dist
 
     def load(self) -> Any:
-        try:  # bounded like the probes: an import that blocks on a wedged driver must not hang discovery
-            return _bounded(self.entry_point.load, self.name, plugin_timeout())
-        except _Overran:
-            raise
+        try:  # on this thread (a plugin may set signal handlers as it imports), watched
+            return _watched(self.entry_point.load, self.name, "the import", plugin_timeout())
         except AssertionError as err:
             raise _PluginCrash(str(err)) from err
         except Exception:
@@ -358,13 +356,32 @@ def _version_of(ep: importlib.metadata.EntryPoint) -> str | None:
 
 
 def plugin_timeout() -> float:
-    """``DSHAL_PLUGIN_TIMEOUT_S`` (seconds a plugin's import, constructor, ops(), availability()
-    and capabilities() may each take)."""
+    """``DSHAL_PLUGIN_TIMEOUT_S`` (seconds a plugin's availability() / capabilities() may take;
+    past it an import, constructor or ops() is warned about)."""
     return env_number("DSHAL_PLUGIN_TIMEOUT_S", DEFAULT_PLUGIN_TIMEOUT_S, 0, 3600)
 
 
 class _Overran(Exception):
     """A plugin call did not return within the plugin timeout."""
+
+
+def _watched(fn: Callable[[], Any], plugin: str, what: str, timeout_s: float) -> Any:
+    """``fn()`` on this thread; if it has not returned after ``timeout_s``, a warning names the
+    plugin and the way out. The import, constructor and ``ops()`` are not moved to a worker
+    thread as the probes are: a plugin may install signal handlers (main thread only) or set
+    per-thread state there, and an abandoned import would keep its module lock."""
+
+    def warn() -> None:
+        log.warning("dshal: %s of plugin %r has not returned after %g s (DSHAL_PLUGIN_TIMEOUT_S); it may hang: "
+                    "Ctrl-C stops it, and DSHAL_PLUGINS=a,b (the plugins to load) leaves it out", what, plugin, timeout_s)
+
+    timer = threading.Timer(timeout_s, warn)
+    timer.daemon = True
+    timer.start()
+    try:
+        return fn()
+    finally:
+        timer.cancel()
 
 
 def _bounded(fn: Callable[[], Any], plugin: str, timeout_s: float) -> Any:
@@ -414,18 +431,14 @@ def _validate(
             f"but this dshal implements api_version {API_VERSION!r}"
         )
         return broken(str(err), err)
-    stage = "the constructor"
-    try:  # plugin code, bounded as the probes are
-        backend = _bounded(lambda: plugin(emulate=emulate), name, timeout_s)
+    try:  # on this thread (per-thread state such as the current device must stay), watched
+        backend = _watched(lambda: plugin(emulate=emulate), name, "the constructor", timeout_s)
         if backend.name != name:
             raise PluginLoadError(
                 f"plugin registered as {name!r} reports name {backend.name!r}; the entry-point name must match"
             )
-        stage = "ops()"
-        ops = _bounded(lambda: dict(backend.ops()), name, timeout_s)
+        ops = _watched(lambda: dict(backend.ops()), name, "ops()", timeout_s)
         check_op_signatures(name, ops)
-    except _Overran as err:
-        return broken(f"{stage} {err}", err)
     except BaseException as err:  # noqa: BLE001 - isolation is the point
         _contain(err, name, "construction", _WATCH)
         reason = str(err) if isinstance(err, DshalError) else f"{type(err).__name__}: {err}"

@@ -8,6 +8,8 @@ is worked around by :func:`dshal.ops.attention.sdpa`): a release outside ``SUPPO
 work, but it is not what dshal was checked on, and :func:`stack_report` (``dshal info``'s
 ``stack:`` line) says so. Triton's floor is ``SUPPORTED``'s (``dshal kernels`` reads
 ``triton.knobs``, 3.4+, and the ptxas log, 3.5+; :func:`dshal.kernels.triton.require_triton`).
+torch's CUDA builds pin their own Triton (torch 2.11's is 3.6), so the ``triton`` extra, which
+only the GPU plugins need, goes with a torch of that age; the Ascend plugin needs neither.
 
 What dshal needs from each, and where it copes with either end:
 - torch: ``dist.all_gather_single`` / ``reduce_scatter_single`` (renamed in 2.10; the old

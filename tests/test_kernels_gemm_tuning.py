@@ -167,6 +167,10 @@ def test_a_cut_re_tune_keeps_the_entries_it_did_not_redo(tmp_path, capsys):
     after = json.loads(out.read_text())
     assert after["complete"] is False and after["entries"] == before
     assert "incomplete: 0 of 2 entries" in capsys.readouterr().out
+    # entries timed on another device (or Triton, torch) are not this run's: not kept under its header
+    out.write_text(json.dumps({**after, "device": "NVIDIA H100 80GB HBM3"}))
+    assert main([*args, "--budget-s", "0"]) == 0
+    assert json.loads(out.read_text())["entries"] == []
 
 
 def test_shipped_tables_load():

@@ -206,4 +206,8 @@ def test_a_backend_declaring_no_fp8_format_refuses_fp8_weights_and_names_high_pr
     # the fix names only formats precision.fp8_format can take (e5m2 is an op's format, not a weight's)
     with pytest.raises(ConfigError, match=r"use precision.fp8_format: auto \(e4m3fn\)$"):
         refuse_undeclared_fp8_format("e4m3fnuz", Capabilities(fp8_formats=("e4m3fn", "e5m2")))
+    with pytest.raises(ConfigError, match=r"declares the FP8 formats \['e5m2'\] .*use precision.gemm: high"):
+        refuse_undeclared_fp8_format("e4m3fn", Capabilities(fp8_formats=("e5m2",)))
+    with pytest.raises(ConfigError, match=r"use precision.fp8_format: e4m3fnuz$"):  # its auto would be refused
+        refuse_undeclared_fp8_format("e4m3fn", Capabilities(fp8_formats=("e4m3fnuz",), native_e4m3="e4m3fn"))
     assert apply_precision(model, PrecisionConfig(gemm="high"), capabilities=none_declared)  # stores no FP8

@@ -5,7 +5,6 @@ kill or hijack discovery."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -143,24 +142,24 @@ def test_hung_availability_is_bounded_and_not_probed_for_a_named_backend(install
         info.require()
 
 
-@pytest.mark.parametrize(
-    ("stage", "reason"),
-    [("import", "the import did not return within 0.5 s"), ("constructor", "the constructor did not return within 0.5 s"),
-     ("ops", "ops() did not return within 0.5 s")],
-)
-def test_a_plugin_hung_while_loading_is_listed_failed_and_discovery_goes_on(install_plugin, monkeypatch, stage, reason):
-    """Only availability() / capabilities() were bounded: a plugin whose import, constructor or
-    ops() blocked hung ``dshal info`` and every discovery for good (README: a plugin cannot hang it)."""
+@pytest.mark.parametrize("stage", ["import", "constructor", "ops"])
+def test_a_plugin_slow_to_load_is_named_in_a_warning_on_the_callers_thread(install_plugin, monkeypatch, caplog, stage):
+    """A plugin whose import, constructor or ops() blocked hung ``dshal info`` without a word.
+    They stay on the caller's thread (a plugin may install signal handlers as it imports: on
+    a worker thread that failed, "signal only works in main thread"), and past
+    DSHAL_PLUGIN_TIMEOUT_S a warning names the plugin and the ways out."""
+    import logging
+
     monkeypatch.setenv("DSHAL_TEST_SLEEP_AT", stage)
-    monkeypatch.setenv("DSHAL_PLUGIN_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("DSHAL_TEST_SLEEP_S", "1.5")
+    monkeypatch.setenv("DSHAL_PLUGIN_TIMEOUT_S", "0.3")
     install_plugin("sleeps_while_loading", {"drowsy": "DrowsyBackend"})
-    started = time.perf_counter()
-    infos = {i.name: i for i in dshal.backends()}
-    assert time.perf_counter() - started < 10
-    assert infos["cpu"].available  # the others still load
-    assert not infos["drowsy"].loaded and reason in infos["drowsy"].reason
-    with pytest.raises(PluginLoadError, match=re.escape(reason)):
-        infos["drowsy"].require()
+    with caplog.at_level(logging.WARNING, logger="dshal"):
+        infos = {i.name: i for i in dshal.backends()}
+    assert infos["drowsy"].available and infos["cpu"].available  # slow, not broken: it loaded
+    what = {"import": "the import", "constructor": "the constructor", "ops": "ops()"}[stage]
+    assert f"{what} of plugin 'drowsy' has not returned after 0.3 s" in caplog.text
+    assert "DSHAL_PLUGINS" in caplog.text
 
 
 def test_auto_selection_probes_only_its_candidates_up_to_the_first_usable(install_plugin, monkeypatch):

@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, metavar="S",
         help=f"per-case timeout in seconds (default: {DEFAULT_CASE_TIMEOUT_S:g} for ci, {FULL_TIER_CASE_TIMEOUT_S:g} for full)",
     )
+    parser.add_argument(
+        "--budget-s", type=float, metavar="S",
+        help="start no case after S seconds: the cases left are reported skipped (time budget), never passed, "
+             "and the report is still written (a device window of fixed length; default: no limit)",
+    )
     parser.add_argument("--bundle", metavar="DIR", help="also write a submission bundle (report, JUnit, environment, SHA256SUMS) to DIR")
     parser.add_argument("--allow-unavailable", action="store_true", help="exit 0 with a 'not run' report when the backend cannot run here")
     parser.add_argument("--list", action="store_true", help="list the selected case ids and exit")
@@ -81,6 +86,9 @@ def _main(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ArgumentError(f"--timeout: got {args.timeout!r}, expected a positive finite number of seconds")
+    budget_s = getattr(args, "budget_s", None)
+    if budget_s is not None and not (math.isfinite(budget_s) and budget_s >= 0):
+        raise ArgumentError(f"--budget-s: got {budget_s!r}, expected a finite number of seconds >= 0")
     ops = runner.check_selection(args.tier, args.ops, args.case, collectives=not args.no_collectives)
     options = runner.Options(
         tier=args.tier,
@@ -90,6 +98,7 @@ def _main(args: argparse.Namespace) -> int:
         case_timeout_s=args.timeout or runner.default_timeout(args.tier),
         collectives=not args.no_collectives,
         progress=not args.quiet and sys.stderr.isatty(),
+        budget_s=budget_s,
     )
     if getattr(args, "traceback", False):
         show_crashes(sys.stderr)

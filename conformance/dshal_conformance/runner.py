@@ -65,6 +65,8 @@ class Options:
     #: without it an h100 and an h200 leg with no device merge into one; ``dshal matrix
     #: --expect`` finds legs by it.
     leg: str | None = field(default_factory=lambda: os.environ.get(LEG_ENV) or None)
+    #: Seconds after which no case starts; the rest are reported skipped (None: no limit).
+    budget_s: float | None = None
 
 
 @dataclass
@@ -293,6 +295,14 @@ class Session:
         self.records += recs
         return recs
 
+    def skip_case(self, case: Case, reason: str) -> list[dict[str, Any]]:
+        """Report every result of ``case`` skipped for ``reason``, without running it."""
+        suffixes = ("",) if case.kind == "collective" else case.suffixes
+        verdict = Verdict("skip", None, None, None, reason)
+        recs = [_record(case, s, verdict, case_seed(self.options.seed, case.id), 0.0, []) for s in suffixes]
+        self.records += recs
+        return recs
+
     def run_collectives(self, world: int, group: list[Case], on_record: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
         """Run the collective cases of one world size in one group of rank processes."""
         out: list[dict[str, Any]] = []
@@ -332,6 +342,12 @@ def run(target: Target, options: Options) -> dict[str, Any]:
     if target.runtime is None:
         return session.report()
     collective: dict[int, list[Case]] = {}
+    deadline = None if options.budget_s is None else time.monotonic() + options.budget_s
+    spent = f"time budget: --budget-s {options.budget_s:g} was spent before it started"
+
+    def over() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
     try:
         with Progress(len(session.cases), f"{target.name} {options.tier}", options.progress) as bar:
             for case in session.cases:
@@ -339,9 +355,13 @@ def run(target: Target, options: Options) -> dict[str, Any]:
                     collective.setdefault(case.world_size, []).append(case)
                     continue
                 bar.start(case)
-                bar.done(session.run_case(case))
+                bar.done(session.skip_case(case, spent) if over() else session.run_case(case))
             for world, group in sorted(collective.items()):
                 bar.start(group[0])
+                if over():
+                    for case in group:
+                        bar.done(session.skip_case(case, spent))
+                    continue
                 session.run_collectives(world, group, lambda rec: bar.done([rec]))
     finally:
         reset()

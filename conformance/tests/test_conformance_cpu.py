@@ -87,6 +87,24 @@ def test_a_case_id_reproduces_one_case(cpu_report: dict) -> None:
     assert [c.id for c in both] == ["fp8_gemm/block/M1"]
 
 
+def test_a_spent_budget_reports_the_cases_left_skipped_and_still_writes(tmp_path) -> None:
+    """``--budget-s``: a device window of fixed length (gpu_check's 150 s) killed the run before
+    its report was written, losing every result; now the cases past the budget are skipped,
+    never passed, and the report is whole."""
+    from dshal.cli import main
+
+    ops = ["--ops", "rms_norm,all_reduce", "--quiet", "--report-dir", str(tmp_path)]
+    main(["conformance", "--backend", "cpu", *ops, "--budget-s", "0"])
+    spent = json.loads((tmp_path / "cpu.json").read_text())
+    report.validate(spent)
+    assert spent["cases"] and {c["status"] for c in spent["cases"]} == {"skip"}
+    assert all(c["reason"].startswith("time budget: --budget-s 0") for c in spent["cases"])
+    assert {c["op"] for c in spent["cases"]} == {"rms_norm", "all_reduce"}
+    assert main(["conformance", "--backend", "cpu", *ops, "--budget-s", "600"]) == 0
+    assert "skip" not in {c["status"] for c in json.loads((tmp_path / "cpu.json").read_text())["cases"]}
+    assert main(["conformance", "--backend", "cpu", *ops, "--budget-s", "-1"]) != 0
+
+
 def test_full_tier_uses_deepseek_v3_and_deepgemm_shapes() -> None:
     full = {c.id: c for c in all_cases("full")}
     ci = {c.id for c in all_cases("ci")}

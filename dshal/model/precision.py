@@ -158,9 +158,12 @@ def refuse_undeclared_fp8_format(
         return
     who = f"backend {backend!r}" if backend else f"this backend ({capabilities.device_name})"
     # e5m2 is a format some ops take, not one precision.fp8_format stores weights in
-    others = [f for f in declared if f != capabilities.native_e4m3 and f in FP8_FORMATS]
-    if declared:
-        fix = f"precision.fp8_format: auto ({capabilities.native_e4m3})" + "".join(f" or {f}" for f in others)
+    storable = [f for f in declared if f in FP8_FORMATS]
+    if storable:
+        native = capabilities.native_e4m3
+        fix = " or ".join(([f"auto ({native})"] if native in storable else [])
+                          + [f for f in storable if f != native])
+        fix = f"precision.fp8_format: {fix}"
     else:
         fix = "precision.gemm: high (or int8, W8A8)"
     message = (f"precision.fp8_format: FP8 weights would be stored as {fmt!r}, but {who} declares the FP8 formats "

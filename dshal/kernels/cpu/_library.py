@@ -186,8 +186,10 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
             path, flags = _build(compiler)
             try:
                 lib = ctypes.CDLL(str(path))
-            except OSError:  # damaged in a way its digest could not tell (or replaced since): build again, once
-                path, flags = _build(compiler, fresh=True)
+            except OSError as err:
+                if _intact(path):  # the bytes the build wrote: the folder refuses to map them (noexec)
+                    raise OSError(f"{err} (is {path.parent} on a noexec mount? set DSHAL_CACHE_DIR elsewhere)") from err
+                path, flags = _build(compiler, fresh=True)  # changed since it was checked: build again, once
                 lib = ctypes.CDLL(str(path))
             for name, (restype, argtypes) in SIGNATURES.items():
                 fn = getattr(lib, name)

@@ -206,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
     }
 
-    previous = _previous_entries(out, target.name, bool(args.dry_run))
+    previous = _previous_entries(out, header)
     retuned = [0]
 
     def write(entries: list[dict[str, Any]], complete: bool) -> None:
@@ -240,14 +240,20 @@ def _entry_key(entry: dict[str, Any]) -> tuple[int, int, int]:
     return int(entry["N"]), int(entry["K"]), m_bucket(int(entry["M"]))
 
 
-def _previous_entries(out: Path | None, target_name: str, dry_run: bool) -> list[dict[str, Any]]:
-    """The entries of the table already at ``out`` when it is one for ``target_name`` of the
-    same kind (dry run or timed); none when there is none or it cannot be read."""
+#: What a kept entry must share with this run: timings from another device (H100, H200 and GH200
+#: share one target), Triton or torch are not this run's.
+SAME_RUN_KEYS = ("schema", "target", "dry_run", "device", "triton", "torch")
+
+
+def _previous_entries(out: Path | None, header: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entries of the table already at ``out`` when it was tuned as this run is (same
+    target, kind, device, Triton and torch: :data:`SAME_RUN_KEYS`); none otherwise, or when
+    there is none or it cannot be read."""
     if out is None or not out.is_file():
         return []
     try:
         data = json.loads(out.read_text())
-        if (data.get("schema"), data.get("target"), bool(data.get("dry_run"))) != (TUNING_SCHEMA, target_name, dry_run):
+        if any(data.get(key) != header.get(key) for key in SAME_RUN_KEYS):
             return []
         return [e for e in data["entries"] if isinstance(e, dict) and _entry_key(e)]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

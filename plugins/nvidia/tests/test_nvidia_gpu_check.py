@@ -44,6 +44,7 @@ def test_nvidia_gpu_check_dry_run(tmp_path, cpu_rowwise_scaled_mm_refusal):
     assert norm["max_abs_err"] < 0.05 and norm["norm_us"] > 0 and norm["copy_us"] > 0
     conf = data["conformance"]
     assert conf["command"].startswith("-m dshal conformance --backend nvidia") and "--tier ci" in conf["command"]
+    assert "--budget-s" in conf["command"]  # a cut run still writes its report
     assert conf["returncode"] == 0 and conf["summary"]["failed"] == 0 and conf["summary"]["passed"] > 0
     assert {r["n"] for r in data["gemm"]} == {256, 128} and {r["k"] for r in data["gemm"]} == {256, 200}  # K % 128 != 0 too
     moe = data["moe"]
@@ -60,6 +61,7 @@ def test_nvidia_gpu_check_dry_run(tmp_path, cpu_rowwise_scaled_mm_refusal):
     assert run["speculative"]["run"] and run["speculative"]["tokens_match_eager"]  # two-token steps on its kernels
     ragged = data["ragged"]  # prompts of different lengths: eager and the per-row static step agree
     assert ragged["tokens_match"] is True and ragged["captured"] is False and ragged["eager_s"] > 0  # no graphs on CPU
+    assert ragged["graphs_incl_capture_s"] > 0 and "graphs_off" not in ragged
     sampled = ragged["speculative_sampled"]  # sampled speculative decoding through the graph hook (emulated: none)
     assert sampled["steps"] > 0 and sampled["ids_in_range"] is True and sampled["captured"] is False
     assert ragged["conversation"] == {"tokens_match": True, "captured": False, "capture_error": ""}
@@ -99,6 +101,16 @@ def test_gpu_check_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path)
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "broken_stage" in saved["stage_errors"]["b"] and "L2_cache_size" in saved["stage_errors"]["b"]
     assert set(saved["stage_errors"]) == {"b"}
+
+
+def test_gpu_check_targets_count_only_rows_that_match_the_reference():
+    """A path timed on a shape it computes wrongly (cuBLASLt blockwise at K = 7200 on a torch
+    that accepts its scales with another stride) moved the headline ratio."""
+    gpu_check = _load_script()
+    rows = [{"m": 4096, "n": 7168, "k": 16384, "path": "triton", "us": 60.0, "similarity_gap": 1e-6},
+            {"m": 4096, "n": 7168, "k": 16384, "path": "torch_blockwise", "us": 10.0, "similarity_gap": 0.4}]
+    assert gpu_check._best(rows, 4096, 7168, 16384, "triton") == 60.0
+    assert gpu_check._best(rows, 4096, 7168, 16384, "torch_blockwise") is None
 
 
 def test_gpu_check_rotates_enough_weight_copies_to_miss_l2():
