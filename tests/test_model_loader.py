@@ -355,3 +355,36 @@ def test_dtype_casts_of_a_loaded_model_are_refused_and_device_moves_pass():
     with pytest.raises(dshal.ArgumentError, match="argument 'precision': got int, expected a PrecisionConfig"):
         random_model(ARGS, precision=3)
     assert random_model(ARGS, precision="int8").describe()["precision"]["mode"] == PrecisionConfig(gemm="int8").gemm
+
+
+@pytest.mark.parametrize("mode", ["fp8-block", "fp8-row", "int8"])
+@pytest.mark.parametrize("source", ["float32", "bfloat16", "fp8-block"])
+def test_quantize_on_load_converts_an_expert_stack_one_expert_at_a_time(mode, source):
+    """A whole layer's expert stack was dequantized to float32 and quantized in one call: 3-15x
+    the stack in temporaries (~105 GiB for a DeepSeek-V3 w13). One expert at a time gives the
+    same bits; the converter only ever sees one expert."""
+    from dshal.model import precision as P
+    from dshal.model.weights import dequantize_weight, int8_rows
+
+    dshal.use(backend="cpu")
+    w = torch.randn(5, 256, 384, generator=torch.Generator().manual_seed(0)) * 0.05
+    weight, scale = (w, None) if source == "float32" else (w.bfloat16(), None)
+    if source == "fp8-block":
+        weight, scale = dshal.ops.reference.quantize_fp8(w, (128, 128), "e4m3fn")
+    got = P._quantize(weight, scale, mode, "e4m3fnuz")
+    if mode == "int8":
+        want = int8_rows(weight, scale)
+    elif mode == source:  # the checkpoint's own layout: its bits, re-expressed in the format
+        want = P.convert_fp8_format(weight, scale, "e4m3fnuz")
+    else:
+        want = dshal.ops.quantize_fp8(dequantize_weight(weight, scale, torch.float32), P.WEIGHT_BLOCKS[mode], "e4m3fnuz")
+    as_bits = lambda t: t if t.dtype == torch.int8 else t.view(torch.uint8)  # noqa: E731
+    assert torch.equal(as_bits(got[0]), as_bits(want[0])) and torch.equal(got[1], want[1])
+    seen = []
+
+    def record(part, part_scale):
+        seen.append(part.shape[0])
+        return int8_rows(part, part_scale)
+
+    P.per_expert(record, weight, scale)
+    assert seen == [1] * 5
