@@ -110,6 +110,8 @@ TUNE_MAX_S = 180.0
 #: The least time left for which the late stages still start (below it they are skipped, so the
 #: whole check ends within its budget: the device tool stops a command at 600 s).
 RUN_MIN_S, RAGGED_MIN_S, TUNE_MIN_S = 40.0, 45.0, 40.0
+#: Per-case timeout of the conformance stage (a cold Triton cache compiles a few kernels per case).
+CONFORMANCE_CASE_S = 40.0
 FALLBACK_L2_BYTES = 50 * 2**20  # H100/H200 L2, when the device does not report it
 TARGETS = {
     "fp8_block_vs_bf16_at_4096x7168x16384": 1.6,
@@ -722,7 +724,7 @@ def stage_tune(check: Check, dry_run: bool) -> None:
         cmd += ["--backend", "nvidia", "--budget-s", f"{budget:.0f}"]
     result: dict[str, Any] = {"command": " ".join(cmd[1:])}
     check.data["tune"] = result
-    if not dry_run and check.left() < TUNE_MIN_S:
+    if not dry_run and check.left() < TUNE_MIN_S + RAGGED_MIN_S:  # ragged runs after it
         result["skipped"] = "time budget"
         check.save()
         return
@@ -753,12 +755,14 @@ def stage_conformance(check: Check, dry_run: bool) -> None:
     cmd = [sys.executable, "-m", "dshal", "conformance", "--backend", "nvidia", "--report-dir", str(report_dir), "--tier", "ci"]
     cmd += ["--ops", "silu_and_mul"] if dry_run else []
     env = dict(os.environ, **({"DSHAL_EMULATE": "1"} if dry_run else {}))
-    budget = max(30.0, min(check.left() - 300, 150.0))  # the rest of the stages need ~5 minutes
     # Cases not started within the budget are reported skipped and the report is still written
-    # (killed at a timeout, the run left none); the margin lets the case under way finish.
-    cmd += ["--budget-s", f"{budget:.0f}"]
+    # (killed at a timeout, the run left none). The margin covers the start-up before the
+    # budget's clock and the case under way (each case at most CONFORMANCE_CASE_S).
+    margin = 30 + CONFORMANCE_CASE_S
+    budget = max(30.0, min(check.left() - 300 - margin, 150.0))  # the rest of the stages need ~5 minutes
+    cmd += ["--budget-s", f"{budget:.0f}", "--timeout", f"{CONFORMANCE_CASE_S:.0f}"]
     result: dict[str, Any] = {"command": " ".join(cmd[1:])}
-    result.update(_subprocess(cmd, env, budget + 45))
+    result.update(_subprocess(cmd, env, budget + margin))
     report = report_dir / "nvidia.json"
     if report.is_file():
         try:

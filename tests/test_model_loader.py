@@ -388,3 +388,8 @@ def test_quantize_on_load_converts_an_expert_stack_one_expert_at_a_time(mode, so
 
     P.per_expert(record, weight, scale)
     assert seen == [1] * 5
+    # one value for the whole stack, of any rank, is shared (slicing it per expert left it empty)
+    for one in (torch.tensor(0.01), torch.tensor([0.01]), torch.full((1, 1, 1), 0.01)):
+        stack = (w / 0.01).clamp(-127, 127).round().to(torch.int8)
+        q, s = P.per_expert(int8_rows, stack, one)
+        torch.testing.assert_close(q.float() * s, stack.float() * 0.01, atol=2e-3, rtol=0)  # requantized per row

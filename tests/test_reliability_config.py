@@ -160,6 +160,7 @@ def test_a_plugin_slow_to_load_is_named_in_a_warning_on_the_callers_thread(insta
     what = {"import": "the import", "constructor": "the constructor", "ops": "ops()"}[stage]
     assert f"{what} of plugin 'drowsy' has not returned after 0.3 s" in caplog.text
     assert "DSHAL_PLUGINS" in caplog.text
+    assert "plugin 'cpu'" not in caplog.text  # one that returns in time: no warning (the timer is cancelled)
 
 
 def test_auto_selection_probes_only_its_candidates_up_to_the_first_usable(install_plugin, monkeypatch):

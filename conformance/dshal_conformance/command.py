@@ -132,6 +132,11 @@ def _main(args: argparse.Namespace) -> int:
     if report.all_skipped(result):
         console.print("[red]every selected case was skipped[/]: nothing was checked, and nothing to check is not a pass",
                       highlight=False, soft_wrap=True)
+    cut = sum(c["reason"].startswith(runner.TIME_BUDGET) for c in result["cases"] if c["status"] == "skip")
+    if cut:  # a run cut short is not a passing run, whatever the cases that ran say
+        console.print(f"[red]{cut} results not run[/]: --budget-s {budget_s:g} was spent first (reported skipped)",
+                      highlight=False, soft_wrap=True)
+        return 1
     return 0 if report.ok(result) else 1
 
 

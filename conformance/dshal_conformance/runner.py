@@ -49,6 +49,9 @@ def default_timeout(tier: str) -> float:
 LEG_ENV = "DSHAL_CONFORMANCE_LEG"
 
 
+#: How a case skipped for ``--budget-s`` begins its reason.
+TIME_BUDGET = "time budget:"
+
 @dataclass
 class Options:
     tier: str = "ci"
@@ -299,7 +302,8 @@ class Session:
         """Report every result of ``case`` skipped for ``reason``, without running it."""
         suffixes = ("",) if case.kind == "collective" else case.suffixes
         verdict = Verdict("skip", None, None, None, reason)
-        recs = [_record(case, s, verdict, case_seed(self.options.seed, case.id), 0.0, []) for s in suffixes]
+        seed = self.options.seed if case.kind == "collective" else case_seed(self.options.seed, case.id)  # as run
+        recs = [_record(case, s, verdict, seed, 0.0, []) for s in suffixes]
         self.records += recs
         return recs
 
@@ -343,7 +347,7 @@ def run(target: Target, options: Options) -> dict[str, Any]:
         return session.report()
     collective: dict[int, list[Case]] = {}
     deadline = None if options.budget_s is None else time.monotonic() + options.budget_s
-    spent = f"time budget: --budget-s {options.budget_s:g} was spent before it started"
+    spent = f"{TIME_BUDGET} --budget-s {options.budget_s or 0:g} was spent before it started"
 
     def over() -> bool:
         return deadline is not None and time.monotonic() >= deadline

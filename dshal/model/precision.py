@@ -102,14 +102,15 @@ def per_expert(
     scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``convert(weight, scale) -> (q, q_scale)`` run one expert at a time on a stacked
-    ``[E, N, K]`` weight (its ``[E, ...]`` scale sliced alike; a 0-dim one shared), into
+    ``[E, N, K]`` weight (its ``[E, ...]`` scale sliced alike; any other, e.g. one value, shared), into
     outputs allocated once: the same bits as one call on the stack, whose float32 temporaries
     were 3-15x the stack (a DeepSeek-V3 layer's w13 is 14 GiB in bf16). 2-D weights: one call."""
     if weight.dim() != 3 or weight.shape[0] <= 1:
         return convert(weight, scale)
     q = s = None
     for e in range(weight.shape[0]):
-        part_scale = None if scale is None else (scale if scale.dim() == 0 else scale[e : e + 1])
+        per = scale is not None and scale.dim() == weight.dim() and scale.shape[0] == weight.shape[0]
+        part_scale = scale[e : e + 1] if per else scale
         q_e, s_e = convert(weight[e : e + 1], part_scale)
         if q is None:
             q = q_e.new_empty((weight.shape[0], *q_e.shape[1:]))

@@ -74,7 +74,8 @@ def _cpu_identity() -> str:
     except OSError:
         lines = []
     wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return "\n".join([platform.machine(), platform.processor(), *sorted(set(wanted))])
+    # the C library it links against too: a build from a host with a newer glibc (a shared home) does not load
+    return "\n".join([platform.machine(), platform.processor(), " ".join(platform.libc_ver()), *sorted(set(wanted))])
 
 
 def _compiler() -> str | None:
@@ -187,9 +188,9 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
             try:
                 lib = ctypes.CDLL(str(path))
             except OSError as err:
-                if _intact(path):  # the bytes the build wrote: the folder refuses to map them (noexec)
+                if "failed to map segment" in str(err) and _intact(path):  # the build's bytes, refused by the folder
                     raise OSError(f"{err} (is {path.parent} on a noexec mount? set DSHAL_CACHE_DIR elsewhere)") from err
-                path, flags = _build(compiler, fresh=True)  # changed since it was checked: build again, once
+                path, flags = _build(compiler, fresh=True)  # damaged or built elsewhere: build again, once
                 lib = ctypes.CDLL(str(path))
             for name, (restype, argtypes) in SIGNATURES.items():
                 fn = getattr(lib, name)
