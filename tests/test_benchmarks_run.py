@@ -24,6 +24,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("static_step_cache.py", ["--repeats", "1", "--batch", "1", "--cache-len", "64", "--steps", "2"],
          "static step speed vs plain"),
         ("ep_decode.py", ["--ranks", "2", "--batch", "1", "--steps", "1", "--repeats", "1"], "fixed speed vs dispatch"),
+        ("quantize_on_load_memory.py", ["--experts", "2", "--rows", "128", "--cols", "128"], "int8"),
     ],
 )
 def test_benchmark_runs_as_documented(script, args, printed):
