@@ -631,7 +631,7 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
     assert conversation.turns == 3
     assert conversation.messages == [{"role": "user", "content": "one model"}, {"role": "assistant", "content": after_clear}]
     assert f"\n{first}\n" in text and f"\n{second}\n" in text and f"\n{after_clear}\n" in text
-    assert "(not sent: the conversation would be" in text and "pass max_position_embeddings (4096)" in text
+    assert "(not sent: the conversation would be" in text and "positions end at 4096 (max_position_embeddings)" in text
     assert text.index(second) < text.index("(conversation cleared)") < text.rindex(after_clear)
     # The second turn prefilled only what it added to the first turn's tokens (kept in the cache);
     # its answer above is still the one a fresh generate gives.
@@ -786,6 +786,46 @@ def test_model_chat_with_an_attention_window_goes_on_after_clear_and_a_wrapped_r
     assert cache.length > cache.capacity and not cache.can_rewind_to(5) and cache.can_rewind_to(0)
     again = model.generate(torch.tensor([ids]), 4, cache=cache, cached=0)
     assert again[0, len(ids):].tolist() == fresh
+
+
+def test_model_chat_survives_bad_bytes_unknown_commands_ctrl_c_and_the_end_of_its_positions(tmp_path, monkeypatch):
+    """Bytes that are not UTF-8 crashed the chat with a tokenizer traceback (and, under TP, broke
+    the broadcast); ``/foo`` went to the model as a message; Ctrl-C during an answer ended the
+    session (the model reloaded for minutes); an answer that did not fit the positions left
+    refused the turn, where DeepSeek-V3's generate.py gives it what is left; a cut answer said nothing."""
+    import io
+    import json
+
+    from dshal.model import from_pretrained
+    from dshal.model.chat import ChatSettings, chat
+    from dshal.model.text import load_tokenizer
+
+    _checkpoint_with_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 40}))
+    dshal.use(backend="cpu")
+    model, tokenizer = from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    with pytest.raises(dshal.errors.ArgumentError, match="max_new_tokens is 40, expected fewer than the model's"):
+        chat(model, tokenizer, ChatSettings(max_new_tokens=40), _typed(), io.StringIO())
+    generate = type(model).generate
+    interrupted = []
+
+    def interrupt_once(self, *args, **kwargs):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", interrupt_once)
+    out = io.StringIO()
+    read = _typed("hello \udcff world", "/foo", "\ufeff/help", "hello world", "hello world")
+    conversation = chat(model, tokenizer, ChatSettings(max_new_tokens=30), read, out)
+    text = out.getvalue()
+    assert text.count("(not sent: the line is not valid UTF-8)") == 1
+    assert "(unknown command /foo: /clear, /exit" in text and "(unknown command /help" in text
+    assert "(answer stopped: this turn is dropped" in text  # the first "hello world": the chat goes on
+    assert conversation.turns == 1 and [m["role"] for m in conversation.messages] == ["user", "assistant"]
+    assert "(this answer: at most" in text and "new tokens, where the model's positions end)" in text
 
 
 def test_model_chat_says_a_turn_it_cannot_answer_and_goes_on(tmp_path):

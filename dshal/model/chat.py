@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 import torch
@@ -31,6 +31,15 @@ from dshal.model.text import TextStream, encode_chat
 
 #: The commands a turn can be instead of a message.
 COMMANDS = {"/clear": "forget the conversation", "/exit": "end it (so does the end of the input, Ctrl-D)"}
+#: What a line of input that is not valid UTF-8 is read as (Python's surrogateescape keeps the
+#: bytes as lone surrogates): such a line is not sent.
+INVALID_TEXT = "\udcff"
+
+
+def _not_text(text: str) -> bool:
+    """Whether ``text`` holds lone surrogates: bytes that were not valid UTF-8 (stdin reads
+    them with surrogateescape; the tokenizer and ``str.encode`` refuse them)."""
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 @dataclass
@@ -112,14 +121,20 @@ def chat(
     device = model.rope_cos.device
     limit = model.args.max_position_embeddings
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    print(f"chat: {', '.join(f'{c} to {what}' for c, what in COMMANDS.items())}", file=out, flush=True)
+    if tokens >= limit:
+        raise ArgumentError(f"chat: ChatSettings.max_new_tokens is {tokens}, expected fewer than the model's "
+                            f"max_position_embeddings ({limit}): a conversation needs its prompt's positions too")
+    print(f"chat: {', '.join(f'{c} to {what}' for c, what in COMMANDS.items())}; Ctrl-C stops an answer",
+          file=out, flush=True)
     while True:
         try:
             text = read(">>> ")
         except EOFError:
             print(file=out)
             return conversation
-        command = text.strip()
+        except UnicodeDecodeError:  # a strict locale: the terminal's bytes were not UTF-8
+            text = INVALID_TEXT
+        command = text.strip().lstrip("\ufeff")
         if command == "/exit":
             return conversation
         if command == "/clear":
@@ -128,18 +143,38 @@ def chat(
             continue
         if not command:
             continue
+        if command.startswith("/") and " " not in command:
+            print(f"(unknown command {command}: {', '.join(COMMANDS)}; to send it as a message, begin it with a "
+                  "space)", file=out, flush=True)
+            continue
+        if _not_text(text):
+            print("(not sent: the line is not valid UTF-8)", file=out, flush=True)
+            continue
         conversation.messages.append({"role": "user", "content": text})
         ids = encode_chat(tokenizer, conversation.messages)
-        if len(ids) + settings.max_new_tokens > limit:
+        if len(ids) >= limit:
             conversation.messages.pop()
-            print(f"(not sent: the conversation would be {len(ids)} tokens, and {settings.max_new_tokens} new ones "
-                  f"pass max_position_embeddings ({limit}): /clear starts a new one)", file=out, flush=True)
+            print(f"(not sent: the conversation would be {len(ids)} tokens, and the model's positions end at "
+                  f"{limit} (max_position_embeddings): /clear starts a new one)", file=out, flush=True)
             continue
+        turn = settings
+        if len(ids) + settings.max_new_tokens > limit:  # as DeepSeek-V3's generate.py: the answer gets what is left
+            turn = replace(settings, max_new_tokens=limit - len(ids))
+            print(f"(this answer: at most {turn.max_new_tokens} new tokens, where the model's positions end)",
+                  file=out, flush=True)
         answer, error = "", None
         try:
-            answer = _answer(model, tokenizer, settings, ids, generator, out, conversation)
+            answer = _answer(model, tokenizer, turn, ids, generator, out, conversation)
         except DshalError as err:
             error, conversation.cached_ids = err, []  # what the cache holds is unknown now
+        except KeyboardInterrupt:
+            if settings.any_failed is not None:  # ranks of a parallel job cannot agree on a stopped turn: it ends
+                raise
+            conversation.messages.pop()
+            conversation.cache = conversation.mtp_cache = conversation.decoder = conversation.speculative_step = None
+            conversation.cached_ids = []  # stopped mid-step: start the cache again
+            print("\n(answer stopped: this turn is dropped; /exit or Ctrl-D ends the chat)", file=out, flush=True)
+            continue
         if settings.any_failed(error is not None) if settings.any_failed else error is not None:
             conversation.messages.pop()
             if error is not None and settings.silent_rank:
@@ -200,7 +235,9 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
     conversation.cached_ids = result[0, :-1].tolist()  # every token fed to the model: all but the last
     conversation.prefilled.append(len(ids) - cached)
     (new,) = completions(result, [len(ids)], settings.max_new_tokens, settings.stop_ids)
+    if len(new) == settings.max_new_tokens and not (settings.stop_ids and new and new[-1] in settings.stop_ids):
+        print(f"(answer cut at {settings.max_new_tokens} new tokens)", file=out, flush=True)
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
-__all__ = ["COMMANDS", "ChatSettings", "Conversation", "chat"]
+__all__ = ["COMMANDS", "INVALID_TEXT", "ChatSettings", "Conversation", "chat"]

@@ -335,6 +335,11 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
         if speaks:
             print(_sampling_line(args.temperature, args.top_p, args.top_k, args.min_p, args.sampling_from))
             print(decode_line)
+        if speaks and sys.stdin.isatty():
+            # lazy: line editing for input() on a terminal (arrow keys; lines past the tty's
+            # 4095-byte buffer), where it exists; its import sets up the terminal
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401
         read = input if groups is None else parallel_run.shared_input()
         conversation = chat(model, tokenizer, settings, read, out)
     if speaks:

@@ -27,6 +27,7 @@ from dshal.errors import CommError, DshalError
 from dshal.lifetime import exit_with_parent
 from dshal.model import DictReader, tiny_args
 from dshal.model.args import ModelArgs
+from dshal.model.chat import INVALID_TEXT
 from dshal.model.checkpoint import random_checkpoint
 from dshal.model.loader import with_runtime_attention
 from dshal.model.speculative import mtp_layers_for
@@ -231,7 +232,9 @@ def shared_input(read: Callable[[str], str] = input, poll_s: float = INPUT_POLL_
             lines.put((_LINE, read(prompt)))
         except EOFError:
             lines.put((_END, ""))
-        except Exception as err:  # noqa: BLE001 - undecodable bytes, a terminal's I/O error: the input ends
+        except UnicodeDecodeError:  # a strict locale: a line not in UTF-8, which chat() refuses on every rank
+            lines.put((_LINE, INVALID_TEXT))
+        except Exception as err:  # noqa: BLE001 - a terminal's I/O error: the input ends
             print(f"dshal run: reading the terminal failed ({type(err).__name__}: {err}); ending the chat", file=sys.stderr)
             lines.put((_END, ""))
 
@@ -244,7 +247,7 @@ def shared_input(read: Callable[[str], str] = input, poll_s: float = INPUT_POLL_
                     status, text = lines.get(timeout=poll_s)
                 except queue.Empty:
                     status, text = _WAITING, ""
-                data = text.encode()
+                data = text.encode("utf-8", "surrogateescape")  # undecodable bytes travel as they came
                 comm.broadcast(torch.tensor([status, len(data)], dtype=torch.int64, device=device), src=0)
                 if status != _WAITING:
                     break
@@ -262,7 +265,7 @@ def shared_input(read: Callable[[str], str] = input, poll_s: float = INPUT_POLL_
             payload = torch.zeros(size, dtype=torch.uint8, device=device)
         if payload.numel():
             payload = comm.broadcast(payload, src=0)
-        return bytes(payload.cpu().tolist()).decode()
+        return bytes(payload.cpu().tolist()).decode("utf-8", "surrogateescape")
 
     return read_shared
 

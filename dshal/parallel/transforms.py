@@ -149,9 +149,10 @@ def _parallel_linear(old: Linear, shard: Shard, row: bool, group: Any = None, re
     return new
 
 
-def _split_mlp(mlp: MLP, n: int, r: int, group: Any, reduce: bool, transform: str) -> MLP:
+def _split_mlp(mlp: MLP, n: int, r: int, group: Any, reduce: bool, transform: str, what: str = "intermediate_size") -> MLP:
+    """``mlp`` column/row-split over ``n`` ranks; ``what`` names its width's config key in errors."""
     inter = mlp.down_proj.in_features
-    per = _divide(inter, n, f"the MLP's intermediate size ({mlp.gate_up_proj.out_features // 2} per gate/up half)", transform)
+    per = _divide(inter, n, f"the MLP's intermediate size ({what})", transform)
     mlp.gate_up_proj = _parallel_linear(mlp.gate_up_proj, Shard(0, r * per, (r + 1) * per, parts=2), row=False)
     mlp.down_proj = _parallel_linear(mlp.down_proj, Shard(1, r * per, (r + 1) * per), row=True, group=group, reduce=reduce)
     return mlp
@@ -188,7 +189,9 @@ def _split_experts_tp(experts: ShardedExperts, n: int, r: int, transform: str) -
     owner = experts.owner.clone()
     for ep_rank in range(experts.ep_size):
         members = (owner == ep_rank).nonzero().squeeze(1).tolist()
-        per = _divide(len(members), n, "the number of routed experts per EP rank", transform)
+        what = "the number of routed experts (n_routed_experts)" if experts.ep_size == 1 else \
+            f"the number of routed experts on EP rank {ep_rank} (n_routed_experts / the EP size)"
+        per = _divide(len(members), n, what, transform)
         for i, e in enumerate(members):
             if i // per != r:
                 owner[e] = -1
@@ -280,7 +283,8 @@ def tensor_parallel(model: Transformer, group: Any = None) -> Transformer:
         elif isinstance(mlp, MoE):
             experts = _as_sharded(mlp.experts, a.n_routed_experts)
             _split_experts_tp(experts, n, r, transform)
-            shared = _split_mlp(mlp.shared_experts, n, r, group, reduce=False, transform=transform)
+            shared = _split_mlp(mlp.shared_experts, n, r, group, reduce=False, transform=transform,
+                                what="the shared experts': moe_intermediate_size x n_shared_experts")
             layer.mlp = ParallelMoE(mlp.gate, experts, shared, group)
         else:
             raise ShapeError(f"{transform}: layer mlp is a {type(mlp).__name__}, expected MLP or MoE")
