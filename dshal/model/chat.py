@@ -124,8 +124,8 @@ def chat(
     if tokens >= limit:
         raise ArgumentError(f"chat: ChatSettings.max_new_tokens is {tokens}, expected fewer than the model's "
                             f"max_position_embeddings ({limit}): a conversation needs its prompt's positions too")
-    print(f"chat: {', '.join(f'{c} to {what}' for c, what in COMMANDS.items())}; Ctrl-C stops an answer",
-          file=out, flush=True)
+    stops = "; Ctrl-C stops an answer" if settings.any_failed is None else ""  # a parallel job ends on Ctrl-C
+    print(f"chat: {', '.join(f'{c} to {what}' for c, what in COMMANDS.items())}{stops}", file=out, flush=True)
     while True:
         try:
             text = read(">>> ")
