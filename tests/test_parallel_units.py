@@ -321,10 +321,14 @@ from dshal.parallel.run import shared_input
 
 dshal.use(backend="cpu")
 comm.init()
+from dshal.model.chat import INVALID_TEXT
 def undecodable(prompt):
     raise UnicodeDecodeError("utf-8", b"\\\\xff", 0, 1, "invalid start byte")
+def broken_terminal(prompt):
+    raise OSError(5, "Input/output error")
+print("refused line" if shared_input(undecodable, poll_s=0.05)("> ") == INVALID_TEXT else "other")
 try:
-    shared_input(undecodable, poll_s=0.05)("> ")
+    shared_input(broken_terminal, poll_s=0.05)("> ")
 except EOFError:
     print("ended")
 comm.shutdown()
@@ -333,7 +337,8 @@ comm.shutdown()
 
 def test_the_shared_chat_reader_ends_on_a_terminal_error(tmp_path):
     """`--interactive --tp N`: an undecodable byte (or EIO) killed rank 0's reader thread, and
-    rank 0 posted "waiting" forever. Any read error now ends the input for every rank."""
+    rank 0 posted "waiting" forever. A line that is not UTF-8 now reaches every rank as one
+    chat() refuses (the chat goes on); any other read error ends the input for every rank."""
     import subprocess
     import sys
 
@@ -341,8 +346,8 @@ def test_the_shared_chat_reader_ends_on_a_terminal_error(tmp_path):
 
     env = {**os.environ, **rank_env(0, 1, free_port()), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", CHAT_READER], env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0 and done.stdout.strip() == "ended", done.stderr[-2000:]
-    assert "reading the terminal failed (UnicodeDecodeError" in done.stderr
+    assert done.returncode == 0 and done.stdout.split() == ["refused", "line", "ended"], done.stderr[-2000:]
+    assert "reading the terminal failed (OSError" in done.stderr
 
 
 # ---------------------------------------------------------------- launcher
