@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -84,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while a command's modules were still importing
         print("dshal: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dshal ... | head`: the reader left; no traceback, as other CLIs
+        # stdout is redirected so that the interpreter's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command a pipe ended
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -182,3 +182,19 @@ def test_info_survives_plugins_with_bad_capabilities_and_prints(install_plugin):
     assert infos["availbool"]["reason"] == "availability() must return dshal.Availability, got bool"  # not "raised"
     table = run("info", extra_env=path)
     assert table.returncode == 0 and "Traceback" not in table.stderr and "chatty-device" in table.stdout
+
+
+def test_a_closed_pipe_ends_the_command_without_a_traceback():
+    """``dshal run --interactive ... | head``: the reader left and the next print raised a
+    BrokenPipeError traceback; now the command ends quietly with 141 (128 + SIGPIPE)."""
+    script = (
+        "import os, sys\n"
+        "from dshal.cli import main\n"
+        "r, w = os.pipe()\n"
+        "os.close(r)\n"
+        "os.dup2(w, sys.stdout.fileno())\n"
+        "sys.exit(main(['info', '--json', '--backend', 'cpu']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 141, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
