@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from process_memory import reset_peak, status_kib
 
 import dshal
 from dshal.model import random_model, tiny_args
@@ -34,22 +35,16 @@ def _prompt(model: torch.nn.Module, prompt_len: int) -> torch.Tensor:
     return torch.randint(0, model.args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _peak_child(prompt_len: int, chunk: int | None) -> None:
     """Child process: print the resident set (KiB) before the prefill and its peak during it
     (Linux: writing 5 to clear_refs resets the peak, VmHWM, to the current resident set)."""
     model = _model(prompt_len)
     prompt = _prompt(model, prompt_len)
     model.generate(prompt[:, :8], 1)  # first-call allocations out of the measurement
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS")
+    reset_peak()
+    before = status_kib("VmRSS")
     ids = model.generate(prompt, 1, prefill_chunk=chunk)
-    print(json.dumps({"loaded_kib": before, "peak_kib": _status_kib("VmHWM"), "token": int(ids[0, -1])}))
+    print(json.dumps({"loaded_kib": before, "peak_kib": status_kib("VmHWM"), "token": int(ids[0, -1])}))
 
 
 def main() -> int:

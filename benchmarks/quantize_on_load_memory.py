@@ -4,8 +4,8 @@ expert at a time (``dshal.model.precision.per_expert``, what the loader does), s
 Quantize-on-load (``precision.gemm: fp8-block | fp8-row | int8`` on a checkpoint stored in
 another format) converts each weight to float32 and quantizes it. A routed-experts weight is
 one layer's whole ``[E, N, K]`` stack (DeepSeek-V3's w13: 256 x 4096 x 7168), whose float32
-temporaries were several times its size in one call. The peak resident set is sampled every
-0.5 ms in a thread while each conversion runs; both give the same bits (checked here).
+temporaries were several times its size in one call. The peak resident set is the kernel's
+(``VmHWM``, reset before each conversion); both give the same bits (checked here).
 
     python benchmarks/quantize_on_load_memory.py [--experts 32] [--rows 1024] [--cols 1024]
 """
@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import gc
 import platform
-import threading
-import time
 
 import torch
+from process_memory import reset_peak, status_kib
 
 import dshal
 from dshal import ops
@@ -26,29 +25,14 @@ from dshal.model import precision
 from dshal.model.weights import dequantize_weight, int8_rows
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
-
-
 def peak_extra_mib(fn) -> tuple[float, object]:
-    """``fn()``'s result and the most the resident set rose above its start while it ran."""
+    """``fn()``'s result and the most the resident set rose above its start while it ran (the
+    kernel's own peak, ``VmHWM``, reset first)."""
     gc.collect()
-    base, peak, running = rss_mib(), [0.0], [True]
-
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], rss_mib())
-            time.sleep(0.0005)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    try:
-        out = fn()
-    finally:
-        running[0] = False
-        watcher.join()
-    return max(peak[0], rss_mib()) - base, out
+    reset_peak()
+    base = status_kib("VmRSS")
+    out = fn()
+    return (status_kib("VmHWM") - base) / 1024, out
 
 
 def main() -> None:

@@ -107,10 +107,10 @@ def per_expert(
     were 3-15x the stack (a DeepSeek-V3 layer's w13 is 14 GiB in bf16). 2-D weights: one call."""
     if weight.dim() != 3 or weight.shape[0] <= 1:
         return convert(weight, scale)
+    sliced = scale is not None and scale.dim() == weight.dim() and scale.shape[0] == weight.shape[0]
     q = s = None
     for e in range(weight.shape[0]):
-        per = scale is not None and scale.dim() == weight.dim() and scale.shape[0] == weight.shape[0]
-        part_scale = scale[e : e + 1] if per else scale
+        part_scale = scale[e : e + 1] if sliced else scale
         q_e, s_e = convert(weight[e : e + 1], part_scale)
         if q is None:
             q = q_e.new_empty((weight.shape[0], *q_e.shape[1:]))
