@@ -214,20 +214,19 @@ def test_parallel_cli_a_rank_killed_mid_run_is_named_as_the_first_failure() -> N
     launcher = subprocess.Popen([sys.executable, "-m", "dshal", "run", "--new-tokens", "4000", "--prompt-len", "4",
                                  "--no-progress", "--tp", "2"], env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-    marker, rank1 = f"DSHAL_LAUNCHER_PID={launcher.pid}".encode(), b"RANK=1"
     try:
-        victim, deadline = None, time.monotonic() + 60
-        while victim is None and time.monotonic() < deadline:
-            for entry in Path("/proc").iterdir():
-                try:
-                    environ = (entry / "environ").read_bytes().split(b"\0") if entry.name.isdigit() else []
-                except OSError:
-                    continue
-                if marker in environ and rank1 in environ:
-                    victim = int(entry.name)
+        # Kill rank 1 once the ranks' gloo pair is connected, not after a fixed sleep: on a loaded
+        # machine rank 1 died before rank 0 joined the group, and rank 0 waited in its rendezvous
+        # (killed at the launcher's grace) instead of failing on a closed connection.
+        ranks, deadline = {}, time.monotonic() + 90
+        while time.monotonic() < deadline:
+            ranks = _ranks_of(launcher.pid)
+            if len(ranks) == 2 and _tcp_connected(ranks[0], ranks[1]):
+                break
             time.sleep(0.2)
-        assert victim is not None, "rank 1 did not start"
-        time.sleep(8)  # into the run: both ranks in their collectives
+        assert len(ranks) == 2 and _tcp_connected(ranks[0], ranks[1]), f"the ranks did not connect: {ranks}"
+        victim = ranks[1][0]
+        time.sleep(1)  # into the run
         os.kill(victim, signal.SIGKILL)
         _, err = launcher.communicate(timeout=90)
     finally:
@@ -236,3 +235,50 @@ def test_parallel_cli_a_rank_killed_mid_run_is_named_as_the_first_failure() -> N
     last = err.strip().splitlines()[-1]
     assert last.startswith("dshal: first failure: rank 1 (killed by SIGKILL"), err[-2000:]
     assert "a peer closed its connection" in err  # rank 0's own error, before the summary
+
+
+def _ranks_of(launcher: int) -> dict[int, tuple[int, int]]:
+    """The ranks ``launcher`` started (its children; theirs carry the same environment):
+    {RANK: (pid, MASTER_PORT)}."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher:
+            values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+            found[int(values[b"RANK"])] = (int(entry.name), int(values[b"MASTER_PORT"]))
+    return found
+
+
+def _tcp_connected(rank_a: tuple[int, int], rank_b: tuple[int, int]) -> bool:
+    """Whether the two (pid, MASTER_PORT) processes hold the two ends of one established TCP
+    connection other than the store's (on MASTER_PORT): gloo's pair between them."""
+    table = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+                fields = line.split()
+                table[fields[9]] = (fields[1], fields[2], fields[3])  # inode: local, remote, state
+        except OSError:
+            continue
+
+    def established(pid: int, master_port: int) -> set[tuple[str, str]]:
+        store = f":{master_port:04X}"
+        ends = set()
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            return ends
+        for link in links:
+            entry = table.get(link[len("socket:["):-1]) if link.startswith("socket:[") else None
+            if entry and entry[2] == "01" and not entry[0].endswith(store) and not entry[1].endswith(store):
+                ends.add(entry[:2])
+        return ends
+
+    ends_b = established(*rank_b)
+    return any((remote, local) in ends_b for local, remote in established(*rank_a))
