@@ -4,6 +4,7 @@ checkpoint view a rank loads from (no process group; one test starts a one-rank 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -351,7 +352,7 @@ def test_the_shared_chat_reader_ends_on_a_terminal_error(tmp_path):
 
 
 # ---------------------------------------------------------------- launcher
-def test_local_job_names_the_rank_that_failed_first_and_the_ones_it_killed() -> None:
+def test_local_job_names_the_rank_that_failed_first_and_the_ones_it_killed(tmp_path: Path) -> None:
     """A dead rank's peers fail after it with a lost connection, so their errors name no culprit
     (torchrun prints the "first observed failure" for that reason). Rank 1 kills itself, rank 0
     fails a moment later, rank 2 never ends: the summary names each in its role."""
@@ -360,12 +361,16 @@ def test_local_job_names_the_rank_that_failed_first_and_the_ones_it_killed() -> 
 
     from dshal.parallel.launch import LocalJob
 
-    script = ("import os, signal, time\n"
-              "rank = int(os.environ['RANK'])\n"
-              "if rank == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "time.sleep(1.5 if rank == 0 else 60)\n"
+    # rank 0 fails 1 s after rank 1 is about to die (not 1.5 s after its own start: a loaded
+    # machine may start rank 1 later than that)
+    dying = tmp_path / "rank1-dies"
+    script = ("import os, pathlib, signal, sys, time\n"
+              "rank, dying = int(os.environ['RANK']), pathlib.Path(sys.argv[1])\n"
+              "if rank == 1: dying.touch(); os.kill(os.getpid(), signal.SIGKILL)\n"
+              "while rank == 0 and not dying.exists(): time.sleep(0.05)\n"
+              "time.sleep(1.0 if rank == 0 else 60)\n"
               "raise SystemExit(3)\n")
-    with LocalJob([sys.executable, "-c", script], 3, capture=True) as job:
+    with LocalJob([sys.executable, "-c", script, str(dying)], 3, capture=True) as job:
         codes = [code for code, _, _ in job.communicate(timeout_s=60, grace_s=4)]
     assert codes == [3, -signal.SIGKILL, -signal.SIGKILL]
     assert job.first_failed == [1] and job.killed == [2]
