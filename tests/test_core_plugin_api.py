@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import dshal
 import dshal.plugin
@@ -109,3 +110,20 @@ def test_shared_gpu_base_holds_no_vendor_probe():
     probes = {"version", "hip", "get_device_capability", "gcnArchName", "ScalingType", "scaled_mm"}
     assert not attributes & probes, attributes & probes  # torch.version.*, capabilities, cuBLASLt blockwise
     assert not imported & {"pynvml", "amdsmi", "triton", "torch_npu"}, imported
+
+
+def test_device_graph_refuses_arguments_a_replay_would_not_refresh():
+    """A replay copies top-level tensor arguments into the capture's buffers; anything else is
+    baked into the graph and keyed by value. A list of tensors was keyed by its repr (which
+    abbreviates large tensors, and never refreshed their contents): replays read stale data.
+    The key is computed before anything touches a device, so this runs on CPU."""
+    DeviceGraph = dshal.plugin.DeviceGraph  # noqa: N806
+    token = torch.zeros(2, 1, dtype=torch.int64)
+    key = DeviceGraph._key((token, 3), {"eps": 1e-6, "dtype": torch.bfloat16})
+    assert key != DeviceGraph._key((token, 4), {"eps": 1e-6, "dtype": torch.bfloat16})
+    assert key != DeviceGraph._key((token, 3.0), {"eps": 1e-6, "dtype": torch.bfloat16})  # 3 vs 3.0
+    assert key != DeviceGraph._key((token.t(), 3), {"eps": 1e-6, "dtype": torch.bfloat16})  # strides
+    with pytest.raises(dshal.ArgumentError, match=r"argument 1 is of type list, expected a tensor or a plain value"):
+        DeviceGraph._key((token, [token]), {})
+    with pytest.raises(dshal.ArgumentError, match=r"argument 'cache' is of type object"):
+        DeviceGraph._key((token,), {"cache": object()})

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from dshal.backend import Availability, Backend, Capabilities, OpKind, OpPath, Timer, host_available_memory
-from dshal.errors import BackendUnavailableError, DeviceError
+from dshal.errors import ArgumentError, BackendUnavailableError, DeviceError
 from dshal.kernels import triton as triton_kernels
 from dshal.kernels.triton.target import KernelTarget
 from dshal.ops.attention import guarded_attention, sdpa, visible_keys
@@ -201,14 +201,26 @@ class DeviceGraph:
         self.warmup = warmup
         self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Any], dict[str, Any], Any]] = {}
 
-    @staticmethod
-    def _key(args: tuple, kwargs: dict[str, Any]) -> tuple:
-        def sig(v: Any) -> Any:
+    #: Non-tensor arguments a capture may take: their values are baked into the graph, so each
+    #: value gets its own capture. A container could hold tensors, which a replay would not
+    #: refresh (it copies top-level tensor arguments only), and an object's repr may not tell
+    #: two states apart: both are refused.
+    PLAIN_VALUES = (bool, int, float, str, type(None), torch.dtype)
+
+    @classmethod
+    def _key(cls, args: tuple, kwargs: dict[str, Any]) -> tuple:
+        def sig(where: str, v: Any) -> Any:
             if isinstance(v, torch.Tensor):
                 return ("tensor", tuple(v.shape), v.dtype, str(v.device), tuple(v.stride()))
-            return ("value", repr(v))
+            if not isinstance(v, cls.PLAIN_VALUES):
+                raise ArgumentError(
+                    f"DeviceGraph: argument {where} is of type {type(v).__name__}, expected a tensor or a plain value "
+                    "(bool, int, float, str, None, torch.dtype): a replay refreshes top-level tensors only, "
+                    "and other values are baked into the capture")
+            return ("value", type(v), repr(v))
 
-        return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in sorted(kwargs.items()))
+        return (tuple(sig(str(i), a) for i, a in enumerate(args))
+                + tuple((k, sig(repr(k), v)) for k, v in sorted(kwargs.items())))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = self._key(args, kwargs)
