@@ -454,3 +454,26 @@ def test_the_gpu_base_serves_no_expert_ids(clean_dshal_env):
     if not any(info.name == "nvidia" for info in dshal.backends()):
         pytest.skip("the dshal-nvidia plugin is not installed")
     assert dshal.use(backend="nvidia", emulate=True).moe_skips_no_expert
+
+
+def test_expert_parallel_over_a_model_without_moe_is_refused(clean_dshal_env):
+    """--ep 2 on a checkpoint whose layers are all dense ran two identical copies of the
+    model and said nothing; now it is refused (the launcher checks every rank's split
+    before starting them, so `dshal run` and `dshal plan` fail in a second)."""
+    import dshal
+    from dshal.comm import SimulatedGroup
+    from dshal.errors import ShapeError
+    from dshal.model import random_model, tiny_args
+    from dshal.parallel.groups import plan_groups
+    from dshal.parallel.transforms import expert_parallel, sharded_skeletons
+
+    dshal.use(backend="cpu")
+    args = tiny_args()
+    dense = args.with_(first_k_dense_replace=args.num_hidden_layers)
+    said = r"expert_parallel: the model has no MoE layer \(first_k_dense_replace=\d+, num_hidden_layers=\d+\)"
+    with pytest.raises(ShapeError, match=said):
+        expert_parallel(random_model(dense), SimulatedGroup(2, 0, "ep"))
+    with pytest.raises(ShapeError, match=said):
+        list(sharded_skeletons(dense, plan_groups(2, 1, 2)))
+    assert expert_parallel(random_model(dense), None).parallel.ep_size == 1  # one rank: nothing to spread
+    expert_parallel(random_model(args), SimulatedGroup(2, 0, "ep"))  # with MoE layers: taken

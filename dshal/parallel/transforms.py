@@ -301,6 +301,11 @@ def expert_parallel(model: Transformer, group: Any = None) -> Transformer:
     if m == 1:
         return model
     a = model.args
+    if not any(isinstance(layer.mlp, (MoE, ParallelMoE)) for layer in blocks(model)):
+        raise ShapeError(
+            f"{transform}: the model has no MoE layer (first_k_dense_replace={a.first_k_dense_replace}, "
+            f"num_hidden_layers={a.num_hidden_layers}), expected at least one to spread over {m} ranks: "
+            "each rank would compute the same dense model (use tensor parallelism alone)")
     for layer in blocks(model):
         mlp = layer.mlp
         if not isinstance(mlp, (MoE, ParallelMoE)):
