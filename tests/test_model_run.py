@@ -494,7 +494,9 @@ def test_model_dshal_run_runs_a_checkpoints_tokenizer_code_only_when_asked(tmp_p
 
 def test_model_dshal_run_text_prompt_errors(tmp_path, capsys):
     """Each one error line, no traceback (in-process: the flags are refused before anything
-    heavy runs; the no-tokenizer case loads the tiny checkpoint first)."""
+    heavy runs). The tokenizer is read before the weights (a full checkpoint loads for minutes):
+    here the weights are gone too, and the tokenizer's error is the one said, for --prompt
+    and --interactive alike."""
     from dshal.cli import main
 
     ckpt = tmp_path / "ckpt"
@@ -508,7 +510,10 @@ def test_model_dshal_run_text_prompt_errors(tmp_path, capsys):
     ]
     for tokenizer_file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (ckpt / tokenizer_file).rename(tmp_path / tokenizer_file)
+    for weights in ckpt.glob("*.safetensors"):
+        weights.unlink()
     cases.append((("--checkpoint", str(ckpt), "--prompt", "hi"), "no tokenizer, expected one of tokenizer.json"))
+    cases.append((("--checkpoint", str(ckpt), "--interactive"), "no tokenizer, expected one of tokenizer.json"))
     for flags, said in cases:
         code = main(["run", *flags, "--no-progress"])
         err = capsys.readouterr().err

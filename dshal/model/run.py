@@ -38,7 +38,7 @@ from dshal.cliargs import seed
 from dshal.config import read_text_file
 from dshal.errors import ArgumentError, ConfigError, DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
-from dshal.model.args import checkpoint_folder
+from dshal.model.args import ModelArgs, checkpoint_folder
 from dshal.model.cache import check_cache_fits
 from dshal.model.chat import ChatSettings, chat
 from dshal.model.decode import generate_with_graphs, static_decode_unsupported
@@ -315,14 +315,24 @@ def _chat_tokenizer(args: argparse.Namespace, vocab_size: int) -> tuple[Any, lis
     return tokenizer, None if args.ignore_eos else (stop_ids(tokenizer, args.checkpoint) or None)
 
 
-def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any) -> int:
-    """``--interactive``: the conversation (:mod:`dshal.model.chat`); in a parallel job rank 0
-    reads and prints, every rank generates."""
+def _read_text(args: argparse.Namespace, groups: Any) -> tuple[Any, ...]:
+    """With ``--interactive``: its tokenizer and stop ids (:func:`_chat_tokenizer`); with
+    ``--prompt``: the tokenizer, prompt ids and stop ids (:func:`_read_prompts`); else ``()``.
+    Read from the checkpoint's config.json and tokenizer files, before its weights; in a
+    parallel job an error every rank meets is said once."""
+    if not (args.interactive or args.prompt is not None):
+        return ()
+    vocab_size = ModelArgs.from_file(args.checkpoint).vocab_size  # both need --checkpoint (_check_prompt_flags)
+    read = functools.partial(_chat_tokenizer if args.interactive else _read_prompts, args, vocab_size)
+    return read() if groups is None else parallel_run.agree(read)
+
+
+def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any, tokenizer: Any, stops: list[int] | None) -> int:
+    """``--interactive``: the conversation (:mod:`dshal.model.chat`) with ``tokenizer`` (read by
+    :func:`_read_text`); in a parallel job rank 0 reads and prints, every rank generates."""
     why = speculative_unsupported(model) if args.speculative else None
     if why:
         raise DshalError(f"dshal run: --interactive --speculative {args.speculative}: {why}")
-    read_tokenizer = functools.partial(_chat_tokenizer, args, model.args.vocab_size)
-    tokenizer, stops = read_tokenizer() if groups is None else parallel_run.agree(read_tokenizer)  # said once
     speaks = groups is None or parallel_run.is_reporting_rank()
     guard = functools.partial(out_of_memory_as_error, runtime.device, "this turn", "--new-tokens, or /clear the conversation")
     static, decode_line = _chat_graphs(args, model, runtime)
@@ -429,6 +439,7 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
     started = time.perf_counter()
     mtp = mtp_layers_for(args.speculative)
     show = not args.no_progress and (groups is None or parallel_run.is_reporting_rank())
+    text = _read_text(args, groups)  # before the weights: a tokenizer error in seconds, not after minutes of loading
     if groups is not None:
         with load_progress_bar(show and bool(args.checkpoint)) as progress:
             # A checkpoint defect every rank meets is said once (the transforms' collectives are done
@@ -444,11 +455,10 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
     if args.interactive:
-        return _interactive(args, model, runtime, groups)
+        return _interactive(args, model, runtime, groups, *text)
     tokenizer, prompt_ids, stops = None, None, []
     if args.prompt is not None:
-        read = functools.partial(_read_prompts, args, model.args.vocab_size)
-        tokenizer, prompt_ids, stops = read() if groups is None else parallel_run.agree(read)  # an error said once
+        tokenizer, prompt_ids, stops = text
         several = len(args.prompt) > 1 and args.batch is not None
         args.batch = min(args.batch, len(prompt_ids)) if several else len(prompt_ids)  # sequences per generation
         args.prompt_len = max(map(len, prompt_ids))
