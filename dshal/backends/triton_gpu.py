@@ -193,7 +193,9 @@ class DeviceGraph:
 
     Tensor arguments are copied into static buffers before each replay; the returned
     tensors are the graph's static outputs, overwritten by the next call (clone them to
-    keep them). ``fn`` must be capturable: no host syncs, no data-dependent shapes.
+    keep them). Other arguments must be plain values (:attr:`PLAIN_VALUES`), each value
+    captured apart; anything else is an ArgumentError. ``fn`` must be capturable: no host
+    syncs, no data-dependent shapes.
     """
 
     def __init__(self, fn: Callable[..., Any], warmup: int = 2) -> None:
