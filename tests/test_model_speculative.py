@@ -528,18 +528,28 @@ def test_greedy_speculative_returns_generates_tensor_exactly_with_ragged_prompts
 
 
 def test_sampling_from_non_finite_logits_is_a_dshal_error():
-    """torch.multinomial's bare RuntimeError ended an --interactive chat (it catches DshalError)."""
+    """torch.multinomial's bare RuntimeError ended an --interactive chat (it catches DshalError),
+    and on CUDA recent torch refuses such weights with a device-side assert (``_assert_async``),
+    which ends the process's CUDA context: multinomial never sees the row now. It is marked on
+    the device and raised where the generation ends, as greedy does; the row draws uniformly."""
     from dshal.model.sampling import TokenChooser
 
-    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])
-    with pytest.raises(dshal.DshalError, match="logits are not finite"):
-        TokenChooser(1.0, generator=torch.Generator().manual_seed(0))(logits)
-    assert TokenChooser(1.0, generator=torch.Generator().manual_seed(0))(logits[1:]).shape == (1,)
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0], [0.0, float("inf"), 1.0]])
+    chooser = TokenChooser(1.0, generator=torch.Generator().manual_seed(0))
+    ids = chooser(logits)  # no error at the step: no host read
+    assert ids.shape == (3,) and bool(((ids >= 0) & (ids < 3)).all())
+    with pytest.raises(dshal.DshalError, match=r"generate: the model's logits hold NaN \(or Inf\) at a step"):
+        chooser.raise_if_nan("generate")
+    chooser.raise_if_nan("generate")  # reset by the raise
+    clean = TokenChooser(1.0, generator=torch.Generator().manual_seed(0))
+    assert clean(logits[1:2]).shape == (1,)
+    clean.raise_if_nan("generate")  # finite logits: nothing to say
 
 
 def test_greedy_generation_from_nan_logits_is_a_dshal_error(mtp_model):
     """argmax of a NaN row is the NaN's index: greedy generation returned tokens the model never
-    chose, with no word. Every greedy loop now ends in a DshalError (no host sync per step)."""
+    chose, with no word. Every greedy and sampled loop now ends in a DshalError (no host sync
+    per step)."""
     from dshal.model.decode import generate_with_graphs
 
     ids = _prompt(mtp_model.args, batch=2)
@@ -554,12 +564,22 @@ def test_greedy_generation_from_nan_logits_is_a_dshal_error(mtp_model):
             "generate (ragged rows)": lambda: mtp_model.generate(ids, 4, prompt_lens=[7, 3]),
             "generate_with_graphs": lambda: generate_with_graphs(mtp_model, ids, 4, lambda fn: fn),
             "generate_speculative": lambda: generate_speculative(mtp_model, ids[:1], 4),
+            "generate_speculative (rows)": lambda: generate_speculative(mtp_model, ids, 4, prompt_lens=[7, 3]),
+        }
+        seeded = {"generator": torch.Generator().manual_seed(0)}
+        runs |= {  # sampled: the same, through the draw (no multinomial of a NaN row)
+            "generate sampled": lambda: mtp_model.generate(ids, 4, temperature=0.8, **seeded),
+            "generate_with_graphs sampled": lambda: generate_with_graphs(mtp_model, ids, 4, lambda fn: fn,
+                                                                         temperature=0.8, **seeded),
+            "generate_speculative sampled": lambda: generate_speculative(mtp_model, ids[:1], 4, 0.8, **seeded),
+            "generate_speculative sampled (rows)": lambda: generate_speculative(mtp_model, ids, 4, 0.8,
+                                                                                prompt_lens=[7, 3], **seeded),
         }
         for name, run in runs.items():
             try:
                 run()
             except dshal.DshalError as err:
-                assert "logits hold NaN at a greedy step" in str(err), name
+                assert "logits hold NaN (or Inf) at a step" in str(err), name
             else:
                 pytest.fail(f"{name}: no DshalError from NaN logits")
     finally:

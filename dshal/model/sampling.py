@@ -23,11 +23,12 @@ class TokenChooser:
     ``temperature == 0``, else a sample of :func:`sampling_probs` (``temperature``, ``top_p``,
     ``top_k``, ``min_p``) with ``generator``.
 
-    Greedy has no answer for NaN logits: torch's argmax returns a NaN's index, a token the model
-    never chose (the "!!!!" output of a broken checkpoint). Sampling refuses them at once
-    (:func:`draw`); greedy marks on the device whether any step met one, with no host sync per
-    step (a captured decode step's rule), and :meth:`raise_if_nan` raises where the generation
-    ends."""
+    NaN logits have no answer: greedy, torch's argmax returns a NaN's index, a token the model
+    never chose (the "!!!!" output of a broken checkpoint); sampled, torch's multinomial refuses
+    the row, on CUDA with a device-side assert (``_assert_async`` in recent torch) that ends the
+    process's CUDA context rather than raising. Both mark on the device whether any step met
+    one, with no host sync per step (a captured decode step's rule), and :meth:`raise_if_nan`
+    raises where the generation ends."""
 
     def __init__(
         self, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None, top_k: int = 0,
@@ -41,7 +42,7 @@ class TokenChooser:
         """``[B, V]`` logits -> ``[B]`` ids."""
         if self.temperature == 0:
             return self.argmax(logits)
-        return draw(self.probs(logits), self.generator)
+        return self.draw(self.probs(logits))
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """``[..., V]`` logits -> this generation's sampling weights (:func:`sampling_probs`)."""
@@ -49,12 +50,23 @@ class TokenChooser:
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """``[..., V]`` -> ``[...]``: the greedy ids, remembering whether any logit was NaN."""
-        nan = logits.isnan().any()
-        self._nan_seen = nan if self._nan_seen is None else self._nan_seen | nan
+        self._mark(logits.isnan().any())
         return logits.argmax(dim=-1)
 
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` weights (:meth:`probs`) -> ``[B]`` ids sampled from them with the generator.
+        A row holding NaN (the model's logits were not finite) is marked, as :meth:`argmax`
+        marks one, and drawn from uniform weights so that multinomial never sees it."""
+        bad = probs.isnan().any(dim=-1, keepdim=True)  # [B, 1]
+        self._mark(bad.any())
+        probs = torch.where(bad, torch.ones_like(probs), probs)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+    def _mark(self, nan: torch.Tensor) -> None:
+        self._nan_seen = nan if self._nan_seen is None else self._nan_seen | nan
+
     def raise_if_nan(self, where: str, agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """DshalError if a greedy step since the last call met NaN logits (one host read); resets.
+        """DshalError if a step since the last call met NaN logits (one host read); resets.
         ``agree``: in a split model, every rank takes the first rank's flag (as it takes its tokens,
         :func:`dshal.model.decode.agreed`), so no rank raises while another goes on to a collective."""
         seen, self._nan_seen = self._nan_seen, None
@@ -62,26 +74,12 @@ class TokenChooser:
             seen = agree(seen.reshape(1).to(torch.int32))
         if seen is not None and bool(seen.any()):
             raise DshalError(
-                f"{where}: the model's logits hold NaN at a greedy step, so argmax has no answer and the tokens "
-                "from that step on are not the model's; the loader refuses NaN / Inf weights (unless "
+                f"{where}: the model's logits hold NaN (or Inf) at a step, so there is no token to choose (greedy: "
+                "argmax returns the NaN's index; sampled: no distribution to draw from) and the tokens from that step "
+                "on are not the model's; the loader refuses NaN / Inf weights (unless "
                 "DSHAL_CHECK_FINITE=0), so an overflow in a reduced precision or a backend's op "
                 "(`dshal conformance --backend NAME` checks each op against the reference)"
             )
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``[B, V]`` weights -> ``[B]`` ids sampled from them. A row of NaN / Inf weights (the model
-    produced non-finite logits) is a DshalError naming that, not torch's bare RuntimeError (it
-    checks the weights anyway: no extra host sync)."""
-    try:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    except RuntimeError as err:
-        if "inf" in str(err) or "nan" in str(err):
-            raise DshalError(
-                "sampling: the model's logits are not finite (NaN or Inf) at this step, so there is no distribution "
-                f"to sample from; a checkpoint with NaN / Inf weights, or an overflow in a reduced precision. torch said: {err}"
-            ) from None
-        raise
 
 
 def sampling_probs(
@@ -179,7 +177,6 @@ __all__ = [
     "check_temperature",
     "check_top_k",
     "check_top_p",
-    "draw",
     "sampling_probs",
     "warn_moot_cuts",
 ]

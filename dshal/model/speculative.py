@@ -51,7 +51,7 @@ from dshal.model.prefill import (
     mask_padding,
     own_dtypes,
 )
-from dshal.model.sampling import TokenChooser, check_min_p, check_top_k, check_top_p, draw, warn_moot_cuts
+from dshal.model.sampling import TokenChooser, check_min_p, check_top_k, check_top_p, warn_moot_cuts
 from dshal.runtime import current
 
 
@@ -124,8 +124,6 @@ class DraftVerifier(TokenChooser):
         probs = self.probs(logits)
         return probs / probs.sum(dim=-1, keepdim=True)
 
-    def _sample(self, probs: torch.Tensor) -> torch.Tensor:
-        return draw(probs, self.generator)
 
     def token(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, V]`` logits -> the tokens ``[B]`` and the distributions they were drawn from
@@ -133,7 +131,7 @@ class DraftVerifier(TokenChooser):
         if self.temperature == 0:
             return self.argmax(logits), None
         probs = self._probs(logits)
-        return self._sample(probs), probs
+        return self.draw(probs), probs
 
     def draft(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """As :meth:`token`, for the MTP layer's proposal, whose NaN / Inf logits are not an error:
@@ -160,8 +158,8 @@ class DraftVerifier(TokenChooser):
         kept = u * q.gather(1, drafted) < p[:, 0].gather(1, drafted)
         residual = (p[:, 0] - q).clamp(min=0)
         residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p[:, 0])  # p == q: always kept
-        first = torch.where(kept, drafted, self._sample(residual)[:, None])
-        return torch.cat((first, self._sample(p[:, 1])[:, None], kept.long()), dim=1)
+        first = torch.where(kept, drafted, self.draw(residual)[:, None])
+        return torch.cat((first, self.draw(p[:, 1])[:, None], kept.long()), dim=1)
 
 
 def _prefill(
