@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+import torch
 
 PLUGIN_TEMPLATES = Path(__file__).parent / "fixtures" / "core_plugins"
 DSHAL_ENV = ("DSHAL_CONFIG", "DSHAL_BACKEND", "DSHAL_EMULATE", "DSHAL_PLUGINS")
@@ -34,6 +35,16 @@ def write_distribution(
     lines = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
     (info / "entry_points.txt").write_text(f"[dshal.backends]\n{lines}")
     return info
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored() -> Iterator[None]:
+    """In-process ``dshal bench`` / ``profile --threads N`` set torch's thread count for the whole
+    process: restored after each test, so no later test's threads depend on the test order."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
