@@ -24,6 +24,18 @@ from dshal.errors import CommError, ConfigError, DeviceError, DTypeError, ShapeE
 COMM_ERROR_EXIT = 17
 
 
+def arrive_together(out: Path, limit_s: float = 120.0) -> None:
+    """Wait until every rank of the job has started (a file each in ``out``). The scenario's
+    distributed.timeout_s, a few seconds where a dead or hung peer is the subject, also bounds
+    the rendezvous, and ranks importing torch on a loaded machine can start seconds apart: only
+    the init scenario, whose subject is the rendezvous, goes without it."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    (out / f"started{rank}").touch()
+    deadline = time.monotonic() + limit_s
+    while not all((out / f"started{r}").exists() for r in range(world)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def write(out: Path, rank: int, payload: dict) -> None:
     tmp = out / f"rank{rank}.json.tmp"
     tmp.write_text(json.dumps(payload))
@@ -356,6 +368,8 @@ def main() -> int:
     backend = os.environ.get("DSHAL_TEST_BACKEND", "cpu")  # a rank may be told another (init errors)
     dshal.use(backend=backend, emulate=backend != "cpu", distributed={"timeout_s": timeout_s})
     rank = int(os.environ["RANK"])
+    if scenario != "init":
+        arrive_together(out)
     try:
         world = comm.init()
     except CommError as err:

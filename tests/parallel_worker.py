@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
-from comm_worker import COMM_ERROR_EXIT, expect_equal, expect_raises, run_checks, write
+from comm_worker import COMM_ERROR_EXIT, arrive_together, expect_equal, expect_raises, run_checks, write
 
 import dshal
 from dshal import comm, ops
@@ -301,6 +301,7 @@ def main() -> int:
     timeout_s = float(sys.argv[4]) if len(sys.argv) > 4 else 60.0
     dshal.use(backend="cpu", precision={"gemm": "bf16"}, distributed={"timeout_s": timeout_s})
     rank = int(os.environ["RANK"])
+    arrive_together(out)
     world = comm.init().world_size
     if scenario == "models":
         write(out, rank, {"checks": models(rank, world, path)})

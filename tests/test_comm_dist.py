@@ -212,11 +212,15 @@ def test_comm_init_errors_are_clear(tmp_path: Path) -> None:
     if _emulated_nvidia_usable():
         # rank 1 on another backend (as a rank that could not use its GPU falls to the cpu one)
         layouts["mixed_backends"] = {"world_size": 2, "overrides": {1: {"DSHAL_TEST_BACKEND": "nvidia"}}}
+    # distributed.timeout_s also bounds the rendezvous: the ranks of a job must all arrive within
+    # it. Only the jobs whose message is about that wait get 3 s; the others' errors come as soon
+    # as every rank has joined, which on a loaded machine can take longer than 3 s.
+    waits = {"missing_rank": "3", "silent_store": "3"}
     jobs = {}
     try:
         for name, layout in layouts.items():
             (tmp_path / name).mkdir()
-            argv = [sys.executable, str(WORKER), "init", str(tmp_path / name), "3"]
+            argv = [sys.executable, str(WORKER), "init", str(tmp_path / name), waits.get(name, "60")]
             jobs[name] = LocalJob(argv, capture=True, **layout).start()
         runs = {name: job.communicate(30) for name, job in jobs.items()}
     finally:

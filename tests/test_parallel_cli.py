@@ -215,16 +215,17 @@ def test_parallel_cli_a_rank_killed_mid_run_is_named_as_the_first_failure() -> N
                                  "--no-progress", "--tp", "2"], env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
     try:
-        # Kill rank 1 once the ranks' gloo pair is connected, not after a fixed sleep: on a loaded
-        # machine rank 1 died before rank 0 joined the group, and rank 0 waited in its rendezvous
-        # (killed at the launcher's grace) instead of failing on a closed connection.
+        # Kill rank 1 once the ranks' gloo pairs are connected (the world group's and the TP
+        # group's: each group's rendezvous goes through the store), not after a fixed sleep: on a
+        # loaded machine rank 1 died before rank 0 joined the group, and rank 0 waited in its
+        # rendezvous (killed at the launcher's grace) instead of failing on a closed connection.
         ranks, deadline = {}, time.monotonic() + 90
         while time.monotonic() < deadline:
             ranks = _ranks_of(launcher.pid)
-            if len(ranks) == 2 and _tcp_connected(ranks[0], ranks[1]):
+            if len(ranks) == 2 and _tcp_pairs(ranks[0], ranks[1]) >= 2:  # the world group's and tp0's
                 break
             time.sleep(0.2)
-        assert len(ranks) == 2 and _tcp_connected(ranks[0], ranks[1]), f"the ranks did not connect: {ranks}"
+        assert len(ranks) == 2 and _tcp_pairs(ranks[0], ranks[1]) >= 2, f"the ranks did not connect: {ranks}"
         victim = ranks[1][0]
         time.sleep(1)  # into the run
         os.kill(victim, signal.SIGKILL)
@@ -255,9 +256,9 @@ def _ranks_of(launcher: int) -> dict[int, tuple[int, int]]:
     return found
 
 
-def _tcp_connected(rank_a: tuple[int, int], rank_b: tuple[int, int]) -> bool:
-    """Whether the two (pid, MASTER_PORT) processes hold the two ends of one established TCP
-    connection other than the store's (on MASTER_PORT): gloo's pair between them."""
+def _tcp_pairs(rank_a: tuple[int, int], rank_b: tuple[int, int]) -> int:
+    """How many established TCP connections the two (pid, MASTER_PORT) processes hold both ends
+    of, other than the store's (on MASTER_PORT): gloo's pairs between them, one per group."""
     table = {}
     for name in ("tcp", "tcp6"):
         try:
@@ -281,4 +282,4 @@ def _tcp_connected(rank_a: tuple[int, int], rank_b: tuple[int, int]) -> bool:
         return ends
 
     ends_b = established(*rank_b)
-    return any((remote, local) in ends_b for local, remote in established(*rank_a))
+    return sum((remote, local) in ends_b for local, remote in established(*rank_a))

@@ -477,3 +477,21 @@ def test_expert_parallel_over_a_model_without_moe_is_refused(clean_dshal_env):
         list(sharded_skeletons(dense, plan_groups(2, 1, 2)))
     assert expert_parallel(random_model(dense), None).parallel.ep_size == 1  # one rank: nothing to spread
     expert_parallel(random_model(args), SimulatedGroup(2, 0, "ep"))  # with MoE layers: taken
+
+
+def test_free_port_is_outside_the_range_outgoing_connections_take():
+    """The launcher's rank 0 binds MASTER_PORT seconds after it was picked: a port of the OS's
+    ephemeral range could meanwhile go to any outgoing connection (the other test worker's
+    gloo pairs make many), which made the job fail with "address already in use"."""
+    import socket
+
+    from dshal.parallel.launch import PORT_FLOOR, _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    if low is not None and low > PORT_FLOOR + 1000:
+        assert all(PORT_FLOOR <= port < low for port in ports), (low, sorted(ports))
+        assert len(ports) > 1  # drawn at random: two jobs started together do not pick the same one
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))  # free

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import dshal
 import dshal.comm as comm
 from dshal.errors import CommError
 from dshal.lifetime import child_env, child_python, dies_with_parent, exit_with_parent
+from dshal.parallel.launch import free_port
 from dshal.registry import REGISTRY
 from dshal_conformance.cases.base import TIERS, Case
 from dshal_conformance.judge import Verdict
@@ -208,12 +208,6 @@ def _worker(rank: int, world: int, backend: str, emulate: bool, names: list[str]
     report[DEAD_PEER] = outcome
     results.put((rank, report))
     os._exit(0)  # the group is broken; do not wait for its teardown
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device_shortfall(device_type: str, visible: int, world: int) -> str | None:

@@ -66,7 +66,7 @@ def _running(pids: list[int]) -> list[int]:
 
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc"), reason="reads /proc to find the rank processes")
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
-def test_collective_ranks_end_with_an_interrupted_or_killed_run(tmp_path, signal_name):
+def test_collective_ranks_end_with_an_interrupted_or_killed_run(tmp_path, signal_name, sigint_deliverable):
     """Ctrl-C, SIGTERM or SIGKILL to ``dshal conformance`` left its rank processes running
     (holding their port and device) for 10-25 s more."""
     import os
@@ -78,7 +78,7 @@ def test_collective_ranks_end_with_an_interrupted_or_killed_run(tmp_path, signal
 
     proc = subprocess.Popen(
         child_python("-m", "dshal", "conformance", "--backend", "cpu", "--ops", "all_reduce", "--report-dir", str(tmp_path)),
-        env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=sigint_deliverable,
     )
     ranks: list[int] = []
     try:

@@ -278,7 +278,7 @@ def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> d
     result["mma"] = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync\.aligned|v_mfma_)\S*", asm)))
     if cached:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(result))
+        atomic_write(cached, json.dumps(result))  # another process may read it meanwhile (the other test worker)
     return row | result | _tensor_core(ct, job, result["mma"])
 
 
