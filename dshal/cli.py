@@ -80,6 +80,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _printable_streams()
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C while a command's modules were still importing
@@ -89,6 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout is redirected so that the interpreter's own flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command a pipe ended
+
+
+def _printable_streams() -> None:
+    """Output that the streams' encoding cannot hold (PYTHONIOENCODING=ascii, a non-UTF-8
+    locale: a path or prompt with non-ASCII letters, a "≥" in a summary) is written escaped
+    (``\\u2265``): the error came after the work was done, and lost the lines after it."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding not in ("utf8", "utf8sig") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 
 import dshal
 from dshal.errors import ArgumentError, DshalError, PluginLoadError
+from dshal.outputs import console as output_console
 from dshal.registry import REGISTRY
 from dshal.versions import stack_report
 
@@ -79,10 +80,7 @@ def collect_standin(backend: str, release: str) -> dict[str, Any]:
 
 
 def _console() -> Any:
-    from rich.console import Console
-
-    # Piped output (CI logs) gets a wide console instead of rich's 80-column default.
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    return output_console()  # piped output (CI logs): wide, not rich's 80-column default
 
 
 def _print_standin(data: dict[str, Any]) -> None:

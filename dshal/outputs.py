@@ -13,12 +13,35 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from dshal.errors import ArgumentError
+
+
+def console(*, stderr: bool = False, piped_width: int | None = 160, **options: Any) -> Any:
+    """The CLI's rich Console: ``piped_width`` columns when its stream is not a terminal (logs,
+    CI; None: rich's default), and a reader that left (``dshal info | head``) raises
+    BrokenPipeError, which the CLI ends with 141 as for its plain prints (rich's own handler
+    exits 1, which a ``pipefail`` shell cannot tell from a failure). ``options`` go to Console."""
+    from rich.console import Console  # rich: only for the commands that print tables
+
+    class PipeAwareConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    stream = sys.stderr if stderr else sys.stdout
+    if "width" not in options and piped_width is not None and not is_terminal(stream):
+        options["width"] = piped_width
+    return PipeAwareConsole(stderr=stderr, **options)
+
+
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` (sys.stdout, ...) is a terminal; False when it is closed (None: ``>&-``)."""
+    return stream is not None and stream.isatty()
 
 
 def check_writable(path: Any, what: str, *, directory: bool = False) -> Path:

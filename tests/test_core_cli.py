@@ -198,3 +198,26 @@ def test_a_closed_pipe_ends_the_command_without_a_traceback():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 141, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+    # Tables go through rich, whose own handler exited 1 with no word: a `pipefail` shell could
+    # not tell `dshal info | head -1` from a failure.
+    for argv in (["info", "--backend", "cpu"], ["run", "--no-progress", "--new-tokens", "2", "--prompt-len", "2"]):
+        table = subprocess.run([sys.executable, "-c", script.replace("['info', '--json', '--backend', 'cpu']", repr(argv))],
+                               capture_output=True, text=True, timeout=120, check=False)
+        assert table.returncode == 141, (argv, table.stderr[-2000:])
+        assert "Traceback" not in table.stderr, argv
+
+
+def test_commands_print_through_closed_or_narrow_streams(tmp_path):
+    """`dshal info >&-` (no stdout at all) crashed on sys.stdout.isatty(); under
+    PYTHONIOENCODING=ascii a non-ASCII report path crashed `dshal run` after its work was done
+    (UnicodeEncodeError): such characters are printed escaped."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    closed = subprocess.run([sys.executable, "-m", "dshal", "info", "--backend", "cpu"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=120, env=env, preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr[-2000:]
+    report = tmp_path / "répört×.html"
+    narrow = subprocess.run([sys.executable, "-m", "dshal", "run", "--no-progress", "--new-tokens", "2", "--prompt-len", "2",
+                             "--report", str(report)], capture_output=True, timeout=120, env={**env, "PYTHONIOENCODING": "ascii"})
+    out = narrow.stdout.decode("ascii")  # ASCII only
+    assert narrow.returncode == 0, narrow.stderr.decode(errors="replace")[-2000:]
+    assert "run report: " in out and "r\\xe9p\\xf6rt\\xd7.html" in out and report.exists()

@@ -97,7 +97,7 @@ def _main(args: argparse.Namespace) -> int:
         seed=args.seed,
         case_timeout_s=args.timeout or runner.default_timeout(args.tier),
         collectives=not args.no_collectives,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet and sys.stderr is not None and sys.stderr.isatty(),
         budget_s=budget_s,
     )
     if getattr(args, "traceback", False):

@@ -55,7 +55,7 @@ from dshal.model.text import (
     sampling_defaults,
     stop_ids,
 )
-from dshal.outputs import atomic_write, check_writable
+from dshal.outputs import atomic_write, check_writable, console as output_console, is_terminal
 from dshal.parallel import run as parallel_run
 from dshal.runtime import free_memory, out_of_memory_as_error, use_for_command
 
@@ -345,7 +345,7 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
         if speaks:
             print(_sampling_line(args.temperature, args.top_p, args.top_k, args.min_p, args.sampling_from))
             print(decode_line)
-        if speaks and sys.stdin.isatty():
+        if speaks and is_terminal(sys.stdin):
             # lazy: line editing for input() on a terminal (arrow keys; lines past the tty's
             # 4095-byte buffer), where it exists; its import sets up the terminal
             with contextlib.suppress(ImportError):
@@ -826,10 +826,9 @@ def _chunks(report: dict[str, Any]) -> str:
 
 
 def _print(report: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(soft_wrap=True)
+    console = output_console(piped_width=None, soft_wrap=True)
     emulated = " (emulated)" if report["emulated"] else ""
     console.print(f"[bold]dshal run[/bold]: backend [cyan]{report['backend']}[/cyan] on {report['device']}{emulated}")
     console.print(f"model: {report['model']} (loaded in {report['load_s']:.2f} s)")

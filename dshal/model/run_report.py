@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dshal.backends.invariant import CONTRACT_BATCH_VARIANT, couples_rows
-from dshal.outputs import atomic_write
+from dshal.outputs import atomic_write, console as output_console
 from dshal.runtime import format_paths, op_hook
 
 
@@ -131,10 +131,9 @@ class RunReport:
 
     def print(self, console: Any = None) -> None:
         """The report as tables: op -> provider, kind, calls; fallbacks; modes per layer."""
-        from rich.console import Console
         from rich.table import Table
 
-        console = console or Console(soft_wrap=True)
+        console = console or output_console(piped_width=None, soft_wrap=True)
         data = self.to_dict()
         ops = Table(title=f"run report: ops served on {data['backend']} ({data['calls_total']} calls)", show_edge=False)
         for h in ("op", "provider", "kind", "calls"):

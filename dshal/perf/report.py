@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from dshal.errors import DshalError
-from dshal.outputs import atomic_write, check_writable
+from dshal.outputs import atomic_write, check_writable, console as output_console
 from dshal.runtime import use_for_command
 
 _STYLE = """
@@ -276,9 +275,7 @@ def platform_info() -> dict[str, Any]:
 
 def console() -> Any:
     """A rich Console; 160 columns when the output is not a terminal (logs, CI)."""
-    from rich.console import Console
-
-    return Console(width=None if sys.stdout.isatty() else 160)
+    return output_console()
 
 
 # ---------------------------------------------------------------- number formatting
