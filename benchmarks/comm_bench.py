@@ -169,7 +169,7 @@ def table(rows: list[dict], markdown: bool) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--ranks", default="2,4", help="comma-separated world sizes to run (default 2,4)")
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="message sizes in bytes")
     parser.add_argument("--collectives", default=",".join(COLLECTIVES))

@@ -103,7 +103,7 @@ def compare(inference_dir: str, seed: int, steps: int, root: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "\n").splitlines()[0])
     parser.add_argument("--inference-dir", required=True, help="DeepSeek-V3's inference/ folder (model.py, kernel.py, convert.py)")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--steps", type=int, default=6, help="decode steps after the prefill")

@@ -55,7 +55,7 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--number", type=int, default=10000, help="calls per timing")
     parser.add_argument("--repeat", type=int, default=15, help="rounds; the best is reported")
     parser.add_argument("--shape", type=int, nargs="+", default=[1, 64], help="shape of x")

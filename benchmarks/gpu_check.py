@@ -135,7 +135,7 @@ OWN = {"dshal": ".", "dshal-nvidia": "plugins/nvidia", "dshal-conformance": "con
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, emulated nvidia backend (Triton interpreter), tiny shapes")
     p.add_argument("--out", default=None, help="output directory (default: $OUT, else ./out)")
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget for the whole check (default 450)")

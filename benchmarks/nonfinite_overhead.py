@@ -92,7 +92,7 @@ def load_rows(repeats: int) -> list[tuple[str, float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "\n").splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     opts = parser.parse_args()
     dshal.use(backend="cpu")

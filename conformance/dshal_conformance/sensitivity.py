@@ -119,7 +119,7 @@ def measure(mode: str, size: str, ulps: Iterable[float], seeds: int) -> list[Spr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dshal_conformance.sensitivity", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dshal_conformance.sensitivity", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--mode", default="fp8-tensor", choices=mc.mode_labels(), help="precision mode (default fp8-tensor)")
     parser.add_argument("--size", default="full", choices=("ci", "full"), help="ci: the 3-layer model; full: the 6-layer one")
     parser.add_argument("--ulps", default="0,16,64,128", help="comma-separated perturbation sizes in float32 ulps")

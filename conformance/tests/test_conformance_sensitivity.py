@@ -40,3 +40,14 @@ def test_the_measurement_is_seeded_grows_with_the_perturbation_and_leaves_the_ru
     saved = json.loads(report.read_text())
     assert saved["mode"] == "high" and saved["spreads"][0]["ulps"] == 16 and saved["spreads"][0]["over_bound"] == 0
     assert saved["spreads"][0]["tokens_under_bound"] == 0
+
+
+def test_the_sensitivity_tool_starts_with_docstrings_stripped():
+    """``python -OO`` strips docstrings: the tool built its --help from its module's and died
+    with AttributeError on None."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-OO", "-m", "dshal_conformance.sensitivity", "--help"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]

@@ -180,7 +180,7 @@ def _json_object(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dshal-ascend-convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="dshal-ascend-convert", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("src", help="DeepSeek-V3 checkpoint directory, FP8 or bf16 (config.json + *.safetensors)")
     parser.add_argument("dst", help="output directory for the W8A8 int8 checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no line per converted shard")

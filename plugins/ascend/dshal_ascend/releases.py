@@ -341,7 +341,7 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
 def main(argv: list[str] | None = None) -> int:
     """``dshal-ascend-plan [--release R]``: which path serves each op on a release, from the
     recorded signatures (no NPU needed; on an NPU host ``dshal info`` shows the probed plan)."""
-    parser = argparse.ArgumentParser(prog="dshal-ascend-plan", description=main.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="dshal-ascend-plan", description=(main.__doc__ or "").split("\n")[0])
     parser.add_argument("--release", choices=recorded_releases(), default=recorded_releases()[-1],
                         help="op-plugin release (default: the newest recorded)")
     args = parser.parse_args(argv)

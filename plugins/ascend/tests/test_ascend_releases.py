@@ -129,3 +129,15 @@ def test_ascend_probe_child_source_compiles_and_asks_for_every_kernel():
     assert "torch.ops.npu" in probe._PROBE_SOURCE and "overloads()" in probe._PROBE_SOURCE
     assert {k for ks in OP_KERNELS.values() for k in ks} <= set(KERNELS)
     assert set(KERNELS) == set(recorded_signatures(recorded_releases()[-1]).ops)  # the newest has them all
+
+
+def test_the_plugins_tools_start_with_docstrings_stripped():
+    """``python -OO`` (PYTHONOPTIMIZE=2) strips docstrings: dshal-ascend-convert and
+    dshal-ascend-plan built their --help from them and died with AttributeError on None."""
+    import subprocess
+    import sys
+
+    for module in ("dshal_ascend.convert", "dshal_ascend.releases"):
+        done = subprocess.run([sys.executable, "-OO", "-c", f"import sys; from {module} import main; sys.exit(main(['--help']))"],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0 and "usage:" in done.stdout, (module, done.stderr[-2000:])
