@@ -200,6 +200,15 @@ def host_available_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs
     return min(limits) if limits else None
 
 
+def host_cpus() -> int:
+    """CPUs this process may run on: its affinity (``taskset``, a container's cpuset), which
+    ``os.cpu_count()`` ignores (it counts the machine's); at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity call here (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
 def local_device_index(device_type: str, environ: Mapping[str, str] | None = None) -> int:
     """The device index of this process for ``device_type``; see :meth:`Backend.local_device_index`."""
     environ = os.environ if environ is None else environ

@@ -305,3 +305,25 @@ def test_bench_names_cases_whose_spread_makes_their_ratios_rough():
         {"id": "failed", "providers": {"backend": {"error": "x"}}},
     ]}
     assert noisy_cases(report) == ["backend-noisy", "peer-noisy"]
+
+
+def test_threads_and_cores_follow_the_cpus_this_process_may_use():
+    """Under `taskset -c 0` (or a container's cpuset) on a bigger machine, `--threads 2` was
+    taken and the report said "cores": 2: an oversubscribed run that looked normal. The count is
+    the process's CPU affinity now, as `dshal info` shows ("1 of 2 cores")."""
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs CPU affinity and at least 2 usable CPUs to pin a child to one")
+    one = min(os.sched_getaffinity(0))
+    script = ("import sys\n"
+              "from dshal.backend import host_cpus\n"
+              "from dshal.perf.report import platform_info, set_threads\n"
+              "assert host_cpus() == 1 and platform_info()['cores'] == 1\n"
+              "set_threads(2)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=lambda: os.sched_setaffinity(0, {one}))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "--threads: got 2, expected an integer in [1, 1] (the CPUs this process may use)" in done.stderr

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dshal.backend import Availability, Backend, Capabilities, host_available_memory
+from dshal.backend import Availability, Backend, Capabilities, host_available_memory, host_cpus
 from dshal.backends.cpu_native import NATIVE_OPS, weight_format_paths
 from dshal.backends.invariant import BATCHED, row_by_row
 from dshal.kernels import cpu as cpu_kernels
@@ -42,7 +42,7 @@ class CpuBackend(Backend):
         return Availability(
             True,
             f"torch CPU kernels and reference implementations on {platform.machine() or 'cpu'} "
-            f"({os.cpu_count()} cores); {c_part}",
+            f"({_cores()}); {c_part}",
         )
 
     def capabilities(self) -> Capabilities:
@@ -74,3 +74,9 @@ class CpuBackend(Backend):
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         free = host_available_memory()
         return {"peak_rss": peak_kib * 1024, **({} if free is None else {"free": free})}
+
+
+def _cores() -> str:
+    """``2 cores``, or ``1 of 2 cores`` where this process may run on fewer than the machine has."""
+    usable, machine = host_cpus(), os.cpu_count() or 1
+    return f"{usable} cores" if usable >= machine else f"{usable} of {machine} cores"

@@ -13,7 +13,6 @@ import html
 import io
 import json
 import math
-import os
 import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from dshal.backend import host_cpus
 from dshal.errors import DshalError
 from dshal.outputs import atomic_write, check_writable, console as output_console
 from dshal.runtime import use_for_command
@@ -243,9 +243,9 @@ def set_threads(threads: int | None) -> None:
     """Apply ``--threads`` (None: leave torch's setting)."""
     if threads is None:
         return
-    cpus = os.cpu_count() or 1
+    cpus = host_cpus()  # taskset / a container's cpuset: os.cpu_count() counts the machine's
     if not 1 <= threads <= cpus:  # more threads than CPUs only contend (10000 took a minute per case)
-        raise DshalError(f"--threads: got {threads}, expected an integer in [1, {cpus}] (the CPUs here)")
+        raise DshalError(f"--threads: got {threads}, expected an integer in [1, {cpus}] (the CPUs this process may use)")
     torch.set_num_threads(threads)
 
 
@@ -270,7 +270,7 @@ def platform_info() -> dict[str, Any]:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": model, "cores": host_cpus(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def console() -> Any:
