@@ -70,6 +70,16 @@ def test_parallel_cli_world_size_mismatch(tmp_path: Path) -> None:
     assert job.leaked() == []
 
 
+def test_parallel_cli_a_world_size_below_one_is_refused() -> None:
+    """WORLD_SIZE=0 or -3 (a launcher's or a script's mistake) ran as one process, exit 0."""
+    for bad in ("0", "-3"):
+        done = subprocess.run([sys.executable, "-m", "dshal", *RUN], env={**_env(), "WORLD_SIZE": bad, "RANK": "0"},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert f"environment variable WORLD_SIZE is '{bad}', expected an integer >= 1" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("flags", "said"),
     [

@@ -54,6 +54,8 @@ def wanted(args: argparse.Namespace) -> bool:
         world = int(raw)
     except ValueError:
         raise CommError(f"dshal run: environment variable WORLD_SIZE is {raw!r}, expected an integer (torchrun sets it)") from None
+    if world < 1:  # a launcher's or a script's mistake: a single-process run would hide it
+        raise CommError(f"dshal run: environment variable WORLD_SIZE is {raw!r}, expected an integer >= 1 (torchrun sets it)")
     return args.tp * args.ep > 1 or world > 1
 
 
