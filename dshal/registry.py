@@ -31,7 +31,7 @@ from typing import Any, get_args
 
 from dshal.backend import API_VERSION, WEIGHT_FORMATS, Availability, Backend, Capabilities, OpKind
 from dshal.config import REFERENCE_PROVIDER, REFUSED_PROVIDER, emulate_from_env, env_number
-from dshal.errors import BackendUnavailableError, DshalError, PluginLoadError
+from dshal.errors import BackendUnavailableError, ConfigError, DshalError, PluginLoadError
 from dshal.ops.catalogue import SPECS
 from dshal.ops.spec import FP8_DTYPES
 
@@ -94,7 +94,30 @@ def allowed_plugins() -> frozenset[str] | None:
     raw = os.environ.get("DSHAL_PLUGINS", "").strip()
     if not raw:
         return None
-    return frozenset(n.strip() for n in raw.split(",") if n.strip())
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    if not names:  # "," would exclude every plugin, the built-in cpu one included
+        raise ConfigError(f"environment variable DSHAL_PLUGINS is {raw!r}, expected backend names separated by commas "
+                          f"(installed: {', '.join(installed_names()) or 'none'}), or unset for all")
+    return names
+
+
+def excluded_reason(name: str) -> str | None:
+    """Why DSHAL_PLUGINS leaves out the installed backend ``name`` (its value), or None when it
+    does not."""
+    allow = allowed_plugins()
+    if allow is None or name in allow or name not in installed_names():
+        return None
+    return f"excluded by DSHAL_PLUGINS={os.environ['DSHAL_PLUGINS'].strip()!r}"
+
+
+def allow_list_typos() -> str:
+    """``"; DSHAL_PLUGINS names no installed plugin: nvida ('nvida' -> 'nvidia'?)"``, or ""."""
+    allow = allowed_plugins()
+    unknown = sorted(allow - set(installed_names())) if allow is not None else []
+    if not unknown:
+        return ""
+    guesses = [f"{n!r} -> {m!r}?" for n in unknown if (m := misspelling_of(n))]
+    return f"; DSHAL_PLUGINS names no installed plugin: {', '.join(unknown)}" + (f" ({', '.join(guesses)})" if guesses else "")
 
 
 class Registry:
@@ -135,6 +158,9 @@ class Registry:
                     single.update(self._discover(allow, emulate, only=name))
                 infos = single
         if name not in infos:
+            excluded = excluded_reason(name)
+            if excluded:
+                raise PluginLoadError(f"backend {name!r} is installed but {excluded}{allow_list_typos()}")
             hint = f" (DSHAL_PLUGINS limits discovery to {sorted(allow)})" if allow is not None else ""
             installed = installed_names()
             close = misspelling_of(name)
@@ -550,7 +576,7 @@ def select(
         except PluginLoadError:  # not installed, or excluded by DSHAL_PLUGINS
             info = None
         if info is None:
-            trace.append(Decision(name, False, "not installed" + _allow_hint(name)))
+            trace.append(Decision(name, False, excluded_reason(name) or "not installed"))
         elif not info.loaded:
             trace.append(Decision(name, False, f"failed to load: {info.reason}"))
         elif not info.available:
@@ -559,7 +585,7 @@ def select(
             trace.append(Decision(name, True, info.reason))
             return info.backend, trace  # type: ignore[return-value]
     summary = "; ".join(f"{d.name}: {d.reason}" for d in trace) or "prefer is empty"
-    raise BackendUnavailableError(f"backend: auto found no usable backend in prefer={list(prefer)} ({summary})")
+    raise BackendUnavailableError(f"backend: auto found no usable backend in prefer={list(prefer)} ({summary}){allow_list_typos()}")
 
 
 def require_named(registry: Registry, name: str, emulate: bool, origin: str) -> tuple[Backend, BackendInfo]:
@@ -570,11 +596,6 @@ def require_named(registry: Registry, name: str, emulate: bool, origin: str) -> 
         return info.require(), info
     except (PluginLoadError, BackendUnavailableError) as err:
         raise type(err)(f"{err} (requested by {origin})") from (err.__cause__ or err)  # keeps the plugin's error
-
-
-def _allow_hint(name: str) -> str:
-    allow = allowed_plugins()
-    return " (excluded by DSHAL_PLUGINS)" if allow is not None and name not in allow else ""
 
 
 _WATCH = _SigintWatch()

@@ -152,8 +152,8 @@ def test_allow_list_never_imports_excluded_plugins(install_plugin, monkeypatch, 
     assert not mark.exists()
     # auto says why an installed-but-excluded name was passed over
     rt = dshal.use(prefer=["recorder", "goodtest"])
-    assert (rt.selection[0].name, rt.selection[0].reason) == ("recorder", "not installed (excluded by DSHAL_PLUGINS)")
-    with pytest.raises(PluginLoadError, match=r"DSHAL_PLUGINS limits discovery to \['cpu', 'goodtest'\]"):
+    assert (rt.selection[0].name, rt.selection[0].reason) == ("recorder", "excluded by DSHAL_PLUGINS='cpu,goodtest'")
+    with pytest.raises(PluginLoadError, match=r"backend 'recorder' is installed but excluded by DSHAL_PLUGINS='cpu,goodtest'"):
         dshal.use(backend="recorder")
     assert not mark.exists()
 
@@ -439,3 +439,21 @@ def test_an_import_error_says_where_and_a_clash_with_the_builtin_cpu_says_what_t
     install_plugin("backends", {"cpu": "GoodBackend"})
     cpu = by_name()["cpu"]
     assert not cpu.loaded and "it is the name of dshal's built-in backend: register the others under another name" in cpu.reason
+
+
+def test_allow_list_typos_are_named(install_plugin, monkeypatch):
+    """DSHAL_PLUGINS=recordr (a typo) said "cpu: not installed (excluded by DSHAL_PLUGINS)", of
+    the built-in backend, and never showed the value or the name that matched nothing; "," gave
+    an empty allow-list that excluded every plugin."""
+    install_plugin("backends", GOOD)
+    monkeypatch.setenv("DSHAL_PLUGINS", "goodtset")
+    with pytest.raises(BackendUnavailableError) as caught:
+        dshal.use(prefer=["cpu"])
+    assert str(caught.value).endswith("(cpu: excluded by DSHAL_PLUGINS='goodtset'); DSHAL_PLUGINS names no installed "
+                                      "plugin: goodtset ('goodtset' -> 'goodtest'?)")
+    with pytest.raises(PluginLoadError, match=r"backend 'cpu' is installed but excluded by DSHAL_PLUGINS='goodtset'"):
+        dshal.use(backend="cpu")
+    monkeypatch.setenv("DSHAL_PLUGINS", " , ")
+    with pytest.raises(dshal.ConfigError, match=r"environment variable DSHAL_PLUGINS is ',', expected backend names "
+                                                r"separated by commas \(installed: .*cpu.*\), or unset for all"):
+        dshal.use(backend="cpu")
