@@ -122,6 +122,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"dshal {args.command}: interrupted", file=sys.stderr)
         return 130
+    except FileNotFoundError as err:  # tempfile's, raised from torch's imports (dynamo) as much as from dshal
+        if "No usable temporary directory" not in str(err):
+            raise
+        print(f"dshal {args.command}: error: no writable temporary folder ({err}): set TMPDIR to one", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

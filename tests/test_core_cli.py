@@ -221,3 +221,20 @@ def test_commands_print_through_closed_or_narrow_streams(tmp_path):
     out = narrow.stdout.decode("ascii")  # ASCII only
     assert narrow.returncode == 0, narrow.stderr.decode(errors="replace")[-2000:]
     assert "run report: " in out and "r\\xe9p\\xf6rt\\xd7.html" in out and report.exists()
+
+
+def test_no_writable_temporary_folder_is_one_line():
+    """A read-only root with no writable /tmp (Kubernetes): `dshal plan` died in torch's
+    dynamo import with tempfile's traceback. The environment is made here by limiting the
+    folders tempfile tries to one that does not exist, in the child only."""
+    script = (
+        "import sys, tempfile\n"
+        "tempfile.tempdir = None\n"
+        "tempfile._candidate_tempdir_list = lambda: ['/nonexistent/dshal-test']\n"
+        "from dshal.cli import main\n"
+        "sys.exit(main(['plan', '--no-progress']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "dshal plan: error: no writable temporary folder (" in done.stderr and "set TMPDIR to one" in done.stderr
+    assert "Traceback" not in done.stderr
