@@ -1,4 +1,5 @@
-"""Child Python processes that import what their parent imports and end with it.
+"""Child Python processes that import what their parent imports and end with it, and a
+parent whose cleanup runs when it is told to end.
 
 Shared by the ranks ``dshal run --tp N`` starts (:mod:`dshal.parallel.launch`), the
 conformance suite's collective ranks and the ``dshal kernels`` compile workers: stdlib only,
@@ -7,11 +8,13 @@ so importing it costs a worker nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 
 def child_python(*args: str) -> list[str]:
@@ -58,4 +61,34 @@ def dies_with_parent(parent: int) -> str:
     )
 
 
-__all__ = ["child_env", "child_python", "dies_with_parent", "exit_with_parent"]
+class Terminated(SystemExit):
+    """Raised by :func:`cleanup_on_termination` for SIGTERM / SIGHUP: a SystemExit whose code
+    is 128 + the signal's number (what a shell reports for a process the signal ended)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def cleanup_on_termination() -> Iterator[None]:
+    """SIGTERM / SIGHUP (``timeout``, ``kill``, a closed terminal) raise :class:`Terminated`
+    in the block, so its ``finally`` / ``with`` cleanup runs (child processes killed, temporary
+    folders removed); Python's default ends the process at once and skips it. Only the main
+    thread may set handlers; elsewhere nothing changes. The previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+__all__ = ["Terminated", "child_env", "child_python", "cleanup_on_termination", "dies_with_parent", "exit_with_parent"]

@@ -134,3 +134,99 @@ def _not_zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _a_folder_nobody_can_make(tmp_path):
+    """A path whose parent is a regular file: mkdir fails there for anyone, root included."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return blocker / "folder"
+
+
+def test_an_unwritable_home_gives_triton_a_cache_in_the_runs_temp_folder(tmp_path, monkeypatch):
+    """HOME not writable (nobody's /nonexistent) and TRITON_CACHE_DIR unset: every config was
+    "does not lower: PermissionError: ... '/nonexistent'" (Triton's ~/.triton/cache), blaming the
+    kernels. Triton's cache is only written here (every compile is forced), so the workers get
+    one in the run's temporary folder."""
+    monkeypatch.setenv("HOME", str(_a_folder_nobody_can_make(tmp_path)))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_HOME", raising=False)
+    rows = cross_compile(["sm_90a"], jobs=1, cache_dir=None, only="rms_norm")
+    assert rows and all(r["lowered"] and r["ok"] for r in rows), rows
+
+
+def test_an_unwritable_triton_cache_dir_is_one_error_naming_it(tmp_path, monkeypatch, capsys):
+    """TRITON_CACHE_DIR set to a folder that cannot be made: one error naming it, not a
+    "does not lower" row per config and a report blaming the kernels."""
+    from dshal.cli import main
+
+    folder = _a_folder_nobody_can_make(tmp_path)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(folder))
+    report = tmp_path / "kernels.json"
+    assert main(["kernels", "--target", "sm_90a", "--no-cache", "--jobs", "1", "--json", str(report)]) == 1
+    captured = capsys.readouterr()
+    assert "dshal kernels: error: triton.compile failed with NotADirectoryError" in captured.err
+    assert f"Triton's compile cache is TRITON_CACHE_DIR={str(folder)!r}, expected a writable folder" in captured.err
+    assert captured.err.count("error:") == 1
+    assert "does not lower" not in captured.out and not report.exists()
+
+
+def test_a_result_cache_that_cannot_be_written_is_turned_off_not_fatal(tmp_path, monkeypatch, capsys):
+    """dshal's result cache read-only, uncreatable or full: the run died after seconds of
+    compiling with a worker's OSError from the cache write. Now an unusable folder is found
+    before any worker starts (said once: "result cache off"), and a write that fails anyway
+    (the disk filled meanwhile) loses the cache entry, not the compile."""
+    from dshal.kernels.triton import crosscompile
+
+    monkeypatch.setenv("DSHAL_CACHE_DIR", str(_a_folder_nobody_can_make(tmp_path)))
+    rows = cross_compile(["sm_90a"], jobs=1, cache_dir=default_cache_dir(), only="rms_norm")
+    assert rows and all(r["ok"] and not r.get("cached") for r in rows), rows
+    err = capsys.readouterr().err
+    assert err.count("result cache off") == 1, err
+    assert f"dshal kernels: result cache off: dshal's cache (DSHAL_CACHE_DIR): {tmp_path / 'a-file'} is a file" in err
+
+    # an entry that cannot be read (another user's, damaged) is compiled again
+    good = tmp_path / "good"
+    assert all(not r.get("cached") for r in cross_compile(["sm_90a"], jobs=1, cache_dir=good, only="rms_norm"))
+    entries = list(good.glob("*.json"))
+    assert entries
+    for entry in entries:
+        entry.write_text("{")
+    rows = cross_compile(["sm_90a"], jobs=1, cache_dir=good, only="rms_norm")
+    assert rows and all(r["ok"] and not r.get("cached") for r in rows), rows
+
+    # a folder that passed the check and cannot be written when the result comes
+    monkeypatch.setattr(crosscompile, "usable_cache_dir", lambda folder: folder)
+    rows = cross_compile(["sm_90a"], jobs=1, cache_dir=default_cache_dir(), only="rms_norm")
+    assert rows and all(r["ok"] for r in rows), rows
+
+
+def test_sigterm_removes_the_runs_temporary_folder(tmp_path):
+    """`timeout` / `kill` send SIGTERM, whose default ends Python without its cleanup: each
+    such run left a /tmp/dshal-kernels-* folder behind. It now ends with 143 and removes it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from dshal.lifetime import child_env, child_python
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(child_python("-m", "dshal", "kernels", "--target", "sm_90a", "--no-cache"),
+                            env=child_env({**os.environ, "TMPDIR": str(tmp)}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (made := list(tmp.glob("dshal-kernels-*"))):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run made no temporary folder"
+            time.sleep(0.1)
+        time.sleep(0.5)  # its workers are starting
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert not made[0].exists() and list(tmp.glob("dshal-kernels-*")) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

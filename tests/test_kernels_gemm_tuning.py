@@ -223,3 +223,18 @@ def test_tune_flag_values_out_of_range_are_argument_errors(parse, text, fragment
 
     with pytest.raises(ArgumentError, match=fragment):
         getattr(tune, parse)(text)
+
+
+def test_tune_checks_its_default_output_folder_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """Without --output the table goes to dshal's cache, which was not checked: a run timed
+    every tile for minutes and then failed to save. It is checked first, as --output is
+    (before the GPU is looked for: this machine has none)."""
+    from dshal.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DSHAL_CACHE_DIR", str(blocker / "cache"))
+    assert main(["tune"]) == 1
+    err = capsys.readouterr().err
+    assert (f"dshal tune: error: the default output folder (no --output; set by DSHAL_CACHE_DIR): {blocker} is a file, "
+            f"expected a folder to hold {blocker / 'cache' / 'gemm-tuning'}") in err  # fmt: skip

@@ -495,3 +495,25 @@ def test_free_port_is_outside_the_range_outgoing_connections_take():
     for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))  # free
+
+
+def test_cleanup_on_termination_turns_sigterm_into_an_exit_that_runs_cleanup() -> None:
+    """SIGTERM / SIGHUP inside the block raise Terminated (a SystemExit of 128 + the signal), so
+    `finally` and `with` blocks run (Python's default ends the process without them); the
+    handlers in place before come back after the block."""
+    import signal
+    import time
+
+    from dshal.lifetime import Terminated, cleanup_on_termination
+
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+    with pytest.raises(Terminated) as info:
+        with cleanup_on_termination():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs at the main thread's next instruction
+            finally:
+                cleaned.append(True)
+    assert isinstance(info.value, SystemExit) and info.value.code == 128 + signal.SIGTERM and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -34,7 +34,7 @@ import torch
 import dshal
 import dshal.comm as comm
 from dshal.errors import CommError
-from dshal.lifetime import child_env, child_python, dies_with_parent, exit_with_parent
+from dshal.lifetime import child_env, child_python, cleanup_on_termination, dies_with_parent, exit_with_parent
 from dshal.parallel.launch import free_port
 from dshal.registry import REGISTRY
 from dshal_conformance.cases.base import TIERS, Case
@@ -252,7 +252,8 @@ def run_group(
             on_done(case, Verdict("skip", None, None, None, short))
         return
     names = [c.params.get("collective", DEAD_PEER) for c in selected]
-    with tempfile.TemporaryDirectory(prefix="dshal-collectives-") as scratch:
+    # SIGTERM / SIGHUP kill the ranks and remove the folder, as Ctrl-C does (they left it behind)
+    with cleanup_on_termination(), tempfile.TemporaryDirectory(prefix="dshal-collectives-") as scratch:
         (Path(scratch) / "barrier").mkdir()
         port = free_port()
         # The children import what this process imports (a plugin found here is found there too).

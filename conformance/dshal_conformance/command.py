@@ -18,6 +18,7 @@ from typing import Any
 
 from dshal.cliargs import seed
 from dshal.errors import ArgumentError
+from dshal.lifetime import Terminated
 from dshal.outputs import check_writable
 from dshal_conformance import report, runner, waivers
 from dshal_conformance.cases import all_cases
@@ -65,18 +66,21 @@ def show_crashes(stream: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the suite. A Ctrl-C while cases run exits 130 and writes no report."""
+    """Run the suite. A Ctrl-C while cases run exits 130 and writes no report; SIGTERM / SIGHUP
+    while collective ranks run exit 143 / 129 the same way, their folder removed."""
     try:
         return _main(args)
-    except KeyboardInterrupt:
-        print(f"dshal conformance: interrupted; no report written for {args.backend!r}", file=sys.stderr)
+    except (KeyboardInterrupt, Terminated) as err:
+        code = err.code if isinstance(err, Terminated) else 130
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"dshal conformance: {what}; no report written for {args.backend!r}", file=sys.stderr)
         # Leave at once: torch work may still run in a case's thread, or in threads a case
         # started (torch's pools, gloo), and tearing the interpreter down around them can abort
         # in C++ ("terminate called without an active exception", exit 134). Nothing is left
         # to clean up: reports are only ever written whole, after the run.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(code)
 
 
 def _main(args: argparse.Namespace) -> int:

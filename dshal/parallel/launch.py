@@ -8,19 +8,17 @@ own (they raise CommError) before they are killed. Every child is reaped.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Self
 
-from dshal.lifetime import child_env, child_python
+from dshal.lifetime import child_env, child_python, cleanup_on_termination
 
 #: Where :func:`free_port` looks first: below this, and below the OS's range of ports for outgoing
 #: connections (Linux: /proc/sys/net/ipv4/ip_local_port_range).
@@ -245,7 +243,7 @@ def relaunch_self(module_argv: Sequence[str], world_size: int, timeout_s: float 
     launcher = {LAUNCHER_PID_ENV: str(os.getpid())}
     job = LocalJob(child_python("-m", *module_argv), world_size, env=child_env(),
                    overrides={r: launcher for r in range(world_size)})
-    with _signals_end_the_job():
+    with cleanup_on_termination():  # kill and reap every rank on SIGTERM / SIGHUP too
         with job:
             codes = job.wait(timeout_s if timeout_s is not None else 10**9)
     summary = job.failure_summary(codes)
@@ -255,23 +253,3 @@ def relaunch_self(module_argv: Sequence[str], world_size: int, timeout_s: float 
         print(f"dshal: {summary}", file=sys.stderr, flush=True)
     first = dict(zip(job.ranks, codes, strict=True))[job.first_failed[0]] if job.first_failed else 1
     return first if isinstance(first, int) and first > 0 else 1
-
-
-@contextlib.contextmanager
-def _signals_end_the_job() -> Iterator[None]:
-    """SIGTERM / SIGHUP raise SystemExit(128 + signal) in the block, so the job's cleanup (its
-    ``with``: kill and reap every rank) runs; Python's default would end the process with the
-    ranks left running. Only the main thread may set handlers; elsewhere nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

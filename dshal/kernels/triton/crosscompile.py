@@ -17,7 +17,11 @@ specialized by Triton's own JIT binder (unit strides and the value 1 become cons
 Compiles run in worker subprocesses (``--jobs``, default 2) that import triton with
 ``TRITON_INTERPRET`` unset (the kernels must be decorated for compilation, not for the
 interpreter); results are cached per (triton version, kernel source, specialization, options,
-target) under ``$DSHAL_CACHE_DIR/kernels`` (default ``~/.cache/dshal/kernels``).
+target) under ``$DSHAL_CACHE_DIR/kernels`` (default ``~/.cache/dshal/kernels``). A cache folder
+that cannot be written turns the cache off for the run, with one warning; a cache write that fails
+(a full disk) fails no compile. Triton's own compile cache (``TRITON_CACHE_DIR``, default
+``~/.triton/cache``) is only written, never read (every compile is forced): when that default
+cannot be written, the workers get one inside the run's temporary folder.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -40,12 +45,13 @@ from typing import Any
 
 import torch
 
+from dshal import errors
 from dshal.config import cache_dir
-from dshal.errors import ArgumentError
+from dshal.errors import ArgumentError, ConfigError, DshalError
 from dshal.kernels.triton import require_triton
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
-from dshal.lifetime import child_env, child_python, dies_with_parent, exit_with_parent
+from dshal.lifetime import child_env, child_python, cleanup_on_termination, dies_with_parent, exit_with_parent
 from dshal.outputs import atomic_write, check_writable
 
 
@@ -241,8 +247,8 @@ def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> d
               sorted(attrs.items()), sorted(options.items()), ct.name)).encode()
     ).hexdigest()  # fmt: skip
     cached = cache_dir / f"{key}.json" if cache_dir else None
-    if cached and cached.exists():
-        facts = json.loads(cached.read_text())
+    facts = _read_cached(cached) if cached else None
+    if facts is not None:
         return row | facts | _tensor_core(ct, job, facts["mma"]) | {"cached": True}
 
     log = io.StringIO()
@@ -252,6 +258,8 @@ def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> d
             knobs.nvidia.dump_ptxas_log = True  # ptxas -v is run anyway; print its report
             knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its report
             kernel = triton.compile(ASTSource(job.fn, signature, constexprs, attrs), target=gpu_target, options=options)
+    except OSError as err:  # Triton's cache folder (or the disk), not the kernel
+        raise _triton_cache_error(err, knobs.cache.dir) from None
     except Exception as err:  # noqa: BLE001 -- a config that does not lower is a result
         return row | {"lowered": False, "error": _root_cause(err)}
     result: dict[str, Any] = {"lowered": True, "error": "", "compile_s": round(time.perf_counter() - start, 2)}
@@ -277,9 +285,35 @@ def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> d
         asm = gcn
     result["mma"] = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync\.aligned|v_mfma_)\S*", asm)))
     if cached:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cached, json.dumps(result))  # another process may read it meanwhile (the other test worker)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cached, json.dumps(result))  # another process may read it meanwhile (the other test worker)
+        except OSError:  # a full disk, a folder made read-only meanwhile: the result stands uncached
+            pass
     return row | result | _tensor_core(ct, job, result["mma"])
+
+
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """A cached result, or None when there is none or it cannot be read (then it is recompiled)."""
+    try:
+        facts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return facts if isinstance(facts, dict) and isinstance(facts.get("mma"), list) else None
+
+
+def _triton_cache_error(err: OSError, folder: str) -> ConfigError:
+    """``triton.compile`` failing with an OSError: its cache folder cannot be written or the
+    disk is full (or a file it needs is missing), which every config would meet; one error for
+    the run, not a row per config."""
+    seen = f"{err.strerror}: {str(err.filename)!r}" if err.strerror and err.filename else str(err)
+    setting = os.environ.get("TRITON_CACHE_DIR")
+    told = f"TRITON_CACHE_DIR={setting!r}" if setting else f"{folder!r} (TRITON_CACHE_DIR is unset)"
+    return ConfigError(
+        f"dshal kernels: triton.compile failed with {type(err).__name__} ({seen}), a problem of this machine, "
+        f"not of the kernels: Triton's compile cache is {told}, expected a writable folder with free space "
+        "(set TRITON_CACHE_DIR to one)"
+    )
 
 
 def _tensor_core(ct: CompileTarget, job: CompileJob, mma: list[str]) -> dict[str, Any]:
@@ -336,7 +370,11 @@ def compile_worker(
         for n, (i, job) in enumerate(mine):
             if n % jobs != worker:
                 continue
-            row = compile_job(ct, job, cache)
+            try:
+                row = compile_job(ct, job, cache)
+            except DshalError as err:  # this machine's problem: said once by the parent, not per row
+                Path(out).write_text(json.dumps({"error": type(err).__name__, "message": str(err)}))
+                return
             row["index"] = i
             row["spill_ok"] = job.spill_ok
             row["problems"] = judge(row)
@@ -348,6 +386,37 @@ def compile_worker(
 def default_cache_dir() -> Path:
     """Where compiled configs are kept between runs: ``kernels`` in dshal's cache."""
     return cache_dir() / "kernels"
+
+
+def usable_cache_dir(folder: Path | None) -> Path | None:
+    """``folder`` when results can be kept there; else None, said once on stderr ("result cache
+    off: ..."): a read-only, uncreatable or full cache folder costs the run its cache, not its
+    compiles (each worker failed at its first write, after seconds of compiling)."""
+    if folder is None:
+        return None
+    try:
+        check_writable(folder, "dshal's cache (DSHAL_CACHE_DIR)", directory=True)
+    except ArgumentError as err:
+        print(f"dshal kernels: result cache off: {err}", file=sys.stderr, flush=True)
+        return None
+    return folder
+
+
+def _triton_default_cache() -> str:
+    """Triton's compile cache when TRITON_CACHE_DIR is unset: ``$TRITON_HOME/.triton/cache``,
+    ``TRITON_HOME`` defaulting to the home folder (``triton.knobs.cache``; read here without
+    importing triton, which this process may have to import for its interpreter)."""
+    home = os.environ["TRITON_HOME"] if "TRITON_HOME" in os.environ else os.path.expanduser("~/")
+    return os.path.join(home, ".triton", "cache")
+
+
+def _writable(folder: str) -> bool:
+    """Whether ``folder`` exists or can be made, and a file can be written in it."""
+    try:
+        check_writable(folder, "TRITON_CACHE_DIR", directory=True)
+    except ArgumentError:
+        return False
+    return True
 
 
 def cross_compile(
@@ -369,10 +438,16 @@ def cross_compile(
     if jobs < 1:
         raise ArgumentError(f"dshal kernels: argument '--jobs' is {jobs}, expected at least 1")
     jobs = min(jobs, _cpus())  # each worker is a whole Python + Triton; more than the CPUs only thrash
+    cache_dir = usable_cache_dir(cache_dir)
     env = {k: v for k, v in child_env().items() if k not in ("TRITON_INTERPRET", "DSHAL_EMULATE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
     tiles = [dataclasses.asdict(t) for t in gemm_tiles] if gemm_tiles else None
-    with tempfile.TemporaryDirectory(prefix="dshal-kernels-") as tmp:
+    # SIGTERM / SIGHUP kill the workers and remove the folder, as an error or Ctrl-C does
+    with cleanup_on_termination(), tempfile.TemporaryDirectory(prefix="dshal-kernels-") as tmp:
+        if not os.environ.get("TRITON_CACHE_DIR"):  # unset (Triton cannot use an empty one)
+            env.pop("TRITON_CACHE_DIR", None)
+            if not _writable(_triton_default_cache()):  # e.g. HOME=/nonexistent: every compile failed
+                env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton-cache")  # written, never read: always_compile
         procs: list[tuple[subprocess.Popen, str]] = []
         try:
             for w in range(jobs):
@@ -385,7 +460,10 @@ def cross_compile(
                 _, err = proc.communicate()
                 if proc.returncode != 0:
                     raise RuntimeError(f"dshal kernels: a compile worker failed (exit {proc.returncode}):\n{err[-2000:]}")
-                rows.extend(json.loads(Path(out).read_text()))
+                found = json.loads(Path(out).read_text())
+                if isinstance(found, dict):  # the worker met an error of this machine (compile_worker)
+                    raise getattr(errors, found["error"], DshalError)(found["message"])
+                rows.extend(found)
         finally:  # an error or Ctrl-C here leaves no worker behind
             for proc, _ in procs:
                 if proc.poll() is None:

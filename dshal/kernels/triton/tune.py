@@ -164,8 +164,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     require_triton("dshal tune")
+    # before the tiles are timed (minutes), not after; the default folder does not depend on the target
     if args.output:
-        check_writable(args.output, "--output")  # before the tiles are timed, not after
+        check_writable(args.output, "--output")
+    elif not args.dry_run:
+        check_writable(user_tuning_dir(), "dshal tune: the default output folder (no --output; set by DSHAL_CACHE_DIR)",
+                       directory=True)  # fmt: skip
     if args.dry_run:
         if not args.target:
             raise ArgumentError("dshal tune: --dry-run needs --target sm_90a|gfx942|gfx950")
