@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from dshal import errors
+from dshal.backend import host_cpus
 from dshal.config import cache_dir
 from dshal.errors import ArgumentError, ConfigError, DshalError
 from dshal.kernels.triton import require_triton
@@ -341,14 +342,6 @@ def judge(row: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- worker processes
-def _cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, else the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def compile_worker(
     targets: list[str], worker: int, jobs: int, out: str, cache_dir: str, gemm_tiles: list[dict] | None, only: str,
     parent: int,
@@ -437,7 +430,7 @@ def cross_compile(
             raise ArgumentError(f"dshal kernels: argument '--target' is {name!r}, expected one of {', '.join(COMPILE_TARGETS)}")
     if jobs < 1:
         raise ArgumentError(f"dshal kernels: argument '--jobs' is {jobs}, expected at least 1")
-    jobs = min(jobs, _cpus())  # each worker is a whole Python + Triton; more than the CPUs only thrash
+    jobs = min(jobs, host_cpus())  # each worker is a whole Python + Triton; more than the CPUs only thrash
     cache_dir = usable_cache_dir(cache_dir)
     env = {k: v for k, v in child_env().items() if k not in ("TRITON_INTERPRET", "DSHAL_EMULATE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
