@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from dshal.cache import cache_dir as cache_dir  # where it was defined: importers keep working
 from dshal.errors import ArgumentError, ConfigError
 
 DEFAULT_PREFER = ("nvidia", "amd", "ascend", "cpu")
@@ -485,14 +486,6 @@ def env_flag(name: str, default: bool) -> bool:
     if raw not in _ENV_TRUE + _ENV_FALSE:
         raise ConfigError(f"environment variable {name}: got {raw!r}, expected 1 or 0 (true/false, yes/no, on/off)")
     return raw in _ENV_TRUE
-
-
-def cache_dir() -> Path:
-    """dshal's per-user cache (built C kernels, cross-compiled kernels, ``dshal tune`` tables):
-    ``$DSHAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dshal``, else ``~/.cache/dshal``."""
-    if os.environ.get("DSHAL_CACHE_DIR"):
-        return Path(os.environ["DSHAL_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dshal"
 
 
 def env_number(name: str, default: float, low: float, high: float, *, low_inclusive: bool = False) -> float:

@@ -560,3 +560,123 @@ def test_a_shared_or_linked_cache_folder_keeps_its_mode(tmp_path):
     link.symlink_to(shared)
     assert "others can write" in _library._not_private(link) and (shared.stat().st_mode & 0o7777) == 0o2775
     assert "others can write" in _library._not_private(shared) and (shared.stat().st_mode & 0o7777) == 0o2775
+
+
+def test_a_failing_cache_leaves_the_backend_usable_with_the_kernels_off(tmp_path, monkeypatch):
+    """``_load`` caught only OSError, SubprocessError and AttributeError: ``Path.home()``'s
+    RuntimeError for a user with no home (and any other failure) escaped it, and
+    ``CpuBackend.availability()`` raised: "auto found no usable backend". Any failure now turns
+    the kernels off with the reason, and the backend serves with torch."""
+    import tempfile
+
+    from dshal.backends.cpu import CpuBackend
+    from dshal.kernels.cpu import _library
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    def broken_identity():
+        raise ValueError("something no one foresaw")
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(_library, "cache_dir", no_home)
+            m.setattr(tempfile, "tempdir", str(tmp_path))
+            # the temporary folder is tried when the cache folder cannot even be named
+            assert _library._writable_dir() == tmp_path / f"dshal-cpu-kernels-{os.getuid()}"
+            m.setattr(tempfile, "tempdir", str(blocked))  # and neither will do
+            state = K.reload()
+            assert not state.available and "RuntimeError: Could not determine home directory" in state.detail
+            assert "Not a directory" in state.detail and "set DSHAL_CACHE_DIR" in state.detail
+            availability = CpuBackend().availability()
+            assert availability.ok and "Could not determine home directory" in availability.reason
+        with monkeypatch.context() as m:
+            m.setattr(_library, "_cpu_identity", broken_identity)
+            state = K.reload()
+            assert state == K.KernelStatus(False, "building kernels.c failed: ValueError: something no one foresaw")
+            assert CpuBackend().availability().ok
+    finally:
+        K.reload()
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes only")
+def test_the_current_folder_never_holds_the_kernel_cache(tmp_path, monkeypatch):
+    """With /tmp and /var/tmp unwritable ``tempfile.gettempdir()`` returns the current folder,
+    and the library was built in the user's project (``proj/dshal-cpu-kernels-0/``)."""
+    import tempfile
+
+    from dshal.kernels.cpu import _library
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    project = tmp_path / "proj"
+    project.mkdir()
+    monkeypatch.setenv("DSHAL_CACHE_DIR", str(blocked / "cache"))
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(project))  # what gettempdir fell back to
+    monkeypatch.chdir(project)
+    with pytest.raises(OSError, match=r"the temporary folder: none writable \(the current folder.*set DSHAL_CACHE_DIR"):
+        _library._writable_dir()
+    assert not list(project.iterdir())
+
+
+@needs_kernels
+def test_a_full_cache_folder_is_left_after_one_failure(tmp_path):
+    """On a full disk every start compiled the kernels twice (once per flag set), both failed
+    with "No space left on device" and the kernels were off. One failure now moves the build
+    to the next folder (the per-user temporary one)."""
+    full, tmp, log = tmp_path / "full", tmp_path / "tmp", tmp_path / "calls"
+    tmp.mkdir()
+    compiler = tmp_path / "cc"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        f'case "$*" in *{full}/*) echo "/usr/bin/ld: final link failed: No space left on device" >&2; exit 1;; esac\n'
+        f'exec {K._library._compiler()} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    done = _run(STATUS, CC=str(compiler), DSHAL_CACHE_DIR=str(full), TMPDIR=str(tmp))
+    assert done.returncode == 0 and '"available": true' in done.stdout, (done.stdout, done.stderr)
+    assert f"{tmp}/dshal-cpu-kernels-{os.getuid()}/dshal_cpu_" in done.stdout
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and str(full) in calls[0] and str(tmp) in calls[1]
+    assert calls[0].split(" -o ")[0] == calls[1].split(" -o ")[0]  # the same (first) flag set in the next folder
+
+
+@needs_kernels
+def test_an_intact_build_in_a_read_only_folder_is_loaded(tmp_path, monkeypatch):
+    """A library baked into a container image (a read-only cache folder) was ignored because
+    the folder must be writable, and built again elsewhere at every start. It is loaded now,
+    after the same checks: this user's, closed to others, its .sha256 matching."""
+    import shutil
+    import tempfile
+
+    built = K._library._build(K._library._compiler())[0]
+    image = tmp_path / "image" / "cpu-kernels"
+    image.mkdir(parents=True)
+    image.chmod(0o700)
+    shutil.copy2(built, image / built.name)
+    shutil.copy2(built.with_suffix(".sha256"), image / built.with_suffix(".sha256").name)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    real_access = os.access
+
+    def read_only(path, mode, **kwargs):  # what a read-only mount answers, even to root
+        return False if os.path.samefile(path, image) and mode & os.W_OK else real_access(path, mode, **kwargs)
+
+    try:
+        with monkeypatch.context() as m:
+            m.setenv("DSHAL_CACHE_DIR", str(tmp_path / "image"))
+            m.setattr(tempfile, "tempdir", str(tmp))
+            m.setattr(os, "access", read_only)
+            state = K.reload()
+            assert state.available and state.detail.startswith(f"{image / built.name} "), state.detail
+            assert not list(tmp.iterdir())  # nothing built elsewhere
+            (image / built.name).chmod(0o777)  # one others could have written is not loaded
+            state = K.reload()
+            assert state.available and str(tmp) in state.detail
+    finally:
+        K.reload()

@@ -201,3 +201,85 @@ def test_kernel_commands_refuse_a_triton_older_than_supported(monkeypatch):
         kernels.require_triton("dshal kernels")
     monkeypatch.setattr(kernels, "installed", lambda package: "3.6.0")
     kernels.require_triton("dshal kernels")  # the GPU machine's
+
+
+@pytest.fixture
+def user_tables(tmp_path, monkeypatch):
+    """The user's tuning folder in a fresh cache, with tuned_tables' memory and the warnings
+    already given forgotten; tuned_tables is cleared again after the test."""
+    from dshal.kernels.triton import target
+
+    monkeypatch.setenv("DSHAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(target, "_WARNED", set())
+    target.tuned_tables.cache_clear()
+    yield tmp_path / "cache" / "gemm-tuning"
+    target.tuned_tables.cache_clear()
+
+
+def _dshal_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "dshal" and r.levelname == "WARNING"]
+
+
+def test_an_unreadable_user_tuning_folder_is_skipped_with_one_warning(user_tables, monkeypatch, caplog):
+    """``path.exists()`` on the user's tuning folder sat outside the try: a ~/.cache this user
+    cannot read (``sudo -u ciuser`` keeps HOME=/root) made every FP8 GEMM on the GPU backends
+    raise PermissionError. The folder is skipped with one warning; the shipped tables serve."""
+    from dshal.kernels.triton.target import TUNED_DIR, read_tuning, tuned_tables
+
+    shipped = read_tuning(TUNED_DIR / "nvidia-sm90.json", "nvidia-sm90")
+    # A name longer than the filesystem allows: stat raises an OSError exists() does not swallow
+    # (as it does the PermissionError of a folder closed to this user, which needs a non-root user).
+    monkeypatch.setenv("DSHAL_CACHE_DIR", str(user_tables.parent.parent / ("x" * 300)))  # in a folder that exists
+    with caplog.at_level("WARNING", logger="dshal"):
+        assert tuned_tables("nvidia-sm90") == shipped
+        tuned_tables("amd-gfx942")
+    (said,) = _dshal_warnings(caplog)  # once per process, not once per target
+    assert "cannot read the dshal tune tables in" in said and "File name too long" in said
+    assert "using the shipped tables" in said
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads a folder of mode 000")
+def test_a_user_tuning_folder_closed_to_this_user_is_skipped(user_tables, caplog):
+    from dshal.kernels.triton.target import tuned_tables
+
+    user_tables.mkdir(parents=True)
+    user_tables.chmod(0o000)
+    try:
+        with caplog.at_level("WARNING", logger="dshal"):
+            tuned_tables("nvidia-sm90")
+    finally:
+        user_tables.chmod(0o700)
+    assert "Permission denied" in _dshal_warnings(caplog)[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes only")
+def test_a_tuned_table_another_user_could_write_is_not_used(user_tables, caplog):
+    """A `dshal tune` table chooses the GEMM tiles: one others could write (or a folder of
+    theirs) was trusted as the user's. It gets the C-kernel cache's check now: skipped with a
+    warning unless this user's and closed to others' writes."""
+    from dshal.kernels.triton.target import TUNING_SCHEMA, tuned_tables, user_tuning_dir
+
+    assert user_tuning_dir() == user_tables  # made 0700, as dshal tune makes it
+    table = user_tables / "nvidia-sm90.json"
+    entry = {"N": 256, "K": 512, "M": 8, "tile": {"block_m": 16, "block_n": 32}}
+    table.write_text(json.dumps({"schema": TUNING_SCHEMA, "target": "nvidia-sm90", "entries": [entry]}))
+
+    def tuned() -> bool:
+        tuned_tables.cache_clear()
+        return (256, 512, 8) in tuned_tables("nvidia-sm90")
+
+    for mode, used in ((0o644, True), (0o666, False), (0o664, True)):  # 0664: umask 002, folder 0700
+        table.chmod(mode)
+        with caplog.at_level("WARNING", logger="dshal"):
+            assert tuned() is used, oct(mode)
+    assert [w for w in _dshal_warnings(caplog) if "ignoring the tuned table" in w and "others can write" in w]
+    user_tables.chmod(0o750)  # the group may enter: a group-writable table is refused
+    assert not tuned()
+    table.chmod(0o644)
+    user_tables.chmod(0o777)  # this user's folder, opened by an old umask: closed to 0700, then used
+    assert tuned() and user_tables.stat().st_mode & 0o777 == 0o700
+    if os.getuid() == 0:  # root can stand in for another user: a table of theirs is refused
+        os.chown(table, 65534, 65534)
+        with caplog.at_level("WARNING", logger="dshal"):
+            assert not tuned()
+        assert any("belongs to uid 65534" in w for w in _dshal_warnings(caplog))

@@ -4,13 +4,17 @@ The library is compiled the first time a kernel is asked for (``-O3 -march=nativ
 the machine it runs on) into ``$DSHAL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/dshal`` or
 ``~/.cache/dshal``) under ``cpu-kernels/``, named by a hash of the source, the compiler,
 its flags and the CPU, so a changed source or another machine sharing the directory builds
-its own. Concurrent processes may build at once: each writes a temporary file and renames
-it into place. ``DSHAL_CPU_KERNELS=0`` turns the kernels off.
+its own. Where that folder cannot be made, is not this user's alone, or is full, a per-user
+folder in the temporary folder serves; an intact build in a read-only cache folder is loaded
+as it is. Concurrent processes may build at once: each writes a temporary file and renames
+it into place. ``DSHAL_CPU_KERNELS=0`` turns the kernels off; so does any failure to build or
+load them, with the reason (:func:`status`): the cpu backend serves with torch.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import os
@@ -20,13 +24,15 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dshal.config import cache_dir, env_flag  # one parser for on/off variables: a typo is a ConfigError
-from dshal.errors import BackendUnavailableError
+from dshal.cache import cache_dir, make_private_dir, not_private, temp_dir
+from dshal.config import env_flag  # one parser for on/off variables: a typo is a ConfigError
+from dshal.errors import BackendUnavailableError, DshalError
 from dshal.outputs import atomic_write
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -83,43 +89,64 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _not_private(path: Path) -> str | None:
-    """Why ``path`` could hold another user's code (a library loaded from a folder someone else
-    can write, a predictable name under /tmp, runs theirs), or None. A folder of this user's
-    that others may write (made under umask 002: 0775) is closed to 0700 first."""
-    if not hasattr(os, "getuid"):
-        return None  # no POSIX owners here
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        return f"{path} belongs to uid {st.st_uid}, not this user ({os.getuid()})"
-    # A folder of this user's an older dshal left group-writable is closed; not one reached
-    # through a symlink, nor a setgid one (a deliberately shared folder: its mode is theirs).
-    if st.st_mode & 0o022 and path.is_dir() and not path.is_symlink() and not st.st_mode & 0o2000:
-        path.chmod(0o700)
-        st = path.stat()
-    if st.st_mode & 0o022:
-        return f"others can write {path} (mode {st.st_mode & 0o7777:o})"
-    return None
+_not_private = not_private  # the one check, shared with the tuned GEMM tables (dshal.cache)
+#: A folder that has no room for the build (full, over quota, read-only): the next one is tried.
+_NO_ROOM = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS)
+
+
+def _temp_candidate() -> Path:
+    tmp = temp_dir()
+    if tmp is None:
+        raise OSError("none writable (the current folder, tempfile's last resort, is not used)")
+    return tmp / f"dshal-cpu-kernels-{getattr(os, 'getuid', lambda: 'user')()}"
+
+
+def _cache_folders(refused: list[str]) -> Iterator[tuple[Path, bool]]:
+    """The folders the library may be kept in, best first, each with whether this process can
+    write it: ``cache_dir()/cpu-kernels``, then a per-user temporary folder; a missing one is
+    made (mode 0700) when reached (lazily: the temporary one only when the first will not do);
+    either only when this user owns it and no one else can write it. A read-only one is yielded
+    too: an intact build in it (baked into an image) is loaded from there. Why one is refused
+    goes to ``refused``."""
+    for where, candidate in (("dshal's cache folder", lambda: cache_dir() / "cpu-kernels"),
+                             ("the temporary folder", _temp_candidate)):
+        try:  # naming the folder may fail too: cache_dir() of a user with no home and no /tmp
+            folder = candidate()
+            where = str(folder)
+            if not folder.is_dir():
+                make_private_dir(folder)
+            why = _not_private(folder)
+        except OSError as err:
+            why = f"{where}: {err.strerror or err}"
+        except Exception as err:  # the next folder may do
+            why = str(err) if isinstance(err, DshalError) else f"{where}: {type(err).__name__}: {err}"
+        if why is None:
+            yield folder, os.access(folder, os.W_OK | os.X_OK)
+        else:
+            refused.append(why)
+
+
+def _writable_folders(refused: list[str]) -> Iterator[Path]:
+    """:func:`_cache_folders` this process can write, made as they are reached."""
+    for folder, writable in _cache_folders(refused):
+        if writable:
+            yield folder
+        else:
+            refused.append(f"{folder} is not writable")
+
+
+def _no_folder(reasons: list[str]) -> OSError:
+    return OSError(f"no folder with room for the built kernels that only this user can write: {'; '.join(reasons)} "
+                   "(set DSHAL_CACHE_DIR to a folder of your own)")
 
 
 def _writable_dir() -> Path:
-    """``cache_dir()/cpu-kernels``, or a per-user temporary directory (mode 0700) when that cannot
-    be created; either only when this user owns it and no one else can write it."""
-    refused = []
-    for candidate in (
-        cache_dir() / "cpu-kernels",
-        Path(tempfile.gettempdir()) / f"dshal-cpu-kernels-{getattr(os, 'getuid', lambda: 'user')()}",
-    ):
-        try:
-            candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
-            why = _not_private(candidate) or (None if os.access(candidate, os.W_OK) else f"{candidate} is not writable")
-        except OSError as err:
-            why = f"{candidate}: {err.strerror or err}"
-        if why is None:
-            return candidate
-        refused.append(why)
-    raise OSError(f"no directory for the built kernels that only this user can write: {'; '.join(refused)} "
-                  "(set DSHAL_CACHE_DIR to a folder of your own)")
+    """The first folder the library can be built in; OSError saying why there is none."""
+    refused: list[str] = []
+    folder = next(_writable_folders(refused), None)
+    if folder is None:
+        raise _no_folder(refused)
+    return folder
 
 
 def _digest(path: Path | str) -> str:
@@ -136,38 +163,92 @@ def _intact(target: Path) -> bool:
         return False
 
 
+def _reusable(target: Path) -> bool:
+    """Whether ``target`` is an earlier build to load: this user's, closed to others, intact."""
+    try:
+        return target.exists() and _not_private(target) is None and _intact(target)
+    except OSError:
+        return False
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile ``kernels.c`` into ``target`` through a temporary file and a rename (concurrent
+    processes may race): None when built, else the compiler's complaint. A folder with no room
+    (a full disk, a quota, read-only) raises OSError with that errno, whoever found it."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [*shlex.split(compiler), *flags, str(SOURCE), "-o", tmp, "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "LC_ALL": "C"},  # untranslated messages: a full disk is told by its strerror
+        )
+        if done.returncode != 0:
+            complaint = done.stderr.strip()
+            for code in _NO_ROOM:
+                if os.strerror(code) in complaint:
+                    raise OSError(code, f"{os.strerror(code)} ({compiler} {' '.join(flags)}: {complaint[-200:]})")
+            return f"{compiler} {' '.join(flags)}: {complaint[-400:] or f'exit {done.returncode}'}"
+        with open(tmp, "rb") as built:  # on disk before its name is: no empty file after a power loss
+            os.fsync(built.fileno())
+        atomic_write(target.with_suffix(".sha256"), _digest(tmp) + "\n")
+        os.replace(tmp, target)
+        return None
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:  # renamed into place
+            pass
+
+
 def _build(compiler: str, fresh: bool = False) -> tuple[Path, tuple[str, ...]]:
-    """Compile ``kernels.c`` into the cache (atomically: concurrent processes may race), or
-    reuse an intact earlier build unless ``fresh``."""
+    """Reuse an intact earlier build (unless ``fresh``: it did not load), else compile
+    ``kernels.c`` into the first cache folder this process can write. An earlier build is looked
+    for in that folder and in the read-only ones before it (a build baked into an image). The
+    flag sets are tried in order; a folder with no room is left after its first failure for the
+    next one (a full disk made every start compile and fail twice)."""
     source = SOURCE.read_bytes()
-    errors = []
+    refused: list[str] = []
+    folders = _cache_folders(refused)  # made as they are reached: the temporary one only when needed
+    reached: list[Path] = []
+    folder: Path | None = None  # where builds go
+    errors: list[str] = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(
             b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()])
         )
-        target_dir = _writable_dir()
-        target = target_dir / f"dshal_cpu_{key.hexdigest()[:16]}.so"
-        if not fresh and target.exists() and _not_private(target) is None and _intact(target):
-            return target, flags
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_dir)
-        os.close(fd)
-        try:
-            done = subprocess.run(
-                [*shlex.split(compiler), *flags, str(SOURCE), "-o", tmp, "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if done.returncode == 0:
-                with open(tmp, "rb") as built:  # on disk before its name is: no empty file after a power loss
-                    os.fsync(built.fileno())
-                atomic_write(target.with_suffix(".sha256"), _digest(tmp) + "\n")
-                os.replace(tmp, target)
-                return target, flags
-            errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-400:] or f'exit {done.returncode}'}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        name = f"dshal_cpu_{key.hexdigest()[:16]}.so"
+        for earlier in [] if fresh else reached:
+            if _reusable(earlier / name):
+                return earlier / name, flags
+        while True:
+            if folder is None:
+                following = next(folders, None)
+                if following is None:
+                    break
+                reached.append(following[0])
+                if not fresh and _reusable(following[0] / name):
+                    return following[0] / name, flags
+                if not following[1]:
+                    refused.append(f"{following[0]} is not writable")
+                    continue
+                folder = following[0]
+            try:
+                complaint = _compile(compiler, flags, folder / name)
+            except OSError as err:
+                if err.errno not in _NO_ROOM:
+                    raise
+                errors.append(f"{folder}: {err.strerror}")
+                folder = None  # the next folder, same flags
+                continue
+            if complaint is None:
+                return folder / name, flags
+            errors.append(complaint)
+            break  # the compiler's own failure: the next flag set, in the same folder
+    if folder is None:
+        raise _no_folder(errors + refused)
     raise OSError("; ".join(errors))
 
 
@@ -195,8 +276,10 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
             for name, (restype, argtypes) in SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = restype, argtypes
-        except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             return None, KernelStatus(False, f"building {SOURCE.name} failed: {exc}")
+        except Exception as exc:  # whatever else fails (the cache, ctypes), the backend runs with the kernels off
+            return None, KernelStatus(False, f"building {SOURCE.name} failed: {type(exc).__name__}: {exc}")
         return lib, KernelStatus(True, f"{path} ({Path(shlex.split(compiler)[0]).name} {' '.join(flags[:2])})")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -32,8 +33,10 @@ from typing import Any
 
 import torch
 
-from dshal.config import cache_dir
-from dshal.errors import ConfigError, UnsupportedOpError
+from dshal.cache import cache_dir, make_private_dir, not_private_file
+from dshal.errors import ConfigError, DshalError, UnsupportedOpError
+
+log = logging.getLogger("dshal")
 
 #: The E4M3 variants a target may call native.
 E4M3_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -233,8 +236,15 @@ def m_bucket(m: int) -> int:
 
 def user_tuning_dir() -> Path:
     """Where ``dshal tune`` writes by default: ``gemm-tuning`` in dshal's cache
-    (:func:`dshal.config.cache_dir`); read after the shipped tables, so it overrides them."""
-    return cache_dir() / "gemm-tuning"
+    (:func:`dshal.config.cache_dir`); read after the shipped tables, so it overrides them.
+    Made (mode 0700, as every cache folder dshal makes) when missing, if it can be: its tables
+    choose the kernels, so no other user may put one there."""
+    folder = cache_dir() / "gemm-tuning"
+    try:
+        make_private_dir(folder)
+    except OSError:
+        pass  # a writer says why it cannot write there; a reader finds no table
+    return folder
 
 
 def read_tuning(path: Path, target_name: str | None = None) -> dict[tuple[int, int, int], TileConfig]:
@@ -259,13 +269,48 @@ def read_tuning(path: Path, target_name: str | None = None) -> dict[tuple[int, i
     return table
 
 
+#: Warnings already given by this process (each is given once).
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
+def _user_table(target_name: str) -> Path | None:
+    """The user's (``dshal tune``) table for ``target_name``, when there is one that may be
+    trusted. A user folder that cannot be read (another user's ~/.cache: ``sudo -u`` keeps
+    HOME) or a table another user could have written is skipped with a warning: the shipped
+    tables still serve (the first made every FP8 GEMM raise PermissionError)."""
+    where = "dshal's cache"
+    try:
+        folder = cache_dir() / "gemm-tuning"
+        where, path = str(folder), folder / f"{target_name}.json"
+        if not path.exists():
+            return None
+        unsafe = not_private_file(path)
+    except (OSError, DshalError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        _warn_once(f"dshal: cannot read the dshal tune tables in {where}: {reason}; "
+                   "using the shipped tables (set DSHAL_CACHE_DIR to a folder of your own)")
+        return None
+    if unsafe:
+        _warn_once(f"dshal: ignoring the tuned table {path}: {unsafe}; using the shipped tables "
+                   "(a table another user could write would choose your GEMM kernels: check it, then chmod go-w "
+                   "it or delete it)")
+        return None
+    return path
+
+
 @cache
 def tuned_tables(target_name: str) -> dict[tuple[int, int, int], TileConfig]:
     """The shipped table of ``target_name`` updated by the user's (``dshal tune``) table."""
     table: dict[tuple[int, int, int], TileConfig] = {}
-    for folder in (TUNED_DIR, user_tuning_dir()):
-        path = folder / f"{target_name}.json"
-        if path.exists():
+    shipped = TUNED_DIR / f"{target_name}.json"
+    for path in (shipped if shipped.exists() else None, _user_table(target_name)):
+        if path is not None:
             try:
                 table.update(read_tuning(path, target_name))
             except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:  # a damaged file in the cache
