@@ -43,7 +43,8 @@ environment:
   DSHAL_CPU_KERNELS  0 = no C kernels for the cpu backend (torch serves their ops); read
                      once, when the cpu backend first uses them
   DSHAL_CACHE_DIR    dshal's cache: built C kernels, cross-compiled kernels, `dshal tune`
-                     tables (default $XDG_CACHE_HOME/dshal, else ~/.cache/dshal); the C
+                     tables (default $XDG_CACHE_HOME/dshal, else ~/.cache/dshal, else, with
+                     no usable home, dshal-cache-<uid> in the temporary folder); the C
                      kernels' folder is read once, when they are first loaded
   DSHAL_CPU_DEQUANT_CACHE_GIB  cpu backend: GiB of float32 copies of FP8 weights kept for
                      prefill (past it, dequantized per call; 0 = none; default 1/4 of RAM)

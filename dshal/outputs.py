@@ -68,15 +68,17 @@ def check_writable(path: Any, what: str, *, directory: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Any) -> Iterator[BinaryIO]:
+def atomic_output(path: Any, *, private: bool = False) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: a temporary file in the same folder, flushed
     to disk and renamed over ``path`` when the block ends; when the block raises (a full disk,
-    Ctrl-C), the temporary file is removed and ``path`` is left as it was."""
+    Ctrl-C), the temporary file is removed and ``path`` is left as it was. ``private``: mode
+    0600 (a cache entry dshal trusts later), else a report's usual 0666 less the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a report gets the usual mode
+        if not private:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -90,11 +92,12 @@ def atomic_output(path: Any) -> Iterator[BinaryIO]:
         raise
 
 
-def atomic_write(path: Any, data: str | bytes, *, encoding: str = "utf-8") -> Path:
+def atomic_write(path: Any, data: str | bytes, *, encoding: str = "utf-8", private: bool = False) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename:
-    readers see the old file or the new one, never a partial one."""
+    readers see the old file or the new one, never a partial one (``private``: see
+    :func:`atomic_output`)."""
     raw = data.encode(encoding) if isinstance(data, str) else data
-    with atomic_output(path) as f:
+    with atomic_output(path, private=private) as f:
         f.write(raw)
     return Path(path)
 

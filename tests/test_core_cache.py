@@ -90,18 +90,24 @@ def test_the_current_folder_is_no_temporary_folder(tmp_path, monkeypatch):
 def test_cache_folders_are_made_0700_whatever_the_umask(tmp_path, monkeypatch):
     """Under umask 000 ``~/.cache/dshal``, ``kernels/`` and ``gemm-tuning/`` were made 0777:
     another local user could put a tile table there that dshal then trusted."""
+    from dshal.kernels.triton.crosscompile import default_cache_dir, usable_cache_dir
     from dshal.kernels.triton.target import user_tuning_dir
+    from dshal.outputs import atomic_write
 
     monkeypatch.setenv("DSHAL_CACHE_DIR", str(tmp_path / "a" / "cache"))
     old = os.umask(0)
     try:
         folder = user_tuning_dir()
+        results = usable_cache_dir(default_cache_dir())  # dshal kernels' result cache
         deep = make_private_dir(tmp_path / "x" / "y" / "z")
+        table = atomic_write(folder / "t.json", "{}", private=True)  # what dshal tune writes there
+        report = atomic_write(tmp_path / "report.json", "{}")
     finally:
         os.umask(old)
-    assert folder == tmp_path / "a" / "cache" / "gemm-tuning"
-    for made in (folder, folder.parent, folder.parent.parent, deep, deep.parent, deep.parent.parent):
+    assert folder == tmp_path / "a" / "cache" / "gemm-tuning" and results == folder.parent / "kernels"
+    for made in (folder, folder.parent, folder.parent.parent, results, deep, deep.parent, deep.parent.parent):
         assert made.stat().st_mode & 0o777 == 0o700, made
+    assert table.stat().st_mode & 0o777 == 0o600 and report.stat().st_mode & 0o777 == 0o666  # a report: the umask's
     existing = tmp_path / "existing"
     existing.mkdir(mode=0o755)
     existing.chmod(0o755)

@@ -47,6 +47,7 @@ import torch
 
 from dshal import errors
 from dshal.backend import host_cpus
+from dshal.cache import make_private_dir
 from dshal.config import cache_dir
 from dshal.errors import ArgumentError, ConfigError, DshalError
 from dshal.kernels.triton import require_triton
@@ -287,8 +288,8 @@ def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> d
     result["mma"] = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync\.aligned|v_mfma_)\S*", asm)))
     if cached:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cached, json.dumps(result))  # another process may read it meanwhile (the other test worker)
+            make_private_dir(cached.parent)
+            atomic_write(cached, json.dumps(result), private=True)  # another process may read it meanwhile (the other test worker)
         except OSError:  # a full disk, a folder made read-only meanwhile: the result stands uncached
             pass
     return row | result | _tensor_core(ct, job, result["mma"])
@@ -388,8 +389,9 @@ def usable_cache_dir(folder: Path | None) -> Path | None:
     if folder is None:
         return None
     try:
+        make_private_dir(folder)  # 0700 whatever the umask: other users must not plant results
         check_writable(folder, "dshal's cache (DSHAL_CACHE_DIR)", directory=True)
-    except ArgumentError as err:
+    except (ArgumentError, OSError) as err:
         print(f"dshal kernels: result cache off: {err}", file=sys.stderr, flush=True)
         return None
     return folder

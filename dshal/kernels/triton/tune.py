@@ -220,7 +220,8 @@ def main(args: argparse.Namespace) -> int:
         kept = [e for e in previous if _entry_key(e) not in done]
         table = {**header, "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                  "complete": complete, "entries": entries + kept}
-        atomic_write(out, json.dumps(table, indent=1))
+        # a table in dshal's cache is read and trusted by every later run: not writable by others
+        atomic_write(out, json.dumps(table, indent=1), private=not args.output)
         retuned[0] = len(entries)
 
     total = len(shapes) * len(buckets)
