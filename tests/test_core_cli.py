@@ -234,7 +234,10 @@ def test_no_writable_temporary_folder_is_one_line():
         "from dshal.cli import main\n"
         "sys.exit(main(['plan', '--no-progress']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    # torch sets TORCHINDUCTOR_CACHE_DIR in its own process when dynamo is imported (an earlier
+    # test's, here), and with it set the child never asks tempfile
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TMPDIR")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False, env=env)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "dshal plan: error: no writable temporary folder (" in done.stderr and "set TMPDIR to one" in done.stderr
     assert "Traceback" not in done.stderr

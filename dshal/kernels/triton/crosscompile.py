@@ -388,10 +388,11 @@ def usable_cache_dir(folder: Path | None) -> Path | None:
     compiles (each worker failed at its first write, after seconds of compiling)."""
     if folder is None:
         return None
+    with contextlib.suppress(OSError):  # 0700 whatever the umask; why it cannot be made is said next
+        make_private_dir(folder)
     try:
-        make_private_dir(folder)  # 0700 whatever the umask: other users must not plant results
         check_writable(folder, "dshal's cache (DSHAL_CACHE_DIR)", directory=True)
-    except (ArgumentError, OSError) as err:
+    except ArgumentError as err:
         print(f"dshal kernels: result cache off: {err}", file=sys.stderr, flush=True)
         return None
     return folder
