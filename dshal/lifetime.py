@@ -75,7 +75,9 @@ def cleanup_on_termination() -> Iterator[None]:
     """SIGTERM / SIGHUP (``timeout``, ``kill``, a closed terminal) raise :class:`Terminated`
     in the block, so its ``finally`` / ``with`` cleanup runs (child processes killed, temporary
     folders removed); Python's default ends the process at once and skips it. Only the main
-    thread may set handlers; elsewhere nothing changes. The previous handlers come back after."""
+    thread may set handlers; elsewhere nothing changes. A signal the process ignores stays
+    ignored (``nohup`` ignores SIGHUP so that a run outlives the terminal). The previous handlers
+    come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -83,7 +85,8 @@ def cleanup_on_termination() -> Iterator[None]:
     def stop(signum: int, _frame: object) -> None:
         raise Terminated(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -502,10 +502,13 @@ def test_cleanup_on_termination_turns_sigterm_into_an_exit_that_runs_cleanup() -
     `finally` and `with` blocks run (Python's default ends the process without them); the
     handlers in place before come back after the block."""
     import signal
+    import threading
     import time
 
     from dshal.lifetime import Terminated, cleanup_on_termination
 
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set on the main thread (older pytest-xdist runs tests elsewhere)")
     before = signal.getsignal(signal.SIGTERM)
     cleaned = []
     with pytest.raises(Terminated) as info:
@@ -517,3 +520,26 @@ def test_cleanup_on_termination_turns_sigterm_into_an_exit_that_runs_cleanup() -
                 cleaned.append(True)
     assert isinstance(info.value, SystemExit) and info.value.code == 128 + signal.SIGTERM and cleaned == [True]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_cleanup_on_termination_leaves_an_ignored_signal_ignored() -> None:
+    """`nohup dshal kernels ...` ignores SIGHUP so that the run outlives the terminal; the guard
+    replaced the ignore with its handler, and logging out ended the run with 129."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time\n"
+              "from dshal.lifetime import cleanup_on_termination\n"
+              "with cleanup_on_termination():\n"
+              "    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN\n"
+              "    os.kill(os.getpid(), signal.SIGHUP)\n"
+              "    time.sleep(0.5)\n"
+              "print('survived')\n")
+
+    def nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                          preexec_fn=nohup)
+    assert done.returncode == 0 and "survived" in done.stdout, done.stderr[-2000:]
