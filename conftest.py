@@ -62,9 +62,10 @@ def cpu_rowwise_scaled_mm_refusal():
     return None
 
 
-def _sigint_default_and_unblocked() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+def _signals_default_and_unblocked() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 @pytest.fixture
@@ -72,4 +73,10 @@ def sigint_deliverable():
     """``preexec_fn`` for a child a test presses Ctrl-C on: SIGINT at its default and not
     blocked, whatever the test worker inherited or set (an ignored or blocked SIGINT passes to
     children through fork and exec, and a child that never sees the signal hangs the test)."""
-    return _sigint_default_and_unblocked
+    return _signals_default_and_unblocked
+
+
+@pytest.fixture
+def sigterm_deliverable():
+    """As :func:`sigint_deliverable`, for a child a test sends SIGTERM (or SIGHUP) to."""
+    return _signals_default_and_unblocked

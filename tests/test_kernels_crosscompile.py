@@ -201,7 +201,7 @@ def test_a_result_cache_that_cannot_be_written_is_turned_off_not_fatal(tmp_path,
     assert rows and all(r["ok"] for r in rows), rows
 
 
-def test_sigterm_removes_the_runs_temporary_folder(tmp_path):
+def test_sigterm_removes_the_runs_temporary_folder(tmp_path, sigterm_deliverable):
     """`timeout` / `kill` send SIGTERM, whose default ends Python without its cleanup: each
     such run left a /tmp/dshal-kernels-* folder behind. It now ends with 143 and removes it."""
     import os
@@ -215,7 +215,8 @@ def test_sigterm_removes_the_runs_temporary_folder(tmp_path):
     tmp.mkdir()
     proc = subprocess.Popen(child_python("-m", "dshal", "kernels", "--target", "sm_90a", "--no-cache"),
                             env=child_env({**os.environ, "TMPDIR": str(tmp)}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigterm_deliverable)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while not (made := list(tmp.glob("dshal-kernels-*"))):

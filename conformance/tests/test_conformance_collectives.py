@@ -103,7 +103,7 @@ def test_collective_ranks_end_with_an_interrupted_or_killed_run(tmp_path, signal
             os.kill(pid, signal.SIGKILL)
 
 
-def test_sigterm_removes_the_collectives_temporary_folder(tmp_path):
+def test_sigterm_removes_the_collectives_temporary_folder(tmp_path, sigterm_deliverable):
     """SIGTERM (`timeout`, `kill`) ends Python without its cleanup: each such run left a
     dshal-collectives-* folder in /tmp. It now exits 143 and removes it."""
     import os
@@ -119,6 +119,7 @@ def test_sigterm_removes_the_collectives_temporary_folder(tmp_path):
         child_python("-m", "dshal", "conformance", "--backend", "cpu", "--ops", "all_reduce", "--report-dir",
                      str(tmp_path / "reports")),
         env=child_env({**os.environ, "TMPDIR": str(tmp)}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=sigterm_deliverable,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
