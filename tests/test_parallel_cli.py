@@ -260,8 +260,8 @@ def _ranks_of(launcher: int) -> dict[int, tuple[int, int]]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if parent == launcher:
-            values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        values = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if parent == launcher and b"RANK" in values and b"MASTER_PORT" in values:  # not between fork and exec
             found[int(values[b"RANK"])] = (int(entry.name), int(values[b"MASTER_PORT"]))
     return found
 

@@ -322,8 +322,11 @@ def _read_text(args: argparse.Namespace, groups: Any) -> tuple[Any, ...]:
     parallel job an error every rank meets is said once."""
     if not (args.interactive or args.prompt is not None):
         return ()
-    vocab_size = ModelArgs.from_file(args.checkpoint).vocab_size  # both need --checkpoint (_check_prompt_flags)
-    read = functools.partial(_chat_tokenizer if args.interactive else _read_prompts, args, vocab_size)
+
+    def read() -> tuple[Any, ...]:  # config.json inside: a defect every rank meets is said once
+        vocab_size = ModelArgs.from_file(args.checkpoint).vocab_size  # both need --checkpoint (_check_prompt_flags)
+        return (_chat_tokenizer if args.interactive else _read_prompts)(args, vocab_size)
+
     return read() if groups is None else parallel_run.agree(read)
 
 
