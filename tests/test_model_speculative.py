@@ -494,6 +494,11 @@ def test_the_steps_go_through_the_backends_graph_hook():
         assert torch.equal(got, model.generate(turn, 6))
         turn = torch.cat((got, _prompt(args, length=3, seed=seed)), dim=1)
     assert len(hooked) == 2
+    # A chat turn that ended in an exception (Ctrl-C, out of memory) after the verifier marked a
+    # NaN: the next, healthy turn on the same step raised the stale "logits hold NaN".
+    step.verifier.argmax(torch.tensor([[float("nan"), 0.0]]))
+    got, _ = generate_speculative(model, turn, 2, cache=cache, mtp_cache=mtp_cache, cached=mtp_cache.length, step=step)
+    assert torch.equal(got, model.generate(turn, 2))
     with pytest.raises(ArgumentError, match="'step' is built on other KV caches than arguments 'cache' and 'mtp_cache'"):
         generate_speculative(model, prompt, 4, cache=model.new_cache(1, 48, "absorb"), mtp_cache=mtp_cache, step=step)
     with pytest.raises(ArgumentError, match=r"'step' samples with temperature 0.0, top_p 1.0, top_k 0, min_p 0.0 and its "

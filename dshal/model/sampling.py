@@ -62,6 +62,11 @@ class TokenChooser:
         probs = torch.where(bad, torch.ones_like(probs), probs)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
+    def forget_nan(self) -> None:
+        """Drop what earlier steps marked: a chooser kept across generations (a chat's captured
+        speculative step) starts each one clean, even after one ended in an exception."""
+        self._nan_seen = None
+
     def _mark(self, nan: torch.Tensor) -> None:
         self._nan_seen = nan if self._nan_seen is None else self._nan_seen | nan
 

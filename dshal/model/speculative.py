@@ -354,6 +354,7 @@ def generate_speculative(
                 raise ArgumentError(f"generate_speculative: argument '{name}' {why} (with 'graph')")
     stops = [] if eos_token_id is None else stop_list(eos_token_id)
     verifier = DraftVerifier(temperature, top_p, generator, top_k, min_p) if step is None else step.verifier
+    verifier.forget_nan()  # a reused step's verifier: a turn that ended in Ctrl-C or OOM may have marked one
     if input_ids.shape[0] > 1 or graph is not None:
         caches = (cache, mtp_cache, cached) if reused else None
         out, stats = _generate_rows(model, input_ids, lens, max_new_tokens, verifier, stops, on_token, prefill_chunk,
