@@ -12,6 +12,7 @@ be able to plant code or tables in it.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -72,8 +73,10 @@ def cache_dir() -> Path:
     """dshal's per-user cache (built C kernels, cross-compiled kernels, ``dshal tune`` tables):
     ``$DSHAL_CACHE_DIR``, else ``$XDG_CACHE_HOME/dshal`` (when absolute, as the XDG spec asks),
     else ``$HOME/.cache/dshal`` (HOME unset, empty, relative or ``/``: the passwd entry's home),
-    else, for a user with no home at all, ``dshal-cache-<uid>`` in the temporary folder. With
-    none of those, a ConfigError naming HOME and DSHAL_CACHE_DIR. Nothing is created here."""
+    else, for a user with no home at all, ``dshal-cache-<uid>`` in the temporary folder (made
+    there 0700, and refused unless it is a folder of this user's closed to others:
+    :func:`_private_temp_cache`). With none of those, a ConfigError naming HOME and
+    DSHAL_CACHE_DIR. Nothing else is created here."""
     if os.environ.get("DSHAL_CACHE_DIR"):
         return Path(os.environ["DSHAL_CACHE_DIR"])
     xdg = os.environ.get("XDG_CACHE_HOME", "")
@@ -84,12 +87,39 @@ def cache_dir() -> Path:
         return home / ".cache" / "dshal"
     tmp = temp_dir()
     if tmp is not None:
-        return tmp / f"dshal-cache-{_uid()}"
+        return _private_temp_cache(tmp / f"dshal-cache-{_uid()}")
     home_var = os.environ.get("HOME")
     raise ConfigError(
         f"dshal's cache folder: environment variable HOME is {'unset' if home_var is None else repr(home_var)}, "
         f"uid {_uid()} has no home folder in the passwd database and there is no usable temporary folder; expected "
         "HOME set to your home folder, or DSHAL_CACHE_DIR set to a folder of your own"
+    )
+
+
+def _private_temp_cache(folder: Path) -> Path:
+    """``folder``, a predictable name in the shared temporary folder, made 0700 when missing and
+    taken only as a real folder of this user's that no one else may write: another local user
+    could have made it first, and what dshal keeps under it (a library it loads, the tables it
+    trusts) would be theirs to swap, whatever the checks on the files themselves."""
+    if not hasattr(os, "getuid"):
+        return folder  # no POSIX owners here
+    try:
+        make_private_dir(folder)
+        st = os.lstat(folder)
+    except OSError as err:
+        why = f"cannot be made ({err.strerror or err})"
+    else:
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            why = "is not a folder (a link or a file)"
+        elif st.st_uid != os.getuid():
+            why = f"belongs to uid {st.st_uid}, not this user ({os.getuid()})"
+        elif st.st_mode & 0o022:
+            why = f"can be written by others (mode {st.st_mode & 0o7777:o})"
+        else:
+            return folder
+    raise ConfigError(
+        f"dshal's cache folder: {folder}, the fallback for a user with no home folder, {why}; expected a folder of "
+        "this user's closed to others: set DSHAL_CACHE_DIR to a folder of your own (or HOME)"
     )
 
 

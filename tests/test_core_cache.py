@@ -49,6 +49,23 @@ def test_a_user_with_no_home_gets_a_cache_in_the_temporary_folder(no_home, monke
 
 
 @posix_only
+def test_a_squatted_temporary_cache_folder_is_refused(no_home):
+    """``dshal-cache-<uid>`` has a predictable name in the shared /tmp: another user could make
+    it first (0777, theirs) and swap what dshal keeps under it, the C-kernel library it loads
+    included. Taken only as this user's folder closed to others; made 0700 when missing."""
+    private = no_home / f"dshal-cache-{os.getuid()}"
+    assert cache_dir() == private and private.stat().st_mode & 0o777 == 0o700
+    private.chmod(0o777)  # as another user's folder would be (the test cannot own one as another uid)
+    with pytest.raises(ConfigError, match=r"dshal-cache-\d+, the fallback for a user with no home folder, can be "
+                                          r"written by others \(mode 777\); .*set DSHAL_CACHE_DIR"):
+        cache_dir()
+    private.rmdir()
+    private.symlink_to(no_home)  # a link planted at the name
+    with pytest.raises(ConfigError, match=r"is not a folder \(a link or a file\)"):
+        cache_dir()
+
+
+@posix_only
 def test_an_empty_home_falls_back_to_the_passwd_home(tmp_path, monkeypatch):
     for name in ("DSHAL_CACHE_DIR", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
