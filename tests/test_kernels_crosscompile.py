@@ -155,6 +155,23 @@ def test_an_unwritable_home_gives_triton_a_cache_in_the_runs_temp_folder(tmp_pat
     assert rows and all(r["lowered"] and r["ok"] for r in rows), rows
 
 
+def test_an_os_error_outside_tritons_cache_is_not_blamed_on_the_cache():
+    """Any OSError from triton.compile was said to be the cache's: a missing or non-executable
+    ptxas got "set TRITON_CACHE_DIR to a writable folder"."""
+    import errno
+
+    from dshal.kernels.triton.crosscompile import _triton_cache_error
+
+    cache = "/home/u/.triton/cache"
+    tool = _triton_cache_error(FileNotFoundError(errno.ENOENT, "No such file or directory", "/opt/triton/bin/ptxas"), cache)
+    assert "expected the compilers Triton bundles to be installed and executable" in str(tool)
+    assert "TRITON_CACHE_DIR" not in str(tool)
+    for err in (PermissionError(errno.EACCES, "Permission denied", "/home/u"),  # a folder on the way to the cache
+                PermissionError(errno.EACCES, "Permission denied", f"{cache}/ab/cd.json"),
+                OSError(errno.ENOSPC, "No space left on device")):
+        assert "Triton's compile cache is" in str(_triton_cache_error(err, cache)), err
+
+
 def test_an_unwritable_triton_cache_dir_is_one_error_naming_it(tmp_path, monkeypatch, capsys):
     """TRITON_CACHE_DIR set to a folder that cannot be made: one error naming it, not a
     "does not lower" row per config and a report blaming the kernels."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import importlib
 import io
@@ -309,13 +310,24 @@ def _triton_cache_error(err: OSError, folder: str) -> ConfigError:
     disk is full (or a file it needs is missing), which every config would meet; one error for
     the run, not a row per config."""
     seen = f"{err.strerror}: {str(err.filename)!r}" if err.strerror and err.filename else str(err)
+    head = f"dshal kernels: triton.compile failed with {type(err).__name__} ({seen}), a problem of this machine, not of the kernels"
+    in_cache = bool(err.filename) and _on_the_way(str(err.filename), folder)
+    if not in_cache and err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        # not the cache: a tool Triton runs (ptxas, ld.lld) missing or not executable, say
+        return ConfigError(f"{head}: expected the compilers Triton bundles to be installed and executable")
     setting = os.environ.get("TRITON_CACHE_DIR")
     told = f"TRITON_CACHE_DIR={setting!r}" if setting else f"{folder!r} (TRITON_CACHE_DIR is unset)"
-    return ConfigError(
-        f"dshal kernels: triton.compile failed with {type(err).__name__} ({seen}), a problem of this machine, "
-        f"not of the kernels: Triton's compile cache is {told}, expected a writable folder with free space "
-        "(set TRITON_CACHE_DIR to one)"
-    )
+    return ConfigError(f"{head}: Triton's compile cache is {told}, expected a writable folder with free space "
+                       "(set TRITON_CACHE_DIR to one)")
+
+
+def _on_the_way(path: str, folder: str) -> bool:
+    """Whether ``path`` is in ``folder`` or one of the folders above it (made on the way to it)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    try:
+        return os.path.commonpath([path, folder]) in (path, folder)
+    except ValueError:  # different drives
+        return False
 
 
 def _tensor_core(ct: CompileTarget, job: CompileJob, mma: list[str]) -> dict[str, Any]:
