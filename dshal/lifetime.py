@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -94,4 +96,42 @@ def cleanup_on_termination() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-__all__ = ["Terminated", "child_env", "child_python", "cleanup_on_termination", "dies_with_parent", "exit_with_parent"]
+#: Where :func:`free_port` looks first: from PORT_FLOOR up to the OS's range of ports for outgoing
+#: connections (Linux: /proc/sys/net/ipv4/ip_local_port_range), and below PORT_CEILING (Kubernetes
+#: NodePorts start at 30000, on hosts whose pods share the host's network).
+PORT_FLOOR, PORT_CEILING = 10000, 30000
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now. The job's rank 0 binds it seconds later (after
+    importing torch), and a port of the OS's ephemeral range may meanwhile be handed to any
+    outgoing connection (another job's gloo pairs make many) or to another ``bind(0)``: a
+    random free port below that range is taken where the range is known, else the OS's pick."""
+    low = _ephemeral_low()
+    top = min(low, PORT_CEILING) if low is not None else None
+    if top is not None and top > PORT_FLOOR + 1000:
+        pick = random.SystemRandom()
+        for _ in range(64):
+            port = pick.randrange(PORT_FLOOR, top)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:  # in use
+                    continue
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int | None:
+    """The first port of the OS's range for outgoing connections, or None where it is not known."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+
+__all__ = ["Terminated", "child_env", "child_python", "cleanup_on_termination", "dies_with_parent", "exit_with_parent", "free_port"]

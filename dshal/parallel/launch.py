@@ -9,50 +9,14 @@ own (they raise CommError) before they are killed. Every child is reaped.
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Self
 
-from dshal.lifetime import child_env, child_python, cleanup_on_termination
-
-#: Where :func:`free_port` looks first: below this, and below the OS's range of ports for outgoing
-#: connections (Linux: /proc/sys/net/ipv4/ip_local_port_range).
-PORT_FLOOR = 10000
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now. The job's rank 0 binds it seconds later (after
-    importing torch), and a port of the OS's ephemeral range may meanwhile be handed to any
-    outgoing connection (another job's gloo pairs make many) or to another ``bind(0)``: a
-    random free port below that range is taken where the range is known, else the OS's pick."""
-    low = _ephemeral_low()
-    if low is not None and low > PORT_FLOOR + 1000:
-        pick = random.SystemRandom()
-        for _ in range(64):
-            port = pick.randrange(PORT_FLOOR, low)
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:  # in use
-                    continue
-                return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _ephemeral_low() -> int | None:
-    """The first port of the OS's range for outgoing connections, or None where it is not known."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
-            return int(ports.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+from dshal.lifetime import child_env, child_python, cleanup_on_termination, free_port
 
 
 def rank_env(rank: int, world_size: int, port: int, host: str = "127.0.0.1") -> dict[str, str]:
