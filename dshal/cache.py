@@ -91,7 +91,7 @@ def cache_dir() -> Path:
     home_var = os.environ.get("HOME")
     raise ConfigError(
         f"dshal's cache folder: environment variable HOME is {'unset' if home_var is None else repr(home_var)}, "
-        f"uid {_uid()} has no home folder in the passwd database and there is no usable temporary folder; expected "
+        f"uid {_uid()} has no usable home folder in the passwd database and there is no usable temporary folder; expected "
         "HOME set to your home folder, or DSHAL_CACHE_DIR set to a folder of your own"
     )
 

@@ -82,7 +82,7 @@ def test_no_home_and_no_temporary_folder_is_a_config_error(no_home, monkeypatch)
         raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp']")
 
     monkeypatch.setattr(tempfile, "gettempdir", none_usable)
-    with pytest.raises(ConfigError, match=r"environment variable HOME is unset, uid \d+ has no home folder.*"
+    with pytest.raises(ConfigError, match=r"environment variable HOME is unset, uid \d+ has no usable home folder.*"
                        r"expected HOME set to your home folder, or DSHAL_CACHE_DIR set"):
         cache_dir()
 

@@ -236,5 +236,5 @@ def test_tune_checks_its_default_output_folder_before_anything_runs(tmp_path, mo
     monkeypatch.setenv("DSHAL_CACHE_DIR", str(blocker / "cache"))
     assert main(["tune"]) == 1
     err = capsys.readouterr().err
-    assert (f"dshal tune: error: the default output folder (no --output; set by DSHAL_CACHE_DIR): {blocker} is a file, "
+    assert (f"dshal tune: error: the default output folder (no --output; in dshal's cache, which DSHAL_CACHE_DIR sets): {blocker} is a file, "
             f"expected a folder to hold {blocker / 'cache' / 'gemm-tuning'}") in err  # fmt: skip

@@ -168,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
     if args.output:
         check_writable(args.output, "--output")
     elif not args.dry_run:
-        check_writable(user_tuning_dir(), "dshal tune: the default output folder (no --output; set by DSHAL_CACHE_DIR)",
+        check_writable(user_tuning_dir(), "dshal tune: the default output folder (no --output; in dshal's cache, which DSHAL_CACHE_DIR sets)",
                        directory=True)  # fmt: skip
     if args.dry_run:
         if not args.target:
