@@ -123,7 +123,10 @@ def test_device_graph_refuses_arguments_a_replay_would_not_refresh():
     assert key != DeviceGraph._key((token, 4), {"eps": 1e-6, "dtype": torch.bfloat16})
     assert key != DeviceGraph._key((token, 3.0), {"eps": 1e-6, "dtype": torch.bfloat16})  # 3 vs 3.0
     assert key != DeviceGraph._key((token.t(), 3), {"eps": 1e-6, "dtype": torch.bfloat16})  # strides
+    assert DeviceGraph._key((token, (2, 4)), {}) != DeviceGraph._key((token, (2, 8)), {})  # a shape: a plain value
     with pytest.raises(dshal.ArgumentError, match=r"argument 1 is of type list, expected a tensor or a plain value"):
         DeviceGraph._key((token, [token]), {})
+    with pytest.raises(dshal.ArgumentError, match=r"argument 1 is of type tuple"):
+        DeviceGraph._key((token, (token,)), {})  # a tuple holding a tensor: not refreshed either
     with pytest.raises(dshal.ArgumentError, match=r"argument 'cache' is of type object"):
         DeviceGraph._key((token,), {"cache": object()})

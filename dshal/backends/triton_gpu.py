@@ -203,22 +203,27 @@ class DeviceGraph:
         self.warmup = warmup
         self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Any], dict[str, Any], Any]] = {}
 
-    #: Non-tensor arguments a capture may take: their values are baked into the graph, so each
-    #: value gets its own capture. A container could hold tensors, which a replay would not
+    #: Non-tensor arguments a capture may take (also in tuples: a shape): their values are baked
+    #: into the graph, so each value gets its own capture. A container could hold tensors, which a replay would not
     #: refresh (it copies top-level tensor arguments only), and an object's repr may not tell
     #: two states apart: both are refused.
     PLAIN_VALUES = (bool, int, float, str, type(None), torch.dtype)
+
+    @classmethod
+    def _plain(cls, v: Any) -> bool:
+        """A value whose repr tells it apart: a plain value, or a tuple of them (a shape)."""
+        return isinstance(v, cls.PLAIN_VALUES) or (type(v) is tuple and all(cls._plain(x) for x in v))
 
     @classmethod
     def _key(cls, args: tuple, kwargs: dict[str, Any]) -> tuple:
         def sig(where: str, v: Any) -> Any:
             if isinstance(v, torch.Tensor):
                 return ("tensor", tuple(v.shape), v.dtype, str(v.device), tuple(v.stride()))
-            if not isinstance(v, cls.PLAIN_VALUES):
+            if not cls._plain(v):
                 raise ArgumentError(
                     f"DeviceGraph: argument {where} is of type {type(v).__name__}, expected a tensor or a plain value "
-                    "(bool, int, float, str, None, torch.dtype): a replay refreshes top-level tensors only, "
-                    "and other values are baked into the capture")
+                    "(bool, int, float, str, None, torch.dtype, or a tuple of them): a replay refreshes top-level "
+                    "tensors only, and other values are baked into the capture")
             return ("value", type(v), repr(v))
 
         return (tuple(sig(str(i), a) for i, a in enumerate(args))
