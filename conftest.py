@@ -77,6 +77,37 @@ def sigint_deliverable():
 
 
 @pytest.fixture
-def sigterm_deliverable():
-    """As :func:`sigint_deliverable`, for a child a test sends SIGTERM (or SIGHUP) to."""
-    return _signals_default_and_unblocked
+def sigterm_once_made(tmp_path):
+    """``run(argv, prefix) -> stderr``: start the dshal command line ``argv`` with its own
+    TMPDIR, wait until it has made a temporary folder named ``prefix*`` there, send it SIGTERM,
+    and check that it exited 143 with that folder removed (Python's default for SIGTERM skips
+    every cleanup)."""
+    import os
+    import subprocess
+    import time
+
+    from dshal.lifetime import child_env, child_python
+
+    def run(argv: list[str], prefix: str) -> str:
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        proc = subprocess.Popen(child_python("-m", "dshal", *argv), env=child_env({**os.environ, "TMPDIR": str(tmp)}),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_signals_default_and_unblocked)
+        try:
+            deadline = time.monotonic() + 120
+            while not (made := list(tmp.glob(f"{prefix}*"))):
+                assert proc.poll() is None and time.monotonic() < deadline, f"the run made no {prefix}* folder"
+                time.sleep(0.1)
+            time.sleep(0.5)  # its workers or ranks are starting
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+            assert not made[0].exists() and list(tmp.glob(f"{prefix}*")) == []
+            return err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    return run

@@ -218,33 +218,7 @@ def test_a_result_cache_that_cannot_be_written_is_turned_off_not_fatal(tmp_path,
     assert rows and all(r["ok"] for r in rows), rows
 
 
-def test_sigterm_removes_the_runs_temporary_folder(tmp_path, sigterm_deliverable):
+def test_sigterm_removes_the_runs_temporary_folder(sigterm_once_made):
     """`timeout` / `kill` send SIGTERM, whose default ends Python without its cleanup: each
     such run left a /tmp/dshal-kernels-* folder behind. It now ends with 143 and removes it."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from dshal.lifetime import child_env, child_python
-
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    proc = subprocess.Popen(child_python("-m", "dshal", "kernels", "--target", "sm_90a", "--no-cache"),
-                            env=child_env({**os.environ, "TMPDIR": str(tmp)}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigterm_deliverable)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not (made := list(tmp.glob("dshal-kernels-*"))):
-            assert proc.poll() is None and time.monotonic() < deadline, "the run made no temporary folder"
-            time.sleep(0.1)
-        time.sleep(0.5)  # its workers are starting
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-        assert not made[0].exists() and list(tmp.glob("dshal-kernels-*")) == []
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    sigterm_once_made(["kernels", "--target", "sm_90a", "--no-cache"], "dshal-kernels-")

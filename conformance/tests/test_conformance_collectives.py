@@ -103,37 +103,10 @@ def test_collective_ranks_end_with_an_interrupted_or_killed_run(tmp_path, signal
             os.kill(pid, signal.SIGKILL)
 
 
-def test_sigterm_removes_the_collectives_temporary_folder(tmp_path, sigterm_deliverable):
+def test_sigterm_removes_the_collectives_temporary_folder(tmp_path, sigterm_once_made):
     """SIGTERM (`timeout`, `kill`) ends Python without its cleanup: each such run left a
     dshal-collectives-* folder in /tmp. It now exits 143 and removes it."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from dshal.lifetime import child_env, child_python
-
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    proc = subprocess.Popen(
-        child_python("-m", "dshal", "conformance", "--backend", "cpu", "--ops", "all_reduce", "--report-dir",
-                     str(tmp_path / "reports")),
-        env=child_env({**os.environ, "TMPDIR": str(tmp)}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        preexec_fn=sigterm_deliverable,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not (made := list(tmp.glob("dshal-collectives-*"))):
-            assert proc.poll() is None and time.monotonic() < deadline, "the run made no collectives folder"
-            time.sleep(0.1)
-        time.sleep(0.5)  # its ranks are starting
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-        assert "dshal conformance: terminated; no report written for 'cpu'" in err
-        assert not made[0].exists() and list(tmp.glob("dshal-collectives-*")) == []
-        assert not (tmp_path / "reports" / "cpu.json").exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = sigterm_once_made(["conformance", "--backend", "cpu", "--ops", "all_reduce", "--report-dir",
+                             str(tmp_path / "reports")], "dshal-collectives-")
+    assert "dshal conformance: terminated; no report written for 'cpu'" in err
+    assert not (tmp_path / "reports" / "cpu.json").exists()
