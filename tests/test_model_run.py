@@ -91,6 +91,8 @@ def test_model_dshal_run_tiny_default(tmp_path):
     report = json.loads(out.read_text())
     assert report["backend"] == "cpu" and report["prefill_tokens_per_s"] > 0 and report["decode_tokens_per_s"] > 0
     assert len(report["output_ids"]) == 32
+    # how the backend serves, in its words (a failed C-kernel build was said by `dshal info` only)
+    assert report["backend_reason"].startswith("torch CPU kernels") and f"  {report['backend_reason']}\n" in proc.stdout
     # warm-up with the timed shapes, its compile/first-call time apart; no device graphs on cpu
     assert report["warmup_s"] >= report["compile_autotune_s"] >= 0 and "compile/autotune" in proc.stdout
     assert report["graphs"] == {"run": False, "why": "backend 'cpu' has no device graphs"}

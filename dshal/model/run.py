@@ -483,6 +483,8 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
     shape = batch_shape(model, prompt_lens, args.new_tokens)
     report: dict[str, Any] = {
         "backend": runtime.backend.name,
+        # why it was taken, in its own words: how it serves (the cpu backend: whether its C kernels built)
+        "backend_reason": next((d.reason for d in runtime.selection if d.taken), ""),
         "device": str(runtime.device),
         "emulated": runtime.emulated,
         "model": source,
@@ -829,11 +831,14 @@ def _chunks(report: dict[str, Any]) -> str:
 
 
 def _print(report: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = output_console(piped_width=None, soft_wrap=True)
     emulated = " (emulated)" if report["emulated"] else ""
     console.print(f"[bold]dshal run[/bold]: backend [cyan]{report['backend']}[/cyan] on {report['device']}{emulated}")
+    if report["backend_reason"]:
+        console.print(f"  {escape(report['backend_reason'])}", highlight=False)
     console.print(f"model: {report['model']} (loaded in {report['load_s']:.2f} s)")
     determinism = report["determinism"]
     if determinism["mode"] != "default":
