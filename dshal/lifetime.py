@@ -133,5 +133,4 @@ def _ephemeral_low() -> int | None:
         return None
 
 
-
 __all__ = ["Terminated", "child_env", "child_python", "cleanup_on_termination", "dies_with_parent", "exit_with_parent", "free_port"]

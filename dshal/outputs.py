@@ -108,4 +108,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["atomic_output", "atomic_write", "check_writable"]
+__all__ = ["atomic_output", "atomic_write", "check_writable", "console", "is_terminal"]

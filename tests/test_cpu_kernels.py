@@ -8,13 +8,16 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dshal.cache import not_private
 from dshal.errors import BackendUnavailableError, DeviceError, DTypeError, ShapeError
 from dshal.kernels import cpu as K
+from dshal.kernels.cpu import _library
 from dshal.ops.catalogue import SPECS
 
 needs_kernels = pytest.mark.skipif(
@@ -524,7 +527,6 @@ def test_the_kernel_cache_is_never_a_folder_others_can_write(tmp_path, monkeypat
     folder is refused; one dshal makes is mode 0700."""
     import tempfile
 
-    from dshal.kernels.cpu import _library
 
     blocked = tmp_path / "a-file"
     blocked.write_text("")
@@ -533,33 +535,32 @@ def test_the_kernel_cache_is_never_a_folder_others_can_write(tmp_path, monkeypat
     shared = tmp_path / f"dshal-cpu-kernels-{os.getuid()}"
     shared.mkdir()
     shared.chmod(0o777)  # this user's (as an older dshal made it under umask 002): closed, then used
-    assert _library._writable_dir() == shared and (shared.stat().st_mode & 0o777) == 0o700
+    assert _first_writable_folder() == shared and (shared.stat().st_mode & 0o777) == 0o700
     shared.rmdir()
-    made = _library._writable_dir()
+    made = _first_writable_folder()
     assert made == shared and (made.stat().st_mode & 0o777) == 0o700
     planted = made / "dshal_cpu_0123456789abcdef.so"
     planted.write_text("")
     planted.chmod(0o666)  # a library others could have written is not loaded
-    assert "others can write" in _library._not_private(planted)
+    assert "others can write" in not_private(planted)
     if os.getuid() == 0:  # root can stand in for another user: a folder of theirs is refused, said why
         os.chown(made, 65534, 65534)
         with pytest.raises(OSError, match=r"belongs to uid 65534, not this user .*set DSHAL_CACHE_DIR"):
-            _library._writable_dir()
+            _first_writable_folder()
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes only")
 def test_a_shared_or_linked_cache_folder_keeps_its_mode(tmp_path):
     """Closing a group-writable cache folder to 0700 went through a symlink to a shared
     folder and cleared a setgid team folder's mode: those are refused, their mode kept."""
-    from dshal.kernels.cpu import _library
 
     shared = tmp_path / "team"
     shared.mkdir()
     shared.chmod(0o2775)
     link = tmp_path / "cpu-kernels"
     link.symlink_to(shared)
-    assert "others can write" in _library._not_private(link) and (shared.stat().st_mode & 0o7777) == 0o2775
-    assert "others can write" in _library._not_private(shared) and (shared.stat().st_mode & 0o7777) == 0o2775
+    assert "others can write" in not_private(link) and (shared.stat().st_mode & 0o7777) == 0o2775
+    assert "others can write" in not_private(shared) and (shared.stat().st_mode & 0o7777) == 0o2775
 
 
 def test_a_failing_cache_leaves_the_backend_usable_with_the_kernels_off(tmp_path, monkeypatch):
@@ -585,7 +586,7 @@ def test_a_failing_cache_leaves_the_backend_usable_with_the_kernels_off(tmp_path
             m.setattr(_library, "cache_dir", no_home)
             m.setattr(tempfile, "tempdir", str(tmp_path))
             # the temporary folder is tried when the cache folder cannot even be named
-            assert _library._writable_dir() == tmp_path / f"dshal-cpu-kernels-{os.getuid()}"
+            assert _first_writable_folder() == tmp_path / f"dshal-cpu-kernels-{os.getuid()}"
             m.setattr(tempfile, "tempdir", str(blocked))  # and neither will do
             state = K.reload()
             assert not state.available and "RuntimeError: Could not determine home directory" in state.detail
@@ -607,7 +608,6 @@ def test_the_current_folder_never_holds_the_kernel_cache(tmp_path, monkeypatch):
     and the library was built in the user's project (``proj/dshal-cpu-kernels-0/``)."""
     import tempfile
 
-    from dshal.kernels.cpu import _library
 
     blocked = tmp_path / "a-file"
     blocked.write_text("")
@@ -619,7 +619,7 @@ def test_the_current_folder_never_holds_the_kernel_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(project))  # what gettempdir fell back to
     monkeypatch.chdir(project)
     with pytest.raises(OSError, match=r"the temporary folder: none writable \(the current folder.*set DSHAL_CACHE_DIR"):
-        _library._writable_dir()
+        _first_writable_folder()
     assert not list(project.iterdir())
 
 
@@ -680,3 +680,14 @@ def test_an_intact_build_in_a_read_only_folder_is_loaded(tmp_path, monkeypatch):
             assert state.available and str(tmp) in state.detail
     finally:
         K.reload()
+
+
+def _first_writable_folder() -> Path:
+    """The folder the build compiles into first (the first cache folder this process can write),
+    or the OSError that says why there is none."""
+    refused: list[str] = []
+    for folder, writable in _library._cache_folders(refused):
+        if writable:
+            return folder
+        refused.append(f"{folder} is not writable")
+    raise _library._no_folder(refused)

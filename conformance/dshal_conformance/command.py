@@ -19,7 +19,7 @@ from typing import Any
 from dshal.cliargs import seed
 from dshal.errors import ArgumentError
 from dshal.lifetime import Terminated
-from dshal.outputs import check_writable
+from dshal.outputs import check_writable, is_terminal
 from dshal_conformance import report, runner, waivers
 from dshal_conformance.cases import all_cases
 from dshal_conformance.cases.base import CRASH_LOG
@@ -101,7 +101,7 @@ def _main(args: argparse.Namespace) -> int:
         seed=args.seed,
         case_timeout_s=args.timeout or runner.default_timeout(args.tier),
         collectives=not args.no_collectives,
-        progress=not args.quiet and sys.stderr is not None and sys.stderr.isatty(),
+        progress=not args.quiet and is_terminal(sys.stderr),
         budget_s=budget_s,
     )
     if getattr(args, "traceback", False):

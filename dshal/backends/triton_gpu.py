@@ -204,9 +204,9 @@ class DeviceGraph:
         self._captured: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Any], dict[str, Any], Any]] = {}
 
     #: Non-tensor arguments a capture may take (also in tuples: a shape): their values are baked
-    #: into the graph, so each value gets its own capture. A container could hold tensors, which a replay would not
-    #: refresh (it copies top-level tensor arguments only), and an object's repr may not tell
-    #: two states apart: both are refused.
+    #: into the graph, so each value gets its own capture. A container could hold tensors, which
+    #: a replay would not refresh (it copies top-level tensor arguments only), and an object's
+    #: repr may not tell two states apart: both are refused.
     PLAIN_VALUES = (bool, int, float, str, type(None), torch.dtype)
 
     @classmethod

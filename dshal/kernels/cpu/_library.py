@@ -89,7 +89,6 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-_not_private = not_private  # the one check, shared with the tuned GEMM tables (dshal.cache)
 #: A folder that has no room for the build (full, over quota, read-only): the next one is tried.
 _NO_ROOM = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS)
 
@@ -115,7 +114,7 @@ def _cache_folders(refused: list[str]) -> Iterator[tuple[Path, bool]]:
             where = str(folder)
             if not folder.is_dir():
                 make_private_dir(folder)
-            why = _not_private(folder)
+            why = not_private(folder)
         except OSError as err:
             why = f"{where}: {err.strerror or err}"
         except Exception as err:  # the next folder may do
@@ -126,27 +125,9 @@ def _cache_folders(refused: list[str]) -> Iterator[tuple[Path, bool]]:
             refused.append(why)
 
 
-def _writable_folders(refused: list[str]) -> Iterator[Path]:
-    """:func:`_cache_folders` this process can write, made as they are reached."""
-    for folder, writable in _cache_folders(refused):
-        if writable:
-            yield folder
-        else:
-            refused.append(f"{folder} is not writable")
-
-
 def _no_folder(reasons: list[str]) -> OSError:
     return OSError(f"no folder with room for the built kernels that only this user can write: {'; '.join(reasons)} "
                    "(set DSHAL_CACHE_DIR to a folder of your own)")
-
-
-def _writable_dir() -> Path:
-    """The first folder the library can be built in; OSError saying why there is none."""
-    refused: list[str] = []
-    folder = next(_writable_folders(refused), None)
-    if folder is None:
-        raise _no_folder(refused)
-    return folder
 
 
 def _digest(path: Path | str) -> str:
@@ -166,7 +147,7 @@ def _intact(target: Path) -> bool:
 def _reusable(target: Path) -> bool:
     """Whether ``target`` is an earlier build to load: this user's, closed to others, intact."""
     try:
-        return target.exists() and _not_private(target) is None and _intact(target)
+        return target.exists() and not_private(target) is None and _intact(target)
     except OSError:
         return False
 
