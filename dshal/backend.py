@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -198,6 +199,25 @@ def host_available_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs
                 pass
         break
     return min(limits) if limits else None
+
+
+def host_peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (``getrusage``: kB on Linux, bytes on
+    macOS); None where the ``resource`` module does not exist (Windows)."""
+    try:
+        import resource  # lazy: POSIX only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def host_physical_memory() -> int | None:
+    """Bytes of physical memory of the machine; None where ``os.sysconf`` cannot say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def host_cpus() -> int:

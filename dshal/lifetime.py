@@ -23,8 +23,11 @@ def child_python(*args: str) -> list[str]:
     """``python -P <args>``: this interpreter without the working directory first on the import
     path (``-m`` and ``-c`` put it there: a ``dshal/`` folder in it, such as a checkout, shadowed
     the installed package, "module 'dshal' has no attribute 'use'"). Give the child
-    :func:`child_env`'s PYTHONPATH so it imports what this process imports."""
-    return [sys.executable, "-P", *args]
+    :func:`child_env`'s PYTHONPATH so it imports what this process imports. On Windows a
+    virtual environment's python.exe is a launcher that runs the real interpreter as its own
+    child: that interpreter is started directly, so killing the child kills the work."""
+    base = getattr(sys, "_base_executable", None) if sys.platform == "win32" else None
+    return [base or sys.executable, "-P", *args]
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -35,7 +38,11 @@ def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def exit_with_parent(parent: int, period_s: float = 0.5) -> None:
     """End this process when ``parent``, the process that started it, is gone (killed by a
-    signal that skips its cleanup, e.g. SIGKILL): an orphan would keep working."""
+    signal that skips its cleanup, e.g. SIGKILL): an orphan would keep working. Not on
+    Windows, whose ``os.getppid()`` does not change when the parent dies."""
+
+    if sys.platform == "win32":  # os.getppid() keeps a dead parent's pid there (and a venv's launcher is the parent)
+        return
 
     def watch() -> None:
         while True:
@@ -58,7 +65,7 @@ def dies_with_parent(parent: int) -> str:
         "import ctypes, os, signal, sys\n"
         "if sys.platform.startswith('linux'):\n"
         "    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG\n"
-        f"if os.getppid() != {int(parent)}:\n"
+        f"if sys.platform != 'win32' and os.getppid() != {int(parent)}:\n"
         "    os._exit(1)\n"
     )
 
@@ -87,7 +94,8 @@ def cleanup_on_termination() -> Iterator[None]:
     def stop(signum: int, _frame: object) -> None:
         raise Terminated(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)
+    present = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig is not None]
+    previous = {sig: signal.signal(sig, stop) for sig in present  # Windows has no SIGHUP
                 if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield

@@ -77,9 +77,9 @@ def atomic_output(path: Any, *, private: bool = False) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if not private:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # closed before the rename or unlink (Windows refuses both on an open file)
+            if not private:
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 (os.fchmod: POSIX; Windows from 3.13)
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dshal.backend import Availability, Backend, Capabilities, host_available_memory, host_cpus
+from dshal.backend import Availability, Backend, Capabilities, host_available_memory, host_cpus, host_peak_rss
 from dshal.backends.cpu_native import NATIVE_OPS, weight_format_paths
 from dshal.backends.invariant import BATCHED, row_by_row
 from dshal.kernels import cpu as cpu_kernels
@@ -69,11 +69,8 @@ class CpuBackend(Backend):
         return {op: row_by_row(op, own[op]) for op in BATCHED if op in own}
 
     def memory_stats(self) -> dict[str, int]:
-        import resource
-
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        free = host_available_memory()
-        return {"peak_rss": peak_kib * 1024, **({} if free is None else {"free": free})}
+        stats = {"peak_rss": host_peak_rss(), "free": host_available_memory()}
+        return {key: value for key, value in stats.items() if value is not None}  # what this OS can say
 
 
 def _cores() -> str:

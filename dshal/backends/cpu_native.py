@@ -22,14 +22,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import threading
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from dshal.backend import OpPath
+from dshal.backend import OpPath, host_physical_memory
 from dshal.config import dequant_cache_gib
 from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
@@ -87,6 +86,10 @@ def _fp8_block_rows(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     )
 
 
+#: The dequantized-copy budget (GiB) where the machine's memory is unknown (no os.sysconf).
+UNKNOWN_MEMORY_DEQUANT_GIB = 2.0
+
+
 class DequantizedWeights:
     """float32 copies of FP8 weights, made on a weight's first prefill-sized product and kept
     while the weight lives (unchanged: same tensor, same version counter, same scale), up to
@@ -116,8 +119,9 @@ class DequantizedWeights:
         ConfigError names it when malformed), else a quarter of physical memory."""
         if self.max_bytes is not None:
             return self.max_bytes
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return int(dequant_cache_gib(physical / 4 / 2**30) * 2**30)
+        physical = host_physical_memory()
+        quarter_gib = physical / 4 / 2**30 if physical is not None else UNKNOWN_MEMORY_DEQUANT_GIB
+        return int(dequant_cache_gib(quarter_gib) * 2**30)
 
     def get(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
         """``weight``'s float32 copy (safe from several threads: a service's requests). A

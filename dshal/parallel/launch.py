@@ -156,7 +156,10 @@ class LocalJob:
         for p in self.procs:
             if p.poll() is None:
                 try:
-                    os.killpg(p.pid, signal.SIGKILL)
+                    if hasattr(os, "killpg"):
+                        os.killpg(p.pid, signal.SIGKILL)  # the rank's own children too (its session)
+                    else:  # Windows: no process groups
+                        p.kill()
                 except ProcessLookupError:
                     pass
         for p in self.procs:

@@ -21,7 +21,6 @@ import argparse
 import copy
 import itertools
 import math
-import resource
 import statistics
 import time
 from collections import defaultdict
@@ -33,6 +32,7 @@ import torch
 
 import dshal
 import dshal.ops
+from dshal.backend import host_peak_rss
 from dshal.cliargs import seed
 from dshal.errors import DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
@@ -95,8 +95,10 @@ def peak_memory(backend: Any) -> dict[str, Any]:
     for key in ("peak_allocated", "peak_rss"):
         if stats.get(key):
             return {"bytes": int(stats[key]), "source": f"{backend.name}.memory_stats()['{key}']", "stats": dict(stats)}
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"bytes": peak_kib * 1024, "source": "process peak RSS (getrusage)", "stats": dict(stats)}
+    peak = host_peak_rss()
+    if peak is None:
+        return {"bytes": None, "source": "unknown (no getrusage on this OS)", "stats": dict(stats)}
+    return {"bytes": peak, "source": "process peak RSS (getrusage)", "stats": dict(stats)}
 
 
 def kv_cache_bytes(model: Any, batch: int, length: int) -> dict[str, Any]:

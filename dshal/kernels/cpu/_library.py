@@ -22,6 +22,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -80,13 +81,31 @@ def _cpu_identity() -> str:
     except OSError:
         lines = []
     wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    if sys.platform == "darwin":  # no /proc: the chip's name (an M1 cannot run an M3 -march=native build)
+        wanted.append(_command_output(["sysctl", "-n", "machdep.cpu.brand_string"]))
     # the C library it links against too: a build from a host with a newer glibc (a shared home) does not load
     return "\n".join([platform.machine(), platform.processor(), " ".join(platform.libc_ver()), *sorted(set(wanted))])
 
 
+def _command_output(command: list[str]) -> str:
+    """What ``command`` prints, "" when it cannot run or fails."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def _compiler() -> str | None:
-    """``$CC`` (may carry words, e.g. ``ccache gcc``), else the first of cc, gcc, clang on PATH."""
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    """``$CC`` (may carry words, e.g. ``ccache gcc``), else the first of cc, gcc, clang on PATH.
+    On macOS /usr/bin's compilers are stubs until the Command Line Tools are installed (they
+    open an installer dialog): those count only when ``xcode-select -p`` names the tools."""
+    if os.environ.get("CC"):
+        return os.environ["CC"]
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if found and sys.platform == "darwin" and found.startswith("/usr/bin/") and not _command_output(["xcode-select", "-p"]):
+        return None
+    return found
 
 
 #: A folder that has no room for the build (full, over quota, read-only): the next one is tried.
@@ -242,9 +261,12 @@ def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
         reason = _disabled_reason()
         if reason:
             return None, KernelStatus(False, reason)
+        if sys.platform == "win32":  # the build is POSIX (cc -shared -fPIC, a .so through ctypes)
+            return None, KernelStatus(False, "not built on Windows (the pure torch paths serve)")
         compiler = _compiler()
         if compiler is None:
-            return None, KernelStatus(False, "no C compiler found (set CC, or install cc/gcc/clang)")
+            hint = "xcode-select --install, or set CC" if sys.platform == "darwin" else "set CC, or install cc/gcc/clang"
+            return None, KernelStatus(False, f"no C compiler found ({hint})")
         try:
             path, flags = _build(compiler)
             try:
