@@ -79,6 +79,45 @@ def test_int8_gemm_is_exact():
     assert ref.int8_gemm(a[:0], sa[:0], b, sb).shape == (0, 5)
 
 
+@pytest.mark.parametrize("k", [1024, 1025, 4096 + 7])
+def test_int8_gemm_is_exact_at_the_extremes(k):
+    """All -128: every product is 2**14, a row sums past 2**24 (where float32 stops holding
+    integers) once K > 1024; the chunked float32 products must still be exact."""
+    a = torch.full((3, k), -128, dtype=torch.int8)
+    b = torch.cat([torch.full((1, k), -128, dtype=torch.int8), torch.full((1, k), 127, dtype=torch.int8)])
+    ones = torch.ones(3, 1), torch.ones(2, 1)
+    got = SPECS["int8_gemm"].run_oracle(a, ones[0], b, ones[1])
+    assert got[0].tolist() == [float(k * 2**14), float(-k * 128 * 127)]
+    one_more = a.clone()
+    one_more[0, 0] = -127  # off by 128 from the all -128 row: float32 past 2**24 would lose it
+    assert SPECS["int8_gemm"].run_oracle(one_more, ones[0], b, ones[1])[0, 0].item() == k * 2**14 - 128
+
+
+def test_int8_reference_runs_no_float64_matmul():
+    """The references serve as fallbacks on the device: an NPU has no float64 matmul (aclnnMm
+    takes BF16/FP16/FP32), so the int8 GEMM and W8A8 linear references must not use one."""
+    from torch.overrides import TorchFunctionMode
+
+    class RefuseFloat64Matmul(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.nn.functional.linear):
+                if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in args):
+                    raise AssertionError(f"float64 {func.__name__}")
+            return func(*args, **kwargs)
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-128, 128, (4, 2100), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (6, 2100), generator=g, dtype=torch.int8)
+    sa, sb = torch.rand(4, 1, generator=g), torch.rand(6, 1, generator=g)
+    want = ref.int8_gemm(a, sa, b, sb, torch.float32)
+    with RefuseFloat64Matmul():
+        got = ref.int8_gemm(a, sa, b, sb, torch.float32)
+        x = torch.randn(4, 2100, generator=g, dtype=torch.bfloat16)
+        ref.linear(x, b, weight_scale=sb)  # the W8A8 linear: int8 weight with per-row scales
+    assert torch.equal(got, want)
+
+
 def loop_quant_rows(x: np.ndarray, group: int, qmax: float, dtype: torch.dtype) -> np.ndarray:
     """Dequantized value of x quantized per (1, group) columns, with numpy scales."""
     out = np.empty_like(x)

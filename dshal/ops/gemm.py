@@ -150,10 +150,24 @@ def int8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
     check_out_dtype(op, out_dtype)
 
 
+#: K per float32 matmul in :func:`_int8_products`: 1024 products of two int8 (|p| <= 2**14) sum
+#: to at most 2**24, every partial sum an integer float32 holds exactly.
+INT8_EXACT_K = 1024
+
+
+def _int8_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] @ b [N, K].T`` of int8 operands, exactly, as int64: float32 matmuls over K
+    chunks (exact, see INT8_EXACT_K; also under TF32/bf16 matmul precision, which hold int8
+    values exactly) summed in int64. No float64 matmul: NPUs have none, GPUs run it slowly."""
+    total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64, device=a.device)
+    for k0 in range(0, a.shape[1], INT8_EXACT_K):
+        k1 = k0 + INT8_EXACT_K
+        total += (a[:, k0:k1].to(torch.float32) @ b[:, k0:k1].to(torch.float32).T).to(torch.int64)
+    return total
+
+
 def _int8_gemm_in(a, a_scale, b, b_scale, acc: torch.dtype) -> torch.Tensor:
-    # float64 holds every int8 dot product exactly up to K = 2**53 / 2**14.
-    exact = a.to(torch.float64) @ b.to(torch.float64).T
-    return exact.to(acc) * a_scale.to(acc) * b_scale.to(acc).T
+    return _int8_products(a, b).to(acc) * a_scale.to(acc) * b_scale.to(acc).T
 
 
 @int8_gemm.reference
