@@ -6,6 +6,7 @@ A backend is a small class in three tiers:
   :meth:`Backend.capabilities`, :meth:`Backend.ops`;
 * **optional hooks** with safe defaults -- :meth:`Backend.communicator`,
   :meth:`Backend.topology`, :meth:`Backend.synchronize`, :meth:`Backend.memory_stats`,
+  :meth:`Backend.process_group_environment`, :meth:`Backend.abort_communicators`,
   :meth:`Backend.pinned_empty`, :meth:`Backend.graph`, :meth:`Backend.timer`,
   :meth:`Backend.batch_invariant_ops`,
   :meth:`Backend.prepare_weight` (a weight's device layout, once at load),
@@ -25,7 +26,7 @@ import abc
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -328,6 +329,18 @@ class Backend(abc.ABC):
     def topology(self) -> Topology | None:
         """Device interconnect of this node, or None when unknown."""
         return None
+
+    def process_group_environment(self, timeout_s: float) -> dict[str, str]:
+        """Environment variables the collective library reads when the job's process group is
+        built, derived from ``distributed.timeout_s`` (e.g. its own execution and connect
+        timeouts). :func:`dshal.comm.init` sets each one the user has not set. Default: none."""
+        return {}
+
+    def abort_communicators(self, groups: Sequence[Any]) -> None:  # noqa: B027 - optional hook
+        """Abort the device communicators of ``groups`` (this rank's process groups) after a
+        collective failed, so work still queued on the dead peer holds neither the process nor
+        its exit. torch's process-group abort covers NCCL/RCCL; a library it does not reach
+        (its backend class does not override torch's) aborts here. Default: nothing."""
 
     def synchronize(self) -> None:  # noqa: B027 - optional hook: a no-op is right for synchronous (host) backends
         """Wait for queued device work to finish."""

@@ -49,6 +49,7 @@ from __future__ import annotations
 import abc
 import atexit
 import datetime
+import logging
 import math
 import os
 import threading
@@ -66,6 +67,8 @@ from dshal.config import MAX_TIMEOUT_S
 from dshal.errors import CommError, ConfigError, DeviceError, DTypeError, ShapeError
 from dshal.ops.mode import checking
 
+log = logging.getLogger("dshal")
+
 #: Reductions every communicator supports. ``avg`` is a sum divided by the group size,
 #: computed the same way on every process-group backend (gloo has no native AVG in older torch).
 REDUCE_OPS: Mapping[str, Any] = {
@@ -82,7 +85,11 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 # The process-wide record of the distributed session: the timeout every group uses and
 # the first failure (after which the process group is gone and every collective refuses).
-_session: dict[str, Any] = {"timeout_s": None, "failure": None, "device_type": "cpu", "leaves_at_exit": False}
+#: The joined job: its timeout, first failure, device type, backend and the process groups made
+#: (the world's, then :func:`new_groups`'), which a failure aborts.
+_session: dict[str, Any] = {
+    "timeout_s": None, "failure": None, "device_type": "cpu", "leaves_at_exit": False, "backend": None, "groups": [],
+}
 
 
 def _reduce_op(op: str, collective: str, t: torch.Tensor) -> Any:
@@ -216,6 +223,12 @@ def _teardown(device_type: str = "cpu") -> None:
     if not dist.is_initialized():
         return
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    groups, _session["groups"] = _session["groups"], []
+    try:
+        if teardown_action(device_type) == "abort" and _session["backend"] is not None:
+            _session["backend"].abort_communicators(groups)  # a library torch's abort does not reach (HCCL)
+    except Exception as err:  # noqa: BLE001 - the groups are torn down below whatever the hook did
+        log.warning("dshal.comm: %s.abort_communicators failed: %s: %s", _session["backend"].name, type(err).__name__, err)
     try:
         if teardown_action(device_type) == "abort" and abort is not None:
             abort()
@@ -895,6 +908,8 @@ def init(timeout_s: float | None = None) -> Communicator:
     device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()
     store = _bounded_rendezvous(env, timeout)
     _check_world_size(store, env, f"backend {rt.backend.name!r} ({process_group_backend(rt)})")
+    for name, value in rt.backend.process_group_environment(timeout).items():
+        os.environ.setdefault(name, value)  # the user's own setting wins
     try:
         dist.init_process_group(
             backend=process_group_backend(rt),
@@ -906,7 +921,8 @@ def init(timeout_s: float | None = None) -> Communicator:
         )
     except (RuntimeError, ValueError) as err:
         raise CommError(f"init: could not build the {process_group_backend(rt)} process group: {err}") from err
-    _session.update(timeout_s=timeout, failure=None, device_type=rt.device.type)
+    _session.update(timeout_s=timeout, failure=None, device_type=rt.device.type, backend=rt.backend,
+                    groups=[dist.group.WORLD])
     if not _session["leaves_at_exit"]:
         # A process that exits without shutdown() left its groups and rank 0's store server to
         # the interpreter's teardown, where gloo's store thread could be destroyed while joinable:
@@ -971,6 +987,7 @@ def new_groups(partition: Sequence[Sequence[int]], name: str) -> Any:
             raise CommError(_session["failure"]) from err
         if me in ranks:
             mine = group
+            _session["groups"].append(group)
     return mine
 
 

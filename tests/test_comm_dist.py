@@ -321,6 +321,39 @@ def test_a_subgroup_after_a_failure_still_raises_comm_error(tmp_path: Path) -> N
     assert done.stdout.splitlines() == ["CommError: all_reduce on the group 'tp0'", "CommError: world_size on the group 'tp0'"]
 
 
+BACKEND_HOOKS = """
+import os
+import torch.distributed as dist
+import dshal
+from dshal import comm
+
+backend = dshal.use(backend="cpu").backend
+aborted = []
+backend.process_group_environment = lambda timeout_s: {"DSHAL_TEST_LIB_TIMEOUT": str(timeout_s), "DSHAL_TEST_USER_SET": "dshal"}
+backend.abort_communicators = lambda groups: aborted.append([dist.get_process_group_ranks(g) for g in groups])
+comm.init(timeout_s=20)
+print(os.environ["DSHAL_TEST_LIB_TIMEOUT"], os.environ["DSHAL_TEST_USER_SET"])
+tp = comm.new_groups([[0]], "tp")
+comm._teardown("npu")  # a failed collective on device tensors: the groups are aborted
+print(aborted)
+"""
+
+
+def test_the_backends_process_group_hooks_set_its_environment_and_abort_every_group(tmp_path: Path) -> None:
+    """HCCL's communicators are out of reach of torch's process-group abort (torch_npu's abort is
+    an overload, not an override): a failed collective left work queued on the dead peer and the
+    exit waited ~30 min. The backend now gets every group this rank made to abort, and sets its
+    library's timeouts from distributed.timeout_s, leaving a variable the user set alone."""
+    import subprocess
+
+    from dshal.parallel.launch import free_port, rank_env
+
+    env = {**os.environ, **rank_env(0, 1, free_port()), "OMP_NUM_THREADS": "1", "DSHAL_TEST_USER_SET": "user"}
+    done = subprocess.run([sys.executable, "-c", BACKEND_HOOKS], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["20.0 user", "[[[0], [0]]]"]
+
+
 PLANS_DIFFER = """
 import os
 import dshal

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dshal.plugin import ArgumentError, Availability, Backend, Capabilities, DeviceError, OpPath, Topology
+from dshal_ascend.hccl import abort_hccl_communicators, hccl_environment
 from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, float_overflow_mode, visible_devices
 from dshal_ascend.releases import (
     MINIMUM_RELEASE,
@@ -24,6 +26,8 @@ from dshal_ascend.topology import query_topology
 
 if TYPE_CHECKING:  # pragma: no cover
     from dshal_ascend.npu_ops import AscendOps
+
+log = logging.getLogger("dshal")
 
 
 def weight_format_paths(routes: Mapping[str, Any], int8_experts: bool) -> dict[str, dict[str, OpPath]]:
@@ -223,6 +227,15 @@ class AscendBackend(Backend):
 
     def topology(self) -> Topology | None:
         return query_topology(visible_devices())
+
+    def process_group_environment(self, timeout_s: float) -> dict[str, str]:
+        return hccl_environment(timeout_s)
+
+    def abort_communicators(self, groups: Sequence[Any]) -> None:
+        """torch's process-group abort does not reach HCCL's communicators: abort them here."""
+        missed = abort_hccl_communicators(groups, self.device())
+        if missed:
+            log.warning("dshal_ascend: not aborted: %s", "; ".join(missed))
 
     def synchronize(self) -> None:
         self._npu().synchronize()
