@@ -3,6 +3,7 @@ probe that decides on which device, torch and CUDA it is used (SM90, CUDA >= 12.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -14,13 +15,14 @@ MIN_CUDA = (12, 9)
 
 
 def version_tuple(text: str | None) -> tuple[int, ...]:
-    """``"12.9.1"`` -> ``(12, 9, 1)``; stops at the first piece without digits (``None`` -> ``()``)."""
+    """``"12.9.1"`` -> ``(12, 9, 1)``: each piece's leading digits (``"9rc1"`` -> 9); stops at
+    the first piece that does not start with one (``None`` -> ``()``)."""
     parts = []
     for piece in (text or "").split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
             break
-        parts.append(int(digits))
+        parts.append(int(digits.group()))
     return tuple(parts)
 
 

@@ -93,3 +93,16 @@ def test_nvidia_nvml_topology():
     topo = NvidiaBackend().topology()
     assert topo is not None and topo.num_devices == torch.cuda.device_count() and topo.source == "nvml"
     assert all(topo.links[i][i] == "self" for i in range(topo.num_devices))
+
+
+@pytest.mark.parametrize(("text", "parsed"), [
+    ("12.9", (12, 9)), ("12.9.1", (12, 9, 1)), ("13.0", (13, 0)), ("12.10", (12, 10)),
+    ("12.8.93", (12, 8, 93)), ("12.9rc1", (12, 9)), ("12.9+git", (12, 9)), ("", ()), (None, ()), ("abc.1", ()),
+])
+def test_cuda_version_strings_compare_as_numbers(text, parsed) -> None:
+    """The cuBLASLt gate compares torch.version.cuda with 12.9 as numbers: as strings,
+    "12.10" < "12.9" would turn blockwise scaling off on a newer CUDA."""
+    from dshal_nvidia.cublaslt import MIN_CUDA, version_tuple
+
+    assert version_tuple(text) == parsed
+    assert (version_tuple("12.10") >= MIN_CUDA, version_tuple("12.8") >= MIN_CUDA, version_tuple("13.0") >= MIN_CUDA) == (True, False, True)
