@@ -7,6 +7,7 @@ A backend is a small class in three tiers:
 * **optional hooks** with safe defaults -- :meth:`Backend.communicator`,
   :meth:`Backend.topology`, :meth:`Backend.synchronize`, :meth:`Backend.memory_stats`,
   :meth:`Backend.process_group_environment`, :meth:`Backend.abort_communicators`,
+  :meth:`Backend.reference_calls`,
   :meth:`Backend.pinned_empty`, :meth:`Backend.graph`, :meth:`Backend.timer`,
   :meth:`Backend.batch_invariant_ops`,
   :meth:`Backend.prepare_weight` (a weight's device layout, once at load),
@@ -329,6 +330,13 @@ class Backend(abc.ABC):
     def topology(self) -> Topology | None:
         """Device interconnect of this node, or None when unknown."""
         return None
+
+    def reference_calls(self) -> Mapping[str, int]:
+        """Calls so far in this process, per op, that the backend's own providers served with
+        dshal's reference math rather than a kernel (an input its kernels do not take, e.g.
+        float32 attention on a bf16-only kernel). A run report shows those made while it
+        recorded, so a provider listed as native does not hide them. Default: none counted."""
+        return {}
 
     def process_group_environment(self, timeout_s: float) -> dict[str, str]:
         """Environment variables the collective library reads when the job's process group is

@@ -101,3 +101,22 @@ def test_a_report_counts_its_own_threads_calls_and_a_second_one_is_a_clear_error
         worker.join()
     assert report.calls["rms_norm"] == 1
     assert seen and "hooks do not nest" in seen[0]
+
+
+def test_calls_a_native_provider_served_with_the_reference_are_reported(install_plugin) -> None:
+    """A provider listed as native that computes some inputs with dshal's reference (the Ascend
+    plugin's float32 attention) was invisible: the report said every call was the backend's kernel."""
+    install_plugin("backends", {"partref": "PartlyReferenceBackend"})
+    rt = dshal.use(backend="partref")
+    rt.backend.inside["rms_norm"] = 5  # before the recording: not this run's
+    report = RunReport(rt)
+    with report.recording():
+        for dtype in (torch.float32, torch.bfloat16, torch.float32):
+            dshal.ops.rms_norm(torch.ones(2, 8, dtype=dtype), torch.ones(8, dtype=dtype))
+    inside = [f for f in report.to_dict()["fallbacks"] if f["kind"] == "reference inside"]
+    assert inside == [{"op": "rms_norm", "provider": "partref", "kind": "reference inside", "calls": 2,
+                       "reason": inside[0]["reason"]}]
+    assert inside[0]["reason"].startswith("2 of 3 calls were served by backend 'partref' with dshal's reference math")
+    shown = io.StringIO()
+    report.print(Console(file=shown, width=250))
+    assert "reference inside" in shown.getvalue()

@@ -46,6 +46,8 @@ class RunReport:
         self.calls: Counter[str] = Counter()
         #: calls whose contract couples the rows (``couples_rows``: batch-variant under strict)
         self.coupled: Counter[str] = Counter()
+        #: calls the backend's own providers served with the reference math (Backend.reference_calls)
+        self.inside: Counter[str] = Counter()
         self._thread = threading.get_ident()
 
     def _count(self, name: str, provider: Callable[..., Any]) -> Callable[..., Any]:
@@ -68,8 +70,12 @@ class RunReport:
         """Count every ``dshal.ops`` call this thread makes inside the block (on the active
         runtime). One recording at a time per process: the op hook does not nest."""
         self._thread = threading.get_ident()
-        with op_hook(self._count):
-            yield self
+        before = Counter(self.runtime.backend.reference_calls())
+        try:
+            with op_hook(self._count):
+                yield self
+        finally:
+            self.inside += Counter(self.runtime.backend.reference_calls()) - before
 
     # ------------------------------------------------------------ contents
     def fallbacks(self) -> list[dict[str, Any]]:
@@ -88,6 +94,11 @@ class RunReport:
             elif op in rt.config.ops or provider != rt.backend.name:
                 out.append({"op": op, "provider": provider, "kind": "override", "reason": f"config ops.{op}: {provider}",
                             "calls": self.calls.get(op, 0)})
+        for op, served in sorted(self.inside.items()):
+            out.append({"op": op, "provider": rt.backend.name, "kind": "reference inside", "calls": served,
+                        "reason": f"{served} of {self.calls.get(op, 0)} calls were served by backend "
+                                  f"{rt.backend.name!r} with dshal's reference math, not its kernel (inputs the "
+                                  f"kernel does not take; `dshal info --backend {rt.backend.name}` notes which)"})
         for op, why in getattr(rt, "determinism_gaps", {}).items():
             calls = self.calls.get(op, 0)
             if op in getattr(rt, "batch_invariant", frozenset()):  # a contract's coupling: only its own calls
