@@ -22,6 +22,7 @@ go from harmless to risky, and stop at the first failure:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -46,10 +47,22 @@ PROBE_TIMEOUT_S = 120.0
 #: What puts CANN's libraries on the loader's path (and its Python packages on PYTHONPATH).
 SET_ENV_HINT = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 
-# Runs in a child process: import torch_npu explicitly (autoload disabled), describe NPU 0 and
-# read the schemas of the kernels named in argv[1] (JSON list).
+
+
+def probe_device_index(local_rank: str | None, count: int) -> int:
+    """The NPU the probe describes: this rank's, ``LOCAL_RANK`` modulo the ``count`` NPUs it
+    sees (the backend binds a rank to ``npu:LOCAL_RANK``), so the ranks of a torchrun job do not
+    all open NPU 0; 0 without a ``LOCAL_RANK`` that is a non-negative integer (the probe never
+    raises: the backend's device() reports a bad one). Runs in the probe's child too."""
+    rank = (local_rank or "").strip()
+    return int(rank) % count if count > 0 and rank.isascii() and rank.isdecimal() else 0
+
+
+# Runs in a child process after probe_device_index's source: import torch_npu explicitly
+# (autoload disabled), describe this rank's NPU and read the schemas of the kernels named in
+# argv[1] (JSON list).
 _PROBE_SOURCE = r"""
-import json, sys
+import json, os, sys
 import torch
 import torch_npu
 out = {"torch_npu": getattr(torch_npu, "__version__", "?"), "count": int(torch.npu.device_count())}
@@ -63,8 +76,9 @@ for kernel in json.loads(sys.argv[1]):
     schemas[kernel] = [t for t in texts if not t.split("(", 1)[0].endswith(".out")]
 out["schemas"] = schemas
 if out["count"]:
-    props = torch.npu.get_device_properties(0)
-    out["name"] = torch.npu.get_device_name(0)
+    index = probe_device_index(os.environ.get("LOCAL_RANK"), out["count"])
+    props = torch.npu.get_device_properties(index)
+    out["name"] = torch.npu.get_device_name(index)
     out["memory"] = int(getattr(props, "total_memory", 0) or 0)
     out["cores"] = int(getattr(props, "cube_core_num", 0) or 0)
 try:
@@ -225,13 +239,18 @@ def float_overflow_mode(env: Mapping[str, str] | None = None) -> str:
     return "Inf/NaN, IEEE 754 (INF_NAN_MODE_ENABLE unset or 1)"
 
 
+def probe_program() -> str:
+    """The child's program: :func:`probe_device_index` as written here, then the probe."""
+    return inspect.getsource(probe_device_index) + _PROBE_SOURCE
+
+
 def probe_npu(timeout_s: float = PROBE_TIMEOUT_S, env: Mapping[str, str] | None = None) -> NpuProbe:
     """Import torch_npu in a child process and count the visible NPUs. Never raises."""
     child_env = dict(os.environ if env is None else env)
     child_env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _PROBE_SOURCE, json.dumps(list(KERNELS))],
+            [sys.executable, "-c", probe_program(), json.dumps(list(KERNELS))],
             env=child_env, capture_output=True, text=True, timeout=timeout_s, check=False,
         )
     except subprocess.TimeoutExpired:

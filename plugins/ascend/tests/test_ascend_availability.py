@@ -15,7 +15,15 @@ import pytest
 import dshal
 from dshal.info import collect
 from dshal_ascend import AscendBackend
-from dshal_ascend.probe import find_cann, float_overflow_mode, probe_npu, torch_npu_installed, visible_devices
+from dshal_ascend.probe import (
+    find_cann,
+    float_overflow_mode,
+    probe_device_index,
+    probe_npu,
+    probe_program,
+    torch_npu_installed,
+    visible_devices,
+)
 
 pytestmark = pytest.mark.skipif(torch_npu_installed(), reason="torch_npu is installed here: these tests cover hosts without it")
 
@@ -154,6 +162,27 @@ def test_ascend_cann_version_from_version_cfg(tmp_path):
 def test_ascend_visible_devices(raw, want):
     env = {} if raw is None else {"ASCEND_RT_VISIBLE_DEVICES": raw}
     assert visible_devices(env) == want
+
+
+@pytest.mark.parametrize("local_rank, count, want", [
+    (None, 8, 0), ("", 8, 0), ("0", 8, 0), ("5", 8, 5), (" 7 ", 8, 7),
+    ("3", 1, 0),  # one NPU visible per rank (ASCEND_RT_VISIBLE_DEVICES per rank): that one
+    ("9", 8, 1),  # more ranks than NPUs: the backend's device() refuses it; the probe stays quiet
+    ("-1", 8, 0), ("x", 8, 0), ("٣", 8, 0), ("2", 0, 0),
+])
+def test_ascend_probe_reads_this_ranks_npu(local_rank, count, want):
+    """Under torchrun each rank's probe describes its own NPU, not NPU 0 for all eight."""
+    assert probe_device_index(local_rank, count) == want
+
+
+def test_ascend_probe_child_runs_the_same_device_choice():
+    program = probe_program()
+    assert "get_device_properties(index)" in program and "get_device_name(index)" in program
+    assert "(0)" not in program  # no NPU 0 read by every rank
+    child: dict = {}
+    exec(compile(program.split("import json, os, sys")[0], "<probe head>", "exec"), child)  # its definitions only
+    ranks = [None, "", "0", "3", "12", "-1", "x"]
+    assert [child["probe_device_index"](r, 8) for r in ranks] == [probe_device_index(r, 8) for r in ranks]
 
 
 def test_ascend_too_old_torch_npu_is_unavailable_with_reason_before_any_op(tmp_path):
