@@ -48,7 +48,6 @@ PROBE_TIMEOUT_S = 120.0
 SET_ENV_HINT = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 
 
-
 def probe_device_index(local_rank: str | None, count: int) -> int:
     """The NPU the probe describes: this rank's, ``LOCAL_RANK`` modulo the ``count`` NPUs it
     sees (the backend binds a rank to ``npu:LOCAL_RANK``), so the ranks of a torchrun job do not
