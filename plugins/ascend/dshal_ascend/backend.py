@@ -69,7 +69,7 @@ def release_capabilities(
         arch=arch,
         # 910B (Atlas A2) and 910C (A3) have no FP8 units: FP8 ops decode to bf16.
         fp8_formats=(),
-        moe_no_expert_ids=True,  # served on the kept slots (its routing reads ids on the host anyway)
+        moe_no_expert_ids=True,  # sorted past every group, no host read (FP8: the kept slots; it reads ids anyway)
         native_e4m3="e4m3fn",  # what fmt="e4m3" decodes as in the emulated path
         op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op].kind != "reference"},
         op_paths=weight_format_paths(routes, int8_experts),

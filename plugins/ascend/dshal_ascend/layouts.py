@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dshal.plugin import ShapeError, dequantize_to
+from dshal.plugin import NO_EXPERT, dequantize_to
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 
 #: ``pre_tokens`` / ``next_tokens`` default of npu_fused_infer_attention_score: "no limit".
@@ -343,36 +343,48 @@ class ExpertRouting:
 
     ``token_of_row[r]``: the token that sorted row ``r`` reads; ``weight_of_row[r]``: its
     routing weight; ``group_ends``: cumulative row counts per expert (``group_list`` with
-    ``group_list_type=0``), int64 ``[E]``.
+    ``group_list_type=0``), int64 ``[E]``; ``target_of_row[r]``: the output row it adds to,
+    its token, or ``T`` (a spare row, dropped) for a :data:`NO_EXPERT` slot.
     """
 
     token_of_row: torch.Tensor
     weight_of_row: torch.Tensor
     group_ends: torch.Tensor
+    target_of_row: torch.Tensor
 
 
 def route_tokens(weights: torch.Tensor, ids: torch.Tensor, experts: int) -> ExpertRouting:
-    """Sort the ``T * k`` (token, slot) pairs by expert id (stable: token order kept per expert)."""
-    top_k = ids.shape[1]
+    """Sort the ``T * k`` (token, slot) pairs by expert id (stable: token order kept per expert).
+
+    :data:`NO_EXPERT` slots sort last, past ``group_ends[-1]``, so no group computes them
+    (vllm-ascend's ``expert_map`` path does the same). No host read: the counts come from
+    ``scatter_add_``, not ``bincount`` (op-plugin's NPU bincount reads min and max on the
+    host). ``ids`` must be checked first (``moe_experts`` does): another id is not caught here.
+    """
+    tokens, top_k = ids.shape
     flat = ids.reshape(-1).to(torch.int64)
+    skipped = flat == NO_EXPERT
+    flat = flat.masked_fill(skipped, experts)  # one bucket past the last expert
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts)
-    if counts.numel() != experts:
-        raise ShapeError(
-            f"moe_experts: argument 'ids' holds expert id {counts.numel() - 1}, expected ids in [0, {experts}) "
-            f"(w13 has {experts} experts)"
-        )
+    counts = torch.zeros(experts + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    token_of_row = order // top_k
     return ExpertRouting(
-        token_of_row=order // top_k,
+        token_of_row=token_of_row,
         weight_of_row=weights.reshape(-1)[order],
-        group_ends=torch.cumsum(counts, 0),
+        group_ends=torch.cumsum(counts[:experts], 0),
+        target_of_row=token_of_row.masked_fill(skipped[order], tokens),
     )
 
 
 def combine_rows(rows: torch.Tensor, routing: ExpertRouting, tokens: int, acc: torch.dtype = torch.float32) -> torch.Tensor:
-    """``out[t] = sum over rows r of token t: weight_of_row[r] * rows[r]`` in ``acc``."""
-    out = torch.zeros(tokens, rows.shape[-1], dtype=acc, device=rows.device)
-    return out.index_add_(0, routing.token_of_row, rows.to(acc) * routing.weight_of_row.to(acc)[:, None])
+    """``out[t] = sum over rows r of token t: weight_of_row[r] * rows[r]`` in ``acc``.
+
+    Rows of :data:`NO_EXPERT` slots go to a spare row that is dropped: ``npu_grouped_matmul``
+    leaves rows past the last group unwritten (vllm-ascend saw random values and NaN there),
+    and their weights may be NaN."""
+    out = torch.zeros(tokens + 1, rows.shape[-1], dtype=acc, device=rows.device)
+    return out.index_add_(0, routing.target_of_row, rows.to(acc) * routing.weight_of_row.to(acc)[:, None])[:tokens]
 
 
 def dequantize_expert_weights(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

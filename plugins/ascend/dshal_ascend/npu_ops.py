@@ -338,8 +338,6 @@ class AscendOps:
                            low=NO_EXPERT)
         if ids.numel() == 0:
             return torch.zeros_like(x)
-        if bool((ids == NO_EXPERT).any()):  # the grouped matmuls' routing counts read ids on the host anyway
-            return moe_experts_on_kept_slots(self.moe_experts, x, weights, ids, w13, w2, w13_scale, w2_scale)
         hidden, inter = w13.shape[2], w2.shape[2]
         # 6.0.0's int[] group_list wants a list of 2-D weights (plan_ops routes it to the reference).
         fp8 = w13_scale is not None and w13.dtype != torch.int8
@@ -351,7 +349,9 @@ class AscendOps:
             if not self.features.w8a8_experts:
                 return self._reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
             return self._moe_experts_w8a8(x, weights, ids, w13, w2, w13_scale, w2_scale)
-        if fp8:  # emulated: decode only the experts this batch uses
+        if fp8:  # emulated: decode only the experts this batch uses (torch.unique reads ids on the host)
+            if bool((ids == NO_EXPERT).any()):  # a host read too, but this path has one already
+                return moe_experts_on_kept_slots(self.moe_experts, x, weights, ids, w13, w2, w13_scale, w2_scale)
             active = active_experts(ids)
             if active.index.numel() > GROUPED_MATMUL_MAX_GROUPS:
                 return self._reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)

@@ -10,7 +10,9 @@ go from harmless to risky, and stop at the first failure:
    version from the toolkit's install-info file -- plain file reads;
 3. the installed torch_npu version (package metadata, no import) against the minimum
    supported op-plugin release (:mod:`dshal_ascend.releases`): an older release is reported
-   unavailable with the reason, rather than failing at its first kernel call;
+   unavailable with the reason, rather than failing at its first kernel call; once the CANN
+   version is known, a release wanting a newer CANN steps down to one the installed CANN has
+   (:func:`~dshal_ascend.releases.release_for`);
 4. only then a child process (``TORCH_DEVICE_BACKEND_AUTOLOAD=0``, with a timeout) that
    imports torch_npu, counts the NPUs and reads the schemas of the kernels the plugin calls
    (``torch.ops.npu.<kernel>``), so the op table follows what is really installed.
@@ -20,6 +22,7 @@ go from harmless to risky, and stop at the first failure:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
-from dshal_ascend.releases import KERNELS, ReleaseMatch, release_of
+from dshal_ascend.releases import KERNELS, ReleaseMatch, release_for, release_of
 
 #: CANN libraries torch_npu needs at import (ACL runtime) and for collectives (HCCL).
 REQUIRED_LIBRARIES = ("libascendcl.so", "libhccl.so")
@@ -41,11 +44,24 @@ DEFAULT_CANN_ROOTS = (
     "/usr/local/Ascend/latest",
 )
 PROBE_TIMEOUT_S = 120.0
+#: What puts CANN's libraries on the loader's path (and its Python packages on PYTHONPATH).
+SET_ENV_HINT = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 
-# Runs in a child process: import torch_npu explicitly (autoload disabled), describe NPU 0 and
-# read the schemas of the kernels named in argv[1] (JSON list).
+
+def probe_device_index(local_rank: str | None, count: int) -> int:
+    """The NPU the probe describes: this rank's, ``LOCAL_RANK`` modulo the ``count`` NPUs it
+    sees (the backend binds a rank to ``npu:LOCAL_RANK``), so the ranks of a torchrun job do not
+    all open NPU 0; 0 without a ``LOCAL_RANK`` that is a non-negative integer (the probe never
+    raises: the backend's device() reports a bad one). Runs in the probe's child too."""
+    rank = (local_rank or "").strip()
+    return int(rank) % count if count > 0 and rank.isascii() and rank.isdecimal() else 0
+
+
+# Runs in a child process after probe_device_index's source: import torch_npu explicitly
+# (autoload disabled), describe this rank's NPU and read the schemas of the kernels named in
+# argv[1] (JSON list).
 _PROBE_SOURCE = r"""
-import json, sys
+import json, os, sys
 import torch
 import torch_npu
 out = {"torch_npu": getattr(torch_npu, "__version__", "?"), "count": int(torch.npu.device_count())}
@@ -59,8 +75,9 @@ for kernel in json.loads(sys.argv[1]):
     schemas[kernel] = [t for t in texts if not t.split("(", 1)[0].endswith(".out")]
 out["schemas"] = schemas
 if out["count"]:
-    props = torch.npu.get_device_properties(0)
-    out["name"] = torch.npu.get_device_name(0)
+    index = probe_device_index(os.environ.get("LOCAL_RANK"), out["count"])
+    props = torch.npu.get_device_properties(index)
+    out["name"] = torch.npu.get_device_name(index)
     out["memory"] = int(getattr(props, "total_memory", 0) or 0)
     out["cores"] = int(getattr(props, "cube_core_num", 0) or 0)
 try:
@@ -82,10 +99,20 @@ class CannInstall:
     found: Mapping[str, str] = field(default_factory=dict)
     #: Toolkit version from the install-info file, e.g. ``"8.0.RC3"``; None when unknown.
     version: str | None = None
+    #: Found libraries no ``LD_LIBRARY_PATH`` folder holds: the loader may not find them.
+    off_library_path: tuple[str, ...] = ()
 
     @property
     def missing(self) -> tuple[str, ...]:
         return tuple(lib for lib in REQUIRED_LIBRARIES if lib not in self.found)
+
+    @property
+    def library_path_hint(self) -> str:
+        """What to do when libraries were found on disk but not on ``LD_LIBRARY_PATH``, else ""."""
+        if not self.off_library_path:
+            return ""
+        return (f"{', '.join(self.off_library_path)} found, but not on LD_LIBRARY_PATH (CANN's set_env.sh not "
+                f"sourced?); {SET_ENV_HINT}")
 
 
 @dataclass(frozen=True)
@@ -164,7 +191,10 @@ def find_cann(env: Mapping[str, str] | None = None) -> CannInstall:
             if path.exists():
                 found[lib] = str(path)
                 break
-    return CannInstall(searched=tuple(str(d) for d in dirs), found=found, version=cann_version(env))
+    loader_dirs = [Path(p) for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    off_path = tuple(path for lib, path in found.items() if not any((d / lib).exists() for d in loader_dirs))
+    return CannInstall(searched=tuple(str(d) for d in dirs), found=found, version=cann_version(env),
+                       off_library_path=off_path)
 
 
 def torch_npu_installed() -> bool:
@@ -208,13 +238,18 @@ def float_overflow_mode(env: Mapping[str, str] | None = None) -> str:
     return "Inf/NaN, IEEE 754 (INF_NAN_MODE_ENABLE unset or 1)"
 
 
+def probe_program() -> str:
+    """The child's program: :func:`probe_device_index` as written here, then the probe."""
+    return inspect.getsource(probe_device_index) + _PROBE_SOURCE
+
+
 def probe_npu(timeout_s: float = PROBE_TIMEOUT_S, env: Mapping[str, str] | None = None) -> NpuProbe:
     """Import torch_npu in a child process and count the visible NPUs. Never raises."""
     child_env = dict(os.environ if env is None else env)
     child_env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _PROBE_SOURCE, json.dumps(list(KERNELS))],
+            [sys.executable, "-c", probe_program(), json.dumps(list(KERNELS))],
             env=child_env, capture_output=True, text=True, timeout=timeout_s, check=False,
         )
     except subprocess.TimeoutExpired:
@@ -272,15 +307,22 @@ def diagnose(
         where = ", ".join(cann.searched[:4]) + (" ..." if len(cann.searched) > 4 else "")
         reason = (
             f"torch_npu present but CANN runtime missing ({', '.join(cann.missing)} not found in {where}); "
-            "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
+            f"{SET_ENV_HINT}"
         )
         return NpuProbe(False, reason), cann
     probe = probe_npu(timeout_s, env)
+    if not probe.ok and cann.library_path_hint:  # e.g. torch_npu's import could not load libascendcl
+        probe = replace(probe, reason=f"{probe.reason}; {cann.library_path_hint}")
     if match is None and probe.torch_npu_version:  # version known only from the child
         too_old, match = release_gate(probe.torch_npu_version)
         if too_old is not None:
             return too_old, cann
     version = probe.cann_version or cann.version
+    if match is not None:  # the installed CANN may be older than the torch_npu's release wants
+        match = release_for(match.torch_npu, version)
+        if not match.supported:
+            return NpuProbe(False, match.reason, torch_npu_version=match.torch_npu, cann_version=version,
+                            release=match.release.name if match.release else None), cann
     release = match.release.name if match and match.release else None
     suffix = f"; CANN {version}" if version else ""
     suffix += f"; torch_npu {match.torch_npu}: {match.reason}" if match else ""

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dshal_ascend.schema import ReleaseSignatures, recorded_releases, recorded_signatures
 
@@ -209,6 +209,50 @@ def release_of(torch_npu_version: str) -> ReleaseMatch:
             f"the minimum {MINIMUM_RELEASE} (torch_npu {MINIMUM_TORCH_NPU}, CANN {minimum.cann}): {WHY_MINIMUM}",
         )
     return ReleaseMatch(torch_npu_version, release, True, f"op-plugin release {release.name} (CANN {release.cann})")
+
+
+_CANN_VERSION = re.compile(r"(\d+)\.(\d+)\.(?:(\d+)|RC(\d+))(?:\.(alpha|beta)(\d+))?", re.IGNORECASE)
+
+
+def parse_cann_version(text: str) -> tuple[int, int, int, int, int] | None:
+    """A CANN version as a sortable key: ``"8.0.RC3"`` < ``"8.0.0"`` < ``"8.1.RC1"``; an
+    ``alpha`` / ``beta`` build precedes its version (``"8.2.RC1.alpha003"`` < ``"8.2.RC1"``).
+    ``RCn`` sorts as -100 + n in the patch place, as in :func:`parse_torch_npu_version`.
+    None when not understood."""
+    match = _CANN_VERSION.match(text.strip())
+    if match is None:
+        return None
+    major, minor, patch, rc, stage, build = match.groups()
+    patch_key = int(patch) if patch is not None else -100 + int(rc)
+    stage_key = {"alpha": -2, "beta": -1}.get((stage or "").lower(), 0)
+    return int(major), int(minor), patch_key, stage_key, int(build or 0)
+
+
+def release_for(torch_npu_version: str, cann_version: str | None) -> ReleaseMatch:
+    """:func:`release_of` held to the installed CANN: when the torch_npu version's release wants
+    a newer CANN than ``cann_version``, the newest recorded release before it whose CANN is not
+    newer (its kernels are what that CANN has); none from the minimum on: not supported. An
+    unknown or unparsed ``cann_version`` leaves the torch_npu version's release."""
+    match = release_of(torch_npu_version)
+    installed = parse_cann_version(cann_version) if cann_version else None
+    if cann_version and installed is None and match.supported:
+        return replace(match, reason=f"{match.reason}; CANN version {cann_version!r} not understood: not compared")
+    if not match.supported or match.release is None or installed is None:
+        return match
+    chosen = match.release
+    if parse_cann_version(chosen.cann) <= installed:
+        return match
+    fitting = [r for r in RELEASES if r.key <= chosen.key and parse_cann_version(r.cann) <= installed]
+    newest = max(fitting, key=lambda r: r.key, default=None)
+    why = f"torch_npu {torch_npu_version} is op-plugin {chosen.name}, which wants CANN {chosen.cann}; CANN {cann_version} is installed"
+    if newest is None or newest.key < RELEASE_BY_NAME[MINIMUM_RELEASE].key:
+        minimum = RELEASE_BY_NAME[MINIMUM_RELEASE]
+        return ReleaseMatch(torch_npu_version, newest, False,
+                            f"{why}, older than CANN {minimum.cann} of the minimum op-plugin {MINIMUM_RELEASE}; "
+                            f"install CANN {chosen.cann} for this torch_npu")
+    return ReleaseMatch(torch_npu_version, newest, True,
+                        f"{why}: planned as op-plugin {newest.name} (CANN {newest.cann}), the newest release whose "
+                        f"CANN is not newer than the installed one")
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,8 @@ def _grouped_matmul(owner, b):
         want_scale = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32  # 7.1.0 doc, per-token table
         _constraint(b["scale"][0].dtype == want_scale and b["per_token_scale"][0].dtype == torch.float32,
                     f"per-token npu_grouped_matmul, {out_dtype} out: scale {want_scale}, per_token_scale float32")
-    out = torch.zeros(x.shape[0], w.shape[-1], dtype=torch.float32)
+    # rows past the last group stay unwritten on the NPU (vllm-ascend saw random values, NaN): NaN here
+    out = torch.full((x.shape[0], w.shape[-1]), float("nan"))
     for e in range(w.shape[0]):
         lo, hi = int(starts[e]), int(ends[e])
         if hi > lo:

@@ -15,7 +15,15 @@ import pytest
 import dshal
 from dshal.info import collect
 from dshal_ascend import AscendBackend
-from dshal_ascend.probe import find_cann, float_overflow_mode, probe_npu, torch_npu_installed, visible_devices
+from dshal_ascend.probe import (
+    find_cann,
+    float_overflow_mode,
+    probe_device_index,
+    probe_npu,
+    probe_program,
+    torch_npu_installed,
+    visible_devices,
+)
 
 pytestmark = pytest.mark.skipif(torch_npu_installed(), reason="torch_npu is installed here: these tests cover hosts without it")
 
@@ -95,6 +103,53 @@ def test_ascend_find_cann_libraries_and_version(tmp_path):
     assert complete.found["libhccl.so"] == str(hccl_dir / "libhccl.so")
 
 
+def test_ascend_cann_found_on_disk_but_off_the_library_path_says_source_set_env(tmp_path):
+    """set_env.sh not sourced: the libraries sit under the install root, which LD_LIBRARY_PATH
+    does not name, so torch_npu's import cannot load them; the reason must say what to do."""
+    root = tmp_path / "ascend-toolkit" / "8.0.0"
+    for lib in ("libascendcl.so", "libhccl.so"):
+        _touch(root / "lib64" / lib)
+    latest = tmp_path / "ascend-toolkit" / "latest"
+    latest.symlink_to(root)
+    env = {"ASCEND_TOOLKIT_HOME": str(latest)}
+    off = find_cann(env)
+    assert off.missing == () and off.off_library_path == tuple(str(latest / "lib64" / lib) for lib in ("libascendcl.so", "libhccl.so"))
+    assert "not on LD_LIBRARY_PATH" in off.library_path_hint and "set_env.sh" in off.library_path_hint
+    # as set_env.sh leaves it (the toolkit's lib64, by its "latest" link or the real folder): no hint
+    for listed in (latest / "lib64", root / "lib64"):
+        on = find_cann({**env, "LD_LIBRARY_PATH": f"/nonexistent:{listed}"})
+        assert on.off_library_path == () and on.library_path_hint == ""
+    only_hccl = tmp_path / "hccl"
+    _touch(only_hccl / "libhccl.so")
+    half = find_cann({**env, "LD_LIBRARY_PATH": str(only_hccl)})
+    assert half.off_library_path == (str(latest / "lib64" / "libascendcl.so"),)
+
+
+def test_ascend_diagnosis_names_set_env_and_the_installed_cann_release(tmp_path):
+    """The whole diagnosis in a fresh process, with an installed torch_npu that is only metadata
+    (its ``__init__`` raises: it stands for no NPU, computes nothing) and a CANN 8.0.0 tree off
+    LD_LIBRARY_PATH: the child probe fails, and the reason says to source set_env.sh and that
+    torch_npu 2.5.1 (op-plugin 7.0.0, CANN 8.1.RC1) is planned as 6.0.0, what CANN 8.0.0 has."""
+    site = tmp_path / "site"
+    (site / "torch_npu").mkdir(parents=True)
+    (site / "torch_npu" / "__init__.py").write_text("raise ImportError('libascendcl.so: cannot open shared object file')\n")
+    (site / "torch_npu-2.5.1.dist-info").mkdir()
+    (site / "torch_npu-2.5.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.5.1\n")
+    root = tmp_path / "cann"
+    for lib in ("libascendcl.so", "libhccl.so"):
+        _touch(root / "lib64" / lib)
+    (root / "ascend_toolkit_install.info").write_text("version=8.0.0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_") and k != "LD_LIBRARY_PATH"}
+    env.update(PYTHONPATH=os.pathsep.join([str(site), env.get("PYTHONPATH", "")]), ASCEND_HOME_PATH=str(root))
+    code = "from dshal_ascend.probe import diagnose\nprint(diagnose()[0])\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "ok=False" in out and "import torch_npu failed in a child process" in out
+    assert f"{root / 'lib64' / 'libascendcl.so'}" in out and "not on LD_LIBRARY_PATH" in out and "set_env.sh" in out
+    assert "CANN 8.0.0 is installed: planned as op-plugin 6.0.0" in out and "release='6.0.0'" in out
+
+
 def test_ascend_cann_version_from_version_cfg(tmp_path):
     (tmp_path / "version.cfg").write_text("# version info\nVersion=7.0.0.5.242\n")
     assert find_cann({"ASCEND_HOME_PATH": str(tmp_path)}).version == "7.0.0.5.242"
@@ -107,6 +162,27 @@ def test_ascend_cann_version_from_version_cfg(tmp_path):
 def test_ascend_visible_devices(raw, want):
     env = {} if raw is None else {"ASCEND_RT_VISIBLE_DEVICES": raw}
     assert visible_devices(env) == want
+
+
+@pytest.mark.parametrize("local_rank, count, want", [
+    (None, 8, 0), ("", 8, 0), ("0", 8, 0), ("5", 8, 5), (" 7 ", 8, 7),
+    ("3", 1, 0),  # one NPU visible per rank (ASCEND_RT_VISIBLE_DEVICES per rank): that one
+    ("9", 8, 1),  # more ranks than NPUs: the backend's device() refuses it; the probe stays quiet
+    ("-1", 8, 0), ("x", 8, 0), ("٣", 8, 0), ("2", 0, 0),
+])
+def test_ascend_probe_reads_this_ranks_npu(local_rank, count, want):
+    """Under torchrun each rank's probe describes its own NPU, not NPU 0 for all eight."""
+    assert probe_device_index(local_rank, count) == want
+
+
+def test_ascend_probe_child_runs_the_same_device_choice():
+    program = probe_program()
+    assert "get_device_properties(index)" in program and "get_device_name(index)" in program
+    assert "(0)" not in program  # no NPU 0 read by every rank
+    child: dict = {}
+    exec(compile(program.split("import json, os, sys")[0], "<probe head>", "exec"), child)  # its definitions only
+    ranks = [None, "", "0", "3", "12", "-1", "x"]
+    assert [child["probe_device_index"](r, 8) for r in ranks] == [probe_device_index(r, 8) for r in ranks]
 
 
 def test_ascend_too_old_torch_npu_is_unavailable_with_reason_before_any_op(tmp_path):

@@ -20,7 +20,7 @@ from dshal_ascend.schema import recorded_releases
 def test_standin_view_declares_no_fp8_storage_and_the_policy_follows(release):
     caps = AscendBackend().standin_capabilities(release)
     assert caps.fp8_storage is False and caps.fp8_gemm_native is False
-    assert caps.moe_no_expert_ids  # its moe_experts serves NO_EXPERT ids (on the kept slots)
+    assert caps.moe_no_expert_ids  # its moe_experts serves NO_EXPERT ids (test_ascend_host_syncs.py)
     mode, why = fp8_redirect(caps)
     assert mode == ("high" if release == "6.0.0" else "int8")
     assert "no FP8 GEMM units" in why and "cannot hold float8 tensors on its device" in why

@@ -48,3 +48,19 @@ def test_ascend_host_script_dry_run(tmp_path, capsys):
         assert done_help.value.code == 0
         usage = capsys.readouterr().out
         assert all(opt in usage for opt in argv[2:] if opt.startswith("--")), (argv, usage)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_ascend_host_script_sources_set_env_with_paths_unset(tmp_path):
+    """CANN's set_env.sh appends to PYTHONPATH / LD_LIBRARY_PATH without checking they are set;
+    the script's ``set -u`` must not stop it there (FlagGems PR #4672 met "unbound variable")."""
+    stub = tmp_path / "set_env.sh"
+    stub.write_text('export LD_LIBRARY_PATH=/cann/lib64:$LD_LIBRARY_PATH\nexport PYTHONPATH=/cann/python:$PYTHONPATH\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LD_LIBRARY_PATH")}
+    env.update(ASCEND_SET_ENV=str(stub), ENV_ONLY="1")
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "check")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "unbound variable" not in done.stderr
+    assert done.stdout.splitlines() == [f"env: sourced {stub}", "LD_LIBRARY_PATH=/cann/lib64:", "PYTHONPATH=/cann/python:"]
+    assert not (tmp_path / "check" / "int8.yaml").exists()  # stopped after the environment step

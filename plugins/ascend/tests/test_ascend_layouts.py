@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dshal.ops.reference as ref
-from dshal.errors import ShapeError
+from dshal.plugin import NO_EXPERT
 from dshal_ascend import layouts as L
 
 # ---------------------------------------------------------------- documented kernel formulas
@@ -246,9 +246,16 @@ def test_ascend_split_ranges():
     assert L.split_ranges(65535) == [(0, 65535)]
 
 
-def test_ascend_route_tokens_rejects_unknown_expert():
-    with pytest.raises(ShapeError, match="expert id 7"):
-        L.route_tokens(torch.ones(2, 2), torch.tensor([[0, 7], [1, 2]]), 4)
+def test_ascend_route_tokens_puts_no_expert_slots_past_every_group():
+    ids = torch.tensor([[2, NO_EXPERT], [NO_EXPERT, 0], [2, 1]])
+    weights = torch.tensor([[0.5, float("nan")], [float("nan"), 0.25], [1.0, 2.0]])
+    routing = L.route_tokens(weights, ids, 4)
+    assert routing.group_ends.tolist() == [1, 2, 4, 4]  # 4 served slots; expert 3 has none
+    assert routing.token_of_row.tolist() == [1, 2, 0, 2, 0, 1]  # expert order, then the NO_EXPERT slots
+    assert routing.target_of_row.tolist() == [1, 2, 0, 2, 3, 3]  # those add to the spare row 3
+    # rows past the last group hold whatever the kernel left there (NaN): dropped, as their NaN weights
+    rows = torch.tensor([[1.0], [2.0], [3.0], [4.0], [float("nan")], [float("inf")]])
+    assert L.combine_rows(rows, routing, 3).tolist() == [[1.5], [0.25], [8.0]]
 
 
 # ---------------------------------------------------------------- int8

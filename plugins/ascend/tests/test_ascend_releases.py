@@ -8,6 +8,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from dshal.plugin import SPECS
 from dshal_ascend import AscendBackend, probe
 from dshal_ascend.probe import release_gate
@@ -16,10 +18,13 @@ from dshal_ascend.releases import (
     MINIMUM_RELEASE,
     MINIMUM_TORCH_NPU,
     OP_KERNELS,
+    RELEASE_BY_NAME,
     RELEASES,
     kernel_features,
     main,
+    parse_cann_version,
     plan_ops,
+    release_for,
     release_of,
 )
 from dshal_ascend.schema import recorded_releases, recorded_signatures
@@ -70,6 +75,60 @@ def test_ascend_pre_release_builds_of_new_torch_lines_stay_planned_as_7_3_0():
     for version in ("2.6.0rc1", "2.9.0rc1", "2.5.0", "2.4.0rc1"):
         match = release_of(version)
         assert not match.supported and "predates" in match.reason, (version, match)
+
+
+def test_ascend_cann_versions_parse_in_release_order():
+    ordered = ["8.0.RC2", "8.0.RC3", "8.0.0", "8.1.RC1", "8.2.RC1.alpha003", "8.2.RC1.beta1", "8.2.RC1",
+               "8.3.RC1", "8.5.0", "9.0.0", "9.1.0"]
+    keys = [parse_cann_version(v) for v in ordered]
+    assert None not in keys and keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert parse_cann_version(" 8.0.rc3 ") == parse_cann_version("8.0.RC3")
+    assert parse_cann_version("7.0.0.5.242") == parse_cann_version("7.0.0")  # version.cfg's build digits
+    assert [parse_cann_version(v) for v in ("", "CANN", "8", "8.x.0", "RC1")] == [None] * 5
+    # the table's CANN versions grow with its releases (so "not newer" picks a prefix of it)
+    assert [r.name for r in sorted(RELEASES, key=lambda r: parse_cann_version(r.cann))] == [r.name for r in RELEASES]
+
+
+def test_ascend_release_steps_down_to_what_the_installed_cann_has():
+    """Every (torch_npu, CANN) pair of the release table: the torch_npu version's release when
+    the installed CANN is at least its CANN, else the newest release of the installed CANN;
+    below the minimum's CANN, unsupported with the reason. Unknown CANN: torch_npu alone."""
+    minimum = RELEASE_BY_NAME[MINIMUM_RELEASE]
+    for own_release in RELEASES:
+        for version in own_release.torch_npu:
+            alone = release_of(version)
+            assert release_for(version, None) == alone
+            if not alone.supported:
+                assert all(not release_for(version, r.cann).supported for r in RELEASES)
+                continue
+            own = alone.release
+            for installed in RELEASES:
+                got = release_for(version, installed.cann)
+                want = own if installed.key >= own.key else installed
+                if want.key < minimum.key:
+                    assert not got.supported
+                    assert f"CANN {installed.cann} is installed" in got.reason and f"minimum op-plugin {MINIMUM_RELEASE}" in got.reason
+                    continue
+                assert got.supported and got.release is want, (version, installed.cann, got)
+                stepped = f"planned as op-plugin {want.name} (CANN {want.cann}), the newest release whose CANN"
+                assert (stepped in got.reason) == (want is not own), got.reason
+    odd = release_for("2.5.1", "CANN-next")
+    assert odd.release.name == "7.0.0" and "'CANN-next' not understood: not compared" in odd.reason
+
+
+@pytest.mark.parametrize("torch_npu, cann, release", [
+    ("2.5.1", "8.0.0", "6.0.0"),  # 7.0.0 wants 8.1.RC1
+    ("2.9.0", "8.2.RC1", "7.1.0"),
+    ("2.6.0.post3", "8.2.RC1.alpha003", "7.0.0"),  # an alpha of 8.2.RC1 precedes 7.1.0's 8.2.RC1
+    ("2.6.0.post3", "8.3.RC1.beta2", "7.1.0"),
+    ("2.10.0", "8.5.0", "7.3.0"),
+    ("2.10.0", "9.0.1", "26.0.0"),
+    ("2.4.0.post2", "8.0.RC3", None),  # older than the minimum's CANN 8.0.0
+])
+def test_ascend_release_for_cann_builds_between_the_table_rows(torch_npu, cann, release):
+    got = release_for(torch_npu, cann)
+    assert got.supported == (release is not None)
+    assert (got.release.name if got.supported else None) == release
 
 
 def test_ascend_release_older_than_minimum_is_unavailable_with_reason():
@@ -125,8 +184,9 @@ def test_ascend_capabilities_declare_fp8_emulated_and_auto_choice():
 
 
 def test_ascend_probe_child_source_compiles_and_asks_for_every_kernel():
-    compile(probe._PROBE_SOURCE, "<dshal-ascend probe>", "exec")  # it only ever runs on an NPU host
-    assert "torch.ops.npu" in probe._PROBE_SOURCE and "overloads()" in probe._PROBE_SOURCE
+    program = probe.probe_program()
+    compile(program, "<dshal-ascend probe>", "exec")  # it only ever runs on an NPU host
+    assert "torch.ops.npu" in program and "overloads()" in program
     assert {k for ks in OP_KERNELS.values() for k in ks} <= set(KERNELS)
     assert set(KERNELS) == set(recorded_signatures(recorded_releases()[-1]).ops)  # the newest has them all
 

@@ -4,11 +4,14 @@
 # Run from the repository root, CANN installed:
 #   plugins/ascend/tools/npu_host_check.sh [OUT_DIR]        (default OUT_DIR: ascend-check)
 # DRY_RUN=1 writes the configs and prints every command without running anything (tested in CI).
+# ENV_ONLY=1 sources CANN's set_env.sh (ASCEND_SET_ENV, default below), prints the library and
+# Python paths it set, and stops: checks the environment step alone (tested in CI with a stub).
 # Each stage's output goes to OUT_DIR/<stage>.log; the script stops at the first failure.
 set -euo pipefail
 
 OUT="${1:-ascend-check}"
 DRY_RUN="${DRY_RUN:-0}"
+ENV_ONLY="${ENV_ONLY:-0}"
 SET_ENV="${ASCEND_SET_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
@@ -21,9 +24,19 @@ stage() {  # stage NAME CMD... : print, then run with output to OUT/NAME.log (no
     fi
 }
 
-if [ "$DRY_RUN" != 1 ]; then
+if [ "$DRY_RUN" != 1 ] || [ "$ENV_ONLY" = 1 ]; then
+    # CANN's environment: libascendcl / libhccl on the library path. set_env.sh appends to
+    # PYTHONPATH / LD_LIBRARY_PATH whether set or not ("unbound variable" under set -u).
+    set +u
     # shellcheck disable=SC1090
-    source "$SET_ENV"   # CANN's environment: libascendcl / libhccl on the library path
+    source "$SET_ENV"
+    set -u
+fi
+if [ "$ENV_ONLY" = 1 ]; then
+    echo "env: sourced $SET_ENV"
+    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    echo "PYTHONPATH=${PYTHONPATH:-}"
+    exit 0
 fi
 
 cat > "$OUT/int8.yaml" <<'YAML'
