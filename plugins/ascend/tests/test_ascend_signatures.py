@@ -499,3 +499,20 @@ def test_ascend_every_ci_example_through_the_stand_in(release):
             if len(stand_in.calls) > calls:
                 served.add(op)
     assert {"rms_norm", "silu_and_mul", "rotary_embedding", "attention", "int8_gemm", "linear"} <= served
+
+
+def test_ascend_attention_in_float32_is_counted_as_reference_math_for_the_run_report():
+    """float32 attention computes dshal's reference inside the plugin (the fused kernel takes
+    bf16/fp16): the backend's reference_calls() says so, and a run report shows it."""
+    from dshal_ascend.backend import AscendBackend
+
+    ops, stand_in = _ops(RELEASES[-1])
+    backend = AscendBackend()
+    backend._ops = ops  # the stand-in's ops in place of the NPU's (no torch_npu here)
+    assert backend.reference_calls() == {}
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32, torch.float32):
+        q, k = (torch.randn(1, 4, 6, 64, generator=g).to(dtype) for _ in range(2))
+        ops.attention(q, k, k, True)
+    assert backend.reference_calls() == {"attention": 2}
+    assert len(stand_in.called("npu_fused_infer_attention_score")) == 1  # the bf16 call only
