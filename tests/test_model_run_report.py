@@ -116,7 +116,21 @@ def test_calls_a_native_provider_served_with_the_reference_are_reported(install_
     inside = [f for f in report.to_dict()["fallbacks"] if f["kind"] == "reference inside"]
     assert inside == [{"op": "rms_norm", "provider": "partref", "kind": "reference inside", "calls": 2,
                        "reason": inside[0]["reason"]}]
-    assert inside[0]["reason"].startswith("2 of 3 calls were served by backend 'partref' with dshal's reference math")
+    assert inside[0]["reason"].startswith("2 rms_norm computations (of 3 rms_norm calls; ")
+    assert "used dshal's reference math inside backend 'partref', not its kernel" in inside[0]["reason"]
     shown = io.StringIO()
     report.print(Console(file=shown, width=250))
     assert "reference inside" in shown.getvalue()
+
+
+def test_dshal_run_says_what_a_native_provider_computed_with_the_reference(install_plugin, tmp_path, capsys) -> None:
+    from dshal.cli import main
+
+    install_plugin("backends", {"partref": "PartlyReferenceBackend"})
+    out_json = tmp_path / "run.json"
+    assert main(["run", "--backend", "partref", "--prompt-len", "3", "--new-tokens", "2", "--no-progress",
+                 "--json", str(out_json)]) == 0
+    inside = json.loads(out_json.read_text())["reference_inside"]
+    assert list(inside) == ["rms_norm"] and inside["rms_norm"] > 0  # the tiny model is float32
+    assert f"reference math inside partref's providers (inputs their kernels do not take): rms_norm x{inside['rms_norm']}" \
+        in capsys.readouterr().out

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -297,6 +298,7 @@ class TorchGpuBackend(Backend):
         super().__init__(emulate=emulate)
         self._cache: dict[str, Any] = {}  # per-instance memo of device facts and loaded kernels
         self._cache_lock = threading.RLock()  # ops may be called from several threads at once
+        self._reference_calls: Counter[str] = Counter()  # ops served with the reference math inside a provider
 
     # ------------------------------------------------------------ declared by subclasses
     @abc.abstractmethod
@@ -484,6 +486,14 @@ class TorchGpuBackend(Backend):
             }
         return paths
 
+    def _reference(self, op: str) -> Callable[..., Any]:
+        """dshal's reference math for an input this backend's kernel does not take, counted."""
+        self._reference_calls[op] += 1
+        return SPECS[op].reference_impl
+
+    def reference_calls(self) -> Mapping[str, int]:
+        return dict(self._reference_calls)
+
     def ops(self) -> Mapping[str, Callable[..., Any]]:
         table: dict[str, Callable[..., Any]] = {
             "fp8_gemm": self.fp8_gemm,
@@ -552,7 +562,7 @@ class TorchGpuBackend(Backend):
         if not fits:
             # rowwise/tensorwise/e5m2/batched blocks, FP8 formats the hardware lacks: torch math on
             # the device, same numerics.
-            return SPECS["quantize_fp8"].reference_impl(x, block, FP8_FORMAT_OF[dtype], scale_fmt)
+            return self._reference("quantize_fp8")(x, block, FP8_FORMAT_OF[dtype], scale_fmt)
         quant = self.kernels().quant
         rows = x.reshape(-1, x.shape[-1])
         if block_key == (1, BLOCK) and x.shape[-1] % BLOCK == 0 and x.shape[-1] // BLOCK > MAX_GRID_Y:
@@ -611,7 +621,7 @@ class TorchGpuBackend(Backend):
             plan.block_path == "dequant" or not self._triton_ok() or a.shape[0] == 0 or b.shape[0] == 0
             or a.dtype not in fp8_ok or b.dtype not in fp8_ok  # an FP8 format this hardware lacks
         ):  # fmt: skip
-            return SPECS["fp8_gemm"].reference_impl(a, a_scale, b, b_scale, out_dtype)
+            return self._reference("fp8_gemm")(a, a_scale, b, b_scale, out_dtype)
         kernel_out = out_dtype if out_dtype in TRITON_FLOAT_DTYPES else torch.float32
         out = self.kernels().gemm.fp8_block_gemm(
             a.contiguous(), a_scale.float().contiguous(), b.contiguous(), b_scale.float().contiguous(),
@@ -642,7 +652,7 @@ class TorchGpuBackend(Backend):
             b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
             return torch.nn.functional.linear(x, w, b)
         if weight.dtype == torch.int8:  # W8A8 is not a GPU-plugin path here: reference math
-            return SPECS["linear"].reference_impl(x, weight, bias, weight_scale)
+            return self._reference("linear")(x, weight, bias, weight_scale)
         mode = weight_quant_mode("linear", weight, weight_scale)
         x2 = x.reshape(-1, x.shape[-1])
         xq, xs = self.quantize_fp8(x2, GRANULARITY_BLOCKS[mode][0], FP8_FORMAT_OF[weight.dtype], None)
@@ -657,19 +667,19 @@ class TorchGpuBackend(Backend):
     def rms_norm(self, x, weight, eps=1e-6, residual=None):
         # Rows wider than the kernel's one-block reach: the reference (valid op input).
         if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0 or x.shape[-1] > self.kernels().norm.MAX_HIDDEN:
-            return SPECS["rms_norm"].reference_impl(x, weight, eps, residual)
+            return self._reference("rms_norm")(x, weight, eps, residual)
         return self.kernels().norm.rms_norm(x, weight, eps, residual, target=self.target())
 
     def silu_and_mul(self, x):
         if x.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0:
-            return SPECS["silu_and_mul"].reference_impl(x)
+            return self._reference("silu_and_mul")(x)
         return self.kernels().activation.silu_and_mul(x, target=self.target())
 
     def rotary_embedding(self, x, cos, sin, interleaved=True):
         rotary = self.kernels().rotary
         if (x.dtype not in TRITON_FLOAT_DTYPES or cos.dtype not in TRITON_FLOAT_DTYPES or x.numel() == 0
                 or x.dim() > rotary.MAX_LEADING + 1):  # more leading dims than the kernel indexes: the reference
-            return SPECS["rotary_embedding"].reference_impl(x, cos, sin, interleaved)
+            return self._reference("rotary_embedding")(x, cos, sin, interleaved)
         return rotary.rotary_embedding(x, cos, sin, interleaved, target=self.target())
 
     def moe_experts(self, x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
@@ -679,7 +689,7 @@ class TorchGpuBackend(Backend):
         fp8_ok = self.target().fp8_dtypes if self.hardware().fp8_formats else ()  # a part without FP8: the reference
         served = all(w.dtype == x.dtype or w.dtype in fp8_ok for w in (w13, w2))
         if x.dtype not in TRITON_FLOAT_DTYPES or ids.numel() == 0 or not served:
-            return SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2, w13_scale, w2_scale)
+            return self._reference("moe_experts")(x, weights, ids, w13, w2, w13_scale, w2_scale)
         # The contract takes float64 routing weights and scales; the kernel reads float32.
         weights = weights.float() if weights.dtype == torch.float64 else weights
         w13_scale, w2_scale = (s.float() if s is not None and s.dtype == torch.float64 else s for s in (w13_scale, w2_scale))

@@ -504,6 +504,8 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
         "sampling_from": args.sampling_from,  # generation_config.json where it set them, else None
         **timing,
         "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
+        # computations a provider above served with the reference math (inputs its kernel does not take)
+        "reference_inside": dict(sorted(runtime.backend.reference_calls().items())),
         # strict: batch-invariant providers where the backend has them (other numbers than default)
         "determinism": {"mode": runtime.config.determinism, "batch_invariant_ops": sorted(runtime.batch_invariant),
                         "gaps": dict(runtime.determinism_gaps)},
@@ -852,6 +854,10 @@ def _print(report: dict[str, Any]) -> None:
     for op, p in report["providers"].items():
         ops.add_row(op, p["provider"], p["kind"])
     console.print(ops)
+    if report.get("reference_inside"):
+        counts = ", ".join(f"{op} x{n}" for op, n in report["reference_inside"].items())
+        console.print(f"reference math inside {report['backend']}'s providers (inputs their kernels do not take): {counts}",
+                      highlight=False)
     desc = report["model_description"]
     console.print(precision_summary(desc["precision"]))
     prec = Table(

@@ -96,9 +96,10 @@ class RunReport:
                             "calls": self.calls.get(op, 0)})
         for op, served in sorted(self.inside.items()):
             out.append({"op": op, "provider": rt.backend.name, "kind": "reference inside", "calls": served,
-                        "reason": f"{served} of {self.calls.get(op, 0)} calls were served by backend "
-                                  f"{rt.backend.name!r} with dshal's reference math, not its kernel (inputs the "
-                                  f"kernel does not take; `dshal info --backend {rt.backend.name}` notes which)"})
+                        "reason": f"{served} {op} computations (of {self.calls.get(op, 0)} {op} calls; one op may "
+                                  f"run another inside) used dshal's reference math inside backend "
+                                  f"{rt.backend.name!r}, not its kernel: inputs the kernel does not take "
+                                  f"(`dshal info --backend {rt.backend.name}` notes which)"})
         for op, why in getattr(rt, "determinism_gaps", {}).items():
             calls = self.calls.get(op, 0)
             if op in getattr(rt, "batch_invariant", frozenset()):  # a contract's coupling: only its own calls

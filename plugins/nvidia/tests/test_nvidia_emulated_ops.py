@@ -353,3 +353,15 @@ def test_nvidia_fp8_gemm_a_bad_row_scale_stays_in_its_row(rt, bad):
     got, want = dshal.ops.fp8_gemm(a, sa, b, sb, torch.float32), ref.fp8_gemm(a, sa, b, sb, torch.float32)
     assert not torch.isfinite(got[0]).any() and not torch.isfinite(want[0]).any()  # (an Inf scale: inf here, NaN there)
     torch.testing.assert_close(got[1:], want[1:], rtol=1e-5, atol=1e-4)
+
+
+def test_nvidia_counts_inputs_its_kernels_leave_to_the_reference(rt):
+    """rms_norm on float64 and e4m3fnuz quantization (FNUZ: not Hopper's) compute the reference
+    inside the provider: counted for the run report, the kernel's calls not."""
+    before = dict(rt.backend.reference_calls())
+    dshal.ops.rms_norm(torch.ones(2, 64), torch.ones(64))  # float32: the kernel
+    dshal.ops.rms_norm(torch.ones(2, 64, dtype=torch.float64), torch.ones(64, dtype=torch.float64))
+    dshal.ops.quantize_fp8(torch.ones(2, 128), (1, 128), "e4m3fnuz")
+    after = rt.backend.reference_calls()
+    assert {op: after[op] - before.get(op, 0) for op in after if after[op] != before.get(op, 0)} == {
+        "rms_norm": 1, "quantize_fp8": 1}
