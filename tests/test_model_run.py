@@ -972,3 +972,20 @@ def test_decode_rate_counts_the_tokens_each_sequence_keeps():
     assert _decode_rate(stamps, [[7], [7]]) is None  # no token after step 1: no rate, not 0.0
     # a row fed its prompt for 16 steps first: all 4 of its tokens come after step 1
     assert _decode_span(stamps, [[7] * 4, [7] * 4], [0, 16]) == (2 + 4, 9.0)
+
+
+def test_model_dshal_run_builds_the_tiny_model_in_the_dtype_asked(tmp_path, capsys):
+    """--dtype bfloat16: the kernels a real (bf16) checkpoint runs, where float32 goes to the
+    reference on some backends (Ascend's fused attention); a checkpoint keeps its own dtype."""
+    from dshal.cli import main
+
+    out = tmp_path / "run.json"
+    assert main(["run", "--dtype", "bfloat16", "--prompt-len", "4", "--new-tokens", "2", "--no-progress",
+                 "--json", str(out)]) == 0
+    described = json.loads(out.read_text())["model_description"]
+    assert described["dtype"] == "bfloat16"
+    modes = {part: mode for layer in described["layers"] for part, mode in layer["precision"].items()}
+    assert modes["mlp.experts"] == modes["self_attn.o_proj"] == "bfloat16" and modes["mlp.gate"] == "float32"  # the router stays float32
+    capsys.readouterr()
+    assert main(["run", "--dtype", "float16", "--checkpoint", str(tmp_path), "--no-progress"]) == 1
+    assert "--dtype float16 is given with --checkpoint, expected one of them" in capsys.readouterr().err

@@ -631,6 +631,15 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+#: The dtypes the tiny model may be built in (``dshal run --dtype``).
+TINY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_dtype(name: str | None) -> dict[str, torch.dtype]:
+    """:func:`tiny_args` keywords for a ``TINY_DTYPES`` name (none for None: its float32)."""
+    return {} if name is None else {"dtype": TINY_DTYPES[name]}
+
+
 def tiny_args(**changes: Any) -> ModelArgs:
     """A tiny DeepSeek-V3-shaped model (first layer dense, grouped MoE with a correction
     bias, q LoRA, YaRN) for ``dshal run`` and the tests; ``changes`` override fields."""

@@ -38,7 +38,7 @@ from dshal.cliargs import seed
 from dshal.config import read_text_file
 from dshal.errors import ArgumentError, ConfigError, DshalError
 from dshal.model import from_pretrained, random_model, tiny_args
-from dshal.model.args import ModelArgs, checkpoint_folder
+from dshal.model.args import TINY_DTYPES, ModelArgs, checkpoint_folder, tiny_dtype
 from dshal.model.cache import check_cache_fits
 from dshal.model.chat import ChatSettings, chat
 from dshal.model.decode import generate_with_graphs, static_decode_unsupported
@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--seed", type=seed, default=0, help="seed of the random weights, prompt and sampling (default 0)")
     model.add_argument("--mla-mode", choices=("absorb", "naive"), default=None, help="KV cache layout (default: absorb)")
+    model.add_argument("--dtype", choices=tuple(TINY_DTYPES), default=None,
+                       help="dtype of the built-in tiny model (default float32; bfloat16 runs the kernels a real "
+                       "checkpoint does, e.g. on Ascend, whose fused attention takes no float32); a --checkpoint's "
+                       "config.json sets its own")
 
     prompt = parser.add_argument_group("prompt and sampling")
     prompt.add_argument("--prompt-len", type=int, default=None, metavar="N", help="prompt tokens (random ids; default 32)")
@@ -237,6 +241,9 @@ def read_prompt_file(path: str) -> list[str]:
 
 
 def _check_prompt_flags(args: argparse.Namespace) -> None:
+    if args.dtype is not None and args.checkpoint:
+        raise DshalError(f"dshal run: --dtype {args.dtype} is given with --checkpoint, expected one of them "
+                         "(the checkpoint's config.json sets its dtype)")
     if args.prompt_file is not None:
         args.prompt = [*(args.prompt or []), *read_prompt_file(args.prompt_file)]
     if args.interactive:
@@ -453,7 +460,8 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
             model = from_pretrained(args.checkpoint, mla_mode=args.mla_mode, mtp_layers=mtp, progress=progress)
         source = str(args.checkpoint)
     else:  # its MTP layer's random weights come after the others': the same model as without it
-        model_args = tiny_args(mla_mode=args.mla_mode or "absorb", num_nextn_predict_layers=mtp, mtp_layers=mtp)
+        model_args = tiny_args(mla_mode=args.mla_mode or "absorb", num_nextn_predict_layers=mtp, mtp_layers=mtp,
+                               **tiny_dtype(args.dtype))
         model = random_model(model_args, seed=args.seed)
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started

@@ -6,6 +6,7 @@ Nothing here runs on an NPU: DRY_RUN=1 prints the commands and writes the config
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,6 +34,11 @@ def test_ascend_host_script_dry_run(tmp_path, capsys):
     assert "dshal conformance --backend ascend --tier ci" in lines[2]
     assert lines[3].startswith(f"+ [run-int8] dshal run --config {out}/int8.yaml")
     assert lines[4].startswith(f"+ [run-high] dshal run --config {out}/high.yaml")
+    from dshal.cli import build_parser
+
+    for line in lines[3:5]:  # dshal's own parser takes each run line; the tiny model runs in bf16
+        parsed = build_parser("run").parse_args(shlex.split(line.split("] ", 1)[1])[1:])
+        assert parsed.dtype == "bfloat16" and parsed.new_tokens == 8
     assert not (out / "install.log").exists()  # a dry run runs nothing, and says so
     assert done.stdout.strip().splitlines()[-1] == f"done (dry run): configs in {out}; nothing was installed or run"
     # The configs are valid dshal configs selecting ascend: W8A8 int8, and high precision.

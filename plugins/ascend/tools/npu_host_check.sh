@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # dshal on an Ascend 910B host, in one go: install with the npu extra, `dshal info`, the
-# ci-tier conformance on the NPU, `dshal run` in int8 (W8A8) and in high precision (bf16).
+# ci-tier conformance on the NPU, `dshal run` (tiny model in bf16) in int8 (W8A8) and in high precision.
 # Run from the repository root, CANN installed:
 #   plugins/ascend/tools/npu_host_check.sh [OUT_DIR]        (default OUT_DIR: ascend-check)
 # DRY_RUN=1 writes the configs and prints every command without running anything (tested in CI).
@@ -55,8 +55,8 @@ YAML
 stage install "$PYTHON" -m pip install -e . -e ./conformance -e "./plugins/ascend[npu]"
 stage info dshal info --backend ascend   # exit 1, with the reason, unless ascend is available
 stage conformance dshal conformance --backend ascend --tier ci --report-dir "$OUT/reports"
-stage run-int8 dshal run --config "$OUT/int8.yaml" --prompt-len 16 --new-tokens 8
-stage run-high dshal run --config "$OUT/high.yaml" --prompt-len 16 --new-tokens 8
+stage run-int8 dshal run --config "$OUT/int8.yaml" --dtype bfloat16 --prompt-len 16 --new-tokens 8
+stage run-high dshal run --config "$OUT/high.yaml" --dtype bfloat16 --prompt-len 16 --new-tokens 8
 if [ "$DRY_RUN" = 1 ]; then
   echo "done (dry run): configs in $OUT; nothing was installed or run"
 else
