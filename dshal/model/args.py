@@ -468,9 +468,12 @@ class _HfCheck:
     def fail(self, key: str, value: Any, expected: str) -> ConfigError:
         line = None
         if self.text is not None:  # JSON has no line marks: the first line that spells the key
-            leaf = key.rsplit(".", 1)[-1].split("[", 1)[0]
-            at = self.text.find(f'"{leaf}"')
-            line = self.text.count("\n", 0, at) + 1 if at >= 0 else None
+            # a missing key ("rope_scaling.factor") is not in the text: the object's line instead
+            for part in reversed(key.split(".")):
+                at = self.text.find(f'"{part.split("[", 1)[0]}"')
+                if at >= 0:
+                    line = self.text.count("\n", 0, at) + 1
+                    break
         shown = repr(value)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
         return ConfigError(f"{key}: got {shown}, expected {expected}", file=self.file, line=line, key=key)
@@ -602,9 +605,10 @@ def validate_hf_config(cfg: Any, file: str = "config.json", text: str | None = N
 
 
 def _check_rope(c: _HfCheck, key: str, rope: dict[str, Any]) -> None:
-    kind = rope.get("rope_type", rope.get("type"))
-    if kind is not None and not isinstance(kind, str):
-        raise c.fail(f"{key}.rope_type", kind, "a string ('yarn' or 'default')")
+    for name in ("rope_type", "type"):
+        if rope.get(name) is not None and not isinstance(rope[name], str):
+            raise c.fail(f"{key}.{name}", rope[name], "a string ('yarn' or 'default')")
+    kind = rope.get("rope_type") or rope.get("type")  # as _rope_from_config reads it
     if "rope_theta" in rope:
         c.number(f"{key}.rope_theta", rope["rope_theta"], 0)
     if kind in (None, "default"):
