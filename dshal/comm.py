@@ -902,7 +902,10 @@ def init(timeout_s: float | None = None) -> Communicator:
     env = launch_env()
     timeout = float(timeout_s if timeout_s is not None else rt.config.distributed.timeout_s)
     if not 0 < timeout <= MAX_TIMEOUT_S:  # as the config's key (larger overflows torch's timedelta)
-        raise ConfigError(f"distributed.timeout_s: got {timeout}, expected a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
+        # the config's key is checked when it is loaded: a bad value here is the argument's
+        what = "distributed.timeout_s" if timeout_s is None else "init: argument 'timeout_s'"
+        raise ConfigError(f"{what}: got {timeout_s if timeout_s is not None else timeout!r}, "
+                          f"expected a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     # The runtime already bound this rank's device (LOCAL_RANK) when it was built; bind it
     # again in case the caller changed the current device since.
     device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()

@@ -444,3 +444,67 @@ def test_a_process_that_exits_without_shutdown_leaves_the_job_before_the_interpr
     for code, out, err in runs:
         assert code == 0, err[-2000:]
         assert "initialized at exit: False" in out, out + err[-2000:]
+
+
+def test_comm_arguments_that_name_no_possible_group_or_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each refused before any collective runs, naming the argument or variable, what was seen
+    and what was expected (a simulated group runs the real communicator's checks)."""
+    import torch.distributed as dist
+
+    import dshal
+    from dshal import comm
+    from dshal.errors import CommError, ConfigError, ShapeError
+
+    with pytest.raises(CommError, match="this rank is not a member of the group it was given"):
+        comm.ProcessGroupCommunicator(dist.GroupMember.NON_GROUP_MEMBER)
+    for size, rank in ((0, 0), (2, 2), (2, -1)):
+        with pytest.raises(CommError, match=rf"SimulatedGroup: rank {rank} of size {size}, expected 0 <= rank < size"):
+            comm.SimulatedGroup(size, rank)
+    pair = comm.SimulatedCommunicator(comm.SimulatedGroup(2, 0))
+    with pytest.raises(ShapeError, match="all_to_all: argument 't' is a 0-d tensor, expected at least 1 dim"):
+        pair.all_to_all(torch.tensor(1.0))
+    with pytest.raises(ShapeError, match="all_to_all: argument 't' has 3 rows, expected a multiple of the group size 2"):
+        pair.all_to_all(torch.ones(3, 4))
+    with pytest.raises(CommError, match=r"broadcast: argument 'src' is 2, expected a group rank in \[0, 2\)"):
+        pair.broadcast(torch.ones(2), src=2)
+    base = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(CommError, match="init: WORLD_SIZE is 0, expected a positive number of ranks"):
+        comm.launch_env({**base, "WORLD_SIZE": "0"})
+    with pytest.raises(CommError, match=r"new_groups\('tp'\): torch.distributed is not initialized; call dshal.comm.init\(\) first"):
+        comm.new_groups([[0]], "tp")
+    for var, value in base.items():
+        monkeypatch.setenv(var, value)
+    dshal.use(backend="cpu")
+    for timeout in (0, -1.5, 10**12):  # refused before the rendezvous: nothing listens on the port
+        with pytest.raises(ConfigError, match=rf"init: argument 'timeout_s': got {timeout}, expected a number of seconds in \(0, "):
+            comm.init(timeout_s=timeout)
+    assert not comm.is_initialized()
+
+
+PARTITION_MISSES_A_RANK = """
+import dshal
+from dshal import comm
+from dshal.errors import CommError
+
+dshal.use(backend="cpu")
+comm.init(timeout_s=30)
+for partition in ([[0], [0]], [[1]], [[]]):
+    try:
+        comm.new_groups(partition, "ep")
+    except CommError as err:
+        print(err)
+comm.shutdown()
+"""
+
+
+def test_new_groups_refuses_a_partition_that_does_not_cover_the_world_once(tmp_path: Path) -> None:
+    import subprocess
+
+    from dshal.parallel.launch import free_port, rank_env
+
+    env = {**os.environ, **rank_env(0, 1, free_port()), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", PARTITION_MISSES_A_RANK], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = "expected every rank 0..0 exactly once"
+    assert done.stdout.splitlines() == [f"new_groups('ep'): argument 'partition' is {p}, {said}" for p in ("[[0], [0]]", "[[1]]", "[[]]")]

@@ -116,7 +116,8 @@ def test_a_flag_that_does_not_parse_gets_the_commands_usage(command, capsys):
     command, *required = command.split()
     for argv, said in (([command, *required, "--bogus", "x"], "unrecognized arguments: --bogus x"),
                        ([command, *required, "--seed", str(2**64)], f"argument --seed: got {2**64}, expected an integer in [0, 2**63 - 1]"),
-                       ([command, *required, "--seed", "-1"], "argument --seed: got -1, expected")):  # fmt: skip
+                       ([command, *required, "--seed", "-1"], "argument --seed: got -1, expected"),
+                       ([command, *required, "--seed", "0x10"], "argument --seed: got '0x10', expected an integer in [0, 2**63 - 1]")):  # fmt: skip
         with pytest.raises(SystemExit) as caught:
             main(argv)
         err = capsys.readouterr().err

@@ -66,6 +66,7 @@ BAD_CONFIGS = [
     ("duplicate-key", "backend: cpu\nfallback: warn\nbackend: auto\n", 3, ["backend: duplicate key (first set on line 1)"]),
     ("unhashable-key", "? [a, b]\n: 1\n", 1, ["invalid YAML", "unhashable key"]),
     ("multiple-documents", "backend: cpu\n---\nbackend: auto\n", 2, ["invalid YAML", "single document"]),
+    ("non-string-key", "backend: cpu\n3: cpu\n", 2, ["3: key 3 is a int, expected one of: attention, backend"]),
 ]
 
 
@@ -267,3 +268,16 @@ def test_errors_about_a_files_values_raised_after_loading_name_its_file_and_line
         refuse_undeclared_fp8_format("e4m3fnuz", Capabilities(fp8_formats=("e4m3fn",)), "nvidia", precision=config.precision)
     assert (err.value.file, err.value.line) == (str(path), 7)
 
+
+
+def test_file_readers_refuse_a_non_path_and_name_invalid_json_with_its_line(tmp_path):
+    """The readers behind every config, index and shapes file: a non-path argument and a file
+    that is not JSON each name what was being read."""
+    for reader in (config_module.read_text_file, config_module.read_json_file, config_module.read_yaml):
+        with pytest.raises(ConfigError, match=r"^shapes file: got 7 \(int\), expected a file path \(str or os.PathLike\)"):
+            reader(7, "shapes file")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {\n  "a": "x.safetensors",\n}}')
+    with pytest.raises(ConfigError, match=rf"^{index}:3: checkpoint index: invalid JSON: Expecting property name") as caught:
+        config_module.read_json_file(index, "checkpoint index")
+    assert (caught.value.file, caught.value.line) == (str(index), 3)

@@ -457,3 +457,26 @@ def test_allow_list_typos_are_named(install_plugin, monkeypatch):
     with pytest.raises(dshal.ConfigError, match=r"environment variable DSHAL_PLUGINS is ',', expected backend names "
                                                 r"separated by commas \(installed: .*cpu.*\), or unset for all"):
         dshal.use(backend="cpu")
+
+
+def test_capabilities_the_core_cannot_act_on_are_each_named(install_plugin):
+    """In the process that discovers the plugins (``dshal info``'s test reads the same reasons
+    through a subprocess): the plugin is listed as failed with every problem, never selected."""
+    install_plugin("backends", {"capsdict": "CapabilitiesDictBackend", "capsclaims": "CapabilitiesClaimsBackend",
+                                "capspaths": "CapabilitiesPathsBackend"})
+    infos = by_name()
+    assert infos["capsdict"].reason == "plugin 'capsdict': capabilities() must return dshal.Capabilities, got dict"
+    claims = infos["capsclaims"].reason
+    for said in ("fp8_formats is 'e4m3fn', expected a tuple of e4m3fn, e4m3fnuz, e5m2",
+                 "op_kinds names 'attention', which ops() does not provide",
+                 "op_kinds['rms_norm'] is 'fast', expected one of native, triton, emulated, reference",
+                 "notes is {'driver': 'int', 'runtime': 'str'}, expected a mapping of str to str", "arch is None, expected a str"):
+        assert said in claims, claims
+    paths = infos["capspaths"].reason
+    for said in ("native_e4m3 is 'e5m2', expected 'e4m3fn' or 'e4m3fnuz'", "op_paths names 'linear', which ops() does not provide",
+                 "op_paths['rms_norm'] has formats ['bf16', 'fp4'], expected some of", "device_name is 7, expected a str"):
+        assert said in paths, paths
+    for name in ("capsdict", "capsclaims", "capspaths"):
+        assert isinstance(infos[name].error, PluginLoadError) and not infos[name].loaded
+        with pytest.raises(PluginLoadError, match=f"plugin '{name}': capabilities"):
+            dshal.use(backend=name)

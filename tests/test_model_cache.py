@@ -8,7 +8,7 @@ import torch
 
 import dshal
 from dshal.config import PrecisionConfig
-from dshal.model import DictReader, build_model, tiny_args
+from dshal.model import DictReader, KVCache, build_model, random_model, tiny_args
 from dshal.model.cache import check_cache_fits
 from dshal.model.checkpoint import random_checkpoint
 from dshal.runtime import free_memory
@@ -744,3 +744,18 @@ def test_completions_refuses_lengths_that_do_not_match_the_rows() -> None:
         completions(ids, [2, 1], -1)
     with pytest.raises(ShapeError, match=r"'ids' is shape \(4,\), expected a \[batch, length\] tensor"):
         completions(ids[0], [2], 2)
+
+
+def test_kv_cache_refuses_what_its_static_steps_cannot_do():
+    """Spare key-bias columns exist only in the absorb layout without a window; a static step
+    (begin_at) needs a slot per position; a layer kept past its cache says what to keep."""
+    with pytest.raises(dshal.DshalError, match=r"KVCache: bias_columns need the 'absorb' layout without an attention window"):
+        KVCache(1, 1, 8, [(4,), (4,)], "naive", torch.float32, "cpu", bias_columns=8)
+    with pytest.raises(dshal.DshalError, match=r"KVCache: bias_columns need the 'absorb' layout without an attention window"):
+        KVCache(1, 1, 8, [(4,)], "absorb", torch.float32, "cpu", window=4, bias_columns=8)
+    windowed = random_model(tiny_args(attention_window=4), seed=0).new_cache(1, 16)
+    with pytest.raises(dshal.DshalError, match="KVCache.begin_at: static decode steps need a cache without an attention window"):
+        windowed.begin_at(torch.tensor([3]))
+    layer = random_model(tiny_args(), seed=0).new_cache(1, 8).layers[1]  # the cache itself is dropped at once
+    with pytest.raises(dshal.DshalError, match=r"LayerCache 1: its KVCache no longer exists \(keep the KVCache, not only a layer\)"):
+        layer.cache  # noqa: B018 - the property raises

@@ -15,7 +15,7 @@ import dshal
 from dshal.config import PrecisionConfig
 from dshal.errors import ArgumentError, DshalError, ShapeError
 from dshal.model import random_model, tiny_args
-from dshal.model.decode import StaticDecoder, generate_with_graphs, positioned_step
+from dshal.model.decode import StaticDecoder, generate_rows, generate_with_graphs, positioned_step
 from dshal.perf.syncs import HostSyncCounter
 
 
@@ -455,3 +455,23 @@ def test_strict_logits_of_a_row_do_not_depend_on_its_batch(dtype: torch.dtype) -
                 assert torch.equal(alone[0], batch[0]), (what, i, (alone[0].float() - batch[0].float()).abs().max().item())
     finally:
         dshal.runtime.reset()
+
+
+def test_static_decode_entry_points_refuse_a_windowed_model_and_bad_arguments_naming_themselves():
+    """A model with an attention window has no slot per position: each entry point says so under
+    its own name (generate_with_graphs said generate_rows, which the caller never called)."""
+    windowed = random_model(tiny_args(attention_window=8), seed=0)
+    ids = _ids(windowed.args)
+    with pytest.raises(DshalError, match="^StaticDecoder: an attention window is set; static decode steps need one cache slot"):
+        StaticDecoder(windowed, windowed.new_cache(2, 16), _eager("cpu"))
+    with pytest.raises(DshalError, match="^generate_with_graphs: an attention window is set"):
+        generate_with_graphs(windowed, ids, 4, _eager("cpu"))
+    with pytest.raises(DshalError, match="^generate_rows: an attention window is set"):
+        generate_rows(windowed, ids, [5, 5], 4, lambda logits: logits.argmax(-1))
+    model = random_model(tiny_args(), seed=0)
+    for new_tokens in (-1, 2.0, True):
+        with pytest.raises(ArgumentError, match=rf"generate_with_graphs: argument 'max_new_tokens' is {new_tokens!r}, "
+                                                r"expected an int >= 0"):
+            generate_with_graphs(model, ids, new_tokens, _eager("cpu"))
+    with pytest.raises(ArgumentError, match=r"generate_with_graphs: argument 'graph' is None, expected a backend's graph hook"):
+        generate_with_graphs(model, ids, 4, None)

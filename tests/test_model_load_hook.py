@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dshal.backends.cpu import CpuBackend
-from dshal.errors import DTypeError, ShapeError
+from dshal.errors import DeviceError, DTypeError, ShapeError
 from dshal.model import from_pretrained, tiny_args
 from dshal.model.checkpoint import random_checkpoint, save_checkpoint
 from dshal.model.loader import prepare_for_backend
@@ -67,6 +67,7 @@ def test_build_model_hands_each_op_weight_to_the_hook_once(checkpoint, monkeypat
         (lambda w: w.t(), ShapeError, (r"prepare_weight\('layers.0.self_attn.o_proj.weight', role linear.weight\) "
                                        r"returned shape \[\d+, \d+\], expected")),
         (lambda w: w.to(torch.float16), DTypeError, "returned dtype torch.float16, expected"),
+        (lambda w: w.to("meta"), DeviceError, "returned a tensor on meta, expected cpu"),
     ],
 )
 def test_a_hook_that_changes_more_than_the_layout_is_refused(checkpoint, bad, error, message):

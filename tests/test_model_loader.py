@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 import dshal
 from dshal.model import CheckpointError, CheckpointReader, DictReader, build_model, from_pretrained, tiny_args
 from dshal.model.checkpoint import quantize_checkpoint_fp8, random_checkpoint, save_checkpoint
+from dshal.model.loader import load_weights
+from dshal.model.model import Transformer
 from dshal.model.precision import convert_fp8_format, dequantize_weight
 
 CONFIG = {"backend": "cpu", "precision": {"gemm": "bf16"}}
@@ -393,3 +395,46 @@ def test_quantize_on_load_converts_an_expert_stack_one_expert_at_a_time(mode, so
         stack = (w / 0.01).clamp(-127, 127).round().to(torch.int8)
         q, s = P.per_expert(int8_rows, stack, one)
         torch.testing.assert_close(q.float() * s, stack.float() * 0.01, atol=2e-3, rtol=0)  # requantized per row
+
+
+def _shards(folder, *shards: dict[str, torch.Tensor]):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(ARGS.to_hf_config()))
+    for number, tensors in enumerate(shards):
+        save_file(tensors, str(folder / f"part{number}.safetensors"))
+    return folder
+
+
+def test_model_loader_bad_shards_name_the_file_and_the_tensor(tmp_path, state):
+    """Shards without an index, a file that is no safetensors, a dtype safetensors has and dshal
+    does not read: each a CheckpointError naming the checkpoint, the file or tensor, and why."""
+    twice = _shards(tmp_path / "twice", dict(state), {"model.norm.weight": state["model.norm.weight"]})
+    with pytest.raises(CheckpointError, match="tensor 'model.norm.weight' is in both part0.safetensors and part1.safetensors"):
+        from_pretrained(twice, CONFIG)
+    garbage = _shards(tmp_path / "garbage")
+    (garbage / "model.safetensors").write_bytes(b"not a safetensors header")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file \("):
+        from_pretrained(garbage, CONFIG)
+    int16 = _shards(tmp_path / "int16", {**state, "model.norm.weight": state["model.norm.weight"].to(torch.int16)})
+    with pytest.raises(CheckpointError, match="tensor 'model.norm.weight' has dtype I16, which dshal cannot read"):
+        from_pretrained(int16, CONFIG)
+
+
+@pytest.mark.parametrize("make_reader", [lambda folder, state: CheckpointReader(folder),
+                                         lambda folder, state: DictReader(state, path=str(folder))],
+                         ids=["files", "in-memory"])
+def test_reader_asked_for_a_tensor_it_lacks_names_it(tmp_path, state, make_reader):
+    reader = make_reader(_shards(tmp_path / "ckpt", dict(state)), state)
+    for read in (reader.get, reader.shape):
+        with pytest.raises(CheckpointError, match=rf"checkpoint {tmp_path / 'ckpt'}: missing tensor 'model.nope.weight'"):
+            read("model.nope.weight")
+
+
+def test_load_weights_names_a_parameter_no_checkpoint_tensor_fills(state):
+    """A model given a parameter of its own (an adapter) before loading: loading it would leave
+    that parameter on the meta device, unloaded, and fail at the first forward."""
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    model.adapter = torch.nn.Parameter(torch.empty(4, device="meta"), requires_grad=False)
+    with pytest.raises(CheckpointError, match="checkpoint <in-memory>: parameters left unloaded: adapter"):
+        load_weights(model, DictReader(state))

@@ -576,6 +576,27 @@ def test_text_refuses_another_models_tokenizer_and_a_chat_without_template(tmp_p
     (tmp_path / "generation_config.json").write_text("[1]")
     with pytest.raises(dshal.CheckpointError, match="not a JSON object of generation settings"):
         stop_ids(tokenizer, tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 1,}')
+    with pytest.raises(dshal.CheckpointError, match=r"generation_config.json:1: generation config: invalid JSON: "):
+        stop_ids(tokenizer, tmp_path)
+
+
+def test_text_prompt_errors_before_any_weight_is_read(tmp_path, monkeypatch):
+    """An unreadable tokenizer file, a prompt its tokenizer turns into no tokens, transformers
+    missing: each names the checkpoint or flag and what was expected."""
+    from dshal.model.text import encode_prompt, load_tokenizer  # lazy: transformers is optional
+
+    pytest.importorskip("transformers")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(dshal.CheckpointError, match=rf"{re.escape(str(tmp_path))}: cannot read its tokenizer: \w+Error: "):
+        load_tokenizer(tmp_path)
+    no_bos = lambda text: {"input_ids": []}  # noqa: E731 - what a tokenizer without a BOS gives for ""
+    with pytest.raises(dshal.ArgumentError, match="--prompt: '' is no tokens, expected at least one"):
+        encode_prompt(no_bos, "", chat=False)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # an environment without it: its import fails
+    with pytest.raises(dshal.ArgumentError, match=rf"needs the transformers package to read {re.escape(str(tmp_path))}'s "
+                                                  r"tokenizer \(.*\): pip install transformers"):
+        load_tokenizer(tmp_path)
 
 
 def test_model_dshal_run_parallel_prompt_error_is_said_once(tmp_path):

@@ -58,6 +58,11 @@ BAD_KEYS = [
     ("quantization_config", {"quant_method": "fp8", "weight_block_size": [0, 128]}, "got [0, 128], expected two positive"),
     ("quantization_config", [1, 2], "a JSON object"),
     ("tie_word_embeddings", "no", "true or false"),
+    ("model_type", 3, "a string"),
+    ("rope_scaling", {"type": 3, "factor": 4}, "rope_scaling.type: got 3, expected a string"),  # named rope_type before
+    ("rope_scaling", {"type": "yarn", "original_max_position_embeddings": 1024}, "factor: got None, expected a finite"),
+    # rope_type null beside type yarn: the reader takes YaRN, the checks took it for plain RoPE
+    ("rope_scaling", {"rope_type": None, "type": "yarn", "factor": -4}, "factor: got -4, expected a finite number > 0"),
 ]
 
 
@@ -74,6 +79,38 @@ def test_config_json_bad_value_names_key_value_expectation_and_file(tmp_path, ke
     if not isinstance(value, dict):  # nested values: `expected` quotes the leaf value
         shown = repr(value) if not isinstance(value, float) or not math.isnan(value) else "nan"
         assert f"got {shown}" in msg, msg
+
+
+@pytest.mark.parametrize(("keys", "said"), [
+    ({"qk_rope_head_dim": 15}, "qk_rope_head_dim is 15, expected a positive even integer"),
+    ({"n_group": 3}, "n_group is 3, expected a positive divisor of n_routed_experts (8)"),
+    ({"topk_group": 3}, "topk_group is 3, expected 1..n_group (2)"),
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok is 5, expected 1..topk_group * experts per group (4)"),
+    ({"hidden_act": "gelu"}, "hidden_act is 'gelu', expected 'silu' (SwiGLU)"),
+    ({"dtype": "float64"}, "dtype is 'float64', expected one of float32, bfloat16, float16"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type is 'linear', expected 'yarn' or 'default'"),
+])
+def test_config_json_values_each_valid_alone_but_not_for_deepseek_v3_name_the_file(tmp_path, keys, said):
+    """Checks past the per-key ones (a value of the right type that DeepSeek-V3 cannot be, or
+    keys that must agree): the message names the file, the key, the value and what was expected."""
+    path = _config_file(tmp_path, {**ARGS.to_hf_config(), **keys})
+    with pytest.raises(ConfigError, match=re.escape(said)) as caught:
+        ModelArgs.from_file(tmp_path)
+    assert caught.value.file == path and str(caught.value).startswith(f"{path}: "), str(caught.value)
+
+
+def test_config_json_that_is_not_json_names_the_file_and_line(tmp_path):
+    (tmp_path / "config.json").write_text('{\n  "vocab_size": 512,\n  "hidden_size": \n}')
+    with pytest.raises(ConfigError, match=r"config\.json:4: invalid JSON: Expecting value") as caught:
+        ModelArgs.from_file(tmp_path)
+    assert caught.value.line == 4
+
+
+@pytest.mark.parametrize("checkpoint_path", [123, None, b"/tmp/ckpt"])
+def test_a_checkpoint_that_is_not_a_path_is_a_config_error(checkpoint_path):
+    with pytest.raises(ConfigError, match=rf"checkpoint: got {re.escape(repr(checkpoint_path))} "
+                                          rf"\({type(checkpoint_path).__name__}\), expected a folder path"):
+        from_pretrained(checkpoint_path, CONFIG)
 
 
 @pytest.mark.parametrize(("sizes", "said"), [
@@ -353,6 +390,14 @@ def test_static_decoder_checks_the_token_and_the_position_it_is_given():
         (dict(qk_nope_head_dim=-4), "qk_nope_head_dim is -4, expected an integer >= 0"),
         (dict(attention_window=2.5), r"attention.window is 2.5, expected null or an integer >= 1"),  # was TypeError
         (dict(attention_window=0), r"attention.window is 0, expected null or an integer >= 1"),  # was about global_tokens
+        (dict(vocab_size=0), "vocab_size is 0, expected a positive integer"),
+        (dict(hidden_size=128.0), "hidden_size is 128.0, expected a positive integer"),
+        (dict(max_position_embeddings=0), r"max_position_embeddings is 0, expected an integer in \[1, 2097152\]"),
+        (dict(q_lora_rank=-1), "q_lora_rank is -1, expected null or a positive integer"),
+        (dict(mla_mode="paged"), "mla_mode is 'paged', expected 'absorb' or 'naive'"),
+        (dict(num_nextn_predict_layers=-1), "num_nextn_predict_layers is -1, expected an integer >= 0"),
+        (dict(attention_window=4, attention_global_tokens=4),
+         r"attention.global_tokens is 4, expected fewer than attention.window \(4\)"),
     ],
 )
 def test_model_args_built_in_python_are_checked_like_config_json(changes, said):

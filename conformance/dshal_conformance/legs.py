@@ -30,7 +30,10 @@ def parse_age(text: str) -> timedelta:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
     if not match:
         raise ValueError(f"got {text!r}, expected a number and a unit s, m, h, d or w (e.g. 30d)")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    except OverflowError:  # past timedelta's range: was a traceback, not the caller's ValueError
+        raise ValueError(f"got {text!r}, expected at most {timedelta.max.days} days") from None
 
 
 @dataclass

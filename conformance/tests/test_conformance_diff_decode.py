@@ -6,10 +6,12 @@ prefill comparison and is caught at decode step 1, with the op named."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from dshal.cli import main
+from dshal.errors import ConfigError
 from dshal_conformance.diff import DEFAULT_DECODE, compare
 
 PREFILL_KEYS = ("layers", "logit_drift", "argmax_agreement", "first_layer_over", "first_op_over", "likely_cause",
@@ -76,5 +78,25 @@ def test_decode_only_bug_passes_the_prefill_and_is_caught_at_decode_step_1(decod
     assert "first drift at decode 1" in text and "likely cause: attention" in text
 
 
-def test_diff_rejects_a_negative_decode_count() -> None:
-    assert main(["diff", "--backend", "cpu", "--backend", "reference", "--decode", "-1"]) == 1
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--decode", "-1"], "--decode: got -1, expected an integer >= 0"),
+    (["--decode", "100000"], "--decode: prompt (8) plus 100000 decode steps exceed the model's max_position_embeddings ("),
+    (["--prompt-len", "0"], "--prompt-len: got 0, expected an integer >= 1"),
+    (["--top", "0"], "--top: got 0, expected an integer >= 1"),
+    (["--precision", "fp4"], "--precision: got 'fp4', expected one of: high, "),
+    (["--backend", "cpu"], "--backend: given 3 time(s), expected exactly 2 (A and B)"),
+])
+def test_diff_rejects_bad_flags_with_one_line_naming_the_flag(flags, said, capsys) -> None:  # noqa: ANN001
+    assert main(["diff", "--backend", "cpu", "--backend", "reference", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dshal diff: error: {said}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("kwargs", "said"), [
+    ({"decode_path": "graph"}, "--decode-path: got 'graph', expected one of: generate, static"),
+    ({"decode": -1}, "--decode: got -1, expected an integer >= 0"),
+    ({"decode": 2.0}, "--decode: got 2.0, expected an integer >= 0"),
+])
+def test_compare_refuses_decode_settings_the_cli_parser_would_have(kwargs, said) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        compare("cpu", "reference", prompt_len=4, **kwargs)

@@ -78,6 +78,20 @@ def test_parse_age() -> None:
         parse_age("30 days")
 
 
+@pytest.mark.parametrize(("age", "said"), [
+    ("30 days", "got '30 days', expected a number and a unit s, m, h, d or w (e.g. 30d)"),
+    ("9999999999999d", "got '9999999999999d', expected at most 999999999 days"),  # was an OverflowError traceback
+    ("1" * 400 + "s", "expected at most 999999999 days"),
+])
+def test_matrix_stale_after_that_is_no_age_is_one_error_line(cpu_report: dict, tmp_path: Path, capsys, age, said) -> None:  # noqa: ANN001
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(cpu_report))
+    assert cli.main(["matrix", str(path), "--stale-after", age, "--markdown", str(tmp_path / "m.md")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dshal matrix: error: --stale-after: ") and said in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m.md").exists()
+
+
 def test_stale_and_duplicate_legs_in_html_and_markdown(cpu_report: dict, tmp_path: Path) -> None:
     now = datetime.now(UTC)
     fresh = _dated(cpu_report, now - timedelta(days=1))

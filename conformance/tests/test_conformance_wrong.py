@@ -126,6 +126,34 @@ def test_a_waiver_without_a_reason_is_refused(tmp_path) -> None:
         waivers.load(path)
 
 
+BAD_WAIVER_FILES = [
+    ("", "expected a top-level 'waivers:' list"),
+    ("waivers: {match: 'x'}\n", "expected a top-level 'waivers:' list"),
+    ("- match: 'rms_norm/*'\n", "expected a top-level 'waivers:' list"),
+    ("waivers:\n  - rms_norm/*\n", "waivers[0]: expected a mapping with match, reason and skip or thresholds"),
+    ("waivers:\n  - {match: 'rms_norm/*', reason: r, skip: true, until: 2025}\n",
+     "waivers[0]: unknown key(s) ['until'], expected match, reason, skip, thresholds"),
+    ("waivers:\n  - {reason: r, skip: true}\n", "waivers[0].match: got None, expected a case-id glob such as 'attention/*'"),
+    ("waivers:\n  - {match: '', reason: r, skip: true}\n", "waivers[0].match: got '', expected a case-id glob"),
+    ("waivers:\n  - {match: 'a/*', reason: r, skip: true}\n  - {match: 'b/*', reason: r, skip: 'yes'}\n",
+     "waivers[1].skip: got 'yes', expected true or false"),
+    ("waivers:\n  - {match: 'a/*', reason: r, thresholds: {max_err: 2}}\n", "waivers[0].thresholds: got {'max_err': 2}, expected metric"),
+    ("waivers:\n  - {match: 'a/*', reason: r, thresholds: 2}\n", "waivers[0].thresholds: got 2, expected metric"),
+    ("waivers:\n  - {match: 'a/*', reason: r}\n", "waivers[0]: says neither skip: true nor thresholds: {...}"),
+    ("waivers:\n  - {match: 'a/*', reason: r, skip: false}\n", "waivers[0]: says neither skip: true nor thresholds"),
+]
+
+
+@pytest.mark.parametrize(("text", "said"), BAD_WAIVER_FILES, ids=[said.split(":")[0] + f"-{i}" for i, (_, said) in enumerate(BAD_WAIVER_FILES)])
+def test_a_malformed_waivers_file_names_the_file_the_entry_and_what_was_expected(tmp_path, text, said) -> None:  # noqa: ANN001
+    path = tmp_path / "conformance-waivers.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        waivers.load(path)
+    assert str(caught.value).startswith(f"{path}: {said}"), str(caught.value)
+    assert caught.value.file == str(path)
+
+
 @pytest.mark.parametrize("limit", ["-1", ".nan", ".inf"])
 def test_a_waiver_threshold_must_be_a_finite_number_at_least_zero(tmp_path, limit) -> None:  # noqa: ANN001
     path = tmp_path / "w.yaml"

@@ -315,10 +315,7 @@ class ModelArgs:
             raise ConfigError(f"config.json: dtype is {dtype_name!r}, expected one of {', '.join(_DTYPES)}")
         plain["dtype"] = _DTYPES[dtype_name]
         quant = cfg.get("quantization_config")
-        if quant:
-            method = quant.get("quant_method", "fp8")
-            if method != "fp8":
-                raise ConfigError(f"config.json: quantization_config.quant_method is {method!r}, expected 'fp8'")
+        if quant:  # validate_hf_config allows quant_method 'fp8' only
             block = quant.get("weight_block_size") or [128, 128]
             plain["weight_block_size"] = (block[0], block[1])
             fmt = quant.get("fmt", "e4m3")
@@ -410,10 +407,7 @@ def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         return float(theta), None
     if kind != "yarn":
         raise ConfigError(f"config.json: rope type is {kind!r}, expected 'yarn' or 'default' (DeepSeek-V3 uses YaRN)")
-    try:
-        factor = float(source["factor"])
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"config.json: rope scaling {source!r} has no numeric 'factor'") from None
+    factor = float(source["factor"])  # validate_hf_config: present and finite for a YaRN entry
     original = source.get("original_max_position_embeddings") or cfg.get("max_position_embeddings", 4096)
     opt = lambda key: None if source.get(key) is None else float(source[key])  # noqa: E731
     return float(theta), RopeScaling(
@@ -468,9 +462,12 @@ class _HfCheck:
     def fail(self, key: str, value: Any, expected: str) -> ConfigError:
         line = None
         if self.text is not None:  # JSON has no line marks: the first line that spells the key
-            leaf = key.rsplit(".", 1)[-1].split("[", 1)[0]
-            at = self.text.find(f'"{leaf}"')
-            line = self.text.count("\n", 0, at) + 1 if at >= 0 else None
+            # a missing key ("rope_scaling.factor") is not in the text: the object's line instead
+            for part in reversed(key.split(".")):
+                at = self.text.find(f'"{part.split("[", 1)[0]}"')
+                if at >= 0:
+                    line = self.text.count("\n", 0, at) + 1
+                    break
         shown = repr(value)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
         return ConfigError(f"{key}: got {shown}, expected {expected}", file=self.file, line=line, key=key)
@@ -602,9 +599,10 @@ def validate_hf_config(cfg: Any, file: str = "config.json", text: str | None = N
 
 
 def _check_rope(c: _HfCheck, key: str, rope: dict[str, Any]) -> None:
-    kind = rope.get("rope_type", rope.get("type"))
-    if kind is not None and not isinstance(kind, str):
-        raise c.fail(f"{key}.rope_type", kind, "a string ('yarn' or 'default')")
+    for name in ("rope_type", "type"):
+        if rope.get(name) is not None and not isinstance(rope[name], str):
+            raise c.fail(f"{key}.{name}", rope[name], "a string ('yarn' or 'default')")
+    kind = rope.get("rope_type") or rope.get("type")  # as _rope_from_config reads it
     if "rope_theta" in rope:
         c.number(f"{key}.rope_theta", rope["rope_theta"], 0)
     if kind in (None, "default"):

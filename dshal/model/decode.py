@@ -294,6 +294,9 @@ def generate_with_graphs(
     check_callbacks(where, generator=generator, on_token=on_token, graph=graph)
     if graph is None:
         raise ArgumentError(f"{where}: argument 'graph' is None, expected a backend's graph hook (runtime.backend.graph)")
+    why = static_decode_unsupported(model)
+    if why:  # before generate_rows, whose message would name it instead of this function
+        raise DshalError(f"{where}: {why}")
     lens = check_prompt_lens(where, prompt_lens, *input_ids.shape)
     chooser = TokenChooser(temperature, top_p, generator, top_k, min_p)
     out, decoder = generate_rows(model, input_ids, lens, max_new_tokens, chooser, graph=graph, on_token=on_token,

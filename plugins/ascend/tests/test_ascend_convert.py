@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dshal.ops.reference as ref
-from dshal.errors import ShapeError
+from dshal.errors import DTypeError, ShapeError
 from dshal_ascend.convert import convert_state_dict, fp8_block_to_int8, main
 
 
@@ -31,6 +31,26 @@ def test_ascend_int8_weight_close_to_fp8_weight():
     # Per-channel int8 rounding error is at most half a step of the row's amax / 127.
     step = fp8_dense.abs().amax(dim=1, keepdim=True) / 127
     assert ((int8_dense - fp8_dense).abs() <= step * (0.5 + 1e-5)).all()
+
+
+@pytest.mark.parametrize(("weight", "error", "said"), [
+    (torch.zeros(128, 128, dtype=torch.bfloat16), DTypeError, "argument 'weight' has dtype torch.bfloat16, expected an FP8 dtype"),
+    (torch.zeros(2, 64, 128).to(torch.float8_e4m3fn), ShapeError, r"argument 'weight' must be 2-D \[N, K\], got shape \[2, 64, 128\]"),
+])
+def test_ascend_fp8_block_to_int8_refuses_what_is_no_fp8_matrix(weight, error, said):
+    with pytest.raises(error, match=f"fp8_block_to_int8: {said}"):
+        fp8_block_to_int8(weight, torch.ones(1, 1))
+
+
+def test_ascend_convert_refuses_to_write_over_its_source(tmp_path, capsys):
+    src = tmp_path / "fp8"
+    src.mkdir()
+    w, s = _fp8_weight(128, 128, 5)
+    save_file({"m.weight": w, "m.weight_scale_inv": s}, str(src / "model-00001-of-00001.safetensors"))
+    before = (src / "model-00001-of-00001.safetensors").read_bytes()
+    assert main([str(src), str(tmp_path / "." / "fp8"), "--quiet"]) == 1  # the same folder spelled otherwise
+    assert f"error: convert: destination {tmp_path / '.' / 'fp8'} is the source; choose another directory" in capsys.readouterr().out
+    assert (src / "model-00001-of-00001.safetensors").read_bytes() == before
 
 
 def test_ascend_int8_linear_close_to_fp8_linear():

@@ -21,7 +21,7 @@ from dshal.plugin import FP8_DTYPES, SPECS
 from dshal_ascend import layouts
 from dshal_ascend.npu_ops import AscendOps
 from dshal_ascend.releases import MINIMUM_RELEASE, RELEASE_BY_NAME, kernel_features, plan_ops
-from dshal_ascend.schema import SignatureError, recorded_releases, recorded_signatures, value_fits
+from dshal_ascend.schema import Schema, SignatureError, recorded_releases, recorded_signatures, value_fits
 from dshal_ascend.standin import SignatureCheckingStandIn
 
 RELEASES = recorded_releases()
@@ -117,6 +117,15 @@ def test_ascend_stand_in_says_it_is_not_an_npu_and_rejects_bad_calls():
         stand_in.npu_moe_gating_top_k  # noqa: B018 - 6.0.0 has no such kernel
     with pytest.raises(SignatureError, match="group_list"):
         stand_in.npu_grouped_matmul([x], [g[None, :, None].expand(1, 8, 4)], group_list=torch.tensor([2]), split_item=2)
+    with pytest.raises(SignatureError, match=r"npu_rms_norm\(.*\): argument 'gamma' given twice"):
+        stand_in.npu_rms_norm(x, g, gamma=g)
+    with pytest.raises(SignatureError, match=r"npu_rms_norm\(.*\): missing required argument 'gamma'"):
+        stand_in.npu_rms_norm(x)
+
+
+def test_ascend_schema_parse_names_text_that_is_no_schema():
+    with pytest.raises(ValueError, match=r"not a function schema: 'npu_rms_norm\(Tensor self\)'"):
+        Schema.parse("npu_rms_norm(Tensor self)")  # no "-> returns"
 
 
 @pytest.mark.parametrize("release", RELEASES)
