@@ -332,10 +332,11 @@ class Backend(abc.ABC):
         return None
 
     def reference_calls(self) -> Mapping[str, int]:
-        """Calls so far in this process, per op, that the backend's own providers served with
-        dshal's reference math rather than a kernel (an input its kernels do not take, e.g.
-        float32 attention on a bf16-only kernel). A run report shows those made while it
-        recorded, so a provider listed as native does not hide them. Default: none counted."""
+        """Calls so far in this process (every thread's), per op, that the backend's own
+        providers served with dshal's reference math rather than a kernel (an input its kernels
+        do not take, e.g. float32 attention on a bf16-only kernel). A run report shows those
+        made while it recorded, so a provider listed as native does not hide them. Safe to call
+        from any thread. Default: none counted."""
         return {}
 
     def process_group_environment(self, timeout_s: float) -> dict[str, str]:

@@ -89,6 +89,7 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 #: (the world's, then :func:`new_groups`'), which a failure aborts.
 _session: dict[str, Any] = {
     "timeout_s": None, "failure": None, "device_type": "cpu", "leaves_at_exit": False, "backend": None, "groups": [],
+    "environment": {},  # variables dshal set for the collective library (Backend.process_group_environment)
 }
 
 
@@ -883,6 +884,19 @@ def process_group_timeout(timeout_s: float, device_type: str) -> datetime.timede
     return datetime.timedelta(seconds=timeout_s * 1.25 + 5.0)
 
 
+def _set_library_environment(backend: Any, timeout_s: float) -> None:
+    """Set what ``backend.process_group_environment(timeout_s)`` asks for, except a variable
+    the user set (theirs wins); one dshal set at an earlier init follows the new timeout."""
+    wanted = backend.process_group_environment(timeout_s)
+    for name, value in wanted.items():
+        if not (isinstance(name, str) and isinstance(value, str)):
+            raise ConfigError(f"backend {backend.name!r}: process_group_environment() gave {name!r}: {value!r}, "
+                              "expected names and values that are strings")
+        ours = _session["environment"].get(name)
+        if name not in os.environ or os.environ[name] == ours:
+            os.environ[name] = _session["environment"][name] = value
+
+
 def init(timeout_s: float | None = None) -> Communicator:
     """Join the job described by torchrun's environment and return the world communicator.
 
@@ -911,8 +925,7 @@ def init(timeout_s: float | None = None) -> Communicator:
     device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()
     store = _bounded_rendezvous(env, timeout)
     _check_world_size(store, env, f"backend {rt.backend.name!r} ({process_group_backend(rt)})")
-    for name, value in rt.backend.process_group_environment(timeout).items():
-        os.environ.setdefault(name, value)  # the user's own setting wins
+    _set_library_environment(rt.backend, timeout)
     try:
         dist.init_process_group(
             backend=process_group_backend(rt),

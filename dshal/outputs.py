@@ -78,8 +78,11 @@ def atomic_output(path: Any, *, private: bool = False) -> Iterator[BinaryIO]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:  # closed before the rename or unlink (Windows refuses both on an open file)
-            if not private:
-                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 (os.fchmod: POSIX; Windows from 3.13)
+            if not private:  # mkstemp makes 0600; fchmod (POSIX; Windows from 3.13) cannot follow a swapped name
+                if hasattr(os, "fchmod"):
+                    os.fchmod(f.fileno(), 0o666 & ~_umask())
+                else:
+                    os.chmod(tmp, 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())

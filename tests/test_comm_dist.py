@@ -336,6 +336,15 @@ print(os.environ["DSHAL_TEST_LIB_TIMEOUT"], os.environ["DSHAL_TEST_USER_SET"])
 tp = comm.new_groups([[0]], "tp")
 comm._teardown("npu")  # a failed collective on device tensors: the groups are aborted
 print(aborted)
+comm.shutdown()
+comm.init(timeout_s=30)  # a later job's timeout: what dshal set follows it, the user's stays
+print(os.environ["DSHAL_TEST_LIB_TIMEOUT"], os.environ["DSHAL_TEST_USER_SET"])
+comm.shutdown()
+backend.process_group_environment = lambda timeout_s: {"DSHAL_TEST_LIB_TIMEOUT": 30}
+try:
+    comm.init(timeout_s=30)
+except dshal.ConfigError as err:
+    print(str(err))
 """
 
 
@@ -351,7 +360,10 @@ def test_the_backends_process_group_hooks_set_its_environment_and_abort_every_gr
     env = {**os.environ, **rank_env(0, 1, free_port()), "OMP_NUM_THREADS": "1", "DSHAL_TEST_USER_SET": "user"}
     done = subprocess.run([sys.executable, "-c", BACKEND_HOOKS], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.splitlines() == ["20.0 user", "[[[0], [0]]]"]
+    assert done.stdout.splitlines() == [
+        "20.0 user", "[[[0], [0]]]", "30.0 user",
+        "backend 'cpu': process_group_environment() gave 'DSHAL_TEST_LIB_TIMEOUT': 30, expected names and values that are strings",
+    ]
 
 
 PLANS_DIFFER = """

@@ -46,7 +46,9 @@ def test_peak_rss_is_the_kernels_high_water_mark_in_bytes() -> None:
         pytest.skip("no /proc/self/status to compare with")
     hwm_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
     peak = host_peak_rss()
-    assert peak is not None and abs(peak - hwm_kib * 1024) <= 0.05 * hwm_kib * 1024, (peak, hwm_kib)
+    # ru_maxrss may carry a bigger parent's peak across fork + exec: bound it from below, and
+    # from above loosely enough for that, tightly enough to catch bytes read as kB (x1024)
+    assert peak is not None and hwm_kib * 1024 * 0.95 <= peak < hwm_kib * 1024 * 100, (peak, hwm_kib)
 
 
 def test_physical_memory_is_the_machines() -> None:

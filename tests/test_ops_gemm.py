@@ -79,18 +79,19 @@ def test_int8_gemm_is_exact():
     assert ref.int8_gemm(a[:0], sa[:0], b, sb).shape == (0, 5)
 
 
-@pytest.mark.parametrize("k", [1024, 1025, 4096 + 7])
+@pytest.mark.parametrize("k", [1024, 1025, 1101, 2049, 4096 + 7])
 def test_int8_gemm_is_exact_at_the_extremes(k):
-    """All -128: every product is 2**14, a row sums past 2**24 (where float32 stops holding
-    integers) once K > 1024; the chunked float32 products must still be exact."""
-    a = torch.full((3, k), -128, dtype=torch.int8)
-    b = torch.cat([torch.full((1, k), -128, dtype=torch.int8), torch.full((1, k), 127, dtype=torch.int8)])
+    """Odd products (127 x 127, -128 x 127) make odd sums past 2**24 once K > 1040, where float32
+    holds only even integers: one float32 matmul over the whole K would be off by one."""
+    a = torch.full((3, k), 127, dtype=torch.int8)
+    a[1] = -128
+    b = torch.full((2, k), 127, dtype=torch.int8)
+    b[1, ::2] = -127
     ones = torch.ones(3, 1), torch.ones(2, 1)
+    exact = a.to(torch.int64) @ b.to(torch.int64).T  # integer matmul: the truth
     got = SPECS["int8_gemm"].run_oracle(a, ones[0], b, ones[1])
-    assert got[0].tolist() == [float(k * 2**14), float(-k * 128 * 127)]
-    one_more = a.clone()
-    one_more[0, 0] = -127  # off by 128 from the all -128 row: float32 past 2**24 would lose it
-    assert SPECS["int8_gemm"].run_oracle(one_more, ones[0], b, ones[1])[0, 0].item() == k * 2**14 - 128
+    assert torch.equal(got, exact.to(torch.float64)), (got - exact.to(torch.float64)).abs().max()
+    assert got[0, 0].item() == k * 127 * 127
 
 
 def test_int8_reference_runs_no_float64_matmul():

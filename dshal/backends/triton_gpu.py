@@ -488,11 +488,13 @@ class TorchGpuBackend(Backend):
 
     def _reference(self, op: str) -> Callable[..., Any]:
         """dshal's reference math for an input this backend's kernel does not take, counted."""
-        self._reference_calls[op] += 1
+        with self._cache_lock:  # requests on several threads: no lost counts
+            self._reference_calls[op] += 1
         return SPECS[op].reference_impl
 
     def reference_calls(self) -> Mapping[str, int]:
-        return dict(self._reference_calls)
+        with self._cache_lock:
+            return dict(self._reference_calls)
 
     def ops(self) -> Mapping[str, Callable[..., Any]]:
         table: dict[str, Callable[..., Any]] = {

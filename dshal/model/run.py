@@ -512,7 +512,8 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
         "sampling_from": args.sampling_from,  # generation_config.json where it set them, else None
         **timing,
         "providers": {op: runtime.provider_entry(op) for op in runtime.providers},
-        # computations a provider above served with the reference math (inputs its kernel does not take)
+        # computations a provider above served with the reference math (inputs its kernel does not
+        # take), in this process so far: load and warm-up included (a --report counts the timed run's)
         "reference_inside": dict(sorted(runtime.backend.reference_calls().items())),
         # strict: batch-invariant providers where the backend has them (other numbers than default)
         "determinism": {"mode": runtime.config.determinism, "batch_invariant_ops": sorted(runtime.batch_invariant),
@@ -864,8 +865,8 @@ def _print(report: dict[str, Any]) -> None:
     console.print(ops)
     if report.get("reference_inside"):
         counts = ", ".join(f"{op} x{n}" for op, n in report["reference_inside"].items())
-        console.print(f"reference math inside {report['backend']}'s providers (inputs their kernels do not take): {counts}",
-                      highlight=False)
+        console.print(f"reference math inside {report['backend']}'s providers (inputs their kernels do not take; "
+                      f"this process, warm-up included): {counts}", highlight=False)
     desc = report["model_description"]
     console.print(precision_summary(desc["precision"]))
     prec = Table(

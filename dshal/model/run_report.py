@@ -46,7 +46,8 @@ class RunReport:
         self.calls: Counter[str] = Counter()
         #: calls whose contract couples the rows (``couples_rows``: batch-variant under strict)
         self.coupled: Counter[str] = Counter()
-        #: calls the backend's own providers served with the reference math (Backend.reference_calls)
+        #: calls the backend's own providers served with the reference math while recording
+        #: (Backend.reference_calls: the process's, other threads' included)
         self.inside: Counter[str] = Counter()
         self._thread = threading.get_ident()
 

@@ -102,10 +102,16 @@ def _compiler() -> str | None:
     open an installer dialog): those count only when ``xcode-select -p`` names the tools."""
     if os.environ.get("CC"):
         return os.environ["CC"]
-    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if found and sys.platform == "darwin" and found.startswith("/usr/bin/") and not _command_output(["xcode-select", "-p"]):
-        return None
-    return found
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found and not _apple_stub(found):
+            return found
+    return None
+
+
+def _apple_stub(compiler: str) -> bool:
+    """Whether ``compiler`` is one of macOS's /usr/bin stubs with no Command Line Tools behind it."""
+    return sys.platform == "darwin" and compiler.startswith("/usr/bin/") and not _command_output(["xcode-select", "-p"])
 
 
 #: A folder that has no room for the build (full, over quota, read-only): the next one is tried.

@@ -202,7 +202,8 @@ class AscendBackend(Backend):
         """Calls the ops served with dshal's reference inside the plugin (float32 attention,
         shapes past a kernel's limits: the ``op`` notes list them); none before the first op."""
         with self._lock:
-            return {} if self._ops is None else dict(self._ops.reference_calls)
+            ops = self._ops
+        return {} if ops is None else ops.reference_counts()
 
     def prepare_weight(self, name: str, weight: torch.Tensor, role: str) -> torch.Tensor:
         """int8 linear weights: transposed and cast to FRACTAL_NZ once, at load, held once

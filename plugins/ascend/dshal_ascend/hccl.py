@@ -8,7 +8,9 @@ Two gaps between torch's process-group machinery and HCCL, both facts of torch_n
   ``v2.1.0-6.0.0`` to ``v2.10.0-26.0.0``, torch_npu/csrc/distributed/Init.cpp) does abort the
   communicators. Without it, a collective stuck on a dead peer stays queued and torch_npu's
   exit handler waits for it (HCCL's execution timeout: about 30 minutes by default).
-- HCCL's own timeouts are environment variables read when a communicator is built.
+- HCCL's own timeouts are environment variables read when a communicator is built. (torch_npu
+  also reads HCCL_EXEC_TIMEOUT once at ``import torch_npu`` for its task-dispatch timeout, before
+  dshal sets it: that one follows dshal's value only when the user exports it.)
 """
 
 from __future__ import annotations
@@ -46,19 +48,23 @@ def hccl_environment(timeout_s: float) -> dict[str, str]:
 
 def abort_hccl_communicators(groups: Sequence[Any], device: torch.device) -> list[str]:
     """Abort the HCCL communicators of each of ``groups`` (torch process groups) on ``device``'s
-    type; a group without an HCCL backend (gloo) is passed over. Returns why any was not aborted."""
+    type, each in its own try (one failing leaves the next to abort). A group with no backend
+    for that device type (gloo's) has nothing to abort and is passed over. Returns why any
+    HCCL group was not aborted."""
     missed = []
     for group in groups:
         try:
             hccl = group._get_backend(torch.device(device.type))
-        except (AttributeError, RuntimeError, ValueError) as err:  # no backend for the device: not an HCCL group
-            missed.append(f"{getattr(group, 'group_name', group)}: {err}")
+        except (AttributeError, RuntimeError, ValueError):  # no backend for the device type: not an HCCL group
             continue
         abort = getattr(hccl, "abort_hccl_comm", None)
         if abort is None:
-            missed.append(f"{type(hccl).__name__} has no abort_hccl_comm")
+            missed.append(f"{getattr(group, 'group_name', group)}: {type(hccl).__name__} has no abort_hccl_comm")
             continue
-        abort(ABORT_REASON)
+        try:
+            abort(ABORT_REASON)
+        except Exception as err:  # noqa: BLE001 - HCCL's own failure: the next group still gets its abort
+            missed.append(f"{getattr(group, 'group_name', group)}: abort_hccl_comm raised {type(err).__name__}: {err}")
     return missed
 
 

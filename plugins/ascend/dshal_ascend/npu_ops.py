@@ -15,6 +15,7 @@ The preparation around the kernels lives in :mod:`dshal_ascend.layouts` and
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable
@@ -143,6 +144,7 @@ class AscendOps:
         self.prepared = PreparedWeights()
         #: op -> how many calls its reference served (bounded: one counter per op)
         self.reference_calls: Counter[str] = Counter()
+        self._count_lock = threading.Lock()  # requests on several threads: no lost counts
 
     @property
     def npu(self) -> Any:
@@ -156,8 +158,14 @@ class AscendOps:
     def _reference(self, op: str) -> Callable[..., Any]:
         """dshal's reference math, run as plain torch on the NPU tensors (for cases no kernel
         covers); each use is counted in ``reference_calls`` (the stand-in's dry view shows it)."""
-        self.reference_calls[op] += 1
+        with self._count_lock:
+            self.reference_calls[op] += 1
         return SPECS[op].reference_impl
+
+    def reference_counts(self) -> dict[str, int]:
+        """A snapshot of ``reference_calls`` (consistent while other threads count)."""
+        with self._count_lock:
+            return dict(self.reference_calls)
 
     # ------------------------------------------------------------ load hook (Backend.prepare_weight)
     def prepare_weight(self, name: str, weight: torch.Tensor, role: str) -> torch.Tensor:

@@ -99,6 +99,10 @@ class CannInstall:
     found: Mapping[str, str] = field(default_factory=dict)
     #: Toolkit version from the install-info file, e.g. ``"8.0.RC3"``; None when unknown.
     version: str | None = None
+    #: Whether ``version`` is the release's own (an ``*_install.info`` file), which may decide the
+    #: kernel release; ``version.cfg``'s ``Version=`` is an internal number (7.x for CANN 8.0):
+    #: shown, never compared.
+    version_is_release: bool = False
     #: Found libraries no ``LD_LIBRARY_PATH`` folder holds: the loader may not find them.
     off_library_path: tuple[str, ...] = ()
 
@@ -163,6 +167,11 @@ _VERSION_LINE = re.compile(r"^\s*(?:version|Version)\s*=\s*\[?([0-9][0-9A-Za-z.\
 def cann_version(env: Mapping[str, str]) -> str | None:
     """The CANN toolkit version, from ``ascend_toolkit_install.info`` (``version=8.0.RC3``)
     or ``version.cfg`` under an install root; None when no such file is readable."""
+    return cann_version_and_file(env)[0]
+
+
+def cann_version_and_file(env: Mapping[str, str]) -> tuple[str | None, Path | None]:
+    """:func:`cann_version` and the file it was read from."""
     for root in cann_roots(env):
         if not root.is_dir():
             continue
@@ -176,8 +185,8 @@ def cann_version(env: Mapping[str, str]) -> str | None:
                 continue
             match = _VERSION_LINE.search(text)
             if match:
-                return match.group(1)
-    return None
+                return match.group(1), path
+    return None, None
 
 
 def find_cann(env: Mapping[str, str] | None = None) -> CannInstall:
@@ -193,7 +202,9 @@ def find_cann(env: Mapping[str, str] | None = None) -> CannInstall:
                 break
     loader_dirs = [Path(p) for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     off_path = tuple(path for lib, path in found.items() if not any((d / lib).exists() for d in loader_dirs))
-    return CannInstall(searched=tuple(str(d) for d in dirs), found=found, version=cann_version(env),
+    version, version_file = cann_version_and_file(env)
+    return CannInstall(searched=tuple(str(d) for d in dirs), found=found, version=version,
+                       version_is_release=version_file is not None and version_file.name.endswith("_install.info"),
                        off_library_path=off_path)
 
 
@@ -318,8 +329,10 @@ def diagnose(
         if too_old is not None:
             return too_old, cann
     version = probe.cann_version or cann.version
+    # torch_npu's own answer, or an install-info file's: a version.cfg number is not a release's
+    compared = probe.cann_version or (cann.version if cann.version_is_release else None)
     if match is not None:  # the installed CANN may be older than the torch_npu's release wants
-        match = release_for(match.torch_npu, version)
+        match = release_for(match.torch_npu, compared)
         if not match.supported:
             return NpuProbe(False, match.reason, torch_npu_version=match.torch_npu, cann_version=version,
                             release=match.release.name if match.release else None), cann

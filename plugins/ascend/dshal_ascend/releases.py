@@ -211,7 +211,7 @@ def release_of(torch_npu_version: str) -> ReleaseMatch:
     return ReleaseMatch(torch_npu_version, release, True, f"op-plugin release {release.name} (CANN {release.cann})")
 
 
-_CANN_VERSION = re.compile(r"(\d+)\.(\d+)\.(?:(\d+)|RC(\d+))(?:\.(alpha|beta)(\d+))?", re.IGNORECASE)
+_CANN_VERSION = re.compile(r"(\d+)\.(\d+)\.(?:(\d+)|RC(\d+))(?:\.(alpha|beta)(\d+))?(?:\.\d+)*", re.IGNORECASE)
 
 
 def parse_cann_version(text: str) -> tuple[int, int, int, int, int] | None:
@@ -219,7 +219,7 @@ def parse_cann_version(text: str) -> tuple[int, int, int, int, int] | None:
     ``alpha`` / ``beta`` build precedes its version (``"8.2.RC1.alpha003"`` < ``"8.2.RC1"``).
     ``RCn`` sorts as -100 + n in the patch place, as in :func:`parse_torch_npu_version`.
     None when not understood."""
-    match = _CANN_VERSION.match(text.strip())
+    match = _CANN_VERSION.fullmatch(text.strip())  # "9.0.0-beta.1": not understood, not read as 9.0.0
     if match is None:
         return None
     major, minor, patch, rc, stage, build = match.groups()

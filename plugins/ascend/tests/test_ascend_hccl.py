@@ -65,15 +65,28 @@ class StandInGroup:
         return self.backend
 
 
-def test_every_hccl_group_is_aborted_and_others_are_named() -> None:
+def test_every_hccl_group_is_aborted_and_a_gloo_group_passed_over() -> None:
     world, tp = StandInHcclBackend(), StandInHcclBackend()
-    groups = [StandInGroup("world", NPU, world), StandInGroup("tp0", NPU, tp), StandInGroup("gloo0", "cpu")]
+    groups = [StandInGroup("world", NPU, world), StandInGroup("gloo0", "cpu"), StandInGroup("tp0", NPU, tp)]
     missed = abort_hccl_communicators(groups, torch.device(NPU, 3))
     assert world.reasons == [ABORT_REASON] and tp.reasons == [ABORT_REASON]
     assert all(g.asked == [torch.device(NPU)] for g in groups)  # by device type, as torch keys its backends
-    assert len(missed) == 1 and missed[0].startswith(f"gloo0: No backend type associated with device type {NPU}")
+    assert missed == []  # gloo has no communicator to abort: nothing to say
+
+
+class FailingHcclBackend(StandInHcclBackend):
+    def abort_hccl_comm(self, reason: str | None) -> None:
+        raise RuntimeError("HCCL error 7")
+
+
+def test_one_failing_abort_leaves_the_next_group_aborted_and_is_named() -> None:
+    after = StandInHcclBackend()
+    groups = [StandInGroup("world", NPU, FailingHcclBackend()), StandInGroup("tp0", NPU, after)]
+    missed = abort_hccl_communicators(groups, torch.device(NPU))
+    assert after.reasons == [ABORT_REASON]
+    assert missed == ["world: abort_hccl_comm raised RuntimeError: HCCL error 7"]
 
 
 def test_a_backend_without_the_binding_is_named_not_raised() -> None:
     missed = abort_hccl_communicators([StandInGroup("world", NPU, object())], torch.device(NPU))
-    assert missed == ["object has no abort_hccl_comm"]
+    assert missed == ["world: object has no abort_hccl_comm"]

@@ -84,7 +84,7 @@ def test_ascend_cann_versions_parse_in_release_order():
     assert None not in keys and keys == sorted(keys) and len(set(keys)) == len(keys)
     assert parse_cann_version(" 8.0.rc3 ") == parse_cann_version("8.0.RC3")
     assert parse_cann_version("7.0.0.5.242") == parse_cann_version("7.0.0")  # version.cfg's build digits
-    assert [parse_cann_version(v) for v in ("", "CANN", "8", "8.x.0", "RC1")] == [None] * 5
+    assert [parse_cann_version(v) for v in ("", "CANN", "8", "8.x.0", "RC1", "9.0.0-beta.1", "8.3.RC1.alpha001abc")] == [None] * 7
     # the table's CANN versions grow with its releases (so "not newer" picks a prefix of it)
     assert [r.name for r in sorted(RELEASES, key=lambda r: parse_cann_version(r.cann))] == [r.name for r in RELEASES]
 
