@@ -59,6 +59,7 @@ def test_nvidia_gpu_check_dry_run(tmp_path, cpu_rowwise_scaled_mm_refusal):
     assert run["returncode"] == 0 and run["emulated"] is True and run["decode_tokens_per_s"] > 0
     assert run["graphs"]["run"] and run["graphs"]["tokens_match_eager"]
     assert run["speculative"]["run"] and run["speculative"]["tokens_match_eager"]  # two-token steps on its kernels
+    assert run["reference_inside"] == {}  # every call of the tiny model on the plugin's kernels
     ragged = data["ragged"]  # prompts of different lengths: eager and the per-row static step agree
     assert ragged["tokens_match"] is True and ragged["captured"] is False and ragged["eager_s"] > 0  # no graphs on CPU
     assert ragged["graphs_incl_capture_s"] > 0 and "graphs_off" not in ragged
