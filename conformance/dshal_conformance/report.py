@@ -245,9 +245,41 @@ def is_environment_file(path: str | Path) -> bool:
     )
 
 
+#: Platform facts earlier suites did not record (each reads as unknown: null).
+_LATER_PLATFORM_FACTS = ("triton", "driver", "runtime")
+#: Case kinds an id's first part names; other cases are op cases (accuracy, edge or bad input:
+#: the matrix tells those apart only through their ids).
+_KIND_OF_PREFIX = {"capability": "capability", "model": "model", "determinism": "determinism", "graph": "graph",
+                   "hooks": "hooks", "collective": "collective"}
+
+
+def as_current_revision(report: dict[str, Any]) -> dict[str, Any]:
+    """A ``dshal.conformance/1`` report as this suite's schema reads it, so a matrix can mix
+    legs run by different suite versions: facts an earlier suite did not record are filled as
+    unknown (platform ``triton`` / ``driver`` / ``runtime``: null; a case's ``kind`` from its id),
+    and keys a later suite added, which this schema does not know, are left out. A copy."""
+    known = schema()
+    out = {k: v for k, v in report.items() if k in known["properties"]}
+    platform = report.get("platform")
+    if isinstance(platform, dict):
+        facts = known["properties"]["platform"]["properties"]
+        out["platform"] = {**dict.fromkeys(_LATER_PLATFORM_FACTS), **{k: v for k, v in platform.items() if k in facts}}
+    cases = report.get("cases")
+    if isinstance(cases, list):
+        fields = known["properties"]["cases"]["items"]["properties"]
+        out["cases"] = [
+            {k: v for k, v in case.items() if k in fields} | (
+                {} if "kind" in case else {"kind": _KIND_OF_PREFIX.get(str(case.get("id", "")).split("/")[0], "accuracy")})
+            if isinstance(case, dict) else case
+            for case in cases
+        ]
+    return out
+
+
 def load(path: str | Path) -> dict[str, Any]:
-    """Read and validate a report (matrix input); every problem is a ReportError naming the
-    file and what is wrong with it."""
+    """Read and validate a report (matrix input), as this suite's revision of the schema reads
+    it (:func:`as_current_revision`: an earlier or later suite's report still merges); every
+    problem is a ReportError naming the file and what is wrong with it."""
     import jsonschema
 
 
@@ -265,6 +297,7 @@ def load(path: str | Path) -> dict[str, Any]:
         raise ReportError(f"{path}: a JSON {type(data).__name__}, expected a conformance report object")
     if data.get("schema") != SCHEMA_ID:
         raise ReportError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA_ID!r} (a dshal conformance report)")
+    data = as_current_revision(data)
     try:
         validate(data)
     except jsonschema.ValidationError as err:

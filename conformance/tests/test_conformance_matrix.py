@@ -156,3 +156,45 @@ def test_the_schema_requires_what_the_matrix_reads(cpu_report: dict) -> None:
         del missing["platform"][key]
         with pytest.raises(jsonschema.ValidationError, match=f"'{key}' is a required property"):
             report.validate(missing)
+
+
+OLD_REPORT = Path(__file__).parent / "fixtures" / "reports" / "nvidia-emulated-3c76802.json"
+
+
+def test_a_report_of_an_earlier_suite_merges_with_todays(cpu_report: dict, tmp_path: Path, capsys) -> None:
+    """A leg run by an earlier suite (commit 3c76802's, which recorded no platform triton /
+    driver / runtime) failed the whole matrix: "does not follow dshal.conformance/1 at platform:
+    'triton' is a required property". The reader fills what it did not record as unknown."""
+    from dshal_conformance import report
+
+    old = json.loads(OLD_REPORT.read_text())
+    assert "triton" not in old["platform"] and "selection" not in old  # a real report of that suite
+    read = report.load(OLD_REPORT)
+    assert read["platform"]["triton"] is read["platform"]["driver"] is read["platform"]["runtime"] is None
+    assert [c["kind"] for c in read["cases"]] == [c["kind"] for c in old["cases"]]
+    out = tmp_path / "matrix.md"
+    assert cli.main(["matrix", str(OLD_REPORT), _write(tmp_path, "cpu", cpu_report), "--markdown", str(out)]) == 0
+    shown = out.read_text()
+    assert "nvidia (emu)" in shown and "passed 17, failed 0" in shown
+
+
+def test_a_report_of_a_later_suite_is_read_without_what_it_added(cpu_report: dict, tmp_path: Path) -> None:
+    """Keys a later suite adds (this schema refuses unknown keys) are left out when reading; a
+    key this suite requires is still required. The writer's own check stays strict."""
+    import jsonschema
+
+    from dshal_conformance import report
+
+    later = copy.deepcopy(cpu_report)
+    later["catalogue_digest"] = "abc"
+    later["platform"]["firmware"] = "1.2"
+    later["cases"][0]["retries"] = 2
+    with pytest.raises(jsonschema.ValidationError, match="Additional properties"):
+        report.validate(later)
+    read = report.load(_write(tmp_path, "later", later))
+    assert "catalogue_digest" not in read and "firmware" not in read["platform"] and "retries" not in read["cases"][0]
+    assert read["cases"][0] == cpu_report["cases"][0]
+    broken = copy.deepcopy(cpu_report)
+    del broken["backend"]
+    with pytest.raises(report.ReportError, match="'backend' is a required property"):
+        report.load(_write(tmp_path, "broken", broken))
