@@ -87,7 +87,7 @@ from dshal.ops.attention import guarded_attention, nonfinite_guard, values_are_k
 from dshal.ops.catalogue import SPECS
 from dshal.ops.gemm import GRANULARITY_BLOCKS, gemm_granularity
 from dshal.ops.moe import NO_EXPERT, moe_experts_on_kept_slots
-from dshal.ops.quant import FP8_DTYPE_LIST, dequantize_to, fp8_block_to_int8_rows
+from dshal.ops.quant import FP8_DTYPE_LIST, dequantize_to, e4m3fn_bits_as_e4m3fnuz, fp8_block_to_int8_rows
 from dshal.ops.reference import dequantize_fp8, quantize_int8
 from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF, check_ids_in_range
 from dshal.parallel.placement import islands, place_groups, topology_from_matrix
@@ -125,6 +125,7 @@ __all__ = [
     "check_ids_in_range",
     "dequantize_fp8",
     "dequantize_to",
+    "e4m3fn_bits_as_e4m3fnuz",
     "fp8_block_to_int8_rows",
     "gemm_granularity",
     "guarded_attention",

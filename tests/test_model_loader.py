@@ -237,6 +237,12 @@ def test_model_precision_policy_and_fp8_formats(state):
     q = torch.tensor([[0x80, 0x01, 0x7E]], dtype=torch.uint8).view(torch.float8_e4m3fn)
     converted, s = convert_fp8_format(q, torch.ones(1, 1), "e4m3fnuz")
     assert converted.float().mul(s).tolist() == [[0.0, q.float()[0, 1].item(), 448.0]]
+    # every one of the 256 codes: the same value after the doubled scale (NaN stays NaN: fn's
+    # 0x7F / 0xFF read as fnuz are +-240, and the loader's conversion made them so)
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(1, 256)
+    converted, s = convert_fp8_format(every, torch.ones(1, 1), "e4m3fnuz")
+    want, got = every.float(), converted.float() * s
+    assert torch.equal(want.isnan(), got.isnan()) and torch.equal(want.nan_to_num(), got.nan_to_num())
 
 
 def test_gemm_auto_runs_each_checkpoint_in_its_own_format(state):

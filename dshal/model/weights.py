@@ -11,7 +11,7 @@ import torch
 
 from dshal import ops
 from dshal.errors import ConfigError
-from dshal.ops.quant import SCALE_DTYPES, fp8_block_to_int8_rows
+from dshal.ops.quant import SCALE_DTYPES, e4m3fn_bits_as_e4m3fnuz, fp8_block_to_int8_rows
 from dshal.ops.spec import FP8_DTYPES, FP8_FORMAT_OF
 from dshal.runtime import reference_ops
 
@@ -67,16 +67,14 @@ def int8_rows(weight: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.T
 def convert_fp8_format(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-express FP8 ``weight * scale`` in format ``fmt``.
 
-    e4m3fn -> e4m3fnuz is exact: the same bits read as fnuz are worth half (its exponent
-    bias is one larger), so the scales double; 0x80 (fn's -0) is fnuz's NaN and becomes 0.
+    e4m3fn -> e4m3fnuz is exact (:func:`~dshal.ops.quant.e4m3fn_bits_as_e4m3fnuz`: the same
+    bits read as fnuz are worth half, so the scales double; -0 becomes 0, NaN stays NaN).
     Other pairs dequantize and requantize with the same block."""
     target = FP8_DTYPES[fmt]
     if weight.dtype == target:
         return weight, scale
     if weight.dtype == torch.float8_e4m3fn and target == torch.float8_e4m3fnuz:
-        bits = weight.view(torch.uint8)
-        bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
-        return bits.view(torch.float8_e4m3fnuz), scale * 2
+        return e4m3fn_bits_as_e4m3fnuz(weight), scale * 2
     block = weight_block(weight, scale)
     dense = dequantize_weight(weight, scale, torch.float32)
     return ops.quantize_fp8(dense, block, fmt)

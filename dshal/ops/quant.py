@@ -277,6 +277,17 @@ def _quantize_int8_outputs(x):
 HOST_CHUNK_ROWS = 128
 
 
+def e4m3fn_bits_as_e4m3fnuz(q: torch.Tensor) -> torch.Tensor:
+    """An e4m3fn tensor's values as e4m3fnuz codes worth half as much (fnuz's exponent bias is
+    one larger: the same bits read as fnuz are half the value, so the caller doubles the
+    scales). Exact, except that -0 (0x80, fnuz's NaN) becomes +0 and both of fn's NaNs
+    (0x7F, 0xFF: read as fnuz they would be +-240) become fnuz's one NaN, 0x80."""
+    bits = q.view(torch.uint8)
+    fixed = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+    fixed = torch.where((bits & 0x7F) == 0x7F, torch.full_like(bits, 0x80), fixed)
+    return fixed.view(torch.float8_e4m3fnuz)
+
+
 def fp8_block_to_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 ``q [..., N, K]`` with 128x128 block scales ``[..., ceil(N/128), ceil(K/128)]`` ->
     int8 ``[..., N, K]`` with one float32 scale per row ``[..., N, 1]``: bit for bit

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from dshal import DeviceError, DTypeError
-
-_FNUZ_NAN = 0x80
+from dshal.plugin import e4m3fn_bits_as_e4m3fnuz
 
 
 def e4m3fn_to_e4m3fnuz(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +32,4 @@ def e4m3fn_to_e4m3fnuz(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch
         raise DTypeError(f"e4m3fn_to_e4m3fnuz: argument 'scale' is {got}, expected a floating-point tensor (float32, bfloat16...)")
     if scale.device != weight.device:
         raise DeviceError(f"e4m3fn_to_e4m3fnuz: argument 'scale' is on {scale.device}, expected {weight.device} (the weight's)")
-    bits = weight.view(torch.uint8)
-    is_nan = (bits & 0x7F) == 0x7F
-    fixed = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
-    fixed = torch.where(is_nan, torch.full_like(bits, _FNUZ_NAN), fixed)
-    return fixed.view(torch.float8_e4m3fnuz), scale * 2
+    return e4m3fn_bits_as_e4m3fnuz(weight), scale * 2
