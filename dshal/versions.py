@@ -60,12 +60,20 @@ def in_range(package: str, version: str) -> bool:
     return minor(low) <= minor(version) <= minor(high)
 
 
+#: The distributions that install a package under other names: ROCm's torch wheels depend on
+#: ``pytorch-triton-rocm`` (and CUDA nightlies on ``pytorch-triton``), which install ``triton``.
+DISTRIBUTIONS: dict[str, tuple[str, ...]] = {"triton": ("triton", "pytorch-triton-rocm", "pytorch-triton")}
+
+
 def installed(package: str) -> str | None:
-    """The installed version of ``package`` (read from its metadata, without importing it)."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """The installed version of ``package`` (read from its distribution's metadata, without
+    importing it; any of the distributions :data:`DISTRIBUTIONS` lists for it)."""
+    for distribution in DISTRIBUTIONS.get(package, (package,)):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def interpreter_refusal(triton_version: str | None) -> str | None:
@@ -95,4 +103,4 @@ def stack_report() -> dict[str, dict[str, object]]:
     return out
 
 
-__all__ = ["INTERPRETER_MINIMUM", "SUPPORTED", "in_range", "installed", "interpreter_refusal", "minor", "stack_report"]
+__all__ = ["DISTRIBUTIONS", "INTERPRETER_MINIMUM", "SUPPORTED", "in_range", "installed", "interpreter_refusal", "minor", "stack_report"]

@@ -131,3 +131,25 @@ def test_child_python_is_this_interpreter_off_windows() -> None:
         pytest.skip("the Windows case starts the base interpreter (a venv's python.exe is a launcher)")
     assert child_python("-c", "pass")[:2] == [sys.executable, "-P"]
     assert os.pathsep.join(p for p in sys.path if p) == child_env()["PYTHONPATH"]
+
+
+def test_the_triton_of_rocm_torch_wheels_is_found_under_its_own_name(tmp_path: Path) -> None:
+    """ROCm's torch wheels install Triton through the distribution pytorch-triton-rocm: dshal
+    looked for one named triton, left Triton out of `dshal info`'s stack line and skipped its
+    minimum-version check. The child sees a site with only that distribution's metadata."""
+    site = tmp_path / "site"
+    info = site / "pytorch_triton_rocm-3.5.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pytorch-triton-rocm\nVersion: 3.5.1\n")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:] = [{str(site)!r}] + [p for p in sys.path if "site-packages" not in p and "dist-packages" not in p]
+        from dshal.versions import installed, stack_report
+        print(installed("triton"), stack_report()["triton"]["in_range"])
+    """)
+    import dshal  # lazy: only for where this checkout is
+
+    env = {**child_env(), "PYTHONPATH": str(Path(dshal.__file__).parent.parent)}
+    done = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["3.5.1", "False"]  # found, and below the supported 3.6
