@@ -209,7 +209,7 @@ class Registry:
                 version=_version_of(ep),
                 loaded=False,
                 available=False,
-                reason=f"import failed: {type(err).__name__}: {err}{_raised_at(err)}",
+                reason=f"import failed: {type(err).__name__}: {err}{_raised_at(err)}{_later_dshal_hint(err)}",
                 error=err,
             )
         for ep, plugin in loaded:
@@ -218,6 +218,16 @@ class Registry:
             if allow is None or name in allow:
                 infos[name] = _clash(name, eps)
         return dict(sorted(infos.items()))
+
+
+def _later_dshal_hint(err: BaseException) -> str:
+    """Where a plugin could not import a name from dshal: it was likely written for a later
+    dshal than the one installed (every release adds names to :mod:`dshal.plugin`)."""
+    if isinstance(err, ImportError) and (err.name or "").split(".")[0] == "dshal":
+        from dshal import __version__  # lazy: the package's own version, for the message only
+
+        return f"; the plugin may need a later dshal than the {__version__} installed here"
+    return ""
 
 
 def _raised_at(err: BaseException) -> str:

@@ -441,6 +441,19 @@ def test_an_import_error_says_where_and_a_clash_with_the_builtin_cpu_says_what_t
     assert not cpu.loaded and "it is the name of dshal's built-in backend: register the others under another name" in cpu.reason
 
 
+def test_a_plugin_that_imports_what_this_dshal_lacks_is_told_it_may_need_a_later_dshal(install_plugin):
+    """A plugin written for a later core failed as a bare ImportError ("cannot import name
+    'NO_EXPERT' from 'dshal.plugin'"), with nothing saying the two versions do not match."""
+    import dshal
+
+    install_plugin("needs_newer_dshal", {"later": None})
+    reason = by_name()["later"].reason
+    assert reason.startswith("import failed: ImportError: cannot import name 'a_hook_of_a_later_dshal' from 'dshal.plugin'")
+    assert reason.endswith(f"; the plugin may need a later dshal than the {dshal.__version__} installed here")
+    install_plugin("fails_on_import", {"failing": None})
+    assert "later dshal" not in by_name()["failing"].reason  # its own bug, not a version skew
+
+
 def test_allow_list_typos_are_named(install_plugin, monkeypatch):
     """DSHAL_PLUGINS=recordr (a typo) said "cpu: not installed (excluded by DSHAL_PLUGINS)", of
     the built-in backend, and never showed the value or the name that matched nothing; "," gave

@@ -1003,7 +1003,9 @@ def test_model_dshal_run_builds_the_tiny_model_in_the_dtype_asked(tmp_path, caps
     out = tmp_path / "run.json"
     assert main(["run", "--dtype", "bfloat16", "--prompt-len", "4", "--new-tokens", "2", "--no-progress",
                  "--json", str(out)]) == 0
-    described = json.loads(out.read_text())["model_description"]
+    written = json.loads(out.read_text())
+    assert (written["schema"], written["dshal_version"]) == ("dshal.run/1", dshal.__version__)
+    described = written["model_description"]
     assert described["dtype"] == "bfloat16"
     modes = {part: mode for layer in described["layers"] for part, mode in layer["precision"].items()}
     assert modes["mlp.experts"] == modes["self_attn.o_proj"] == "bfloat16" and modes["mlp.gate"] == "float32"  # the router stays float32

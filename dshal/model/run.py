@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from dshal import comm
+from dshal import __version__ as dshal_version, comm
 from dshal.cliargs import seed
 from dshal.config import read_text_file
 from dshal.errors import ArgumentError, ConfigError, DshalError
@@ -58,6 +58,9 @@ from dshal.model.text import (
 from dshal.outputs import atomic_write, check_writable, console as output_console, is_terminal
 from dshal.parallel import run as parallel_run
 from dshal.runtime import free_memory, out_of_memory_as_error, use_for_command
+
+#: The revision of ``dshal run --json``'s layout.
+RUN_SCHEMA = "dshal.run/1"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -490,6 +493,8 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
         timing, outputs = _generate_and_time(args, model, runtime, batches, eos, run_report, show)
     shape = batch_shape(model, prompt_lens, args.new_tokens)
     report: dict[str, Any] = {
+        "schema": RUN_SCHEMA,  # keys are only added within a revision; scripts can check it
+        "dshal_version": dshal_version,
         "backend": runtime.backend.name,
         # why it was taken, in its own words: how it serves (the cpu backend: whether its C kernels built)
         "backend_reason": next((d.reason for d in runtime.selection if d.taken), ""),

@@ -57,6 +57,10 @@ from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
 from dshal.lifetime import child_env, child_python, cleanup_on_termination, dies_with_parent, exit_with_parent
 from dshal.outputs import atomic_write, check_writable
 
+#: Bumped whenever what a compile is read for changes (the ptxas / AMDGCN patterns, the facts
+#: kept): a cached result of the earlier reading is then compiled and read again.
+RESULTS_REVISION = 1
+
 
 @dataclass(frozen=True)
 class CompileTarget:
@@ -246,7 +250,7 @@ def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> d
     except Exception as err:  # noqa: BLE001 -- a bad launch is reported, not raised
         return row | {"lowered": False, "error": f"specialization failed: {type(err).__name__}: {err}"}
     key = hashlib.sha256(
-        repr((triton.__version__, job.fn.cache_key, sorted(signature.items()), sorted(constexprs.items()),
+        repr((RESULTS_REVISION, triton.__version__, job.fn.cache_key, sorted(signature.items()), sorted(constexprs.items()),
               sorted(attrs.items()), sorted(options.items()), ct.name)).encode()
     ).hexdigest()  # fmt: skip
     cached = cache_dir / f"{key}.json" if cache_dir else None
