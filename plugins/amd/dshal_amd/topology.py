@@ -54,10 +54,10 @@ def link_matrix(
 
 def _type_name(amdsmi, value) -> str:
     """amdsmi returns the link type as an enum member or an int, depending on its version. An
-    int is ``amdsmi_topo_get_link_type``'s I/O-link code (``amdsmi_io_link_type_t``), so that
-    enum is read first: releases that also define ``AmdSmiLinkType`` number it differently
-    (PCIE 0, XGMI 1 there against PCIEXPRESS 1, XGMI 2), which would name an XGMI pair "not
-    applicable" and a PCIe pair XGMI."""
+    int is ``amdsmi_topo_get_link_type``'s I/O-link code (``amdsmi_io_link_type_t``: PCIEXPRESS
+    1, XGMI 2), so that enum is read first: ``AmdSmiLinkType`` numbers its members otherwise in
+    ROCm 6 (INTERNAL 0, XGMI 1, PCIE 2), which would name an XGMI pair PCIe and a PCIe pair
+    XGMI (ROCm 7 reordered it to PCIE 1, XGMI 2: amdsmi's changelog)."""
     name = getattr(value, "name", None)
     if isinstance(name, str):
         return name

@@ -113,19 +113,24 @@ def test_amd_topology_matrix_is_validated():
 
 
 def test_amd_link_type_codes_read_as_io_link_types():
-    """``amdsmi_topo_get_link_type`` answers an ``amdsmi_io_link_type_t`` code. Releases that
-    also define ``AmdSmiLinkType`` number it differently (PCIE 0, XGMI 1, NOT_APPLICABLE 2
-    against PCIEXPRESS 1, XGMI 2): read first, it named an XGMI pair "applicable" and a PCIe
-    pair XGMI. The stand-in below holds only those two enums, with those releases' values
-    (not amdsmi, and never reported as a device)."""
+    """``amdsmi_topo_get_link_type`` answers an ``amdsmi_io_link_type_t`` code (PCIEXPRESS 1,
+    XGMI 2). ``AmdSmiLinkType`` numbers its members otherwise in ROCm 6's amdsmi (INTERNAL 0,
+    XGMI 1, PCIE 2; ROCm 7 reordered it to PCIE 1, XGMI 2, amdsmi's changelog: "AMDSMI_LINK_TYPE_XGMI
+    and AMDSMI_LINK_TYPE_PCIE is reordered"): read first, it would name an XGMI pair PCIe. The
+    stand-ins below hold only those enums, with those releases' values (not amdsmi, and never
+    reported as a device)."""
     import enum
     import types
 
-    from dshal_amd.topology import _type_name
+    from dshal_amd.topology import _type_name, link_name
 
     io = enum.IntEnum("AmdSmiIoLinkType", {"UNDEFINED": 0, "PCIEXPRESS": 1, "XGMI": 2})
-    link = enum.IntEnum("AmdSmiLinkType", {"PCIE": 0, "XGMI": 1, "NOT_APPLICABLE": 2})
-    both = types.SimpleNamespace(AmdSmiIoLinkType=io, AmdSmiLinkType=link)
-    assert _type_name(both, 2) == "XGMI" and _type_name(both, 1) == "PCIEXPRESS"
-    assert _type_name(both, io.XGMI) == "XGMI"  # an enum member names itself
-    assert _type_name(types.SimpleNamespace(AmdSmiLinkType=link), 1) == "XGMI"  # only the other enum: it is used
+    names = ("AMDSMI_LINK_TYPE_INTERNAL", "AMDSMI_LINK_TYPE_XGMI", "AMDSMI_LINK_TYPE_PCIE",
+             "AMDSMI_LINK_TYPE_NOT_APPLICABLE", "AMDSMI_LINK_TYPE_UNKNOWN")
+    rocm6 = enum.IntEnum("AmdSmiLinkType", dict(zip(names, range(5), strict=True)))
+    rocm7 = enum.IntEnum("AmdSmiLinkType", dict(zip((names[0], names[2], names[1], *names[3:]), range(5), strict=True)))
+    for link in (rocm6, rocm7):
+        both = types.SimpleNamespace(AmdSmiIoLinkType=io, AmdSmiLinkType=link)
+        assert link_name(_type_name(both, 2), 1) == "xgmi" and link_name(_type_name(both, 1), 1) == "pcie"
+    assert _type_name(types.SimpleNamespace(AmdSmiIoLinkType=io), io.XGMI) == "XGMI"  # an enum member names itself
+    assert link_name(_type_name(types.SimpleNamespace(AmdSmiLinkType=rocm7), 2), 1) == "xgmi"  # only the other enum: used
