@@ -64,7 +64,7 @@ import torch.distributed as dist
 
 import dshal
 from dshal.config import MAX_TIMEOUT_S
-from dshal.errors import CommError, ConfigError, DeviceError, DTypeError, ShapeError
+from dshal.errors import CommError, ConfigError, DeviceError, DTypeError, ProviderError, ShapeError
 from dshal.ops.mode import checking
 
 log = logging.getLogger("dshal")
@@ -886,12 +886,15 @@ def process_group_timeout(timeout_s: float, device_type: str) -> datetime.timede
 
 def _set_library_environment(backend: Any, timeout_s: float) -> None:
     """Set what ``backend.process_group_environment(timeout_s)`` asks for, except a variable
-    the user set (theirs wins); one dshal set at an earlier init follows the new timeout."""
+    the user set (theirs wins); one dshal set at an earlier init follows the new timeout (a
+    value the user set equal to dshal's earlier one reads as dshal's). All or none: a bad name
+    or value (a plugin defect) is a ProviderError before anything is set."""
     wanted = backend.process_group_environment(timeout_s)
     for name, value in wanted.items():
         if not (isinstance(name, str) and isinstance(value, str)):
-            raise ConfigError(f"backend {backend.name!r}: process_group_environment() gave {name!r}: {value!r}, "
-                              "expected names and values that are strings")
+            raise ProviderError(f"backend {backend.name!r}: process_group_environment() gave {name!r}: {value!r}, "
+                                "expected names and values that are strings")
+    for name, value in wanted.items():
         ours = _session["environment"].get(name)
         if name not in os.environ or os.environ[name] == ours:
             os.environ[name] = _session["environment"][name] = value
@@ -923,9 +926,9 @@ def init(timeout_s: float | None = None) -> Communicator:
     # The runtime already bound this rank's device (LOCAL_RANK) when it was built; bind it
     # again in case the caller changed the current device since.
     device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()
+    _set_library_environment(rt.backend, timeout)  # before any peer is contacted: a plugin defect fails alone
     store = _bounded_rendezvous(env, timeout)
     _check_world_size(store, env, f"backend {rt.backend.name!r} ({process_group_backend(rt)})")
-    _set_library_environment(rt.backend, timeout)
     try:
         dist.init_process_group(
             backend=process_group_backend(rt),

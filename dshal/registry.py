@@ -221,12 +221,13 @@ class Registry:
 
 
 def _later_dshal_hint(err: BaseException) -> str:
-    """Where a plugin could not import a name from dshal: it was likely written for a later
-    dshal than the one installed (every release adds names to :mod:`dshal.plugin`)."""
+    """Where a plugin could not import a name from dshal: it was likely written for another
+    dshal than the one installed (a later one adds names to :mod:`dshal.plugin`)."""
     if isinstance(err, ImportError) and (err.name or "").split(".")[0] == "dshal":
         from dshal import __version__  # lazy: the package's own version, for the message only
 
-        return f"; the plugin may need a later dshal than the {__version__} installed here"
+        return (f"; the plugin may be written for another dshal than the {__version__} installed here "
+                "(check the dshal version it requires)")
     return ""
 
 

@@ -269,7 +269,6 @@ def test_errors_about_a_files_values_raised_after_loading_name_its_file_and_line
     assert (err.value.file, err.value.line) == (str(path), 7)
 
 
-
 def test_file_readers_refuse_a_non_path_and_name_invalid_json_with_its_line(tmp_path):
     """The readers behind every config, index and shapes file: a non-path argument and a file
     that is not JSON each name what was being read."""

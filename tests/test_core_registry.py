@@ -441,7 +441,7 @@ def test_an_import_error_says_where_and_a_clash_with_the_builtin_cpu_says_what_t
     assert not cpu.loaded and "it is the name of dshal's built-in backend: register the others under another name" in cpu.reason
 
 
-def test_a_plugin_that_imports_what_this_dshal_lacks_is_told_it_may_need_a_later_dshal(install_plugin):
+def test_a_plugin_that_imports_what_this_dshal_lacks_is_told_of_the_version_it_met(install_plugin):
     """A plugin written for a later core failed as a bare ImportError ("cannot import name
     'NO_EXPERT' from 'dshal.plugin'"), with nothing saying the two versions do not match."""
     import dshal
@@ -449,9 +449,10 @@ def test_a_plugin_that_imports_what_this_dshal_lacks_is_told_it_may_need_a_later
     install_plugin("needs_newer_dshal", {"later": None})
     reason = by_name()["later"].reason
     assert reason.startswith("import failed: ImportError: cannot import name 'a_hook_of_a_later_dshal' from 'dshal.plugin'")
-    assert reason.endswith(f"; the plugin may need a later dshal than the {dshal.__version__} installed here")
+    assert reason.endswith(f"; the plugin may be written for another dshal than the {dshal.__version__} installed "
+                           "here (check the dshal version it requires)")
     install_plugin("fails_on_import", {"failing": None})
-    assert "later dshal" not in by_name()["failing"].reason  # its own bug, not a version skew
+    assert "another dshal" not in by_name()["failing"].reason  # its own bug, not a version skew
 
 
 def test_allow_list_typos_are_named(install_plugin, monkeypatch):

@@ -388,6 +388,8 @@ def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
                  "listed once")
             continue
         seen[identity] = path
+        for note in rep.pop("_read_notes", ()):
+            warn(f"{path}: {note}")
         counted = summarize(rep["cases"])
         if counted != rep["summary"]:
             diff = ", ".join(f"{k} {rep['summary'].get(k)} vs {v}" for k, v in counted.items() if rep["summary"].get(k) != v)

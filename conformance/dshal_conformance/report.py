@@ -247,33 +247,52 @@ def is_environment_file(path: str | Path) -> bool:
 
 #: Platform facts earlier suites did not record (each reads as unknown: null).
 _LATER_PLATFORM_FACTS = ("triton", "driver", "runtime")
-#: Case kinds an id's first part names; other cases are op cases (accuracy, edge or bad input:
-#: the matrix tells those apart only through their ids).
+#: The case kind an id's first part names (``comm/all_reduce/w2``); an op's cases name theirs
+#: second (``rms_norm/bad_input/...``), else they are accuracy or edge cases (read as accuracy).
 _KIND_OF_PREFIX = {"capability": "capability", "model": "model", "determinism": "determinism", "graph": "graph",
-                   "hooks": "hooks", "collective": "collective"}
+                   "hooks": "hooks", "comm": "collective"}
 
 
-def as_current_revision(report: dict[str, Any]) -> dict[str, Any]:
+def _kind_of(case_id: str) -> str:
+    first, _, rest = case_id.partition("/")
+    return _KIND_OF_PREFIX.get(first) or ("bad_input" if rest.split("/")[0] == "bad_input" else "accuracy")
+
+
+def as_current_revision(report: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A ``dshal.conformance/1`` report as this suite's schema reads it, so a matrix can mix
-    legs run by different suite versions: facts an earlier suite did not record are filled as
-    unknown (platform ``triton`` / ``driver`` / ``runtime``: null; a case's ``kind`` from its id),
-    and keys a later suite added, which this schema does not know, are left out. A copy."""
-    known = schema()
+    legs run by different suite versions, and what was changed to read it: facts an earlier
+    suite did not record are filled as unknown (platform ``triton`` / ``driver`` / ``runtime``:
+    null; a case's ``kind`` from its id), and keys a later suite added, which this schema does
+    not know, are left out (named: a typo in a hand-edited report is left out the same way).
+    A copy."""
+    known, notes = schema(), []
     out = {k: v for k, v in report.items() if k in known["properties"]}
+    ignored = sorted(set(report) - set(out))
     platform = report.get("platform")
     if isinstance(platform, dict):
         facts = known["properties"]["platform"]["properties"]
-        out["platform"] = {**dict.fromkeys(_LATER_PLATFORM_FACTS), **{k: v for k, v in platform.items() if k in facts}}
+        ignored += [f"platform.{k}" for k in sorted(set(platform) - set(facts))]
+        unrecorded = [k for k in _LATER_PLATFORM_FACTS if k not in platform]
+        if unrecorded:
+            notes.append(f"written by an earlier suite: platform {', '.join(unrecorded)} not recorded (read as unknown)")
+        out["platform"] = {**dict.fromkeys(unrecorded), **{k: v for k, v in platform.items() if k in facts}}
     cases = report.get("cases")
     if isinstance(cases, list):
         fields = known["properties"]["cases"]["items"]["properties"]
-        out["cases"] = [
-            {k: v for k, v in case.items() if k in fields} | (
-                {} if "kind" in case else {"kind": _KIND_OF_PREFIX.get(str(case.get("id", "")).split("/")[0], "accuracy")})
-            if isinstance(case, dict) else case
-            for case in cases
-        ]
-    return out
+        out["cases"], kinds_read = [], 0
+        for case in cases:
+            if isinstance(case, dict):
+                ignored += [f"cases[].{k}" for k in set(case) - set(fields)]
+                kept = {k: v for k, v in case.items() if k in fields}
+                if "kind" not in case:
+                    kept["kind"], kinds_read = _kind_of(str(case.get("id", ""))), kinds_read + 1
+                case = kept
+            out["cases"].append(case)
+        if kinds_read:
+            notes.append(f"written by an earlier suite: the kind of {kinds_read} case(s) read from their ids")
+    if ignored:
+        notes.append(f"keys this suite does not know (a later suite's, or a typo) left out: {', '.join(sorted(set(ignored)))}")
+    return out, notes
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -297,7 +316,7 @@ def load(path: str | Path) -> dict[str, Any]:
         raise ReportError(f"{path}: a JSON {type(data).__name__}, expected a conformance report object")
     if data.get("schema") != SCHEMA_ID:
         raise ReportError(f"{path}: schema is {data.get('schema')!r}, expected {SCHEMA_ID!r} (a dshal conformance report)")
-    data = as_current_revision(data)
+    data, notes = as_current_revision(data)
     try:
         validate(data)
     except jsonschema.ValidationError as err:
@@ -308,4 +327,5 @@ def load(path: str | Path) -> dict[str, Any]:
     except ValueError:
         raise ReportError(f"{path}: started is {data['started']!r}, expected an ISO 8601 time "
                           "(2026-12-06T19:04:33+00:00)") from None
+    data["_read_notes"] = notes  # what reading it changed (the matrix says it)
     return data

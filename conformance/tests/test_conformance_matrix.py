@@ -176,6 +176,20 @@ def test_a_report_of_an_earlier_suite_merges_with_todays(cpu_report: dict, tmp_p
     assert cli.main(["matrix", str(OLD_REPORT), _write(tmp_path, "cpu", cpu_report), "--markdown", str(out)]) == 0
     shown = out.read_text()
     assert "nvidia (emu)" in shown and "passed 17, failed 0" in shown
+    assert (f"dshal matrix: warning: {OLD_REPORT}: written by an earlier suite: platform triton, driver, runtime "
+            "not recorded (read as unknown)") in capsys.readouterr().err
+
+
+def test_the_kind_of_a_case_an_earlier_suite_did_not_label_is_read_from_its_id() -> None:
+    from dshal_conformance import report
+
+    ids = {"comm/all_reduce/w2": "collective", "rms_norm/bad_input/nan": "bad_input", "hooks/timer": "hooks",
+           "model/fp8-block/drift": "model", "determinism/rms_norm/f32": "determinism", "graph/rms_norm": "graph",
+           "capability/rms_norm": "capability", "rms_norm/bf16/T4xH64": "accuracy"}
+    old = {"cases": [{"id": case_id} for case_id in ids]}
+    read, notes = report.as_current_revision(old)
+    assert [c["kind"] for c in read["cases"]] == list(ids.values())
+    assert notes == [f"written by an earlier suite: the kind of {len(ids)} case(s) read from their ids"]
 
 
 def test_a_report_of_a_later_suite_is_read_without_what_it_added(cpu_report: dict, tmp_path: Path) -> None:
@@ -194,6 +208,8 @@ def test_a_report_of_a_later_suite_is_read_without_what_it_added(cpu_report: dic
     read = report.load(_write(tmp_path, "later", later))
     assert "catalogue_digest" not in read and "firmware" not in read["platform"] and "retries" not in read["cases"][0]
     assert read["cases"][0] == cpu_report["cases"][0]
+    assert read["_read_notes"] == ["keys this suite does not know (a later suite's, or a typo) left out: "
+                                   "cases[].retries, catalogue_digest, platform.firmware"]
     broken = copy.deepcopy(cpu_report)
     del broken["backend"]
     with pytest.raises(report.ReportError, match="'backend' is a required property"):

@@ -138,7 +138,9 @@ def require_triton(command: str) -> None:
         raise BackendUnavailableError(f"{command}: needs the triton package (pip install 'dshal[triton]')")
     found, oldest = installed("triton"), SUPPORTED["triton"][0]
     if found is not None and minor(found) < minor(oldest):
-        raise BackendUnavailableError(f"{command}: needs triton>={oldest}, found {found} (pip install 'triton>={oldest}')")
+        raise BackendUnavailableError(
+            f"{command}: needs triton>={oldest}, found {found} (pip install 'triton>={oldest}'; with a ROCm or "
+            "nightly torch, whose Triton comes with it as pytorch-triton-rocm / pytorch-triton, a newer torch)")
 
 
 def load_kernel_modules(device: torch.device | str | None = None) -> dict[str, ModuleType]:

@@ -56,6 +56,7 @@ from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
 from dshal.lifetime import child_env, child_python, cleanup_on_termination, dies_with_parent, exit_with_parent
 from dshal.outputs import atomic_write, check_writable
+from dshal.versions import installed
 
 #: Bumped whenever what a compile is read for changes (the ptxas / AMDGCN patterns, the facts
 #: kept): a cached result of the earlier reading is then compiled and read again.
@@ -526,9 +527,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:  # before minutes of compiling, not after
         check_writable(args.json, "--json")
     rows = cross_compile(targets, args.jobs, None if args.no_cache else default_cache_dir())
-    from importlib.metadata import version
-
-    triton_version = version("triton")
+    triton_version = installed("triton")  # pytorch-triton-rocm on ROCm
     for name in targets:
         ct = COMPILE_TARGETS[name]
         mine = [r for r in rows if r["target"] == name]

@@ -38,6 +38,7 @@ from dshal.kernels.triton.target import DECODE_M, TUNING_SCHEMA, KernelTarget, T
 from dshal.ops import reference
 from dshal.outputs import atomic_write, check_writable
 from dshal.runtime import use_for_command
+from dshal.versions import installed
 
 #: DeepSeek-V3's FP8 linear shapes (N, K), unsharded: fused q/kv down-projection, q up,
 #: kv up, attention output, dense MLP up/down, shared expert up/down.
@@ -197,8 +198,6 @@ def main(args: argparse.Namespace) -> int:
     if args.budget_s is not None and args.budget_s < 0:
         raise ArgumentError(f"dshal tune: argument '--budget-s' is {args.budget_s}, expected seconds >= 0")
     print(f"dshal tune: target {target.name} on {where}; {len(shapes)} (N, K) x {len(buckets)} M buckets", flush=True)
-    from importlib.metadata import version
-
     out = Path(args.output) if args.output else (None if args.dry_run else user_tuning_dir() / f"{target.name}.json")
     header = {
         "schema": TUNING_SCHEMA,
@@ -206,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
         "source": f"dshal tune on {where}",
         "device": None if args.dry_run else where,
         "dry_run": bool(args.dry_run),
-        "triton": version("triton"),
+        "triton": installed("triton"),  # pytorch-triton-rocm on ROCm
         "torch": torch.__version__,
     }
 

@@ -175,9 +175,9 @@ def cann_version_and_file(env: Mapping[str, str]) -> tuple[str | None, Path | No
     for root in cann_roots(env):
         if not root.is_dir():
             continue
-        candidates = [root / "ascend_toolkit_install.info", root / "version.cfg"]
-        candidates += sorted(root.glob("*-linux/ascend_toolkit_install.info"))
-        candidates += sorted(root.glob("*_install.info"))
+        # a release's own version (install-info files) before version.cfg's internal number
+        candidates = [root / "ascend_toolkit_install.info", *sorted(root.glob("*-linux/ascend_toolkit_install.info"))]
+        candidates += [*sorted(root.glob("*_install.info")), root / "version.cfg"]
         for path in candidates:
             try:
                 text = path.read_text(errors="replace")

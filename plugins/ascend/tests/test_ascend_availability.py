@@ -155,7 +155,8 @@ def test_ascend_cann_version_from_version_cfg(tmp_path):
     cann = find_cann({"ASCEND_HOME_PATH": str(tmp_path)})
     # shown, but an internal number (7.x for CANN 8.0): never compared with a release's CANN
     assert cann.version == "7.0.0.5.242" and not cann.version_is_release
-    (tmp_path / "ascend_toolkit_install.info").write_text("package_name=Ascend-cann-toolkit\nversion=8.0.RC3\n")
+    (tmp_path / "aarch64-linux").mkdir()  # where a toolkit install keeps its release file, beside version.cfg
+    (tmp_path / "aarch64-linux" / "ascend_toolkit_install.info").write_text("package_name=Ascend-cann-toolkit\nversion=8.0.RC3\n")
     cann = find_cann({"ASCEND_HOME_PATH": str(tmp_path)})
     assert cann.version == "8.0.RC3" and cann.version_is_release
 

@@ -87,6 +87,16 @@ def test_one_failing_abort_leaves_the_next_group_aborted_and_is_named() -> None:
     assert missed == ["world: abort_hccl_comm raised RuntimeError: HCCL error 7"]
 
 
+class UnreadableGroup(StandInGroup):
+    def _get_backend(self, device: torch.device) -> object:
+        raise RuntimeError("the group was destroyed")
+
+
+def test_a_group_whose_backend_cannot_be_looked_up_is_named() -> None:
+    missed = abort_hccl_communicators([UnreadableGroup("tp0", NPU)], torch.device(NPU))
+    assert missed == ["tp0: its backend could not be looked up: the group was destroyed"]
+
+
 def test_a_backend_without_the_binding_is_named_not_raised() -> None:
     missed = abort_hccl_communicators([StandInGroup("world", NPU, object())], torch.device(NPU))
     assert missed == ["world: object has no abort_hccl_comm"]
