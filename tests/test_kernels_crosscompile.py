@@ -36,8 +36,14 @@ def test_dshal_kernels_every_shipped_config_lowers_fits_and_uses_the_tensor_core
     for name in TARGETS:
         mine = [r for r in rows if r["target"] == name]
         table = COMPILE_TARGETS[name].kernel_target()
-        gemm = [r for r in mine if r["kernel"].startswith("fp8_block_gemm")]
+        gemm = [r for r in mine if r["kernel"].startswith("fp8_block_gemm") and "widened" not in r["kernel"]]
         assert len(gemm) == len(table.shipped_gemm_tiles())  # one row per tile, none dropped
+        # FP8 formats the dot cannot take (AMD): the widened space and the decode tiles, widened too
+        widened = [r for r in mine if r["kernel"].startswith("fp8_block_gemm") and "widened" in r["kernel"]]
+        want = len(dict.fromkeys(table.gemm_widened_tiles + table.gemm_decode_tiles)) if table.gemm_widened_tiles else 0
+        assert len(widened) == want and (want > 0) == (COMPILE_TARGETS[name].backend != "cuda"), name
+        assert all(r["tensor_core"] and "f16" in r["tensor_core"][0] for r in widened), widened
+        gemm += widened
         moe = [r for r in mine if r["kernel"].startswith("grouped_moe_experts")]
         assert len(moe) == 4  # gate/up and down, top-8 and one choice per token (the EP path)
         for r in gemm + moe:

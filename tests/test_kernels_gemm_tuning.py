@@ -86,6 +86,25 @@ def test_a_tuned_table_chooses_by_m_bucket(tuning_dir):
     assert gemm.select_tile(target, 8, 256, 1024) == tiles[0]  # other K
 
 
+def test_widened_operands_take_the_widened_space_and_no_tuned_tile(tuning_dir):
+    """FP8 a dot cannot take (OCP E4M3 on gfx942) is widened to f16 in the kernel, where the
+    big tiles spill (128x256: 113 VGPRs): prefill takes the widened space, never the tuned
+    table (timed on the dot path); decode keeps its space (its tiles do not spill widened)."""
+    tiles = (TileConfig(128, 256), TileConfig(32, 64))
+    target = KernelTarget(name="widened-target", gemm_tiles=tiles, gemm_widened_tiles=tiles[1:],
+                          gemm_decode_tiles=(TileConfig(16, 64, split_k=4),))
+    tuning_dir.mkdir(parents=True)
+    entry = {"N": 256, "K": 512, "M": 512, "tile": {"block_m": 128, "block_n": 256}, "us": 3.0}
+    table = {"schema": TUNING_SCHEMA, "target": "widened-target", "dry_run": False, "entries": [entry]}
+    (tuning_dir / "widened-target.json").write_text(json.dumps(table))
+    assert gemm.select_tile(target, 500, 256, 512) == tiles[0]  # the dot path: the tuned tile
+    assert gemm.select_tile(target, 500, 256, 512, widened=True) == tiles[1]
+    assert gemm.select_tile(target, 1, 256, 512, widened=True) == target.gemm_decode_tiles[0]
+    gfx942 = shipped_target("amd-gfx942")
+    assert gfx942.gemm_space(4096, widened=True) == gfx942.gemm_widened_tiles != gfx942.gemm_tiles
+    assert shipped_target("nvidia-sm90").gemm_space(4096, widened=True) == shipped_target("nvidia-sm90").gemm_tiles
+
+
 def test_no_timing_inside_a_graph_capture(monkeypatch, tuning_dir):
     target = KernelTarget(name="capture-target", gemm_tiles=(TileConfig(64, 64), TileConfig(32, 64)))
 

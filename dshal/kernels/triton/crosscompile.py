@@ -84,9 +84,11 @@ class CompileTarget:
 
         return GPUTarget(self.backend, self.arch, self.warp_size)
 
-    def tensor_core_pattern(self, block_m: int) -> tuple[str, str]:
+    def tensor_core_pattern(self, block_m: int, fp8_operands: bool = True) -> tuple[str, str]:
         """(regex over the assembly, what it means) of the tensor-core instruction a dot with
-        ``block_m`` rows must use here."""
+        ``block_m`` rows must use here (``fp8_operands`` False: FP8 widened to f16 first)."""
+        if self.backend != "cuda" and not fp8_operands:
+            return r"v_mfma_\w+", "v_mfma (matrix core; FP8 operands widened to f16)"
         if self.backend == "cuda":
             if block_m >= 64:
                 return r"wgmma\.mma_async\S*", "wgmma (Hopper warpgroup MMA)"
@@ -172,6 +174,19 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
         cap("fp8_block_gemm (decode)" if decode else "fp8_block_gemm",
             lambda a=a, sa=sa, b=b, sb=sb, tile=tile: mods["gemm"].fp8_block_gemm(a, sa, b, sb, target=target, tile=tile),
             True, (tile,))  # fmt: skip
+    # GEMM on an FP8 format the dot cannot take (OCP E4M3 on gfx942, FNUZ on gfx950): widened to
+    # f16 in the kernel, from the widened space (the big tiles spill then) and the decode space
+    widened = next((d for d in target.fp8_dtypes if d not in target.fp8_dot_dtypes and d.itemsize == 1
+                    and d in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)), None) if target.gemm_widened_tiles else None
+    if widened is not None:
+        for tile in dict.fromkeys(target.gemm_widened_tiles + target.gemm_decode_tiles):
+            decode = tile in target.gemm_decode_tiles
+            m, n, k = (1, 2112, 7168) if decode else (4096, 7168, 2048)
+            a, b = torch.empty(m, k, dtype=widened), torch.empty(n, k, dtype=widened)
+            sa, sb = torch.empty(m, -(-k // 128)), torch.empty(-(-n // 128), -(-k // 128))
+            cap(f"fp8_block_gemm ({'decode, ' if decode else ''}{str(widened).replace('torch.float8_', '')} widened)",
+                lambda a=a, sa=sa, b=b, sb=sb, tile=tile: mods["gemm"].fp8_block_gemm(a, sa, b, sb, target=target, tile=tile),
+                True, (tile,))  # fmt: skip
     # MoE: FP8 experts (the routed experts' path), T=64 tokens, top-8 of 16 experts
     T, H, inter, E, topk = 64, 1024, 512, 16, 8
     x = torch.empty(T, H, dtype=torch.bfloat16)
@@ -339,7 +354,7 @@ def _tensor_core(ct: CompileTarget, job: CompileJob, mma: list[str]) -> dict[str
     """The tensor-core instructions a GEMM/MoE job was required to have, and those found."""
     if not job.tensor_core:
         return {}
-    pattern, meaning = ct.tensor_core_pattern(int(job.kwargs.get("BLOCK_M", 64)))
+    pattern, meaning = ct.tensor_core_pattern(int(job.kwargs.get("BLOCK_M", 64)), bool(job.kwargs.get("DOT_FP8", True)))
     return {"tensor_core_required": meaning, "tensor_core": [m for m in mma if re.fullmatch(pattern, m)][:3]}
 
 

@@ -120,7 +120,8 @@ def _capturing_graph() -> bool:
 
 
 def select_tile(
-    target: KernelTarget, m: int, n: int, k: int, key: tuple = (), run: Callable[[TileConfig], object] | None = None
+    target: KernelTarget, m: int, n: int, k: int, key: tuple = (), run: Callable[[TileConfig], object] | None = None,
+    widened: bool = False,
 ) -> TileConfig:
     """The tile for an (m, n, k) GEMM on ``target``, in this order:
 
@@ -136,12 +137,14 @@ def select_tile(
 
     Without a tuned table the timed choice may differ from one process to the next, and with
     it a GEMM's rounding (a split-K tile sums in another order); ``dshal tune`` fixes it.
+    ``widened`` (FP8 operands the dot cannot take, widened to f16): the target's widened
+    space, and no tuned table (it was timed on the dot path, whose tiles may spill widened).
     """
     bucket = m_bucket(m)
-    tuned = target.tuned_tile(n, k, bucket)
+    tuned = None if widened else target.tuned_tile(n, k, bucket)
     if tuned is not None:
         return tuned
-    space = target.gemm_space(m)
+    space = target.gemm_space(m, widened)
     if len(space) == 1 or run is None:
         return space[0]
     memo = (target.name, bucket, n, k, *key)
@@ -259,7 +262,7 @@ def fp8_block_gemm(
         return out
 
     if tile is None:
-        tile = select_tile(tgt, M, N, K, (a.dtype, b.dtype, out_dtype), None if INTERPRETED else run)
+        tile = select_tile(tgt, M, N, K, (a.dtype, b.dtype, out_dtype), None if INTERPRETED else run, widened=not dot_fp8)
     out = run(tile)
     # The interpreter decodes FP8 NaN codes as numbers; tensor cores propagate NaN.
     return hardware_nan_gemm(out, a, b) if INTERPRETED else out

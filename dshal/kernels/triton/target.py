@@ -110,6 +110,9 @@ class KernelTarget:
     - ``gemm_tiles``: the autotune space of the block-FP8 GEMM (one entry = no autotuning).
     - ``gemm_decode_tiles``: the space for M <= ``DECODE_M`` (small tiles, split-K); empty:
       ``gemm_tiles`` serve every M.
+    - ``gemm_widened_tiles``: the space for M > ``DECODE_M`` when the operands are widened
+      (an FP8 format outside ``fp8_dot_dtypes``: the f16 copies need more registers, and the
+      big tiles spill); empty: ``gemm_tiles``. Tuned tables (the dot path's) do not apply.
     - ``moe_tile``, ``moe_block_k``: the fixed tiling of the grouped MoE GEMMs (``block_m``
       sets how token rows are grouped per expert, so it is not autotuned; ``moe_block_k``
       divides 128 so FP8 weight blocks have one scale per K step).
@@ -123,6 +126,7 @@ class KernelTarget:
     fp8_dot_dtypes: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e5m2)
     gemm_tiles: tuple[TileConfig, ...] = (TileConfig(64, 64),)
     gemm_decode_tiles: tuple[TileConfig, ...] = ()
+    gemm_widened_tiles: tuple[TileConfig, ...] = ()
     moe_tile: TileConfig = TileConfig(64, 64, num_warps=4, num_stages=2)
     moe_block_k: int = 64
     bf16_dot: bool = True
@@ -168,12 +172,15 @@ class KernelTarget:
 
         return [
             triton.Config(t.kernel_kwargs(), num_warps=t.num_warps, num_stages=t.num_stages)
-            for t in self.gemm_tiles + self.gemm_decode_tiles
+            for t in dict.fromkeys(self.gemm_tiles + self.gemm_decode_tiles + self.gemm_widened_tiles)
         ]
 
-    def gemm_space(self, m: int) -> tuple[TileConfig, ...]:
-        """The tiles a GEMM with ``m`` rows chooses among."""
-        return self.gemm_decode_tiles if m <= DECODE_M and self.gemm_decode_tiles else self.gemm_tiles
+    def gemm_space(self, m: int, widened: bool = False) -> tuple[TileConfig, ...]:
+        """The tiles a GEMM with ``m`` rows chooses among (``widened``: its FP8 operands are
+        widened to f16 before the dot, see ``gemm_widened_tiles``)."""
+        if m <= DECODE_M and self.gemm_decode_tiles:
+            return self.gemm_decode_tiles
+        return self.gemm_widened_tiles if widened and self.gemm_widened_tiles else self.gemm_tiles
 
     def tuned_tile(self, n: int, k: int, m_bucket: int) -> TileConfig | None:
         """The tile the tuned table (:func:`tuned_tables`) names for (N, K, M bucket), if any."""
@@ -323,7 +330,7 @@ def tuned_tables(target_name: str) -> dict[tuple[int, int, int], TileConfig]:
 #: Where the shipped tile tables live: one JSON per target name (``tiles/<name>.json``).
 TILES_DIR = Path(__file__).with_name("tiles")
 TARGET_SCHEMA = "dshal.kernel-target/1"
-_TILE_FIELDS = ("gemm_tiles", "gemm_decode_tiles")
+_TILE_FIELDS = ("gemm_tiles", "gemm_decode_tiles", "gemm_widened_tiles")
 _DTYPE_FIELDS = ("fp8_dtypes", "fp8_dot_dtypes")
 
 
