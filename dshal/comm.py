@@ -224,14 +224,15 @@ def _teardown(device_type: str = "cpu") -> None:
     if not dist.is_initialized():
         return
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    aborting = teardown_action(device_type) == "abort"
     groups, _session["groups"] = _session["groups"], []
     try:
-        if teardown_action(device_type) == "abort" and _session["backend"] is not None:
+        if aborting and _session["backend"] is not None:
             _session["backend"].abort_communicators(groups)  # a library torch's abort does not reach (HCCL)
     except Exception as err:  # noqa: BLE001 - the groups are torn down below whatever the hook did
         log.warning("dshal.comm: %s.abort_communicators failed: %s: %s", _session["backend"].name, type(err).__name__, err)
     try:
-        if teardown_action(device_type) == "abort" and abort is not None:
+        if aborting and abort is not None:
             abort()
         else:
             dist.destroy_process_group()

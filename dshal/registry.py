@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
 from typing import Any, get_args
 
+from dshal import __version__
 from dshal.backend import API_VERSION, WEIGHT_FORMATS, Availability, Backend, Capabilities, OpKind
 from dshal.config import REFERENCE_PROVIDER, REFUSED_PROVIDER, emulate_from_env, env_number
 from dshal.errors import BackendUnavailableError, ConfigError, DshalError, PluginLoadError
@@ -224,8 +225,6 @@ def _later_dshal_hint(err: BaseException) -> str:
     """Where a plugin could not import a name from dshal: it was likely written for another
     dshal than the one installed (a later one adds names to :mod:`dshal.plugin`)."""
     if isinstance(err, ImportError) and (err.name or "").split(".")[0] == "dshal":
-        from dshal import __version__  # lazy: the package's own version, for the message only
-
         return (f"; the plugin may be written for another dshal than the {__version__} installed here "
                 "(check the dshal version it requires)")
     return ""

@@ -633,9 +633,11 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 TINY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def tiny_dtype(name: str | None) -> dict[str, torch.dtype]:
-    """:func:`tiny_args` keywords for a ``TINY_DTYPES`` name (none for None: its float32)."""
-    return {} if name is None else {"dtype": TINY_DTYPES[name]}
+def tiny_run_args(mla_mode: str | None, mtp_layers: int, dtype: str | None) -> ModelArgs:
+    """The tiny model ``dshal run`` builds (one process or each rank): ``mla_mode`` (None:
+    absorb), ``mtp_layers`` MTP layers, ``dtype`` a ``TINY_DTYPES`` name (None: float32)."""
+    return tiny_args(mla_mode=mla_mode or "absorb", num_nextn_predict_layers=mtp_layers, mtp_layers=mtp_layers,
+                     **({} if dtype is None else {"dtype": TINY_DTYPES[dtype]}))
 
 
 def tiny_args(**changes: Any) -> ModelArgs:

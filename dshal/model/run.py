@@ -37,8 +37,8 @@ from dshal import __version__ as dshal_version, comm
 from dshal.cliargs import seed
 from dshal.config import read_text_file
 from dshal.errors import ArgumentError, ConfigError, DshalError
-from dshal.model import from_pretrained, random_model, tiny_args
-from dshal.model.args import TINY_DTYPES, ModelArgs, checkpoint_folder, tiny_dtype
+from dshal.model import from_pretrained, random_model
+from dshal.model.args import TINY_DTYPES, ModelArgs, checkpoint_folder, tiny_run_args
 from dshal.model.cache import check_cache_fits
 from dshal.model.chat import ChatSettings, chat
 from dshal.model.decode import generate_with_graphs, static_decode_unsupported
@@ -463,9 +463,7 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
             model = from_pretrained(args.checkpoint, mla_mode=args.mla_mode, mtp_layers=mtp, progress=progress)
         source = str(args.checkpoint)
     else:  # its MTP layer's random weights come after the others': the same model as without it
-        model_args = tiny_args(mla_mode=args.mla_mode or "absorb", num_nextn_predict_layers=mtp, mtp_layers=mtp,
-                               **tiny_dtype(args.dtype))
-        model = random_model(model_args, seed=args.seed)
+        model = random_model(tiny_run_args(args.mla_mode, mtp, args.dtype), seed=args.seed)
         source = f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed})"
     load_s = time.perf_counter() - started
     if args.interactive:

@@ -26,7 +26,7 @@ from dshal import comm
 from dshal.errors import CommError, DshalError
 from dshal.lifetime import exit_with_parent
 from dshal.model import DictReader, tiny_args
-from dshal.model.args import ModelArgs, tiny_dtype
+from dshal.model.args import ModelArgs, tiny_run_args
 from dshal.model.chat import INVALID_TEXT
 from dshal.model.checkpoint import random_checkpoint
 from dshal.model.loader import with_runtime_attention
@@ -133,8 +133,7 @@ def load(args: argparse.Namespace, groups: ParallelGroups, progress: Any = None)
     if args.checkpoint:
         model = from_pretrained_parallel(args.checkpoint, groups, mla_mode=args.mla_mode, mtp_layers=mtp, progress=progress)
         return model, f"{args.checkpoint} ({layout})"
-    model_args = with_runtime_attention(
-        tiny_args(mla_mode=args.mla_mode or "absorb", num_nextn_predict_layers=mtp, mtp_layers=mtp, **tiny_dtype(args.dtype)))
+    model_args = with_runtime_attention(tiny_run_args(args.mla_mode, mtp, args.dtype))
     reader = DictReader(random_checkpoint(model_args, args.seed), path=f"<random seed={args.seed}>")
     return build_parallel(model_args, reader, groups), f"built-in tiny DeepSeek-V3 (random weights, seed {args.seed}, {layout})"
 

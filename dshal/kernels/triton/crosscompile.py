@@ -53,7 +53,7 @@ from dshal.config import cache_dir
 from dshal.errors import ArgumentError, ConfigError, DshalError
 from dshal.kernels.triton import require_triton
 from dshal.kernels.triton._checks import capture_launches
-from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target
+from dshal.kernels.triton.target import E4M3_DTYPES, KernelTarget, TileConfig, shipped_target
 from dshal.lifetime import child_env, child_python, cleanup_on_termination, dies_with_parent, exit_with_parent
 from dshal.outputs import atomic_write, check_writable
 from dshal.versions import installed
@@ -163,30 +163,27 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
             call()
         jobs.extend(_expand(kernel, launches, tensor_core, tiles))
 
-    # GEMM: every tile the target may launch (both spaces, tuned-table entries), each on the
-    # shape class it serves: decode tiles on one token (M = 1 is a constexpr specialization)
-    # over DeepSeek-V3's fused q/kv down-projection, the others on a prefill chunk.
-    for tile in target.shipped_gemm_tiles():
+    def gemm(tile: TileConfig, dtype: torch.dtype, widened: str = "") -> None:
+        """One GEMM tile on the shape class it serves: a decode tile on one token (M = 1 is a
+        constexpr specialization) over DeepSeek-V3's fused q/kv down-projection, others on a
+        prefill chunk."""
         decode = tile in target.gemm_decode_tiles
         m, n, k = (1, 2112, 7168) if decode else (4096, 7168, 2048)
-        a, b = torch.empty(m, k, dtype=e4m3), torch.empty(n, k, dtype=e4m3)
+        a, b = torch.empty(m, k, dtype=dtype), torch.empty(n, k, dtype=dtype)
         sa, sb = torch.empty(m, -(-k // 128)), torch.empty(-(-n // 128), -(-k // 128))
-        cap("fp8_block_gemm (decode)" if decode else "fp8_block_gemm",
-            lambda a=a, sa=sa, b=b, sb=sb, tile=tile: mods["gemm"].fp8_block_gemm(a, sa, b, sb, target=target, tile=tile),
-            True, (tile,))  # fmt: skip
-    # GEMM on an FP8 format the dot cannot take (OCP E4M3 on gfx942, FNUZ on gfx950): widened to
-    # f16 in the kernel, from the widened space (the big tiles spill then) and the decode space
-    widened = next((d for d in target.fp8_dtypes if d not in target.fp8_dot_dtypes and d.itemsize == 1
-                    and d in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)), None) if target.gemm_widened_tiles else None
-    if widened is not None:
+        label = ", ".join(part for part in ("decode" if decode else "", widened) if part)
+        cap(f"fp8_block_gemm ({label})" if label else "fp8_block_gemm",
+            lambda: mods["gemm"].fp8_block_gemm(a, sa, b, sb, target=target, tile=tile), True, (tile,))
+
+    # GEMM: every tile the target may launch (both spaces, tuned-table entries)
+    for tile in target.shipped_gemm_tiles():
+        gemm(tile, e4m3)
+    # and on an E4M3 the dot cannot take (OCP on gfx942, FNUZ on gfx950): widened to f16 in the
+    # kernel, from the widened space (the big tiles spill then) and the decode space
+    widened = next((d for d in E4M3_DTYPES if d in target.fp8_dtypes and d not in target.fp8_dot_dtypes), None)
+    if widened is not None and target.gemm_widened_tiles:
         for tile in dict.fromkeys(target.gemm_widened_tiles + target.gemm_decode_tiles):
-            decode = tile in target.gemm_decode_tiles
-            m, n, k = (1, 2112, 7168) if decode else (4096, 7168, 2048)
-            a, b = torch.empty(m, k, dtype=widened), torch.empty(n, k, dtype=widened)
-            sa, sb = torch.empty(m, -(-k // 128)), torch.empty(-(-n // 128), -(-k // 128))
-            cap(f"fp8_block_gemm ({'decode, ' if decode else ''}{str(widened).replace('torch.float8_', '')} widened)",
-                lambda a=a, sa=sa, b=b, sb=sb, tile=tile: mods["gemm"].fp8_block_gemm(a, sa, b, sb, target=target, tile=tile),
-                True, (tile,))  # fmt: skip
+            gemm(tile, widened, f"{str(widened).replace('torch.float8_', '')} widened")
     # MoE: FP8 experts (the routed experts' path), T=64 tokens, top-8 of 16 experts
     T, H, inter, E, topk = 64, 1024, 512, 16, 8
     x = torch.empty(T, H, dtype=torch.bfloat16)

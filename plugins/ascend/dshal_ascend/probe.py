@@ -164,14 +164,10 @@ def library_dirs(env: Mapping[str, str]) -> list[Path]:
 _VERSION_LINE = re.compile(r"^\s*(?:version|Version)\s*=\s*\[?([0-9][0-9A-Za-z.\-_]*)", re.MULTILINE)
 
 
-def cann_version(env: Mapping[str, str]) -> str | None:
+def cann_version(env: Mapping[str, str]) -> tuple[str | None, Path | None]:
     """The CANN toolkit version, from ``ascend_toolkit_install.info`` (``version=8.0.RC3``)
-    or ``version.cfg`` under an install root; None when no such file is readable."""
-    return cann_version_and_file(env)[0]
-
-
-def cann_version_and_file(env: Mapping[str, str]) -> tuple[str | None, Path | None]:
-    """:func:`cann_version` and the file it was read from."""
+    or ``version.cfg`` under an install root, and the file it was read from; (None, None)
+    when no such file is readable."""
     for root in cann_roots(env):
         if not root.is_dir():
             continue
@@ -202,7 +198,7 @@ def find_cann(env: Mapping[str, str] | None = None) -> CannInstall:
                 break
     loader_dirs = [Path(p) for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     off_path = tuple(path for lib, path in found.items() if not any((d / lib).exists() for d in loader_dirs))
-    version, version_file = cann_version_and_file(env)
+    version, version_file = cann_version(env)
     return CannInstall(searched=tuple(str(d) for d in dirs), found=found, version=version,
                        version_is_release=version_file is not None and version_file.name.endswith("_install.info"),
                        off_library_path=off_path)
