@@ -8,6 +8,7 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -103,13 +104,35 @@ def _printable_streams() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _flag_hints(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """For each unknown flag: that it belongs after the command (``dshal --json info``: the
+    command's own flag given before it), or the command's flag it is closest to (a typo)."""
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    hints = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue
+        if name in flags:
+            hints.append(f"{name} is an option of `{parser.prog}`: give it after the command")
+        elif close := difflib.get_close_matches(name, flags, n=1):
+            hints.append(f"did you mean {close[0]}?")
+    return "".join(f"; {hint}" for hint in hints)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)
+    if command is not None and command not in SUBCOMMANDS:
+        close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
+        if close:  # argparse itself only lists the choices
+            parser.error(f"argument COMMAND: invalid choice: {command!r}; did you mean {close[0]!r}? "
+                         f"(choose from {', '.join(SUBCOMMANDS)})")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said with the command's usage, not the top-level one
-        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+        said = getattr(args, "_parser", parser)
+        said.error(f"unrecognized arguments: {' '.join(unknown)}{_flag_hints(unknown, said)}")
     if args.command is None:
         parser.print_help()
         return 2

@@ -124,6 +124,23 @@ def test_a_flag_that_does_not_parse_gets_the_commands_usage(command, capsys):
         assert caught.value.code == 2 and f"usage: dshal {command} " in err and f"dshal {command}: error: {said}" in err
 
 
+def test_a_mistyped_command_or_flag_is_answered_with_the_close_one(capsys):
+    """A typo got argparse's bare refusal; a command's own flag given before the command
+    (``dshal --json info``) was refused as unknown by `dshal info`, which lists it in its --help."""
+    from dshal.cli import main
+
+    for argv, said in ((["infp"], "dshal: error: argument COMMAND: invalid choice: 'infp'; did you mean 'info'?"),
+                       (["info", "--jsn"], "dshal info: error: unrecognized arguments: --jsn; did you mean --json?"),
+                       (["run", "--new-tokns=3"], "dshal run: error: unrecognized arguments: --new-tokns=3; did you mean --new-tokens?"),
+                       (["--json", "info"], "dshal info: error: unrecognized arguments: --json; --json is an option of "
+                                            "`dshal info`: give it after the command"),
+                       (["info", "--zzzzz"], "dshal info: error: unrecognized arguments: --zzzzz\n")):  # fmt: skip
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and said in err, (argv, err)
+
+
 def test_dshal_error_is_one_clean_line_and_exit_1():
     out = run("info", extra_env={"DSHAL_BACKEND": "nope"})
     assert out.returncode == 1
