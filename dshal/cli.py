@@ -52,6 +52,19 @@ environment:
   DSHAL_CHECK_FINITE 0 = skip the load-time NaN/Inf scan of checkpoint weights
   DSHAL_PLUGIN_TIMEOUT_S  seconds a plugin's availability()/capabilities() may take (default 60;
                      an import, constructor or ops() still running then is warned about)
+  DSHAL_CONFORMANCE_LEG  `dshal conformance`: the CI leg its report names (platform.leg),
+                     which `dshal matrix --expect` looks for
+
+exit status:
+  0    done, and every check passed
+  1    an error, said in one line on stderr (`dshal COMMAND: error: ...`), or a check that
+       failed: a conformance case failed, errored or was not run, a `matrix` gate
+       (--fail-on-regression, --expect), a `kernels` config or `bench` case that failed,
+       a rank of `run --tp N`
+  2    the command line did not parse (the usage and the error on stderr), or no COMMAND
+  130  interrupted (Ctrl-C)
+  141  the output's reader left (`dshal info | head -1`), in silence
+  143, 129  SIGTERM, SIGHUP (as a shell reports them: 128 + the signal)
 
 Run `dshal COMMAND --help` for a command's options.
 """
@@ -133,8 +146,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if unknown:  # said with the command's usage, not the top-level one
         said = getattr(args, "_parser", parser)
         said.error(f"unrecognized arguments: {' '.join(unknown)}{_flag_hints(unknown, said)}")
-    if args.command is None:
-        parser.print_help()
+    if args.command is None:  # a usage error (2): on stderr, as argparse's own
+        parser.print_help(sys.stderr)
         return 2
     try:
         return int(args._main(args) or 0)
