@@ -8,6 +8,7 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -51,6 +52,19 @@ environment:
   DSHAL_CHECK_FINITE 0 = skip the load-time NaN/Inf scan of checkpoint weights
   DSHAL_PLUGIN_TIMEOUT_S  seconds a plugin's availability()/capabilities() may take (default 60;
                      an import, constructor or ops() still running then is warned about)
+  DSHAL_CONFORMANCE_LEG  `dshal conformance`: the CI leg its report names (platform.leg),
+                     which `dshal matrix --expect` looks for
+
+exit status:
+  0    done, and every check passed
+  1    an error, said in one line on stderr (`dshal COMMAND: error: ...`), or a check that
+       failed: a conformance case failed, errored or was not run, a `matrix` gate
+       (--fail-on-regression, --expect), a `kernels` config or `bench` case that failed,
+       a rank of `run --tp N`
+  2    the command line did not parse (the usage and the error on stderr), or no COMMAND
+  130  interrupted (Ctrl-C)
+  141  the output's reader left (`dshal info | head -1`), in silence
+  143, 129  SIGTERM, SIGHUP (as a shell reports them: 128 + the signal)
 
 Run `dshal COMMAND --help` for a command's options.
 """
@@ -103,15 +117,37 @@ def _printable_streams() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def _flag_hints(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """For each unknown flag: that it belongs after the command (``dshal --json info``: the
+    command's own flag given before it), or the command's flag it is closest to (a typo)."""
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    hints = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue
+        if name in flags:
+            hints.append(f"{name} is an option of `{parser.prog}`: give it after the command")
+        elif close := difflib.get_close_matches(name, flags, n=1):
+            hints.append(f"did you mean {close[0]}?")
+    return "".join(f"; {hint}" for hint in hints)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in SUBCOMMANDS else None)
+    if command is not None and command not in SUBCOMMANDS:
+        close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
+        if close:  # argparse itself only lists the choices
+            parser.error(f"argument COMMAND: invalid choice: {command!r}; did you mean {close[0]!r}? "
+                         f"(choose from {', '.join(SUBCOMMANDS)})")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said with the command's usage, not the top-level one
-        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command is None:
-        parser.print_help()
+        said = getattr(args, "_parser", parser)
+        said.error(f"unrecognized arguments: {' '.join(unknown)}{_flag_hints(unknown, said)}")
+    if args.command is None:  # a usage error (2): on stderr, as argparse's own
+        parser.print_help(sys.stderr)
         return 2
     try:
         return int(args._main(args) or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,8 +104,25 @@ def test_help(args, capsys):
     if args == ("--help",):
         assert all(cmd in out.out for cmd in ("info", "conformance", "matrix", "run", "bench", "profile"))
         assert "DSHAL_PLUGINS" in out.out
+        # what a script or CI job may test for was said nowhere in --help
+        status = out.out.split("\nexit status:\n", 1)[1]
+        assert re.findall(r"^  (\d+)", status, flags=re.M) == ["0", "1", "2", "130", "141", "143"]
     else:
         assert "--json" in out.out and "--backend NAME" in out.out
+
+
+def test_every_dshal_variable_the_code_reads_is_in_the_help():
+    """`dshal --help` lists the environment; DSHAL_CONFORMANCE_LEG, read by `dshal conformance`,
+    was only in the READMEs. The variables the processes set for their own children are left out."""
+    from dshal.cli import EPILOG
+
+    internal = {"DSHAL_LAUNCHER_PID", "DSHAL_PROBE"}  # a rank's launcher; the Ascend probe's output marker
+    root = Path(__file__).resolve().parents[1]
+    sources = [*root.glob("dshal/**/*.py"), *root.glob("conformance/dshal_conformance/**/*.py"),
+               *root.glob("plugins/*/dshal_*/**/*.py")]
+    read = {name for path in sources for name in re.findall(r"\bDSHAL_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(encoding="utf-8"))}
+    assert "DSHAL_CONFIG" in read and len(sources) > 50  # the scan found the code
+    assert sorted(read - internal - set(re.findall(r"^  (DSHAL_[A-Z0-9_]+)", EPILOG, flags=re.M))) == []
 
 
 @pytest.mark.parametrize("command", ["run", "profile", "bench --backend cpu", "conformance --backend cpu"])
@@ -122,6 +140,32 @@ def test_a_flag_that_does_not_parse_gets_the_commands_usage(command, capsys):
             main(argv)
         err = capsys.readouterr().err
         assert caught.value.code == 2 and f"usage: dshal {command} " in err and f"dshal {command}: error: {said}" in err
+
+
+def test_a_mistyped_command_or_flag_is_answered_with_the_close_one(capsys):
+    """A typo got argparse's bare refusal; a command's own flag given before the command
+    (``dshal --json info``) was refused as unknown by `dshal info`, which lists it in its --help."""
+    from dshal.cli import main
+
+    for argv, said in ((["infp"], "dshal: error: argument COMMAND: invalid choice: 'infp'; did you mean 'info'?"),
+                       (["info", "--jsn"], "dshal info: error: unrecognized arguments: --jsn; did you mean --json?"),
+                       (["run", "--new-tokns=3"], "dshal run: error: unrecognized arguments: --new-tokns=3; did you mean --new-tokens?"),
+                       (["--json", "info"], "dshal info: error: unrecognized arguments: --json; --json is an option of "
+                                            "`dshal info`: give it after the command"),
+                       (["info", "--zzzzz"], "dshal info: error: unrecognized arguments: --zzzzz\n")):  # fmt: skip
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and said in err, (argv, err)
+
+
+def test_no_command_is_a_usage_error_on_stderr(capsys):
+    """`dshal` alone exits 2, a usage error, but printed its help on stdout (`dshal > out` hid it)."""
+    from dshal.cli import main
+
+    assert main([]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("usage: dshal ") and "exit status:" in out.err
 
 
 def test_dshal_error_is_one_clean_line_and_exit_1():

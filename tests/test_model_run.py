@@ -752,6 +752,20 @@ def test_model_dshal_run_interactive(tmp_path):
     assert bad.returncode == 1 and "--interactive needs --checkpoint DIR" in bad.stderr
 
 
+def test_model_dshal_run_interactive_with_stdin_closed_or_empty_ends_the_chat(tmp_path):
+    """No input at all ends the chat with 0 answers, exit 0: ``</dev/null`` did, but a closed stdin
+    (``<&-``, a service started without one) was a traceback, "RuntimeError: input(): lost sys.stdin"."""
+    ckpt = tmp_path / "ckpt"
+    _checkpoint_with_tokenizer(ckpt)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    argv = [sys.executable, "-m", "dshal", "run", "--checkpoint", str(ckpt), "--interactive", "--new-tokens", "2"]
+    for closed in (False, True):
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=env,
+                              preexec_fn=(lambda: os.close(0)) if closed else None)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (closed, proc.stderr[-2000:])
+        assert "dshal run --interactive: 0 answer(s) on backend cpu (cpu)" in proc.stdout, closed
+
+
 def _typed(*lines: str):  # noqa: ANN202
     """A terminal that types ``lines``, then ends (EOFError), as ``chat`` reads one."""
     typed = iter(lines)

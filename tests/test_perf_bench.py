@@ -265,6 +265,21 @@ def test_bench_reports_a_failing_case_and_goes_on(tmp_path):
     assert errors[3].startswith("ArgumentError: quantize_fp8: argument 'block' is (0, 128)")
 
 
+def test_bench_whose_every_case_fails_says_so_on_stderr_only(tmp_path):
+    """The failure line went to stdout among the results, and with no case measured matplotlib
+    warned twice on stderr ("No artists with labels found to put in legend")."""
+    import subprocess
+    import sys
+
+    shapes = tmp_path / "s.yaml"
+    shapes.write_text("cases:\n  - {op: rms_norm, shape: [4, 256], eps: -1.0}\n")  # refused by the op
+    done = subprocess.run([sys.executable, "-m", "dshal", "bench", "--backend", "cpu", "--shapes", str(shapes),
+                           "--output", str(tmp_path / "f.html"), *FAST], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "failed on the backend" not in done.stdout and "report: " in done.stdout
+    assert done.stderr == "dshal bench: 1 case(s) failed on the backend: rms_norm/shape=[4, 256], eps=-1.0\n"
+
+
 @pytest.mark.needs_interpreter
 def test_bench_emulate_flag_runs_a_gpu_plugins_own_code(tmp_path):
     """`--emulate` (as conformance and diff take it) benches the nvidia plugin's kernels on CPU

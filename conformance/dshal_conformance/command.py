@@ -114,6 +114,7 @@ def _main(args: argparse.Namespace) -> int:
     out_dir = check_writable(args.report_dir, "--report-dir", directory=True)
     if args.bundle:
         check_writable(args.bundle, "--bundle", directory=True)
+        check_writable(report.bundle_archive(Path(args.bundle)), "--bundle's archive")  # beside the folder: after the run was too late
     target = runner.resolve(args.backend, args.emulate, getattr(args, "determinism", None))
     waiver_path = Path(args.waivers) if args.waivers else (
         waivers.default_path(target.runtime.backend, args.backend) if target.runtime is not None else None

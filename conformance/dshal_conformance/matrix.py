@@ -412,9 +412,12 @@ def main(args: argparse.Namespace) -> int:
     changes = None
     if args.baseline:
         changes = compare(reports, read_reports(baseline_paths(args.baseline), warn=lambda message: None))
+    # With no file named, stdout is the Markdown document (`dshal matrix ... > matrix.md`): the
+    # lines about it go to stderr, or they ended up in the document.
+    notes = sys.stderr if not args.html and not args.markdown else sys.stdout
     for rep, note in zip(*prepare_legs(reports, stale_after)):
         if note.dropped:
-            print(f"{leg_key(rep)[0]} ({leg_key(rep)[2]}): {note.merged}")
+            print(f"{leg_key(rep)[0]} ({leg_key(rep)[2]}): {note.merged}", file=notes)
     missing = missing_legs(reports, getattr(args, "expect", None) or [])
     if not args.html and not args.markdown:
         print(to_markdown(reports, by_dtype, stale_after, changes, missing))
@@ -427,15 +430,15 @@ def main(args: argparse.Namespace) -> int:
     failed = False
     if changes is not None:
         for leg in changes.legs:
-            print(("REGRESSED " if leg.bad else "") + summary_line(leg))
+            print(("REGRESSED " if leg.bad else "") + summary_line(leg), file=notes)
         for title, legs in (("new leg", changes.new_legs), ("GONE baseline leg not run now", changes.gone_legs),
                             ("came online (not run in the baseline)", changes.online_legs),
                             ("BROKEN now", changes.broken_legs)):
             for leg_name in legs:
-                print(f"{title}: {leg_name}")
+                print(f"{title}: {leg_name}", file=notes)
         failed = args.fail_on_regression and changes.bad
     for leg in missing:
-        print(f"MISSING leg: {missing_text(leg)}")
+        print(f"MISSING leg: {missing_text(leg)}", file=notes)
     return 1 if failed or missing else 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import tarfile
 from datetime import datetime
@@ -15,7 +16,7 @@ from xml.etree import ElementTree as ET
 
 import dshal
 from dshal.config import read_text_file
-from dshal.errors import DshalError
+from dshal.errors import ArgumentError, DshalError
 from dshal.outputs import atomic_output, atomic_write
 from dshal_conformance import __version__
 
@@ -198,6 +199,19 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def bundle_archive(out_dir: Path) -> Path:
+    """The archive :func:`write_bundle` packs ``out_dir`` into: ``<folder>.tar.gz`` beside it.
+    ``.`` and ``..`` are named by the folders they are (``--bundle .`` was a ValueError after
+    the whole run; ``..`` packed the parent as ``...tar.gz`` here)."""
+    out_dir = Path(out_dir)
+    if out_dir.name in ("", ".."):
+        out_dir = Path(os.path.abspath(out_dir))
+    if not out_dir.name:
+        raise ArgumentError(f"--bundle: got {str(out_dir)!r}, expected a folder with a name (its archive, "
+                            "<folder>.tar.gz, is written beside it)")
+    return out_dir.with_name(out_dir.name + ".tar.gz")
+
+
 def write_bundle(report: dict[str, Any], environment: dict[str, Any], files: list[Path], out_dir: Path) -> Path:
     """A submission bundle: the report files, ``environment.json`` and ``SHA256SUMS``
     (``sha256sum -c SHA256SUMS`` checks it), packed as ``<dir>.tar.gz`` too, written like
@@ -215,12 +229,13 @@ def write_bundle(report: dict[str, Any], environment: dict[str, Any], files: lis
     lines = [f"{sha256(p)}  {p.name}" for p in copied]
     sums = out_dir / "SHA256SUMS"
     atomic_write(sums, "\n".join(lines) + "\n")
-    archive = out_dir.with_name(out_dir.name + ".tar.gz")
+    archive = bundle_archive(out_dir)
+    top = archive.name.removesuffix(".tar.gz")
     with atomic_output(archive) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
         # This run's files only: a reused folder may hold an earlier run's (a failure mid-way
         # leaves the previous archive, or none).
         for path in [*copied, sums]:
-            tar.add(path, arcname=f"{out_dir.name}/{path.name}")
+            tar.add(path, arcname=f"{top}/{path.name}")
     return archive
 
 

@@ -109,3 +109,23 @@ def test_a_reused_bundle_folder_packs_this_runs_files_only(tmp_path: Path) -> No
     assert read_reports([str(env)], warn=warned.append) == []
     assert "environment file, not a report" in warned[0]
     assert not report.is_environment_file(out_dir / "cpu.json")
+
+
+def test_dshal_conformance_bundle_archive_is_checked_before_the_run_and_dot_is_named(tmp_path: Path) -> None:
+    """The archive goes beside the folder, where nothing checked it: a directory there was an
+    IsADirectoryError traceback after the whole run, and ``--bundle .`` a ValueError ("'.' has
+    an empty name")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    argv = [sys.executable, "-m", "dshal", "conformance", "--backend", "cpu", "--ops", "rms_norm", "--no-collectives",
+            "--quiet", "--report-dir", str(tmp_path / "reports")]
+    (tmp_path / "taken.tar.gz").mkdir()
+    blocked = subprocess.run([*argv, "--bundle", str(tmp_path / "taken")], capture_output=True, text=True, timeout=120, env=env)
+    assert blocked.returncode == 1 and "Traceback" not in blocked.stderr, blocked.stderr[-2000:]
+    assert blocked.stderr == f"dshal conformance: error: --bundle's archive: {tmp_path / 'taken.tar.gz'} is a directory, expected a file path\n"
+    assert not list((tmp_path / "reports").iterdir())  # refused before the run: no report
+    here = tmp_path / "leg"
+    here.mkdir()
+    dot = subprocess.run([*argv, "--bundle", "."], capture_output=True, text=True, timeout=120, env=env, cwd=here)
+    assert dot.returncode == 0, dot.stderr[-2000:]
+    with tarfile.open(tmp_path / "leg.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["leg/SHA256SUMS", "leg/cpu.json", "leg/cpu.junit.xml", "leg/environment.json"]

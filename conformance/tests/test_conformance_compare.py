@@ -149,6 +149,18 @@ def test_legs_that_did_not_run_stay_apart_by_their_ci_leg_and_expect_names_a_mis
     assert "❌ MISSING leg: h100" in md.read_text()
 
 
+def test_the_matrix_printed_on_stdout_is_the_document_alone(cpu_report: dict, tmp_path: Path, capsys) -> None:
+    """With no --html / --markdown the Markdown goes to stdout (``dshal matrix ... > matrix.md``),
+    and the baseline's summary and MISSING lines were printed after it, into the document."""
+    named = {**copy.deepcopy(cpu_report), "platform": {**cpu_report["platform"], "leg": "cpu"}}
+    now, then = _write(tmp_path / "now", "cpu", named), _write(tmp_path / "then", "cpu", cpu_report)
+    assert cli.main(["matrix", now, "--baseline", then, "--expect", "cpu,h100"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("# dshal hardware matrix") and out.rstrip().endswith("|")  # the last row of its last table
+    assert "MISSING leg: h100 (no report has platform.leg 'h100'" in err and "cpu (hardware) · cpu @cpu: 0 regressed" in err
+    assert "MISSING leg: h100" not in out.replace("❌ MISSING leg: h100", "")  # the document's own section stays
+
+
 def test_a_baseline_without_leg_names_still_meets_its_leg_and_an_emulated_leg_is_not_a_hardware_one(
         cpu_report: dict, tmp_path: Path, capsys) -> None:
     """Reports got ``platform.leg``: a baseline made before it never met the same runner's leg

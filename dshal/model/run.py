@@ -363,7 +363,7 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
             # 4095-byte buffer), where it exists; its import sets up the terminal
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401
-        read = input if groups is None else parallel_run.shared_input()
+        read = _read_terminal if groups is None else parallel_run.shared_input(_read_terminal)
         conversation = chat(model, tokenizer, settings, read, out)
     if speaks:
         layout = "" if groups is None else f", TP={groups.tp_size} x EP={groups.ep_size}"
@@ -374,6 +374,14 @@ def _interactive(args: argparse.Namespace, model: Any, runtime: Any, groups: Any
     if groups is not None:
         parallel_run.finish()
     return 0
+
+
+def _read_terminal(prompt: str) -> str:
+    """``input(prompt)``; a closed stdin (``<&-``, a service started without one) is the end of
+    the input, as ``</dev/null`` is: input() raised "RuntimeError: lost sys.stdin", a traceback."""
+    if sys.stdin is None:
+        raise EOFError
+    return input(prompt)
 
 
 def _chat_graphs(args: argparse.Namespace, model: Any, runtime: Any) -> tuple[bool, str]:

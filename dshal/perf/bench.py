@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -562,7 +563,8 @@ def latency_figure(report: dict[str, Any]) -> Any:
     ax.set_xscale("log")
     ax.set_xlabel("median latency (µs), whiskers p10–p90")
     ax.grid(True, axis="x", which="both", alpha=0.25)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # every case failed: no bars, and matplotlib warns on stderr
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -715,7 +717,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"report: {html_path}\njson:   {json_file}")
     failed = [c["id"] for c in report["cases"] if "error" in c["providers"]["backend"]]
     if failed:
-        print(f"dshal bench: {len(failed)} case(s) failed on the backend: {', '.join(failed)}")
+        print(f"dshal bench: {len(failed)} case(s) failed on the backend: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

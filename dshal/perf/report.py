@@ -370,7 +370,8 @@ def roofline_figure(
     ax.set_ylabel("achieved FLOP/s")
     ax.set_title(title + (f"  [{peak_note}]" if peak_note else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # nothing measured (every case failed): matplotlib warns on stderr
+        ax.legend(fontsize=7, loc="lower right")
     return fig
 
 

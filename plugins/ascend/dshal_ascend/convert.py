@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from dshal.plugin import (
     fp8_block_to_int8_rows,
     quantize_int8,
 )
+from dshal_ascend.tool import run_tool
 
 #: Suffix of DeepSeek-V3's block scales and of the per-channel scales written instead.
 FP8_SCALE_SUFFIX = "weight_scale_inv"
@@ -189,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     def report(done: ShardDone) -> None:
         print(done.line(), flush=True)
 
-    try:
-        counts = convert_checkpoint(args.src, args.dst, on_shard=None if args.quiet else report)
-    except DshalError as err:
-        print(f"error: {err}")
-        return 1
-    print(f"converted {counts['converted_weights']} weights to int8; {counts['tensors']} tensors written to {args.dst}")
-    return 0
+    def convert() -> int:
+        try:
+            counts = convert_checkpoint(args.src, args.dst, on_shard=None if args.quiet else report)
+        except DshalError as err:  # on stderr: stdout holds the progress lines
+            print(f"dshal-ascend-convert: error: {err}", file=sys.stderr)
+            return 1
+        print(f"converted {counts['converted_weights']} weights to int8; {counts['tensors']} tensors written to {args.dst}")
+        return 0
+
+    return run_tool("dshal-ascend-convert", convert)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ import re
 from dataclasses import dataclass, replace
 
 from dshal_ascend.schema import ReleaseSignatures, recorded_releases, recorded_signatures
+from dshal_ascend.tool import run_tool
 
 #: The kernels the plugin calls (the probe reads their schemas on an NPU host).
 KERNELS = (
@@ -390,11 +391,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="op-plugin release (default: the newest recorded)")
     args = parser.parse_args(argv)
     release = RELEASE_BY_NAME[args.release]
-    print(f"op-plugin {release.name} (CANN {release.cann}; torch_npu {', '.join(release.torch_npu)}), "
-          "from recorded signatures -- a plan, not an NPU run")
-    for op, route in plan_ops(kernel_features(args.release)).items():
-        print(f"  {op:17s} {route.describe()}")
-    return 0
+
+    def show() -> int:
+        print(f"op-plugin {release.name} (CANN {release.cann}; torch_npu {', '.join(release.torch_npu)}), "
+              "from recorded signatures -- a plan, not an NPU run")
+        for op, route in plan_ops(kernel_features(args.release)).items():
+            print(f"  {op:17s} {route.describe()}")
+        return 0
+
+    return run_tool("dshal-ascend-plan", show)
 
 
 if __name__ == "__main__":

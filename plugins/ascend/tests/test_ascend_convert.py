@@ -49,7 +49,9 @@ def test_ascend_convert_refuses_to_write_over_its_source(tmp_path, capsys):
     save_file({"m.weight": w, "m.weight_scale_inv": s}, str(src / "model-00001-of-00001.safetensors"))
     before = (src / "model-00001-of-00001.safetensors").read_bytes()
     assert main([str(src), str(tmp_path / "." / "fp8"), "--quiet"]) == 1  # the same folder spelled otherwise
-    assert f"error: convert: destination {tmp_path / '.' / 'fp8'} is the source; choose another directory" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert said.err == f"dshal-ascend-convert: error: convert: destination {tmp_path / '.' / 'fp8'} is the source; choose another directory\n"
+    assert said.out == ""  # stdout holds the progress lines, and the error was printed there
     assert (src / "model-00001-of-00001.safetensors").read_bytes() == before
 
 
@@ -107,8 +109,8 @@ def test_ascend_convert_reads_config_and_index_before_the_shards(tmp_path, capsy
                              ("model.safetensors.index.json", "{not json", "not a readable JSON file")):
         (src / name).write_text(text)
         assert main([str(src), str(dst), "--quiet"]) == 1
-        out = capsys.readouterr().out
-        assert said in out and name in out and not dst.exists(), out
+        err = capsys.readouterr().err
+        assert said in err and name in err and not dst.exists(), err
         (src / name).unlink()
 
 

@@ -201,3 +201,19 @@ def test_the_plugins_tools_start_with_docstrings_stripped():
         done = subprocess.run([sys.executable, "-OO", "-c", f"import sys; from {module} import main; sys.exit(main(['--help']))"],
                               capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 0 and "usage:" in done.stdout, (module, done.stderr[-2000:])
+
+
+def test_the_plugins_tools_end_quietly_when_their_reader_leaves():
+    """``dshal-ascend-plan | head -1``: the reader left and the next print raised a
+    BrokenPipeError traceback; the tool now ends with 141 (128 + SIGPIPE) and no word, as `dshal`."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys\n"
+              "from dshal_ascend.releases import main\n"
+              "r, w = os.pipe()\n"
+              "os.close(r)\n"
+              "os.dup2(w, sys.stdout.fileno())\n"
+              "sys.exit(main([]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 141 and done.stderr == "", done.stderr[-2000:]
