@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -445,6 +446,27 @@ def test_built_once_into_the_cache_and_reused(tmp_path):
     assert again.stdout == first.stdout and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     digest = built[0].with_suffix(".sha256")  # what the build wrote, checked before every load
     assert sorted((tmp_path / "cpu-kernels").iterdir()) == sorted([*built, digest])  # no temporary files left behind
+
+
+@needs_kernels
+def test_a_killed_builds_temporary_file_is_swept_by_the_next_build(tmp_path):
+    """Ctrl-C during the first run's build left its temporary ``.so`` in the cache for good (the
+    build thread is dropped at exit). The next build removes such orphans, never a file young
+    enough to be a concurrent build's."""
+    folder = tmp_path / "cpu-kernels"
+    folder.mkdir(mode=0o700)
+    orphans = [folder / ".dshal-build-killed.so", folder / "tmpolder_release.so"]
+    running = folder / ".dshal-build-running.so"
+    for path in (*orphans, running):
+        path.write_bytes(b"half a library")
+    old = time.time() - 3600
+    for path in orphans:
+        os.utime(path, (old, old))
+    done = _run(STATUS, DSHAL_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0 and '"available": true' in done.stdout, done.stderr
+    assert not any(path.exists() for path in orphans)
+    assert running.exists()
+    assert len(list(folder.glob(".dshal-build-*.so"))) == 1  # the build's own was renamed into place
 
 
 @needs_kernels

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,11 +178,34 @@ def _reusable(target: Path) -> bool:
         return False
 
 
+#: Builds write here first, then rename; a process killed mid-build (Ctrl-C during the first
+#: run: the build thread is dropped at exit) leaves one behind.
+BUILD_TEMP_PREFIX = ".dshal-build-"
+#: Older than this, a build's temporary file is an orphan: a build takes at most the compiler's
+#: 120 s timeout, so a concurrent process's file is younger.
+ORPHAN_AGE_S = 600.0
+
+
+def _sweep_orphans(folder: Path) -> None:
+    """Remove build temporaries in ``folder`` that no running build can own (see ORPHAN_AGE_S);
+    ``tmp*.so`` are those of releases that named them so. Best effort: another process may sweep
+    the same file."""
+    now = time.time()
+    for leftover in [*folder.glob(f"{BUILD_TEMP_PREFIX}*.so"), *folder.glob("tmp*.so")]:
+        try:
+            if now - leftover.stat().st_mtime > ORPHAN_AGE_S:
+                leftover.unlink()
+        except OSError:
+            pass
+
+
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
     """Compile ``kernels.c`` into ``target`` through a temporary file and a rename (concurrent
     processes may race): None when built, else the compiler's complaint. A folder with no room
-    (a full disk, a quota, read-only) raises OSError with that errno, whoever found it."""
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    (a full disk, a quota, read-only) raises OSError with that errno, whoever found it. Orphaned
+    temporaries of killed builds are swept first."""
+    _sweep_orphans(target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=BUILD_TEMP_PREFIX, suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         done = subprocess.run(
