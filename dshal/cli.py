@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from dshal import __version__
 from dshal.errors import DshalError
+from dshal.lifetime import Terminated, cleanup_on_termination, signal_name
 
 #: name -> (module, one-line help, distribution that provides it)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
@@ -150,7 +151,11 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args._main(args) or 0)
+        with cleanup_on_termination():  # `timeout` / `kill`: unwind (temporary files, ranks), then 143 / 129
+            return int(args._main(args) or 0)
+    except Terminated as err:
+        print(f"dshal {args.command}: terminated ({signal_name(err.signum)})", file=sys.stderr)
+        return int(err.code)
     except DshalError as err:
         prefix = f"dshal {args.command}: "
         text = str(err).removeprefix(prefix)  # messages raised for the command already name it

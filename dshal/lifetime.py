@@ -79,6 +79,14 @@ class Terminated(SystemExit):
         self.signum = signum
 
 
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15; the number where this platform has no name for it."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 @contextlib.contextmanager
 def cleanup_on_termination() -> Iterator[None]:
     """SIGTERM / SIGHUP (``timeout``, ``kill``, a closed terminal) raise :class:`Terminated`
@@ -141,4 +149,7 @@ def _ephemeral_low() -> int | None:
         return None
 
 
-__all__ = ["Terminated", "child_env", "child_python", "cleanup_on_termination", "dies_with_parent", "exit_with_parent", "free_port"]
+__all__ = [
+    "Terminated", "child_env", "child_python", "cleanup_on_termination", "dies_with_parent", "exit_with_parent", "free_port",
+    "signal_name",
+]

@@ -33,6 +33,7 @@ from dshal import __version__
 from dshal.backend import API_VERSION, WEIGHT_FORMATS, Availability, Backend, Capabilities, OpKind
 from dshal.config import REFERENCE_PROVIDER, REFUSED_PROVIDER, emulate_from_env, env_number
 from dshal.errors import BackendUnavailableError, ConfigError, DshalError, PluginLoadError
+from dshal.lifetime import Terminated
 from dshal.ops.catalogue import SPECS
 from dshal.ops.spec import FP8_DTYPES
 
@@ -306,10 +307,12 @@ class _SigintWatch:
 
 
 def _contain(err: BaseException, plugin: str, where: str, watch: _SigintWatch) -> None:
-    """Re-raise ``err`` when it is a real Ctrl-C (after saying where it struck); return for
+    """Re-raise ``err`` when it is a real Ctrl-C (after saying where it struck) or a SIGTERM / SIGHUP; return for
     anything a plugin raised itself, which the caller reports as that plugin's failure."""
     if isinstance(err, KeyboardInterrupt) and watch.real:
         log.warning("dshal: interrupted (Ctrl-C) during %s of plugin %r", where, plugin)
+        raise err
+    if isinstance(err, Terminated):  # SIGTERM / SIGHUP to this process, not the plugin's own SystemExit
         raise err
 
 

@@ -209,3 +209,25 @@ def test_real_ctrl_c_during_a_hung_probe_exits_130(install_plugin, tmp_path, sig
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_sigterm_during_a_plugin_import_ends_the_command_with_143_not_as_that_plugins_failure(install_plugin, tmp_path):
+    """`timeout` / `kill` send SIGTERM. Python's default ended `dshal` at once (no cleanup, no word;
+    -15, not a shell's 143); now every command unwinds and says so. Raised inside a plugin's
+    import, the signal must not pass for the plugin's own SystemExit (a plugin failure that
+    discovery would list and go on from)."""
+    install_plugin("sleeps_while_loading", {"drowsy": "DrowsyBackend"})
+    marker = tmp_path / "importing"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "DSHAL_TEST_MARKER": str(marker),
+           "DSHAL_TEST_SLEEP_AT": "import", "DSHAL_TEST_SLEEP_S": "60", "DSHAL_PLUGIN_TIMEOUT_S": "120"}
+    proc = subprocess.Popen([sys.executable, "-m", "dshal", "info"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, out, err)
+    assert err.strip().splitlines()[-1] == "dshal info: terminated (SIGTERM)" and "Traceback" not in err
+    assert "drowsy" not in out  # no listing went on after the signal
