@@ -8,14 +8,16 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from dshal import __version__
-from dshal.errors import DshalError
+from dshal.errors import ConfigError, DshalError
 from dshal.lifetime import Terminated, cleanup_on_termination, signal_name
 
 #: name -> (module, one-line help, distribution that provides it)
@@ -55,6 +57,8 @@ environment:
                      an import, constructor or ops() still running then is warned about)
   DSHAL_CONFORMANCE_LEG  `dshal conformance`: the CI leg its report names (platform.leg),
                      which `dshal matrix --expect` looks for
+  DSHAL_LOG          debug | info | warning | error: the least severe of dshal's log records
+                     written to stderr (default: warnings only); -v is info, -vv debug
 
 exit status:
   0    done, and every check passed
@@ -71,6 +75,47 @@ Run `dshal COMMAND --help` for a command's options.
 """
 
 
+VERBOSE_HELP = "log more on stderr: -v info (the backend chosen, candidates passed over, fallbacks), -vv debug"
+#: DSHAL_LOG's values -> logging levels.
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def log_level(verbose: int, env: str | None) -> int | None:
+    """The level the ``dshal`` logger is set to for ``-v`` given ``verbose`` times and
+    ``DSHAL_LOG``=``env`` (the more verbose of the two), or None: neither asks, and records go
+    where the embedding program's logging config sends them (without one: warnings on stderr)."""
+    levels = []
+    if env is not None and env.strip():
+        name = env.strip().lower()
+        if name not in LOG_LEVELS:
+            raise ConfigError(f"environment variable DSHAL_LOG is {env!r}, expected one of {', '.join(LOG_LEVELS)}")
+        levels.append(LOG_LEVELS[name])
+    if verbose:
+        levels.append(logging.INFO if verbose == 1 else logging.DEBUG)
+    return min(levels) if levels else None
+
+
+@contextlib.contextmanager
+def command_logging(level: int | None) -> Iterator[None]:
+    """For the command only (a library adds no handlers): while it runs, the ``dshal`` logger's
+    records from ``level`` on go to stderr as bare messages, the form logging's last resort
+    gives warnings. Undone after, for a program that calls :func:`main` in-process."""
+    if level is None:
+        yield
+        return
+    logger = logging.getLogger("dshal")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    was = logger.level
+    logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(was)
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported to add its options."""
     parser = argparse.ArgumentParser(
@@ -80,9 +125,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dshal {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text, dist) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        # After the command too; SUPPRESS keeps a -v given before it (a subparser's default would reset it).
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         if name == command:
             try:
                 module = importlib.import_module(module_name)
@@ -151,8 +199,8 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        with cleanup_on_termination():  # `timeout` / `kill`: unwind (temporary files, ranks), then 143 / 129
-            return int(args._main(args) or 0)
+        with cleanup_on_termination(), command_logging(log_level(args.verbose, os.environ.get("DSHAL_LOG"))):
+            return int(args._main(args) or 0)  # SIGTERM / SIGHUP (`timeout`, `kill`): unwind, then 143 / 129
     except Terminated as err:
         print(f"dshal {args.command}: terminated ({signal_name(err.signum)})", file=sys.stderr)
         return int(err.code)

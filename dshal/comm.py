@@ -67,7 +67,7 @@ from dshal.config import MAX_TIMEOUT_S
 from dshal.errors import CommError, ConfigError, DeviceError, DTypeError, ProviderError, ShapeError
 from dshal.ops.mode import checking
 
-log = logging.getLogger("dshal")
+log = logging.getLogger(__name__)
 
 #: Reductions every communicator supports. ``avg`` is a sum divided by the group size,
 #: computed the same way on every process-group backend (gloo has no native AVG in older torch).

@@ -42,7 +42,7 @@ ENTRY_POINT_GROUP = "dshal.backends"
 #: constructor or ops() past it is warned about.
 DEFAULT_PLUGIN_TIMEOUT_S = 60.0
 
-log = logging.getLogger("dshal")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -219,6 +219,10 @@ class Registry:
         for name, eps in clashes.items():
             if allow is None or name in allow:
                 infos[name] = _clash(name, eps)
+        for name, info in infos.items():
+            if name not in known:
+                log.debug("dshal: plugin %r (%s): loaded %s, available %s: %s", name, info.entry_point, info.loaded,
+                          info.available, info.reason)
         return dict(sorted(infos.items()))
 
 

@@ -25,7 +25,7 @@ from dshal.ops.catalogue import SPECS
 from dshal.ops.dispatch import DISPATCHER, Hook
 from dshal.registry import REGISTRY, Decision, require_named, select
 
-log = logging.getLogger("dshal")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -240,6 +240,10 @@ def build_runtime(config: Config) -> Runtime:
             fallbacks.add(name)
             unchecked[name] = _fallback_caller(name, backend.name, spec.reference_impl)
     invariant, gaps = _strict_providers(config, backend, providers, unchecked) if config.determinism == "strict" else (frozenset(), {})
+    for decision in trace:  # why auto passed a plugin over (it failed to load, no device...): -v says
+        if not decision.taken:
+            log.info("dshal: backend: auto passed over %r: %s", decision.name, decision.reason)
+    log.debug("dshal: op providers: %s", ", ".join(f"{op}: {who}" for op, who in sorted(providers.items())))
     # A refusal needs no input checks: it is the answer whatever the inputs. The reference's
     # outputs are the contract's by construction: only a backend's are checked per call.
     table = {

@@ -287,3 +287,69 @@ def test_no_writable_temporary_folder_is_one_line():
     assert done.returncode == 1, done.stderr[-2000:]
     assert "dshal plan: error: no writable temporary folder (" in done.stderr and "set TMPDIR to one" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_verbose_says_on_stderr_which_plugins_auto_passed_over_and_stdout_stays_json(monkeypatch, capsys, tmp_path):
+    """Without -v / DSHAL_LOG, why ``backend: auto`` passed a plugin over (it failed to load,
+    no device) and who serves each op reached no one outside ``dshal info``: the ``dshal``
+    logger's info and debug records had no handler. The flag, before or after the command, or
+    DSHAL_LOG, writes them on stderr; stdout keeps its format."""
+    import logging
+
+    from dshal.cli import main
+    from dshal.registry import REGISTRY
+
+    for name in [k for k in os.environ if k.startswith("DSHAL_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "dshal.yaml").write_text("backend: auto\nprefer: [nope, cpu]\n")  # auto passes over nope: not installed
+    monkeypatch.setenv("DSHAL_CONFIG", str(tmp_path / "dshal.yaml"))
+    logger = logging.getLogger("dshal")
+    handlers_before, level_before = list(logger.handlers), logger.level
+
+    assert main(["info", "--json"]) == 0
+    quiet = capsys.readouterr()
+    assert "passed over" not in quiet.err
+
+    for argv, env in ((["-v", "info", "--json"], None), (["info", "--json", "-v"], None), (["info", "--json"], "INFO")):
+        if env is not None:
+            monkeypatch.setenv("DSHAL_LOG", env)
+        assert main(argv) == 0
+        said = capsys.readouterr()
+        json.loads(said.out)
+        assert "dshal: backend: auto passed over 'nope': not installed" in said.err, (argv, said.err)
+        assert "op providers:" not in said.err  # debug only
+    monkeypatch.delenv("DSHAL_LOG")
+
+    REGISTRY.refresh()  # discovery, and its debug lines, happen once per process
+    assert main(["-vv", "info", "--json"]) == 0
+    said = capsys.readouterr().err
+    assert "dshal: op providers: " in said and "rms_norm: cpu" in said
+    assert "dshal: plugin 'cpu' (dshal.backends.cpu:CpuBackend): loaded True, available True" in said
+    # The command's handler and level are undone: a program calling main() keeps its logging.
+    assert (logger.handlers, logger.level) == (handlers_before, level_before)
+
+
+def test_a_bad_dshal_log_is_one_line_naming_it(monkeypatch, capsys):
+    from dshal.cli import main
+
+    monkeypatch.setenv("DSHAL_LOG", "loud")
+    assert main(["info", "--json"]) == 1
+    assert capsys.readouterr().err == (
+        "dshal info: error: environment variable DSHAL_LOG is 'loud', expected one of debug, info, warning, error\n")
+
+
+def test_importing_and_using_dshal_as_a_library_configures_no_logging_and_prints_nothing():
+    """A library leaves logging to the program: no handler on the root or ``dshal`` logger, no
+    root level, nothing on stdout / stderr, every module logging under ``dshal``."""
+    code = (
+        "import logging, dshal, dshal.model, dshal.plugin\n"
+        "rt = dshal.use(backend='cpu')\n"
+        "names = sorted(n for n in logging.root.manager.loggerDict if 'dshal' in n)\n"
+        "assert all(n == 'dshal' or n.startswith(('dshal.', 'dshal_conformance.')) for n in names), names\n"
+        "assert 'dshal.runtime' in names and 'dshal.registry' in names, names\n"
+        "assert logging.getLogger().handlers == [] and logging.getLogger().level == logging.WARNING\n"
+        "assert all(logging.getLogger(n).handlers == [] for n in names), names\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")

@@ -217,7 +217,7 @@ def user_tables(tmp_path, monkeypatch):
 
 
 def _dshal_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "dshal" and r.levelname == "WARNING"]
+    return [r.getMessage() for r in caplog.records if r.name.startswith("dshal") and r.levelname == "WARNING"]
 
 
 def test_an_unreadable_user_tuning_folder_is_skipped_with_one_warning(user_tables, monkeypatch, caplog):

@@ -578,8 +578,10 @@ def test_model_generate_warns_that_cuts_are_moot_when_greedy():
 
     model = _model()
     ids = _ids(model.args.vocab_size, 5)
-    with pytest.warns(UserWarning, match=r"generate: top_p=0.1, top_k=5 with temperature 0 \(greedy\) has no effect"):
+    with pytest.warns(UserWarning, match=r"generate: top_p=0.1, top_k=5 with temperature 0 \(greedy\) has no effect") as said:
         out = model.generate(ids, 3, top_p=0.1, top_k=5)
+    # At the caller's line, not torch's inference_mode wrapper (which also merged every call site into one).
+    assert [w.filename for w in said] == [__file__]
     assert torch.equal(out, model.generate(ids, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -628,3 +628,11 @@ def test_a_split_model_raises_on_nan_as_its_first_rank_says():
     chooser(torch.tensor([[0.0, 1.0]]))
     with pytest.raises(dshal.DshalError, match="logits hold NaN"):
         chooser.raise_if_nan("generate", agree=lambda flag: torch.ones_like(flag))  # rank 0 saw one
+
+
+def test_moot_cuts_are_warned_about_at_the_callers_line(mtp_model):
+    """generate_speculative runs under ``@torch.inference_mode()``: its warning pointed at
+    torch's ``_contextlib`` wrapper, not at the line that passed the cut."""
+    with pytest.warns(UserWarning, match=r"generate_speculative: top_k=5 with temperature 0 \(greedy\) has no effect") as said:
+        generate_speculative(mtp_model, _prompt(mtp_model.args), 2, top_k=5)
+    assert [w.filename for w in said] == [__file__]

@@ -265,14 +265,18 @@ def run_group(
         code = (dies_with_parent(os.getpid()) + f"sys.argv = ['-c', {args!r}]\nimport runpy\n"
                 "runpy.run_module('dshal_conformance.collectives', run_name='__main__')\n")
         procs: list[subprocess.Popen] = []
+        # Each rank's stderr goes to a file: a pipe nobody reads until the ranks end would stall
+        # a rank that writes more than its buffer (a long traceback), and leave it unclosed.
+        stderr_files = [Path(scratch) / f"stderr-{r}.txt" for r in range(world)]
         try:
             for r in range(world):
-                procs.append(subprocess.Popen(
-                    child_python("-c", code),
-                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                ))
+                with stderr_files[r].open("wb") as err_file:
+                    procs.append(subprocess.Popen(
+                        child_python("-c", code),
+                        env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
+                        stdout=subprocess.DEVNULL,
+                        stderr=err_file,
+                    ))
             deadline = time.monotonic() + timeout_s
             for p in procs:
                 try:
@@ -285,7 +289,7 @@ def run_group(
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        stderr = {r: (p.stderr.read().decode(errors="replace") if p.stderr else "") for r, p in enumerate(procs)}
+        stderr = {r: stderr_files[r].read_text(errors="replace") for r in range(len(procs))}
         reports: dict[int, dict[str, tuple[str, float | None, str]]] = {}
         for r in range(world):
             f = Path(scratch) / f"result-{r}.json"

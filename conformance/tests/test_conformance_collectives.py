@@ -110,3 +110,21 @@ def test_sigterm_removes_the_collectives_temporary_folder(tmp_path, sigterm_once
                              str(tmp_path / "reports")], "dshal-collectives-")
     assert "dshal conformance: terminated; no report written for 'cpu'" in err
     assert not (tmp_path / "reports" / "cpu.json").exists()
+
+
+def test_a_group_run_closes_what_it_read_the_ranks_stderr_from():
+    """The ranks' stderr was a pipe read once they ended and never closed: a ResourceWarning
+    per rank and run (and a rank writing past the pipe's buffer would have stalled until the
+    timeout); the reason of a missing result still quotes a rank's last stderr line."""
+    import gc
+    import warnings
+
+    case = next(c for c in collectives.cases() if c.world_size == 2 and c.params.get("collective") == "broadcast")
+    seen: list[Verdict] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        collectives.run_group("cpu", False, 2, [case], 120.0, lambda _case, verdict: seen.append(verdict),
+                              devices=("cpu", 0))
+        gc.collect()
+    assert [v.status for v in seen] == ["pass"], seen
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

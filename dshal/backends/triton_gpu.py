@@ -54,7 +54,7 @@ from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF, check_ids_in
 from dshal.perf.measure import same_part
 from dshal.versions import installed, interpreter_refusal
 
-log = logging.getLogger("dshal")
+log = logging.getLogger(__name__)
 
 #: Ops served by a Triton kernel (the rest: fp8_gemm, linear, attention go through torch).
 TRITON_OPS = ("quantize_fp8", "rms_norm", "silu_and_mul", "rotary_embedding", "moe_experts")

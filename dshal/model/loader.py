@@ -52,7 +52,7 @@ from dshal.model.weights import conversion_ops, dequantize_weight
 from dshal.ops.spec import FP8_DTYPES
 from dshal.runtime import current
 
-log = logging.getLogger("dshal")
+log = logging.getLogger(__name__)
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,

@@ -4,6 +4,7 @@ top-k, nucleus (top-p) and min-p cuts, shared by plain, graph-captured and specu
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -167,7 +168,17 @@ def warn_moot_cuts(where: str, temperature: float, top_p: float, top_k: int, min
             if value != off]
     if cuts:
         warnings.warn(f"{where}: {', '.join(cuts)} with temperature 0 (greedy) has no effect; pass a temperature > 0 "
-                      "to sample with it", UserWarning, stacklevel=3)
+                      "to sample with it", UserWarning, stacklevel=_callers_stacklevel())
+
+
+def _callers_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning given by this function's caller at the first
+    frame outside dshal and torch: the user's line. A fixed count pointed at torch's
+    ``_contextlib`` when the entry point is wrapped in ``@torch.inference_mode()``."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("dshal", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_min_p(min_p: Any, where: str = "generate") -> None:

@@ -36,7 +36,7 @@ import torch
 from dshal.cache import cache_dir, make_private_dir, not_private_file
 from dshal.errors import ConfigError, DshalError, UnsupportedOpError
 
-log = logging.getLogger("dshal")
+log = logging.getLogger(__name__)
 
 #: The E4M3 variants a target may call native.
 E4M3_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
