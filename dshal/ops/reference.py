@@ -9,6 +9,8 @@ op's input checks, for users, tests and conformance. There is no third way.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dshal.ops.activation import silu_and_mul as _silu_and_mul
 from dshal.ops.attention import attention as _attention
 from dshal.ops.gemm import fp8_gemm as _fp8_gemm, int8_gemm as _int8_gemm, linear as _linear
@@ -21,18 +23,36 @@ from dshal.ops.quant import (
 )
 from dshal.ops.rotary import rotary_embedding as _rotary_embedding
 
-quantize_fp8 = _quantize_fp8.checked(_quantize_fp8.reference_impl)
-dequantize_fp8 = _dequantize_fp8.checked(_dequantize_fp8.reference_impl)
-quantize_int8 = _quantize_int8.checked(_quantize_int8.reference_impl)
-fp8_gemm = _fp8_gemm.checked(_fp8_gemm.reference_impl)
-int8_gemm = _int8_gemm.checked(_int8_gemm.reference_impl)
-linear = _linear.checked(_linear.reference_impl)
-rms_norm = _rms_norm.checked(_rms_norm.reference_impl)
-silu_and_mul = _silu_and_mul.checked(_silu_and_mul.reference_impl)
-rotary_embedding = _rotary_embedding.checked(_rotary_embedding.reference_impl)
-attention = _attention.checked(_attention.reference_impl)
-moe_gate = _moe_gate.checked(_moe_gate.reference_impl)
-moe_experts = _moe_experts.checked(_moe_experts.reference_impl)
+if TYPE_CHECKING:
+    # What a type checker sees: the dispatched ops' annotated signatures. Both have the op
+    # spec's parameters (OpSpec checks its reference's, tests/test_core_dispatch.py the ops').
+    from dshal.ops import (
+        attention as attention,
+        dequantize_fp8 as dequantize_fp8,
+        fp8_gemm as fp8_gemm,
+        int8_gemm as int8_gemm,
+        linear as linear,
+        moe_experts as moe_experts,
+        moe_gate as moe_gate,
+        quantize_fp8 as quantize_fp8,
+        quantize_int8 as quantize_int8,
+        rms_norm as rms_norm,
+        rotary_embedding as rotary_embedding,
+        silu_and_mul as silu_and_mul,
+    )
+else:
+    quantize_fp8 = _quantize_fp8.checked(_quantize_fp8.reference_impl)
+    dequantize_fp8 = _dequantize_fp8.checked(_dequantize_fp8.reference_impl)
+    quantize_int8 = _quantize_int8.checked(_quantize_int8.reference_impl)
+    fp8_gemm = _fp8_gemm.checked(_fp8_gemm.reference_impl)
+    int8_gemm = _int8_gemm.checked(_int8_gemm.reference_impl)
+    linear = _linear.checked(_linear.reference_impl)
+    rms_norm = _rms_norm.checked(_rms_norm.reference_impl)
+    silu_and_mul = _silu_and_mul.checked(_silu_and_mul.reference_impl)
+    rotary_embedding = _rotary_embedding.checked(_rotary_embedding.reference_impl)
+    attention = _attention.checked(_attention.reference_impl)
+    moe_gate = _moe_gate.checked(_moe_gate.reference_impl)
+    moe_experts = _moe_experts.checked(_moe_experts.reference_impl)
 
 __all__ = [
     "quantize_fp8", "dequantize_fp8", "quantize_int8", "fp8_gemm", "int8_gemm", "linear",
