@@ -26,20 +26,33 @@ from dshal.ops.rotary import rotary_embedding as _rotary_embedding
 if TYPE_CHECKING:
     # What a type checker sees: the dispatched ops' annotated signatures. Both have the op
     # spec's parameters (OpSpec checks its reference's, tests/test_core_dispatch.py the ops').
-    from dshal.ops import (
-        attention as attention,
-        dequantize_fp8 as dequantize_fp8,
-        fp8_gemm as fp8_gemm,
-        int8_gemm as int8_gemm,
-        linear as linear,
-        moe_experts as moe_experts,
-        moe_gate as moe_gate,
-        quantize_fp8 as quantize_fp8,
-        quantize_int8 as quantize_int8,
-        rms_norm as rms_norm,
-        rotary_embedding as rotary_embedding,
-        silu_and_mul as silu_and_mul,
-    )
+    import torch
+
+    import dshal.ops as _ops
+
+    quantize_fp8 = _ops.quantize_fp8
+    dequantize_fp8 = _ops.dequantize_fp8
+    quantize_int8 = _ops.quantize_int8
+    fp8_gemm = _ops.fp8_gemm
+    int8_gemm = _ops.int8_gemm
+    linear = _ops.linear
+    rms_norm = _ops.rms_norm
+    silu_and_mul = _ops.silu_and_mul
+    rotary_embedding = _ops.rotary_embedding
+
+    # Written out: inside this package mypy reads `dshal.ops.attention` as the submodule.
+    def attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = True,
+        scale: float | None = None,
+        window: int | None = None,
+        global_tokens: int = 0,
+    ) -> torch.Tensor: ...
+
+    moe_gate = _ops.moe_gate
+    moe_experts = _ops.moe_experts
 else:
     quantize_fp8 = _quantize_fp8.checked(_quantize_fp8.reference_impl)
     dequantize_fp8 = _dequantize_fp8.checked(_dequantize_fp8.reference_impl)
