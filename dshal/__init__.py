@@ -19,7 +19,11 @@ from typing import TYPE_CHECKING, Any
 # the call that lists every discovered backend (``dshal.backends()``): the package module
 # is callable (see dshal/backends/__init__.py), so ``import dshal.backends.cpu as m`` and
 # ``dshal.backends()`` both work, whichever runs first.
-from dshal import backends
+if TYPE_CHECKING:
+    # What a type checker sees: the call (a module object cannot be typed as callable).
+    from dshal.registry import backends as backends
+else:
+    from dshal import backends
 from dshal.errors import (
     ArgumentError,
     BackendUnavailableError,
@@ -53,15 +57,17 @@ _LAZY_NAMES = {
 _LAZY_MODULES = ("ops", "backend", "config", "registry", "runtime")
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_MODULES:
-        value = importlib.import_module(f"dshal.{name}")
-    elif name in _LAZY_NAMES:
-        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
-    else:
-        raise AttributeError(f"module 'dshal' has no attribute {name!r}")
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
+if not TYPE_CHECKING:  # a module __getattr__ would type every unknown name, a typo too, as Any
+
+    def __getattr__(name: str) -> Any:
+        if name in _LAZY_MODULES:
+            value = importlib.import_module(f"dshal.{name}")
+        elif name in _LAZY_NAMES:
+            value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+        else:
+            raise AttributeError(f"module 'dshal' has no attribute {name!r}")
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
 
 
 def __dir__() -> list[str]:

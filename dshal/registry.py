@@ -70,7 +70,7 @@ class BackendInfo:
             raise BackendUnavailableError(f"backend {self.name!r} is not available: {self.reason}") from self.error
         return self.backend
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "entry_point": self.entry_point,

@@ -606,7 +606,9 @@ class TorchGpuBackend(Backend):
             and (granularity, a.dtype, b.dtype, out_dtype) not in self._cache.get("scaled_mm_refused", ())
         )
 
-    def native_block_gemm(self, a, a_scale, b, b_scale, out_dtype) -> torch.Tensor | None:
+    def native_block_gemm(
+        self, a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """Optional hook: the plugin's own block-scaled FP8 GEMM (a vendor library call),
         tried first when :meth:`gemm_plan` says ``block_path == "native"``. Returns None for
         inputs it does not serve (or that its library refused): the Triton kernel serves them.

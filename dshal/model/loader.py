@@ -37,7 +37,7 @@ from torch import nn
 
 import dshal
 from dshal import ops
-from dshal.config import precision_config
+from dshal.config import Config, precision_config
 from dshal.errors import CheckpointError, DeviceError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_weight_map
@@ -568,7 +568,7 @@ def build_model(
     precision: Any = None,
     device: torch.device | str | None = None,
     progress: LoadProgress | None = None,
-) -> nn.Module:
+) -> Transformer:
     """Build a :class:`~dshal.model.model.Transformer` from ``reader`` on ``device`` (default:
     the active runtime's), then apply the precision policy (default: the runtime config's).
     On a backend that cannot hold float8 tensors (``Capabilities.fp8_storage`` False) FP8
@@ -668,14 +668,14 @@ def place_and_prepare(
 
 
 def from_pretrained(
-    path: str | os.PathLike,
-    config: Any = None,
+    path: str | os.PathLike[str],
+    config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
     *,
     dtype: torch.dtype | None = None,
     mla_mode: str | None = None,
     mtp_layers: int | None = None,
     progress: LoadProgress | None = None,
-) -> nn.Module:
+) -> Transformer:
     """Load a DeepSeek-V3 checkpoint directory (``config.json`` + safetensors).
 
     ``config``: a dshal config (path, dict or Config) made active with :func:`dshal.use`;

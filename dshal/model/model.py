@@ -32,7 +32,7 @@ import contextlib
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -554,6 +554,18 @@ class Transformer(nn.Module):
                 )
         self._cache_layouts.clear()  # they name the device: a moved model's own caches live on the new one
         return super()._apply(fn, recurse)
+
+    if TYPE_CHECKING:  # nn.Module's __call__ is typed to return Any; what forward returns, per return_hidden
+
+        @overload
+        def __call__(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                     last_only: bool = False, return_hidden: Literal[False] = False) -> torch.Tensor: ...
+
+        @overload
+        def __call__(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                     last_only: bool = False, *, return_hidden: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     @own_dtypes
     @torch.inference_mode()

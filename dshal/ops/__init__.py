@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -29,6 +29,9 @@ from dshal.ops.catalogue import SPECS
 from dshal.ops.dispatch import DISPATCHER, Dispatcher
 from dshal.ops.mode import checking
 from dshal.ops.spec import Cost, OpSpec
+
+#: An FP8 block shape (rows, columns), each > 0 or -1 (the whole dim); None: one scale per tensor.
+_Block = tuple[int, int] | list[int] | None
 
 _thread = DISPATCHER.thread  # ``_thread.table``: op name -> provider, for the calling thread
 
@@ -51,33 +54,43 @@ def trusted() -> contextlib.AbstractContextManager[None]:
 
 
 # ---------------------------------------------------------------- quantization (dshal.ops.quant)
-def quantize_fp8(x, block=(1, 128), fmt="e4m3", scale_fmt=None):
+def quantize_fp8(
+    x: torch.Tensor, block: _Block = (1, 128), fmt: str = "e4m3", scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x [..., M, K]`` to FP8 with one float32 scale per block -> ``(q, scale)``."""
     return _thread.table["quantize_fp8"](x, block, fmt, scale_fmt)
 
 
-def dequantize_fp8(q, scale, block=(1, 128), out_dtype=torch.bfloat16):
+def dequantize_fp8(
+    q: torch.Tensor, scale: torch.Tensor, block: _Block = (1, 128), out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """``q.float() * scale`` broadcast per block, cast to ``out_dtype`` (inverse of :func:`quantize_fp8`)."""
     return _thread.table["dequantize_fp8"](q, scale, block, out_dtype)
 
 
-def quantize_int8(x):
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8, one scale per row -> ``(q int8 [..., K], scale float32 [..., 1])``."""
     return _thread.table["quantize_int8"](x)
 
 
 # ---------------------------------------------------------------- GEMM (dshal.ops.gemm)
-def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+def fp8_gemm(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """``(a * a_scale) @ (b * b_scale).T`` with FP32 accumulation -> ``[M, N]`` in ``out_dtype``."""
     return _thread.table["fp8_gemm"](a, a_scale, b, b_scale, out_dtype)
 
 
-def int8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+def int8_gemm(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """W8A8: ``(a @ b.T) * a_scale * b_scale.T`` -> ``[M, N]`` in ``out_dtype``."""
     return _thread.table["int8_gemm"](a, a_scale, b, b_scale, out_dtype)
 
 
-def linear(x, weight, bias=None, weight_scale=None):
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """``y = x @ weight.T (+ bias)`` -> ``[..., N]``. An FP8 ``weight``'s ``weight_scale`` shape
     picks how ``x`` is quantized for :func:`fp8_gemm`: block ``[ceil(N/128), ceil(K/128)]`` per
     (1, 128), rowwise ``[N, 1]`` per row, 0-dim per tensor; an int8 ``weight`` with ``[N, 1]``
@@ -86,34 +99,66 @@ def linear(x, weight, bias=None, weight_scale=None):
 
 
 # ---------------------------------------------------------------- norm, activation, rotary
-def rms_norm(x, weight, eps=1e-6, residual=None):
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: None = None) -> torch.Tensor: ...
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim -> ``y``, or with ``residual`` the pair ``(y, x + residual)``."""
     return _thread.table["rms_norm"](x, weight, eps, residual)
 
 
-def silu_and_mul(x):
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gating: ``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` -> ``[..., d]``."""
     return _thread.table["silu_and_mul"](x)
 
 
-def rotary_embedding(x, cos, sin, interleaved=True):
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
     """Rotate pairs of ``x [..., D]`` by the angles whose cosine/sine are given -> ``x'``."""
     return _thread.table["rotary_embedding"](x, cos, sin, interleaved)
 
 
 # ---------------------------------------------------------------- attention (dshal.ops.attention)
-def attention(q, k, v, causal=True, scale=None, window=None, global_tokens=0):
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    global_tokens: int = 0,
+) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` -> ``[B, Hq, Tq, Dv]`` in ``q``'s dtype."""
     return _thread.table["attention"](q, k, v, causal, scale, window, global_tokens)
 
 
 # ---------------------------------------------------------------- MoE (dshal.ops.moe)
-def moe_gate(logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):
+def moe_gate(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's router: ``logits [T, E]`` -> ``(weights [T, top_k] float32, ids [T, top_k] int64)``."""
     return _thread.table["moe_gate"](logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
 
 
-def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+def moe_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Routed SwiGLU experts: ``out[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` -> ``[T, H]``."""
     return _thread.table["moe_experts"](x, weights, ids, w13, w2, w13_scale, w2_scale)
 
@@ -140,4 +185,10 @@ class _OpsModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _OpsModule
-__all__ = sorted(SPECS) + ["DISPATCHER", "SPECS", "Cost", "Dispatcher", "OpSpec", "checking", "reference", "trusted"]
+# Written out, not computed from SPECS: type checkers read a literal list only, and under
+# `mypy --strict` (no implicit re-export) a name missing here is an error in users' code.
+__all__ = [
+    "DISPATCHER", "SPECS", "Cost", "Dispatcher", "OpSpec", "checking", "reference", "trusted",
+    "attention", "dequantize_fp8", "fp8_gemm", "int8_gemm", "linear", "moe_experts", "moe_gate",
+    "quantize_fp8", "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul",
+]
