@@ -485,3 +485,16 @@ def test_fp8_blocks_other_than_128x128_dequantize_each_tile_with_its_own_scale(s
         assert torch.equal(experts.w13[e], torch.cat([want[f"{expert}.{p}.weight"] for p in ("gate_proj", "up_proj")]))
         assert torch.equal(experts.w2[e], want[f"{expert}.down_proj.weight"])
 
+
+def test_a_random_model_with_attention_biases_reads_them():
+    """random_checkpoint wrote no attention biases, so ``random_model`` of a config with
+    ``attention_bias`` raised CheckpointError (missing ``q_a_proj.bias``)."""
+    from dshal.model import random_model
+
+    dshal.use(backend="cpu")
+    args = tiny_args(num_hidden_layers=2, attention_bias=True)
+    state = random_checkpoint(args, seed=1)
+    attn = random_model(args, seed=1).layers[1].self_attn
+    for module, proj in ((attn.q_a_proj, "q_a_proj"), (attn.kv_a_proj_with_mqa, "kv_a_proj_with_mqa"), (attn.o_proj, "o_proj")):
+        bias = state[f"model.layers.1.self_attn.{proj}.bias"]
+        assert bias.abs().sum() > 0 and torch.equal(module.bias, bias), proj
