@@ -213,6 +213,11 @@ def models(rank: int, world: int, path: Path) -> dict[str, str]:
             from_checkpoint(checks, f"TP={tp} x EP={ep} from FP8 checkpoint", fp8_reference, fp8, groups_for(tp, ep))
         live(checks, "live tensor_parallel", reference, ckpt, args, [lambda m: tensor_parallel(m, None)])
         live(checks, "live expert_parallel", reference, ckpt, args, [lambda m: expert_parallel(m, None)])
+        # o_proj's bias (row-parallel) is added once, after the all-reduce, not on every rank
+        biased = tiny_args(attention_bias=True)
+        biased_ckpt = random_checkpoint(biased, seed=6)
+        live(checks, "live tensor_parallel with attention biases", build_model(biased, DictReader(biased_ckpt)),
+             biased_ckpt, biased, [lambda m: tensor_parallel(m, None)])
         ranks_agree(checks, reference, path, rank)
         trusted_steps_exchange_nothing(checks, path, groups_for(world, 1))
     if world == 4:

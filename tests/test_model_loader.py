@@ -444,3 +444,57 @@ def test_load_weights_names_a_parameter_no_checkpoint_tensor_fills(state):
     model.adapter = torch.nn.Parameter(torch.empty(4, device="meta"), requires_grad=False)
     with pytest.raises(CheckpointError, match="checkpoint <in-memory>: parameters left unloaded: adapter"):
         load_weights(model, DictReader(state))
+
+
+def test_fp8_blocks_other_than_128x128_dequantize_each_tile_with_its_own_scale(state):
+    """FP8 weights in 32-row x 64-column blocks (``weight_block_size [32, 64]``, partial tiles
+    at the edges) load as each tile times its own ``weight_scale_inv``: the earlier test of such
+    checkpoints (square 64x64 blocks) checked only the mode, so scales spread with the two
+    block sizes swapped loaded other weights unseen."""
+    from dataclasses import replace
+
+    from dshal.config import PrecisionConfig
+    from dshal.model.checkpoint import is_quantized_linear
+
+    rows, cols = 32, 64
+    stored, want = {}, {}
+    for name, w in state.items():
+        if not is_quantized_linear(name):
+            stored[name] = w
+            continue
+        q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+        dense = torch.empty(w.shape)
+        scale = torch.empty(-(-w.shape[0] // rows), -(-w.shape[1] // cols))
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                tile = (slice(i * rows, (i + 1) * rows), slice(j * cols, (j + 1) * cols))
+                scale[i, j] = w[tile].abs().amax() / 448
+                q[tile] = (w[tile] / scale[i, j]).to(torch.float8_e4m3fn)
+                dense[tile] = q[tile].float() * scale[i, j]
+        stored[name], stored[name[: -len("weight")] + "weight_scale_inv"], want[name] = q, scale, dense
+    model = build_model(replace(ARGS, weight_block_size=(rows, cols)), DictReader(stored), PrecisionConfig())
+    attn, experts = model.layers[1].self_attn, model.layers[1].mlp.experts
+    layer = "model.layers.1"
+    for module, name in ((attn.q_b_proj, "self_attn.q_b_proj"), (attn.kv_a_proj_with_mqa, "self_attn.kv_a_proj_with_mqa"),
+                         (attn.o_proj, "self_attn.o_proj")):
+        assert torch.equal(module.weight, want[f"{layer}.{name}.weight"]), name
+    gate_up = torch.cat([want[f"model.layers.0.mlp.{p}.weight"] for p in ("gate_proj", "up_proj")])
+    assert torch.equal(model.layers[0].mlp.gate_up_proj.weight, gate_up)
+    for e in (0, 5):
+        expert = f"{layer}.mlp.experts.{e}"
+        assert torch.equal(experts.w13[e], torch.cat([want[f"{expert}.{p}.weight"] for p in ("gate_proj", "up_proj")]))
+        assert torch.equal(experts.w2[e], want[f"{expert}.down_proj.weight"])
+
+
+def test_a_random_model_with_attention_biases_reads_them():
+    """random_checkpoint wrote no attention biases, so ``random_model`` of a config with
+    ``attention_bias`` raised CheckpointError (missing ``q_a_proj.bias``)."""
+    from dshal.model import random_model
+
+    dshal.use(backend="cpu")
+    args = tiny_args(num_hidden_layers=2, attention_bias=True)
+    state = random_checkpoint(args, seed=1)
+    attn = random_model(args, seed=1).layers[1].self_attn
+    for module, proj in ((attn.q_a_proj, "q_a_proj"), (attn.kv_a_proj_with_mqa, "kv_a_proj_with_mqa"), (attn.o_proj, "o_proj")):
+        bias = state[f"model.layers.1.self_attn.{proj}.bias"]
+        assert bias.abs().sum() > 0 and torch.equal(module.bias, bias), proj

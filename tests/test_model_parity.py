@@ -39,6 +39,9 @@ def _hf_model(args: ModelArgs, directory, seed: int, official_rope_keys: bool = 
         for layer in model.model.layers:
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.e_score_correction_bias.uniform_(0.0, 0.5)
+            for name, p in layer.self_attn.named_parameters():
+                if name.endswith(".bias"):  # HF initializes them to 0: no test of their use
+                    p.normal_(0.0, 0.5)
     if saved_dtype != torch.float32:
         model = model.to(saved_dtype)
         model.config.torch_dtype = saved_dtype
@@ -95,6 +98,8 @@ CONFIGS = {
     # A layer-norm epsilon other than 1e-6: HF (and DeepSeek's inference code) keep 1e-6 for
     # the q / kv latent norms, which dshal used to build with rms_norm_eps.
     "norm_eps": dict(rms_norm_eps=1e-2),
+    # q_a_proj, kv_a_proj_with_mqa and o_proj with biases (config.json's attention_bias).
+    "attention_bias": dict(attention_bias=True),
 }
 
 

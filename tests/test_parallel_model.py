@@ -52,7 +52,8 @@ def test_parallel_matches_single_process(tmp_path: Path, checkpoint: Path, world
     assert [code for code, _, _ in runs] == [0] * world, [err[-3000:] for _, _, err in runs]
     expected = {f"TP={world} x EP=1 from checkpoint", f"TP=1 x EP={world} from checkpoint"}
     expected |= {"TP=2 x EP=2 from checkpoint", "live TP then EP", "live EP then TP"} if world == 4 else {
-        "live tensor_parallel", "live expert_parallel", "TP=2 x EP=1 from FP8 checkpoint", "TP=1 x EP=2 from FP8 checkpoint",
+        "live tensor_parallel", "live expert_parallel", "live tensor_parallel with attention biases",
+        "TP=2 x EP=1 from FP8 checkpoint", "TP=1 x EP=2 from FP8 checkpoint",
         "ranks take rank 0's tokens (TP=2, each rank choosing its own)",
         "trusted TP decode steps exchange no agreement records"}
     for rank in range(world):

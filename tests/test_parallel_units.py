@@ -315,6 +315,34 @@ def test_a_vocabulary_split_that_leaves_a_rank_empty_is_refused(clean_dshal_env)
     tensor_parallel(random_model(tiny_args(vocab_size=10, num_attention_heads=4)), SimulatedGroup(4, 3, "tp"))  # 3+3+3+1
 
 
+
+def test_column_shards_of_fp8_block_weights_that_end_mid_block_compute_their_rows(clean_dshal_env):
+    """TP=3 column shards (64 rows each) of fp8-block weights of 192 rows -- one part, and two
+    stacked as gate_up_proj -- give their rows of the unsharded product. Rank 2's rows [128, 192)
+    keep their FP8 blocks only when the weight ends there: it then needs the partial last block's
+    scale row; in the stacked weight that block also holds the next part's first rows, so the
+    shard must be held dequantized instead."""
+    import dshal
+    from dshal import ops
+    from dshal.model.model import Linear
+    from dshal.parallel.transforms import _parallel_linear
+
+    dshal.use(backend="cpu")
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
+    for parts in (1, 2):
+        full = Linear(256, 192 * parts, dtype=torch.float32)
+        dense = torch.randn(192 * parts, 256, generator=torch.Generator().manual_seed(parts)) * 0.05
+        weight, scale = ops.quantize_fp8(dense, (128, 128), "e4m3")
+        full.weight, full.weight_scale = nn.Parameter(weight, requires_grad=False), nn.Parameter(scale, requires_grad=False)
+        want = full(x).reshape(5, parts, 192)  # each part's rows
+        for rank in range(3):
+            shard = _parallel_linear(full, Shard(0, 64 * rank, 64 * (rank + 1), parts=parts), row=False)
+            got = shard(x).reshape(5, parts, 64)
+            torch.testing.assert_close(got, want[..., 64 * rank : 64 * (rank + 1)], rtol=1e-5, atol=1e-6)
+            kept_fp8 = shard.weight_scale is not None
+            assert kept_fp8 == (rank == 2 and parts == 1), (parts, rank, kept_fp8)
+
+
 CHAT_READER = """
 import dshal
 from dshal import comm

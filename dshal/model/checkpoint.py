@@ -144,6 +144,11 @@ def _layer_shapes(shapes: dict[str, tuple[int, ...]], a: ModelArgs, i: int) -> N
     shapes[f"{att}.kv_a_layernorm.weight"] = (a.kv_lora_rank,)
     shapes[f"{att}.kv_b_proj.weight"] = (h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank)
     shapes[f"{att}.o_proj.weight"] = (d, h * a.v_head_dim)
+    if a.attention_bias:  # as the model reads them (q_proj, kv_b_proj: never a bias)
+        for proj, rows in (("q_a_proj", a.q_lora_rank), ("kv_a_proj_with_mqa", a.kv_lora_rank + a.qk_rope_head_dim),
+                           ("o_proj", d)):
+            if rows is not None:
+                shapes[f"{att}.{proj}.bias"] = (rows,)
     mlp = f"{p}.mlp"
     if a.is_moe_layer(i):
         shapes[f"{mlp}.gate.weight"] = (a.n_routed_experts, d)
@@ -162,13 +167,16 @@ def _mlp_shapes(shapes: dict[str, tuple[int, ...]], prefix: str, dim: int, inter
 
 
 def random_checkpoint(args: ModelArgs, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
-    """Random weights for ``args`` in the official names: normal(0, std) matrices, norms
-    near 1, a non-zero ``e_score_correction_bias``; float32 router, ``args.dtype`` elsewhere."""
+    """Random weights for ``args`` in the official names: normal(0, std) matrices and
+    attention biases (``attention_bias``), norms near 1, a non-zero ``e_score_correction_bias``;
+    float32 router, ``args.dtype`` elsewhere."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, shape in checkpoint_shapes(args).items():
         if name.endswith("e_score_correction_bias"):
             t = torch.rand(shape, generator=gen) * 0.1
+        elif name.endswith(".bias"):  # attention biases
+            t = torch.randn(shape, generator=gen) * std
         elif len(shape) == 1:  # norm weights
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
