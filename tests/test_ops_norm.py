@@ -23,6 +23,16 @@ def test_rms_norm_matches_numpy_and_residual_pair():
     torch.testing.assert_close(SPECS["rms_norm"].run_oracle(x, w), torch.from_numpy(want))
 
 
+def test_rms_norm_uses_the_eps_it_is_given():
+    """Every call site passes DeepSeek-V3's 1e-6, so an eps read from the wrong place passed the
+    other tests; a small-magnitude row makes eps decide the result."""
+    x, w = torch.full((2, 16), 1e-3, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
+    for eps in (0.0, 1e-6, 1e-2):
+        want = x / torch.sqrt((x**2).mean(-1, keepdim=True) + eps)
+        torch.testing.assert_close(ref.rms_norm(x, w, eps), want)
+        torch.testing.assert_close(ref.rms_norm(x, w, eps, torch.zeros_like(x))[0], want)
+
+
 def test_rms_norm_bf16_matches_hf_and_edge_rows():
     torch.manual_seed(1)
     x = torch.randn(4, 64).to(torch.bfloat16)
