@@ -211,7 +211,8 @@ int64_t dshal_moe_group_f32(const float *x, const int64_t *ids, int64_t tokens, 
     }
     for (int64_t j = 0; j < slots; j++)
         order[counts[ids[j]]++] = j;
-    for (int64_t j = 0; j < slots; j++)
+    /* Empty rows (hidden 0) come as NULL pointers, which memcpy may not be given even for 0 bytes. */
+    for (int64_t j = 0; hidden > 0 && j < slots; j++)
         memcpy(xs + j * hidden, x + (order[j] / k) * hidden, (size_t)hidden * sizeof(float));
     return 0;
 }
