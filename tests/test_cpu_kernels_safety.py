@@ -93,6 +93,32 @@ def test_moe_group_refuses_more_slots_than_its_int32_ends_hold():
         K.moe_group(torch.empty(2**20, 0), ids, 4)
 
 
+def _rows_far_apart(dtype: torch.dtype, width: int) -> torch.Tensor:
+    """Two rows ``2**31 + 128`` elements apart (offsets past int32) on a lazily allocated
+    storage: only the pages of the two rows are ever touched. Skips where the allocation is
+    refused (no overcommit)."""
+    stride = 2**31 + 128
+    try:
+        storage = torch.empty(stride + width, dtype=dtype)
+    except RuntimeError as err:
+        pytest.skip(f"no lazily allocated {(stride * torch.finfo(dtype).bits // 8) >> 30} GiB storage here: {err}")
+    rows = storage.as_strided((2, width), (stride, 1))
+    rows.copy_(_randn(2, width) * torch.tensor([[1.0], [7.0]]))
+    return rows
+
+
+@needs_kernels
+def test_row_offsets_past_int32_are_read_where_they_are():
+    """The kernels that read rows in place (fp8_fake_quant_rows, rotary) index with int64: a
+    row stride past 2**31 elements reads the second row, not a wrapped address."""
+    rows = _rows_far_apart(torch.bfloat16, 300)
+    for fp8 in K.FP8_E4M3:
+        assert torch.equal(K.fp8_fake_quant_rows(rows, fp8), K.fp8_fake_quant_rows(rows.contiguous(), fp8))
+    rows = _rows_far_apart(torch.float32, 64)
+    cos, sin = _randn(2, 32), _randn(2, 32)
+    assert torch.equal(K.rotary(rows, cos, sin), K.rotary(rows.contiguous(), cos, sin))
+
+
 #: Every kernel on the edge cases of its wrapper's contract (zero-size dims, block and lane
 #: tails, strided and expanded views, non-finite values, the refusals above), run by a child
 #: process on a sanitized build of kernels.c. Prints READY once the sanitized build loads.
