@@ -53,6 +53,7 @@ __all__ = [
 
 
 _F32 = (torch.float32,)
+_INT32_MAX = 2**31 - 1
 
 
 def _not_traced(kernel: Any) -> Any:
@@ -270,8 +271,8 @@ def moe_group(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.T
     ``t * k + s`` is token ``t``'s ``s``-th expert. Returns ``(xs [T * k, H] float32,
     order [T * k] int64, ends [experts] int32)``: ``order`` lists the slots by expert
     (stable), ``xs[j] = x[order[j] // k]``, and ``ends[e]`` counts the slots of experts
-    ``<= e`` (the ``offs`` of ``torch._grouped_mm``). An id outside ``[0, experts)`` raises
-    ShapeError."""
+    ``<= e`` (the ``offs`` of ``torch._grouped_mm``). An id outside ``[0, experts)``, or
+    more than ``2**31 - 1`` slots (``ends`` is int32), raises ShapeError."""
     kernel = "cpu_kernels.moe_group"
     lib = require_library()
     _check_f32_cpu(kernel, "x", x)
@@ -290,6 +291,11 @@ def moe_group(x: torch.Tensor, ids: torch.Tensor, experts: int) -> tuple[torch.T
         raise ShapeError(f"{kernel}: argument 'experts' is {experts}, expected >= 1")
     tokens, hidden = x.shape
     k = ids.shape[1]
+    if tokens * k > _INT32_MAX:  # ends (grouped_mm's offs) are int32: a larger count would wrap
+        raise ShapeError(
+            f"{kernel}: argument 'ids' has shape {list(ids.shape)} ({tokens * k} slots), "
+            f"expected at most {_INT32_MAX} slots (the group ends are int32)"
+        )
     x, ids = x.contiguous(), ids.to(torch.int64).contiguous()
     counts = torch.empty(experts, dtype=torch.int64, device="cpu")
     order = torch.empty(tokens * k, dtype=torch.int64, device="cpu")
@@ -318,7 +324,8 @@ def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> 
     ``out[t] = sum_j weights[t, s] * y[j]`` over the rows ``j`` with ``order[j] = t * k + s``,
     in float32, in expert order. ``y [T * k, H]`` float32 contiguous, ``order [T * k]``
     int64 from :func:`moe_group`, ``weights [T, k]`` float (read as float32), on the CPU.
-    Returns a new ``[T, H]`` float32 tensor."""
+    Returns a new ``[T, H]`` float32 tensor. A slot in ``order`` outside ``[0, T * k)``
+    raises ShapeError."""
     kernel = "cpu_kernels.moe_combine"
     lib = require_library()
     _check_weight(kernel, "y", y, 2)
@@ -338,9 +345,18 @@ def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> 
             f"'weights' {list(weights.shape)}; expected y [T * k, H] and a contiguous int64 order [T * k] "
             "from moe_group"
         )
+    if not order.is_cpu:
+        raise DeviceError(f"{kernel}: argument 'order' is on {order.device}, expected cpu")
     weights = weights.to(torch.float32).contiguous()
     out = torch.empty(tokens, y.shape[1], dtype=torch.float32, device="cpu")
-    lib.dshal_moe_combine_f32(y.data_ptr(), order.data_ptr(), weights.data_ptr(), tokens, k, y.shape[1], out.data_ptr())
+    bad = lib.dshal_moe_combine_f32(
+        y.data_ptr(), order.data_ptr(), weights.data_ptr(), tokens, k, y.shape[1], out.data_ptr()
+    )
+    if bad:  # order indexes weights and out: a slot outside them would be read and written out of bounds
+        raise ShapeError(
+            f"{kernel}: argument 'order' holds {int(order[bad - 1])} at position {bad - 1}, "
+            f"expected slots in [0, {tokens * k}) (a permutation from moe_group)"
+        )
     return out
 
 
@@ -376,7 +392,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     angles in ``cos``/``sin`` (same shape, ``[..., D/2]``, broadcastable to ``x[..., :D/2]``).
     All float32 on the CPU. Returns a new contiguous tensor of ``x``'s shape, or None when
     the angle tables' layout is one this kernel does not index (0-d, a last dim of 1, or
-    non-broadcast dims that are not consecutive): the caller then takes another path."""
+    non-broadcast dims that are not consecutive): the caller then takes another path.
+    Tables that do not broadcast to ``x[..., :D/2]`` raise ShapeError."""
     kernel = "cpu_kernels.rotary"
     lib = require_library()
     for arg, t in (("x", x), ("cos", cos), ("sin", sin)):
@@ -385,6 +402,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
         raise ShapeError(
             f"{kernel}: arguments 'x' {list(x.shape)}, 'cos' {list(cos.shape)}, 'sin' {list(sin.shape)}, "
             "expected x [..., D] with D even and cos, sin of one shape [..., D/2]"
+        )
+    half = (*x.shape[:-1], x.shape[-1] // 2)
+    if cos.dim() > len(half) or any(c not in (1, h) for c, h in zip(reversed(cos.shape), reversed(half))):
+        # the kernel indexes the tables by x's rows: another shape would be read out of bounds
+        raise ShapeError(
+            f"{kernel}: argument 'cos' has shape {list(cos.shape)}, expected a shape broadcastable to {list(half)} "
+            "(x[..., :D/2])"
         )
     layout = None if cos.dim() == 0 else _rotary_layout(x.shape, x.stride(), cos.shape)
     if layout is None:
@@ -402,9 +426,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return out
 
 
-def _check_block_scaled(kernel: str, arg: str, w: torch.Tensor, scale_arg: str, scale: torch.Tensor) -> None:
-    """``w [..., N, K]`` E4M3 contiguous with float32 ``scale [..., ceil(N/128), ceil(K/128)]``."""
-    _check_cpu(kernel, arg, w, tuple(FP8_E4M3), contiguous=True)
+def _check_block_scaled(
+    kernel: str, arg: str, w: torch.Tensor, scale_arg: str, scale: torch.Tensor, ndim: int
+) -> None:
+    """``w [..., N, K]`` (``ndim`` dims) E4M3 contiguous with float32
+    ``scale [..., ceil(N/128), ceil(K/128)]``."""
+    _check_cpu(kernel, arg, w, tuple(FP8_E4M3), ndim=ndim, contiguous=True)
     _check_f32_cpu(kernel, scale_arg, scale)
     want = (*w.shape[:-2], math.ceil(w.shape[-2] / 128), math.ceil(w.shape[-1] / 128))
     if tuple(scale.shape) != want:
@@ -430,9 +457,7 @@ def fp8_block_gemm(
     the CPU. Returns a new ``[..., N]`` float32 tensor (the caller casts to its dtype)."""
     kernel = "cpu_kernels.fp8_block_gemm"
     lib = require_library()
-    _check_block_scaled(kernel, "weight", weight, "weight_scale", weight_scale)
-    if weight.dim() != 2:
-        raise ShapeError(f"{kernel}: argument 'weight' has shape {list(weight.shape)}, expected [N, K]")
+    _check_block_scaled(kernel, "weight", weight, "weight_scale", weight_scale, 2)
     n, k = weight.shape
     _check_cpu(kernel, "x", x, (torch.float32, torch.bfloat16, torch.float16))
     if x.dim() == 0 or x.shape[-1] != k or k == 0:
@@ -480,11 +505,11 @@ def moe_token_fp8(
     ``[0, E)`` raises ShapeError."""
     kernel = "cpu_kernels.moe_token_fp8"
     lib = require_library()
-    _check_block_scaled(kernel, "w13", w13, "w13_scale", w13_scale)
-    _check_block_scaled(kernel, "w2", w2, "w2_scale", w2_scale)
+    _check_block_scaled(kernel, "w13", w13, "w13_scale", w13_scale, 3)
+    _check_block_scaled(kernel, "w2", w2, "w2_scale", w2_scale, 3)
     experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
-    if w13.dim() != 3 or two_inter % 2 or tuple(w2.shape) != (experts, hidden, inter) or w2.dtype != w13.dtype:
+    if two_inter % 2 or tuple(w2.shape) != (experts, hidden, inter) or w2.dtype != w13.dtype:
         raise ShapeError(
             f"{kernel}: arguments 'w13' {w13.dtype} {list(w13.shape)} and 'w2' {w2.dtype} {list(w2.shape)} "
             "do not match; "

@@ -211,17 +211,23 @@ int64_t dshal_moe_group_f32(const float *x, const int64_t *ids, int64_t tokens, 
     }
     for (int64_t j = 0; j < slots; j++)
         order[counts[ids[j]]++] = j;
-    for (int64_t j = 0; j < slots; j++)
+    /* Empty rows (hidden 0) come as NULL pointers, which memcpy may not be given even for 0 bytes. */
+    for (int64_t j = 0; hidden > 0 && j < slots; j++)
         memcpy(xs + j * hidden, x + (order[j] / k) * hidden, (size_t)hidden * sizeof(float));
     return 0;
 }
 
 /* The combining half: out[t] = sum of weights[slot] * y[j] over the sorted rows j whose
  * slot = order[j] belongs to token t = slot / k, summed in expert order. y [slots, hidden]
- * in expert order, weights [tokens * k] per slot, out [tokens, hidden] (overwritten). */
-void dshal_moe_combine_f32(const float *y, const int64_t *order, const float *weights, int64_t tokens, int64_t k,
-                           int64_t hidden, float *out)
+ * in expert order, weights [tokens * k] per slot, out [tokens, hidden] (overwritten).
+ * Returns 0, or 1 + the first j whose order[j] is outside [0, tokens * k) (out unset):
+ * order indexes both weights and out, and the caller may pass any int64 tensor. */
+int64_t dshal_moe_combine_f32(const float *y, const int64_t *order, const float *weights, int64_t tokens, int64_t k,
+                              int64_t hidden, float *out)
 {
+    for (int64_t j = 0; j < tokens * k; j++)
+        if (order[j] < 0 || order[j] >= tokens * k)
+            return j + 1;
     for (int64_t i = 0; i < tokens * hidden; i++)
         out[i] = 0.0f;
     for (int64_t j = 0; j < tokens * k; j++) {
@@ -231,6 +237,7 @@ void dshal_moe_combine_f32(const float *y, const int64_t *order, const float *we
         for (int64_t i = 0; i < hidden; i++)
             dst[i] += w * row[i];
     }
+    return 0;
 }
 
 /* Rotary embedding of `rows` rows of d values (row r at x + r * row_stride, its values
