@@ -514,11 +514,14 @@ def test_the_kernel_benchmark_runs():
     assert all(line.rstrip().endswith("x") for line in lines[2:])  # every row has its ratio
 
 
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools")
 def test_torch_compile_around_the_c_kernels_gives_the_eager_answer():
     """dynamo traced the ctypes calls with its fake tensors' pointers: a function calling
     ``ops.moe_gate`` aborted the process (heap corruption), and ``torch.compile(model)`` gave
     other logits without a word. Each kernel call is a graph break now (backend "eager":
-    dynamo's tracing is where it went wrong; no inductor compile needed)."""
+    dynamo's tracing is where it went wrong; no inductor compile needed). No functools cache
+    on the traced path either: dynamo warned about the op checks' and the library's (it traces
+    through them, ignoring the cache)."""
     import dshal
     from dshal.model import random_model, tiny_args
 

@@ -29,7 +29,6 @@ checked against the same signature when it loads.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -276,19 +275,24 @@ def op_spec(checker: Callable[..., Any]) -> OpSpec:
 # class with the op, the argument, what was seen and what was expected.
 
 
-@functools.cache
-def _autocast_knows(device_type: str) -> bool:
-    """Whether torch's autocast has a state for ``device_type`` (it raises for meta)."""
-    try:
-        torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
-    return True
+class _NoAutocast:
+    """Device types autocast has no state for (it raises for meta: 12 us a call, and `dshal plan`
+    checks every op on meta). A plain set, not ``functools.cache``: dynamo traces
+    :func:`autocast_on` under ``torch.compile`` and warns about any functools cache it meets."""
+
+    types: set[str] = set()
 
 
 def autocast_on(device_type: str) -> bool:
-    """Whether ``torch.autocast`` is active for ``device_type`` in this thread."""
-    return _autocast_knows(device_type) and torch.is_autocast_enabled(device_type)
+    """Whether ``torch.autocast`` is active for ``device_type`` in this thread (False for a type
+    autocast has no state for)."""
+    if device_type in _NoAutocast.types:
+        return False
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        _NoAutocast.types.add(device_type)
+        return False
 
 
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

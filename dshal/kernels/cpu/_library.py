@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import hashlib
 import os
 import platform
@@ -282,44 +281,59 @@ def _build(compiler: str, fresh: bool = False) -> tuple[Path, tuple[str, ...]]:
     raise OSError("; ".join(errors))
 
 
-_LOCK = threading.Lock()
+class _Loaded:
+    """This process's load result, once. A plain attribute, not ``functools.cache``: the backend
+    asks for it inside ops that ``torch.compile`` traces, and dynamo warns about (and traces
+    through) any functools cache it meets."""
+
+    lock = threading.Lock()
+    result: tuple[ctypes.CDLL | None, KernelStatus] | None = None
 
 
-@functools.cache
 def _load() -> tuple[ctypes.CDLL | None, KernelStatus]:
-    with _LOCK:
-        reason = _disabled_reason()
-        if reason:
-            return None, KernelStatus(False, reason)
-        if sys.platform == "win32":  # the build is POSIX (cc -shared -fPIC, a .so through ctypes)
-            return None, KernelStatus(False, "not built on Windows (the pure torch paths serve)")
-        compiler = _compiler()
-        if compiler is None:
-            hint = "xcode-select --install, or set CC" if sys.platform == "darwin" else "set CC, or install cc/gcc/clang"
-            return None, KernelStatus(False, f"no C compiler found ({hint})")
+    result = _Loaded.result
+    if result is None:
+        with _Loaded.lock:
+            if _Loaded.result is None:  # another thread may have loaded it while this one waited
+                _Loaded.result = _build_and_load()
+            result = _Loaded.result
+    return result
+
+
+def _build_and_load() -> tuple[ctypes.CDLL | None, KernelStatus]:
+    reason = _disabled_reason()
+    if reason:
+        return None, KernelStatus(False, reason)
+    if sys.platform == "win32":  # the build is POSIX (cc -shared -fPIC, a .so through ctypes)
+        return None, KernelStatus(False, "not built on Windows (the pure torch paths serve)")
+    compiler = _compiler()
+    if compiler is None:
+        hint = "xcode-select --install, or set CC" if sys.platform == "darwin" else "set CC, or install cc/gcc/clang"
+        return None, KernelStatus(False, f"no C compiler found ({hint})")
+    try:
+        path, flags = _build(compiler)
         try:
-            path, flags = _build(compiler)
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as err:
-                if "failed to map segment" in str(err) and _intact(path):  # the build's bytes, refused by the folder
-                    raise OSError(f"{err} (is {path.parent} on a noexec mount? set DSHAL_CACHE_DIR elsewhere)") from err
-                path, flags = _build(compiler, fresh=True)  # damaged or built elsewhere: build again, once
-                lib = ctypes.CDLL(str(path))
-            for name, (restype, argtypes) in SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.restype, fn.argtypes = restype, argtypes
-        except (OSError, subprocess.SubprocessError) as exc:
-            return None, KernelStatus(False, f"building {SOURCE.name} failed: {exc}")
-        except Exception as exc:  # whatever else fails (the cache, ctypes), the backend runs with the kernels off
-            return None, KernelStatus(False, f"building {SOURCE.name} failed: {type(exc).__name__}: {exc}")
-        return lib, KernelStatus(True, f"{path} ({Path(shlex.split(compiler)[0]).name} {' '.join(flags[:2])})")
+            lib = ctypes.CDLL(str(path))
+        except OSError as err:
+            if "failed to map segment" in str(err) and _intact(path):  # the build's bytes, refused by the folder
+                raise OSError(f"{err} (is {path.parent} on a noexec mount? set DSHAL_CACHE_DIR elsewhere)") from err
+            path, flags = _build(compiler, fresh=True)  # damaged or built elsewhere: build again, once
+            lib = ctypes.CDLL(str(path))
+        for name, (restype, argtypes) in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, KernelStatus(False, f"building {SOURCE.name} failed: {exc}")
+    except Exception as exc:  # whatever else fails (the cache, ctypes), the backend runs with the kernels off
+        return None, KernelStatus(False, f"building {SOURCE.name} failed: {type(exc).__name__}: {exc}")
+    return lib, KernelStatus(True, f"{path} ({Path(shlex.split(compiler)[0]).name} {' '.join(flags[:2])})")
 
 
 def reload() -> KernelStatus:
     """Forget this process's build result and load again, reading ``DSHAL_CPU_KERNELS`` and
     ``CC`` anew (for tests and benchmarks that compare with the kernels on and off)."""
-    _load.cache_clear()
+    with _Loaded.lock:
+        _Loaded.result = None
     return status()
 
 
