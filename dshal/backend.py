@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
+from dshal.cgroups import CpuQuota, MemoryLimit, cpu_quota, memory_limit
 from dshal.errors import ArgumentError, DeviceError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -174,11 +175,14 @@ class Timer:
         return (time.perf_counter_ns() - self._start) * 1e-9
 
 
-def host_available_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+def host_available_memory(
+    meminfo: str = "/proc/meminfo", cgroup: str | None = None, proc_cgroup: str | None = None
+) -> int | None:
     """Bytes a new host allocation can still get: the kernel's ``MemAvailable`` (free pages
-    plus the page cache it can drop), capped by the headroom of the memory cgroup this
-    process runs under (v2 ``memory.max``, or v1 ``memory/memory.limit_in_bytes``: a
-    container's limit); None where none of them can be read (not Linux)."""
+    plus the page cache it can drop), capped by the headroom of the tightest memory cgroup
+    this process runs under (a container's limit, see :func:`host_memory_limit`); None where
+    none of them can be read (not Linux). ``cgroup``: the cgroup mount (default
+    ``/sys/fs/cgroup`` or ``DSHAL_CGROUP_ROOT``); ``proc_cgroup``: ``/proc/self/cgroup``'s text."""
     limits = []
     try:
         with open(meminfo) as lines:
@@ -188,19 +192,28 @@ def host_available_memory(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs
                     break
     except (OSError, ValueError, IndexError):
         pass
-    for ceiling_file, used_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:
-            with open(os.path.join(cgroup, ceiling_file)) as f_max, open(os.path.join(cgroup, used_file)) as f_used:
-                ceiling, used = f_max.read().strip(), f_used.read().strip()
-        except OSError:
-            continue
-        if ceiling != "max":  # v2's "no limit" (v1 writes a huge number instead)
-            try:
-                limits.append(max(int(ceiling) - int(used), 0))
-            except ValueError:
-                pass
-        break
+    limit = host_memory_limit(cgroup, proc_cgroup)
+    if limit is not None:
+        limits.append(limit.headroom)
     return min(limits) if limits else None
+
+
+def host_memory_limit(cgroup: str | None = None, proc_cgroup: str | None = None) -> MemoryLimit | None:
+    """The memory limit of this process's cgroup with the least headroom (v2 ``memory.max`` /
+    ``memory.high``, v1 ``memory.limit_in_bytes``, along the path up from its cgroup): past it
+    the kernel kills the process, where ``/proc/meminfo`` still shows the host's memory free.
+    None where no cgroup sets one. Arguments as for :func:`host_available_memory`."""
+    return memory_limit(cgroup, proc_cgroup)
+
+
+def host_memory_note(meminfo: str = "/proc/meminfo", cgroup: str | None = None, proc_cgroup: str | None = None) -> str:
+    """Which limit :func:`host_available_memory` is held to, for messages: the cgroup limit's
+    words where its headroom is below ``MemAvailable``, else "" (the host's own memory)."""
+    limit = host_memory_limit(cgroup, proc_cgroup)
+    if limit is None:
+        return ""
+    available = host_available_memory(meminfo, cgroup, proc_cgroup)
+    return limit.describe() if available is not None and available >= limit.headroom else ""
 
 
 def host_peak_rss() -> int | None:
@@ -214,21 +227,50 @@ def host_peak_rss() -> int | None:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
-def host_physical_memory() -> int | None:
-    """Bytes of physical memory of the machine; None where ``os.sysconf`` cannot say (Windows)."""
+def host_physical_memory(cgroup: str | None = None, proc_cgroup: str | None = None) -> int | None:
+    """Bytes of memory this process may ever hold: the machine's physical memory, or its
+    memory cgroup's limit where lower (a container's); None where ``os.sysconf`` cannot say
+    (Windows). Arguments as for :func:`host_available_memory`."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+    limit = host_memory_limit(cgroup, proc_cgroup)
+    return physical if limit is None else min(physical, limit.limit)
 
 
 def host_cpus() -> int:
     """CPUs this process may run on: its affinity (``taskset``, a container's cpuset), which
-    ``os.cpu_count()`` ignores (it counts the machine's); at least 1."""
+    ``os.cpu_count()`` ignores (it counts the machine's); at least 1. A container's CPU
+    quota is not in it (see :func:`host_cpu_quota`)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity call here (macOS)
         return max(1, os.cpu_count() or 1)
+
+
+def host_cpu_quota(cgroup: str | None = None, proc_cgroup: str | None = None) -> CpuQuota | None:
+    """The CPU quota of this process's cgroup (``docker run --cpus``, a pod's CPU limit: v2
+    ``cpu.max``, v1 ``cpu.cfs_quota_us``), the smallest along its path; None where none is
+    set. Threads past it only wait for the next period. Arguments as for :func:`host_available_memory`."""
+    return cpu_quota(cgroup, proc_cgroup)
+
+
+def host_usable_cpus(cgroup: str | None = None, proc_cgroup: str | None = None) -> int:
+    """The CPUs this process can keep busy at once: :func:`host_cpus`, or its cgroup's CPU
+    quota rounded up where that is fewer; at least 1."""
+    quota = host_cpu_quota(cgroup, proc_cgroup)
+    return host_cpus() if quota is None else min(host_cpus(), quota.whole)
+
+
+def host_cpus_text(cgroup: str | None = None, proc_cgroup: str | None = None) -> str:
+    """The CPUs as a report says them: ``2 cores``, ``1 of 2 cores`` (an affinity narrower
+    than the machine) or ``2 CPUs by the container's quota (of 64)``."""
+    usable, machine = host_cpus(), os.cpu_count() or 1
+    quota = host_cpu_quota(cgroup, proc_cgroup)
+    if quota is not None and quota.cpus < usable:
+        return f"{quota.cpus:g} CPU{'' if quota.cpus == 1 else 's'} by the container's quota (of {usable})"
+    return f"{usable} cores" if usable >= machine else f"{usable} of {machine} cores"
 
 
 def local_device_index(device_type: str, environ: Mapping[str, str] | None = None) -> int:

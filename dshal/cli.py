@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from dshal import __version__
+from dshal.cgroups import cpu_quota
 from dshal.errors import ConfigError, DshalError
 from dshal.lifetime import Terminated, cleanup_on_termination, signal_name
 
@@ -51,12 +52,17 @@ environment:
                      no usable home, dshal-cache-<uid> in the temporary folder); the C
                      kernels' folder is read once, when they are first loaded
   DSHAL_CPU_DEQUANT_CACHE_GIB  cpu backend: GiB of float32 copies of FP8 weights kept for
-                     prefill (past it, dequantized per call; 0 = none; default 1/4 of RAM)
+                     prefill (past it, dequantized per call; 0 = none; default 1/4 of RAM, or of
+                     a container's memory limit)
   DSHAL_CHECK_FINITE 0 = skip the load-time NaN/Inf scan of checkpoint weights
   DSHAL_PLUGIN_TIMEOUT_S  seconds a plugin's availability()/capabilities() may take (default 60;
                      an import, constructor or ops() still running then is warned about)
   DSHAL_CONFORMANCE_LEG  `dshal conformance`: the CI leg its report names (platform.leg),
                      which `dshal matrix --expect` looks for
+  DSHAL_CGROUP_ROOT  test / operations knob: the folder of cgroup files to read a container's
+                     CPU quota and memory limit from (default /sys/fs/cgroup; the process's
+                     cgroup under it, else the folder itself); run, bench, profile, conformance
+                     and diff cap torch's CPU threads at the quota unless OMP_NUM_THREADS is set
   DSHAL_LOG          debug | info | warning | error: the least severe of dshal's log records
                      written to stderr (default: warnings only); -v is info, -vv debug
 
@@ -74,6 +80,13 @@ exit status:
 Run `dshal COMMAND --help` for a command's options.
 """
 
+
+#: Commands whose work runs on torch's CPU threads: capped to a container's CPU quota.
+THREADED_COMMANDS = frozenset({"run", "bench", "profile", "conformance", "diff"})
+#: Variables through which a user sets torch's CPU threads themselves (torch reads both).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+log = logging.getLogger("dshal")
 
 VERBOSE_HELP = "log more on stderr: -v info (the backend chosen, candidates passed over, fallbacks), -vv debug"
 #: DSHAL_LOG's values -> logging levels.
@@ -114,6 +127,35 @@ def command_logging(level: int | None) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(was)
+
+
+@contextlib.contextmanager
+def threads_within_cpu_quota(command: str | None) -> Iterator[int | None]:
+    """For ``command``'s run (a library leaves the process's threads alone): torch's intra-op
+    threads capped at the container's CPU quota, rounded up, where torch chose more (it counts
+    the CPUs it may run on, not the quota, and threads past the quota stall each period).
+    Yields the cap, or None: no quota, torch's count within it, or the user chose (OMP_NUM_THREADS,
+    MKL_NUM_THREADS; ``--threads`` is applied later and wins). Undone after, where nothing else
+    changed it, for a program that calls :func:`main` in-process."""
+    quota = cpu_quota() if command in THREADED_COMMANDS else None
+    if quota is None or any(os.environ.get(name, "").strip() for name in THREAD_VARIABLES):
+        yield None
+        return
+    import torch  # only commands that run torch import it (they do anyway)
+
+    was = torch.get_num_threads()
+    if was <= quota.whole:
+        yield None
+        return
+    torch.set_num_threads(quota.whole)
+    flag = " (or --threads)" if command in ("bench", "profile") else ""
+    log.info("dshal %s: torch CPU threads %d -> %d, the container's CPU quota (%g CPU(s), %s); set OMP_NUM_THREADS%s "
+             "to choose", command, was, quota.whole, quota.cpus, quota.file, flag)
+    try:
+        yield quota.whole
+    finally:
+        if torch.get_num_threads() == quota.whole:
+            torch.set_num_threads(was)
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -199,7 +241,11 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        with cleanup_on_termination(), command_logging(log_level(args.verbose, os.environ.get("DSHAL_LOG"))):
+        with (
+            cleanup_on_termination(),
+            command_logging(log_level(args.verbose, os.environ.get("DSHAL_LOG"))),
+            threads_within_cpu_quota(args.command),
+        ):
             return int(args._main(args) or 0)  # SIGTERM / SIGHUP (`timeout`, `kill`): unwind, then 143 / 129
     except Terminated as err:
         print(f"dshal {args.command}: terminated ({signal_name(err.signum)})", file=sys.stderr)

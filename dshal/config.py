@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from dshal.cache import cache_dir as cache_dir  # where it was defined: importers keep working
+from dshal.cgroups import cgroup_root
 from dshal.errors import ArgumentError, ConfigError
 
 DEFAULT_PREFER = ("nvidia", "amd", "ascend", "cpu")
@@ -525,6 +526,7 @@ def _env_overrides(config: Config) -> Config:
         config = _apply(config, _Doc({"emulate": emulate}, {}, "environment variable DSHAL_EMULATE"))
     env_flag("DSHAL_CPU_KERNELS", True)  # read by the cpu backend; a typo must not pass unseen
     dequant_cache_gib(0.0)  # likewise
+    cgroup_root()  # likewise (DSHAL_CGROUP_ROOT: read by the host memory and CPU facts)
     return config
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dshal.backend import Backend, Capabilities
+from dshal.backend import Backend, Capabilities, host_memory_note
 from dshal.backends.invariant import CONTRACT_BATCH_VARIANT
 from dshal.config import REFERENCE_PROVIDER, REFUSED_PROVIDER, Config, load_config
 from dshal.errors import DeviceError, UnsupportedOpError
@@ -356,6 +356,14 @@ def free_memory(device: torch.device | str) -> int | None:
         return None
     free = runtime.backend.memory_stats().get("free")
     return None if free is None else int(free)
+
+
+def free_memory_note(device: torch.device | str) -> str:
+    """What holds :func:`free_memory` of ``device`` below the memory it sees, for messages:
+    on the host (cpu, or a backend emulated on it), a container's cgroup limit where its
+    headroom is what is left (``the container's memory limit (memory.max = 8.00 GiB, ...)``),
+    else "" (the device's own memory)."""
+    return host_memory_note() if torch.device(device).type == "cpu" else ""
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -90,7 +90,7 @@ def test_workers_are_capped_at_the_cpus_and_a_bad_json_path_is_refused_first(tmp
 
     monkeypatch.setattr(crosscompile.subprocess, "Popen", counting_popen)
     rows = cross_compile(["sm_90a"], jobs=10_000, cache_dir=None, only="no kernel has this name")
-    assert rows == [] and 1 <= len(started) == min(10_000, crosscompile.host_cpus())
+    assert rows == [] and 1 <= len(started) == min(10_000, crosscompile.host_usable_cpus())
 
     started.clear()
     assert main(["kernels", "--target", "sm_90a", "--json", str(tmp_path)]) == 1

@@ -11,14 +11,13 @@ registered through the ``dshal.backends`` entry-point group like any vendor plug
 
 from __future__ import annotations
 
-import os
 import platform
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from dshal.backend import Availability, Backend, Capabilities, host_available_memory, host_cpus, host_peak_rss
+from dshal.backend import Availability, Backend, Capabilities, host_available_memory, host_cpus_text, host_peak_rss
 from dshal.backends.cpu_native import NATIVE_OPS, weight_format_paths
 from dshal.backends.invariant import BATCHED, row_by_row
 from dshal.kernels import cpu as cpu_kernels
@@ -74,6 +73,6 @@ class CpuBackend(Backend):
 
 
 def _cores() -> str:
-    """``2 cores``, or ``1 of 2 cores`` where this process may run on fewer than the machine has."""
-    usable, machine = host_cpus(), os.cpu_count() or 1
-    return f"{usable} cores" if usable >= machine else f"{usable} of {machine} cores"
+    """``2 cores``, ``1 of 2 cores`` where this process may run on fewer than the machine has,
+    or ``2 CPUs by the container's quota (of 64)``."""
+    return host_cpus_text()

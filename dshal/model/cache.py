@@ -27,7 +27,7 @@ with the column appended, per layer and step.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,21 +36,31 @@ from dshal.errors import ArgumentError, DshalError, ShapeError
 
 
 def check_cache_fits(
-    nbytes: int, free: int | None, device: torch.device, what: str, lower: str, sharing: int = 1
+    nbytes: int,
+    free: int | None,
+    device: torch.device,
+    what: str,
+    lower: str,
+    sharing: int = 1,
+    limit_note: str | Callable[[], str] = "",
 ) -> None:
     """Refuse a KV cache of ``nbytes`` on ``device`` when ``free`` (the bytes its backend
     reports free; None: unknown, no check) cannot hold it. ``what`` names the request and
     ``lower`` the arguments to reduce, in the caller's terms. ``sharing``: processes that
     each allocate such a cache from the same ``free`` memory (ranks on one host); each may
-    take its share."""
+    take its share. ``limit_note``: what set ``free`` where it is not the device's own memory
+    (a container's limit, :func:`dshal.runtime.free_memory_note`), said in the message; a
+    callable is asked only on a refusal (it reads files)."""
     if free is None:
         return
     share = free // sharing
     if nbytes > share:
         shared = f" (the {sharing} ranks on it share {free / 2**30:,.2f} GiB)" if sharing > 1 else ""
+        note = limit_note() if callable(limit_note) else limit_note
+        held = f", held to {note}" if note else ""
         raise ArgumentError(
             f"{what} needs a KV cache of {nbytes / 2**30:,.2f} GiB, expected at most the "
-            f"{share / 2**30:,.2f} GiB free on {device}{shared}: lower {lower}"
+            f"{share / 2**30:,.2f} GiB free on {device}{shared}{held}: lower {lower}"
         )
 
 

@@ -46,7 +46,7 @@ from dshal.model.generate import check_input_ids, check_token_ids, generate
 from dshal.model.prefill import check_start_pos, own_dtypes
 from dshal.model.weights import dequantize_weight, precision_label
 from dshal.ops.spec import FP8_DTYPES, INT64_MAX, write_count
-from dshal.runtime import free_memory
+from dshal.runtime import free_memory, free_memory_note
 
 #: Steps of up to this many tokens on a KV cache (one token, or a token and its draft, see
 #: :mod:`dshal.model.speculative`) are decode steps: they attend in the absorbed form, and they
@@ -697,7 +697,7 @@ class Transformer(nn.Module):
             raise ArgumentError(f"new_cache: argument 'static' is given with mode {mode!r}, expected 'absorb'")
         nbytes, device = self.cache_bytes(batch, max_len, mode, mtp, static), self.rope_cos.device
         what = f"new_cache: batch {batch} x max_len {max_len}"
-        check_cache_fits(nbytes, free_memory(device), device, what, "'batch' or 'max_len'")
+        check_cache_fits(nbytes, free_memory(device), device, what, "'batch' or 'max_len'", limit_note=lambda: free_memory_note(device))
         a = self.args
         cache = KVCache(
             self._cached_layers(mtp),

@@ -57,7 +57,7 @@ from dshal.model.text import (
 )
 from dshal.outputs import atomic_write, check_writable, console as output_console, is_terminal
 from dshal.parallel import run as parallel_run
-from dshal.runtime import free_memory, out_of_memory_as_error, use_for_command
+from dshal.runtime import free_memory, free_memory_note, out_of_memory_as_error, use_for_command
 
 #: The revision of ``dshal run --json``'s layout.
 RUN_SCHEMA = "dshal.run/1"
@@ -172,6 +172,7 @@ def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device, s
         f"--batch {args.batch} x (--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens}) tokens",
         "--batch, --prompt-len or --new-tokens",
         sharing,
+        lambda: free_memory_note(device),
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dshal.backend import host_cpus
+from dshal.backend import host_cpu_quota, host_cpus, host_cpus_text
 from dshal.errors import DshalError
 from dshal.outputs import atomic_write, check_writable, console as output_console
 from dshal.runtime import use_for_command
@@ -263,14 +263,17 @@ def json_path(args: argparse.Namespace) -> Path:
 
 
 def platform_info() -> dict[str, Any]:
-    """The host: CPU model (as lscpu names it), cores, torch and Python versions."""
+    """The host: CPU model (as lscpu names it), cores (its affinity), the container's CPU quota
+    (None: none), both as the report says them (``cpus``), torch and Python versions."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "cores": host_cpus(), "torch": torch.__version__, "python": platform.python_version()}
+    quota = host_cpu_quota()
+    return {"cpu": model, "cores": host_cpus(), "cpu_quota": None if quota is None else quota.cpus,
+            "cpus": host_cpus_text(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def console() -> Any:

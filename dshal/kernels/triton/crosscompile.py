@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from dshal import errors
-from dshal.backend import host_cpus
+from dshal.backend import host_usable_cpus
 from dshal.cache import make_private_dir
 from dshal.config import cache_dir
 from dshal.errors import ArgumentError, ConfigError, DshalError
@@ -462,7 +462,7 @@ def cross_compile(
             raise ArgumentError(f"dshal kernels: argument '--target' is {name!r}, expected one of {', '.join(COMPILE_TARGETS)}")
     if jobs < 1:
         raise ArgumentError(f"dshal kernels: argument '--jobs' is {jobs}, expected at least 1")
-    jobs = min(jobs, host_cpus())  # each worker is a whole Python + Triton; more than the CPUs only thrash
+    jobs = min(jobs, host_usable_cpus())  # each worker is a whole Python + Triton; more than the CPUs (or a quota) only thrash
     cache_dir = usable_cache_dir(cache_dir)
     env = {k: v for k, v in child_env().items() if k not in ("TRITON_INTERPRET", "DSHAL_EMULATE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
