@@ -556,14 +556,24 @@ class Transformer(nn.Module):
         return super()._apply(fn, recurse)
 
     if TYPE_CHECKING:  # nn.Module's __call__ is typed to return Any; what forward returns, per return_hidden
+        # Each variant takes forward's parameters as forward does (positional or keyword); a
+        # return_hidden only known at run time (a bool variable) gets the union.
 
         @overload
         def __call__(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
                      last_only: bool = False, return_hidden: Literal[False] = False) -> torch.Tensor: ...
 
-        @overload
+        @overload  # return_hidden=True by keyword, the others defaulted or not
         def __call__(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
                      last_only: bool = False, *, return_hidden: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+        @overload  # True as the fifth positional argument: every one before it given
+        def __call__(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache | None, last_only: bool,
+                     return_hidden: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+        @overload
+        def __call__(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                     last_only: bool = False, return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
