@@ -16,7 +16,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 
 def child_python(*args: str) -> list[str]:
@@ -87,14 +88,60 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+#: After SIGTERM / SIGHUP, the seconds the main thread has to unwind before the process ends
+#: anyway. torchrun and Slurm send SIGKILL 30 s after SIGTERM; a rank blocked in a collective on a
+#: dead peer would otherwise hold the signal for up to distributed.timeout_s (300 s).
+TERMINATION_GRACE_S = 10.0
+
+
+class _TerminationWatchdog:
+    """Ends the process with 128 + the signal when the main thread has not unwound ``grace_s``
+    after SIGTERM / SIGHUP. A Python handler runs only once the main thread is back in the
+    interpreter, and one blocked in C (a collective waiting for a dead peer, a store's wait)
+    is not; the C-level handler writes the signal's number to the wakeup fd at once, and this
+    thread reads it there."""
+
+    def __init__(self, signals: Iterable[int], grace_s: float):
+        self._signals = frozenset(int(sig) for sig in signals)
+        self._done = threading.Event()
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)  # the C handler must never block on it
+        self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(grace_s,), daemon=True, name="dshal-termination-watchdog").start()
+
+    def _watch(self, grace_s: float) -> None:
+        try:
+            while True:
+                data = os.read(self._read_fd, 64)
+                if not data:  # the block ended: its write end is closed
+                    return
+                caught = [sig for sig in data if sig in self._signals]  # SIGINT's byte comes here too
+                if caught:
+                    break
+            if self._done.wait(grace_s):
+                return
+            name = signal_name(caught[0])
+            os.write(2, f"dshal: still running {grace_s:g} s after {name} (blocked outside Python: a collective "
+                        f"or a call into a library); ending now, without cleanup\n".encode())
+            os._exit(128 + caught[0])
+        finally:
+            os.close(self._read_fd)
+
+    def close(self) -> None:
+        self._done.set()
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._write_fd)
+
+
 @contextlib.contextmanager
-def cleanup_on_termination() -> Iterator[None]:
+def cleanup_on_termination(grace_s: float = TERMINATION_GRACE_S) -> Iterator[None]:
     """SIGTERM / SIGHUP (``timeout``, ``kill``, a closed terminal) raise :class:`Terminated`
     in the block, so its ``finally`` / ``with`` cleanup runs (child processes killed, temporary
-    folders removed); Python's default ends the process at once and skips it. Only the main
-    thread may set handlers; elsewhere nothing changes. A signal the process ignores stays
-    ignored (``nohup`` ignores SIGHUP so that a run outlives the terminal). The previous handlers
-    come back after."""
+    folders removed); Python's default ends the process at once and skips it. Where the main
+    thread is blocked outside Python when the signal comes, the process ends ``grace_s`` later
+    without the cleanup (:data:`TERMINATION_GRACE_S`). Only the main thread may set handlers;
+    elsewhere nothing changes. A signal the process ignores stays ignored (``nohup`` ignores
+    SIGHUP so that a run outlives the terminal). The previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -103,13 +150,20 @@ def cleanup_on_termination() -> Iterator[None]:
         raise Terminated(signum)
 
     present = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig is not None]
-    previous = {sig: signal.signal(sig, stop) for sig in present  # Windows has no SIGHUP
-                if signal.getsignal(sig) is not signal.SIG_IGN}
-    try:
+    previous: dict[int, Any] = {}
+    watchdog = None
+    try:  # handlers set inside: a signal between two of them still restores the first
+        for sig in present:  # Windows has no SIGHUP
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, stop)
+        if previous and sys.platform != "win32":  # Windows' wakeup fd must be a socket, and it has no SIGHUP
+            watchdog = _TerminationWatchdog(previous, grace_s)
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if watchdog is not None:
+            watchdog.close()
 
 
 #: Where :func:`free_port` looks first: from PORT_FLOOR up to the OS's range of ports for outgoing

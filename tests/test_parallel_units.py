@@ -4,6 +4,7 @@ checkpoint view a rank loads from (no process group; one test starts a one-rank 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -550,6 +551,66 @@ def test_cleanup_on_termination_turns_sigterm_into_an_exit_that_runs_cleanup() -
                 cleaned.append(True)
     assert isinstance(info.value, SystemExit) and info.value.code == 128 + signal.SIGTERM and cleaned == [True]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigterm_while_the_main_thread_is_blocked_in_c_ends_the_process_after_the_grace(tmp_path, sigint_deliverable) -> None:
+    """A Python handler runs only when the main thread is back in the interpreter: a rank blocked
+    in a collective on a dead peer (here a store waiting for a second rank) held SIGTERM until its
+    timeout, so torchrun / Slurm killed it 30 s later anyway. The watchdog ends it after the grace."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    marker = tmp_path / "blocked"
+    code = textwrap.dedent(f"""
+        import datetime, signal, sys
+        import torch.distributed as dist
+        from dshal.lifetime import cleanup_on_termination, free_port
+        port = free_port()
+        with cleanup_on_termination(grace_s=1.0):
+            open({str(marker)!r}, "w").close()
+            dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=60))  # no second rank
+        print("the store returned", file=sys.stderr)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_deliverable)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists()
+        time.sleep(0.5)  # into the store's wait
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=45)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert took < 30, took  # the store waits 60 s
+    assert "still running 1 s after SIGTERM" in err and "the store returned" not in err
+
+
+def test_cleanup_on_termination_restores_the_wakeup_fd_and_ends_its_watchdog() -> None:
+    import signal
+    import threading
+
+    from dshal.lifetime import cleanup_on_termination
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be set on the main thread (older pytest-xdist runs tests elsewhere)")
+    before = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(before)
+    with cleanup_on_termination():
+        assert any(t.name == "dshal-termination-watchdog" for t in threading.enumerate())
+    assert signal.set_wakeup_fd(before) == before  # what was there before the block is back
+    deadline = time.monotonic() + 5
+    while any(t.name == "dshal-termination-watchdog" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "dshal-termination-watchdog" for t in threading.enumerate())
 
 
 def test_cleanup_on_termination_leaves_an_ignored_signal_ignored() -> None:
