@@ -188,7 +188,10 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     _printable_streams()
     try:
-        return _main(argv)
+        code = _main(argv)
+        if sys.stdout is not None:  # a reader that left is met here, not in the interpreter's flush at exit
+            sys.stdout.flush()
+        return code
     except KeyboardInterrupt:  # Ctrl-C while a command's modules were still importing
         print("dshal: interrupted", file=sys.stderr)
         return 130

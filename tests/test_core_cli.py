@@ -241,14 +241,17 @@ def test_a_closed_pipe_ends_the_command_without_a_traceback():
         "os.dup2(w, sys.stdout.fileno())\n"
         "sys.exit(main(['info', '--json', '--backend', 'cpu']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    # Buffered, as in a pipeline: PYTHONUNBUFFERED (set on some machines) hid the failure at exit.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED" and not k.startswith("DSHAL_")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                          env=env)
     assert done.returncode == 141, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
     # Tables go through rich, whose own handler exited 1 with no word: a `pipefail` shell could
     # not tell `dshal info | head -1` from a failure.
     for argv in (["info", "--backend", "cpu"], ["run", "--no-progress", "--new-tokens", "2", "--prompt-len", "2"]):
         table = subprocess.run([sys.executable, "-c", script.replace("['info', '--json', '--backend', 'cpu']", repr(argv))],
-                               capture_output=True, text=True, timeout=120, check=False)
+                               capture_output=True, text=True, timeout=120, check=False, env=env)
         assert table.returncode == 141, (argv, table.stderr[-2000:])
         assert "Traceback" not in table.stderr, argv
 

@@ -12,7 +12,10 @@ def run_tool(prog: str, body: Callable[[], int]) -> int:
     """``body()``'s exit status; Ctrl-C is 130 with one line, and a reader that left
     (``dshal-ascend-plan | head -1``) 141 in silence (it was a BrokenPipeError traceback)."""
     try:
-        return body()
+        code = body()
+        if sys.stdout is not None:  # a reader that left is met here, not in the interpreter's flush at exit
+            sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -206,6 +206,7 @@ def test_the_plugins_tools_start_with_docstrings_stripped():
 def test_the_plugins_tools_end_quietly_when_their_reader_leaves():
     """``dshal-ascend-plan | head -1``: the reader left and the next print raised a
     BrokenPipeError traceback; the tool now ends with 141 (128 + SIGPIPE) and no word, as `dshal`."""
+    import os
     import subprocess
     import sys
 
@@ -215,5 +216,8 @@ def test_the_plugins_tools_end_quietly_when_their_reader_leaves():
               "os.close(r)\n"
               "os.dup2(w, sys.stdout.fileno())\n"
               "sys.exit(main([]))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    # Buffered, as in a pipeline: PYTHONUNBUFFERED (set on some machines) hid the failure at exit.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
+                          env=env)
     assert done.returncode == 141 and done.stderr == "", done.stderr[-2000:]
