@@ -70,8 +70,8 @@ exit status:
   0    done, and every check passed
   1    an error, said in one line on stderr (`dshal COMMAND: error: ...`), or a check that
        failed: a conformance case failed, errored or was not run, a `matrix` gate
-       (--fail-on-regression, --expect), a `kernels` config or `bench` case that failed,
-       a rank of `run --tp N`
+       (--fail-on-regression, --expect), a `kernels` config or `bench` case that failed;
+       `run --tp N` exits with the first failing rank's own status (1 when a signal ended it)
   2    the command line did not parse (the usage and the error on stderr), or no COMMAND
   130  interrupted (Ctrl-C)
   141  the output's reader left (`dshal info | head -1`), in silence
@@ -112,21 +112,24 @@ def log_level(verbose: int, env: str | None) -> int | None:
 def command_logging(level: int | None) -> Iterator[None]:
     """For the command only (a library adds no handlers): while it runs, the ``dshal`` logger's
     records from ``level`` on go to stderr as bare messages, the form logging's last resort
-    gives warnings. Undone after, for a program that calls :func:`main` in-process."""
+    gives warnings, and to no other handler (a program calling :func:`main` in-process with its
+    own logging config printed each record twice). Undone after."""
     if level is None:
         yield
         return
     logger = logging.getLogger("dshal")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    was = logger.level
+    was = logger.level, logger.propagate
     logger.setLevel(level)
+    logger.propagate = False
     logger.addHandler(handler)
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(was)
+        logger.setLevel(was[0])
+        logger.propagate = was[1]
 
 
 @contextlib.contextmanager
@@ -171,8 +174,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text, dist) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        # After the command too; SUPPRESS keeps a -v given before it (a subparser's default would reset it).
-        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        # After the command too, counted apart: the subparser's value replaced the count given before it.
+        p.add_argument("-v", "--verbose", dest="verbose_after", action="count", default=0, help=VERBOSE_HELP)
         if name == command:
             try:
                 module = importlib.import_module(module_name)
@@ -246,7 +249,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         with (
             cleanup_on_termination(),
-            command_logging(log_level(args.verbose, os.environ.get("DSHAL_LOG"))),
+            command_logging(log_level(args.verbose + getattr(args, "verbose_after", 0), os.environ.get("DSHAL_LOG"))),
             threads_within_cpu_quota(args.command),
         ):
             return int(args._main(args) or 0)  # SIGTERM / SIGHUP (`timeout`, `kill`): unwind, then 143 / 129

@@ -324,12 +324,34 @@ def test_verbose_says_on_stderr_which_plugins_auto_passed_over_and_stdout_stays_
     monkeypatch.delenv("DSHAL_LOG")
 
     REGISTRY.refresh()  # discovery, and its debug lines, happen once per process
-    assert main(["-vv", "info", "--json"]) == 0
+    assert main(["-v", "info", "-v", "--json"]) == 0  # -v before and after the command add up
     said = capsys.readouterr().err
     assert "dshal: op providers: " in said and "rms_norm: cpu" in said
     assert "dshal: plugin 'cpu' (dshal.backends.cpu:CpuBackend): loaded True, available True" in said
     # The command's handler and level are undone: a program calling main() keeps its logging.
-    assert (logger.handlers, logger.level) == (handlers_before, level_before)
+    assert (logger.handlers, logger.level, logger.propagate) == (handlers_before, level_before, True)
+
+
+def test_verbose_in_a_program_with_its_own_logging_prints_each_record_once(monkeypatch, capsys):
+    """`logging.basicConfig()` then `main(["-v", ...])` in-process: the record went to the
+    command's handler and, propagated, to the program's root handler too."""
+    import logging
+
+    from dshal.cli import main
+
+    for name in [k for k in os.environ if k.startswith("DSHAL_")]:
+        monkeypatch.delenv(name)
+    root = logging.getLogger()
+    program = logging.StreamHandler(sys.stderr)
+    program.setFormatter(logging.Formatter("program: %(message)s"))
+    root.addHandler(program)
+    try:
+        monkeypatch.setenv("DSHAL_LOG", "info")
+        assert main(["info", "--json"]) == 0
+    finally:
+        root.removeHandler(program)
+    said = capsys.readouterr().err
+    assert said.count("dshal: backend: auto passed over") >= 1 and "program: dshal:" not in said, said
 
 
 def test_a_bad_dshal_log_is_one_line_naming_it(monkeypatch, capsys):

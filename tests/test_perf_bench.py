@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -273,8 +274,10 @@ def test_bench_whose_every_case_fails_says_so_on_stderr_only(tmp_path):
 
     shapes = tmp_path / "s.yaml"
     shapes.write_text("cases:\n  - {op: rms_norm, shape: [4, 256], eps: -1.0}\n")  # refused by the op
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}  # DSHAL_LOG would add lines
     done = subprocess.run([sys.executable, "-m", "dshal", "bench", "--backend", "cpu", "--shapes", str(shapes),
-                           "--output", str(tmp_path / "f.html"), *FAST], capture_output=True, text=True, timeout=120)
+                           "--output", str(tmp_path / "f.html"), *FAST], capture_output=True, text=True, timeout=120,
+                          env=env)
     assert done.returncode == 1, done.stderr[-2000:]
     assert "failed on the backend" not in done.stdout and "report: " in done.stdout
     assert done.stderr == "dshal bench: 1 case(s) failed on the backend: rms_norm/shape=[4, 256], eps=-1.0\n"

@@ -211,7 +211,9 @@ def test_real_ctrl_c_during_a_hung_probe_exits_130(install_plugin, tmp_path, sig
     assert "interrupted" in err and "Traceback" not in err
 
 
-def test_sigterm_during_a_plugin_import_ends_the_command_with_143_not_as_that_plugins_failure(install_plugin, tmp_path):
+def test_sigterm_during_a_plugin_import_ends_the_command_with_143_not_as_that_plugins_failure(
+    install_plugin, tmp_path, sigint_deliverable
+):
     """`timeout` / `kill` send SIGTERM. Python's default ended `dshal` at once (no cleanup, no word;
     -15, not a shell's 143); now every command unwinds and says so. Raised inside a plugin's
     import, the signal must not pass for the plugin's own SystemExit (a plugin failure that
@@ -221,13 +223,16 @@ def test_sigterm_during_a_plugin_import_ends_the_command_with_143_not_as_that_pl
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "DSHAL_TEST_MARKER": str(marker),
            "DSHAL_TEST_SLEEP_AT": "import", "DSHAL_TEST_SLEEP_S": "60", "DSHAL_PLUGIN_TIMEOUT_S": "120"}
     proc = subprocess.Popen([sys.executable, "-m", "dshal", "info"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists()
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_deliverable)  # an inherited ignore
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, out, err)
     assert err.strip().splitlines()[-1] == "dshal info: terminated (SIGTERM)" and "Traceback" not in err
     assert "drowsy" not in out  # no listing went on after the signal

@@ -67,7 +67,8 @@ def show_crashes(stream: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the suite. A Ctrl-C while cases run exits 130 and writes no report; SIGTERM / SIGHUP
-    while collective ranks run exit 143 / 129 the same way, their folder removed."""
+    (at any point: `dshal` turns them into :class:`Terminated`) exit 143 / 129 the same way,
+    the collective ranks' folder removed."""
     try:
         return _main(args)
     except (KeyboardInterrupt, Terminated) as err:
