@@ -88,49 +88,85 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-#: After SIGTERM / SIGHUP, the seconds the main thread has to unwind before the process ends
-#: anyway. torchrun and Slurm send SIGKILL 30 s after SIGTERM; a rank blocked in a collective on a
-#: dead peer would otherwise hold the signal for up to distributed.timeout_s (300 s).
+#: After SIGTERM / SIGHUP, the seconds the signal may wait for the main thread to come back into
+#: the interpreter (where Python runs its handler) before the process ends anyway. torchrun and
+#: Slurm send SIGKILL 30 s after SIGTERM; a rank blocked in a collective on a dead peer would
+#: otherwise hold the signal for up to distributed.timeout_s (300 s).
 TERMINATION_GRACE_S = 10.0
 
 
 class _TerminationWatchdog:
-    """Ends the process with 128 + the signal when the main thread has not unwound ``grace_s``
-    after SIGTERM / SIGHUP. A Python handler runs only once the main thread is back in the
-    interpreter, and one blocked in C (a collective waiting for a dead peer, a store's wait)
-    is not; the C-level handler writes the signal's number to the wakeup fd at once, and this
-    thread reads it there."""
+    """Ends the process with 128 + the signal when SIGTERM / SIGHUP has not reached its Python
+    handler ``grace_s`` after it came. The handler runs only once the main thread is back in the
+    interpreter, and one blocked in C (a collective waiting for a dead peer, a store's wait) is
+    not; the C-level handler writes the signal's number to the wakeup fd at once, and this thread
+    reads it there. Once the handler ran, the cleanup it starts (in Python) is not timed.
+
+    One per process (:attr:`current`): nested :func:`cleanup_on_termination` blocks share the
+    outermost's. A forked child drops it (:meth:`forget_in_child`): the pipe and the wakeup fd
+    would survive the fork without the thread, and a signal to the child would write into the
+    parent's pipe."""
+
+    current: _TerminationWatchdog | None = None
 
     def __init__(self, signals: Iterable[int], grace_s: float):
         self._signals = frozenset(int(sig) for sig in signals)
+        self._grace_s = grace_s
+        self.handled = 0  # signals whose Python handler ran (main thread: an int under the GIL)
         self._done = threading.Event()
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._write_fd, False)  # the C handler must never block on it
         self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, args=(grace_s,), daemon=True, name="dshal-termination-watchdog").start()
+        threading.Thread(target=self._watch, daemon=True, name="dshal-termination-watchdog").start()
 
-    def _watch(self, grace_s: float) -> None:
+    def _watch(self) -> None:
+        seen = 0
         try:
             while True:
                 data = os.read(self._read_fd, 64)
-                if not data:  # the block ended: its write end is closed
+                if not data:  # closed: the block ended
                     return
-                caught = [sig for sig in data if sig in self._signals]  # SIGINT's byte comes here too
-                if caught:
-                    break
-            if self._done.wait(grace_s):
-                return
-            name = signal_name(caught[0])
-            os.write(2, f"dshal: still running {grace_s:g} s after {name} (blocked outside Python: a collective "
-                        f"or a call into a library); ending now, without cleanup\n".encode())
-            os._exit(128 + caught[0])
+                for sig in data:
+                    if sig not in self._signals:  # SIGINT's byte comes here too
+                        continue
+                    seen += 1
+                    deadline = time.monotonic() + self._grace_s
+                    while self.handled < seen:
+                        if self._done.wait(0.05):
+                            return
+                        if time.monotonic() > deadline:
+                            os.write(2, f"dshal: still running {self._grace_s:g} s after {signal_name(sig)} (blocked "
+                                        "outside Python: a collective or a call into a library); ending now, without "
+                                        "cleanup\n".encode())
+                            os._exit(128 + sig)
         finally:
             os.close(self._read_fd)
 
     def close(self) -> None:
         self._done.set()
         signal.set_wakeup_fd(self._previous_fd)
-        os.close(self._write_fd)
+        os.close(self._write_fd)  # the thread reads EOF
+        _TerminationWatchdog.current = None
+
+    @classmethod
+    def forget_in_child(cls) -> None:
+        watchdog = cls.current
+        if watchdog is None:
+            return
+        cls.current = None
+        try:
+            signal.set_wakeup_fd(watchdog._previous_fd)
+        except ValueError:  # forked from a thread other than the main one: no wakeup fd to undo there
+            pass
+        for fd in (watchdog._read_fd, watchdog._write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_TerminationWatchdog.forget_in_child)
 
 
 @contextlib.contextmanager
@@ -138,15 +174,18 @@ def cleanup_on_termination(grace_s: float = TERMINATION_GRACE_S) -> Iterator[Non
     """SIGTERM / SIGHUP (``timeout``, ``kill``, a closed terminal) raise :class:`Terminated`
     in the block, so its ``finally`` / ``with`` cleanup runs (child processes killed, temporary
     folders removed); Python's default ends the process at once and skips it. Where the main
-    thread is blocked outside Python when the signal comes, the process ends ``grace_s`` later
-    without the cleanup (:data:`TERMINATION_GRACE_S`). Only the main thread may set handlers;
-    elsewhere nothing changes. A signal the process ignores stays ignored (``nohup`` ignores
-    SIGHUP so that a run outlives the terminal). The previous handlers come back after."""
+    thread is blocked outside Python when the signal comes, so that the handler cannot run, the
+    process ends ``grace_s`` later without the cleanup (:data:`TERMINATION_GRACE_S`). Only the
+    main thread may set handlers; elsewhere nothing changes. A signal the process ignores stays
+    ignored (``nohup`` ignores SIGHUP so that a run outlives the terminal). The previous handlers
+    come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, _frame: object) -> None:
+        if _TerminationWatchdog.current is not None:
+            _TerminationWatchdog.current.handled += 1
         raise Terminated(signum)
 
     present = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig is not None]
@@ -156,14 +195,22 @@ def cleanup_on_termination(grace_s: float = TERMINATION_GRACE_S) -> Iterator[Non
         for sig in present:  # Windows has no SIGHUP
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, stop)
-        if previous and sys.platform != "win32":  # Windows' wakeup fd must be a socket, and it has no SIGHUP
-            watchdog = _TerminationWatchdog(previous, grace_s)
+        # Windows' wakeup fd must be a socket (and it has no SIGHUP); an enclosing block's serves.
+        if previous and sys.platform != "win32" and _TerminationWatchdog.current is None:
+            watchdog = _TerminationWatchdog.current = _TerminationWatchdog(previous, grace_s)
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if watchdog is not None:
-            watchdog.close()
+        # A second signal while the handlers are put back (systemd sends SIGTERM, then SIGHUP)
+        # waits until they are: it then meets the handler it finds, never a half-restored state.
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, present) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if watchdog is not None:
+                watchdog.close()
+        finally:
+            if masked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, masked)
 
 
 #: Where :func:`free_port` looks first: from PORT_FLOOR up to the OS's range of ports for outgoing

@@ -594,6 +594,60 @@ def test_sigterm_while_the_main_thread_is_blocked_in_c_ends_the_process_after_th
     assert "still running 1 s after SIGTERM" in err and "the store returned" not in err
 
 
+@pytest.mark.parametrize("case", ["forked child signalled", "cleanup in python", "nested blocks"])
+def test_the_termination_watchdog_fires_only_for_a_signal_its_handler_could_not_take(case, sigint_deliverable) -> None:
+    """The watchdog ended the process 10 s after SIGTERM whatever happened: a forked worker's
+    SIGTERM (multiprocessing's terminate()) wrote into the parent's inherited pipe and killed the
+    parent; a cleanup running in Python after the handler was cut short. Each scenario here
+    ends with 0 and says it finished."""
+    import subprocess
+    import sys
+    import textwrap
+
+    scenarios = {
+        "forked child signalled": """
+            import multiprocessing as mp
+            with cleanup_on_termination(grace_s=0.5):
+                p = mp.get_context("fork").Process(target=time.sleep, args=(60,))
+                p.start()
+                time.sleep(0.3)
+                p.terminate()  # SIGTERM to the child only
+                p.join()
+                assert p.exitcode == 143, p.exitcode
+                time.sleep(1.5)  # the parent works on, past the grace
+        """,
+        "cleanup in python": """
+            try:
+                with cleanup_on_termination(grace_s=0.5):
+                    try:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(5)
+                    finally:
+                        deadline = time.monotonic() + 1.5
+                        while time.monotonic() < deadline:  # e.g. reaping ranks: in Python, past the grace
+                            time.sleep(0.05)
+            except Terminated:
+                pass
+        """,
+        "nested blocks": """
+            with cleanup_on_termination(grace_s=0.5):
+                try:
+                    with cleanup_on_termination(grace_s=0.5):
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(5)
+                except Terminated:
+                    pass
+                time.sleep(1.0)
+        """,
+    }
+    code = ("import os, signal, time\nfrom dshal.lifetime import Terminated, cleanup_on_termination\n"
+            + textwrap.dedent(scenarios[case]) + "print('finished')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          preexec_fn=sigint_deliverable)
+    assert (done.returncode, done.stdout) == (0, "finished\n"), (done.returncode, done.stdout, done.stderr)
+
+
 def test_cleanup_on_termination_restores_the_wakeup_fd_and_ends_its_watchdog() -> None:
     import signal
     import threading
