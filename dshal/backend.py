@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from dshal.cgroups import CpuQuota, MemoryLimit, cpu_quota, memory_limit
+from dshal.cgroups import CpuQuota, MemoryLimit, cpu_quota, memory_limit, memory_limits
 from dshal.errors import ArgumentError, DeviceError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -235,8 +235,9 @@ def host_physical_memory(cgroup: str | None = None, proc_cgroup: str | None = No
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
-    limit = host_memory_limit(cgroup, proc_cgroup)
-    return physical if limit is None else min(physical, limit.limit)
+    # The smallest limit, not the one with the least headroom: a nearly full parent (a busy
+    # kubepods slice) has less headroom than the pod, and a larger limit.
+    return min([physical, *(limit.limit for limit in memory_limits(cgroup, proc_cgroup))])
 
 
 def host_cpus() -> int:

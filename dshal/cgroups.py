@@ -163,7 +163,13 @@ def memory_limit(root: str | None = None, proc_cgroup: str | None = None) -> Mem
     """The memory limit with the least headroom along this process's cgroup path (v2
     ``memory.max`` and ``memory.high``, v1 ``memory.limit_in_bytes``); None where no cgroup
     sets one. ``root``: the cgroup mount (default :func:`cgroup_root`); ``proc_cgroup``: the
-    text of ``/proc/self/cgroup`` (default: read it)."""
+    text of ``/proc/self/cgroup`` (default: read it). What is free now; for the most the
+    process may ever hold, the smallest limit of :func:`memory_limits`."""
+    return min(memory_limits(root, proc_cgroup), key=lambda m: m.headroom, default=None)
+
+
+def memory_limits(root: str | None = None, proc_cgroup: str | None = None) -> list[MemoryLimit]:
+    """Every memory limit along this process's cgroup path (arguments as for :func:`memory_limit`)."""
     root = cgroup_root(root)
     paths = cgroup_paths(_proc_text(proc_cgroup))
     found: list[MemoryLimit] = []
@@ -180,7 +186,7 @@ def memory_limit(root: str | None = None, proc_cgroup: str | None = None) -> Mem
                     continue
                 used = max(used - _inactive_file(folder), 0)
                 found.append(MemoryLimit(limit, used, os.path.join(folder, limit_file)))
-    return min(found, key=lambda m: m.headroom, default=None)
+    return found
 
 
 def cpu_quota(root: str | None = None, proc_cgroup: str | None = None) -> CpuQuota | None:
@@ -205,4 +211,4 @@ def cpu_quota(root: str | None = None, proc_cgroup: str | None = None) -> CpuQuo
 
 
 __all__ = ["CGROUP_ROOT", "CGROUP_ROOT_ENV", "CpuQuota", "MemoryLimit", "cgroup_paths", "cgroup_root", "cpu_quota",
-           "memory_limit"]
+           "memory_limit", "memory_limits"]

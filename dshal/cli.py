@@ -62,7 +62,8 @@ environment:
   DSHAL_CGROUP_ROOT  test / operations knob: the folder of cgroup files to read a container's
                      CPU quota and memory limit from (default /sys/fs/cgroup; the process's
                      cgroup under it, else the folder itself); run, bench, profile, conformance
-                     and diff cap torch's CPU threads at the quota unless OMP_NUM_THREADS is set
+                     and diff cap torch's CPU threads at the quota unless OMP_NUM_THREADS,
+                     MKL_NUM_THREADS or --threads says otherwise
   DSHAL_LOG          debug | info | warning | error: the least severe of dshal's log records
                      written to stderr (default: warnings only); -v is info, -vv debug
 

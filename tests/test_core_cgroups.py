@@ -160,6 +160,17 @@ def test_host_memory_facts_are_held_to_the_limit(tmp_path):
     assert host_memory_note(meminfo(tmp_path, available_kib=100), root, proc) == ""  # the host has less: not the limit
 
 
+def test_physical_memory_is_the_smallest_limit_not_the_one_with_least_headroom(tmp_path):
+    """A nearly full parent (a busy kubepods slice: 64 GiB, 60 in use) has less headroom than the
+    pod (8 GiB, 1 in use): free memory is the parent's 4 GiB, but the most the process may ever
+    hold is the pod's 8 GiB (physical memory was the parent's 64 GiB: the dequantized-weight
+    cache's quarter of it could overflow the pod)."""
+    root, proc = v2_pod(tmp_path, pod_max=str(64 * GIB), pod_current=60 * GIB, ctr_max=str(8 * GIB), ctr_current=GIB)
+    assert memory_limit(root, proc).limit == 64 * GIB  # least headroom: the parent's
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert host_physical_memory(root, proc) == min(physical, 8 * GIB)
+
+
 def test_cpus_text_says_the_quota(tmp_path):
     cpus = host_cpus()
     if cpus < 2:

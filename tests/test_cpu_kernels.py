@@ -467,6 +467,9 @@ def test_a_killed_builds_temporary_file_is_swept_by_the_next_build(tmp_path):
     assert not any(path.exists() for path in orphans)
     assert running.exists()
     assert len(list(folder.glob(".dshal-build-*.so"))) == 1  # the build's own was renamed into place
+    os.utime(running, (old, old))  # the usual case: Ctrl-C, a rerun that builds, the orphan aging
+    again = _run(STATUS, DSHAL_CACHE_DIR=str(tmp_path))
+    assert again.stdout == done.stdout and not running.exists()  # swept when the build is reused too
 
 
 @needs_kernels

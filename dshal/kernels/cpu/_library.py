@@ -187,8 +187,9 @@ ORPHAN_AGE_S = 600.0
 
 def _sweep_orphans(folder: Path) -> None:
     """Remove build temporaries in ``folder`` that no running build can own (see ORPHAN_AGE_S);
-    ``tmp*.so`` are those of releases that named them so. Best effort: another process may sweep
-    the same file."""
+    ``tmp*.so`` are those of releases that named them so. Run when a build starts and when an
+    earlier one is reused (a rerun soon after Ctrl-C finds the orphan young, then reuses the build
+    for good). Best effort: a read-only folder, or another process sweeping the same file."""
     now = time.time()
     for leftover in [*folder.glob(f"{BUILD_TEMP_PREFIX}*.so"), *folder.glob("tmp*.so")]:
         try:
@@ -251,6 +252,7 @@ def _build(compiler: str, fresh: bool = False) -> tuple[Path, tuple[str, ...]]:
         name = f"dshal_cpu_{key.hexdigest()[:16]}.so"
         for earlier in [] if fresh else reached:
             if _reusable(earlier / name):
+                _sweep_orphans(earlier)
                 return earlier / name, flags
         while True:
             if folder is None:
@@ -259,6 +261,7 @@ def _build(compiler: str, fresh: bool = False) -> tuple[Path, tuple[str, ...]]:
                     break
                 reached.append(following[0])
                 if not fresh and _reusable(following[0] / name):
+                    _sweep_orphans(following[0])  # a build killed before this one finished left its file
                     return following[0] / name, flags
                 if not following[1]:
                     refused.append(f"{following[0]} is not writable")
