@@ -65,6 +65,7 @@ import torch.distributed as dist
 import dshal
 from dshal.config import MAX_TIMEOUT_S
 from dshal.errors import CommError, ConfigError, DeviceError, DTypeError, ProviderError, ShapeError
+from dshal.lifetime import arm_termination_watchdog
 from dshal.ops.mode import checking
 
 log = logging.getLogger(__name__)
@@ -928,6 +929,7 @@ def init(timeout_s: float | None = None) -> Communicator:
     # again in case the caller changed the current device since.
     device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()
     _set_library_environment(rt.backend, timeout)  # before any peer is contacted: a plugin defect fails alone
+    arm_termination_watchdog()  # collectives wait in C: SIGTERM must not wait for them (under `dshal`)
     store = _bounded_rendezvous(env, timeout)
     _check_world_size(store, env, f"backend {rt.backend.name!r} ({process_group_backend(rt)})")
     try:

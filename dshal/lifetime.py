@@ -102,12 +102,16 @@ class _TerminationWatchdog:
     not; the C-level handler writes the signal's number to the wakeup fd at once, and this thread
     reads it there. Once the handler ran, the cleanup it starts (in Python) is not timed.
 
-    One per process (:attr:`current`): nested :func:`cleanup_on_termination` blocks share the
-    outermost's. A forked child drops it (:meth:`forget_in_child`): the pipe and the wakeup fd
-    would survive the fork without the thread, and a signal to the child would write into the
-    parent's pipe."""
+    Armed by :func:`arm_termination_watchdog` where such a wait may come (joining a job), not
+    by every block: a thread costs ~72 MiB of address space (its stack and a malloc arena),
+    which a process capped by ``ulimit -v`` may not have. One per process (:attr:`current`),
+    closed when the outermost :func:`cleanup_on_termination` block ends (:attr:`armable`: its
+    signals and grace while it runs). A forked child drops it (:meth:`forget_in_child`): the
+    pipe and the wakeup fd would survive the fork without the thread, and a signal to the
+    child would write into the parent's pipe."""
 
     current: _TerminationWatchdog | None = None
+    armable: tuple[frozenset[int], float] | None = None
 
     def __init__(self, signals: Iterable[int], grace_s: float):
         self._signals = frozenset(int(sig) for sig in signals)
@@ -150,7 +154,7 @@ class _TerminationWatchdog:
 
     @classmethod
     def forget_in_child(cls) -> None:
-        watchdog = cls.current
+        watchdog, cls.armable = cls.current, None
         if watchdog is None:
             return
         cls.current = None
@@ -169,14 +173,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_TerminationWatchdog.forget_in_child)
 
 
+def arm_termination_watchdog() -> bool:
+    """Inside a :func:`cleanup_on_termination` block, before code that may block in C for long
+    (a collective, a store's wait): SIGTERM / SIGHUP then end the process the block's grace
+    after they came, if the main thread has not taken them by then. True where a watchdog
+    guards the block now (False: no block, another thread, Windows)."""
+    if _TerminationWatchdog.current is not None:
+        return True
+    armable = _TerminationWatchdog.armable
+    if armable is None or threading.current_thread() is not threading.main_thread():
+        return False
+    _TerminationWatchdog.current = _TerminationWatchdog(*armable)
+    return True
+
+
 @contextlib.contextmanager
 def cleanup_on_termination(grace_s: float = TERMINATION_GRACE_S) -> Iterator[None]:
     """SIGTERM / SIGHUP (``timeout``, ``kill``, a closed terminal) raise :class:`Terminated`
     in the block, so its ``finally`` / ``with`` cleanup runs (child processes killed, temporary
     folders removed); Python's default ends the process at once and skips it. Where the main
     thread is blocked outside Python when the signal comes, so that the handler cannot run, the
-    process ends ``grace_s`` later without the cleanup (:data:`TERMINATION_GRACE_S`). Only the
-    main thread may set handlers; elsewhere nothing changes. A signal the process ignores stays
+    process ends ``grace_s`` later without the cleanup (:data:`TERMINATION_GRACE_S`), once
+    :func:`arm_termination_watchdog` was called in the block. Only the main thread may set handlers; elsewhere nothing changes. A signal the process ignores stays
     ignored (``nohup`` ignores SIGHUP so that a run outlives the terminal). The previous handlers
     come back after."""
     if threading.current_thread() is not threading.main_thread():
@@ -190,14 +208,13 @@ def cleanup_on_termination(grace_s: float = TERMINATION_GRACE_S) -> Iterator[Non
 
     present = [sig for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if sig is not None]
     previous: dict[int, Any] = {}
-    watchdog = None
+    outermost = _TerminationWatchdog.armable is None
     try:  # handlers set inside: a signal between two of them still restores the first
         for sig in present:  # Windows has no SIGHUP
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, stop)
-        # Windows' wakeup fd must be a socket (and it has no SIGHUP); an enclosing block's serves.
-        if previous and sys.platform != "win32" and _TerminationWatchdog.current is None:
-            watchdog = _TerminationWatchdog.current = _TerminationWatchdog(previous, grace_s)
+        if outermost and previous and sys.platform != "win32":  # Windows' wakeup fd must be a socket
+            _TerminationWatchdog.armable = (frozenset(previous), grace_s)
         yield
     finally:
         # A second signal while the handlers are put back (systemd sends SIGTERM, then SIGHUP)
@@ -206,8 +223,10 @@ def cleanup_on_termination(grace_s: float = TERMINATION_GRACE_S) -> Iterator[Non
         try:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if watchdog is not None:
-                watchdog.close()
+            if outermost:
+                _TerminationWatchdog.armable = None
+                if _TerminationWatchdog.current is not None:
+                    _TerminationWatchdog.current.close()
         finally:
             if masked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, masked)
@@ -251,6 +270,6 @@ def _ephemeral_low() -> int | None:
 
 
 __all__ = [
-    "Terminated", "child_env", "child_python", "cleanup_on_termination", "dies_with_parent", "exit_with_parent", "free_port",
-    "signal_name",
+    "Terminated", "arm_termination_watchdog", "child_env", "child_python", "cleanup_on_termination", "dies_with_parent",
+    "exit_with_parent", "free_port", "signal_name",
 ]

@@ -567,9 +567,10 @@ def test_sigterm_while_the_main_thread_is_blocked_in_c_ends_the_process_after_th
     code = textwrap.dedent(f"""
         import datetime, signal, sys
         import torch.distributed as dist
-        from dshal.lifetime import cleanup_on_termination, free_port
+        from dshal.lifetime import arm_termination_watchdog, cleanup_on_termination, free_port
         port = free_port()
         with cleanup_on_termination(grace_s=1.0):
+            assert arm_termination_watchdog()  # as dshal.comm.init does before the rendezvous
             open({str(marker)!r}, "w").close()
             dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=60))  # no second rank
         print("the store returned", file=sys.stderr)
@@ -608,6 +609,7 @@ def test_the_termination_watchdog_fires_only_for_a_signal_its_handler_could_not_
         "forked child signalled": """
             import multiprocessing as mp
             with cleanup_on_termination(grace_s=0.5):
+                arm_termination_watchdog()
                 p = mp.get_context("fork").Process(target=time.sleep, args=(60,))
                 p.start()
                 time.sleep(0.3)
@@ -619,6 +621,7 @@ def test_the_termination_watchdog_fires_only_for_a_signal_its_handler_could_not_
         "cleanup in python": """
             try:
                 with cleanup_on_termination(grace_s=0.5):
+                    arm_termination_watchdog()
                     try:
                         os.kill(os.getpid(), signal.SIGTERM)
                         time.sleep(5)
@@ -633,6 +636,7 @@ def test_the_termination_watchdog_fires_only_for_a_signal_its_handler_could_not_
             with cleanup_on_termination(grace_s=0.5):
                 try:
                     with cleanup_on_termination(grace_s=0.5):
+                        arm_termination_watchdog()
                         os.kill(os.getpid(), signal.SIGTERM)
                         time.sleep(5)
                 except Terminated:
@@ -640,7 +644,8 @@ def test_the_termination_watchdog_fires_only_for_a_signal_its_handler_could_not_
                 time.sleep(1.0)
         """,
     }
-    code = ("import os, signal, time\nfrom dshal.lifetime import Terminated, cleanup_on_termination\n"
+    code = ("import os, signal, time\n"
+            "from dshal.lifetime import Terminated, arm_termination_watchdog, cleanup_on_termination\n"
             + textwrap.dedent(scenarios[case]) + "print('finished')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
@@ -648,17 +653,47 @@ def test_the_termination_watchdog_fires_only_for_a_signal_its_handler_could_not_
     assert (done.returncode, done.stdout) == (0, "finished\n"), (done.returncode, done.stdout, done.stderr)
 
 
+def test_joining_a_job_under_the_dshal_command_arms_the_termination_watchdog() -> None:
+    """`torchrun ... -m dshal run`: each rank's collectives wait in C, so dshal.comm.init arms
+    the watchdog of the command's block (and only there: a library caller has no block)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from dshal.lifetime import free_port
+
+    code = textwrap.dedent("""
+        import threading
+        import dshal, dshal.comm as comm
+        from dshal.lifetime import cleanup_on_termination
+        watched = lambda: any(t.name == "dshal-termination-watchdog" for t in threading.enumerate())
+        dshal.use(backend="cpu")
+        with cleanup_on_termination():
+            before = watched()
+            comm.init(timeout_s=30)
+            print(before, watched())
+            comm.shutdown()
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["False", "True"], (done.stdout, done.stderr[-2000:])
+
+
 def test_cleanup_on_termination_restores_the_wakeup_fd_and_ends_its_watchdog() -> None:
     import signal
     import threading
 
-    from dshal.lifetime import cleanup_on_termination
+    from dshal.lifetime import arm_termination_watchdog, cleanup_on_termination
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can only be set on the main thread (older pytest-xdist runs tests elsewhere)")
     before = signal.set_wakeup_fd(-1)
     signal.set_wakeup_fd(before)
+    assert not arm_termination_watchdog()  # no block to guard
     with cleanup_on_termination():
+        assert not any(t.name == "dshal-termination-watchdog" for t in threading.enumerate())  # only where armed
+        assert arm_termination_watchdog()
         assert any(t.name == "dshal-termination-watchdog" for t in threading.enumerate())
     assert signal.set_wakeup_fd(before) == before  # what was there before the block is back
     deadline = time.monotonic() + 5
