@@ -9,6 +9,7 @@ so importing it costs a worker nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -18,6 +19,8 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def child_python(*args: str) -> list[str]:
@@ -119,9 +122,18 @@ class _TerminationWatchdog:
         self.handled = 0  # signals whose Python handler ran (main thread: an int under the GIL)
         self._done = threading.Event()
         self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._write_fd, False)  # the C handler must never block on it
-        self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, daemon=True, name="dshal-termination-watchdog").start()
+        try:
+            os.set_blocking(self._write_fd, False)  # the C handler must never block on it
+            self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+            try:
+                threading.Thread(target=self._watch, daemon=True, name="dshal-termination-watchdog").start()
+            except BaseException:
+                signal.set_wakeup_fd(self._previous_fd)
+                raise
+        except BaseException:
+            os.close(self._read_fd)
+            os.close(self._write_fd)
+            raise
 
     def _watch(self) -> None:
         seen = 0
@@ -183,7 +195,11 @@ def arm_termination_watchdog() -> bool:
     armable = _TerminationWatchdog.armable
     if armable is None or threading.current_thread() is not threading.main_thread():
         return False
-    _TerminationWatchdog.current = _TerminationWatchdog(*armable)
+    try:
+        _TerminationWatchdog.current = _TerminationWatchdog(*armable)
+    except (OSError, RuntimeError) as err:  # no fd or no thread to spare (ulimit -n, ulimit -v): unguarded
+        log.debug("dshal: no termination watchdog: %s", err)
+        return False
     return True
 
 
@@ -221,12 +237,14 @@ def cleanup_on_termination(grace_s: float = TERMINATION_GRACE_S) -> Iterator[Non
         # waits until they are: it then meets the handler it finds, never a half-restored state.
         masked = signal.pthread_sigmask(signal.SIG_BLOCK, present) if hasattr(signal, "pthread_sigmask") else None
         try:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            if outermost:
-                _TerminationWatchdog.armable = None
-                if _TerminationWatchdog.current is not None:
-                    _TerminationWatchdog.current.close()
+            try:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            finally:  # a handler still pending from before the mask may raise above: the watchdog ends anyway
+                if outermost:
+                    _TerminationWatchdog.armable = None
+                    if _TerminationWatchdog.current is not None:
+                        _TerminationWatchdog.current.close()
         finally:
             if masked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, masked)

@@ -680,6 +680,31 @@ def test_joining_a_job_under_the_dshal_command_arms_the_termination_watchdog() -
     assert done.returncode == 0 and done.stdout.split() == ["False", "True"], (done.stdout, done.stderr[-2000:])
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="needs Linux's /proc to cap the address space")
+def test_a_watchdog_that_cannot_start_leaves_the_block_unguarded_not_broken() -> None:
+    """Under `ulimit -v` no thread may start: arming raised RuntimeError out of dshal.comm.init
+    (a traceback) and left the wakeup fd on a pipe nobody read, and its two fds open."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, resource, signal
+        from dshal.lifetime import arm_termination_watchdog, cleanup_on_termination
+        size = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+        before = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(before)
+        fds = sorted(os.listdir("/proc/self/fd"))
+        with cleanup_on_termination():
+            resource.setrlimit(resource.RLIMIT_AS, (size + 4 * 2**20, resource.RLIM_INFINITY))
+            armed = arm_termination_watchdog()
+            print(armed, signal.set_wakeup_fd(before) == before, sorted(os.listdir("/proc/self/fd")) == fds)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["False", "True", "True"], (done.stdout, done.stderr[-2000:])
+
+
 def test_cleanup_on_termination_restores_the_wakeup_fd_and_ends_its_watchdog() -> None:
     import signal
     import threading
