@@ -172,18 +172,17 @@ def weight_bytes(args: ModelArgs, reader: Any, precision: Any, groups: ParallelG
     """Bytes this process holds for the weights when it loads ``reader`` (a checkpoint) with
     ``args`` and ``precision`` on the active runtime's backend: the real build (the loader,
     ``groups``' TP / EP transforms, the precision policy and its choices for this backend) run
-    on the meta device, as ``dshal plan`` runs it, and what the built model holds
-    (:func:`held_bytes`: FP8 payloads and scales, dequantized copies, int8...). Not the
-    transient peak of a conversion on load (a bf16 checkpoint quantized to FP8: on the host its
-    bf16 pages are the file's mapping, which the kernel drops; a refusal from it would refuse
-    loads that fit)."""
+    on the meta device, as ``dshal plan`` runs it. The larger of what the built model holds
+    (:func:`held_bytes`: FP8 payloads and scales, dequantized copies, int8...) and what the
+    loader reads before the precision policy converts it (a bf16 checkpoint quantized on load;
+    a TP rank that must load the whole model first reads all of it)."""
     meta = MetaCheckpoint.mirror(reader)
     with reference_ops():
         if groups is None:
             model = build_model(args, meta, precision, device="meta")
         else:
             model = build_parallel(args, meta, simulated_groups(groups), precision, device="meta")
-    return held_bytes(model)
+    return max(held_bytes(model), sum(r.nbytes for r in meta.reads))
 
 
 # ---------------------------------------------------------------- a forward on meta tensors
