@@ -401,8 +401,7 @@ class Backend(abc.ABC):
         """Allocator statistics in bytes, each key only where known: ``allocated``,
         ``peak_allocated``, ``reserved``, ``total``, and ``free``: what a new allocation can still
         get (the device's free memory plus what its caching allocator holds unused). The model
-        core checks a KV cache against ``free`` before allocating it, and a checkpoint's weights
-        against ``total`` (refused) and ``free`` (a warning) before reading them; a backend may add keys of
+        core checks a KV cache against ``free`` before allocating it; a backend may add keys of
         its own (cpu: ``peak_rss``). Conformance judges it (``hooks/memory_stats``). Default: empty."""
         return {}
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dshal.backend import Backend, Capabilities, host_memory_limit, host_memory_note, host_physical_memory
+from dshal.backend import Backend, Capabilities, host_memory_note
 from dshal.backends.invariant import CONTRACT_BATCH_VARIANT
 from dshal.config import REFERENCE_PROVIDER, REFUSED_PROVIDER, Config, load_config
 from dshal.errors import DeviceError, UnsupportedOpError
@@ -364,25 +364,6 @@ def free_memory_note(device: torch.device | str) -> str:
     headroom is what is left (``the container's memory limit (memory.max = 8.00 GiB, ...)``),
     else "" (the device's own memory)."""
     return host_memory_note() if torch.device(device).type == "cpu" else ""
-
-
-def total_memory(device: torch.device | str) -> tuple[int, str] | None:
-    """The most bytes ``device`` can ever hold for this process, and what sets that, in words
-    for messages; None when unknown (``device`` is not the active runtime's, or nothing says).
-    On the host (cpu, or a backend emulated on it): its physical memory, or a container's
-    cgroup limit where lower (past it the kernel kills the process); elsewhere the backend's
-    ``memory_stats()["total"]``."""
-    runtime = current()
-    device = torch.device(device)
-    if device != runtime.device:
-        return None
-    if device.type == "cpu":
-        physical, limit = host_physical_memory(), host_memory_limit()
-        if limit is not None and (physical is None or limit.limit <= physical):
-            return limit.limit, f"the container's memory limit ({os.path.basename(limit.file)}; {limit.file})"
-        return None if physical is None else (physical, "the host's physical memory (RAM)")
-    total = runtime.backend.memory_stats().get("total")
-    return None if total is None else (int(total), f"the total memory of {device}")
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -38,7 +38,7 @@ from torch import nn
 import dshal
 from dshal import ops
 from dshal.config import Config, precision_config
-from dshal.errors import CheckpointError, DeviceError, DshalError, DTypeError, ShapeError
+from dshal.errors import CheckpointError, DeviceError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_weight_map
 from dshal.model.model import MLA, Embedding, Gate, Linear, RMSNorm, RoutedExperts, Transformer, rope_tables
@@ -50,7 +50,7 @@ from dshal.model.precision import (
 )
 from dshal.model.weights import conversion_ops, dequantize_weight
 from dshal.ops.spec import FP8_DTYPES
-from dshal.runtime import current, free_memory, total_memory
+from dshal.runtime import current
 
 log = logging.getLogger(__name__)
 
@@ -573,8 +573,7 @@ def build_model(
     the active runtime's), then apply the precision policy (default: the runtime config's).
     On a backend that cannot hold float8 tensors (``Capabilities.fp8_storage`` False) FP8
     weights are converted on the host first (:func:`load_weights`, :func:`place_on_device`).
-    A checkpoint's weights that cannot fit the device are refused before any tensor is read
-    (:func:`check_weights_fit`). ``progress``: told each step (:data:`LoadProgress`)."""
+    ``progress``: told each step (:data:`LoadProgress`)."""
     runtime = current()
     precision = precision_config(precision) if precision is not None else runtime.config.precision
     device = torch.device(device if device is not None else runtime.device)
@@ -582,77 +581,10 @@ def build_model(
     with torch.device("meta"):
         model = Transformer(args)
     refuse_undeclared_fp8_before_reading(model, precision)
-    if isinstance(reader, CheckpointReader):  # a DictReader's tensors are in memory already
-        check_weights_fit(reader.path, lambda: estimate_weight_bytes(args, reader, precision), device)
     load_weights(model, reader, device, fp8_on_host=not fp8_storage, progress=progress)
     apply_precision(model, precision, device=device, progress=phase_steps(progress, "precision"))
     place_and_prepare(model, device, fp8_storage, runtime, progress)
     return model.eval()
-
-
-def estimate_weight_bytes(args: ModelArgs, reader: Reader, precision: Any, groups: Any = None) -> int:
-    """Bytes this process will hold for the weights of ``reader`` (one rank's under ``groups``):
-    :func:`dshal.plan.simulate.weight_bytes`, the load run on the meta device."""
-    from dshal.plan.simulate import weight_bytes  # lazy: dshal.plan builds models with this module
-
-    return weight_bytes(args, reader, precision, groups)
-
-
-#: Where the ways out of a checkpoint too large for the device are said.
-WEIGHTS_TOO_LARGE_HINT = (
-    "load it on a machine with more memory, split it over more ranks (tensor / expert parallel: dshal run --tp N "
-    "--ep M), or use a weight format that stores less (an FP8 checkpoint, 1 byte per weight; precision.gemm fp8-block "
-    "or int8)"
-)
-
-
-def _size(nbytes: int) -> str:
-    """``1.46 MiB``, ``627.12 GiB``: a tiny model's weights are not all ``0.00 GiB``."""
-    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.2f} MiB"
-
-
-def check_weights_fit(
-    checkpoint: object,
-    estimate: Callable[[], int],
-    device: torch.device,
-    what: str = "its weights",
-    sharing: int = 1,
-) -> int | None:
-    """Before any tensor of ``checkpoint`` is read: a :class:`~dshal.DeviceError` when its
-    weights (``estimate()`` bytes, the model built on the meta device: asked only where a
-    limit is known) exceed the memory ``device`` can ever hold
-    (:func:`dshal.runtime.total_memory`: the host's RAM or a container's cgroup limit, a
-    device's own total), naming both sizes, the limit and the ways out; a logged warning when
-    they exceed only what is free now (page cache and other processes may yield it). No limit
-    known: no check. ``what`` names the weights in the caller's terms; ``sharing``: ranks
-    that load into the same memory, each may take its share. Returns the estimate (None:
-    not made; also where the estimate meets a checkpoint defect, which the load then says).
-
-    The file mapping is counted where the parameters keep it: on the host the safetensors
-    reader (0.8, measured) hands out views of the mapped file, and a parameter that no cast,
-    concatenation or stacking copies is such a view. Its pages are the weights every step
-    reads (clean page cache the kernel may drop, then reads back from disk at each step)."""
-    total, free = total_memory(device), free_memory(device)
-    if total is None and free is None:
-        return None
-    try:
-        nbytes = estimate()
-    except DshalError:  # a checkpoint defect: the load says it in its own words
-        return None
-    shared = f" (the {sharing} ranks on it share {_size(total[0])})" if total is not None and sharing > 1 else ""
-    if total is not None and nbytes > total[0] // sharing:
-        raise DeviceError(
-            f"checkpoint {checkpoint}: {what} need {_size(nbytes)} on {device}, expected at most the "
-            f"{_size(total[0] // sharing)} of {total[1]}{shared}: {WEIGHTS_TOO_LARGE_HINT}"
-        )
-    if free is not None and nbytes > free // sharing:
-        log.warning(
-            "dshal: checkpoint %s: %s need %s on %s, more than the %s free there now%s; loading anyway (the page "
-            "cache and other processes may give memory back, or the load runs out of memory)",
-            checkpoint, what, _size(nbytes), device, _size(free // sharing),
-            f" (of {_size(total[0])}, {total[1]})" if total is not None else "",
-        )
-    return nbytes
 
 
 def fp8_storage_of(runtime: Any, precision: Any) -> bool:
@@ -803,9 +735,7 @@ __all__ = [
     "LoadProgress",
     "ReaderNames",
     "build_model",
-    "check_weights_fit",
     "checkpoint_args",
-    "estimate_weight_bytes",
     "runtime_attention",
     "with_runtime_attention",
     "from_pretrained",

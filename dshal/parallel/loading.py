@@ -21,15 +21,13 @@ from torch import nn
 
 import dshal
 from dshal.config import precision_config
-from dshal.errors import CheckpointError, CommError
+from dshal.errors import CheckpointError
 from dshal.model.args import ModelArgs
 from dshal.model.loader import (
     CheckpointReader,
     LoadProgress,
     ReaderNames,
-    check_weights_fit,
     checkpoint_args,
-    estimate_weight_bytes,
     fp8_storage_of,
     load_weights,
     phase_steps,
@@ -295,17 +293,6 @@ def _sliced_read_is_exact(reader: Any, model: nn.Module, precision: Any, capabil
     return True
 
 
-def _ranks_sharing(device: torch.device) -> int:
-    """The ranks loading into ``device``'s memory (:func:`dshal.parallel.run.ranks_sharing`);
-    1 where no launcher's environment says (groups built by hand, on paper)."""
-    from dshal.parallel.run import ranks_sharing  # lazy: dshal.parallel.run imports this module
-
-    try:
-        return ranks_sharing(device)
-    except CommError:
-        return 1
-
-
 def build_parallel(
     args: ModelArgs,
     reader: Any,
@@ -335,11 +322,6 @@ def build_parallel(
         tensor_parallel(model, groups.tp)
     if groups.ep_size > 1:
         expert_parallel(model, groups.ep)
-    if isinstance(reader, CheckpointReader):  # after the transforms' collectives: a refusal skips none of them
-        check_weights_fit(
-            reader.path, lambda: estimate_weight_bytes(args, reader, precision, groups), device,
-            f"this rank's weights (TP={groups.tp_size} x EP={groups.ep_size})", _ranks_sharing(device),
-        )
     if not _sliced_read_is_exact(reader, model, precision, runtime.backend.capabilities()):
         with torch.device("meta"):
             model = Transformer(args)

@@ -25,11 +25,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from dshal import comm
 from dshal.comm import SimulatedGroup, Transfer
 from dshal.errors import CommError
 from dshal.model.args import ModelArgs
-from dshal.model.loader import CheckpointError, ReaderNames, build_model
+from dshal.model.loader import CheckpointError, ReaderNames
 from dshal.model.model import MLA
 from dshal.ops.attention import guarded_attention, values_are_key_columns
 from dshal.parallel.groups import GroupPlan, ParallelGroups, plan_groups
@@ -58,13 +57,6 @@ class MetaCheckpoint(ReaderNames):
     def __init__(self, tensors: dict[str, TensorEntry], path: str = "<listing>"):
         self.tensors, self.path = tensors, path
         self.reads: list[Read] = []
-
-    @classmethod
-    def mirror(cls, reader: Any) -> MetaCheckpoint:
-        """The names, shapes and dtypes of ``reader`` (a real checkpoint's), without its data:
-        building from it reads nothing (the header only, which safetensors holds already)."""
-        tensors = {n: TensorEntry(tuple(reader.shape(n)), reader.dtype(n), reader.index_shard(n)) for n in reader.names()}
-        return cls(tensors, str(reader.path))
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -149,40 +141,6 @@ def build_rank(
     with reference_ops():
         model = build_parallel(args, reader, groups, precision, device="meta")
     return SimulatedRank(rank, tp_rank, ep_rank, groups, model, reader.reads)
-
-
-def held_bytes(model: Any) -> int:
-    """Bytes of ``model``'s parameters and buffers (the rope tables, expert owner tables), each
-    tensor once: what it holds for its weights. (Not storage sizes: a parameter the safetensors
-    reader maps from the file is a view of the whole file's storage.)"""
-    return sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-
-
-def simulated_groups(groups: ParallelGroups) -> ParallelGroups:
-    """``groups`` (a real job's) on paper: :class:`SimulatedGroup`\\ s of the same sizes, this
-    process at its own ranks, so a meta build runs no collective of the job."""
-    def paper(group: Any, size: int, name: str) -> SimulatedGroup | None:
-        return SimulatedGroup(size, comm.get_rank(group), name) if size > 1 else None
-
-    return ParallelGroups(tp=paper(groups.tp, groups.tp_size, "tp"), ep=paper(groups.ep, groups.ep_size, "ep"),
-                          tp_size=groups.tp_size, ep_size=groups.ep_size, plan=groups.plan)
-
-
-def weight_bytes(args: ModelArgs, reader: Any, precision: Any, groups: ParallelGroups | None = None) -> int:
-    """Bytes this process holds for the weights when it loads ``reader`` (a checkpoint) with
-    ``args`` and ``precision`` on the active runtime's backend: the real build (the loader,
-    ``groups``' TP / EP transforms, the precision policy and its choices for this backend) run
-    on the meta device, as ``dshal plan`` runs it. The larger of what the built model holds
-    (:func:`held_bytes`: FP8 payloads and scales, dequantized copies, int8...) and what the
-    loader reads before the precision policy converts it (a bf16 checkpoint quantized on load;
-    a TP rank that must load the whole model first reads all of it)."""
-    meta = MetaCheckpoint.mirror(reader)
-    with reference_ops():
-        if groups is None:
-            model = build_model(args, meta, precision, device="meta")
-        else:
-            model = build_parallel(args, meta, simulated_groups(groups), precision, device="meta")
-    return max(held_bytes(model), sum(r.nbytes for r in meta.reads))
 
 
 # ---------------------------------------------------------------- a forward on meta tensors
@@ -468,11 +426,8 @@ __all__ = [
     "SimulatedRank",
     "StepResult",
     "build_rank",
-    "held_bytes",
     "kv_cache_bytes",
     "layout",
     "reference_ops",
     "run_steps",
-    "simulated_groups",
-    "weight_bytes",
 ]
