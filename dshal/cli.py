@@ -74,6 +74,8 @@ exit status:
        (--fail-on-regression, --expect), a `kernels` config or `bench` case that failed;
        `run --tp N` exits with the first failing rank's own status (1 when a signal ended it)
   2    the command line did not parse (the usage and the error on stderr), or no COMMAND
+  68   a rank of a parallel job (`torchrun ... -m dshal run`) that met an error another rank
+       said: an error the ranks share is said once, by the lowest rank
   130  interrupted (Ctrl-C)
   141  the output's reader left (`dshal info | head -1`), in silence
   143, 129  SIGTERM, SIGHUP (as a shell reports them: 128 + the signal)

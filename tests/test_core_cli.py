@@ -106,7 +106,7 @@ def test_help(args, capsys):
         assert "DSHAL_PLUGINS" in out.out
         # what a script or CI job may test for was said nowhere in --help
         status = out.out.split("\nexit status:\n", 1)[1]
-        assert re.findall(r"^  (\d+)", status, flags=re.M) == ["0", "1", "2", "130", "141", "143"]
+        assert re.findall(r"^  (\d+)", status, flags=re.M) == ["0", "1", "2", "68", "130", "141", "143"]
     else:
         assert "--json" in out.out and "--backend NAME" in out.out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dshal.parallel.launch import LocalJob
+from dshal.parallel.launch import SAID_BY_ANOTHER_RANK, LocalJob
 
 RUN = ["run", "--new-tokens", "3", "--prompt-len", "4", "--no-progress"]
 
@@ -58,12 +58,12 @@ def test_parallel_cli_under_torchrun() -> None:
 
 
 def test_parallel_cli_world_size_mismatch(tmp_path: Path) -> None:
-    """Two ranks asked for --tp 4: both exit 1, no traceback, and rank 0 alone says so (each
-    did, with its group left live at exit)."""
+    """Two ranks asked for --tp 4: both fail, no traceback, and rank 0 alone says so (each
+    did, with its group left live at exit); rank 1 exits SAID_BY_ANOTHER_RANK."""
     job = LocalJob([sys.executable, "-m", "dshal", *RUN, "--tp", "4"], 2, env=_env(), capture=True)
     with job:
         runs = job.communicate(timeout_s=60)
-    assert [code for code, _, _ in runs] == [1, 1], [err[-2000:] for _, _, err in runs]
+    assert [code for code, _, _ in runs] == [1, SAID_BY_ANOTHER_RANK], [err[-2000:] for _, _, err in runs]
     said = "tp (4) x ep (1) = 4, expected the world size 2"
     assert said in runs[0][2] and said not in runs[1][2]
     assert not any("Traceback" in err for _, _, err in runs)
@@ -159,14 +159,15 @@ def test_parallel_cli_speculative_mtp_splits_the_mtp_layer_too(tmp_path: Path, l
 def test_parallel_cli_ranks_started_with_different_settings_are_told_so(tmp_path: Path) -> None:
     """Ranks whose flags or configs differ built different groups (a wrong "peer hung" after the
     whole timeout) or silently computed different models and exited 0. Now the job compares
-    every rank's settings first: the lowest rank names each difference, all exit 1."""
+    every rank's settings first: the lowest rank names each difference and exits 1, the other
+    SAID_BY_ANOTHER_RANK."""
     other = tmp_path / "other.yaml"
     other.write_text("distributed:\n  timeout_s: 30\n")
     job = LocalJob([sys.executable, "-m", "dshal", *RUN, "--tp", "2"], 2, env=_env(), capture=True,
                    overrides={1: {"DSHAL_CONFIG": str(other)}})
     with job:
         runs = job.communicate(timeout_s=90)
-    assert [code for code, _, _ in runs] == [1, 1], [err[-1500:] for _, _, err in runs]
+    assert [code for code, _, _ in runs] == [1, SAID_BY_ANOTHER_RANK], [err[-1500:] for _, _, err in runs]
     said = runs[0][2]
     assert "the ranks were started with different settings: config.distributed.timeout_s: rank 0 300.0, rank 1 30.0" in said
     assert "Traceback" not in said and "different settings" not in runs[1][2]  # said once

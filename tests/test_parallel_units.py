@@ -411,6 +411,26 @@ def test_local_job_names_the_rank_that_failed_first_and_the_ones_it_killed(tmp_p
         assert ok.failure_summary(ok.wait(30)) is None
 
 
+def test_the_rank_that_says_a_shared_error_is_named_first_though_a_silent_one_left_before_it(tmp_path: Path) -> None:
+    """An error every rank meets is said once, by the lowest rank; the others leave without a
+    word. When one of those left first, the summary named it the first failure and the rank
+    that said the error "a lost peer"; `dshal run --tp 2` also exited with the silent rank's 1."""
+    import sys
+
+    from dshal.parallel.launch import SAID_BY_ANOTHER_RANK, LocalJob
+
+    script = ("import os, sys, time\n"
+              f"if os.environ['RANK'] == '1': sys.exit({SAID_BY_ANOTHER_RANK})\n"
+              "time.sleep(1.0)\n"
+              "print('dshal run: error: the shared refusal', file=sys.stderr)\n"
+              "sys.exit(1)\n")
+    with LocalJob([sys.executable, "-c", script], 2, capture=True) as job:
+        codes = [code for code, _, _ in job.communicate(timeout_s=60, grace_s=30)]
+    assert codes == [1, SAID_BY_ANOTHER_RANK]
+    assert job.first_failed == [0]
+    assert job.failure_summary(codes) == "first failure: rank 0 (exit code 1); rank 1 met the same error (said once)"
+
+
 def test_tensor_parallel_experts_take_their_share_in_fixed_shapes_up_to_a_bound(clean_dshal_env):
     """A tensor-parallel rank's experts (no EP group) run every token's slots, the other
     ranks' experts as NO_EXPERT, up to ``FIXED_SHAPE_SLOTS`` (decode: no host read, capturable);

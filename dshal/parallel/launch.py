@@ -95,8 +95,9 @@ class LocalJob:
         while True:
             codes = [p.poll() for p in self.procs]
             failed = [self.ranks[i] for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed and not self.first_failed:
-                self.first_failed = failed  # its peers fail after it, naming only a lost connection
+            speaking = [self.ranks[i] for i, c in enumerate(codes) if c not in (None, 0, SAID_BY_ANOTHER_RANK)]
+            if speaking and not self.first_failed:
+                self.first_failed = speaking  # its peers fail after it, naming only a lost connection
             if all(c is not None for c in codes):
                 break
             if failed:
@@ -106,6 +107,8 @@ class LocalJob:
             time.sleep(0.05)
         self.killed = [self.ranks[i] for i, c in enumerate(codes) if c is None]
         self.kill()
+        if not self.first_failed:  # only ranks that left silently (the speaker was killed, or never ran)
+            self.first_failed = [r for r, p in zip(self.ranks, self.procs, strict=True) if p.returncode not in (None, 0)]
         return [p.returncode for p in self.procs]
 
     def failure_summary(self, codes: Sequence[int | None]) -> str | None:
@@ -120,7 +123,10 @@ class LocalJob:
             line = f"first failure: rank {first[0]} ({exit_status(by_rank[first[0]])})"
         else:
             line = f"first failure: ranks {_listed(first)} ({'; '.join(f'rank {r}: {exit_status(by_rank[r])}' for r in first)})"
-        later = [r for r, c in by_rank.items() if c != 0 and r not in first and r not in self.killed]
+        later = [r for r, c in by_rank.items() if c not in (0, SAID_BY_ANOTHER_RANK) and r not in first and r not in self.killed]
+        agreed = [r for r, c in by_rank.items() if c == SAID_BY_ANOTHER_RANK and r not in first]
+        if agreed:
+            line += f"; rank{'s' if len(agreed) > 1 else ''} {_listed(agreed)} met the same error (said once)"
         if later:
             line += (f"; then rank {later[0]} (its error names a lost peer)" if len(later) == 1 else
                      f"; then ranks {_listed(later)} (their errors name a lost peer)")
@@ -195,6 +201,11 @@ def _exists(pid: int) -> bool:
         return True
     return True
 
+
+#: The exit status of a rank that met an error another rank of the job says (``agree`` in
+#: dshal/parallel/run.py: an error the ranks share is said once). It is not the failure to read:
+#: a silent rank may exit before the one that speaks, and the summary must name the speaker.
+SAID_BY_ANOTHER_RANK = 68
 
 #: Set in each rank :func:`relaunch_self` starts: the launcher's pid, which the rank watches
 #: (:func:`dshal.lifetime.exit_with_parent`), so a launcher killed outright leaves no rank running.

@@ -32,7 +32,7 @@ from dshal.model.checkpoint import random_checkpoint
 from dshal.model.loader import with_runtime_attention
 from dshal.model.speculative import mtp_layers_for
 from dshal.parallel.groups import ParallelGroups, plan_groups, setup_groups
-from dshal.parallel.launch import LAUNCHER_PID_ENV, relaunch_self
+from dshal.parallel.launch import LAUNCHER_PID_ENV, SAID_BY_ANOTHER_RANK, relaunch_self
 from dshal.parallel.loading import build_parallel, from_pretrained_parallel
 from dshal.parallel.transforms import sharded_skeletons
 from dshal.runtime import current
@@ -190,8 +190,8 @@ def ranks_sharing(device: torch.device) -> int:
 def agree(check: Callable[[], Any]) -> Any:
     """Run ``check`` on every rank (every rank must call this) and return its result. When
     it raises a DshalError on any rank, the lowest such rank raises its error and the others
-    leave the job and exit with status 1 without a word: an error the ranks share is said
-    once, not N times."""
+    leave the job and exit with :data:`~dshal.parallel.launch.SAID_BY_ANOTHER_RANK` without a
+    word: an error the ranks share is said once, not N times."""
     result, error = None, None
     try:
         result = check()
@@ -205,7 +205,7 @@ def agree(check: Callable[[], Any]) -> Any:
     finish()
     if speaks:
         raise error
-    raise SystemExit(1)
+    raise SystemExit(SAID_BY_ANOTHER_RANK)
 
 
 def any_rank(flag: bool) -> bool:
