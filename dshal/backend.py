@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from dshal.cgroups import CpuQuota, MemoryLimit, cpu_quota, memory_limit, memory_limits
+from dshal.cgroups import cpu_quota, memory_limit, memory_limits
 from dshal.errors import ArgumentError, DeviceError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -180,7 +180,7 @@ def host_available_memory(
 ) -> int | None:
     """Bytes a new host allocation can still get: the kernel's ``MemAvailable`` (free pages
     plus the page cache it can drop), capped by the headroom of the tightest memory cgroup
-    this process runs under (a container's limit, see :func:`host_memory_limit`); None where
+    this process runs under (a container's limit: :func:`dshal.cgroups.memory_limit`); None where
     none of them can be read (not Linux). ``cgroup``: the cgroup mount (default
     ``/sys/fs/cgroup`` or ``DSHAL_CGROUP_ROOT``); ``proc_cgroup``: ``/proc/self/cgroup``'s text."""
     limits = []
@@ -192,24 +192,16 @@ def host_available_memory(
                     break
     except (OSError, ValueError, IndexError):
         pass
-    limit = host_memory_limit(cgroup, proc_cgroup)
+    limit = memory_limit(cgroup, proc_cgroup)
     if limit is not None:
         limits.append(limit.headroom)
     return min(limits) if limits else None
 
 
-def host_memory_limit(cgroup: str | None = None, proc_cgroup: str | None = None) -> MemoryLimit | None:
-    """The memory limit of this process's cgroup with the least headroom (v2 ``memory.max`` /
-    ``memory.high``, v1 ``memory.limit_in_bytes``, along the path up from its cgroup): past it
-    the kernel kills the process, where ``/proc/meminfo`` still shows the host's memory free.
-    None where no cgroup sets one. Arguments as for :func:`host_available_memory`."""
-    return memory_limit(cgroup, proc_cgroup)
-
-
 def host_memory_note(meminfo: str = "/proc/meminfo", cgroup: str | None = None, proc_cgroup: str | None = None) -> str:
     """Which limit :func:`host_available_memory` is held to, for messages: the cgroup limit's
     words where its headroom is below ``MemAvailable``, else "" (the host's own memory)."""
-    limit = host_memory_limit(cgroup, proc_cgroup)
+    limit = memory_limit(cgroup, proc_cgroup)
     if limit is None:
         return ""
     available = host_available_memory(meminfo, cgroup, proc_cgroup)
@@ -243,24 +235,17 @@ def host_physical_memory(cgroup: str | None = None, proc_cgroup: str | None = No
 def host_cpus() -> int:
     """CPUs this process may run on: its affinity (``taskset``, a container's cpuset), which
     ``os.cpu_count()`` ignores (it counts the machine's); at least 1. A container's CPU
-    quota is not in it (see :func:`host_cpu_quota`)."""
+    quota is not in it (see :func:`dshal.cgroups.cpu_quota`)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity call here (macOS)
         return max(1, os.cpu_count() or 1)
 
 
-def host_cpu_quota(cgroup: str | None = None, proc_cgroup: str | None = None) -> CpuQuota | None:
-    """The CPU quota of this process's cgroup (``docker run --cpus``, a pod's CPU limit: v2
-    ``cpu.max``, v1 ``cpu.cfs_quota_us``), the smallest along its path; None where none is
-    set. Threads past it only wait for the next period. Arguments as for :func:`host_available_memory`."""
-    return cpu_quota(cgroup, proc_cgroup)
-
-
 def host_usable_cpus(cgroup: str | None = None, proc_cgroup: str | None = None) -> int:
     """The CPUs this process can keep busy at once: :func:`host_cpus`, or its cgroup's CPU
     quota rounded up where that is fewer; at least 1."""
-    quota = host_cpu_quota(cgroup, proc_cgroup)
+    quota = cpu_quota(cgroup, proc_cgroup)
     return host_cpus() if quota is None else min(host_cpus(), quota.whole)
 
 
@@ -268,7 +253,7 @@ def host_cpus_text(cgroup: str | None = None, proc_cgroup: str | None = None) ->
     """The CPUs as a report says them: ``2 cores``, ``1 of 2 cores`` (an affinity narrower
     than the machine) or ``2 CPUs by the container's quota (of 64)``."""
     usable, machine = host_cpus(), os.cpu_count() or 1
-    quota = host_cpu_quota(cgroup, proc_cgroup)
+    quota = cpu_quota(cgroup, proc_cgroup)
     if quota is not None and quota.cpus < usable:
         return f"{quota.cpus:g} CPU{'' if quota.cpus == 1 else 's'} by the container's quota (of {usable})"
     return f"{usable} cores" if usable >= machine else f"{usable} of {machine} cores"

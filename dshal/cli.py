@@ -89,7 +89,7 @@ THREADED_COMMANDS = frozenset({"run", "bench", "profile", "conformance", "diff"}
 #: Variables through which a user sets torch's CPU threads themselves (torch reads both).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
-log = logging.getLogger("dshal")
+log = logging.getLogger(__name__)
 
 VERBOSE_HELP = "log more on stderr: -v info (the backend chosen, candidates passed over, fallbacks), -vv debug"
 #: DSHAL_LOG's values -> logging levels.

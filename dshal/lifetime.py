@@ -210,9 +210,9 @@ def cleanup_on_termination(grace_s: float = TERMINATION_GRACE_S) -> Iterator[Non
     folders removed); Python's default ends the process at once and skips it. Where the main
     thread is blocked outside Python when the signal comes, so that the handler cannot run, the
     process ends ``grace_s`` later without the cleanup (:data:`TERMINATION_GRACE_S`), once
-    :func:`arm_termination_watchdog` was called in the block. Only the main thread may set handlers; elsewhere nothing changes. A signal the process ignores stays
-    ignored (``nohup`` ignores SIGHUP so that a run outlives the terminal). The previous handlers
-    come back after."""
+    :func:`arm_termination_watchdog` was called in the block. Only the main thread may set
+    handlers; elsewhere nothing changes. A signal the process ignores stays ignored (``nohup``
+    ignores SIGHUP so that a run outlives the terminal). The previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -311,8 +311,9 @@ class _SigintWatch:
 
 
 def _contain(err: BaseException, plugin: str, where: str, watch: _SigintWatch) -> None:
-    """Re-raise ``err`` when it is a real Ctrl-C (after saying where it struck) or a SIGTERM / SIGHUP; return for
-    anything a plugin raised itself, which the caller reports as that plugin's failure."""
+    """Re-raise ``err`` when it is a real Ctrl-C (after saying where it struck) or a SIGTERM /
+    SIGHUP; return for anything a plugin raised itself, which the caller reports as that
+    plugin's failure."""
     if isinstance(err, KeyboardInterrupt) and watch.real:
         log.warning("dshal: interrupted (Ctrl-C) during %s of plugin %r", where, plugin)
         raise err

@@ -243,7 +243,8 @@ def build_runtime(config: Config) -> Runtime:
     for decision in trace:  # why auto passed a plugin over (it failed to load, no device...): -v says
         if not decision.taken:
             log.info("dshal: backend: auto passed over %r: %s", decision.name, decision.reason)
-    log.debug("dshal: op providers: %s", ", ".join(f"{op}: {who}" for op, who in sorted(providers.items())))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("dshal: op providers: %s", ", ".join(f"{op}: {who}" for op, who in sorted(providers.items())))
     # A refusal needs no input checks: it is the answer whatever the inputs. The reference's
     # outputs are the contract's by construction: only a backend's are checked per call.
     table = {

@@ -17,10 +17,8 @@ import torch
 import dshal
 from dshal.backend import (
     host_available_memory,
-    host_cpu_quota,
     host_cpus,
     host_cpus_text,
-    host_memory_limit,
     host_memory_note,
     host_physical_memory,
     host_usable_cpus,
@@ -144,7 +142,7 @@ def test_no_cgroup_files_leave_the_host_values(tmp_path):
     assert memory_limit(str(empty), "0::/\n") is None and cpu_quota(str(empty), "0::/\n") is None
     assert host_available_memory(meminfo(tmp_path), missing, "") == 20_000_000 * 1024
     assert host_physical_memory(missing, "") == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert host_usable_cpus(missing, "") == host_cpus() and host_cpu_quota(missing, "") is None
+    assert host_usable_cpus(missing, "") == host_cpus() and cpu_quota(missing, "") is None
     assert host_available_memory(str(tmp_path / "none"), missing, "") is None  # neither: not Linux
 
 
@@ -154,7 +152,6 @@ def test_host_memory_facts_are_held_to_the_limit(tmp_path):
     note for messages names the limit only where it is what binds."""
     root, proc = v2_pod(tmp_path, ctr_max=str(GIB), ctr_current=GIB // 4)
     assert host_physical_memory(root, proc) == GIB
-    assert host_memory_limit(root, proc) == memory_limit(root, proc)
     note = host_memory_note(meminfo(tmp_path), root, proc)
     assert note.startswith("the container's memory limit (memory.max = 1.00 GiB, 0.25 GiB in use;")
     assert host_memory_note(meminfo(tmp_path, available_kib=100), root, proc) == ""  # the host has less: not the limit

@@ -414,12 +414,13 @@ def main(args: argparse.Namespace) -> int:
         changes = compare(reports, read_reports(baseline_paths(args.baseline), warn=lambda message: None))
     # With no file named, stdout is the Markdown document (`dshal matrix ... > matrix.md`): the
     # lines about it go to stderr, or they ended up in the document.
-    notes = sys.stderr if not args.html and not args.markdown else sys.stdout
+    markdown_on_stdout = not args.html and not args.markdown
+    notes = sys.stderr if markdown_on_stdout else sys.stdout
     for rep, note in zip(*prepare_legs(reports, stale_after)):
         if note.dropped:
             print(f"{leg_key(rep)[0]} ({leg_key(rep)[2]}): {note.merged}", file=notes)
     missing = missing_legs(reports, getattr(args, "expect", None) or [])
-    if not args.html and not args.markdown:
+    if markdown_on_stdout:
         print(to_markdown(reports, by_dtype, stale_after, changes, missing))
     if args.html:
         atomic_write(args.html, to_html(reports, by_dtype, stale_after, changes, missing))

@@ -41,7 +41,7 @@ class CpuBackend(Backend):
         return Availability(
             True,
             f"torch CPU kernels and reference implementations on {platform.machine() or 'cpu'} "
-            f"({_cores()}); {c_part}",
+            f"({host_cpus_text()}); {c_part}",
         )
 
     def capabilities(self) -> Capabilities:
@@ -71,8 +71,3 @@ class CpuBackend(Backend):
         stats = {"peak_rss": host_peak_rss(), "free": host_available_memory()}
         return {key: value for key, value in stats.items() if value is not None}  # what this OS can say
 
-
-def _cores() -> str:
-    """``2 cores``, ``1 of 2 cores`` where this process may run on fewer than the machine has,
-    or ``2 CPUs by the container's quota (of 64)``."""
-    return host_cpus_text()

@@ -6,7 +6,7 @@ import torch
 
 from dshal.errors import ArgumentError, ShapeError
 from dshal.ops.examples import Draw, Example, fill_pattern
-from dshal.ops.spec import FLOAT_DTYPES, Cost, Output, check_same_device, check_tensor, op_spec
+from dshal.ops.spec import FLOAT_DTYPES, Cost, Output, check_broadcasts_to, check_same_device, check_tensor, op_spec
 
 
 @op_spec
@@ -29,14 +29,7 @@ def rotary_embedding(x, cos, sin, interleaved=True):
         raise ShapeError(f"{op}: argument 'x' has last dim {d} (shape {list(x.shape)}), expected an even size D")
     if sin.shape != cos.shape:
         raise ShapeError(f"{op}: argument 'sin' has shape {list(sin.shape)}, expected {list(cos.shape)} (the shape of 'cos')")
-    half = (*x.shape[:-1], d // 2)
-    # Broadcastable *to* half: right-aligned, each dim of cos is 1 or equal (plain ints: fast).
-    fits = cos.dim() <= len(half) and all(c == 1 or c == h for c, h in zip(reversed(cos.shape), reversed(half)))
-    if not fits:
-        raise ShapeError(
-            f"{op}: argument 'cos' has shape {list(cos.shape)}, expected a shape broadcastable to {list(half)} "
-            "(x[..., :D/2]: one angle per pair)"
-        )
+    check_broadcasts_to(op, "cos", cos, (*x.shape[:-1], d // 2), "x[..., :D/2]: one angle per pair")
     if not isinstance(interleaved, bool):
         raise ArgumentError(f"{op}: argument 'interleaved' is {interleaved!r}, expected True or False")
     check_same_device(op, "x", x, cos=cos, sin=sin)

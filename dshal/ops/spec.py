@@ -360,6 +360,14 @@ def check_tensor(
     return t
 
 
+def check_broadcasts_to(op: str, arg: str, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    """ShapeError naming ``arg`` unless ``t``'s shape broadcasts *to* ``shape`` (right-aligned,
+    each dim 1 or equal; plain ints: fast); ``what`` says what ``shape`` is."""
+    if t.dim() > len(shape) or any(c != 1 and c != h for c, h in zip(reversed(t.shape), reversed(shape))):
+        raise ShapeError(f"{op}: argument '{arg}' has shape {list(t.shape)}, expected a shape broadcastable to "
+                         f"{list(shape)} ({what})")
+
+
 def check_same_device(op: str, first: str, x: torch.Tensor, **others: torch.Tensor | None) -> None:
     """Every tensor in ``others`` must live on ``x``'s device."""
     dev = x.device

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Self
 
-from dshal.lifetime import child_env, child_python, cleanup_on_termination, free_port
+from dshal.lifetime import child_env, child_python, cleanup_on_termination, free_port, signal_name
 
 
 def rank_env(rank: int, world_size: int, port: int, host: str = "127.0.0.1") -> dict[str, str]:
@@ -179,10 +179,7 @@ def exit_status(code: int | None) -> str:
     """A rank's exit code in words: ``exit code 1``, ``killed by SIGKILL (...)``."""
     if code is None or code >= 0:
         return f"exit code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        return f"killed by signal {-code}"
+    name = signal_name(-code)
     why = {"SIGKILL": " (the out-of-memory killer sends it: see `dmesg`)",
            "SIGSEGV": " (a crash in native code)", "SIGABRT": " (an abort in native code)"}.get(name, "")
     return f"killed by {name}{why}"

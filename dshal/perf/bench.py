@@ -60,6 +60,7 @@ from dshal.perf.report import (
     console,
     duration,
     json_path,
+    machine_text,
     new_figure,
     percent,
     platform_info,
@@ -575,7 +576,7 @@ def write_html(report: dict[str, Any], path: str | Path) -> Path:
     meta = {
         "backend": f"{report['backend']} on {report['device']} ({report['device_name']})"
         + (" — emulated" if report["emulated"] else ""),
-        "machine": f"{plat['cpu']}, {plat.get('cpus', str(plat['cores']) + ' cores')}, torch {plat['torch']}, Python {plat['python']}",
+        "machine": f"{machine_text(plat)}, Python {plat['python']}",
         "timer": f"{report['timer']}; torch threads {report['torch_threads']}",
         "repeats": ", ".join(f"{k} {v}" for k, v in report["repeats"].items()),
         "peak compute": ", ".join(

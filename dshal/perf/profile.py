@@ -49,6 +49,7 @@ from dshal.perf.report import (
     console,
     duration,
     json_path,
+    machine_text,
     new_figure,
     percent,
     platform_info,
@@ -399,8 +400,7 @@ def write_html(report: dict[str, Any], path: str | Path) -> Path:
         "model": report["model"],
         "run": f"batch {report['batch']}, prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens",
         "precision": precision_summary(report["precision"]).removeprefix("precision: ") if "precision" in report else "n/a",
-        "machine": f"{plat['cpu']}, {plat.get('cpus', str(plat['cores']) + ' cores')}, torch {plat['torch']}, "
-        f"torch threads {report['torch_threads']}",
+        "machine": f"{machine_text(plat)}, torch threads {report['torch_threads']}",
         "wall time": f"{duration(report['wall_s'])} (layers add up to {duration(report['layer_sum_s'])}, "
         f"{100 * report['layer_sum_s'] / report['wall_s']:.1f} %)",
         "peak memory": f"{si(mem['peak']['bytes'], 'B')} ({mem['peak']['source']})",

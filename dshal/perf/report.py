@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from dshal.backend import host_cpu_quota, host_cpus, host_cpus_text
+from dshal.backend import host_cpus, host_cpus_text
+from dshal.cgroups import cpu_quota
 from dshal.errors import DshalError
 from dshal.outputs import atomic_write, check_writable, console as output_console
 from dshal.runtime import use_for_command
@@ -271,9 +272,15 @@ def platform_info() -> dict[str, Any]:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    quota = host_cpu_quota()
+    quota = cpu_quota()
     return {"cpu": model, "cores": host_cpus(), "cpu_quota": None if quota is None else quota.cpus,
             "cpus": host_cpus_text(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def machine_text(plat: dict[str, Any]) -> str:
+    """A report's machine line: ``AMD EPYC ..., 2 cores, torch 2.13.0`` (the CPUs as
+    :func:`platform_info` says them; a report written before it did: its core count)."""
+    return f"{plat['cpu']}, {plat.get('cpus', str(plat['cores']) + ' cores')}, torch {plat['torch']}"
 
 
 def console() -> Any:
@@ -391,6 +398,7 @@ __all__ = [
     "Table",
     "console",
     "duration",
+    "machine_text",
     "new_figure",
     "percent",
     "platform_info",

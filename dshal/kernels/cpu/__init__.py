@@ -30,7 +30,7 @@ from dshal.kernels.cpu._library import (
     require_library,
     status,
 )
-from dshal.ops.spec import check_tensor
+from dshal.ops.spec import check_broadcasts_to, check_tensor
 
 __all__ = [
     "FP8_E4M3",
@@ -403,13 +403,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
             f"{kernel}: arguments 'x' {list(x.shape)}, 'cos' {list(cos.shape)}, 'sin' {list(sin.shape)}, "
             "expected x [..., D] with D even and cos, sin of one shape [..., D/2]"
         )
-    half = (*x.shape[:-1], x.shape[-1] // 2)
-    if cos.dim() > len(half) or any(c not in (1, h) for c, h in zip(reversed(cos.shape), reversed(half))):
-        # the kernel indexes the tables by x's rows: another shape would be read out of bounds
-        raise ShapeError(
-            f"{kernel}: argument 'cos' has shape {list(cos.shape)}, expected a shape broadcastable to {list(half)} "
-            "(x[..., :D/2])"
-        )
+    # the kernel indexes the tables by x's rows: another shape would be read out of bounds
+    check_broadcasts_to(kernel, "cos", cos, (*x.shape[:-1], x.shape[-1] // 2), "x[..., :D/2]")
     layout = None if cos.dim() == 0 else _rotary_layout(x.shape, x.stride(), cos.shape)
     if layout is None:
         return None
