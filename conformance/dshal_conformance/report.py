@@ -27,7 +27,6 @@ class ReportError(DshalError, ValueError):
     """A file given as a conformance report cannot be used: missing, unreadable, not UTF-8,
     not JSON, another schema, or not valid against ``dshal.conformance/1``."""
 
-STATUSES = ("pass", "fail", "skip", "unsupported", "error")
 _SUMMARY_KEY = {"pass": "passed", "fail": "failed", "skip": "skipped", "unsupported": "unsupported", "error": "errors"}
 
 
