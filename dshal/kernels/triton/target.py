@@ -9,8 +9,8 @@ live here, in the core, because ``dshal kernels --target`` cross-compiles them w
 plugin installed; the choice of table is the plugin's. :meth:`KernelTarget.interpreter`
 (and :meth:`KernelTarget.emulating`) is the CPU's target under ``TRITON_INTERPRET=1``.
 
-This module does not import triton at import time (plugins may build targets while
-deciding their capabilities); :meth:`KernelTarget.gemm_autotune_configs` imports it.
+This module does not import triton (plugins may build targets while deciding their
+capabilities).
 
 GEMM tile choice (see :func:`dshal.kernels.triton.gemm.select_tile`): M is bucketed to a power
 of two; a tuned table shipped as data (``tuned/<target name>.json``, written on a real device
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import torch
 
@@ -149,11 +148,6 @@ class KernelTarget:
             raise ValueError("KernelTarget: gemm_tiles is empty, expected at least one TileConfig")
 
     # ------------------------------------------------------------------ queries
-    @property
-    def use_fp8e4b8_dot(self) -> bool:
-        """True when dots take ``tl.float8e4b8`` (E4M3 FNUZ) operands directly (gfx942)."""
-        return torch.float8_e4m3fnuz in self.fp8_dot_dtypes
-
     def dot_takes(self, dtype: torch.dtype) -> bool:
         """Whether ``tl.dot`` takes operands of ``dtype`` directly (else they are widened)."""
         return dtype in self.fp8_dot_dtypes or not dtype.is_floating_point or dtype.itemsize > 1
@@ -165,15 +159,6 @@ class KernelTarget:
                 f"{fn}: argument {arg!r} is {dtype}, which Triton cannot handle on target {self.name!r} "
                 f"(supported FP8 dtypes there: {', '.join(str(d) for d in self.fp8_dtypes)})"
             )
-
-    def gemm_autotune_configs(self) -> list[Any]:
-        """``triton.Config`` objects of every GEMM tile (both spaces; imports triton)."""
-        import triton  # lazy: the vendor runtime, only when a kernel is built
-
-        return [
-            triton.Config(t.kernel_kwargs(), num_warps=t.num_warps, num_stages=t.num_stages)
-            for t in dict.fromkeys(self.gemm_tiles + self.gemm_decode_tiles + self.gemm_widened_tiles)
-        ]
 
     def gemm_space(self, m: int, widened: bool = False) -> tuple[TileConfig, ...]:
         """The tiles a GEMM with ``m`` rows chooses among (``widened``: its FP8 operands are
