@@ -444,9 +444,10 @@ def check_real(op: str, arg: str, value: Any, *, positive: bool, optional: bool 
         raise ArgumentError(f"{op}: argument {arg!r} is {value!r}, expected {expected}")
 
 
-def fp8_dtype(op: str, arg: str, fmt: str, native_e4m3: str = "e4m3fn") -> torch.dtype:
-    """Resolve an FP8 format name (``"e4m3"`` means the backend's native E4M3)."""
-    name = native_e4m3 if fmt == "e4m3" else fmt
+def fp8_dtype(op: str, arg: str, fmt: str) -> torch.dtype:
+    """Resolve an FP8 format name; ``"e4m3"`` (the backend's native E4M3) is ``e4m3fn`` here,
+    the reference's (a backend resolves it to its own before calling its kernels)."""
+    name = "e4m3fn" if fmt == "e4m3" else fmt
     try:
         return FP8_DTYPES[name]
     except (KeyError, TypeError):
