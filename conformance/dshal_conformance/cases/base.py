@@ -362,13 +362,13 @@ def op_cases(
     )
 
 
-def run_rejection(ctx: Context, op: str, kwargs: dict[str, Any], error: type[DshalError], what: str, suffixes: Sequence[str] = ("",)) -> list[Outcome]:
-    """Call ``op`` with inputs that must be rejected with ``error``."""
+def run_rejection(ctx: Context, op: str, kwargs: dict[str, Any], error: type[DshalError], what: str) -> list[Outcome]:
+    """Call ``op`` with inputs that must be rejected with ``error``: the case's one outcome."""
     try:
         result = ctx.table[op](**kwargs)
     except UnsupportedOpError as err:
         if op not in ctx.provided:
-            return unsupported_outcomes(suffixes, f"backend does not provide {op!r}: {err}")
+            return unsupported_outcomes(("",), f"backend does not provide {op!r}: {err}")
         status, reason = ("pass", f"raised {type(err).__name__}: {err}") if issubclass(UnsupportedOpError, error) else (
             "fail", f"{what}: raised UnsupportedOpError, expected {error.__name__}: {err}")
     except error as err:
@@ -383,7 +383,7 @@ def run_rejection(ctx: Context, op: str, kwargs: dict[str, Any], error: type[Dsh
         status, reason = "fail", f"{what}: accepted the bad input and returned {shape} instead of raising {error.__name__}"
     if op not in ctx.provided and status == "fail":
         reason += f" (and the backend does not declare {op!r}: it should raise UnsupportedOpError)"
-    return [Outcome(s, Verdict(status, "raises", None, None, reason)) for s in suffixes]
+    return [Outcome("", Verdict(status, "raises", None, None, reason))]
 
 
 def bad_input_cases(op: str, base: Mapping[str, Any], build: Build, bad: Iterable[BadInput]) -> list[Case]:
