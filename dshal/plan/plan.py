@@ -336,11 +336,9 @@ def resolved_precision(req: PlanRequest, args: ModelArgs) -> str:
     return "fp8-block" if args.weight_block_size and tuple(args.weight_block_size) == (128, 128) else "high"
 
 
-def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Everything ``dshal plan`` prints, as a JSON-friendly dict (raises PlanError for a
-    layout that cannot work). ``on_stage(text)`` hears each long stage as it starts (loading
-    a rank class on meta, running its steps: seconds each at DeepSeek-V3's size)."""
-    stage = on_stage or (lambda text: None)
+def _checked_request(req: PlanRequest) -> tuple[PlanRequest, ModelArgs]:
+    """``req`` with its defaults filled in, and the model it plans; PlanError (ConfigError from
+    the config.json) for a request that cannot work, naming the flag."""
     if isinstance(req.context, int) and not isinstance(req.context, bool) and req.context < 2:
         raise PlanError(f"dshal plan: --context is {req.context}, expected at least 2 (a prompt token, then the decode step)")
     if req.context is None or req.prefill_chunk is None:
@@ -376,6 +374,124 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
         )
     if req.precision not in GEMM_MODES:
         raise PlanError(f"dshal plan: --precision is {req.precision!r}, expected one of {', '.join(GEMM_MODES)}")
+    return req, args
+
+
+def _simulated_steps(req: PlanRequest, sim: SimulatedRank) -> tuple[Any, Any]:
+    """The prefill chunk and the decode step of one rank class; PlanError where the batch's
+    tensors pass torch's size limit."""
+    try:
+        return run_steps(sim, req.batch, req.context, req.prefill_chunk)
+    except RuntimeError as err:  # torch's element count overflows int64 even on meta tensors
+        if "overflow" not in str(err):
+            raise
+        raise PlanError(
+            f"dshal plan: --batch {req.batch} x --context {req.context} (prefill chunks of {req.prefill_chunk}) "
+            f"needs tensors past torch's size limit ({str(err).splitlines()[0]}); expected a smaller --batch "
+            "or --prefill-chunk"
+        ) from None
+
+
+def _rank_entry(
+    req: PlanRequest, args: ModelArgs, ranks: list[int], sim: SimulatedRank, steps: tuple[Any, Any],
+    tensors: dict[str, TensorEntry], cover: Coverage,
+) -> dict[str, Any]:
+    """The plan of one rank class (``ranks``, simulated by ``sim``): what it holds, reads,
+    sends and needs at its peak."""
+    prefill, decode = steps
+    per_token, kv_total = kv_cache_bytes(sim, req.batch, req.context, mtp=args.mtp_layers > 0)
+    held = holdings(sim.model)
+    weights = sum(k["bytes"] for k in held.values())
+    # each attention layer's dequantized kv_b_proj, kept from the first absorbed step on
+    absorbed = sum(m.cached_bytes() for m in sim.model.modules() if isinstance(m, MLA))
+    # The attention NaN guard's temporaries on GPU providers, on top of the activations (an upper bound).
+    guard = max(prefill.attention_guard_bytes, decode.attention_guard_bytes)
+    need = weights + absorbed + kv_total + prefill.peak_bytes + guard
+    read_bytes = sum(r.nbytes for r in sim.reads)
+    # Quantize-then-shard (per-row / per-tensor / int8 scales, or a cut 128-block): the rank loads
+    # the whole model first (dshal.parallel.loading.build_parallel); at least what it reads.
+    whole_load = sim.model.shard_view is None and (sim.groups.tp_size > 1 or sim.groups.ep_size > 1)
+    if whole_load:
+        need = max(need, read_bytes)
+    files = {r.file for r in sim.reads if r.file is not None}
+    return {
+        "ranks": ranks,
+        "tp_rank": sim.tp_rank,
+        "ep_rank": sim.ep_rank,
+        "weights": held,
+        "weight_bytes": weights,
+        "params": sum(k["params"] for k in held.values()),
+        "activated_params_per_token": activated_params(sim.model, req.tp * req.ep),
+        "routed_experts_per_layer": cover.experts_per_rank or args.n_routed_experts,
+        "kv_cache": {
+            "bytes_per_token": per_token,
+            "batch": req.batch,
+            "context": req.context,
+            "bytes": kv_total,
+            "mode": args.mla_mode,
+        },
+        "activation_peak": {
+            "prefill_chunk_tokens": req.batch * req.prefill_chunk,
+            "bytes": prefill.peak_bytes,
+            "largest": {
+                "bytes": prefill.largest[0],
+                "op": prefill.largest[1],
+                "shape": list(prefill.largest[2]),
+                "dtype": prefill.largest[3],
+            },
+            "eager_reference_bytes": prefill.eager_peak_bytes,
+            "decode_bytes": decode.peak_bytes,
+            "attention_guard_bytes": guard,
+        },
+        "logits": {"prefill": list(prefill.logits_shape), "decode": list(decode.logits_shape)},
+        "communication": {"decode": _traffic(decode), "prefill": _traffic(prefill)},
+        "reads": {"bytes": read_bytes, "tensors": len(sim.reads), "files": len(files)},
+        "block_cuts": block_cuts(sim, tensors, tuple(args.weight_block_size or (128, 128))),
+        "absorbed_kv_b_bytes": absorbed,
+        "loads_whole_model": whole_load,
+        "needs_bytes": need,
+    }
+
+
+def _memory_refusal(req: PlanRequest, ranks_out: list[dict[str, Any]], precision_mode: str) -> str | None:
+    """Why the first rank class that needs more than ``--device-memory-gib`` cannot run
+    (None: every class fits, or no budget was given)."""
+    if req.device_memory_gib is None:
+        return None
+    budget = req.device_memory_gib * GIB
+    over = [r for r in ranks_out if r["needs_bytes"] > budget]
+    if not over:
+        return None
+    r = over[0]
+    running = (r["weight_bytes"] + r["absorbed_kv_b_bytes"] + r["kv_cache"]["bytes"]
+               + r["activation_peak"]["bytes"] + r["activation_peak"]["attention_guard_bytes"])
+    if r["loads_whole_model"] and r["needs_bytes"] > running:  # the load, not the run, is too big
+        return (
+            f"ranks {_ranges(r['ranks'])} load the whole model before sharding it ({r['needs_bytes'] / GIB:.1f} GiB, "
+            f"more than --device-memory-gib {req.device_memory_gib:g}): precision {precision_mode} with TP "
+            "quantizes each weight whole; use --precision fp8-block with an FP8 checkpoint whose 128-blocks "
+            "the shards do not cut (more ranks do not help here)"
+        )
+    return (
+        f"ranks {_ranges(r['ranks'])} need {r['needs_bytes'] / GIB:.1f} GiB "
+        f"(weights {r['weight_bytes'] / GIB:.1f} + "
+        + (f"absorbed kv_b_proj copies {r['absorbed_kv_b_bytes'] / GIB:.1f} + " if r["absorbed_kv_b_bytes"] else "")
+        + f"KV cache {r['kv_cache']['bytes'] / GIB:.1f} + "
+        f"activations {r['activation_peak']['bytes'] / GIB:.1f} + "
+        f"attention guard {r['activation_peak']['attention_guard_bytes'] / GIB:.1f}), "
+        f"more than --device-memory-gib {req.device_memory_gib:g}; use more ranks (--tp / --ep) or a smaller "
+        "--batch / --context / --prefill-chunk"
+        + (", or --precision fp8-block" if req.precision == "bf16" else "")
+    )
+
+
+def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Everything ``dshal plan`` prints, as a JSON-friendly dict (raises PlanError for a
+    layout that cannot work). ``on_stage(text)`` hears each long stage as it starts (loading
+    a rank class on meta, running its steps: seconds each at DeepSeek-V3's size)."""
+    stage = on_stage or (lambda text: None)
+    req, args = _checked_request(req)
+    world = req.tp * req.ep
     precision = PrecisionConfig(gemm=req.precision)
     plan = layout(world, req.tp, req.ep, req.gpus_per_node)
     tensors = checkpoint_listing(args)
@@ -399,77 +515,13 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
             )
     except ShapeError as err:
         raise PlanError(f"dshal plan: TP={req.tp} x EP={req.ep} cannot shard this model: {err}") from err
-    block = tuple(args.weight_block_size or (128, 128))
     ranks_out = []
     for i, (ranks, sim) in enumerate(zip(classes, sims)):
         stage(
             f"rank class {i + 1}/{len(classes)} (ranks {_ranges(ranks)}): a prefill chunk of {req.batch} x "
             f"{req.prefill_chunk} tokens and a decode step"
         )
-        try:
-            prefill, decode = run_steps(sim, req.batch, req.context, req.prefill_chunk)
-        except RuntimeError as err:  # torch's element count overflows int64 even on meta tensors
-            if "overflow" not in str(err):
-                raise
-            raise PlanError(
-                f"dshal plan: --batch {req.batch} x --context {req.context} (prefill chunks of {req.prefill_chunk}) "
-                f"needs tensors past torch's size limit ({str(err).splitlines()[0]}); expected a smaller --batch "
-                "or --prefill-chunk"
-            ) from None
-        per_token, kv_total = kv_cache_bytes(sim, req.batch, req.context, mtp=args.mtp_layers > 0)
-        held = holdings(sim.model)
-        weights = sum(k["bytes"] for k in held.values())
-        # each attention layer's dequantized kv_b_proj, kept from the first absorbed step on
-        absorbed = sum(m.cached_bytes() for m in sim.model.modules() if isinstance(m, MLA))
-        # The attention NaN guard's temporaries on GPU providers, on top of the activations (an upper bound).
-        guard = max(prefill.attention_guard_bytes, decode.attention_guard_bytes)
-        need = weights + absorbed + kv_total + prefill.peak_bytes + guard
-        read_bytes = sum(r.nbytes for r in sim.reads)
-        # Quantize-then-shard (per-row / per-tensor / int8 scales, or a cut 128-block): the rank loads
-        # the whole model first (dshal.parallel.loading.build_parallel); at least what it reads.
-        whole_load = sim.model.shard_view is None and (sim.groups.tp_size > 1 or sim.groups.ep_size > 1)
-        if whole_load:
-            need = max(need, read_bytes)
-        files = {r.file for r in sim.reads if r.file is not None}
-        ranks_out.append(
-            {
-                "ranks": ranks,
-                "tp_rank": sim.tp_rank,
-                "ep_rank": sim.ep_rank,
-                "weights": held,
-                "weight_bytes": weights,
-                "params": sum(k["params"] for k in held.values()),
-                "activated_params_per_token": activated_params(sim.model, world),
-                "routed_experts_per_layer": cover.experts_per_rank or args.n_routed_experts,
-                "kv_cache": {
-                    "bytes_per_token": per_token,
-                    "batch": req.batch,
-                    "context": req.context,
-                    "bytes": kv_total,
-                    "mode": args.mla_mode,
-                },
-                "activation_peak": {
-                    "prefill_chunk_tokens": req.batch * req.prefill_chunk,
-                    "bytes": prefill.peak_bytes,
-                    "largest": {
-                        "bytes": prefill.largest[0],
-                        "op": prefill.largest[1],
-                        "shape": list(prefill.largest[2]),
-                        "dtype": prefill.largest[3],
-                    },
-                    "eager_reference_bytes": prefill.eager_peak_bytes,
-                    "decode_bytes": decode.peak_bytes,
-                    "attention_guard_bytes": guard,
-                },
-                "logits": {"prefill": list(prefill.logits_shape), "decode": list(decode.logits_shape)},
-                "communication": {"decode": _traffic(decode), "prefill": _traffic(prefill)},
-                "reads": {"bytes": read_bytes, "tensors": len(sim.reads), "files": len(files)},
-                "block_cuts": block_cuts(sim, tensors, block),
-                "absorbed_kv_b_bytes": absorbed,
-                "loads_whole_model": whole_load,
-                "needs_bytes": need,
-            }
-        )
+        ranks_out.append(_rank_entry(req, args, ranks, sim, _simulated_steps(req, sim), tensors, cover))
     activated = sum(len(r["ranks"]) * r["activated_params_per_token"] for r in ranks_out)
     result: dict[str, Any] = {
         "schema": "dshal.plan/1",
@@ -515,32 +567,9 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
             "activated": PUBLISHED["activated"],
             "activated_diff": activated / PUBLISHED["activated"] - 1,
         }
-    if req.device_memory_gib is not None:
-        budget = req.device_memory_gib * GIB
-        over = [r for r in ranks_out if r["needs_bytes"] > budget]
-        if over:
-            r = over[0]
-            running = (r["weight_bytes"] + r["absorbed_kv_b_bytes"] + r["kv_cache"]["bytes"]
-                       + r["activation_peak"]["bytes"] + r["activation_peak"]["attention_guard_bytes"])
-            if r["loads_whole_model"] and r["needs_bytes"] > running:  # the load, not the run, is too big
-                result["refusal"] = (
-                    f"ranks {_ranges(r['ranks'])} load the whole model before sharding it ({r['needs_bytes'] / GIB:.1f} GiB, "
-                    f"more than --device-memory-gib {req.device_memory_gib:g}): precision {result['precision_mode']} with TP "
-                    "quantizes each weight whole; use --precision fp8-block with an FP8 checkpoint whose 128-blocks "
-                    "the shards do not cut (more ranks do not help here)"
-                )
-            else:
-                result["refusal"] = (
-                    f"ranks {_ranges(r['ranks'])} need {r['needs_bytes'] / GIB:.1f} GiB "
-                    f"(weights {r['weight_bytes'] / GIB:.1f} + "
-                    + (f"absorbed kv_b_proj copies {r['absorbed_kv_b_bytes'] / GIB:.1f} + " if r["absorbed_kv_b_bytes"] else "")
-                    + f"KV cache {r['kv_cache']['bytes'] / GIB:.1f} + "
-                    f"activations {r['activation_peak']['bytes'] / GIB:.1f} + "
-                    f"attention guard {r['activation_peak']['attention_guard_bytes'] / GIB:.1f}), "
-                    f"more than --device-memory-gib {req.device_memory_gib:g}; use more ranks (--tp / --ep) or a smaller "
-                    "--batch / --context / --prefill-chunk"
-                    + (", or --precision fp8-block" if req.precision == "bf16" else "")
-                )
+    refusal = _memory_refusal(req, ranks_out, result["precision_mode"])
+    if refusal is not None:
+        result["refusal"] = refusal
     return result
 
 
