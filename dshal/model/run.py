@@ -853,6 +853,76 @@ def _chunks(report: dict[str, Any]) -> str:
     return f" in {n} chunks of <= {chunk}" if n > 1 else ""
 
 
+def _rate(tokens_per_s: float | None) -> str:
+    return "n/a" if tokens_per_s is None else f"{tokens_per_s:,.1f}"
+
+
+def _tokens_vs_eager(match: bool | None) -> str:
+    """Whether a decode path's tokens matched the eager run's (None: sampled, not compared)."""
+    if match is None:
+        return "sampled: tokens not compared"
+    return f"tokens {'match' if match else 'DIFFER from'} the eager run"
+
+
+def _kv_cache_line(kv: dict[str, Any]) -> str:
+    line = f"KV cache ({kv['mode']}): {kv['bytes_per_token']} bytes/token (naive MLA: {kv['bytes_per_token_naive']})"
+    if kv.get("window"):
+        line += (
+            f"; window {kv['window']} + {kv['global_tokens']} global tokens: "
+            f"{kv['bytes_per_token_at_context']:.1f} bytes/token at {kv['context']} tokens of context"
+        )
+    return line
+
+
+def _throughput_line(report: dict[str, Any]) -> str:
+    """Prefill and decode tokens/s, with what was prefilled (ragged prompts, several batches)."""
+    batch, prefill, decode = report["batch"], report["prefill_tokens_per_s"], report["decode_tokens_per_s"]
+    why_not = " (timed from the second decode step on: needs --new-tokens >= 3)" if decode is None else ""
+    prefilled = f"{batch} x {report['prefill_len']} tokens{_chunks(report)}"
+    if report["ragged_batch"] == RAGGED_OWN_POSITIONS:
+        prefilled = (f"{batch} prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens: the shortest "
+                     f"length for all, each longer one's rest alone{_chunks(report)}")
+    elif report["ragged_batch"]:
+        prefilled += (f"; prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens: the longer ones' "
+                      "rest is fed by the decode steps (the model has an attention window)")
+    if report["batches"] > 1:
+        prefilled = (f"{len(report['sequences'])} prompts of {report['shortest_prompt']} to {report['prompt_len']} "
+                     f"tokens in {report['batches']} batches of <= {batch}")
+    return (
+        f"prefill: [bold]{_rate(prefill)}[/bold] tokens/s ({prefilled}); "
+        f"decode: [bold]{_rate(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}"
+    )
+
+
+def _graphs_line(report: dict[str, Any]) -> str:
+    graphs, decode = report["graphs"], report["decode_tokens_per_s"]
+    if not graphs["run"]:
+        return f"decode with graphs: not run ({graphs['why']})"
+    with_graphs = report["decode_tokens_per_s_graphs"]
+    ratio = f" ({with_graphs / decode:.2f}x eager)" if with_graphs and decode else ""
+    how = f"captured in {graphs['capture_s']:.2f} s" if graphs["captured"] else graphs["why"]
+    return (f"decode with graphs: [bold]{_rate(with_graphs)}[/bold] tokens/s{ratio}; {how}; "
+            f"{_tokens_vs_eager(graphs['tokens_match_eager'])}")
+
+
+def _speculative_line(report: dict[str, Any]) -> str:
+    """The MTP-draft decode's line (``report["speculative"]`` is set: it was asked for)."""
+    speculative, decode = report["speculative"], report["decode_tokens_per_s"]
+    if not speculative["run"]:
+        return f"decode with MTP drafts: not run ({speculative['why']})"
+    with_drafts = report["decode_tokens_per_s_speculative"]
+    ratio = f" ({with_drafts / decode:.2f}x eager)" if with_drafts and decode else ""
+    rate = speculative["acceptance_rate"]
+    accepted = "no step" if rate is None else f"{speculative['accepted']} of {speculative['drafted']} drafts accepted ({rate:.0%})"
+    graphed = report["decode_tokens_per_s_graphs"]
+    if speculative["captured"] and graphed and with_drafts:
+        ratio += f", {with_drafts / graphed:.2f}x with graphs; its steps captured"
+    elif speculative["captured"] is False:
+        ratio += f", its steps not captured{': ' + speculative['capture_error'] if speculative['capture_error'] else ''}"
+    return (f"decode with MTP drafts: [bold]{_rate(with_drafts)}[/bold] tokens/s{ratio}; {accepted}; "
+            f"{_tokens_vs_eager(speculative['tokens_match_eager'])}")
+
+
 def _print(report: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -890,31 +960,8 @@ def _print(report: dict[str, Any]) -> None:
     for group, label in desc["precision_groups"].items():
         prec.add_row(group, label)
     console.print(prec)
-    kv = desc["kv_cache"]
-    line = f"KV cache ({kv['mode']}): {kv['bytes_per_token']} bytes/token (naive MLA: {kv['bytes_per_token_naive']})"
-    if kv.get("window"):
-        line += (
-            f"; window {kv['window']} + {kv['global_tokens']} global tokens: "
-            f"{kv['bytes_per_token_at_context']:.1f} bytes/token at {kv['context']} tokens of context"
-        )
-    console.print(line)
-    fmt = lambda v: "n/a" if v is None else f"{v:,.1f}"  # noqa: E731
-    batch, prefill, decode = report["batch"], report["prefill_tokens_per_s"], report["decode_tokens_per_s"]
-    why_not = " (timed from the second decode step on: needs --new-tokens >= 3)" if decode is None else ""
-    prefilled = f"{batch} x {report['prefill_len']} tokens{_chunks(report)}"
-    if report["ragged_batch"] == RAGGED_OWN_POSITIONS:
-        prefilled = (f"{batch} prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens: the shortest "
-                     f"length for all, each longer one's rest alone{_chunks(report)}")
-    elif report["ragged_batch"]:
-        prefilled += (f"; prompts of {report['shortest_prompt']} to {report['prompt_len']} tokens: the longer ones' "
-                      "rest is fed by the decode steps (the model has an attention window)")
-    if report["batches"] > 1:
-        prefilled = (f"{len(report['sequences'])} prompts of {report['shortest_prompt']} to {report['prompt_len']} "
-                     f"tokens in {report['batches']} batches of <= {batch}")
-    console.print(
-        f"prefill: [bold]{fmt(prefill)}[/bold] tokens/s ({prefilled}); "
-        f"decode: [bold]{fmt(decode)}[/bold] tokens/s ({batch} x {report['generated_tokens']} new tokens){why_not}"
-    )
+    console.print(_kv_cache_line(desc["kv_cache"]))
+    console.print(_throughput_line(report))
     console.print(_sampling_line(report["temperature"], report["top_p"], report["top_k"], report["min_p"],
                                  report["sampling_from"]))
     sequences = report.get("sequences", [])
@@ -925,34 +972,9 @@ def _print(report: dict[str, Any]) -> None:
         console.print(f"prompt{number}: {seq['prompt_text']!r}", markup=False, highlight=False)
         eos = " (stopped at an end-of-sequence id)" if seq["stopped_at_eos"] else ""
         console.print(f"output{number}: {seq['output_text']!r}{eos}", markup=False, highlight=False)
-    graphs = report["graphs"]
-    if graphs["run"]:
-        with_graphs = report["decode_tokens_per_s_graphs"]
-        ratio = f" ({with_graphs / decode:.2f}x eager)" if with_graphs and decode else ""
-        how = f"captured in {graphs['capture_s']:.2f} s" if graphs["captured"] else graphs["why"]
-        match = graphs["tokens_match_eager"]
-        tokens = ("sampled: tokens not compared" if match is None
-                  else f"tokens {'match' if match else 'DIFFER from'} the eager run")
-        console.print(f"decode with graphs: [bold]{fmt(with_graphs)}[/bold] tokens/s{ratio}; {how}; {tokens}")
-    else:
-        console.print(f"decode with graphs: not run ({graphs['why']})")
-    speculative = report["speculative"]  # None: not asked
-    if speculative and speculative["run"]:
-        with_drafts = report["decode_tokens_per_s_speculative"]
-        ratio = f" ({with_drafts / decode:.2f}x eager)" if with_drafts and decode else ""
-        rate = speculative["acceptance_rate"]
-        accepted = "no step" if rate is None else f"{speculative['accepted']} of {speculative['drafted']} drafts accepted ({rate:.0%})"
-        match = speculative["tokens_match_eager"]
-        tokens = ("sampled: tokens not compared" if match is None
-                  else f"tokens {'match' if match else 'DIFFER from'} the eager run")
-        graphed = report["decode_tokens_per_s_graphs"]
-        if speculative["captured"] and graphed and with_drafts:
-            ratio += f", {with_drafts / graphed:.2f}x with graphs; its steps captured"
-        elif speculative["captured"] is False:
-            ratio += f", its steps not captured{': ' + speculative['capture_error'] if speculative['capture_error'] else ''}"
-        console.print(f"decode with MTP drafts: [bold]{fmt(with_drafts)}[/bold] tokens/s{ratio}; {accepted}; {tokens}")
-    elif speculative:
-        console.print(f"decode with MTP drafts: not run ({speculative['why']})")
+    console.print(_graphs_line(report))
+    if report["speculative"]:  # None: not asked
+        console.print(_speculative_line(report))
     console.print(
         f"warm-up (same shapes{f', {shapes} batch shapes' if (shapes := report['warmup_shapes']) > 1 else ''}): "
         f"{report['warmup_s']:.2f} s, of which compile/autotune/first-call "
