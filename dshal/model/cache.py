@@ -26,8 +26,9 @@ with the column appended, per layer and step.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -206,6 +207,19 @@ class KVCache:
             pos = torch.cat([torch.arange(start + s.start, start + s.stop, device=device) for s in keep])
             self._plan = _StepPlan(start, end, self._slot(cached), keep, self._slot(pos))
         self.length = end
+
+    @contextlib.contextmanager
+    def writing(self, start: int, length: int, batch: int) -> Iterator[None]:
+        """:meth:`begin` the step, which the block runs. A block that does not finish (an error,
+        Ctrl-C in a notebook) may have written the step's positions in some layers only, so the
+        cache then holds the positions before ``start`` (or none, when the step wrote into an
+        attention window's ring, over older positions' slots): reused, it must not claim the step."""
+        self.begin(start, length, batch)
+        try:
+            yield
+        except BaseException:
+            self.length = start if self._plan.ordered_slots is None else 0
+            raise
 
     #: Score bias of a slot not yet written: exp(-1e4) is 0 in every float dtype.
     MASKED_SCORE = -1.0e4

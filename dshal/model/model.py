@@ -604,11 +604,10 @@ class Transformer(nn.Module):
         if not (trusted and cache.vouched(input_ids)):  # ids that generate() did not make are checked
             check_token_ids("Transformer", input_ids, self.args.vocab_size)
         cos, sin = self._positions("Transformer", start_pos, seqlen)  # [T, rope / 2]
-        if cache is not None:
-            cache.begin(start_pos, seqlen, input_ids.shape[0])
+        writing = contextlib.nullcontext() if cache is None else cache.writing(start_pos, seqlen, input_ids.shape[0])
         # One position: nothing to select; the hidden states asked for: every position's.
         last = len(self.layers) - 1 if last_only and seqlen > 1 and not return_hidden else None
-        with ops.trusted() if trusted else contextlib.nullcontext():  # the embedding too: its TP all-reduce
+        with writing, ops.trusted() if trusted else contextlib.nullcontext():  # the embedding too: its TP all-reduce
             h, residual = self.embed(input_ids), None  # [B, T, D]
             for i, layer in enumerate(self.layers):
                 # With last_only, the last layer needs queries, attention output and FFN for
@@ -652,10 +651,9 @@ class Transformer(nn.Module):
         trusted = step and cache.decode_checked_for(self, seqlen)
         if not (trusted and cache.vouched(next_ids)):
             check_token_ids("Transformer.draft", next_ids, self.args.vocab_size)
-        if cache is not None:
-            cache.begin(start_pos, seqlen, bsz)
+        writing = contextlib.nullcontext() if cache is None else cache.writing(start_pos, seqlen, bsz)
         layer = next(iter(self.mtp.values()))
-        with ops.trusted() if trusted else contextlib.nullcontext():
+        with writing, ops.trusted() if trusted else contextlib.nullcontext():
             embedded = self.embed(next_ids)  # [B, T, D]
             if start_pos == 0:  # position 0 takes no token embedding, as vLLM runs DeepSeek's MTP weights
                 embedded[:, 0] = 0
