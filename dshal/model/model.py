@@ -103,6 +103,9 @@ class Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)  # [B, T] -> [B, T, D]
 
+    def extra_repr(self) -> str:
+        return f"vocab={self.weight.shape[0]}, dim={self.weight.shape[1]}, weight={self.weight.dtype}"
+
 
 class RMSNorm(nn.Module):
     """RMSNorm through ``dshal.ops.rms_norm``; with ``residual`` it is the fused
@@ -115,6 +118,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
         return ops.rms_norm(x, self.weight, self.eps, residual)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[0]}, eps={self.eps}"
 
 
 # ---------------------------------------------------------------- rotary position (YaRN)
@@ -371,6 +377,9 @@ class Gate(nn.Module):
             self.norm_topk_prob,
         )  # weights [T, k] float32, ids [T, k]
 
+    def extra_repr(self) -> str:
+        return f"experts={self.weight.shape[0]}, top_k={self.top_k}, n_group={self.n_group}, topk_group={self.topk_group}"
+
 
 class RoutedExperts(nn.Module):
     """The routed experts, stacked: ``w13 [E, 2I, D]`` (gate rows then up rows), ``w2 [E, D, I]``,
@@ -398,6 +407,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return ops.moe_experts(x, weights, ids, self.w13, self.w2, self.w13_scale, self.w2_scale)
+
+    def extra_repr(self) -> str:
+        experts, _, dim = self.w13.shape
+        return f"experts={experts}, dim={dim}, inter={self.w2.shape[-1]}, weight={self.w13.dtype}"
 
 
 class MoE(nn.Module):
