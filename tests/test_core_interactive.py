@@ -11,9 +11,13 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import dshal
 from dshal import errors
+from dshal.model.args import ModelArgs
+from dshal.model.model import Transformer
+from dshal.plan.plan import default_config
 
 
 def test_tab_completion_offers_the_public_names_and_discovers_nothing():
@@ -68,12 +72,6 @@ def test_a_config_error_keeps_where_it_was_raised_through_pickling():
 def test_a_deepseek_v3_sized_model_prints_its_sizes_in_a_screenful():
     """A loaded model shown in a notebook: repeated blocks fold (nn.Module does it), and each
     module says its sizes, as transformers' modules do, not an empty ``RoutedExperts()``."""
-    import torch
-
-    from dshal.model.args import ModelArgs
-    from dshal.model.model import Transformer
-    from dshal.plan.plan import default_config
-
     with torch.device("meta"):  # DeepSeek-V3's published config: shapes only, nothing allocated
         shown = repr(Transformer(ModelArgs.from_file(default_config())))
     assert len(shown.splitlines()) < 80

@@ -427,6 +427,7 @@ def test_model_step_stopped_midway_leaves_the_cache_without_it(window):
         hook.remove()
     wrapped = bool(window)  # the ring (1 + 4 slots) had wrapped: position 6 went over an older one's slot
     assert cache.length == (0 if wrapped else 6)
+    assert f": {cache.length} of 40 positions held" in repr(cache)  # what a notebook shows of the cache
     if wrapped:
         with pytest.raises(dshal.ShapeError, match="start_pos is 6, expected at most 0"):
             model(ids[:, 6:7], 6, cache)

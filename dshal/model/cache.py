@@ -136,6 +136,13 @@ class KVCache:
         #: made for another model is refused before any op sees it.
         self.layout = (n_layers, mode, tuple(tuple(s) for s in entry_shapes), dtype, torch.device(device))
 
+    def __repr__(self) -> str:
+        # What a notebook shows for a kept cache: above all how many positions it holds (length).
+        n_layers, mode, _, dtype, device = self.layout
+        ring = f", window {self.window} + {self.global_tokens} global" if self.window is not None else ""
+        return (f"<KVCache {mode}, {n_layers} layers, batch {self.batch}: {self.length} of {self.max_len} positions "
+                f"held{ring}, {str(dtype).removeprefix('torch.')} on {device}>")
+
     def vouch_for(self, ids: torch.Tensor) -> None:
         """Mark ``ids`` (this step's input, made by generate() from the model's own logits)
         as known to be in the vocabulary, so the step skips the id range check's host sync.
