@@ -43,6 +43,13 @@ def test_tab_completion_offers_the_public_names_and_discovers_nothing():
     assert (seen["discovered"], seen["active"]) == (False, False)
 
 
+def test_tab_completion_of_dshal_ops_offers_the_ops_not_the_modules_it_imports():
+    names = dir(dshal.ops)
+    assert set(dshal.ops.SPECS) | set(dshal.ops.__all__) <= set(names)
+    assert not {"torch", "sys", "types", "contextlib", "Any", "overload", "annotations"} & set(names)
+    assert "reference" in names and "dispatch" in names  # its own submodules stay listed
+
+
 def test_runtime_prints_as_one_line_naming_backend_device_and_who_serves_what(clean_dshal_env):
     plain = dshal.use(backend="cpu")
     assert repr(plain) == "<Runtime backend 'cpu' on cpu, config <defaults>: 12 ops served by cpu>"
