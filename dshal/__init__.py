@@ -71,7 +71,10 @@ if not TYPE_CHECKING:  # a module __getattr__ would type every unknown name, a t
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES, *_LAZY_MODULES})
+    # What tab completion offers: the public names and the submodules imported so far, not
+    # this file's own helpers (Any, TYPE_CHECKING, importlib, the lazy tables). Reads no module.
+    submodules = {name for name, value in globals().items() if getattr(value, "__name__", None) == f"dshal.{name}"}
+    return sorted({*__all__, *_LAZY_MODULES, *submodules})
 
 
 if TYPE_CHECKING:

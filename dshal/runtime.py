@@ -120,6 +120,17 @@ class Runtime:
                             "gaps": dict(self.determinism_gaps)},
         }
 
+    def __repr__(self) -> str:
+        # One line for a notebook cell or a log, asking the backend nothing; the whole record
+        # (config, the selection trace, kinds, paths) is describe()'s, as `dshal info` prints it.
+        served: dict[str, list[str]] = {}
+        for op, provider in self.providers.items():
+            served.setdefault(provider, []).append(op)
+        own = served.pop(self.backend.name, [])
+        parts = [f"{len(own)} ops served by {self.backend.name}"]
+        parts += [f"{provider} serves {', '.join(ops)}" for provider, ops in served.items()]
+        return f"<Runtime backend {self.backend.name!r} on {self.device}, config {self.config.source}: {'; '.join(parts)}>"
+
     def activate(self) -> Runtime:
         """Make this the runtime ``dshal.ops`` dispatches to."""
         with _lock:

@@ -404,6 +404,36 @@ def test_model_generate_continues_in_a_cache_that_holds_the_prompts_start():
         model.generate(ragged, 2, prompt_lens=[9, 5], cache=model.new_cache(2, 40))
 
 
+@pytest.mark.parametrize("window", [{}, {"attention_window": 4, "attention_global_tokens": 1}])
+def test_model_step_stopped_midway_leaves_the_cache_without_it(window):
+    """Ctrl-C (or an error) inside a forward, after some layers wrote the step and before
+    the others did: the cache must not claim the step's positions, so a later
+    ``generate(cache=, cached=cache.length)`` (a notebook cell run again) gets a fresh run's
+    tokens, and a continuation past what it holds is refused."""
+    model = _model(**window)
+    ids = _ids(model.args.vocab_size, 9, batch=1)
+    fresh = model.generate(ids, 3)
+    cache = model.new_cache(1, 40)
+    model(ids[:, :6], 0, cache)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    hook = model.layers[1].register_forward_hook(interrupt)  # layer 0 writes position 6, layers 1-2 never do
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model(ids[:, 6:7], 6, cache)
+    finally:
+        hook.remove()
+    wrapped = bool(window)  # the ring (1 + 4 slots) had wrapped: position 6 went over an older one's slot
+    assert cache.length == (0 if wrapped else 6)
+    assert f": {cache.length} of 40 positions held" in repr(cache)  # what a notebook shows of the cache
+    if wrapped:
+        with pytest.raises(dshal.ShapeError, match="start_pos is 6, expected at most 0"):
+            model(ids[:, 6:7], 6, cache)
+    assert torch.equal(model.generate(ids, 3, cache=cache, cached=cache.length), fresh)
+
+
 def test_model_generate_refuses_bad_prompt_lens():
     model = _model()
     ids = _ids(model.args.vocab_size, 5)

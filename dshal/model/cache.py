@@ -26,8 +26,9 @@ with the column appended, per layer and step.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,13 @@ class KVCache:
         #: made for another model is refused before any op sees it.
         self.layout = (n_layers, mode, tuple(tuple(s) for s in entry_shapes), dtype, torch.device(device))
 
+    def __repr__(self) -> str:
+        # What a notebook shows for a kept cache: above all how many positions it holds (length).
+        n_layers, mode, _, dtype, device = self.layout
+        ring = f", window {self.window} + {self.global_tokens} global" if self.window is not None else ""
+        return (f"<KVCache {mode}, {n_layers} layers, batch {self.batch}: {self.length} of {self.max_len} positions "
+                f"held{ring}, {str(dtype).removeprefix('torch.')} on {device}>")
+
     def vouch_for(self, ids: torch.Tensor) -> None:
         """Mark ``ids`` (this step's input, made by generate() from the model's own logits)
         as known to be in the vocabulary, so the step skips the id range check's host sync.
@@ -206,6 +214,19 @@ class KVCache:
             pos = torch.cat([torch.arange(start + s.start, start + s.stop, device=device) for s in keep])
             self._plan = _StepPlan(start, end, self._slot(cached), keep, self._slot(pos))
         self.length = end
+
+    @contextlib.contextmanager
+    def writing(self, start: int, length: int, batch: int) -> Iterator[None]:
+        """:meth:`begin` the step, which the block runs. A block that does not finish (an error,
+        Ctrl-C in a notebook) may have written the step's positions in some layers only, so the
+        cache then holds the positions before ``start`` (or none, when the step wrote into an
+        attention window's ring, over older positions' slots): reused, it must not claim the step."""
+        self.begin(start, length, batch)
+        try:
+            yield
+        except BaseException:
+            self.length = start if self._plan.ordered_slots is None else 0
+            raise
 
     #: Score bias of a slot not yet written: exp(-1e4) is 0 in every float dtype.
     MASKED_SCORE = -1.0e4

@@ -103,6 +103,9 @@ class Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)  # [B, T] -> [B, T, D]
 
+    def extra_repr(self) -> str:
+        return f"vocab={self.weight.shape[0]}, dim={self.weight.shape[1]}, weight={self.weight.dtype}"
+
 
 class RMSNorm(nn.Module):
     """RMSNorm through ``dshal.ops.rms_norm``; with ``residual`` it is the fused
@@ -115,6 +118,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
         return ops.rms_norm(x, self.weight, self.eps, residual)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[0]}, eps={self.eps}"
 
 
 # ---------------------------------------------------------------- rotary position (YaRN)
@@ -371,6 +377,9 @@ class Gate(nn.Module):
             self.norm_topk_prob,
         )  # weights [T, k] float32, ids [T, k]
 
+    def extra_repr(self) -> str:
+        return f"experts={self.weight.shape[0]}, top_k={self.top_k}, n_group={self.n_group}, topk_group={self.topk_group}"
+
 
 class RoutedExperts(nn.Module):
     """The routed experts, stacked: ``w13 [E, 2I, D]`` (gate rows then up rows), ``w2 [E, D, I]``,
@@ -398,6 +407,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return ops.moe_experts(x, weights, ids, self.w13, self.w2, self.w13_scale, self.w2_scale)
+
+    def extra_repr(self) -> str:
+        experts, _, dim = self.w13.shape
+        return f"experts={experts}, dim={dim}, inter={self.w2.shape[-1]}, weight={self.w13.dtype}"
 
 
 class MoE(nn.Module):
@@ -604,11 +617,10 @@ class Transformer(nn.Module):
         if not (trusted and cache.vouched(input_ids)):  # ids that generate() did not make are checked
             check_token_ids("Transformer", input_ids, self.args.vocab_size)
         cos, sin = self._positions("Transformer", start_pos, seqlen)  # [T, rope / 2]
-        if cache is not None:
-            cache.begin(start_pos, seqlen, input_ids.shape[0])
+        writing = contextlib.nullcontext() if cache is None else cache.writing(start_pos, seqlen, input_ids.shape[0])
         # One position: nothing to select; the hidden states asked for: every position's.
         last = len(self.layers) - 1 if last_only and seqlen > 1 and not return_hidden else None
-        with ops.trusted() if trusted else contextlib.nullcontext():  # the embedding too: its TP all-reduce
+        with writing, ops.trusted() if trusted else contextlib.nullcontext():  # the embedding too: its TP all-reduce
             h, residual = self.embed(input_ids), None  # [B, T, D]
             for i, layer in enumerate(self.layers):
                 # With last_only, the last layer needs queries, attention output and FFN for
@@ -652,10 +664,9 @@ class Transformer(nn.Module):
         trusted = step and cache.decode_checked_for(self, seqlen)
         if not (trusted and cache.vouched(next_ids)):
             check_token_ids("Transformer.draft", next_ids, self.args.vocab_size)
-        if cache is not None:
-            cache.begin(start_pos, seqlen, bsz)
+        writing = contextlib.nullcontext() if cache is None else cache.writing(start_pos, seqlen, bsz)
         layer = next(iter(self.mtp.values()))
-        with ops.trusted() if trusted else contextlib.nullcontext():
+        with writing, ops.trusted() if trusted else contextlib.nullcontext():
             embedded = self.embed(next_ids)  # [B, T, D]
             if start_pos == 0:  # position 0 takes no token embedding, as vLLM runs DeepSeek's MTP weights
                 embedded[:, 0] = 0

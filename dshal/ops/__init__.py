@@ -183,6 +183,12 @@ class _OpsModule(types.ModuleType):
             raise AttributeError(f"dshal.ops.{name} is read-only and cannot be deleted")
         super().__delattr__(name)
 
+    def __dir__(self) -> list[str]:
+        # What tab completion offers: the ops and the public names, with the op-family
+        # submodules; not the helpers this file imports (torch, sys, types, Any...).
+        submodules = {name for name, value in vars(self).items() if getattr(value, "__name__", None) == f"{__name__}.{name}"}
+        return sorted({*__all__, *submodules})
+
 
 sys.modules[__name__].__class__ = _OpsModule
 # Written out, not computed from SPECS: type checkers read a literal list only, and under
