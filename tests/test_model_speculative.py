@@ -506,10 +506,12 @@ def test_the_steps_go_through_the_backends_graph_hook():
         generate_speculative(model, prompt, 4, 0.5, cache=cache, mtp_cache=mtp_cache, step=step)
     for other in ({"top_k": 5}, {"min_p": 0.1}):  # every cut must be the step's: its choices are made between its graphs
         with pytest.raises(ArgumentError, match=rf"expected this call's \(temperature 0.0, top_p 1.0, "
-                                                rf"top_k {other.get('top_k', 0)}, min_p {other.get('min_p', 0.0)}, 'generator'\)"):
+                                                rf"top_k {other.get('top_k', 0)}, min_p {other.get('min_p', 0.0)}, 'generator'\)"), \
+                pytest.warns(UserWarning, match="with temperature 0 \\(greedy\\) has no effect"):
             generate_speculative(model, prompt, 4, cache=cache, mtp_cache=mtp_cache, step=step, **other)
     cut = SpeculativeStep(model, cache, mtp_cache, DraftVerifier(0.0, 1.0, None, 5, 0.1), counting)
-    got, _ = generate_speculative(model, prompt, 4, cache=cache, mtp_cache=mtp_cache, step=cut, top_k=5, min_p=0.1)
+    with pytest.warns(UserWarning, match="top_k=5, min_p=0.1 with temperature 0 \\(greedy\\) has no effect"):
+        got, _ = generate_speculative(model, prompt, 4, cache=cache, mtp_cache=mtp_cache, step=cut, top_k=5, min_p=0.1)
     assert torch.equal(got, model.generate(prompt, 4))
     with pytest.raises(ArgumentError, match="SpeculativeStep: argument 'mtp_cache' has the 'naive' layout"):
         SpeculativeStep(model, cache, model.new_cache(1, 16, "naive", mtp=True), DraftVerifier(0.0, 1.0, None), capture)
