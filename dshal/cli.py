@@ -20,6 +20,7 @@ from dshal import __version__
 from dshal.cgroups import cpu_quota
 from dshal.errors import ConfigError, DshalError
 from dshal.lifetime import Terminated, cleanup_on_termination, signal_name
+from dshal.outputs import is_terminal
 
 #: name -> (module, one-line help, distribution that provides it)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
@@ -65,7 +66,8 @@ environment:
                      and diff cap torch's CPU threads at the quota unless OMP_NUM_THREADS,
                      MKL_NUM_THREADS or --threads says otherwise
   DSHAL_LOG          debug | info | warning | error: the least severe of dshal's log records
-                     written to stderr (default: warnings only); -v is info, -vv debug
+                     written to stderr (default: warnings only, and at a terminal the note
+                     that the first run compiles the C kernels); -v is info, -vv debug
 
 exit status:
   0    done, and every check passed
@@ -111,28 +113,37 @@ def log_level(verbose: int, env: str | None) -> int | None:
     return min(levels) if levels else None
 
 
+#: Loggers whose info records the command shows at a terminal without -v or DSHAL_LOG: a wait
+#: of seconds that would otherwise be silent (the first run compiling the cpu backend's C kernels).
+TERMINAL_NOTICES = ("dshal.kernels.cpu._library",)
+
+
 @contextlib.contextmanager
 def command_logging(level: int | None) -> Iterator[None]:
     """For the command only (a library adds no handlers): while it runs, the ``dshal`` logger's
     records from ``level`` on go to stderr as bare messages, the form logging's last resort
     gives warnings, and to no other handler (a program calling :func:`main` in-process with its
-    own logging config printed each record twice). Undone after."""
-    if level is None:
+    own logging config printed each record twice). With no ``level`` asked, and stderr a
+    terminal, the :data:`TERMINAL_NOTICES` loggers' info records go there so. Undone after."""
+    if level is None and not is_terminal(sys.stderr):
         yield
         return
-    logger = logging.getLogger("dshal")
+    names = ("dshal",) if level is not None else TERMINAL_NOTICES
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    was = logger.level, logger.propagate
-    logger.setLevel(level)
-    logger.propagate = False
-    logger.addHandler(handler)
+    loggers = [logging.getLogger(name) for name in names]
+    was = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO if level is None else level)
+        logger.propagate = False
+        logger.addHandler(handler)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(was[0])
-        logger.propagate = was[1]
+        for logger, (old_level, old_propagate) in zip(loggers, was):
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            logger.propagate = old_propagate
 
 
 @contextlib.contextmanager

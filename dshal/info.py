@@ -11,7 +11,6 @@ from typing import Any
 import dshal
 from dshal.errors import ArgumentError, DshalError, PluginLoadError
 from dshal.outputs import console as output_console
-from dshal.registry import REGISTRY
 from dshal.versions import stack_report
 
 
@@ -55,6 +54,8 @@ def collect_standin(backend: str, release: str) -> dict[str, Any]:
     """``dshal info --backend NAME --standin RELEASE`` as a JSON-friendly dict: the backend's
     :meth:`~dshal.Backend.standin_capabilities` for ``release`` (loaded whether or not its device
     is here; its availability is reported unchanged)."""
+    from dshal.registry import REGISTRY  # lazy: start-up time (dshal info --help loads no torch)
+
     info = REGISTRY.get(backend)
     if not info.loaded or info.backend is None:
         raise PluginLoadError(f"--backend {backend!r} ({info.entry_point}) failed to load: {info.reason}")

@@ -25,6 +25,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
          "static step speed vs plain"),
         ("ep_decode.py", ["--ranks", "2", "--batch", "1", "--steps", "1", "--repeats", "1"], "fixed speed vs dispatch"),
         ("quantize_on_load_memory.py", ["--experts", "2", "--rows", "128", "--cols", "128"], "int8"),
+        ("startup.py", ["--repeat", "1", "--quick"], "| dshal --help |"),
     ],
 )
 def test_benchmark_runs_as_documented(script, args, printed):

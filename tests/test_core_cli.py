@@ -378,3 +378,45 @@ def test_importing_and_using_dshal_as_a_library_configures_no_logging_and_prints
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
+def _stderr_at_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``python -m dshal ARGS`` with stderr a pseudo-terminal (stdout discarded): its exit
+    status and what it wrote to stderr."""
+    pty = pytest.importorskip("pty")
+    main_end, child_end = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dshal", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=child_end, env=env)
+    os.close(child_end)
+    said = b""
+    while True:
+        try:
+            chunk = os.read(main_end, 4096)
+        except OSError:  # EIO: the child's end closed (Linux)
+            break
+        if not chunk:
+            break
+        said += chunk
+    os.close(main_end)
+    return proc.wait(timeout=120), said.decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_the_first_runs_c_kernel_build_is_said_in_one_line_at_a_terminal(tmp_path):
+    """The first command that selects the cpu backend compiles its C kernels (seconds under load,
+    before any output): at a terminal it says so, once; a later run and a pipe stay quiet."""
+    from dshal.kernels import cpu as cpu_kernels
+
+    if not cpu_kernels.status().available:
+        pytest.skip(f"dshal cpu C kernels unavailable here: {cpu_kernels.status().detail}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
+    env.update(DSHAL_CACHE_DIR=str(tmp_path / "cache"), DSHAL_BACKEND="cpu")
+    code, said = _stderr_at_a_terminal(["info", "--json"], env)
+    assert code == 0, said
+    folder = tmp_path / "cache" / "cpu-kernels"
+    assert said == f"dshal: compiling the cpu backend's C kernels for this CPU into {folder} (first use only)\n"
+    assert _stderr_at_a_terminal(["info", "--json"], env) == (0, "")  # built: loaded in silence
+    env["DSHAL_CACHE_DIR"] = str(tmp_path / "piped")
+    piped = subprocess.run([sys.executable, "-m", "dshal", "info", "--json"], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert (piped.returncode, piped.stderr) == (0, "")  # logs and CI output keep their default
+    assert list((tmp_path / "piped" / "cpu-kernels").glob("dshal_cpu_*.so"))  # it did build there

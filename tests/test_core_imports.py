@@ -270,3 +270,27 @@ def test_the_start_up_reasons_hold() -> None:
     code = "import sys, dshal, dshal.cli, dshal.config, dshal.plan.command; print(sorted({'torch', 'stevedore'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "[]"
+
+
+#: Command lines answered from the parser alone (help, a usage error): they import no torch,
+#: nor discovery or the table printer. The commands that run torch still load it for their
+#: own --help (their options live in modules that import it).
+PARSER_ONLY_COMMANDS = (
+    ["--help"], ["--version"], ["inf"], ["info", "--help"], ["info", "--jsn"], ["plan", "--help"], ["matrix", "--help"],
+)
+HEAVY_FOR_THE_PARSER = ("torch", "stevedore", "rich", "transformers", "triton", "dshal.registry", "dshal.model")
+
+
+@pytest.mark.parametrize("argv", PARSER_ONLY_COMMANDS, ids=" ".join)
+def test_commands_answered_by_the_parser_import_nothing_heavy(argv: list[str]) -> None:
+    code = textwrap.dedent(f"""\
+        import sys
+        from dshal.cli import main
+        try:
+            main({argv!r})
+        except SystemExit:
+            pass
+        print("loaded:", sorted(set({HEAVY_FOR_THE_PARSER!r}) & set(sys.modules)))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.stdout.splitlines()[-1] == "loaded: []", done.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import logging
 import os
 import platform
 import shlex
@@ -35,6 +36,8 @@ from dshal.cache import cache_dir, make_private_dir, not_private, temp_dir
 from dshal.config import env_flag  # one parser for on/off variables: a typo is a ConfigError
 from dshal.errors import BackendUnavailableError, DshalError
 from dshal.outputs import atomic_write
+
+log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 #: Tried in order: the first that compiles is used (``-march=native`` may be unknown to a compiler).
@@ -245,6 +248,7 @@ def _build(compiler: str, fresh: bool = False) -> tuple[Path, tuple[str, ...]]:
     reached: list[Path] = []
     folder: Path | None = None  # where builds go
     errors: list[str] = []
+    told = False
     for flags in FLAG_SETS:
         key = hashlib.sha256(
             b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity().encode()])
@@ -267,6 +271,9 @@ def _build(compiler: str, fresh: bool = False) -> tuple[Path, tuple[str, ...]]:
                     refused.append(f"{following[0]} is not writable")
                     continue
                 folder = following[0]
+            if not told:  # the first run waits seconds here, silent otherwise (the dshal CLI shows it at a terminal)
+                log.info("dshal: compiling the cpu backend's C kernels for this CPU into %s (first use only)", folder)
+                told = True
             try:
                 complaint = _compile(compiler, flags, folder / name)
             except OSError as err:
