@@ -239,8 +239,9 @@ def _flag_hints(unknown: list[str], parser: argparse.ArgumentParser) -> str:
             continue
         if name in flags:
             hints.append(f"{name} is an option of `{parser.prog}`: give it after the command")
-        elif close := difflib.get_close_matches(name, flags, n=1):
-            hints.append(f"did you mean {close[0]}?")
+        # Compared without the dashes, which every flag shares (--bogus read as close to --verbose).
+        elif close := difflib.get_close_matches(name.lstrip("-"), [flag.lstrip("-") for flag in flags], n=1):
+            hints.append(f"did you mean {next(flag for flag in flags if flag.lstrip('-') == close[0])}?")
     return "".join(f"; {hint}" for hint in hints)
 
 

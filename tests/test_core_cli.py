@@ -150,6 +150,7 @@ def test_a_mistyped_command_or_flag_is_answered_with_the_close_one(capsys):
     for argv, said in ((["infp"], "dshal: error: argument COMMAND: invalid choice: 'infp'; did you mean 'info'?"),
                        (["info", "--jsn"], "dshal info: error: unrecognized arguments: --jsn; did you mean --json?"),
                        (["run", "--new-tokns=3"], "dshal run: error: unrecognized arguments: --new-tokns=3; did you mean --new-tokens?"),
+                       (["run", "--bogus"], "dshal run: error: unrecognized arguments: --bogus\n"),  # not "did you mean --verbose?"
                        (["--json", "info"], "dshal info: error: unrecognized arguments: --json; --json is an option of "
                                             "`dshal info`: give it after the command"),
                        (["info", "--zzzzz"], "dshal info: error: unrecognized arguments: --zzzzz\n")):  # fmt: skip
