@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dshal.errors import ConfigError
-from dshal_conformance.legs import leg_key, leg_label, md_cell, prepare
+from dshal_conformance.legs import leg_key, leg_label, md_cell, md_code, prepare
 
 FAILED = ("fail", "error")
 NOT_PASSING = ("unsupported", "skip")
@@ -196,7 +196,7 @@ def markdown(comparison: Comparison) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for leg in comparison.legs:
             mark = "❌ " if leg.bad else ""
-            lines.append(f"| {mark}{md_cell(leg.leg)} | {leg.baseline_started} | {len(leg.regressed)} | "
+            lines.append(f"| {mark}{md_cell(leg.leg)} | {md_cell(leg.baseline_started)} | {len(leg.regressed)} | "
                          f"{len(leg.new_failing)} | {len(leg.now_failing)} | {len(leg.lost)} | {len(leg.fixed)} | "
                          f"{leg.added} / {leg.removed} |")
     for title, legs in leg_lists(comparison):
@@ -209,10 +209,9 @@ def markdown(comparison: Comparison) -> str:
                 continue
             lines += ["", f"### {md_cell(leg.leg)}: {title}", ""]
             for case_id, was, status, reason in rows[:SHOWN]:  # a report's text: no markup, no code span it could close
-                case = md_cell(case_id).replace("`", "'")
-                lines.append(f"- `{case}`: {md_cell(was)} -> {md_cell(status)}" + (f": {md_cell(reason)}" if reason else ""))
+                lines.append(f"- `{md_code(case_id)}`: {md_cell(was)} -> {md_cell(status)}" + (f": {md_cell(reason)}" if reason else ""))
             if len(rows) > SHOWN:
-                lines.append(f"- ... and {len(rows) - SHOWN} more")
+                lines.append(f"- ... and {len(rows) - SHOWN} more (all of them: the HTML matrix and the JSON reports)")
     return "\n".join(lines) + "\n"
 
 
@@ -220,11 +219,12 @@ def html_section(comparison: Comparison) -> str:
     e = html.escape
     out = ["<h2 id='changes'>Changes since the baseline</h2>"]
     if comparison.legs:
-        out.append("<table class='family' id='changes-table'><thead><tr><th>leg</th><th>baseline run</th><th>regressed</th>"
-                   "<th>new failing</th><th>now failing</th><th>lost</th><th>fixed</th><th>cases added / removed</th>"
+        out.append("<table class='family' id='changes-table'><thead><tr><th scope='col'>leg</th><th scope='col'>baseline run</th>"
+                   "<th scope='col'>regressed</th><th scope='col'>new failing</th><th scope='col'>now failing</th>"
+                   "<th scope='col'>lost</th><th scope='col'>fixed</th><th scope='col'>cases added / removed</th>"
                    "</tr></thead><tbody>")
         for leg in comparison.legs:
-            out.append(f"<tr data-leg='{e(leg.leg)}' data-bad='{1 if leg.bad else 0}'><td>{e(leg.leg)}</td>"
+            out.append(f"<tr data-leg='{e(leg.leg)}' data-bad='{1 if leg.bad else 0}'><th scope='row'>{e(leg.leg)}</th>"
                        f"<td>{e(leg.baseline_started)}</td><td>{len(leg.regressed)}</td><td>{len(leg.new_failing)}</td>"
                        f"<td>{len(leg.now_failing)}</td><td>{len(leg.lost)}</td><td>{len(leg.fixed)}</td>"
                        f"<td>{leg.added} / {leg.removed}</td></tr>")

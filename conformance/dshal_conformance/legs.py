@@ -64,6 +64,15 @@ def leg_key(report: dict[str, Any]) -> tuple[str, str, str, str, str, str, str]:
             str(p.get("leg") or ""), checked(report))
 
 
+def leg_order(key: tuple[str, ...]) -> tuple[str, ...]:
+    """Where a leg (its :func:`leg_key`) stands among the matrix's columns: by CI leg name, then
+    backend and device, whatever order the reports were given in (a shell glob's or ``find |
+    sort``'s order depends on the locale) -- so a column keeps its place from run to run, also
+    when its runner lost its device and the leg became "not run"."""
+    backend, device, kind, arch, host, leg, what = key
+    return (leg, backend, device, kind, arch, host, what)
+
+
 def host_system(host: Any) -> str:
     """``Linux x86_64`` of a report's ``platform.host`` (``Linux-6.8.0-1014-azure-x86_64-with-glibc2.39
     x86_64``): the kernel release and libc change with every runner image, and a leg with them
@@ -106,7 +115,7 @@ def installed_plugin_version(backend: str) -> str | None:
 
 def prepare(reports: list[dict[str, Any]], stale_after: timedelta | None = None,
             now: datetime | None = None) -> tuple[list[dict[str, Any]], list[LegNote]]:
-    """The reports with one per leg (the newest; order of first appearance) and a note each."""
+    """The reports with one per leg (the newest) and a note each, legs in :func:`leg_order`."""
     newest: dict[tuple[str, str, str], dict[str, Any]] = {}
     dropped: dict[tuple[str, str, str], list[str]] = {}
     order: list[tuple[str, str, str]] = []
@@ -121,7 +130,7 @@ def prepare(reports: list[dict[str, Any]], stale_after: timedelta | None = None,
         dropped.setdefault(key, []).append(older["started"])
     now = now or datetime.now(UTC)
     kept_reports, notes = [], []
-    for key in order:
+    for key in sorted(order, key=leg_order):
         rep = newest[key]
         note = LegNote(dropped=sorted(dropped.get(key, [])))
         if stale_after is not None:  # a "not run" or broken cell ages too: it says what was true then
@@ -301,11 +310,28 @@ def _note_text(report: dict[str, Any], note: LegNote) -> str:
     return " — ".join(parts)
 
 
-def md_cell(text: Any) -> str:
-    """``text`` as one Markdown table cell or list item: a ``|`` or a line break would end the
-    cell or the row, and a ``<`` would open an HTML tag (a device or reason text is the
-    report's, not markup)."""
-    return " ".join(str(text).replace("<", "&lt;").replace("|", "/").split("\n"))
+#: Longest report-provided text one Markdown cell or list item shows: a plugin's reason can be
+#: a whole traceback, and GitHub refuses a step summary over 1 MiB (the HTML and JSON keep it all).
+MD_CELL_CHARS = 300
+
+
+def md_cell(text: Any, limit: int = MD_CELL_CHARS) -> str:
+    """``text`` as one Markdown table cell or list item, at most ``limit`` characters of it: a
+    ``|`` or a line break (``\\n``, ``\\r``, ...) would end the cell or the row, a ``<`` would open an
+    HTML tag, a backtick would pair with the cell's own code spans and ``](`` would make a link
+    (a device or reason text is the report's, not markup)."""
+    flat = " ".join(str(text).splitlines())
+    if len(flat) > limit:
+        flat = flat[:limit].rstrip() + f"… ({len(flat) - limit} more characters in the HTML/JSON)"
+    return (flat.replace("\\", "\\\\").replace("`", "\\`").replace("<", "&lt;").replace("|", "/")
+            .replace("](", "]\\("))
+
+
+def md_code(text: Any, limit: int = MD_CELL_CHARS) -> str:
+    """``text`` for inside a Markdown code span (a list item's, not a table's): one line, no
+    backtick to close the span early; escapes would show literally there, so none are made."""
+    flat = " ".join(str(text).splitlines()).replace("`", "'")
+    return flat if len(flat) <= limit else flat[:limit].rstrip() + "…"
 
 
 def markdown(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
@@ -314,31 +340,31 @@ def markdown(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
     lines = ["", "## Legs", "", "| " + " | ".join(LEG_HEADERS) + " |", "|" + "---|" * len(LEG_HEADERS)]
     for rep, note in zip(reports, notes):
         stale = " `STALE`" if note.stale else ""
-        row = [leg_label(rep) + stale, rep.get("started", ""), _versions(rep),
-               *(family_summary(rep, f) for f in ("op", *FAMILY_KINDS)), _note_text(rep, note)]
-        lines.append("| " + " | ".join(esc(x) for x in row) + " |")
+        row = [rep.get("started", ""), _versions(rep), *(family_summary(rep, f) for f in ("op", *FAMILY_KINDS)), _note_text(rep, note)]
+        lines.append("| " + " | ".join([esc(leg_label(rep)) + stale, *(esc(x) for x in row)]) + " |")
     for family in FAMILY_KINDS:
         rows, cells = family_rows(reports, family)
         if not rows:
             continue
-        head = ["mode" if family == "model" else "op"] + [leg_label(r) + (" `STALE`" if n.stale else "") for r, n in zip(reports, notes)]
-        lines += ["", f"## {FAMILY_TITLES[family]}", "", "| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
+        head = ["mode" if family == "model" else "op"] + [esc(leg_label(r)) + (" `STALE`" if n.stale else "") for r, n in zip(reports, notes)]
+        lines += ["", f"## {FAMILY_TITLES[family]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in rows:
             lines.append("| " + " | ".join(esc(x) for x in [row, *cells[row]]) + " |")
     return "\n".join(lines) + "\n"
 
 
 LEGS_CSS = """
-table.legs td,table.family td{font-size:13px}tr.stale td:first-child,th.stale{background:#fff3cd}
+table.legs td,table.family td,table.legs th,table.family tbody th{font-size:13px}tr.stale th:first-child,th.stale{background:#fff3cd}
 .badge.stale{background:#c77700;color:#fff}.badge.merged{background:#5a5aa0;color:#fff}
 """
 
 
 def html_tables(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
-    """The legs table and the three family tables, as HTML (inside the matrix page)."""
+    """The legs table and the three family tables, as HTML (inside the matrix page, whose
+    head carries :data:`LEGS_CSS`: a ``<style>`` belongs in the head)."""
     e = html.escape
-    out = [f"<style>{LEGS_CSS}</style><h2>Legs</h2><table class='legs' id='legs'><thead><tr>"
-           + "".join(f"<th>{e(h)}</th>" for h in LEG_HEADERS) + "</tr></thead><tbody>"]
+    out = ["<h2>Legs</h2><table class='legs' id='legs'><thead><tr>"
+           + "".join(f"<th scope='col'>{e(h)}</th>" for h in LEG_HEADERS) + "</tr></thead><tbody>"]
     for rep, note in zip(reports, notes):
         badges = ("<span class='badge stale'>STALE</span>" if note.stale else "") + (
             "<span class='badge merged'>MERGED</span>" if note.dropped else "")
@@ -346,24 +372,26 @@ def html_tables(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
                  f"data-merged='{len(note.dropped)}'")
         cells = [e(leg_label(rep)) + badges, e(rep.get("started", "")), e(_versions(rep)),
                  *(e(family_summary(rep, f)) for f in ("op", *FAMILY_KINDS)), e(_note_text(rep, note))]
-        out.append(f"<tr class='{'stale' if note.stale else ''}' {attrs}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        out.append(f"<tr class='{'stale' if note.stale else ''}' {attrs}><th scope='row'>{cells[0]}</th>"
+                   + "".join(f"<td>{c}</td>" for c in cells[1:]) + "</tr>")
     out.append("</tbody></table>")
     for family in FAMILY_KINDS:
         rows, cells = family_rows(reports, family)
         if not rows:
             continue
         out.append(f"<h2>{e(FAMILY_TITLES[family])}</h2><table class='family' data-family='{family}'><thead><tr>"
-                   f"<th>{'mode' if family == 'model' else 'op'}</th>")
+                   f"<th scope='col'>{'mode' if family == 'model' else 'op'}</th>")
         for rep, note in zip(reports, notes):
             stale = " class='stale'" if note.stale else ""
-            out.append(f"<th{stale}>{e(leg_label(rep))}" + ("<span class='badge stale'>STALE</span>" if note.stale else "") + "</th>")
+            out.append(f"<th scope='col'{stale}>{e(leg_label(rep))}" + ("<span class='badge stale'>STALE</span>" if note.stale else "") + "</th>")
         out.append("</tr></thead><tbody>")
         for row in rows:
-            out.append(f"<tr><td>{e(row)}</td>" + "".join(
+            out.append(f"<tr><th scope='row'>{e(row)}</th>" + "".join(
                 f"<td data-family='{family}' data-row='{e(row)}' data-leg='{e(leg_label(rep))}'>{e(text)}</td>"
                 for rep, text in zip(reports, cells[row])) + "</tr>")
         out.append("</tbody></table>")
     return "\n".join(out)
 
 
-__all__ = ["FAMILY_KINDS", "LegNote", "family_summary", "html_tables", "leg_key", "leg_label", "markdown", "parse_age", "prepare"]
+__all__ = ["FAMILY_KINDS", "LegNote", "family_summary", "html_tables", "leg_key", "leg_label", "leg_order", "markdown",
+           "md_cell", "md_code", "parse_age", "prepare"]

@@ -36,6 +36,7 @@ from dshal_conformance.compare import (
 )
 from dshal_conformance.legs import (
     FAMILY_KINDS,
+    LEGS_CSS,
     checked,
     html_tables as legs_html,
     leg_key,
@@ -47,6 +48,12 @@ from dshal_conformance.legs import (
 from dshal_conformance.report import is_environment_file, load, summarize
 
 KIND_LABEL = {"hardware": "HW", "emulated": "EMU", "not-run": "NOT RUN"}
+#: Status as a symbol, beside the cell's colour (a colour-blind reader, a monochrome print).
+STATUS_MARK = {"pass": "✅", "fail": "❌", "unsupported": "➖", "skip": "⏭"}
+#: The Markdown's default size cap: GitHub refuses a ``$GITHUB_STEP_SUMMARY`` over 1 MiB (1,048,576 bytes).
+MARKDOWN_MAX_BYTES = 1_000_000
+#: How much of a not-run leg's reason each of its op-table cells repeats (all of it: under Reports).
+NOT_RUN_CELL_CHARS = 200
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the CI legs that must have a report (their platform.leg, set by "
                              "DSHAL_CONFORMANCE_LEG): exit 1 naming each one no report comes from (a runner that "
                              "never ran or uploaded nothing would otherwise just vanish from the matrix)")
+    parser.add_argument("--markdown-max-bytes", metavar="N", type=int, default=MARKDOWN_MAX_BYTES,
+                        help="cut the Markdown at N bytes (UTF-8), ending it with a line that says how much was left "
+                             f"out (default {MARKDOWN_MAX_BYTES}: GitHub refuses a step summary over 1 MiB; 65000 for a "
+                             "PR comment)")
     parser.add_argument("--stale-after", metavar="AGE",
                         help="mark a leg stale when its report is older than AGE (30d, 12h, 2w) or came from another "
                              "plugin version than the one installed here")
@@ -200,10 +211,13 @@ def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Co
 
 # ------------------------------------------------------------------ Markdown
 def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: timedelta | None = None,
-                changes: Comparison | None = None, missing: Sequence[str] = ()) -> str:
+                changes: Comparison | None = None, missing: Sequence[str] = (),
+                max_bytes: int | None = MARKDOWN_MAX_BYTES) -> str:
+    """The matrix as Markdown (GitHub's), cut to ``max_bytes`` by :func:`cap_markdown` (None: whole)."""
     reports, notes = prepare_legs(reports, stale_after)
     columns, rows, cells = build(reports, by_dtype)
-    head = ["op", "dtype"] + [md_cell(f"{c.label} · {c.device} `{KIND_LABEL[c.kind]}`") + (" `STALE`" if n.stale else "") for c, n in zip(columns, notes)]
+    head = ["op", "dtype"] + [md_cell(f"{c.label} · {c.device}") + f" `{KIND_LABEL[c.kind]}`" + (" `STALE`" if n.stale else "")
+                              for c, n in zip(columns, notes)]
     lines = [
         "# dshal hardware matrix",
         "",
@@ -214,12 +228,12 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    mark = {"pass": "✅", "fail": "❌", "unsupported": "➖", "skip": "⏭"}
+    mark = STATUS_MARK
     for op, dtype in rows:
         out = [md_cell(op), md_cell(dtype or "-")]  # a report's text, not markup
         for c in columns:
             if c.kind == "not-run":
-                out.append(md_cell(("❌ " if c.broken else "⏸ ") + c.not_run_text))
+                out.append(md_cell(("❌ " if c.broken else "⏸ ") + c.not_run_text, NOT_RUN_CELL_CHARS))
                 continue
             cell = cells.get((c.key, op, dtype))
             if cell is None:
@@ -232,8 +246,32 @@ def to_markdown(reports: list[dict[str, Any]], by_dtype: bool = True, stale_afte
     lines += ["", "## Reports", ""]
     for c, rep in zip(columns, reports):
         note = f" — {md_cell(c.not_run_text)}" if c.kind == "not-run" else ""
-        lines.append(f"- **{md_cell(c.label)}** {report_line(c, rep, md_cell)}{note}")
-    return "\n".join(lines) + "\n" + (changes_markdown(changes) if changes else "") + legs_markdown(reports, notes)
+        lines.append(f"- **{md_cell(c.label)}** {report_line(c, rep, lambda text: md_cell(text, 1000))}{note}")
+    text = "\n".join(lines) + "\n" + (changes_markdown(changes) if changes else "") + legs_markdown(reports, notes)
+    return text if max_bytes is None else cap_markdown(text, max_bytes)
+
+
+def cap_markdown(text: str, max_bytes: int) -> str:
+    """``text`` whole if it fits in ``max_bytes`` (UTF-8), else its first whole lines and a last
+    line saying how much was left out and where all of it is: GitHub refuses a step summary over
+    1 MiB and a PR comment over 65,536 characters, and the step's summary would be lost."""
+    size = len(text.encode())
+    if size <= max_bytes:
+        return text
+
+    def note(lines_left: int, bytes_left: int) -> str:  # after a blank line: a table above it ends there
+        return (f"\n**✂️ Cut at {max_bytes} bytes: {lines_left} more lines ({bytes_left} bytes) not shown here; "
+                "see the HTML matrix and the JSON reports (the workflow's artifacts) for all of it.**\n")
+
+    lines = text.splitlines(keepends=True)
+    budget = max_bytes - len(note(len(lines), size).encode())  # the longest the note can be
+    used = kept = 0
+    for line in lines:
+        n = len(line.encode())
+        if used + n > budget:
+            break
+        used, kept = used + n, kept + 1
+    return "".join(lines[:kept]) + note(len(lines) - kept, size - used)
 
 
 def report_line(c: Column, rep: dict[str, Any], escape: Any) -> str:
@@ -250,7 +288,7 @@ def report_line(c: Column, rep: dict[str, Any], escape: Any) -> str:
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
-th{background:#f3f3f3;cursor:pointer;user-select:none}th.sorted-asc:after{content:" ▲"}th.sorted-desc:after{content:" ▼"}
+th{background:#f3f3f3}tbody th{text-align:left}#matrix thead th{cursor:pointer;user-select:none}th.sorted-asc:after{content:" ▲"}th.sorted-desc:after{content:" ▼"}
 td.cell{min-width:11em}
 td.kind-hardware{border:2px solid #333}
 td.kind-emulated{border:2px dashed #8a6d00;background-image:repeating-linear-gradient(45deg,transparent 0 8px,rgba(255,200,0,.10) 8px 16px)}
@@ -265,10 +303,11 @@ td.status-unsupported{background-color:#f0f0ff}td.status-skip{background-color:#
 JS = """
 (function(){
   const table=document.getElementById('matrix');
-  const body=table.tBodies[0];
-  table.querySelectorAll('th').forEach((th,i)=>th.addEventListener('click',()=>{
+  const body=table.tBodies[0],heads=table.tHead.querySelectorAll('th');
+  document.getElementById('controls').hidden=false;
+  heads.forEach((th,i)=>th.addEventListener('click',()=>{
     const asc=!th.classList.contains('sorted-asc');
-    table.querySelectorAll('th').forEach(h=>h.classList.remove('sorted-asc','sorted-desc'));
+    heads.forEach(h=>h.classList.remove('sorted-asc','sorted-desc'));
     th.classList.add(asc?'sorted-asc':'sorted-desc');
     const key=r=>{const c=r.cells[i];return c.dataset.sort!==undefined?parseFloat(c.dataset.sort):c.textContent.trim();};
     const rows=Array.from(body.rows).sort((a,b)=>{const x=key(a),y=key(b);
@@ -299,23 +338,24 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
     e = html.escape
     out = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>dshal hardware matrix</title>",
-        f"<style>{CSS}</style></head><body>",
+        f"<style>{CSS}{LEGS_CSS}</style></head><body>",
         "<h1>dshal hardware matrix</h1>",
         "<p>Cells: cases passed / total, then the worst metric against its threshold. "
         "<span class='badge hardware'>HW</span> measured on the device (solid border); "
         "<span class='badge emulated'>EMU</span> the plugin's kernels emulated on CPU tensors (dashed, striped: not a hardware result); "
         "<span class='badge not-run'>NOT RUN</span> the leg could not run (grey, with the reason).</p>",
         *[f"<p class='missing' data-missing-leg='{e(leg)}'><b>❌ MISSING leg: {e(missing_text(leg))}</b></p>" for leg in missing],
-        "<div class='controls'><label>filter ops <input id='filter' type='search' placeholder='e.g. fp8_gemm'></label>"
+        # hidden until the script shows it: without JavaScript the controls would do nothing
+        "<div class='controls' id='controls' hidden><label>filter ops <input id='filter' type='search' placeholder='e.g. fp8_gemm'></label>"
         "<label>kind <select id='kind'><option value=''>all</option><option value='hardware'>hardware</option>"
         "<option value='emulated'>emulated</option><option value='not-run'>not run</option></select></label>"
         "<label>status <select id='status'><option value=''>all</option><option>pass</option><option>fail</option>"
         "<option>unsupported</option><option>skip</option><option value='not-run'>not run</option></select></label></div>",
-        "<table id='matrix'><thead><tr><th>op</th><th>dtype</th>",
+        "<table id='matrix'><thead><tr><th scope='col'>op</th><th scope='col'>dtype</th>",
     ]
     for c in columns:
         out.append(
-            f"<th data-backend='{e(c.backend)}' data-kind='{c.kind}' title='{e(c.device)} {e(c.arch)}'>{e(c.backend)} "
+            f"<th scope='col' data-backend='{e(c.backend)}' data-kind='{c.kind}' title='{e(c.device)} {e(c.arch)}'>{e(c.backend)} "
             f"<span class='badge {c.kind}'>{KIND_LABEL[c.kind]}</span>"
             + ("<span class='badge stale'>STALE</span>" if notes[columns.index(c)].stale else "")
             + f"<br><small>{e(c.device)}</small>"
@@ -324,14 +364,14 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
         )
     out.append("</tr></thead><tbody>")
     for op, dtype in rows:
-        out.append(f"<tr><td>{e(op)}</td><td>{e(dtype or '-')}</td>")
+        out.append(f"<tr><th scope='row'>{e(op)}</th><td>{e(dtype or '-')}</td>")
         for c in columns:
             attrs = f"data-backend='{e(c.backend)}' data-column='{e(c.key)}' data-op='{e(op)}' data-dtype='{e(dtype)}' data-kind='{c.kind}'"
             if c.kind == "not-run":
                 status = "fail" if c.broken else "not-run"
                 out.append(
                     f"<td class='cell kind-not-run status-{status}' {attrs} data-status='{status}' data-sort='-1'>"
-                    f"{e(c.not_run_text)}</td>"
+                    f"{'❌ ' if c.broken else ''}{e(clip(c.not_run_text, NOT_RUN_CELL_CHARS))}</td>"
                 )
                 continue
             cell = cells.get((c.key, op, dtype))
@@ -345,7 +385,7 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
                 f"<td class='cell kind-{c.kind} status-{cell.status}{' stale' if stale else ''}' {attrs} data-status='{cell.status}' "
                 f"data-stale='{1 if stale else 0}' "
                 f"data-passed='{cell.counts['pass']}' data-failed='{cell.counts['fail'] + cell.counts['error']}' data-sort='{sort:.4f}'>"
-                f"{e(cell.text())}<span class='badge {c.kind}'>{KIND_LABEL[c.kind]}</span>"
+                f"{STATUS_MARK[cell.status]} {e(cell.text())}<span class='badge {c.kind}'>{KIND_LABEL[c.kind]}</span>"
                 + ("<span class='badge stale'>STALE</span>" if stale else "")
                 + (f"<div class='worst'>worst: {worst}</div>" if worst else "")
                 + "</td>"
@@ -358,6 +398,11 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
     out.append("</ul>" + (changes_html(changes) if changes else "") + legs_html(reports, notes))
     out.append(f"<script>{JS}</script></body></html>")
     return "\n".join(out)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters when longer (a cell that repeats a reason given whole elsewhere)."""
+    return text if len(text) <= limit else text[:limit].rstrip() + f"… ({len(text) - limit} more characters under Reports)"
 
 
 def _stale_after(args: argparse.Namespace) -> timedelta | None:
@@ -400,7 +445,15 @@ def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
     return reports
 
 
+#: The smallest --markdown-max-bytes: the note that ends a cut document must fit.
+MIN_MARKDOWN_BYTES = 1000
+
+
 def main(args: argparse.Namespace) -> int:
+    max_bytes = getattr(args, "markdown_max_bytes", MARKDOWN_MAX_BYTES)
+    if max_bytes < MIN_MARKDOWN_BYTES:
+        raise ConfigError(f"--markdown-max-bytes: got {max_bytes}, expected at least {MIN_MARKDOWN_BYTES} "
+                          "(room for the line that says what was cut)")
     for flag in ("html", "markdown"):
         if getattr(args, flag):
             check_writable(getattr(args, flag), f"--{flag}")
@@ -421,12 +474,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"{leg_key(rep)[0]} ({leg_key(rep)[2]}): {note.merged}", file=notes)
     missing = missing_legs(reports, getattr(args, "expect", None) or [])
     if markdown_on_stdout:
-        print(to_markdown(reports, by_dtype, stale_after, changes, missing))
+        print(to_markdown(reports, by_dtype, stale_after, changes, missing, max_bytes), end="")
     if args.html:
         atomic_write(args.html, to_html(reports, by_dtype, stale_after, changes, missing))
         print(f"html: {args.html}")
     if args.markdown:
-        atomic_write(args.markdown, to_markdown(reports, by_dtype, stale_after, changes, missing))
+        atomic_write(args.markdown, to_markdown(reports, by_dtype, stale_after, changes, missing, max_bytes))
         print(f"markdown: {args.markdown}")
     failed = False
     if changes is not None:
