@@ -317,13 +317,13 @@ MD_CELL_CHARS = 300
 
 def md_cell(text: Any, limit: int = MD_CELL_CHARS) -> str:
     """``text`` as one Markdown table cell or list item, at most ``limit`` characters of it: a
-    ``|`` or a line break (``\\n``, ``\\r``, ...) would end the cell or the row, a ``<`` would open an
-    HTML tag, a backtick would pair with the cell's own code spans and ``](`` would make a link
-    (a device or reason text is the report's, not markup)."""
+    ``|`` (escaped, so "max |err|" still reads so) or a line break (``\\n``, ``\\r``, ...) would
+    end the cell or the row, a ``<`` would open an HTML tag, a backtick would pair with the cell's
+    own code spans and ``](`` would make a link (a device or reason text is the report's, not markup)."""
     flat = " ".join(str(text).splitlines())
     if len(flat) > limit:
         flat = flat[:limit].rstrip() + f"… ({len(flat) - limit} more characters in the HTML/JSON)"
-    return (flat.replace("\\", "\\\\").replace("`", "\\`").replace("<", "&lt;").replace("|", "/")
+    return (flat.replace("\\", "\\\\").replace("`", "\\`").replace("<", "&lt;").replace("|", "\\|")
             .replace("](", "]\\("))
 
 

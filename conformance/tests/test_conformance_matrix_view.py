@@ -213,4 +213,4 @@ def test_the_same_reports_give_the_same_bytes_in_whatever_order_they_are_given(c
     assert _matrix(paths, tmp_path / "b") == first
     assert _matrix(paths[::-1], tmp_path / "c") == first
     head = next(line for line in first[1].decode().splitlines() if line.startswith("| op | dtype |"))
-    assert [h.split()[0] for h in head.strip("|").split("|")[2:]] == ["amd", "cpu", "acme", "broken"]
+    assert [h.split()[0] for h in re.split(r"(?<!\\)\|", head.strip("|"))[2:]] == ["amd", "cpu", "acme", "broken"]
