@@ -9,10 +9,12 @@ is then 0 only with ``--allow-unavailable`` (for matrix legs without the hardwar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +59,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one line: the exception and the file:line it was raised at)")
 
 
-def show_crashes(stream: Any) -> None:
-    """Write each case crash's traceback (:data:`~dshal_conformance.cases.base.CRASH_LOG`) to ``stream``."""
+@contextlib.contextmanager
+def show_crashes(stream: Any) -> Iterator[None]:
+    """While the block runs, write each case crash's traceback
+    (:data:`~dshal_conformance.cases.base.CRASH_LOG`) to ``stream``; undone after (a program
+    calling the command in-process again printed each traceback once more per earlier run)."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("crash: %(message)s"))
+    level = CRASH_LOG.level
     CRASH_LOG.addHandler(handler)
     CRASH_LOG.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        CRASH_LOG.removeHandler(handler)
+        CRASH_LOG.setLevel(level)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -70,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
     (at any point: `dshal` turns them into :class:`Terminated`) exit 143 / 129 the same way,
     the collective ranks' folder removed."""
     try:
-        return _main(args)
+        with show_crashes(sys.stderr) if getattr(args, "traceback", False) else contextlib.nullcontext():
+            return _main(args)
     except (KeyboardInterrupt, Terminated) as err:
         code = err.code if isinstance(err, Terminated) else 130
         what = "terminated" if isinstance(err, Terminated) else "interrupted"
@@ -105,8 +117,6 @@ def _main(args: argparse.Namespace) -> int:
         progress=not args.quiet and is_terminal(sys.stderr),
         budget_s=budget_s,
     )
-    if getattr(args, "traceback", False):
-        show_crashes(sys.stderr)
     selected = runner.select(runner.capability_cases() + all_cases(args.tier), options)
     if args.list:
         for case in selected:

@@ -62,17 +62,15 @@ def test_traceback_shows_each_crash_whole_on_stderr_and_is_silent_without_it(cap
 
     _run(crashing)
     assert capsys.readouterr().err == ""
-    shown = io.StringIO()
-    handlers = list(CRASH_LOG.handlers)
-    try:
-        show_crashes(shown)
+    shown, handlers = io.StringIO(), list(CRASH_LOG.handlers)
+    with show_crashes(shown):
         said = _run(crashing)
-    finally:
-        CRASH_LOG.handlers[:] = handlers
-        CRASH_LOG.setLevel(logging.NOTSET)
+    assert CRASH_LOG.handlers == handlers and CRASH_LOG.level == logging.NOTSET  # undone: a second run shows once
+    with show_crashes(io.StringIO()):
+        _run(crashing)
     text = shown.getvalue()
     assert text.startswith(f"crash: {said.removeprefix('error: ')}\nTraceback (most recent call last):"), text
-    assert "in crashing" in text and "in helper_that_fails" in text, text
+    assert "in crashing" in text and "in helper_that_fails" in text and text.count("Traceback") == 1, text
     assert text.rstrip().splitlines()[-1].startswith("IndexError: "), text
 
 
@@ -97,23 +95,17 @@ def test_a_crash_instead_of_the_documented_error_is_logged_with_its_site(capsys)
     """A bad-input case whose provider crashed instead of raising the documented error had no
     file:line in its reason and nothing for ``--traceback`` to show."""
     import io
-    import logging
 
     from dshal_conformance.cases import all_cases
-    from dshal_conformance.cases.base import CRASH_LOG
     from dshal_conformance.command import show_crashes
 
     def crashing(x, weight, eps=1e-6, residual=None):
         return x[x.shape[0] + 5]
 
-    shown, handlers = io.StringIO(), list(CRASH_LOG.handlers)
-    try:
-        show_crashes(shown)
+    shown = io.StringIO()
+    with show_crashes(shown):
         case = next(c for c in all_cases("ci") if c.op == "rms_norm" and c.kind == "bad_input" and "spoiled" not in c.id)
         [outcome, *_] = case.body(_context({"rms_norm": crashing}))
-    finally:
-        CRASH_LOG.handlers[:] = handlers
-        CRASH_LOG.setLevel(logging.NOTSET)
     reason = outcome.verdict.reason
     assert "crashed with IndexError instead of raising" in reason and f"{__file__}:" in reason, reason
     assert "Traceback (most recent call last):" in shown.getvalue()
