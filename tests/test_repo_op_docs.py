@@ -36,7 +36,7 @@ def test_each_plugin_op_table_names_every_op(readme: str) -> None:
     missing = sorted(op for op in SPECS if not re.search(rf"\b{op}\b", named))
     assert not missing, (
         f"{readme}: its op table has no row for {missing}: add one saying how this plugin serves it "
-        f"(e.g. `not provided: served by the reference`, as quantize_int8's row says)"
+        f"(e.g. `not provided: served by the reference`, kind `fallback`)"
     )
 
 
