@@ -39,7 +39,12 @@ def _without_annotations(signature: inspect.Signature) -> inspect.Signature:
 
 def test_every_spec_has_exactly_one_public_function_with_its_signature() -> None:
     functions = public_functions()
-    assert set(functions) - HELPERS == set(SPECS)  # none missing, none without a spec
+    missing, extra = sorted(set(SPECS) - set(functions)), sorted(set(functions) - HELPERS - set(SPECS))
+    assert not missing, (
+        f"dshal.ops has no public function for {missing}: write `def {missing[0]}(...)` out in dshal/ops/__init__.py "
+        f"with the spec's parameters, annotated, returning `_thread.table[{missing[0]!r}](...)` (as silu_and_mul does)"
+    )
+    assert not extra, f"dshal/ops/__init__.py: public functions {extra} have no op spec (add the spec, or a leading _)"
     for name, spec in SPECS.items():
         fn = functions[name]
         signature = inspect.signature(fn)
@@ -50,7 +55,11 @@ def test_every_spec_has_exactly_one_public_function_with_its_signature() -> None
         assert not unannotated and signature.return_annotation is not inspect.Signature.empty, (name, unannotated)
         assert fn.__doc__ and fn.__doc__.strip(), f"dshal.ops.{name} has no docstring"
         assert fn.__name__ == name
-    assert set(dshal.ops.__all__) >= set(SPECS) | HELPERS
+    unlisted = sorted((set(SPECS) | HELPERS) - set(dshal.ops.__all__))
+    assert not unlisted, (
+        f"{unlisted} missing from dshal.ops.__all__ (the literal list at the end of dshal/ops/__init__.py): "
+        f"under `mypy --strict` a user's `dshal.ops.{unlisted[0]}` is then an error"
+    )
 
 
 @pytest.fixture
