@@ -77,6 +77,8 @@ ROTATE_TARGET_BYTES = 64 << 20
 #: ...between 2 and this many sets; a single set when one set alone exceeds ROTATE_SINGLE_BYTES.
 ROTATE_MAX_SETS = 8
 ROTATE_SINGLE_BYTES = 1 << 30
+#: Timed calls a case gets at least, unless --min-runs or a smaller --runs says otherwise.
+DEFAULT_MIN_RUNS = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runs", type=int, default=200, metavar="N", help="at most N timed calls per provider and case (default 200)"
     )
-    parser.add_argument("--min-runs", type=int, default=5, metavar="N", help="at least N timed calls (default 5)")
+    parser.add_argument("--min-runs", type=int, metavar="N",
+                        help=f"at least N timed calls (default {DEFAULT_MIN_RUNS}, or --runs where that is fewer)")
     parser.add_argument(
         "--time-per-case",
         type=float,
@@ -684,23 +687,26 @@ def above_roofline(report: dict[str, Any]) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    # `--runs 3` alone is three timed calls: the default floor follows it (it refused, naming
+    # --min-runs, a flag the user never gave).
+    min_runs = min(DEFAULT_MIN_RUNS, args.runs) if args.min_runs is None else args.min_runs
     for flag, value, low in (  # flags first: before the backend loads and the cases draw inputs
         ("--warmup", args.warmup, 0),
         ("--runs", args.runs, 1),
-        ("--min-runs", args.min_runs, 1),
+        ("--min-runs", min_runs, 1),
         ("--time-per-case", args.time_per_case, 0),
         ("--rotate", 1 if args.rotate is None else args.rotate, 1),
     ):
         if not low <= value < float("inf"):  # NaN and inf fail too
             raise DshalError(f"{flag}: got {value}, expected a number >= {low}")
-    if args.min_runs > args.runs:
-        raise DshalError(f"--min-runs: got {args.min_runs}, expected at most --runs ({args.runs})")
+    if min_runs > args.runs:
+        raise DshalError(f"--min-runs: got {min_runs}, expected at most --runs ({args.runs})")
     if args.ops is not None and not args.ops.strip(", "):
         raise DshalError(f"--ops: got {args.ops!r}, expected op names separated by commas")
     runtime = start(args)
     op_names = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
     cases = shape_cases(args.shapes, op_names)
-    repeats = Repeats(warmup=args.warmup, min_runs=args.min_runs, max_runs=args.runs, budget_s=args.time_per_case)
+    repeats = Repeats(warmup=args.warmup, min_runs=min_runs, max_runs=args.runs, budget_s=args.time_per_case)
     report = run_bench(
         runtime,
         cases,
