@@ -638,3 +638,28 @@ def test_moot_cuts_are_warned_about_at_the_callers_line(mtp_model):
     with pytest.warns(UserWarning, match=r"generate_speculative: top_k=5 with temperature 0 \(greedy\) has no effect") as said:
         generate_speculative(mtp_model, _prompt(mtp_model.args), 2, top_k=5)
     assert [w.filename for w in said] == [__file__]
+
+
+def test_a_speculative_run_stopped_between_steps_leaves_no_rejected_draft_in_the_cache():
+    """Ctrl-C lands after a step's host sync (the verdict) or in ``stream``: the cache said it
+    held the step's draft slot even when the verdict rejected the draft, so a notebook cell
+    continuing in it (``generate(cache=, cached=cache.length)``, the streamed tokens and more)
+    read the rejected token's keys at that position and gave other tokens than a fresh run."""
+    args = _mtp_args()
+    model = random_model(args, seed=0)
+    prompt = _prompt(args, seed=0)
+    for stop_at in range(2, 8):
+        cache, mtp_cache = model.new_cache(1, 64), model.new_cache(1, 64, mtp=True)
+        seen: list[int] = []
+
+        def stream(token, stop_at=stop_at, seen=seen):
+            seen.append(int(token[0]))
+            if len(seen) == stop_at:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            generate_speculative(model, prompt, 24, cache=cache, mtp_cache=mtp_cache, stream=stream)
+        tokens = torch.cat((prompt, torch.tensor([seen]), torch.tensor([[5, 9, 11]])), dim=1)  # the next cell's input
+        assert cache.length <= prompt.shape[1] + len(seen)
+        got = model.generate(tokens, 4, cache=cache, cached=cache.length)
+        assert torch.equal(got, model.generate(tokens, 4)), f"stopped at streamed token {stop_at}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -271,7 +272,15 @@ def cap_markdown(text: str, max_bytes: int) -> str:
         if used + n > budget:
             break
         used, kept = used + n, kept + 1
+    if 0 < kept < len(lines) and _DELIMITER_ROW.fullmatch(lines[kept].rstrip("\n")):
+        # its delimiter row cut off, a table's header would show as a stray line of bars
+        kept -= 1
+        used -= len(lines[kept].encode())
     return "".join(lines[:kept]) + note(len(lines) - kept, size - used)
+
+
+#: A Markdown table's delimiter row (``|---|---|``), the line after its header.
+_DELIMITER_ROW = re.compile(r"\|(\s*:?-+:?\s*\|)+")
 
 
 def report_line(c: Column, rep: dict[str, Any], escape: Any) -> str:

@@ -214,3 +214,23 @@ def test_the_same_reports_give_the_same_bytes_in_whatever_order_they_are_given(c
     assert _matrix(paths[::-1], tmp_path / "c") == first
     head = next(line for line in first[1].decode().splitlines() if line.startswith("| op | dtype |"))
     assert [h.split()[0] for h in re.split(r"(?<!\\)\|", head.strip("|"))[2:]] == ["amd", "cpu", "acme", "broken"]
+
+
+def test_a_cut_never_leaves_a_table_header_without_its_rows() -> None:
+    """The cut kept whole lines, and could keep a table's header and drop the ``|---|`` line
+    under it: GitHub then showed the header as a stray paragraph of bars above the note."""
+    from dshal_conformance.matrix import cap_markdown
+
+    rows = [f"| r{i} | {'x' * 60} |" for i in range(40)]
+    lines = ["# matrix", "", "| op | cpu |", "|---|---|", *rows, "", "## Legs", "", "| leg | notes |", "|---|---|",
+             *(f"| leg{i} | {'n' * 90} |" for i in range(8))]
+    text = "\n".join(lines) + "\n"
+    headers = {"| op | cpu |", "| leg | notes |"}
+    header_dropped = 0
+    for max_bytes in range(1000, len(text.encode()), 7):
+        kept = cap_markdown(text, max_bytes).split("\n\n**✂️ Cut at")[0].rstrip("\n").split("\n")
+        assert len("\n".join(kept).encode()) <= max_bytes
+        assert text.startswith("\n".join(kept))
+        assert kept[-1] not in headers, (max_bytes, kept[-3:])
+        header_dropped += kept[-1] == "## Legs"  # (the blank line after it stripped above)
+    assert header_dropped  # some sizes cut where the legs table's header would have stood last

@@ -419,9 +419,13 @@ def _generate_one(
         step = torch.stack((new[-1:], draft), dim=1)
         cache.vouch_for(step)  # the model's own tokens: no id range check
         logits, hidden = model(step, pos - 1, cache, return_hidden=True)
+        # The draft's slot (pos) is held only once the verdict keeps it: stopped before (Ctrl-C
+        # at the host sync, in `stream`), the cache must not claim a rejected draft's entry.
+        cache.length = pos
         verdict = agreed(model, verifier.check(logits, draft, q)[0])  # [3]
         picked = verdict.tolist()  # the step's one host sync
         kept = 1 + picked[2]  # a rejected draft's cache slot (pos) is overwritten next step
+        cache.length = pos - 1 + kept
         stats.steps += 1
         stats.accepted += kept - 1
         new, new_host = verdict[:kept], picked[:kept]
