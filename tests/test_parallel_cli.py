@@ -227,7 +227,8 @@ def test_parallel_cli_a_rank_killed_mid_run_is_named_as_the_first_failure(tmp_pa
     config = tmp_path / "dshal.yaml"
     config.write_text("distributed:\n  timeout_s: 25\n")
     launcher = subprocess.Popen([sys.executable, "-m", "dshal", "run", "--new-tokens", "4000", "--prompt-len", "4",
-                                 "--no-progress", "--tp", "2", "--config", str(config)], env=_env(),
+                                 "--no-progress", "--tp", "2", "--config", str(config)],
+                                env={**_env(), "PYTHONFAULTHANDLER": "1"},  # a rank's SIGABRT prints its threads' stacks
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         # Kill rank 1 once the ranks are deep in the run's collectives: their gloo pairs connected
@@ -246,13 +247,31 @@ def test_parallel_cli_a_rank_killed_mid_run_is_named_as_the_first_failure(tmp_pa
         assert len(ranks) == 2 and writes_then is not None, f"the ranks did not connect: {ranks}"
         assert _write_calls(ranks[0][0]) - writes_then >= 3000, "rank 0 did not reach its decode steps"
         os.kill(ranks[1][0], signal.SIGKILL)
+        # A rank 0 still running 27 s on (under timeout_s 25 and the launcher's 30 s grace, which
+        # would kill it unheard) is aborted, so that the failure shows where it waits.
+        killed_at = time.monotonic()
+        while _running(ranks[0][0], launcher.pid) and time.monotonic() - killed_at < 27:
+            time.sleep(0.2)
+        if _running(ranks[0][0], launcher.pid):
+            os.kill(ranks[0][0], signal.SIGABRT)
         _, err = launcher.communicate(timeout=90)
     finally:
         launcher.kill()
-    assert launcher.returncode == 1, err[-2000:]
+    assert launcher.returncode == 1, err[-6000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("dshal: first failure: rank 1 (killed by SIGKILL"), err[-2000:]
-    assert "a peer closed its connection" in err or "timed out after" in err, err[-2000:]  # rank 0's own error
+    assert last.startswith("dshal: first failure: rank 1 (killed by SIGKILL"), err[-6000:]
+    # rank 0's own error: the closed connection, or (a connection gloo did not see close) its timeout, in
+    # the words dshal gives it on gloo ("torch said: Operation timed out!" carries no "timed out after")
+    assert "a peer closed its connection" in err or "did not answer within distributed.timeout_s" in err, err[-6000:]
+
+
+def _running(pid: int, parent: int) -> bool:
+    """Whether ``pid`` is still ``parent``'s child and not yet exited (a zombie has exited)."""
+    try:
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return False
+    return state != "Z" and int(ppid) == parent
 
 
 def _write_calls(pid: int) -> int:
