@@ -409,6 +409,16 @@ def test_local_job_names_the_rank_that_failed_first_and_the_ones_it_killed(tmp_p
     )
     with LocalJob([sys.executable, "-c", "pass"], 2) as ok:
         assert ok.failure_summary(ok.wait(30)) is None
+    # A later rank that a signal ended (an abort) printed no error naming a lost peer: its signal is said.
+    aborting = script.replace("raise SystemExit(3)", "os.abort() if rank == 0 else None")
+    dying.unlink()
+    with LocalJob([sys.executable, "-c", aborting, str(dying)], 3, capture=True) as job:
+        codes = [code for code, _, _ in job.communicate(timeout_s=60, grace_s=4)]
+    assert codes == [-signal.SIGABRT, -signal.SIGKILL, -signal.SIGKILL]
+    assert job.failure_summary(codes).startswith(
+        "first failure: rank 1 (killed by SIGKILL (the out-of-memory killer sends it: see `dmesg`)); "
+        "then rank 0 (killed by SIGABRT (an abort in native code)); rank 2 still running, killed"
+    )
 
 
 def test_the_rank_that_says_a_shared_error_is_named_first_though_a_silent_one_left_before_it(tmp_path: Path) -> None:

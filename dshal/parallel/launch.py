@@ -127,9 +127,11 @@ class LocalJob:
         agreed = [r for r, c in by_rank.items() if c == SAID_BY_ANOTHER_RANK and r not in first]
         if agreed:
             line += f"; rank{'s' if len(agreed) > 1 else ''} {_listed(agreed)} met the same error (said once)"
-        if later:
-            line += (f"; then rank {later[0]} (its error names a lost peer)" if len(later) == 1 else
-                     f"; then ranks {_listed(later)} (their errors name a lost peer)")
+        spoke = [r for r in later if by_rank[r] > 0]  # a rank a signal ended printed no error to read
+        if spoke:
+            line += (f"; then rank {spoke[0]} (its error names a lost peer)" if len(spoke) == 1 else
+                     f"; then ranks {_listed(spoke)} (their errors name a lost peer)")
+        line += "".join(f"; then rank {r} ({exit_status(by_rank[r])})" for r in later if by_rank[r] < 0)
         if self.killed:
             line += f"; rank{'s' if len(self.killed) > 1 else ''} {_listed(self.killed)} still running, killed"
         return line
