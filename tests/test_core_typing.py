@@ -84,6 +84,7 @@ def _mypy(files: list[Path], cache: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cache.parent, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed (the dev extra installs it)")
 def test_user_code_type_checks_under_mypy_strict_and_misuse_is_caught(tmp_path: Path) -> None:
     misuse = tmp_path / "misuse.py"

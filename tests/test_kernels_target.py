@@ -153,6 +153,7 @@ def test_compiled_mode_reason(monkeypatch, env, gpu_present, expected):
         assert "TRITON_INTERPRET=1 runs" in why if gpu_present and not env else "Triton runs compiled" in why
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 def test_a_compiled_mode_session_collects_everything_and_skips_the_emulated_tests():
     """What ``pytest`` does on a GPU machine (compiled mode), shown on this CPU by choosing

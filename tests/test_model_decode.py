@@ -425,6 +425,7 @@ def test_a_windowed_decode_step_past_the_ring_does_no_host_sync():
     assert torch.equal(got, reference(own, 10, whole))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strict_logits_of_a_row_do_not_depend_on_its_batch(dtype: torch.dtype) -> None:
     """determinism: strict made every op batch-invariant, but the absorbed MLA's per-head

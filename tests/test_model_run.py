@@ -142,6 +142,7 @@ def test_model_dshal_run_graphs_on_reports_both_rates(tmp_path):
     assert "ran eagerly" in graphs["why"] and "decode with graphs:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_model_dshal_run_speculative_mtp(tmp_path):
     """``--speculative mtp`` loads the MTP layer and times greedy decoding with its drafts
     after the eager run: the same tokens, and how many drafts were accepted. A checkpoint
@@ -277,6 +278,7 @@ def test_model_dshal_run_backend_flag_overrides_the_config(tmp_path):
     assert "(requested by backend, set by --backend)" in proc.stderr  # the flag, not "<keyword arguments>"
 
 
+@pytest.mark.slow
 def test_model_dshal_run_prefill_chunk(tmp_path):
     """``--prefill-chunk`` prefills the prompt in forwards of that many tokens, says so, and
     generates the tokens of the one-forward prefill."""
@@ -302,6 +304,7 @@ sys.exit(dshal.cli.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux's /proc to cap the address space")
 def test_model_dshal_run_out_of_memory_in_the_prefill_is_said_in_the_flags_terms():
     """The KV cache fits, the prefill's activations do not: the allocation the host refuses is
@@ -367,6 +370,7 @@ def _checkpoint_with_tokenizer(folder: Path, eos: str = "<eos>") -> Any:
     return tokenizer
 
 
+@pytest.mark.slow
 def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path):
     """``--prompt`` encodes the text with the checkpoint's tokenizer (BOS added; ``--chat``
     wraps it in the chat template), prints and reports the decoded output, and stops at the
@@ -415,6 +419,7 @@ def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path)
     assert json.loads((tmp_path / "c.json").read_text())["prompt_len"] == len(want) > report["prompt_len"]
 
 
+@pytest.mark.slow
 def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
     """Repeated ``--prompt``: one batch of prompts of different lengths; each sequence gets the
     tokens it gets alone, the graph run agrees, and ``--batch`` with several prompts is refused."""
@@ -525,6 +530,7 @@ def test_model_dshal_run_text_prompt_errors(tmp_path, capsys):
         assert code == 1 and said in err and err.count("\n") == 1, (flags, err[-2000:])
 
 
+@pytest.mark.slow
 def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
     """``--temperature`` samples (seeded by ``--seed``: the same tokens twice, others than
     greedy's); the graph run samples too (its tokens not compared: other draws)."""
@@ -714,6 +720,7 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
         chat(model, tokenizer, ChatSettings(max_new_tokens=0), read, out)
 
 
+@pytest.mark.slow
 def test_model_dshal_run_interactive(tmp_path):
     """``dshal run --interactive`` reads the turns from the terminal (here a pipe), answers each
     and ends at the end of the input; the flags of a timed run are refused with it."""
@@ -925,6 +932,7 @@ def test_sampling_defaults_read_the_checkpoints_generation_config(tmp_path):
             sampling_defaults(tmp_path)
 
 
+@pytest.mark.slow
 def test_model_dshal_run_text_prompts_sample_as_the_generation_config_says(tmp_path):
     """With --prompt, the checkpoint's temperature / top_p / top_k / min_p apply unless the
     flags are given (as vLLM applies them); the run says where they came from. Random ids stay

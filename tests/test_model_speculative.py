@@ -180,6 +180,7 @@ def test_speculative_stops_at_a_stop_id_as_generate_does(mtp_model):
     assert torch.equal(none, prompt)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_interpreter
 def test_a_speculative_step_syncs_the_host_once_on_a_gpu_plugin():
     """Checking a draft reads one small tensor on the host per step (the accept decision):
@@ -330,6 +331,7 @@ def test_draft_verifier_keeps_or_redraws_so_each_token_is_distributed_as_the_mod
     assert rows.shape == (2, 3) and set(rows[:, 2].tolist()) <= {0, 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature, cuts", [(1.0, {}), (2.5, {"top_k": 3, "min_p": 0.3})])
 def test_sampled_speculative_tokens_follow_the_models_distribution(temperature, cuts):
     """End to end with the random MTP layer's sampled drafts (kept about 2 times in 3 here):

@@ -39,6 +39,7 @@ def _pytest(args: list[str], cwd: Path, extra_path: list[str] = ()) -> subproces
     )
 
 
+@pytest.mark.slow
 def test_pytest_plugin_runs_the_suite_in_a_vendor_repo(tmp_path: Path, wrong_backend_path: list[str]) -> None:
     good = _pytest(["--dshal-backend", "cpu", "--dshal-ops", "rms_norm", "--dshal-report-dir", str(tmp_path)], tmp_path)
     assert good.returncode == 0, good.stdout[-2000:]
@@ -56,6 +57,7 @@ def test_pytest_plugin_runs_the_suite_in_a_vendor_repo(tmp_path: Path, wrong_bac
     assert unselected.returncode == 0 and "1 skipped" in unselected.stdout
 
 
+@pytest.mark.slow
 def test_pytest_plugin_checks_nothing_only_when_told(tmp_path: Path, broken_plugin_path: list[str]) -> None:
     """As `dshal conformance`: a backend that cannot run fails unless allowed, a broken plugin
     fails even then, and a selection of nothing is a usage error (all of them passed with

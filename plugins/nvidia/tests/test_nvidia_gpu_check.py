@@ -20,6 +20,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "gpu_check.py"
 
 
+@pytest.mark.slow
 @pytest.mark.needs_interpreter
 def test_nvidia_gpu_check_dry_run(tmp_path, cpu_rowwise_scaled_mm_refusal):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_") and k != "TRITON_INTERPRET"}
