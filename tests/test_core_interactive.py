@@ -50,6 +50,14 @@ def test_tab_completion_of_dshal_ops_offers_the_ops_not_the_modules_it_imports()
     assert "reference" in names and "dispatch" in names  # its own submodules stay listed
 
 
+def test_tab_completion_of_dshal_model_offers_its_api_and_submodules():
+    import dshal.model
+
+    names = dir(dshal.model)
+    assert set(dshal.model.__all__) <= set(names) and {"speculative", "cache"} <= set(names)
+    assert not {"Any", "annotations"} & set(names)
+
+
 def test_runtime_prints_as_one_line_naming_backend_device_and_who_serves_what(clean_dshal_env):
     plain = dshal.use(backend="cpu")
     every = len(dshal.ops.SPECS)  # the cpu backend serves every op (natively or by its reference)

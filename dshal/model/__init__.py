@@ -41,6 +41,12 @@ def random_model(args: ModelArgs | None = None, seed: int = 0, std: float = 0.02
     return build_model(args, DictReader(random_checkpoint(args, seed, std), path=f"<random seed={seed}>"), precision)
 
 
+def __dir__() -> list[str]:
+    # What tab completion offers: the public names and the submodules, not this file's imports.
+    submodules = {name for name, value in globals().items() if getattr(value, "__name__", None) == f"{__name__}.{name}"}
+    return sorted({*__all__, *submodules})
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointReader",
