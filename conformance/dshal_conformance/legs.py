@@ -315,14 +315,18 @@ def _note_text(report: dict[str, Any], note: LegNote) -> str:
 MD_CELL_CHARS = 300
 
 
+def clip(text: str, limit: int, rest: str = "in the HTML/JSON") -> str:
+    """``text``, cut to ``limit`` characters when longer, saying how many more there are and
+    where they are (``rest``): a cell that shows a report's text kept whole elsewhere."""
+    return text if len(text) <= limit else text[:limit].rstrip() + f"… ({len(text) - limit} more characters {rest})"
+
+
 def md_cell(text: Any, limit: int = MD_CELL_CHARS) -> str:
     """``text`` as one Markdown table cell or list item, at most ``limit`` characters of it: a
     ``|`` (escaped, so "max |err|" still reads so) or a line break (``\\n``, ``\\r``, ...) would
     end the cell or the row, a ``<`` would open an HTML tag, a backtick would pair with the cell's
     own code spans and ``](`` would make a link (a device or reason text is the report's, not markup)."""
-    flat = " ".join(str(text).splitlines())
-    if len(flat) > limit:
-        flat = flat[:limit].rstrip() + f"… ({len(flat) - limit} more characters in the HTML/JSON)"
+    flat = clip(" ".join(str(text).splitlines()), limit)
     return (flat.replace("\\", "\\\\").replace("`", "\\`").replace("<", "&lt;").replace("|", "\\|")
             .replace("](", "]\\("))
 
@@ -330,8 +334,7 @@ def md_cell(text: Any, limit: int = MD_CELL_CHARS) -> str:
 def md_code(text: Any, limit: int = MD_CELL_CHARS) -> str:
     """``text`` for inside a Markdown code span (a list item's, not a table's): one line, no
     backtick to close the span early; escapes would show literally there, so none are made."""
-    flat = " ".join(str(text).splitlines()).replace("`", "'")
-    return flat if len(flat) <= limit else flat[:limit].rstrip() + "…"
+    return clip(" ".join(str(text).splitlines()).replace("`", "'"), limit)
 
 
 def markdown(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
@@ -393,5 +396,5 @@ def html_tables(reports: list[dict[str, Any]], notes: list[LegNote]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["FAMILY_KINDS", "LegNote", "family_summary", "html_tables", "leg_key", "leg_label", "leg_order", "markdown",
+__all__ = ["FAMILY_KINDS", "LegNote", "clip", "family_summary", "html_tables", "leg_key", "leg_label", "leg_order", "markdown",
            "md_cell", "md_code", "parse_age", "prepare"]

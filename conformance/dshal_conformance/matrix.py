@@ -39,6 +39,7 @@ from dshal_conformance.legs import (
     FAMILY_KINDS,
     LEGS_CSS,
     checked,
+    clip,
     html_tables as legs_html,
     leg_key,
     markdown as legs_markdown,
@@ -380,7 +381,7 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
                 status = "fail" if c.broken else "not-run"
                 out.append(
                     f"<td class='cell kind-not-run status-{status}' {attrs} data-status='{status}' data-sort='-1'>"
-                    f"{'❌ ' if c.broken else ''}{e(clip(c.not_run_text, NOT_RUN_CELL_CHARS))}</td>"
+                    f"{'❌ ' if c.broken else ''}{e(clip(c.not_run_text, NOT_RUN_CELL_CHARS, 'under Reports'))}</td>"
                 )
                 continue
             cell = cells.get((c.key, op, dtype))
@@ -407,11 +408,6 @@ def to_html(reports: list[dict[str, Any]], by_dtype: bool = True, stale_after: t
     out.append("</ul>" + (changes_html(changes) if changes else "") + legs_html(reports, notes))
     out.append(f"<script>{JS}</script></body></html>")
     return "\n".join(out)
-
-
-def clip(text: str, limit: int) -> str:
-    """``text``, cut to ``limit`` characters when longer (a cell that repeats a reason given whole elsewhere)."""
-    return text if len(text) <= limit else text[:limit].rstrip() + f"… ({len(text) - limit} more characters under Reports)"
 
 
 def _stale_after(args: argparse.Namespace) -> timedelta | None:
