@@ -91,6 +91,17 @@ def import_torch_npu() -> Any:
     return torch_npu
 
 
+def keys_one_query_sees(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor | slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` / ``v [B, H, Tk, D]`` cut to the key positions ``keys`` (None: all); ``v`` stays a
+    view of ``k``'s first columns where it was one (absorbed MLA pages the latent once)."""
+    if keys is None:
+        return k, v
+    if values_are_key_columns(v, k):
+        k = k[:, :, keys]
+        return k, k[..., : v.shape[-1]]
+    return k[:, :, keys], v[:, :, keys]
+
+
 def _require_npu_float(op: str, arg: str, t: torch.Tensor) -> None:
     if t.dtype not in NPU_FLOATS:
         raise DTypeError(
@@ -236,6 +247,11 @@ class AscendOps:
             return self._reference("attention")(q, k, v, causal, scale, window, global_tokens)
         if window is not None and window >= q.shape[2] + k.shape[2]:
             window = None  # it hides nothing (and window - 1 would not fit the kernel's pre_tokens)
+        if q.shape[2] == 1 and window is not None:
+            # One query sees a fixed set of keys: pass those alone, so the kernels' key limits
+            # (S <= 262144) weigh what is read, not the whole cache, and no mask is needed.
+            k, v = keys_one_query_sees(k, v, infer_attention_plan(1, k.shape[2], causal, window, global_tokens, q.device).keys)
+            window, global_tokens = None, 0
         # Absorbed MLA (head dim r + rope = 576, one kv head) has its own form of the kernel.
         mla = self.features.mla_rope and mla_form_unsupported(q, k, v, causal, window) is None
         if not mla and (v.shape[3] > q.shape[3] or fused_attention_unsupported(q, k)):
@@ -251,8 +267,6 @@ class AscendOps:
         heads, tq, d = q.shape[1:]
         tk, dv = k.shape[2], v.shape[3]
         plan = infer_attention_plan(tq, tk, causal, window, global_tokens, q.device)
-        if plan.keys is not None:  # one query: the visible keys, no mask
-            k, v = k[:, :, plan.keys], v[:, :, plan.keys]
         if dv < d:  # the kernel wants one head dim for K and V (MLA: 192 vs 128): zero-pad V
             v = F.pad(v, (0, d - dv))
         # npu_fused_infer_attention_score(query, key, value, *, atten_mask, num_heads, scale,
@@ -279,8 +293,6 @@ class AscendOps:
             q = F.pad(q, (0, 0, 0, 0, 0, padded - heads))
         plan = infer_attention_plan(tq, k.shape[2], causal, window, global_tokens, q.device)
         shares_latent = values_are_key_columns(v, k)  # the model's v = k[..., :r]: paged once
-        if plan.keys is not None:  # one query: the visible keys
-            k, v = k[:, :, plan.keys], v[:, :, plan.keys]
         tk, r = k.shape[2], MLA_LATENT_DIM
         key = paged(k[..., :r])
         # npu_fused_infer_attention_score(query, key, value, *, query_rope, key_rope, block_table,

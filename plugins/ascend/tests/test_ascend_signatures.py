@@ -525,3 +525,24 @@ def test_ascend_attention_in_float32_is_counted_as_reference_math_for_the_run_re
         ops.attention(q, k, k, True)
     assert backend.reference_calls() == {"attention": 2}
     assert len(stand_in.called("npu_fused_infer_attention_score")) == 1  # the bf16 call only
+
+
+@pytest.mark.parametrize("glob", [0, 4])
+def test_ascend_decode_key_limit_counts_the_keys_a_window_leaves(monkeypatch, glob):
+    """A decode step over a sliding window reads ``window`` (+ global) keys, however long the
+    cache: the kernels' key limit (S <= 262144) was checked on the whole cache first, so a long
+    windowed cache fell to the reference. Limits shrunk to stay small on the host."""
+    monkeypatch.setattr("dshal_ascend.layouts.FIA_MAX_KEYS", 64)
+    monkeypatch.setattr("dshal_ascend.layouts.MLA_MAX_KEYS", 64)
+    ops, stand_in = _ops("7.1.0")
+    q = torch.randn(2, 4, 1, 48, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 2, 100, 48, dtype=torch.bfloat16), torch.randn(2, 2, 100, 32, dtype=torch.bfloat16)
+    _close(ops.attention(q, k, v, True, None, 8, glob), ref.attention(q, k, v, True, None, 8, glob))
+    (call,) = stand_in.called("npu_fused_infer_attention_score")
+    assert call.arguments["key"].shape[2] == 8 + glob and call.arguments["atten_mask"] is None
+    _close(ops.attention(q, k, v, True, None, None, 0), ref.attention(q, k, v, True, None, None, 0))
+    assert len(stand_in.called("npu_fused_infer_attention_score")) == 1  # all 100 keys: past the limit
+    q, k, v = _absorbed(2, 32, 1, 300, torch.Generator().manual_seed(3))
+    _close(ops.attention(q, k, v, True, 0.07, 40, glob), ref.attention(q, k, v, True, 0.07, 40, glob))
+    a = stand_in.called("npu_fused_infer_attention_score")[-1].arguments
+    assert a["actual_seq_lengths_kv"] == [40 + glob] * 2 and a["value"] is a["key"]
