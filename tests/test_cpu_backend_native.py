@@ -3,11 +3,14 @@ runtime's dispatch, so the spec checks run in front of them as they do in the mo
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import dshal
 from dshal import ops
+from dshal.backends import cpu as cpu_module
 from dshal.backends.cpu_native import NATIVE_OPS
 from dshal.kernels import cpu as cpu_kernels
 from dshal.ops.catalogue import SPECS
@@ -436,3 +439,10 @@ def test_dequantized_copies_are_safe_from_several_threads():
 
     gc.collect()
     assert cache.nbytes() == 0 and not cache._copies
+
+
+def test_cpu_backend_docstring_names_the_native_ops():
+    """The module docstring is where a reader learns which ops run natively: it lists NATIVE_OPS."""
+    listed = re.search(r"Hot ops \(([^)]*)\)", cpu_module.__doc__ or "")
+    assert listed, "dshal/backends/cpu.py's docstring no longer lists the native ops"
+    assert set(re.split(r"[,\s]+", listed.group(1).strip())) == set(NATIVE_OPS)
