@@ -321,14 +321,21 @@ def clip(text: str, limit: int, rest: str = "in the HTML/JSON") -> str:
     return text if len(text) <= limit else text[:limit].rstrip() + f"… ({len(text) - limit} more characters {rest})"
 
 
+#: An underscore that CommonMark could read as emphasis: not between two letters or digits.
+WORD_EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
 def md_cell(text: Any, limit: int = MD_CELL_CHARS) -> str:
     """``text`` as one Markdown table cell or list item, at most ``limit`` characters of it: a
     ``|`` (escaped, so "max |err|" still reads so) or a line break (``\\n``, ``\\r``, ...) would
     end the cell or the row, a ``<`` would open an HTML tag, a backtick would pair with the cell's
-    own code spans and ``](`` would make a link (a device or reason text is the report's, not markup)."""
+    own code spans, ``](`` would make a link, ``*`` (``2*3*4``) or a ``_`` at a word's edge
+    (``_x_``; ``moe_gate`` is left as it is) emphasis, and ``&`` an entity (``&nbsp;``): a device
+    or reason text is the report's, not markup."""
     flat = clip(" ".join(str(text).splitlines()), limit)
-    return (flat.replace("\\", "\\\\").replace("`", "\\`").replace("<", "&lt;").replace("|", "\\|")
-            .replace("](", "]\\("))
+    flat = (flat.replace("\\", "\\\\").replace("`", "\\`").replace("&", "&amp;").replace("<", "&lt;")
+            .replace("|", "\\|").replace("](", "]\\(").replace("*", "\\*"))
+    return WORD_EDGE_UNDERSCORE.sub(r"\\_", flat)
 
 
 def md_code(text: Any, limit: int = MD_CELL_CHARS) -> str:

@@ -5,12 +5,17 @@ contained, accessible, escaped) and both byte-identical for the same reports."""
 from __future__ import annotations
 
 import copy
+import html
 import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
+from markdown_it import MarkdownIt
+
 from dshal import cli
+from dshal_conformance.legs import md_cell
 from dshal_conformance.report import summarize
 
 #: Text a plugin could put in a device name, a version or a reason: table and code-span
@@ -234,3 +239,21 @@ def test_a_cut_never_leaves_a_table_header_without_its_rows() -> None:
         assert kept[-1] not in headers, (max_bytes, kept[-3:])
         header_dropped += kept[-1] == "## Legs"  # (the blank line after it stripped above)
     assert header_dropped  # some sizes cut where the legs table's header would have stood last
+
+
+@pytest.mark.parametrize("text", [
+    "2*3*4 ulp and *not bold*", "_not em_ x_y __nor bold__", "a & b &amp; &nbsp; <b>x</b>",
+    "max |err| `code` [l](u) ![i](p)", "back\\slash \\_ \\* \\|", HOSTILE,
+])
+def test_a_markdown_cell_renders_to_the_reports_text_exactly(text: str) -> None:
+    """``2*3*4`` became 2<em>3</em>4 on GitHub and ``&nbsp;`` a space: a cell (and a list item)
+    renders, by a CommonMark parser with tables (rich's markdown-it), to the report's text itself."""
+    parser = MarkdownIt("commonmark").enable("table")
+    flat = " ".join(text.splitlines())
+    cell = md_cell(text, limit=10_000)
+    for rendered, pattern in ((parser.render(f"| h |\n|---|\n| {cell} |\n"), r"<td>(.*)</td>"),
+                              (parser.render(f"- {cell}\n"), r"<li>(.*)</li>")):
+        body = re.search(pattern, rendered, re.S)
+        assert body, rendered
+        assert not re.search(r"<(?!/?(td|li)\b)", body.group(1)), body.group(1)  # no tag of the report's making
+        assert html.unescape(body.group(1)).strip() == flat.strip()
