@@ -175,6 +175,28 @@ def threads_within_cpu_quota(command: str | None) -> Iterator[int | None]:
             torch.set_num_threads(was)
 
 
+@contextlib.contextmanager
+def caller_state_kept(command: str | None) -> Iterator[None]:
+    """For a program that calls :func:`main` in-process: what a command sets for its own run is
+    given back after it, namely torch's CPU thread count (``bench`` / ``profile --threads``) and
+    dshal's active runtime (the command's ``--backend`` / ``--config``: the caller's own
+    ``dshal.use()`` holds again, or none is active if none was)."""
+    threads = None
+    if command in THREADED_COMMANDS:
+        import torch  # only commands that run torch import it (they do anyway)
+
+        threads = torch.get_num_threads()
+    runtime = sys.modules.get("dshal.runtime")  # not imported yet: no runtime is active
+    try:
+        with runtime.active_kept() if runtime is not None else contextlib.nullcontext():
+            yield
+    finally:
+        if runtime is None and (imported := sys.modules.get("dshal.runtime")) is not None:
+            imported.reset()
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported to add its options."""
     parser = argparse.ArgumentParser(
@@ -203,6 +225,10 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dshal ARGV`` and return its exit status. Called in-process, the caller's torch thread
+    count, active dshal runtime, logging and signal handlers are as they were when it returns
+    (:func:`caller_state_kept`, :func:`command_logging`, ``cleanup_on_termination``); stdout
+    and stderr keep ``errors="backslashreplace"`` where their encoding is not UTF-8."""
     _printable_streams()
     try:
         code = _main(argv)
@@ -263,6 +289,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     try:
         with (
+            caller_state_kept(args.command),
             cleanup_on_termination(),
             command_logging(log_level(args.verbose + getattr(args, "verbose_after", 0), os.environ.get("DSHAL_LOG"))),
             threads_within_cpu_quota(args.command),

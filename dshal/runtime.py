@@ -408,3 +408,19 @@ def reset() -> None:
     with _lock:
         _state["active"] = None
         DISPATCHER.reset()
+
+
+@contextlib.contextmanager
+def active_kept() -> Iterator[None]:
+    """Gives back on exit the runtime that was active on entry, or none: for code that
+    activates others on its way (a command or the conformance suite run in-process), so a
+    caller's own ``dshal.use()`` still holds afterwards."""
+    with _lock:
+        was = _state["active"]
+    try:
+        yield
+    finally:
+        if was is None:
+            reset()
+        else:
+            was.activate()

@@ -39,8 +39,9 @@ def write_distribution(
 
 @pytest.fixture(autouse=True)
 def torch_threads_restored() -> Iterator[None]:
-    """In-process ``dshal bench`` / ``profile --threads N`` set torch's thread count for the whole
-    process: restored after each test, so no later test's threads depend on the test order."""
+    """A test that sets torch's thread count itself (``torch.set_num_threads``, ``set_threads``;
+    ``dshal.cli.main`` gives the caller's back) gets it restored after, so no later test's threads
+    depend on the test order."""
     threads = torch.get_num_threads()
     yield
     if torch.get_num_threads() != threads:

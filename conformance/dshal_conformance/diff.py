@@ -53,7 +53,7 @@ from dshal.model import CheckpointReader, DictReader, ModelArgs, build_model
 from dshal.model.decode import static_decode_step, static_decode_unsupported
 from dshal.outputs import check_writable
 from dshal.perf.report import HtmlReport, Table, console, write_json
-from dshal.runtime import reset
+from dshal.runtime import active_kept
 from dshal_conformance import modelcheck as mc
 from dshal_conformance.tolerances import model_tolerance
 
@@ -145,7 +145,7 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
     prec = _common_precision(precision, a_rt, b_rt)
     tol = model_tolerance(precision, args.dtype)
     prompt = mc.suite_prompt(args, prompt_len)
-    try:
+    with active_kept():  # a caller's own dshal.use() holds again after
         a_model = _model(a_rt, args, reader(), prec, backend_a == REFERENCE)
         _check_decode(a_model, decode, decode_path, prompt_len)
         a_traces, fed = _run(a_model, prompt, decode, decode_path, keep_inputs=True)
@@ -155,9 +155,6 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
         del b_model
         b_rt.activate()  # replays of providers that call other ops reach B
         steps = [_compare_pass(step, a, b, b_rt, tol.drift) for step, (a, b) in enumerate(zip(a_traces, b_traces))]
-    finally:
-
-        reset()
     prefill = {k: v for k, v in steps[0].items() if k not in ("step", "name", "tokens", "greedy")}
     first = next((s for s in steps if s["first_layer_over"] or s["first_op_over"]), None)
     return {

@@ -26,7 +26,7 @@ from dshal.config import load_config
 from dshal.errors import ArgumentError, BackendUnavailableError, PluginLoadError
 from dshal.ops.catalogue import SPECS
 from dshal.registry import REGISTRY, misspelling_of
-from dshal.runtime import build_runtime, reset
+from dshal.runtime import active_kept, build_runtime
 from dshal_conformance import __version__, report
 from dshal_conformance.cases import all_cases, case_seed
 from dshal_conformance.cases.base import Case, Context, NotPlaceable, Outcome, crashed, fail_all, unsupported_outcomes
@@ -341,7 +341,8 @@ class Session:
 
 
 def run(target: Target, options: Options) -> dict[str, Any]:
-    """Run the suite against ``target`` with a progress bar; returns the report dict."""
+    """Run the suite against ``target`` with a progress bar; returns the report dict. The runtime
+    active before (a caller's ``dshal.use()``), or none, is active again after."""
     session = Session(target, options)
     if target.runtime is None:
         return session.report()
@@ -352,23 +353,20 @@ def run(target: Target, options: Options) -> dict[str, Any]:
     def over() -> bool:
         return deadline is not None and time.monotonic() >= deadline
 
-    try:
-        with Progress(len(session.cases), f"{target.name} {options.tier}", options.progress) as bar:
-            for case in session.cases:
-                if case.kind == "collective":
-                    collective.setdefault(case.world_size, []).append(case)
-                    continue
-                bar.start(case)
-                bar.done(session.skip_case(case, spent) if over() else session.run_case(case))
-            for world, group in sorted(collective.items()):
-                bar.start(group[0])
-                if over():
-                    for case in group:
-                        bar.done(session.skip_case(case, spent))
-                    continue
-                session.run_collectives(world, group, lambda rec: bar.done([rec]))
-    finally:
-        reset()
+    with active_kept(), Progress(len(session.cases), f"{target.name} {options.tier}", options.progress) as bar:
+        for case in session.cases:
+            if case.kind == "collective":
+                collective.setdefault(case.world_size, []).append(case)
+                continue
+            bar.start(case)
+            bar.done(session.skip_case(case, spent) if over() else session.run_case(case))
+        for world, group in sorted(collective.items()):
+            bar.start(group[0])
+            if over():
+                for case in group:
+                    bar.done(session.skip_case(case, spent))
+                continue
+            session.run_collectives(world, group, lambda rec: bar.done([rec]))
     return session.report()
 
 

@@ -211,8 +211,9 @@ class Peaks:
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, backend: Backend, size: int = 1024) -> float:
     """FLOP/s of a square ``size`` matmul in ``dtype`` (best of a few timed runs)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # its own: the caller's global RNG stream is left as it was
+    a = torch.randn(size, size, device=device, generator=gen).to(dtype)
+    b = torch.randn(size, size, device=device, generator=gen).to(dtype)
     clock, _ = backend_clock(backend)
     stats = time_calls(torch.matmul, [((a, b), {})], clock, _PEAK_REPEATS)
     return 2 * size**3 / stats.min
