@@ -106,6 +106,15 @@ def atomic_write(path: Any, data: str | bytes, *, encoding: str = "utf-8", priva
 
 
 def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere it is read by setting and
+    restoring it, which for that instant gives other threads' new files 022."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

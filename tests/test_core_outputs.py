@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from dshal import outputs
 from dshal.errors import ArgumentError
 from dshal.outputs import atomic_output, atomic_write, check_writable
 
@@ -37,3 +39,25 @@ def test_check_writable_names_a_file_that_stands_where_a_folder_should(tmp_path:
         with pytest.raises(ArgumentError, match=r"--json: .*afile is a file, expected a folder to hold"):
             check_writable(path, "--json")
     assert check_writable(tmp_path / "new" / "out.json", "--json") == tmp_path / "new" / "out.json"
+
+
+def test_reading_the_umask_leaves_it_alone_for_other_threads():
+    """The umask was read by setting it to 022 and back: for that instant a file another thread
+    made got 022's mode. On Linux it is read from /proc, never set."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc/self/status: the umask can only be read by setting it")
+    set_to = []
+    real = os.umask
+
+    def watching(mask: int) -> int:
+        set_to.append(mask)
+        return real(mask)
+
+    was = real(0o027)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "umask", watching)
+            assert outputs._umask() == 0o027
+        assert set_to == []
+    finally:
+        real(was)
