@@ -108,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop timing a provider after S seconds once --min-runs are done (default 0.25)",
     )
     parser.add_argument(
-        "--rotate", type=int, metavar="N", help="input sets cycled between calls (default: auto, 2-8 by size)"
+        "--rotate", type=int, metavar="N",
+        help=f"input sets cycled between calls (default: auto by size, 2-{ROTATE_MAX_SETS}; 1 where one set alone "
+        f"holds {ROTATE_SINGLE_BYTES >> 30} GiB or more)",
     )
     parser.add_argument("--no-reference", action="store_true", help="skip the reference column")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch-direct column")

@@ -235,7 +235,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--output", default=default, metavar="report.html", help=f"HTML report (default {default})")
     parser.add_argument("--json", metavar="F", help="JSON results (default: the HTML path with .json)")
     parser.add_argument(
-        "--threads", type=int, metavar="N", help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)"
+        "--threads", type=int, metavar="N",
+        help="torch CPU threads (default: torch's, at most a container's CPU quota; 1 is steadier on a busy machine)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -151,9 +151,12 @@ def _label(t: TileConfig) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", help="GPU backend whose kernel target is tuned (default: the configured one)")
-    parser.add_argument("--shapes", help="'N,K;N,K...' (default: DeepSeek-V3's FP8 linear shapes)")
-    parser.add_argument("--m", help="comma-separated M values; each tunes its power-of-two bucket (default 1..4096)")
-    parser.add_argument("--output", metavar="F", help="table to write (default: $DSHAL_CACHE_DIR/gemm-tuning/<target>.json)")
+    parser.add_argument("--shapes", help="'N,K;N,K...' (default: DeepSeek-V3's FP8 linear shapes; with --dry-run, "
+                        f"{';'.join(f'{n},{k}' for n, k in DRY_RUN_SHAPES)})")
+    parser.add_argument("--m", help="comma-separated M values; each tunes its power-of-two bucket (default 1..4096; "
+                        f"with --dry-run, {','.join(map(str, DRY_RUN_M))})")
+    parser.add_argument("--output", metavar="F", help="table to write (default: $DSHAL_CACHE_DIR/gemm-tuning/<target>.json; "
+                        "with --dry-run, none: the check writes no table)")
     parser.add_argument("--dry-run", action="store_true",
                         help="no GPU: run each candidate tile once under the Triton interpreter on tiny shapes and "
                              "check it (no timings; the table is marked dry_run and never chooses tiles)")  # fmt: skip
