@@ -151,6 +151,15 @@ INTERPRETER_LOCK = threading.RLock()
 _CAPTURED: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar("dshal_triton_capture", default=None)
 
 
+def on_tensor_device(args: tuple) -> torch.cuda.device:
+    """A context in which torch's current device is the first tensor of ``args``'s GPU (none:
+    a no-op, as for CPU tensors). Triton launches, and ``triton.testing.do_bench`` times, on the
+    *current* device's current stream whatever device the tensors are on: a kernel given
+    ``cuda:1`` tensors while ``cuda:0`` is current would run on GPU 0 with GPU 1's pointers."""
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return torch.cuda.device_of(tensor) if tensor is not None else torch.cuda.device(-1)
+
+
 def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)``, or, inside :func:`capture_launches`, only record it.
 
@@ -162,7 +171,8 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
             with INTERPRETER_LOCK:
                 kernel[grid](*args, **kwargs)
         else:
-            kernel[grid](*args, **kwargs)
+            with on_tensor_device(args):
+                kernel[grid](*args, **kwargs)
     else:
         captured.append(Launch(kernel, grid, args, kwargs))
 

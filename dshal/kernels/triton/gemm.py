@@ -31,6 +31,7 @@ from dshal.kernels.triton._checks import (
     hardware_nan_gemm,
     launch,
     module_interpreted,
+    on_tensor_device,
     resolve_target,
 )
 from dshal.kernels.triton._jit import cast_rne
@@ -261,9 +262,10 @@ def fp8_block_gemm(
             out.copy_(dest.sum(dim=0))
         return out
 
-    if tile is None:
-        tile = select_tile(tgt, M, N, K, (a.dtype, b.dtype, out_dtype), None if INTERPRETED else run, widened=not dot_fp8)
-    out = run(tile)
+    with on_tensor_device((a,)):  # tuning times on the current device: a's
+        if tile is None:
+            tile = select_tile(tgt, M, N, K, (a.dtype, b.dtype, out_dtype), None if INTERPRETED else run, widened=not dot_fp8)
+        out = run(tile)
     # The interpreter decodes FP8 NaN codes as numbers; tensor cores propagate NaN.
     return hardware_nan_gemm(out, a, b) if INTERPRETED else out
 

@@ -87,6 +87,28 @@ def test_nvidia_graph_timer_and_pinned_memory():
     assert stats["allocated"] > 0 and 0 < stats["free"] <= stats["total"]
 
 
+@pytest.mark.skipif(not ON_NVIDIA or torch.cuda.device_count() < 2, reason="needs two NVIDIA GPUs")
+def test_nvidia_triton_ops_run_on_their_tensors_gpu():
+    # Triton launches on the current device: tensors on cuda:1 while cuda:0 is current must
+    # still be computed on cuda:1, bit for bit as on cuda:0.
+    ops = NvidiaBackend().ops()
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 512, generator=gen).bfloat16(), torch.randn(512, generator=gen).bfloat16()
+    b = torch.randn(256, 512, generator=gen)
+
+    def run(dev: torch.device) -> list[torch.Tensor]:
+        qa, sa = ops["quantize_fp8"](x.to(dev), (1, 128))
+        qb, sb = ops["quantize_fp8"](b.to(dev), (128, 128))
+        outs = [ops["rms_norm"](x.to(dev), w.to(dev)), ops["silu_and_mul"](x.to(dev)), qa.float(), sa, ops["fp8_gemm"](qa, sa, qb, sb)]
+        assert all(t.device == dev for t in outs)
+        return [t.cpu() for t in outs]
+
+    with torch.cuda.device(0):
+        want, got = run(torch.device("cuda", 0)), run(torch.device("cuda", 1))
+    for g, w_ in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w_, rtol=0, atol=0)
+
+
 @needs_gpu
 def test_nvidia_nvml_topology():
     pytest.importorskip("pynvml", reason="pynvml not installed (pip install 'dshal-nvidia[nvml]')")
