@@ -518,17 +518,18 @@ class TorchGpuBackend(Backend):
     # ------------------------------------------------------------ hooks (CUDA API: CUDA and ROCm)
     def synchronize(self) -> None:
         if not self.emulate:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device())  # this backend's device, should another be current
 
     def memory_stats(self) -> dict[str, int]:
         if self.emulate:  # the tensors live in host memory
             free = host_available_memory()
             return {} if free is None else {"free": free}
-        device_free, total = torch.cuda.mem_get_info()
-        allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        device = self.device()  # this backend's, should another be current
+        device_free, total = torch.cuda.mem_get_info(device)
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
         return {
             "allocated": allocated,
-            "peak_allocated": torch.cuda.max_memory_allocated(),
+            "peak_allocated": torch.cuda.max_memory_allocated(device),
             "reserved": reserved,
             "total": total,
             "free": device_free + reserved - allocated,  # the caching allocator reuses what it holds

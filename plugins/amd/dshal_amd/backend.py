@@ -1,7 +1,8 @@
 """The AMD backend: ROCm builds of torch on AMD Instinct GPUs (MI300X first).
 
-- Arch from ``torch.cuda.get_device_properties(0).gcnArchName`` (MI300X also reports
-  compute capability (9, 4), which is *not* an NVIDIA sm_90: we never look at it).
+- Arch from this rank's device's ``torch.cuda.get_device_properties(device).gcnArchName``
+  (MI300X also reports compute capability (9, 4), which is *not* an NVIDIA sm_90: we never
+  look at it).
 - FP8: gfx942 (MI300X/MI325X) computes in e4m3fnuz (max 240, no negative zero), so
   ``fmt="e4m3"`` means e4m3fnuz there; gfx950 (MI350/MI355X) uses the OCP e4m3fn/e5m2.
   An e4m3fn checkpoint converts with :func:`dshal_amd.e4m3fn_to_e4m3fnuz`.
