@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import dshal.plugin
 from dshal.kernels.triton._checks import launch
 
 LAUNCHED_WITHOUT_CUDA = "launched (no CUDA here)"
@@ -57,3 +58,24 @@ def test_a_launch_on_host_tensors_or_scalars_touches_no_gpu():
     launch(kernel, (1,), 7, 8.0)
     want = torch.cuda.current_device() if torch.cuda.is_available() else LAUNCHED_WITHOUT_CUDA
     assert kernel.devices == [want, want]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: on a CPU, capturing on the wrong device and "
+                    "refusing cuda:1 fail alike, so only hardware tells them apart")
+def test_a_device_graph_is_captured_and_replayed_on_its_tensors_gpu():
+    """``DeviceGraph`` made its side stream and captured on the current device, and replayed
+    on its stream: ``cuda:1`` tensors with ``cuda:0`` current were captured on GPU 0 (the
+    launches inside, which follow their tensors, then left the capture)."""
+    seen: list[int] = []
+
+    def step(t: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.cuda.current_device())
+        return t * 2
+
+    graph = dshal.plugin.DeviceGraph(step, warmup=1)
+    x = torch.ones(4, device="cuda:1")
+    with torch.cuda.device(0):
+        out = graph(x)
+        out = graph(x + 1)  # a replay
+        assert torch.cuda.current_device() == 0
+    assert set(seen) == {1} and out.tolist() == [4.0] * 4

@@ -232,6 +232,12 @@ class DeviceGraph:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = self._key(args, kwargs)
+        # On the tensors' device, whichever is current: the capture's streams, the kernels'
+        # launches (which follow their tensors) and the replay's stream must be that one.
+        with triton_kernels.on_tensor_device([*args, *kwargs.values()]):
+            return self._replay(key, args, kwargs)
+
+    def _replay(self, key: tuple, args: tuple, kwargs: dict[str, Any]) -> Any:
         entry = self._captured.get(key)
         if entry is None:
             entry = self._capture(args, kwargs)

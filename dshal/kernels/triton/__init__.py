@@ -42,6 +42,15 @@ KERNEL_MODULES = ("quant", "gemm", "norm", "activation", "rotary", "moe")
 _FIRST_USE = threading.RLock()
 
 
+def on_tensor_device(args: tuple | list) -> torch.cuda.device:
+    """A context in which torch's current device is the first tensor of ``args``'s GPU (none:
+    a no-op, as for CPU tensors). Triton launches, and ``triton.testing.do_bench`` times, on the
+    *current* device's current stream whatever device the tensors are on: a kernel given
+    ``cuda:1`` tensors while ``cuda:0`` is current would run on GPU 0 with GPU 1's pointers."""
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return torch.cuda.device_of(tensor) if tensor is not None else torch.cuda.device(-1)
+
+
 def interpreter_requested() -> bool:
     """True when ``TRITON_INTERPRET`` is set to a true value in this process's environment."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from dshal.errors import ArgumentError, BackendUnavailableError, DeviceError, DTypeError
-from dshal.kernels.triton import interpreter_blocked_reason, interpreter_requested
+from dshal.kernels.triton import interpreter_blocked_reason, interpreter_requested, on_tensor_device
 from dshal.kernels.triton.target import KernelTarget, default_target
 
 
@@ -149,15 +149,6 @@ class Launch:
 INTERPRETER_LOCK = threading.RLock()
 
 _CAPTURED: contextvars.ContextVar[list[Launch] | None] = contextvars.ContextVar("dshal_triton_capture", default=None)
-
-
-def on_tensor_device(args: tuple) -> torch.cuda.device:
-    """A context in which torch's current device is the first tensor of ``args``'s GPU (none:
-    a no-op, as for CPU tensors). Triton launches, and ``triton.testing.do_bench`` times, on the
-    *current* device's current stream whatever device the tensors are on: a kernel given
-    ``cuda:1`` tensors while ``cuda:0`` is current would run on GPU 0 with GPU 1's pointers."""
-    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    return torch.cuda.device_of(tensor) if tensor is not None else torch.cuda.device(-1)
 
 
 def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
