@@ -1037,3 +1037,28 @@ def test_model_dshal_run_builds_the_tiny_model_in_the_dtype_asked(tmp_path, caps
     capsys.readouterr()
     assert main(["run", "--dtype", "float16", "--checkpoint", str(tmp_path), "--no-progress"]) == 1
     assert "--dtype float16 is given with --checkpoint, expected one of them" in capsys.readouterr().err
+
+
+def test_model_dshal_run_says_why_graphs_and_drafts_captured_nothing(tmp_path, capsys, monkeypatch):
+    """On a backend that captures (its graph hook returns another callable, as CUDA's does),
+    ``--new-tokens 1`` runs no decode step: the graph line read "n/a tokens/s; ; tokens match"
+    and the JSON said ``captured: false`` with an empty why, and the MTP drafts' "its steps not
+    captured" with no reason, as if capture had failed. On a backend without device graphs the
+    drafts' line gave no reason either, where the graph run's says it."""
+    from dshal.backends.cpu import CpuBackend
+    from dshal.cli import main
+
+    out = tmp_path / "run.json"
+    argv = ["run", "--prompt-len", "4", "--speculative", "mtp", "--graphs", "on", "--no-progress", "--json", str(out)]
+    assert main([*argv, "--new-tokens", "2"]) == 0
+    drafts = json.loads(out.read_text())["speculative"]
+    assert drafts["captured"] is False and drafts["capture_error"] == "backend 'cpu' has no device graphs: its steps ran eagerly"
+    assert "its steps not captured: backend 'cpu' has no device graphs" in capsys.readouterr().out
+
+    monkeypatch.setattr(CpuBackend, "graph", lambda self, fn: lambda *inputs: fn(*inputs))  # a capture stand-in
+    assert main([*argv, "--new-tokens", "1"]) == 0
+    report, said = json.loads(out.read_text()), capsys.readouterr().out
+    nothing_ran = "no decode step ran: every sequence ended at the prefill's token"
+    assert report["graphs"]["why"] == nothing_ran and report["speculative"]["capture_error"] == nothing_ran
+    assert f"decode with graphs: n/a tokens/s; {nothing_ran}; tokens match" in said and "; ;" not in said
+    assert f"its steps not captured: {nothing_ran}" in said
