@@ -327,3 +327,41 @@ def _tcp_pairs(rank_a: tuple[int, int], rank_b: tuple[int, int]) -> int:
 
     ends_b = established(*rank_b)
     return sum((remote, local) in ends_b for local, remote in established(*rank_a))
+
+
+@pytest.mark.parametrize(
+    ("config", "flags"),
+    [
+        # split experts and heads with the static (graph) step, the naive cache, chunks and MTP drafts for 3 rows
+        ("", ["--tp", "2", "--mla-mode", "naive", "--prefill-chunk", "3", "--graphs", "on", "--speculative", "mtp"]),
+        # an attention window past its ring (prompt 20, window 8): graphs and drafts say why they cannot run
+        ("attention: {window: 8, global_tokens: 1}\n", ["--ep", "2", "--prefill-chunk", "7", "--graphs", "on",
+                                                        "--speculative", "mtp"]),
+    ],
+    ids=["tp-naive-chunks-graphs-mtp", "ep-window-chunks"],
+)
+def test_parallel_cli_options_together_keep_the_single_process_tokens(tmp_path: Path, config: str, flags: list[str]) -> None:
+    """Options that change how the model runs, combined (each is tested alone elsewhere): the
+    split run's greedy tokens are the plain single-process run's, its graph and draft runs match
+    its own eager tokens or say why they did not run, and its report says what ran."""
+    (tmp_path / "dshal.yaml").write_text(f"backend: cpu\n{config}")
+    run = ["run", "--config", str(tmp_path / "dshal.yaml"), "--new-tokens", "5", "--prompt-len", "20", "--batch", "3",
+           "--no-progress"]
+    reports = []
+    for extra, name in ((flags, "together.json"), ([], "plain.json")):
+        done = subprocess.run([sys.executable, "-m", "dshal", *run, *extra, "--json", str(tmp_path / name)],
+                              env=_env(), capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports.append(json.loads((tmp_path / name).read_text()))
+    together, plain = reports
+    assert together["output_ids"] == plain["output_ids"] and len(plain["output_ids"]) == 5
+    assert together["prefill_chunk"] == int(flags[flags.index("--prefill-chunk") + 1]) and together["batch"] == 3
+    assert (together["parallel"]["tp"], together["parallel"]["ep"]) == ((2, 1) if "--tp" in flags else (1, 2))
+    graphs, drafts = together["graphs"], together["speculative"]
+    if config:
+        assert not graphs["run"] and "attention window" in graphs["why"] and together["decode_tokens_per_s_graphs"] is None
+        assert not drafts["run"] and "attention window" in drafts["why"]
+    else:
+        assert graphs["run"] and graphs["tokens_match_eager"] and together["decode_tokens_per_s_graphs"] > 0
+        assert drafts["run"] and drafts["tokens_match_eager"] and drafts["steps"] + drafts["accepted"] >= 3 * 4
+        assert together["model_description"]["kv_cache"]["mode"] == "naive"
