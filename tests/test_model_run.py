@@ -530,6 +530,22 @@ def test_model_dshal_run_text_prompt_errors(tmp_path, capsys):
         assert code == 1 and said in err and err.count("\n") == 1, (flags, err[-2000:])
 
 
+def test_model_dshal_run_names_prompt_file_in_its_refusals(tmp_path, capsys):
+    """Prompts given as ``--prompt-file F`` were refused as "--prompt ...", a flag the command
+    line did not have (the file's prompts join --prompt's before the checks)."""
+    from dshal.cli import main
+
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    file = ("--prompt-file", str(tmp_path / "prompts.txt"))
+    for flags, said in (((*file,), "--prompt-file needs --checkpoint DIR"),
+                        ((*file, "--prompt-len", "4"), "--prompt-file and --prompt-len are both given"),
+                        ((*file, "--checkpoint", str(tmp_path), "--interactive"), "--interactive is given with --prompt-file"),
+                        ((*file, "--prompt", "hi", "--prompt-len", "4"), "--prompt and --prompt-len are both given")):
+        code = main(["run", *flags, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 1 and f"error: {said}," in err and err.count("\n") == 1, (flags, err[-2000:])
+
+
 @pytest.mark.slow
 def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
     """``--temperature`` samples (seeded by ``--seed``: the same tokens twice, others than

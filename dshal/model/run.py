@@ -248,17 +248,19 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
     if args.dtype is not None and args.checkpoint:
         raise DshalError(f"dshal run: --dtype {args.dtype} is given with --checkpoint, expected one of them "
                          "(the checkpoint's config.json sets its dtype)")
+    prompt_flag = "--prompt-file" if args.prompt_file is not None and args.prompt is None else "--prompt"  # as given
     if args.prompt_file is not None:
         args.prompt = [*(args.prompt or []), *read_prompt_file(args.prompt_file)]
     if args.interactive:
-        _check_interactive_flags(args)
+        _check_interactive_flags(args, prompt_flag)
     elif args.prompt is not None:
         if not all(args.prompt):
             raise DshalError("dshal run: --prompt is empty, expected text")
         if args.prompt_len is not None:
-            raise DshalError("dshal run: --prompt and --prompt-len are both given, expected one (the text sets the length)")
+            raise DshalError(f"dshal run: {prompt_flag} and --prompt-len are both given, expected one (the text sets "
+                             "the length)")
         if not args.checkpoint:
-            raise DshalError("dshal run: --prompt needs --checkpoint DIR, whose tokenizer reads the text "
+            raise DshalError(f"dshal run: {prompt_flag} needs --checkpoint DIR, whose tokenizer reads the text "
                              "(the built-in tiny model has none)")
     else:
         for flag in ("chat", "ignore_eos", "trust_remote_code"):
@@ -268,12 +270,13 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
         _positive("--prompt-len", args.prompt_len)
 
 
-def _check_interactive_flags(args: argparse.Namespace) -> None:
-    """``--interactive`` needs a checkpoint (its tokenizer) and takes no flag of the timed run."""
+def _check_interactive_flags(args: argparse.Namespace, prompt_flag: str) -> None:
+    """``--interactive`` needs a checkpoint (its tokenizer) and takes no flag of the timed run
+    (``prompt_flag``: how the prompts in ``args.prompt`` were given)."""
     if not args.checkpoint:
         raise DshalError("dshal run: --interactive needs --checkpoint DIR, whose tokenizer and chat template carry "
                          "the conversation (the built-in tiny model has none)")
-    given = {"--prompt": args.prompt is not None, "--prompt-len": args.prompt_len is not None,
+    given = {prompt_flag: args.prompt is not None, "--prompt-len": args.prompt_len is not None,
              "--batch": args.batch not in (None, 1), "--json": bool(args.json), "--report": bool(args.report)}
     for flag, is_given in given.items():
         if is_given:
