@@ -47,6 +47,21 @@ def test_parallel_cli_launches_local_ranks(tmp_path: Path) -> None:
     assert len(report["output_ids"]) == 3
 
 
+def test_parallel_cli_a_run_without_a_decode_rate_says_none_on_every_rank(tmp_path: Path) -> None:
+    """``--new-tokens 2`` times no decode step: one process says n/a (null in the JSON), but a
+    split run's ranks and aggregate said "decode 0.0 tokens/s" (0.0 in the JSON), a rate measured as nothing."""
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "dshal", "run", "--new-tokens", "2", "--prompt-len", "4", "--no-progress",
+                           "--ep", "2", "--json", str(out)], env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    parallel = report["parallel"]
+    assert report["decode_tokens_per_s"] is None and parallel["aggregate_decode_tokens_per_s"] is None
+    assert [r["decode_tokens_per_s"] for r in parallel["per_rank"]] == [None, None]
+    assert parallel["aggregate_prefill_tokens_per_s"] == min(r["prefill_tokens_per_s"] for r in parallel["per_rank"]) > 0
+    assert "decode 0.0" not in done.stdout and done.stdout.count("decode n/a tokens/s") == 3  # two ranks, the aggregate
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_parallel_cli_under_torchrun() -> None:
     done = subprocess.run(
