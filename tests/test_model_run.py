@@ -530,6 +530,22 @@ def test_model_dshal_run_text_prompt_errors(tmp_path, capsys):
         assert code == 1 and said in err and err.count("\n") == 1, (flags, err[-2000:])
 
 
+def test_model_dshal_run_names_prompt_file_in_its_refusals(tmp_path, capsys):
+    """Prompts given as ``--prompt-file F`` were refused as "--prompt ...", a flag the command
+    line did not have (the file's prompts join --prompt's before the checks)."""
+    from dshal.cli import main
+
+    (tmp_path / "prompts.txt").write_text("hello\n")
+    file = ("--prompt-file", str(tmp_path / "prompts.txt"))
+    for flags, said in (((*file,), "--prompt-file needs --checkpoint DIR"),
+                        ((*file, "--prompt-len", "4"), "--prompt-file and --prompt-len are both given"),
+                        ((*file, "--checkpoint", str(tmp_path), "--interactive"), "--interactive is given with --prompt-file"),
+                        ((*file, "--prompt", "hi", "--prompt-len", "4"), "--prompt and --prompt-len are both given")):
+        code = main(["run", *flags, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 1 and f"error: {said}," in err and err.count("\n") == 1, (flags, err[-2000:])
+
+
 @pytest.mark.slow
 def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
     """``--temperature`` samples (seeded by ``--seed``: the same tokens twice, others than
@@ -1037,3 +1053,28 @@ def test_model_dshal_run_builds_the_tiny_model_in_the_dtype_asked(tmp_path, caps
     capsys.readouterr()
     assert main(["run", "--dtype", "float16", "--checkpoint", str(tmp_path), "--no-progress"]) == 1
     assert "--dtype float16 is given with --checkpoint, expected one of them" in capsys.readouterr().err
+
+
+def test_model_dshal_run_says_why_graphs_and_drafts_captured_nothing(tmp_path, capsys, monkeypatch):
+    """On a backend that captures (its graph hook returns another callable, as CUDA's does),
+    ``--new-tokens 1`` runs no decode step: the graph line read "n/a tokens/s; ; tokens match"
+    and the JSON said ``captured: false`` with an empty why, and the MTP drafts' "its steps not
+    captured" with no reason, as if capture had failed. On a backend without device graphs the
+    drafts' line gave no reason either, where the graph run's says it."""
+    from dshal.backends.cpu import CpuBackend
+    from dshal.cli import main
+
+    out = tmp_path / "run.json"
+    argv = ["run", "--prompt-len", "4", "--speculative", "mtp", "--graphs", "on", "--no-progress", "--json", str(out)]
+    assert main([*argv, "--new-tokens", "2"]) == 0
+    drafts = json.loads(out.read_text())["speculative"]
+    assert drafts["captured"] is False and drafts["capture_error"] == "backend 'cpu' has no device graphs: its steps ran eagerly"
+    assert "its steps not captured: backend 'cpu' has no device graphs" in capsys.readouterr().out
+
+    monkeypatch.setattr(CpuBackend, "graph", lambda self, fn: lambda *inputs: fn(*inputs))  # a capture stand-in
+    assert main([*argv, "--new-tokens", "1"]) == 0
+    report, said = json.loads(out.read_text()), capsys.readouterr().out
+    nothing_ran = "no decode step ran: every sequence ended at the prefill's token"
+    assert report["graphs"]["why"] == nothing_ran and report["speculative"]["capture_error"] == nothing_ran
+    assert f"decode with graphs: n/a tokens/s; {nothing_ran}; tokens match" in said and "; ;" not in said
+    assert f"its steps not captured: {nothing_ran}" in said

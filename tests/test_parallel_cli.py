@@ -47,6 +47,21 @@ def test_parallel_cli_launches_local_ranks(tmp_path: Path) -> None:
     assert len(report["output_ids"]) == 3
 
 
+def test_parallel_cli_a_run_without_a_decode_rate_says_none_on_every_rank(tmp_path: Path) -> None:
+    """``--new-tokens 2`` times no decode step: one process says n/a (null in the JSON), but a
+    split run's ranks and aggregate said "decode 0.0 tokens/s" (0.0 in the JSON), a rate measured as nothing."""
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "dshal", "run", "--new-tokens", "2", "--prompt-len", "4", "--no-progress",
+                           "--ep", "2", "--json", str(out)], env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    parallel = report["parallel"]
+    assert report["decode_tokens_per_s"] is None and parallel["aggregate_decode_tokens_per_s"] is None
+    assert [r["decode_tokens_per_s"] for r in parallel["per_rank"]] == [None, None]
+    assert parallel["aggregate_prefill_tokens_per_s"] == min(r["prefill_tokens_per_s"] for r in parallel["per_rank"]) > 0
+    assert "decode 0.0" not in done.stdout and done.stdout.count("decode n/a tokens/s") == 3  # two ranks, the aggregate
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 def test_parallel_cli_under_torchrun() -> None:
     done = subprocess.run(
@@ -327,3 +342,41 @@ def _tcp_pairs(rank_a: tuple[int, int], rank_b: tuple[int, int]) -> int:
 
     ends_b = established(*rank_b)
     return sum((remote, local) in ends_b for local, remote in established(*rank_a))
+
+
+@pytest.mark.parametrize(
+    ("config", "flags"),
+    [
+        # split experts and heads with the static (graph) step, the naive cache, chunks and MTP drafts for 3 rows
+        ("", ["--tp", "2", "--mla-mode", "naive", "--prefill-chunk", "3", "--graphs", "on", "--speculative", "mtp"]),
+        # an attention window past its ring (prompt 20, window 8): graphs and drafts say why they cannot run
+        ("attention: {window: 8, global_tokens: 1}\n", ["--ep", "2", "--prefill-chunk", "7", "--graphs", "on",
+                                                        "--speculative", "mtp"]),
+    ],
+    ids=["tp-naive-chunks-graphs-mtp", "ep-window-chunks"],
+)
+def test_parallel_cli_options_together_keep_the_single_process_tokens(tmp_path: Path, config: str, flags: list[str]) -> None:
+    """Options that change how the model runs, combined (each is tested alone elsewhere): the
+    split run's greedy tokens are the plain single-process run's, its graph and draft runs match
+    its own eager tokens or say why they did not run, and its report says what ran."""
+    (tmp_path / "dshal.yaml").write_text(f"backend: cpu\n{config}")
+    run = ["run", "--config", str(tmp_path / "dshal.yaml"), "--new-tokens", "5", "--prompt-len", "20", "--batch", "3",
+           "--no-progress"]
+    reports = []
+    for extra, name in ((flags, "together.json"), ([], "plain.json")):
+        done = subprocess.run([sys.executable, "-m", "dshal", *run, *extra, "--json", str(tmp_path / name)],
+                              env=_env(), capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports.append(json.loads((tmp_path / name).read_text()))
+    together, plain = reports
+    assert together["output_ids"] == plain["output_ids"] and len(plain["output_ids"]) == 5
+    assert together["prefill_chunk"] == int(flags[flags.index("--prefill-chunk") + 1]) and together["batch"] == 3
+    assert (together["parallel"]["tp"], together["parallel"]["ep"]) == ((2, 1) if "--tp" in flags else (1, 2))
+    graphs, drafts = together["graphs"], together["speculative"]
+    if config:
+        assert not graphs["run"] and "attention window" in graphs["why"] and together["decode_tokens_per_s_graphs"] is None
+        assert not drafts["run"] and "attention window" in drafts["why"]
+    else:
+        assert graphs["run"] and graphs["tokens_match_eager"] and together["decode_tokens_per_s_graphs"] > 0
+        assert drafts["run"] and drafts["tokens_match_eager"] and drafts["steps"] + drafts["accepted"] >= 3 * 4
+        assert together["model_description"]["kv_cache"]["mode"] == "naive"

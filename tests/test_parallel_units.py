@@ -778,3 +778,20 @@ def test_cleanup_on_termination_leaves_an_ignored_signal_ignored() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False,
                           preexec_fn=nohup)
     assert done.returncode == 0 and "survived" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_aggregate_line_counts_every_sequence_of_the_run() -> None:
+    """``--tp 2 --prompt-file F --batch 2`` with 3 prompts runs 2 batches: the line said "the
+    same 2 sequence(s)" (one batch's rows), where the ranks produce 3."""
+    from dshal.parallel.run import aggregate_line
+
+    parallel = {"tp": 2, "ep": 1, "world_size": 2, "placement": "contiguous ranks",
+                "aggregate_prefill_tokens_per_s": 100.0, "aggregate_decode_tokens_per_s": 50.0}
+    prompts = {"batch": 2, "batches": 2, "sequences": [{}, {}, {}], "parallel": parallel}
+    assert "all ranks produce the same 3 sequence(s)" in aggregate_line(prompts)
+    random_ids = {"batch": 4, "batches": 1, "parallel": parallel}  # no text: one batch of --batch rows
+    line = aggregate_line(random_ids)
+    assert line == ("aggregate over 2 ranks (TP=2 x EP=1; all ranks produce the same 4 sequence(s), so the slowest rank "
+                    "sets the pace): prefill 100.0 tokens/s, decode 50.0 tokens/s; placement: contiguous ranks")
+    no_decode_rate = {**random_ids, "parallel": {**parallel, "aggregate_decode_tokens_per_s": None}}
+    assert "decode n/a tokens/s" in aggregate_line(no_decode_rate)

@@ -248,17 +248,19 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
     if args.dtype is not None and args.checkpoint:
         raise DshalError(f"dshal run: --dtype {args.dtype} is given with --checkpoint, expected one of them "
                          "(the checkpoint's config.json sets its dtype)")
+    prompt_flag = "--prompt-file" if args.prompt_file is not None and args.prompt is None else "--prompt"  # as given
     if args.prompt_file is not None:
         args.prompt = [*(args.prompt or []), *read_prompt_file(args.prompt_file)]
     if args.interactive:
-        _check_interactive_flags(args)
+        _check_interactive_flags(args, prompt_flag)
     elif args.prompt is not None:
         if not all(args.prompt):
             raise DshalError("dshal run: --prompt is empty, expected text")
         if args.prompt_len is not None:
-            raise DshalError("dshal run: --prompt and --prompt-len are both given, expected one (the text sets the length)")
+            raise DshalError(f"dshal run: {prompt_flag} and --prompt-len are both given, expected one (the text sets "
+                             "the length)")
         if not args.checkpoint:
-            raise DshalError("dshal run: --prompt needs --checkpoint DIR, whose tokenizer reads the text "
+            raise DshalError(f"dshal run: {prompt_flag} needs --checkpoint DIR, whose tokenizer reads the text "
                              "(the built-in tiny model has none)")
     else:
         for flag in ("chat", "ignore_eos", "trust_remote_code"):
@@ -268,12 +270,13 @@ def _check_prompt_flags(args: argparse.Namespace) -> None:
         _positive("--prompt-len", args.prompt_len)
 
 
-def _check_interactive_flags(args: argparse.Namespace) -> None:
-    """``--interactive`` needs a checkpoint (its tokenizer) and takes no flag of the timed run."""
+def _check_interactive_flags(args: argparse.Namespace, prompt_flag: str) -> None:
+    """``--interactive`` needs a checkpoint (its tokenizer) and takes no flag of the timed run
+    (``prompt_flag``: how the prompts in ``args.prompt`` were given)."""
     if not args.checkpoint:
         raise DshalError("dshal run: --interactive needs --checkpoint DIR, whose tokenizer and chat template carry "
                          "the conversation (the built-in tiny model has none)")
-    given = {"--prompt": args.prompt is not None, "--prompt-len": args.prompt_len is not None,
+    given = {prompt_flag: args.prompt is not None, "--prompt-len": args.prompt_len is not None,
              "--batch": args.batch not in (None, 1), "--json": bool(args.json), "--report": bool(args.report)}
     for flag, is_given in given.items():
         if is_given:
@@ -718,6 +721,11 @@ def _graphs_declined(args: argparse.Namespace, runtime: Any, captures: bool) -> 
     return ""
 
 
+#: Why a graph run captured nothing on a backend that captures: every sequence's only new token
+#: came from the prefill (``--new-tokens 1``, or a stop id there).
+NO_DECODE_STEP = "no decode step ran: every sequence ended at the prefill's token"
+
+
 def _graph_run(
     args: argparse.Namespace,
     model: Any,
@@ -752,7 +760,9 @@ def _graph_run(
             "run": True,
             "captured": bool(decoder and decoder.captured),
             "capture_s": round(decoder.capture_s, 3) if decoder else None,
-            "why": (f"capture failed, the static step ran eagerly: {decoder.capture_error}" if decoder and decoder.capture_error
+            # No decoder: the prefill made the only token (said, as "" read as a capture that worked).
+            "why": (NO_DECODE_STEP if decoder is None
+                    else f"capture failed, the static step ran eagerly: {decoder.capture_error}" if decoder.capture_error
                     else "" if captures else f"backend {runtime.backend.name!r} has no device graphs: the static step ran eagerly"),
             # The graph run never stops at an EOS: its tokens up to each sequence's stop are compared.
             # Sampled, they are drawn from the same distribution, not the same draws: None.
@@ -787,7 +797,8 @@ def _speculative_run(
     sampler = torch.Generator(device=prompt.device)
     marks: list[tuple[int, float]] = []  # (new tokens written so far - 1, when)
     # The steps' forwards as device graphs, as --graphs decides for the plain decode steps.
-    graph = None if _graphs_declined(args, runtime, _captures_graphs(runtime)) else runtime.backend.graph
+    captures = _captures_graphs(runtime)
+    graph = None if _graphs_declined(args, runtime, captures) else runtime.backend.graph
 
     def speculative_generate(on_token: Any = None) -> tuple[torch.Tensor, SpeculativeStats]:
         sampler.manual_seed(args.seed)
@@ -806,11 +817,15 @@ def _speculative_run(
     rate = None
     if len(marks) > 2 and marks[-1][1] > marks[1][1]:  # after the first (checked) step
         rate = (marks[-1][0] - marks[1][0]) / (marks[-1][1] - marks[1][1])
+    details = stats.as_dict()
+    if stats.captured is False and not stats.capture_error:  # not a failed capture: say why, as the graph run does
+        details["capture_error"] = (f"backend {runtime.backend.name!r} has no device graphs: its steps ran eagerly"
+                                    if not captures else NO_DECODE_STEP)
     return {
         "speculative": {
             "run": True,
             "why": "",
-            **stats.as_dict(),
+            **details,
             # Sampled tokens are drawn from the eager run's distribution, not the same draws: None.
             "tokens_match_eager": (completions(ids, lens, args.new_tokens, eos) == eager_outputs
                                    if args.temperature == 0 else None),

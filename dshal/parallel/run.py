@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import sys
@@ -142,13 +143,15 @@ def report(report: dict[str, Any], groups: ParallelGroups) -> dict[str, Any]:
     """Print this rank's tokens/s; gather every rank's on rank 0 and add the aggregate to
     ``report`` (returned). Every rank must call it."""
     rank, world = comm.get_rank(), comm.get_world_size()
-    mine = [report.get("prefill_tokens_per_s") or 0.0, report.get("decode_tokens_per_s") or 0.0]
+    # No rate (None: e.g. --new-tokens 2 times no decode step) travels as NaN and comes back None, not 0.0.
+    mine = [report.get("prefill_tokens_per_s"), report.get("decode_tokens_per_s")]
     # One write per line: print() writes the text and its newline apart, and the ranks share stdout.
-    sys.stdout.write(f"rank {rank}/{world}: prefill {mine[0]:,.1f} tokens/s, decode {mine[1]:,.1f} tokens/s\n")
+    sys.stdout.write(f"rank {rank}/{world}: prefill {_per_s(mine[0])} tokens/s, decode {_per_s(mine[1])} tokens/s\n")
     sys.stdout.flush()
-    rates = comm.all_gather(torch.tensor([mine], dtype=torch.float64, device=_device()), dim=0).cpu()
-    per_rank = [{"rank": r, "prefill_tokens_per_s": float(p), "decode_tokens_per_s": float(d)} for r, (p, d) in enumerate(rates.tolist())]
-    slowest = rates.min(dim=0).values.tolist()
+    sent = torch.tensor([[math.nan if x is None else x for x in mine]], dtype=torch.float64, device=_device())
+    rates = comm.all_gather(sent, dim=0).cpu()
+    per_rank = [{"rank": r, "prefill_tokens_per_s": _rate(p), "decode_tokens_per_s": _rate(d)} for r, (p, d) in enumerate(rates.tolist())]
+    slowest = [_rate(x) for x in rates.min(dim=0).values.tolist()]  # NaN where any rank has no rate
     report["parallel"] = {
         "tp": groups.tp_size,
         "ep": groups.ep_size,
@@ -159,13 +162,27 @@ def report(report: dict[str, Any], groups: ParallelGroups) -> dict[str, Any]:
         "aggregate_decode_tokens_per_s": slowest[1],
     }
     if rank == 0:
-        print(
-            f"aggregate over {world} ranks (TP={groups.tp_size} x EP={groups.ep_size}; all ranks produce the same "
-            f"{report['batch']} sequence(s), so the slowest rank sets the pace): prefill {slowest[0]:,.1f} tokens/s, "
-            f"decode {slowest[1]:,.1f} tokens/s; placement: {groups.plan.reason}",
-            flush=True,
-        )
+        print(aggregate_line(report), flush=True)
     return report
+
+
+def aggregate_line(report: dict[str, Any]) -> str:
+    """Rank 0's line on the job's aggregate tokens/s (``report["parallel"]`` set by :func:`report`)."""
+    par = report["parallel"]
+    # every sequence of the run: several --prompt-file batches hold more than one batch's rows
+    sequences = len(report.get("sequences") or ()) or report["batch"]
+    return (f"aggregate over {par['world_size']} ranks (TP={par['tp']} x EP={par['ep']}; all ranks produce the same "
+            f"{sequences} sequence(s), so the slowest rank sets the pace): prefill "
+            f"{_per_s(par['aggregate_prefill_tokens_per_s'])} tokens/s, decode {_per_s(par['aggregate_decode_tokens_per_s'])} "
+            f"tokens/s; placement: {par['placement']}")
+
+
+def _rate(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _per_s(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:,.1f}"
 
 
 def is_reporting_rank() -> bool:
@@ -275,4 +292,4 @@ def _device() -> torch.device:
     return current().device
 
 
-__all__ = ["INPUT_POLL_S", "add_arguments", "agree", "any_rank", "finish", "is_reporting_rank", "load", "relaunch", "relaunch_needed", "ranks_sharing", "report", "setup", "shared_input", "wanted"]
+__all__ = ["INPUT_POLL_S", "add_arguments", "aggregate_line", "agree", "any_rank", "finish", "is_reporting_rank", "load", "relaunch", "relaunch_needed", "ranks_sharing", "report", "setup", "shared_input", "wanted"]
