@@ -98,8 +98,8 @@ def test_parallel_cli_a_world_size_below_one_is_refused() -> None:
 @pytest.mark.parametrize(
     ("flags", "said"),
     [
-        (["--tp", "3"], "tensor_parallel: num_attention_heads is 4, expected a multiple of the group size 3"),
-        (["--tp", "2", "--ep", "3"], "expert_parallel: the number of routed experts this rank handles is 8, "
+        (["--tp", "3"], "--tp 3 --ep 1: tensor_parallel: num_attention_heads is 4, expected a multiple of the group size 3"),
+        (["--tp", "2", "--ep", "3"], "--tp 2 --ep 3: expert_parallel: the number of routed experts this rank handles is 8, "
          "expected a multiple of the group size 3"),
         (["--tp", "2", "--checkpoint", "/nonexistent"], "/nonexistent: cannot read model config: no such file"),
     ],

@@ -73,8 +73,11 @@ def relaunch(args: argparse.Namespace) -> int:
     if "run" not in argv:
         raise DshalError("dshal run --tp/--ep: start it from the command line (dshal run ... or torchrun ... -m dshal run ...)")
     model_args = ModelArgs.from_file(args.checkpoint) if args.checkpoint else tiny_args()
-    for _ in sharded_skeletons(model_args, plan_groups(args.tp * args.ep, args.tp, args.ep)):
-        pass  # each rank's transforms on a meta skeleton: a split the model cannot take raises
+    try:
+        for _ in sharded_skeletons(model_args, plan_groups(args.tp * args.ep, args.tp, args.ep)):
+            pass  # each rank's transforms on a meta skeleton: a split the model cannot take raises
+    except DshalError as err:  # name the flags that asked for the split, not only the transform
+        raise type(err)(f"dshal run --tp {args.tp} --ep {args.ep}: {err}") from err
     return relaunch_self(["dshal", *argv], args.tp * args.ep)
 
 
