@@ -93,7 +93,7 @@ def fit_table(table: Any, console: Any, options: Any) -> Any:
     spans = [_column_span(console, unbounded, table, column) for column in table.columns]
     frame = whole.maximum - sum(most for _, most in spans)  # borders and cell padding
     if sum(least for least, _ in spans) > room - frame:
-        return _stacked(table, console, room)
+        return _stacked(table, console, unbounded, room)
     fitted = copy.copy(table)
     fitted.columns = []
     for column, width in zip(table.columns, _share(room - frame, spans), strict=True):
@@ -130,7 +130,7 @@ def _share(room: int, spans: list[tuple[int, int]]) -> list[int]:
     return widths
 
 
-def _stacked(table: Any, console: Any, width: int) -> Any:
+def _stacked(table: Any, console: Any, unbounded: Any, width: int) -> Any:
     """``table`` as one block per row: each non-empty cell after its header, or below it
     (indented) where a header column would leave too little room for the cell's longest word."""
     from rich.console import Group
@@ -140,9 +140,9 @@ def _stacked(table: Any, console: Any, width: int) -> Any:
 
     headers = [column.header for column in table.columns]
     rows = list(zip(*(list(column.cells) for column in table.columns), strict=True))
-    key_width = min(max((Measurement.get(console, console.options, h).maximum for h in headers), default=0),
+    key_width = min(max((Measurement.get(console, unbounded, h).maximum for h in headers), default=0),
                     max(8, width // 3))
-    longest_word = max((Measurement.get(console, console.options, cell).minimum for row in rows for cell in row),
+    longest_word = max((Measurement.get(console, unbounded, cell).minimum for row in rows for cell in row),
                        default=0)
     beside = key_width + 1 + longest_word <= width
     grid = Table.grid(padding=(0, 1) if beside else 0)
