@@ -131,40 +131,37 @@ def _share(room: int, spans: list[tuple[int, int]]) -> list[int]:
 
 
 def _stacked(table: Any, console: Any, unbounded: Any, width: int) -> Any:
-    """``table`` as one block per row: each non-empty cell after its header, or below it
-    (indented) where a header column would leave too little room for the cell's longest word."""
+    """``table`` as one block per row: each non-empty cell after its header, or on the lines
+    below it (indented) where its longest word would not fit beside the header."""
     from rich.console import Group
     from rich.measure import Measurement
     from rich.padding import Padding
     from rich.table import Table
+    from rich.text import Text
 
-    headers = [column.header for column in table.columns]
-    rows = list(zip(*(list(column.cells) for column in table.columns), strict=True))
+    headers = [console.render_str(h, style="bold") if isinstance(h, str) else h for h in
+               (column.header for column in table.columns)]
     key_width = min(max((Measurement.get(console, unbounded, h).maximum for h in headers), default=0),
                     max(8, width // 3))
-    longest_word = max((Measurement.get(console, unbounded, cell).minimum for row in rows for cell in row),
-                       default=0)
-    beside = key_width + 1 + longest_word <= width
-    grid = Table.grid(padding=(0, 1) if beside else 0)
-    grid.add_column(overflow="fold", max_width=key_width if beside else None)
-    if beside:
-        grid.add_column(overflow="fold")
-    for i, row in enumerate(rows):
+    lines: list[Any] = []
+    if table.title is not None:
+        title = table.title
+        lines.append(console.render_str(title, style="table.title") if isinstance(title, str) else title)
+    for i, row in enumerate(zip(*(list(column.cells) for column in table.columns), strict=True)):
         if i:
-            grid.add_row(*[""] * len(grid.columns))
+            lines.append(Text(""))
         for header, cell in zip(headers, row, strict=True):
             if not str(cell).strip():
                 continue
-            key = console.render_str(header, style="bold") if isinstance(header, str) else header
-            if beside:
-                grid.add_row(key, cell)
+            if key_width + 1 + Measurement.get(console, unbounded, cell).minimum <= width:
+                pair = Table.grid(padding=(0, 1))
+                pair.add_column(width=key_width, overflow="fold")
+                pair.add_column(overflow="fold")
+                pair.add_row(header, cell)
+                lines.append(pair)
             else:
-                grid.add_row(key)
-                grid.add_row(Padding(cell, (0, 0, 0, 2)))
-    title = table.title
-    if title is None:
-        return grid
-    return Group(console.render_str(title, style="table.title") if isinstance(title, str) else title, grid)
+                lines.extend((header, Padding(cell, (0, 0, 0, 2))))
+    return Group(*lines)
 
 
 def is_terminal(stream: Any) -> bool:
