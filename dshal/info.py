@@ -81,7 +81,7 @@ def collect_standin(backend: str, release: str) -> dict[str, Any]:
 
 
 def _console() -> Any:
-    return output_console()  # piped output (CI logs): wide, not rich's 80-column default
+    return output_console()  # piped output (CI logs): unbounded width, not rich's 80-column default
 
 
 def _print_standin(data: dict[str, Any]) -> None:

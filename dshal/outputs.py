@@ -21,22 +21,147 @@ from typing import Any, BinaryIO
 
 from dshal.errors import ArgumentError
 
+#: The width of output that is not a terminal (a log, ``| grep``, ``| less -S``) when COLUMNS
+#: does not say one: in practice none, so each table row and each line stays one line.
+UNBOUNDED_WIDTH = 100_000
 
-def console(*, stderr: bool = False, piped_width: int | None = 160, **options: Any) -> Any:
-    """The CLI's rich Console: ``piped_width`` columns when its stream is not a terminal (logs,
-    CI; None: rich's default), and a reader that left (``dshal info | head``) raises
-    BrokenPipeError, which the CLI ends with 141 as for its plain prints (rich's own handler
-    exits 1, which a ``pipefail`` shell cannot tell from a failure). ``options`` go to Console."""
+
+def console(*, stderr: bool = False, **options: Any) -> Any:
+    """The CLI's rich Console.
+
+    Width: a terminal's own (or COLUMNS); output that is not a terminal gets COLUMNS when it is
+    set, else :data:`UNBOUNDED_WIDTH`, so a CI log or a pipe never has a row split over lines.
+    A rich Table it prints is laid out by :func:`fit_table`: at any width every cell keeps
+    every character (rich alone cut numbers and names to "…" at 60 or 80 columns).
+    A reader that left (``dshal info | head``) raises BrokenPipeError, which the CLI ends with
+    141 as for its plain prints (rich's own handler exits 1, which a ``pipefail`` shell cannot
+    tell from a failure). ``options`` go to Console."""
     from rich.console import Console  # rich: only for the commands that print tables
+    from rich.table import Table
 
     class PipeAwareConsole(Console):
         def on_broken_pipe(self) -> None:
             raise BrokenPipeError
 
+        def print(self, *objects: Any, **kwargs: Any) -> None:
+            super().print(*(_FittedTable(o) if isinstance(o, Table) else o for o in objects), **kwargs)
+
     stream = sys.stderr if stderr else sys.stdout
-    if "width" not in options and piped_width is not None and not is_terminal(stream):
-        options["width"] = piped_width
+    if "width" not in options and not is_terminal(stream):
+        options["width"] = _columns_env() or UNBOUNDED_WIDTH
     return PipeAwareConsole(stderr=stderr, **options)
+
+
+def _columns_env() -> int | None:
+    """COLUMNS when it is a positive whole number (the width the user asked for), else None."""
+    value = os.environ.get("COLUMNS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+class _FittedTable:
+    """A rich Table printed through :func:`fit_table` at the width it is given."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        yield fit_table(self.table, console, options)
+
+    def __rich_measure__(self, console: Any, options: Any) -> Any:
+        from rich.measure import Measurement
+
+        return Measurement.get(console, options, self.table)
+
+
+def fit_table(table: Any, console: Any, options: Any) -> Any:
+    """``table`` laid out in ``options.max_width`` columns without losing a character.
+
+    Rich shrinks a table that is too wide by cutting cells to "…" (or, with ``no_wrap``,
+    cropping them), and it shrinks token columns as readily as prose. Here: a table that fits
+    is left alone; one that fits once its cells wrap at spaces gets column widths no narrower
+    than each column's longest word (numbers, names and paths stay whole on one line); one
+    whose longest words alone are too wide is printed as one "header  value" block per row."""
+    import copy
+
+    from rich.measure import Measurement
+
+    room = options.max_width
+    unbounded = options.update_width(UNBOUNDED_WIDTH)
+    whole = Measurement.get(console, unbounded, table)
+    if whole.maximum <= room:
+        return table
+    spans = [_column_span(console, unbounded, table, column) for column in table.columns]
+    frame = whole.maximum - sum(most for _, most in spans)  # borders and cell padding
+    if sum(least for least, _ in spans) > room - frame:
+        return _stacked(table, console, unbounded, room)
+    fitted = copy.copy(table)
+    fitted.columns = []
+    for column, width in zip(table.columns, _share(room - frame, spans), strict=True):
+        column = copy.copy(column)
+        column.width, column.min_width, column.max_width = width, None, None
+        column.no_wrap, column.overflow = False, "fold"  # fold: a safety net, never "…"
+        fitted.columns.append(column)
+    return fitted
+
+
+def _column_span(console: Any, options: Any, table: Any, column: Any) -> tuple[int, int]:
+    """(longest word, longest line) of a column's header and cells, padding not included."""
+    from rich.measure import Measurement
+
+    cells = ([column.header] if table.show_header else []) + list(column.cells)
+    spans = [Measurement.get(console, options, cell) for cell in cells]
+    return max((s.minimum for s in spans), default=0), max((s.maximum for s in spans), default=0)
+
+
+def _share(room: int, spans: list[tuple[int, int]]) -> list[int]:
+    """Column widths adding up to ``room``: each its longest word, and what is left shared in
+    proportion to how much more each column's longest line needs."""
+    widths = [least for least, _ in spans]
+    wants = [most - least for least, most in spans]
+    spare = room - sum(widths)
+    total = sum(wants)
+    if total:
+        widths = [w + spare * want // total for w, want in zip(widths, wants, strict=True)]
+    for i, (_, most) in enumerate(spans):  # the rounding's leftover, one column at a time
+        if sum(widths) >= room:
+            break
+        if widths[i] < most:
+            widths[i] += 1
+    return widths
+
+
+def _stacked(table: Any, console: Any, unbounded: Any, width: int) -> Any:
+    """``table`` as one block per row: each non-empty cell after its header, or on the lines
+    below it (indented) where its longest word would not fit beside the header."""
+    from rich.console import Group
+    from rich.measure import Measurement
+    from rich.padding import Padding
+    from rich.table import Table
+    from rich.text import Text
+
+    headers = [console.render_str(h, style="bold") if isinstance(h, str) else h for h in
+               (column.header for column in table.columns)]
+    key_width = min(max((Measurement.get(console, unbounded, h).maximum for h in headers), default=0),
+                    max(8, width // 3))
+    lines: list[Any] = []
+    if table.title is not None:
+        title = table.title
+        lines.append(console.render_str(title, style="table.title") if isinstance(title, str) else title)
+    for i, row in enumerate(zip(*(list(column.cells) for column in table.columns), strict=True)):
+        if i:
+            lines.append(Text(""))
+        for header, cell in zip(headers, row, strict=True):
+            if not str(cell).strip():
+                continue
+            if key_width + 1 + Measurement.get(console, unbounded, cell).minimum <= width:
+                pair = Table.grid(padding=(0, 1))
+                pair.add_column(width=key_width, overflow="fold")
+                pair.add_column(overflow="fold")
+                pair.add_row(header, cell)
+                lines.append(pair)
+            else:
+                lines.extend((header, Padding(cell, (0, 0, 0, 2))))
+    return Group(*lines)
 
 
 def is_terminal(stream: Any) -> bool:
@@ -120,4 +245,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["atomic_output", "atomic_write", "check_writable", "console", "is_terminal"]
+__all__ = ["UNBOUNDED_WIDTH", "atomic_output", "atomic_write", "check_writable", "console", "fit_table", "is_terminal"]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +66,90 @@ def test_reading_the_umask_leaves_it_alone_for_other_threads():
         assert set_to == []
     finally:
         real(was)
+
+
+# ---------------------------------------------------------------- tables at narrow widths
+BOX_DRAWING = re.compile(r"[\u2500-\u257f]")
+
+
+def tokens(text: str) -> set[str]:
+    """The words of a rendered table, its borders left out."""
+    return set(BOX_DRAWING.sub(" ", text).split())
+
+
+def rendered(table_of: Callable[[], Any], width: int) -> str:
+    out = io.StringIO()
+    outputs.console(file=out, width=width, color_system=None).print(table_of())
+    return out.getvalue()
+
+
+def bench_like() -> Any:
+    """The shape of `dshal bench`'s summary: a long unbreakable case id (rich: no_wrap), six
+    number columns."""
+    from rich.table import Table
+
+    table = Table(show_edge=False)
+    for header in ("case", "median (p10 – p90)", "FLOP/s", "bytes/s", "% roofline", "× ref", "× torch"):
+        table.add_column(header, no_wrap=header == "case")
+    table.add_row("fp8_gemm/bench/block/M64xN256xK512", "960 us (859 us – 4.03 ms)", "17.5 GFLOP/s", "206 MB/s",
+                  "7.92 % compute", "0.837×", "—")
+    table.add_row("fp8_gemm/bench/rowwise/M64xN256xK512", "27.9 ms (27.9 ms – 27.9 ms)", "601 MFLOP/s", "7.09 MB/s",
+                  "0.272 % compute", "1.14×", "1.15×")
+    return table
+
+
+def diff_like() -> Any:
+    """The shape of `dshal diff`'s op table: ten short columns of names and numbers."""
+    from rich.table import Table
+
+    table = Table(title="op calls (the 2 with the largest local drift)", show_edge=False, title_justify="left")
+    for header in ("step", "call", "layer", "op", "drift", "local drift", "", "worst at", "cpu value", "ref value"):
+        table.add_column(header)
+    table.add_row("prefill", "52", "lm_head", "linear#0", "3.041e-07", "2.181e-07", "", "[0, 2, 342]", "-1.039", "-1.039")
+    table.add_row("decode 1", "27", "layers.1", "moe_experts#0", "4.040e-07", "2.581e-07", "OVER", "[0, 58]",
+                  "-0.0856", "-0.08561")
+    return table
+
+
+def info_like() -> Any:
+    """The shape of `dshal info`'s backends table: names, an entry point and a long reason."""
+    from rich.table import Table
+
+    table = Table(title="dshal 0.1.0 backends (api_version 1)")
+    for column in ("name", "version", "entry point", "available", "reason"):
+        table.add_column(column, overflow="fold")
+    table.add_row("nvidia", "0.1.0", "dshal_nvidia:NvidiaBackend", "no",
+                  "torch 2.13.0+cpu is a CPU-only build (torch.version.cuda is None): install a CUDA build of torch "
+                  "for NVIDIA GPUs, or set DSHAL_EMULATE=1 to run this plugin's kernels on the CPU")
+    table.add_row("dequantize_fp8_with_a_long_name", "0.1.0", "dshal.backends.cpu:CpuBackend", "yes", "torch CPU kernels")
+    return table
+
+
+@pytest.mark.parametrize("table_of", [bench_like, diff_like, info_like])
+@pytest.mark.parametrize("width", [40, 60, 80, 100])
+def test_a_table_keeps_every_number_and_name_at_a_narrow_width(table_of: Callable[[], Any], width: int) -> None:
+    """At 60 or 80 columns rich cut `dshal bench`'s and `dshal diff`'s numbers and op names
+    to "…" (every cell of bench's table at 60), and folded entry points mid-name."""
+    wide, narrow = rendered(table_of, outputs.UNBOUNDED_WIDTH), rendered(table_of, width)
+    assert "…" not in narrow
+    assert tokens(narrow) == tokens(wide), f"lost: {tokens(wide) - tokens(narrow)}; split: {tokens(narrow) - tokens(wide)}"
+    assert max(len(line) for line in narrow.splitlines()) <= width
+
+
+def test_a_table_that_fits_is_printed_as_rich_lays_it_out() -> None:
+    from rich.console import Console
+
+    plain = io.StringIO()
+    Console(file=plain, width=200, color_system=None).print(bench_like())
+    assert rendered(bench_like, 200) == plain.getvalue()
+
+
+def test_output_that_is_not_a_terminal_is_as_wide_as_its_lines_unless_columns_says(monkeypatch) -> None:
+    """Piped output was 160 columns whatever COLUMNS said (and 80 for `dshal run`'s tables)."""
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert outputs.console().width == outputs.UNBOUNDED_WIDTH
+    monkeypatch.setenv("COLUMNS", "60")
+    assert outputs.console().width == 60
+    monkeypatch.setenv("COLUMNS", "wide")
+    assert outputs.console().width == outputs.UNBOUNDED_WIDTH

@@ -91,6 +91,37 @@ def test_bench_html_holds_plots_and_rows(bench_run):
     assert any(r[:1] == ["linear"] for r in parser.rows)  # op providers table
 
 
+def test_bench_summary_keeps_every_figure_in_a_narrow_terminal(bench_run, capsys, monkeypatch):
+    """In a 60-column terminal (a tmux pane) rich printed every figure of the summary table as
+    "…", and at 80 columns it cut them."""
+    import io
+    import re
+    import sys
+
+    from dshal.perf.bench import print_summary
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    def words(text: str) -> set[str]:
+        return set(re.sub(r"[\u2500-\u257f]", " ", re.sub(r"\x1b\[[0-9;]*m", "", text)).split())
+
+    report = bench_run[2]
+    monkeypatch.delenv("COLUMNS", raising=False)
+    print_summary(report)  # to pytest's capture: not a terminal
+    wide = capsys.readouterr().out
+    for case in report["cases"]:  # one line per case, for grep
+        assert "FLOP/s" in next(line for line in wide.splitlines() if case["id"] in line)
+    for columns in ("60", "80"):
+        monkeypatch.setenv("COLUMNS", columns)
+        monkeypatch.setattr(sys, "stdout", Terminal())
+        print_summary(report)
+        narrow = sys.stdout.getvalue()
+        assert "…" not in narrow
+        assert words(narrow) == words(wide), f"COLUMNS={columns}: lost {words(wide) - words(narrow)}"
+
+
 def test_bench_ci_shapes_cover_every_op_and_finish(tmp_path):
     """Every op of the catalogue has a ci case, and the whole ci set runs on the cpu backend
     well inside the 2-minute budget (here with few runs; RESULTS.md has default settings)."""

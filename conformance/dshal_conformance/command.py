@@ -21,7 +21,7 @@ from typing import Any
 from dshal.cliargs import seed
 from dshal.errors import ArgumentError
 from dshal.lifetime import Terminated
-from dshal.outputs import check_writable, is_terminal
+from dshal.outputs import check_writable, console as output_console, is_terminal
 from dshal_conformance import report, runner, waivers
 from dshal_conformance.cases import all_cases
 from dshal_conformance.cases.base import CRASH_LOG
@@ -97,10 +97,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
 
-    console = Console(stderr=True)
+    console = output_console(stderr=True)  # a log's report paths on one line, not cut at 80 columns
     if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ArgumentError(f"--timeout: got {args.timeout!r}, expected a positive finite number of seconds")
     budget_s = getattr(args, "budget_s", None)

@@ -178,3 +178,15 @@ def test_the_summary_prints_reasons_and_ids_as_text_not_markup(tmp_path: Path) -
     _print_summary(Console(file=out, width=400), result, tmp_path / "r.json", tmp_path / "r.xml", None)
     text = out.getvalue()
     assert hint in text and "nvidia[x]" in text and "linear/[bf16]/M1: out: [bold]x[/bold] off" in text, text
+
+
+def test_a_log_gets_each_report_path_whole_on_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Written to a CI log (not a terminal, no COLUMNS), the summary was wrapped at rich's 80
+    columns: a long --report-dir came out as ``.../colu`` and ``mns/for/sure/cpu.json``."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    deep = tmp_path / "a-report-folder-whose-path-is-longer-than-eighty-columns" / "for-a-ci-job" / "leg-nvidia"
+    code = cli.main(["conformance", "--backend", "cpu", "--case", "capability/quantize_fp8", "--no-collectives",
+                     "--report-dir", str(deep), "--quiet"])
+    assert code == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert f"report: {deep / 'cpu.json'}" in lines and f"junit:  {deep / 'cpu.junit.xml'}" in lines, lines

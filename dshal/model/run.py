@@ -942,7 +942,7 @@ def _print(report: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = output_console(piped_width=None, soft_wrap=True)
+    console = output_console(soft_wrap=True)
     emulated = " (emulated)" if report["emulated"] else ""
     console.print(f"[bold]dshal run[/bold]: backend [cyan]{report['backend']}[/cyan] on {report['device']}{emulated}")
     if report["backend_reason"]:

@@ -146,7 +146,7 @@ class RunReport:
         """The report as tables: op -> provider, kind, calls; fallbacks; modes per layer."""
         from rich.table import Table
 
-        console = console or output_console(piped_width=None, soft_wrap=True)
+        console = console or output_console(soft_wrap=True)
         data = self.to_dict()
         ops = Table(title=f"run report: ops served on {data['backend']} ({data['calls_total']} calls)", show_edge=False)
         for h in ("op", "provider", "kind", "calls"):

@@ -285,7 +285,7 @@ def machine_text(plat: dict[str, Any]) -> str:
 
 
 def console() -> Any:
-    """A rich Console; 160 columns when the output is not a terminal (logs, CI)."""
+    """The CLI's rich Console (:func:`dshal.outputs.console`: unbounded width when not a terminal)."""
     return output_console()
 
 
