@@ -135,7 +135,6 @@ def _stacked(table: Any, console: Any, unbounded: Any, width: int) -> Any:
     below it (indented) where its longest word would not fit beside the header."""
     from rich.console import Group
     from rich.measure import Measurement
-    from rich.padding import Padding
     from rich.table import Table
     from rich.text import Text
 
@@ -159,8 +158,11 @@ def _stacked(table: Any, console: Any, unbounded: Any, width: int) -> Any:
                 pair.add_column(overflow="fold")
                 pair.add_row(header, cell)
                 lines.append(pair)
-            else:
-                lines.extend((header, Padding(cell, (0, 0, 0, 2))))
+            else:  # a grid column, not a Padding: it folds even in a soft_wrap console, which crops
+                below = Table.grid(padding=(0, 0, 0, 2), pad_edge=True)
+                below.add_column(overflow="fold")
+                below.add_row(cell)
+                lines.extend((header, below))
     return Group(*lines)
 
 

@@ -153,3 +153,26 @@ def test_output_that_is_not_a_terminal_is_as_wide_as_its_lines_unless_columns_sa
     assert outputs.console().width == 60
     monkeypatch.setenv("COLUMNS", "wide")
     assert outputs.console().width == outputs.UNBOUNDED_WIDTH
+
+
+def fallbacks_like() -> Any:
+    """The shape of `dshal run --report`'s fallbacks table: a reason with a long dotted name."""
+    from rich.table import Table
+
+    table = Table(title="fallbacks and overrides", show_edge=False)
+    for header in ("op", "provider", "kind", "calls", "reason"):
+        table.add_column(header)
+    table.add_row("attention", "reference", "fallback", "18",
+                  "torch.nn.functional.scaled_dot_product_attention_with_window is missing on this release")
+    return table
+
+
+@pytest.mark.parametrize("width", [30, 40, 50])
+def test_a_stacked_cell_keeps_every_character_in_a_soft_wrapping_console(width: int) -> None:
+    """`dshal run` prints through a soft_wrap console (no wrapping, no cropping for plain lines),
+    whose options a stacked cell on the lines below its header inherited: it was cropped at the
+    width (at 50 columns, "torch.nn.functional.scaled_dot_product_attention" and nothing after)."""
+    out = io.StringIO()
+    outputs.console(file=out, width=width, color_system=None, soft_wrap=True).print(fallbacks_like())
+    squeezed = "".join(out.getvalue().split())  # a word folded over lines reads whole again
+    assert [w for w in tokens(rendered(fallbacks_like, outputs.UNBOUNDED_WIDTH)) if w not in squeezed] == [], out.getvalue()
