@@ -330,11 +330,12 @@ def md_cell(text: Any, limit: int = MD_CELL_CHARS) -> str:
     ``|`` (escaped, so "max |err|" still reads so) or a line break (``\\n``, ``\\r``, ...) would
     end the cell or the row, a ``<`` would open an HTML tag, a backtick would pair with the cell's
     own code spans, ``](`` would make a link, ``*`` (``2*3*4``) or a ``_`` at a word's edge
-    (``_x_``; ``moe_gate`` is left as it is) emphasis, and ``&`` an entity (``&nbsp;``): a device
-    or reason text is the report's, not markup."""
+    (``_x_``; ``moe_gate`` is left as it is) emphasis, ``~`` (``~1e-6 ... ~50%``) GitHub's
+    strikethrough, and ``&`` an entity (``&nbsp;``): a device or reason text is the report's,
+    not markup."""
     flat = clip(" ".join(str(text).splitlines()), limit)
     flat = (flat.replace("\\", "\\\\").replace("`", "\\`").replace("&", "&amp;").replace("<", "&lt;")
-            .replace("|", "\\|").replace("](", "]\\(").replace("*", "\\*"))
+            .replace("|", "\\|").replace("](", "]\\(").replace("*", "\\*").replace("~", "\\~"))
     return WORD_EDGE_UNDERSCORE.sub(r"\\_", flat)
 
 

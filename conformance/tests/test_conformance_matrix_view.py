@@ -244,11 +244,13 @@ def test_a_cut_never_leaves_a_table_header_without_its_rows() -> None:
 @pytest.mark.parametrize("text", [
     "2*3*4 ulp and *not bold*", "_not em_ x_y __nor bold__", "a & b &amp; &nbsp; <b>x</b>",
     "max |err| `code` [l](u) ![i](p)", "back\\slash \\_ \\* \\|", HOSTILE,
+    "drift ~~1e-6~~ or a few 1e-2, ~50% move",
 ])
 def test_a_markdown_cell_renders_to_the_reports_text_exactly(text: str) -> None:
     """``2*3*4`` became 2<em>3</em>4 on GitHub and ``&nbsp;`` a space: a cell (and a list item)
-    renders, by a CommonMark parser with tables (rich's markdown-it), to the report's text itself."""
-    parser = MarkdownIt("commonmark").enable("table")
+    renders, by a CommonMark parser with GitHub's tables and strikethrough (rich's markdown-it), to
+    the report's text itself (``~~1e-6~~`` was struck through)."""
+    parser = MarkdownIt("commonmark").enable(["table", "strikethrough"])
     flat = " ".join(text.splitlines())
     cell = md_cell(text, limit=10_000)
     for rendered, pattern in ((parser.render(f"| h |\n|---|\n| {cell} |\n"), r"<td>(.*)</td>"),
