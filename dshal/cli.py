@@ -225,7 +225,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``dshal ARGV`` and return its exit status. Called in-process, the caller's torch thread
+    """Run ``dshal ARGV`` and return its exit status (argparse's ``--help`` and usage errors raise
+    SystemExit, as in any argparse program). Called in-process, the caller's torch thread
     count, active dshal runtime, logging and signal handlers are as they were when it returns
     (:func:`caller_state_kept`, :func:`command_logging`, ``cleanup_on_termination``); stdout
     and stderr keep ``errors="backslashreplace"`` where their encoding is not UTF-8."""
@@ -301,6 +302,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except DshalError as err:
         prefix = f"dshal {args.command}: "
         text = str(err).removeprefix(prefix)  # messages raised for the command already name it
+        if text.startswith(f"dshal {args.command} -"):  # or it with the flags at fault: "dshal run --tp 3: ..."
+            text = text.removeprefix(f"dshal {args.command} ")
         print(f"{prefix}error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

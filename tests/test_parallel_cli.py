@@ -111,6 +111,7 @@ def test_parallel_cli_an_error_every_rank_would_hit_is_said_once_before_any_star
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.count(said) == 1, done.stderr[-2000:]
+    assert done.stderr.count("dshal run") == 1  # "dshal run: error: --tp 3 ...", not "... error: dshal run --tp 3"
     assert "rank 0/" not in done.stdout  # no rank ran
 
 
