@@ -47,7 +47,7 @@ def test_a_launch_makes_its_tensors_gpu_current():
     else:
         # No second GPU: making cuda:1 current is refused (a CPU build of torch, or no such
         # device), so nothing launches -- rather than launching on whatever device is current.
-        with pytest.raises(RuntimeError):
+        with pytest.raises((RuntimeError, AssertionError)):  # torch's "not compiled with CUDA" is either
             launch(kernel, (1,), 7, x)
         assert kernel.devices == []
 

@@ -23,12 +23,14 @@ imported in the process (or set ``TRITON_INTERPRET=1`` in the environment)::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
 import threading
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -42,13 +44,16 @@ KERNEL_MODULES = ("quant", "gemm", "norm", "activation", "rotary", "moe")
 _FIRST_USE = threading.RLock()
 
 
-def on_tensor_device(args: tuple | list) -> torch.cuda.device:
-    """A context in which torch's current device is the first tensor of ``args``'s GPU (none:
-    a no-op, as for CPU tensors). Triton launches, and ``triton.testing.do_bench`` times, on the
-    *current* device's current stream whatever device the tensors are on: a kernel given
-    ``cuda:1`` tensors while ``cuda:0`` is current would run on GPU 0 with GPU 1's pointers."""
+def on_tensor_device(args: tuple | list) -> contextlib.AbstractContextManager[Any]:
+    """A context in which torch's current device is the GPU of the first tensor of ``args`` (a
+    no-op for host tensors, none, or one on the current device already: a launch's hot path).
+    Triton launches, and ``triton.testing.do_bench`` times, on the *current* device's current
+    stream whatever device the tensors are on: a kernel given ``cuda:1`` tensors while
+    ``cuda:0`` is current would run on GPU 0 with GPU 1's pointers."""
     tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    return torch.cuda.device_of(tensor) if tensor is not None else torch.cuda.device(-1)
+    if tensor is None or not tensor.is_cuda or tensor.get_device() == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device_of(tensor)
 
 
 def interpreter_requested() -> bool:
