@@ -141,8 +141,15 @@ def xml_text(value: Any) -> str:
 
 def write_junit(report: dict[str, Any], path: Path) -> Path:
     """JUnit XML: one testcase per result; fail -> <failure>, error -> <error>, skip and
-    unsupported -> <skipped> (with the reason). Every text goes through :func:`xml_text`."""
+    unsupported -> <skipped> (with the reason). Every text goes through :func:`xml_text`.
+    A report naming its CI leg names its suite and classes ``BACKEND@LEG``: the h100 and h200
+    legs both run ``nvidia``, and dashboards reading both files merge suites of one name
+    (Jenkins) or keep only the first of equal classname + name (GitLab). A case a waiver
+    touched says so in its <system-out>, since a loosened threshold's pass is otherwise a
+    plain pass; a failure's body ends with the command that reruns the case."""
     s = report["summary"]
+    leg = report["platform"].get("leg")
+    label = f"{report['backend']}@{leg}" if leg else report["backend"]
     not_run = "not_run" in report["platform"]  # one testcase of its own: an error when the leg is broken
     broken = not_run and bool(report["platform"].get("broken"))
 
@@ -156,7 +163,7 @@ def write_junit(report: dict[str, Any], path: Path) -> Path:
     suite = element(
         None,
         "testsuite",
-        name=f"dshal-conformance.{report['backend']}",
+        name=f"dshal-conformance.{label}",
         tests=len(report["cases"]) + not_run,
         failures=s["failed"],
         errors=s["errors"] + broken,
@@ -170,24 +177,31 @@ def write_junit(report: dict[str, Any], path: Path) -> Path:
     for key, value in report["platform"].items():
         element(props, "property", name=f"platform.{key}", value=value)
     if not_run:
-        case = element(suite, "testcase", classname=report["backend"], name="not-run", time="0")
+        case = element(suite, "testcase", classname=label, name="not-run", time="0")
         if broken:  # dashboards must show a broken plugin as broken, not as a skipped leg
             element(case, "error", report["platform"]["not_run"],
                     message=f"{report['platform']['broken']}: {report['platform']['not_run']}"[:500])
         else:
             element(case, "skipped", message=report["platform"]["not_run"])
     for c in report["cases"]:
-        case = element(suite, "testcase", classname=f"{report['backend']}.{c['op']}", name=c["id"],
+        case = element(suite, "testcase", classname=f"{label}.{c['op']}", name=c["id"],
                        time=f"{c.get('duration_s', 0):.4f}")
         measured = f"{c['metric']}={c['value']} threshold={c['threshold']}: " if c["metric"] else ""
         message = measured + c["reason"]
-        if c["status"] == "fail":
-            element(case, "failure", c["reason"], message=message[:500])
-        elif c["status"] == "error":
-            element(case, "error", c["reason"], message=message[:500])
+        if c["status"] in ("fail", "error"):
+            element(case, "failure" if c["status"] == "fail" else "error",
+                    f"{c['reason']}\n\nrerun: {_rerun_command(report, c['id'])}", message=message[:500])
         elif c["status"] in ("skip", "unsupported"):
             element(case, "skipped", message=f"{c['status']}: {c['reason']}"[:500])
+        if c.get("waivers"):
+            element(case, "system-out", "".join(f"waived: {reason}\n" for reason in c["waivers"]))
     return atomic_write(path, ET.tostring(suite, encoding="utf-8", xml_declaration=True))
+
+
+def _rerun_command(report: dict[str, Any], case_id: str) -> str:
+    """``dshal conformance`` rerunning one case of ``report`` as it ran (backend, seed, tier, emulation)."""
+    extra = (" --tier full" if report.get("tier") == "full" else "") + (" --emulate" if report["platform"].get("emulated") else "")
+    return f"dshal conformance --backend {report['backend']} --case '{case_id}' --seed {report['seed']}{extra}"
 
 
 def sha256(path: Path) -> str:
