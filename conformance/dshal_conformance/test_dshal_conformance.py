@@ -15,4 +15,5 @@ def test_conformance(dshal_result: dict[str, Any]) -> None:
     status, reason = dshal_result["status"], dshal_result["reason"]
     if status in ("skip", "unsupported"):
         pytest.skip(f"{status}: {reason}")
-    assert status == "pass", f"{dshal_result['id']}: {status}: {reason}"
+    if status != "pass":  # the reason alone: an assert's diff and source lines made --junitxml's message 5 lines of noise
+        pytest.fail(f"{dshal_result['id']}: {status}: {reason}", pytrace=False)

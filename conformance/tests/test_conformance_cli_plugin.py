@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree as ET
 
 import pytest
 
@@ -49,9 +50,14 @@ def test_pytest_plugin_runs_the_suite_in_a_vendor_repo(tmp_path: Path, wrong_bac
     assert rep["summary"]["failed"] == 0 and rep["summary"]["passed"] + rep["summary"]["unsupported"] == len(rep["cases"]) > 10
     assert all(c["kind"] == "graph" for c in rep["cases"] if c["status"] == "unsupported")
 
-    bad = _pytest(["--dshal-backend", "wrong", "--dshal-case", "rms_norm/f32/*"], tmp_path, wrong_backend_path)
+    bad = _pytest(["--dshal-backend", "wrong", "--dshal-case", "rms_norm/f32/*", "--junitxml", str(tmp_path / "p.xml")],
+                  tmp_path, wrong_backend_path)
     assert bad.returncode == 1
     assert "FAILED" in bad.stdout and "rms_norm/f32/small-eps-matters" in bad.stdout and "max_err_ratio" in bad.stdout
+    # pytest's own JUnit: a failure's message is the case's one line (it was an assert's diff and source)
+    failure = ET.parse(tmp_path / "p.xml").getroot().find(".//testcase[@name='test_conformance[rms_norm/f32/small-eps-matters]']/failure")
+    assert failure.get("message").startswith("Failed: rms_norm/f32/small-eps-matters: fail: out.max_err_ratio = ")
+    assert "\n" not in failure.get("message") and "assert 'fail' == 'pass'" not in failure.get("message")
 
     unselected = _pytest([], tmp_path)
     assert unselected.returncode == 0 and "1 skipped" in unselected.stdout
