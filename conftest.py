@@ -11,13 +11,20 @@
   without Triton (an optional extra), or where the installed Triton's interpreter cannot
   (``dshal.versions.interpreter_refusal``: 3.6 and 3.7 lack e4m3fnuz), they are skipped with
   that reason instead of failing.
+* No COLUMNS / LINES from the session: pytest-xdist's workers export COLUMNS=80, and dshal's
+  piped output honours COLUMNS (as a user asks for it), so the tests' output would depend on
+  ``-n``. A test that wants a width sets it.
 """
 
+import os
 import signal
 
 import pytest
 
 from dshal.kernels.triton import compiled_mode_reason, ensure_interpreter_if_cpu
+
+for _variable in ("COLUMNS", "LINES"):
+    os.environ.pop(_variable, None)
 
 COMPILED_MODE_REASON = compiled_mode_reason()
 if COMPILED_MODE_REASON is None:
