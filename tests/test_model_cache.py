@@ -216,6 +216,23 @@ def test_model_dynamic_attention_cache_keeps_window_and_global_tokens(mode):
     assert _rel_err(unwindowed(ids), full) > 1e-3
 
 
+def test_model_forward_refuses_to_restart_inside_a_wrapped_ring():
+    """``model(ids, start, cache)`` at a start before the cache's length, on a ring that has
+    wrapped, read slots that later positions overwrote and returned wrong logits without a
+    word (generate() refused it; the forward did not). It is refused, the cache untouched;
+    a restart at 0 and a step at the length still match the cache-free forward."""
+    model = _model(attention_window=4, attention_global_tokens=1)
+    ids = _ids(model.args.vocab_size, 10, batch=1)
+    cache = model.new_cache(1, 16)
+    model(ids[:, :8], 0, cache)  # 8 positions in 5 slots: wrapped
+    for start in (7, 3):  # inside the ring's span, and before it (slots = positions no more)
+        with pytest.raises(dshal.ShapeError, match=f"start_pos is {start}, expected 0 or 8: the attention window's ring"):
+            model(ids[:, start : start + 1], start, cache)
+        assert cache.length == 8
+    assert _rel_err(model(ids[:, 8:], 8, cache), model(ids)[:, 8:]) <= 1e-5
+    assert _rel_err(model(ids[:, :3], 0, cache), model(ids[:, :3])) <= 1e-5
+
+
 def test_model_describe_reports_dynamic_attention_saving():
     model = _model(attention_window=64, attention_global_tokens=16, max_position_embeddings=1024)
     kv = model.describe()["kv_cache"]
