@@ -216,6 +216,85 @@ def test_model_dynamic_attention_cache_keeps_window_and_global_tokens(mode):
     assert _rel_err(unwindowed(ids), full) > 1e-3
 
 
+def test_model_forward_refuses_to_restart_inside_a_wrapped_ring():
+    """``model(ids, start, cache)`` at a start before the cache's length, on a ring that has
+    wrapped, read slots that later positions overwrote and returned wrong logits without a
+    word (generate() refused it; the forward did not). It is refused, the cache untouched;
+    a restart at 0 and a step at the length still match the cache-free forward."""
+    model = _model(attention_window=4, attention_global_tokens=1)
+    ids = _ids(model.args.vocab_size, 10, batch=1)
+    cache = model.new_cache(1, 16)
+    model(ids[:, :8], 0, cache)  # 8 positions in 5 slots: wrapped
+    for start in (7, 3):  # inside the ring's span, and before it (slots = positions no more)
+        with pytest.raises(dshal.ShapeError, match=f"start_pos is {start}, expected 0 or 8: the attention window's ring"):
+            model(ids[:, start : start + 1], start, cache)
+        assert cache.length == 8
+    assert _rel_err(model(ids[:, 8:], 8, cache), model(ids)[:, 8:]) <= 1e-5
+    assert _rel_err(model(ids[:, :3], 0, cache), model(ids[:, :3])) <= 1e-5
+
+
+@pytest.mark.parametrize("window", [{}, {"attention_window": 4, "attention_global_tokens": 1}])
+def test_model_cache_reuse_matches_a_fresh_run_through_random_rewinds_and_stopped_steps(window):
+    """A seeded random walk over one cache (a ring of 5 slots that wraps, or none): steps of
+    1-6 tokens, restarts at an earlier position where ``can_rewind_to`` allows one (and the
+    forward's refusal where it does not), a step stopped by an error in a random layer, and
+    ``generate(cache=, cached=)``. After each, the logits match the cache-free forward of the
+    tokens the cache should hold, and ``cache.length`` says how many that is."""
+    import random
+
+    model = _model(first_k_dense_replace=3, **window)  # dense: no expert-routing near-ties between paths
+    vocab, max_len = model.args.vocab_size, 40
+    walk = random.Random(5)
+    cache = model.new_cache(1, max_len)
+    held: list[int] = []  # the tokens the cache must hold
+    ops = {"step": 0, "rewind": 0, "refused": 0, "stopped": 0, "ring reset": 0, "generate": 0}
+
+    def step(start: int, tokens: list[int]) -> None:
+        got = model(torch.tensor([tokens]), start, cache)
+        held[start:] = tokens
+        assert _rel_err(got, model(torch.tensor([held]))[:, start:]) <= 1e-5 and cache.length == len(held)
+
+    def fail(*_):
+        raise RuntimeError("stopped")
+
+    for _ in range(40):
+        room, op = max_len - len(held), walk.choice(["step", "rewind", "stopped", "generate"])
+        new = [walk.randrange(vocab) for _ in range(walk.randint(1, min(6, room - 2)))] if room > 3 else []
+        if not new:
+            op = "rewind"
+        if op == "step":
+            step(len(held), new)
+        elif op == "rewind":
+            start = walk.randint(0, len(held))
+            if cache.can_rewind_to(start):
+                step(start, new or [walk.randrange(vocab)])
+            else:  # a wrapped ring: refused, the cache as it was
+                op = "refused"
+                with pytest.raises(dshal.ShapeError, match="the attention window's ring holds only the last"):
+                    model(torch.tensor([[0]]), start, cache)
+                assert cache.length == len(held)
+        elif op == "stopped":
+            hook = model.layers[walk.randrange(3)].register_forward_hook(fail)
+            try:
+                with pytest.raises(RuntimeError, match="stopped"):
+                    model(torch.tensor([new]), len(held), cache)
+            finally:
+                hook.remove()
+            assert cache.length in (0, len(held))  # 0: the step wrote over a wrapped ring's slots
+            ops["ring reset"] += cache.length < len(held)
+            del held[cache.length :]
+        else:
+            prompt = torch.tensor([held + new])
+            fresh = model.generate(prompt, 2)
+            cached = len(held) if cache.can_rewind_to(len(held)) else 0
+            assert torch.equal(model.generate(prompt, 2, cache=cache, cached=cached), fresh)
+            held[:] = fresh[0, :-1].tolist()
+            assert cache.length == len(held)
+        ops[op] += 1
+    assert all(ops[op] for op in ("step", "rewind", "stopped", "generate"))
+    assert (ops["refused"] > 0) == bool(window) == (ops["ring reset"] > 0)  # only a wrapped ring refuses, or resets
+
+
 def test_model_describe_reports_dynamic_attention_saving():
     model = _model(attention_window=64, attention_global_tokens=16, max_position_embeddings=1024)
     kv = model.describe()["kv_cache"]

@@ -856,6 +856,37 @@ def test_model_chat_with_an_attention_window_goes_on_after_clear_and_a_wrapped_r
     assert again[0, len(ids):].tolist() == fresh
 
 
+def test_model_chat_goes_on_after_its_mtp_cache_is_refused(monkeypatch):
+    """With MTP drafts the chat makes the main cache, then the MTP one, whose memory check sees
+    what the main one took: refused, the turn was dropped but the main cache kept without it,
+    and the next turn ended the chat with an AttributeError. The next turn makes both again."""
+    import io
+
+    from dshal.model.chat import ChatSettings, chat
+    from dshal.model.text import encode_chat
+
+    dshal.use(backend="cpu")
+    model = dshal.model.random_model(dshal.model.tiny_args(num_nextn_predict_layers=1, mtp_layers=1), seed=2)
+    tokenizer = _CodePointChat()
+    make_cache, refused = model.new_cache, []
+
+    def refuse_the_first_mtp_cache(*args, mtp=False, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if mtp and not refused:
+            refused.append(True)
+            raise dshal.errors.ArgumentError("new_cache: batch 1 x max_len 1024 needs a KV cache of 1.00 GiB, "
+                                             "expected at most the 0.50 GiB free")
+        return make_cache(*args, mtp=mtp, **kwargs)
+
+    monkeypatch.setattr(model, "new_cache", refuse_the_first_mtp_cache)
+    out = io.StringIO()
+    conversation = chat(model, tokenizer, ChatSettings(max_new_tokens=4, speculative=True), _typed("hello", "hello"), out)
+    assert "(not answered: new_cache: batch 1 x max_len 1024 needs" in out.getvalue() and conversation.turns == 1
+    ids = encode_chat(tokenizer, [{"role": "user", "content": "hello"}])
+    fresh = tokenizer.decode(model.generate(torch.tensor([ids]), 4)[0, len(ids):].tolist())
+    assert conversation.messages == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": fresh}]
+    assert conversation.mtp_cache is not None and conversation.mtp_cache.max_len == conversation.cache.max_len
+
+
 def test_model_chat_survives_bad_bytes_unknown_commands_ctrl_c_and_the_end_of_its_positions(tmp_path, monkeypatch):
     """Bytes that are not UTF-8 crashed the chat with a tokenizer traceback (and, under TP, broke
     the broadcast); ``/foo`` went to the model as a message; Ctrl-C during an answer ended the

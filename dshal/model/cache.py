@@ -195,6 +195,11 @@ class KVCache:
             raise ShapeError(
                 f"KVCache: start_pos is {start}, expected at most {self.length} (the tokens cached so far)"
             )
+        if not self.can_rewind_to(start):  # the ring overwrote the slots such a restart would read
+            raise ShapeError(
+                f"KVCache: start_pos is {start}, expected 0 or {self.length}: the attention window's ring holds "
+                f"only the last of the {self.length} positions cached, so a step cannot restart inside them"
+            )
         if end > self.max_len:
             raise ShapeError(f"KVCache: positions up to {end} do not fit, expected at most max_len={self.max_len}")
         if end <= self.capacity:

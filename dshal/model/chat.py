@@ -201,15 +201,19 @@ def _answer(model: Any, tokenizer: Any, settings: ChatSettings, ids: list[int], 
         conversation.cache = conversation.mtp_cache = conversation.decoder = conversation.speculative_step = None  # old memory first
         conversation.cached_ids, cached = [], 0
         static = settings.graph is not None
-        conversation.cache = model.new_cache(1, room, "absorb" if static else None, static=static)
+        # Kept only once all are made: a refused MTP cache (its memory checked after the main
+        # one's) left a main cache without it, and the next turn failed on the missing one.
+        cache = model.new_cache(1, room, "absorb" if static else None, static=static)
+        mtp_cache = decoder = step = None
         if settings.speculative:
-            conversation.mtp_cache = model.new_cache(1, room, "absorb" if static else None, mtp=True, static=static)
+            mtp_cache = model.new_cache(1, room, "absorb" if static else None, mtp=True, static=static)
             if static:
                 verifier = DraftVerifier(settings.temperature, settings.top_p, generator, settings.top_k, settings.min_p)
-                conversation.speculative_step = SpeculativeStep(model, conversation.cache, conversation.mtp_cache,
-                                                                verifier, settings.graph)
+                step = SpeculativeStep(model, cache, mtp_cache, verifier, settings.graph)
         elif static:
-            conversation.decoder = StaticDecoder(model, conversation.cache, settings.graph)
+            decoder = StaticDecoder(model, cache, settings.graph)
+        conversation.cache, conversation.mtp_cache, conversation.decoder, conversation.speculative_step = (
+            cache, mtp_cache, decoder, step)
 
     def show(token: torch.Tensor) -> None:
         out.write(stream.push(int(token[0])))
