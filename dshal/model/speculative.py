@@ -313,7 +313,10 @@ def generate_speculative(
 
     ``cache`` (``model.new_cache(1, max_len)``) and ``mtp_cache`` (``model.new_cache(1,
     max_len, mtp=True)``), both holding the prompt's first ``cached`` positions, e.g. from an
-    earlier turn of a conversation: only the rest is prefilled (one sequence). Afterwards
+    earlier turn of a conversation: only the rest is prefilled (one sequence). The MTP layer's
+    entry at position ``i`` was made with token ``i + 1`` too: where that token has changed,
+    pass ``cached`` one less (as the chat does), or the drafts read a stale entry (slower, never
+    other tokens: the model verifies every draft). Afterwards
     ``cache`` holds every token but the last; ``mtp_cache`` its first ``mtp_cache.length``
     positions (the MTP layer skips the last step's kept positions when no draft follows).
 
