@@ -25,13 +25,13 @@ import triton
 import triton.language as tl
 
 from dshal.errors import ArgumentError, DTypeError
+from dshal.kernels.triton import on_tensor_device
 from dshal.kernels.triton._checks import (
     FP8_FORMATS,
     check_kernel_device,
     hardware_nan_gemm,
     launch,
     module_interpreted,
-    on_tensor_device,
     resolve_target,
 )
 from dshal.kernels.triton._jit import cast_rne
