@@ -48,14 +48,18 @@ def console(*, stderr: bool = False, **options: Any) -> Any:
 
     stream = sys.stderr if stderr else sys.stdout
     if "width" not in options and not is_terminal(stream):
-        options["width"] = _columns_env() or UNBOUNDED_WIDTH
-    return PipeAwareConsole(stderr=stderr, **options)
+        options["width"] = _size_env("COLUMNS") or UNBOUNDED_WIDTH
+    # rich reads COLUMNS / LINES itself and crashes on a Unicode digit ("²".isdigit() is True):
+    # it sees them only when they are plain positive numbers.
+    environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES") or _size_env(k)}
+    return PipeAwareConsole(stderr=stderr, _environ=environ, **options)
 
 
-def _columns_env() -> int | None:
-    """COLUMNS when it is a positive whole number (the width the user asked for), else None."""
-    value = os.environ.get("COLUMNS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
+def _size_env(name: str) -> int | None:
+    """COLUMNS or LINES when it is a positive whole number in ASCII digits (the size the user
+    asked for), else None."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else None
 
 
 class _FittedTable:

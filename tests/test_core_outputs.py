@@ -155,6 +155,35 @@ def test_output_that_is_not_a_terminal_is_as_wide_as_its_lines_unless_columns_sa
     assert outputs.console().width == outputs.UNBOUNDED_WIDTH
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_size_in_unicode_digits_is_ignored_not_a_crash(monkeypatch, terminal: bool) -> None:
+    """COLUMNS=² ("²".isdigit() is True) crashed inside rich's Console with a ValueError on a
+    terminal (rich reads COLUMNS itself) and through dshal's own reading in a pipe: a size that is
+    not ASCII digits is ignored as one that is not a number."""
+    if terminal:
+        leader, follower = os.openpty()  # a real terminal, so rich sizes the console itself
+        stream = open(follower, "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+    else:
+        stream = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        monkeypatch.setenv("COLUMNS", "\u00b2")
+        monkeypatch.setenv("LINES", "\u0663")  # ARABIC-INDIC DIGIT THREE
+        out = outputs.console()
+        out.print("still printed")
+        assert out.width > 0 and (terminal or out.width == outputs.UNBOUNDED_WIDTH)
+        if terminal:
+            assert b"still printed" in os.read(leader, 4096)
+        else:
+            assert "still printed" in stream.getvalue()
+        monkeypatch.setenv("COLUMNS", "60")
+        assert outputs.console().width == 60
+    finally:
+        if terminal:
+            stream.close()
+            os.close(leader)
+
+
 def fallbacks_like() -> Any:
     """The shape of `dshal run --report`'s fallbacks table: a reason with a long dotted name."""
     from rich.table import Table

@@ -25,6 +25,7 @@ import dshal
 from dshal.config import load_config
 from dshal.errors import ArgumentError, BackendUnavailableError, PluginLoadError
 from dshal.ops.catalogue import SPECS
+from dshal.outputs import console as output_console
 from dshal.registry import REGISTRY, misspelling_of
 from dshal.runtime import active_kept, build_runtime
 from dshal_conformance import __version__, report
@@ -238,7 +239,6 @@ class Progress:
     def __init__(self, total: int, label: str, enabled: bool):
         self._bar = None
         if enabled:
-            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
             self._bar = Bar(
@@ -248,7 +248,7 @@ class Progress:
                 TextColumn("[green]{task.fields[passed]} ok [red]{task.fields[bad]} bad"),
                 TimeElapsedColumn(),
                 TextColumn("{task.fields[current]}"),
-                console=Console(stderr=True),
+                console=output_console(stderr=True),
                 transient=False,
             )
             self._task = self._bar.add_task(label, total=total, passed=0, bad=0, current="")

@@ -639,9 +639,7 @@ def _stage(show: bool, text: str) -> Iterator[None]:
     if not show:
         yield
         return
-    from rich.console import Console
-
-    console = Console(stderr=True)
+    console = output_console(stderr=True)
     if not console.is_terminal:
         yield
         return

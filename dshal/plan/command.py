@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dshal.outputs import atomic_write, check_writable
+from dshal.outputs import atomic_write, check_writable, console as output_console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,11 +98,10 @@ def main(args: argparse.Namespace) -> int:
         device_memory_gib=args.device_memory_gib,
         speculative=args.speculative,
     )
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    console = Console(stderr=True)  # stdout carries the plan only
+    console = output_console(stderr=True)  # stdout carries the plan only
     show = not args.no_progress and console.is_terminal
     with Progress(*columns, console=console, disable=not show, transient=True) as progress:
         task = progress.add_task("reading the config", total=None)
