@@ -172,10 +172,10 @@ def write_junit(report: dict[str, Any], path: Path) -> Path:
         timestamp=report["started"],
     )
     props = element(suite, "properties")
-    for key in ("backend", "plugin_version", "dshal_version", "seed", "tier"):
-        element(props, "property", name=key, value=report.get(key))
-    for key, value in report["platform"].items():
-        element(props, "property", name=f"platform.{key}", value=value)
+    facts = [(key, report.get(key)) for key in ("backend", "plugin_version", "dshal_version", "seed", "tier")]
+    for key, value in facts + [(f"platform.{key}", value) for key, value in report["platform"].items()]:
+        # As the JSON report says them (null, false), not Python's None / False.
+        element(props, "property", name=key, value=value if isinstance(value, str) else json.dumps(value))
     if not_run:
         case = element(suite, "testcase", classname=label, name="not-run", time="0")
         if broken:  # dashboards must show a broken plugin as broken, not as a skipped leg

@@ -118,6 +118,8 @@ def test_every_outcome_reads_as_dashboards_count_it(every_outcome: dict, tmp_pat
     cases = {c.get("name"): c for c in root.iter("testcase")}
     assert cases["graph/linear/replay"].find("skipped").get("message").startswith("unsupported: ")
     assert cases["linear/f32/d"].find("skipped").get("message") == "skip: waived: sliding window lands later"
+    props = {p.get("name"): p.get("value") for p in root.iter("property")}  # as the JSON report says them
+    assert (props["seed"], props["platform.emulated"], props["platform.driver"], props["tier"]) == ("7", "false", "null", "ci")
 
 
 def test_two_legs_of_one_backend_stay_apart_in_one_dashboard(every_outcome: dict, tmp_path: Path) -> None:
