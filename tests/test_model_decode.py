@@ -13,7 +13,7 @@ import torch
 
 import dshal
 from dshal.config import PrecisionConfig
-from dshal.errors import ArgumentError, DshalError, ShapeError
+from dshal.errors import ArgumentError, ShapeError
 from dshal.model import random_model, tiny_args
 from dshal.model.decode import StaticDecoder, generate_rows, generate_with_graphs, positioned_step
 from dshal.perf.syncs import HostSyncCounter
@@ -122,7 +122,7 @@ def test_generate_through_a_static_decoder_kept_with_its_cache():
         model.generate(ids, 3, cache=cache, decoder=decoder, prompt_lens=[5, 3])
     with pytest.raises(ArgumentError, match="expected a StaticDecoder"):
         model.generate(ids, 3, cache=cache, decoder=StaticDecoder(model, cache, lambda fn: fn, per_row=True))
-    with pytest.raises(DshalError, match="StaticDecoder: argument 'cache' has the 'naive' layout, expected 'absorb'"):
+    with pytest.raises(ArgumentError, match="StaticDecoder: argument 'cache' has the 'naive' layout, expected 'absorb'"):
         StaticDecoder(model, model.new_cache(2, 24, "naive"), lambda fn: fn)
 
 
@@ -460,14 +460,16 @@ def test_strict_logits_of_a_row_do_not_depend_on_its_batch(dtype: torch.dtype) -
 
 def test_static_decode_entry_points_refuse_a_windowed_model_and_bad_arguments_naming_themselves():
     """A model with an attention window has no slot per position: each entry point says so under
-    its own name (generate_with_graphs said generate_rows, which the caller never called)."""
+    its own name (generate_with_graphs said generate_rows, which the caller never called), as an
+    ArgumentError naming 'model' as generate_speculative's refusal does (was a plain DshalError)."""
     windowed = random_model(tiny_args(attention_window=8), seed=0)
     ids = _ids(windowed.args)
-    with pytest.raises(DshalError, match="^StaticDecoder: an attention window is set; static decode steps need one cache slot"):
+    with pytest.raises(ArgumentError, match="^StaticDecoder: argument 'model': an attention window is set; static decode "
+                                            "steps need one cache slot"):
         StaticDecoder(windowed, windowed.new_cache(2, 16), _eager("cpu"))
-    with pytest.raises(DshalError, match="^generate_with_graphs: an attention window is set"):
+    with pytest.raises(ArgumentError, match="^generate_with_graphs: argument 'model': an attention window is set"):
         generate_with_graphs(windowed, ids, 4, _eager("cpu"))
-    with pytest.raises(DshalError, match="^generate_rows: an attention window is set"):
+    with pytest.raises(ArgumentError, match="^generate_rows: argument 'model': an attention window is set"):
         generate_rows(windowed, ids, [5, 5], 4, lambda logits: logits.argmax(-1))
     model = random_model(tiny_args(), seed=0)
     for new_tokens in (-1, 2.0, True):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dshal import comm, ops
-from dshal.errors import ArgumentError, DshalError
+from dshal.errors import ArgumentError
 from dshal.model.cache import KVCache
 from dshal.model.prefill import (
     DEFAULT_PREFILL_CHUNK,
@@ -205,11 +205,11 @@ class StaticDecoder:
     ):
         why = static_decode_unsupported(model)
         if why:
-            raise DshalError(f"StaticDecoder: {why}")
+            raise ArgumentError(f"StaticDecoder: argument 'model': {why}")
         model.check_cache(cache)  # a KVCache of this model (not another's, not another type)
         why = static_cache_unsupported(cache)
         if why:
-            raise DshalError(f"StaticDecoder: argument 'cache' {why}")
+            raise ArgumentError(f"StaticDecoder: argument 'cache' {why}")
         device = model.rope_cos.device
         self.model, self.cache, self.per_row = model, cache, per_row
         self.token = torch.zeros(cache.batch, 1, dtype=torch.int64, device=device)
@@ -296,7 +296,7 @@ def generate_with_graphs(
         raise ArgumentError(f"{where}: argument 'graph' is None, expected a backend's graph hook (runtime.backend.graph)")
     why = static_decode_unsupported(model)
     if why:  # before generate_rows, whose message would name it instead of this function
-        raise DshalError(f"{where}: {why}")
+        raise ArgumentError(f"{where}: argument 'model': {why}")
     lens = check_prompt_lens(where, prompt_lens, *input_ids.shape)
     chooser = TokenChooser(temperature, top_p, generator, top_k, min_p)
     out, decoder = generate_rows(model, input_ids, lens, max_new_tokens, chooser, graph=graph, on_token=on_token,
@@ -359,7 +359,7 @@ def generate_rows(
     """
     why = static_decode_unsupported(model)
     if why:
-        raise DshalError(f"generate_rows: {why}")
+        raise ArgumentError(f"generate_rows: argument 'model': {why}")
     bsz, width = input_ids.shape
     device = input_ids.device
     stops = None if eos_token_id is None else torch.tensor(list(eos_token_id), device=device)

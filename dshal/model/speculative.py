@@ -339,7 +339,7 @@ def generate_speculative(
     lens = check_prompt_lens("generate_speculative", prompt_lens, *input_ids.shape)
     why = speculative_unsupported(model)
     if why:
-        raise ArgumentError(f"generate_speculative: {why}")
+        raise ArgumentError(f"generate_speculative: argument 'model': {why}")
     if input_ids.shape[0] > 1 and (cache is not None or mtp_cache is not None or cached or stream is not None):
         raise ArgumentError(
             f"generate_speculative: 'cache', 'mtp_cache', 'cached' or 'stream' is given with {input_ids.shape[0]} "
