@@ -44,7 +44,7 @@ from dshal.model.prefill import (
     own_dtypes,
     prefill,
 )
-from dshal.model.sampling import TokenChooser, check_min_p, check_temperature, check_top_k, check_top_p, warn_moot_cuts
+from dshal.model.sampling import TokenChooser, check_cuts, check_temperature
 
 
 def agreed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -287,10 +287,7 @@ def generate_with_graphs(
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ArgumentError(f"{where}: argument 'max_new_tokens' is {max_new_tokens!r}, expected an int >= 0")
     check_temperature(temperature, where)
-    check_top_p(top_p, where)
-    check_top_k(top_k, where)
-    check_min_p(min_p, where)
-    warn_moot_cuts(where, temperature, top_p, top_k, min_p)
+    check_cuts(where, temperature, top_p, top_k, min_p)
     check_callbacks(where, generator=generator, on_token=on_token, graph=graph)
     if graph is None:
         raise ArgumentError(f"{where}: argument 'graph' is None, expected a backend's graph hook (runtime.backend.graph)")

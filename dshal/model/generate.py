@@ -38,12 +38,12 @@ from dshal.model.prefill import (
 )
 from dshal.model.sampling import (
     TokenChooser,
+    check_cuts,
     check_min_p,
     check_temperature,
     check_top_k,
     check_top_p,
     sampling_probs,
-    warn_moot_cuts,
 )
 
 
@@ -234,10 +234,7 @@ def generate(
     check_input_ids("generate", input_ids)
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate", prefill_chunk)
-    check_top_p(top_p)
-    check_top_k(top_k)
-    check_min_p(min_p)
-    warn_moot_cuts("generate", temperature, top_p, top_k, min_p)
+    check_cuts("generate", temperature, top_p, top_k, min_p)
     check_callbacks("generate", generator=generator, on_token=on_token, stream=stream)
     lens = check_prompt_lens("generate", prompt_lens, *input_ids.shape)
     if cache is not None or cached:

@@ -187,8 +187,19 @@ def check_min_p(min_p: Any, where: str = "generate") -> None:
         raise ArgumentError(f"{where}: argument 'min_p' is {min_p!r}, expected a number in [0, 1] (0: no cut)")
 
 
+def check_cuts(where: str, temperature: float, top_p: Any, top_k: Any, min_p: Any) -> None:
+    """A generation's cuts: ArgumentError naming ``where`` unless ``top_p``, ``top_k`` and
+    ``min_p`` are valid (checked in that order), then :func:`warn_moot_cuts`' warning where
+    greedy decoding ignores them. ``temperature`` is the caller's to check first."""
+    check_top_p(top_p, where)
+    check_top_k(top_k, where)
+    check_min_p(min_p, where)
+    warn_moot_cuts(where, temperature, top_p, top_k, min_p)
+
+
 __all__ = [
     "TokenChooser",
+    "check_cuts",
     "check_min_p",
     "check_temperature",
     "check_top_k",

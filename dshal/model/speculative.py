@@ -51,7 +51,7 @@ from dshal.model.prefill import (
     mask_padding,
     own_dtypes,
 )
-from dshal.model.sampling import TokenChooser, check_min_p, check_top_k, check_top_p, warn_moot_cuts
+from dshal.model.sampling import TokenChooser, check_cuts
 from dshal.runtime import current
 
 
@@ -332,10 +332,7 @@ def generate_speculative(
     check_generate_args(model, input_ids, max_new_tokens, temperature, eos_token_id)
     check_prefill_chunk("generate_speculative", prefill_chunk)
     check_callbacks("generate_speculative", generator=generator, on_token=on_token, stream=stream)
-    check_top_p(top_p, "generate_speculative")
-    check_top_k(top_k, "generate_speculative")
-    check_min_p(min_p, "generate_speculative")
-    warn_moot_cuts("generate_speculative", temperature, top_p, top_k, min_p)
+    check_cuts("generate_speculative", temperature, top_p, top_k, min_p)
     lens = check_prompt_lens("generate_speculative", prompt_lens, *input_ids.shape)
     why = speculative_unsupported(model)
     if why:

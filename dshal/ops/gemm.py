@@ -6,6 +6,7 @@ Layout everywhere is nn.Linear's "NT": ``a [M, K]``, ``b [N, K]``, ``out = a @ b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from dshal.ops.spec import (
     FP8_DTYPES,
     FP8_FORMAT_OF,
     Cost,
+    OpSpec,
     Output,
     check_dim,
     check_same_device,
@@ -87,6 +89,29 @@ def _gemm_bytes(a, a_scale, b, b_scale, out_dtype) -> int:
     return sum(t.numel() * t.element_size() for t in (a, a_scale, b, b_scale)) + m * n * out_size
 
 
+def _nt_gemm_hub(spec: OpSpec, scaled_product: Callable[..., torch.Tensor]) -> None:
+    """Declare what fp8_gemm and int8_gemm share around ``scaled_product(a, a_scale, b, b_scale,
+    acc)``, the op's scaled ``a @ b.T`` accumulated in ``acc``: the reference (in
+    ``compute_dtype``, rounded to ``out_dtype``), the float64 oracle, the outputs and the cost."""
+
+    @spec.reference
+    def reference(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+        return scaled_product(a, a_scale, b, b_scale, compute_dtype(a_scale.dtype, out_dtype)).to(out_dtype)
+
+    @spec.oracle
+    def oracle(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+        return scaled_product(a, a_scale, b, b_scale, torch.float64)
+
+    @spec.outputs
+    def outputs(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+        return (Output((a.shape[0], b.shape[0]), out_dtype),)
+
+    @spec.cost
+    def cost(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+        """2*M*N*K flops; operands, scales and the output moved once."""
+        return Cost(flops=2 * a.shape[0] * b.shape[0] * a.shape[1], bytes=_gemm_bytes(a, a_scale, b, b_scale, out_dtype))
+
+
 # ---------------------------------------------------------------- fp8_gemm
 @op_spec
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
@@ -118,19 +143,7 @@ def _fp8_gemm_in(a, a_scale, b, b_scale, acc: torch.dtype) -> torch.Tensor:
     return dequantize_to(a, a_scale, a_block, acc) @ dequantize_to(b, b_scale, b_block, acc).T
 
 
-@fp8_gemm.reference
-def _fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    return _fp8_gemm_in(a, a_scale, b, b_scale, compute_dtype(a_scale.dtype, out_dtype)).to(out_dtype)
-
-
-@fp8_gemm.oracle
-def _fp8_gemm_oracle(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    return _fp8_gemm_in(a, a_scale, b, b_scale, torch.float64)
-
-
-@fp8_gemm.outputs
-def _fp8_gemm_outputs(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    return (Output((a.shape[0], b.shape[0]), out_dtype),)
+_nt_gemm_hub(fp8_gemm, _fp8_gemm_in)
 
 
 # ---------------------------------------------------------------- int8_gemm
@@ -170,28 +183,7 @@ def _int8_gemm_in(a, a_scale, b, b_scale, acc: torch.dtype) -> torch.Tensor:
     return _int8_products(a, b).to(acc) * a_scale.to(acc) * b_scale.to(acc).T
 
 
-@int8_gemm.reference
-def _int8_gemm_reference(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    return _int8_gemm_in(a, a_scale, b, b_scale, compute_dtype(a_scale.dtype, out_dtype)).to(out_dtype)
-
-
-@int8_gemm.oracle
-def _int8_gemm_oracle(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    return _int8_gemm_in(a, a_scale, b, b_scale, torch.float64)
-
-
-@int8_gemm.outputs
-def _int8_gemm_outputs(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    return (Output((a.shape[0], b.shape[0]), out_dtype),)
-
-
-def _nt_gemm_cost(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    """2*M*N*K flops; operands, scales and the output moved once (fp8_gemm and int8_gemm)."""
-    return Cost(flops=2 * a.shape[0] * b.shape[0] * a.shape[1], bytes=_gemm_bytes(a, a_scale, b, b_scale, out_dtype))
-
-
-fp8_gemm.cost(_nt_gemm_cost)
-int8_gemm.cost(_nt_gemm_cost)
+_nt_gemm_hub(int8_gemm, _int8_gemm_in)
 
 
 # ---------------------------------------------------------------- linear
@@ -253,12 +245,12 @@ def _linear_quantized(
     mode = weight_quant_mode("linear", weight, weight_scale)
     if weight.dtype == torch.int8:
         xq, xs = quantize_int8.reference_impl(x2)
-        return _int8_gemm_reference(xq, xs, weight, weight_scale, acc)
+        return int8_gemm.reference_impl(xq, xs, weight, weight_scale, acc)
     x_block = GRANULARITY_BLOCKS[mode][0]
     xq, xs = quantize_fp8.reference_impl(x2, x_block, FP8_FORMAT_OF[weight.dtype])
     if dense is not None:
         return dequantize_to(xq, xs, x_block, acc) @ dense.to(acc).T
-    return _fp8_gemm_reference(xq, xs, weight, weight_scale.reshape(()) if mode == "tensor" else weight_scale, acc)
+    return fp8_gemm.reference_impl(xq, xs, weight, weight_scale.reshape(()) if mode == "tensor" else weight_scale, acc)
 
 
 def linear_quantized(x, weight, bias=None, weight_scale=None, dense=None):

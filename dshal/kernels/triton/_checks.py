@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 from dshal.errors import ArgumentError, BackendUnavailableError, DeviceError, DTypeError
 from dshal.kernels.triton import interpreter_blocked_reason, interpreter_requested, on_tensor_device
 from dshal.kernels.triton.target import KernelTarget, default_target
+from dshal.ops.mode import checking
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,15 @@ def resolve_target(fn: str, target: object, device: torch.device) -> KernelTarge
     if not isinstance(target, KernelTarget):
         raise ArgumentError(f"{fn}: argument 'target' is a {type(target).__name__}, expected a KernelTarget or None")
     return target
+
+
+def checked_target(
+    fn: str, target: object, device: torch.device, check_inputs: Callable[[], KernelTarget]
+) -> KernelTarget:
+    """A kernel wrapper's target: ``check_inputs()`` (its input checks, which resolve the
+    target), or inside :func:`dshal.ops.trusted` (the caller vouches for the inputs, as the
+    ops' own checks are skipped there) ``target`` resolved alone."""
+    return check_inputs() if checking() else resolve_target(fn, target, device)
 
 
 def module_interpreted() -> bool:

@@ -13,13 +13,13 @@ from dshal.kernels.triton._checks import (
     check_flag,
     check_fp8_dtype,
     check_kernel_device,
+    checked_target,
     launch,
     module_interpreted,
     resolve_target,
 )
 from dshal.kernels.triton._jit import cast_rne, finite_abs, quantize_to_codes, scale_from_amax
 from dshal.kernels.triton.target import KernelTarget
-from dshal.ops.mode import checking
 from dshal.ops.spec import FLOAT_DTYPES, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -120,10 +120,7 @@ def silu_and_mul(x: torch.Tensor, *, target: KernelTarget | None = None) -> torc
     resolved.
     """
     fn = "silu_and_mul"
-    if checking():
-        tgt = _check_gated(fn, x, target)
-    else:  # inside dshal.ops.trusted(): no input checks
-        tgt = resolve_target(fn, target, x.device)
+    tgt = checked_target(fn, target, x.device, lambda: _check_gated(fn, x, target))
     x2, rows, d = _gated_rows(x)
     y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     if y.numel():
@@ -160,10 +157,9 @@ def silu_and_mul_fp8_quant(
     ``target`` is resolved.
     """
     fn = "silu_and_mul_fp8_quant"
-    if checking():
-        tgt = _check_silu_and_mul_fp8_quant(fn, x, fp8_dtype, ue8m0, target)
-    else:  # inside dshal.ops.trusted(): no input checks
-        tgt = resolve_target(fn, target, x.device)
+    tgt = checked_target(
+        fn, target, x.device, lambda: _check_silu_and_mul_fp8_quant(fn, x, fp8_dtype, ue8m0, target)
+    )
     fmt = FP8_FORMATS[fp8_dtype]
     x2, rows, d = _gated_rows(x)
     n_groups = triton.cdiv(d, QUANT_GROUP)

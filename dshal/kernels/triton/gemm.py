@@ -29,6 +29,7 @@ from dshal.kernels.triton import on_tensor_device
 from dshal.kernels.triton._checks import (
     FP8_FORMATS,
     check_kernel_device,
+    checked_target,
     hardware_nan_gemm,
     launch,
     module_interpreted,
@@ -36,7 +37,6 @@ from dshal.kernels.triton._checks import (
 )
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget, TileConfig, m_bucket
-from dshal.ops.mode import checking
 from dshal.ops.spec import check_dim, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -232,10 +232,9 @@ def fp8_block_gemm(
     caller vouches for the inputs; only ``target`` is resolved.
     """
     fn = "fp8_block_gemm"
-    if checking():
-        tgt = _check_fp8_block_gemm(fn, a, a_scale, b, b_scale, out_dtype, target, tile)
-    else:  # inside dshal.ops.trusted(): no input checks
-        tgt = resolve_target(fn, target, a.device)
+    tgt = checked_target(
+        fn, target, a.device, lambda: _check_fp8_block_gemm(fn, a, a_scale, b, b_scale, out_dtype, target, tile)
+    )
     M, K = a.shape
     N = b.shape[0]
 

@@ -32,6 +32,7 @@ from dshal.kernels.triton._checks import (
     FP8_FORMATS,
     check_flag,
     check_kernel_device,
+    checked_target,
     hardware_nan_moe,
     launch,
     module_interpreted,
@@ -39,7 +40,6 @@ from dshal.kernels.triton._checks import (
 )
 from dshal.kernels.triton._jit import cast_rne, finite_abs, quantize_with_scale, scale_from_amax
 from dshal.kernels.triton.target import KernelTarget
-from dshal.ops.mode import checking
 from dshal.ops.spec import check_dim, check_ids_in_range, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -300,10 +300,10 @@ def grouped_moe_experts(
     asserts the ids' range on the device.
     """
     fn = "grouped_moe_experts"
-    if checking():
-        tgt = _check_grouped_moe_experts(fn, x, weights, ids, w13, w2, w13_scale, w2_scale, target, check_ids)
-    else:  # inside dshal.ops.trusted(): no input checks (the ids' range check below stays, on the device)
-        tgt = resolve_target(fn, target, x.device)
+    tgt = checked_target(
+        fn, target, x.device,
+        lambda: _check_grouped_moe_experts(fn, x, weights, ids, w13, w2, w13_scale, w2_scale, target, check_ids),
+    )
     T, H = x.shape
     E, inter = w13.shape[0], w13.shape[1] // 2
     k = ids.shape[1]

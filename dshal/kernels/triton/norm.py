@@ -7,10 +7,9 @@ import triton
 import triton.language as tl
 
 from dshal.errors import ShapeError
-from dshal.kernels.triton._checks import check_kernel_device, launch, module_interpreted, resolve_target
+from dshal.kernels.triton._checks import check_kernel_device, checked_target, launch, module_interpreted, resolve_target
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget
-from dshal.ops.mode import checking
 from dshal.ops.spec import FLOAT_DTYPES, check_dim, check_real, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -94,10 +93,7 @@ def rms_norm(
     caller vouches for the inputs; only ``target`` is resolved.
     """
     fn = "rms_norm"
-    if checking():
-        tgt = _check_rms_norm(fn, x, weight, eps, residual, target)
-    else:  # inside dshal.ops.trusted(): no input checks
-        tgt = resolve_target(fn, target, x.device)
+    tgt = checked_target(fn, target, x.device, lambda: _check_rms_norm(fn, x, weight, eps, residual, target))
     hidden = x.shape[-1]
 
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -23,13 +23,13 @@ from dshal.kernels.triton._checks import (
     check_flag,
     check_fp8_dtype,
     check_kernel_device,
+    checked_target,
     launch,
     module_interpreted,
     resolve_target,
 )
 from dshal.kernels.triton._jit import finite_abs, quantize_to_codes, scale_from_amax
 from dshal.kernels.triton.target import KernelTarget
-from dshal.ops.mode import checking
 from dshal.ops.spec import FLOAT_DTYPES, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -141,10 +141,9 @@ def fp8_quantize_blocks(
     caller vouches for the inputs; only ``target`` is resolved.
     """
     fn = "fp8_quantize_blocks"
-    if checking():
-        tgt = _check_fp8_quantize_blocks(fn, x, block, fp8_dtype, ue8m0, target)
-    else:  # inside dshal.ops.trusted(): no input checks
-        tgt = resolve_target(fn, target, x.device)
+    tgt = checked_target(
+        fn, target, x.device, lambda: _check_fp8_quantize_blocks(fn, x, block, fp8_dtype, ue8m0, target)
+    )
     fmt = FP8_FORMATS[fp8_dtype]
     bm, bk = int(block[0]), int(block[1])
 

@@ -7,10 +7,16 @@ import triton
 import triton.language as tl
 
 from dshal.errors import ShapeError
-from dshal.kernels.triton._checks import check_flag, check_kernel_device, launch, module_interpreted, resolve_target
+from dshal.kernels.triton._checks import (
+    check_flag,
+    check_kernel_device,
+    checked_target,
+    launch,
+    module_interpreted,
+    resolve_target,
+)
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget
-from dshal.ops.mode import checking
 from dshal.ops.spec import FLOAT_DTYPES, check_same_device, check_tensor
 
 INTERPRETED = module_interpreted()
@@ -120,10 +126,7 @@ def rotary_embedding(
     is resolved.
     """
     fn = "rotary_embedding"
-    if checking():
-        tgt = _check_rotary(fn, x, cos, sin, interleaved, target)
-    else:  # inside dshal.ops.trusted(): no input checks
-        tgt = resolve_target(fn, target, x.device)
+    tgt = checked_target(fn, target, x.device, lambda: _check_rotary(fn, x, cos, sin, interleaved, target))
     D = x.shape[-1]
     half = D // 2
     angles = (*x.shape[:-1], half)
