@@ -228,6 +228,39 @@ def test_model_dshal_run_bad_arguments(tmp_path):
     assert proc.returncode == 1 and "cannot read model config" in proc.stderr
 
 
+def test_the_run_fit_check_counts_the_caches_each_stage_makes(monkeypatch):
+    """--speculative mtp makes the main layers' and the MTP layer's caches together: the check
+    counted the main one alone (a run that fit the check failed at the MTP stage, after the
+    eager and graph runs), and it counted the graph run's cache under --graphs off too."""
+    import argparse
+
+    from dshal.model import run
+
+    model = dshal.model.random_model(dshal.model.tiny_args(num_nextn_predict_layers=1, mtp_layers=1), seed=0)
+    eager, static = model.cache_bytes(2, 64), model.cache_bytes(2, 64, "absorb", static=True)
+    drafts = model.cache_bytes(2, 64, "absorb", mtp=True, static=True)
+    assert eager < static < static + drafts  # the tiny model's absorb cache, plus mask columns, plus MTP
+
+    def fits(free: int, **flags: Any) -> bool:
+        monkeypatch.setattr(run, "free_memory", lambda device: free)
+        args = argparse.Namespace(batch=2, prompt_len=32, new_tokens=32, **{"graphs": "auto", "speculative": None, **flags})
+        try:
+            run.check_run_fits(model, args, torch.device("cpu"))
+        except dshal.errors.ArgumentError as error:
+            assert "needs a KV cache of" in str(error)
+            assert ("with --speculative mtp's MTP cache" in str(error)) == (flags.get("speculative") == "mtp")
+            return False
+        return True
+
+    assert fits(static) and not fits(static - 1)
+    assert fits(eager, graphs="off") and not fits(eager - 1, graphs="off")
+    assert fits(static + drafts, speculative="mtp") and not fits(static + drafts - 1, speculative="mtp")
+    without_mtp = dshal.model.random_model(dshal.model.tiny_args(), seed=0)  # no MTP layer: its stage does not run
+    monkeypatch.setattr(run, "free_memory", lambda device: static)
+    run.check_run_fits(without_mtp, argparse.Namespace(batch=2, prompt_len=32, new_tokens=32, graphs="auto",
+                                                       speculative="mtp"), torch.device("cpu"))
+
+
 def test_model_dshal_run_refuses_a_batch_whose_kv_cache_cannot_fit(tmp_path):
     from dshal.plugin import host_available_memory
 

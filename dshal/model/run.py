@@ -163,13 +163,20 @@ def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device, s
                   else f"--prompt-len {args.prompt_len}")
         raise ArgumentError(f"{prompt} + --new-tokens {args.new_tokens} = {tokens} tokens, expected at most the "
                             f"model's max_position_embeddings ({limit})")
-    # The eager run's cache, or the graph run's (the absorb layout with spare mask columns).
-    nbytes = max(model.cache_bytes(args.batch, tokens), model.cache_bytes(args.batch, tokens, "absorb", static=True))
+    # The stages run one after another, each with its own caches: the eager run's, the graph run's
+    # (the absorb layout with spare mask columns) and the MTP run's (the graph run's layout for
+    # the main layers and the MTP layer's both).
+    static = model.cache_bytes(args.batch, tokens, "absorb", static=True)
+    nbytes = max(model.cache_bytes(args.batch, tokens), static if getattr(args, "graphs", "auto") != "off" else 0)
+    drafts = getattr(args, "speculative", None) is not None and speculative_unsupported(model) is None
+    if drafts:
+        nbytes = max(nbytes, static + model.cache_bytes(args.batch, tokens, "absorb", mtp=True, static=True))
     check_cache_fits(
         nbytes,
         free_memory(device),
         device,
-        f"--batch {args.batch} x (--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens}) tokens",
+        f"--batch {args.batch} x (--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens}) tokens"
+        + (f" (with --speculative {args.speculative}'s MTP cache)" if drafts else ""),
         "--batch, --prompt-len or --new-tokens",
         sharing,
         lambda: free_memory_note(device),
