@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dshal.backend import OpPath, host_physical_memory
+from dshal.backends.cpu_opaque import opaque_when_compiled
 from dshal.config import dequant_cache_gib
 from dshal.errors import ShapeError
 from dshal.kernels import cpu as cpu_kernels
@@ -595,8 +596,9 @@ def weight_format_paths() -> dict[str, dict[str, OpPath]]:
     }
 
 
-#: op name -> native provider; every other op is served by its reference.
-NATIVE_OPS = {
+#: op name -> native provider; every other op is served by its reference. Under torch.compile the
+#: providers with C kernels or host reads run as opaque operators (:mod:`dshal.backends.cpu_opaque`).
+NATIVE_OPS = opaque_when_compiled({
     "linear": linear,
     "attention": attention,
     "rms_norm": rms_norm,
@@ -604,4 +606,4 @@ NATIVE_OPS = {
     "rotary_embedding": rotary_embedding,
     "moe_gate": moe_gate,
     "moe_experts": moe_experts,
-}
+})

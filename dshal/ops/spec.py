@@ -154,6 +154,12 @@ class OpSpec:
             raise UnsupportedOpError(f"op {self.name!r} has no cost model")
         return self._cost(*args, **kwargs)
 
+    def outputs_of(self, *args: Any, **kwargs: Any) -> tuple[Output, ...]:
+        """What a call with these arguments returns, as the contract says (:meth:`outputs`)."""
+        if self._outputs is None:
+            raise UnsupportedOpError(f"op {self.name!r} declares no outputs")
+        return self._outputs(*args, **kwargs)
+
     def run_oracle(self, *args: Any, **kwargs: Any) -> Any:
         """The reference computed in float64: the registered oracle, or the reference
         implementation on float64 copies of every floating-point tensor argument."""
@@ -384,10 +390,11 @@ def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: st
     capture) it is a device-side assertion (``torch._assert_async``): no host sync, and a
     bad id still stops the program (a device assert on GPUs, a RuntimeError on the CPU). On
     a device torch has no async assert for, a host read instead: right, not sync-free.
+    Under ``torch.compile`` it is the assertion too (a host read would break the graph).
     Meta tensors hold no values: nothing to check."""
     if ids.is_meta:
         return
-    if ids.numel() and not checking():
+    if ids.numel() and (not checking() or torch.compiler.is_compiling()):
         message = f"{op}: argument {arg!r} holds {what}s outside [{low}, {size}) ({why})"
         in_range = ((ids >= low) & (ids < size)).all()
         try:

@@ -58,7 +58,9 @@ _INT32_MAX = 2**31 - 1
 
 def _not_traced(kernel: Any) -> Any:
     """``kernel`` as a graph break under ``torch.compile``: dynamo would trace its ctypes call with
-    fake tensors' pointers (heap corruption, then wrong logits). Wrapped when traced only:
+    fake tensors' pointers (heap corruption, then wrong logits). The cpu backend's ops reach
+    the kernels inside opaque operators there (:mod:`dshal.backends.cpu_opaque`, no break);
+    this guards a kernel called directly. Wrapped when traced only:
     ``torch.compiler.disable`` imports dynamo, which imports triton, and triton imported before
     ``TRITON_INTERPRET=1`` rules out emulated GPU plugins later in the process."""
 
