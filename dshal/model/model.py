@@ -43,7 +43,7 @@ from dshal.errors import ArgumentError, DTypeError, ShapeError
 from dshal.model.args import ModelArgs, yarn_mscale
 from dshal.model.cache import KVCache, LayerCache, check_cache_fits
 from dshal.model.generate import check_input_ids, check_token_ids, generate
-from dshal.model.prefill import check_start_pos, own_dtypes
+from dshal.model.prefill import check_start_pos, inference_only, own_dtypes
 from dshal.model.weights import dequantize_weight, precision_label
 from dshal.ops.spec import FP8_DTYPES, INT64_MAX, write_count
 from dshal.runtime import free_memory, free_memory_note
@@ -305,7 +305,11 @@ class MLA(nn.Module):
 
     def _kv_b_per_head(self, dtype: torch.dtype) -> torch.Tensor:
         """``kv_b_proj``'s weight as ``[H, nope + v, r]`` in ``dtype`` (dequantized: kv_b is
-        weight-only in every precision mode), cached until the weight or dtype changes."""
+        weight-only in every precision mode), cached until the weight or dtype changes. Under
+        ``torch.compile`` it is made in the graph (dynamo cannot read the write counters the
+        cache is checked with): a view for a weight already in ``dtype``, else dequantized per call."""
+        if torch.compiler.is_compiling():
+            return self.kv_b_proj.dequantized_weight(dtype).view(-1, self.nope + self.v_dim, self.rank)
         weight, scale = self.kv_b_proj.weight, self.kv_b_proj.weight_scale
         counts = (write_count(weight), write_count(scale))  # load_state_dict copies into the same parameters
         held = self._absorbed
@@ -591,7 +595,7 @@ class Transformer(nn.Module):
         def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     @own_dtypes
-    @torch.inference_mode()
+    @inference_only
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -634,7 +638,7 @@ class Transformer(nn.Module):
         return (logits, h) if return_hidden else logits
 
     @own_dtypes
-    @torch.inference_mode()
+    @inference_only
     def draft(
         self, hidden: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache: KVCache | None = None,
         last_only: bool = False,
@@ -691,7 +695,11 @@ class Transformer(nn.Module):
         key = (cache.mode, mtp)
         want = self._cache_layouts.get(key)
         if want is None:
-            want = self._cache_layouts[key] = self.new_cache(1, 1, cache.mode, mtp=mtp).layout
+            # KVCache.layout of this model's new_cache, worked out without allocating one
+            # (and without new_cache's memory check, a host call torch.compile cannot trace)
+            entries = tuple(tuple(shape) for shape in self._cache_entries(cache.mode))
+            want = (self._cached_layers(mtp), cache.mode, entries, self.args.dtype, self.rope_cos.device)
+            self._cache_layouts[key] = want
         made = "new_cache(..., mtp=True)" if mtp else "new_cache()"
         if cache.layout != want:
             raise ShapeError(

@@ -64,6 +64,12 @@ def check_input_ids(where: str, input_ids: Any, device: torch.device | None = No
 
 
 def check_start_pos(where: str, start_pos: Any) -> None:
+    if isinstance(start_pos, torch.Tensor):  # gpt-fast's habit (input_pos); no repr: dynamo cannot trace one
+        raise ArgumentError(
+            f"{where}: argument 'start_pos' is a tensor, expected an int >= 0; for a position held in a device "
+            "tensor (one compiled graph for every position) use dshal.model.decode.static_decode_step(model, token, "
+            "position, cache) on a model.new_cache(batch, max_len, 'absorb', static=True)"
+        )
     if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
         raise ArgumentError(f"{where}: argument 'start_pos' is {start_pos!r}, expected an int >= 0")
 
@@ -115,6 +121,23 @@ def own_dtypes(step: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def inference_only(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` under ``torch.inference_mode()``; under ``torch.no_grad()`` while
+    ``torch.compile`` traces it: AOT autograd (every backend but "eager": inductor,
+    "aot_eager") fails on inference mode inside a graph ("Cannot set version_counter for
+    inference tensor"), and under compile no_grad saves what inference mode does."""
+
+    @functools.wraps(step)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return step(*args, **kwargs)
+        with torch.inference_mode():
+            return step(*args, **kwargs)
+
+    return run
+
+
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
     "check_input_ids",
@@ -122,6 +145,7 @@ __all__ = [
     "check_prompt_lens",
     "check_start_pos",
     "check_token_ids",
+    "inference_only",
     "mask_padding",
     "own_dtypes",
     "prefill",
