@@ -56,7 +56,7 @@ def check_kernel_device(fn: str, arg: str, t: torch.Tensor, interpreted: bool) -
     ``interpreted`` is whether the calling kernel module was decorated with
     ``TRITON_INTERPRET=1`` (Triton reads it once, when the module is imported)."""
     kind = t.device.type
-    if _CAPTURED.get() is not None:  # cross-compiling: CPU tensors only stand in for device ones
+    if not torch.compiler.is_compiling() and _CAPTURED.get() is not None:  # cross-compiling: CPU tensors only stand in for device ones
         return
     if kind == "cpu" and not interpreted:
         raise DeviceError(
@@ -166,7 +166,10 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
 
     Every wrapper launches through here so that ``dshal kernels`` compiles exactly the
     arguments a real launch passes (the JIT specializes on them)."""
-    captured = _CAPTURED.get()
+    if torch.compiler.is_compiling() and type(kernel).__name__ == "InterpretedFunction":
+        # dynamo would trace into the interpreter's numpy code: run it outside the graph instead
+        return torch.compiler.disable(_interpret)(kernel, grid, args, kwargs)
+    captured = None if torch.compiler.is_compiling() else _CAPTURED.get()  # dynamo cannot read a ContextVar
     if captured is None:
         if type(kernel).__name__ == "InterpretedFunction":
             with INTERPRETER_LOCK:
@@ -176,6 +179,11 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
                 kernel[grid](*args, **kwargs)
     else:
         captured.append(Launch(kernel, grid, args, kwargs))
+
+
+def _interpret(kernel: Any, grid: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    with INTERPRETER_LOCK:
+        kernel[grid](*args, **kwargs)
 
 
 @contextlib.contextmanager
