@@ -521,10 +521,11 @@ def test_the_kernel_benchmark_runs():
 def test_torch_compile_around_the_c_kernels_gives_the_eager_answer():
     """dynamo traced the ctypes calls with its fake tensors' pointers: a function calling
     ``ops.moe_gate`` aborted the process (heap corruption), and ``torch.compile(model)`` gave
-    other logits without a word. Each kernel call is a graph break now (backend "eager":
-    dynamo's tracing is where it went wrong; no inductor compile needed). No functools cache
-    on the traced path either: dynamo warned about the op checks' and the library's (it traces
-    through them, ignoring the cache)."""
+    other logits without a word. The cpu backend's ops are opaque operators under compile now
+    (``dshal.backends.cpu_opaque``; ``tests/test_model_compile.py``), and a kernel called
+    directly is a graph break (backend "eager": dynamo's tracing is where it went wrong; no
+    inductor compile needed). No functools cache on the traced path either: dynamo warned
+    about the op checks' and the library's (it traces through them, ignoring the cache)."""
     import dshal
     from dshal.model import random_model, tiny_args
 
@@ -541,6 +542,8 @@ def test_torch_compile_around_the_c_kernels_gives_the_eager_answer():
     want = route(logits)
     got = torch.compile(route, backend="eager")(logits)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    direct = torch.compile(lambda x: K.moe_gate(x, bias, 4, 4, 2, 2.5), backend="eager")(logits)
+    assert torch.equal(direct[1], want[1]) and torch.equal(direct[0], want[0])
     model = random_model(tiny_args(), seed=1)
     ids = torch.randint(0, model.args.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     assert torch.equal(torch.compile(model, backend="eager")(ids), model(ids))
