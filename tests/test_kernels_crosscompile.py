@@ -210,7 +210,10 @@ def test_a_result_cache_that_cannot_be_written_is_turned_off_not_fatal(tmp_path,
 
     # an entry that cannot be read (another user's, damaged) is compiled again
     good = tmp_path / "good"
-    assert all(not r.get("cached") for r in cross_compile(["sm_90a"], jobs=1, cache_dir=good, only="rms_norm"))
+    fresh = cross_compile(["sm_90a"], jobs=1, cache_dir=good, only="rms_norm")
+    # a fresh row says cached: false, as a cached one says true (the key was missing: a diff of
+    # a cold and a warm `dshal kernels --json` saw it come and go)
+    assert fresh and all(r["cached"] is False for r in fresh), fresh
     entries = list(good.glob("*.json"))
     assert entries
     for entry in entries:

@@ -134,3 +134,18 @@ def test_dshal_run_says_what_a_native_provider_computed_with_the_reference(insta
     assert list(inside) == ["rms_norm"] and inside["rms_norm"] > 0  # the tiny model is float32
     assert ("reference math inside partref's providers (inputs their kernels do not take; this process, warm-up "
             f"included): rms_norm x{inside['rms_norm']}") in capsys.readouterr().out
+
+
+def test_dshal_run_json_names_a_checkpoint_in_the_home_folder_from_tilde(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """``model`` was the absolute ``--checkpoint`` path: a shared run file named the user's home."""
+    from dshal.cli import main
+    from dshal.model.checkpoint import random_checkpoint, save_checkpoint
+
+    monkeypatch.setenv("DSHAL_BACKEND", "cpu")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_checkpoint(tmp_path / "ckpt", tiny_args(), random_checkpoint(tiny_args(), seed=0))
+    out = tmp_path / "run.json"
+    argv = ["run", "--checkpoint", str(tmp_path / "ckpt"), "--new-tokens", "1", "--prompt-len", "2", "--no-progress",
+            "--graphs", "off", "--json", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["model"] == "~/ckpt"

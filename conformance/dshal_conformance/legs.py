@@ -14,6 +14,7 @@ Reading reports needs no torch (``dshal matrix`` stays light).
 from __future__ import annotations
 
 import html
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -86,13 +87,20 @@ def checked(report: dict[str, Any]) -> str:
     ``--no-collectives`` where given ('' for a whole ci run)."""
     parts = [] if report.get("tier", "ci") == "ci" else [f"tier {report['tier']}"]
     chosen = report.get("selection") or {}
-    if chosen.get("ops"):
-        parts.append("--ops " + ",".join(chosen["ops"]))
-    for case in chosen.get("cases") or ():
+    if chosen.get("ops"):  # sorted: an earlier suite wrote them in the order given
+        parts.append("--ops " + ",".join(sorted(set(chosen["ops"]))))
+    for case in sorted(set(chosen.get("cases") or ())):
         parts.append(f"--case {case}")
     if chosen.get("collectives") is False:
         parts.append("--no-collectives")
     return " ".join(parts)
+
+
+def _recency(report: dict[str, Any]) -> tuple[datetime, str]:
+    """Which of two reports of one leg is the newer: by ``started`` (to the second), then by
+    content, so that two started in the same second keep the same one in any given order."""
+    content = json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, sort_keys=True, default=str)
+    return _started(report), content
 
 
 def _started(report: dict[str, Any]) -> datetime:
@@ -125,7 +133,7 @@ def prepare(reports: list[dict[str, Any]], stale_after: timedelta | None = None,
             newest[key] = rep
             order.append(key)
             continue
-        older, kept = sorted((newest[key], rep), key=_started)
+        older, kept = sorted((newest[key], rep), key=_recency)
         newest[key] = kept
         dropped.setdefault(key, []).append(older["started"])
     now = now or datetime.now(UTC)

@@ -17,16 +17,19 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import os
 import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from dshal.errors import ConfigError
 from dshal.outputs import atomic_write, check_writable
+from dshal.redact import shareable
 from dshal_conformance.compare import (
     Comparison,
     baseline_paths,
@@ -182,21 +185,45 @@ def column_of(report: dict[str, Any]) -> Column:
                   broken=p.get("broken", ""))
 
 
+def distinct_tails(paths: list[str]) -> list[str]:
+    """Each of ``paths`` by as few of its last parts as tell it from the others
+    (``["/w/reports/h100/nvidia.json", "reports/h200/nvidia.json"]`` -> ``["h100/nvidia.json",
+    "h200/nvidia.json"]``): the same however each path was given (absolute, relative, from which
+    folder), and no runner's workspace folder in a shared matrix. A path that no tail tells apart
+    (the same file given twice) is given whole."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    out = []
+    for mine in parts:
+        for n in range(1, len(mine) + 1):
+            if sum(other[-n:] == mine[-n:] for other in parts) == 1:
+                out.append("/".join(mine[-n:]))
+                break
+        else:
+            out.append(str(Path(*mine)))
+    return out
+
+
 def build(reports: list[dict[str, Any]], by_dtype: bool = True) -> tuple[list[Column], list[tuple[str, str]], dict[tuple[str, str, str], Cell]]:
     """Columns, row keys (op, dtype) and cells keyed (column key, op, dtype). Columns that
     would share a header (one backend, device and kind twice) get a tag telling them apart:
-    the report's file name (``_source``, set by :func:`main`), else its start time and seed."""
+    the report's file (``_source``, set by :func:`main`; as few of its last path parts as tell
+    it from the others', so that ``reports/h100/nvidia.json`` reads ``h100/nvidia.json`` however
+    the path was given and wherever the runner's workspace was), else its start time and seed."""
     columns: list[Column] = []
     cells: dict[tuple[str, str, str], Cell] = {}
     rows: set[tuple[str, str]] = set()
     clashing = Counter(column_of(rep).key for rep in reports)
     selections: dict[str, set[str]] = {}
+    sources: dict[str, list[str]] = {}
     for rep in reports:
         selections.setdefault(column_of(rep).key, set()).add(checked(rep))
+        if rep.get("_source"):
+            sources.setdefault(column_of(rep).key, []).append(rep["_source"])
+    tails = {key: dict(zip(paths, distinct_tails(paths))) for key, paths in sources.items()}
     for index, rep in enumerate(reports, 1):
         col = column_of(rep)
         if clashing[col.key] > 1:  # what the run checked, where that differs (a partial run); then where it came from
-            where = rep.get("_source") or f"#{index}, {rep['started']}, seed {rep['seed']}"
+            where = tails[col.key][rep["_source"]] if rep.get("_source") else f"#{index}, {rep['started']}, seed {rep['seed']}"
             col.tag = ", ".join(part for part in (checked(rep) if len(selections[col.key]) > 1 else "", where) if part)
         n, base = 2, col.key
         while any(c.key == col.key for c in columns):  # two reports of one backend/device/kind
@@ -430,7 +457,7 @@ def read_reports(paths: list[str], warn: Any = None) -> list[dict[str, Any]]:
         if is_environment_file(path):  # `reports/*/*.json` over a bundle folder
             warn(f"{path} is a bundle's environment file, not a report; left out")
             continue
-        rep = load(path)
+        rep = shareable(load(path))  # an earlier suite's report may name a home folder; the matrix is shared
         identity = (rep["backend"], rep["started"], rep["seed"], rep["platform"].get("device"), rep["platform"].get("leg"),
                     len(rep["cases"]), rep["duration_s"])
         if identity in seen:

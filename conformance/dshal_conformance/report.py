@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ import dshal
 from dshal.config import read_text_file
 from dshal.errors import ArgumentError, DshalError
 from dshal.outputs import atomic_output, atomic_write
+from dshal.redact import shareable
 from dshal_conformance import __version__
 
 SCHEMA_ID = "dshal.conformance/1"
@@ -88,9 +90,9 @@ def build(
         "cases": records,
         "tier": options.tier,
         "suite_version": __version__,
-        "selection": {
-            "ops": list(options.ops) if options.ops is not None else None,
-            "cases": list(options.cases) if options.cases is not None else None,
+        "selection": {  # sorted: `--ops a,b` and `--ops b,a` check the same cases, one leg of the matrix
+            "ops": sorted(set(options.ops)) if options.ops is not None else None,
+            "cases": sorted(set(options.cases)) if options.cases is not None else None,
             "collectives": bool(options.collectives),
         },
         "waivers": [w.as_dict() for w in options.waivers],
@@ -113,8 +115,10 @@ def all_skipped(report: dict[str, Any]) -> bool:
 def write_json(report: dict[str, Any], path: Path) -> Path:
     """The report as strict JSON: a NaN or infinite number anywhere in it (a case's value or
     details) is written as null, not as ``NaN`` / ``Infinity``, which JSON parsers other than
-    Python's refuse (the case's reason keeps the word)."""
-    return atomic_write(path, json.dumps(finite_numbers(report), indent=1, sort_keys=False, allow_nan=False) + "\n")
+    Python's refuse (the case's reason keeps the word). Its text is
+    :func:`~dshal.redact.shareable`: no secret of the environment, no home folder."""
+    data = shareable(finite_numbers(report))
+    return atomic_write(path, json.dumps(data, indent=1, sort_keys=False, allow_nan=False) + "\n")
 
 
 def finite_numbers(value: Any) -> Any:
@@ -146,7 +150,9 @@ def write_junit(report: dict[str, Any], path: Path) -> Path:
     legs both run ``nvidia``, and dashboards reading both files merge suites of one name
     (Jenkins) or keep only the first of equal classname + name (GitLab). A case a waiver
     touched says so in its <system-out>, since a loosened threshold's pass is otherwise a
-    plain pass; a failure's body ends with the command that reruns the case."""
+    plain pass; a failure's body ends with the command that reruns the case. Its text is
+    :func:`~dshal.redact.shareable`, as the JSON report's."""
+    report = shareable(report)
     s = report["summary"]
     leg = report["platform"].get("leg")
     label = f"{report['backend']}@{leg}" if leg else report["backend"]
@@ -228,7 +234,10 @@ def bundle_archive(out_dir: Path) -> Path:
 def write_bundle(report: dict[str, Any], environment: dict[str, Any], files: list[Path], out_dir: Path) -> Path:
     """A submission bundle: the report files, ``environment.json`` and ``SHA256SUMS``
     (``sha256sum -c SHA256SUMS`` checks it), packed as ``<dir>.tar.gz`` too, written like
-    every report file through a temporary file and a rename (never a partial archive)."""
+    every report file through a temporary file and a rename (never a partial archive).
+
+    The archive is a function of its files alone (:func:`_pack`): the same report gives the same
+    bytes, whoever packs it, whenever, under whatever umask."""
     out_dir.mkdir(parents=True, exist_ok=True)
     copied = []
     for f in files:
@@ -237,19 +246,46 @@ def write_bundle(report: dict[str, Any], environment: dict[str, Any], files: lis
             atomic_write(dest, f.read_bytes())
         copied.append(dest)
     env_path = out_dir / ENVIRONMENT_FILE
-    atomic_write(env_path, json.dumps({"schema": ENVIRONMENT_SCHEMA, **environment}, indent=1, default=str) + "\n")
+    env_text = json.dumps(shareable({"schema": ENVIRONMENT_SCHEMA, **environment}), indent=1, default=str)
+    atomic_write(env_path, env_text + "\n")
     copied.append(env_path)
+    copied.sort(key=lambda p: p.name)
     lines = [f"{sha256(p)}  {p.name}" for p in copied]
     sums = out_dir / "SHA256SUMS"
     atomic_write(sums, "\n".join(lines) + "\n")
     archive = bundle_archive(out_dir)
-    top = archive.name.removesuffix(".tar.gz")
-    with atomic_output(archive) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
-        # This run's files only: a reused folder may hold an earlier run's (a failure mid-way
-        # leaves the previous archive, or none).
-        for path in [*copied, sums]:
-            tar.add(path, arcname=f"{top}/{path.name}")
+    # This run's files only: a reused folder may hold an earlier run's (a failure mid-way
+    # leaves the previous archive, or none).
+    _pack(archive, archive.name.removesuffix(".tar.gz"), [*copied, sums], _bundle_time(report))
     return archive
+
+
+def _bundle_time(report: dict[str, Any]) -> int:
+    """The time the bundle's members carry: the report's ``started`` (already in its content,
+    so it adds nothing that varies), else 0."""
+    try:
+        return max(0, int(datetime.fromisoformat(str(report["started"])).timestamp()))
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return 0
+
+
+def _pack(archive: Path, top: str, paths: list[Path], mtime: int) -> None:
+    """``paths`` as ``top/<name>`` in a reproducible ``.tar.gz``: members in name order, each
+    with ``mtime``, mode 0644, owner 0:0 and no owner names (the packer's login is nobody's
+    business), and a gzip header with no time and no file name (gzip's own header would say
+    when and as which temporary file it was written)."""
+
+    def normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.mode = mtime, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    with atomic_output(archive) as f:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path in sorted(paths, key=lambda p: p.name):
+                tar.add(path, arcname=f"{top}/{path.name}", recursive=False, filter=normalized)
 
 
 #: A bundle's environment file, and the schema it declares so that `dshal matrix` given

@@ -9,6 +9,7 @@ checks exactly as ``dshal.ops.<op>`` does.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import os
 import platform
 import threading
@@ -17,6 +18,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -470,11 +472,31 @@ def _nvml_driver() -> str | None:
         return None
 
 
-def environment(target: Target) -> dict[str, Any]:
-    """Device, driver/runtime versions (as :func:`versions` gives them to a matrix cell),
-    torch, suite version, git commit (for bundles)."""
+def source_commit(plugin: type | None) -> str | None:
+    """The git commit of the checkout ``plugin``'s module is a tracked file of (the suite's own
+    without a plugin): what a bundle was built from. None for a package installed from a wheel,
+    even one in a venv inside some checkout (not a tracked file there), or where git is missing.
+    Not the working folder's commit: that was whatever repository the command ran in."""
     import subprocess
 
+    try:
+        source = Path(inspect.getsourcefile(plugin) or "") if plugin is not None else Path(__file__)
+    except TypeError:  # a class defined in a shell or a notebook
+        return None
+    if not source.is_file():
+        return None
+    try:
+        git = ["git", "-C", str(source.parent)]
+        subprocess.run([*git, "ls-files", "--error-unmatch", source.name], capture_output=True, timeout=5, check=True)
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, not a tracked file
+        return None
+    return head.stdout.strip() or None
+
+
+def environment(target: Target) -> dict[str, Any]:
+    """Device, driver/runtime versions (as :func:`versions` gives them to a matrix cell),
+    torch, suite version, git commit of the plugin's source (for bundles)."""
     env: dict[str, Any] = {
         "backend": target.name,
         "plugin_version": target.plugin_version,
@@ -494,10 +516,5 @@ def environment(target: Target) -> dict[str, Any]:
         env.update(device=caps.device_name, arch=caps.arch, dist_backend=caps.dist_backend, notes=dict(caps.notes))
     else:
         env["not_run"] = target.not_run
-    try:
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - not a git checkout
-        env["git_commit"] = None
+    env["git_commit"] = source_commit(type(target.runtime.backend) if target.runtime is not None else None)
     return env

@@ -28,6 +28,7 @@ from typing import Any
 
 from dshal.config import read_yaml
 from dshal.errors import ConfigError
+from dshal.redact import code_path
 from dshal_conformance.tolerances import CLOSENESS_METRIC, THRESHOLDS
 
 FILE_NAME = "conformance-waivers.yaml"
@@ -40,6 +41,8 @@ class Waiver:
     reason: str
     skip: bool = False
     thresholds: dict[str, float] = field(default_factory=dict)
+    #: The file it came from, as :func:`dshal.redact.code_path` names it (a plugin's own file:
+    #: ``dshal_nvidia/conformance-waivers.yaml``, not this machine's site-packages folder).
     source: str = ""
     used_by: list[str] = field(default_factory=list)
 
@@ -91,7 +94,7 @@ def load(path: str | Path) -> list[Waiver]:
             )
         if not skip and not thresholds:
             raise ConfigError(f"{where}: says neither skip: true nor thresholds: {{...}}", file=str(path))
-        out.append(Waiver(match, reason.strip(), skip, {k: float(v) for k, v in thresholds.items()}, str(path)))
+        out.append(Waiver(match, reason.strip(), skip, {k: float(v) for k, v in thresholds.items()}, code_path(str(path))))
     return out
 
 

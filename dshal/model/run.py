@@ -57,6 +57,7 @@ from dshal.model.text import (
 )
 from dshal.outputs import atomic_write, check_writable, console as output_console, is_terminal
 from dshal.parallel import run as parallel_run
+from dshal.redact import shareable_text
 from dshal.runtime import free_memory, free_memory_note, out_of_memory_as_error, use_for_command
 
 #: The revision of ``dshal run --json``'s layout.
@@ -517,7 +518,7 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
         "backend_reason": next((d.reason for d in runtime.selection if d.taken), ""),
         "device": str(runtime.device),
         "emulated": runtime.emulated,
-        "model": source,
+        "model": shareable_text(source),  # a checkpoint folder in a home is written from ~
         "load_s": round(load_s, 3),
         "batch": args.batch,  # sequences per generation
         "batches": len(batches),

@@ -26,6 +26,7 @@ from dshal.backend import host_cpus, host_cpus_text
 from dshal.cgroups import cpu_quota
 from dshal.errors import DshalError
 from dshal.outputs import atomic_write, check_writable, console as output_console
+from dshal.redact import shareable, shareable_text
 from dshal.runtime import use_for_command
 
 _STYLE = """
@@ -139,7 +140,8 @@ class HtmlReport:
         return "\n".join(out)
 
     def write(self, path: str | Path) -> Path:
-        return atomic_write(path, self.render())  # temp file + rename: never a half-written report
+        # temp file + rename: never a half-written report; shareable: no secret, no home folder
+        return atomic_write(path, shareable_text(self.render()))
 
 
 def _table_html(t: Table) -> str:
@@ -154,8 +156,9 @@ def _table_html(t: Table) -> str:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """``data`` as indented JSON (NaN/inf written as null, so any JSON reader takes it)."""
-    return atomic_write(path, json.dumps(_finite(data), indent=2, default=str))
+    """``data`` as indented JSON (NaN/inf written as null, so any JSON reader takes it), its
+    text :func:`~dshal.redact.shareable` (no secret of the environment, no home folder)."""
+    return atomic_write(path, json.dumps(shareable(_finite(data)), indent=2, default=str))
 
 
 def _finite(v: Any) -> Any:

@@ -18,6 +18,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dshal.redact import code_path
+
 #: aten ops that read device values on the host or size their output from them.
 SYNC_ATEN_OPS = frozenset({
     "aten::_local_scalar_dense",  # .item(), int(t), float(t), bool(t)
@@ -96,7 +98,7 @@ class HostSyncCounter:
         self.by_op[name] += 1
         frames = [f for f in stack if "/torch/" not in f.filename and "contextlib" not in f.filename]
         site = frames[-1] if frames else None
-        self.events.append((name, f"{site.filename}:{site.lineno} ({site.name})" if site else "?"))
+        self.events.append((name, f"{code_path(site.filename)}:{site.lineno} ({site.name})" if site else "?"))
         if len(self.where) < self._keep:
             self.where.append(
                 f"{name} at " + " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[-4:][::-1])

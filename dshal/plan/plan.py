@@ -49,6 +49,7 @@ from dshal.parallel.layers import (
 from dshal.parallel.transforms import sharded_skeletons, skeleton_args
 from dshal.plan.names import TensorEntry, checkpoint_listing
 from dshal.plan.simulate import SimulatedRank, build_rank, kv_cache_bytes, layout, run_steps
+from dshal.redact import code_path, shareable_text
 
 #: DeepSeek-V3's published parameter counts (README_WEIGHTS.md, see data/SOURCES.md):
 #: 671B in the 61 main layers with embedding and head; 36.6B activated per token.
@@ -66,6 +67,13 @@ class PlanError(ConfigError):
 def default_config() -> Path:
     """DeepSeek-V3's published ``config.json``, kept as package data (see data/SOURCES.md)."""
     return Path(str(resources.files("dshal.plan") / "data" / "deepseek_v3_config.json"))
+
+
+def config_label(path: str | Path) -> str:
+    """How a plan names its config file: the built-in one as the package names it
+    (``dshal/plan/data/deepseek_v3_config.json``, not where this machine installed dshal), a
+    given one as given, a home folder written ``~``."""
+    return code_path(str(path)) if Path(path) == default_config() else shareable_text(str(path))
 
 
 #: Tokens per sequence planned when ``--context`` is not given (capped at the model's
@@ -525,7 +533,7 @@ def make_plan(req: PlanRequest, on_stage: Callable[[str], None] | None = None) -
     activated = sum(len(r["ranks"]) * r["activated_params_per_token"] for r in ranks_out)
     result: dict[str, Any] = {
         "schema": "dshal.plan/1",
-        "config": str(req.config),
+        "config": config_label(req.config),
         "model": {
             "layers": args.num_hidden_layers,
             "dense_layers": args.first_k_dense_replace,
@@ -722,6 +730,7 @@ __all__ = [
     "PlanRequest",
     "block_cuts",
     "coverage",
+    "config_label",
     "default_config",
     "format_plan",
     "holdings",

@@ -25,6 +25,7 @@ from dshal.errors import DeviceError, DshalError, DTypeError, ProviderError, Sha
 from dshal.ops.catalogue import SPECS
 from dshal.ops.examples import TIERS, Draw, Example, ShapeRow, plain
 from dshal.ops.spec import FP8_DTYPES
+from dshal.redact import code_path
 from dshal_conformance.judge import Check, Verdict, verdict
 
 KINDS = ("accuracy", "edge", "bad_input", "capability", "collective", "model", "determinism", "graph")
@@ -151,9 +152,10 @@ def logged_crash(reason: str, err: BaseException) -> str:
 
 
 def crash_site(err: BaseException) -> str:
-    """`` (at file:line in function)``: where ``err`` was raised, for a vendor to find it."""
+    """`` (at file:line in function)``: where ``err`` was raised, for a vendor to find it; the
+    file as its module is imported (``dshal_nvidia/backend.py``), not this machine's folders."""
     frames = traceback.extract_tb(err.__traceback__)
-    return f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f" (at {code_path(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
 
 
 def changed_bytes(now: torch.Tensor, was: torch.Tensor) -> int:

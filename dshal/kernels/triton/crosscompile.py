@@ -310,7 +310,7 @@ def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> d
             atomic_write(cached, json.dumps(result), private=True)  # another process may read it meanwhile (the other test worker)
         except OSError:  # a full disk, a folder made read-only meanwhile: the result stands uncached
             pass
-    return row | result | _tensor_core(ct, job, result["mma"])
+    return row | result | _tensor_core(ct, job, result["mma"]) | {"cached": False}  # a cached row has the same keys
 
 
 def _read_cached(path: Path) -> dict[str, Any] | None:
