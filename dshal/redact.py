@@ -29,7 +29,8 @@ from typing import Any
 
 #: Environment variable names whose values are secrets.
 SECRET_NAME = re.compile(
-    r"TOKEN|SECRET|PASSW(?:OR)?D|PASSPHRASE|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|(?:^|_)KEY(?:_|$)|AUTH|COOKIE|SESSION",
+    r"TOKEN|SECRET|PASSW(?:OR)?D|PASSPHRASE|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|(?:^|_)KEY(?:_|$)|AUTH(?!OR)"
+    r"|COOKIE|SESSION",  # AUTH, not AUTHOR: GIT_AUTHOR_NAME holds a name, not a secret
     re.IGNORECASE,
 )
 #: Shorter values are left alone: ``FOO_TOKEN=1`` would otherwise blank every "1".
@@ -77,7 +78,9 @@ class Redactor:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self.secrets = [(spelling, f"[redacted {name}]") for value, name in secret_values(environ)
                         for spelling in dict.fromkeys((value, html.escape(value)))]
-        self.homes = [re.compile(re.escape(home) + r"(?=[/\\]|$|[^\w.-])") for home in home_folders(environ)]
+        # At a path's start only: HOME=/root is not the "/root" of /data/root/ckpt or /proc/1/root
+        self.homes = [re.compile(r"(?<![\w.~+@-])" + re.escape(home) + r"(?=[/\\]|$|[^\w.-])")
+                      for home in home_folders(environ)]
 
     def text(self, text: str) -> str:
         for value, label in self.secrets:

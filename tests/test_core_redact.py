@@ -50,6 +50,25 @@ def test_the_home_folder_is_written_as_tilde_and_only_at_a_path_boundary() -> No
     assert out == "ckpt ~/models/v3 and ~; not /home/jdoe2/x or /srv/home/jdoe-old"
 
 
+def test_a_home_folder_inside_another_path_is_left_alone() -> None:
+    """HOME=/root (a container's) is not the ``/root`` of another path: those read
+    ``/data~/ckpt`` and ``/proc/1~/environ``, folders that do not exist."""
+    out = shareable_text("/data/root/ckpt, /proc/1/root/environ, https://git.example.com/root/x, "
+                         "/srv/home/jdoe/x; but /root/ckpt and 'file:///root/a'", {"HOME": "/root"})
+    assert out == ("/data/root/ckpt, /proc/1/root/environ, https://git.example.com/root/x, "
+                   "/srv/home/jdoe/x; but ~/ckpt and 'file://~/a'"), out
+    assert shareable_text("x=/home/jdoe/a:/srv/home/jdoe/b", _environ("/home/jdoe")) == "x=~/a:/srv/home/jdoe/b"
+
+
+def test_an_authors_name_is_no_secret() -> None:
+    """``AUTH`` names a secret (``NPM_AUTH``, ``OAUTH_TOKEN``), ``AUTHOR`` does not: the CI's
+    GIT_AUTHOR_NAME was redacted wherever the name appeared."""
+    env = {"GIT_AUTHOR_NAME": "Continuous Integration", "GIT_AUTHOR_EMAIL": "ci@builds.example.com",
+           "NPM_AUTH": "npm-auth-value-123"}
+    out = shareable_text("built by Continuous Integration <ci@builds.example.com> with npm-auth-value-123", env)
+    assert out == "built by Continuous Integration <ci@builds.example.com> with [redacted NPM_AUTH]", out
+
+
 def test_shareable_walks_a_report_and_leaves_other_values_alone() -> None:
     env = _environ("/home/jdoe")
     report = {"model": "/home/jdoe/ckpt", "n": 3, "ok": True, "x": None, "rows": [{"/home/jdoe/k": 1.5, "why": SECRET}]}
