@@ -261,6 +261,25 @@ def test_the_run_fit_check_counts_the_caches_each_stage_makes(monkeypatch):
                                                        speculative="mtp"), torch.device("cpu"))
 
 
+def test_the_run_fit_check_counts_one_sequences_mtp_caches_in_the_models_own_layout(monkeypatch):
+    """One sequence drafted without device graphs (the cpu backend) keeps both caches in the
+    model's own layout: under mla_mode naive that is larger than the graph layout the check
+    counted (the tiny model: 320 KiB made, 240 KiB checked)."""
+    import argparse
+
+    from dshal.model import run
+
+    model = dshal.model.random_model(
+        dshal.model.tiny_args(num_nextn_predict_layers=1, mtp_layers=1, mla_mode="naive"), seed=0)
+    made = model.cache_bytes(1, 64) + model.cache_bytes(1, 64, mtp=True)  # what _generate_one allocates
+    monkeypatch.setattr(run, "free_memory", lambda device: made - 1)
+    args = argparse.Namespace(batch=1, prompt_len=32, new_tokens=32, graphs="auto", speculative="mtp")
+    with pytest.raises(dshal.errors.ArgumentError, match="with --speculative mtp's MTP cache"):
+        run.check_run_fits(model, args, torch.device("cpu"))
+    monkeypatch.setattr(run, "free_memory", lambda device: made)
+    run.check_run_fits(model, args, torch.device("cpu"))
+
+
 def test_model_dshal_run_refuses_a_batch_whose_kv_cache_cannot_fit(tmp_path):
     from dshal.plugin import host_available_memory
 

@@ -165,13 +165,16 @@ def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device, s
         raise ArgumentError(f"{prompt} + --new-tokens {args.new_tokens} = {tokens} tokens, expected at most the "
                             f"model's max_position_embeddings ({limit})")
     # The stages run one after another, each with its own caches: the eager run's, the graph run's
-    # (the absorb layout with spare mask columns) and the MTP run's (the graph run's layout for
-    # the main layers and the MTP layer's both).
+    # (the absorb layout with spare mask columns) and the MTP run's (the main layers' and the MTP
+    # layer's both: in the graph run's layout, or for one sequence without device graphs in the
+    # model's own, which under mla_mode naive is the larger; the backend decides, so the larger counts).
     static = model.cache_bytes(args.batch, tokens, "absorb", static=True)
     nbytes = max(model.cache_bytes(args.batch, tokens), static if getattr(args, "graphs", "auto") != "off" else 0)
     drafts = getattr(args, "speculative", None) is not None and speculative_unsupported(model) is None
     if drafts:
         nbytes = max(nbytes, static + model.cache_bytes(args.batch, tokens, "absorb", mtp=True, static=True))
+        if args.batch == 1:
+            nbytes = max(nbytes, model.cache_bytes(1, tokens) + model.cache_bytes(1, tokens, mtp=True))
     check_cache_fits(
         nbytes,
         free_memory(device),
