@@ -77,6 +77,24 @@ def test_compiled_decode_steps_are_whole_graphs_with_two_compiles_for_every_posi
     assert compiled_cache.length == 9
 
 
+def test_a_cache_made_under_inference_mode_takes_compiled_steps_outside_it(fresh_dynamo):
+    """A compiled forward runs under no_grad, where an inference tensor cannot be written: a
+    cache made inside ``torch.inference_mode()`` (with the prompt's prefill), then stepped by
+    ``torch.compile(model)`` outside it, failed with torch's "Inplace update to inference tensor
+    outside InferenceMode" (eager, and the graph-broken compile before the opaque operators,
+    took it). Its buffers are never inference tensors now."""
+    dshal.use(backend="cpu")
+    model = random_model(tiny_args(num_hidden_layers=1), seed=1)  # one layer: the cache's writes are the point
+    ids = _ids()
+    with torch.inference_mode():
+        compiled_cache, eager_cache = model.new_cache(1, 16), model.new_cache(1, 16)
+        model(ids, 0, compiled_cache), model(ids, 0, eager_cache)
+    step = torch.compile(model, backend="eager", fullgraph=True)
+    token = ids[:, -1:]
+    got, want = step(token, 5, compiled_cache), model(token, 5, eager_cache)
+    assert torch.equal(got, want)
+
+
 def test_aot_autograd_compiles_a_prefill_whole(fresh_dynamo):
     """The "aot_eager" backend (AOT autograd, as inductor runs it) on a whole prefill graph
     failed with "Cannot set version_counter for inference tensor" (the forward's

@@ -115,15 +115,18 @@ class KVCache:
         #: directly): another model with the same layout would read keys it never wrote.
         self.owner: weakref.ReferenceType | None = None
         # Each layer's buffers as allocated (with the spare columns), and the entries' views of them.
-        self._allocated = [
-            [torch.zeros(batch, self.capacity, shape[0] + bias_columns, *shape[1:], dtype=dtype, device=device)
-             for shape in entry_shapes]
-            for _ in range(n_layers)
-        ]
-        self.buffers = [
-            [buf[:, :, : shape[0]] if bias_columns else buf for buf, shape in zip(layer, entry_shapes)]
-            for layer in self._allocated
-        ]
+        # Never inference tensors, even when made under torch.inference_mode(): a step compiled
+        # with torch.compile runs under no_grad, where an inference tensor cannot be written.
+        with torch.inference_mode(False):
+            self._allocated = [
+                [torch.zeros(batch, self.capacity, shape[0] + bias_columns, *shape[1:], dtype=dtype, device=device)
+                 for shape in entry_shapes]
+                for _ in range(n_layers)
+            ]
+            self.buffers = [
+                [buf[:, :, : shape[0]] if bias_columns else buf for buf, shape in zip(layer, entry_shapes)]
+                for layer in self._allocated
+            ]
         self.layers = [LayerCache(self, i) for i in range(n_layers)]
         self.length = 0
         self._plan = _StepPlan(0, 0)
