@@ -58,10 +58,35 @@ def test_model_scan_catches_a_device_branch(tmp_path):
 
 
 def _dshal(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m dshal ARGV`` in a child process: for what only a process shows (its CPU time,
+    what a refused allocation does to it); the tests of the command's flags, output and report
+    use :func:`dshal_here`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSHAL_")}
     return subprocess.run(
         [sys.executable, "-m", "dshal", *argv], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+@pytest.fixture
+def dshal_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, clean_dshal_env: None):
+    """``dshal_here(*argv, stdin=None)``: ``dshal ARGV`` through :func:`dshal.cli.main` in this
+    process (which gives back the caller's state), as a ``CompletedProcess``: its exit status,
+    stdout and stderr; ``stdin`` is the text its ``input()`` reads. About 2 s a call less than
+    :func:`_dshal` (no interpreter to start, no torch to import)."""
+    from dshal.cli import main
+
+    def run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["dshal", *argv], code, out, err)
+
+    return run
 
 
 def _children_cpu_s() -> float:
@@ -105,35 +130,35 @@ def test_model_dshal_run_tiny_default(tmp_path):
     assert report["model_description"]["precision"]["mode"] == "high"
 
 
-def test_model_dshal_run_records_a_strict_determinism_mode(tmp_path):
+def test_model_dshal_run_records_a_strict_determinism_mode(tmp_path, dshal_here):
     """``determinism: strict`` changes the numbers (batch-invariant providers): the run's
     output and JSON said nothing of it, so a strict run's record equalled a default one's."""
     config = tmp_path / "strict.yaml"
     config.write_text("backend: cpu\ndeterminism: strict\n")
     out = tmp_path / "run.json"
-    proc = _dshal("run", "--no-progress", "--config", str(config), "--prompt-len", "4", "--new-tokens", "2",
-                  "--json", str(out), timeout=120)
+    proc = dshal_here("run", "--no-progress", "--config", str(config), "--prompt-len", "4", "--new-tokens", "2",
+                  "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     determinism = json.loads(out.read_text())["determinism"]
     assert determinism["mode"] == "strict" and "linear" in determinism["batch_invariant_ops"]
     assert "determinism: strict (batch-invariant: " in proc.stdout
 
 
-def test_model_dshal_run_applies_the_configs_attention_window_to_the_tiny_model(tmp_path):
+def test_model_dshal_run_applies_the_configs_attention_window_to_the_tiny_model(tmp_path, dshal_here):
     """``attention: {window, global_tokens}`` reached checkpoints only: the built-in model ran
     with full attention and a full KV cache, and said nothing."""
     config = tmp_path / "window.yaml"
     config.write_text("backend: cpu\nattention: {window: 8, global_tokens: 2}\n")
-    proc = _dshal("run", "--no-progress", "--config", str(config), "--prompt-len", "4", "--new-tokens", "2", timeout=120)
+    proc = dshal_here("run", "--no-progress", "--config", str(config), "--prompt-len", "4", "--new-tokens", "2")
     assert proc.returncode == 0, proc.stderr
     assert "window 8 + 2 global tokens" in proc.stdout
 
 
-def test_model_dshal_run_graphs_on_reports_both_rates(tmp_path):
+def test_model_dshal_run_graphs_on_reports_both_rates(tmp_path, dshal_here):
     """``--graphs on`` times the static (graph-capturable) decode step too; without device
     graphs it runs eagerly and says so; its tokens equal the eager run's."""
     out = tmp_path / "run.json"
-    proc = _dshal("run", "--no-progress", "--graphs", "on", "--prompt-len", "8", "--new-tokens", "6", "--json", str(out), timeout=120)
+    proc = dshal_here("run", "--no-progress", "--graphs", "on", "--prompt-len", "8", "--new-tokens", "6", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["decode_tokens_per_s"] > 0 and report["decode_tokens_per_s_graphs"] > 0
@@ -143,7 +168,7 @@ def test_model_dshal_run_graphs_on_reports_both_rates(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_dshal_run_speculative_mtp(tmp_path):
+def test_model_dshal_run_speculative_mtp(tmp_path, dshal_here):
     """``--speculative mtp`` loads the MTP layer and times greedy decoding with its drafts
     after the eager run: the same tokens, and how many drafts were accepted. A checkpoint
     without an MTP layer, and sampling, are said."""
@@ -151,7 +176,7 @@ def test_model_dshal_run_speculative_mtp(tmp_path):
     from dshal.model.checkpoint import random_checkpoint, save_checkpoint
 
     out = tmp_path / "run.json"
-    proc = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "12", "--json", str(out), timeout=120)
+    proc = dshal_here("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "12", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     spec = report["speculative"]
@@ -161,36 +186,36 @@ def test_model_dshal_run_speculative_mtp(tmp_path):
     assert spec["captured"] is None  # no device graphs on cpu: --graphs auto leaves the steps eager
     assert report["model_description"]["precision_groups"]["mtp"] == "float32"
     # The MTP layer's weights come after the others': the eager tokens are those of a run without it.
-    plain = _dshal("run", "--no-progress", "--new-tokens", "12", "--json", str(tmp_path / "plain.json"), timeout=120)
+    plain = dshal_here("run", "--no-progress", "--new-tokens", "12", "--json", str(tmp_path / "plain.json"))
     assert plain.returncode == 0, plain.stderr
     assert json.loads((tmp_path / "plain.json").read_text())["output_ids"] == report["output_ids"]
     assert json.loads((tmp_path / "plain.json").read_text())["speculative"] is None
 
-    graphed = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "4", "--graphs", "on",
-                     "--json", str(out), timeout=120)
+    graphed = dshal_here("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "4", "--graphs", "on",
+                     "--json", str(out))
     assert graphed.returncode == 0, graphed.stderr
     spec = json.loads(out.read_text())["speculative"]  # through the hook, which on cpu captures nothing
     assert spec["captured"] is False and spec["tokens_match_eager"] and "its steps not captured" in graphed.stdout
-    sampled = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "4", "--temperature", "0.7",
-                     "--json", str(out), timeout=120)
+    sampled = dshal_here("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "4", "--temperature", "0.7",
+                     "--json", str(out))
     assert sampled.returncode == 0, sampled.stderr
     spec = json.loads(out.read_text())["speculative"]
     assert spec["run"] and spec["tokens_match_eager"] is None and "sampled: tokens not compared" in sampled.stdout
-    several = _dshal("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "6", "--batch", "3",
-                     "--json", str(out), timeout=120)
+    several = dshal_here("run", "--no-progress", "--speculative", "mtp", "--new-tokens", "6", "--batch", "3",
+                     "--json", str(out))
     assert several.returncode == 0, several.stderr
     spec = json.loads(out.read_text())["speculative"]
     assert spec["run"] and spec["tokens_match_eager"] and spec["steps"] + spec["accepted"] >= 3 * 5
 
     args = tiny_args(num_hidden_layers=2)
     save_checkpoint(tmp_path / "ckpt", args, random_checkpoint(args))
-    missing = _dshal("run", "--no-progress", "--checkpoint", str(tmp_path / "ckpt"), "--speculative", "mtp", timeout=120)
+    missing = dshal_here("run", "--no-progress", "--checkpoint", str(tmp_path / "ckpt"), "--speculative", "mtp")
     assert missing.returncode != 0
     assert "mtp_layers is 1, expected an integer in [0, 0]" in missing.stderr and "config.json" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 
-def test_model_dshal_run_checkpoint_and_config(tmp_path):
+def test_model_dshal_run_checkpoint_and_config(tmp_path, dshal_here):
     from dshal.model import tiny_args
     from dshal.model.checkpoint import random_checkpoint, save_checkpoint
 
@@ -198,7 +223,7 @@ def test_model_dshal_run_checkpoint_and_config(tmp_path):
     save_checkpoint(tmp_path / "ckpt", args, random_checkpoint(args, seed=1))
     cfg = tmp_path / "dshal.yaml"
     cfg.write_text("backend: cpu\nprecision: {gemm: bf16}\nattention: {window: 8, global_tokens: 2}\n")
-    proc = _dshal(
+    proc = dshal_here(
         "run",
         "--config",
         str(cfg),
@@ -221,10 +246,10 @@ def test_model_dshal_run_checkpoint_and_config(tmp_path):
     assert "window 8 + 2 global tokens" in proc.stdout
 
 
-def test_model_dshal_run_bad_arguments(tmp_path):
-    proc = _dshal("run", "--new-tokens", "0")
+def test_model_dshal_run_bad_arguments(tmp_path, dshal_here):
+    proc = dshal_here("run", "--new-tokens", "0")
     assert proc.returncode == 1 and "--new-tokens is 0, expected an integer >= 1" in proc.stderr
-    proc = _dshal("run", "--checkpoint", str(tmp_path / "missing"))
+    proc = dshal_here("run", "--checkpoint", str(tmp_path / "missing"))
     assert proc.returncode == 1 and "cannot read model config" in proc.stderr
 
 
@@ -308,40 +333,40 @@ def test_model_run_and_profile_say_a_sequence_past_the_models_positions_in_flags
         assert f"error: {said}, expected at most the model's max_position_embeddings (4096)" in err, err
 
 
-def test_model_dshal_run_says_why_there_is_no_decode_rate():
-    proc = _dshal("run", "--new-tokens", "2", "--prompt-len", "4", "--no-progress")
+def test_model_dshal_run_says_why_there_is_no_decode_rate(dshal_here):
+    proc = dshal_here("run", "--new-tokens", "2", "--prompt-len", "4", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "decode: n/a tokens/s (1 x 2 new tokens) (timed from the second decode step on: needs --new-tokens >= 3)" in proc.stdout
 
 
-def test_model_dshal_run_backend_flag_overrides_the_config(tmp_path):
+def test_model_dshal_run_backend_flag_overrides_the_config(tmp_path, dshal_here):
     """``--backend`` wins over the config file's ``backend`` (as for bench and profile); an
     unknown name is one error line naming what is installed."""
     cfg = tmp_path / "dshal.yaml"
     cfg.write_text("backend: nvidia\n")  # no GPU and no DSHAL_EMULATE here: unavailable
-    proc = _dshal("run", "--config", str(cfg), "--prompt-len", "4", "--new-tokens", "2", "--no-progress")
+    proc = dshal_here("run", "--config", str(cfg), "--prompt-len", "4", "--new-tokens", "2", "--no-progress")
     assert proc.returncode == 1 and "nvidia" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _dshal("run", "--config", str(cfg), "--backend", "cpu", "--prompt-len", "4", "--new-tokens", "2", "--no-progress")
+    proc = dshal_here("run", "--config", str(cfg), "--backend", "cpu", "--prompt-len", "4", "--new-tokens", "2", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "backend cpu" in proc.stdout
-    proc = _dshal("run", "--backend", "no-such-backend", "--no-progress")
+    proc = dshal_here("run", "--backend", "no-such-backend", "--no-progress")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "backend 'no-such-backend' is not installed; installed: [" in proc.stderr and "'cpu'" in proc.stderr
     assert "(requested by backend, set by --backend)" in proc.stderr  # the flag, not "<keyword arguments>"
 
 
 @pytest.mark.slow
-def test_model_dshal_run_prefill_chunk(tmp_path):
+def test_model_dshal_run_prefill_chunk(tmp_path, dshal_here):
     """``--prefill-chunk`` prefills the prompt in forwards of that many tokens, says so, and
     generates the tokens of the one-forward prefill."""
     common = ("run", "--prompt-len", "8", "--new-tokens", "3", "--graphs", "off", "--no-progress", "--json")
-    chunked = _dshal(*common, str(tmp_path / "chunked.json"), "--prefill-chunk", "3")
-    whole = _dshal(*common, str(tmp_path / "whole.json"))
+    chunked = dshal_here(*common, str(tmp_path / "chunked.json"), "--prefill-chunk", "3")
+    whole = dshal_here(*common, str(tmp_path / "whole.json"))
     assert chunked.returncode == 0 and whole.returncode == 0, chunked.stderr[-2000:] + whole.stderr[-2000:]
     assert "(1 x 8 tokens in 3 chunks of <= 3)" in chunked.stdout and "(1 x 8 tokens)" in whole.stdout
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("chunked.json", "whole.json"))
     assert (a["prefill_chunk"], b["prefill_chunk"]) == (3, 2048) and a["output_ids"] == b["output_ids"]
-    bad = _dshal("run", "--prefill-chunk", "0")
+    bad = dshal_here("run", "--prefill-chunk", "0")
     assert bad.returncode == 1 and "--prefill-chunk is 0, expected an integer >= 1" in bad.stderr
 
 
@@ -423,14 +448,14 @@ def _checkpoint_with_tokenizer(folder: Path, eos: str = "<eos>") -> Any:
 
 
 @pytest.mark.slow
-def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path):
+def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path, dshal_here):
     """``--prompt`` encodes the text with the checkpoint's tokenizer (BOS added; ``--chat``
     wraps it in the chat template), prints and reports the decoded output, and stops at the
     tokenizer's EOS unless ``--ignore-eos``."""
     ckpt = tmp_path / "ckpt"
     tokenizer = _checkpoint_with_tokenizer(ckpt)
     run = ("run", "--checkpoint", str(ckpt), "--new-tokens", "6", "--no-progress", "--graphs", "on", "--json")
-    proc = _dshal(*run, str(tmp_path / "a.json"), "--prompt", "hello world", "--ignore-eos")
+    proc = dshal_here(*run, str(tmp_path / "a.json"), "--prompt", "hello world", "--ignore-eos")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["prompt_len"] == len(tokenizer("hello world")["input_ids"]) and report["prompt_text"] == "hello world"
@@ -446,7 +471,7 @@ def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path)
         pytest.skip("the random model's second token is its first or BOS: no distinct EOS to stop at")
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(second)
     tokenizer.save_pretrained(ckpt)
-    proc = _dshal(*run, str(tmp_path / "b.json"), "--prompt", "hello world")
+    proc = dshal_here(*run, str(tmp_path / "b.json"), "--prompt", "hello world")
     assert proc.returncode == 0, proc.stderr[-2000:]
     stopped = json.loads((tmp_path / "b.json").read_text())
     assert stopped["output_ids"] == report["output_ids"][:2] and stopped["stopped_at_eos"]
@@ -457,14 +482,14 @@ def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path)
     tokenizer.eos_token = "<eos>"
     tokenizer.save_pretrained(ckpt)
     (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_token_id, second]}))
-    proc = _dshal(*run, str(tmp_path / "g.json"), "--prompt", "hello world")
+    proc = dshal_here(*run, str(tmp_path / "g.json"), "--prompt", "hello world")
     assert proc.returncode == 0, proc.stderr[-2000:]
     turn = json.loads((tmp_path / "g.json").read_text())
     assert turn["output_ids"] == report["output_ids"][:2] and turn["stopped_at_eos"]
     assert turn["stop_ids"] == [tokenizer.eos_token_id, second]
     (ckpt / "generation_config.json").unlink()
 
-    chat = _dshal(*run, str(tmp_path / "c.json"), "--prompt", "hello world", "--chat", "--ignore-eos")
+    chat = dshal_here(*run, str(tmp_path / "c.json"), "--prompt", "hello world", "--chat", "--ignore-eos")
     assert chat.returncode == 0, chat.stderr[-2000:]
     want = tokenizer.apply_chat_template([{"role": "user", "content": "hello world"}], add_generation_prompt=True)
     want = want["input_ids"] if hasattr(want, "keys") else want
@@ -472,7 +497,7 @@ def test_model_dshal_run_text_prompt_through_the_checkpoints_tokenizer(tmp_path)
 
 
 @pytest.mark.slow
-def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
+def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path, dshal_here):
     """Repeated ``--prompt``: one batch of prompts of different lengths; each sequence gets the
     tokens it gets alone, the graph run agrees, and ``--batch`` with several prompts is refused."""
     ckpt = tmp_path / "ckpt"
@@ -482,7 +507,7 @@ def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
     assert lens[0] < lens[1]
     run = ("run", "--checkpoint", str(ckpt), "--new-tokens", "5", "--no-progress", "--graphs", "on", "--ignore-eos",
            "--json")
-    proc = _dshal(*run, str(tmp_path / "both.json"), "--prompt", texts[0], "--prompt", texts[1])
+    proc = dshal_here(*run, str(tmp_path / "both.json"), "--prompt", texts[0], "--prompt", texts[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     both = json.loads((tmp_path / "both.json").read_text())
     assert (both["batch"], both["prompt_len"], both["shortest_prompt"]) == (2, lens[1], lens[0])
@@ -491,7 +516,7 @@ def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
     assert both["graphs"]["tokens_match_eager"]
     assert f"2 prompts of {lens[0]} to {lens[1]} tokens: the shortest length for all, each longer one's rest alone" in proc.stdout
     for i, text in enumerate(texts):
-        alone = _dshal(*run, str(tmp_path / f"{i}.json"), "--prompt", text, "--graphs", "off")
+        alone = dshal_here(*run, str(tmp_path / f"{i}.json"), "--prompt", text, "--graphs", "off")
         assert alone.returncode == 0, alone.stderr[-2000:]
         want = json.loads((tmp_path / f"{i}.json").read_text())
         seq = both["sequences"][i]
@@ -499,7 +524,7 @@ def test_model_dshal_run_a_batch_of_prompts_of_different_lengths(tmp_path):
         assert f"prompt {i + 1}: {text!r}" in proc.stdout and f"output {i + 1}: {seq['output_text']!r}" in proc.stdout
     # From a file, at most --batch 1 sequence per generation: two batches, the same sequences.
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
-    from_file = _dshal(*run, str(tmp_path / "file.json"), "--prompt-file", str(tmp_path / "prompts.jsonl"), "--batch", "1")
+    from_file = dshal_here(*run, str(tmp_path / "file.json"), "--prompt-file", str(tmp_path / "prompts.jsonl"), "--batch", "1")
     assert from_file.returncode == 0, from_file.stderr[-2000:]
     one_by_one = json.loads((tmp_path / "file.json").read_text())
     assert (one_by_one["batch"], one_by_one["batches"]) == (1, 2) and one_by_one["sequences"] == both["sequences"]
@@ -599,13 +624,13 @@ def test_model_dshal_run_names_prompt_file_in_its_refusals(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
+def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys, dshal_here):
     """``--temperature`` samples (seeded by ``--seed``: the same tokens twice, others than
     greedy's); the graph run samples too (its tokens not compared: other draws)."""
     common = ("run", "--prompt-len", "4", "--new-tokens", "8", "--graphs", "on", "--no-progress", "--json")
     ids = []
     for name, extra in (("g", ()), ("t1", ("--temperature", "1.5")), ("t2", ("--temperature", "1.5"))):
-        proc = _dshal(*common, str(tmp_path / f"{name}.json"), *extra)
+        proc = dshal_here(*common, str(tmp_path / f"{name}.json"), *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
         ids.append(json.loads((tmp_path / f"{name}.json").read_text()))
     greedy, sampled, again = ids
@@ -627,7 +652,7 @@ def test_model_dshal_run_temperature_samples_reproducibly(tmp_path, capsys):
     assert "--top-p 0.5 with greedy decoding (temperature 0), expected --temperature > 0" in capsys.readouterr().err
     assert main(["run", "--top-k", "5", "--min-p", "0.1"]) == 1
     assert "--top-k 5, --min-p 0.1 with greedy decoding (temperature 0)" in capsys.readouterr().err
-    nucleus = _dshal(*common, str(tmp_path / "p.json"), "--temperature", "1.5", "--top-p", "1e-9")
+    nucleus = dshal_here(*common, str(tmp_path / "p.json"), "--temperature", "1.5", "--top-p", "1e-9")
     assert nucleus.returncode == 0, nucleus.stderr[-2000:]
     assert json.loads((tmp_path / "p.json").read_text())["output_ids"] == greedy["output_ids"]  # a one-token nucleus
 
@@ -789,7 +814,7 @@ def test_model_chat_holds_a_conversation_through_the_chat_template(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_dshal_run_interactive(tmp_path):
+def test_model_dshal_run_interactive(tmp_path, dshal_here):
     """``dshal run --interactive`` reads the turns from the terminal (here a pipe), answers each
     and ends at the end of the input; the flags of a timed run are refused with it."""
     ckpt = tmp_path / "ckpt"
@@ -810,23 +835,22 @@ def test_model_dshal_run_interactive(tmp_path):
     assert answers(tp.stdout) == answers(proc.stdout) and len(answers(proc.stdout)) == 4
     assert "dshal run --interactive: 2 answer(s) on backend cpu (cpu, TP=2 x EP=1)" in tp.stdout
     # With the MTP layer's drafts (greedy): the same answers.
-    drafting = subprocess.run([sys.executable, "-m", "dshal", "run", "--checkpoint", str(ckpt), "--interactive",
-                               "--new-tokens", "4", "--speculative", "mtp"], input="hello world\n/clear\nthe lazy dog\n",
-                              capture_output=True, text=True, timeout=60, env=env)
+    # (In this process from here: the turns come from its stdin just the same.)
+    drafting = dshal_here("run", "--checkpoint", str(ckpt), "--interactive", "--new-tokens", "4", "--speculative", "mtp",
+                          stdin="hello world\n/clear\nthe lazy dog\n")
     assert drafting.returncode == 0, drafting.stderr[-2000:]
     assert answers(drafting.stdout) == answers(proc.stdout) and "MTP drafts accepted" in drafting.stdout
     assert "decode steps: eager (backend 'cpu' has no device graphs)" in proc.stdout
     # Through the static (graph) step, which the cpu backend runs eagerly: the same answers.
-    static = subprocess.run([sys.executable, "-m", "dshal", "run", "--checkpoint", str(ckpt), "--interactive",
-                             "--new-tokens", "4", "--graphs", "on"], input="hello world\n/clear\nthe lazy dog\n",
-                            capture_output=True, text=True, timeout=60, env=env)
+    static = dshal_here("run", "--checkpoint", str(ckpt), "--interactive", "--new-tokens", "4", "--graphs", "on",
+                        stdin="hello world\n/clear\nthe lazy dog\n")
     assert static.returncode == 0, static.stderr[-2000:]
     assert answers(static.stdout) == answers(proc.stdout)
     assert "decode steps: the static (graph) step, eager: backend 'cpu' has no device graphs" in static.stdout
     for extra, flag in ((("--prompt", "hi"), "--prompt"), (("--batch", "2"), "--batch"), (("--json", "x.json"), "--json")):
-        bad = _dshal("run", "--checkpoint", str(ckpt), "--interactive", *extra)
+        bad = dshal_here("run", "--checkpoint", str(ckpt), "--interactive", *extra)
         assert bad.returncode == 1 and f"--interactive is given with {flag}, expected one of them" in bad.stderr
-    bad = _dshal("run", "--interactive")
+    bad = dshal_here("run", "--interactive")
     assert bad.returncode == 1 and "--interactive needs --checkpoint DIR" in bad.stderr
 
 
@@ -1032,7 +1056,7 @@ def test_sampling_defaults_read_the_checkpoints_generation_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_dshal_run_text_prompts_sample_as_the_generation_config_says(tmp_path):
+def test_model_dshal_run_text_prompts_sample_as_the_generation_config_says(tmp_path, dshal_here):
     """With --prompt, the checkpoint's temperature / top_p / top_k / min_p apply unless the
     flags are given (as vLLM applies them); the run says where they came from. Random ids stay
     greedy."""
@@ -1045,7 +1069,7 @@ def test_model_dshal_run_text_prompts_sample_as_the_generation_config_says(tmp_p
     runs = {}
     for name, extra in (("config", ("--prompt", "hello")), ("greedy", ("--prompt", "hello", "--temperature", "0")),
                         ("ids", ("--prompt-len", "4")), ("flags", ("--prompt", "hello", "--top-k", "5", "--min-p", "0"))):
-        proc = _dshal(*run, str(tmp_path / f"{name}.json"), *extra)
+        proc = dshal_here(*run, str(tmp_path / f"{name}.json"), *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "note:" not in proc.stderr, proc.stderr[-500:]  # the file's sampling is applied, none left out
         runs[name] = (json.loads((tmp_path / f"{name}.json").read_text()), proc.stdout)

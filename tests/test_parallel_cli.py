@@ -22,6 +22,37 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def dshal_here(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """``dshal_here(*argv, env={})``: ``dshal ARGV`` as ``python -m dshal`` runs it, in this
+    process: :func:`dshal.cli.main` with that command line in ``sys.argv`` (where a launcher
+    reads what its ranks run), :func:`_env`'s variables plus ``env`` (one torch thread, as
+    OMP_NUM_THREADS=1 gives a child), a ``CompletedProcess`` of its exit status and output.
+    Captured at the file descriptors: a rank it starts writes there too. A single-process run
+    or a refusal before any rank starts costs no interpreter start and torch import (~2 s)."""
+    import torch
+
+    from dshal.cli import main
+
+    def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DSHAL_CONFIG", "DSHAL_EMULATE",
+                     "DSHAL_PLUGINS"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {"DSHAL_BACKEND": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(sys, "argv", ["dshal", *argv])
+        torch.set_num_threads(1)  # given back after the test (tests/conftest.py)
+        capfd.readouterr()
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["dshal", *argv], code, out, err)
+
+    return run
+
+
 def test_parallel_cli_launches_local_ranks(tmp_path: Path) -> None:
     """Without torchrun, --ep 2 starts two ranks itself; rank 0 writes the report with the
     per-rank and aggregate tokens/s. Started from a folder holding a ``dshal/`` folder (a
@@ -85,11 +116,10 @@ def test_parallel_cli_world_size_mismatch(tmp_path: Path) -> None:
     assert job.leaked() == []
 
 
-def test_parallel_cli_a_world_size_below_one_is_refused() -> None:
+def test_parallel_cli_a_world_size_below_one_is_refused(dshal_here) -> None:
     """WORLD_SIZE=0 or -3 (a launcher's or a script's mistake) ran as one process, exit 0."""
     for bad in ("0", "-3"):
-        done = subprocess.run([sys.executable, "-m", "dshal", *RUN], env={**_env(), "WORLD_SIZE": bad, "RANK": "0"},
-                              capture_output=True, text=True, timeout=120)
+        done = dshal_here(*RUN, env={"WORLD_SIZE": bad, "RANK": "0"})
         assert done.returncode == 1, done.stderr[-2000:]
         assert f"environment variable WORLD_SIZE is '{bad}', expected an integer >= 1" in done.stderr
         assert "Traceback" not in done.stderr
@@ -104,11 +134,9 @@ def test_parallel_cli_a_world_size_below_one_is_refused() -> None:
         (["--tp", "2", "--checkpoint", "/nonexistent"], "/nonexistent: cannot read model config: no such file"),
     ],
 )
-def test_parallel_cli_an_error_every_rank_would_hit_is_said_once_before_any_starts(flags, said) -> None:
+def test_parallel_cli_an_error_every_rank_would_hit_is_said_once_before_any_starts(flags, said, dshal_here) -> None:
     """Before, each of the N ranks printed it (N times over) after starting and joining the job."""
-    done = subprocess.run(
-        [sys.executable, "-m", "dshal", *RUN, *flags], env=_env(), capture_output=True, text=True, timeout=60, check=False
-    )
+    done = dshal_here(*RUN, *flags)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.count(said) == 1, done.stderr[-2000:]
     assert done.stderr.count("dshal run") == 1  # "dshal run: error: --tp 3 ...", not "... error: dshal run --tp 3"
@@ -151,21 +179,20 @@ def test_parallel_cli_a_cache_no_rank_can_hold_is_said_once_with_the_ranks_share
 
 
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--ep", "2"]])
-def test_parallel_cli_speculative_mtp_splits_the_mtp_layer_too(tmp_path: Path, layout: list[str]) -> None:
+def test_parallel_cli_speculative_mtp_splits_the_mtp_layer_too(tmp_path: Path, layout: list[str], dshal_here) -> None:
     """``--speculative mtp`` under TP (the MTP layer's attention, MoE and vocabulary-parallel
     head split like the others) and EP, two sequences each at its own positions: the tokens
     are the single-process run's, and the run's own check against its eager tokens holds on
     every rank (a rank that kept another draft than its peers would desynchronize the job)."""
     flags = ["run", "--new-tokens", "8", "--prompt-len", "6", "--batch", "2", "--no-progress", "--speculative", "mtp"]
-    reports = []
-    for extra, name in ((layout, "parallel.json"), ([], "single.json")):
-        done = subprocess.run(
-            [sys.executable, "-m", "dshal", *flags, *extra, "--json", str(tmp_path / name)],
-            env=_env(), capture_output=True, text=True, timeout=180, check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        reports.append(json.loads((tmp_path / name).read_text()))
-    parallel, single = reports
+    done = subprocess.run(
+        [sys.executable, "-m", "dshal", *flags, *layout, "--json", str(tmp_path / "parallel.json")],
+        env=_env(), capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = dshal_here(*flags, "--json", str(tmp_path / "single.json"))  # the single-process run, in this process
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    parallel, single = (json.loads((tmp_path / name).read_text()) for name in ("parallel.json", "single.json"))
     assert parallel["speculative"]["run"] and parallel["speculative"]["tokens_match_eager"]
     assert parallel["output_ids"] == single["output_ids"]
     # (Not the acceptances: a random MTP layer's logits are near ties, so its drafts may differ
@@ -356,20 +383,20 @@ def _tcp_pairs(rank_a: tuple[int, int], rank_b: tuple[int, int]) -> int:
     ],
     ids=["tp-naive-chunks-graphs-mtp", "ep-window-chunks"],
 )
-def test_parallel_cli_options_together_keep_the_single_process_tokens(tmp_path: Path, config: str, flags: list[str]) -> None:
+def test_parallel_cli_options_together_keep_the_single_process_tokens(tmp_path: Path, config: str, flags: list[str],
+                                                                      dshal_here) -> None:
     """Options that change how the model runs, combined (each is tested alone elsewhere): the
     split run's greedy tokens are the plain single-process run's, its graph and draft runs match
     its own eager tokens or say why they did not run, and its report says what ran."""
     (tmp_path / "dshal.yaml").write_text(f"backend: cpu\n{config}")
     run = ["run", "--config", str(tmp_path / "dshal.yaml"), "--new-tokens", "5", "--prompt-len", "20", "--batch", "3",
            "--no-progress"]
-    reports = []
-    for extra, name in ((flags, "together.json"), ([], "plain.json")):
-        done = subprocess.run([sys.executable, "-m", "dshal", *run, *extra, "--json", str(tmp_path / name)],
-                              env=_env(), capture_output=True, text=True, timeout=180, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        reports.append(json.loads((tmp_path / name).read_text()))
-    together, plain = reports
+    done = subprocess.run([sys.executable, "-m", "dshal", *run, *flags, "--json", str(tmp_path / "together.json")],
+                          env=_env(), capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain_run = dshal_here(*run, "--json", str(tmp_path / "plain.json"))  # the single-process run, in this process
+    assert plain_run.returncode == 0, plain_run.stderr[-3000:]
+    together, plain = (json.loads((tmp_path / name).read_text()) for name in ("together.json", "plain.json"))
     assert together["output_ids"] == plain["output_ids"] and len(plain["output_ids"]) == 5
     assert together["prefill_chunk"] == int(flags[flags.index("--prefill-chunk") + 1]) and together["batch"] == 3
     assert (together["parallel"]["tp"], together["parallel"]["ep"]) == ((2, 1) if "--tp" in flags else (1, 2))
