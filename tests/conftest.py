@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import itertools
 import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +36,26 @@ def write_distribution(
     lines = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
     (info / "entry_points.txt").write_text(f"[dshal.backends]\n{lines}")
     return info
+
+
+@pytest.fixture
+def cli_main() -> Callable[..., subprocess.CompletedProcess]:
+    """``cli_main(capture, argv)``: ``dshal ARGV`` through :func:`dshal.cli.main` in this process
+    (which gives back the caller's state), as a ``CompletedProcess`` of its exit status and the
+    output ``capture`` (pytest's capsys or capfd) took; argparse's usage errors are exits too.
+    About 2 s a call less than a child process (no interpreter to start, no torch to import)."""
+    from dshal.cli import main  # lazy: a fixture, not every test of the package needs the CLI
+
+    def run(capture: pytest.CaptureFixture[str], argv: list[str]) -> subprocess.CompletedProcess:
+        capture.readouterr()
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+        out, err = capture.readouterr()
+        return subprocess.CompletedProcess(["dshal", *argv], code, out, err)
+
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -68,23 +68,15 @@ def _dshal(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def dshal_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, clean_dshal_env: None):
-    """``dshal_here(*argv, stdin=None)``: ``dshal ARGV`` through :func:`dshal.cli.main` in this
-    process (which gives back the caller's state), as a ``CompletedProcess``: its exit status,
-    stdout and stderr; ``stdin`` is the text its ``input()`` reads. About 2 s a call less than
-    :func:`_dshal` (no interpreter to start, no torch to import)."""
-    from dshal.cli import main
+def dshal_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, clean_dshal_env: None, cli_main):
+    """``dshal_here(*argv, stdin=None)``: ``dshal ARGV`` in this process (conftest's ``cli_main``),
+    as a ``CompletedProcess``: its exit status, stdout and stderr; ``stdin`` is the text its
+    ``input()`` reads. About 2 s a call less than :func:`_dshal`."""
 
     def run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         if stdin is not None:
             monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        capsys.readouterr()
-        try:
-            code = main(list(argv))
-        except SystemExit as exit_:  # argparse's usage errors
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["dshal", *argv], code, out, err)
+        return cli_main(capsys, list(argv))
 
     return run
 

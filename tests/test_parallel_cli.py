@@ -23,16 +23,14 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture
-def dshal_here(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+def dshal_here(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, cli_main):
     """``dshal_here(*argv, env={})``: ``dshal ARGV`` as ``python -m dshal`` runs it, in this
-    process: :func:`dshal.cli.main` with that command line in ``sys.argv`` (where a launcher
+    process (conftest's ``cli_main``) with that command line in ``sys.argv`` (where a launcher
     reads what its ranks run), :func:`_env`'s variables plus ``env`` (one torch thread, as
     OMP_NUM_THREADS=1 gives a child), a ``CompletedProcess`` of its exit status and output.
     Captured at the file descriptors: a rank it starts writes there too. A single-process run
     or a refusal before any rank starts costs no interpreter start and torch import (~2 s)."""
     import torch
-
-    from dshal.cli import main
 
     def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DSHAL_CONFIG", "DSHAL_EMULATE",
@@ -42,13 +40,7 @@ def dshal_here(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatc
             monkeypatch.setenv(name, value)
         monkeypatch.setattr(sys, "argv", ["dshal", *argv])
         torch.set_num_threads(1)  # given back after the test (tests/conftest.py)
-        capfd.readouterr()
-        try:
-            code = main(list(argv))
-        except SystemExit as exit_:  # argparse's usage errors
-            code = exit_.code
-        out, err = capfd.readouterr()
-        return subprocess.CompletedProcess(["dshal", *argv], code, out, err)
+        return cli_main(capfd, list(argv))
 
     return run
 
