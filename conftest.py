@@ -14,6 +14,12 @@
 * No COLUMNS / LINES from the session: pytest-xdist's workers export COLUMNS=80, and dshal's
   piped output honours COLUMNS (as a user asks for it), so the tests' output would depend on
   ``-n``. A test that wants a width sets it.
+* Each pytest-xdist worker runs torch on its share of the CPUs (``-n 2`` on 2 cores: one
+  thread each), unless OMP_NUM_THREADS says otherwise. At torch's default every worker starts
+  a thread per CPU: twice as many threads as cores, and the tiny models' many small ops wait on
+  a descheduled thread of their team (a file of model tests ran 3-4x slower). Tests of thread
+  counts set their own (``tests/test_core_cgroups.py``, ``tests/test_core_caller_state.py``);
+  child processes keep torch's default.
 """
 
 import os
@@ -25,6 +31,24 @@ from dshal.kernels.triton import compiled_mode_reason, ensure_interpreter_if_cpu
 
 for _variable in ("COLUMNS", "LINES"):
     os.environ.pop(_variable, None)
+
+
+def _xdist_worker_threads() -> int | None:
+    """torch's thread count for this pytest-xdist worker: the CPUs this process can keep busy
+    (affinity and cgroup quota) shared among the workers; None outside xdist or where
+    OMP_NUM_THREADS chose."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    from dshal.backend import host_usable_cpus
+
+    return max(1, host_usable_cpus() // workers)
+
+
+if (_threads := _xdist_worker_threads()) is not None:
+    import torch
+
+    torch.set_num_threads(_threads)
 
 COMPILED_MODE_REASON = compiled_mode_reason()
 if COMPILED_MODE_REASON is None:

@@ -215,6 +215,16 @@ def test_cli_caps_torch_threads_at_the_quota_and_restores_them(one_cpu_quota, mo
         assert cap is None and torch.get_num_threads() == before
 
 
+def test_a_pytest_xdist_worker_runs_torch_on_its_share_of_the_cpus():
+    """The root conftest.py: under ``-n N`` each worker's torch runs host_usable_cpus() // N
+    threads (at least 1). At torch's default, N workers started N threads per CPU, and the
+    model tests' small ops waited on descheduled threads (3-4x slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        pytest.skip("not one of 2+ pytest-xdist workers, or OMP_NUM_THREADS chose: torch keeps its own count")
+    assert torch.get_num_threads() == max(1, host_usable_cpus() // workers)
+
+
 def _bench(tmp_path: Path, name: str, env: dict[str, str], *extra: str) -> dict:
     shapes = tmp_path / "s.yaml"
     shapes.write_text("cases:\n  - {op: rms_norm, shape: [4, 128]}\n")
