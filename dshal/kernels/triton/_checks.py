@@ -166,19 +166,16 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
 
     Every wrapper launches through here so that ``dshal kernels`` compiles exactly the
     arguments a real launch passes (the JIT specializes on them)."""
-    if torch.compiler.is_compiling() and type(kernel).__name__ == "InterpretedFunction":
-        # dynamo would trace into the interpreter's numpy code: run it outside the graph instead
-        return torch.compiler.disable(_interpret)(kernel, grid, args, kwargs)
-    captured = None if torch.compiler.is_compiling() else _CAPTURED.get()  # dynamo cannot read a ContextVar
-    if captured is None:
-        if type(kernel).__name__ == "InterpretedFunction":
-            with INTERPRETER_LOCK:
-                kernel[grid](*args, **kwargs)
-        else:
-            with on_tensor_device(args):
-                kernel[grid](*args, **kwargs)
-    else:
+    compiling = torch.compiler.is_compiling()
+    captured = None if compiling else _CAPTURED.get()  # dynamo cannot read a ContextVar
+    if captured is not None:
         captured.append(Launch(kernel, grid, args, kwargs))
+    elif type(kernel).__name__ == "InterpretedFunction":
+        # Under torch.compile outside the graph: dynamo would trace into the interpreter's numpy code.
+        (torch.compiler.disable(_interpret) if compiling else _interpret)(kernel, grid, args, kwargs)
+    else:
+        with on_tensor_device(args):
+            kernel[grid](*args, **kwargs)
 
 
 def _interpret(kernel: Any, grid: Any, args: tuple, kwargs: dict[str, Any]) -> None:
