@@ -42,6 +42,9 @@ What is here, and why a plugin needs it:
 * **Placement** (``dshal.parallel.placement``) -- ``topology_from_matrix`` (build a
   :class:`~dshal.Topology` from a management library's answers), ``place_groups`` and
   ``islands`` (what ``dshal.parallel`` does with it).
+* **Checkpoint paths** (``dshal.hub``) -- ``resolve_checkpoint``: a checkpoint argument given
+  as a Hugging Face model id (``org/name[@revision]``) to its snapshot folder in the local
+  cache, as every dshal command reads one (for a plugin's checkpoint converter).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ from dshal.errors import (
     ShapeError,
     UnsupportedOpError,
 )
+from dshal.hub import resolve_checkpoint
 from dshal.kernels.triton import ensure_interpreter_if_cpu
 from dshal.kernels.triton.target import SHIPPED_TARGETS, KernelTarget, TileConfig, shipped_target
 from dshal.ops.attention import guarded_attention, nonfinite_guard, values_are_key_columns
@@ -154,4 +158,6 @@ __all__ = [
     "islands",
     "place_groups",
     "topology_from_matrix",
+    # checkpoint paths
+    "resolve_checkpoint",
 ]

@@ -1,4 +1,4 @@
-"""``dshal diff --backend A --backend B [--checkpoint DIR] [--precision MODE] [--decode N] [--decode-path P] [--json F] [--html F]``.
+"""``dshal diff --backend A --backend B [--checkpoint DIR|ID] [--precision MODE] [--decode N] [--decode-path P] [--json F] [--html F]``.
 
 Both backends run the model core on the same checkpoint and prompt, with hooks at every
 op call and every top-level layer (:func:`dshal_conformance.modelcheck.trace`). Then:
@@ -49,7 +49,9 @@ import torch
 from dshal import ops
 from dshal.config import REFERENCE_PROVIDER as REFERENCE  # the float64 oracle's side: every op on its reference
 from dshal.errors import ConfigError
+from dshal.hub import CHECKPOINT_HELP, CHECKPOINT_METAVAR
 from dshal.model import CheckpointReader, DictReader, ModelArgs, build_model
+from dshal.model.args import checkpoint_folder
 from dshal.model.decode import static_decode_step, static_decode_unsupported
 from dshal.outputs import check_writable
 from dshal.perf.report import HtmlReport, Table, console, write_json
@@ -69,8 +71,8 @@ DECODE_PATHS = ("generate", "static")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", required=True, metavar="NAME",
                         help="a backend to compare; give it twice (A, then B). 'reference' is the float64 oracle")
-    parser.add_argument("--checkpoint", metavar="DIR",
-                        help="Hugging Face DeepSeek-V3 checkpoint (default: the conformance suite's seeded tiny one)")
+    parser.add_argument("--checkpoint", metavar=CHECKPOINT_METAVAR,
+                        help=f"{CHECKPOINT_HELP} (default: the conformance suite's seeded tiny one)")
     parser.add_argument("--precision", metavar="MODE", default="high",
                         help="precision mode of both models: high (the checkpoint's dtype) or a precision.gemm mode "
                              "(fp8-block, fp8-row, fp8-tensor, ...); default: high")
@@ -107,9 +109,11 @@ def _common_precision(mode: str, a: Any, b: Any) -> Any:
 
 
 def _load(checkpoint: str | None) -> tuple[Any, Any, str]:
-    """ModelArgs, a reader factory and a label of the checkpoint."""
+    """ModelArgs, a reader factory and a label of the checkpoint (a folder, its config.json, or
+    a Hugging Face model id in the local cache)."""
     if checkpoint:
-        return ModelArgs.from_file(checkpoint), lambda: CheckpointReader(checkpoint), str(checkpoint)
+        folder = checkpoint_folder(checkpoint)
+        return ModelArgs.from_file(folder), lambda: CheckpointReader(folder), str(folder)
     args = mc.suite_args("ci")
     tensors = mc.suite_checkpoint(args)
     return args, lambda: DictReader(tensors, path="<suite checkpoint>"), f"conformance suite tiny checkpoint (seed {mc.CHECKPOINT_SEED})"
@@ -491,6 +495,8 @@ def main(args: argparse.Namespace) -> int:
     for flag, path in (("--json", args.json), ("--html", args.html)):
         if path:
             check_writable(path, flag)  # before both model runs, not after them
+    if args.checkpoint:  # a Hub id: its snapshot folder, or the error naming the flag before either backend starts
+        args.checkpoint = str(checkpoint_folder(args.checkpoint, "--checkpoint"))
     result = compare(args.backend[0], args.backend[1], checkpoint=args.checkpoint, precision=args.precision,
                      prompt_len=args.prompt_len, emulate=args.emulate, decode=args.decode,
                      decode_path=args.decode_path)

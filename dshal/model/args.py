@@ -18,6 +18,7 @@ import torch
 
 from dshal.config import os_error_reason, read_text_file
 from dshal.errors import ConfigError
+from dshal.hub import resolve_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Largest ``max_position_embeddings`` accepted: the rotary tables are built for every
@@ -422,16 +423,21 @@ def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     )
 
 
-def checkpoint_config_path(path: Any) -> Path:
-    """``path/config.json`` for a checkpoint folder, ``path`` for a ``.json`` file; a
-    ConfigError that says what is wrong otherwise (a file that is no config, a symlink
-    loop, a missing folder, no permission)."""
+def checkpoint_config_path(path: Any, argument: str | None = None) -> Path:
+    """``path/config.json`` for a checkpoint folder, ``path`` for a ``.json`` file, and for a
+    Hugging Face model id (``org/name[@revision]``) that is no path here, its snapshot folder's
+    in the local Hugging Face cache (:func:`dshal.hub.resolve_checkpoint`); a ConfigError that
+    says what is wrong otherwise (a file that is no config, a symlink loop, a missing folder, no
+    permission, an id not in the cache). ``argument``: the flag that gave ``path``
+    (``--checkpoint``), named by the error."""
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
-        raise ConfigError(f"checkpoint: got {path!r} ({type(path).__name__}), expected a folder path")
-    path = Path(path)
+        raise ConfigError(f"{argument or 'checkpoint'}: got {path!r} ({type(path).__name__}), expected a folder path")
+    path = Path(resolve_checkpoint(path, argument or "checkpoint"))
     try:
         is_dir = path.stat().st_mode & 0o170000 == 0o040000
     except OSError as err:
+        if argument:  # the flag first: "--checkpoint /x: cannot read model config: no such file"
+            raise ConfigError(f"{argument} {path}: cannot read model config: {os_error_reason(path, err)}") from None
         raise ConfigError(f"cannot read model config: {os_error_reason(path, err)}", file=str(path)) from None
     if is_dir:
         return path / "config.json"
@@ -446,11 +452,12 @@ def checkpoint_config_path(path: Any) -> Path:
     )
 
 
-def checkpoint_folder(path: Any) -> Path:
-    """The checkpoint folder ``path`` names: itself, or the folder of a ``config.json`` given
-    instead (:func:`checkpoint_config_path` says that form is accepted; the weights, tokenizer
-    and generation_config.json are read beside it)."""
-    return checkpoint_config_path(path).parent
+def checkpoint_folder(path: Any, argument: str | None = None) -> Path:
+    """The checkpoint folder ``path`` names: itself, the folder of a ``config.json`` given
+    instead, or a Hugging Face model id's snapshot folder in the local cache
+    (:func:`checkpoint_config_path` says these forms are accepted; the weights, tokenizer and
+    generation_config.json are read beside it)."""
+    return checkpoint_config_path(path, argument).parent
 
 
 class _HfCheck:

@@ -39,7 +39,8 @@ import dshal
 from dshal import ops
 from dshal.config import Config, precision_config
 from dshal.errors import CheckpointError, DeviceError, DTypeError, ShapeError
-from dshal.model.args import ModelArgs
+from dshal.hub import resolve_checkpoint
+from dshal.model.args import ModelArgs, checkpoint_folder
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_weight_map
 from dshal.model.model import MLA, Embedding, Gate, Linear, RMSNorm, RoutedExperts, Transformer, rope_tables
 from dshal.model.precision import (
@@ -126,7 +127,7 @@ class CheckpointReader(ReaderNames):
         from safetensors import safe_open
 
         self._safe_open = safe_open
-        self.path = Path(path)
+        self.path = Path(resolve_checkpoint(path))  # a Hugging Face model id: its snapshot in the local cache
         if self.path.suffix == ".json" and self.path.is_file():  # config.json or the index: their folder
             self.path = self.path.parent
         self._files: dict[str, Path] = {}
@@ -676,7 +677,9 @@ def from_pretrained(
     mtp_layers: int | None = None,
     progress: LoadProgress | None = None,
 ) -> Transformer:
-    """Load a DeepSeek-V3 checkpoint directory (``config.json`` + safetensors).
+    """Load a DeepSeek-V3 checkpoint directory (``config.json`` + safetensors), or a Hugging
+    Face model id (``"deepseek-ai/DeepSeek-V3"``, ``"org/name@revision"``) already in the local
+    Hugging Face cache (:mod:`dshal.hub`: never downloaded; a folder of that name wins).
 
     ``config``: a dshal config (path, dict or Config) made active with :func:`dshal.use`;
     None keeps the active runtime (or the default one). Its ``precision`` section picks
@@ -687,9 +690,10 @@ def from_pretrained(
     ``progress(phase, done, total)`` is told where the load is
     (:data:`LoadProgress`; ``dshal run`` draws it as a progress bar).
     """
+    folder = checkpoint_folder(path)  # a Hugging Face model id: its snapshot in the local cache
     runtime = dshal.use(config) if config is not None else dshal.current()
-    args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode, mtp_layers=mtp_layers)
-    return build_model(args, CheckpointReader(path), runtime.config.precision, runtime.device, progress)
+    args = checkpoint_args(folder, runtime, dtype=dtype, mla_mode=mla_mode, mtp_layers=mtp_layers)
+    return build_model(args, CheckpointReader(folder), runtime.config.precision, runtime.device, progress)
 
 
 def runtime_attention(runtime: Any) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 By default a tiny DeepSeek-V3-shaped model with random weights is built on the fly
 (:func:`dshal.model.args.tiny_args`: first layer dense, grouped MoE with a correction
-bias, q LoRA, YaRN); ``--checkpoint DIR`` loads a Hugging Face checkpoint instead.
+bias, q LoRA, YaRN); ``--checkpoint DIR`` loads a Hugging Face checkpoint instead, and
+``--checkpoint org/name`` one already in the local Hugging Face cache (:mod:`dshal.hub`).
 
 Timing: a warm-up generates with exactly the timed shapes (same batch, prompt length and
 number of new tokens), so Triton compilation and autotuning happen there; its extra time
@@ -37,6 +38,7 @@ from dshal import __version__ as dshal_version, comm
 from dshal.cliargs import seed
 from dshal.config import read_text_file
 from dshal.errors import ArgumentError, ConfigError, DshalError
+from dshal.hub import CHECKPOINT_HELP, CHECKPOINT_METAVAR
 from dshal.model import from_pretrained, random_model
 from dshal.model.args import TINY_DTYPES, ModelArgs, checkpoint_folder, tiny_run_args
 from dshal.model.cache import check_cache_fits
@@ -69,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--config", metavar="F", help="dshal config file (default: DSHAL_CONFIG or the built-in defaults)")
     model.add_argument("--backend", metavar="NAME", help="backend to use (default: the config's, usually auto)")
     model.add_argument(
-        "--checkpoint", metavar="DIR", help="Hugging Face DeepSeek-V3 checkpoint (default: a tiny random model)"
+        "--checkpoint", metavar=CHECKPOINT_METAVAR, help=f"{CHECKPOINT_HELP} (default: a tiny random model)"
     )
     model.add_argument("--seed", type=seed, default=0, help="seed of the random weights, prompt and sampling (default 0)")
     model.add_argument("--mla-mode", choices=("absorb", "naive"), default=None, help="KV cache layout (default: absorb)")
@@ -434,8 +436,8 @@ def _prompt_batch(args: argparse.Namespace, vocab_size: int, prompts: list[list[
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Every flag's value, before anything is loaded (outputs included: before the run, not after it)."""
-    if args.checkpoint:  # a config.json given for its folder: the tokenizer and generation config are beside it
-        args.checkpoint = str(checkpoint_folder(args.checkpoint))
+    if args.checkpoint:  # a config.json or a Hub id given for its folder: the tokenizer and generation config are there
+        args.checkpoint = str(checkpoint_folder(args.checkpoint, "--checkpoint"))
     _check_prompt_flags(args)
     _positive("--new-tokens", args.new_tokens)
     if args.batch is not None:

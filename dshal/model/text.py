@@ -14,6 +14,7 @@ from typing import Any
 
 from dshal.config import read_json_file
 from dshal.errors import ArgumentError, CheckpointError, ConfigError, DshalError
+from dshal.hub import resolve_checkpoint
 
 #: The files a Hugging Face tokenizer is read from; one of them must be in the checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -24,8 +25,9 @@ def load_tokenizer(checkpoint: str | os.PathLike, trust_remote_code: bool = Fals
     the folder holds none of :data:`TOKENIZER_FILES` or transformers cannot read them;
     ArgumentError when transformers is not installed. ``trust_remote_code``: let transformers
     import the tokenizer code the checkpoint ships (Kimi-K2's); off, it is refused, never
-    asked about on the terminal."""
-    folder = Path(checkpoint)
+    asked about on the terminal. A Hugging Face model id reads the local cache's snapshot
+    (:func:`dshal.hub.resolve_checkpoint`), never the network."""
+    folder = Path(resolve_checkpoint(checkpoint))
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(
             f"{folder}: no tokenizer, expected one of {', '.join(TOKENIZER_FILES)} beside config.json "
@@ -149,7 +151,7 @@ GENERATION_CONFIG = "generation_config.json"
 def generation_config(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's ``generation_config.json`` ({} when it has none); CheckpointError when
     it is not a JSON object."""
-    path = Path(checkpoint) / GENERATION_CONFIG
+    path = Path(resolve_checkpoint(checkpoint)) / GENERATION_CONFIG
     if not path.is_file():
         return {}
     try:

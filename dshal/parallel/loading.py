@@ -22,7 +22,7 @@ from torch import nn
 import dshal
 from dshal.config import precision_config
 from dshal.errors import CheckpointError
-from dshal.model.args import ModelArgs
+from dshal.model.args import ModelArgs, checkpoint_folder
 from dshal.model.loader import (
     CheckpointReader,
     LoadProgress,
@@ -360,9 +360,10 @@ def from_pretrained_parallel(
 ) -> Transformer:
     """:func:`dshal.model.from_pretrained` for one rank of a parallel job: ``groups`` from
     :func:`dshal.parallel.setup_groups` says which TP / EP groups this rank is in."""
+    folder = checkpoint_folder(path)  # a Hugging Face model id: its snapshot in the local cache
     runtime = dshal.use(config) if config is not None else dshal.current()
-    args = checkpoint_args(path, runtime, dtype=dtype, mla_mode=mla_mode, mtp_layers=mtp_layers)
-    return build_parallel(args, CheckpointReader(path), groups, runtime.config.precision, runtime.device, progress)
+    args = checkpoint_args(folder, runtime, dtype=dtype, mla_mode=mla_mode, mtp_layers=mtp_layers)
+    return build_parallel(args, CheckpointReader(folder), groups, runtime.config.precision, runtime.device, progress)
 
 
 __all__ = ["ShardView", "build_parallel", "from_pretrained_parallel"]

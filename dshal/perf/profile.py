@@ -1,8 +1,9 @@
 """``dshal profile``: the model core's time per layer and per op, memory, and bottlenecks.
 
 It builds the model exactly as ``dshal run`` does (the tiny built-in DeepSeek-V3-shaped
-model by default, or ``--checkpoint DIR``), warms it up, then generates once with the
-instrumentation of :mod:`dshal.perf.measure` attached (prefill + decode), and reports:
+model by default, or ``--checkpoint DIR``, or a Hugging Face model id in the local cache),
+warms it up, then generates once with the instrumentation of :mod:`dshal.perf.measure`
+attached (prefill + decode), and reports:
 
 - time per layer (``embed``, ``layers.N``, ``norm``, ``lm_head``) split by op type, with
   the time outside ops ("torch glue") and the profiler's own bookkeeping shown apart;
@@ -35,7 +36,9 @@ import dshal.ops
 from dshal.backend import host_peak_rss
 from dshal.cliargs import seed
 from dshal.errors import DshalError
+from dshal.hub import CHECKPOINT_HELP, CHECKPOINT_METAVAR
 from dshal.model import from_pretrained, random_model, tiny_args
+from dshal.model.args import checkpoint_folder
 from dshal.model.precision import precision_summary
 from dshal.model.run import check_run_fits, load_progress_bar, out_of_memory_in_flags
 from dshal.ops.spec import Cost
@@ -67,7 +70,7 @@ PHASES = ("prefill", "decode")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "profile")
     parser.add_argument(
-        "--checkpoint", metavar="DIR", help="Hugging Face DeepSeek-V3 checkpoint (default: the tiny random model)"
+        "--checkpoint", metavar=CHECKPOINT_METAVAR, help=f"{CHECKPOINT_HELP} (default: the tiny random model)"
     )
     parser.add_argument("--prompt-len", type=int, default=32, metavar="N", help="prompt tokens (default 32)")
     parser.add_argument(
@@ -541,6 +544,8 @@ def main(args: argparse.Namespace) -> int:
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
     _positive("--overhead-pairs", args.overhead_pairs, 0)
+    if args.checkpoint:  # a Hub id: its snapshot folder, or the error naming the flag before the backend starts
+        args.checkpoint = str(checkpoint_folder(args.checkpoint, "--checkpoint"))
     runtime = start(args)
     model, source = _load_model(args)
     check_run_fits(model, args, runtime.device)

@@ -12,10 +12,11 @@ from dshal.outputs import atomic_write, check_writable, console as output_consol
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
-        type=Path,
         default=None,
         metavar="CONFIG.json",
-        help="the model's Hugging Face config.json (default: DeepSeek-V3's published one)",
+        help="the model's Hugging Face config.json, its checkpoint folder, or its model id (org/name, "
+        "org/name@REVISION) already in the local Hugging Face cache, never downloaded (default: DeepSeek-V3's "
+        "published one)",
     )
     parser.add_argument(
         "--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (as `dshal run --tp`; default 1)"
@@ -74,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from dshal.model.args import checkpoint_config_path  # lazy: start-up time (dshal plan --help loads no torch)
     from dshal.plan.plan import (  # lazy: start-up time (dshal plan --help loads no torch)
         PlanError,
         PlanRequest,
@@ -86,7 +88,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json, "--json")  # before the plan, not after it
     request = PlanRequest(
-        config=args.config or default_config(),
+        # a Hub id: its config.json in the local Hugging Face cache's snapshot
+        config=checkpoint_config_path(args.config, "--config") if args.config else default_config(),
         tp=args.tp,
         ep=args.ep,
         nodes=args.nodes,

@@ -11,7 +11,8 @@ per-expert layout ``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`` in
 quantized per output channel; the embedding, ``lm_head``, the router ``mlp.gate.weight`` and
 the norms stay as they are. Every other tensor is copied unchanged.
 
-Command line: ``dshal-ascend-convert SRC_DIR DST_DIR`` (or ``python -m dshal_ascend.convert``).
+Command line: ``dshal-ascend-convert SRC_DIR DST_DIR`` (or ``python -m dshal_ascend.convert``);
+SRC may be a Hugging Face model id in the local cache (``deepseek-ai/DeepSeek-V3``: ``dshal.hub``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dshal.plugin import (
     ShapeError,
     fp8_block_to_int8_rows,
     quantize_int8,
+    resolve_checkpoint,
 )
 from dshal_ascend.tool import run_tool
 
@@ -126,7 +128,8 @@ def _duration(seconds: float) -> str:
 def convert_checkpoint(
     src: str | Path, dst: str | Path, on_shard: Callable[[ShardDone], None] | None = None
 ) -> dict[str, int]:
-    """Convert a Hugging Face ``deepseek_v3`` checkpoint directory shard by shard (a weight's
+    """Convert a Hugging Face ``deepseek_v3`` checkpoint directory (or a model id already in the
+    local Hugging Face cache: ``dshal.plugin.resolve_checkpoint``) shard by shard (a weight's
     ``weight_scale_inv`` lives in the same shard in DeepSeek's releases). Non-tensor files
     are copied; ``config.json`` loses its FP8 ``quantization_config`` and records the int8
     scheme; the safetensors index maps the new ``weight_scale`` names. ``on_shard`` is
@@ -134,7 +137,7 @@ def convert_checkpoint(
     on two threads: benchmarks/RESULTS.md). Returns counts."""
     from safetensors.torch import load_file, save_file
 
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(resolve_checkpoint(src, "src")), Path(dst)  # a Hub id: its snapshot in the local cache
     if src.resolve() == dst.resolve():
         raise DshalError(f"convert: destination {dst} is the source; choose another directory")
     shards = list(_shards(src))
@@ -183,7 +186,9 @@ def _json_object(path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dshal-ascend-convert", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("src", help="DeepSeek-V3 checkpoint directory, FP8 or bf16 (config.json + *.safetensors)")
+    parser.add_argument("src", help="DeepSeek-V3 checkpoint directory, FP8 or bf16 (config.json + *.safetensors), or "
+                        "its Hugging Face model id (org/name, org/name@REVISION) already in the local Hugging Face "
+                        "cache (never downloaded: `hf download ID` fetches it)")
     parser.add_argument("dst", help="output directory for the W8A8 int8 checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no line per converted shard")
     args = parser.parse_args(argv)
