@@ -14,10 +14,12 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 
 from dshal import __version__
 from dshal.cgroups import cpu_quota
+from dshal.error_file import error_line, record_failure
 from dshal.errors import ConfigError, DshalError
 from dshal.lifetime import Terminated, cleanup_on_termination, signal_name
 from dshal.outputs import is_terminal
@@ -297,23 +299,33 @@ def _main(argv: Sequence[str] | None) -> int:
         ):
             return int(args._main(args) or 0)  # SIGTERM / SIGHUP (`timeout`, `kill`): unwind, then 143 / 129
     except Terminated as err:
-        print(f"dshal {args.command}: terminated ({signal_name(err.signum)})", file=sys.stderr)
+        line = f"dshal {args.command}: terminated ({signal_name(err.signum)})"
+        print(line, file=sys.stderr)
+        record_failure(line, consequence=True)  # under torchrun: most often its agent, after another rank failed
         return int(err.code)
     except DshalError as err:
-        prefix = f"dshal {args.command}: "
-        text = str(err).removeprefix(prefix)  # messages raised for the command already name it
-        if text.startswith(f"dshal {args.command} -"):  # or it with the flags at fault: "dshal run --tp 3: ..."
-            text = text.removeprefix(f"dshal {args.command} ")
-        print(f"{prefix}error: {text}", file=sys.stderr)
+        line = error_line(args.command, err)
+        print(line, file=sys.stderr)
+        # under torchrun, its summary then names the error, not only an exit code; a collective that
+        # failed because a peer did is stamped after that peer's failure (the agent's root cause)
+        record_failure(line, consequence=getattr(err, "peer_failed", False))
         return 1
     except KeyboardInterrupt:
         print(f"dshal {args.command}: interrupted", file=sys.stderr)
+        record_failure(f"dshal {args.command}: interrupted", consequence=True)
         return 130
-    except FileNotFoundError as err:  # tempfile's, raised from torch's imports (dynamo) as much as from dshal
-        if "No usable temporary directory" not in str(err):
-            raise
-        print(f"dshal {args.command}: error: no writable temporary folder ({err}): set TMPDIR to one", file=sys.stderr)
-        return 1
+    except BrokenPipeError:  # the reader left: main() ends it with 141, no failure
+        raise
+    except Exception as err:
+        if isinstance(err, FileNotFoundError) and "No usable temporary directory" in str(err):
+            # tempfile's, raised from torch's imports (dynamo) as much as from dshal
+            line = f"dshal {args.command}: error: no writable temporary folder ({err}): set TMPDIR to one"
+            print(line, file=sys.stderr)
+            record_failure(line)
+            return 1
+        # a defect: Python prints its traceback, and under torchrun the agent's summary shows it too
+        record_failure(f"dshal {args.command}: {type(err).__name__}: {err}", traceback.format_exc())
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -157,13 +157,17 @@ def group_name(group: Any = None) -> str:
 
 
 def _explain(err: BaseException) -> str:
-    text = str(err)
-    low = text.lower()
+    low = str(err).lower()
     if "timed out" in low or "timeout" in low:
         return "a peer did not answer within distributed.timeout_s (it hung or died silently)"
     if any(s in low for s in ("connection reset", "connection closed", "broken pipe", "connection refused", "eof")):
         return "a peer closed its connection (it probably died)"
     return "the process-group backend reported an error"
+
+
+def _peer_failed(err: BaseException) -> bool:
+    """Whether :func:`_explain` reads ``err`` as a peer's failure (closed, or silent)."""
+    return _explain(err).startswith("a peer")
 
 
 def teardown_action(device_type: str) -> str:
@@ -465,7 +469,7 @@ class ProcessGroupCommunicator(Communicator):
             )
             _session["failure"] = message
             _teardown(device.type)
-            raise CommError(message) from err
+            raise CommError(message, peer_failed=_peer_failed(err)) from err
 
     def _agree(
         self, collective: str, t: torch.Tensor, arg_name: str = "", arg: str | int = 0,
@@ -716,7 +720,8 @@ class LaunchEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    #: torchrun's restart counter; keys this attempt's rendezvous records.
+    #: torchrun's restart counter (TORCHELASTIC_RESTART_COUNT); keys this attempt's records in
+    #: the store torchrun's agent keeps for every attempt.
     restart: int = 0
 
 
@@ -825,19 +830,21 @@ def _bounded_rendezvous(env: LaunchEnv, timeout: float) -> Any:
 RENDEZVOUS_GRACE_S = 5.0
 
 
-def _check_world_size(store: Any, env: LaunchEnv, setup: str = "") -> None:
+def _check_world_size(store: Any, env: LaunchEnv, setup: str = "", timeout_s: float = 300.0) -> None:
     """Every rank must agree on WORLD_SIZE and on ``setup`` (its dshal backend and process-group
     backend); compare through the rendezvous store before the process group is built (a
     mismatch would otherwise hang inside the backend: NCCL ranks waiting for peers that built
     a gloo group). Rank 0 reads every rank's; the others read rank 0's and acknowledge, and
     rank 0 (which hosts the store) waits for those acknowledgements so nobody loses the store
-    mid-check."""
-    prefix = f"dshal/launch/{env.restart}"
+    mid-check. Each waits at most ``timeout_s`` (distributed.timeout_s). ``store``: this
+    attempt's (see :func:`init`)."""
+    prefix = "dshal/launch"
     store.set(f"{prefix}/size/{env.rank}", f"{env.world_size}|{setup}")
     others = [0] if env.rank else list(range(1, env.world_size))
     sizes, setups = {}, {}
     for other in others:
         try:
+            _store_wait(store, [f"{prefix}/size/{other}"], timeout_s)
             size, _, setups[other] = store.get(f"{prefix}/size/{other}").decode().partition("|")
             sizes[other] = int(size)
         except (RuntimeError, ValueError) as err:
@@ -850,7 +857,7 @@ def _check_world_size(store: Any, env: LaunchEnv, setup: str = "") -> None:
         if env.rank:
             store.set(f"{prefix}/ack/{env.rank}", "1")
         else:
-            store.wait([f"{prefix}/ack/{other}" for other in others])
+            _store_wait(store, [f"{prefix}/ack/{other}" for other in others], timeout_s)
     except (RuntimeError, ValueError):
         pass  # a peer that vanished here fails its own init; the sizes below are what matter
     for other, seen in sizes.items():
@@ -866,6 +873,25 @@ def _check_world_size(store: Any, env: LaunchEnv, setup: str = "") -> None:
                 "must run the same backend (under backend: auto a rank that cannot use its device takes the next "
                 "one: name the backend, e.g. backend: nvidia, and that rank says why)"
             )
+
+
+#: The longest pause between two looks at the store while a rank waits for its peers' keys.
+STORE_POLL_MAX_S = 0.1
+
+
+def _store_wait(store: Any, keys: list[str], timeout_s: float) -> None:
+    """Return once every key of ``keys`` is set in ``store``; RuntimeError after ``timeout_s``.
+    Polled from Python (``store.check``, pauses growing to :data:`STORE_POLL_MAX_S`) rather than
+    one blocking ``store.get`` / ``wait``: a rank waiting for a peer that died while joining then
+    takes SIGTERM at once (torchrun's agent sends it before a restart), not after the termination
+    watchdog's grace (short ``store.wait`` slices instead log a C++ warning each)."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while not store.check(keys):
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"wait timeout after {timeout_s:g} s, keys: {', '.join(keys)}")
+        time.sleep(pause)
+        pause = min(pause * 2, STORE_POLL_MAX_S)
 
 
 def process_group_backend(runtime: Any) -> str:
@@ -930,8 +956,11 @@ def init(timeout_s: float | None = None) -> Communicator:
     device_id = None if rt.device.type == "cpu" else rt.backend.bind_device()
     _set_library_environment(rt.backend, timeout)  # before any peer is contacted: a plugin defect fails alone
     arm_termination_watchdog()  # collectives wait in C: SIGTERM must not wait for them (under `dshal`)
-    store = _bounded_rendezvous(env, timeout)
-    _check_world_size(store, env, f"backend {rt.backend.name!r} ({process_group_backend(rt)})")
+    # torchrun's agent keeps one store for every attempt of the job: what an attempt's ranks write
+    # (gloo's addresses too) is read under this attempt's prefix only. Unprefixed, the ranks of a
+    # restart (--max-restarts) read the dead ranks' addresses and hung connecting to them.
+    store = dist.PrefixStore(f"dshal/attempt/{env.restart}/", _bounded_rendezvous(env, timeout))
+    _check_world_size(store, env, f"backend {rt.backend.name!r} ({process_group_backend(rt)})", timeout)
     try:
         dist.init_process_group(
             backend=process_group_backend(rt),

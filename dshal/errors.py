@@ -53,7 +53,15 @@ class ProviderError(DshalError, RuntimeError):
 
 
 class CommError(DshalError, RuntimeError):
-    """A collective failed: timeout, dead peer, bad group or mismatched world size."""
+    """A collective failed: timeout, dead peer, bad group or mismatched world size.
+
+    ``peer_failed`` is True when it failed because a peer did (closed its connection, or did
+    not answer within the timeout): the failure to read first is that peer's.
+    """
+
+    def __init__(self, message: str, *, peer_failed: bool = False):
+        self.peer_failed = peer_failed
+        super().__init__(message)
 
 
 class ArgumentError(DshalError, ValueError):

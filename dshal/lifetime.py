@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from dshal.error_file import record_failure
+
 log = logging.getLogger(__name__)
 
 
@@ -151,9 +153,10 @@ class _TerminationWatchdog:
                         if self._done.wait(0.05):
                             return
                         if time.monotonic() > deadline:
-                            os.write(2, f"dshal: still running {self._grace_s:g} s after {signal_name(sig)} (blocked "
-                                        "outside Python: a collective or a call into a library); ending now, without "
-                                        "cleanup\n".encode())
+                            line = (f"dshal: still running {self._grace_s:g} s after {signal_name(sig)} (blocked "
+                                    "outside Python: a collective or a call into a library); ending now, without cleanup")
+                            os.write(2, f"{line}\n".encode())
+                            record_failure(line, consequence=True)  # under torchrun: its summary says why
                             os._exit(128 + sig)
         finally:
             os.close(self._read_fd)

@@ -3,6 +3,7 @@ checkpoint view a rank loads from (no process group; one test starts a one-rank 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -605,7 +606,8 @@ def test_sigterm_while_the_main_thread_is_blocked_in_c_ends_the_process_after_th
             dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=60))  # no second rank
         print("the store returned", file=sys.stderr)
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    error_file = tmp_path / "error.json"  # as torchrun names one for each rank
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TORCHELASTIC_ERROR_FILE": str(error_file)}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True,
                             preexec_fn=sigint_deliverable)
     try:
@@ -623,6 +625,55 @@ def test_sigterm_while_the_main_thread_is_blocked_in_c_ends_the_process_after_th
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
     assert took < 30, took  # the store waits 60 s
     assert "still running 1 s after SIGTERM" in err and "the store returned" not in err
+    # torchrun's summary says why the rank ended (it showed only the exit code)
+    assert "still running 1 s after SIGTERM" in json.loads(error_file.read_text())["message"]["message"]
+
+
+def test_sigterm_while_a_rank_waits_for_its_peers_to_join_unwinds_it(tmp_path, sigint_deliverable) -> None:
+    """torchrun's agent stops the other ranks with SIGTERM when one fails while joining (then
+    restarts them all, with --max-restarts). A rank waiting for its peers in dshal's world-size
+    check was blocked in the store's wait, in C: only the watchdog ended it, its grace later
+    (10 s) and without cleanup. The check waits in Python now, and the signal unwinds it."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    marker = tmp_path / "waiting"
+    code = textwrap.dedent(f"""
+        import datetime, sys
+        import torch.distributed as dist
+        from dshal import comm
+        from dshal.lifetime import Terminated, arm_termination_watchdog, cleanup_on_termination, free_port
+        port = free_port()
+        store = dist.TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=60))
+        env = comm.LaunchEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, master_addr="127.0.0.1",
+                             master_port=port)
+        try:
+            with cleanup_on_termination(grace_s=30.0):
+                assert arm_termination_watchdog()  # as dshal.comm.init does
+                open({str(marker)!r}, "w").close()
+                comm._check_world_size(store, env, "setup", 60.0)  # rank 1 never comes
+        except Terminated:
+            print("unwound", file=sys.stderr)
+            sys.exit(143)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_deliverable)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists()
+        time.sleep(0.5)  # into the wait
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=50)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert "unwound" in err and "still running" not in err, err
 
 
 @pytest.mark.parametrize("case", ["forked child signalled", "cleanup in python", "nested blocks"])

@@ -673,7 +673,7 @@ LOAD_PHASES = {
 def load_progress_bar(show: bool) -> Any:
     """A progress bar for a checkpoint's load (a full DeepSeek-V3 takes minutes); yields the
     ``progress(phase, done, total)`` callback, or None when not shown."""
-    if not show:
+    if not show or not is_terminal(sys.stdout):  # a log or a pipe: a bar there is only a stray blank line
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -859,7 +859,9 @@ def _timed_generate(
 
     stamps: list[float] = []
     columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not show, transient=True) as progress:
+    # drawn on stdout: where that is a log or a pipe (a rank's torchrun --redirects file) rich left a
+    # blank line at the top of the output
+    with Progress(*columns, disable=not (show and is_terminal(sys.stdout)), transient=True) as progress:
         task = progress.add_task("generate", total=steps)
 
         def on_token(i: int) -> None:

@@ -19,11 +19,12 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from dshal import comm
+from dshal.error_file import error_line, record_failure
 from dshal.errors import CommError, DshalError
 from dshal.lifetime import exit_with_parent
 from dshal.model import DictReader, tiny_args
@@ -211,20 +212,52 @@ def agree(check: Callable[[], Any]) -> Any:
     """Run ``check`` on every rank (every rank must call this) and return its result. When
     it raises a DshalError on any rank, the lowest such rank raises its error and the others
     leave the job and exit with :data:`~dshal.parallel.launch.SAID_BY_ANOTHER_RANK` without a
-    word: an error the ranks share is said once, not N times."""
+    word: an error the ranks share is said once, not N times. Under torchrun each of them
+    describes its exit in its error file with the speaker's line (:func:`_leave_after`): the
+    agent's summary on every node then names the error, not only exit codes."""
     result, error = None, None
     try:
         result = check()
     except DshalError as err:
         error = err
-    flags = comm.all_gather(torch.tensor([[0.0 if error is None else 1.0]], device=_device()), dim=0).cpu()
-    failed = [rank for rank, flag in enumerate(flags.flatten().tolist()) if flag]
+    said = b"" if error is None else error_line("run", error).encode("utf-8", "backslashreplace")
+    # each rank's line length + 1 (0: no error): who failed, and what the speaker will send
+    sizes = comm.all_gather(torch.tensor([[0 if error is None else len(said) + 1]], dtype=torch.int64, device=_device()),
+                            dim=0).flatten().tolist()
+    failed = [rank for rank, size in enumerate(sizes) if size]
     if not failed:
         return result
-    speaks = comm.get_rank() == failed[0]
+    speaker, rank = failed[0], comm.get_rank()
+    line = _speakers_line(said, speaker, sizes[speaker] - 1)
     finish()
-    if speaks:
+    if rank == speaker:
         raise error
+    _leave_after(rank, speaker, line, met_too=error is not None)
+
+
+def _speakers_line(said: bytes, speaker: int, size: int) -> str | None:
+    """The speaker's error line on every rank (None where the job cannot pass it: the
+    followers then leave without it)."""
+    if size == 0:
+        return ""
+    device = _device()
+    payload = torch.frombuffer(bytearray(said), dtype=torch.uint8).to(device) if comm.get_rank() == speaker else \
+        torch.zeros(size, dtype=torch.uint8, device=device)
+    try:
+        payload = comm.broadcast(payload, src=speaker)
+    except DshalError:
+        return None
+    return bytes(payload.cpu().tolist()).decode("utf-8", "replace")
+
+
+def _leave_after(rank: int, speaker: int, line: str | None, *, met_too: bool) -> NoReturn:
+    """Exit :data:`~dshal.parallel.launch.SAID_BY_ANOTHER_RANK`, silent on stderr: ``rank``
+    (this one) leaves the job because rank ``speaker`` says ``line``; under torchrun the error file says so (a consequence,
+    stamped after the speaker's own failure: the agent's root cause stays the speaker on its
+    node, and a node without the speaker still shows the error)."""
+    why = f"met the error rank {speaker} said" if met_too else f"left the job because rank {speaker} failed"
+    record_failure(f"dshal run: rank {rank} {why}: {line}" if line else f"dshal run: rank {rank} {why} (see rank {speaker}'s "
+                   "output)", consequence=True)
     raise SystemExit(SAID_BY_ANOTHER_RANK)
 
 
