@@ -7,9 +7,9 @@ reference). GEMVs are timed on weights that come from memory ("cold": a rotating
 larger than the last-level cache, as in a decode step that reads every layer's weights
 once) and on one cached weight ("hot").
 
-Part 2, the model core: a decode step (after 64 tokens) and a 64-token prefill of the
-model_vs_hf.py checkpoint, and a 64-token prefill of its FP8 128x128-block version, with
-the C kernels on and off in the same process.
+Part 2, the model core: a decode step (after 64 tokens; of one row, and of 8) and a 64-token
+prefill of the model_vs_hf.py checkpoint, and a 64-token prefill of its FP8 128x128-block
+version, with the C kernels on and off in the same process.
 
     python benchmarks/cpu_kernels.py [--threads 1] [--rounds 5]
 """
@@ -84,7 +84,7 @@ def kernel_rows(rounds: int) -> list[tuple[str, float, float]]:
     experts, hidden, inter, top_k = 16, 256, 128, 4
     w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / 16
     w2 = torch.randn(experts, hidden, inter, generator=gen) / 11
-    for tokens in (1, 64):
+    for tokens in (1, 4, 8, 64):  # a decode step's batch (one C call up to 8 tokens), a prefill
         x = torch.randn(tokens, hidden, generator=gen)
         ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
         weights = torch.rand(tokens, top_k, generator=gen)
@@ -206,19 +206,20 @@ def model_rows(rounds: int) -> list[tuple[str, float, float]]:
     def prefill_fp8():
         fp8_model(ids, 0, fp8_model.new_cache(1, 64), last_only=True)
 
-    def decode_steps(steps: int = 16) -> Callable[[], None]:
+    def decode_steps(steps: int = 16, batch: int = 1) -> Callable[[], None]:
         def run():
-            cache = model.new_cache(1, 64 + steps + 1)
-            model(ids, 0, cache, last_only=True)
-            model(nxt, 64, cache, last_only=True)  # the checked first decode step
+            cache = model.new_cache(batch, 64 + steps + 1)
+            model(ids.expand(batch, -1), 0, cache, last_only=True)
+            step = nxt.expand(batch, -1)
+            model(step, 64, cache, last_only=True)  # the checked first decode step
             start = CLOCK()
             for i in range(steps):
-                model(nxt, 65 + i, cache, last_only=True)
+                model(step, 65 + i, cache, last_only=True)
             run.elapsed = (CLOCK() - start) / steps  # type: ignore[attr-defined]
 
         return run
 
-    timings: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}, "prefill_fp8": {}}
+    timings: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}, "decode_b8": {}, "prefill_fp8": {}}
     with torch.inference_mode():
         # Untimed: the first FP8 prefill fills the float32 weight copies both modes then share
         # (with one round, the first mode paid for them and the second did not).
@@ -233,16 +234,18 @@ def model_rows(rounds: int) -> list[tuple[str, float, float]]:
                 start = CLOCK()
                 prefill_fp8()
                 timings["prefill_fp8"][mode] = min(timings["prefill_fp8"].get(mode, 1e9), (CLOCK() - start) * 1e6)
-                step = decode_steps()
-                step()
-                elapsed = step.elapsed  # type: ignore[attr-defined]
-                timings["decode"][mode] = min(timings["decode"].get(mode, 1e9), elapsed * 1e6)
+                for key, batch in (("decode", 1), ("decode_b8", 8)):
+                    step = decode_steps(batch=batch)
+                    step()
+                    elapsed = step.elapsed  # type: ignore[attr-defined]
+                    timings[key][mode] = min(timings[key].get(mode, 1e9), elapsed * 1e6)
     os.environ.pop("DSHAL_CPU_KERNELS")
     cpu_kernels.reload()
     return [
         ("model_vs_hf model: prefill, 64 tokens", timings["prefill"]["c"], timings["prefill"]["torch"]),
         ("model_vs_hf model, FP8 checkpoint: prefill, 64 tokens", *(timings["prefill_fp8"][m] for m in ("c", "torch"))),
         ("model_vs_hf model: decode step after 64 tokens", timings["decode"]["c"], timings["decode"]["torch"]),
+        ("model_vs_hf model: decode step of 8 rows after 64 tokens", timings["decode_b8"]["c"], timings["decode_b8"]["torch"]),
     ]
 
 

@@ -26,6 +26,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("ep_decode.py", ["--ranks", "2", "--batch", "1", "--steps", "1", "--repeats", "1"], "fixed speed vs dispatch"),
         ("quantize_on_load_memory.py", ["--experts", "2", "--rows", "128", "--cols", "128"], "int8"),
         ("startup.py", ["--repeat", "1", "--quick"], "| dshal --help |"),
+        ("moe_decode_tokens.py", ["--shapes", "8,128,64,2", "--tokens", "1,3", "--rounds", "1"], "| 8, 128, 64, 2 | 3 |"),
+        ("batch_invariance.py", ["--variants", "cpu", "--dtypes", "float32", "--prompt-len", "4", "--new-tokens", "1",
+                                 "--chunks", "3", "--layers", "2"], "| cpu | float32 | static step: 1 decode steps |"),
     ],
 )
 def test_benchmark_runs_as_documented(script, args, printed):

@@ -121,6 +121,8 @@ MOE_CASES = {
     # name: (tokens, experts, hidden, inter, k)
     "decode-one-token": (1, 8, 64, 32, 3),
     "two-tokens": (2, 8, 64, 32, 2),
+    "decode-batch": (5, 8, 64, 32, 3),  # float32: the C kernel's grouping of a few tokens
+    "past-the-decode-batch": (9, 8, 64, 32, 3),
     "prefill-some-experts-idle": (24, 16, 64, 32, 2),
     "no-tokens": (0, 4, 32, 16, 2),
 }
@@ -161,6 +163,30 @@ def test_moe_experts_fp8_weights_and_bad_ids(cpu):
         ops.moe_experts(x[:1], weights[:1], ids[:1] - 2, w13, w2)
     with pytest.raises(ShapeError, match="expert id 4, expected ids in \\[-1, 4\\)"):  # one token: its own path
         ops.moe_experts(x[:1], weights[:1], ids[:1] + 3, w13, w2)
+
+
+@pytest.mark.skipif(not cpu_kernels.status().available, reason=f"dshal cpu C kernels unavailable here: {cpu_kernels.status().detail}")
+def test_moe_experts_tokens_of_a_decode_step_do_not_change_each_other():
+    """With the C kernels, a decode step's tokens (up to FEW_TOKENS float32 ones, FEW_FP8_TOKENS
+    with FP8 block-scaled experts) each get the bits they get alone: a row's numbers do not
+    depend on the batch (from 3 tokens they took torch's grouped GEMM, whose blocking follows
+    each expert's row count: ~1e-7 apart)."""
+    from dshal.backends.cpu_native import FEW_FP8_TOKENS, FEW_TOKENS
+
+    dshal.use(backend="cpu")
+    gen = torch.Generator().manual_seed(13)
+    experts, hidden, inter, k = 8, 128, 64, 3
+    w13, w2 = torch.randn(experts, 2 * inter, hidden, generator=gen) / 8, torch.randn(experts, hidden, inter, generator=gen) / 8
+    quantize = SPECS["quantize_fp8"].reference_impl
+    q13, s13 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w13)))
+    q2, s2 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w2)))
+    for tokens, experts_args in ((FEW_TOKENS, (w13, w2)), (FEW_FP8_TOKENS, (q13, q2, s13, s2))):
+        x, weights = torch.randn(tokens, hidden, generator=gen), torch.rand(tokens, k, generator=gen)
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+        together = ops.moe_experts(x, weights, ids, *experts_args)
+        for t in range(tokens):
+            alone = ops.moe_experts(x[t : t + 1].clone(), weights[t : t + 1], ids[t : t + 1], *experts_args)
+            assert torch.equal(together[t : t + 1], alone), (tokens, t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

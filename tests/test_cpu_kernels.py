@@ -90,17 +90,53 @@ def _moe_inputs(tokens: int, experts: int = 8, hidden: int = 40, inter: int = 24
 
 @needs_kernels
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32], ids=str)
-def test_moe_token_matches_the_reference(id_dtype):
+def test_moe_tokens_matches_the_reference(id_dtype):
     x, weights, ids, w13, w2 = _moe_inputs(1)
     want = SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2)
-    _assert_close(K.moe_token(x, weights, ids.to(id_dtype), w13, w2), want)
-    _assert_close(K.moe_token(x, weights.double(), ids, w13, w2), want)  # weights read as float32
-    with pytest.raises(ShapeError, match="holds expert id 8 \\(slot 1\\), expected ids in \\[0, 8\\)"):
-        K.moe_token(x, weights, torch.tensor([[0, 8, 1]]), w13, w2)
+    _assert_close(K.moe_tokens(x, weights, ids.to(id_dtype), w13, w2), want)
+    _assert_close(K.moe_tokens(x, weights.double(), ids, w13, w2), want)  # weights read as float32
+    x, weights, ids, w13, w2 = _moe_inputs(5)
+    ids[:, 0] = 3  # an expert every token shares: its weights serve them all in one pass
+    _assert_close(K.moe_tokens(x, weights, ids.to(id_dtype), w13, w2), SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2))
+    with pytest.raises(ShapeError, match="holds expert id 8 \\(slot 4\\), expected ids in \\[0, 8\\)"):
+        K.moe_tokens(x[:2], weights[:2], torch.tensor([[0, 2, 1], [5, 8, 1]]), w13, w2)
     with pytest.raises(ShapeError, match="'w13' \\[8, 48, 40\\] and 'w2' \\[8, 40, 23\\] do not match"):
-        K.moe_token(x, weights, ids, w13, w2[..., :23].contiguous())
-    with pytest.raises(ShapeError, match="argument 'x' has shape \\[2, 40\\], expected \\[1, 40\\]"):
-        K.moe_token(_randn(2, 40), weights, ids, w13, w2)
+        K.moe_tokens(x, weights, ids, w13, w2[..., :23].contiguous())
+    with pytest.raises(ShapeError, match="argument 'x' has shape \\[2, 40\\], expected \\[5, 40\\] \\(a row per row of 'ids'\\)"):
+        K.moe_tokens(_randn(2, 40), weights, ids, w13, w2)
+    with pytest.raises(ShapeError, match="argument 'ids' is torch.int64 \\[0, 3\\] on cpu, expected int64/int32 \\[T, k\\] with T >= 1"):
+        K.moe_tokens(_randn(0, 40), weights[:0], ids[:0], w13, w2)
+
+
+@needs_kernels
+def test_gemv_and_fp8_block_gemm_give_each_row_its_own_result_bit_for_bit():
+    """The few-row GEMMs a decode step runs (float32 GEMV up to 8 rows, FP8 blocks up to 32):
+    a row's output is the same bits alone as among others (the FP8 kernel takes another loop
+    for one row than for several: the same sums in the same order)."""
+    x, w = _randn(8, 300), _randn(130, 300)
+    together = K.gemv(x, w)
+    assert all(torch.equal(together[i : i + 1], K.gemv(x[i : i + 1].clone(), w)) for i in range(8))
+    wq, scale = SPECS["quantize_fp8"].reference_impl(w, (128, 128), "e4m3", None)
+    x = _randn(32, 300)
+    together = K.fp8_block_gemm(x, wq, scale)
+    assert all(torch.equal(together[i : i + 1], K.fp8_block_gemm(x[i : i + 1].clone(), wq, scale)) for i in (0, 7, 31))
+
+
+@needs_kernels
+def test_moe_tokens_gives_each_token_its_own_result_bit_for_bit():
+    """A token's output is the same bits in any batch: alone, or among others that share its
+    experts (as a decode step of several rows runs it). Float32 and FP8 block-scaled experts."""
+    x, weights, ids, w13, w2 = _moe_inputs(8)
+    ids[::2, 1] = 6  # shared experts: their weight rows serve several tokens in one pass
+    quantize = SPECS["quantize_fp8"].reference_impl
+    q13, s13 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128), "e4m3", None) for w in w13)))
+    q2, s2 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128), "e4m3", None) for w in w2)))
+    for run in (lambda *a: K.moe_tokens(*a, w13, w2), lambda *a: K.moe_tokens_fp8(*a, q13, q2, s13, s2),
+                lambda x, *a: K.moe_tokens_fp8(x.bfloat16(), *a, q13, q2, s13, s2)):
+        together = run(x, weights, ids)
+        for t in range(8):
+            assert torch.equal(together[t : t + 1], run(x[t : t + 1].clone(), weights[t : t + 1], ids[t : t + 1])), t
+        assert torch.equal(together[2:5], run(x[2:5].clone(), weights[2:5], ids[2:5]))
 
 
 @needs_kernels
@@ -254,26 +290,29 @@ def test_fp8_block_gemm_rejects_bad_inputs():
 @needs_kernels
 @pytest.mark.parametrize("fmt", FP8, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_moe_token_fp8_matches_the_reference(fmt, dtype):
-    x, weights, ids, w13_f, w2_f = _moe_inputs(1, experts=6, hidden=200, inter=72, k=2)
+def test_moe_tokens_fp8_matches_the_reference(fmt, dtype):
+    x, weights, ids, w13_f, w2_f = _moe_inputs(3, experts=6, hidden=200, inter=72, k=2)
+    ids[:, 1] = 4  # shared by every token
     quantize = SPECS["quantize_fp8"].reference_impl
     q13, s13 = zip(*(quantize(w, (128, 128), fmt, None) for w in w13_f))
     q2, s2 = zip(*(quantize(w, (128, 128), fmt, None) for w in w2_f))
     w13, w2, s13, s2 = torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2)
     x = x.to(dtype)
     want = SPECS["moe_experts"].reference_impl(x, weights, ids, w13, w2, s13, s2)
-    got = K.moe_token_fp8(x, weights, ids, w13, w2, s13, s2)
+    got = K.moe_tokens_fp8(x, weights, ids, w13, w2, s13, s2)
     _assert_close(got.to(dtype), want, 2e-6 if dtype == torch.float32 else 1e-2)
     with pytest.raises(ShapeError, match="holds expert id 6"):
-        K.moe_token_fp8(x, weights, ids.clamp(max=0) + torch.tensor([[0, 6]]), w13, w2, s13, s2)
+        K.moe_tokens_fp8(x, weights, ids.clamp(max=0) + torch.tensor([[0, 6]]), w13, w2, s13, s2)
+    with pytest.raises(ShapeError, match="argument 'x' is torch.float32 \\[1, 200\\] on cpu, expected float32/bfloat16 \\[3, 200\\]"):
+        K.moe_tokens_fp8(x[:1].float(), weights, ids, w13, w2, s13, s2)
     with pytest.raises(ShapeError, match="argument 'w2_scale' has shape"):
-        K.moe_token_fp8(x, weights, ids, w13, w2, s13, s2[:, :1])
+        K.moe_tokens_fp8(x, weights, ids, w13, w2, s13, s2[:, :1])
     # Strided scales: the contiguous copies must live through the call (they were temporaries
     # freed before the kernel read them: values like 5e33 came out).
     strided13, strided2 = s13.transpose(1, 2).contiguous().transpose(1, 2), s2.transpose(1, 2).contiguous().transpose(1, 2)
     assert not strided13.is_contiguous()
     for _ in range(3):  # an allocation in between reuses freed memory
-        got_strided = K.moe_token_fp8(x, weights, ids, w13, w2, strided13, strided2)
+        got_strided = K.moe_tokens_fp8(x, weights, ids, w13, w2, strided13, strided2)
         torch.empty(1 << 16).fill_(1e30)
         assert torch.equal(got_strided, got)
 

@@ -81,7 +81,7 @@ def test_fp8_wrappers_refuse_weights_of_the_wrong_rank():
             K.fp8_block_gemm(_randn(1, 8), weight, scale)
     w = torch.zeros(4, 8, dtype=e4m3)
     with pytest.raises(ShapeError, match="argument 'w13' must be 3-D, got shape \\[4, 8\\]"):  # was ValueError
-        K.moe_token_fp8(_randn(1, 8), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int64), w, w, torch.ones(1, 1),
+        K.moe_tokens_fp8(_randn(1, 8), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int64), w, w, torch.ones(1, 1),
                         torch.ones(1, 1))  # fmt: skip
 
 
@@ -149,8 +149,10 @@ for k in (1, 33, 64):
         K.gemv(r(*lead, 2 * k)[..., ::2], r(5, k), r(10)[::2])
 K.gemv(r(2, 4), r(0, 4))
 for hidden, inter, top in ((16, 8, 2), (0, 4, 2), (16, 0, 1), (16, 8, 0)):
-    K.moe_token(r(1, hidden), torch.rand(1, top), torch.arange(top)[None], r(3, 2 * inter, hidden), r(3, hidden, inter))
-refused(lambda: K.moe_token(r(1, 4), torch.rand(1, 1), torch.tensor([[3]]), r(3, 2, 4), r(3, 4, 1)))
+    for tokens in (1, 4):
+        ids = torch.randint(0, 3, (tokens, top), generator=g)
+        K.moe_tokens(r(tokens, hidden), torch.rand(tokens, top), ids, r(3, 2 * inter, hidden), r(3, hidden, inter))
+refused(lambda: K.moe_tokens(r(2, 4), torch.rand(2, 1), torch.tensor([[0], [3]]), r(3, 2, 4), r(3, 4, 1)))
 for shape in ((0, 8), (3, 0), (2, 3, 37)):
     K.rms_norm(r(*shape), r(shape[-1]), 1e-6)
     K.rms_norm(r(*shape), r(shape[-1]), 1e-6, r(*shape))
@@ -191,8 +193,9 @@ for fmt in ("e4m3", "e4m3fnuz"):
         q13, s13 = zip(*(quantize(t, (128, 128), fmt, None) for t in r(3, 2 * inter, hidden)))
         q2, s2 = zip(*(quantize(t, (128, 128), fmt, None) for t in r(3, hidden, inter)))
         for dtype in (torch.float32, torch.bfloat16):
-            K.moe_token_fp8(r(1, hidden).to(dtype), torch.rand(1, 2), torch.tensor([[2, 0]]),
-                            torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2))
+            for ids in (torch.tensor([[2, 0]]), torch.tensor([[2, 0], [0, 1], [1, 2]])):  # runs of 1 and 2 slots
+                K.moe_tokens_fp8(r(ids.shape[0], hidden).to(dtype), torch.rand(*ids.shape), ids,
+                                 torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2))
     fp8 = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e4m3fnuz
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         K.fp8_fake_quant_rows(r(3, 600)[:, 100:400].to(dtype), fp8)

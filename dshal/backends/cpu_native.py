@@ -8,7 +8,7 @@ op. These providers compute the same functions with torch's fused CPU kernels
 float32 round trip where the input already is float32, and hand float32 work that torch
 spreads over many small calls (or reads memory badly for) to dshal's C kernels
 (:mod:`dshal.kernels.cpu`): decode-step GEMVs (float32, and FP8 block-scaled weights),
-the one-token expert loop, the router, the expert grouping, RMSNorm and rotary. Without a
+a decode step's expert loop, the router, the expert grouping, RMSNorm and rotary. Without a
 C compiler those cases take the torch path.
 The conformance suite judges these providers against the references like any plugin's ops
 (``dshal conformance --backend cpu``).
@@ -435,33 +435,36 @@ def _op_id_errors(ids: torch.Tensor, experts: int):
         raise
 
 
-#: Up to this many tokens, ``moe_experts`` runs the one-token C kernel per token: grouping
-#: costs more than it saves there (profiled on benchmarks/speculative_mtp.py's MoE layer, two
-#: tokens: 0.08 ms per token for both projections, against 0.18 ms per grouped projection).
-FEW_TOKENS = 2
-
-
-def _per_token(kernel, x, weights, ids, *experts):  # noqa: ANN001, ANN202
-    """``kernel`` (a one-token C kernel) on each row of ``x`` / ``weights`` / ``ids``."""
-    if ids.shape[0] == 1:
-        return kernel(x, weights, ids, *experts)
-    return torch.cat([kernel(x[t : t + 1], weights[t : t + 1], ids[t : t + 1], *experts) for t in range(ids.shape[0])])
+#: Up to this many tokens (a decode step's batch, as :data:`GEMV_MAX_ROWS`), float32 experts run
+#: as one C call for all of them (:func:`dshal.kernels.cpu.moe_tokens`): each expert's weights read
+#: once for its tokens, and each token's result computed from its own row alone, so the rows of a
+#: decode step do not change each other's numbers. Past it, torch's grouped GEMM (faster there).
+#: On the tiny and model_vs_hf models' experts the C call ran at 1.1-3.5x the grouped GEMM's
+#: speed from 1 to 8 tokens; on wider ones (64 experts, H=1024, I=512) the grouped GEMM was 1.1x
+#: faster from 2 tokens and 1.5x at one, which took the C call before too
+#: (benchmarks/moe_decode_tokens.py; RESULTS.md, 2026-12-07, twenty-fifth session).
+FEW_TOKENS = 8
+#: The same for FP8 block-scaled experts (:func:`dshal.kernels.cpu.moe_tokens_fp8`): a token, or
+#: a token and its speculative draft. From 3 tokens the grouped GEMM on the weights' cached float32
+#: copies was as fast, and faster from 4 (up to 1.45x at 8 tokens, 1.4x on the wider experts), so
+#: FP8 decode steps of more rows take it.
+FEW_FP8_TOKENS = 2
 
 
 def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
     """Routed SwiGLU experts with the per-expert Python work taken out of the token loop.
 
-    With the C kernels built: each token of a decode step (up to :data:`FEW_TOKENS`: one, or
-    a token and its speculative draft) is one C call for all its experts (float32, or FP8
-    block-scaled experts with float32/bf16 activations); more float32 tokens are grouped by
-    expert in C (counting sort + row gather), run as one ``torch._grouped_mm`` per
-    projection, and summed back per token in C. Everything else: :func:`moe_experts_torch`.
+    With the C kernels built: the tokens of a decode step (up to :data:`FEW_TOKENS` float32
+    tokens, :data:`FEW_FP8_TOKENS` with FP8 block-scaled experts and float32/bf16 activations)
+    are one C call for all their experts, each token's result independent of the others'; more
+    float32 tokens are grouped by expert in C (counting sort + row gather), run as one
+    ``torch._grouped_mm`` per projection, and summed back per token in C. Everything else: :func:`moe_experts_torch`.
     Slots marked ``NO_EXPERT`` are dropped first (reading ids costs nothing on the CPU).
     """
     if ids.numel() and bool((ids == NO_EXPERT).any()):
         return moe_experts_on_kept_slots(moe_experts, x, weights, ids, w13, w2, w13_scale, w2_scale)
     if (
-        ids.shape[0] <= FEW_TOKENS
+        ids.shape[0] <= FEW_FP8_TOKENS
         and x.dtype in (torch.float32, torch.bfloat16)
         and w13.dtype in cpu_kernels.FP8_E4M3
         and w2.dtype == w13.dtype
@@ -473,7 +476,7 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         and cpu_kernels.library() is not None
     ):  # a decode step of FP8 experts (DeepSeek-V3's format): one C call
         with _op_id_errors(ids, w13.shape[0]):
-            return _as(_per_token(cpu_kernels.moe_token_fp8, x, weights, ids, w13, w2, w13_scale, w2_scale), x.dtype)
+            return _as(cpu_kernels.moe_tokens_fp8(x, weights, ids, w13, w2, w13_scale, w2_scale), x.dtype)
     if (
         ids.shape[0] > 1
         and x.dtype in (torch.float32, torch.bfloat16)
@@ -494,7 +497,7 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         experts = w13.shape[0]
         if ids.shape[0] <= FEW_TOKENS and w13.is_contiguous() and w2.is_contiguous():
             with _op_id_errors(ids, experts):
-                return _per_token(cpu_kernels.moe_token, x, weights, ids, w13, w2)
+                return cpu_kernels.moe_tokens(x, weights, ids, w13, w2)
         if ids.shape[0] > 1 and _grouped_mm_takes(x.dtype, w13.shape[2], w2.shape[2], w13, w2):
             with _op_id_errors(ids, experts):
                 xs, order, ends = cpu_kernels.moe_group(x, ids, experts)

@@ -1,9 +1,10 @@
 """C kernels for the ``cpu`` backend: the decode-step work torch spreads over many small
 calls or reads memory badly for.
 
-``kernels.c`` holds the kernels (one-row float32 GEMV, FP8 block-scaled GEMM for a few
-rows, the one-token expert loop in float32 and FP8, the router, the expert grouping,
-RMSNorm, rotary, and a prefill's per-(1, 128) FP8 activation quantization);
+``kernels.c`` holds the kernels (few-row float32 GEMV, FP8 block-scaled GEMM for a few
+rows, the experts of a decode step's few tokens in float32 and FP8, the router, the expert
+grouping, RMSNorm, rotary, and a prefill's per-(1, 128) FP8 activation quantization); each
+computes a row's result from that row alone, whatever the other rows of the call;
 :mod:`._library` builds and loads it on first use. Each kernel has a checked Python
 wrapper here, as the Triton kernels do: it raises a ``DshalError`` for a wrong dtype,
 shape, layout or device, allocates the outputs and calls the kernel.
@@ -43,8 +44,8 @@ __all__ = [
     "moe_combine",
     "moe_gate",
     "moe_group",
-    "moe_token",
-    "moe_token_fp8",
+    "moe_tokens",
+    "moe_tokens_fp8",
     "reload",
     "rms_norm",
     "rotary",
@@ -93,12 +94,13 @@ def _check_weight(kernel: str, arg: str, w: torch.Tensor, ndim: int) -> None:
     _check_cpu(kernel, arg, w, _F32, ndim=ndim, contiguous=True)
 
 
-def _check_token_routing(kernel: str, weights: torch.Tensor, ids: torch.Tensor) -> None:
-    """One token's routing: ``ids [1, k]`` int64/int32 and ``weights [1, k]`` float, on the CPU."""
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
+def _check_routing(kernel: str, weights: torch.Tensor, ids: torch.Tensor) -> None:
+    """The routing of ``T >= 1`` tokens: ``ids [T, k]`` int64/int32 and ``weights [T, k]``
+    float, on the CPU."""
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.dtype not in (torch.int64, torch.int32) or not ids.is_cpu:
         raise ShapeError(
             f"{kernel}: argument 'ids' is {ids.dtype} {list(ids.shape)} on {ids.device}, "
-            "expected int64/int32 [1, k] on cpu"
+            "expected int64/int32 [T, k] with T >= 1 on cpu"
         )
     if tuple(weights.shape) != tuple(ids.shape) or not weights.is_floating_point() or not weights.is_cpu:
         raise ShapeError(
@@ -142,40 +144,44 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 @_not_traced
-def moe_token(
+def moe_tokens(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
-    """One token through its routed SwiGLU experts (``moe_experts`` for ``T = 1``):
-    ``out = sum_s weights[0, s] * w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x))``,
-    ``e = ids[0, s]``, summed in float32.
+    """A few tokens through their routed SwiGLU experts (``moe_experts`` for a decode step):
+    ``out[t] = sum_s weights[t, s] * w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))``,
+    ``e = ids[t, s]``, summed in float32 in slot order. Each expert's weights are read once
+    for all the tokens routed to it, and a token's result depends on its own row and routing
+    only, bit for bit (not on the other tokens of the call).
 
-    ``x [1, H]`` float32; ``weights [1, k]`` float (read as float32); ``ids [1, k]``
+    ``x [T, H]`` float32 (``T >= 1``); ``weights [T, k]`` float (read as float32); ``ids [T, k]``
     int64/int32 in ``[0, E)``; ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` float32 contiguous;
-    all on the CPU. Returns a new ``[1, H]`` float32 tensor. An id outside ``[0, E)`` raises
+    all on the CPU. Returns a new ``[T, H]`` float32 tensor. An id outside ``[0, E)`` raises
     ShapeError (checked before any weight is read)."""
-    kernel = "cpu_kernels.moe_token"
+    kernel = "cpu_kernels.moe_tokens"
     lib = require_library()
     _check_f32_cpu(kernel, "x", x)
     _check_weight(kernel, "w13", w13, 3)
     _check_weight(kernel, "w2", w2, 3)
     experts, two_inter, hidden = w13.shape
     inter = two_inter // 2
-    if tuple(x.shape) != (1, hidden):
-        raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected [1, {hidden}]")
+    _check_routing(kernel, weights, ids)
+    tokens, top_k = ids.shape
+    if tuple(x.shape) != (tokens, hidden):
+        raise ShapeError(f"{kernel}: argument 'x' has shape {list(x.shape)}, expected [{tokens}, {hidden}] (a row per row of 'ids')")
     if two_inter % 2 or tuple(w2.shape) != (experts, hidden, inter):
         raise ShapeError(
             f"{kernel}: arguments 'w13' {list(w13.shape)} and 'w2' {list(w2.shape)} do not match; "
             f"expected w13 [E, 2I, H] and w2 [E, H, I]"
         )
-    _check_token_routing(kernel, weights, ids)
     x = x.contiguous()
     ids = ids.to(torch.int64).contiguous()
     weights = weights.to(torch.float32).contiguous()
-    scratch = torch.empty(two_inter, dtype=torch.float32, device="cpu")
-    out = torch.empty(1, hidden, dtype=torch.float32, device="cpu")
-    bad = lib.dshal_moe_token_f32(
-        x.data_ptr(), w13.data_ptr(), w2.data_ptr(), ids.data_ptr(), weights.data_ptr(),
-        ids.shape[1], experts, hidden, inter, scratch.data_ptr(), out.data_ptr(),
+    counts_order = torch.empty(experts + tokens * top_k, dtype=torch.int64, device="cpu")  # one allocation: a decode step's
+    scratch = torch.empty(tokens * top_k * (two_inter + hidden), dtype=torch.float32, device="cpu")  # calls are µs
+    out = torch.empty(tokens, hidden, dtype=torch.float32, device="cpu")
+    bad = lib.dshal_moe_tokens_f32(
+        x.data_ptr(), w13.data_ptr(), w2.data_ptr(), ids.data_ptr(), weights.data_ptr(), tokens, top_k, experts, hidden,
+        inter, counts_order.data_ptr(), counts_order.data_ptr() + experts * 8, scratch.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     if bad:
         _raise_bad_id(kernel, ids, bad - 1, experts)
@@ -480,7 +486,7 @@ def fp8_block_gemm(
 
 
 @_not_traced
-def moe_token_fp8(
+def moe_tokens_fp8(
     x: torch.Tensor,
     weights: torch.Tensor,
     ids: torch.Tensor,
@@ -489,18 +495,19 @@ def moe_token_fp8(
     w13_scale: torch.Tensor,
     w2_scale: torch.Tensor,
 ) -> torch.Tensor:
-    """``moe_experts`` for one token with FP8 block-scaled experts, as the op defines it:
+    """``moe_experts`` for a few tokens with FP8 block-scaled experts, as the op defines it:
     each expert's two products quantize their input row per 128 values to the weights'
     format; with a bf16 ``x`` the gate/up outputs, the SwiGLU product and each expert's
     output are rounded to bf16 where the op rounds them to ``x``'s dtype; the weighted sum
-    is float32.
+    is float32, in slot order. As :func:`moe_tokens`: each expert's weights are read once for
+    all its tokens, and a token's result depends on its own row and routing only, bit for bit.
 
-    ``x [1, H]`` float32 or bfloat16; ``weights [1, k]`` float; ``ids [1, k]`` int64/int32;
-    ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` E4M3 (one format) contiguous with float32 block
-    scales ``w13_scale [E, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E, ceil(H/128),
-    ceil(I/128)]``; all on the CPU. Returns a new ``[1, H]`` float32 tensor. An id outside
+    ``x [T, H]`` float32 or bfloat16 (``T >= 1``); ``weights [T, k]`` float; ``ids [T, k]``
+    int64/int32; ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` E4M3 (one format) contiguous with float32
+    block scales ``w13_scale [E, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E, ceil(H/128),
+    ceil(I/128)]``; all on the CPU. Returns a new ``[T, H]`` float32 tensor. An id outside
     ``[0, E)`` raises ShapeError."""
-    kernel = "cpu_kernels.moe_token_fp8"
+    kernel = "cpu_kernels.moe_tokens_fp8"
     lib = require_library()
     _check_block_scaled(kernel, "w13", w13, "w13_scale", w13_scale, 3)
     _check_block_scaled(kernel, "w2", w2, "w2_scale", w2_scale, 3)
@@ -512,25 +519,28 @@ def moe_token_fp8(
             "do not match; "
             "expected w13 [E, 2I, H] and w2 [E, H, I] in one FP8 format"
         )
-    if x.dtype not in (torch.float32, torch.bfloat16) or tuple(x.shape) != (1, hidden) or not x.is_cpu:
+    _check_routing(kernel, weights, ids)
+    tokens, top_k = ids.shape
+    if x.dtype not in (torch.float32, torch.bfloat16) or tuple(x.shape) != (tokens, hidden) or not x.is_cpu:
         raise ShapeError(
             f"{kernel}: argument 'x' is {x.dtype} {list(x.shape)} on {x.device}, "
-            f"expected float32/bfloat16 [1, {hidden}] on cpu"
+            f"expected float32/bfloat16 [{tokens}, {hidden}] on cpu (a row per row of 'ids')"
         )
-    _check_token_routing(kernel, weights, ids)
-    row = x.to(torch.float32).contiguous()
+    rows = x.to(torch.float32).contiguous()
     ids = ids.to(torch.int64).contiguous()
     weights = weights.to(torch.float32).contiguous()
+    slots = tokens * top_k
+    counts_order = torch.empty(experts + slots, dtype=torch.int64, device="cpu")
     scratch = torch.empty(
-        2 * hidden + math.ceil(hidden / 128) + 3 * inter + math.ceil(inter / 128), dtype=torch.float32, device="cpu"
-    )
-    out = torch.empty(1, hidden, dtype=torch.float32, device="cpu")
+        tokens * (hidden + math.ceil(hidden / 128)) + slots * (3 * inter + math.ceil(inter / 128) + hidden) + 128,
+        dtype=torch.float32, device="cpu",
+    )  # fmt: skip
+    out = torch.empty(tokens, hidden, dtype=torch.float32, device="cpu")
     s13, s2 = w13_scale.contiguous(), w2_scale.contiguous()  # bound: temporaries would be freed before the call
-    bad = lib.dshal_moe_token_fp8(
-        row.data_ptr(), w13.data_ptr(), w2.data_ptr(),
-        s13.data_ptr(), s2.data_ptr(),
-        ids.data_ptr(), weights.data_ptr(), ids.shape[1], experts, hidden, inter, FP8_E4M3[w13.dtype],
-        int(x.dtype == torch.bfloat16), scratch.data_ptr(), out.data_ptr(),
+    bad = lib.dshal_moe_tokens_fp8(
+        rows.data_ptr(), w13.data_ptr(), w2.data_ptr(), s13.data_ptr(), s2.data_ptr(), ids.data_ptr(),
+        weights.data_ptr(), tokens, top_k, experts, hidden, inter, FP8_E4M3[w13.dtype], int(x.dtype == torch.bfloat16),
+        counts_order.data_ptr(), counts_order.data_ptr() + experts * 8, scratch.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     if bad:
         _raise_bad_id(kernel, ids, bad - 1, experts)

@@ -49,14 +49,14 @@ _C_INT64, _C_PTR = ctypes.c_int64, ctypes.c_void_p
 #: name -> (restype, argtypes) of every exported kernel.
 SIGNATURES = {
     "dshal_gemv_f32": (None, [_C_PTR, _C_PTR, _C_PTR, _C_PTR, _C_INT64, _C_INT64, _C_INT64]),
-    "dshal_moe_token_f32": (_C_INT64, [_C_PTR] * 5 + [_C_INT64] * 4 + [_C_PTR, _C_PTR]),
+    "dshal_moe_tokens_f32": (_C_INT64, [_C_PTR] * 5 + [_C_INT64] * 5 + [_C_PTR] * 4),
     "dshal_rms_norm_f32": (None, [_C_PTR] * 3 + [ctypes.c_float] + [_C_PTR] * 2 + [_C_INT64] * 2),
     "dshal_moe_gate_f32": (_C_INT64, [_C_PTR] * 2 + [_C_INT64] * 5 + [ctypes.c_float, _C_INT64] + [_C_PTR] * 4),
     "dshal_moe_group_f32": (_C_INT64, [_C_PTR] * 2 + [_C_INT64] * 4 + [_C_PTR] * 4),
     "dshal_moe_combine_f32": (_C_INT64, [_C_PTR] * 3 + [_C_INT64] * 3 + [_C_PTR]),
     "dshal_rotary_f32": (None, [_C_PTR, _C_INT64, _C_PTR, _C_PTR] + [_C_INT64] * 5 + [_C_PTR]),
     "dshal_fp8_block_gemm_f32": (None, [_C_PTR] * 6 + [_C_INT64] * 4),
-    "dshal_moe_token_fp8": (_C_INT64, [_C_PTR] * 7 + [_C_INT64] * 6 + [_C_PTR, _C_PTR]),
+    "dshal_moe_tokens_fp8": (_C_INT64, [_C_PTR] * 7 + [_C_INT64] * 7 + [_C_PTR] * 4),
     "dshal_fp8_fake_quant_rows": (None, [_C_PTR] + [_C_INT64] * 5 + [_C_PTR]),
 }
 #: The FP8 formats the FP8 kernels read: E4M3 (DeepSeek-V3's) and AMD's E4M3 FNUZ -> the kernels' fnuz flag.

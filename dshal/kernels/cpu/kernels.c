@@ -9,6 +9,10 @@
  * compiler to vectorize the dot products. The rest (router, expert loop and grouping,
  * RMSNorm, rotary, FP8 blocks) replaces 5-20 small torch calls each with one call.
  *
+ * Every kernel computes a row's (a token's) result from that row alone, in the same order
+ * whatever the other rows of the call: a decode step's rows do not change each other's bits
+ * (README, "Batch and chunk invariance"; tests/test_cpu_kernels.py checks it).
+ *
  * Built at first use by dshal/kernels/cpu/_library.py with the system C compiler, for the
  * machine it runs on; no Python API is used (loaded with ctypes; each kernel has a checked
  * wrapper in dshal/kernels/cpu/__init__.py). Sizes are int64_t.
@@ -37,44 +41,139 @@ static float dot(const float *restrict a, const float *restrict b, int64_t n)
     return acc[0] + tail;
 }
 
+/* dot(a, b, n) and dot(a, c, n) in one pass over a, each the same sums in the same order as
+ * dot() (bit for bit): a row's result does not depend on the row it is paired with. */
+static void dot2(const float *restrict a, const float *restrict b, const float *restrict c, int64_t n, float *out_b,
+                 float *out_c)
+{
+    float acc_b[LANES] = {0.0f}, acc_c[LANES] = {0.0f};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            acc_b[j] += a[i + j] * b[i + j];
+            acc_c[j] += a[i + j] * c[i + j];
+        }
+    float tail_b = 0.0f, tail_c = 0.0f;
+    for (; i < n; i++) {
+        tail_b += a[i] * b[i];
+        tail_c += a[i] * c[i];
+    }
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) {
+            acc_b[j] += acc_b[j + width];
+            acc_c[j] += acc_c[j + width];
+        }
+    *out_b = acc_b[0] + tail_b;
+    *out_c = acc_c[0] + tail_c;
+}
+
 /* y[i, r] = dot(w[r, :], x[i, :]) (+ bias[r]) for m rows x [m, k]; w is [n, k] row-major,
  * read once in memory order (each weight row serves every x row while it is in L1);
  * bias may be NULL. */
 void dshal_gemv_f32(const float *w, const float *x, const float *bias, float *y, int64_t m, int64_t n, int64_t k)
 {
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t i = 0; i < m; i++) {
-            const float v = dot(w + r * k, x + i * k, k);
-            y[i * n + r] = bias ? v + bias[r] : v;
-        }
+    for (int64_t r = 0; r < n; r++) {
+        int64_t i = 0;
+        for (; i + 2 <= m; i += 2) /* two rows per pass over the weight row */
+            dot2(w + r * k, x + i * k, x + (i + 1) * k, k, y + i * n + r, y + (i + 1) * n + r);
+        if (i < m)
+            y[i * n + r] = dot(w + r * k, x + i * k, k);
+        for (i = 0; bias && i < m; i++)
+            y[i * n + r] += bias[r];
+    }
 }
 
-/* One token through its top_k routed SwiGLU experts:
- *   out = sum_s gate_weights[s] * w2[e] @ (silu(w13[e, :inter] @ x) * (w13[e, inter:] @ x)),
- *   e = ids[s].
- * w13 is [experts, 2 * inter, hidden], w2 [experts, hidden, inter]; scratch holds 2 * inter
- * floats. Returns 0, or 1 + the slot whose id is outside [0, experts) (out is then unset). */
-int64_t dshal_moe_token_f32(const float *x, const float *w13, const float *w2, const int64_t *ids,
-                            const float *gate_weights, int64_t top_k, int64_t experts, int64_t hidden,
-                            int64_t inter, float *scratch, float *out)
+/* The slots (slot t * top_k + s is token t's s-th expert ids[slot]) sorted by expert, stably
+ * (counting sort) into order; counts holds `experts` int64. Returns 0, or 1 + the first slot
+ * whose id is outside [0, experts) (order unset). */
+static int64_t slots_by_expert(const int64_t *ids, int64_t slots, int64_t experts, int64_t *counts, int64_t *order)
 {
-    for (int64_t s = 0; s < top_k; s++)
-        if (ids[s] < 0 || ids[s] >= experts)
-            return s + 1;
-    for (int64_t r = 0; r < hidden; r++)
-        out[r] = 0.0f;
-    for (int64_t s = 0; s < top_k; s++) {
-        const float *up = w13 + ids[s] * 2 * inter * hidden;
-        const float *down = w2 + ids[s] * hidden * inter;
-        for (int64_t r = 0; r < 2 * inter; r++)
-            scratch[r] = dot(up + r * hidden, x, hidden);
-        for (int64_t r = 0; r < inter; r++) {
-            float g = scratch[r];
-            scratch[r] = g / (1.0f + expf(-g)) * scratch[inter + r];
+    for (int64_t j = 0; j < slots; j++)
+        if (ids[j] < 0 || ids[j] >= experts)
+            return j + 1;
+    for (int64_t e = 0; e < experts; e++)
+        counts[e] = 0;
+    for (int64_t j = 0; j < slots; j++)
+        counts[ids[j]]++;
+    for (int64_t e = 0, start = 0; e < experts; e++) { /* counts becomes each expert's next free position */
+        const int64_t n = counts[e];
+        counts[e] = start;
+        start += n;
+    }
+    for (int64_t j = 0; j < slots; j++)
+        order[counts[ids[j]]++] = j;
+    return 0;
+}
+
+/* The end of the run of sorted slots from `first` that share its expert. */
+static int64_t expert_run_end(const int64_t *ids, const int64_t *order, int64_t first, int64_t slots)
+{
+    int64_t last = first + 1;
+    while (last < slots && ids[order[last]] == ids[order[first]])
+        last++;
+    return last;
+}
+
+/* A few tokens through their top_k routed SwiGLU experts (a decode step's batch):
+ *   out[t] = sum_s gate_weights[t, s] * w2[e] @ (silu(w13[e, :inter] @ x[t]) * (w13[e, inter:] @ x[t])),
+ *   e = ids[t, s], summed over s in slot order.
+ * The slots (slot t * top_k + s) are grouped by expert first (counting sort), so each
+ * expert's weights are read once for every token routed to it, row after row, each row
+ * serving all of them while it is in L1. Every value of token t comes from x[t] and its own
+ * routing alone, through the same dot products in the same order whatever the other
+ * tokens: a token's result does not depend on the batch it is in (bitwise).
+ * x [tokens, hidden]; w13 [experts, 2 * inter, hidden], w2 [experts, hidden, inter];
+ * ids, gate_weights [tokens, top_k]; counts: experts int64; order: tokens * top_k int64;
+ * scratch: tokens * top_k * (2 * inter + hidden) floats; out [tokens, hidden].
+ * Returns 0, or 1 + the first slot whose id is outside [0, experts) (out is then unset). */
+int64_t dshal_moe_tokens_f32(const float *x, const float *w13, const float *w2, const int64_t *ids,
+                             const float *gate_weights, int64_t tokens, int64_t top_k, int64_t experts, int64_t hidden,
+                             int64_t inter, int64_t *counts, int64_t *order, float *scratch, float *out)
+{
+    const int64_t slots = tokens * top_k;
+    const int64_t bad = slots_by_expert(ids, slots, experts, counts, order);
+    if (bad)
+        return bad;
+    float *h = scratch, *y = scratch + slots * 2 * inter; /* per slot: [2 * inter] then [hidden] */
+    for (int64_t first = 0, last; first < slots; first = last) { /* one run of slots per expert */
+        last = expert_run_end(ids, order, first, slots);
+        const int64_t e = ids[order[first]];
+        const float *up = w13 + e * 2 * inter * hidden;
+        for (int64_t r = 0; r < 2 * inter; r++) {
+            int64_t j = first;
+            for (; j + 2 <= last; j += 2) /* two slots per pass over the weight row */
+                dot2(up + r * hidden, x + (order[j] / top_k) * hidden, x + (order[j + 1] / top_k) * hidden, hidden,
+                     h + order[j] * 2 * inter + r, h + order[j + 1] * 2 * inter + r);
+            if (j < last)
+                h[order[j] * 2 * inter + r] = dot(up + r * hidden, x + (order[j] / top_k) * hidden, hidden);
         }
-        const float weight = gate_weights[s];
+        for (int64_t j = first; j < last; j++) {
+            float *hs = h + order[j] * 2 * inter;
+            for (int64_t r = 0; r < inter; r++) {
+                const float g = hs[r];
+                hs[r] = g / (1.0f + expf(-g)) * hs[inter + r];
+            }
+        }
+        const float *down = w2 + e * hidden * inter;
+        for (int64_t r = 0; r < hidden; r++) {
+            int64_t j = first;
+            for (; j + 2 <= last; j += 2)
+                dot2(down + r * inter, h + order[j] * 2 * inter, h + order[j + 1] * 2 * inter, inter,
+                     y + order[j] * hidden + r, y + order[j + 1] * hidden + r);
+            if (j < last)
+                y[order[j] * hidden + r] = dot(down + r * inter, h + order[j] * 2 * inter, inter);
+        }
+    }
+    for (int64_t t = 0; t < tokens; t++) {
+        float *o = out + t * hidden;
         for (int64_t r = 0; r < hidden; r++)
-            out[r] += weight * dot(down + r * inter, scratch, inter);
+            o[r] = 0.0f;
+        for (int64_t s = 0; s < top_k; s++) {
+            const float weight = gate_weights[t * top_k + s];
+            const float *ys = y + (t * top_k + s) * hidden;
+            for (int64_t r = 0; r < hidden; r++)
+                o[r] += weight * ys[r];
+        }
     }
     return 0;
 }
@@ -443,44 +542,103 @@ static float round_bf16(float v)
     return v;
 }
 
-/* One token through its top_k routed SwiGLU experts with FP8 block-scaled weights, as
- * dshal.ops.moe_experts defines it: per expert, h = linear(x, w13[e]) and
- * y = linear(silu(h_gate) * h_up, w2[e]), each activation quantized per 128 values, the
- * weighted y summed in float32. With bf16, h, the SwiGLU product and y are rounded to
- * bfloat16 where the op rounds them to the activation dtype. w13 [E, 2I, H] and w2 [E, H, I]
- * are FP8 bytes; s13 [E, ceil(2I/128), ceil(H/128)], s2 [E, ceil(H/128), ceil(I/128)].
- * scratch: H + ceil(H/128) + 3I + ceil(I/128) + H floats. Returns 0, or 1 + the slot whose
- * id is outside [0, experts) (out unset). */
-int64_t dshal_moe_token_fp8(const float *x, const uint8_t *w13, const uint8_t *w2, const float *s13, const float *s2,
-                            const int64_t *ids, const float *gate_weights, int64_t top_k, int64_t experts, int64_t hidden,
-                            int64_t inter, int64_t fnuz, int64_t bf16, float *scratch, float *out)
+/* One FP8 weight row w (k values, block scales rs) against `count` quantized activation rows:
+ * for each j < count, with row = order[j] / per_row, out[order[j] * out_stride] =
+ * sum over blocks b of dot(act[row] block b, w block b) * (act_scales[row][b] * rs[b]): the
+ * sums of fp8_block_gemv, in its order. Several rows: each block decoded once for all. */
+static void fp8_block_rows(const uint8_t *w, const float *rs, int64_t k, const float *act, int64_t act_stride,
+                           const float *act_scales, int64_t blocks, const int64_t *order, int64_t count,
+                           int64_t per_row, const float *table, float *decoded, float *out, int64_t out_stride)
 {
-    for (int64_t s = 0; s < top_k; s++)
-        if (ids[s] < 0 || ids[s] >= experts)
-            return s + 1;
+    if (count == 1) { /* decoded inside the dot products, as fp8_block_gemv does */
+        const int64_t row = order[0] / per_row;
+        const float *a = act + row * act_stride, *as = act_scales + row * blocks;
+        float acc = 0.0f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t len = k - b * 128 < 128 ? k - b * 128 : 128;
+            acc += dot_fp8(a + b * 128, w + b * 128, len, table) * (as[b] * rs[b]);
+        }
+        out[order[0] * out_stride] = acc;
+        return;
+    }
+    for (int64_t j = 0; j < count; j++)
+        out[order[j] * out_stride] = 0.0f;
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t len = k - b * 128 < 128 ? k - b * 128 : 128;
+        for (int64_t i = 0; i < len; i++)
+            decoded[i] = table[w[b * 128 + i]];
+        for (int64_t j = 0; j < count; j++) {
+            const int64_t row = order[j] / per_row;
+            out[order[j] * out_stride] += dot(act + row * act_stride + b * 128, decoded, len) * (act_scales[row * blocks + b] * rs[b]);
+        }
+    }
+}
+
+/* A few tokens through their top_k routed SwiGLU experts with FP8 block-scaled weights, as
+ * dshal.ops.moe_experts defines it: per expert, h = linear(x, w13[e]) and
+ * y = linear(silu(h_gate) * h_up, w2[e]), each activation row quantized per 128 values, the
+ * weighted y summed in float32 in slot order. With bf16, h, the SwiGLU product and y are
+ * rounded to bfloat16 where the op rounds them to the activation dtype. As
+ * dshal_moe_tokens_f32: each expert's weight rows are read (and decoded) once for every
+ * token routed to it, and a token's result depends on its own row and routing only.
+ * w13 [E, 2I, H] and w2 [E, H, I] are FP8 bytes; s13 [E, ceil(2I/128), ceil(H/128)],
+ * s2 [E, ceil(H/128), ceil(I/128)]; counts: E int64; order: T * top_k int64; scratch:
+ * T * (H + ceil(H/128)) + T * top_k * (3I + ceil(I/128) + H) + 128 floats.
+ * Returns 0, or 1 + the first slot whose id is outside [0, experts) (out unset). */
+int64_t dshal_moe_tokens_fp8(const float *x, const uint8_t *w13, const uint8_t *w2, const float *s13, const float *s2,
+                             const int64_t *ids, const float *gate_weights, int64_t tokens, int64_t top_k,
+                             int64_t experts, int64_t hidden, int64_t inter, int64_t fnuz, int64_t bf16,
+                             int64_t *counts, int64_t *order, float *scratch, float *out)
+{
+    const int64_t slots = tokens * top_k;
+    const int64_t bad = slots_by_expert(ids, slots, experts, counts, order);
+    if (bad)
+        return bad;
     const Fp8Format fmt = fnuz ? (Fp8Format){8, 240.0f, 1} : (Fp8Format){7, 448.0f, 0};
     const int64_t hb = (hidden + 127) / 128, ib = (inter + 127) / 128, ub = (2 * inter + 127) / 128;
-    float *xq = scratch, *xs = xq + hidden, *h = xs + hb, *aq = h + 2 * inter, *as = aq + inter, *y = as + ib;
-    fp8_quantize_row(x, hidden, 128, &fmt, xq, xs);
-    for (int64_t r = 0; r < hidden; r++)
-        out[r] = 0.0f;
-    for (int64_t s = 0; s < top_k; s++) {
-        const int64_t e = ids[s];
-        fp8_block_gemv(xq, xs, w13 + e * 2 * inter * hidden, s13 + e * ub * hb, 2 * inter, hidden, &fmt, h);
-        for (int64_t r = 0; r < inter; r++) {
-            float g = h[r], u = h[inter + r];
-            if (bf16) {
-                g = round_bf16(g);
-                u = round_bf16(u);
+    /* per token: the quantized row and its scales; per slot: h [2I], the quantized SwiGLU
+     * product and its scales, y [H]; then one decoded 128-value block */
+    float *xq = scratch, *xs = xq + tokens * hidden, *h = xs + tokens * hb, *aq = h + slots * 2 * inter;
+    float *as = aq + slots * inter, *y = as + slots * ib, *decoded = y + slots * hidden;
+    float table[256];
+    fp8_table(&fmt, table);
+    for (int64_t t = 0; t < tokens; t++)
+        fp8_quantize_row(x + t * hidden, hidden, 128, &fmt, xq + t * hidden, xs + t * hb);
+    for (int64_t first = 0, last; first < slots; first = last) {
+        last = expert_run_end(ids, order, first, slots);
+        const int64_t e = ids[order[first]];
+        const uint8_t *up = w13 + e * 2 * inter * hidden;
+        for (int64_t r = 0; r < 2 * inter; r++)
+            fp8_block_rows(up + r * hidden, s13 + e * ub * hb + (r / 128) * hb, hidden, xq, hidden, xs, hb, order + first,
+                           last - first, top_k, table, decoded, h + r, 2 * inter);
+        for (int64_t j = first; j < last; j++) {
+            float *hs = h + order[j] * 2 * inter;
+            for (int64_t r = 0; r < inter; r++) {
+                float g = hs[r], u = hs[inter + r];
+                if (bf16) {
+                    g = round_bf16(g);
+                    u = round_bf16(u);
+                }
+                const float a = g / (1.0f + expf(-g)) * u;
+                hs[r] = bf16 ? round_bf16(a) : a;
             }
-            const float a = g / (1.0f + expf(-g)) * u;
-            h[r] = bf16 ? round_bf16(a) : a;
+            fp8_quantize_row(hs, inter, 128, &fmt, aq + order[j] * inter, as + order[j] * ib);
         }
-        fp8_quantize_row(h, inter, 128, &fmt, aq, as);
-        fp8_block_gemv(aq, as, w2 + e * hidden * inter, s2 + e * hb * ib, hidden, inter, &fmt, y);
-        const float weight = gate_weights[s];
+        const uint8_t *down = w2 + e * hidden * inter;
         for (int64_t r = 0; r < hidden; r++)
-            out[r] += weight * (bf16 ? round_bf16(y[r]) : y[r]);
+            fp8_block_rows(down + r * inter, s2 + e * hb * ib + (r / 128) * ib, inter, aq, inter, as, ib, order + first,
+                           last - first, 1, table, decoded, y + r, hidden);
+    }
+    for (int64_t t = 0; t < tokens; t++) {
+        float *o = out + t * hidden;
+        for (int64_t r = 0; r < hidden; r++)
+            o[r] = 0.0f;
+        for (int64_t s = 0; s < top_k; s++) {
+            const float weight = gate_weights[t * top_k + s];
+            const float *ys = y + (t * top_k + s) * hidden;
+            for (int64_t r = 0; r < hidden; r++)
+                o[r] += weight * (bf16 ? round_bf16(ys[r]) : ys[r]);
+        }
     }
     return 0;
 }
