@@ -96,3 +96,14 @@ def test_a_bar_is_escaped_only_inside_a_table():
     for doc in ("README.md", "CONTRIBUTING.md"):
         for number, line in enumerate((ROOT / doc).read_text().splitlines(), 1):
             assert line.startswith("|") or "\\|" not in line, f"{doc}:{number}: \\| outside a table: {line}"
+
+
+def test_the_cpu_fp8_row_limits_the_readme_states_are_the_code_s():
+    """The README says how many rows read FP8 bytes in C before a decode step uses the float32
+    copies: the numbers are cpu_native's (it said "decode steps read the FP8 bytes in C" while
+    steps of 3+ tokens ran their experts on the copies)."""
+    from dshal.backends import cpu_native
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert f"Linears of up to {cpu_native.FP8_GEMM_MAX_ROWS} rows read the FP8 bytes in C" in text
+    assert f"routed experts for up to {cpu_native.FEW_FP8_TOKENS} tokens" in text
