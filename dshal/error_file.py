@@ -9,10 +9,13 @@ traceback. Standard library only: the CLI and the termination watchdog use it, a
 ``import dshal`` must not pay for ``torch.distributed.elastic``.
 
 The agent names as root cause the failure with the smallest timestamp (whole seconds), the
-first of its list on a tie. A failure that is only a consequence of another rank's (a rank
-leaving the job because another failed, a rank the agent then stopped with SIGTERM) is
-stamped with its time rounded up and a rank's own error with its time rounded down, so the
-rank that failed first wins whenever the two fall into different instants.
+first of its list (the lowest rank) on a tie. A rank's own error is stamped with its time
+rounded down; a failure that is only a consequence of another rank's (a rank leaving the job
+because another failed, a rank the agent then stopped with SIGTERM) with its time rounded up
+plus one second: after the failure it follows even where that one has no file (a rank killed
+outright, SIGKILL: the agent stamps it with the second it noticed it, within its monitor
+interval, 0.1 s by default). The rank that failed first is the root cause whenever it is
+seen less than a second after the failures it caused.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def record_failure(message: str, details: str | None = None, *, consequence: boo
     if consequence and os.path.exists(path):
         return False
     now = time.time()
-    stamp = math.ceil(now) if consequence else math.floor(now)
+    stamp = math.ceil(now) + 1 if consequence else math.floor(now)  # see the module's docstring
     # torch's ErrorHandler.record_exception layout: the agent prints extraInfo.py_callstack
     data = {"message": {"message": message, "extraInfo": {"py_callstack": details or message, "timestamp": str(stamp)}}}
     try:

@@ -56,6 +56,26 @@ def test_error_file_is_what_torch_reads_and_a_consequence_keeps_the_first(tmp_pa
     assert _failure(path).timestamp >= first.timestamp
 
 
+def test_a_rank_killed_outright_stays_the_root_cause_over_the_rank_that_lost_it(tmp_path: Path, monkeypatch) -> None:
+    """A rank killed outright (SIGKILL: the OOM killer) writes no error file; the agent stamps it
+    with the whole second at which it noticed (int(time.time()), within its monitor interval,
+    0.1 s). Its peer, which saw the connection close a few ms after the kill, wrote a
+    consequence. Stamped only rounded up, the two tied whenever a second began between them,
+    and on a tie the agent named the peer (the lower rank) as the root cause."""
+    import time
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv(ERROR_FILE_ENV, str(path))
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.96)  # rank 0 saw rank 1's socket close
+    assert record_failure("dshal run: error: all_reduce ...: a peer closed its connection", consequence=True)
+    peer = _failure(path, 0)
+    monkeypatch.setattr(time, "time", lambda: 1_000_001.04)  # the agent's next look, 0.1 s after the kill
+    killed = _failure(tmp_path / "none.json", 1, exitcode=-9)
+    assert ChildFailedError("dshal", {0: peer, 1: killed}).get_first_failure()[0] == 1
+
+
 def test_cli_describes_its_error_for_torchrun_and_says_the_same_as_before(tmp_path: Path, monkeypatch, capfd,
                                                                          cli_main) -> None:
     """Under torchrun (TORCHELASTIC_ERROR_FILE set) a DshalError's line lands in the error file
