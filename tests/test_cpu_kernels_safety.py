@@ -148,7 +148,7 @@ for k in (1, 33, 64):
     for lead in ((1,), (3,), (2, 2)):
         K.gemv(r(*lead, 2 * k)[..., ::2], r(5, k), r(10)[::2])
 K.gemv(r(2, 4), r(0, 4))
-for hidden, inter, top in ((16, 8, 2), (0, 4, 2), (16, 0, 1), (16, 8, 0)):
+for hidden, inter, top in ((16, 8, 2), (40, 33, 3), (0, 4, 2), (16, 0, 1), (16, 8, 0)):  # 40, 33: lanes and tails
     for tokens in (1, 4):
         ids = torch.randint(0, 3, (tokens, top), generator=g)
         K.moe_tokens(r(tokens, hidden), torch.rand(tokens, top), ids, r(3, 2 * inter, hidden), r(3, hidden, inter))
@@ -193,7 +193,8 @@ for fmt in ("e4m3", "e4m3fnuz"):
         q13, s13 = zip(*(quantize(t, (128, 128), fmt, None) for t in r(3, 2 * inter, hidden)))
         q2, s2 = zip(*(quantize(t, (128, 128), fmt, None) for t in r(3, hidden, inter)))
         for dtype in (torch.float32, torch.bfloat16):
-            for ids in (torch.tensor([[2, 0]]), torch.tensor([[2, 0], [0, 1], [1, 2]])):  # runs of 1 and 2 slots
+            # runs of 1, 2 and 4 slots (an expert repeated within a token too)
+            for ids in (torch.tensor([[2, 0]]), torch.tensor([[2, 0], [0, 1], [1, 2]]), torch.tensor([[1, 1], [1, 1]])):
                 K.moe_tokens_fp8(r(ids.shape[0], hidden).to(dtype), torch.rand(*ids.shape), ids,
                                  torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2))
     fp8 = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e4m3fnuz

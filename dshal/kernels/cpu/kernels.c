@@ -114,6 +114,24 @@ static int64_t expert_run_end(const int64_t *ids, const int64_t *order, int64_t 
     return last;
 }
 
+/* out[t] = sum over s in slot order of gate_weights[t, s] * y[t * top_k + s], for y
+ * [tokens * top_k, hidden] (each slot's expert output) and out [tokens, hidden]. */
+static void weighted_sum_per_token(const float *y, const float *gate_weights, int64_t tokens, int64_t top_k,
+                                   int64_t hidden, float *out)
+{
+    for (int64_t t = 0; t < tokens; t++) {
+        float *o = out + t * hidden;
+        for (int64_t r = 0; r < hidden; r++)
+            o[r] = 0.0f;
+        for (int64_t s = 0; s < top_k; s++) {
+            const float weight = gate_weights[t * top_k + s];
+            const float *ys = y + (t * top_k + s) * hidden;
+            for (int64_t r = 0; r < hidden; r++)
+                o[r] += weight * ys[r];
+        }
+    }
+}
+
 /* A few tokens through their top_k routed SwiGLU experts (a decode step's batch):
  *   out[t] = sum_s gate_weights[t, s] * w2[e] @ (silu(w13[e, :inter] @ x[t]) * (w13[e, inter:] @ x[t])),
  *   e = ids[t, s], summed over s in slot order.
@@ -164,17 +182,7 @@ int64_t dshal_moe_tokens_f32(const float *x, const float *w13, const float *w2, 
                 y[order[j] * hidden + r] = dot(down + r * inter, h + order[j] * 2 * inter, inter);
         }
     }
-    for (int64_t t = 0; t < tokens; t++) {
-        float *o = out + t * hidden;
-        for (int64_t r = 0; r < hidden; r++)
-            o[r] = 0.0f;
-        for (int64_t s = 0; s < top_k; s++) {
-            const float weight = gate_weights[t * top_k + s];
-            const float *ys = y + (t * top_k + s) * hidden;
-            for (int64_t r = 0; r < hidden; r++)
-                o[r] += weight * ys[r];
-        }
-    }
+    weighted_sum_per_token(y, gate_weights, tokens, top_k, hidden, out);
     return 0;
 }
 
@@ -629,17 +637,9 @@ int64_t dshal_moe_tokens_fp8(const float *x, const uint8_t *w13, const uint8_t *
             fp8_block_rows(down + r * inter, s2 + e * hb * ib + (r / 128) * ib, inter, aq, inter, as, ib, order + first,
                            last - first, 1, table, decoded, y + r, hidden);
     }
-    for (int64_t t = 0; t < tokens; t++) {
-        float *o = out + t * hidden;
-        for (int64_t r = 0; r < hidden; r++)
-            o[r] = 0.0f;
-        for (int64_t s = 0; s < top_k; s++) {
-            const float weight = gate_weights[t * top_k + s];
-            const float *ys = y + (t * top_k + s) * hidden;
-            for (int64_t r = 0; r < hidden; r++)
-                o[r] += weight * (bf16 ? round_bf16(ys[r]) : ys[r]);
-        }
-    }
+    for (int64_t i = 0; bf16 && i < slots * hidden; i++) /* each expert's output in the activation dtype */
+        y[i] = round_bf16(y[i]);
+    weighted_sum_per_token(y, gate_weights, tokens, top_k, hidden, out);
     return 0;
 }
 
