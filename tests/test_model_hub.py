@@ -182,6 +182,20 @@ def test_a_missing_path_that_is_no_id_keeps_its_error_naming_the_flag(hub_cache,
     assert f"dshal run: error: --checkpoint {Path(given)}: cannot read model config: no such file\n" == done.stderr
 
 
+def test_a_file_shaped_as_an_id_is_said_to_be_a_file_naming_the_flag(tmp_path, cli_main, capsys, monkeypatch):
+    """``org/name`` that exists as a file (not a folder, not a .json) is that file, not an id;
+    the error names the flag that gave it, as a missing path's does (it named none: for
+    ``plan --config`` it read "checkpoint path is a file")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").write_text("{}")
+    for command, flag in (("run", "--checkpoint"), ("plan", "--config")):
+        done = cli_main(capsys, [command, flag, "org/name"])
+        assert done.returncode == 1
+        assert done.stderr.startswith(f"dshal {command}: error: {flag} org/name: checkpoint path is a file, expected a "
+                                      "folder holding config.json"), done.stderr
+
+
 def test_a_hub_id_without_huggingface_hub_says_to_install_it(hub_cache, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # what `import` meets where it is not installed
     with pytest.raises(dshal.ConfigError, match=rf"^checkpoint '{REPO}': no such folder, and read as a Hugging Face "

@@ -445,11 +445,11 @@ def checkpoint_config_path(path: Any, argument: str | None = None) -> Path:
         return path
     yaml_note = (": a .yaml is a dshal runtime config (dshal.yaml), not a model's config"
                  if path.suffix in (".yaml", ".yml") else "")
-    raise ConfigError(
-        "checkpoint path is a file, expected a folder holding config.json and *.safetensors "
-        f"(or the config.json itself){yaml_note}",
-        file=str(path),
-    )
+    message = ("checkpoint path is a file, expected a folder holding config.json and *.safetensors "
+               f"(or the config.json itself){yaml_note}")
+    if argument:  # the flag first, as for a missing path
+        raise ConfigError(f"{argument} {path}: {message}")
+    raise ConfigError(message, file=str(path))
 
 
 def checkpoint_folder(path: Any, argument: str | None = None) -> Path:
