@@ -584,15 +584,38 @@ def test_cleanup_on_termination_turns_sigterm_into_an_exit_that_runs_cleanup() -
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def _sigterm_once_waiting(code: str, marker, preexec_fn, **env: str) -> tuple[int, str, float]:
+    """Run ``code`` in a child python, send it SIGTERM half a second after it creates ``marker``
+    (then waiting, in C or in Python), and return its exit status, its stderr and the seconds
+    from the signal to its end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists()
+        time.sleep(0.5)  # into the wait
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=50)
+        return proc.returncode, err, time.monotonic() - sent
+    finally:
+        proc.kill()
+
+
 def test_sigterm_while_the_main_thread_is_blocked_in_c_ends_the_process_after_the_grace(tmp_path, sigint_deliverable) -> None:
     """A Python handler runs only when the main thread is back in the interpreter: a rank blocked
     in a collective on a dead peer (here a store waiting for a second rank) held SIGTERM until its
     timeout, so torchrun / Slurm killed it 30 s later anyway. The watchdog ends it after the grace."""
     import signal
-    import subprocess
-    import sys
     import textwrap
-    import time
 
     marker = tmp_path / "blocked"
     code = textwrap.dedent(f"""
@@ -607,22 +630,8 @@ def test_sigterm_while_the_main_thread_is_blocked_in_c_ends_the_process_after_th
         print("the store returned", file=sys.stderr)
     """)
     error_file = tmp_path / "error.json"  # as torchrun names one for each rank
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TORCHELASTIC_ERROR_FILE": str(error_file)}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_deliverable)
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists()
-        time.sleep(0.5)  # into the store's wait
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=45)
-        took = time.monotonic() - sent
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    returncode, err, took = _sigterm_once_waiting(code, marker, sigint_deliverable, TORCHELASTIC_ERROR_FILE=str(error_file))
+    assert returncode == 128 + signal.SIGTERM, (returncode, err)
     assert took < 30, took  # the store waits 60 s
     assert "still running 1 s after SIGTERM" in err and "the store returned" not in err
     # torchrun's summary says why the rank ended (it showed only the exit code)
@@ -635,10 +644,7 @@ def test_sigterm_while_a_rank_waits_for_its_peers_to_join_unwinds_it(tmp_path, s
     check was blocked in the store's wait, in C: only the watchdog ended it, its grace later
     (10 s) and without cleanup. The check waits in Python now, and the signal unwinds it."""
     import signal
-    import subprocess
-    import sys
     import textwrap
-    import time
 
     marker = tmp_path / "waiting"
     code = textwrap.dedent(f"""
@@ -659,20 +665,8 @@ def test_sigterm_while_a_rank_waits_for_its_peers_to_join_unwinds_it(tmp_path, s
             print("unwound", file=sys.stderr)
             sys.exit(143)
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_deliverable)
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists()
-        time.sleep(0.5)  # into the wait
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=50)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    returncode, err, _ = _sigterm_once_waiting(code, marker, sigint_deliverable)
+    assert returncode == 128 + signal.SIGTERM, (returncode, err)
     assert "unwound" in err and "still running" not in err, err
 
 
