@@ -38,7 +38,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "profile": ("dshal.perf.profile", "profile the model core per layer and op; find the bottlenecks", "dshal"),
     "plan": ("dshal.plan.command", "per-rank weights, KV cache, activations and traffic of a TP x EP job, on the meta device", "dshal"),
     "diff": ("dshal_conformance.diff", "run the model core on two backends; find the first layer and op where they drift apart (prefill and decode steps)", "dshal-conformance"),
-    "kernels": ("dshal.kernels.triton.crosscompile", "cross-compile every shipped Triton kernel config for sm_90a/gfx942/gfx950", "dshal"),
+    "kernels": ("dshal.kernels.triton.crosscompile", "cross-compile every shipped Triton kernel config for sm_90a/sm_100a/sm_120a/gfx942/gfx950", "dshal"),
     "tune": ("dshal.kernels.triton.tune", "time the block-FP8 GEMM's tiles per (N, K, M bucket) on this GPU; write its tuned table", "dshal"),
 }
 

@@ -21,7 +21,8 @@ What dshal needs from each, and where it copes with either end:
 
 Checked on 2026-12-05 (no GPU), with the GPU machine's own torch 2.11.0+cu130 (PyPI's CUDA
 build runs on the CPU) and Triton 3.6.0: ``dshal kernels`` compiles every shipped config for
-sm_90a, gfx942 and gfx950, with the same resources and tensor-core instructions as 3.9, and
+sm_90a, gfx942 and gfx950, with the same resources and tensor-core instructions as 3.9 (the
+Blackwell targets sm_100a and sm_120a, added later, are checked with Triton 3.9.0 only), and
 the test suite passes (its interpreter tests skipped, see below). torch 2.11's CPU
 ``torch._scaled_mm`` takes per-tensor scales only; dshal's FP8 GEMM then uses its block path
 (the refusal is remembered), and tests using it as a rowwise rival skip. Emulated mode (the Triton *interpreter*

@@ -1,7 +1,8 @@
-"""``dshal kernels``: every shipped Triton kernel config cross-compiles for sm_90a, gfx942 and
-gfx950 (the real NVIDIA / AMD code generators, no GPU), fits, does not spill and uses the
-tensor cores. One test runs the command for the three targets (so pytest-xdist cannot split
-the compile work across its workers); compiles run in 2 processes, cached by kernel source."""
+"""``dshal kernels``: every shipped Triton kernel config cross-compiles for sm_90a, sm_100a,
+sm_120a, gfx942 and gfx950 (the real NVIDIA / AMD code generators, no GPU), fits, does not spill
+and uses the tensor cores. One test runs the command for the five targets (so pytest-xdist
+cannot split the compile work across its workers); compiles run in 2 processes, cached by
+kernel source."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
     pytest.mark.timeout(600),
 ]
-TARGETS = ("sm_90a", "gfx942", "gfx950")
+TARGETS = ("sm_90a", "sm_100a", "sm_120a", "gfx942", "gfx950")
 
 
 def test_dshal_kernels_every_shipped_config_lowers_fits_and_uses_the_tensor_cores(tmp_path, capsys):
@@ -61,6 +62,20 @@ def test_dshal_kernels_every_shipped_config_lowers_fits_and_uses_the_tensor_core
     decode = [r for r in hopper if r["kernel"] == "fp8_block_gemm (decode)"]
     assert decode and all("BLOCK_M=16" in r["config"] and r["tensor_core"] for r in decode)
     assert any("SPLIT_K=4" in r["config"] for r in decode)
+
+    # sm_100a (B200 / B300): tcgen05 for 64 rows and more (GEMM and MoE), every stage built;
+    # the decode tiles on mma.sync
+    blackwell = [r for r in rows if r["target"] == "sm_100a" and r["tensor_core_required"]]
+    wide = [r for r in blackwell if "BLOCK_M=16 " not in r["config"] and "BLOCK_M=32 " not in r["config"]]
+    assert wide and all(r["tensor_core"][0].startswith("tcgen05.mma") for r in wide), wide
+    assert all(r["stages_built"] == r["num_stages"] for r in wide if r["kernel"].startswith("fp8_block_gemm"))
+    assert all(r["tensor_core"][0].startswith("mma.sync") for r in blackwell if r not in wide)
+    assert not any(m.startswith("wgmma") for r in blackwell for m in r["mma"])
+    # sm_120a (RTX PRO 6000 / RTX 50): FP8 mma.sync everywhere, within its 99 KB of shared memory
+    consumer = [r for r in rows if r["target"] == "sm_120a" and r["tensor_core_required"]]
+    assert consumer and all(".e4m3.e4m3." in r["tensor_core"][0] for r in consumer), consumer
+    assert all(r["shared_limit"] == 99 * 1024 and r["shared_bytes"] <= r["shared_limit"] for r in consumer)
+    assert not any(m.startswith(("wgmma", "tcgen05")) for r in consumer for m in r["mma"])
 
 
 def test_a_spilling_tile_is_reported_as_a_failure():

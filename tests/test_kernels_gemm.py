@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")  # mode: root conftest
 from dshal.errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedOpError  # noqa: E402
 from dshal.kernels.triton.gemm import fp8_block_gemm  # noqa: E402
-from dshal.kernels.triton.target import KernelTarget, shipped_target  # noqa: E402
+from dshal.kernels.triton.target import KernelTarget, TileConfig, shipped_target  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
 
 pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
@@ -88,6 +88,18 @@ def test_block_gemm_hardware_target_first_tile_under_interpreter(target):
     fmt = "e4m3fnuz" if target.fp8_e4m3 == torch.float8_e4m3fnuz else "e4m3fn"
     qa, sa, qb, sb = operands(5, 20, 128, fmt)
     out = fp8_block_gemm(qa, sa, qb, sb, torch.float32, target=target)
+    assert_matches_reference(out, qa, sa, qb, sb, torch.float32)
+
+
+@pytest.mark.parametrize("tile", [TileConfig(16, 32), TileConfig(16, 128), TileConfig(16, 256)], ids=lambda t: f"N{t.block_n}")
+def test_block_gemm_weight_scales_per_column_block_whatever_the_tile_width(tile):
+    """Tiles up to 128 columns wide read one weight scale per K step (all their stored columns
+    share a 128-column scale block); wider ones one per column. N = 300 ends mid-block and
+    mid-tile, and the weight's three column blocks get scales 1, 8 and 1/4: a tile reading its
+    neighbour's scale is off by 8x."""
+    qa, sa, qb, sb = operands(5, 300, 256, "e4m3fn")
+    sb = sb * torch.tensor([1.0, 8.0, 0.25])[:, None]
+    out = fp8_block_gemm(qa, sa, qb, sb, torch.float32, target=NATIVE["e4m3fn"], tile=tile)
     assert_matches_reference(out, qa, sa, qb, sb, torch.float32)
 
 

@@ -47,7 +47,9 @@ def test_targets_describe_their_hardware():
 
 
 def test_shipped_tables_are_data_keyed_by_target_name():
-    assert set(SHIPPED_TARGETS) == {"nvidia-sm90", "nvidia-sm89", "amd-gfx942", "amd-gfx950", "generic"}
+    assert set(SHIPPED_TARGETS) == {
+        "nvidia-sm90", "nvidia-sm89", "nvidia-sm100", "nvidia-sm120", "amd-gfx942", "amd-gfx950", "generic"
+    }
     assert all(name == target.name for name, target in SHIPPED_TARGETS.items())
     assert not hasattr(KernelTarget, "nvidia_hopper") and not hasattr(KernelTarget, "amd_gfx942")  # no vendor factories
     with pytest.raises(dshal.ConfigError, match=r"'name' is 'sm_90'.*expected one of amd-gfx942"):

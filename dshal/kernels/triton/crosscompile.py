@@ -1,8 +1,8 @@
 """``dshal kernels``: cross-compile every shipped Triton kernel config for a real GPU target.
 
 Triton compiles for a GPU without one: ``triton.compile(ASTSource(...), target=GPUTarget(...))``
-runs the real code generators (LLVM NVPTX + ``ptxas`` for ``sm_90a``; the AMDGPU backend for
-``gfx942`` / ``gfx950``). For every kernel launch the wrappers make with the target's
+runs the real code generators (LLVM NVPTX + ``ptxas`` for ``sm_90a`` / ``sm_100a`` / ``sm_120a``;
+the AMDGPU backend for ``gfx942`` / ``gfx950``). For every kernel launch the wrappers make with the target's
 :class:`~dshal.kernels.triton.target.KernelTarget` -- every GEMM autotune tile, the MoE and
 elementwise kernels -- this records whether it lowers, its shared memory / LDS against the
 device's limit, registers and spills, the pipelining stages built (``cp.async`` / TMA on
@@ -60,7 +60,7 @@ from dshal.versions import installed
 
 #: Bumped whenever what a compile is read for changes (the ptxas / AMDGCN patterns, the facts
 #: kept): a cached result of the earlier reading is then compiled and read again.
-RESULTS_REVISION = 1
+RESULTS_REVISION = 2  # 2: tcgen05.mma is read as a tensor-core instruction
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,9 @@ class CompileTarget:
     shared_limit: int  #: bytes of shared memory / LDS one block may use
     shared_source: str
     target_name: str  #: the shipped tile table compiled for it (:data:`~.target.SHIPPED_TARGETS`)
+    #: the tensor-core instruction of an FP8 dot of 64 rows or more: "wgmma" (Hopper),
+    #: "tcgen05" (datacenter Blackwell), "mma.sync" (consumer Blackwell, Ada) or "mfma" (AMD)
+    mma: str = "wgmma"
 
     def kernel_target(self) -> KernelTarget:
         return shipped_target(self.target_name)
@@ -87,15 +90,19 @@ class CompileTarget:
     def tensor_core_pattern(self, block_m: int, fp8_operands: bool = True) -> tuple[str, str]:
         """(regex over the assembly, what it means) of the tensor-core instruction a dot with
         ``block_m`` rows must use here (``fp8_operands`` False: FP8 widened to f16 first)."""
-        if self.backend != "cuda" and not fp8_operands:
-            return r"v_mfma_\w+", "v_mfma (matrix core; FP8 operands widened to f16)"
-        if self.backend == "cuda":
-            if block_m >= 64:
-                return r"wgmma\.mma_async\S*", "wgmma (Hopper warpgroup MMA)"
-            # wgmma's warpgroup covers 64 rows: smaller decode tiles use the synchronous MMA
-            return r"mma\.sync\.aligned\S*", "mma.sync (tile under wgmma's 64 rows)"
-        # gfx942: v_mfma_*_fp8_fp8 (or bf8); gfx950 also v_mfma_*_f8f6f4 (operand format FP8 here)
-        return r"v_mfma_\w*(?:fp8|bf8|f8f6f4)\w*", "v_mfma FP8 (matrix core)"
+        if self.mma == "mfma":
+            if not fp8_operands:
+                return r"v_mfma_\w+", "v_mfma (matrix core; FP8 operands widened to f16)"
+            # gfx942: v_mfma_*_fp8_fp8 (or bf8); gfx950 also v_mfma_*_f8f6f4 (operand format FP8 here)
+            return r"v_mfma_\w*(?:fp8|bf8|f8f6f4)\w*", "v_mfma FP8 (matrix core)"
+        if self.mma == "mma.sync":  # the part has nothing else: its FP8 tensor cores take FP8 operands
+            return r"mma\.sync\.aligned\S*\.(?:e4m3|e5m2)\.\S*", "mma.sync FP8 (no wgmma or tcgen05 on this part)"
+        if block_m >= 64:
+            if self.mma == "tcgen05":
+                return r"tcgen05\.mma\S*", "tcgen05.mma (Blackwell 5th-gen tensor core)"
+            return r"wgmma\.mma_async\S*", "wgmma (Hopper warpgroup MMA)"
+        # wgmma's warpgroup and tcgen05 cover 64 rows or more: smaller decode tiles use the synchronous MMA
+        return r"mma\.sync\.aligned\S*", f"mma.sync (tile under {self.mma}'s 64 rows)"
 
 
 COMPILE_TARGETS: dict[str, CompileTarget] = {
@@ -105,13 +112,24 @@ COMPILE_TARGETS: dict[str, CompileTarget] = {
             "sm_90a", "cuda", 90, 32, 232448, "CUDA C Programming Guide, compute capability 9.0: 227 KB shared per block",
             "nvidia-sm90",
         ),
+        # 10.0 and 10.3 (B300) share the limits: 228 KB per SM less 1 KB the driver keeps per block
+        # (also CCCL's cuda/__device/arch_traits.h, sm_100 / sm_103)
+        CompileTarget(
+            "sm_100a", "cuda", 100, 32, 232448, "CUDA C Programming Guide, compute capability 10.0: 227 KB shared per block",
+            "nvidia-sm100", mma="tcgen05",
+        ),
+        # 12.0 and 12.1: 100 KB per SM less the 1 KB (CCCL arch_traits.h, sm_120 / sm_121)
+        CompileTarget(
+            "sm_120a", "cuda", 120, 32, 101376, "CUDA C Programming Guide, compute capability 12.0: 99 KB shared per block",
+            "nvidia-sm120", mma="mma.sync",
+        ),
         CompileTarget(
             "gfx942", "hip", "gfx942", 64, 65536, "AMD CDNA3 ISA (MI300X): 64 KB LDS per workgroup",
-            "amd-gfx942",
+            "amd-gfx942", mma="mfma",
         ),
         CompileTarget(
             "gfx950", "hip", "gfx950", 64, 163840, "AMD CDNA4 ISA (MI350/MI355X): 160 KB LDS per CU",
-            "amd-gfx950",
+            "amd-gfx950", mma="mfma",
         ),
     )
 }
@@ -303,7 +321,7 @@ def compile_job(ct: CompileTarget, job: CompileJob, cache_dir: Path | None) -> d
         result["spill_detail"] = f"vgpr_spill_count {vgpr}, sgpr_spill_count {sgpr}"
         result["async_copy"] = "LDS" if shared and re.search(r"\bds_(read|write|load|store)", gcn) else ""
         asm = gcn
-    result["mma"] = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync\.aligned|v_mfma_)\S*", asm)))
+    result["mma"] = sorted(set(re.findall(r"(?:wgmma\.mma_async|tcgen05\.mma|mma\.sync\.aligned|v_mfma_)\S*", asm)))
     if cached:
         try:
             make_private_dir(cached.parent)
@@ -524,8 +542,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", action="append", choices=sorted(COMPILE_TARGETS), required=True,
-                        help="GPU target to compile for (repeat for several): sm_90a (H100/H200), gfx942 (MI300X), "
-                             "gfx950 (MI350)")  # fmt: skip
+                        help="GPU target to compile for (repeat for several): sm_90a (H100/H200), sm_100a (B200/GB200/B300), "
+                             "sm_120a (RTX PRO 6000 Blackwell / RTX 50), gfx942 (MI300X), gfx950 (MI350)")  # fmt: skip
     parser.add_argument("--json", metavar="F", help="also write the rows as JSON to F")
     parser.add_argument("--jobs", type=int, default=2, help="compile worker processes (default 2; at most the CPUs this process may use)")
     parser.add_argument("--no-cache", action="store_true", help="recompile every config (ignore the result cache)")

@@ -98,11 +98,18 @@ def _fp8_block_gemm_kernel(
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         a_s = tl.load(a_s_ptrs + kt * stride_ask)
-        b_s = tl.load(b_s_ptrs + kt * stride_bsk)
         if not DOT_FP8:
             a = a.to(tl.float16)
             b = b.to(tl.float16)
-        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])  # scales first: dot * a_s alone can overflow
+        if BLOCK_N <= BLOCK_K:
+            # the tile's stored columns lie in one 128-column scale block: one weight scale, and
+            # a [BLOCK_M] scale vector, not a [BLOCK_M, BLOCK_N] one in registers (tcgen05 tiles
+            # of 128x128 spilled 2 KB with it on sm_100a). Same products, same bits.
+            b_s = tl.load(b_s_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn + kt * stride_bsk)
+            acc += tl.dot(a, b) * (a_s * b_s)[:, None]  # scales first: dot * a_s alone can overflow
+        else:
+            b_s = tl.load(b_s_ptrs + kt * stride_bsk)
+            acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 

@@ -160,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="no GPU: run each candidate tile once under the Triton interpreter on tiny shapes and "
                              "check it (no timings; the table is marked dry_run and never chooses tiles)")  # fmt: skip
-    parser.add_argument("--target", choices=("sm_90a", "gfx942", "gfx950"), help="with --dry-run: the target's tiles")
+    parser.add_argument("--target", choices=sorted(COMPILE_TARGETS), help="with --dry-run: the target's tiles")
     parser.add_argument("--budget-s", type=float, metavar="S",
                         help="start no new (N, K, M bucket) after S seconds; the table then says complete: false "
                              "(default: no limit). The table is rewritten after every entry")  # fmt: skip
@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
                        directory=True)  # fmt: skip
     if args.dry_run:
         if not args.target:
-            raise ArgumentError("dshal tune: --dry-run needs --target sm_90a|gfx942|gfx950")
+            raise ArgumentError(f"dshal tune: --dry-run needs --target {'|'.join(COMPILE_TARGETS)}")
         if args.backend:
             raise ArgumentError(f"dshal tune: --backend {args.backend} with --dry-run: a dry run uses no backend, "
                               "expected --target alone")

@@ -1,11 +1,15 @@
 """The NVIDIA backend: CUDA builds of torch on NVIDIA GPUs (Hopper first).
 
 - FP8: sm_90 (Hopper) has FP8 tensor cores and the Hopper-only paths (wgmma tilings,
-  cuBLASLt blockwise scaling); sm_89 (Ada) has FP8 without them; older parts have no FP8
-  (FP8 ops then dequantize, declared ``emulated``).
+  cuBLASLt blockwise scaling); sm_100 / sm_103 (B200, GB200, B300) FP8 on tcgen05 tilings;
+  sm_120 / sm_121 (RTX PRO 6000 Blackwell, RTX 50, DGX Spark) and sm_89 (Ada) FP8 on mma.sync
+  tilings; older parts have no FP8 (FP8 ops then dequantize, declared ``emulated``). Each
+  compute capability maps to its Triton tile table exactly (:data:`TARGET_OF_CAPABILITY`); one
+  not listed gets the conservative ``generic`` table.
 - fp8_gemm: tensorwise/rowwise through ``torch._scaled_mm``; block scales through
   ``torch.nn.functional.scaled_mm`` blockwise when a probe shows this torch + cuBLASLt run
-  it correctly on SM90, else dshal's Triton kernel. ``dshal info`` shows which.
+  it correctly on SM90 (torch refuses it elsewhere), else dshal's Triton kernel. ``dshal info``
+  shows which.
 - Collectives: torch.distributed on ``nccl``. Topology: NVML (``pynvml``, optional).
 - ``emulate=True``: the same code on CPU tensors (Triton interpreter), standing for sm_90.
 """
@@ -26,6 +30,17 @@ log = logging.getLogger("dshal")
 
 #: Dense peaks (datasheets list FP8/BF16 "with sparsity"; dense is half). Most specific name first.
 NVIDIA_PEAKS: tuple[PeakFigures, ...] = (
+    # Blackwell: NVIDIA gives the platform's figures; per GPU = platform / GPUs. torch names a B300
+    # "NVIDIA B300 SXM6 AC" (the words B300 AC: a plain "B300" row would match no device).
+    PeakFigures.datasheet("B300 SXM6 AC", 2250, 4500, 8.0,
+                "NVIDIA HGX B300 specifications, 8 GPUs: BF16 36 / FP8 72 PFLOPS with sparsity, HBM3e 64 TB/s "
+                "(per GPU: BF16 4,500 / FP8 9,000 TFLOPS sparse, dense = half; 8 TB/s)"),
+    PeakFigures.datasheet("B200", 2250, 4500, 8.0,
+                "NVIDIA HGX B200 specifications, 8 GPUs: BF16 36 / FP8 72 PFLOPS with sparsity, HBM3e 64 TB/s "
+                "(per GPU: BF16 4,500 / FP8 9,000 TFLOPS sparse, dense = half; 8 TB/s)"),
+    PeakFigures.datasheet("GB200", 2500, 5000, 8.0,
+                "NVIDIA GB200 NVL72 specifications, 72 GPUs: BF16 360 / FP8 720 PFLOPS with sparsity, HBM3e 576 TB/s "
+                "(per GPU: BF16 5,000 / FP8 10,000 TFLOPS sparse, dense = half; 8 TB/s)"),
     PeakFigures.datasheet("H200 NVL", 835.5, 1670.5, 4.8,
                 "NVIDIA H200 NVL datasheet: BF16 1,671 / FP8 3,341 TFLOPS with sparsity (dense = half), HBM3e 4.8 TB/s"),
     PeakFigures.datasheet("H200", 989.5, 1979, 4.8,
@@ -43,17 +58,52 @@ _E4M3_E5M2 = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 EMULATED_CAPABILITY = (9, 0)
 
 
+#: The shipped Triton tile table of each compute capability, exactly: a part not listed gets the
+#: conservative "generic" table (no FP8 dots, small tiles). Minors share a table where NVIDIA gives
+#: them the same shared memory and tensor cores (CUDA C Programming Guide's compute capability
+#: tables; CCCL cuda/__device/arch_traits.h builds sm_103 from sm_100 and sm_121 from sm_120).
+TARGET_OF_CAPABILITY: dict[tuple[int, int], str] = {
+    (8, 9): "nvidia-sm89",  # L4, L40S, RTX 40: mma.sync FP8, 99 KB shared per block
+    (9, 0): "nvidia-sm90",  # H100, H200, GH200: wgmma, 227 KB
+    (10, 0): "nvidia-sm100",  # B200, GB200: tcgen05, 227 KB
+    (10, 3): "nvidia-sm100",  # B300, GB300: as 10.0
+    (12, 0): "nvidia-sm120",  # RTX PRO 6000 Blackwell, RTX 50: mma.sync FP8 only, 99 KB
+    (12, 1): "nvidia-sm120",  # DGX Spark (GB10): as 12.0
+}
+#: What each table's FP8 dots run on, for ``dshal info``.
+_FP8_PATHS = {
+    "nvidia-sm89": "FP8 tensor cores (Ada: mma.sync tilings; no Hopper-only paths)",
+    "nvidia-sm90": "FP8 tensor cores (Hopper paths: wgmma tilings, cuBLASLt blockwise scaling)",
+    "nvidia-sm100": "FP8 tensor cores (datacenter Blackwell: tcgen05 tilings; block scales on the Triton kernel, "
+                    "torch's cuBLASLt blockwise scaled_mm is SM90-only)",
+    "nvidia-sm120": "FP8 tensor cores (consumer Blackwell: mma.sync tilings for 99 KB shared memory; block scales "
+                    "on the Triton kernel, torch's cuBLASLt blockwise scaled_mm is SM90-only)",
+}
+
+
+def kernel_target_name(capability: tuple[int, int]) -> str:
+    """The shipped tile table for ``capability``: its own, else "generic" (said at -v for a part
+    with FP8 tensor cores, whose FP8 dots then run widened to f16 on small tiles)."""
+    name = TARGET_OF_CAPABILITY.get(capability)
+    if name is None:
+        if capability >= (8, 9):
+            log.info("dshal nvidia: no Triton tile table for sm_%d%d (known: %s); using the generic table "
+                     "(FP8 widened to f16, small tiles)", capability[0], capability[1],
+                     ", ".join(f"sm_{a}{b}" for a, b in TARGET_OF_CAPABILITY))
+        return "generic"
+    return name
+
+
 def fp8_facts(capability: tuple[int, int]) -> tuple[tuple[str, ...], str]:
     """(FP8 formats, description) for an NVIDIA compute capability."""
-    if capability >= (9, 0):
-        return ("e4m3fn", "e5m2"), "FP8 tensor cores (Hopper paths: wgmma tilings, cuBLASLt blockwise scaling)"
-    if capability >= (8, 9):
-        return ("e4m3fn", "e5m2"), "FP8 tensor cores (Ada: no Hopper-only paths)"
-    return (), f"no FP8 tensor cores on sm_{capability[0]}{capability[1]}: FP8 ops dequantize"
-
-
-#: The shipped Triton tile table per compute capability, newest first (older: "generic").
-TARGET_OF_CAPABILITY = (((9, 0), "nvidia-sm90"), ((8, 9), "nvidia-sm89"))
+    path = _FP8_PATHS.get(TARGET_OF_CAPABILITY.get(capability, ""))
+    if path:
+        return ("e4m3fn", "e5m2"), path
+    arch = f"sm_{capability[0]}{capability[1]}"
+    if capability > (8, 9):  # a part newer than the tables (or between them)
+        return ("e4m3fn", "e5m2"), f"FP8 tensor cores assumed on {arch}, which dshal has no tile table for: " \
+                                   "the generic one (FP8 widened to f16 before the dot, small tiles)"
+    return (), f"no FP8 tensor cores on {arch}: FP8 ops dequantize"
 #: What cuBLASLt's blockwise path is, for ``dshal info``.
 BLOCKWISE_NAME = "torch.nn.functional.scaled_mm blockwise 1x128/128x128 (cuBLASLt)"
 
@@ -102,8 +152,7 @@ class NvidiaBackend(TorchGpuBackend):
         return self.device_hardware(arch, formats, "e4m3fn", NVIDIA_PEAKS, {"fp8": fp8_note, "cuda": str(torch.version.cuda)})
 
     def kernel_target(self) -> KernelTarget:
-        cap = self._capability()
-        name = next((target for least, target in TARGET_OF_CAPABILITY if cap >= least), "generic")
+        name = kernel_target_name(self._capability())
         if self.emulate:  # the interpreter, with the FP8 rules of the part it stands for
             return KernelTarget.emulating(shipped_target(name))
         return shipped_target(name)
@@ -112,7 +161,9 @@ class NvidiaBackend(TorchGpuBackend):
         cap = self._capability()
         if not fp8_facts(cap)[0]:
             return GemmPlan(block_path="dequant", why=f"sm_{cap[0]}{cap[1]} has no FP8")
-        # cuBLASLt >= 12.9 on SM90 also takes float32 outputs for rowwise scaling.
+        # cuBLASLt >= 12.9 on SM90 also takes float32 outputs for rowwise scaling. On SM100+ torch sends
+        # rowwise scaling to its CUTLASS kernel, whose float32 output depends on the torch version
+        # (ScaledBlas.cpp: bf16/fp16 only at 2bec3bd): float32 stays off there.
         new_cublas = self.emulate or (version_tuple(torch.version.cuda) >= MIN_CUDA and cap == (9, 0))
         rowwise = (torch.bfloat16, torch.float16) + ((torch.float32,) if new_cublas else ())
         triton = "triton" if triton_installed() else "dequant"

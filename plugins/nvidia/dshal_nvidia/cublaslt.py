@@ -12,6 +12,12 @@ from dshal.plugin import BLOCK, SPECS
 
 #: cuBLASLt's blockwise FP8 scaling (1x128 activations, 128x128 weights) needs CUDA 12.9.
 MIN_CUDA = (12, 9)
+#: The compute capabilities torch runs it on: ``_check_deepseek_support`` in
+#: aten/src/ATen/native/cuda/ScaledBlas.cpp raises NotImplementedError ("DeepSeek style (1x128,
+#: 128x128) scaling only supported in CUDA for SM90") for any other major, in every revision
+#: read (pytorch/pytorch 2bec3bd and 0174dfa, the latter with ROCm 7.14's paths); reported
+#: refused by torch 2.13 on B300 and RTX 5090. Blackwell parts take dshal's Triton kernel.
+BLOCKWISE_CAPABILITIES = ((9, 0),)
 
 
 def version_tuple(text: str | None) -> tuple[int, ...]:
@@ -82,8 +88,10 @@ def probe_torch_blockwise(
         return (), "blockwise scaled_mm is a cuBLASLt (CUDA) feature"
     if version_tuple(torch.version.cuda) < MIN_CUDA:
         return (), f"CUDA {torch.version.cuda} < 12.9 (cuBLASLt blockwise FP8 scaling needs 12.9)"
-    if torch.cuda.get_device_capability(device) != (9, 0):
-        return (), "cuBLASLt blockwise FP8 scaling is used on SM90 only"
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability not in BLOCKWISE_CAPABILITIES:
+        return (), (f"torch {torch.__version__} runs blockwise scaled_mm on SM90 only (ScaledBlas.cpp refuses "
+                    f"sm_{capability[0]}{capability[1]}); the Triton kernel serves block scales")
     gen = torch.Generator(device=device).manual_seed(0)
     m, n, k = 96, 256, 512
     a = (torch.randn(m, k, device=device, generator=gen)).to(torch.float8_e4m3fn)
@@ -109,4 +117,4 @@ def probe_torch_blockwise(
     return tuple(usable), f"probed (torch {torch.__version__}, CUDA {torch.version.cuda}): " + "; ".join(notes)
 
 
-__all__ = ["MIN_CUDA", "blockwise_fits", "probe_torch_blockwise", "torch_blockwise_gemm", "version_tuple"]
+__all__ = ["BLOCKWISE_CAPABILITIES", "MIN_CUDA", "blockwise_fits", "probe_torch_blockwise", "torch_blockwise_gemm", "version_tuple"]

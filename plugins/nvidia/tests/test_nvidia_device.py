@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dshal.plugin import lookup_peaks
+from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
+from dshal.plugin import SHIPPED_TARGETS, lookup_peaks
 from dshal_nvidia import NVIDIA_PEAKS, NvidiaBackend
-from dshal_nvidia.backend import fp8_facts
+from dshal_nvidia.backend import TARGET_OF_CAPABILITY, fp8_facts, kernel_target_name
 from dshal_nvidia.topology import link_matrix
 
 ON_NVIDIA = torch.cuda.is_available() and torch.version.cuda is not None and torch.version.hip is None
@@ -17,24 +18,68 @@ needs_gpu = pytest.mark.skipif(not ON_NVIDIA, reason="needs an NVIDIA GPU with a
 
 @pytest.mark.parametrize(
     "capability, has_fp8, words",
-    [((9, 0), True, "Hopper paths"), ((8, 9), True, "no Hopper-only paths"), ((8, 0), False, "no FP8"), ((7, 0), False, "no FP8")],
+    [((9, 0), True, "Hopper paths"), ((8, 9), True, "no Hopper-only paths"), ((8, 0), False, "no FP8"), ((7, 0), False, "no FP8"),
+     ((10, 0), True, "tcgen05 tilings"), ((10, 3), True, "tcgen05 tilings"), ((12, 0), True, "mma.sync tilings"),
+     ((11, 0), True, "no tile table")],
 )
 def test_nvidia_fp8_by_compute_capability(capability, has_fp8, words):
     formats, note = fp8_facts(capability)
     assert bool(formats) is has_fp8 and words in note
     if has_fp8:
         assert formats == ("e4m3fn", "e5m2")
+    if capability != (9, 0):  # wgmma and cuBLASLt blockwise scaling are Hopper's alone
+        assert "wgmma" not in note and "cuBLASLt blockwise scaling)" not in note
+
+
+@pytest.mark.parametrize(
+    "capability, table",
+    [((8, 0), "generic"), ((8, 6), "generic"), ((8, 9), "nvidia-sm89"), ((9, 0), "nvidia-sm90"),
+     ((10, 0), "nvidia-sm100"), ((10, 3), "nvidia-sm100"), ((12, 0), "nvidia-sm120"), ((12, 1), "nvidia-sm120")],
+)
+def test_nvidia_capability_maps_to_its_tile_table_exactly(capability, table, caplog):
+    """B200 (10.0) and B300 (10.3) got Hopper's wgmma table, RTX PRO 6000 (12.0) too: every
+    capability >= 9.0 was mapped to it."""
+    with caplog.at_level("INFO", logger="dshal"):
+        assert kernel_target_name(capability) == table
+    assert not caplog.records  # a known part says nothing
+
+
+@pytest.mark.parametrize("capability", [(9, 1), (10, 1), (11, 0), (12, 7), (13, 0)])
+def test_nvidia_an_unknown_part_gets_the_generic_table_and_says_so_at_v(capability, caplog):
+    with caplog.at_level("INFO", logger="dshal"):
+        assert kernel_target_name(capability) == "generic"
+    (record,) = caplog.records
+    assert record.levelname == "INFO" and f"no Triton tile table for sm_{capability[0]}{capability[1]}" in record.getMessage()
+
+
+def test_nvidia_every_mapped_table_is_shipped_and_cross_compiled():
+    """Each table a part gets is a shipped one that `dshal kernels` checks on its arch (sm_89's
+    table predates the check: no sm_89 compile target)."""
+    compiled = {t.target_name for t in COMPILE_TARGETS.values()}
+    assert set(TARGET_OF_CAPABILITY.values()) <= set(SHIPPED_TARGETS)
+    assert set(TARGET_OF_CAPABILITY.values()) - compiled == {"nvidia-sm89"}
 
 
 @pytest.mark.parametrize(
     "name, bf16_tflops, bandwidth_tbs",
-    [("NVIDIA H200", 989.5, 4.8), ("NVIDIA H100 80GB HBM3", 989.5, 3.35), ("NVIDIA H100 PCIe", 756.5, 2.0), ("NVIDIA H200 NVL", 835.5, 4.8)],
+    [("NVIDIA H200", 989.5, 4.8), ("NVIDIA H100 80GB HBM3", 989.5, 3.35), ("NVIDIA H100 PCIe", 756.5, 2.0), ("NVIDIA H200 NVL", 835.5, 4.8),
+     # torch's names of the Blackwell parts
+     ("NVIDIA B200", 2250, 8.0), ("NVIDIA B300 SXM6 AC", 2250, 8.0), ("NVIDIA GB200", 2500, 8.0)],
 )
 def test_nvidia_peak_table_matches_the_most_specific_part(name, bf16_tflops, bandwidth_tbs):
     row = lookup_peaks(name, NVIDIA_PEAKS)
     assert row is not None and row.bf16_flops == bf16_tflops * 1e12 and row.bandwidth == bandwidth_tbs * 1e12
-    assert row.fp8_flops == pytest.approx(2 * row.bf16_flops, rel=1e-3) and "datasheet" in row.source
+    assert row.fp8_flops == pytest.approx(2 * row.bf16_flops, rel=1e-3)
+    assert "NVIDIA" in row.source and ("datasheet" in row.source or "specifications" in row.source)
     assert lookup_peaks("NVIDIA A100-SXM4-80GB", NVIDIA_PEAKS) is None  # unknown parts get no figures
+
+
+@pytest.mark.parametrize("name", ["NVIDIA GB300", "NVIDIA B300", "NVIDIA B200A", "NVIDIA RTX PRO 6000 Blackwell Workstation Edition",
+                                  "NVIDIA GeForce RTX 5090"])
+def test_nvidia_blackwell_parts_without_a_sourced_row_get_no_figures(name):
+    """No datasheet row for them (see plugins/nvidia/README.md): bench measures instead of
+    borrowing a neighbour's figures (a GB300 is not a GB200, a B200A not a B200)."""
+    assert lookup_peaks(name, NVIDIA_PEAKS) is None
 
 
 def test_nvidia_nvml_link_matrix_from_data():
