@@ -17,6 +17,7 @@ from comm_worker import COMM_ERROR_EXIT, arrive_together, expect_equal, expect_r
 import dshal
 from dshal import comm, ops
 from dshal.errors import CommError, ShapeError
+from dshal.kernels import cpu as cpu_kernels
 from dshal.model import DictReader, ModelArgs, build_model, decode, from_pretrained, tiny_args
 from dshal.model.checkpoint import random_checkpoint
 from dshal.model.loader import CheckpointReader
@@ -198,6 +199,34 @@ def trusted_steps_exchange_nothing(checks: dict, path: Path, groups: ParallelGro
     run_checks(checks, "trusted TP decode steps exchange no agreement records", check)
 
 
+#: The check name of :func:`ep_decode_rows_own_bits` (tests/test_parallel_model.py expects it).
+EP_DECODE_BITS = "EP=2 decode step: a row's logits alone and in a batch of 3, bit for bit"
+
+
+def ep_decode_rows_own_bits(checks: dict, reference, ckpt: dict, args: ModelArgs) -> None:
+    """README's batch invariance under --ep: with the C kernels, a float32 decode step of 3 rows
+    (each prefilled alone) gives row 0 its logits alone, bit for bit, though each rank's experts
+    see the other rank's slots as NO_EXPERT (skipped inside the C call, not regathered)."""
+    from test_model_batch_invariance import _rows_prefilled_alone  # lazy: a test helper, for this check only
+
+    def check() -> None:
+        model = expert_parallel(build_model(args, DictReader(ckpt)), None)
+        ids = prompt(args)[:, :6].repeat(2, 1)[:3]
+        with torch.inference_mode():
+            batch_cache, logits = _rows_prefilled_alone(model, ids, 2)
+            alone_cache, _ = _rows_prefilled_alone(model, ids[:1], 2)
+            token = logits.argmax(-1)
+            for step in range(2):
+                batched = model(token[:, None], 6 + step, batch_cache, last_only=True)[:, -1]
+                alone = model(token[:1, None], 6 + step, alone_cache, last_only=True)[:, -1]
+                if not torch.equal(batched[0], alone[0]):
+                    diff = float((batched[0] - alone[0]).abs().max())
+                    raise AssertionError(f"step {step}: row 0's logits differ by up to {diff:.3g} in a batch of 3")
+                token = batched.argmax(-1)
+
+    run_checks(checks, EP_DECODE_BITS, check)
+
+
 def models(rank: int, world: int, path: Path) -> dict[str, str]:
     checks: dict[str, str] = {}
     args = ModelArgs.from_file(path)
@@ -213,6 +242,8 @@ def models(rank: int, world: int, path: Path) -> dict[str, str]:
             from_checkpoint(checks, f"TP={tp} x EP={ep} from FP8 checkpoint", fp8_reference, fp8, groups_for(tp, ep))
         live(checks, "live tensor_parallel", reference, ckpt, args, [lambda m: tensor_parallel(m, None)])
         live(checks, "live expert_parallel", reference, ckpt, args, [lambda m: expert_parallel(m, None)])
+        if cpu_kernels.status().available:
+            ep_decode_rows_own_bits(checks, reference, ckpt, args)
         # o_proj's bias (row-parallel) is added once, after the all-reduce, not on every rank
         biased = tiny_args(attention_bias=True)
         biased_ckpt = random_checkpoint(biased, seed=6)

@@ -189,6 +189,42 @@ def test_moe_experts_tokens_of_a_decode_step_do_not_change_each_other():
             assert torch.equal(together[t : t + 1], alone), (tokens, t)
 
 
+@pytest.mark.skipif(not cpu_kernels.status().available, reason=f"dshal cpu C kernels unavailable here: {cpu_kernels.status().detail}")
+def test_moe_experts_decode_step_with_no_expert_slots_gives_each_token_its_own_bits():
+    """An expert-parallel rank's decode step (the slots other ranks serve are NO_EXPERT, their
+    weights NaN here): each token gets the bits it gets alone with the same slots dropped, a
+    token with every slot dropped gets zeros, and all match the reference. (Regathering the
+    kept slots and summing them in expert order made 3 tokens differ from themselves alone.)"""
+    from dshal.backends.cpu_native import FEW_FP8_TOKENS, FEW_TOKENS
+    from dshal.ops.moe import NO_EXPERT
+
+    dshal.use(backend="cpu")
+    gen = torch.Generator().manual_seed(14)
+    experts, hidden, inter, k = 8, 128, 64, 4
+    w13, w2 = torch.randn(experts, 2 * inter, hidden, generator=gen) / 8, torch.randn(experts, hidden, inter, generator=gen) / 8
+    quantize = SPECS["quantize_fp8"].reference_impl
+    q13, s13 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w13)))
+    q2, s2 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w2)))
+    fp8 = (q13, q2, s13, s2)
+    for tokens, dtype, experts_args in ((FEW_TOKENS, torch.float32, (w13, w2)), (3, torch.float32, (w13, w2)),
+                                        (FEW_FP8_TOKENS, torch.float32, fp8), (FEW_FP8_TOKENS, torch.bfloat16, fp8)):
+        x, weights = torch.randn(tokens, hidden, generator=gen).to(dtype), torch.rand(tokens, k, generator=gen)
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+        ids[:, 0] = 5  # an expert the tokens share
+        skipped = torch.rand(tokens, k, generator=gen) < 0.5  # half the slots: another rank's
+        skipped[-1] = True  # a token none of this rank's experts serves
+        ids, weights = ids.masked_fill(skipped, NO_EXPERT), weights.masked_fill(skipped, float("nan"))
+        together = ops.moe_experts(x, weights, ids, *experts_args)
+        _close(together, SPECS["moe_experts"].reference_impl(x, weights, ids, *experts_args))
+        assert not together[-1].any()
+        for t in range(tokens):
+            alone = ops.moe_experts(x[t : t + 1].clone(), weights[t : t + 1], ids[t : t + 1], *experts_args)
+            assert torch.equal(together[t : t + 1], alone), (tokens, dtype, t)
+            served = ~skipped[t]  # ... and the token with the dropped slots taken out of its routing
+            dropped = ops.moe_experts(x[t : t + 1].clone(), weights[t : t + 1, served], ids[t : t + 1, served], *experts_args)
+            assert torch.equal(alone, dropped), (tokens, dtype, t)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_linear_matches_the_reference(cpu, dtype):
     from dshal.backends.cpu_native import GEMV_MAX_K, GEMV_MAX_ROWS

@@ -318,6 +318,35 @@ def test_moe_tokens_fp8_matches_the_reference(fmt, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", FP8, ids=str)
+def test_moe_tokens_skip_no_expert_slots_as_the_reference_does(fmt):
+    """Slots marked NO_EXPERT (-1: another expert-parallel rank's) add nothing, whatever their
+    weight (NaN here): float32 and FP8 (float32 and bf16 activations) against the reference,
+    a token with every slot -1 gets zeros; ids below -1 are still refused."""
+    x, weights, ids, w13, w2 = _moe_inputs(4, experts=6, hidden=200, inter=72, k=3)
+    ids[:, 0] = 2  # an expert the tokens share
+    skipped = torch.tensor([[False, True, False], [True, False, True], [True, True, True], [False, True, True]])
+    ids, weights = ids.masked_fill(skipped, -1), weights.masked_fill(skipped, float("nan"))
+    reference = SPECS["moe_experts"].reference_impl
+    got = K.moe_tokens(x, weights, ids.to(torch.int32), w13, w2)
+    _assert_close(got, reference(x, weights, ids, w13, w2))
+    assert not got[2].any()
+    quantize = SPECS["quantize_fp8"].reference_impl
+    q13, s13 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128), fmt, None) for w in w13)))
+    q2, s2 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128), fmt, None) for w in w2)))
+    for dtype in (torch.float32, torch.bfloat16):
+        got = K.moe_tokens_fp8(x.to(dtype), weights, ids, q13, q2, s13, s2)
+        _assert_close(got.to(dtype), reference(x.to(dtype), weights, ids, q13, q2, s13, s2), 2e-6 if dtype == torch.float32 else 1e-2)
+        assert not got[2].any()
+    bad = ids.clone()
+    bad[1, 1] = -2
+    with pytest.raises(ShapeError, match="holds expert id -2 \\(slot 4\\), expected ids in \\[0, 6\\) or -1 \\(NO_EXPERT\\)"):
+        K.moe_tokens(x, weights, bad, w13, w2)
+    with pytest.raises(ShapeError, match="holds expert id -2 \\(slot 4\\)"):
+        K.moe_tokens_fp8(x, weights, bad, q13, q2, s13, s2)
+
+
+@needs_kernels
 def test_fp8_block_gemm_reads_strided_scales_it_was_given():
     """A transposed-then-transposed-back (non-contiguous) weight scale gives the same result:
     its contiguous copy was a temporary freed before the C kernel read it (errors of ~4e19)."""

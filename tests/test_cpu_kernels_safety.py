@@ -151,8 +151,12 @@ K.gemv(r(2, 4), r(0, 4))
 for hidden, inter, top in ((16, 8, 2), (40, 33, 3), (0, 4, 2), (16, 0, 1), (16, 8, 0)):  # 40, 33: lanes and tails
     for tokens in (1, 4):
         ids = torch.randint(0, 3, (tokens, top), generator=g)
-        K.moe_tokens(r(tokens, hidden), torch.rand(tokens, top), ids, r(3, 2 * inter, hidden), r(3, hidden, inter))
+        # every slot served, some NO_EXPERT (-1: never written, never read), every one -1
+        for skip in (0.0, 0.5, 1.0):
+            ids = ids.masked_fill(torch.rand(tokens, top, generator=g) < skip, -1)
+            K.moe_tokens(r(tokens, hidden), torch.rand(tokens, top), ids, r(3, 2 * inter, hidden), r(3, hidden, inter))
 refused(lambda: K.moe_tokens(r(2, 4), torch.rand(2, 1), torch.tensor([[0], [3]]), r(3, 2, 4), r(3, 4, 1)))
+refused(lambda: K.moe_tokens(r(2, 4), torch.rand(2, 1), torch.tensor([[-1], [-2]]), r(3, 2, 4), r(3, 4, 1)))
 for shape in ((0, 8), (3, 0), (2, 3, 37)):
     K.rms_norm(r(*shape), r(shape[-1]), 1e-6)
     K.rms_norm(r(*shape), r(shape[-1]), 1e-6, r(*shape))
@@ -193,10 +197,13 @@ for fmt in ("e4m3", "e4m3fnuz"):
         q13, s13 = zip(*(quantize(t, (128, 128), fmt, None) for t in r(3, 2 * inter, hidden)))
         q2, s2 = zip(*(quantize(t, (128, 128), fmt, None) for t in r(3, hidden, inter)))
         for dtype in (torch.float32, torch.bfloat16):
-            # runs of 1, 2 and 4 slots (an expert repeated within a token too)
-            for ids in (torch.tensor([[2, 0]]), torch.tensor([[2, 0], [0, 1], [1, 2]]), torch.tensor([[1, 1], [1, 1]])):
+            # runs of 1, 2 and 4 slots (an expert repeated within a token too), NO_EXPERT slots
+            for ids in (torch.tensor([[2, 0]]), torch.tensor([[2, 0], [0, 1], [1, 2]]), torch.tensor([[1, 1], [1, 1]]),
+                        torch.tensor([[-1, 0], [0, -1], [-1, -1]]), torch.tensor([[-1, -1]])):
                 K.moe_tokens_fp8(r(ids.shape[0], hidden).to(dtype), torch.rand(*ids.shape), ids,
                                  torch.stack(q13), torch.stack(q2), torch.stack(s13), torch.stack(s2))
+        refused(lambda: K.moe_tokens_fp8(r(1, hidden), torch.rand(1, 2), torch.tensor([[-2, 0]]), torch.stack(q13),
+                                         torch.stack(q2), torch.stack(s13), torch.stack(s2)))
     fp8 = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e4m3fnuz
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         K.fp8_fake_quant_rows(r(3, 600)[:, 100:400].to(dtype), fp8)

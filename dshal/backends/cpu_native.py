@@ -451,18 +451,13 @@ FEW_TOKENS = 8
 FEW_FP8_TOKENS = 2
 
 
-def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
-    """Routed SwiGLU experts with the per-expert Python work taken out of the token loop.
-
-    With the C kernels built: the tokens of a decode step (up to :data:`FEW_TOKENS` float32
-    tokens, :data:`FEW_FP8_TOKENS` with FP8 block-scaled experts and float32/bf16 activations)
-    are one C call for all their experts, each token's result independent of the others'; more
-    float32 tokens are grouped by expert in C (counting sort + row gather), run as one
-    ``torch._grouped_mm`` per projection, and summed back per token in C. Everything else: :func:`moe_experts_torch`.
-    Slots marked ``NO_EXPERT`` are dropped first (reading ids costs nothing on the CPU).
-    """
-    if ids.numel() and bool((ids == NO_EXPERT).any()):
-        return moe_experts_on_kept_slots(moe_experts, x, weights, ids, w13, w2, w13_scale, w2_scale)
+def _decode_step_kernel(x, ids, w13, w2, w13_scale, w2_scale):  # noqa: ANN001, ANN202
+    """The C kernel that runs these experts as one call for all tokens (a decode step), or None:
+    up to :data:`FEW_FP8_TOKENS` tokens of float32/bf16 activations with E4M3 block-scaled
+    experts, or up to :data:`FEW_TOKENS` float32 tokens with float32 experts. Both take
+    ``NO_EXPERT`` slots themselves."""
+    if not 0 < ids.shape[0] or cpu_kernels.library() is None or not (w13.is_contiguous() and w2.is_contiguous()):
+        return None
     if (
         ids.shape[0] <= FEW_FP8_TOKENS
         and x.dtype in (torch.float32, torch.bfloat16)
@@ -471,12 +466,37 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         and w13_scale is not None
         and w2_scale is not None
         and w13_scale.dtype == w2_scale.dtype == torch.float32
-        and w13.is_contiguous()
-        and w2.is_contiguous()
-        and cpu_kernels.library() is not None
-    ):  # a decode step of FP8 experts (DeepSeek-V3's format): one C call
+    ):  # a decode step of FP8 experts (DeepSeek-V3's format)
+        return cpu_kernels.moe_tokens_fp8
+    if (
+        ids.shape[0] <= FEW_TOKENS
+        and w13_scale is None
+        and w2_scale is None
+        and x.dtype == w13.dtype == w2.dtype == torch.float32
+    ):
+        return cpu_kernels.moe_tokens
+    return None
+
+
+def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
+    """Routed SwiGLU experts with the per-expert Python work taken out of the token loop.
+
+    With the C kernels built: the tokens of a decode step (up to :data:`FEW_TOKENS` float32
+    tokens, :data:`FEW_FP8_TOKENS` with FP8 block-scaled experts and float32/bf16 activations)
+    are one C call for all their experts, each token's result independent of the others', slots
+    marked ``NO_EXPERT`` (an expert-parallel rank's share) skipped inside the call; more
+    float32 tokens are grouped by expert in C (counting sort + row gather), run as one
+    ``torch._grouped_mm`` per projection, and summed back per token in C. Everything else: :func:`moe_experts_torch`.
+    Off the decode-step kernels, slots marked ``NO_EXPERT`` are dropped first (reading ids costs
+    nothing on the CPU).
+    """
+    decode_step = _decode_step_kernel(x, ids, w13, w2, w13_scale, w2_scale)
+    if decode_step is not None:
+        scales = () if w13_scale is None else (w13_scale, w2_scale)
         with _op_id_errors(ids, w13.shape[0]):
-            return _as(cpu_kernels.moe_tokens_fp8(x, weights, ids, w13, w2, w13_scale, w2_scale), x.dtype)
+            return _as(decode_step(x, weights, ids, w13, w2, *scales), x.dtype)
+    if ids.numel() and bool((ids == NO_EXPERT).any()):
+        return moe_experts_on_kept_slots(moe_experts, x, weights, ids, w13, w2, w13_scale, w2_scale)
     if (
         ids.shape[0] > 1
         and x.dtype in (torch.float32, torch.bfloat16)
@@ -495,9 +515,6 @@ def moe_experts(x, weights, ids, w13, w2, w13_scale=None, w2_scale=None):
         and cpu_kernels.library() is not None
     ):
         experts = w13.shape[0]
-        if ids.shape[0] <= FEW_TOKENS and w13.is_contiguous() and w2.is_contiguous():
-            with _op_id_errors(ids, experts):
-                return cpu_kernels.moe_tokens(x, weights, ids, w13, w2)
         if ids.shape[0] > 1 and _grouped_mm_takes(x.dtype, w13.shape[2], w2.shape[2], w13, w2):
             with _op_id_errors(ids, experts):
                 xs, order, ends = cpu_kernels.moe_group(x, ids, experts)

@@ -109,11 +109,12 @@ def _check_routing(kernel: str, weights: torch.Tensor, ids: torch.Tensor) -> Non
         )
 
 
-def _raise_bad_id(kernel: str, ids: torch.Tensor, slot: int, experts: int) -> None:
-    """The error for the id a kernel found outside ``[0, experts)`` at flat ``slot``."""
+def _raise_bad_id(kernel: str, ids: torch.Tensor, slot: int, experts: int, no_expert: bool = False) -> None:
+    """The error for the id a kernel found outside ``[0, experts)`` at flat ``slot`` (and not
+    ``NO_EXPERT`` where the kernel takes it: ``no_expert``)."""
     raise ShapeError(
         f"{kernel}: argument 'ids' holds expert id {int(ids.reshape(-1)[slot])} (slot {slot}), "
-        f"expected ids in [0, {experts})"
+        f"expected ids in [0, {experts})" + (" or -1 (NO_EXPERT)" if no_expert else "")
     )
 
 
@@ -151,12 +152,14 @@ def moe_tokens(
     ``out[t] = sum_s weights[t, s] * w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t]))``,
     ``e = ids[t, s]``, summed in float32 in slot order. Each expert's weights are read once
     for all the tokens routed to it, and a token's result depends on its own row and routing
-    only, bit for bit (not on the other tokens of the call).
+    only, bit for bit (not on the other tokens of the call). A slot whose id is ``NO_EXPERT``
+    (-1: served by another expert-parallel rank) adds nothing, whatever its weight (NaN too):
+    the token gets what it gets alone with that slot dropped.
 
     ``x [T, H]`` float32 (``T >= 1``); ``weights [T, k]`` float (read as float32); ``ids [T, k]``
-    int64/int32 in ``[0, E)``; ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` float32 contiguous;
-    all on the CPU. Returns a new ``[T, H]`` float32 tensor. An id outside ``[0, E)`` raises
-    ShapeError (checked before any weight is read)."""
+    int64/int32 in ``[0, E)`` or -1; ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` float32 contiguous;
+    all on the CPU. Returns a new ``[T, H]`` float32 tensor (a token with every slot -1: zeros).
+    Any other id raises ShapeError (checked before any weight is read)."""
     kernel = "cpu_kernels.moe_tokens"
     lib = require_library()
     _check_f32_cpu(kernel, "x", x)
@@ -184,7 +187,7 @@ def moe_tokens(
         inter, counts_order.data_ptr(), counts_order.data_ptr() + experts * 8, scratch.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     if bad:
-        _raise_bad_id(kernel, ids, bad - 1, experts)
+        _raise_bad_id(kernel, ids, bad - 1, experts, no_expert=True)
     return out
 
 
@@ -500,13 +503,14 @@ def moe_tokens_fp8(
     format; with a bf16 ``x`` the gate/up outputs, the SwiGLU product and each expert's
     output are rounded to bf16 where the op rounds them to ``x``'s dtype; the weighted sum
     is float32, in slot order. As :func:`moe_tokens`: each expert's weights are read once for
-    all its tokens, and a token's result depends on its own row and routing only, bit for bit.
+    all its tokens, a token's result depends on its own row and routing only, bit for bit, and
+    a ``NO_EXPERT`` (-1) slot adds nothing.
 
     ``x [T, H]`` float32 or bfloat16 (``T >= 1``); ``weights [T, k]`` float; ``ids [T, k]``
-    int64/int32; ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` E4M3 (one format) contiguous with float32
+    int64/int32 in ``[0, E)`` or -1; ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` E4M3 (one format) contiguous with float32
     block scales ``w13_scale [E, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E, ceil(H/128),
-    ceil(I/128)]``; all on the CPU. Returns a new ``[T, H]`` float32 tensor. An id outside
-    ``[0, E)`` raises ShapeError."""
+    ceil(I/128)]``; all on the CPU. Returns a new ``[T, H]`` float32 tensor. Any other id
+    raises ShapeError."""
     kernel = "cpu_kernels.moe_tokens_fp8"
     lib = require_library()
     _check_block_scaled(kernel, "w13", w13, "w13_scale", w13_scale, 3)
@@ -543,7 +547,7 @@ def moe_tokens_fp8(
         counts_order.data_ptr(), counts_order.data_ptr() + experts * 8, scratch.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     if bad:
-        _raise_bad_id(kernel, ids, bad - 1, experts)
+        _raise_bad_id(kernel, ids, bad - 1, experts, no_expert=True)
     return out
 
 

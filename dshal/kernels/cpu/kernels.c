@@ -24,6 +24,8 @@
 /* Independent partial sums per dot product: wide enough for two AVX-512 or four AVX2
  * FMA chains, so a hot (cached) row is not latency-bound. */
 #define LANES 32
+/* An expert id that no expert of the call serves (dshal.ops.moe.NO_EXPERT): the slot adds nothing. */
+#define NO_EXPERT (-1)
 
 static float dot(const float *restrict a, const float *restrict b, int64_t n)
 {
@@ -84,24 +86,31 @@ void dshal_gemv_f32(const float *w, const float *x, const float *bias, float *y,
 }
 
 /* The slots (slot t * top_k + s is token t's s-th expert ids[slot]) sorted by expert, stably
- * (counting sort) into order; counts holds `experts` int64. Returns 0, or 1 + the first slot
- * whose id is outside [0, experts) (order unset). */
-static int64_t slots_by_expert(const int64_t *ids, int64_t slots, int64_t experts, int64_t *counts, int64_t *order)
+ * (counting sort) into order; a slot whose id is NO_EXPERT (-1: served elsewhere, an expert-
+ * parallel rank's share) is left out, and *kept counts the others (order's valid length).
+ * counts holds `experts` int64. Returns 0, or 1 + the first slot whose id is neither -1 nor
+ * in [0, experts) (order and *kept unset). */
+static int64_t slots_by_expert(const int64_t *ids, int64_t slots, int64_t experts, int64_t *counts, int64_t *order,
+                               int64_t *kept)
 {
     for (int64_t j = 0; j < slots; j++)
-        if (ids[j] < 0 || ids[j] >= experts)
+        if (ids[j] < NO_EXPERT || ids[j] >= experts)
             return j + 1;
     for (int64_t e = 0; e < experts; e++)
         counts[e] = 0;
     for (int64_t j = 0; j < slots; j++)
-        counts[ids[j]]++;
-    for (int64_t e = 0, start = 0; e < experts; e++) { /* counts becomes each expert's next free position */
+        if (ids[j] != NO_EXPERT)
+            counts[ids[j]]++;
+    int64_t start = 0;
+    for (int64_t e = 0; e < experts; e++) { /* counts becomes each expert's next free position */
         const int64_t n = counts[e];
         counts[e] = start;
         start += n;
     }
     for (int64_t j = 0; j < slots; j++)
-        order[counts[ids[j]]++] = j;
+        if (ids[j] != NO_EXPERT)
+            order[counts[ids[j]]++] = j;
+    *kept = start;
     return 0;
 }
 
@@ -115,15 +124,19 @@ static int64_t expert_run_end(const int64_t *ids, const int64_t *order, int64_t 
 }
 
 /* out[t] = sum over s in slot order of gate_weights[t, s] * y[t * top_k + s], for y
- * [tokens * top_k, hidden] (each slot's expert output) and out [tokens, hidden]. */
-static void weighted_sum_per_token(const float *y, const float *gate_weights, int64_t tokens, int64_t top_k,
-                                   int64_t hidden, float *out)
+ * [tokens * top_k, hidden] (each slot's expert output) and out [tokens, hidden]. A NO_EXPERT
+ * slot is skipped: neither its y row (never written) nor its weight (NaN, say) is read, so a
+ * token's sum is the one its served slots alone give. */
+static void weighted_sum_per_token(const float *y, const float *gate_weights, const int64_t *ids, int64_t tokens,
+                                   int64_t top_k, int64_t hidden, float *out)
 {
     for (int64_t t = 0; t < tokens; t++) {
         float *o = out + t * hidden;
         for (int64_t r = 0; r < hidden; r++)
             o[r] = 0.0f;
         for (int64_t s = 0; s < top_k; s++) {
+            if (ids[t * top_k + s] == NO_EXPERT)
+                continue;
             const float weight = gate_weights[t * top_k + s];
             const float *ys = y + (t * top_k + s) * hidden;
             for (int64_t r = 0; r < hidden; r++)
@@ -139,22 +152,25 @@ static void weighted_sum_per_token(const float *y, const float *gate_weights, in
  * expert's weights are read once for every token routed to it, row after row, each row
  * serving all of them while it is in L1. Every value of token t comes from x[t] and its own
  * routing alone, through the same dot products in the same order whatever the other
- * tokens: a token's result does not depend on the batch it is in (bitwise).
+ * tokens: a token's result does not depend on the batch it is in (bitwise). A slot whose id
+ * is NO_EXPERT (-1) adds nothing to its token (an expert-parallel rank's share of the slots):
+ * a token's result is then the one it gets alone with the same slots dropped.
  * x [tokens, hidden]; w13 [experts, 2 * inter, hidden], w2 [experts, hidden, inter];
  * ids, gate_weights [tokens, top_k]; counts: experts int64; order: tokens * top_k int64;
  * scratch: tokens * top_k * (2 * inter + hidden) floats; out [tokens, hidden].
- * Returns 0, or 1 + the first slot whose id is outside [0, experts) (out is then unset). */
+ * Returns 0, or 1 + the first slot whose id is neither -1 nor in [0, experts) (out is then unset). */
 int64_t dshal_moe_tokens_f32(const float *x, const float *w13, const float *w2, const int64_t *ids,
                              const float *gate_weights, int64_t tokens, int64_t top_k, int64_t experts, int64_t hidden,
                              int64_t inter, int64_t *counts, int64_t *order, float *scratch, float *out)
 {
     const int64_t slots = tokens * top_k;
-    const int64_t bad = slots_by_expert(ids, slots, experts, counts, order);
+    int64_t kept;
+    const int64_t bad = slots_by_expert(ids, slots, experts, counts, order, &kept);
     if (bad)
         return bad;
     float *h = scratch, *y = scratch + slots * 2 * inter; /* per slot: [2 * inter] then [hidden] */
-    for (int64_t first = 0, last; first < slots; first = last) { /* one run of slots per expert */
-        last = expert_run_end(ids, order, first, slots);
+    for (int64_t first = 0, last; first < kept; first = last) { /* one run of slots per expert */
+        last = expert_run_end(ids, order, first, kept);
         const int64_t e = ids[order[first]];
         const float *up = w13 + e * 2 * inter * hidden;
         for (int64_t r = 0; r < 2 * inter; r++) {
@@ -182,7 +198,7 @@ int64_t dshal_moe_tokens_f32(const float *x, const float *w13, const float *w2, 
                 y[order[j] * hidden + r] = dot(down + r * inter, h + order[j] * 2 * inter, inter);
         }
     }
-    weighted_sum_per_token(y, gate_weights, tokens, top_k, hidden, out);
+    weighted_sum_per_token(y, gate_weights, ids, tokens, top_k, hidden, out);
     return 0;
 }
 
@@ -588,18 +604,20 @@ static void fp8_block_rows(const uint8_t *w, const float *rs, int64_t k, const f
  * weighted y summed in float32 in slot order. With bf16, h, the SwiGLU product and y are
  * rounded to bfloat16 where the op rounds them to the activation dtype. As
  * dshal_moe_tokens_f32: each expert's weight rows are read (and decoded) once for every
- * token routed to it, and a token's result depends on its own row and routing only.
+ * token routed to it, and a token's result depends on its own row and routing only; a
+ * NO_EXPERT (-1) slot adds nothing.
  * w13 [E, 2I, H] and w2 [E, H, I] are FP8 bytes; s13 [E, ceil(2I/128), ceil(H/128)],
  * s2 [E, ceil(H/128), ceil(I/128)]; counts: E int64; order: T * top_k int64; scratch:
  * T * (H + ceil(H/128)) + T * top_k * (3I + ceil(I/128) + H) + 128 floats.
- * Returns 0, or 1 + the first slot whose id is outside [0, experts) (out unset). */
+ * Returns 0, or 1 + the first slot whose id is neither -1 nor in [0, experts) (out unset). */
 int64_t dshal_moe_tokens_fp8(const float *x, const uint8_t *w13, const uint8_t *w2, const float *s13, const float *s2,
                              const int64_t *ids, const float *gate_weights, int64_t tokens, int64_t top_k,
                              int64_t experts, int64_t hidden, int64_t inter, int64_t fnuz, int64_t bf16,
                              int64_t *counts, int64_t *order, float *scratch, float *out)
 {
     const int64_t slots = tokens * top_k;
-    const int64_t bad = slots_by_expert(ids, slots, experts, counts, order);
+    int64_t kept;
+    const int64_t bad = slots_by_expert(ids, slots, experts, counts, order, &kept);
     if (bad)
         return bad;
     const Fp8Format fmt = fnuz ? (Fp8Format){8, 240.0f, 1} : (Fp8Format){7, 448.0f, 0};
@@ -612,8 +630,8 @@ int64_t dshal_moe_tokens_fp8(const float *x, const uint8_t *w13, const uint8_t *
     fp8_table(&fmt, table);
     for (int64_t t = 0; t < tokens; t++)
         fp8_quantize_row(x + t * hidden, hidden, 128, &fmt, xq + t * hidden, xs + t * hb);
-    for (int64_t first = 0, last; first < slots; first = last) {
-        last = expert_run_end(ids, order, first, slots);
+    for (int64_t first = 0, last; first < kept; first = last) {
+        last = expert_run_end(ids, order, first, kept);
         const int64_t e = ids[order[first]];
         const uint8_t *up = w13 + e * 2 * inter * hidden;
         for (int64_t r = 0; r < 2 * inter; r++)
@@ -637,9 +655,10 @@ int64_t dshal_moe_tokens_fp8(const float *x, const uint8_t *w13, const uint8_t *
             fp8_block_rows(down + r * inter, s2 + e * hb * ib + (r / 128) * ib, inter, aq, inter, as, ib, order + first,
                            last - first, 1, table, decoded, y + r, hidden);
     }
-    for (int64_t i = 0; bf16 && i < slots * hidden; i++) /* each expert's output in the activation dtype */
-        y[i] = round_bf16(y[i]);
-    weighted_sum_per_token(y, gate_weights, tokens, top_k, hidden, out);
+    for (int64_t j = 0; bf16 && j < kept; j++) /* each expert's output in the activation dtype (served slots) */
+        for (int64_t r = 0; r < hidden; r++)
+            y[order[j] * hidden + r] = round_bf16(y[order[j] * hidden + r]);
+    weighted_sum_per_token(y, gate_weights, ids, tokens, top_k, hidden, out);
     return 0;
 }
 
