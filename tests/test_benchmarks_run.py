@@ -27,6 +27,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("quantize_on_load_memory.py", ["--experts", "2", "--rows", "128", "--cols", "128"], "int8"),
         ("startup.py", ["--repeat", "1", "--quick"], "| dshal --help |"),
         ("moe_decode_tokens.py", ["--shapes", "8,128,64,2", "--tokens", "1,3", "--rounds", "1"], "| 8, 128, 64, 2 | 3 |"),
+        ("moe_decode_tokens.py", ["--shapes", "8,128,64,2", "--tokens", "2", "--rounds", "1", "--ep"], "| 8, 128, 64, 2 | 2 |"),
         ("batch_invariance.py", ["--variants", "cpu", "--dtypes", "float32", "--prompt-len", "4", "--new-tokens", "1",
                                  "--chunks", "3", "--layers", "2"], "| cpu | float32 | static step: 1 decode steps |"),
     ],
