@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ import dshal  # noqa: E402
 from dshal.errors import DeviceError, DTypeError, ShapeError  # noqa: E402
 from dshal.kernels.triton import moe  # noqa: E402
 from dshal.kernels.triton.moe import grouped_moe_experts  # noqa: E402
-from dshal.kernels.triton.target import KernelTarget  # noqa: E402
+from dshal.kernels.triton.target import KernelTarget, TileConfig  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
 
 pytestmark = pytest.mark.needs_interpreter  # Triton kernels on CPU tensors: see the root conftest.py
@@ -73,6 +75,28 @@ def test_moe_fp8_block_weights_match_reference(fmt, target):
     torch.testing.assert_close(out, want, rtol=0, atol=0.05 * want.abs().max().item())
     exact_weights = grouped_moe_experts(x, weights, ids, w13, w2).double()  # two FP8 GEMMs in series: ~0.2 %
     assert 1 - 2 * (out * exact_weights).sum() / (out.square() + exact_weights.square()).sum() < 1e-2
+
+
+@pytest.mark.parametrize("hidden, inter, block_n", [(300, 300, 64), (300, 192, 64), (300, 192, 256)],
+                         ids=["up-half-mid-block", "up-half-on-a-tile-boundary", "wider-than-a-scale-block"])
+def test_moe_fp8_weight_scales_per_expert_and_block_whatever_the_tile(hidden, inter, block_n):
+    """Tiles up to 128 columns wide read one weight scale per K step where their stored columns
+    share a 128-row scale block: the down and gate tiles always; the up tiles (rows I + n) when
+    I is a multiple of the tile width, else one scale per column, as tiles wider than 128 do.
+    Every (expert, row block, column block) gets its own power-of-two factor, so a tile
+    reading a neighbour's or another expert's scale is off by 2x or more. H = 300 ends mid-block
+    and mid-tile; I = 300 starts the up half mid-block; I = 192 starts it on a tile boundary
+    but mid-block (row 192 is in block 1, not I // 128 + n // 128)."""
+    x, weights, ids, w13, w2 = problem(tokens=3, hidden=hidden, inter=inter, experts=2, dtype=torch.float32)
+    q13, s13 = ref.quantize_fp8(w13, (128, 128), "e4m3fn")
+    q2, s2 = ref.quantize_fp8(w2, (128, 128), "e4m3fn")
+    s13 = s13 * 2.0 ** (torch.arange(s13.numel()).reshape(s13.shape) % 5 - 2)
+    s2 = s2 * 2.0 ** (torch.arange(s2.numel()).reshape(s2.shape) % 7 - 3)
+    target = dataclasses.replace(KernelTarget.interpreter(), moe_tile=TileConfig(16, block_n, num_stages=1))
+    out = grouped_moe_experts(x, weights, ids, q13, q2, s13, s2, target=target).double()
+    want = ref.moe_experts(x, weights, ids, q13, q2, s13, s2).double()
+    assert 1 - 2 * (out * want).sum() / (out.square() + want.square()).sum() < 1e-5
+    torch.testing.assert_close(out, want, rtol=0, atol=0.01 * want.abs().max().item())
 
 
 def test_moe_is_one_launch_per_gemm(monkeypatch):

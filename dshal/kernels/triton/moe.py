@@ -71,15 +71,20 @@ def _quantize_rows(a, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: t
 
 
 @triton.jit
-def _fp8_scaled_dot(acc, qa, a_scale, w_ptrs, k_ok, w_scale, DOT_FP8: tl.constexpr):
+def _fp8_scaled_dot(acc, qa, a_scale, w_ptrs, k_ok, w_scale, DOT_FP8: tl.constexpr, ONE_W_SCALE: tl.constexpr):
     """``acc + qa @ w * scales`` for one 128-wide K block: ``qa`` from :func:`_quantize_rows`,
-    ``w [128, BLOCK_N]`` an FP8 weight tile with one scale per column (its 128x128 block's)."""
+    ``w [128, BLOCK_N]`` an FP8 weight tile; ``w_scale`` its columns' scales (their 128x128
+    blocks'), or with ONE_W_SCALE the one scale all its stored columns share."""
     w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
     if DOT_FP8:
         part = tl.dot(qa.to(w.dtype), w)
     else:  # exact: FP8 values are float16 values
         part = tl.dot(qa.to(tl.float16), w.to(tl.float16))
-    return acc + part * (a_scale[:, None] * w_scale[None, :])  # scales first: part * a_scale alone can overflow
+    # scales first: part * a_scale alone can overflow
+    if ONE_W_SCALE:  # a [BLOCK_M] scale vector, not [BLOCK_M, BLOCK_N] in registers: same products
+        return acc + part * (a_scale * w_scale)[:, None]
+    else:
+        return acc + part * (a_scale[:, None] * w_scale[None, :])
 
 
 @triton.jit
@@ -105,12 +110,17 @@ def _moe_gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_FP8: tl.constexpr,
     FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr, NO_NEG_ZERO: tl.constexpr,
+    UP_ONE_SCALE: tl.constexpr,
 ):  # fmt: skip
-    # With FP8 weights BLOCK_K is 128: one activation/weight scale block per K step.
+    # With FP8 weights BLOCK_K is 128: one activation/weight scale block per K step. A tile
+    # of BLOCK_N <= 128 columns (a power of two) starting at a multiple of BLOCK_N lies in one
+    # 128-row weight scale block: so do its stored gate rows (offs_n < INTER), and its up rows
+    # INTER + offs_n when INTER is a multiple of BLOCK_N (UP_ONE_SCALE); else one scale per column.
     expert, rows, row_ok = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, E, BLOCK_M)
     if expert < E:
         tokens = tl.load(token_of_row_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = tl.program_id(1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         gate_rows = offs_n % INTER  # wrapped columns are computed but never stored
         up_rows = gate_rows + INTER
         offs_k = tl.arange(0, BLOCK_K)
@@ -126,11 +136,17 @@ def _moe_gate_up_kernel(
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if W_FP8:
                 s_k = s_base + (k0 // BLOCK_K) * stride_sk
-                g_scale = tl.load(s_k + (gate_rows // BLOCK_K) * stride_sn)
-                u_scale = tl.load(s_k + (up_rows // BLOCK_K) * stride_sn)
+                if BLOCK_N <= BLOCK_K:
+                    g_scale = tl.load(s_k + (n0 // BLOCK_K) * stride_sn)
+                else:
+                    g_scale = tl.load(s_k + (gate_rows // BLOCK_K) * stride_sn)
+                if UP_ONE_SCALE:
+                    u_scale = tl.load(s_k + ((INTER + n0) // BLOCK_K) * stride_sn)
+                else:
+                    u_scale = tl.load(s_k + (up_rows // BLOCK_K) * stride_sn)
                 qa, a_scale = _quantize_rows(a, FP8_MAX, MANT_BITS, MIN_EXP, NO_NEG_ZERO)  # once for both halves
-                acc_g = _fp8_scaled_dot(acc_g, qa, a_scale, g_ptrs, k_ok, g_scale, DOT_FP8)
-                acc_u = _fp8_scaled_dot(acc_u, qa, a_scale, u_ptrs, k_ok, u_scale, DOT_FP8)
+                acc_g = _fp8_scaled_dot(acc_g, qa, a_scale, g_ptrs, k_ok, g_scale, DOT_FP8, BLOCK_N <= BLOCK_K)
+                acc_u = _fp8_scaled_dot(acc_u, qa, a_scale, u_ptrs, k_ok, u_scale, DOT_FP8, UP_ONE_SCALE)
             else:
                 acc_g = _dot(acc_g, a, tl.load(g_ptrs, mask=k_ok[:, None], other=0.0), DOT_DTYPE)
                 acc_u = _dot(acc_u, a, tl.load(u_ptrs, mask=k_ok[:, None], other=0.0), DOT_DTYPE)
@@ -160,7 +176,8 @@ def _moe_down_kernel(
 ):  # fmt: skip
     expert, rows, row_ok = _tile_rows(tile_expert_ptr, tile_row_ptr, expert_end_ptr, E, BLOCK_M)
     if expert < E:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = tl.program_id(1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         w_rows = offs_n % H
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = act_ptr + rows[:, None].to(tl.int64) * INTER + offs_k[None, :]
@@ -172,9 +189,13 @@ def _moe_down_kernel(
             k_ok = offs_k + k0 < INTER
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if W_FP8:
-                w_scale = tl.load(s_base + (k0 // BLOCK_K) * stride_sk + (w_rows // BLOCK_K) * stride_sn)
+                s_k = s_base + (k0 // BLOCK_K) * stride_sk
+                if BLOCK_N <= BLOCK_K:  # the tile's stored rows (offs_n < H) lie in one scale block
+                    w_scale = tl.load(s_k + (n0 // BLOCK_K) * stride_sn)
+                else:
+                    w_scale = tl.load(s_k + (w_rows // BLOCK_K) * stride_sn)
                 qa, a_scale = _quantize_rows(a, FP8_MAX, MANT_BITS, MIN_EXP, NO_NEG_ZERO)
-                acc = _fp8_scaled_dot(acc, qa, a_scale, w_ptrs, k_ok, w_scale, DOT_FP8)
+                acc = _fp8_scaled_dot(acc, qa, a_scale, w_ptrs, k_ok, w_scale, DOT_FP8, BLOCK_N <= BLOCK_K)
             else:
                 acc = _dot(acc, a, tl.load(w_ptrs, mask=k_ok[:, None], other=0.0), DOT_DTYPE)
             a_ptrs += BLOCK_K
@@ -365,6 +386,7 @@ def grouped_moe_experts(
         *w13.stride(),
         *s13.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_DTYPE=dot_dtype, **weight_meta(w13, w13_fp8),
+        UP_ONE_SCALE=w13_fp8 and block_n <= SCALE_BLOCK and inter % block_n == 0,
         num_warps=warps, num_stages=stages, **extra,
     )  # fmt: skip
 
