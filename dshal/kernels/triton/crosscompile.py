@@ -50,13 +50,13 @@ from dshal import errors
 from dshal.backend import host_usable_cpus
 from dshal.cache import make_private_dir
 from dshal.config import cache_dir
-from dshal.errors import ArgumentError, ConfigError, DshalError
+from dshal.errors import ArgumentError, BackendUnavailableError, ConfigError, DshalError
 from dshal.kernels.triton import require_triton
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import E4M3_DTYPES, KernelTarget, TileConfig, shipped_target
 from dshal.lifetime import child_env, child_python, cleanup_on_termination, dies_with_parent, exit_with_parent
 from dshal.outputs import atomic_write, check_writable
-from dshal.versions import installed
+from dshal.versions import installed, triton_arch_refusal, triton_arch_shortfall
 
 #: Bumped whenever what a compile is read for changes (the ptxas / AMDGCN patterns, the facts
 #: kept): a cached result of the earlier reading is then compiled and read again.
@@ -517,6 +517,16 @@ def cross_compile(
 
 
 # ---------------------------------------------------------------- the command
+def refuse_unbuildable(archs: Sequence[str], triton_version: str | None) -> None:
+    """BackendUnavailableError naming the first of ``archs`` that Triton ``triton_version``
+    cannot compile for at all (:data:`dshal.versions.ARCH_FLOORS`), before minutes of compile
+    errors from ptxas; an arch it only builds slower kernels for compiles (the rows say how)."""
+    for arch in archs:
+        floor = triton_arch_shortfall(triton_version, arch)
+        if floor is not None and not floor.compiles:
+            raise BackendUnavailableError(f"dshal kernels: --target {arch}: {triton_arch_refusal(triton_version, arch)}")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = ("kernel", "config", "lowered", "smem KB/limit", "regs", "spills", "stages", "async/LDS", "tensor core", "status")
     lines = []
@@ -554,6 +564,7 @@ def main(args: argparse.Namespace) -> int:
     not fit, spills without a reason in the table, lacks its tensor-core instruction)."""
     targets = list(dict.fromkeys(args.target))
     require_triton("dshal kernels")
+    refuse_unbuildable(targets, installed("triton"))
     if args.json:  # before minutes of compiling, not after
         check_writable(args.json, "--json")
     rows = cross_compile(targets, args.jobs, None if args.no_cache else default_cache_dir())
@@ -571,4 +582,4 @@ def main(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
-__all__ = ["COMPILE_TARGETS", "CompileJob", "CompileTarget", "compile_job", "cross_compile", "shipped_jobs"]
+__all__ = ["COMPILE_TARGETS", "CompileJob", "CompileTarget", "compile_job", "cross_compile", "refuse_unbuildable", "shipped_jobs"]

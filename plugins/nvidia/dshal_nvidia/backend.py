@@ -23,6 +23,7 @@ import torch
 
 from dshal import Availability, Capabilities, Topology
 from dshal.plugin import GemmPlan, KernelTarget, PeakFigures, TorchGpuBackend, shipped_target, triton_installed
+from dshal.versions import installed, triton_arch_refusal
 from dshal_nvidia.cublaslt import MIN_CUDA, blockwise_fits, probe_torch_blockwise, torch_blockwise_gemm, version_tuple
 from dshal_nvidia.topology import nvml_topology
 
@@ -81,6 +82,13 @@ _FP8_PATHS = {
 }
 
 
+def triton_shortfall(capability: tuple[int, int], triton_version: str | None = None) -> str | None:
+    """Why the installed Triton (or ``triton_version``) cannot build this part's table as it is
+    meant (:func:`dshal.versions.triton_arch_refusal` for its ``sm_XYa``), or None."""
+    version = installed("triton") if triton_version is None else triton_version
+    return triton_arch_refusal(version, f"sm_{capability[0]}{capability[1]}a")
+
+
 def kernel_target_name(capability: tuple[int, int]) -> str:
     """The shipped tile table for ``capability``: its own, else "generic" (said at -v for a part
     with FP8 tensor cores, whose FP8 dots then run widened to f16 on small tiles)."""
@@ -94,11 +102,13 @@ def kernel_target_name(capability: tuple[int, int]) -> str:
     return name
 
 
-def fp8_facts(capability: tuple[int, int]) -> tuple[tuple[str, ...], str]:
-    """(FP8 formats, description) for an NVIDIA compute capability."""
+def fp8_facts(capability: tuple[int, int], triton_version: str | None = None) -> tuple[tuple[str, ...], str]:
+    """(FP8 formats, description) for an NVIDIA compute capability (and what the installed
+    Triton, or ``triton_version``, falls short of on it)."""
     path = _FP8_PATHS.get(TARGET_OF_CAPABILITY.get(capability, ""))
     if path:
-        return ("e4m3fn", "e5m2"), path
+        why = triton_shortfall(capability, triton_version)
+        return ("e4m3fn", "e5m2"), f"{path}; but {why}" if why else path
     arch = f"sm_{capability[0]}{capability[1]}"
     if capability > (8, 9):  # a part newer than the tables (or between them)
         return ("e4m3fn", "e5m2"), f"FP8 tensor cores assumed on {arch}, which dshal has no tile table for: " \
@@ -152,7 +162,11 @@ class NvidiaBackend(TorchGpuBackend):
         return self.device_hardware(arch, formats, "e4m3fn", NVIDIA_PEAKS, {"fp8": fp8_note, "cuda": str(torch.version.cuda)})
 
     def kernel_target(self) -> KernelTarget:
-        name = kernel_target_name(self._capability())
+        cap = self._capability()
+        name = kernel_target_name(cap)
+        why = None if self.emulate else triton_shortfall(cap)
+        if why:  # the part's table all the same (no other builds better: the arch is the limit); said once
+            self.memo("triton_shortfall", lambda: log.warning("dshal nvidia: %s (tile table %s)", why, name))
         if self.emulate:  # the interpreter, with the FP8 rules of the part it stands for
             return KernelTarget.emulating(shipped_target(name))
         return shipped_target(name)

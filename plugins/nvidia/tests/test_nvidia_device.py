@@ -173,3 +173,13 @@ def test_cuda_version_strings_compare_as_numbers(text, parsed) -> None:
 
     assert version_tuple(text) == parsed
     assert (version_tuple("12.10") >= MIN_CUDA, version_tuple("12.8") >= MIN_CUDA, version_tuple("13.0") >= MIN_CUDA) == (True, False, True)
+
+
+@pytest.mark.parametrize("version, said", [("3.6.0", True), ("3.7.0", True), ("3.8.0", False), ("3.9.0", False)])
+def test_nvidia_dgx_spark_fp8_note_says_when_its_triton_widens_fp8(version, said):
+    """On sm_121 (DGX Spark) Triton 3.6 / 3.7 widen FP8 dot operands to f16 (compiled here for
+    sm_121a); `dshal info`'s FP8 line says so, naming the Triton and the minimum."""
+    formats, note = fp8_facts((12, 1), version)
+    assert formats == ("e4m3fn", "e5m2") and "mma.sync tilings" in note
+    assert (f"Triton {version}" in note and "triton>=3.8" in note and "sm_121a" in note) is said
+    assert fp8_facts((12, 0), version) == fp8_facts((12, 0), "3.9.0")  # sm_120a gets FP8 mma.sync from 3.6 on
