@@ -165,6 +165,17 @@ def test_moe_experts_fp8_weights_and_bad_ids(cpu):
         ops.moe_experts(x[:1], weights[:1], ids[:1] + 3, w13, w2)
 
 
+def _decode_step_experts(gen, experts, hidden, inter):
+    """float32 routed experts ``(w13, w2)`` and their FP8 128x128 block-scaled form
+    ``(q13, q2, s13, s2)`` for the decode-step kernel tests."""
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / 8
+    w2 = torch.randn(experts, hidden, inter, generator=gen) / 8
+    quantize = SPECS["quantize_fp8"].reference_impl
+    q13, s13 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w13)))
+    q2, s2 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w2)))
+    return w13, w2, (q13, q2, s13, s2)
+
+
 @pytest.mark.skipif(not cpu_kernels.status().available, reason=f"dshal cpu C kernels unavailable here: {cpu_kernels.status().detail}")
 def test_moe_experts_tokens_of_a_decode_step_do_not_change_each_other():
     """With the C kernels, a decode step's tokens (up to FEW_TOKENS float32 ones, FEW_FP8_TOKENS
@@ -175,12 +186,9 @@ def test_moe_experts_tokens_of_a_decode_step_do_not_change_each_other():
 
     dshal.use(backend="cpu")
     gen = torch.Generator().manual_seed(13)
-    experts, hidden, inter, k = 8, 128, 64, 3
-    w13, w2 = torch.randn(experts, 2 * inter, hidden, generator=gen) / 8, torch.randn(experts, hidden, inter, generator=gen) / 8
-    quantize = SPECS["quantize_fp8"].reference_impl
-    q13, s13 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w13)))
-    q2, s2 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w2)))
-    for tokens, experts_args in ((FEW_TOKENS, (w13, w2)), (FEW_FP8_TOKENS, (q13, q2, s13, s2))):
+    experts, hidden, k = 8, 128, 3
+    w13, w2, fp8 = _decode_step_experts(gen, experts, hidden, inter=64)
+    for tokens, experts_args in ((FEW_TOKENS, (w13, w2)), (FEW_FP8_TOKENS, fp8)):
         x, weights = torch.randn(tokens, hidden, generator=gen), torch.rand(tokens, k, generator=gen)
         ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
         together = ops.moe_experts(x, weights, ids, *experts_args)
@@ -200,12 +208,8 @@ def test_moe_experts_decode_step_with_no_expert_slots_gives_each_token_its_own_b
 
     dshal.use(backend="cpu")
     gen = torch.Generator().manual_seed(14)
-    experts, hidden, inter, k = 8, 128, 64, 4
-    w13, w2 = torch.randn(experts, 2 * inter, hidden, generator=gen) / 8, torch.randn(experts, hidden, inter, generator=gen) / 8
-    quantize = SPECS["quantize_fp8"].reference_impl
-    q13, s13 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w13)))
-    q2, s2 = (torch.stack(t) for t in zip(*(quantize(w, (128, 128)) for w in w2)))
-    fp8 = (q13, q2, s13, s2)
+    experts, hidden, k = 8, 128, 4
+    w13, w2, fp8 = _decode_step_experts(gen, experts, hidden, inter=64)
     for tokens, dtype, experts_args in ((FEW_TOKENS, torch.float32, (w13, w2)), (3, torch.float32, (w13, w2)),
                                         (FEW_FP8_TOKENS, torch.float32, fp8), (FEW_FP8_TOKENS, torch.bfloat16, fp8)):
         x, weights = torch.randn(tokens, hidden, generator=gen).to(dtype), torch.rand(tokens, k, generator=gen)
