@@ -37,7 +37,9 @@ What is here, and why a plugin needs it:
   and ``BLOCK`` (the 128-wide FP8 scale block).
 * **The Triton kernel targets** (``dshal.kernels.triton.target``) -- :class:`KernelTarget`,
   :class:`TileConfig`, ``SHIPPED_TARGETS`` / ``shipped_target`` (the tile tables dshal
-  ships, keyed by target name: a plugin maps its arch to one), and
+  ships, keyed by target name: a plugin maps its arch to one), ``triton_arch_refusal`` (why the
+  installed Triton cannot build, or builds slower, a ``sm_XYa``/``gfxNNN`` arch; facts in
+  ``dshal.versions``), ``installed_version`` (a distribution's version without importing it), and
   ``ensure_interpreter_if_cpu`` (emulated mode: run the kernels on CPU tensors).
 * **Placement** (``dshal.parallel.placement``) -- ``topology_from_matrix`` (build a
   :class:`~dshal.Topology` from a management library's answers), ``place_groups`` and
@@ -95,6 +97,7 @@ from dshal.ops.quant import FP8_DTYPE_LIST, dequantize_to, e4m3fn_bits_as_e4m3fn
 from dshal.ops.reference import dequantize_fp8, quantize_int8
 from dshal.ops.spec import FLOAT_DTYPES, FP8_DTYPES, FP8_FORMAT_OF, check_ids_in_range
 from dshal.parallel.placement import islands, place_groups, topology_from_matrix
+from dshal.versions import installed as installed_version, triton_arch_refusal
 
 __all__ = [
     # the device interface
@@ -153,7 +156,9 @@ __all__ = [
     "SHIPPED_TARGETS",
     "TileConfig",
     "ensure_interpreter_if_cpu",
+    "installed_version",
     "shipped_target",
+    "triton_arch_refusal",
     # placement
     "islands",
     "place_groups",

@@ -22,8 +22,16 @@ import threading
 import torch
 
 from dshal import Availability, Capabilities, Topology
-from dshal.plugin import GemmPlan, KernelTarget, PeakFigures, TorchGpuBackend, shipped_target, triton_installed
-from dshal.versions import installed, triton_arch_refusal
+from dshal.plugin import (
+    GemmPlan,
+    KernelTarget,
+    PeakFigures,
+    TorchGpuBackend,
+    installed_version,
+    shipped_target,
+    triton_arch_refusal,
+    triton_installed,
+)
 from dshal_nvidia.cublaslt import MIN_CUDA, blockwise_fits, probe_torch_blockwise, torch_blockwise_gemm, version_tuple
 from dshal_nvidia.topology import nvml_topology
 
@@ -85,7 +93,7 @@ _FP8_PATHS = {
 def triton_shortfall(capability: tuple[int, int], triton_version: str | None = None) -> str | None:
     """Why the installed Triton (or ``triton_version``) cannot build this part's table as it is
     meant (:func:`dshal.versions.triton_arch_refusal` for its ``sm_XYa``), or None."""
-    version = installed("triton") if triton_version is None else triton_version
+    version = installed_version("triton") if triton_version is None else triton_version
     return triton_arch_refusal(version, f"sm_{capability[0]}{capability[1]}a")
 
 
