@@ -207,14 +207,14 @@ def ep_decode_rows_own_bits(checks: dict, reference, ckpt: dict, args: ModelArgs
     """README's batch invariance under --ep: with the C kernels, a float32 decode step of 3 rows
     (each prefilled alone) gives row 0 its logits alone, bit for bit, though each rank's experts
     see the other rank's slots as NO_EXPERT (skipped inside the C call, not regathered)."""
-    from test_model_batch_invariance import _rows_prefilled_alone  # lazy: a test helper, for this check only
+    from test_model_batch_invariance import rows_prefilled_alone  # lazy: a test helper, for this check only
 
     def check() -> None:
         model = expert_parallel(build_model(args, DictReader(ckpt)), None)
         ids = prompt(args)[:, :6].repeat(2, 1)[:3]
         with torch.inference_mode():
-            batch_cache, logits = _rows_prefilled_alone(model, ids, 2)
-            alone_cache, _ = _rows_prefilled_alone(model, ids[:1], 2)
+            batch_cache, logits = rows_prefilled_alone(model, ids, 2)
+            alone_cache, _ = rows_prefilled_alone(model, ids[:1], 2)
             token = logits.argmax(-1)
             for step in range(2):
                 batched = model(token[:, None], 6 + step, batch_cache, last_only=True)[:, -1]

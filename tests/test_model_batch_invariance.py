@@ -31,7 +31,7 @@ def _ids(rows: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, tiny_args().vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _rows_prefilled_alone(model, ids: torch.Tensor, steps: int, static: bool = False):
+def rows_prefilled_alone(model, ids: torch.Tensor, steps: int, static: bool = False):
     """A cache for ``ids [B, L]`` whose row b holds row b's prompt prefilled alone (so every row's
     cache is the bits it has alone), and each row's last prefill logits."""
     batch, length = ids.shape
@@ -58,8 +58,8 @@ def test_a_decode_step_gives_a_row_its_own_logits_in_a_batch_bit_for_bit(rows):
     model = random_model(tiny_args(), seed=0)
     ids, steps = _ids(rows, 6), 3
     with torch.inference_mode():
-        batch_cache, logits = _rows_prefilled_alone(model, ids, steps)
-        alone_cache, _ = _rows_prefilled_alone(model, ids[:1], steps)
+        batch_cache, logits = rows_prefilled_alone(model, ids, steps)
+        alone_cache, _ = rows_prefilled_alone(model, ids[:1], steps)
         token = logits.argmax(-1)
         for i in range(steps):
             batched = model(token[:, None], 6 + i, batch_cache, last_only=True)[:, -1]
@@ -77,8 +77,8 @@ def test_the_per_row_static_step_gives_a_row_its_logits_alone_bit_for_bit():
     model = random_model(tiny_args(), seed=0)
     ids = _ids(4, 6, seed=3)
     with torch.inference_mode():
-        batch_cache, logits = _rows_prefilled_alone(model, ids, 3, static=True)
-        alone_cache, _ = _rows_prefilled_alone(model, ids[:1], 3, static=True)
+        batch_cache, logits = rows_prefilled_alone(model, ids, 3, static=True)
+        alone_cache, _ = rows_prefilled_alone(model, ids[:1], 3, static=True)
         together = StaticDecoder(model, batch_cache, lambda fn: fn, per_row=True)
         alone = StaticDecoder(model, alone_cache, lambda fn: fn, per_row=True)
         token, start = logits.argmax(-1), torch.tensor([6, 2, 4, 5])  # rows 1-3 as if their prompts were shorter

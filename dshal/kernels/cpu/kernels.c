@@ -318,22 +318,13 @@ int64_t dshal_moe_group_f32(const float *x, const int64_t *ids, int64_t tokens, 
                             int64_t hidden, int64_t *counts, int64_t *order, int32_t *ends, float *xs)
 {
     const int64_t slots = tokens * k;
-    for (int64_t e = 0; e < experts; e++)
-        counts[e] = 0;
-    for (int64_t j = 0; j < slots; j++) {
+    for (int64_t j = 0; j < slots; j++) /* NO_EXPERT too: the grouped GEMM serves every slot */
         if (ids[j] < 0 || ids[j] >= experts)
             return j + 1;
-        counts[ids[j]]++;
-    }
-    int64_t start = 0;
-    for (int64_t e = 0; e < experts; e++) { /* counts becomes each expert's next free position */
-        const int64_t n = counts[e];
-        counts[e] = start;
-        start += n;
-        ends[e] = (int32_t)start;
-    }
-    for (int64_t j = 0; j < slots; j++)
-        order[counts[ids[j]]++] = j;
+    int64_t kept;
+    slots_by_expert(ids, slots, experts, counts, order, &kept);
+    for (int64_t e = 0; e < experts; e++) /* after the sort, each expert's next free position is its end */
+        ends[e] = (int32_t)counts[e];
     /* Empty rows (hidden 0) come as NULL pointers, which memcpy may not be given even for 0 bytes. */
     for (int64_t j = 0; hidden > 0 && j < slots; j++)
         memcpy(xs + j * hidden, x + (order[j] / k) * hidden, (size_t)hidden * sizeof(float));
