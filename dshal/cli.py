@@ -34,12 +34,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "matrix": ("dshal_conformance.matrix", "merge conformance reports into the hardware matrix (HTML, Markdown)", "dshal-conformance"),
     "run": ("dshal.model.run", "run the DeepSeek-V3 model core (tiny built-in model by default) and report tokens/s", "dshal"),
-    "bench": ("dshal.perf.bench", "per-op latency, FLOP/s and bytes/s against the device roofline", "dshal"),
-    "profile": ("dshal.perf.profile", "profile the model core per layer and op; find the bottlenecks", "dshal"),
+    "bench": ("dshal.perf.bench_command", "per-op latency, FLOP/s and bytes/s against the device roofline", "dshal"),
+    "profile": ("dshal.perf.profile_command", "profile the model core per layer and op; find the bottlenecks", "dshal"),
     "plan": ("dshal.plan.command", "per-rank weights, KV cache, activations and traffic of a TP x EP job, on the meta device", "dshal"),
-    "diff": ("dshal_conformance.diff", "run the model core on two backends; find the first layer and op where they drift apart (prefill and decode steps)", "dshal-conformance"),
-    "kernels": ("dshal.kernels.triton.crosscompile", "cross-compile every shipped Triton kernel config for sm_90a/sm_100a/sm_120a/gfx942/gfx950", "dshal"),
-    "tune": ("dshal.kernels.triton.tune", "time the block-FP8 GEMM's tiles per (N, K, M bucket) on this GPU; write its tuned table", "dshal"),
+    "diff": ("dshal_conformance.diff_command", "run the model core on two backends; find the first layer and op where they drift apart (prefill and decode steps)", "dshal-conformance"),
+    "kernels": ("dshal.kernels.kernels_command", "cross-compile every shipped Triton kernel config for sm_90a/sm_100a/sm_120a/gfx942/gfx950", "dshal"),
+    "tune": ("dshal.kernels.tune_command", "time the block-FP8 GEMM's tiles per (N, K, M bucket) on this GPU; write its tuned table", "dshal"),
 }
 
 EPILOG = """\

@@ -124,3 +124,15 @@ def test_defaults_resolved_later_are_the_stated_ones(stated):
         assert default is None, f"dshal {key[0]} {key[1]}: the parser holds {default!r} now: drop it from RESOLVED_LATER"
         if resolve is not None:
             assert resolve() == said, f"dshal {key[0]} {key[1]}"
+
+
+def test_the_option_modules_copies_are_the_commands_values():
+    """``dshal kernels`` / ``tune`` build their parsers without torch, from copies of values whose
+    own modules import it: the targets ``--target`` takes, and the M rows ``tune --dry-run`` uses."""
+    from dshal.kernels.kernels_command import TARGET_NAMES
+    from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
+    from dshal.kernels.triton.target import DECODE_M
+    from dshal.kernels.tune_command import DRY_RUN_M
+
+    assert TARGET_NAMES == tuple(COMPILE_TARGETS)
+    assert DRY_RUN_M == (1, DECODE_M, 48)

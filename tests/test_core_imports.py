@@ -272,11 +272,12 @@ def test_the_start_up_reasons_hold() -> None:
     assert out.strip() == "[]"
 
 
-#: Command lines answered from the parser alone (help, a usage error): they import no torch,
-#: nor discovery or the table printer. The commands that run torch still load it for their
-#: own --help (their options live in modules that import it).
+#: Command lines answered from the parser alone (help, a usage error, exit 2): they import no
+#: torch, nor discovery or the table printer. ``run`` and ``conformance`` still load torch for
+#: their own --help (their options live in modules that import it).
 PARSER_ONLY_COMMANDS = (
     ["--help"], ["--version"], ["inf"], ["info", "--help"], ["info", "--jsn"], ["plan", "--help"], ["matrix", "--help"],
+    *([command, flag] for command in ("bench", "profile", "diff", "kernels", "tune") for flag in ("--help", "--bogus")),
 )
 HEAVY_FOR_THE_PARSER = ("torch", "stevedore", "rich", "transformers", "triton", "dshal.registry", "dshal.model")
 
@@ -287,10 +288,11 @@ def test_commands_answered_by_the_parser_import_nothing_heavy(argv: list[str]) -
         import sys
         from dshal.cli import main
         try:
-            main({argv!r})
-        except SystemExit:
-            pass
-        print("loaded:", sorted(set({HEAVY_FOR_THE_PARSER!r}) & set(sys.modules)))
+            status = main({argv!r})
+        except SystemExit as done:
+            status = done.code
+        print("exit", status, "loaded:", sorted(set({HEAVY_FOR_THE_PARSER!r}) & set(sys.modules)))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.stdout.splitlines()[-1] == "loaded: []", done.stderr
+    answered = 0 if argv[-1] in ("--help", "--version") else 2  # else a usage error: argparse's exit 2
+    assert done.stdout.splitlines()[-1] == f"exit {answered} loaded: []", done.stderr

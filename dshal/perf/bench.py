@@ -44,19 +44,24 @@ import torch.nn.functional as F
 
 import dshal
 from dshal import ops
-from dshal.cliargs import seed
 from dshal.config import read_yaml
 from dshal.errors import ConfigError, DshalError
 from dshal.ops.attention import sdpa as attention_sdpa, visible_keys
 from dshal.ops.catalogue import SPECS
 from dshal.ops.examples import TIERS, Draw, ShapeRow, plain
 from dshal.ops.spec import Cost
+from dshal.perf.bench_command import (  # its options, importable without torch (dshal bench --help)
+    DEFAULT_MIN_RUNS,
+    ROTATE_MAX_SETS,
+    ROTATE_SINGLE_BYTES,
+    ROTATE_TARGET_BYTES,
+    add_arguments,
+)
 from dshal.perf.measure import Inputs, Peaks, Repeats, backend_clock, peak_key, place, resolve_peaks, time_calls
 from dshal.perf.report import (
     HtmlReport,
     RooflineMark,
     Table,
-    add_common_arguments,
     console,
     duration,
     json_path,
@@ -72,51 +77,6 @@ from dshal.perf.report import (
 
 SCHEMA = "dshal.bench/1"
 PROVIDERS = ("backend", "reference", "torch")
-#: Auto rotation: enough input sets to cover this many bytes (past most last-level caches)...
-ROTATE_TARGET_BYTES = 64 << 20
-#: ...between 2 and this many sets; a single set when one set alone exceeds ROTATE_SINGLE_BYTES.
-ROTATE_MAX_SETS = 8
-ROTATE_SINGLE_BYTES = 1 << 30
-#: Timed calls a case gets at least, unless --min-runs or a smaller --runs says otherwise.
-DEFAULT_MIN_RUNS = 5
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, "bench")
-    parser.add_argument(
-        "--ops", metavar="a,b", help="comma-separated ops to bench (default: every op in the shape set)"
-    )
-    parser.add_argument(
-        "--shapes",
-        default="ci",
-        metavar="ci|full|FILE.yaml",
-        help="shape set: ci (small, seconds on a CPU), full (DeepSeek-V3 dims) or a YAML file of cases (default ci)",
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=3, metavar="N", help="untimed calls per provider and case (default 3)"
-    )
-    parser.add_argument(
-        "--runs", type=int, default=200, metavar="N", help="at most N timed calls per provider and case (default 200)"
-    )
-    parser.add_argument("--min-runs", type=int, metavar="N",
-                        help=f"at least N timed calls (default {DEFAULT_MIN_RUNS}, or --runs where that is fewer)")
-    parser.add_argument(
-        "--time-per-case",
-        type=float,
-        default=0.25,
-        metavar="S",
-        help="stop timing a provider after S seconds once --min-runs are done (default 0.25)",
-    )
-    parser.add_argument(
-        "--rotate", type=int, metavar="N",
-        help=f"input sets cycled between calls (default: auto by size, 2-{ROTATE_MAX_SETS}; 1 where one set alone "
-        f"holds {ROTATE_SINGLE_BYTES >> 30} GiB or more)",
-    )
-    parser.add_argument("--no-reference", action="store_true", help="skip the reference column")
-    parser.add_argument("--no-torch", action="store_true", help="skip the torch-direct column")
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the random inputs (default 0)")
-
-
 # ---------------------------------------------------------------- cases
 @dataclass(frozen=True)
 class Case:

@@ -34,21 +34,19 @@ import torch
 import dshal
 import dshal.ops
 from dshal.backend import host_peak_rss
-from dshal.cliargs import seed
 from dshal.errors import DshalError
-from dshal.hub import CHECKPOINT_HELP, CHECKPOINT_METAVAR
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.args import checkpoint_folder
 from dshal.model.precision import precision_summary
 from dshal.model.run import check_run_fits, load_progress_bar, out_of_memory_in_flags
 from dshal.ops.spec import Cost
 from dshal.perf.measure import GLUE, OUTSIDE, PROFILER, Peaks, Recorder, gc_paused, has_hooks, place, resolve_peaks
+from dshal.perf.profile_command import add_arguments  # its options, importable without torch (--help)
 from dshal.perf.report import (
     PALETTE,
     HtmlReport,
     RooflineMark,
     Table,
-    add_common_arguments,
     console,
     duration,
     json_path,
@@ -65,26 +63,6 @@ from dshal.runtime import current
 
 SCHEMA = "dshal.profile/1"
 PHASES = ("prefill", "decode")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, "profile")
-    parser.add_argument(
-        "--checkpoint", metavar=CHECKPOINT_METAVAR, help=f"{CHECKPOINT_HELP} (default: the tiny random model)"
-    )
-    parser.add_argument("--prompt-len", type=int, default=32, metavar="N", help="prompt tokens (default 32)")
-    parser.add_argument(
-        "--new-tokens", type=int, default=8, metavar="N", help="tokens generated while profiling (default 8)"
-    )
-    parser.add_argument("--batch", type=int, default=1, metavar="N", help="sequences generated together (default 1)")
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the random weights and prompt (default 0)")
-    parser.add_argument(
-        "--overhead-pairs",
-        type=int,
-        default=7,
-        metavar="N",
-        help="interleaved A/B forward pairs measuring the profiling-off overhead (0 skips; default 7)",
-    )
 
 
 def _positive(name: str, value: int, low: int = 1) -> None:

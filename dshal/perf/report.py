@@ -26,6 +26,7 @@ from dshal.backend import host_cpus, host_cpus_text
 from dshal.cgroups import cpu_quota
 from dshal.errors import DshalError
 from dshal.outputs import atomic_write, check_writable, console as output_console
+from dshal.perf.options import add_common_arguments  # where it was defined: importers keep working
 from dshal.redact import shareable, shareable_text
 from dshal.runtime import use_for_command
 
@@ -226,24 +227,6 @@ def read_report(text: str) -> ReportContents:
 
 
 # ---------------------------------------------------------------- options both commands share
-def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """``--config --backend --emulate --output --json --threads --no-progress``."""
-    parser.add_argument(
-        "--config", metavar="F", help="dshal config file (default: DSHAL_CONFIG or the built-in defaults)"
-    )
-    parser.add_argument("--backend", metavar="NAME", help="backend to use (default: the config's, usually auto)")
-    parser.add_argument("--emulate", action="store_true", default=None,
-                        help="run GPU plugins' own code on CPU tensors (same as DSHAL_EMULATE=1)")
-    default = f"dshal-{command}.html"
-    parser.add_argument("--output", default=default, metavar="report.html", help=f"HTML report (default {default})")
-    parser.add_argument("--json", metavar="F", help="JSON results (default: the HTML path with .json)")
-    parser.add_argument(
-        "--threads", type=int, metavar="N",
-        help="torch CPU threads (default: torch's, at most a container's CPU quota; 1 is steadier on a busy machine)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def set_threads(threads: int | None) -> None:
     """Apply ``--threads`` (None: leave torch's setting)."""
     if threads is None:

@@ -51,6 +51,9 @@ from dshal.backend import host_usable_cpus
 from dshal.cache import make_private_dir
 from dshal.config import cache_dir
 from dshal.errors import ArgumentError, BackendUnavailableError, ConfigError, DshalError
+from dshal.kernels.kernels_command import (
+    add_arguments as add_arguments,  # its options, importable without torch (--help)
+)
 from dshal.kernels.triton import require_triton
 from dshal.kernels.triton._checks import capture_launches
 from dshal.kernels.triton.target import E4M3_DTYPES, KernelTarget, TileConfig, shipped_target
@@ -548,15 +551,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
 
     return "\n".join([fmt(head), *(fmt(c) for c in lines)])
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", action="append", choices=sorted(COMPILE_TARGETS), required=True,
-                        help="GPU target to compile for (repeat for several): sm_90a (H100/H200), sm_100a (B200/GB200/B300), "
-                             "sm_120a (RTX PRO 6000 Blackwell / RTX 50), gfx942 (MI300X), gfx950 (MI350)")  # fmt: skip
-    parser.add_argument("--json", metavar="F", help="also write the rows as JSON to F")
-    parser.add_argument("--jobs", type=int, default=2, help="compile worker processes (default 2; at most the CPUs this process may use)")
-    parser.add_argument("--no-cache", action="store_true", help="recompile every config (ignore the result cache)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -34,7 +34,12 @@ from dshal.backends.triton_gpu import TorchGpuBackend
 from dshal.errors import ArgumentError, BackendUnavailableError
 from dshal.kernels.triton import ensure_interpreter_if_cpu, require_triton
 from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
-from dshal.kernels.triton.target import DECODE_M, TUNING_SCHEMA, KernelTarget, TileConfig, m_bucket, user_tuning_dir
+from dshal.kernels.triton.target import TUNING_SCHEMA, KernelTarget, TileConfig, m_bucket, user_tuning_dir
+from dshal.kernels.tune_command import (  # without torch (--help)
+    DRY_RUN_M,
+    DRY_RUN_SHAPES,
+    add_arguments as add_arguments,
+)
 from dshal.ops import reference
 from dshal.outputs import atomic_write, check_writable
 from dshal.runtime import use_for_command
@@ -47,8 +52,6 @@ DEEPSEEK_V3_SHAPES = (
     (36864, 7168), (7168, 18432), (4096, 7168), (7168, 2048),
 )  # fmt: skip
 DEFAULT_M = tuple(2**i for i in range(13))  # 1 .. 4096
-DRY_RUN_SHAPES = ((256, 512), (200, 384))
-DRY_RUN_M = (1, DECODE_M, 48)
 
 
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -147,23 +150,6 @@ def tune(
 
 def _label(t: TileConfig) -> str:
     return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages} sk{t.split_k}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", help="GPU backend whose kernel target is tuned (default: the configured one)")
-    parser.add_argument("--shapes", help="'N,K;N,K...' (default: DeepSeek-V3's FP8 linear shapes; with --dry-run, "
-                        f"{';'.join(f'{n},{k}' for n, k in DRY_RUN_SHAPES)})")
-    parser.add_argument("--m", help="comma-separated M values; each tunes its power-of-two bucket (default 1..4096; "
-                        f"with --dry-run, {','.join(map(str, DRY_RUN_M))})")
-    parser.add_argument("--output", metavar="F", help="table to write (default: $DSHAL_CACHE_DIR/gemm-tuning/<target>.json; "
-                        "with --dry-run, none: the check writes no table)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="no GPU: run each candidate tile once under the Triton interpreter on tiny shapes and "
-                             "check it (no timings; the table is marked dry_run and never chooses tiles)")  # fmt: skip
-    parser.add_argument("--target", choices=sorted(COMPILE_TARGETS), help="with --dry-run: the target's tiles")
-    parser.add_argument("--budget-s", type=float, metavar="S",
-                        help="start no new (N, K, M bucket) after S seconds; the table then says complete: false "
-                             "(default: no limit). The table is rewritten after every entry")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
