@@ -131,6 +131,7 @@ def _main(args: argparse.Namespace) -> int:
     )
     if waiver_path is not None:
         options.waivers = waivers.load(waiver_path)
+    options.waivers_file = args.waivers
     result = runner.run(target, options)
     report.validate(result)
     json_path = report.write_json(result, out_dir / f"{args.backend}.json")

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shlex
 import tarfile
 from datetime import datetime
 from importlib import resources
@@ -96,6 +97,12 @@ def build(
             "collectives": bool(options.collectives),
         },
         "waivers": [w.as_dict() for w in options.waivers],
+        # what decides a case's verdict besides its code: a rerun of one case gives them again
+        "judging": {
+            "waivers_file": options.waivers_file,
+            "determinism": target.runtime.config.determinism if target.runtime is not None else None,
+            "case_timeout_s": options.case_timeout_s,
+        },
     }
 
 
@@ -205,9 +212,25 @@ def write_junit(report: dict[str, Any], path: Path) -> Path:
 
 
 def _rerun_command(report: dict[str, Any], case_id: str) -> str:
-    """``dshal conformance`` rerunning one case of ``report`` as it ran (backend, seed, tier, emulation)."""
+    """``dshal conformance`` rerunning one case of ``report`` as it ran and judging it as the run
+    did (backend, seed, tier, emulation; the run's waivers file, determinism mode and per-case
+    timeout, where the report records them)."""
     extra = (" --tier full" if report.get("tier") == "full" else "") + (" --emulate" if report["platform"].get("emulated") else "")
+    judging = report.get("judging") or {}
+    if judging.get("waivers_file"):
+        extra += f" --waivers {_shell_path(judging['waivers_file'])}"
+    if judging.get("determinism") == "strict":  # a determinism case then fails rather than reports a finding
+        extra += " --determinism strict"
+    if judging.get("case_timeout_s") is not None:  # a slow case errors past it
+        extra += f" --timeout {judging['case_timeout_s']:g}"
     return f"dshal conformance --backend {report['backend']} --case '{case_id}' --seed {report['seed']}{extra}"
+
+
+def _shell_path(path: str) -> str:
+    """``path`` quoted for a shell, a leading ``~/`` (a shareable report's home folder) left
+    unquoted so that the shell expands it."""
+    home, rest = ("~/", path[2:]) if path.startswith("~/") else ("", path)
+    return home + shlex.quote(rest)
 
 
 def sha256(path: Path) -> str:

@@ -65,6 +65,9 @@ class Options:
     case_timeout_s: float = DEFAULT_CASE_TIMEOUT_S
     collectives: bool = True
     waivers: list[Waiver] = field(default_factory=list)
+    #: The waivers file ``--waivers`` named (None: the plugin's own, which a rerun finds again),
+    #: recorded so that a rerun of a case is judged as the run judged it.
+    waivers_file: str | None = None
     progress: bool = True
     #: The CI runner's name for this leg (``h200``), recorded as ``platform.leg``:
     #: :data:`LEG_ENV` where set. Reports of legs that did not run carry no device name, so

@@ -177,3 +177,28 @@ def test_the_checker_names_what_a_dashboard_would_misread() -> None:
     for expected in ("repeated", "not a non-negative decimal", "is not one line", "has no body", "<properties> is not",
                      "tests='3', 2 counted", "failures='0', 1 counted", "at most 3 fraction digits", "not ISO 8601"):
         assert expected in said, (expected, said)
+
+
+def test_a_failures_rerun_command_judges_the_case_as_the_run_did(wrong_backend_installed, tmp_path: Path) -> None:
+    """The rerun line left out --waivers, --determinism and --timeout: it judged the case by the
+    plugin's own waivers file, the default mode and timeout, not by the run's."""
+    import shlex
+
+    from dshal_conformance.runner import DEFAULT_SEED
+
+    case = "rms_norm/f32/small-eps-matters"  # the wrong backend's eps is off by 10x: fails by far
+    waivers_file = tmp_path / "our waivers.yaml"
+    waivers_file.write_text("waivers:\n  - match: 'rms_norm/*'\n    reason: 'eps differs here, issue #9'\n"
+                            "    thresholds: {max_err_ratio: 2}\n")
+    with wrong_backend_installed():
+        assert cli.main(["conformance", "--backend", "wrong", "--case", case, "--waivers", str(waivers_file),
+                         "--determinism", "strict", "--timeout", "90", "--report-dir", str(tmp_path / "run"), "--quiet"]) == 1
+        failure = ET.parse(tmp_path / "run" / "wrong.junit.xml").getroot().find("testcase/failure")
+        rerun = failure.text.splitlines()[-1].removeprefix("rerun: ")
+        assert rerun == (f"dshal conformance --backend wrong --case '{case}' --seed {DEFAULT_SEED} "
+                         f"--waivers '{waivers_file}' --determinism strict --timeout 90")
+        assert cli.main([*shlex.split(rerun)[1:], "--report-dir", str(tmp_path / "rerun"), "--quiet"]) == 1
+    run, again = (json.loads((tmp_path / d / "wrong.json").read_text()) for d in ("run", "rerun"))
+    judged = [[(c["id"], c["status"], c["threshold"], c["waivers"]) for c in r["cases"]] for r in (run, again)]
+    assert judged[0] == judged[1] and judged[0][0][2:] == (2.0, ["eps differs here, issue #9"])  # the waiver loosened it
+    assert run["judging"] == again["judging"] == {"waivers_file": str(waivers_file), "determinism": "strict", "case_timeout_s": 90.0}
