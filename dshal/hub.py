@@ -113,4 +113,26 @@ def resolve_checkpoint(path: str | os.PathLike[str], argument: str = "checkpoint
     return Path(folder)
 
 
-__all__ = ["CHECKPOINT_HELP", "CHECKPOINT_METAVAR", "parse_hub_id", "resolve_checkpoint"]
+def hub_provenance(given: Any, folder: str | os.PathLike[str]) -> dict[str, str | None] | None:
+    """Where a checkpoint given as a Hub id came from, for a report to say beside its folder
+    (which names neither the id nor the revision asked for): ``{"id": "org/name", "revision":
+    the one asked for (None: the default branch), "commit": the snapshot's, its folder's name
+    under ``snapshots/``}``. None where ``given`` named the folder itself (a path, or a folder
+    named like an id); ``folder`` is what :func:`resolve_checkpoint` (or
+    ``checkpoint_folder``) made of ``given``."""
+    hub_id = parse_hub_id(given)
+    folder = Path(folder)
+    if hub_id is None or folder == Path(given) or folder.parent.name != "snapshots":
+        return None
+    repo, revision = hub_id
+    return {"id": repo, "revision": revision, "commit": folder.name}
+
+
+def hub_provenance_text(provenance: dict[str, str | None]) -> str:
+    """:func:`hub_provenance` in a line: ``org/name@v1, commit 0123...``."""
+    revision = f"@{provenance['revision']}" if provenance["revision"] else ""
+    return f"{provenance['id']}{revision}, commit {provenance['commit']}"
+
+
+__all__ = ["CHECKPOINT_HELP", "CHECKPOINT_METAVAR", "hub_provenance", "hub_provenance_text", "parse_hub_id",
+           "resolve_checkpoint"]

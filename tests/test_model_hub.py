@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import dshal
+from dshal.hub import hub_provenance
 from dshal.model import ModelArgs, tiny_args
 from dshal.model.args import checkpoint_folder
 from dshal.model.checkpoint import random_checkpoint, save_checkpoint
@@ -108,6 +109,38 @@ def test_hub_id_run_gives_the_folders_tokens(hub_cache, tmp_path, cli_main, caps
     folder, hub = (json.loads((tmp_path / name).read_text()) for name in ("f.json", "i.json"))
     assert hub["output_ids"] == folder["output_ids"] and len(hub["output_ids"]) == 2
     assert hub["model"] == str(_snapshot(hub_cache, MAIN))
+    assert hub["checkpoint_hub"] == {"id": REPO, "revision": None, "commit": MAIN} and folder["checkpoint_hub"] is None
+    assert f"Hugging Face model {REPO}, commit {MAIN}" in by_id.stdout and "Hugging Face" not in by_folder.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "path_key"),
+    [
+        (["profile", "--no-progress", "--prompt-len", "2", "--new-tokens", "1", "--overhead-pairs", "0"], "model"),
+        (["diff", "--backend", "cpu", "--backend", "reference", "--prompt-len", "2", "--decode", "0"], "checkpoint"),
+    ],
+    ids=["profile", "diff"],
+)
+def test_hub_id_reports_name_the_id_revision_and_commit(hub_cache, tmp_path, cli_main, capsys, clean_dshal_env,
+                                                         argv, path_key):
+    """The reports named the snapshot folder only: which id, which revision was asked for and
+    which commit it was were left for the reader to work out from a cache path."""
+    html = ["--output", str(tmp_path / "r.html")] if argv[0] == "profile" else ["--html", str(tmp_path / "r.html")]
+    done = cli_main(capsys, [*argv, "--checkpoint", f"{REPO}@v1", "--json", str(tmp_path / "r.json"), *html])
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report[path_key] == str(_snapshot(hub_cache, V1))  # the path field, as before
+    assert report["checkpoint_hub"] == {"id": REPO, "revision": "v1", "commit": V1}
+    assert f"{REPO}@v1, commit {V1}" in (tmp_path / "r.html").read_text()
+
+
+def test_hub_provenance_is_none_for_a_folder(hub_cache, tmp_path, monkeypatch):
+    """A folder, even one named like an id, has no Hub provenance; a commit asked for is its own."""
+    assert hub_provenance(f"{REPO}@{V1}", checkpoint_folder(f"{REPO}@{V1}")) == {"id": REPO, "revision": V1, "commit": V1}
+    assert hub_provenance(str(_snapshot(hub_cache, MAIN)), _snapshot(hub_cache, MAIN)) is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / REPO).mkdir(parents=True)
+    assert hub_provenance(REPO, Path(REPO)) is None
 
 
 def test_hub_id_prompt_reads_the_tokenizer_in_the_snapshot(hub_cache, cli_main, capsys, clean_dshal_env):

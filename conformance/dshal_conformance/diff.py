@@ -49,6 +49,7 @@ import torch
 from dshal import ops
 from dshal.config import REFERENCE_PROVIDER as REFERENCE  # the float64 oracle's side: every op on its reference
 from dshal.errors import ConfigError
+from dshal.hub import hub_provenance, hub_provenance_text
 from dshal.model import CheckpointReader, DictReader, ModelArgs, build_model
 from dshal.model.args import checkpoint_folder
 from dshal.model.decode import static_decode_step, static_decode_unsupported
@@ -81,15 +82,16 @@ def _common_precision(mode: str, a: Any, b: Any) -> Any:
     return precision
 
 
-def _load(checkpoint: str | None) -> tuple[Any, Any, str]:
-    """ModelArgs, a reader factory and a label of the checkpoint (a folder, its config.json, or
-    a Hugging Face model id in the local cache)."""
+def _load(checkpoint: str | None) -> tuple[Any, Any, str, dict[str, Any] | None]:
+    """ModelArgs, a reader factory, a label of the checkpoint (a folder, its config.json, or
+    a Hugging Face model id in the local cache) and, for an id, its :func:`~dshal.hub.hub_provenance`."""
     if checkpoint:
         folder = checkpoint_folder(checkpoint)
-        return ModelArgs.from_file(folder), lambda: CheckpointReader(folder), str(folder)
+        return ModelArgs.from_file(folder), lambda: CheckpointReader(folder), str(folder), hub_provenance(checkpoint, folder)
     args = mc.suite_args("ci")
     tensors = mc.suite_checkpoint(args)
-    return args, lambda: DictReader(tensors, path="<suite checkpoint>"), f"conformance suite tiny checkpoint (seed {mc.CHECKPOINT_SEED})"
+    label = f"conformance suite tiny checkpoint (seed {mc.CHECKPOINT_SEED})"
+    return args, lambda: DictReader(tensors, path="<suite checkpoint>"), label, None
 
 
 def _model(runtime: Any, args: Any, reader: Any, precision: Any, oracle: bool) -> Any:
@@ -118,7 +120,7 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
     holds the same comparison for the prefill (step 0) and each decode step (1..N), and
     ``first_drift`` names the first step and op over the tolerance."""
     a_rt, b_rt = _side(backend_a, emulate), _side(backend_b, emulate)
-    args, reader, label = _load(checkpoint)
+    args, reader, label, hub = _load(checkpoint)
     prec = _common_precision(precision, a_rt, b_rt)
     tol = model_tolerance(precision, args.dtype)
     prompt = mc.suite_prompt(args, prompt_len)
@@ -138,6 +140,7 @@ def compare(backend_a: str, backend_b: str, *, checkpoint: str | None = None, pr
         "schema": SCHEMA,
         "backends": [_describe(backend_a, a_rt), _describe(backend_b, b_rt)],
         "checkpoint": label,
+        "checkpoint_hub": hub,  # a Hugging Face id's: {id, revision, commit}; else None
         "precision": {"mode": precision, "gemm": prec.gemm, "fp8_format": prec.fp8_format},
         "prompt_len": prompt_len,
         "tolerance": {"drift": tol.drift, "origin": tol.origin},
@@ -435,6 +438,7 @@ def write_html(result: dict[str, Any], path: str, top: int) -> Path:
     prec = result["precision"]
     report = HtmlReport(f"dshal diff: {a} vs {b}", {
         "checkpoint": result["checkpoint"],
+        **({"Hugging Face model": hub_provenance_text(result["checkpoint_hub"])} if result.get("checkpoint_hub") else {}),
         "precision": f"{prec['mode']} (gemm {prec['gemm']}, {prec['fp8_format']})",
         "tolerance": f"{result['tolerance']['drift']:g}: {result['tolerance']['origin']}",
         "logit drift": _num(result["logit_drift"]),
@@ -469,7 +473,7 @@ def main(args: argparse.Namespace) -> int:
         if path:
             check_writable(path, flag)  # before both model runs, not after them
     if args.checkpoint:  # a Hub id: its snapshot folder, or the error naming the flag before either backend starts
-        args.checkpoint = str(checkpoint_folder(args.checkpoint, "--checkpoint"))
+        checkpoint_folder(args.checkpoint, "--checkpoint")  # compare() reads the id again: the report names it
     result = compare(args.backend[0], args.backend[1], checkpoint=args.checkpoint, precision=args.precision,
                      prompt_len=args.prompt_len, emulate=args.emulate, decode=args.decode,
                      decode_path=args.decode_path)

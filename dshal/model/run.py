@@ -38,7 +38,7 @@ from dshal import __version__ as dshal_version, comm
 from dshal.cliargs import seed
 from dshal.config import read_text_file
 from dshal.errors import ArgumentError, ConfigError, DshalError
-from dshal.hub import CHECKPOINT_HELP, CHECKPOINT_METAVAR
+from dshal.hub import CHECKPOINT_HELP, CHECKPOINT_METAVAR, hub_provenance, hub_provenance_text
 from dshal.model import from_pretrained, random_model
 from dshal.model.args import TINY_DTYPES, ModelArgs, checkpoint_folder, tiny_run_args
 from dshal.model.cache import check_cache_fits
@@ -436,8 +436,10 @@ def _prompt_batch(args: argparse.Namespace, vocab_size: int, prompts: list[list[
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Every flag's value, before anything is loaded (outputs included: before the run, not after it)."""
+    given, args.checkpoint_hub = args.checkpoint, None
     if args.checkpoint:  # a config.json or a Hub id given for its folder: the tokenizer and generation config are there
         args.checkpoint = str(checkpoint_folder(args.checkpoint, "--checkpoint"))
+        args.checkpoint_hub = hub_provenance(given, args.checkpoint)  # the id and revision asked, the commit found
     _check_prompt_flags(args)
     _positive("--new-tokens", args.new_tokens)
     if args.batch is not None:
@@ -524,6 +526,7 @@ def _main(args: argparse.Namespace, runtime: Any, groups: Any) -> int:
         "device": str(runtime.device),
         "emulated": runtime.emulated,
         "model": shareable_text(source),  # a checkpoint folder in a home is written from ~
+        "checkpoint_hub": args.checkpoint_hub,  # a Hugging Face id's: {id, revision, commit}; else None
         "load_s": round(load_s, 3),
         "batch": args.batch,  # sequences per generation
         "batches": len(batches),
@@ -961,6 +964,8 @@ def _print(report: dict[str, Any]) -> None:
     if report["backend_reason"]:
         console.print(f"  {escape(report['backend_reason'])}", highlight=False)
     console.print(f"model: {report['model']} (loaded in {report['load_s']:.2f} s)")
+    if report["checkpoint_hub"]:
+        console.print(f"  Hugging Face model {hub_provenance_text(report['checkpoint_hub'])}", highlight=False)
     determinism = report["determinism"]
     if determinism["mode"] != "default":
         gaps = "; ".join(f"{op}: {why}" for op, why in determinism["gaps"].items())

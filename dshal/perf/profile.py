@@ -35,6 +35,7 @@ import dshal
 import dshal.ops
 from dshal.backend import host_peak_rss
 from dshal.errors import DshalError
+from dshal.hub import hub_provenance, hub_provenance_text
 from dshal.model import from_pretrained, random_model, tiny_args
 from dshal.model.args import checkpoint_folder
 from dshal.model.precision import precision_summary
@@ -379,6 +380,7 @@ def write_html(report: dict[str, Any], path: str | Path) -> Path:
     meta = {
         "backend": f"{report['backend']} on {report['device']}" + (" — emulated" if report["emulated"] else ""),
         "model": report["model"],
+        **({"Hugging Face model": hub_provenance_text(report["checkpoint_hub"])} if report.get("checkpoint_hub") else {}),
         "run": f"batch {report['batch']}, prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens",
         "precision": precision_summary(report["precision"]).removeprefix("precision: ") if "precision" in report else "n/a",
         "machine": f"{machine_text(plat)}, torch threads {report['torch_threads']}",
@@ -522,8 +524,10 @@ def main(args: argparse.Namespace) -> int:
     _positive("--new-tokens", args.new_tokens)
     _positive("--batch", args.batch)
     _positive("--overhead-pairs", args.overhead_pairs, 0)
+    given, hub = args.checkpoint, None
     if args.checkpoint:  # a Hub id: its snapshot folder, or the error naming the flag before the backend starts
         args.checkpoint = str(checkpoint_folder(args.checkpoint, "--checkpoint"))
+        hub = hub_provenance(given, args.checkpoint)  # the id and revision asked, the commit found
     runtime = start(args)
     model, source = _load_model(args)
     check_run_fits(model, args, runtime.device)
@@ -541,6 +545,7 @@ def main(args: argparse.Namespace) -> int:
         "device": str(runtime.device),
         "emulated": runtime.emulated,
         "model": source,
+        "checkpoint_hub": hub,  # a Hugging Face id's: {id, revision, commit}; else None
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
