@@ -28,12 +28,12 @@ from dshal.outputs import is_terminal
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("dshal.info", "list discovered backends, their availability, capabilities and op providers", "dshal"),
     "conformance": (
-        "dshal_conformance.command",
+        "dshal_conformance.conformance_command",
         "run the shared conformance suite against a backend and write JSON + JUnit reports",
         "dshal-conformance",
     ),
     "matrix": ("dshal_conformance.matrix", "merge conformance reports into the hardware matrix (HTML, Markdown)", "dshal-conformance"),
-    "run": ("dshal.model.run", "run the DeepSeek-V3 model core (tiny built-in model by default) and report tokens/s", "dshal"),
+    "run": ("dshal.run_command", "run the DeepSeek-V3 model core (tiny built-in model by default) and report tokens/s", "dshal"),
     "bench": ("dshal.perf.bench_command", "per-op latency, FLOP/s and bytes/s against the device roofline", "dshal"),
     "profile": ("dshal.perf.profile_command", "profile the model core per layer and op; find the bottlenecks", "dshal"),
     "plan": ("dshal.plan.command", "per-rank weights, KV cache, activations and traffic of a TP x EP job, on the meta device", "dshal"),

@@ -127,12 +127,18 @@ def test_defaults_resolved_later_are_the_stated_ones(stated):
 
 
 def test_the_option_modules_copies_are_the_commands_values():
-    """``dshal kernels`` / ``tune`` build their parsers without torch, from copies of values whose
-    own modules import it: the targets ``--target`` takes, and the M rows ``tune --dry-run`` uses."""
+    """``dshal kernels`` / ``tune`` / ``run`` build their parsers without torch, from copies of
+    values whose own modules import it: the targets ``--target`` takes, the M rows ``tune
+    --dry-run`` uses, the dtypes ``run --dtype`` takes and ``run --prefill-chunk``'s default."""
     from dshal.kernels.kernels_command import TARGET_NAMES
     from dshal.kernels.triton.crosscompile import COMPILE_TARGETS
     from dshal.kernels.triton.target import DECODE_M
     from dshal.kernels.tune_command import DRY_RUN_M
+    from dshal.model.args import TINY_DTYPES
+    from dshal.model.prefill import DEFAULT_PREFILL_CHUNK
+    from dshal.run_command import DEFAULT_PREFILL_CHUNK as RUN_PREFILL_CHUNK, TINY_DTYPE_NAMES
 
     assert TARGET_NAMES == tuple(COMPILE_TARGETS)
     assert DRY_RUN_M == (1, DECODE_M, 48)
+    assert TINY_DTYPE_NAMES == tuple(TINY_DTYPES)
+    assert RUN_PREFILL_CHUNK == DEFAULT_PREFILL_CHUNK

@@ -273,11 +273,12 @@ def test_the_start_up_reasons_hold() -> None:
 
 
 #: Command lines answered from the parser alone (help, a usage error, exit 2): they import no
-#: torch, nor discovery or the table printer. ``run`` and ``conformance`` still load torch for
-#: their own --help (their options live in modules that import it).
+#: torch, nor discovery or the table printer. Every command's options live in a module that
+#: imports none of them (``dshal.run_command``, ``dshal_conformance.conformance_command``, ...).
 PARSER_ONLY_COMMANDS = (
     ["--help"], ["--version"], ["inf"], ["info", "--help"], ["info", "--jsn"], ["plan", "--help"], ["matrix", "--help"],
-    *([command, flag] for command in ("bench", "profile", "diff", "kernels", "tune") for flag in ("--help", "--bogus")),
+    *([command, flag] for command in ("run", "conformance", "bench", "profile", "diff", "kernels", "tune")
+      for flag in ("--help", "--bogus")),
 )
 HEAVY_FOR_THE_PARSER = ("torch", "stevedore", "rich", "transformers", "triton", "dshal.registry", "dshal.model")
 

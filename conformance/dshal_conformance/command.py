@@ -18,45 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dshal.cliargs import seed
 from dshal.errors import ArgumentError
 from dshal.lifetime import Terminated
 from dshal.outputs import check_writable, console as output_console, is_terminal
 from dshal_conformance import report, runner, waivers
 from dshal_conformance.cases import all_cases
 from dshal_conformance.cases.base import CRASH_LOG
-from dshal_conformance.runner import DEFAULT_CASE_TIMEOUT_S, DEFAULT_SEED, FULL_TIER_CASE_TIMEOUT_S
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", required=True, metavar="NAME", help="backend to check (an installed dshal plugin, e.g. cpu, nvidia)")
-    parser.add_argument("--ops", metavar="A,B", help="only these ops (comma-separated; collectives are named all_reduce, all_to_all...)")
-    parser.add_argument("--tier", choices=("ci", "full"), default="ci", help="ci: small shapes (default); full: DeepSeek-V3 / DeepGEMM shapes")
-    parser.add_argument("--report-dir", metavar="DIR", default="conformance-reports", help="where NAME.json and NAME.junit.xml go (default: %(default)s)")
-    parser.add_argument("--case", action="append", metavar="ID", help="run only this case id (glob allowed; repeatable)")
-    parser.add_argument("--seed", type=seed, default=DEFAULT_SEED, help="run seed; each case mixes it with its id (default: %(default)s)")
-    parser.add_argument("--waivers", metavar="PATH", help="waivers file (default: the conformance-waivers.yaml shipped in the plugin's package)")
-    parser.add_argument("--emulate", action="store_true", default=None, help="run the plugin's own code on CPU tensors (same as DSHAL_EMULATE=1)")
-    parser.add_argument("--no-collectives", action="store_true", help="skip the multi-process collective cases")
-    parser.add_argument("--determinism", choices=("default", "strict"), default=None,
-                        help="strict: the backend serves its batch-invariant providers, and a determinism case it "
-                             "then fails is a failure, not a finding")
-    parser.add_argument(
-        "--timeout", type=float, metavar="S",
-        help=f"per-case timeout in seconds (default: {DEFAULT_CASE_TIMEOUT_S:g} for ci, {FULL_TIER_CASE_TIMEOUT_S:g} for full)",
-    )
-    parser.add_argument(
-        "--budget-s", type=float, metavar="S",
-        help="start no case after S seconds: the cases left are reported skipped (time budget), never passed, "
-             "and the report is still written (a device window of fixed length; default: no limit)",
-    )
-    parser.add_argument("--bundle", metavar="DIR", help="also write a submission bundle (report, JUnit, environment, SHA256SUMS) to DIR")
-    parser.add_argument("--allow-unavailable", action="store_true", help="exit 0 with a 'not run' report when the backend cannot run here")
-    parser.add_argument("--list", action="store_true", help="list the selected case ids and exit")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--traceback", action="store_true",
-                        help="print each crashed case's whole traceback on stderr as it happens (the report keeps "
-                             "one line: the exception and the file:line it was raised at)")
+from dshal_conformance.conformance_command import add_arguments  # its options, importable without torch (--help)
 
 
 @contextlib.contextmanager

@@ -34,13 +34,13 @@ from dshal_conformance import __version__, report
 from dshal_conformance.cases import all_cases, case_seed
 from dshal_conformance.cases.base import Case, Context, NotPlaceable, Outcome, crashed, fail_all, unsupported_outcomes
 from dshal_conformance.collectives import run_group
+from dshal_conformance.conformance_command import (  # the command's defaults, importable without torch (--help)
+    DEFAULT_CASE_TIMEOUT_S,
+    DEFAULT_SEED,
+    FULL_TIER_CASE_TIMEOUT_S,
+)
 from dshal_conformance.judge import Verdict
 from dshal_conformance.waivers import Waiver, for_case, thresholds
-
-DEFAULT_SEED = 20250101
-DEFAULT_CASE_TIMEOUT_S = 120.0
-#: The full tier's float64 oracles on DeepSeek-V3 sizes take minutes on a CPU.
-FULL_TIER_CASE_TIMEOUT_S = 1800.0
 
 
 def default_timeout(tier: str) -> float:

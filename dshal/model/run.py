@@ -35,12 +35,11 @@ from typing import Any
 import torch
 
 from dshal import __version__ as dshal_version, comm
-from dshal.cliargs import seed
 from dshal.config import read_text_file
 from dshal.errors import ArgumentError, ConfigError, DshalError
-from dshal.hub import CHECKPOINT_HELP, CHECKPOINT_METAVAR, hub_provenance, hub_provenance_text
+from dshal.hub import hub_provenance, hub_provenance_text
 from dshal.model import from_pretrained, random_model
-from dshal.model.args import TINY_DTYPES, ModelArgs, checkpoint_folder, tiny_run_args
+from dshal.model.args import ModelArgs, checkpoint_folder, tiny_run_args
 from dshal.model.cache import check_cache_fits
 from dshal.model.chat import ChatSettings, chat
 from dshal.model.decode import generate_with_graphs, static_decode_unsupported
@@ -60,98 +59,11 @@ from dshal.model.text import (
 from dshal.outputs import atomic_write, check_writable, console as output_console, is_terminal
 from dshal.parallel import run as parallel_run
 from dshal.redact import shareable_text
+from dshal.run_command import add_arguments as add_arguments  # its options, importable without torch (--help)
 from dshal.runtime import free_memory, free_memory_note, out_of_memory_as_error, use_for_command
 
 #: The revision of ``dshal run --json``'s layout.
 RUN_SCHEMA = "dshal.run/1"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("model and backend")
-    model.add_argument("--config", metavar="F", help="dshal config file (default: DSHAL_CONFIG or the built-in defaults)")
-    model.add_argument("--backend", metavar="NAME", help="backend to use (default: the config's, usually auto)")
-    model.add_argument(
-        "--checkpoint", metavar=CHECKPOINT_METAVAR, help=f"{CHECKPOINT_HELP} (default: a tiny random model)"
-    )
-    model.add_argument("--seed", type=seed, default=0, help="seed of the random weights, prompt and sampling (default 0)")
-    model.add_argument("--mla-mode", choices=("absorb", "naive"), default=None, help="KV cache layout (default: absorb)")
-    model.add_argument("--dtype", choices=tuple(TINY_DTYPES), default=None,
-                       help="dtype of the built-in tiny model (default float32; bfloat16 runs the kernels a real "
-                       "checkpoint does, e.g. on Ascend, whose fused attention takes no float32); a --checkpoint's "
-                       "config.json sets its own")
-
-    prompt = parser.add_argument_group("prompt and sampling")
-    prompt.add_argument("--prompt-len", type=int, default=None, metavar="N", help="prompt tokens (random ids; default 32)")
-    prompt.add_argument(
-        "--prompt",
-        metavar="TEXT",
-        action="append",
-        help="prompt with this text instead of random ids, through the --checkpoint's own tokenizer (needs "
-        "transformers); prints the generated text, and generation stops at the tokenizer's EOS or an eos_token_id "
-        "of the checkpoint's generation_config.json. Repeat it for a batch of prompts of any lengths (each "
-        "row decoded at its own positions)",
-    )
-    prompt.add_argument("--chat", action="store_true", help="with --prompt: send it as one user turn of the "
-                        "tokenizer's chat template (as DeepSeek-V3's generate.py does)")
-    prompt.add_argument("--prompt-file", metavar="F", help="a --prompt per line of F (blank lines skipped); in a .jsonl "
-                        "file each line is a JSON string or an object with a \"prompt\" string (text with newlines)")
-    prompt.add_argument("--interactive", action="store_true", help="chat with the --checkpoint on the terminal through "
-                        "its tokenizer's chat template, answers printed as they come (as DeepSeek-V3's generate.py "
-                        "--interactive); /clear forgets the conversation, /exit or Ctrl-D ends it. No timings")
-    prompt.add_argument("--ignore-eos", action="store_true", help="with --prompt or --interactive: always generate "
-                        "--new-tokens tokens")
-    prompt.add_argument("--trust-remote-code", action="store_true", help="with --prompt: let transformers run the "
-                        "tokenizer code --checkpoint ships (e.g. Kimi-K2's); off by default, as in vLLM")
-    prompt.add_argument("--new-tokens", type=int, default=32, metavar="N",
-                        help="tokens to generate (default 32)")
-    prompt.add_argument("--temperature", type=float, default=None, metavar="T", help="sample new tokens from "
-                        "softmax(logits / T), seeded by --seed; 0 = greedy (default: with --prompt or --interactive, "
-                        "the checkpoint's generation_config.json, as vLLM; else 0)")
-    prompt.add_argument("--top-p", type=float, default=None, metavar="P", help="with a temperature: sample from the "
-                        "most likely tokens whose probabilities reach P together (default: as --temperature; else 1: all)")
-    prompt.add_argument("--top-k", type=int, default=None, metavar="K", help="with a temperature: sample from the K "
-                        "most likely tokens only, cut before --top-p and --min-p (default: with --prompt or "
-                        "--interactive, the checkpoint's generation_config.json top_k where it sets one; else 0: no cut)")
-    prompt.add_argument("--min-p", type=float, default=None, metavar="X", help="with a temperature: drop the tokens "
-                        "less than X times as likely as the most likely one (default: with --prompt or --interactive, "
-                        "the checkpoint's generation_config.json min_p where it sets one; else 0: no cut)")
-
-    shape = parser.add_argument_group("how it runs")
-    shape.add_argument("--batch", type=int, default=None, metavar="N",
-                       help="sequences generated together (default 1; with one --prompt, N copies of it; with several "
-                       "prompts, at most N at a time, in their order: default all)")
-    shape.add_argument(
-        "--prefill-chunk",
-        type=int,
-        default=DEFAULT_PREFILL_CHUNK,
-        metavar="C",
-        help=f"prompt tokens per prefill forward: a longer prompt is prefilled in chunks, which bounds its "
-        f"activations, as `dshal plan --prefill-chunk` plans them (default {DEFAULT_PREFILL_CHUNK})",
-    )
-    shape.add_argument(
-        "--graphs",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="also time decode steps captured as device graphs (with --interactive: answer through them): auto = "
-        "when the backend captures graphs (CUDA/HIP), on = always (without device graphs the static step runs "
-        "eagerly), off = never",
-    )
-    shape.add_argument(
-        "--speculative",
-        choices=("mtp",),
-        default=None,
-        help="also time decoding with drafts of the checkpoint's multi-token-prediction layer (DeepSeek-V3's "
-        "MTP, config.json num_nextn_predict_layers >= 1; loaded only with this flag), every sequence of the batch "
-        "keeping its own drafts: greedy, the tokens are the eager run's; sampled, drawn from the same distribution "
-        "(speculative sampling); the report says how many drafts were accepted",
-    )
-    parallel_run.add_arguments(shape)  # --tp / --ep (dshal.parallel.run)
-
-    output = parser.add_argument_group("output")
-    output.add_argument("--json", metavar="F", help="also write the results as JSON to F")
-    output.add_argument("--report", metavar="F", help="write a run report to F: provider and calls per op, fallbacks "
-                        "and why, precision per layer (also printed as tables)")
-    output.add_argument("--no-progress", action="store_true", help="no progress bars (loading, generating)")
 
 
 def check_run_fits(model: Any, args: argparse.Namespace, device: torch.device, sharing: int = 1) -> None:

@@ -37,13 +37,10 @@ from dshal.parallel.groups import ParallelGroups, plan_groups, setup_groups
 from dshal.parallel.launch import LAUNCHER_PID_ENV, SAID_BY_ANOTHER_RANK, relaunch_self
 from dshal.parallel.loading import build_parallel, from_pretrained_parallel
 from dshal.parallel.transforms import sharded_skeletons
+from dshal.run_command import (
+    add_parallel_arguments as add_arguments,  # --tp / --ep, importable without torch (dshal run --help)
+)
 from dshal.runtime import current
-
-
-def add_arguments(parser: Any) -> None:
-    """``--tp`` and ``--ep`` on ``parser`` (an ArgumentParser or one of its argument groups)."""
-    parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (default 1)")
-    parser.add_argument("--ep", type=int, default=1, metavar="M", help="expert-parallel ranks (default 1)")
 
 
 def wanted(args: argparse.Namespace) -> bool:
