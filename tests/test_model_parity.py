@@ -245,8 +245,9 @@ def _official_v3_config() -> dict:
 def test_model_args_read_v3_family_configs():
     """Checkpoints of DeepSeek-V3's family as they are published: V3.1's FP8 config adds
     ``quantization_config.scale_fmt: ue8m0``; Kimi-K2 names its own model_type and lists
-    DeepseekV3ForCausalLM in ``architectures``. A different architecture (V3.2's sparse
-    attention) and settings dshal cannot honor are ConfigErrors naming the key."""
+    DeepseekV3ForCausalLM in ``architectures``. A different architecture (V2's) and settings
+    dshal cannot honor are ConfigErrors naming the key (V3.2's sparse attention is read:
+    test_model_v32.py)."""
     official = _official_v3_config()
     v31 = {**official, "quantization_config": {**official["quantization_config"], "scale_fmt": "ue8m0"}}
     args = ModelArgs.from_hf_config(v31)
@@ -258,11 +259,11 @@ def test_model_args_read_v3_family_configs():
     kimi = {**official, "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 384,
             "n_group": 1, "topk_group": 1, "num_attention_heads": 64, "num_key_value_heads": 64}
     assert ModelArgs.from_hf_config(kimi).n_routed_experts == 384
-    with pytest.raises(dshal.ConfigError, match=r"model_type is 'kimi_k2' \(architectures \[\]\), expected 'deepseek_v3', "
-                       r"or architectures listing 'DeepseekV3ForCausalLM'"):
+    with pytest.raises(dshal.ConfigError, match=r"model_type is 'kimi_k2' \(architectures \[\]\), expected 'deepseek_v3' or "
+                       r"'deepseek_v32', or architectures listing 'DeepseekV3ForCausalLM'"):
         ModelArgs.from_hf_config({**kimi, "architectures": []})
-    with pytest.raises(dshal.ConfigError, match="model_type is 'deepseek_v32'"):
-        ModelArgs.from_hf_config({**official, "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"]})
+    with pytest.raises(dshal.ConfigError, match="model_type is 'deepseek_v2'.*expected 'deepseek_v3' or 'deepseek_v32'"):
+        ModelArgs.from_hf_config({**official, "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"]})
     with pytest.raises(dshal.ConfigError, match="architectures.*expected a list of class names"):
         ModelArgs.from_hf_config({**official, "architectures": "DeepseekV3ForCausalLM"})
     quant = official["quantization_config"]

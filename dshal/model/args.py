@@ -36,6 +36,11 @@ MAX_WEIGHT_ELEMENTS = 1 << 40
 #: config.json's ``model_type`` of DeepSeek-V3, and the transformers class of its architecture.
 MODEL_TYPE = "deepseek_v3"
 ARCHITECTURE = "DeepseekV3ForCausalLM"
+#: The same for DeepSeek-V3.2: DeepSeek-V3 plus DeepSeek Sparse Attention (the ``index_*`` keys).
+SPARSE_MODEL_TYPE = "deepseek_v32"
+SPARSE_ARCHITECTURE = "DeepseekV32ForCausalLM"
+#: config.json keys of DeepSeek-V3.2's lightning indexer, each required in such a config.
+INDEX_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
 #: Largest size of any dimension (int32 indexing in the kernels).
 MAX_DIM = (1 << 31) - 1
 
@@ -136,8 +141,21 @@ class ModelArgs:
     #: checkpoint's ``num_nextn_predict_layers``): the draft of speculative decoding
     #: (:mod:`dshal.model.speculative`). 0: none, the checkpoint's are skipped.
     mtp_layers: int = 0
+    # --- DeepSeek Sparse Attention (DeepSeek-V3.2, ``model_type: deepseek_v32``); 0 = none (V3)
+    #: Heads of each layer's lightning indexer (``index_n_heads``; 64 in V3.2).
+    index_n_heads: int = 0
+    #: Width of the indexer's query heads and of its one cached key per token (``index_head_dim``; 128).
+    index_head_dim: int = 0
+    #: Keys each query attends to, the indexer's top-scoring ones (``index_topk``; 2048): a query
+    #: with at most this many keys before it sees all of them, as in DeepSeek-V3.
+    index_topk: int = 0
 
     # ------------------------------------------------------------ derived
+    @property
+    def sparse_attention(self) -> bool:
+        """Whether the layers have DeepSeek-V3.2's lightning indexer (``index_n_heads`` > 0)."""
+        return self.index_n_heads > 0
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -229,7 +247,45 @@ class ModelArgs:
                 f"attention.global_tokens is {self.attention_global_tokens}, "
                 f"expected fewer than attention.window ({self.attention_window})"
             )
+        self._check_indexer()
         self._check_sizes_together()
+
+    def _check_indexer(self) -> None:
+        """DeepSeek-V3.2's indexer sizes: all 0 (DeepSeek-V3) or all positive, with what the
+        indexer reads (the q LoRA latent, a rotary part) and without what it cannot run with."""
+        values = {name: getattr(self, name) for name in INDEX_KEYS}
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"config.json: {name} is {value!r}, expected an integer >= 0 (0: no sparse attention)")
+        if not any(values.values()):
+            return
+        for name, value in values.items():
+            if value == 0:
+                raise ConfigError(
+                    f"config.json: {name} is 0, expected a positive integer: DeepSeek Sparse Attention needs all of "
+                    f"{', '.join(INDEX_KEYS)} ({', '.join(f'{k}={v}' for k, v in values.items())})"
+                )
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise ConfigError(
+                f"config.json: index_head_dim is {self.index_head_dim}, expected at least qk_rope_head_dim "
+                f"({self.qk_rope_head_dim}): the indexer rotates its first qk_rope_head_dim dims"
+            )
+        if self.q_lora_rank is None:
+            raise ConfigError(
+                "config.json: q_lora_rank is null, expected a positive integer: DeepSeek-V3.2's indexer reads the "
+                "query LoRA latent (index_n_heads is set)"
+            )
+        if self.attention_window is not None:
+            raise ConfigError(
+                f"attention.window is {self.attention_window}, expected null for a DeepSeek-V3.2 model (sparse "
+                "attention, index_topk set): dshal does not combine an attention window with the indexer's selection"
+            )
+        if self.mtp_layers:
+            raise ConfigError(
+                f"mtp_layers is {self.mtp_layers}, expected 0 for a DeepSeek-V3.2 model (sparse attention, "
+                "index_topk set): its multi-token-prediction layer (speculative decoding, --speculative) "
+                "is not supported with the indexer yet"
+            )
 
     def _check_sizes_together(self) -> None:
         """Sizes each in range can still multiply past what can be built: a tiny config.json
@@ -273,11 +329,20 @@ class ModelArgs:
         architectures = cfg.get("architectures") or []
         # Models built on DeepSeek-V3's architecture under their own model_type (Kimi-K2's
         # "kimi_k2") name its class in `architectures`, as transformers and vLLM read it.
-        if model_type not in (MODEL_TYPE, None) and ARCHITECTURE not in architectures:
+        sparse = model_type == SPARSE_MODEL_TYPE or SPARSE_ARCHITECTURE in architectures
+        if model_type not in (MODEL_TYPE, None) and ARCHITECTURE not in architectures and not sparse:
             raise ConfigError(
                 f"config.json: model_type is {model_type!r} (architectures {architectures}), expected "
-                f"{MODEL_TYPE!r}, or architectures listing {ARCHITECTURE!r} (as Kimi-K2's 'kimi_k2' does)"
+                f"{MODEL_TYPE!r} or {SPARSE_MODEL_TYPE!r}, or architectures listing {ARCHITECTURE!r} (as Kimi-K2's "
+                f"'kimi_k2' does) or {SPARSE_ARCHITECTURE!r}"
             )
+        if sparse:
+            missing = [key for key in INDEX_KEYS if cfg.get(key) is None]
+            if missing:
+                raise ConfigError(
+                    f"config.json: model_type is {model_type!r} (architectures {architectures}) but {', '.join(missing)} "
+                    f"is missing, expected every one of {', '.join(INDEX_KEYS)} (the sizes of DeepSeek-V3.2's indexer)"
+                )
         if cfg.get("scoring_func", "sigmoid") != "sigmoid":
             raise ConfigError(
                 f"config.json: scoring_func is {cfg['scoring_func']!r}, expected 'sigmoid' (DeepSeek-V3 routing)"
@@ -307,7 +372,10 @@ class ModelArgs:
             k: cfg[k]
             for k in known
             if k in cfg and k not in ("rope_scaling", "dtype", "fp8_format", "weight_block_size")
+            and (sparse or k not in INDEX_KEYS)  # a DeepSeek-V3 config's index_* keys (if any) describe no layer
         }
+        if sparse:  # transformers' DeepseekV32 rotates MLA's pairs interleaved whatever the key says
+            plain.pop("rope_interleave", None)
         rope_theta, rope_scaling = _rope_from_config(cfg)
         plain["rope_theta"] = rope_theta
         plain["rope_scaling"] = rope_scaling
@@ -352,10 +420,11 @@ class ModelArgs:
             raise ConfigError(str(err).removeprefix("config.json: "), file=str(config_path)) from None
 
     def to_hf_config(self) -> dict[str, Any]:
-        """A ``config.json`` dict that transformers' ``DeepseekV3Config`` and :meth:`from_hf_config` read back."""
+        """A ``config.json`` dict that transformers' ``DeepseekV3Config`` (``DeepseekV32Config`` with
+        :attr:`sparse_attention`) and :meth:`from_hf_config` read back."""
         cfg: dict[str, Any] = {
-            "architectures": [ARCHITECTURE],
-            "model_type": MODEL_TYPE,
+            "architectures": [SPARSE_ARCHITECTURE if self.sparse_attention else ARCHITECTURE],
+            "model_type": SPARSE_MODEL_TYPE if self.sparse_attention else MODEL_TYPE,
             "num_key_value_heads": self.num_attention_heads,
             "hidden_act": "silu",
             "scoring_func": "sigmoid",
@@ -373,6 +442,10 @@ class ModelArgs:
             "weight_block_size",
             "scale_fmt",
         }
+        if self.sparse_attention:  # transformers' DeepseekV32Config always rotates MLA's pairs interleaved
+            runtime_only.add("rope_interleave")
+        else:
+            runtime_only.update(INDEX_KEYS)
         for f in fields(self):
             if f.name not in runtime_only:
                 cfg[f.name] = getattr(self, f.name)
@@ -530,6 +603,7 @@ _SIZE_KEYS = {  # key -> smallest value
     "first_k_dense_replace": 0,
     "num_nextn_predict_layers": 0,
     "num_key_value_heads": 1,
+    **dict.fromkeys(INDEX_KEYS, 1),
 }
 _OPTIONAL_SIZE_KEYS = {"q_lora_rank": 0, "n_group": 1, "topk_group": 1}  # null allowed
 _BOOL_KEYS = ("attention_bias", "norm_topk_prob", "tie_word_embeddings", "rope_interleave")

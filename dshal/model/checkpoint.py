@@ -144,6 +144,13 @@ def _layer_shapes(shapes: dict[str, tuple[int, ...]], a: ModelArgs, i: int) -> N
     shapes[f"{att}.kv_a_layernorm.weight"] = (a.kv_lora_rank,)
     shapes[f"{att}.kv_b_proj.weight"] = (h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank)
     shapes[f"{att}.o_proj.weight"] = (d, h * a.v_head_dim)
+    if a.sparse_attention:  # DeepSeek-V3.2's lightning indexer
+        index = f"{att}.indexer"
+        shapes[f"{index}.wq_b.weight"] = (a.index_n_heads * a.index_head_dim, int(a.q_lora_rank or 0))
+        shapes[f"{index}.wk.weight"] = (a.index_head_dim, d)
+        shapes[f"{index}.k_norm.weight"] = (a.index_head_dim,)
+        shapes[f"{index}.k_norm.bias"] = (a.index_head_dim,)
+        shapes[f"{index}.weights_proj.weight"] = (a.index_n_heads, d)
     if a.attention_bias:  # as the model reads them (q_proj, kv_b_proj: never a bias)
         for proj, rows in (("q_a_proj", a.q_lora_rank), ("kv_a_proj_with_mqa", a.kv_lora_rank + a.qk_rope_head_dim),
                            ("o_proj", d)):
@@ -175,22 +182,25 @@ def random_checkpoint(args: ModelArgs, seed: int = 0, std: float = 0.02) -> dict
     for name, shape in checkpoint_shapes(args).items():
         if name.endswith("e_score_correction_bias"):
             t = torch.rand(shape, generator=gen) * 0.1
-        elif name.endswith(".bias"):  # attention biases
+        elif name.endswith(".bias"):  # attention biases, the indexer's k_norm bias
             t = torch.randn(shape, generator=gen) * std
         elif len(shape) == 1:  # norm weights
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
             t = torch.randn(shape, generator=gen) * std
-        keep_fp32 = ".mlp.gate." in name
+        keep_fp32 = ".mlp.gate." in name or name.endswith(".weights_proj.weight")
         out[name] = t if keep_fp32 else t.to(args.dtype)
     return out
 
 
 def is_quantized_linear(name: str) -> bool:
     """Linears DeepSeek-V3's FP8 checkpoint stores in FP8 (not embed, lm_head, router, norms,
-    nor the multi-token-prediction layer's ``eh_proj`` and ``shared_head.head``)."""
-    if name.endswith(".eh_proj.weight"):
+    nor the multi-token-prediction layer's ``eh_proj`` and ``shared_head.head``); DeepSeek-V3.2's
+    also its indexer's ``wq_b`` and ``wk`` (not ``weights_proj``)."""
+    if name.endswith((".eh_proj.weight", ".weights_proj.weight")):
         return False
+    if name.endswith((".indexer.wq_b.weight", ".indexer.wk.weight")):
+        return True
     return name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight")
 
 

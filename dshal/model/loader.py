@@ -42,7 +42,18 @@ from dshal.errors import CheckpointError, DeviceError, DTypeError, ShapeError
 from dshal.hub import resolve_checkpoint
 from dshal.model.args import ModelArgs, checkpoint_folder
 from dshal.model.checkpoint import check_finite, check_finite_enabled, read_weight_map
-from dshal.model.model import MLA, Embedding, Gate, Linear, RMSNorm, RoutedExperts, Transformer, rope_tables
+from dshal.model.model import (
+    MLA,
+    Embedding,
+    Gate,
+    HeadWeights,
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    RoutedExperts,
+    Transformer,
+    rope_tables,
+)
 from dshal.model.precision import (
     apply_precision,
     checkpoint_name,
@@ -76,7 +87,7 @@ INDEX_FILE = "model.safetensors.index.json"
 #: called with 0 of 1 when it starts and 1 of 1 when done).
 LoadProgress = Callable[[str, int, int], None]
 #: The modules whose weights the loader reads (one ``read`` step each).
-LOADED_MODULES = (Linear, RoutedExperts, Gate, RMSNorm, Embedding)
+LOADED_MODULES = (Linear, RoutedExperts, Gate, RMSNorm, Embedding, LayerNorm, HeadWeights)
 
 
 def phase_steps(progress: LoadProgress | None, phase: str) -> Callable[[int, int], None] | None:
@@ -403,6 +414,11 @@ def load_weights(
             )
         elif isinstance(module, (RMSNorm, Embedding)):
             _set(module, "weight", ld.float_tensor(f"{hf}.weight", tuple(module.weight.shape), path, args.dtype))
+        elif isinstance(module, LayerNorm):  # DeepSeek-V3.2's indexer k_norm
+            for name in ("weight", "bias"):
+                _set(module, name, ld.float_tensor(f"{hf}.{name}", tuple(module.weight.shape), path, args.dtype))
+        elif isinstance(module, HeadWeights):  # the indexer's weights_proj: float32, as transformers keeps it
+            _set(module, "weight", ld.float_tensor(f"{hf}.weight", tuple(module.weight.shape), path, torch.float32))
         if progress is not None:
             progress("read", done, len(loaded))
     # left over: under a module's prefix, but nothing read them (``experts.3.gate_proj.bias``)

@@ -123,6 +123,38 @@ class RMSNorm(nn.Module):
         return f"dim={self.weight.shape[0]}, eps={self.eps}"
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with a bias (DeepSeek-V3.2's indexer ``k_norm``), computed in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, dtype=dtype)
+        self.bias = _param(dim, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (self.weight.shape[0],)
+        return F.layer_norm(x.float(), shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[0]}, eps={self.eps}"
+
+
+class HeadWeights(nn.Module):
+    """The indexer's ``weights_proj``: a float32 ``[heads, D]`` projection of the hidden state
+    (float32 as transformers keeps it; not a :class:`Linear`, so no precision policy quantizes it)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.weight = _param(heads, dim, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x.float(), self.weight)  # [..., D] -> [..., heads] float32
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[1]}, heads={self.weight.shape[0]}, weight=float32"
+
+
 # ---------------------------------------------------------------- rotary position (YaRN)
 def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin [max_position_embeddings, qk_rope_head_dim / 2]`` float32, one angle per
@@ -162,6 +194,50 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
 
 
 # ---------------------------------------------------------------- attention
+class Indexer(nn.Module):
+    """DeepSeek-V3.2's lightning indexer (DeepSeek Sparse Attention): which keys each query sees.
+
+    One key per token, cached next to the MLA latent: ``k = rope(k_norm(wk(x))) [B, S, Di]``.
+    Per query, ``Hi`` heads from the MLA's normalized query latent, ``q = rope(wq_b(q_latent))
+    [B, T, Hi, Di]``, and head weights ``w = weights_proj(x) [B, T, Hi]``; the score of key s for
+    query t is ``sum_h w[t, h] * Hi**-0.5 * relu(q[t, h] . k[s] * Di**-0.5)``. The query attends
+    to its ``topk`` best-scoring visible keys only. RoPE covers the first ``qk_rope_head_dim`` dims
+    in the half-split (not interleaved) layout, whatever the MLA's is.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        heads, dim, dt = args.index_n_heads, args.index_head_dim, args.dtype
+        self.heads, self.dim, self.rope, self.topk = heads, dim, args.qk_rope_head_dim, args.index_topk
+        self.wq_b = Linear(int(args.q_lora_rank or 0), heads * dim, dtype=dt)
+        self.wk = Linear(args.hidden_size, dim, dtype=dt)
+        self.k_norm = LayerNorm(dim, 1e-6, dt)
+        self.weights_proj = HeadWeights(args.hidden_size, heads)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        pe, rest = x.split([self.rope, self.dim - self.rope], dim=-1)
+        return torch.cat((ops.rotary_embedding(pe, cos, sin, False), rest), dim=-1)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The keys to cache: ``x [B, T, D] -> [B, T, Di]``."""
+        return self._rotate(self.k_norm(self.wk(x)), cos, sin)
+
+    def scores(
+        self, x_q: torch.Tensor, q_latent: torch.Tensor, cos_q: torch.Tensor, sin_q: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        """Float32 index scores ``[B, Tq, S]`` of the queries (hidden ``x_q [B, Tq, D]``, MLA
+        query latent ``q_latent [B, Tq, q_lora_rank]``) against ``keys [B, S, Di]``."""
+        bsz, tq = x_q.shape[:2]
+        q = self.wq_b(q_latent).view(bsz, tq, self.heads, self.dim)
+        q = self._rotate(q, cos_q[..., None, :], sin_q[..., None, :]).float().transpose(1, 2)  # [B, Hi, Tq, Di]
+        per_head = torch.relu(q @ keys.float().mT[:, None]) * self.dim**-0.5  # [B, Hi, Tq, S]
+        weights = self.weights_proj(x_q) * self.heads**-0.5  # [B, Tq, Hi]
+        return torch.einsum("bth,bhts->bts", weights, per_head)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, dim={self.dim}, topk={self.topk}"
+
+
 class MLA(nn.Module):
     """Multi-head latent attention.
 
@@ -174,7 +250,15 @@ class MLA(nn.Module):
     stores ``[c_kv | k_pe]`` and, for decode, folds ``kv_b_proj`` into the query
     (``q_nope @ W_uk``) and the output (``@ W_uv``) so attention runs over the latent
     directly, as one MQA head of width ``r + rope``.
+
+    DeepSeek-V3.2 (``args.sparse_attention``): an :class:`Indexer` caches one more key per
+    token, and a query with more than ``index_topk`` visible keys attends to the ``index_topk``
+    it scores highest, through a key mask (:meth:`_sparse_bias`); with fewer, to all of them,
+    which is the dense attention above.
     """
+
+    #: Queries attended per call when a per-query key mask is added (each adds one key column).
+    MASKED_QUERY_CHUNK = 64
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -202,6 +286,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, args.latent_norm_eps, dt)
         self.kv_b_proj = Linear(self.rank, h * (self.nope + self.v_dim), dtype=dt)
         self.o_proj = Linear(h * self.v_dim, d, bias=args.attention_bias, dtype=dt)
+        self.indexer = Indexer(args) if args.sparse_attention else None
         # (kv_b weight, scale, their write counts, dtype) the cached [H, nope+v, r] form was made from, and it
         self._absorbed: tuple[torch.Tensor, torch.Tensor | None, tuple[int | None, ...], torch.dtype, torch.Tensor] | None = None
 
@@ -220,7 +305,8 @@ class MLA(nn.Module):
         bsz = x.shape[0]
         x_q, cos_q, sin_q = (x[:, -1:], cos[..., -1:, :], sin[..., -1:, :]) if last_query_only else (x, cos, sin)
         # queries: [B, Tq, H, nope], [B, Tq, H, rope]
-        q = self.q_proj(x_q) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_q)))
+        q_latent = None if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_q))  # [B, Tq, q_lora_rank]
+        q = self.q_proj(x_q) if q_latent is None else self.q_b_proj(q_latent)
         q = q.view(bsz, x_q.shape[1], -1, self.qk_head_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = ops.rotary_embedding(q_pe, cos_q[..., None, :], sin_q[..., None, :], self.interleaved)  # one angle for all heads
@@ -228,20 +314,68 @@ class MLA(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
         latent = torch.cat((self.kv_a_layernorm(c_kv), ops.rotary_embedding(k_pe, cos, sin, self.interleaved)), dim=-1)
+        # DeepSeek-V3.2: the indexer's keys [B, T, Di], cached as one more entry of the layer
+        index_keys = () if self.indexer is None else (self.indexer.keys(x, cos, sin),)
+
+        def sparse_bias(keys: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+            return None if not keys else self._sparse_bias(x_q, q_latent, cos_q, sin_q, keys[0], cache)
 
         if cache is None:
-            out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
+            bias = sparse_bias(index_keys)
+            if bias is None:
+                out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
+            else:  # the absorbed form masks one shared key head per query, not H expanded ones
+                out = self._attend_absorbed(q_nope, q_pe, latent, None, bias)
         elif cache.mode == "naive":
             k, v = self._expand(latent)  # [B, H, T, .] -> cached as [B, T, H, .]
-            k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2))
-            out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2))
+            k, v, *index_keys = cache.update(k.transpose(1, 2), v.transpose(1, 2), *index_keys)
+            out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2), sparse_bias(index_keys))
         else:
-            (latent,) = cache.update(latent)
-            if x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill:
+            latent, *index_keys = cache.update(latent, *index_keys)
+            bias = sparse_bias(index_keys)
+            if x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill and bias is None:
                 out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
             else:
-                out = self._attend_absorbed(q_nope, q_pe, latent, cache)
-        return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, H, Tq, v] -> [B, Tq, H * v] -> [B, Tq, D]
+                out = self._attend_absorbed(q_nope, q_pe, latent, cache, bias)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _sparse_bias(
+        self,
+        x_q: torch.Tensor,
+        q_latent: torch.Tensor,
+        cos_q: torch.Tensor,
+        sin_q: torch.Tensor,
+        keys: torch.Tensor,
+        cache: LayerCache | None,
+    ) -> torch.Tensor | None:
+        """DeepSeek Sparse Attention's key mask ``[B, Tq, S]`` (0: attended, ``MASKED_SCORE``: not)
+        for the queries against the indexer's ``keys [B, S, Di]`` (in position order, the queries
+        last; in a static step the whole buffer, with the cache's :attr:`~LayerCache.key_bias`),
+        or None where no query has more than ``index_topk`` visible keys: each then attends to
+        all of them, the dense attention. Known on the host (key count, cache capacity), so a
+        static step that may need the mask always computes it."""
+        indexer = self.indexer
+        assert indexer is not None
+        bsz, tq = x_q.shape[:2]
+        slen = keys.shape[1]
+        if slen <= indexer.topk:
+            return None
+        key_bias = None if cache is None else cache.key_bias
+        if key_bias is not None:  # static step: [S], [B, S] or [B, T, S], 0 at the visible slots
+            visible = (key_bias == 0).expand(bsz, -1, -1) if key_bias.dim() == 3 else (key_bias == 0).view(-1, 1, slen)
+            visible = visible[:, -tq:].expand(bsz, tq, slen)
+        else:  # the keys are positions 0 .. S - 1, the queries the last Tq of them
+            positions = torch.arange(slen - tq, slen, device=keys.device)
+            visible = (torch.arange(slen, device=keys.device) <= positions[:, None]).expand(bsz, tq, slen)
+        chosen = torch.zeros(bsz, tq, slen, dtype=torch.bool, device=keys.device)
+        for t in range(0, tq, self.MASKED_QUERY_CHUNK):  # scores take [B, Hi, chunk, S] floats
+            part = slice(t, t + self.MASKED_QUERY_CHUNK)
+            scores = indexer.scores(x_q[:, part], q_latent[:, part], cos_q[..., part, :], sin_q[..., part, :], keys)
+            scores = scores.masked_fill(~visible[:, part], -math.inf)
+            best = scores.topk(indexer.topk, dim=-1).indices
+            chosen[:, part].scatter_(-1, best, True)
+        # A query with fewer visible keys than topk also "chose" invisible ones: they stay masked.
+        return torch.where(chosen & visible, 0.0, KVCache.MASKED_SCORE)  # [B, H, Tq, v] -> [B, Tq, H * v] -> [B, Tq, D]
 
     def _causal(self, q_len: int) -> bool:
         """A single query at the end sees every key: no mask needed unless a window applies."""
@@ -259,14 +393,36 @@ class MLA(nn.Module):
         return k, v
 
     def _attend_expanded(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention over per-head keys; ``bias [B, T, S]``: a per-query key mask (sparse attention)."""
         q = torch.cat((q_nope.transpose(1, 2), q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, nope + rope]
+        if bias is not None:
+            return self._attend_masked(q, k, v, bias)
         causal = self._causal(q.shape[2])
         return ops.attention(q, k, v, causal, self.softmax_scale, self.window, self.global_tokens)  # [B, H, T, v]
 
+    def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``ops.attention`` of ``q [B, H, T, .]`` with a per-query key mask ``bias [B, T, S]`` (that
+        holds the causal mask too) over ``k [B, Hk, S, .]`` (Hk: 1, the shared latent head, or H),
+        ``MASKED_QUERY_CHUNK`` queries at a time: as :func:`_with_key_bias` does, query t gains a
+        one-hot dim and every key one dim holding its bias for query t."""
+        low = max(torch.finfo(k.dtype).min, torch.finfo(bias.dtype).min) / 2  # finite in k's dtype
+        outs = []
+        for t in range(0, q.shape[2], self.MASKED_QUERY_CHUNK):
+            part = slice(t, t + self.MASKED_QUERY_CHUNK)
+            columns = (bias[:, part] / self.softmax_scale).clamp(min=low).to(k.dtype).mT  # [B, S, c]
+            queries = columns.shape[-1]
+            one_hot = torch.eye(queries, dtype=q.dtype, device=q.device).expand(*q.shape[:2], queries, queries)
+            q_part = torch.cat((q[:, :, part], one_hot), dim=-1)  # [B, H, c, . + c]
+            k_part = torch.cat((k, columns[:, None].expand(-1, k.shape[1], -1, -1)), dim=-1)  # [B, Hk, S, . + c]
+            outs.append(ops.attention(q_part, k_part, v, False, self.softmax_scale, None, 0))
+        return torch.cat(outs, dim=2)  # [B, H, T, v]
+
     def _attend_absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cache: Any = None
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cache: Any = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         w_kv = self._kv_b_per_head(q_nope.dtype)  # [H, nope + v, r]
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]  # each head's matrix row-major (stride r, 1)
@@ -278,8 +434,10 @@ class MLA(nn.Module):
         # activations contiguous: B only adds GEMMs, never changes one.
         q_latent = q_nope.transpose(1, 2).contiguous() @ w_uk  # [B, H, T, nope] @ [H, nope, r] -> [B, H, T, r]
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, r + rope]
-        key_bias = None if cache is None else cache.key_bias
-        if key_bias is not None:  # static decode step: unwritten slots masked by more dims
+        if bias is not None and (cache is None or cache.key_bias is None):  # sparse attention, many queries
+            return (w_uv @ self._attend_masked(q, latent[:, None], latent[:, None, :, : self.rank], bias).mT).mT
+        key_bias = bias if bias is not None else None if cache is None else cache.key_bias
+        if key_bias is not None:  # static decode step: unwritten slots (and unselected keys) masked by more dims
             q, latent = _with_key_bias(q, latent, key_bias / self.softmax_scale, cache)
         k = latent[:, None]  # [B, 1, S, r + rope]: one shared head
         v = latent[:, None, :, : self.rank]  # [B, 1, S, r]
@@ -766,13 +924,15 @@ class Transformer(nn.Module):
         return self._cached_layers(mtp) * batch * slots * per_token
 
     def _cache_entries(self, mode: str) -> list[tuple[int, ...]]:
-        """Per-token shapes of one layer's cache buffers in ``mode``."""
+        """Per-token shapes of one layer's cache buffers in ``mode`` (DeepSeek-V3.2: the
+        indexer's key ``[index_head_dim]`` after the attention's)."""
         a = self.args
+        index_keys = [(a.index_head_dim,)] if a.sparse_attention else []
         if mode == "absorb":
-            return [(a.kv_lora_rank + a.qk_rope_head_dim,)]
+            return [(a.kv_lora_rank + a.qk_rope_head_dim,), *index_keys]
         if mode == "naive":
             heads = self.layers[0].self_attn.kv_b_proj.weight.shape[0] // (a.qk_nope_head_dim + a.v_head_dim)
-            return [(heads, a.qk_head_dim), (heads, a.v_head_dim)]
+            return [(heads, a.qk_head_dim), (heads, a.v_head_dim), *index_keys]
         raise ArgumentError(f"new_cache: argument 'mode' is {mode!r}, expected 'absorb' or 'naive'")
 
     #: ``model.generate(input_ids, max_new_tokens, ...)`` -> ``[B, T + new]``: sampling,
@@ -805,20 +965,23 @@ def _group_of(path: str, dense_layer: bool) -> str:
 
 
 def kv_cache_report(model: nn.Module) -> dict[str, Any]:
-    """KV bytes per token (absorbed latent vs naive per-head keys/values) and the saving
-    of dynamic attention (only ``global_tokens + window`` tokens stay cached)."""
+    """KV bytes per token (absorbed latent vs naive per-head keys/values; both with
+    DeepSeek-V3.2's indexer keys, ``bytes_per_token_indexer`` of them) and the saving of
+    dynamic attention (only ``global_tokens + window`` tokens stay cached)."""
     a = model.args
     elem = torch.empty((), dtype=a.dtype).element_size()
     heads = model.layers[0].self_attn.kv_b_proj.weight.shape[0] // (a.qk_nope_head_dim + a.v_head_dim)
     layers = len(model.layers)
-    absorbed = layers * (a.kv_lora_rank + a.qk_rope_head_dim) * elem
-    naive = layers * heads * (a.qk_head_dim + a.v_head_dim) * elem
+    indexer = layers * a.index_head_dim * elem if a.sparse_attention else 0
+    absorbed = layers * (a.kv_lora_rank + a.qk_rope_head_dim) * elem + indexer
+    naive = layers * heads * (a.qk_head_dim + a.v_head_dim) * elem + indexer
     per_token = absorbed if a.mla_mode == "absorb" else naive
     report: dict[str, Any] = {
         "mode": a.mla_mode,
         "bytes_per_token": per_token,
         "bytes_per_token_absorbed": absorbed,
         "bytes_per_token_naive": naive,
+        "bytes_per_token_indexer": indexer,
         "absorbed_saving": 1 - absorbed / naive,
         "window": a.attention_window,
         "global_tokens": a.attention_global_tokens if a.attention_window else 0,
@@ -889,6 +1052,9 @@ __all__ = [
     "Linear",
     "Embedding",
     "RMSNorm",
+    "LayerNorm",
+    "HeadWeights",
+    "Indexer",
     "rope_tables",
     "MLA",
     "MLP",

@@ -15,6 +15,7 @@ from typing import Any
 from dshal.config import read_json_file
 from dshal.errors import ArgumentError, CheckpointError, ConfigError, DshalError
 from dshal.hub import resolve_checkpoint
+from dshal.model.args import SPARSE_MODEL_TYPE
 
 #: The files a Hugging Face tokenizer is read from; one of them must be in the checkpoint.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -104,8 +105,17 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
 
 
 def check_chat_template(tokenizer: Any, flag: str = "--chat") -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ArgumentError(f"{flag}: the checkpoint's tokenizer has no chat_template (tokenizer_config.json)")
+    """ArgumentError naming ``flag`` when ``tokenizer`` has no chat template; for a DeepSeek-V3.2
+    checkpoint (which ships a Python encoder instead of one) it says how to prompt it."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    hint = ""
+    folder = getattr(tokenizer, "name_or_path", None)
+    if folder and _json_object(Path(folder) / "config.json").get("model_type") == SPARSE_MODEL_TYPE:
+        hint = (": DeepSeek-V3.2 releases ship no Jinja chat template but a Python encoder (their encoding "
+                "folder); build the conversation's text with it and pass that as --prompt without --chat, or add "
+                "a chat_template to tokenizer_config.json")
+    raise ArgumentError(f"{flag}: the checkpoint's tokenizer has no chat_template (tokenizer_config.json){hint}")
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

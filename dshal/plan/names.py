@@ -5,7 +5,8 @@ of the ``deepseek_v3`` layout (``model.layers.N.self_attn.q_a_proj.weight``, per
 ``mlp.experts.E.{gate,up,down}_proj``, the MTP layers after the last one), its shape and
 its stored dtype (FP8 weights with float32 ``weight_scale_inv`` blocks when the config has
 a ``quantization_config``; embedding, output head, router, norms and the MTP projection
-stay high precision, as DeepSeek-V3 ships them).
+stay high precision, as DeepSeek-V3 ships them; DeepSeek-V3.2's indexer ``wq_b`` / ``wk`` are
+FP8 too, its ``k_norm`` and ``weights_proj`` not).
 
 :func:`expand_listing` reads the compact form the tests keep of a published checkpoint
 (one row per name pattern, ``{L}`` layers and ``{E}`` experts as ranges) back into names.
@@ -102,6 +103,13 @@ def checkpoint_listing(args: ModelArgs, mtp_layers: int | None = None) -> dict[s
         norm(f"{attn}.kv_a_layernorm", a.kv_lora_rank)
         linear(f"{attn}.kv_b_proj", h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank)
         linear(f"{attn}.o_proj", d, h * a.v_head_dim)
+        if a.sparse_attention:  # DeepSeek-V3.2's lightning indexer: wq_b and wk stored as the other linears
+            index = f"{attn}.indexer"
+            linear(f"{index}.wq_b", a.index_n_heads * a.index_head_dim, int(a.q_lora_rank or 0))
+            linear(f"{index}.wk", a.index_head_dim, d)
+            norm(f"{index}.k_norm", a.index_head_dim)
+            out[f"{index}.k_norm.bias"] = TensorEntry((a.index_head_dim,), high)
+            out[f"{index}.weights_proj.weight"] = TensorEntry((a.index_n_heads, d), high)
         if not a.is_moe_layer(layer):
             mlp(f"{p}.mlp", a.intermediate_size)
             continue
