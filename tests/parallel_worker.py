@@ -114,6 +114,25 @@ def ranks_agree(checks: dict, reference, path: Path, rank: int) -> None:
     run_checks(checks, "ranks take rank 0's tokens (TP=2, each rank choosing its own)", check)
 
 
+def sparse_attention(checks: dict) -> None:
+    """DeepSeek-V3.2: its indexer is replicated on every rank (TP splits heads, not the indexer;
+    EP only the experts); with 3 keys kept of the 7-token prompts the selection decides, and
+    split or not each query keeps the same keys."""
+    args = tiny_args(index_n_heads=8, index_head_dim=32, index_topk=3)
+    ckpt = random_checkpoint(args, seed=7)
+    reference = build_model(args, DictReader(ckpt))
+    live(checks, "live tensor_parallel of DeepSeek-V3.2 (sparse attention)", reference, ckpt, args,
+         [lambda m: tensor_parallel(m, None)])
+    for tp, ep in ((2, 1), (1, 2)):
+        def check(tp: int = tp, ep: int = ep) -> None:
+            model = build_parallel(args, DictReader(ckpt), groups_for(tp, ep))
+            if tp > 1 and model.layers[1].self_attn.indexer.wq_b.weight.shape != reference.layers[1].self_attn.indexer.wq_b.weight.shape:
+                raise AssertionError("the indexer was split, expected it whole on every rank")
+            compare(reference, model, args)
+
+        run_checks(checks, f"TP={tp} x EP={ep} DeepSeek-V3.2 (sparse attention) from checkpoint", check)
+
+
 def total_bytes(path: Path) -> int:
     reader = CheckpointReader(path)
     total = 0
@@ -249,6 +268,7 @@ def models(rank: int, world: int, path: Path) -> dict[str, str]:
         biased_ckpt = random_checkpoint(biased, seed=6)
         live(checks, "live tensor_parallel with attention biases", build_model(biased, DictReader(biased_ckpt)),
              biased_ckpt, biased, [lambda m: tensor_parallel(m, None)])
+        sparse_attention(checks)
         ranks_agree(checks, reference, path, rank)
         trusted_steps_exchange_nothing(checks, path, groups_for(world, 1))
     if world == 4:

@@ -673,6 +673,12 @@ def test_text_refuses_another_models_tokenizer_and_a_chat_without_template(tmp_p
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": 1,}')
     with pytest.raises(dshal.CheckpointError, match=r"generation_config.json:1: generation config: invalid JSON: "):
         stop_ids(tokenizer, tmp_path)
+    # DeepSeek-V3.2 ships a Python encoder instead of a chat template: the refusal says what to do
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "deepseek_v32"}))
+    with pytest.raises(dshal.ArgumentError, match="no chat_template .*DeepSeek-V3.2 releases ship no Jinja chat template "
+                       "but a Python encoder .* pass that as --prompt without --chat"):
+        encode_prompt(tokenizer, "hello", chat=True)
 
 
 def test_text_prompt_errors_before_any_weight_is_read(tmp_path, monkeypatch):

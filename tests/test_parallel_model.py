@@ -56,6 +56,9 @@ def test_parallel_matches_single_process(tmp_path: Path, checkpoint: Path, world
         "live tensor_parallel", "live expert_parallel", "live tensor_parallel with attention biases",
         "TP=2 x EP=1 from FP8 checkpoint", "TP=1 x EP=2 from FP8 checkpoint",
         "ranks take rank 0's tokens (TP=2, each rank choosing its own)",
+        "live tensor_parallel of DeepSeek-V3.2 (sparse attention)",
+        "TP=2 x EP=1 DeepSeek-V3.2 (sparse attention) from checkpoint",
+        "TP=1 x EP=2 DeepSeek-V3.2 (sparse attention) from checkpoint",
         "trusted TP decode steps exchange no agreement records"}
     if world == 2 and cpu_kernels.status().available:
         expected.add("EP=2 decode step: a row's logits alone and in a batch of 3, bit for bit")  # C kernels: README

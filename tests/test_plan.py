@@ -500,3 +500,24 @@ def test_plan_does_not_claim_no_block_cuts_for_a_checkpoint_quantized_on_load(tm
     text = format_plan(make_plan(PlanRequest(config=path, tp=32, precision="fp8-block", context=16, prefill_chunk=15)))
     assert "FP8 block cuts: none read (the checkpoint is not FP8); every rank quantizes the whole model" in text
     assert "every shard boundary is on a 128x128 block edge" not in text
+
+
+def test_plan_counts_deepseek_v32s_indexer_on_every_rank_and_its_cached_keys(tmp_path: Path) -> None:
+    """DeepSeek-V3.2 (``model_type: deepseek_v32``): each layer's lightning indexer (wq_b, wk,
+    k_norm, weights_proj) is whole on every TP rank, and its one key per token joins the KV
+    cache; prompts past ``index_topk`` run the sparse path on the meta device too. Its MTP
+    layer is refused with speculative decoding (not supported with the indexer)."""
+    heads, dim = 64, 128
+    sparse = dict(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_n_heads=heads,
+                  index_head_dim=dim, index_topk=16)
+    request = dict(tp=2, context=64, prefill_chunk=32)
+    v3 = make_plan(PlanRequest(config=_config(tmp_path, num_hidden_layers=5), **request))["ranks"][0]
+    (tmp_path / "v32").mkdir()
+    config = _config(tmp_path / "v32", num_hidden_layers=5, **sparse)
+    v32 = make_plan(PlanRequest(config=config, **request))["ranks"][0]
+    d, q_lora = 7168, 1536
+    indexer = heads * dim * q_lora + dim * d + 2 * dim + heads * d
+    assert v32["weights"]["attention"]["params"] - v3["weights"]["attention"]["params"] == 5 * indexer
+    assert v32["kv_cache"]["bytes_per_token"] - v3["kv_cache"]["bytes_per_token"] == 5 * dim * 2  # bf16 keys
+    with pytest.raises(ConfigError, match="mtp_layers is 1, expected 0 for a DeepSeek-V3.2 model"):
+        make_plan(PlanRequest(config=config, **request, speculative="mtp"))

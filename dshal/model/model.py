@@ -307,6 +307,8 @@ class MLA(nn.Module):
         # queries: [B, Tq, H, nope], [B, Tq, H, rope]
         q_latent = None if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x_q))  # [B, Tq, q_lora_rank]
         q = self.q_proj(x_q) if q_latent is None else self.q_b_proj(q_latent)
+        if self.indexer is None:
+            q_latent = None  # only the indexer reads it: freed now, as before it had one (dshal plan's peak)
         q = q.view(bsz, x_q.shape[1], -1, self.qk_head_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = ops.rotary_embedding(q_pe, cos_q[..., None, :], sin_q[..., None, :], self.interleaved)  # one angle for all heads
@@ -321,23 +323,32 @@ class MLA(nn.Module):
             return None if not keys else self._sparse_bias(x_q, q_latent, cos_q, sin_q, keys[0], cache)
 
         if cache is None:
-            bias = sparse_bias(index_keys)
-            if bias is None:
-                out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
-            else:  # the absorbed form masks one shared key head per query, not H expanded ones
-                out = self._attend_absorbed(q_nope, q_pe, latent, None, bias)
+            out = self._attend_expanded(q_nope, q_pe, *self._expand(latent), sparse_bias(index_keys))
         elif cache.mode == "naive":
             k, v = self._expand(latent)  # [B, H, T, .] -> cached as [B, T, H, .]
             k, v, *index_keys = cache.update(k.transpose(1, 2), v.transpose(1, 2), *index_keys)
             out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2), sparse_bias(index_keys))
         else:
             latent, *index_keys = cache.update(latent, *index_keys)
-            bias = sparse_bias(index_keys)
-            if x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill and bias is None:
-                out = self._attend_expanded(q_nope, q_pe, *self._expand(latent))
+            if index_keys and x_q.shape[1] == 1 and cache.key_bias is None and latent.shape[1] > self.indexer.topk:
+                # One query, the last position: it sees every key, and attends to the kept ones
+                # only, gathered (~3x faster than masking all of them: benchmarks/sparse_attention.py).
+                kept = self._kept_keys(x_q, q_latent, cos_q, sin_q, index_keys[0])  # [B, topk]
+                out = self._attend_absorbed(q_nope, q_pe, latent.gather(1, kept[..., None].expand(-1, -1, latent.shape[-1])))
+            elif x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill:
+                out = self._attend_expanded(q_nope, q_pe, *self._expand(latent), sparse_bias(index_keys))
             else:
-                out = self._attend_absorbed(q_nope, q_pe, latent, cache, bias)
+                out = self._attend_absorbed(q_nope, q_pe, latent, cache, sparse_bias(index_keys))
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _kept_keys(
+        self, x_q: torch.Tensor, q_latent: torch.Tensor, cos_q: torch.Tensor, sin_q: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        """The ``index_topk`` keys ``[B, topk]`` one query ``[B, 1, .]`` at the last position
+        attends to (it sees all of ``keys [B, S, Di]``, S > topk)."""
+        assert self.indexer is not None
+        scores = self.indexer.scores(x_q, q_latent, cos_q, sin_q, keys)  # [B, 1, S]
+        return scores[:, 0].topk(self.indexer.topk, dim=-1).indices
 
     def _sparse_bias(
         self,
