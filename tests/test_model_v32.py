@@ -18,6 +18,7 @@ from dshal.model.checkpoint import (
     save_checkpoint,
 )
 from dshal.model.loader import CheckpointReader
+from dshal.plan.plan import default_config
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "DeepseekV32ForCausalLM"):
@@ -151,8 +152,6 @@ def test_v32_fp8_checkpoint_loads_its_indexer_quantized_and_matches_hf_dequantiz
 
 def _v32_config() -> dict:
     """DeepSeek-V3's published config.json as DeepSeek-V3.2's (its index_* keys added)."""
-    from dshal.plan.plan import default_config
-
     official = json.loads(default_config().read_text())
     return {**official, "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"],
             "index_topk": 2048, "index_head_dim": 128, "index_n_heads": 64}
@@ -204,3 +203,6 @@ def test_v32_caches_and_reports_the_indexer_keys(v32):
     assert report["bytes_per_token_indexer"] == args.num_hidden_layers * index_key * 4
     naive = model.new_cache(1, 4, "naive")
     assert naive.bytes_per_token == report["bytes_per_token_naive"]
+    static = model.new_cache(2, 16, static=True)  # the static steps' spare key-bias columns: after the latent only
+    assert [tuple(b.shape) for b in static._allocated[0]] == [(2, 16, latent + 8), (2, 16, index_key)]
+    assert static.bytes_per_token == model.cache_bytes(1, 1, static=True) == per_token + args.num_hidden_layers * 8 * 4

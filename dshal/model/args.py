@@ -1,7 +1,8 @@
 """``ModelArgs``: the DeepSeek-V3 hyper-parameters, read from a Hugging Face ``config.json``.
 
-Field names follow the ``config.json`` keys (``model_type: deepseek_v3``) so a reader can
-put the two side by side. RoPE scaling is read from ``rope_scaling`` (the official
+Field names follow the ``config.json`` keys (``model_type: deepseek_v3``, or ``deepseek_v32``:
+DeepSeek-V3.2, whose ``index_*`` keys size its lightning indexer) so a reader can put the two
+side by side. RoPE scaling is read from ``rope_scaling`` (the official
 DeepSeek-V3 ``config.json``) or from ``rope_parameters`` (what transformers >= 5 writes).
 """
 
@@ -612,7 +613,8 @@ _BOOL_KEYS = ("attention_bias", "norm_topk_prob", "tie_word_embeddings", "rope_i
 def validate_hf_config(cfg: Any, file: str = "config.json", text: str | None = None) -> dict[str, Any]:
     """Check a DeepSeek-V3 ``config.json`` dict before it is read: the required size keys
     are present, every known key has the right type and a possible value (sizes, YaRN,
-    ``max_position_embeddings`` up to :data:`MAX_POSITIONS`, ``quantization_config``).
+    ``max_position_embeddings`` up to :data:`MAX_POSITIONS`, ``quantization_config``, DeepSeek-V3.2's
+    ``index_*`` sizes).
     Returns ``cfg``; raises ConfigError naming key, value, expectation and ``file``."""
     c = _HfCheck(file, text)
     if not isinstance(cfg, dict):

@@ -6,6 +6,9 @@ Two MLA layouts (``ModelArgs.mla_mode``):
   ``c_kv`` and the rotated shared key ``k_pe`` (DeepSeek-V3's compressed cache);
 - ``"naive"``: keys ``[B, S, H, nope + rope]`` and values ``[B, S, H, v]`` per layer.
 
+DeepSeek-V3.2 adds one more buffer per layer in either layout: its indexer's keys
+``[B, S, index_head_dim]``.
+
 Dynamic attention (``attention: {window: W, global_tokens: G}``) keeps only ``G + W``
 slots: the first ``G`` positions stay pinned and the rest is a ring of the last ``W``.
 :meth:`KVCache.begin` plans where one forward step's tokens go (once per step, shared by
@@ -108,7 +111,7 @@ class KVCache:
         self.capacity = self.slots(max_len, window, global_tokens)
         if bias_columns and (mode != "absorb" or window is not None):
             raise DshalError("KVCache: bias_columns need the 'absorb' layout without an attention window (static steps)")
-        #: Spare columns after each absorb buffer's entry, where a static step writes its key
+        #: Spare columns after each absorb latent entry, where a static step writes its key
         #: bias (:meth:`LayerCache.biased_keys`); 0: the step appends them to a copy instead.
         self.bias_columns = bias_columns
         #: A weak reference to the model whose ``new_cache`` made this cache (None when built
@@ -118,9 +121,10 @@ class KVCache:
         # Never inference tensors, even when made under torch.inference_mode(): a step compiled
         # with torch.compile runs under no_grad, where an inference tensor cannot be written.
         with torch.inference_mode(False):
-            self._allocated = [
-                [torch.zeros(batch, self.capacity, shape[0] + bias_columns, *shape[1:], dtype=dtype, device=device)
-                 for shape in entry_shapes]
+            self._allocated = [  # the spare columns follow the first entry (the latent) only
+                [torch.zeros(batch, self.capacity, shape[0] + (bias_columns if i == 0 else 0), *shape[1:], dtype=dtype,
+                             device=device)
+                 for i, shape in enumerate(entry_shapes)]
                 for _ in range(n_layers)
             ]
             self.buffers = [

@@ -10,6 +10,8 @@ here), and for FP8 checkpoints ``<linear>.weight_scale_inv`` (one float32 scale 
 128x128 block, multiplied in to dequantize); W8A8 int8 checkpoints (``dshal-ascend-convert``)
 ``<linear>.weight`` int8 with ``<linear>.weight_scale`` (one scale per output channel). The fused layout some transformers versions
 write (``mlp.experts.gate_up_proj`` ``[E, 2I, D]``, ``mlp.experts.down_proj``) is read too.
+DeepSeek-V3.2's indexer (``self_attn.indexer``): ``wq_b`` / ``wk`` as linears (FP8 blocks or
+not), ``k_norm.weight`` / ``.bias``, and ``weights_proj.weight`` read into float32.
 Tensors of multi-token-prediction layers (``model.layers.<num_hidden_layers + i>``) are
 skipped unless ``ModelArgs.mtp_layers`` asks for them (the model's ``mtp.<layer>``). A
 missing, unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.

@@ -9,6 +9,11 @@ the absorbed MLA path), so the same file runs on any backend the runtime selecte
 Module names mirror the Hugging Face checkpoint (``layers.N.self_attn.kv_b_proj`` is
 ``model.layers.N.self_attn.kv_b_proj`` on disk); see :mod:`dshal.model.loader`.
 
+DeepSeek-V3.2 (``args.sparse_attention``) adds an :class:`Indexer` to each ``MLA``
+(``self_attn.indexer``; its ``LayerNorm`` and float32 ``HeadWeights`` next to two ``Linear``):
+a query with more than ``index_topk`` keys attends to the ones it scores highest (plain torch
+glue too: the scores' matmuls, ``topk``, and the key mask added through more key dims).
+
 Transforms, not branches. Quantization and parallelism are applied to a built model,
 never tested for inside it:
 
@@ -16,7 +21,7 @@ never tested for inside it:
   weights (FP8 blocks + scales, or high precision);
 - a tensor-parallel transform swaps ``Linear`` modules for column/row-parallel ones
   (``q_b_proj``/``q_proj``, ``kv_b_proj``, MLP ``gate_up_proj`` column-parallel;
-  ``o_proj``, ``down_proj`` row-parallel with an all-reduce). ``MLA`` takes its local
+  ``o_proj``, ``down_proj`` row-parallel with an all-reduce; the indexer stays whole). ``MLA`` takes its local
   head count from the projection shapes (``view(..., -1, head_dim)``), so it needs no
   change; ``gate_up_proj`` holds the gate rows then the up rows, so a column split must
   take matching halves of each.
@@ -694,7 +699,7 @@ class ParallelState:
 
 
 class Transformer(nn.Module):
-    """DeepSeek-V3: ``embed -> layers -> norm -> lm_head``.
+    """DeepSeek-V3 (and V3.2, with its indexer): ``embed -> layers -> norm -> lm_head``.
 
     ``model(input_ids [B, T])`` returns logits ``[B, T, vocab]``; with a cache from
     :meth:`new_cache`, ``model(ids, start_pos, cache)`` continues a sequence.
@@ -929,7 +934,7 @@ class Transformer(nn.Module):
                 bound = f"in [1, {high}] (max_position_embeddings)" if high is not None else "in [1, 2**63 - 1]"
                 raise ArgumentError(f"new_cache: argument {arg!r} is {value!r}, expected an int {bound}")
         a = self.args
-        per_token = sum(math.prod(shape) + self._spare_columns(static) for shape in self._cache_entries(mode))
+        per_token = sum(math.prod(shape) for shape in self._cache_entries(mode)) + self._spare_columns(static)
         per_token *= a.dtype.itemsize
         slots = KVCache.slots(max_len, a.attention_window, a.attention_global_tokens)
         return self._cached_layers(mtp) * batch * slots * per_token
