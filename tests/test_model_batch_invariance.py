@@ -88,6 +88,33 @@ def test_the_per_row_static_step_gives_a_row_its_logits_alone_bit_for_bit():
             token = got.argmax(-1)
 
 
+@needs_kernels
+def test_deepseek_v32_decode_steps_give_a_row_its_logits_alone_bit_for_bit():
+    """DeepSeek-V3.2 past ``index_topk`` (4 keys kept of 6 and more): the indexer's scores and
+    its choice are per row too, so row 0 gets its logits alone, bit for bit, from the plain
+    decode step (each row's kept keys gathered) and the per-row static step (a key mask)."""
+    dshal.use(backend="cpu")
+    model = random_model(tiny_args(index_n_heads=8, index_head_dim=32, index_topk=4), seed=0)
+    ids = _ids(3, 6, seed=3)
+    with torch.inference_mode():
+        for static in (False, True):
+            batch_cache, logits = rows_prefilled_alone(model, ids, 2, static=static)
+            alone_cache, _ = rows_prefilled_alone(model, ids[:1], 2, static=static)
+            token = logits.argmax(-1)
+            if static:
+                together = StaticDecoder(model, batch_cache, lambda fn: fn, per_row=True)
+                alone = StaticDecoder(model, alone_cache, lambda fn: fn, per_row=True)
+                start = torch.tensor([6, 2, 5])  # rows 1, 2 as if their prompts were shorter
+            for i in range(2):
+                if static:
+                    got, want = together(token, start + i).clone(), alone(token[:1], start[:1] + i)
+                else:
+                    got = model(token[:, None], 6 + i, batch_cache, last_only=True)[:, -1]
+                    want = model(token[:1, None], 6 + i, alone_cache, last_only=True)[:, -1]
+                assert torch.equal(got[0], want[0]), (static, i)
+                token = got.argmax(-1)
+
+
 def test_strict_determinism_gives_a_prompt_its_logits_alone_in_a_batch():
     """``determinism: strict`` serves every batch-sensitive op row by row, so a prompt's
     prefill (every position) and decode logits are the same bits alone and as row 0 of a batch
