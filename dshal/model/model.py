@@ -21,10 +21,10 @@ never tested for inside it:
   weights (FP8 blocks + scales, or high precision);
 - a tensor-parallel transform swaps ``Linear`` modules for column/row-parallel ones
   (``q_b_proj``/``q_proj``, ``kv_b_proj``, MLP ``gate_up_proj`` column-parallel;
-  ``o_proj``, ``down_proj`` row-parallel with an all-reduce; the indexer stays whole). ``MLA`` takes its local
-  head count from the projection shapes (``view(..., -1, head_dim)``), so it needs no
-  change; ``gate_up_proj`` holds the gate rows then the up rows, so a column split must
-  take matching halves of each.
+  ``o_proj``, ``down_proj`` row-parallel with an all-reduce; DeepSeek-V3.2's indexer stays
+  whole). ``MLA`` takes its local head count from the projection shapes (``view(..., -1,
+  head_dim)``), so it needs no change; ``gate_up_proj`` holds the gate rows then the up rows,
+  so a column split must take matching halves of each.
 - an expert-parallel transform replaces ``MoE.experts`` (a :class:`RoutedExperts`, called
   as ``experts(x, weights, ids)`` with the router's global expert ids) with a module that
   serves its rank's share (``dshal.parallel.layers.ShardedExperts``: the others' slots as
@@ -258,8 +258,9 @@ class MLA(nn.Module):
 
     DeepSeek-V3.2 (``args.sparse_attention``): an :class:`Indexer` caches one more key per
     token, and a query with more than ``index_topk`` visible keys attends to the ``index_topk``
-    it scores highest, through a key mask (:meth:`_sparse_bias`); with fewer, to all of them,
-    which is the dense attention above.
+    it scores highest; with fewer, to all of them, which is the dense attention above. A decode
+    step's one query gathers its kept latent rows; more queries (a prefill chunk, expanded as
+    above) and static steps mask the others (:meth:`_sparse_bias`, :meth:`_attend_masked`).
     """
 
     #: Queries attended per call when a per-query key mask is added (each adds one key column).
@@ -322,9 +323,9 @@ class MLA(nn.Module):
         c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
         latent = torch.cat((self.kv_a_layernorm(c_kv), ops.rotary_embedding(k_pe, cos, sin, self.interleaved)), dim=-1)
         # DeepSeek-V3.2: the indexer's keys [B, T, Di], cached as one more entry of the layer
-        index_keys = () if self.indexer is None else (self.indexer.keys(x, cos, sin),)
+        index_keys: list[torch.Tensor] = [] if self.indexer is None else [self.indexer.keys(x, cos, sin)]
 
-        def sparse_bias(keys: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        def sparse_bias(keys: list[torch.Tensor]) -> torch.Tensor | None:
             return None if not keys else self._sparse_bias(x_q, q_latent, cos_q, sin_q, keys[0], cache)
 
         if cache is None:
@@ -335,30 +336,30 @@ class MLA(nn.Module):
             out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2), sparse_bias(index_keys))
         else:
             latent, *index_keys = cache.update(latent, *index_keys)
-            if index_keys and x_q.shape[1] == 1 and cache.key_bias is None and latent.shape[1] > self.indexer.topk:
-                # One query, the last position: it sees every key, and attends to the kept ones
-                # only, gathered (~3x faster than masking all of them: benchmarks/sparse_attention.py).
+            if self.indexer is not None and x_q.shape[1] == 1 and cache.key_bias is None and latent.shape[1] > self.indexer.topk:
+                # One query, the last position: it sees every key, and attends to the kept ones only,
+                # gathered (3x faster than masking the others, on CPU: benchmarks/sparse_attention.py).
                 kept = self._kept_keys(x_q, q_latent, cos_q, sin_q, index_keys[0])  # [B, topk]
                 out = self._attend_absorbed(q_nope, q_pe, latent.gather(1, kept[..., None].expand(-1, -1, latent.shape[-1])))
             elif x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill:
                 out = self._attend_expanded(q_nope, q_pe, *self._expand(latent), sparse_bias(index_keys))
             else:
                 out = self._attend_absorbed(q_nope, q_pe, latent, cache, sparse_bias(index_keys))
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, H, Tq, v] -> [B, Tq, H * v] -> [B, Tq, D]
 
     def _kept_keys(
-        self, x_q: torch.Tensor, q_latent: torch.Tensor, cos_q: torch.Tensor, sin_q: torch.Tensor, keys: torch.Tensor
+        self, x_q: torch.Tensor, q_latent: torch.Tensor | None, cos_q: torch.Tensor, sin_q: torch.Tensor, keys: torch.Tensor
     ) -> torch.Tensor:
         """The ``index_topk`` keys ``[B, topk]`` one query ``[B, 1, .]`` at the last position
         attends to (it sees all of ``keys [B, S, Di]``, S > topk)."""
-        assert self.indexer is not None
+        assert self.indexer is not None and q_latent is not None
         scores = self.indexer.scores(x_q, q_latent, cos_q, sin_q, keys)  # [B, 1, S]
         return scores[:, 0].topk(self.indexer.topk, dim=-1).indices
 
     def _sparse_bias(
         self,
         x_q: torch.Tensor,
-        q_latent: torch.Tensor,
+        q_latent: torch.Tensor | None,
         cos_q: torch.Tensor,
         sin_q: torch.Tensor,
         keys: torch.Tensor,
@@ -371,7 +372,7 @@ class MLA(nn.Module):
         all of them, the dense attention. Known on the host (key count, cache capacity), so a
         static step that may need the mask always computes it."""
         indexer = self.indexer
-        assert indexer is not None
+        assert indexer is not None and q_latent is not None  # V3.2 configs have a q LoRA (ModelArgs checks)
         bsz, tq = x_q.shape[:2]
         slen = keys.shape[1]
         if slen <= indexer.topk:
@@ -391,7 +392,7 @@ class MLA(nn.Module):
             best = scores.topk(indexer.topk, dim=-1).indices
             chosen[:, part].scatter_(-1, best, True)
         # A query with fewer visible keys than topk also "chose" invisible ones: they stay masked.
-        return torch.where(chosen & visible, 0.0, KVCache.MASKED_SCORE)  # [B, H, Tq, v] -> [B, Tq, H * v] -> [B, Tq, D]
+        return torch.where(chosen & visible, 0.0, KVCache.MASKED_SCORE)
 
     def _causal(self, q_len: int) -> bool:
         """A single query at the end sees every key: no mask needed unless a window applies."""
