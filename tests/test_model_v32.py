@@ -206,3 +206,21 @@ def test_v32_caches_and_reports_the_indexer_keys(v32):
     static = model.new_cache(2, 16, static=True)  # the static steps' spare key-bias columns: after the latent only
     assert [tuple(b.shape) for b in static._allocated[0]] == [(2, 16, latent + 8), (2, 16, index_key)]
     assert static.bytes_per_token == model.cache_bytes(1, 1, static=True) == per_token + args.num_hidden_layers * 8 * 4
+
+
+def test_v32_w8a8_checkpoint_of_the_ascend_converter_loads_weights_proj_back_to_float32(tmp_path):
+    """``dshal-ascend-convert`` makes int8 of every ``*_proj`` weight, the indexer's
+    ``weights_proj`` too: the loader reads it back into float32 (within int8 rounding of the
+    original), the indexer's wq_b / wk stay int8, and the model runs."""
+    convert = pytest.importorskip("dshal_ascend.convert")
+    args = tiny_args(**SPARSE)
+    tensors = random_checkpoint(args, seed=0, std=0.02)
+    save_checkpoint(tmp_path / "fp8", args, quantize_checkpoint_fp8(tensors))
+    convert.convert_checkpoint(tmp_path / "fp8", tmp_path / "int8")
+    model = from_pretrained(tmp_path / "int8", CPU)
+    indexer = model.layers[1].self_attn.indexer
+    assert indexer.wq_b.weight.dtype == indexer.wk.weight.dtype == torch.int8
+    original = tensors["model.layers.1.self_attn.indexer.weights_proj.weight"]
+    assert indexer.weights_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(indexer.weights_proj.weight, original, rtol=0, atol=original.abs().max().item() / 127)
+    assert model.generate(_prompt(args.vocab_size), 2).shape == (2, 22)

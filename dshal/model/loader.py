@@ -420,7 +420,14 @@ def load_weights(
             for name in ("weight", "bias"):
                 _set(module, name, ld.float_tensor(f"{hf}.{name}", tuple(module.weight.shape), path, args.dtype))
         elif isinstance(module, HeadWeights):  # the indexer's weights_proj: float32, as transformers keeps it
-            _set(module, "weight", ld.float_tensor(f"{hf}.weight", tuple(module.weight.shape), path, torch.float32))
+            shape = (module.weight.shape[0], module.weight.shape[1])
+            stored = reader.dtype(f"{hf}.weight") if f"{hf}.weight" in reader else None
+            if stored == torch.int8 or stored in FP8_DTYPES.values():  # quantized by a converter (a *_proj name)
+                w, s = ld.weight(hf, shape, path)
+                with conversion_ops(w, device):
+                    _set(module, "weight", dequantize_weight(w, s, torch.float32).to(device))
+            else:
+                _set(module, "weight", ld.float_tensor(f"{hf}.weight", shape, path, torch.float32))
         if progress is not None:
             progress("read", done, len(loaded))
     # left over: under a module's prefix, but nothing read them (``experts.3.gate_proj.bias``)
