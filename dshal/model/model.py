@@ -431,9 +431,11 @@ class MLA(nn.Module):
             part = slice(t, t + self.MASKED_QUERY_CHUNK)
             columns = (bias[:, part] / self.softmax_scale).clamp(min=low).to(k.dtype).mT  # [B, S, c]
             queries = columns.shape[-1]
-            one_hot = torch.eye(queries, dtype=q.dtype, device=q.device).expand(*q.shape[:2], queries, queries)
-            q_part = torch.cat((q[:, :, part], one_hot), dim=-1)  # [B, H, c, . + c]
-            k_part = torch.cat((k, columns[:, None].expand(-1, k.shape[1], -1, -1)), dim=-1)  # [B, Hk, S, . + c]
+            width = -(-queries // 8) * 8  # zero dims up to a multiple of 8, as fused kernels want head dims
+            columns = F.pad(columns, (0, width - queries))  # [B, S, w]
+            one_hot = torch.eye(queries, width, dtype=q.dtype, device=q.device).expand(*q.shape[:2], queries, width)
+            q_part = torch.cat((q[:, :, part], one_hot), dim=-1)  # [B, H, c, . + w]
+            k_part = torch.cat((k, columns[:, None].expand(-1, k.shape[1], -1, -1)), dim=-1)  # [B, Hk, S, . + w]
             outs.append(ops.attention(q_part, k_part, v, False, self.softmax_scale, None, 0))
         return torch.cat(outs, dim=2)  # [B, H, T, v]
 
