@@ -809,6 +809,8 @@ def _tokens_vs_eager(match: bool | None) -> str:
 
 def _kv_cache_line(kv: dict[str, Any]) -> str:
     line = f"KV cache ({kv['mode']}): {kv['bytes_per_token']} bytes/token (naive MLA: {kv['bytes_per_token_naive']})"
+    if kv.get("bytes_per_token_indexer"):  # DeepSeek-V3.2: its indexer's keys, in both figures
+        line += f", of which the sparse-attention indexer's keys: {kv['bytes_per_token_indexer']}"
     if kv.get("window"):
         line += (
             f"; window {kv['window']} + {kv['global_tokens']} global tokens: "
