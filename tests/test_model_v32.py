@@ -182,6 +182,8 @@ def test_v32_config_is_read_and_its_index_keys_checked():
         ModelArgs.from_hf_config({**cfg, "index_head_dim": 32})
     with pytest.raises(dshal.ConfigError, match="q_lora_rank is null, expected a positive integer"):
         ModelArgs.from_hf_config({**cfg, "q_lora_rank": None})
+    with pytest.raises(dshal.ConfigError, match="rope_interleave is false, expected true"):
+        ModelArgs.from_hf_config({**cfg, "rope_interleave": False})
     with pytest.raises(dshal.ConfigError, match="index_topk is 0, expected a positive integer"):
         tiny_args(index_n_heads=4, index_head_dim=32)
     with pytest.raises(dshal.ConfigError, match="attention.window is 64, expected null for a DeepSeek-V3.2 model"):

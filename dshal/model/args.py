@@ -276,6 +276,11 @@ class ModelArgs:
                 "config.json: q_lora_rank is null, expected a positive integer: DeepSeek-V3.2's indexer reads the "
                 "query LoRA latent (index_n_heads is set)"
             )
+        if not self.rope_interleave:
+            raise ConfigError(
+                "config.json: rope_interleave is false, expected true (or no such key) for a DeepSeek-V3.2 model "
+                "(index_n_heads set): its attention rotates interleaved pairs, as transformers' DeepseekV32 does"
+            )
         if self.attention_window is not None:
             raise ConfigError(
                 f"attention.window is {self.attention_window}, expected null for a DeepSeek-V3.2 model (sparse "
@@ -375,8 +380,6 @@ class ModelArgs:
             if k in cfg and k not in ("rope_scaling", "dtype", "fp8_format", "weight_block_size")
             and (sparse or k not in INDEX_KEYS)  # a DeepSeek-V3 config's index_* keys (if any) describe no layer
         }
-        if sparse:  # transformers' DeepseekV32 rotates MLA's pairs interleaved whatever the key says
-            plain.pop("rope_interleave", None)
         rope_theta, rope_scaling = _rope_from_config(cfg)
         plain["rope_theta"] = rope_theta
         plain["rope_scaling"] = rope_scaling
@@ -443,7 +446,7 @@ class ModelArgs:
             "weight_block_size",
             "scale_fmt",
         }
-        if self.sparse_attention:  # transformers' DeepseekV32Config always rotates MLA's pairs interleaved
+        if self.sparse_attention:  # transformers' DeepseekV32Config has no such key: always interleaved
             runtime_only.add("rope_interleave")
         else:
             runtime_only.update(INDEX_KEYS)
