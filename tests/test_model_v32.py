@@ -17,8 +17,9 @@ from dshal.model.checkpoint import (
     random_checkpoint,
     save_checkpoint,
 )
-from dshal.model.loader import CheckpointReader
+from dshal.model.loader import CheckpointReader, DictReader
 from dshal.model.run import _kv_cache_line
+from dshal.model.speculative import generate_speculative
 from dshal.plan.plan import default_config
 
 transformers = pytest.importorskip("transformers")
@@ -188,8 +189,7 @@ def test_v32_config_is_read_and_its_index_keys_checked():
         tiny_args(index_n_heads=4, index_head_dim=32)
     with pytest.raises(dshal.ConfigError, match="attention.window is 64, expected null for a DeepSeek-V3.2 model"):
         ModelArgs.from_hf_config(cfg, attention_window=64)
-    with pytest.raises(dshal.ConfigError, match="mtp_layers is 1, expected 0 for a DeepSeek-V3.2 model.*--speculative"):
-        ModelArgs.from_hf_config(cfg, mtp_layers=1)
+    assert ModelArgs.from_hf_config(cfg, mtp_layers=1).mtp_layers == 1  # its MTP layer, with an indexer too
 
 
 def test_v32_caches_and_reports_the_indexer_keys(v32):
@@ -229,3 +229,31 @@ def test_v32_w8a8_checkpoint_of_the_ascend_converter_loads_weights_proj_back_to_
     assert indexer.weights_proj.weight.dtype == torch.float32
     torch.testing.assert_close(indexer.weights_proj.weight, original, rtol=0, atol=original.abs().max().item() / 127)
     assert model.generate(_prompt(args.vocab_size), 2).shape == (2, 22)
+
+
+def test_v32_speculative_decoding_with_its_mtp_layer_gives_the_greedy_tokens():
+    """The MTP layer of a DeepSeek-V3.2 checkpoint is a layer with its own indexer (its keys in
+    the MTP cache); the main model verifies each draft in two-token steps past ``index_topk``.
+    Greedy speculative decoding gives ``generate``'s tokens, one prompt or prompts of different
+    lengths (static steps, a key mask per row), drafts kept and rejected both."""
+    args = tiny_args(**{**SPARSE, "index_topk": 4}, num_nextn_predict_layers=1, mtp_layers=1)
+    tensors = random_checkpoint(args, seed=1, std=0.05)
+    mtp = f"model.layers.{args.num_hidden_layers}"
+    assert f"{mtp}.self_attn.indexer.wk.weight" in tensors
+    # A draft that repeats its input token (MTP attention and FFN add nothing; its head is the
+    # embedding): right wherever the random model repeats itself, so some drafts are kept.
+    d = args.hidden_size
+    tensors[f"{mtp}.eh_proj.weight"] = torch.cat((torch.eye(d), torch.zeros(d, d)), 1)
+    for name in [n for n in tensors if n.startswith(mtp) and n.endswith(("o_proj.weight", "down_proj.weight"))]:
+        tensors[name] = torch.zeros_like(tensors[name])
+    tensors[f"{mtp}.shared_head.head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    model = build_model(args, DictReader(tensors), device="cpu")
+    assert model.new_cache(1, 8, mtp=True).buffers[0][1].shape[-1] == args.index_head_dim
+    ids = _prompt(args.vocab_size, length=9, seed=3)
+    got, stats = generate_speculative(model, ids, 12, prefill_chunk=4)
+    assert torch.equal(got, model.generate(ids, 12))
+    lens = [9, 6]
+    rows, ragged = generate_speculative(model, ids, 12, prompt_lens=lens)
+    for b, n in enumerate(lens):
+        assert torch.equal(rows[b, : n + 12], model.generate(ids[b : b + 1, :n], 12)[0])
+    assert stats.accepted >= 3 and ragged.accepted >= 3 and stats.steps > stats.accepted  # kept and rejected

@@ -505,8 +505,8 @@ def test_plan_does_not_claim_no_block_cuts_for_a_checkpoint_quantized_on_load(tm
 def test_plan_counts_deepseek_v32s_indexer_on_every_rank_and_its_cached_keys(tmp_path: Path) -> None:
     """DeepSeek-V3.2 (``model_type: deepseek_v32``): each layer's lightning indexer (wq_b, wk,
     k_norm, weights_proj) is whole on every TP rank, and its one key per token joins the KV
-    cache; prompts past ``index_topk`` run the sparse path on the meta device too. Its MTP
-    layer is refused with speculative decoding (not supported with the indexer)."""
+    cache; prompts past ``index_topk`` run the sparse path on the meta device too, and its MTP
+    layer (``--speculative mtp``) has an indexer of its own."""
     heads, dim = 64, 128
     sparse = dict(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_n_heads=heads,
                   index_head_dim=dim, index_topk=16)
@@ -519,5 +519,6 @@ def test_plan_counts_deepseek_v32s_indexer_on_every_rank_and_its_cached_keys(tmp
     indexer = heads * dim * q_lora + dim * d + 2 * dim + heads * d
     assert v32["weights"]["attention"]["params"] - v3["weights"]["attention"]["params"] == 5 * indexer
     assert v32["kv_cache"]["bytes_per_token"] - v3["kv_cache"]["bytes_per_token"] == 5 * dim * 2  # bf16 keys
-    with pytest.raises(ConfigError, match="mtp_layers is 1, expected 0 for a DeepSeek-V3.2 model"):
-        make_plan(PlanRequest(config=config, **request, speculative="mtp"))
+    with_mtp = make_plan(PlanRequest(config=config, **request, speculative="mtp"))["ranks"][0]
+    v3_mtp = make_plan(PlanRequest(config=_config(tmp_path, num_hidden_layers=5), **request, speculative="mtp"))
+    assert with_mtp["weights"]["MTP layer"]["params"] - v3_mtp["ranks"][0]["weights"]["MTP layer"]["params"] == indexer

@@ -253,7 +253,7 @@ class ModelArgs:
 
     def _check_indexer(self) -> None:
         """DeepSeek-V3.2's indexer sizes: all 0 (DeepSeek-V3) or all positive, with what the
-        indexer reads (the q LoRA latent, a rotary part) and without what it cannot run with."""
+        indexer reads (the q LoRA latent, a rotary part) and without an attention window."""
         values = {name: getattr(self, name) for name in INDEX_KEYS}
         for name, value in values.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -285,12 +285,6 @@ class ModelArgs:
             raise ConfigError(
                 f"attention.window is {self.attention_window}, expected null for a DeepSeek-V3.2 model (sparse "
                 "attention, index_topk set): dshal does not combine an attention window with the indexer's selection"
-            )
-        if self.mtp_layers:
-            raise ConfigError(
-                f"mtp_layers is {self.mtp_layers}, expected 0 for a DeepSeek-V3.2 model (sparse attention, "
-                "index_topk set): its multi-token-prediction layer (speculative decoding, --speculative) "
-                "is not supported with the indexer yet"
             )
 
     def _check_sizes_together(self) -> None:
