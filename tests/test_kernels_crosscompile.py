@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -52,6 +53,10 @@ def test_dshal_kernels_every_shipped_config_lowers_fits_and_uses_the_tensor_core
             assert r["shared_bytes"] <= r["shared_limit"] and r["spills"] == 0
             assert r["stages_built"] >= 1 and r["async_copy"], r  # pipelined: specializations applied
         assert {r["kernel"] for r in mine} >= {"rms_norm (residual)", "fp8_quantize_blocks (1x128)", "rotary_embedding"}
+        # DeepSeek-V3.2's sparse MLA (decode and an MTP step): bfloat16 tensor-core dots, no spill
+        sparse = [r for r in mine if r["kernel"].startswith("sparse_mla_attention")]
+        assert len(sparse) == 2 and all(r["spills"] == 0 and r["shared_bytes"] <= r["shared_limit"] for r in sparse), sparse
+        assert all(any(re.fullmatch(r"mma\.sync\.aligned\S*\.bf16\S*|v_mfma_f32_\w*bf16", m) for m in r["mma"]) for r in sparse), sparse
 
     # sm_90a: wgmma for warpgroup tiles, cp.async with every stage built
     hopper = [r for r in rows if r["target"] == "sm_90a" and r["kernel"].startswith("fp8_block_gemm")]

@@ -35,6 +35,7 @@ from dshal.kernels.triton.moe import grouped_moe_experts  # noqa: E402
 from dshal.kernels.triton.norm import rms_norm  # noqa: E402
 from dshal.kernels.triton.quant import fp8_quantize_blocks  # noqa: E402
 from dshal.kernels.triton.rotary import rotary_embedding  # noqa: E402
+from dshal.kernels.triton.sparse_attention import sparse_mla_attention  # noqa: E402
 from dshal.kernels.triton.target import SHIPPED_TARGETS, KernelTarget, TileConfig  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
 
@@ -405,6 +406,29 @@ def test_rotary_stays_inside_ragged_rows(interleaved):
     assert_launches_stay_inside(rotary_embedding, x, cos, sin, interleaved)
     out = call_guarded(rotate, dict(x=x, cos=cos, sin=sin), col_strides={"x": 2, "cos": 3})
     assert_matches(out, ref.rotary_embedding(x, cos, sin, interleaved))
+
+
+# ---------------------------------------------------------------- sparse MLA
+#: The sparse MLA tilings the shipped tables hold (warps and stages do not change the interpreter's run).
+SPARSE_TILES = sorted({(t.sparse_attention_tile.block_m, t.sparse_attention_tile.block_n) for t in SHIPPED_TARGETS.values()})
+
+
+@pytest.mark.parametrize("tile", SPARSE_TILES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sparse_mla_attention_stays_inside_ragged_operands(tile, dtype):
+    """19 heads (a partial head block), D = 70 (a partial column step), 37 keys a query (a
+    partial key block), -1 entries: the gathered rows and the output stay inside."""
+    torch.manual_seed(0)
+    q, kv = torch.randn(2, 19, 3, 70).to(dtype), torch.randn(2, 23, 70).to(dtype)
+    indices = torch.randint(-1, 23, (2, 3, 37))
+    target = dataclasses.replace(KernelTarget.interpreter(), sparse_attention_tile=TileConfig(*tile, num_stages=1))
+
+    def attend(q, kv, indices):
+        return sparse_mla_attention(q, kv, indices, 0.2, 45, target=target)
+
+    assert_launches_stay_inside(attend, q, kv, indices)
+    out = call_guarded(attend, dict(q=q, kv=kv, indices=indices), col_strides={"q": 2})
+    assert_matches(out, ref.sparse_mla_attention(q, kv, indices, 0.2, 45), **({"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}))
 
 
 # ---------------------------------------------------------------- the check itself

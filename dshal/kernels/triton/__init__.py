@@ -1,6 +1,7 @@
 """Portable Triton kernels shared by the GPU plugins (NVIDIA, AMD).
 
-Each kernel module (``quant``, ``gemm``, ``norm``, ``activation``, ``rotary``, ``moe``)
+Each kernel module (``quant``, ``gemm``, ``norm``, ``activation``, ``rotary``, ``moe``,
+``sparse_attention``)
 imports ``triton`` and defines ``@triton.jit`` kernels with a checked Python wrapper
 beside each one (its input checks are skipped inside :func:`dshal.ops.trusted`, as the ops'
 own are). Hardware-specific tuning comes from a :class:`~.target.KernelTarget`
@@ -38,7 +39,7 @@ from dshal.errors import BackendUnavailableError
 from dshal.versions import SUPPORTED, installed, minor
 
 #: The modules that define ``@triton.jit`` kernels (decorated at import time).
-KERNEL_MODULES = ("quant", "gemm", "norm", "activation", "rotary", "moe")
+KERNEL_MODULES = ("quant", "gemm", "norm", "activation", "rotary", "moe", "sparse_attention")
 #: Held while the interpreter switch is decided and the kernel modules are imported, so that
 #: threads using the kernels for the first time at once see one consistent outcome.
 _FIRST_USE = threading.RLock()

@@ -175,7 +175,7 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
 
     Imports the kernel modules: call it in a process where ``TRITON_INTERPRET`` is unset."""
     mods = {m: importlib.import_module(f"dshal.kernels.triton.{m}") for m in
-            ("quant", "gemm", "norm", "activation", "rotary", "moe")}  # fmt: skip
+            ("quant", "gemm", "norm", "activation", "rotary", "moe", "sparse_attention")}  # fmt: skip
     e4m3 = target.fp8_e4m3
     jobs: list[CompileJob] = []
 
@@ -234,6 +234,14 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
     q = torch.empty(1, 64, 128, 64, dtype=torch.bfloat16)  # [B, T, H, rope dim]
     cos = torch.empty(64, 1, 32, dtype=torch.bfloat16)
     cap("rotary_embedding", lambda: mods["rotary"].rotary_embedding(q, cos, cos, True, target=target))
+    # DeepSeek-V3.2's sparse MLA over the latent (512 + 64), 128 heads, 2048 kept of 4096 keys:
+    # a decode step (T = 1 is a constexpr specialization) and an MTP step's two queries
+    kv = torch.empty(4, 4096, 576, dtype=torch.bfloat16)
+    for tq in (1, 2):
+        qs, kept = torch.empty(4, 128, tq, 576, dtype=torch.bfloat16), torch.zeros(4, tq, 2048, dtype=torch.int64)
+        cap(f"sparse_mla_attention (T={tq})",
+            lambda qs=qs, kept=kept: mods["sparse_attention"].sparse_mla_attention(qs, kv, kept, 576**-0.5, 512, target=target,
+                                                                                 check_indices=False))  # fmt: skip
     return jobs
 
 

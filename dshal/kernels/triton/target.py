@@ -116,6 +116,8 @@ class KernelTarget:
       sets how token rows are grouped per expert, so it is not autotuned; ``moe_block_k``
       divides 128 so FP8 weight blocks have one scale per K step).
     - ``elementwise_warps``: warps per program of the row-wise kernels (norm, activation...).
+    - ``sparse_attention_tile``: the sparse MLA kernel's program: ``block_m`` query heads,
+      ``block_n`` gathered keys per step (both at least 16: ``tl.dot``'s smallest), warps, stages.
     """
 
     name: str
@@ -130,6 +132,7 @@ class KernelTarget:
     moe_block_k: int = 64
     bf16_dot: bool = True
     elementwise_warps: int = 4
+    sparse_attention_tile: TileConfig = TileConfig(16, 32, num_warps=4, num_stages=1)
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -146,6 +149,9 @@ class KernelTarget:
             )
         if not self.gemm_tiles:
             raise ValueError("KernelTarget: gemm_tiles is empty, expected at least one TileConfig")
+        if min(self.sparse_attention_tile.block_m, self.sparse_attention_tile.block_n) < 16:
+            raise ValueError(f"KernelTarget: sparse_attention_tile is {self.sparse_attention_tile}, expected block_m and "
+                             "block_n of at least 16 (tl.dot's smallest)")
 
     # ------------------------------------------------------------------ queries
     def dot_takes(self, dtype: torch.dtype) -> bool:
@@ -341,8 +347,9 @@ def read_target(path: Path) -> KernelTarget:
     for key in _TILE_FIELDS:
         if key in data:
             data[key] = tuple(TileConfig(**tile) for tile in data[key])
-    if "moe_tile" in data:
-        data["moe_tile"] = TileConfig(**data["moe_tile"])
+    for key in ("moe_tile", "sparse_attention_tile"):
+        if key in data:
+            data[key] = TileConfig(**data[key])
     for key in _DTYPE_FIELDS:
         if key in data:
             data[key] = tuple(_fp8_dtype(path, key, name) for name in data[key])
