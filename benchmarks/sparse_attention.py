@@ -90,10 +90,13 @@ def main() -> None:
     def sparse_op() -> None:  # what the model core calls: the backend's sparse_mla_attention
         ops.sparse_mla_attention(q, latent, kept[None, None], scale, rank)
 
+    def sparse_reference() -> None:  # the op's reference (batched products over the gathered rows)
+        ops.SPECS["sparse_mla_attention"].reference_impl(q, latent, kept[None, None], scale, rank)
+
     with torch.inference_mode():
         print(f"one layer's decode attention: key mask {_best(masked, 10) * 1e6:8.0f} us   "
               f"gather of the kept keys {_best(gathered, 10) * 1e6:8.0f} us   "
-              f"sparse_mla_attention {_best(sparse_op, 10) * 1e6:8.0f} us")
+              f"sparse_mla_attention {_best(sparse_op, 10) * 1e6:8.0f} us (its reference {_best(sparse_reference, 10) * 1e6:8.0f} us)")
 
 
 if __name__ == "__main__":

@@ -409,7 +409,7 @@ def sparse_mla_attention(q, kv, indices, scale, v_dim):
     step = max(1, CHUNK_ELEMENTS // (batch * keys * dim))  # gathered rows [B, c, K, D] per chunk
     for t in range(0, tq, step):
         part = slice(t, t + step)
-        rows = gather_rows(kv, indices[:, part])  # [B, c, K, D]
+        rows = gather_rows(kv, indices[:, part], zero_unnamed=False)  # [B, c, K, D] (no -1 here)
         chunk = rows.shape[1]
         rows = rows.reshape(batch * chunk, 1, keys, dim)
         queries = q[:, :, part].transpose(1, 2).reshape(batch * chunk, heads, 1, dim)
