@@ -20,6 +20,8 @@ pytestmark = [
     pytest.mark.timeout(600),
 ]
 TARGETS = ("sm_90a", "sm_100a", "sm_120a", "gfx942", "gfx950")
+#: A bfloat16 tensor-core instruction: Hopper's warpgroup MMA, Blackwell's tcgen05 (f16 kind), mma.sync, AMD's MFMA.
+BF16_MMA = r"wgmma\.mma_async\S*\.bf16\S*|tcgen05\.mma\S*kind::f16|mma\.sync\.aligned\S*\.bf16\S*|v_mfma_f32_\w*bf16"
 
 
 def test_dshal_kernels_every_shipped_config_lowers_fits_and_uses_the_tensor_cores(tmp_path, capsys):
@@ -56,7 +58,10 @@ def test_dshal_kernels_every_shipped_config_lowers_fits_and_uses_the_tensor_core
         # DeepSeek-V3.2's sparse MLA (decode and an MTP step): bfloat16 tensor-core dots, no spill
         sparse = [r for r in mine if r["kernel"].startswith("sparse_mla_attention")]
         assert len(sparse) == 2 and all(r["spills"] == 0 and r["shared_bytes"] <= r["shared_limit"] for r in sparse), sparse
-        assert all(any(re.fullmatch(r"mma\.sync\.aligned\S*\.bf16\S*|v_mfma_f32_\w*bf16", m) for m in r["mma"]) for r in sparse), sparse
+        assert all(any(re.fullmatch(BF16_MMA, m) for m in r["mma"]) for r in sparse), sparse
+        index = [r for r in mine if r["kernel"].startswith("indexer_topk scores")]  # the indexer: decode, prefill
+        assert len(index) == 2 and all(r["spills"] == 0 and r["shared_bytes"] <= r["shared_limit"] for r in index), index
+        assert all(any(re.fullmatch(BF16_MMA, m) for m in r["mma"]) for r in index), index
 
     # sm_90a: wgmma for warpgroup tiles, cp.async with every stage built
     hopper = [r for r in rows if r["target"] == "sm_90a" and r["kernel"].startswith("fp8_block_gemm")]

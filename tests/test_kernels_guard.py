@@ -35,7 +35,7 @@ from dshal.kernels.triton.moe import grouped_moe_experts  # noqa: E402
 from dshal.kernels.triton.norm import rms_norm  # noqa: E402
 from dshal.kernels.triton.quant import fp8_quantize_blocks  # noqa: E402
 from dshal.kernels.triton.rotary import rotary_embedding  # noqa: E402
-from dshal.kernels.triton.sparse_attention import sparse_mla_attention  # noqa: E402
+from dshal.kernels.triton.sparse_attention import indexer_topk, sparse_mla_attention  # noqa: E402
 from dshal.kernels.triton.target import SHIPPED_TARGETS, KernelTarget, TileConfig  # noqa: E402
 from dshal.ops import reference as ref  # noqa: E402
 
@@ -429,6 +429,21 @@ def test_sparse_mla_attention_stays_inside_ragged_operands(tile, dtype):
     assert_launches_stay_inside(attend, q, kv, indices)
     out = call_guarded(attend, dict(q=q, kv=kv, indices=indices), col_strides={"q": 2})
     assert_matches(out, ref.sparse_mla_attention(q, kv, indices, 0.2, 45), **({"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_indexer_scores_stay_inside_ragged_operands(dtype):
+    """5 heads, Di = 70 (a partial column step), 83 keys (a partial key block)."""
+    torch.manual_seed(0)
+    q, weights, k = torch.randn(2, 3, 5, 70).to(dtype), torch.randn(2, 3, 5), torch.randn(2, 83, 70).to(dtype)
+    target = dataclasses.replace(KernelTarget.interpreter(), indexer_tile=TileConfig(32, 32, num_stages=1))
+
+    def select(q, weights, k):
+        return indexer_topk(q, weights, k, 9, target=target)
+
+    assert_launches_stay_inside(select, q, weights, k)
+    got = call_guarded(select, dict(q=q, weights=weights, k=k), col_strides={"k": 2})
+    assert torch.equal(got.sort(dim=-1).values, ref.indexer_topk(q, weights, k, 9).sort(dim=-1).values)
 
 
 # ---------------------------------------------------------------- the check itself

@@ -57,9 +57,11 @@ from dshal.versions import installed, interpreter_refusal
 log = logging.getLogger(__name__)
 
 #: Ops served by a Triton kernel (the rest: fp8_gemm, linear, attention go through torch).
-TRITON_OPS = ("quantize_fp8", "rms_norm", "silu_and_mul", "rotary_embedding", "moe_experts", "sparse_mla_attention")
+TRITON_OPS = (
+    "quantize_fp8", "rms_norm", "silu_and_mul", "rotary_embedding", "moe_experts", "sparse_mla_attention", "indexer_topk",
+)
 #: Ops served by their reference implementation on the device's tensors (plain torch math).
-REFERENCE_OPS = ("dequantize_fp8", "moe_gate", "indexer_topk")
+REFERENCE_OPS = ("dequantize_fp8", "moe_gate")
 #: Block shapes the Triton quantization kernel takes (others use the torch reference math).
 TRITON_QUANT_BLOCKS = ((1, 128), (128, 128))
 #: Dtypes the Triton elementwise kernels take (float64 is an oracle dtype: torch math serves it).
@@ -452,7 +454,10 @@ class TorchGpuBackend(Backend):
             "non-finite guard built on the device: where every key is seen (decode), products by zeros on the "
             "inputs as given, else zeroed copies"
         )
-        notes["indexer_topk"] = "reference torch math on the device (float32 scores as batched products, torch.topk)"
+        notes["indexer_topk"] = (
+            "Triton scores kernel (one program per query and block of keys, every head, float32 accumulation), then "
+            "torch.topk; float64, over 128 heads or a head over 512: reference math"
+        )
         notes["sparse_mla_attention"] = (
             "Triton kernel (one program per query and block of heads: the kept latent rows gathered, online softmax, "
             "float32 accumulation); float64 and value rows over 1024: reference math"
@@ -515,7 +520,6 @@ class TorchGpuBackend(Backend):
             # Vectorized torch math that runs as well on the device: served as is (kind "reference").
             "dequantize_fp8": SPECS["dequantize_fp8"].reference_impl,
             "moe_gate": SPECS["moe_gate"].reference_impl,
-            "indexer_topk": SPECS["indexer_topk"].reference_impl,
         }
         if self._triton_ok():
             table.update(
@@ -525,6 +529,7 @@ class TorchGpuBackend(Backend):
                 rotary_embedding=self.rotary_embedding,
                 moe_experts=self.moe_experts,
                 sparse_mla_attention=self.sparse_mla_attention,
+                indexer_topk=self.indexer_topk,
             )
         return table
 
@@ -723,6 +728,12 @@ class TorchGpuBackend(Backend):
             return self._reference("sparse_mla_attention")(q, kv, indices, scale, v_dim)
         # the wrapper checks the indices' range (host read checked, device assert trusted)
         return kernels.sparse_mla_attention(q, kv, indices, scale, v_dim, target=self.target())
+
+    def indexer_topk(self, q, weights, k, topk, visible=None):
+        kernels = self.kernels().sparse_attention
+        if q.dtype not in TRITON_FLOAT_DTYPES or q.shape[2] > kernels.MAX_INDEX_HEADS or q.shape[3] > kernels.MAX_INDEX_DIM:
+            return self._reference("indexer_topk")(q, weights, k, topk, visible)
+        return kernels.indexer_topk(q, weights, k, topk, visible, target=self.target())
 
     def attention(self, q, k, v, causal=True, scale=None, window=None, global_tokens=0):
         # The contract's NaN rule, without reading a value on the host (also when emulated on

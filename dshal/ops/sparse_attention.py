@@ -94,6 +94,14 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor) -> tor
 
 @indexer_topk.reference
 def _indexer_topk_reference(q, weights, k, topk, visible=None):
+    return top_visible_keys(index_scores, q, weights, k, topk, visible)
+
+
+def top_visible_keys(scorer, q, weights, k, topk, visible=None):  # noqa: ANN001, ANN201
+    """:func:`indexer_topk` with the scores ``[B, c, S]`` of each chunk of queries from
+    ``scorer(q, weights, k)`` (:func:`index_scores`, or a kernel computing the same): the
+    visibility, the ranking (NaN last among the visible keys) and the -1 entries, in one place
+    for every provider."""
     batch, tq, heads, _ = q.shape
     slen = k.shape[1]
     out = torch.full((batch, tq, topk), NO_KEY, dtype=torch.int64, device=q.device)
@@ -104,7 +112,7 @@ def _indexer_topk_reference(q, weights, k, topk, visible=None):
     step = _query_chunk(heads * slen)
     for t in range(0, tq, step):
         part = slice(t, t + step)
-        scores = index_scores(q[:, part], weights[:, part], k)  # [B, c, S]
+        scores = scorer(q[:, part], weights[:, part], k)  # [B, c, S]
         seen = causal[part].expand_as(scores) if visible is None else visible[:, part]
         # Smallest first: minus the score, a NaN score after every other visible key (+inf),
         # the hidden keys after them all (torch.topk orders NaN past +inf).

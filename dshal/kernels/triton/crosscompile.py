@@ -242,6 +242,12 @@ def shipped_jobs(target: KernelTarget) -> list[CompileJob]:
         cap(f"sparse_mla_attention (T={tq})",
             lambda qs=qs, kept=kept: mods["sparse_attention"].sparse_mla_attention(qs, kv, kept, 576**-0.5, 512, target=target,
                                                                                  check_indices=False))  # fmt: skip
+    # its lightning indexer's scores: 64 heads of 128 over 4096 cached keys, a decode step and a prefill chunk
+    index_keys = torch.empty(1, 4096, 128, dtype=torch.bfloat16)
+    for tq in (1, 64):
+        qi, wi = torch.empty(1, tq, 64, 128, dtype=torch.bfloat16), torch.empty(1, tq, 64)
+        cap(f"indexer_topk scores (T={tq})",
+            lambda qi=qi, wi=wi: mods["sparse_attention"].indexer_topk(qi, wi, index_keys, 2048, target=target))  # fmt: skip
     return jobs
 
 

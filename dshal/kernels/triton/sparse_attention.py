@@ -1,5 +1,6 @@
-"""DeepSeek Sparse Attention's attention: MLA over each query's chosen latent rows
-(:func:`dshal.ops.sparse_mla_attention`), one program per (batch, query, block of heads)."""
+"""DeepSeek Sparse Attention's two kernels: MLA over each query's chosen latent rows
+(:func:`dshal.ops.sparse_mla_attention`), one program per (batch, query, block of heads), and
+the lightning indexer's scores (:func:`dshal.ops.indexer_topk`; its top-k is ``torch.topk``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from dshal.errors import DTypeError, ShapeError
 from dshal.kernels.triton._checks import check_kernel_device, checked_target, launch, module_interpreted, resolve_target
 from dshal.kernels.triton._jit import cast_rne
 from dshal.kernels.triton.target import KernelTarget
-from dshal.ops.sparse_attention import check_key_indices as key_indices_in_range, sparse_mla_attention as _spec
+from dshal.ops.sparse_attention import (
+    check_key_indices as key_indices_in_range,
+    indexer_topk as _indexer_spec,
+    sparse_mla_attention as _spec,
+    top_visible_keys,
+)
 
 INTERPRETED = module_interpreted()
 # (``key_indices_in_range``: a value check, kept inside dshal.ops.trusted() as a device-side assert,
@@ -164,3 +170,110 @@ def sparse_mla_attention(
 
 
 __all__ = ["BLOCK_D", "MAX_V_DIM", "sparse_mla_attention"]
+
+
+# ---------------------------------------------------------------- the indexer's scores
+#: The widest indexer head one program holds (``Di``), and the most heads (``Hi``).
+MAX_INDEX_DIM = 512
+MAX_INDEX_HEADS = 128
+
+
+@triton.jit
+def _index_scores_kernel(
+    q_ptr, w_ptr, k_ptr, out_ptr,
+    T, S, HI, DI, key_blocks,
+    sq_b, sq_t, sq_h, sw_b, sw_t, sk_b, sk_s, so_b, so_t,
+    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    bt = pid // key_blocks
+    b = (bt // T).to(tl.int64)
+    t = (bt % T).to(tl.int64)
+    keys = (pid % key_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    key_ok = keys < S
+    heads = tl.arange(0, BLOCK_H)
+    head_ok = heads < HI
+    q_rows = q_ptr + b * sq_b + t * sq_t + heads[:, None] * sq_h
+    k_rows = k_ptr + b * sk_b + keys.to(tl.int64)[:, None] * sk_s
+    dots = tl.zeros([BLOCK_H, BLOCK_S], tl.float32)
+    for d0 in range(0, DI, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < DI
+        qd = tl.load(q_rows + cols[None, :], mask=head_ok[:, None] & col_ok[None, :], other=0.0)
+        kd = tl.load(k_rows + cols[None, :], mask=key_ok[:, None] & col_ok[None, :], other=0.0)
+        dots = tl.dot(qd.to(DOT), tl.trans(kd.to(DOT)), dots, input_precision="ieee")
+    w = tl.load(w_ptr + b * sw_b + t * sw_t + heads, mask=head_ok, other=0.0)
+    scores = tl.sum(w[:, None] * tl.maximum(dots, 0.0), axis=0)  # sum_h w_h relu(q_h . k)
+    # relu(NaN) must stay NaN (tl.maximum may drop it): the op ranks NaN scores last. Only real
+    # heads count: a padding head's zero query times an infinite key is NaN too.
+    nan_dots = ((dots != dots) & head_ok[:, None]).to(tl.int32)
+    scores = tl.where(tl.sum(nan_dots, axis=0) > 0, float("nan"), scores)
+    tl.store(out_ptr + b * so_b + t * so_t + keys, scores, mask=key_ok)
+
+
+def _check_indexer_topk(fn: str, q, weights, k, topk, visible, target) -> KernelTarget:  # noqa: ANN001
+    """:func:`indexer_topk`'s input checks (the op's own, then the kernel's limits)."""
+    _indexer_spec.check(q, weights, k, topk, visible)
+    if q.dtype == torch.float64:
+        raise DTypeError(f"{fn}: argument 'q' has dtype torch.float64, expected float32, bfloat16 or float16 (the kernel "
+                         "accumulates in float32)")
+    if q.shape[2] > MAX_INDEX_HEADS or q.shape[3] > MAX_INDEX_DIM:
+        raise ShapeError(f"{fn}: argument 'q' has shape {list(q.shape)}, expected at most {MAX_INDEX_HEADS} heads of at most "
+                         f"{MAX_INDEX_DIM} (one program's heads)")
+    check_kernel_device(fn, "q", q, INTERPRETED)
+    return resolve_target(fn, target, q.device)
+
+
+def indexer_topk(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    k: torch.Tensor,
+    topk: int,
+    visible: torch.Tensor | None = None,
+    *,
+    target: KernelTarget | None = None,
+) -> torch.Tensor:
+    """:func:`dshal.ops.indexer_topk` with its scores from one kernel -> ``[B, T, topk]`` int64.
+
+    ``q [B, T, Hi, Di]`` and ``k [B, S, Di]`` (float32, bfloat16 or float16; any strides, the
+    last dim made unit-stride), ``weights [B, T, Hi]`` float32. One program per (batch, query,
+    block of ``target.indexer_tile.block_m`` keys) scores its keys against all ``Hi`` heads
+    (``block_n`` columns a step, float32 accumulation) and sums ``weights * relu``; the
+    visibility, ``torch.topk`` and the -1 entries are the reference's own
+    (:func:`dshal.ops.sparse_attention.top_visible_keys`), over the queries in chunks.
+
+    Raises DTypeError (dtypes, float64), ShapeError (shapes, over 128 heads or a head over 512),
+    ArgumentError (``topk``), DeviceError (mixed devices, a CPU tensor without the interpreter).
+    Inside :func:`dshal.ops.trusted` the input checks are skipped (as the op's own are).
+    """
+    fn = "indexer_topk"
+    tgt = checked_target(fn, target, q.device, lambda: _check_indexer_topk(fn, q, weights, k, topk, visible, target))
+    tile = tgt.indexer_tile
+    half = q.dtype in (torch.bfloat16, torch.float16) and (q.dtype == torch.float16 or tgt.bf16_dot)
+    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype] if half else tl.float32
+
+    def scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        batch, tq, heads, dim = q.shape
+        slen = k.shape[1]
+        out = torch.empty(batch, tq, slen, dtype=torch.float32, device=q.device)
+        if out.numel() == 0:
+            return out
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        weights = weights if weights.stride(-1) == 1 else weights.contiguous()
+        key_blocks = triton.cdiv(slen, tile.block_m)
+        launch(
+            _index_scores_kernel, (batch * tq * key_blocks,),
+            q, weights, k, out,
+            tq, slen, heads, dim, key_blocks,
+            q.stride(0), q.stride(1), q.stride(2), weights.stride(0), weights.stride(1), k.stride(0), k.stride(1),
+            out.stride(0), out.stride(1),
+            BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=tile.block_m, BLOCK_D=tile.block_n, DOT=dot,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )  # fmt: skip
+        return out
+
+    return top_visible_keys(scores, q, weights, k, topk, visible)
+
+
+__all__ += ["MAX_INDEX_DIM", "MAX_INDEX_HEADS", "indexer_topk"]

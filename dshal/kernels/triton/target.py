@@ -118,6 +118,8 @@ class KernelTarget:
     - ``elementwise_warps``: warps per program of the row-wise kernels (norm, activation...).
     - ``sparse_attention_tile``: the sparse MLA kernel's program: ``block_m`` query heads,
       ``block_n`` gathered keys per step (both at least 16: ``tl.dot``'s smallest), warps, stages.
+    - ``indexer_tile``: the indexer scores kernel's program: ``block_m`` keys, ``block_n`` head
+      columns per step (both at least 16), warps, stages.
     """
 
     name: str
@@ -133,6 +135,7 @@ class KernelTarget:
     bf16_dot: bool = True
     elementwise_warps: int = 4
     sparse_attention_tile: TileConfig = TileConfig(16, 32, num_warps=4, num_stages=1)
+    indexer_tile: TileConfig = TileConfig(64, 64, num_warps=4, num_stages=1)
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -149,9 +152,10 @@ class KernelTarget:
             )
         if not self.gemm_tiles:
             raise ValueError("KernelTarget: gemm_tiles is empty, expected at least one TileConfig")
-        if min(self.sparse_attention_tile.block_m, self.sparse_attention_tile.block_n) < 16:
-            raise ValueError(f"KernelTarget: sparse_attention_tile is {self.sparse_attention_tile}, expected block_m and "
-                             "block_n of at least 16 (tl.dot's smallest)")
+        for name in ("sparse_attention_tile", "indexer_tile"):
+            tile = getattr(self, name)
+            if min(tile.block_m, tile.block_n) < 16:
+                raise ValueError(f"KernelTarget: {name} is {tile}, expected block_m and block_n of at least 16 (tl.dot's smallest)")
 
     # ------------------------------------------------------------------ queries
     def dot_takes(self, dtype: torch.dtype) -> bool:
@@ -347,7 +351,7 @@ def read_target(path: Path) -> KernelTarget:
     for key in _TILE_FIELDS:
         if key in data:
             data[key] = tuple(TileConfig(**tile) for tile in data[key])
-    for key in ("moe_tile", "sparse_attention_tile"):
+    for key in ("moe_tile", "sparse_attention_tile", "indexer_tile"):
         if key in data:
             data[key] = TileConfig(**data[key])
     for key in _DTYPE_FIELDS:
