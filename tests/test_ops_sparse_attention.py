@@ -172,6 +172,8 @@ BAD = [
      DshalError, "'v_dim' is 9, expected an int in [1, 8]"),
     (lambda: ref.sparse_mla_attention(_q(1, 2, 3, 8), _q(1, 5, 8), torch.zeros(1, 3, 2, dtype=torch.int64), math.inf, 4),
      DshalError, "'scale' is inf"),
+    (lambda: ref.sparse_mla_attention(_q(1, 2, 3, 8), _q(1, 5, 8), torch.zeros(1, 3, 2, dtype=torch.int64), 1e39, 4),
+     DshalError, "'scale' is 1e+39, expected a positive float that float32 holds"),
     (lambda: ref.sparse_mla_attention(_q(1, 2, 3, 8), _q(1, 5, 8), torch.zeros(1, 3, 2, dtype=torch.int64, device="meta"), 0.1, 4),
      DeviceError, "'indices' is on meta"),
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from dshal.errors import ShapeError
+from dshal.errors import ArgumentError, ShapeError
+from dshal.ops.attention import FLOAT32_INF_FROM, FLOAT32_ZERO_BELOW
 from dshal.ops.examples import Draw, Example
 from dshal.ops.spec import (
     FLOAT_DTYPES,
@@ -167,6 +168,10 @@ def sparse_mla_attention(q, kv, indices, scale, v_dim):
     if dim == 0:
         raise ShapeError(f"{op}: argument 'q' has shape {list(q.shape)}, expected a head dim D >= 1")
     check_real(op, "scale", scale, positive=True)
+    if q.dtype != torch.float64 and not FLOAT32_ZERO_BELOW < scale < FLOAT32_INF_FROM:
+        # Computed in float32: such a scale is 0 or inf there, and providers then disagree (as attention's).
+        raise ArgumentError(f"{op}: argument 'scale' is {scale!r}, expected a positive float that float32 holds "
+                            f"(in ({FLOAT32_ZERO_BELOW:.4g}, {FLOAT32_INF_FROM:.4g}): {op} on {q.dtype} computes in float32)")
     check_int(op, "v_dim", v_dim, 1, dim, why=f" (the value columns: at most D = {dim}, the width of 'kv')")
     check_same_device(op, "q", q, kv=kv, indices=indices)
 
