@@ -19,6 +19,7 @@ import dshal
 from dshal import ops
 from dshal.model import build_model, tiny_args
 from dshal.model.checkpoint import random_checkpoint
+from dshal.model.decode import static_decode_step
 from dshal.model.loader import DictReader
 
 
@@ -67,7 +68,17 @@ def main() -> None:
 
             prefill_s = _best(prefill, opts.repeat)
             step_s = _best(step, opts.repeat)
-        print(f"{name:24s} prefill chunk of {opts.chunk}: {prefill_s * 1e3:8.1f} ms   decode step: {step_s * 1e3:7.2f} ms")
+            # a static (graph) decode step at the same position: the whole buffer, its key bias
+            static = model.new_cache(1, opts.context, "absorb", static=True)
+            model(ids[:, :-1], 0, static, last_only=True)
+            position = torch.tensor([opts.context - 1])
+
+            def static_step(model=model, static=static, position=position) -> None:
+                static_decode_step(model, ids[:, -1:], position, static)
+
+            static_s = _best(static_step, opts.repeat)
+        print(f"{name:24s} prefill chunk of {opts.chunk}: {prefill_s * 1e3:8.1f} ms   decode step: {step_s * 1e3:7.2f} ms   "
+              f"static decode step: {static_s * 1e3:7.2f} ms")
 
     # One layer's decode attention over the latent, both ways of keeping topk keys.
     heads, width, rank = 16, 256 + 32, 256

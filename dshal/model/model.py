@@ -262,9 +262,9 @@ class MLA(nn.Module):
     DeepSeek-V3.2 (``args.sparse_attention``): an :class:`Indexer` caches one more key per
     token, and a query with more than ``index_topk`` visible keys attends to the ``index_topk``
     it scores highest (:func:`dshal.ops.indexer_topk`); with fewer, to all of them, which is the
-    dense attention above. A decode step's one query attends to its kept latent rows only
-    (:func:`dshal.ops.sparse_mla_attention`); more queries (a prefill chunk, expanded as above)
-    and static steps mask the others (:meth:`_sparse_bias`, :meth:`_attend_masked`).
+    dense attention above. A decode step's one query (dynamic or static) attends to its kept
+    latent rows only (:func:`dshal.ops.sparse_mla_attention`); more queries (a prefill chunk,
+    expanded as above; an MTP step) mask the others (:meth:`_sparse_bias`, :meth:`_attend_masked`).
     """
 
     #: Queries attended per call when a per-query key mask is added (each adds one key column).
@@ -340,11 +340,13 @@ class MLA(nn.Module):
             out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2), sparse_bias(index_keys))
         else:
             latent, *index_keys = cache.update(latent, *index_keys)
-            if self.indexer is not None and x_q.shape[1] == 1 and cache.key_bias is None and latent.shape[1] > self.indexer.topk:
-                # One query, the last position: it sees every key, and attends to the kept ones only
-                # (sparse_mla_attention reads just those rows; masking the others reads them all).
+            if self.indexer is not None and x_q.shape[1] == 1 and latent.shape[1] > self.indexer.topk:
+                # A decode step's one query attends to its kept keys only (sparse_mla_attention reads
+                # just those rows; masking the others reads them all). Dynamic: it sees every key; a
+                # static step: the slots the cache's key bias leaves visible.
                 assert q_latent is not None  # V3.2 configs have a q LoRA (ModelArgs checks)
-                kept = self.indexer.select(x_q, q_latent, cos_q, sin_q, index_keys[0])  # [B, 1, topk]
+                visible = _visible_slots(cache.key_bias, bsz, 1, latent.shape[1])
+                kept = self.indexer.select(x_q, q_latent, cos_q, sin_q, index_keys[0], visible)  # [B, 1, topk]
                 out = self._attend_sparse(q_nope, q_pe, latent, kept)
             elif x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill:
                 out = self._attend_expanded(q_nope, q_pe, *self._expand(latent), sparse_bias(index_keys))
@@ -373,11 +375,7 @@ class MLA(nn.Module):
         slen = keys.shape[1]
         if slen <= indexer.topk:
             return None
-        key_bias = None if cache is None else cache.key_bias
-        visible = None  # the keys are positions 0 .. S - 1, the queries the last Tq of them: the op's default
-        if key_bias is not None:  # static step: [S], [B, S] or [B, T, S], 0 at the visible slots
-            visible = (key_bias == 0).expand(bsz, -1, -1) if key_bias.dim() == 3 else (key_bias == 0).view(-1, 1, slen)
-            visible = visible[:, -tq:].expand(bsz, tq, slen)
+        visible = _visible_slots(None if cache is None else cache.key_bias, bsz, tq, slen)
         kept = indexer.select(x_q, q_latent, cos_q, sin_q, keys, visible)  # [B, Tq, topk], -1 past the keys it sees
         slot = torch.where(kept >= 0, kept, slen)  # -1 marks the spare column past the keys
         chosen = torch.zeros(bsz, tq, slen + 1, dtype=torch.bool, device=keys.device).scatter_(-1, slot, True)[..., :slen]
@@ -495,6 +493,16 @@ class MLA(nn.Module):
             dense = self.kv_b_proj.dequantized_weight(dtype).view(-1, self.nope + self.v_dim, self.rank)
             self._absorbed = held = (weight, scale, counts, dtype, dense)
         return held[4]
+
+
+def _visible_slots(key_bias: torch.Tensor | None, bsz: int, tq: int, slen: int) -> torch.Tensor | None:
+    """``[B, Tq, S]`` bool: the slots a static step's key bias (``[S]``, ``[B, S]`` or ``[B, T, S]``,
+    0 at the visible slots) leaves to each of its last ``Tq`` queries; None without one (the keys
+    are positions 0 .. S - 1, the queries the last Tq of them: ``indexer_topk``'s default)."""
+    if key_bias is None:
+        return None
+    visible = (key_bias == 0).expand(bsz, -1, -1) if key_bias.dim() == 3 else (key_bias == 0).view(-1, 1, slen)
+    return visible[:, -tq:].expand(bsz, tq, slen)
 
 
 def _with_key_bias(
