@@ -185,6 +185,32 @@ def test_decode_step_with_moe_layers_does_no_host_sync():
 
 
 @pytest.mark.needs_interpreter
+def test_deepseek_v32_decode_steps_attend_sparsely_with_no_host_sync(kernel_checks):
+    """DeepSeek-V3.2 past index_topk (3 kept of 6 and more): the static step and a trusted eager
+    step select with the plugin's indexer_topk kernel and attend with its sparse MLA kernel,
+    whose indices' range check is a device-side assertion there: nothing read on the host."""
+    runtime = _emulated_nvidia()
+    assert {op: runtime.provider_kind(op) for op in ("indexer_topk", "sparse_mla_attention")} == {
+        "indexer_topk": "triton", "sparse_mla_attention": "triton"}
+    args = tiny_args(num_hidden_layers=1, first_k_dense_replace=1, index_n_heads=4, index_head_dim=32, index_topk=3)
+    model = random_model(args, seed=0)
+    decoder = _decoder_after_first_step(model)
+    kernel_checks.clear()
+    with HostSyncCounter() as syncs:
+        decoder(torch.tensor([4]), 6)
+    assert syncs.count == 0, syncs.where
+    assert not kernel_checks, dict(kernel_checks)  # trusted: no wrapper input checks either
+    cache = model.new_cache(1, 10)
+    model(_ids(model.args, batch=1), 0, cache)
+    model(torch.tensor([[3]]), 5, cache)
+    own = torch.tensor([[4]])
+    cache.vouch_for(own)
+    with HostSyncCounter() as syncs:
+        model(own, 6, cache)
+    assert syncs.count == 0, syncs.where
+
+
+@pytest.mark.needs_interpreter
 def test_trusted_decode_step_runs_no_kernel_wrapper_checks(kernel_checks):
     """Inside dshal.ops.trusted() the Triton kernel wrappers skip their Python input checks,
     as the ops do (each check call cost ~0.3 µs, ~160 of them per step of this 3-layer FP8
