@@ -45,8 +45,9 @@ def indexer_topk(q, weights, k, topk, visible=None):
     (query ``i`` at position ``p = i + S - T`` sees keys ``j <= p``), as in :func:`attention`;
     ``visible [B, T, S]`` bool, when given, says instead which keys each query sees (a static
     decode step's written slots). ``1 <= topk <= max(S, 1)``. A query gets its ``topk``
-    visible keys of highest score, in any order; entries past the number of keys it sees are ``-1``. Keys whose scores tie may
-    be picked either way. A NaN score (non-finite inputs) ranks below every other visible key.
+    visible keys of highest score, in any order; entries past the number of keys it sees are
+    ``-1``. Keys whose scores tie may be picked either way. A NaN score (non-finite inputs)
+    ranks below every other visible key.
     """
     op = "indexer_topk"
     check_tensor(op, "q", q, dtypes=FLOAT_DTYPES, ndim=4)
