@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dshal.plugin import ArgumentError, Availability, Backend, Capabilities, DeviceError, OpPath, Topology
+from dshal.plugin import SPECS, ArgumentError, Availability, Backend, Capabilities, DeviceError, OpPath, Topology
 from dshal_ascend.hccl import abort_hccl_communicators, hccl_environment
 from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, float_overflow_mode, visible_devices
 from dshal_ascend.releases import (
@@ -62,7 +62,8 @@ def release_capabilities(
     (``fp8_storage`` False); ``notes`` first."""
     from dshal_ascend.npu_ops import OP_KINDS  # lazy: start-up time of discovery (npu_ops loads the op hub)
 
-    routes = plan_ops(features)
+    # a dshal without DeepSeek Sparse Attention's ops: their routes are left out (no op to route)
+    routes = {op: route for op, route in plan_ops(features).items() if op in SPECS}
     int8_experts = features.w8a8_experts
     return Capabilities(
         device_name=device_name,
