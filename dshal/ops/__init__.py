@@ -136,6 +136,21 @@ def attention(
     return _thread.table["attention"](q, k, v, causal, scale, window, global_tokens)
 
 
+# ---------------------------------------------------------------- sparse attention (dshal.ops.sparse_attention)
+def indexer_topk(
+    q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, topk: int, visible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DeepSeek-V3.2's lightning indexer: per query, the ``topk`` visible keys of highest
+    ``sum_h weights[h] * relu(q[h] . k)`` -> ``indices [B, T, topk]`` int64 (-1 past the keys it sees)."""
+    return _thread.table["indexer_topk"](q, weights, k, topk, visible)
+
+
+def sparse_mla_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, v_dim: int) -> torch.Tensor:
+    """Absorbed MLA attention of ``q [B, H, T, D]`` over the rows ``indices [B, T, K]`` of the
+    shared latent ``kv [B, S, D]`` (values: its first ``v_dim`` columns) -> ``[B, H, T, v_dim]``."""
+    return _thread.table["sparse_mla_attention"](q, kv, indices, scale, v_dim)
+
+
 # ---------------------------------------------------------------- MoE (dshal.ops.moe)
 def moe_gate(
     logits: torch.Tensor,
@@ -195,6 +210,6 @@ sys.modules[__name__].__class__ = _OpsModule
 # `mypy --strict` (no implicit re-export) a name missing here is an error in users' code.
 __all__ = [
     "DISPATCHER", "SPECS", "Cost", "Dispatcher", "OpSpec", "checking", "reference", "trusted",
-    "attention", "dequantize_fp8", "fp8_gemm", "int8_gemm", "linear", "moe_experts", "moe_gate",
-    "quantize_fp8", "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul",
+    "attention", "dequantize_fp8", "fp8_gemm", "indexer_topk", "int8_gemm", "linear", "moe_experts", "moe_gate",
+    "quantize_fp8", "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "sparse_mla_attention",
 ]

@@ -14,6 +14,7 @@ OP_MODULES = (
     "dshal.ops.activation",
     "dshal.ops.rotary",
     "dshal.ops.attention",
+    "dshal.ops.sparse_attention",
     "dshal.ops.moe",
 )
 

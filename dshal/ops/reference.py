@@ -22,6 +22,10 @@ from dshal.ops.quant import (
     quantize_int8 as _quantize_int8,
 )
 from dshal.ops.rotary import rotary_embedding as _rotary_embedding
+from dshal.ops.sparse_attention import (
+    indexer_topk as _indexer_topk,
+    sparse_mla_attention as _sparse_mla_attention,
+)
 
 if TYPE_CHECKING:
     # What a type checker sees: the dispatched ops' annotated signatures. Both have the op
@@ -51,6 +55,8 @@ if TYPE_CHECKING:
         global_tokens: int = 0,
     ) -> torch.Tensor: ...
 
+    indexer_topk = _ops.indexer_topk
+    sparse_mla_attention = _ops.sparse_mla_attention
     moe_gate = _ops.moe_gate
     moe_experts = _ops.moe_experts
 else:
@@ -64,10 +70,13 @@ else:
     silu_and_mul = _silu_and_mul.checked(_silu_and_mul.reference_impl)
     rotary_embedding = _rotary_embedding.checked(_rotary_embedding.reference_impl)
     attention = _attention.checked(_attention.reference_impl)
+    indexer_topk = _indexer_topk.checked(_indexer_topk.reference_impl)
+    sparse_mla_attention = _sparse_mla_attention.checked(_sparse_mla_attention.reference_impl)
     moe_gate = _moe_gate.checked(_moe_gate.reference_impl)
     moe_experts = _moe_experts.checked(_moe_experts.reference_impl)
 
 __all__ = [
     "quantize_fp8", "dequantize_fp8", "quantize_int8", "fp8_gemm", "int8_gemm", "linear",
-    "rms_norm", "silu_and_mul", "rotary_embedding", "attention", "moe_gate", "moe_experts",
+    "rms_norm", "silu_and_mul", "rotary_embedding", "attention", "indexer_topk", "sparse_mla_attention",
+    "moe_gate", "moe_experts",
 ]

@@ -13,6 +13,7 @@ FAMILY_MODULES = (
     "dshal_conformance.cases.activation",
     "dshal_conformance.cases.rotary",
     "dshal_conformance.cases.attention",
+    "dshal_conformance.cases.sparse_attention",
     "dshal_conformance.cases.moe",
     "dshal_conformance.collectives",
     "dshal_conformance.cases.model",
