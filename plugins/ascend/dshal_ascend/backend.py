@@ -72,7 +72,7 @@ def release_capabilities(
         fp8_formats=(),
         moe_no_expert_ids=True,  # sorted past every group, no host read (FP8: the kept slots; it reads ids anyway)
         native_e4m3="e4m3fn",  # what fmt="e4m3" decodes as in the emulated path
-        op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op].kind != "reference"},
+        op_kinds={op: kind for op, kind in OP_KINDS.items() if op in routes and routes[op].kind != "reference"},
         op_paths=weight_format_paths(routes, int8_experts),
         dist_backend="hccl",
         memory_bytes=memory_bytes,

@@ -332,7 +332,7 @@ class AscendOps:
         f = self.features
         why = lightning_indexer_unsupported(q, weights, k, topk, visible, float32_weights=f.indexer_float32_weights,
                                             large_counts=f.indexer_large_counts)
-        if why is not None:
+        if why is not None or not f.lightning_indexer:
             return self._reference("indexer_topk")(q, weights, k, topk, visible)
         query, key, w = indexer_operands(q, weights, k)
         # -> (sparse_indices int32 [B, T, 1, topk], sparse_values: not asked for)
@@ -345,7 +345,7 @@ class AscendOps:
 
     def sparse_mla_attention(self, q, kv, indices, scale, v_dim):
         _require_npu_float("sparse_mla_attention", "q", q)
-        if sparse_attention_unsupported(q, kv, indices, v_dim) is not None:
+        if not self.features.sparse_flash_attention or sparse_attention_unsupported(q, kv, indices, v_dim) is not None:
             return self._reference("sparse_mla_attention")(q, kv, indices, scale, v_dim)
         # before the kernel indexes with them: a bad index would read another row of the NPU's memory
         check_ids_in_range("sparse_mla_attention", "indices", indices, kv.shape[1], "key index",

@@ -290,6 +290,9 @@ class KernelFeatures:
     #: npu_fused_infer_attention_score's MLA form (``query_rope`` / ``key_rope`` with page attention):
     #: in the schema from 7.0.0, its A2/A3 limits documented from 7.1.0 (the form dshal relies on).
     mla_rope: bool
+    #: torch_npu has npu_lightning_indexer / npu_sparse_flash_attention (op-plugin 7.3.0+).
+    lightning_indexer: bool = False
+    sparse_flash_attention: bool = False
     #: npu_lightning_indexer takes float32 ``weights`` with bf16/fp16 q / k (26.0.0+ docs; 7.3.0: q's dtype only).
     indexer_float32_weights: bool = False
     #: npu_lightning_indexer's ``sparse_count`` may also be 3072 ... 8192 in steps of 1024 (26.0.0+ docs).
@@ -318,6 +321,8 @@ def kernel_features(release: str, signatures: ReleaseSignatures | None = None) -
         quant_matmul_int32_guard=key >= (7, 0, 0),
         rms_norm_fp32_gamma=key >= (7, 2, 0),
         mla_rope=key >= (7, 1, 0) and sig.accepts("npu_fused_infer_attention_score", "query_rope"),
+        lightning_indexer=sig.has("npu_lightning_indexer"),
+        sparse_flash_attention=sig.has("npu_sparse_flash_attention") and sig.accepts("npu_sparse_flash_attention", "attention_mode"),
         indexer_float32_weights=key >= (26, 0, 0) and sig.has("npu_lightning_indexer"),
         indexer_large_counts=key >= (26, 0, 0) and sig.has("npu_lightning_indexer"),
     )
@@ -380,13 +385,13 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
                           "sparse_mode 3: causal, queries the last T)",
                           f"entries past a query's visible keys set to -1; index head dim < 128 zero-padded; "
                           f"an explicit visible mask, float32 q / k, head dim > 128, > 64 heads, topk not {counts}: "
-                          "reference")
+                          "reference; NaN / Inf ranked as the kernel ranks them (not documented)")
     sparse_attention = OpRoute(
         "native", "npu_sparse_flash_attention (MLA-absorb attention_mode 2, BSND, latent 512 + rope 64, value = key, "
         "sparse_mode 0, token-wise sparse_block_size 1)",
-        "indices sorted so -1 come last; queries without a key: zeros; D < 576, v_dim < 512 zero-padded, heads padded "
-        "to 1/2/4/.../128; q and the latent copied per call (split 512 + 64); float32, D > 576, v_dim > 512, "
-        "> 128 heads: reference")
+        "indices sorted so -1 come last; queries without a key: zeros; NaN / Inf: the op's rule met around the kernel; "
+        "D < 576, v_dim < 512 zero-padded, heads padded to 1/2/4/.../128; q and the latent copied per call (split "
+        "512 + 64); float32, D > 576, v_dim > 512, > 128 heads: reference")
     routes = {
         "rms_norm": OpRoute("native", "npu_rms_norm / npu_add_rms_norm",
                             "npu_rms_norm keeps a float32 gamma" + (" (7.2.0+ docs: fp32 gamma with bf16/fp16 x)"
