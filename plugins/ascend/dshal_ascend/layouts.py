@@ -564,7 +564,7 @@ class SparseAttentionOperands:
     key_rope: torch.Tensor  # [B, S, 1, 64]
     sparse_indices: torch.Tensor  # int32 [B, T, 1, K], valid entries first
     has_key: torch.Tensor  # bool [B, T]
-    poisoned: torch.Tensor  # bool [B, H, T]: the op's NaN rule (the kernel ran on zeroed inputs)
+    poisoned: torch.Tensor  # bool [B, N1, T]: the op's NaN rule (the kernel ran on zeroed inputs)
 
 
 def sparse_attention_operands(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, heads: int) -> SparseAttentionOperands:
@@ -575,22 +575,32 @@ def sparse_attention_operands(q: torch.Tensor, kv: torch.Tensor, indices: torch.
     output is zeroed after the kernel; the docs leave such a row undefined). The kernel's NaN / Inf
     handling is not documented either: it gets the inputs with non-finite entries zeroed, and
     ``poisoned`` marks the rows the op's rule makes NaN (a non-finite q row, or a named kv row,
-    of a query with a key). No host read."""
+    of a query with a key). No host read. The kernel takes no strided views, so q and kv are
+    copied once each, the zeroing done in that copy (the cache's concatenated ``[latent | rope]``
+    rows cannot be handed over as they are)."""
     full = SFA_LATENT_DIM + SFA_ROPE_DIM
+    if q.shape[-1] < full or heads > q.shape[1]:  # zero columns add nothing to q . k; zero queries are dropped
+        q = torch.nn.functional.pad(q, (0, full - q.shape[-1], 0, 0, 0, heads - q.shape[1]))
+    if kv.shape[-1] < full:
+        kv = torch.nn.functional.pad(kv, (0, full - kv.shape[-1]))
     bad_q, bad_kv = ~torch.isfinite(q), ~torch.isfinite(kv)
     named = indices >= 0
     has_key = named.any(dim=-1)  # [B, T]
     bad_rows = bad_kv.any(dim=-1).gather(1, indices.clamp(min=0).flatten(1)).view(indices.shape)  # [B, T, K]
-    poisoned = (bad_q.any(dim=-1) | (bad_rows & named).any(dim=-1)[:, None]) & has_key[:, None]
-    q = torch.nn.functional.pad(q.masked_fill(bad_q, 0), (0, full - q.shape[-1], 0, 0, 0, heads - q.shape[1]))
-    q = q.transpose(1, 2)  # [B, T, N1, 576]
-    kv = torch.nn.functional.pad(kv.masked_fill(bad_kv, 0), (0, full - kv.shape[-1]))[:, :, None]  # [B, S, 1, 576]
+    poisoned = (bad_q.any(dim=-1) | (bad_rows & named).any(dim=-1)[:, None]) & has_key[:, None]  # [B, N1, T]
+
+    def part(t: torch.Tensor, bad: torch.Tensor, cols: slice) -> torch.Tensor:  # one copy, zeroed, contiguous
+        return t[..., cols].masked_fill(bad[..., cols], 0).contiguous()
+
+    latent, rope = slice(0, SFA_LATENT_DIM), slice(SFA_LATENT_DIM, full)
+    q_t, bad_q_t = q.transpose(1, 2), bad_q.transpose(1, 2)  # [B, T, N1, 576]
+    kv4, bad_kv4 = kv[:, :, None], bad_kv[:, :, None]  # [B, S, 1, 576]
     ordered = indices.to(torch.int32).sort(dim=-1, descending=True).values
     first = torch.where(has_key, ordered[..., 0], torch.zeros_like(ordered[..., 0]))
     ordered = torch.cat((first[..., None], ordered[..., 1:]), dim=-1)
     return SparseAttentionOperands(
-        query=q[..., :SFA_LATENT_DIM].contiguous(), query_rope=q[..., SFA_LATENT_DIM:].contiguous(),
-        key=kv[..., :SFA_LATENT_DIM].contiguous(), key_rope=kv[..., SFA_LATENT_DIM:].contiguous(),
+        query=part(q_t, bad_q_t, latent), query_rope=part(q_t, bad_q_t, rope),
+        key=part(kv4, bad_kv4, latent), key_rope=part(kv4, bad_kv4, rope),
         sparse_indices=ordered[:, :, None].contiguous(), has_key=has_key, poisoned=poisoned,
     )
 
@@ -600,4 +610,4 @@ def sparse_attention_result(out: torch.Tensor, ops: SparseAttentionOperands, hea
     zeros, the poisoned rows NaN."""
     out = out[:, :, :heads, :v_dim].transpose(1, 2)
     out = torch.where(ops.has_key[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out.masked_fill(ops.poisoned[..., None], float("nan"))
+    return out.masked_fill(ops.poisoned[:, :heads, :, None], float("nan"))

@@ -231,26 +231,27 @@ def test_ascend_sparse_mla_attention_runs_sparse_flash_attention(release, b, h, 
     assert (a["layout_query"], a["layout_kv"]) == ("BSND", "BSND") and not ops.reference_calls
 
 
-def test_ascend_sparse_mla_attention_meets_the_nan_rule_around_the_kernel():
+@pytest.mark.parametrize("h,d,v", [(4, 576, 512), (5, 96, 64)])  # the second padded (heads and columns)
+def test_ascend_sparse_mla_attention_meets_the_nan_rule_around_the_kernel(h, d, v):
     """A non-finite q row or named kv row makes the query's row NaN; an unnamed kv row reaches no
     one. The kernel's own NaN handling is not documented: it gets zeroed inputs."""
     ops, stand_in = _ops("26.1.0")
-    q, kv, idx = sparse_inputs(1, 4, 3, 30, 576, 6, seed=5, none=0.0)
+    q, kv, idx = sparse_inputs(1, h, 3, 30, d, 6, seed=5, none=0.0)
     idx[0, 2] = -1
     unnamed = sorted(set(range(30)) - set(idx.flatten().tolist()))[0]
     kv[0, int(idx[0, 0, 3]), 7] = float("nan")      # named by query 0
     kv[0, unnamed, 1] = float("inf")                 # named by no one
     q[0, 2, 1, 0] = float("nan")                     # head 2 of query 1
     q[0, 1, 2, 0] = float("nan")                     # query 2 has no key: zeros stay
-    got = ops.sparse_mla_attention(q, kv, idx, 0.05, 512)
+    got = ops.sparse_mla_attention(q, kv, idx, 0.05, v)
     bad = got.isnan().any(dim=-1)[0]  # [H, T]
-    want = torch.zeros(4, 3, dtype=torch.bool)
+    want = torch.zeros(h, 3, dtype=torch.bool)
     want[:, 0], want[2, 1] = True, True
     assert torch.equal(bad, want) and (got[0, :, 2] == 0).all()
     a = stand_in.called("npu_sparse_flash_attention")[0].arguments
     assert all(bool(torch.isfinite(a[n]).all()) for n in ("query", "query_rope", "key", "key_rope"))
     ok = ~want[None, :, :, None].expand_as(got)
-    finite = contract_sparse(q.nan_to_num(0, 0, 0), kv.nan_to_num(0, 0, 0), idx, 0.05, 512)
+    finite = contract_sparse(q.nan_to_num(0, 0, 0), kv.nan_to_num(0, 0, 0), idx, 0.05, v)
     torch.testing.assert_close(got[ok].float(), finite[ok].float(), rtol=2e-2, atol=2e-2)
 
 
