@@ -1,7 +1,8 @@
 """What DeepSeek-V3.2's sparse attention costs in the model core: a decode step and a prefill
 chunk past ``index_topk`` (indexer scores + per-query key mask) against the same model keeping
-every key (the dense path), and, for the decode step, the key mask against gathering the kept
-keys (the alternative the model core does not take).
+every key (the dense path), and, for one layer's decode attention, a key mask over every key
+against the kept keys gathered into the plain ``attention`` op and against
+``sparse_mla_attention`` (what the model core calls).
 
 Usage: ``python benchmarks/sparse_attention.py [--context S] [--topk K] [--repeat N]``
 (CPU by default: the active dshal runtime's backend). Prints one line per measurement.
@@ -86,9 +87,13 @@ def main() -> None:
         keys = latent[:, kept][:, None]
         ops.attention(q, keys, keys[..., :rank], False, scale)
 
+    def sparse_op() -> None:  # what the model core calls: the backend's sparse_mla_attention
+        ops.sparse_mla_attention(q, latent, kept[None, None], scale, rank)
+
     with torch.inference_mode():
         print(f"one layer's decode attention: key mask {_best(masked, 10) * 1e6:8.0f} us   "
-              f"gather of the kept keys {_best(gathered, 10) * 1e6:8.0f} us")
+              f"gather of the kept keys {_best(gathered, 10) * 1e6:8.0f} us   "
+              f"sparse_mla_attention {_best(sparse_op, 10) * 1e6:8.0f} us")
 
 
 if __name__ == "__main__":

@@ -512,3 +512,26 @@ def test_cpu_backend_docstring_names_the_native_ops():
     listed = re.search(r"Hot ops \(([^)]*)\)", cpu_module.__doc__ or "")
     assert listed, "dshal/backends/cpu.py's docstring no longer lists the native ops"
     assert set(re.split(r"[,\s]+", listed.group(1).strip())) == set(NATIVE_OPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_sparse_mla_attention_matches_the_reference(cpu, dtype):
+    """The gathered-rows path (no -1: a decode step past index_topk, several queries, a
+    non-contiguous query, a row named twice, a NaN in a named row) and the reference's
+    (a -1 somewhere, nothing to attend to)."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 6, 3, 40, generator=gen).to(dtype)
+    kv = torch.randn(2, 30, 40, generator=gen).to(dtype)
+    indices = torch.randint(0, 30, (2, 3, 7), generator=gen)
+    indices[1, 2, :2] = 4  # named twice
+    _check("sparse_mla_attention", q, kv, indices, 0.3, 32)
+    _check("sparse_mla_attention", q[:, :, :1].transpose(1, 3).transpose(1, 3), kv, indices[:, :1], 0.3, 32)
+    indices[0, [0, 2]] %= 29
+    indices[0, 1, 3] = 29  # the only query naming row 29
+    kv[0, 29, 35] = float("nan")
+    got = ops.sparse_mla_attention(q, kv, indices, 0.3, 32)
+    assert got[0, :, 1].isnan().all() and not got[0, :, [0, 2]].isnan().any()
+    kv[0, 29, 35] = 0.0
+    indices[0, 0, 1] = -1
+    _check("sparse_mla_attention", q, kv, indices, 0.3, 32)
+    _check("sparse_mla_attention", q, kv, indices[..., :0], 0.3, 32)

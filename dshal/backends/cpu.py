@@ -1,7 +1,7 @@
 """The built-in ``cpu`` backend: every op on CPU tensors.
 
 Hot ops (linear, attention, rms_norm, silu_and_mul, rotary_embedding, moe_gate,
-moe_experts) run natively (:mod:`dshal.backends.cpu_native`, kind "native": torch's fused
+moe_experts, sparse_mla_attention) run natively (:mod:`dshal.backends.cpu_native`, kind "native": torch's fused
 CPU kernels, and dshal's C kernels where the system C compiler could build them); the
 rest are the op references (kind "reference"). Whatever this backend serves, the
 references stay the oracle, and a fallback is served by the provider named ``reference``,

@@ -46,6 +46,7 @@ SCHEMAS = {
         "moe_experts(Tensor x, Tensor weights, Tensor ids, Tensor w13, Tensor w2, Tensor? w13_scale, "
         "Tensor? w2_scale) -> Tensor"
     ),
+    "sparse_mla_attention": "sparse_mla_attention(Tensor q, Tensor kv, Tensor indices, float scale, int v_dim) -> Tensor",
 }
 
 

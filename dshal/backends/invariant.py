@@ -33,6 +33,8 @@ BATCHED: dict[str, tuple[tuple[str, ...], bool]] = {
     "int8_gemm": (("a", "a_scale"), False),
     "moe_experts": (("x", "weights", "ids"), False),
     "attention": (("q", "k", "v"), False),
+    "indexer_topk": (("q", "weights", "k", "visible"), False),
+    "sparse_mla_attention": (("q", "kv", "indices"), False),
 }
 
 #: op -> calls whose contract couples the rows of the batch, so no batch-invariant provider can

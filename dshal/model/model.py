@@ -227,17 +227,20 @@ class Indexer(nn.Module):
         """The keys to cache: ``x [B, T, D] -> [B, T, Di]``."""
         return self._rotate(self.k_norm(self.wk(x)), cos, sin)
 
-    def scores(
-        self, x_q: torch.Tensor, q_latent: torch.Tensor, cos_q: torch.Tensor, sin_q: torch.Tensor, keys: torch.Tensor
+    def select(
+        self, x_q: torch.Tensor, q_latent: torch.Tensor, cos_q: torch.Tensor, sin_q: torch.Tensor, keys: torch.Tensor,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Float32 index scores ``[B, Tq, S]`` of the queries (hidden ``x_q [B, Tq, D]``, MLA
-        query latent ``q_latent [B, Tq, q_lora_rank]``) against ``keys [B, S, Di]``."""
+        """The keys ``[B, Tq, topk]`` (``-1`` past the keys a query sees) the queries (hidden
+        ``x_q [B, Tq, D]``, MLA query latent ``q_latent [B, Tq, q_lora_rank]``) attend to among
+        ``keys [B, S, Di]``: :func:`dshal.ops.indexer_topk`, the queries the last Tq positions
+        (causal) unless ``visible [B, Tq, S]`` says which keys each sees."""
         bsz, tq = x_q.shape[:2]
         q = self.wq_b(q_latent).view(bsz, tq, self.heads, self.dim)
-        q = self._rotate(q, cos_q[..., None, :], sin_q[..., None, :]).float().transpose(1, 2)  # [B, Hi, Tq, Di]
-        per_head = torch.relu(q @ keys.float().mT[:, None]) * self.dim**-0.5  # [B, Hi, Tq, S]
-        weights = self.weights_proj(x_q) * self.heads**-0.5  # [B, Tq, Hi]
-        return torch.einsum("bth,bhts->bts", weights, per_head)
+        q = self._rotate(q, cos_q[..., None, :], sin_q[..., None, :])  # [B, Tq, Hi, Di]
+        # both scales folded into the head weights: relu(a * s) = s * relu(a) for s > 0
+        weights = self.weights_proj(x_q) * (self.heads**-0.5 * self.dim**-0.5)  # [B, Tq, Hi] float32
+        return ops.indexer_topk(q, weights, keys, self.topk, visible)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim={self.dim}, topk={self.topk}"
@@ -258,9 +261,10 @@ class MLA(nn.Module):
 
     DeepSeek-V3.2 (``args.sparse_attention``): an :class:`Indexer` caches one more key per
     token, and a query with more than ``index_topk`` visible keys attends to the ``index_topk``
-    it scores highest; with fewer, to all of them, which is the dense attention above. A decode
-    step's one query gathers its kept latent rows; more queries (a prefill chunk, expanded as
-    above) and static steps mask the others (:meth:`_sparse_bias`, :meth:`_attend_masked`).
+    it scores highest (:func:`dshal.ops.indexer_topk`); with fewer, to all of them, which is the
+    dense attention above. A decode step's one query attends to its kept latent rows only
+    (:func:`dshal.ops.sparse_mla_attention`); more queries (a prefill chunk, expanded as above)
+    and static steps mask the others (:meth:`_sparse_bias`, :meth:`_attend_masked`).
     """
 
     #: Queries attended per call when a per-query key mask is added (each adds one key column).
@@ -337,24 +341,16 @@ class MLA(nn.Module):
         else:
             latent, *index_keys = cache.update(latent, *index_keys)
             if self.indexer is not None and x_q.shape[1] == 1 and cache.key_bias is None and latent.shape[1] > self.indexer.topk:
-                # One query, the last position: it sees every key, and attends to the kept ones only,
-                # gathered (3x faster than masking the others, on CPU: benchmarks/sparse_attention.py).
-                kept = self._kept_keys(x_q, q_latent, cos_q, sin_q, index_keys[0])  # [B, topk]
-                out = self._attend_absorbed(q_nope, q_pe, latent.gather(1, kept[..., None].expand(-1, -1, latent.shape[-1])))
+                # One query, the last position: it sees every key, and attends to the kept ones only
+                # (sparse_mla_attention reads just those rows; masking the others reads them all).
+                assert q_latent is not None  # V3.2 configs have a q LoRA (ModelArgs checks)
+                kept = self.indexer.select(x_q, q_latent, cos_q, sin_q, index_keys[0])  # [B, 1, topk]
+                out = self._attend_sparse(q_nope, q_pe, latent, kept)
             elif x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill:
                 out = self._attend_expanded(q_nope, q_pe, *self._expand(latent), sparse_bias(index_keys))
             else:
                 out = self._attend_absorbed(q_nope, q_pe, latent, cache, sparse_bias(index_keys))
         return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, H, Tq, v] -> [B, Tq, H * v] -> [B, Tq, D]
-
-    def _kept_keys(
-        self, x_q: torch.Tensor, q_latent: torch.Tensor | None, cos_q: torch.Tensor, sin_q: torch.Tensor, keys: torch.Tensor
-    ) -> torch.Tensor:
-        """The ``index_topk`` keys ``[B, topk]`` one query ``[B, 1, .]`` at the last position
-        attends to (it sees all of ``keys [B, S, Di]``, S > topk)."""
-        assert self.indexer is not None and q_latent is not None
-        scores = self.indexer.scores(x_q, q_latent, cos_q, sin_q, keys)  # [B, 1, S]
-        return scores[:, 0].topk(self.indexer.topk, dim=-1).indices
 
     def _sparse_bias(
         self,
@@ -378,21 +374,14 @@ class MLA(nn.Module):
         if slen <= indexer.topk:
             return None
         key_bias = None if cache is None else cache.key_bias
+        visible = None  # the keys are positions 0 .. S - 1, the queries the last Tq of them: the op's default
         if key_bias is not None:  # static step: [S], [B, S] or [B, T, S], 0 at the visible slots
             visible = (key_bias == 0).expand(bsz, -1, -1) if key_bias.dim() == 3 else (key_bias == 0).view(-1, 1, slen)
             visible = visible[:, -tq:].expand(bsz, tq, slen)
-        else:  # the keys are positions 0 .. S - 1, the queries the last Tq of them
-            positions = torch.arange(slen - tq, slen, device=keys.device)
-            visible = (torch.arange(slen, device=keys.device) <= positions[:, None]).expand(bsz, tq, slen)
-        chosen = torch.zeros(bsz, tq, slen, dtype=torch.bool, device=keys.device)
-        for t in range(0, tq, self.MASKED_QUERY_CHUNK):  # scores take [B, Hi, chunk, S] floats
-            part = slice(t, t + self.MASKED_QUERY_CHUNK)
-            scores = indexer.scores(x_q[:, part], q_latent[:, part], cos_q[..., part, :], sin_q[..., part, :], keys)
-            scores = scores.masked_fill(~visible[:, part], -math.inf)
-            best = scores.topk(indexer.topk, dim=-1).indices
-            chosen[:, part].scatter_(-1, best, True)
-        # A query with fewer visible keys than topk also "chose" invisible ones: they stay masked.
-        return torch.where(chosen & visible, 0.0, KVCache.MASKED_SCORE)
+        kept = indexer.select(x_q, q_latent, cos_q, sin_q, keys, visible)  # [B, Tq, topk], -1 past the keys it sees
+        slot = torch.where(kept >= 0, kept, slen)  # -1 marks the spare column past the keys
+        chosen = torch.zeros(bsz, tq, slen + 1, dtype=torch.bool, device=keys.device).scatter_(-1, slot, True)[..., :slen]
+        return torch.where(chosen, 0.0, KVCache.MASKED_SCORE)
 
     def _causal(self, q_len: int) -> bool:
         """A single query at the end sees every key: no mask needed unless a window applies."""
@@ -439,10 +428,15 @@ class MLA(nn.Module):
             outs.append(ops.attention(q_part, k_part, v, False, self.softmax_scale, None, 0))
         return torch.cat(outs, dim=2)  # [B, H, T, v]
 
-    def _attend_absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cache: Any = None,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _attend_sparse(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Absorbed attention of each query over its kept rows ``kept [B, Tq, topk]`` of the
+        cached ``latent [B, S, r + rope]`` (:func:`dshal.ops.sparse_mla_attention`) -> ``[B, H, Tq, v]``."""
+        q, w_uv = self._absorbed_query(q_nope, q_pe)
+        out = ops.sparse_mla_attention(q, latent, kept, self.softmax_scale, self.rank)  # [B, H, Tq, r]
+        return (w_uv @ out.contiguous().mT).mT
+
+    def _absorbed_query(self, q_nope: torch.Tensor, q_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query over the latent ``[B, H, T, r + rope]`` and ``W_uv [H, v, r]``."""
         w_kv = self._kv_b_per_head(q_nope.dtype)  # [H, nope + v, r]
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]  # each head's matrix row-major (stride r, 1)
         # The per-head products are one GEMM per (row, head) with operands laid out alike
@@ -453,6 +447,13 @@ class MLA(nn.Module):
         # activations contiguous: B only adds GEMMs, never changes one.
         q_latent = q_nope.transpose(1, 2).contiguous() @ w_uk  # [B, H, T, nope] @ [H, nope, r] -> [B, H, T, r]
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, r + rope]
+        return q, w_uv
+
+    def _attend_absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, cache: Any = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        q, w_uv = self._absorbed_query(q_nope, q_pe)
         if bias is not None and (cache is None or cache.key_bias is None):  # sparse attention, many queries
             return (w_uv @ self._attend_masked(q, latent[:, None], latent[:, None, :, : self.rank], bias).mT).mT
         key_bias = bias if bias is not None else None if cache is None else cache.key_bias
