@@ -14,8 +14,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dshal import registry
+from dshal.errors import PluginLoadError
+from dshal.model import build_model, tiny_args
+from dshal.model.checkpoint import random_checkpoint
+from dshal.model.loader import DictReader
+from dshal.ops.dispatch import DISPATCHER
 from dshal.plugin import SPECS, ShapeError
-from dshal_ascend import layouts
+from dshal_ascend import backend as backend_mod, layouts
+from dshal_ascend.backend import AscendBackend, release_capabilities
 from dshal_ascend.npu_ops import DSA_OP_NAMES, AscendOps, served_op_names
 from dshal_ascend.releases import RELEASE_BY_NAME, kernel_features, plan_ops
 from dshal_ascend.schema import SignatureError, recorded_releases, recorded_signatures
@@ -364,10 +371,6 @@ def test_ascend_dsa_a_broken_translation_fails_against_the_stand_in(monkeypatch)
 def test_ascend_serves_the_dsa_ops_only_where_dshal_has_them(monkeypatch):
     """The registry refuses a plugin providing an op its catalogue does not know: against a dshal
     without DSA's ops the plugin provides none of them and leaves them out of its notes."""
-    from dshal import registry
-    from dshal.errors import PluginLoadError
-    from dshal_ascend import backend as backend_mod
-    from dshal_ascend.backend import AscendBackend, release_capabilities
 
     older = {op: spec for op, spec in SPECS.items() if op not in DSA_OP_NAMES}
     assert not set(DSA_OP_NAMES) & set(served_op_names(older))
@@ -390,8 +393,6 @@ def test_ascend_serves_the_dsa_ops_only_where_dshal_has_them(monkeypatch):
 
 @needs_dsa_ops
 def test_ascend_dsa_ops_match_their_specs_and_are_provided_where_native():
-    from dshal import registry
-    from dshal_ascend.backend import AscendBackend, release_capabilities
 
     for release, native in (("7.3.0", {"sparse_mla_attention"}), ("26.1.0", set(DSA_OP_NAMES))):
         ops, _ = _ops(release)
@@ -402,3 +403,37 @@ def test_ascend_dsa_ops_match_their_specs_and_are_provided_where_native():
         assert set(DSA_OP_NAMES) & set(provided) == native
         caps = release_capabilities(kernel_features(release), device_name="x", arch="x", notes={})
         assert {op for op in DSA_OP_NAMES if op in caps.op_kinds} == native
+
+
+@needs_dsa_ops
+def test_ascend_dsa_ops_serve_a_tiny_deepseek_v32_as_its_reference_does():
+    """The model core's V3.2 path (the indexer's choice in every step, sparse attention over the
+    cached latent in decode steps) with the plugin's two ops through the 26.1.0 stand-in and the
+    reference for every other op: the same prefill logits, and the decode steps' logits within
+    bf16 rounding of the reference alone's, fed the same tokens (bf16; 16 index heads of 64, padded
+    to 128; 6 keys kept of prompts of 12; DeepSeek's latent of 512 + rope 64, split there, and 4
+    heads). A latent split at the wrong place, or keys in the wrong order, moves the logits by ~3."""
+
+    args = tiny_args(index_n_heads=16, index_head_dim=64, index_topk=6, num_hidden_layers=1, kv_lora_rank=512,
+                     qk_rope_head_dim=64).with_(dtype=torch.bfloat16)
+    model = build_model(args, DictReader(random_checkpoint(args, seed=3, std=0.1)), device="cpu")
+    ids = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    steps = torch.randint(0, args.vocab_size, (2, 4), generator=torch.Generator().manual_seed(2))
+
+    def run(table):
+        with DISPATCHER.overlay({name: SPECS[name].checked(fn) for name, fn in table.items()}, table):
+            cache = model.new_cache(2, 16, mode="absorb")
+            logits = [model(ids, 0, cache)]
+            for i in range(steps.shape[1]):
+                logits.append(model(steps[:, i : i + 1], 12 + i, cache))
+            return logits
+
+    references = {name: spec.reference_impl for name, spec in SPECS.items()}
+    want = run(references)
+    ops, stand_in = _ops("26.1.0")
+    got = run(references | {op: getattr(ops, op) for op in DSA_OP_NAMES})
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # prefill: the same keys chosen
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2 * float(w.abs().max()))
+    assert len(stand_in.called("npu_lightning_indexer")) == 5 and len(stand_in.called("npu_sparse_flash_attention")) == 4
+    assert not ops.reference_calls
