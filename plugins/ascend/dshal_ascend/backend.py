@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dshal.plugin import ArgumentError, Availability, Backend, Capabilities, DeviceError, OpPath, Topology
+from dshal.plugin import SPECS, ArgumentError, Availability, Backend, Capabilities, DeviceError, OpPath, Topology
 from dshal_ascend.hccl import abort_hccl_communicators, hccl_environment
 from dshal_ascend.probe import CannInstall, NpuProbe, diagnose, float_overflow_mode, visible_devices
 from dshal_ascend.releases import (
@@ -62,7 +62,8 @@ def release_capabilities(
     (``fp8_storage`` False); ``notes`` first."""
     from dshal_ascend.npu_ops import OP_KINDS  # lazy: start-up time of discovery (npu_ops loads the op hub)
 
-    routes = plan_ops(features)
+    # a dshal without DeepSeek Sparse Attention's ops: their routes are left out (no op to route)
+    routes = {op: route for op, route in plan_ops(features).items() if op in SPECS}
     int8_experts = features.w8a8_experts
     return Capabilities(
         device_name=device_name,
@@ -71,7 +72,7 @@ def release_capabilities(
         fp8_formats=(),
         moe_no_expert_ids=True,  # sorted past every group, no host read (FP8: the kept slots; it reads ids anyway)
         native_e4m3="e4m3fn",  # what fmt="e4m3" decodes as in the emulated path
-        op_kinds={op: kind for op, kind in OP_KINDS.items() if routes[op].kind != "reference"},
+        op_kinds={op: kind for op, kind in OP_KINDS.items() if op in routes and routes[op].kind != "reference"},
         op_paths=weight_format_paths(routes, int8_experts),
         dist_backend="hccl",
         memory_bytes=memory_bytes,

@@ -442,3 +442,172 @@ def fix_zero_scales(scale: torch.Tensor) -> torch.Tensor:
 def dynamic_quant_result(q: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     """``npu_dynamic_quant``'s ``(y, scale [rows])`` -> dshal's ``(q [..., K], scale [..., 1] float32)``."""
     return q.reshape(shape), fix_zero_scales(scale.reshape(*shape[:-1], 1).to(torch.float32))
+
+
+# ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)
+
+#: npu_lightning_indexer on Atlas A2/A3 (op-plugin 7.3.0 docs/context/torch_npu-npu_lightning_indexer.md;
+#: 26.0.0 / 26.1.0 docs/en/custom_APIs/torch_npu/ the same page): query and key bfloat16 or float16, one
+#: dtype; index head dim D = 128; one key head; query heads N1 = 64 (7.3.0) or N1 <= 64 (26.x);
+#: weights in q's dtype (26.x: or float32); sparse_count 1-2048 (26.x: or 3072 ... 8192 in steps of
+#: 1024); sparse_mode 0 (no mask) or 3 (causal from the bottom-right corner: query i of S1 sees keys
+#: j <= i + S2 - S1); pre_tokens / next_tokens only their defaults. Out: int32 [B, S1, 1, sparse_count].
+INDEXER_DTYPES = (torch.float16, torch.bfloat16)
+INDEXER_HEAD_DIM = 128
+INDEXER_MAX_HEADS = 64
+INDEXER_MAX_SPARSE_COUNT = 2048
+INDEXER_LARGE_SPARSE_COUNTS = (3072, 4096, 5120, 6144, 7168, 8192)
+#: The kernels' "no limit" default of pre_tokens / next_tokens (int64 max; the only value taken).
+DSA_NO_TOKEN_LIMIT = 2**63 - 1
+
+
+def indexer_sparse_count_fits(topk: int, large_counts: bool) -> bool:
+    """Whether npu_lightning_indexer takes ``sparse_count=topk`` (``large_counts``: 26.x's 3072-8192)."""
+    return 1 <= topk <= INDEXER_MAX_SPARSE_COUNT or (large_counts and topk in INDEXER_LARGE_SPARSE_COUNTS)
+
+
+def lightning_indexer_unsupported(
+    q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, topk: int, visible: torch.Tensor | None,
+    *, float32_weights: bool, large_counts: bool,
+) -> str | None:
+    """Why npu_lightning_indexer cannot serve ``indexer_topk(q [B, T, Hi, Di], weights [B, T, Hi],
+    k [B, S, Di], topk, visible)``, or None. A head dim under 128 is zero-padded (exact)."""
+    batch, tq, heads, dim = q.shape
+    keys = k.shape[1]
+    if visible is not None:
+        return "an explicit visible mask (the kernel masks nothing or causally: sparse_mode 0 / 3)"
+    if q.dtype not in INDEXER_DTYPES or k.dtype != q.dtype:
+        return f"q {q.dtype}, k {k.dtype} (the kernel takes one of float16 / bfloat16)"
+    if weights.dtype != q.dtype and not (float32_weights and weights.dtype == torch.float32):
+        return (f"weights {weights.dtype} with q {q.dtype} (this release takes weights in q's dtype only; "
+                "rounding float32 weights would change which keys are chosen)")
+    if dim > INDEXER_HEAD_DIM:
+        return f"index head dim {dim} (the kernel takes {INDEXER_HEAD_DIM}; smaller ones are zero-padded)"
+    if heads > INDEXER_MAX_HEADS:
+        return f"{heads} index heads (the kernel takes at most {INDEXER_MAX_HEADS})"
+    if not indexer_sparse_count_fits(topk, large_counts):
+        more = ", or " + " / ".join(map(str, INDEXER_LARGE_SPARSE_COUNTS)) if large_counts else ""
+        return f"topk {topk} (the kernel's sparse_count is 1-{INDEXER_MAX_SPARSE_COUNT}{more})"
+    if batch * tq == 0 or keys == 0 or tq > keys:
+        return f"{tq} queries over {keys} keys, batch {batch} (the kernel's causal mask needs 1 <= T <= S)"
+    return None
+
+
+def pad_last_dim(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``t`` zero-padded on its last dim to ``size`` (contiguous; ``t`` itself when it fits)."""
+    if t.shape[-1] == size:
+        return t.contiguous()
+    return torch.nn.functional.pad(t, (0, size - t.shape[-1]))
+
+
+def indexer_operands(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dshal's ``q [B, T, Hi, Di]``, ``weights [B, T, Hi]``, ``k [B, S, Di]`` as the kernel's BSND
+    ``query [B, T, Hi, 128]``, ``key [B, S, 1, 128]`` and ``weights``, contiguous; zero columns
+    pad Di to 128 (they add 0 to every q . k)."""
+    return pad_last_dim(q, INDEXER_HEAD_DIM), pad_last_dim(k, INDEXER_HEAD_DIM)[:, :, None], weights.contiguous()
+
+
+def indexer_result(sparse_indices: torch.Tensor, keys: int) -> torch.Tensor:
+    """The kernel's ``int32 [B, T, 1, topk]`` as dshal's ``int64 [B, T, topk]``: query i (of T, the
+    last T of ``keys`` positions) sees ``i + keys - T + 1`` keys, and every entry past that count
+    becomes -1 (the docs do not say what the kernel writes there; op-plugin's own test expects the
+    masked keys, sorted last)."""
+    idx = sparse_indices[:, :, 0].to(torch.int64)
+    tq, topk = idx.shape[1], idx.shape[2]
+    seen = torch.arange(tq, device=idx.device) + (keys - tq + 1)
+    past = torch.arange(topk, device=idx.device)[None, :] >= seen[:, None]  # [T, topk]
+    return idx.masked_fill(past, -1)
+
+
+#: npu_sparse_flash_attention on Atlas A2/A3 (op-plugin 7.3.0 docs/context/torch_npu-npu_sparse_flash_attention.md;
+#: 26.0.0 / 26.1.0 docs/en/custom_APIs/torch_npu/ the same page): query, key, value bfloat16 or float16, one
+#: dtype; only the MLA-absorb form (attention_mode 2): query / key D = 512, query_rope / key_rope D = 64,
+#: key and value one tensor, one kv head, N1 in 1, 2, 4, ..., 128 query heads; sparse_indices int32
+#: [B, S1, 1, K], K > 0, the valid entries first and -1 after them; sparse_block_size 1 selects
+#: single tokens; sparse_mode 0 (the selected keys only) or 3 (also causal). Out: [B, S1, N1, 512].
+SFA_LATENT_DIM = 512
+SFA_ROPE_DIM = 64
+SFA_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def sfa_heads(heads: int) -> int | None:
+    """The head count npu_sparse_flash_attention runs ``heads`` query heads as (zero queries pad
+    the rest), or None past its largest."""
+    return next((n for n in SFA_HEADS if n >= heads), None)
+
+
+def sparse_attention_unsupported(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, v_dim: int) -> str | None:
+    """Why npu_sparse_flash_attention cannot serve ``sparse_mla_attention(q [B, H, T, D],
+    kv [B, S, D], indices [B, T, K], scale, v_dim)``, or None. D up to 512 + 64 and v_dim up to 512
+    are zero-padded to the kernel's dims (exact: zero columns add nothing to q . k, and the
+    output's extra columns are dropped)."""
+    batch, heads, tq, dim = q.shape
+    if q.dtype not in INDEXER_DTYPES or kv.dtype != q.dtype:
+        return f"q {q.dtype}, kv {kv.dtype} (the kernel takes one of float16 / bfloat16)"
+    if dim > SFA_LATENT_DIM + SFA_ROPE_DIM or v_dim > SFA_LATENT_DIM:
+        return (f"head dim {dim}, v_dim {v_dim} (the kernel's MLA-absorb form takes a {SFA_LATENT_DIM}-column latent, "
+                f"also the values, + {SFA_ROPE_DIM} rope columns)")
+    if sfa_heads(heads) is None:
+        return f"{heads} query heads (the kernel takes at most {SFA_HEADS[-1]})"
+    if batch * tq == 0 or kv.shape[1] == 0 or indices.shape[-1] == 0:
+        return f"batch {batch}, {tq} queries, {kv.shape[1]} keys, {indices.shape[-1]} indices per query (all must be > 0)"
+    return None
+
+
+@dataclass(frozen=True)
+class SparseAttentionOperands:
+    """npu_sparse_flash_attention's BSND operands for one dshal call, and which queries have a key."""
+
+    query: torch.Tensor  # [B, T, N1, 512]
+    query_rope: torch.Tensor  # [B, T, N1, 64]
+    key: torch.Tensor  # [B, S, 1, 512]: also the value
+    key_rope: torch.Tensor  # [B, S, 1, 64]
+    sparse_indices: torch.Tensor  # int32 [B, T, 1, K], valid entries first
+    has_key: torch.Tensor  # bool [B, T]
+    poisoned: torch.Tensor  # bool [B, N1, T]: the op's NaN rule (the kernel ran on zeroed inputs)
+
+
+def sparse_attention_operands(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, heads: int) -> SparseAttentionOperands:
+    """dshal's ``q [B, H, T, D]``, ``kv [B, S, D]`` (values: its first v_dim <= 512 columns) and
+    ``indices [B, T, K]`` (-1 = none, anywhere) as the kernel's: D zero-padded to 512 + 64 and split
+    there (the latent part is the key and the value), H padded with zero queries to ``heads``, the
+    indices sorted descending so the -1 entries come last. A query with no key gets key 0 (its
+    output is zeroed after the kernel; the docs leave such a row undefined). The kernel's NaN / Inf
+    handling is not documented either: it gets the inputs with non-finite entries zeroed, and
+    ``poisoned`` marks the rows the op's rule makes NaN (a non-finite q row, or a named kv row,
+    of a query with a key). No host read. The kernel takes no strided views, so q and kv are
+    copied once each, the zeroing done in that copy (the cache's concatenated ``[latent | rope]``
+    rows cannot be handed over as they are)."""
+    full = SFA_LATENT_DIM + SFA_ROPE_DIM
+    if q.shape[-1] < full or heads > q.shape[1]:  # zero columns add nothing to q . k; zero queries are dropped
+        q = torch.nn.functional.pad(q, (0, full - q.shape[-1], 0, 0, 0, heads - q.shape[1]))
+    if kv.shape[-1] < full:
+        kv = torch.nn.functional.pad(kv, (0, full - kv.shape[-1]))
+    bad_q, bad_kv = ~torch.isfinite(q), ~torch.isfinite(kv)
+    named = indices >= 0
+    has_key = named.any(dim=-1)  # [B, T]
+    bad_rows = bad_kv.any(dim=-1).gather(1, indices.clamp(min=0).flatten(1)).view(indices.shape)  # [B, T, K]
+    poisoned = (bad_q.any(dim=-1) | (bad_rows & named).any(dim=-1)[:, None]) & has_key[:, None]  # [B, N1, T]
+
+    def part(t: torch.Tensor, bad: torch.Tensor, cols: slice) -> torch.Tensor:  # one copy, zeroed, contiguous
+        return t[..., cols].masked_fill(bad[..., cols], 0).contiguous()
+
+    latent, rope = slice(0, SFA_LATENT_DIM), slice(SFA_LATENT_DIM, full)
+    q_t, bad_q_t = q.transpose(1, 2), bad_q.transpose(1, 2)  # [B, T, N1, 576]
+    kv4, bad_kv4 = kv[:, :, None], bad_kv[:, :, None]  # [B, S, 1, 576]
+    ordered = indices.to(torch.int32).sort(dim=-1, descending=True).values
+    first = torch.where(has_key, ordered[..., 0], torch.zeros_like(ordered[..., 0]))
+    ordered = torch.cat((first[..., None], ordered[..., 1:]), dim=-1)
+    return SparseAttentionOperands(
+        query=part(q_t, bad_q_t, latent), query_rope=part(q_t, bad_q_t, rope),
+        key=part(kv4, bad_kv4, latent), key_rope=part(kv4, bad_kv4, rope),
+        sparse_indices=ordered[:, :, None].contiguous(), has_key=has_key, poisoned=poisoned,
+    )
+
+
+def sparse_attention_result(out: torch.Tensor, ops: SparseAttentionOperands, heads: int, v_dim: int) -> torch.Tensor:
+    """The kernel's ``[B, T, N1, 512]`` as dshal's ``[B, H, T, v_dim]``: queries without a key give
+    zeros, the poisoned rows NaN."""
+    out = out[:, :, :heads, :v_dim].transpose(1, 2)
+    out = torch.where(ops.has_key[:, None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.masked_fill(ops.poisoned[:, :heads, :, None], float("nan"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from dshal.plugin import (
 )
 from dshal_ascend.fp8emu import decode_fp8, fake_quantize_fp8, format_of
 from dshal_ascend.layouts import (
+    DSA_NO_TOKEN_LIMIT,
     GROUPED_MATMUL_MAX_GROUPS,
     MLA_BLOCK_SIZE,
     MLA_LATENT_DIM,
@@ -52,8 +53,11 @@ from dshal_ascend.layouts import (
     fp8_expert_rows,
     fused_attention_unsupported,
     gating_top_k_fit,
+    indexer_operands,
+    indexer_result,
     infer_attention_plan,
     interleave_halves,
+    lightning_indexer_unsupported,
     masked_pairs,
     mla_form_unsupported,
     mla_heads,
@@ -62,6 +66,10 @@ from dshal_ascend.layouts import (
     pick_rms_norm_outputs,
     rope_operands,
     route_tokens,
+    sfa_heads,
+    sparse_attention_operands,
+    sparse_attention_result,
+    sparse_attention_unsupported,
     split_ranges,
     zero_rows_without_keys,
 )
@@ -73,11 +81,21 @@ NPU_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 HALF_FLOATS = (torch.bfloat16, torch.float16)
 #: ACL format id of FRACTAL_NZ, the cube units' native weight layout (npu_format_cast(w, 29)).
 ACL_FORMAT_FRACTAL_NZ = 29
-#: The op names this module serves (quantize_fp8 is absent: the reference serves it).
-OP_NAMES = (
-    "dequantize_fp8", "quantize_int8", "fp8_gemm", "int8_gemm", "linear", "rms_norm", "silu_and_mul",
-    "rotary_embedding", "attention", "moe_gate", "moe_experts",
-)
+#: DeepSeek Sparse Attention's ops (DeepSeek-V3.2): served only where the installed dshal's catalogue
+#: has them (the registry refuses a plugin that provides an op it does not know).
+DSA_OP_NAMES = ("indexer_topk", "sparse_mla_attention")
+
+
+def served_op_names(catalogue: Mapping[str, Any]) -> tuple[str, ...]:
+    """The op names this module serves against an op ``catalogue`` (quantize_fp8 is absent: the
+    reference serves it; the DSA ops only where the catalogue has them)."""
+    core = ("dequantize_fp8", "quantize_int8", "fp8_gemm", "int8_gemm", "linear", "rms_norm", "silu_and_mul",
+            "rotary_embedding", "attention", "moe_gate", "moe_experts")
+    return core + tuple(op for op in DSA_OP_NAMES if op in catalogue)
+
+
+#: The op names this module serves with the installed dshal.
+OP_NAMES = served_op_names(SPECS)
 #: How each op is served on 910B (``Capabilities.op_kinds``: one kind per op). ``linear`` and
 #: ``moe_experts`` are native for float and int8 weights; their FP8-weight paths (emulated) are
 #: in ``Capabilities.op_paths`` (:func:`dshal_ascend.backend.weight_format_paths`).
@@ -307,6 +325,44 @@ class AscendOps:
             sparse_mode=plan.sparse_mode, atten_mask=plan.atten_mask,
         )
         return out if padded == heads else out[:, :heads]
+
+    # ------------------------------------------------------------ DeepSeek Sparse Attention (V3.2)
+    def indexer_topk(self, q, weights, k, topk, visible=None):
+        _require_npu_float("indexer_topk", "q", q)
+        f = self.features
+        why = lightning_indexer_unsupported(q, weights, k, topk, visible, float32_weights=f.indexer_float32_weights,
+                                            large_counts=f.indexer_large_counts)
+        if why is not None or not f.lightning_indexer:
+            return self._reference("indexer_topk")(q, weights, k, topk, visible)
+        query, key, w = indexer_operands(q, weights, k)
+        # -> (sparse_indices int32 [B, T, 1, topk], sparse_values: not asked for)
+        sparse_indices, _values = self.npu.npu_lightning_indexer(
+            query, key, w, layout_query="BSND", layout_key="BSND", sparse_count=topk,
+            sparse_mode=3,  # causal from the bottom-right corner: the queries are the last T positions
+            pre_tokens=DSA_NO_TOKEN_LIMIT, next_tokens=DSA_NO_TOKEN_LIMIT, return_value=False,
+        )
+        return indexer_result(sparse_indices, k.shape[1])
+
+    def sparse_mla_attention(self, q, kv, indices, scale, v_dim):
+        _require_npu_float("sparse_mla_attention", "q", q)
+        if not self.features.sparse_flash_attention or sparse_attention_unsupported(q, kv, indices, v_dim) is not None:
+            return self._reference("sparse_mla_attention")(q, kv, indices, scale, v_dim)
+        # before the kernel indexes with them: a bad index would read another row of the NPU's memory
+        check_ids_in_range("sparse_mla_attention", "indices", indices, kv.shape[1], "key index",
+                           f"kv has S = {kv.shape[1]} rows", low=-1)
+        heads = q.shape[1]
+        ops = sparse_attention_operands(q, kv, indices, sfa_heads(heads))
+        # -> (attention_out [B, T, N1, 512], softmax_max, softmax_sum: not asked for)
+        out, _max, _sum = self.npu.npu_sparse_flash_attention(
+            ops.query, ops.key, ops.key, ops.sparse_indices, float(scale),
+            query_rope=ops.query_rope, key_rope=ops.key_rope, sparse_block_size=1,
+            layout_query="BSND", layout_kv="BSND",
+            sparse_mode=0,  # the selected keys only: the op has no causal mask of its own
+            pre_tokens=DSA_NO_TOKEN_LIMIT, next_tokens=DSA_NO_TOKEN_LIMIT,
+            attention_mode=2,  # MLA-absorb: query | query_rope against key | key_rope, values = key
+            return_softmax_lse=False,
+        )
+        return sparse_attention_result(out, ops, heads, v_dim)
 
     # ------------------------------------------------------------ MoE
     def moe_gate(self, logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob=True):

@@ -50,6 +50,17 @@ Facts (source beside each):
   gamma dtypes, add_rms_norm gamma = x's dtype, rotary B, N < 1000, the attention head / dim limits
   and the MLA form, gating, grouped-matmul per-token scale dtypes) read as in 7.3.0
   (``docs/zh/custom_APIs/torch_npu/torch_npu-<kernel>.md``).
+* DeepSeek Sparse Attention (DeepSeek-V3.2): ``npu_lightning_indexer`` and
+  ``npu_sparse_flash_attention`` are in ``op_plugin_functions.yaml`` from 7.3.0 (CANN 8.5.0; not in
+  7.2.0), ``exposed: all_version``, the same schemas in 26.0.0 / 26.1.0. Their doc pages (7.3.0
+  ``docs/context/torch_npu-<kernel>.md``, 26.x ``docs/en/custom_APIs/torch_npu/``; limits in
+  :mod:`dshal_ascend.layouts`): the 7.3.0 indexer takes exactly 64 query heads, ``sparse_count``
+  1-2048 and weights in the query's dtype; 26.0.0 adds N1 <= 64, ``sparse_count`` 3072 ... 8192 in
+  steps of 1024 and float32 weights (A2/A3; not on Ascend 950). vllm-ascend's DeepSeek-V3.2 path
+  calls same-named ops it builds itself (``torch.ops._C_ascend.npu_lightning_indexer``; at first
+  ``torch.ops.custom.*`` from a separate CANN custom-ops package) with TND queries, PA_BSND caches,
+  ``sparse_count=2048``, ``sparse_mode=3``, and ``attention_mode=2`` for the attention; the plugin
+  calls torch_npu's.
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ from dshal_ascend.tool import run_tool
 KERNELS = (
     "npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul", "npu_interleave_rope",
     "npu_fused_infer_attention_score", "npu_moe_gating_top_k", "npu_grouped_matmul",
-    "npu_dynamic_quant", "npu_quant_matmul", "npu_format_cast",
+    "npu_dynamic_quant", "npu_quant_matmul", "npu_format_cast", "npu_lightning_indexer", "npu_sparse_flash_attention",
 )
 
 #: op -> the kernels it cannot run without (moe_gate falls back per call on its own).
@@ -78,6 +89,8 @@ OP_KERNELS = {
     "quantize_int8": ("npu_dynamic_quant",),
     "int8_gemm": ("npu_quant_matmul", "npu_format_cast"),
     "linear": ("npu_dynamic_quant", "npu_quant_matmul", "npu_format_cast"),
+    "indexer_topk": ("npu_lightning_indexer",),
+    "sparse_mla_attention": ("npu_sparse_flash_attention",),
 }
 
 
@@ -277,6 +290,13 @@ class KernelFeatures:
     #: npu_fused_infer_attention_score's MLA form (``query_rope`` / ``key_rope`` with page attention):
     #: in the schema from 7.0.0, its A2/A3 limits documented from 7.1.0 (the form dshal relies on).
     mla_rope: bool
+    #: torch_npu has npu_lightning_indexer / npu_sparse_flash_attention (op-plugin 7.3.0+).
+    lightning_indexer: bool = False
+    sparse_flash_attention: bool = False
+    #: npu_lightning_indexer takes float32 ``weights`` with bf16/fp16 q / k (26.0.0+ docs; 7.3.0: q's dtype only).
+    indexer_float32_weights: bool = False
+    #: npu_lightning_indexer's ``sparse_count`` may also be 3072 ... 8192 in steps of 1024 (26.0.0+ docs).
+    indexer_large_counts: bool = False
 
     @property
     def w8a8_experts(self) -> bool:
@@ -301,6 +321,10 @@ def kernel_features(release: str, signatures: ReleaseSignatures | None = None) -
         quant_matmul_int32_guard=key >= (7, 0, 0),
         rms_norm_fp32_gamma=key >= (7, 2, 0),
         mla_rope=key >= (7, 1, 0) and sig.accepts("npu_fused_infer_attention_score", "query_rope"),
+        lightning_indexer=sig.has("npu_lightning_indexer"),
+        sparse_flash_attention=sig.has("npu_sparse_flash_attention") and sig.accepts("npu_sparse_flash_attention", "attention_mode"),
+        indexer_float32_weights=key >= (26, 0, 0) and sig.has("npu_lightning_indexer"),
+        indexer_large_counts=key >= (26, 0, 0) and sig.has("npu_lightning_indexer"),
     )
 
 
@@ -351,6 +375,23 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
            else f"absorbed MLA (head dim 576): reference ({rel} has no documented MLA form)")
     int8_f32 = ("npu_quant_matmul int32 output, scaled in float32" if f.quant_matmul_int32_guard
                 else "reference (int32 output would reinterpret a float32 scale before 7.0.0)")
+    if not f.indexer_float32_weights:
+        indexer = OpRoute("reference", "dshal reference",
+                          f"{rel}: npu_lightning_indexer takes weights only in q's dtype (7.3.0 docs), dshal's are "
+                          "float32 (rounding them would change which keys are chosen); 26.0.0+ takes float32")
+    else:
+        counts = "1-2048 or 3072-8192 in steps of 1024"
+        indexer = OpRoute("native", "npu_lightning_indexer (BSND, key [B, S, 1, 128], float32 weights, "
+                          "sparse_mode 3: causal, queries the last T)",
+                          f"entries past a query's visible keys set to -1; index head dim < 128 zero-padded; "
+                          f"an explicit visible mask, float32 q / k, head dim > 128, > 64 heads, topk not {counts}: "
+                          "reference; NaN / Inf ranked as the kernel ranks them (not documented)")
+    sparse_attention = OpRoute(
+        "native", "npu_sparse_flash_attention (MLA-absorb attention_mode 2, BSND, latent 512 + rope 64, value = key, "
+        "sparse_mode 0, token-wise sparse_block_size 1)",
+        "indices sorted so -1 come last; queries without a key: zeros; NaN / Inf: the op's rule met around the kernel; "
+        "D < 576, v_dim < 512 zero-padded, heads padded to 1/2/4/.../128; q and the latent copied per call (split "
+        "512 + 64); float32, D > 576, v_dim > 512, > 128 heads: reference")
     routes = {
         "rms_norm": OpRoute("native", "npu_rms_norm / npu_add_rms_norm",
                             "npu_rms_norm keeps a float32 gamma" + (" (7.2.0+ docs: fp32 gamma with bf16/fp16 x)"
@@ -375,6 +416,8 @@ def plan_ops(f: KernelFeatures) -> dict[str, OpRoute]:
         "fp8_gemm": OpRoute("emulated", "FP8 bytes decoded with integer ops, bf16 matmul", "910B has no FP8 units"),
         "dequantize_fp8": OpRoute("emulated", "integer decode of the FP8 bytes", "no FP8 casts on the device"),
         "quantize_fp8": OpRoute("reference", "dshal reference", "an FP8 result cannot be held natively on 910B"),
+        "indexer_topk": indexer,
+        "sparse_mla_attention": sparse_attention,
     }
     for op, kernels in OP_KERNELS.items():
         missing = [k for k in kernels if not f.signatures.has(k)]

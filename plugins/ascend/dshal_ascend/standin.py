@@ -21,7 +21,19 @@ import torch
 import torch.nn.functional as F
 
 from dshal.plugin import SPECS
-from dshal_ascend.layouts import FIA_MAX_BATCH, FIA_MAX_KEYS, GROUPED_MATMUL_MAX_GROUPS
+from dshal_ascend.layouts import (
+    DSA_NO_TOKEN_LIMIT,
+    FIA_MAX_BATCH,
+    FIA_MAX_KEYS,
+    GROUPED_MATMUL_MAX_GROUPS,
+    INDEXER_DTYPES,
+    INDEXER_HEAD_DIM,
+    INDEXER_MAX_HEADS,
+    SFA_HEADS,
+    SFA_LATENT_DIM,
+    SFA_ROPE_DIM,
+    indexer_sparse_count_fits,
+)
 from dshal_ascend.npu_ops import AscendOps
 from dshal_ascend.releases import kernel_features
 from dshal_ascend.schema import ReleaseSignatures, SignatureError, recorded_signatures
@@ -241,6 +253,102 @@ def _mla_paged_attention(owner, b):
     return out.to(q.dtype), torch.zeros(1)
 
 
+def _release_key(owner) -> tuple[int, ...]:
+    return tuple(int(p) for p in owner.release.split("."))
+
+
+def _dsa_common(owner, b, kernel: str, query_layout: str, key_layout: str) -> None:
+    """What both DSA kernels' pages say of the arguments dshal passes (the stand-in models BSND only)."""
+    _constraint(b[query_layout] == "BSND" and b[key_layout] == "BSND",
+                f"{kernel}: the stand-in models {query_layout}=BSND / {key_layout}=BSND (the docs want them equal "
+                f"without page attention), got {b[query_layout]!r} / {b[key_layout]!r}")
+    _constraint(b["pre_tokens"] == DSA_NO_TOKEN_LIMIT and b["next_tokens"] == DSA_NO_TOKEN_LIMIT,
+                f"{kernel}: pre_tokens / next_tokens take only their default 2**63 - 1")
+    _constraint(b["sparse_mode"] in (0, 3), f"{kernel}: sparse_mode 0 or 3, got {b['sparse_mode']}")
+    _constraint(b["block_table"] is None, f"{kernel}: the stand-in models no page attention")
+
+
+def _lightning_indexer(owner, b):
+    """npu_lightning_indexer, BSND (op-plugin 7.3.0 docs/context and 26.x docs/en/custom_APIs pages,
+    A2/A3): its limits per release, then ``sum_h w[h] * relu(q[h] . k)`` in float32, causal from the
+    bottom-right corner for sparse_mode 3, keys by descending score (stable). What fills the entries
+    past a query's visible keys is not documented: this stand-in writes the masked keys there, as
+    op-plugin's own test expects (test/test_custom_ops/test_npu_lightning_indexer.py), and -1 past S2."""
+    q, k, w, count = b["query"], b["key"], b["weights"], b["sparse_count"]
+    _dsa_common(owner, b, "npu_lightning_indexer", "layout_query", "layout_key")
+    newer = _release_key(owner) >= (26, 0, 0)
+    _constraint(q.dim() == 4 and k.dim() == 4 and k.shape[0] == q.shape[0] and k.shape[2] == 1,
+                f"npu_lightning_indexer: query [B, S1, N1, D], key [B, S2, 1, D], got {list(q.shape)} / {list(k.shape)}")
+    batch, s1, heads, d = q.shape
+    _constraint(d == INDEXER_HEAD_DIM and k.shape[3] == d, f"npu_lightning_indexer: D = {INDEXER_HEAD_DIM}, got {d} / {k.shape[3]}")
+    _constraint(heads <= INDEXER_MAX_HEADS if newer else heads == INDEXER_MAX_HEADS,
+                f"npu_lightning_indexer (op-plugin {owner.release} docs): N1 {'<=' if newer else '=='} 64, got {heads}")
+    _constraint(q.dtype in INDEXER_DTYPES and k.dtype == q.dtype, f"npu_lightning_indexer: one bf16/fp16 dtype, got {q.dtype} / {k.dtype}")
+    _constraint(w.dtype == q.dtype or (newer and w.dtype == torch.float32),
+                f"npu_lightning_indexer (op-plugin {owner.release} docs): weights {w.dtype} with query {q.dtype}")
+    _constraint(tuple(w.shape) == (batch, s1, heads), f"npu_lightning_indexer: weights [B, S1, N1], got {list(w.shape)}")
+    _constraint(all(t.is_contiguous() for t in (q, k, w)), "npu_lightning_indexer: query, key, weights must be contiguous")
+    _constraint(indexer_sparse_count_fits(count, newer), f"npu_lightning_indexer (op-plugin {owner.release} docs): sparse_count {count}")
+    _constraint(b["actual_seq_lengths_query"] is None and b["actual_seq_lengths_key"] is None,
+                "the stand-in models full lengths only")
+    _constraint(not b["return_value"], "npu_lightning_indexer: return_value only in training")
+    s2 = k.shape[1]
+    per_head = torch.relu(torch.einsum("bqhd,bkd->bhqk", q.float(), k[:, :, 0].float()))
+    scores = torch.einsum("bqh,bhqk->bqk", w.float(), per_head)
+    if b["sparse_mode"] == 3:
+        hidden = torch.arange(s2)[None, :] > torch.arange(s1)[:, None] + (s2 - s1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    order = scores.sort(dim=-1, descending=True, stable=True).indices[..., :count]
+    out = torch.full((batch, s1, 1, count), -1, dtype=torch.int32)
+    out[:, :, 0, : order.shape[-1]] = order.to(torch.int32)
+    return out, torch.empty(0, dtype=q.dtype)
+
+
+def _sparse_flash_attention(owner, b):
+    """npu_sparse_flash_attention's MLA-absorb form, BSND, token-wise (op-plugin 7.3.0 docs/context and
+    26.x docs/en/custom_APIs pages, A2/A3): its limits, then ``softmax(scale * (q k^T + q_rope k_rope^T)) v``
+    over each query's indices, the valid ones before the -1 (sparse_mode 3: also causal). A query with no
+    valid index is not documented: NaN here, so a caller that does not handle it fails."""
+    q, key, value, idx = b["query"], b["key"], b["value"], b["sparse_indices"]
+    q_rope, k_rope = b["query_rope"], b["key_rope"]
+    _dsa_common(owner, b, "npu_sparse_flash_attention", "layout_query", "layout_kv")
+    _constraint(b["attention_mode"] == 2 and q_rope is not None and k_rope is not None,
+                "npu_sparse_flash_attention: only attention_mode 2 (MLA-absorb), with query_rope and key_rope")
+    _constraint(b["sparse_block_size"] == 1, "the stand-in models token-wise selection (sparse_block_size 1)")
+    _constraint(q.dim() == 4 and key.dim() == 4, f"query [B, S1, N1, D], key [B, S2, 1, D], got {list(q.shape)} / {list(key.shape)}")
+    batch, s1, heads, d = q.shape
+    s2 = key.shape[1]
+    _constraint(d == SFA_LATENT_DIM and tuple(key.shape) == (batch, s2, 1, SFA_LATENT_DIM),
+                f"npu_sparse_flash_attention: query / key D = {SFA_LATENT_DIM}, one kv head, got {list(q.shape)} / {list(key.shape)}")
+    _constraint(value is key or (value.shape == key.shape and torch.equal(value, key)),
+                "npu_sparse_flash_attention (attention_mode 2): key and value are one tensor")
+    _constraint(tuple(q_rope.shape) == (batch, s1, heads, SFA_ROPE_DIM) and tuple(k_rope.shape) == (batch, s2, 1, SFA_ROPE_DIM),
+                f"query_rope [B, S1, N1, 64], key_rope [B, S2, 1, 64], got {list(q_rope.shape)} / {list(k_rope.shape)}")
+    _constraint(heads in SFA_HEADS, f"npu_sparse_flash_attention: N1 in {SFA_HEADS}, got {heads}")
+    dtypes = {t.dtype for t in (q, key, value, q_rope, k_rope)}
+    _constraint(len(dtypes) == 1 and q.dtype in INDEXER_DTYPES, f"npu_sparse_flash_attention: one bf16/fp16 dtype, got {dtypes}")
+    _constraint(idx.dtype == torch.int32 and idx.dim() == 4 and tuple(idx.shape[:3]) == (batch, s1, 1) and idx.shape[3] > 0,
+                f"sparse_indices: int32 [B, S1, 1, K > 0], got {idx.dtype} {list(idx.shape)}")
+    _constraint(all(t.is_contiguous() for t in (q, key, value, q_rope, k_rope, idx)), "all tensor inputs must be contiguous")
+    valid = idx >= 0
+    _constraint(bool(((idx >= -1) & (idx < s2)).all()), f"sparse_indices: -1 or a key position below {s2}")
+    _constraint(not bool((valid[..., 1:] & ~valid[..., :-1]).any()), "sparse_indices: the valid entries first, -1 after them")
+    _constraint(b["actual_seq_lengths_query"] is None and b["actual_seq_lengths_kv"] is None, "the stand-in models full lengths only")
+    _constraint(not b["return_softmax_lse"], "npu_sparse_flash_attention: return_softmax_lse only in training")
+    out = torch.full((batch, s1, heads, SFA_LATENT_DIM), float("nan"))
+    for i in range(batch):
+        for t in range(s1):
+            keys = idx[i, t, 0][valid[i, t, 0]].long()
+            if b["sparse_mode"] == 3:
+                keys = keys[keys <= t + s2 - s1]
+            if keys.numel() == 0:
+                continue
+            kf, rf = key[i, keys, 0].float(), k_rope[i, keys, 0].float()
+            s = (q[i, t].float() @ kf.T + q_rope[i, t].float() @ rf.T) * b["scale_value"]  # [N1, n]
+            out[i, t] = torch.softmax(s, dim=-1) @ value[i, keys, 0].float()
+    return out.to(q.dtype), torch.empty(0), torch.empty(0)
+
+
 def _gating_top_k(owner, b):
     x, k = b["x"], b["k"]
     _constraint(b["norm_type"] == 1 and b["group_select_mode"] == 1 and b["renorm"] == 0,
@@ -334,6 +442,8 @@ _COMPUTE: dict[str, Callable[[SignatureCheckingStandIn, dict[str, Any]], Any]] =
     "npu_dynamic_quant": _dynamic_quant,
     "npu_quant_matmul": _quant_matmul,
     "npu_format_cast": _format_cast,
+    "npu_lightning_indexer": _lightning_indexer,
+    "npu_sparse_flash_attention": _sparse_flash_attention,
 }
 
 
@@ -384,6 +494,16 @@ def _trace_cases(release: str) -> dict[str, Callable[[Any], Any]]:
     q_mla, latent = rand(1, 32, 1, 576, dtype=bf16), rand(1, 1, 8, 576, dtype=bf16)  # 32 heads, r 512 + rope 64
     logits, gate_bias = rand(t, 256), rand(256) * 0.1
 
+    # DeepSeek-V3.2's indexer (64 heads of 128, float32 weights) and its sparse attention over the latent
+    q_index, k_index = rand(1, 2, 64, 128, dtype=bf16), rand(1, 40, 128, dtype=bf16)
+    w_index = rand(1, 2, 64) * (64 * 128) ** -0.5
+    chosen = torch.tensor([[[5, 0, 39, -1, 12], [7, -1, -1, 30, 2]]])
+    q_sparse, latent_kv = rand(1, 32, 2, 576, dtype=bf16), rand(1, 40, 576, dtype=bf16)
+    dsa_cases = {
+        "indexer_topk[64 heads of 128]": lambda ops: ops.indexer_topk(q_index, w_index, k_index, 8),
+        "sparse_mla_attention[absorbed, 32 heads]": lambda ops: ops.sparse_mla_attention(q_sparse, latent_kv, chosen, 0.07, 512),
+    }
+
     loaded: dict[str, torch.Tensor] = {}
 
     def load_int8_linear(ops: Any) -> None:  # what the model core does once per weight at load
@@ -411,6 +531,8 @@ def _trace_cases(release: str) -> dict[str, Callable[[Any], Any]]:
         "linear[fp8]": lambda ops: ops.linear(x, w_f8[0], None, w_f8[1]),
         "fp8_gemm": lambda ops: ops.fp8_gemm(*fp8(x.float(), (1, 128), "e4m3fn"), *w_f8),
         "dequantize_fp8": lambda ops: ops.dequantize_fp8(*w_f8, (128, 128)),
+        # a dshal without DeepSeek Sparse Attention's ops: nothing to trace (the plugin does not provide them)
+        **{case: run for case, run in dsa_cases.items() if case.split("[")[0] in SPECS},
     }
 
 

@@ -1,4 +1,4 @@
-"""The MoE op path of dshal-ascend reads nothing on the host inside ``dshal.ops.trusted()``.
+"""The MoE and DeepSeek Sparse Attention op paths of dshal-ascend read nothing on the host inside ``dshal.ops.trusted()``.
 
 A host read (``.item()``, ``bool(t)``, ``nonzero``, ``unique``, op-plugin's NPU ``bincount``,
 which reads min and max) stalls every decode step and breaks graph capture. The plugin's op code
@@ -99,3 +99,24 @@ def test_ascend_moe_path_has_no_host_reads(release, weight, tokens, skip):
         else:  # one token: the former route summed in slot order, this one in expert order
             torch.testing.assert_close(got, before, rtol=1e-2, atol=1e-5)
     assert weights.shape == ids.shape == (tokens, 4)
+
+
+@pytest.mark.parametrize("release", [r for r in recorded_releases() if kernel_features(r).indexer_float32_weights])
+@pytest.mark.parametrize("tokens", [1, 6], ids=["decode", "prefill"])
+def test_ascend_dsa_path_has_no_host_reads(release, tokens):
+    """DeepSeek-V3.2's sparse attention step: the indexer's choice, then attention over it (indices
+    checked by a device-side assertion, the NaN rule met without reading anything back)."""
+    stand_in = SignatureCheckingStandIn(recorded_signatures(release))
+    ops = AscendOps(kernel_features(release), stand_in)
+    g = torch.Generator().manual_seed(tokens)
+    q_index, k_index = torch.randn(2, tokens, 8, 128, generator=g).bfloat16(), torch.randn(2, 30, 128, generator=g).bfloat16()
+    weights = torch.randn(2, tokens, 8, generator=g) * 0.03
+    q, kv = torch.randn(2, 16, tokens, 576, generator=g).bfloat16(), torch.randn(2, 30, 576, generator=g).bfloat16()
+    with dshal.ops.trusted(), HostSyncCounter(exempt=(standin.__file__,)) as syncs, AtenCalls() as calls:
+        chosen = ops.indexer_topk(q_index, weights, k_index, 8)
+        out = ops.sparse_mla_attention(q, kv, chosen, 0.05, 512)
+    assert syncs.count == 0, syncs.where
+    assert not FORBIDDEN & set(calls.names), sorted(FORBIDDEN & set(calls.names))
+    assert "aten::sort" in calls.names  # the recorder saw the indices' reordering
+    assert stand_in.called("npu_lightning_indexer") and stand_in.called("npu_sparse_flash_attention")
+    assert out.shape == (2, 16, tokens, 512) and not ops.reference_calls

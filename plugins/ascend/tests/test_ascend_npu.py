@@ -12,7 +12,9 @@ import torch
 
 import dshal
 import dshal.ops.reference as ref
+from dshal.ops.examples import Example
 from dshal_ascend import AscendBackend
+from dshal_conformance.cases.sparse_attention import judge_indexer_topk
 
 _AVAILABILITY = AscendBackend().availability()
 pytestmark = pytest.mark.skipif(not _AVAILABILITY.ok, reason=f"needs an Ascend NPU: {_AVAILABILITY.reason}")
@@ -108,3 +110,43 @@ def test_ascend_npu_w8a8_experts(npu):
     got = experts(x.to(npu), weights.to(npu), ids.to(npu), w13.to(npu), w2.to(npu), w13_s.to(npu), w2_s.to(npu))
     want = ref.moe_experts(x, weights, ids, w13.float() * w13_s, w2.float() * w2_s)  # W8A16; W8A8 adds ~1%
     assert (got.cpu().float() - want.float()).norm() / want.float().norm() < 3e-2
+
+
+def _features():
+    return AscendBackend().features()
+
+
+@pytest.mark.parametrize("b,t,s,hi,di,topk", [
+    (2, 1, 4096, 64, 128, 2048),  # DeepSeek-V3.2 decode
+    (1, 4, 4096, 64, 128, 2048),  # MTP
+    (1, 24, 24, 64, 128, 8),      # a prefill: the first queries see fewer than topk keys (the kernel's tail: -1 here)
+    (2, 3, 100, 16, 64, 32),      # fewer heads, a head dim under 128 (zero-padded)
+])
+def test_ascend_npu_indexer_topk(npu, b, t, s, hi, di, topk):
+    if not _features().indexer_float32_weights:
+        pytest.skip(f"op-plugin {_features().release}: indexer_topk is the reference here (dshal info says why)")
+    g = torch.Generator().manual_seed(t)
+    q, k = torch.randn(b, t, hi, di, generator=g).bfloat16(), torch.randn(b, s, di, generator=g).bfloat16()
+    w = torch.randn(b, t, hi, generator=g) * (hi * di) ** -0.5
+    got = dshal.ops.indexer_topk(q.to(npu), w.to(npu), k.to(npu), topk)
+    want = ref.indexer_topk(q, w, k, topk)
+    checks = judge_indexer_topk(None, {}, got.cpu(), want, Example({"q": q, "weights": w, "k": k, "topk": topk, "visible": None}))
+    assert all(c.ok for c in checks), [c.detail for c in checks]
+
+
+@pytest.mark.parametrize("b,h,t,s,d,v,k", [
+    (2, 16, 1, 4096, 576, 512, 2048),  # DeepSeek-V3.2 decode, 16 heads per rank
+    (1, 128, 2, 1000, 576, 512, 256),
+    (1, 5, 3, 40, 96, 64, 24),         # padded heads and latent; -1 anywhere, a query with none
+])
+def test_ascend_npu_sparse_mla_attention(npu, b, h, t, s, d, v, k):
+    if not _features().sparse_flash_attention:
+        pytest.skip(f"op-plugin {_features().release} has no npu_sparse_flash_attention")
+    g = torch.Generator().manual_seed(h)
+    q, kv = torch.randn(b, h, t, d, generator=g).bfloat16(), torch.randn(b, s, d, generator=g).bfloat16()
+    idx = torch.rand(b, t, max(s, k), generator=g).argsort(dim=-1)[..., :k]
+    idx = torch.where((idx < s) & (torch.rand(b, t, k, generator=g) > 0.2), idx, -1)
+    idx[0, 0] = -1
+    got = dshal.ops.sparse_mla_attention(q.to(npu), kv.to(npu), idx.to(npu), d ** -0.5, v)
+    _close(got, ref.sparse_mla_attention(q, kv, idx, d ** -0.5, v))
+    assert (got[0, :, 0] == 0).all()
