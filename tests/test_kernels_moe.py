@@ -202,5 +202,5 @@ def test_trusted_mode_skips_the_wrapper_checks_same_bits(kernel_checks):
     kernel_checks.trusted_matches_checked(lambda: grouped_moe_experts(x, weights, ids, w13, w2))
     kernel_checks.trusted_matches_checked(lambda: grouped_moe_experts(x, weights, ids, q13, q2, s13, s2))
     kernel_checks.trusted_matches_checked(lambda: grouped_moe_experts(x, weights[:, :1], ids[:, :1], w13, w2))
-    with dshal.ops.trusted(), pytest.raises(RuntimeError, match=r"expert ids outside \[-1, 3\)"):
+    with dshal.ops.trusted(), pytest.raises(RuntimeError, match=r"an expert id outside \[-1, 3\)"):
         grouped_moe_experts(x, weights, ids + 3, w13, w2)

@@ -204,7 +204,7 @@ def test_bad_input_to_a_compiled_model_is_still_named(fresh_dynamo):
     compiled = torch.compile(model, backend="eager")
     with pytest.raises(dshal.DTypeError, match="argument 'input_ids' is torch.float32"):
         compiled(_ids().float())
-    with pytest.raises(RuntimeError, match=r"argument 'input_ids' holds token ids outside \[0, 512\)"):
+    with pytest.raises(RuntimeError, match=r"argument 'input_ids' holds a token id outside \[0, 512\)"):
         compiled(_ids() + 512)
 
 

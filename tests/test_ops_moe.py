@@ -229,7 +229,7 @@ def test_ids_check_on_a_device_without_an_async_assert_reads_the_ids(monkeypatch
     monkeypatch.setattr(torch, "_assert_async", no_kernel)
     with dshal.ops.trusted():
         check_ids_in_range("moe_experts", "ids", torch.tensor([[0, 3]]), 4, "expert id", "w13 has 4 experts")
-        with pytest.raises(ShapeError, match=r"'ids' holds expert ids outside \[0, 4\)"):
+        with pytest.raises(ShapeError, match=r"'ids' holds an expert id outside \[0, 4\)"):
             check_ids_in_range("moe_experts", "ids", torch.tensor([[0, 4]]), 4, "expert id", "w13 has 4 experts")
 
 

@@ -395,7 +395,8 @@ def check_ids_in_range(op: str, arg: str, ids: torch.Tensor, size: int, what: st
     if ids.is_meta:
         return
     if ids.numel() and (not checking() or torch.compiler.is_compiling()):
-        message = f"{op}: argument {arg!r} holds {what}s outside [{low}, {size}) ({why})"
+        article = "an" if what[:1] in "aeiou" else "a"
+        message = f"{op}: argument {arg!r} holds {article} {what} outside [{low}, {size}) ({why})"
         in_range = ((ids >= low) & (ids < size)).all()
         try:
             torch._assert_async(in_range, message)
