@@ -11,7 +11,7 @@ string, a negative, zero, huge (past int64) or non-finite number.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from dshal.ops.catalogue import SPECS
 from dshal.ops.examples import Draw
 from dshal.ops.spec import FP8_DTYPES
 from dshal_conformance.cases.moe import TIE_MARGIN
+from dshal_conformance.cases.sparse_attention import compare_selection
 from dshal_conformance.modelcheck import routed_differently, selection_margin
 
 FP8 = tuple(FP8_DTYPES.values())
@@ -108,6 +109,19 @@ def routing_differs(got: Any, want: Any, kwargs: dict[str, Any]) -> str | None:
     return differs((got_w[keep], got_ids[keep]), (want_w[keep], want_ids[keep]))
 
 
+def selection_differs(got: Any, want: Any, kwargs: Mapping[str, Any]) -> str | None:
+    """:func:`dshal_conformance.spoilers.differs` for ``indexer_topk``: the keys compared as
+    sets per query (the op's order is free), and a key within float32 rounding of the
+    topk-th score may go either way, as the op's judge allows."""
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype or got.is_meta:
+        return differs(got, want)
+    if got.numel() == 0:
+        return None
+    kw = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+    problem, n_bad, detail = compare_selection(got.detach().cpu(), want.detach().cpu(), kw["q"], kw["weights"], kw["k"], kw.get("visible"))
+    return problem or (detail if n_bad else None)
+
+
 def differs(got: Any, want: Any) -> str | None:
     """Why ``got`` is not ``want``'s answer, or None. Non-finite entries must be non-finite in
     both (which of NaN or Inf depends on the order of the arithmetic)."""
@@ -149,4 +163,4 @@ def spoiled_calls(op: str, rows_per_op: int, draw: Draw | None = None) -> Iterat
                 yield f"{row.name}: {arg} {what}", {**base, arg: bad}, bad
 
 
-__all__ = ["differs", "routing_differs", "sorted_by_id", "spoiled_calls", "spoiled_options", "spoiled_tensors"]
+__all__ = ["differs", "routing_differs", "selection_differs", "sorted_by_id", "spoiled_calls", "spoiled_options", "spoiled_tensors"]

@@ -82,11 +82,15 @@ def _ascend_standin_context(release: str) -> tuple[Context, Any]:
     return ctx, table
 
 
-def _npu_dynamic_quant_nonfinite(op: str, bad: Any) -> str | None:
-    """npu_dynamic_quant's NaN / Inf handling is not documented (the stand-in takes them into
-    the amax; the op's rule leaves them out): for the conformance-ascend leg on a 910B."""
+#: Ascend kernels whose NaN / Inf handling is not documented, by the dshal op they serve: the
+#: stand-in does what torch does (npu_dynamic_quant takes them into the amax; torch.topk ranks a
+#: NaN score first), the ops' rules say otherwise. For the conformance-ascend leg on a 910B.
+UNDOCUMENTED_NONFINITE = {"quantize_int8": "npu_dynamic_quant", "indexer_topk": "npu_lightning_indexer"}
+
+
+def _undocumented_nonfinite(op: str, bad: Any) -> str | None:
     nonfinite = isinstance(bad, torch.Tensor) and bad.is_floating_point() and not bad.is_meta and not bool(bad.isfinite().all())
-    return "npu_dynamic_quant: non-finite input" if op == "quantize_int8" and nonfinite else None
+    return f"{UNDOCUMENTED_NONFINITE[op]}: non-finite input" if op in UNDOCUMENTED_NONFINITE and nonfinite else None
 
 
 @pytest.mark.parametrize("release", ["6.0.0", "7.3.0", "26.1.0"])  # the oldest and newest recorded (7.3.0: the last with ScalarType? output_dtype)
@@ -95,7 +99,28 @@ def test_the_ascend_plugins_code_on_the_stand_in_handles_every_spoiled_argument(
     ctx, table = _ascend_standin_context(release)
     if op not in table:
         pytest.skip(f"the ascend plugin does not serve {op}")
-    (outcome,) = run_spoiled(ctx, op, exempt=_npu_dynamic_quant_nonfinite)
+    (outcome,) = run_spoiled(ctx, op, exempt=_undocumented_nonfinite)
     verdict = outcome.verdict
     assert verdict.status == "pass", f"{op} on the ascend stand-in {release} (not an NPU): {verdict.details}"
     assert verdict.details["refused"] and verdict.details["accepted"]
+
+
+def test_an_indexer_selection_is_compared_as_a_set_per_query() -> None:
+    """indexer_topk's order is free: the same keys in another order are the oracle's answer
+    (entry by entry they differed, and the ascend stand-in's sorted output failed), another
+    key at a decisive margin is not."""
+    from dshal_conformance.spoilers import selection_differs
+
+    torch.manual_seed(0)
+    kwargs = {"q": torch.randn(1, 4, 2, 8), "weights": torch.rand(1, 4, 2), "k": torch.randn(1, 8, 8), "topk": 3,
+              "visible": None}
+    want = SPECS["indexer_topk"].reference_impl(**kwargs)
+    assert selection_differs(want.flip(-1), want, kwargs) is None
+    assert differs(want.flip(-1), want) == "integer outputs differ"
+    from dshal.ops.sparse_attention import index_scores
+
+    scores = index_scores(kwargs["q"], kwargs["weights"], kwargs["k"])  # [B, T, S]
+    worst = scores[0, 3].argmin()  # query 3 sees keys 0..7; its lowest score is never picked
+    wrong = want.clone()
+    wrong[0, 3, 0] = worst
+    assert "differ from the oracle's beyond a near-tie" in selection_differs(wrong, want, kwargs)

@@ -44,16 +44,27 @@ def judge_indexer_topk(ctx: Context, row: Mapping[str, Any], out: Any, ref: Any,
     if out.dtype != torch.int64:
         return [failed("indices.dtype", f"indices: dtype {out.dtype}, expected torch.int64")]
     kw = {name: to_cpu(value) for name, value in inputs.kwargs.items()}
-    q, weights, k, visible = kw["q"], kw["weights"], kw["k"], kw["visible"]
-    got, want = out.detach().cpu(), ref.detach().cpu()
+    if out.numel() == 0:
+        return [threshold_check("index_selection_mismatch", 0.0, "no query")]
+    problem, n_bad, detail = compare_selection(out.detach().cpu(), ref.detach().cpu(), kw["q"], kw["weights"], kw["k"], kw["visible"])
+    if problem:
+        return [failed("indices.invalid", problem)]
+    return [threshold_check("index_selection_mismatch", float(n_bad), detail)]
+
+
+def compare_selection(
+    got: torch.Tensor, want: torch.Tensor, q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor,
+    visible: torch.Tensor | None,
+) -> tuple[str | None, int, str]:
+    """``got`` against the oracle's selection ``want`` (CPU ``[B, T, topk]``, same shape and
+    dtype): (what breaks the contract's shape of a selection or None, how many selected keys
+    differ beyond a near-tie of the topk-th score, the detail line)."""
     batch, tq, _ = got.shape
     slen = k.shape[1]
-    if got.numel() == 0:
-        return [threshold_check("index_selection_mismatch", 0.0, "no query")]
     seen = causal_visible(tq, slen, torch.device("cpu")).expand(batch, tq, slen) if visible is None else visible
     problem = _invalid_selection(got, seen)
     if problem:
-        return [failed("indices.invalid", problem)]
+        return problem, 0, ""
     picked, chosen = _members(got, slen), _members(want, slen)
     scores = index_scores(q.double(), weights.double(), k.double()).nan_to_num(nan=-torch.inf)  # a NaN ranks last
     slack = score_rounding(q, weights, k).nan_to_num(nan=0.0, posinf=0.0)
@@ -74,7 +85,7 @@ def judge_indexer_topk(ctx: Context, row: Mapping[str, Any], out: Any, ref: Any,
         extra_keys = extra[b, t].nonzero().flatten().tolist()
         missing_keys = missing[b, t].nonzero().flatten().tolist()
         detail += f"; row {b} query {t}: picked {extra_keys[:8]} instead of {missing_keys[:8]}"
-    return [threshold_check("index_selection_mismatch", float(n_bad), detail)]
+    return None, n_bad, detail
 
 
 def _members(indices: torch.Tensor, slen: int) -> torch.Tensor:
