@@ -42,6 +42,23 @@ SPARSE_MODEL_TYPE = "deepseek_v32"
 SPARSE_ARCHITECTURE = "DeepseekV32ForCausalLM"
 #: config.json keys of DeepSeek-V3.2's lightning indexer, each required in such a config.
 INDEX_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
+#: GLM-4.7-Flash / GLM-4.5-lite: DeepSeek-V3's MLA and MoE under GLM's own model_type, with a
+#: per-layer ``mlp_layer_types`` list in place of ``first_k_dense_replace``.
+GLM_LITE_MODEL_TYPE = "glm4_moe_lite"
+GLM_LITE_ARCHITECTURE = "Glm4MoeLiteForCausalLM"
+#: transformers' ``Glm4MoeLiteConfig`` defaults (5.25) that differ from DeepSeek-V3's and change numbers:
+#: a GLM config.json without the key means these, not ModelArgs' defaults.
+GLM_LITE_DEFAULTS = {
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.8,
+    "rms_norm_eps": 1e-5,
+    "q_lora_rank": 768,
+    "max_position_embeddings": 202752,
+}
+#: GLM-5 (``glm_moe_dsa``): DeepSeek-V3.2 with other indexer rules, not read yet.
+GLM_DSA_MODEL_TYPE = "glm_moe_dsa"
+GLM_DSA_ARCHITECTURE = "GlmMoeDsaForCausalLM"
 #: Largest size of any dimension (int32 indexing in the kernels).
 MAX_DIM = (1 << 31) - 1
 
@@ -317,7 +334,8 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], **overrides: Any) -> ModelArgs:
         """Read a HF ``config.json`` dict (``model_type: deepseek_v3``, or ``architectures``
-        listing ``DeepseekV3ForCausalLM``); ``overrides`` win.
+        listing ``DeepseekV3ForCausalLM``; ``deepseek_v32``; GLM-4.7-Flash's ``glm4_moe_lite``, read
+        as the DeepSeek-V3 config it equals); ``overrides`` win.
 
         The dict is validated first (:func:`validate_hf_config`): types, ranges and the
         required size keys; each error names the key, the value and what was expected."""
@@ -327,6 +345,16 @@ class ModelArgs:
     def _from_checked(cls, cfg: dict[str, Any], **overrides: Any) -> ModelArgs:
         model_type = cfg.get("model_type")
         architectures = cfg.get("architectures") or []
+        if model_type == GLM_DSA_MODEL_TYPE or GLM_DSA_ARCHITECTURE in architectures:
+            raise ConfigError(
+                f"config.json: model_type is {model_type!r} (architectures {architectures}), expected "
+                f"{MODEL_TYPE!r}, {SPARSE_MODEL_TYPE!r} or {GLM_LITE_MODEL_TYPE!r}: GLM-5's sparse attention differs "
+                "from DeepSeek-V3.2's (its indexer rotates interleaved pairs, and layers of indexer_types 'shared' "
+                "reuse the previous full layer's top-k selection), which dshal does not run yet"
+            )
+        if model_type == GLM_LITE_MODEL_TYPE or GLM_LITE_ARCHITECTURE in architectures:
+            cfg = _glm_lite_as_v3(cfg)
+            model_type, architectures = MODEL_TYPE, [ARCHITECTURE]
         # Models built on DeepSeek-V3's architecture under their own model_type (Kimi-K2's
         # "kimi_k2") name its class in `architectures`, as transformers and vLLM read it.
         sparse = model_type == SPARSE_MODEL_TYPE or SPARSE_ARCHITECTURE in architectures
@@ -334,7 +362,7 @@ class ModelArgs:
             raise ConfigError(
                 f"config.json: model_type is {model_type!r} (architectures {architectures}), expected "
                 f"{MODEL_TYPE!r} or {SPARSE_MODEL_TYPE!r}, or architectures listing {ARCHITECTURE!r} (as Kimi-K2's "
-                f"'kimi_k2' does) or {SPARSE_ARCHITECTURE!r}"
+                f"'kimi_k2' does) or {SPARSE_ARCHITECTURE!r}; or GLM-4.7-Flash's {GLM_LITE_MODEL_TYPE!r}"
             )
         if sparse:
             missing = [key for key in INDEX_KEYS if cfg.get(key) is None]
@@ -465,6 +493,36 @@ class ModelArgs:
     def with_(self, **changes: Any) -> ModelArgs:
         """A copy with ``changes`` applied (validated)."""
         return replace(self, **changes)
+
+
+def _glm_lite_as_v3(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A ``glm4_moe_lite`` config.json as the DeepSeek-V3 one it equals: GLM's defaults for absent
+    keys, ``mlp_layer_types`` as ``first_k_dense_replace`` (dense layers first, then MoE: the only
+    pattern dshal builds), a partial rotary factor other than 1 refused."""
+    out = {**{k: v for k, v in GLM_LITE_DEFAULTS.items() if k not in cfg}, **cfg}
+    types = cfg.get("mlp_layer_types")
+    layers = cfg["num_hidden_layers"]  # validate_hf_config: present, an integer
+    if types is None:
+        dense = 1  # Glm4MoeLiteConfig: the first layer dense, the rest MoE
+    else:
+        if not (isinstance(types, list) and len(types) == layers and all(t in ("dense", "sparse") for t in types)):
+            raise ConfigError(f"config.json: mlp_layer_types is {types!r}, expected a list of num_hidden_layers "
+                              f"({layers}) entries, each 'dense' or 'sparse'")
+        dense = types.index("sparse") if "sparse" in types else layers
+        if "dense" in types[dense:]:
+            raise ConfigError(f"config.json: mlp_layer_types is {types!r}, expected 'dense' layers first and "
+                              "'sparse' (MoE) ones after them: dshal builds the MoE from one layer on, as DeepSeek-V3's "
+                              "first_k_dense_replace says")
+    if cfg.get("first_k_dense_replace", dense) != dense:
+        raise ConfigError(f"config.json: first_k_dense_replace is {cfg['first_k_dense_replace']!r}, expected {dense}: "
+                          "mlp_layer_types (what transformers' Glm4MoeLite reads) makes that many leading layers dense")
+    out["first_k_dense_replace"] = dense
+    for key, where in (("rope_parameters", cfg.get("rope_parameters")), ("rope_scaling", cfg.get("rope_scaling")), ("", cfg)):
+        factor = (where or {}).get("partial_rotary_factor", 1.0)
+        if factor != 1.0:
+            raise ConfigError(f"config.json: {key + '.' if key else ''}partial_rotary_factor is {factor!r}, expected 1.0: MLA rotates all "
+                              "qk_rope_head_dim dimensions of its rotary part")
+    return out
 
 
 def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
