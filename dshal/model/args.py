@@ -56,9 +56,20 @@ GLM_LITE_DEFAULTS = {
     "q_lora_rank": 768,
     "max_position_embeddings": 202752,
 }
-#: GLM-5 (``glm_moe_dsa``): DeepSeek-V3.2 with other indexer rules, not read yet.
+#: GLM-5 (``glm_moe_dsa``): DeepSeek-V3.2 with an interleaved-RoPE indexer and layers that reuse the
+#: previous full layer's selection (``indexer_types``); GlmMoeDsaConfig's defaults that change numbers.
 GLM_DSA_MODEL_TYPE = "glm_moe_dsa"
 GLM_DSA_ARCHITECTURE = "GlmMoeDsaForCausalLM"
+GLM_DSA_DEFAULTS = {
+    "n_group": 1,
+    "topk_group": 1,
+    "rms_norm_eps": 1e-5,
+    "q_lora_rank": 2048,
+    "max_position_embeddings": 202752,
+    "index_topk": 2048,
+    "index_head_dim": 128,
+    "index_n_heads": 32,
+}
 #: Largest size of any dimension (int32 indexing in the kernels).
 MAX_DIM = (1 << 31) - 1
 
@@ -167,6 +178,11 @@ class ModelArgs:
     #: Keys each query attends to, the indexer's top-scoring ones (``index_topk``; 2048): a query
     #: with at most this many keys before it sees all of them, as in DeepSeek-V3.
     index_topk: int = 0
+    #: GLM-5 (``model_type: glm_moe_dsa``): the indexer rotates interleaved pairs (DeepSeek-V3.2's: half-split).
+    index_rope_interleave: bool = False
+    #: GLM-5's per-layer indexer: "full" runs the layer's own, "shared" reuses the previous full
+    #: layer's selection (and has no indexer weights). None: every layer "full" (DeepSeek-V3.2).
+    indexer_types: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------ derived
     @property
@@ -186,6 +202,12 @@ class ModelArgs:
         if rs is not None and rs.mscale_all_dim:
             scale *= yarn_mscale(rs.factor, rs.mscale_all_dim) ** 2
         return scale
+
+    def shares_selection(self, layer_id: int) -> bool:
+        """Whether layer ``layer_id`` attends to the previous full layer's top-k keys (GLM-5's
+        ``indexer_types`` "shared") instead of running an indexer of its own."""
+        types = self.indexer_types
+        return types is not None and layer_id < len(types) and types[layer_id] == "shared"
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return layer_id >= self.first_k_dense_replace and self.n_routed_experts > 0
@@ -276,6 +298,9 @@ class ModelArgs:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"config.json: {name} is {value!r}, expected an integer >= 0 (0: no sparse attention)")
         if not any(values.values()):
+            if self.indexer_types is not None or self.index_rope_interleave:
+                raise ConfigError("config.json: indexer_types / index_rope_interleave set, expected "
+                                  f"{', '.join(INDEX_KEYS)} too (they describe DeepSeek Sparse Attention's indexer)")
             return
         for name, value in values.items():
             if value == 0:
@@ -298,6 +323,20 @@ class ModelArgs:
                 "config.json: rope_interleave is false, expected true (or no such key) for a DeepSeek-V3.2 model "
                 "(index_n_heads set): its attention rotates interleaved pairs, as transformers' DeepseekV32 does"
             )
+        types = self.indexer_types
+        if types is not None:
+            ok = isinstance(types, tuple) and len(types) == self.num_hidden_layers
+            if not (ok and all(t in ("full", "shared") for t in types) and types[0] == "full"):
+                raise ConfigError(
+                    f"config.json: indexer_types is {list(types) if isinstance(types, tuple) else types!r}, expected "
+                    f"num_hidden_layers ({self.num_hidden_layers}) entries 'full' or 'shared', the first 'full' (a "
+                    "shared layer reuses the previous full layer's top-k selection)"
+                )
+            if "shared" in types and self.mtp_layers:
+                raise ConfigError(
+                    f"mtp_layers is {self.mtp_layers}, expected 0 for a GLM-5 model with shared-selection layers "
+                    "(indexer_types): its multi-token-prediction layer's selection is not checked against a reference"
+                )
         if self.attention_window is not None:
             raise ConfigError(
                 f"attention.window is {self.attention_window}, expected null for a DeepSeek-V3.2 model (sparse "
@@ -345,16 +384,15 @@ class ModelArgs:
     def _from_checked(cls, cfg: dict[str, Any], **overrides: Any) -> ModelArgs:
         model_type = cfg.get("model_type")
         architectures = cfg.get("architectures") or []
-        if model_type == GLM_DSA_MODEL_TYPE or GLM_DSA_ARCHITECTURE in architectures:
-            raise ConfigError(
-                f"config.json: model_type is {model_type!r} (architectures {architectures}), expected "
-                f"{MODEL_TYPE!r}, {SPARSE_MODEL_TYPE!r} or {GLM_LITE_MODEL_TYPE!r}: GLM-5's sparse attention differs "
-                "from DeepSeek-V3.2's (its indexer rotates interleaved pairs, and layers of indexer_types 'shared' "
-                "reuse the previous full layer's top-k selection), which dshal does not run yet"
-            )
-        if model_type == GLM_LITE_MODEL_TYPE or GLM_LITE_ARCHITECTURE in architectures:
-            cfg = _glm_lite_as_v3(cfg)
+        glm5 = model_type == GLM_DSA_MODEL_TYPE or GLM_DSA_ARCHITECTURE in architectures
+        if glm5:
+            cfg = _glm_dsa_as_v32(_layer_types_as_v3(cfg, GLM_DSA_DEFAULTS, 3))
+            model_type, architectures = SPARSE_MODEL_TYPE, [SPARSE_ARCHITECTURE]
+        elif model_type == GLM_LITE_MODEL_TYPE or GLM_LITE_ARCHITECTURE in architectures:
+            cfg = _layer_types_as_v3(cfg, GLM_LITE_DEFAULTS, 1)  # Glm4MoeLiteConfig: the first layer dense
             model_type, architectures = MODEL_TYPE, [ARCHITECTURE]
+        elif cfg.get("mlp_layer_types") is not None:  # transformers' DeepseekV32Config writes it too
+            cfg = _layer_types_as_v3(cfg, {}, ModelArgs.first_k_dense_replace)
         # Models built on DeepSeek-V3's architecture under their own model_type (Kimi-K2's
         # "kimi_k2") name its class in `architectures`, as transformers and vLLM read it.
         sparse = model_type == SPARSE_MODEL_TYPE or SPARSE_ARCHITECTURE in architectures
@@ -395,13 +433,16 @@ class ModelArgs:
                 f"config.json: num_key_value_heads is {kv_heads!r}, expected num_attention_heads "
                 f"({cfg.get('num_attention_heads')}): MLA has one key/value head per query head"
             )
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"index_rope_interleave", "indexer_types"}  # GLM-5's: set below
         plain = {
             k: cfg[k]
             for k in known
             if k in cfg and k not in ("rope_scaling", "dtype", "fp8_format", "weight_block_size")
             and (sparse or k not in INDEX_KEYS)  # a DeepSeek-V3 config's index_* keys (if any) describe no layer
         }
+        if glm5:
+            plain["index_rope_interleave"] = True
+            plain["indexer_types"] = cfg["indexer_types"]
         rope_theta, rope_scaling = _rope_from_config(cfg)
         plain["rope_theta"] = rope_theta
         plain["rope_scaling"] = rope_scaling
@@ -447,10 +488,12 @@ class ModelArgs:
 
     def to_hf_config(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers' ``DeepseekV3Config`` (``DeepseekV32Config`` with
-        :attr:`sparse_attention`) and :meth:`from_hf_config` read back."""
+        :attr:`sparse_attention`; ``GlmMoeDsaConfig`` with GLM-5's indexer fields) and
+        :meth:`from_hf_config` read back."""
+        glm5 = self.index_rope_interleave or self.indexer_types is not None
         cfg: dict[str, Any] = {
-            "architectures": [SPARSE_ARCHITECTURE if self.sparse_attention else ARCHITECTURE],
-            "model_type": SPARSE_MODEL_TYPE if self.sparse_attention else MODEL_TYPE,
+            "architectures": [GLM_DSA_ARCHITECTURE if glm5 else SPARSE_ARCHITECTURE if self.sparse_attention else ARCHITECTURE],
+            "model_type": GLM_DSA_MODEL_TYPE if glm5 else SPARSE_MODEL_TYPE if self.sparse_attention else MODEL_TYPE,
             "num_key_value_heads": self.num_attention_heads,
             "hidden_act": "silu",
             "scoring_func": "sigmoid",
@@ -467,7 +510,11 @@ class ModelArgs:
             "fp8_format",
             "weight_block_size",
             "scale_fmt",
+            "index_rope_interleave",  # GLM-5's model_type says it
+            "indexer_types",  # written as a list below
         }
+        if self.indexer_types is not None:
+            cfg["indexer_types"] = list(self.indexer_types)
         if self.sparse_attention:  # transformers' DeepseekV32Config has no such key: always interleaved
             runtime_only.add("rope_interleave")
         else:
@@ -495,15 +542,17 @@ class ModelArgs:
         return replace(self, **changes)
 
 
-def _glm_lite_as_v3(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A ``glm4_moe_lite`` config.json as the DeepSeek-V3 one it equals: GLM's defaults for absent
+def _layer_types_as_v3(cfg: dict[str, Any], defaults: dict[str, Any], dense_default: int) -> dict[str, Any]:
+    """A config.json with transformers' per-layer ``mlp_layer_types`` (GLM's, DeepseekV32Config's) as
+    the DeepSeek-V3 one it equals: ``defaults`` (the model type's transformers defaults) for absent
     keys, ``mlp_layer_types`` as ``first_k_dense_replace`` (dense layers first, then MoE: the only
-    pattern dshal builds), a partial rotary factor other than 1 refused."""
-    out = {**{k: v for k, v in GLM_LITE_DEFAULTS.items() if k not in cfg}, **cfg}
+    pattern dshal builds; absent: ``first_k_dense_replace``, else ``dense_default``), a partial rotary
+    factor other than 1 refused."""
+    out = {**{k: v for k, v in defaults.items() if k not in cfg}, **cfg}
     types = cfg.get("mlp_layer_types")
     layers = cfg["num_hidden_layers"]  # validate_hf_config: present, an integer
     if types is None:
-        dense = 1  # Glm4MoeLiteConfig: the first layer dense, the rest MoE
+        dense = cfg.get("first_k_dense_replace", dense_default)
     else:
         if not (isinstance(types, list) and len(types) == layers and all(t in ("dense", "sparse") for t in types)):
             raise ConfigError(f"config.json: mlp_layer_types is {types!r}, expected a list of num_hidden_layers "
@@ -513,16 +562,45 @@ def _glm_lite_as_v3(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config.json: mlp_layer_types is {types!r}, expected 'dense' layers first and "
                               "'sparse' (MoE) ones after them: dshal builds the MoE from one layer on, as DeepSeek-V3's "
                               "first_k_dense_replace says")
-    if cfg.get("first_k_dense_replace", dense) != dense:
-        raise ConfigError(f"config.json: first_k_dense_replace is {cfg['first_k_dense_replace']!r}, expected {dense}: "
-                          "mlp_layer_types (what transformers' Glm4MoeLite reads) makes that many leading layers dense")
+        if cfg.get("first_k_dense_replace", dense) != dense:
+            raise ConfigError(f"config.json: first_k_dense_replace is {cfg['first_k_dense_replace']!r}, expected "
+                              f"{dense}: mlp_layer_types (what transformers reads) makes that many leading layers dense")
     out["first_k_dense_replace"] = dense
     for key, where in (("rope_parameters", cfg.get("rope_parameters")), ("rope_scaling", cfg.get("rope_scaling")), ("", cfg)):
         factor = (where or {}).get("partial_rotary_factor", 1.0)
         if factor != 1.0:
-            raise ConfigError(f"config.json: {key + '.' if key else ''}partial_rotary_factor is {factor!r}, expected 1.0: MLA rotates all "
-                              "qk_rope_head_dim dimensions of its rotary part")
+            raise ConfigError(f"config.json: {key + '.' if key else ''}partial_rotary_factor is {factor!r}, expected "
+                              "1.0: MLA rotates all qk_rope_head_dim dimensions of its rotary part")
     return out
+
+
+def _glm_dsa_as_v32(cfg: dict[str, Any]) -> dict[str, Any]:
+    """GLM-5's config.json (``glm_moe_dsa``) as DeepSeek-V3.2's plus its per-layer ``indexer_types``
+    (a tuple), derived as transformers' GlmMoeDsaConfig does when absent: from
+    ``index_topk_pattern`` ("F"/"S" letters or a list), else ``index_topk_freq`` /
+    ``index_skip_topk_offset``. Its MLA always rotates interleaved pairs (``rope_interleave`` is not read)."""
+    layers = cfg["num_hidden_layers"]
+    types, key = cfg.get("indexer_types"), "indexer_types"
+    if types is None and cfg.get("index_topk_pattern") is not None:
+        pattern, key = cfg["index_topk_pattern"], "index_topk_pattern"
+        letters = {"F": "full", "S": "shared"}
+        if isinstance(pattern, str) and set(pattern) <= set(letters):
+            types = [letters[c] for c in pattern]
+        else:
+            types = pattern
+    elif types is None:
+        freq, offset = cfg.get("index_topk_freq", 1), cfg.get("index_skip_topk_offset", 2)
+        for name, value in (("index_topk_freq", freq), ("index_skip_topk_offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"config.json: {name} is {value!r}, expected an integer")
+        freq = max(freq, 1)
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(layers)]
+    if not (isinstance(types, list) and len(types) == layers and all(t in ("full", "shared") for t in types)
+            and types[:1] == ["full"]):
+        raise ConfigError(f"config.json: {key} is {types!r}, expected num_hidden_layers ({layers}) entries 'full' or "
+                          "'shared' ('F' / 'S' letters), the first 'full' (a shared layer reuses the previous full "
+                          "layer's top-k selection)")
+    return {**cfg, "indexer_types": tuple(types), "rope_interleave": True}
 
 
 def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -144,7 +144,7 @@ def _layer_shapes(shapes: dict[str, tuple[int, ...]], a: ModelArgs, i: int) -> N
     shapes[f"{att}.kv_a_layernorm.weight"] = (a.kv_lora_rank,)
     shapes[f"{att}.kv_b_proj.weight"] = (h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank)
     shapes[f"{att}.o_proj.weight"] = (d, h * a.v_head_dim)
-    if a.sparse_attention:  # DeepSeek-V3.2's lightning indexer
+    if a.sparse_attention and not a.shares_selection(i):  # DeepSeek-V3.2's lightning indexer (not GLM-5's shared layers)
         index = f"{att}.indexer"
         shapes[f"{index}.wq_b.weight"] = (a.index_n_heads * a.index_head_dim, int(a.q_lora_rank or 0))
         shapes[f"{index}.wk.weight"] = (a.index_head_dim, d)

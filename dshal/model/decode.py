@@ -97,8 +97,9 @@ def _through_layers(
 ) -> torch.Tensor:
     """Embedding, every layer on its cache, final norm: ``[B, T, D]``."""
     h, residual = model.embed(tokens), None  # [B, T, D]
+    selection: dict[str, torch.Tensor | None] = {}  # GLM-5: the keys a full layer kept, for shared ones
     for layer, layer_cache in zip(model.layers, cache.layers):
-        h, residual = layer(h, residual, cos, sin, layer_cache)
+        h, residual = layer(h, residual, cos, sin, layer_cache, False, selection)
     h, _ = model.norm(h, residual)
     return h
 

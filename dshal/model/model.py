@@ -207,13 +207,15 @@ class Indexer(nn.Module):
     [B, T, Hi, Di]``, and head weights ``w = weights_proj(x) [B, T, Hi]``; the score of key s for
     query t is ``sum_h w[t, h] * Hi**-0.5 * relu(q[t, h] . k[s] * Di**-0.5)``. The query attends
     to its ``topk`` best-scoring visible keys only. RoPE covers the first ``qk_rope_head_dim`` dims
-    in the half-split (not interleaved) layout, whatever the MLA's is.
+    in the half-split (not interleaved) layout, whatever the MLA's is; GLM-5's
+    (``args.index_rope_interleave``) in interleaved pairs.
     """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         heads, dim, dt = args.index_n_heads, args.index_head_dim, args.dtype
         self.heads, self.dim, self.rope, self.topk = heads, dim, args.qk_rope_head_dim, args.index_topk
+        self.interleaved = args.index_rope_interleave
         self.wq_b = Linear(int(args.q_lora_rank or 0), heads * dim, dtype=dt)
         self.wk = Linear(args.hidden_size, dim, dtype=dt)
         self.k_norm = LayerNorm(dim, 1e-6, dt)
@@ -221,7 +223,7 @@ class Indexer(nn.Module):
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         pe, rest = x.split([self.rope, self.dim - self.rope], dim=-1)
-        return torch.cat((ops.rotary_embedding(pe, cos, sin, False), rest), dim=-1)
+        return torch.cat((ops.rotary_embedding(pe, cos, sin, self.interleaved), rest), dim=-1)
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The keys to cache: ``x [B, T, D] -> [B, T, Di]``."""
@@ -264,16 +266,21 @@ class MLA(nn.Module):
     it scores highest (:func:`dshal.ops.indexer_topk`); with fewer, to all of them, which is the
     dense attention above. A decode step's one query (dynamic or static) attends to its kept
     latent rows only (:func:`dshal.ops.sparse_mla_attention`); more queries (a prefill chunk,
-    expanded as above; an MTP step) mask the others (:meth:`_sparse_bias`, :meth:`_attend_masked`).
+    expanded as above; an MTP step) mask the others (:meth:`_kept`, :func:`_bias_of`, :meth:`_attend_masked`).
+    GLM-5's shared-selection layers (``args.shares_selection(layer_id)``) have no indexer: they
+    attend to the keys the previous full layer kept, handed over in ``forward``'s ``selection``.
     """
 
     #: Queries attended per call when a per-query key mask is added (each adds one key column).
     MASKED_QUERY_CHUNK = 64
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int = 0):
         super().__init__()
         d, h, dt = args.hidden_size, args.num_attention_heads, args.dtype
         self.nope, self.rope = args.qk_nope_head_dim, args.qk_rope_head_dim
+        #: GLM-5 "shared" layer: the previous full layer's selection, no indexer of its own.
+        self.shares_selection = args.shares_selection(layer_id)
+        self.index_topk = args.index_topk
         self.v_dim, self.rank = args.v_head_dim, args.kv_lora_rank
         self.qk_head_dim = args.qk_head_dim
         self.softmax_scale = args.softmax_scale
@@ -296,7 +303,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, args.latent_norm_eps, dt)
         self.kv_b_proj = Linear(self.rank, h * (self.nope + self.v_dim), dtype=dt)
         self.o_proj = Linear(h * self.v_dim, d, bias=args.attention_bias, dtype=dt)
-        self.indexer = Indexer(args) if args.sparse_attention else None
+        self.indexer = Indexer(args) if args.sparse_attention and not self.shares_selection else None
         # (kv_b weight, scale, their write counts, dtype) the cached [H, nope+v, r] form was made from, and it
         self._absorbed: tuple[torch.Tensor, torch.Tensor | None, tuple[int | None, ...], torch.dtype, torch.Tensor] | None = None
 
@@ -307,11 +314,14 @@ class MLA(nn.Module):
         sin: torch.Tensor,
         cache: LayerCache | None = None,
         last_query_only: bool = False,
+        selection: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """``x [B, T, D] -> [B, T, D]``, or ``[B, 1, D]`` for the last position only when
         ``last_query_only`` (keys and values, and the cache, still cover all T tokens).
         ``cos`` / ``sin``: ``[T, rope / 2]``, or ``[B, T, rope / 2]`` when the rows are at
-        different positions (a static decode step of prompts of different lengths)."""
+        different positions (a static decode step of prompts of different lengths).
+        ``selection``: one forward's dict in which a sparse layer leaves the keys it kept
+        (``"kept"``) for GLM-5's shared-selection layers after it, which read them there."""
         bsz = x.shape[0]
         x_q, cos_q, sin_q = (x[:, -1:], cos[..., -1:, :], sin[..., -1:, :]) if last_query_only else (x, cos, sin)
         # queries: [B, Tq, H, nope], [B, Tq, H, rope]
@@ -329,57 +339,70 @@ class MLA(nn.Module):
         # DeepSeek-V3.2: the indexer's keys [B, T, Di], cached as one more entry of the layer
         index_keys: list[torch.Tensor] = [] if self.indexer is None else [self.indexer.keys(x, cos, sin)]
 
-        def sparse_bias(keys: list[torch.Tensor]) -> torch.Tensor | None:
-            return None if not keys else self._sparse_bias(x_q, q_latent, cos_q, sin_q, keys[0], cache)
+        def sparse_bias(keys: list[torch.Tensor], slen: int) -> torch.Tensor | None:
+            kept = self._kept(x_q, q_latent, cos_q, sin_q, keys, slen, cache, selection)
+            return None if kept is None else _bias_of(kept, slen)
 
         if cache is None:
-            out = self._attend_expanded(q_nope, q_pe, *self._expand(latent), sparse_bias(index_keys))
+            out = self._attend_expanded(q_nope, q_pe, *self._expand(latent), sparse_bias(index_keys, x.shape[1]))
         elif cache.mode == "naive":
             k, v = self._expand(latent)  # [B, H, T, .] -> cached as [B, T, H, .]
             k, v, *index_keys = cache.update(k.transpose(1, 2), v.transpose(1, 2), *index_keys)
-            out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2), sparse_bias(index_keys))
+            out = self._attend_expanded(q_nope, q_pe, k.transpose(1, 2), v.transpose(1, 2), sparse_bias(index_keys, k.shape[1]))
         else:
             latent, *index_keys = cache.update(latent, *index_keys)
-            if self.indexer is not None and x_q.shape[1] == 1 and latent.shape[1] > self.indexer.topk:
+            slen = latent.shape[1]
+            sparse = self.indexer is not None or self.shares_selection
+            if sparse and x_q.shape[1] == 1 and slen > self.index_topk:
                 # A decode step's one query attends to its kept keys only (sparse_mla_attention reads
                 # just those rows; masking the others reads them all). Dynamic: it sees every key; a
                 # static step: the slots the cache's key bias leaves visible.
-                assert q_latent is not None  # V3.2 configs have a q LoRA (ModelArgs checks)
-                visible = _visible_slots(cache.key_bias, bsz, 1, latent.shape[1])
-                kept = self.indexer.select(x_q, q_latent, cos_q, sin_q, index_keys[0], visible)  # [B, 1, topk]
+                kept = self._kept(x_q, q_latent, cos_q, sin_q, index_keys, slen, cache, selection)  # [B, 1, topk]
+                assert kept is not None  # more keys than index_topk
                 out = self._attend_sparse(q_nope, q_pe, latent, kept)
             elif x_q.shape[1] > MAX_STEP_TOKENS and self.expand_prefill:
-                out = self._attend_expanded(q_nope, q_pe, *self._expand(latent), sparse_bias(index_keys))
+                out = self._attend_expanded(q_nope, q_pe, *self._expand(latent), sparse_bias(index_keys, slen))
             else:
-                out = self._attend_absorbed(q_nope, q_pe, latent, cache, sparse_bias(index_keys))
+                out = self._attend_absorbed(q_nope, q_pe, latent, cache, sparse_bias(index_keys, slen))
         return self.o_proj(out.transpose(1, 2).flatten(2))  # [B, H, Tq, v] -> [B, Tq, H * v] -> [B, Tq, D]
 
-    def _sparse_bias(
+    def _kept(
         self,
         x_q: torch.Tensor,
         q_latent: torch.Tensor | None,
         cos_q: torch.Tensor,
         sin_q: torch.Tensor,
-        keys: torch.Tensor,
+        keys: list[torch.Tensor],
+        slen: int,
         cache: LayerCache | None,
+        selection: dict[str, torch.Tensor | None] | None,
     ) -> torch.Tensor | None:
-        """DeepSeek Sparse Attention's key mask ``[B, Tq, S]`` (0: attended, ``MASKED_SCORE``: not)
-        for the queries against the indexer's ``keys [B, S, Di]`` (in position order, the queries
-        last; in a static step the whole buffer, with the cache's :attr:`~LayerCache.key_bias`),
-        or None where no query has more than ``index_topk`` visible keys: each then attends to
-        all of them, the dense attention. Known on the host (key count, cache capacity), so a
-        static step that may need the mask always computes it."""
-        indexer = self.indexer
-        assert indexer is not None and q_latent is not None  # V3.2 configs have a q LoRA (ModelArgs checks)
-        bsz, tq = x_q.shape[:2]
-        slen = keys.shape[1]
-        if slen <= indexer.topk:
+        """DeepSeek Sparse Attention's choice ``[B, Tq, topk]`` (``-1`` past the keys a query sees)
+        among the ``slen`` keys (in position order, the queries last; in a static step the whole
+        buffer, with the cache's :attr:`~LayerCache.key_bias`), or None where no query has more
+        than ``index_topk`` keys (each then attends to all of them, the dense attention) or the
+        model has no indexer. Known on the host (key count, cache capacity), so a static step
+        that may need it always computes it. A layer with an indexer leaves it in ``selection``;
+        a GLM-5 shared-selection layer takes it from there (its last ``Tq`` queries')."""
+        if self.shares_selection:
+            if selection is None or "kept" not in selection:
+                raise ArgumentError(
+                    "MLA: argument 'selection' holds no 'kept' entry, expected the dict the previous full layer "
+                    "wrote in this forward: a GLM-5 shared-selection layer (indexer_types 'shared') attends to its keys"
+                )
+            kept = selection["kept"]
+            return None if kept is None else kept[:, -x_q.shape[1]:]
+        if self.indexer is None:
             return None
-        visible = _visible_slots(None if cache is None else cache.key_bias, bsz, tq, slen)
-        kept = indexer.select(x_q, q_latent, cos_q, sin_q, keys, visible)  # [B, Tq, topk], -1 past the keys it sees
-        slot = torch.where(kept >= 0, kept, slen)  # -1 marks the spare column past the keys
-        chosen = torch.zeros(bsz, tq, slen + 1, dtype=torch.bool, device=keys.device).scatter_(-1, slot, True)[..., :slen]
-        return torch.where(chosen, 0.0, KVCache.MASKED_SCORE)
+        assert q_latent is not None  # V3.2 configs have a q LoRA (ModelArgs checks)
+        bsz, tq = x_q.shape[:2]
+        kept = None
+        if slen > self.indexer.topk:
+            visible = _visible_slots(None if cache is None else cache.key_bias, bsz, tq, slen)
+            kept = self.indexer.select(x_q, q_latent, cos_q, sin_q, keys[0], visible)  # [B, Tq, topk]
+        if selection is not None:
+            selection["kept"] = kept
+        return kept
 
     def _causal(self, q_len: int) -> bool:
         """A single query at the end sees every key: no mask needed unless a window applies."""
@@ -493,6 +516,15 @@ class MLA(nn.Module):
             dense = self.kv_b_proj.dequantized_weight(dtype).view(-1, self.nope + self.v_dim, self.rank)
             self._absorbed = held = (weight, scale, counts, dtype, dense)
         return held[4]
+
+
+def _bias_of(kept: torch.Tensor, slen: int) -> torch.Tensor:
+    """The key mask ``[B, Tq, S]`` (0: attended, ``MASKED_SCORE``: not) of a selection ``kept
+    [B, Tq, topk]`` (``-1`` past the keys a query sees) among ``slen`` keys."""
+    bsz, tq = kept.shape[:2]
+    slot = torch.where(kept >= 0, kept, slen)  # -1 marks the spare column past the keys
+    chosen = torch.zeros(bsz, tq, slen + 1, dtype=torch.bool, device=kept.device).scatter_(-1, slot, True)[..., :slen]
+    return torch.where(chosen, 0.0, KVCache.MASKED_SCORE)
 
 
 def _visible_slots(key_bias: torch.Tensor | None, bsz: int, tq: int, slen: int) -> torch.Tensor | None:
@@ -626,7 +658,7 @@ class Block(nn.Module):
 
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
-        self.self_attn = MLA(args)
+        self.self_attn = MLA(args, layer_id)
         self.mlp: nn.Module = (
             MoE(args) if args.is_moe_layer(layer_id) else MLP(args.hidden_size, args.intermediate_size, args.dtype)
         )
@@ -641,14 +673,15 @@ class Block(nn.Module):
         sin: torch.Tensor,
         cache: LayerCache | None,
         last_only: bool = False,
+        selection: dict[str, torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, residual) [B, T, D]`` -> the same, or ``[B, 1, D]`` for the last position only
-        when ``last_only`` (the cache still gets every token's keys)."""
+        when ``last_only`` (the cache still gets every token's keys). ``selection``: see :class:`MLA`."""
         if residual is None:  # first layer: the embedding is the residual
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, cache, last_query_only=last_only)
+        x = self.self_attn(x, cos, sin, cache, last_query_only=last_only, selection=selection)
         if last_only:
             residual = residual[:, -1:]
         x, residual = self.post_attention_layernorm(x, residual)
@@ -812,11 +845,12 @@ class Transformer(nn.Module):
         last = len(self.layers) - 1 if last_only and seqlen > 1 and not return_hidden else None
         with writing, ops.trusted() if trusted else contextlib.nullcontext():  # the embedding too: its TP all-reduce
             h, residual = self.embed(input_ids), None  # [B, T, D]
+            selection: dict[str, torch.Tensor | None] = {}  # GLM-5: the keys a full layer kept, for shared ones
             for i, layer in enumerate(self.layers):
                 # With last_only, the last layer needs queries, attention output and FFN for
                 # the last position only; every layer still caches all T tokens' keys.
                 layer_cache = None if cache is None else cache.layers[i]
-                h, residual = layer(h, residual, cos, sin, layer_cache, i == last)
+                h, residual = layer(h, residual, cos, sin, layer_cache, i == last, selection)
             h, _ = self.norm(h, residual)
             logits = self.lm_head(h[:, -1:] if last_only else h)  # [B, T or 1, vocab]
         if step:

@@ -103,7 +103,7 @@ def checkpoint_listing(args: ModelArgs, mtp_layers: int | None = None) -> dict[s
         norm(f"{attn}.kv_a_layernorm", a.kv_lora_rank)
         linear(f"{attn}.kv_b_proj", h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank)
         linear(f"{attn}.o_proj", d, h * a.v_head_dim)
-        if a.sparse_attention:  # DeepSeek-V3.2's lightning indexer: wq_b and wk stored as the other linears
+        if a.sparse_attention and not a.shares_selection(layer):  # V3.2's indexer (none in GLM-5's shared layers)
             index = f"{attn}.indexer"
             linear(f"{index}.wq_b", a.index_n_heads * a.index_head_dim, int(a.q_lora_rank or 0))
             linear(f"{index}.wk", a.index_head_dim, d)
