@@ -1,6 +1,7 @@
-"""GLM's DeepSeek-V3-class checkpoints (``model_type: glm4_moe_lite``: GLM-4.7-Flash) against Hugging
-Face transformers' Glm4MoeLiteForCausalLM (float32, CPU), loaded through the real loader from
-``save_pretrained``'s folder; and the config keys where GLM's reading differs from DeepSeek-V3's."""
+"""GLM's DeepSeek-V3-class checkpoints against Hugging Face transformers (float32, CPU), loaded through
+the real loader from ``save_pretrained``'s folder: GLM-4.7-Flash (``model_type: glm4_moe_lite``,
+Glm4MoeLiteForCausalLM) and GLM-5 (``glm_moe_dsa``, GlmMoeDsaForCausalLM: DeepSeek-V3.2 with an
+interleaved-RoPE indexer and shared-selection layers); and the config keys GLM reads its own way."""
 
 from __future__ import annotations
 
@@ -109,6 +110,9 @@ def test_glm4_moe_lite_config_reads_glms_defaults_and_refuses_what_dshal_cannot_
         ModelArgs.from_hf_config(_glm_config(mlp_layer_types=["dense"]))
     with pytest.raises(dshal.ConfigError, match="first_k_dense_replace is 1, expected 2: mlp_layer_types"):
         ModelArgs.from_hf_config(_glm_config(first_k_dense_replace=1))
+    v32_style = _glm_config(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], first_k_dense_replace=1)
+    with pytest.raises(dshal.ConfigError, match="first_k_dense_replace is 1, expected 2: mlp_layer_types"):
+        ModelArgs.from_hf_config(v32_style)  # transformers' DeepseekV32Config writes mlp_layer_types too
     with pytest.raises(dshal.ConfigError, match=r"rope_parameters.partial_rotary_factor is 0.5, expected 1.0"):
         ModelArgs.from_hf_config(_glm_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                               "partial_rotary_factor": 0.5}))
