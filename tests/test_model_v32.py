@@ -18,7 +18,7 @@ from dshal.model.checkpoint import (
     save_checkpoint,
 )
 from dshal.model.loader import CheckpointReader, DictReader
-from dshal.model.run import _kv_cache_line
+from dshal.model.run import kv_cache_line
 from dshal.model.speculative import generate_speculative
 from dshal.plan.plan import default_config
 
@@ -207,7 +207,7 @@ def test_v32_caches_and_reports_the_indexer_keys(v32):
     assert report["bytes_per_token_indexer"] == args.num_hidden_layers * index_key * 4
     naive = model.new_cache(1, 4, "naive")
     assert naive.bytes_per_token == report["bytes_per_token_naive"]
-    assert _kv_cache_line(report).endswith(f"of which the sparse-attention indexer's keys: {2 * index_key * 4}")
+    assert kv_cache_line(report).endswith(f"of which the sparse-attention indexer's keys: {2 * index_key * 4}")
     static = model.new_cache(2, 16, static=True)  # the static steps' spare key-bias columns: after the latent only
     assert [tuple(b.shape) for b in static._allocated[0]] == [(2, 16, latent + 8), (2, 16, index_key)]
     assert static.bytes_per_token == model.cache_bytes(1, 1, static=True) == per_token + args.num_hidden_layers * 8 * 4

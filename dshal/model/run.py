@@ -807,7 +807,7 @@ def _tokens_vs_eager(match: bool | None) -> str:
     return f"tokens {'match' if match else 'DIFFER from'} the eager run"
 
 
-def _kv_cache_line(kv: dict[str, Any]) -> str:
+def kv_cache_line(kv: dict[str, Any]) -> str:
     line = f"KV cache ({kv['mode']}): {kv['bytes_per_token']} bytes/token (naive MLA: {kv['bytes_per_token_naive']})"
     if kv.get("bytes_per_token_indexer"):  # DeepSeek-V3.2: its indexer's keys, in both figures
         line += f", of which the sparse-attention indexer's keys: {kv['bytes_per_token_indexer']}"
@@ -907,7 +907,7 @@ def _print(report: dict[str, Any]) -> None:
     for group, label in desc["precision_groups"].items():
         prec.add_row(group, label)
     console.print(prec)
-    console.print(_kv_cache_line(desc["kv_cache"]))
+    console.print(kv_cache_line(desc["kv_cache"]))
     console.print(_throughput_line(report))
     console.print(_sampling_line(report["temperature"], report["top_p"], report["top_k"], report["min_p"],
                                  report["sampling_from"]))
